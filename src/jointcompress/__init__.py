@@ -1,0 +1,29 @@
+"""jointcompress: joint pruning + quantization + distillation for PyTorch models.
+
+The public API is a handful of verbs:
+
+    result = compress(model, recipe, train_data, evaluate, teacher=None)
+    spec = finalize(result.model, result.example_inputs)   # permanent, physically smaller
+    load_recipe("recipe.yaml")
+"""
+from .api import Result, compress, train_baseline
+from .errors import ArtifactError, DataError, JointCompressError, RecipeError, TrainingError
+from .finalize import finalize
+from .recipe import Recipe, load_recipe, parse_recipe
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "compress",
+    "finalize",
+    "load_recipe",
+    "parse_recipe",
+    "train_baseline",
+    "Recipe",
+    "Result",
+    "JointCompressError",
+    "RecipeError",
+    "ArtifactError",
+    "DataError",
+    "TrainingError",
+]

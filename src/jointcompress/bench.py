@@ -1,0 +1,161 @@
+"""Before/after measurements of a compressed model: parameters, MACs, bytes on disk, latency, accuracy.
+
+Compression claims are only useful when measured the same way on both sides, in one run:
+latency is timed interleaved (before, after, before, ...) so background load hits both
+equally, bytes are real file sizes (the dense baseline is the fp32 state dict written with
+safetensors, the compressed side is the artifact directory), and MACs count only what the
+physically smaller layers really compute (masked zeros inside a layer are *not* subtracted,
+because dense kernels still multiply them).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+PRUNABLE = (nn.Linear, nn.Conv2d)
+
+
+def count_params(model: nn.Module) -> dict[str, int]:
+    params = list(model.parameters())
+    return {"total": sum(p.numel() for p in params), "nonzero": sum(int((p != 0).sum()) for p in params)}
+
+
+def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
+    """Multiply-accumulates of one sample through every Linear/Conv2d (forward hooks)."""
+    total = 0
+
+    def hook(mod, inp, out):
+        nonlocal total
+        per_out = mod.in_features if isinstance(mod, nn.Linear) else \
+            (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
+        total += out.numel() // max(out.shape[0], 1) * per_out if out.dim() > 1 else out.numel() * per_out
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, PRUNABLE)]
+    try:
+        with torch.inference_mode():
+            model.eval()(example_input[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return int(total)
+
+
+def dir_bytes(path: str | os.PathLike) -> int:
+    """Sum of real file sizes under `path` (a file or a directory)."""
+    p = Path(path)
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def fp32_file_bytes(model: nn.Module) -> int:
+    """Size of the model's fp32 state dict written to disk with safetensors."""
+    from safetensors.torch import save_file
+
+    state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous().clone()
+             for k, v in model.state_dict().items()}
+    with tempfile.TemporaryDirectory() as d:
+        save_file(state, os.path.join(d, "model.safetensors"))
+        return dir_bytes(os.path.join(d, "model.safetensors"))
+
+
+def batch_of(example_input: torch.Tensor, n: int) -> torch.Tensor:
+    """`n` samples: the first n of the example if it has them, else its first sample repeated."""
+    if example_input.shape[0] >= n:
+        return example_input[:n].contiguous()
+    return example_input[:1].expand(n, *example_input.shape[1:]).contiguous()
+
+
+def interleaved_latency(fns: dict[str, Callable[[], object]], runs: int = 50, warmup: int = 5) -> dict[str, float]:
+    """Median milliseconds per call of each fn, timed round-robin so load drifts hit all alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        for _ in range(runs):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench(model_before: nn.Module, model_after, example_input: torch.Tensor,
+          eval_fn: Callable[[object], float] | None = None, artifact_dir: str | os.PathLike | None = None,
+          runs: int = 50, batch_sizes: tuple[int, ...] = (1, 64)) -> dict:
+    """Measure both models; returns a JSON-able dict {"before": {...}, "after": {...}, "ratios": {...}}.
+
+    `model_after` may be an nn.Module or any callable (e.g. an int8 model); parameters and MACs
+    are only counted for modules. `eval_fn(model) -> accuracy` is called on each side.
+    """
+    model_before.eval()
+    if isinstance(model_after, nn.Module):
+        model_after.eval()
+    sides = {"before": model_before, "after": model_after}
+    result: dict = {"before": {}, "after": {}, "runs": runs, "threads": torch.get_num_threads()}
+    for side, m in sides.items():
+        if isinstance(m, nn.Module):
+            result[side]["params"] = count_params(m)
+            result[side]["macs"] = count_macs(m, example_input)
+    result["before"]["bytes_on_disk"] = fp32_file_bytes(model_before)
+    if artifact_dir is not None:
+        result["after"]["bytes_on_disk"] = dir_bytes(artifact_dir)
+    elif isinstance(model_after, nn.Module):
+        result["after"]["bytes_on_disk"] = fp32_file_bytes(model_after)
+    for bs in batch_sizes:
+        x = batch_of(example_input, bs)
+        lat = interleaved_latency({s: (lambda m=m: m(x)) for s, m in sides.items()}, runs=runs)
+        for side in sides:
+            result[side][f"latency_ms_b{bs}"] = lat[side]
+    if eval_fn is not None:
+        for side, m in sides.items():
+            result[side]["accuracy"] = float(eval_fn(m))
+    result["ratios"] = _ratios(result["before"], result["after"])
+    return result
+
+
+def _ratios(before: dict, after: dict) -> dict:
+    out = {}
+    if "params" in before and "params" in after:
+        out["params_nonzero"] = before["params"]["nonzero"] / max(after["params"]["nonzero"], 1)
+    for key in ["macs", "bytes_on_disk"] + [k for k in before if k.startswith("latency_ms")]:
+        if key in before and key in after and after[key]:
+            out[key] = before[key] / after[key]
+    if "accuracy" in before and "accuracy" in after:
+        out["accuracy_delta"] = after["accuracy"] - before["accuracy"]
+    return out
+
+
+def render_table(result: dict):
+    """A rich Table: one row per measurement, before / after / before÷after."""
+    from rich.table import Table
+
+    table = Table(title="jointcompress bench (medians; ratio = before / after)")
+    for col in ("metric", "before", "after", "ratio"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    b, a, r = result["before"], result["after"], result.get("ratios", {})
+
+    def fmt(v, unit=""):
+        if v is None:
+            return "-"
+        return f"{v:,.3f}{unit}" if isinstance(v, float) else f"{v:,}{unit}"
+
+    def row(label, bv, av, ratio):
+        table.add_row(label, fmt(bv), fmt(av), "-" if ratio is None else f"{ratio:.2f}x")
+
+    row("params (total)", b.get("params", {}).get("total"), a.get("params", {}).get("total"), None)
+    row("params (nonzero)", b.get("params", {}).get("nonzero"), a.get("params", {}).get("nonzero"), r.get("params_nonzero"))
+    row("MACs / sample", b.get("macs"), a.get("macs"), r.get("macs"))
+    row("bytes on disk", b.get("bytes_on_disk"), a.get("bytes_on_disk"), r.get("bytes_on_disk"))
+    for key in sorted(k for k in b if k.startswith("latency_ms")):
+        row(f"latency ms (batch {key.rsplit('b', 1)[1]})", b[key], a.get(key), r.get(key))
+    if "accuracy" in b or "accuracy" in a:
+        table.add_row("accuracy", fmt(b.get("accuracy")), fmt(a.get("accuracy")),
+                      "-" if "accuracy_delta" not in r else f"{r['accuracy_delta']:+.4f}")
+    return table

@@ -1,0 +1,120 @@
+"""Data: scikit-learn's bundled digits (the embedded default, no download) and MNIST .npz.
+
+Both come back as float tensors [N, 1, H, W] normalised with the training set's mean/std,
+plus int64 labels, split into train and held-out test. Loaders carry the sample index so a
+teacher's logits can be cached once per dataset.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from .errors import DataError
+
+
+@dataclass
+class Split:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    name: str
+
+    @property
+    def image_size(self) -> int:
+        return int(self.x_train.shape[-1])
+
+    @property
+    def num_classes(self) -> int:
+        return int(max(self.y_train.max(), self.y_test.max()) + 1)
+
+
+def _normalise(x_train: np.ndarray, x_test: np.ndarray):
+    mean, std = float(x_train.mean()), float(x_train.std()) or 1.0
+    f = lambda a: torch.from_numpy(((a - mean) / std).astype(np.float32)).unsqueeze(1)  # noqa: E731
+    return f(x_train), f(x_test)
+
+
+def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Split:
+    """scikit-learn's 1,797 8x8 digits, shipped with the package: the no-download default."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x, y = d.images.astype(np.float32) / 16.0, d.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_test = int(len(x) * test_fraction)
+    test, train = order[:n_test], order[n_test:]
+    xtr, xte = _normalise(x[train], x[test])
+    return Split(xtr, torch.from_numpy(y[train]), xte, torch.from_numpy(y[test]), "digits")
+
+
+def load_mnist(path: str | Path) -> Split:
+    """MNIST from an .npz with x_train, y_train, x_test, y_test (Keras layout, uint8 pixels)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data: MNIST file not found: {path} (expected an .npz with x_train, y_train, x_test, y_test)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except KeyError as err:
+        raise DataError(f"data: {path} lacks array {err}; expected x_train, y_train, x_test, y_test") from None
+    except (ValueError, OSError) as err:
+        raise DataError(f"data: {path} is not a readable .npz file: {err}") from None
+    for k in ("x_train", "x_test"):
+        if arrays[k].ndim != 3:
+            raise DataError(f"data: {path}:{k} has shape {arrays[k].shape}; expected [N, H, W] images")
+    x_train = arrays["x_train"].astype(np.float32) / 255.0
+    x_test = arrays["x_test"].astype(np.float32) / 255.0
+    xtr, xte = _normalise(x_train, x_test)
+    ytr = torch.from_numpy(arrays["y_train"].astype(np.int64))
+    yte = torch.from_numpy(arrays["y_test"].astype(np.int64))
+    return Split(xtr, ytr, xte, yte, "mnist")
+
+
+def load_dataset(spec: str | None) -> Split:
+    """'digits' (default) or a path to an MNIST-style .npz."""
+    if spec in (None, "", "digits"):
+        return load_digits()
+    return load_mnist(spec)
+
+
+def check_tensors(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
+    """Fail early, with the field named, on data that would silently corrupt training."""
+    if x.shape[0] != y.shape[0]:
+        raise DataError(f"{what}: {x.shape[0]} inputs but {y.shape[0]} labels; they must match")
+    if not torch.is_floating_point(x):
+        raise DataError(f"{what}: inputs have dtype {x.dtype}; convert them to float")
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+        raise DataError(f"{what}: {bad} input samples contain NaN or Inf; clean or drop them")
+    if y.dtype not in (torch.int64, torch.int32, torch.uint8):
+        raise DataError(f"{what}: labels have dtype {y.dtype}; expected integer class indices")
+
+
+def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """A DataLoader over (x, y, index); the index lets teacher logits be cached per sample."""
+    check_tensors(x, y, "data")
+    g = torch.Generator().manual_seed(seed)
+    ds = TensorDataset(x, y.long(), torch.arange(len(x)))
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g)
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
+    """Top-1 accuracy on held-out data, in eval mode (restores the previous mode)."""
+    was = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        correct += int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+    model.train(was)
+    return correct / max(1, len(x))
+
+
+def evaluator(x: torch.Tensor, y: torch.Tensor):
+    """An `evaluate(model) -> {"accuracy": ...}` callable for compress()."""
+    return lambda model: {"accuracy": accuracy(model, x, y)}

@@ -1,0 +1,79 @@
+"""Parity between a reference model and a deployed copy: largest logit gap and metric change.
+
+Every export path ends with this check because a deployed model that silently disagrees
+with the trained one is worse than no deployment: the CLI prints the report, and tests
+bound it.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
+
+import torch
+
+Predict = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ParityReport:
+    backend: str
+    max_abs_logit_diff: float
+    samples: int
+    metric: str = "accuracy"
+    metric_reference: float | None = None
+    metric_deployed: float | None = None
+    path: str | None = None
+
+    @property
+    def metric_delta(self) -> float | None:
+        if self.metric_reference is None or self.metric_deployed is None:
+            return None
+        return self.metric_deployed - self.metric_reference
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "metric_delta": self.metric_delta}
+
+    def __str__(self) -> str:
+        s = f"{self.backend}: max |logit diff| {self.max_abs_logit_diff:.3g} over {self.samples} samples"
+        if self.metric_delta is not None:
+            s += (f"; {self.metric} {self.metric_reference:.4f} -> {self.metric_deployed:.4f} "
+                  f"({self.metric_delta:+.4f})")
+        return s
+
+
+def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    return (logits.argmax(-1) == targets).float().mean().item()
+
+
+def batches(data, batch_size: int = 256) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Accept (X, Y) tensors, an X tensor, or an iterable of (x, y) batches (e.g. a DataLoader)."""
+    if isinstance(data, torch.Tensor):
+        data = (data, None)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor) \
+            and (data[1] is None or isinstance(data[1], torch.Tensor)):
+        x, y = data
+        for i in range(0, len(x), batch_size):
+            yield x[i:i + batch_size], None if y is None else y[i:i + batch_size]
+        return
+    for item in data:
+        x, y = (item[0], item[1]) if isinstance(item, (tuple, list)) else (item, None)
+        yield x, y
+
+
+def compare(reference: Predict, deployed: Predict, data, backend: str,
+            metric: Callable[[torch.Tensor, torch.Tensor], float] = accuracy, path: str | None = None) -> ParityReport:
+    """Run both on `data`; the metric is computed over all samples when targets are given."""
+    worst, n = 0.0, 0
+    ref_all, dep_all, ys = [], [], []
+    with torch.inference_mode():
+        for x, y in batches(data):
+            r, d = reference(x).float(), deployed(x).float()
+            worst = max(worst, (r - d).abs().max().item())
+            n += len(x)
+            if y is not None:
+                ref_all.append(r), dep_all.append(d), ys.append(y)
+    rep = ParityReport(backend, worst, n, getattr(metric, "__name__", "metric"), path=path)
+    if ys:
+        y = torch.cat(ys)
+        rep.metric_reference, rep.metric_deployed = metric(torch.cat(ref_all), y), metric(torch.cat(dep_all), y)
+    return rep

@@ -1,0 +1,101 @@
+"""Make compression permanent: remove every reparametrization and shrink pruned layers.
+
+Like torch.nn.utils.prune.remove(): the masked, fake-quantized weight becomes the plain
+`weight` (its values sit exactly on the quantization grid and pruned entries are exact
+zeros), the state dict gets the model's plain keys, and channels whose structured mask is 0
+are physically removed from every coupled layer (through the traced dependency graph), so
+the finalized model is really smaller and faster. What cannot be read off the plain tensors
+(bits, step sizes, the pruning plan) is returned as a CompressionSpec.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from .graph import build_graph
+from .spec import CompressionSpec, LayerSpec
+from .techniques.masks import ApplyMask
+from .techniques.quant_lsq import LSQWeight
+
+
+def _quant_specs(model: nn.Module) -> dict[str, LayerSpec]:
+    specs = {}
+    for name, m in model.named_modules():
+        if parametrize.is_parametrized(m, "weight"):
+            for p in m.parametrizations.weight:
+                if isinstance(p, LSQWeight):
+                    specs[name] = LayerSpec(bits=p.bits, scale=p.scale().clone())
+        aq = getattr(m, "input_quant", None)
+        if aq is not None:
+            spec = specs.setdefault(name, LayerSpec())
+            spec.act_bits, spec.act_scale = aq.bits, float(aq.step.detach())
+    return specs
+
+
+def _structured_plan(model: nn.Module) -> dict[str, tuple]:
+    """root layer -> (group, channel indices to remove), read from the structured masks."""
+    plan = {}
+    for m in model.modules():
+        for pname in ("weight", "bias"):
+            if not parametrize.is_parametrized(m, pname):
+                continue
+            for p in getattr(m.parametrizations, pname):
+                if isinstance(p, ApplyMask) and p.dim is not None:
+                    g = p.source.group
+                    drop = torch.nonzero(p.source.hard == 0).flatten().tolist()
+                    plan[g.name] = (g, drop)
+    return plan
+
+
+def _remove_reparametrizations(model: nn.Module) -> None:
+    for m in model.modules():
+        for pname in list(getattr(m, "parametrizations", {}) or {}):
+            parametrize.remove_parametrizations(m, pname, leave_parametrized=True)
+        if hasattr(m, "input_quant"):
+            for hid, hook in list(m._forward_pre_hooks.items()):
+                if getattr(hook, "__name__", "") == "_quantize_input":
+                    del m._forward_pre_hooks[hid]
+            del m.input_quant
+
+
+@torch.no_grad()
+def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None) -> CompressionSpec:
+    """Finalize `model` in place and return its CompressionSpec.
+
+    `example_inputs` is needed only when structured pruning removed channels (to trace the
+    dependency graph of the plain model).
+    """
+    was_training = model.training
+    model.eval()
+    specs = _quant_specs(model)
+    plan = _structured_plan(model)
+    _remove_reparametrizations(model)
+    spec = CompressionSpec(layers=specs, recipe=recipe)
+    todo = {name: (g, drop) for name, (g, drop) in plan.items() if drop}
+    if todo:
+        if example_inputs is None:
+            raise ValueError("finalize: structured pruning removed channels; pass example_inputs to trace the model")
+        _shrink(model, todo, example_inputs, spec)
+    model.train(was_training)
+    return spec
+
+
+def _shrink(model: nn.Module, todo: dict, example_inputs, spec: CompressionSpec) -> None:
+    import torch_pruning as tp
+
+    modules = dict(model.named_modules())
+    for name, (g, drop) in todo.items():
+        for m in g.out_members():  # drop the removed rows from the per-channel step sizes too
+            ls = spec.layers.get(m.module)
+            if ls is not None and ls.scale is not None and ls.scale.numel() > 1:
+                dropped = {i for i, r in zip(m.idxs, m.root_idxs) if r in set(drop)}
+                keep = [i for i in range(ls.scale.numel()) if i not in dropped]
+                ls.scale = ls.scale[keep]
+    dg = build_graph(model, example_inputs)
+    for name, (g, drop) in todo.items():
+        root = modules[name]
+        fn = dg.get_pruner_of_module(root).prune_out_channels
+        dg.get_pruning_group(root, fn, drop).prune()
+    spec.pruning_history = [list(h) for h in dg.pruning_history()]
+    del tp

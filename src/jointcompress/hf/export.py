@@ -1,0 +1,74 @@
+"""Export a (possibly pruned) classifier as a standard HF folder.
+
+The folder holds config.json, model.safetensors and the tokenizer, so it loads with
+AutoModelForSequenceClassification.from_pretrained and pipeline("text-classification" /
+"sentiment-analysis"). Unpruned or uniformly shrunk models (e.g. students with fewer
+layers) are saved as the stock class and load anywhere. Models with per-layer widths
+use the pruned model_type; they load
+  * with jointcompress installed: after `import jointcompress.hf` (registers the classes);
+  * without it: with trust_remote_code=True, because the folder carries a copy of
+    modeling_pruned.py and config.auto_map points at it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from torch import nn
+
+from jointcompress.errors import ArtifactError
+from jointcompress.hf import modeling_pruned
+from jointcompress.hf.int8 import baked_copy
+from jointcompress.hf.pruned import is_pruned_class
+
+REMOTE_FILE = "modeling_pruned.py"
+
+
+def _has_hooks(model: nn.Module) -> bool:
+    return any(m._forward_pre_hooks for m in model.modules())
+
+
+def export_folder(model: nn.Module, tokenizer, out_dir: str | Path, *, remote_code: bool = True) -> Path:
+    """Write model + tokenizer to out_dir; returns the folder.
+
+    Refuses a model that still has mask hooks attached (the saved weights would not
+    reproduce the masked outputs): call prune_heads / prune_ffn and remove the hooks first.
+    Fake-quant parametrizations are saved as their current values (a baked copy; the
+    model passed in is not changed).
+    """
+    if _has_hooks(model):
+        raise ArtifactError(
+            "model still has forward pre-hooks (training masks); prune physically and remove the "
+            "hook handles before export"
+        )
+    if tokenizer is None:
+        raise ArtifactError("export needs the tokenizer so pipeline() works; pass the one used for training")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = baked_copy(model) if any(hasattr(m, "parametrizations") for m in model.modules()) else model
+    cfg = model.config
+    if is_pruned_class(model) and remote_code:
+        cfg_cls = type(cfg).__name__
+        model_cls = type(model).__name__
+        stem = REMOTE_FILE[:-3]
+        cfg.auto_map = {
+            "AutoConfig": f"{stem}.{cfg_cls}",
+            "AutoModelForSequenceClassification": f"{stem}.{model_cls}",
+        }
+        shutil.copyfile(modeling_pruned.__file__, out / REMOTE_FILE)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def folder_bytes(path: str | Path, patterns: tuple[str, ...] = ("*.safetensors", "*.onnx", "*.pt")) -> int:
+    """Bytes of the weight files in a folder (what dominates artifact size)."""
+    return sum(f.stat().st_size for p in patterns for f in Path(path).glob(p))
+
+
+def load_pipeline(path: str | Path, task: str = "text-classification", **kwargs):
+    """pipeline(task, model=path) with the pruned classes registered; CPU."""
+    from transformers import pipeline
+
+    return pipeline(task, model=str(path), tokenizer=str(path), device="cpu", **kwargs)

@@ -1,0 +1,114 @@
+"""Attention-head masks during training, and physical head removal afterwards.
+
+transformers 5.x has no head_mask argument and no prune_heads. We mask heads with a
+forward pre-hook on each layer's attention output projection: its input is the
+concatenation of per-head outputs, so scaling slice h by mask[h] is exactly "head h off".
+This works for BERT-family and DistilBERT alike, leaves the HF forward untouched, and
+composes with a weight parametrization (LSQ fake-quant) on the same Linear.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from jointcompress.errors import RecipeError
+from jointcompress.hf.masks import UnitMask, normalise_importance
+from jointcompress.hf.modeling_pruned import ARCH, family, get_sub, head_dim, keep_heads, layers
+from jointcompress.hf.pruned import mark_pruned
+
+
+def head_counts(model: nn.Module) -> list[int]:
+    """Current number of heads in each layer (from the q projection shape)."""
+    fam, hd = family(model.config), head_dim(model.config)
+    return [get_sub(layer, ARCH[fam]["q"]).out_features // hd for layer in layers(model)]
+
+
+def attach_head_mask(model: nn.Module, mask: UnitMask) -> list:
+    """Multiply each layer's per-head attention output by mask()[layer]; returns hook handles.
+
+    Call `handle.remove()` on each (or `detach_hooks`) before physical removal.
+    """
+    fam, hd = family(model.config), head_dim(model.config)
+    mods = layers(model)
+    counts = head_counts(model)
+    if mask.scores.shape[0] != len(mods) or any(c != mask.scores.shape[1] for c in counts):
+        raise RecipeError(
+            f"head mask is {tuple(mask.scores.shape)} but the model has {len(mods)} layers with heads {counts}; "
+            "build the mask with new_head_mask(model, keep) on the model being trained"
+        )
+    handles = []
+    for i, layer in enumerate(mods):
+        def hook(module, args, i=i):
+            x = args[0]
+            m = mask()[i].to(x.dtype).repeat_interleave(hd)
+            return (x * m,) + tuple(args[1:])
+
+        handles.append(get_sub(layer, ARCH[fam]["o"]).register_forward_pre_hook(hook))
+    return handles
+
+
+def new_head_mask(model: nn.Module, keep: int, *, per_layer: bool = False, min_per_layer: int = 1,
+                  init: torch.Tensor | float = 3.0) -> UnitMask:
+    """A UnitMask sized for the model's (unpruned, uniform) heads."""
+    counts = head_counts(model)
+    if len(set(counts)) != 1:
+        raise RecipeError(f"head masks need the same head count in every layer, got {counts}; mask before pruning")
+    return UnitMask(len(counts), counts[0], keep, per_layer=per_layer, min_per_layer=min_per_layer,
+                    init=init, name="heads")
+
+
+def head_importance(model: nn.Module, batch_iter, n_batches: int = 16) -> torch.Tensor:
+    """|d loss / d head-gate| summed over batches (Michel et al., 2019), shape [layers, heads].
+
+    A cheap, principled initialisation for learned head scores (and a one-shot pruning
+    criterion on its own). The batches must carry labels so the model returns a loss.
+    """
+    counts = head_counts(model)
+    gate = UnitMask(len(counts), counts[0], 1, per_layer=True)
+    gate.scores.requires_grad_(False)
+    ones = torch.ones(len(counts), counts[0], requires_grad=True)
+    gate.forward = lambda: ones  # type: ignore[method-assign]
+    handles = attach_head_mask(model, gate)
+    imp = torch.zeros_like(ones)
+    was = model.training
+    model.eval()
+    try:
+        for j, batch in enumerate(batch_iter):
+            if j >= n_batches:
+                break
+            loss = model(**batch).loss
+            (g,) = torch.autograd.grad(loss, ones)
+            imp += g.abs()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return imp
+
+
+def importance_scores(model: nn.Module, batch_iter, n_batches: int = 16) -> torch.Tensor:
+    """head_importance normalised into initial mask scores."""
+    return normalise_importance(head_importance(model, batch_iter, n_batches))
+
+
+def prune_heads(model: nn.Module, keep: list[list[int]]) -> nn.Module:
+    """Physically keep only heads keep[layer] in each layer (shapes change); returns model.
+
+    Records per-layer counts in config.heads_per_layer and switches the model to the
+    registered pruned class so save_pretrained/from_pretrained round-trip.
+    """
+    fam, hd = family(model.config), head_dim(model.config)
+    mods = layers(model)
+    if len(keep) != len(mods):
+        raise RecipeError(f"keep lists heads for {len(keep)} layers but the model has {len(mods)}")
+    counts = head_counts(model)
+    for i, (layer, heads) in enumerate(zip(mods, keep)):
+        if not heads:
+            raise RecipeError(f"layer {i}: cannot keep 0 heads; keep at least one or drop the layer")
+        if max(heads) >= counts[i] or min(heads) < 0:
+            raise RecipeError(f"layer {i}: head indices {heads} out of range 0..{counts[i] - 1}")
+        if len(heads) != counts[i]:
+            keep_heads(layer, fam, torch.tensor(sorted(set(heads))), hd)
+    mark_pruned(model, heads_per_layer=head_counts(model))
+    return model

@@ -1,0 +1,187 @@
+"""Real int8 CPU inference for HF classifiers, with a logits tolerance check.
+
+Two back ends, because which is faster depends on the CPU and thread count (measured in
+benchmarks/results/hf_sst2.md): torch dynamic int8 quantization of every nn.Linear
+(weights int8 per tensor, activations quantized per batch at run time), and ONNX Runtime
+dynamic int8 (MatMulInteger) on an exported ONNX graph. Both keep embeddings, LayerNorm
+and softmax in fp32. A fake-quant (LSQ) model must have its parametrizations baked into
+plain weights first (bake_parametrizations); the tolerance check then says how far the
+real int8 kernels drift from the model that was trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from jointcompress.errors import ArtifactError
+
+INPUT_NAMES = ("input_ids", "attention_mask")
+
+
+def bake_parametrizations(model: nn.Module) -> nn.Module:
+    """Replace every parametrized weight by its current (e.g. fake-quantized) value, in place."""
+    from torch.nn.utils import parametrize
+
+    for mod in list(model.modules()):
+        if parametrize.is_parametrized(mod):
+            for name in list(mod.parametrizations.keys()):
+                parametrize.remove_parametrizations(mod, name, leave_parametrized=True)
+    return model
+
+
+def baked_copy(model: nn.Module) -> nn.Module:
+    """An independent copy of an HF model with parametrized weights replaced by their values.
+
+    deepcopy cannot copy parametrized modules in this torch, and baking in place would
+    destroy the latent weights of a model still being trained; so we rebuild the model
+    from its config and load a state dict holding the computed weights.
+    """
+    from torch.nn.utils import parametrize
+
+    if not any(parametrize.is_parametrized(m) for m in model.modules()):
+        return copy.deepcopy(model)
+    state = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k}
+    for prefix, mod in model.named_modules():
+        if parametrize.is_parametrized(mod):
+            for pname in mod.parametrizations.keys():
+                state[f"{prefix}.{pname}" if prefix else pname] = getattr(mod, pname).detach().clone()
+    new = type(model)(copy.deepcopy(model.config))
+    new.load_state_dict(state, strict=True)
+    return new.train(model.training)
+
+
+def quantize_torch_int8(model: nn.Module) -> nn.Module:
+    """A copy of model with all nn.Linear replaced by torch dynamic int8 Linear (CPU)."""
+    import warnings
+
+    model = baked_copy(model).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+class _LogitsOnly(nn.Module):
+    """Wraps an HF classifier so ONNX export sees tensors in, logits out."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def export_onnx(model: nn.Module, path: str | Path, seq_len: int = 64) -> Path:
+    """Export fp32 model to ONNX (inputs input_ids, attention_mask; output logits).
+
+    The batch axis is dynamic; the sequence length is fixed at seq_len (the traced mask
+    code treats it as a constant), so feed inputs padded to exactly seq_len.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = baked_copy(model).eval()
+    model.config._attn_implementation = "eager"  # sdpa's mask path traces poorly
+    ids = torch.ones(2, seq_len, dtype=torch.long)
+    mask = torch.ones(2, seq_len, dtype=torch.long)
+    torch.onnx.export(
+        _LogitsOnly(model), (ids, mask), str(path), input_names=list(INPUT_NAMES), output_names=["logits"],
+        dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17, dynamo=False,
+    )
+    return path
+
+
+def quantize_onnx_int8(src: str | Path, dst: str | Path) -> Path:
+    """ONNX Runtime dynamic int8 quantization (int8 weights, per-channel) of src into dst."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+    return Path(dst)
+
+
+class OrtClassifier:
+    """Callable ONNX Runtime session returning logits as a torch tensor."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        if not Path(path).is_file():
+            raise ArtifactError(f"ONNX file {path} does not exist; run export_onnx / quantize_onnx_int8 first")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_) -> torch.Tensor:
+        feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+        return torch.from_numpy(self.session.run(["logits"], feeds)[0])
+
+
+def torch_logits_fn(model: nn.Module):
+    """Callable (input_ids, attention_mask) -> logits for a torch model, no grad."""
+
+    @torch.no_grad()
+    def run(input_ids, attention_mask, **_):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    return run
+
+
+def logits_over(fn, tensors: dict[str, torch.Tensor], batch_size: int = 64) -> torch.Tensor:
+    """fn's logits for all rows (fixed padding, so every back end sees identical inputs)."""
+    n = tensors["input_ids"].shape[0]
+    outs = [fn(tensors["input_ids"][i:i + batch_size], tensors["attention_mask"][i:i + batch_size])
+            for i in range(0, n, batch_size)]
+    return torch.cat(outs).float()
+
+
+def check_logits(reference: torch.Tensor, candidate: torch.Tensor, atol: float) -> dict:
+    """Compare int8 logits with the float (or fake-quant) model's; raise if max |diff| > atol.
+
+    Returns max/mean absolute difference and the fraction of rows whose argmax agrees.
+    """
+    diff = (reference - candidate).abs()
+    stats = {
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "argmax_agreement": float((reference.argmax(-1) == candidate.argmax(-1)).float().mean()),
+        "atol": atol,
+    }
+    if stats["max_abs_diff"] > atol:
+        raise ArtifactError(
+            f"int8 logits differ from the float model by {stats['max_abs_diff']:.4f} > tolerance {atol}; "
+            "quantization-aware training (quant_lsq) or a looser int8 tolerance is needed"
+        )
+    return stats
+
+
+def latency_samples(fn, batch_size: int, seq_len: int = 64, repeats: int = 20, warmup: int = 3,
+                    vocab: int = 1000) -> list[float]:
+    """Sorted wall times (ms) of calls at [batch_size, seq_len] full-length inputs."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, vocab, (batch_size, seq_len), generator=g)
+    mask = torch.ones_like(ids)
+    for _ in range(warmup):
+        fn(ids, mask)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(ids, mask)
+        times.append((time.perf_counter() - t0) * 1000)
+    return sorted(times)
+
+
+def latency_ms(fn, batch_size: int, seq_len: int = 64, repeats: int = 20, warmup: int = 3,
+               vocab: int = 1000, stat: str = "median") -> float:
+    """Median (or min) latency in ms; see latency_samples.
+
+    min is the better estimate of the achievable latency on a shared, noisy machine;
+    median is what a user sees under that load. Report both when the CPU is shared.
+    """
+    times = latency_samples(fn, batch_size, seq_len, repeats, warmup, vocab)
+    return times[0] if stat == "min" else times[len(times) // 2]

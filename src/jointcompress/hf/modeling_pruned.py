@@ -1,0 +1,228 @@
+"""Pruned BERT / DistilBERT classes whose layers may differ in head count and FFN width.
+
+Why this file: transformers 5.x removed `prune_heads` / `pruned_heads`, and its BERT and
+DistilBERT modules build every layer with the same width from the config. A physically
+pruned model therefore cannot be rebuilt by the stock classes. We store the per-layer
+widths in the config (`heads_per_layer`, `intermediate_per_layer`) under our own
+model_type ("jointcompress_bert" / "jointcompress_distilbert") and subclass the stock
+models so that construction shrinks each layer's Linear modules before the weights load.
+
+The file is deliberately self-contained (imports only torch, transformers and
+huggingface_hub): export copies it into the model folder and points `auto_map` at it, so
+users without jointcompress can load with `trust_remote_code=True`; users with
+jointcompress installed just `import jointcompress.hf` (which registers these classes
+with the Auto classes) and need no remote code.
+"""
+
+from __future__ import annotations
+
+import torch
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+)
+
+# Dotted paths inside one transformer layer, per family, and the config field names.
+ARCH = {
+    "bert": {
+        "layers": "encoder.layer",
+        "q": "attention.self.query",
+        "k": "attention.self.key",
+        "v": "attention.self.value",
+        "o": "attention.output.dense",
+        "attn": "attention.self",
+        "heads_attr": "num_attention_heads",
+        "ffn_in": "intermediate.dense",
+        "ffn_out": "output.dense",
+        "hidden": "hidden_size",
+        "n_heads": "num_attention_heads",
+        "ffn": "intermediate_size",
+        "n_layers": "num_hidden_layers",
+    },
+    "distilbert": {
+        "layers": "transformer.layer",
+        "q": "attention.q_lin",
+        "k": "attention.k_lin",
+        "v": "attention.v_lin",
+        "o": "attention.out_lin",
+        "attn": "attention",
+        "heads_attr": "n_heads",
+        "ffn_in": "ffn.lin1",
+        "ffn_out": "ffn.lin2",
+        "hidden": "dim",
+        "n_heads": "n_heads",
+        "ffn": "hidden_dim",
+        "n_layers": "n_layers",
+    },
+}
+ARCH["roberta"] = ARCH["bert"]  # same module names; no pruned save/load class yet
+
+FAMILY_OF = {
+    "bert": "bert",
+    "jointcompress_bert": "bert",
+    "distilbert": "distilbert",
+    "jointcompress_distilbert": "distilbert",
+    "roberta": "roberta",
+}
+
+
+def family(config) -> str:
+    """'bert', 'distilbert' or 'roberta' for a config; ValueError names supported types."""
+    fam = FAMILY_OF.get(getattr(config, "model_type", None))
+    if fam is None:
+        raise ValueError(
+            f"model_type {config.model_type!r} is not supported for head/FFN/layer pruning; "
+            f"supported: {sorted(FAMILY_OF)}"
+        )
+    return fam
+
+
+def get_sub(module: nn.Module, dotted: str) -> nn.Module:
+    """Submodule at a dotted path."""
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def set_sub(module: nn.Module, dotted: str, new: nn.Module) -> None:
+    """Replace the submodule at a dotted path."""
+    parent, _, last = dotted.rpartition(".")
+    setattr(get_sub(module, parent) if parent else module, last, new)
+
+
+def layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of transformer layers of a (task or base) model."""
+    return get_sub(model.base_model, ARCH[family(model.config)]["layers"])
+
+
+def head_dim(config) -> int:
+    """Per-head width; fixed by the unpruned model and kept by pruning."""
+    a = ARCH[family(config)]
+    return getattr(config, a["hidden"]) // getattr(config, a["n_heads"])
+
+
+def slice_linear(lin: nn.Linear, out_idx: torch.Tensor | None = None, in_idx: torch.Tensor | None = None) -> nn.Linear:
+    """A new Linear keeping rows out_idx and columns in_idx of lin (bias follows rows).
+
+    Refuses parametrized weights (e.g. an LSQ fake-quantizer): prune first, or remove the
+    parametrization, so the sliced weights are the real ones and not a quantized view.
+    """
+    if hasattr(lin, "parametrizations"):
+        raise ValueError(
+            "cannot physically prune a Linear whose weight is parametrized (fake-quant); "
+            "remove the parametrization first or prune before attaching quantizers"
+        )
+    w = lin.weight.detach()
+    if out_idx is not None:
+        w = w.index_select(0, out_idx.to(w.device))
+    if in_idx is not None:
+        w = w.index_select(1, in_idx.to(w.device))
+    new = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if lin.bias is not None:
+            b = lin.bias.detach()
+            new.bias.copy_(b.index_select(0, out_idx.to(b.device)) if out_idx is not None else b)
+    new.weight.requires_grad_(lin.weight.requires_grad)
+    return new
+
+
+def keep_heads(layer: nn.Module, fam: str, heads: torch.Tensor, hd: int) -> None:
+    """Keep only the listed heads of one layer (q/k/v rows and output-projection columns)."""
+    a = ARCH[fam]
+    heads = torch.as_tensor(heads, dtype=torch.long).sort().values
+    idx = (heads[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
+    for key in ("q", "k", "v"):
+        set_sub(layer, a[key], slice_linear(get_sub(layer, a[key]), out_idx=idx))
+    set_sub(layer, a["o"], slice_linear(get_sub(layer, a["o"]), in_idx=idx))
+    attn = get_sub(layer, a["attn"])
+    setattr(attn, a["heads_attr"], int(heads.numel()))
+    if hasattr(attn, "all_head_size"):
+        attn.all_head_size = int(heads.numel()) * hd
+
+
+def keep_neurons(layer: nn.Module, fam: str, neurons: torch.Tensor) -> None:
+    """Keep only the listed FFN intermediate neurons of one layer."""
+    a = ARCH[fam]
+    idx = torch.as_tensor(neurons, dtype=torch.long).sort().values
+    set_sub(layer, a["ffn_in"], slice_linear(get_sub(layer, a["ffn_in"]), out_idx=idx))
+    set_sub(layer, a["ffn_out"], slice_linear(get_sub(layer, a["ffn_out"]), in_idx=idx))
+
+
+def apply_widths(model: nn.Module) -> None:
+    """Shrink each layer to config.heads_per_layer / intermediate_per_layer (construction time).
+
+    Keeps the first k heads/neurons: the values are overwritten when weights load, and
+    pruning always stores the kept units contiguously in ascending order.
+    """
+    cfg = model.config
+    fam = family(cfg)
+    hd = head_dim(cfg)
+    heads = getattr(cfg, "heads_per_layer", None)
+    ffn = getattr(cfg, "intermediate_per_layer", None)
+    mods = layers(model)
+    for name, widths in (("heads_per_layer", heads), ("intermediate_per_layer", ffn)):
+        if widths is not None and len(widths) != len(mods):
+            raise ValueError(f"config.{name} has {len(widths)} entries but the model has {len(mods)} layers")
+    for i, layer in enumerate(mods):
+        if heads is not None and heads[i] != getattr(cfg, ARCH[fam]["n_heads"]):
+            keep_heads(layer, fam, torch.arange(heads[i]), hd)
+        if ffn is not None and ffn[i] != getattr(cfg, ARCH[fam]["ffn"]):
+            keep_neurons(layer, fam, torch.arange(ffn[i]))
+
+
+@strict
+class JCBertConfig(BertConfig):
+    """BertConfig plus per-layer widths (None = unpruned)."""
+
+    model_type = "jointcompress_bert"
+    heads_per_layer: list[int] | None = None
+    intermediate_per_layer: list[int] | None = None
+
+
+@strict
+class JCDistilBertConfig(DistilBertConfig):
+    """DistilBertConfig plus per-layer widths (None = unpruned)."""
+
+    model_type = "jointcompress_distilbert"
+    heads_per_layer: list[int] | None = None
+    intermediate_per_layer: list[int] | None = None
+
+
+class JCBertForSequenceClassification(BertForSequenceClassification):
+    """BertForSequenceClassification whose layers are shrunk to the config's widths."""
+
+    config_class = JCBertConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        apply_widths(self)
+
+
+class JCDistilBertForSequenceClassification(DistilBertForSequenceClassification):
+    """DistilBertForSequenceClassification whose layers are shrunk to the config's widths."""
+
+    config_class = JCDistilBertConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        apply_widths(self)
+
+
+PRUNED_CLASSES = {
+    "bert": (JCBertConfig, JCBertForSequenceClassification),
+    "distilbert": (JCDistilBertConfig, JCDistilBertForSequenceClassification),
+}
+
+
+def register() -> None:
+    """Register the pruned classes with AutoConfig / AutoModelForSequenceClassification."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    for cfg_cls, model_cls in PRUNED_CLASSES.values():
+        AutoConfig.register(cfg_cls.model_type, cfg_cls, exist_ok=True)
+        AutoModelForSequenceClassification.register(cfg_cls, model_cls, exist_ok=True)

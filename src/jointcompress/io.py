@@ -1,0 +1,54 @@
+"""Files: every write is atomic (temp file in the same folder, fsync, rename) and no existing
+output directory is overwritten unless the user asked for it, so nothing a user made is lost."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import JointCompressError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=_jsonable) + "\n")
+
+
+def _jsonable(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "as_dict"):
+        return o.as_dict()
+    return str(o)
+
+
+def prepare_output_dir(path: str | os.PathLike, force: bool = False) -> Path:
+    """Create `path`; refuse a non-empty existing one unless `force`."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not force:
+        raise JointCompressError(
+            f"output directory {path} already exists and is not empty; choose another --out, or pass --force to overwrite"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,92 @@
+"""Reference models (no torchvision here): LeNet-300-100, LeNet-5 and a small ResNet.
+
+All take [N, 1, H, W] images (28x28 MNIST or 8x8 digits) and return class logits.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LeNet300(nn.Module):
+    """LeNet-300-100: the fully connected MNIST model of Han et al.'s Deep Compression."""
+
+    def __init__(self, in_features: int = 784, num_classes: int = 10):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, 300)
+        self.fc2 = nn.Linear(300, 100)
+        self.fc3 = nn.Linear(100, num_classes)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 (Caffe variant used by Deep Compression): conv20-conv50-fc500-fc10."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 20, 5, padding=2 if image_size < 20 else 0)
+        self.conv2 = nn.Conv2d(20, 50, 5, padding=2 if image_size < 20 else 0)
+        side = image_size if image_size < 20 else ((image_size - 4) // 2 - 4) // 2
+        side = side // 4 if image_size < 20 else side
+        self.fc1 = nn.Linear(50 * side * side, 500)
+        self.fc2 = nn.Linear(500, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A ResNet-8-style network for 28x28 inputs: residual couplings exercise the dependency graph."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.layer1 = BasicBlock(width, width)
+        self.layer2 = BasicBlock(width, 2 * width, stride=2)
+        self.layer3 = BasicBlock(2 * width, 4 * width, stride=2)
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+MODELS = {"lenet300": LeNet300, "lenet5": LeNet5, "resnet": SmallResNet}
+
+
+def build_model(name: str, image_size: int = 28, num_classes: int = 10) -> nn.Module:
+    """Build a reference model for images of `image_size` x `image_size` (28 MNIST, 8 digits)."""
+    from .errors import RecipeError
+
+    if name not in MODELS:
+        raise RecipeError(f"model: unknown reference model '{name}'; choose one of {', '.join(MODELS)}")
+    if name == "lenet300":
+        return LeNet300(image_size * image_size, num_classes)
+    if name == "lenet5":
+        return LeNet5(1, num_classes, image_size)
+    return SmallResNet(1, num_classes)

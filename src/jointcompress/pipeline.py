@@ -1,0 +1,125 @@
+"""From a recipe to a deployable, measured artifact: the path the CLI, the demo and the
+benchmarks share (train or load the model, compress, finalize, save, measure)."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .api import Result, compress, seed_everything, train_baseline
+from .artifact.size import dense_fp32_bytes
+from .artifact.store import save
+from .bench import count_params, interleaved_latency, batch_of
+from .data import Split, evaluator, load_dataset
+from .errors import ArtifactError
+from .finalize import finalize
+from .models import build_model
+from .recipe import Recipe
+
+
+@dataclass
+class Outcome:
+    """One compressed model, finalized and saved, with what was measured on it."""
+
+    name: str
+    model: nn.Module
+    result: Result | None
+    row: dict = field(default_factory=dict)
+
+
+def builder_for(model_name: str, split: Split) -> Callable[[], nn.Module]:
+    return lambda: build_model(model_name, image_size=split.image_size, num_classes=split.num_classes)
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a state dict from .safetensors (or a torch file with weights_only=True: no unpickling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except ArtifactError:
+        raise
+    except Exception as err:  # noqa: BLE001 - report any loading problem as the user's file problem
+        raise ArtifactError(f"{path}: cannot load weights into the model ({type(err).__name__}: {err})") from None
+    return model
+
+
+def train_teacher(model_name: str, split: Split, epochs: int, lr: float = 1e-3, batch_size: int = 64, seed: int = 0, progress=None) -> nn.Module:
+    seed_everything(seed)
+    model = build_model(model_name, image_size=split.image_size, num_classes=split.num_classes)
+    train_baseline(model, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test), epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
+    return model
+
+
+def compress_and_save(
+    name: str, teacher: nn.Module, recipe: Recipe, split: Split, builder, out_dir: Path | None, progress=None
+) -> Outcome:
+    """Compress a copy of `teacher` (which also serves as the distillation teacher), finalize, save."""
+    seed_everything(recipe.training.seed)
+    model = copy.deepcopy(teacher)
+    evaluate = evaluator(split.x_test, split.y_test)
+    result = compress(model, recipe, (split.x_train, split.y_train), evaluate, teacher=teacher, progress=progress)
+    example = result.example_inputs
+    spec = finalize(model, example, recipe=recipe.model_dump())
+    row = {"accuracy": evaluate(model)["accuracy"]}
+    if out_dir is not None:
+        manifest = save(model, spec, out_dir / name, builder=builder, example_inputs=example,
+                        extra={"baseline_accuracy": evaluate(teacher)["accuracy"], "model": recipe.model})
+        row["bytes"] = manifest["bytes"]["total"]
+        row["file_bytes"] = sum(f.stat().st_size for f in (out_dir / name).iterdir() if f.is_file())
+    row.update(_describe(model, spec))
+    row["wall_s"] = result.history.wall_seconds
+    conflicts = [e["conflict_rate"] for e in result.history.epochs if e.get("conflict_rate") is not None]
+    row["conflict_rate"] = sum(conflicts) / len(conflicts) if conflicts else None
+    return Outcome(name, model, result, row)
+
+
+def _describe(model: nn.Module, spec) -> dict:
+    p = count_params(model)
+    zeros = total = 0
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            zeros += int((m.weight == 0).sum())
+            total += m.weight.numel()
+    bits = sorted({ls.bits for ls in spec.layers.values() if ls.bits})
+    return {"params": p["total"], "nonzero": p["nonzero"], "sparsity": zeros / max(1, total), "bits": "/".join(map(str, bits)) or "32"}
+
+
+def measure_latency(models: dict[str, nn.Module], example: torch.Tensor, runs: int = 30) -> dict[str, dict[str, float]]:
+    """Batch-1 and batch-64 median latency of every model, timed interleaved in one run."""
+    for m in models.values():
+        m.eval()
+    out: dict[str, dict[str, float]] = {k: {} for k in models}
+    for bs in (1, 64):
+        x = batch_of(example, bs)
+        lat = interleaved_latency({k: (lambda m=m: m(x)) for k, m in models.items()}, runs=runs)
+        for k, v in lat.items():
+            out[k][f"latency_ms_b{bs}"] = v
+    return out
+
+
+def uncompressed_row(model: nn.Module, split: Split) -> dict:
+    p = count_params(model)
+    return {
+        "accuracy": evaluator(split.x_test, split.y_test)(model)["accuracy"],
+        "bytes": dense_fp32_bytes(model),
+        "params": p["total"],
+        "nonzero": p["nonzero"],
+        "sparsity": 0.0,
+        "bits": "32",
+    }
+
+
+def load_split(recipe: Recipe, data: str | None) -> Split:
+    return load_dataset(data or recipe.data)

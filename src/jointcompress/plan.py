@@ -1,0 +1,88 @@
+"""When each technique acts: joint (all at once) or sequential (one after another).
+
+A plan gives every technique an attach step, a ramp window and, for sequential runs, a
+freeze step; and it splits the run into LR phases (each phase gets its own cosine decay).
+Both modes use the same loop and the same total number of steps: that is what makes the
+joint-vs-sequential comparison fair.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .techniques.base import Technique
+
+
+@dataclass
+class Phase:
+    name: str
+    start: int
+    end: int
+
+
+@dataclass
+class Plan:
+    phases: list[Phase] = field(default_factory=list)
+    attach: dict[int, int] = field(default_factory=dict)  # id(technique) -> step
+    freeze: dict[int, int] = field(default_factory=dict)  # id(technique) -> step
+
+    @property
+    def total_steps(self) -> int:
+        return self.phases[-1].end if self.phases else 0
+
+
+def _is_prune(t: Technique) -> bool:
+    return t.kind.startswith("prune")
+
+
+def joint_plan(techniques: list[Technique], total_steps: int) -> Plan:
+    plan = Plan(phases=[Phase("joint", 0, total_steps)])
+    for t in techniques:
+        start = round(getattr(t.config, "start", 0.0) * total_steps)
+        end = round(getattr(t.config, "end", getattr(t.config, "start", 0.0)) * total_steps)
+        t.window = (start, max(start, end))
+        plan.attach[id(t)] = 0 if _is_prune(t) or t.kind == "distill_kd" else start
+    return plan
+
+
+def _split(total: int, fractions: list[float]) -> list[int]:
+    """Integer step counts that add up to `total` exactly."""
+    bounds = [round(total * sum(fractions[: i + 1])) for i in range(len(fractions))]
+    return [b - a for a, b in zip([0] + bounds[:-1], bounds)]
+
+
+def sequential_plan(techniques: list[Technique], total_steps: int, cfg) -> Plan:
+    """prune -> fine-tune -> quantize (QAT) -> fine-tune, distillation (if any) throughout."""
+    prune = [t for t in techniques if _is_prune(t)]
+    quant = [t for t in techniques if t.kind == "quant_lsq"]
+    fr = [cfg.prune, cfg.finetune_after_prune, cfg.quantize, cfg.finetune_after_quantize]
+    if not prune:
+        fr = [0.0, 0.0, fr[2] + fr[0], fr[3] + fr[1]]
+    if not quant:
+        fr = [fr[0], fr[1] + fr[2] + fr[3], 0.0, 0.0]
+    steps = _split(total_steps, fr)
+    names = ["prune", "finetune", "quantize", "finetune_q"]
+    plan, at = Plan(), 0
+    for name, n in zip(names, steps):
+        if n > 0:
+            plan.phases.append(Phase(name, at, at + n))
+        at += n
+    p_start, p_len = 0, steps[0]
+    q_start, q_len = steps[0] + steps[1], steps[2]
+    for t in techniques:
+        if _is_prune(t):
+            t.window = (p_start + round(t.config.start * p_len), p_start + round(t.config.end * p_len))
+            plan.attach[id(t)] = 0
+            plan.freeze[id(t)] = p_start + p_len
+        elif t.kind == "quant_lsq":
+            t.window = (q_start, q_start)
+            plan.attach[id(t)] = q_start
+            plan.freeze[id(t)] = q_start + q_len
+        else:
+            plan.attach[id(t)] = 0
+    return plan
+
+
+def make_plan(techniques: list[Technique], total_steps: int, recipe) -> Plan:
+    if recipe.mode == "sequential":
+        return sequential_plan(techniques, total_steps, recipe.sequential)
+    return joint_plan(techniques, total_steps)

@@ -1,0 +1,213 @@
+"""Recipes: a validated list of techniques plus how to train and how to schedule them.
+
+A recipe is YAML or a Python dict. Every field has bounds, unknown keys are rejected, and
+each technique carries a `type` discriminator, so a typo fails before any training starts
+with a message that names the field, the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import RecipeError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class Selection(Strict):
+    """Which layers a technique touches: glob patterns over module names."""
+
+    targets: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    exclude: list[str] = Field(default_factory=list)
+
+
+class PruneUnstructured(Selection):
+    type: Literal["prune_unstructured"]
+    sparsity: Annotated[float, Field(ge=0.0, le=0.999)]
+    criterion: Literal["magnitude", "learned"] = "magnitude"
+    scope: Literal["global", "layer"] = "layer"
+    schedule: Literal["cubic", "linear", "constant"] = "cubic"
+    start: Fraction = 0.0
+    end: Fraction = 0.6
+    update_every: Annotated[int, Field(ge=1, le=100000)] = 10
+    temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 0.5
+    regularization: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
+    score_lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-2
+    min_keep: Fraction = 0.01
+
+    @model_validator(mode="after")
+    def _window(self):
+        if self.end < self.start:
+            raise ValueError(f"end ({self.end}) must be >= start ({self.start})")
+        return self
+
+
+class PruneStructured(Selection):
+    type: Literal["prune_structured"]
+    sparsity: Annotated[float, Field(ge=0.0, le=0.99)]
+    criterion: Literal["magnitude", "learned"] = "learned"
+    scope: Literal["global", "layer"] = "layer"
+    schedule: Literal["cubic", "linear", "constant"] = "cubic"
+    start: Fraction = 0.0
+    end: Fraction = 0.6
+    update_every: Annotated[int, Field(ge=1, le=100000)] = 10
+    temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 0.5
+    regularization: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
+    score_lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-2
+    min_keep: Fraction = 0.05
+
+    @model_validator(mode="after")
+    def _window(self):
+        if self.end < self.start:
+            raise ValueError(f"end ({self.end}) must be >= start ({self.start})")
+        return self
+
+
+class QuantLSQ(Selection):
+    type: Literal["quant_lsq"]
+    bits: Annotated[int, Field(ge=2, le=8)] = 4
+    per_channel: bool = True
+    activations: bool = False
+    act_bits: Annotated[int, Field(ge=2, le=8)] = 8
+    start: Fraction = 0.0
+    regularization: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
+    step_lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
+
+
+class FeaturePair(Strict):
+    student: str = Field(min_length=1)
+    teacher: str = Field(min_length=1)
+    weight: Annotated[float, Field(ge=0.0, le=1000.0)] = 1.0
+
+
+class DistillKD(Strict):
+    type: Literal["distill_kd"]
+    temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 4.0
+    alpha: Fraction = 0.7
+    features: list[FeaturePair] = Field(default_factory=list)
+    cache_teacher: bool = False
+
+
+Technique = Annotated[
+    Union[PruneUnstructured, PruneStructured, QuantLSQ, DistillKD], Field(discriminator="type")
+]
+
+
+class Training(Strict):
+    epochs: Annotated[int, Field(ge=1, le=100000)] = 10
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    batch_size: Annotated[int, Field(ge=1, le=1_000_000)] = 128
+    seed: Annotated[int, Field(ge=0)] = 0
+    metric: str = "accuracy"
+    grad_clip: Annotated[float, Field(ge=0.0, le=1e6)] = 0.0
+
+
+class Coordination(Strict):
+    strategy: Literal["none", "scale", "pcgrad"] = "none"
+    every: Annotated[int, Field(ge=1, le=1_000_000)] = 1
+    threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3
+    factor: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    log_every: Annotated[int, Field(ge=1, le=1_000_000)] = 50
+
+
+class Sequential(Strict):
+    """How the same epochs are split when techniques run one after another.
+
+    prune -> fine-tune -> quantize (QAT) -> fine-tune; the four fractions sum to 1.
+    """
+
+    prune: Fraction = 0.4
+    finetune_after_prune: Fraction = 0.1
+    quantize: Fraction = 0.4
+    finetune_after_quantize: Fraction = 0.1
+
+    @model_validator(mode="after")
+    def _sum(self):
+        total = self.prune + self.finetune_after_prune + self.quantize + self.finetune_after_quantize
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"the four phase fractions must sum to 1, they sum to {total:.4f}")
+        return self
+
+
+class Recipe(Strict):
+    version: Literal[1] = 1
+    name: str = "recipe"
+    mode: Literal["joint", "sequential"] = "joint"
+    model: str | None = None  # a reference model name for the CLI (lenet300, lenet5, resnet)
+    data: str | None = None  # "digits" (embedded) or a path to an MNIST-style .npz
+    techniques: list[Technique] = Field(default_factory=list)
+    training: Training = Field(default_factory=Training)
+    coordination: Coordination = Field(default_factory=Coordination)
+    sequential: Sequential = Field(default_factory=Sequential)
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        kinds = [t.type for t in self.techniques]
+        for k in set(kinds):
+            if kinds.count(k) > 1 and k in ("quant_lsq", "distill_kd"):
+                raise ValueError(f"technique '{k}' appears {kinds.count(k)} times; use it once")
+        return self
+
+    def technique(self, kind: str):
+        return next((t for t in self.techniques if t.type == kind), None)
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"invalid recipe ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - {loc}: unknown key; remove it or check its spelling")
+        elif e["type"] == "union_tag_invalid" or e["type"] == "union_tag_not_found":
+            lines.append(
+                f"  - {loc}: {msg}. Allowed types: prune_unstructured, prune_structured, quant_lsq, distill_kd"
+            )
+        else:
+            lines.append(f"  - {loc}: {msg} (got {got!r})" if "input" in e else f"  - {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """Validate a dict (or a Recipe) and return a Recipe, or raise RecipeError naming the field."""
+    if isinstance(data, Recipe):
+        return data
+    if not isinstance(data, dict):
+        raise RecipeError(f"invalid recipe ({source}): expected a mapping of fields, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format(err, source)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a YAML recipe file; errors name the file, the field and the allowed values."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    return parse_recipe(data if data is not None else {}, source=str(path))
+
+
+def builtin_recipe(name: str) -> Path:
+    """Path of a recipe shipped with the package (src/jointcompress/recipes/NAME.yaml)."""
+    path = Path(__file__).parent / "recipes" / f"{name}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise RecipeError(f"no built-in recipe '{name}'; available: {', '.join(available)}")
+    return path

@@ -1,0 +1,33 @@
+"""What a finalized model carries besides its plain weights.
+
+After `finalize`, every layer is an ordinary nn.Module with ordinary tensors. What cannot be
+read off those tensors (the bit-width and per-channel step size the weights sit on, the
+activation quantizer, which channels were physically removed) is kept here, so the artifact
+writer can pack the weights into real low-bit storage and `load` can rebuild the shrunken
+architecture from a freshly built dense model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class LayerSpec:
+    """Per-layer quantization: weight == round(weight / scale) * scale, with |int| <= 2**(bits-1)-1."""
+
+    bits: int | None = None  # None: weights stay fp32
+    scale: torch.Tensor | None = None  # shape [out_features/out_channels], fp32 step sizes
+    act_bits: int | None = None  # input activation quantization, if trained with it
+    act_scale: float | None = None
+
+
+@dataclass
+class CompressionSpec:
+    layers: dict[str, LayerSpec] = field(default_factory=dict)
+    # Torch-Pruning pruning history: [(root_module_name, is_out_channel_pruning, [idxs])].
+    # Replaying it on a freshly built dense model reproduces the shrunken architecture.
+    pruning_history: list[tuple[str, bool, list[int]]] = field(default_factory=list)
+    recipe: dict[str, Any] | None = None

@@ -1,0 +1,20 @@
+"""Techniques: one file each, built from their recipe config by `build`."""
+from .base import RunContext, Technique
+from .distill_kd import DistillKD, hinton_loss, kd_loss
+from .prune_structured import PruneStructured
+from .prune_unstructured import PruneUnstructured
+from .quant_lsq import LSQWeight, QuantLSQ
+
+REGISTRY = {
+    "prune_unstructured": PruneUnstructured,
+    "prune_structured": PruneStructured,
+    "quant_lsq": QuantLSQ,
+    "distill_kd": DistillKD,
+}
+
+
+def build(config) -> Technique:
+    return REGISTRY[config.type](config)
+
+
+__all__ = ["RunContext", "Technique", "build", "kd_loss", "hinton_loss", "LSQWeight", *REGISTRY]

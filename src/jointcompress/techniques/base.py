@@ -1,0 +1,100 @@
+"""The lifecycle every technique follows, driven by one training loop.
+
+Like llm-compressor's modifiers: a technique is attached (`setup`), told where the run is
+(`on_step`), may add *named* loss terms (`loss_terms`), may act around the optimizer step,
+and is made permanent (`finalize`). Joint and sequential compression are then only a
+question of when each technique's window opens and closes (see plan.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class RunContext:
+    """What techniques may read about the run."""
+
+    model: nn.Module
+    example_inputs: Any
+    step: int = 0
+    total_steps: int = 1
+    epoch: int = 0
+    teacher: nn.Module | None = None
+    batch_inputs: Any = None
+    batch_targets: torch.Tensor | None = None
+    batch_extra: dict = field(default_factory=dict)
+    outputs: torch.Tensor | None = None
+    log: Callable[[str], None] = lambda msg: None
+
+
+class Technique:
+    """Base class; subclasses override the hooks they need."""
+
+    kind: str = "technique"
+    order: int = 50  # attach order on the same weight: pruning (masks) before quantization
+    window: tuple[int, int] = (0, 0)  # steps over which the technique ramps to its target
+    attached: bool = False
+    frozen: bool = False  # after its phase in a sequential run: keep applying, stop changing
+
+    def __init__(self, config):
+        self.config = config
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def setup(self, ctx: RunContext) -> None:
+        self.attached = True
+
+    def on_step(self, ctx: RunContext) -> None:
+        """Update schedules (sparsity, temperature) before the forward pass."""
+
+    def loss_terms(self, ctx: RunContext) -> dict[str, torch.Tensor]:
+        """Named loss terms; the coordinator sees each separately."""
+        return {}
+
+    def task_weight(self) -> float:
+        """Multiplier on the task (cross-entropy) term; distillation lowers it to 1 - alpha."""
+        return 1.0
+
+    def before_optimizer_step(self, ctx: RunContext) -> None:
+        pass
+
+    def after_optimizer_step(self, ctx: RunContext) -> None:
+        pass
+
+    def on_epoch_end(self, ctx: RunContext) -> None:
+        pass
+
+    def freeze(self) -> None:
+        """Stop learning (sequential phases after this one) but keep the effect on the model."""
+        self.frozen = True
+
+    def at_target(self) -> bool:
+        """True once the technique's effect is final (e.g. masks binary at the target)."""
+        return True
+
+    def parameters(self) -> list[dict]:
+        """Optimizer parameter groups owned by the technique (scores, step sizes, projections)."""
+        return []
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def selected_layers(model: nn.Module, cfg, types=(nn.Linear, nn.Conv2d)) -> dict[str, nn.Module]:
+    """The layers a technique's `targets`/`exclude` patterns select, in model order."""
+    from ..graph import matches
+
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, types) and matches(n, cfg.targets) and not matches(n, cfg.exclude)
+    }

@@ -1,0 +1,132 @@
+"""Knowledge distillation from a frozen teacher (Hinton et al., 2015) plus feature losses.
+
+`kd_loss` is alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) with `batchmean`, computed as
+F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True): kl_div wants log-probabilities
+as input and, with log_target, log-probabilities as target. The task term (1 - alpha) * CE is
+the loop's, weighted through `task_weight`. The teacher runs in eval mode without gradients.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import RecipeError
+from .base import RunContext, Technique
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over the batch."""
+    t = temperature
+    return F.kl_div(
+        F.log_softmax(student_logits / t, dim=-1),
+        F.log_softmax(teacher_logits.detach() / t, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (t * t)
+
+
+def hinton_loss(student_logits, teacher_logits, targets, temperature: float, alpha: float) -> torch.Tensor:
+    """alpha * T^2 * KL + (1 - alpha) * CE: the whole Hinton objective in one call."""
+    return alpha * kd_loss(student_logits, teacher_logits, temperature) + (1 - alpha) * F.cross_entropy(
+        student_logits, targets
+    )
+
+
+class _Capture:
+    """Forward hook that keeps the latest output of a named module."""
+
+    def __init__(self, module: nn.Module):
+        self.value = None
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, module, inputs, output):
+        self.value = output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _projection(student_dim: int, teacher_dim: int, conv: bool) -> nn.Module:
+    if student_dim == teacher_dim:
+        return nn.Identity()
+    return nn.Conv2d(student_dim, teacher_dim, 1, bias=False) if conv else nn.Linear(student_dim, teacher_dim, bias=False)
+
+
+class DistillKD(Technique):
+    kind = "distill_kd"
+    order = 30
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.student_caps: list[_Capture] = []
+        self.teacher_caps: list[_Capture] = []
+        self.projections = nn.ModuleList()
+        self.teacher: nn.Module | None = None
+
+    def setup(self, ctx: RunContext) -> None:
+        if ctx.teacher is None:
+            raise RecipeError("distill_kd needs a teacher: pass teacher=... to compress() or --teacher on the CLI")
+        # frozen for the run: eval mode (BatchNorm/dropout fixed) and forward under no_grad.
+        # requires_grad is left alone: the user's teacher object must not change under them
+        # (a deep copy of it may be the next student).
+        self._teacher_was_training = ctx.teacher.training
+        self.teacher = ctx.teacher.eval()
+        s_mods, t_mods = dict(ctx.model.named_modules()), dict(self.teacher.named_modules())
+        for i, pair in enumerate(self.config.features):
+            for side, name, mods in (("student", pair.student, s_mods), ("teacher", pair.teacher, t_mods)):
+                if name not in mods:
+                    raise RecipeError(
+                        f"distill_kd.features[{i}].{side}: no module named '{name}' in the {side}; "
+                        f"choose one of: {', '.join(n for n in mods if n)[:400]}"
+                    )
+            self.student_caps.append(_Capture(s_mods[pair.student]))
+            self.teacher_caps.append(_Capture(t_mods[pair.teacher]))
+        if self.config.features:
+            self._build_projections(ctx)
+        self.attached = True
+
+    def _build_projections(self, ctx: RunContext) -> None:
+        with torch.no_grad():
+            ctx.model.eval()
+            ctx.model(*_as_tuple(ctx.example_inputs))
+            ctx.model.train()
+            self.teacher(*_as_tuple(ctx.example_inputs))
+        for s, t in zip(self.student_caps, self.teacher_caps):
+            conv = s.value.dim() == 4
+            self.projections.append(_projection(s.value.shape[1], t.value.shape[1], conv))
+
+    def teacher_logits(self, ctx: RunContext) -> torch.Tensor:
+        cached = ctx.batch_extra.get("teacher_logits")
+        if cached is not None and not self.config.features:
+            return cached
+        with torch.no_grad():
+            return self.teacher(*_as_tuple(ctx.batch_inputs))
+
+    def task_weight(self) -> float:
+        return 1.0 - self.config.alpha
+
+    def loss_terms(self, ctx: RunContext) -> dict[str, torch.Tensor]:
+        t_logits = self.teacher_logits(ctx)
+        loss = self.config.alpha * kd_loss(ctx.outputs, t_logits, self.config.temperature)
+        for pair, s, t, proj in zip(self.config.features, self.student_caps, self.teacher_caps, self.projections):
+            loss = loss + pair.weight * F.mse_loss(proj(s.value), t.value.detach())
+        return {"distill": loss}
+
+    def parameters(self) -> list[dict]:
+        params = list(self.projections.parameters())
+        return [{"params": params, "name": "feature_projections"}] if params else []
+
+    def remove_hooks(self) -> None:
+        """Detach from the models at the end of the run (hooks off, teacher mode restored)."""
+        for c in self.student_caps + self.teacher_caps:
+            c.handle.remove()
+        if self.teacher is not None:
+            self.teacher.train(self._teacher_was_training)
+
+    def state_dict(self):
+        return {"projections": self.projections.state_dict()}
+
+    def load_state_dict(self, state):
+        self.projections.load_state_dict(state["projections"])
+
+
+def _as_tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)

@@ -1,0 +1,157 @@
+"""Structured pruning: whole output neurons of Linear layers and output channels of Conv2d.
+
+Channels are scored per *coupled group* (graph.py): a conv, its BatchNorm and every layer
+joined to it by a residual addition share one score per channel and one mask, so that a
+removed channel is exactly zero everywhere it appears and `finalize` can physically remove
+it without changing the function. Masks follow the same soft -> exactly binary schedule as
+unstructured learned masks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from .. import schedules
+from ..errors import RecipeError
+from ..graph import ChannelGroup, discover_groups
+from .base import RunContext, Technique
+from .masks import ApplyMask, ScoredMask, allocate
+
+_AFFINE = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+class PruneStructured(Technique):
+    kind = "prune_structured"
+    order = 5
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.groups: list[ChannelGroup] = []
+        self.skipped: list[tuple[str, str]] = []
+        self.masks = nn.ModuleDict()
+        self.appliers: list[tuple[nn.Module, str, ApplyMask]] = []
+        self.current_sparsity = 0.0
+        self._final_done = False
+
+    def setup(self, ctx: RunContext) -> None:
+        self.groups, self.skipped = discover_groups(ctx.model, ctx.example_inputs, self.config.targets, self.config.exclude)
+        if not self.groups:
+            raise RecipeError(
+                "prune_structured: no prunable channel group matches targets "
+                f"{self.config.targets} (skipped: {self.skipped}); widen targets or remove the technique"
+            )
+        modules = dict(ctx.model.named_modules())
+        for g in self.groups:
+            scores = self._channel_norms(g, modules)
+            if self.config.criterion == "learned":
+                scores = scores / scores.mean().clamp_min(1e-12)
+            mask = ScoredMask(scores, learned=self.config.criterion == "learned")
+            mask.group = g  # finalize() reads the group to remove the channels physically
+            self.masks[_key(g.name)] = mask
+            for m in g.out_members():
+                layer = modules[m.module]
+                for pname in ("weight", "bias"):
+                    if getattr(layer, pname, None) is None:
+                        continue
+                    applier = ApplyMask(mask, dim=0, idxs=m.idxs, root_idxs=m.root_idxs)
+                    parametrize.register_parametrization(layer, pname, applier)
+                    self.appliers.append((layer, pname, applier))
+        self.attached = True
+        self._update(ctx.step, force=True)
+
+    @staticmethod
+    def _channel_norms(g: ChannelGroup, modules: dict[str, nn.Module]) -> torch.Tensor:
+        """L2 norm of each channel over every producing layer of the group (BN excluded)."""
+        sq = torch.zeros(g.channels)
+        for m in g.out_members():
+            layer = modules[m.module]
+            if isinstance(layer, _AFFINE) or not hasattr(layer, "weight"):
+                continue
+            w = layer.weight.detach()
+            rows = w.flatten(1).pow(2).sum(1) if w.dim() > 1 else w.pow(2)
+            sq.index_add_(0, torch.as_tensor(m.root_idxs), rows[torch.as_tensor(m.idxs)])
+        return sq.sqrt()
+
+    def on_step(self, ctx: RunContext) -> None:
+        if not self.frozen:
+            self._update(ctx.step, modules=dict(ctx.model.named_modules()))
+
+    def _update(self, step: int, force: bool = False, modules=None) -> None:
+        p = schedules.progress(step, *self.window)
+        due = force or p >= 1.0 or (step - self.window[0]) % self.config.update_every == 0
+        if not due or (self._final_done and p >= 1.0):
+            return
+        self.current_sparsity = schedules.ramp(self.config.sparsity, p, self.config.schedule)
+        if self.config.criterion == "magnitude" and modules is not None:
+            for g in self.groups:
+                self.masks[_key(g.name)].scores.copy_(self._original_norms(g, modules))
+        temp = 0.0 if self.config.criterion == "magnitude" else schedules.temperature(self.config.temperature, p)
+        masks = [self.masks[_key(g.name)] for g in self.groups]
+        keeps = allocate([m.scores for m in masks], self.current_sparsity, self.config.scope, self.config.min_keep)
+        for m, keep in zip(masks, keeps):
+            m.set_keep(keep, temp)
+        self._final_done = p >= 1.0
+
+    def _original_norms(self, g: ChannelGroup, modules) -> torch.Tensor:
+        sq = torch.zeros(g.channels)
+        for m in g.out_members():
+            layer = modules[m.module]
+            if isinstance(layer, _AFFINE):
+                continue
+            w = layer.parametrizations.weight.original.detach()
+            sq.index_add_(0, torch.as_tensor(m.root_idxs), w.flatten(1).pow(2).sum(1)[torch.as_tensor(m.idxs)])
+        return sq.sqrt()
+
+    def loss_terms(self, ctx: RunContext) -> dict[str, torch.Tensor]:
+        """Group lasso on the channels being removed: sum_c (1 - m_c) * ||W_c||."""
+        lam = self.config.regularization
+        if lam == 0 or self.frozen:
+            return {}
+        terms = []
+        for layer, pname, applier in self.appliers:
+            if pname != "weight" or isinstance(layer, _AFFINE) or applier.last_mask is None:
+                continue
+            w = layer.parametrizations.weight.original
+            norms = (w.flatten(1).pow(2).sum(1) + 1e-12).sqrt()
+            terms.append((norms * (1 - applier.last_mask.detach().flatten())).mean())
+        return {"sparsity": lam * torch.stack(terms).mean()} if terms else {}
+
+    def freeze(self) -> None:
+        super().freeze()
+        for m in self.masks.values():
+            m.temperature.fill_(0.0)
+            if isinstance(m.scores, nn.Parameter):
+                m.scores.requires_grad_(False)
+
+    def achieved_sparsity(self) -> float:
+        total = sum(m.hard.numel() for m in self.masks.values())
+        return sum(float((m.hard == 0).sum()) for m in self.masks.values()) / max(1, total)
+
+    def at_target(self) -> bool:
+        total = sum(m.hard.numel() for m in self.masks.values())
+        return all(float(m.temperature) == 0 for m in self.masks.values()) and abs(
+            self.achieved_sparsity() - self.config.sparsity
+        ) <= 0.5 * len(self.masks) / max(1, total) + 1e-3 + (1.0 / min(m.hard.numel() for m in self.masks.values()))
+
+    def pruned_channels(self) -> dict[str, list[int]]:
+        """Root layer name -> channel indices whose mask is 0 (what finalize removes)."""
+        return {g.name: torch.nonzero(self.masks[_key(g.name)].hard == 0).flatten().tolist() for g in self.groups}
+
+    def parameters(self) -> list[dict]:
+        if self.config.criterion != "learned" or self.frozen:
+            return []
+        return [{"params": [m.scores for m in self.masks.values()], "lr": self.config.score_lr, "weight_decay": 0.0, "name": "channel_scores"}]
+
+    def metrics(self) -> dict[str, float]:
+        return {"channel_sparsity": self.achieved_sparsity(), "channel_sparsity_target_now": self.current_sparsity}
+
+    def state_dict(self):
+        return {"masks": self.masks.state_dict()}
+
+    def load_state_dict(self, state):
+        self.masks.load_state_dict(state["masks"])
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")

@@ -1,0 +1,128 @@
+"""Unstructured pruning: one mask entry per weight, magnitude or learned scores.
+
+Sparsity follows the cubic ramp of gradual pruning and is exactly the target when the
+window closes. `magnitude` re-ranks |w| every `update_every` steps (binary throughout);
+`learned` trains movement-style scores (initialised from |w|) through a sigmoid mask whose
+temperature anneals to zero, after which the mask is the exact top-k with a
+straight-through gradient.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from .. import schedules
+from .base import RunContext, Technique, selected_layers
+from .masks import ApplyMask, ScoredMask, allocate
+
+
+class PruneUnstructured(Technique):
+    kind = "prune_unstructured"
+    order = 10
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.layers: dict[str, nn.Module] = {}
+        self.masks = nn.ModuleDict()  # key: layer name with '.' -> '__'
+        self.appliers: dict[str, ApplyMask] = {}
+        self.current_sparsity = 0.0
+
+    def setup(self, ctx: RunContext) -> None:
+        self.layers = selected_layers(ctx.model, self.config)
+        for name, layer in self.layers.items():
+            w = layer.weight.detach()
+            mask = ScoredMask(self._initial_scores(w), learned=self.config.criterion == "learned")
+            applier = ApplyMask(mask)
+            parametrize.register_parametrization(layer, "weight", applier)
+            self.masks[_key(name)], self.appliers[name] = mask, applier
+        self.attached = True
+        self._update(ctx.step, force=True)
+
+    def _initial_scores(self, w: torch.Tensor) -> torch.Tensor:
+        scores = w.abs()
+        if self.config.criterion == "learned":
+            # comparable across layers for a global budget; O(1) so score_lr means the same everywhere
+            denom = self._global_mean() if self.config.scope == "global" else scores.mean()
+            scores = scores / denom.clamp_min(1e-12)
+        return scores
+
+    def _global_mean(self) -> torch.Tensor:
+        ws = [l.weight.detach().abs().flatten() for l in self.layers.values()]
+        return torch.cat(ws).mean()
+
+    def target_sparsity(self, step: int) -> float:
+        p = schedules.progress(step, *self.window)
+        return schedules.ramp(self.config.sparsity, p, self.config.schedule)
+
+    def on_step(self, ctx: RunContext) -> None:
+        if not self.frozen:
+            self._update(ctx.step)
+
+    def _update(self, step: int, force: bool = False) -> None:
+        p = schedules.progress(step, *self.window)
+        due = force or p >= 1.0 or (step - self.window[0]) % self.config.update_every == 0
+        if not due or (self._final_done and p >= 1.0):
+            return
+        self.current_sparsity = self.target_sparsity(step)
+        if self.config.criterion == "magnitude":
+            for name, layer in self.layers.items():
+                self.masks[_key(name)].scores.copy_(layer.parametrizations.weight.original.detach().abs())
+        temp = 0.0 if self.config.criterion == "magnitude" else schedules.temperature(self.config.temperature, p)
+        masks = list(self.masks.values())
+        keeps = allocate([m.scores for m in masks], self.current_sparsity, self.config.scope, self.config.min_keep)
+        for m, keep in zip(masks, keeps):
+            m.set_keep(keep, temp)
+        self._final_done = p >= 1.0
+
+    _final_done = False
+
+    def loss_terms(self, ctx: RunContext) -> dict[str, torch.Tensor]:
+        """Push the weights being pruned toward zero so removing them costs less (L1 on w*(1-m))."""
+        lam = self.config.regularization
+        if lam == 0 or self.frozen:
+            return {}
+        terms = []
+        for name, applier in self.appliers.items():
+            if applier.last_mask is None:
+                continue
+            w = self.layers[name].parametrizations.weight.original
+            terms.append((w.abs() * (1 - applier.last_mask.detach())).mean())
+        return {"sparsity": lam * torch.stack(terms).mean()} if terms else {}
+
+    def freeze(self) -> None:
+        super().freeze()
+        for m in self.masks.values():
+            m.temperature.fill_(0.0)
+            if isinstance(m.scores, nn.Parameter):
+                m.scores.requires_grad_(False)
+
+    def at_target(self) -> bool:
+        return all(float(m.temperature) == 0 for m in self.masks.values()) and abs(
+            self.achieved_sparsity() - self.config.sparsity
+        ) < 1e-3 + 1.0 / max(1, self.total_weights())
+
+    def total_weights(self) -> int:
+        return sum(m.hard.numel() for m in self.masks.values())
+
+    def achieved_sparsity(self) -> float:
+        zeros = sum(float((m.hard == 0).sum()) for m in self.masks.values())
+        return zeros / max(1, self.total_weights())
+
+    def parameters(self) -> list[dict]:
+        if self.config.criterion != "learned" or self.frozen:
+            return []
+        return [{"params": [m.scores for m in self.masks.values()], "lr": self.config.score_lr, "weight_decay": 0.0, "name": "mask_scores"}]
+
+    def metrics(self) -> dict[str, float]:
+        return {"sparsity": self.achieved_sparsity(), "sparsity_target_now": self.current_sparsity}
+
+    def state_dict(self):
+        return {"masks": self.masks.state_dict()}
+
+    def load_state_dict(self, state):
+        self.masks.load_state_dict(state["masks"])
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")

@@ -1,0 +1,148 @@
+"""LSQ fake quantization (Esser et al., 2020) with learnable per-channel step sizes.
+
+w_q = round(clamp(w / s, -Q, Q)) * s, Q = 2^(b-1) - 1 (symmetric, restricted range, so zero
+is exact and a pruned weight stays exactly 0). Rounding uses a straight-through estimator and
+the step-size gradient is scaled by 1/sqrt(n_w * Q) as in the paper. The step is learned as
+log(s): Adam's update is scale-free, so on s itself a 1e-3 step would move a 0.02 step size
+by 5% per iteration and 4-bit training collapses; on log(s) it is a 0.1% change. The quantizer is a
+parametrization stacked *after* the pruning masks, so it sees the masked weights, and its
+step sizes initialise from those pruned weights the first time it runs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from .base import RunContext, Technique, selected_layers
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return (x.round() - x).detach() + x
+
+
+def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    """Identity forward; multiplies the gradient by g (LSQ's step-size gradient scale)."""
+    return (x - x * g).detach() + x * g
+
+
+def lsq_init_step(w: torch.Tensor, qmax: int, per_channel: bool) -> torch.Tensor:
+    """LSQ's 2*mean(|w|)/sqrt(Q) over the *non-zero* weights (pruned ones would bias it down)."""
+    flat = w.detach().flatten(1) if per_channel else w.detach().flatten().unsqueeze(0)
+    nz = (flat != 0).float()
+    mean_abs = (flat.abs() * nz).sum(1) / nz.sum(1).clamp_min(1)
+    step = 2 * mean_abs / math.sqrt(qmax)
+    step = torch.where(step > 0, step, torch.full_like(step, 1e-3))
+    shape = [-1] + [1] * (w.dim() - 1) if per_channel else [1] * w.dim()
+    return step.view(shape)
+
+
+class LSQWeight(nn.Module):
+    """Parametrization: per-channel LSQ fake quantization of a weight tensor."""
+
+    def __init__(self, weight: torch.Tensor, bits: int, per_channel: bool = True):
+        super().__init__()
+        self.bits, self.per_channel = bits, per_channel
+        self.qmax = 2 ** (bits - 1) - 1
+        shape = [weight.shape[0]] + [1] * (weight.dim() - 1) if per_channel else [1] * weight.dim()
+        self.log_step = nn.Parameter(torch.zeros(shape))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.last_in: torch.Tensor | None = None
+        self.last_out: torch.Tensor | None = None
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not bool(self.initialized):
+            with torch.no_grad():
+                self.log_step.copy_(lsq_init_step(w, self.qmax, self.per_channel).log())
+                self.initialized.fill_(True)
+        n = w[0].numel() if self.per_channel else w.numel()
+        s = grad_scale(self.log_step, 1.0 / math.sqrt(n * self.qmax)).exp()
+        out = round_ste(torch.clamp(w / s, -self.qmax, self.qmax)) * s
+        self.last_in, self.last_out = w, out
+        return out
+
+    @property
+    def step(self) -> torch.Tensor:
+        return self.log_step.exp()
+
+    def scale(self) -> torch.Tensor:
+        return self.log_step.detach().exp().flatten()
+
+
+class LSQActivation(nn.Module):
+    """LSQ quantizer for a layer's input (signed, per tensor), run as a forward pre-hook."""
+
+    def __init__(self, bits: int = 8):
+        super().__init__()
+        self.bits, self.qmax = bits, 2 ** (bits - 1) - 1
+        self.log_step = nn.Parameter(torch.zeros(()))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def step(self) -> torch.Tensor:
+        return self.log_step.exp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(self.initialized):
+            with torch.no_grad():
+                self.log_step.fill_(math.log(float(2 * x.detach().abs().mean() / math.sqrt(self.qmax)) or 1e-3))
+                self.initialized.fill_(True)
+        s = grad_scale(self.log_step, 1.0 / math.sqrt(x[0].numel() * self.qmax)).exp()
+        return round_ste(torch.clamp(x / s, -self.qmax, self.qmax)) * s
+
+
+def _quantize_input(module, args):
+    return (module.input_quant(args[0]),) + tuple(args[1:])
+
+
+class QuantLSQ(Technique):
+    kind = "quant_lsq"
+    order = 20
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.quantizers: dict[str, LSQWeight] = {}
+        self.act_quantizers: dict[str, LSQActivation] = {}
+        self.hooks = []
+
+    def setup(self, ctx: RunContext) -> None:
+        for name, layer in selected_layers(ctx.model, self.config).items():
+            q = LSQWeight(layer.weight.detach(), self.config.bits, self.config.per_channel)
+            parametrize.register_parametrization(layer, "weight", q)
+            self.quantizers[name] = q
+            if self.config.activations:
+                layer.input_quant = LSQActivation(self.config.act_bits)
+                self.act_quantizers[name] = layer.input_quant
+                self.hooks.append(layer.register_forward_pre_hook(_quantize_input))
+        self.attached = True
+        with torch.no_grad():  # initialise step sizes now, from the (masked) weights as they are
+            for name, layer in selected_layers(ctx.model, self.config).items():
+                _ = layer.weight
+
+    def loss_terms(self, ctx: RunContext) -> dict[str, torch.Tensor]:
+        """Optional: pull weights toward their grid points (less rounding noise, fewer flips)."""
+        lam = self.config.regularization
+        if lam == 0 or self.frozen:
+            return {}
+        terms = [
+            ((q.last_in - q.last_out.detach()) ** 2).mean() / (q.step.detach() ** 2).mean()
+            for q in self.quantizers.values()
+            if q.last_in is not None and q.last_in.requires_grad
+        ]
+        return {"quant": lam * torch.stack(terms).mean()} if terms else {}
+
+    def freeze(self) -> None:
+        super().freeze()
+        for q in list(self.quantizers.values()) + list(self.act_quantizers.values()):
+            q.log_step.requires_grad_(False)
+
+    def parameters(self) -> list[dict]:
+        if self.frozen:
+            return []
+        steps = [q.log_step for q in self.quantizers.values()] + [q.log_step for q in self.act_quantizers.values()]
+        return [{"params": steps, "lr": self.config.step_lr, "weight_decay": 0.0, "name": "quant_steps"}]
+
+    def metrics(self) -> dict[str, float]:
+        return {"bits": float(self.config.bits)}

@@ -1,0 +1,173 @@
+"""save/load of deployable artifacts: exact sizes, exact logits, shrunken shapes, clear failures."""
+import json
+import os
+import struct
+
+import pytest
+import torch
+import torch.nn as nn
+
+from artifact_helpers import MLP, SmallCNN, TinyResNet, example_input, fake_finalize
+from jointcompress.artifact import dense_fp32_bytes, load, load_with_spec, read_manifest, save, storage_bytes
+from jointcompress.errors import ArtifactError
+
+
+@pytest.fixture(scope="module")
+def cnn_artifact(tmp_path_factory):
+    x = example_input()
+    model, spec = fake_finalize(SmallCNN(), x, bits=4)
+    path = tmp_path_factory.mktemp("cnn")
+    manifest = save(model, spec, path, builder=SmallCNN, example_inputs=x, extra={"note": "test"})
+    return model, spec, path, manifest, x
+
+
+@pytest.mark.parametrize("cls", [MLP, SmallCNN, TinyResNet])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_roundtrip_same_logits(tmp_path, cls, bits):
+    x = example_input(4)
+    model, spec = fake_finalize(cls(), x, bits=bits)
+    save(model, spec, tmp_path, builder=cls, example_inputs=x)
+    loaded = load(tmp_path, cls)
+    with torch.no_grad():
+        assert (model(x) - loaded(x)).abs().max().item() <= 1e-5
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+
+
+def test_bytes_on_disk_equal_manifest_and_size_accounting(cnn_artifact):
+    model, spec, path, manifest, _ = cnn_artifact
+    weights = path / "weights.safetensors"
+    size = os.path.getsize(weights)
+    b = manifest["bytes"]
+    assert size == manifest["weights_file_bytes"] == b["total"] + b["safetensors_header"]
+    (header_len,) = struct.unpack("<Q", weights.read_bytes()[:8])
+    assert b["safetensors_header"] == 8 + header_len
+    acc = storage_bytes(model, spec)
+    for part in ("values", "indices", "scales", "other", "total"):
+        assert acc[part] == b[part], part
+    # every layer's parts add up to what the manifest lists, and the tensors really have that many bytes
+    from safetensors.torch import load_file
+
+    tensors = load_file(weights)
+    for name, rec in manifest["layers"].items():
+        for part in rec["parts"].values():
+            t = tensors[part["key"]]
+            assert t.numel() * t.element_size() == part["bytes"]
+    assert acc["total"] < dense_fp32_bytes(SmallCNN()) / 10
+
+
+def test_manifest_content(cnn_artifact):
+    _, spec, path, manifest, _ = cnn_artifact
+    on_disk = json.loads((path / "manifest.json").read_text())
+    assert on_disk == manifest == read_manifest(path)
+    assert manifest["format_version"] == 1 and manifest["recipe"] == spec.recipe
+    assert manifest["pruning_history"] == spec.pruning_history
+    assert manifest["extra"] == {"note": "test"}
+    conv2 = manifest["layers"]["conv2"]
+    assert conv2["bits"] == 4 and conv2["shape"] == [8, 4, 5, 5]
+    assert conv2["encoding"] in ("dense", "bitmask", "relative") and 0.3 < conv2["sparsity"] < 0.7
+    assert not list(path.glob("*.tmp")) and not list(path.glob(".*tmp"))
+
+
+@pytest.mark.parametrize("cls", [SmallCNN, TinyResNet])
+def test_structured_pruning_really_shrinks_and_load_rebuilds(tmp_path, cls):
+    x = example_input()
+    dense = cls()
+    n_dense = sum(p.numel() for p in dense.parameters())
+    model, spec = fake_finalize(cls(), x, prune=0.5)
+    assert sum(p.numel() for p in model.parameters()) < 0.6 * n_dense
+    save(model, spec, tmp_path, builder=cls, example_inputs=x)
+    loaded, loaded_spec = load_with_spec(tmp_path, cls)
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert loaded(x).shape == (2, 10)
+    for name, ls in spec.layers.items():
+        assert torch.equal(loaded_spec.layers[name].scale, ls.scale) and loaded_spec.layers[name].bits == ls.bits
+
+
+def test_residual_block_pruned_consistently():
+    x = example_input()
+    model, _ = fake_finalize(TinyResNet(), x, prune=0.5)
+    c = model.stem.out_channels
+    assert c == 4  # the skip connection couples stem, bn, block.conv2, block.bn2 and fc's input
+    assert model.bn.num_features == model.block.conv2.out_channels == model.block.bn2.num_features == c
+    assert model.block.conv1.in_channels == c and model.fc.in_features == c
+    assert model.block.conv1.out_channels == model.block.bn1.num_features == model.block.conv2.in_channels == 4
+    assert model(x).shape == (2, 10)
+
+
+def test_truncated_weights_fail_naming_file(cnn_artifact, tmp_path):
+    model, spec, _, _, x = cnn_artifact
+    save(model, spec, tmp_path, example_inputs=x)
+    w = tmp_path / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:-10])
+    with pytest.raises(ArtifactError, match=r"weights\.safetensors.*truncated"):
+        load(tmp_path, SmallCNN)
+
+
+def test_tampered_weights_fail_naming_file(cnn_artifact, tmp_path):
+    model, spec, _, _, x = cnn_artifact
+    save(model, spec, tmp_path, example_inputs=x)
+    w = tmp_path / "weights.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-5] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"weights\.safetensors.*sha256"):
+        load(tmp_path, SmallCNN)
+
+
+def test_truncated_manifest_fails(cnn_artifact, tmp_path):
+    model, spec, _, _, x = cnn_artifact
+    save(model, spec, tmp_path, example_inputs=x)
+    m = tmp_path / "manifest.json"
+    m.write_text(m.read_text()[:100])
+    with pytest.raises(ArtifactError, match=r"manifest\.json.*JSON"):
+        load(tmp_path, SmallCNN)
+
+
+def test_other_version_fails(cnn_artifact, tmp_path):
+    model, spec, _, _, x = cnn_artifact
+    save(model, spec, tmp_path, example_inputs=x)
+    m = tmp_path / "manifest.json"
+    data = json.loads(m.read_text())
+    data["format_version"] = 99
+    m.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=r"manifest\.json.*format_version 99"):
+        load(tmp_path, SmallCNN)
+
+
+def test_wrong_builder_fails(cnn_artifact):
+    _, _, path, _, _ = cnn_artifact
+
+    class Wider(SmallCNN):
+        def __init__(self):
+            super().__init__()
+            self.fc2 = nn.Linear(32, 12)
+
+    with pytest.raises(ArtifactError, match=r"fc2\.weight.*\(10, 16\)"):
+        load(path, Wider)
+
+
+def test_weights_off_grid_rejected(tmp_path):
+    x = example_input()
+    model, spec = fake_finalize(MLP(), x, prune=0)
+    model.fc1.weight.data += 0.3 * spec.layers["fc1"].scale[:, None]
+    with pytest.raises(ArtifactError, match="fc1.*grid"):
+        save(model, spec, tmp_path, example_inputs=x)
+
+
+def test_history_needs_example_inputs(tmp_path):
+    x = example_input()
+    model, spec = fake_finalize(MLP(), x)
+    with pytest.raises(ArtifactError, match="example_inputs"):
+        save(model, spec, tmp_path)
+
+
+def test_per_tensor_scale_is_accepted(tmp_path):
+    x = example_input()
+    model, spec = fake_finalize(MLP(), x, prune=0)
+    s = spec.layers["fc2"].scale.max()
+    model.fc2.weight.data = torch.round(model.fc2.weight.data / s).clamp(-7, 7) * s
+    spec.layers["fc2"].scale = s.reshape(1)
+    save(model, spec, tmp_path, example_inputs=x)
+    loaded = load(tmp_path, MLP)
+    assert torch.equal(loaded.fc2.weight, model.fc2.weight)

@@ -1,0 +1,72 @@
+"""ONNX export and int8 inference match the PyTorch model they came from."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from artifact_helpers import MLP, SmallCNN, TinyResNet, example_input, fake_finalize
+from jointcompress.deploy import export_and_check, int8_parity, quantize_int8
+from jointcompress.errors import JointCompressError
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+
+
+def _data(model, n=256):
+    x = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return x, model(x).argmax(1)
+
+
+@pytest.mark.parametrize("cls", [SmallCNN, TinyResNet])
+def test_onnx_matches_pytorch(tmp_path, cls):
+    model, _ = fake_finalize(cls(), example_input())
+    x, y = _data(model)
+    rep = export_and_check(model, tmp_path / "m.onnx", example_input(), (x, y))
+    assert (tmp_path / "m.onnx").is_file()
+    assert rep.max_abs_logit_diff <= 1e-4 and rep.samples == 256
+    assert rep.metric_reference == 1.0 and abs(rep.metric_delta) <= 1e-6  # labels are the model's own argmax
+    assert "max |logit diff|" in str(rep)
+
+
+# int8 tolerance: activations are re-quantized to 8 bits per tensor, so logits may move by a
+# few percent of their range; we require <= 5% of max |logit| and >= 95% top-1 agreement.
+@pytest.mark.parametrize("cls", [MLP, SmallCNN, TinyResNet])
+def test_int8_onnxruntime_close_to_fp32(tmp_path, cls):
+    model, spec = fake_finalize(cls(), example_input(), bits=4)
+    x, y = _data(model)
+    q = quantize_int8(model, spec, x[:128], example_input(), workdir=tmp_path)
+    assert q.backend == "onnxruntime" and q.trained_scales == len(spec.layers)
+    rep = int8_parity(model, q, (x, y))
+    with torch.no_grad():
+        scale = model(x).abs().max().item()
+    assert rep.max_abs_logit_diff <= 0.05 * scale
+    assert rep.metric_deployed >= 0.95
+
+
+def test_int8_weights_are_the_trained_integers(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    model, spec = fake_finalize(MLP(), example_input(), bits=4, prune=0)
+    q = quantize_int8(model, spec, torch.randn(64, 1, 28, 28), example_input(), workdir=tmp_path)
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(q.path).graph.initializer}
+    int8 = [a for a in inits.values() if a.dtype == np.int8 and a.shape == (64, 784)]
+    assert len(int8) == 1
+    expected = torch.round(model.fc1.weight.detach() / spec.layers["fc1"].scale[:, None]).numpy().astype(np.int8)
+    assert np.array_equal(int8[0], expected)
+    assert np.abs(int8[0]).max() <= 7  # 4-bit values stay 4-bit inside the int8 tensor
+
+
+def test_int8_torch_backend_runs():
+    model, spec = fake_finalize(SmallCNN(), example_input(), bits=8)
+    x, y = _data(model, 128)
+    q = quantize_int8(model, spec, x, example_input(), backend="torch")
+    rep = int8_parity(model, q, (x, y))
+    assert rep.max_abs_logit_diff <= 0.05 * model(x).abs().max().item()
+
+
+def test_unknown_backend():
+    model, spec = fake_finalize(MLP(), example_input(), prune=0)
+    with pytest.raises(JointCompressError, match="backend"):
+        quantize_int8(model, spec, torch.randn(4, 1, 28, 28), example_input(), backend="tensorrt")
