@@ -74,9 +74,10 @@ def build_graph(model: nn.Module, example_inputs, ignored: list[nn.Module] | Non
     was_training = model.training
     model.eval()
     try:
-        dg = tp.DependencyGraph().build_dependency(
-            model, example_inputs=example_inputs, ignored_layers=ignored or [], verbose=False
-        )
+        with torch.enable_grad():  # the graph is traced through autograd
+            dg = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, ignored_layers=ignored or [], verbose=False
+            )
     finally:
         model.train(was_training)
     return dg

@@ -42,11 +42,15 @@ class PruneUnstructured(Selection):
     regularization: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
     score_lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-2
     min_keep: Fraction = 0.01
+    # per-layer targets (layer name -> sparsity), e.g. from a size-target allocator; needs scope: layer
+    layer_sparsity: dict[str, Annotated[float, Field(ge=0.0, le=0.999)]] | None = None
 
     @model_validator(mode="after")
     def _window(self):
         if self.end < self.start:
             raise ValueError(f"end ({self.end}) must be >= start ({self.start})")
+        if self.layer_sparsity and self.scope != "layer":
+            raise ValueError("layer_sparsity needs scope: layer (a global budget has no per-layer targets)")
         return self
 
 
@@ -80,6 +84,8 @@ class QuantLSQ(Selection):
     start: Fraction = 0.0
     regularization: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
     step_lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
+    # per-layer bit-widths (layer name -> bits), e.g. from a size-target allocator
+    layer_bits: dict[str, Annotated[int, Field(ge=2, le=8)]] | None = None
 
 
 class FeaturePair(Strict):
@@ -99,6 +105,22 @@ class DistillKD(Strict):
 Technique = Annotated[
     Union[PruneUnstructured, PruneStructured, QuantLSQ, DistillKD], Field(discriminator="type")
 ]
+
+
+class Target(Strict):
+    """What the user wants, in their units; the allocator turns it into per-layer budgets."""
+
+    size_kb: Annotated[float, Field(gt=0.0)] | None = None  # artifact weight bytes / 1024
+    ratio: Annotated[float, Field(gt=1.0, le=10000.0)] | None = None  # vs the fp32 state dict
+    latency_ms: Annotated[float, Field(gt=0.0)] | None = None
+    batch: Annotated[int, Field(ge=1, le=100000)] = 1
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("size_kb", "ratio", "latency_ms") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of size_kb, ratio, latency_ms (got {given or 'none'})")
+        return self
 
 
 class Training(Strict):
@@ -150,6 +172,7 @@ class Recipe(Strict):
     training: Training = Field(default_factory=Training)
     coordination: Coordination = Field(default_factory=Coordination)
     sequential: Sequential = Field(default_factory=Sequential)
+    target: Target | None = None
 
     @model_validator(mode="after")
     def _combinations(self):

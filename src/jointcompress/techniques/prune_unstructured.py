@@ -70,12 +70,18 @@ class PruneUnstructured(Technique):
                 self.masks[_key(name)].scores.copy_(layer.parametrizations.weight.original.detach().abs())
         temp = 0.0 if self.config.criterion == "magnitude" else schedules.temperature(self.config.temperature, p)
         masks = list(self.masks.values())
-        keeps = allocate([m.scores for m in masks], self.current_sparsity, self.config.scope, self.config.min_keep)
+        if self.config.layer_sparsity:
+            keeps = [allocate([m.scores], schedules.ramp(self.layer_target(n), p, self.config.schedule), "layer", 0)[0] for n, m in zip(self.layers, masks)]
+        else:
+            keeps = allocate([m.scores for m in masks], self.current_sparsity, self.config.scope, self.config.min_keep)
         for m, keep in zip(masks, keeps):
             m.set_keep(keep, temp)
         self._final_done = p >= 1.0
 
     _final_done = False
+
+    def layer_target(self, name: str) -> float:
+        return (self.config.layer_sparsity or {}).get(name, self.config.sparsity)
 
     def loss_terms(self, ctx: RunContext) -> dict[str, torch.Tensor]:
         """Push the weights being pruned toward zero so removing them costs less (L1 on w*(1-m))."""
@@ -98,9 +104,14 @@ class PruneUnstructured(Technique):
                 m.scores.requires_grad_(False)
 
     def at_target(self) -> bool:
-        return all(float(m.temperature) == 0 for m in self.masks.values()) and abs(
-            self.achieved_sparsity() - self.config.sparsity
-        ) < 1e-3 + 1.0 / max(1, self.total_weights())
+        if any(float(m.temperature) != 0 for m in self.masks.values()):
+            return False
+        if self.config.layer_sparsity:
+            return all(
+                abs(m.sparsity() - self.layer_target(n)) <= 1.0 / m.hard.numel() + 1e-6
+                for n, m in zip(self.layers, self.masks.values())
+            )
+        return abs(self.achieved_sparsity() - self.config.sparsity) < 1e-3 + 1.0 / max(1, self.total_weights())
 
     def total_weights(self) -> int:
         return sum(m.hard.numel() for m in self.masks.values())

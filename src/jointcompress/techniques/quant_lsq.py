@@ -109,7 +109,8 @@ class QuantLSQ(Technique):
 
     def setup(self, ctx: RunContext) -> None:
         for name, layer in selected_layers(ctx.model, self.config).items():
-            q = LSQWeight(layer.weight.detach(), self.config.bits, self.config.per_channel)
+            bits = (self.config.layer_bits or {}).get(name, self.config.bits)
+            q = LSQWeight(layer.weight.detach(), bits, self.config.per_channel)
             parametrize.register_parametrization(layer, "weight", q)
             self.quantizers[name] = q
             if self.config.activations:

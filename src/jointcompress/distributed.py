@@ -1,0 +1,172 @@
+"""Multi-process (data-parallel) training for the joint loop: torchrun / DDP-style, gloo or NCCL.
+
+Design (see docs/reliability.md):
+
+- The model is *not* wrapped in DistributedDataParallel inside `compress`. The gradient
+  coordinator computes one gradient per loss term with `torch.autograd.grad`, which bypasses
+  DDP's reducer hooks; instead, after the coordinator has written the final `.grad` of every
+  shared parameter (weights, mask scores, LSQ step sizes, feature projections), those
+  gradients are averaged over the ranks with one flattened all-reduce per dtype. The same
+  code path serves plain training (no technique), so there is one way gradients are reduced.
+- Decisions are made on rank 0 and broadcast: the whole model state (weights, parametrization
+  buffers, LSQ step sizes, BatchNorm statistics) at the start, after every attach/freeze event
+  and at every evaluation; technique state (masks, scores, thresholds, temperatures) after
+  every schedule update. All ranks therefore hold identical masks and step sizes.
+- Data is sharded with DistributedSampler (padded, so every rank runs the same number of
+  steps and collectives always match); `training.batch_size` is the *global* batch.
+- Only rank 0 writes files; metrics returned by `evaluate` are averaged over the ranks.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as tdist
+import torch.nn as nn
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- collectives ---------------------------------------------------------------------
+    def broadcast_tensors(self, tensors: Iterable[torch.Tensor], src: int = 0) -> None:
+        """Overwrite every tensor in place with rank `src`'s values (one flat broadcast per dtype/device)."""
+        buckets: dict[tuple, list[torch.Tensor]] = {}
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.numel() > 0:
+                buckets.setdefault((t.dtype, t.device), []).append(t)
+        for (dtype, _), ts in buckets.items():
+            wire = torch.uint8 if dtype == torch.bool else dtype
+            flat = torch.cat([t.detach().reshape(-1).to(wire) for t in ts])
+            tdist.broadcast(flat, src=src)
+            offset = 0
+            with torch.no_grad():
+                for t in ts:
+                    n = t.numel()
+                    t.copy_(flat[offset : offset + n].view_as(t).to(dtype))
+                    offset += n
+
+    def all_reduce_grads(self, params: Iterable[torch.Tensor]) -> None:
+        """Average `.grad` over the ranks (parameters without a gradient are left alone; the
+        set of such parameters is a property of the graph, hence the same on every rank)."""
+        buckets: dict[tuple, list[torch.Tensor]] = {}
+        for p in params:
+            if p.grad is not None:
+                buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p)
+        for ps in buckets.values():
+            flat = torch.cat([p.grad.reshape(-1) for p in ps])
+            tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+            flat /= self.world_size
+            offset = 0
+            for p in ps:
+                n = p.grad.numel()
+                p.grad = flat[offset : offset + n].view_as(p.grad).clone()
+                offset += n
+
+    def any(self, flag: bool, device: torch.device | str = "cpu") -> bool:
+        """True on every rank when `flag` is true on at least one."""
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def mean_metrics(self, metrics: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
+        """Average each metric over the ranks (keys are sorted so every rank sends the same vector)."""
+        keys = sorted(metrics)
+        t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+        return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
+
+    def barrier(self) -> None:
+        tdist.barrier()
+
+
+def _env_world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def init_from_env(backend: str | None = None) -> DistContext | None:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT).
+
+    Returns None for a single process. NCCL when CUDA is available (the model and data must
+    then live on the GPU of LOCAL_RANK), gloo otherwise.
+    """
+    if not tdist.is_available():
+        return None
+    if not tdist.is_initialized():
+        if _env_world_size() <= 1:
+            return None
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        tdist.init_process_group(backend=backend)
+    return current()
+
+
+def current() -> DistContext | None:
+    """The running process group as a DistContext, or None (not initialized, or one process)."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return None
+    world = tdist.get_world_size()
+    if world <= 1:
+        return None
+    return DistContext(rank=tdist.get_rank(), world_size=world, backend=str(tdist.get_backend()))
+
+
+def resolve(mode: Any = "auto") -> DistContext | None:
+    """compress(distributed=...): "auto" joins a torchrun group or uses an initialized one;
+    False/None forces single-process; a DistContext is used as given."""
+    if isinstance(mode, DistContext):
+        return mode
+    if mode in (False, None, "off", "none"):
+        return None
+    return init_from_env()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel (or DataParallel) wrapper."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def shard_loader(loader: torch.utils.data.DataLoader, ctx: DistContext, seed: int, batch_size: int | None = None):
+    """The same data, sharded over the ranks with a DistributedSampler (shuffled by seed + epoch)."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    if isinstance(loader.sampler, DistributedSampler):
+        return loader
+    shuffle = not isinstance(loader.sampler, torch.utils.data.SequentialSampler)
+    sampler = DistributedSampler(loader.dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed)
+    return DataLoader(
+        loader.dataset,
+        batch_size=batch_size or loader.batch_size,
+        sampler=sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+    )
+
+
+def tensors_of(obj) -> list[torch.Tensor]:
+    """Every tensor inside nested dicts/lists (state dicts share storage with the live tensors)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for k in obj for t in tensors_of(obj[k])]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in tensors_of(v)]
+    return []

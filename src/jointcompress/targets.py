@@ -1,0 +1,320 @@
+"""From what the user wants (`recipe.target`: KiB, a ratio, or milliseconds) to per-layer budgets.
+
+Why not a uniform sparsity: layers differ in size and in how much they tolerate. The
+allocator gives each layer a *relative* density (how much of it to keep compared with the
+others) and a bit-width, from a sensitivity scan when one is available and otherwise from a
+cheap proxy (Erdos-Renyi-Kernel: keep more of small, fan-limited layers), then scales all
+densities with one global factor until the artifact's **real** bytes hit the target.
+
+Real bytes: every candidate is pruned (magnitude, per layer) and rounded onto its LSQ grid,
+then encoded by the very encoder `artifact.save` uses, and the size of the
+weights.safetensors file it would write is measured (packed values, bitmask or relative
+indices, zstd, scales, fp32 biases and the safetensors header all count). So "size_kb: 20"
+means a 20 KiB weights file on disk, within 2%.
+
+Latency: unstructured zeros do not make dense kernels faster; removed channels do. For
+`latency_ms` the allocator builds channel-pruned candidates at several structured
+sparsities, physically shrinks them (Torch-Pruning), times them interleaved at
+`target.batch` and picks the least pruning that meets the target.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .errors import RecipeError
+from .recipe import Recipe, parse_recipe
+from .techniques.base import selected_layers
+
+TOLERANCE = 0.02  # the promise: within 2% of the target
+AIM = 0.003  # how close the bisection gets to its goal
+MARGIN = 0.0  # aim this much below the target: trained weights encode slightly differently
+MAX_LAYER_SPARSITY = 0.999  # the recipe's bound for layer_sparsity
+
+
+class TargetError(RecipeError):
+    """The target cannot be met with the recipe's techniques and bounds."""
+
+
+@dataclass
+class Allocation:
+    """Per-layer budgets and what they measured to."""
+
+    sparsity: dict[str, float]
+    bits: dict[str, int]
+    bytes: int
+    target_bytes: float
+    numel: dict[str, int] | None = None
+
+    @property
+    def overall_sparsity(self) -> float:
+        """Share of pruned weights over all pruned layers (what the technique reports)."""
+        n = self.numel or {k: 1 for k in self.sparsity}
+        return sum(self.sparsity[k] * n[k] for k in self.sparsity) / max(1, sum(n[k] for k in self.sparsity))
+
+
+# -- the target in bytes ------------------------------------------------------------------
+
+def target_bytes(model: nn.Module, target) -> float:
+    """The weights-file size the target asks for (ratio is against the fp32 safetensors file)."""
+    from .artifact.size import dense_fp32_bytes
+
+    if target.size_kb is not None:
+        return float(target.size_kb) * 1024
+    return dense_fp32_bytes(model) / float(target.ratio)
+
+
+# -- relative densities: proxy and scan ---------------------------------------------------
+
+def erk_weights(layers: dict[str, nn.Module]) -> dict[str, float]:
+    """Erdos-Renyi-Kernel density weights: sum of dimensions / product of dimensions.
+
+    A cheap, data-free proxy (Evci et al., RigL): big matrices have many redundant weights,
+    small ones (first conv, classifier) need a larger share to keep their rank.
+    """
+    out = {}
+    for name, m in layers.items():
+        dims = list(m.weight.shape)
+        out[name] = sum(dims) / math.prod(dims)
+    return out
+
+
+def scan_weights(layers: dict[str, nn.Module], scan: dict, tolerance: float) -> dict[str, float]:
+    """Density weights from a sensitivity scan: 1 - the sparsity each layer tolerates alone."""
+    from .sensitivity import tolerable_sparsity
+
+    out = {}
+    for name in layers:
+        rec = scan["layers"].get(name)
+        out[name] = 1.0 if rec is None else max(1e-3, 1.0 - tolerable_sparsity(rec["sparsity"], tolerance))
+    return out
+
+
+def scan_bits(layers: dict[str, nn.Module], scan: dict, tolerance: float, default: int) -> dict[str, int]:
+    from .sensitivity import tolerable_bits
+
+    return {n: tolerable_bits(scan["layers"][n]["bits"], tolerance, default) if n in scan["layers"] else default
+            for n in layers}
+
+
+# -- a candidate artifact, measured -------------------------------------------------------
+
+class Candidate:
+    """Builds the finalized model a given allocation would produce and measures its bytes."""
+
+    def __init__(self, model: nn.Module, quant_layers: list[str], prune_layers: list[str], per_channel: bool):
+        self.model = copy.deepcopy(model).eval()
+        self.modules = dict(self.model.named_modules())
+        self.original = {n: self.modules[n].weight.detach().clone() for n in quant_layers}
+        self.order = {n: torch.argsort(self.original[n].abs().flatten(), descending=True) for n in prune_layers}
+        self.quant_layers, self.per_channel = quant_layers, per_channel
+
+    @torch.no_grad()
+    def build(self, sparsity: dict[str, float], bits: dict[str, int]):
+        from .sensitivity import quantize_
+        from .spec import CompressionSpec, LayerSpec
+
+        spec = CompressionSpec()
+        for name in self.quant_layers:
+            w = self.original[name].clone()
+            if name in self.order:
+                keep = round(w.numel() * (1 - sparsity.get(name, 0.0)))
+                mask = torch.zeros(w.numel(), dtype=torch.bool)
+                mask[self.order[name][:keep]] = True
+                w = w * mask.view_as(w)
+            scale = quantize_(w, bits[name], self.per_channel)
+            self.modules[name].weight.data.copy_(w)
+            spec.layers[name] = LayerSpec(bits=bits[name], scale=scale)
+        return self.model, spec
+
+    def file_bytes(self, sparsity: dict[str, float], bits: dict[str, int]) -> int:
+        """Exact size of the weights.safetensors that `artifact.save` would write."""
+        from safetensors.torch import save as st_save
+
+        from .artifact.encode import encode_model
+        from .artifact.store import FORMAT, FORMAT_VERSION
+
+        model, spec = self.build(sparsity, bits)
+        enc = encode_model(model, spec)
+        return len(st_save(enc.tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)}))
+
+
+# -- the size allocator -------------------------------------------------------------------
+
+def densities(weights: dict[str, float], g: float, floor: dict[str, float]) -> dict[str, float]:
+    """Sparsity per layer at global factor g: density = clip(g * weight, floor, 1)."""
+    return {n: 1.0 - min(1.0, max(floor[n], g * w)) for n, w in weights.items()}
+
+
+def fit_global(cand: Candidate, weights: dict[str, float], floor: dict[str, float], bits: dict[str, int],
+               goal: float, iters: int = 40) -> tuple[dict[str, float], int]:
+    """Bisect the global density factor (log scale) until the measured bytes are at `goal`."""
+    lo, hi = 1e-6, 1.0 / max(min(weights.values()), 1e-9)
+    best = (densities(weights, lo, floor), cand.file_bytes(densities(weights, lo, floor), bits))
+    for _ in range(iters):
+        mid = math.sqrt(lo * hi)
+        sp = densities(weights, mid, floor)
+        size = cand.file_bytes(sp, bits)
+        if size <= goal:
+            lo, best = mid, (sp, size)
+        else:
+            hi = mid
+        if abs(best[1] - goal) <= AIM * goal or hi / lo < 1.0 + 1e-6:
+            break
+    return best
+
+
+def allocate_size(model: nn.Module, recipe: Recipe, example_inputs, scan: dict | None = None,
+                  tolerance: float = 0.01) -> Allocation:
+    """Per-layer sparsity and bits whose artifact weighs the target, measured."""
+    prune, quant = recipe.technique("prune_unstructured"), recipe.technique("quant_lsq")
+    qlayers = selected_layers(model, quant)
+    players = {n: m for n, m in selected_layers(model, prune).items() if n in qlayers}
+    cand = Candidate(model, list(qlayers), list(players), quant.per_channel)
+    goal = target_bytes(model, recipe.target)
+    weights = scan_weights(players, scan, tolerance) if scan else erk_weights(players)
+    base_bits = scan_bits(qlayers, scan, tolerance, quant.bits) if scan else {n: quant.bits for n in qlayers}
+    floor = {n: max(prune.min_keep, 1.0 - MAX_LAYER_SPARSITY, 1.0 / m.weight.numel()) for n, m in players.items()}
+    dense = {n: 0.0 for n in players}
+    sparsest = {n: 1.0 - floor[n] for n in players}
+    bits = choose_bits(cand, base_bits, sparsest, dense, goal)
+    sparsity, size = fit_global(cand, weights, floor, bits, goal * (1 - MARGIN))
+    sparsity.update({n: 0.0 for n in selected_layers(model, prune) if n not in sparsity})  # stored fp32 anyway
+    if size < goal * (1 - TOLERANCE):
+        warnings.warn(f"target: the densest allocation at {max(bits.values())} bits is {size} B, "
+                      f"below the {goal:.0f} B asked for; using it", stacklevel=3)
+    numel = {n: m.weight.numel() for n, m in selected_layers(model, prune).items()}
+    return Allocation(sparsity, bits, size, goal, numel)
+
+
+def choose_bits(cand: Candidate, base: dict[str, int], sparsest: dict, dense: dict, goal: float) -> dict[str, int]:
+    """Shift all bit-widths together from `base`: down while even the sparsest model is too
+    big, up while even the dense model is too small (sparsity then fills the rest)."""
+    shift = 0
+    bits = lambda k: {n: min(8, max(2, b + k)) for n, b in base.items()}  # noqa: E731
+    while cand.file_bytes(sparsest, bits(shift)) > goal:
+        if all(b == 2 for b in bits(shift).values()):
+            raise TargetError(
+                f"target: {goal / 1024:.2f} KiB cannot be reached; the smallest artifact the recipe allows "
+                f"(2-bit, every layer at prune_unstructured.min_keep) is "
+                f"{cand.file_bytes(sparsest, bits(shift)) / 1024:.2f} KiB. Raise target.size_kb (or lower "
+                "target.ratio), or lower prune_unstructured.min_keep"
+            )
+        shift -= 1
+    while shift >= 0 and any(b < 8 for b in bits(shift).values()) and cand.file_bytes(dense, bits(shift)) < goal:
+        shift += 1
+    return bits(shift)
+
+
+# -- the latency allocator ----------------------------------------------------------------
+
+def allocate_latency(model: nn.Module, example_inputs, target, grid=None, runs: int = 30) -> tuple[float, dict[float, float]]:
+    """The least uniform channel sparsity whose physically shrunk model meets `latency_ms`.
+
+    Candidates are timed interleaved (one round-robin) so machine load hits all alike.
+    Returns (sparsity, {sparsity: measured ms}).
+    """
+    from .bench import batch_of, interleaved_latency
+
+    grid = grid or [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    x = batch_of(example_inputs, target.batch)
+    models = {s: shrunk_copy(model, example_inputs, s) for s in grid}
+    lat = interleaved_latency({s: (lambda m=m: m(x)) for s, m in models.items()}, runs=runs)
+    ok = [s for s in grid if lat[s] <= target.latency_ms]
+    if not ok:
+        best = min(lat, key=lat.get)
+        raise TargetError(
+            f"target.latency_ms: {target.latency_ms} ms at batch {target.batch} cannot be met by removing channels; "
+            f"the fastest candidate ({100 * best:.0f}% of channels removed) measured {lat[best]:.3f} ms. "
+            "Raise target.latency_ms or lower target.batch"
+        )
+    return min(ok), lat
+
+
+@torch.no_grad()
+def shrunk_copy(model: nn.Module, example_inputs, sparsity: float) -> nn.Module:
+    """A copy with `sparsity` of every channel group's weakest channels physically removed."""
+    from .graph import build_graph, discover_groups
+    from .sensitivity import _channel_norms
+
+    m = copy.deepcopy(model).eval()
+    if sparsity <= 0:
+        return m
+    groups, _ = discover_groups(m, example_inputs)
+    modules = dict(m.named_modules())
+    plan = {}
+    for g in groups:
+        keep = max(1, round(g.channels * (1 - sparsity)))
+        plan[g.name] = torch.argsort(_channel_norms(g, modules), descending=True)[keep:].tolist()
+    dg = build_graph(m, example_inputs)
+    for name, drop in plan.items():
+        if drop:
+            root = modules[name]
+            dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, drop).prune()
+    return m
+
+
+# -- the public entry point ---------------------------------------------------------------
+
+def resolve_target(model: nn.Module, recipe: Recipe | dict, example_inputs, evaluate=None, sensitivity: dict | None = None) -> Recipe:
+    """A new recipe with `recipe.target` turned into per-layer budgets (and `target` cleared).
+
+    size_kb / ratio: fills prune_unstructured.layer_sparsity (scope: layer) and
+    quant_lsq.layer_bits; missing techniques are added with their defaults, since both
+    are needed to shrink the stored bytes. With `evaluate` (or a precomputed `sensitivity`
+    scan), sensitive layers keep more weights and bits; without, the ERK proxy is used.
+    latency_ms: sets prune_structured.sparsity (added if missing) to the least channel
+    sparsity that meets the target, measured on this machine.
+    """
+    recipe = parse_recipe(recipe)
+    if recipe.target is None:
+        return recipe
+    data = recipe.model_dump()
+    data["target"] = None
+    if recipe.target.latency_ms is not None:
+        sparsity, _ = allocate_latency(model, example_inputs, recipe.target)
+        return _with_structured(data, sparsity)
+    if recipe.technique("prune_structured") is not None:
+        raise TargetError("target.size_kb/ratio allocates unstructured sparsity and bits; remove prune_structured "
+                          "from techniques, or use target.latency_ms (which allocates channel sparsity)")
+    data = _with_size_techniques(data)
+    full = parse_recipe({**data, "target": recipe.target.model_dump()}, source="resolved target")
+    if sensitivity is None and evaluate is not None:
+        from .sensitivity import scan
+
+        sensitivity = scan(model, evaluate, example_inputs, metric=recipe.training.metric, groups=False)
+    alloc = allocate_size(model, full, example_inputs, scan=sensitivity)
+    return _with_budgets(data, alloc)
+
+
+def _with_size_techniques(data: dict) -> dict:
+    kinds = [t["type"] for t in data["techniques"]]
+    if "prune_unstructured" not in kinds:
+        data["techniques"].insert(0, {"type": "prune_unstructured", "sparsity": 0.0, "scope": "layer"})
+    if "quant_lsq" not in kinds:
+        data["techniques"].append({"type": "quant_lsq", "bits": 4, "start": 0.3})
+    return data
+
+
+def _with_budgets(data: dict, alloc: Allocation) -> Recipe:
+    for t in data["techniques"]:
+        if t["type"] == "prune_unstructured":
+            t["scope"], t["layer_sparsity"] = "layer", dict(alloc.sparsity)
+            t["sparsity"] = min(MAX_LAYER_SPARSITY, alloc.overall_sparsity)
+        elif t["type"] == "quant_lsq":
+            t["layer_bits"] = dict(alloc.bits)
+    return parse_recipe(data, source="resolved target")
+
+
+def _with_structured(data: dict, sparsity: float) -> Recipe:
+    found = [t for t in data["techniques"] if t["type"] == "prune_structured"]
+    if found:
+        found[0]["sparsity"], found[0]["scope"] = sparsity, "layer"
+    elif sparsity > 0:
+        data["techniques"].insert(0, {"type": "prune_structured", "sparsity": sparsity, "criterion": "magnitude", "scope": "layer"})
+    return parse_recipe(data, source="resolved target")

@@ -1,0 +1,56 @@
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from jointcompress import compress, finalize
+from jointcompress.data import evaluator
+from jointcompress.techniques.quant_lsq import LSQWeight, lsq_init_step
+
+
+def test_lsq_channel_takes_at_most_2_to_the_b_values():
+    w = torch.randn(16, 32)
+    for bits in range(2, 9):
+        q = LSQWeight(w, bits)
+        out = q(w).detach()
+        for row in out:
+            assert row.unique().numel() <= 2**bits
+        # and the values sit on the per-channel grid
+        ints = out / q.scale()[:, None]
+        assert torch.allclose(ints, ints.round(), atol=1e-4)
+
+
+def test_lsq_step_gets_a_gradient_and_rounding_is_straight_through():
+    w = torch.randn(8, 16, requires_grad=True)
+    q = LSQWeight(w.detach(), 4)
+    q(w).pow(2).sum().backward()
+    assert q.log_step.grad is not None and q.log_step.grad.abs().sum() > 0
+    assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+def test_step_initialises_from_pruned_weights():
+    w = torch.randn(4, 100)
+    w[:, 50:] = 0  # half pruned
+    s = lsq_init_step(w, 7, per_channel=True).flatten()
+    expected = 2 * w[:, :50].abs().mean(1) / 7**0.5
+    assert torch.allclose(s, expected)
+
+
+def test_pruned_weights_stay_exact_zeros_after_joint_quantization(digits):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    recipe = {"training": {"epochs": 2},
+              "techniques": [{"type": "prune_unstructured", "sparsity": 0.7, "end": 0.5},
+                             {"type": "quant_lsq", "bits": 3, "start": 0.2}]}
+    res = compress(model, recipe, (digits.x_train, digits.y_train), evaluator(digits.x_test, digits.y_test))
+    layer = model[1]
+    assert [type(p).__name__ for p in layer.parametrizations.weight] == ["ApplyMask", "LSQWeight"]
+    mask = res.techniques[0].masks["1"].hard
+    assert (layer.weight[mask == 0] == 0).all()
+    spec = finalize(model)
+    w = model[1].weight.detach()
+    assert int((w == 0).sum()) >= round(w.numel() * 0.7)
+    for row in w:
+        assert row.unique().numel() <= 2**3
+    assert spec.layers["1"].bits == 3 and spec.layers["1"].scale.shape == (32,)
+    ints = w / spec.layers["1"].scale[:, None]
+    assert torch.allclose(ints, ints.round(), atol=1e-4) and ints.abs().max() <= 3

@@ -1,0 +1,44 @@
+import pytest
+
+from jointcompress import RecipeError, load_recipe, parse_recipe
+from jointcompress.recipe import builtin_recipe
+
+
+def test_builtin_recipes_validate():
+    for name in ("demo", "lenet300_mnist", "lenet5_mnist"):
+        r = load_recipe(builtin_recipe(name))
+        assert r.techniques
+
+
+@pytest.mark.parametrize(
+    "bad, field, words",
+    [
+        ({"techniques": [{"type": "prune_unstructured", "sparsity": 1.5}]}, "techniques.0.prune_unstructured.sparsity", "less than or equal to 0.999"),
+        ({"techniques": [{"type": "quant_lsq", "bits": 1}]}, "techniques.0.quant_lsq.bits", "greater than or equal to 2"),
+        ({"techniques": [{"type": "quant_lsq", "bitz": 4}]}, "techniques.0.quant_lsq.bitz", "unknown key"),
+        ({"techniques": [{"type": "prune_everything"}]}, "techniques.0", "prune_unstructured"),
+        ({"training": {"epochs": "ten"}}, "training.epochs", "valid integer"),
+        ({"mode": "parallel"}, "mode", "'joint' or 'sequential'"),
+        ({"coordination": {"strategy": "magic"}}, "coordination.strategy", "pcgrad"),
+        ({"sequential": {"prune": 0.9}}, "sequential", "sum to 1"),
+        ({"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "start": 0.8, "end": 0.2}]}, "techniques.0.prune_unstructured", "end"),
+        ({"techniques": [{"type": "quant_lsq"}, {"type": "quant_lsq"}]}, "(top level)", "appears 2 times"),
+    ],
+)
+def test_invalid_recipe_names_the_field(bad, field, words):
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(bad)
+    msg = str(err.value)
+    assert field in msg and words in msg, msg
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("techniques: [ {type: quant_lsq, bits: 9} ]\n")
+    with pytest.raises(RecipeError, match=str(p)):
+        load_recipe(p)
+    p.write_text("techniques: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(p)
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "missing.yaml")
