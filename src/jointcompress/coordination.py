@@ -50,9 +50,10 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def opposite_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
-    both = (a != 0) & (b != 0)
-    n = int(both.sum())
-    return float(((a * b) < 0)[both].sum()) / n if n else 0.0
+    """Share of the entries where both gradients are non-zero that have opposite signs."""
+    prod = a * b
+    n = int(prod.ne(0).sum())
+    return float(prod.lt(0).sum()) / n if n else 0.0
 
 
 @dataclass
@@ -96,14 +97,13 @@ class GradientCoordinator:
         conflicts = pairs = 0
         sq_changed = sq_sum = 0.0
         for gname, flat in self._split(per_term).items():
-            names = list(flat)
+            names = [n for n in flat if flat[n].any()]  # terms that touch this group at all
             for a in range(len(names)):
                 for b in range(a + 1, len(names)):
                     key = f"{names[a]}|{names[b]}@{gname}"
                     c = cosine(flat[names[a]], flat[names[b]])
-                    if flat[names[a]].any() and flat[names[b]].any():
-                        pairs += 1
-                        conflicts += c < 0
+                    pairs += 1
+                    conflicts += c < 0
                     stats.cosines[key] = c
                     stats.opposite[key] = opposite_fraction(flat[names[a]], flat[names[b]])
             plain = torch.stack(list(flat.values())).sum(0)

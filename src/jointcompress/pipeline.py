@@ -63,21 +63,21 @@ def train_teacher(model_name: str, split: Split, epochs: int, lr: float = 1e-3, 
 
 
 def compress_and_save(
-    name: str, teacher: nn.Module, recipe: Recipe, split: Split, builder, out_dir: Path | None, progress=None
+    name: str, teacher: nn.Module, recipe: Recipe, split: Split, builder, out_dir: Path | None, progress=None, callbacks=None
 ) -> Outcome:
     """Compress a copy of `teacher` (which also serves as the distillation teacher), finalize, save."""
     seed_everything(recipe.training.seed)
     model = copy.deepcopy(teacher)
     evaluate = evaluator(split.x_test, split.y_test)
-    result = compress(model, recipe, (split.x_train, split.y_train), evaluate, teacher=teacher, progress=progress)
+    result = compress(model, recipe, (split.x_train, split.y_train), evaluate, teacher=teacher, progress=progress, callbacks=callbacks)
     example = result.example_inputs
     spec = finalize(model, example, recipe=recipe.model_dump())
     row = {"accuracy": evaluate(model)["accuracy"]}
     if out_dir is not None:
         manifest = save(model, spec, out_dir / name, builder=builder, example_inputs=example,
                         extra={"baseline_accuracy": evaluate(teacher)["accuracy"], "model": recipe.model})
-        row["bytes"] = manifest["bytes"]["total"]
-        row["file_bytes"] = sum(f.stat().st_size for f in (out_dir / name).iterdir() if f.is_file())
+        row["bytes"] = manifest["bytes"]["total"]  # values + indices + scales + fp32 biases
+        row["file_bytes"] = manifest["weights_file_bytes"]  # weights.safetensors on disk (+ its header)
     row.update(_describe(model, spec))
     row["wall_s"] = result.history.wall_seconds
     conflicts = [e["conflict_rate"] for e in result.history.epochs if e.get("conflict_rate") is not None]

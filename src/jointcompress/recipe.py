@@ -67,6 +67,8 @@ class PruneStructured(Selection):
     regularization: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
     score_lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-2
     min_keep: Fraction = 0.05
+    # per-group targets (root layer name -> channel sparsity), e.g. from a latency allocator
+    layer_sparsity: dict[str, Annotated[float, Field(ge=0.0, le=0.99)]] | None = None
 
     @model_validator(mode="after")
     def _window(self):

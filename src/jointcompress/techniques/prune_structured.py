@@ -88,7 +88,14 @@ class PruneStructured(Technique):
                 self.masks[_key(g.name)].scores.copy_(self._original_norms(g, modules))
         temp = 0.0 if self.config.criterion == "magnitude" else schedules.temperature(self.config.temperature, p)
         masks = [self.masks[_key(g.name)] for g in self.groups]
-        keeps = allocate([m.scores for m in masks], self.current_sparsity, self.config.scope, self.config.min_keep)
+        if self.config.layer_sparsity:
+            per = self.config.layer_sparsity
+            keeps = [
+                allocate([m.scores], min(schedules.ramp(per.get(g.name, self.config.sparsity), p, self.config.schedule), 1 - 1 / g.channels), "layer", 0)[0]
+                for g, m in zip(self.groups, masks)
+            ]
+        else:
+            keeps = allocate([m.scores for m in masks], self.current_sparsity, self.config.scope, self.config.min_keep)
         for m, keep in zip(masks, keeps):
             m.set_keep(keep, temp)
         self._final_done = p >= 1.0
@@ -129,6 +136,8 @@ class PruneStructured(Technique):
         return sum(float((m.hard == 0).sum()) for m in self.masks.values()) / max(1, total)
 
     def at_target(self) -> bool:
+        if self.config.layer_sparsity:
+            return all(float(m.temperature) == 0 for m in self.masks.values())
         total = sum(m.hard.numel() for m in self.masks.values())
         return all(float(m.temperature) == 0 for m in self.masks.values()) and abs(
             self.achieved_sparsity() - self.config.sparsity

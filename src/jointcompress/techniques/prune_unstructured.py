@@ -67,7 +67,7 @@ class PruneUnstructured(Technique):
         self.current_sparsity = self.target_sparsity(step)
         if self.config.criterion == "magnitude":
             for name, layer in self.layers.items():
-                self.masks[_key(name)].scores.copy_(layer.parametrizations.weight.original.detach().abs())
+                self.masks[_key(name)].scores.copy_(_weight_seen_by(layer, self.appliers[name]).abs())
         temp = 0.0 if self.config.criterion == "magnitude" else schedules.temperature(self.config.temperature, p)
         masks = list(self.masks.values())
         if self.config.layer_sparsity:
@@ -133,6 +133,18 @@ class PruneUnstructured(Technique):
 
     def load_state_dict(self, state):
         self.masks.load_state_dict(state["masks"])
+
+
+@torch.no_grad()
+def _weight_seen_by(layer: nn.Module, applier: ApplyMask) -> torch.Tensor:
+    """The weight as it enters `applier`: channels removed by structured pruning (stacked
+    before it) count as zero, so no unstructured budget is spent on weights that will go."""
+    w = layer.parametrizations.weight.original
+    for p in layer.parametrizations.weight:
+        if p is applier:
+            break
+        w = p(w)
+    return w.detach()
 
 
 def _key(name: str) -> str:

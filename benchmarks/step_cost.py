@@ -1,0 +1,120 @@
+"""Cost of one joint training step (prune + 4-bit LSQ + KD) per coordination strategy,
+relative to a plain training step of the same model, measured in one process, interleaved.
+
+    .venv/bin/python benchmarks/step_cost.py [--data ../shared/datasets/mnist/mnist.npz] [--out benchmarks/results/step_cost.json]
+
+A plain step: forward, cross-entropy, backward, Adam step on the uncompressed model.
+A joint step: Trainer.step with masks and quantizers attached and the teacher's logits
+cached (as the demo recipe does); `none` takes one backward of the summed loss, `scale` and
+`pcgrad` measure every step (every: 1), i.e. one backward per loss term.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from jointcompress import techniques as tech
+from jointcompress.api import as_loader, first_inputs
+from jointcompress.data import load_dataset
+from jointcompress.loop import Trainer
+from jointcompress.models import build_model
+from jointcompress.plan import make_plan
+from jointcompress.recipe import parse_recipe
+
+
+def recipe_for(strategy: str):
+    return parse_recipe({
+        "training": {"epochs": 1, "batch_size": 128},
+        "coordination": {"strategy": strategy, "every": 1 if strategy != "none" else 1000000},
+        "techniques": [
+            {"type": "prune_unstructured", "sparsity": 0.9, "scope": "global", "regularization": 0.1},
+            {"type": "quant_lsq", "bits": 4, "start": 0.0, "regularization": 0.01},
+            {"type": "distill_kd", "temperature": 4.0, "alpha": 0.7, "cache_teacher": True},
+        ],
+    })
+
+
+def joint_stepper(teacher, split, strategy):
+    recipe = recipe_for(strategy)
+    loader = as_loader((split.x_train, split.y_train), 128, 0)
+    model = copy.deepcopy(teacher)
+    techniques = [tech.build(c) for c in recipe.techniques]
+    plan = make_plan(techniques, 10_000, recipe)
+    trainer = Trainer(model, techniques, plan, recipe, loader, lambda m: {"accuracy": 0.0}, first_inputs(loader), teacher=teacher)
+    trainer._schedule_events(0)
+    trainer._rebuild()
+    batches = list(loader)[:20]
+    state = {"i": 0}
+
+    def step():
+        trainer.step(batches[state["i"] % len(batches)], 100 + state["i"])  # mid-ramp: soft masks, all terms live
+        state["i"] += 1
+
+    for b in batches:  # fill the teacher-logit cache, as after the first epoch
+        trainer._teacher_logits(b[0], b[2])
+    return step
+
+
+def plain_stepper(teacher, split):
+    model = copy.deepcopy(teacher)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    loader = as_loader((split.x_train, split.y_train), 128, 0)
+    batches = list(loader)[:20]
+    state = {"i": 0}
+
+    def step():
+        x, y = batches[state["i"] % len(batches)][:2]
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        state["i"] += 1
+
+    return step
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default="digits")
+    ap.add_argument("--model", default="lenet300")
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=10, help="steps per timed sample")
+    ap.add_argument("--out", default="benchmarks/results/step_cost.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    split = load_dataset(args.data)
+    teacher = build_model(args.model, split.image_size, split.num_classes)
+    fns = {"plain": plain_stepper(teacher, split)}
+    for s in ("none", "scale", "pcgrad"):
+        fns[s] = joint_stepper(teacher, split, s)
+    times = {k: [] for k in fns}
+    for _ in range(3):
+        for fn in fns.values():
+            fn()
+    for _ in range(args.rounds):  # interleaved: load drifts hit every variant alike
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                fn()
+            times[k].append((time.perf_counter() - t0) / args.steps * 1e3)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "command": f"python benchmarks/step_cost.py --data {args.data} --model {args.model}",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "median_ms_per_step": med,
+        "ratio_to_plain": {k: med[k] / med["plain"] for k in med},
+        "targets": {"none": 1.3, "pcgrad": 2.5},
+    }
+    print(json.dumps(result, indent=1))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
