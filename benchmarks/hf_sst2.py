@@ -230,9 +230,56 @@ def stage_compress(args) -> None:
         save_results("compress", results)
 
 
+def stage_latency(args) -> None:
+    """Re-measure latency of the saved artifacts, interleaving back ends round by round.
+
+    On a shared CPU, measuring A then B lets load changes masquerade as speedups;
+    alternating short rounds exposes every back end to the same load. Reports the median
+    over rounds of each round's median, and the overall min.
+    """
+    out_root = Path(args.out)
+    tok = load_tokenizer(str(args.teacher))
+    teacher = load_classifier(str(args.teacher)).eval()
+    fns = {"teacher_fp32_torch": (torch_logits_fn(teacher), 30522),
+           "teacher_fp32_onnx": (OrtClassifier(out_root / "teacher.onnx", threads=2), 30522),
+           "teacher_int8_torch": (torch_logits_fn(quantize_torch_int8(teacher)), 30522)}
+    del tok
+    for name in args.variants:
+        path = out_root / f"{name}.int8.onnx"
+        if path.is_file():
+            cfg = json.loads((out_root / f"{name}_hf" / "config.json").read_text())
+            fns[f"{name}_int8_onnx"] = (OrtClassifier(path, threads=2), cfg["vocab_size"])
+            student = load_classifier(str(out_root / f"{name}_hf")).eval()
+            fns[f"{name}_fp32_torch"] = (torch_logits_fn(student), cfg["vocab_size"])
+            fns[f"{name}_int8_torch"] = (torch_logits_fn(quantize_torch_int8(student)), cfg["vocab_size"])
+    torch.set_num_threads(2)
+    samples = {k: {1: [], 32: []} for k in fns}
+    for _ in range(args.rounds):
+        for bs, reps in ((1, 10), (32, 3)):
+            for name, (fn, vocab) in fns.items():
+                t = latency_samples(fn, bs, 64, repeats=reps, warmup=1, vocab=vocab)
+                samples[name][bs].append(t)
+    res = {}
+    for name, by_bs in samples.items():
+        res[name] = {}
+        for bs, rounds in by_bs.items():
+            meds = sorted(r[len(r) // 2] for r in rounds)
+            res[name][f"batch{bs}_ms"] = round(meds[len(meds) // 2], 2)
+            res[name][f"batch{bs}_min_ms"] = round(min(r[0] for r in rounds), 2)
+    base = res["teacher_fp32_torch"]
+    for name in list(res):
+        for bs in (1, 32):
+            res[name][f"speedup_b{bs}_vs_teacher_fp32_torch"] = round(
+                base[f"batch{bs}_ms"] / res[name][f"batch{bs}_ms"], 2)
+            res[name][f"speedup_b{bs}_vs_teacher_fp32_onnx"] = round(
+                res["teacher_fp32_onnx"][f"batch{bs}_ms"] / res[name][f"batch{bs}_ms"], 2)
+    log(json.dumps(res, indent=1))
+    save_results("latency_interleaved", {"rounds": args.rounds, "threads": 2, "seq_len": 64, "results": res})
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("stage", choices=["teacher", "compress"])
+    p.add_argument("stage", choices=["teacher", "compress", "latency"])
     p.add_argument("--train-rows", type=int, default=None, help="subset of SST-2 train (default: all)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=8e-5)
@@ -253,11 +300,13 @@ def main() -> None:
     p.add_argument("--dev-rows", type=int, default=None, help="dev subset (smoke runs only)")
     p.add_argument("--no-save", dest="save", action="store_false", help="do not write results json")
     p.add_argument("--no-trim-vocab", dest="trim_vocab", action="store_false")
+    p.add_argument("--rounds", type=int, default=7, help="latency stage: interleaved rounds")
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads for training (1 is faster when other jobs share the CPU)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    {"teacher": stage_teacher, "compress": stage_compress}[args.stage](args)
+    p_stage = {"teacher": stage_teacher, "compress": stage_compress, "latency": stage_latency}
+    p_stage[args.stage](args)
 
 
 if __name__ == "__main__":

@@ -92,3 +92,16 @@ def test_vocab_trim_is_lossless_on_its_text(tmp_path):
         after = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
     torch.testing.assert_close(after, before)
     assert new_tok.convert_ids_to_tokens(new_tok("awful")["input_ids"]) == ["[CLS]", "[UNK]", "[SEP]"]
+
+
+def test_predict_logits_keeps_row_order(tmp_path):
+    from jointcompress.hf.train import predict_logits
+
+    tok = tiny_tokenizer(tmp_path)
+    texts = ["good", "the plot was boring and the acting was awful", "fun", "a great film"]
+    t = tokenize(tok, __import__("jointcompress.hf.data", fromlist=["TextDataset"]).TextDataset(texts, [1, 0, 1, 1]))
+    model = tiny_bert()
+    got = predict_logits(model, t, batch_size=2)
+    with torch.no_grad():
+        ref = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from . import distributed as _dist
 from . import techniques as tech
 from .errors import DataError, RecipeError
 from .loop import History, Trainer
@@ -43,14 +45,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def as_loader(train_data, batch_size: int, seed: int):
-    """Accept a DataLoader or an (x, y) pair of tensors."""
+def as_loader(train_data, batch_size: int, seed: int, dist: "_dist.DistContext | None" = None):
+    """Accept a DataLoader or an (x, y) pair of tensors.
+
+    Under torch.distributed the data is sharded with a DistributedSampler; for an (x, y)
+    pair `batch_size` is the global batch (each rank takes batch_size // world_size).
+    """
     from .data import loader
 
     if isinstance(train_data, (tuple, list)) and len(train_data) == 2 and all(isinstance(t, torch.Tensor) for t in train_data):
-        return loader(train_data[0], train_data[1], batch_size, shuffle=True, seed=seed)
+        dl = loader(train_data[0], train_data[1], batch_size, shuffle=True, seed=seed)
+        if dist is not None:
+            dl = _dist.shard_loader(dl, dist, seed, batch_size=max(1, batch_size // dist.world_size))
+        return dl
     if isinstance(train_data, torch.utils.data.DataLoader):
-        return train_data
+        return _dist.shard_loader(train_data, dist, seed) if dist is not None else train_data
     raise DataError("train_data: pass a DataLoader yielding (x, y[, index]) or a tuple (x, y) of tensors")
 
 
@@ -62,6 +71,45 @@ def first_inputs(loader) -> torch.Tensor:
     return x[:2]
 
 
+def check_targets(model: nn.Module, recipe: Recipe) -> None:
+    """Every technique with `targets`/`exclude` must select at least one layer."""
+    from .techniques.base import selected_layers
+
+    for i, cfg in enumerate(recipe.techniques):
+        if not hasattr(cfg, "targets") or selected_layers(model, cfg):
+            continue
+        layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        shown = ", ".join(layers[:12]) + (f", ... ({len(layers)} in all)" if len(layers) > 12 else "")
+        raise RecipeError(
+            f"techniques[{i}] ({cfg.type}): targets {cfg.targets} with exclude {cfg.exclude} select no layer of the model; "
+            f"its Linear/Conv2d layers are: {shown or '(none)'}. Fix the glob patterns or remove the technique"
+        )
+
+
+def check_data(model: nn.Module, example: torch.Tensor, train_data) -> None:
+    """One forward pass on a real batch before training: wrong input shapes and labels outside
+    the model's classes fail here, with the shapes named, instead of deep inside the loop."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(example)
+    except (RuntimeError, ValueError, IndexError, TypeError) as err:
+        raise DataError(
+            f"train_data: the model cannot run on a batch of shape {tuple(example.shape)} "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); give inputs of the shape the model expects"
+        ) from None
+    finally:
+        model.train(was)
+    if isinstance(train_data, (tuple, list)) and len(train_data) == 2 and isinstance(out, torch.Tensor) and out.dim() == 2:
+        y = train_data[1]
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= out.shape[1]):
+            raise DataError(
+                f"train_data: labels range over [{int(y.min())}, {int(y.max())}] but the model has {out.shape[1]} outputs; "
+                f"labels must be class indices in [0, {out.shape[1] - 1}]"
+            )
+
+
 def compress(
     model: nn.Module,
     recipe: Recipe | dict,
@@ -70,25 +118,60 @@ def compress(
     teacher: nn.Module | None = None,
     progress: Callable[[int, int], None] | None = None,
     callbacks: list | None = None,
+    *,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    checkpoint_every: int | None = None,
+    max_nonfinite: int = 3,
+    distributed: Any = "auto",
 ) -> Result:
     """Compress `model` in place with `recipe` (joint or sequential); returns a Result.
 
     `evaluate(model)` returns the user's metric(s) on held-out data; it is called after
     every epoch and the best state with all techniques at their target is kept.
+
+    Reliability (docs/reliability.md): with `run_dir` a checkpoint is written to
+    RUN_DIR/checkpoints every `checkpoint_every` steps and after every evaluation, and
+    `resume=True` continues from the newest complete one (a fresh start if there is none);
+    an existing checkpoint is never overwritten by a new run (pass resume=True or another
+    run_dir). A non-finite loss or gradient skips the step and rolls back with half the LR;
+    the `max_nonfinite`-th one raises TrainingError. Under torchrun (`distributed="auto"`)
+    or an initialized process group the run is data-parallel; `distributed=False` forces a
+    single process.
     """
     recipe = parse_recipe(recipe)
     if recipe.technique("distill_kd") is not None and teacher is None:
         raise RecipeError("techniques: distill_kd needs a teacher; pass teacher=... (CLI: --teacher) or remove distill_kd")
+    if run_dir is None and resume:
+        raise RecipeError("resume=True needs run_dir=... (the directory whose checkpoints to continue from)")
+    if run_dir is not None and not resume:
+        from .checkpoint import CheckpointStore
+
+        if CheckpointStore(run_dir).paths():
+            raise RecipeError(
+                f"{run_dir} already holds checkpoints of a run; pass resume=True (CLI: --resume) to continue it, "
+                "or choose another run directory"
+            )
+    dist = _dist.resolve(distributed)
+    model = _dist.unwrap(model)
+    teacher = _dist.unwrap(teacher) if teacher is not None else None
+    check_targets(model, recipe)
     seed_everything(recipe.training.seed)
-    loader = as_loader(train_data, recipe.training.batch_size, recipe.training.seed)
+    loader = as_loader(train_data, recipe.training.batch_size, recipe.training.seed, dist)
     example = first_inputs(loader)
+    check_data(model, example, train_data)
     techniques = [tech.build(c) for c in recipe.techniques]
     total_steps = recipe.training.epochs * len(loader)
     plan = make_plan(techniques, total_steps, recipe)
-    trainer = Trainer(model, techniques, plan, recipe, loader, evaluate, example, teacher=teacher, progress=progress, callbacks=callbacks)
+    trainer = Trainer(
+        model, techniques, plan, recipe, loader, evaluate, example, teacher=teacher, progress=progress, callbacks=callbacks,
+        run_dir=run_dir, checkpoint_every=checkpoint_every, resume=resume, max_nonfinite=max_nonfinite, dist=dist,
+    )
     history = trainer.run()
     metrics = evaluate(model)
     metrics = metrics if isinstance(metrics, dict) else {recipe.training.metric: float(metrics)}
+    if dist is not None:
+        metrics = dist.mean_metrics(metrics)
     for t in techniques:
         if hasattr(t, "remove_hooks"):
             t.remove_hooks()

@@ -122,17 +122,32 @@ def compress_cmd(
     recipe_path: Path = typer.Argument(..., help="Recipe YAML."),
     model: Optional[str] = typer.Option(None, help="Reference model (lenet300, lenet5, resnet); default: the recipe's."),
     data: Optional[str] = typer.Option(None, help="'digits' or a path to an MNIST-style .npz; default: the recipe's."),
-    weights: Optional[Path] = typer.Option(None, help="Trained weights (.safetensors); default: train the model first."),
+    weights: Optional[Path] = typer.Option(None, help="Trained weights (.safetensors, or a torch file read with weights_only); default: train the model first."),
     teacher_epochs: int = typer.Option(10, min=1, help="Epochs to train the model when no --weights are given."),
     mode: Optional[str] = typer.Option(None, help="Override the recipe's mode: joint or sequential."),
-    out: Path = typer.Option(Path("runs/compress"), help="Output directory (artifact, history, summary)."),
+    out: Path = typer.Option(Path("runs/compress"), help="Output directory (artifact, history, summary, checkpoints)."),
     force: bool = typer.Option(False, help="Allow writing into an existing, non-empty output directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last complete checkpoint."),
+    checkpoint_every: int = typer.Option(100, min=1, help="Steps between checkpoints (one is also written at every evaluation)."),
+    max_nonfinite: int = typer.Option(3, min=1, help="Non-finite steps (each skipped and rolled back, LR halved) before giving up."),
 ):
-    """Run a recipe: compress the model, finalize it, save the artifact, report the numbers."""
-    from .io import atomic_write_json, atomic_write_text, prepare_output_dir
-    from .pipeline import builder_for, compress_and_save, load_split, load_weights, train_teacher, uncompressed_row
-    from .recipe import load_recipe, parse_recipe
+    """Run a recipe: compress the model, finalize it, save the artifact, report the numbers.
+
+    Checkpoints go to OUT/checkpoints; after a crash or a kill, the same command with --resume
+    continues where the last checkpoint left off. Under `torchrun --nproc_per_node=N` the run
+    is data-parallel and only rank 0 writes.
+    """
+    import copy
+
+    from .api import compress, seed_everything
+    from .artifact.store import save
+    from .data import evaluator
+    from .distributed import init_from_env
+    from .finalize import finalize
+    from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_dir, prepare_output_dir
     from .models import build_model
+    from .pipeline import _describe, builder_for, load_split, load_weights, train_teacher, uncompressed_row
+    from .recipe import load_recipe, parse_recipe
 
     recipe = load_recipe(recipe_path)
     if mode:
@@ -140,18 +155,56 @@ def compress_cmd(
     model_name = model or recipe.model
     if not model_name:
         raise JointCompressError(f"{recipe_path}: no model given; set `model:` in the recipe or pass --model")
+    recipe = recipe.model_copy(update={"model": model_name})
     split = load_split(recipe, data)
-    out = prepare_output_dir(out, force=force)
+    dist = init_from_env()
+    main_rank = dist is None or dist.is_main
+    if not resume:
+        check_output_dir(out, force=force)  # every rank checks before any rank writes
+    if dist is not None:
+        dist.barrier()
+    if main_rank:
+        out = prepare_output_dir(out, force=True) if resume else prepare_output_dir(out, force=force)
+        if force and not resume:  # --force: the old run's checkpoints go too, this is a new run
+            import shutil
+
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
     builder = builder_for(model_name, split)
+    teacher_file = out / "teacher.safetensors"
     with progress_bar() as bar:
+        show = (lambda d: tracked(bar, d)) if main_rank else (lambda d: None)
         if weights:
             teacher = load_weights(build_model(model_name, split.image_size, split.num_classes), weights)
+        elif resume and teacher_file.is_file():
+            teacher = load_weights(build_model(model_name, split.image_size, split.num_classes), teacher_file)
         else:
-            teacher = train_teacher(model_name, split, teacher_epochs, lr=recipe.training.lr, progress=tracked(bar, "train model"))
-        outcome = compress_and_save("artifact", teacher, recipe.model_copy(update={"model": model_name}), split, builder, out, progress=tracked(bar, recipe.mode))
-    rows = {"uncompressed": uncompressed_row(teacher, split), recipe.mode: outcome.row}
+            teacher = train_teacher(model_name, split, teacher_epochs, lr=recipe.training.lr, progress=show("train model"))
+            if main_rank:
+                from safetensors.torch import save as st_save
+
+                atomic_write_bytes(teacher_file, st_save({k: v.contiguous() for k, v in teacher.state_dict().items()}))
+        seed_everything(recipe.training.seed)
+        student = copy.deepcopy(teacher)
+        evaluate = evaluator(split.x_test, split.y_test)
+        result = compress(
+            student, recipe, (split.x_train, split.y_train), evaluate, teacher=teacher, progress=show(recipe.mode),
+            run_dir=out, resume=resume, checkpoint_every=checkpoint_every, max_nonfinite=max_nonfinite,
+        )
+    if not main_rank:
+        return
+    example = result.example_inputs
+    spec = finalize(student, example, recipe=recipe.model_dump())
+    row = {"accuracy": evaluate(student)["accuracy"]}
+    manifest = save(student, spec, out / "artifact", builder=builder, example_inputs=example,
+                    extra={"baseline_accuracy": evaluate(teacher)["accuracy"], "model": model_name})
+    row["bytes"] = manifest["bytes"]["total"]
+    row.update(_describe(student, spec))
+    row["wall_s"] = result.history.wall_seconds
+    conflicts = [e["conflict_rate"] for e in result.history.epochs if e.get("conflict_rate") is not None]
+    row["conflict_rate"] = sum(conflicts) / len(conflicts) if conflicts else None
+    rows = {"uncompressed": uncompressed_row(teacher, split), recipe.mode: row}
     console.print(results_table(f"{recipe.name} ({model_name} on {split.name})", rows))
-    atomic_write_json(out / "history.json", outcome.result.history.as_dict())
+    atomic_write_json(out / "history.json", result.history.as_dict())
     atomic_write_json(out / "summary.json", rows)
     atomic_write_text(out / "recipe.yaml", recipe_path.read_text(encoding="utf-8"))
     console.print(f"artifact in {out / 'artifact'}")
@@ -181,15 +234,30 @@ _register_commands()
 
 
 def main() -> None:
+    debug = STATE["debug"] = "--debug" in sys.argv[1:]
     try:
         app(standalone_mode=False)
     except JointCompressError as err:
-        if STATE["debug"]:
+        if debug or STATE["debug"]:
             raise
-        console.print(f"[bold red]error:[/bold red] {err}")
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/bold red]; a `compress` run continues from its last checkpoint with --resume")
+        sys.exit(130)
+    except OSError as err:  # the machine's problem (disk full, permissions), not a bug: say which file
+        if debug or STATE["debug"]:
+            raise
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/bold red] {escape(str(err.strerror or err) + where)}; check the path, free space and permissions (--debug for details)",
+                      highlight=False)
+        sys.exit(1)
     except Exception as err:  # click usage errors and the like
         import click
 
@@ -199,6 +267,18 @@ def main() -> None:
         if isinstance(err, click.exceptions.Abort):
             sys.exit(130)
         raise
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    try:
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - shutting down; nothing useful to report
+        pass
 
 
 if __name__ == "__main__":

@@ -43,12 +43,21 @@ def _jsonable(o):
     return str(o)
 
 
+def check_output_dir(path: str | os.PathLike, force: bool = False) -> Path:
+    """Raise unless `path` is absent, an empty directory, or `force` is given (writes nothing)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise JointCompressError(f"output path {path} exists and is a file, not a directory; choose another --out")
+    if path.exists() and any(path.iterdir()) and not force:
+        raise JointCompressError(
+            f"output directory {path} already exists and is not empty; choose another --out, pass --force to overwrite, "
+            "or --resume to continue the run it holds"
+        )
+    return path
+
+
 def prepare_output_dir(path: str | os.PathLike, force: bool = False) -> Path:
     """Create `path`; refuse a non-empty existing one unless `force`."""
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not force:
-        raise JointCompressError(
-            f"output directory {path} already exists and is not empty; choose another --out, or pass --force to overwrite"
-        )
+    path = check_output_dir(path, force)
     path.mkdir(parents=True, exist_ok=True)
     return path

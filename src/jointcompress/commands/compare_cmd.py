@@ -1,0 +1,73 @@
+"""`jointcompress compare RECIPE.yaml --ratios 10,20,40 --seeds 3`: joint vs sequential Pareto front."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def parse_floats(text: str, what: str) -> list[float]:
+    from ..errors import RecipeError
+
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise RecipeError(f"{what}: expected comma-separated numbers like 10,20,40, got {text!r}") from None
+    if not values or any(v <= 1 for v in values):
+        raise RecipeError(f"{what}: every compression ratio must be > 1 (got {text!r})")
+    return values
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("compare")
+    def compare_command(
+        recipe_path: Path = typer.Argument(..., help="Recipe YAML (its techniques and epochs; the target comes from --ratios)."),
+        ratios: str = typer.Option("10,20,40", "--ratios", help="Compression ratios vs the fp32 file, comma-separated."),
+        seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds per point (teacher trained once per seed)."),
+        variants: str = typer.Option("joint-none,joint-scale,joint-pcgrad,sequential", "--variants", help="Which to run."),
+        model: Optional[str] = typer.Option(None, "--model", help="lenet300 | lenet5 | resnet (default: the recipe's)."),
+        data: Optional[str] = typer.Option(None, "--data", help="'digits' or an MNIST .npz (default: the recipe's)."),
+        weights: Optional[Path] = typer.Option(None, "--weights", help="Trained weights (.safetensors) used for every seed."),
+        teacher_epochs: int = typer.Option(10, "--teacher-epochs", min=1, help="Teacher epochs when no --weights."),
+        epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the recipe's epochs (same for all)."),
+        out: Path = typer.Option(Path("runs/compare"), "--out", help="Output directory."),
+        tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", help="Also log every run to TensorBoard here."),
+        force: bool = typer.Option(False, "--force", help="Allow writing into a non-empty --out."),
+    ) -> None:
+        """Run joint (coordination none/scale/pcgrad) and sequential at each ratio and seed, with the
+        same epochs and per-layer budgets; write compare.json/.csv and the Pareto plot."""
+        from ..cli import console, progress_bar, tracked
+        from ..compare import CompareSpec, run_compare
+        from ..errors import JointCompressError
+        from ..io import prepare_output_dir
+        from ..pipeline import load_split
+        from ..recipe import load_recipe
+
+        recipe = load_recipe(recipe_path)
+        name = model or recipe.model
+        if not name:
+            raise JointCompressError(f"{recipe_path}: no model given; set `model:` in the recipe or pass --model")
+        spec = CompareSpec(ratios=parse_floats(ratios, "--ratios"), seeds=seeds,
+                           variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
+                           teacher_epochs=teacher_epochs, epochs=epochs)
+        split = load_split(recipe, data)
+        out = prepare_output_dir(out, force=force)
+        with progress_bar() as bar:
+            result = run_compare(recipe, split, name, spec, out, weights=weights, tensorboard=tensorboard,
+                                 progress_factory=lambda d: tracked(bar, d), log=console.print)
+        console.print(summary_table(result))
+        console.print(f"results in {out}/compare.json, compare.csv, pareto.png; `jointcompress report {out}` for the HTML report")
+
+
+def summary_table(result: dict):
+    from rich.table import Table
+
+    table = Table(title=f"{result['model']} on {result['data']}: mean over {result['seeds']} seed(s) [min-max]")
+    for col in ("variant", "target", "ratio", "accuracy", "error"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for s in sorted(result["summary"], key=lambda s: (s["ratio_target"], s["variant"])):
+        table.add_row(s["variant"], f"{s['ratio_target']:g}x", f"{s['ratio_mean']:.1f}x",
+                      f"{100 * s['accuracy_mean']:.2f}% [{100 * s['accuracy_min']:.2f}-{100 * s['accuracy_max']:.2f}]",
+                      f"{100 * s['error_mean']:.2f}%")
+    return table

@@ -1,0 +1,233 @@
+"""Joint (coordination none / scale / pcgrad) vs sequential, at the same size targets.
+
+Why a separate runner: a single run says little; the claim "joint beats sequential" is a
+claim about a Pareto front (error vs compression ratio) and its spread over seeds. Every
+variant gets the same teacher, the same epochs and the *same* per-layer budgets (the target
+is resolved once per ratio and seed, then only mode/strategy change), and every point is
+the real artifact's size on disk.
+
+Run-dir layout (what `jointcompress report` reads):
+    compare.json   {"kind": "compare", "model", "data", "ratios", "seeds", "variants",
+                    "uncompressed": [{"seed", "accuracy", "bytes"}], "runs": [row, ...],
+                    "summary": [{"variant", "ratio", "n", "accuracy_mean", ...}], "recipe"}
+    compare.csv    one row per run
+    pareto.png     error vs compression ratio, mean and min-max over seeds
+    runs/<variant>-r<ratio>-s<seed>/{artifact/, history.json, summary.json, recipe.yaml}
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from .recipe import Recipe, parse_recipe
+
+VARIANTS = {  # name -> (mode, coordination strategy)
+    "joint-none": ("joint", "none"),
+    "joint-scale": ("joint", "scale"),
+    "joint-pcgrad": ("joint", "pcgrad"),
+    "sequential": ("sequential", "none"),
+}
+CSV_FIELDS = ["variant", "mode", "strategy", "ratio_target", "seed", "accuracy", "error", "bytes", "file_bytes",
+              "target_bytes", "ratio", "sparsity", "bits", "conflict_rate", "wall_s", "dir"]
+
+
+@dataclass
+class CompareSpec:
+    ratios: list[float]
+    seeds: int = 1
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    teacher_epochs: int = 10
+    epochs: int | None = None
+
+
+def variant_recipe(base: Recipe, variant: str, seed: int) -> Recipe:
+    mode, strategy = VARIANTS[variant]
+    data = base.model_dump()
+    data["mode"], data["coordination"]["strategy"], data["training"]["seed"] = mode, strategy, seed
+    return parse_recipe(data, source=f"compare variant {variant}")
+
+
+def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: Path, weights: Path | None = None,
+                tensorboard: Path | None = None, progress_factory: Callable | None = None,
+                log: Callable[[str], None] = print) -> dict:
+    """Run every variant at every ratio and seed; write compare.json/.csv and pareto.png."""
+    from .artifact.size import dense_fp32_bytes
+    from .io import atomic_write_json, atomic_write_text
+    from .models import build_model
+    from .pipeline import builder_for, load_weights, train_teacher, uncompressed_row
+    from .targets import resolve_target
+
+    unknown = [v for v in spec.variants if v not in VARIANTS]
+    if unknown:
+        from .errors import RecipeError
+
+        raise RecipeError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    base = recipe.model_copy(update={"model": model_name})
+    if spec.epochs:
+        base = parse_recipe({**base.model_dump(), "training": {**base.training.model_dump(), "epochs": spec.epochs}})
+    builder = builder_for(model_name, split)
+    result = {"kind": "compare", "model": model_name, "data": split.name, "ratios": list(spec.ratios),
+              "seeds": spec.seeds, "variants": list(spec.variants), "epochs": base.training.epochs,
+              "teacher_epochs": None if weights else spec.teacher_epochs, "recipe": base.model_dump(),
+              "uncompressed": [], "runs": []}
+    for seed in range(spec.seeds):
+        if weights:
+            teacher = load_weights(build_model(model_name, split.image_size, split.num_classes), weights)
+        else:
+            teacher = train_teacher(model_name, split, spec.teacher_epochs, lr=base.training.lr, seed=seed,
+                                    progress=progress_factory(f"teacher s{seed}") if progress_factory else None)
+        row = uncompressed_row(teacher, split)
+        result["uncompressed"].append({"seed": seed, "accuracy": row["accuracy"], "bytes": row["bytes"]})
+        dense = dense_fp32_bytes(teacher)
+        example = split.x_train[:2]
+        for ratio in spec.ratios:
+            targeted = parse_recipe({**base.model_dump(), "target": {"ratio": ratio}})
+            budgets = resolve_target(teacher, targeted, example)  # once: every variant gets the same budgets
+            for variant in spec.variants:
+                name = f"{variant}-r{ratio:g}-s{seed}"
+                r = variant_recipe(budgets, variant, seed)
+                run_dir = out / "runs" / name
+                callbacks = _tensorboard(tensorboard, name)
+                run_row, history = run_one(teacher, r, split, builder, run_dir, callbacks,
+                                           progress_factory(name) if progress_factory else None)
+                atomic_write_json(run_dir / "history.json", history.as_dict())
+                atomic_write_json(run_dir / "summary.json", {"uncompressed": row, r.mode: run_row})
+                atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(r.model_dump(mode="json"), sort_keys=False))
+                entry = _row(run_row, variant, ratio, seed, dense, run_dir.relative_to(out))
+                result["runs"].append(entry)
+                log(f"{name}: accuracy {100 * entry['accuracy']:.2f}%  {entry['file_bytes']} B  {entry['ratio']:.1f}x")
+                atomic_write_json(out / "compare.json", {**result, "summary": summarize(result["runs"])})
+    result["summary"] = summarize(result["runs"])
+    atomic_write_json(out / "compare.json", result)
+    write_csv(result["runs"], out / "compare.csv")
+    plot_pareto(result, out / "pareto.png")
+    return result
+
+
+def run_one(teacher, recipe: Recipe, split, builder, run_dir: Path, callbacks: list, progress=None):
+    """compress -> finalize -> save one variant (pipeline.compress_and_save plus callbacks)."""
+    from .api import compress, seed_everything
+    from .artifact.store import save
+    from .data import evaluator
+    from .finalize import finalize
+    from .pipeline import _describe
+
+    seed_everything(recipe.training.seed)
+    model = copy.deepcopy(teacher)
+    evaluate = evaluator(split.x_test, split.y_test)
+    try:
+        result = compress(model, recipe, (split.x_train, split.y_train), evaluate, teacher=teacher,
+                          progress=progress, callbacks=callbacks)
+    finally:
+        for cb in callbacks:
+            cb.close()
+    spec = finalize(model, result.example_inputs, recipe=recipe.model_dump(mode="json"))
+    manifest = save(model, spec, run_dir / "artifact", builder=builder, example_inputs=result.example_inputs,
+                    extra={"baseline_accuracy": evaluate(teacher)["accuracy"], "model": recipe.model})
+    row = {"accuracy": evaluate(model)["accuracy"], "bytes": manifest["bytes"]["total"],
+           "weights_file_bytes": manifest["weights_file_bytes"], **_describe(model, spec),
+           "wall_s": result.history.wall_seconds}
+    conflicts = [e["conflict_rate"] for e in result.history.epochs if e.get("conflict_rate") is not None]
+    row["conflict_rate"] = sum(conflicts) / len(conflicts) if conflicts else None
+    return row, result.history
+
+
+def _tensorboard(root: Path | None, name: str) -> list:
+    if root is None:
+        return []
+    from .tensorboard import TensorBoardLogger
+
+    return [TensorBoardLogger(Path(root) / name)]
+
+
+def _row(row: dict, variant: str, ratio: float, seed: int, dense: int, run_dir: Path) -> dict:
+    mode, strategy = VARIANTS[variant]
+    file_bytes = row.get("weights_file_bytes") or row.get("file_bytes")
+    return {"variant": variant, "mode": mode, "strategy": strategy, "ratio_target": ratio, "seed": seed,
+            "accuracy": row["accuracy"], "error": 1.0 - row["accuracy"], "bytes": row.get("bytes"),
+            "file_bytes": file_bytes, "target_bytes": dense / ratio, "ratio": dense / file_bytes,
+            "sparsity": row.get("sparsity"), "bits": row.get("bits"), "conflict_rate": row.get("conflict_rate"),
+            "wall_s": row.get("wall_s"), "dir": str(run_dir)}
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Mean, min and max over seeds of accuracy, error and achieved ratio per (variant, ratio)."""
+    keys = sorted({(r["variant"], r["ratio_target"]) for r in runs}, key=lambda k: (k[0], k[1]))
+    out = []
+    for variant, ratio in keys:
+        rows = [r for r in runs if r["variant"] == variant and r["ratio_target"] == ratio]
+        acc = [r["accuracy"] for r in rows]
+        rat = [r["ratio"] for r in rows]
+        out.append({"variant": variant, "ratio_target": ratio, "n": len(rows),
+                    "accuracy_mean": statistics.fmean(acc), "accuracy_min": min(acc), "accuracy_max": max(acc),
+                    "accuracy_std": statistics.pstdev(acc), "error_mean": 1 - statistics.fmean(acc),
+                    "ratio_mean": statistics.fmean(rat), "ratio_min": min(rat), "ratio_max": max(rat),
+                    "file_bytes_mean": statistics.fmean(r["file_bytes"] for r in rows)})
+    return out
+
+
+def write_csv(runs: list[dict], path: Path) -> None:
+    from .io import atomic_write_text
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for r in runs:
+        w.writerow(r)
+    atomic_write_text(path, buf.getvalue())
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Non-dominated (ratio, error) points: no other point is both smaller and more accurate."""
+    front = []
+    for x, y in sorted(points, key=lambda p: (-p[0], p[1])):
+        if not front or y < front[-1][1]:
+            front.append((x, y))
+    return sorted(front)
+
+
+def plot_pareto(result: dict, path: Path, references: list[tuple[str, float, float]] | None = None, ax=None) -> None:
+    """Error (%) vs compression ratio: mean per variant with min-max bars over seeds, and the front."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    own = ax is None
+    if own:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+    summary = result.get("summary") or summarize(result["runs"])
+    for variant in result["variants"]:
+        rows = sorted((s for s in summary if s["variant"] == variant), key=lambda s: s["ratio_mean"])
+        if not rows:
+            continue
+        x = [s["ratio_mean"] for s in rows]
+        y = [100 * s["error_mean"] for s in rows]
+        yerr = [[100 * (s["error_mean"] - (1 - s["accuracy_max"])) for s in rows],
+                [100 * ((1 - s["accuracy_min"]) - s["error_mean"]) for s in rows]]
+        xerr = [[s["ratio_mean"] - s["ratio_min"] for s in rows], [s["ratio_max"] - s["ratio_mean"] for s in rows]]
+        ax.errorbar(x, y, yerr=yerr, xerr=xerr, marker="o", capsize=3, label=variant)
+    front = pareto_front([(r["ratio"], 100 * r["error"]) for r in result["runs"]])
+    if front:
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="grey", ls=":", label="Pareto front (all runs)")
+    for u in result.get("uncompressed", [])[:1]:
+        ax.scatter([1.0], [100 * (1 - u["accuracy"])], marker="*", s=120, color="black", label="uncompressed")
+    for label, ratio, err in references or []:
+        ax.scatter([ratio], [err], marker="x", s=80, color="red", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("compression ratio (fp32 safetensors / artifact weights file)")
+    ax.set_ylabel("test error (%)")
+    ax.set_title(f"{result.get('model')} on {result.get('data')}: error vs size ({result.get('seeds')} seed(s))")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    if own:
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)

@@ -1,0 +1,302 @@
+"""`jointcompress report RUN_DIR`: one self-contained HTML page (plots embedded as base64 PNG)
+plus a per-layer CSV and JSON, from whatever the run directory holds.
+
+Why self-contained: a report is mailed, attached to a PR or opened from CI artifacts; it
+must not depend on files next to it, a web server or JavaScript. Two layouts are read:
+
+- a `jointcompress compress` run: artifact/manifest.json, history.json, summary.json, recipe.yaml
+  (and the demo's results.json with its sequential/joint rows);
+- a `jointcompress compare` run: compare.json and runs/<name>/{artifact/, history.json}.
+
+Plots: accuracy vs bytes (joint vs sequential vs uncompressed), per-layer sparsity and
+bits (from the artifact manifests), each loss term over time and the gradient-conflict
+rate over time.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import JointCompressError
+
+LAYER_FIELDS = ["run", "layer", "shape", "numel", "nonzero", "sparsity", "bits", "encoding", "bytes", "dense_fp32_bytes"]
+
+
+@dataclass
+class Run:
+    """One compressed model: its name, manifest and training history (either may be missing)."""
+
+    name: str
+    manifest: dict | None = None
+    history: dict | None = None
+
+
+@dataclass
+class RunDir:
+    kind: str  # "compress" or "compare"
+    points: list[dict] = field(default_factory=list)  # {"name", "accuracy", "bytes", "group"}
+    runs: list[Run] = field(default_factory=list)
+    compare: dict | None = None
+    title: str = ""
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as err:
+        raise JointCompressError(f"{path}: not valid JSON ({err}); re-run the command that wrote it") from None
+
+
+def read_run_dir(path: Path) -> RunDir:
+    """Detect the layout and load it; errors say what a run directory must contain."""
+    path = Path(path)
+    if not path.is_dir():
+        raise JointCompressError(f"report: {path} is not a directory; pass the --out of `compress` or `compare`")
+    if (path / "compare.json").is_file():
+        return _read_compare(path)
+    if (path / "artifact" / "manifest.json").is_file() or (path / "summary.json").is_file() or (path / "results.json").is_file():
+        return _read_compress(path)
+    raise JointCompressError(
+        f"report: {path} has neither compare.json (from `jointcompress compare`) nor artifact/manifest.json or "
+        "summary.json (from `jointcompress compress`); pass one of those output directories"
+    )
+
+
+def _read_compress(path: Path) -> RunDir:
+    rd = RunDir(kind="compress", title=f"compress run {path.name}")
+    rows = _json(path / "summary.json") or (_json(path / "results.json") or {}).get("rows") or {}
+    for name, r in rows.items():
+        if r.get("accuracy") is not None and r.get("bytes"):
+            rd.points.append({"name": name, "accuracy": r["accuracy"], "bytes": r["bytes"], "group": name})
+    manifests = {p.parent.name: p for p in sorted(path.glob("*/manifest.json"))}
+    history = _json(path / "history.json")
+    for name, mpath in manifests.items():
+        rd.runs.append(Run(name if name != "artifact" else next((k for k in rows if k != "uncompressed"), name),
+                           _json(mpath), history if name == "artifact" else None))
+    if not rd.runs and history:
+        rd.runs.append(Run("run", None, history))
+    return rd
+
+
+def _read_compare(path: Path) -> RunDir:
+    cmp = _json(path / "compare.json")
+    rd = RunDir(kind="compare", compare=cmp, title=f"compare: {cmp.get('model')} on {cmp.get('data')}")
+    for u in cmp.get("uncompressed", []):
+        rd.points.append({"name": f"uncompressed s{u['seed']}", "accuracy": u["accuracy"], "bytes": u["bytes"], "group": "uncompressed"})
+    for r in cmp.get("runs", []):
+        rd.points.append({"name": Path(r["dir"]).name, "accuracy": r["accuracy"], "bytes": r["file_bytes"], "group": r["variant"]})
+        run_dir = path / r["dir"]
+        rd.runs.append(Run(Path(r["dir"]).name, _json(run_dir / "artifact" / "manifest.json"), _json(run_dir / "history.json")))
+    return rd
+
+
+# -- tables ---------------------------------------------------------------------------------
+
+def layer_rows(rd: RunDir) -> list[dict]:
+    rows = []
+    for run in rd.runs:
+        for name, rec in ((run.manifest or {}).get("layers") or {}).items():
+            parts = rec.get("parts", {})
+            rows.append({"run": run.name, "layer": name, "shape": "x".join(map(str, rec["shape"])), "numel": rec["numel"],
+                         "nonzero": rec.get("nonzero"), "sparsity": rec.get("sparsity"), "bits": rec.get("bits"),
+                         "encoding": rec.get("encoding"), "bytes": sum(p.get("bytes", 0) for p in parts.values()),
+                         "dense_fp32_bytes": 4 * rec["numel"]})
+    return rows
+
+
+# -- plots ----------------------------------------------------------------------------------
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_bytes(rd: RunDir) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if rd.kind == "compare":
+        from .compare import plot_pareto
+
+        plot_pareto(rd.compare, None, ax=ax)
+        return _png(fig)
+    groups: dict[str, list[dict]] = {}
+    for p in rd.points:
+        groups.setdefault(p["group"], []).append(p)
+    for g, pts in groups.items():
+        ax.scatter([p["bytes"] / 1024 for p in pts], [100 * p["accuracy"] for p in pts], s=60, label=g,
+                   marker="*" if g == "uncompressed" else "o")
+    ax.set_xscale("log")
+    ax.set_xlabel("stored bytes (KiB, log)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("accuracy vs size")
+    ax.grid(True, which="both", alpha=0.3)
+    if groups:
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _chosen_runs(rd: RunDir, limit: int = 4) -> list[Run]:
+    """Which runs get per-run plots: all of a compress dir; for compare, seed 0 at the largest ratio."""
+    if rd.kind != "compare" or not rd.compare.get("runs"):
+        return rd.runs[:limit]
+    top = max(r["ratio_target"] for r in rd.compare["runs"])
+    names = {Path(r["dir"]).name for r in rd.compare["runs"] if r["ratio_target"] == top and r["seed"] == 0}
+    return [r for r in rd.runs if r.name in names][:limit]
+
+
+def plot_layers(rd: RunDir) -> str:
+    plt = _plt()
+    runs = [r for r in _chosen_runs(rd) if r.manifest]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    width = 0.8 / max(1, len(runs))
+    for i, run in enumerate(runs):
+        layers = list(run.manifest["layers"])
+        xs = [j + i * width for j in range(len(layers))]
+        ax1.bar(xs, [100 * run.manifest["layers"][n]["sparsity"] for n in layers], width, label=run.name)
+        ax2.bar(xs, [run.manifest["layers"][n]["bits"] for n in layers], width, label=run.name)
+        for ax in (ax1, ax2):
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], layers, rotation=30, ha="right")
+    ax1.set_ylabel("sparsity (%)")
+    ax1.set_title("per-layer sparsity (artifact)")
+    ax2.set_ylabel("bits")
+    ax2.set_title("per-layer bit-width (artifact)")
+    if runs:
+        ax1.legend(fontsize=7)
+    else:
+        ax1.text(0.5, 0.5, "no artifact manifest found", ha="center", transform=ax1.transAxes)
+    return _png(fig)
+
+
+def _series(history: dict) -> tuple[dict[str, list], list, list]:
+    """term -> [(step, value)] from per-step logs (or per-epoch means), and conflict points."""
+    terms: dict[str, list] = {}
+    conflict_steps, conflict_epochs = [], []
+    for s in history.get("steps", []):
+        for k, v in s.get("terms", {}).items():
+            terms.setdefault(k, []).append((s["step"], v))
+        if s.get("conflict_rate") is not None:
+            conflict_steps.append((s["step"], s["conflict_rate"]))
+    for e in history.get("epochs", []):
+        if not history.get("steps"):
+            for k, v in e.get("losses", {}).items():
+                terms.setdefault(k, []).append((e["step"], v))
+        if e.get("conflict_rate") is not None:
+            conflict_epochs.append((e["step"], e["conflict_rate"]))
+    return terms, conflict_steps, conflict_epochs
+
+
+def plot_losses(rd: RunDir) -> str:
+    plt = _plt()
+    runs = [r for r in _chosen_runs(rd) if r.history]
+    n = max(1, len(runs))
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.5), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        terms, _, _ = _series(run.history)
+        for k, pts in sorted(terms.items()):
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k)
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set_xlabel("step")
+        ax.set_title(f"loss terms: {run.name}", fontsize=9)
+        ax.legend(fontsize=7)
+    if not runs:
+        axes[0][0].text(0.5, 0.5, "no history.json found", ha="center", transform=axes[0][0].transAxes)
+    return _png(fig)
+
+
+def plot_conflicts(rd: RunDir) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    drawn = 0
+    for run in _chosen_runs(rd):
+        if not run.history:
+            continue
+        _, steps, epochs = _series(run.history)
+        if steps:
+            line, = ax.plot([p[0] for p in steps], [p[1] for p in steps], alpha=0.35, lw=0.8)
+            drawn += 1
+        if epochs:
+            ax.plot([p[0] for p in epochs], [p[1] for p in epochs], marker="o", label=f"{run.name} (epoch mean)",
+                    color=line.get_color() if steps else None)
+            drawn += 1
+    ax.set_xlabel("step")
+    ax.set_ylabel("share of conflicting gradient pairs")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("gradient-conflict rate over time")
+    if drawn:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no conflicts measured (single loss term or no history)", ha="center", transform=ax.transAxes)
+    return _png(fig)
+
+
+# -- the page -------------------------------------------------------------------------------
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
+h1{font-size:1.4em}h2{font-size:1.1em;margin-top:2em}img{max-width:100%;border:1px solid #ddd}
+table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
+th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}"""
+
+
+def _table(rows: list[dict], fields: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(f)}</th>" for f in fields)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(f)))}</td>" for f in fields) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def render_html(rd: RunDir, plots: dict[str, str], layers: list[dict]) -> str:
+    imgs = "".join(f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
+                   for title, data in plots.items())
+    points = _table(sorted(rd.points, key=lambda p: p["bytes"]), ["name", "group", "accuracy", "bytes"])
+    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(rd.title)}</title>"
+            f"<style>{CSS}</style></head><body><h1>jointcompress report: {html.escape(rd.title)}</h1>"
+            f"<p>Bytes are the saved artifact's (values + indices + scales + fp32 tensors; compare: the weights file on "
+            f"disk); accuracy is on held-out data.</p>{imgs}<h2>Models</h2>{points}"
+            f"<h2>Per-layer (from the artifact manifests)</h2>{_table(layers, LAYER_FIELDS)}</body></html>\n")
+
+
+def build_report(run_dir: str | Path, out: str | Path | None = None) -> dict[str, Path]:
+    """Write report.html, layers.csv and layers.json into `out` (default: the run dir)."""
+    from .io import atomic_write_json, atomic_write_text
+
+    rd = read_run_dir(Path(run_dir))
+    out = Path(out or run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = layer_rows(rd)
+    plots = {"accuracy vs bytes": plot_accuracy_bytes(rd), "per-layer sparsity and bits": plot_layers(rd),
+             "loss terms over time": plot_losses(rd), "gradient-conflict rate over time": plot_conflicts(rd)}
+    paths = {"html": out / "report.html", "csv": out / "layers.csv", "json": out / "layers.json"}
+    atomic_write_text(paths["html"], render_html(rd, plots, layers))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LAYER_FIELDS)
+    w.writeheader()
+    w.writerows(layers)
+    atomic_write_text(paths["csv"], buf.getvalue())
+    atomic_write_json(paths["json"], {"kind": rd.kind, "title": rd.title, "points": rd.points, "layers": layers})
+    return paths

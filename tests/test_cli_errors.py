@@ -1,0 +1,187 @@
+"""Bad input on the command line: one clear message naming the problem and the fix, a
+non-zero exit and no traceback (unless --debug)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from jointcompress import JointCompressError
+
+
+def _cli(monkeypatch, capsys, *args):
+    from jointcompress import cli
+
+    monkeypatch.setattr(sys, "argv", ["jointcompress", *map(str, args)])
+    cli.STATE["debug"] = False
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, " ".join((out.out + out.err).split())
+
+
+def _recipe(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text("model: lenet300\ndata: digits\n" + text)
+    return p
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    from jointcompress.models import LeNet300
+
+    torch.manual_seed(0)
+    p = tmp_path_factory.mktemp("w") / "w.safetensors"
+    save_file(LeNet300(64, 10).state_dict(), str(p))
+    return p
+
+
+@pytest.mark.parametrize("text, words", [
+    ("techniques: [{type: quant_lsq, bitz: 4}]\n", ["techniques.0.quant_lsq.bitz", "unknown key"]),
+    ("training: {epochs: ten}\n", ["training.epochs", "valid integer"]),
+    ("techniques: [{type: prune_unstructured, sparsity: 1.5}]\n", ["sparsity", "less than or equal to 0.999", "1.5"]),
+    ("techniques: [{type: quant_lsq}, {type: quant_lsq}]\n", ["appears 2 times", "use it once"]),
+    ("techniques: [ {type: quant_lsq\n", ["not valid YAML"]),
+])
+def test_bad_recipe(tmp_path, monkeypatch, capsys, text, words):
+    code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, text), "--out", tmp_path / "out")
+    assert code == 2 and "error:" in out and "Traceback" not in out, out
+    assert all(w in out for w in words), out
+    assert not (tmp_path / "out").exists()  # nothing written for a bad recipe
+
+
+def test_targets_matching_no_layer(tmp_path, monkeypatch, capsys, weights_file):
+    r = _recipe(tmp_path, "techniques: [{type: prune_unstructured, sparsity: 0.5, targets: ['conv*']}]\ntraining: {epochs: 1}\n")
+    code, out = _cli(monkeypatch, capsys, "compress", r, "--weights", weights_file, "--out", tmp_path / "out")
+    assert code == 2 and "techniques[0] (prune_unstructured)" in out and "fc1, fc2, fc3" in out and "Traceback" not in out, out
+
+
+def test_existing_output_directory_needs_force(tmp_path, monkeypatch, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("precious")
+    code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, ""), "--out", tmp_path / "out")
+    assert code == 2 and "already exists and is not empty" in out and "--force" in out, out
+    assert (tmp_path / "out" / "mine.txt").read_text() == "precious"
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_weights_with_pickle_payload_are_refused(tmp_path, monkeypatch, capsys):
+    marker = tmp_path / "pwned"
+    w = tmp_path / "w.pt"
+    torch.save({"fc1.weight": _Evil(marker)}, w)
+    code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, ""), "--weights", w, "--out", tmp_path / "out")
+    assert code == 2 and "cannot load weights" in out and "Traceback" not in out, out
+    assert not marker.exists()
+
+
+def test_data_with_nan_or_wrong_shape(tmp_path, monkeypatch, capsys):
+    x = np.zeros((20, 28, 28), dtype=np.float32)
+    x[2, 3, 4] = np.nan
+    y = np.arange(20) % 10
+    np.savez(tmp_path / "nan.npz", x_train=x, y_train=y, x_test=x[:5], y_test=y[:5])
+    code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, ""), "--data", tmp_path / "nan.npz", "--out", tmp_path / "o1")
+    assert code == 2 and "NaN" in out and "clean or drop them" in out, out
+    np.savez(tmp_path / "flat.npz", x_train=x.reshape(20, -1), y_train=y, x_test=x[:5].reshape(5, -1), y_test=y[:5])
+    code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, ""), "--data", tmp_path / "flat.npz", "--out", tmp_path / "o2")
+    assert code == 2 and "expected [N, H, W] images" in out, out
+
+
+@pytest.fixture(scope="module")
+def artifact(digits, tmp_path_factory):
+    from jointcompress import compress, finalize
+    from jointcompress.artifact import save
+    from jointcompress.data import evaluator
+    from jointcompress.models import LeNet300
+
+    torch.manual_seed(0)
+    model = LeNet300(64, 10)
+    recipe = {"model": "lenet300", "techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.3}, {"type": "quant_lsq", "bits": 4}],
+              "training": {"epochs": 1}}
+    res = compress(model, recipe, (digits.x_train, digits.y_train), evaluator(digits.x_test, digits.y_test))
+    spec = finalize(model, res.example_inputs, recipe=res.recipe.model_dump())
+    path = tmp_path_factory.mktemp("art") / "artifact"
+    save(model, spec, path, example_inputs=res.example_inputs)
+    return path
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_bench_on_damaged_artifacts(artifact, tmp_path, monkeypatch, capsys):
+    code, out = _cli(monkeypatch, capsys, "bench", artifact, "--runs", "1")
+    assert code == 0, out
+
+    trunc = _copy(artifact, tmp_path / "trunc")
+    w = trunc / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:-100])
+    code, out = _cli(monkeypatch, capsys, "bench", trunc, "--runs", "1")
+    assert code == 2 and "truncated" in out and "Traceback" not in out, out
+
+    other = _copy(artifact, tmp_path / "v2")
+    m = json.loads((other / "manifest.json").read_text())
+    m["format_version"] = 2
+    (other / "manifest.json").write_text(json.dumps(m))
+    code, out = _cli(monkeypatch, capsys, "bench", other, "--runs", "1")
+    assert code == 2 and "format_version 2 is not supported" in out, out
+
+    code, out = _cli(monkeypatch, capsys, "bench", artifact, "--model", "lenet5", "--runs", "1")
+    assert code == 2 and "does not fit" in out and "--model" in out, out
+
+    cut = _copy(artifact, tmp_path / "cut")
+    (cut / "manifest.json").write_text((cut / "manifest.json").read_text()[:200])
+    code, out = _cli(monkeypatch, capsys, "bench", cut, "--runs", "1")
+    assert code == 2 and "not valid JSON" in out, out
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    from jointcompress import cli
+
+    monkeypatch.setattr(sys, "argv", ["jointcompress", "--debug", "compress", str(_recipe(tmp_path, "mode: parallel\n"))])
+    with pytest.raises(JointCompressError, match="mode"):
+        cli.main()
+    cli.STATE["debug"] = False
+
+
+def test_resume_from_the_command_line(tmp_path, monkeypatch, capsys, weights_file):
+    r = _recipe(tmp_path, "techniques: [{type: prune_unstructured, sparsity: 0.5, end: 0.5}]\ntraining: {epochs: 2, batch_size: 128}\n")
+    out_dir = tmp_path / "out"
+    code, out = _cli(monkeypatch, capsys, "compress", r, "--weights", weights_file, "--out", out_dir, "--checkpoint-every", "4")
+    assert code == 0 and (out_dir / "artifact" / "manifest.json").is_file(), out
+    first = json.loads((out_dir / "summary.json").read_text())
+    code, out = _cli(monkeypatch, capsys, "compress", r, "--weights", weights_file, "--out", out_dir, "--resume")
+    assert code == 0, out
+    hist = json.loads((out_dir / "history.json").read_text())
+    assert hist["events"][-1]["event"] == "resumed" and hist["events"][-1]["step"] == 22
+    again = json.loads((out_dir / "summary.json").read_text())
+    assert again["joint"]["accuracy"] == first["joint"]["accuracy"]
+    assert not [p for p in out_dir.rglob("*.tmp")]  # every file was written atomically
+
+
+def test_real_entry_point_prints_no_traceback(tmp_path):
+    r = _recipe(tmp_path, "techniques: [{type: distill_kd, temprature: 2}]\n")
+    p = subprocess.run([sys.executable, "-c", "from jointcompress.cli import main; main()", "compress", str(r)],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert p.returncode == 2 and "temprature" in p.stdout and "unknown key" in p.stdout
+    assert "Traceback" not in p.stdout + p.stderr

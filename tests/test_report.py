@@ -1,0 +1,110 @@
+"""report: a self-contained HTML page whose plots all render in headless Chromium, no console errors."""
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+from typer.testing import CliRunner
+
+from jointcompress.cli import app
+
+PROBE = """<script>
+window.__errors = [];
+window.addEventListener('error', e => window.__errors.push(String(e.message || e.type)), true);
+const _err = console.error; console.error = (...a) => { window.__errors.push(a.join(' ')); _err(...a); };
+window.addEventListener('load', () => {
+  const imgs = [...document.images].map(i => ({ok: i.complete && i.naturalWidth > 0, w: i.naturalWidth}));
+  const pre = document.createElement('pre'); pre.id = 'probe';
+  pre.textContent = JSON.stringify({imgs, errors: window.__errors, external: [...document.querySelectorAll('[src]')]
+      .map(e => e.getAttribute('src')).filter(s => !s.startsWith('data:'))});
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """The Debian chromium binary; installed with apt-get when missing, skipped only if that fails."""
+    exe = shutil.which("chromium")
+    if exe is None:
+        try:
+            subprocess.run(["apt-get", "install", "-y", "chromium"], check=True, capture_output=True, timeout=900)
+        except (OSError, subprocess.SubprocessError) as err:
+            pytest.skip(f"chromium is not installed and `apt-get install -y chromium` failed ({err})")
+        exe = shutil.which("chromium")
+        if exe is None:
+            pytest.skip("`apt-get install -y chromium` ran but no chromium binary is on PATH")
+    return exe
+
+
+def _render(chromium, html_path, tmp_path):
+    """Load a copy of the page with a probe script and return what the probe saw, plus stderr."""
+    page = tmp_path / "probe.html"
+    page.write_text(html_path.read_text().replace("<head>", "<head>" + PROBE, 1))
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+           "--enable-logging=stderr", "--v=0", "--virtual-time-budget=3000", "--dump-dom", page.as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    m = re.search(r'<pre id="probe">(.*?)</pre>', proc.stdout, re.S)
+    assert m, f"the page did not finish loading in chromium:\n{proc.stderr[-2000:]}"
+    import html
+
+    return json.loads(html.unescape(m.group(1))), proc.stderr
+
+
+def _console_errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "CONSOLE" in line and ("ERROR" in line or "Uncaught" in line)]
+
+
+@pytest.fixture(scope="module")
+def compare_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp") / "run"
+    recipe = out.parent / "r.yaml"
+    recipe.write_text(
+        "model: lenet300\ndata: digits\ntechniques:\n"
+        "  - {type: prune_unstructured, sparsity: 0.9, end: 0.6, regularization: 1.0}\n"
+        "  - {type: quant_lsq, bits: 4, start: 0.3}\n"
+        "training: {epochs: 1, batch_size: 128}\ncoordination: {every: 2, log_every: 2}\n")
+    res = CliRunner().invoke(app, ["compare", str(recipe), "--ratios", "15,30", "--seeds", "1", "--teacher-epochs", "1",
+                                   "--variants", "joint-scale,sequential", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def compress_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmpr") / "run"
+    res = CliRunner().invoke(app, ["compress", _demo_recipe(out.parent), "--teacher-epochs", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def _demo_recipe(where):
+    p = where / "demo.yaml"
+    p.write_text("model: lenet300\ndata: digits\ntechniques:\n"
+                 "  - {type: prune_unstructured, sparsity: 0.8, end: 0.6, regularization: 1.0}\n"
+                 "  - {type: quant_lsq, bits: 4, start: 0.3}\n"
+                 "training: {epochs: 1, batch_size: 128}\ncoordination: {strategy: pcgrad, every: 2, log_every: 2}\n")
+    return str(p)
+
+
+@pytest.mark.parametrize("which", ["compare_dir", "compress_dir"])
+def test_report_renders_in_chromium(which, request, chromium, tmp_path):
+    run_dir = request.getfixturevalue(which)
+    res = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    html_path = run_dir / "report.html"
+    layers = json.loads((run_dir / "layers.json").read_text())["layers"]
+    assert {row["layer"] for row in layers} == {"fc1", "fc2", "fc3"}
+    assert (run_dir / "layers.csv").read_text().startswith("run,layer,")
+    seen, stderr = _render(chromium, html_path, tmp_path)
+    assert len(seen["imgs"]) == 4 and all(i["ok"] for i in seen["imgs"]), seen
+    assert seen["external"] == []  # self-contained: nothing but data: URIs
+    assert seen["errors"] == [] and _console_errors(stderr) == [], (seen["errors"], _console_errors(stderr))
+
+
+def test_report_rejects_a_non_run_dir(tmp_path):
+    res = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert res.exit_code != 0
+    assert "compare.json" in str(res.exception) or "compare.json" in res.output

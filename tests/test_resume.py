@@ -1,0 +1,172 @@
+"""Checkpoints and resume: a run killed with SIGKILL mid-epoch and resumed ends exactly where
+the uninterrupted run ends; checkpoints hold the whole state, load without unpickling and
+are never silently overwritten."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from jointcompress import RecipeError, TrainingError, compress
+from jointcompress.checkpoint import CheckpointStore, read_checkpoint
+from jointcompress.data import evaluator
+
+RECIPE = {
+    "mode": "joint",
+    "techniques": [
+        {"type": "prune_unstructured", "sparsity": 0.8, "scope": "global", "end": 0.5},
+        {"type": "quant_lsq", "bits": 4, "start": 0.3},
+        {"type": "distill_kd", "temperature": 4.0, "alpha": 0.7, "cache_teacher": True},
+    ],
+    "training": {"epochs": 3, "batch_size": 64, "lr": 2e-3},
+    "coordination": {"strategy": "scale", "every": 4},
+}
+
+SCRIPT = textwrap.dedent(
+    """
+    import copy, json, os, signal, sys
+    import torch
+    torch.set_num_threads(1)
+    from safetensors.torch import save_file
+    from jointcompress import compress
+    from jointcompress.data import load_digits, evaluator
+    from jointcompress.pipeline import train_teacher
+
+    run_dir, mode, out, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    recipe = json.loads(os.environ["JC_RECIPE"])
+    split = load_digits()
+    teacher = train_teacher("lenet300", split, epochs=1, lr=2e-3)
+
+    class Kill:
+        def on_step(self, trainer, step, out):
+            if mode == "kill" and step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    model = copy.deepcopy(teacher)
+    res = compress(model, recipe, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test),
+                   teacher=teacher, callbacks=[Kill()], run_dir=None if mode == "full" else run_dir,
+                   resume=mode == "resume", checkpoint_every=5)
+    masks = {f"m{i}.{k}": v.contiguous() for i, t in enumerate(res.techniques) for k, v in t.state_dict().get("masks", {}).items()}
+    save_file({**masks, **{"w." + k: v.contiguous() for k, v in model.state_dict().items()}}, out + ".safetensors")
+    json.dump({"metrics": res.metrics, "epochs": [e["metrics"] for e in res.history.epochs],
+               "losses": [e["losses"] for e in res.history.epochs], "events": res.history.events,
+               "best_epoch": res.history.best_epoch}, open(out + ".json", "w"))
+    """
+)
+
+
+def _run(tmp_path: Path, mode: str, kill_at: int = -1) -> subprocess.CompletedProcess:
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "JC_RECIPE": json.dumps(RECIPE), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "run"), mode, str(tmp_path / mode), str(kill_at)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
+    from safetensors.torch import load_file
+
+    full = _run(tmp_path, "full")
+    assert full.returncode == 0, full.stderr
+    # 22 steps per epoch: step 37 is mid-epoch 2, two steps after the checkpoint of step 35
+    killed = _run(tmp_path, "kill", kill_at=37)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    names = [p.name for p in CheckpointStore(tmp_path / "run").paths()]
+    assert names[-1] == "ckpt-000000035.pt", names
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    resumed = _run(tmp_path, "resume")
+    assert resumed.returncode == 0, resumed.stderr
+
+    a, b = load_file(str(tmp_path / "full.safetensors")), load_file(str(tmp_path / "resume.safetensors"))
+    assert a.keys() == b.keys() and any(k.endswith(".hard") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # masks, scores and every weight bit-identical
+    ja, jb = json.loads((tmp_path / "full.json").read_text()), json.loads((tmp_path / "resume.json").read_text())
+    assert jb["events"][0]["event"] == "resumed" and jb["events"][0]["step"] == 35
+    for key in ("metrics", "epochs", "losses", "best_epoch"):
+        assert ja[key] == jb[key], key  # exactly: same batches, same RNG, same arithmetic
+
+
+def _tiny(digits, teacher=None, epochs=2, **kw):
+    import copy
+
+    model = copy.deepcopy(teacher) if teacher is not None else torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5}], "training": {"epochs": epochs, "batch_size": 128}}
+    return compress(model, recipe, (digits.x_train, digits.y_train), evaluator(digits.x_test, digits.y_test), **kw), model
+
+
+def test_checkpoint_holds_the_whole_run_state(digits, tmp_path):
+    _tiny(digits, run_dir=tmp_path, checkpoint_every=3)
+    paths = CheckpointStore(tmp_path).paths()
+    assert len(paths) == 2  # the newest two are kept
+    ck = read_checkpoint(paths[-1])
+    assert {"model", "techniques", "optimizer", "torch_rng", "loader_gen", "epoch_start_gen", "best", "meta"} <= set(ck)
+    assert "1.parametrizations.weight.original" in ck["model"]
+    assert "hard" in "".join(ck["techniques"][0]["masks"])
+    assert ck["optimizer"]["state"] and ck["optimizer"]["param_groups"][0]["name"] == "weights"
+    meta = ck["meta"]
+    assert meta["position"]["step"] == 22 and meta["position"]["epoch"] == 2  # 11 steps per epoch, the final one
+    assert {"history", "recipe", "lr_scale", "python_rng", "numpy_rng", "technique_scalars", "coordinator"} <= set(meta)
+    assert len(meta["history"]["epochs"]) == 2 and meta["recipe"]["training"]["epochs"] == 2
+
+
+def test_a_new_run_never_overwrites_checkpoints(digits, tmp_path):
+    _tiny(digits, epochs=1, run_dir=tmp_path)
+    before = {p.name: p.read_bytes() for p in CheckpointStore(tmp_path).paths()}
+    with pytest.raises(RecipeError, match="resume"):
+        _tiny(digits, epochs=1, run_dir=tmp_path)
+    assert {p.name: p.read_bytes() for p in CheckpointStore(tmp_path).paths()} == before
+
+
+def test_resume_with_another_recipe_is_refused(digits, tmp_path):
+    _tiny(digits, epochs=1, run_dir=tmp_path)
+    with pytest.raises(RecipeError, match="different recipe"):
+        _tiny(digits, epochs=2, run_dir=tmp_path, resume=True)
+
+
+def test_resume_without_checkpoint_starts_fresh_and_finished_run_resumes_to_same_result(digits, tmp_path):
+    res1, m1 = _tiny(digits, epochs=1, run_dir=tmp_path, resume=True)
+    assert not res1.history.events
+    res2, m2 = _tiny(digits, epochs=1, run_dir=tmp_path, resume=True)
+    assert res2.history.events[-1]["event"] == "resumed"
+    assert res1.metrics == res2.metrics
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(digits, tmp_path):
+    _tiny(digits, run_dir=tmp_path, checkpoint_every=4)
+    older, newest = CheckpointStore(tmp_path).paths()
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated (e.g. by a full disk outside our atomic write)
+    with pytest.warns(UserWarning, match="skipped unusable"):
+        res, _ = _tiny(digits, run_dir=tmp_path, checkpoint_every=4, resume=True)
+    assert res.history.events[-1] == {"event": "resumed", "step": int(older.stem.split("-")[1]), "checkpoint": older.name}
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):  # unpickling this would create the marker file
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_with_pickle_payload_is_refused_and_never_runs(digits, tmp_path):
+    marker = tmp_path / "pwned"
+    ckdir = tmp_path / "run" / "checkpoints"
+    ckdir.mkdir(parents=True)
+    torch.save({"format": "jointcompress-checkpoint", "format_version": 1, "meta": "{}", "model": _Evil(marker)}, ckdir / "ckpt-000000005.pt")
+    with pytest.raises(TrainingError, match="no usable checkpoint.*never pickled objects"):
+        _tiny(digits, run_dir=tmp_path / "run", resume=True)
+    with pytest.raises(TrainingError, match="not a loadable checkpoint"):
+        read_checkpoint(ckdir / "ckpt-000000005.pt")
+    assert not marker.exists()

@@ -1,0 +1,69 @@
+"""A size target becomes per-layer budgets whose saved artifact weighs what was asked."""
+import copy
+import os
+
+import pytest
+import torch
+
+from jointcompress.api import compress
+from jointcompress.artifact.size import dense_fp32_bytes
+from jointcompress.artifact.store import save
+from jointcompress.data import evaluator, load_digits
+from jointcompress.finalize import finalize
+from jointcompress.pipeline import train_teacher
+from jointcompress.recipe import parse_recipe
+from jointcompress.targets import TargetError, resolve_target
+
+
+@pytest.fixture(scope="module")
+def digits_teacher():
+    split = load_digits()
+    return split, train_teacher("lenet300", split, 3)
+
+
+def _recipe(target, epochs=2):
+    return parse_recipe({"model": "lenet300", "target": target, "techniques": [
+        {"type": "prune_unstructured", "sparsity": 0.9, "end": 0.6},
+        {"type": "quant_lsq", "bits": 4, "start": 0.3},
+        {"type": "distill_kd", "cache_teacher": True}],
+        "training": {"epochs": epochs, "batch_size": 64, "lr": 0.002}})
+
+
+def test_size_kb_target_is_met_on_disk(digits_teacher, tmp_path):
+    split, teacher = digits_teacher
+    resolved = resolve_target(teacher, _recipe({"size_kb": 14.0}), split.x_train[:2])
+    assert resolved.target is None
+    prune, quant = resolved.technique("prune_unstructured"), resolved.technique("quant_lsq")
+    assert set(prune.layer_sparsity) == {"fc1", "fc2", "fc3"} and set(quant.layer_bits) == {"fc1", "fc2", "fc3"}
+    model = copy.deepcopy(teacher)
+    result = compress(model, resolved, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test), teacher=teacher)
+    spec = finalize(model, result.example_inputs)
+    manifest = save(model, spec, tmp_path / "a", example_inputs=result.example_inputs)
+    on_disk = os.path.getsize(tmp_path / "a" / "weights.safetensors")
+    assert on_disk == manifest["weights_file_bytes"]
+    assert abs(on_disk / (14.0 * 1024) - 1) <= 0.02, (on_disk, manifest["bytes"])
+
+
+def test_ratio_target_and_sensitive_layers_keep_more(digits_teacher):
+    split, teacher = digits_teacher
+    scan = {"layers": {"fc1": {"sparsity": {"0.5": 0.0, "0.99": 0.0}, "bits": {"4": 0.0}},
+                       "fc2": {"sparsity": {"0.5": 0.0, "0.99": 0.0}, "bits": {"4": 0.0}},
+                       "fc3": {"sparsity": {"0.5": 0.3}, "bits": {"4": 0.0, "8": 0.0}}}}
+    r = resolve_target(teacher, _recipe({"ratio": 20}), split.x_train[:2], sensitivity=scan)
+    sp = r.technique("prune_unstructured").layer_sparsity
+    assert sp["fc3"] < sp["fc1"] and sp["fc3"] < sp["fc2"]  # the fragile classifier keeps more
+
+
+def test_impossible_size_target_names_the_fix(digits_teacher):
+    split, teacher = digits_teacher
+    with pytest.raises(TargetError, match="size_kb"):
+        resolve_target(teacher, _recipe({"size_kb": 0.5}), split.x_train[:2])
+
+
+def test_latency_target_sets_channel_sparsity(digits_teacher):
+    split, teacher = digits_teacher
+    r = resolve_target(teacher, _recipe({"latency_ms": 1000.0, "batch": 8}), split.x_train[:2])
+    assert r.target is None  # generous target: no structured pruning needed
+    assert (r.technique("prune_structured") is None) or r.technique("prune_structured").sparsity == 0.0
+    with pytest.raises(TargetError, match="latency_ms"):
+        resolve_target(teacher, _recipe({"latency_ms": 1e-6}), split.x_train[:2])
