@@ -1,6 +1,5 @@
 import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
 
 from jointcompress import compress, finalize
 from jointcompress.data import evaluator

@@ -159,10 +159,6 @@ def test_same_seed_same_data_gives_identical_tensors_and_manifest(digits, digits
     assert ma == mb
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "artifact/store.py: safetensors (0.8) writes the two __metadata__ keys in Rust HashMap order, which varies "
-    "between calls, so the header bytes (and the manifest's sha256) can differ; fix in store.save: one metadata key, "
-    "or re-serialize the header with sorted __metadata__ and the same padding. Remove this marker then."))
 def test_same_seed_same_data_gives_a_byte_identical_artifact(digits, digits_teacher, tmp_path):
     a, b = _two_artifacts(digits, digits_teacher, tmp_path)
     assert a.keys() == {"manifest.json", "weights.safetensors"}

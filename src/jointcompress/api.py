@@ -160,6 +160,10 @@ def compress(
     loader = as_loader(train_data, recipe.training.batch_size, recipe.training.seed, dist)
     example = first_inputs(loader)
     check_data(model, example, train_data)
+    if recipe.target is not None:  # size / ratio / latency -> per-layer sparsity and bits
+        from .targets import resolve_target
+
+        recipe = resolve_target(model, recipe, example)
     techniques = [tech.build(c) for c in recipe.techniques]
     total_steps = recipe.training.epochs * len(loader)
     plan = make_plan(techniques, total_steps, recipe)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
+
+from .artifact.size import dense_fp32_bytes
 
 PRUNABLE = (nn.Linear, nn.Conv2d)
 
@@ -51,17 +52,6 @@ def dir_bytes(path: str | os.PathLike) -> int:
     """Sum of real file sizes under `path` (a file or a directory)."""
     p = Path(path)
     return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-
-
-def fp32_file_bytes(model: nn.Module) -> int:
-    """Size of the model's fp32 state dict written to disk with safetensors."""
-    from safetensors.torch import save_file
-
-    state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous().clone()
-             for k, v in model.state_dict().items()}
-    with tempfile.TemporaryDirectory() as d:
-        save_file(state, os.path.join(d, "model.safetensors"))
-        return dir_bytes(os.path.join(d, "model.safetensors"))
 
 
 def batch_of(example_input: torch.Tensor, n: int) -> torch.Tensor:
@@ -103,11 +93,11 @@ def bench(model_before: nn.Module, model_after, example_input: torch.Tensor,
         if isinstance(m, nn.Module):
             result[side]["params"] = count_params(m)
             result[side]["macs"] = count_macs(m, example_input)
-    result["before"]["bytes_on_disk"] = fp32_file_bytes(model_before)
+    result["before"]["bytes_on_disk"] = dense_fp32_bytes(model_before)
     if artifact_dir is not None:
         result["after"]["bytes_on_disk"] = dir_bytes(artifact_dir)
     elif isinstance(model_after, nn.Module):
-        result["after"]["bytes_on_disk"] = fp32_file_bytes(model_after)
+        result["after"]["bytes_on_disk"] = dense_fp32_bytes(model_after)
     for bs in batch_sizes:
         x = batch_of(example_input, bs)
         lat = interleaved_latency({s: (lambda m=m: m(x)) for s, m in sides.items()}, runs=runs)

@@ -130,6 +130,7 @@ def compress_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last complete checkpoint."),
     checkpoint_every: int = typer.Option(100, min=1, help="Steps between checkpoints (one is also written at every evaluation)."),
     max_nonfinite: int = typer.Option(3, min=1, help="Non-finite steps (each skipped and rolled back, LR halved) before giving up."),
+    tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", help="Also log every loss term and the conflict rate to this TensorBoard directory."),
 ):
     """Run a recipe: compress the model, finalize it, save the artifact, report the numbers.
 
@@ -137,16 +138,11 @@ def compress_cmd(
     continues where the last checkpoint left off. Under `torchrun --nproc_per_node=N` the run
     is data-parallel and only rank 0 writes.
     """
-    import copy
-
-    from .api import compress, seed_everything
-    from .artifact.store import save
-    from .data import evaluator
     from .distributed import init_from_env
-    from .finalize import finalize
     from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_dir, prepare_output_dir
     from .models import build_model
-    from .pipeline import _describe, builder_for, load_split, load_weights, train_teacher, uncompressed_row
+    from .pipeline import builder_for, compress_and_save, load_split, load_weights, train_teacher, uncompressed_row
+    from .tensorboard import TensorBoardLogger
     from .recipe import load_recipe, parse_recipe
 
     recipe = load_recipe(recipe_path)
@@ -183,25 +179,18 @@ def compress_cmd(
                 from safetensors.torch import save as st_save
 
                 atomic_write_bytes(teacher_file, st_save({k: v.contiguous() for k, v in teacher.state_dict().items()}))
-        seed_everything(recipe.training.seed)
-        student = copy.deepcopy(teacher)
-        evaluate = evaluator(split.x_test, split.y_test)
-        result = compress(
-            student, recipe, (split.x_train, split.y_train), evaluate, teacher=teacher, progress=show(recipe.mode),
-            run_dir=out, resume=resume, checkpoint_every=checkpoint_every, max_nonfinite=max_nonfinite,
-        )
+        callbacks = [TensorBoardLogger(tensorboard)] if tensorboard and main_rank else []
+        try:
+            outcome = compress_and_save(
+                "artifact", teacher, recipe, split, builder, out if main_rank else None, progress=show(recipe.mode),
+                callbacks=callbacks, run_dir=out, resume=resume, checkpoint_every=checkpoint_every, max_nonfinite=max_nonfinite,
+            )
+        finally:
+            for cb in callbacks:
+                cb.close()
     if not main_rank:
         return
-    example = result.example_inputs
-    spec = finalize(student, example, recipe=recipe.model_dump())
-    row = {"accuracy": evaluate(student)["accuracy"]}
-    manifest = save(student, spec, out / "artifact", builder=builder, example_inputs=example,
-                    extra={"baseline_accuracy": evaluate(teacher)["accuracy"], "model": model_name})
-    row["bytes"] = manifest["bytes"]["total"]
-    row.update(_describe(student, spec))
-    row["wall_s"] = result.history.wall_seconds
-    conflicts = [e["conflict_rate"] for e in result.history.epochs if e.get("conflict_rate") is not None]
-    row["conflict_rate"] = sum(conflicts) / len(conflicts) if conflicts else None
+    result, row = outcome.result, outcome.row
     rows = {"uncompressed": uncompressed_row(teacher, split), recipe.mode: row}
     console.print(results_table(f"{recipe.name} ({model_name} on {split.name})", rows))
     atomic_write_json(out / "history.json", result.history.as_dict())

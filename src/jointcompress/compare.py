@@ -16,7 +16,6 @@ Run-dir layout (what `jointcompress report` reads):
 """
 from __future__ import annotations
 
-import copy
 import csv
 import statistics
 from dataclasses import dataclass
@@ -111,31 +110,15 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
 
 
 def run_one(teacher, recipe: Recipe, split, builder, run_dir: Path, callbacks: list, progress=None):
-    """compress -> finalize -> save one variant (pipeline.compress_and_save plus callbacks)."""
-    from .api import compress, seed_everything
-    from .artifact.store import save
-    from .data import evaluator
-    from .finalize import finalize
-    from .pipeline import _describe
+    """compress -> finalize -> save one variant into RUN_DIR/artifact."""
+    from .pipeline import compress_and_save
 
-    seed_everything(recipe.training.seed)
-    model = copy.deepcopy(teacher)
-    evaluate = evaluator(split.x_test, split.y_test)
     try:
-        result = compress(model, recipe, (split.x_train, split.y_train), evaluate, teacher=teacher,
-                          progress=progress, callbacks=callbacks)
+        outcome = compress_and_save("artifact", teacher, recipe, split, builder, run_dir, progress=progress, callbacks=callbacks)
     finally:
         for cb in callbacks:
             cb.close()
-    spec = finalize(model, result.example_inputs, recipe=recipe.model_dump(mode="json"))
-    manifest = save(model, spec, run_dir / "artifact", builder=builder, example_inputs=result.example_inputs,
-                    extra={"baseline_accuracy": evaluate(teacher)["accuracy"], "model": recipe.model})
-    row = {"accuracy": evaluate(model)["accuracy"], "bytes": manifest["bytes"]["total"],
-           "weights_file_bytes": manifest["weights_file_bytes"], **_describe(model, spec),
-           "wall_s": result.history.wall_seconds}
-    conflicts = [e["conflict_rate"] for e in result.history.epochs if e.get("conflict_rate") is not None]
-    row["conflict_rate"] = sum(conflicts) / len(conflicts) if conflicts else None
-    return row, result.history
+    return outcome.row, outcome.result.history
 
 
 def _tensorboard(root: Path | None, name: str) -> list:
@@ -148,7 +131,7 @@ def _tensorboard(root: Path | None, name: str) -> list:
 
 def _row(row: dict, variant: str, ratio: float, seed: int, dense: int, run_dir: Path) -> dict:
     mode, strategy = VARIANTS[variant]
-    file_bytes = row.get("weights_file_bytes") or row.get("file_bytes")
+    file_bytes = row["file_bytes"]
     return {"variant": variant, "mode": mode, "strategy": strategy, "ratio_target": ratio, "seed": seed,
             "accuracy": row["accuracy"], "error": 1.0 - row["accuracy"], "bytes": row.get("bytes"),
             "file_bytes": file_bytes, "target_bytes": dense / ratio, "ratio": dense / file_bytes,

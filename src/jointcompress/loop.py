@@ -113,7 +113,7 @@ class Trainer:
         self.progress = progress
         # objects with any of on_step(trainer, step, out), on_epoch(trainer, entry), on_end(trainer)
         self.callbacks = list(callbacks or [])
-        self.teacher_cache: dict[int, torch.Tensor] = {}
+        self.teacher_cache = TeacherCache()
         self._best_state = None
         # reliability
         if checkpoint_every is not None and checkpoint_every < 1:
@@ -210,12 +210,12 @@ class Trainer:
     def _teacher_logits(self, x, idx):
         if idx is None or self.teacher is None:
             return None
-        if all(int(i) in self.teacher_cache for i in idx):
-            return torch.stack([self.teacher_cache[int(i)] for i in idx])
+        cached = self.teacher_cache.get(idx)
+        if cached is not None:
+            return cached
         with torch.no_grad():
             out = self.teacher(x)
-        for i, row in zip(idx, out):
-            self.teacher_cache[int(i)] = row
+        self.teacher_cache.put(idx, out)
         return out
 
     def _terms(self, x, y, idx) -> dict[str, torch.Tensor]:
@@ -469,10 +469,7 @@ class Trainer:
         if self.store is None or (self.dist is not None and not self.dist.is_main):
             return None
         gen = getattr(self.loader, "generator", None)
-        cache = None
-        if self.teacher_cache:
-            keys = sorted(self.teacher_cache)
-            cache = {"idx": torch.tensor(keys, dtype=torch.long), "logits": torch.stack([self.teacher_cache[k] for k in keys])}
+        cache = self.teacher_cache.state()
         payload = {
             "model": self.model.state_dict(),
             "techniques": [t.state_dict() for t in self.techniques],
@@ -547,7 +544,7 @@ class Trainer:
         best = ck.get("best")
         self._best_state = None if best is None else (best["model"], best["techniques"])
         cache = ck.get("teacher_cache")
-        self.teacher_cache = {} if cache is None else {int(i): row for i, row in zip(cache["idx"].tolist(), cache["logits"])}
+        self.teacher_cache = TeacherCache.from_state(cache)
         self.pos = pos
         self.ctx.epoch = pos.epoch
         self._epoch_start = {"gen": ck.get("epoch_start_gen"), "torch": ck.get("epoch_start_torch")}
@@ -564,6 +561,49 @@ class Trainer:
         self.history.events.append({"event": "resumed", "step": pos.step, "checkpoint": path.name})
         self.last_checkpoint = path
         return True
+
+
+class TeacherCache:
+    """Teacher logits per sample index, filled during the first epoch and reused after it.
+
+    Held as one tensor plus a "have" flag per index, so a batch is looked up with one
+    gather instead of a Python loop over its samples.
+    """
+
+    def __init__(self):
+        self.logits: torch.Tensor | None = None
+        self.have = torch.zeros(0, dtype=torch.bool)
+
+    def get(self, idx: torch.Tensor) -> torch.Tensor | None:
+        if self.logits is None or int(idx.max()) >= len(self.have) or not bool(self.have[idx].all()):
+            return None
+        return self.logits[idx]
+
+    def put(self, idx: torch.Tensor, out: torch.Tensor) -> None:
+        need = int(idx.max()) + 1
+        if self.logits is None or need > len(self.have):
+            size = max(need, 2 * len(self.have))
+            logits = out.new_zeros((size,) + tuple(out.shape[1:]))
+            have = torch.zeros(size, dtype=torch.bool)
+            if self.logits is not None:
+                logits[: len(self.have)] = self.logits
+                have[: len(self.have)] = self.have
+            self.logits, self.have = logits, have
+        self.logits[idx] = out.detach()
+        self.have[idx] = True
+
+    def state(self) -> dict | None:
+        if self.logits is None or not bool(self.have.any()):
+            return None
+        idx = torch.nonzero(self.have).flatten()
+        return {"idx": idx, "logits": self.logits[idx]}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> "TeacherCache":
+        cache = cls()
+        if state is not None and len(state["idx"]):
+            cache.put(state["idx"].long(), state["logits"])
+        return cache
 
 
 def _clone(v):

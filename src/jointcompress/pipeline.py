@@ -63,26 +63,36 @@ def train_teacher(model_name: str, split: Split, epochs: int, lr: float = 1e-3, 
 
 
 def compress_and_save(
-    name: str, teacher: nn.Module, recipe: Recipe, split: Split, builder, out_dir: Path | None, progress=None, callbacks=None
+    name: str, teacher: nn.Module, recipe: Recipe, split: Split, builder, out_dir: Path | None,
+    progress=None, callbacks=None, **compress_kwargs,
 ) -> Outcome:
-    """Compress a copy of `teacher` (which also serves as the distillation teacher), finalize, save."""
+    """Compress a copy of `teacher` (which also serves as the distillation teacher), finalize,
+    and save the artifact to OUT_DIR/NAME (not saved when out_dir is None, e.g. on ranks > 0).
+    `compress_kwargs` go to compress() (run_dir, resume, checkpoint_every, ...)."""
     seed_everything(recipe.training.seed)
     model = copy.deepcopy(teacher)
     evaluate = evaluator(split.x_test, split.y_test)
-    result = compress(model, recipe, (split.x_train, split.y_train), evaluate, teacher=teacher, progress=progress, callbacks=callbacks)
+    result = compress(model, recipe, (split.x_train, split.y_train), evaluate, teacher=teacher,
+                      progress=progress, callbacks=callbacks, **compress_kwargs)
+    return Outcome(name, model, result, finalize_and_save(model, result, teacher, split, builder, out_dir and out_dir / name))
+
+
+def finalize_and_save(model: nn.Module, result: Result, teacher: nn.Module, split: Split, builder, path: Path | None) -> dict:
+    """Make the compression permanent, write the artifact to `path`, and measure what is there."""
     example = result.example_inputs
-    spec = finalize(model, example, recipe=recipe.model_dump())
+    spec = finalize(model, example, recipe=result.recipe.model_dump())
+    evaluate = evaluator(split.x_test, split.y_test)
     row = {"accuracy": evaluate(model)["accuracy"]}
-    if out_dir is not None:
-        manifest = save(model, spec, out_dir / name, builder=builder, example_inputs=example,
-                        extra={"baseline_accuracy": evaluate(teacher)["accuracy"], "model": recipe.model})
+    if path is not None:
+        manifest = save(model, spec, path, builder=builder, example_inputs=example,
+                        extra={"baseline_accuracy": evaluate(teacher)["accuracy"], "model": result.recipe.model})
         row["bytes"] = manifest["bytes"]["total"]  # values + indices + scales + fp32 biases
         row["file_bytes"] = manifest["weights_file_bytes"]  # weights.safetensors on disk (+ its header)
     row.update(_describe(model, spec))
     row["wall_s"] = result.history.wall_seconds
     conflicts = [e["conflict_rate"] for e in result.history.epochs if e.get("conflict_rate") is not None]
     row["conflict_rate"] = sum(conflicts) / len(conflicts) if conflicts else None
-    return Outcome(name, model, result, row)
+    return row
 
 
 def _describe(model: nn.Module, spec) -> dict:

@@ -224,7 +224,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"recipe file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as err:  # PyYAML raises ValueError on impossible dates
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
     return parse_recipe(data if data is not None else {}, source=str(path))
 

@@ -147,14 +147,11 @@ class Candidate:
 
     def file_bytes(self, sparsity: dict[str, float], bits: dict[str, int]) -> int:
         """Exact size of the weights.safetensors that `artifact.save` would write."""
-        from safetensors.torch import save as st_save
-
         from .artifact.encode import encode_model
-        from .artifact.store import FORMAT, FORMAT_VERSION
+        from .artifact.store import weights_blob
 
         model, spec = self.build(sparsity, bits)
-        enc = encode_model(model, spec)
-        return len(st_save(enc.tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)}))
+        return len(weights_blob(encode_model(model, spec).tensors))  # exactly what save() writes
 
 
 # -- the size allocator -------------------------------------------------------------------

@@ -141,7 +141,10 @@ def _part_bytes(tensors: dict[str, torch.Tensor], rec: dict, where: str) -> np.n
     key = rec["key"]
     if key not in tensors:
         raise ArtifactError(f"{where}: tensor {key!r} listed in the manifest is missing")
-    data = tensors[key].numpy().astype(np.uint8, copy=False)
+    t = tensors[key]
+    if t.dtype != torch.uint8 or t.dim() != 1:
+        raise ArtifactError(f"{where}: tensor {key!r} should be 1-D uint8 bytes, it is {t.dtype} {list(t.shape)}")
+    data = t.numpy()
     if data.size != rec["bytes"]:
         raise ArtifactError(f"{where}: tensor {key!r} has {data.size} bytes, manifest says {rec['bytes']}")
     if rec["codec"] == "zstd":
@@ -162,7 +165,12 @@ def decode_layer(name: str, rec: dict, tensors: dict[str, torch.Tensor], where: 
                                 rec["entries"], rec.get("index_bits"))
     except ValueError as exc:
         raise ArtifactError(f"{where}: layer {name!r} cannot be unpacked: {exc}") from exc
-    scale = tensors[parts["scale"]["key"]].float().reshape(-1)
+    skey = parts["scale"]["key"]
+    if skey not in tensors:
+        raise ArtifactError(f"{where}: tensor {skey!r} listed in the manifest is missing")
+    if tensors[skey].dtype != torch.float32:
+        raise ArtifactError(f"{where}: scale tensor {skey!r} should be float32, it is {tensors[skey].dtype}")
+    scale = tensors[skey].reshape(-1)
     shape = rec["shape"]
     if scale.numel() != shape[0] or int(np.prod(shape)) != rec["numel"]:
         raise ArtifactError(f"{where}: layer {name!r} scale/shape records are inconsistent")

@@ -8,7 +8,6 @@ dict saved with safetensors, i.e. what one would ship without jointcompress.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from ..spec import CompressionSpec

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,13 +24,17 @@ import torch
 import torch.nn as nn
 
 from ..errors import ArtifactError
+from ..io import atomic_write_bytes
 from ..spec import CompressionSpec, LayerSpec
 from . import encode as _enc
+from . import packing as _packing
 
 FORMAT = "jointcompress-artifact"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
+WEIGHTS_METADATA = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}  # the safetensors __metadata__
+MAX_INPUT_NUMEL = 1 << 26  # per example input: the dummy tensors load() builds to replay the pruning history
 
 
 def package_version() -> str:
@@ -42,18 +46,27 @@ def package_version() -> str:
         return "unknown"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def weights_blob(tensors: dict[str, torch.Tensor]) -> bytes:
+    """The exact bytes of weights.safetensors for `tensors`: byte-identical for identical input.
+
+    safetensors (0.8) writes the ``__metadata__`` keys in Rust HashMap order, which changes
+    between calls and processes, so its output is not reproducible as is. The header is
+    re-serialized here with ``__metadata__`` sorted, in the same compact JSON and the same
+    length (tensor entries, offsets and data untouched), so the file still reads with any
+    safetensors and its size is the one safetensors reports. Use this (not ``st_save``) wherever
+    the on-disk size of an artifact is predicted.
+    """
+    from safetensors.torch import save as st_save
+
+    blob = st_save(tensors, metadata=dict(WEIGHTS_METADATA))
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + header_len])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    new_len = header_len if len(text) <= header_len else (len(text) + 7) // 8 * 8
+    text = text.ljust(new_len, b" ")  # safetensors pads its header with spaces to a multiple of 8
+    return struct.pack("<Q", new_len) + text + blob[8 + header_len:]
 
 
 def _as_tuple(x) -> tuple:
@@ -141,9 +154,7 @@ def save(
         rebuilt = rebuild(builder, history, _dummy_inputs(inputs), str(path))
         check_shapes(rebuilt, encoding.layers, encoding.others, f"{path} (checked at save time)")
 
-    from safetensors.torch import save as st_save
-
-    blob = st_save(encoding.tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    blob = weights_blob(encoding.tensors)
     (header_len,) = struct.unpack("<Q", blob[:8])
     totals = encoding.totals()
     if len(blob) != 8 + header_len + totals["total"]:  # safetensors added bytes we do not account for
@@ -165,13 +176,13 @@ def save(
         "extra": extra or {},
     }
     path.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path / WEIGHTS_FILE, blob)
-    _atomic_write(path / MANIFEST_FILE, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path / WEIGHTS_FILE, blob)
+    atomic_write_bytes(path / MANIFEST_FILE, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     return manifest
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
-    """Parse and version-check manifest.json; raises ArtifactError naming the file."""
+    """Parse, version-check and structure-check manifest.json; raises ArtifactError naming the file."""
     mpath = Path(path) / MANIFEST_FILE
     try:
         manifest = json.loads(mpath.read_text())
@@ -179,9 +190,11 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise ArtifactError(f"{mpath}: not found; is {path} an artifact directory written by save()?") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{mpath}: not valid JSON ({exc}); the file is truncated or corrupted") from exc
+    except RecursionError as exc:  # absurdly deep nesting
+        raise ArtifactError(f"{mpath}: JSON nested too deeply; the file is corrupted") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{mpath}: not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") != FORMAT_VERSION or isinstance(manifest.get("format_version"), bool):
         raise ArtifactError(
             f"{mpath}: format_version {manifest.get('format_version')!r} is not supported by this "
             f"jointcompress ({package_version()}, reads version {FORMAT_VERSION}); use the version that wrote it "
@@ -190,16 +203,196 @@ def read_manifest(path: str | os.PathLike) -> dict:
     for key in ("weights_sha256", "weights_file_bytes", "layers", "other_tensors", "pruning_history", "example_inputs"):
         if key not in manifest:
             raise ArtifactError(f"{mpath}: field {key!r} is missing")
+    _validate(manifest, mpath)
     return manifest
+
+
+# -- manifest structure -------------------------------------------------------------------
+
+class _Bad(Exception):
+    """A field of the manifest has the wrong type or value: (field path, what is wrong)."""
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _need(cond: bool, field: str, what: str) -> None:
+    if not cond:
+        raise _Bad(field, what)
+
+
+def _int(x, field: str, lo: int | None = 0, hi: int | None = None) -> int:
+    rng = f" in [{lo}, {hi}]" if hi is not None else (f" >= {lo}" if lo is not None else "")
+    _need(_is_int(x) and (lo is None or x >= lo) and (hi is None or x <= hi), field, f"must be an integer{rng}, got {x!r:.80}")
+    return x
+
+
+def _dict(x, field: str) -> dict:
+    _need(isinstance(x, dict), field, f"must be an object, got {type(x).__name__}")
+    return x
+
+
+def _list(x, field: str) -> list:
+    _need(isinstance(x, list), field, f"must be a list, got {type(x).__name__}")
+    return x
+
+
+def _str(x, field: str) -> str:
+    _need(isinstance(x, str), field, f"must be a string, got {type(x).__name__}")
+    return x
+
+
+def _shape(x, field: str, min_dims: int = 0) -> list[int]:
+    _list(x, field)
+    _need(min_dims <= len(x) <= 32, field, f"must have {min_dims}..32 dimensions, got {len(x)}")
+    for i, d in enumerate(x):
+        _int(d, f"{field}[{i}]", 0, 1 << 62)
+    return x
+
+
+def _number_or_none(x, field: str) -> None:
+    _need(x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)),
+          field, f"must be a finite number or null, got {x!r:.80}")
+
+
+def _dtype(x, field: str) -> torch.dtype:
+    _str(x, field)
+    dt = getattr(torch, x, None) if x.isidentifier() else None
+    _need(isinstance(dt, torch.dtype), field, f"is not a torch dtype: {x!r:.80}")
+    return dt
+
+
+def _prod(shape: list[int]) -> int:
+    return math.prod(shape) if shape else 1
+
+
+def _check_part(rec, field: str, expected_raw: int, codecs: tuple[str, ...]) -> None:
+    _dict(rec, field)
+    for key in ("key", "bytes", "codec", "raw_bytes"):
+        _need(key in rec, f"{field}.{key}", "is missing")
+    _str(rec["key"], f"{field}.key")
+    _need(rec["codec"] in codecs, f"{field}.codec", f"must be one of {list(codecs)}, got {rec['codec']!r:.80}")
+    _int(rec["bytes"], f"{field}.bytes")
+    _int(rec["raw_bytes"], f"{field}.raw_bytes")
+    _need(rec["raw_bytes"] == expected_raw, f"{field}.raw_bytes",
+          f"is {rec['raw_bytes']}, but the layer record implies {expected_raw}")
+    if rec["codec"] == "raw":
+        _need(rec["bytes"] == rec["raw_bytes"], f"{field}.bytes", "must equal raw_bytes for codec 'raw'")
+
+
+def _check_layer(rec, field: str) -> None:
+    _dict(rec, field)
+    for key in ("shape", "bits", "numel", "encoding", "entries", "parts"):
+        _need(key in rec, f"{field}.{key}", "is missing")
+    shape = _shape(rec["shape"], f"{field}.shape", min_dims=1)
+    bits = _int(rec["bits"], f"{field}.bits", _packing.MIN_BITS, _packing.MAX_BITS)
+    numel = _int(rec["numel"], f"{field}.numel")
+    _need(numel == _prod(shape), f"{field}.numel", f"is {numel}, but shape {shape} has {_prod(shape)} elements")
+    enc = rec["encoding"]
+    _need(enc in _packing.ENCODINGS, f"{field}.encoding", f"must be one of {list(_packing.ENCODINGS)}, got {enc!r:.80}")
+    entries = _int(rec["entries"], f"{field}.entries", 0, numel)
+    if enc == "dense":
+        _need(entries == numel, f"{field}.entries", f"must equal numel ({numel}) for the dense encoding")
+    index_bits = rec.get("index_bits")
+    if enc == "relative":
+        _int(index_bits, f"{field}.index_bits", min(_packing.INDEX_BITS), max(_packing.INDEX_BITS))
+    else:
+        _need(index_bits is None or _is_int(index_bits), f"{field}.index_bits", f"must be an integer or null, got {index_bits!r:.80}")
+    act_bits = rec.get("act_bits")
+    if act_bits is not None:
+        _int(act_bits, f"{field}.act_bits", 1, 32)
+    _number_or_none(rec.get("act_scale"), f"{field}.act_scale")
+    for key in ("nonzero", "sparsity"):
+        if key in rec:
+            _need(isinstance(rec[key], (int, float)) and not isinstance(rec[key], bool), f"{field}.{key}",
+                  f"must be a number, got {rec[key]!r:.80}")
+    parts = _dict(rec["parts"], f"{field}.parts")
+    needed = {"values", "scale"} | ({"indices"} if enc != "dense" else set())
+    _need(set(parts) == needed, f"{field}.parts", f"must have exactly the parts {sorted(needed)}, got {sorted(parts)}")
+    _check_part(parts["values"], f"{field}.parts.values", _packing.packed_nbytes(entries, bits), ("raw", "zstd"))
+    if enc == "bitmask":
+        _check_part(parts["indices"], f"{field}.parts.indices", _packing.packed_nbytes(numel, 1), ("raw", "zstd"))
+    elif enc == "relative":
+        _check_part(parts["indices"], f"{field}.parts.indices", _packing.packed_nbytes(entries, index_bits), ("raw", "zstd"))
+    _check_part(parts["scale"], f"{field}.parts.scale", 4 * shape[0], ("raw",))
+
+
+def _check_weights_file(name) -> None:
+    _str(name, "weights_file")
+    _need(name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+          and Path(name).name == name and not Path(name).is_absolute() and not (len(name) > 1 and name[1] == ":"),
+          "weights_file", f"must be a bare file name inside the artifact directory, got {name!r:.120}")
+
+
+def _validate_fields(m: dict) -> None:
+    if "weights_file" in m:
+        _check_weights_file(m["weights_file"])
+    sha = _str(m["weights_sha256"], "weights_sha256")
+    _need(len(sha) == 64 and all(c in "0123456789abcdef" for c in sha), "weights_sha256", "must be 64 lowercase hex digits")
+    _int(m["weights_file_bytes"], "weights_file_bytes")
+    for key in ("recipe", "extra"):
+        _need(m.get(key) is None or isinstance(m[key], dict), key, f"must be an object or null, got {type(m.get(key)).__name__}")
+    if "bytes" in m:
+        _dict(m["bytes"], "bytes")
+    for i, step in enumerate(_list(m["pruning_history"], "pruning_history")):
+        f = f"pruning_history[{i}]"
+        _need(isinstance(step, list) and len(step) == 3, f, "must be a [module name, is_out_channels, [indices]] triple")
+        _str(step[0], f"{f}[0]")
+        _need(isinstance(step[1], bool), f"{f}[1]", f"must be true or false, got {step[1]!r:.80}")
+        for j, idx in enumerate(_list(step[2], f"{f}[2]")):
+            _int(idx, f"{f}[2][{j}]", 0, 1 << 62)
+    for i, rec in enumerate(_list(m["example_inputs"], "example_inputs")):
+        f = f"example_inputs[{i}]"
+        _dict(rec, f)
+        for key in ("shape", "dtype"):
+            _need(key in rec, f"{f}.{key}", "is missing")
+        shape = _shape(rec["shape"], f"{f}.shape")
+        _need(_prod(shape) <= MAX_INPUT_NUMEL, f"{f}.shape", f"{shape} has more than {MAX_INPUT_NUMEL} elements")
+        _dtype(rec["dtype"], f"{f}.dtype")
+    layers = _dict(m["layers"], "layers")
+    for name, rec in layers.items():
+        _check_layer(rec, f"layers[{name!r}]")
+    others = _dict(m["other_tensors"], "other_tensors")
+    for key, rec in others.items():
+        f = f"other_tensors[{key!r}]"
+        _dict(rec, f)
+        _need("shape" in rec, f"{f}.shape", "is missing")
+        _shape(rec["shape"], f"{f}.shape")
+        if "dtype" in rec:
+            _dtype(rec["dtype"], f"{f}.dtype")
+        if "bytes" in rec:
+            _int(rec["bytes"], f"{f}.bytes")
+        _need(key.removesuffix(".weight") not in layers or not key.endswith(".weight"), f,
+              "is also stored as a quantized layer")
+
+
+def _validate(manifest: dict, mpath: Path) -> None:
+    try:
+        _validate_fields(manifest)
+    except _Bad as bad:
+        field, what = bad.args
+        raise ArtifactError(f"{mpath}: field {field} {what}; the manifest is corrupted or was edited") from None
+
+
+def _weights_path(path: str | os.PathLike, manifest: dict) -> Path:
+    name = manifest.get("weights_file", WEIGHTS_FILE)
+    try:
+        _check_weights_file(name)
+    except _Bad as bad:
+        raise ArtifactError(f"{Path(path) / MANIFEST_FILE}: field {bad.args[0]} {bad.args[1]}") from None
+    return Path(path) / name
 
 
 def read_weights(path: str | os.PathLike, manifest: dict) -> dict[str, torch.Tensor]:
     """Read weights.safetensors after checking its size and sha256 against the manifest."""
-    wpath = Path(path) / manifest.get("weights_file", WEIGHTS_FILE)
+    wpath = _weights_path(path, manifest)
     try:
         blob = wpath.read_bytes()
     except FileNotFoundError as exc:
         raise ArtifactError(f"{wpath}: not found (the manifest expects it)") from exc
+    except OSError as exc:  # a directory, no permission, ...
+        raise ArtifactError(f"{wpath}: cannot be read ({exc})") from exc
     if len(blob) != manifest["weights_file_bytes"]:
         raise ArtifactError(
             f"{wpath}: has {len(blob)} bytes, the manifest says {manifest['weights_file_bytes']}; the file is truncated or was replaced"
@@ -218,20 +411,40 @@ def load_with_spec(path: str | os.PathLike, builder: Callable[[], nn.Module]) ->
     """The finalized model (eval mode) and the CompressionSpec it was saved with."""
     manifest = read_manifest(path)
     tensors = read_weights(path, manifest)
-    where = str(Path(path) / manifest.get("weights_file", WEIGHTS_FILE))
-    model = rebuild(builder, manifest["pruning_history"], _dummy_inputs(manifest["example_inputs"]), str(path))
+    where = str(_weights_path(path, manifest))
+    history = manifest["pruning_history"]
+    try:
+        inputs = _dummy_inputs(manifest["example_inputs"]) if history else ()
+    except Exception as exc:  # e.g. a dtype torch.zeros cannot make (quantized)
+        raise ArtifactError(
+            f"{Path(path) / MANIFEST_FILE}: field example_inputs cannot be turned into tensors ({type(exc).__name__}: {exc})"
+        ) from exc
+    model = rebuild(builder, history, inputs, str(path))
     check_shapes(model, manifest["layers"], manifest["other_tensors"], where)
-    state: dict[str, torch.Tensor] = {}
-    spec = CompressionSpec(pruning_history=manifest["pruning_history"], recipe=manifest.get("recipe"))
-    for name, rec in manifest["layers"].items():
-        weight, scale = _enc.decode_layer(name, rec, tensors, where)
-        state[f"{name}.weight"] = weight
-        spec.layers[name] = LayerSpec(rec["bits"], scale, rec.get("act_bits"), rec.get("act_scale"))
-    for key in manifest["other_tensors"]:
-        if key not in tensors:
-            raise ArtifactError(f"{where}: tensor {key!r} listed in the manifest is missing")
-        state[key] = tensors[key]
-    model.load_state_dict(state, strict=True)
+    try:
+        state: dict[str, torch.Tensor] = {}
+        spec = CompressionSpec(pruning_history=history, recipe=manifest.get("recipe"))
+        for name, rec in manifest["layers"].items():
+            weight, scale = _enc.decode_layer(name, rec, tensors, where)
+            state[f"{name}.weight"] = weight
+            spec.layers[name] = LayerSpec(rec["bits"], scale, rec.get("act_bits"), rec.get("act_scale"))
+        for key, rec in manifest["other_tensors"].items():
+            if key not in tensors:
+                raise ArtifactError(f"{where}: tensor {key!r} listed in the manifest is missing")
+            t = tensors[key]
+            if list(t.shape) != rec["shape"] or ("dtype" in rec and t.dtype != getattr(torch, rec["dtype"])):
+                raise ArtifactError(
+                    f"{where}: tensor {key!r} is {list(t.shape)} {str(t.dtype).replace('torch.', '')}, the manifest "
+                    f"says {rec['shape']} {rec.get('dtype', '')}".rstrip()
+                )
+            state[key] = t
+        model.load_state_dict(state, strict=True)
+    except ArtifactError:
+        raise
+    except Exception as exc:  # malformed content the checks above did not anticipate: still the artifact's fault
+        raise ArtifactError(
+            f"{where}: the artifact's content is inconsistent and cannot be loaded ({type(exc).__name__}: {exc})"
+        ) from exc
     return model.eval(), spec
 
 

@@ -73,5 +73,6 @@ def register(app: typer.Typer) -> None:
         result = run_bench(artifact_dir, model, data, runs)
         Console().print(render_table(result))
         if json_out is not None:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(result, indent=2) + "\n")
+            from ..io import atomic_write_text
+
+            atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
