@@ -5,8 +5,10 @@ relative to a plain training step of the same model, measured in one process, in
 
 A plain step: forward, cross-entropy, backward, Adam step on the uncompressed model.
 A joint step: Trainer.step with masks and quantizers attached and the teacher's logits
-cached (as the demo recipe does); `none` takes one backward of the summed loss, `scale` and
-`pcgrad` measure every step (every: 1), i.e. one backward per loss term.
+cached (as the demo recipe does), with four loss terms (task, distill, sparsity and quant
+regularizers); `none` takes one backward of the summed loss, `scale` and `pcgrad` measure
+every step (every: 1), i.e. one backward per loss term. `none_no_regularizers` is the
+default recipe's step (task + distill only).
 """
 from __future__ import annotations
 
@@ -29,20 +31,20 @@ from jointcompress.plan import make_plan
 from jointcompress.recipe import parse_recipe
 
 
-def recipe_for(strategy: str):
+def recipe_for(strategy: str, regularized: bool = True, every: int = 1):
     return parse_recipe({
         "training": {"epochs": 1, "batch_size": 128},
-        "coordination": {"strategy": strategy, "every": 1 if strategy != "none" else 1000000},
+        "coordination": {"strategy": strategy, "every": every if strategy != "none" else 1000000},
         "techniques": [
-            {"type": "prune_unstructured", "sparsity": 0.9, "scope": "global", "regularization": 0.1},
-            {"type": "quant_lsq", "bits": 4, "start": 0.0, "regularization": 0.01},
+            {"type": "prune_unstructured", "sparsity": 0.9, "scope": "global", "regularization": 0.1 if regularized else 0.0},
+            {"type": "quant_lsq", "bits": 4, "start": 0.0, "regularization": 0.01 if regularized else 0.0},
             {"type": "distill_kd", "temperature": 4.0, "alpha": 0.7, "cache_teacher": True},
         ],
     })
 
 
-def joint_stepper(teacher, split, strategy):
-    recipe = recipe_for(strategy)
+def joint_stepper(teacher, split, strategy, regularized=True, every=1):
+    recipe = recipe_for(strategy, regularized, every)
     loader = as_loader((split.x_train, split.y_train), 128, 0)
     model = copy.deepcopy(teacher)
     techniques = [tech.build(c) for c in recipe.techniques]
@@ -85,14 +87,17 @@ def main():
     ap.add_argument("--model", default="lenet300")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--steps", type=int, default=10, help="steps per timed sample")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (1: stable ratios on a shared machine)")
     ap.add_argument("--out", default="benchmarks/results/step_cost.json")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     split = load_dataset(args.data)
     teacher = build_model(args.model, split.image_size, split.num_classes)
-    fns = {"plain": plain_stepper(teacher, split)}
+    fns = {"plain": plain_stepper(teacher, split), "none_no_regularizers": joint_stepper(teacher, split, "none", False)}
     for s in ("none", "scale", "pcgrad"):
         fns[s] = joint_stepper(teacher, split, s)
+    fns["pcgrad_every10"] = joint_stepper(teacher, split, "pcgrad", every=10)
     times = {k: [] for k in fns}
     for _ in range(3):
         for fn in fns.values():
@@ -105,7 +110,7 @@ def main():
             times[k].append((time.perf_counter() - t0) / args.steps * 1e3)
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
-        "command": f"python benchmarks/step_cost.py --data {args.data} --model {args.model}",
+        "command": f"python benchmarks/step_cost.py --data {args.data} --model {args.model} --threads {args.threads}",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "median_ms_per_step": med,
         "ratio_to_plain": {k: med[k] / med["plain"] for k in med},

@@ -53,3 +53,21 @@ def test_pruned_weights_stay_exact_zeros_after_joint_quantization(digits):
     assert spec.layers["1"].bits == 3 and spec.layers["1"].scale.shape == (32,)
     ints = w / spec.layers["1"].scale[:, None]
     assert torch.allclose(ints, ints.round(), atol=1e-4) and ints.abs().max() <= 3
+
+
+def test_fused_lsq_gradients_equal_the_unfused_autograd_reference():
+    import math
+
+    from jointcompress.techniques.quant_lsq import LSQFunction, grad_scale, round_ste
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 20, dtype=torch.float64, requires_grad=True)
+    log_s = torch.full((6, 1), math.log(0.3), dtype=torch.float64, requires_grad=True)
+    g, qmax = 1 / math.sqrt(20 * 7), 7
+    upstream = torch.randn(6, 20, dtype=torch.float64)
+    s = grad_scale(log_s, g).exp()
+    ref = round_ste(torch.clamp(w / s, -qmax, qmax)) * s
+    ref_gw, ref_gs = torch.autograd.grad((ref * upstream).sum(), (w, log_s))
+    out = LSQFunction.apply(w, log_s, qmax, g)
+    gw, gs = torch.autograd.grad((out * upstream).sum(), (w, log_s))
+    assert torch.allclose(out, ref) and torch.allclose(gw, ref_gw) and torch.allclose(gs, ref_gs)

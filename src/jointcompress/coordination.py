@@ -25,28 +25,32 @@ import torch
 PRIMARY = ("task", "distill")
 
 
-def pcgrad(grads: list[torch.Tensor], rng: random.Random | None = None) -> list[torch.Tensor]:
-    """Project each gradient away from the others it conflicts with; returns new tensors."""
-    rng = rng or random.Random(0)
-    out = []
-    for i, g in enumerate(grads):
-        g = g.clone()
-        others = [j for j in range(len(grads)) if j != i]
+def pcgrad_weights(gram: torch.Tensor, rng: random.Random) -> torch.Tensor:
+    """PCGrad in coefficient space: row i holds c_i with projected g_i' = c_i @ G_flat.
+
+    Every projected gradient is a linear combination of the original ones, so all the dot
+    products PCGrad needs come from the K x K Gram matrix: one matmul over the (long)
+    gradients instead of K^2 dot products, and the same result.
+    """
+    k = gram.shape[0]
+    coeffs = torch.eye(k, dtype=gram.dtype)
+    for i in range(k):
+        c = coeffs[i].clone()
+        others = [j for j in range(k) if j != i]
         rng.shuffle(others)
         for j in others:
-            h = grads[j]
-            dot = torch.dot(g, h)
-            if dot < 0:
-                g = g - dot / h.dot(h).clamp_min(1e-20) * h
-        out.append(g)
-    return out
+            dot = c @ gram[:, j]
+            if dot < 0 and gram[j, j] > 0:
+                c[j] -= dot / gram[j, j]
+        coeffs[i] = c
+    return coeffs
 
 
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    na, nb = a.norm(), b.norm()
-    if na == 0 or nb == 0:
-        return 0.0
-    return float(a.dot(b) / (na * nb))
+def pcgrad(grads: list[torch.Tensor], rng: random.Random | None = None) -> list[torch.Tensor]:
+    """Project each gradient away from the others it conflicts with (Yu et al., 2020)."""
+    flat = torch.stack(grads).double()
+    coeffs = pcgrad_weights(flat @ flat.T, rng or random.Random(0))
+    return [(c @ flat).to(grads[0].dtype) for c in coeffs]
 
 
 def opposite_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -61,7 +65,7 @@ class CoordinationStats:
     step: int
     conflict_rate: float  # share of (term pair, group) with negative cosine
     cosines: dict[str, float] = field(default_factory=dict)  # "a|b@group" -> cosine
-    opposite: dict[str, float] = field(default_factory=dict)  # "a|b@group" -> opposite-sign fraction
+    opposite: dict[str, float] = field(default_factory=dict)  # "a|b@group" -> opposite-sign fraction (logged steps)
     damped: dict[str, float] = field(default_factory=dict)  # "term@group" -> factor applied (scale)
     changed: float = 0.0  # ||resolved - sum|| / ||sum||: how much the strategy changed the update
 
@@ -93,26 +97,32 @@ class GradientCoordinator:
             return None
         per_term = {name: self._grad(t) for name, t in terms.items()}
         stats = CoordinationStats(step=step, conflict_rate=0.0)
+        detailed = step % self.config.log_every == 0  # elementwise sign statistics only when logged
         resolved: dict[str, torch.Tensor] = {}
         conflicts = pairs = 0
         sq_changed = sq_sum = 0.0
         for gname, flat in self._split(per_term).items():
-            names = [n for n in flat if flat[n].any()]  # terms that touch this group at all
-            for a in range(len(names)):
-                for b in range(a + 1, len(names)):
+            names = list(flat)
+            stacked = torch.stack([flat[n] for n in names])
+            gram = (stacked @ stacked.T).double()
+            norms = gram.diag().clamp_min(0).sqrt()
+            live = [i for i in range(len(names)) if norms[i] > 0]  # terms that touch this group
+            for ai, a in enumerate(live):
+                for b in live[ai + 1 :]:
                     key = f"{names[a]}|{names[b]}@{gname}"
-                    c = cosine(flat[names[a]], flat[names[b]])
+                    c = float(gram[a, b] / (norms[a] * norms[b]))
                     pairs += 1
                     conflicts += c < 0
                     stats.cosines[key] = c
-                    stats.opposite[key] = opposite_fraction(flat[names[a]], flat[names[b]])
-            plain = torch.stack(list(flat.values())).sum(0)
-            combined = self._resolve(flat, gname, stats)
-            resolved[gname] = combined
-            sq_changed += float((combined - plain).pow(2).sum())
-            sq_sum += float(plain.pow(2).sum())
+                    if detailed:
+                        stats.opposite[key] = opposite_fraction(stacked[a], stacked[b])
+            weights = self._weights(names, gram, gname, stats)
+            delta = weights - 1
+            resolved[gname] = (weights.to(stacked.dtype) @ stacked)
+            sq_changed += float(delta @ gram @ delta)
+            sq_sum += float(gram.sum())
         stats.conflict_rate = conflicts / pairs if pairs else 0.0
-        stats.changed = (sq_changed / sq_sum) ** 0.5 if sq_sum > 0 else 0.0
+        stats.changed = (max(sq_changed, 0.0) / sq_sum) ** 0.5 if sq_sum > 0 else 0.0
         self._assign(resolved)
         return stats
 
@@ -141,23 +151,26 @@ class GradientCoordinator:
             offset += n
         return out
 
-    def _resolve(self, flat: dict[str, torch.Tensor], gname: str, stats: CoordinationStats) -> torch.Tensor:
-        strategy = self.config.strategy
-        if strategy == "pcgrad":
-            return torch.stack(pcgrad(list(flat.values()), self.rng)).sum(0)
-        if strategy == "scale":
-            primary = [flat[n] for n in flat if n in PRIMARY] or [next(iter(flat.values()))]
-            p = torch.stack(primary).sum(0)
-            total = torch.zeros_like(p)
-            for n, g in flat.items():
+    def _weights(self, names: list[str], gram: torch.Tensor, gname: str, stats: CoordinationStats) -> torch.Tensor:
+        """Per-term weights w so that the coordinated gradient of this group is w @ G_flat."""
+        k = len(names)
+        if self.config.strategy == "pcgrad":
+            return pcgrad_weights(gram, self.rng).sum(0)
+        weights = torch.ones(k, dtype=gram.dtype)
+        if self.config.strategy == "scale":
+            prim = torch.tensor([n in PRIMARY for n in names], dtype=gram.dtype)
+            if prim.sum() == 0:
+                prim[0] = 1
+            p_norm = float(prim @ gram @ prim) ** 0.5
+            for i, n in enumerate(names):
                 f = 1.0
-                if n not in PRIMARY and cosine(g, p) < -self.config.threshold:
+                norm_i = float(gram[i, i]) ** 0.5
+                if n not in PRIMARY and p_norm > 0 and norm_i > 0 and float(gram[i] @ prim) / (norm_i * p_norm) < -self.config.threshold:
                     f = self.config.factor
                     stats.damped[f"{n}@{gname}"] = f
                 self.factors[f"{n}@{gname}"] = f
-                total = total + f * g
-            return total
-        return torch.stack(list(flat.values())).sum(0)
+                weights[i] = f
+        return weights
 
     def _assign(self, resolved: dict[str, torch.Tensor]) -> None:
         for gname, params in self.groups.items():

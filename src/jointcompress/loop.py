@@ -155,10 +155,10 @@ class Trainer:
             g["base_lr"] = g["lr"]
         old = self.optimizer
         if cfg.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
+            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, foreach=True)
         else:
             cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-            self.optimizer = cls(groups, lr=cfg.lr)
+            self.optimizer = cls(groups, lr=cfg.lr, foreach=True)
         if old is not None:  # keep the moments of parameters that stay
             for p, s in old.state.items():
                 if any(p is q for g in groups for q in g["params"]):
@@ -239,8 +239,11 @@ class Trainer:
         params = [p for p in self.coordinator.params if p.grad is not None]
         if not params:
             return None
+        # one fused norm over every gradient: finite iff every entry is finite (fast path)
+        if bool(torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params]))):
+            return None
         finite = torch.stack([torch.isfinite(p.grad).all() for p in params])
-        if bool(finite.all()):
+        if bool(finite.all()):  # the norm overflowed, but every entry is finite
             return None
         p = params[int((~finite).nonzero()[0])]
         bad = p.grad[~torch.isfinite(p.grad)]

@@ -37,7 +37,7 @@ class PruneUnstructured(Selection):
     schedule: Literal["cubic", "linear", "constant"] = "cubic"
     start: Fraction = 0.0
     end: Fraction = 0.6
-    update_every: Annotated[int, Field(ge=1, le=100000)] = 10
+    update_every: Annotated[int, Field(ge=1, le=100000)] | None = None  # None: about 50 updates over the ramp
     temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 0.5
     regularization: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
     score_lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-2
@@ -62,7 +62,7 @@ class PruneStructured(Selection):
     schedule: Literal["cubic", "linear", "constant"] = "cubic"
     start: Fraction = 0.0
     end: Fraction = 0.6
-    update_every: Annotated[int, Field(ge=1, le=100000)] = 10
+    update_every: Annotated[int, Field(ge=1, le=100000)] | None = None  # None: about 50 updates over the ramp
     temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 0.5
     regularization: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
     score_lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-2

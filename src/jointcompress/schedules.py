@@ -31,3 +31,11 @@ def temperature(t0: float, p: float, t_end_ratio: float = 1e-3) -> float:
     if p >= 1.0:
         return 0.0
     return t0 * math.exp(p * math.log(t_end_ratio))
+
+
+def update_interval(configured: int | None, window: tuple[int, int], updates: int = 50) -> int:
+    """Steps between mask re-allocations: as configured, or ~`updates` over the ramp window
+    (re-ranking every step costs a global top-k over all weights for no gain)."""
+    if configured:
+        return configured
+    return max(1, (window[1] - window[0]) // updates)

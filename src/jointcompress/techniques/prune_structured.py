@@ -79,7 +79,7 @@ class PruneStructured(Technique):
 
     def _update(self, step: int, force: bool = False, modules=None) -> None:
         p = schedules.progress(step, *self.window)
-        due = force or p >= 1.0 or (step - self.window[0]) % self.config.update_every == 0
+        due = force or p >= 1.0 or (step - self.window[0]) % schedules.update_interval(self.config.update_every, self.window) == 0
         if not due or (self._final_done and p >= 1.0):
             return
         self.current_sparsity = schedules.ramp(self.config.sparsity, p, self.config.schedule)
