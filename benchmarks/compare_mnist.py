@@ -24,7 +24,7 @@ from jointcompress.compare import CompareSpec, plot_pareto, run_compare
 from jointcompress.data import load_mnist
 from jointcompress.recipe import parse_recipe
 
-MNIST = "/work/shared/datasets/mnist/mnist.npz"
+MNIST = "../shared/datasets/mnist/mnist.npz"  # relative to the repository root, as the datasets README says
 DEEP_COMPRESSION = {"lenet300": ("Deep Compression (Han et al. 2016)", 40.0, 1.58),
                     "lenet5": ("Deep Compression (Han et al. 2016)", 39.0, 0.74)}
 GOALS = {"lenet300": (60.0, 1.60), "lenet5": (50.0, 0.80)}

@@ -241,18 +241,18 @@ def stage_latency(args) -> None:
     tok = load_tokenizer(str(args.teacher))
     teacher = load_classifier(str(args.teacher)).eval()
     fns = {"teacher_fp32_torch": (torch_logits_fn(teacher), 30522),
-           "teacher_fp32_onnx": (OrtClassifier(out_root / "teacher.onnx", threads=2), 30522),
+           "teacher_fp32_onnx": (OrtClassifier(out_root / "teacher.onnx", threads=args.latency_threads), 30522),
            "teacher_int8_torch": (torch_logits_fn(quantize_torch_int8(teacher)), 30522)}
     del tok
     for name in args.variants:
         path = out_root / f"{name}.int8.onnx"
         if path.is_file():
             cfg = json.loads((out_root / f"{name}_hf" / "config.json").read_text())
-            fns[f"{name}_int8_onnx"] = (OrtClassifier(path, threads=2), cfg["vocab_size"])
+            fns[f"{name}_int8_onnx"] = (OrtClassifier(path, threads=args.latency_threads), cfg["vocab_size"])
             student = load_classifier(str(out_root / f"{name}_hf")).eval()
             fns[f"{name}_fp32_torch"] = (torch_logits_fn(student), cfg["vocab_size"])
             fns[f"{name}_int8_torch"] = (torch_logits_fn(quantize_torch_int8(student)), cfg["vocab_size"])
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.latency_threads)
     samples = {k: {1: [], 32: []} for k in fns}
     for _ in range(args.rounds):
         for bs, reps in ((1, 10), (32, 3)):
@@ -274,7 +274,8 @@ def stage_latency(args) -> None:
             res[name][f"speedup_b{bs}_vs_teacher_fp32_onnx"] = round(
                 res["teacher_fp32_onnx"][f"batch{bs}_ms"] / res[name][f"batch{bs}_ms"], 2)
     log(json.dumps(res, indent=1))
-    save_results("latency_interleaved", {"rounds": args.rounds, "threads": 2, "seq_len": 64, "results": res})
+    save_results(f"latency_interleaved_{args.latency_threads}thread",
+                 {"rounds": args.rounds, "threads": args.latency_threads, "seq_len": 64, "results": res})
 
 
 def main() -> None:
@@ -301,6 +302,8 @@ def main() -> None:
     p.add_argument("--no-save", dest="save", action="store_false", help="do not write results json")
     p.add_argument("--no-trim-vocab", dest="trim_vocab", action="store_false")
     p.add_argument("--rounds", type=int, default=7, help="latency stage: interleaved rounds")
+    p.add_argument("--latency-threads", type=int, default=2,
+                   help="latency stage: threads for torch and ONNX Runtime (1 avoids oversubscription stalls)")
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads for training (1 is faster when other jobs share the CPU)")
     args = p.parse_args()
