@@ -4,11 +4,13 @@ The public API is a handful of verbs:
 
     result = compress(model, recipe, train_data, evaluate, teacher=None)
     spec = finalize(result.model, result.example_inputs)   # permanent, physically smaller
+    progressive(teacher, student, recipe, train_data, evaluate)  # prune the teacher, then distil
     load_recipe("recipe.yaml")
 """
 from .api import Result, compress, train_baseline
 from .errors import ArtifactError, DataError, JointCompressError, RecipeError, TrainingError
 from .finalize import finalize
+from .progressive import progressive
 from .recipe import Recipe, load_recipe, parse_recipe
 
 __version__ = "0.1.0"
@@ -16,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "compress",
     "finalize",
+    "progressive",
     "load_recipe",
     "parse_recipe",
     "train_baseline",

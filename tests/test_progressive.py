@@ -1,0 +1,25 @@
+import copy
+
+import torch
+import torch.nn as nn
+
+from jointcompress.data import evaluator
+from jointcompress.progressive import progressive
+
+
+def test_prune_the_teacher_then_distil_into_a_smaller_student(digits, digits_teacher):
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    recipe = {"training": {"epochs": 8, "lr": 3e-3},
+              "techniques": [{"type": "prune_structured", "sparsity": 0.5, "criterion": "magnitude", "end": 0.5},
+                             {"type": "quant_lsq", "bits": 4, "start": 0.2}]}
+    teacher = copy.deepcopy(digits_teacher)
+    evaluate = evaluator(digits.x_test, digits.y_test)
+    first, second = progressive(teacher, student, recipe, (digits.x_train, digits.y_train), evaluate)
+    assert [t.kind for t in first.techniques] == ["prune_structured"]
+    assert {t.kind for t in second.techniques} == {"quant_lsq", "distill_kd"}
+    pruned = first.model
+    assert pruned.fc1.out_features == 150 and pruned.fc2.out_features == 50  # physically halved
+    assert len(first.history.epochs) == 4 and len(second.history.epochs) == 4  # the recipe's 8 epochs, split
+    assert second.metrics["accuracy"] > 0.85
+    assert torch.equal(teacher.fc1.weight, digits_teacher.fc1.weight)  # the user's teacher is untouched
