@@ -15,13 +15,15 @@ from torch.nn.utils import parametrize
 from .. import schedules
 from ..errors import RecipeError
 from ..graph import ChannelGroup, discover_groups
-from .base import RunContext, Technique
+from .base import RunContext
 from .masks import ApplyMask, ScoredMask, allocate
+from .pruning import PruningTechnique, key as _key
 
 _AFFINE = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
-class PruneStructured(Technique):
+class PruneStructured(PruningTechnique):
+    score_group = "channel_scores"
     kind = "prune_structured"
     order = 5
 
@@ -29,10 +31,7 @@ class PruneStructured(Technique):
         super().__init__(config)
         self.groups: list[ChannelGroup] = []
         self.skipped: list[tuple[str, str]] = []
-        self.masks = nn.ModuleDict()
         self.appliers: list[tuple[nn.Module, str, ApplyMask]] = []
-        self.current_sparsity = 0.0
-        self._final_done = False
 
     def setup(self, ctx: RunContext) -> None:
         self.groups, self.skipped = discover_groups(ctx.model, ctx.example_inputs, self.config.targets, self.config.exclude)
@@ -124,43 +123,18 @@ class PruneStructured(Technique):
             terms.append((norms * (1 - applier.last_mask.detach().flatten())).mean())
         return {"sparsity": lam * torch.stack(terms).mean()} if terms else {}
 
-    def freeze(self) -> None:
-        super().freeze()
-        for m in self.masks.values():
-            m.temperature.fill_(0.0)
-            if isinstance(m.scores, nn.Parameter):
-                m.scores.requires_grad_(False)
-
-    def achieved_sparsity(self) -> float:
-        total = sum(m.hard.numel() for m in self.masks.values())
-        return sum(float((m.hard == 0).sum()) for m in self.masks.values()) / max(1, total)
-
     def at_target(self) -> bool:
+        if not self.binary():
+            return False
         if self.config.layer_sparsity:
-            return all(float(m.temperature) == 0 for m in self.masks.values())
-        total = sum(m.hard.numel() for m in self.masks.values())
-        return all(float(m.temperature) == 0 for m in self.masks.values()) and abs(
-            self.achieved_sparsity() - self.config.sparsity
-        ) <= 0.5 * len(self.masks) / max(1, total) + 1e-3 + (1.0 / min(m.hard.numel() for m in self.masks.values()))
+            return True
+        # per-group rounding: each group is off by at most half a channel of its own
+        slack = 0.5 * len(self.masks) / max(1, self.total_entries())
+        return abs(self.achieved_sparsity() - self.config.sparsity) <= slack + 1e-3 + 1.0 / min(m.hard.numel() for m in self.masks.values())
 
     def pruned_channels(self) -> dict[str, list[int]]:
         """Root layer name -> channel indices whose mask is 0 (what finalize removes)."""
         return {g.name: torch.nonzero(self.masks[_key(g.name)].hard == 0).flatten().tolist() for g in self.groups}
 
-    def parameters(self) -> list[dict]:
-        if self.config.criterion != "learned" or self.frozen:
-            return []
-        return [{"params": [m.scores for m in self.masks.values()], "lr": self.config.score_lr, "weight_decay": 0.0, "name": "channel_scores"}]
-
     def metrics(self) -> dict[str, float]:
         return {"channel_sparsity": self.achieved_sparsity(), "channel_sparsity_target_now": self.current_sparsity}
-
-    def state_dict(self):
-        return {"masks": self.masks.state_dict()}
-
-    def load_state_dict(self, state):
-        self.masks.load_state_dict(state["masks"])
-
-
-def _key(name: str) -> str:
-    return name.replace(".", "__")

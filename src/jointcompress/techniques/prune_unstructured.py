@@ -13,20 +13,19 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .. import schedules
-from .base import RunContext, Technique, selected_layers
+from .base import RunContext, selected_layers
 from .masks import ApplyMask, ScoredMask, allocate
+from .pruning import PruningTechnique, key as _key
 
 
-class PruneUnstructured(Technique):
+class PruneUnstructured(PruningTechnique):
     kind = "prune_unstructured"
     order = 10
 
     def __init__(self, config):
         super().__init__(config)
         self.layers: dict[str, nn.Module] = {}
-        self.masks = nn.ModuleDict()  # key: layer name with '.' -> '__'
         self.appliers: dict[str, ApplyMask] = {}
-        self.current_sparsity = 0.0
 
     def setup(self, ctx: RunContext) -> None:
         self.layers = selected_layers(ctx.model, self.config)
@@ -78,8 +77,6 @@ class PruneUnstructured(Technique):
             m.set_keep(keep, temp)
         self._final_done = p >= 1.0
 
-    _final_done = False
-
     def layer_target(self, name: str) -> float:
         return (self.config.layer_sparsity or {}).get(name, self.config.sparsity)
 
@@ -96,43 +93,18 @@ class PruneUnstructured(Technique):
             terms.append((w.abs() * (1 - applier.last_mask.detach())).mean())
         return {"sparsity": lam * torch.stack(terms).mean()} if terms else {}
 
-    def freeze(self) -> None:
-        super().freeze()
-        for m in self.masks.values():
-            m.temperature.fill_(0.0)
-            if isinstance(m.scores, nn.Parameter):
-                m.scores.requires_grad_(False)
-
     def at_target(self) -> bool:
-        if any(float(m.temperature) != 0 for m in self.masks.values()):
+        if not self.binary():
             return False
         if self.config.layer_sparsity:
             return all(
                 abs(m.sparsity() - self.layer_target(n)) <= 1.0 / m.hard.numel() + 1e-6
                 for n, m in zip(self.layers, self.masks.values())
             )
-        return abs(self.achieved_sparsity() - self.config.sparsity) < 1e-3 + 1.0 / max(1, self.total_weights())
-
-    def total_weights(self) -> int:
-        return sum(m.hard.numel() for m in self.masks.values())
-
-    def achieved_sparsity(self) -> float:
-        zeros = sum(float((m.hard == 0).sum()) for m in self.masks.values())
-        return zeros / max(1, self.total_weights())
-
-    def parameters(self) -> list[dict]:
-        if self.config.criterion != "learned" or self.frozen:
-            return []
-        return [{"params": [m.scores for m in self.masks.values()], "lr": self.config.score_lr, "weight_decay": 0.0, "name": "mask_scores"}]
+        return abs(self.achieved_sparsity() - self.config.sparsity) < 1e-3 + 1.0 / max(1, self.total_entries())
 
     def metrics(self) -> dict[str, float]:
         return {"sparsity": self.achieved_sparsity(), "sparsity_target_now": self.current_sparsity}
-
-    def state_dict(self):
-        return {"masks": self.masks.state_dict()}
-
-    def load_state_dict(self, state):
-        self.masks.load_state_dict(state["masks"])
 
 
 @torch.no_grad()
@@ -145,7 +117,3 @@ def _weight_seen_by(layer: nn.Module, applier: ApplyMask) -> torch.Tensor:
             break
         w = p(w)
     return w.detach()
-
-
-def _key(name: str) -> str:
-    return name.replace(".", "__")
