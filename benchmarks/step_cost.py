@@ -31,9 +31,12 @@ from jointcompress.plan import make_plan
 from jointcompress.recipe import parse_recipe
 
 
+BATCH = [128]
+
+
 def recipe_for(strategy: str, regularized: bool = True, every: int = 1):
     return parse_recipe({
-        "training": {"epochs": 1, "batch_size": 128},
+        "training": {"epochs": 1, "batch_size": BATCH[0]},
         "coordination": {"strategy": strategy, "every": every if strategy != "none" else 1000000},
         "techniques": [
             {"type": "prune_unstructured", "sparsity": 0.9, "scope": "global", "regularization": 0.1 if regularized else 0.0},
@@ -45,7 +48,7 @@ def recipe_for(strategy: str, regularized: bool = True, every: int = 1):
 
 def joint_stepper(teacher, split, strategy, regularized=True, every=1):
     recipe = recipe_for(strategy, regularized, every)
-    loader = as_loader((split.x_train, split.y_train), 128, 0)
+    loader = as_loader((split.x_train, split.y_train), BATCH[0], 0)
     model = copy.deepcopy(teacher)
     techniques = [tech.build(c) for c in recipe.techniques]
     plan = make_plan(techniques, 10_000, recipe)
@@ -67,7 +70,7 @@ def joint_stepper(teacher, split, strategy, regularized=True, every=1):
 def plain_stepper(teacher, split):
     model = copy.deepcopy(teacher)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
-    loader = as_loader((split.x_train, split.y_train), 128, 0)
+    loader = as_loader((split.x_train, split.y_train), BATCH[0], 0)
     batches = list(loader)[:20]
     state = {"i": 0}
 
@@ -87,10 +90,12 @@ def main():
     ap.add_argument("--model", default="lenet300")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--steps", type=int, default=10, help="steps per timed sample")
+    ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (1: stable ratios on a shared machine)")
     ap.add_argument("--out", default="benchmarks/results/step_cost.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    BATCH[0] = args.batch
     torch.manual_seed(0)
     split = load_dataset(args.data)
     teacher = build_model(args.model, split.image_size, split.num_classes)
@@ -110,7 +115,7 @@ def main():
             times[k].append((time.perf_counter() - t0) / args.steps * 1e3)
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
-        "command": f"python benchmarks/step_cost.py --data {args.data} --model {args.model} --threads {args.threads}",
+        "command": f"python benchmarks/step_cost.py --data {args.data} --model {args.model} --threads {args.threads} --batch {args.batch}",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "median_ms_per_step": med,
         "ratio_to_plain": {k: med[k] / med["plain"] for k in med},
