@@ -148,6 +148,15 @@ def compress_cmd(
     recipe = load_recipe(recipe_path)
     if mode:
         recipe = parse_recipe({**recipe.model_dump(), "mode": mode}, source=f"--mode {mode}")
+    if recipe.hf is not None or (model or recipe.model or "").startswith("hf:"):  # Hugging Face text classification
+        from .hf.pipeline import cli_compress
+
+        if model:
+            recipe = recipe.model_copy(update={"model": model})
+        cli_compress(recipe, recipe_path, out=out, data=data, weights=weights, force=force, resume=resume,
+                     checkpoint_every=checkpoint_every, max_nonfinite=max_nonfinite, console=console,
+                     progress_bar=progress_bar, tracked=tracked)
+        return
     model_name = model or recipe.model
     if not model_name:
         raise JointCompressError(f"{recipe_path}: no model given; set `model:` in the recipe or pass --model")

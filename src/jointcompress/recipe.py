@@ -104,8 +104,46 @@ class DistillKD(Strict):
     cache_teacher: bool = False
 
 
+class _PruneUnits(Strict):
+    """Heads / FFN neurons of a Hugging Face transformer (jointcompress.hf): see prune_units.py."""
+
+    sparsity: Annotated[float, Field(ge=0.0, le=0.99)]  # fraction of the units removed
+    start: Fraction = 0.0
+    end: Fraction = 0.6
+    temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
+    score_lr: Annotated[float, Field(gt=0.0, le=10.0)] = 2e-2
+    per_layer: bool = False  # same fraction in every layer instead of one global top-k
+    min_keep: Fraction = 0.0  # at least this fraction (and always >= 1 unit) kept in every layer
+    init: Literal["magnitude", "constant"] = "magnitude"
+
+    @model_validator(mode="after")
+    def _window(self):
+        if self.end < self.start:
+            raise ValueError(f"end ({self.end}) must be >= start ({self.start})")
+        return self
+
+
+class PruneHeads(_PruneUnits):
+    type: Literal["prune_heads"]
+
+
+class PruneFFN(_PruneUnits):
+    type: Literal["prune_ffn"]
+
+
+class HF(Strict):
+    """Hugging Face text classification (`jointcompress compress` dispatches to jointcompress.hf)."""
+
+    model_name_or_path: str | None = None  # the teacher: a fine-tuned folder (CLI --weights overrides)
+    student_layers: list[Annotated[int, Field(ge=0)]] | None = None  # teacher layers the student keeps
+    max_length: Annotated[int, Field(ge=8, le=4096)] = 64
+    train_limit: Annotated[int, Field(ge=1)] | None = None  # random subset of train rows (None: all)
+    eval_limit: Annotated[int, Field(ge=1)] | None = None  # first rows of dev (None: all)
+    labels: list[str] = Field(default_factory=lambda: ["NEGATIVE", "POSITIVE"], min_length=2)
+
+
 Technique = Annotated[
-    Union[PruneUnstructured, PruneStructured, QuantLSQ, DistillKD], Field(discriminator="type")
+    Union[PruneUnstructured, PruneStructured, QuantLSQ, DistillKD, PruneHeads, PruneFFN], Field(discriminator="type")
 ]
 
 
@@ -175,12 +213,13 @@ class Recipe(Strict):
     coordination: Coordination = Field(default_factory=Coordination)
     sequential: Sequential = Field(default_factory=Sequential)
     target: Target | None = None
+    hf: HF | None = None  # Hugging Face text classification; see docs/transformers.md
 
     @model_validator(mode="after")
     def _combinations(self):
         kinds = [t.type for t in self.techniques]
         for k in set(kinds):
-            if kinds.count(k) > 1 and k in ("quant_lsq", "distill_kd"):
+            if kinds.count(k) > 1 and k in ("quant_lsq", "distill_kd", "prune_heads", "prune_ffn"):
                 raise ValueError(f"technique '{k}' appears {kinds.count(k)} times; use it once")
         return self
 
@@ -198,7 +237,7 @@ def _format(err: ValidationError, source: str) -> str:
             lines.append(f"  - {loc}: unknown key; remove it or check its spelling")
         elif e["type"] == "union_tag_invalid" or e["type"] == "union_tag_not_found":
             lines.append(
-                f"  - {loc}: {msg}. Allowed types: prune_unstructured, prune_structured, quant_lsq, distill_kd"
+                f"  - {loc}: {msg}. Allowed types: prune_unstructured, prune_structured, quant_lsq, distill_kd, prune_heads, prune_ffn"
             )
         else:
             lines.append(f"  - {loc}: {msg} (got {got!r})" if "input" in e else f"  - {loc}: {msg}")

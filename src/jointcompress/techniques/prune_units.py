@@ -67,7 +67,8 @@ class _PruneUnits(Technique):
         super().__init__(config)
         self.mask: nn.Module | None = None
         self.handles: list = []
-        self.keep = 0
+        self.keep = 0  # kept per layer (per_layer) or in all (global)
+        self.keep_total = 0
         self.total = 0
         self.current_temperature = float(config.temperature)
 

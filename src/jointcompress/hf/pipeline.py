@@ -1,0 +1,190 @@
+"""From an HF recipe to an exported, measured classifier, through the core joint loop.
+
+`run_hf_recipe` is what `jointcompress compress RECIPE` runs when the recipe has an `hf:`
+section (or `model: hf:NAME_OR_FOLDER`): load the fine-tuned teacher, build the student
+(a subset of the teacher's layers, DistilBERT-style), tokenize the SST-2 style TSVs, run
+`api.compress` (prune_heads / prune_ffn / quant_lsq / distill_kd jointly, one loop),
+finalize (bake LSQ values, remove heads and neurons physically), export a standard HF
+folder to OUT/hf_model, check `pipeline("text-classification")` loads it, and write
+OUT/summary.json and OUT/history.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from jointcompress.errors import ArtifactError, DataError, RecipeError
+from jointcompress.hf.data import TextDataset, read_tsv, tokenize
+from jointcompress.hf.export import export_folder, folder_bytes, load_pipeline
+from jointcompress.hf.finalize import finalize_hf
+from jointcompress.hf.heads import head_counts
+from jointcompress.hf.ffn import ffn_widths
+from jointcompress.hf.load import MINILM_NAME, load_classifier, load_tokenizer
+from jointcompress.hf.pruned import n_layers
+from jointcompress.hf.student import make_student
+from jointcompress.hf.wrapper import SequenceClassifier, accuracy, pack, tensor_loader
+
+EXAMPLE = "a gorgeous, witty, seductive movie."
+
+
+def teacher_source(recipe, weights: str | Path | None) -> str:
+    """--weights, else hf.model_name_or_path, else `model: hf:NAME`; a clear error if none."""
+    src = weights or (recipe.hf.model_name_or_path if recipe.hf is not None else None)
+    if src is None and (recipe.model or "").startswith("hf:"):
+        src = recipe.model[3:]
+    if not src:
+        raise RecipeError(
+            "HF recipe: no teacher; pass --weights FOLDER (a fine-tuned sequence classifier, e.g. the one "
+            "`benchmarks/hf_sst2.py teacher` saves to runs/hf_teacher) or set hf.model_name_or_path"
+        )
+    src = str(src)
+    if src != MINILM_NAME and not Path(src).is_dir():
+        raise ArtifactError(f"teacher {src!r} is not a folder; give a folder with config.json, weights and tokenizer files")
+    return src
+
+
+def _split_files(data_dir: str | Path | None) -> tuple[Path, Path]:
+    if not data_dir:
+        raise DataError("HF recipe: no data; pass --data DIR holding SST-2 style train.tsv and dev.tsv (or set `data:`)")
+    d = Path(data_dir)
+    train, dev = d / "train.tsv", d / "dev.tsv"
+    for f in (train, dev):
+        if not f.is_file():
+            raise DataError(f"{f} does not exist; --data must be a folder with train.tsv and dev.tsv (header 'sentence<TAB>label')")
+    return train, dev
+
+
+def run_hf_recipe(
+    recipe,
+    out: Path,
+    data_dir: str | Path | None,
+    weights: str | Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    callbacks: list | None = None,
+    log: Callable[[str], None] = lambda msg: None,
+    **compress_kwargs,
+) -> dict:
+    """Compress an HF text classifier with `recipe`; writes OUT/hf_model and OUT/summary.json.
+
+    compress_kwargs go to api.compress (resume, checkpoint_every, max_nonfinite, ...); the
+    run directory is `out` (checkpoints in OUT/checkpoints).
+    """
+    from jointcompress.api import compress
+    from jointcompress.io import atomic_write_json
+    from jointcompress.recipe import HF, parse_recipe
+
+    recipe = parse_recipe(recipe)
+    hf_cfg = recipe.hf if recipe.hf is not None else HF()
+    t0 = time.perf_counter()
+    src = teacher_source(recipe, weights)
+    warnings = []
+    if src == MINILM_NAME:
+        warnings.append(
+            "teacher is the bundled MiniLM base with an untrained classification head: distillation then copies a "
+            "random classifier. Fine-tune it first (benchmarks/hf_sst2.py teacher) and pass --weights runs/hf_teacher"
+        )
+        log(warnings[-1])
+    train_file, dev_file = _split_files(data_dir or recipe.data)
+    torch.manual_seed(recipe.training.seed)
+    labels = dict(enumerate(hf_cfg.labels))
+    tok = load_tokenizer(src)
+    teacher = load_classifier(src, num_labels=len(labels), id2label=labels).eval()
+    if hf_cfg.student_layers:
+        n = n_layers(teacher.config)
+        bad = [i for i in hf_cfg.student_layers if i >= n]
+        if bad:
+            raise RecipeError(f"hf.student_layers {hf_cfg.student_layers}: the teacher has {n} layers (indices 0..{n - 1})")
+        student = make_student(teacher, hf_cfg.student_layers)
+    else:
+        student = copy.deepcopy(teacher)
+    train_data = read_tsv(train_file).subset(hf_cfg.train_limit, seed=recipe.training.seed)
+    dev_data = read_tsv(dev_file)
+    if hf_cfg.eval_limit is not None:
+        dev_data = TextDataset(dev_data.sentences[: hf_cfg.eval_limit], dev_data.labels[: hf_cfg.eval_limit])
+    for name, d in (("train", train_data), ("dev", dev_data)):
+        bad = sorted({y for y in d.labels if not 0 <= y < len(labels)})
+        if bad:
+            raise DataError(f"{name}.tsv has labels {bad[:5]}; hf.labels has {len(labels)} classes (0..{len(labels) - 1})")
+    train_t = tokenize(tok, train_data, hf_cfg.max_length)
+    dev_t = tokenize(tok, dev_data, hf_cfg.max_length)
+    x_dev, y_dev = pack(dev_t["input_ids"], dev_t["attention_mask"]), dev_t["labels"]
+    teacher_w = SequenceClassifier(teacher).eval()
+    student_w = SequenceClassifier(student)
+    teacher_acc = accuracy(teacher_w, x_dev, y_dev)
+    log(f"teacher dev accuracy {teacher_acc:.4f} on {len(y_dev)} rows; training on {len(train_data)} rows")
+    loader = tensor_loader(train_t, recipe.training.batch_size, shuffle=True, seed=recipe.training.seed)
+    result = compress(
+        student_w, recipe, loader, lambda m: {"accuracy": accuracy(m, x_dev, y_dev)}, teacher=teacher_w,
+        progress=progress, callbacks=callbacks, run_dir=out, **compress_kwargs,
+    )
+    masked_acc = result.metrics.get("accuracy")
+    hf = finalize_hf(student_w, result.techniques).eval()
+    final_acc = accuracy(SequenceClassifier(hf), x_dev, y_dev)
+    folder = export_folder(hf, tok, Path(out) / "hf_model")
+    pipe = load_pipeline(folder)
+    example = pipe(EXAMPLE)[0]
+    teacher_bytes = folder_bytes(src) if Path(src).is_dir() else None
+    student_bytes = folder_bytes(folder)
+    summary = {
+        "recipe": recipe.name,
+        "teacher": {"source": src, "dev_accuracy": teacher_acc, "folder_bytes": teacher_bytes,
+                    "layers": len(head_counts(teacher)), "heads": sum(head_counts(teacher)),
+                    "ffn_neurons": sum(ffn_widths(teacher))},
+        "student": {"dev_accuracy": final_acc, "dev_accuracy_masked": masked_acc, "folder_bytes": student_bytes,
+                    "layers": len(head_counts(hf)), "heads_per_layer": head_counts(hf),
+                    "intermediate_per_layer": ffn_widths(hf),
+                    "model_type": json.loads((folder / "config.json").read_text())["model_type"]},
+        "accuracy_ratio_vs_teacher": final_acc / teacher_acc if teacher_acc else None,
+        "size_ratio_vs_teacher": (teacher_bytes / student_bytes) if teacher_bytes and student_bytes else None,
+        "train_rows": len(train_data), "dev_rows": len(dev_data),
+        "techniques": {k: v for k, v in result.summary().items() if "." in k},
+        "pipeline_example": {"text": EXAMPLE, **example},
+        "notes": [
+            "folder_bytes: fp32 safetensors. LSQ fake-quant values are baked into fp32 weights; "
+            "for int8 deployment export ONNX and quantize with jointcompress.hf.int8 (ONNX Runtime picks its own scales)",
+        ] + warnings,
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    atomic_write_json(Path(out) / "history.json", result.history.as_dict())
+    atomic_write_json(Path(out) / "summary.json", summary)
+    return summary
+
+
+def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: bool, resume: bool,
+                 checkpoint_every: int, max_nonfinite: int, console, progress_bar, tracked) -> None:
+    """The `jointcompress compress` path for HF recipes (single process)."""
+    import shutil
+
+    from rich.table import Table
+
+    from jointcompress.io import atomic_write_text, check_output_dir, prepare_output_dir
+
+    if not resume:
+        check_output_dir(out, force=force)
+    out = prepare_output_dir(out, force=True) if resume else prepare_output_dir(out, force=force)
+    if force and not resume:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        shutil.rmtree(out / "hf_model", ignore_errors=True)
+    with progress_bar() as bar:
+        summary = run_hf_recipe(
+            recipe, out, data, weights, progress=tracked(bar, recipe.mode), log=console.print,
+            resume=resume, checkpoint_every=checkpoint_every, max_nonfinite=max_nonfinite, distributed=False,
+        )
+    t, s = summary["teacher"], summary["student"]
+    table = Table(title=f"{recipe.name} (HF, {summary['train_rows']} train rows, {summary['dev_rows']} dev rows)")
+    for col in ("", "dev accuracy", "layers", "heads", "FFN neurons", "fp32 bytes"):
+        table.add_column(col, justify="left" if col == "" else "right")
+    fmt = lambda b: "-" if b is None else f"{b:,}"  # noqa: E731
+    table.add_row("teacher", f"{100 * t['dev_accuracy']:.2f}%", str(t["layers"]), str(t["heads"]), str(t["ffn_neurons"]), fmt(t["folder_bytes"]))
+    table.add_row(recipe.mode, f"{100 * s['dev_accuracy']:.2f}%", str(s["layers"]), str(sum(s["heads_per_layer"])),
+                  str(sum(s["intermediate_per_layer"])), fmt(s["folder_bytes"]))
+    console.print(table)
+    atomic_write_text(out / "recipe.yaml", Path(recipe_path).read_text(encoding="utf-8"))
+    console.print(f"HF model folder in {out / 'hf_model'} (loads with pipeline('text-classification', model=...) "
+                  "after `import jointcompress.hf`, or with trust_remote_code=True)")

@@ -1,0 +1,127 @@
+"""A one-tensor front for HF sequence classifiers, so the core loop can drive them.
+
+The core loop (loop.py) calls `model(x)` on one input tensor and feeds the result to
+F.cross_entropy; distill_kd calls `teacher(x)` the same way. An HF classifier takes
+keyword tensors and returns a ModelOutput. SequenceClassifier bridges the two: x is
+input_ids and attention_mask stacked along dim 1 ([N, 2, L], int64, see `pack`), the
+output is the logits tensor. `.hf` is the wrapped model (what gets pruned and exported).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from jointcompress.errors import DataError
+
+
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, L] ids and mask -> one int64 tensor [N, 2, L] (mask of ones when not given)."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+        raise DataError(
+            f"pack: input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+            "must both be [batch, length]"
+        )
+    return torch.stack([input_ids.long(), attention_mask.long()], dim=1)
+
+
+def unpack(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of pack: (input_ids, attention_mask)."""
+    if x.dim() != 3 or x.shape[1] != 2:
+        raise DataError(
+            f"SequenceClassifier: inputs have shape {tuple(x.shape)}; expected [batch, 2, length] "
+            "(input_ids and attention_mask stacked with jointcompress.hf.wrapper.pack)"
+        )
+    return x[:, 0].long(), x[:, 1].long()
+
+
+class SequenceClassifier(nn.Module):
+    """forward(x [N, 2, L]) -> logits [N, num_labels] of the wrapped HF classifier.
+
+    trim=True cuts each batch to its longest row (exact for BERT-style encoders, whose padded
+    positions are masked out; several times cheaper on short-sentence data).
+    """
+
+    def __init__(self, hf: nn.Module, trim: bool = True):
+        super().__init__()
+        self.hf = hf
+        self.trim = trim
+
+    @property
+    def config(self):
+        return self.hf.config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, mask = unpack(x)
+        if self.trim and mask.numel():
+            length = max(1, int(mask.sum(1).max()))
+            ids, mask = ids[:, :length], mask[:, :length]
+        return self.hf(input_ids=ids, attention_mask=mask).logits
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The HF model inside a SequenceClassifier (or the model itself)."""
+    return model.hf if isinstance(model, SequenceClassifier) else model
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Shuffled batches of similar length: rows are shuffled, sorted by length inside windows
+    of `bucket` batches, cut into batches, and the batch order shuffled again (as
+    hf.data.batches does). With SequenceClassifier's trimming, a batch costs its longest row,
+    so this makes CPU training several times cheaper on short-sentence data. The shuffle
+    draws from `generator` only, so the DataLoader's generator state replays an epoch exactly
+    (the loop's mid-epoch resume relies on that)."""
+
+    def __init__(self, lengths: torch.Tensor, batch_size: int, bucket: int, generator: torch.Generator):
+        self.lengths, self.batch_size, self.bucket, self.generator = lengths, batch_size, bucket, generator
+
+    def __len__(self) -> int:
+        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        n, bs = len(self.lengths), self.batch_size
+        order = torch.randperm(n, generator=self.generator)
+        window = self.bucket * bs
+        chunks = []
+        for s in range(0, n, window):
+            w = order[s:s + window]
+            chunks.append(w[torch.argsort(self.lengths[w], stable=True)])
+        order = torch.cat(chunks)
+        batches = [order[s:s + bs].tolist() for s in range(0, n, bs)]
+        for i in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[i]
+
+
+def tensor_loader(tensors: dict[str, torch.Tensor], batch_size: int, shuffle: bool = True, seed: int = 0,
+                  bucket: int = 50):
+    """A DataLoader of (pack(ids, mask), labels, index) from tokenize()'s dict.
+
+    Bypasses data.check_tensors (which wants float inputs): token ids are integers. With
+    shuffle and bucket > 0, batches hold rows of similar length (BucketBatchSampler).
+    """
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = pack(tensors["input_ids"], tensors["attention_mask"])
+    y = tensors["labels"].long()
+    g = torch.Generator().manual_seed(seed)
+    ds = TensorDataset(x, y, torch.arange(len(y)))
+    if shuffle and bucket > 0:
+        sampler = BucketBatchSampler(x[:, 1].sum(1), batch_size, bucket, g)
+        return DataLoader(ds, batch_sampler=sampler, generator=g)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 128) -> float:
+    """Top-1 accuracy of a SequenceClassifier on packed inputs (eval mode, restored after)."""
+    was = model.training
+    model.eval()
+    order = torch.argsort(x[:, 1].sum(1), stable=True)  # similar lengths per batch: less padding
+    correct = 0
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        correct += int((model(x[idx]).argmax(-1) == y[idx]).sum())
+    model.train(was)
+    return correct / max(1, len(y))

@@ -1,0 +1,260 @@
+"""HF in the core joint loop: heads + FFN pruning, LSQ and distillation in one api.compress run."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+from hf_helpers import tiny_bert, tiny_tokenizer  # noqa: E402
+
+import jointcompress.hf  # noqa: E402,F401
+from jointcompress import api  # noqa: E402
+from jointcompress.errors import RecipeError  # noqa: E402
+from jointcompress.hf.export import export_folder, load_pipeline  # noqa: E402
+from jointcompress.hf.ffn import ffn_widths  # noqa: E402
+from jointcompress.hf.finalize import finalize_hf  # noqa: E402
+from jointcompress.hf.heads import head_counts  # noqa: E402
+from jointcompress.hf.wrapper import SequenceClassifier, accuracy, pack, tensor_loader  # noqa: E402
+from jointcompress.recipe import parse_recipe  # noqa: E402
+from jointcompress.techniques.quant_lsq import LSQWeight  # noqa: E402
+
+LAYERS, HEADS, FFN = 2, 4, 64
+
+
+def synthetic(n: int = 48, length: int = 12, seed: int = 0):
+    """Token rows with ragged padding; label = whether token 5 ('good') outnumbers token 6 ('bad')."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 21, (n, length), generator=g)
+    ids[:, 0] = 2
+    mask = torch.ones_like(ids)
+    for i in range(n):
+        cut = int(torch.randint(4, length + 1, (1,), generator=g))
+        mask[i, cut:] = 0
+        ids[i, cut:] = 0
+    labels = (((ids == 5) & mask.bool()).sum(1) >= ((ids == 6) & mask.bool()).sum(1)).long()
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def recipe(epochs: int = 3, **over):
+    r = {
+        "name": "hf-tiny",
+        "training": {"epochs": epochs, "batch_size": 16, "lr": 1e-3, "seed": 0},
+        "techniques": [
+            {"type": "prune_heads", "sparsity": 0.5, "end": 0.6},
+            {"type": "prune_ffn", "sparsity": 0.5, "end": 0.6},
+            {"type": "quant_lsq", "bits": 4, "targets": ["*encoder.layer.*"]},
+            {"type": "distill_kd", "temperature": 2.0, "alpha": 0.5},
+        ],
+    }
+    r.update(over)
+    return r
+
+
+def run(rec=None, seed=0):
+    data = synthetic()
+    x, y = pack(data["input_ids"], data["attention_mask"]), data["labels"]
+    teacher = SequenceClassifier(tiny_bert(layers=LAYERS, heads=HEADS, ffn=FFN, seed=1))
+    student = SequenceClassifier(tiny_bert(layers=LAYERS, heads=HEADS, ffn=FFN, seed=seed))
+    result = api.compress(
+        student, rec or recipe(), tensor_loader(data, 16, seed=0), lambda m: {"accuracy": accuracy(m, x, y)},
+        teacher=teacher,
+    )
+    return result, x, y
+
+
+@pytest.fixture(scope="module")
+def joint():
+    return run()
+
+
+def test_joint_run_reaches_exact_head_and_neuron_targets(joint):
+    result, _, _ = joint
+    heads = next(t for t in result.techniques if t.kind == "prune_heads")
+    ffn = next(t for t in result.techniques if t.kind == "prune_ffn")
+    assert sum(len(k) for k in heads.kept()) == LAYERS * HEADS // 2
+    assert sum(len(k) for k in ffn.kept()) == LAYERS * FFN // 2
+    for t in (heads, ffn):
+        m = t.current_mask()
+        assert set(m.unique().tolist()) <= {0.0, 1.0}  # exactly binary at the end
+        assert int(m.sum()) == t.keep_total
+        assert t.at_target()
+    assert result.history.best_epoch is not None  # a kept state with every technique at target
+    s = result.summary()
+    assert s["prune_heads.heads_kept"] == LAYERS * HEADS // 2
+    assert s["prune_ffn.neurons_sparsity"] == pytest.approx(0.5)
+
+
+def test_lsq_weights_on_grid_before_finalize(joint):
+    result, _, _ = joint
+    hf = result.model.hf
+    n = 0
+    for name, mod in hf.named_modules():
+        if isinstance(mod, torch.nn.Linear) and hasattr(mod, "parametrizations"):
+            assert any(isinstance(p, LSQWeight) for p in mod.parametrizations.weight)
+            w = mod.weight.detach()
+            assert max(len(row.unique()) for row in w) <= 2 ** 4, name
+            n += 1
+    assert n == LAYERS * 6  # q, k, v, o, ffn in, ffn out per layer; classifier/pooler stay float
+
+
+def test_finalize_shrinks_and_matches_masked_logits_and_exports(joint, tmp_path):
+    result, x, y = joint
+    model = result.model.eval()
+    with torch.no_grad():
+        masked = model(x)
+    heads_kept = next(t for t in result.techniques if t.kind == "prune_heads").kept()
+    hf = finalize_hf(model, result.techniques)
+    assert not any(m._forward_pre_hooks for m in hf.modules())
+    assert not any(hasattr(m, "parametrizations") for m in hf.modules())
+    assert head_counts(hf) == [len(k) for k in heads_kept]
+    assert sum(head_counts(hf)) == LAYERS * HEADS // 2 and sum(ffn_widths(hf)) == LAYERS * FFN // 2
+    q = hf.bert.encoder.layer[0].attention.self.query
+    assert q.weight.shape[0] == head_counts(hf)[0] * (32 // HEADS)
+    with torch.no_grad():
+        final = SequenceClassifier(hf).eval()(x)
+    assert torch.allclose(final, masked, atol=1e-4), (final - masked).abs().max()
+    tok = tiny_tokenizer(tmp_path)
+    folder = export_folder(hf, tok, tmp_path / "hf_model")
+    pipe = load_pipeline(folder)
+    out = pipe("good movie")[0]
+    assert out["label"] in ("NEGATIVE", "POSITIVE")
+
+
+def test_per_layer_and_sequential_mode():
+    rec = recipe(epochs=2, mode="sequential")
+    rec["techniques"][0].update(per_layer=True, sparsity=0.25)
+    rec["techniques"][1].update(per_layer=True, min_keep=0.5, sparsity=0.75)
+    result, _, _ = run(rec)
+    heads = next(t for t in result.techniques if t.kind == "prune_heads")
+    ffn = next(t for t in result.techniques if t.kind == "prune_ffn")
+    assert [len(k) for k in heads.kept()] == [3, 3]
+    assert [len(k) for k in ffn.kept()] == [32, 32]  # min_keep 0.5 wins over sparsity 0.75
+    assert heads.frozen and ffn.frozen
+
+
+def test_recipe_validation_of_unit_pruning():
+    from jointcompress.recipe import builtin_recipe, load_recipe
+
+    builtin = load_recipe(builtin_recipe("hf_sst2"))
+    assert builtin.hf is not None and {t.type for t in builtin.techniques} == {"prune_heads", "prune_ffn", "quant_lsq", "distill_kd"}
+    r = parse_recipe({"techniques": [{"type": "prune_heads", "sparsity": 0.5}], "hf": {"student_layers": [0, 2]}})
+    assert r.techniques[0].type == "prune_heads" and r.hf.student_layers == [0, 2]
+    with pytest.raises(RecipeError, match="sparsity"):
+        parse_recipe({"techniques": [{"type": "prune_ffn", "sparsity": 1.5}]})
+    with pytest.raises(RecipeError, match="end"):
+        parse_recipe({"techniques": [{"type": "prune_ffn", "sparsity": 0.5, "start": 0.5, "end": 0.2}]})
+    with pytest.raises(RecipeError, match="need a Hugging Face"):
+        api.compress(torch.nn.Linear(4, 2), {"techniques": [{"type": "prune_heads", "sparsity": 0.5}], "training": {"epochs": 1}},
+                     (torch.randn(8, 4), torch.randint(0, 2, (8,))), lambda m: 0.0)
+
+
+def _tsv(path, rows):
+    path.write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows))
+
+
+def test_cli_compress_runs_an_hf_recipe(tmp_path):
+    import json
+    import random
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from jointcompress.cli import app
+
+    from hf_helpers import WORDS
+
+    teacher_dir = tmp_path / "teacher"
+    tiny_bert(layers=4, heads=HEADS, ffn=FFN, seed=2).save_pretrained(teacher_dir)
+    tiny_tokenizer(tmp_path).save_pretrained(teacher_dir)
+    rnd = random.Random(0)
+    rows = []
+    for _ in range(40):
+        words = [rnd.choice(WORDS) for _ in range(rnd.randint(2, 8))]
+        rows.append((" ".join(words), int(words.count("good") >= words.count("bad"))))
+    data = tmp_path / "sst2"
+    data.mkdir()
+    _tsv(data / "train.tsv", rows[:32])
+    _tsv(data / "dev.tsv", rows[32:])
+    rec = recipe(epochs=2)
+    rec["hf"] = {"student_layers": [0, 3], "max_length": 16, "train_limit": 24}
+    rec["techniques"][2]["targets"] = ["*encoder.layer.*"]
+    rec["techniques"][3]["cache_teacher"] = True
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(rec))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["compress", str(path), "--data", str(data), "--weights", str(teacher_dir), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_rows"] == 24 and summary["dev_rows"] == 8
+    assert summary["student"]["layers"] == 2
+    assert sum(summary["student"]["heads_per_layer"]) == 4 and sum(summary["student"]["intermediate_per_layer"]) == 64
+    assert summary["student"]["dev_accuracy"] == pytest.approx(summary["student"]["dev_accuracy_masked"])
+    assert summary["pipeline_example"]["label"] in ("NEGATIVE", "POSITIVE")
+    assert summary["student"]["model_type"] == "jointcompress_bert"
+    assert (out / "hf_model" / "config.json").is_file() and (out / "history.json").is_file()
+    # an existing output directory is refused without --force; --resume continues from its checkpoints
+    res = CliRunner().invoke(app, ["compress", str(path), "--data", str(data), "--weights", str(teacher_dir), "--out", str(out)])
+    assert res.exit_code != 0
+    res = CliRunner().invoke(app, ["compress", str(path), "--data", str(data), "--weights", str(teacher_dir), "--out", str(out), "--resume"])
+    assert res.exit_code == 0, res.output
+
+
+def test_cli_hf_recipe_without_teacher_says_what_to_pass(tmp_path):
+    from typer.testing import CliRunner
+
+    from jointcompress.cli import app
+    from jointcompress.recipe import builtin_recipe
+
+    res = CliRunner().invoke(app, ["compress", str(builtin_recipe("hf_sst2")), "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0
+    assert "--weights" in str(res.exception) + res.output
+
+
+def test_bucketed_loader_covers_every_row_once_with_similar_lengths_and_replays():
+    data = synthetic(n=200, length=40, seed=3)
+    loader = tensor_loader(data, 10, seed=0, bucket=5)
+    state = loader.generator.get_state()
+    seen, spreads = [], []
+    for x, y, idx in loader:
+        seen += idx.tolist()
+        lengths = x[:, 1].sum(1)
+        spreads.append(int(lengths.max() - lengths.min()))
+    assert sorted(seen) == list(range(200)) and len(loader) == 20
+    assert sum(spreads) / len(spreads) < 10  # random batches of 10 from lengths 4..40 spread ~25
+    loader.generator.set_state(state)
+    assert [i.tolist() for _, _, i in loader][0] == seen[:10]  # the generator state replays the epoch
+
+
+def test_interrupted_hf_run_resumes_mid_epoch_to_the_same_weights(tmp_path):
+    class Stop(Exception):
+        pass
+
+    class Interrupt:
+        def on_step(self, trainer, step, out):
+            if step == 4:  # mid epoch 2 (3 batches an epoch); the newest checkpoint is at step 4
+                raise Stop
+
+    def go(run_dir=None, resume=False, callbacks=None):
+        data = synthetic()
+        x, y = pack(data["input_ids"], data["attention_mask"]), data["labels"]
+        teacher = SequenceClassifier(tiny_bert(layers=LAYERS, heads=HEADS, ffn=FFN, seed=1))
+        student = SequenceClassifier(tiny_bert(layers=LAYERS, heads=HEADS, ffn=FFN, seed=0))
+        res = api.compress(student, recipe(epochs=2), tensor_loader(data, 16, seed=0, bucket=2),
+                           lambda m: {"accuracy": accuracy(m, x, y)}, teacher=teacher, callbacks=callbacks,
+                           run_dir=run_dir, resume=resume, checkpoint_every=2)
+        return res
+
+    full = go()
+    with pytest.raises(Stop):
+        go(tmp_path / "run", callbacks=[Interrupt()])
+    resumed = go(tmp_path / "run", resume=True)
+    assert any(e["event"] == "resumed" and e["step"] == 4 for e in resumed.history.events)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    for t, u in zip(full.techniques, resumed.techniques):
+        if t.kind.startswith("prune"):
+            assert t.kept() == u.kept()
