@@ -29,10 +29,9 @@ class Selection(Strict):
     exclude: list[str] = Field(default_factory=list)
 
 
-class PruneUnstructured(Selection):
-    type: Literal["prune_unstructured"]
-    sparsity: Annotated[float, Field(ge=0.0, le=0.999)]
-    criterion: Literal["magnitude", "learned"] = "magnitude"
+class MaskSchedule(Selection):
+    """What every mask-based pruning technique shares: scope, ramp window, sharpening, scores."""
+
     scope: Literal["global", "layer"] = "layer"
     schedule: Literal["cubic", "linear", "constant"] = "cubic"
     start: Fraction = 0.0
@@ -41,40 +40,32 @@ class PruneUnstructured(Selection):
     temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 0.5
     regularization: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
     score_lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-2
-    min_keep: Fraction = 0.01
-    # per-layer targets (layer name -> sparsity), e.g. from a size-target allocator; needs scope: layer
-    layer_sparsity: dict[str, Annotated[float, Field(ge=0.0, le=0.999)]] | None = None
 
     @model_validator(mode="after")
     def _window(self):
         if self.end < self.start:
             raise ValueError(f"end ({self.end}) must be >= start ({self.start})")
-        if self.layer_sparsity and self.scope != "layer":
+        if getattr(self, "layer_sparsity", None) and self.scope != "layer":
             raise ValueError("layer_sparsity needs scope: layer (a global budget has no per-layer targets)")
         return self
 
 
-class PruneStructured(Selection):
+class PruneUnstructured(MaskSchedule):
+    type: Literal["prune_unstructured"]
+    sparsity: Annotated[float, Field(ge=0.0, le=0.999)]
+    criterion: Literal["magnitude", "learned"] = "magnitude"
+    min_keep: Fraction = 0.01
+    # per-layer targets (layer name -> sparsity), e.g. from a size-target allocator; needs scope: layer
+    layer_sparsity: dict[str, Annotated[float, Field(ge=0.0, le=0.999)]] | None = None
+
+
+class PruneStructured(MaskSchedule):
     type: Literal["prune_structured"]
     sparsity: Annotated[float, Field(ge=0.0, le=0.99)]
     criterion: Literal["magnitude", "learned"] = "learned"
-    scope: Literal["global", "layer"] = "layer"
-    schedule: Literal["cubic", "linear", "constant"] = "cubic"
-    start: Fraction = 0.0
-    end: Fraction = 0.6
-    update_every: Annotated[int, Field(ge=1, le=100000)] | None = None  # None: about 50 updates over the ramp
-    temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 0.5
-    regularization: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
-    score_lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-2
     min_keep: Fraction = 0.05
     # per-group targets (root layer name -> channel sparsity), e.g. from a latency allocator
     layer_sparsity: dict[str, Annotated[float, Field(ge=0.0, le=0.99)]] | None = None
-
-    @model_validator(mode="after")
-    def _window(self):
-        if self.end < self.start:
-            raise ValueError(f"end ({self.end}) must be >= start ({self.start})")
-        return self
 
 
 class QuantLSQ(Selection):
