@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from jointcompress.errors import RecipeError
-from jointcompress.hf.masks import UnitMask, normalise_importance
+from jointcompress.hf.masks import UnitMask, gate_importance, normalise_importance
 from jointcompress.hf.modeling_pruned import ARCH, family, get_sub, keep_neurons, layers
 from jointcompress.hf.pruned import mark_pruned
 
@@ -53,24 +53,7 @@ def attach_ffn_mask(model: nn.Module, mask: UnitMask) -> list:
 def ffn_importance(model: nn.Module, batch_iter, n_batches: int = 16) -> torch.Tensor:
     """|d loss / d neuron-gate| summed over batches, shape [layers, width]."""
     widths = ffn_widths(model)
-    ones = torch.ones(len(widths), widths[0], requires_grad=True)
-    gate = UnitMask(len(widths), widths[0], 1, per_layer=True)
-    gate.forward = lambda: ones  # type: ignore[method-assign]
-    handles = attach_ffn_mask(model, gate)
-    imp = torch.zeros_like(ones)
-    was = model.training
-    model.eval()
-    try:
-        for j, batch in enumerate(batch_iter):
-            if j >= n_batches:
-                break
-            (g,) = torch.autograd.grad(model(**batch).loss, ones)
-            imp += g.abs()
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-    return imp
+    return gate_importance(model, attach_ffn_mask, len(widths), widths[0], batch_iter, n_batches)
 
 
 def importance_scores(model: nn.Module, batch_iter, n_batches: int = 16) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from jointcompress.errors import RecipeError
-from jointcompress.hf.masks import UnitMask, normalise_importance
+from jointcompress.hf.masks import UnitMask, gate_importance, normalise_importance
 from jointcompress.hf.modeling_pruned import ARCH, family, get_sub, head_dim, keep_heads, layers
 from jointcompress.hf.pruned import mark_pruned
 
@@ -65,26 +65,7 @@ def head_importance(model: nn.Module, batch_iter, n_batches: int = 16) -> torch.
     criterion on its own). The batches must carry labels so the model returns a loss.
     """
     counts = head_counts(model)
-    gate = UnitMask(len(counts), counts[0], 1, per_layer=True)
-    gate.scores.requires_grad_(False)
-    ones = torch.ones(len(counts), counts[0], requires_grad=True)
-    gate.forward = lambda: ones  # type: ignore[method-assign]
-    handles = attach_head_mask(model, gate)
-    imp = torch.zeros_like(ones)
-    was = model.training
-    model.eval()
-    try:
-        for j, batch in enumerate(batch_iter):
-            if j >= n_batches:
-                break
-            loss = model(**batch).loss
-            (g,) = torch.autograd.grad(loss, ones)
-            imp += g.abs()
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-    return imp
+    return gate_importance(model, attach_head_mask, len(counts), counts[0], batch_iter, n_batches)
 
 
 def importance_scores(model: nn.Module, batch_iter, n_batches: int = 16) -> torch.Tensor:

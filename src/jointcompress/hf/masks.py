@@ -125,3 +125,31 @@ def normalise_importance(imp: torch.Tensor, scale: float = 3.0) -> torch.Tensor:
     starts near 1 for important units and lower for unimportant ones."""
     z = (imp - imp.mean()) / (imp.std() + 1e-8)
     return scale + z
+
+
+def gate_importance(model: nn.Module, attach, n_layers: int, width: int, batch_iter, n_batches: int = 16) -> torch.Tensor:
+    """|d loss / d gate| of every unit, summed over batches, shape [n_layers, width].
+
+    `attach(model, gate)` puts an all-ones gate on the units (heads or FFN neurons) and
+    returns hook handles; the gradient of the loss with respect to that gate is the
+    first-order estimate of what removing each unit costs (Michel et al., 2019).
+    """
+    gate = UnitMask(n_layers, width, 1, per_layer=True)
+    gate.scores.requires_grad_(False)
+    ones = torch.ones(n_layers, width, requires_grad=True)
+    gate.forward = lambda: ones  # type: ignore[method-assign]
+    handles = attach(model, gate)
+    imp = torch.zeros_like(ones)
+    was = model.training
+    model.eval()
+    try:
+        for j, batch in enumerate(batch_iter):
+            if j >= n_batches:
+                break
+            (g,) = torch.autograd.grad(model(**batch).loss, ones)
+            imp += g.abs()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return imp
