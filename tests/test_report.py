@@ -1,6 +1,7 @@
 """report: a self-contained HTML page whose plots all render in headless Chromium, no console errors."""
 import json
 import re
+import os
 import shutil
 import subprocess
 
@@ -28,10 +29,12 @@ def chromium():
     """The Debian chromium binary; installed with apt-get when missing, skipped only if that fails."""
     exe = shutil.which("chromium")
     if exe is None:
-        try:
-            subprocess.run(["apt-get", "install", "-y", "chromium"], check=True, capture_output=True, timeout=900)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        try:  # a fresh machine has no package lists yet: update first
+            subprocess.run(["apt-get", "update"], check=True, capture_output=True, timeout=600, env=env)
+            subprocess.run(["apt-get", "install", "-y", "chromium"], check=True, capture_output=True, timeout=900, env=env)
         except (OSError, subprocess.SubprocessError) as err:
-            pytest.skip(f"chromium is not installed and `apt-get install -y chromium` failed ({err})")
+            pytest.skip(f"chromium is not installed and `apt-get update && apt-get install -y chromium` failed ({err})")
         exe = shutil.which("chromium")
         if exe is None:
             pytest.skip("`apt-get install -y chromium` ran but no chromium binary is on PATH")
