@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from .errors import JointCompressError
 from .graph import build_graph
 from .spec import CompressionSpec, LayerSpec
 from .techniques.masks import ApplyMask
@@ -75,21 +76,23 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None) 
     todo = {name: (g, drop) for name, (g, drop) in plan.items() if drop}
     if todo:
         if example_inputs is None:
-            raise ValueError("finalize: structured pruning removed channels; pass example_inputs to trace the model")
+            raise JointCompressError(
+                "finalize: structured pruning removed channels; pass example_inputs (e.g. result.example_inputs) "
+                "so the model can be traced to remove them from every coupled layer"
+            )
         _shrink(model, todo, example_inputs, spec)
     model.train(was_training)
     return spec
 
 
 def _shrink(model: nn.Module, todo: dict, example_inputs, spec: CompressionSpec) -> None:
-    import torch_pruning as tp
-
     modules = dict(model.named_modules())
     for name, (g, drop) in todo.items():
+        removed = set(drop)
         for m in g.out_members():  # drop the removed rows from the per-channel step sizes too
             ls = spec.layers.get(m.module)
             if ls is not None and ls.scale is not None and ls.scale.numel() > 1:
-                dropped = {i for i, r in zip(m.idxs, m.root_idxs) if r in set(drop)}
+                dropped = {i for i, r in zip(m.idxs, m.root_idxs) if r in removed}
                 keep = [i for i in range(ls.scale.numel()) if i not in dropped]
                 ls.scale = ls.scale[keep]
     dg = build_graph(model, example_inputs)
@@ -98,4 +101,3 @@ def _shrink(model: nn.Module, todo: dict, example_inputs, spec: CompressionSpec)
         fn = dg.get_pruner_of_module(root).prune_out_channels
         dg.get_pruning_group(root, fn, drop).prune()
     spec.pruning_history = [list(h) for h in dg.pruning_history()]
-    del tp
