@@ -194,6 +194,21 @@ def test_cli_compress_runs_an_hf_recipe(tmp_path):
     assert summary["pipeline_example"]["label"] in ("NEGATIVE", "POSITIVE")
     assert summary["student"]["model_type"] == "jointcompress_bert"
     assert (out / "hf_model" / "config.json").is_file() and (out / "history.json").is_file()
+    # deploy step (on by default): ONNX fp32 + ONNX Runtime int8, measured on dev
+    assert (out / "onnx" / "model_fp32.onnx").is_file() and (out / "onnx" / "model_int8.onnx").is_file()
+    q = summary["int8"]
+    assert 0.0 <= q["dev_accuracy"] <= 1.0
+    assert q["int8_onnx_bytes"] == (out / "onnx" / "model_int8.onnx").stat().st_size
+    assert q["fp32_onnx_bytes"] > 0  # (on a 32-wide model the int8 scales/zero points outweigh the saving)
+    assert q["teacher_fp32_bytes"] == summary["teacher"]["folder_bytes"] > 0
+    d = q["logits_vs_fp32_student"]
+    assert d["within_tolerance"] and d["max_abs_diff"] <= d["atol"]
+    assert d["max_abs_diff"] <= 0.05  # tiny random models: the tolerance stated in test_hf_int8.py
+    lat = q["latency"]
+    assert lat["threads"] == 1 and lat["seq_len"] == 16
+    for k in ("teacher_fp32_torch", "student_int8_onnx"):
+        assert lat[k]["batch1_ms"] > 0 and lat[k]["batch32_ms"] > 0
+    assert "int8" in res.output and "b32 ms" in res.output
     # an existing output directory is refused without --force; --resume continues from its checkpoints
     res = CliRunner().invoke(app, ["compress", str(path), "--data", str(data), "--weights", str(teacher_dir), "--out", str(out)])
     assert res.exit_code != 0
@@ -258,3 +273,38 @@ def test_interrupted_hf_run_resumes_mid_epoch_to_the_same_weights(tmp_path):
     for t, u in zip(full.techniques, resumed.techniques):
         if t.kind.startswith("prune"):
             assert t.kept() == u.kept()
+
+
+def test_run_hf_recipe_trim_vocab_and_int8_off(tmp_path):
+    import json
+    import random
+
+    from hf_helpers import WORDS
+
+    from jointcompress.hf.pipeline import run_hf_recipe
+
+    teacher_dir = tmp_path / "teacher"
+    tiny_bert(layers=4, heads=HEADS, ffn=FFN, seed=2).save_pretrained(teacher_dir)
+    tiny_tokenizer(tmp_path).save_pretrained(teacher_dir)
+    rnd = random.Random(1)
+    rows = []
+    for i in range(40):
+        words = [rnd.choice(WORDS[:8] if i < 32 else WORDS) for _ in range(rnd.randint(2, 8))]  # dev has unseen words
+        rows.append((" ".join(words), int(words.count("good") >= words.count("bad"))))
+    data = tmp_path / "sst2"
+    data.mkdir()
+    _tsv(data / "train.tsv", rows[:32])
+    _tsv(data / "dev.tsv", rows[32:])
+    rec = recipe(epochs=1)
+    rec["hf"] = {"student_layers": [0, 3], "max_length": 16}
+    rec["techniques"][3]["cache_teacher"] = True
+    s = run_hf_recipe(rec, tmp_path / "trim", data, teacher_dir, trim_vocab=True, latency_rounds=1)
+    kept = s["student"]["vocab_kept"]
+    assert s["student"]["vocab_full"] == 64 and kept < 64 and s["student"]["vocab_size"] == kept
+    cfg = json.loads((tmp_path / "trim" / "hf_model" / "config.json").read_text())
+    assert cfg["vocab_size"] == kept
+    assert s["int8"]["logits_vs_fp32_student"]["within_tolerance"]
+    assert s["int8"]["latency"]["rounds"] == 1
+    off = run_hf_recipe(rec, tmp_path / "off", data, teacher_dir, int8=False)
+    assert off["int8"] is None and not (tmp_path / "off" / "onnx").exists()
+    assert "vocab_kept" not in off["student"]

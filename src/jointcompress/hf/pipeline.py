@@ -5,14 +5,18 @@ section (or `model: hf:NAME_OR_FOLDER`): load the fine-tuned teacher, build the 
 (a subset of the teacher's layers, DistilBERT-style), tokenize the SST-2 style TSVs, run
 `api.compress` (prune_heads / prune_ffn / quant_lsq / distill_kd jointly, one loop),
 finalize (bake LSQ values, remove heads and neurons physically), export a standard HF
-folder to OUT/hf_model, check `pipeline("text-classification")` loads it, and write
-OUT/summary.json and OUT/history.json.
+folder to OUT/hf_model, check `pipeline("text-classification")` loads it, then (int8=True,
+the default) export ONNX and quantize it with ONNX Runtime dynamic int8 (OUT/onnx), measure
+int8 dev accuracy, logits drift, bytes and 1-thread latency against the teacher, and write
+OUT/summary.json and OUT/history.json. trim_vocab=True first cuts the word-embedding matrix
+(and the tokenizer saved in OUT/hf_model) to the word pieces the training text uses.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,6 +35,9 @@ from jointcompress.hf.student import make_student
 from jointcompress.hf.wrapper import SequenceClassifier, accuracy, pack, tensor_loader
 
 EXAMPLE = "a gorgeous, witty, seductive movie."
+# max |logit diff| allowed between the int8 ONNX student and the finalized fp32 student. SST-2
+# MiniLM students (logits of order +-4) measured 0.39-0.45 (benchmarks/results/hf_sst2.md).
+INT8_ATOL = 1.0
 
 
 def teacher_source(recipe, weights: str | Path | None) -> str:
@@ -68,10 +75,21 @@ def run_hf_recipe(
     progress: Callable[[int, int], None] | None = None,
     callbacks: list | None = None,
     log: Callable[[str], None] = lambda msg: None,
+    *,
+    int8: bool = True,
+    trim_vocab: bool = False,
+    int8_atol: float = INT8_ATOL,
+    latency_rounds: int = 5,
     **compress_kwargs,
 ) -> dict:
     """Compress an HF text classifier with `recipe`; writes OUT/hf_model and OUT/summary.json.
 
+    int8: also export OUT/onnx/model_fp32.onnx and OUT/onnx/model_int8.onnx (ONNX Runtime
+    dynamic int8) and measure them (summary["int8"]); a logits drift above int8_atol is
+    reported (within_tolerance false, and a note), not raised.
+    trim_vocab: keep only the word-embedding rows the training text uses (WordPiece
+    tokenizers); the HF folder then carries the trimmed tokenizer, which the ONNX model needs.
+    latency_rounds: interleaved rounds of the teacher / int8 latency measurement.
     compress_kwargs go to api.compress (resume, checkpoint_every, max_nonfinite, ...); the
     run directory is `out` (checkpoints in OUT/checkpoints).
     """
@@ -126,11 +144,31 @@ def run_hf_recipe(
     masked_acc = result.metrics.get("accuracy")
     hf = finalize_hf(student_w, result.techniques).eval()
     final_acc = accuracy(SequenceClassifier(hf), x_dev, y_dev)
+    vocab_note = {}
+    if trim_vocab:
+        from jointcompress.hf.vocab import trim_vocab as _trim
+
+        full_vocab = hf.config.vocab_size
+        hf, tok, keep = _trim(hf, tok, train_data.sentences)
+        hf.eval()
+        dev_t = tokenize(tok, dev_data, hf_cfg.max_length)
+        x_dev = pack(dev_t["input_ids"], dev_t["attention_mask"])
+        vocab_note = {"dev_accuracy_full_vocab": final_acc, "vocab_kept": len(keep), "vocab_full": full_vocab}
+        final_acc = accuracy(SequenceClassifier(hf), x_dev, y_dev)
+        log(f"vocabulary trimmed to {len(keep)} of {full_vocab} word pieces; dev accuracy "
+            f"{vocab_note['dev_accuracy_full_vocab']:.4f} -> {final_acc:.4f}")
     folder = export_folder(hf, tok, Path(out) / "hf_model")
     pipe = load_pipeline(folder)
     example = pipe(EXAMPLE)[0]
     teacher_bytes = folder_bytes(src) if Path(src).is_dir() else None
     student_bytes = folder_bytes(folder)
+    int8_summary = None
+    if int8:
+        int8_summary = deploy_int8(hf, teacher, dev_t, Path(out) / "onnx", seq_len=hf_cfg.max_length,
+                                   teacher_bytes=teacher_bytes, teacher_acc=teacher_acc, atol=int8_atol,
+                                   rounds=latency_rounds, log=log)
+        if not int8_summary["logits_vs_fp32_student"]["within_tolerance"]:
+            warnings.append(int8_summary["logits_vs_fp32_student"]["message"])
     summary = {
         "recipe": recipe.name,
         "teacher": {"source": src, "dev_accuracy": teacher_acc, "folder_bytes": teacher_bytes,
@@ -139,21 +177,104 @@ def run_hf_recipe(
         "student": {"dev_accuracy": final_acc, "dev_accuracy_masked": masked_acc, "folder_bytes": student_bytes,
                     "layers": len(head_counts(hf)), "heads_per_layer": head_counts(hf),
                     "intermediate_per_layer": ffn_widths(hf),
-                    "model_type": json.loads((folder / "config.json").read_text())["model_type"]},
+                    "model_type": json.loads((folder / "config.json").read_text())["model_type"],
+                    "vocab_size": hf.config.vocab_size, **vocab_note},
         "accuracy_ratio_vs_teacher": final_acc / teacher_acc if teacher_acc else None,
         "size_ratio_vs_teacher": (teacher_bytes / student_bytes) if teacher_bytes and student_bytes else None,
         "train_rows": len(train_data), "dev_rows": len(dev_data),
         "techniques": {k: v for k, v in result.summary().items() if "." in k},
         "pipeline_example": {"text": EXAMPLE, **example},
+        "int8": int8_summary,
         "notes": [
             "folder_bytes: fp32 safetensors. LSQ fake-quant values are baked into fp32 weights; "
-            "for int8 deployment export ONNX and quantize with jointcompress.hf.int8 (ONNX Runtime picks its own scales)",
+            "int8 (OUT/onnx/model_int8.onnx) is ONNX Runtime dynamic int8, which picks its own per-channel scales; "
+            "feed it input_ids / attention_mask padded to exactly seq_len with the tokenizer in OUT/hf_model",
         ] + warnings,
         "wall_seconds": time.perf_counter() - t0,
     }
     atomic_write_json(Path(out) / "history.json", result.history.as_dict())
     atomic_write_json(Path(out) / "summary.json", summary)
     return summary
+
+
+def _interleaved_latency(fns: dict, seq_len: int, rounds: int, threads: int = 1) -> dict:
+    """Median-of-round-medians and min latency (ms) at batch 1 and 32, back ends alternating.
+
+    On a shared CPU, measuring A then B lets load changes masquerade as speedups; short
+    alternating rounds expose every back end to the same load.
+    """
+    from jointcompress.hf.int8 import latency_samples
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        samples = {k: {1: [], 32: []} for k in fns}
+        for _ in range(max(1, rounds)):
+            for bs, reps in ((1, 10), (32, 3)):
+                for name, (fn, vocab) in fns.items():
+                    samples[name][bs].append(latency_samples(fn, bs, seq_len, repeats=reps, warmup=1, vocab=vocab))
+    finally:
+        torch.set_num_threads(before)
+    res = {}
+    for name, by_bs in samples.items():
+        res[name] = {}
+        for bs, rs in by_bs.items():
+            meds = sorted(r[len(r) // 2] for r in rs)
+            res[name][f"batch{bs}_ms"] = round(meds[len(meds) // 2], 3)
+            res[name][f"batch{bs}_min_ms"] = round(min(r[0] for r in rs), 3)
+    return res
+
+
+def deploy_int8(hf, teacher, dev_t: dict, onnx_dir: Path, *, seq_len: int, teacher_bytes: int | None,
+                teacher_acc: float | None, atol: float = INT8_ATOL, rounds: int = 5,
+                log: Callable[[str], None] = lambda msg: None) -> dict:
+    """ONNX export + ONNX Runtime dynamic int8 of the finalized student, and its measurements.
+
+    Writes onnx_dir/model_fp32.onnx and onnx_dir/model_int8.onnx; returns int8 dev accuracy,
+    logits drift vs the fp32 student (checked against atol, reported not raised), bytes, and
+    1-thread latency at batch 1 / 32 of the teacher (torch fp32) and the int8 student (ORT).
+    """
+    from jointcompress.hf.int8 import (OrtClassifier, check_logits, export_onnx, logits_over, quantize_onnx_int8,
+                                       torch_logits_fn)
+
+    onnx_dir = Path(onnx_dir)
+    fp32 = export_onnx(hf, onnx_dir / "model_fp32.onnx", seq_len=seq_len)
+    q = quantize_onnx_int8(fp32, onnx_dir / "model_int8.onnx")
+    ort = OrtClassifier(q, threads=1)
+    dev = {k: dev_t[k] for k in ("input_ids", "attention_mask")}
+    ref = logits_over(torch_logits_fn(hf.eval()), dev)
+    got = logits_over(ort, dev)
+    try:
+        drift = check_logits(ref, got, atol=atol)
+        drift.update(within_tolerance=True)
+    except ArtifactError as e:
+        drift = check_logits(ref, got, atol=math.inf)
+        drift.update(atol=atol, within_tolerance=False, message=str(e))
+        log(f"warning: {e}")
+    labels = dev_t["labels"]
+    acc = float((got.argmax(-1) == labels).float().mean()) if len(labels) else 0.0
+    int8_bytes = q.stat().st_size
+    lat = _interleaved_latency(
+        {"teacher_fp32_torch": (torch_logits_fn(teacher.eval()), teacher.config.vocab_size),
+         "student_int8_onnx": (ort, hf.config.vocab_size)}, seq_len, rounds)
+    t, s = lat["teacher_fp32_torch"], lat["student_int8_onnx"]
+    for bs in (1, 32):
+        lat[f"speedup_b{bs}"] = round(t[f"batch{bs}_ms"] / s[f"batch{bs}_ms"], 2) if s[f"batch{bs}_ms"] else None
+    lat.update(threads=1, seq_len=seq_len, rounds=max(1, rounds), inputs="random ids, full-length rows")
+    out = {
+        "backend": "onnxruntime dynamic int8 (per-channel int8 weights, int8 activations at run time), CPU",
+        "onnx_fp32": str(fp32), "onnx_int8": str(q),
+        "dev_accuracy": acc,
+        "accuracy_ratio_vs_teacher": acc / teacher_acc if teacher_acc else None,
+        "logits_vs_fp32_student": drift,
+        "int8_onnx_bytes": int8_bytes, "fp32_onnx_bytes": fp32.stat().st_size,
+        "teacher_fp32_bytes": teacher_bytes,
+        "size_ratio_vs_teacher": teacher_bytes / int8_bytes if teacher_bytes else None,
+        "latency": lat,
+    }
+    log(f"int8 ONNX: dev accuracy {acc:.4f}, max |logit diff| vs fp32 student {drift['max_abs_diff']:.4f} "
+        f"(tolerance {atol}), {int8_bytes:,} bytes")
+    return out
 
 
 def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: bool, resume: bool,
@@ -171,6 +292,7 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
     if force and not resume:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         shutil.rmtree(out / "hf_model", ignore_errors=True)
+        shutil.rmtree(out / "onnx", ignore_errors=True)
     with progress_bar() as bar:
         summary = run_hf_recipe(
             recipe, out, data, weights, progress=tracked(bar, recipe.mode), log=console.print,
@@ -178,13 +300,35 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
         )
     t, s = summary["teacher"], summary["student"]
     table = Table(title=f"{recipe.name} (HF, {summary['train_rows']} train rows, {summary['dev_rows']} dev rows)")
-    for col in ("", "dev accuracy", "layers", "heads", "FFN neurons", "fp32 bytes"):
+    q = summary.get("int8")
+    cols = ["", "dev accuracy", "layers", "heads", "FFN neurons", "bytes"]
+    if q:
+        cols += ["b1 ms", "b32 ms"]
+    for col in cols:
         table.add_column(col, justify="left" if col == "" else "right")
     fmt = lambda b: "-" if b is None else f"{b:,}"  # noqa: E731
-    table.add_row("teacher", f"{100 * t['dev_accuracy']:.2f}%", str(t["layers"]), str(t["heads"]), str(t["ffn_neurons"]), fmt(t["folder_bytes"]))
-    table.add_row(recipe.mode, f"{100 * s['dev_accuracy']:.2f}%", str(s["layers"]), str(sum(s["heads_per_layer"])),
-                  str(sum(s["intermediate_per_layer"])), fmt(s["folder_bytes"]))
+    lat = q["latency"] if q else {}
+    tl, sl = lat.get("teacher_fp32_torch", {}), lat.get("student_int8_onnx", {})
+    extra = lambda d: [f"{d['batch1_ms']:.2f}", f"{d['batch32_ms']:.2f}"] if q else []  # noqa: E731
+    table.add_row("teacher fp32 (torch)", f"{100 * t['dev_accuracy']:.2f}%", str(t["layers"]), str(t["heads"]),
+                  str(t["ffn_neurons"]), fmt(t["folder_bytes"]), *extra(tl))
+    table.add_row(f"{recipe.mode} student fp32", f"{100 * s['dev_accuracy']:.2f}%", str(s["layers"]),
+                  str(sum(s["heads_per_layer"])), str(sum(s["intermediate_per_layer"])), fmt(s["folder_bytes"]),
+                  *(["-", "-"] if q else []))
+    if q:
+        table.add_row(f"{recipe.mode} student int8 (ORT)", f"{100 * q['dev_accuracy']:.2f}%", str(s["layers"]),
+                      str(sum(s["heads_per_layer"])), str(sum(s["intermediate_per_layer"])),
+                      fmt(q["int8_onnx_bytes"]), *extra(sl))
     console.print(table)
+    if q:
+        d = q["logits_vs_fp32_student"]
+        ratio = q["size_ratio_vs_teacher"]
+        console.print(
+            f"int8 vs fp32 student: max |logit diff| {d['max_abs_diff']:.4f} (tolerance {d['atol']}: "
+            f"{'ok' if d['within_tolerance'] else 'EXCEEDED'}), argmax agreement {100 * d['argmax_agreement']:.1f}%; "
+            f"size vs teacher {'-' if ratio is None else f'{ratio:.1f}x'}, speedup b1 {lat['speedup_b1']}x, "
+            f"b32 {lat['speedup_b32']}x (1 thread, seq len {lat['seq_len']}, median of {lat['rounds']} interleaved rounds)")
+        console.print(f"int8 ONNX model: {q['onnx_int8']}")
     atomic_write_text(out / "recipe.yaml", Path(recipe_path).read_text(encoding="utf-8"))
     console.print(f"HF model folder in {out / 'hf_model'} (loads with pipeline('text-classification', model=...) "
                   "after `import jointcompress.hf`, or with trust_remote_code=True)")
