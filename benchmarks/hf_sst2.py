@@ -27,7 +27,7 @@ from jointcompress.hf.ffn import importance_scores as ffn_scores  # noqa: E402
 from jointcompress.hf.heads import attach_head_mask, head_counts, new_head_mask, prune_heads  # noqa: E402
 from jointcompress.hf.heads import importance_scores as head_scores  # noqa: E402
 from jointcompress.hf.int8 import (  # noqa: E402
-    OrtClassifier, check_logits, export_onnx, latency_samples, logits_over, quantize_onnx_int8,
+    OrtClassifier, check_logits, export_onnx, interleaved_latency, latency_samples, logits_over, quantize_onnx_int8,
     quantize_torch_int8, torch_logits_fn)
 from jointcompress.hf.data import batches  # noqa: E402
 from jointcompress.hf.load import load_classifier, load_tokenizer  # noqa: E402
@@ -252,20 +252,7 @@ def stage_latency(args) -> None:
             student = load_classifier(str(out_root / f"{name}_hf")).eval()
             fns[f"{name}_fp32_torch"] = (torch_logits_fn(student), cfg["vocab_size"])
             fns[f"{name}_int8_torch"] = (torch_logits_fn(quantize_torch_int8(student)), cfg["vocab_size"])
-    torch.set_num_threads(args.latency_threads)
-    samples = {k: {1: [], 32: []} for k in fns}
-    for _ in range(args.rounds):
-        for bs, reps in ((1, 10), (32, 3)):
-            for name, (fn, vocab) in fns.items():
-                t = latency_samples(fn, bs, 64, repeats=reps, warmup=1, vocab=vocab)
-                samples[name][bs].append(t)
-    res = {}
-    for name, by_bs in samples.items():
-        res[name] = {}
-        for bs, rounds in by_bs.items():
-            meds = sorted(r[len(r) // 2] for r in rounds)
-            res[name][f"batch{bs}_ms"] = round(meds[len(meds) // 2], 2)
-            res[name][f"batch{bs}_min_ms"] = round(min(r[0] for r in rounds), 2)
+    res = interleaved_latency(fns, 64, args.rounds, threads=args.latency_threads)
     base = res["teacher_fp32_torch"]
     for name in list(res):
         for bs in (1, 32):

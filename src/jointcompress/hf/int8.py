@@ -186,3 +186,29 @@ def latency_ms(fn, batch_size: int, seq_len: int = 64, repeats: int = 20, warmup
     """
     times = latency_samples(fn, batch_size, seq_len, repeats, warmup, vocab)
     return times[0] if stat == "min" else times[len(times) // 2]
+
+
+def interleaved_latency(fns: dict, seq_len: int, rounds: int, threads: int = 1) -> dict:
+    """Median-of-round-medians and min latency (ms) at batch 1 and 32, back ends alternating.
+
+    On a shared CPU, measuring A then B lets load changes masquerade as speedups; short
+    alternating rounds expose every back end to the same load.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        samples = {k: {1: [], 32: []} for k in fns}
+        for _ in range(max(1, rounds)):
+            for bs, reps in ((1, 10), (32, 3)):
+                for name, (fn, vocab) in fns.items():
+                    samples[name][bs].append(latency_samples(fn, bs, seq_len, repeats=reps, warmup=1, vocab=vocab))
+    finally:
+        torch.set_num_threads(before)
+    res = {}
+    for name, by_bs in samples.items():
+        res[name] = {}
+        for bs, rs in by_bs.items():
+            meds = sorted(r[len(r) // 2] for r in rs)
+            res[name][f"batch{bs}_ms"] = round(meds[len(meds) // 2], 3)
+            res[name][f"batch{bs}_min_ms"] = round(min(r[0] for r in rs), 3)
+    return res

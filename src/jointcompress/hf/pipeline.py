@@ -197,34 +197,6 @@ def run_hf_recipe(
     return summary
 
 
-def _interleaved_latency(fns: dict, seq_len: int, rounds: int, threads: int = 1) -> dict:
-    """Median-of-round-medians and min latency (ms) at batch 1 and 32, back ends alternating.
-
-    On a shared CPU, measuring A then B lets load changes masquerade as speedups; short
-    alternating rounds expose every back end to the same load.
-    """
-    from jointcompress.hf.int8 import latency_samples
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        samples = {k: {1: [], 32: []} for k in fns}
-        for _ in range(max(1, rounds)):
-            for bs, reps in ((1, 10), (32, 3)):
-                for name, (fn, vocab) in fns.items():
-                    samples[name][bs].append(latency_samples(fn, bs, seq_len, repeats=reps, warmup=1, vocab=vocab))
-    finally:
-        torch.set_num_threads(before)
-    res = {}
-    for name, by_bs in samples.items():
-        res[name] = {}
-        for bs, rs in by_bs.items():
-            meds = sorted(r[len(r) // 2] for r in rs)
-            res[name][f"batch{bs}_ms"] = round(meds[len(meds) // 2], 3)
-            res[name][f"batch{bs}_min_ms"] = round(min(r[0] for r in rs), 3)
-    return res
-
-
 def deploy_int8(hf, teacher, dev_t: dict, onnx_dir: Path, *, seq_len: int, teacher_bytes: int | None,
                 teacher_acc: float | None, atol: float = INT8_ATOL, rounds: int = 5,
                 log: Callable[[str], None] = lambda msg: None) -> dict:
@@ -234,7 +206,7 @@ def deploy_int8(hf, teacher, dev_t: dict, onnx_dir: Path, *, seq_len: int, teach
     logits drift vs the fp32 student (checked against atol, reported not raised), bytes, and
     1-thread latency at batch 1 / 32 of the teacher (torch fp32) and the int8 student (ORT).
     """
-    from jointcompress.hf.int8 import (OrtClassifier, check_logits, export_onnx, logits_over, quantize_onnx_int8,
+    from jointcompress.hf.int8 import (OrtClassifier, check_logits, export_onnx, interleaved_latency, logits_over, quantize_onnx_int8,
                                        torch_logits_fn)
 
     onnx_dir = Path(onnx_dir)
@@ -254,7 +226,7 @@ def deploy_int8(hf, teacher, dev_t: dict, onnx_dir: Path, *, seq_len: int, teach
     labels = dev_t["labels"]
     acc = float((got.argmax(-1) == labels).float().mean()) if len(labels) else 0.0
     int8_bytes = q.stat().st_size
-    lat = _interleaved_latency(
+    lat = interleaved_latency(
         {"teacher_fp32_torch": (torch_logits_fn(teacher.eval()), teacher.config.vocab_size),
          "student_int8_onnx": (ort, hf.config.vocab_size)}, seq_len, rounds)
     t, s = lat["teacher_fp32_torch"], lat["student_int8_onnx"]
