@@ -29,6 +29,8 @@ class ScoredMask(nn.Module):
         self.register_buffer("hard", torch.ones_like(scores))
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("temperature", torch.zeros(()))  # 0 means: binary
+        # sharpness of the straight-through gradient once binary; set with the mask, not per forward
+        self.register_buffer("ste_temperature", torch.ones(()))
 
     def soft(self, temperature: float | None = None) -> torch.Tensor:
         t = float(self.temperature) if temperature is None else temperature
@@ -39,7 +41,7 @@ class ScoredMask(nn.Module):
             return self.soft()
         if self.learned and self.training:
             # straight-through: forward is exactly binary, the gradient reaches the scores
-            s = self.soft(temperature=1e-2 * max(float(self.scores.detach().std()), 1e-6))
+            s = self.soft(temperature=float(self.ste_temperature))
             return self.hard + s - s.detach()
         return self.hard
 
@@ -52,6 +54,7 @@ class ScoredMask(nn.Module):
             hi = s[keep].min() if keep.any() else s.max() + 1
             self.threshold.fill_(float((lo + hi) / 2))
             self.temperature.fill_(temperature)
+            self.ste_temperature.fill_(1e-2 * max(float(s.std()) if s.numel() > 1 else 0.0, 1e-6))
 
     def sparsity(self) -> float:
         return 1.0 - float(self.hard.mean())
