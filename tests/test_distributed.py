@@ -24,6 +24,14 @@ SCRIPT = textwrap.dedent(
     from jointcompress.models import LeNet300
 
     out = sys.argv[1]
+    rank = int(os.environ.get("RANK", "0"))
+    tag = f"rank{rank}" if "WORLD_SIZE" in os.environ else "single"
+
+    import atexit
+    def _group_alive_at_exit():  # registered first, so it runs after jointcompress's hook (LIFO)
+        open(os.path.join(out, tag + ".exit"), "w").write(str(dist.is_initialized()))
+    atexit.register(_group_alive_at_exit)
+
     split = load_digits()
     torch.manual_seed(1)
     model = LeNet300(64, 10)
@@ -31,8 +39,6 @@ SCRIPT = textwrap.dedent(
                 {"type": "prune_unstructured", "sparsity": 0.7, "criterion": "learned", "scope": "global", "end": 0.5},
                 {"type": "quant_lsq", "bits": 4, "start": 0.3}],
               "training": {"epochs": 3, "batch_size": 64, "lr": 3e-3}}
-    rank = int(os.environ.get("RANK", "0"))
-    tag = f"rank{rank}" if "WORLD_SIZE" in os.environ else "single"
     res = compress(model, recipe, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test),
                    run_dir=os.path.join(out, "run_" + ("dist" if tag != "single" else "single")), checkpoint_every=7)
     state = {"mask." + k: v.contiguous() for k, v in res.techniques[0].state_dict()["masks"].items()}
@@ -41,6 +47,8 @@ SCRIPT = textwrap.dedent(
     info = {"metrics": res.metrics, "world": dist.get_world_size() if dist.is_initialized() else 1,
             "steps": res.history.epochs[-1]["step"], "sparsity": res.techniques[0].achieved_sparsity()}
     json.dump(info, open(os.path.join(out, tag + ".json"), "w"))
+    # no destroy_process_group() here on purpose: jointcompress created the group, so it must
+    # also tear it down at exit (gloo otherwise can abort the process after a good run)
     """
 )
 
@@ -69,5 +77,7 @@ def test_torchrun_two_processes_identical_masks_and_close_to_single_process(tmp_
     assert j0["steps"] == js["steps"]  # training.batch_size is the global batch: same number of steps
     assert abs(j0["sparsity"] - js["sparsity"]) < 1e-3
     assert abs(j0["metrics"]["accuracy"] - js["metrics"]["accuracy"]) < 0.08, (j0, js)
+    # the group compress created was torn down before interpreter finalization on both ranks
+    assert [(tmp_path / f"rank{r}.exit").read_text() for r in (0, 1)] == ["False", "False"]
     # only rank 0 wrote checkpoints (one directory, complete files)
     assert sorted(p.name for p in (tmp_path / "run_dist" / "checkpoints").iterdir())[-1] == "ckpt-000000066.pt"

@@ -18,6 +18,7 @@ Design (see docs/reliability.md):
 """
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -111,7 +112,19 @@ def init_from_env(backend: str | None = None) -> DistContext | None:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         tdist.init_process_group(backend=backend)
+        atexit.register(_destroy_if_initialized)
     return current()
+
+
+def _destroy_if_initialized() -> None:
+    """Tear down the group jointcompress created while the interpreter is still alive.
+
+    Without it, gloo's worker threads outlive Python's finalization and the process can abort
+    with "terminate called without an active exception" (SIGABRT) after a successful run.
+    A no-op when the user already called `destroy_process_group()`.
+    """
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 def current() -> DistContext | None:
