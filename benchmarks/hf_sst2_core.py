@@ -1,11 +1,14 @@
-"""The SST-2 case through the core joint loop (the path `jointcompress compress` takes), at the
-full budget: all 67,349 train rows, 1 epoch, vocabulary trimming on, ONNX Runtime int8.
+"""The SST-2 case through the core loop (the path `jointcompress compress` takes), at the
+full budget: all 67,349 train rows, 1 epoch, vocabulary trimming on, packed artifact, ONNX
+Runtime int8. --mode joint (prune heads + FFN, LSQ and KD at once) or sequential (prune ->
+fine-tune -> quantize -> fine-tune, KD throughout: the same steps, scheduled one after another).
 
-    .venv/bin/python benchmarks/hf_sst2_core.py --data ../shared/datasets/sst2 --teacher runs/hf_teacher
+    .venv/bin/python benchmarks/hf_sst2_core.py --data ../shared/datasets/sst2 --teacher runs/hf_teacher --mode joint
+    .venv/bin/python benchmarks/hf_sst2_core.py --data ../shared/datasets/sst2 --teacher runs/hf_teacher --mode sequential
 
-Writes runs/hf_sst2_core/ (model folder, ONNX, summary.json) and copies summary.json to
-benchmarks/results/hf_sst2_core.json. The teacher folder comes from
-`benchmarks/hf_sst2.py teacher` (MiniLM-L6 fine-tuned on SST-2).
+Writes runs/hf_sst2_core[_sequential]/ (artifact, model folder, ONNX, summary.json) and copies
+summary.json to benchmarks/results/hf_sst2_core[_sequential].json. The teacher folder comes
+from `benchmarks/hf_sst2.py teacher` (MiniLM-L6 fine-tuned on SST-2).
 """
 from __future__ import annotations
 
@@ -24,20 +27,25 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
     ap.add_argument("--teacher", required=True)
-    ap.add_argument("--out", default="runs/hf_sst2_core")
+    ap.add_argument("--mode", choices=["joint", "sequential"], default="joint")
+    ap.add_argument("--out", default=None, help="default runs/hf_sst2_core (joint), runs/hf_sst2_core_sequential")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    suffix = "" if args.mode == "joint" else "_" + args.mode
     base = load_recipe(builtin_recipe("hf_sst2")).model_dump()
+    base["mode"] = args.mode
     base["hf"]["train_limit"] = None  # every train row
+    base["hf"]["trim_vocab"] = True
     recipe = parse_recipe(base, source="benchmarks/hf_sst2_core.py")
-    out = Path(args.out)
+    out = Path(args.out or f"runs/hf_sst2_core{suffix}")
     shutil.rmtree(out, ignore_errors=True)
-    run_hf_recipe(recipe, out, args.data, weights=args.teacher, log=print, trim_vocab=True)
+    run_hf_recipe(recipe, out, args.data, weights=args.teacher, log=print)
     summary = json.loads((out / "summary.json").read_text())
-    summary["command"] = f"python benchmarks/hf_sst2_core.py --data {args.data} --teacher {args.teacher} --threads {args.threads}"
-    Path("benchmarks/results/hf_sst2_core.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    print(json.dumps(summary.get("int8"), indent=1, default=str))
+    summary["command"] = (f"python benchmarks/hf_sst2_core.py --data {args.data} --teacher {args.teacher} "
+                          f"--mode {args.mode} --threads {args.threads}")
+    Path(f"benchmarks/results/hf_sst2_core{suffix}.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    print(json.dumps({k: summary.get(k) for k in ("artifact", "int8")}, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 pytest.importorskip("transformers")
@@ -296,15 +298,61 @@ def test_run_hf_recipe_trim_vocab_and_int8_off(tmp_path):
     _tsv(data / "train.tsv", rows[:32])
     _tsv(data / "dev.tsv", rows[32:])
     rec = recipe(epochs=1)
-    rec["hf"] = {"student_layers": [0, 3], "max_length": 16}
+    rec["hf"] = {"student_layers": [0, 3], "max_length": 16, "trim_vocab": True}
     rec["techniques"][3]["cache_teacher"] = True
-    s = run_hf_recipe(rec, tmp_path / "trim", data, teacher_dir, trim_vocab=True, latency_rounds=1)
+    s = run_hf_recipe(rec, tmp_path / "trim", data, teacher_dir, latency_rounds=1)
     kept = s["student"]["vocab_kept"]
     assert s["student"]["vocab_full"] == 64 and kept < 64 and s["student"]["vocab_size"] == kept
     cfg = json.loads((tmp_path / "trim" / "hf_model" / "config.json").read_text())
     assert cfg["vocab_size"] == kept
     assert s["int8"]["logits_vs_fp32_student"]["within_tolerance"]
     assert s["int8"]["latency"]["rounds"] == 1
-    off = run_hf_recipe(rec, tmp_path / "off", data, teacher_dir, int8=False)
+    assert s["int8"]["weights_with_trained_scales"] == 2 * 6  # every LSQ Linear of the 2 student layers
+    # the packed artifact: its bytes are what is on disk, it loads back with the trimmed vocabulary
+    from jointcompress.hf.artifact import load_hf_artifact
+
+    art = s["artifact"]
+    assert art["bytes"]["weights"] == (tmp_path / "trim" / "artifact" / "weights.safetensors").stat().st_size
+    assert art["lsq_layers"] == {"4": 12} and art["ptq_bits"] == 8
+    model, tok = load_hf_artifact(tmp_path / "trim" / "artifact")
+    assert model.config.vocab_size == kept and len(tok) == kept
+    off = run_hf_recipe(rec, tmp_path / "off", data, teacher_dir, int8=False, trim_vocab=False)
     assert off["int8"] is None and not (tmp_path / "off" / "onnx").exists()
     assert "vocab_kept" not in off["student"]
+
+
+def test_hidden_state_distillation_cosine_with_projection():
+    """DistilBERT-style hidden-state loss in the core loop: a [batch, tokens, hidden] output is
+    projected along the hidden axis (32 -> 48), and the cosine term really trains the student."""
+    from jointcompress.techniques.distill_kd import feature_loss
+
+    h = torch.randn(3, 5, 8)
+    assert feature_loss(h, 2 * h, "cosine").item() == pytest.approx(0.0, abs=1e-6)  # scale-free
+    assert feature_loss(h, -h, "cosine").item() == pytest.approx(2.0, abs=1e-5)
+    data = synthetic()
+    x, y = pack(data["input_ids"], data["attention_mask"]), data["labels"]
+    teacher = SequenceClassifier(tiny_bert(layers=2, heads=4, hidden=48, ffn=FFN, seed=1))
+    student = SequenceClassifier(tiny_bert(layers=2, heads=4, hidden=32, ffn=FFN, seed=0))
+    initial = copy.deepcopy(student)
+    pair = {"student": "hf.bert.encoder.layer.1", "teacher": "hf.bert.encoder.layer.1", "loss": "cosine", "weight": 5.0}
+    rec = {"training": {"epochs": 4, "batch_size": 16, "lr": 3e-3, "seed": 0},
+           "techniques": [{"type": "distill_kd", "alpha": 0.5, "features": [pair]}]}
+    result = api.compress(student, rec, tensor_loader(data, 16, seed=0), lambda m: {"accuracy": accuracy(m, x, y)},
+                          teacher=teacher)
+    kd = result.techniques[0]
+    proj = kd.projections[0]
+    assert isinstance(proj, torch.nn.Linear) and (proj.in_features, proj.out_features) == (32, 48)
+
+    def layer1(model):
+        out = {}
+        h = model.hf.bert.encoder.layer[1].register_forward_hook(lambda m, i, o: out.setdefault("h", o[0] if isinstance(o, tuple) else o))
+        with torch.no_grad():
+            model.eval()(x)
+        h.remove()
+        return out["h"]
+
+    target = layer1(teacher)
+    with torch.no_grad():
+        before = feature_loss(proj(layer1(initial)), target, "cosine").item()
+        after = feature_loss(proj(layer1(result.model)), target, "cosine").item()
+    assert after < 0.5 * before, (before, after)

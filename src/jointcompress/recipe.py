@@ -82,9 +82,12 @@ class QuantLSQ(Selection):
 
 
 class FeaturePair(Strict):
+    """Match the output of a student module to a teacher module (hidden states, feature maps)."""
+
     student: str = Field(min_length=1)
     teacher: str = Field(min_length=1)
     weight: Annotated[float, Field(ge=0.0, le=1000.0)] = 1.0
+    loss: Literal["mse", "cosine"] = "mse"  # cosine: 1 - cos over the feature axis (DistilBERT's hidden loss)
 
 
 class DistillKD(Strict):
@@ -131,6 +134,8 @@ class HF(Strict):
     train_limit: Annotated[int, Field(ge=1)] | None = None  # random subset of train rows (None: all)
     eval_limit: Annotated[int, Field(ge=1)] | None = None  # first rows of dev (None: all)
     labels: list[str] = Field(default_factory=lambda: ["NEGATIVE", "POSITIVE"], min_length=2)
+    trim_vocab: bool = False  # keep only the word pieces the training text uses (embeddings + tokenizer)
+    ptq_bits: Annotated[int, Field(ge=2, le=8)] | None = 8  # artifact: weights LSQ did not train (embeddings, pooler)
 
 
 Technique = Annotated[

@@ -88,8 +88,12 @@ def folded_scales(model: nn.Module, folded: nn.Module, spec: CompressionSpec | N
     return out
 
 
-def _weight_overrides(onnx_path: Path, folded: nn.Module, scales: dict[str, np.ndarray]) -> dict:
-    """TensorQuantOverrides for every ONNX weight initializer equal to a trained layer's weight."""
+def weight_overrides(onnx_path: Path, folded: nn.Module, scales: dict[str, np.ndarray]) -> dict:
+    """TensorQuantOverrides for every ONNX weight initializer equal to a trained layer's weight.
+
+    A weight exported as is (Conv, Gemm with transB) gets its per-channel scales on axis 0; a
+    Linear exported as MatMul stores W^T, whose output channels are axis 1.
+    """
     import onnx
     from onnx import numpy_helper
 
@@ -100,10 +104,15 @@ def _weight_overrides(onnx_path: Path, folded: nn.Module, scales: dict[str, np.n
         arr = numpy_helper.to_array(init)
         for name, w in wanted.items():
             if arr.shape == w.shape and np.array_equal(arr, w):
-                overrides[init.name] = [{"axis": 0, "scale": np.float32(scales[name][0]), "zero_point": np.int8(0)}] + [
-                    {"scale": np.float32(s), "zero_point": np.int8(0)} for s in scales[name][1:]
-                ]
-                break
+                axis = 0
+            elif w.ndim == 2 and arr.shape == w.T.shape and np.array_equal(arr, w.T):
+                axis = 1
+            else:
+                continue
+            overrides[init.name] = [{"axis": axis, "scale": np.float32(scales[name][0]), "zero_point": np.int8(0)}] + [
+                {"scale": np.float32(s), "zero_point": np.int8(0)} for s in scales[name][1:]
+            ]
+            break
     return overrides
 
 
@@ -129,7 +138,7 @@ def quantize_onnxruntime(model: nn.Module, spec: CompressionSpec | None, calibra
     workdir = Path(workdir)
     folded = fold_batchnorm(model)
     fp32 = export_onnx(folded, workdir / "model_fp32.onnx", example_input)
-    overrides = _weight_overrides(fp32, folded, folded_scales(model, folded, spec))
+    overrides = weight_overrides(fp32, folded, folded_scales(model, folded, spec))
     reader = _Reader("input", calibration, max_batches)
     CalibrationDataReader.register(_Reader)
     out = workdir / "model_int8.onnx"

@@ -11,10 +11,10 @@ weights. finalize_hf
      `jointcompress_distilbert` classes that save and load per-layer widths.
 The result is a plain HF model whose eval-mode logits equal the masked model's.
 
-What is not kept: the LSQ step sizes and bit-widths (the core `finalize.finalize` records them
-in a CompressionSpec for the packed artifact). For HF the baked fp32 weights are exported as a
-standard folder and int8 deployment goes through ONNX Runtime dynamic int8, which chooses its
-own (per-channel) scales, as benchmarks/hf_sst2.py does.
+What the plain weights cannot say -- each LSQ layer's bit-width and per-row step sizes -- is
+returned by `finalize_hf_with_spec` as a CompressionSpec, with the step sizes of removed rows
+(query/key/value rows of dropped heads, first-FFN rows of dropped neurons) dropped too, so the
+packed artifact (jointcompress.hf.artifact) and the int8 ONNX export use the trained grid.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ import torch
 from torch import nn
 
 from jointcompress.hf.int8 import bake_parametrizations
+from jointcompress.hf.modeling_pruned import ARCH, family, head_dim, layers
 from jointcompress.hf.wrapper import unwrap
+from jointcompress.spec import CompressionSpec, LayerSpec
 
 
 @torch.no_grad()
@@ -33,6 +35,13 @@ def finalize_hf(model: nn.Module, techniques: list) -> nn.Module:
     `techniques`: `Result.techniques` from api.compress (the prune_heads / prune_ffn ones are
     read; others are ignored).
     """
+    return finalize_hf_with_spec(model, techniques)[0]
+
+
+@torch.no_grad()
+def finalize_hf_with_spec(model: nn.Module, techniques: list) -> tuple[nn.Module, CompressionSpec]:
+    """finalize_hf, plus the CompressionSpec (LSQ bits and step sizes of the kept rows)."""
+    from jointcompress.finalize import _quant_specs
     from jointcompress.hf.ffn import prune_ffn
     from jointcompress.hf.heads import prune_heads
 
@@ -41,13 +50,43 @@ def finalize_hf(model: nn.Module, techniques: list) -> nn.Module:
     kept = {kind: t.kept() for kind, t in units.items()}
     for t in units.values():
         t.detach()
+    specs = {name: ls for name, ls in _quant_specs(hf).items() if ls.bits is not None}
+    rows = kept_rows(hf, kept.get("prune_heads"), kept.get("prune_ffn"))
     _drop_input_quant(hf)
     bake_parametrizations(hf)
     if "prune_heads" in kept:
         prune_heads(hf, kept["prune_heads"])
     if "prune_ffn" in kept:
         prune_ffn(hf, kept["prune_ffn"])
-    return hf
+    for name, idx in rows.items():
+        ls = specs.get(name)
+        if ls is not None and ls.scale is not None and ls.scale.numel() > 1:
+            ls.scale = ls.scale[idx].clone()
+    for ls in specs.values():  # activation quantizers were dropped above (ONNX Runtime quantizes at run time)
+        ls.act_bits = ls.act_scale = None
+    return hf, CompressionSpec(layers=specs)
+
+
+def kept_rows(hf: nn.Module, heads: list[list[int]] | None, neurons: list[list[int]] | None) -> dict[str, torch.Tensor]:
+    """Module name -> output rows that survive physical head / FFN-neuron removal.
+
+    Query, key and value keep the rows of the kept heads (head h owns rows h*d .. h*d+d-1);
+    the first FFN Linear keeps the rows of the kept neurons. Attention-output and second-FFN
+    Linears lose input columns only, so their per-row step sizes are unchanged.
+    """
+    fam = family(hf.config)
+    a, names = ARCH[fam], {id(m): n for n, m in hf.named_modules()}
+    out = {}
+    for i, layer in enumerate(layers(hf)):
+        prefix = names[id(layer)]
+        if heads is not None:
+            hd = head_dim(hf.config)
+            idx = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in sorted(set(heads[i]))])
+            for part in ("q", "k", "v"):
+                out[f"{prefix}.{a[part]}"] = idx
+        if neurons is not None:
+            out[f"{prefix}.{a['ffn_in']}"] = torch.tensor(sorted(set(neurons[i])), dtype=torch.long)
+    return out
 
 
 def _drop_input_quant(model: nn.Module) -> None:

@@ -96,12 +96,32 @@ def export_onnx(model: nn.Module, path: str | Path, seq_len: int = 64) -> Path:
     return path
 
 
-def quantize_onnx_int8(src: str | Path, dst: str | Path) -> Path:
-    """ONNX Runtime dynamic int8 quantization (int8 weights, per-channel) of src into dst."""
+def quantize_onnx_int8(src: str | Path, dst: str | Path, model: nn.Module | None = None, spec=None) -> Path:
+    """ONNX Runtime dynamic int8 quantization (int8 weights, per-channel) of src into dst.
+
+    With the finalized `model` and its CompressionSpec, every weight trained with LSQ at <= 8
+    bits keeps its trained step sizes (TensorQuantOverrides), so the int8 weights ORT runs are
+    exactly the trained integers; other weights get ORT's own min/max scales.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+    extra = {}
+    overrides = trained_overrides(src, model, spec)
+    if overrides:
+        extra["TensorQuantOverrides"] = overrides
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, extra_options=extra)
     return Path(dst)
+
+
+def trained_overrides(onnx_path: str | Path, model: nn.Module | None, spec) -> dict:
+    """TensorQuantOverrides for the ONNX initializers holding LSQ-trained weights (bits <= 8)."""
+    if model is None or spec is None:
+        return {}
+    from jointcompress.deploy.int8 import weight_overrides
+
+    scales = {name: ls.scale.detach().float().reshape(-1).numpy() for name, ls in spec.layers.items()
+              if ls.bits is not None and ls.bits <= 8 and ls.scale is not None}
+    return weight_overrides(Path(onnx_path), model, scales)
 
 
 class OrtClassifier:

@@ -8,8 +8,13 @@ finalize (bake LSQ values, remove heads and neurons physically), export a standa
 folder to OUT/hf_model, check `pipeline("text-classification")` loads it, then (int8=True,
 the default) export ONNX and quantize it with ONNX Runtime dynamic int8 (OUT/onnx), measure
 int8 dev accuracy, logits drift, bytes and 1-thread latency against the teacher, and write
-OUT/summary.json and OUT/history.json. trim_vocab=True first cuts the word-embedding matrix
+OUT/summary.json and OUT/history.json. hf.trim_vocab first cuts the word-embedding matrix
 (and the tokenizer saved in OUT/hf_model) to the word pieces the training text uses.
+
+The packed artifact (OUT/artifact: LSQ integers + trained step sizes, the rest at
+hf.ptq_bits) is written right after finalize and *loaded back*; the HF folder, the ONNX
+models and every number after that come from the loaded artifact, so what is measured is
+what was saved. The int8 ONNX model keeps the trained LSQ step sizes of every <= 8-bit layer.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import torch
 from jointcompress.errors import ArtifactError, DataError, RecipeError
 from jointcompress.hf.data import TextDataset, read_tsv, tokenize
 from jointcompress.hf.export import export_folder, folder_bytes, load_pipeline
-from jointcompress.hf.finalize import finalize_hf
+from jointcompress.hf.artifact import artifact_bytes, load_hf_artifact, save_hf_artifact
+from jointcompress.hf.finalize import finalize_hf_with_spec
 from jointcompress.hf.heads import head_counts
 from jointcompress.hf.ffn import ffn_widths
 from jointcompress.hf.load import MINILM_NAME, load_classifier, load_tokenizer
@@ -77,7 +83,7 @@ def run_hf_recipe(
     log: Callable[[str], None] = lambda msg: None,
     *,
     int8: bool = True,
-    trim_vocab: bool = False,
+    trim_vocab: bool | None = None,
     int8_atol: float = INT8_ATOL,
     latency_rounds: int = 5,
     **compress_kwargs,
@@ -87,8 +93,8 @@ def run_hf_recipe(
     int8: also export OUT/onnx/model_fp32.onnx and OUT/onnx/model_int8.onnx (ONNX Runtime
     dynamic int8) and measure them (summary["int8"]); a logits drift above int8_atol is
     reported (within_tolerance false, and a note), not raised.
-    trim_vocab: keep only the word-embedding rows the training text uses (WordPiece
-    tokenizers); the HF folder then carries the trimmed tokenizer, which the ONNX model needs.
+    trim_vocab: overrides hf.trim_vocab (keep only the word-embedding rows the training text
+    uses; the HF folder and the artifact then carry the trimmed tokenizer, which ONNX needs).
     latency_rounds: interleaved rounds of the teacher / int8 latency measurement.
     compress_kwargs go to api.compress (resume, checkpoint_every, max_nonfinite, ...); the
     run directory is `out` (checkpoints in OUT/checkpoints).
@@ -142,10 +148,11 @@ def run_hf_recipe(
         progress=progress, callbacks=callbacks, run_dir=out, **compress_kwargs,
     )
     masked_acc = result.metrics.get("accuracy")
-    hf = finalize_hf(student_w, result.techniques).eval()
+    hf, spec = finalize_hf_with_spec(student_w, result.techniques)
+    hf.eval()
     final_acc = accuracy(SequenceClassifier(hf), x_dev, y_dev)
     vocab_note = {}
-    if trim_vocab:
+    if hf_cfg.trim_vocab if trim_vocab is None else trim_vocab:
         from jointcompress.hf.vocab import trim_vocab as _trim
 
         full_vocab = hf.config.vocab_size
@@ -157,6 +164,13 @@ def run_hf_recipe(
         final_acc = accuracy(SequenceClassifier(hf), x_dev, y_dev)
         log(f"vocabulary trimmed to {len(keep)} of {full_vocab} word pieces; dev accuracy "
             f"{vocab_note['dev_accuracy_full_vocab']:.4f} -> {final_acc:.4f}")
+    art_dir = Path(out) / "artifact"
+    spec.recipe = recipe.model_dump(mode="json")
+    save_hf_artifact(hf, spec, art_dir, tok, ptq_bits=hf_cfg.ptq_bits)
+    hf, _ = load_hf_artifact(art_dir)  # from here on: the model as saved
+    art_acc = accuracy(SequenceClassifier(hf), x_dev, y_dev)
+    art_bytes = artifact_bytes(art_dir)
+    log(f"artifact {art_dir}: {art_bytes['model']:,} bytes (weights + manifest), dev accuracy {art_acc:.4f}")
     folder = export_folder(hf, tok, Path(out) / "hf_model")
     pipe = load_pipeline(folder)
     example = pipe(EXAMPLE)[0]
@@ -166,7 +180,7 @@ def run_hf_recipe(
     if int8:
         int8_summary = deploy_int8(hf, teacher, dev_t, Path(out) / "onnx", seq_len=hf_cfg.max_length,
                                    teacher_bytes=teacher_bytes, teacher_acc=teacher_acc, atol=int8_atol,
-                                   rounds=latency_rounds, log=log)
+                                   rounds=latency_rounds, log=log, spec=spec)
         if not int8_summary["logits_vs_fp32_student"]["within_tolerance"]:
             warnings.append(int8_summary["logits_vs_fp32_student"]["message"])
     summary = {
@@ -179,6 +193,14 @@ def run_hf_recipe(
                     "intermediate_per_layer": ffn_widths(hf),
                     "model_type": json.loads((folder / "config.json").read_text())["model_type"],
                     "vocab_size": hf.config.vocab_size, **vocab_note},
+        "artifact": {
+            "path": str(art_dir), "dev_accuracy": art_acc, "bytes": art_bytes,
+            "accuracy_ratio_vs_teacher": art_acc / teacher_acc if teacher_acc else None,
+            "size_ratio_vs_teacher": teacher_bytes / art_bytes["model"] if teacher_bytes else None,
+            "lsq_layers": {str(b): sum(1 for ls in spec.layers.values() if ls.bits == b)
+                           for b in sorted({ls.bits for ls in spec.layers.values()})},
+            "ptq_bits": hf_cfg.ptq_bits,
+        },
         "accuracy_ratio_vs_teacher": final_acc / teacher_acc if teacher_acc else None,
         "size_ratio_vs_teacher": (teacher_bytes / student_bytes) if teacher_bytes and student_bytes else None,
         "train_rows": len(train_data), "dev_rows": len(dev_data),
@@ -186,9 +208,12 @@ def run_hf_recipe(
         "pipeline_example": {"text": EXAMPLE, **example},
         "int8": int8_summary,
         "notes": [
-            "folder_bytes: fp32 safetensors. LSQ fake-quant values are baked into fp32 weights; "
-            "int8 (OUT/onnx/model_int8.onnx) is ONNX Runtime dynamic int8, which picks its own per-channel scales; "
-            "feed it input_ids / attention_mask padded to exactly seq_len with the tokenizer in OUT/hf_model",
+            "student.dev_accuracy: the finalized model before the artifact's post-training rounding of the weights "
+            "LSQ did not train (hf.ptq_bits); artifact.dev_accuracy and everything after it: the model loaded back "
+            "from OUT/artifact. folder_bytes: fp32 safetensors of OUT/hf_model (values on the quantization grids). "
+            "int8 (OUT/onnx/model_int8.onnx) is ONNX Runtime dynamic int8 with the trained LSQ step sizes for the "
+            "encoder Linears (ORT's own scales elsewhere); feed it input_ids / attention_mask padded to exactly "
+            "seq_len with the tokenizer in OUT/hf_model",
         ] + warnings,
         "wall_seconds": time.perf_counter() - t0,
     }
@@ -199,7 +224,7 @@ def run_hf_recipe(
 
 def deploy_int8(hf, teacher, dev_t: dict, onnx_dir: Path, *, seq_len: int, teacher_bytes: int | None,
                 teacher_acc: float | None, atol: float = INT8_ATOL, rounds: int = 5,
-                log: Callable[[str], None] = lambda msg: None) -> dict:
+                log: Callable[[str], None] = lambda msg: None, spec=None) -> dict:
     """ONNX export + ONNX Runtime dynamic int8 of the finalized student, and its measurements.
 
     Writes onnx_dir/model_fp32.onnx and onnx_dir/model_int8.onnx; returns int8 dev accuracy,
@@ -207,11 +232,12 @@ def deploy_int8(hf, teacher, dev_t: dict, onnx_dir: Path, *, seq_len: int, teach
     1-thread latency at batch 1 / 32 of the teacher (torch fp32) and the int8 student (ORT).
     """
     from jointcompress.hf.int8 import (OrtClassifier, check_logits, export_onnx, interleaved_latency, logits_over, quantize_onnx_int8,
-                                       torch_logits_fn)
+                                       torch_logits_fn, trained_overrides)
 
     onnx_dir = Path(onnx_dir)
     fp32 = export_onnx(hf, onnx_dir / "model_fp32.onnx", seq_len=seq_len)
-    q = quantize_onnx_int8(fp32, onnx_dir / "model_int8.onnx")
+    trained = trained_overrides(fp32, hf, spec)
+    q = quantize_onnx_int8(fp32, onnx_dir / "model_int8.onnx", hf, spec)
     ort = OrtClassifier(q, threads=1)
     dev = {k: dev_t[k] for k in ("input_ids", "attention_mask")}
     ref = logits_over(torch_logits_fn(hf.eval()), dev)
@@ -235,6 +261,7 @@ def deploy_int8(hf, teacher, dev_t: dict, onnx_dir: Path, *, seq_len: int, teach
     lat.update(threads=1, seq_len=seq_len, rounds=max(1, rounds), inputs="random ids, full-length rows")
     out = {
         "backend": "onnxruntime dynamic int8 (per-channel int8 weights, int8 activations at run time), CPU",
+        "weights_with_trained_scales": len(trained),
         "onnx_fp32": str(fp32), "onnx_int8": str(q),
         "dev_accuracy": acc,
         "accuracy_ratio_vs_teacher": acc / teacher_acc if teacher_acc else None,
@@ -265,6 +292,7 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         shutil.rmtree(out / "hf_model", ignore_errors=True)
         shutil.rmtree(out / "onnx", ignore_errors=True)
+        shutil.rmtree(out / "artifact", ignore_errors=True)
     with progress_bar() as bar:
         summary = run_hf_recipe(
             recipe, out, data, weights, progress=tracked(bar, recipe.mode), log=console.print,
@@ -287,6 +315,10 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
     table.add_row(f"{recipe.mode} student fp32", f"{100 * s['dev_accuracy']:.2f}%", str(s["layers"]),
                   str(sum(s["heads_per_layer"])), str(sum(s["intermediate_per_layer"])), fmt(s["folder_bytes"]),
                   *(["-", "-"] if q else []))
+    a = summary["artifact"]
+    table.add_row(f"{recipe.mode} student, packed artifact", f"{100 * a['dev_accuracy']:.2f}%", str(s["layers"]),
+                  str(sum(s["heads_per_layer"])), str(sum(s["intermediate_per_layer"])), fmt(a["bytes"]["model"]),
+                  *(["-", "-"] if q else []))
     if q:
         table.add_row(f"{recipe.mode} student int8 (ORT)", f"{100 * q['dev_accuracy']:.2f}%", str(s["layers"]),
                       str(sum(s["heads_per_layer"])), str(sum(s["intermediate_per_layer"])),
@@ -302,5 +334,8 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
             f"b32 {lat['speedup_b32']}x (1 thread, seq len {lat['seq_len']}, median of {lat['rounds']} interleaved rounds)")
         console.print(f"int8 ONNX model: {q['onnx_int8']}")
     atomic_write_text(out / "recipe.yaml", Path(recipe_path).read_text(encoding="utf-8"))
+    ratio_a = "-" if a["size_ratio_vs_teacher"] is None else f"{a['size_ratio_vs_teacher']:.1f}x"
+    console.print(f"packed artifact in {a['path']} ({ratio_a} smaller than the teacher's weights; "
+                  "load with jointcompress.hf.artifact.load_hf_artifact)")
     console.print(f"HF model folder in {out / 'hf_model'} (loads with pipeline('text-classification', model=...) "
                   "after `import jointcompress.hf`, or with trust_remote_code=True)")

@@ -1,5 +1,9 @@
 """Knowledge distillation from a frozen teacher (Hinton et al., 2015) plus feature losses.
 
+Feature losses (`features`: student module -> teacher module, MSE or cosine, a learned
+linear projection when the widths differ) match intermediate outputs, e.g. the hidden states
+of a DistilBERT-style student layer and the teacher layer it was copied from.
+
 `kd_loss` is alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) with `batchmean`, computed as
 F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True): kl_div wants log-probabilities
 as input and, with log_target, log-probabilities as target. The task term (1 - alpha) * CE is
@@ -31,6 +35,19 @@ def hinton_loss(student_logits, teacher_logits, targets, temperature: float, alp
     return alpha * kd_loss(student_logits, teacher_logits, temperature) + (1 - alpha) * F.cross_entropy(
         student_logits, targets
     )
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """MSE, or 1 - cosine similarity along the feature axis (channels of NCHW maps, else the
+    last axis: the hidden size of [batch, tokens, hidden] states), averaged over the rest."""
+    if student.shape != teacher.shape:
+        raise RecipeError(
+            f"distill_kd.features: student output {tuple(student.shape)} and teacher output {tuple(teacher.shape)} "
+            "differ beyond the feature width; pair modules whose outputs agree in batch and position axes"
+        )
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(student, teacher, dim=1 if student.dim() == 4 else -1)).mean()
+    return F.mse_loss(student, teacher)
 
 
 class _Capture:
@@ -90,8 +107,9 @@ class DistillKD(Technique):
             ctx.model.train()
             self.teacher(*_as_tuple(ctx.example_inputs))
         for s, t in zip(self.student_caps, self.teacher_caps):
-            conv = s.value.dim() == 4
-            self.projections.append(_projection(s.value.shape[1], t.value.shape[1], conv))
+            conv = s.value.dim() == 4  # NCHW feature maps: channels are dim 1; else the last dim
+            dim = 1 if conv else -1
+            self.projections.append(_projection(s.value.shape[dim], t.value.shape[dim], conv))
 
     def teacher_logits(self, ctx: RunContext) -> torch.Tensor:
         cached = ctx.batch_extra.get("teacher_logits")
@@ -107,7 +125,7 @@ class DistillKD(Technique):
         t_logits = self.teacher_logits(ctx)
         loss = self.config.alpha * kd_loss(ctx.outputs, t_logits, self.config.temperature)
         for pair, s, t, proj in zip(self.config.features, self.student_caps, self.teacher_caps, self.projections):
-            loss = loss + pair.weight * F.mse_loss(proj(s.value), t.value.detach())
+            loss = loss + pair.weight * feature_loss(proj(s.value), t.value.detach(), pair.loss)
         return {"distill": loss}
 
     def parameters(self) -> list[dict]:

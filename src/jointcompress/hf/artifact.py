@@ -1,0 +1,165 @@
+"""A compressed HF classifier as a jointcompress artifact: packed low-bit weights + manifest.
+
+Why not only the HF folder: `save_pretrained` writes fp32 tensors, so a 4- or 8-bit model
+is as big on disk as an fp32 one. The artifact stores what the model really is, with the
+core writer (jointcompress.artifact): every LSQ-trained Linear as its b-bit integers packed
+with its trained per-row step sizes, every other Embedding / Linear weight (word, position
+and token-type embeddings, pooler) as 8-bit per-row round-to-nearest integers
+(post-training, `ptq_bits`; the classification head stays fp32), the rest (biases,
+LayerNorm) as fp32, all counted byte for byte in manifest.json.
+
+The architecture is not pickled: the manifest holds the model's config (per-layer head
+counts and FFN widths of the `jointcompress_bert` / `jointcompress_distilbert` types), and
+`load_hf_artifact` rebuilds the model from it with the transformers Auto classes, then
+reads the tensors with safetensors. The tokenizer is saved beside the weights (in
+ARTIFACT/tokenizer), so the artifact alone is enough to classify text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from jointcompress.errors import ArtifactError
+from jointcompress.spec import CompressionSpec, LayerSpec
+
+TOKENIZER_DIR = "tokenizer"
+KIND = "hf-sequence-classification"
+
+
+def _head(model: nn.Module) -> nn.Module | None:
+    return getattr(model, "classifier", None)
+
+
+@torch.no_grad()
+def quantize_rest(model: nn.Module, spec: CompressionSpec, bits: int = 8) -> CompressionSpec:
+    """Round every Embedding / Linear weight that has no LSQ spec onto a `bits` per-row grid.
+
+    In place, so the model in memory is exactly the model the artifact stores (its accuracy
+    is then the artifact's accuracy). The classification head keeps fp32 weights: it is a
+    few hundred parameters and sets the logits directly.
+    """
+    if not 2 <= bits <= 8:
+        raise ArtifactError(f"ptq_bits={bits}: use 2..8, or None to keep unquantized weights in fp32")
+    head = _head(model)
+    head_mods = {id(m) for m in head.modules()} if head is not None else set()
+    qmax = 2 ** (bits - 1) - 1
+    for name, mod in model.named_modules():
+        if name in spec.layers or id(mod) in head_mods or not isinstance(mod, (nn.Embedding, nn.Linear)):
+            continue
+        w = mod.weight
+        scale = (w.detach().abs().amax(dim=1) / qmax).clamp_min(1e-12).float()
+        w.copy_((torch.round(w / scale[:, None]).clamp(-qmax, qmax) * scale[:, None]).to(w.dtype))
+        spec.layers[name] = LayerSpec(bits=bits, scale=scale)
+    return spec
+
+
+def _check_plain(model: nn.Module) -> None:
+    if any(hasattr(m, "parametrizations") for m in model.modules()) or any(m._forward_pre_hooks for m in model.modules()):
+        raise ArtifactError(
+            "the model still carries training masks or fake-quantizers; save the model finalize_hf_with_spec returned"
+        )
+
+
+def _config_dict(model: nn.Module) -> dict:
+    return json.loads(model.config.to_json_string(use_diff=False))
+
+
+def _builder(cfg_dict: dict, where: str):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    import jointcompress.hf  # noqa: F401  (registers the pruned model types)
+
+    if not isinstance(cfg_dict, dict) or not isinstance(cfg_dict.get("model_type"), str):
+        raise ArtifactError(f"{where}: field extra.hf_config must be a config dict with a model_type")
+    fields = {k: v for k, v in cfg_dict.items() if k not in ("model_type", "transformers_version")}
+    try:
+        config = AutoConfig.for_model(cfg_dict["model_type"], **fields)
+    except Exception as exc:
+        raise ArtifactError(
+            f"{where}: field extra.hf_config (model_type {cfg_dict['model_type']!r}) cannot be built by this "
+            f"transformers ({type(exc).__name__}: {exc})"
+        ) from exc
+
+    def build() -> nn.Module:
+        return AutoModelForSequenceClassification.from_config(config)
+
+    return build
+
+
+def save_hf_artifact(model: nn.Module, spec: CompressionSpec, path: str | os.PathLike, tokenizer=None, *,
+                     ptq_bits: int | None = 8, entropy: bool = True, extra: dict | None = None) -> dict:
+    """Write the artifact directory `path` for a finalized HF classifier; returns the manifest.
+
+    `spec`: the CompressionSpec from finalize_hf_with_spec (LSQ layers). `ptq_bits` rounds the
+    remaining Embedding / Linear weights in place (see quantize_rest); None keeps them fp32.
+    """
+    from jointcompress.artifact.store import save
+
+    _check_plain(model)
+    model.eval()
+    spec = CompressionSpec(layers=dict(spec.layers), recipe=spec.recipe)
+    if ptq_bits is not None:
+        quantize_rest(model, spec, ptq_bits)
+    cfg = _config_dict(model)
+    path = Path(path)
+    manifest = save(
+        model, spec, path, builder=_builder(cfg, str(path)),
+        extra={"kind": KIND, "hf_config": cfg, "ptq_bits": ptq_bits, **(extra or {})}, entropy=entropy,
+    )
+    if tokenizer is not None:
+        _save_tokenizer(tokenizer, path / TOKENIZER_DIR)
+    return manifest
+
+
+def _save_tokenizer(tokenizer, dest: Path) -> None:
+    """save_pretrained into a temporary folder, then rename: never a half-written tokenizer."""
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=dest.parent))
+    try:
+        tokenizer.save_pretrained(str(tmp))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_hf_artifact(path: str | os.PathLike, *, with_spec: bool = False):
+    """(model, tokenizer or None) from an artifact `save_hf_artifact` wrote; eval mode.
+
+    with_spec=True returns (model, tokenizer, CompressionSpec). Nothing is unpickled: the
+    manifest is JSON, the tensors are safetensors, the model is built from its config.
+    """
+    from jointcompress.artifact.store import load_with_spec, read_manifest
+
+    manifest = read_manifest(path)
+    where = str(Path(path) / "manifest.json")
+    extra = manifest.get("extra")
+    if not isinstance(extra, dict) or extra.get("kind") != KIND:
+        raise ArtifactError(
+            f"{where}: not an HF classifier artifact (extra.kind is not {KIND!r}); load it with "
+            "jointcompress.load(path, builder) instead"
+        )
+    model, spec = load_with_spec(path, _builder(extra.get("hf_config"), where))
+    tok_dir = Path(path) / TOKENIZER_DIR
+    tokenizer = None
+    if tok_dir.is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    return (model, tokenizer, spec) if with_spec else (model, tokenizer)
+
+
+def artifact_bytes(path: str | os.PathLike) -> dict[str, int]:
+    """On-disk bytes: weights.safetensors + manifest.json (the model), and the tokenizer files."""
+    p = Path(path)
+    weights = (p / "weights.safetensors").stat().st_size
+    manifest = (p / "manifest.json").stat().st_size
+    tok = sum(f.stat().st_size for f in (p / TOKENIZER_DIR).glob("*") if f.is_file()) if (p / TOKENIZER_DIR).is_dir() else 0
+    return {"weights": weights, "manifest": manifest, "model": weights + manifest, "tokenizer": tok}

@@ -1,0 +1,112 @@
+"""A jointly compressed HF classifier saved as the packed jointcompress artifact and loaded back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+from hf_helpers import tiny_tokenizer  # noqa: E402
+from test_hf_joint import HEADS, LAYERS, run  # noqa: E402
+
+from jointcompress.errors import ArtifactError  # noqa: E402
+from jointcompress.hf.artifact import artifact_bytes, load_hf_artifact, save_hf_artifact  # noqa: E402
+from jointcompress.hf.finalize import finalize_hf_with_spec  # noqa: E402
+from jointcompress.hf.heads import head_counts  # noqa: E402
+from jointcompress.hf.wrapper import SequenceClassifier  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def finalized():
+    result, x, _ = run()
+    model = result.model.eval()
+    with torch.no_grad():
+        masked = model(x)
+    hf, spec = finalize_hf_with_spec(model, result.techniques)
+    return hf, spec, x, masked
+
+
+def test_spec_has_the_trained_grid_of_the_kept_rows(finalized):
+    hf, spec, x, masked = finalized
+    assert len(spec.layers) == LAYERS * 6 and all(ls.bits == 4 for ls in spec.layers.values())
+    modules = dict(hf.named_modules())
+    for name, ls in spec.layers.items():
+        w = modules[name].weight.detach()
+        s = ls.scale.reshape(-1)
+        assert s.numel() == w.shape[0], name  # step sizes of removed heads / neurons dropped too
+        q = w / s[:, None]
+        assert (q - q.round()).abs().max() < 1e-3 and q.round().abs().max() <= 7, name
+    with torch.no_grad():
+        assert torch.allclose(SequenceClassifier(hf).eval()(x), masked, atol=1e-4)
+
+
+def test_save_load_same_logits_and_bytes_as_stated(finalized, tmp_path):
+    hf, spec, x, _ = finalized
+    tok = tiny_tokenizer(tmp_path)
+    manifest = save_hf_artifact(hf, spec, tmp_path / "art", tok, ptq_bits=8)
+    with torch.no_grad():
+        saved_logits = SequenceClassifier(hf).eval()(x)  # after quantize_rest: the model as stored
+    model, tok2, spec2 = load_hf_artifact(tmp_path / "art", with_spec=True)
+    with torch.no_grad():
+        loaded = SequenceClassifier(model).eval()(x)
+    assert (loaded - saved_logits).abs().max() <= 1e-5
+    assert head_counts(model) == head_counts(hf) and sum(head_counts(model)) == LAYERS * HEADS // 2
+    assert tok2 is not None and tok2("good movie")["input_ids"] == tok("good movie")["input_ids"]
+    sizes = artifact_bytes(tmp_path / "art")
+    assert sizes["weights"] == manifest["weights_file_bytes"]
+    assert manifest["weights_file_bytes"] == manifest["bytes"]["total"] + manifest["bytes"]["safetensors_header"]
+    layers = manifest["layers"]
+    assert layers["bert.encoder.layer.0.attention.self.query"]["bits"] == 4
+    assert layers["bert.embeddings.word_embeddings"]["bits"] == 8  # post-training 8-bit, per row
+    assert "bert.pooler.dense" in layers and not any(k.startswith("classifier") for k in layers)
+    assert spec2.layers["bert.encoder.layer.0.attention.self.query"].bits == 4
+    # packed: the stored bytes are far below fp32 for the quantized weights
+    fp32 = sum(t.numel() * 4 for t in hf.state_dict().values())
+    assert manifest["weights_file_bytes"] < 0.45 * fp32
+
+
+def test_tampered_hf_artifact_fails_clearly(finalized, tmp_path):
+    hf, spec, _, _ = finalized
+    save_hf_artifact(hf, spec, tmp_path / "art", None, ptq_bits=None)
+    m = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    m["extra"]["hf_config"]["heads_per_layer"] = [HEADS] * LAYERS  # claims unpruned attention
+    (tmp_path / "art" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="does not fit|shape"):
+        load_hf_artifact(tmp_path / "art")
+    m["extra"]["kind"] = "other"
+    (tmp_path / "art" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="extra.kind"):
+        load_hf_artifact(tmp_path / "art")
+
+
+def test_int8_onnx_uses_the_trained_lsq_integers(finalized, tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from jointcompress.hf.int8 import OrtClassifier, export_onnx, quantize_onnx_int8, trained_overrides
+
+    hf, spec, _, _ = finalized
+    fp32 = export_onnx(hf, tmp_path / "m.onnx", seq_len=12)
+    overrides = trained_overrides(fp32, hf, spec)
+    assert len(overrides) == LAYERS * 6  # every LSQ Linear found in the graph (as MatMul, W^T)
+    q = quantize_onnx_int8(fp32, tmp_path / "m.int8.onnx", hf, spec)
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(q)).graph.initializer}
+    modules = dict(hf.named_modules())
+    src = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(fp32)).graph.initializer}
+    checked = 0
+    for init_name in overrides:
+        wt = src[init_name]
+        name = next(n for n in spec.layers if np.array_equal(modules[n].weight.detach().numpy().T, wt))
+        s = spec.layers[name].scale.reshape(-1).numpy()
+        expected = np.round(wt / s[None, :]).astype(np.int8)
+        assert np.array_equal(inits[init_name + "_quantized"], expected), name
+        assert np.abs(expected).max() <= 7  # the 4-bit integers, stored in int8
+        checked += 1
+    assert checked == LAYERS * 6
+    ids = torch.full((3, 12), 5)
+    out = OrtClassifier(q)(ids, torch.ones_like(ids))
+    assert out.shape == (3, 2) and torch.isfinite(out).all()
