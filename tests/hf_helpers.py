@@ -50,3 +50,31 @@ def inputs(batch: int = 3, seq: int = 10, seed: int = 1, vocab: int = 64):
     mask = torch.ones_like(ids)
     mask[0, seq // 2:] = 0  # one padded row
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def teacher_folder(tmp_path: Path, layers: int = 4, heads: int = 4, ffn: int = 64, seed: int = 2) -> Path:
+    """A tiny random BERT classifier + tokenizer saved as a teacher folder (tmp_path/teacher)."""
+    teacher_dir = tmp_path / "teacher"
+    tiny_bert(layers=layers, heads=heads, ffn=ffn, seed=seed).save_pretrained(teacher_dir)
+    tiny_tokenizer(tmp_path).save_pretrained(teacher_dir)
+    return teacher_dir
+
+
+def sst2_folder(tmp_path: Path, seed: int = 0, n: int = 40, n_train: int = 32, train_words: int | None = None) -> Path:
+    """SST-2 style train.tsv / dev.tsv of random WORDS sentences; label = 'good' count >= 'bad' count.
+
+    train_words limits the training rows to the first WORDS (so dev has words train never saw).
+    """
+    import random
+
+    rnd = random.Random(seed)
+    rows = []
+    for i in range(n):
+        pool = WORDS[:train_words] if train_words and i < n_train else WORDS
+        words = [rnd.choice(pool) for _ in range(rnd.randint(2, 8))]
+        rows.append((" ".join(words), int(words.count("good") >= words.count("bad"))))
+    data = tmp_path / "sst2"
+    data.mkdir()
+    for name, part in (("train.tsv", rows[:n_train]), ("dev.tsv", rows[n_train:])):
+        (data / name).write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in part))
+    return data

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("transformers")
 
 import torch  # noqa: E402
-from hf_helpers import tiny_bert, tiny_tokenizer  # noqa: E402
+from hf_helpers import sst2_folder, teacher_folder, tiny_bert, tiny_tokenizer  # noqa: E402
 
 import jointcompress.hf  # noqa: E402,F401
 from jointcompress import api  # noqa: E402
@@ -152,33 +152,16 @@ def test_recipe_validation_of_unit_pruning():
                      (torch.randn(8, 4), torch.randint(0, 2, (8,))), lambda m: 0.0)
 
 
-def _tsv(path, rows):
-    path.write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows))
-
-
 def test_cli_compress_runs_an_hf_recipe(tmp_path):
     import json
-    import random
 
     import yaml
     from typer.testing import CliRunner
 
     from jointcompress.cli import app
 
-    from hf_helpers import WORDS
-
-    teacher_dir = tmp_path / "teacher"
-    tiny_bert(layers=4, heads=HEADS, ffn=FFN, seed=2).save_pretrained(teacher_dir)
-    tiny_tokenizer(tmp_path).save_pretrained(teacher_dir)
-    rnd = random.Random(0)
-    rows = []
-    for _ in range(40):
-        words = [rnd.choice(WORDS) for _ in range(rnd.randint(2, 8))]
-        rows.append((" ".join(words), int(words.count("good") >= words.count("bad"))))
-    data = tmp_path / "sst2"
-    data.mkdir()
-    _tsv(data / "train.tsv", rows[:32])
-    _tsv(data / "dev.tsv", rows[32:])
+    teacher_dir = teacher_folder(tmp_path, heads=HEADS, ffn=FFN)
+    data = sst2_folder(tmp_path, seed=0)
     rec = recipe(epochs=2)
     rec["hf"] = {"student_layers": [0, 3], "max_length": 16, "train_limit": 24}
     rec["techniques"][2]["targets"] = ["*encoder.layer.*"]
@@ -279,24 +262,11 @@ def test_interrupted_hf_run_resumes_mid_epoch_to_the_same_weights(tmp_path):
 
 def test_run_hf_recipe_trim_vocab_and_int8_off(tmp_path):
     import json
-    import random
-
-    from hf_helpers import WORDS
 
     from jointcompress.hf.pipeline import run_hf_recipe
 
-    teacher_dir = tmp_path / "teacher"
-    tiny_bert(layers=4, heads=HEADS, ffn=FFN, seed=2).save_pretrained(teacher_dir)
-    tiny_tokenizer(tmp_path).save_pretrained(teacher_dir)
-    rnd = random.Random(1)
-    rows = []
-    for i in range(40):
-        words = [rnd.choice(WORDS[:8] if i < 32 else WORDS) for _ in range(rnd.randint(2, 8))]  # dev has unseen words
-        rows.append((" ".join(words), int(words.count("good") >= words.count("bad"))))
-    data = tmp_path / "sst2"
-    data.mkdir()
-    _tsv(data / "train.tsv", rows[:32])
-    _tsv(data / "dev.tsv", rows[32:])
+    teacher_dir = teacher_folder(tmp_path, heads=HEADS, ffn=FFN)
+    data = sst2_folder(tmp_path, seed=1, train_words=8)  # dev has words train never saw
     rec = recipe(epochs=1)
     rec["hf"] = {"student_layers": [0, 3], "max_length": 16, "trim_vocab": True}
     rec["techniques"][3]["cache_teacher"] = True

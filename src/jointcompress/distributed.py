@@ -159,8 +159,16 @@ def shard_loader(loader: torch.utils.data.DataLoader, ctx: DistContext, seed: in
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 
-    if isinstance(loader.sampler, DistributedSampler):
+    if isinstance(loader.sampler, DistributedSampler) or getattr(loader.batch_sampler, "shards_itself", False):
         return loader
+    if loader.batch_size is None:  # a custom batch_sampler: re-creating the loader would drop it
+        from .errors import DataError
+
+        raise DataError(
+            "train_data: a DataLoader with a custom batch_sampler cannot be sharded over the ranks; give it a "
+            "sampler that shards itself (set `shards_itself = True` on it, as hf.wrapper.BucketBatchSampler does) "
+            "or pass a DataLoader with batch_size and a plain sampler"
+        )
     shuffle = not isinstance(loader.sampler, torch.utils.data.SequentialSampler)
     sampler = DistributedSampler(loader.dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed)
     return DataLoader(

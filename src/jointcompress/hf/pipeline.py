@@ -98,7 +98,13 @@ def run_hf_recipe(
     latency_rounds: interleaved rounds of the teacher / int8 latency measurement.
     compress_kwargs go to api.compress (resume, checkpoint_every, max_nonfinite, ...); the
     run directory is `out` (checkpoints in OUT/checkpoints).
+
+    Under torchrun (distributed="auto", the default) training is data-parallel: every rank
+    takes its share of each global batch, masks and step sizes are decided on rank 0 and
+    broadcast, and only rank 0 finalizes, writes and measures; the other ranks return a short
+    dict (rank, metrics, steps, kept units per layer) once training ends.
     """
+    from jointcompress import distributed as _dist
     from jointcompress.api import compress
     from jointcompress.io import atomic_write_json
     from jointcompress.recipe import HF, parse_recipe
@@ -142,12 +148,20 @@ def run_hf_recipe(
     student_w = SequenceClassifier(student)
     teacher_acc = accuracy(teacher_w, x_dev, y_dev)
     log(f"teacher dev accuracy {teacher_acc:.4f} on {len(y_dev)} rows; training on {len(train_data)} rows")
-    loader = tensor_loader(train_t, recipe.training.batch_size, shuffle=True, seed=recipe.training.seed)
+    dist = _dist.resolve(compress_kwargs.pop("distributed", "auto"))
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    loader = tensor_loader(train_t, recipe.training.batch_size, shuffle=True, seed=recipe.training.seed,
+                           rank=rank, world=world)
     result = compress(
         student_w, recipe, loader, lambda m: {"accuracy": accuracy(m, x_dev, y_dev)}, teacher=teacher_w,
-        progress=progress, callbacks=callbacks, run_dir=out, **compress_kwargs,
+        progress=progress, callbacks=callbacks, run_dir=out, distributed=dist if dist is not None else False,
+        **compress_kwargs,
     )
     masked_acc = result.metrics.get("accuracy")
+    if dist is not None and not dist.is_main:  # rank 0 finalizes, exports and measures; the others are done
+        return {"rank": rank, "world_size": world, "metrics": result.metrics,
+                "steps": result.history.epochs[-1]["step"] if result.history.epochs else 0,
+                "units_per_layer": {t.kind: [len(k) for k in t.kept()] for t in result.techniques if hasattr(t, "kept")}}
     hf, spec = finalize_hf_with_spec(student_w, result.techniques)
     hf.eval()
     final_acc = accuracy(SequenceClassifier(hf), x_dev, y_dev)
@@ -203,7 +217,8 @@ def run_hf_recipe(
         },
         "accuracy_ratio_vs_teacher": final_acc / teacher_acc if teacher_acc else None,
         "size_ratio_vs_teacher": (teacher_bytes / student_bytes) if teacher_bytes and student_bytes else None,
-        "train_rows": len(train_data), "dev_rows": len(dev_data),
+        "train_rows": len(train_data), "dev_rows": len(dev_data), "world_size": world,
+        "steps": result.history.epochs[-1]["step"] if result.history.epochs else 0,
         "techniques": {k: v for k, v in result.summary().items() if "." in k},
         "pipeline_example": {"text": EXAMPLE, **example},
         "int8": int8_summary,
@@ -278,26 +293,36 @@ def deploy_int8(hf, teacher, dev_t: dict, onnx_dir: Path, *, seq_len: int, teach
 
 def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: bool, resume: bool,
                  checkpoint_every: int, max_nonfinite: int, console, progress_bar, tracked) -> None:
-    """The `jointcompress compress` path for HF recipes (single process)."""
+    """The `jointcompress compress` path for HF recipes (data-parallel under torchrun; rank 0 writes)."""
+    import contextlib
     import shutil
 
     from rich.table import Table
 
+    from jointcompress.distributed import init_from_env
     from jointcompress.io import atomic_write_text, check_output_dir, prepare_output_dir
 
+    dist = init_from_env()
+    main_rank = dist is None or dist.is_main
     if not resume:
-        check_output_dir(out, force=force)
-    out = prepare_output_dir(out, force=True) if resume else prepare_output_dir(out, force=force)
-    if force and not resume:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        shutil.rmtree(out / "hf_model", ignore_errors=True)
-        shutil.rmtree(out / "onnx", ignore_errors=True)
-        shutil.rmtree(out / "artifact", ignore_errors=True)
-    with progress_bar() as bar:
+        check_output_dir(out, force=force)  # every rank checks before any rank writes
+    if dist is not None:
+        dist.barrier()
+    if main_rank:
+        out = prepare_output_dir(out, force=True) if resume else prepare_output_dir(out, force=force)
+        if force and not resume:
+            for sub in ("checkpoints", "hf_model", "onnx", "artifact"):
+                shutil.rmtree(out / sub, ignore_errors=True)
+    if dist is not None:
+        dist.barrier()
+    with progress_bar() if main_rank else contextlib.nullcontext() as bar:
         summary = run_hf_recipe(
-            recipe, out, data, weights, progress=tracked(bar, recipe.mode), log=console.print,
-            resume=resume, checkpoint_every=checkpoint_every, max_nonfinite=max_nonfinite, distributed=False,
+            recipe, out, data, weights, progress=tracked(bar, recipe.mode) if main_rank else None,
+            log=console.print if main_rank else (lambda msg: None), resume=resume, checkpoint_every=checkpoint_every,
+            max_nonfinite=max_nonfinite, distributed=dist if dist is not None else False,
         )
+    if not main_rank:
+        return
     t, s = summary["teacher"], summary["student"]
     table = Table(title=f"{recipe.name} (HF, {summary['train_rows']} train rows, {summary['dev_rows']} dev rows)")
     q = summary.get("int8")

@@ -72,10 +72,20 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     hf.data.batches does). With SequenceClassifier's trimming, a batch costs its longest row,
     so this makes CPU training several times cheaper on short-sentence data. The shuffle
     draws from `generator` only, so the DataLoader's generator state replays an epoch exactly
-    (the loop's mid-epoch resume relies on that)."""
+    (the loop's mid-epoch resume relies on that).
 
-    def __init__(self, lengths: torch.Tensor, batch_size: int, bucket: int, generator: torch.Generator):
+    Data-parallel (world > 1): every rank draws the same global batches from an identically
+    seeded generator and keeps rows rank::world of each, so `batch_size` stays the global
+    batch and every rank runs the same number of steps as a single process would."""
+
+    shards_itself = True  # distributed.shard_loader leaves a loader with this sampler alone
+
+    def __init__(self, lengths: torch.Tensor, batch_size: int, bucket: int, generator: torch.Generator,
+                 rank: int = 0, world: int = 1):
+        if not 0 <= rank < world:
+            raise DataError(f"BucketBatchSampler: rank {rank} is not in 0..{world - 1}")
         self.lengths, self.batch_size, self.bucket, self.generator = lengths, batch_size, bucket, generator
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         return (len(self.lengths) + self.batch_size - 1) // self.batch_size
@@ -91,16 +101,25 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         order = torch.cat(chunks)
         batches = [order[s:s + bs].tolist() for s in range(0, n, bs)]
         for i in torch.randperm(len(batches), generator=self.generator).tolist():
-            yield batches[i]
+            yield self._shard(batches[i])
+
+    def _shard(self, batch: list[int]) -> list[int]:
+        if self.world == 1:
+            return batch
+        mine = batch[self.rank::self.world]
+        return mine or [batch[self.rank % len(batch)]]  # a last batch smaller than the world: repeat a row
 
 
 def tensor_loader(tensors: dict[str, torch.Tensor], batch_size: int, shuffle: bool = True, seed: int = 0,
-                  bucket: int = 50):
+                  bucket: int = 50, rank: int = 0, world: int = 1):
     """A DataLoader of (pack(ids, mask), labels, index) from tokenize()'s dict.
 
     Bypasses data.check_tensors (which wants float inputs): token ids are integers. With
-    shuffle and bucket > 0, batches hold rows of similar length (BucketBatchSampler).
+    shuffle and bucket > 0, batches hold rows of similar length (BucketBatchSampler), sharded
+    over `world` data-parallel ranks when world > 1 (batch_size is then the global batch).
     """
+    if world > 1 and not (shuffle and bucket > 0):
+        raise DataError("tensor_loader: data-parallel loading needs shuffle=True and bucket > 0 (BucketBatchSampler)")
     from torch.utils.data import DataLoader, TensorDataset
 
     x = pack(tensors["input_ids"], tensors["attention_mask"])
@@ -108,7 +127,7 @@ def tensor_loader(tensors: dict[str, torch.Tensor], batch_size: int, shuffle: bo
     g = torch.Generator().manual_seed(seed)
     ds = TensorDataset(x, y, torch.arange(len(y)))
     if shuffle and bucket > 0:
-        sampler = BucketBatchSampler(x[:, 1].sum(1), batch_size, bucket, g)
+        sampler = BucketBatchSampler(x[:, 1].sum(1), batch_size, bucket, g, rank=rank, world=world)
         return DataLoader(ds, batch_sampler=sampler, generator=g)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g)
 
