@@ -110,3 +110,25 @@ def test_int8_onnx_uses_the_trained_lsq_integers(finalized, tmp_path):
     ids = torch.full((3, 12), 5)
     out = OrtClassifier(q)(ids, torch.ones_like(ids))
     assert out.shape == (3, 2) and torch.isfinite(out).all()
+
+
+def test_distilbert_pruned_artifact_round_trip(tmp_path):
+    from hf_helpers import inputs, tiny_distilbert
+
+    from jointcompress.hf.ffn import ffn_widths, prune_ffn
+    from jointcompress.hf.heads import prune_heads
+    from jointcompress.spec import CompressionSpec
+
+    model = tiny_distilbert(layers=2, heads=4, ffn=64)
+    prune_heads(model, [[0, 2], [1, 2, 3]])
+    prune_ffn(model, [list(range(0, 64, 2)), list(range(40))])
+    manifest = save_hf_artifact(model, CompressionSpec(), tmp_path / "art", ptq_bits=6)
+    assert manifest["extra"]["hf_config"]["model_type"] == "jointcompress_distilbert"
+    assert manifest["layers"]["distilbert.embeddings.word_embeddings"]["bits"] == 6
+    x = inputs()
+    loaded, tok = load_hf_artifact(tmp_path / "art")
+    assert tok is None
+    with torch.no_grad():
+        a, b = model(**x).logits, loaded(**x).logits
+    assert (a - b).abs().max() <= 1e-5
+    assert head_counts(loaded) == [2, 3] and ffn_widths(loaded) == [32, 40]
