@@ -132,11 +132,18 @@ def sst2_section() -> list[str]:
                   "accuracy (int8)": (q.get("accuracy_ratio_vs_teacher") or 0) >= 0.98}
         out.append(f"- {mode}: " + ", ".join(f"{k} {'met' if v else '**missed**'}" for k, v in checks.items()) + ".")
     if len(got) == 2:
-        j, sq = got["joint"]["artifact"]["dev_accuracy"], got["sequential"]["artifact"]["dev_accuracy"]
-        se = 100 * (j * (1 - j) / got["joint"]["dev_rows"]) ** 0.5
-        word = "beats" if j > sq else "does **not** beat"
-        out.append(f"- Joint {word} sequential on the artifact: {100 * j:.2f}% vs {100 * sq:.2f}% "
-                   f"(one seed; one standard error of a dev accuracy here is about {se:.1f} points).")
+        jr, sr = got["joint"], got["sequential"]
+        se = 100 * (jr["artifact"]["dev_accuracy"] * (1 - jr["artifact"]["dev_accuracy"]) / jr["dev_rows"]) ** 0.5
+        stages = [("trained (masked, full vocabulary)", jr["student"]["dev_accuracy_masked"], sr["student"]["dev_accuracy_masked"]),
+                  ("packed artifact", jr["artifact"]["dev_accuracy"], sr["artifact"]["dev_accuracy"]),
+                  ("int8 ONNX", (jr.get("int8") or {}).get("dev_accuracy"), (sr.get("int8") or {}).get("dev_accuracy"))]
+        diffs = [100 * (j - q) for _, j, q in stages if j is not None and q is not None]
+        verdict = ("tied within noise: every difference is below one standard error"
+                   if all(abs(d) < se for d in diffs) else
+                   "joint ahead at every stage" if all(d > 0 for d in diffs) else "mixed")
+        out.append(f"- Joint vs sequential: {verdict} (one seed; one standard error of a dev accuracy here is about "
+                   f"{se:.1f} points). " + "; ".join(f"{name}: {100 * j:.2f}% vs {100 * q:.2f}%"
+                                                      for name, j, q in stages if j is not None and q is not None) + ".")
     return out + [""]
 
 
