@@ -6,7 +6,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from artifact_helpers import SmallCNN, TinyResNet, example_input, fake_finalize
+from artifact_helpers import SmallCNN, example_input, fake_finalize
 from jointcompress.artifact import save
 from jointcompress.bench import bench, count_macs, count_params, render_table
 

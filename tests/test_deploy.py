@@ -1,6 +1,4 @@
 """ONNX export and int8 inference match the PyTorch model they came from."""
-import warnings
-
 import numpy as np
 import pytest
 import torch

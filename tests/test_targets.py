@@ -3,10 +3,8 @@ import copy
 import os
 
 import pytest
-import torch
 
 from jointcompress.api import compress
-from jointcompress.artifact.size import dense_fp32_bytes
 from jointcompress.artifact.store import save
 from jointcompress.data import evaluator, load_digits
 from jointcompress.finalize import finalize

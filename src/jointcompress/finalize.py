@@ -20,7 +20,7 @@ from .techniques.masks import ApplyMask
 from .techniques.quant_lsq import LSQWeight
 
 
-def _quant_specs(model: nn.Module) -> dict[str, LayerSpec]:
+def quant_specs(model: nn.Module) -> dict[str, LayerSpec]:
     specs = {}
     for name, m in model.named_modules():
         if parametrize.is_parametrized(m, "weight"):
@@ -69,7 +69,7 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None) 
     """
     was_training = model.training
     model.eval()
-    specs = _quant_specs(model)
+    specs = quant_specs(model)
     plan = _structured_plan(model)
     _remove_reparametrizations(model)
     spec = CompressionSpec(layers=specs, recipe=recipe)

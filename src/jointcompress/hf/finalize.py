@@ -25,7 +25,7 @@ from torch import nn
 from jointcompress.hf.int8 import bake_parametrizations
 from jointcompress.hf.modeling_pruned import ARCH, family, head_dim, layers
 from jointcompress.hf.wrapper import unwrap
-from jointcompress.spec import CompressionSpec, LayerSpec
+from jointcompress.spec import CompressionSpec
 
 
 @torch.no_grad()
@@ -41,7 +41,7 @@ def finalize_hf(model: nn.Module, techniques: list) -> nn.Module:
 @torch.no_grad()
 def finalize_hf_with_spec(model: nn.Module, techniques: list) -> tuple[nn.Module, CompressionSpec]:
     """finalize_hf, plus the CompressionSpec (LSQ bits and step sizes of the kept rows)."""
-    from jointcompress.finalize import _quant_specs
+    from jointcompress.finalize import quant_specs
     from jointcompress.hf.ffn import prune_ffn
     from jointcompress.hf.heads import prune_heads
 
@@ -50,7 +50,7 @@ def finalize_hf_with_spec(model: nn.Module, techniques: list) -> tuple[nn.Module
     kept = {kind: t.kept() for kind, t in units.items()}
     for t in units.values():
         t.detach()
-    specs = {name: ls for name, ls in _quant_specs(hf).items() if ls.bits is not None}
+    specs = {name: ls for name, ls in quant_specs(hf).items() if ls.bits is not None}
     rows = kept_rows(hf, kept.get("prune_heads"), kept.get("prune_ffn"))
     _drop_input_quant(hf)
     bake_parametrizations(hf)
