@@ -326,3 +326,65 @@ def test_hidden_state_distillation_cosine_with_projection():
         before = feature_loss(proj(layer1(initial)), target, "cosine").item()
         after = feature_loss(proj(layer1(result.model)), target, "cosine").item()
     assert after < 0.5 * before, (before, after)
+
+
+def test_prune_layers_learned_gates_exact_count_and_physical_removal(tmp_path):
+    """prune_layers: learned per-layer gates, soft then exactly binary, exactly 2 of 4 layers kept;
+    finalize removes the gated-off layers (they are identities) without changing the logits, and
+    the LSQ spec follows the renumbered layers into the packed artifact."""
+    from jointcompress.hf.artifact import load_hf_artifact, save_hf_artifact
+    from jointcompress.hf.finalize import finalize_hf_with_spec
+    from jointcompress.hf.pruned import n_layers
+
+    data = synthetic()
+    x, y = pack(data["input_ids"], data["attention_mask"]), data["labels"]
+    teacher = SequenceClassifier(tiny_bert(layers=4, heads=HEADS, ffn=FFN, seed=1))
+    student = SequenceClassifier(tiny_bert(layers=4, heads=HEADS, ffn=FFN, seed=0))
+    rec = recipe(epochs=3)
+    rec["techniques"] = [{"type": "prune_layers", "sparsity": 0.5, "end": 0.6}, rec["techniques"][0],
+                         *rec["techniques"][2:]]
+    result = api.compress(student, rec, tensor_loader(data, 16, seed=0),
+                          lambda m: {"accuracy": accuracy(m, x, y)}, teacher=teacher)
+    temps = [e["prune_layers.temperature"] for e in result.history.epochs]
+    assert temps[0] > 0 and temps[-1] == 0.0  # soft gates inside the window, exactly binary after it
+    gates = next(t for t in result.techniques if t.kind == "prune_layers")
+    g = gates.current_mask()
+    assert g.shape == (1, 4) and set(g.unique().tolist()) == {0.0, 1.0} and int(g.sum()) == 2
+    model = result.model.eval()
+    with torch.no_grad():
+        masked = model(x)
+    hf, spec = finalize_hf_with_spec(model, result.techniques)
+    assert n_layers(hf.config) == 2 and len(hf.bert.encoder.layer) == 2
+    with torch.no_grad():
+        assert torch.allclose(SequenceClassifier(hf).eval()(x), masked, atol=1e-4)
+    assert len(spec.layers) == 2 * 6 and all(n.startswith(("bert.encoder.layer.0.", "bert.encoder.layer.1.")) for n in spec.layers)
+    save_hf_artifact(hf, spec, tmp_path / "art", ptq_bits=8)
+    loaded, _ = load_hf_artifact(tmp_path / "art")
+    with torch.no_grad():
+        assert (SequenceClassifier(loaded).eval()(x) - SequenceClassifier(hf).eval()(x)).abs().max() <= 1e-5
+    assert len(loaded.bert.encoder.layer) == 2
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_layer_gate_at_zero_is_exactly_the_dropped_layer(family):
+    from hf_helpers import inputs, tiny_distilbert
+
+    from jointcompress.hf.layers import attach_layer_gate, drop_layers
+
+    class Gate(torch.nn.Module):
+        def __init__(self, values):
+            super().__init__()
+            self.scores = torch.tensor([values])
+
+        def forward(self):
+            return self.scores
+
+    build = tiny_bert if family == "bert" else tiny_distilbert
+    gated, dropped = build(layers=4, seed=3), build(layers=4, seed=3)
+    handles = attach_layer_gate(gated, Gate([1.0, 0.0, 1.0, 0.0]))
+    drop_layers(dropped, [0, 2])
+    x = inputs()
+    with torch.no_grad():
+        assert torch.allclose(gated(**x).logits, dropped(**x).logits, atol=1e-6)
+    for h in handles:
+        h.remove()

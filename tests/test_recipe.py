@@ -23,6 +23,10 @@ def test_builtin_recipes_validate():
         ({"sequential": {"prune": 0.9}}, "sequential", "sum to 1"),
         ({"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "start": 0.8, "end": 0.2}]}, "techniques.0.prune_unstructured", "end"),
         ({"techniques": [{"type": "quant_lsq"}, {"type": "quant_lsq"}]}, "(top level)", "appears 2 times"),
+        ({"techniques": [{"type": "prune_layers", "sparsity": 0.5, "per_layer": True}]}, "techniques.0.prune_layers", "per_layer does not apply"),
+        ({"hf": {"ptq_bits": 1}}, "hf.ptq_bits", "greater than or equal to 2"),
+        ({"techniques": [{"type": "distill_kd", "features": [{"student": "a", "teacher": "b", "loss": "l1"}]}]},
+         "techniques.0.distill_kd.features.0.loss", "'mse' or 'cosine'"),
     ],
 )
 def test_invalid_recipe_names_the_field(bad, field, words):

@@ -125,6 +125,18 @@ class PruneFFN(_PruneUnits):
     type: Literal["prune_ffn"]
 
 
+class PruneLayers(_PruneUnits):
+    """Whole transformer layers: one global top-k over the layers (min_keep: fraction kept)."""
+
+    type: Literal["prune_layers"]
+
+    @model_validator(mode="after")
+    def _global(self):
+        if self.per_layer:
+            raise ValueError("per_layer does not apply to prune_layers (there is one gate per layer); remove it")
+        return self
+
+
 class HF(Strict):
     """Hugging Face text classification (`jointcompress compress` dispatches to jointcompress.hf)."""
 
@@ -139,7 +151,7 @@ class HF(Strict):
 
 
 Technique = Annotated[
-    Union[PruneUnstructured, PruneStructured, QuantLSQ, DistillKD, PruneHeads, PruneFFN], Field(discriminator="type")
+    Union[PruneUnstructured, PruneStructured, QuantLSQ, DistillKD, PruneHeads, PruneFFN, PruneLayers], Field(discriminator="type")
 ]
 
 
@@ -215,7 +227,7 @@ class Recipe(Strict):
     def _combinations(self):
         kinds = [t.type for t in self.techniques]
         for k in set(kinds):
-            if kinds.count(k) > 1 and k in ("quant_lsq", "distill_kd", "prune_heads", "prune_ffn"):
+            if kinds.count(k) > 1 and k in ("quant_lsq", "distill_kd", "prune_heads", "prune_ffn", "prune_layers"):
                 raise ValueError(f"technique '{k}' appears {kinds.count(k)} times; use it once")
         return self
 
@@ -233,7 +245,7 @@ def _format(err: ValidationError, source: str) -> str:
             lines.append(f"  - {loc}: unknown key; remove it or check its spelling")
         elif e["type"] == "union_tag_invalid" or e["type"] == "union_tag_not_found":
             lines.append(
-                f"  - {loc}: {msg}. Allowed types: prune_unstructured, prune_structured, quant_lsq, distill_kd, prune_heads, prune_ffn"
+                f"  - {loc}: {msg}. Allowed types: prune_unstructured, prune_structured, quant_lsq, distill_kd, prune_heads, prune_ffn, prune_layers"
             )
         else:
             lines.append(f"  - {loc}: {msg} (got {got!r})" if "input" in e else f"  - {loc}: {msg}")

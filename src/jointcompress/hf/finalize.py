@@ -8,7 +8,9 @@ weights. finalize_hf
      fake-quantized value (on the LSQ grid: at most 2^b distinct values per row),
   3. physically removes the masked heads and neurons (prune_heads / prune_ffn in
      jointcompress.hf), which switches the model to the `jointcompress_bert` /
-     `jointcompress_distilbert` classes that save and load per-layer widths.
+     `jointcompress_distilbert` classes that save and load per-layer widths,
+  4. drops the layers whose learned gate ended at 0 (prune_layers), which were exact
+     identities, and renumbers the rest.
 The result is a plain HF model whose eval-mode logits equal the masked model's.
 
 What the plain weights cannot say -- each LSQ layer's bit-width and per-row step sizes -- is
@@ -46,7 +48,8 @@ def finalize_hf_with_spec(model: nn.Module, techniques: list) -> tuple[nn.Module
     from jointcompress.hf.heads import prune_heads
 
     hf = unwrap(model)
-    units = {t.kind: t for t in techniques if t.kind in ("prune_heads", "prune_ffn") and getattr(t, "mask", None) is not None}
+    units = {t.kind: t for t in techniques
+             if t.kind in ("prune_heads", "prune_ffn", "prune_layers") and getattr(t, "mask", None) is not None}
     kept = {kind: t.kept() for kind, t in units.items()}
     for t in units.values():
         t.detach()
@@ -64,7 +67,30 @@ def finalize_hf_with_spec(model: nn.Module, techniques: list) -> tuple[nn.Module
             ls.scale = ls.scale[idx].clone()
     for ls in specs.values():  # activation quantizers were dropped above (ONNX Runtime quantizes at run time)
         ls.act_bits = ls.act_scale = None
+    if "prune_layers" in kept:
+        specs = _drop_gated_layers(hf, kept["prune_layers"][0], specs)
     return hf, CompressionSpec(layers=specs)
+
+
+def _drop_gated_layers(hf: nn.Module, keep: list[int], specs: dict) -> dict:
+    """Remove the layers whose gate ended at 0 (exact identities) and renumber the spec's names."""
+    from jointcompress.hf.layers import drop_layers
+
+    keep = sorted(keep)
+    names = {id(m): n for n, m in hf.named_modules()}
+    before = [names[id(layer)] + "." for layer in layers(hf)]
+    drop_layers(hf, keep)
+    names = {id(m): n for n, m in hf.named_modules()}
+    after = [names[id(layer)] + "." for layer in layers(hf)]
+    renamed = {before[old]: after[new] for new, old in enumerate(keep)}
+    out = {}
+    for name, ls in specs.items():
+        prefix = next((p for p in before if name.startswith(p)), None)
+        if prefix is None:
+            out[name] = ls  # not inside a transformer layer
+        elif prefix in renamed:
+            out[renamed[prefix] + name[len(prefix):]] = ls
+    return out
 
 
 def kept_rows(hf: nn.Module, heads: list[list[int]] | None, neurons: list[list[int]] | None) -> dict[str, torch.Tensor]:

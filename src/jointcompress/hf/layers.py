@@ -1,11 +1,18 @@
-"""Whole-layer removal (also how DistilBERT-style students are initialised).
+"""Whole-layer removal (also how DistilBERT-style students are initialised), and the learned
+layer gate that decides which layers to remove.
 
 Dropping a layer is exact bookkeeping: filter the ModuleList, update the layer count in
 the config and filter any per-layer width lists so they stay aligned with the layers.
+
+The gate (`attach_layer_gate`) makes layer i compute g_i * layer(h) + (1 - g_i) * h: a
+residual bypass. At g_i = 0 the layer is exactly the identity, so removing it physically
+changes nothing, which is what lets prune_layers train soft gates and end at an exact
+number of layers.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from jointcompress.errors import RecipeError
@@ -38,6 +45,35 @@ def drop_layers(model: nn.Module, keep: list[int]) -> nn.Module:
         if widths is not None:
             setattr(cfg, field, [widths[i] for i in keep])
     return model
+
+
+def attach_layer_gate(model: nn.Module, mask) -> list:
+    """Blend each layer's output with its input by mask()[0][i]; returns hook handles."""
+    mods = get_sub(model.base_model, ARCH[family(model.config)]["layers"])
+    if tuple(mask.scores.shape) != (1, len(mods)):
+        raise RecipeError(
+            f"layer gate is {tuple(mask.scores.shape)} but the model has {len(mods)} layers; build it for this model"
+        )
+    handles = []
+    for i, layer in enumerate(mods):
+        def hook(module, args, output, i=i):
+            h_in = args[0]
+            h_out = output[0] if isinstance(output, tuple) else output
+            g = mask()[0, i].to(h_out.dtype)
+            mixed = g * h_out + (1 - g) * h_in
+            return (mixed,) + tuple(output[1:]) if isinstance(output, tuple) else mixed
+
+        handles.append(layer.register_forward_hook(hook))
+    return handles
+
+
+def layer_magnitude(model: nn.Module) -> torch.Tensor:
+    """A weight-only guess of how much each layer changes the residual stream, shape [1, layers]:
+    ||W_v|| * ||W_o|| (attention) + ||W_in|| * ||W_out|| (FFN), Frobenius norms."""
+    a = ARCH[family(model.config)]
+    norm = lambda layer, part: get_sub(layer, a[part]).weight.detach().float().norm()  # noqa: E731
+    mods = get_sub(model.base_model, a["layers"])
+    return torch.stack([norm(m, "v") * norm(m, "o") + norm(m, "ffn_in") * norm(m, "ffn_out") for m in mods])[None]
 
 
 def every_other(total: int, target: int) -> list[int]:

@@ -2,7 +2,7 @@
 from .base import RunContext, Technique
 from .distill_kd import DistillKD, hinton_loss, kd_loss
 from .prune_structured import PruneStructured
-from .prune_units import PruneFFN, PruneHeads
+from .prune_units import PruneFFN, PruneHeads, PruneLayers
 from .prune_unstructured import PruneUnstructured
 from .quant_lsq import LSQWeight, QuantLSQ
 
@@ -12,6 +12,7 @@ REGISTRY = {
     "quant_lsq": QuantLSQ,
     "distill_kd": DistillKD,
     "prune_heads": PruneHeads,
+    "prune_layers": PruneLayers,
     "prune_ffn": PruneFFN,
 }
 

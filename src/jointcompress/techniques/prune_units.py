@@ -1,9 +1,11 @@
-"""Structured pruning of transformer units: attention heads and FFN intermediate neurons.
+"""Structured pruning of transformer units: attention heads, FFN intermediate neurons and
+whole layers.
 
 Built on jointcompress.hf: a `UnitMask` (learned scores -> soft mask centred on the exact
 top-k threshold -> exactly-k binary mask with a straight-through gradient) multiplied into
 each layer by forward pre-hooks (heads: the input of the attention output projection;
-FFN: the input of the FFN output projection). The hooks leave the HF forward and the
+FFN: the input of the FFN output projection; layers: a forward hook blending the layer's
+output with its input, so a gate of 0 makes the layer an exact identity). The hooks leave the HF forward and the
 weights untouched, so LSQ parametrizations on the same Linear layers compose with them.
 
 Schedule over the technique's window (plan.py sets `self.window`): before it the mask is
@@ -35,7 +37,7 @@ def _hf_model(model: nn.Module) -> nn.Module:
 
     if cfg is None or getattr(cfg, "model_type", None) not in FAMILY_OF:
         raise RecipeError(
-            "prune_heads / prune_ffn need a Hugging Face BERT-family or DistilBERT classifier "
+            "prune_heads / prune_ffn / prune_layers need a Hugging Face BERT-family or DistilBERT classifier "
             "(wrap it with jointcompress.hf.wrapper.SequenceClassifier); "
             f"got {type(hf).__name__}"
         )
@@ -236,3 +238,25 @@ class PruneFFN(_PruneUnits):
         from ..hf.ffn import attach_ffn_mask
 
         return attach_ffn_mask(hf, mask)
+
+
+class PruneLayers(_PruneUnits):
+    """Remove a fraction `sparsity` of the transformer layers (one global top-k over layers)."""
+
+    kind = "prune_layers"
+    unit = "layers"
+
+    def _shape(self, hf):
+        from ..hf.pruned import n_layers
+
+        return 1, n_layers(hf.config)
+
+    def _magnitude(self, hf):
+        from ..hf.layers import layer_magnitude
+
+        return layer_magnitude(hf)
+
+    def _attach(self, hf, mask):
+        from ..hf.layers import attach_layer_gate
+
+        return attach_layer_gate(hf, mask)
