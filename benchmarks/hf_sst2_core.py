@@ -1,13 +1,17 @@
 """The SST-2 case through the core loop (the path `jointcompress compress` takes), at the
 full budget: all 67,349 train rows, 1 epoch, vocabulary trimming on, packed artifact, ONNX
-Runtime int8. --mode joint (prune heads + FFN, LSQ and KD at once) or sequential (prune ->
-fine-tune -> quantize -> fine-tune, KD throughout: the same steps, scheduled one after another).
+Runtime int8. --mode joint (prune heads + FFN, LSQ and KD at once), sequential (prune ->
+fine-tune -> quantize -> fine-tune, KD throughout: the same steps, scheduled one after another)
+or progressive (prune the 6-layer *teacher* for one epoch, build the student from the pruned
+teacher's layers, distil for half an epoch-equivalent, then LSQ + KD; each stage runs one epoch
+over the same random half of the train rows, so the step count equals the other modes').
 
     .venv/bin/python benchmarks/hf_sst2_core.py --data ../shared/datasets/sst2 --teacher runs/hf_teacher --mode joint
     .venv/bin/python benchmarks/hf_sst2_core.py --data ../shared/datasets/sst2 --teacher runs/hf_teacher --mode sequential
+    .venv/bin/python benchmarks/hf_sst2_core.py --data ../shared/datasets/sst2 --teacher runs/hf_teacher --mode progressive
 
-Writes runs/hf_sst2_core[_sequential]/ (artifact, model folder, ONNX, summary.json) and copies
-summary.json to benchmarks/results/hf_sst2_core[_sequential].json. The teacher folder comes
+Writes runs/hf_sst2_core[_MODE]/ (artifact, model folder, ONNX, summary.json) and copies
+summary.json to benchmarks/results/hf_sst2_core[_MODE].json (no suffix for joint). The teacher folder comes
 from `benchmarks/hf_sst2.py teacher` (MiniLM-L6 fine-tuned on SST-2).
 """
 from __future__ import annotations
@@ -27,20 +31,25 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
     ap.add_argument("--teacher", required=True)
-    ap.add_argument("--mode", choices=["joint", "sequential"], default="joint")
+    ap.add_argument("--mode", choices=["joint", "sequential", "progressive"], default="joint")
     ap.add_argument("--out", default=None, help="default runs/hf_sst2_core (joint), runs/hf_sst2_core_sequential")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     suffix = "" if args.mode == "joint" else "_" + args.mode
     base = load_recipe(builtin_recipe("hf_sst2")).model_dump()
-    base["mode"] = args.mode
+    base["mode"] = "sequential" if args.mode == "sequential" else "joint"
     base["hf"]["train_limit"] = None  # every train row
     base["hf"]["trim_vocab"] = True
+    if args.mode == "progressive":  # two one-epoch stages over half the rows: the same number of steps
+        base["hf"]["train_limit"] = 67349 // 2
+        for t in base["techniques"]:
+            if t["type"] == "quant_lsq":
+                t["start"] = 0.5  # stage 2: distil first, then quantize (with KD)
     recipe = parse_recipe(base, source="benchmarks/hf_sst2_core.py")
     out = Path(args.out or f"runs/hf_sst2_core{suffix}")
     shutil.rmtree(out, ignore_errors=True)
-    run_hf_recipe(recipe, out, args.data, weights=args.teacher, log=print)
+    run_hf_recipe(recipe, out, args.data, weights=args.teacher, log=print, progressive=args.mode == "progressive")
     summary = json.loads((out / "summary.json").read_text())
     summary["command"] = (f"python benchmarks/hf_sst2_core.py --data {args.data} --teacher {args.teacher} "
                           f"--mode {args.mode} --threads {args.threads}")

@@ -388,3 +388,44 @@ def test_layer_gate_at_zero_is_exactly_the_dropped_layer(family):
         assert torch.allclose(gated(**x).logits, dropped(**x).logits, atol=1e-6)
     for h in handles:
         h.remove()
+
+
+def test_progressive_prunes_the_teacher_then_distils_into_a_student_of_its_layers():
+    from jointcompress.hf.student import make_student
+    from jointcompress.progressive import progressive
+
+    data = synthetic()
+    x, y = pack(data["input_ids"], data["attention_mask"]), data["labels"]
+    teacher = SequenceClassifier(tiny_bert(layers=4, heads=HEADS, ffn=FFN, seed=1))
+    before = teacher.hf.bert.encoder.layer[0].attention.self.query.weight.clone()
+    rec = recipe(epochs=4)
+    first, second = progressive(
+        teacher, None, rec, tensor_loader(data, 16, seed=0), lambda m: {"accuracy": accuracy(m, x, y)},
+        student_from=lambda t: SequenceClassifier(make_student(t.hf, [0, 3])),
+    )
+    assert [t.kind for t in first.techniques] == ["prune_heads", "prune_ffn"]
+    assert {t.kind for t in second.techniques} == {"quant_lsq", "distill_kd"}
+    pruned = first.model.hf
+    assert sum(head_counts(pruned)) == 4 * HEADS // 2 and sum(ffn_widths(pruned)) == 4 * FFN // 2  # physically
+    student = second.model.hf
+    kept = [0, 3]
+    assert head_counts(student) == [head_counts(pruned)[i] for i in kept]  # the student inherits the pruned layers
+    assert ffn_widths(student) == [ffn_widths(pruned)[i] for i in kept]
+    assert len(first.history.epochs) == 2 and len(second.history.epochs) == 2  # the recipe's 4 epochs, split
+    assert torch.equal(teacher.hf.bert.encoder.layer[0].attention.self.query.weight, before)  # user's teacher untouched
+    with torch.no_grad():
+        assert torch.isfinite(second.model.eval()(x)).all()
+
+
+def test_run_hf_recipe_progressive(tmp_path):
+    from jointcompress.hf.pipeline import run_hf_recipe
+
+    teacher_dir = teacher_folder(tmp_path, heads=HEADS, ffn=FFN)
+    data = sst2_folder(tmp_path, seed=2)
+    rec = recipe(epochs=2)
+    rec["hf"] = {"student_layers": [0, 3], "max_length": 16}
+    s = run_hf_recipe(rec, tmp_path / "prog", data, teacher_dir, int8=False, progressive=True)
+    assert s["progressive"] and s["student"]["layers"] == 2
+    assert s["techniques"]["prune_heads.heads_kept"] == 4 * HEADS // 2  # pruned on the 4-layer teacher
+    assert sum(s["student"]["heads_per_layer"]) < 4 * HEADS // 2  # the student keeps 2 of those layers
+    assert s["artifact"]["lsq_layers"] == {"4": 12}

@@ -8,6 +8,7 @@ it can be compared with `mode: joint` and `mode: sequential` on the same budget.
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch.nn as nn
 
@@ -17,22 +18,33 @@ from .finalize import finalize
 from .recipe import DistillKD, Recipe, parse_recipe
 
 
+HF_UNITS = ("prune_heads", "prune_ffn", "prune_layers")
+
+
 def progressive(
     teacher: nn.Module,
-    student: nn.Module,
+    student: nn.Module | None,
     recipe: Recipe | dict,
     train_data,
     evaluate,
     prune_fraction: float = 0.5,
     progress=None,
+    *,
+    student_from: Callable[[nn.Module], nn.Module] | None = None,
 ) -> tuple[Result, Result]:
-    """Returns (pruned-teacher result, student result); `student` is compressed in place.
+    """Returns (pruned-teacher result, student result); the student is compressed in place.
 
     Stage 1 trains a copy of the teacher with the recipe's pruning techniques (task loss
-    only) for `prune_fraction` of the epochs and finalizes it (channels physically removed).
-    Stage 2 distils that pruned teacher into `student` with the remaining techniques for the
-    remaining epochs (a default `distill_kd` is added if the recipe has none).
+    only) for `prune_fraction` of the epochs and finalizes it (channels, or for Hugging Face
+    models heads / FFN neurons / layers, physically removed). Stage 2 distils that pruned
+    teacher into the student with the remaining techniques for the remaining epochs (a
+    default `distill_kd` is added if the recipe has none). Give `student`, or
+    `student_from(pruned_teacher)` to build it from the pruned teacher (e.g. a DistilBERT-style
+    student of its layers: `lambda t: SequenceClassifier(make_student(t.hf, [0, 2, 4, 5]))`).
+    The result's `.model` of stage 2 is the student.
     """
+    if (student is None) == (student_from is None):
+        raise RecipeError("progressive: give exactly one of `student` and `student_from`")
     recipe = parse_recipe(recipe)
     if not 0 < prune_fraction < 1:
         raise RecipeError(f"prune_fraction must be in (0, 1), got {prune_fraction}")
@@ -49,7 +61,15 @@ def progressive(
                                        "training": recipe.training.model_copy(update={"epochs": e1})})
     pruned_teacher = copy.deepcopy(teacher)
     first = compress(pruned_teacher, stage1, train_data, evaluate, progress=progress)
-    finalize(pruned_teacher, first.example_inputs)
+    if any(t.type in HF_UNITS for t in prune):
+        from .hf.finalize import finalize_hf
+
+        finalize_hf(pruned_teacher, first.techniques)  # in place: the wrapper now holds the pruned model
+    else:
+        finalize(pruned_teacher, first.example_inputs)
+    pruned_teacher.eval()
+    if student is None:
+        student = student_from(pruned_teacher)
     stage2 = recipe.model_copy(update={"techniques": rest,
                                        "training": recipe.training.model_copy(update={"epochs": e2})})
     second = compress(student, stage2, train_data, evaluate, teacher=pruned_teacher, progress=progress)

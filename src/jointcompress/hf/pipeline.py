@@ -84,6 +84,7 @@ def run_hf_recipe(
     *,
     int8: bool = True,
     trim_vocab: bool | None = None,
+    progressive: bool = False,
     int8_atol: float = INT8_ATOL,
     latency_rounds: int = 5,
     **compress_kwargs,
@@ -96,6 +97,11 @@ def run_hf_recipe(
     trim_vocab: overrides hf.trim_vocab (keep only the word-embedding rows the training text
     uses; the HF folder and the artifact then carry the trimmed tokenizer, which ONNX needs).
     latency_rounds: interleaved rounds of the teacher / int8 latency measurement.
+    progressive: instead of one run, prune the *teacher* first (the recipe's prune_*
+    techniques, task loss, half the epochs, heads / neurons removed physically), then build
+    the student from the pruned teacher's `hf.student_layers` and distil into it with the
+    other techniques for the other half (jointcompress.progressive; single process, no
+    checkpoints).
     compress_kwargs go to api.compress (resume, checkpoint_every, max_nonfinite, ...); the
     run directory is `out` (checkpoints in OUT/checkpoints).
 
@@ -152,11 +158,23 @@ def run_hf_recipe(
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     loader = tensor_loader(train_t, recipe.training.batch_size, shuffle=True, seed=recipe.training.seed,
                            rank=rank, world=world)
-    result = compress(
-        student_w, recipe, loader, lambda m: {"accuracy": accuracy(m, x_dev, y_dev)}, teacher=teacher_w,
-        progress=progress, callbacks=callbacks, run_dir=out, distributed=dist if dist is not None else False,
-        **compress_kwargs,
-    )
+    evaluate = lambda m: {"accuracy": accuracy(m, x_dev, y_dev)}  # noqa: E731
+    stage1 = None
+    if progressive:
+        from jointcompress.progressive import progressive as _progressive
+
+        if dist is not None:
+            raise RecipeError("progressive HF compression runs in one process; start it without torchrun")
+        layers_ = hf_cfg.student_layers
+        stage1, result = _progressive(teacher_w, None, recipe, loader, evaluate, progress=progress,
+                                 student_from=lambda t: SequenceClassifier(make_student(t.hf, layers_) if layers_
+                                                                           else copy.deepcopy(t.hf)))
+        student_w = result.model
+    else:
+        result = compress(
+            student_w, recipe, loader, evaluate, teacher=teacher_w, progress=progress, callbacks=callbacks,
+            run_dir=out, distributed=dist if dist is not None else False, **compress_kwargs,
+        )
     masked_acc = result.metrics.get("accuracy")
     if dist is not None and not dist.is_main:  # rank 0 finalizes, exports and measures; the others are done
         return {"rank": rank, "world_size": world, "metrics": result.metrics,
@@ -217,9 +235,9 @@ def run_hf_recipe(
         },
         "accuracy_ratio_vs_teacher": final_acc / teacher_acc if teacher_acc else None,
         "size_ratio_vs_teacher": (teacher_bytes / student_bytes) if teacher_bytes and student_bytes else None,
-        "train_rows": len(train_data), "dev_rows": len(dev_data), "world_size": world,
+        "train_rows": len(train_data), "dev_rows": len(dev_data), "world_size": world, "progressive": progressive,
         "steps": result.history.epochs[-1]["step"] if result.history.epochs else 0,
-        "techniques": {k: v for k, v in result.summary().items() if "." in k},
+        "techniques": {k: v for r in (stage1, result) if r is not None for k, v in r.summary().items() if "." in k},
         "pipeline_example": {"text": EXAMPLE, **example},
         "int8": int8_summary,
         "notes": [
