@@ -97,7 +97,7 @@ def longer_run_section() -> list[str]:
 def sst2_section() -> list[str]:
     """MiniLM-L6 on SST-2 through the core loop, joint vs sequential (benchmarks/hf_sst2_core.py)."""
     runs = {mode: ROOT / "benchmarks" / "results" / f"hf_sst2_core{suffix}.json"
-            for mode, suffix in (("joint", ""), ("sequential", "_sequential"))}
+            for mode, suffix in (("joint", ""), ("sequential", "_sequential"), ("progressive", "_progressive"))}
     got = {mode: json.loads(p.read_text()) for mode, p in runs.items() if p.is_file()}
     if not got:
         return []
@@ -111,18 +111,27 @@ def sst2_section() -> list[str]:
            "removed, 8-bit LSQ on the encoder Linears, KD, one epoch over all "
            f"{any_run['train_rows']:,} train rows, vocabulary trimmed to the training text. "
            "joint = everything at once; sequential = the same steps as prune (40%) -> fine-tune (10%) -> quantize (40%) -> "
-           "fine-tune (10%), KD throughout. Artifact = weights.safetensors + manifest.json of the packed artifact, loaded back "
+           "fine-tune (10%), KD throughout; progressive = prune the 6-layer teacher (task loss) for one epoch, build the "
+           "student from the pruned teacher's layers, distil, then LSQ + KD for one epoch, both stages over the same random "
+           "half of the train rows (the same number of steps as the others). Artifact = weights.safetensors + manifest.json of the packed artifact, loaded back "
            "and evaluated; int8 = ONNX Runtime int8 with the trained LSQ scales; latency 1 thread, seq len 64, teacher in "
            "PyTorch fp32, interleaved.", "",
-           "| run | dev acc | % of teacher | artifact bytes | smaller | int8 dev acc | int8 bytes | speed-up b1 | speed-up b32 |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-           f"| teacher fp32 | {100 * t['dev_accuracy']:.2f}% | 100% | {t['folder_bytes']:,} | 1x | - | - | 1x | 1x |"]
+           "| run | heads / FFN neurons | dev acc | % of teacher | artifact bytes | smaller | int8 dev acc | int8 bytes | speed-up b1 | speed-up b32 |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+           f"| teacher fp32 | {t['heads']} / {t['ffn_neurons']:,} | {100 * t['dev_accuracy']:.2f}% | 100% | {t['folder_bytes']:,} | 1x | - | - | 1x | 1x |"]
     for mode, r in got.items():
         a, q = r["artifact"], r.get("int8") or {}
         lat = q.get("latency", {})
-        out.append(f"| {mode} | {100 * a['dev_accuracy']:.2f}% | {100 * a['accuracy_ratio_vs_teacher']:.1f}% | "
+        st = r["student"]
+        out.append(f"| {mode} | {sum(st['heads_per_layer'])} / {sum(st['intermediate_per_layer']):,} | {100 * a['dev_accuracy']:.2f}% | {100 * a['accuracy_ratio_vs_teacher']:.1f}% | "
                    f"{a['bytes']['model']:,} | {a['size_ratio_vs_teacher']:.1f}x | "
                    f"{100 * q['dev_accuracy']:.2f}% | {q['int8_onnx_bytes']:,} | {lat.get('speedup_b1')}x | {lat.get('speedup_b32')}x |")
+    if "progressive" in got:
+        out += ["", "The progressive student is smaller than the others: its heads and neurons were chosen on the 6-layer "
+                "teacher (the same fractions of 72 heads and 9,216 neurons), and the 4 layers it keeps hold fewer of the "
+                "kept units than a 1/3 and 1/2 cut of the student's own would. Its vocabulary was also trimmed to the half "
+                f"of the train rows it saw ({got['progressive']['student'].get('vocab_kept', 0):,} word pieces vs "
+                f"{(got.get('joint') or got['progressive'])['student'].get('vocab_kept', 0):,})."]
     out += ["", "Targets (issue: >= 8x smaller, >= 3x faster at batch 1 and 32, >= 98% of the teacher's dev accuracy):", ""]
     for mode, r in got.items():
         a, q = r["artifact"], r.get("int8") or {}
@@ -131,17 +140,23 @@ def sst2_section() -> list[str]:
                   "accuracy (artifact)": a["accuracy_ratio_vs_teacher"] >= 0.98,
                   "accuracy (int8)": (q.get("accuracy_ratio_vs_teacher") or 0) >= 0.98}
         out.append(f"- {mode}: " + ", ".join(f"{k} {'met' if v else '**missed**'}" for k, v in checks.items()) + ".")
-    if len(got) == 2:
-        jr, sr = got["joint"], got["sequential"]
+    jr = got.get("joint")
+    for other in ("sequential", "progressive"):
+        if jr is None or other not in got:
+            continue
+        sr = got[other]
         se = 100 * (jr["artifact"]["dev_accuracy"] * (1 - jr["artifact"]["dev_accuracy"]) / jr["dev_rows"]) ** 0.5
-        stages = [("trained (masked, full vocabulary)", jr["student"]["dev_accuracy_masked"], sr["student"]["dev_accuracy_masked"]),
-                  ("packed artifact", jr["artifact"]["dev_accuracy"], sr["artifact"]["dev_accuracy"]),
+        stages = [("packed artifact", jr["artifact"]["dev_accuracy"], sr["artifact"]["dev_accuracy"]),
                   ("int8 ONNX", (jr.get("int8") or {}).get("dev_accuracy"), (sr.get("int8") or {}).get("dev_accuracy"))]
+        if other == "sequential":  # the same student trained both ways: compare before the export steps too
+            stages.insert(0, ("trained (masked, full vocabulary)", jr["student"]["dev_accuracy_masked"],
+                              sr["student"]["dev_accuracy_masked"]))
         diffs = [100 * (j - q) for _, j, q in stages if j is not None and q is not None]
         verdict = ("tied within noise: every difference is below one standard error"
                    if all(abs(d) < se for d in diffs) else
-                   "joint ahead at every stage" if all(d > 0 for d in diffs) else "mixed")
-        out.append(f"- Joint vs sequential: {verdict} (one seed; one standard error of a dev accuracy here is about "
+                   "joint ahead at every stage" if all(d > 0 for d in diffs) else
+                   f"{other} ahead at every stage" if all(d < 0 for d in diffs) else "mixed")
+        out.append(f"- Joint vs {other}: {verdict} (one seed; one standard error of a dev accuracy here is about "
                    f"{se:.1f} points). " + "; ".join(f"{name}: {100 * j:.2f}% vs {100 * q:.2f}%"
                                                       for name, j, q in stages if j is not None and q is not None) + ".")
     return out + [""]
