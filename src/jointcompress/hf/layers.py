@@ -56,14 +56,14 @@ def attach_layer_gate(model: nn.Module, mask) -> list:
         )
     handles = []
     for i, layer in enumerate(mods):
-        def hook(module, args, output, i=i):
-            h_in = args[0]
+        def hook(module, args, kwargs, output, i=i):
+            h_in = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
             h_out = output[0] if isinstance(output, tuple) else output
             g = mask()[0, i].to(h_out.dtype)
             mixed = g * h_out + (1 - g) * h_in
             return (mixed,) + tuple(output[1:]) if isinstance(output, tuple) else mixed
 
-        handles.append(layer.register_forward_hook(hook))
+        handles.append(layer.register_forward_hook(hook, with_kwargs=True))
     return handles
 
 

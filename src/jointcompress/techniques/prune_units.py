@@ -3,10 +3,10 @@ whole layers.
 
 Built on jointcompress.hf: a `UnitMask` (learned scores -> soft mask centred on the exact
 top-k threshold -> exactly-k binary mask with a straight-through gradient) multiplied into
-each layer by forward pre-hooks (heads: the input of the attention output projection;
-FFN: the input of the FFN output projection; layers: a forward hook blending the layer's
-output with its input, so a gate of 0 makes the layer an exact identity). The hooks leave the HF forward and the
-weights untouched, so LSQ parametrizations on the same Linear layers compose with them.
+each layer by hooks (heads: the input of the attention output projection; FFN: the input
+of the FFN output projection; layers: the layer's output blended with its input, so a gate
+of 0 makes the layer an exact identity). The hooks leave the HF forward and the weights
+untouched, so LSQ parametrizations on the same Linear layers compose with them.
 
 Schedule over the technique's window (plan.py sets `self.window`): before it the mask is
 all ones; inside it the mask is soft, sigmoid((score - threshold) / T), with T falling
