@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 
 import torch  # noqa: E402
 from hf_helpers import tiny_tokenizer  # noqa: E402
-from test_hf_joint import HEADS, LAYERS, run  # noqa: E402
+from test_hf_joint import FFN, HEADS, LAYERS, run, synthetic  # noqa: E402
 
 from jointcompress.errors import ArtifactError  # noqa: E402
 from jointcompress.hf.artifact import artifact_bytes, load_hf_artifact, save_hf_artifact  # noqa: E402
@@ -132,3 +132,41 @@ def test_distilbert_pruned_artifact_round_trip(tmp_path):
         a, b = model(**x).logits, loaded(**x).logits
     assert (a - b).abs().max() <= 1e-5
     assert head_counts(loaded) == [2, 3] and ffn_widths(loaded) == [32, 40]
+
+
+def test_distilbert_joint_run_to_artifact_and_int8(tmp_path):
+    """DistilBERT through the whole path: heads, FFN neurons and layers pruned with LSQ and KD in
+    one loop, finalized, packed, loaded back, and exported to int8 on the trained scales."""
+    from hf_helpers import tiny_distilbert
+
+    from jointcompress import api
+    from jointcompress.hf.ffn import ffn_widths
+    from jointcompress.hf.int8 import export_onnx, trained_overrides
+    from jointcompress.hf.wrapper import accuracy, pack, tensor_loader
+
+    data = synthetic()
+    x, y = pack(data["input_ids"], data["attention_mask"]), data["labels"]
+    teacher = SequenceClassifier(tiny_distilbert(layers=3, heads=HEADS, ffn=FFN, seed=1))
+    student = SequenceClassifier(tiny_distilbert(layers=3, heads=HEADS, ffn=FFN, seed=0))
+    rec = {"training": {"epochs": 3, "batch_size": 16, "lr": 1e-3, "seed": 0},
+           "techniques": [{"type": "prune_layers", "sparsity": 0.34, "end": 0.6},
+                          {"type": "prune_heads", "sparsity": 0.5, "end": 0.6},
+                          {"type": "prune_ffn", "sparsity": 0.5, "end": 0.6},
+                          {"type": "quant_lsq", "bits": 4, "targets": ["*transformer.layer.*"]},
+                          {"type": "distill_kd", "temperature": 2.0, "alpha": 0.5}]}
+    result = api.compress(student, rec, tensor_loader(data, 16, seed=0), lambda m: {"accuracy": accuracy(m, x, y)},
+                          teacher=teacher)
+    model = result.model.eval()
+    with torch.no_grad():
+        masked = model(x)
+    hf, spec = finalize_hf_with_spec(model, result.techniques)
+    assert len(hf.distilbert.transformer.layer) == 2 and len(spec.layers) == 2 * 6
+    with torch.no_grad():
+        assert torch.allclose(SequenceClassifier(hf).eval()(x), masked, atol=1e-4)
+    save_hf_artifact(hf, spec, tmp_path / "art", ptq_bits=8)
+    loaded, _ = load_hf_artifact(tmp_path / "art")
+    assert head_counts(loaded) == head_counts(hf) and ffn_widths(loaded) == ffn_widths(hf)
+    with torch.no_grad():
+        assert (SequenceClassifier(loaded).eval()(x) - SequenceClassifier(hf).eval()(x)).abs().max() <= 1e-5
+    fp32 = export_onnx(loaded, tmp_path / "m.onnx", seq_len=12)
+    assert len(trained_overrides(fp32, loaded, spec)) == 2 * 6
