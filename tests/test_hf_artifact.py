@@ -93,7 +93,7 @@ def test_int8_onnx_uses_the_trained_lsq_integers(finalized, tmp_path):
     fp32 = export_onnx(hf, tmp_path / "m.onnx", seq_len=12)
     overrides = trained_overrides(fp32, hf, spec)
     assert len(overrides) == LAYERS * 6  # every LSQ Linear found in the graph (as MatMul, W^T)
-    q = quantize_onnx_int8(fp32, tmp_path / "m.int8.onnx", hf, spec)
+    q = quantize_onnx_int8(fp32, tmp_path / "m.int8.onnx", overrides)
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(q)).graph.initializer}
     modules = dict(hf.named_modules())
     src = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(fp32)).graph.initializer}

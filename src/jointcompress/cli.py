@@ -139,7 +139,7 @@ def compress_cmd(
     is data-parallel and only rank 0 writes.
     """
     from .distributed import init_from_env
-    from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_dir, prepare_output_dir
+    from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, prepare_run_dir
     from .models import build_model
     from .pipeline import builder_for, compress_and_save, load_split, load_weights, train_teacher, uncompressed_row
     from .tensorboard import TensorBoardLogger
@@ -164,16 +164,7 @@ def compress_cmd(
     split = load_split(recipe, data)
     dist = init_from_env()
     main_rank = dist is None or dist.is_main
-    if not resume:
-        check_output_dir(out, force=force)  # every rank checks before any rank writes
-    if dist is not None:
-        dist.barrier()
-    if main_rank:
-        out = prepare_output_dir(out, force=True) if resume else prepare_output_dir(out, force=force)
-        if force and not resume:  # --force: the old run's checkpoints go too, this is a new run
-            import shutil
-
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    out = prepare_run_dir(out, force=force, resume=resume, dist=dist)
     builder = builder_for(model_name, split)
     teacher_file = out / "teacher.safetensors"
     with progress_bar() as bar:

@@ -61,3 +61,28 @@ def prepare_output_dir(path: str | os.PathLike, force: bool = False) -> Path:
     path = check_output_dir(path, force)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=None,
+                    fresh: tuple[str, ...] = ("checkpoints",)) -> Path:
+    """The output directory of a `compress` run, prepared once for every rank.
+
+    Every rank checks it before any rank writes (unless resuming); rank 0 creates it and, on a
+    --force restart, removes the old run's `fresh` subfolders (its checkpoints must not be
+    resumed into the new run); then all ranks wait until it exists.
+    """
+    import shutil
+
+    path = Path(path)
+    if not resume:
+        check_output_dir(path, force=force)
+    if dist is not None:
+        dist.barrier()
+    if dist is None or dist.is_main:
+        prepare_output_dir(path, force=resume or force)
+        if force and not resume:
+            for sub in fresh:
+                shutil.rmtree(path / sub, ignore_errors=True)
+    if dist is not None:
+        dist.barrier()
+    return path

@@ -96,17 +96,16 @@ def export_onnx(model: nn.Module, path: str | Path, seq_len: int = 64) -> Path:
     return path
 
 
-def quantize_onnx_int8(src: str | Path, dst: str | Path, model: nn.Module | None = None, spec=None) -> Path:
+def quantize_onnx_int8(src: str | Path, dst: str | Path, overrides: dict | None = None) -> Path:
     """ONNX Runtime dynamic int8 quantization (int8 weights, per-channel) of src into dst.
 
-    With the finalized `model` and its CompressionSpec, every weight trained with LSQ at <= 8
-    bits keeps its trained step sizes (TensorQuantOverrides), so the int8 weights ORT runs are
-    exactly the trained integers; other weights get ORT's own min/max scales.
+    `overrides` (from trained_overrides: the finalized model and its CompressionSpec) keeps
+    the trained step sizes of every weight LSQ trained at <= 8 bits, so the int8 weights ORT
+    runs are exactly the trained integers; other weights get ORT's own min/max scales.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     extra = {}
-    overrides = trained_overrides(src, model, spec)
     if overrides:
         extra["TensorQuantOverrides"] = overrides
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, extra_options=extra)

@@ -176,9 +176,9 @@ def run_hf_recipe(
             run_dir=out, distributed=dist if dist is not None else False, **compress_kwargs,
         )
     masked_acc = result.metrics.get("accuracy")
+    steps = result.history.epochs[-1]["step"] if result.history.epochs else 0
     if dist is not None and not dist.is_main:  # rank 0 finalizes, exports and measures; the others are done
-        return {"rank": rank, "world_size": world, "metrics": result.metrics,
-                "steps": result.history.epochs[-1]["step"] if result.history.epochs else 0,
+        return {"rank": rank, "world_size": world, "metrics": result.metrics, "steps": steps,
                 "units_per_layer": {t.kind: [len(k) for k in t.kept()] for t in result.techniques if hasattr(t, "kept")}}
     hf, spec = finalize_hf_with_spec(student_w, result.techniques)
     hf.eval()
@@ -236,7 +236,7 @@ def run_hf_recipe(
         "accuracy_ratio_vs_teacher": final_acc / teacher_acc if teacher_acc else None,
         "size_ratio_vs_teacher": (teacher_bytes / student_bytes) if teacher_bytes and student_bytes else None,
         "train_rows": len(train_data), "dev_rows": len(dev_data), "world_size": world, "progressive": progressive,
-        "steps": result.history.epochs[-1]["step"] if result.history.epochs else 0,
+        "steps": steps,
         "techniques": {k: v for r in (stage1, result) if r is not None for k, v in r.summary().items() if "." in k},
         "pipeline_example": {"text": EXAMPLE, **example},
         "int8": int8_summary,
@@ -270,7 +270,7 @@ def deploy_int8(hf, teacher, dev_t: dict, onnx_dir: Path, *, seq_len: int, teach
     onnx_dir = Path(onnx_dir)
     fp32 = export_onnx(hf, onnx_dir / "model_fp32.onnx", seq_len=seq_len)
     trained = trained_overrides(fp32, hf, spec)
-    q = quantize_onnx_int8(fp32, onnx_dir / "model_int8.onnx", hf, spec)
+    q = quantize_onnx_int8(fp32, onnx_dir / "model_int8.onnx", trained)
     ort = OrtClassifier(q, threads=1)
     dev = {k: dev_t[k] for k in ("input_ids", "attention_mask")}
     ref = logits_over(torch_logits_fn(hf.eval()), dev)
@@ -313,26 +313,16 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
                  checkpoint_every: int, max_nonfinite: int, console, progress_bar, tracked) -> None:
     """The `jointcompress compress` path for HF recipes (data-parallel under torchrun; rank 0 writes)."""
     import contextlib
-    import shutil
 
     from rich.table import Table
 
     from jointcompress.distributed import init_from_env
-    from jointcompress.io import atomic_write_text, check_output_dir, prepare_output_dir
+    from jointcompress.io import atomic_write_text, prepare_run_dir
 
     dist = init_from_env()
     main_rank = dist is None or dist.is_main
-    if not resume:
-        check_output_dir(out, force=force)  # every rank checks before any rank writes
-    if dist is not None:
-        dist.barrier()
-    if main_rank:
-        out = prepare_output_dir(out, force=True) if resume else prepare_output_dir(out, force=force)
-        if force and not resume:
-            for sub in ("checkpoints", "hf_model", "onnx", "artifact"):
-                shutil.rmtree(out / sub, ignore_errors=True)
-    if dist is not None:
-        dist.barrier()
+    out = prepare_run_dir(out, force=force, resume=resume, dist=dist,
+                          fresh=("checkpoints", "hf_model", "onnx", "artifact"))
     with progress_bar() if main_rank else contextlib.nullcontext() as bar:
         summary = run_hf_recipe(
             recipe, out, data, weights, progress=tracked(bar, recipe.mode) if main_rank else None,
