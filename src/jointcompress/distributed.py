@@ -19,6 +19,7 @@ Design (see docs/reliability.md):
 from __future__ import annotations
 
 import atexit
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -111,6 +112,12 @@ def init_from_env(backend: str | None = None) -> DistContext | None:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # torch._dynamo (imported lazily by the first torch.optim optimizer) keeps references
+        # to a process group that exists when it is imported; destroy_process_group() then
+        # cannot free it and gloo's threads live on into interpreter shutdown, where they can
+        # abort the process (SIGABRT). Importing it first keeps the group ours to tear down.
+        importlib.import_module("torch._dynamo")
+
         tdist.init_process_group(backend=backend)
         atexit.register(_destroy_if_initialized)
     return current()
@@ -121,6 +128,7 @@ def _destroy_if_initialized() -> None:
 
     Without it, gloo's worker threads outlive Python's finalization and the process can abort
     with "terminate called without an active exception" (SIGABRT) after a successful run.
+    The group must also have no other owner for the threads to stop (see init_from_env).
     A no-op when the user already called `destroy_process_group()`.
     """
     if tdist.is_available() and tdist.is_initialized():
