@@ -29,8 +29,8 @@ DEEP_COMPRESSION = {"lenet300": ("Deep Compression (Han et al. 2016)", 40.0, 1.5
                     "lenet5": ("Deep Compression (Han et al. 2016)", 39.0, 0.74)}
 GOALS = {"lenet300": (60.0, 1.60), "lenet5": (50.0, 0.80)}
 DEFAULTS = {  # sized for <= ~25 min each on 2 CPU cores shared with other jobs (far below Deep Compression's epochs)
-    "lenet300": {"ratios": "40,60", "seeds": 1, "epochs": 4, "teacher_epochs": 6},
-    "lenet5": {"ratios": "40,50", "seeds": 1, "epochs": 2, "teacher_epochs": 3},
+    "lenet300": {"ratios": "40,60", "seeds": 3, "epochs": 4, "teacher_epochs": 6},
+    "lenet5": {"ratios": "40,50", "seeds": 3, "epochs": 2, "teacher_epochs": 3},
 }
 
 
