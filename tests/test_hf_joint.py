@@ -328,6 +328,40 @@ def test_hidden_state_distillation_cosine_with_projection():
     assert after < 0.5 * before, (before, after)
 
 
+def test_hidden_state_loss_ignores_padding():
+    """The hidden-state loss averages over real tokens only: what sits at padded positions
+    (here: different pad token ids, which change the states there) does not move it."""
+    from jointcompress.techniques.base import RunContext
+    from jointcompress.techniques.distill_kd import DistillKD, feature_loss
+    from jointcompress.recipe import parse_recipe as _parse
+
+    s, t = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    real = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    t2 = t.clone()
+    t2[~real] = 100.0
+    for kind in ("mse", "cosine"):
+        assert feature_loss(s, t, kind, real).item() == pytest.approx(feature_loss(s, t2, kind, real).item(), abs=1e-6)
+        assert feature_loss(s, t, kind).item() != pytest.approx(feature_loss(s, t2, kind).item(), abs=1e-3)
+    assert feature_loss(s, t, "mse", real).item() == pytest.approx(((s - t)[real] ** 2).mean().item(), rel=1e-5)
+
+    teacher = SequenceClassifier(tiny_bert(layers=2, heads=4, hidden=32, ffn=FFN, seed=1))
+    student = SequenceClassifier(tiny_bert(layers=2, heads=4, hidden=32, ffn=FFN, seed=0))
+    ids = torch.randint(5, 60, (3, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
+    pair = {"student": "hf.bert.encoder.layer.0", "teacher": "hf.bert.encoder.layer.1", "loss": "mse"}
+    kd = DistillKD(_parse({"techniques": [{"type": "distill_kd", "alpha": 1.0, "features": [pair]}]}).techniques[0])
+    x = pack(ids, mask)
+    kd.setup(RunContext(model=student, teacher=teacher, example_inputs=x))
+    losses = []
+    for pad_id in (0, 7):
+        xb = pack(torch.where(mask.bool(), ids, torch.full_like(ids, pad_id)), mask)
+        ctx = RunContext(model=student, teacher=teacher, example_inputs=x, batch_inputs=xb)
+        with torch.no_grad():
+            ctx.outputs = student.eval()(xb)
+            losses.append(kd.loss_terms(ctx)["distill"].item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
 def test_prune_layers_learned_gates_exact_count_and_physical_removal(tmp_path):
     """prune_layers: learned per-layer gates, soft then exactly binary, exactly 2 of 4 layers kept;
     finalize removes the gated-off layers (they are identities) without changing the logits, and

@@ -60,6 +60,14 @@ class SequenceClassifier(nn.Module):
             ids, mask = ids[:, :length], mask[:, :length]
         return self.hf(input_ids=ids, attention_mask=mask).logits
 
+    def position_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, L'] bool: which positions of the hidden states of `forward(x)` are real tokens
+        (distill_kd's hidden-state losses leave padding out). L' is the trimmed length."""
+        _, mask = unpack(x)
+        if self.trim and mask.numel():
+            mask = mask[:, : max(1, int(mask.sum(1).max()))]
+        return mask.bool()
+
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The HF model inside a SequenceClassifier (or the model itself)."""

@@ -37,14 +37,27 @@ def hinton_loss(student_logits, teacher_logits, targets, temperature: float, alp
     )
 
 
-def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse",
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
     """MSE, or 1 - cosine similarity along the feature axis (channels of NCHW maps, else the
-    last axis: the hidden size of [batch, tokens, hidden] states), averaged over the rest."""
+    last axis: the hidden size of [batch, tokens, hidden] states), averaged over the rest.
+
+    `positions` ([batch, tokens] bool) keeps only those positions of [batch, tokens, hidden]
+    states in the average: padding carries no signal, and without the mask short sentences
+    in a long batch would be pulled toward the teacher's states at their pad tokens.
+    """
     if student.shape != teacher.shape:
         raise RecipeError(
             f"distill_kd.features: student output {tuple(student.shape)} and teacher output {tuple(teacher.shape)} "
             "differ beyond the feature width; pair modules whose outputs agree in batch and position axes"
         )
+    if positions is not None and student.dim() == 3 and tuple(positions.shape) == tuple(student.shape[:2]):
+        keep = positions.to(student.dtype)
+        if kind == "cosine":
+            per = 1.0 - F.cosine_similarity(student, teacher, dim=-1)
+        else:
+            per = (student - teacher).pow(2).mean(-1)
+        return (per * keep).sum() / keep.sum().clamp_min(1.0)
     if kind == "cosine":
         return (1.0 - F.cosine_similarity(student, teacher, dim=1 if student.dim() == 4 else -1)).mean()
     return F.mse_loss(student, teacher)
@@ -118,14 +131,21 @@ class DistillKD(Technique):
         with torch.no_grad():
             return self.teacher(*_as_tuple(ctx.batch_inputs))
 
+    @staticmethod
+    def _positions(ctx: RunContext) -> torch.Tensor | None:
+        """Real-token positions of this batch when the student says which (hf.wrapper), else None."""
+        fn = getattr(ctx.model, "position_mask", None)
+        return fn(*_as_tuple(ctx.batch_inputs)) if callable(fn) else None
+
     def task_weight(self) -> float:
         return 1.0 - self.config.alpha
 
     def loss_terms(self, ctx: RunContext) -> dict[str, torch.Tensor]:
         t_logits = self.teacher_logits(ctx)
         loss = self.config.alpha * kd_loss(ctx.outputs, t_logits, self.config.temperature)
+        positions = self._positions(ctx)
         for pair, s, t, proj in zip(self.config.features, self.student_caps, self.teacher_caps, self.projections):
-            loss = loss + pair.weight * feature_loss(proj(s.value), t.value.detach(), pair.loss)
+            loss = loss + pair.weight * feature_loss(proj(s.value), t.value.detach(), pair.loss, positions)
         return {"distill": loss}
 
     def parameters(self) -> list[dict]:
