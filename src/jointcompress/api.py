@@ -160,10 +160,13 @@ def compress(
     loader = as_loader(train_data, recipe.training.batch_size, recipe.training.seed, dist)
     example = first_inputs(loader)
     check_data(model, example, train_data)
+    callbacks = list(callbacks or [])
     if recipe.target is not None:  # size / ratio / latency -> per-layer sparsity and bits
-        from .targets import resolve_target
+        from .targets import SizeSteering, resolve_target, target_bytes
 
         recipe = resolve_target(model, recipe, example)
+        if recipe.target is not None and recipe.target.steer and recipe.target.latency_ms is None:
+            callbacks.append(SizeSteering(target_bytes(model, recipe.target)))
     techniques = [tech.build(c) for c in recipe.techniques]
     total_steps = recipe.training.epochs * len(loader)
     plan = make_plan(techniques, total_steps, recipe)

@@ -26,6 +26,7 @@ class PruneUnstructured(PruningTechnique):
         super().__init__(config)
         self.layers: dict[str, nn.Module] = {}
         self.appliers: dict[str, ApplyMask] = {}
+        self.retargeted: dict[str, float] = {}  # per-layer targets set during the run (size steering)
 
     def setup(self, ctx: RunContext) -> None:
         self.layers = selected_layers(ctx.model, self.config)
@@ -78,7 +79,27 @@ class PruneUnstructured(PruningTechnique):
         self._final_done = p >= 1.0
 
     def layer_target(self, name: str) -> float:
+        if name in self.retargeted:
+            return self.retargeted[name]
         return (self.config.layer_sparsity or {}).get(name, self.config.sparsity)
+
+    def retarget(self, layer_sparsity: dict[str, float]) -> None:
+        """New per-layer targets for the rest of the ramp (needs per-layer budgets, i.e. scope
+        layer). The ramp continues from where it is to them; they are checkpointed."""
+        if not self.config.layer_sparsity:
+            raise ValueError("retarget needs prune_unstructured.layer_sparsity (per-layer budgets)")
+        self.retargeted = {n: float(layer_sparsity[n]) for n in self.layers if n in layer_sparsity}
+
+    def state_dict(self):
+        state = super().state_dict()
+        if self.retargeted:  # NaN: the layer keeps its recipe target
+            state["retarget"] = torch.tensor([self.retargeted.get(n, float("nan")) for n in self.layers], dtype=torch.float64)
+        return state
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        if "retarget" in state:
+            self.retargeted = {n: float(v) for n, v in zip(self.layers, state["retarget"].tolist()) if v == v}
 
     def loss_terms(self, ctx: RunContext) -> dict[str, torch.Tensor]:
         """Push the weights being pruned toward zero so removing them costs less (L1 on w*(1-m))."""
