@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -68,6 +69,7 @@ def main() -> None:
     result = run_compare(recipe(args.model, args.epochs or d["epochs"]), load_mnist(args.data), args.model, spec, out,
                          log=lambda m: print(f"[{time.perf_counter() - t0:6.0f}s] {m}", flush=True))
     result["wall_seconds"] = time.perf_counter() - t0
+    result["command"] = " ".join(["nice -n 10 .venv/bin/python benchmarks/compare_mnist.py"] + sys.argv[1:])
     result["reference"] = {"deep_compression": DEEP_COMPRESSION[args.model], "goal": GOALS[args.model]}
     (out / "compare.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     plot_pareto(result, out / "pareto.png", references=[DEEP_COMPRESSION[args.model]])

@@ -43,12 +43,28 @@ def test_size_kb_target_is_met_on_disk(digits_teacher, tmp_path, size_kb):
     on_disk = os.path.getsize(tmp_path / "a" / "weights.safetensors")
     assert on_disk == manifest["weights_file_bytes"]
     assert abs(on_disk / (size_kb * 1024) - 1) <= 0.02, (on_disk, manifest["bytes"])
-    steered = [e for e in result.history.events if e["event"] == "size_steering"]
-    assert len(steered) == 1 and steered[0]["goal_bytes"] == round(size_kb * 1024)
+    steered = [e["event"] for e in result.history.events if e["event"].startswith("size_")]
+    assert steered == ["size_steering", "size_trim"]  # re-fitted late in the ramp, trimmed at 90% of the run
+    trim = result.history.events[-1]
+    assert trim["goal_bytes"] == round(size_kb * 1024) and abs(trim["predicted_bytes"] / on_disk - 1) <= 0.01
     prune = result.techniques[0]
-    assert prune.retargeted == steered[0]["layer_sparsity_after"]
+    assert prune.retargeted == trim["layer_sparsity_after"] and prune.retarget_count == 2
     for name, m in zip(prune.layers, prune.masks.values()):  # the run ended exactly at the steered targets
         assert abs(m.sparsity() - prune.retargeted[name]) <= 1.0 / m.hard.numel() + 1e-6
+
+
+def test_size_target_in_sequential_mode(digits_teacher, tmp_path):
+    """Sequential runs steer too: the trim lands in the (frozen) pruning technique's masks
+    during quantization-aware fine-tuning, so joint and sequential compare at the same size."""
+    split, teacher = digits_teacher
+    data = _recipe({"size_kb": 14.0}, epochs=3).model_dump()
+    data["mode"] = "sequential"
+    model = copy.deepcopy(teacher)
+    result = compress(model, data, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test), teacher=teacher)
+    assert [e["event"] for e in result.history.events if e["event"].startswith("size_")] == ["size_steering", "size_trim"]
+    spec = finalize(model, result.example_inputs)
+    manifest = save(model, spec, tmp_path / "a", example_inputs=result.example_inputs)
+    assert abs(manifest["weights_file_bytes"] / (14.0 * 1024) - 1) <= 0.02
 
 
 def test_steered_targets_survive_a_checkpoint(digits_teacher):
@@ -67,8 +83,9 @@ def test_steered_targets_survive_a_checkpoint(digits_teacher):
     fresh.masks.update({k: copy.deepcopy(v) for k, v in prune.masks.items()})
     fresh.load_state_dict(state)
     assert fresh.retargeted == prune.retargeted and fresh.layer_target("fc1") == prune.retargeted["fc1"]
+    assert fresh.retarget_count == 2
 
-    class _Trainer:  # a resumed run whose technique already carries steered targets
+    class _Trainer:  # a resumed run whose technique already carries steered and trimmed targets
         techniques = [fresh]
     s = SizeSteering(14.0 * 1024)
     s.on_step(_Trainer(), 10**6, None)
@@ -81,7 +98,7 @@ def test_steering_can_be_turned_off(digits_teacher):
     data["target"]["steer"] = False
     model = copy.deepcopy(teacher)
     result = compress(model, data, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test), teacher=teacher)
-    assert not [e for e in result.history.events if e["event"] == "size_steering"]
+    assert not [e for e in result.history.events if e["event"].startswith("size_")]
     assert result.techniques[0].retargeted == {}
 
 

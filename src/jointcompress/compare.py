@@ -2,9 +2,11 @@
 
 Why a separate runner: a single run says little; the claim "joint beats sequential" is a
 claim about a Pareto front (error vs compression ratio) and its spread over seeds. Every
-variant gets the same teacher, the same epochs and the *same* per-layer budgets (the target
-is resolved once per ratio and seed, then only mode/strategy change), and every point is
-the real artifact's size on disk.
+variant gets the same teacher, the same epochs and the *same* starting per-layer budgets
+(the target is resolved once per ratio and seed, then only mode/strategy change); each run
+then steers its own sparsity onto the target bytes late in the ramp (targets.SizeSteering),
+so the variants are compared at the same size, and every point is the real artifact's size
+on disk.
 
 Run-dir layout (what `jointcompress report` reads):
     compare.json   {"kind": "compare", "model", "data", "ratios", "seeds", "variants",

@@ -457,6 +457,11 @@ class Trainer:
             [{k: _clone(v) for k, v in t.state_dict().items()} for t in self.techniques],
         )
 
+    def forget_best(self) -> None:
+        """The states kept so far no longer meet the targets (a technique was retargeted)."""
+        self._best_state = None
+        self.history.best_metric = self.history.best_epoch = None
+
     def _restore_best(self) -> None:
         if self._best_state is None:
             return

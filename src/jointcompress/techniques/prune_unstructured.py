@@ -27,6 +27,7 @@ class PruneUnstructured(PruningTechnique):
         self.layers: dict[str, nn.Module] = {}
         self.appliers: dict[str, ApplyMask] = {}
         self.retargeted: dict[str, float] = {}  # per-layer targets set during the run (size steering)
+        self.retarget_count = 0
 
     def setup(self, ctx: RunContext) -> None:
         self.layers = selected_layers(ctx.model, self.config)
@@ -83,23 +84,32 @@ class PruneUnstructured(PruningTechnique):
             return self.retargeted[name]
         return (self.config.layer_sparsity or {}).get(name, self.config.sparsity)
 
-    def retarget(self, layer_sparsity: dict[str, float]) -> None:
-        """New per-layer targets for the rest of the ramp (needs per-layer budgets, i.e. scope
-        layer). The ramp continues from where it is to them; they are checkpointed."""
+    def retarget(self, layer_sparsity: dict[str, float], now: bool = False) -> None:
+        """New per-layer targets (needs per-layer budgets, i.e. scope layer); checkpointed.
+
+        During the ramp it continues from where it is to them; with `now` the masks move to
+        them at once, exactly and binary (after the ramp, or in a frozen sequential phase).
+        """
         if not self.config.layer_sparsity:
             raise ValueError("retarget needs prune_unstructured.layer_sparsity (per-layer budgets)")
         self.retargeted = {n: float(layer_sparsity[n]) for n in self.layers if n in layer_sparsity}
+        self.retarget_count += 1
+        if now:
+            self._final_done = False
+            self._update(self.window[1], force=True)
 
     def state_dict(self):
         state = super().state_dict()
         if self.retargeted:  # NaN: the layer keeps its recipe target
             state["retarget"] = torch.tensor([self.retargeted.get(n, float("nan")) for n in self.layers], dtype=torch.float64)
+            state["retarget_count"] = torch.tensor(self.retarget_count)
         return state
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         if "retarget" in state:
             self.retargeted = {n: float(v) for n, v in zip(self.layers, state["retarget"].tolist()) if v == v}
+            self.retarget_count = int(state["retarget_count"])
 
     def loss_terms(self, ctx: RunContext) -> dict[str, torch.Tensor]:
         """Push the weights being pruned toward zero so removing them costs less (L1 on w*(1-m))."""
