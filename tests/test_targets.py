@@ -87,9 +87,8 @@ def test_steered_targets_survive_a_checkpoint(digits_teacher):
 
     class _Trainer:  # a resumed run whose technique already carries steered and trimmed targets
         techniques = [fresh]
-    s = SizeSteering(14.0 * 1024)
-    s.on_step(_Trainer(), 10**6, None)
-    assert s.done and fresh.retargeted == prune.retargeted
+    SizeSteering(14.0 * 1024).on_step(_Trainer(), 10**6, None)  # would fail without a plan if it acted
+    assert fresh.retargeted == prune.retargeted and fresh.retarget_count == 2
 
 
 def test_steering_can_be_turned_off(digits_teacher):

@@ -162,8 +162,9 @@ class Target(Strict):
     ratio: Annotated[float, Field(gt=1.0, le=10000.0)] | None = None  # vs the fp32 state dict
     latency_ms: Annotated[float, Field(gt=0.0)] | None = None
     batch: Annotated[int, Field(ge=1, le=100000)] = 1
-    # size targets: once the pruning ramp is 80% done, re-fit the per-layer sparsity from the
-    # trained weights and step sizes so that the artifact lands on the target (targets.SizeSteering)
+    # size targets: at 80% of the pruning ramp and at 90% of the run, re-fit the per-layer sparsity
+    # from the trained weights and step sizes so that the artifact lands on the target
+    # (targets.SizeSteering)
     steer: bool = True
     # set by the allocator once it has written the per-layer budgets into the techniques;
     # compress() then does not allocate again (only steers)

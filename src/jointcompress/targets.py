@@ -299,21 +299,19 @@ class SizeSteering:
 
     On digits and MNIST the bytes predicted at the trim were within 0.3% of the final
     artifact's. Every rank computes the same re-fit from bit-identical weights; the targets
-    and how many re-fits happened are checkpointed technique state, so a resumed run does
-    not repeat them.
+    and how many re-fits happened are checkpointed technique state, so a resumed run neither
+    repeats nor skips them.
     """
 
     def __init__(self, goal_bytes: float):
         self.goal = float(goal_bytes)
-        self.done = False
 
     def on_step(self, trainer, step: int, out) -> None:
-        if self.done:
-            return
+        # where it stands is read from the technique each time, so a resume or a rollback to an
+        # earlier snapshot repeats exactly what that state had not done yet
         prune = next((t for t in trainer.techniques if t.kind == "prune_unstructured"), None)
         quant = next((t for t in trainer.techniques if t.kind == "quant_lsq"), None)
         if prune is None or quant is None or not prune.config.layer_sparsity or prune.retarget_count >= 2:
-            self.done = True
             return
         if not prune.attached:
             return
@@ -328,7 +326,6 @@ class SizeSteering:
             self._refit(trainer, step, prune, quant, "size_trim", now=True)
             prune.retarget_count = 2
             trainer.forget_best()
-            self.done = True
 
     def _refit(self, trainer, step, prune, quant, event: str, now: bool) -> None:
         before = {n: prune.layer_target(n) for n in prune.layers}
