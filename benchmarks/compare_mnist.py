@@ -4,9 +4,10 @@
     nice -n 10 .venv/bin/python benchmarks/compare_mnist.py --model lenet5
 
 Each writes benchmarks/results/compare_<model>/ (compare.json, compare.csv, pareto.png with
-Deep Compression's published point, runs/...). The defaults are sized to finish in about
-25 minutes on 2 shared CPU cores (one thread per process), so they use far fewer epochs than
-Deep Compression's; the numbers in BENCHMARKS.md are exactly what these commands printed.
+Deep Compression's published point, runs/...). The defaults (3 seeds) took 8 minutes
+(LeNet-300-100) and 28 minutes (LeNet-5) here, the two side by side on 2 shared CPU cores
+with one thread each, so they use far fewer epochs than Deep Compression's; the numbers in
+BENCHMARKS.md are exactly what these commands printed.
 The recipe adds small sparsity/quantization regularizers so that gradient coordination has
 auxiliary terms to coordinate (without them task and distill rarely conflict and all three
 joint variants train identically).
@@ -29,7 +30,7 @@ MNIST = "../shared/datasets/mnist/mnist.npz"  # relative to the repository root,
 DEEP_COMPRESSION = {"lenet300": ("Deep Compression (Han et al. 2016)", 40.0, 1.58),
                     "lenet5": ("Deep Compression (Han et al. 2016)", 39.0, 0.74)}
 GOALS = {"lenet300": (60.0, 1.60), "lenet5": (50.0, 0.80)}
-DEFAULTS = {  # sized for <= ~25 min each on 2 CPU cores shared with other jobs (far below Deep Compression's epochs)
+DEFAULTS = {  # sized for <= ~30 min each on 2 CPU cores shared with other jobs (far below Deep Compression's epochs)
     "lenet300": {"ratios": "40,60", "seeds": 3, "epochs": 4, "teacher_epochs": 6},
     "lenet5": {"ratios": "40,50", "seeds": 3, "epochs": 2, "teacher_epochs": 3},
 }
