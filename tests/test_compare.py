@@ -28,10 +28,11 @@ def test_compare_cli_tiny(tmp_path):
     for r in result["runs"]:
         manifest = json.loads((out / r["dir"] / "artifact" / "manifest.json").read_text())
         assert r["file_bytes"] == manifest["weights_file_bytes"]
+        assert abs(r["file_bytes"] / r["target_bytes"] - 1) <= 0.02, r  # each variant steered onto the same size
         assert (out / r["dir"] / "history.json").is_file()
     budgets = [json.loads((out / r["dir"] / "artifact" / "manifest.json").read_text())["recipe"]["techniques"][0]["layer_sparsity"]
                for r in result["runs"]]
-    assert budgets[0] == budgets[1]  # the same per-layer budgets for every variant
+    assert budgets[0] == budgets[1]  # the same starting per-layer budgets for every variant
     assert len(list(csv.DictReader((out / "compare.csv").open()))) == 2
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     events = list(tb.rglob("events.out.tfevents.*"))

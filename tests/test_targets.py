@@ -124,3 +124,19 @@ def test_latency_target_sets_channel_sparsity(digits_teacher):
     assert (r.technique("prune_structured") is None) or r.technique("prune_structured").sparsity == 0.0
     with pytest.raises(TargetError, match="latency_ms"):
         resolve_target(teacher, _recipe({"latency_ms": 1e-6}), split.x_train[:2])
+
+
+def test_cli_reports_the_size_target_against_the_file_on_disk(tmp_path):
+    from typer.testing import CliRunner
+
+    from jointcompress.cli import app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: lenet300\ndata: digits\ntarget: {size_kb: 12}\ntechniques:\n"
+                      "  - {type: prune_unstructured, sparsity: 0.9, end: 0.6}\n  - {type: quant_lsq, bits: 4, start: 0.3}\n"
+                      "training: {epochs: 2, batch_size: 64, lr: 0.002}\n")
+    res = CliRunner().invoke(app, ["compress", str(recipe), "--teacher-epochs", "2", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    on_disk = (tmp_path / "out" / "artifact" / "weights.safetensors").stat().st_size
+    assert f"on disk {on_disk / 1024:.2f} KiB" in res.output and "size target: 12.00 KiB" in res.output
+    assert 0.98 <= on_disk / (12 * 1024) <= 1.0  # steered to just under the target

@@ -197,6 +197,13 @@ def compress_cmd(
     atomic_write_json(out / "summary.json", rows)
     atomic_write_text(out / "recipe.yaml", recipe_path.read_text(encoding="utf-8"))
     console.print(f"artifact in {out / 'artifact'}")
+    target = result.recipe.target
+    if target is not None and target.latency_ms is None and row.get("file_bytes"):
+        from .targets import target_bytes
+
+        goal = target_bytes(teacher, target)
+        console.print(f"size target: {goal / 1024:.2f} KiB weights file; on disk {row['file_bytes'] / 1024:.2f} KiB "
+                      f"({100 * (row['file_bytes'] / goal - 1):+.1f}%)")
 
 
 @recipe_app.command("validate")
