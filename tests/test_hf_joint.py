@@ -150,6 +150,11 @@ def test_recipe_validation_of_unit_pruning():
     with pytest.raises(RecipeError, match="need a Hugging Face"):
         api.compress(torch.nn.Linear(4, 2), {"techniques": [{"type": "prune_heads", "sparsity": 0.5}], "training": {"epochs": 1}},
                      (torch.randn(8, 4), torch.randint(0, 2, (8,))), lambda m: 0.0)
+    from jointcompress.hf.pipeline import run_hf_recipe
+
+    with pytest.raises(RecipeError, match="target.*remove target"):  # refused before anything loads
+        run_hf_recipe({"hf": {}, "target": {"ratio": 10}, "techniques": [{"type": "prune_heads", "sparsity": 0.5}]},
+                      "/nonexistent/out", "/nonexistent/data", "/nonexistent/teacher")
 
 
 def test_cli_compress_runs_an_hf_recipe(tmp_path):

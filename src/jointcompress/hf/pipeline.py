@@ -116,6 +116,10 @@ def run_hf_recipe(
     from jointcompress.recipe import HF, parse_recipe
 
     recipe = parse_recipe(recipe)
+    if recipe.target is not None:
+        raise RecipeError("target: size and latency targets allocate unstructured sparsity and channels of the core "
+                          "models, not heads and FFN neurons; for an hf recipe remove target and set prune_heads / "
+                          "prune_ffn sparsity and quant_lsq bits")
     hf_cfg = recipe.hf if recipe.hf is not None else HF()
     t0 = time.perf_counter()
     src = teacher_source(recipe, weights)
