@@ -116,7 +116,10 @@ def init_from_env(backend: str | None = None) -> DistContext | None:
         # to a process group that exists when it is imported; destroy_process_group() then
         # cannot free it and gloo's threads live on into interpreter shutdown, where they can
         # abort the process (SIGABRT). Importing it first keeps the group ours to tear down.
-        importlib.import_module("torch._dynamo")
+        try:
+            importlib.import_module("torch._dynamo")
+        except Exception:  # noqa: BLE001 - only a workaround; a build without dynamo has nothing to hold the group
+            pass
 
         tdist.init_process_group(backend=backend)
         atexit.register(_destroy_if_initialized)
