@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from .errors import RecipeError
 from .recipe import Recipe, parse_recipe
+from .schedules import progress, ramp
 from .techniques.base import selected_layers
 from .techniques.pruning import key as prune_key
 
@@ -111,8 +112,8 @@ class Candidate:
 
     def __init__(self, model: nn.Module, quant_layers: list[str], prune_layers: list[str], per_channel: bool,
                  sparsity_at_quant_start: float = 1.0, steps: dict[str, torch.Tensor] | None = None,
-                 scores: dict[str, torch.Tensor] | None = None):
-        self.model = copy.deepcopy(model).eval()
+                 scores: dict[str, torch.Tensor] | None = None, copy_model: bool = True):
+        self.model = (copy.deepcopy(model) if copy_model else model).eval()
         self.modules = dict(self.model.named_modules())
         self.original = {n: self.modules[n].weight.detach().clone() for n in quant_layers}
         rank = scores or {n: self.original[n].abs() for n in prune_layers}
@@ -153,7 +154,7 @@ class Candidate:
                 layer = plain.get_submodule(name)
                 scores[name] = prune.masks[prune_key(name)].scores.detach().clone() if learned else layer.weight.detach().abs()
         return cls(plain, names, list(scores), quant.config.per_channel, sparsity_at_quant_start,
-                   steps=steps or None, scores=scores)
+                   steps=steps or None, scores=scores, copy_model=False)
 
     def _kept(self, name: str, sparsity: float) -> torch.Tensor:
         w = self.original[name]
@@ -236,7 +237,8 @@ def allocate_size(model: nn.Module, recipe: Recipe, example_inputs, scan: dict |
     prune, quant = recipe.technique("prune_unstructured"), recipe.technique("quant_lsq")
     qlayers = selected_layers(model, quant)
     players = {n: m for n, m in selected_layers(model, prune).items() if n in qlayers}
-    cand = Candidate(model, list(qlayers), list(players), quant.per_channel, sparsity_at_quant_start(prune, quant))
+    at_start = sparsity_at_quant_start(quant.start, (prune.start, prune.end), prune.schedule)  # fractions of the run
+    cand = Candidate(model, list(qlayers), list(players), quant.per_channel, at_start)
     goal = target_bytes(model, recipe.target)
     weights = scan_weights(players, scan, tolerance) if scan else erk_weights(players)
     base_bits = scan_bits(qlayers, scan, tolerance, quant.bits) if scan else {n: quant.bits for n in qlayers}
@@ -253,11 +255,10 @@ def allocate_size(model: nn.Module, recipe: Recipe, example_inputs, scan: dict |
     return Allocation(sparsity, bits, size, goal, numel)
 
 
-def sparsity_at_quant_start(prune, quant) -> float:
-    """The share of its target sparsity a layer has when LSQ starts (and sets its step)."""
-    from .schedules import progress, ramp
-
-    return ramp(1.0, progress(quant.start, prune.start, prune.end), prune.schedule)
+def sparsity_at_quant_start(quant_start, prune_window: tuple, schedule: str) -> float:
+    """The share of its target sparsity a layer has when LSQ starts (and sets its step); in
+    fractions of the run before training, in steps during it."""
+    return ramp(1.0, progress(quant_start, *prune_window), schedule)
 
 
 def choose_bits(cand: Candidate, base: dict[str, int], sparsest: dict, dense: dict, goal: float) -> dict[str, int]:
@@ -316,8 +317,6 @@ class SizeSteering:
             return
         if not prune.attached:
             return
-        from .schedules import progress
-
         p = progress(step, *prune.window)
         total = trainer.plan.total_steps
         trim_at = max(math.ceil(TRIM_AT * total), prune.window[1])
@@ -339,9 +338,7 @@ class SizeSteering:
 
 def steer(model: nn.Module, prune, quant, goal: float) -> tuple[dict[str, float], int]:
     """Per-layer sparsity whose artifact, measured from the run's current state, is `goal` bytes."""
-    from .schedules import progress, ramp
-
-    at_start = ramp(1.0, progress(quant.window[0], *prune.window), prune.config.schedule)  # when LSQ attaches
+    at_start = sparsity_at_quant_start(quant.window[0], prune.window, prune.config.schedule)  # LSQ attaches then
     cand = Candidate.from_training(model, prune, quant, at_start)
     names = [n for n in prune.layers if n in cand.original]
     density = {n: max(1e-9, 1.0 - prune.layer_target(n)) for n in names}
