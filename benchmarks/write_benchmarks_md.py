@@ -126,6 +126,31 @@ def longer_run_section() -> list[str]:
     return out
 
 
+def size_target_section() -> list[str]:
+    """benchmarks/size_targets.py: where a size target lands with and without steering."""
+    files = sorted((ROOT / "benchmarks" / "results").glob("size_targets_*.json"))
+    if not files:
+        return []
+    lines = ["## Size targets: with and without steering (LeNet-300-100)", "",
+             "Each ratio is run twice from the same teacher with the compare recipe: `steer: false` (the estimate made "
+             "before training decides alone) and with steering (re-fits at 80% of the pruning ramp and at 90% of the run). "
+             "`drift`: the bytes the unsteered run's state would encode to at its final per-layer targets, from the first "
+             "to the last tenth of the run after LSQ starts.", "",
+             "| data | ratio | goal bytes | unsteered file | steered file | drift in the unsteered run | command |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for f in files:
+        r = json.loads(f.read_text())
+        for ratio in sorted({row["ratio"] for row in r["runs"]}):
+            off = next(x for x in r["runs"] if x["ratio"] == ratio and not x["steer"])
+            on = next(x for x in r["runs"] if x["ratio"] == ratio and x["steer"])
+            d = off.get("drift") or []
+            drift = f"{d[0]['bytes']:,} -> {d[-1]['bytes']:,} B ({100 * (d[-1]['bytes'] / d[0]['bytes'] - 1):+.1f}%)" if d else "-"
+            lines.append(f"| {f.stem.removeprefix('size_targets_')} | {ratio:g}x | {off['goal_bytes']:,} | "
+                         f"{off['file_bytes']:,} ({off['deviation_pct']:+.2f}%) | {on['file_bytes']:,} ({on['deviation_pct']:+.2f}%) | "
+                         f"{drift} | `{r['command']}` |")
+    return lines + [""]
+
+
 def sst2_section() -> list[str]:
     """MiniLM-L6 on SST-2 through the core loop, joint vs sequential (benchmarks/hf_sst2_core.py)."""
     runs = {mode: ROOT / "benchmarks" / "results" / f"hf_sst2_core{suffix}.json"
@@ -203,6 +228,7 @@ def main() -> None:
         text += section(model)
     if (ROOT / "benchmarks" / "results" / "compare_lenet300_long" / "compare.json").is_file():
         text += section("lenet300", "compare_lenet300_long", ", longer training at 60x")
+    text += size_target_section()
     text += longer_run_section()
     text += sst2_section()
     (ROOT / "BENCHMARKS.md").write_text("\n".join(text))

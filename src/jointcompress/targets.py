@@ -37,7 +37,7 @@ TOLERANCE = 0.02  # the promise: within 2% of the target
 AIM = 0.003  # how close the bisection gets to its goal
 MARGIN = 0.006  # aim this much below the target: trained weights encode slightly differently
 MAX_LAYER_SPARSITY = 0.999  # the recipe's bound for layer_sparsity
-STEER_MARGIN = 0.01  # the re-fits aim 1% below: they land within ~0.7% of their aim, so at or under the target
+STEER_MARGIN = 0.01  # the re-fits aim 1% under the target, so files land at or just under it
 
 
 class TargetError(RecipeError):
@@ -294,15 +294,16 @@ class SizeSteering:
        per-layer sparsity is re-fitted from `Candidate.from_training`, keeping the layers'
        relative densities, and the ramp finishes at the new targets;
     2. weights keep spreading over more quantization levels while they train on (LeNet-300
-       on MNIST: +2.5% of bytes between 48% and 100% of a run), so at TRIM_AT of the run
-       (or the end of the ramp, if later) the sparsity is re-fitted again and the masks move
-       to it at once; states kept before that are forgotten (they are another size).
+       on MNIST: +2.7% of bytes from half-way to the end of a run, benchmarks/size_targets.py),
+       so at TRIM_AT of the run (or the end of the ramp, if later) the sparsity is re-fitted
+       again and the masks move to it at once; states kept before that are forgotten (they
+       are another size).
 
-    In the 60 LeNet runs on MNIST in BENCHMARKS.md the final weights file came out -0.1% to
-    +0.7% from the bytes predicted at the trim, so the re-fits aim STEER_MARGIN under the
-    target; the files landed 0.4% to 1.3% under it. Every rank computes the same re-fit from bit-identical weights; the targets
-    and how many re-fits happened are checkpointed technique state, so a resumed run neither
-    repeats nor skips them.
+    The file then comes out within 0.3% of the bytes predicted at the trim
+    (benchmarks/size_targets.py), so the re-fits aim STEER_MARGIN under the target; in the 60
+    MNIST compare runs of BENCHMARKS.md the files landed 0.4% to 1.3% under it. Every rank
+    computes the same re-fit from bit-identical weights; the targets and how many re-fits
+    happened are checkpointed technique state, so a resumed run neither repeats nor skips them.
     """
 
     def __init__(self, goal_bytes: float):
