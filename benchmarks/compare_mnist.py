@@ -49,6 +49,20 @@ def recipe(model: str, epochs: int):
     }, source="benchmarks/compare_mnist.py")
 
 
+def balanced_subset(split, n: int, seed: int = 0):
+    """`n` training images, the same number from every class (fixed seed): the scarce-data case."""
+    from dataclasses import replace
+
+    g = torch.Generator().manual_seed(seed)
+    classes = int(split.y_train.max()) + 1
+    picks = []
+    for c in range(classes):
+        idx = torch.nonzero(split.y_train == c).flatten()
+        picks.append(idx[torch.randperm(len(idx), generator=g)[: n // classes]])
+    idx = torch.cat(picks)
+    return replace(split, x_train=split.x_train[idx], y_train=split.y_train[idx], name=f"{split.name}-{len(idx)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(DEFAULTS), required=True)
@@ -58,6 +72,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--teacher-epochs", type=int)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--train-images", type=int, help="class-balanced subset of the training set (the scarce-data case)")
+    ap.add_argument("--variants", help="comma-separated (default: joint-none,joint-scale,joint-pcgrad,sequential)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     d = DEFAULTS[args.model]
@@ -65,13 +81,18 @@ def main() -> None:
     out = args.out or Path(__file__).parent / "results" / f"compare_{args.model}"
     out.mkdir(parents=True, exist_ok=True)
     spec = CompareSpec(ratios=[float(r) for r in (args.ratios or d["ratios"]).split(",")],
-                       seeds=args.seeds or d["seeds"], teacher_epochs=args.teacher_epochs or d["teacher_epochs"])
+                       seeds=args.seeds or d["seeds"], teacher_epochs=args.teacher_epochs or d["teacher_epochs"],
+                       **({"variants": tuple(args.variants.split(","))} if args.variants else {}))
+    split = load_mnist(args.data)
+    if args.train_images:
+        split = balanced_subset(split, args.train_images)
     t0 = time.perf_counter()
-    result = run_compare(recipe(args.model, args.epochs or d["epochs"]), load_mnist(args.data), args.model, spec, out,
+    result = run_compare(recipe(args.model, args.epochs or d["epochs"]), split, args.model, spec, out,
                          log=lambda m: print(f"[{time.perf_counter() - t0:6.0f}s] {m}", flush=True))
     result["wall_seconds"] = time.perf_counter() - t0
     result["command"] = " ".join(["nice -n 10 .venv/bin/python benchmarks/compare_mnist.py"] + sys.argv[1:])
     result["reference"] = {"deep_compression": DEEP_COMPRESSION[args.model], "goal": GOALS[args.model]}
+    result["train_images"] = len(split.y_train)
     (out / "compare.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     plot_pareto(result, out / "pareto.png", references=[DEEP_COMPRESSION[args.model]])
     for s in sorted(result["summary"], key=lambda s: (s["ratio_target"], s["variant"])):

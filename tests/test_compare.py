@@ -21,22 +21,30 @@ def test_compare_cli_tiny(tmp_path):
         "training: {epochs: 1, batch_size: 128, lr: 0.002}\ncoordination: {every: 2, log_every: 2}\n")
     out, tb = tmp_path / "cmp", tmp_path / "tb"
     res = CliRunner().invoke(app, ["compare", str(recipe), "--ratios", "20", "--seeds", "1", "--teacher-epochs", "1",
-                                   "--variants", "joint-pcgrad,sequential", "--out", str(out), "--tensorboard", str(tb)])
+                                   "--variants", "joint-pcgrad,sequential,overlap", "--out", str(out), "--tensorboard", str(tb)])
     assert res.exit_code == 0, res.output
     result = json.loads((out / "compare.json").read_text())
-    assert {r["variant"] for r in result["runs"]} == {"joint-pcgrad", "sequential"}
+    assert {r["variant"] for r in result["runs"]} == {"joint-pcgrad", "sequential", "overlap"}
     for r in result["runs"]:
         manifest = json.loads((out / r["dir"] / "artifact" / "manifest.json").read_text())
         assert r["file_bytes"] == manifest["weights_file_bytes"]
         assert abs(r["file_bytes"] / r["target_bytes"] - 1) <= 0.02, r  # each variant steered onto the same size
         assert (out / r["dir"] / "history.json").is_file()
-    budgets = [json.loads((out / r["dir"] / "artifact" / "manifest.json").read_text())["recipe"]["techniques"][0]["layer_sparsity"]
-               for r in result["runs"]]
-    assert budgets[0] == budgets[1]  # the same starting per-layer budgets for every variant
-    assert len(list(csv.DictReader((out / "compare.csv").open()))) == 2
+    recipes = {r["variant"]: json.loads((out / r["dir"] / "artifact" / "manifest.json").read_text())["recipe"]
+               for r in result["runs"]}
+    # sequential and overlap start from the allocator's per-layer budgets, the same for both
+    assert recipes["sequential"]["techniques"][0]["layer_sparsity"] == recipes["overlap"]["techniques"][0]["layer_sparsity"]
+    # the joint variant learns its own under the target's bytes
+    budget = next(t for t in recipes["joint-pcgrad"]["techniques"] if t["type"] == "size_budget")
+    joint_run = next(r for r in result["runs"] if r["variant"] == "joint-pcgrad")
+    assert abs(budget["target_bytes"] - joint_run["target_bytes"]) < 1
+    assert joint_run["changed_share"] > 0  # pcgrad changed the update on the size-vs-accuracy conflict
+    summary = {s["variant"]: s for s in result["summary"]}
+    assert not summary["joint-pcgrad"]["changed_nothing"]
+    assert len(list(csv.DictReader((out / "compare.csv").open()))) == 3
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     events = list(tb.rglob("events.out.tfevents.*"))
-    assert len(events) == 2
+    assert len(events) == 3
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

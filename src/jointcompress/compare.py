@@ -33,24 +33,57 @@ VARIANTS = {  # name -> (mode, coordination strategy)
     "joint-scale": ("joint", "scale"),
     "joint-pcgrad": ("joint", "pcgrad"),
     "sequential": ("sequential", "none"),
+    "overlap": ("overlap", "none"),  # masks + LSQ at overlapping times, allocator budgets (not in the default set)
 }
+DEFAULT_VARIANTS = ("joint-none", "joint-scale", "joint-pcgrad", "sequential")
 CSV_FIELDS = ["variant", "mode", "strategy", "ratio_target", "seed", "accuracy", "error", "bytes", "file_bytes",
-              "target_bytes", "ratio", "sparsity", "bits", "conflict_rate", "wall_s", "dir"]
+              "target_bytes", "ratio", "sparsity", "bits", "conflict_rate", "changed_share", "changed_mean", "wall_s", "dir"]
 
 
 @dataclass
 class CompareSpec:
     ratios: list[float]
     seeds: int = 1
-    variants: tuple[str, ...] = tuple(VARIANTS)
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
     teacher_epochs: int = 10
     epochs: int | None = None
 
 
-def variant_recipe(base: Recipe, variant: str, seed: int) -> Recipe:
-    mode, strategy = VARIANTS[variant]
+def joint_recipe(base: Recipe, learn_bits: bool = False) -> Recipe:
+    """The joint form of a prune + quantize recipe: zero is a level of the quantizer (a learned
+    dead zone) under the target's bytes (size_budget), over the same window the masks would
+    have ramped in; distillation and training stay as they are. Widths stay at quant_lsq.bits
+    unless `learn_bits`: learned widths made the budget oscillate in our MNIST runs (a width
+    step moves a layer's bytes by 25-50% at once; docs/joint.md)."""
     data = base.model_dump()
-    data["mode"], data["coordination"]["strategy"], data["training"]["seed"] = mode, strategy, seed
+    prune = base.technique("prune_unstructured")
+    techniques = [t for t in data["techniques"] if t["type"] not in ("prune_unstructured", "size_budget")]
+    for t in techniques:
+        if t["type"] == "quant_lsq":
+            t.update(zero_level=True, start=0.0, layer_bits=None, learn_bits=learn_bits)
+    if not any(t["type"] == "quant_lsq" for t in techniques):
+        techniques.append({"type": "quant_lsq", "bits": 4, "zero_level": True})
+    end = prune.end if prune is not None else 0.6
+    techniques.append({"type": "size_budget", "start": prune.start if prune is not None else 0.0, "end": end,
+                       "freeze": max(end, 0.8)})
+    data["techniques"], data["mode"] = techniques, "joint"
+    if data.get("target"):
+        data["target"] = {k: v for k, v in data["target"].items() if k not in ("allocated", "steer")}
+    return parse_recipe(data, source="joint form of the recipe")
+
+
+def variant_recipe(budgets: Recipe, variant: str, seed: int, targeted: Recipe | None = None, model=None,
+                   example=None) -> Recipe:
+    """One variant's recipe. sequential and overlap train the allocator's `budgets`; the joint
+    variants learn their own from `targeted` (the recipe with the size target, unallocated)."""
+    mode, strategy = VARIANTS[variant]
+    if mode == "joint" and targeted is not None:
+        from .targets import resolve_target
+
+        budgets = resolve_target(model, joint_recipe(targeted), example)
+    data = budgets.model_dump()
+    data["mode"] = "joint" if mode == "overlap" else mode
+    data["coordination"]["strategy"], data["training"]["seed"] = strategy, seed
     return parse_recipe(data, source=f"compare variant {variant}")
 
 
@@ -92,7 +125,7 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
             budgets = resolve_target(teacher, targeted, example)  # once: every variant gets the same budgets
             for variant in spec.variants:
                 name = f"{variant}-r{ratio:g}-s{seed}"
-                r = variant_recipe(budgets, variant, seed)
+                r = variant_recipe(budgets, variant, seed, targeted, teacher, example)
                 run_dir = out / "runs" / name
                 callbacks = _tensorboard(tensorboard, name)
                 run_row, history = run_one(teacher, r, split, builder, run_dir, callbacks,
@@ -138,6 +171,7 @@ def _row(row: dict, variant: str, ratio: float, seed: int, dense: int, run_dir: 
             "accuracy": row["accuracy"], "error": 1.0 - row["accuracy"], "bytes": row.get("bytes"),
             "file_bytes": file_bytes, "target_bytes": dense / ratio, "ratio": dense / file_bytes,
             "sparsity": row.get("sparsity"), "bits": row.get("bits"), "conflict_rate": row.get("conflict_rate"),
+            "changed_share": row.get("changed_share"), "changed_mean": row.get("changed_mean"),
             "wall_s": row.get("wall_s"), "dir": str(run_dir)}
 
 
@@ -153,8 +187,17 @@ def summarize(runs: list[dict]) -> list[dict]:
                     "accuracy_mean": statistics.fmean(acc), "accuracy_min": min(acc), "accuracy_max": max(acc),
                     "accuracy_std": statistics.pstdev(acc), "error_mean": 1 - statistics.fmean(acc),
                     "ratio_mean": statistics.fmean(rat), "ratio_min": min(rat), "ratio_max": max(rat),
-                    "file_bytes_mean": statistics.fmean(r["file_bytes"] for r in rows)})
+                    "file_bytes_mean": statistics.fmean(r["file_bytes"] for r in rows),
+                    "changed_share_mean": _mean_of(rows, "changed_share"), "changed_mean": _mean_of(rows, "changed_mean")})
+        strategy = VARIANTS.get(variant, ("", "none"))[1]
+        # a strategy that never changed the update trained exactly like `none`: say so
+        out[-1]["changed_nothing"] = strategy != "none" and not out[-1]["changed_share_mean"]
     return out
+
+
+def _mean_of(rows: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.fmean(vals) if vals else None
 
 
 def write_csv(runs: list[dict], path: Path) -> None:

@@ -80,6 +80,8 @@ def compress_and_save(
 def finalize_and_save(model: nn.Module, result: Result, teacher: nn.Module, split: Split, builder, path: Path | None) -> dict:
     """Make the compression permanent, write the artifact to `path`, and measure what is there."""
     example = result.example_inputs
+    for t in result.techniques:  # size_budget's projections onto the target, with the rest of the run's events
+        result.history.events.extend(getattr(t, "events", []))
     spec = finalize(model, example, recipe=result.recipe.model_dump())
     evaluate = evaluator(split.x_test, split.y_test)
     row = {"accuracy": evaluate(model)["accuracy"]}
@@ -92,7 +94,17 @@ def finalize_and_save(model: nn.Module, result: Result, teacher: nn.Module, spli
     row["wall_s"] = result.history.wall_seconds
     conflicts = [e["conflict_rate"] for e in result.history.epochs if e.get("conflict_rate") is not None]
     row["conflict_rate"] = sum(conflicts) / len(conflicts) if conflicts else None
+    row.update(coordination_effect(result.history))
     return row
+
+
+def coordination_effect(history) -> dict:
+    """How often the coordination strategy changed the update (share of the logged
+    coordinated steps with ||resolved - sum|| > 0) and by how much on average."""
+    changed = [s["changed"] for s in history.steps if "changed" in s]
+    if not changed:
+        return {"changed_share": None, "changed_mean": None}
+    return {"changed_share": sum(c > 1e-9 for c in changed) / len(changed), "changed_mean": sum(changed) / len(changed)}
 
 
 def _describe(model: nn.Module, spec) -> dict:

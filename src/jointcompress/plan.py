@@ -41,6 +41,8 @@ def joint_plan(techniques: list[Technique], total_steps: int) -> Plan:
         end = round(getattr(t.config, "end", getattr(t.config, "start", 0.0)) * total_steps)
         t.window = (start, max(start, end))
         plan.attach[id(t)] = 0 if _is_prune(t) or t.kind == "distill_kd" else start
+        if t.kind == "size_budget":  # the zero pattern and widths are fixed, then values fine-tune
+            plan.freeze[id(t)] = max(t.window[1], min(total_steps - 1, round(t.config.freeze * total_steps)))
     return plan
 
 

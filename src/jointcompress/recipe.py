@@ -79,6 +79,47 @@ class QuantLSQ(Selection):
     step_lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
     # per-layer bit-widths (layer name -> bits), e.g. from a size-target allocator
     layer_bits: dict[str, Annotated[int, Field(ge=2, le=8)]] | None = None
+    # zero as a quantizer level: a learned per-channel dead zone prunes (techniques/zero_level.py)
+    zero_level: bool = False
+    learn_bits: bool = True  # with zero_level: learn each layer's bit-width in [min_bits, max_bits]
+    min_bits: Annotated[int, Field(ge=2, le=8)] = 2
+    max_bits: Annotated[int, Field(ge=2, le=8)] = 8
+    # learning rate of dead zones and bit-widths; None: set by size_budget so they can cross its window
+    zero_level_lr: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+
+    @model_validator(mode="after")
+    def _bit_range(self):
+        if self.min_bits > self.max_bits:
+            raise ValueError(f"min_bits ({self.min_bits}) must be <= max_bits ({self.max_bits})")
+        if self.zero_level and not self.min_bits <= self.bits <= self.max_bits:
+            raise ValueError(f"bits ({self.bits}) must lie in [min_bits, max_bits] = [{self.min_bits}, {self.max_bits}]")
+        return self
+
+
+class SizeBudget(Strict):
+    """The artifact's bytes as a constraint inside training (techniques/size_budget.py).
+
+    Needs `target` (size_kb or ratio) and quant_lsq with zero_level: true. The budget warms up
+    from the model's size at `start` to the target at `end` (fractions of the run); at `freeze`
+    the zero pattern and bit-widths are fixed and the rest of the run fine-tunes values.
+    """
+
+    type: Literal["size_budget"]
+    start: Fraction = 0.0
+    end: Fraction = 0.6
+    freeze: Fraction = 0.8
+    # dual ascent step of the multiplier; None: 50 / the window's steps (the same reach in short and long runs)
+    lambda_lr: Annotated[float, Field(gt=0.0, le=100.0)] | None = None
+    penalty: Annotated[float, Field(ge=0.0, le=1000.0)] = 1.0  # quadratic term of the augmented Lagrangian
+    margin: Annotated[float, Field(ge=0.0, le=0.2)] = 0.01  # aim this far under the target
+    calibrate_every: Annotated[int, Field(ge=1, le=1_000_000)] | None = None  # None: 20 times a run
+    target_bytes: Annotated[float, Field(gt=0.0)] | None = None  # set from `target` by compress()
+
+    @model_validator(mode="after")
+    def _window(self):
+        if not self.start <= self.end <= self.freeze:
+            raise ValueError(f"need start <= end <= freeze, got {self.start}, {self.end}, {self.freeze}")
+        return self
 
 
 class FeaturePair(Strict):
@@ -151,7 +192,7 @@ class HF(Strict):
 
 
 Technique = Annotated[
-    Union[PruneUnstructured, PruneStructured, QuantLSQ, DistillKD, PruneHeads, PruneFFN, PruneLayers], Field(discriminator="type")
+    Union[PruneUnstructured, PruneStructured, QuantLSQ, DistillKD, PruneHeads, PruneFFN, PruneLayers, SizeBudget], Field(discriminator="type")
 ]
 
 
@@ -234,8 +275,24 @@ class Recipe(Strict):
     def _combinations(self):
         kinds = [t.type for t in self.techniques]
         for k in set(kinds):
-            if kinds.count(k) > 1 and k in ("quant_lsq", "distill_kd", "prune_heads", "prune_ffn", "prune_layers"):
+            if kinds.count(k) > 1 and k in ("quant_lsq", "distill_kd", "prune_heads", "prune_ffn", "prune_layers", "size_budget"):
                 raise ValueError(f"technique '{k}' appears {kinds.count(k)} times; use it once")
+        return self
+
+    @model_validator(mode="after")
+    def _size_budget(self):
+        if self.technique("size_budget") is None:
+            return self
+        quant = self.technique("quant_lsq")
+        if quant is None or not quant.zero_level:
+            raise ValueError("size_budget needs quant_lsq with zero_level: true (the dead zone is what it steers)")
+        if self.mode != "joint":
+            raise ValueError("size_budget trains pruning and bits together, so it needs mode: joint; "
+                             "sequential runs meet a size target through the allocator (remove size_budget)")
+        if self.technique("prune_unstructured") is not None:
+            raise ValueError("size_budget prunes through quant_lsq's dead zone; remove prune_unstructured")
+        if (self.target is None or self.target.latency_ms is not None) and self.technique("size_budget").target_bytes is None:
+            raise ValueError("size_budget needs target: {size_kb: ...} or {ratio: ...}")
         return self
 
     def technique(self, kind: str):
@@ -252,7 +309,7 @@ def _format(err: ValidationError, source: str) -> str:
             lines.append(f"  - {loc}: unknown key; remove it or check its spelling")
         elif e["type"] == "union_tag_invalid" or e["type"] == "union_tag_not_found":
             lines.append(
-                f"  - {loc}: {msg}. Allowed types: prune_unstructured, prune_structured, quant_lsq, distill_kd, prune_heads, prune_ffn, prune_layers"
+                f"  - {loc}: {msg}. Allowed types: prune_unstructured, prune_structured, quant_lsq, distill_kd, prune_heads, prune_ffn, prune_layers, size_budget"
             )
         else:
             lines.append(f"  - {loc}: {msg} (got {got!r})" if "input" in e else f"  - {loc}: {msg}")

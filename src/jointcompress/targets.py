@@ -414,6 +414,9 @@ def resolve_target(model: nn.Module, recipe: Recipe | dict, example_inputs, eval
     """
     recipe = parse_recipe(recipe)
     if recipe.target is not None and recipe.target.allocated:
+        budget = recipe.technique("size_budget")
+        if budget is not None and budget.target_bytes is not None:
+            return recipe
         prune = recipe.technique("prune_unstructured")
         if recipe.target.latency_ms is None and (prune is None or not prune.layer_sparsity):
             raise TargetError("target.allocated: true is set by the allocator once prune_unstructured.layer_sparsity "
@@ -423,6 +426,8 @@ def resolve_target(model: nn.Module, recipe: Recipe | dict, example_inputs, eval
         return recipe
     data = recipe.model_dump()
     data["target"] = None
+    if recipe.technique("size_budget") is not None and recipe.target.latency_ms is None:
+        return _with_size_budget(data, recipe, target_bytes(model, recipe.target))
     if recipe.target.latency_ms is not None:
         sparsity, _ = allocate_latency(model, example_inputs, recipe.target)
         return _with_structured(data, sparsity)
@@ -438,6 +443,16 @@ def resolve_target(model: nn.Module, recipe: Recipe | dict, example_inputs, eval
     alloc = allocate_size(model, full, example_inputs, scan=sensitivity)
     data["target"] = {**recipe.target.model_dump(), "allocated": True}  # compress() steers toward it
     return _with_budgets(data, alloc)
+
+
+def _with_size_budget(data: dict, recipe: Recipe, goal: float) -> Recipe:
+    """Joint runs learn their per-layer sparsity and bits under the budget: no allocation,
+    no steering; the target's bytes go to size_budget, which lands on them in training."""
+    for t in data["techniques"]:
+        if t["type"] == "size_budget":
+            t["target_bytes"] = float(goal)
+    data["target"] = {**recipe.target.model_dump(), "allocated": True, "steer": False}
+    return parse_recipe(data, source="resolved target")
 
 
 def _with_size_techniques(data: dict) -> dict:

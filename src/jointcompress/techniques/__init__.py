@@ -5,6 +5,7 @@ from .prune_structured import PruneStructured
 from .prune_units import PruneFFN, PruneHeads, PruneLayers
 from .prune_unstructured import PruneUnstructured
 from .quant_lsq import LSQWeight, QuantLSQ
+from .size_budget import SizeBudget
 
 REGISTRY = {
     "prune_unstructured": PruneUnstructured,
@@ -14,6 +15,7 @@ REGISTRY = {
     "prune_heads": PruneHeads,
     "prune_layers": PruneLayers,
     "prune_ffn": PruneFFN,
+    "size_budget": SizeBudget,
 }
 
 

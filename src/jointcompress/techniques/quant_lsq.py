@@ -142,7 +142,7 @@ class QuantLSQ(Technique):
     def setup(self, ctx: RunContext) -> None:
         for name, layer in selected_layers(ctx.model, self.config).items():
             bits = (self.config.layer_bits or {}).get(name, self.config.bits)
-            q = LSQWeight(layer.weight.detach(), bits, self.config.per_channel)
+            q = self._quantizer(layer.weight.detach(), bits)
             parametrize.register_parametrization(layer, "weight", q)
             self.quantizers[name] = q
             if self.config.activations:
@@ -153,6 +153,14 @@ class QuantLSQ(Technique):
         with torch.no_grad():  # initialise step sizes now, from the (masked) weights as they are
             for name, layer in selected_layers(ctx.model, self.config).items():
                 _ = layer.weight
+
+    def _quantizer(self, weight: torch.Tensor, bits: int) -> LSQWeight:
+        cfg = self.config
+        if not cfg.zero_level:
+            return LSQWeight(weight, bits, cfg.per_channel)
+        from .zero_level import ZeroLevelLSQWeight
+
+        return ZeroLevelLSQWeight(weight, bits, cfg.per_channel, cfg.learn_bits, cfg.min_bits, cfg.max_bits)
 
     def loss_terms(self, ctx: RunContext) -> dict[str, torch.Tensor]:
         """Optional: pull weights toward their grid points (less rounding noise, fewer flips)."""
@@ -175,7 +183,19 @@ class QuantLSQ(Technique):
         if self.frozen:
             return []
         steps = [q.log_step for q in self.quantizers.values()] + [q.log_step for q in self.act_quantizers.values()]
-        return [{"params": steps, "lr": self.config.step_lr, "weight_decay": 0.0, "name": "quant_steps"}]
+        groups = [{"params": steps, "lr": self.config.step_lr, "weight_decay": 0.0, "name": "quant_steps"}]
+        lr = self.config.zero_level_lr or max(getattr(q, "decision_lr", 5e-3) for q in self.quantizers.values())
+        # dead zones and bit-widths: where accuracy and size meet
+        for attr, name, scale in (("dead_zone_raw", "dead_zones", 1.0), ("bits_raw", "bit_widths", 1.0)):
+            params = [getattr(q, attr) for q in self.quantizers.values() if getattr(q, attr, None) is not None]
+            params = [p for p in params if p.requires_grad]
+            if params:
+                groups.append({"params": params, "lr": lr * scale, "weight_decay": 0.0, "name": name})
+        return groups
 
     def metrics(self) -> dict[str, float]:
-        return {"bits": float(self.config.bits)}
+        if not self.quantizers:
+            return {"bits": float(self.config.bits)}
+        n = {k: q.last_in.numel() if q.last_in is not None else 1 for k, q in self.quantizers.items()}
+        mean_bits = sum(q.bits * n[k] for k, q in self.quantizers.items()) / max(1, sum(n.values()))
+        return {"bits": float(mean_bits)}

@@ -1,0 +1,252 @@
+"""The artifact's size as a constraint inside training, met by a Lagrange multiplier.
+
+Why: without it, the only conflict a joint run has is between task and distillation, which
+rarely disagree; the real trade-off of compression (accuracy vs bytes) is decided outside
+training, by an allocator that guesses how trained weights will encode. Here the bytes are a
+differentiable function of what training learns: per layer, the kept weights (the dead
+zones of `zero_level.ZeroLevelLSQWeight`) times the bits of their value and of their sparse
+position, plus the fixed parts (scales, biases, container). The constraint is an augmented
+Lagrangian (CoFi / FLOP): term = lam * c + penalty / 2 * c^2 with c = bytes / budget - 1,
+lam updated by dual ascent after every step, so the accuracy terms and the size term really
+pull against each other on the same weights, steps, dead zones and bit-widths.
+
+Exactness: the estimate uses the hard count of kept weights as its value (a sigmoid surrogate
+only for the gradient), and every `calibrate_every` steps the current state is finalized on a
+copy and encoded by the artifact writer itself; the estimate's variable part is then scaled
+by (real values + indices) / estimate and the fixed part is the measured rest of the file.
+The budget warms up (log-linearly) from the size at `start` to the target at `end`; at
+`freeze` the zero pattern and widths are fixed (if the state is still over the target, the
+kept weights closest to their dead zone are dropped first -- the export rule of FLOP/CoFi,
+recorded in `history.events`), and the rest of the run fine-tunes values and steps.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn as nn
+
+from .base import RunContext, Technique
+from .zero_level import ZeroLevelLSQWeight
+
+INDEX_WIDTHS = tuple(range(2, 9))
+LAMBDA_MAX = 1e3
+DECISION_TRAVEL = 6.0  # how far (in raw units) a dead zone or bit-width can move over the budget's window
+LAMBDA_TRAVEL = 50.0  # lambda_lr by default: the multiplier can rise this far over the budget's window
+LAYER_FLOOR = 0.005
+PROJECTION_SLACK = 0.003  # the projection lands within 0.3% of the aim (fine-tuning moves the coding ~0.5%)
+
+
+def sparse_layer_bytes(nonzero: torch.Tensor, numel: int, bits: torch.Tensor) -> torch.Tensor:
+    """Values + positions of one layer in the cheapest format the artifact writer offers.
+
+    dense: numel * bits; bitmask: nonzero * bits + numel; relative indices of width w:
+    (nonzero + fillers) * (bits + w), a filler for every gap of 2^w zeros or more, with gaps
+    as between randomly placed weights at this density. The value is the cheapest format's;
+    the gradient is the cheapest *sparse* format's, so a layer still stored dense (whose bytes do
+    not depend on how many weights it keeps) feels what each kept weight will cost once it is
+    sparse -- with the dense format's zero gradient, dense layers never started to prune.
+    """
+    n = nonzero.clamp(min=1.0)
+    density = (n / numel).clamp(max=1.0 - 1e-6)
+    costs = [numel * bits, n * bits + numel]
+    for w in INDEX_WIDTHS:
+        r = (1 - density) ** (2 ** w)
+        fillers = n * r / (1 - r).clamp_min(1e-12)
+        costs.append((n + fillers) * (bits + w))
+    costs = torch.stack([torch.as_tensor(c, dtype=n.dtype) for c in costs])
+    sparse = costs[1:].min()
+    return (sparse + (costs.min() - sparse).detach()) / 8
+
+
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy without the forward caches (graph tensors deepcopy refuses)."""
+    memo = {id(v): None for m in model.modules() for v in vars(m).values()
+            if isinstance(v, torch.Tensor) and v.grad_fn is not None}
+    plain = copy.deepcopy(model, memo)
+    for m in plain.modules():
+        if hasattr(m, "parametrizations"):
+            # the copy shares its parametrized class with the live module, and removing the
+            # parametrization edits that class: give the copy a class of its own first
+            own = m.__class__
+            m.__class__ = type(own.__name__, own.__bases__, dict(own.__dict__))
+    return plain
+
+
+def measured_bytes(model: nn.Module) -> dict[str, int]:
+    """The weights file the artifact writer would produce for the model as it is now."""
+    from ..artifact.encode import encode_model
+    from ..artifact.store import weights_blob
+    from ..finalize import finalize
+
+    plain = _plain_copy(model)
+    spec = finalize(plain)
+    enc = encode_model(plain, spec)
+    totals = enc.totals()
+    total = len(weights_blob(enc.tensors))
+    return {"total": total, "variable": totals["values"] + totals["indices"]}
+
+
+class SizeBudget(Technique):
+    kind = "size_budget"
+    order = 30  # after quant_lsq, whose quantizers it reads
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.layers: dict[str, tuple[nn.Module, ZeroLevelLSQWeight]] = {}
+        self.lam = 0.0
+        self.scale = 1.0  # real variable bytes / estimated
+        self.fixed = 0.0  # bytes that do not depend on training (scales, biases, container)
+        self.start_bytes = 0.0
+        self.last_hard = 0.0
+        self.calibrations = 0
+        self.events: list[dict] = []
+        self.model: nn.Module | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def setup(self, ctx: RunContext) -> None:
+        self.layers = {
+            name: (m, p) for name, m in ctx.model.named_modules() if hasattr(m, "parametrizations")
+            and "weight" in m.parametrizations for p in m.parametrizations.weight if isinstance(p, ZeroLevelLSQWeight)
+        }
+        if not self.layers:
+            from ..errors import RecipeError
+
+            raise RecipeError("size_budget found no quantizer with a dead zone; set quant_lsq.zero_level: true "
+                              "and start quant_lsq no later than size_budget")
+        if self.config.target_bytes is None:
+            from ..errors import RecipeError
+
+            raise RecipeError("size_budget.target_bytes is not set; give the recipe a target (size_kb or ratio)")
+        self.model = ctx.model
+        for _, q in self.layers.values():  # Adam moves a parameter ~lr a step: let the dead zones cross the window
+            q.decision_lr = DECISION_TRAVEL / max(1, self.window[1] - self.window[0])
+        self.calibrate(ctx.model)
+        self.start_bytes = self.calibrated_hard()
+        self.attached = True
+
+    def goal(self, step: int) -> float:
+        """The budget now: log-linear from the size at `start` to the target at `end`."""
+        final = self.config.target_bytes * (1 - self.config.margin)
+        a, b = self.window
+        if step >= b or b <= a:
+            return final
+        p = max(0.0, (step - a) / (b - a))
+        start = max(self.start_bytes, final)
+        return math.exp((1 - p) * math.log(start) + p * math.log(final))
+
+    def on_step(self, ctx: RunContext) -> None:
+        every = self.config.calibrate_every or max(1, ctx.total_steps // 40)
+        if not self.frozen and ctx.step > self.window[0] and ctx.step % every == 0:
+            self.calibrate(ctx.model)
+
+    def loss_terms(self, ctx: RunContext) -> dict[str, torch.Tensor]:
+        if self.frozen:
+            return {}
+        est = self.estimate(soft=True)
+        goal = self.goal(ctx.step)
+        c = est / goal - 1
+        self.last_hard = float(est.detach())
+        return {"size": self.lam * c + 0.5 * self.config.penalty * c * c}
+
+    def after_optimizer_step(self, ctx: RunContext) -> None:
+        if self.frozen:
+            return
+        c = self.last_hard / self.goal(ctx.step) - 1
+        lr = self.config.lambda_lr or LAMBDA_TRAVEL / max(1, self.window[1] - self.window[0])
+        self.lam = max(-LAMBDA_MAX, min(LAMBDA_MAX, self.lam + lr * c))
+
+    def freeze(self) -> None:
+        """Fix the zero pattern and widths, first projected onto the target (see `project`)."""
+        for _ in range(3):  # each projection is re-measured: dropped weights change the coding
+            if self.model is not None:
+                self.calibrate(self.model)
+            if not self.project():
+                break
+        for name, (m, q) in self.layers.items():
+            q.fix_pattern(m.parametrizations.weight.original.detach())
+        super().freeze()
+
+    # -- the estimate ----------------------------------------------------------------------
+    def estimate(self, soft: bool = True) -> torch.Tensor:
+        """Bytes of the weights file as training stands: calibrated variable part + fixed part."""
+        total = 0.0
+        for m, q in self.layers.values():
+            w = m.parametrizations.weight.original
+            nz = q.soft_nonzero(w) if soft else q.soft_nonzero(w).detach()
+            total = total + sparse_layer_bytes(nz, w.numel(), q.bits_ste())
+        return self.scale * total + self.fixed
+
+    def calibrated_hard(self) -> float:
+        with torch.no_grad():
+            return float(self.estimate(soft=False))
+
+    @torch.no_grad()
+    def calibrate(self, model: nn.Module) -> None:
+        """Measure the real file and fit the estimate's scale and fixed part to it."""
+        real = measured_bytes(model)
+        raw = 0.0
+        for m, q in self.layers.values():
+            w = m.parametrizations.weight.original
+            raw += float(sparse_layer_bytes(q.soft_nonzero(w).detach(), w.numel(), q.bits_ste().detach()))
+        self.scale = real["variable"] / max(raw, 1.0) if real["variable"] > 0 else 1.0
+        self.fixed = float(real["total"] - real["variable"])
+        self.calibrations += 1
+
+    @torch.no_grad()
+    def project(self) -> bool:
+        """Land on the target: drop the kept weights nearest their dead zone while over it, or
+        revive the pruned weights nearest the edge while more than 1% under the aim."""
+        aim = self.config.target_bytes * (1 - self.config.margin)
+        before = self.calibrated_hard()
+        if aim * (1 - PROJECTION_SLACK) <= before <= aim * (1 + PROJECTION_SLACK):
+            return False
+        drop = before > aim
+        nonzero = sum(int(q.hard_keep(m.parametrizations.weight.original).sum()) for m, q in self.layers.values())
+        per_weight = max(before - self.fixed, 1.0) / max(1, nonzero)
+        count = math.ceil(abs(before - aim) / per_weight)
+        self._flip(count, drop)
+        self.events.append({"event": "size_projection", "bytes_before": round(before), "aim_bytes": round(aim),
+                            "dropped_weights" if drop else "revived_weights": int(count),
+                            "target_bytes": round(self.config.target_bytes)})
+        return True
+
+    def _flip(self, count: int, drop: bool) -> None:
+        """Change `count` gate decisions, those with the smallest distance to the dead zone's edge."""
+        margins, owners, where = [], [], []
+        for i, (m, q) in enumerate(self.layers.values()):
+            w = m.parametrizations.weight.original
+            margin = q.edge_distance(w).flatten()
+            keep = q.hard_keep(w).flatten()
+            idx = torch.nonzero(keep if drop else ~keep).flatten()
+            if drop:  # a layer keeps its strongest LAYER_FLOOR of weights: a projection never cuts a path
+                floor = min(len(idx), math.ceil(LAYER_FLOOR * w.numel()))
+                idx = idx[torch.argsort(margin[idx], descending=True)[floor:]]
+            margins.append(margin[idx] if drop else -margin[idx])
+            owners.append(torch.full((len(idx),), i))
+            where.append((idx, keep))
+        chosen = torch.argsort(torch.cat(margins))[:count]
+        owner_of, offset = torch.cat(owners)[chosen], 0
+        for i, ((m, q), (idx, keep)) in enumerate(zip(self.layers.values(), where)):
+            keep[idx[chosen[owner_of == i] - offset]] = not drop
+            offset += len(idx)
+            q.fix_pattern(m.parametrizations.weight.original.detach(), keep.view_as(q.keep))
+
+    def at_target(self) -> bool:
+        """Only states after the freeze (pattern and widths fixed at the target) are final."""
+        return self.frozen
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        return {"size_bytes": self.calibrated_hard() if self.layers else 0.0, "size_lambda": self.lam,
+                "size_scale": self.scale}
+
+    def state_dict(self):
+        return {"lam": torch.tensor(self.lam, dtype=torch.float64), "scale": torch.tensor(self.scale, dtype=torch.float64),
+                "fixed": torch.tensor(self.fixed, dtype=torch.float64),
+                "start_bytes": torch.tensor(self.start_bytes, dtype=torch.float64)}
+
+    def load_state_dict(self, state):
+        self.lam, self.scale = float(state["lam"]), float(state["scale"])
+        self.fixed, self.start_bytes = float(state["fixed"]), float(state["start_bytes"])

@@ -1,0 +1,161 @@
+"""Joint pruning + quantization under one size budget: zero as a quantizer level, learned
+bit-widths, a byte estimate checked against the writer, and a run that lands on its target."""
+import copy
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from jointcompress.api import compress
+from jointcompress.artifact import packing
+from jointcompress.artifact.store import save
+from jointcompress.compare import joint_recipe
+from jointcompress.coordination import GradientCoordinator
+from jointcompress.data import evaluator, load_digits
+from jointcompress.errors import RecipeError
+from jointcompress.finalize import finalize
+from jointcompress.pipeline import train_teacher
+from jointcompress.recipe import Coordination, parse_recipe
+from jointcompress.targets import target_bytes
+from jointcompress.techniques.size_budget import sparse_layer_bytes
+from jointcompress.techniques.zero_level import ZeroLevelLSQWeight
+
+
+@pytest.fixture(scope="module")
+def trained():
+    split = load_digits()
+    return split, train_teacher("lenet300", split, 3)
+
+
+def _joint(ratio=30.0, epochs=5, strategy="none", batch_size=16, **quant):
+    return parse_recipe({"model": "lenet300", "mode": "joint", "target": {"ratio": ratio}, "techniques": [
+        {"type": "quant_lsq", "bits": 4, "zero_level": True, **quant},
+        {"type": "size_budget", "end": 0.6, "freeze": 0.8},
+        {"type": "distill_kd", "cache_teacher": True}],
+        "training": {"epochs": epochs, "batch_size": batch_size, "lr": 0.002},
+        "coordination": {"strategy": strategy, "every": 5}})
+
+
+@pytest.mark.parametrize("density", [0.01, 0.05, 0.2, 0.6, 0.95])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+def test_byte_estimate_matches_the_writer_on_random_layers(density, bits):
+    rng = np.random.default_rng(bits * 100 + int(density * 100))
+    numel = 40_000
+    q = rng.integers(1, 2 ** (bits - 1), numel) * rng.choice([-1, 1], numel)
+    q = np.where(rng.random(numel) < density, q, 0).astype(np.int8)
+    real = packing.encode_ints(q, bits).nbytes
+    est = float(sparse_layer_bytes(torch.tensor(float(np.count_nonzero(q))), numel, torch.tensor(float(bits))))
+    assert abs(est - real) / real < 0.03, (est, real)
+
+
+def test_a_layer_still_stored_dense_feels_the_size_gradient():
+    # at 90% density the dense format is cheapest and its bytes do not depend on the count; the
+    # gradient must still say what each kept weight will cost (else dense layers never prune)
+    n = torch.tensor(36_000.0, requires_grad=True)
+    est = sparse_layer_bytes(n, 40_000, torch.tensor(4.0))
+    assert float(est) == 40_000 * 4 / 8  # the value is the dense format's
+    (g,) = torch.autograd.grad(est, n)
+    assert g >= 4 / 8  # at least the value bits of a kept weight, in bytes
+
+
+def test_dead_zone_prunes_and_keeps_weights_on_the_grid():
+    torch.manual_seed(0)
+    w = torch.randn(6, 50)
+    q = ZeroLevelLSQWeight(w, bits=4)
+    with torch.no_grad():
+        q.dead_zone_raw.fill_(1.0)  # t = 0.5 + softplus(1) = 1.81 steps
+    out = q(w)
+    s = q.scale().view(-1, 1)
+    ints = out / s
+    assert torch.allclose(ints, ints.round(), atol=1e-4)
+    kept = ints != 0
+    assert (ints[kept].abs() >= 1).all() and (ints.abs() <= 7).all()
+    assert torch.equal(kept, (w / s).abs() >= q.dead_zone())  # zero exactly inside the dead zone
+    assert 0.2 < 1 - kept.float().mean() < 0.95
+
+
+def test_dead_zone_gets_opposite_gradients_from_task_and_size():
+    torch.manual_seed(0)
+    w = torch.randn(4, 64)
+    q = ZeroLevelLSQWeight(w, bits=4)
+    target = torch.randn(4, 64) + 3 * w  # a task that wants the weights as they are
+    task = ((q(w) - target) ** 2).mean()
+    g_task = torch.autograd.grad(task, q.dead_zone_raw)[0]
+    g_size = torch.autograd.grad(q.soft_nonzero(w), q.dead_zone_raw)[0]
+    assert (g_task > 0).all()  # opening the dead zone costs accuracy
+    assert (g_size < 0).all()  # ... and saves bytes: a real conflict
+
+
+def _run(trained, recipe):
+    split, teacher = trained
+    model = copy.deepcopy(teacher)
+    result = compress(model, recipe, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test), teacher=teacher)
+    return model, result
+
+
+def test_constrained_run_lands_on_target(trained, tmp_path):
+    split, teacher = trained
+    recipe = _joint(ratio=30.0, learn_bits=False)
+    model, result = _run(trained, recipe)
+    masked_logits = model(split.x_test[:64]).detach()
+    spec = finalize(model, result.example_inputs)
+    assert torch.allclose(model(split.x_test[:64]), masked_logits, rtol=1e-4, atol=1e-5)  # finalize keeps the logits
+    manifest = save(model, spec, tmp_path / "a", example_inputs=result.example_inputs)
+    goal = target_bytes(teacher, recipe.target)
+    assert abs(manifest["weights_file_bytes"] - goal) / goal < 0.02
+    zeros = 0
+    for name, layer in dict(model.named_modules()).items():
+        if name in spec.layers:
+            ints = layer.weight / spec.layers[name].scale.view(-1, 1)
+            assert torch.allclose(ints, ints.round(), atol=1e-3)  # every kept weight on its channel's grid
+            assert (ints.round().abs() <= 2 ** (spec.layers[name].bits - 1) - 1).all()
+            zeros += int((layer.weight == 0).sum())  # pruned weights are exact zeros
+    assert zeros / sum(r["numel"] for r in manifest["layers"].values()) > 0.5
+    assert result.metrics["accuracy"] > 0.8
+
+
+def test_learned_bits_stay_in_range_and_the_artifact_stores_them(trained, tmp_path):
+    model, result = _run(trained, _joint(ratio=30.0, min_bits=2, max_bits=6))
+    learned = {n: q.bits for t in result.techniques if t.kind == "quant_lsq" for n, q in t.quantizers.items()}
+    assert all(2 <= b <= 6 for b in learned.values())
+    manifest = save(model, finalize(model, result.example_inputs), tmp_path / "b", example_inputs=result.example_inputs)
+    assert {n: r["bits"] for n, r in manifest["layers"].items()} == learned
+
+
+def test_coordination_strategies_change_the_update_when_size_conflicts():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(32))
+    target = 2 * w.detach() + 0.3 * torch.randn(32)  # the task wants larger weights, the size term smaller ones
+    changed = {}
+    for strategy in ("none", "scale", "pcgrad"):
+        coord = GradientCoordinator(Coordination(strategy=strategy, every=1, threshold=0.1), {"weights": [w]})
+        w.grad = None
+        terms = {"task": ((w - target) ** 2).sum(), "size": 0.5 * (w ** 2).sum()}  # size pulls to 0, task to target
+        changed[strategy] = coord.backward(terms, step=0).changed
+    assert changed["none"] == 0.0
+    assert changed["scale"] > 0.0 and changed["pcgrad"] > 0.0
+
+
+def test_size_budget_recipe_errors_name_the_fix():
+    base = {"mode": "joint", "target": {"ratio": 10}, "techniques": [{"type": "quant_lsq"}, {"type": "size_budget"}]}
+    with pytest.raises(RecipeError, match="zero_level: true"):
+        parse_recipe(base)
+    with pytest.raises(RecipeError, match="mode: joint"):
+        parse_recipe({**base, "mode": "sequential", "techniques": [{"type": "quant_lsq", "zero_level": True}, {"type": "size_budget"}]})
+    with pytest.raises(RecipeError, match="target"):
+        parse_recipe({**base, "target": None, "techniques": [{"type": "quant_lsq", "zero_level": True}, {"type": "size_budget"}]})
+    with pytest.raises(RecipeError, match="min_bits"):
+        parse_recipe({"techniques": [{"type": "quant_lsq", "zero_level": True, "min_bits": 6, "max_bits": 4}]})
+
+
+def test_joint_form_of_a_prune_quantize_recipe():
+    seq = parse_recipe({"mode": "sequential", "target": {"ratio": 40}, "techniques": [
+        {"type": "prune_unstructured", "sparsity": 0.9, "start": 0.1, "end": 0.5},
+        {"type": "quant_lsq", "bits": 4, "start": 0.3}, {"type": "distill_kd"}]})
+    joint = joint_recipe(seq)
+    assert joint.mode == "joint" and joint.technique("prune_unstructured") is None
+    assert joint.technique("quant_lsq").zero_level and joint.technique("quant_lsq").start == 0.0
+    budget = joint.technique("size_budget")
+    assert (budget.start, budget.end) == (0.1, 0.5) and joint.technique("distill_kd") is not None
