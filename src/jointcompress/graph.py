@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UnsupportedModelError
-from .group_checks import member_reason, verify_groups
+from .group_checks import member_reason, parameter_owners, verify_groups
 
 PRUNABLE_ROOTS = (nn.Linear, nn.Conv2d)
 
@@ -49,11 +49,12 @@ class ChannelGroup:
 def output_layers(model: nn.Module, example_inputs) -> list[str]:
     """Names of the layers whose output tensor *is* the model output (e.g. the classifier).
 
-    Their out-channels are the classes, so they are never structurally pruned.
+    Their out-channels are the classes, so they are never structurally pruned. The outputs
+    are held until the comparison: a freed tensor's id can be reused by the model output.
     """
-    seen: dict[int, str] = {}
+    seen: list[tuple[str, torch.Tensor]] = []
     hooks = [
-        m.register_forward_hook(lambda mod, inp, out, n=n: seen.__setitem__(id(out), n))
+        m.register_forward_hook(lambda mod, inp, out, n=n: seen.append((n, out)))
         for n, m in model.named_modules()
         if isinstance(m, PRUNABLE_ROOTS)
     ]
@@ -64,7 +65,7 @@ def output_layers(model: nn.Module, example_inputs) -> list[str]:
         for h in hooks:
             h.remove()
     outs = out if isinstance(out, (tuple, list)) else [out]
-    return [seen[id(o)] for o in outs if id(o) in seen]
+    return [n for o in outs for n, t in seen if t is o]
 
 
 def matches(name: str, patterns: list[str]) -> bool:
@@ -164,7 +165,7 @@ def _selection(model: nn.Module, example_inputs, targets: list[str], exclude: li
 def _traced_groups(model: nn.Module, dg, ignored) -> tuple[list[ChannelGroup], dict[str, tuple]]:
     """The dependency graph's groups as ChannelGroups: (safe ones, root -> (group, reason) for unsafe ones)."""
     names = {m: n for n, m in model.named_modules()}
-    param_names = {id(p): n for n, p in model.named_parameters()}
+    owners = parameter_owners(model)
     groups, unsafe = [], {}
     for g in dg.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE_ROOTS):
         root = g[0].dep.target.module
@@ -175,7 +176,7 @@ def _traced_groups(model: nn.Module, dg, ignored) -> tuple[list[ChannelGroup], d
             if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 kind = "out"
             idxs = [int(i) for i in item.idxs]
-            reason = member_reason(mod, names.get(mod) if isinstance(mod, nn.Module) else None, kind, idxs, param_names)
+            reason = member_reason(mod, names.get(mod) if isinstance(mod, nn.Module) else None, kind, idxs, owners)
             if reason:
                 reasons.append(reason)
             if reason or not isinstance(mod, nn.Module) or mod not in names or not _has_parameters(mod):

@@ -48,17 +48,37 @@ def _channel_sizes(mod: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def member_reason(mod: Any, name: str | None, kind: str, idxs: list[int], param_names: dict[int, str]) -> str | None:
-    """Why one traced member makes its group unsafe to prune, or None if it is fine."""
+def parameter_owners(model: nn.Module) -> dict[int, tuple[str, str, nn.Module]]:
+    """id(parameter) -> (parameter name, owning module name, owning module)."""
+    out = {}
+    for mname, mod in model.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            out.setdefault(id(p), (f"{mname}.{pname}" if mname else pname, mname, mod))
+    return out
+
+
+def _norm_reason(mod: nn.Module, name: str) -> str:
+    return (f"its channels pass through {type(mod).__name__} '{name}', whose statistics mix channels: a masked "
+            "channel still counts in its mean and variance, a removed one does not")
+
+
+def member_reason(mod: Any, name: str | None, kind: str, idxs: list[int], owners: dict[int, tuple]) -> str | None:
+    """Why one traced member makes its group unsafe to prune, or None if it is fine.
+
+    `owners` is parameter_owners(model): a bare parameter in the trace is named by its module.
+    """
     if isinstance(mod, nn.Parameter):
-        pname = param_names.get(id(mod), "an unnamed parameter")
+        pname, owner_name, owner = owners.get(id(mod), ("an unnamed parameter", "", None))
+        if owner is not None and _is_channel_mixing_norm(owner):
+            return _norm_reason(owner, owner_name)
         return (f"parameter '{pname}' acts on these channels outside any layer (e.g. a class token, position "
                 "embedding or layer scale) and is not masked")
+    if type(mod).__name__ == "_OutputOp":  # Torch-Pruning's marker of a model output
+        return "these channels are the model output (classes are never removed)"
     if not isinstance(mod, nn.Module) or name is None:
         return None  # a traced function (add, view, cat, ...): checked by verify_groups
     if _is_channel_mixing_norm(mod):
-        return (f"its channels pass through {type(mod).__name__} '{name}', whose statistics mix channels: a masked "
-                "channel still counts in its mean and variance, a removed one does not")
+        return _norm_reason(mod, name)
     if isinstance(mod, nn.Embedding):
         return f"Embedding '{name}' produces these channels (embedding dimensions are not masked)"
     sizes = _channel_sizes(mod)
