@@ -19,6 +19,18 @@ SEQ = 6
 VISION = ("resnet", "mobilenetv2", "convnext", "vit")
 TEXT = ("bert", "distilbert", "roberta", "electra", "deberta-v2")
 ARCHS = VISION + TEXT
+CAUSAL = ("gpt2",)  # last-token logits from float inputs_embeds
+
+
+class LastToken(nn.Module):
+    """A causal LM as a classifier of its last position: logits [B, vocab] from inputs_embeds."""
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hf(inputs_embeds=x).logits[:, -1]
 
 
 class Logits(nn.Module):
@@ -65,12 +77,17 @@ def _hf(name: str) -> nn.Module:
         return t.ElectraForSequenceClassification(t.ElectraConfig(embedding_size=HIDDEN, **_text_kwargs()))
     if name == "deberta-v2":
         return t.DebertaV2ForSequenceClassification(t.DebertaV2Config(**_text_kwargs()))
+    if name == "gpt2":
+        return t.GPT2LMHeadModel(t.GPT2Config(vocab_size=CLASSES, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=16,
+                                              bos_token_id=0, eos_token_id=0))
     raise ValueError(f"unknown architecture {name!r}; known: {ARCHS}")
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
     """A fresh tiny classifier of architecture `name` (eval mode, deterministic weights)."""
     torch.manual_seed(seed)
+    if name in CAUSAL:
+        return LastToken(_hf(name).eval()).eval()
     return Logits(_hf(name).eval(), "pixel_values" if name in VISION else "inputs_embeds").eval()
 
 

@@ -86,7 +86,7 @@ def build_graph(model: nn.Module, example_inputs, ignored: list[nn.Module] | Non
     except Exception as exc:
         raise UnsupportedModelError(
             f"structured pruning cannot trace {type(model).__name__}: the channel dependency graph fails "
-            f"{_failing_node(exc)}({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}). "
+            f"{_failing_node(model, exc)}({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}). "
             "Use prune_unstructured / quant_lsq for this model, or prune_heads / prune_ffn for a Hugging Face "
             "BERT-family model"
         ) from exc
@@ -95,8 +95,8 @@ def build_graph(model: nn.Module, example_inputs, ignored: list[nn.Module] | Non
     return dg
 
 
-def _failing_node(exc: BaseException) -> str:
-    """'at NODE (fed by ...) ' for the innermost Torch-Pruning graph node the failure happened on."""
+def _failing_node(model: nn.Module, exc: BaseException) -> str:
+    """'at OP after MODULE ' for the innermost Torch-Pruning graph node the failure happened on."""
     from torch_pruning.dependency.node import Node
 
     node, tb = None, exc.__traceback__
@@ -105,8 +105,19 @@ def _failing_node(exc: BaseException) -> str:
         tb = tb.tb_next
     if node is None:
         return ""
-    feeders = ", ".join(sorted({n.name for n in node.inputs})[:4])
-    return f"at {node.name}" + (f" (fed by {feeders}) " if feeders else " ")
+    names = {m: n for n, m in model.named_modules()}
+    if node.module in names:
+        return f"at module '{names[node.module]}' ({type(node.module).__name__}) "
+    op = type(node.module).__name__.strip("_").removesuffix("Op").lower() or "an"
+    seen, todo = set(), list(node.inputs)
+    while todo and len(seen) < 200:  # the nearest named module upstream of the op
+        n = todo.pop(0)
+        if n.module in names:
+            return f"at a {op} operation after module '{names[n.module]}' ({type(n.module).__name__}) "
+        if id(n) not in seen:
+            seen.add(id(n))
+            todo.extend(n.inputs)
+    return f"at a {op} operation "
 
 
 def discover_groups(
