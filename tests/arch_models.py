@@ -142,7 +142,7 @@ def run_cell(name: str, kind: str, workdir, tol: float = 1e-4) -> dict[str, tupl
             masked = model(x)
         skipped = len(getattr(res.techniques[0], "skipped", []))
         out[stage] = ("ok", f"{len(getattr(res.techniques[0], 'groups', []))} groups, {skipped} layers skipped"
-                      if kind == "prune_structured" else f"sparsity {res.techniques[0].achieved_sparsity():.2f}")
+                      if kind == "prune_structured" else f"sparsity {res.techniques[0].achieved_sparsity():.2f} over {len(res.techniques[0].masks)} layers")
         stage = "finalize"
         spec = finalize(model, res.example_inputs)
         with torch.no_grad():

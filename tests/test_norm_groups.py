@@ -174,3 +174,29 @@ def test_dry_run_user_model_needs_input_shape():
         dry_run_tables("somepkg.models:build")
     with pytest.raises(RecipeError, match="cannot import"):
         dry_run_tables("no_such_package_xyz.models:build", input_shape=[1, 8])
+
+
+def test_looping_trace_is_a_clear_error_not_a_hang(monkeypatch):
+    """Torch-Pruning's group search never ends on Llama attention (grouped-query heads): a named error."""
+    transformers = pytest.importorskip("transformers")
+    import jointcompress.graph as graph
+
+    monkeypatch.setattr(graph, "GROUP_SECONDS", 2.0)
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32)).eval()
+
+    class LastToken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hf = llama
+
+        def forward(self, x):
+            return self.hf(inputs_embeds=x).logits[:, -1]
+
+    x = torch.randn(2, 5, 32)
+    with pytest.raises(UnsupportedModelError, match=r"channel group of 'hf\.model\.layers\.0\.self_attn\.\w+_proj'.* 2 s"):
+        discover_groups(LastToken(), x)
+    groups, _ = discover_groups(LastToken(), x, exclude=["*self_attn*"])  # the advice in the message works
+    assert [g.name for g in groups] == ["hf.model.layers.0.mlp.up_proj"]

@@ -10,6 +10,8 @@ after masks and quantizers are attached and can be replayed on a freshly built m
 from __future__ import annotations
 
 import fnmatch
+import signal
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -178,7 +180,7 @@ def _traced_groups(model: nn.Module, dg, ignored) -> tuple[list[ChannelGroup], d
     names = {m: n for n, m in model.named_modules()}
     owners = parameter_owners(model)
     groups, unsafe = [], {}
-    for g in dg.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE_ROOTS):
+    for g in _time_limited(dg.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE_ROOTS), names):
         root = g[0].dep.target.module
         group, reasons = ChannelGroup(name=names[root], channels=len(g[0].idxs)), []
         for item in g:
@@ -198,6 +200,55 @@ def _traced_groups(model: nn.Module, dg, ignored) -> tuple[list[ChannelGroup], d
         else:
             groups.append(group)
     return groups, unsafe
+
+
+GROUP_SECONDS = 60.0  # one channel group taking longer than this to trace means the tracer is looping
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _time_limited(groups, names: dict):
+    """Yield from Torch-Pruning's group generator, giving up on one group after GROUP_SECONDS.
+
+    Its search can loop without end on some index mappings (seen on Llama attention, whose
+    key/value heads are repeated for grouped-query attention); then the root module being traced is
+    named in an UnsupportedModelError instead of hanging. Off the main thread (no SIGALRM) it
+    yields without a limit.
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield from groups
+        return
+    root = {}
+
+    def on_alarm(signum, frame):
+        while frame is not None and frame.f_code.co_name != "get_all_groups":
+            frame = frame.f_back
+        root["module"] = frame.f_locals.get("m") if frame is not None else None
+        raise _Timeout
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        while True:
+            signal.setitimer(signal.ITIMER_REAL, GROUP_SECONDS)
+            try:
+                group = next(groups)
+            except StopIteration:
+                return
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            yield group
+    except _Timeout:
+        name = names.get(root.get("module"), "a layer")
+        raise UnsupportedModelError(
+            f"structured pruning cannot trace the channel group of '{name}': the dependency search did not finish in "
+            f"{GROUP_SECONDS:.0f} s (it loops on channels that are repeated, sliced or concatenated, e.g. grouped-query "
+            "attention or rotary position embeddings). Exclude the attention layers from prune_structured "
+            "(e.g. exclude: ['*self_attn*']) or use prune_unstructured / quant_lsq for them"
+        ) from None
+    finally:
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _has_parameters(mod: nn.Module) -> bool:
