@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UnsupportedModelError
-from .group_checks import member_reason, parameter_owners, verify_groups
+from .group_checks import member_reason, parameter_owners, reshape_reason, verify_groups
 
 PRUNABLE_ROOTS = (nn.Linear, nn.Conv2d)
 
@@ -189,14 +189,16 @@ def _traced_groups(model: nn.Module, dg, ignored) -> tuple[list[ChannelGroup], d
             if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 kind = "out"
             idxs = [int(i) for i in item.idxs]
-            reason = member_reason(mod, names.get(mod) if isinstance(mod, nn.Module) else None, kind, idxs, owners)
+            reason = reshape_reason(item.dep.target) or member_reason(
+                mod, names.get(mod) if isinstance(mod, nn.Module) else None, kind, idxs, owners)
             if reason:
                 reasons.append(reason)
             if reason or not isinstance(mod, nn.Module) or mod not in names or not _has_parameters(mod):
                 continue  # functional ops (add, cat, ...) and parameter-free modules carry nothing to mask
             group.members.append(Member(names[mod], kind, idxs, [int(i) for i in item.root_idxs]))
-        if reasons:  # a normalization is the reason most worth naming
-            unsafe[group.name] = (group, next((r for r in reasons if "statistics" in r), reasons[0]))
+        if reasons:  # a normalization, then a split into heads, are the reasons most worth naming
+            best = [r for r in reasons if "statistics" in r] + [r for r in reasons if "heads" in r] + reasons
+            unsafe[group.name] = (group, best[0])
         else:
             groups.append(group)
     return groups, unsafe

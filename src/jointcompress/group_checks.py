@@ -93,6 +93,35 @@ def member_reason(mod: Any, name: str | None, kind: str, idxs: list[int], owners
     return None
 
 
+def _shapes(grad_fn) -> tuple[list[int], list[int]] | None:
+    """(input shape, output shape) of the traced operation behind `grad_fn`, when autograd recorded them."""
+    try:
+        out = list(grad_fn._input_metadata[0].shape)
+        producer = grad_fn.next_functions[0][0]
+        return list(producer._input_metadata[0].shape), out
+    except (AttributeError, IndexError, TypeError, RuntimeError):
+        return None
+
+
+def reshape_reason(node) -> str | None:
+    """A reshape that splits the channel axis into more axes ([B, T, C] -> [B, T, heads, C / heads]).
+
+    Removing channels there regroups the survivors into different heads, so the masked and
+    the shrunk model differ. A flatten ([B, C, H, W] -> [B, C*H*W]) and a reshape that keeps
+    the channel axis last ([B*T, C] -> [B, T, C]) are fine.
+    """
+    if type(node.module).__name__ != "_ReshapeOp":
+        return None
+    shapes = _shapes(node.grad_fn)
+    if shapes is None:
+        return None
+    before, after = shapes
+    if len(after) > len(before) and before and after and after[-1] != before[-1]:
+        return (f"the channels are reshaped from {before} to {after} (split into attention heads): removing some "
+                "would regroup the rest into other heads; use prune_heads to remove whole heads")
+    return None
+
+
 def flat_outputs(out: Any) -> list[torch.Tensor]:
     """Every floating tensor of a model output (tensor, tuple, list, dict or ModelOutput)."""
     if isinstance(out, torch.Tensor):
@@ -178,7 +207,7 @@ def randomize(model: nn.Module, seed: int = 0) -> None:
     """
     gen = torch.Generator().manual_seed(seed)
     for p in model.parameters():
-        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
+        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(device=p.device, dtype=p.dtype)
         if p.dim() >= 2:
             p.copy_(noise / max(1, p[0].numel()) ** 0.5)
         else:
