@@ -200,3 +200,14 @@ def test_looping_trace_is_a_clear_error_not_a_hang(monkeypatch):
         discover_groups(LastToken(), x)
     groups, _ = discover_groups(LastToken(), x, exclude=["*self_attn*"])  # the advice in the message works
     assert [g.name for g in groups] == ["hf.model.layers.0.mlp.up_proj"]
+
+
+def test_model_with_nothing_safe_to_prune_names_the_reason():
+    from jointcompress.errors import RecipeError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.randn(8, 8), torch.randint(0, 3, (8,))
+    recipe = {"training": {"epochs": 1, "batch_size": 4}, "techniques": [{"type": "prune_structured", "sparsity": 0.5}]}
+    with pytest.raises(RecipeError, match=r"no prunable channel group .* 0: its channels pass through LayerNorm '1'"):
+        compress(model, recipe, (x, y), lambda m: 0.0)
