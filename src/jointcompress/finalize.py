@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 
 from .errors import JointCompressError, UnsupportedModelError
 from .graph import build_graph
-from .group_checks import PARITY_RTOL, output_gap
+from .group_checks import output_gap, tolerance
 from .spec import CompressionSpec, LayerSpec
 from .techniques.masks import ApplyMask
 from .techniques.quant_lsq import LSQWeight
@@ -114,11 +114,10 @@ def _check_parity(model: nn.Module, example_inputs, masked, groups: list[str]) -
     """The shrunk model must give the masked model's outputs; a group that does not is a model we cannot prune."""
     try:
         gap = output_gap(masked, _outputs(model, example_inputs))
+        detail = f"outputs differ by {gap:.3g} (relative)"
     except Exception as exc:  # the shrunk model no longer runs
-        gap = float("inf")
-        masked = f"{type(exc).__name__}: {exc}"
-    if gap > PARITY_RTOL:
-        detail = masked if isinstance(masked, str) else f"outputs differ by {gap:.3g} (relative)"
+        gap, detail = float("inf"), f"{type(exc).__name__}: {exc}"
+    if gap > tolerance(masked):
         raise UnsupportedModelError(
             f"finalize: removing the pruned channels of groups {groups} changed the model ({detail}); the model is "
             "left shrunk and must be rebuilt from a checkpoint. Exclude these layers from prune_structured "
