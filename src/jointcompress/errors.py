@@ -23,3 +23,7 @@ class DataError(JointCompressError):
 
 class TrainingError(JointCompressError):
     """Training could not continue (e.g. repeated non-finite losses)."""
+
+
+class UnsupportedModelError(JointCompressError):
+    """The model, or one of its modules, cannot go through a stage; the message names the module and why."""

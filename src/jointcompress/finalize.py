@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .errors import JointCompressError
+from .errors import JointCompressError, UnsupportedModelError
 from .graph import build_graph
+from .group_checks import output_gap, tolerance
 from .spec import CompressionSpec, LayerSpec
 from .techniques.masks import ApplyMask
 from .techniques.quant_lsq import LSQWeight
@@ -95,9 +96,30 @@ def _shrink(model: nn.Module, todo: dict, example_inputs, spec: CompressionSpec)
                 dropped = {i for i, r in zip(m.idxs, m.root_idxs) if r in removed}
                 keep = [i for i in range(ls.scale.numel()) if i not in dropped]
                 ls.scale = ls.scale[keep]
+    masked = _outputs(model, example_inputs)
     dg = build_graph(model, example_inputs)
     for name, (g, drop) in todo.items():
         root = modules[name]
         fn = dg.get_pruner_of_module(root).prune_out_channels
         dg.get_pruning_group(root, fn, drop).prune()
     spec.pruning_history = [list(h) for h in dg.pruning_history()]
+    _check_parity(model, example_inputs, masked, list(todo))
+
+
+def _outputs(model: nn.Module, example_inputs):
+    return model(*(tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)))
+
+
+def _check_parity(model: nn.Module, example_inputs, masked, groups: list[str]) -> None:
+    """The shrunk model must give the masked model's outputs; a group that does not is a model we cannot prune."""
+    try:
+        gap = output_gap(masked, _outputs(model, example_inputs))
+        detail = f"outputs differ by {gap:.3g} (relative)"
+    except Exception as exc:  # the shrunk model no longer runs
+        gap, detail = float("inf"), f"{type(exc).__name__}: {exc}"
+    if gap > tolerance(masked):
+        raise UnsupportedModelError(
+            f"finalize: removing the pruned channels of groups {groups} changed the model ({detail}); the model is "
+            "left shrunk and must be rebuilt from a checkpoint. Exclude these layers from prune_structured "
+            "(exclude: [...]) and report the architecture"
+        )

@@ -10,10 +10,15 @@ after masks and quantizers are attached and can be replayed on a freshly built m
 from __future__ import annotations
 
 import fnmatch
+import signal
+import threading
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+
+from .errors import UnsupportedModelError
+from .group_checks import member_reason, parameter_owners, reshape_reason, verify_groups
 
 PRUNABLE_ROOTS = (nn.Linear, nn.Conv2d)
 
@@ -46,11 +51,12 @@ class ChannelGroup:
 def output_layers(model: nn.Module, example_inputs) -> list[str]:
     """Names of the layers whose output tensor *is* the model output (e.g. the classifier).
 
-    Their out-channels are the classes, so they are never structurally pruned.
+    Their out-channels are the classes, so they are never structurally pruned. The outputs
+    are held until the comparison: a freed tensor's id can be reused by the model output.
     """
-    seen: dict[int, str] = {}
+    seen: list[tuple[str, torch.Tensor]] = []
     hooks = [
-        m.register_forward_hook(lambda mod, inp, out, n=n: seen.__setitem__(id(out), n))
+        m.register_forward_hook(lambda mod, inp, out, n=n: seen.append((n, out)))
         for n, m in model.named_modules()
         if isinstance(m, PRUNABLE_ROOTS)
     ]
@@ -61,7 +67,7 @@ def output_layers(model: nn.Module, example_inputs) -> list[str]:
         for h in hooks:
             h.remove()
     outs = out if isinstance(out, (tuple, list)) else [out]
-    return [seen[id(o)] for o in outs if id(o) in seen]
+    return [n for o in outs for n, t in seen if t is o]
 
 
 def matches(name: str, patterns: list[str]) -> bool:
@@ -69,6 +75,7 @@ def matches(name: str, patterns: list[str]) -> bool:
 
 
 def build_graph(model: nn.Module, example_inputs, ignored: list[nn.Module] | None = None):
+    """Torch-Pruning's DependencyGraph of `model`; a model it cannot trace raises UnsupportedModelError."""
     import torch_pruning as tp
 
     was_training = model.training
@@ -78,9 +85,41 @@ def build_graph(model: nn.Module, example_inputs, ignored: list[nn.Module] | Non
             dg = tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_inputs, ignored_layers=ignored or [], verbose=False
             )
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"structured pruning cannot trace {type(model).__name__}: the channel dependency graph fails "
+            f"{_failing_node(model, exc)}({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}). "
+            "Use prune_unstructured / quant_lsq for this model, or prune_heads / prune_ffn for a Hugging Face "
+            "BERT-family model"
+        ) from exc
     finally:
         model.train(was_training)
     return dg
+
+
+def _failing_node(model: nn.Module, exc: BaseException) -> str:
+    """'at OP after MODULE ' for the innermost Torch-Pruning graph node the failure happened on."""
+    from torch_pruning.dependency.node import Node
+
+    node, tb = None, exc.__traceback__
+    while tb is not None:
+        node = next((v for v in tb.tb_frame.f_locals.values() if isinstance(v, Node)), node)
+        tb = tb.tb_next
+    if node is None:
+        return ""
+    names = {m: n for n, m in model.named_modules()}
+    if node.module in names:
+        return f"at module '{names[node.module]}' ({type(node.module).__name__}) "
+    op = type(node.module).__name__.strip("_").removesuffix("Op").lower() or "an"
+    seen, todo = set(), list(node.inputs)
+    while todo and len(seen) < 200:  # the nearest named module upstream of the op
+        n = todo.pop(0)
+        if n.module in names:
+            return f"at a {op} operation after module '{names[n.module]}' ({type(n.module).__name__}) "
+        if id(n) not in seen:
+            seen.add(id(n))
+            todo.extend(n.inputs)
+    return f"at a {op} operation "
 
 
 def discover_groups(
@@ -88,9 +127,36 @@ def discover_groups(
     example_inputs,
     targets: list[str] = ("*",),
     exclude: list[str] = (),
+    verify: bool = True,
 ) -> tuple[list[ChannelGroup], list[tuple[str, str]]]:
-    """Return the prunable channel groups and, for every skipped layer, why it was skipped."""
-    names = {m: n for n, m in model.named_modules()}
+    """Return the prunable channel groups and, for every skipped layer, why it was skipped.
+
+    A group is prunable only if removing its channels at finalize gives exactly what the
+    mask gave in training (group_checks.py); with `verify` every such group is also checked
+    on `example_inputs` (zeroed vs removed channels).
+    """
+    skipped, ignored = _selection(model, example_inputs, list(targets), list(exclude))
+    dg = build_graph(model, example_inputs)
+    groups, unsafe = _traced_groups(model, dg, ignored)
+    if verify and groups:
+        unsafe.update({name: (g, reason) for name, reason in verify_groups(model, example_inputs, groups).items()
+                       for g in groups if g.name == name})
+        groups = [g for g in groups if g.name not in unsafe]
+    for name, (g, reason) in unsafe.items():
+        skipped.append((name, reason))
+        for m in g.out_members():
+            if m.module != name and m.module not in {s for s, _ in skipped}:
+                skipped.append((m.module, f"shares its channels with {name}, which is not pruned: {reason}"))
+    grouped = {m.module for g in groups for m in g.out_members()}
+    done = {s for s, _ in skipped}
+    for n, m in model.named_modules():
+        if isinstance(m, PRUNABLE_ROOTS) and n not in grouped and n not in done:
+            skipped.append((n, "coupled with a layer that is not pruned (e.g. the output layer)"))
+    return groups, skipped
+
+
+def _selection(model: nn.Module, example_inputs, targets: list[str], exclude: list[str]):
+    """(skipped layers with the reason, modules the graph must ignore): outputs, targets, exclude."""
     outputs = set(output_layers(model, example_inputs))
     skipped: list[tuple[str, str]] = []
     ignored = []
@@ -99,36 +165,96 @@ def discover_groups(
             continue
         if n in outputs:
             skipped.append((n, "its output is the model output (classes are never removed)"))
-            ignored.append(m)
-        elif not matches(n, list(targets)):
-            skipped.append((n, f"not matched by targets {list(targets)}"))
-            ignored.append(m)
-        elif matches(n, list(exclude)):
-            skipped.append((n, f"matched by exclude {list(exclude)}"))
-            ignored.append(m)
-    dg = build_graph(model, example_inputs)
-    groups: list[ChannelGroup] = []
-    for g in dg.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE_ROOTS):
+        elif not matches(n, targets):
+            skipped.append((n, f"not matched by targets {targets}"))
+        elif matches(n, exclude):
+            skipped.append((n, f"matched by exclude {exclude}"))
+        else:
+            continue
+        ignored.append(m)
+    return skipped, ignored
+
+
+def _traced_groups(model: nn.Module, dg, ignored) -> tuple[list[ChannelGroup], dict[str, tuple]]:
+    """The dependency graph's groups as ChannelGroups: (safe ones, root -> (group, reason) for unsafe ones)."""
+    names = {m: n for n, m in model.named_modules()}
+    owners = parameter_owners(model)
+    groups, unsafe = [], {}
+    for g in _time_limited(dg.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE_ROOTS), names):
         root = g[0].dep.target.module
-        group = ChannelGroup(name=names[root], channels=len(g[0].idxs))
+        group, reasons = ChannelGroup(name=names[root], channels=len(g[0].idxs)), []
         for item in g:
             mod = item.dep.target.module
-            if not isinstance(mod, nn.Module) or mod not in names:
-                continue  # functional ops (add, cat, ...) carry no parameters
-            if isinstance(mod, (nn.ReLU, nn.Identity, nn.Flatten, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
-                continue
             kind = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
-            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)):
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 kind = "out"
-            group.members.append(
-                Member(names[mod], kind, [int(i) for i in item.idxs], [int(i) for i in item.root_idxs])
-            )
-        groups.append(group)
-    grouped = {m.module for g in groups for m in g.out_members()}
-    for n, m in model.named_modules():
-        if isinstance(m, PRUNABLE_ROOTS) and n not in grouped and n not in {s for s, _ in skipped}:
-            skipped.append((n, "coupled with a layer that is not pruned (e.g. the output layer)"))
-    return groups, skipped
+            idxs = [int(i) for i in item.idxs]
+            reason = reshape_reason(item.dep.target) or member_reason(
+                mod, names.get(mod) if isinstance(mod, nn.Module) else None, kind, idxs, owners)
+            if reason:
+                reasons.append(reason)
+            if reason or not isinstance(mod, nn.Module) or mod not in names or not _has_parameters(mod):
+                continue  # functional ops (add, cat, ...) and parameter-free modules carry nothing to mask
+            group.members.append(Member(names[mod], kind, idxs, [int(i) for i in item.root_idxs]))
+        if reasons:  # a normalization, then a split into heads, are the reasons most worth naming
+            best = [r for r in reasons if "statistics" in r] + [r for r in reasons if "heads" in r] + reasons
+            unsafe[group.name] = (group, best[0])
+        else:
+            groups.append(group)
+    return groups, unsafe
+
+
+GROUP_SECONDS = 60.0  # one channel group taking longer than this to trace means the tracer is looping
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _time_limited(groups, names: dict):
+    """Yield from Torch-Pruning's group generator, giving up on one group after GROUP_SECONDS.
+
+    Its search can loop without end on some index mappings (seen on Llama attention, whose
+    key/value heads are repeated for grouped-query attention); then the root module being traced is
+    named in an UnsupportedModelError instead of hanging. Off the main thread (no SIGALRM) it
+    yields without a limit.
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield from groups
+        return
+    root = {}
+
+    def on_alarm(signum, frame):
+        while frame is not None and frame.f_code.co_name != "get_all_groups":
+            frame = frame.f_back
+        root["module"] = frame.f_locals.get("m") if frame is not None else None
+        raise _Timeout
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        while True:
+            signal.setitimer(signal.ITIMER_REAL, GROUP_SECONDS)
+            try:
+                group = next(groups)
+            except StopIteration:
+                return
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            yield group
+    except _Timeout:
+        name = names.get(root.get("module"), "a layer")
+        raise UnsupportedModelError(
+            f"structured pruning cannot trace the channel group of '{name}': the dependency search did not finish in "
+            f"{GROUP_SECONDS:.0f} s (it loops on channels that are repeated, sliced or concatenated, e.g. grouped-query "
+            "attention or rotary position embeddings). Exclude the attention layers from prune_structured "
+            "(e.g. exclude: ['*self_attn*']) or use prune_unstructured / quant_lsq for them"
+        ) from None
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _has_parameters(mod: nn.Module) -> bool:
+    return any(True for _ in mod.parameters(recurse=False))
 
 
 def _as_tuple(x):

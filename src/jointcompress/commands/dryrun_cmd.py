@@ -1,23 +1,65 @@
 """`jointcompress dry-run --model NAME`: what structured pruning would touch, before training.
 
 Shows every coupled channel group (root layer, member layers, channel count) and every layer
-that will not be pruned with the reason, so a wrong target pattern is caught in seconds
-instead of after an hour of training.
+that will not be pruned with the reason (the output layer, a target pattern, a normalization
+that mixes channels, a reshape into heads, ...), so a wrong target pattern or an
+architecture that cannot be pruned structurally is caught in seconds instead of after an
+hour of training. NAME is a built-in model or the user's own builder, `package.module:function`
+or `path/to/file.py:function`, traced on a zero input of `--input-shape`.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
+from pathlib import Path
+
 import typer
 
+from ..errors import RecipeError
 
-def dry_run_tables(model_name: str, image_size: int = 28, targets=("*",), exclude=()):
+
+def load_builder(spec: str):
+    """The zero-argument function `spec` names: `package.module:function` or `path/to/file.py:function`."""
+    where, _, func = spec.rpartition(":")
+    if not where or not func:
+        raise RecipeError(f"--model {spec!r}: give a built-in model or 'package.module:function' / 'file.py:function'")
+    try:
+        if where.endswith(".py"):
+            loader = importlib.util.spec_from_file_location(Path(where).stem, where)
+            if loader is None or not Path(where).is_file():
+                raise FileNotFoundError(where)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except (ImportError, FileNotFoundError) as exc:
+        raise RecipeError(f"--model {spec!r}: cannot import {where!r} ({type(exc).__name__}: {exc})") from None
+    builder = getattr(module, func, None)
+    if not callable(builder):
+        raise RecipeError(f"--model {spec!r}: {where!r} has no function {func!r}")
+    return builder
+
+
+def _model_and_input(model_name: str, image_size: int, input_shape: list[int] | None):
     import torch
+
+    from ..models import MODELS, build_model
+
+    if model_name in MODELS:
+        shape = input_shape or [1, 1, image_size, image_size]
+        return build_model(model_name, image_size=image_size).eval(), torch.zeros(shape)
+    if not input_shape:
+        raise RecipeError(f"--model {model_name!r}: a model of your own needs --input-shape, e.g. --input-shape 1,3,32,32")
+    return load_builder(model_name)().eval(), torch.zeros(input_shape)
+
+
+def dry_run_tables(model_name: str, image_size: int = 28, targets=("*",), exclude=(), input_shape: list[int] | None = None):
     from rich.table import Table
 
     from ..graph import discover_groups
-    from ..models import build_model
 
-    model = build_model(model_name, image_size=image_size).eval()
-    groups, skipped = discover_groups(model, torch.zeros(1, 1, image_size, image_size), list(targets), list(exclude))
+    model, example = _model_and_input(model_name, image_size, input_shape)
+    groups, skipped = discover_groups(model, example, list(targets), list(exclude))
     gt = Table(title=f"{model_name}: prunable channel groups ({len(groups)})")
     for col in ("group root", "channels", "members (module: out/in)"):
         gt.add_column(col)
@@ -32,18 +74,31 @@ def dry_run_tables(model_name: str, image_size: int = 28, targets=("*",), exclud
     return gt, st, groups, skipped
 
 
+def _shape(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        shape = [int(d) for d in text.replace("x", ",").split(",") if d.strip()]
+    except ValueError:
+        shape = []
+    if not shape or any(d <= 0 for d in shape):
+        raise RecipeError(f"--input-shape {text!r}: give positive integers separated by commas, e.g. 1,3,32,32")
+    return shape
+
+
 def register(app: typer.Typer) -> None:
     @app.command("dry-run")
     def dry_run_command(
-        model: str = typer.Option("lenet5", "--model", help="lenet300 | lenet5 | resnet"),
-        image_size: int = typer.Option(28, "--image-size", help="Input height/width used to trace the model."),
+        model: str = typer.Option("lenet5", "--model", help="lenet300 | lenet5 | resnet, or your builder: package.module:function or file.py:function"),
+        image_size: int = typer.Option(28, "--image-size", help="Input height/width used to trace a built-in model."),
+        input_shape: str = typer.Option(None, "--input-shape", help="Shape of the zero input to trace with, e.g. 1,3,32,32 (needed for your own model)."),
         target: list[str] = typer.Option(["*"], "--target", help="Glob of layer names to prune (repeatable)."),
         exclude: list[str] = typer.Option([], "--exclude", help="Glob of layer names never to prune (repeatable)."),
     ) -> None:
         """List every prunable channel group and every skipped layer with the reason."""
         from rich.console import Console
 
-        gt, st, _, _ = dry_run_tables(model, image_size, target, exclude)
+        gt, st, _, _ = dry_run_tables(model, image_size, target, exclude, _shape(input_shape))
         console = Console()
         console.print(gt)
         console.print(st)

@@ -3,7 +3,10 @@
 Channels are scored per *coupled group* (graph.py): a conv, its BatchNorm and every layer
 joined to it by a residual addition share one score per channel and one mask, so that a
 removed channel is exactly zero everywhere it appears and `finalize` can physically remove
-it without changing the function. Masks follow the same soft -> exactly binary schedule as
+it without changing the function. Groups where that would not hold (a LayerNorm / GroupNorm /
+RMSNorm over the channels, embeddings, channels split into attention heads, ...) are left out;
+`skipped` lists every layer that is not pruned with the reason (graph.discover_groups, also
+shown by `jointcompress dry-run`). Masks follow the same soft -> exactly binary schedule as
 unstructured learned masks.
 """
 from __future__ import annotations
@@ -36,9 +39,12 @@ class PruneStructured(PruningTechnique):
     def setup(self, ctx: RunContext) -> None:
         self.groups, self.skipped = discover_groups(ctx.model, ctx.example_inputs, self.config.targets, self.config.exclude)
         if not self.groups:
+            shown = "; ".join(f"{name}: {reason}" for name, reason in self.skipped[:6])
+            more = f"; ... ({len(self.skipped)} in all)" if len(self.skipped) > 6 else ""
             raise RecipeError(
                 "prune_structured: no prunable channel group matches targets "
-                f"{self.config.targets} (skipped: {self.skipped}); widen targets or remove the technique"
+                f"{self.config.targets} (skipped: {shown}{more}); widen targets, see `jointcompress dry-run` "
+                "for every reason, or remove the technique"
             )
         modules = dict(ctx.model.named_modules())
         for g in self.groups:

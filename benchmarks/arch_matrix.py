@@ -1,0 +1,61 @@
+"""The architecture matrix as a table: which architecture passes which stage, or the error it gives.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/arch_matrix.py
+
+transformers' own classes at tiny random configs (tests/arch_models.py: hidden 32, 2 layers,
+images 32x32, text as float inputs_embeds), each through unstructured and structured
+pruning (with 8-bit LSQ, 1 epoch on 8 random samples) -> finalize -> save -> load -> ONNX,
+exactly as tests/test_arch_matrix.py runs them. A cell is `ok` with what was checked (relative
+logit gap to the previous stage, groups pruned, bytes) or the JointCompressError message.
+Writes benchmarks/results/arch_matrix.md (with this command and the torch thread count).
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from arch_models import ARCHS, CAUSAL, STAGES, run_cell  # noqa: E402
+
+THREADS = 1
+KINDS = ("prune_unstructured", "prune_structured")
+
+
+def _cell(status: str, detail: str) -> str:
+    text = detail.replace("|", "/").replace("\n", " ")
+    return f"ok ({text})" if status == "ok" else f"**error**: {text}"
+
+
+def main() -> None:
+    torch.set_num_threads(THREADS)
+    rows, started = [], time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in ARCHS + CAUSAL:
+            for kind in KINDS:
+                result = run_cell(arch, kind, tmp)
+                cells = [_cell(*result[s]) if s in result else "not run" for s in STAGES]
+                rows.append(f"| {arch} | {kind.removeprefix('prune_')} | " + " | ".join(cells) + " |")
+                print(rows[-1], flush=True)
+    out = ROOT / "benchmarks" / "results" / "arch_matrix.md"
+    header = [
+        "# Architecture matrix", "",
+        "Command: `PYTHONPATH=src .venv/bin/python benchmarks/arch_matrix.py` "
+        f"(torch {torch.__version__}, {THREADS} thread, {time.time() - started:.0f} s).", "",
+        "Each row: compress (pruning at 50 % + 8-bit LSQ, 1 epoch, 8 random samples) -> finalize (relative logit gap "
+        "to the masked model) -> save -> load (gap to the finalized model) -> ONNX Runtime (gap to the finalized "
+        "model). Text models take float `inputs_embeds`; gpt2 is a causal LM read at its last position.", "",
+        "| architecture | pruning | " + " | ".join(STAGES) + " |",
+        "|---|---|" + "---|" * len(STAGES),
+    ]
+    out.write_text("\n".join(header + rows) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Which traced channel groups structured pruning may touch without changing the logits.
+
+Structured pruning trains with a mask (a removed channel is zeroed in every layer that
+produces it) and finalize then removes the channel physically. The two models agree only
+when a zeroed channel and an absent channel are the same thing for every operation the
+channel passes through. That holds for convolutions, linear layers, BatchNorm (per-channel
+statistics) and element-wise activations, but not for
+
+- a normalization whose statistics mix channels (LayerNorm over the channel axis as in
+  ConvNeXt / ViT / BERT blocks, GroupNorm, RMSNorm): a zeroed channel still counts in the
+  mean and variance, a removed one does not;
+- a module with parameters on those channels that the mask does not reach (embeddings,
+  position embeddings, class tokens, layer scales, custom modules);
+- a reshape that splits the channel axis (e.g. into attention heads), where the traced
+  channel indices do not even map onto the layers.
+
+Such groups are left out, each with the reason, and every group that is kept is checked
+once on the example input: its channels are zeroed (the masked model) and removed (the
+finalized model) and the two outputs must agree. Only groups that pass are pruned.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+PARITY_RTOL = 1e-4  # |masked - removed| <= PARITY_RTOL * max|masked| (+ a float32 floor)
+_CHANNELWISE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _is_channel_mixing_norm(mod: nn.Module) -> bool:
+    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return False
+    return isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or "norm" in type(mod).__name__.lower()
+
+
+def _channel_sizes(mod: nn.Module) -> tuple[int, int] | None:
+    """(out, in) channel counts of a channel-wise layer, as its weight stores them."""
+    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return mod.num_features, mod.num_features
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+        return mod.out_channels, mod.in_channels
+    if isinstance(mod, nn.Linear):
+        return mod.out_features, mod.in_features
+    return None
+
+
+def parameter_owners(model: nn.Module) -> dict[int, tuple[str, str, nn.Module]]:
+    """id(parameter) -> (parameter name, owning module name, owning module)."""
+    out = {}
+    for mname, mod in model.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            out.setdefault(id(p), (f"{mname}.{pname}" if mname else pname, mname, mod))
+    return out
+
+
+def _norm_reason(mod: nn.Module, name: str) -> str:
+    return (f"its channels pass through {type(mod).__name__} '{name}', whose statistics mix channels: a masked "
+            "channel still counts in its mean and variance, a removed one does not")
+
+
+def member_reason(mod: Any, name: str | None, kind: str, idxs: list[int], owners: dict[int, tuple]) -> str | None:
+    """Why one traced member makes its group unsafe to prune, or None if it is fine.
+
+    `owners` is parameter_owners(model): a bare parameter in the trace is named by its module.
+    """
+    if isinstance(mod, nn.Parameter):
+        pname, owner_name, owner = owners.get(id(mod), ("an unnamed parameter", "", None))
+        if owner is not None and _is_channel_mixing_norm(owner):
+            return _norm_reason(owner, owner_name)
+        return (f"parameter '{pname}' acts on these channels outside any layer (e.g. a class token, position "
+                "embedding or layer scale) and is not masked")
+    if type(mod).__name__ == "_OutputOp":  # Torch-Pruning's marker of a model output
+        return "these channels are the model output (classes are never removed)"
+    if not isinstance(mod, nn.Module) or name is None:
+        return None  # a traced function (add, view, cat, ...): checked by verify_groups
+    if _is_channel_mixing_norm(mod):
+        return _norm_reason(mod, name)
+    if isinstance(mod, nn.Embedding):
+        return f"Embedding '{name}' produces these channels (embedding dimensions are not masked)"
+    sizes = _channel_sizes(mod)
+    if sizes is None:
+        if any(True for _ in mod.parameters(recurse=False)):
+            return f"module '{name}' ({type(mod).__name__}) has parameters on these channels that structured pruning does not handle"
+        return None
+    size = sizes[0] if kind == "out" else sizes[1]
+    if idxs and max(idxs) >= size:
+        return (f"the traced channels do not map onto '{name}' ({type(mod).__name__}, {size} {kind}-channels): "
+                "they are reshaped on the way (e.g. split into attention heads; use prune_heads for heads)")
+    return None
+
+
+def _shapes(grad_fn) -> tuple[list[int], list[int]] | None:
+    """(input shape, output shape) of the traced operation behind `grad_fn`, when autograd recorded them."""
+    try:
+        out = list(grad_fn._input_metadata[0].shape)
+        producer = grad_fn.next_functions[0][0]
+        return list(producer._input_metadata[0].shape), out
+    except (AttributeError, IndexError, TypeError, RuntimeError):
+        return None
+
+
+def reshape_reason(node) -> str | None:
+    """A reshape that splits the channel axis into more axes ([B, T, C] -> [B, T, heads, C / heads]).
+
+    Removing channels there regroups the survivors into different heads, so the masked and
+    the shrunk model differ. A flatten ([B, C, H, W] -> [B, C*H*W]) and a reshape that keeps
+    the channel axis last ([B*T, C] -> [B, T, C]) are fine.
+    """
+    if type(node.module).__name__ != "_ReshapeOp":
+        return None
+    shapes = _shapes(node.grad_fn)
+    if shapes is None:
+        return None
+    before, after = shapes
+    if len(after) > len(before) and before and after and after[-1] != before[-1]:
+        return (f"the channels are reshaped from {before} to {after} (split into attention heads): removing some "
+                "would regroup the rest into other heads; use prune_heads to remove whole heads")
+    return None
+
+
+def flat_outputs(out: Any) -> list[torch.Tensor]:
+    """Every floating tensor of a model output (tensor, tuple, list, dict or ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in flat_outputs(o)]
+    return []
+
+
+def output_gap(reference: Any, other: Any) -> float:
+    """max |reference - other| relative to max |reference| over all output tensors (inf if shapes differ)."""
+    a, b = flat_outputs(reference), flat_outputs(other)
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        return float("inf")
+    if not a:
+        return 0.0
+    diff = max(float((x - y).abs().max()) if x.numel() else 0.0 for x, y in zip(a, b))
+    scale = max(float(x.abs().max()) if x.numel() else 0.0 for x in a)
+    return diff / max(scale, 1e-6)
+
+
+def tolerance(outputs: Any) -> float:
+    """PARITY_RTOL for float32 outputs; wider for half precision, where summing fewer terms rounds differently."""
+    eps = max((torch.finfo(t.dtype).eps for t in flat_outputs(outputs)), default=0.0)
+    return max(PARITY_RTOL, 16 * eps)
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode with every parametrization baked into plain tensors."""
+    plain = copy.deepcopy(model).eval()
+    for m in plain.modules():
+        for pname in list(getattr(m, "parametrizations", {}) or {}):
+            parametrize.remove_parametrizations(m, pname, leave_parametrized=True)
+    return plain
+
+
+def _drop_sets(groups: list, seed: int = 0) -> dict[str, list[int]]:
+    """Half the channels of every group (at least one kept), chosen at random but reproducibly."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for g in groups:
+        n_drop = g.channels // 2
+        out[g.name] = sorted(torch.randperm(g.channels, generator=gen)[:n_drop].tolist())
+    return out
+
+
+def _run(model: nn.Module, example_inputs):
+    with torch.no_grad():
+        return model(*(tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)))
+
+
+@torch.no_grad()
+def zero_channels(model: nn.Module, groups: list, drops: dict[str, list[int]]) -> None:
+    """What the structured masks do in training: the dropped channels' rows are zero in every producer."""
+    modules = dict(model.named_modules())
+    for g in groups:
+        dropped = set(drops[g.name])
+        for m in g.out_members():
+            rows = [i for i, r in zip(m.idxs, m.root_idxs) if r in dropped]
+            layer = modules[m.module]
+            for pname in ("weight", "bias"):
+                t = getattr(layer, pname, None)
+                if t is not None and rows:
+                    t[rows] = 0
+
+
+def remove_channels(model: nn.Module, example_inputs, drops: dict[str, list[int]]):
+    """What finalize does: remove the dropped channels from every coupled layer; the pruning history."""
+    from .graph import build_graph
+
+    modules = dict(model.named_modules())
+    dg = build_graph(model, example_inputs)
+    for name, drop in drops.items():
+        if drop:
+            root = modules[name]
+            dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, drop).prune()
+    return dg.pruning_history()
+
+
+@torch.no_grad()
+def randomize(model: nn.Module, seed: int = 0) -> None:
+    """Fresh random weights (fan-in scaled), so the check does not depend on the trained ones.
+
+    Whether zeroing a channel equals removing it is a property of the architecture, not of
+    the weights; but freshly initialised or trained weights can hide a difference (e.g. near
+    uniform attention makes the grouping of channels into heads invisible).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(device=p.device, dtype=p.dtype)
+        if p.dim() >= 2:
+            p.copy_(noise / max(1, p[0].numel()) ** 0.5)
+        else:
+            p.add_(0.1 * noise)
+
+
+def removal_gap(model: nn.Module, example_inputs, groups: list) -> tuple[float, str]:
+    """(relative output gap, failure text) between zeroing and removing half of every group's channels.
+
+    The gap is scaled to float32 terms: it is compared with PARITY_RTOL whatever the dtype.
+    """
+    trial = plain_copy(model)
+    randomize(trial)
+    drops = _drop_sets(groups)
+    zero_channels(trial, groups, drops)
+    masked = _run(trial, example_inputs)
+    try:
+        remove_channels(trial, example_inputs, drops)
+        removed = _run(trial, example_inputs)
+    except Exception as exc:  # removal or the shrunk forward fails: the group cannot be removed
+        return float("inf"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+    return output_gap(masked, removed) * PARITY_RTOL / tolerance(masked), ""
+
+
+def verify_groups(model: nn.Module, example_inputs, groups: list) -> dict[str, str]:
+    """Root name -> reason, for every group whose removal changes the output on `example_inputs`.
+
+    All groups are tried at once; only when that fails are they bisected, so a model whose
+    groups are all fine costs one copy, one trace and two forward passes.
+    """
+    groups = [g for g in groups if g.channels > 1 and g.out_members()]
+    if not groups:
+        return {}
+    gap, failure = removal_gap(model, example_inputs, groups)
+    if gap <= PARITY_RTOL:
+        return {}
+    if len(groups) == 1:
+        what = f"removing them fails ({failure})" if failure else f"removing them changes the outputs by {gap:.2g} (relative)"
+        return {groups[0].name: (
+            f"zeroed and removed channels disagree on the example input: {what}; they pass through an operation "
+            "that mixes channels (e.g. a normalization written as functions, or a reshape into heads)")}
+    half = len(groups) // 2
+    bad = {**verify_groups(model, example_inputs, groups[:half]), **verify_groups(model, example_inputs, groups[half:])}
+    if not bad:  # each half is fine alone but not together: keep none of them
+        bad = {g.name: "removing it together with other groups changes the outputs on the example input" for g in groups}
+    return bad

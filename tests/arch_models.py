@@ -1,0 +1,172 @@
+"""transformers' own model classes at tiny random configs (no download), as float-input classifiers.
+
+Vision models take pixel_values [B, 3, 32, 32]; text models take float `inputs_embeds`
+[B, T, 32] (so they run through compress() as they are), and every wrapper returns the
+logits tensor, which is what the core API, the artifact and the ONNX export expect.
+"""
+from __future__ import annotations
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+CLASSES = 3
+HIDDEN = 32
+SEQ = 6
+VISION = ("resnet", "mobilenetv2", "convnext", "vit")
+TEXT = ("bert", "distilbert", "roberta", "electra", "deberta-v2")
+ARCHS = VISION + TEXT
+CAUSAL = ("gpt2",)  # last-token logits from float inputs_embeds
+
+
+class LastToken(nn.Module):
+    """A causal LM as a classifier of its last position: logits [B, vocab] from inputs_embeds."""
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hf(inputs_embeds=x).logits[:, -1]
+
+
+class Logits(nn.Module):
+    """Call the HF model with one float input under `key` and return its logits."""
+
+    def __init__(self, hf: nn.Module, key: str):
+        super().__init__()
+        self.hf = hf
+        self.key = key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hf(**{self.key: x}).logits
+
+
+def _text_kwargs() -> dict:
+    return dict(vocab_size=64, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                max_position_embeddings=64, num_labels=CLASSES)
+
+
+def _hf(name: str) -> nn.Module:
+    t = transformers
+    if name == "resnet":
+        return t.ResNetForImageClassification(t.ResNetConfig(
+            embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=CLASSES))
+    if name == "mobilenetv2":
+        return t.MobileNetV2ForImageClassification(t.MobileNetV2Config(
+            image_size=32, depth_multiplier=0.25, num_labels=CLASSES))
+    if name == "convnext":
+        return t.ConvNextForImageClassification(t.ConvNextConfig(
+            hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, patch_size=4, num_labels=CLASSES))
+    if name == "vit":
+        return t.ViTForImageClassification(t.ViTConfig(
+            image_size=32, patch_size=8, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, num_labels=CLASSES))
+    if name == "bert":
+        return t.BertForSequenceClassification(t.BertConfig(**_text_kwargs()))
+    if name == "distilbert":
+        return t.DistilBertForSequenceClassification(t.DistilBertConfig(
+            vocab_size=64, dim=HIDDEN, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64,
+            num_labels=CLASSES))
+    if name == "roberta":
+        return t.RobertaForSequenceClassification(t.RobertaConfig(**_text_kwargs(), pad_token_id=1))
+    if name == "electra":
+        return t.ElectraForSequenceClassification(t.ElectraConfig(embedding_size=HIDDEN, **_text_kwargs()))
+    if name == "deberta-v2":
+        return t.DebertaV2ForSequenceClassification(t.DebertaV2Config(**_text_kwargs()))
+    if name == "gpt2":
+        return t.GPT2LMHeadModel(t.GPT2Config(vocab_size=CLASSES, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=16,
+                                              bos_token_id=0, eos_token_id=0))
+    raise ValueError(f"unknown architecture {name!r}; known: {ARCHS}")
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    """A fresh tiny classifier of architecture `name` (eval mode, deterministic weights)."""
+    torch.manual_seed(seed)
+    if name in CAUSAL:
+        return LastToken(_hf(name).eval()).eval()
+    return Logits(_hf(name).eval(), "pixel_values" if name in VISION else "inputs_embeds").eval()
+
+
+def data(name: str, n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random float inputs of the shape `name` takes, and random class labels."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, 3, 32, 32) if name in VISION else (n, SEQ, HIDDEN)
+    return torch.randn(shape, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+
+
+STAGES = ("compress", "finalize", "save", "load", "onnx")
+
+
+def _recipe(kind: str) -> dict:
+    prune = {"type": kind, "sparsity": 0.5, "end": 0.5}
+    if kind == "prune_structured":
+        prune["criterion"] = "magnitude"
+    return {"training": {"epochs": 1, "batch_size": 4, "lr": 1e-3},
+            "techniques": [prune, {"type": "quant_lsq", "bits": 8}]}
+
+
+def rel_gap(reference: torch.Tensor, other: torch.Tensor) -> float:
+    return float((reference - other).abs().max()) / max(float(reference.abs().max()), 1e-6)
+
+
+def _shrunk_layers(model: nn.Module, fresh: nn.Module) -> int:
+    """How many Linear/Conv layers have fewer parameters than in the unpruned model."""
+    before = {n: m.weight.numel() for n, m in fresh.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    return sum(1 for n, m in model.named_modules() if n in before and m.weight.numel() < before[n])
+
+
+def run_cell(name: str, kind: str, workdir, tol: float = 1e-4) -> dict[str, tuple[str, str]]:
+    """compress -> finalize -> save -> load -> ONNX for one architecture and pruning kind.
+
+    Returns stage -> ("ok", what was checked) or ("error", the JointCompressError message);
+    a stage after a failed one is not run. Any other exception propagates (it is a bug).
+    A parity beyond `tol` (relative) is an AssertionError.
+    """
+    from pathlib import Path
+
+    from jointcompress import JointCompressError, compress, finalize
+    from jointcompress.artifact import load, save
+    from jointcompress.deploy.onnx_export import export_and_check
+
+    out: dict[str, tuple[str, str]] = {}
+    model, (x, y) = build(name), data(name)
+    stage = "compress"
+    try:
+        res = compress(model, _recipe(kind), (x, y), lambda m: 0.0)
+        model.eval()
+        with torch.no_grad():
+            masked = model(x)
+        skipped = len(getattr(res.techniques[0], "skipped", []))
+        out[stage] = ("ok", f"{len(getattr(res.techniques[0], 'groups', []))} groups, {skipped} layers skipped"
+                      if kind == "prune_structured" else f"sparsity {res.techniques[0].achieved_sparsity():.2f} over {len(res.techniques[0].masks)} layers")
+        stage = "finalize"
+        spec = finalize(model, res.example_inputs)
+        with torch.no_grad():
+            final = model(x)
+        gap = rel_gap(masked, final)
+        assert gap <= tol, f"{name}/{kind}: finalize changed the logits by {gap:.3g} (relative)"
+        shrunk = _shrunk_layers(model, build(name))
+        assert kind != "prune_structured" or shrunk > 0, f"{name}: structured pruning removed nothing"
+        out[stage] = ("ok", f"gap {gap:.1e}, {shrunk} layers shrunk")
+        stage = "save"
+        path = Path(workdir) / f"{name}-{kind}"
+        manifest = save(model, spec, path / "artifact", builder=lambda: build(name), example_inputs=res.example_inputs)
+        out[stage] = ("ok", f"{manifest['weights_file_bytes']} bytes")
+        stage = "load"
+        loaded = load(path / "artifact", lambda: build(name))
+        with torch.no_grad():
+            gap = rel_gap(final, loaded(x))
+        assert gap <= tol, f"{name}/{kind}: the loaded artifact differs by {gap:.3g} (relative)"
+        out[stage] = ("ok", f"gap {gap:.1e}")
+        stage = "onnx"
+        report = export_and_check(model, path / "model.onnx", x[:2], eval_data=x)
+        gap = report.max_abs_logit_diff / max(float(final.abs().max()), 1e-6)
+        assert gap <= tol, f"{name}/{kind}: ONNX Runtime differs by {gap:.3g} (relative)"
+        out[stage] = ("ok", f"gap {gap:.1e}")
+    except JointCompressError as err:
+        out[stage] = ("error", f"{type(err).__name__}: {err}")
+    return out

@@ -1,0 +1,213 @@
+"""Structured pruning never prunes channels whose removal would change the logits at finalize.
+
+Each model here has one hidden block whose channels pass through something where a zeroed
+channel and a removed one differ (a normalization over the channels, a functional norm,
+a residual from the model input, an embedding, a loose parameter); its group must be left
+out with a reason that names the module, while a plain hidden block stays prunable, and
+compress -> finalize must give the masked model's logits.
+"""
+import functools
+
+import pytest
+import torch
+import torch.nn as nn
+
+from jointcompress import compress, finalize
+from jointcompress.errors import JointCompressError, UnsupportedModelError
+from jointcompress.graph import build_graph, discover_groups
+
+
+class Block(nn.Module):
+    """fc1 -> (something over fc1's channels) -> fc2, next to a plain fc3 -> relu -> fc4 branch."""
+
+    def __init__(self, inner: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner = inner
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.fc3, self.fc4 = nn.Linear(8, 12), nn.Linear(12, 4)
+        norms = {"layernorm": nn.LayerNorm(16), "rmsnorm": nn.RMSNorm(16), "groupnorm": nn.GroupNorm(4, 16)}
+        self.norm = norms.get(inner, nn.Identity())
+        self.scale = nn.Parameter(torch.zeros(16)) if inner == "parameter" else None
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.inner == "functional":  # a hand-written norm: no module to see, only the trace
+            h = (h - h.mean(-1, keepdim=True)) / (h.var(-1, keepdim=True) + 1e-5).sqrt()
+        elif self.inner == "parameter":
+            h = h + self.scale
+        else:
+            h = self.norm(h)
+        return self.fc2(torch.relu(h)) + self.fc4(torch.relu(self.fc3(x)))
+
+
+def _skipped(model, x):
+    groups, skipped = discover_groups(model, x)
+    return [g.name for g in groups], dict(skipped)
+
+
+@pytest.mark.parametrize("inner, named", [
+    ("layernorm", "LayerNorm 'norm'"), ("rmsnorm", "RMSNorm 'norm'"), ("groupnorm", "GroupNorm 'norm'"),
+    ("parameter", "parameter 'scale'"), ("functional", "zeroed and removed channels disagree"),
+])
+def test_group_through_channel_mixing_op_is_left_out_with_reason(inner, named):
+    model = Block(inner)
+    groups, skipped = _skipped(model, torch.randn(2, 8))
+    assert "fc3" in groups, "the plain branch stays prunable"
+    assert "fc1" not in groups and named in skipped["fc1"], skipped
+
+
+def test_plain_block_is_prunable():
+    groups, _ = _skipped(Block("identity"), torch.randn(2, 8))
+    assert {"fc1", "fc3"} <= set(groups)
+
+
+class InputResidual(nn.Module):
+    """y = head(x + fc2(relu(fc1(x)))): fc2's channels are the input's, which cannot be removed."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.head = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(x + self.fc2(torch.relu(self.fc1(x))))
+
+
+def test_channels_of_the_model_input_are_left_out():
+    groups, skipped = _skipped(InputResidual(), torch.randn(2, 8))
+    assert groups == ["fc1"] and "fc2" in skipped, skipped
+
+
+class Embedded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pos = nn.Embedding(4, 8)
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x) + self.pos.weight[0] + self.pos(torch.zeros(x.shape[0], dtype=torch.long))))
+
+
+def test_embedding_dimensions_are_left_out():
+    groups, skipped = _skipped(Embedded(), torch.randn(2, 8))
+    assert "fc1" not in groups and "Embedding 'pos'" in skipped["fc1"], skipped
+
+
+@pytest.mark.parametrize("inner", ["layernorm", "functional", "identity"])
+def test_compress_finalize_keeps_logits(inner):
+    model = Block(inner)
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    recipe = {"training": {"epochs": 2, "batch_size": 8},
+              "techniques": [{"type": "prune_structured", "sparsity": 0.5, "end": 0.5}]}
+    res = compress(model, recipe, (x, y), lambda m: 0.0)
+    model.eval()
+    masked = model(x).detach()
+    finalize(model, res.example_inputs)
+    assert model.fc3.out_features < 12, "the prunable branch really shrank"
+    if inner == "identity":
+        assert model.fc1.out_features < 16, "a plain block shrinks too"
+    else:
+        assert model.fc1.out_features == 16, "the unsafe block kept all its channels"
+    gap = (model(x).detach() - masked).abs().max() / masked.abs().max()
+    assert gap <= 1e-4, gap
+
+
+def test_finalize_refuses_silently_changed_logits(monkeypatch):
+    """With the safety check off, the functional norm's group is pruned; finalize must say so, not hide it."""
+    import jointcompress.techniques.prune_structured as ps
+
+    monkeypatch.setattr(ps, "discover_groups", functools.partial(discover_groups, verify=False))
+    model = Block("functional")
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    recipe = {"training": {"epochs": 1, "batch_size": 8},
+              "techniques": [{"type": "prune_structured", "sparsity": 0.5, "end": 0.5, "exclude": ["fc3"]}]}
+    res = compress(model, recipe, (x, y), lambda m: 0.0)
+    with pytest.raises(UnsupportedModelError, match=r"finalize: removing the pruned channels of groups \['fc1'\]"):
+        finalize(model, res.example_inputs)
+
+
+def test_untraceable_model_is_a_clear_error():
+    """GPT-2's attention concatenates tensors whose channels Torch-Pruning cannot infer (was a TypeError)."""
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16))
+
+    class LastToken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hf = gpt2.eval()
+
+        def forward(self, x):
+            return self.hf(inputs_embeds=x).logits[:, -1]
+
+    with pytest.raises(UnsupportedModelError, match=r"cannot trace LastToken: .* fails at .*TypeError") as err:
+        build_graph(LastToken(), torch.randn(2, 5, 32))
+    assert isinstance(err.value, JointCompressError)
+
+
+def test_dry_run_shows_the_reason_for_a_users_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from jointcompress.cli import app
+
+    builder = tmp_path / "mymodel.py"
+    builder.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})\n"
+        "from test_norm_groups import Block\n"
+        "def build():\n    return Block('layernorm')\n"
+    )
+    r = CliRunner().invoke(app, ["dry-run", "--model", f"{builder}:build", "--input-shape", "2,8"])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "fc3" in text and "LayerNorm" in text and "statistics" in text
+
+
+def test_dry_run_user_model_needs_input_shape():
+    from jointcompress.commands.dryrun_cmd import dry_run_tables
+    from jointcompress.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="--input-shape"):
+        dry_run_tables("somepkg.models:build")
+    with pytest.raises(RecipeError, match="cannot import"):
+        dry_run_tables("no_such_package_xyz.models:build", input_shape=[1, 8])
+
+
+def test_looping_trace_is_a_clear_error_not_a_hang(monkeypatch):
+    """Torch-Pruning's group search never ends on Llama attention (grouped-query heads): a named error."""
+    transformers = pytest.importorskip("transformers")
+    import jointcompress.graph as graph
+
+    monkeypatch.setattr(graph, "GROUP_SECONDS", 2.0)
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32)).eval()
+
+    class LastToken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hf = llama
+
+        def forward(self, x):
+            return self.hf(inputs_embeds=x).logits[:, -1]
+
+    x = torch.randn(2, 5, 32)
+    with pytest.raises(UnsupportedModelError, match=r"channel group of 'hf\.model\.layers\.0\.self_attn\.\w+_proj'.* 2 s"):
+        discover_groups(LastToken(), x)
+    groups, _ = discover_groups(LastToken(), x, exclude=["*self_attn*"])  # the advice in the message works
+    assert [g.name for g in groups] == ["hf.model.layers.0.mlp.up_proj"]
+
+
+def test_model_with_nothing_safe_to_prune_names_the_reason():
+    from jointcompress.errors import RecipeError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.randn(8, 8), torch.randint(0, 3, (8,))
+    recipe = {"training": {"epochs": 1, "batch_size": 4}, "techniques": [{"type": "prune_structured", "sparsity": 0.5}]}
+    with pytest.raises(RecipeError, match=r"no prunable channel group .* 0: its channels pass through LayerNorm '1'"):
+        compress(model, recipe, (x, y), lambda m: 0.0)
