@@ -76,16 +76,20 @@ def results_table(title: str, rows: dict[str, dict]) -> Table:
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="Where the two artifacts and results.json go."),
+    out: Path = typer.Option(Path("runs/demo"), help="Where the artifacts and results.json go."),
     teacher_epochs: int = typer.Option(15, min=1, help="Epochs to train the uncompressed teacher."),
     epochs: int = typer.Option(None, min=1, help="Compression epochs (default: the demo recipe's)."),
+    ratio: float = typer.Option(40.0, min=1.5, help="Size target: the weights file this many times smaller than fp32."),
     force: bool = typer.Option(True, help="Overwrite the demo's own output directory."),
 ):
-    """Train a teacher on the embedded digits data, then compress it sequentially and jointly
-    (90% sparsity, 4-bit weights) and compare them side by side, measured."""
+    """Train a teacher on the embedded digits data, then compress it to one size target twice:
+    sequentially (allocator budgets; prune, then quantize) and jointly (dead-zone quantizer and
+    size budget trained together), and compare them side by side, measured."""
+    from .compare import variant_recipe
     from .io import atomic_write_json, prepare_output_dir
     from .pipeline import builder_for, compress_and_save, measure_latency, train_teacher, uncompressed_row
-    from .recipe import builtin_recipe, load_recipe
+    from .recipe import builtin_recipe, load_recipe, parse_recipe
+    from .targets import resolve_target, target_bytes
 
     t0 = time.perf_counter()
     recipe = load_recipe(builtin_recipe("demo"))
@@ -96,25 +100,34 @@ def demo(
     split = load_digits()
     out = prepare_output_dir(out, force=force)
     builder = builder_for(recipe.model, split)
+    targeted = parse_recipe({**recipe.model_dump(), "target": {"ratio": ratio}}, source="demo")
     with progress_bar() as bar:
         teacher = train_teacher(recipe.model, split, teacher_epochs, lr=recipe.training.lr, progress=tracked(bar, "teacher"))
         rows = {"uncompressed": uncompressed_row(teacher, split)}
         models = {"uncompressed": teacher}
-        for mode in ("sequential", "joint"):
-            r = recipe.model_copy(update={"mode": mode})
+        budgets = resolve_target(teacher, targeted, split.x_train[:2])
+        for mode, variant in (("sequential", "sequential"), ("joint", "joint-pcgrad")):
+            r = variant_recipe(budgets, variant, recipe.training.seed, targeted, teacher, split.x_train[:2])
             outcome = compress_and_save(mode, teacher, r, split, builder, out, progress=tracked(bar, mode))
             rows[mode], models[mode] = outcome.row, outcome.model
     x = split.x_test[:64]
     for name, lat in measure_latency(models, x).items():
         rows[name].update(lat)
+    goal = target_bytes(teacher, targeted.target)
     wall = time.perf_counter() - t0
-    console.print(results_table(f"jointcompress demo: LeNet-300-100 on digits ({len(split.x_test)} held-out), 90% sparse + 4-bit", rows))
+    console.print(results_table(f"jointcompress demo: LeNet-300-100 on digits ({len(split.x_test)} held-out), "
+                                f"target {ratio:g}x = {goal:,.0f} B weights file", rows))
+    for mode in ("sequential", "joint"):
+        console.print(f"{mode}: weights file {rows[mode]['file_bytes']:,} B ({rows[mode]['file_bytes'] / goal - 1:+.1%} of the target)")
     console.print(
-        "stored bytes = values + sparse indices + scales + fp32 biases of the saved artifact (uncompressed: fp32 safetensors); "
-        "latency = median CPU forward, interleaved in one run; conflict = mean share of gradient pairs pointing against each other."
+        "sequential: allocator budgets, prune -> fine-tune -> quantize -> fine-tune; joint: zero as a quantizer level "
+        "under the size budget, pcgrad on accuracy vs size (docs/joint.md). Same teacher, epochs and distillation. "
+        "stored = values + indices + scales + biases; latency = median CPU forward, interleaved; "
+        "conflict = mean share of gradient pairs pointing against each other."
     )
     console.print(f"artifacts in {out}/sequential and {out}/joint; wall time {wall:.0f} s")
-    atomic_write_json(out / "results.json", {"rows": rows, "wall_seconds": wall, "recipe": recipe.model_dump()})
+    atomic_write_json(out / "results.json", {"rows": rows, "wall_seconds": wall, "target_bytes": goal,
+                                             "recipe": targeted.model_dump()})
 
 
 @app.command("compress")
