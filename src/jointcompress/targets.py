@@ -121,6 +121,9 @@ class Candidate:
         self.quant_layers, self.per_channel = quant_layers, per_channel
         self.at_start = sparsity_at_quant_start
         self.steps = steps  # trained LSQ steps (size feedback), else estimated
+        self.biases = {n: self.modules[n].bias.detach().clone() for n in quant_layers
+                       if isinstance(getattr(self.modules[n], "bias", None), torch.Tensor)}
+        self.step_format, self.bias_format = "fp16", "fp16"  # as training stores them (artifact/precision.py)
 
     @classmethod
     def from_training(cls, model: nn.Module, prune, quant, sparsity_at_quant_start: float = 1.0) -> "Candidate":
@@ -146,6 +149,8 @@ class Candidate:
                 own = layer.__class__
                 layer.__class__ = type(own.__name__, own.__bases__, dict(own.__dict__))
                 parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+                if parametrize.is_parametrized(layer, "bias"):  # the bias as training stores it
+                    parametrize.remove_parametrizations(layer, "bias", leave_parametrized=True)
             if hasattr(layer, "input_quant"):
                 del layer.input_quant
         learned = prune.config.criterion == "learned"  # magnitude re-ranks |w| as the weights are now
@@ -177,6 +182,7 @@ class Candidate:
         spread over more levels. (A fixed factor on the final weights' step, fitted at 99%
         sparsity, missed the target by 12% at 30% sparsity.)
         """
+        from .artifact.precision import round_bias, round_step
         from .spec import CompressionSpec, LayerSpec
         from .techniques.quant_lsq import lsq_init_step
 
@@ -190,20 +196,23 @@ class Candidate:
                 step = self.steps[name]
             else:
                 step = lsq_init_step(self.original[name] * self._kept(name, target * self.at_start), qmax, self.per_channel)
+            step = round_step(step, self.step_format)
             q = torch.clamp(torch.round(w / step), -qmax, qmax)
             q = torch.where(keep & (q == 0), torch.sign(w), q)
             self.modules[name].weight.data.copy_(q * step)
             scale = step.flatten().expand(w.shape[0]).clone() if step.numel() == 1 else step.flatten().clone()
+            if name in self.biases:
+                self.modules[name].bias.data.copy_(round_bias(self.biases[name], self.bias_format, scale))
             spec.layers[name] = LayerSpec(bits=bits[name], scale=scale)
         return self.model, spec
 
     def file_bytes(self, sparsity: dict[str, float], bits: dict[str, int]) -> int:
-        """Exact size of the weights.safetensors that `artifact.save` would write."""
+        """Exact size of the weights file that `artifact.save` would write."""
         from .artifact.encode import encode_model
-        from .artifact.store import weights_blob
+        from .artifact.store import file_blob
 
         model, spec = self.build(sparsity, bits)
-        return len(weights_blob(encode_model(model, spec).tensors))  # exactly what save() writes
+        return len(file_blob(encode_model(model, spec)))  # exactly what save() writes
 
 
 # -- the size allocator -------------------------------------------------------------------
