@@ -58,10 +58,10 @@ def byte_breakdown(manifest: dict) -> dict:
 def format_breakdown(breakdown: dict) -> list[list[str]]:
     """The breakdown as table rows (header first), with a share column, for CLIs and reports."""
     total = max(1, breakdown["file"])
-    table = [["part", *KINDS, "total", "share"]]
+    table = [["part", *KINDS, "total", "%"]]
     for name, row in list(breakdown["rows"].items()) + [("all", breakdown["kinds"])]:
         t = sum(row.values())
-        table.append([name, *[f"{row[k]:,}" for k in KINDS], f"{t:,}", f"{100 * t / total:.1f}%"])
+        table.append([name, *[f"{row[k]:,}" for k in KINDS], f"{t:,}", f"{100 * t / total:.1f}"])
     return table
 
 
