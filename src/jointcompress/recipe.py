@@ -79,6 +79,9 @@ class QuantLSQ(Selection):
     step_lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
     # per-layer bit-widths (layer name -> bits), e.g. from a size-target allocator
     layer_bits: dict[str, Annotated[int, Field(ge=2, le=8)]] | None = None
+    # how the artifact stores the step sizes and the biases of quantized layers; training uses exactly that
+    scale_format: Literal["fp16", "log8"] = "fp16"
+    bias_format: Literal["fp16", "int", "fp32"] = "fp16"
 
 
 class FeaturePair(Strict):

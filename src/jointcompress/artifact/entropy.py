@@ -7,7 +7,7 @@ near the grid's middle, 1-bit masks with a few % ones, relative gaps), for which
 arithmetic-class coder with the symbol histogram reaches the empirical entropy within a few
 bytes. ``ans`` is that coder (rANS from the `constriction` package, Rust, vectorized):
 
-    ans part = varint K | K bytes: histogram of symbols 0..K-1, counts scaled to 1..255 (0 = absent)
+    ans part = varint K | K varints: histogram of symbols 0..K-1 (counts >> s, 0 = absent)
                | rANS words (uint32, little-endian)
 
 The symbol count is known from the layer record, so it is not stored. A stream of a single
@@ -59,16 +59,36 @@ def pack_symbols(symbols: np.ndarray, bits: int) -> bytes:
     return np.packbits(planes.astype(np.uint8).ravel(), bitorder="little").tobytes()
 
 
-def _histogram(symbols: np.ndarray) -> np.ndarray:
-    counts = np.bincount(symbols)
-    scaled = np.ceil(counts * 255.0 / counts.max()).astype(np.int64)
-    return np.where(counts > 0, np.maximum(scaled, 1), 0).astype(np.uint8)
+def model_counts(counts: np.ndarray) -> tuple[np.ndarray, int, float]:
+    """The stored histogram for symbols with these exact counts: (scaled counts, header bytes,
+    ideal code length in bits).
+
+    Exact counts cost up to 3 varint bytes each; counts shifted right by s cost fewer but model
+    the distribution less precisely (a 1-bit mask at 0.1% density needs the fine resolution,
+    16 4-bit values do not). The shift that minimises header + payload is chosen; the decoder
+    needs only the scaled counts (probabilities are their ratios).
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    k = int(np.flatnonzero(counts)[-1]) + 1 if counts.any() else 0
+    counts = counts[:k]
+    best = None
+    present = counts > 0
+    for shift in range(0, max(1, int(counts.max()).bit_length() if k else 1)):
+        scaled = np.where(present, np.maximum((counts + (1 << shift) - 1) >> shift, 1), 0)
+        header = len(write_varint(k)) + sum(len(write_varint(int(c))) for c in scaled)
+        p = scaled[present] / scaled.sum()
+        bits = float(-(counts[present] * np.log2(p)).sum()) if present.sum() > 1 else 0.0
+        if best is None or header * 8 + bits < best[1] * 8 + best[2]:
+            best = (scaled, header, bits)
+    if best is None:
+        return np.zeros(0, np.int64), len(write_varint(0)), 0.0
+    return best
 
 
-def _model(hist: np.ndarray):
+def _model(scaled: np.ndarray):
     import constriction
 
-    h = hist.astype(np.float64)
+    h = scaled.astype(np.float64)
     return constriction.stream.model.Categorical(h / h.sum(), perfect=False)
 
 
@@ -79,12 +99,12 @@ def ans_encode(symbols: np.ndarray) -> bytes:
     s = np.asarray(symbols, dtype=np.int32).ravel()
     if s.size == 0:
         return write_varint(0)
-    hist = _histogram(s)
-    header = write_varint(hist.size) + hist.tobytes()
-    if np.count_nonzero(hist) == 1:
+    scaled, _, _ = model_counts(np.bincount(s))
+    header = write_varint(scaled.size) + b"".join(write_varint(int(c)) for c in scaled)
+    if np.count_nonzero(scaled) == 1:
         return header
     coder = constriction.stream.stack.AnsCoder()
-    coder.encode_reverse(s, _model(hist))
+    coder.encode_reverse(s, _model(scaled))
     return header + coder.get_compressed().astype("<u4").tobytes()
 
 
@@ -92,13 +112,17 @@ def ans_decode(data: bytes, count: int) -> np.ndarray:
     import constriction
 
     k, pos = read_varint(data, 0)
-    if k > 256 or pos + k > len(data):
-        raise ValueError(f"ans histogram of {k} symbols does not fit in {len(data)} bytes")
+    if k > 256:
+        raise ValueError(f"ans histogram of {k} symbols (at most 256)")
+    scaled = []
+    for _ in range(k):
+        c, pos = read_varint(data, pos)
+        scaled.append(c)
     if count == 0:
         return np.zeros(0, np.int32)
-    hist = np.frombuffer(data[pos:pos + k], dtype=np.uint8)
-    words = data[pos + k:]
-    nonzero = np.flatnonzero(hist)
+    scaled = np.array(scaled, dtype=np.int64)
+    words = data[pos:]
+    nonzero = np.flatnonzero(scaled)
     if nonzero.size == 0:
         raise ValueError("ans histogram is empty")
     if nonzero.size == 1:
@@ -108,7 +132,7 @@ def ans_decode(data: bytes, count: int) -> np.ndarray:
     if len(words) % 4:
         raise ValueError("ans stream is not a whole number of 32-bit words")
     coder = constriction.stream.stack.AnsCoder(np.frombuffer(words, dtype="<u4").astype(np.uint32))
-    out = np.asarray(coder.decode(_model(hist), count), dtype=np.int32)
+    out = np.asarray(coder.decode(_model(scaled), count), dtype=np.int32)
     if not coder.is_empty():
         raise ValueError("ans stream has data left after the last symbol")
     return out

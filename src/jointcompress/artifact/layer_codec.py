@@ -37,18 +37,10 @@ class CodedLayer:
 
 def ans_price(counts: np.ndarray) -> int:
     """Bytes `entropy.ans_encode` needs for symbols with this histogram (ideal code length)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    nz = np.flatnonzero(counts)
-    if nz.size == 0:
-        return 1
-    k = int(nz[-1]) + 1
-    header = len(entropy.write_varint(k)) + k
-    if nz.size == 1:
+    counts = np.asarray(counts, dtype=np.int64)
+    scaled, header, bits = entropy.model_counts(counts)
+    if np.count_nonzero(scaled) <= 1:
         return header
-    c = counts[:k]
-    q = np.where(c > 0, np.maximum(np.ceil(c * 255.0 / c.max()), 1), 0)
-    p = q / q.sum()
-    bits = float(-(c[c > 0] * np.log2(p[c > 0])).sum())
     return header + 4 * max(1, math.ceil((bits + 1) / 32))
 
 

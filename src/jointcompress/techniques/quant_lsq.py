@@ -146,9 +146,10 @@ class QuantLSQ(Technique):
         for name, layer in selected_layers(ctx.model, self.config).items():
             bits = (self.config.layer_bits or {}).get(name, self.config.bits)
             q = LSQWeight(layer.weight.detach(), bits, self.config.per_channel)
+            q.step_format = getattr(self.config, "scale_format", "fp16")
             parametrize.register_parametrization(layer, "weight", q)
             self.quantizers[name] = q
-            attach_bias_quant(layer, q)  # the bias is trained as it will be stored
+            attach_bias_quant(layer, q, getattr(self.config, "bias_format", "fp16"))  # trained as stored
             if self.config.activations:
                 layer.input_quant = LSQActivation(self.config.act_bits)
                 self.act_quantizers[name] = layer.input_quant
