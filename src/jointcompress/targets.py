@@ -280,10 +280,13 @@ def choose_bits(cand: Candidate, base: dict[str, int], sparsest: dict, dense: di
     bits = lambda k: {n: min(8, max(2, b + k)) for n, b in base.items()}  # noqa: E731
     while cand.file_bytes(sparsest, bits(shift)) > goal:
         if all(b == 2 for b in bits(shift).values()):
+            from .artifact.size import floor_detail
+
             raise TargetError(
-                f"target: {goal / 1024:.2f} KiB cannot be reached; the smallest artifact the recipe allows "
-                f"(2-bit, every layer at prune_unstructured.min_keep) is "
-                f"{cand.file_bytes(sparsest, bits(shift)) / 1024:.2f} KiB. Raise target.size_kb (or lower "
+                f"target: {goal / 1024:.2f} KiB ({goal:,.0f} B) cannot be reached; the smallest artifact the recipe "
+                f"allows (2-bit, every layer at its floor: prune_unstructured.min_keep, at most "
+                f"{MAX_LAYER_SPARSITY:.1%} sparsity) is {cand.file_bytes(sparsest, bits(shift)):,} B: "
+                f"{floor_detail(*cand.build(sparsest, bits(shift)))}. Raise target.size_kb (or lower "
                 "target.ratio), or lower prune_unstructured.min_keep"
             )
         shift -= 1

@@ -138,10 +138,11 @@ def ans_decode(data: bytes, count: int) -> np.ndarray:
     return out
 
 
-def code_part(raw: bytes, symbol_bits: int | None, count: int, zstd_min: int = 64) -> tuple[bytes, str]:
-    """The smallest of raw / zstd / ans for one packed part: (stored bytes, codec)."""
+def code_part(raw: bytes, symbol_bits: int | None, count: int, zstd_min: int | None = 64) -> tuple[bytes, str]:
+    """The smallest of raw / zstd / ans for one packed part: (stored bytes, codec).
+    zstd is tried on parts of at least `zstd_min` bytes (None: not at all)."""
     options = [(raw, "raw")]
-    if len(raw) >= zstd_min:
+    if zstd_min is not None and len(raw) >= zstd_min:
         options.append((packing.zstd_compress(raw), "zstd"))
     if symbol_bits is not None and 1 <= symbol_bits <= MAX_ANS_SYMBOL_BITS and count > 0:
         options.append((ans_encode(symbols_of(raw, symbol_bits, count)), "ans"))

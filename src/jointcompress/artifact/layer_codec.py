@@ -72,7 +72,7 @@ def price_layouts(flat: np.ndarray, bits: int, entropy_coding: bool) -> dict[tup
     return prices
 
 
-def _code(e: packing.Encoded, entropy_coding: bool) -> CodedLayer:
+def _code(e: packing.Encoded, entropy_coding: bool, zstd: bool) -> CodedLayer:
     out = CodedLayer(e.encoding, e.bits, e.numel, e.entries, e.index_bits)
     streams = [("values", e.values, e.bits, e.entries)]
     if e.encoding == "bitmask":
@@ -81,23 +81,30 @@ def _code(e: packing.Encoded, entropy_coding: bool) -> CodedLayer:
         streams.append(("indices", e.indices, e.index_bits, e.entries))
     for part, data, sym_bits, count in streams:
         raw = np.asarray(data, np.uint8).tobytes()
-        stored, codec = entropy.code_part(raw, sym_bits, count) if entropy_coding else (raw, "raw")
+        if entropy_coding:
+            stored, codec = entropy.code_part(raw, sym_bits, count, zstd_min=64 if zstd else None)
+        else:
+            stored, codec = raw, "raw"
         out.parts[part] = (stored, codec, len(raw))
     return out
 
 
 def encode_layer(q: np.ndarray, bits: int, entropy_coding: bool = True) -> CodedLayer:
-    """The smallest stored form of one layer's integer weights q (any shape, int8)."""
+    """The smallest stored form of one layer's integer weights q (any shape, int8).
+
+    The finalists are coded with raw / ans; zstd (slow at its best level) is then tried on
+    the winner's layout only.
+    """
     flat = np.asarray(q).ravel()
     prices = price_layouts(flat, bits, entropy_coding)
     order = sorted(prices, key=lambda lw: (prices[lw], packing.ENCODINGS.index(lw[0]), lw[1] or 0))
-    best = None
+    best = best_enc = None
     for layout, width in order[:FINALISTS]:
         e = packing.encode_ints(flat, bits, layout) if layout != "relative" else packing.encode_relative(flat, bits, width)
-        coded = _code(e, entropy_coding)
+        coded = _code(e, entropy_coding, zstd=False)
         if best is None or coded.nbytes < best.nbytes:
-            best = coded
-    return best
+            best, best_enc = coded, e
+    return _code(best_enc, entropy_coding, zstd=True) if entropy_coding else best
 
 
 def symbol_stream(rec: dict, part: str) -> tuple[int, int]:

@@ -65,6 +65,24 @@ def format_breakdown(breakdown: dict) -> list[list[str]]:
     return table
 
 
+def floor_detail(model: nn.Module, spec: CompressionSpec) -> str:
+    """Where the bytes of a (smallest allowed) artifact go, in words, for error messages:
+    each layer's kept weights and their bytes, then the fixed costs."""
+    from .store import file_blob
+
+    enc = encode_model(model, spec)
+    t = enc.totals()
+    container = len(file_blob(enc)) - t["total"]
+    layers = sorted(enc.layers.items(), key=lambda kv: -(kv[1]["parts"]["values"]["bytes"]
+                                                         + kv[1]["parts"].get("indices", {}).get("bytes", 0)))
+    words = [f"{name} keeps {rec['nonzero']:,} of {rec['numel']:,} weights = "
+             f"{rec['parts']['values']['bytes'] + rec['parts'].get('indices', {}).get('bytes', 0):,} B"
+             for name, rec in layers]
+    words.append(f"scales {t['scales']:,} B, biases {t['biases']:,} B, other tensors {t['other']:,} B, "
+                 f"container {container:,} B")
+    return "; ".join(words)
+
+
 def dense_fp32_bytes(model: nn.Module) -> int:
     """Size of the model's state dict as an fp32 safetensors file (floating tensors cast to fp32)."""
     from safetensors.torch import save as st_save
@@ -76,4 +94,5 @@ def dense_fp32_bytes(model: nn.Module) -> int:
     return len(st_save(state))
 
 
-__all__ = ["BREAKDOWN_PARTS", "KINDS", "byte_breakdown", "dense_fp32_bytes", "format_breakdown", "storage_bytes"]
+__all__ = ["BREAKDOWN_PARTS", "KINDS", "byte_breakdown", "dense_fp32_bytes", "floor_detail", "format_breakdown",
+           "storage_bytes"]
