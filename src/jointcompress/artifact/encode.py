@@ -109,19 +109,20 @@ def _encode_layer(enc: Encoding, name: str, mod: nn.Module, ls: LayerSpec, entro
     for part, (stored, codec, raw) in coded.parts.items():
         key = name + PART_SUFFIX[part]
         enc.parts[key], parts[part] = stored, {"key": key, "bytes": len(stored), "codec": codec, "raw_bytes": raw}
-    data, srec = precision.encode_scale(scale)
+    raw, srec = precision.encode_scale(scale)
     key = name + PART_SUFFIX["scale"]
-    enc.parts[key], parts["scale"] = data, {"key": key, "bytes": len(data), "codec": "raw", "raw_bytes": len(data),
-                                            "format": srec["codec"], "channels": srec["channels"]}
+    stored, codec = entropy.code_part(raw, 8, len(raw)) if entropy_coding else (raw, "raw")
+    enc.parts[key], parts["scale"] = stored, {"key": key, "bytes": len(stored), "codec": codec, "raw_bytes": len(raw),
+                                              "format": srec["codec"], "channels": srec["channels"]}
     bias = _layer_bias(mod)
     if bias is not None:
         raw, brec = precision.encode_bias(bias, scale)
-        sym_bits = brec.get("bits") if brec["codec"] == "int" else None
-        stored, codec = entropy.code_part(raw, sym_bits, bias.numel()) if entropy_coding else (raw, "raw")
+        brec = {"format": brec["codec"], **({"bits": brec["bits"]} if "bits" in brec else {})}
+        stored, codec = (entropy.code_part(raw, *side_symbols(brec, len(raw), bias.numel())) if entropy_coding
+                         else (raw, "raw"))
         key = name + PART_SUFFIX["bias"]
         enc.parts[key] = stored
-        parts["bias"] = {"key": key, "bytes": len(stored), "codec": codec, "raw_bytes": len(raw),
-                         "format": brec["codec"], **({"bits": brec["bits"]} if "bits" in brec else {})}
+        parts["bias"] = {"key": key, "bytes": len(stored), "codec": codec, "raw_bytes": len(raw), **brec}
     nnz = int(np.count_nonzero(q))
     enc.layers[name] = {
         "shape": list(mod.weight.shape), "bits": int(ls.bits), "numel": int(q.size), "nonzero": nnz,
@@ -129,6 +130,14 @@ def _encode_layer(enc: Encoding, name: str, mod: nn.Module, ls: LayerSpec, entro
         "entries": coded.entries, "act_bits": ls.act_bits,
         "act_scale": None if ls.act_scale is None else float(ls.act_scale), "parts": parts,
     }
+
+
+def side_symbols(rec: dict, raw_bytes: int, channels: int) -> tuple[int | None, int]:
+    """(symbol bits, count) the entropy coder sees for a scale or bias part: an integer bias's
+    own fields when they fit in a byte, else the part's bytes."""
+    if rec.get("format") == "int":
+        return (rec["bits"], channels) if rec["bits"] <= entropy.MAX_ANS_SYMBOL_BITS else (None, channels)
+    return 8, raw_bytes
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
@@ -187,12 +196,13 @@ def decode_layer(name: str, rec: dict, parts: dict[str, bytes], where: str
     try:
         q = packing.decode_ints(rec["encoding"], rec["bits"], rec["numel"], values, indices,
                                 rec["entries"], rec.get("index_bits"))
-        scale = precision.decode_scale(part_bytes(parts, p["scale"], where), {"codec": p["scale"]["format"],
-                                       "channels": p["scale"]["channels"]}, shape[0])
+        srec = p["scale"]
+        scale = precision.decode_scale(_decoded(parts, srec, (8, srec["raw_bytes"]), where),
+                                       {"codec": srec["format"], "channels": srec["channels"]}, shape[0])
         bias = None
         if "bias" in p:
             brec = p["bias"]
-            sym = (brec.get("bits"), shape[0]) if brec["format"] == "int" else (None, shape[0])
+            sym = side_symbols(brec, brec["raw_bytes"], shape[0])
             bias = precision.decode_bias(_decoded(parts, brec, sym, where), {**brec, "codec": brec["format"]}, scale)
     except (ValueError, KeyError) as exc:
         raise ArtifactError(f"{where}: layer {name!r} cannot be unpacked: {exc}") from exc

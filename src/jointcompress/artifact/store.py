@@ -376,7 +376,7 @@ def _check_scale(rec, field: str, channels: int) -> None:
           f"must be one of {list(_precision.STEP_FORMATS)}, got {rec['format']!r:.80}")
     _need(rec["channels"] in (1, channels) and _is_int(rec["channels"]), f"{field}.channels",
           f"must be 1 or the layer's {channels} output channels, got {rec['channels']!r:.80}")
-    _check_part(rec, field, _precision.scale_nbytes({"codec": rec["format"], "channels": rec["channels"]}), ("raw",))
+    _check_part(rec, field, _precision.scale_nbytes({"codec": rec["format"], "channels": rec["channels"]}), _entropy.CODECS)
 
 
 def _check_bias(rec, field: str, channels: int) -> None:
