@@ -48,6 +48,10 @@ def test_allocator_prediction_equals_the_written_file_within_1_percent(tmp_path,
     assert on_disk == manifest["weights_file_bytes"]
     assert abs(on_disk / alloc.bytes - 1) <= 0.01, (on_disk, alloc.bytes)
     assert abs(on_disk / alloc.target_bytes - 1) <= 0.02
+    from jointcompress.artifact import load
+
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path, LeNet5)(x), model.eval()(x))  # the artifact loads with parity
     layer = manifest["layers"]["fc1"]["parts"]
     assert layer["scale"]["format"] == formats[0] and layer["bias"]["format"] == formats[1]
 
