@@ -254,3 +254,27 @@ def test_version_1_artifacts_still_load(cnn_artifact, tmp_path):
     loaded = load(tmp_path / "v1", SmallCNN)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_any_damage_behind_a_valid_checksum_is_an_artifact_error_or_harmless(cnn_artifact, tmp_path):
+    """A file rewritten with valid CRC and sha256 (a buggy writer, a malicious file) never
+    crashes the loader with anything but ArtifactError."""
+    import random
+    import struct as st
+    import zlib
+
+    model, spec, _, _, x = cnn_artifact
+    save(model, spec, tmp_path, example_inputs=x)
+    good = (tmp_path / "weights.jcw").read_bytes()
+    rng = random.Random(0)
+    for i in range(60):
+        data = bytearray(good[:-4])
+        for _ in range(rng.randint(1, 3)):
+            pos = rng.randrange(len(data)) if i % 3 else rng.randrange(min(40, len(data)))
+            data[pos] = rng.randrange(256)
+        data += st.pack("<I", zlib.crc32(bytes(data)) & 0xFFFFFFFF)
+        _rewrite_weights(tmp_path, bytes(data))
+        try:
+            load(tmp_path, SmallCNN)
+        except ArtifactError:
+            pass
