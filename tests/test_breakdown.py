@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from artifact_helpers import MLP, SmallCNN, TinyResNet, example_input, fake_finalize
