@@ -36,31 +36,48 @@ def test_roundtrip_same_logits(tmp_path, cls, bits):
 
 def test_bytes_on_disk_equal_manifest_and_size_accounting(cnn_artifact):
     model, spec, path, manifest, _ = cnn_artifact
-    weights = path / "weights.safetensors"
+    weights = path / "weights.jcw"
     size = os.path.getsize(weights)
     b = manifest["bytes"]
-    assert size == manifest["weights_file_bytes"] == b["total"] + b["safetensors_header"]
-    (header_len,) = struct.unpack("<Q", weights.read_bytes()[:8])
-    assert b["safetensors_header"] == 8 + header_len
+    assert size == manifest["weights_file_bytes"] == b["file"] == b["total"] + b["container"]
     acc = storage_bytes(model, spec)
-    for part in ("values", "indices", "scales", "other", "total"):
+    for part in ("values", "indices", "scales", "biases", "other", "total"):
         assert acc[part] == b[part], part
-    # every layer's parts add up to what the manifest lists, and the tensors really have that many bytes
-    from safetensors.torch import load_file
+    # the container's index really delimits parts of exactly the listed sizes, in blob_keys order
+    from jointcompress.artifact import container
 
-    tensors = load_file(weights)
+    chunks = container.unpack(weights.read_bytes())
+    sizes = {k: len(c) for k, c in zip(manifest["blob_keys"], chunks)}
     for name, rec in manifest["layers"].items():
         for part in rec["parts"].values():
-            t = tensors[part["key"]]
-            assert t.numel() * t.element_size() == part["bytes"]
+            assert sizes[part["key"]] == part["bytes"]
+    assert b["container"] == container.overhead(list(sizes.values())) <= 60
     assert acc["total"] < dense_fp32_bytes(SmallCNN()) / 10
+
+
+def test_safetensors_container_holds_the_same_parts(cnn_artifact, tmp_path):
+    model, spec, path, manifest, x = cnn_artifact
+    st = save(model, spec, tmp_path, builder=SmallCNN, example_inputs=x, container="safetensors")
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "weights.safetensors")
+    (header_len,) = struct.unpack("<Q", (tmp_path / "weights.safetensors").read_bytes()[:8])
+    assert st["bytes"]["container"] == 8 + header_len and st["bytes"]["total"] == manifest["bytes"]["total"]
+    for name, rec in st["layers"].items():
+        for part in rec["parts"].values():
+            t = tensors[part["key"]]
+            assert t.dtype == torch.uint8 and t.numel() == part["bytes"]
+    assert torch.equal(tensors["bn1.running_var"], model.bn1.running_var)  # other tensors stay readable as is
+    loaded = load(tmp_path, SmallCNN)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
 
 
 def test_manifest_content(cnn_artifact):
     _, spec, path, manifest, _ = cnn_artifact
     on_disk = json.loads((path / "manifest.json").read_text())
     assert on_disk == manifest == read_manifest(path)
-    assert manifest["format_version"] == 1 and manifest["recipe"] == spec.recipe
+    assert manifest["format_version"] == 2 and manifest["recipe"] == spec.recipe
     assert manifest["pruning_history"] == spec.pruning_history
     assert manifest["extra"] == {"note": "test"}
     conv2 = manifest["layers"]["conv2"]
@@ -98,20 +115,20 @@ def test_residual_block_pruned_consistently():
 def test_truncated_weights_fail_naming_file(cnn_artifact, tmp_path):
     model, spec, _, _, x = cnn_artifact
     save(model, spec, tmp_path, example_inputs=x)
-    w = tmp_path / "weights.safetensors"
+    w = tmp_path / "weights.jcw"
     w.write_bytes(w.read_bytes()[:-10])
-    with pytest.raises(ArtifactError, match=r"weights\.safetensors.*truncated"):
+    with pytest.raises(ArtifactError, match=r"weights\.jcw.*truncated"):
         load(tmp_path, SmallCNN)
 
 
 def test_tampered_weights_fail_naming_file(cnn_artifact, tmp_path):
     model, spec, _, _, x = cnn_artifact
     save(model, spec, tmp_path, example_inputs=x)
-    w = tmp_path / "weights.safetensors"
+    w = tmp_path / "weights.jcw"
     data = bytearray(w.read_bytes())
     data[-5] ^= 0xFF
     w.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match=r"weights\.safetensors.*sha256"):
+    with pytest.raises(ArtifactError, match=r"weights\.jcw.*sha256"):
         load(tmp_path, SmallCNN)
 
 
@@ -171,3 +188,93 @@ def test_per_tensor_scale_is_accepted(tmp_path):
     save(model, spec, tmp_path, example_inputs=x)
     loaded = load(tmp_path, MLP)
     assert torch.equal(loaded.fc2.weight, model.fc2.weight)
+
+
+def test_container_of_a_4_layer_model_costs_at_most_200_bytes(tmp_path):
+    from jointcompress.models import LeNet5
+
+    x = torch.randn(1, 1, 28, 28)
+    model, spec = fake_finalize(LeNet5(), x, prune=0, zero_fraction=0.99)
+    assert len(spec.layers) == 4
+    manifest = save(model, spec, tmp_path, builder=LeNet5, example_inputs=x)
+    assert manifest["bytes"]["container"] <= 200
+    assert (tmp_path / "weights.jcw").stat().st_size == manifest["bytes"]["total"] + manifest["bytes"]["container"]
+
+
+def _rewrite_weights(path, data: bytes) -> None:
+    """Replace the weights file and make the manifest agree, as a careless copy tool might."""
+    import hashlib
+
+    (path / "weights.jcw").write_bytes(data)
+    m = json.loads((path / "manifest.json").read_text())
+    m["weights_sha256"], m["weights_file_bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: d[:20] + bytes([d[20] ^ 0x10]) + d[21:], "CRC-32"),
+    (lambda d: b"XYZ" + d[3:], "bad magic"),
+    (lambda d: d[:3] + b"\x07" + d[4:], "container version 7"),
+])
+def test_damaged_container_is_refused_even_with_a_matching_manifest(cnn_artifact, tmp_path, damage, message):
+    model, spec, _, _, x = cnn_artifact
+    save(model, spec, tmp_path, example_inputs=x)
+    _rewrite_weights(tmp_path, damage((tmp_path / "weights.jcw").read_bytes()))
+    with pytest.raises(ArtifactError, match=rf"weights\.jcw.*{message}"):
+        load(tmp_path, SmallCNN)
+
+
+def test_version_1_artifacts_still_load(cnn_artifact, tmp_path):
+    """A version-1 artifact (safetensors, fp32 scales, biases among the other tensors) reads as before."""
+    import hashlib
+
+    from safetensors.torch import save as st_save
+
+    model, spec, _, _, x = cnn_artifact
+    v2 = save(model, spec, tmp_path / "v2", example_inputs=x, entropy=False, container="safetensors")
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "v2" / "weights.safetensors")
+    layers, others = v2["layers"], dict(v2["other_tensors"])
+    for name, rec in layers.items():
+        scale, bias = rec["parts"]["scale"], rec["parts"].pop("bias")
+        tensors[scale["key"]] = spec.layers[name].scale.float().clone()
+        del scale["format"], scale["channels"]
+        scale.update(bytes=4 * rec["shape"][0], raw_bytes=4 * rec["shape"][0])
+        del tensors[bias["key"]]  # v1 kept the bias as a plain fp32 tensor under the same name
+        tensors[f"{name}.bias"] = getattr(model, name).bias.detach().clone()
+        others[f"{name}.bias"] = {"shape": [rec["shape"][0]], "dtype": "float32", "bytes": 4 * rec["shape"][0]}
+    blob = st_save(tensors)
+    v1 = {k: v for k, v in v2.items() if k not in ("container", "blob_keys", "bytes")}
+    v1.update(format_version=1, weights_file="weights.safetensors", other_tensors=others,
+              weights_sha256=hashlib.sha256(blob).hexdigest(), weights_file_bytes=len(blob))
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "weights.safetensors").write_bytes(blob)
+    (tmp_path / "v1" / "manifest.json").write_text(json.dumps(v1))
+    loaded = load(tmp_path / "v1", SmallCNN)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_any_damage_behind_a_valid_checksum_is_an_artifact_error_or_harmless(cnn_artifact, tmp_path):
+    """A file rewritten with valid CRC and sha256 (a buggy writer, a malicious file) never
+    crashes the loader with anything but ArtifactError."""
+    import random
+    import struct as st
+    import zlib
+
+    model, spec, _, _, x = cnn_artifact
+    save(model, spec, tmp_path, example_inputs=x)
+    good = (tmp_path / "weights.jcw").read_bytes()
+    rng = random.Random(0)
+    for i in range(60):
+        data = bytearray(good[:-4])
+        for _ in range(rng.randint(1, 3)):
+            pos = rng.randrange(len(data)) if i % 3 else rng.randrange(min(40, len(data)))
+            data[pos] = rng.randrange(256)
+        data += st.pack("<I", zlib.crc32(bytes(data)) & 0xFFFFFFFF)
+        _rewrite_weights(tmp_path, bytes(data))
+        try:
+            load(tmp_path, SmallCNN)
+        except ArtifactError:
+            pass

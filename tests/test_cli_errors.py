@@ -134,17 +134,17 @@ def test_bench_on_damaged_artifacts(artifact, tmp_path, monkeypatch, capsys):
     assert code == 0, out
 
     trunc = _copy(artifact, tmp_path / "trunc")
-    w = trunc / "weights.safetensors"
+    w = trunc / "weights.jcw"
     w.write_bytes(w.read_bytes()[:-100])
     code, out = _cli(monkeypatch, capsys, "bench", trunc, "--runs", "1")
     assert code == 2 and "truncated" in out and "Traceback" not in out, out
 
-    other = _copy(artifact, tmp_path / "v2")
+    other = _copy(artifact, tmp_path / "v3")
     m = json.loads((other / "manifest.json").read_text())
-    m["format_version"] = 2
+    m["format_version"] = 3
     (other / "manifest.json").write_text(json.dumps(m))
     code, out = _cli(monkeypatch, capsys, "bench", other, "--runs", "1")
-    assert code == 2 and "format_version 2 is not supported" in out, out
+    assert code == 2 and "format_version 3 is not supported" in out, out
 
     code, out = _cli(monkeypatch, capsys, "bench", artifact, "--model", "lenet5", "--runs", "1")
     assert code == 2 and "does not fit" in out and "--model" in out, out

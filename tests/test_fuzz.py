@@ -129,7 +129,7 @@ def test_manifest_fields_of_the_right_version_but_random_content(artifact):
     @given(st.sampled_from(paths), json_values)
     def check(path, value):
         with tempfile.TemporaryDirectory() as d:
-            shutil.copy(artifact / "weights.safetensors", d)
+            shutil.copy(artifact / "weights.jcw", d)
             (Path(d) / "manifest.json").write_text(json.dumps(_replace(manifest, path, value)))
             try:
                 load(d, _builder)

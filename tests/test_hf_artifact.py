@@ -57,7 +57,7 @@ def test_save_load_same_logits_and_bytes_as_stated(finalized, tmp_path):
     assert tok2 is not None and tok2("good movie")["input_ids"] == tok("good movie")["input_ids"]
     sizes = artifact_bytes(tmp_path / "art")
     assert sizes["weights"] == manifest["weights_file_bytes"]
-    assert manifest["weights_file_bytes"] == manifest["bytes"]["total"] + manifest["bytes"]["safetensors_header"]
+    assert manifest["weights_file_bytes"] == manifest["bytes"]["total"] + manifest["bytes"]["container"]
     layers = manifest["layers"]
     assert layers["bert.encoder.layer.0.attention.self.query"]["bits"] == 4
     assert layers["bert.embeddings.word_embeddings"]["bits"] == 8  # post-training 8-bit, per row

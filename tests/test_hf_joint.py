@@ -287,7 +287,7 @@ def test_run_hf_recipe_trim_vocab_and_int8_off(tmp_path):
     from jointcompress.hf.artifact import load_hf_artifact
 
     art = s["artifact"]
-    assert art["bytes"]["weights"] == (tmp_path / "trim" / "artifact" / "weights.safetensors").stat().st_size
+    assert art["bytes"]["weights"] == (tmp_path / "trim" / "artifact" / "weights.jcw").stat().st_size
     assert art["lsq_layers"] == {"4": 12} and art["ptq_bits"] == 8
     model, tok = load_hf_artifact(tmp_path / "trim" / "artifact")
     assert model.config.vocab_size == kept and len(tok) == kept

@@ -173,7 +173,8 @@ def test_demo_compares_both_modes_at_one_size_target(tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads((out / "results.json").read_text())
     for mode in ("sequential", "joint"):
-        file_bytes = (out / mode / "weights.safetensors").stat().st_size
+        manifest = json.loads((out / mode / "manifest.json").read_text())
+        file_bytes = (out / mode / manifest["weights_file"]).stat().st_size
         assert data["rows"][mode]["file_bytes"] == file_bytes
         assert abs(file_bytes / data["target_bytes"] - 1) <= 0.02
     assert "target 20x" in res.output

@@ -40,7 +40,7 @@ def test_size_kb_target_is_met_on_disk(digits_teacher, tmp_path, size_kb):
     result = compress(model, resolved, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test), teacher=teacher)
     spec = finalize(model, result.example_inputs)
     manifest = save(model, spec, tmp_path / "a", example_inputs=result.example_inputs)
-    on_disk = os.path.getsize(tmp_path / "a" / "weights.safetensors")
+    on_disk = os.path.getsize(tmp_path / "a" / "weights.jcw")
     assert on_disk == manifest["weights_file_bytes"]
     assert abs(on_disk / (size_kb * 1024) - 1) <= 0.02, (on_disk, manifest["bytes"])
     steered = [e["event"] for e in result.history.events if e["event"].startswith("size_")]
@@ -137,6 +137,6 @@ def test_cli_reports_the_size_target_against_the_file_on_disk(tmp_path):
                       "training: {epochs: 2, batch_size: 64, lr: 0.002}\n")
     res = CliRunner().invoke(app, ["compress", str(recipe), "--teacher-epochs", "2", "--out", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
-    on_disk = (tmp_path / "out" / "artifact" / "weights.safetensors").stat().st_size
+    on_disk = (tmp_path / "out" / "artifact" / "weights.jcw").stat().st_size
     assert f"on disk {on_disk / 1024:.2f} KiB" in res.output and "size target: 12.00 KiB" in res.output
     assert 0.98 <= on_disk / (12 * 1024) <= 1.0  # steered to just under the target

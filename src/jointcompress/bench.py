@@ -149,3 +149,18 @@ def render_table(result: dict):
         table.add_row("accuracy", fmt(b.get("accuracy")), fmt(a.get("accuracy")),
                       "-" if "accuracy_delta" not in r else f"{r['accuracy_delta']:+.4f}")
     return table
+
+
+def render_breakdown(breakdown: dict):
+    """A rich Table: where the weights file's bytes go, per layer and per part (sums to the file)."""
+    from rich.table import Table
+
+    from .artifact.size import format_breakdown
+
+    rows = format_breakdown(breakdown)
+    table = Table(title=f"weights file: {breakdown['file']:,} B by part")
+    for i, col in enumerate(rows[0]):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for r in rows[1:]:
+        table.add_row(*r, style="bold" if r[0] == "all" else None)
+    return table

@@ -11,6 +11,7 @@ on disk.
 Run-dir layout (what `jointcompress report` reads):
     compare.json   {"kind": "compare", "model", "data", "ratios", "seeds", "variants",
                     "uncompressed": [{"seed", "accuracy", "bytes"}], "runs": [row, ...],
+                    "unreachable": [{"ratio_target", "seed", "target_bytes", "reason"}],
                     "summary": [{"variant", "ratio", "n", "accuracy_mean", ...}], "recipe"}
     compare.csv    one row per run
     pareto.png     error vs compression ratio, mean and min-max over seeds
@@ -95,7 +96,7 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
     from .io import atomic_write_json, atomic_write_text
     from .models import build_model
     from .pipeline import builder_for, load_weights, train_teacher, uncompressed_row
-    from .targets import resolve_target
+    from .targets import TargetError, resolve_target
 
     unknown = [v for v in spec.variants if v not in VARIANTS]
     if unknown:
@@ -109,7 +110,7 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
     result = {"kind": "compare", "model": model_name, "data": split.name, "ratios": list(spec.ratios),
               "seeds": spec.seeds, "variants": list(spec.variants), "epochs": base.training.epochs,
               "teacher_epochs": None if weights else spec.teacher_epochs, "recipe": base.model_dump(),
-              "uncompressed": [], "runs": []}
+              "uncompressed": [], "runs": [], "unreachable": []}
     for seed in range(spec.seeds):
         if weights:
             teacher = load_weights(build_model(model_name, split.image_size, split.num_classes), weights)
@@ -122,7 +123,14 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
         example = split.x_train[:2]
         for ratio in spec.ratios:
             targeted = parse_recipe({**base.model_dump(), "target": {"ratio": ratio}})
-            budgets = resolve_target(teacher, targeted, example)  # once: every variant gets the same budgets
+            try:
+                budgets = resolve_target(teacher, targeted, example)  # once: every variant gets the same budgets
+            except TargetError as exc:  # record why this point is missing and go on with the others
+                result["unreachable"].append({"ratio_target": ratio, "seed": seed, "target_bytes": dense / ratio,
+                                              "reason": str(exc)})
+                log(f"r{ratio:g}-s{seed}: unreachable, skipped ({exc})")
+                atomic_write_json(out / "compare.json", {**result, "summary": summarize(result["runs"])})
+                continue
             for variant in spec.variants:
                 name = f"{variant}-r{ratio:g}-s{seed}"
                 r = variant_recipe(budgets, variant, seed, targeted, teacher, example)

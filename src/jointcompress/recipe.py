@@ -86,6 +86,9 @@ class QuantLSQ(Selection):
     max_bits: Annotated[int, Field(ge=2, le=8)] = 8
     # learning rate of dead zones and bit-widths; None: set by size_budget so they can cross its window
     zero_level_lr: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    # how the artifact stores the step sizes and the biases of quantized layers; training uses exactly that
+    scale_format: Literal["fp16", "log8"] = "fp16"
+    bias_format: Literal["fp16", "int", "fp32"] = "fp16"
 
     @model_validator(mode="after")
     def _bit_range(self):

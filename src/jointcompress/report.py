@@ -270,15 +270,30 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
+def breakdown_html(rd: RunDir) -> str:
+    """Per run: where the weights file's bytes go (rows: layers, other tensors, container)."""
+    from .artifact.size import byte_breakdown, format_breakdown
+
+    out = []
+    for run in rd.runs:
+        m = run.manifest or {}
+        if not {"layers", "other_tensors", "weights_file_bytes"} <= set(m):
+            continue
+        table = format_breakdown(byte_breakdown(m))
+        out.append(f"<h3>{html.escape(run.name)}</h3>" + _table([dict(zip(table[0], r)) for r in table[1:]], table[0]))
+    return "".join(out) or "<p>no artifact manifest found</p>"
+
+
 def render_html(rd: RunDir, plots: dict[str, str], layers: list[dict]) -> str:
     imgs = "".join(f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
                    for title, data in plots.items())
     points = _table(sorted(rd.points, key=lambda p: p["bytes"]), ["name", "group", "accuracy", "bytes"])
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(rd.title)}</title>"
             f"<style>{CSS}</style></head><body><h1>jointcompress report: {html.escape(rd.title)}</h1>"
-            f"<p>Bytes are the saved artifact's (values + indices + scales + fp32 tensors; compare: the weights file on "
+            f"<p>Bytes are the saved artifact's (values + indices + scales + biases + other tensors; compare: the weights file on "
             f"disk); accuracy is on held-out data.</p>{imgs}<h2>Models</h2>{points}"
-            f"<h2>Per-layer (from the artifact manifests)</h2>{_table(layers, LAYER_FIELDS)}</body></html>\n")
+            f"<h2>Per-layer (from the artifact manifests)</h2>{_table(layers, LAYER_FIELDS)}"
+            f"<h2>Where the bytes go (weights file, by layer and part)</h2>{breakdown_html(rd)}</body></html>\n")
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None) -> dict[str, Path]:

@@ -121,6 +121,9 @@ class Candidate:
         self.quant_layers, self.per_channel = quant_layers, per_channel
         self.at_start = sparsity_at_quant_start
         self.steps = steps  # trained LSQ steps (size feedback), else estimated
+        self.biases = {n: self.modules[n].bias.detach().clone() for n in quant_layers
+                       if isinstance(getattr(self.modules[n], "bias", None), torch.Tensor)}
+        self.step_format, self.bias_format = "fp16", "fp16"  # as training stores them (artifact/precision.py)
 
     @classmethod
     def from_training(cls, model: nn.Module, prune, quant, sparsity_at_quant_start: float = 1.0) -> "Candidate":
@@ -146,6 +149,8 @@ class Candidate:
                 own = layer.__class__
                 layer.__class__ = type(own.__name__, own.__bases__, dict(own.__dict__))
                 parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+                if parametrize.is_parametrized(layer, "bias"):  # the bias as training stores it
+                    parametrize.remove_parametrizations(layer, "bias", leave_parametrized=True)
             if hasattr(layer, "input_quant"):
                 del layer.input_quant
         learned = prune.config.criterion == "learned"  # magnitude re-ranks |w| as the weights are now
@@ -153,8 +158,10 @@ class Candidate:
             if name in names:
                 layer = plain.get_submodule(name)
                 scores[name] = prune.masks[prune_key(name)].scores.detach().clone() if learned else layer.weight.detach().abs()
-        return cls(plain, names, list(scores), quant.config.per_channel, sparsity_at_quant_start,
+        cand = cls(plain, names, list(scores), quant.config.per_channel, sparsity_at_quant_start,
                    steps=steps or None, scores=scores, copy_model=False)
+        cand.step_format, cand.bias_format = quant.config.scale_format, quant.config.bias_format
+        return cand
 
     def _kept(self, name: str, sparsity: float) -> torch.Tensor:
         w = self.original[name]
@@ -177,6 +184,7 @@ class Candidate:
         spread over more levels. (A fixed factor on the final weights' step, fitted at 99%
         sparsity, missed the target by 12% at 30% sparsity.)
         """
+        from .artifact.precision import round_bias, round_step
         from .spec import CompressionSpec, LayerSpec
         from .techniques.quant_lsq import lsq_init_step
 
@@ -190,20 +198,23 @@ class Candidate:
                 step = self.steps[name]
             else:
                 step = lsq_init_step(self.original[name] * self._kept(name, target * self.at_start), qmax, self.per_channel)
+            step = round_step(step, self.step_format)
             q = torch.clamp(torch.round(w / step), -qmax, qmax)
             q = torch.where(keep & (q == 0), torch.sign(w), q)
             self.modules[name].weight.data.copy_(q * step)
             scale = step.flatten().expand(w.shape[0]).clone() if step.numel() == 1 else step.flatten().clone()
+            if name in self.biases:
+                self.modules[name].bias.data.copy_(round_bias(self.biases[name], self.bias_format, scale))
             spec.layers[name] = LayerSpec(bits=bits[name], scale=scale)
         return self.model, spec
 
     def file_bytes(self, sparsity: dict[str, float], bits: dict[str, int]) -> int:
-        """Exact size of the weights.safetensors that `artifact.save` would write."""
+        """Exact size of the weights file that `artifact.save` would write."""
         from .artifact.encode import encode_model
-        from .artifact.store import weights_blob
+        from .artifact.store import file_blob
 
         model, spec = self.build(sparsity, bits)
-        return len(weights_blob(encode_model(model, spec).tensors))  # exactly what save() writes
+        return len(file_blob(encode_model(model, spec)))  # exactly what save() writes
 
 
 # -- the size allocator -------------------------------------------------------------------
@@ -239,6 +250,7 @@ def allocate_size(model: nn.Module, recipe: Recipe, example_inputs, scan: dict |
     players = {n: m for n, m in selected_layers(model, prune).items() if n in qlayers}
     at_start = sparsity_at_quant_start(quant.start, (prune.start, prune.end), prune.schedule)  # fractions of the run
     cand = Candidate(model, list(qlayers), list(players), quant.per_channel, at_start)
+    cand.step_format, cand.bias_format = quant.scale_format, quant.bias_format
     goal = target_bytes(model, recipe.target)
     weights = scan_weights(players, scan, tolerance) if scan else erk_weights(players)
     base_bits = scan_bits(qlayers, scan, tolerance, quant.bits) if scan else {n: quant.bits for n in qlayers}
@@ -268,10 +280,13 @@ def choose_bits(cand: Candidate, base: dict[str, int], sparsest: dict, dense: di
     bits = lambda k: {n: min(8, max(2, b + k)) for n, b in base.items()}  # noqa: E731
     while cand.file_bytes(sparsest, bits(shift)) > goal:
         if all(b == 2 for b in bits(shift).values()):
+            from .artifact.size import floor_detail
+
             raise TargetError(
-                f"target: {goal / 1024:.2f} KiB cannot be reached; the smallest artifact the recipe allows "
-                f"(2-bit, every layer at prune_unstructured.min_keep) is "
-                f"{cand.file_bytes(sparsest, bits(shift)) / 1024:.2f} KiB. Raise target.size_kb (or lower "
+                f"target: {goal / 1024:.2f} KiB ({goal:,.0f} B) cannot be reached; the smallest artifact the recipe "
+                f"allows (2-bit, every layer at its floor: prune_unstructured.min_keep, at most "
+                f"{MAX_LAYER_SPARSITY:.1%} sparsity) is {cand.file_bytes(sparsest, bits(shift)):,} B: "
+                f"{floor_detail(*cand.build(sparsest, bits(shift)))}. Raise target.size_kb (or lower "
                 "target.ratio), or lower prune_unstructured.min_keep"
             )
         shift -= 1

@@ -1,14 +1,15 @@
-"""Turn a finalized model + its CompressionSpec into the named byte tensors of an artifact.
+"""Turn a finalized model + its CompressionSpec into the named byte parts of an artifact.
 
-`save` writes exactly what `encode_model` returns and `size.storage_bytes` sums exactly the
-same parts, so the size a report claims is the size on disk by construction, not by a
-separate estimate that could drift.
+`save` writes exactly the parts `encode_model` returns (in the container it is asked for) and
+`size.storage_bytes` sums exactly the same parts, so the size a report claims is the size on
+disk by construction, not by a separate estimate that could drift.
 
-Parts per quantized layer (names in the safetensors file):
-  ``<layer>.weight.values``  packed b-bit integers (optionally zstd)
-  ``<layer>.weight.indices`` bitmask or relative indices (optionally zstd; absent for dense)
-  ``<layer>.weight.scale``   fp32 per-output-channel step sizes
-Every other state-dict entry (biases, BatchNorm, fp32 layers) is stored as is ("other").
+Parts per quantized layer (keys in the container index, in this order):
+  ``<layer>.weight.values``   packed b-bit integers (raw, zstd or ans; layer_codec.py)
+  ``<layer>.weight.indices``  bitmask or relative indices (absent for dense)
+  ``<layer>.weight.scale``    step sizes, smallest exact format (precision.py)
+  ``<layer>.bias``            the layer's bias, smallest exact format (absent without bias)
+Every other state-dict entry (BatchNorm, fp32 layers) is stored as is ("other").
 """
 from __future__ import annotations
 
@@ -20,28 +21,36 @@ import torch.nn as nn
 
 from ..errors import ArtifactError
 from ..spec import CompressionSpec, LayerSpec
-from . import packing
+from . import entropy, layer_codec, precision
 
-PART_SUFFIX = {"values": ".weight.values", "indices": ".weight.indices", "scale": ".weight.scale"}
+PART_SUFFIX = {"values": ".weight.values", "indices": ".weight.indices", "scale": ".weight.scale", "bias": ".bias"}
 GRID_TOL = 1e-3  # max |w/scale - round(w/scale)|; fp32 rounding of q*scale is ~1e-7
+BREAKDOWN_PARTS = ("values", "indices", "scales", "biases", "other")
+_PART_TOTAL = {"values": "values", "indices": "indices", "scale": "scales", "bias": "biases"}
 
 
 @dataclass
 class Encoding:
-    """Everything `save` writes into weights.safetensors, plus the manifest's per-part record."""
+    """Everything `save` writes into the weights file, plus the manifest's per-part record.
 
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    `parts` holds the stored bytes of every part in file order (layer parts and the raw
+    little-endian bytes of every other tensor); `tensors` the other tensors themselves (for
+    the safetensors container, which stores them natively).
+    """
+
+    parts: dict[str, bytes] = field(default_factory=dict)
     layers: dict[str, dict] = field(default_factory=dict)
     others: dict[str, dict] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def totals(self) -> dict[str, int]:
-        t = {"values": 0, "indices": 0, "scales": 0, "other": 0}
+        """Bytes per kind of part; "total" is their sum (the weights file minus its container)."""
+        t = dict.fromkeys(BREAKDOWN_PARTS, 0)
         for rec in self.layers.values():
-            t["values"] += rec["parts"]["values"]["bytes"]
-            t["indices"] += rec["parts"].get("indices", {}).get("bytes", 0)
-            t["scales"] += rec["parts"]["scale"]["bytes"]
+            for part, prec in rec["parts"].items():
+                t[_PART_TOTAL[part]] += prec["bytes"]
         t["other"] = sum(r["bytes"] for r in self.others.values())
-        t["total"] = sum(t.values())
+        t["total"] = sum(t[k] for k in BREAKDOWN_PARTS)
         return t
 
 
@@ -55,7 +64,7 @@ def integer_weights(name: str, weight: torch.Tensor, ls: LayerSpec) -> tuple[np.
     if ls.scale is None:
         raise ArtifactError(f"spec.layers[{name!r}] has bits={ls.bits} but no scale; finalize() must set it")
     scale = torch.as_tensor(ls.scale).detach().float().cpu().reshape(-1)
-    if scale.numel() == 1:  # a per-tensor step size: store it per channel so load has one path
+    if scale.numel() == 1:  # a per-tensor step size: expanded here, stored once (precision.encode_scale)
         scale = scale.expand(w.shape[0]).clone()
     if scale.numel() != w.shape[0]:
         raise ArtifactError(
@@ -88,91 +97,114 @@ def _quantized_layers(model: nn.Module, spec: CompressionSpec) -> dict[str, nn.M
     return out
 
 
-def _part(key: str, data: np.ndarray, entropy: bool) -> tuple[torch.Tensor, dict]:
-    raw = int(data.size)
-    stored, codec = packing.maybe_zstd(data) if entropy else (np.asarray(data, np.uint8), "raw")
-    t = torch.from_numpy(np.ascontiguousarray(stored, dtype=np.uint8).copy())
-    return t, {"key": key, "bytes": int(t.numel()), "codec": codec, "raw_bytes": raw}
+def _layer_bias(mod: nn.Module) -> torch.Tensor | None:
+    b = getattr(mod, "bias", None)
+    return b if isinstance(b, torch.Tensor) and b.dim() == 1 else None
+
+
+def _encode_layer(enc: Encoding, name: str, mod: nn.Module, ls: LayerSpec, entropy_coding: bool) -> None:
+    q, scale = integer_weights(name, mod.weight, ls)
+    coded = layer_codec.encode_layer(q, ls.bits, entropy_coding)
+    parts = {}
+    for part, (stored, codec, raw) in coded.parts.items():
+        key = name + PART_SUFFIX[part]
+        enc.parts[key], parts[part] = stored, {"key": key, "bytes": len(stored), "codec": codec, "raw_bytes": raw}
+    raw, srec = precision.encode_scale(scale)
+    key = name + PART_SUFFIX["scale"]
+    stored, codec = entropy.code_part(raw, 8, len(raw)) if entropy_coding else (raw, "raw")
+    enc.parts[key], parts["scale"] = stored, {"key": key, "bytes": len(stored), "codec": codec, "raw_bytes": len(raw),
+                                              "format": srec["codec"], "channels": srec["channels"]}
+    bias = _layer_bias(mod)
+    if bias is not None:
+        raw, brec = precision.encode_bias(bias, scale)
+        brec = {"format": brec["codec"], **({"bits": brec["bits"]} if "bits" in brec else {})}
+        stored, codec = (entropy.code_part(raw, *side_symbols(brec, len(raw), bias.numel())) if entropy_coding
+                         else (raw, "raw"))
+        key = name + PART_SUFFIX["bias"]
+        enc.parts[key] = stored
+        parts["bias"] = {"key": key, "bytes": len(stored), "codec": codec, "raw_bytes": len(raw), **brec}
+    nnz = int(np.count_nonzero(q))
+    enc.layers[name] = {
+        "shape": list(mod.weight.shape), "bits": int(ls.bits), "numel": int(q.size), "nonzero": nnz,
+        "sparsity": 1.0 - nnz / max(q.size, 1), "encoding": coded.encoding, "index_bits": coded.index_bits,
+        "entries": coded.entries, "act_bits": ls.act_bits,
+        "act_scale": None if ls.act_scale is None else float(ls.act_scale), "parts": parts,
+    }
+
+
+def side_symbols(rec: dict, raw_bytes: int, channels: int) -> tuple[int | None, int]:
+    """(symbol bits, count) the entropy coder sees for a scale or bias part: an integer bias's
+    own fields when they fit in a byte, else the part's bytes."""
+    if rec.get("format") == "int":
+        return (rec["bits"], channels) if rec["bits"] <= entropy.MAX_ANS_SYMBOL_BITS else (None, channels)
+    return 8, raw_bytes
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """Raw little-endian bytes of a tensor (any dtype, including bfloat16 and 0-d)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def encode_model(model: nn.Module, spec: CompressionSpec, entropy: bool = True) -> Encoding:
-    """Encode every quantized layer with its smallest sparse format; keep the rest as is."""
+    """Encode every quantized layer (weights, scale, bias) in its smallest form; keep the rest as is."""
     enc = Encoding()
     quantized = _quantized_layers(model, spec)
-    skip = {f"{n}.weight" for n in quantized}
+    skip = set()
     for name, mod in quantized.items():
-        ls = spec.layers[name]
-        q, scale = integer_weights(name, mod.weight, ls)
-        e = packing.encode_ints(q, ls.bits)
-        parts = {}
-        for part, data in (("values", e.values), ("indices", e.indices)):
-            if part == "indices" and e.encoding == "dense":
-                continue
-            key = name + PART_SUFFIX[part]
-            enc.tensors[key], parts[part] = _part(key, data, entropy)
-        key = name + PART_SUFFIX["scale"]
-        enc.tensors[key] = scale.contiguous().clone()
-        parts["scale"] = {"key": key, "bytes": scale.numel() * 4, "codec": "raw", "raw_bytes": scale.numel() * 4}
-        nnz = int(np.count_nonzero(q))
-        enc.layers[name] = {
-            "shape": list(mod.weight.shape),
-            "bits": int(ls.bits),
-            "numel": int(q.size),
-            "nonzero": nnz,
-            "sparsity": 1.0 - nnz / max(q.size, 1),
-            "encoding": e.encoding,
-            "index_bits": e.index_bits,
-            "entries": e.entries,
-            "act_bits": ls.act_bits,
-            "act_scale": None if ls.act_scale is None else float(ls.act_scale),
-            "parts": parts,
-        }
+        _encode_layer(enc, name, mod, spec.layers[name], entropy)
+        skip |= {f"{name}.weight"} | ({f"{name}.bias"} if _layer_bias(mod) is not None else set())
     for key, t in model.state_dict().items():
         if key in skip:
             continue
         t = t.detach().cpu().contiguous().clone()
         enc.tensors[key] = t
+        enc.parts[key] = tensor_bytes(t)
         enc.others[key] = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
                            "bytes": t.numel() * t.element_size()}
     return enc
 
 
-def _part_bytes(tensors: dict[str, torch.Tensor], rec: dict, where: str) -> np.ndarray:
+def part_bytes(parts: dict[str, bytes], rec: dict, where: str) -> bytes:
+    """The stored bytes of one part, checked against its manifest record."""
     key = rec["key"]
-    if key not in tensors:
-        raise ArtifactError(f"{where}: tensor {key!r} listed in the manifest is missing")
-    t = tensors[key]
-    if t.dtype != torch.uint8 or t.dim() != 1:
-        raise ArtifactError(f"{where}: tensor {key!r} should be 1-D uint8 bytes, it is {t.dtype} {list(t.shape)}")
-    data = t.numpy()
-    if data.size != rec["bytes"]:
-        raise ArtifactError(f"{where}: tensor {key!r} has {data.size} bytes, manifest says {rec['bytes']}")
-    if rec["codec"] == "zstd":
-        try:
-            data = np.frombuffer(packing.zstd_decompress(data.tobytes(), rec["raw_bytes"]), np.uint8)
-        except Exception as exc:
-            raise ArtifactError(f"{where}: cannot decompress {key!r}: {exc}") from exc
+    if key not in parts:
+        raise ArtifactError(f"{where}: part {key!r} listed in the manifest is missing")
+    data = parts[key]
+    if len(data) != rec["bytes"]:
+        raise ArtifactError(f"{where}: part {key!r} has {len(data)} bytes, manifest says {rec['bytes']}")
     return data
 
 
-def decode_layer(name: str, rec: dict, tensors: dict[str, torch.Tensor], where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 weight, fp32 scale) of one quantized layer, exactly q * scale as finalize made it."""
-    parts = rec["parts"]
-    values = _part_bytes(tensors, parts["values"], where)
-    indices = _part_bytes(tensors, parts["indices"], where) if "indices" in parts else np.zeros(0, np.uint8)
+def _decoded(parts: dict[str, bytes], rec: dict, sym: tuple[int | None, int], where: str) -> bytes:
+    data = part_bytes(parts, rec, where)
+    try:
+        return entropy.decode_part(data, rec["codec"], rec["raw_bytes"], *sym)
+    except Exception as exc:
+        raise ArtifactError(f"{where}: cannot decode part {rec['key']!r} ({rec['codec']}): {exc}") from exc
+
+
+def decode_layer(name: str, rec: dict, parts: dict[str, bytes], where: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(fp32 weight, fp32 scale, bias or None) of one quantized layer, exactly as finalize made it."""
+    p = rec["parts"]
+    values = np.frombuffer(_decoded(parts, p["values"], layer_codec.symbol_stream(rec, "values"), where), np.uint8)
+    indices = (np.frombuffer(_decoded(parts, p["indices"], layer_codec.symbol_stream(rec, "indices"), where), np.uint8)
+               if "indices" in p else np.zeros(0, np.uint8))
+    from . import packing
+
+    shape = rec["shape"]
     try:
         q = packing.decode_ints(rec["encoding"], rec["bits"], rec["numel"], values, indices,
                                 rec["entries"], rec.get("index_bits"))
-    except ValueError as exc:
+        srec = p["scale"]
+        scale = precision.decode_scale(_decoded(parts, srec, (8, srec["raw_bytes"]), where),
+                                       {"codec": srec["format"], "channels": srec["channels"]}, shape[0])
+        bias = None
+        if "bias" in p:
+            brec = p["bias"]
+            sym = side_symbols(brec, brec["raw_bytes"], shape[0])
+            bias = precision.decode_bias(_decoded(parts, brec, sym, where), {**brec, "codec": brec["format"]}, scale)
+    except (ValueError, KeyError) as exc:
         raise ArtifactError(f"{where}: layer {name!r} cannot be unpacked: {exc}") from exc
-    skey = parts["scale"]["key"]
-    if skey not in tensors:
-        raise ArtifactError(f"{where}: tensor {skey!r} listed in the manifest is missing")
-    if tensors[skey].dtype != torch.float32:
-        raise ArtifactError(f"{where}: scale tensor {skey!r} should be float32, it is {tensors[skey].dtype}")
-    scale = tensors[skey].reshape(-1)
-    shape = rec["shape"]
-    if scale.numel() != shape[0] or int(np.prod(shape)) != rec["numel"]:
-        raise ArtifactError(f"{where}: layer {name!r} scale/shape records are inconsistent")
     q = torch.from_numpy(q.astype(np.float32)).reshape(shape)
-    return q * scale.view(-1, *([1] * (len(shape) - 1))), scale
+    return q * scale.view(-1, *([1] * (len(shape) - 1))), scale, bias

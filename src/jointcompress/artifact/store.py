@@ -1,8 +1,12 @@
-"""Save and load a deployable artifact: a directory with weights.safetensors + manifest.json.
+"""Save and load a deployable artifact: a directory with a weights file + manifest.json.
 
-Why this layout: safetensors and JSON cannot execute code when read (no pickle anywhere), the
-manifest is human-readable, and everything needed to check the weights file (exact byte count
-of every part, sha256, format version) is stated before a single tensor is trusted. Both
+Why this layout: the weights file (container.py, or safetensors on request) and JSON cannot
+execute code when read (no pickle anywhere), the manifest is human-readable, and everything
+needed to check the weights file (exact byte count of every part, sha256, format version) is
+stated before a single byte is trusted. The default container (weights.jcw) adds a few dozen
+bytes to the parts; `save(..., container="safetensors")` writes the same parts as a
+weights.safetensors that standard tools read (other tensors natively). Version-1 artifacts
+(safetensors, fp32 scales and biases) still load. Both
 files are written atomically (temp file + os.replace), weights first and manifest last, so a
 crash mid-save leaves either the old artifact or a manifest whose sha256 no longer matches
 (and `load` says so) -- never a silently half-written model.
@@ -26,12 +30,17 @@ import torch.nn as nn
 from ..errors import ArtifactError
 from ..io import atomic_write_bytes
 from ..spec import CompressionSpec, LayerSpec
+from . import container as _container
 from . import encode as _enc
+from . import entropy as _entropy
 from . import packing as _packing
+from . import precision as _precision
 
 FORMAT = "jointcompress-artifact"
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "weights.safetensors"
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+CONTAINERS = {"jcw": "weights.jcw", "safetensors": "weights.safetensors"}
+WEIGHTS_FILE = CONTAINERS["jcw"]
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_METADATA = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}  # the safetensors __metadata__
 MAX_INPUT_NUMEL = 1 << 26  # per example input: the dummy tensors load() builds to replay the pruning history
@@ -67,6 +76,24 @@ def weights_blob(tensors: dict[str, torch.Tensor]) -> bytes:
     new_len = header_len if len(text) <= header_len else (len(text) + 7) // 8 * 8
     text = text.ljust(new_len, b" ")  # safetensors pads its header with spaces to a multiple of 8
     return struct.pack("<Q", new_len) + text + blob[8 + header_len:]
+
+
+def safetensors_tensors(enc: "_enc.Encoding") -> dict[str, torch.Tensor]:
+    """The safetensors container's tensors: every layer part as 1-D uint8, other tensors as they are."""
+    tensors = {k: torch.frombuffer(bytearray(v), dtype=torch.uint8) if v else torch.zeros(0, dtype=torch.uint8)
+               for k, v in enc.parts.items() if k not in enc.others}
+    tensors.update(enc.tensors)
+    return tensors
+
+
+def file_blob(enc: "_enc.Encoding", container: str = "jcw") -> bytes:
+    """The exact bytes of the weights file `save` writes for this encoding (what the size
+    allocator measures)."""
+    if container == "jcw":
+        return _container.pack(list(enc.parts.values()))
+    if container == "safetensors":
+        return weights_blob(safetensors_tensors(enc))
+    raise ArtifactError(f"container={container!r}: choose one of {sorted(CONTAINERS)}")
 
 
 def _as_tuple(x) -> tuple:
@@ -108,6 +135,7 @@ def rebuild(builder: Callable[[], nn.Module], history: list, inputs: tuple, wher
 def check_shapes(model: nn.Module, layers: dict, others: dict, where: str) -> None:
     """Every stored tensor must exist in the rebuilt model with the same shape, and vice versa."""
     expected = {f"{n}.weight": tuple(r["shape"]) for n, r in layers.items()}
+    expected.update({f"{n}.bias": (r["shape"][0],) for n, r in layers.items() if "bias" in r["parts"]})
     expected.update({k: tuple(r["shape"]) for k, r in others.items()})
     actual = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(actual) - set(expected))
@@ -136,15 +164,19 @@ def save(
     example_inputs=None,
     extra: dict[str, Any] | None = None,
     entropy: bool = True,
+    container: str = "jcw",
 ) -> dict:
     """Write the artifact directory `path` and return its manifest.
 
     `example_inputs` fixes the input shape used to replay the pruning history at load time
     (required when the spec has a pruning history). With a `builder`, the replay is checked
     now against `model`, so an artifact that could not be loaded is never written.
-    `entropy` zstd-compresses each packed part where that makes it smaller.
+    `entropy` codes each packed part with zstd or ans where that makes it smaller.
+    `container`: "jcw" (compact, the default) or "safetensors" (readable by standard tools).
     """
     path = Path(path)
+    if container not in CONTAINERS:
+        raise ArtifactError(f"container={container!r}: choose one of {sorted(CONTAINERS)}")
     history = _history_json(spec.pruning_history or [])
     if history and example_inputs is None:
         raise ArtifactError(f"{path}: save() needs example_inputs to record how to replay the pruning history")
@@ -153,22 +185,22 @@ def save(
     if builder is not None:
         rebuilt = rebuild(builder, history, _dummy_inputs(inputs), str(path))
         check_shapes(rebuilt, encoding.layers, encoding.others, f"{path} (checked at save time)")
-
-    blob = weights_blob(encoding.tensors)
-    (header_len,) = struct.unpack("<Q", blob[:8])
+    blob = file_blob(encoding, container)
     totals = encoding.totals()
-    if len(blob) != 8 + header_len + totals["total"]:  # safetensors added bytes we do not account for
-        raise ArtifactError(f"{path}: safetensors wrote {len(blob)} bytes, expected {8 + header_len + totals['total']}")
+    if container == "safetensors" and len(blob) < totals["total"]:
+        raise ArtifactError(f"{path}: safetensors wrote {len(blob)} bytes, fewer than the {totals['total']} of its parts")
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "package_version": package_version(),
         "torch_version": torch.__version__,
         "recipe": spec.recipe,
-        "weights_file": WEIGHTS_FILE,
+        "container": container,
+        "weights_file": CONTAINERS[container],
         "weights_sha256": hashlib.sha256(blob).hexdigest(),
         "weights_file_bytes": len(blob),
-        "bytes": {**totals, "safetensors_header": 8 + header_len},
+        "bytes": {**totals, "container": len(blob) - totals["total"], "file": len(blob)},
+        "blob_keys": list(encoding.parts),
         "example_inputs": inputs,
         "pruning_history": history,
         "layers": encoding.layers,
@@ -176,7 +208,10 @@ def save(
         "extra": extra or {},
     }
     path.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path / WEIGHTS_FILE, blob)
+    atomic_write_bytes(path / CONTAINERS[container], blob)
+    for other in set(CONTAINERS.values()) - {CONTAINERS[container]}:  # a stale file of the other container
+        if (path / other).is_file():
+            (path / other).unlink()
     atomic_write_bytes(path / MANIFEST_FILE, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     return manifest
 
@@ -194,17 +229,29 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise ArtifactError(f"{mpath}: JSON nested too deeply; the file is corrupted") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{mpath}: not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION or isinstance(manifest.get("format_version"), bool):
+    if manifest.get("format_version") not in READABLE_VERSIONS or isinstance(manifest.get("format_version"), bool):
         raise ArtifactError(
             f"{mpath}: format_version {manifest.get('format_version')!r} is not supported by this "
-            f"jointcompress ({package_version()}, reads version {FORMAT_VERSION}); use the version that wrote it "
-            f"({manifest.get('package_version')!r})"
+            f"jointcompress ({package_version()}, reads versions {list(READABLE_VERSIONS)}); use the version that "
+            f"wrote it ({manifest.get('package_version')!r})"
         )
+    if manifest["format_version"] == 1:
+        _upgrade_v1(manifest)
     for key in ("weights_sha256", "weights_file_bytes", "layers", "other_tensors", "pruning_history", "example_inputs"):
         if key not in manifest:
             raise ArtifactError(f"{mpath}: field {key!r} is missing")
     _validate(manifest, mpath)
     return manifest
+
+
+def _upgrade_v1(m: dict) -> None:
+    """A version-1 manifest in version-2 terms: safetensors container, fp32 per-channel scales."""
+    m["container"] = "safetensors"
+    m.setdefault("weights_file", CONTAINERS["safetensors"])
+    for rec in m.get("layers", {}).values() if isinstance(m.get("layers"), dict) else ():
+        scale = rec.get("parts", {}).get("scale") if isinstance(rec, dict) and isinstance(rec.get("parts"), dict) else None
+        if isinstance(scale, dict):
+            scale.update(format="fp32", channels=scale.get("raw_bytes", 0) // 4 if _is_int(scale.get("raw_bytes")) else 0)
 
 
 # -- manifest structure -------------------------------------------------------------------
@@ -309,13 +356,37 @@ def _check_layer(rec, field: str) -> None:
                   f"must be a number, got {rec[key]!r:.80}")
     parts = _dict(rec["parts"], f"{field}.parts")
     needed = {"values", "scale"} | ({"indices"} if enc != "dense" else set())
-    _need(set(parts) == needed, f"{field}.parts", f"must have exactly the parts {sorted(needed)}, got {sorted(parts)}")
-    _check_part(parts["values"], f"{field}.parts.values", _packing.packed_nbytes(entries, bits), ("raw", "zstd"))
+    _need(set(parts) in (needed, needed | {"bias"}), f"{field}.parts",
+          f"must have exactly the parts {sorted(needed)} (and optionally 'bias'), got {sorted(parts)}")
+    _check_part(parts["values"], f"{field}.parts.values", _packing.packed_nbytes(entries, bits), _entropy.CODECS)
     if enc == "bitmask":
-        _check_part(parts["indices"], f"{field}.parts.indices", _packing.packed_nbytes(numel, 1), ("raw", "zstd"))
+        _check_part(parts["indices"], f"{field}.parts.indices", _packing.packed_nbytes(numel, 1), _entropy.CODECS)
     elif enc == "relative":
-        _check_part(parts["indices"], f"{field}.parts.indices", _packing.packed_nbytes(entries, index_bits), ("raw", "zstd"))
-    _check_part(parts["scale"], f"{field}.parts.scale", 4 * shape[0], ("raw",))
+        _check_part(parts["indices"], f"{field}.parts.indices", _packing.packed_nbytes(entries, index_bits), _entropy.CODECS)
+    _check_scale(parts["scale"], f"{field}.parts.scale", shape[0])
+    if "bias" in parts:
+        _check_bias(parts["bias"], f"{field}.parts.bias", shape[0])
+
+
+def _check_scale(rec, field: str, channels: int) -> None:
+    _dict(rec, field)
+    for key in ("format", "channels"):
+        _need(key in rec, f"{field}.{key}", "is missing")
+    _need(rec["format"] in _precision.STEP_FORMATS, f"{field}.format",
+          f"must be one of {list(_precision.STEP_FORMATS)}, got {rec['format']!r:.80}")
+    _need(rec["channels"] in (1, channels) and _is_int(rec["channels"]), f"{field}.channels",
+          f"must be 1 or the layer's {channels} output channels, got {rec['channels']!r:.80}")
+    _check_part(rec, field, _precision.scale_nbytes({"codec": rec["format"], "channels": rec["channels"]}), _entropy.CODECS)
+
+
+def _check_bias(rec, field: str, channels: int) -> None:
+    _dict(rec, field)
+    _need(rec.get("format") in _precision.BIAS_FORMATS, f"{field}.format",
+          f"must be one of {list(_precision.BIAS_FORMATS)}, got {rec.get('format')!r:.80}")
+    if rec["format"] == "int":
+        _int(rec.get("bits"), f"{field}.bits", 2, _precision.MAX_BIAS_BITS)
+    _check_part(rec, field, _precision.bias_nbytes({"codec": rec["format"], "bits": rec.get("bits")}, channels),
+                _entropy.CODECS)
 
 
 def _check_weights_file(name) -> None:
@@ -335,6 +406,11 @@ def _validate_fields(m: dict) -> None:
         _need(m.get(key) is None or isinstance(m[key], dict), key, f"must be an object or null, got {type(m.get(key)).__name__}")
     if "bytes" in m:
         _dict(m["bytes"], "bytes")
+    _need(m.get("container") in CONTAINERS, "container", f"must be one of {sorted(CONTAINERS)}, got {m.get('container')!r:.80}")
+    if m["container"] == "jcw":
+        keys = _list(m.get("blob_keys"), "blob_keys")
+        _need(all(isinstance(k, str) for k in keys) and len(set(keys)) == len(keys), "blob_keys",
+              "must be a list of distinct part names")
     for i, step in enumerate(_list(m["pruning_history"], "pruning_history")):
         f = f"pruning_history[{i}]"
         _need(isinstance(step, list) and len(step) == 3, f, "must be a [module name, is_out_channels, [indices]] triple")
@@ -384,8 +460,7 @@ def _weights_path(path: str | os.PathLike, manifest: dict) -> Path:
     return Path(path) / name
 
 
-def read_weights(path: str | os.PathLike, manifest: dict) -> dict[str, torch.Tensor]:
-    """Read weights.safetensors after checking its size and sha256 against the manifest."""
+def _read_blob(path: str | os.PathLike, manifest: dict) -> tuple[bytes, Path]:
     wpath = _weights_path(path, manifest)
     try:
         blob = wpath.read_bytes()
@@ -399,18 +474,84 @@ def read_weights(path: str | os.PathLike, manifest: dict) -> dict[str, torch.Ten
         )
     if hashlib.sha256(blob).hexdigest() != manifest["weights_sha256"]:
         raise ArtifactError(f"{wpath}: sha256 does not match the manifest; the file was modified or corrupted")
+    return blob, wpath
+
+
+def _layer_part_keys(manifest: dict) -> dict[str, dict]:
+    return {p["key"]: p for rec in manifest["layers"].values() for p in rec["parts"].values()}
+
+
+def read_weights(path: str | os.PathLike, manifest: dict) -> tuple[dict[str, bytes], dict[str, torch.Tensor]]:
+    """(stored bytes of every layer part, other tensors), after checking size and sha256."""
+    blob, wpath = _read_blob(path, manifest)
+    if manifest["container"] == "jcw":
+        try:
+            chunks = _container.unpack(blob)
+        except ValueError as exc:
+            raise ArtifactError(f"{wpath}: {exc}") from exc
+        if len(chunks) != len(manifest["blob_keys"]):
+            raise ArtifactError(f"{wpath}: holds {len(chunks)} parts, the manifest lists {len(manifest['blob_keys'])}")
+        parts = dict(zip(manifest["blob_keys"], chunks))
+        return parts, {k: _other_tensor(k, rec, parts, str(wpath)) for k, rec in manifest["other_tensors"].items()}
     from safetensors.torch import load as st_load
 
     try:
-        return st_load(blob)
+        tensors = st_load(blob)
     except Exception as exc:
         raise ArtifactError(f"{wpath}: not a readable safetensors file ({exc})") from exc
+    parts = {}
+    for key, rec in _layer_part_keys(manifest).items():
+        t = tensors.pop(key, None)
+        if t is None:
+            continue  # reported as missing by encode.part_bytes
+        want = torch.float32 if rec.get("format") == "fp32" and manifest["format_version"] == 1 else torch.uint8
+        if t.dtype != want or t.dim() != 1:
+            raise ArtifactError(f"{wpath}: tensor {key!r} should be 1-D {want}, it is {t.dtype} {list(t.shape)}")
+        parts[key] = t.numpy().tobytes()
+    return parts, tensors
+
+
+def _other_tensor(key: str, rec: dict, parts: dict[str, bytes], where: str) -> torch.Tensor:
+    if key not in parts:
+        raise ArtifactError(f"{where}: tensor {key!r} listed in the manifest is missing")
+    if "dtype" not in rec:
+        raise ArtifactError(f"{where}: tensor {key!r} has no dtype in the manifest")
+    dtype = getattr(torch, rec["dtype"])
+    data = parts[key]
+    size = torch.empty((), dtype=dtype).element_size()
+    if len(data) != _prod(rec["shape"]) * size:
+        raise ArtifactError(f"{where}: tensor {key!r} has {len(data)} bytes, {rec['dtype']} {rec['shape']} needs "
+                            f"{_prod(rec['shape']) * size}")
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+    return flat.view(dtype).reshape(rec["shape"]).clone()
+
+
+def _state(manifest: dict, parts: dict[str, bytes], tensors: dict[str, torch.Tensor], where: str,
+           spec: CompressionSpec) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for name, rec in manifest["layers"].items():
+        weight, scale, bias = _enc.decode_layer(name, rec, parts, where)
+        state[f"{name}.weight"] = weight
+        if bias is not None:
+            state[f"{name}.bias"] = bias
+        spec.layers[name] = LayerSpec(rec["bits"], scale, rec.get("act_bits"), rec.get("act_scale"))
+    for key, rec in manifest["other_tensors"].items():
+        if key not in tensors:
+            raise ArtifactError(f"{where}: tensor {key!r} listed in the manifest is missing")
+        t = tensors[key]
+        if list(t.shape) != rec["shape"] or ("dtype" in rec and t.dtype != getattr(torch, rec["dtype"])):
+            raise ArtifactError(
+                f"{where}: tensor {key!r} is {list(t.shape)} {str(t.dtype).replace('torch.', '')}, the manifest "
+                f"says {rec['shape']} {rec.get('dtype', '')}".rstrip()
+            )
+        state[key] = t
+    return state
 
 
 def load_with_spec(path: str | os.PathLike, builder: Callable[[], nn.Module]) -> tuple[nn.Module, CompressionSpec]:
     """The finalized model (eval mode) and the CompressionSpec it was saved with."""
     manifest = read_manifest(path)
-    tensors = read_weights(path, manifest)
+    parts, tensors = read_weights(path, manifest)
     where = str(_weights_path(path, manifest))
     history = manifest["pruning_history"]
     try:
@@ -422,23 +563,8 @@ def load_with_spec(path: str | os.PathLike, builder: Callable[[], nn.Module]) ->
     model = rebuild(builder, history, inputs, str(path))
     check_shapes(model, manifest["layers"], manifest["other_tensors"], where)
     try:
-        state: dict[str, torch.Tensor] = {}
         spec = CompressionSpec(pruning_history=history, recipe=manifest.get("recipe"))
-        for name, rec in manifest["layers"].items():
-            weight, scale = _enc.decode_layer(name, rec, tensors, where)
-            state[f"{name}.weight"] = weight
-            spec.layers[name] = LayerSpec(rec["bits"], scale, rec.get("act_bits"), rec.get("act_scale"))
-        for key, rec in manifest["other_tensors"].items():
-            if key not in tensors:
-                raise ArtifactError(f"{where}: tensor {key!r} listed in the manifest is missing")
-            t = tensors[key]
-            if list(t.shape) != rec["shape"] or ("dtype" in rec and t.dtype != getattr(torch, rec["dtype"])):
-                raise ArtifactError(
-                    f"{where}: tensor {key!r} is {list(t.shape)} {str(t.dtype).replace('torch.', '')}, the manifest "
-                    f"says {rec['shape']} {rec.get('dtype', '')}".rstrip()
-                )
-            state[key] = t
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(_state(manifest, parts, tensors, where, spec), strict=True)
     except ArtifactError:
         raise
     except Exception as exc:  # malformed content the checks above did not anticipate: still the artifact's fault

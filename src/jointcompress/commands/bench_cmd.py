@@ -21,7 +21,7 @@ def _image_size(manifest: dict) -> int:
 def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], runs: int = 50) -> dict:
     import torch
 
-    from ..artifact import load, read_manifest
+    from ..artifact import byte_breakdown, load, read_manifest
     from ..bench import bench
     from ..errors import ArtifactError
     from ..models import build_model
@@ -52,7 +52,8 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
     elif eval_fn is not None:
         result["before"].pop("accuracy", None)  # a randomly initialised dense model's accuracy means nothing
         result["ratios"].pop("accuracy_delta", None)
-    result.update(model=name, artifact=str(artifact_dir), manifest_bytes=manifest["bytes"])
+    result.update(model=name, artifact=str(artifact_dir), manifest_bytes=manifest.get("bytes"),
+                  breakdown=byte_breakdown(manifest))
     return result
 
 
@@ -65,13 +66,15 @@ def register(app: typer.Typer) -> None:
         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the measurements as JSON here."),
         runs: int = typer.Option(50, "--runs", min=1, help="Timed runs per batch size (median reported)."),
     ) -> None:
-        """Parameters, MACs, bytes on disk, latency (batch 1 and 64) and accuracy: dense vs artifact."""
+        """Parameters, MACs, bytes on disk, latency (batch 1 and 64) and accuracy: dense vs artifact;
+        then where the weights file's bytes go (values, indices, scales, biases, other, container)."""
         from rich.console import Console
 
-        from ..bench import render_table
+        from ..bench import render_breakdown, render_table
 
         result = run_bench(artifact_dir, model, data, runs)
         Console().print(render_table(result))
+        Console().print(render_breakdown(result["breakdown"]))
         if json_out is not None:
             from ..io import atomic_write_text
 

@@ -157,9 +157,9 @@ def load_hf_artifact(path: str | os.PathLike, *, with_spec: bool = False):
 
 
 def artifact_bytes(path: str | os.PathLike) -> dict[str, int]:
-    """On-disk bytes: weights.safetensors + manifest.json (the model), and the tokenizer files."""
+    """On-disk bytes: the weights file + manifest.json (the model), and the tokenizer files."""
     p = Path(path)
-    weights = (p / "weights.safetensors").stat().st_size
+    weights = (p / json.loads((p / "manifest.json").read_text()).get("weights_file", "weights.jcw")).stat().st_size
     manifest = (p / "manifest.json").stat().st_size
     tok = sum(f.stat().st_size for f in (p / TOKENIZER_DIR).glob("*") if f.is_file()) if (p / TOKENIZER_DIR).is_dir() else 0
     return {"weights": weights, "manifest": manifest, "model": weights + manifest, "tokenizer": tok}

@@ -16,7 +16,9 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from ..artifact.precision import round_step
 from .base import RunContext, Technique, selected_layers
+from .bias_quant import attach_bias_quant
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -39,8 +41,8 @@ class LSQFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, w, log_step, qmax: int, g: float):
-        s = log_step.exp()
+    def forward(ctx, w, log_step, qmax: int, g: float, step_format: str | None = None):
+        s = round_step(log_step.exp(), step_format)  # the step exactly as the artifact stores it
         v = w / s
         q = torch.clamp(torch.round(v), -qmax, qmax)
         ctx.save_for_backward(v, q, s)
@@ -58,7 +60,7 @@ class LSQFunction(torch.autograd.Function):
             grad_log = (grad_s.sum() * ctx.g * s).view_as(s)
         else:
             grad_log = grad_s.sum(dim=tuple(range(1, grad.dim())), keepdim=True) * ctx.g * s
-        return grad_w, grad_log, None, None
+        return grad_w, grad_log, None, None, None
 
 
 def lsq_init_step(w: torch.Tensor, qmax: int, per_channel: bool) -> torch.Tensor:
@@ -84,6 +86,7 @@ class LSQWeight(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.last_in: torch.Tensor | None = None
         self.last_out: torch.Tensor | None = None
+        self.step_format = "fp16"  # storage of the step (artifact/precision.py); the forward uses exactly it
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized):
@@ -91,16 +94,16 @@ class LSQWeight(nn.Module):
                 self.log_step.copy_(lsq_init_step(w, self.qmax, self.per_channel).log())
                 self.initialized.fill_(True)
         n = w[0].numel() if self.per_channel else w.numel()
-        out = LSQFunction.apply(w, self.log_step, self.qmax, 1.0 / math.sqrt(n * self.qmax))
+        out = LSQFunction.apply(w, self.log_step, self.qmax, 1.0 / math.sqrt(n * self.qmax), self.step_format)
         self.last_in, self.last_out = w, out
         return out
 
     @property
     def step(self) -> torch.Tensor:
-        return self.log_step.exp()
+        return round_step(self.log_step.exp(), self.step_format)
 
     def scale(self) -> torch.Tensor:
-        return self.log_step.detach().exp().flatten()
+        return self.step.detach().flatten()
 
 
 class LSQActivation(nn.Module):
@@ -143,8 +146,10 @@ class QuantLSQ(Technique):
         for name, layer in selected_layers(ctx.model, self.config).items():
             bits = (self.config.layer_bits or {}).get(name, self.config.bits)
             q = self._quantizer(layer.weight.detach(), bits)
+            q.step_format = getattr(self.config, "scale_format", "fp16")
             parametrize.register_parametrization(layer, "weight", q)
             self.quantizers[name] = q
+            attach_bias_quant(layer, q, getattr(self.config, "bias_format", "fp16"))  # trained as stored
             if self.config.activations:
                 layer.input_quant = LSQActivation(self.config.act_bits)
                 self.act_quantizers[name] = layer.input_quant

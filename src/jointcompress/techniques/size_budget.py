@@ -77,14 +77,14 @@ def _plain_copy(model: nn.Module) -> nn.Module:
 def measured_bytes(model: nn.Module) -> dict[str, int]:
     """The weights file the artifact writer would produce for the model as it is now."""
     from ..artifact.encode import encode_model
-    from ..artifact.store import weights_blob
+    from ..artifact.store import file_blob
     from ..finalize import finalize
 
     plain = _plain_copy(model)
     spec = finalize(plain)
     enc = encode_model(plain, spec)
     totals = enc.totals()
-    total = len(weights_blob(enc.tensors))
+    total = len(file_blob(enc))
     return {"total": total, "variable": totals["values"] + totals["indices"]}
 
 

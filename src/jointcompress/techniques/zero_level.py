@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..artifact.precision import round_step
 from .quant_lsq import LSQWeight, grad_scale, lsq_init_step
 
 GATE_TEMPERATURE = 0.5  # width of the dead zone's sigmoid surrogate, in steps
@@ -126,8 +127,12 @@ class ZeroLevelLSQWeight(LSQWeight):
     def dead_zone(self) -> torch.Tensor:
         return 0.5 + F.softplus(self.dead_zone_raw)
 
+    def stored(self, s: torch.Tensor) -> torch.Tensor:
+        """The step exactly as the artifact stores it (step_format), with a straight-through gradient."""
+        return s + (round_step(s.detach(), self.step_format) - s).detach()
+
     def effective_step(self) -> torch.Tensor:
-        return self.log_step.exp() * self.step_multiplier()
+        return self.stored(self.log_step.exp() * self.step_multiplier())
 
     @property
     def step(self) -> torch.Tensor:
@@ -145,7 +150,7 @@ class ZeroLevelLSQWeight(LSQWeight):
         qmax = self.qmax
         n = w[0].numel() if self.per_channel else w.numel()
         log_s = grad_scale(self.log_step, 1.0 / math.sqrt(n * qmax))
-        s = log_s.exp() * self.step_multiplier()
+        s = self.stored(log_s.exp() * self.step_multiplier())
         keep = self.keep if bool(self.pattern_fixed) else None
         out = DeadZoneQuant.apply(w, s, self.dead_zone(), qmax, keep)
         self.last_in, self.last_out, self.last_w = w, out, w

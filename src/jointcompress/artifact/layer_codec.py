@@ -1,0 +1,116 @@
+"""Choose, per layer, the sparse layout and entropy codec that store its integer weights smallest.
+
+Layouts (packing.py): dense, bitmask, relative indices at 2..8 bits. Codecs (entropy.py): raw,
+zstd, ans. Trying all 9 x 3 x 3 combinations for real would be slow inside the size allocator
+(which encodes a model dozens of times), so each layout is first *priced* from its symbol
+histograms alone (exact for raw; the ideal rANS size for ans, which the coder reaches within a
+word), and only the two cheapest layouts are packed and coded for real. The choice is
+deterministic, so the allocator's prediction and the file `save` writes agree byte for byte.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import entropy, packing
+
+FINALISTS = 2  # layouts actually encoded after pricing
+
+
+@dataclass
+class CodedLayer:
+    """One layer's weights as stored parts: {"values"|"indices": (stored bytes, codec, raw bytes)}."""
+
+    encoding: str
+    bits: int
+    numel: int
+    entries: int
+    index_bits: int | None
+    parts: dict[str, tuple[bytes, str, int]] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(p[0]) for p in self.parts.values())
+
+
+def ans_price(counts: np.ndarray) -> int:
+    """Bytes `entropy.ans_encode` needs for symbols with this histogram (ideal code length)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    scaled, header, bits = entropy.model_counts(counts)
+    if np.count_nonzero(scaled) <= 1:
+        return header
+    return header + 4 * max(1, math.ceil((bits + 1) / 32))
+
+
+def _value_hist(values: np.ndarray, bits: int, extra_zeros: int = 0) -> np.ndarray:
+    h = np.bincount(np.asarray(values, np.int64) & ((1 << bits) - 1), minlength=1 << bits).astype(np.int64)
+    h[0] += extra_zeros
+    return h
+
+
+def price_layouts(flat: np.ndarray, bits: int, entropy_coding: bool) -> dict[tuple[str, int | None], int]:
+    """Estimated stored bytes of every layout (min of raw and ans per part)."""
+    pos = np.flatnonzero(flat)
+    nz = flat[pos]
+    n, k = flat.size, pos.size
+    pick = (lambda raw, hist: min(raw, ans_price(hist))) if entropy_coding else (lambda raw, hist: raw)
+    prices = {("dense", None): pick(packing.packed_nbytes(n, bits), _value_hist(flat, bits))}
+    mask_hist = np.array([n - k, k])
+    prices[("bitmask", None)] = pick(packing.packed_nbytes(k, bits), _value_hist(nz, bits)) + pick(
+        packing.packed_nbytes(n, 1), mask_hist)
+    gaps = np.diff(pos, prepend=-1) - 1
+    for w in packing.INDEX_BITS:
+        span = 1 << w
+        fillers = int((gaps // span).sum())
+        entries = k + fillers
+        idx_hist = np.bincount(gaps % span, minlength=span).astype(np.int64)
+        idx_hist[span - 1] += fillers
+        prices[("relative", w)] = (pick(packing.packed_nbytes(entries, bits), _value_hist(nz, bits, fillers))
+                                   + pick(packing.packed_nbytes(entries, w), idx_hist))
+    return prices
+
+
+def _code(e: packing.Encoded, entropy_coding: bool, zstd: bool) -> CodedLayer:
+    out = CodedLayer(e.encoding, e.bits, e.numel, e.entries, e.index_bits)
+    streams = [("values", e.values, e.bits, e.entries)]
+    if e.encoding == "bitmask":
+        streams.append(("indices", e.indices, 1, e.numel))
+    elif e.encoding == "relative":
+        streams.append(("indices", e.indices, e.index_bits, e.entries))
+    for part, data, sym_bits, count in streams:
+        raw = np.asarray(data, np.uint8).tobytes()
+        if entropy_coding:
+            stored, codec = entropy.code_part(raw, sym_bits, count, zstd_min=64 if zstd else None)
+        else:
+            stored, codec = raw, "raw"
+        out.parts[part] = (stored, codec, len(raw))
+    return out
+
+
+def encode_layer(q: np.ndarray, bits: int, entropy_coding: bool = True) -> CodedLayer:
+    """The smallest stored form of one layer's integer weights q (any shape, int8).
+
+    The finalists are coded with raw / ans; zstd (slow at its best level) is then tried on
+    the winner's layout only.
+    """
+    flat = np.asarray(q).ravel()
+    prices = price_layouts(flat, bits, entropy_coding)
+    order = sorted(prices, key=lambda lw: (prices[lw], packing.ENCODINGS.index(lw[0]), lw[1] or 0))
+    best = best_enc = None
+    for layout, width in order[:FINALISTS]:
+        e = packing.encode_ints(flat, bits, layout) if layout != "relative" else packing.encode_relative(flat, bits, width)
+        coded = _code(e, entropy_coding, zstd=False)
+        if best is None or coded.nbytes < best.nbytes:
+            best, best_enc = coded, e
+    return _code(best_enc, entropy_coding, zstd=True) if entropy_coding else best
+
+
+def symbol_stream(rec: dict, part: str) -> tuple[int, int]:
+    """(symbol bits, symbol count) of a layer's "values" or "indices" part, from its record."""
+    if part == "values":
+        return rec["bits"], rec["entries"]
+    if rec["encoding"] == "bitmask":
+        return 1, rec["numel"]
+    return rec["index_bits"], rec["entries"]
