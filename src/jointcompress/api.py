@@ -73,17 +73,44 @@ def first_inputs(loader):
 
 
 def check_targets(model: nn.Module, recipe: Recipe) -> None:
-    """Every technique with `targets`/`exclude` must select at least one layer."""
+    """Every technique with `targets`/`exclude` must select at least one layer, and none it
+    cannot compress correctly (see check_layers)."""
     from .techniques.base import selected_layers
 
     for i, cfg in enumerate(recipe.techniques):
-        if not hasattr(cfg, "targets") or selected_layers(model, cfg):
+        if not hasattr(cfg, "targets"):
+            continue
+        check_layers(model, cfg, i)
+        if selected_layers(model, cfg):
             continue
         layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         shown = ", ".join(layers[:12]) + (f", ... ({len(layers)} in all)" if len(layers) > 12 else "")
         raise RecipeError(
             f"techniques[{i}] ({cfg.type}): targets {cfg.targets} with exclude {cfg.exclude} select no layer of the model; "
             f"its Linear/Conv2d layers are: {shown or '(none)'}. Fix the glob patterns or remove the technique"
+        )
+
+
+def check_layers(model: nn.Module, cfg, i: int) -> None:
+    """Layers a technique would select but cannot compress correctly: a weight tied to another
+    module (finalize would change both), transformers' Conv1D (GPT-2; not a Linear)."""
+    from .graph import matches
+    from .hf.causal import is_conv1d, tied_weights
+    from .techniques.base import selected_layers
+
+    where = f"techniques[{i}] ({cfg.type})"
+    tied = tied_weights(model)
+    for name in selected_layers(model, cfg):
+        if name in tied:
+            raise RecipeError(
+                f"{where}: layer '{name}' shares its weight with '{tied[name]}' (tied embeddings); compressing it would "
+                f"change '{tied[name]}' too when finalize bakes the weight. Add '{name}' to exclude"
+            )
+    conv1d = [n for n, m in model.named_modules() if is_conv1d(m) and matches(n, cfg.targets) and not matches(n, cfg.exclude)]
+    if conv1d:
+        raise RecipeError(
+            f"{where}: '{conv1d[0]}' is a transformers Conv1D (GPT-2 style), which the techniques do not act on; "
+            "convert the model first with jointcompress.hf.causal.conv1d_to_linear(model) (exact), or exclude it"
         )
 
 
