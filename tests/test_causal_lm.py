@@ -110,3 +110,55 @@ def test_tied_lm_head_and_conv1d_are_refused_with_the_module_named():
         jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 4}]}, total_steps=4)
     with pytest.raises(RecipeError, match=r"'transformer.h.0.attn.c_attn' is a transformers Conv1D.*conv1d_to_linear"):
         jointcompress.prepare(gpt2_raw(), RECIPE, total_steps=4, teacher=gpt2_raw())
+
+
+@pytest.mark.parametrize("build", [gpt2, llama], ids=["gpt2", "llama_gqa"])
+def test_causal_lm_ffn_neurons_removed_with_parity_and_artifact(build, tmp_path):
+    from jointcompress.hf.causal import with_ffn_widths
+    from jointcompress.hf.ffn import ffn_widths
+
+    teacher = build().eval()
+    model = copy.deepcopy(teacher)
+    full = ffn_widths(model)
+    recipe = {"techniques": [{"type": "prune_ffn", "sparsity": 0.5, "end": 0.5},
+                             {"type": "quant_lsq", "bits": 4, "exclude": ["lm_head"]},
+                             {"type": "distill_kd", "alpha": 0.5}]}
+    ids, mask = rows(32, 0)
+    session = jointcompress.prepare(model, recipe, total_steps=8, teacher=teacher)
+    opt = torch.optim.AdamW(session.param_groups(lr=3e-3))
+    session.bind(opt)
+    model.train()
+    for s in range(8):
+        i = (s * 8) % 32
+        batch = {"input_ids": ids[i:i + 8], "attention_mask": mask[i:i + 8], "labels": ids[i:i + 8].masked_fill(mask[i:i + 8] == 0, -100)}
+        terms = session.loss(model(**batch), batch)
+        opt.zero_grad()
+        session.backward(terms)
+        session.before_step()
+        opt.step()
+        session.after_step()
+    x, xm = rows(8, 1)
+    model.eval()
+    with torch.no_grad():
+        masked = model(input_ids=x, attention_mask=xm).logits
+    spec = session.finalize()
+    widths = ffn_widths(model)
+    assert sum(widths) == sum(full) // 2 and model.config.intermediate_per_layer == widths
+    if build is llama:  # gated MLP: gate rows removed with the up rows
+        assert [layer.mlp.gate_proj.out_features for layer in model.model.layers] == widths
+    with torch.no_grad():
+        final = model(input_ids=x, attention_mask=xm).logits
+    assert torch.allclose(masked, final, atol=1e-4)
+    builder = with_ffn_widths(build, widths)
+    save(model, spec, tmp_path / "art", builder=builder, example_inputs=x[:2])
+    loaded = load(tmp_path / "art", builder)
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=x, attention_mask=xm).logits, final, atol=1e-5)
+    prompt = x[:1, :5]
+    assert loaded.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False).shape == (1, 9)
+
+
+@pytest.mark.parametrize("kind", ["prune_heads", "prune_layers"])
+def test_causal_lm_heads_and_layers_are_refused_naming_the_model_type(kind):
+    with pytest.raises(RecipeError, match=rf"{kind}: .* not supported for model_type 'llama' \(supported: ffn\)"):
+        jointcompress.prepare(llama(), {"techniques": [{"type": kind, "sparsity": 0.5}]}, total_steps=4)

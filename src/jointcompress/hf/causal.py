@@ -83,3 +83,19 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
         count += int((target != -100).sum())
     model.train(was)
     return math.exp(total / max(1, count))
+
+
+def with_ffn_widths(build, widths: list[int]):
+    """A builder for the packed artifact of a model whose FFN neurons were removed: the stock
+    architecture from `build()`, each layer's MLP shrunk to `widths` (the loaded weights then
+    fill it). `widths` is `model.config.intermediate_per_layer` after finalize."""
+    from jointcompress.hf.modeling_pruned import keep_neurons, family, layers
+
+    def builder():
+        model = build()
+        fam = family(model.config)
+        for layer, width in zip(layers(model), widths):
+            keep_neurons(layer, fam, torch.arange(int(width)))
+        return model
+
+    return builder
