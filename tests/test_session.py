@@ -166,3 +166,29 @@ def test_prepare_errors_name_the_field():
     with pytest.raises(DataError, match=r"logits have shape \(4, 2\) and the labels \(4, 3\)"):
         s = jointcompress.prepare(_mlp(), {}, total_steps=10)
         s.loss(torch.randn(4, 2), (torch.randn(4, 12), torch.zeros(4, 3, dtype=torch.long)))
+
+
+def test_hidden_state_kd_on_dict_batches_averages_over_real_tokens():
+    pytest.importorskip("transformers")
+    from hf_helpers import tiny_bert
+
+    from jointcompress.techniques.distill_kd import feature_loss
+
+    teacher, student = tiny_bert(layers=2, seed=1), tiny_bert(layers=2, seed=0)
+    ids = torch.randint(5, 60, (4, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1:, 5:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 0, 1])}
+    pair = {"student": "bert.encoder.layer.1", "teacher": "bert.encoder.layer.1"}
+    recipe = {"techniques": [{"type": "distill_kd", "alpha": 0.5, "temperature": 1.0, "features": [pair]}]}
+    session = jointcompress.prepare(student, recipe, total_steps=4, teacher=teacher,
+                                    example_inputs={"input_ids": ids[:2], "attention_mask": mask[:2]})
+    kd = session.techniques[0]
+    terms = session.loss(student(**batch), batch)
+    assert torch.equal(kd._positions(session.ctx), mask)
+    s, t = kd.student_caps[0].value, kd.teacher_caps[0].value
+    assert s.shape == (4, 8, 32)
+    logits_part = 0.5 * kd_loss(session.ctx.outputs, session.ctx.batch_extra["teacher_logits"], 1.0, mask)
+    masked = feature_loss(s, t, "mse", mask)
+    assert torch.allclose(terms["distill"], logits_part + masked)
+    assert not torch.allclose(masked, feature_loss(s, t, "mse"))  # padding really is left out

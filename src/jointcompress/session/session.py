@@ -167,7 +167,8 @@ class CompressionSession:
         self.begin_step()
         b = split_batch(batch) if batch is not None else Batch(None)
         ctx = self.ctx
-        ctx.batch_inputs, ctx.batch_targets, ctx.outputs = b.inputs, b.targets, logits_of(outputs)
+        ctx.batch_inputs, ctx.batch_targets = b.inputs, b.targets
+        ctx.outputs = logits_of(outputs) if outputs is not None else None
         ctx.batch_extra = {"teacher_logits": self._teacher_logits(b), "teacher_fresh": True, "token_mask": b.token_mask}
         if task_loss is None and self._task_weighted():
             task_loss = self.loss_fn(outputs, batch) if self.loss_fn is not None else default_task_loss(outputs, b)
