@@ -95,7 +95,7 @@ def check_layers(model: nn.Module, cfg, i: int) -> None:
     """Layers a technique would select but cannot compress correctly: a weight tied to another
     module (finalize would change both), transformers' Conv1D (GPT-2; not a Linear)."""
     from .graph import matches
-    from .hf.causal import is_conv1d, tied_weights
+    from .session.checks import is_conv1d, tied_weights
     from .techniques.base import selected_layers
 
     where = f"techniques[{i}] ({cfg.type})"

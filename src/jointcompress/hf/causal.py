@@ -15,25 +15,11 @@ What a causal LM needs beyond a classifier:
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 from torch import nn
 
-
-def _conv1d_class():
-    if "transformers" not in sys.modules:  # a model holding a Conv1D has imported it already
-        return None
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # no transformers: no Conv1D layer can exist
-        return None
-    return Conv1D
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    cls = _conv1d_class()
-    return cls is not None and isinstance(module, cls)
+from jointcompress.session.checks import is_conv1d, tied_weights  # noqa: F401 - part of this module's API
 
 
 @torch.no_grad()
@@ -49,21 +35,6 @@ def conv1d_to_linear(model: nn.Module) -> nn.Module:
                     lin.bias.copy_(child.bias)
                 setattr(parent, name, lin)
     return model
-
-
-def tied_weights(model: nn.Module) -> dict[str, str]:
-    """module name -> the other module whose weight Parameter it shares (e.g. lm_head -> wte)."""
-    first: dict[int, str] = {}
-    tied: dict[str, str] = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
-        w = getattr(mod, "weight", None)
-        if not isinstance(w, nn.Parameter):
-            continue
-        if id(w) in first and first[id(w)] != name:
-            tied[name] = first[id(w)]
-        else:
-            first.setdefault(id(w), name)
-    return tied
 
 
 @torch.no_grad()
