@@ -78,3 +78,28 @@ def test_trainer_train_compresses_through_the_session(tmp_path):
     assert torch.allclose(masked, final, atol=1e-4), (masked - final).abs().max()
     w = model.bert.encoder.layer[0].attention.self.query.weight
     assert max(len(row.unique()) for row in w) <= 16
+
+
+def test_trainer_train_compresses_a_causal_lm_with_token_level_kd(tmp_path):
+    from test_causal_lm import RECIPE as LM_RECIPE
+    from test_causal_lm import llama, rows
+
+    teacher = llama().eval()
+    model = copy.deepcopy(teacher)
+    ids, mask = rows(32, 0)
+    ds = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": ids[i].masked_fill(mask[i] == 0, -100)}
+          for i in range(32)]
+    session = jointcompress.prepare(model, LM_RECIPE, total_steps=6, teacher=teacher)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8, learning_rate=3e-3,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    CompressionTrainer(session=session, model=model, args=args, train_dataset=ds).train()
+    assert session.step == 6 and abs(session.metrics()["prune_unstructured.sparsity"] - 0.5) < 0.01
+    x, xm = rows(4, 1)
+    model.eval()
+    with torch.no_grad():
+        masked = model(input_ids=x, attention_mask=xm).logits
+    session.finalize()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=x, attention_mask=xm).logits, masked, atol=1e-4)
+    prompt = x[:1, :5]
+    assert model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False).shape == (1, 8)
