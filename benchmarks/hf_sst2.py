@@ -19,6 +19,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from jointcompress.hf.data import read_tsv, tokenize  # noqa: E402
 from jointcompress.hf.export import export_folder, folder_bytes, load_pipeline  # noqa: E402
@@ -33,7 +34,8 @@ from jointcompress.hf.data import batches  # noqa: E402
 from jointcompress.hf.load import load_classifier, load_tokenizer  # noqa: E402
 from jointcompress.hf.masks import temperature_schedule  # noqa: E402
 from jointcompress.hf.student import kd_loss, make_student  # noqa: E402
-from jointcompress.hf.train import accuracy, fit, predict_logits  # noqa: E402
+from hf_standalone_fit import fit  # noqa: E402
+from jointcompress.hf.evaluate import accuracy, predict_logits  # noqa: E402
 from jointcompress.hf.vocab import trim_vocab  # noqa: E402
 
 DATA = Path("/work/shared/datasets/sst2")

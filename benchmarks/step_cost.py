@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from jointcompress import techniques as tech
 from jointcompress.api import as_loader, first_inputs
 from jointcompress.data import load_dataset
-from jointcompress.loop import Trainer
+from jointcompress.session import split_batch
+from jointcompress.training import Trainer
 from jointcompress.models import build_model
 from jointcompress.plan import make_plan
 from jointcompress.recipe import parse_recipe
@@ -66,8 +67,7 @@ def joint_stepper(teacher, split, strategy, regularized=True, every=1, recipe=No
     techniques = [tech.build(c) for c in recipe.techniques]
     plan = make_plan(techniques, 10_000, recipe)
     trainer = Trainer(model, techniques, plan, recipe, loader, lambda m: {"accuracy": 0.0}, first_inputs(loader), teacher=teacher)
-    trainer._schedule_events(0)
-    trainer._rebuild()
+    trainer.session.start()
     batches = list(loader)[:20]
     state = {"i": 0}
 
@@ -76,7 +76,7 @@ def joint_stepper(teacher, split, strategy, regularized=True, every=1, recipe=No
         state["i"] += 1
 
     for b in batches:  # fill the teacher-logit cache, as after the first epoch
-        trainer._teacher_logits(b[0], b[2])
+        trainer.session._teacher_logits(split_batch(b))
     return step
 
 

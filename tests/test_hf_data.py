@@ -95,7 +95,7 @@ def test_vocab_trim_is_lossless_on_its_text(tmp_path):
 
 
 def test_predict_logits_keeps_row_order(tmp_path):
-    from jointcompress.hf.train import predict_logits
+    from jointcompress.hf.evaluate import predict_logits
 
     tok = tiny_tokenizer(tmp_path)
     texts = ["good", "the plot was boring and the acting was awful", "fun", "a great film"]

@@ -13,7 +13,7 @@ from jointcompress import DataError, JointCompressError, RecipeError, TrainingEr
 from jointcompress.checkpoint import CheckpointStore, read_checkpoint
 from jointcompress.data import evaluator
 from jointcompress.io import atomic_write_bytes, prepare_output_dir
-from jointcompress.loop import Trainer
+from jointcompress.session import CompressionSession
 
 RECIPE = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5}, {"type": "quant_lsq", "bits": 4}],
           "training": {"epochs": 1, "batch_size": 128}}
@@ -28,14 +28,14 @@ def _model():
 def poison(monkeypatch):
     """poison(steps): add a loss term 'poison' that is NaN at those steps (0 elsewhere)."""
     def install(steps):
-        orig = Trainer._terms
+        orig = CompressionSession.forward_terms
 
-        def terms(self, x, y, idx):
-            out = orig(self, x, y, idx)
+        def terms(self, batch):
+            out = orig(self, batch)
             out["poison"] = out["task"] * (float("nan") if self.ctx.step in steps else 0.0)
             return out
 
-        monkeypatch.setattr(Trainer, "_terms", terms)
+        monkeypatch.setattr(CompressionSession, "forward_terms", terms)
     return install
 
 
@@ -68,7 +68,7 @@ def test_rollback_restores_the_last_good_weights(digits, poison):
         def on_step(self, trainer, step, out):
             if step == 3:
                 snap["after"] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-                snap["good"] = trainer._good["model"]
+                snap["good"] = trainer.recovery.good["model"]
 
     _run(digits, callbacks=[Spy()])
     assert all(torch.equal(snap["after"][k], snap["good"][k]) for k in snap["good"])

@@ -13,7 +13,8 @@ import torch.nn as nn
 from . import distributed as _dist
 from . import techniques as tech
 from .errors import DataError, RecipeError
-from .loop import History, Trainer
+from .session.outputs import call_model, describe, first_rows, split_batch
+from .training import History, Trainer
 from .plan import make_plan
 from .recipe import Recipe, parse_recipe
 
@@ -63,20 +64,24 @@ def as_loader(train_data, batch_size: int, seed: int, dist: "_dist.DistContext |
     raise DataError("train_data: pass a DataLoader yielding (x, y[, index]) or a tuple (x, y) of tensors")
 
 
-def first_inputs(loader) -> torch.Tensor:
-    batch = next(iter(loader))
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    if not isinstance(x, torch.Tensor):
-        raise DataError("train_data: batches must start with an input tensor")
-    return x[:2]
+def first_inputs(loader):
+    """The first two rows of the first batch's inputs (a tensor, or a dict for dict batches)."""
+    x = split_batch(next(iter(loader))).inputs
+    if not isinstance(x, (torch.Tensor, dict)):
+        raise DataError("train_data: batches must start with an input tensor (or be dicts of tensors)")
+    return first_rows(x)
 
 
 def check_targets(model: nn.Module, recipe: Recipe) -> None:
-    """Every technique with `targets`/`exclude` must select at least one layer."""
+    """Every technique with `targets`/`exclude` must select at least one layer, and none it
+    cannot compress correctly (see check_layers)."""
     from .techniques.base import selected_layers
 
     for i, cfg in enumerate(recipe.techniques):
-        if not hasattr(cfg, "targets") or selected_layers(model, cfg):
+        if not hasattr(cfg, "targets"):
+            continue
+        check_layers(model, cfg, i)
+        if selected_layers(model, cfg):
             continue
         layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         shown = ", ".join(layers[:12]) + (f", ... ({len(layers)} in all)" if len(layers) > 12 else "")
@@ -86,17 +91,41 @@ def check_targets(model: nn.Module, recipe: Recipe) -> None:
         )
 
 
-def check_data(model: nn.Module, example: torch.Tensor, train_data) -> None:
+def check_layers(model: nn.Module, cfg, i: int) -> None:
+    """Layers a technique would select but cannot compress correctly: a weight tied to another
+    module (finalize would change both), transformers' Conv1D (GPT-2; not a Linear)."""
+    from .graph import matches
+    from .session.checks import is_conv1d, tied_weights
+    from .techniques.base import selected_layers
+
+    where = f"techniques[{i}] ({cfg.type})"
+    tied = tied_weights(model)
+    for name in selected_layers(model, cfg):
+        if name in tied:
+            raise RecipeError(
+                f"{where}: layer '{name}' shares its weight with '{tied[name]}' (tied embeddings); compressing it would "
+                f"change '{tied[name]}' too when finalize bakes the weight. Add '{name}' to exclude"
+            )
+    conv1d = [n for n, m in model.named_modules() if is_conv1d(m) and matches(n, cfg.targets) and not matches(n, cfg.exclude)]
+    if conv1d:
+        raise RecipeError(
+            f"{where}: '{conv1d[0]}' is a transformers Conv1D (GPT-2 style), which the techniques do not act on; "
+            "convert the model first with jointcompress.hf.causal.conv1d_to_linear(model) (exact), or exclude it"
+        )
+
+
+def check_data(model: nn.Module, example, train_data) -> None:
     """One forward pass on a real batch before training: wrong input shapes and labels outside
     the model's classes fail here, with the shapes named, instead of deep inside the loop."""
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(example)
+            out = call_model(model, example)
     except (RuntimeError, ValueError, IndexError, TypeError) as err:
+        shape = tuple(example.shape) if isinstance(example, torch.Tensor) else describe(example)
         raise DataError(
-            f"train_data: the model cannot run on a batch of shape {tuple(example.shape)} "
+            f"train_data: the model cannot run on a batch of shape {shape} "
             f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); give inputs of the shape the model expects"
         ) from None
     finally:
@@ -124,6 +153,7 @@ def compress(
     checkpoint_every: int | None = None,
     max_nonfinite: int = 3,
     distributed: Any = "auto",
+    loss_fn: Callable | None = None,
 ) -> Result:
     """Compress `model` in place with `recipe` (joint or sequential); returns a Result.
 
@@ -138,6 +168,11 @@ def compress(
     the `max_nonfinite`-th one raises TrainingError. Under torchrun (`distributed="auto"`)
     or an initialized process group the run is data-parallel; `distributed=False` forces a
     single process.
+
+    Batches may be (x, y[, index]) tuples or dicts (HF style: the model is called with
+    **batch); outputs any tensor, tuple, dict or ModelOutput (the logits are read from it).
+    `loss_fn(outputs, batch)` replaces the default task loss (the model's own loss, else
+    cross-entropy on the logits).
     """
     recipe = parse_recipe(recipe)
     if recipe.technique("distill_kd") is not None and teacher is None:
@@ -173,15 +208,14 @@ def compress(
     trainer = Trainer(
         model, techniques, plan, recipe, loader, evaluate, example, teacher=teacher, progress=progress, callbacks=callbacks,
         run_dir=run_dir, checkpoint_every=checkpoint_every, resume=resume, max_nonfinite=max_nonfinite, dist=dist,
+        loss_fn=loss_fn,
     )
     history = trainer.run()
     metrics = evaluate(model)
     metrics = metrics if isinstance(metrics, dict) else {recipe.training.metric: float(metrics)}
     if dist is not None:
         metrics = dist.mean_metrics(metrics)
-    for t in techniques:
-        if hasattr(t, "remove_hooks"):
-            t.remove_hooks()
+    trainer.session.finish()
     return Result(model, history, dict(metrics), recipe, techniques, example)
 
 

@@ -83,12 +83,13 @@ def load_dataset(spec: str | None) -> Split:
 
 
 def check_tensors(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
-    """Fail early, with the field named, on data that would silently corrupt training."""
+    """Fail early, with the field named, on data that would silently corrupt training.
+    Inputs may be floats (features, pixels: checked for NaN/Inf) or integers (token ids)."""
     if x.shape[0] != y.shape[0]:
         raise DataError(f"{what}: {x.shape[0]} inputs but {y.shape[0]} labels; they must match")
-    if not torch.is_floating_point(x):
-        raise DataError(f"{what}: inputs have dtype {x.dtype}; convert them to float")
-    if not torch.isfinite(x).all():
+    if x.dtype == torch.bool or x.is_complex():
+        raise DataError(f"{what}: inputs have dtype {x.dtype}; give float features or integer token ids")
+    if torch.is_floating_point(x) and not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
         raise DataError(f"{what}: {bad} input samples contain NaN or Inf; clean or drop them")
     if y.dtype not in (torch.int64, torch.int32, torch.uint8):

@@ -111,7 +111,9 @@ def kept_rows(hf: nn.Module, heads: list[list[int]] | None, neurons: list[list[i
             for part in ("q", "k", "v"):
                 out[f"{prefix}.{a[part]}"] = idx
         if neurons is not None:
-            out[f"{prefix}.{a['ffn_in']}"] = torch.tensor(sorted(set(neurons[i])), dtype=torch.long)
+            for part in ("ffn_in", "ffn_gate"):
+                if part in a:
+                    out[f"{prefix}.{a[part]}"] = torch.tensor(sorted(set(neurons[i])), dtype=torch.long)
     return out
 
 

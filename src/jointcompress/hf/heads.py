@@ -14,14 +14,22 @@ from torch import nn
 
 from jointcompress.errors import RecipeError
 from jointcompress.hf.masks import UnitMask, gate_importance, normalise_importance
-from jointcompress.hf.modeling_pruned import ARCH, family, get_sub, head_dim, keep_heads, layers
+from jointcompress.hf.modeling_pruned import ARCH, family, get_sub, head_dim, keep_heads, layers, require_units
 from jointcompress.hf.pruned import mark_pruned
 
 
 def head_counts(model: nn.Module) -> list[int]:
     """Current number of heads in each layer (from the q projection shape)."""
+    _require(model.config, "heads")
     fam, hd = family(model.config), head_dim(model.config)
     return [get_sub(layer, ARCH[fam]["q"]).out_features // hd for layer in layers(model)]
+
+
+def _require(config, unit: str) -> None:
+    try:
+        require_units(config, unit)
+    except ValueError as err:
+        raise RecipeError(f"prune_heads: {err}; use prune_ffn or prune_unstructured") from None
 
 
 def attach_head_mask(model: nn.Module, mask: UnitMask) -> list:

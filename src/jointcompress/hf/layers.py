@@ -47,8 +47,18 @@ def drop_layers(model: nn.Module, keep: list[int]) -> nn.Module:
     return model
 
 
+def _require_layers(config) -> None:
+    from jointcompress.hf.modeling_pruned import require_units
+
+    try:
+        require_units(config, "layers")
+    except ValueError as err:
+        raise RecipeError(f"prune_layers: {err}; use prune_ffn or prune_unstructured") from None
+
+
 def attach_layer_gate(model: nn.Module, mask) -> list:
     """Blend each layer's output with its input by mask()[0][i]; returns hook handles."""
+    _require_layers(model.config)
     mods = get_sub(model.base_model, ARCH[family(model.config)]["layers"])
     if tuple(mask.scores.shape) != (1, len(mods)):
         raise RecipeError(
@@ -70,6 +80,7 @@ def attach_layer_gate(model: nn.Module, mask) -> list:
 def layer_magnitude(model: nn.Module) -> torch.Tensor:
     """A weight-only guess of how much each layer changes the residual stream, shape [1, layers]:
     ||W_v|| * ||W_o|| (attention) + ||W_in|| * ||W_out|| (FFN), Frobenius norms."""
+    _require_layers(model.config)
     a = ARCH[family(model.config)]
     norm = lambda layer, part: get_sub(layer, a[part]).weight.detach().float().norm()  # noqa: E731
     mods = get_sub(model.base_model, a["layers"])

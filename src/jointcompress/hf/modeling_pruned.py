@@ -60,6 +60,30 @@ ARCH = {
     },
 }
 ARCH["roberta"] = ARCH["bert"]  # same module names; no pruned save/load class yet
+# Causal LMs: FFN neurons only (Llama / Mistral gated MLP: gate and up rows go together; GPT-2
+# after hf.causal.conv1d_to_linear). Heads are not: grouped-query attention shares each KV head
+# among several query heads, and GPT-2 fuses q, k and v into one projection.
+ARCH["llama"] = {
+    "layers": "layers",
+    "ffn_in": "mlp.up_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_out": "mlp.down_proj",
+    "hidden": "hidden_size",
+    "n_heads": "num_attention_heads",
+    "ffn": "intermediate_size",
+    "n_layers": "num_hidden_layers",
+}
+ARCH["gpt2"] = {
+    "layers": "h",
+    "ffn_in": "mlp.c_fc",
+    "ffn_out": "mlp.c_proj",
+    "hidden": "n_embd",
+    "n_heads": "n_head",
+    "ffn": "n_inner",
+    "n_layers": "n_layer",
+}
+UNITS = {"bert": {"heads", "ffn", "layers"}, "distilbert": {"heads", "ffn", "layers"},
+         "roberta": {"heads", "ffn", "layers"}, "llama": {"ffn"}, "gpt2": {"ffn"}}
 
 FAMILY_OF = {
     "bert": "bert",
@@ -67,7 +91,21 @@ FAMILY_OF = {
     "distilbert": "distilbert",
     "jointcompress_distilbert": "distilbert",
     "roberta": "roberta",
+    "llama": "llama",
+    "mistral": "llama",
+    "gpt2": "gpt2",
 }
+
+
+def require_units(config, unit: str) -> None:
+    """ValueError naming the model type and what it supports when `unit` pruning is not."""
+    fam = family(config)
+    if unit not in UNITS[fam]:
+        raise ValueError(
+            f"{unit} pruning is not supported for model_type {config.model_type!r} (supported: "
+            f"{', '.join(sorted(UNITS[fam]))}); grouped-query attention shares KV heads among query heads and GPT-2 "
+            "fuses q/k/v, so heads and layers of causal LMs are left to a later version"
+        )
 
 
 def family(config) -> str:
@@ -150,6 +188,8 @@ def keep_neurons(layer: nn.Module, fam: str, neurons: torch.Tensor) -> None:
     a = ARCH[fam]
     idx = torch.as_tensor(neurons, dtype=torch.long).sort().values
     set_sub(layer, a["ffn_in"], slice_linear(get_sub(layer, a["ffn_in"]), out_idx=idx))
+    if "ffn_gate" in a:  # gated MLP: down(act(gate(x)) * up(x)); neuron j is row j of gate and up
+        set_sub(layer, a["ffn_gate"], slice_linear(get_sub(layer, a["ffn_gate"]), out_idx=idx))
     set_sub(layer, a["ffn_out"], slice_linear(get_sub(layer, a["ffn_out"]), in_idx=idx))
 
 

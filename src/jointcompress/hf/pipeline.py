@@ -19,58 +19,28 @@ what was saved. The int8 ONNX model keeps the trained LSQ step sizes of every <=
 
 from __future__ import annotations
 
-import copy
-import json
 import math
 import time
 from pathlib import Path
 from typing import Callable
 
-import torch
-
-from jointcompress.errors import ArtifactError, DataError, RecipeError
-from jointcompress.hf.data import TextDataset, read_tsv, tokenize
+from jointcompress.errors import ArtifactError
+from jointcompress.hf import recipe_steps as steps
 from jointcompress.hf.export import export_folder, folder_bytes, load_pipeline
-from jointcompress.hf.artifact import artifact_bytes, load_hf_artifact, save_hf_artifact
-from jointcompress.hf.finalize import finalize_hf_with_spec
-from jointcompress.hf.heads import head_counts
-from jointcompress.hf.ffn import ffn_widths
-from jointcompress.hf.load import MINILM_NAME, load_classifier, load_tokenizer
-from jointcompress.hf.pruned import n_layers
-from jointcompress.hf.student import make_student
-from jointcompress.hf.wrapper import SequenceClassifier, accuracy, pack, tensor_loader
+from jointcompress.hf.recipe_steps import HFRun, split_files, teacher_source  # noqa: F401 - re-exported
 
 EXAMPLE = "a gorgeous, witty, seductive movie."
 # max |logit diff| allowed between the int8 ONNX student and the finalized fp32 student. SST-2
 # MiniLM students (logits of order +-4) measured 0.39-0.45 (benchmarks/results/hf_sst2.md).
 INT8_ATOL = 1.0
-
-
-def teacher_source(recipe, weights: str | Path | None) -> str:
-    """--weights, else hf.model_name_or_path, else `model: hf:NAME`; a clear error if none."""
-    src = weights or (recipe.hf.model_name_or_path if recipe.hf is not None else None)
-    if src is None and (recipe.model or "").startswith("hf:"):
-        src = recipe.model[3:]
-    if not src:
-        raise RecipeError(
-            "HF recipe: no teacher; pass --weights FOLDER (a fine-tuned sequence classifier, e.g. the one "
-            "`benchmarks/hf_sst2.py teacher` saves to runs/hf_teacher) or set hf.model_name_or_path"
-        )
-    src = str(src)
-    if src != MINILM_NAME and not Path(src).is_dir():
-        raise ArtifactError(f"teacher {src!r} is not a folder; give a folder with config.json, weights and tokenizer files")
-    return src
-
-
-def _split_files(data_dir: str | Path | None) -> tuple[Path, Path]:
-    if not data_dir:
-        raise DataError("HF recipe: no data; pass --data DIR holding SST-2 style train.tsv and dev.tsv (or set `data:`)")
-    d = Path(data_dir)
-    train, dev = d / "train.tsv", d / "dev.tsv"
-    for f in (train, dev):
-        if not f.is_file():
-            raise DataError(f"{f} does not exist; --data must be a folder with train.tsv and dev.tsv (header 'sentence<TAB>label')")
-    return train, dev
+NOTE = (
+    "student.dev_accuracy: the finalized model before the artifact's post-training rounding of the weights "
+    "LSQ did not train (hf.ptq_bits); artifact.dev_accuracy and everything after it: the model loaded back "
+    "from OUT/artifact. folder_bytes: fp32 safetensors of OUT/hf_model (values on the quantization grids). "
+    "int8 (OUT/onnx/model_int8.onnx) is ONNX Runtime dynamic int8 with the trained LSQ step sizes for the "
+    "encoder Linears (ORT's own scales elsewhere); feed it input_ids / attention_mask padded to exactly "
+    "seq_len with the tokenizer in OUT/hf_model"
+)
 
 
 def run_hf_recipe(
@@ -111,151 +81,66 @@ def run_hf_recipe(
     dict (rank, metrics, steps, kept units per layer) once training ends.
     """
     from jointcompress import distributed as _dist
-    from jointcompress.api import compress
-    from jointcompress.io import atomic_write_json
     from jointcompress.recipe import HF, parse_recipe
 
     recipe = parse_recipe(recipe)
-    if recipe.target is not None:
-        raise RecipeError("target: size and latency targets allocate unstructured sparsity and channels of the core "
-                          "models, not heads and FFN neurons; for an hf recipe remove target and set prune_heads / "
-                          "prune_ffn sparsity and quant_lsq bits")
-    hf_cfg = recipe.hf if recipe.hf is not None else HF()
-    t0 = time.perf_counter()
-    src = teacher_source(recipe, weights)
-    warnings = []
-    if src == MINILM_NAME:
-        warnings.append(
-            "teacher is the bundled MiniLM base with an untrained classification head: distillation then copies a "
-            "random classifier. Fine-tune it first (benchmarks/hf_sst2.py teacher) and pass --weights runs/hf_teacher"
-        )
-        log(warnings[-1])
-    train_file, dev_file = _split_files(data_dir or recipe.data)
-    torch.manual_seed(recipe.training.seed)
-    labels = dict(enumerate(hf_cfg.labels))
-    tok = load_tokenizer(src)
-    teacher = load_classifier(src, num_labels=len(labels), id2label=labels).eval()
-    if hf_cfg.student_layers:
-        n = n_layers(teacher.config)
-        bad = [i for i in hf_cfg.student_layers if i >= n]
-        if bad:
-            raise RecipeError(f"hf.student_layers {hf_cfg.student_layers}: the teacher has {n} layers (indices 0..{n - 1})")
-        student = make_student(teacher, hf_cfg.student_layers)
-    else:
-        student = copy.deepcopy(teacher)
-    train_data = read_tsv(train_file).subset(hf_cfg.train_limit, seed=recipe.training.seed)
-    dev_data = read_tsv(dev_file)
-    if hf_cfg.eval_limit is not None:
-        dev_data = TextDataset(dev_data.sentences[: hf_cfg.eval_limit], dev_data.labels[: hf_cfg.eval_limit])
-    for name, d in (("train", train_data), ("dev", dev_data)):
-        bad = sorted({y for y in d.labels if not 0 <= y < len(labels)})
-        if bad:
-            raise DataError(f"{name}.tsv has labels {bad[:5]}; hf.labels has {len(labels)} classes (0..{len(labels) - 1})")
-    train_t = tokenize(tok, train_data, hf_cfg.max_length)
-    dev_t = tokenize(tok, dev_data, hf_cfg.max_length)
-    x_dev, y_dev = pack(dev_t["input_ids"], dev_t["attention_mask"]), dev_t["labels"]
-    teacher_w = SequenceClassifier(teacher).eval()
-    student_w = SequenceClassifier(student)
-    teacher_acc = accuracy(teacher_w, x_dev, y_dev)
-    log(f"teacher dev accuracy {teacher_acc:.4f} on {len(y_dev)} rows; training on {len(train_data)} rows")
+    steps.check_recipe(recipe)
+    run = HFRun(recipe, recipe.hf if recipe.hf is not None else HF(), Path(out), log)
+    steps.load_models(run, weights)
+    steps.load_text(run, data_dir)
     dist = _dist.resolve(compress_kwargs.pop("distributed", "auto"))
-    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-    loader = tensor_loader(train_t, recipe.training.batch_size, shuffle=True, seed=recipe.training.seed,
-                           rank=rank, world=world)
-    evaluate = lambda m: {"accuracy": accuracy(m, x_dev, y_dev)}  # noqa: E731
-    stage1 = None
-    if progressive:
-        from jointcompress.progressive import progressive as _progressive
-
-        if dist is not None:
-            raise RecipeError("progressive HF compression runs in one process; start it without torchrun")
-        layers_ = hf_cfg.student_layers
-        stage1, result = _progressive(teacher_w, None, recipe, loader, evaluate, progress=progress,
-                                 student_from=lambda t: SequenceClassifier(make_student(t.hf, layers_) if layers_
-                                                                           else copy.deepcopy(t.hf)))
-        student_w = result.model
-    else:
-        result = compress(
-            student_w, recipe, loader, evaluate, teacher=teacher_w, progress=progress, callbacks=callbacks,
-            run_dir=out, distributed=dist if dist is not None else False, **compress_kwargs,
-        )
-    masked_acc = result.metrics.get("accuracy")
-    steps = result.history.epochs[-1]["step"] if result.history.epochs else 0
+    steps.train(run, dist, progress, callbacks, progressive, compress_kwargs)
     if dist is not None and not dist.is_main:  # rank 0 finalizes, exports and measures; the others are done
-        return {"rank": rank, "world_size": world, "metrics": result.metrics, "steps": steps,
-                "units_per_layer": {t.kind: [len(k) for k in t.kept()] for t in result.techniques if hasattr(t, "kept")}}
-    hf, spec = finalize_hf_with_spec(student_w, result.techniques)
-    hf.eval()
-    final_acc = accuracy(SequenceClassifier(hf), x_dev, y_dev)
-    vocab_note = {}
-    if hf_cfg.trim_vocab if trim_vocab is None else trim_vocab:
-        from jointcompress.hf.vocab import trim_vocab as _trim
+        return _other_rank(run, dist)
+    steps.finalize_student(run, trim_vocab)
+    steps.save_artifact(run)
+    return _export_and_summarize(run, int8=int8, int8_atol=int8_atol, latency_rounds=latency_rounds,
+                                 progressive=progressive, world=dist.world_size if dist is not None else 1)
 
-        full_vocab = hf.config.vocab_size
-        hf, tok, keep = _trim(hf, tok, train_data.sentences)
-        hf.eval()
-        dev_t = tokenize(tok, dev_data, hf_cfg.max_length)
-        x_dev = pack(dev_t["input_ids"], dev_t["attention_mask"])
-        vocab_note = {"dev_accuracy_full_vocab": final_acc, "vocab_kept": len(keep), "vocab_full": full_vocab}
-        final_acc = accuracy(SequenceClassifier(hf), x_dev, y_dev)
-        log(f"vocabulary trimmed to {len(keep)} of {full_vocab} word pieces; dev accuracy "
-            f"{vocab_note['dev_accuracy_full_vocab']:.4f} -> {final_acc:.4f}")
-    art_dir = Path(out) / "artifact"
-    spec.recipe = recipe.model_dump(mode="json")
-    save_hf_artifact(hf, spec, art_dir, tok, ptq_bits=hf_cfg.ptq_bits)
-    hf, _ = load_hf_artifact(art_dir)  # from here on: the model as saved
-    art_acc = accuracy(SequenceClassifier(hf), x_dev, y_dev)
-    art_bytes = artifact_bytes(art_dir)
-    log(f"artifact {art_dir}: {art_bytes['model']:,} bytes (weights + manifest), dev accuracy {art_acc:.4f}")
-    folder = export_folder(hf, tok, Path(out) / "hf_model")
-    pipe = load_pipeline(folder)
-    example = pipe(EXAMPLE)[0]
-    teacher_bytes = folder_bytes(src) if Path(src).is_dir() else None
+
+def _other_rank(run: HFRun, dist) -> dict:
+    r = run.result
+    return {"rank": dist.rank, "world_size": dist.world_size, "metrics": r.metrics, "steps": _steps(r),
+            "units_per_layer": {t.kind: [len(k) for k in t.kept()] for t in r.techniques if hasattr(t, "kept")}}
+
+
+def _steps(result) -> int:
+    return result.history.epochs[-1]["step"] if result.history.epochs else 0
+
+
+def _export_and_summarize(run: HFRun, *, int8: bool, int8_atol: float, latency_rounds: int, progressive: bool,
+                          world: int) -> dict:
+    """The HF folder and its pipeline check, the int8 ONNX measurements, summary.json."""
+    from jointcompress.io import atomic_write_json
+
+    folder = export_folder(run.hf, run.tok, run.out / "hf_model")
+    example = load_pipeline(folder)(EXAMPLE)[0]
+    teacher_bytes = folder_bytes(run.src) if Path(run.src).is_dir() else None
     student_bytes = folder_bytes(folder)
     int8_summary = None
     if int8:
-        int8_summary = deploy_int8(hf, teacher, dev_t, Path(out) / "onnx", seq_len=hf_cfg.max_length,
-                                   teacher_bytes=teacher_bytes, teacher_acc=teacher_acc, atol=int8_atol,
-                                   rounds=latency_rounds, log=log, spec=spec)
+        int8_summary = deploy_int8(run.hf, run.teacher, run.dev_t, run.out / "onnx", seq_len=run.hf_cfg.max_length,
+                                   teacher_bytes=teacher_bytes, teacher_acc=run.teacher_acc, atol=int8_atol,
+                                   rounds=latency_rounds, log=run.log, spec=run.spec)
         if not int8_summary["logits_vs_fp32_student"]["within_tolerance"]:
-            warnings.append(int8_summary["logits_vs_fp32_student"]["message"])
+            run.warnings.append(int8_summary["logits_vs_fp32_student"]["message"])
+    teacher, student = steps.model_summary(run, folder, student_bytes, teacher_bytes)
+    final_acc, ta = run.measured["final_acc"], run.teacher_acc
     summary = {
-        "recipe": recipe.name,
-        "teacher": {"source": src, "dev_accuracy": teacher_acc, "folder_bytes": teacher_bytes,
-                    "layers": len(head_counts(teacher)), "heads": sum(head_counts(teacher)),
-                    "ffn_neurons": sum(ffn_widths(teacher))},
-        "student": {"dev_accuracy": final_acc, "dev_accuracy_masked": masked_acc, "folder_bytes": student_bytes,
-                    "layers": len(head_counts(hf)), "heads_per_layer": head_counts(hf),
-                    "intermediate_per_layer": ffn_widths(hf),
-                    "model_type": json.loads((folder / "config.json").read_text())["model_type"],
-                    "vocab_size": hf.config.vocab_size, **vocab_note},
-        "artifact": {
-            "path": str(art_dir), "dev_accuracy": art_acc, "bytes": art_bytes,
-            "accuracy_ratio_vs_teacher": art_acc / teacher_acc if teacher_acc else None,
-            "size_ratio_vs_teacher": teacher_bytes / art_bytes["model"] if teacher_bytes else None,
-            "lsq_layers": {str(b): sum(1 for ls in spec.layers.values() if ls.bits == b)
-                           for b in sorted({ls.bits for ls in spec.layers.values()})},
-            "ptq_bits": hf_cfg.ptq_bits,
-        },
-        "accuracy_ratio_vs_teacher": final_acc / teacher_acc if teacher_acc else None,
+        "recipe": run.recipe.name, "teacher": teacher, "student": student,
+        "artifact": steps.artifact_summary(run, teacher_bytes),
+        "accuracy_ratio_vs_teacher": final_acc / ta if ta else None,
         "size_ratio_vs_teacher": (teacher_bytes / student_bytes) if teacher_bytes and student_bytes else None,
-        "train_rows": len(train_data), "dev_rows": len(dev_data), "world_size": world, "progressive": progressive,
-        "steps": steps,
-        "techniques": {k: v for r in (stage1, result) if r is not None for k, v in r.summary().items() if "." in k},
+        "train_rows": len(run.train_data), "dev_rows": len(run.dev_data), "world_size": world, "progressive": progressive,
+        "steps": _steps(run.result),
+        "techniques": {k: v for r in (run.stage1, run.result) if r is not None for k, v in r.summary().items() if "." in k},
         "pipeline_example": {"text": EXAMPLE, **example},
         "int8": int8_summary,
-        "notes": [
-            "student.dev_accuracy: the finalized model before the artifact's post-training rounding of the weights "
-            "LSQ did not train (hf.ptq_bits); artifact.dev_accuracy and everything after it: the model loaded back "
-            "from OUT/artifact. folder_bytes: fp32 safetensors of OUT/hf_model (values on the quantization grids). "
-            "int8 (OUT/onnx/model_int8.onnx) is ONNX Runtime dynamic int8 with the trained LSQ step sizes for the "
-            "encoder Linears (ORT's own scales elsewhere); feed it input_ids / attention_mask padded to exactly "
-            "seq_len with the tokenizer in OUT/hf_model",
-        ] + warnings,
-        "wall_seconds": time.perf_counter() - t0,
+        "notes": [NOTE] + run.warnings,
+        "wall_seconds": time.perf_counter() - run.t0,
     }
-    atomic_write_json(Path(out) / "history.json", result.history.as_dict())
-    atomic_write_json(Path(out) / "summary.json", summary)
+    atomic_write_json(run.out / "history.json", run.result.history.as_dict())
+    atomic_write_json(run.out / "summary.json", summary)
     return summary
 
 

@@ -1,10 +1,11 @@
-"""A one-tensor front for HF sequence classifiers, so the core loop can drive them.
+"""A one-tensor front for HF sequence classifiers, used by the HF recipe path.
 
-The core loop (loop.py) calls `model(x)` on one input tensor and feeds the result to
-F.cross_entropy; distill_kd calls `teacher(x)` the same way. An HF classifier takes
-keyword tensors and returns a ModelOutput. SequenceClassifier bridges the two: x is
-input_ids and attention_mask stacked along dim 1 ([N, 2, L], int64, see `pack`), the
-output is the logits tensor. `.hf` is the wrapped model (what gets pruned and exported).
+The session reads dict batches and ModelOutputs directly (session/outputs.py), so an HF model
+can be compressed as it is. The HF recipe path (hf/pipeline.py) still packs input_ids and
+attention_mask into one int64 tensor [N, 2, L] (see `pack`): batches then trim to their
+longest row (SequenceClassifier), sort into length buckets (BucketBatchSampler) and carry a
+sample index for the teacher-logit cache. The output is the logits tensor; `.hf` is the
+wrapped model (what gets pruned and exported).
 """
 
 from __future__ import annotations

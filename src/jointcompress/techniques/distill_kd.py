@@ -19,15 +19,37 @@ from ..errors import RecipeError
 from .base import RunContext, Technique
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over the batch."""
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+            token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over the batch; for token-level
+    logits [batch, tokens, vocab], averaged over the real tokens (`token_mask`)."""
     t = temperature
+    if student_logits.dim() == 3:
+        return token_kd_loss(student_logits, teacher_logits, t, token_mask)
     return F.kl_div(
         F.log_softmax(student_logits / t, dim=-1),
         F.log_softmax(teacher_logits.detach() / t, dim=-1),
         reduction="batchmean",
         log_target=True,
     ) * (t * t)
+
+
+# -- token-level logits (causal / masked LMs): session edit, kept apart from the rest -------------
+def token_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                  token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """T^2 * KL per token, summed over the vocabulary and averaged over the tokens whose
+    mask is 1 (padding carries no signal), so the scale does not grow with the length."""
+    t = temperature
+    per_token = F.kl_div(
+        F.log_softmax(student_logits / t, dim=-1),
+        F.log_softmax(teacher_logits.detach() / t, dim=-1),
+        reduction="none",
+        log_target=True,
+    ).sum(-1)
+    if token_mask is None or tuple(token_mask.shape) != tuple(per_token.shape):
+        return per_token.mean() * (t * t)
+    keep = token_mask.to(per_token.dtype)
+    return (per_token * keep).sum() / keep.sum().clamp_min(1.0) * (t * t)
 
 
 def hinton_loss(student_logits, teacher_logits, targets, temperature: float, alpha: float) -> torch.Tensor:
@@ -116,9 +138,9 @@ class DistillKD(Technique):
     def _build_projections(self, ctx: RunContext) -> None:
         with torch.no_grad():
             ctx.model.eval()
-            ctx.model(*_as_tuple(ctx.example_inputs))
+            _call(ctx.model, ctx.example_inputs)
             ctx.model.train()
-            self.teacher(*_as_tuple(ctx.example_inputs))
+            _call(self.teacher, ctx.example_inputs)
         for s, t in zip(self.student_caps, self.teacher_caps):
             conv = s.value.dim() == 4  # NCHW feature maps: channels are dim 1; else the last dim
             dim = 1 if conv else -1
@@ -126,7 +148,8 @@ class DistillKD(Technique):
 
     def teacher_logits(self, ctx: RunContext) -> torch.Tensor:
         cached = ctx.batch_extra.get("teacher_logits")
-        if cached is not None and not self.config.features:
+        # the session runs the teacher on every batch when features are matched ("teacher_fresh")
+        if cached is not None and (not self.config.features or ctx.batch_extra.get("teacher_fresh")):
             return cached
         with torch.no_grad():
             return self.teacher(*_as_tuple(ctx.batch_inputs))
@@ -135,15 +158,17 @@ class DistillKD(Technique):
     def _positions(ctx: RunContext) -> torch.Tensor | None:
         """Real-token positions of this batch when the student says which (hf.wrapper), else None."""
         fn = getattr(ctx.model, "position_mask", None)
-        return fn(*_as_tuple(ctx.batch_inputs)) if callable(fn) else None
+        if callable(fn):
+            return fn(*_as_tuple(ctx.batch_inputs))
+        return ctx.batch_extra.get("token_mask")  # a dict batch's attention_mask (session)
 
     def task_weight(self) -> float:
         return 1.0 - self.config.alpha
 
     def loss_terms(self, ctx: RunContext) -> dict[str, torch.Tensor]:
         t_logits = self.teacher_logits(ctx)
-        loss = self.config.alpha * kd_loss(ctx.outputs, t_logits, self.config.temperature)
         positions = self._positions(ctx)
+        loss = self.config.alpha * kd_loss(ctx.outputs, t_logits, self.config.temperature, positions)
         for pair, s, t, proj in zip(self.config.features, self.student_caps, self.teacher_caps, self.projections):
             loss = loss + pair.weight * feature_loss(proj(s.value), t.value.detach(), pair.loss, positions)
         return {"distill": loss}
@@ -168,3 +193,8 @@ class DistillKD(Technique):
 
 def _as_tuple(x):
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _call(model, inputs):
+    """model(**inputs) for dict inputs (HF style), model(*inputs) otherwise."""
+    return model(**inputs) if isinstance(inputs, dict) else model(*_as_tuple(inputs))

@@ -1,11 +1,9 @@
-"""A small, self-contained training loop and accuracy check for HF classifiers.
+"""The standalone fine-tuning loop of the earlier SST-2 benchmark (benchmarks/hf_sst2.py).
 
-Why it exists next to the core loop: the HF benchmark and tests need to fine-tune a
-teacher and distil students before the core joint loop is ready. It takes a loss
-callable and a per-step hook, so the same loop runs plain fine-tuning, distillation and
-mask-temperature annealing; the lead can replace it with the core loop later.
+Kept with that benchmark so its teacher fine-tune and its recorded results
+(benchmarks/results/hf_sst2.md) stay reproducible; the library itself trains through one
+engine, the compression session (jointcompress.session, jointcompress.compress).
 """
-
 from __future__ import annotations
 
 import math
@@ -100,31 +98,3 @@ def fit(
     return {"steps": total, "seconds": time.time() - t0}
 
 
-@torch.no_grad()
-def predict_logits(model: torch.nn.Module, tensors: dict[str, torch.Tensor], batch_size: int = 128) -> torch.Tensor:
-    """Logits for every row, in the original row order, with the model in eval mode.
-
-    Rows are processed sorted by length so each batch is trimmed to similar lengths
-    (several times cheaper on short-sentence data than random batches), then put back.
-    """
-    was_training = model.training
-    model.eval()
-    order = torch.argsort(tensors["attention_mask"].sum(1), stable=True)
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in tensors]
-    outs = []
-    for start in range(0, order.numel(), batch_size):
-        idx = order[start:start + batch_size]
-        batch = {k: tensors[k][idx] for k in keys}
-        length = int(batch["attention_mask"].sum(1).max())
-        batch = {k: v[:, :length] for k, v in batch.items()}
-        outs.append(model(**batch).logits.float())
-    model.train(was_training)
-    logits = torch.empty(order.numel(), outs[0].shape[-1])
-    logits[order] = torch.cat(outs)
-    return logits
-
-
-def accuracy(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> float:
-    """Fraction of rows whose argmax logit equals the label."""
-    logits = predict_logits(model, tensors)
-    return float((logits.argmax(-1) == tensors["labels"]).float().mean())

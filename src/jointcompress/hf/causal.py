@@ -1,0 +1,72 @@
+"""Causal language models (GPT-2, Llama / Mistral with grouped-query attention) for the session.
+
+What a causal LM needs beyond a classifier:
+- GPT-2 keeps its projections in transformers' `Conv1D` (x @ W + b with W stored [in, out]);
+  `conv1d_to_linear` swaps each for the `nn.Linear` computing the same (W transposed), so
+  masks and LSQ (which act on Linear layers) apply, and the swap is exact.
+- Its LM head is usually tied to the input embedding: pruning or quantizing `lm_head` would
+  also change the embedding when finalize bakes the weight, so `tied_weights` names such
+  layers and the recipe checks refuse them (exclude `lm_head`).
+- The task loss is the model's own shifted next-token loss (pass `labels`); distillation is
+  token-level over the attention mask (techniques/distill_kd.token_kd_loss).
+- `perplexity` measures it on held-out token rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from jointcompress.session.checks import is_conv1d, tied_weights  # noqa: F401 - part of this module's API
+
+
+@torch.no_grad()
+def conv1d_to_linear(model: nn.Module) -> nn.Module:
+    """Replace every transformers Conv1D by an equivalent nn.Linear, in place; returns model."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if is_conv1d(child):
+                w = child.weight  # [in, out]
+                lin = nn.Linear(w.shape[0], w.shape[1], bias=child.bias is not None, device=w.device, dtype=w.dtype)
+                lin.weight.copy_(w.t())
+                if child.bias is not None:
+                    lin.bias.copy_(child.bias)
+                setattr(parent, name, lin)
+    return model
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               batch_size: int = 32) -> float:
+    """exp(mean next-token cross-entropy) over the real tokens of the rows (eval mode, restored)."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(input_ids), batch_size):
+        ids = input_ids[i:i + batch_size]
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask[i:i + batch_size]
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum")
+        total += float(loss)
+        count += int((target != -100).sum())
+    model.train(was)
+    return math.exp(total / max(1, count))
+
+
+def with_ffn_widths(build, widths: list[int]):
+    """A builder for the packed artifact of a model whose FFN neurons were removed: the stock
+    architecture from `build()`, each layer's MLP shrunk to `widths` (the loaded weights then
+    fill it). `widths` is `model.config.intermediate_per_layer` after finalize."""
+    from jointcompress.hf.modeling_pruned import keep_neurons, family, layers
+
+    def builder():
+        model = build()
+        fam = family(model.config)
+        for layer, width in zip(layers(model), widths):
+            keep_neurons(layer, fam, torch.arange(int(width)))
+        return model
+
+    return builder

@@ -1,0 +1,214 @@
+"""The steps of an HF recipe run, one job each: models, data, training (through the
+compression session's built-in loop), finalize, the packed artifact, the summary.
+
+hf/pipeline.py:run_hf_recipe chains them; each step reads and fills an HFRun.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from jointcompress.errors import ArtifactError, DataError, RecipeError
+from jointcompress.hf.data import TextDataset, read_tsv, tokenize
+from jointcompress.hf.ffn import ffn_widths
+from jointcompress.hf.heads import head_counts
+from jointcompress.hf.load import MINILM_NAME, load_classifier, load_tokenizer
+from jointcompress.hf.pruned import n_layers
+from jointcompress.hf.student import make_student
+from jointcompress.hf.wrapper import SequenceClassifier, accuracy, pack, tensor_loader
+
+
+@dataclass
+class HFRun:
+    """What the steps of one HF recipe run share."""
+
+    recipe: Any
+    hf_cfg: Any
+    out: Path
+    log: Callable[[str], None]
+    t0: float = field(default_factory=time.perf_counter)
+    src: str = ""
+    warnings: list[str] = field(default_factory=list)
+    tok: Any = None
+    teacher: Any = None
+    student: Any = None
+    train_data: TextDataset | None = None
+    dev_data: TextDataset | None = None
+    dev_t: dict | None = None
+    x_dev: torch.Tensor | None = None
+    y_dev: torch.Tensor | None = None
+    teacher_acc: float | None = None
+    stage1: Any = None
+    result: Any = None
+    hf: Any = None
+    spec: Any = None
+    measured: dict = field(default_factory=dict)
+
+
+def teacher_source(recipe, weights: str | Path | None) -> str:
+    """--weights, else hf.model_name_or_path, else `model: hf:NAME`; a clear error if none."""
+    src = weights or (recipe.hf.model_name_or_path if recipe.hf is not None else None)
+    if src is None and (recipe.model or "").startswith("hf:"):
+        src = recipe.model[3:]
+    if not src:
+        raise RecipeError(
+            "HF recipe: no teacher; pass --weights FOLDER (a fine-tuned sequence classifier, e.g. the one "
+            "`benchmarks/hf_sst2.py teacher` saves to runs/hf_teacher) or set hf.model_name_or_path"
+        )
+    src = str(src)
+    if src != MINILM_NAME and not Path(src).is_dir():
+        raise ArtifactError(f"teacher {src!r} is not a folder; give a folder with config.json, weights and tokenizer files")
+    return src
+
+
+def split_files(data_dir: str | Path | None) -> tuple[Path, Path]:
+    if not data_dir:
+        raise DataError("HF recipe: no data; pass --data DIR holding SST-2 style train.tsv and dev.tsv (or set `data:`)")
+    d = Path(data_dir)
+    train, dev = d / "train.tsv", d / "dev.tsv"
+    for f in (train, dev):
+        if not f.is_file():
+            raise DataError(f"{f} does not exist; --data must be a folder with train.tsv and dev.tsv (header 'sentence<TAB>label')")
+    return train, dev
+
+
+def check_recipe(recipe) -> None:
+    if recipe.target is not None:
+        raise RecipeError("target: size and latency targets allocate unstructured sparsity and channels of the core "
+                          "models, not heads and FFN neurons; for an hf recipe remove target and set prune_heads / "
+                          "prune_ffn sparsity and quant_lsq bits")
+
+
+def load_models(run: HFRun, weights) -> None:
+    """The fine-tuned teacher, its tokenizer, and the student (a subset of its layers, or a copy)."""
+    run.src = src = teacher_source(run.recipe, weights)
+    if src == MINILM_NAME:
+        run.warnings.append(
+            "teacher is the bundled MiniLM base with an untrained classification head: distillation then copies a "
+            "random classifier. Fine-tune it first (benchmarks/hf_sst2.py teacher) and pass --weights runs/hf_teacher"
+        )
+        run.log(run.warnings[-1])
+    torch.manual_seed(run.recipe.training.seed)
+    labels = dict(enumerate(run.hf_cfg.labels))
+    run.tok = load_tokenizer(src)
+    run.teacher = load_classifier(src, num_labels=len(labels), id2label=labels).eval()
+    layers_ = run.hf_cfg.student_layers
+    if layers_:
+        n = n_layers(run.teacher.config)
+        if [i for i in layers_ if i >= n]:
+            raise RecipeError(f"hf.student_layers {layers_}: the teacher has {n} layers (indices 0..{n - 1})")
+        run.student = make_student(run.teacher, layers_)
+    else:
+        run.student = copy.deepcopy(run.teacher)
+
+
+def load_text(run: HFRun, data_dir) -> None:
+    """train.tsv / dev.tsv read, limited, checked against the labels, tokenized."""
+    hf_cfg, n_labels = run.hf_cfg, len(run.hf_cfg.labels)
+    train_file, dev_file = split_files(data_dir or run.recipe.data)
+    run.train_data = read_tsv(train_file).subset(hf_cfg.train_limit, seed=run.recipe.training.seed)
+    dev = read_tsv(dev_file)
+    if hf_cfg.eval_limit is not None:
+        dev = TextDataset(dev.sentences[: hf_cfg.eval_limit], dev.labels[: hf_cfg.eval_limit])
+    run.dev_data = dev
+    for name, d in (("train", run.train_data), ("dev", dev)):
+        bad = sorted({y for y in d.labels if not 0 <= y < n_labels})
+        if bad:
+            raise DataError(f"{name}.tsv has labels {bad[:5]}; hf.labels has {n_labels} classes (0..{n_labels - 1})")
+    run.dev_t = tokenize(run.tok, dev, hf_cfg.max_length)
+    run.x_dev, run.y_dev = pack(run.dev_t["input_ids"], run.dev_t["attention_mask"]), run.dev_t["labels"]
+
+
+def train(run: HFRun, dist, progress, callbacks, progressive: bool, compress_kwargs: dict) -> None:
+    """Compress the student (joint/sequential: one compress() run; progressive: two stages)."""
+    from jointcompress.api import compress
+
+    recipe = run.recipe
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    train_t = tokenize(run.tok, run.train_data, run.hf_cfg.max_length)
+    loader = tensor_loader(train_t, recipe.training.batch_size, shuffle=True, seed=recipe.training.seed, rank=rank, world=world)
+    teacher_w = SequenceClassifier(run.teacher).eval()
+    run.teacher_acc = accuracy(teacher_w, run.x_dev, run.y_dev)
+    run.log(f"teacher dev accuracy {run.teacher_acc:.4f} on {len(run.y_dev)} rows; training on {len(run.train_data)} rows")
+    evaluate = lambda m: {"accuracy": accuracy(m, run.x_dev, run.y_dev)}  # noqa: E731
+    if not progressive:
+        run.result = compress(SequenceClassifier(run.student), recipe, loader, evaluate, teacher=teacher_w, progress=progress,
+                              callbacks=callbacks, run_dir=run.out, distributed=dist if dist is not None else False,
+                              **compress_kwargs)
+        return
+    from jointcompress.progressive import progressive as _progressive
+
+    if dist is not None:
+        raise RecipeError("progressive HF compression runs in one process; start it without torchrun")
+    layers_ = run.hf_cfg.student_layers
+    run.stage1, run.result = _progressive(
+        teacher_w, None, recipe, loader, evaluate, progress=progress,
+        student_from=lambda t: SequenceClassifier(make_student(t.hf, layers_) if layers_ else copy.deepcopy(t.hf)))
+
+
+def finalize_student(run: HFRun, trim_vocab: bool | None) -> None:
+    """Masks and LSQ made permanent, heads / neurons removed; optionally the vocabulary trimmed."""
+    from jointcompress.hf.finalize import finalize_hf_with_spec
+
+    run.hf, run.spec = finalize_hf_with_spec(run.result.model, run.result.techniques)
+    run.hf.eval()
+    acc = accuracy(SequenceClassifier(run.hf), run.x_dev, run.y_dev)
+    run.measured.update(final_acc=acc, vocab_note={})
+    if not (run.hf_cfg.trim_vocab if trim_vocab is None else trim_vocab):
+        return
+    from jointcompress.hf.vocab import trim_vocab as _trim
+
+    full_vocab = run.hf.config.vocab_size
+    run.hf, run.tok, keep = _trim(run.hf, run.tok, run.train_data.sentences)
+    run.hf.eval()
+    run.dev_t = tokenize(run.tok, run.dev_data, run.hf_cfg.max_length)
+    run.x_dev = pack(run.dev_t["input_ids"], run.dev_t["attention_mask"])
+    run.measured["vocab_note"] = {"dev_accuracy_full_vocab": acc, "vocab_kept": len(keep), "vocab_full": full_vocab}
+    run.measured["final_acc"] = accuracy(SequenceClassifier(run.hf), run.x_dev, run.y_dev)
+    run.log(f"vocabulary trimmed to {len(keep)} of {full_vocab} word pieces; dev accuracy {acc:.4f} -> "
+            f"{run.measured['final_acc']:.4f}")
+
+
+def save_artifact(run: HFRun) -> None:
+    """The packed artifact, written and loaded back: everything after this is the saved model."""
+    from jointcompress.hf.artifact import artifact_bytes, load_hf_artifact, save_hf_artifact
+
+    art_dir = Path(run.out) / "artifact"
+    run.spec.recipe = run.recipe.model_dump(mode="json")
+    save_hf_artifact(run.hf, run.spec, art_dir, run.tok, ptq_bits=run.hf_cfg.ptq_bits)
+    run.hf, _ = load_hf_artifact(art_dir)
+    run.measured.update(art_dir=art_dir, art_acc=accuracy(SequenceClassifier(run.hf), run.x_dev, run.y_dev),
+                        art_bytes=artifact_bytes(art_dir))
+    run.log(f"artifact {art_dir}: {run.measured['art_bytes']['model']:,} bytes (weights + manifest), "
+            f"dev accuracy {run.measured['art_acc']:.4f}")
+
+
+def artifact_summary(run: HFRun, teacher_bytes: int | None) -> dict:
+    m, spec, acc = run.measured, run.spec, run.measured["art_acc"]
+    return {
+        "path": str(m["art_dir"]), "dev_accuracy": acc, "bytes": m["art_bytes"],
+        "accuracy_ratio_vs_teacher": acc / run.teacher_acc if run.teacher_acc else None,
+        "size_ratio_vs_teacher": teacher_bytes / m["art_bytes"]["model"] if teacher_bytes else None,
+        "lsq_layers": {str(b): sum(1 for ls in spec.layers.values() if ls.bits == b)
+                       for b in sorted({ls.bits for ls in spec.layers.values()})},
+        "ptq_bits": run.hf_cfg.ptq_bits,
+    }
+
+
+def model_summary(run: HFRun, folder: Path, student_bytes: int | None, teacher_bytes: int | None) -> tuple[dict, dict]:
+    t, hf, m = run.teacher, run.hf, run.measured
+    teacher = {"source": run.src, "dev_accuracy": run.teacher_acc, "folder_bytes": teacher_bytes,
+               "layers": len(head_counts(t)), "heads": sum(head_counts(t)), "ffn_neurons": sum(ffn_widths(t))}
+    student = {"dev_accuracy": m["final_acc"], "dev_accuracy_masked": run.result.metrics.get("accuracy"),
+               "folder_bytes": student_bytes, "layers": len(head_counts(hf)), "heads_per_layer": head_counts(hf),
+               "intermediate_per_layer": ffn_widths(hf),
+               "model_type": json.loads((folder / "config.json").read_text())["model_type"],
+               "vocab_size": hf.config.vocab_size, **m["vocab_note"]}
+    return teacher, student

@@ -1,0 +1,1 @@
+"""Integrations of the compression session with other training loops (transformers.Trainer)."""

@@ -1,0 +1,91 @@
+"""transformers.Trainer through the compression session.
+
+    session = jointcompress.prepare(model, recipe, total_steps=steps, teacher=teacher)
+    trainer = CompressionTrainer(session=session, model=model, args=args, train_dataset=ds)
+    trainer.train()
+    spec = session.finalize()
+
+CompressionTrainer changes three things of the Trainer: the loss goes through the session
+(task term from the model's own loss or the session's loss_fn, plus distillation and every
+technique's terms), the backward is the session's coordinated backward, and the optimizer
+also holds the techniques' parameters (mask scores, LSQ step sizes; those that attach later
+are added when they do). CompressionCallback runs the techniques' hooks around the
+Trainer's optimizer step and advances the schedule. Gradient accumulation works (each
+micro-batch's terms are scaled like the Trainer scales its loss); one process only.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from transformers import Trainer, TrainerCallback
+except ImportError as err:  # transformers is the optional `hf` extra
+    raise ImportError(f"jointcompress.integrations.hf_trainer needs transformers ({err}); pip install jointcompress[hf]") from None
+
+from ..errors import RecipeError
+from ..session.session import CompressionSession
+
+
+class CompressionCallback(TrainerCallback):
+    """The techniques' hooks at the Trainer's step boundaries."""
+
+    def __init__(self, session: CompressionSession):
+        self.session = session
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.session.begin_step()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.session.before_step()
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.session.after_step()
+        # the Trainer zeroes the model's gradients; technique parameters outside the model too
+        for t in self.session.techniques:
+            for g in t.parameters() if t.attached else []:
+                for p in g["params"]:
+                    p.grad = None
+
+
+class CompressionTrainer(Trainer):
+    """A transformers Trainer whose loss and backward go through a CompressionSession."""
+
+    def __init__(self, *args, session: CompressionSession, **kwargs):
+        if not isinstance(session, CompressionSession):
+            raise RecipeError("CompressionTrainer(session=...): give the session jointcompress.prepare(model, recipe, ...) returned")
+        super().__init__(*args, **kwargs)
+        if self.args.world_size > 1:
+            raise RecipeError("CompressionTrainer runs in one process; for data-parallel compression use "
+                              "jointcompress.compress under torchrun")
+        self.session = session
+        self.add_callback(CompressionCallback(session))
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer class and settings over the session's groups: the model's
+        weights at args.learning_rate / weight_decay, technique parameters with their own LR
+        and no weight decay (it would pull LSQ's log step sizes toward a step of 1)."""
+        if self.optimizer is None:
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model or self.model)
+            groups = self.session.param_groups(lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
+            for g in groups[1:]:
+                g.setdefault("weight_decay", 0.0)
+            self.optimizer = cls(groups, **kwargs)
+        self.session.bind(self.optimizer)
+        return self.optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            outputs = model(**inputs)
+            terms = self.session.loss(outputs, inputs)
+        scale = 1.0 / max(1, self.current_gradient_accumulation_steps)
+        terms = {k: v * scale for k, v in terms.items()}
+        self.session.backward(terms)
+        return sum(v.detach() for v in terms.values())
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Evaluation loss: the session's terms summed (training goes through training_step)."""
+        outputs = model(**inputs)
+        loss = sum(self.session.loss(outputs, inputs).values())
+        return (loss, outputs) if return_outputs else loss

@@ -1,0 +1,131 @@
+"""Any output, any batch: what the session needs to read from the user's model and data.
+
+Models return a tensor, a tuple, a dict or a Hugging Face `ModelOutput`; loaders yield
+`(x, y[, index])` tuples or dicts (`input_ids`, `attention_mask`, `labels`, ...). The session
+reads the logits, the labels, the sample index (teacher-logit cache) and the token mask
+(token-level distillation) from either, so techniques see one shape of the world.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError
+
+INDEX_KEYS = ("index", "idx")  # a dict batch's sample index: for the teacher cache, never fed to the model
+LABEL_KEYS = ("labels", "label")
+
+
+@dataclass
+class Batch:
+    """One batch, split: `inputs` is what the model is called with (a tensor, or a dict of
+    keyword tensors); `targets` the labels (None when the batch has none)."""
+
+    inputs: Any
+    targets: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None  # [batch, tokens]: 1 for real tokens (attention_mask)
+
+    @property
+    def teacher_inputs(self) -> Any:
+        """The inputs without the labels: a teacher has no loss to compute."""
+        if isinstance(self.inputs, dict):
+            return {k: v for k, v in self.inputs.items() if k not in LABEL_KEYS}
+        return self.inputs
+
+
+def split_batch(batch) -> Batch:
+    """(x, y[, index]) tuples, dicts (HF style, labels kept in the inputs as HF models expect)
+    or a bare input tensor."""
+    if isinstance(batch, Batch):
+        return batch
+    if isinstance(batch, dict):
+        inputs = {k: v for k, v in batch.items() if k not in INDEX_KEYS}
+        targets = next((batch[k] for k in LABEL_KEYS if k in batch), None)
+        index = next((batch[k] for k in INDEX_KEYS if k in batch), None)
+        return Batch(inputs, targets, index, batch.get("attention_mask"))
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise DataError("train_data: an empty batch; batches are (inputs, labels[, index]) or dicts")
+        return Batch(batch[0], batch[1] if len(batch) > 1 else None, batch[2] if len(batch) > 2 else None)
+    if isinstance(batch, torch.Tensor):
+        return Batch(batch)
+    raise DataError(
+        f"train_data: a batch of type {type(batch).__name__}; give (inputs, labels[, index]) tuples or dicts of tensors"
+    )
+
+
+def call_model(model, inputs):
+    """model(**inputs) for a dict, model(x) otherwise."""
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def logits_of(outputs) -> torch.Tensor:
+    """The logits in a model's outputs: the tensor itself, `.logits` of a ModelOutput or dict,
+    or the first tensor of a tuple with at least one axis (HF's return_dict=False puts a
+    scalar loss first)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, dict):
+        logits = outputs.get("logits")
+        if logits is None:
+            raise DataError(f"model outputs: a dict with keys {sorted(outputs)} and no 'logits'; return the logits "
+                            "under 'logits' or give the session a loss_fn and task loss of your own")
+    if logits is None and isinstance(outputs, (tuple, list)):
+        logits = next((o for o in outputs if isinstance(o, torch.Tensor) and o.dim() >= 1), None)
+    if not isinstance(logits, torch.Tensor):
+        raise DataError(f"model outputs of type {type(outputs).__name__} hold no logits tensor; return a tensor, "
+                        "a tuple, a dict with 'logits' or a transformers ModelOutput")
+    return logits
+
+
+def model_loss(outputs) -> torch.Tensor | None:
+    """The loss a model computed itself (HF models given `labels`), else None."""
+    loss = getattr(outputs, "loss", None)
+    if loss is None and isinstance(outputs, dict):
+        loss = outputs.get("loss")
+    return loss if isinstance(loss, torch.Tensor) else None
+
+
+def default_task_loss(outputs, batch: Batch) -> torch.Tensor:
+    """The model's own loss if it computed one, else cross-entropy of the logits against the
+    labels: [batch, classes] with [batch], or [batch, tokens, vocab] with [batch, tokens]
+    (label -100 ignored, no shift: a causal LM that shifts computes its own loss)."""
+    own = model_loss(outputs)
+    if own is not None:
+        return own
+    logits, y = logits_of(outputs), batch.targets
+    if y is None:
+        raise DataError("the batch has no labels and the model returned no loss; pass loss_fn=lambda outputs, batch: ... "
+                        "(or give session.loss a task_loss)")
+    if logits.dim() == 2 and y.dim() == 1 and len(y) == len(logits):
+        return F.cross_entropy(logits, y)
+    if logits.dim() == 3 and y.dim() == 2 and tuple(y.shape) == tuple(logits.shape[:2]):
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+    raise DataError(
+        f"the model's logits have shape {tuple(logits.shape)} and the labels {tuple(y.shape)}; the default task loss is "
+        "cross-entropy on [batch, classes] logits with [batch] labels or [batch, tokens, vocab] with [batch, tokens]. "
+        "Pass loss_fn=lambda outputs, batch: ... for any other loss"
+    )
+
+
+def first_rows(inputs, n: int = 2):
+    """The first n rows of the inputs (an example for tracing and shape checks)."""
+    if isinstance(inputs, dict):
+        return {k: v[:n] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(v[:n] for v in inputs)
+    return inputs[:n]
+
+
+def describe(inputs) -> str:
+    """Shapes and dtypes of the inputs, for error messages."""
+    if isinstance(inputs, dict):
+        return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in inputs.items()) + "}"
+    if isinstance(inputs, torch.Tensor):
+        return f"{tuple(inputs.shape)} {str(inputs.dtype).replace('torch.', '')}"
+    return type(inputs).__name__

@@ -1,0 +1,62 @@
+"""`prepare`: a compression session for the caller's own training loop."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .. import techniques as tech
+from ..errors import RecipeError
+from ..plan import make_plan
+from ..recipe import Recipe, parse_recipe
+from .session import CompressionSession, LossFn
+
+
+def total_steps_of(recipe: Recipe, total_steps: int | None, steps_per_epoch: int | None) -> int:
+    if total_steps is None and steps_per_epoch is not None:
+        total_steps = recipe.training.epochs * steps_per_epoch
+    if total_steps is None or total_steps < 1:
+        raise RecipeError(
+            f"prepare: total_steps={total_steps}; give total_steps=N (the optimizer steps your loop will run) or "
+            "steps_per_epoch=len(loader) (times training.epochs): pruning ramps and LSQ start are placed on it"
+        )
+    return int(total_steps)
+
+
+def check_needs(recipe: Recipe, teacher, example_inputs) -> None:
+    """Fail before training on what a technique of the recipe will need."""
+    if recipe.target is not None:
+        raise RecipeError("target: size and latency targets are steered by the built-in loop (compress()); in your own "
+                          "loop set the techniques' sparsity and bits instead")
+    kd = recipe.technique("distill_kd")
+    if kd is not None and teacher is None:
+        raise RecipeError("techniques: distill_kd needs a teacher; pass teacher=... to prepare() or remove distill_kd")
+    needs_example = recipe.technique("prune_structured") is not None or (kd is not None and kd.features)
+    if needs_example and example_inputs is None:
+        raise RecipeError("prepare: prune_structured (tracing the model) and distill_kd.features (sizing projections) "
+                          "need example_inputs=... (a batch of inputs, e.g. the first two rows)")
+
+
+def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None = None,
+            steps_per_epoch: int | None = None, teacher: nn.Module | None = None, example_inputs=None,
+            loss_fn: LossFn | None = None, distributed=False) -> CompressionSession:
+    """A session compressing `model` in place with `recipe`, driven by the caller's loop.
+
+    total_steps (or steps_per_epoch x training.epochs) places the techniques' windows;
+    loss_fn(outputs, batch) is the task loss (default: the model's own loss, else
+    cross-entropy). The techniques due at step 0 are attached on return, so create the
+    optimizer afterwards from `session.param_groups()` (or bind your own with `session.bind`).
+    distributed: False (default), "auto" (join torchrun's group) or a DistContext.
+    """
+    from .. import distributed as _dist
+    from ..api import check_targets
+
+    recipe = parse_recipe(recipe)
+    check_needs(recipe, teacher, example_inputs)
+    model = _dist.unwrap(model)
+    check_targets(model, recipe)
+    techniques = [tech.build(c) for c in recipe.techniques]
+    plan = make_plan(techniques, total_steps_of(recipe, total_steps, steps_per_epoch), recipe)
+    session = CompressionSession(model, techniques, plan, recipe, example_inputs=example_inputs, teacher=teacher,
+                                 loss_fn=loss_fn, dist=_dist.resolve(distributed))
+    session.start()
+    session.begin_step()
+    return session

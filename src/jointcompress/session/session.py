@@ -1,0 +1,297 @@
+"""A compression session: the techniques of a recipe, driven from any training loop.
+
+    session = jointcompress.prepare(model, recipe, total_steps=N, teacher=teacher)
+    optimizer = torch.optim.AdamW(session.param_groups(lr=1e-4)); session.bind(optimizer)
+    for batch in loader:
+        outputs = model(**batch)                       # or model(x): any output type
+        terms = session.loss(outputs, batch)           # task (+ distill, sparsity, ...) by name
+        optimizer.zero_grad()
+        session.backward(terms)                        # coordinated backward
+        session.before_step(); optimizer.step(); session.after_step()
+    spec = session.finalize()
+
+What the session owns: the techniques and their plan (when each attaches, ramps, freezes),
+the run context they read, the gradient coordinator, the teacher's logits (and their
+cache), and the step. What it leaves to the loop: data, optimizer, LR schedule, evaluation,
+checkpoints. The built-in loop (training/loop.py) is one client; the transformers Trainer
+integration (integrations/hf_trainer.py) another.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ..coordination import GradientCoordinator
+from ..errors import RecipeError
+from ..plan import Plan
+from ..techniques.base import RunContext
+from . import terms as _terms
+from .outputs import Batch, call_model, default_task_loss, logits_of, split_batch
+from .schedule import apply_events, event_steps
+from .sync import Sync
+from .teacher import TeacherCache, teacher_logits
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+class CompressionSession:
+    def __init__(self, model: nn.Module, techniques: list, plan: Plan, recipe, *, example_inputs=None,
+                 teacher: nn.Module | None = None, loss_fn: LossFn | None = None, dist=None):
+        self.model, self.plan, self.recipe = model, plan, recipe
+        self.techniques = sorted(techniques, key=lambda t: t.order)
+        self.teacher, self.loss_fn = teacher, loss_fn
+        self.ctx = RunContext(model=model, example_inputs=example_inputs, teacher=teacher, total_steps=plan.total_steps)
+        self.sync = Sync(dist)
+        self.teacher_cache = TeacherCache()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.owns_optimizer = False  # the built-in loop: the session (re)builds the optimizer
+        self.coordinator: GradientCoordinator | None = None
+        self.param_names: dict[int, str] = {}
+        self.step = 0
+        self._begun: int | None = None  # the step whose schedule update has run
+        self.on_restructure: list[Callable[[], None]] = []  # after attach/freeze events (rollback snapshots)
+
+    # -- start -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Attach the techniques due at step 0 and agree on the state over the ranks."""
+        apply_events(self.techniques, self.plan, self.ctx, 0)
+        self.rebuild()
+        if self.teacher is not None:
+            self.sync.model(self.teacher)
+        self.sync.model(self.model)
+        self.sync.techniques(self.techniques)
+
+    # -- parameters and optimizer ----------------------------------------------------------
+    def param_groups(self, lr: float | None = None, weight_decay: float | None = None) -> list[dict]:
+        """Optimizer groups: the model's weights ("weights"), then each technique's own
+        (mask scores, LSQ step sizes, feature projections) with their own LR if they set one."""
+        cfg = self.recipe.training
+        lr = cfg.lr if lr is None else lr
+        groups, owned = [], set()
+        for t in self.techniques:
+            if not t.attached:
+                continue
+            for g in t.parameters():
+                params = [p for p in g["params"] if p.requires_grad and id(p) not in owned]
+                owned.update(id(p) for p in params)
+                if params:
+                    groups.append({**g, "params": params, "lr": g.get("lr", lr)})
+        weights = [p for p in self.model.parameters() if p.requires_grad and id(p) not in owned]
+        wd = cfg.weight_decay if weight_decay is None else weight_decay
+        groups.insert(0, {"params": weights, "lr": lr, "weight_decay": wd, "name": "weights"})
+        return groups
+
+    def bind(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Use the caller's optimizer: parameters of techniques it lacks (now, and whenever a
+        technique attaches later) are added to it as new groups."""
+        self.optimizer, self.owns_optimizer = optimizer, False
+        self._add_missing_groups()
+        return optimizer
+
+    def _add_missing_groups(self) -> None:
+        have = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        for g in self.param_groups(lr=self.optimizer.param_groups[0]["lr"]):
+            params = [p for p in g["params"] if id(p) not in have]
+            if params:
+                self.optimizer.add_param_group({**g, "params": params})
+                have.update(id(p) for p in params)
+
+    def _own_optimizer(self, groups: list[dict]) -> None:
+        cfg = self.recipe.training
+        for g in groups:
+            g["base_lr"] = g["lr"]
+        old = self.optimizer
+        if cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, foreach=True)
+        else:
+            cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+            self.optimizer = cls(groups, lr=cfg.lr, foreach=True)
+        if old is not None:  # keep the moments of parameters that stay
+            for p, s in old.state.items():
+                if any(p is q for g in groups for q in g["params"]):
+                    self.optimizer.state[p] = s
+
+    def rebuild(self) -> None:
+        """After techniques attach or freeze: a new coordinator over the current parameter
+        groups, and the optimizer rebuilt (owned) or extended (bound)."""
+        groups = self.param_groups()
+        if self.owns_optimizer:
+            self._own_optimizer(groups)
+        elif self.optimizer is not None:
+            self._add_missing_groups()
+        self.coordinator = GradientCoordinator(
+            self.recipe.coordination, {g["name"]: g["params"] for g in groups}, seed=self.recipe.training.seed
+        )
+        self.param_names = {id(p): n for n, p in self.model.named_parameters()}
+        for t in self.techniques:
+            for attr, val in vars(t).items():
+                if isinstance(val, nn.Module):
+                    for n, p in val.named_parameters():
+                        self.param_names.setdefault(id(p), f"{t.kind}.{attr}.{n}")
+
+    # -- the step ----------------------------------------------------------------------------
+    def advance_schedule(self) -> bool:
+        """Carry out the attach / freeze events due at this step; True if any happened."""
+        if self.step == 0 or not apply_events(self.techniques, self.plan, self.ctx, self.step):
+            return False
+        self.rebuild()
+        self.sync.model(self.model)
+        self.sync.techniques(self.techniques)
+        for fn in self.on_restructure:
+            fn()
+        return True
+
+    def update_techniques(self) -> None:
+        """Every technique updates its schedule (sparsity, temperature) for this step; masks
+        decided on rank 0 are then the masks everywhere."""
+        self.ctx.step = self.step
+        for t in self.techniques:
+            if t.attached:
+                t.on_step(self.ctx)
+        self.sync.techniques(self.techniques)
+        self._begun = self.step
+
+    def begin_step(self) -> None:
+        """Make the techniques ready for this step's forward pass (idempotent per step)."""
+        if self._begun != self.step:
+            self.advance_schedule()
+            self.update_techniques()
+
+    def loss(self, outputs, batch=None, task_loss: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The step's named loss terms from the model's outputs (any type) and the batch
+        (tuple or dict): "task" (task_loss if given, else the session's loss_fn(outputs,
+        batch), else the model's own loss or cross-entropy), weighted down by distillation,
+        plus each technique's terms ("distill", "sparsity", "quant", ...)."""
+        self.begin_step()
+        b = split_batch(batch) if batch is not None else Batch(None)
+        ctx = self.ctx
+        ctx.batch_inputs, ctx.batch_targets = b.inputs, b.targets
+        ctx.outputs = logits_of(outputs) if outputs is not None else None
+        ctx.batch_extra = {"teacher_logits": self._teacher_logits(b), "teacher_fresh": True, "token_mask": b.token_mask}
+        if task_loss is None and self._task_weighted():
+            task_loss = self.loss_fn(outputs, batch) if self.loss_fn is not None else default_task_loss(outputs, b)
+        return _terms.technique_terms(self.techniques, ctx, task_loss)
+
+    def forward_terms(self, batch) -> dict[str, torch.Tensor]:
+        """Forward the model on the batch's inputs and return the step's loss terms."""
+        outputs = call_model(self.model, split_batch(batch).inputs)
+        return self.loss(outputs, batch)
+
+    def _task_weighted(self) -> bool:
+        return all(t.task_weight() > 0 for t in self.techniques if t.attached)
+
+    def _teacher_logits(self, b: Batch) -> torch.Tensor | None:
+        distill = next((t for t in self.techniques if t.kind == "distill_kd" and t.attached), None)
+        if distill is None or self.teacher is None or b.inputs is None:
+            return None
+        use_cache = distill.config.cache_teacher and not distill.config.features
+        return teacher_logits(self.teacher, b, self.teacher_cache, use_cache)
+
+    def backward(self, terms: dict[str, torch.Tensor]):
+        """The coordinated backward: each term's gradient resolved into `.grad` of every
+        shared parameter (then averaged over the ranks). Returns the coordination stats of
+        measured steps (None between them)."""
+        if self.coordinator is None:
+            raise RecipeError("session.backward before the session started; create it with jointcompress.prepare(...)")
+        stats = self.coordinator.backward(terms, self.step)
+        self.sync.grads(self.coordinator.params)
+        return stats
+
+    def before_step(self) -> None:
+        """Right before optimizer.step(): techniques act on the gradients."""
+        for t in self.techniques:
+            if t.attached:
+                t.before_optimizer_step(self.ctx)
+
+    def after_step(self, prepare_next: bool = True) -> None:
+        """Right after optimizer.step(): techniques act on the new weights; the step
+        advances and (prepare_next) the next step's schedule update runs."""
+        for t in self.techniques:
+            if t.attached:
+                t.after_optimizer_step(self.ctx)
+        self.step += 1
+        if prepare_next and self.step < self.plan.total_steps:
+            self.begin_step()
+
+    def on_epoch_end(self, epoch: int) -> None:
+        self.ctx.epoch = epoch
+        for t in self.techniques:
+            if t.attached:
+                t.on_epoch_end(self.ctx)
+
+    # -- state ---------------------------------------------------------------------------------
+    def technique_states(self) -> list[dict]:
+        return [t.state_dict() for t in self.techniques]
+
+    def load_technique_states(self, states: list[dict]) -> None:
+        for t, s in zip(self.techniques, states):
+            if s:
+                t.load_state_dict(s)
+
+    def restore_structure(self, step: int, begun: bool = False) -> None:
+        """Rebuild what the run had built by `step` (parametrizations, frozen techniques)
+        so that saved model and technique state can be loaded into it."""
+        for e in event_steps(self.plan, step + 1 if begun else step):
+            apply_events(self.techniques, self.plan, self.ctx, e)
+        self.rebuild()
+        self.step = step
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint of the user's loop needs besides the model and optimizer: the
+        step, whether its schedule update ran, technique states (masks, scores, targets) and
+        scalars, the coordinator's factors, the teacher cache."""
+        from ..checkpoint import python_rng_state
+
+        return {
+            "step": self.step,
+            "begun": self._begun == self.step,
+            "techniques": self.technique_states(),
+            "scalars": _terms.technique_scalars(self.techniques),
+            "coordinator": {"factors": dict(self.coordinator.factors), "rng": python_rng_state(self.coordinator.rng)},
+            "teacher_cache": self.teacher_cache.state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a session saved by state_dict() into a freshly prepared one. Call it before
+        model.load_state_dict (the model's parametrizations are rebuilt here) and before
+        optimizer.load_state_dict (technique groups are added to a bound optimizer here)."""
+        from ..checkpoint import set_python_rng_state
+
+        self.restore_structure(int(state["step"]), bool(state.get("begun")))
+        self.load_technique_states(state["techniques"])
+        _terms.set_technique_scalars(self.techniques, state["scalars"])
+        self.coordinator.factors = dict(state["coordinator"]["factors"])
+        set_python_rng_state(state["coordinator"]["rng"], self.coordinator.rng)
+        self.teacher_cache = TeacherCache.from_state(state.get("teacher_cache"))
+        self._begun = self.step if state.get("begun") else None
+
+    # -- the end -------------------------------------------------------------------------------
+    def finish_schedule(self) -> None:
+        """Freeze events due exactly at the end of the run."""
+        if self.step >= self.plan.total_steps:
+            apply_events(self.techniques, self.plan, self.ctx, self.plan.total_steps)
+
+    def finish(self) -> None:
+        """The end of the run: last freeze events; distillation hooks off (teacher mode restored)."""
+        self.finish_schedule()
+        for t in self.techniques:
+            if hasattr(t, "remove_hooks"):
+                t.remove_hooks()
+
+    def finalize(self, example_inputs=None):
+        """Make the compression permanent (masks applied and removed, LSQ values baked, pruned
+        units removed) and return the CompressionSpec. For Hugging Face head / FFN / layer
+        pruning the HF model is shrunk in place (`session.model` then holds it)."""
+        from .finalize import finalize_session
+
+        self.finish()
+        return finalize_session(self, example_inputs)
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        for t in self.techniques:
+            if t.attached:
+                out.update({f"{t.kind}.{k}": v for k, v in t.metrics().items()})
+        return out

@@ -1,0 +1,130 @@
+"""The built-in loop's checkpoints: everything needed to continue a run bit for bit.
+
+Weights with their parametrizations, technique states and scalars, optimizer, LR scale, RNG
+states (torch, CUDA, python, numpy, the loader's generator and the epoch's start), the
+DataLoader position, history, best state and teacher cache. Files are written by
+checkpoint.CheckpointStore (atomic, read back without unpickling); only rank 0 writes.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import checkpoint as ckpt
+from ..errors import RecipeError, TrainingError
+from ..session import terms as _terms
+from ..session.teacher import TeacherCache
+from .history import History, Position
+
+
+class RunCheckpoints:
+    def __init__(self, trainer, run_dir, keep: int = 2):
+        self.trainer = trainer
+        self.store = ckpt.CheckpointStore(run_dir, keep=keep) if run_dir is not None else None
+        self.last = None
+
+    def save(self):
+        """Write a checkpoint of the run as it is now (rank 0 only; a no-op without run_dir)."""
+        tr = self.trainer
+        s = tr.session
+        if self.store is None or not s.sync.is_main:
+            return None
+        gen = getattr(tr.loader, "generator", None)
+        payload = {
+            "model": s.model.state_dict(),
+            "techniques": s.technique_states(),
+            "optimizer": s.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "loader_gen": gen.get_state() if gen is not None else None,
+            "epoch_start_gen": tr.epoch_start["gen"],
+            "epoch_start_torch": tr.epoch_start["torch"],
+            "best": tr.best.payload(),
+            "teacher_cache": s.teacher_cache.state(),
+        }
+        history = tr.history.as_dict()
+        history["wall_seconds"] = tr.wall_offset + time.perf_counter() - tr.t0
+        meta = {
+            "position": vars(tr.pos),
+            "total_steps": s.plan.total_steps,
+            "history": history,
+            "recipe": s.recipe.model_dump(mode="json"),
+            "lr_scale": tr.recovery.lr_scale,
+            "nonfinite": tr.recovery.count,
+            "technique_scalars": _terms.technique_scalars(s.techniques),
+            "coordinator": {"factors": s.coordinator.factors, "rng": ckpt.python_rng_state(s.coordinator.rng)},
+            "python_rng": ckpt.python_rng_state(),
+            "numpy_rng": ckpt.numpy_rng_state(),
+            "world_size": s.sync.dist.world_size if s.sync.dist is not None else 1,
+        }
+        self.last = self.store.save(tr.pos.step, payload, meta)
+        return self.last
+
+    def _check_fits(self, path, meta: dict) -> None:
+        s = self.trainer.session
+        if meta.get("recipe") != s.recipe.model_dump(mode="json"):
+            raise RecipeError(
+                f"{path}: the checkpoint was made with a different recipe; resume with the same recipe "
+                "(and --mode/--model/--data), or start a new run in another directory"
+            )
+        if meta.get("total_steps") != s.plan.total_steps:
+            raise TrainingError(
+                f"{path}: the checkpoint's run has {meta.get('total_steps')} steps, this one {s.plan.total_steps}; "
+                "the training data or batch size changed. Resume with the same data, or start a new run"
+            )
+
+    def _load_state(self, path, ck: dict) -> None:
+        s = self.trainer.session
+        try:
+            s.model.load_state_dict(ck["model"])
+            s.load_technique_states(ck["techniques"])
+            s.optimizer.load_state_dict(ck["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise TrainingError(
+                f"{path}: the checkpoint does not fit this model ({str(err).splitlines()[0][:300]}); resume with the same model and recipe"
+            ) from None
+
+    def resume(self) -> bool:
+        """Continue from the newest usable checkpoint; False when there is none to resume."""
+        tr = self.trainer
+        if not tr.resume or self.store is None:
+            return False
+        found = self.store.latest()
+        if found is None:
+            return False
+        path, ck = found
+        meta = ck["meta"]
+        self._check_fits(path, meta)
+        s = tr.session
+        pos = Position(**meta["position"])
+        s.restore_structure(pos.step)  # parametrizations and frozen techniques as the run had them
+        self._load_state(path, ck)
+        _terms.set_technique_scalars(s.techniques, meta["technique_scalars"])
+        s.coordinator.factors = dict(meta["coordinator"]["factors"])
+        ckpt.set_python_rng_state(meta["coordinator"]["rng"], s.coordinator.rng)
+        tr.recovery.lr_scale, tr.recovery.count = float(meta["lr_scale"]), int(meta["nonfinite"])
+        tr.history = History(**meta["history"])
+        tr.wall_offset = float(meta["history"].get("wall_seconds") or 0.0)
+        tr.best.load_payload(ck.get("best"))
+        s.teacher_cache = TeacherCache.from_state(ck.get("teacher_cache"))
+        tr.pos = pos
+        s.ctx.epoch = pos.epoch
+        self._restore_rng(tr, ck, meta)
+        s.sync.model(s.model)
+        s.sync.techniques(s.techniques)
+        tr.history.events.append({"event": "resumed", "step": pos.step, "checkpoint": path.name})
+        self.last = path
+        return True
+
+    @staticmethod
+    def _restore_rng(tr, ck: dict, meta: dict) -> None:
+        tr.epoch_start = {"gen": ck.get("epoch_start_gen"), "torch": ck.get("epoch_start_torch")}
+        gen = getattr(tr.loader, "generator", None)
+        if gen is not None and ck.get("loader_gen") is not None:
+            gen.set_state(ck["loader_gen"])
+        ckpt.set_python_rng_state(meta["python_rng"])
+        ckpt.set_numpy_rng_state(meta["numpy_rng"])
+        torch.set_rng_state(ck["torch_rng"])
+        if ck.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["cuda_rng"])

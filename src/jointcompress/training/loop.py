@@ -1,0 +1,200 @@
+"""The built-in training loop: one client of the compression session.
+
+Per step: the session carries out the plan's events and the techniques' schedules, the
+model runs forward, the session gives the named loss terms and the coordinated backward,
+the optimizer steps between the techniques' hooks. After every epoch the user's metric is
+evaluated and the best state whose techniques are all at their target is kept.
+
+The loop composes small collaborators (docs/reliability.md):
+- RunCheckpoints (checkpoints.py): every `checkpoint_every` steps and at every evaluation,
+  everything needed to continue bit for bit;
+- Recovery (recovery.py): a non-finite loss term or gradient skips the step and rolls back
+  to the last good in-memory state with half the learning rate, and stops after
+  `max_nonfinite` such steps with a TrainingError naming the step and the term;
+- BestState (best.py): the best evaluated state at target, restored at the end;
+- the session's Sync: under torch.distributed gradients are averaged over ranks, masks and
+  step sizes are broadcast from rank 0, metrics are averaged and only rank 0 writes.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ..distributed import DistContext
+from ..errors import RecipeError, TrainingError
+from ..plan import Plan
+from ..session.schedule import lr_factor, phase_of
+from ..session.session import CompressionSession, LossFn
+from .best import BestState
+from .checkpoints import RunCheckpoints
+from .epochs import epoch_batches
+from .history import History, Position
+from .recovery import Recovery
+
+
+class Trainer:
+    """Callbacks are objects with any of on_step(trainer, step, out), on_epoch(trainer, entry),
+    on_end(trainer); they may read trainer.model, .techniques, .plan, .history, .optimizer,
+    .lr_scale and call trainer.forget_best()."""
+
+    def __init__(self, model: nn.Module, techniques: list, plan: Plan, recipe, train_loader,
+                 evaluate: Callable[[nn.Module], dict[str, float]], example_inputs, teacher: nn.Module | None = None,
+                 progress: Callable | None = None, callbacks: list | None = None, run_dir=None,
+                 checkpoint_every: int | None = None, resume: bool = False, max_nonfinite: int = 3,
+                 snapshot_every: int = 50, dist: DistContext | None = None, keep_checkpoints: int = 2,
+                 loss_fn: LossFn | None = None):
+        if checkpoint_every is not None and checkpoint_every < 1:
+            raise RecipeError(f"checkpoint_every must be >= 1 (got {checkpoint_every}); pass None for checkpoints at evaluations only")
+        self.session = CompressionSession(model, techniques, plan, recipe, example_inputs=example_inputs, teacher=teacher,
+                                          loss_fn=loss_fn, dist=dist)
+        self.session.owns_optimizer = True
+        self.session.on_restructure.append(self._snapshot)
+        self.loader, self.evaluate, self.progress = train_loader, evaluate, progress
+        self.callbacks = list(callbacks or [])
+        self.history = History()
+        self.pos = Position()
+        self.recovery = Recovery(self.session, max_nonfinite, snapshot_every)
+        self.best = BestState(self.session)
+        self.checkpoints = RunCheckpoints(self, run_dir, keep=keep_checkpoints)
+        self.checkpoint_every, self.resume = checkpoint_every, resume
+        self.epoch_start: dict[str, Any] = {"gen": None, "torch": None}
+        self.wall_offset = 0.0
+        self.t0 = time.perf_counter()
+
+    # -- what callbacks read ------------------------------------------------------------------
+    model = property(lambda self: self.session.model)
+    techniques = property(lambda self: self.session.techniques)
+    plan = property(lambda self: self.session.plan)
+    recipe = property(lambda self: self.session.recipe)
+    ctx = property(lambda self: self.session.ctx)
+    optimizer = property(lambda self: self.session.optimizer)
+    coordinator = property(lambda self: self.session.coordinator)
+    lr_scale = property(lambda self: self.recovery.lr_scale)
+    last_checkpoint = property(lambda self: self.checkpoints.last)
+
+    def forget_best(self) -> None:
+        """The states kept so far no longer meet the targets (a technique was retargeted)."""
+        self.best.forget()
+        self.history.best_metric = self.history.best_epoch = None
+
+    def save_checkpoint(self):
+        return self.checkpoints.save()
+
+    def _snapshot(self) -> None:
+        self.recovery.take_good(self.pos.step)
+
+    # -- one step -----------------------------------------------------------------------------
+    def step(self, batch, step: int) -> dict[str, Any]:
+        s, rec = self.session, self.recovery
+        s.step = step
+        s.update_techniques()
+        terms = s.forward_terms(batch)
+        bad = rec.bad_term(terms)
+        if bad is not None:
+            return rec.nonfinite(step, bad, terms, self.history.events, self.last_checkpoint)
+        for g in s.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * rec.lr_scale * lr_factor(step, s.plan, s.recipe.training.lr_schedule)
+        s.optimizer.zero_grad(set_to_none=True)
+        stats = s.backward(terms)
+        bad = rec.bad_gradient()  # identical on every rank after the all-reduce
+        if bad is not None:
+            return rec.nonfinite(step, bad, terms, self.history.events, self.last_checkpoint)
+        s.before_step()
+        if s.recipe.training.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(s.coordinator.params, s.recipe.training.grad_clip)
+        s.optimizer.step()
+        s.after_step(prepare_next=False)
+        return {"terms": {k: float(v.detach()) for k, v in terms.items()}, "coordination": stats}
+
+    # -- the run --------------------------------------------------------------------------------
+    def _start(self) -> None:
+        if not self.checkpoints.resume():
+            self.session.start()
+        self.recovery.take_good(self.pos.step)
+
+    def _train_step(self, batch, spe: int) -> None:
+        pos, total = self.pos, self.plan.total_steps
+        step = pos.step
+        self.session.step = step
+        self.session.advance_schedule()
+        out = self.step(batch, step)
+        pos.add(out)
+        stats = out["coordination"]
+        if stats is not None and step % self.recipe.coordination.log_every == 0:
+            self.history.steps.append({"step": step, "terms": out["terms"], **stats.as_dict()})
+        self._notify("on_step", step, out)
+        pos.step += 1
+        pos.batch_in_epoch += 1
+        if self.progress:
+            self.progress(pos.step, total)
+        snap = self.recovery.snapshot_every
+        if not out.get("skipped") and snap and pos.step % snap == 0:
+            self.recovery.take_good(pos.step)
+        if self.checkpoint_every and pos.step % self.checkpoint_every == 0 and pos.batch_in_epoch < spe and pos.step < total:
+            self.save_checkpoint()
+
+    def run(self) -> History:
+        self.t0 = time.perf_counter()
+        total, spe = self.plan.total_steps, len(self.loader)
+        self.model.train()
+        self._start()
+        pos = self.pos
+        while pos.step < total:
+            for batch in epoch_batches(self):
+                if pos.step >= total:
+                    break
+                self._train_step(batch, spe)
+            pos.epoch += 1
+            losses, conflict = pos.epoch_means()
+            pos.new_epoch()
+            self._end_epoch(pos.epoch, pos.step, losses, conflict)
+            self.recovery.take_good(pos.step)
+            self.save_checkpoint()
+        self.session.step = max(self.session.step, pos.step)
+        if pos.step >= total:  # freeze events due exactly at the end
+            self.session.finish_schedule()
+        self.best.restore()
+        self.history.wall_seconds = self.wall_offset + time.perf_counter() - self.t0
+        self._notify("on_end")
+        return self.history
+
+    def _notify(self, event: str, *args) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, event, None)
+            if fn is not None:
+                fn(self, *args)
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def _metrics(self) -> dict:
+        s = self.session
+        s.sync.model(s.model)  # BatchNorm statistics and everything else: rank 0's
+        s.sync.techniques(s.techniques)
+        metrics = self.evaluate(s.model)
+        metrics = metrics if isinstance(metrics, dict) else {s.recipe.training.metric: float(metrics)}
+        metrics = s.sync.mean_metrics(metrics, self.recovery._device())
+        s.model.train()
+        return metrics
+
+    def _end_epoch(self, epoch: int, step: int, losses: dict, conflict: float | None) -> None:
+        s = self.session
+        s.on_epoch_end(epoch)
+        metrics = self._metrics()
+        entry = {"epoch": epoch, "step": step, "phase": phase_of(s.plan, step - 1), "losses": losses,
+                 "conflict_rate": conflict, "metrics": metrics}
+        entry.update(s.metrics())
+        all_final = all(t.attached and t.at_target() for t in s.techniques) and step >= max(
+            [t.window[1] for t in s.techniques] + [0]
+        )
+        entry["at_target"] = all_final
+        self.history.epochs.append(entry)
+        self._notify("on_epoch", entry)
+        key = s.recipe.training.metric
+        if key not in metrics:
+            raise TrainingError(f"evaluate() returned {sorted(metrics)}; training.metric is '{key}'. Set training.metric to one of them")
+        value = float(metrics[key])
+        if all_final and (self.history.best_metric is None or value >= self.history.best_metric):
+            self.history.best_metric, self.history.best_epoch = value, epoch
+            self.best.keep()

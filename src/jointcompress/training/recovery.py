@@ -1,0 +1,100 @@
+"""Non-finite steps: caught before the optimizer step, rolled back, or the run stops.
+
+A non-finite loss term or gradient skips the step; model, techniques, optimizer and
+coordinator go back to the last good in-memory snapshot with half the learning rate; the
+`max_nonfinite`-th such step raises a TrainingError naming the step and the term (or
+parameter). Snapshots are taken at the start, after attach/freeze events, every
+`snapshot_every` steps and after every evaluation.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from ..errors import RecipeError, TrainingError
+from ..session import terms as _terms
+
+
+def clone(v):
+    if isinstance(v, torch.Tensor):
+        return v.detach().clone()
+    if isinstance(v, dict):
+        return {k: clone(x) for k, x in v.items()}
+    return v
+
+
+class Recovery:
+    def __init__(self, session, max_nonfinite: int = 3, snapshot_every: int = 50):
+        if max_nonfinite < 1:
+            raise RecipeError(f"max_nonfinite must be >= 1 (got {max_nonfinite})")
+        self.session, self.max_nonfinite, self.snapshot_every = session, max_nonfinite, snapshot_every
+        self.lr_scale = 1.0  # halved at every rollback after a non-finite step
+        self.count = 0
+        self.good: dict[str, Any] | None = None
+
+    def _device(self):
+        p = next(self.session.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def bad_term(self, terms: dict) -> str | None:
+        bad = next((f"loss term '{k}' is {float(v.detach().float().sum())}" for k, v in terms.items()
+                    if not bool(torch.isfinite(v).all())), None)
+        if self.session.sync.dist is not None and self.session.sync.any(bad is not None, self._device()) and bad is None:
+            bad = "a loss term is non-finite on another rank"
+        return bad
+
+    def bad_gradient(self) -> str | None:
+        params = [p for p in self.session.coordinator.params if p.grad is not None]
+        if not params:
+            return None
+        # one fused norm over every gradient: finite iff every entry is finite (fast path)
+        if bool(torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params]))):
+            return None
+        finite = torch.stack([torch.isfinite(p.grad).all() for p in params])
+        if bool(finite.all()):  # the norm overflowed, but every entry is finite
+            return None
+        p = params[int((~finite).nonzero()[0])]
+        bad = p.grad[~torch.isfinite(p.grad)]
+        name = self.session.param_names.get(id(p), tuple(p.shape))
+        return f"the gradient of parameter '{name}' has {bad.numel()} non-finite value(s) (e.g. {float(bad[0])})"
+
+    def take_good(self, step: int) -> None:
+        """In-memory snapshot of model + techniques + optimizer to roll back to."""
+        s = self.session
+        self.good = {
+            "step": step,
+            "model": {k: v.detach().clone() for k, v in s.model.state_dict().items()},
+            "techniques": [{k: clone(v) for k, v in t.state_dict().items()} for t in s.techniques],
+            "scalars": _terms.technique_scalars(s.techniques),
+            "optimizer": copy.deepcopy(s.optimizer.state_dict()),
+            "factors": dict(s.coordinator.factors),
+        }
+
+    def rollback(self) -> None:
+        g, s = self.good, self.session
+        if g is None:
+            return
+        s.model.load_state_dict(g["model"])
+        s.load_technique_states(g["techniques"])
+        _terms.set_technique_scalars(s.techniques, g["scalars"])
+        s.optimizer.load_state_dict(copy.deepcopy(g["optimizer"]))
+        s.coordinator.factors = dict(g["factors"])
+
+    def nonfinite(self, step: int, what: str, terms: dict, events: list, last_checkpoint=None) -> dict[str, Any]:
+        """Skip this step, roll back to the last good state with half the LR, or give up."""
+        self.session.optimizer.zero_grad(set_to_none=True)
+        self.count += 1
+        good_step = self.good["step"] if self.good else None
+        self.rollback()
+        self.lr_scale *= 0.5
+        events.append({"event": "nonfinite", "step": step, "what": what, "rolled_back_to": good_step, "lr_scale": self.lr_scale})
+        if self.count >= self.max_nonfinite:
+            saved = f"; the last checkpoint ({last_checkpoint}) is kept" if last_checkpoint else ""
+            raise TrainingError(
+                f"step {step}: {what}. This was non-finite step {self.count} of at most max_nonfinite={self.max_nonfinite} "
+                f"(each rolled back to the last good state, step {good_step}, and halved the learning rate){saved}. "
+                "Lower training.lr, set training.grad_clip, or check the data for NaN/Inf"
+            )
+        return {"terms": {k: float(v.detach()) for k, v in terms.items()}, "coordination": None, "skipped": True}

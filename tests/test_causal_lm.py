@@ -1,0 +1,164 @@
+"""Causal LMs through the session: GPT-2 (Conv1D converted, tied LM head) and a Llama with
+grouped-query attention, with the model's own next-token loss and token-level KD; finalize
+keeps the logits, the packed artifact loads back to the same logits and generate() works."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import jointcompress  # noqa: E402
+from jointcompress import RecipeError  # noqa: E402
+from jointcompress.artifact import load, save  # noqa: E402
+from jointcompress.hf.causal import conv1d_to_linear, perplexity, tied_weights  # noqa: E402
+
+RECIPE = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5, "exclude": ["lm_head"]},
+                         {"type": "quant_lsq", "bits": 4, "exclude": ["lm_head"]},
+                         {"type": "distill_kd", "temperature": 2.0, "alpha": 0.5}]}
+
+
+def gpt2_raw():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                      bos_token_id=1, eos_token_id=2))
+
+
+def gpt2():
+    return conv1d_to_linear(gpt2_raw())
+
+
+def llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                        bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+def rows(n, seed):
+    """Arithmetic token sequences (a pattern a small LM learns); every 4th row padded after 12."""
+    g = torch.Generator().manual_seed(seed)
+    start, step = torch.randint(3, 64, (n, 1), generator=g), torch.randint(1, 4, (n, 1), generator=g)
+    ids = 3 + (start + step * torch.arange(16)) % 61
+    mask = torch.ones_like(ids)
+    mask[::4, 12:] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def test_conv1d_to_linear_is_exact():
+    raw = gpt2_raw().eval()
+    lin = conv1d_to_linear(copy.deepcopy(raw))
+    ids, mask = rows(4, 3)
+    assert isinstance(lin.transformer.h[0].attn.c_attn, torch.nn.Linear)
+    with torch.no_grad():
+        assert torch.allclose(raw(input_ids=ids, attention_mask=mask).logits, lin(input_ids=ids, attention_mask=mask).logits,
+                              atol=1e-5)
+
+
+@pytest.mark.parametrize("build", [gpt2, llama], ids=["gpt2", "llama_gqa"])
+def test_causal_lm_compress_finalize_artifact_generate(build, tmp_path):
+    teacher = build().eval()
+    model = copy.deepcopy(teacher)
+    ids, mask = rows(64, 0)
+    labels = ids.masked_fill(mask == 0, -100)
+    steps = 12
+    session = jointcompress.prepare(model, RECIPE, total_steps=steps, teacher=teacher)
+    opt = torch.optim.AdamW(session.param_groups(lr=3e-3))
+    session.bind(opt)
+    model.train()
+    for s in range(steps):
+        i = (s * 16) % 64
+        batch = {"input_ids": ids[i:i + 16], "attention_mask": mask[i:i + 16], "labels": labels[i:i + 16]}
+        terms = session.loss(model(**batch), batch)
+        assert set(terms) == {"task", "distill"} and bool(terms["distill"] >= 0)
+        opt.zero_grad()
+        session.backward(terms)
+        session.before_step()
+        opt.step()
+        session.after_step()
+    assert abs(session.metrics()["prune_unstructured.sparsity"] - 0.5) < 0.01
+    x, xm = rows(8, 1)
+    model.eval()
+    with torch.no_grad():
+        masked = model(input_ids=x, attention_mask=xm).logits
+    spec = session.finalize()
+    assert len(spec.layers) == 2 * (4 if build is gpt2 else 7) and all(ls.bits == 4 for ls in spec.layers.values())
+    with torch.no_grad():
+        final = model(input_ids=x, attention_mask=xm).logits
+    assert torch.allclose(masked, final, atol=1e-4)
+    manifest = save(model, spec, tmp_path / "art", builder=build, example_inputs=x[:2])
+    loaded = load(tmp_path / "art", build)
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=x, attention_mask=xm).logits, final, atol=1e-5)
+    dense = sum(p.numel() * 4 for p in build().parameters())
+    assert manifest["bytes"]["total"] < dense / 2
+    prompt = x[:2, :5]
+    out = loaded.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+    assert out.shape == (2, 11) and torch.equal(out, model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                                                    max_new_tokens=6, do_sample=False))
+    assert perplexity(loaded, x, xm) == pytest.approx(perplexity(model, x, xm))
+
+
+def test_tied_lm_head_and_conv1d_are_refused_with_the_module_named():
+    model = gpt2()
+    assert tied_weights(model) == {"lm_head": "transformer.wte"}
+    with pytest.raises(RecipeError, match=r"layer 'lm_head' shares its weight with 'transformer.wte'.*exclude"):
+        jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 4}]}, total_steps=4)
+    with pytest.raises(RecipeError, match=r"'transformer.h.0.attn.c_attn' is a transformers Conv1D.*conv1d_to_linear"):
+        jointcompress.prepare(gpt2_raw(), RECIPE, total_steps=4, teacher=gpt2_raw())
+
+
+@pytest.mark.parametrize("build", [gpt2, llama], ids=["gpt2", "llama_gqa"])
+def test_causal_lm_ffn_neurons_removed_with_parity_and_artifact(build, tmp_path):
+    from jointcompress.hf.causal import with_ffn_widths
+    from jointcompress.hf.ffn import ffn_widths
+
+    teacher = build().eval()
+    model = copy.deepcopy(teacher)
+    full = ffn_widths(model)
+    recipe = {"techniques": [{"type": "prune_ffn", "sparsity": 0.5, "end": 0.5},
+                             {"type": "quant_lsq", "bits": 4, "exclude": ["lm_head"]},
+                             {"type": "distill_kd", "alpha": 0.5}]}
+    ids, mask = rows(32, 0)
+    session = jointcompress.prepare(model, recipe, total_steps=8, teacher=teacher)
+    opt = torch.optim.AdamW(session.param_groups(lr=3e-3))
+    session.bind(opt)
+    model.train()
+    for s in range(8):
+        i = (s * 8) % 32
+        batch = {"input_ids": ids[i:i + 8], "attention_mask": mask[i:i + 8], "labels": ids[i:i + 8].masked_fill(mask[i:i + 8] == 0, -100)}
+        terms = session.loss(model(**batch), batch)
+        opt.zero_grad()
+        session.backward(terms)
+        session.before_step()
+        opt.step()
+        session.after_step()
+    x, xm = rows(8, 1)
+    model.eval()
+    with torch.no_grad():
+        masked = model(input_ids=x, attention_mask=xm).logits
+    spec = session.finalize()
+    widths = ffn_widths(model)
+    assert sum(widths) == sum(full) // 2 and model.config.intermediate_per_layer == widths
+    if build is llama:  # gated MLP: gate rows removed with the up rows
+        assert [layer.mlp.gate_proj.out_features for layer in model.model.layers] == widths
+    with torch.no_grad():
+        final = model(input_ids=x, attention_mask=xm).logits
+    assert torch.allclose(masked, final, atol=1e-4)
+    builder = with_ffn_widths(build, widths)
+    save(model, spec, tmp_path / "art", builder=builder, example_inputs=x[:2])
+    loaded = load(tmp_path / "art", builder)
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=x, attention_mask=xm).logits, final, atol=1e-5)
+    prompt = x[:1, :5]
+    assert loaded.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False).shape == (1, 9)
+
+
+@pytest.mark.parametrize("kind", ["prune_heads", "prune_layers"])
+def test_causal_lm_heads_and_layers_are_refused_naming_the_model_type(kind):
+    with pytest.raises(RecipeError, match=rf"{kind}: .* not supported for model_type 'llama' \(supported: ffn\)"):
+        jointcompress.prepare(llama(), {"techniques": [{"type": kind, "sparsity": 0.5}]}, total_steps=4)

@@ -1,0 +1,105 @@
+"""A real transformers.Trainer.train() compressing a tiny random BERT through the session:
+pruning reaches its target, LSQ step sizes train, distillation runs, the teacher is untouched
+and finalize keeps the masked model's logits."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+import torch  # noqa: E402
+from hf_helpers import tiny_bert  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
+
+import jointcompress  # noqa: E402
+from jointcompress.integrations.hf_trainer import CompressionTrainer  # noqa: E402
+
+RECIPE = {
+    "techniques": [
+        {"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5, "targets": ["*encoder.layer.*"]},
+        {"type": "quant_lsq", "bits": 4, "targets": ["*encoder.layer.*"]},
+        {"type": "distill_kd", "temperature": 2.0, "alpha": 0.5},
+    ],
+    "coordination": {"strategy": "scale", "every": 2},
+}
+
+
+def _rows(n=48, length=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 60, (n, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[::3, length // 2:] = 0
+    labels = (ids[:, 1] > 30).long()
+    return [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(n)]
+
+
+def test_trainer_train_compresses_through_the_session(tmp_path):
+    teacher = tiny_bert(layers=2, seed=1)
+    teacher_state = copy.deepcopy(teacher.state_dict())
+    model = tiny_bert(layers=2, seed=0)
+    steps, accum = 8, 2
+    session = jointcompress.prepare(model, RECIPE, total_steps=steps, teacher=teacher)
+    quant = next(t for t in session.techniques if t.kind == "quant_lsq")
+    first_steps = {n: q.log_step.detach().clone() for n, q in quant.quantizers.items()}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=6,
+                             gradient_accumulation_steps=accum, learning_rate=1e-3, report_to=[], use_cpu=True,
+                             save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0)
+    terms_seen = []
+    orig = session.loss
+
+    def spy(outputs, batch=None, task_loss=None):
+        out = orig(outputs, batch, task_loss)
+        terms_seen.append(sorted(out))
+        return out
+
+    session.loss = spy
+    trainer = CompressionTrainer(session=session, model=model, args=args, train_dataset=_rows())
+    trainer.train()
+    assert trainer.state.global_step == steps and session.step == steps
+    assert len(terms_seen) == steps * accum and terms_seen[-1] == ["distill", "task"]
+    prune = next(t for t in session.techniques if t.kind == "prune_unstructured")
+    assert prune.at_target() and abs(prune.achieved_sparsity() - 0.5) < 0.01
+    assert any(not torch.equal(first_steps[n], q.log_step) for n, q in quant.quantizers.items())  # LSQ trained
+    opt_params = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) in opt_params for g in quant.parameters() for p in g["params"])
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_state.items())
+
+    model.eval()
+    batch = {k: torch.stack([r[k] for r in _rows(6, seed=3)]) for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        masked = model(**batch).logits
+    session.finalize()
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+    with torch.no_grad():
+        final = model(**batch).logits
+    assert torch.allclose(masked, final, atol=1e-4), (masked - final).abs().max()
+    w = model.bert.encoder.layer[0].attention.self.query.weight
+    assert max(len(row.unique()) for row in w) <= 16
+
+
+def test_trainer_train_compresses_a_causal_lm_with_token_level_kd(tmp_path):
+    from test_causal_lm import RECIPE as LM_RECIPE
+    from test_causal_lm import llama, rows
+
+    teacher = llama().eval()
+    model = copy.deepcopy(teacher)
+    ids, mask = rows(32, 0)
+    ds = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": ids[i].masked_fill(mask[i] == 0, -100)}
+          for i in range(32)]
+    session = jointcompress.prepare(model, LM_RECIPE, total_steps=6, teacher=teacher)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8, learning_rate=3e-3,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    CompressionTrainer(session=session, model=model, args=args, train_dataset=ds).train()
+    assert session.step == 6 and abs(session.metrics()["prune_unstructured.sparsity"] - 0.5) < 0.01
+    x, xm = rows(4, 1)
+    model.eval()
+    with torch.no_grad():
+        masked = model(input_ids=x, attention_mask=xm).logits
+    session.finalize()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=x, attention_mask=xm).logits, masked, atol=1e-4)
+    prompt = x[:1, :5]
+    assert model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False).shape == (1, 8)

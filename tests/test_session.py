@@ -1,0 +1,194 @@
+"""The compression session in a plain loop: any output and batch type, the user's loss,
+checkpoints of the user's loop that resume bit for bit, token-level distillation."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import jointcompress
+from jointcompress import DataError, RecipeError, compress
+from jointcompress.techniques.distill_kd import kd_loss
+
+RECIPE = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.6, "end": 0.5},
+                         {"type": "quant_lsq", "bits": 4, "start": 0.5}],
+          "coordination": {"strategy": "pcgrad", "every": 2}}
+
+
+def _data(n=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 12, generator=g)
+    return x, (x[:, :3].sum(1) > 0).long()
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 2))
+
+
+def _batches(epoch, x, y, bs=32):
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
+    return [(x[order[i:i + bs]], y[order[i:i + bs]]) for i in range(0, len(x), bs)]
+
+
+def _train(model, session, optimizer, epochs, x, y):
+    for epoch in epochs:
+        for xb, yb in _batches(epoch, x, y):
+            terms = session.loss(model(xb), (xb, yb))
+            optimizer.zero_grad()
+            session.backward(terms)
+            session.before_step()
+            optimizer.step()
+            session.after_step()
+
+
+def _start(seed=0):
+    model = _mlp(seed)
+    session = jointcompress.prepare(model, RECIPE, total_steps=4 * 4)
+    optimizer = torch.optim.Adam(session.param_groups(lr=1e-2))
+    session.bind(optimizer)
+    return model, session, optimizer
+
+
+def test_user_loop_checkpoint_resumes_bit_for_bit(tmp_path):
+    x, y = _data()
+    model, session, opt = _start()
+    _train(model, session, opt, range(4), x, y)
+    # the checkpoint is taken at step 8, when quant_lsq has just attached: the resumed session
+    # must attach it again, and add its step sizes to the optimizer before that loads
+    m2, s2, o2 = _start()
+    _train(m2, s2, o2, range(2), x, y)
+    torch.save({"model": m2.state_dict(), "opt": o2.state_dict(), "session": s2.state_dict()}, tmp_path / "ck.pt")
+    ck = torch.load(tmp_path / "ck.pt", weights_only=True)
+    m3, s3, o3 = _start(seed=5)  # other initial weights: everything must come from the checkpoint
+    s3.load_state_dict(ck["session"])
+    m3.load_state_dict(ck["model"])
+    o3.load_state_dict(ck["opt"])
+    _train(m3, s3, o3, range(2, 4), x, y)
+    assert s3.step == session.step == 16
+    a, b = model.state_dict(), m3.state_dict()
+    assert a.keys() == b.keys() and any("log_step" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    p = next(t for t in session.techniques if t.kind == "prune_unstructured")
+    assert abs(p.achieved_sparsity() - 0.6) < 0.01 and p.at_target()
+
+
+def test_technique_parameters_that_attach_later_join_the_bound_optimizer():
+    model, session, opt = _start()
+    before = sum(len(g["params"]) for g in opt.param_groups)
+    x, y = _data()
+    _train(model, session, opt, range(3), x, y)
+    quant = next(t for t in session.techniques if t.kind == "quant_lsq")
+    assert quant.attached
+    steps = [p for g in quant.parameters() for p in g["params"]]
+    have = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert steps and all(id(p) in have for p in steps)
+    assert sum(len(g["params"]) for g in opt.param_groups) == before + len(steps)
+    assert all(p.grad is not None for p in steps)  # they are trained
+
+
+class _DictOut(nn.Module):
+    """A model with keyword inputs returning a dict (HF-like), for dict batches."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _mlp()
+
+    def forward(self, features, labels=None):
+        logits = self.net(features)
+        return {"logits": logits, "extra": logits.sum()}
+
+
+def test_dict_batches_dict_outputs_and_a_user_loss_in_compress():
+    x, y = _data()
+    ds = [{"features": x[i], "labels": y[i]} for i in range(len(x))]
+    loader = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def loss_fn(outputs, batch):
+        seen.append(sorted(batch))
+        return nn.functional.cross_entropy(outputs["logits"], batch["labels"], label_smoothing=0.1)
+
+    model = _DictOut()
+    teacher = copy.deepcopy(model).eval()
+    rec = {"techniques": RECIPE["techniques"] + [{"type": "distill_kd", "alpha": 0.5}], "training": {"epochs": 2}}
+    res = compress(model, rec, loader, lambda m: {"accuracy": 0.5}, teacher=teacher, loss_fn=loss_fn)
+    assert seen and seen[0] == ["features", "labels"]
+    assert set(res.history.epochs[-1]["losses"]) == {"task", "distill"}
+    assert isinstance(res.example_inputs, dict) and res.example_inputs["features"].shape == (2, 12)
+    assert abs(res.summary()["prune_unstructured.sparsity"] - 0.6) < 0.01
+
+
+class _TokenClassifier(nn.Module):
+    def __init__(self, vocab=30):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(vocab, 16)
+        self.out = nn.Linear(16, 2)
+
+    def forward(self, ids):
+        return self.out(self.emb(ids).mean(1))
+
+
+def test_integer_token_ids_are_accepted_and_bool_inputs_refused():
+    ids = torch.randint(0, 30, (64, 8))
+    labels = (ids[:, 0] > 15).long()
+    res = compress(_TokenClassifier(), {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5}],
+                                        "training": {"epochs": 1, "batch_size": 16}},
+                   (ids, labels), lambda m: {"accuracy": 0.0})
+    assert res.history.epochs and res.example_inputs.dtype == torch.int64
+    with pytest.raises(DataError, match="dtype torch.bool"):
+        compress(_TokenClassifier(), {}, (ids > 3, labels), lambda m: {"accuracy": 0.0})
+
+
+def test_token_level_kd_ignores_padding_and_does_not_grow_with_length():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 6, 11), torch.randn(2, 6, 11)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    base = kd_loss(s, t, 2.0, mask)
+    s2 = s.clone()
+    s2[1, 3:] += 100.0  # padding positions: any logits
+    assert torch.allclose(kd_loss(s2, t, 2.0, mask), base)
+    per_token = kd_loss(s[:1], t[:1], 2.0)
+    doubled = kd_loss(torch.cat([s[:1], s[:1]], 1), torch.cat([t[:1], t[:1]], 1), 2.0)
+    assert torch.allclose(per_token, doubled)  # a mean over tokens, not a sum
+    assert kd_loss(s, s, 2.0, mask).abs() < 1e-6
+
+
+def test_prepare_errors_name_the_field():
+    with pytest.raises(RecipeError, match="total_steps"):
+        jointcompress.prepare(_mlp(), RECIPE)
+    with pytest.raises(RecipeError, match="needs a teacher"):
+        jointcompress.prepare(_mlp(), {"techniques": [{"type": "distill_kd"}]}, total_steps=10)
+    with pytest.raises(DataError, match=r"logits have shape \(4, 2\) and the labels \(4, 3\)"):
+        s = jointcompress.prepare(_mlp(), {}, total_steps=10)
+        s.loss(torch.randn(4, 2), (torch.randn(4, 12), torch.zeros(4, 3, dtype=torch.long)))
+
+
+def test_hidden_state_kd_on_dict_batches_averages_over_real_tokens():
+    pytest.importorskip("transformers")
+    from hf_helpers import tiny_bert
+
+    from jointcompress.techniques.distill_kd import feature_loss
+
+    teacher, student = tiny_bert(layers=2, seed=1), tiny_bert(layers=2, seed=0)
+    ids = torch.randint(5, 60, (4, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1:, 5:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 0, 1])}
+    pair = {"student": "bert.encoder.layer.1", "teacher": "bert.encoder.layer.1"}
+    recipe = {"techniques": [{"type": "distill_kd", "alpha": 0.5, "temperature": 1.0, "features": [pair]}]}
+    session = jointcompress.prepare(student, recipe, total_steps=4, teacher=teacher,
+                                    example_inputs={"input_ids": ids[:2], "attention_mask": mask[:2]})
+    kd = session.techniques[0]
+    terms = session.loss(student(**batch), batch)
+    assert torch.equal(kd._positions(session.ctx), mask)
+    s, t = kd.student_caps[0].value, kd.teacher_caps[0].value
+    assert s.shape == (4, 8, 32)
+    logits_part = 0.5 * kd_loss(session.ctx.outputs, session.ctx.batch_extra["teacher_logits"], 1.0, mask)
+    masked = feature_loss(s, t, "mse", mask)
+    assert torch.allclose(terms["distill"], logits_part + masked)
+    assert not torch.allclose(masked, feature_loss(s, t, "mse"))  # padding really is left out
