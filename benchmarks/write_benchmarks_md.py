@@ -37,7 +37,7 @@ def section(model: str, folder: str | None = None, title: str = "") -> list[str]
                  + (f", wall {r['wall_seconds'] / 60:.1f} min" if r.get("wall_seconds") else "") + ". "
                  "Ratio = fp32 safetensors file / artifact weights file on disk; error on the 10,000 test images.")
     lines.append("")
-    if r.get("train_images"):
+    if r.get("train_images") and r["train_images"] < 60_000:
         lines += [f"Training images: {r['train_images']:,} (class-balanced subset; the scarce-data case).", ""]
     if any(row["variant"].startswith("joint") for row in r.get("runs", [])) and not any("changed_share" in row for row in r.get("runs", [])):
         lines += ["**Measured with the earlier joint mode** (magnitude masks and LSQ at overlapping times, the allocator's "
@@ -252,9 +252,11 @@ def main() -> None:
             "The runs are sized for 2 shared CPU cores (few epochs, few seeds), far below Deep Compression's training budget, "
             "so they show the trend of each method at equal budgets rather than a best-effort accuracy.", ""]
     text += VARIANTS_TEXT
-    for folder, title in (("compare_lenet300_100x", " at 100x"), ("compare_lenet300_2k", ", 2,000 training images, at 100x")):
+    for model, folder, title in (("lenet300", "compare_lenet300_100x", " at 100x"),
+                                 ("lenet300", "compare_lenet300_2k", ", 2,000 training images, at 100x"),
+                                 ("lenet5", "compare_lenet5_200x", " at 200x")):
         if (ROOT / "benchmarks" / "results" / folder / "compare.json").is_file():
-            text += section("lenet300", folder, title)
+            text += section(model, folder, title)
     for model in MODELS:
         text += section(model)
     if (ROOT / "benchmarks" / "results" / "compare_lenet300_long" / "compare.json").is_file():
