@@ -78,8 +78,13 @@ def _hf(name: str) -> nn.Module:
     if name == "deberta-v2":
         return t.DebertaV2ForSequenceClassification(t.DebertaV2Config(**_text_kwargs()))
     if name == "gpt2":
-        return t.GPT2LMHeadModel(t.GPT2Config(vocab_size=CLASSES, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=16,
-                                              bos_token_id=0, eos_token_id=0))
+        from jointcompress.hf.causal import conv1d_to_linear
+
+        # GPT-2's blocks are transformers' Conv1D: converted to nn.Linear (exactly) so the techniques
+        # select them; the LM head untied, since compressing a tied head would change the embedding
+        return conv1d_to_linear(t.GPT2LMHeadModel(t.GPT2Config(
+            vocab_size=CLASSES, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=16, bos_token_id=0, eos_token_id=0,
+            tie_word_embeddings=False)))
     raise ValueError(f"unknown architecture {name!r}; known: {ARCHS}")
 
 

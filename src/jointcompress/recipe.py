@@ -111,11 +111,11 @@ class SizeBudget(Strict):
     start: Fraction = 0.0
     end: Fraction = 0.6
     freeze: Fraction = 0.8
-    # dual ascent step of the multiplier; None: 50 / the window's steps (the same reach in short and long runs)
+    # dual ascent step of the multiplier; None: 50 / the window's steps (at least a tenth of the run)
     lambda_lr: Annotated[float, Field(gt=0.0, le=100.0)] | None = None
     penalty: Annotated[float, Field(ge=0.0, le=1000.0)] = 1.0  # quadratic term of the augmented Lagrangian
     margin: Annotated[float, Field(ge=0.0, le=0.2)] = 0.01  # aim this far under the target
-    calibrate_every: Annotated[int, Field(ge=1, le=1_000_000)] | None = None  # None: 20 times a run
+    calibrate_every: Annotated[int, Field(ge=1, le=1_000_000)] | None = None  # None: 40 times a run
     target_bytes: Annotated[float, Field(gt=0.0)] | None = None  # set from `target` by compress()
 
     @model_validator(mode="after")

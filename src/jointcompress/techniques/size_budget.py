@@ -103,6 +103,7 @@ class SizeBudget(Technique):
         self.calibrations = 0
         self.events: list[dict] = []
         self.model: nn.Module | None = None
+        self.span = 1
 
     # -- lifecycle -------------------------------------------------------------------------
     def setup(self, ctx: RunContext) -> None:
@@ -120,8 +121,10 @@ class SizeBudget(Technique):
 
             raise RecipeError("size_budget.target_bytes is not set; give the recipe a target (size_kb or ratio)")
         self.model = ctx.model
+        # the steps over which the dead zones and the multiplier must travel (a tenth of the run at least)
+        self.span = max(1, self.window[1] - self.window[0], ctx.total_steps // 10)
         for _, q in self.layers.values():  # Adam moves a parameter ~lr a step: let the dead zones cross the window
-            q.decision_lr = DECISION_TRAVEL / max(1, self.window[1] - self.window[0])
+            q.decision_lr = DECISION_TRAVEL / self.span
         self.calibrate(ctx.model)
         self.start_bytes = self.calibrated_hard()
         self.attached = True
@@ -154,7 +157,7 @@ class SizeBudget(Technique):
         if self.frozen:
             return
         c = self.last_hard / self.goal(ctx.step) - 1
-        lr = self.config.lambda_lr or LAMBDA_TRAVEL / max(1, self.window[1] - self.window[0])
+        lr = self.config.lambda_lr or LAMBDA_TRAVEL / self.span
         self.lam = max(-LAMBDA_MAX, min(LAMBDA_MAX, self.lam + lr * c))
 
     def freeze(self) -> None:
@@ -240,7 +243,7 @@ class SizeBudget(Technique):
     # -- bookkeeping -----------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
         return {"size_bytes": self.calibrated_hard() if self.layers else 0.0, "size_lambda": self.lam,
-                "size_scale": self.scale}
+                "size_scale": self.scale, "size_calibrations": float(self.calibrations)}
 
     def state_dict(self):
         return {"lam": torch.tensor(self.lam, dtype=torch.float64), "scale": torch.tensor(self.scale, dtype=torch.float64),
