@@ -178,3 +178,17 @@ def test_demo_compares_both_modes_at_one_size_target(tmp_path):
         assert data["rows"][mode]["file_bytes"] == file_bytes
         assert abs(file_bytes / data["target_bytes"] - 1) <= 0.02
     assert "target 20x" in res.output
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "log8"])
+def test_dead_zone_output_is_exactly_on_the_stored_grid(fmt):
+    # the forward's step must equal the stored step bit for bit (an ulp off puts q*s off the grid)
+    torch.manual_seed(3)
+    w = torch.randn(64, 200) * torch.rand(64, 1) * 3
+    q = ZeroLevelLSQWeight(w, bits=4)
+    q.step_format = fmt
+    with torch.no_grad():
+        q.log_step.normal_(-1.0, 0.7)
+    out = q(w).detach()
+    ints = out / q.scale().view(-1, 1)
+    assert (ints - ints.round()).abs().max() < 1e-5  # the writer allows 1e-3; fp32 rounding of q * s is ~1e-7

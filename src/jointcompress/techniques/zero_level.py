@@ -115,21 +115,25 @@ class ZeroLevelLSQWeight(LSQWeight):
     def bits_ste(self) -> torch.Tensor:
         """The integer bit-width in the forward pass, the relaxed one in the backward pass."""
         b = self.bits_continuous()
-        return b + (b.round() - b).detach()
+        return b.detach().round() + (b - b.detach())  # exactly an integer in value
 
     def step_multiplier(self) -> torch.Tensor:
         """Keeps the grid's range fixed when the width changes: s = s_ref * Q(ref) / Q(bits)."""
         b = self.bits_continuous()
         soft = qmax_of(float(self.ref_bits)) / qmax_of(b)
         hard = qmax_of(float(self.ref_bits)) / qmax_of(b.detach().round())
-        return soft + (hard - soft).detach()
+        return hard + (soft - soft.detach())  # exactly `hard` in value
 
     def dead_zone(self) -> torch.Tensor:
         return 0.5 + F.softplus(self.dead_zone_raw)
 
     def stored(self, s: torch.Tensor) -> torch.Tensor:
-        """The step exactly as the artifact stores it (step_format), with a straight-through gradient."""
-        return s + (round_step(s.detach(), self.step_format) - s).detach()
+        """The step exactly as the artifact stores it (step_format), with a straight-through gradient.
+
+        Written as value + (s - s.detach()), which adds an exact 0.0: `s + (rounded - s).detach()`
+        can miss the stored value by an ulp, and q * step then falls off the artifact's grid.
+        """
+        return round_step(s.detach(), self.step_format) + (s - s.detach())
 
     def effective_step(self) -> torch.Tensor:
         return self.stored(self.log_step.exp() * self.step_multiplier())
@@ -149,8 +153,9 @@ class ZeroLevelLSQWeight(LSQWeight):
                 self.initialized.fill_(True)
         qmax = self.qmax
         n = w[0].numel() if self.per_channel else w.numel()
-        log_s = grad_scale(self.log_step, 1.0 / math.sqrt(n * qmax))
-        s = self.stored(log_s.exp() * self.step_multiplier())
+        # LSQ's gradient scale on the step; the value is exactly the stored step (effective_step)
+        s_grad = grad_scale(self.log_step, 1.0 / math.sqrt(n * qmax)).exp() * self.step_multiplier()
+        s = self.effective_step().detach() + (s_grad - s_grad.detach())
         keep = self.keep if bool(self.pattern_fixed) else None
         out = DeadZoneQuant.apply(w, s, self.dead_zone(), qmax, keep)
         self.last_in, self.last_out, self.last_w = w, out, w
