@@ -44,6 +44,7 @@ from ..errors import JointCompressError
 from ..spec import CompressionSpec
 from .onnx_export import export_onnx, ort_predict, ort_session
 from .parity import ParityReport, batches, compare
+from .timing import DEFAULT_THREADS
 
 DEFAULT_BACKEND = "onnxruntime"
 
@@ -59,6 +60,13 @@ class Int8Model:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.predict(x)
+
+    def with_threads(self, threads: int) -> "Int8Model":
+        """The same model on an ONNX Runtime session with `threads` intra-op threads (for fair
+        timing); torch back ends follow torch.set_num_threads and are returned as they are."""
+        if self.backend != "onnxruntime" or self.path is None:
+            return self
+        return Int8Model(self.backend, ort_predict(ort_session(self.path, threads)), self.path, self.trained_scales)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -132,7 +140,7 @@ class _Reader:
 
 
 def quantize_onnxruntime(model: nn.Module, spec: CompressionSpec | None, calibration, workdir: str | os.PathLike,
-                         example_input: torch.Tensor, max_batches: int = 8) -> Int8Model:
+                         example_input: torch.Tensor, max_batches: int = 8, threads: int = DEFAULT_THREADS) -> Int8Model:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     workdir = Path(workdir)
@@ -147,7 +155,7 @@ def quantize_onnxruntime(model: nn.Module, spec: CompressionSpec | None, calibra
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         extra_options={"TensorQuantOverrides": overrides, "WeightSymmetric": True},
     )
-    return Int8Model("onnxruntime", ort_predict(ort_session(out)), str(out), trained_scales=len(overrides))
+    return Int8Model("onnxruntime", ort_predict(ort_session(out, threads)), str(out), trained_scales=len(overrides))
 
 
 def quantize_torch(model: nn.Module, calibration, example_input: torch.Tensor, engine: str | None = None,
@@ -169,11 +177,13 @@ def quantize_torch(model: nn.Module, calibration, example_input: torch.Tensor, e
 
 
 def quantize_int8(model: nn.Module, spec: CompressionSpec | None, calibration, example_input: torch.Tensor,
-                  backend: str = DEFAULT_BACKEND, workdir: str | os.PathLike | None = None) -> Int8Model:
-    """An int8 model for CPU inference. `calibration`: inputs (tensor, (X, Y) or batches)."""
+                  backend: str = DEFAULT_BACKEND, workdir: str | os.PathLike | None = None,
+                  threads: int = DEFAULT_THREADS) -> Int8Model:
+    """An int8 model for CPU inference. `calibration`: inputs (tensor, (X, Y) or batches).
+    `threads`: intra-op threads of the ONNX Runtime session (re-made by `with_threads`)."""
     if backend == "onnxruntime":
         workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="jointcompress-int8-"))
-        return quantize_onnxruntime(model, spec, calibration, workdir, example_input)
+        return quantize_onnxruntime(model, spec, calibration, workdir, example_input, threads=threads)
     if backend.startswith("torch"):
         engine = backend.split("-", 1)[1] if "-" in backend else None
         return quantize_torch(model, calibration, example_input, engine)
