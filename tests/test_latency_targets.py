@@ -113,3 +113,15 @@ def test_shrunk_model_has_the_allocated_widths_and_recipe_gets_budgets(lenet):
     ps = recipe.technique("prune_structured")
     for g, s in ps.layer_sparsity.items():  # the technique keeps round(c * (1 - s)) = the width
         assert round(channels[g] * (1 - s)) == alloc.widths[g]
+
+
+def test_calibrate_scales_a_table_from_another_runtime(lenet):
+    model, x = lenet
+    table, sites, channels = mac_table(model, x)
+    target = Target(latency_ms=0.4 * table.predict(sites, channels, channels))
+    measure = lambda shrunk: 0.5 * table.predict(sites, dict(zip(channels, _widths(shrunk, x))), channels)  # noqa: E731
+    plain = allocate_latency(model, x, target, table=table, measure=measure)
+    calibrated = allocate_latency(model, x, target, table=table, measure=measure, calibrate=True, max_rounds=4)
+    assert plain.measured_ms < 0.85 * target.latency_ms  # twice faster than the table: over-pruned
+    assert plain.measured_ms < calibrated.measured_ms <= target.latency_ms
+    assert sum(calibrated.widths.values()) > sum(plain.widths.values())

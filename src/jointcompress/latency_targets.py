@@ -28,6 +28,7 @@ from .deploy.timing import DEFAULT_THREADS, time_contenders
 from .graph import PRUNABLE_ROOTS, ChannelGroup, build_graph, discover_groups
 
 MAX_CONFIRM = 3  # allocate -> time -> tighten rounds
+CALIBRATED = 0.85  # calibrate=True stops once a model measures within 15% under the target
 MIN_KEEP = 0.05  # every group keeps at least this share of its channels (and one kernel step)
 GRID_POINTS = 5  # widths timed per axis of a layer table
 
@@ -298,12 +299,17 @@ def greedy_widths(table: LatencyTable, sites: dict[str, LayerSite], channels: di
 
 def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTable | None = None,
                      measure=None, min_keep: float = MIN_KEEP, threads: int = DEFAULT_THREADS,
-                     rounds: int = 30) -> LatencyAllocation:
+                     rounds: int = 30, calibrate: bool = False, max_rounds: int = MAX_CONFIRM) -> LatencyAllocation:
     """Per-group widths whose shrunk model meets `target.latency_ms` at `target.batch`.
 
     `table`: a LatencyTable (default: measured now, PyTorch fp32). `measure(model) -> ms`:
     how the shrunk model is confirmed (default: deploy.timing at target.batch; pass a
-    function to confirm on another runtime, or `False` to trust the table).
+    function to confirm on the deployment runtime, or `False` to trust the table). While a
+    shrunk model measures over the target, the goal is lowered by predicted / measured and the
+    allocation redone. `calibrate=True` (a table from another runtime than `measure`'s) also
+    raises the goal when a model measures far under the target (< CALIBRATED of it), so that
+    the table's relative costs are scaled to the runtime; the widest model that met the target
+    is returned.
     """
     from .targets import TargetError
 
@@ -314,10 +320,10 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
     importance = relative_importance(model, groups)
     if measure is None:
         measure = lambda m: timed_ms(m, example_inputs, target.batch, threads, rounds)  # noqa: E731
-    goal, result = float(target.latency_ms), None
-    for _ in range(MAX_CONFIRM):
+    goal, log, best, last = float(target.latency_ms), [], None, None
+    for _ in range(max_rounds):
         widths, predicted = greedy_widths(table, sites, channels, importance, goal, min_keep)
-        if predicted > goal:
+        if predicted > goal and best is None:
             smallest = {g: allowed_widths(c, min_keep)[0] for g, c in channels.items()}
             raise TargetError(
                 f"target.latency_ms: {target.latency_ms} ms at batch {target.batch} cannot be met by removing channels; "
@@ -325,17 +331,21 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
                 f"predicted at {table.predict(sites, smallest, channels):.3f} ms ({table.runtime} {table.precision}, "
                 f"{table.threads} thread(s)). Raise target.latency_ms or lower target.batch"
             )
-        result = LatencyAllocation(widths, channels, predicted, float(target.latency_ms), rounds=(result.rounds if result else []))
-        if measure is False or widths == channels:
-            result.rounds.append({"goal_ms": goal, "predicted_ms": predicted, "measured_ms": None})
-            return result
-        result.measured_ms = float(measure(shrunk_to(model, example_inputs, widths)))
-        result.rounds.append({"goal_ms": goal, "predicted_ms": predicted, "measured_ms": result.measured_ms,
-                              "widths": dict(widths)})
-        if result.measured_ms <= target.latency_ms:
-            return result
-        goal *= predicted / result.measured_ms  # the table was optimistic by this factor
-    return result  # still over after MAX_CONFIRM rounds: the caller sees measured_ms > target_ms
+        last = LatencyAllocation(widths, channels, predicted, float(target.latency_ms), rounds=log)
+        if measure is False or (widths == channels and not calibrate):
+            log.append({"goal_ms": goal, "predicted_ms": predicted, "measured_ms": None})
+            return last
+        last.measured_ms = float(measure(shrunk_to(model, example_inputs, widths)))
+        log.append({"goal_ms": goal, "predicted_ms": predicted, "measured_ms": last.measured_ms, "widths": dict(widths)})
+        if last.measured_ms <= target.latency_ms:
+            if best is None or sum(widths.values()) > sum(best.widths.values()):
+                best = last
+            if not calibrate or last.measured_ms >= CALIBRATED * target.latency_ms or widths == channels:
+                break
+        goal *= predicted / last.measured_ms  # the table is off by this factor for this runtime
+    result = best or last  # still over after max_rounds: the caller sees measured_ms > target_ms
+    result.rounds = log
+    return result
 
 
 def timed_ms(model: nn.Module, example_inputs, batch: int, threads: int = DEFAULT_THREADS, rounds: int = 30) -> float:
