@@ -306,8 +306,8 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
     how the shrunk model is confirmed (default: deploy.timing at target.batch; pass a
     function to confirm on the deployment runtime, or `False` to trust the table). While a
     shrunk model measures over the target, the goal is lowered by predicted / measured and the
-    allocation redone. `calibrate=True` (a table from another runtime than `measure`'s) also
-    raises the goal when a model measures far under the target (< CALIBRATED of it), so that
+    allocation redone. `calibrate=True` (a table from another runtime than `measure`'s) first
+    times the unpruned model to convert the target into the table's units, and also raises the goal when a model measures far under the target (< CALIBRATED of it), so that
     the table's relative costs are scaled to the runtime; the widest model that met the target
     is returned.
     """
@@ -321,6 +321,14 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
     if measure is None:
         measure = lambda m: timed_ms(m, example_inputs, target.batch, threads, rounds)  # noqa: E731
     goal, log, best, last = float(target.latency_ms), [], None, None
+    if calibrate and measure is not False:  # start from the runtime's speed relative to the table's
+        # another runtime fuses or drops what the constant and activation terms hold (ReLU,
+        # BN, pooling, Python): keep only the layers' relative costs and scale those
+        table = LatencyTable(table.layers, 0.0, 0.0, table.runtime, table.precision, table.batch, table.threads)
+        full_ms = float(measure(copy.deepcopy(model).eval()))
+        goal *= table.predict(sites, channels, channels) / full_ms
+        log.append({"goal_ms": None, "predicted_ms": table.predict(sites, channels, channels), "measured_ms": full_ms,
+                    "widths": dict(channels)})
     for _ in range(max_rounds):
         widths, predicted = greedy_widths(table, sites, channels, importance, goal, min_keep)
         if predicted > goal and best is None:
@@ -392,10 +400,10 @@ def with_latency_budgets(data: dict, alloc: LatencyAllocation):
     from .recipe import parse_recipe
 
     found = [t for t in data["techniques"] if t["type"] == "prune_structured"]
-    per = {g: min(0.99, s) for g, s in alloc.layer_sparsity.items() if s > 0}
+    per = {g: min(0.99, s) for g, s in alloc.layer_sparsity.items()}  # 0.0 too: unlisted groups get `sparsity`
     if found:
-        found[0].update(sparsity=min(0.99, alloc.overall_sparsity), scope="layer", layer_sparsity=per or None)
-    elif per:
+        found[0].update(sparsity=min(0.99, alloc.overall_sparsity), scope="layer", layer_sparsity=per)
+    elif any(s > 0 for s in per.values()):
         data["techniques"].insert(0, {"type": "prune_structured", "sparsity": min(0.99, alloc.overall_sparsity),
                                       "criterion": "magnitude", "scope": "layer", "layer_sparsity": per})
     return parse_recipe(data, source="resolved target")
