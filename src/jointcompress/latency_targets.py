@@ -331,7 +331,9 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
                     "widths": dict(channels)})
     for _ in range(max_rounds):
         widths, predicted = greedy_widths(table, sites, channels, importance, goal, min_keep)
-        if predicted > goal and best is None:
+        if predicted > goal and last is not None:
+            break  # a tightened goal the table cannot reach: keep what was measured
+        if predicted > goal:
             smallest = {g: allowed_widths(c, min_keep)[0] for g, c in channels.items()}
             raise TargetError(
                 f"target.latency_ms: {target.latency_ms} ms at batch {target.batch} cannot be met by removing channels; "
@@ -340,7 +342,7 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
                 f"{table.threads} thread(s)). Raise target.latency_ms or lower target.batch"
             )
         last = LatencyAllocation(widths, channels, predicted, float(target.latency_ms), rounds=log)
-        if measure is False or (widths == channels and not calibrate):
+        if measure is False:
             log.append({"goal_ms": goal, "predicted_ms": predicted, "measured_ms": None})
             return last
         last.measured_ms = float(measure(shrunk_to(model, example_inputs, widths)))
