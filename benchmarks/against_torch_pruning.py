@@ -12,8 +12,8 @@
    fp32 (the LSQ weights exactly) and int8 (QDQ with the trained scales).
 3. Torch-Pruning: MagnitudePruner (L2 magnitude, its default uniform per-layer ratio) pruned
    step by step, with fine-tuning (cross-entropy, Adam, same lr and batch) between steps, over
-   the same number of training steps as ours; the most pruned step whose accuracy still
-   matches ours is kept ("pruned until its accuracy matches ours"); then PyTorch FX int8
+   the same number of training steps as ours; the most pruned step whose accuracy (on the
+   first --select-images test images, as ours is chosen) still matches ours is kept ("pruned until its accuracy matches ours"); then PyTorch FX int8
    (x86 engine) and, for a same-runtime comparison, ONNX Runtime fp32.
 4. Every contender is timed at batch 1 and 64 with --threads threads (deploy.timing: ORT
    intra-op threads, one inter-op thread, spinning off; interleaved rounds, medians, each also
@@ -47,6 +47,14 @@ from jointcompress.graph import discover_groups
 from jointcompress.latency_targets import allocate_latency, measure_table
 from jointcompress.pipeline import train_teacher
 from jointcompress.recipe import Target
+
+
+def selection_split(split, n: int):
+    """The split with only the first n test images: what training-time choices (best epoch,
+    Torch-Pruning's step) look at; final accuracies use all 10,000."""
+    import dataclasses
+
+    return dataclasses.replace(split, x_test=split.x_test[:n], y_test=split.y_test[:n])
 
 
 def accuracy_of(fn, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -91,15 +99,15 @@ def ours(args, teacher, split, example, work: Path, target_ms: float) -> dict:
                              calibrate=True, max_rounds=5)
     model = copy.deepcopy(teacher)
     t0 = time.perf_counter()
+    sel = selection_split(split, args.select_images)
     res = compress(model, our_recipe(alloc, args.epochs, args.batch_size), (split.x_train, split.y_train),
-                   evaluator(split.x_test, split.y_test), teacher=teacher)
+                   evaluator(sel.x_test, sel.y_test), teacher=teacher)
     spec = finalize(model, res.example_inputs)
     train_s = time.perf_counter() - t0
     fp32 = ort_fp32(model, work / "ours_fp32.onnx", example, args.threads)
     int8 = quantize_int8(model, spec, (split.x_train[:2048], split.y_train[:2048]), example, workdir=work, threads=args.threads)
     return {"runners": {"ours_fp32_ort": fp32, "ours_int8_ort": int8},
-            "accuracy": {"ours_fp32_torch": accuracy_of(model.eval(), split.x_test, split.y_test),
-                         "ours_fp32_ort": accuracy_of(fp32, split.x_test, split.y_test),
+            "accuracy": {"ours_fp32_ort": accuracy_of(fp32, split.x_test, split.y_test),
                          "ours_int8_ort": accuracy_of(int8, split.x_test, split.y_test)},
             "widths": widths_of(model, example), "allocation": alloc.to_dict(), "train_seconds": train_s,
             "train_steps": res.history.epochs[-1].get("step") if res.history.epochs else None,
@@ -135,18 +143,18 @@ def torch_pruning(args, teacher, split, example, work: Path, match_acc: float) -
     for k in range(args.tp_steps):
         pruner.step()
         fine_tune(model, split, total // args.tp_steps, args.batch_size, 1e-3, seed=k)
-        acc = accuracy_of(model, split.x_test, split.y_test)
+        acc = accuracy_of(model, split.x_test[:args.select_images], split.y_test[:args.select_images])
         stages.append({"step": k + 1, "ratio": args.tp_max_ratio * (k + 1) / args.tp_steps, "accuracy": acc,
                        "macs": count_macs(model, example), "widths": widths_of(model, example),
                        "model": copy.deepcopy(model)})
-    ok = [s for s in stages if s["accuracy"] >= match_acc]
+    ok = [s for s in stages if s["accuracy"] >= match_acc]  # both on the selection images
     chosen = ok[-1] if ok else stages[0]
     pruned = chosen["model"]
     int8 = quantize_int8(pruned, None, (split.x_train[:2048], split.y_train[:2048]), example, backend="torch-x86")
     fp32_ort = ort_fp32(pruned, work / "tp_fp32.onnx", example, args.threads)
     return {"runners": {"tp_fp32_torch": pruned, "tp_int8_torch_x86": int8, "tp_fp32_ort": fp32_ort},
-            "accuracy": {"tp_fp32_torch": chosen["accuracy"], "tp_int8_torch_x86": accuracy_of(int8, split.x_test, split.y_test),
-                         "tp_fp32_ort": accuracy_of(fp32_ort, split.x_test, split.y_test)},
+            "accuracy": {"tp_fp32_torch": accuracy_of(pruned, split.x_test, split.y_test),
+                         "tp_int8_torch_x86": accuracy_of(int8, split.x_test, split.y_test)},
             "matched": bool(ok), "chosen_step": chosen["step"], "train_seconds": time.perf_counter() - t0,
             "train_steps": total, "stages": [{k: v for k, v in s.items() if k != "model"} for s in stages],
             "widths": chosen["widths"], "macs": chosen["macs"]}
@@ -175,6 +183,7 @@ def main():
     ap.add_argument("--speedup", type=float, default=20.0)
     ap.add_argument("--tp-max-ratio", type=float, default=0.9)
     ap.add_argument("--tp-steps", type=int, default=6)
+    ap.add_argument("--select-images", type=int, default=2000, help="test images for training-time choices")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=40)
     args = ap.parse_args()
@@ -186,22 +195,26 @@ def main():
     if args.train_limit:
         split.x_train, split.y_train = split.x_train[:args.train_limit], split.y_train[:args.train_limit]
     work = Path(tempfile.mkdtemp(prefix="against-tp-"))
-    teacher = train_teacher(args.model, split, args.teacher_epochs, lr=1e-3, batch_size=args.batch_size).eval()
+    teacher = train_teacher(args.model, selection_split(split, args.select_images), args.teacher_epochs, lr=1e-3,
+                            batch_size=args.batch_size).eval()
     example = batch_of(split.x_test, 2)
     dense_ms = alone_ms(teacher, batch_of(split.x_test, 64), args.threads)
     target_ms = dense_ms / args.speedup
     us = ours(args, teacher, split, example, work, target_ms)
-    them = torch_pruning(args, teacher, split, example, work, us["accuracy"]["ours_int8_ort"])
+    sel = selection_split(split, args.select_images)
+    match = max(accuracy_of(us["runners"][k], sel.x_test, sel.y_test) for k in us["runners"])  # ours, on the same images
+    them = torch_pruning(args, teacher, split, example, work, match)
     runners = {"dense_fp32_torch": teacher, **us["runners"], **them["runners"]}
     result = {
         "command": (f"python benchmarks/against_torch_pruning.py --data {args.data} --model {args.model} "
                     f"--teacher-epochs {args.teacher_epochs} --epochs {args.epochs} --batch-size {args.batch_size} "
                     f"--speedup {args.speedup} --tp-max-ratio {args.tp_max_ratio} --tp-steps {args.tp_steps} "
-                    f"--threads {args.threads} --runs {args.runs}"
+                    f"--threads {args.threads} --runs {args.runs} --select-images {args.select_images}"
                     + (f" --train-limit {args.train_limit}" if args.train_limit else "")),
         "threads": args.threads, "train_rows": len(split.x_train),
         "target": {"latency_ms_b64": target_ms, "dense_fp32_torch_ms_b64_at_allocation": dense_ms, "speedup": args.speedup},
-        "accuracy": {"dense_fp32_torch": accuracy_of(teacher, split.x_test, split.y_test), **us["accuracy"], **them["accuracy"]},
+        "accuracy": {"dense_fp32_torch": accuracy_of(teacher, split.x_test, split.y_test), **us["accuracy"], **them["accuracy"],
+                     "note": "fp32 ONNX Runtime runs the same fp32 model as PyTorch: tp_fp32_ort = tp_fp32_torch"},
         "timing": time_all(runners, split, args.threads, args.runs),
         "macs_per_sample": {"dense": count_macs(teacher, example), "ours": us["macs"], "torch_pruning": them["macs"]},
         "widths": {"dense": widths_of(teacher, example), "ours": us["widths"], "torch_pruning": them["widths"]},

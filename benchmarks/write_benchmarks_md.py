@@ -288,16 +288,27 @@ def against_tp_section(model: str) -> list[str]:
             t = tm[b]
             flag = " (flagged)" if k in t["flagged"] else ""
             cells += [f"{t['latency_ms'][k]:.3f} ({t['alone_ms'][k]:.3f}){flag}", f"{t['speedup_vs_dense_fp32_torch'][k]:.1f}x"]
-        out.append(f"| {k} | {'/'.join(str(v) for v in w.values())} | {100 * acc[k]:.2f}% | " + " | ".join(cells) + " |")
-    best = max((k for k in tm["batch64"]["latency_ms"] if k.startswith("ours")), key=lambda k: tm["batch64"]["speedup_vs_dense_fp32_torch"][k])
-    lost = 100 * (acc["dense_fp32_torch"] - acc[best])
-    s1, s64 = tm["batch1"]["speedup_vs_dense_fp32_torch"][best], tm["batch64"]["speedup_vs_dense_fp32_torch"][best]
-    out += ["", f"Goal (>= 20x at batch 1 and 64, <= 0.5 points lost), best of ours ({best}): batch 64 {s64:.1f}x "
-            f"({'met' if s64 >= 20 else '**missed**'}), batch 1 {s1:.1f}x ({'met' if s1 >= 20 else '**missed**'}), "
-            f"{lost:.2f} points lost ({'met' if lost <= 0.5 else '**missed**'})."]
-    tp_fast = max(tm["batch64"]["speedup_vs_dense_fp32_torch"][k] for k in tm["batch64"]["latency_ms"] if k.startswith("tp"))
-    out.append(f"Against Torch-Pruning at matched accuracy, batch 64: ours {s64:.1f}x vs its fastest back end {tp_fast:.1f}x.")
+        out.append(f"| {k} | {'/'.join(str(v) for v in w.values())} | {100 * acc.get(k, acc.get(k.replace('_ort', '_torch'), 0)):.2f}% | " + " | ".join(cells) + " |")
+    out += [""] + tp_verdict(acc, tm)
     return out + [""]
+
+
+def tp_verdict(acc: dict, tm: dict) -> list[str]:
+    """The issue's goal (>= 20x at batch 1 and 64, <= 0.5 points lost) and the comparison with
+    Torch-Pruning, on interleaved medians and on alone medians (both are shown: they differ)."""
+    names = list(tm["batch64"]["latency_ms"])
+    out = []
+    for label, key in (("interleaved", "speedup_vs_dense_fp32_torch"), ("alone", "speedup_alone_vs_dense_fp32_torch")):
+        best = max((k for k in names if k.startswith("ours")), key=lambda k: tm["batch64"][key][k])
+        tp = max((k for k in names if k.startswith("tp")), key=lambda k: tm["batch64"][key][k])
+        lost = 100 * (acc["dense_fp32_torch"] - acc[best])
+        s1, s64 = tm["batch1"][key][best], tm["batch64"][key][best]
+        out.append(f"- {label} medians, best of ours ({best}): batch 64 {s64:.1f}x ({'met' if s64 >= 20 else '**missed**'}), "
+                   f"batch 1 {s1:.1f}x ({'met' if s1 >= 20 else '**missed**'}), {lost:.2f} points lost "
+                   f"({'met' if lost <= 0.5 else '**missed**'}); Torch-Pruning's fastest ({tp}): batch 64 "
+                   f"{tm['batch64'][key][tp]:.1f}x, batch 1 {tm['batch1'][key][tp]:.1f}x.")
+    return ["Goal: >= 20x faster than dense fp32 PyTorch at batch 1 and 64 with <= 0.5 points lost, and faster than "
+            "Torch-Pruning at matched accuracy.", ""] + out
 
 
 def latency_section() -> list[str]:

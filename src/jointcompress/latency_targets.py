@@ -311,8 +311,6 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
     the table's relative costs are scaled to the runtime; the widest model that met the target
     is returned.
     """
-    from .targets import TargetError
-
     groups, _ = discover_groups(model, example_inputs)
     channels = {g.name: g.channels for g in groups}
     sites = layer_sites(model, example_inputs, groups)
@@ -334,13 +332,7 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
         if predicted > goal and last is not None:
             break  # a tightened goal the table cannot reach: keep what was measured
         if predicted > goal:
-            smallest = {g: allowed_widths(c, min_keep)[0] for g, c in channels.items()}
-            raise TargetError(
-                f"target.latency_ms: {target.latency_ms} ms at batch {target.batch} cannot be met by removing channels; "
-                f"the narrowest model allowed ({100 * (1 - min_keep):.0f}% of every group's channels removed) is "
-                f"predicted at {table.predict(sites, smallest, channels):.3f} ms ({table.runtime} {table.precision}, "
-                f"{table.threads} thread(s)). Raise target.latency_ms or lower target.batch"
-            )
+            raise unreachable(target, table, sites, channels, min_keep)
         last = LatencyAllocation(widths, channels, predicted, float(target.latency_ms), rounds=log)
         if measure is False:
             log.append({"goal_ms": goal, "predicted_ms": predicted, "measured_ms": None})
@@ -356,6 +348,19 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
     result = best or last  # still over after max_rounds: the caller sees measured_ms > target_ms
     result.rounds = log
     return result
+
+
+def unreachable(target, table: LatencyTable, sites, channels: dict[str, int], min_keep: float):
+    """The TargetError for a target below the narrowest model the bounds allow."""
+    from .targets import TargetError
+
+    smallest = {g: allowed_widths(c, min_keep)[0] for g, c in channels.items()}
+    return TargetError(
+        f"target.latency_ms: {target.latency_ms} ms at batch {target.batch} cannot be met by removing channels; "
+        f"the narrowest model allowed ({100 * (1 - min_keep):.0f}% of every group's channels removed) is "
+        f"predicted at {table.predict(sites, smallest, channels):.3f} ms ({table.runtime} {table.precision}, "
+        f"{table.threads} thread(s)). Raise target.latency_ms or lower target.batch"
+    )
 
 
 def timed_ms(model: nn.Module, example_inputs, batch: int, threads: int = DEFAULT_THREADS, rounds: int = 30) -> float:
