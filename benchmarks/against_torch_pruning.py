@@ -189,7 +189,7 @@ def main():
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's advice
-    torch.set_num_threads(2)  # training; every timing below runs at --threads
+    torch.set_num_threads(1)  # training (2 threads thrash on a loaded 2-core machine); timings run at --threads
     t_start = time.perf_counter()
     split = load_mnist(args.data)
     if args.train_limit:

@@ -278,7 +278,7 @@ def against_tp_section(model: str) -> list[str]:
            f"whose accuracy matches ours kept (step {r['torch_pruning']['chosen_step']}; matched: "
            f"{'yes' if r['torch_pruning']['matched'] else '**no**'}). {r['threads']} thread(s) for every contender; median ms "
            "interleaved (alone in brackets).", "",
-           "| contender | widths | test acc | b1 ms | b1 speed-up | b64 ms | b64 speed-up |",
+           f"| contender | widths ({'/'.join(r['widths']['dense'])}) | test acc | b1 ms | b1 speed-up | b64 ms | b64 speed-up |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
     widths = {"dense": r["widths"]["dense"], "ours": r["widths"]["ours"], "tp": r["widths"]["torch_pruning"]}
     for k in tm["batch64"]["latency_ms"]:

@@ -320,19 +320,21 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
         measure = lambda m: timed_ms(m, example_inputs, target.batch, threads, rounds)  # noqa: E731
     goal, log, best, last = float(target.latency_ms), [], None, None
     if calibrate and measure is not False:  # start from the runtime's speed relative to the table's
-        # another runtime fuses or drops what the constant and activation terms hold (ReLU,
-        # BN, pooling, Python): keep only the layers' relative costs and scale those
-        table = LatencyTable(table.layers, 0.0, 0.0, table.runtime, table.precision, table.batch, table.threads)
+        # another runtime drops the constant (Python, dispatch) and fuses BN into the convs: keep
+        # the layers' and the activations' (ReLU, pooling) relative costs and scale those
+        table = LatencyTable(table.layers, 0.0, table.activation_ms, table.runtime, table.precision, table.batch,
+                             table.threads)
         full_ms = float(measure(copy.deepcopy(model).eval()))
         goal *= table.predict(sites, channels, channels) / full_ms
         log.append({"goal_ms": None, "predicted_ms": table.predict(sites, channels, channels), "measured_ms": full_ms,
                     "widths": dict(channels)})
     for _ in range(max_rounds):
         widths, predicted = greedy_widths(table, sites, channels, importance, goal, min_keep)
-        if predicted > goal and last is not None:
-            break  # a tightened goal the table cannot reach: keep what was measured
-        if predicted > goal:
+        if predicted > goal and last is not None and widths == last.widths:
+            break  # a tightened goal the table cannot reach any further: keep what was measured
+        if predicted > goal and not calibrate and last is None:
             raise unreachable(target, table, sites, channels, min_keep)
+        # (calibrating, the table's units are not the runtime's: the narrowest model is timed instead)
         last = LatencyAllocation(widths, channels, predicted, float(target.latency_ms), rounds=log)
         if measure is False:
             log.append({"goal_ms": goal, "predicted_ms": predicted, "measured_ms": None})
