@@ -270,7 +270,7 @@ def against_tp_section(model: str) -> list[str]:
     if r is None:
         return []
     acc, tm = r["accuracy"], r["timing"]
-    name = {"lenet5": "LeNet-5", "resnet": "the small ResNet"}.get(model, model)
+    name = {"lenet5": "LeNet-5", "resnet": "Small ResNet (models.SmallResNet)"}.get(model, model)
     out = [f"### {name} on MNIST: jointcompress vs Torch-Pruning + PyTorch int8", "",
            f"Reproduce: `.venv/bin/{r['command']}`. {r['train_rows']:,} train rows; latency target = dense fp32 PyTorch "
            f"at batch 64 / {r['target']['speedup']:g} = {r['target']['latency_ms_b64']:.3f} ms. Torch-Pruning: magnitude, "

@@ -364,7 +364,7 @@ def unreachable(target, table: LatencyTable, sites, channels: dict[str, int], mi
     smallest = {g: allowed_widths(c, min_keep)[0] for g, c in channels.items()}
     return TargetError(
         f"target.latency_ms: {target.latency_ms} ms at batch {target.batch} cannot be met by removing channels; "
-        f"the narrowest model allowed ({100 * (1 - min_keep):.0f}% of every group's channels removed) is "
+        f"the narrowest model allowed (every group at {100 * min_keep:.0f}% of its channels, at least {MIN_WIDTH}) is "
         f"predicted at {table.predict(sites, smallest, channels):.3f} ms ({table.runtime} {table.precision}, "
         f"{table.threads} thread(s)). Raise target.latency_ms or lower target.batch"
     )
