@@ -6,7 +6,8 @@ Trains the dense model, compresses it jointly (structured pruning to 50% of chan
 8-bit weights, distilled from the dense model), finalizes it (channels physically removed),
 saves the artifact, builds the int8 ONNX Runtime model with the trained scales, and times
 dense fp32 (PyTorch), compressed fp32 (PyTorch) and compressed int8 (ONNX Runtime) at batch
-64, interleaved in one run. Accuracy of each on the 10,000 test images. Writes
+64 with --threads threads for all (deploy.timing: ORT spinning off, interleaved rounds,
+medians, each also timed alone). Accuracy of each on the 10,000 test images. Writes
 benchmarks/results/cnn_deploy_<model>.json.
 """
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch
 from jointcompress import compress, finalize
 from jointcompress.artifact.size import dense_fp32_bytes
 from jointcompress.artifact.store import save
-from jointcompress.bench import batch_of, count_macs, interleaved_latency
+from jointcompress.bench import batch_of, count_macs
+from jointcompress.deploy.timing import time_contenders
 from jointcompress.data import accuracy, evaluator, load_mnist
 from jointcompress.deploy.int8 import int8_parity, quantize_int8
 from jointcompress.pipeline import builder_for, train_teacher
@@ -49,6 +51,7 @@ def main():
     ap.add_argument("--teacher-epochs", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--runs", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -61,13 +64,15 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="cnn-deploy-"))
     manifest = save(model, spec, work / "artifact", builder=builder_for(args.model, split), example_inputs=res.example_inputs)
     x = batch_of(split.x_test, 64)
-    int8 = quantize_int8(model, spec, (split.x_train[:2048], split.y_train[:2048]), x, workdir=work)
+    int8 = quantize_int8(model, spec, (split.x_train[:2048], split.y_train[:2048]), x, workdir=work, threads=args.threads)
     parity = int8_parity(model, int8, (split.x_test, split.y_test))
     teacher.eval(), model.eval()
-    lat = interleaved_latency({"dense_fp32_torch": lambda: teacher(x), "pruned_fp32_torch": lambda: model(x), "pruned_int8_ort": lambda: int8(x)}, runs=args.runs)
+    timing = time_contenders({"dense_fp32_torch": lambda: teacher(x), "pruned_fp32_torch": lambda: model(x),
+                              "pruned_int8_ort": lambda: int8(x)}, threads=args.threads, rounds=args.runs)
+    lat = timing.interleaved_ms
     result = {
-        "command": f"python benchmarks/cnn_deploy.py --data {args.data} --model {args.model} --teacher-epochs {args.teacher_epochs} --epochs {args.epochs}",
-        "threads": torch.get_num_threads(),
+        "command": f"python benchmarks/cnn_deploy.py --data {args.data} --model {args.model} --teacher-epochs {args.teacher_epochs} --epochs {args.epochs} --threads {args.threads}",
+        "threads": args.threads, "alone_ms": timing.alone_ms, "flagged": timing.flagged,
         "batch": 64,
         "latency_ms": lat,
         "speedup_vs_dense_fp32": {k: lat["dense_fp32_torch"] / v for k, v in lat.items()},

@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/int8_speed.py [--model resnet|lenet5] [--runs 30] [--weights random]
 
-Batch 64, CPU, torch.set_num_threads left as is. All variants are timed interleaved in one
-run (round-robin, so background load hits them alike) and medians are reported. Writes
+Batch 64, CPU, --threads threads for every variant (ORT: intra-op threads, one inter-op
+thread, spinning off; torch.set_num_threads), timed by deploy.timing: warm-up, interleaved
+rounds, medians, each variant also timed alone (over 20% apart: "flagged"). Writes
 benchmarks/results/int8_speed.json. Without trained weights the model gets random weights put
 on an 8-bit per-channel grid (speed does not depend on the values; accuracy is not measured).
 """
@@ -20,7 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from jointcompress.bench import count_macs, interleaved_latency
+from jointcompress.bench import count_macs
+from jointcompress.deploy.timing import time_contenders
 from jointcompress.deploy.int8 import quantize_int8
 from jointcompress.deploy.onnx_export import export_onnx, ort_predict, ort_session
 from jointcompress.graph import PRUNABLE_ROOTS, build_graph, discover_groups
@@ -64,6 +66,7 @@ def main() -> None:
     ap.add_argument("--model", default="resnet")
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULT)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -79,10 +82,10 @@ def main() -> None:
     calib = torch.randn(128, 1, 28, 28)
     variants = {
         "torch fp32 dense (baseline)": dense,
-        "onnxruntime fp32 dense": ort_predict(ort_session(export_onnx(dense, work / "dense.onnx", example))),
+        "onnxruntime fp32 dense": ort_predict(ort_session(export_onnx(dense, work / "dense.onnx", example), args.threads)),
         "torch fp32 pruned": small,
-        "onnxruntime fp32 pruned": ort_predict(ort_session(export_onnx(small, work / "small.onnx", example))),
-        "onnxruntime int8 pruned (default)": quantize_int8(small, spec, calib, example, "onnxruntime", work),
+        "onnxruntime fp32 pruned": ort_predict(ort_session(export_onnx(small, work / "small.onnx", example), args.threads)),
+        "onnxruntime int8 pruned (default)": quantize_int8(small, spec, calib, example, "onnxruntime", work, threads=args.threads),
     }
     for engine in ("x86", "qnnpack"):
         try:
@@ -92,14 +95,15 @@ def main() -> None:
     with torch.inference_mode():
         ref = small(x)
         diffs = {k: float((fn(x) - ref).abs().max()) for k, fn in variants.items() if "pruned" in k}
-    ms = interleaved_latency({k: (lambda fn=fn: fn(x)) for k, fn in variants.items()}, runs=args.runs)
+    timing = time_contenders({k: (lambda fn=fn: fn(x)) for k, fn in variants.items()}, threads=args.threads, rounds=args.runs)
+    ms = timing.interleaved_ms
     base = ms["torch fp32 dense (baseline)"]
     ort_base = ms["onnxruntime fp32 dense"]
     result = {
-        "command": f".venv/bin/python benchmarks/int8_speed.py --model {args.model} --runs {args.runs} --batch {args.batch}",
+        "command": f".venv/bin/python benchmarks/int8_speed.py --model {args.model} --runs {args.runs} --batch {args.batch} --threads {args.threads}",
         "weights": "random (on an 8-bit per-channel grid); rerun with trained weights for accuracy",
-        "model": args.model, "batch": args.batch, "runs": args.runs, "statistic": "median ms, interleaved",
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+        "model": args.model, "batch": args.batch, "runs": args.runs, "statistic": "median ms, interleaved (deploy.timing)",
+        "threads": args.threads, "alone_ms": timing.alone_ms, "flagged": timing.flagged, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
         "macs_per_sample": {"dense": count_macs(dense, x), "pruned": count_macs(small, x)},
         "params": {"dense": sum(p.numel() for p in dense.parameters()), "pruned": sum(p.numel() for p in small.parameters())},
         "latency_ms": ms,

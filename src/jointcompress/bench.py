@@ -1,8 +1,8 @@
 """Before/after measurements of a compressed model: parameters, MACs, bytes on disk, latency, accuracy.
 
 Compression claims are only useful when measured the same way on both sides, in one run:
-latency is timed interleaved (before, after, before, ...) so background load hits both
-equally, bytes are real file sizes (the dense baseline is the fp32 state dict written with
+latency is timed by deploy.timing (same threads for both sides, ORT spinning off,
+interleaved rounds so background load hits both equally, medians, each side also alone), bytes are real file sizes (the dense baseline is the fp32 state dict written with
 safetensors, the compressed side is the artifact directory), and MACs count only what the
 physically smaller layers really compute (masked zeros inside a layer are *not* subtracted,
 because dense kernels still multiply them).
@@ -10,8 +10,6 @@ because dense kernels still multiply them).
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from .artifact.size import dense_fp32_bytes
+from .deploy.timing import DEFAULT_THREADS, Timing, time_contenders
 
 PRUNABLE = (nn.Linear, nn.Conv2d)
 
@@ -61,34 +60,38 @@ def batch_of(example_input: torch.Tensor, n: int) -> torch.Tensor:
     return example_input[:1].expand(n, *example_input.shape[1:]).contiguous()
 
 
-def interleaved_latency(fns: dict[str, Callable[[], object]], runs: int = 50, warmup: int = 5) -> dict[str, float]:
-    """Median milliseconds per call of each fn, timed round-robin so load drifts hit all alike."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn()
-        for _ in range(runs):
-            for k, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+def interleaved_latency(fns: dict[str, Callable[[], object]], runs: int = 50, warmup: int = 5,
+                        threads: int = DEFAULT_THREADS) -> dict[str, float]:
+    """Median milliseconds per call of each fn (deploy.timing.time_contenders; medians only)."""
+    return time_contenders(fns, threads=threads, rounds=runs, warmup=warmup).interleaved_ms
+
+
+def timed_sides(sides: dict, example_input: torch.Tensor, batch_sizes, runs: int, threads: int) -> dict[int, Timing]:
+    """One honest timing per batch size of every side (an ORT int8 side is re-made with `threads`)."""
+    from .deploy.int8 import Int8Model
+
+    sides = {k: (m.with_threads(threads) if isinstance(m, Int8Model) else m) for k, m in sides.items()}
+    out = {}
+    for bs in batch_sizes:
+        x = batch_of(example_input, bs)
+        out[bs] = time_contenders({s: (lambda m=m: m(x)) for s, m in sides.items()}, threads=threads, rounds=runs)
+    return out
 
 
 def bench(model_before: nn.Module, model_after, example_input: torch.Tensor,
           eval_fn: Callable[[object], float] | None = None, artifact_dir: str | os.PathLike | None = None,
-          runs: int = 50, batch_sizes: tuple[int, ...] = (1, 64)) -> dict:
+          runs: int = 50, batch_sizes: tuple[int, ...] = (1, 64), threads: int = DEFAULT_THREADS) -> dict:
     """Measure both models; returns a JSON-able dict {"before": {...}, "after": {...}, "ratios": {...}}.
 
     `model_after` may be an nn.Module or any callable (e.g. an int8 model); parameters and MACs
     are only counted for modules. `eval_fn(model) -> accuracy` is called on each side.
+    Latency: `threads` threads for both sides, timed by deploy.timing (recorded in "timing").
     """
     model_before.eval()
     if isinstance(model_after, nn.Module):
         model_after.eval()
     sides = {"before": model_before, "after": model_after}
-    result: dict = {"before": {}, "after": {}, "runs": runs, "threads": torch.get_num_threads()}
+    result: dict = {"before": {}, "after": {}, "runs": runs, "threads": threads}
     for side, m in sides.items():
         if isinstance(m, nn.Module):
             result[side]["params"] = count_params(m)
@@ -98,11 +101,13 @@ def bench(model_before: nn.Module, model_after, example_input: torch.Tensor,
         result["after"]["bytes_on_disk"] = dir_bytes(artifact_dir)
     elif isinstance(model_after, nn.Module):
         result["after"]["bytes_on_disk"] = dense_fp32_bytes(model_after)
-    for bs in batch_sizes:
-        x = batch_of(example_input, bs)
-        lat = interleaved_latency({s: (lambda m=m: m(x)) for s, m in sides.items()}, runs=runs)
+    timings = timed_sides(sides, example_input, batch_sizes, runs, threads)
+    for bs, timing in timings.items():
         for side in sides:
-            result[side][f"latency_ms_b{bs}"] = lat[side]
+            result[side][f"latency_ms_b{bs}"] = timing.interleaved_ms[side]
+            result[side][f"latency_alone_ms_b{bs}"] = timing.alone_ms[side]
+    result["timing"] = {f"b{bs}": t.to_dict() for bs, t in timings.items()}
+    result["latency_flagged"] = sorted({f"{s} (batch {bs})" for bs, t in timings.items() for s in t.flagged})
     if eval_fn is not None:
         for side, m in sides.items():
             result[side]["accuracy"] = float(eval_fn(m))

@@ -13,7 +13,8 @@ import torch.nn as nn
 from .api import Result, compress, seed_everything, train_baseline
 from .artifact.size import dense_fp32_bytes
 from .artifact.store import save
-from .bench import count_params, interleaved_latency, batch_of
+from .bench import batch_of, count_params
+from .deploy.timing import DEFAULT_THREADS, time_contenders
 from .data import Split, evaluator, load_dataset
 from .errors import ArtifactError
 from .finalize import finalize
@@ -118,16 +119,21 @@ def _describe(model: nn.Module, spec) -> dict:
     return {"params": p["total"], "nonzero": p["nonzero"], "sparsity": zeros / max(1, total), "bits": "/".join(map(str, bits)) or "32"}
 
 
-def measure_latency(models: dict[str, nn.Module], example: torch.Tensor, runs: int = 30) -> dict[str, dict[str, float]]:
-    """Batch-1 and batch-64 median latency of every model, timed interleaved in one run."""
+def measure_latency(models: dict[str, nn.Module], example: torch.Tensor, runs: int = 30,
+                    threads: int = DEFAULT_THREADS) -> dict[str, dict]:
+    """Batch-1 and batch-64 median latency of every model, the honest way (deploy.timing):
+    `threads` threads for all, interleaved rounds, each also timed alone. Each row also records
+    the thread count and the batch sizes whose interleaved and alone medians disagree."""
     for m in models.values():
         m.eval()
-    out: dict[str, dict[str, float]] = {k: {} for k in models}
+    out: dict[str, dict] = {k: {"latency_threads": threads, "latency_flagged": []} for k in models}
     for bs in (1, 64):
         x = batch_of(example, bs)
-        lat = interleaved_latency({k: (lambda m=m: m(x)) for k, m in models.items()}, runs=runs)
-        for k, v in lat.items():
+        timing = time_contenders({k: (lambda m=m: m(x)) for k, m in models.items()}, threads=threads, rounds=runs)
+        for k, v in timing.interleaved_ms.items():
             out[k][f"latency_ms_b{bs}"] = v
+            if k in timing.flagged:
+                out[k]["latency_flagged"].append(bs)
     return out
 
 

@@ -12,10 +12,8 @@ weights.safetensors file it would write is measured (packed values, bitmask or r
 indices, zstd, scales, fp32 biases and the safetensors header all count). So "size_kb: 20"
 means a 20 KiB weights file on disk, within 2%.
 
-Latency: unstructured zeros do not make dense kernels faster; removed channels do. For
-`latency_ms` the allocator builds channel-pruned candidates at several structured
-sparsities, physically shrinks them (Torch-Pruning), times them interleaved at
-`target.batch` and picks the least pruning that meets the target.
+Latency (`latency_ms`): per-group channel widths from measured latency tables, in
+latency_targets.py.
 """
 from __future__ import annotations
 
@@ -32,6 +30,7 @@ from .recipe import Recipe, parse_recipe
 from .schedules import progress, ramp
 from .techniques.base import selected_layers
 from .techniques.pruning import key as prune_key
+from .latency_targets import allocate_latency, resolve_latency, shrunk_copy  # noqa: E402,F401  (latency targets)
 
 TOLERANCE = 0.02  # the promise: within 2% of the target
 AIM = 0.003  # how close the bisection gets to its goal
@@ -365,54 +364,6 @@ def steer(model: nn.Module, prune, quant, goal: float) -> tuple[dict[str, float]
     return {n: min(MAX_LAYER_SPARSITY, sparsity[n]) for n in names}, size
 
 
-# -- the latency allocator ----------------------------------------------------------------
-
-def allocate_latency(model: nn.Module, example_inputs, target, grid=None, runs: int = 30) -> tuple[float, dict[float, float]]:
-    """The least uniform channel sparsity whose physically shrunk model meets `latency_ms`.
-
-    Candidates are timed interleaved (one round-robin) so machine load hits all alike.
-    Returns (sparsity, {sparsity: measured ms}).
-    """
-    from .bench import batch_of, interleaved_latency
-
-    grid = grid or [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-    x = batch_of(example_inputs, target.batch)
-    models = {s: shrunk_copy(model, example_inputs, s) for s in grid}
-    lat = interleaved_latency({s: (lambda m=m: m(x)) for s, m in models.items()}, runs=runs)
-    ok = [s for s in grid if lat[s] <= target.latency_ms]
-    if not ok:
-        best = min(lat, key=lat.get)
-        raise TargetError(
-            f"target.latency_ms: {target.latency_ms} ms at batch {target.batch} cannot be met by removing channels; "
-            f"the fastest candidate ({100 * best:.0f}% of channels removed) measured {lat[best]:.3f} ms. "
-            "Raise target.latency_ms or lower target.batch"
-        )
-    return min(ok), lat
-
-
-@torch.no_grad()
-def shrunk_copy(model: nn.Module, example_inputs, sparsity: float) -> nn.Module:
-    """A copy with `sparsity` of every channel group's weakest channels physically removed."""
-    from .graph import build_graph, discover_groups
-    from .sensitivity import _channel_norms
-
-    m = copy.deepcopy(model).eval()
-    if sparsity <= 0:
-        return m
-    groups, _ = discover_groups(m, example_inputs)
-    modules = dict(m.named_modules())
-    plan = {}
-    for g in groups:
-        keep = max(1, round(g.channels * (1 - sparsity)))
-        plan[g.name] = torch.argsort(_channel_norms(g, modules), descending=True)[keep:].tolist()
-    dg = build_graph(m, example_inputs)
-    for name, drop in plan.items():
-        if drop:
-            root = modules[name]
-            dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, drop).prune()
-    return m
-
-
 # -- the public entry point ---------------------------------------------------------------
 
 def resolve_target(model: nn.Module, recipe: Recipe | dict, example_inputs, evaluate=None, sensitivity: dict | None = None) -> Recipe:
@@ -424,8 +375,8 @@ def resolve_target(model: nn.Module, recipe: Recipe | dict, example_inputs, eval
     compress() steers the bytes onto it during training (SizeSteering) without allocating
     again; a latency target is cleared. With `evaluate` (or a precomputed `sensitivity`
     scan), sensitive layers keep more weights and bits; without, the ERK proxy is used.
-    latency_ms: sets prune_structured.sparsity (added if missing) to the least channel
-    sparsity that meets the target, measured on this machine.
+    latency_ms: sets prune_structured.layer_sparsity (added if missing) to per-group widths
+    allocated from measured latency tables and confirmed by timing (latency_targets.py).
     """
     recipe = parse_recipe(recipe)
     if recipe.target is not None and recipe.target.allocated:
@@ -444,8 +395,7 @@ def resolve_target(model: nn.Module, recipe: Recipe | dict, example_inputs, eval
     if recipe.technique("size_budget") is not None and recipe.target.latency_ms is None:
         return _with_size_budget(data, recipe, target_bytes(model, recipe.target))
     if recipe.target.latency_ms is not None:
-        sparsity, _ = allocate_latency(model, example_inputs, recipe.target)
-        return _with_structured(data, sparsity)
+        return resolve_latency(model, data, example_inputs, recipe.target)
     if recipe.technique("prune_structured") is not None:
         raise TargetError("target.size_kb/ratio allocates unstructured sparsity and bits; remove prune_structured "
                           "from techniques, or use target.latency_ms (which allocates channel sparsity)")
@@ -486,13 +436,4 @@ def _with_budgets(data: dict, alloc: Allocation) -> Recipe:
             t["sparsity"] = min(MAX_LAYER_SPARSITY, alloc.overall_sparsity)
         elif t["type"] == "quant_lsq":
             t["layer_bits"] = dict(alloc.bits)
-    return parse_recipe(data, source="resolved target")
-
-
-def _with_structured(data: dict, sparsity: float) -> Recipe:
-    found = [t for t in data["techniques"] if t["type"] == "prune_structured"]
-    if found:
-        found[0]["sparsity"], found[0]["scope"] = sparsity, "layer"
-    elif sparsity > 0:
-        data["techniques"].insert(0, {"type": "prune_structured", "sparsity": sparsity, "criterion": "magnitude", "scope": "layer"})
     return parse_recipe(data, source="resolved target")

@@ -18,7 +18,7 @@ def _image_size(manifest: dict) -> int:
     return int(inputs[0]["shape"][-1]) if inputs else 28
 
 
-def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], runs: int = 50) -> dict:
+def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], runs: int = 50, threads: int = 1) -> dict:
     import torch
 
     from ..artifact import byte_breakdown, load, read_manifest
@@ -44,7 +44,8 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
         from ..data import accuracy
 
         eval_fn = lambda m: accuracy(m, split.x_test, split.y_test)  # noqa: E731
-    result = bench(builder(), after, example, eval_fn=eval_fn, artifact_dir=artifact_dir, runs=runs)
+    result = bench(builder(), after, example, eval_fn=eval_fn, artifact_dir=artifact_dir, runs=runs,
+                   threads=threads)
     baseline = (manifest.get("extra") or {}).get("baseline_accuracy")
     if baseline is not None and eval_fn is not None:
         result["before"]["accuracy"] = float(baseline)  # the trained dense model, not the random one
@@ -57,6 +58,15 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
     return result
 
 
+def latency_note(result: dict) -> str:
+    """How the latencies were taken, and any side whose interleaved and alone medians disagree."""
+    from ..deploy.timing import Timing, describe
+
+    timings = [Timing(**t) for t in result.get("timing", {}).values()]
+    return "latency: " + ("; ".join(f"batch {k[1:]}: {describe(t)}" for k, t in zip(result.get("timing", {}), timings))
+                          or "not measured")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("bench")
     def bench_command(
@@ -65,6 +75,7 @@ def register(app: typer.Typer) -> None:
         data: Optional[str] = typer.Option(None, "--data", help="'digits' or an MNIST .npz; enables accuracy."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the measurements as JSON here."),
         runs: int = typer.Option(50, "--runs", min=1, help="Timed runs per batch size (median reported)."),
+        threads: int = typer.Option(1, "--threads", min=1, help="Threads for both sides (PyTorch and ONNX Runtime)."),
     ) -> None:
         """Parameters, MACs, bytes on disk, latency (batch 1 and 64) and accuracy: dense vs artifact;
         then where the weights file's bytes go (values, indices, scales, biases, other, container)."""
@@ -72,9 +83,11 @@ def register(app: typer.Typer) -> None:
 
         from ..bench import render_breakdown, render_table
 
-        result = run_bench(artifact_dir, model, data, runs)
-        Console().print(render_table(result))
-        Console().print(render_breakdown(result["breakdown"]))
+        result = run_bench(artifact_dir, model, data, runs, threads)
+        console = Console()
+        console.print(render_table(result))
+        console.print(latency_note(result))
+        console.print(render_breakdown(result["breakdown"]))
         if json_out is not None:
             from ..io import atomic_write_text
 

@@ -1,24 +1,28 @@
 """Real int8 CPU inference for a finalized model.
 
-Two int8 backends were measured on this machine (2 cores shared with other jobs, load
-average ~5, Xeon with AVX512-VNNI/AMX, torch 2.13.0+cpu, onnxruntime 1.31.1), batch 64,
-random weights on an 8-bit grid, 50% of channels physically removed, medians of 40
-interleaved runs (benchmarks/int8_speed.py; results/int8_speed.json and
-results/int8_speed_lenet5.json):
+Int8 back ends measured on this machine (2 cores shared with other jobs, load average 6-8,
+Xeon with AVX512-VNNI/AMX, torch 2.13.0+cpu, onnxruntime 1.32), batch 64, 1 thread for every
+back end (ORT: one intra-op thread, spinning off), random weights on an 8-bit grid, 50% of
+channels physically removed, medians of 30 interleaved rounds, alone in brackets
+(benchmarks/int8_speed.py --threads 1; results/int8_speed.json and int8_speed_lenet5.json):
 
                                      resnet (models.SmallResNet)   lenet5
-    torch fp32 dense (baseline)          114 ms                    123 ms
-    onnxruntime fp32 dense                20 ms                     13 ms
-    onnxruntime fp32 pruned               16 ms                    2.2 ms
-    onnxruntime int8 pruned (QDQ)         32 ms   (3.5x baseline)   13 ms  (9.5x)
-    torch int8 pruned, FX qnnpack         31 ms                     47 ms
-    torch int8 pruned, FX x86            132 ms                    162 ms
+    torch fp32 dense (baseline)          45 ms  (48)               28 ms  (32)
+    onnxruntime fp32 dense               32 ms  (32)               14 ms  (15)
+    torch fp32 pruned                    21 ms  (25)               13 ms  (11)
+    onnxruntime fp32 pruned             9.4 ms  (13)  4.8x         1.6 ms (1.5)  17.7x
+    onnxruntime int8 pruned (QDQ)        25 ms  (25)  1.8x         3.2 ms (2.6)   8.6x
+    torch int8 pruned, FX x86            12 ms  (10)  3.8x         6.2 ms (1.2)   4.5x
+    torch int8 pruned, FX qnnpack        30 ms  (32)               15 ms  (13)
 
-ONNX Runtime QDQ is the default int8 backend (ties qnnpack on the ResNet, 3.6x faster on
-LeNet-5, 4x faster than torch's x86 engine); `backend="torch-qnnpack"` etc. stay available.
-Honest caveat: at these tiny channel counts int8 is *slower* than fp32 in the same runtime
-(the quantize/dequantize work outweighs the cheaper GEMMs); the speed-up over the PyTorch fp32
-baseline comes from pruning plus ONNX Runtime, and int8 is worth it for size, not speed here.
+(An earlier version of this table, timed with ORT's default spinning threads stealing the cores
+from PyTorch, had torch FX x86 at 132 ms and 162 ms, slower than fp32: that was the timing.)
+ONNX Runtime QDQ stays the default int8 back end because it runs the *trained* scales exactly
+(below) and ships as one portable file; torch FX x86 is faster on the ResNet and, alone, on
+LeNet-5 (`backend="torch-x86"`). Honest caveat: at these tiny channel counts int8 is *slower*
+than fp32 in the same runtime (the quantize/dequantize work outweighs the cheaper GEMMs); the
+speed-up over the PyTorch fp32 baseline comes from pruning plus ONNX Runtime fp32, and int8 is
+worth it for size here, not speed.
 
 Why the weights stay exact: BatchNorm is folded into the preceding conv first (FX `fuse`),
 which multiplies every output channel by one factor, so the folded weight still sits on a
@@ -44,6 +48,7 @@ from ..errors import JointCompressError
 from ..spec import CompressionSpec
 from .onnx_export import export_onnx, ort_predict, ort_session
 from .parity import ParityReport, batches, compare
+from .timing import DEFAULT_THREADS
 
 DEFAULT_BACKEND = "onnxruntime"
 
@@ -59,6 +64,13 @@ class Int8Model:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.predict(x)
+
+    def with_threads(self, threads: int) -> "Int8Model":
+        """The same model on an ONNX Runtime session with `threads` intra-op threads (for fair
+        timing); torch back ends follow torch.set_num_threads and are returned as they are."""
+        if self.backend != "onnxruntime" or self.path is None:
+            return self
+        return Int8Model(self.backend, ort_predict(ort_session(self.path, threads)), self.path, self.trained_scales)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -132,7 +144,7 @@ class _Reader:
 
 
 def quantize_onnxruntime(model: nn.Module, spec: CompressionSpec | None, calibration, workdir: str | os.PathLike,
-                         example_input: torch.Tensor, max_batches: int = 8) -> Int8Model:
+                         example_input: torch.Tensor, max_batches: int = 8, threads: int = DEFAULT_THREADS) -> Int8Model:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     workdir = Path(workdir)
@@ -147,7 +159,7 @@ def quantize_onnxruntime(model: nn.Module, spec: CompressionSpec | None, calibra
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         extra_options={"TensorQuantOverrides": overrides, "WeightSymmetric": True},
     )
-    return Int8Model("onnxruntime", ort_predict(ort_session(out)), str(out), trained_scales=len(overrides))
+    return Int8Model("onnxruntime", ort_predict(ort_session(out, threads)), str(out), trained_scales=len(overrides))
 
 
 def quantize_torch(model: nn.Module, calibration, example_input: torch.Tensor, engine: str | None = None,
@@ -169,11 +181,13 @@ def quantize_torch(model: nn.Module, calibration, example_input: torch.Tensor, e
 
 
 def quantize_int8(model: nn.Module, spec: CompressionSpec | None, calibration, example_input: torch.Tensor,
-                  backend: str = DEFAULT_BACKEND, workdir: str | os.PathLike | None = None) -> Int8Model:
-    """An int8 model for CPU inference. `calibration`: inputs (tensor, (X, Y) or batches)."""
+                  backend: str = DEFAULT_BACKEND, workdir: str | os.PathLike | None = None,
+                  threads: int = DEFAULT_THREADS) -> Int8Model:
+    """An int8 model for CPU inference. `calibration`: inputs (tensor, (X, Y) or batches).
+    `threads`: intra-op threads of the ONNX Runtime session (re-made by `with_threads`)."""
     if backend == "onnxruntime":
         workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="jointcompress-int8-"))
-        return quantize_onnxruntime(model, spec, calibration, workdir, example_input)
+        return quantize_onnxruntime(model, spec, calibration, workdir, example_input, threads=threads)
     if backend.startswith("torch"):
         engine = backend.split("-", 1)[1] if "-" in backend else None
         return quantize_torch(model, calibration, example_input, engine)

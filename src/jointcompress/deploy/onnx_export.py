@@ -17,7 +17,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import JointCompressError
+from . import timing
 from .parity import ParityReport, compare
+from .timing import DEFAULT_THREADS
 
 OPSET = 17
 
@@ -50,10 +52,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
     raise JointCompressError(f"ONNX export to {path} failed: " + " | ".join(errors))
 
 
-def ort_session(path: str | os.PathLike):
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def ort_session(path: str | os.PathLike, threads: int = DEFAULT_THREADS):
+    """An ONNX Runtime CPU session from the package's one factory (threads set, spinning off)."""
+    return timing.ort_session(path, threads)
 
 
 def ort_predict(session):
@@ -63,6 +64,7 @@ def ort_predict(session):
     def predict(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {name: x.detach().cpu().float().numpy()})[0])
 
+    predict.session = session  # so a timing can check (or rebuild) the session's threads
     return predict
 
 

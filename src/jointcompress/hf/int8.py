@@ -127,14 +127,11 @@ class OrtClassifier:
     """Callable ONNX Runtime session returning logits as a torch tensor."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
-        import onnxruntime as ort
+        from jointcompress.deploy.timing import DEFAULT_THREADS, ort_session
 
         if not Path(path).is_file():
             raise ArtifactError(f"ONNX file {path} does not exist; run export_onnx / quantize_onnx_int8 first")
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.session = ort_session(path, threads or DEFAULT_THREADS)  # spinning off (deploy.timing)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_) -> torch.Tensor:
         feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
@@ -207,27 +204,33 @@ def latency_ms(fn, batch_size: int, seq_len: int = 64, repeats: int = 20, warmup
     return times[0] if stat == "min" else times[len(times) // 2]
 
 
-def interleaved_latency(fns: dict, seq_len: int, rounds: int, threads: int = 1) -> dict:
-    """Median-of-round-medians and min latency (ms) at batch 1 and 32, back ends alternating.
+def random_rows(batch_size: int, seq_len: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-length rows of random ids (the same for every back end: seeded)."""
+    g = torch.Generator().manual_seed(0)
+    low = min(100, vocab // 2)  # skip the special / unused ids at the start of real vocabularies
+    ids = torch.randint(low, vocab, (batch_size, seq_len), generator=g)
+    return ids, torch.ones_like(ids)
 
-    On a shared CPU, measuring A then B lets load changes masquerade as speedups; short
-    alternating rounds expose every back end to the same load.
+
+def interleaved_latency(fns: dict, seq_len: int, rounds: int, threads: int = 1) -> dict:
+    """Median latency (ms) at batch 1 and 32, timed the honest way (deploy.timing).
+
+    `fns`: name -> (callable(input_ids, attention_mask), vocab size). Every back end runs with
+    `threads` threads (ORT sessions must come from OrtClassifier(..., threads)); rounds
+    alternate the back ends; each is also timed alone, and a disagreement over 20% is
+    listed under "flagged".
     """
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        samples = {k: {1: [], 32: []} for k in fns}
-        for _ in range(max(1, rounds)):
-            for bs, reps in ((1, 10), (32, 3)):
-                for name, (fn, vocab) in fns.items():
-                    samples[name][bs].append(latency_samples(fn, bs, seq_len, repeats=reps, warmup=1, vocab=vocab))
-    finally:
-        torch.set_num_threads(before)
-    res = {}
-    for name, by_bs in samples.items():
-        res[name] = {}
-        for bs, rs in by_bs.items():
-            meds = sorted(r[len(r) // 2] for r in rs)
-            res[name][f"batch{bs}_ms"] = round(meds[len(meds) // 2], 3)
-            res[name][f"batch{bs}_min_ms"] = round(min(r[0] for r in rs), 3)
+    from jointcompress.deploy.timing import time_contenders
+
+    res: dict = {name: {} for name in fns}
+    flagged = []
+    for bs, reps in ((1, 10), (32, 3)):
+        inputs = {name: random_rows(bs, seq_len, vocab) for name, (_, vocab) in fns.items()}
+        timing = time_contenders({name: (lambda f=fn, a=inputs[name]: f(*a)) for name, (fn, _) in fns.items()},
+                                 threads=threads, rounds=max(1, rounds) * reps, warmup=2)
+        for name in fns:
+            res[name][f"batch{bs}_ms"] = round(timing.interleaved_ms[name], 3)
+            res[name][f"batch{bs}_alone_ms"] = round(timing.alone_ms[name], 3)
+        flagged += [f"{name} (batch {bs})" for name in timing.flagged]
+    res["flagged"] = flagged
     return res

@@ -1,0 +1,428 @@
+"""From `target: {latency_ms, batch}` to a width for every channel group, from measured tables.
+
+Why per group, and why tables: one uniform channel sparsity spends the latency budget badly.
+Layers differ in cost per channel (a 5x5 conv on 24x24 maps costs far more per channel than a
+Linear) and in how much a channel matters. So the model's latency is predicted from a
+**per-layer latency table**: each Conv2d / Linear is timed alone on its real input size, at a
+grid of (input width, output width) pairs, for the runtime and batch the target names, and
+interpolated in between; the rest of the model (pooling, BatchNorm, Python) is one measured
+constant. The allocator then removes channels greedily, a kernel-friendly step at a time
+(multiples of 8 or 16 where a group is wide enough), always where the predicted milliseconds
+saved per unit of importance lost (channel L2 norm, relative to its group's mean) is largest,
+until the prediction is at or under the target. The shrunk model is then timed (deploy.timing)
+to confirm; if it measures over, the prediction was optimistic by measured/predicted and the
+allocation is redone against a target lowered by that factor (a few times at most).
+
+Tests use a fake table (no timing in tests); benchmarks/latency_target.py runs it for real.
+"""
+from __future__ import annotations
+
+import bisect
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .deploy.timing import DEFAULT_THREADS, time_contenders
+from .graph import PRUNABLE_ROOTS, ChannelGroup, build_graph, discover_groups
+
+MAX_CONFIRM = 3  # allocate -> time -> tighten rounds
+CALIBRATED = 0.85  # calibrate=True stops once a model measures within 15% under the target
+MIN_KEEP = 0.05  # every group keeps at least this share of its channels (and one kernel step)
+MIN_WIDTH = 8  # ... and at least this many channels
+GRID_POINTS = 5  # widths timed per axis of a layer table
+
+
+def kernel_multiple(channels: int) -> int:
+    """The channel step kernels like: 16 for wide groups, 8 for medium, 4 / 1 for narrow ones."""
+    if channels >= 128:
+        return 16
+    if channels >= 32:
+        return 8
+    return 4 if channels >= 12 else 1
+
+
+def allowed_widths(channels: int, min_keep: float = MIN_KEEP) -> list[int]:
+    """Widths a group may take: multiples of its kernel step (and the full width), ascending."""
+    step = kernel_multiple(channels)
+    # at least MIN_WIDTH channels: the thin early layers cost little and carry every feature
+    # (LeNet-5 / ResNet on MNIST cut to 4 stem channels lost 0.5-10 points, against_torch_pruning.py)
+    floor = max(step, min(channels, MIN_WIDTH), int(-(-channels * min_keep // 1)))
+    widths = sorted({w for w in range(step, channels, step) if w >= floor} | {channels})
+    return widths
+
+
+# -- the model as layers fed by groups ---------------------------------------------------
+
+@dataclass
+class LayerSite:
+    """A Conv2d / Linear: its full widths, which group sets each, and its input shape."""
+
+    name: str
+    cin: int
+    cout: int
+    in_group: str | None
+    out_group: str | None
+    input_shape: tuple  # one sample, as seen in the forward pass
+    spec: dict = field(default_factory=dict)  # what it takes to rebuild the layer at other widths
+    out_elems: int = 0  # output elements of one sample at full width (what BN, ReLU, pooling touch)
+
+
+def layer_sites(model: nn.Module, example_inputs, groups: list[ChannelGroup]) -> dict[str, LayerSite]:
+    """Every prunable layer with the group setting its output and the group feeding its input."""
+    shapes, outs = {}, {}
+
+    def record(mod, inp, out, n):
+        shapes[n], outs[n] = tuple(inp[0].shape[1:]), out[0].numel()
+
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: record(mod, inp, out, n))
+             for n, m in model.named_modules() if isinstance(m, PRUNABLE_ROOTS)]
+    try:
+        with torch.no_grad():
+            model.eval()(example_inputs[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    out_of, in_of = {}, {}
+    for g in groups:
+        for mem in g.members:
+            (out_of if mem.kind == "out" else in_of)[mem.module] = g.name
+    sites = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, PRUNABLE_ROOTS) or name not in shapes:
+            continue
+        conv = isinstance(m, nn.Conv2d)
+        spec = ({"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding, "bias": m.bias is not None}
+                if conv else {"bias": m.bias is not None})
+        if conv and m.groups != 1:
+            continue  # grouped / depthwise convs: not tabled (their cost rides in the constant)
+        sites[name] = LayerSite(name, m.in_channels if conv else m.in_features, m.out_channels if conv else m.out_features,
+                                in_of.get(name), out_of.get(name), shapes[name], spec, outs[name])
+    return sites
+
+
+def site_widths(site: LayerSite, widths: dict[str, int], channels: dict[str, int]) -> tuple[int, int]:
+    """(input width, output width) of a layer when its groups have `widths` channels.
+
+    A Linear after a flatten sees each channel of its group several times (spatial
+    positions), so its input width scales with the group: cin * w / channels.
+    """
+    cin = site.cin if site.in_group is None else max(1, round(site.cin * widths[site.in_group] / channels[site.in_group]))
+    cout = site.cout if site.out_group is None else widths[site.out_group]
+    return cin, cout
+
+
+# -- latency tables ----------------------------------------------------------------------
+
+@dataclass
+class LatencyTable:
+    """Measured milliseconds of each layer at a grid of (input width, output width), plus a constant.
+
+    `layers[name] = {"cin": [...], "cout": [...], "ms": [[ms at cin[i], cout[j]]]}`; between
+    grid points the table is interpolated bilinearly (cost grows ~ cin * cout). What the
+    layers alone miss (BatchNorm, ReLU, pooling, residual adds, framework overhead) is
+    `constant_ms` plus `activation_ms` per million output elements of the tabled layers, which
+    shrink with the widths. The context (runtime, precision, batch, threads) says what the
+    numbers are valid for.
+    """
+
+    layers: dict[str, dict]
+    constant_ms: float = 0.0
+    activation_ms: float = 0.0  # per 1e6 output elements (of one sample) of the tabled layers
+    runtime: str = "torch"
+    precision: str = "fp32"
+    batch: int = 1
+    threads: int = DEFAULT_THREADS
+
+    def layer_ms(self, name: str, cin: int, cout: int) -> float:
+        t = self.layers[name]
+        (i0, i1, a), (j0, j1, b) = _bracket(t["cin"], cin), _bracket(t["cout"], cout)
+        ms = t["ms"]
+        return ((1 - a) * (1 - b) * ms[i0][j0] + a * (1 - b) * ms[i1][j0]
+                + (1 - a) * b * ms[i0][j1] + a * b * ms[i1][j1])
+
+    def predict(self, sites: dict[str, LayerSite], widths: dict[str, int], channels: dict[str, int]) -> float:
+        total = self.constant_ms + self.activation_ms * activations(sites, widths, channels) / 1e6
+        for name, site in sites.items():
+            if name in self.layers:
+                total += self.layer_ms(name, *site_widths(site, widths, channels))
+        return total
+
+    def to_dict(self) -> dict:
+        return {"layers": self.layers, "constant_ms": self.constant_ms, "activation_ms": self.activation_ms, "runtime": self.runtime,
+                "precision": self.precision, "batch": self.batch, "threads": self.threads}
+
+
+def activations(sites: dict[str, LayerSite], widths: dict[str, int], channels: dict[str, int]) -> float:
+    """Output elements of one sample over the layers, at `widths`."""
+    return sum(s.out_elems * (widths[s.out_group] / channels[s.out_group] if s.out_group else 1.0) for s in sites.values())
+
+
+def _bracket(grid: list[int], v: float) -> tuple[int, int, float]:
+    """Indices around v in an ascending grid and the weight of the upper one (linear, clamped)."""
+    if len(grid) == 1 or v <= grid[0]:
+        return 0, 0, 0.0
+    if v >= grid[-1]:
+        return len(grid) - 1, len(grid) - 1, 0.0
+    k = bisect.bisect_right(grid, v)
+    lo, hi = grid[k - 1], grid[k]
+    return k - 1, k, (v - lo) / (hi - lo)
+
+
+def grid_of(full: int, grouped: bool) -> list[int]:
+    """The widths a layer axis is timed at: a few allowed widths spread from smallest to full."""
+    if not grouped:
+        return [full]
+    ws = allowed_widths(full)
+    if len(ws) <= GRID_POINTS:
+        return ws
+    picks = {ws[round(i * (len(ws) - 1) / (GRID_POINTS - 1))] for i in range(GRID_POINTS)}
+    return sorted(picks)
+
+
+def _rebuilt(site: LayerSite, cin: int, cout: int) -> tuple[nn.Module, tuple]:
+    if "kernel_size" in site.spec:
+        layer = nn.Conv2d(cin, cout, site.spec["kernel_size"], site.spec["stride"], site.spec["padding"], bias=site.spec["bias"])
+        shape = (cin, *site.input_shape[1:])
+    else:
+        layer = nn.Linear(cin, cout, bias=site.spec["bias"])
+        shape = (cin,)
+    return layer.eval(), shape
+
+
+def measure_table(model: nn.Module, example_inputs, batch: int, threads: int = DEFAULT_THREADS,
+                  rounds: int = 15, groups: list[ChannelGroup] | None = None) -> LatencyTable:
+    """Time every prunable layer alone at a grid of widths in PyTorch fp32 (deploy.timing),
+    and the rest of the model as the full model's time minus its layers' at full width."""
+    from .bench import batch_of
+
+    groups = groups if groups is not None else discover_groups(model, example_inputs)[0]
+    channels = {g.name: g.channels for g in groups}
+    sites = layer_sites(model, example_inputs, groups)
+    layers = {}
+    for name, site in sites.items():
+        cins = [max(1, round(site.cin * w / channels[site.in_group])) for w in grid_of(channels[site.in_group], True)] \
+            if site.in_group else [site.cin]
+        couts = grid_of(site.cout, site.out_group is not None)
+        fns = {}
+        for ci in cins:
+            for co in couts:
+                layer, shape = _rebuilt(site, ci, co)
+                x = torch.randn(batch, *shape)
+                fns[(ci, co)] = lambda layer=layer, x=x: layer(x)
+        t = time_contenders(fns, threads=threads, rounds=rounds, warmup=2, alone_runs=3)
+        layers[name] = {"cin": cins, "cout": couts, "ms": [[t.interleaved_ms[(ci, co)] for co in couts] for ci in cins]}
+    table = LatencyTable(layers, 0.0, 0.0, "torch", "fp32", batch, threads)
+    fit_rest(table, model, example_inputs, sites, channels, rounds)
+    return table
+
+
+def fit_rest(table: LatencyTable, model: nn.Module, example_inputs, sites, channels, rounds: int) -> None:
+    """Fit the constant and the per-activation cost from the full model and a half-width copy,
+    timed together: measured - tabled layers = constant + activation_ms * elements."""
+    from .bench import batch_of
+
+    half = {g: allowed_widths(c)[len(allowed_widths(c)) // 2] for g, c in channels.items()}
+    models = {"full": (model.eval(), channels), "half": (shrunk_to(model, example_inputs, half), half)}
+    x = batch_of(example_inputs, table.batch)
+    t = time_contenders({k: (lambda m=m: m(x)) for k, (m, _) in models.items()}, threads=table.threads,
+                        rounds=rounds, warmup=2, alone_runs=3)
+    rest = {k: t.interleaved_ms[k] - table.predict(sites, w, channels) for k, (_, w) in models.items()}
+    elems = {k: activations(sites, w, channels) / 1e6 for k, (_, w) in models.items()}
+    slope = (rest["full"] - rest["half"]) / (elems["full"] - elems["half"]) if elems["full"] > elems["half"] else 0.0
+    table.activation_ms = max(0.0, slope)
+    table.constant_ms = max(0.0, rest["full"] - table.activation_ms * elems["full"])
+
+
+# -- the allocator -----------------------------------------------------------------------
+
+@dataclass
+class LatencyAllocation:
+    """Channels kept per group, what the table predicts for them and what was measured."""
+
+    widths: dict[str, int]
+    channels: dict[str, int]
+    predicted_ms: float
+    target_ms: float
+    measured_ms: float | None = None
+    rounds: list[dict] = field(default_factory=list)  # every allocate -> time round
+
+    @property
+    def layer_sparsity(self) -> dict[str, float]:
+        return {g: 1.0 - self.widths[g] / self.channels[g] for g in self.widths}
+
+    @property
+    def overall_sparsity(self) -> float:
+        return 1.0 - sum(self.widths.values()) / max(1, sum(self.channels.values()))
+
+    def to_dict(self) -> dict:
+        return {"widths": self.widths, "channels": self.channels, "predicted_ms": self.predicted_ms,
+                "target_ms": self.target_ms, "measured_ms": self.measured_ms, "rounds": self.rounds,
+                "layer_sparsity": self.layer_sparsity}
+
+
+def relative_importance(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, torch.Tensor]:
+    """Channel L2 norms of each group over its mean, sorted ascending (the order they go in)."""
+    from .sensitivity import _channel_norms
+
+    modules = dict(model.named_modules())
+    out = {}
+    for g in groups:
+        norms = _channel_norms(g, modules)
+        out[g.name] = torch.sort(norms / norms.mean().clamp_min(1e-12)).values
+    return out
+
+
+def greedy_widths(table: LatencyTable, sites: dict[str, LayerSite], channels: dict[str, int],
+                  importance: dict[str, torch.Tensor], target_ms: float, min_keep: float = MIN_KEEP) -> tuple[dict[str, int], float]:
+    """Remove channels a kernel step at a time where predicted ms saved per importance lost is
+    best, until the predicted latency is <= target_ms. Returns (widths, predicted ms)."""
+    widths = dict(channels)
+    options = {g: allowed_widths(c, min_keep) for g, c in channels.items()}
+    predicted = table.predict(sites, widths, channels)
+    while predicted > target_ms:
+        best = None
+        for g, ws in options.items():
+            k = ws.index(widths[g])
+            if k == 0:
+                continue
+            trial = {**widths, g: ws[k - 1]}
+            saved = predicted - table.predict(sites, trial, channels)
+            lost = float(importance[g][channels[g] - widths[g]: channels[g] - ws[k - 1]].sum())
+            score = saved / max(lost, 1e-9)
+            if saved > 0 and (best is None or score > best[0]):
+                best = (score, trial)
+        if best is None:
+            break  # every group at its smallest width
+        widths = best[1]
+        predicted = table.predict(sites, widths, channels)
+    return widths, predicted
+
+
+def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTable | None = None,
+                     measure=None, min_keep: float = MIN_KEEP, threads: int = DEFAULT_THREADS,
+                     rounds: int = 30, calibrate: bool = False, max_rounds: int = MAX_CONFIRM) -> LatencyAllocation:
+    """Per-group widths whose shrunk model meets `target.latency_ms` at `target.batch`.
+
+    `table`: a LatencyTable (default: measured now, PyTorch fp32). `measure(model) -> ms`:
+    how the shrunk model is confirmed (default: deploy.timing at target.batch; pass a
+    function to confirm on the deployment runtime, or `False` to trust the table). While a
+    shrunk model measures over the target, the goal is lowered by predicted / measured and the
+    allocation redone. `calibrate=True` (a table from another runtime than `measure`'s) first
+    times the unpruned model to convert the target into the table's units, and also raises the goal when a model measures far under the target (< CALIBRATED of it), so that
+    the table's relative costs are scaled to the runtime; the widest model that met the target
+    is returned.
+    """
+    groups, _ = discover_groups(model, example_inputs)
+    channels = {g.name: g.channels for g in groups}
+    sites = layer_sites(model, example_inputs, groups)
+    table = table if table is not None else measure_table(model, example_inputs, target.batch, threads, groups=groups)
+    importance = relative_importance(model, groups)
+    if measure is None:
+        measure = lambda m: timed_ms(m, example_inputs, target.batch, threads, rounds)  # noqa: E731
+    goal, log, best, last = float(target.latency_ms), [], None, None
+    if calibrate and measure is not False:  # start from the runtime's speed relative to the table's
+        # another runtime drops the constant (Python, dispatch) and fuses BN into the convs: keep
+        # the layers' and the activations' (ReLU, pooling) relative costs and scale those
+        table = LatencyTable(table.layers, 0.0, table.activation_ms, table.runtime, table.precision, table.batch,
+                             table.threads)
+        full_ms = float(measure(copy.deepcopy(model).eval()))
+        goal *= table.predict(sites, channels, channels) / full_ms
+        log.append({"goal_ms": None, "predicted_ms": table.predict(sites, channels, channels), "measured_ms": full_ms,
+                    "widths": dict(channels)})
+    for _ in range(max_rounds):
+        widths, predicted = greedy_widths(table, sites, channels, importance, goal, min_keep)
+        if predicted > goal and last is not None and widths == last.widths:
+            break  # a tightened goal the table cannot reach any further: keep what was measured
+        if predicted > goal and not calibrate and last is None:
+            raise unreachable(target, table, sites, channels, min_keep)
+        # (calibrating, the table's units are not the runtime's: the narrowest model is timed instead)
+        last = LatencyAllocation(widths, channels, predicted, float(target.latency_ms), rounds=log)
+        if measure is False:
+            log.append({"goal_ms": goal, "predicted_ms": predicted, "measured_ms": None})
+            return last
+        last.measured_ms = float(measure(shrunk_to(model, example_inputs, widths)))
+        log.append({"goal_ms": goal, "predicted_ms": predicted, "measured_ms": last.measured_ms, "widths": dict(widths)})
+        if last.measured_ms <= target.latency_ms:
+            if best is None or sum(widths.values()) > sum(best.widths.values()):
+                best = last
+            if not calibrate or last.measured_ms >= CALIBRATED * target.latency_ms or widths == channels:
+                break
+        # the table reads `predicted` where the runtime measured `measured_ms`: the target in
+        # table units at this operating point (the same units when not calibrating)
+        goal = float(target.latency_ms) * predicted / last.measured_ms
+    result = best or last  # still over after max_rounds: the caller sees measured_ms > target_ms
+    result.rounds = log
+    return result
+
+
+def unreachable(target, table: LatencyTable, sites, channels: dict[str, int], min_keep: float):
+    """The TargetError for a target below the narrowest model the bounds allow."""
+    from .targets import TargetError
+
+    smallest = {g: allowed_widths(c, min_keep)[0] for g, c in channels.items()}
+    return TargetError(
+        f"target.latency_ms: {target.latency_ms} ms at batch {target.batch} cannot be met by removing channels; "
+        f"the narrowest model allowed (every group at {100 * min_keep:.0f}% of its channels, at least {MIN_WIDTH}) is "
+        f"predicted at {table.predict(sites, smallest, channels):.3f} ms ({table.runtime} {table.precision}, "
+        f"{table.threads} thread(s)). Raise target.latency_ms or lower target.batch"
+    )
+
+
+def timed_ms(model: nn.Module, example_inputs, batch: int, threads: int = DEFAULT_THREADS, rounds: int = 30) -> float:
+    """Median ms of one model at `batch` (deploy.timing; one contender)."""
+    from .bench import batch_of
+
+    x = batch_of(example_inputs, batch)
+    return time_contenders({"model": lambda: model.eval()(x)}, threads=threads, rounds=rounds).interleaved_ms["model"]
+
+
+# -- physically shrunk copies ------------------------------------------------------------
+
+@torch.no_grad()
+def shrunk_to(model: nn.Module, example_inputs, widths: dict[str, int]) -> nn.Module:
+    """A copy with every channel group cut to `widths[group]` channels (its strongest kept)."""
+    from .sensitivity import _channel_norms
+
+    m = copy.deepcopy(model).eval()
+    groups, _ = discover_groups(m, example_inputs)
+    modules = dict(m.named_modules())
+    plan = {}
+    for g in groups:
+        keep = max(1, min(g.channels, int(widths.get(g.name, g.channels))))
+        plan[g.name] = torch.argsort(_channel_norms(g, modules), descending=True)[keep:].tolist()
+    dg = build_graph(m, example_inputs)
+    for name, drop in plan.items():
+        if drop:
+            root = modules[name]
+            dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, drop).prune()
+    return m
+
+
+def shrunk_copy(model: nn.Module, example_inputs, sparsity: float) -> nn.Module:
+    """A copy with `sparsity` of every channel group's weakest channels physically removed."""
+    if sparsity <= 0:
+        return copy.deepcopy(model).eval()
+    groups, _ = discover_groups(model, example_inputs)
+    return shrunk_to(model, example_inputs, {g.name: max(1, round(g.channels * (1 - sparsity))) for g in groups})
+
+
+def with_latency_budgets(data: dict, alloc: LatencyAllocation):
+    """The recipe dict with prune_structured set to the allocation's per-group sparsity
+    (added, magnitude criterion, if missing); unchanged when no channel has to go."""
+    from .recipe import parse_recipe
+
+    found = [t for t in data["techniques"] if t["type"] == "prune_structured"]
+    per = {g: min(0.99, s) for g, s in alloc.layer_sparsity.items()}  # 0.0 too: unlisted groups get `sparsity`
+    if found:
+        found[0].update(sparsity=min(0.99, alloc.overall_sparsity), scope="layer", layer_sparsity=per)
+    elif any(s > 0 for s in per.values()):
+        data["techniques"].insert(0, {"type": "prune_structured", "sparsity": min(0.99, alloc.overall_sparsity),
+                                      "criterion": "magnitude", "scope": "layer", "layer_sparsity": per})
+    return parse_recipe(data, source="resolved target")
+
+
+def resolve_latency(model: nn.Module, data: dict, example_inputs, target):
+    """resolve_target's latency branch: allocate, then write the per-group budgets."""
+    return with_latency_budgets(data, allocate_latency(model, example_inputs, target))

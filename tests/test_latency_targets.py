@@ -1,0 +1,126 @@
+"""Latency targets: the allocation from a known (fake) latency table respects the target, keeps
+channel counts on kernel-friendly multiples, spends the cut where it is cheapest, and the shrunk
+model really has the allocated widths. No timing here: tables are fake and confirmation is off."""
+import pytest
+import torch
+
+from jointcompress.graph import discover_groups
+from jointcompress.latency_targets import (LatencyTable, allocate_latency, allowed_widths, kernel_multiple,
+                                           layer_sites, shrunk_to, with_latency_budgets)
+from jointcompress.models import build_model
+from jointcompress.recipe import Target
+from jointcompress.targets import TargetError
+
+
+def mac_table(model, x, ms_per_mac=1e-6, constant=0.05, grid=(1, 2, 4, 8, 16, 20, 24, 32, 50, 64, 128, 200, 400, 500, 800)):
+    """A known table: every layer costs ms_per_mac per multiply-accumulate of one sample."""
+    groups, _ = discover_groups(model, x)
+    sites = layer_sites(model, x, groups)
+    layers = {}
+    for name, s in sites.items():
+        spatial = 1
+        if len(s.input_shape) == 3:  # conv: output positions
+            k, st, p = s.spec["kernel_size"], s.spec["stride"], s.spec["padding"]
+            h = (s.input_shape[1] + 2 * p[0] - k[0]) // st[0] + 1
+            w = (s.input_shape[2] + 2 * p[1] - k[1]) // st[1] + 1
+            spatial = h * w * k[0] * k[1]
+        cins = sorted({c for c in grid if c <= s.cin} | {s.cin})
+        couts = sorted({c for c in grid if c <= s.cout} | {s.cout})
+        layers[name] = {"cin": cins, "cout": couts, "ms": [[ms_per_mac * ci * co * spatial for co in couts] for ci in cins]}
+    return LatencyTable(layers, constant), sites, {g.name: g.channels for g in groups}
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    torch.manual_seed(0)
+    return build_model("lenet5").eval(), torch.randn(2, 1, 28, 28)
+
+
+def test_kernel_friendly_widths():
+    assert kernel_multiple(500) == 16 and kernel_multiple(50) == 8 and kernel_multiple(20) == 4
+    ws = allowed_widths(500)
+    assert ws[-1] == 500 and all(w % 16 == 0 for w in ws[:-1]) and ws[0] >= 25
+    assert allowed_widths(20) == [8, 12, 16, 20] and allowed_widths(6) == [6]
+
+
+def test_table_interpolates_between_grid_points(lenet):
+    model, x = lenet
+    table, _, _ = mac_table(model, x)
+    exact = table.layer_ms("fc2", 500, 10)
+    assert table.layer_ms("fc2", 450, 10) == pytest.approx(exact * 450 / 500, rel=1e-6)
+
+
+@pytest.mark.parametrize("fraction", [0.6, 0.3, 0.15])
+def test_allocation_meets_the_target_on_a_known_table(lenet, fraction):
+    model, x = lenet
+    table, sites, channels = mac_table(model, x)
+    full = table.predict(sites, channels, channels)
+    target = Target(latency_ms=full * fraction, batch=1)
+    alloc = allocate_latency(model, x, target, table=table, measure=False)
+    assert alloc.predicted_ms <= target.latency_ms
+    assert alloc.predicted_ms == pytest.approx(table.predict(sites, alloc.widths, channels))
+    for g, w in alloc.widths.items():
+        assert w in allowed_widths(channels[g])
+    assert alloc.widths != channels
+
+
+def test_generous_target_keeps_every_channel_and_impossible_one_names_the_field(lenet):
+    model, x = lenet
+    table, sites, channels = mac_table(model, x)
+    full = table.predict(sites, channels, channels)
+    alloc = allocate_latency(model, x, Target(latency_ms=full * 1.5), table=table, measure=False)
+    assert alloc.widths == channels and alloc.overall_sparsity == 0
+    with pytest.raises(TargetError, match="latency_ms"):
+        allocate_latency(model, x, Target(latency_ms=table.constant_ms * 0.5), table=table, measure=False)
+
+
+def test_confirmation_tightens_when_measured_over(lenet):
+    model, x = lenet
+    table, sites, channels = mac_table(model, x)
+    full = table.predict(sites, channels, channels)
+    target = Target(latency_ms=full * 0.5)
+    first = allocate_latency(model, x, target, table=table, measure=False)
+    slower = 1.05 * target.latency_ms / first.predicted_ms  # the first allocation measures 5% over
+    seen = []
+
+    def measure(shrunk):  # a "runtime" slower than the table says, by a fixed factor
+        widths = {g: w for g, w in zip(channels, _widths(shrunk, x))}
+        ms = slower * table.predict(sites, widths, channels)
+        seen.append(ms)
+        return ms
+
+    alloc = allocate_latency(model, x, target, table=table, measure=measure)
+    assert len(alloc.rounds) >= 2 and alloc.measured_ms <= target.latency_ms
+    assert alloc.measured_ms == seen[-1] and seen[0] > target.latency_ms
+    assert alloc.rounds[1]["goal_ms"] < alloc.rounds[0]["goal_ms"]
+
+
+def _widths(m, x):
+    groups, _ = discover_groups(m, x)
+    return [g.channels for g in groups]
+
+
+def test_shrunk_model_has_the_allocated_widths_and_recipe_gets_budgets(lenet):
+    model, x = lenet
+    table, sites, channels = mac_table(model, x)
+    alloc = allocate_latency(model, x, Target(latency_ms=0.3 * table.predict(sites, channels, channels)),
+                             table=table, measure=False)
+    small = shrunk_to(model, x, alloc.widths)
+    assert _widths(small, x) == [alloc.widths[g] for g in channels]
+    assert small(x).shape == (2, 10)
+    recipe = with_latency_budgets({"model": "lenet5", "techniques": [{"type": "distill_kd"}]}, alloc)
+    ps = recipe.technique("prune_structured")
+    for g, s in ps.layer_sparsity.items():  # the technique keeps round(c * (1 - s)) = the width
+        assert round(channels[g] * (1 - s)) == alloc.widths[g]
+
+
+def test_calibrate_scales_a_table_from_another_runtime(lenet):
+    model, x = lenet
+    table, sites, channels = mac_table(model, x)
+    target = Target(latency_ms=0.4 * table.predict(sites, channels, channels))
+    measure = lambda shrunk: 0.5 * table.predict(sites, dict(zip(channels, _widths(shrunk, x))), channels)  # noqa: E731
+    plain = allocate_latency(model, x, target, table=table, measure=measure)
+    calibrated = allocate_latency(model, x, target, table=table, measure=measure, calibrate=True, max_rounds=4)
+    assert plain.measured_ms < 0.85 * target.latency_ms  # twice faster than the table: over-pruned
+    assert plain.measured_ms < calibrated.measured_ms <= target.latency_ms
+    assert sum(calibrated.widths.values()) > sum(plain.widths.values())

@@ -1,0 +1,96 @@
+"""deploy.timing: every ORT session is made with the requested threads and spinning off, and the
+timing helper returns the fields it documents (no real timing is asserted)."""
+import torch
+
+from jointcompress.bench import bench
+from jointcompress.deploy.int8 import quantize_int8
+from jointcompress.deploy.onnx_export import export_onnx, ort_predict, ort_session
+from jointcompress.deploy.timing import Timing, describe, flagged, session_threads, time_contenders
+from jointcompress.hf.int8 import interleaved_latency as hf_interleaved_latency
+from jointcompress.models import build_model
+from jointcompress.pipeline import measure_latency
+
+
+def _onnx(tmp_path):
+    model = build_model("lenet5").eval()
+    x = torch.randn(2, 1, 28, 28)
+    return model, x, export_onnx(model, tmp_path / "m.onnx", x)
+
+
+def test_ort_session_has_requested_threads_and_spinning_off(tmp_path):
+    _, _, path = _onnx(tmp_path)
+    for threads in (1, 2):
+        got = session_threads(ort_session(path, threads))
+        assert got == {"intra_op": threads, "inter_op": 1, "session.intra_op.allow_spinning": "0",
+                       "session.inter_op.allow_spinning": "0"}
+
+
+def test_int8_model_sessions_come_from_the_factory(tmp_path):
+    model, x, _ = _onnx(tmp_path)
+    q = quantize_int8(model, None, torch.randn(16, 1, 28, 28), x, workdir=tmp_path, threads=2)
+    assert session_threads(q.predict.session)["intra_op"] == 2
+    again = q.with_threads(1)
+    assert session_threads(again.predict.session)["intra_op"] == 1
+    assert session_threads(again.predict.session)["session.intra_op.allow_spinning"] == "0"
+    assert torch.allclose(again(x), q(x))
+
+
+def test_time_contenders_returns_documented_fields(tmp_path):
+    model, x, path = _onnx(tmp_path)
+    calls = {"torch": 0, "ort": 0}
+    ort = ort_predict(ort_session(path, 1))
+
+    def run(name, fn):
+        calls[name] += 1
+        return fn(x)
+
+    before = torch.get_num_threads()
+    t = time_contenders({"torch": lambda: run("torch", model), "ort": lambda: run("ort", ort)},
+                        threads=1, rounds=4, warmup=2, alone_runs=3)
+    assert isinstance(t, Timing) and t.threads == 1 and t.rounds == 4
+    assert set(t.interleaved_ms) == set(t.alone_ms) == {"torch", "ort"}
+    assert all(v > 0 for v in t.interleaved_ms.values()) and all(v > 0 for v in t.alone_ms.values())
+    assert set(t.flagged) <= {"torch", "ort"}
+    # warm-up twice, 4 interleaved rounds, then alone: 1 warm-up + 3 runs
+    assert calls == {"torch": 2 + 4 + 1 + 3, "ort": 2 + 4 + 1 + 3}
+    assert torch.get_num_threads() == before  # restored
+    d = t.to_dict()
+    assert {"threads", "interleaved_ms", "alone_ms", "flagged", "tolerance", "method"} <= set(d)
+    assert "1 thread" in describe(t)
+    assert t.speedup("torch")["torch"] == 1.0
+
+
+def test_flag_when_interleaved_and_alone_disagree():
+    # a contender that is slow only while interleaved: every call after the other contender sleeps
+    import time
+
+    state = {"last": None}
+
+    def a():
+        if state["last"] == "b":
+            time.sleep(0.004)
+        state["last"] = "a"
+
+    def b():
+        state["last"] = "b"
+
+    t = time_contenders({"a": a, "b": b}, rounds=6, warmup=1, alone_runs=4)
+    assert "a" in t.flagged  # ~4 ms interleaved vs microseconds alone
+    assert flagged({"x": 1.25, "y": 1.1, "z": 0.7}, {"x": 1.0, "y": 1.0, "z": 1.0}, 0.2) == ["x", "z"]
+
+
+def test_latency_paths_record_threads(tmp_path):
+    model = build_model("lenet5").eval()
+    x = torch.randn(4, 1, 28, 28)
+    rows = measure_latency({"a": model, "b": model}, x, runs=2, threads=1)
+    assert rows["a"]["latency_threads"] == 1 and rows["a"]["latency_ms_b64"] > 0
+    res = bench(model, model, x, runs=2, batch_sizes=(1,), threads=1)
+    assert res["threads"] == 1 and res["timing"]["b1"]["threads"] == 1 and "latency_flagged" in res
+
+
+def test_hf_interleaved_latency_fields():
+    fn = lambda ids, mask: ids.float().sum()  # noqa: E731
+    res = hf_interleaved_latency({"x": (fn, 50), "y": (fn, 50)}, seq_len=8, rounds=1, threads=1)
+    for name in ("x", "y"):
+        assert {"batch1_ms", "batch32_ms", "batch1_alone_ms", "batch32_alone_ms"} <= set(res[name])
+    assert isinstance(res["flagged"], list)
