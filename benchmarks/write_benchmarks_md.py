@@ -358,7 +358,9 @@ def main() -> None:
     text += VARIANTS_TEXT
     for model, folder, title in (("lenet300", "compare_lenet300_100x", " at 100x"),
                                  ("lenet300", "compare_lenet300_2k", ", 2,000 training images, at 100x"),
-                                 ("lenet5", "compare_lenet5_200x", " at 200x")):
+                                 ("lenet5", "compare_lenet5_200x", " at 200x"),
+                                 ("lenet5", "compare_lenet5_400x", " at 400x"),
+                                 ("lenet5", "compare_lenet5_2k", ", 2,000 training images, at 200x")):
         if (ROOT / "benchmarks" / "results" / folder / "compare.json").is_file():
             text += section(model, folder, title)
     for model in MODELS:
