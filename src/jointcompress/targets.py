@@ -131,11 +131,9 @@ class Candidate:
         on estimated steps when LSQ has not started yet (sequential runs)."""
         from torch.nn.utils import parametrize
 
-        # the forward caches of masks and quantizers (last_in, last_mask, ...) are graph
-        # tensors, which deepcopy refuses; the copy does not need them
-        memo = {id(v): None for m in model.modules() for v in vars(m).values()
-                if isinstance(v, torch.Tensor) and v.grad_fn is not None}
-        plain = copy.deepcopy(model, memo)
+        from .model_copy import plain_copy
+
+        plain = plain_copy(model)
         steps, scores = {}, {}
         names = list(quant.quantizers) if quant.attached else list(selected_layers(model, quant.config))
         for name in names:
@@ -143,10 +141,6 @@ class Candidate:
             if quant.attached:
                 steps[name] = quant.quantizers[name].step.detach().clone()
             if parametrize.is_parametrized(layer, "weight"):
-                # the copy shares its parametrized class with the live layer, and removal edits
-                # that class: give the copy a class of its own first
-                own = layer.__class__
-                layer.__class__ = type(own.__name__, own.__bases__, dict(own.__dict__))
                 parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
                 if parametrize.is_parametrized(layer, "bias"):  # the bias as training stores it
                     parametrize.remove_parametrizations(layer, "bias", leave_parametrized=True)

@@ -21,7 +21,6 @@ recorded in `history.events`), and the rest of the run fine-tunes values and ste
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -60,27 +59,14 @@ def sparse_layer_bytes(nonzero: torch.Tensor, numel: int, bits: torch.Tensor) ->
     return (sparse + (costs.min() - sparse).detach()) / 8
 
 
-def _plain_copy(model: nn.Module) -> nn.Module:
-    """A deep copy without the forward caches (graph tensors deepcopy refuses)."""
-    memo = {id(v): None for m in model.modules() for v in vars(m).values()
-            if isinstance(v, torch.Tensor) and v.grad_fn is not None}
-    plain = copy.deepcopy(model, memo)
-    for m in plain.modules():
-        if hasattr(m, "parametrizations"):
-            # the copy shares its parametrized class with the live module, and removing the
-            # parametrization edits that class: give the copy a class of its own first
-            own = m.__class__
-            m.__class__ = type(own.__name__, own.__bases__, dict(own.__dict__))
-    return plain
-
-
 def measured_bytes(model: nn.Module) -> dict[str, int]:
     """The weights file the artifact writer would produce for the model as it is now."""
     from ..artifact.encode import encode_model
     from ..artifact.store import file_blob
     from ..finalize import finalize
+    from ..model_copy import plain_copy
 
-    plain = _plain_copy(model)
+    plain = plain_copy(model)
     spec = finalize(plain)
     enc = encode_model(plain, spec)
     totals = enc.totals()

@@ -1,0 +1,25 @@
+"""A deep copy of a model in training that is safe to finalize or strip.
+
+Two things stand in the way of `copy.deepcopy` on a model with masks and quantizers attached:
+the forward caches of the parametrizations (last_in, last_mask, ...) are graph tensors, which
+deepcopy refuses, and the copy shares each parametrized module's generated class with the live
+model, so removing a parametrization from the copy would remove it from the live model too.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A copy without the forward caches, whose parametrized modules have classes of their own."""
+    memo = {id(v): None for m in model.modules() for v in vars(m).values()
+            if isinstance(v, torch.Tensor) and v.grad_fn is not None}
+    plain = copy.deepcopy(model, memo)
+    for m in plain.modules():
+        if hasattr(m, "parametrizations"):
+            own = m.__class__
+            m.__class__ = type(own.__name__, own.__bases__, dict(own.__dict__))
+    return plain
