@@ -36,12 +36,12 @@ DEFAULTS = {  # sized for <= ~30 min each on 2 CPU cores shared with other jobs 
 }
 
 
-def recipe(model: str, epochs: int, min_keep: float = 0.01):
+def recipe(model: str, epochs: int, min_keep: float = 0.01, bits: int = 4):
     return parse_recipe({
         "name": f"{model}-mnist-compare", "model": model, "mode": "joint",
         "techniques": [
             {"type": "prune_unstructured", "sparsity": 0.9, "end": 0.6, "regularization": 1.0, "min_keep": min_keep},
-            {"type": "quant_lsq", "bits": 4, "start": 0.3, "regularization": 0.1},
+            {"type": "quant_lsq", "bits": bits, "start": 0.3, "regularization": 0.1},
             {"type": "distill_kd", "temperature": 4.0, "alpha": 0.7, "cache_teacher": True},
         ],
         "training": {"epochs": epochs, "lr": 1e-3, "batch_size": 128},
@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--train-images", type=int, help="class-balanced subset of the training set (the scarce-data case)")
     ap.add_argument("--min-keep", type=float, default=0.01,
                     help="prune_unstructured.min_keep of the sequential pipeline (lower it for targets its floor cannot reach)")
+    ap.add_argument("--bits", type=int, default=4,
+                    help="quant_lsq.bits of every variant (the allocator may still lower it for sequential if the target needs it)")
     ap.add_argument("--variants", help="comma-separated (default: joint-none,joint-scale,joint-pcgrad,sequential)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -89,7 +91,7 @@ def main() -> None:
     if args.train_images:
         split = balanced_subset(split, args.train_images)
     t0 = time.perf_counter()
-    result = run_compare(recipe(args.model, args.epochs or d["epochs"], args.min_keep), split, args.model, spec, out,
+    result = run_compare(recipe(args.model, args.epochs or d["epochs"], args.min_keep, args.bits), split, args.model, spec, out,
                          log=lambda m: print(f"[{time.perf_counter() - t0:6.0f}s] {m}", flush=True))
     result["wall_seconds"] = time.perf_counter() - t0
     result["command"] = " ".join(["nice -n 10 .venv/bin/python benchmarks/compare_mnist.py"] + sys.argv[1:])

@@ -161,25 +161,6 @@ def test_joint_form_of_a_prune_quantize_recipe():
     assert (budget.start, budget.end) == (0.1, 0.5) and joint.technique("distill_kd") is not None
 
 
-def test_demo_compares_both_modes_at_one_size_target(tmp_path):
-    import json
-
-    from typer.testing import CliRunner
-
-    from jointcompress.cli import app
-
-    out = tmp_path / "demo"
-    res = CliRunner().invoke(app, ["demo", "--out", str(out), "--teacher-epochs", "2", "--epochs", "3", "--ratio", "20"])
-    assert res.exit_code == 0, res.output
-    data = json.loads((out / "results.json").read_text())
-    for mode in ("sequential", "joint"):
-        manifest = json.loads((out / mode / "manifest.json").read_text())
-        file_bytes = (out / mode / manifest["weights_file"]).stat().st_size
-        assert data["rows"][mode]["file_bytes"] == file_bytes
-        assert abs(file_bytes / data["target_bytes"] - 1) <= 0.02
-    assert "target 20x" in res.output
-
-
 @pytest.mark.parametrize("fmt", ["fp16", "log8"])
 def test_dead_zone_output_is_exactly_on_the_stored_grid(fmt):
     # the forward's step must equal the stored step bit for bit (an ulp off puts q*s off the grid)

@@ -77,57 +77,51 @@ def results_table(title: str, rows: dict[str, dict]) -> Table:
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where the artifacts and results.json go."),
+    model: str = typer.Option("lenet5", help="Reference model: lenet5 or lenet300."),
     teacher_epochs: int = typer.Option(15, min=1, help="Epochs to train the uncompressed teacher."),
     epochs: int = typer.Option(None, min=1, help="Compression epochs (default: the demo recipe's)."),
-    ratio: float = typer.Option(40.0, min=1.5, help="Size target: the weights file this many times smaller than fp32."),
+    ratio: float = typer.Option(100.0, min=1.5, help="Size target: the weights file this many times smaller than fp32."),
     force: bool = typer.Option(True, help="Overwrite the demo's own output directory."),
 ):
-    """Train a teacher on the embedded digits data, then compress it to one size target twice:
+    """Train a teacher on the embedded digits data, compress it to one size target twice,
     sequentially (allocator budgets; prune, then quantize) and jointly (dead-zone quantizer and
-    size budget trained together), and compare them side by side, measured."""
-    from .compare import variant_recipe
+    size budget trained together), build a fast model (channels removed, int8), and compare
+    them side by side, measured on held-out digits."""
+    from .demo import run_demo
     from .io import atomic_write_json, prepare_output_dir
-    from .pipeline import builder_for, compress_and_save, measure_latency, train_teacher, uncompressed_row
-    from .recipe import builtin_recipe, load_recipe, parse_recipe
-    from .targets import resolve_target, target_bytes
 
-    t0 = time.perf_counter()
-    recipe = load_recipe(builtin_recipe("demo"))
-    if epochs:
-        recipe.training.epochs = epochs
-    from .data import load_digits
-
-    split = load_digits()
+    if model not in ("lenet5", "lenet300"):
+        raise JointCompressError(f"--model {model!r}: the demo runs 'lenet5' or 'lenet300' (use `compress` for other models)")
     out = prepare_output_dir(out, force=force)
-    builder = builder_for(recipe.model, split)
-    targeted = parse_recipe({**recipe.model_dump(), "target": {"ratio": ratio}}, source="demo")
     with progress_bar() as bar:
-        teacher = train_teacher(recipe.model, split, teacher_epochs, lr=recipe.training.lr, progress=tracked(bar, "teacher"))
-        rows = {"uncompressed": uncompressed_row(teacher, split)}
-        models = {"uncompressed": teacher}
-        budgets = resolve_target(teacher, targeted, split.x_train[:2])
-        for mode, variant in (("sequential", "sequential"), ("joint", "joint-pcgrad")):
-            r = variant_recipe(budgets, variant, recipe.training.seed, targeted, teacher, split.x_train[:2])
-            outcome = compress_and_save(mode, teacher, r, split, builder, out, progress=tracked(bar, mode))
-            rows[mode], models[mode] = outcome.row, outcome.model
-    x = split.x_test[:64]
-    for name, lat in measure_latency(models, x).items():
-        rows[name].update(lat)
-    goal = target_bytes(teacher, targeted.target)
-    wall = time.perf_counter() - t0
-    console.print(results_table(f"jointcompress demo: LeNet-300-100 on digits ({len(split.x_test)} held-out), "
-                                f"target {ratio:g}x = {goal:,.0f} B weights file", rows))
+        res = run_demo(out, model=model, ratio=ratio, teacher_epochs=teacher_epochs, epochs=epochs,
+                       progress=lambda name: tracked(bar, name))
+    _print_demo(res, ratio)
+    command = " ".join(["jointcompress", *sys.argv[sys.argv.index("demo"):]]) if "demo" in sys.argv else "jointcompress demo"
+    atomic_write_json(out / "results.json", {"command": command, "rows": res.rows, "wall_seconds": res.wall_seconds,
+                                             "target_bytes": res.target_bytes, "recipe": res.recipe})
+    console.print(f"artifacts in {out}/sequential, {out}/joint and {out}/structured; wall time {res.wall_seconds:.0f} s")
+
+
+def _print_demo(res, ratio: float) -> None:
+    names = {"lenet5": "LeNet-5", "lenet300": "LeNet-300-100"}
+    console.print(results_table(f"jointcompress demo: {names[res.model]} on digits ({res.held_out} held-out), "
+                                f"target {ratio:g}x = {res.target_bytes:,.0f} B weights file", res.rows))
     for mode in ("sequential", "joint"):
-        console.print(f"{mode}: weights file {rows[mode]['file_bytes']:,} B ({rows[mode]['file_bytes'] / goal - 1:+.1%} of the target)")
+        r = res.rows[mode]
+        console.print(f"{mode}: weights file {r['file_bytes']:,} B ({r['file_bytes'] / res.target_bytes - 1:+.1%} of the target)")
+    s, u = res.rows["structured int8"], res.rows["uncompressed"]
+    kept = ", ".join(f"{n} {s['channels'][n]}/{c}" for n, c in s["dense_channels"].items())
+    console.print(f"structured int8: channels kept {kept}; {u['latency_ms_b64'] / s['latency_ms_b64']:.1f}x faster than "
+                  f"the uncompressed model at batch 64, {u['latency_ms_b1'] / s['latency_ms_b1']:.1f}x at batch 1 "
+                  f"(fp32 before int8: {100 * s['fp32_accuracy']:.2f}%)")
     console.print(
         "sequential: allocator budgets, prune -> fine-tune -> quantize -> fine-tune; joint: zero as a quantizer level "
-        "under the size budget, pcgrad on accuracy vs size (docs/joint.md). Same teacher, epochs and distillation. "
-        "stored = values + indices + scales + biases; latency = median CPU forward, interleaved; "
-        "conflict = mean share of gradient pairs pointing against each other."
+        "under the size budget, pcgrad on accuracy vs size (docs/joint.md); structured int8: 75% of channels removed, "
+        "8-bit LSQ, int8 ONNX Runtime on the trained scales. Same teacher, epochs and distillation. "
+        "stored = the weights file's payload; latency = median CPU forward, 1 thread for every model, interleaved "
+        "(ONNX Runtime spinning off); conflict = mean share of gradient pairs pointing against each other."
     )
-    console.print(f"artifacts in {out}/sequential and {out}/joint; wall time {wall:.0f} s")
-    atomic_write_json(out / "results.json", {"rows": rows, "wall_seconds": wall, "target_bytes": goal,
-                                             "recipe": targeted.model_dump()})
 
 
 @app.command("compress")

@@ -13,6 +13,7 @@ import torch.nn as nn
 from .api import Result, compress, seed_everything, train_baseline
 from .artifact.size import dense_fp32_bytes
 from .artifact.store import save
+from .spec import CompressionSpec
 from .bench import batch_of, count_params
 from .deploy.timing import DEFAULT_THREADS, time_contenders
 from .data import Split, evaluator, load_dataset
@@ -30,6 +31,7 @@ class Outcome:
     model: nn.Module
     result: Result | None
     row: dict = field(default_factory=dict)
+    spec: CompressionSpec | None = None  # what finalize made permanent (bits and trained scales per layer)
 
 
 def builder_for(model_name: str, split: Split) -> Callable[[], nn.Module]:
@@ -75,11 +77,14 @@ def compress_and_save(
     evaluate = evaluator(split.x_test, split.y_test)
     result = compress(model, recipe, (split.x_train, split.y_train), evaluate, teacher=teacher,
                       progress=progress, callbacks=callbacks, **compress_kwargs)
-    return Outcome(name, model, result, finalize_and_save(model, result, teacher, split, builder, out_dir and out_dir / name))
+    row, spec = finalize_and_save(model, result, teacher, split, builder, out_dir and out_dir / name)
+    return Outcome(name, model, result, row, spec)
 
 
-def finalize_and_save(model: nn.Module, result: Result, teacher: nn.Module, split: Split, builder, path: Path | None) -> dict:
-    """Make the compression permanent, write the artifact to `path`, and measure what is there."""
+def finalize_and_save(model: nn.Module, result: Result, teacher: nn.Module, split: Split, builder,
+                      path: Path | None) -> tuple[dict, CompressionSpec]:
+    """Make the compression permanent, write the artifact to `path`, and measure what is there.
+    Returns the measured row and the finalized spec (bits and trained scales, for int8 export)."""
     example = result.example_inputs
     for t in result.techniques:  # size_budget's projections onto the target, with the rest of the run's events
         result.history.events.extend(getattr(t, "events", []))
@@ -96,7 +101,7 @@ def finalize_and_save(model: nn.Module, result: Result, teacher: nn.Module, spli
     conflicts = [e["conflict_rate"] for e in result.history.epochs if e.get("conflict_rate") is not None]
     row["conflict_rate"] = sum(conflicts) / len(conflicts) if conflicts else None
     row.update(coordination_effect(result.history))
-    return row
+    return row, spec
 
 
 def coordination_effect(history) -> dict:
@@ -125,7 +130,8 @@ def measure_latency(models: dict[str, nn.Module], example: torch.Tensor, runs: i
     `threads` threads for all, interleaved rounds, each also timed alone. Each row also records
     the thread count and the batch sizes whose interleaved and alone medians disagree."""
     for m in models.values():
-        m.eval()
+        if isinstance(m, nn.Module):  # a deployed (e.g. int8 ONNX Runtime) model is already an inference callable
+            m.eval()
     out: dict[str, dict] = {k: {"latency_threads": threads, "latency_flagged": []} for k in models}
     for bs in (1, 64):
         x = batch_of(example, bs)

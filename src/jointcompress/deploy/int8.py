@@ -33,7 +33,9 @@ calibrated (MinMax) on the given calibration batches.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -154,12 +156,24 @@ def quantize_onnxruntime(model: nn.Module, spec: CompressionSpec | None, calibra
     reader = _Reader("input", calibration, max_batches)
     CalibrationDataReader.register(_Reader)
     out = workdir / "model_int8.onnx"
-    quantize_static(
-        str(fp32), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-        extra_options={"TensorQuantOverrides": overrides, "WeightSymmetric": True},
-    )
+    with _quiet_root_logger():  # quantize_static logs a generic "consider pre-processing" warning on every call
+        quantize_static(
+            str(fp32), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            extra_options={"TensorQuantOverrides": overrides, "WeightSymmetric": True},
+        )
     return Int8Model("onnxruntime", ort_predict(ort_session(out, threads)), str(out), trained_scales=len(overrides))
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def quantize_torch(model: nn.Module, calibration, example_input: torch.Tensor, engine: str | None = None,

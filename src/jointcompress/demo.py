@@ -1,0 +1,117 @@
+"""What `jointcompress demo` runs: one size target reached sequentially and jointly, plus a fast
+model with channels physically removed and int8 weights, all measured on held-out data.
+
+The size rows answer "how small at what accuracy" (unstructured sparsity + low-bit weights:
+the smallest file, but a dense-speed model). The structured row answers "how fast": whole
+channels are removed, so the model itself shrinks, and the int8 ONNX Runtime model runs on
+the trained LSQ scales. Every latency comes from deploy.timing (same threads for all, ORT
+spinning off, interleaved rounds, medians, each also timed alone).
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from .compare import variant_recipe
+from .data import Split, load_digits
+from .deploy.int8 import int8_parity, quantize_int8
+from .pipeline import builder_for, compress_and_save, measure_latency, train_teacher, uncompressed_row
+from .recipe import Recipe, builtin_recipe, load_recipe, parse_recipe
+from .targets import resolve_target, target_bytes
+
+DEFAULT_MODEL = "lenet5"
+DEFAULT_RATIO = 100.0
+STRUCTURED_CHANNELS = 0.75  # share of conv channels / hidden units the fast model removes
+LATENCY_BATCH = 64
+
+
+@dataclass
+class DemoResult:
+    rows: dict[str, dict]
+    target_bytes: float
+    wall_seconds: float
+    recipe: dict
+    model: str
+    held_out: int
+    notes: list[str] = field(default_factory=list)
+
+
+def demo_recipe(model: str, epochs: int | None, ratio: float) -> Recipe:
+    """The built-in demo recipe on `model`, with its size target."""
+    data = load_recipe(builtin_recipe("demo")).model_dump()
+    data["model"] = model
+    if epochs:
+        data["training"]["epochs"] = epochs
+    data["target"] = {"ratio": ratio}
+    return parse_recipe(data, source="demo")
+
+
+def structured_recipe(targeted: Recipe, channels: float = STRUCTURED_CHANNELS) -> Recipe:
+    """The fast model's recipe: the demo's training and distillation, with `channels` of every
+    prunable channel group removed (learned scores) and 8-bit LSQ weights for int8 inference."""
+    data = targeted.model_dump()
+    data["target"], data["mode"] = None, "joint"
+    keep = [t for t in data["techniques"] if t["type"] == "distill_kd"]
+    data["techniques"] = [
+        {"type": "prune_structured", "sparsity": channels, "criterion": "learned", "end": 0.6},
+        {"type": "quant_lsq", "bits": 8, "start": 0.3},
+        *keep,
+    ]
+    data["coordination"]["strategy"] = "none"
+    return parse_recipe(data, source="demo (structured)")
+
+
+def run_demo(out: Path, model: str = DEFAULT_MODEL, ratio: float = DEFAULT_RATIO, teacher_epochs: int = 15,
+             epochs: int | None = None, seed: int | None = None, structured: bool = True,
+             progress: Callable[[str], Callable | None] = lambda name: None) -> DemoResult:
+    """Teacher on digits; sequential and joint at `ratio` (compression seed `seed`, default the
+    recipe's); the structured int8 model unless `structured` is False; latency."""
+    t0 = time.perf_counter()
+    split = load_digits()
+    targeted = demo_recipe(model, epochs, ratio)
+    if seed is not None:
+        targeted.training.seed = seed
+    builder = builder_for(model, split)
+    teacher = train_teacher(model, split, teacher_epochs, lr=targeted.training.lr, progress=progress("teacher"))
+    rows, fast = {"uncompressed": uncompressed_row(teacher, split)}, {"uncompressed": teacher}
+    budgets = resolve_target(teacher, targeted, split.x_train[:2])
+    for mode, variant in (("sequential", "sequential"), ("joint", "joint-pcgrad")):
+        r = variant_recipe(budgets, variant, targeted.training.seed, targeted, teacher, split.x_train[:2])
+        outcome = compress_and_save(mode, teacher, r, split, builder, out, progress=progress(mode))
+        rows[mode], fast[mode] = outcome.row, outcome.model
+    if structured:
+        rows["structured int8"], fast["structured int8"] = structured_row(teacher, targeted, split, builder, out, progress)
+    x = split.x_test[:LATENCY_BATCH]
+    for name, lat in measure_latency(fast, x).items():
+        rows[name].update(lat)
+    return DemoResult(rows, target_bytes(teacher, targeted.target), time.perf_counter() - t0,
+                      targeted.model_dump(), model, len(split.x_test))
+
+
+def structured_row(teacher: nn.Module, targeted: Recipe, split: Split, builder, out: Path,
+                   progress: Callable[[str], Callable | None]) -> tuple[dict, Callable]:
+    """Train, finalize (channels removed) and save the fast model, then build its int8 ONNX
+    Runtime model on the trained scales; the row's accuracy is the int8 model's, on held-out data."""
+    recipe = structured_recipe(targeted)
+    outcome = compress_and_save("structured", teacher, recipe, split, builder, out, progress=progress("structured"))
+    workdir = Path(tempfile.mkdtemp(prefix="jointcompress-demo-int8-"))
+    int8 = quantize_int8(outcome.model, outcome.spec, (split.x_train[:512], split.y_train[:512]),
+                         split.x_test[:LATENCY_BATCH], workdir=workdir)
+    parity = int8_parity(outcome.model, int8, (split.x_test, split.y_test))
+    row = dict(outcome.row)
+    row.update(accuracy=parity.metric_deployed, bits="int8", fp32_accuracy=outcome.row["accuracy"],
+               params=sum(p.numel() for p in outcome.model.parameters()),
+               nonzero=sum(int((p != 0).sum()) for p in outcome.model.parameters()),
+               channels=channel_counts(outcome.model), dense_channels=channel_counts(teacher))
+    return row, int8
+
+
+def channel_counts(model: nn.Module) -> dict[str, int]:
+    """Output channels / features of every conv and linear layer (what structured pruning removes)."""
+    return {n: (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
+            for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}

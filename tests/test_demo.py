@@ -1,0 +1,36 @@
+"""`jointcompress demo`: both size rows land on the target, and the fast row really is smaller and int8."""
+import json
+
+from typer.testing import CliRunner
+
+from jointcompress.cli import app
+
+
+def test_demo_compares_both_modes_and_builds_a_fast_model(tmp_path):
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(app, ["demo", "--out", str(out), "--teacher-epochs", "2", "--epochs", "3", "--ratio", "20"])
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "results.json").read_text())
+    rows = data["rows"]
+    for mode in ("sequential", "joint"):
+        manifest = json.loads((out / mode / "manifest.json").read_text())
+        file_bytes = (out / mode / manifest["weights_file"]).stat().st_size
+        assert rows[mode]["file_bytes"] == file_bytes
+        assert abs(file_bytes / data["target_bytes"] - 1) <= 0.02
+    fast = rows["structured int8"]
+    # channels were physically removed: every hidden layer is narrower, the output layer is not
+    dense, kept = fast["dense_channels"], fast["channels"]
+    hidden = [n for n in dense if n != list(dense)[-1]]
+    assert all(kept[n] < dense[n] for n in hidden) and kept[list(dense)[-1]] == dense[list(dense)[-1]]
+    assert fast["params"] < 0.25 * rows["uncompressed"]["params"]
+    assert fast["bits"] == "int8" and 0.0 < fast["accuracy"] <= 1.0
+    assert (out / "structured" / "manifest.json").is_file()
+    for name in ("uncompressed", "sequential", "joint", "structured int8"):
+        assert rows[name]["latency_ms_b1"] > 0 and rows[name]["latency_ms_b64"] > 0
+        assert rows[name]["latency_threads"] == 1
+    assert "target 20x" in res.output and "structured int8" in res.output
+
+
+def test_demo_refuses_an_unknown_model(tmp_path):
+    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--model", "resnet"])
+    assert res.exit_code != 0 and "--model" in str(res.exception) + res.output
