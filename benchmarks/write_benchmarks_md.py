@@ -82,6 +82,51 @@ def section(model: str, folder: str | None = None, title: str = "") -> list[str]
     return lines + [""]
 
 
+def paired_stats(runs: list[dict], variant: str, ratio: float) -> tuple[float, float, int] | None:
+    """Mean and standard error of joint − sequential error (points) over the seeds both ran."""
+    by_seed = {}
+    for row in runs:
+        if row["ratio_target"] == ratio and row["variant"] in (variant, "sequential"):
+            by_seed.setdefault(row["seed"], {})[row["variant"]] = row["error"]
+    diffs = [100 * (d[variant] - d["sequential"]) for d in by_seed.values() if len(d) == 2]
+    if len(diffs) < 2:
+        return None
+    return statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs)), len(diffs)
+
+
+def points_table() -> list[str]:
+    """Every compare point measured with today's joint mode, one row per joint variant: the
+    summary the sections below explain (paired by seed, ± one standard error)."""
+    rows = []
+    for path in sorted((ROOT / "benchmarks" / "results").glob("compare_*/compare.json")):
+        r = json.loads(path.read_text())
+        runs = r.get("runs", [])
+        if not any("changed_share" in row for row in runs):
+            continue  # measured with the earlier joint mode
+        bits = next((t.get("bits") for t in r["recipe"]["techniques"] if t["type"] == "quant_lsq"), "-")
+        for ratio in r["ratios"]:
+            seq = next((s for s in r["summary"] if s["variant"] == "sequential" and s["ratio_target"] == ratio), None)
+            for s in sorted((s for s in r["summary"] if s["ratio_target"] == ratio and s["variant"] not in ("sequential", "overlap")),
+                            key=lambda s: s["variant"]):
+                st = paired_stats(runs, s["variant"], ratio)
+                if seq is None or st is None:
+                    continue
+                mean, se, n = st
+                verdict = ("**joint better**" if mean < -2 * se else "**sequential better**" if mean > 2 * se else "tie")
+                rows.append(f"| {MODELS[r['model']]} | {ratio:g}x | {r.get('train_images', 60000):,} | {bits} | {r['epochs']} | "
+                            f"{s['variant']} | {100 * s['error_mean']:.2f}% | {100 * seq['error_mean']:.2f}% | "
+                            f"{mean:+.2f} ± {se:.2f} (n={n}) | {verdict} | `{path.parent.name}` |")
+    if not rows:
+        return []
+    return ["## Every point, joint vs sequential", "",
+            "Joint − sequential error in points, paired by seed (same teacher, data and target), ± one standard error; "
+            "a difference counts only beyond 2 standard errors. Bytes = the weights file on disk; error on the 10,000 "
+            "MNIST test images. Each folder's section below gives the command and details.", "",
+            "| model | target | training images | bits | epochs | joint variant | joint error | sequential error | "
+            "difference | verdict | results |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            *rows, ""]
+
+
 def paired_difference(runs: list[dict], variant: str, ratio: float) -> str:
     """Joint minus sequential error per seed (same teacher, same budgets), with its standard error:
     a difference counts only when it exceeds two standard errors."""
@@ -338,6 +383,26 @@ def tp_verdict(acc: dict, tm: dict) -> list[str]:
             "Torch-Pruning at matched accuracy.", ""] + out
 
 
+def demo_seeds_section() -> list[str]:
+    """benchmarks/demo_seeds.py: the demo's size point over several compression seeds."""
+    r = _load("demo_seeds")
+    if r is None:
+        return []
+    lines = ["## The demo's point over seeds (LeNet-5 on the embedded digits)", "",
+             f"Reproduce: `.venv/bin/{r['command']}`. `jointcompress demo`'s recipe and target; one teacher, compression "
+             f"seeds 0..n-1; accuracy on the {r['data'].split('; ')[-1].rstrip(')')}.", "",
+             "| target | seed | sequential | joint | weights file (seq / joint) |", "| --- | --- | --- | --- | --- |"]
+    for p in r["points"]:
+        for run in p["runs"]:
+            lines.append(f"| {p['ratio']:g}x ({run['target_bytes']:,.0f} B) | {run['seed']} | "
+                         f"{100 * run['sequential']['accuracy']:.2f}% | {100 * run['joint']['accuracy']:.2f}% | "
+                         f"{run['sequential']['file_bytes']:,} / {run['joint']['file_bytes']:,} B |")
+        d = p["joint_minus_sequential_accuracy"]
+        lines.append(f"| {p['ratio']:g}x | joint − sequential | | {100 * d['mean']:+.2f} ± {100 * d['se']:.2f} points "
+                     f"({'beyond' if d['beyond_2se'] else 'within'} 2 SE) | |")
+    return lines + [""]
+
+
 def latency_section() -> list[str]:
     body = cnn_latency_section() + against_tp_section("lenet5") + against_tp_section("resnet")
     if not body:
@@ -356,6 +421,8 @@ def main() -> None:
             "The runs are sized for 2 shared CPU cores (few epochs, few seeds), far below Deep Compression's training budget, "
             "so they show the trend of each method at equal budgets rather than a best-effort accuracy.", ""]
     text += VARIANTS_TEXT
+    text += points_table()
+    text += demo_seeds_section()
     for model, folder, title in (("lenet300", "compare_lenet300_100x", " at 100x"),
                                  ("lenet300", "compare_lenet300_2k", ", 2,000 training images, at 100x"),
                                  ("lenet5", "compare_lenet5_200x", " at 200x"),
