@@ -38,37 +38,85 @@ def qmax_of(bits: torch.Tensor | float) -> torch.Tensor | float:
     return 2 ** (bits - 1) - 1
 
 
-class DeadZoneQuant(torch.autograd.Function):
-    """out = s * q, q = 0 inside the dead zone |w/s| < t (or where `keep` is False once fixed),
-    else sign(w) * clamp(max(round(|w/s|), 1), Q). Backward: see the module docstring."""
+def step_gate(x: torch.Tensor) -> torch.Tensor:
+    """1.0 where x >= 0, else 0.0, in float arithmetic: on CPU, comparisons, bool masks and
+    `where` over a random pattern cost several times a float pass (unvectorized casts and
+    branches). floor(x) + 1 is >= 1 exactly when x >= 0 and <= 0 below it."""
+    return torch.floor(x).add_(1).clamp_(0, 1)
+
+
+def _per_channel_sum(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """x summed onto the shape of a per-channel (or per-tensor) parameter `like`."""
+    if like.numel() > 1:
+        return x.sum(dim=tuple(range(1, x.dim())), keepdim=True)
+    return x.sum().view_as(like)
+
+
+class ZeroLevelQuant(torch.autograd.Function):
+    """out = s * q, q = 0 inside the dead zone |w/s| < t (or where `keep` is 0 once fixed), else
+    sign(w) * clamp(max(round(|w/s|), 1), Q); and `count`, the number of kept weights.
+
+    One pass for both, so the size term reads the count of the very gate the forward applied
+    instead of dividing, comparing and summing the weights again. Backward: see the module
+    docstring; the count's gradient is its sigmoid surrogate's, d/dx sum(sigmoid((|w/s| - t)/T)),
+    sent to `s_count` (the step without LSQ's gradient scale, as the size term sees it) while
+    the output's step gradient goes to `s`. `s` and `s_count` are equal in value. All masks are
+    floats (`step_gate`); the arithmetic is that of the plain formulas (tested against them).
+    """
 
     @staticmethod
-    def forward(ctx, w, s, t, qmax: int, keep):
+    def forward(ctx, w, s, s_count, t, qmax: int, keep):
+        ctx.set_materialize_grads(False)
         v = w / s
-        mag = torch.clamp(torch.round(v.abs()), min=1, max=qmax)
-        gate = keep if keep is not None else v.abs() >= t
-        q = torch.where(gate, torch.sign(v) * mag, torch.zeros_like(v))
-        ctx.save_for_backward(v, q, s, t)
-        ctx.qmax, ctx.fixed = qmax, keep is not None
-        return q * s
+        a = v.abs()
+        level = torch.round(a).clamp_(1, qmax).mul_(torch.sign(v))  # the signed level outside the dead zone
+        d = a - t if keep is None else None
+        gate = step_gate(d) if keep is None else keep
+        q = (level * gate).add_(0.0)  # + 0.0: a pruned negative weight is +0.0, not -0.0
+        # a float32 sum of 0/1 is exact up to 2^24 kept weights per layer
+        count = gate.sum()
+        ctx.save_for_backward(v, q, level, d, s)
+        ctx.qmax = qmax
+        return q * s, count
 
     @staticmethod
-    def backward(ctx, grad):
-        v, q, s, t = ctx.saved_tensors
-        inside = v.abs() <= ctx.qmax
-        grad_w = grad * inside
-        ds = torch.where(inside, q - v, torch.sign(v) * ctx.qmax)
-        dims = tuple(range(1, grad.dim()))
-        grad_s = (grad * ds).sum(dim=dims, keepdim=True) if s.numel() > 1 else (grad * ds).sum().view_as(s)
-        grad_t = None
-        if not ctx.fixed:
-            z = (v.abs() - t) / GATE_TEMPERATURE
-            sig = torch.sigmoid(z)
-            # d out / d t of the surrogate out = s * sign(v) * max(|q|, 1) * sigmoid(z)
-            level = torch.sign(v) * torch.clamp(torch.round(v.abs()), min=1, max=ctx.qmax)
-            dt = -level * s * sig * (1 - sig) / GATE_TEMPERATURE
-            grad_t = (grad * dt).sum(dim=dims, keepdim=True) if t.numel() > 1 else (grad * dt).sum().view_as(t)
-        return grad_w, grad_s, grad_t, None, None
+    def backward(ctx, grad, grad_count):
+        v, q, level, d, s = ctx.saved_tensors
+        need_w, need_s, need_sc, need_t = ctx.needs_input_grad[:4]
+        grad_w = grad_s = grad_sc = grad_t = None
+        if grad is not None:
+            a = v.abs()
+            inside = torch.floor_((ctx.qmax + 1) - a).clamp_(0, 1)  # |v| <= Q, exactly (Sterbenz)
+            grad_w = grad * inside
+            if need_s:  # d out / d s: q - v inside the grid's range, the clipped level +-Q outside
+                ds = grad_w * (q - v)
+                ds.add_((grad - grad_w).mul_(v.clamp(-ctx.qmax, ctx.qmax)))
+                grad_s = _per_channel_sum(ds, s)
+        live = d is not None and (grad is not None and need_t or grad_count is not None)
+        if live:
+            sig = torch.sigmoid(d / GATE_TEMPERATURE)
+            dsig = sig.mul_(1 - sig).div_(GATE_TEMPERATURE)  # d sigmoid(z) / d d, z = d / T
+            if grad is not None and need_t:
+                # d out / d t of the surrogate out = s * level * sigmoid((|v| - t) / T)
+                grad_t = -_per_channel_sum((grad * level).mul_(dsig), s) * s
+            if grad_count is not None:
+                grad_t, grad_w, grad_sc = ZeroLevelQuant._count_grads(
+                    v, dsig, s, grad_count, grad_t, grad_w, need_w, need_sc, need_t)
+        return grad_w, grad_s, grad_sc, grad_t, None, None
+
+    @staticmethod
+    def _count_grads(v, dsig, s, gc, grad_t, grad_w, need_w, need_sc, need_t):
+        """The surrogate count's gradients: d/dw = dsig sign(v) / s, d/ds = -dsig |v| / s, d/dt = -dsig."""
+        grad_sc = None
+        if need_t:
+            gt = -_per_channel_sum(dsig, s) * gc
+            grad_t = gt if grad_t is None else grad_t + gt
+        if need_sc:
+            grad_sc = -_per_channel_sum(dsig * v.abs(), s) * (gc / s)
+        if need_w:
+            gw = (dsig * torch.sign(v)).mul_(gc / s)
+            grad_w = gw if grad_w is None else grad_w.add_(gw)
+        return grad_t, grad_w, grad_sc
 
 
 class ZeroLevelLSQWeight(LSQWeight):
@@ -91,6 +139,7 @@ class ZeroLevelLSQWeight(LSQWeight):
         self.register_buffer("keep", torch.ones_like(weight, dtype=torch.bool))
         self.register_buffer("pattern_fixed", torch.zeros((), dtype=torch.bool))
         self.last_w: torch.Tensor | None = None
+        self.last_count: torch.Tensor | None = None  # kept weights of the last forward (kept_count)
 
     # -- the learned quantities ------------------------------------------------------------
     @property
@@ -117,9 +166,10 @@ class ZeroLevelLSQWeight(LSQWeight):
         b = self.bits_continuous()
         return b.detach().round() + (b - b.detach())  # exactly an integer in value
 
-    def step_multiplier(self) -> torch.Tensor:
-        """Keeps the grid's range fixed when the width changes: s = s_ref * Q(ref) / Q(bits)."""
-        b = self.bits_continuous()
+    def step_multiplier(self, b: torch.Tensor | None = None) -> torch.Tensor:
+        """Keeps the grid's range fixed when the width changes: s = s_ref * Q(ref) / Q(bits).
+        `b`: bits_continuous(), when the caller has it already."""
+        b = self.bits_continuous() if b is None else b
         soft = qmax_of(float(self.ref_bits)) / qmax_of(b)
         hard = qmax_of(float(self.ref_bits)) / qmax_of(b.detach().round())
         return hard + (soft - soft.detach())  # exactly `hard` in value
@@ -151,15 +201,44 @@ class ZeroLevelLSQWeight(LSQWeight):
             with torch.no_grad():
                 self.log_step.copy_(lsq_init_step(w, int(qmax_of(self.ref_bits)), self.per_channel).log())
                 self.initialized.fill_(True)
-        qmax = self.qmax
+        b = self.bits_continuous()  # once per forward: width, step multiplier and steps share it
+        qmax = int(qmax_of(int(b.detach().round())))  # == self.qmax
+        mult = self.step_multiplier(b)
+        s_count = self.stored(self.log_step.exp() * mult)  # == effective_step(): the size term's step
         n = w[0].numel() if self.per_channel else w.numel()
         # LSQ's gradient scale on the step; the value is exactly the stored step (effective_step)
-        s_grad = grad_scale(self.log_step, 1.0 / math.sqrt(n * qmax)).exp() * self.step_multiplier()
-        s = self.effective_step().detach() + (s_grad - s_grad.detach())
-        keep = self.keep if bool(self.pattern_fixed) else None
-        out = DeadZoneQuant.apply(w, s, self.dead_zone(), qmax, keep)
+        s_grad = grad_scale(self.log_step, 1.0 / math.sqrt(n * qmax)).exp() * mult
+        s = s_count.detach() + (s_grad - s_grad.detach())
+        fixed = bool(self.pattern_fixed)
+        out, count = ZeroLevelQuant.apply(w, s, s_count, self.dead_zone(), qmax, self._keep_float() if fixed else None)
         self.last_in, self.last_out, self.last_w = w, out, w
+        self.last_count, self._count_key = count, self._state_key(w)
         return out
+
+    def _state_key(self, w: torch.Tensor) -> tuple:
+        """What the kept-weight count depends on: the weight and every learned quantity (their
+        version counters move with every in-place update, optimizer steps and loads included)."""
+        return (id(w), w._version, self.log_step._version, self.dead_zone_raw._version, self.bits_raw._version,
+                self.keep._version, self.pattern_fixed._version, self.step_format, torch.is_grad_enabled())
+
+    def _keep_float(self) -> torch.Tensor:
+        """The fixed pattern as 0/1 floats, converted once per change of `keep`."""
+        cached = getattr(self, "_keep_f", None)
+        if cached is None or cached[0] != self.keep._version or cached[1].dtype != self.log_step.dtype \
+                or cached[1].device != self.keep.device:
+            cached = (self.keep._version, self.keep.to(self.log_step.dtype))
+            self._keep_f = cached
+        return cached[1]
+
+    def kept_count(self, w: torch.Tensor) -> torch.Tensor:
+        """soft_nonzero(w), taken from the last forward pass when it ran on `w` as it is now (the
+        count of the gate it applied, with the same surrogate gradient): the size term then costs
+        no extra pass over the weights. Under autograd only a forward that recorded its graph counts."""
+        key = getattr(self, "_count_key", None)
+        if key is not None and self.last_count is not None and key[:-1] == self._state_key(w)[:-1] \
+                and (key[-1] or not torch.is_grad_enabled()):
+            return self.last_count
+        return self.soft_nonzero(w)
 
     def soft_nonzero(self, w: torch.Tensor) -> torch.Tensor:
         """Kept weights: the hard count as the value, a sigmoid surrogate as the gradient."""
