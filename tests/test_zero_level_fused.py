@@ -72,11 +72,12 @@ def plain_layer_bytes(nonzero, numel, bits):
     return (sparse + (costs.min() - sparse).detach()) / 8
 
 
-def _quantizer(shape, per_channel=True, bits=4, seed=0, learn_bits=True):
+def _quantizer(shape, per_channel=True, bits=4, seed=0, learn_bits=True, outliers=True):
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(shape, generator=g)
+    w = torch.randn(shape, generator=g).clamp(-2.5, 2.5)
     w.view(-1)[::17] = 0.0  # exact zeros (as behind a pruning mask)
-    w.view(-1)[5::41] *= 12.0  # beyond the grid's clipping range
+    if outliers:
+        w.view(-1)[5::41] *= 12.0  # beyond the grid's clipping range
     q = ZeroLevelLSQWeight(w, bits, per_channel, learn_bits=learn_bits, min_bits=2, max_bits=8)
     with torch.no_grad():
         q.dead_zone_raw.uniform_(-1.0, 1.5, generator=g)  # dead zones from 0.8 to 2.2 steps
@@ -97,9 +98,13 @@ def _close(a, b):
 
 @pytest.mark.parametrize("shape,per_channel", [((7, 40), True), ((7, 40), False), ((6, 3, 3, 3), True)])
 @pytest.mark.parametrize("fixed", [False, True])
-def test_fused_quantizer_and_count_match_the_plain_formulas(shape, per_channel, fixed):
-    w, q = _quantizer(shape, per_channel)
+@pytest.mark.parametrize("outliers", [True, False])
+def test_fused_quantizer_and_count_match_the_plain_formulas(shape, per_channel, fixed, outliers):
+    w, q = _quantizer(shape, per_channel, outliers=outliers)
     q(w.detach())  # initialise the steps
+    with torch.no_grad():
+        q.log_step.add_(0.0 if outliers else 0.7)  # without outliers the steps fit 2.5 in the grid
+    assert bool(((w / q.effective_step()).abs() > q.qmax).any()) == outliers  # both backward paths
     if fixed:
         q.fix_pattern(w.detach())
     probe = torch.randn(shape, generator=torch.Generator().manual_seed(1))

@@ -28,95 +28,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..artifact.precision import round_step
-from .quant_lsq import LSQWeight, grad_scale, lsq_init_step
+from .quant_lsq import LSQWeight, lsq_init_step
+from .zero_level_kernel import GATE_TEMPERATURE, ZeroLevelQuant, ZeroLevelSetup, qmax_of
 
-GATE_TEMPERATURE = 0.5  # width of the dead zone's sigmoid surrogate, in steps
 DEAD_ZONE_INIT = 0.55  # initial dead zone (0.5 = plain rounding's own zero bin)
-
-
-def qmax_of(bits: torch.Tensor | float) -> torch.Tensor | float:
-    return 2 ** (bits - 1) - 1
-
-
-def step_gate(x: torch.Tensor) -> torch.Tensor:
-    """1.0 where x >= 0, else 0.0, in float arithmetic: on CPU, comparisons, bool masks and
-    `where` over a random pattern cost several times a float pass (unvectorized casts and
-    branches). floor(x) + 1 is >= 1 exactly when x >= 0 and <= 0 below it."""
-    return torch.floor(x).add_(1).clamp_(0, 1)
-
-
-def _per_channel_sum(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """x summed onto the shape of a per-channel (or per-tensor) parameter `like`."""
-    if like.numel() > 1:
-        return x.sum(dim=tuple(range(1, x.dim())), keepdim=True)
-    return x.sum().view_as(like)
-
-
-class ZeroLevelQuant(torch.autograd.Function):
-    """out = s * q, q = 0 inside the dead zone |w/s| < t (or where `keep` is 0 once fixed), else
-    sign(w) * clamp(max(round(|w/s|), 1), Q); and `count`, the number of kept weights.
-
-    One pass for both, so the size term reads the count of the very gate the forward applied
-    instead of dividing, comparing and summing the weights again. Backward: see the module
-    docstring; the count's gradient is its sigmoid surrogate's, d/dx sum(sigmoid((|w/s| - t)/T)),
-    sent to `s_count` (the step without LSQ's gradient scale, as the size term sees it) while
-    the output's step gradient goes to `s`. `s` and `s_count` are equal in value. All masks are
-    floats (`step_gate`); the arithmetic is that of the plain formulas (tested against them).
-    """
-
-    @staticmethod
-    def forward(ctx, w, s, s_count, t, qmax: int, keep):
-        ctx.set_materialize_grads(False)
-        v = w / s
-        a = v.abs()
-        level = torch.round(a).clamp_(1, qmax).mul_(torch.sign(v))  # the signed level outside the dead zone
-        d = a - t if keep is None else None
-        gate = step_gate(d) if keep is None else keep
-        q = (level * gate).add_(0.0)  # + 0.0: a pruned negative weight is +0.0, not -0.0
-        # a float32 sum of 0/1 is exact up to 2^24 kept weights per layer
-        count = gate.sum()
-        ctx.save_for_backward(v, q, level, d, s)
-        ctx.qmax = qmax
-        return q * s, count
-
-    @staticmethod
-    def backward(ctx, grad, grad_count):
-        v, q, level, d, s = ctx.saved_tensors
-        need_w, need_s, need_sc, need_t = ctx.needs_input_grad[:4]
-        grad_w = grad_s = grad_sc = grad_t = None
-        if grad is not None:
-            a = v.abs()
-            inside = torch.floor_((ctx.qmax + 1) - a).clamp_(0, 1)  # |v| <= Q, exactly (Sterbenz)
-            grad_w = grad * inside
-            if need_s:  # d out / d s: q - v inside the grid's range, the clipped level +-Q outside
-                ds = grad_w * (q - v)
-                ds.add_((grad - grad_w).mul_(v.clamp(-ctx.qmax, ctx.qmax)))
-                grad_s = _per_channel_sum(ds, s)
-        live = d is not None and (grad is not None and need_t or grad_count is not None)
-        if live:
-            sig = torch.sigmoid(d / GATE_TEMPERATURE)
-            dsig = sig.mul_(1 - sig).div_(GATE_TEMPERATURE)  # d sigmoid(z) / d d, z = d / T
-            if grad is not None and need_t:
-                # d out / d t of the surrogate out = s * level * sigmoid((|v| - t) / T)
-                grad_t = -_per_channel_sum((grad * level).mul_(dsig), s) * s
-            if grad_count is not None:
-                grad_t, grad_w, grad_sc = ZeroLevelQuant._count_grads(
-                    v, dsig, s, grad_count, grad_t, grad_w, need_w, need_sc, need_t)
-        return grad_w, grad_s, grad_sc, grad_t, None, None
-
-    @staticmethod
-    def _count_grads(v, dsig, s, gc, grad_t, grad_w, need_w, need_sc, need_t):
-        """The surrogate count's gradients: d/dw = dsig sign(v) / s, d/ds = -dsig |v| / s, d/dt = -dsig."""
-        grad_sc = None
-        if need_t:
-            gt = -_per_channel_sum(dsig, s) * gc
-            grad_t = gt if grad_t is None else grad_t + gt
-        if need_sc:
-            grad_sc = -_per_channel_sum(dsig * v.abs(), s) * (gc / s)
-        if need_w:
-            gw = (dsig * torch.sign(v)).mul_(gc / s)
-            grad_w = gw if grad_w is None else grad_w.add_(gw)
-        return grad_t, grad_w, grad_sc
 
 
 class ZeroLevelLSQWeight(LSQWeight):
@@ -201,16 +116,11 @@ class ZeroLevelLSQWeight(LSQWeight):
             with torch.no_grad():
                 self.log_step.copy_(lsq_init_step(w, int(qmax_of(self.ref_bits)), self.per_channel).log())
                 self.initialized.fill_(True)
-        b = self.bits_continuous()  # once per forward: width, step multiplier and steps share it
-        qmax = int(qmax_of(int(b.detach().round())))  # == self.qmax
-        mult = self.step_multiplier(b)
-        s_count = self.stored(self.log_step.exp() * mult)  # == effective_step(): the size term's step
-        n = w[0].numel() if self.per_channel else w.numel()
-        # LSQ's gradient scale on the step; the value is exactly the stored step (effective_step)
-        s_grad = grad_scale(self.log_step, 1.0 / math.sqrt(n * qmax)).exp() * mult
-        s = s_count.detach() + (s_grad - s_grad.detach())
-        fixed = bool(self.pattern_fixed)
-        out, count = ZeroLevelQuant.apply(w, s, s_count, self.dead_zone(), qmax, self._keep_float() if fixed else None)
+        setup = ZeroLevelSetup(float(qmax_of(float(self.ref_bits))), self.min_bits, self.max_bits,
+                               w.numel() // w.shape[0] if self.per_channel else w.numel(), self.step_format)
+        keep = self._keep_float() if bool(self.pattern_fixed) else None
+        # one node: step, width, dead zone, gate, LSQ and the kept-weight count (zero_level_kernel.py)
+        out, count = ZeroLevelQuant.apply(w, self.log_step, self.bits_raw, self.dead_zone_raw, setup, keep)
         self.last_in, self.last_out, self.last_w = w, out, w
         self.last_count, self._count_key = count, self._state_key(w)
         return out
