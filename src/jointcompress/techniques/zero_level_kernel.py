@@ -25,6 +25,7 @@ from ..artifact.precision import round_step
 
 GATE_TEMPERATURE = 0.5  # width of the dead zone's sigmoid surrogate, in steps
 SOFTPLUS_THRESHOLD = 20.0  # F.softplus's: above it softplus is linear (its gradient 1)
+_ONE = torch.ones(())
 
 
 def qmax_of(bits):
@@ -94,14 +95,14 @@ class ZeroLevelQuant(torch.autograd.Function):
         gate = step_gate(d) if keep is None else keep
         count = gate.sum()  # a float32 sum of 0/1 is exact up to 2^24 kept weights per layer
         level.round_().clamp_(1, qmax).mul_(torch.sign(v))  # the signed level the weight has when kept
-        out = torch.mul(level, gate).add_(0.0).mul_(s)  # + 0.0: a pruned negative weight is +0.0, not -0.0
-        ctx.save_for_backward(v, level, gate, d, s, t, sb, b, e, x, dead_zone_raw)
+        q = torch.mul(level, gate).add_(0.0)  # + 0.0: a pruned negative weight is +0.0, not -0.0
+        ctx.save_for_backward(v, level, q, d, s, t, sb, b, e, x, dead_zone_raw)
         ctx.qmax, ctx.cfg, ctx.grad_scale = qmax, cfg, 1.0 / math.sqrt(cfg.per_step * qmax)
-        return out, count
+        return q * s, count
 
     @staticmethod
     def backward(ctx, grad, grad_count):
-        v, level, gate, d, s, t, sb, b, e, x, dead_zone_raw = ctx.saved_tensors
+        v, level, q, d, s, t, sb, b, e, x, dead_zone_raw = ctx.saved_tensors
         need_w, need_log, need_bits, need_dz = ctx.needs_input_grad[:4]
         if grad is not None:
             # a linear layer's weight gradient arrives transposed; mixed layouts make every pass
@@ -112,14 +113,14 @@ class ZeroLevelQuant(torch.autograd.Function):
         if grad is not None:
             inside = ((ctx.qmax + 1) - v.abs()).floor_().clamp_(0, 1) if ctx.clipped else None  # |v| <= Q
             if need_log or need_bits:
-                scratch = _out_step_grad(grad, v, level, gate, inside, ctx.qmax)
+                scratch = _out_step_grad(grad, v, q, inside, ctx.qmax)
                 grad_s = per_channel_sum(scratch, s)
             grad_w = grad if inside is None else inside.mul_(grad)
         if d is not None and ((grad is not None and need_dz) or grad_count is not None):
             # the gate's surrogate slope: d sigmoid(z) / dz with z = (|v| - t) / T (the 1 / T comes later)
-            slope = torch.mul(d, 1.0 / GATE_TEMPERATURE).sigmoid_()
-            scratch = torch.neg(slope, out=scratch) if scratch is not None else torch.neg(slope)
-            slope.mul_(scratch.add_(1))  # sigmoid(z) * (1 - sigmoid(z))
+            sig = torch.mul(d, 1.0 / GATE_TEMPERATURE).sigmoid_()
+            slope = torch.ops.aten.sigmoid_backward(_ONE.to(sig.dtype), sig)  # sigmoid(z) (1 - sigmoid(z)), one pass
+            scratch = sig
             if grad is not None and need_dz:  # d out / d t of the surrogate out = s * level * sigmoid(z)
                 grad_t = per_channel_sum(torch.mul(grad, level, out=scratch).mul_(slope), s) * (-s / GATE_TEMPERATURE)
             if grad_count is not None:
@@ -128,9 +129,9 @@ class ZeroLevelQuant(torch.autograd.Function):
         return (grad_w if need_w else None, *raw, None, None)
 
 
-def _out_step_grad(grad, v, level, gate, inside, qmax):
+def _out_step_grad(grad, v, q, inside, qmax):
     """grad * d out / d s per weight: q - v inside the grid's range, the clipped level +-Q outside."""
-    ds = torch.mul(level, gate).sub_(v)  # q - v
+    ds = torch.sub(q, v)
     if inside is not None:
         outside = v.clamp(-qmax, qmax)
         ds.mul_(inside).add_(outside.addcmul_(outside, inside, value=-1))  # + (1 - inside) * clamp(v, -Q, Q)
