@@ -98,6 +98,8 @@ class ZeroLevelQuant(torch.autograd.Function):
         q = torch.mul(level, gate).add_(0.0)  # + 0.0: a pruned negative weight is +0.0, not -0.0
         ctx.save_for_backward(v, level, q, d, s, t, sb, b, e, x, dead_zone_raw)
         ctx.qmax, ctx.cfg, ctx.grad_scale = qmax, cfg, 1.0 / math.sqrt(cfg.per_step * qmax)
+        if keep is not None:
+            ctx.mark_non_differentiable(count)  # a fixed pattern's count is a constant
         return q * s, count
 
     @staticmethod
