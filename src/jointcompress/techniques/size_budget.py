@@ -51,9 +51,9 @@ def sparse_layer_bytes(nonzero: torch.Tensor, numel, bits: torch.Tensor) -> torc
     layer), and every index width is one column, so the whole estimate is a handful of ops.
     """
     n = nonzero.clamp(min=1.0)
-    numel = torch.as_tensor(numel, dtype=n.dtype)
+    numel = torch.as_tensor(numel, dtype=n.dtype, device=n.device)
     density = (n / numel).clamp(max=1.0 - 1e-6)
-    widths = torch.tensor(INDEX_WIDTHS, dtype=n.dtype)
+    widths = torch.tensor(INDEX_WIDTHS, dtype=n.dtype, device=n.device)
     r = (1 - density).unsqueeze(-1) ** (2 ** widths)
     fillers = n.unsqueeze(-1) * r / (1 - r).clamp_min(1e-12)
     indexed = (n.unsqueeze(-1) + fillers) * (bits.unsqueeze(-1) + widths)

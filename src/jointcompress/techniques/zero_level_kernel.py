@@ -25,7 +25,6 @@ from ..artifact.precision import round_step
 
 GATE_TEMPERATURE = 0.5  # width of the dead zone's sigmoid surrogate, in steps
 SOFTPLUS_THRESHOLD = 20.0  # F.softplus's: above it softplus is linear (its gradient 1)
-_ONE = torch.ones(())
 
 
 def qmax_of(bits):
@@ -121,7 +120,8 @@ class ZeroLevelQuant(torch.autograd.Function):
         if d is not None and ((grad is not None and need_dz) or grad_count is not None):
             # the gate's surrogate slope: d sigmoid(z) / dz with z = (|v| - t) / T (the 1 / T comes later)
             sig = torch.mul(d, 1.0 / GATE_TEMPERATURE).sigmoid_()
-            slope = torch.ops.aten.sigmoid_backward(_ONE.to(sig.dtype), sig)  # sigmoid(z) (1 - sigmoid(z)), one pass
+            one = torch.ones((), dtype=sig.dtype, device=sig.device)
+            slope = torch.ops.aten.sigmoid_backward(one, sig)  # sigmoid(z) (1 - sigmoid(z)), in one pass
             scratch = sig
             if grad is not None and need_dz:  # d out / d t of the surrogate out = s * level * sigmoid(z)
                 grad_t = per_channel_sum(torch.mul(grad, level, out=scratch).mul_(slope), s) * (-s / GATE_TEMPERATURE)
