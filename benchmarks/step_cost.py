@@ -3,7 +3,9 @@ relative to a plain training step of the same model, measured in one process, in
 
     .venv/bin/python benchmarks/step_cost.py [--data ../shared/datasets/mnist/mnist.npz] [--out benchmarks/results/step_cost.json]
 
-A plain step: forward, cross-entropy, backward, Adam step on the uncompressed model.
+A plain step: forward, cross-entropy, backward, Adam step on the uncompressed model, with
+PyTorch's default Adam (`plain`, the for-loop implementation on CPU) and with the multi-tensor
+Adam the session itself builds (`plain_foreach`: the same optimizer code on both sides).
 A joint step: Trainer.step with masks and quantizers attached and the teacher's logits
 cached (as the demo recipe does), with four loss terms (task, distill, sparsity and quant
 regularizers); `none` takes one backward of the summed loss, `scale` and `pcgrad` measure
@@ -77,12 +79,31 @@ def joint_stepper(teacher, split, strategy, regularized=True, every=1, recipe=No
 
     for b in batches:  # fill the teacher-logit cache, as after the first epoch
         trainer.session._teacher_logits(split_batch(b))
+    step.trainer = trainer
     return step
 
 
-def plain_stepper(teacher, split):
+def calibration_cost(stepper, total_steps: int = 10_000) -> dict:
+    """The size budget's calibration (the real file encoded on a finalized copy), which runs every
+    `calibrate_every` steps (default total_steps // 40) and so is not in a median step: its time,
+    median of 3, and what it adds per step at that cadence."""
+    trainer = stepper.trainer
+    budget = next(t for t in trainer.techniques if t.kind == "size_budget")
+    every = budget.config.calibrate_every or max(1, total_steps // 40)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        budget.calibrate(trainer.model)
+        times.append((time.perf_counter() - t0) * 1e3)
+    ms = statistics.median(times)
+    return {"calibration_ms": ms, "calibrate_every": every, "amortized_ms_per_step": ms / every}
+
+
+def plain_stepper(teacher, split, **adam):
+    """A plain PyTorch step; `adam`: the optimizer's implementation flags (default: PyTorch's own
+    choice, the for-loop Adam on CPU; foreach=True: the multi-tensor Adam the session builds)."""
     model = copy.deepcopy(teacher)
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    opt = torch.optim.Adam(model.parameters(), 1e-3, **adam)
     loader = as_loader((split.x_train, split.y_train), BATCH[0], 0)
     batches = list(loader)[:20]
     state = {"i": 0}
@@ -112,7 +133,8 @@ def main():
     torch.manual_seed(0)
     split = load_dataset(args.data)
     teacher = build_model(args.model, split.image_size, split.num_classes)
-    fns = {"plain": plain_stepper(teacher, split), "none_no_regularizers": joint_stepper(teacher, split, "none", False)}
+    fns = {"plain": plain_stepper(teacher, split), "plain_foreach": plain_stepper(teacher, split, foreach=True),
+           "none_no_regularizers": joint_stepper(teacher, split, "none", False)}
     for s in ("none", "scale", "pcgrad"):
         fns[s] = joint_stepper(teacher, split, s)
     fns["pcgrad_every10"] = joint_stepper(teacher, split, "pcgrad", every=10)
@@ -132,12 +154,16 @@ def main():
                 fn()
             times[k].append((time.perf_counter() - t0) / args.steps * 1e3)
     med = {k: statistics.median(v) for k, v in times.items()}
+    calibration = calibration_cost(fns["budget_pcgrad_every10"])
     result = {
         "command": f"python benchmarks/step_cost.py --data {args.data} --model {args.model} --threads {args.threads} --batch {args.batch}",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "median_ms_per_step": med,
         "ratio_to_plain": {k: med[k] / med["plain"] for k in med},
+        # the same optimizer implementation as the session's (multi-tensor Adam) on both sides
+        "ratio_to_plain_foreach": {k: med[k] / med["plain_foreach"] for k in med},
         "targets": {"none": 1.3, "pcgrad": 2.5, "budget_pcgrad_every10": 2.0},
+        "size_budget_calibration": calibration,
     }
     print(json.dumps(result, indent=1))
     with open(args.out, "w") as f:

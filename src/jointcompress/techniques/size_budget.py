@@ -37,7 +37,7 @@ LAYER_FLOOR = 0.005
 PROJECTION_SLACK = 0.003  # the projection lands within 0.3% of the aim (fine-tuning moves the coding ~0.5%)
 
 
-def sparse_layer_bytes(nonzero: torch.Tensor, numel: int, bits: torch.Tensor) -> torch.Tensor:
+def sparse_layer_bytes(nonzero: torch.Tensor, numel, bits: torch.Tensor) -> torch.Tensor:
     """Values + positions of one layer in the cheapest format the artifact writer offers.
 
     dense: numel * bits; bitmask: nonzero * bits + numel; relative indices of width w:
@@ -46,17 +46,22 @@ def sparse_layer_bytes(nonzero: torch.Tensor, numel: int, bits: torch.Tensor) ->
     the gradient is the cheapest *sparse* format's, so a layer still stored dense (whose bytes do
     not depend on how many weights it keeps) feels what each kept weight will cost once it is
     sparse -- with the dense format's zero gradient, dense layers never started to prune.
+
+    Vectorized: `nonzero`, `numel` and `bits` may be 1-D (one entry per layer, one result per
+    layer), and every index width is one column, so the whole estimate is a handful of ops.
     """
     n = nonzero.clamp(min=1.0)
+    numel = torch.as_tensor(numel, dtype=n.dtype, device=n.device)
     density = (n / numel).clamp(max=1.0 - 1e-6)
-    costs = [numel * bits, n * bits + numel]
-    for w in INDEX_WIDTHS:
-        r = (1 - density) ** (2 ** w)
-        fillers = n * r / (1 - r).clamp_min(1e-12)
-        costs.append((n + fillers) * (bits + w))
-    costs = torch.stack([torch.as_tensor(c, dtype=n.dtype) for c in costs])
-    sparse = costs[1:].min()
-    return (sparse + (costs.min() - sparse).detach()) / 8
+    widths = torch.tensor(INDEX_WIDTHS, dtype=n.dtype, device=n.device)
+    r = (1 - density).unsqueeze(-1) ** (2 ** widths)
+    fillers = n.unsqueeze(-1) * r / (1 - r).clamp_min(1e-12)
+    indexed = (n.unsqueeze(-1) + fillers) * (bits.unsqueeze(-1) + widths)
+    dense = (numel * bits).unsqueeze(-1)
+    bitmask = (n * bits + numel).unsqueeze(-1)
+    costs = torch.cat([dense, bitmask, indexed], -1)
+    sparse = costs[..., 1:].amin(-1)
+    return (sparse + (costs.amin(-1) - sparse).detach()) / 8
 
 
 def measured_bytes(model: nn.Module) -> dict[str, int]:
@@ -160,12 +165,19 @@ class SizeBudget(Technique):
     # -- the estimate ----------------------------------------------------------------------
     def estimate(self, soft: bool = True) -> torch.Tensor:
         """Bytes of the weights file as training stands: calibrated variable part + fixed part."""
-        total = 0.0
+        return self.scale * self.layer_bytes(soft).sum() + self.fixed
+
+    def layer_bytes(self, soft: bool = True) -> torch.Tensor:
+        """Estimated values + positions of every layer (uncalibrated), one entry per layer. The
+        kept-weight counts come from the last forward pass when it is current (kept_count)."""
+        counts, numels, bits = [], [], []
         for m, q in self.layers.values():
             w = m.parametrizations.weight.original
-            nz = q.soft_nonzero(w) if soft else q.soft_nonzero(w).detach()
-            total = total + sparse_layer_bytes(nz, w.numel(), q.bits_ste())
-        return self.scale * total + self.fixed
+            nz = q.kept_count(w)
+            counts.append(nz if soft else nz.detach())
+            numels.append(w.numel())
+            bits.append(q.bits_ste())
+        return sparse_layer_bytes(torch.stack(counts), numels, torch.stack(bits))
 
     def calibrated_hard(self) -> float:
         with torch.no_grad():
@@ -175,10 +187,7 @@ class SizeBudget(Technique):
     def calibrate(self, model: nn.Module) -> None:
         """Measure the real file and fit the estimate's scale and fixed part to it."""
         real = measured_bytes(model)
-        raw = 0.0
-        for m, q in self.layers.values():
-            w = m.parametrizations.weight.original
-            raw += float(sparse_layer_bytes(q.soft_nonzero(w).detach(), w.numel(), q.bits_ste().detach()))
+        raw = float(self.layer_bytes(soft=False).sum())
         self.scale = real["variable"] / max(raw, 1.0) if real["variable"] > 0 else 1.0
         self.fixed = float(real["total"] - real["variable"])
         self.calibrations += 1

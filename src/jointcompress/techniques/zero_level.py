@@ -28,47 +28,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..artifact.precision import round_step
-from .quant_lsq import LSQWeight, grad_scale, lsq_init_step
+from .quant_lsq import LSQWeight, lsq_init_step
+from .zero_level_kernel import GATE_TEMPERATURE, ZeroLevelQuant, ZeroLevelSetup, qmax_of
 
-GATE_TEMPERATURE = 0.5  # width of the dead zone's sigmoid surrogate, in steps
 DEAD_ZONE_INIT = 0.55  # initial dead zone (0.5 = plain rounding's own zero bin)
-
-
-def qmax_of(bits: torch.Tensor | float) -> torch.Tensor | float:
-    return 2 ** (bits - 1) - 1
-
-
-class DeadZoneQuant(torch.autograd.Function):
-    """out = s * q, q = 0 inside the dead zone |w/s| < t (or where `keep` is False once fixed),
-    else sign(w) * clamp(max(round(|w/s|), 1), Q). Backward: see the module docstring."""
-
-    @staticmethod
-    def forward(ctx, w, s, t, qmax: int, keep):
-        v = w / s
-        mag = torch.clamp(torch.round(v.abs()), min=1, max=qmax)
-        gate = keep if keep is not None else v.abs() >= t
-        q = torch.where(gate, torch.sign(v) * mag, torch.zeros_like(v))
-        ctx.save_for_backward(v, q, s, t)
-        ctx.qmax, ctx.fixed = qmax, keep is not None
-        return q * s
-
-    @staticmethod
-    def backward(ctx, grad):
-        v, q, s, t = ctx.saved_tensors
-        inside = v.abs() <= ctx.qmax
-        grad_w = grad * inside
-        ds = torch.where(inside, q - v, torch.sign(v) * ctx.qmax)
-        dims = tuple(range(1, grad.dim()))
-        grad_s = (grad * ds).sum(dim=dims, keepdim=True) if s.numel() > 1 else (grad * ds).sum().view_as(s)
-        grad_t = None
-        if not ctx.fixed:
-            z = (v.abs() - t) / GATE_TEMPERATURE
-            sig = torch.sigmoid(z)
-            # d out / d t of the surrogate out = s * sign(v) * max(|q|, 1) * sigmoid(z)
-            level = torch.sign(v) * torch.clamp(torch.round(v.abs()), min=1, max=ctx.qmax)
-            dt = -level * s * sig * (1 - sig) / GATE_TEMPERATURE
-            grad_t = (grad * dt).sum(dim=dims, keepdim=True) if t.numel() > 1 else (grad * dt).sum().view_as(t)
-        return grad_w, grad_s, grad_t, None, None
 
 
 class ZeroLevelLSQWeight(LSQWeight):
@@ -91,6 +54,7 @@ class ZeroLevelLSQWeight(LSQWeight):
         self.register_buffer("keep", torch.ones_like(weight, dtype=torch.bool))
         self.register_buffer("pattern_fixed", torch.zeros((), dtype=torch.bool))
         self.last_w: torch.Tensor | None = None
+        self.last_count: torch.Tensor | None = None  # kept weights of the last forward (kept_count)
 
     # -- the learned quantities ------------------------------------------------------------
     @property
@@ -117,9 +81,10 @@ class ZeroLevelLSQWeight(LSQWeight):
         b = self.bits_continuous()
         return b.detach().round() + (b - b.detach())  # exactly an integer in value
 
-    def step_multiplier(self) -> torch.Tensor:
-        """Keeps the grid's range fixed when the width changes: s = s_ref * Q(ref) / Q(bits)."""
-        b = self.bits_continuous()
+    def step_multiplier(self, b: torch.Tensor | None = None) -> torch.Tensor:
+        """Keeps the grid's range fixed when the width changes: s = s_ref * Q(ref) / Q(bits).
+        `b`: bits_continuous(), when the caller has it already."""
+        b = self.bits_continuous() if b is None else b
         soft = qmax_of(float(self.ref_bits)) / qmax_of(b)
         hard = qmax_of(float(self.ref_bits)) / qmax_of(b.detach().round())
         return hard + (soft - soft.detach())  # exactly `hard` in value
@@ -151,15 +116,39 @@ class ZeroLevelLSQWeight(LSQWeight):
             with torch.no_grad():
                 self.log_step.copy_(lsq_init_step(w, int(qmax_of(self.ref_bits)), self.per_channel).log())
                 self.initialized.fill_(True)
-        qmax = self.qmax
-        n = w[0].numel() if self.per_channel else w.numel()
-        # LSQ's gradient scale on the step; the value is exactly the stored step (effective_step)
-        s_grad = grad_scale(self.log_step, 1.0 / math.sqrt(n * qmax)).exp() * self.step_multiplier()
-        s = self.effective_step().detach() + (s_grad - s_grad.detach())
-        keep = self.keep if bool(self.pattern_fixed) else None
-        out = DeadZoneQuant.apply(w, s, self.dead_zone(), qmax, keep)
+        setup = ZeroLevelSetup(float(qmax_of(float(self.ref_bits))), self.min_bits, self.max_bits,
+                               w.numel() // w.shape[0] if self.per_channel else w.numel(), self.step_format)
+        keep = self._keep_float() if bool(self.pattern_fixed) else None
+        # one node: step, width, dead zone, gate, LSQ and the kept-weight count (zero_level_kernel.py)
+        out, count = ZeroLevelQuant.apply(w, self.log_step, self.bits_raw, self.dead_zone_raw, setup, keep)
         self.last_in, self.last_out, self.last_w = w, out, w
+        self.last_count, self._count_key = count, self._state_key(w)
         return out
+
+    def _state_key(self, w: torch.Tensor) -> tuple:
+        """What the kept-weight count depends on: the weight and every learned quantity (their
+        version counters move with every in-place update, optimizer steps and loads included)."""
+        return (id(w), w._version, self.log_step._version, self.dead_zone_raw._version, self.bits_raw._version,
+                self.keep._version, self.pattern_fixed._version, self.step_format, torch.is_grad_enabled())
+
+    def _keep_float(self) -> torch.Tensor:
+        """The fixed pattern as 0/1 floats, converted once per change of `keep`."""
+        cached = getattr(self, "_keep_f", None)
+        if cached is None or cached[0] != self.keep._version or cached[1].dtype != self.log_step.dtype \
+                or cached[1].device != self.keep.device:
+            cached = (self.keep._version, self.keep.to(self.log_step.dtype))
+            self._keep_f = cached
+        return cached[1]
+
+    def kept_count(self, w: torch.Tensor) -> torch.Tensor:
+        """soft_nonzero(w), taken from the last forward pass when it ran on `w` as it is now (the
+        count of the gate it applied, with the same surrogate gradient): the size term then costs
+        no extra pass over the weights. Under autograd only a forward that recorded its graph counts."""
+        key = getattr(self, "_count_key", None)
+        if key is not None and self.last_count is not None and key[:-1] == self._state_key(w)[:-1] \
+                and (key[-1] or not torch.is_grad_enabled()):
+            return self.last_count
+        return self.soft_nonzero(w)
 
     def soft_nonzero(self, w: torch.Tensor) -> torch.Tensor:
         """Kept weights: the hard count as the value, a sigmoid surrogate as the gradient."""
