@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def parse() -> tuple[argparse.Namespace, AgainstConfig]:
     defaults = AgainstConfig()
     for f in AgainstConfig.__dataclass_fields__.values():
         value = getattr(defaults, f.name)
-        ap.add_argument("--" + f.name.replace("_", "-"), type=type(value) if value is not None else int, default=value)
+        kind = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value) if value is not None else int
+        ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=value)
     args = ap.parse_args()
     return args, AgainstConfig(**{k: getattr(args, k) for k in AgainstConfig.__dataclass_fields__})
 
@@ -64,7 +66,7 @@ def main():
         split.x_train, split.y_train = split.x_train[:args.train_limit], split.y_train[:args.train_limit]
     teacher, note = dense_teacher(cfg, split, Path(args.teacher) if args.teacher else None)
     result = {"command": command_of(args, cfg), "machine": {"shared": args.shared_machine, "cpus": os.cpu_count()},
-              **run_against(cfg, split, teacher, note)}
+              **run_against(cfg, split, teacher, note, progress=lambda m: print(m, file=sys.stderr, flush=True))}
     out = Path(args.out or f"benchmarks/results/against_torch_pruning_{cfg.model}.json")
     from jointcompress.io import atomic_write_text
 

@@ -53,6 +53,8 @@ class AgainstConfig:
     speedup: float = 20.0
     tp_max_ratio: float = 0.9
     tp_steps: int = 6
+    tp_round_to: int = 8  # Torch-Pruning's own round_to: kernel-friendly widths for it too (0: off)
+    tp_global: bool = False  # Torch-Pruning's global_pruning (ranks channels across layers)
     select_images: int = 2000
     threads: int = 1
     runs: int = 40
@@ -60,6 +62,7 @@ class AgainstConfig:
     alpha: float = 0.7
     calibration_images: int = 2048
     min_width: int | None = None  # the allocator's floor per group (None: latency_targets.MIN_WIDTH)
+    both_batches: bool = True  # the target's speed-up holds at batch 1 too (see allocate)
 
 
 def require_torch_pruning():
@@ -149,14 +152,26 @@ def our_recipe(alloc, cfg: AgainstConfig) -> dict:
 
 
 def allocate(teacher: nn.Module, split, example, work: Path, target_ms: float, cfg: AgainstConfig):
-    """Per-group widths for the target, confirmed on ONNX Runtime fp32 at batch 64."""
+    """Per-group widths for the target, confirmed on ONNX Runtime fp32.
+
+    With `both_batches`, a shrunk model "measures" max(ms at batch 64, ms at batch 1 x dense's
+    batch-64 / batch-1 ratio): under the target only if it is `speedup` x faster than dense
+    PyTorch at both batch sizes (batch 1 is where per-call overheads, not MACs, dominate)."""
     from .. import latency_targets as lt
     from ..bench import batch_of
     from ..recipe import Target
 
-    x64 = batch_of(split.x_test, 64)
+    x1, x64 = batch_of(split.x_test, 1), batch_of(split.x_test, 64)
     table = lt.measure_table(teacher, example, 64, cfg.threads)
-    deploy = lambda m: alone_ms(ort_fp32(m, work / "probe.onnx", example, cfg.threads), x64, cfg.threads)  # noqa: E731
+    scale = 0.0
+    if cfg.both_batches:
+        dense = {b: min(alone_ms(teacher, x, cfg.threads) for _ in range(3)) for b, x in ((1, x1), (64, x64))}
+        scale = dense[64] / dense[1]
+
+    def deploy(m):
+        run = ort_fp32(m, work / "probe.onnx", example, cfg.threads)
+        ms64 = alone_ms(run, x64, cfg.threads)
+        return max(ms64, scale * alone_ms(run, x1, cfg.threads, rounds=100)) if scale else ms64
     kwargs = {"min_width": cfg.min_width} if cfg.min_width is not None else {}
     return lt.allocate_latency(teacher, example, Target(latency_ms=target_ms, batch=64), table=table, measure=deploy,
                                calibrate=True, max_rounds=5, **kwargs)
@@ -233,8 +248,10 @@ def time_all(runners: dict, split, threads: int, rounds: int) -> dict:
 
 
 def run_against(cfg: AgainstConfig, split, teacher: nn.Module | None = None, teacher_note: str = "given",
-                workdir: Path | None = None) -> dict:
-    """The whole comparison (module docstring); a JSON-ready dict (no models in it)."""
+                workdir: Path | None = None, progress=None) -> dict:
+    """The whole comparison (module docstring); a JSON-ready dict (no models in it).
+    `progress(message)`: told when each phase starts (default: silent)."""
+    say = progress or (lambda message: None)
     from ..bench import batch_of, count_macs
     from .against_tp import torch_pruning
 
@@ -249,8 +266,11 @@ def run_against(cfg: AgainstConfig, split, teacher: nn.Module | None = None, tea
     # the target's reference: the least of three medians, so a load spike cannot set it
     dense_ms = min(alone_ms(teacher, batch_of(split.x_test, 64), cfg.threads) for _ in range(3))
     target_ms = dense_ms / cfg.speedup
+    say(f"dense {dense_ms:.3f} ms at batch 64; target {target_ms:.3f} ms; ours: allocate, train, deploy")
     us = ours(teacher, split, example, work, target_ms, cfg)
+    say(f"ours: widths {us['widths']}, selection accuracy {us['selection_accuracy']:.4f}; Torch-Pruning")
     them = torch_pruning(teacher, split, example, work, cfg, us["selection_accuracy"])
+    say(f"Torch-Pruning: widths {them['widths']}, matched {them['matched']}; timing every contender")
     runners = {BASELINE: teacher, **us["runners"], **them["runners"]}
     return {
         "config": dataclasses.asdict(cfg), "teacher": teacher_note, "threads": cfg.threads,
