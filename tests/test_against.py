@@ -78,3 +78,23 @@ def test_unsupported_model_is_a_clear_error():
 
     with pytest.raises(UnsupportedModelError, match="no prunable channel group"):
         check_supported(NoChannels(), torch.randn(2, 1, 8, 8))
+
+
+def test_bound_predict_matches_session_run_and_rebinds(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from jointcompress.deploy.onnx_export import bound_predict, export_onnx, ort_predict, ort_session
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 3)).eval()
+    path = export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 1, 8, 8))
+    plain, bound = ort_predict(ort_session(path)), bound_predict(ort_session(path))
+    a, b = torch.randn(5, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    first = bound(a).clone()
+    assert torch.allclose(first, plain(a), atol=1e-6) and torch.allclose(first, model(a), atol=1e-5)
+    assert torch.allclose(bound(b), plain(b), atol=1e-6) and bound(b).shape == (2, 3)  # another input: rebound
+    a.mul_(2)  # the same buffer with new values: the binding reads them
+    assert torch.allclose(bound(a), plain(a), atol=1e-6) and not torch.allclose(bound(a), first)
+    wide = torch.randn(8, 2, 8, 8)[:, :1]  # not contiguous: copied, still right
+    assert torch.allclose(bound(wide), model(wide), atol=1e-5)

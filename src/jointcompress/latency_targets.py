@@ -359,6 +359,36 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
     return result
 
 
+def widen(model: nn.Module, example_inputs, alloc: LatencyAllocation, measure, max_trials: int = 12,
+          min_keep: float = MIN_KEEP, min_width: int = MIN_WIDTH) -> LatencyAllocation:
+    """Give back channels the target can afford, measured: the table's steps are coarse and its
+    costs approximate (a layer's ms is not smooth in its width on every runtime), so the
+    allocation may sit well under the target. Try the next width of each group, the group whose
+    next channels carry the most importance first; keep a widening when the shrunk model still
+    measures at or under the target; stop when none fits or after `max_trials` timings."""
+    groups, _ = discover_groups(model, example_inputs)
+    importance = relative_importance(model, groups)
+    channels, widths = alloc.channels, dict(alloc.widths)
+    options = {g: allowed_widths(c, min_keep, min_width) for g, c in channels.items()}
+    trials, measured, grown = 0, alloc.measured_ms, True
+    while grown and trials < max_trials:
+        grown = False
+        steps = [(float(importance[g][channels[g] - ws[ws.index(widths[g]) + 1]: channels[g] - widths[g]].sum()), g,
+                  ws[ws.index(widths[g]) + 1]) for g, ws in options.items() if widths[g] in ws and widths[g] != ws[-1]]
+        for _, g, w in sorted(steps, reverse=True):
+            trial = {**widths, g: w}
+            ms = float(measure(shrunk_to(model, example_inputs, trial)))
+            trials += 1
+            alloc.rounds.append({"goal_ms": alloc.target_ms, "predicted_ms": None, "measured_ms": ms, "widths": trial,
+                                 "widen": True})
+            if ms <= alloc.target_ms:
+                widths, measured, grown = trial, ms, True
+                break
+            if trials >= max_trials:
+                break
+    return LatencyAllocation(widths, channels, alloc.predicted_ms, alloc.target_ms, measured, alloc.rounds)
+
+
 def unreachable(target, table: LatencyTable, sites, channels: dict[str, int], min_keep: float,
                 min_width: int = MIN_WIDTH):
     """The TargetError for a target below the narrowest model the bounds allow."""

@@ -63,6 +63,7 @@ class AgainstConfig:
     calibration_images: int = 2048
     min_width: int | None = None  # the allocator's floor per group (None: latency_targets.MIN_WIDTH)
     both_batches: bool = True  # the target's speed-up holds at batch 1 too (see allocate)
+    widen_trials: int = 12  # measured widenings tried after the table's allocation (latency_targets.widen)
 
 
 def require_torch_pruning():
@@ -173,8 +174,11 @@ def allocate(teacher: nn.Module, split, example, work: Path, target_ms: float, c
         ms64 = alone_ms(run, x64, cfg.threads)
         return max(ms64, scale * alone_ms(run, x1, cfg.threads, rounds=100)) if scale else ms64
     kwargs = {"min_width": cfg.min_width} if cfg.min_width is not None else {}
-    return lt.allocate_latency(teacher, example, Target(latency_ms=target_ms, batch=64), table=table, measure=deploy,
-                               calibrate=True, max_rounds=5, **kwargs)
+    alloc = lt.allocate_latency(teacher, example, Target(latency_ms=target_ms, batch=64), table=table, measure=deploy,
+                                calibrate=True, max_rounds=5, **kwargs)
+    if cfg.widen_trials and alloc.measured_ms is not None and alloc.measured_ms <= target_ms:
+        alloc = lt.widen(teacher, example, alloc, deploy, max_trials=cfg.widen_trials, **kwargs)
+    return alloc
 
 
 def ours(teacher: nn.Module, split, example, work: Path, target_ms: float, cfg: AgainstConfig) -> dict:
