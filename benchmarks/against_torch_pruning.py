@@ -1,7 +1,9 @@
 """jointcompress vs Torch-Pruning + int8, side by side, at equal threads and equal accuracy.
 
     .venv/bin/python benchmarks/against_torch_pruning.py --data ../shared/datasets/mnist/mnist.npz --model lenet5 \
-        --teacher-epochs 8 --epochs 4 --teacher /tmp/jc-teacher-lenet5-e8.safetensors
+        --teacher-epochs 8 --epochs 4 --speedup 20 --both-batches False --teacher /tmp/jc-teacher-lenet5-e8.safetensors
+    .venv/bin/python benchmarks/against_torch_pruning.py --data ../shared/datasets/mnist/mnist.npz --model resnet \
+        --teacher-epochs 4 --epochs 3 --train-limit 20000 --teacher /tmp/jc-teacher-resnet-e4-20k.safetensors
 
 The comparison itself lives in jointcompress.deploy.against (its docstring says every step:
 latency-table allocation + joint pruning/LSQ/KD for ours; Torch-Pruning's MagnitudePruner
@@ -53,6 +55,7 @@ def command_of(args, cfg: AgainstConfig) -> str:
     parts += [f"--{k.replace('_', '-')} {v}" for k, v in vars(cfg).items() if v is not None]
     parts += [f"--teacher {args.teacher}"] if args.teacher else []
     parts += [f"--train-limit {args.train_limit}"] if args.train_limit else []
+    parts += [f"--out {args.out}"] if args.out else []
     return " ".join(parts)
 
 

@@ -291,14 +291,15 @@ def cnn_latency_section() -> list[str]:
     return out + [""]
 
 
-def against_tp_section(model: str) -> list[str]:
-    """jointcompress vs Torch-Pruning + int8 at equal accuracy (benchmarks/against_torch_pruning.py)."""
-    r = _load(f"against_torch_pruning_{model}.json")
+def against_tp_section(model: str, variant: str = "", title: str = "") -> list[str]:
+    """jointcompress vs Torch-Pruning + int8 at equal accuracy (benchmarks/against_torch_pruning.py);
+    `variant`: the result file's suffix (e.g. "_both_batches"), `title`: what it changes."""
+    r = _load(f"against_torch_pruning_{model}{variant}.json")
     if r is None:
         return []
     acc, tm, tp = r["accuracy"], r["timing"], r["torch_pruning"]
     name = {"lenet5": "LeNet-5", "resnet": "Small ResNet (models.SmallResNet)"}.get(model, model)
-    out = [f"### {name} on MNIST: jointcompress vs Torch-Pruning + int8, at equal accuracy", "",
+    out = [f"### {name} on MNIST: jointcompress vs Torch-Pruning + int8, at equal accuracy{title}", "",
            f"Reproduce: `.venv/bin/{r['command']}`. {r['train_rows']:,} train rows; dense teacher: {r.get('teacher', '')}. "
            f"Latency target = dense fp32 PyTorch at batch 64 / {r['target']['speedup']:g} = "
            f"{r['target']['latency_ms_b64']:.3f} ms. Both contenders fine-tune with KD from the same teacher; "
@@ -351,7 +352,8 @@ def tp_verdict(acc: dict, tm: dict) -> list[str]:
 
 
 def latency_section() -> list[str]:
-    body = cnn_latency_section() + against_tp_section("lenet5") + against_tp_section("resnet")
+    body = (cnn_latency_section() + against_tp_section("lenet5")
+            + against_tp_section("lenet5", "_both_batches", " (target at batch 1 and 64)") + against_tp_section("resnet"))
     if not body:
         return []
     return ["## Latency, timed the honest way", "",

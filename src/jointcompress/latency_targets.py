@@ -363,29 +363,41 @@ def widen(model: nn.Module, example_inputs, alloc: LatencyAllocation, measure, m
           min_keep: float = MIN_KEEP, min_width: int = MIN_WIDTH) -> LatencyAllocation:
     """Give back channels the target can afford, measured: the table's steps are coarse and its
     costs approximate (a layer's ms is not smooth in its width on every runtime), so the
-    allocation may sit well under the target. Try the next width of each group, the group whose
-    next channels carry the most importance first; keep a widening when the shrunk model still
-    measures at or under the target; stop when none fits or after `max_trials` timings."""
+    allocation may sit well under the target. Each round times the next width of every group
+    and keeps the one with the most importance regained per millisecond added, if it measures
+    at or under the target twice (a noisy machine cannot sneak a wide model in on one lucky
+    timing); stop when none fits or after `max_trials` timings."""
     groups, _ = discover_groups(model, example_inputs)
     importance = relative_importance(model, groups)
     channels, widths = alloc.channels, dict(alloc.widths)
     options = {g: allowed_widths(c, min_keep, min_width) for g, c in channels.items()}
-    trials, measured, grown = 0, alloc.measured_ms, True
-    while grown and trials < max_trials:
-        grown = False
-        steps = [(float(importance[g][channels[g] - ws[ws.index(widths[g]) + 1]: channels[g] - widths[g]].sum()), g,
-                  ws[ws.index(widths[g]) + 1]) for g, ws in options.items() if widths[g] in ws and widths[g] != ws[-1]]
-        for _, g, w in sorted(steps, reverse=True):
-            trial = {**widths, g: w}
-            ms = float(measure(shrunk_to(model, example_inputs, trial)))
-            trials += 1
-            alloc.rounds.append({"goal_ms": alloc.target_ms, "predicted_ms": None, "measured_ms": ms, "widths": trial,
-                                 "widen": True})
-            if ms <= alloc.target_ms:
-                widths, measured, grown = trial, ms, True
-                break
-            if trials >= max_trials:
-                break
+    trials, measured = 0, alloc.measured_ms
+
+    def timed(trial: dict) -> float:
+        nonlocal trials
+        trials += 1
+        ms = float(measure(shrunk_to(model, example_inputs, trial)))
+        alloc.rounds.append({"goal_ms": alloc.target_ms, "predicted_ms": None, "measured_ms": ms, "widths": trial,
+                             "widen": True})
+        return ms
+
+    while trials < max_trials:
+        best = None
+        for g, ws in options.items():
+            if widths[g] not in ws or widths[g] == ws[-1] or trials >= max_trials:
+                continue
+            w = ws[ws.index(widths[g]) + 1]
+            ms = timed({**widths, g: w})
+            gain = float(importance[g][channels[g] - w: channels[g] - widths[g]].sum())
+            score = gain / max(ms - measured, 0.01 * alloc.target_ms)
+            if ms <= alloc.target_ms and (best is None or score > best[0]):
+                best = (score, {**widths, g: w}, ms)
+        if best is None or trials >= max_trials:
+            break
+        again = timed(best[1])
+        if max(best[2], again) > alloc.target_ms:
+            break
+        widths, measured = best[1], max(best[2], again)
     return LatencyAllocation(widths, channels, alloc.predicted_ms, alloc.target_ms, measured, alloc.rounds)
 
 
