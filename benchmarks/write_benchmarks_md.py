@@ -346,7 +346,7 @@ def tp_verdict(acc: dict, tm: dict) -> list[str]:
             row.append(f"{b}: ours {s:.1f}x ({best}, {'met' if s >= 20 else '**missed**'} 20x, {lost:.2f} points lost, "
                        f"{'met' if lost <= 0.5 else '**missed**'} 0.5) vs Torch-Pruning {t:.1f}x ({tp}, "
                        f"{100 * acc[tp]:.2f}%): {'ours faster' if s > t else '**Torch-Pruning faster**'}"
-                       + (f", but **Torch-Pruning {100 * (acc[tp] - acc[best]):.2f} points more accurate**"
+                       + (f"{', and' if t >= s else ', but'} **Torch-Pruning {100 * (acc[tp] - acc[best]):.2f} points more accurate**"
                           if acc[tp] > acc[best] else ""))
         out.append(f"- {label} medians: " + "; ".join(row) + ".")
     return ["Goal: >= 20x faster than dense fp32 PyTorch at batch 1 and 64 with <= 0.5 points lost, and faster than "
