@@ -124,3 +124,22 @@ def test_calibrate_scales_a_table_from_another_runtime(lenet):
     assert plain.measured_ms < 0.85 * target.latency_ms  # twice faster than the table: over-pruned
     assert plain.measured_ms < calibrated.measured_ms <= target.latency_ms
     assert sum(calibrated.widths.values()) > sum(plain.widths.values())
+
+
+def test_widen_gives_back_what_the_measured_target_affords(lenet):
+    """A fake runtime whose ms is the kept channels: widen grows groups while it stays under the
+    target, never over it, records each trial, and respects min_width."""
+    from jointcompress.latency_targets import LatencyAllocation, widen
+
+    model, x = lenet
+    channels = {"conv1": 20, "conv2": 50, "fc1": 500}
+    fake_ms = lambda m: float(sum(discover_groups(m, x)[0][i].channels for i in range(3)))  # noqa: E731
+    start = LatencyAllocation({"conv1": 8, "conv2": 8, "fc1": 32}, channels, 1.0, target_ms=100.0, measured_ms=48.0)
+    out = widen(model, x, start, fake_ms, max_trials=20)
+    assert out.measured_ms <= 100.0 and sum(out.widths.values()) > 48
+    assert all(out.widths[g] >= start.widths[g] for g in channels)
+    widened = [r for r in out.rounds if r.get("widen")]
+    assert widened and all(r["measured_ms"] == sum(r["widths"].values()) for r in widened)
+    assert fake_ms(shrunk_to(model, x, out.widths)) == out.measured_ms
+    tight = widen(model, x, LatencyAllocation(dict(start.widths), channels, 1.0, 48.0, 48.0), fake_ms, max_trials=5)
+    assert tight.widths == start.widths and len([r for r in tight.rounds if r.get("widen")]) <= 5

@@ -43,12 +43,12 @@ def kernel_multiple(channels: int) -> int:
     return 4 if channels >= 12 else 1
 
 
-def allowed_widths(channels: int, min_keep: float = MIN_KEEP) -> list[int]:
+def allowed_widths(channels: int, min_keep: float = MIN_KEEP, min_width: int = MIN_WIDTH) -> list[int]:
     """Widths a group may take: multiples of its kernel step (and the full width), ascending."""
     step = kernel_multiple(channels)
     # at least MIN_WIDTH channels: the thin early layers cost little and carry every feature
     # (LeNet-5 / ResNet on MNIST cut to 4 stem channels lost 0.5-10 points, against_torch_pruning.py)
-    floor = max(step, min(channels, MIN_WIDTH), int(-(-channels * min_keep // 1)))
+    floor = max(step, min(channels, min_width), int(-(-channels * min_keep // 1)))
     widths = sorted({w for w in range(step, channels, step) if w >= floor} | {channels})
     return widths
 
@@ -275,11 +275,12 @@ def relative_importance(model: nn.Module, groups: list[ChannelGroup]) -> dict[st
 
 
 def greedy_widths(table: LatencyTable, sites: dict[str, LayerSite], channels: dict[str, int],
-                  importance: dict[str, torch.Tensor], target_ms: float, min_keep: float = MIN_KEEP) -> tuple[dict[str, int], float]:
+                  importance: dict[str, torch.Tensor], target_ms: float, min_keep: float = MIN_KEEP,
+                  min_width: int = MIN_WIDTH) -> tuple[dict[str, int], float]:
     """Remove channels a kernel step at a time where predicted ms saved per importance lost is
     best, until the predicted latency is <= target_ms. Returns (widths, predicted ms)."""
     widths = dict(channels)
-    options = {g: allowed_widths(c, min_keep) for g, c in channels.items()}
+    options = {g: allowed_widths(c, min_keep, min_width) for g, c in channels.items()}
     predicted = table.predict(sites, widths, channels)
     while predicted > target_ms:
         best = None
@@ -302,7 +303,8 @@ def greedy_widths(table: LatencyTable, sites: dict[str, LayerSite], channels: di
 
 def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTable | None = None,
                      measure=None, min_keep: float = MIN_KEEP, threads: int = DEFAULT_THREADS,
-                     rounds: int = 30, calibrate: bool = False, max_rounds: int = MAX_CONFIRM) -> LatencyAllocation:
+                     rounds: int = 30, calibrate: bool = False, max_rounds: int = MAX_CONFIRM,
+                     min_width: int = MIN_WIDTH) -> LatencyAllocation:
     """Per-group widths whose shrunk model meets `target.latency_ms` at `target.batch`.
 
     `table`: a LatencyTable (default: measured now, PyTorch fp32). `measure(model) -> ms`:
@@ -312,7 +314,7 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
     allocation redone. `calibrate=True` (a table from another runtime than `measure`'s) first
     times the unpruned model to convert the target into the table's units, and also raises the goal when a model measures far under the target (< CALIBRATED of it), so that
     the table's relative costs are scaled to the runtime; the widest model that met the target
-    is returned.
+    is returned. `min_width`: no group below this many channels (default MIN_WIDTH).
     """
     groups, _ = discover_groups(model, example_inputs)
     channels = {g.name: g.channels for g in groups}
@@ -332,11 +334,11 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
         log.append({"goal_ms": None, "predicted_ms": table.predict(sites, channels, channels), "measured_ms": full_ms,
                     "widths": dict(channels)})
     for _ in range(max_rounds):
-        widths, predicted = greedy_widths(table, sites, channels, importance, goal, min_keep)
+        widths, predicted = greedy_widths(table, sites, channels, importance, goal, min_keep, min_width)
         if predicted > goal and last is not None and widths == last.widths:
             break  # a tightened goal the table cannot reach any further: keep what was measured
         if predicted > goal and not calibrate and last is None:
-            raise unreachable(target, table, sites, channels, min_keep)
+            raise unreachable(target, table, sites, channels, min_keep, min_width)
         # (calibrating, the table's units are not the runtime's: the narrowest model is timed instead)
         last = LatencyAllocation(widths, channels, predicted, float(target.latency_ms), rounds=log)
         if measure is False:
@@ -357,14 +359,57 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
     return result
 
 
-def unreachable(target, table: LatencyTable, sites, channels: dict[str, int], min_keep: float):
+def widen(model: nn.Module, example_inputs, alloc: LatencyAllocation, measure, max_trials: int = 12,
+          min_keep: float = MIN_KEEP, min_width: int = MIN_WIDTH) -> LatencyAllocation:
+    """Give back channels the target can afford, measured: the table's steps are coarse and its
+    costs approximate (a layer's ms is not smooth in its width on every runtime), so the
+    allocation may sit well under the target. Each round times the next width of every group
+    and keeps the one with the most importance regained per millisecond added, if it measures
+    at or under the target twice (a noisy machine cannot sneak a wide model in on one lucky
+    timing); stop when none fits or after `max_trials` timings."""
+    groups, _ = discover_groups(model, example_inputs)
+    importance = relative_importance(model, groups)
+    channels, widths = alloc.channels, dict(alloc.widths)
+    options = {g: allowed_widths(c, min_keep, min_width) for g, c in channels.items()}
+    trials, measured = 0, alloc.measured_ms
+
+    def timed(trial: dict) -> float:
+        nonlocal trials
+        trials += 1
+        ms = float(measure(shrunk_to(model, example_inputs, trial)))
+        alloc.rounds.append({"goal_ms": alloc.target_ms, "predicted_ms": None, "measured_ms": ms, "widths": trial,
+                             "widen": True})
+        return ms
+
+    while trials < max_trials:
+        best = None
+        for g, ws in options.items():
+            if widths[g] not in ws or widths[g] == ws[-1] or trials >= max_trials:
+                continue
+            w = ws[ws.index(widths[g]) + 1]
+            ms = timed({**widths, g: w})
+            gain = float(importance[g][channels[g] - w: channels[g] - widths[g]].sum())
+            score = gain / max(ms - measured, 0.01 * alloc.target_ms)
+            if ms <= alloc.target_ms and (best is None or score > best[0]):
+                best = (score, {**widths, g: w}, ms)
+        if best is None or trials >= max_trials:
+            break
+        again = timed(best[1])
+        if max(best[2], again) > alloc.target_ms:
+            break
+        widths, measured = best[1], max(best[2], again)
+    return LatencyAllocation(widths, channels, alloc.predicted_ms, alloc.target_ms, measured, alloc.rounds)
+
+
+def unreachable(target, table: LatencyTable, sites, channels: dict[str, int], min_keep: float,
+                min_width: int = MIN_WIDTH):
     """The TargetError for a target below the narrowest model the bounds allow."""
     from .targets import TargetError
 
-    smallest = {g: allowed_widths(c, min_keep)[0] for g, c in channels.items()}
+    smallest = {g: allowed_widths(c, min_keep, min_width)[0] for g, c in channels.items()}
     return TargetError(
         f"target.latency_ms: {target.latency_ms} ms at batch {target.batch} cannot be met by removing channels; "
-        f"the narrowest model allowed (every group at {100 * min_keep:.0f}% of its channels, at least {MIN_WIDTH}) is "
+        f"the narrowest model allowed (every group at {100 * min_keep:.0f}% of its channels, at least {min_width}) is "
         f"predicted at {table.predict(sites, smallest, channels):.3f} ms ({table.runtime} {table.precision}, "
         f"{table.threads} thread(s)). Raise target.latency_ms or lower target.batch"
     )

@@ -1,4 +1,6 @@
-"""`jointcompress bench ARTIFACT_DIR`: measure a saved artifact against its dense architecture.
+"""`jointcompress bench ARTIFACT_DIR`: measure a saved artifact against its dense architecture;
+`jointcompress bench --against torch-pruning --model NAME --data DATA`: compress NAME with
+jointcompress and with Torch-Pruning and compare them side by side (deploy.against).
 
 The dense side is the same architecture freshly built (fp32); its weights do not matter for
 size, MACs and latency. Its accuracy is the trained baseline's, which only the compress run
@@ -67,28 +69,99 @@ def latency_note(result: dict) -> str:
                           or "not measured")
 
 
+AGAINST = ("torch-pruning",)
+
+
+def run_against_cli(against: str, model: Optional[str], data: Optional[str], teacher: Optional[Path],
+                    options: dict) -> dict:
+    """`bench --against torch-pruning`: deploy.against on the named model and data."""
+    from ..deploy.against import AgainstConfig, dense_teacher, require_torch_pruning, run_against
+    from ..errors import JointCompressError
+    from ..models import MODELS
+
+    if against not in AGAINST:
+        raise JointCompressError(f"--against {against!r} is unknown; use one of: {', '.join(AGAINST)}")
+    require_torch_pruning()
+    if not model:
+        raise JointCompressError("--against needs --model (the architecture to compress: lenet5, resnet, ...)")
+    if model not in MODELS:
+        raise JointCompressError(f"--model {model!r} is not supported by --against; use one of: {', '.join(MODELS)}")
+    from ..data import load_dataset
+
+    split = load_dataset(data)
+    train_limit = options.pop("train_limit", None)
+    if train_limit:
+        split.x_train, split.y_train = split.x_train[:train_limit], split.y_train[:train_limit]
+    cfg = AgainstConfig(model=model, **options)
+    dense, note = dense_teacher(cfg, split, teacher)
+    return {"command": "jointcompress bench --against " + against, **run_against(cfg, split, dense, note)}
+
+
+def against_table(result: dict):
+    """Accuracy, latency and speed-up of every contender (batch 1 and 64, interleaved)."""
+    from rich.table import Table
+
+    t = Table(title=f"vs Torch-Pruning ({result['threads']} thread(s); interleaved medians, alone in brackets)")
+    for col in ("contender", "accuracy", "ms b1", "x b1", "ms b64", "x b64"):
+        t.add_column(col, justify="left" if col == "contender" else "right")
+    b1, b64 = result["timing"]["batch1"], result["timing"]["batch64"]
+    for name, acc in result["accuracy"].items():
+        t.add_row(name, f"{100 * acc:.2f}%",
+                  f"{b1['latency_ms'][name]:.4f} ({b1['alone_ms'][name]:.4f})", f"{b1['speedup_vs_dense_fp32_torch'][name]:.1f}",
+                  f"{b64['latency_ms'][name]:.3f} ({b64['alone_ms'][name]:.3f})", f"{b64['speedup_vs_dense_fp32_torch'][name]:.1f}")
+    return t
+
+
 def register(app: typer.Typer) -> None:
     @app.command("bench")
     def bench_command(
-        artifact_dir: Path = typer.Argument(..., help="Directory written by save() / compress."),
+        artifact_dir: Optional[Path] = typer.Argument(None, help="Directory written by save() / compress."),
         model: Optional[str] = typer.Option(None, "--model", help="lenet300 | lenet5 | resnet (default: from the manifest)."),
         data: Optional[str] = typer.Option(None, "--data", help="'digits' or an MNIST .npz; enables accuracy."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the measurements as JSON here."),
         runs: int = typer.Option(50, "--runs", min=1, help="Timed runs per batch size (median reported)."),
         threads: int = typer.Option(1, "--threads", min=1, help="Threads for both sides (PyTorch and ONNX Runtime)."),
+        against: Optional[str] = typer.Option(None, "--against", help="'torch-pruning': compress --model on --data "
+                                              "with jointcompress and with Torch-Pruning, side by side at equal accuracy."),
+        teacher: Optional[Path] = typer.Option(None, "--teacher", help="--against: dense weights (safetensors); "
+                                               "trained and saved there if missing."),
+        teacher_epochs: int = typer.Option(8, "--teacher-epochs", min=1, help="--against: epochs to train the dense model."),
+        epochs: int = typer.Option(4, "--epochs", min=1, help="--against: training epochs of each contender."),
+        speedup: float = typer.Option(20.0, "--speedup", min=1.0, help="--against: latency target, x faster than dense."),
+        tp_steps: int = typer.Option(6, "--tp-steps", min=1, help="--against: Torch-Pruning's pruning steps."),
+        train_limit: Optional[int] = typer.Option(None, "--train-limit", min=1, help="--against: first N training rows."),
+        select_images: int = typer.Option(2000, "--select-images", min=1, help="--against: test images for the matching."),
     ) -> None:
         """Parameters, MACs, bytes on disk, latency (batch 1 and 64) and accuracy: dense vs artifact;
-        then where the weights file's bytes go (values, indices, scales, biases, other, container)."""
+        then where the weights file's bytes go (values, indices, scales, biases, other, container).
+        With --against torch-pruning: train (or load, --teacher) the dense --model on --data, compress it
+        with jointcompress (latency target: --speedup x faster) and with Torch-Pruning pruned until its
+        accuracy matches, and time both side by side (fp32 and int8, PyTorch and ONNX Runtime)."""
         from rich.console import Console
 
         from ..bench import render_breakdown, render_table
 
-        result = run_bench(artifact_dir, model, data, runs, threads)
         console = Console()
+        if against is not None:
+            options = dict(epochs=epochs, teacher_epochs=teacher_epochs, speedup=speedup, tp_steps=tp_steps,
+                           runs=runs, threads=threads, select_images=select_images, train_limit=train_limit)
+            result = run_against_cli(against, model, data, teacher, options)
+            console.print(against_table(result))
+            _write_json(json_out, result)
+            return
+        if artifact_dir is None:
+            from ..errors import JointCompressError
+
+            raise JointCompressError("bench needs ARTIFACT_DIR (a saved artifact), or --against torch-pruning --model NAME")
+        result = run_bench(artifact_dir, model, data, runs, threads)
         console.print(render_table(result))
         console.print(latency_note(result))
         console.print(render_breakdown(result["breakdown"]))
-        if json_out is not None:
-            from ..io import atomic_write_text
+        _write_json(json_out, result)
 
-            atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
+
+def _write_json(path: Optional[Path], result: dict) -> None:
+    if path is not None:
+        from ..io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(result, indent=2, default=float) + "\n")

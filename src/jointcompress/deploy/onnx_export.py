@@ -68,6 +68,46 @@ def ort_predict(session):
     return predict
 
 
+def bound_predict(session):
+    """Like `ort_predict`, but with input and output buffers bound once per input (IOBinding).
+
+    Why: at batch 1 a small model computes in ~10 us, and `session.run` adds a few more per
+    call (it converts the input dict, allocates and wraps the outputs; torch -> numpy -> torch
+    adds more). A deployment that reuses its input and output buffers binds them once, as
+    here: the binding is rebuilt only when a call passes another tensor (address, shape). The
+    returned logits tensor is that binding's output buffer: the next call with the same input
+    overwrites it (clone it to keep it).
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    name, out_name = session.get_inputs()[0].name, session.get_outputs()[0].name
+    state = {"key": None}
+
+    def bind(x: torch.Tensor) -> None:
+        probe = session.io_binding()  # one run to learn the output's shape
+        probe.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(x.numpy()))
+        probe.bind_output(out_name)
+        session.run_with_iobinding(probe)
+        out = np.empty(probe.get_outputs()[0].shape(), dtype=np.float32)
+        binding = session.io_binding()
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(x.numpy()))
+        binding.bind_ortvalue_output(out_name, ort.OrtValue.ortvalue_from_numpy(out))
+        # the input tensor and output array stay referenced while bound
+        state.update(key=(x.data_ptr(), tuple(x.shape)), binding=binding, input=x, out=torch.from_numpy(out))
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.requires_grad or not x.is_contiguous():
+            x = x.detach().cpu().float().contiguous()
+        if (x.data_ptr(), tuple(x.shape)) != state["key"]:
+            bind(x)
+        session.run_with_iobinding(state["binding"])
+        return state["out"]
+
+    predict.session = session
+    return predict
+
+
 def export_and_check(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor,
                      eval_data=None, exporter: str = "auto") -> ParityReport:
     """Export, then compare ONNX Runtime with PyTorch on `eval_data` (or the example input)."""

@@ -1,0 +1,293 @@
+"""jointcompress vs Torch-Pruning (+ int8), side by side, at equal threads and equal accuracy.
+
+What `jointcompress bench --against torch-pruning` and benchmarks/against_torch_pruning.py run:
+
+1. The dense teacher (given, or trained here) is timed in PyTorch fp32 at batch 64; that time
+   over `speedup` is the latency target.
+2. **Ours**: per-group widths from a measured per-layer latency table (latency_targets,
+   calibrated on ONNX Runtime fp32, the deployment runtime), then structured pruning to those
+   widths + 8-bit LSQ + KD from the teacher in one joint run of `epochs` epochs; finalized
+   (channels removed) and deployed in ONNX Runtime fp32 and int8 (QDQ, the trained scales).
+3. **Torch-Pruning**: its MagnitudePruner (L2, uniform per-layer ratio, its default) pruned in
+   `tp_steps` steps up to `tp_max_ratio`, fine-tuned between steps with the same loss as ours
+   (KD from the same teacher, same temperature and alpha, Adam, same lr and batch). The stages
+   form its accuracy-vs-speed curve. The most pruned stage whose accuracy (on the selection
+   images, as ours) matches ours, and the next more pruned one, then get the rest of the
+   training budget, so each has had at least as many fine-tuning steps as ours; the fastest one
+   that still matches is kept. Then PyTorch FX int8 (x86) and, in the same runtime as ours,
+   ONNX Runtime fp32 and int8 (static QDQ, calibrated on training images).
+4. Every contender is timed at batch 1 and 64 (deploy.timing: the same threads, ORT intra-op
+   threads, spinning off; interleaved rounds, medians, each also timed alone). Every ONNX
+   Runtime contender, ours and Torch-Pruning's alike, runs through `bound_predict` (IOBinding).
+
+Accuracy is on the whole test split; training-time choices (the matching) use only its first
+`select_images` images.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..errors import JointCompressError, UnsupportedModelError
+from .timing import time_contenders
+
+BASELINE = "dense_fp32_torch"
+
+
+@dataclasses.dataclass
+class AgainstConfig:
+    """Every knob of the comparison (recorded with its result)."""
+
+    model: str = "lenet5"
+    teacher_epochs: int = 8
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 1e-3
+    speedup: float = 20.0
+    tp_max_ratio: float = 0.9
+    tp_steps: int = 6
+    tp_round_to: int = 8  # Torch-Pruning's own round_to: kernel-friendly widths for it too (0: off)
+    tp_global: bool = False  # Torch-Pruning's global_pruning (ranks channels across layers)
+    select_images: int = 2000
+    threads: int = 1
+    runs: int = 40
+    temperature: float = 4.0
+    alpha: float = 0.7
+    calibration_images: int = 2048
+    min_width: int | None = None  # the allocator's floor per group (None: latency_targets.MIN_WIDTH)
+    both_batches: bool = True  # the target's speed-up holds at batch 1 too (see allocate)
+    widen_trials: int = 12  # measured widenings tried after the table's allocation (latency_targets.widen)
+
+
+def require_torch_pruning():
+    """The torch_pruning module, or a JointCompressError that says how to get it."""
+    try:
+        import torch_pruning
+    except ImportError as exc:
+        raise JointCompressError(
+            "--against torch-pruning needs the Torch-Pruning package: pip install torch-pruning "
+            f"(import failed: {exc})") from exc
+    return torch_pruning
+
+
+def check_supported(model: nn.Module, example: torch.Tensor) -> None:
+    """Both contenders remove channels: the model needs prunable channel groups."""
+    from ..graph import discover_groups
+
+    try:
+        groups = discover_groups(model, example)[0]
+    except Exception as exc:
+        raise UnsupportedModelError(f"--against torch-pruning: the model's channel groups could not be traced "
+                                    f"({type(exc).__name__}: {exc}); use a Conv2d/Linear model") from exc
+    if not groups:
+        raise UnsupportedModelError("--against torch-pruning: the model has no prunable channel group "
+                                    "(no Conv2d/Linear whose output channels can be removed); nothing to compare")
+
+
+def selection_split(split, n: int):
+    """The split with only the first n test images: what training-time choices look at."""
+    return dataclasses.replace(split, x_test=split.x_test[:n], y_test=split.y_test[:n])
+
+
+def accuracy_of(fn, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.inference_mode():
+        hits = sum(int((fn(x[i:i + 1000]).argmax(-1) == y[i:i + 1000]).sum()) for i in range(0, len(x), 1000))
+    return hits / len(x)
+
+
+def alone_ms(fn, x: torch.Tensor, threads: int, rounds: int = 20) -> float:
+    return time_contenders({"m": lambda: fn(x)}, threads=threads, rounds=rounds, warmup=3, alone_runs=5).interleaved_ms["m"]
+
+
+def ort_fp32(model: nn.Module, path: Path, example: torch.Tensor, threads: int):
+    from .onnx_export import bound_predict, export_onnx, ort_session
+
+    return bound_predict(ort_session(export_onnx(model, path, example), threads))
+
+
+def ort_int8(model: nn.Module, spec, split, example, workdir: Path, cfg: AgainstConfig):
+    """ONNX Runtime int8 (QDQ) with the bound runner every ORT contender uses."""
+    from .int8 import quantize_int8
+    from .onnx_export import bound_predict, ort_session
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    n = cfg.calibration_images
+    int8 = quantize_int8(model, spec, (split.x_train[:n], split.y_train[:n]), example, workdir=workdir,
+                         threads=cfg.threads)
+    return bound_predict(ort_session(int8.path, cfg.threads))
+
+
+def widths_of(model: nn.Module, example) -> dict[str, int]:
+    from ..graph import discover_groups
+
+    return {g.name: g.channels for g in discover_groups(model, example)[0]}
+
+
+def steps_per_epoch(split, batch_size: int) -> int:
+    return math.ceil(len(split.x_train) / batch_size)
+
+
+# -- ours ------------------------------------------------------------------------------------
+
+def our_recipe(alloc, cfg: AgainstConfig) -> dict:
+    """Structured pruning to the allocation's widths + 8-bit LSQ + KD, in one joint run."""
+    return {
+        "mode": "joint",
+        "training": {"epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size},
+        "coordination": {"strategy": "none", "every": 50},
+        "techniques": [
+            {"type": "prune_structured", "sparsity": min(0.99, alloc.overall_sparsity), "criterion": "magnitude",
+             "scope": "layer", "end": 0.5,
+             "layer_sparsity": {g: min(0.99, s) for g, s in alloc.layer_sparsity.items()}},  # 0.0 = keep all
+            {"type": "quant_lsq", "bits": 8, "start": 0.3},
+            {"type": "distill_kd", "temperature": cfg.temperature, "alpha": cfg.alpha, "cache_teacher": True},
+        ],
+    }
+
+
+def allocate(teacher: nn.Module, split, example, work: Path, target_ms: float, cfg: AgainstConfig):
+    """Per-group widths for the target, confirmed on ONNX Runtime fp32.
+
+    With `both_batches`, a shrunk model "measures" max(ms at batch 64, ms at batch 1 x dense's
+    batch-64 / batch-1 ratio): under the target only if it is `speedup` x faster than dense
+    PyTorch at both batch sizes (batch 1 is where per-call overheads, not MACs, dominate)."""
+    from .. import latency_targets as lt
+    from ..bench import batch_of
+    from ..recipe import Target
+
+    x1, x64 = batch_of(split.x_test, 1), batch_of(split.x_test, 64)
+    table = lt.measure_table(teacher, example, 64, cfg.threads)
+    scale = 0.0
+    if cfg.both_batches:
+        dense = {b: min(alone_ms(teacher, x, cfg.threads) for _ in range(3)) for b, x in ((1, x1), (64, x64))}
+        scale = dense[64] / dense[1]
+
+    def deploy(m):
+        run = ort_fp32(m, work / "probe.onnx", example, cfg.threads)
+        ms64 = alone_ms(run, x64, cfg.threads)
+        return max(ms64, scale * alone_ms(run, x1, cfg.threads, rounds=100)) if scale else ms64
+    kwargs = {"min_width": cfg.min_width} if cfg.min_width is not None else {}
+    alloc = lt.allocate_latency(teacher, example, Target(latency_ms=target_ms, batch=64), table=table, measure=deploy,
+                                calibrate=True, max_rounds=5, **kwargs)
+    if cfg.widen_trials and alloc.measured_ms is not None and alloc.measured_ms <= target_ms:
+        alloc = lt.widen(teacher, example, alloc, deploy, max_trials=cfg.widen_trials, **kwargs)
+    return alloc
+
+
+def ours(teacher: nn.Module, split, example, work: Path, target_ms: float, cfg: AgainstConfig) -> dict:
+    """Allocate widths for the target on the deployment runtime, train jointly, deploy."""
+    from ..api import compress
+    from ..bench import count_macs
+    from ..data import evaluator
+    from ..finalize import finalize
+
+    alloc = allocate(teacher, split, example, work, target_ms, cfg)
+    model = copy.deepcopy(teacher)
+    t0 = time.perf_counter()
+    sel = selection_split(split, cfg.select_images)
+    res = compress(model, our_recipe(alloc, cfg), (split.x_train, split.y_train), evaluator(sel.x_test, sel.y_test),
+                   teacher=teacher)
+    spec = finalize(model, res.example_inputs)
+    train_s = time.perf_counter() - t0
+    model.eval()
+    runners = {"ours_fp32_torch": model, "ours_fp32_ort": ort_fp32(model, work / "ours_fp32.onnx", example, cfg.threads),
+               "ours_int8_ort": ort_int8(model, spec, split, example, work / "ours_int8", cfg)}
+    return {"runners": runners,
+            "accuracy": {k: accuracy_of(f, split.x_test, split.y_test) for k, f in runners.items()},
+            "selection_accuracy": accuracy_of(model, sel.x_test, sel.y_test),
+            "widths": widths_of(model, example), "allocation": alloc.to_dict(), "train_seconds": train_s,
+            "train_steps": steps_per_epoch(split, cfg.batch_size) * cfg.epochs, "macs": count_macs(model, example)}
+
+
+# -- the comparison --------------------------------------------------------------------------
+
+def dense_teacher(cfg: AgainstConfig, split, teacher_path: Path | None = None) -> tuple[nn.Module, str]:
+    """The dense model: its weights from `teacher_path` (safetensors) when that file exists,
+    else trained here for `teacher_epochs` (and saved there when a path is given)."""
+    from ..models import build_model
+    from ..pipeline import train_teacher
+
+    if teacher_path is not None and Path(teacher_path).is_file():
+        from safetensors.torch import load_file
+
+        model = build_model(cfg.model, image_size=split.image_size, num_classes=split.num_classes)
+        try:
+            model.load_state_dict(load_file(str(teacher_path)))
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise JointCompressError(f"--teacher {teacher_path}: not a {cfg.model} state dict in safetensors "
+                                     f"({type(exc).__name__}: {exc}); pass the dense model's weights") from exc
+        return model.eval(), f"loaded from {teacher_path}"
+    model = train_teacher(cfg.model, selection_split(split, cfg.select_images), cfg.teacher_epochs, lr=cfg.lr,
+                          batch_size=cfg.batch_size).eval()
+    if teacher_path is not None:
+        from safetensors.torch import save_file
+
+        Path(teacher_path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(teacher_path).with_name(f".{Path(teacher_path).name}.tmp")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        tmp.replace(teacher_path)
+    return model, f"trained here ({cfg.teacher_epochs} epochs, lr {cfg.lr}, batch {cfg.batch_size}, seed 0)"
+
+
+def time_all(runners: dict, split, threads: int, rounds: int) -> dict:
+    """Every contender at batch 1 and 64, the honest way; speed-ups against dense fp32 PyTorch."""
+    from ..bench import batch_of
+
+    out = {}
+    for bs in (1, 64):
+        x = batch_of(split.x_test, bs)
+        t = time_contenders({k: (lambda f=f: f(x)) for k, f in runners.items()}, threads=threads, rounds=rounds)
+        out[f"batch{bs}"] = {"latency_ms": t.interleaved_ms, "alone_ms": t.alone_ms, "flagged": t.flagged,
+                             "speedup_vs_dense_fp32_torch": t.speedup(BASELINE),
+                             "speedup_alone_vs_dense_fp32_torch": {k: t.alone_ms[BASELINE] / v
+                                                                    for k, v in t.alone_ms.items()}}
+    return out
+
+
+def run_against(cfg: AgainstConfig, split, teacher: nn.Module | None = None, teacher_note: str = "given",
+                workdir: Path | None = None, progress=None) -> dict:
+    """The whole comparison (module docstring); a JSON-ready dict (no models in it).
+    `progress(message)`: told when each phase starts (default: silent)."""
+    say = progress or (lambda message: None)
+    from ..bench import batch_of, count_macs
+    from .against_tp import torch_pruning
+
+    require_torch_pruning()
+    t_start = time.perf_counter()
+    work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="jointcompress-against-"))
+    if teacher is None:
+        teacher, teacher_note = dense_teacher(cfg, split)
+    teacher = teacher.eval()
+    example = batch_of(split.x_test, 2)
+    check_supported(teacher, example)
+    # the target's reference: the least of three medians, so a load spike cannot set it
+    dense_ms = min(alone_ms(teacher, batch_of(split.x_test, 64), cfg.threads) for _ in range(3))
+    target_ms = dense_ms / cfg.speedup
+    say(f"dense {dense_ms:.3f} ms at batch 64; target {target_ms:.3f} ms; ours: allocate, train, deploy")
+    us = ours(teacher, split, example, work, target_ms, cfg)
+    say(f"ours: widths {us['widths']}, selection accuracy {us['selection_accuracy']:.4f}; Torch-Pruning")
+    them = torch_pruning(teacher, split, example, work, cfg, us["selection_accuracy"])
+    say(f"Torch-Pruning: widths {them['widths']}, matched {them['matched']}; timing every contender")
+    runners = {BASELINE: teacher, **us["runners"], **them["runners"]}
+    return {
+        "config": dataclasses.asdict(cfg), "teacher": teacher_note, "threads": cfg.threads,
+        "train_rows": len(split.x_train), "test_rows": len(split.x_test),
+        "target": {"latency_ms_b64": target_ms, "dense_fp32_torch_ms_b64_at_allocation": dense_ms, "speedup": cfg.speedup},
+        "accuracy": {BASELINE: accuracy_of(teacher, split.x_test, split.y_test), **us["accuracy"], **them["accuracy"]},
+        "match": {"ours_selection_accuracy": us["selection_accuracy"], "torch_pruning_matched": them["matched"],
+                  "rule": "fastest Torch-Pruning stage whose selection accuracy >= ours after the full budget"},
+        "timing": time_all(runners, split, cfg.threads, cfg.runs),
+        "macs_per_sample": {"dense": count_macs(teacher, example), "ours": us["macs"], "torch_pruning": them["macs"]},
+        "widths": {"dense": widths_of(teacher, example), "ours": us["widths"], "torch_pruning": them["widths"]},
+        "ours": {k: us[k] for k in ("allocation", "train_seconds", "train_steps")},
+        "torch_pruning": {k: them[k] for k in ("matched", "chosen_step", "candidates", "stages", "train_seconds",
+                                               "train_steps")},
+        "wall_seconds": time.perf_counter() - t_start,
+    }

@@ -1,0 +1,100 @@
+"""`jointcompress bench --against torch-pruning` runs both contenders and writes them to JSON;
+its input errors are clear. No timing is asserted (timings never in tests)."""
+import json
+import sys
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from jointcompress.commands import bench_cmd
+
+
+@pytest.fixture
+def app():
+    app = typer.Typer()
+    bench_cmd.register(app)
+
+    @app.command("noop")
+    def _noop() -> None:  # a second command keeps "bench" a named sub-command
+        pass
+
+    return app
+
+
+def test_against_torch_pruning_writes_both_contenders(app, tmp_path):
+    pytest.importorskip("torch_pruning")
+    pytest.importorskip("onnxruntime")
+    out, teacher = tmp_path / "against.json", tmp_path / "teacher.safetensors"
+    args = ["bench", "--against", "torch-pruning", "--model", "lenet5", "--data", "digits", "--teacher", str(teacher),
+            "--teacher-epochs", "1", "--epochs", "1", "--tp-steps", "2", "--runs", "2", "--select-images", "100",
+            "--train-limit", "256", "--speedup", "1000", "--json", str(out)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    contenders = {"dense_fp32_torch", "ours_fp32_ort", "ours_int8_ort", "tp_fp32_torch", "tp_int8_torch_x86",
+                  "tp_fp32_ort", "tp_int8_ort"}
+    assert contenders <= set(res["accuracy"]) and all(0 <= res["accuracy"][k] <= 1 for k in contenders)
+    for batch in ("batch1", "batch64"):
+        assert contenders <= set(res["timing"][batch]["latency_ms"]) and contenders <= set(res["timing"][batch]["alone_ms"])
+    assert res["threads"] == 1 and res["train_rows"] == 256
+    dense = res["widths"]["dense"]
+    for side in ("ours", "torch_pruning"):  # both really removed channels
+        assert sum(res["widths"][side].values()) < sum(dense.values())
+        assert res["macs_per_sample"][side] < res["macs_per_sample"]["dense"]
+    assert len(res["torch_pruning"]["stages"]) == 2 and res["torch_pruning"]["train_steps"] == res["ours"]["train_steps"]
+    assert teacher.is_file() and "vs Torch-Pruning" in r.output
+    assert res["teacher"].startswith("trained here")
+
+
+def test_against_without_torch_pruning_is_a_clear_error(app, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)  # import fails as if not installed
+    r = CliRunner().invoke(app, ["bench", "--against", "torch-pruning", "--model", "lenet5", "--data", "digits"])
+    assert r.exit_code != 0
+    assert "pip install torch-pruning" in str(r.exception)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--against", "nncf", "--model", "lenet5"], "--against 'nncf' is unknown"),
+    (["--against", "torch-pruning", "--model", "vgg"], "--model 'vgg' is not supported"),
+    (["--against", "torch-pruning"], "needs --model"),
+    ([], "needs ARTIFACT_DIR"),
+])
+def test_against_bad_input(app, argv, words):
+    pytest.importorskip("torch_pruning")
+    r = CliRunner().invoke(app, ["bench", *argv, "--data", "digits"])
+    assert r.exit_code != 0 and words in str(r.exception)
+
+
+def test_unsupported_model_is_a_clear_error():
+    import torch
+
+    from jointcompress.deploy.against import check_supported
+    from jointcompress.errors import UnsupportedModelError
+
+    class NoChannels(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :10]
+
+    with pytest.raises(UnsupportedModelError, match="no prunable channel group"):
+        check_supported(NoChannels(), torch.randn(2, 1, 8, 8))
+
+
+def test_bound_predict_matches_session_run_and_rebinds(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from jointcompress.deploy.onnx_export import bound_predict, export_onnx, ort_predict, ort_session
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 3)).eval()
+    path = export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 1, 8, 8))
+    plain, bound = ort_predict(ort_session(path)), bound_predict(ort_session(path))
+    a, b = torch.randn(5, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    first = bound(a).clone()
+    assert torch.allclose(first, plain(a), atol=1e-6) and torch.allclose(first, model(a), atol=1e-5)
+    assert torch.allclose(bound(b), plain(b), atol=1e-6) and bound(b).shape == (2, 3)  # another input: rebound
+    a.mul_(2)  # the same buffer with new values: the binding reads them
+    assert torch.allclose(bound(a), plain(a), atol=1e-6) and not torch.allclose(bound(a), first)
+    wide = torch.randn(8, 2, 8, 8)[:, :1]  # not contiguous: copied, still right
+    assert torch.allclose(bound(wide), model(wide), atol=1e-5)
