@@ -441,7 +441,10 @@ def main() -> None:
     text += demo_seeds_section()
     for model, folder, title in (("lenet300", "compare_lenet300_100x", " at 100x"),
                                  ("lenet300", "compare_lenet300_2k", ", 2,000 training images, at 100x"),
+                                 ("lenet5", "compare_lenet5_100x", " at 100x"),
                                  ("lenet5", "compare_lenet5_200x", " at 200x"),
+                                 ("lenet5", "compare_lenet5_200x_e6", " at 200x, 6 compression epochs"),
+                                 ("lenet5", "compare_lenet5_200x_3bit", " at 200x, 3-bit weights"),
                                  ("lenet5", "compare_lenet5_400x", " at 400x"),
                                  ("lenet5", "compare_lenet5_2k", ", 2,000 training images, at 200x")):
         if (ROOT / "benchmarks" / "results" / folder / "compare.json").is_file():
