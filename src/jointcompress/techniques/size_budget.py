@@ -147,15 +147,19 @@ class SizeBudget(Technique):
         return self.frozen_at + max(1, (total_steps - self.frozen_at) // 2)
 
     def trim(self, model: nn.Module) -> None:
-        """Fine-tuning at the full rate spreads the kept values over more levels, and their
-        entropy-coded bytes grow (4% on LeNet-300-100): drop the kept weights nearest their
-        dead zone until the file is back on the aim; the second half of the fine-tuning
-        recovers from it (the sequential pipeline's late trim does the same)."""
+        """Fine-tuning at the full rate moves the kept values over the levels, and their
+        entropy-coded bytes move with them (+4% on LeNet-300-100 at 100x): flip the gate
+        decisions nearest the dead zone's edge until the file is back on the aim; the second
+        half of the fine-tuning recovers from it (the sequential pipeline's late trim does the same)."""
+        self.land(model, event="size_trim")
+
+    def land(self, model: nn.Module | None, event: str = "size_projection") -> None:
+        """Project onto the aim, re-measuring after each projection (flips change the coding)."""
         for _ in range(3):
-            self.calibrate(model)
-            if self.calibrated_hard() <= self.config.target_bytes * (1 - self.config.margin) * (1 + PROJECTION_SLACK):
+            if model is not None:
+                self.calibrate(model)
+            if not self.project(event=event):
                 break
-            self.project(event="size_trim")
 
     def loss_terms(self, ctx: RunContext) -> dict[str, torch.Tensor]:
         if self.frozen:
@@ -185,11 +189,7 @@ class SizeBudget(Technique):
 
     def freeze(self) -> None:
         """Fix the zero pattern and widths, first projected onto the target (see `project`)."""
-        for _ in range(3):  # each projection is re-measured: dropped weights change the coding
-            if self.model is not None:
-                self.calibrate(self.model)
-            if not self.project():
-                break
+        self.land(self.model)
         for name, (m, q) in self.layers.items():
             q.fix_pattern(m.parametrizations.weight.original.detach())
         super().freeze()
@@ -272,10 +272,12 @@ class SizeBudget(Technique):
         extra = self.saliency.state_dict() if self.saliency is not None else {}
         return {**extra, "lam": torch.tensor(self.lam, dtype=torch.float64), "scale": torch.tensor(self.scale, dtype=torch.float64),
                 "fixed": torch.tensor(self.fixed, dtype=torch.float64),
-                "start_bytes": torch.tensor(self.start_bytes, dtype=torch.float64)}
+                "start_bytes": torch.tensor(self.start_bytes, dtype=torch.float64),
+                "frozen_at": torch.tensor(self.frozen_at)}
 
     def load_state_dict(self, state):
         self.lam, self.scale = float(state["lam"]), float(state["scale"])
         self.fixed, self.start_bytes = float(state["fixed"]), float(state["start_bytes"])
+        self.frozen_at = int(state.get("frozen_at", torch.tensor(0)))
         if self.saliency is not None:
             self.saliency.load_state_dict(state)
