@@ -74,10 +74,11 @@ def test_fisher_is_kept_in_the_size_budget_state():
     cfg = SizeBudgetConfig(type="size_budget", saliency=5.0, target_bytes=1000.0)
     budget = SizeBudget(cfg)
     budget.saliency.fisher["fc"] = torch.arange(6.0).view(2, 3)
-    budget.frozen_at = 17
+    budget.frozen_at, budget.trimmed = 17, True
     fresh = SizeBudget(cfg)
     fresh.load_state_dict(budget.state_dict())
     assert torch.equal(fresh.saliency.fisher["fc"], budget.saliency.fisher["fc"]) and fresh.frozen_at == 17
+    assert fresh.trimmed
     assert SizeBudget(SizeBudgetConfig(type="size_budget")).saliency is None  # off by default
 
 
@@ -161,6 +162,9 @@ def test_fisher_run_lands_on_target(fisher_run, tmp_path):
     split, teacher, recipe, model, result = fisher_run
     budget = next(t for t in result.techniques if t.kind == "size_budget")
     assert budget.saliency.fisher and all(f.min() >= 0 and f.max() > 0 for f in budget.saliency.fisher.values())
+    assert budget.trimmed and budget.at_target()
+    best = next(e for e in result.history.epochs if e["epoch"] == result.history.best_epoch)
+    assert best["step"] > budget.trim_step(result.history.epochs[-1]["step"])  # the kept state is after the trim
     spec = finalize(model, result.example_inputs)
     manifest = save(model, spec, tmp_path / "a", example_inputs=result.example_inputs)
     goal = target_bytes(teacher, recipe.target)

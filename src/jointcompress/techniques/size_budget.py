@@ -92,6 +92,7 @@ class SizeBudget(Technique):
         self.model: nn.Module | None = None
         self.span = 1
         self.frozen_at = 0  # the step of the freeze
+        self.trimmed = False  # with finetune_phase: the half-way re-projection has run
         # OBD's curvature cost of a pruned weight on the dead zones (saliency.py); off at 0
         self.saliency = FisherSaliency(config.saliency) if getattr(config, "saliency", 0.0) > 0 else None
 
@@ -152,6 +153,7 @@ class SizeBudget(Technique):
         decisions nearest the dead zone's edge until the file is back on the aim; the second
         half of the fine-tuning recovers from it (the sequential pipeline's late trim does the same)."""
         self.land(model, event="size_trim")
+        self.trimmed = True
 
     def land(self, model: nn.Module | None, event: str = "size_projection") -> None:
         """Project onto the aim, re-measuring after each projection (flips change the coding)."""
@@ -260,8 +262,10 @@ class SizeBudget(Technique):
             q.fix_pattern(m.parametrizations.weight.original.detach(), keep.view_as(q.keep))
 
     def at_target(self) -> bool:
-        """Only states after the freeze (pattern and widths fixed at the target) are final."""
-        return self.frozen
+        """Only states after the freeze (pattern and widths fixed at the target) are final; with
+        `finetune_phase`, only those after the half-way re-projection (before it, the fine-tuned
+        values may have moved the file off the target)."""
+        return self.frozen and (self.trimmed or not getattr(self.config, "finetune_phase", False))
 
     # -- bookkeeping -----------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
@@ -273,11 +277,12 @@ class SizeBudget(Technique):
         return {**extra, "lam": torch.tensor(self.lam, dtype=torch.float64), "scale": torch.tensor(self.scale, dtype=torch.float64),
                 "fixed": torch.tensor(self.fixed, dtype=torch.float64),
                 "start_bytes": torch.tensor(self.start_bytes, dtype=torch.float64),
-                "frozen_at": torch.tensor(self.frozen_at)}
+                "frozen_at": torch.tensor(self.frozen_at), "trimmed": torch.tensor(self.trimmed)}
 
     def load_state_dict(self, state):
         self.lam, self.scale = float(state["lam"]), float(state["scale"])
         self.fixed, self.start_bytes = float(state["fixed"]), float(state["start_bytes"])
         self.frozen_at = int(state.get("frozen_at", torch.tensor(0)))
+        self.trimmed = bool(state.get("trimmed", torch.tensor(False)))
         if self.saliency is not None:
             self.saliency.load_state_dict(state)
