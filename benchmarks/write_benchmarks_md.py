@@ -112,7 +112,8 @@ def size_accuracy(runs: list[dict]) -> str:
 FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weighted size budget"),
                ("lenet300", "compare_lenet300_100x_2k_v2", ", 2,000 training images, at 100x, Fisher-weighted size budget"),
                ("lenet300", "compare_lenet300_60x", " at 60x, Fisher-weighted size budget"),
-               ("lenet300", "compare_lenet300_60x_2k", ", 2,000 training images, at 60x, Fisher-weighted size budget"))
+               ("lenet300", "compare_lenet300_60x_2k", ", 2,000 training images, at 60x, Fisher-weighted size budget"),
+               ("lenet5", "compare_lenet5_200x_fisher", " at 200x, Fisher-weighted size budget (one seed, a check)"))
 
 
 def fisher_budget_section() -> list[str]:
