@@ -154,6 +154,31 @@ def size_accuracy(runs: list[dict]) -> str:
             f"(deviation {min(devs):+.1f}% to {max(devs):+.1f}%; negative = smaller than asked).")
 
 
+FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weighted size budget"),
+               ("lenet300", "compare_lenet300_100x_2k_v2", ", 2,000 training images, at 100x, Fisher-weighted size budget"),
+               ("lenet300", "compare_lenet300_60x", " at 60x, Fisher-weighted size budget"),
+               ("lenet300", "compare_lenet300_60x_2k", ", 2,000 training images, at 60x, Fisher-weighted size budget"),
+               ("lenet5", "compare_lenet5_200x_fisher", " at 200x, Fisher-weighted size budget (one seed, a check)"))
+
+
+def fisher_budget_section() -> list[str]:
+    """The size budget with the Fisher cost on the dead zones (variant joint-fisher-*, docs/joint.md):
+    every joint variant paired against sequential, not only the best one."""
+    lines = []
+    for model, folder, title in FISHER_RUNS:
+        path = ROOT / "benchmarks" / "results" / folder / "compare.json"
+        if not path.is_file():
+            continue
+        lines += section(model, folder, title)[:-1]
+        r = json.loads(path.read_text())
+        for ratio in r["ratios"]:
+            for variant in r["variants"]:
+                if variant.startswith("joint"):
+                    lines.append(f"- {variant} at {ratio:g}x: {paired_difference(r.get('runs', []), variant, ratio)}.")
+        lines.append("")
+    return lines
+
+
 def longer_run_section() -> list[str]:
     """LeNet-300-100 with the recipe's full 20 epochs (benchmarks/lenet300_mnist.py), if it ran."""
     path = ROOT / "benchmarks" / "results" / "lenet300_mnist.json"
@@ -451,6 +476,7 @@ def main() -> None:
             text += section(model, folder, title)
     for model in MODELS:
         text += section(model)
+    text += fisher_budget_section()
     if (ROOT / "benchmarks" / "results" / "compare_lenet300_long" / "compare.json").is_file():
         text += section("lenet300", "compare_lenet300_long", ", longer training at 60x")
     text += size_target_section()

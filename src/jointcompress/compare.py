@@ -35,7 +35,13 @@ VARIANTS = {  # name -> (mode, coordination strategy)
     "joint-pcgrad": ("joint", "pcgrad"),
     "sequential": ("sequential", "none"),
     "overlap": ("overlap", "none"),  # masks + LSQ at overlapping times, allocator budgets (not in the default set)
+    "joint-fisher-none": ("joint", "none"),  # the size budget with FISHER_BUDGET (docs/joint.md)
+    "joint-fisher-pcgrad": ("joint", "pcgrad"),
 }
+# the Fisher (OBD) cost of pruned weights on the dead zones, a budget that warms up fast first and
+# slowly at the end, and a fine-tuning phase with its own LR after the freeze (docs/joint.md)
+FISHER_BUDGET = {"saliency": 30.0, "schedule": "cubic", "finetune_phase": True}
+JOINT_OPTIONS = {"joint-fisher-none": FISHER_BUDGET, "joint-fisher-pcgrad": FISHER_BUDGET}  # not in the default set
 DEFAULT_VARIANTS = ("joint-none", "joint-scale", "joint-pcgrad", "sequential")
 CSV_FIELDS = ["variant", "mode", "strategy", "ratio_target", "seed", "accuracy", "error", "bytes", "file_bytes",
               "target_bytes", "ratio", "sparsity", "bits", "conflict_rate", "changed_share", "changed_mean", "wall_s", "dir"]
@@ -50,12 +56,13 @@ class CompareSpec:
     epochs: int | None = None
 
 
-def joint_recipe(base: Recipe, learn_bits: bool = False) -> Recipe:
+def joint_recipe(base: Recipe, learn_bits: bool = False, **budget) -> Recipe:
     """The joint form of a prune + quantize recipe: zero is a level of the quantizer (a learned
     dead zone) under the target's bytes (size_budget), over the same window the masks would
     have ramped in; distillation and training stay as they are. Widths stay at quant_lsq.bits
     unless `learn_bits`: learned widths made the budget oscillate in our MNIST runs (a width
-    step moves a layer's bytes by 25-50% at once; docs/joint.md)."""
+    step moves a layer's bytes by 25-50% at once; docs/joint.md). `budget`: further size_budget
+    fields (e.g. saliency, finetune_phase), as the variants in JOINT_OPTIONS set them."""
     data = base.model_dump()
     prune = base.technique("prune_unstructured")
     techniques = [t for t in data["techniques"] if t["type"] not in ("prune_unstructured", "size_budget")]
@@ -66,7 +73,7 @@ def joint_recipe(base: Recipe, learn_bits: bool = False) -> Recipe:
         techniques.append({"type": "quant_lsq", "bits": 4, "zero_level": True})
     end = prune.end if prune is not None else 0.6
     techniques.append({"type": "size_budget", "start": prune.start if prune is not None else 0.0, "end": end,
-                       "freeze": max(end, 0.8)})
+                       "freeze": max(end, 0.8), **budget})
     data["techniques"], data["mode"] = techniques, "joint"
     if data.get("target"):
         data["target"] = {k: v for k, v in data["target"].items() if k not in ("allocated", "steer")}
@@ -81,7 +88,7 @@ def variant_recipe(budgets: Recipe, variant: str, seed: int, targeted: Recipe | 
     if mode == "joint" and targeted is not None:
         from .targets import resolve_target
 
-        budgets = resolve_target(model, joint_recipe(targeted), example)
+        budgets = resolve_target(model, joint_recipe(targeted, **JOINT_OPTIONS.get(variant, {})), example)
     data = budgets.model_dump()
     data["mode"] = "joint" if mode == "overlap" else mode
     data["coordination"]["strategy"], data["training"]["seed"] = strategy, seed

@@ -43,7 +43,17 @@ def joint_plan(techniques: list[Technique], total_steps: int) -> Plan:
         plan.attach[id(t)] = 0 if _is_prune(t) or t.kind == "distill_kd" else start
         if t.kind == "size_budget":  # the zero pattern and widths are fixed, then values fine-tune
             plan.freeze[id(t)] = max(t.window[1], min(total_steps - 1, round(t.config.freeze * total_steps)))
+            if getattr(t.config, "finetune_phase", False):
+                _split_at_freeze(plan, plan.freeze[id(t)], total_steps)
     return plan
+
+
+def _split_at_freeze(plan: Plan, freeze: int, total_steps: int) -> None:
+    """The fine-tuning after the size budget's freeze gets its own LR phase (a cosine from the
+    full rate), as the sequential pipeline's fine-tune phases do: under one decay over the whole
+    run, the fixed pattern is fine-tuned at a tenth of the rate or less and cannot recover."""
+    if 0 < freeze < total_steps:
+        plan.phases = [Phase("joint", 0, freeze), Phase("finetune", freeze, total_steps)]
 
 
 def _split(total: int, fractions: list[float]) -> list[int]:

@@ -117,11 +117,25 @@ class SizeBudget(Strict):
     margin: Annotated[float, Field(ge=0.0, le=0.2)] = 0.01  # aim this far under the target
     calibrate_every: Annotated[int, Field(ge=1, le=1_000_000)] | None = None  # None: 40 times a run
     target_bytes: Annotated[float, Field(gt=0.0)] | None = None  # set from `target` by compress()
+    # weight of the second-order (Fisher, Optimal Brain Damage) cost of the weights a dead zone
+    # prunes, added to the dead zones' first-order gradient; 0 = off (techniques/saliency.py)
+    saliency: Annotated[float, Field(ge=0.0, le=1e6)] = 0.0
+    # the fine-tuning after `freeze` gets its own cosine LR phase from the full rate (plan.py)
+    finetune_phase: bool = False
+    # how the budget warms up over [start, end] in log-bytes: linear, or cubic (fast first, slow at the end)
+    schedule: Literal["log_linear", "cubic"] = "log_linear"
 
     @model_validator(mode="after")
     def _window(self):
         if not self.start <= self.end <= self.freeze:
             raise ValueError(f"need start <= end <= freeze, got {self.start}, {self.end}, {self.freeze}")
+        if self.saliency > 0 and self.start >= self.freeze:
+            raise ValueError(f"saliency ({self.saliency}) weighs the dead zones' decisions, which are fixed at freeze; "
+                             f"with start ({self.start}) >= freeze ({self.freeze}) nothing is decided: set saliency: 0 "
+                             "or start the budget before freeze")
+        if self.finetune_phase and self.freeze >= 1.0:
+            raise ValueError("finetune_phase: true gives the steps after freeze their own LR phase, but freeze is 1.0 "
+                             "(no steps after it); set freeze below 1.0 (default 0.8) or finetune_phase: false")
         return self
 
 

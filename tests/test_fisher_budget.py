@@ -1,0 +1,172 @@
+"""The size budget's optional pieces: the Fisher (OBD) cost of pruned weights on the dead
+zones, the cubic warm-up of the budget, and the fine-tuning phase after the freeze (with its
+mid-way trim back onto the target)."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from jointcompress.api import compress
+from jointcompress.artifact.store import save
+from jointcompress.compare import FISHER_BUDGET, joint_recipe
+from jointcompress.data import evaluator, load_digits
+from jointcompress.errors import RecipeError
+from jointcompress.finalize import finalize
+from jointcompress.pipeline import train_teacher
+from jointcompress.plan import joint_plan
+from jointcompress.recipe import SizeBudget as SizeBudgetConfig, parse_recipe
+from jointcompress.session.schedule import lr_factor
+from jointcompress.targets import target_bytes
+from jointcompress.techniques.saliency import FisherSaliency
+from jointcompress.techniques.size_budget import SizeBudget
+from jointcompress.techniques.zero_level import GATE_TEMPERATURE, ZeroLevelLSQWeight
+
+
+def _layer(out_features=2, in_features=40, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_features, out_features, bias=False)
+    q = ZeroLevelLSQWeight(lin.weight.detach(), bits=4, learn_bits=False)
+    parametrize.register_parametrization(lin, "weight", q)
+    return lin, q
+
+
+def test_fisher_sees_only_the_loss_through_the_quantized_weight():
+    lin, q = _layer()
+    sal = FisherSaliency(1.0)
+    x = torch.randn(8, 40)
+    task = lin(x).sum()
+    size_like = (lin.parametrizations.weight.original ** 2).sum()  # pulls the shadow weights, not the output
+    sal.watch({"fc": (lin, q)})
+    (task + size_like).backward()
+    expected = x.sum(0).expand(2, 40)  # d sum(x W^T) / dW
+    assert torch.allclose(sal.pending["fc"], expected)
+    sal.accumulate(batch_size=8)
+    assert torch.allclose(sal.fisher["fc"], 8 * expected ** 2)
+    assert sal.pending == {}
+
+
+def test_fisher_cost_holds_back_the_dead_zone_of_the_channel_that_matters():
+    lin, q = _layer()
+    with torch.no_grad():
+        q.dead_zone_raw.fill_(0.5)
+    sal = FisherSaliency(2.0)
+    fisher = torch.zeros(2, 40)
+    fisher[0] = 3.0  # channel 0 matters to the loss, channel 1 does not
+    sal.fisher["fc"] = fisher
+    sal.add_gradient({"fc": (lin, q)})
+    grad = q.dead_zone_raw.grad.flatten()
+    assert grad[0] > 0  # widening channel 0's dead zone costs loss: gradient descent narrows it
+    assert grad[1] == 0
+    w = lin.parametrizations.weight.original.detach()[0]
+    s = q.effective_step().detach().flatten()[0]
+    v = (w / s).abs()
+    sig = torch.sigmoid((v - q.dead_zone().flatten()[0]) / GATE_TEMPERATURE)
+    level = torch.clamp(torch.round(v), min=1, max=q.qmax) * s
+    dt_draw = torch.sigmoid(torch.tensor(0.5))  # d softplus / d raw
+    analytic = (0.5 * 2.0 * 3.0 * level ** 2 * sig * (1 - sig) / GATE_TEMPERATURE).sum() * dt_draw
+    assert torch.allclose(grad[0], analytic, rtol=1e-4)
+
+
+def test_fisher_is_kept_in_the_size_budget_state():
+    cfg = SizeBudgetConfig(type="size_budget", saliency=5.0, target_bytes=1000.0)
+    budget = SizeBudget(cfg)
+    budget.saliency.fisher["fc"] = torch.arange(6.0).view(2, 3)
+    budget.frozen_at, budget.trimmed = 17, True
+    fresh = SizeBudget(cfg)
+    fresh.load_state_dict(budget.state_dict())
+    assert torch.equal(fresh.saliency.fisher["fc"], budget.saliency.fisher["fc"]) and fresh.frozen_at == 17
+    assert fresh.trimmed
+    assert SizeBudget(SizeBudgetConfig(type="size_budget")).saliency is None  # off by default
+
+
+def test_cubic_warm_up_lands_on_the_aim_and_slows_down_at_the_end():
+    budgets = {}
+    for schedule in ("log_linear", "cubic"):
+        b = SizeBudget(SizeBudgetConfig(type="size_budget", schedule=schedule, target_bytes=1000.0, margin=0.0))
+        b.window, b.start_bytes = (0, 100), 100_000.0
+        budgets[schedule] = [b.goal(step) for step in range(0, 121)]
+    lin, cub = budgets["log_linear"], budgets["cubic"]
+    assert lin[0] == pytest.approx(100_000) and cub[0] == pytest.approx(100_000)
+    assert lin[100] == cub[100] == pytest.approx(1000) and cub[120] == pytest.approx(1000)
+    assert all(a >= b for a, b in zip(cub, cub[1:]))  # never rises
+    assert cub[50] < lin[50]  # fast first ...
+    assert cub[90] / cub[100] < lin[90] / lin[100]  # ... and slow at the end: the multiplier can catch up
+
+
+def test_finetune_phase_restarts_the_learning_rate_at_the_freeze():
+    plans = {}
+    for flag in (False, True):
+        t = SizeBudget(SizeBudgetConfig(type="size_budget", end=0.6, freeze=0.8, finetune_phase=flag))
+        plans[flag] = joint_plan([t], 1000)
+        assert plans[flag].freeze[id(t)] == 800
+    assert [(p.name, p.start, p.end) for p in plans[False].phases] == [("joint", 0, 1000)]
+    assert [(p.name, p.start, p.end) for p in plans[True].phases] == [("joint", 0, 800), ("finetune", 800, 1000)]
+    assert lr_factor(800, plans[True], "cosine") == pytest.approx(1.0)
+    assert lr_factor(800, plans[False], "cosine") < 0.11  # one cosine: a tenth of the rate left
+
+
+def test_recipe_errors_name_the_new_fields_and_the_fix():
+    base = {"mode": "joint", "target": {"ratio": 10}, "techniques": [{"type": "quant_lsq", "zero_level": True}]}
+    with pytest.raises(RecipeError, match="saliency.*freeze"):
+        parse_recipe({**base, "techniques": base["techniques"] + [
+            {"type": "size_budget", "start": 0.8, "end": 0.8, "freeze": 0.8, "saliency": 10}]})
+    with pytest.raises(RecipeError, match="finetune_phase.*freeze below 1.0"):
+        parse_recipe({**base, "techniques": base["techniques"] + [
+            {"type": "size_budget", "end": 0.6, "freeze": 1.0, "finetune_phase": True}]})
+    with pytest.raises(RecipeError, match="schedule"):
+        parse_recipe({**base, "techniques": base["techniques"] + [{"type": "size_budget", "schedule": "linear"}]})
+    seq = parse_recipe({"mode": "sequential", "target": {"ratio": 40}, "techniques": [
+        {"type": "prune_unstructured", "sparsity": 0.9}, {"type": "quant_lsq", "bits": 4}]})
+    budget = joint_recipe(seq, **FISHER_BUDGET).technique("size_budget")
+    assert (budget.saliency, budget.schedule, budget.finetune_phase) == (30.0, "cubic", True)
+    default = joint_recipe(seq).technique("size_budget")  # the existing joint variants are unchanged
+    assert (default.saliency, default.schedule, default.finetune_phase) == (0.0, "log_linear", False)
+
+
+@pytest.fixture(scope="module")
+def fisher_run():
+    split = load_digits()
+    teacher = train_teacher("lenet300", split, 3)
+    recipe = parse_recipe({"model": "lenet300", "mode": "joint", "target": {"ratio": 30.0}, "techniques": [
+        {"type": "quant_lsq", "bits": 4, "zero_level": True, "learn_bits": False},
+        {"type": "size_budget", "end": 0.6, "freeze": 0.8, **FISHER_BUDGET},
+        {"type": "distill_kd", "cache_teacher": True}],
+        "training": {"epochs": 5, "batch_size": 16, "lr": 0.002}})
+    model = copy.deepcopy(teacher)
+    result = compress(model, recipe, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test), teacher=teacher)
+    return split, teacher, recipe, model, result
+
+
+def test_trim_flips_the_weights_nearest_the_edge_until_back_on_the_aim(fisher_run):
+    _, _, _, model, result = fisher_run
+    budget = copy.copy(next(t for t in result.techniques if t.kind == "size_budget"))
+    budget.events = []
+    kept = lambda: sum(int(q.keep.sum()) for _, q in budget.layers.values())  # noqa: E731
+    state = copy.deepcopy(model.state_dict())  # restored after: the next test saves the trained model
+    try:
+        budget.calibrate(model)
+        now, before = budget.calibrated_hard(), kept()
+        budget.config = budget.config.model_copy(update={"target_bytes": now * 0.9, "margin": 0.0})
+        budget.trim(model)
+        assert kept() < before and budget.events and {e["event"] for e in budget.events} == {"size_trim"}
+        assert budget.calibrated_hard() <= now * 0.9 * 1.01
+    finally:
+        model.load_state_dict(state)
+    assert kept() == before
+
+
+def test_fisher_run_lands_on_target(fisher_run, tmp_path):
+    split, teacher, recipe, model, result = fisher_run
+    budget = next(t for t in result.techniques if t.kind == "size_budget")
+    assert budget.saliency.fisher and all(f.min() >= 0 and f.max() > 0 for f in budget.saliency.fisher.values())
+    assert budget.trimmed and budget.at_target()
+    best = next(e for e in result.history.epochs if e["epoch"] == result.history.best_epoch)
+    assert best["step"] > budget.trim_step(result.history.epochs[-1]["step"])  # the kept state is after the trim
+    spec = finalize(model, result.example_inputs)
+    manifest = save(model, spec, tmp_path / "a", example_inputs=result.example_inputs)
+    goal = target_bytes(teacher, recipe.target)
+    assert abs(manifest["weights_file_bytes"] - goal) / goal < 0.02
+    assert result.metrics["accuracy"] > 0.8
