@@ -44,8 +44,12 @@ class FisherSaliency:
                 continue
             out.register_hook(lambda g, name=name: self._collect(name, g))
 
-    def _collect(self, name: str, grad: torch.Tensor) -> None:
-        # a measured step runs one backward per term: their parts add up to the step's gradient
+    def _collect(self, name: str, grad: torch.Tensor | None) -> None:
+        # a measured step runs one backward per term: their parts add up to the step's gradient.
+        # The size term reaches the quantizer node only through its kept-weight count, so its
+        # backward brings no gradient for the weights (None): nothing to add.
+        if grad is None:
+            return
         old = self.pending.get(name)
         self.pending[name] = grad.detach().clone() if old is None else old + grad.detach()
 
