@@ -82,13 +82,18 @@ def section(model: str, folder: str | None = None, title: str = "") -> list[str]
     return lines + [""]
 
 
-def paired_stats(runs: list[dict], variant: str, ratio: float) -> tuple[float, float, int] | None:
-    """Mean and standard error of joint − sequential error (points) over the seeds both ran."""
+def seed_differences(runs: list[dict], variant: str, ratio: float) -> list[float]:
+    """Joint minus sequential error (points) per seed that ran both (same teacher, same budgets)."""
     by_seed = {}
     for row in runs:
         if row["ratio_target"] == ratio and row["variant"] in (variant, "sequential"):
             by_seed.setdefault(row["seed"], {})[row["variant"]] = row["error"]
-    diffs = [100 * (d[variant] - d["sequential"]) for d in by_seed.values() if len(d) == 2]
+    return [100 * (d[variant] - d["sequential"]) for d in by_seed.values() if len(d) == 2]
+
+
+def paired_stats(runs: list[dict], variant: str, ratio: float) -> tuple[float, float, int] | None:
+    """Mean and standard error of joint − sequential error (points) over the seeds both ran."""
+    diffs = seed_differences(runs, variant, ratio)
     if len(diffs) < 2:
         return None
     return statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs)), len(diffs)
@@ -135,15 +140,11 @@ def points_table() -> list[str]:
 def paired_difference(runs: list[dict], variant: str, ratio: float) -> str:
     """Joint minus sequential error per seed (same teacher, same budgets), with its standard error:
     a difference counts only when it exceeds two standard errors."""
-    by_seed = {}
-    for row in runs:
-        if row["ratio_target"] == ratio and row["variant"] in (variant, "sequential"):
-            by_seed.setdefault(row["seed"], {})[row["variant"]] = row["error"]
-    diffs = [100 * (d[variant] - d["sequential"]) for d in by_seed.values() if len(d) == 2]
-    if len(diffs) < 2:
+    diffs = seed_differences(runs, variant, ratio)
+    stats = paired_stats(runs, variant, ratio)
+    if stats is None:
         return "one seed: not significant"
-    mean = statistics.mean(diffs)
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    mean, se, _ = stats
     verdict = "significant" if abs(mean) > 2 * se else "not significant"
     return (f"paired over {len(diffs)} seeds the difference is {mean:+.2f} ± {se:.2f} points (joint − sequential, "
             f"± one standard error; per seed {', '.join(f'{d:+.2f}' for d in diffs)}): {verdict}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -38,7 +38,6 @@ class DemoResult:
     recipe: dict
     model: str
     held_out: int
-    notes: list[str] = field(default_factory=list)
 
 
 def demo_recipe(model: str, epochs: int | None, ratio: float) -> Recipe:
