@@ -498,7 +498,9 @@ def main() -> None:
                                  ("lenet5", "compare_lenet5_200x_e6", " at 200x, 6 compression epochs"),
                                  ("lenet5", "compare_lenet5_200x_3bit", " at 200x, 3-bit weights"),
                                  ("lenet5", "compare_lenet5_400x", " at 400x"),
-                                 ("lenet5", "compare_lenet5_2k", ", 2,000 training images, at 200x")):
+                                 ("lenet5", "compare_lenet5_100x_2k", ", 2,000 training images, at 100x"),
+                                 ("lenet5", "compare_lenet5_2k", ", 2,000 training images, at 200x"),
+                                 ("lenet5", "compare_lenet5_400x_2k", ", 2,000 training images, at 400x")):
         if (ROOT / "benchmarks" / "results" / folder / "compare.json").is_file():
             text += section(model, folder, title)
     for model in MODELS:
