@@ -491,8 +491,7 @@ def main() -> None:
     text += points_table()
     text += demo_section()
     text += demo_seeds_section()
-    for model, folder, title in (("lenet300", "compare_lenet300_60x", " at 60x"),
-                                 ("lenet300", "compare_lenet300_100x", " at 100x"),
+    for model, folder, title in (("lenet300", "compare_lenet300_100x", " at 100x"),
                                  ("lenet300", "compare_lenet300_100x_e10", " at 100x, 10 compression epochs"),
                                  ("lenet300", "compare_lenet300_2k", ", 2,000 training images, at 100x"),
                                  ("lenet5", "compare_lenet5_100x", " at 100x"),
