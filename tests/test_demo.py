@@ -24,7 +24,7 @@ def test_demo_compares_both_modes_and_builds_a_fast_model(tmp_path):
     assert all(kept[n] < dense[n] for n in hidden) and kept[list(dense)[-1]] == dense[list(dense)[-1]]
     assert fast["params"] < 0.25 * rows["uncompressed"]["params"]
     assert fast["bits"] == "int8" and 0.0 < fast["accuracy"] <= 1.0
-    assert (out / "structured" / "manifest.json").is_file()
+    assert (out / "structured" / "manifest.json").is_file() and (out / "structured-int8" / "model_int8.onnx").is_file()
     for name in ("uncompressed", "sequential", "joint", "structured int8"):
         assert rows[name]["latency_ms_b1"] > 0 and rows[name]["latency_ms_b64"] > 0
         assert rows[name]["latency_threads"] == 1

@@ -100,7 +100,7 @@ def demo(
     command = " ".join(["jointcompress", *sys.argv[sys.argv.index("demo"):]]) if "demo" in sys.argv else "jointcompress demo"
     atomic_write_json(out / "results.json", {"command": command, "rows": res.rows, "wall_seconds": res.wall_seconds,
                                              "target_bytes": res.target_bytes, "recipe": res.recipe})
-    console.print(f"artifacts in {out}/sequential, {out}/joint and {out}/structured; wall time {res.wall_seconds:.0f} s")
+    console.print(f"artifacts in {out}/sequential, {out}/joint and {out}/structured (its int8 ONNX model in {out}/structured-int8); wall time {res.wall_seconds:.0f} s")
 
 
 def _print_demo(res, ratio: float) -> None:

@@ -9,7 +9,6 @@ spinning off, interleaved rounds, medians, each also timed alone).
 """
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,9 +97,8 @@ def structured_row(teacher: nn.Module, targeted: Recipe, split: Split, builder, 
     Runtime model on the trained scales; the row's accuracy is the int8 model's, on held-out data."""
     recipe = structured_recipe(targeted)
     outcome = compress_and_save("structured", teacher, recipe, split, builder, out, progress=progress("structured"))
-    workdir = Path(tempfile.mkdtemp(prefix="jointcompress-demo-int8-"))
     int8 = quantize_int8(outcome.model, outcome.spec, (split.x_train[:512], split.y_train[:512]),
-                         split.x_test[:LATENCY_BATCH], workdir=workdir)
+                         split.x_test[:LATENCY_BATCH], workdir=out / "structured-int8")  # the deployable int8 ONNX model, beside the artifact
     parity = int8_parity(outcome.model, int8, (split.x_test, split.y_test))
     row = dict(outcome.row)
     row.update(accuracy=parity.metric_deployed, bits="int8", fp32_accuracy=outcome.row["accuracy"],
