@@ -358,13 +358,19 @@ def cnn_latency_section() -> list[str]:
            "`cnn_deploy_lenet5.json`). Median ms, interleaved (alone in brackets); speed-up vs dense fp32 PyTorch.", "",
            "| back end | b1 ms | b1 speed-up | b64 ms | b64 speed-up |", "| --- | --- | --- | --- | --- |"]
     for k in r["batch64"]["latency_ms"]:
-        cells = []
-        for b in ("batch1", "batch64"):
-            t = r[b]
-            flag = " (flagged)" if k in t["flagged"] else ""
-            cells += [f"{t['latency_ms'][k]:.3f} ({t['alone_ms'][k]:.3f}){flag}", f"{t['speedup_vs_dense_fp32_torch'][k]:.1f}x"]
-        out.append(f"| {k} | " + " | ".join(cells) + " |")
+        out.append(f"| {k} | " + " | ".join(timing_cells(r, k)) + " |")
     return out + [""]
+
+
+def timing_cells(timing: dict, contender: str) -> list[str]:
+    """Interleaved ms (alone in brackets, flagged when they disagree) and speed-up, at batch 1 and 64."""
+    cells = []
+    for b in ("batch1", "batch64"):
+        t = timing[b]
+        flag = " (flagged)" if contender in t["flagged"] else ""
+        cells += [f"{t['latency_ms'][contender]:.3f} ({t['alone_ms'][contender]:.3f}){flag}",
+                  f"{t['speedup_vs_dense_fp32_torch'][contender]:.1f}x"]
+    return cells
 
 
 def against_tp_section(model: str, variant: str = "", title: str = "") -> list[str]:
@@ -389,12 +395,7 @@ def against_tp_section(model: str, variant: str = "", title: str = "") -> list[s
     widths = {"dense": r["widths"]["dense"], "ours": r["widths"]["ours"], "tp": r["widths"]["torch_pruning"]}
     for k in tm["batch64"]["latency_ms"]:
         w = widths["dense" if k.startswith("dense") else "ours" if k.startswith("ours") else "tp"]
-        cells = []
-        for b in ("batch1", "batch64"):
-            t = tm[b]
-            flag = " (flagged)" if k in t["flagged"] else ""
-            cells += [f"{t['latency_ms'][k]:.3f} ({t['alone_ms'][k]:.3f}){flag}", f"{t['speedup_vs_dense_fp32_torch'][k]:.1f}x"]
-        out.append(f"| {k} | {'/'.join(str(v) for v in w.values())} | {100 * acc[k]:.2f}% | " + " | ".join(cells) + " |")
+        out.append(f"| {k} | {'/'.join(str(v) for v in w.values())} | {100 * acc[k]:.2f}% | " + " | ".join(timing_cells(tm, k)) + " |")
     out += ["", "Torch-Pruning's curve (each stage after its share of the budget; ONNX Runtime fp32, alone):", "",
             "| step | ratio | widths | selection acc | b1 ms | b64 ms |", "| --- | --- | --- | --- | --- | --- |"]
     for s in tp["stages"]:
