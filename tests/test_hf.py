@@ -197,3 +197,18 @@ def test_centered_soft_mask_tends_to_the_topk_mask():
     torch.testing.assert_close(m.soft(), m.topk())
     m.temperature = 1.0
     assert ((m.soft() > 0) & (m.soft() < 1)).all()
+
+
+@pytest.mark.parametrize(("prune", "keep", "message"), [
+    (prune_heads, [[0], [1], [4], [0]], r"layer 2: heads indices \[4\] out of range 0\.\.3"),
+    (prune_heads, [[0], [1]], "keep lists heads for 2 layers but the model has 4"),
+    (prune_ffn, [[0], [], [1], [2]], "layer 1: cannot keep 0 FFN neurons"),
+    (prune_ffn, [[0], [1], [-1], [2]], "layer 2: FFN neurons indices"),
+])
+def test_bad_keep_lists_name_the_layer_and_leave_the_model_whole(prune, keep, message):
+    """A bad keep list is a RecipeError naming the layer, raised before any layer is cut."""
+    model = tiny_bert()
+    before = (head_counts(model), ffn_widths(model))
+    with pytest.raises(RecipeError, match=message):
+        prune(model, keep)
+    assert (head_counts(model), ffn_widths(model)) == before

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from jointcompress.errors import RecipeError
-from jointcompress.hf.masks import UnitMask, gate_importance, normalise_importance
+from jointcompress.hf.masks import UnitMask, checked_keep, gate_importance, normalise_importance
 from jointcompress.hf.modeling_pruned import ARCH, family, get_sub, keep_neurons, layers
 from jointcompress.hf.pruned import mark_pruned
 
@@ -64,16 +64,8 @@ def importance_scores(model: nn.Module, batch_iter, n_batches: int = 16) -> torc
 def prune_ffn(model: nn.Module, keep: list[list[int]]) -> nn.Module:
     """Physically keep only neurons keep[layer] of each FFN; records intermediate_per_layer."""
     fam = family(model.config)
-    mods = layers(model)
-    if len(keep) != len(mods):
-        raise RecipeError(f"keep lists neurons for {len(keep)} layers but the model has {len(mods)}")
-    widths = ffn_widths(model)
-    for i, (layer, neurons) in enumerate(zip(mods, keep)):
-        if not neurons:
-            raise RecipeError(f"layer {i}: cannot keep 0 FFN neurons; keep at least one or drop the layer")
-        if max(neurons) >= widths[i] or min(neurons) < 0:
-            raise RecipeError(f"layer {i}: neuron indices out of range 0..{widths[i] - 1}")
-        if len(neurons) != widths[i]:
-            keep_neurons(layer, fam, torch.tensor(sorted(set(neurons))))
+    for layer, neurons in zip(layers(model), checked_keep(keep, ffn_widths(model), "FFN neurons")):
+        if neurons is not None:
+            keep_neurons(layer, fam, neurons)
     mark_pruned(model, intermediate_per_layer=ffn_widths(model))
     return model

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from jointcompress.errors import RecipeError
-from jointcompress.hf.masks import UnitMask, gate_importance, normalise_importance
+from jointcompress.hf.masks import UnitMask, checked_keep, gate_importance, normalise_importance
 from jointcompress.hf.modeling_pruned import ARCH, family, get_sub, head_dim, keep_heads, layers, require_units
 from jointcompress.hf.pruned import mark_pruned
 
@@ -88,16 +88,8 @@ def prune_heads(model: nn.Module, keep: list[list[int]]) -> nn.Module:
     registered pruned class so save_pretrained/from_pretrained round-trip.
     """
     fam, hd = family(model.config), head_dim(model.config)
-    mods = layers(model)
-    if len(keep) != len(mods):
-        raise RecipeError(f"keep lists heads for {len(keep)} layers but the model has {len(mods)}")
-    counts = head_counts(model)
-    for i, (layer, heads) in enumerate(zip(mods, keep)):
-        if not heads:
-            raise RecipeError(f"layer {i}: cannot keep 0 heads; keep at least one or drop the layer")
-        if max(heads) >= counts[i] or min(heads) < 0:
-            raise RecipeError(f"layer {i}: head indices {heads} out of range 0..{counts[i] - 1}")
-        if len(heads) != counts[i]:
-            keep_heads(layer, fam, torch.tensor(sorted(set(heads))), hd)
+    for layer, heads in zip(layers(model), checked_keep(keep, head_counts(model), "heads")):
+        if heads is not None:
+            keep_heads(layer, fam, heads, hd)
     mark_pruned(model, heads_per_layer=head_counts(model))
     return model

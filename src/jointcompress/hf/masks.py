@@ -153,3 +153,21 @@ def gate_importance(model: nn.Module, attach, n_layers: int, width: int, batch_i
             h.remove()
         model.train(was)
     return imp
+
+
+def checked_keep(keep: list[list[int]], counts: list[int], unit: str) -> list[torch.Tensor | None]:
+    """Validate a per-layer list of units to keep (heads, FFN neurons) against the model's
+    per-layer counts: one sorted index tensor per layer, or None where the layer keeps all.
+
+    Why: physical pruning indexes weight rows with these lists; a bad index must be a clear
+    RecipeError naming the layer, not an IndexError from inside a Linear."""
+    if len(keep) != len(counts):
+        raise RecipeError(f"keep lists {unit} for {len(keep)} layers but the model has {len(counts)}")
+    chosen: list[torch.Tensor | None] = []
+    for i, (units, count) in enumerate(zip(keep, counts)):
+        if not units:
+            raise RecipeError(f"layer {i}: cannot keep 0 {unit}; keep at least one or drop the layer")
+        if max(units) >= count or min(units) < 0:
+            raise RecipeError(f"layer {i}: {unit} indices {units} out of range 0..{count - 1}")
+        chosen.append(None if len(units) == count else torch.tensor(sorted(set(units))))
+    return chosen
