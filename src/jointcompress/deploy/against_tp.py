@@ -73,7 +73,7 @@ def stage_curve(teacher: nn.Module, split, example, work: Path, cfg: AgainstConf
     per_stage, stages = budget // cfg.tp_steps, []
     for k in range(cfg.tp_steps):
         pruner.step()
-        fine_tune(model, teacher, split, per_stage, cfg, seed=k)
+        fine_tune(model, teacher, split, per_stage, cfg, seed=1000 * cfg.seed + k)
         ort = ort_fp32(model, work / "tp_probe.onnx", example, cfg.threads)
         stages.append({"step": k + 1, "ratio": cfg.tp_max_ratio * (k + 1) / cfg.tp_steps,
                        "selection_accuracy": accuracy_of(model, sel.x_test, sel.y_test), "steps_so_far": per_stage * (k + 1),
@@ -95,7 +95,7 @@ def matched(teacher: nn.Module, split, stages: list[dict], cfg: AgainstConfig, b
     for i in range(first, min(first + MAX_CANDIDATES, len(stages))):
         s = stages[i]
         model = copy.deepcopy(s["model"])
-        fine_tune(model, teacher, split, budget - s["steps_so_far"], cfg, seed=100 + i)
+        fine_tune(model, teacher, split, budget - s["steps_so_far"], cfg, seed=1000 * cfg.seed + 100 + i)
         acc = accuracy_of(model, sel.x_test, sel.y_test)
         candidates.append({"step": s["step"], "selection_accuracy_full_budget": acc, "model": model,
                            "fine_tune_steps": budget})
