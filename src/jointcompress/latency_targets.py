@@ -277,24 +277,26 @@ def greedy_widths(table: LatencyTable, sites: dict[str, LayerSite], channels: di
                   min_width: int = MIN_WIDTH) -> tuple[dict[str, int], float]:
     """Remove channels a kernel step at a time where predicted ms saved per importance lost is
     best, until the predicted latency is <= target_ms. `importance.lost(group, wide, narrow)`
-    says what a cut loses (width_importance). Returns (widths, predicted ms)."""
+    says what a cut loses (width_importance). A measured table is noisy: where a group's next
+    step saves nothing, the cut jumps to the first narrower width that does (else one flat
+    step would stop the group, and the allocation, short of the target). Returns (widths,
+    predicted ms)."""
     widths = dict(channels)
     options = {g: allowed_widths(c, min_keep, min_width) for g, c in channels.items()}
     predicted = table.predict(sites, widths, channels)
     while predicted > target_ms:
         best = None
         for g, ws in options.items():
-            k = ws.index(widths[g])
-            if k == 0:
-                continue
-            trial = {**widths, g: ws[k - 1]}
-            saved = predicted - table.predict(sites, trial, channels)
-            lost = importance.lost(g, widths[g], ws[k - 1])
-            score = saved / max(lost, 1e-9)
-            if saved > 0 and (best is None or score > best[0]):
-                best = (score, trial)
+            for narrow in reversed(ws[:ws.index(widths[g])]):  # the next step first
+                trial = {**widths, g: narrow}
+                saved = predicted - table.predict(sites, trial, channels)
+                if saved > 0:
+                    score = saved / max(importance.lost(g, widths[g], narrow), 1e-9)
+                    if best is None or score > best[0]:
+                        best = (score, trial)
+                    break
         if best is None:
-            break  # every group at its smallest width
+            break  # no group can save anything more
         widths = best[1]
         predicted = table.predict(sites, widths, channels)
     return widths, predicted

@@ -65,7 +65,8 @@ class AgainstConfig:
     both_batches: bool = True  # the target's speed-up holds at batch 1 too (see allocate)
     widen_trials: int = 12  # measured widenings tried after the table's allocation (latency_targets.widen)
     importance: str = "loss"  # what a cut loses for the allocator: "loss" (held-out, measured) or "norm" (L2)
-    importance_steps: int = 100  # KD steps each cut copy is fine-tuned before its loss is measured (0: one-shot)
+    importance_steps: int = 100  # KD steps each cut copy is fine-tuned before its loss is measured (0: one-shot;
+    # at most 1/16 of the training budget, so measuring ~16 cut copies costs at most one training run)
     importance_points: int = 6  # widths measured per group (linear in between)
     seed: int = 0  # our run's seed; Torch-Pruning's fine-tuning seeds are offset by it too
     target_ms: float | None = None  # the target in ONNX Runtime fp32 ms at batch 64 (None: dense's / speedup)
@@ -207,10 +208,10 @@ def importance_for(teacher: nn.Module, split, example, cfg: AgainstConfig, min_w
     floor = lt.MIN_WIDTH if min_width is None else min_width
     options = {g.name: lt.allowed_widths(g.channels, lt.MIN_KEEP, floor) for g in groups}
     sel = selection_split(split, cfg.select_images)
-    recover = (lambda m: fine_tune(m, teacher, split, cfg.importance_steps, cfg, seed=1000 * cfg.seed + 7)) \
-        if cfg.importance_steps > 0 else None
-    return loss_importance(teacher, example, groups, (sel.x_test, sel.y_test), options, recover,
-                           cfg.importance_steps, cfg.importance_points)
+    steps = min(cfg.importance_steps, steps_per_epoch(split, cfg.batch_size) * cfg.epochs // 16)
+    recover = (lambda m: fine_tune(m, teacher, split, steps, cfg, seed=1000 * cfg.seed + 7)) if steps > 0 else None
+    return loss_importance(teacher, example, groups, (sel.x_test, sel.y_test), options, recover, steps,
+                           cfg.importance_points)
 
 
 def ours(teacher: nn.Module, split, example, work: Path, target_ms: float, cfg: AgainstConfig) -> dict:
