@@ -13,6 +13,9 @@ own command):
         --out benchmarks/results/against_sweep_lenet5_t$t.json; done
     python benchmarks/against_curve.py
 
+(against_torch_pruning_lenet5.json and ..._both_batches.json, earlier runs with the channel-norm
+importance and 6 Torch-Pruning steps, are read too, as more points of both curves.)
+
 Paired statistics: for every seed, Torch-Pruning's latency over ours (same run, interleaved
 and alone medians, ONNX Runtime fp32, batch 1 and 64) and our test accuracy minus theirs;
 mean +- standard error over seeds, called a difference only beyond 2 SE.
@@ -39,7 +42,11 @@ def point(run: dict, side: str) -> dict:
     """One contender of one run: widths, test accuracy, ORT fp32 ms and speed-ups (both batches)."""
     key = f"{side}_fp32_ort"
     widths_key = "ours" if side == "ours" else "torch_pruning"
+    importance = (run["ours"]["allocation"].get("importance") or {"kind": "norm"})["kind"]
     out = {"file": run["file"], "seed": run["config"].get("seed", 0), "target_ms_b64": run["target"]["latency_ms_b64"],
+           "importance": importance if side == "ours" else None,
+           "target_met_at_allocation": run["ours"]["allocation"]["measured_ms"] <= run["target"]["latency_ms_b64"]
+           if side == "ours" else None,
            "widths": run["widths"][widths_key], "test_accuracy": run["accuracy"][key]}
     for b in ("batch1", "batch64"):
         t = run["timing"][b]
@@ -52,8 +59,8 @@ def point(run: dict, side: str) -> dict:
 
 def mean_se(xs: list[float]) -> dict:
     m = statistics.fmean(xs)
-    se = statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan")
-    return {"mean": m, "se": se, "n": len(xs), "values": xs, "beyond_2se": bool(len(xs) > 1 and abs(m) > 2 * se)}
+    se = statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else None
+    return {"mean": m, "se": se, "n": len(xs), "values": xs, "beyond_2se": bool(se is not None and abs(m) > 2 * se)}
 
 
 def paired(runs: list[dict]) -> dict:
@@ -70,20 +77,21 @@ def paired(runs: list[dict]) -> dict:
 def main():
     seeds = load("against_torch_pruning_lenet5_equal_acc_seed*.json")
     sweep = load("against_sweep_lenet5_t*.json")
-    ours = [point(r, "ours") for r in seeds + sweep]
+    earlier = load("against_torch_pruning_lenet5.json") + load("against_torch_pruning_lenet5_both_batches.json")
+    ours = [point(r, "ours") for r in seeds + sweep + earlier]
     tp = [{**point(r, "tp"), "matched": r["torch_pruning"]["matched"], "chosen_step": r["torch_pruning"]["chosen_step"],
            "candidates": r["torch_pruning"]["candidates"],
            "stages": [{k: s[k] for k in ("step", "widths", "selection_accuracy", "steps_so_far", "ort_fp32_alone_ms")}
-                      for s in r["torch_pruning"]["stages"]]} for r in seeds]
+                      for s in r["torch_pruning"]["stages"]]} for r in seeds + earlier]
     result = {"command": "python benchmarks/against_curve.py",
-              "sources": [r["file"] for r in seeds + sweep], "ours_curve": sorted(ours, key=lambda p: p["batch64"]["alone_ms"]),
+              "sources": [r["file"] for r in seeds + sweep + earlier], "ours_curve": sorted(ours, key=lambda p: p["batch64"]["alone_ms"]),
               "torch_pruning": tp, "paired_over_seeds": paired(seeds) if seeds else None,
               "rule": "ORT fp32 both; Torch-Pruning at its fastest stage whose selection accuracy >= ours after >= our "
                       "training steps; a difference is called only beyond 2 SE (paired over seeds)"}
     atomic_write_text(RESULTS / "against_curve_lenet5.json", json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["paired_over_seeds"], indent=1))
     for p in result["ours_curve"]:
-        print("ours", p["seed"], p["widths"], p["test_accuracy"], round(p["batch64"]["speedup"], 1), round(p["batch1"]["speedup"], 1))
+        print("ours", p["seed"], p["importance"], p["widths"], p["test_accuracy"], round(p["batch64"]["speedup"], 1), round(p["batch1"]["speedup"], 1))
     for p in tp:
         print("tp", p["seed"], p["widths"], p["test_accuracy"], round(p["batch64"]["speedup"], 1), round(p["batch1"]["speedup"], 1))
 

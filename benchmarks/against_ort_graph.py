@@ -16,7 +16,9 @@ For LeNet-5 at a few pruned widths (random weights: latency does not depend on t
   each optimization level; a static batch-1 export (shapes known when the session is built, as
   a batch-1 deployment may export); a "tight" model (ReLU after max-pooling, fc1 as a 4x4
   convolution, one final Flatten); ORT's per-call floor (a graph that only slices its input);
-  and dense fp32 PyTorch as the baseline (torch.inference_mode, the same threads, unchanged).
+  and dense fp32 PyTorch as the baseline (torch.inference_mode, the same threads, unchanged);
+- **neighbours**: our call interleaved with nothing, with dense PyTorch, or with a 4 MB memory
+  sweep: whether what runs in between slows it (cache eviction).
 
 Writes benchmarks/results/against_ort_graph.json (with this command).
 """
@@ -39,7 +41,7 @@ from jointcompress.io import atomic_write_text
 from jointcompress.latency_targets import shrunk_to
 from jointcompress.models import build_model
 
-WIDTHS = [{"conv1": 8, "conv2": 16, "fc1": 64}, {"conv1": 8, "conv2": 8, "fc1": 32}]
+WIDTHS = [{"conv1": 8, "conv2": 16, "fc1": 64}, {"conv1": 8, "conv2": 16, "fc1": 160}, {"conv1": 8, "conv2": 8, "fc1": 32}]
 LEVELS = ("disable", "basic", "extended", "all")
 
 
@@ -155,6 +157,20 @@ def _static(model: nn.Module, example, work: Path) -> Path:
     return path
 
 
+def neighbours(ours, dense: nn.Module, threads: int, rounds: int) -> dict:
+    """Our batch-1 call interleaved with one other contender at a time: nothing, dense PyTorch,
+    or a plain sweep over 4 MB of memory (evicts caches, computes nothing). If the sweep slows
+    our call as much as dense PyTorch does, the interleaved slowdown is cache eviction."""
+    x = torch.randn(1, 1, 28, 28)
+    buf = torch.zeros(1 << 20)  # 4 MB of float32
+    others = {"nothing": lambda: None, "dense_torch": lambda: dense(x), "memory_sweep_4mb": lambda: buf.add_(1.0)}
+    out = {}
+    for name, other in others.items():
+        t = time_contenders({"ours": lambda: ours(x), "other": other}, threads=threads, rounds=rounds)
+        out[name] = {"ours_interleaved_us": 1e3 * t.interleaved_ms["ours"], "ours_alone_us": 1e3 * t.alone_ms["ours"]}
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
@@ -169,6 +185,7 @@ def main():
         x = torch.randn(1, 1, 28, 28)
         t = time_contenders({k: (lambda f=f: f(x)) for k, f in fns.items()}, threads=args.threads, rounds=args.rounds)
         row = {"widths": widths, "graph": graph,
+               "neighbours": neighbours(fns["ort_all"], fns["dense_torch"], args.threads, args.rounds),
                "batch1": {"interleaved_us": {k: 1e3 * v for k, v in t.interleaved_ms.items()},
                           "alone_us": {k: 1e3 * v for k, v in t.alone_ms.items()}, "flagged": t.flagged}}
         rows.append(row)
