@@ -17,6 +17,8 @@ For LeNet-5 at a few pruned widths (random weights: latency does not depend on t
   a batch-1 deployment may export); a "tight" model (ReLU after max-pooling, fc1 as a 4x4
   convolution, one final Flatten); ORT's per-call floor (a graph that only slices its input);
   and dense fp32 PyTorch as the baseline (torch.inference_mode, the same threads, unchanged);
+- **batch 64**: dense PyTorch and the pruned model in ORT (default level), for the speed-up
+  at batch 64 on whatever load the machine had at that moment (recorded with `uptime`'s load);
 - **neighbours**: our call interleaved with nothing, with dense PyTorch, or with a 4 MB memory
   sweep: whether what runs in between slows it (cache eviction).
 
@@ -179,7 +181,7 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="ort-graph-"))
-    rows = []
+    rows, load_before = [], os.getloadavg()
     for widths in WIDTHS:
         fns, graph = contenders(widths, work, args.threads)
         x = torch.randn(1, 1, 28, 28)
@@ -188,10 +190,16 @@ def main():
                "neighbours": neighbours(fns["ort_all"], fns["dense_torch"], args.threads, args.rounds),
                "batch1": {"interleaved_us": {k: 1e3 * v for k, v in t.interleaved_ms.items()},
                           "alone_us": {k: 1e3 * v for k, v in t.alone_ms.items()}, "flagged": t.flagged}}
+        x64 = torch.randn(64, 1, 28, 28)
+        b64 = {k: fns[k] for k in ("dense_torch", "ort_all")}
+        t = time_contenders({k: (lambda f=f: f(x64)) for k, f in b64.items()}, threads=args.threads,
+                            rounds=max(10, args.rounds // 10))
+        row["batch64"] = {"interleaved_ms": t.interleaved_ms, "alone_ms": t.alone_ms, "flagged": t.flagged}
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {"command": f"python benchmarks/against_ort_graph.py --threads {args.threads} --rounds {args.rounds}",
-              "threads": args.threads, "machine": {"shared": args.shared_machine, "cpus": os.cpu_count()},
+              "threads": args.threads, "machine": {"shared": args.shared_machine, "cpus": os.cpu_count(),
+                                                   "load_average_before_after": [load_before, os.getloadavg()]},
               "onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__, "rows": rows}
     atomic_write_text(Path("benchmarks/results/against_ort_graph.json"), json.dumps(result, indent=1) + "\n")
 
