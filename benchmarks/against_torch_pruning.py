@@ -44,7 +44,8 @@ def parse() -> tuple[argparse.Namespace, AgainstConfig]:
     defaults = AgainstConfig()
     for f in AgainstConfig.__dataclass_fields__.values():
         value = getattr(defaults, f.name)
-        kind = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value) if value is not None else int
+        kind = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value) if value is not None \
+            else float if "float" in str(f.type) else int
         ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=value)
     args = ap.parse_args()
     return args, AgainstConfig(**{k: getattr(args, k) for k in AgainstConfig.__dataclass_fields__})

@@ -143,3 +143,20 @@ def test_widen_gives_back_what_the_measured_target_affords(lenet):
     assert fake_ms(shrunk_to(model, x, out.widths)) == out.measured_ms
     tight = widen(model, x, LatencyAllocation(dict(start.widths), channels, 1.0, 48.0, 48.0), fake_ms, max_trials=5)
     assert tight.widths == start.widths and len([r for r in tight.rounds if r.get("widen")]) <= 5
+
+
+def test_greedy_jumps_over_a_flat_step_of_a_noisy_table(lenet):
+    """A measured table can read the same ms at two widths; the cut must not stop there."""
+    from jointcompress.latency_targets import greedy_widths, relative_importance
+
+    model, x = lenet
+    groups, _ = discover_groups(model, x)
+    channels = {g.name: g.channels for g in groups}
+
+    class Plateau:  # conv2 costs 1 ms per channel, but 40..50 channels all read as 50
+        def predict(self, sites, widths, channels):
+            c2 = widths["conv2"]
+            return float(50 if c2 >= 40 else c2) + widths["conv1"] * 0 + widths["fc1"] * 0
+
+    widths, predicted = greedy_widths(Plateau(), {}, channels, relative_importance(model, groups), 20.0)
+    assert predicted <= 20.0 and widths["conv2"] <= 20

@@ -8,7 +8,8 @@ grid of (input width, output width) pairs, for the runtime and batch the target 
 interpolated in between; the rest of the model (pooling, BatchNorm, Python) is one measured
 constant. The allocator then removes channels greedily, a kernel-friendly step at a time
 (multiples of 8 or 16 where a group is wide enough), always where the predicted milliseconds
-saved per unit of importance lost (channel L2 norm, relative to its group's mean) is largest,
+saved per unit of importance lost (width_importance: channel L2 norms relative to their group's
+mean, or the measured rise of a held-out loss when the group is cut) is largest,
 until the prediction is at or under the target. The shrunk model is then timed (deploy.timing)
 to confirm; if it measures over, the prediction was optimistic by measured/predicted and the
 allocation is redone against a target lowered by that factor (a few times at most).
@@ -247,6 +248,7 @@ class LatencyAllocation:
     target_ms: float
     measured_ms: float | None = None
     rounds: list[dict] = field(default_factory=list)  # every allocate -> time round
+    importance: dict | None = None  # what the cuts were ranked by (width_importance .to_dict()), when recorded
 
     @property
     def layer_sparsity(self) -> dict[str, float]:
@@ -259,43 +261,42 @@ class LatencyAllocation:
     def to_dict(self) -> dict:
         return {"widths": self.widths, "channels": self.channels, "predicted_ms": self.predicted_ms,
                 "target_ms": self.target_ms, "measured_ms": self.measured_ms, "rounds": self.rounds,
-                "layer_sparsity": self.layer_sparsity}
+                "layer_sparsity": self.layer_sparsity, "importance": self.importance}
 
 
-def relative_importance(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, torch.Tensor]:
-    """Channel L2 norms of each group over its mean, sorted ascending (the order they go in)."""
-    from .sensitivity import _channel_norms
+def relative_importance(model: nn.Module, groups: list[ChannelGroup]):
+    """Channel L2 norms of each group over its mean (width_importance.NormImportance): the
+    default currency when no held-out data is given."""
+    from .width_importance import norm_importance
 
-    modules = dict(model.named_modules())
-    out = {}
-    for g in groups:
-        norms = _channel_norms(g, modules)
-        out[g.name] = torch.sort(norms / norms.mean().clamp_min(1e-12)).values
-    return out
+    return norm_importance(model, groups)
 
 
 def greedy_widths(table: LatencyTable, sites: dict[str, LayerSite], channels: dict[str, int],
-                  importance: dict[str, torch.Tensor], target_ms: float, min_keep: float = MIN_KEEP,
+                  importance, target_ms: float, min_keep: float = MIN_KEEP,
                   min_width: int = MIN_WIDTH) -> tuple[dict[str, int], float]:
     """Remove channels a kernel step at a time where predicted ms saved per importance lost is
-    best, until the predicted latency is <= target_ms. Returns (widths, predicted ms)."""
+    best, until the predicted latency is <= target_ms. `importance.lost(group, wide, narrow)`
+    says what a cut loses (width_importance). A measured table is noisy: where a group's next
+    step saves nothing, the cut jumps to the first narrower width that does (else one flat
+    step would stop the group, and the allocation, short of the target). Returns (widths,
+    predicted ms)."""
     widths = dict(channels)
     options = {g: allowed_widths(c, min_keep, min_width) for g, c in channels.items()}
     predicted = table.predict(sites, widths, channels)
     while predicted > target_ms:
         best = None
         for g, ws in options.items():
-            k = ws.index(widths[g])
-            if k == 0:
-                continue
-            trial = {**widths, g: ws[k - 1]}
-            saved = predicted - table.predict(sites, trial, channels)
-            lost = float(importance[g][channels[g] - widths[g]: channels[g] - ws[k - 1]].sum())
-            score = saved / max(lost, 1e-9)
-            if saved > 0 and (best is None or score > best[0]):
-                best = (score, trial)
+            for narrow in reversed(ws[:ws.index(widths[g])]):  # the next step first
+                trial = {**widths, g: narrow}
+                saved = predicted - table.predict(sites, trial, channels)
+                if saved > 0:
+                    score = saved / max(importance.lost(g, widths[g], narrow), 1e-9)
+                    if best is None or score > best[0]:
+                        best = (score, trial)
+                    break
         if best is None:
-            break  # every group at its smallest width
+            break  # no group can save anything more
         widths = best[1]
         predicted = table.predict(sites, widths, channels)
     return widths, predicted
@@ -304,7 +305,7 @@ def greedy_widths(table: LatencyTable, sites: dict[str, LayerSite], channels: di
 def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTable | None = None,
                      measure=None, min_keep: float = MIN_KEEP, threads: int = DEFAULT_THREADS,
                      rounds: int = 30, calibrate: bool = False, max_rounds: int = MAX_CONFIRM,
-                     min_width: int = MIN_WIDTH) -> LatencyAllocation:
+                     min_width: int = MIN_WIDTH, importance=None) -> LatencyAllocation:
     """Per-group widths whose shrunk model meets `target.latency_ms` at `target.batch`.
 
     `table`: a LatencyTable (default: measured now, PyTorch fp32). `measure(model) -> ms`:
@@ -315,12 +316,13 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
     times the unpruned model to convert the target into the table's units, and also raises the goal when a model measures far under the target (< CALIBRATED of it), so that
     the table's relative costs are scaled to the runtime; the widest model that met the target
     is returned. `min_width`: no group below this many channels (default MIN_WIDTH).
+    `importance`: what a cut loses (width_importance; default channel norms, data-free).
     """
     groups, _ = discover_groups(model, example_inputs)
     channels = {g.name: g.channels for g in groups}
     sites = layer_sites(model, example_inputs, groups)
     table = table if table is not None else measure_table(model, example_inputs, target.batch, threads, groups=groups)
-    importance = relative_importance(model, groups)
+    importance = importance if importance is not None else relative_importance(model, groups)
     if measure is None:
         measure = lambda m: timed_ms(m, example_inputs, target.batch, threads, rounds)  # noqa: E731
     goal, log, best, last = float(target.latency_ms), [], None, None
@@ -360,15 +362,16 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
 
 
 def widen(model: nn.Module, example_inputs, alloc: LatencyAllocation, measure, max_trials: int = 12,
-          min_keep: float = MIN_KEEP, min_width: int = MIN_WIDTH) -> LatencyAllocation:
+          min_keep: float = MIN_KEEP, min_width: int = MIN_WIDTH, importance=None) -> LatencyAllocation:
     """Give back channels the target can afford, measured: the table's steps are coarse and its
     costs approximate (a layer's ms is not smooth in its width on every runtime), so the
     allocation may sit well under the target. Each round times the next width of every group
     and keeps the one with the most importance regained per millisecond added, if it measures
     at or under the target twice (a noisy machine cannot sneak a wide model in on one lucky
-    timing); stop when none fits or after `max_trials` timings."""
+    timing); stop when none fits or after `max_trials` timings. `importance`: as in
+    allocate_latency."""
     groups, _ = discover_groups(model, example_inputs)
-    importance = relative_importance(model, groups)
+    importance = importance if importance is not None else relative_importance(model, groups)
     channels, widths = alloc.channels, dict(alloc.widths)
     options = {g: allowed_widths(c, min_keep, min_width) for g, c in channels.items()}
     trials, measured = 0, alloc.measured_ms
@@ -388,7 +391,7 @@ def widen(model: nn.Module, example_inputs, alloc: LatencyAllocation, measure, m
                 continue
             w = ws[ws.index(widths[g]) + 1]
             ms = timed({**widths, g: w})
-            gain = float(importance[g][channels[g] - w: channels[g] - widths[g]].sum())
+            gain = importance.lost(g, w, widths[g])
             score = gain / max(ms - measured, 0.01 * alloc.target_ms)
             if ms <= alloc.target_ms and (best is None or score > best[0]):
                 best = (score, {**widths, g: w}, ms)

@@ -23,7 +23,7 @@ import torch.nn as nn
 from .against import AgainstConfig, accuracy_of, alone_ms, ort_fp32, ort_int8, require_torch_pruning, \
     selection_split, steps_per_epoch, widths_of
 
-MAX_CANDIDATES = 3
+MAX_CANDIDATES = None  # no cap: a cap stopped 12-step runs at a stage that still matched, slower than needed
 
 
 def fine_tune(model: nn.Module, teacher: nn.Module, split, steps: int, cfg: AgainstConfig, seed: int) -> None:
@@ -73,7 +73,7 @@ def stage_curve(teacher: nn.Module, split, example, work: Path, cfg: AgainstConf
     per_stage, stages = budget // cfg.tp_steps, []
     for k in range(cfg.tp_steps):
         pruner.step()
-        fine_tune(model, teacher, split, per_stage, cfg, seed=k)
+        fine_tune(model, teacher, split, per_stage, cfg, seed=1000 * cfg.seed + k)
         ort = ort_fp32(model, work / "tp_probe.onnx", example, cfg.threads)
         stages.append({"step": k + 1, "ratio": cfg.tp_max_ratio * (k + 1) / cfg.tp_steps,
                        "selection_accuracy": accuracy_of(model, sel.x_test, sel.y_test), "steps_so_far": per_stage * (k + 1),
@@ -87,15 +87,16 @@ def stage_curve(teacher: nn.Module, split, example, work: Path, cfg: AgainstConf
 def matched(teacher: nn.Module, split, stages: list[dict], cfg: AgainstConfig, budget: int, match_acc: float) -> dict:
     """The fastest stage that matches `match_acc` after the whole budget. Candidates: from the
     most pruned stage that matches already, more pruned ones in turn until one fails even
-    after the whole budget (at most `MAX_CANDIDATES`)."""
+    after the whole budget (at most `MAX_CANDIDATES`; None: as many as there are stages)."""
     sel = selection_split(split, cfg.select_images)
     ok = [i for i, s in enumerate(stages) if s["selection_accuracy"] >= match_acc]
     first = ok[-1] if ok else 0
     candidates = []
-    for i in range(first, min(first + MAX_CANDIDATES, len(stages))):
+    last = len(stages) if MAX_CANDIDATES is None else min(first + MAX_CANDIDATES, len(stages))
+    for i in range(first, last):
         s = stages[i]
         model = copy.deepcopy(s["model"])
-        fine_tune(model, teacher, split, budget - s["steps_so_far"], cfg, seed=100 + i)
+        fine_tune(model, teacher, split, budget - s["steps_so_far"], cfg, seed=1000 * cfg.seed + 100 + i)
         acc = accuracy_of(model, sel.x_test, sel.y_test)
         candidates.append({"step": s["step"], "selection_accuracy_full_budget": acc, "model": model,
                            "fine_tune_steps": budget})
