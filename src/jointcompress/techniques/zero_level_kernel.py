@@ -12,6 +12,11 @@ kept-weight count the size term needs comes out of the same forward.
 The values are the plain formulas' (the quantized weight bit for bit); the gradients are the
 same up to float rounding (tests/test_zero_level_fused.py checks both against the plain
 composition).
+
+With `cfg.compiled` (quant_lsq.compile) the weight-sized part of the forward and of the
+backward runs as two compiled kernels instead (zero_level_compiled.py); the step, the dead zone
+and the width are still computed here, eagerly, so the quantized weights stay bit for bit the
+same; the backward then keeps only w and recomputes the rest.
 """
 from __future__ import annotations
 
