@@ -1,7 +1,9 @@
-"""Cost of one joint training step (prune + 4-bit LSQ + KD) per coordination strategy,
-relative to a plain training step of the same model, measured in one process, interleaved.
+"""Cost of one joint training step (prune + 4-bit LSQ + KD, or the size budget's dead-zone LSQ +
+learned widths + KD) per coordination strategy, relative to a plain training step of the same
+model, measured in one process, interleaved.
 
-    .venv/bin/python benchmarks/step_cost.py [--data ../shared/datasets/mnist/mnist.npz] [--out benchmarks/results/step_cost.json]
+    .venv/bin/python benchmarks/step_cost.py --data ../shared/datasets/mnist/mnist.npz --model lenet300 \
+        --threads 1 --batch 128 --out benchmarks/results/step_cost_budget.json
 
 A plain step: forward, cross-entropy, backward, Adam step on the uncompressed model, with
 PyTorch's default Adam (`plain`, the for-loop implementation on CPU) and with the multi-tensor
@@ -10,13 +12,22 @@ A joint step: Trainer.step with masks and quantizers attached and the teacher's 
 cached (as the demo recipe does), with four loss terms (task, distill, sparsity and quant
 regularizers); `none` takes one backward of the summed loss, `scale` and `pcgrad` measure
 every step (every: 1), i.e. one backward per loss term. `none_no_regularizers` is the
-default recipe's step (task + distill only).
+default recipe's step (task + distill only). `budget_*`: the joint mode's step with the size
+term (size_budget), its quantizer compiled (quant_lsq.compile: auto compiles a run this long,
+10,000 steps); `budget_pcgrad_every10_eager` is the same step with compile: false.
+
+Each sample times `--steps` consecutive steps; the reported numbers are per step: medians (the
+typical step) and means (which include the size budget's calibration when one falls in a
+sample), in wall-clock time and in the process's CPU time (less sensitive to other processes
+on a shared machine). The first call of each stepper (where torch.compile compiles) is timed
+apart.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import time
@@ -49,13 +60,13 @@ def recipe_for(strategy: str, regularized: bool = True, every: int = 1):
     })
 
 
-def budget_recipe(strategy: str, every: int, target_bytes: float):
+def budget_recipe(strategy: str, every: int, target_bytes: float, compile="auto"):
     """The joint recipe with the size term: dead-zone LSQ + learned bits + size_budget + KD."""
     return parse_recipe({
         "training": {"epochs": 1, "batch_size": BATCH[0]},
         "coordination": {"strategy": strategy, "every": every if strategy != "none" else 1000000},
         "techniques": [
-            {"type": "quant_lsq", "bits": 4, "zero_level": True},
+            {"type": "quant_lsq", "bits": 4, "zero_level": True, "compile": compile},
             {"type": "size_budget", "end": 0.6, "freeze": 0.8, "target_bytes": target_bytes},
             {"type": "distill_kd", "temperature": 4.0, "alpha": 0.7, "cache_teacher": True},
         ],
@@ -118,6 +129,50 @@ def plain_stepper(teacher, split, **adam):
     return step
 
 
+def steppers(teacher, split) -> dict:
+    fns = {"plain": plain_stepper(teacher, split), "plain_foreach": plain_stepper(teacher, split, foreach=True),
+           "none_no_regularizers": joint_stepper(teacher, split, "none", False)}
+    for s in ("none", "scale", "pcgrad"):
+        fns[s] = joint_stepper(teacher, split, s)
+    fns["pcgrad_every10"] = joint_stepper(teacher, split, "pcgrad", every=10)
+    from jointcompress.artifact.size import dense_fp32_bytes
+
+    goal = dense_fp32_bytes(teacher) / 100
+    for s, every in (("none", 1), ("pcgrad", 10)):  # the size term of the joint mode (issue: cost <= 2x plain)
+        fns[f"budget_{s}_every{every}"] = joint_stepper(teacher, split, s, recipe=budget_recipe(s, every, goal))
+    fns["budget_pcgrad_every10_eager"] = joint_stepper(teacher, split, "pcgrad",
+                                                       recipe=budget_recipe("pcgrad", 10, goal, compile=False))
+    return fns
+
+
+def time_steps(fns: dict, rounds: int, steps: int) -> tuple[dict, dict]:
+    """Per stepper, ms per step of every sample in wall-clock and CPU time (interleaved rounds:
+    load drifts hit every variant alike); and the seconds of each stepper's first call."""
+    first = {}
+    for k, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        first[k] = time.perf_counter() - t0
+    for _ in range(3):
+        for fn in fns.values():
+            fn()
+    times = {k: {"wall": [], "cpu": []} for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(steps):
+                fn()
+            times[k]["wall"].append((time.perf_counter() - t0) / steps * 1e3)
+            times[k]["cpu"].append((time.process_time() - c0) / steps * 1e3)
+    return times, first
+
+
+def summary(times: dict, clock: str, stat) -> tuple[dict, dict]:
+    """(ms per step, ratio to plain) of one clock and statistic."""
+    ms = {k: stat(v[clock]) for k, v in times.items()}
+    return ms, {k: ms[k] / ms["plain"] for k in ms}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="digits")
@@ -133,35 +188,27 @@ def main():
     torch.manual_seed(0)
     split = load_dataset(args.data)
     teacher = build_model(args.model, split.image_size, split.num_classes)
-    fns = {"plain": plain_stepper(teacher, split), "plain_foreach": plain_stepper(teacher, split, foreach=True),
-           "none_no_regularizers": joint_stepper(teacher, split, "none", False)}
-    for s in ("none", "scale", "pcgrad"):
-        fns[s] = joint_stepper(teacher, split, s)
-    fns["pcgrad_every10"] = joint_stepper(teacher, split, "pcgrad", every=10)
-    from jointcompress.artifact.size import dense_fp32_bytes
-
-    goal = dense_fp32_bytes(teacher) / 100
-    for s, every in (("none", 1), ("pcgrad", 10)):  # the size term of the joint mode (issue: cost <= 2x plain)
-        fns[f"budget_{s}_every{every}"] = joint_stepper(teacher, split, s, recipe=budget_recipe(s, every, goal))
-    times = {k: [] for k in fns}
-    for _ in range(3):
-        for fn in fns.values():
-            fn()
-    for _ in range(args.rounds):  # interleaved: load drifts hit every variant alike
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                fn()
-            times[k].append((time.perf_counter() - t0) / args.steps * 1e3)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    fns = steppers(teacher, split)
+    load_before = os.getloadavg()[0]
+    times, first = time_steps(fns, args.rounds, args.steps)
+    med, ratio = summary(times, "wall", statistics.median)
+    mean, ratio_mean = summary(times, "wall", statistics.mean)
+    cpu_med, cpu_ratio = summary(times, "cpu", statistics.median)
+    cpu_mean, cpu_ratio_mean = summary(times, "cpu", statistics.mean)
     calibration = calibration_cost(fns["budget_pcgrad_every10"])
     result = {
-        "command": f"python benchmarks/step_cost.py --data {args.data} --model {args.model} --threads {args.threads} --batch {args.batch}",
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "command": f"python benchmarks/step_cost.py --data {args.data} --model {args.model} --threads {args.threads} "
+                   f"--batch {args.batch} --rounds {args.rounds} --steps {args.steps} --out {args.out}",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+                   f"{os.cpu_count()} cores, load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after",
         "median_ms_per_step": med,
-        "ratio_to_plain": {k: med[k] / med["plain"] for k in med},
+        "ratio_to_plain": ratio,
         # the same optimizer implementation as the session's (multi-tensor Adam) on both sides
         "ratio_to_plain_foreach": {k: med[k] / med["plain_foreach"] for k in med},
+        "mean_ms_per_step": mean, "ratio_to_plain_of_means": ratio_mean,
+        "cpu_median_ms_per_step": cpu_med, "cpu_ratio_to_plain": cpu_ratio,
+        "cpu_mean_ms_per_step": cpu_mean, "cpu_ratio_to_plain_of_means": cpu_ratio_mean,
+        "first_call_seconds": first,  # the compiled kernels are compiled here (cached on disk afterwards)
         "targets": {"none": 1.3, "pcgrad": 2.5, "budget_pcgrad_every10": 2.0},
         "size_budget_calibration": calibration,
     }

@@ -147,6 +147,7 @@ class QuantLSQ(Technique):
             bits = (self.config.layer_bits or {}).get(name, self.config.bits)
             q = self._quantizer(layer.weight.detach(), bits)
             q.step_format = getattr(self.config, "scale_format", "fp16")
+            q.compiled = self._compiled(ctx)
             parametrize.register_parametrization(layer, "weight", q)
             self.quantizers[name] = q
             attach_bias_quant(layer, q, getattr(self.config, "bias_format", "fp16"))  # trained as stored
@@ -158,6 +159,12 @@ class QuantLSQ(Technique):
         with torch.no_grad():  # initialise step sizes now, from the (masked) weights as they are
             for name, layer in selected_layers(ctx.model, self.config).items():
                 _ = layer.weight
+
+    def _compiled(self, ctx: RunContext) -> bool:
+        """Whether the zero-level quantizers run compiled kernels (quant_lsq.compile)."""
+        from .zero_level_compiled import wants_compiled
+
+        return bool(self.config.zero_level) and wants_compiled(getattr(self.config, "compile", "auto"), ctx.total_steps)
 
     def _quantizer(self, weight: torch.Tensor, bits: int) -> LSQWeight:
         cfg = self.config

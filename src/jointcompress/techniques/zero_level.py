@@ -117,7 +117,8 @@ class ZeroLevelLSQWeight(LSQWeight):
                 self.log_step.copy_(lsq_init_step(w, int(qmax_of(self.ref_bits)), self.per_channel).log())
                 self.initialized.fill_(True)
         setup = ZeroLevelSetup(float(qmax_of(float(self.ref_bits))), self.min_bits, self.max_bits,
-                               w.numel() // w.shape[0] if self.per_channel else w.numel(), self.step_format)
+                               w.numel() // w.shape[0] if self.per_channel else w.numel(), self.step_format,
+                               getattr(self, "compiled", False))  # set by QuantLSQ (quant_lsq.compile)
         keep = self._keep_float() if bool(self.pattern_fixed) else None
         # one node: step, width, dead zone, gate, LSQ and the kept-weight count (zero_level_kernel.py)
         out, count = ZeroLevelQuant.apply(w, self.log_step, self.bits_raw, self.dead_zone_raw, setup, keep)

@@ -12,6 +12,11 @@ kept-weight count the size term needs comes out of the same forward.
 The values are the plain formulas' (the quantized weight bit for bit); the gradients are the
 same up to float rounding (tests/test_zero_level_fused.py checks both against the plain
 composition).
+
+With `cfg.compiled` (quant_lsq.compile) the weight-sized part of the forward and of the
+backward runs as two compiled kernels instead (zero_level_compiled.py); the step, the dead zone
+and the width are still computed here, eagerly, so the quantized weights stay bit for bit the
+same; the backward then keeps only w and recomputes the rest.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..artifact.precision import round_step
+from . import zero_level_compiled as compiled
 
 GATE_TEMPERATURE = 0.5  # width of the dead zone's sigmoid surrogate, in steps
 SOFTPLUS_THRESHOLD = 20.0  # F.softplus's: above it softplus is linear (its gradient 1)
@@ -69,6 +75,7 @@ class ZeroLevelSetup:
     max_bits: int
     per_step: int  # weights sharing one step (LSQ's gradient scale is 1 / sqrt(per_step * Q))
     step_format: str | None
+    compiled: bool = False  # the weight-sized arithmetic in compiled kernels (zero_level_compiled.py)
 
 
 class ZeroLevelQuant(torch.autograd.Function):
@@ -86,49 +93,90 @@ class ZeroLevelQuant(torch.autograd.Function):
     def forward(ctx, w, log_step, bits_raw, dead_zone_raw, cfg: ZeroLevelSetup, keep):
         ctx.set_materialize_grads(False)
         s, t, qmax, (sb, b, e, x) = step_and_dead_zone(log_step, bits_raw, dead_zone_raw, cfg)
-        v = w / s
-        level = v.abs()
-        # whether any weight lies beyond the grid's range (rare): the backward's clipping masks only then
-        ctx.clipped = bool(level.max() > qmax) if level.numel() else False
-        d = level - t if keep is None else None  # the distance to the dead zone's edge, in steps
-        gate = step_gate(d) if keep is None else keep
-        count = gate.sum()  # a float32 sum of 0/1 is exact up to 2^24 kept weights per layer
-        level.round_().clamp_(1, qmax).mul_(torch.sign(v))  # the signed level the weight has when kept
-        q = torch.mul(level, gate).add_(0.0)  # + 0.0: a pruned negative weight is +0.0, not -0.0
-        ctx.save_for_backward(v, level, q, d, s, t, sb, b, e, x, dead_zone_raw)
         ctx.qmax, ctx.cfg, ctx.grad_scale = qmax, cfg, 1.0 / math.sqrt(cfg.per_step * qmax)
+        fused = compiled.run(0, w.detach(), s, t, compiled.constant((float(qmax),), s), keep) if cfg.compiled else None
+        ctx.fused = fused is not None
+        if ctx.fused:  # the backward recomputes v, the level and the gate from w
+            (out, count), saved = fused, (w, None, None, keep)
+        else:
+            out, count, saved = _eager_forward(ctx, w, s, t, qmax, keep)
+        ctx.save_for_backward(*saved, s, t, sb, b, e, x, dead_zone_raw)
         if keep is not None:
             ctx.mark_non_differentiable(count)  # a fixed pattern's count is a constant
-        return q * s, count
+        return out, count
 
     @staticmethod
     def backward(ctx, grad, grad_count):
         v, level, q, d, s, t, sb, b, e, x, dead_zone_raw = ctx.saved_tensors
-        need_w, need_log, need_bits, need_dz = ctx.needs_input_grad[:4]
-        if grad is not None:
-            # a linear layer's weight gradient arrives transposed; mixed layouts make every pass
-            # below strided (slow), and the weight's .grad is stored contiguous anyway
-            grad = grad.contiguous()
-        grad_w = grad_s = grad_sc = grad_t = None
-        scratch = None
-        if grad is not None:
-            inside = ((ctx.qmax + 1) - v.abs()).floor_().clamp_(0, 1) if ctx.clipped else None  # |v| <= Q
-            if need_log or need_bits:
-                scratch = _out_step_grad(grad, v, q, inside, ctx.qmax)
-                grad_s = per_channel_sum(scratch, s)
-            grad_w = grad if inside is None else inside.mul_(grad)
-        if d is not None and ((grad is not None and need_dz) or grad_count is not None):
-            # the gate's surrogate slope: d sigmoid(z) / dz with z = (|v| - t) / T (the 1 / T comes later)
-            sig = torch.mul(d, 1.0 / GATE_TEMPERATURE).sigmoid_()
-            one = torch.ones((), dtype=sig.dtype, device=sig.device)
-            slope = torch.ops.aten.sigmoid_backward(one, sig)  # sigmoid(z) (1 - sigmoid(z)), in one pass
-            scratch = sig
-            if grad is not None and need_dz:  # d out / d t of the surrogate out = s * level * sigmoid(z)
-                grad_t = per_channel_sum(torch.mul(grad, level, out=scratch).mul_(slope), s) * (-s / GATE_TEMPERATURE)
-            if grad_count is not None:
-                grad_t, grad_w, grad_sc = _count_grads(v, level, slope, scratch, s, grad_count, grad_t, grad_w, need_w)
+        if ctx.fused:  # w in v's slot, keep in d's
+            grads = _compiled_grads(ctx, grad, grad_count, v, s, t, d, (sb, b, e, x, dead_zone_raw.detach()))
+            if grads is not None:
+                return grads
+            _, _, (v, level, q, d) = _eager_forward(ctx, v.detach(), s, t, ctx.qmax, d)  # failed: eager
+        grad_w, grad_s, grad_sc, grad_t = _eager_weight_grads(ctx, grad, grad_count, v, level, q, d, s)
         raw = _raw_grads(ctx, grad_s, grad_sc, grad_t, sb, b, e, x, dead_zone_raw)
-        return (grad_w if need_w else None, *raw, None, None)
+        return (grad_w if ctx.needs_input_grad[0] else None, *raw, None, None)
+
+
+def _eager_forward(ctx, w, s, t, qmax, keep):
+    """out, count and what the eager backward keeps (v, the signed level, q, the edge distance)."""
+    v = w / s
+    level = v.abs()
+    # whether any weight lies beyond the grid's range (rare): the backward's clipping masks only then
+    ctx.clipped = bool(level.max() > qmax) if level.numel() else False
+    d = level - t if keep is None else None  # the distance to the dead zone's edge, in steps
+    gate = step_gate(d) if keep is None else keep
+    count = gate.sum()  # a float32 sum of 0/1 is exact up to 2^24 kept weights per layer
+    level.round_().clamp_(1, qmax).mul_(torch.sign(v))  # the signed level the weight has when kept
+    q = torch.mul(level, gate).add_(0.0)  # + 0.0: a pruned negative weight is +0.0, not -0.0
+    return q * s, count, (v, level, q, d)
+
+
+def _compiled_grads(ctx, grad, grad_count, w, s, t, keep, aux):
+    """The backward's six results from the compiled kernel (None where the eager backward
+    gives None), or None if it is unavailable. Only plain tensors go in (a Parameter's shape
+    would be a compile-time constant: one kernel per layer)."""
+    cfg = ctx.cfg
+    consts = compiled.constant((cfg.ref_qmax, float(cfg.max_bits - cfg.min_bits), ctx.grad_scale), s)
+    g = grad.contiguous() if grad is not None else torch.zeros_like(w)
+    gc = grad_count if grad_count is not None else compiled.constant((0.0,), w)
+    res = compiled.run(1, g, gc, w.detach(), s, t, compiled.constant((float(ctx.qmax),), s), keep, *aux, consts)
+    if res is None:
+        return None
+    grad_w, g_log, g_bits, g_dz = res
+    need_w, need_log, need_bits, need_dz = ctx.needs_input_grad[:4]
+    steps = grad is not None or (keep is None and grad_count is not None)  # the step got a gradient
+    return (grad_w if need_w else None, g_log if need_log and steps else None, g_bits if need_bits and steps else None,
+            g_dz if need_dz and keep is None else None, None, None)
+
+
+def _eager_weight_grads(ctx, grad, grad_count, v, level, q, d, s):
+    """(grad_w, grad_s, grad_sc, grad_t): the gradients of w and the per-channel sums the
+    step (out's, count's) and the dead zone get, in eager passes over the weights."""
+    need_w, need_log, need_bits, need_dz = ctx.needs_input_grad[:4]
+    if grad is not None:
+        # a linear layer's weight gradient arrives transposed; mixed layouts make every pass
+        # below strided (slow), and the weight's .grad is stored contiguous anyway
+        grad = grad.contiguous()
+    grad_w = grad_s = grad_sc = grad_t = None
+    scratch = None
+    if grad is not None:
+        inside = ((ctx.qmax + 1) - v.abs()).floor_().clamp_(0, 1) if ctx.clipped else None  # |v| <= Q
+        if need_log or need_bits:
+            scratch = _out_step_grad(grad, v, q, inside, ctx.qmax)
+            grad_s = per_channel_sum(scratch, s)
+        grad_w = grad if inside is None else inside.mul_(grad)
+    if d is not None and ((grad is not None and need_dz) or grad_count is not None):
+        # the gate's surrogate slope: d sigmoid(z) / dz with z = (|v| - t) / T (the 1 / T comes later)
+        sig = torch.mul(d, 1.0 / GATE_TEMPERATURE).sigmoid_()
+        one = torch.ones((), dtype=sig.dtype, device=sig.device)
+        slope = torch.ops.aten.sigmoid_backward(one, sig)  # sigmoid(z) (1 - sigmoid(z)), in one pass
+        scratch = sig
+        if grad is not None and need_dz:  # d out / d t of the surrogate out = s * level * sigmoid(z)
+            grad_t = per_channel_sum(torch.mul(grad, level, out=scratch).mul_(slope), s) * (-s / GATE_TEMPERATURE)
+        if grad_count is not None:
+            grad_t, grad_w, grad_sc = _count_grads(v, level, slope, scratch, s, grad_count, grad_t, grad_w, need_w)
+    return grad_w, grad_s, grad_sc, grad_t
 
 
 def _out_step_grad(grad, v, q, inside, qmax):

@@ -1,0 +1,158 @@
+"""The compiled zero-level kernels (quant_lsq.compile) compute what the eager kernel computes.
+
+The forward pass must give the same quantized weights and kept-weight count bit for bit (runs
+with and without compiling evaluate, encode and prune the same weights), the gradients must
+agree to float rounding, and a short training run must follow the eager run's trajectory.
+Compiling costs seconds, so every compiled call here uses 2-D layers of more than 4096 weights
+(one kernel per pass and pattern mode, shared by all tests of the module).
+"""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from jointcompress import prepare
+from jointcompress.techniques import zero_level_compiled
+from jointcompress.techniques.zero_level import ZeroLevelLSQWeight
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny layers: one intra-op thread is faster, and immune to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _quantizer(shape, seed, outliers):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g).clamp(-2.5, 2.5)
+    w.view(-1)[::17] = 0.0
+    if outliers:
+        w.view(-1)[5::41] *= 12.0  # beyond the grid's clipping range
+    q = ZeroLevelLSQWeight(w, 4, True, min_bits=2, max_bits=8)
+    q(w)  # initialise the steps
+    with torch.no_grad():
+        q.dead_zone_raw.uniform_(-1.0, 1.5, generator=g)
+        q.bits_raw.add_(0.3)
+        q.log_step.add_(0.0 if outliers else 0.7)
+    return w, q
+
+
+def _pair(shape=(48, 120), seed=0, outliers=True):
+    """The same quantizer twice (eager, compiled) and a weight with zeros, outliers and both
+    sides of every dead zone."""
+    w, eager = _quantizer(shape, seed, outliers)
+    _, fast = _quantizer(shape, seed, outliers)
+    fast.compiled = True
+    return nn.Parameter(w), eager, fast
+
+
+def _grads(value, q, w):
+    params = [p for p in (w, q.log_step, q.dead_zone_raw, q.bits_raw) if p.requires_grad]
+    return torch.autograd.grad(value, params, allow_unused=True)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("outliers", [True, False])
+def test_compiled_kernel_matches_the_eager_one(fixed, outliers):
+    w, eager, fast = _pair(outliers=outliers)
+    if fixed:
+        eager.fix_pattern(w.detach())
+        fast.fix_pattern(w.detach())
+    out_e, out_c = eager(w), fast(w)
+    assert torch.equal(out_e, out_c)  # the quantized weights, bit for bit
+    assert not torch.signbit(out_c[out_c == 0]).any()  # pruned weights are +0.0
+    assert float(eager.last_count.detach()) == float(fast.last_count.detach()) > 0
+    probe = torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
+    for task_w, size_w in ((1.0, 0.0), (0.0, 1.0), (1.0, 0.01))[: 1 if fixed else 3]:
+        want = _grads(task_w * (eager(w) * probe).sum() + size_w * eager.kept_count(w), eager, w)
+        got = _grads(task_w * (fast(w) * probe).sum() + size_w * fast.kept_count(w), fast, w)
+        for a, b in zip(got, want):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
+
+
+def _run(compile_mode, steps=60):
+    """A size-budgeted joint run of `steps` steps (the freeze at 80%: both pattern modes)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(80, 64), nn.ReLU(), nn.Linear(64, 70))
+    recipe = {"techniques": [
+        {"type": "quant_lsq", "bits": 4, "zero_level": True, "compile": compile_mode, "zero_level_lr": 0.02},
+        {"type": "size_budget", "end": 0.6, "freeze": 0.8, "target_bytes": 1500.0, "calibrate_every": 20}],
+        "training": {"epochs": 1, "batch_size": 32, "lr": 0.01}, "coordination": {"strategy": "pcgrad", "every": 10}}
+    session = prepare(model, recipe, total_steps=steps)
+    opt = torch.optim.Adam(session.param_groups())
+    session.bind(opt)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        x, y = torch.randn(32, 80, generator=g), torch.randint(0, 70, (32,), generator=g)
+        terms = session.loss(model(x), (x, y))
+        opt.zero_grad()
+        session.backward(terms)
+        session.before_step()
+        opt.step()
+        session.after_step()
+    quantizers = [m.parametrizations.weight[0] for m in model if hasattr(m, "parametrizations")]
+    return model, quantizers
+
+
+def test_a_compiled_run_follows_the_eager_trajectory():
+    eager_model, eager_q = _run(False)
+    fast_model, fast_q = _run(True)
+    assert all(q.compiled for q in fast_q) and not any(q.compiled for q in eager_q)
+    assert all(bool(q.pattern_fixed) for q in fast_q)  # the run crossed the freeze
+    for (name, a), (_, b) in zip(eager_model.state_dict().items(), fast_model.state_dict().items()):
+        assert a.dtype != torch.float32 or float((a - b).abs().max()) <= 1e-6, name
+    with torch.no_grad():
+        for a, b in zip(eager_model, fast_model):
+            if hasattr(a, "weight"):
+                assert torch.equal(a.weight, b.weight)  # the quantized weights the run ends with
+
+
+def test_auto_compiles_only_long_runs():
+    assert not zero_level_compiled.wants_compiled("auto", zero_level_compiled.AUTO_MIN_STEPS - 1)
+    assert zero_level_compiled.wants_compiled("auto", zero_level_compiled.AUTO_MIN_STEPS)
+    assert zero_level_compiled.wants_compiled(True, 1) and not zero_level_compiled.wants_compiled(False, 10 ** 9)
+    for steps, want in ((50, False), (zero_level_compiled.AUTO_MIN_STEPS, True)):
+        model = nn.Sequential(nn.Linear(8, 4))
+        prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True}]}, total_steps=steps)
+        assert model[0].parametrizations.weight[0].compiled is want
+    plain = nn.Sequential(nn.Linear(8, 4))  # plain LSQ has no compiled kernel
+    prepare(plain, {"techniques": [{"type": "quant_lsq", "bits": 4, "compile": True}]}, total_steps=10)
+    assert not getattr(plain[0].parametrizations.weight[0], "compiled", False)
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch):
+    w, eager, fast = _pair(seed=5)
+
+    def broken():
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(zero_level_compiled, "_STATE", {"kernels": None, "broken": False})
+    monkeypatch.setattr(zero_level_compiled, "_kernels", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fast(w)
+        grads = _grads(out.sum() + 0.01 * fast.kept_count(w), fast, w)
+        out2 = fast(w)  # later calls go straight to eager, without a second warning
+    assert sum("quant_lsq.compile" in str(c.message) for c in caught) == 1
+    assert torch.equal(out, eager(w)) and torch.equal(out2, out)
+    want = _grads(eager(w).sum() + 0.01 * eager.kept_count(w), eager, w)
+    for a, b in zip(grads, want):
+        assert torch.equal(a, b)  # the eager kernel itself
+    assert math.isfinite(float(out.sum()))
+
+
+def test_a_backward_without_its_compiled_kernel_recomputes_eagerly(monkeypatch):
+    w, eager, fast = _pair(seed=6)
+    out = fast(w)  # compiled forward: only w is kept for the backward
+    monkeypatch.setitem(zero_level_compiled._STATE, "broken", True)
+    got = _grads(out.sum() + 0.01 * fast.kept_count(w), fast, w)
+    want = _grads(eager(w).sum() + 0.01 * eager.kept_count(w), eager, w)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
