@@ -37,11 +37,17 @@ VARIANTS = {  # name -> (mode, coordination strategy)
     "overlap": ("overlap", "none"),  # masks + LSQ at overlapping times, allocator budgets (not in the default set)
     "joint-fisher-none": ("joint", "none"),  # the size budget with FISHER_BUDGET (docs/joint.md)
     "joint-fisher-pcgrad": ("joint", "pcgrad"),
+    "joint-bits-none": ("joint", "none"),  # the size budget with LEARNED_BITS (docs/joint.md)
+    "joint-bits-pcgrad": ("joint", "pcgrad"),
 }
 # the Fisher (OBD) cost of pruned weights on the dead zones, a budget that warms up fast first and
 # slowly at the end, and a fine-tuning phase with its own LR after the freeze (docs/joint.md)
 FISHER_BUDGET = {"saliency": 30.0, "schedule": "cubic", "finetune_phase": True}
-JOINT_OPTIONS = {"joint-fisher-none": FISHER_BUDGET, "joint-fisher-pcgrad": FISHER_BUDGET}  # not in the default set
+# learned per-layer widths (quant_lsq.learn_bits) on top of the Fisher budget: the Fisher estimate
+# also prices the width (the quantization noise a bit removes), see zero_level.py
+LEARNED_BITS = {**FISHER_BUDGET, "learn_bits": True}
+JOINT_OPTIONS = {"joint-fisher-none": FISHER_BUDGET, "joint-fisher-pcgrad": FISHER_BUDGET,  # not in the default set
+                 "joint-bits-none": LEARNED_BITS, "joint-bits-pcgrad": LEARNED_BITS}
 DEFAULT_VARIANTS = ("joint-none", "joint-scale", "joint-pcgrad", "sequential")
 CSV_FIELDS = ["variant", "mode", "strategy", "ratio_target", "seed", "accuracy", "error", "bytes", "file_bytes",
               "target_bytes", "ratio", "sparsity", "bits", "conflict_rate", "changed_share", "changed_mean", "wall_s", "dir"]
