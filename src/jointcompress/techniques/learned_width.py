@@ -97,10 +97,11 @@ def dead_zone_raw_for(edge: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 
 class FisherDiagonal:
     """B * EMA of the squared gradient of the loss w.r.t. the quantized weight (the Fisher diagonal),
-    caught by a hook on the quantizer's output: only task and distillation reach it."""
+    caught by a hook on the quantizer's output: only task and distillation reach it. The estimate
+    lives in the quantizer's buffers (`value`, `seen`), so checkpoints and resumed runs carry it."""
 
-    def __init__(self):
-        self.value: torch.Tensor | None = None
+    def __init__(self, value: torch.Tensor, seen: torch.Tensor):
+        self.value, self.seen = value, seen
         self.pending: torch.Tensor | None = None
 
     def watch(self, out: torch.Tensor) -> None:
@@ -116,5 +117,12 @@ class FisherDiagonal:
         if self.pending is None:
             return
         sq = self.pending.pow(2) * float(batch_size)
-        self.value = sq if self.value is None else self.value.mul_(FISHER_DECAY).add_(sq, alpha=1 - FISHER_DECAY)
+        if bool(self.seen):
+            self.value.mul_(FISHER_DECAY).add_(sq, alpha=1 - FISHER_DECAY)
+        else:
+            self.value.copy_(sq)
+            self.seen.fill_(True)
         self.pending = None
+
+    def estimate(self) -> torch.Tensor | None:
+        return self.value if bool(self.seen) else None

@@ -54,7 +54,9 @@ class ZeroLevelLSQWeight(LSQWeight):
         self.bits_raw = nn.Parameter(torch.tensor(math.log(frac / (1 - frac))), requires_grad=learn_bits)
         self.learn_bits = learn_bits
         self.register_buffer("held_bits", torch.tensor(int(bits)))  # the integer width in use (hysteresis)
-        self.fisher = lw.FisherDiagonal()  # prices the width's rounding noise
+        if learn_bits:  # the Fisher diagonal that prices the width's rounding noise
+            self.register_buffer("width_fisher", torch.zeros_like(weight))
+            self.register_buffer("width_fisher_seen", torch.zeros((), dtype=torch.bool))
         self.width_changes: list[tuple[int, int]] = []  # (from, to) of every move of the held width
         self.register_buffer("keep", torch.ones_like(weight, dtype=torch.bool))
         self.register_buffer("pattern_fixed", torch.zeros((), dtype=torch.bool))
@@ -196,6 +198,16 @@ class ZeroLevelLSQWeight(LSQWeight):
         self.bits_raw.requires_grad_(False)
 
     # -- the learned width (learned_width.py) ---------------------------------------------
+    @property
+    def fisher(self) -> lw.FisherDiagonal:
+        """The Fisher estimate over this quantizer's buffers (made on first use, and again after
+        a copy or a load replaced the buffers)."""
+        cached = self.__dict__.get("_fisher")
+        if cached is None or cached.value is not self.width_fisher or cached.seen is not self.width_fisher_seen:
+            cached = lw.FisherDiagonal(self.width_fisher, self.width_fisher_seen)
+            self.__dict__["_fisher"] = cached
+        return cached
+
     def learns_width(self) -> bool:
         return self.learn_bits and self.max_bits > self.min_bits and not bool(self.pattern_fixed) \
             and self.bits_raw.requires_grad
@@ -213,7 +225,7 @@ class ZeroLevelLSQWeight(LSQWeight):
         new = lw.next_width(relaxed, held, self.min_bits, self.max_bits)
         if new != held:
             self._change_width(w, new)
-        fisher = self.fisher.value
+        fisher = self.fisher.estimate()
         if fisher is None:
             return
         kept = self.hard_keep(w)
@@ -234,6 +246,6 @@ class ZeroLevelLSQWeight(LSQWeight):
         range_keeping = s_old * qmax_of(int(self.held_bits)) / qmax_of(new)
         self.width_changes.append((int(self.held_bits), new))
         self.held_bits.fill_(new)
-        s_new = lw.refit_step(w, kept, edge, range_keeping, int(qmax_of(new)), self.fisher.value)
+        s_new = lw.refit_step(w, kept, edge, range_keeping, int(qmax_of(new)), self.fisher.estimate())
         self.log_step.copy_((s_new / self.step_multiplier()).log())
         self.dead_zone_raw.copy_(lw.dead_zone_raw_for(edge, self.effective_step().detach()))
