@@ -63,9 +63,24 @@ def balanced_subset(split, n: int, seed: int = 0):
     return replace(split, x_train=split.x_train[idx], y_train=split.y_train[idx], name=f"{split.name}-{len(idx)}")
 
 
+def add_layers(out: Path) -> None:
+    """Write each run's per-layer widths and kept weights (from its artifact's manifest) into
+    OUT/compare.json, for results made before compare recorded them itself."""
+    from jointcompress.compare import layer_widths
+
+    path = out / "compare.json"
+    result = json.loads(path.read_text())
+    for row in result["runs"]:
+        row["layers"] = layer_widths(out / row["dir"] / "artifact")
+    result["layers_command"] = " ".join(["nice -n 10 .venv/bin/python benchmarks/compare_mnist.py"] + sys.argv[1:])
+    path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=sorted(DEFAULTS), required=True)
+    ap.add_argument("--add-layers", type=Path, metavar="DIR",
+                    help="only add per-layer widths from DIR/runs/*/artifact to DIR/compare.json, then exit")
+    ap.add_argument("--model", choices=sorted(DEFAULTS))
     ap.add_argument("--data", default=MNIST)
     ap.add_argument("--ratios")
     ap.add_argument("--seeds", type=int)
@@ -77,9 +92,14 @@ def main() -> None:
                     help="prune_unstructured.min_keep of the sequential pipeline (lower it for targets its floor cannot reach)")
     ap.add_argument("--bits", type=int, default=4,
                     help="quant_lsq.bits of every variant (the allocator may still lower it for sequential if the target needs it)")
-    ap.add_argument("--variants", help="comma-separated (default: joint-none,joint-scale,joint-pcgrad,sequential)")
+    ap.add_argument("--variants", help="comma-separated (default: joint-none,joint-scale,joint-pcgrad,sequential; "
+                                       "also joint-fisher-none/-pcgrad, joint-bits-none/-pcgrad with learned widths, overlap)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.add_layers:
+        return add_layers(args.add_layers)
+    if args.model is None:
+        ap.error("--model is required")
     d = DEFAULTS[args.model]
     torch.set_num_threads(args.threads)
     out = args.out or Path(__file__).parent / "results" / f"compare_{args.model}"

@@ -37,11 +37,18 @@ VARIANTS = {  # name -> (mode, coordination strategy)
     "overlap": ("overlap", "none"),  # masks + LSQ at overlapping times, allocator budgets (not in the default set)
     "joint-fisher-none": ("joint", "none"),  # the size budget with FISHER_BUDGET (docs/joint.md)
     "joint-fisher-pcgrad": ("joint", "pcgrad"),
+    "joint-bits-none": ("joint", "none"),  # the size budget with LEARNED_BITS (docs/joint.md)
+    "joint-bits-pcgrad": ("joint", "pcgrad"),
 }
 # the Fisher (OBD) cost of pruned weights on the dead zones, a budget that warms up fast first and
 # slowly at the end, and a fine-tuning phase with its own LR after the freeze (docs/joint.md)
 FISHER_BUDGET = {"saliency": 30.0, "schedule": "cubic", "finetune_phase": True}
-JOINT_OPTIONS = {"joint-fisher-none": FISHER_BUDGET, "joint-fisher-pcgrad": FISHER_BUDGET}  # not in the default set
+# learned per-layer widths (quant_lsq.learn_bits) on top of the Fisher budget: bits and kept weights
+# traded under one byte budget, each width priced by the Fisher cost of its rounding noise
+# (techniques/learned_width.py); not in the default set
+LEARNED_BITS = {**FISHER_BUDGET, "learn_bits": True}
+JOINT_OPTIONS = {"joint-fisher-none": FISHER_BUDGET, "joint-fisher-pcgrad": FISHER_BUDGET,  # not in the default set
+                 "joint-bits-none": LEARNED_BITS, "joint-bits-pcgrad": LEARNED_BITS}
 DEFAULT_VARIANTS = ("joint-none", "joint-scale", "joint-pcgrad", "sequential")
 CSV_FIELDS = ["variant", "mode", "strategy", "ratio_target", "seed", "accuracy", "error", "bytes", "file_bytes",
               "target_bytes", "ratio", "sparsity", "bits", "conflict_rate", "changed_share", "changed_mean", "wall_s", "dir"]
@@ -60,9 +67,9 @@ def joint_recipe(base: Recipe, learn_bits: bool = False, **budget) -> Recipe:
     """The joint form of a prune + quantize recipe: zero is a level of the quantizer (a learned
     dead zone) under the target's bytes (size_budget), over the same window the masks would
     have ramped in; distillation and training stay as they are. Widths stay at quant_lsq.bits
-    unless `learn_bits`: learned widths made the budget oscillate in our MNIST runs (a width
-    step moves a layer's bytes by 25-50% at once; docs/joint.md). `budget`: further size_budget
-    fields (e.g. saliency, finetune_phase), as the variants in JOINT_OPTIONS set them."""
+    unless `learn_bits` (the joint-bits-* variants): each layer's width is then learned in
+    [min_bits, max_bits] against the same budget (techniques/learned_width.py). `budget`: further
+    size_budget fields (e.g. saliency, finetune_phase), as the variants in JOINT_OPTIONS set them."""
     data = base.model_dump()
     prune = base.technique("prune_unstructured")
     techniques = [t for t in data["techniques"] if t["type"] not in ("prune_unstructured", "size_budget")]
@@ -149,6 +156,7 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
                 atomic_write_json(run_dir / "summary.json", {"uncompressed": row, r.mode: run_row})
                 atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(r.model_dump(mode="json"), sort_keys=False))
                 entry = _row(run_row, variant, ratio, seed, dense, run_dir.relative_to(out))
+                entry["layers"] = layer_widths(run_dir / "artifact")
                 result["runs"].append(entry)
                 log(f"{name}: accuracy {100 * entry['accuracy']:.2f}%  {entry['file_bytes']} B  {entry['ratio']:.1f}x")
                 atomic_write_json(out / "compare.json", {**result, "summary": summarize(result["runs"])})
@@ -188,6 +196,19 @@ def _row(row: dict, variant: str, ratio: float, seed: int, dense: int, run_dir: 
             "sparsity": row.get("sparsity"), "bits": row.get("bits"), "conflict_rate": row.get("conflict_rate"),
             "changed_share": row.get("changed_share"), "changed_mean": row.get("changed_mean"),
             "wall_s": row.get("wall_s"), "dir": str(run_dir)}
+
+
+def layer_widths(artifact: Path) -> dict[str, dict]:
+    """Per layer of a saved artifact: the stored bit-width, kept weights and size (from its
+    manifest), so a compare result says what each run learned, not only the set of widths."""
+    import json
+
+    path = artifact / "manifest.json"
+    if not path.is_file():
+        return {}
+    layers = json.loads(path.read_text()).get("layers", {})
+    return {name: {"bits": rec.get("bits"), "nonzero": rec.get("nonzero"), "numel": rec.get("numel"),
+                   "encoding": rec.get("encoding")} for name, rec in layers.items()}
 
 
 def summarize(runs: list[dict]) -> list[dict]:

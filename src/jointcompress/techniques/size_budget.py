@@ -180,11 +180,17 @@ class SizeBudget(Technique):
         return {"size": self.lam * c + 0.5 * self.config.penalty * c * c}
 
     def before_optimizer_step(self, ctx: RunContext) -> None:
-        """With `saliency`: weigh each dead zone's size price against the Fisher cost of what it prunes."""
-        if self.frozen or self.saliency is None:
+        """Learned widths: their rounding noise's price (zero_level.width_step). With `saliency`:
+        weigh each dead zone's size price against the Fisher cost of what it prunes."""
+        if self.frozen:
             return
         batch = ctx.batch_targets if ctx.batch_targets is not None else ctx.batch_inputs
-        self.saliency.accumulate(len(batch) if batch is not None and hasattr(batch, "__len__") else 1)
+        batch_size = len(batch) if batch is not None and hasattr(batch, "__len__") else 1
+        for m, q in self.layers.values():
+            q.width_step(m.parametrizations.weight.original.detach(), batch_size)
+        if self.saliency is None:
+            return
+        self.saliency.accumulate(batch_size)
         self.saliency.add_gradient(self.layers)
 
     def after_optimizer_step(self, ctx: RunContext) -> None:

@@ -6,9 +6,10 @@ zone, Soft Weight-Sharing's zero component): per output channel, a weight is zer
 |w / s| < t, where s is the channel's learned LSQ step and t >= 0.5 a learned dead zone in
 units of that step; outside the dead zone it is rounded onto the grid and never to zero
 (|q| >= 1). So sparsity and step move together, and a channel's grid is learned for the
-weights it keeps. The layer's bit-width is learned too (a relaxed choice in [min_bits,
-max_bits], rounded in the forward pass with a straight-through gradient), with the step
-rescaled so the grid's range stays put when the width changes.
+weights it keeps. The layer's bit-width is learned too: a relaxed choice in [min_bits,
+max_bits] that the size term and a rounding-noise price pull on, held at an integer with
+hysteresis; the quantizer sees the held width as a constant, with the step rescaled so the
+grid's range stays put (learned_width.py says why and how).
 
 Gradients: weights pass straight through (pruned ones too, so a weight can grow back out of
 the dead zone, as in Dynamic Network Surgery); the step gets LSQ's gradient; the dead zone
@@ -28,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..artifact.precision import round_step
+from . import learned_width as lw
 from .quant_lsq import LSQWeight, lsq_init_step
 from .zero_level_kernel import GATE_TEMPERATURE, ZeroLevelQuant, ZeroLevelSetup, qmax_of
 
@@ -51,6 +53,11 @@ class ZeroLevelLSQWeight(LSQWeight):
         frac = min(max(frac, 0.02), 0.98)
         self.bits_raw = nn.Parameter(torch.tensor(math.log(frac / (1 - frac))), requires_grad=learn_bits)
         self.learn_bits = learn_bits
+        self.register_buffer("held_bits", torch.tensor(int(bits)))  # the integer width in use (hysteresis)
+        if learn_bits:  # the Fisher diagonal that prices the width's rounding noise
+            self.register_buffer("width_fisher", torch.zeros_like(weight))
+            self.register_buffer("width_fisher_seen", torch.zeros((), dtype=torch.bool))
+        self.width_changes: list[tuple[int, int]] = []  # (from, to) of every move of the held width
         self.register_buffer("keep", torch.ones_like(weight, dtype=torch.bool))
         self.register_buffer("pattern_fixed", torch.zeros((), dtype=torch.bool))
         self.last_w: torch.Tensor | None = None
@@ -59,7 +66,8 @@ class ZeroLevelLSQWeight(LSQWeight):
     # -- the learned quantities ------------------------------------------------------------
     @property
     def bits(self) -> int:
-        return int(self.bits_ste().detach().round())
+        held = getattr(self, "held_bits", None)  # LSQWeight.__init__ reads it before it exists
+        return int(held) if held is not None else self._init_bits
 
     @bits.setter
     def bits(self, value: int) -> None:  # LSQWeight.__init__ assigns it; the learned width is bits_raw
@@ -77,17 +85,27 @@ class ZeroLevelLSQWeight(LSQWeight):
         return self.min_bits + (self.max_bits - self.min_bits) * torch.sigmoid(self.bits_raw)
 
     def bits_ste(self) -> torch.Tensor:
-        """The integer bit-width in the forward pass, the relaxed one in the backward pass."""
+        """The held integer width in value, the relaxed one's gradient (what the size term reads)."""
         b = self.bits_continuous()
-        return b.detach().round() + (b - b.detach())  # exactly an integer in value
+        return self.held_bits.to(b.dtype) + (b - b.detach())  # exactly an integer in value
 
-    def step_multiplier(self, b: torch.Tensor | None = None) -> torch.Tensor:
-        """Keeps the grid's range fixed when the width changes: s = s_ref * Q(ref) / Q(bits).
-        `b`: bits_continuous(), when the caller has it already."""
-        b = self.bits_continuous() if b is None else b
-        soft = qmax_of(float(self.ref_bits)) / qmax_of(b)
-        hard = qmax_of(float(self.ref_bits)) / qmax_of(b.detach().round())
-        return hard + (soft - soft.detach())  # exactly `hard` in value
+    def step_multiplier(self) -> torch.Tensor:
+        """Keeps the grid's range fixed when the width changes: s = s_ref * Q(ref) / Q(held bits).
+        A constant for autograd: the width is priced by the size term and by its rounding noise
+        (width_step), not through the step (learned_width.py says why)."""
+        # the kernel's own expression (a tensor divisor: PyTorch's scalar / tensor is reciprocal * scalar,
+        # one ulp from float division, and the stored fp16 step would then miss the kernel's now and then)
+        return qmax_of(float(self.ref_bits)) / qmax_of(self.held_bits.to(self.log_step.dtype))
+
+    def _kernel_bits_raw(self) -> torch.Tensor:
+        """A raw width the fused kernel rounds to the held width, with no gradient."""
+        cached = getattr(self, "_raw_arg", None)
+        held = int(self.held_bits)
+        if cached is None or cached[0] != held or cached[1].device != self.log_step.device:
+            raw = lw.raw_of_width(held, self.min_bits, self.max_bits)
+            cached = (held, torch.tensor(raw, dtype=self.bits_raw.dtype, device=self.log_step.device))
+            self._raw_arg = cached
+        return cached[1]
 
     def dead_zone(self) -> torch.Tensor:
         return 0.5 + F.softplus(self.dead_zone_raw)
@@ -121,7 +139,9 @@ class ZeroLevelLSQWeight(LSQWeight):
                                getattr(self, "compiled", False))  # set by QuantLSQ (quant_lsq.compile)
         keep = self._keep_float() if bool(self.pattern_fixed) else None
         # one node: step, width, dead zone, gate, LSQ and the kept-weight count (zero_level_kernel.py)
-        out, count = ZeroLevelQuant.apply(w, self.log_step, self.bits_raw, self.dead_zone_raw, setup, keep)
+        out, count = ZeroLevelQuant.apply(w, self.log_step, self._kernel_bits_raw(), self.dead_zone_raw, setup, keep)
+        if self.learns_width():
+            self.fisher.watch(out)
         self.last_in, self.last_out, self.last_w = w, out, w
         self.last_count, self._count_key = count, self._state_key(w)
         return out
@@ -129,7 +149,7 @@ class ZeroLevelLSQWeight(LSQWeight):
     def _state_key(self, w: torch.Tensor) -> tuple:
         """What the kept-weight count depends on: the weight and every learned quantity (their
         version counters move with every in-place update, optimizer steps and loads included)."""
-        return (id(w), w._version, self.log_step._version, self.dead_zone_raw._version, self.bits_raw._version,
+        return (id(w), w._version, self.log_step._version, self.dead_zone_raw._version, self.held_bits._version,
                 self.keep._version, self.pattern_fixed._version, self.step_format, torch.is_grad_enabled())
 
     def _keep_float(self) -> torch.Tensor:
@@ -177,3 +197,56 @@ class ZeroLevelLSQWeight(LSQWeight):
         self.pattern_fixed.fill_(True)
         self.dead_zone_raw.requires_grad_(False)
         self.bits_raw.requires_grad_(False)
+
+    # -- the learned width (learned_width.py) ---------------------------------------------
+    @property
+    def fisher(self) -> lw.FisherDiagonal:
+        """The Fisher estimate over this quantizer's buffers (made on first use, and again after
+        a copy or a load replaced the buffers)."""
+        cached = self.__dict__.get("_fisher")
+        if cached is None or cached.value is not self.width_fisher or cached.seen is not self.width_fisher_seen:
+            cached = lw.FisherDiagonal(self.width_fisher, self.width_fisher_seen)
+            self.__dict__["_fisher"] = cached
+        return cached
+
+    def learns_width(self) -> bool:
+        return self.learn_bits and self.max_bits > self.min_bits and not bool(self.pattern_fixed) \
+            and self.bits_raw.requires_grad
+
+    @torch.no_grad()
+    def width_step(self, w: torch.Tensor, batch_size: int, price: float = 1.0) -> None:
+        """Before the optimizer step: move the held width if the relaxed one has left its
+        hysteresis band, then add the rounding noise's price to the relaxed width's gradient
+        (the size term's pull is there already, through bits_ste)."""
+        if not self.learns_width():
+            return
+        self.fisher.fold(batch_size)
+        relaxed = float(self.bits_continuous())
+        held = int(self.held_bits)
+        new = lw.next_width(relaxed, held, self.min_bits, self.max_bits)
+        if new != held:
+            self._change_width(w, new)
+        fisher = self.fisher.estimate()
+        if fisher is None:
+            return
+        kept = self.hard_keep(w)
+        s = self.effective_step().detach()
+        cost = float(0.5 * price * (fisher * kept).mul_(s.pow(2) / 12.0).sum())
+        slope = lw.noise_cost_slope(cost, int(self.held_bits), relaxed, self.min_bits, self.max_bits)
+        sb = torch.sigmoid(self.bits_raw)
+        grad = slope * (self.max_bits - self.min_bits) * sb * (1 - sb)
+        self.bits_raw.grad = grad if self.bits_raw.grad is None else self.bits_raw.grad + grad
+
+    @torch.no_grad()
+    def _change_width(self, w: torch.Tensor, new: int) -> None:
+        """Move the held width to `new`: re-fit the step to the kept weights at the new width and
+        keep the dead zone's edge where it was, so the change moves precision, not sparsity."""
+        kept = self.hard_keep(w)
+        s_old = self.effective_step().detach()
+        edge = self.dead_zone().detach() * s_old
+        range_keeping = s_old * qmax_of(int(self.held_bits)) / qmax_of(new)
+        self.width_changes.append((int(self.held_bits), new))
+        self.held_bits.fill_(new)
+        s_new = lw.refit_step(w, kept, edge, range_keeping, int(qmax_of(new)), self.fisher.estimate())
+        self.log_step.copy_((s_new / self.step_multiplier()).log())
+        self.dead_zone_raw.copy_(lw.dead_zone_raw_for(edge, self.effective_step().detach()))

@@ -1,0 +1,128 @@
+"""A layer's learned bit-width: a relaxed choice priced in the same units on both sides.
+
+Why not the plain straight-through width (round the relaxed width, rescale the step with it):
+measured on LeNet-300-100 at 100x, it chattered. The width reached the step only through the
+step multiplier s = s_ref * Q(ref) / Q(bits), so its gradient was the task's LSQ gradient of the
+step (does the task want a larger step? -- near zero on average, not "is a finer grid worth it")
+plus the size term's pull through the kept-weight count (a coarser grid has a larger step, so a
+wider dead zone in absolute terms: this route was ~40x the bytes' own). The width sat on a
+rounding boundary (fc1 at 2.50) and flipped every few steps, and each flip moved the step 3x
+and the layer's density between 15% and 0.5%, so the multiplier never settled (docs/joint.md).
+
+Here the width is its own decision, separated from the step and the dead zone:
+- The quantizer sees the *held* integer width as a constant (no gradient through the step).
+- The size term prices it through `bits_ste()` (bytes per kept weight, linear in bits).
+- The accuracy side prices it with the expected loss of the grid's rounding noise: a kept
+  weight rounded with step s gets noise of variance s^2 / 12, which costs about
+  1/2 * F * s^2 / 12 (F the Fisher diagonal, as Optimal Brain Damage / HAWQ price it); with the
+  range fixed, s scales as 1 / Q(bits). The relaxed cost interpolates the integer widths'
+  costs linearly, so its slope is the segment's on which the relaxed width lies: dropping from
+  3 to 2 bits costs 8x the noise of 3 bits, as it does.
+- Hysteresis: the held width moves only when the relaxed width is HYSTERESIS past the rounding
+  boundary, so it cannot flip back and forth on it.
+- A width change moves precision, not sparsity: the step is re-fit to the kept weights at the
+  new width (least squares over a grid of candidate steps, Fisher-weighted, as post-training
+  calibrators do) and the dead zone is moved so its edge stays where it was (as far as the new
+  grid allows: the edge is at least half a step).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .zero_level_kernel import qmax_of
+
+HYSTERESIS = 0.25  # the held width moves when the relaxed one is this far past the rounding boundary
+FISHER_DECAY = 0.98  # the Fisher estimate averages the last ~50 steps' squared gradients
+MIN_DEAD_ZONE_GAP = 0.02  # a moved dead zone stays this far above 0.5 (softplus keeps a usable slope)
+MAX_DEAD_ZONE_GAP = 1e4  # a channel with nothing kept: its dead zone stays finite
+STEP_CANDIDATES = torch.exp(torch.linspace(math.log(0.1), math.log(1.6), 48))  # times the range-keeping step
+
+
+def raw_of_width(width: int, min_bits: int, max_bits: int) -> float:
+    """The raw parameter whose relaxed width is exactly `width` (finite at the range's ends)."""
+    if max_bits == min_bits:
+        return 0.0
+    frac = (width - min_bits) / (max_bits - min_bits)
+    return max(-30.0, min(30.0, math.log(max(frac, 1e-30)) - math.log(max(1.0 - frac, 1e-30))))
+
+
+def next_width(relaxed: float, held: int, min_bits: int, max_bits: int) -> int:
+    """The held width after hysteresis: it moves to round(relaxed) only once |relaxed - held|
+    reaches 0.5 + HYSTERESIS."""
+    if abs(relaxed - held) < 0.5 + HYSTERESIS:
+        return held
+    return int(min(max_bits, max(min_bits, round(relaxed))))
+
+
+def noise_cost_slope(cost_now: float, held: int, relaxed: float, min_bits: int, max_bits: int) -> float:
+    """d cost / d width of the linear interpolation of the rounding-noise cost between integer
+    widths, on the segment the relaxed width lies on (cost ~ 1 / Q(bits)^2 at a fixed range)."""
+    down = relaxed < held and held > min_bits or held >= max_bits
+    other = held - 1 if down else held + 1
+    ratio = (qmax_of(held) / qmax_of(other)) ** 2
+    return cost_now * (1.0 - ratio) if down else cost_now * (ratio - 1.0)
+
+
+@torch.no_grad()
+def refit_step(w: torch.Tensor, kept: torch.Tensor, edge: torch.Tensor, step: torch.Tensor, qmax: int,
+               weights: torch.Tensor | None) -> torch.Tensor:
+    """The step (per channel, like `step`) that rounds the kept weights best at Q = qmax: the
+    Fisher-weighted squared error over STEP_CANDIDATES times `step`, where a weight that falls
+    under half a step (the new grid's smallest dead zone) costs its whole value."""
+    mag = (w.abs() * kept).flatten(1) if step.numel() > 1 else (w.abs() * kept).reshape(1, -1)
+    wts = torch.ones_like(mag) if weights is None else weights.reshape(mag.shape)
+    base = step.reshape(-1, 1)
+    best_err = torch.full_like(base, float("inf"))
+    best = base.clone()
+    lo = torch.maximum(edge.reshape(-1, 1), torch.zeros_like(base))
+    for c in STEP_CANDIDATES.to(w.dtype):
+        s = base * c
+        t = torch.maximum(lo / s, torch.full_like(s, 0.5 + MIN_DEAD_ZONE_GAP))
+        v = mag / s
+        level = torch.where(v >= t, v.round().clamp(1, qmax), torch.zeros_like(v)) * s
+        err = ((mag - level) ** 2 * wts * (mag > 0)).sum(1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, s, best)
+    return best.reshape(step.shape)
+
+
+def dead_zone_raw_for(edge: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """dead_zone_raw that puts the dead zone's edge at `edge` (absolute) with step `step`."""
+    gap = (edge / step - 0.5).clamp(MIN_DEAD_ZONE_GAP, MAX_DEAD_ZONE_GAP)
+    return gap + torch.log(-torch.expm1(-gap))  # softplus' inverse, finite for large gaps
+
+
+class FisherDiagonal:
+    """B * EMA of the squared gradient of the loss w.r.t. the quantized weight (the Fisher diagonal),
+    caught by a hook on the quantizer's output: only task and distillation reach it. The estimate
+    lives in the quantizer's buffers (`value`, `seen`), so checkpoints and resumed runs carry it."""
+
+    def __init__(self, value: torch.Tensor, seen: torch.Tensor):
+        self.value, self.seen = value, seen
+        self.pending: torch.Tensor | None = None
+
+    def watch(self, out: torch.Tensor) -> None:
+        if out.requires_grad:
+            out.register_hook(self._collect)
+
+    def _collect(self, grad: torch.Tensor | None) -> None:
+        if grad is not None:  # one backward per term on a coordinated step: their parts add up
+            self.pending = grad.detach().clone() if self.pending is None else self.pending + grad.detach()
+
+    @torch.no_grad()
+    def fold(self, batch_size: int) -> None:
+        if self.pending is None:
+            return
+        sq = self.pending.pow(2) * float(batch_size)
+        if bool(self.seen):
+            self.value.mul_(FISHER_DECAY).add_(sq, alpha=1 - FISHER_DECAY)
+        else:
+            self.value.copy_(sq)
+            self.seen.fill_(True)
+        self.pending = None
+
+    def estimate(self) -> torch.Tensor | None:
+        return self.value if bool(self.seen) else None

@@ -1,0 +1,117 @@
+"""Learned per-layer bit-widths: held with hysteresis, priced on both sides, a change that moves
+precision and not sparsity, frozen with the pattern, and stored by the artifact as learned."""
+import copy
+
+import pytest
+import torch
+
+from jointcompress.api import compress
+from jointcompress.artifact.store import load_with_spec, save
+from jointcompress.data import evaluator, load_digits
+from jointcompress.finalize import finalize
+from jointcompress.models import build_model
+from jointcompress.pipeline import train_teacher
+from jointcompress.recipe import parse_recipe
+from jointcompress.techniques import learned_width as lw
+from jointcompress.techniques.zero_level import ZeroLevelLSQWeight
+from jointcompress.techniques.zero_level_kernel import qmax_of
+
+
+def _push_relaxed_width(q: ZeroLevelLSQWeight, width: float) -> None:
+    with torch.no_grad():
+        q.bits_raw.fill_(lw.raw_of_width(width, q.min_bits, q.max_bits))
+
+
+def _on_grid(q: ZeroLevelLSQWeight, w: torch.Tensor) -> None:
+    ints = q(w).detach() / q.scale().view(-1, *([1] * (w.dim() - 1)))
+    assert torch.equal(ints, ints.round())
+    assert int(ints.abs().max()) <= qmax_of(q.bits)
+
+
+def test_hysteresis_holds_the_width_on_a_rounding_boundary():
+    assert lw.next_width(3.5, 3, 2, 8) == 3 and lw.next_width(3.74, 3, 2, 8) == 3  # inside the band
+    assert lw.next_width(3.76, 3, 2, 8) == 4 and lw.next_width(2.2, 3, 2, 8) == 2
+    assert lw.next_width(9.0, 8, 2, 8) == 8 and lw.next_width(1.0, 2, 2, 8) == 2  # never out of range
+    torch.manual_seed(0)
+    w = torch.randn(16, 40)
+    q = ZeroLevelLSQWeight(w, bits=3, min_bits=2, max_bits=6)
+    q(w)
+    for step in range(40):  # the relaxed width oscillates around 3.5, as it did on LeNet-300-100
+        _push_relaxed_width(q, 3.5 + (0.2 if step % 2 else -0.2))
+        q.width_step(w, batch_size=1)
+    assert q.bits == 3 and q.width_changes == []
+    _push_relaxed_width(q, 4.8)  # decided: past the band
+    q.width_step(w, batch_size=1)
+    assert q.bits == 5 and q.width_changes == [(3, 5)]
+
+
+@pytest.mark.parametrize("new", [2, 3, 5, 8])
+def test_a_width_change_moves_precision_not_sparsity(new):
+    torch.manual_seed(1)
+    w = torch.randn(12, 300) * torch.rand(12, 1)
+    q = ZeroLevelLSQWeight(w, bits=4)
+    with torch.no_grad():
+        q.dead_zone_raw.fill_(0.8)  # t = 1.67 steps: about 10% of the weights kept
+    kept = q(w).detach() != 0
+    _push_relaxed_width(q, float(new))
+    q.width_step(w, batch_size=1)
+    assert q.bits == new
+    _on_grid(q, w)
+    after = q(w).detach() != 0
+    if new > 4:  # a finer grid keeps exactly the same weights (the dead zone's edge is kept)
+        assert torch.equal(after, kept)
+    else:  # a coarser one can only lose those under its half step, never gain any
+        assert not (after & ~kept).any() and after.sum() >= 0.9 * kept.sum()
+    q.fix_pattern(w)  # frozen with the pattern: the width no longer moves
+    _push_relaxed_width(q, 2.0 if new > 4 else 8.0)
+    q.width_step(w, batch_size=1)
+    assert q.bits == new and not q.bits_raw.requires_grad
+
+
+def test_the_width_price_is_the_rounding_noise_of_the_integer_widths():
+    # cost ~ 1 / Q(bits)^2 at a fixed range: from 4 to 3 bits the noise grows (7/3)^2 times
+    assert lw.noise_cost_slope(1.0, 4, 3.8, 2, 8) == pytest.approx(1 - (7 / 3) ** 2)
+    assert lw.noise_cost_slope(1.0, 4, 4.2, 2, 8) == pytest.approx((7 / 15) ** 2 - 1)
+    assert lw.noise_cost_slope(1.0, 2, 1.9, 2, 8) == pytest.approx((1 / 3) ** 2 - 1)  # no width under min_bits
+    torch.manual_seed(2)
+    w = torch.randn(8, 64)
+    q = ZeroLevelLSQWeight(w, bits=4)
+    out = q(w)
+    (out * torch.randn_like(out)).sum().backward()  # a task gradient: the Fisher estimate sees it
+    q.bits_raw.grad = None
+    q.width_step(w, batch_size=8)
+    assert q.fisher.estimate() is not None and float(q.bits_raw.grad) < 0  # noise pulls the width up
+    # and the quantizer itself gives the width no gradient (it is priced, not rounded through)
+    q.bits_raw.grad = None
+    q(w).sum().backward()
+    assert q.bits_raw.grad is None
+
+
+@pytest.fixture(scope="module")
+def trained():
+    split = load_digits()
+    return split, train_teacher("lenet300", split, 3)
+
+
+def test_learned_widths_land_in_range_and_the_artifact_stores_them(trained, tmp_path):
+    split, teacher = trained
+    recipe = parse_recipe({"model": "lenet300", "mode": "joint", "target": {"ratio": 40}, "techniques": [
+        {"type": "quant_lsq", "bits": 4, "zero_level": True, "learn_bits": True, "min_bits": 2, "max_bits": 6},
+        {"type": "size_budget", "end": 0.6, "freeze": 0.8},
+        {"type": "distill_kd", "cache_teacher": True}],
+        "training": {"epochs": 5, "batch_size": 16, "lr": 0.002}})
+    model = copy.deepcopy(teacher)
+    result = compress(model, recipe, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test), teacher=teacher)
+    quantizers = {n: q for t in result.techniques if t.kind == "quant_lsq" for n, q in t.quantizers.items()}
+    learned = {n: q.bits for n, q in quantizers.items()}
+    assert all(2 <= b <= 6 for b in learned.values())
+    assert any(q.width_changes for q in quantizers.values())  # the widths did move in this run ...
+    assert all(len(q.width_changes) <= 3 for q in quantizers.values())  # ... and did not chatter
+    assert all(bool(q.pattern_fixed) and not q.bits_raw.requires_grad for q in quantizers.values())
+    x = split.x_test[:64]
+    masked = model(x).detach()
+    spec = finalize(model, result.example_inputs)
+    save(model, spec, tmp_path / "a", example_inputs=result.example_inputs)
+    loaded, loaded_spec = load_with_spec(tmp_path / "a", lambda: build_model("lenet300", split.image_size, split.num_classes))
+    assert {n: loaded_spec.layers[n].bits for n in learned} == learned  # the file's widths are the learned ones
+    torch.testing.assert_close(loaded(x), masked, rtol=1e-4, atol=1e-5)
