@@ -137,3 +137,32 @@ def test_a_short_constrained_run_lands_within_two_percent(trained, tmp_path):
     for name, layer in manifest["layers"].items():  # no layer was emptied
         assert layer["nonzero"] > 0, name
     assert result.metrics["accuracy"] > 0.5
+
+
+def test_catch_up_cuts_a_lagging_state_and_leaves_one_on_its_aim_alone():
+    torch.manual_seed(0)
+    model = _Tiny()
+    budget = _budget(model, target=1e9)  # window (0, 10), freeze at step 16
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    budget.config.target_bytes = budget.calibrated_hard() / (1 - budget.config.margin)  # on its aim
+    budget.catch_up(12)
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    assert not budget.events
+    before = _kept(model)
+    start = budget.calibrated_hard()
+    budget.config.target_bytes = 0.5 * start  # far over: a tenth-ish of the excess goes now
+    budget.catch_up(12)
+    budget.calibrate(model)
+    assert budget.aim() < budget.calibrated_hard() < start  # a step toward the aim, not the whole way
+    (event,) = budget.events
+    assert event["event"] == "size_catch_up" and event["dropped_weights"] > 0
+    after = _kept(model)
+    for name in before:  # cut weights are zeros inside the dead zone; no channel emptied
+        assert ((after[name] >= _floor_of_tensor(before[name])) | (before[name] == 0)).all()
+    assert not any(q.pattern_fixed for _, q in budget.layers.values())  # training still decides
+    budget.catch_up(budget.freeze_step)  # the freeze's own projection takes over there
+    assert len(budget.events) == 1
+
+
+def _floor_of_tensor(kept: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([_floor_of(int(k)) for k in kept])

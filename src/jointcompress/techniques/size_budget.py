@@ -15,9 +15,18 @@ only for the gradient), and every `calibrate_every` steps the current state is f
 copy and encoded by the artifact writer itself; the estimate's variable part is then scaled
 by (real values + indices) / estimate and the fixed part is the measured rest of the file.
 The budget warms up (log-linearly) from the size at `start` to the target at `end`; at
-`freeze` the zero pattern and widths are fixed (if the state is still over the target, the
-kept weights closest to their dead zone are dropped first -- the export rule of FLOP/CoFi,
-recorded in `history.events`), and the rest of the run fine-tunes values and steps.
+`freeze` the zero pattern and widths are fixed and the rest of the run fine-tunes values and
+steps.
+
+Landing: in a short run the multiplier cannot get the state to the goal by itself (with Adam
+a larger multiplier changes the direction of the dead zones' steps, not their length, and by
+the window's end the LR has decayed), so between `end` and `freeze` a state still over the aim
+is cut in even steps (`catch_up`), with training in between. At the freeze, what is left
+is projected onto the aim (FLOP/CoFi's export rule, `project`): weights barely kept per byte
+they free go first, across layers, every channel keeps its strongest weights (a projection
+thins a path, it never cuts one), and the count is searched with the writer itself.
+`history.events` records the catch-up cuts, how far off the state was at the freeze
+(`size_freeze`) and the projection.
 """
 from __future__ import annotations
 
@@ -185,8 +194,8 @@ class SizeBudget(Technique):
 
     def trim(self, model: nn.Module) -> None:
         """Fine-tuning at the full rate moves the kept values over the levels, and their
-        entropy-coded bytes move with them (+4% on LeNet-300-100 at 100x): flip the gate
-        decisions nearest the dead zone's edge until the file is back on the aim; the second
+        entropy-coded bytes move with them (+4% on LeNet-300-100 at 100x): flip the cheapest
+        gate decisions (`ranking`) until the file is back on the aim; the second
         half of the fine-tuning recovers from it (the sequential pipeline's late trim does the same)."""
         self.land(model, event="size_trim")
         self.trimmed = True
@@ -232,7 +241,7 @@ class SizeBudget(Technique):
             now, aim = self.calibrated_hard(), self.aim()
             self.events.append({"event": "size_freeze", "step": self.frozen_at, "bytes_at_freeze": round(now),
                                 "aim_bytes": round(aim), "off_by": round(now / aim - 1, 4), "lambda": round(self.lam, 4)})
-        self.land(self.model)
+            self.project(self.model)
         for name, (m, q) in self.layers.items():
             q.fix_pattern(m.parametrizations.weight.original.detach())
         super().freeze()
