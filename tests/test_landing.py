@@ -100,14 +100,29 @@ def test_projection_lands_on_the_aim_without_emptying_a_channel():
     assert event["channel_share"] == 0.0  # the second cut needed more than half of some channels
 
 
-def test_projection_drops_first_where_a_weight_frees_more_bytes():
+def test_drop_ranking_prices_margin_per_byte_freed_and_skips_the_floor():
     torch.manual_seed(0)
     model = _Tiny()
     budget = _budget(model, target=1e9)
     per_byte = budget.bytes_per_weight()
-    assert per_byte.shape == (3,) and (per_byte > 0).all()
-    # a dense layer's kept weight still costs its value bits (the sparse format's slope)
-    assert (per_byte >= 0.9 * budget.scale * 4 / 8).all()
+    assert per_byte.shape == (3,) and (per_byte >= 0.9 * budget.scale * 4 / 8).all()  # at least the value bits
+    owners, where, freed = budget.ranking(drop=True)
+    layers = list(budget.layers.values())
+    margins, protected = [], []
+    for i, (m, q) in enumerate(layers):
+        w = m.parametrizations.weight.original
+        margin = q.edge_distance(w).detach().expand_as(w)
+        floor = channel_floor(q.hard_keep(w), margin)
+        mine = where[owners == i]
+        margins.append(margin.flatten()[mine])
+        protected.append(floor.flatten()[mine])
+    assert not torch.cat(protected).any()  # no protected weight is ever offered
+    price = torch.empty(len(where))
+    for i in range(len(layers)):
+        price[owners == i] = margins[i] / per_byte[i]
+    assert (price[1:] >= price[:-1]).all()  # cheapest (margin per byte freed) first
+    assert torch.equal(freed, per_byte[owners])
+    assert len(set(owners.tolist())) == 3  # across layers, not one layer at a time
 
 
 @pytest.fixture(scope="module")

@@ -315,7 +315,7 @@ class SizeBudget(Technique):
         band = (aim * (1 - PROJECTION_SLACK), aim * (1 + PROJECTION_SLACK))
         probes = 0
 
-        def ok(k: int) -> bool:
+        def ok(k: int) -> tuple[bool, bool]:  # (not over the band, inside it)
             nonlocal probes
             probes += 1
             size = measure(k)
