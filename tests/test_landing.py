@@ -1,0 +1,183 @@
+"""How a size-constrained joint run lands on its target: the projection at the freeze never cuts
+a path (every channel keeps its strongest weights), and a short run, whose multiplier cannot
+get the state to the goal by itself, still ends within 2% of the target's bytes."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from jointcompress.api import compress
+from jointcompress.artifact.store import save
+from jointcompress.data import evaluator, load_digits
+from jointcompress.finalize import finalize
+from jointcompress.pipeline import train_teacher
+from jointcompress.recipe import SizeBudget as SizeBudgetConfig
+from jointcompress.recipe import parse_recipe
+from jointcompress.targets import target_bytes
+from jointcompress.techniques.base import RunContext
+from jointcompress.techniques.size_budget import CHANNEL_FLOOR, CHANNEL_SHARE, SizeBudget, channel_floor
+from jointcompress.techniques.zero_level import ZeroLevelLSQWeight
+
+
+def _floor_of(kept: int) -> int:
+    return min(kept, max(CHANNEL_FLOOR, math.ceil(CHANNEL_SHARE * kept)))
+
+
+def test_channel_floor_protects_the_strongest_kept_weights_of_every_channel():
+    torch.manual_seed(0)
+    margin = torch.randn(16, 3, 5, 5)
+    keep = margin >= 0.8  # some channels keep many weights, some one or none
+    keep[3] = False
+    keep[4] = False
+    keep[4, 0, 0, 0] = True
+    protected = channel_floor(keep, margin)
+    assert not (protected & ~keep).any()  # only kept weights are protected
+    for c in range(16):
+        kept = int(keep[c].sum())
+        assert int(protected[c].sum()) == _floor_of(kept)
+        if kept:  # ... and they are the channel's strongest (largest margin)
+            weakest_protected = margin[c][protected[c]].min()
+            assert (margin[c][keep[c] & ~protected[c]] <= weakest_protected).all()
+
+
+class _Tiny(nn.Module):
+    """A conv layer with few, small filters feeding a large linear layer: the shape of LeNet-5's
+    conv1 -> fc1 that a global drop ranking used to strip."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3)
+        self.fc = nn.Linear(6 * 6 * 6, 40)
+        self.out = nn.Linear(40, 10)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc(torch.relu(self.conv(x)).flatten(1))))
+
+
+def _budget(model: nn.Module, target: float) -> SizeBudget:
+    torch.manual_seed(1)
+    for m in (model.conv, model.fc, model.out):
+        parametrize.register_parametrization(m, "weight", ZeroLevelLSQWeight(m.weight.detach(), bits=4, learn_bits=False))
+        m(torch.randn(2, *((1, 8, 8) if isinstance(m, nn.Conv2d) else (m.in_features,))))  # initializes the step
+    budget = SizeBudget(SizeBudgetConfig(type="size_budget", target_bytes=target))
+    budget.window = (0, 10)
+    budget.setup(RunContext(model=model, example_inputs=torch.randn(2, 1, 8, 8), total_steps=20))
+    return budget
+
+
+def _kept(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in ("conv", "fc", "out"):
+        m = getattr(model, name)
+        q = m.parametrizations.weight[0]
+        out[name] = q.hard_keep(m.parametrizations.weight.original).reshape(m.weight.shape[0], -1).sum(1)
+    return out
+
+
+def test_projection_lands_on_the_aim_without_emptying_a_channel():
+    torch.manual_seed(0)
+    model = _Tiny()
+    budget = _budget(model, target=1e9)
+    start = budget.calibrated_hard()
+    before = _kept(model)
+    for share in (0.8, 0.3):  # a modest cut, then one that must take most of every layer
+        budget.config.target_bytes = share * start
+        budget.land(model)
+        after = _kept(model)
+        event = budget.events[-1]
+        floor = _floor_of if event["channel_share"] == CHANNEL_SHARE else (lambda kept: min(kept, CHANNEL_FLOOR))
+        for name in before:
+            for c, (b, a) in enumerate(zip(before[name].tolist(), after[name].tolist())):
+                assert a >= floor(b), (name, c, b, a)
+        assert sum(int(v.sum()) for v in after.values()) < sum(int(v.sum()) for v in before.values())
+        budget.calibrate(model)  # the real encoder's bytes, re-measured
+        assert abs(budget.calibrated_hard() / budget.aim() - 1) < 0.01
+        assert event["bytes_after"] == round(budget.calibrated_hard())
+        before = after
+    assert event["channel_share"] == 0.0  # the second cut needed more than half of some channels
+
+
+def test_drop_ranking_prices_margin_per_byte_freed_and_skips_the_floor():
+    torch.manual_seed(0)
+    model = _Tiny()
+    budget = _budget(model, target=1e9)
+    per_byte = budget.bytes_per_weight()
+    assert per_byte.shape == (3,) and (per_byte >= 0.9 * budget.scale * 4 / 8).all()  # at least the value bits
+    owners, where, freed = budget.ranking(drop=True)
+    layers = list(budget.layers.values())
+    margins, protected = [], []
+    for i, (m, q) in enumerate(layers):
+        w = m.parametrizations.weight.original
+        margin = q.edge_distance(w).detach().expand_as(w)
+        floor = channel_floor(q.hard_keep(w), margin)
+        mine = where[owners == i]
+        margins.append(margin.flatten()[mine])
+        protected.append(floor.flatten()[mine])
+    assert not torch.cat(protected).any()  # no protected weight is ever offered
+    price = torch.empty(len(where))
+    for i in range(len(layers)):
+        price[owners == i] = margins[i] / per_byte[i]
+    assert (price[1:] >= price[:-1]).all()  # cheapest (margin per byte freed) first
+    assert torch.equal(freed, per_byte[owners])
+    assert len(set(owners.tolist())) == 3  # across layers, not one layer at a time
+
+
+@pytest.fixture(scope="module")
+def trained():
+    split = load_digits()
+    return split, train_teacher("lenet300", split, 3)
+
+
+def test_a_short_constrained_run_lands_within_two_percent(trained, tmp_path):
+    """~40 steps: the multiplier cannot get the state to a 60x goal by itself; the catch-up and
+    the freeze's projection must, and the weights file on disk must be on the target."""
+    split, teacher = trained
+    recipe = parse_recipe({"model": "lenet300", "mode": "joint", "target": {"ratio": 60.0}, "techniques": [
+        {"type": "quant_lsq", "bits": 4, "zero_level": True, "learn_bits": False},
+        {"type": "size_budget", "end": 0.6, "freeze": 0.8},
+        {"type": "distill_kd", "cache_teacher": True}],
+        "training": {"epochs": 2, "batch_size": 64, "lr": 0.002}})
+    model = copy.deepcopy(teacher)
+    result = compress(model, recipe, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test), teacher=teacher)
+    spec = finalize(model, result.example_inputs)
+    manifest = save(model, spec, tmp_path / "a", example_inputs=result.example_inputs)
+    goal = target_bytes(teacher, recipe.target)
+    assert abs(manifest["weights_file_bytes"] - goal) / goal < 0.02
+    events = [e for t in result.techniques for e in getattr(t, "events", [])]
+    freeze = [e for e in events if e["event"] == "size_freeze"]
+    assert len(freeze) == 1 and "off_by" in freeze[0]  # how far off the trained state was, recorded
+    for name, layer in manifest["layers"].items():  # no layer was emptied
+        assert layer["nonzero"] > 0, name
+    assert result.metrics["accuracy"] > 0.5
+
+
+def test_catch_up_cuts_a_lagging_state_and_leaves_one_on_its_aim_alone():
+    torch.manual_seed(0)
+    model = _Tiny()
+    budget = _budget(model, target=1e9)  # window (0, 10), freeze at step 16
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    budget.config.target_bytes = budget.calibrated_hard() / (1 - budget.config.margin)  # on its aim
+    budget.catch_up(12)
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    assert not budget.events
+    before = _kept(model)
+    start = budget.calibrated_hard()
+    budget.config.target_bytes = 0.5 * start  # far over: a tenth-ish of the excess goes now
+    budget.catch_up(12)
+    budget.calibrate(model)
+    assert budget.aim() < budget.calibrated_hard() < start  # a step toward the aim, not the whole way
+    (event,) = budget.events
+    assert event["event"] == "size_catch_up" and event["dropped_weights"] > 0
+    after = _kept(model)
+    for name in before:  # cut weights are zeros inside the dead zone; no channel emptied
+        assert ((after[name] >= _floor_of_tensor(before[name])) | (before[name] == 0)).all()
+    assert not any(q.pattern_fixed for _, q in budget.layers.values())  # training still decides
+    budget.catch_up(budget.freeze_step)  # the freeze's own projection takes over there
+    assert len(budget.events) == 1
+
+
+def _floor_of_tensor(kept: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([_floor_of(int(k)) for k in kept])
