@@ -52,8 +52,9 @@ def _pair(shape=(48, 120), seed=0, outliers=True):
 
 
 def _grads(value, q, w):
-    params = [p for p in (w, q.log_step, q.dead_zone_raw, q.bits_raw) if p.requires_grad]
-    return torch.autograd.grad(value, params, allow_unused=True)
+    # not bits_raw: the quantizer treats the held width as a constant (techniques/learned_width.py)
+    params = [p for p in (w, q.log_step, q.dead_zone_raw) if p.requires_grad]
+    return torch.autograd.grad(value, params)
 
 
 @pytest.mark.parametrize("fixed", [False, True])
@@ -107,7 +108,8 @@ def test_a_compiled_run_follows_the_eager_trajectory():
     assert all(q.compiled for q in fast_q) and not any(q.compiled for q in eager_q)
     assert all(bool(q.pattern_fixed) for q in fast_q)  # the run crossed the freeze
     for (name, a), (_, b) in zip(eager_model.state_dict().items(), fast_model.state_dict().items()):
-        assert a.dtype != torch.float32 or float((a - b).abs().max()) <= 1e-6, name
+        # float rounding: the compiled backward sums per channel in another order (~1e-7 relative a step)
+        assert a.dtype != torch.float32 or torch.allclose(a, b, rtol=1e-6, atol=1e-6), name
     with torch.no_grad():
         for a, b in zip(eager_model, fast_model):
             if hasattr(a, "weight"):

@@ -153,11 +153,17 @@ class ZeroLevelLSQWeight(LSQWeight):
                 self.keep._version, self.pattern_fixed._version, self.step_format, torch.is_grad_enabled())
 
     def _keep_float(self) -> torch.Tensor:
-        """The fixed pattern as 0/1 floats, converted once per change of `keep`."""
+        """The fixed pattern as 0/1 floats, converted once per change of `keep`.
+
+        Keyed by the buffer's identity as well as its version: a deep copy (model_copy.plain_copy,
+        which the size budget finalizes to measure the file) carries this cache along with a new
+        `keep` whose version counter restarts, so a version alone could match the live model's
+        cached one and the copy would apply an old pattern."""
         cached = getattr(self, "_keep_f", None)
-        if cached is None or cached[0] != self.keep._version or cached[1].dtype != self.log_step.dtype \
+        key = (id(self.keep), self.keep._version)
+        if cached is None or cached[0] != key or cached[1].dtype != self.log_step.dtype \
                 or cached[1].device != self.keep.device:
-            cached = (self.keep._version, self.keep.to(self.log_step.dtype))
+            cached = (key, self.keep.to(self.log_step.dtype))
             self._keep_f = cached
         return cached[1]
 
