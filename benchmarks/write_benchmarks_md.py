@@ -191,7 +191,7 @@ def points_table() -> list[str]:
             "re-check of `compare_lenet5_100x` with today's code: joint-pcgrad 0.80% vs 0.78% stored, joint-none 0.84% vs 0.81%, "
             "the same bytes within 0.2%). † measured before a fix of the pattern cache: the half-way re-projection of "
             "`finetune_phase` read a stale file and flipped up to 3x the decisions it needed (docs/joint.md); "
-            "`compare_lenet300_100x_e10_fixed` re-measures the 10-epoch point after the fix.", "",
+            "the `*_fixed` folders re-measure those points after the fix.", "",
             "| model | target | training images | bits | epochs | joint variant | joint error | sequential error | "
             "difference | verdict | joint files within 2% of the target | results |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -228,6 +228,10 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                ("lenet5", "compare_lenet5_200x_fisher", " at 200x, Fisher-weighted size budget (one seed, a check)"),
                ("lenet300", "compare_lenet300_100x_bits", " at 100x, learned bit-widths"),
                ("lenet300", "compare_lenet300_100x_e10_fixed", " at 100x, 10 compression epochs, Fisher budget and learned widths after the trim fix"),
+               ("lenet300", "compare_lenet300_100x_bits_fixed", " at 100x, Fisher budget and learned widths after the trim fix"),
+               ("lenet300", "compare_lenet300_100x_2k_fixed", ", 2,000 training images, at 100x, Fisher budget after the trim fix"),
+               ("lenet300", "compare_lenet300_60x_fixed", " at 60x, Fisher budget after the trim fix"),
+               ("lenet300", "compare_lenet300_60x_2k_fixed", ", 2,000 training images, at 60x, Fisher budget after the trim fix"),
                ("lenet5", "compare_lenet5_200x_bits", " at 200x, learned bit-widths (one seed, a check)"))
 
 
