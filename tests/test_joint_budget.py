@@ -1,7 +1,6 @@
 """Joint pruning + quantization under one size budget: zero as a quantizer level, learned
 bit-widths, a byte estimate checked against the writer, and a run that lands on its target."""
 import copy
-import random
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from jointcompress.finalize import finalize
 from jointcompress.pipeline import train_teacher
 from jointcompress.recipe import Coordination, parse_recipe
 from jointcompress.targets import target_bytes
-from jointcompress.techniques.size_budget import sparse_layer_bytes
+from jointcompress.techniques.size_estimate import sparse_layer_bytes
 from jointcompress.techniques.zero_level import ZeroLevelLSQWeight
 
 

@@ -18,7 +18,8 @@ from jointcompress.recipe import SizeBudget as SizeBudgetConfig
 from jointcompress.recipe import parse_recipe
 from jointcompress.targets import target_bytes
 from jointcompress.techniques.base import RunContext
-from jointcompress.techniques.size_budget import CHANNEL_FLOOR, CHANNEL_SHARE, SizeBudget, channel_floor
+from jointcompress.techniques.size_budget import SizeBudget
+from jointcompress.techniques.size_projection import CHANNEL_FLOOR, CHANNEL_SHARE, channel_floor
 from jointcompress.techniques.zero_level import ZeroLevelLSQWeight
 
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from jointcompress import prepare
 from jointcompress.techniques.quant_lsq import grad_scale
-from jointcompress.techniques.size_budget import INDEX_WIDTHS, sparse_layer_bytes
+from jointcompress.techniques.size_estimate import INDEX_WIDTHS, sparse_layer_bytes
 from jointcompress.techniques.zero_level import GATE_TEMPERATURE, ZeroLevelLSQWeight
 
 

@@ -1,0 +1,51 @@
+"""What the weights file will cost, as training stands: the differentiable estimate the size
+budget trains against (`sparse_layer_bytes`) and the real file it is calibrated on
+(`measured_bytes`, the artifact writer itself run on a finalized copy)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+INDEX_WIDTHS = tuple(range(2, 9))
+
+
+def sparse_layer_bytes(nonzero: torch.Tensor, numel, bits: torch.Tensor) -> torch.Tensor:
+    """Values + positions of one layer in the cheapest format the artifact writer offers.
+
+    dense: numel * bits; bitmask: nonzero * bits + numel; relative indices of width w:
+    (nonzero + fillers) * (bits + w), a filler for every gap of 2^w zeros or more, with gaps
+    as between randomly placed weights at this density. The value is the cheapest format's;
+    the gradient is the cheapest *sparse* format's, so a layer still stored dense (whose bytes do
+    not depend on how many weights it keeps) feels what each kept weight will cost once it is
+    sparse -- with the dense format's zero gradient, dense layers never started to prune.
+
+    Vectorized: `nonzero`, `numel` and `bits` may be 1-D (one entry per layer, one result per
+    layer), and every index width is one column, so the whole estimate is a handful of ops.
+    """
+    n = nonzero.clamp(min=1.0)
+    numel = torch.as_tensor(numel, dtype=n.dtype, device=n.device)
+    density = (n / numel).clamp(max=1.0 - 1e-6)
+    widths = torch.tensor(INDEX_WIDTHS, dtype=n.dtype, device=n.device)
+    r = (1 - density).unsqueeze(-1) ** (2 ** widths)
+    fillers = n.unsqueeze(-1) * r / (1 - r).clamp_min(1e-12)
+    indexed = (n.unsqueeze(-1) + fillers) * (bits.unsqueeze(-1) + widths)
+    dense = (numel * bits).unsqueeze(-1)
+    bitmask = (n * bits + numel).unsqueeze(-1)
+    costs = torch.cat([dense, bitmask, indexed], -1)
+    sparse = costs[..., 1:].amin(-1)
+    return (sparse + (costs.amin(-1) - sparse).detach()) / 8
+
+
+def measured_bytes(model: nn.Module) -> dict[str, int]:
+    """The weights file the artifact writer would produce for the model as it is now."""
+    from ..artifact.encode import encode_model
+    from ..artifact.store import file_blob
+    from ..finalize import finalize
+    from ..model_copy import plain_copy
+
+    plain = plain_copy(model)
+    spec = finalize(plain)
+    enc = encode_model(plain, spec)
+    totals = enc.totals()
+    total = len(file_blob(enc))
+    return {"total": total, "variable": totals["values"] + totals["indices"]}

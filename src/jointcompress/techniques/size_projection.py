@@ -1,0 +1,179 @@
+"""Landing on the target bytes: the size budget's cuts before the freeze (`catch_up`) and its
+projection at and after the freeze (`project`), as a mixin of `size_budget.SizeBudget`.
+
+Why apart from the budget: the budget is a constraint inside training (estimate, multiplier,
+warm-up); landing is a search over discrete gate decisions against the real file, with its own
+rules: weights barely kept per byte they free go first, across layers; every output channel
+keeps its strongest weights (a projection thins a path, it never cuts one); the count is found
+by bisection on the artifact writer's bytes. The mixin uses the budget's `layers`, `aim()`,
+`calibrate()`, `calibrated_hard()`, `scale`, `events`, `window`, `freeze_step`,
+`calibration_interval` and `config`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .size_estimate import measured_bytes, sparse_layer_bytes
+
+PROJECTION_SLACK = 0.003  # the projection lands within 0.3% of the aim (fine-tuning moves the coding ~0.5%)
+# a projection never cuts a path: every output channel that keeps weights keeps at least its strongest
+# CHANNEL_FLOOR of them, and at least CHANNEL_SHARE of what it kept before (it thins, it never empties)
+CHANNEL_FLOOR = 1
+CHANNEL_SHARE = 0.5
+MAX_PROBES = 24  # measurements of the weights file one projection may take
+# between the window's end and the freeze, a state more than CATCH_UP_TOLERANCE over the aim is
+# brought down in steps (the multiplier alone could not get there while the LR decays)
+CATCH_UP_TOLERANCE = 0.02
+
+
+def channel_floor(keep: torch.Tensor, margin: torch.Tensor, floor: int = CHANNEL_FLOOR,
+                  share: float = CHANNEL_SHARE) -> torch.Tensor:
+    """The kept weights a projection may not drop: in every output channel (dim 0) that keeps
+    weights, its strongest max(floor, ceil(share * kept)) by margin to the dead zone's edge.
+
+    Why per channel: a layer-wide floor let a global ranking strip LeNet-5's conv1 to 3 of its
+    500 weights (17 of 20 filters dead, every path through them cut) while the large layer it
+    fed kept everything; a channel that loses its last weight cuts every path through it.
+    """
+    rows = keep.reshape(keep.shape[0], -1)
+    kept = rows.sum(1)
+    protect = torch.maximum(torch.full_like(kept, floor), torch.ceil(share * kept).long()).minimum(kept)
+    strength = margin.reshape(rows.shape).float().masked_fill(~rows, float("-inf"))
+    rank = torch.empty_like(rows, dtype=torch.long)
+    order = torch.argsort(strength, dim=1, descending=True, stable=True)
+    rank.scatter_(1, order, torch.arange(rows.shape[1], device=rows.device).expand_as(order).contiguous())
+    return ((rank < protect.unsqueeze(1)) & rows).view_as(keep)
+
+
+class Landing:
+    """The size budget's landing on its aim (see the module's docstring)."""
+
+    @torch.no_grad()
+    def project(self, model: nn.Module, event: str = "size_projection") -> bool:
+        """Land on the aim: drop kept weights while over it (revive pruned ones while under it),
+        in the order of `ranking`, taking as many as the weights file needs. The coding is not
+        smooth in the count (a layer changes format or index width; the entropy coder), so the
+        count is searched with the writer itself (`_search`, a bisection). A channel keeps at
+        least CHANNEL_SHARE of what it kept (never less than its strongest weight); only if the
+        aim cannot be met that way is the share relaxed to the single strongest weight."""
+        aim = self.aim()
+        before = self.calibrated_hard()
+        if aim * (1 - PROJECTION_SLACK) <= before <= aim * (1 + PROJECTION_SLACK):
+            return False
+        drop = before > aim
+        keeps = [q.hard_keep(m.parametrizations.weight.original) for m, q in self.layers.values()]
+        shares = (CHANNEL_SHARE, 0.0) if drop else (0.0,)
+        orders = [self.ranking(drop, share) for share in shares]  # before any probe fixes a pattern
+        for share, order in zip(shares, orders):
+            guess = int(torch.searchsorted(torch.cumsum(order[2], 0), torch.tensor(abs(before - aim))))
+            count, probes = self._search(lambda k: self._apply(model, order, k, keeps, drop), len(order[0]), guess, drop)
+            if not drop or self._apply(model, order, count, keeps, drop) <= aim * (1 + PROJECTION_SLACK):
+                break
+        self._apply(model, order, count, keeps, drop)
+        self.calibrate(model)
+        self.events.append({"event": event, "bytes_before": round(before), "bytes_after": round(self.calibrated_hard()),
+                            "aim_bytes": round(aim), "dropped_weights" if drop else "revived_weights": int(count),
+                            "channel_share": share, "probes": probes, "target_bytes": round(self.config.target_bytes)})
+        return True
+
+    def _search(self, measure, n: int, guess: int, drop: bool) -> tuple[int, int]:
+        """The count of decisions that puts the file on the aim: dropping, the fewest whose file
+        is not over aim * (1 + slack); reviving, the most. Bisection on `measure(count)` (the
+        file's bytes), bracketed from the estimate's `guess`; returns (count, measurements)."""
+        aim = self.aim()
+        band = (aim * (1 - PROJECTION_SLACK), aim * (1 + PROJECTION_SLACK))
+        probes = 0
+
+        def ok(k: int) -> tuple[bool, bool]:  # (not over the band, inside it)
+            nonlocal probes
+            probes += 1
+            size = measure(k)
+            return size <= band[1], band[0] <= size <= band[1]
+
+        lo, hi = 0, n  # drop: ok(lo) false, ok(hi) assumed true; revive: ok(lo) true, ok(hi) assumed false
+        first = min(n, max(1, 2 * guess))
+        fine, hit = ok(first)
+        if hit:
+            return first, probes
+        if fine == drop:
+            hi = first
+        else:
+            lo = first
+        while hi - lo > 1 and probes < MAX_PROBES:
+            mid = (lo + hi) // 2
+            fine, hit = ok(mid)
+            if hit:
+                return mid, probes
+            if fine == drop:
+                hi = mid
+            else:
+                lo = mid
+        return (hi if drop else lo), probes
+
+    def _apply(self, model: nn.Module, order, count: int, keeps: list[torch.Tensor], drop: bool) -> float:
+        """Fix the pattern `keeps` with the first `count` decisions of `order` flipped; the file's bytes."""
+        owners, where = order[0][:count], order[1][:count]
+        for i, (m, q) in enumerate(self.layers.values()):
+            keep = keeps[i].clone()
+            keep.view(-1)[where[owners == i]] = not drop
+            q.fix_pattern(m.parametrizations.weight.original.detach(), keep)
+        return float(measured_bytes(model)["total"])
+
+    @torch.no_grad()
+    def bytes_per_weight(self) -> torch.Tensor:
+        """What one kept weight costs in each layer (calibrated bytes): the estimate's slope in the
+        layer's count, i.e. its value bits plus its share of the position bits at this density."""
+        counts = torch.tensor([float(q.hard_keep(m.parametrizations.weight.original).sum())
+                               for m, q in self.layers.values()], requires_grad=True)
+        numels = [m.parametrizations.weight.original.numel() for m, _ in self.layers.values()]
+        bits = torch.stack([q.bits_ste().detach().float() for _, q in self.layers.values()])
+        with torch.enable_grad():
+            (slope,) = torch.autograd.grad(sparse_layer_bytes(counts, numels, bits).sum(), counts)
+        return (slope * self.scale).clamp_min(1e-3)
+
+    @torch.no_grad()
+    def ranking(self, drop: bool, share: float = CHANNEL_SHARE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The gate decisions a projection may change, cheapest first: (layer of each, flat index
+        in its layer, bytes it frees or costs). Dropping, a kept weight's price is its margin to
+        the dead zone's edge (in steps: how far training kept it from pruning) per byte it frees,
+        so weights barely kept in layers where a weight costs most go first, across layers, and
+        `channel_floor` protects each channel's strongest weights. Reviving: the pruned weights
+        nearest the edge, per byte they cost."""
+        per_byte = self.bytes_per_weight()
+        scores, owners, where = [], [], []
+        for i, (m, q) in enumerate(self.layers.values()):
+            w = m.parametrizations.weight.original
+            margin = q.edge_distance(w).detach().expand_as(w)
+            keep = q.hard_keep(w)
+            eligible = keep & ~channel_floor(keep, margin, share=share) if drop else ~keep
+            idx = torch.nonzero(eligible.flatten()).flatten()
+            m_idx = margin.flatten()[idx].float()
+            scores.append(m_idx / per_byte[i] if drop else -m_idx * per_byte[i])
+            owners.append(torch.full((len(idx),), i))
+            where.append(idx)
+        order = torch.argsort(torch.cat(scores), stable=True)
+        owners = torch.cat(owners)[order]
+        return owners, torch.cat(where)[order], per_byte[owners]
+
+    @torch.no_grad()
+    def catch_up(self, step: int) -> None:
+        """Between the window's end and the freeze the goal is final, but in a short run the LR has
+        decayed by then and the dead zones move too slowly to reach it (LeNet-5 at 400x on 2,000
+        images: 53% over at the freeze, and the one-shot projection fell to chance). If the state
+        is still more than CATCH_UP_TOLERANCE over the aim, drop the cheapest share of the excess
+        now, spread evenly over the checks left, so training recovers between the cuts and the
+        freeze's projection has little left to do. A state on its aim is never touched."""
+        if not self.window[1] <= step < self.freeze_step:
+            return
+        aim, now = self.aim(), self.calibrated_hard()
+        if now <= aim * (1 + CATCH_UP_TOLERANCE):
+            return
+        every = self.calibration_interval
+        share = every / (self.freeze_step - step + every)
+        owners, where, freed = self.ranking(drop=True)
+        count = int(torch.searchsorted(torch.cumsum(freed, 0), torch.tensor(share * (now - aim)))) + 1
+        for i, (m, _) in enumerate(self.layers.values()):  # into the dead zone; the task may grow them back
+            m.parametrizations.weight.original.view(-1)[where[:count][owners[:count] == i]] = 0.0
+        self.events.append({"event": "size_catch_up", "step": step, "bytes_before": round(now),
+                            "aim_bytes": round(aim), "dropped_weights": count})
