@@ -187,9 +187,8 @@ def points_table() -> list[str]:
             "missed its target bytes is not a fair comparison. Error on the 10,000 "
             "MNIST test images. Each folder's section below gives the command and details. "
             f"Folders measured with today's landing (channel floors in the projection, catch-up before the freeze): "
-            f"{', '.join(f'`{new}`' for new, old in SEQUENTIAL_FROM.items() if old in superseded())}; the others with the projection before it (a seed-0 "
-            "re-check of `compare_lenet5_100x` with today's code: joint-pcgrad 0.80% vs 0.78% stored, joint-none 0.84% vs 0.81%, "
-            "the same bytes within 0.2%). † measured before a fix of the pattern cache: the half-way re-projection of "
+            f"{', '.join(f'`{new}`' for new, old in SEQUENTIAL_FROM.items() if old in superseded())}; the others with the projection before it "
+            "(`compare_lenet5_100x_v2` against `compare_lenet5_100x` shows how little it moves a 60,000-image point). † measured before a fix of the pattern cache: the half-way re-projection of "
             "`finetune_phase` read a stale file and flipped up to 3x the decisions it needed (docs/joint.md); "
             "the `*_fixed` folders re-measure those points after the fix.", "",
             "| model | target | training images | bits | epochs | joint variant | joint error | sequential error | "

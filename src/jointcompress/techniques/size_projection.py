@@ -67,58 +67,53 @@ class Landing:
         orders = [self.ranking(drop, share) for share in shares]  # before any probe fixes a pattern
         for share, order in zip(shares, orders):
             guess = int(torch.searchsorted(torch.cumsum(order[2], 0), torch.tensor(abs(before - aim))))
-            count, probes = self._search(lambda k: self._apply(model, order, k, keeps, drop), len(order[0]), guess, drop)
-            if not drop or self._apply(model, order, count, keeps, drop) <= aim * (1 + PROJECTION_SLACK):
+            count, size, probes = self._search(lambda k: self._apply(model, order, k, keeps, drop), len(order[0]),
+                                               guess, drop)
+            if not drop or size <= aim * (1 + PROJECTION_SLACK):
                 break
-        self._apply(model, order, count, keeps, drop)
+        self._apply(model, order, count, keeps, drop, measure=False)  # the search's last probe may differ
         self.calibrate(model)
         self.events.append({"event": event, "bytes_before": round(before), "bytes_after": round(self.calibrated_hard()),
                             "aim_bytes": round(aim), "dropped_weights" if drop else "revived_weights": int(count),
                             "channel_share": share, "probes": probes, "target_bytes": round(self.config.target_bytes)})
         return True
 
-    def _search(self, measure, n: int, guess: int, drop: bool) -> tuple[int, int]:
+    def _search(self, measure, n: int, guess: int, drop: bool) -> tuple[int, float, int]:
         """The count of decisions that puts the file on the aim: dropping, the fewest whose file
         is not over aim * (1 + slack); reviving, the most. Bisection on `measure(count)` (the
-        file's bytes), bracketed from the estimate's `guess`; returns (count, measurements)."""
+        file's bytes), bracketed from the estimate's `guess`; returns (count, its file's bytes,
+        measurements the bisection took)."""
         aim = self.aim()
         band = (aim * (1 - PROJECTION_SLACK), aim * (1 + PROJECTION_SLACK))
-        probes = 0
-
-        def ok(k: int) -> tuple[bool, bool]:  # (not over the band, inside it)
-            nonlocal probes
-            probes += 1
-            size = measure(k)
-            return size <= band[1], band[0] <= size <= band[1]
-
-        lo, hi = 0, n  # drop: ok(lo) false, ok(hi) assumed true; revive: ok(lo) true, ok(hi) assumed false
-        first = min(n, max(1, 2 * guess))
-        fine, hit = ok(first)
-        if hit:
-            return first, probes
-        if fine == drop:
-            hi = first
-        else:
-            lo = first
-        while hi - lo > 1 and probes < MAX_PROBES:
-            mid = (lo + hi) // 2
-            fine, hit = ok(mid)
-            if hit:
-                return mid, probes
-            if fine == drop:
-                hi = mid
+        sizes: dict[int, float] = {}
+        lo, hi = 0, n  # drop: lo over the band, hi assumed not; revive: lo not over it, hi assumed over
+        k = min(n, max(1, 2 * guess))
+        while True:
+            sizes[k] = measure(k)
+            if band[0] <= sizes[k] <= band[1]:
+                return k, sizes[k], len(sizes)
+            if (sizes[k] <= band[1]) == drop:
+                hi = k
             else:
-                lo = mid
-        return (hi if drop else lo), probes
+                lo = k
+            if hi - lo <= 1 or len(sizes) >= MAX_PROBES:
+                break
+            k = (lo + hi) // 2
+        count, probes = (hi if drop else lo), len(sizes)
+        if count not in sizes:  # a bracket end never probed (all or none of the decisions)
+            sizes[count] = measure(count)
+        return count, sizes[count], probes
 
-    def _apply(self, model: nn.Module, order, count: int, keeps: list[torch.Tensor], drop: bool) -> float:
-        """Fix the pattern `keeps` with the first `count` decisions of `order` flipped; the file's bytes."""
+    def _apply(self, model: nn.Module, order, count: int, keeps: list[torch.Tensor], drop: bool,
+               measure: bool = True) -> float | None:
+        """Fix the pattern `keeps` with the first `count` decisions of `order` flipped; the file's
+        bytes (a finalize and an encode: skipped with `measure=False`)."""
         owners, where = order[0][:count], order[1][:count]
         for i, (m, q) in enumerate(self.layers.values()):
             keep = keeps[i].clone()
             keep.view(-1)[where[owners == i]] = not drop
             q.fix_pattern(m.parametrizations.weight.original.detach(), keep)
-        return float(measured_bytes(model)["total"])
+        return float(measured_bytes(model)["total"]) if measure else None
 
     @torch.no_grad()
     def bytes_per_weight(self) -> torch.Tensor:
