@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 import jointcompress  # noqa: E402
 from jointcompress import RecipeError  # noqa: E402
 from jointcompress.artifact import load, save  # noqa: E402
-from jointcompress.hf.causal import conv1d_to_linear, perplexity, tied_weights  # noqa: E402
+from jointcompress.hf.causal import arithmetic_rows as rows, conv1d_to_linear, perplexity, tied_weights  # noqa: E402
 
 RECIPE = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5, "exclude": ["lm_head"]},
                          {"type": "quant_lsq", "bits": 4, "exclude": ["lm_head"]},
@@ -37,16 +37,6 @@ def llama():
     return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
                                         bos_token_id=1, eos_token_id=2, pad_token_id=0))
-
-
-def rows(n, seed):
-    """Arithmetic token sequences (a pattern a small LM learns); every 4th row padded after 12."""
-    g = torch.Generator().manual_seed(seed)
-    start, step = torch.randint(3, 64, (n, 1), generator=g), torch.randint(1, 4, (n, 1), generator=g)
-    ids = 3 + (start + step * torch.arange(16)) % 61
-    mask = torch.ones_like(ids)
-    mask[::4, 12:] = 0
-    return ids.masked_fill(mask == 0, 0), mask
 
 
 def test_conv1d_to_linear_is_exact():

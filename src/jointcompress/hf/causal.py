@@ -10,6 +10,8 @@ What a causal LM needs beyond a classifier:
 - The task loss is the model's own shifted next-token loss (pass `labels`); distillation is
   token-level over the attention mask (techniques/distill_kd.token_kd_loss).
 - `perplexity` measures it on held-out token rows.
+- `arithmetic_rows` makes token rows a tiny LM learns in a few epochs, so the causal path can be
+  tried (tests, examples) without downloading a corpus.
 """
 
 from __future__ import annotations
@@ -54,6 +56,18 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
         count += int((target != -100).sum())
     model.train(was)
     return math.exp(total / max(1, count))
+
+
+def arithmetic_rows(n: int, seed: int, length: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` rows of arithmetic sequences (start + k * step mod 61, shifted past the special ids
+    0-2), every 4th row padded with id 0 after 12 tokens; returns (input_ids, attention_mask).
+    Needs a vocabulary of at least 64 ids."""
+    g = torch.Generator().manual_seed(seed)
+    start, step = torch.randint(3, 64, (n, 1), generator=g), torch.randint(1, 4, (n, 1), generator=g)
+    ids = 3 + (start + step * torch.arange(length)) % 61
+    mask = torch.ones_like(ids)
+    mask[::4, 12:] = 0
+    return ids.masked_fill(mask == 0, 0), mask
 
 
 def with_ffn_widths(build, widths: list[int]):
