@@ -91,3 +91,16 @@ def test_hold_is_off_unless_asked():
     ctx.step = 12
     budget.on_step(ctx)
     assert budget.lam == 2.0 and not [e for e in budget.events if e["event"] == "size_regrow"]
+
+
+def test_the_hold_variant_turns_it_on_over_learned_widths_and_the_others_stay_off():
+    from jointcompress.compare import HOLD_BUDGET, JOINT_OPTIONS, joint_recipe
+    from jointcompress.recipe import parse_recipe
+
+    seq = parse_recipe({"mode": "sequential", "target": {"ratio": 40}, "techniques": [
+        {"type": "prune_unstructured", "sparsity": 0.9}, {"type": "quant_lsq", "bits": 4}]})
+    held = joint_recipe(seq, **HOLD_BUDGET)
+    assert held.technique("size_budget").hold and held.technique("quant_lsq").learn_bits
+    assert JOINT_OPTIONS["joint-hold-none"] is HOLD_BUDGET
+    assert not joint_recipe(seq, **JOINT_OPTIONS["joint-bits-none"]).technique("size_budget").hold
+    assert not joint_recipe(seq).technique("size_budget").hold
