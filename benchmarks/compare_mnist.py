@@ -93,7 +93,8 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4,
                     help="quant_lsq.bits of every variant (the allocator may still lower it for sequential if the target needs it)")
     ap.add_argument("--variants", help="comma-separated (default: joint-none,joint-scale,joint-pcgrad,sequential; "
-                                       "also joint-fisher-none/-pcgrad, joint-bits-none/-pcgrad with learned widths, overlap)")
+                                       "also joint-fisher-none/-pcgrad, joint-bits-none/-pcgrad with learned widths, joint-hold-none/-pcgrad with the budget held from below, "
+                                       "joint-stiff-none/-pcgrad with a stiffer constraint (penalty 30), overlap)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.add_layers:
