@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4,
                     help="quant_lsq.bits of every variant (the allocator may still lower it for sequential if the target needs it)")
     ap.add_argument("--variants", help="comma-separated (default: joint-none,joint-scale,joint-pcgrad,sequential; "
-                                       "also joint-fisher-none/-pcgrad, joint-bits-none/-pcgrad with learned widths, joint-hold-none/-pcgrad with the budget held from below, "
+                                       "also joint-fisher-none/-pcgrad, joint-bits-none/-pcgrad with learned widths, "
                                        "joint-stiff-none/-pcgrad with a stiffer constraint (penalty 30), overlap)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()

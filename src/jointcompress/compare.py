@@ -39,8 +39,6 @@ VARIANTS = {  # name -> (mode, coordination strategy)
     "joint-fisher-pcgrad": ("joint", "pcgrad"),
     "joint-bits-none": ("joint", "none"),  # the size budget with LEARNED_BITS (docs/joint.md)
     "joint-bits-pcgrad": ("joint", "pcgrad"),
-    "joint-hold-none": ("joint", "none"),  # learned widths with the budget held from below (HOLD_BUDGET)
-    "joint-hold-pcgrad": ("joint", "pcgrad"),
     "joint-stiff-none": ("joint", "none"),  # learned widths with a stiffer size constraint (STIFF_BUDGET)
     "joint-stiff-pcgrad": ("joint", "pcgrad"),
 }
@@ -51,17 +49,12 @@ FISHER_BUDGET = {"saliency": 30.0, "schedule": "cubic", "finetune_phase": True}
 # traded under one byte budget, each width priced by the Fisher cost of its rounding noise
 # (techniques/learned_width.py); not in the default set
 LEARNED_BITS = {**FISHER_BUDGET, "learn_bits": True}
-# learned widths with the budget held from below: the multiplier stops pushing once the state is under
-# the budget (anti-windup), and pruned weights nearest the edge grow back onto the aim before the
-# freeze (techniques/size_hold.py); not in the default set
-HOLD_BUDGET = {**LEARNED_BITS, "hold": True}
 # learned widths with a stiffer constraint: the augmented Lagrangian's quadratic term at 30 instead of 1,
 # a proportional pull that reverses as soon as the state is under the budget, where the multiplier
 # (an integral of the error) still pushes down after the descent (docs/joint.md); not in the default set
 STIFF_BUDGET = {**LEARNED_BITS, "penalty": 30.0}
 JOINT_OPTIONS = {"joint-fisher-none": FISHER_BUDGET, "joint-fisher-pcgrad": FISHER_BUDGET,  # not in the default set
                  "joint-bits-none": LEARNED_BITS, "joint-bits-pcgrad": LEARNED_BITS,
-                 "joint-hold-none": HOLD_BUDGET, "joint-hold-pcgrad": HOLD_BUDGET,
                  "joint-stiff-none": STIFF_BUDGET, "joint-stiff-pcgrad": STIFF_BUDGET}
 DEFAULT_VARIANTS = ("joint-none", "joint-scale", "joint-pcgrad", "sequential")
 CSV_FIELDS = ["variant", "mode", "strategy", "ratio_target", "seed", "accuracy", "error", "bytes", "file_bytes",

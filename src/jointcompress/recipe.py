@@ -127,9 +127,6 @@ class SizeBudget(Strict):
     finetune_phase: bool = False
     # how the budget warms up over [start, end] in log-bytes: linear, or cubic (fast first, slow at the end)
     schedule: Literal["log_linear", "cubic"] = "log_linear"
-    # hold the budget from below: a state under it stops the multiplier pushing, and between `end` and
-    # `freeze` the pruned weights nearest the edge grow back onto the aim (techniques/size_hold.py)
-    hold: bool = False
 
     @model_validator(mode="after")
     def _window(self):

@@ -38,7 +38,6 @@ import torch.nn as nn
 from .base import RunContext, Technique
 from .saliency import FisherSaliency
 from .size_estimate import measured_bytes, sparse_layer_bytes
-from .size_hold import hold
 from .size_projection import Landing
 from .zero_level import ZeroLevelLSQWeight
 LAMBDA_MAX = 1e3
@@ -114,8 +113,6 @@ class SizeBudget(Landing, Technique):
         if not self.frozen and ctx.step > self.window[0] and ctx.step % self.calibration_interval == 0:
             self.calibrate(ctx.model)
             self.catch_up(ctx.step)
-            if getattr(self.config, "hold", False):  # anti-windup and re-growth under the budget (size_hold.py)
-                hold(self, ctx.step)
         if not self.frozen:
             self.frozen_at = ctx.step  # the freeze event calls on_step at its step, then freeze()
         elif getattr(self.config, "finetune_phase", False) and ctx.step == self.trim_step(ctx.total_steps):
