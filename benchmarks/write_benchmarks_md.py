@@ -27,6 +27,11 @@ SEQUENTIAL_FROM = {"compare_lenet5_100x_2k_v2": "compare_lenet5_100x_2k",
                    "compare_lenet5_400x_2k_v2": "compare_lenet5_400x_2k",
                    "compare_lenet5_200x_e6_v2": "compare_lenet5_200x_e6",
                    "compare_lenet5_100x_v2": "compare_lenet5_100x"}
+# Runs of a further joint variant beside a folder that stays (the stiffer constraint, joint-stiff-*):
+# paired with that folder's sequential runs (same teachers, checked), without replacing it.
+SEQUENTIAL_BESIDE = {"compare_lenet300_100x_stiff_v3": "compare_lenet300_100x_bits_fixed",
+                     "compare_lenet300_100x_e10_stiff_v3": "compare_lenet300_100x_e10_fixed",
+                     "compare_lenet300_100x_2k_stiff_v3": "compare_lenet300_100x_2k_fixed"}
 
 
 # Runs with `finetune_phase` (the joint-fisher-* and joint-bits-* variants) made before the fix of
@@ -51,7 +56,7 @@ def load_compare(folder: str) -> dict | None:
     if not path.is_file():
         return None
     r = json.loads(path.read_text())
-    base_folder = SEQUENTIAL_FROM.get(folder)
+    base_folder = SEQUENTIAL_FROM.get(folder, SEQUENTIAL_BESIDE.get(folder))
     base_path = ROOT / "benchmarks" / "results" / str(base_folder) / "compare.json"
     if base_folder is None or not base_path.is_file():
         return r
@@ -73,7 +78,9 @@ def section(model: str, folder: str | None = None, title: str = "") -> list[str]
     cmd = (r or {}).get("command") or f"nice -n 10 .venv/bin/python benchmarks/compare_mnist.py --model {model}"
     lines = [f"## {MODELS[model]} on MNIST{title}", "", f"Reproduce: `{cmd}` (then `python benchmarks/write_benchmarks_md.py`).", ""]
     if r is not None and r.get("sequential_from"):
-        lines += [f"The joint variant was re-run after a change to the joint mode only; its sequential runs are those of "
+        why = ("a further joint variant, run beside that folder" if folder in SEQUENTIAL_BESIDE
+               else "the joint variant was re-run after a change to the joint mode only")
+        lines += [f"This folder holds {why}; its sequential runs are those of "
                   f"`{r['sequential_from'][0]}` (`{r['sequential_from'][1]}`), the same teachers and seeds.", ""]
     ref_ratio, ref_err = REF[model]
     goal_ratio, goal_err = GOAL[model]
@@ -231,7 +238,10 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                ("lenet300", "compare_lenet300_100x_2k_fixed", ", 2,000 training images, at 100x, Fisher budget after the trim fix"),
                ("lenet300", "compare_lenet300_60x_fixed", " at 60x, Fisher budget after the trim fix"),
                ("lenet300", "compare_lenet300_60x_2k_fixed", ", 2,000 training images, at 60x, Fisher budget after the trim fix"),
-               ("lenet5", "compare_lenet5_200x_bits", " at 200x, learned bit-widths (one seed, a check)"))
+               ("lenet5", "compare_lenet5_200x_bits", " at 200x, learned bit-widths (one seed, a check)"),
+               ("lenet300", "compare_lenet300_100x_stiff_v3", " at 100x, learned widths with a stiffer size constraint (penalty 30)"),
+               ("lenet300", "compare_lenet300_100x_e10_stiff_v3", " at 100x, 10 compression epochs, learned widths with penalty 30"),
+               ("lenet300", "compare_lenet300_100x_2k_stiff_v3", ", 2,000 training images, at 100x, learned widths with penalty 30"))
 
 
 def fisher_budget_section() -> list[str]:
