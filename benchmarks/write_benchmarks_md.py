@@ -78,9 +78,9 @@ def section(model: str, folder: str | None = None, title: str = "") -> list[str]
     cmd = (r or {}).get("command") or f"nice -n 10 .venv/bin/python benchmarks/compare_mnist.py --model {model}"
     lines = [f"## {MODELS[model]} on MNIST{title}", "", f"Reproduce: `{cmd}` (then `python benchmarks/write_benchmarks_md.py`).", ""]
     if r is not None and r.get("sequential_from"):
-        why = ("a further joint variant, run beside that folder" if folder in SEQUENTIAL_BESIDE
-               else "the joint variant was re-run after a change to the joint mode only")
-        lines += [f"This folder holds {why}; its sequential runs are those of "
+        why = ("This folder adds a joint variant beside another" if folder in SEQUENTIAL_BESIDE
+               else "The joint variant was re-run after a change to the joint mode only")
+        lines += [f"{why}; its sequential runs are those of "
                   f"`{r['sequential_from'][0]}` (`{r['sequential_from'][1]}`), the same teachers and seeds.", ""]
     ref_ratio, ref_err = REF[model]
     goal_ratio, goal_err = GOAL[model]
