@@ -91,6 +91,8 @@ class SizeBudget(Landing, Technique):
         self.freeze_step = max(self.window[1], min(ctx.total_steps - 1, round(self.config.freeze * ctx.total_steps)))
         for _, q in self.layers.values():  # Adam moves a parameter ~lr a step: let the dead zones cross the window
             q.decision_lr = DECISION_TRAVEL / self.span
+        if self.saliency is not None:  # the quantizers keep the Fisher estimate it reads
+            self.saliency.attach(self.layers)
         self.calibrate(ctx.model)
         self.start_bytes = self.calibrated_hard()
         self.attached = True
@@ -144,8 +146,6 @@ class SizeBudget(Landing, Technique):
         goal = self.goal(ctx.step)
         c = est / goal - 1
         self.last_hard = float(est.detach())
-        if self.saliency is not None:
-            self.saliency.watch(self.layers)
         return {"size": self.lam * c + 0.5 * self.config.penalty * c * c}
 
     def before_optimizer_step(self, ctx: RunContext) -> None:
@@ -155,8 +155,8 @@ class SizeBudget(Landing, Technique):
             return
         batch = ctx.batch_targets if ctx.batch_targets is not None else ctx.batch_inputs
         batch_size = len(batch) if batch is not None and hasattr(batch, "__len__") else 1
-        for m, q in self.layers.values():
-            q.width_step(m.parametrizations.weight.original.detach(), batch_size)
+        for m, q in self.layers.values():  # the weight the forward read: its gate is reused
+            q.width_step(m.parametrizations.weight.original, batch_size)
         if self.saliency is None:
             return
         self.saliency.accumulate(batch_size)
