@@ -56,14 +56,38 @@ def step_and_dead_zone(log_step, bits_raw, dead_zone_raw, cfg):
     s = round_step(exp(log_step) * Q(ref) / Q(round(bits))), t = 0.5 + softplus(dead_zone_raw),
     bits = min_bits + (max_bits - min_bits) * sigmoid(bits_raw): zero_level.py's formulas.
     """
+    sb, b, hard, qmax = _width_terms(bits_raw, cfg)
+    e = log_step.exp()
+    x = e * hard
+    t = 0.5 + F.softplus(dead_zone_raw)
+    return round_step(x, cfg.step_format), t, qmax, (sb, b, e, x)
+
+
+_WIDTH_TERMS: dict[tuple, tuple] = {}
+
+
+def _width_terms(bits_raw, cfg):
+    """(sigmoid(bits_raw), the relaxed width, the step multiplier's value, the held width's Q).
+
+    The quantizer passes the same constant raw width every step (zero_level._kernel_bits_raw:
+    the held width, no gradient), so these are computed once per width, not per forward; a raw
+    width that trains, or one changed in place, is computed afresh."""
+    key = None
+    if not bits_raw.requires_grad:
+        key = (id(bits_raw), bits_raw._version, cfg.min_bits, cfg.max_bits, cfg.ref_qmax)
+        hit = _WIDTH_TERMS.get(key)
+        if hit is not None:
+            return hit[1:]
     sb = torch.sigmoid(bits_raw)
     b = cfg.min_bits + (cfg.max_bits - cfg.min_bits) * sb
     bh = b.round()
     hard = cfg.ref_qmax / qmax_of(bh)  # the step multiplier's value
-    e = log_step.exp()
-    x = e * hard
-    t = 0.5 + F.softplus(dead_zone_raw)
-    return round_step(x, cfg.step_format), t, int(qmax_of(int(bh))), (sb, b, e, x)
+    terms = (sb, b, hard, int(qmax_of(int(bh))))
+    if key is not None:
+        if len(_WIDTH_TERMS) > 1024:
+            _WIDTH_TERMS.clear()
+        _WIDTH_TERMS[key] = (bits_raw, *terms)  # holding bits_raw keeps its id from being reused
+    return terms
 
 
 @dataclass(frozen=True)
