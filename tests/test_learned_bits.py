@@ -139,3 +139,20 @@ def test_the_noise_price_reads_the_forward_gate_exactly(compiled):
         q.width_step(w, batch_size=4)
         grads.append(q.bits_raw.grad.clone())
     assert torch.equal(grads[0], grads[1]) and float(grads[0]) != 0
+
+
+def test_a_gradient_never_folded_is_dropped_by_the_next_forward():
+    """A step skipped after a non-finite gradient never folds what its hook caught: the next
+    step's Fisher estimate must not inherit it."""
+    torch.manual_seed(4)
+    w = torch.nn.Parameter(torch.randn(6, 20))
+    q = ZeroLevelLSQWeight(w.detach(), bits=4)
+    out = q(w)
+    (out * float("inf")).sum().backward()  # the skipped step: caught, never folded
+    assert q.fisher.pending is not None and not torch.isfinite(q.fisher.pending).all()
+    out = q(w)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    assert torch.equal(q.fisher.pending, g)
+    q.width_step(w, batch_size=2)
+    assert torch.isfinite(q.fisher.estimate()).all()

@@ -110,7 +110,11 @@ class FisherDiagonal:
         self.watched: int | None = None
 
     def watch(self, out: torch.Tensor) -> None:
+        """Catch the gradient of this forward's output. A new output starts a new step's gradient:
+        one caught earlier and never folded (a step skipped for a non-finite loss or gradient, whose
+        gradient may be inf) is dropped, not added to this one."""
         if out.requires_grad and self.watched != id(out):
+            self.pending = None
             out.register_hook(self._collect)
             self.watched = id(out)
 
