@@ -53,9 +53,11 @@ def test_fisher_cost_holds_back_the_dead_zone_of_the_channel_that_matters():
     with torch.no_grad():
         q.dead_zone_raw.fill_(0.5)
     sal = FisherSaliency(2.0)
+    sal.attach({"fc": (lin, q)})
     fisher = torch.zeros(2, 40)
     fisher[0] = 3.0  # channel 0 matters to the loss, channel 1 does not
-    sal.fisher["fc"] = fisher
+    q.width_fisher.copy_(fisher)  # the quantizer holds the estimate the saliency reads
+    q.width_fisher_seen.fill_(True)
     sal.add_gradient({"fc": (lin, q)})
     grad = q.dead_zone_raw.grad.flatten()
     assert grad[0] > 0  # widening channel 0's dead zone costs loss: gradient descent narrows it
@@ -70,16 +72,60 @@ def test_fisher_cost_holds_back_the_dead_zone_of_the_channel_that_matters():
     assert torch.allclose(grad[0], analytic, rtol=1e-4)
 
 
-def test_fisher_is_kept_in_the_size_budget_state():
+def test_fisher_is_kept_in_the_model_state_and_old_budget_states_still_load():
     cfg = SizeBudgetConfig(type="size_budget", saliency=5.0, target_bytes=1000.0)
+    lin, q = _layer(2, 3)
     budget = SizeBudget(cfg)
-    budget.saliency.fisher["fc"] = torch.arange(6.0).view(2, 3)
+    budget.saliency.attach({"fc": (lin, q)})  # what setup does: the quantizer holds the estimate
+    q.width_fisher.copy_(torch.arange(6.0).view(2, 3))
+    q.width_fisher_seen.fill_(True)
     budget.frozen_at, budget.trimmed = 17, True
+    state = budget.state_dict()
+    assert not any(k.startswith("fisher.") for k in state)  # no second copy of it in the budget's state
+    model_state = copy.deepcopy(lin.state_dict())
+    assert torch.equal(model_state["parametrizations.weight.0.width_fisher"], torch.arange(6.0).view(2, 3))
+    lin2, q2 = _layer(2, 3, seed=1)
     fresh = SizeBudget(cfg)
-    fresh.load_state_dict(budget.state_dict())
-    assert torch.equal(fresh.saliency.fisher["fc"], budget.saliency.fisher["fc"]) and fresh.frozen_at == 17
+    fresh.saliency.attach({"fc": (lin2, q2)})
+    fresh.load_state_dict(state)
+    lin2.load_state_dict(model_state)
+    assert torch.equal(fresh.saliency.fisher["fc"], torch.arange(6.0).view(2, 3)) and fresh.frozen_at == 17
     assert fresh.trimmed
+    # a checkpoint from before the merge: the estimate in the budget's state, none in the model's
+    old_model_state = {k: v for k, v in model_state.items() if "width_fisher" not in k}
+    old_state = {**state, "fisher.fc": torch.full((2, 3), 7.0)}
+    lin3, q3 = _layer(2, 3, seed=2)
+    old = SizeBudget(cfg)
+    old.saliency.attach({"fc": (lin3, q3)})
+    lin3.load_state_dict(old_model_state)  # the model first (the loop's order) ...
+    old.load_state_dict(old_state)
+    assert torch.equal(old.saliency.fisher["fc"], torch.full((2, 3), 7.0))
+    lin4, q4 = _layer(2, 3, seed=3)
+    old4 = SizeBudget(cfg)
+    old4.saliency.attach({"fc": (lin4, q4)})
+    old4.load_state_dict(old_state)  # ... or the session's order: techniques, then the model
+    lin4.load_state_dict(old_model_state)
+    assert torch.equal(old4.saliency.fisher["fc"], torch.full((2, 3), 7.0))
     assert SizeBudget(SizeBudgetConfig(type="size_budget")).saliency is None  # off by default
+
+
+def test_saliency_and_learned_width_share_one_fisher_estimate():
+    torch.manual_seed(0)
+    lin = nn.Linear(40, 2, bias=False)
+    q = ZeroLevelLSQWeight(lin.weight.detach(), bits=4, learn_bits=True)
+    parametrize.register_parametrization(lin, "weight", q)
+    sal = FisherSaliency(1.0)
+    sal.attach({"fc": (lin, q)})
+    x = torch.randn(8, 40)
+    out = lin(x)
+    (out.sum() + (lin.parametrizations.weight.original ** 2).sum()).backward()
+    sal.watch({"fc": (lin, q)})  # the forward caught it already: no second hook
+    expected = x.sum(0).expand(2, 40)
+    assert torch.allclose(q.fisher.pending, expected)  # one hook: the gradient counted once
+    q.width_step(lin.parametrizations.weight.original, batch_size=8)  # folds it ...
+    sal.accumulate(batch_size=8)  # ... and the saliency's fold does not fold it again
+    assert sal.fisher["fc"] is q.fisher.estimate()
+    assert torch.allclose(sal.fisher["fc"], 8 * expected ** 2)
 
 
 def test_cubic_warm_up_lands_on_the_aim_and_slows_down_at_the_end():
@@ -162,6 +208,7 @@ def test_fisher_run_lands_on_target(fisher_run, tmp_path):
     split, teacher, recipe, model, result = fisher_run
     budget = next(t for t in result.techniques if t.kind == "size_budget")
     assert budget.saliency.fisher and all(f.min() >= 0 and f.max() > 0 for f in budget.saliency.fisher.values())
+    assert all(q.fisher.estimate() is budget.saliency.fisher[n] for n, (_, q) in budget.layers.items())
     assert budget.trimmed and budget.at_target()
     best = next(e for e in result.history.epochs if e["epoch"] == result.history.best_epoch)
     assert best["step"] > budget.trim_step(result.history.epochs[-1]["step"])  # the kept state is after the trim

@@ -115,3 +115,44 @@ def test_learned_widths_land_in_range_and_the_artifact_stores_them(trained, tmp_
     loaded, loaded_spec = load_with_spec(tmp_path / "a", lambda: build_model("lenet300", split.image_size, split.num_classes))
     assert {n: loaded_spec.layers[n].bits for n in learned} == learned  # the file's widths are the learned ones
     torch.testing.assert_close(loaded(x), masked, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_noise_price_reads_the_forward_gate_exactly(compiled):
+    """width_step counts the kept weights with the gate of the step's forward pass instead of
+    deriving them again: the same price, bit for bit, as from the weights themselves."""
+    grads = []
+    for reuse in (True, False):
+        torch.manual_seed(3)
+        w = torch.nn.Parameter(torch.randn(16, 48))
+        q = ZeroLevelLSQWeight(w.detach(), bits=4)
+        q.compiled = compiled
+        out = q(w)
+        assert (q.last_gate is not None) and torch.equal(q.last_gate.bool(), q.hard_keep(w))
+        (out * torch.randn_like(out)).sum().backward()
+        q.width_step(w, batch_size=4)  # the first call only starts the estimate
+        out = q(w)
+        (out * torch.randn_like(out)).sum().backward()
+        if not reuse:
+            q.last_gate = None
+        q.bits_raw.grad = None
+        q.width_step(w, batch_size=4)
+        grads.append(q.bits_raw.grad.clone())
+    assert torch.equal(grads[0], grads[1]) and float(grads[0]) != 0
+
+
+def test_a_gradient_never_folded_is_dropped_by_the_next_forward():
+    """A step skipped after a non-finite gradient never folds what its hook caught: the next
+    step's Fisher estimate must not inherit it."""
+    torch.manual_seed(4)
+    w = torch.nn.Parameter(torch.randn(6, 20))
+    q = ZeroLevelLSQWeight(w.detach(), bits=4)
+    out = q(w)
+    (out * float("inf")).sum().backward()  # the skipped step: caught, never folded
+    assert q.fisher.pending is not None and not torch.isfinite(q.fisher.pending).all()
+    out = q(w)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    assert torch.equal(q.fisher.pending, g)
+    q.width_step(w, batch_size=2)
+    assert torch.isfinite(q.fisher.estimate()).all()

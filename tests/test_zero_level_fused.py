@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from jointcompress import prepare
 from jointcompress.techniques.quant_lsq import grad_scale
@@ -170,3 +171,24 @@ def test_the_size_term_of_a_session_matches_the_plain_estimate():
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     assert "size" in terms and terms["size"].requires_grad
+
+
+def test_the_budget_reads_every_width_at_once_with_the_same_numbers_and_gradients():
+    from jointcompress.recipe import SizeBudget as SizeBudgetConfig
+    from jointcompress.techniques.size_budget import SizeBudget
+
+    torch.manual_seed(0)
+    budget = SizeBudget(SizeBudgetConfig(type="size_budget", target_bytes=1000.0))
+    for i, (rows, cols, lo, hi) in enumerate([(4, 9, 2, 8), (3, 5, 3, 6), (2, 7, 2, 8)]):
+        lin = nn.Linear(cols, rows)
+        q = ZeroLevelLSQWeight(lin.weight.detach(), 4, min_bits=lo, max_bits=hi)
+        with torch.no_grad():
+            q.bits_raw.fill_(float(torch.randn(())))
+        parametrize.register_parametrization(lin, "weight", q)
+        budget.layers[f"l{i}"] = (lin, q)
+    raws = [q.bits_raw for _, q in budget.layers.values()]
+    weights = torch.tensor([1.0, 2.0, 3.0])
+    fast, plain = budget.layer_bits(), torch.stack([q.bits_ste() for _, q in budget.layers.values()])
+    assert torch.equal(fast, plain)
+    for a, b in zip(torch.autograd.grad((fast * weights).sum(), raws), torch.autograd.grad((plain * weights).sum(), raws)):
+        assert torch.equal(a, b) and float(a) != 0

@@ -101,9 +101,8 @@ class GradientCoordinator:
         resolved: dict[str, torch.Tensor] = {}
         conflicts = pairs = 0
         sq_changed = sq_sum = 0.0
-        for gname, flat in self._split(per_term).items():
-            names = list(flat)
-            stacked = torch.stack([flat[n] for n in names])
+        names = list(per_term)
+        for gname, stacked in self._split(per_term).items():
             gram = (stacked @ stacked.T).double()
             norms = gram.diag().clamp_min(0).sqrt()
             live = [i for i in range(len(names)) if norms[i] > 0]  # terms that touch this group
@@ -142,12 +141,18 @@ class GradientCoordinator:
         grads = torch.autograd.grad(term, self.params, retain_graph=True, allow_unused=True)
         return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
 
-    def _split(self, per_term: dict[str, list[torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
-        """group -> term -> flattened gradient over the group's parameters."""
+    def _split(self, per_term: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """group -> the terms' flattened gradients over the group's parameters, one row per term
+        (in per_term's order), each written straight into its row."""
         out, offset = {}, 0
         for gname, params in self.groups.items():
             n = len(params)
-            out[gname] = {t: torch.cat([g.flatten() for g in gs[offset : offset + n]]) for t, gs in per_term.items()}
+            size = sum(p.numel() for p in params)
+            first = next(iter(per_term.values()))[offset]
+            stacked = torch.empty((len(per_term), size), dtype=first.dtype, device=first.device)
+            for row, gs in zip(stacked, per_term.values()):
+                torch.cat([g.reshape(-1) for g in gs[offset : offset + n]], out=row)
+            out[gname] = stacked
             offset += n
         return out
 
@@ -177,5 +182,5 @@ class GradientCoordinator:
             vec, offset = resolved[gname], 0
             for p in params:
                 g = vec[offset : offset + p.numel()].view_as(p)
-                p.grad = g.clone() if p.grad is None else p.grad + g
+                p.grad = g if p.grad is None else p.grad + g  # `resolved` is this step's own: no copy
                 offset += p.numel()

@@ -33,6 +33,17 @@ def write_varint(n: int) -> bytes:
             return bytes(out)
 
 
+def varint_bytes(values: np.ndarray) -> int:
+    """sum(len(write_varint(v)) for v in values) for non-negative ints, without a loop over them
+    (a varint takes one byte plus one for every further 7 bits)."""
+    v = np.asarray(values, dtype=np.int64)
+    n, top, shift = v.size, int(v.max()) if v.size else 0, 7
+    while top >> shift:
+        n += int(np.count_nonzero(v >> shift))
+        shift += 7
+    return n
+
+
 def read_varint(data: bytes, pos: int) -> tuple[int, int]:
     """(value, next position); raises ValueError on a truncated or absurd varint."""
     value = shift = 0
@@ -75,7 +86,7 @@ def model_counts(counts: np.ndarray) -> tuple[np.ndarray, int, float]:
     present = counts > 0
     for shift in range(0, max(1, int(counts.max()).bit_length() if k else 1)):
         scaled = np.where(present, np.maximum((counts + (1 << shift) - 1) >> shift, 1), 0)
-        header = len(write_varint(k)) + sum(len(write_varint(int(c))) for c in scaled)
+        header = len(write_varint(k)) + varint_bytes(scaled)
         p = scaled[present] / scaled.sum()
         bits = float(-(counts[present] * np.log2(p)).sum()) if present.sum() > 1 else 0.0
         if best is None or header * 8 + bits < best[1] * 8 + best[2]:

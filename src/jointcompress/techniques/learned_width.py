@@ -98,25 +98,40 @@ def dead_zone_raw_for(edge: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 class FisherDiagonal:
     """B * EMA of the squared gradient of the loss w.r.t. the quantized weight (the Fisher diagonal),
     caught by a hook on the quantizer's output: only task and distillation reach it. The estimate
-    lives in the quantizer's buffers (`value`, `seen`), so checkpoints and resumed runs carry it."""
+    lives in the quantizer's buffers (`value`, `seen`), so checkpoints and resumed runs carry it.
+    It is the one estimate of a quantizer: the learned width's noise price and the size budget's
+    saliency (saliency.py) both read it, so a run with both folds one hook's gradient once a step."""
 
     def __init__(self, value: torch.Tensor, seen: torch.Tensor):
         self.value, self.seen = value, seen
         self.pending: torch.Tensor | None = None
+        # id of the output whose gradient is caught this step (not the tensor: a graph tensor would
+        # stop a deep copy of the model; the output stays alive as the quantizer's last_out)
+        self.watched: int | None = None
 
     def watch(self, out: torch.Tensor) -> None:
-        if out.requires_grad:
+        """Catch the gradient of this forward's output. A new output starts a new step's gradient:
+        one caught earlier and never folded (a step skipped for a non-finite loss or gradient, whose
+        gradient may be inf) is dropped, not added to this one."""
+        if out.requires_grad and self.watched != id(out):
+            self.pending = None
             out.register_hook(self._collect)
+            self.watched = id(out)
 
     def _collect(self, grad: torch.Tensor | None) -> None:
-        if grad is not None:  # one backward per term on a coordinated step: their parts add up
-            self.pending = grad.detach().clone() if self.pending is None else self.pending + grad.detach()
+        # one backward per term on a coordinated step: their parts add up. Kept by reference, not
+        # copied: autograd hands the gradient on to the quantizer's backward, which only reads it
+        if grad is not None:
+            g = grad.detach()
+            self.pending = g if self.pending is None else self.pending + g
 
     @torch.no_grad()
     def fold(self, batch_size: int) -> None:
+        """This step's gradient into the estimate (once: a second call in the step does nothing)."""
+        self.watched = None
         if self.pending is None:
             return
-        sq = self.pending.pow(2) * float(batch_size)
+        sq = torch.mul(self.pending, self.pending).mul_(float(batch_size))  # pow(2), as one product
         if bool(self.seen):
             self.value.mul_(FISHER_DECAY).add_(sq, alpha=1 - FISHER_DECAY)
         else:

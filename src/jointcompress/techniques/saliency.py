@@ -12,6 +12,10 @@ F ~= B * EMA(g^2). The cost of the weights a dead zone prunes, through the same 
 surrogate the size estimate uses, is added to the dead zones' gradient before the optimizer
 step: the size term's price per kept weight is now weighed against what that weight is worth
 to the loss, layer by layer (FITCompress and OBC rank their moves the same way).
+
+The Fisher estimate is the quantizer's own (zero_level.ZeroLevelLSQWeight.fisher, buffers of
+the model): the learned width prices its rounding noise with the same one, so a run with both
+catches and folds each step's gradient once, and checkpoints carry it with the model.
 """
 from __future__ import annotations
 
@@ -20,63 +24,72 @@ import torch.nn as nn
 
 from .zero_level import GATE_TEMPERATURE, ZeroLevelLSQWeight
 
-EMA_DECAY = 0.98  # the Fisher estimate averages the last ~50 steps' squared gradients
+Layers = dict[str, tuple[nn.Module, ZeroLevelLSQWeight]]
 
 
 class FisherSaliency:
-    """Running Fisher diagonal of each budgeted weight and the dead zones' curvature gradient."""
+    """The dead zones' curvature gradient, from the Fisher diagonal each budgeted quantizer holds."""
 
     def __init__(self, weight: float):
         self.weight = weight
-        self.fisher: dict[str, torch.Tensor] = {}
-        self.pending: dict[str, torch.Tensor] = {}  # this step's gradient w.r.t. each quantized weight
+        self.layers: Layers = {}
 
-    def watch(self, layers: dict[str, tuple[nn.Module, ZeroLevelLSQWeight]]) -> None:
-        """Catch this step's gradient of the loss w.r.t. each quantized weight (after the forward).
+    def attach(self, layers: Layers) -> None:
+        """Have every quantizer keep its Fisher estimate (also where the width is fixed)."""
+        self.layers = dict(layers)
+        for _, q in self.layers.values():
+            q.track_fisher()
+            q.fisher_for_saliency = True
+
+    @property
+    def fisher(self) -> dict[str, torch.Tensor]:
+        """name -> the Fisher diagonal of each layer that has one yet (B * EMA of g^2)."""
+        return {name: f for name, (_, q) in self.layers.items() if (f := q.fisher.estimate()) is not None}
+
+    @property
+    def pending(self) -> dict[str, torch.Tensor]:
+        """name -> this step's caught gradient w.r.t. each quantized weight (not folded yet)."""
+        return {name: q.fisher.pending for name, (_, q) in self.layers.items() if q.fisher.pending is not None}
+
+    def watch(self, layers: Layers) -> None:
+        """Catch this step's gradient of the loss w.r.t. each quantized weight (after the forward;
+        the quantizers of attached layers catch it in their forward already).
 
         The hook sits on the quantizer's output, which only the task and distillation reach;
         the weights' own .grad also holds the size term's pull, which would count as importance.
+        The size term reaches the quantizer node only through its kept-weight count, so its
+        backward brings no gradient for the weights.
         """
-        self.pending = {}
-        for name, (_, q) in layers.items():
-            out = q.last_out
-            if out is None or not out.requires_grad:
-                continue
-            out.register_hook(lambda g, name=name: self._collect(name, g))
-
-    def _collect(self, name: str, grad: torch.Tensor | None) -> None:
-        # a measured step runs one backward per term: their parts add up to the step's gradient.
-        # The size term reaches the quantizer node only through its kept-weight count, so its
-        # backward brings no gradient for the weights (None): nothing to add.
-        if grad is None:
-            return
-        old = self.pending.get(name)
-        self.pending[name] = grad.detach().clone() if old is None else old + grad.detach()
+        if any(name not in self.layers for name in layers):
+            self.attach({**self.layers, **layers})
+        for _, q in layers.values():
+            if q.last_out is not None and not bool(q.pattern_fixed):
+                q.fisher.watch(q.last_out)
 
     @torch.no_grad()
     def accumulate(self, batch_size: int) -> None:
-        """Fold this step's gradients into the Fisher estimate (B * EMA of g^2)."""
-        for name, g in self.pending.items():
-            sq = g.pow(2) * float(batch_size)
-            old = self.fisher.get(name)
-            self.fisher[name] = sq if old is None else old.mul_(EMA_DECAY).add_(sq, alpha=1 - EMA_DECAY)
-        self.pending = {}
+        """Fold this step's gradients into the Fisher estimate (B * EMA of g^2; a layer whose
+        learned width folded it already this step is left as it is)."""
+        for _, q in self.layers.values():
+            q.fisher.fold(batch_size)
 
     @torch.no_grad()
     def cost(self, name: str, q: ZeroLevelLSQWeight, w: torch.Tensor) -> torch.Tensor | None:
         """1/2 * F * (q s)^2 per weight: what removing its quantized value costs the loss."""
-        fisher = self.fisher.get(name)
+        fisher = q.fisher.estimate() if "width_fisher" in q._buffers else None
         if fisher is None:
             return None
         s = q.effective_step().detach()
         level = torch.clamp(torch.round((w.detach() / s).abs()), min=1, max=q.qmax)
         return 0.5 * self.weight * fisher * (level * s).pow(2)
 
-    def add_gradient(self, layers: dict[str, tuple[nn.Module, ZeroLevelLSQWeight]]) -> None:
+    def add_gradient(self, layers: Layers) -> None:
         """d/d(dead zone) of sum 1/2 * F * (q s)^2 * P(pruned), added to the dead zones' .grad."""
-        for name, (m, q) in layers.items():
-            fisher = self.fisher.get(name)
-            if fisher is None or bool(q.pattern_fixed) or not q.dead_zone_raw.requires_grad:
+        for m, q in layers.values():
+            if bool(q.pattern_fixed) or not q.dead_zone_raw.requires_grad or "width_fisher" not in q._buffers:
+                continue
+            fisher = q.fisher.estimate()
+            if fisher is None:
                 continue
             with torch.no_grad():
                 w = m.parametrizations.weight.original.detach()
@@ -90,7 +103,17 @@ class FisherSaliency:
             q.dead_zone_raw.grad = grad if q.dead_zone_raw.grad is None else q.dead_zone_raw.grad + grad
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"fisher.{k}": v.clone() for k, v in self.fisher.items()}
+        """Nothing of its own: the estimate is in the quantizers' buffers (the model's state)."""
+        return {}
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        self.fisher = {k.removeprefix("fisher."): v.clone() for k, v in state.items() if k.startswith("fisher.")}
+        """A state saved when the saliency kept its own estimate ("fisher.<layer>" entries) loads
+        into the quantizers' buffers; entries of layers this budget does not hold are dropped."""
+        for key, value in state.items():
+            name = key.removeprefix("fisher.")
+            if key.startswith("fisher.") and name in self.layers:
+                q = self.layers[name][1]
+                q.track_fisher()
+                q.width_fisher.copy_(value)
+                q.width_fisher_seen.fill_(True)

@@ -91,6 +91,8 @@ class SizeBudget(Landing, Technique):
         self.freeze_step = max(self.window[1], min(ctx.total_steps - 1, round(self.config.freeze * ctx.total_steps)))
         for _, q in self.layers.values():  # Adam moves a parameter ~lr a step: let the dead zones cross the window
             q.decision_lr = DECISION_TRAVEL / self.span
+        if self.saliency is not None:  # the quantizers keep the Fisher estimate it reads
+            self.saliency.attach(self.layers)
         self.calibrate(ctx.model)
         self.start_bytes = self.calibrated_hard()
         self.attached = True
@@ -144,8 +146,6 @@ class SizeBudget(Landing, Technique):
         goal = self.goal(ctx.step)
         c = est / goal - 1
         self.last_hard = float(est.detach())
-        if self.saliency is not None:
-            self.saliency.watch(self.layers)
         return {"size": self.lam * c + 0.5 * self.config.penalty * c * c}
 
     def before_optimizer_step(self, ctx: RunContext) -> None:
@@ -155,8 +155,8 @@ class SizeBudget(Landing, Technique):
             return
         batch = ctx.batch_targets if ctx.batch_targets is not None else ctx.batch_inputs
         batch_size = len(batch) if batch is not None and hasattr(batch, "__len__") else 1
-        for m, q in self.layers.values():
-            q.width_step(m.parametrizations.weight.original.detach(), batch_size)
+        for m, q in self.layers.values():  # the weight the forward read: its gate is reused
+            q.width_step(m.parametrizations.weight.original, batch_size)
         if self.saliency is None:
             return
         self.saliency.accumulate(batch_size)
@@ -190,14 +190,27 @@ class SizeBudget(Landing, Technique):
     def layer_bytes(self, soft: bool = True) -> torch.Tensor:
         """Estimated values + positions of every layer (uncalibrated), one entry per layer. The
         kept-weight counts come from the last forward pass when it is current (kept_count)."""
-        counts, numels, bits = [], [], []
+        counts, numels = [], []
         for m, q in self.layers.values():
             w = m.parametrizations.weight.original
             nz = q.kept_count(w)
             counts.append(nz if soft else nz.detach())
             numels.append(w.numel())
-            bits.append(q.bits_ste())
-        return sparse_layer_bytes(torch.stack(counts), numels, torch.stack(bits))
+        return sparse_layer_bytes(torch.stack(counts), numels, self.layer_bits())
+
+    def layer_bits(self) -> torch.Tensor:
+        """Every layer's `bits_ste()` (the held width in value, the relaxed one's gradient) in one
+        vector: the same numbers, a handful of operations instead of seven per layer."""
+        qs = [q for _, q in self.layers.values()]
+        raw = torch.stack([q.bits_raw for q in qs])
+        key = tuple((q.min_bits, q.max_bits) for q in qs) + (raw.dtype, raw.device)
+        if getattr(self, "_bit_range", (None,))[0] != key:
+            lo = torch.tensor([float(q.min_bits) for q in qs], dtype=raw.dtype, device=raw.device)
+            span = torch.tensor([float(q.max_bits - q.min_bits) for q in qs], dtype=raw.dtype, device=raw.device)
+            self._bit_range = (key, lo, span)
+        _, lo, span = self._bit_range
+        b = lo + span * torch.sigmoid(raw)
+        return torch.stack([q.held_bits for q in qs]).to(b.dtype) + (b - b.detach())
 
     def calibrated_hard(self) -> float:
         with torch.no_grad():

@@ -54,14 +54,18 @@ class ZeroLevelLSQWeight(LSQWeight):
         self.bits_raw = nn.Parameter(torch.tensor(math.log(frac / (1 - frac))), requires_grad=learn_bits)
         self.learn_bits = learn_bits
         self.register_buffer("held_bits", torch.tensor(int(bits)))  # the integer width in use (hysteresis)
-        if learn_bits:  # the Fisher diagonal that prices the width's rounding noise
-            self.register_buffer("width_fisher", torch.zeros_like(weight))
-            self.register_buffer("width_fisher_seen", torch.zeros((), dtype=torch.bool))
         self.width_changes: list[tuple[int, int]] = []  # (from, to) of every move of the held width
         self.register_buffer("keep", torch.ones_like(weight, dtype=torch.bool))
         self.register_buffer("pattern_fixed", torch.zeros((), dtype=torch.bool))
+        # the Fisher diagonal (learned_width.FisherDiagonal): the width's noise price and the size
+        # budget's saliency read this one estimate; the saliency turns it on for fixed widths too
+        self.fisher_for_saliency = False
+        if learn_bits:
+            self.track_fisher()
+        self._register_load_state_dict_pre_hook(_keep_missing_fisher, with_module=True)
         self.last_w: torch.Tensor | None = None
         self.last_count: torch.Tensor | None = None  # kept weights of the last forward (kept_count)
+        self.last_gate: torch.Tensor | None = None  # its 0/1 gate, kept while the width is learned (width_step)
 
     # -- the learned quantities ------------------------------------------------------------
     @property
@@ -134,16 +138,19 @@ class ZeroLevelLSQWeight(LSQWeight):
             with torch.no_grad():
                 self.log_step.copy_(lsq_init_step(w, int(qmax_of(self.ref_bits)), self.per_channel).log())
                 self.initialized.fill_(True)
+        fixed = bool(self.pattern_fixed)
+        learns_width = not fixed and self.learns_width()
         setup = ZeroLevelSetup(float(qmax_of(float(self.ref_bits))), self.min_bits, self.max_bits,
                                w.numel() // w.shape[0] if self.per_channel else w.numel(), self.step_format,
-                               getattr(self, "compiled", False))  # set by QuantLSQ (quant_lsq.compile)
-        keep = self._keep_float() if bool(self.pattern_fixed) else None
+                               getattr(self, "compiled", False),  # set by QuantLSQ (quant_lsq.compile)
+                               learns_width)  # width_step reads the gate: the kernel hands it out
+        keep = self._keep_float() if fixed else None
         # one node: step, width, dead zone, gate, LSQ and the kept-weight count (zero_level_kernel.py)
-        out, count = ZeroLevelQuant.apply(w, self.log_step, self._kernel_bits_raw(), self.dead_zone_raw, setup, keep)
-        if self.learns_width():
+        out, count, gate = ZeroLevelQuant.apply(w, self.log_step, self._kernel_bits_raw(), self.dead_zone_raw, setup, keep)
+        if not fixed and (learns_width or self.fisher_for_saliency):
             self.fisher.watch(out)
         self.last_in, self.last_out, self.last_w = w, out, w
-        self.last_count, self._count_key = count, self._state_key(w)
+        self.last_count, self.last_gate, self._count_key = count, gate if learns_width else None, self._state_key(w)
         return out
 
     def _state_key(self, w: torch.Tensor) -> tuple:
@@ -167,13 +174,16 @@ class ZeroLevelLSQWeight(LSQWeight):
             self._keep_f = cached
         return cached[1]
 
+    def _current(self, w: torch.Tensor) -> bool:
+        """Whether the last forward pass ran on `w` and the learned quantities as they are now."""
+        key = getattr(self, "_count_key", None)
+        return key is not None and key[:-1] == self._state_key(w)[:-1]
+
     def kept_count(self, w: torch.Tensor) -> torch.Tensor:
         """soft_nonzero(w), taken from the last forward pass when it ran on `w` as it is now (the
         count of the gate it applied, with the same surrogate gradient): the size term then costs
         no extra pass over the weights. Under autograd only a forward that recorded its graph counts."""
-        key = getattr(self, "_count_key", None)
-        if key is not None and self.last_count is not None and key[:-1] == self._state_key(w)[:-1] \
-                and (key[-1] or not torch.is_grad_enabled()):
+        if self.last_count is not None and self._current(w) and (self._count_key[-1] or not torch.is_grad_enabled()):
             return self.last_count
         return self.soft_nonzero(w)
 
@@ -205,6 +215,15 @@ class ZeroLevelLSQWeight(LSQWeight):
         self.bits_raw.requires_grad_(False)
 
     # -- the learned width (learned_width.py) ---------------------------------------------
+    def track_fisher(self) -> None:
+        """Hold the Fisher estimate in buffers (`width_fisher`, `width_fisher_seen`: the model's
+        state, so checkpoints and resumed runs carry it); the learned width and the size budget's
+        saliency (saliency.py) read this one estimate."""
+        if "width_fisher" not in self._buffers:
+            self.register_buffer("width_fisher", torch.zeros(self.keep.shape, dtype=self.log_step.dtype,
+                                                             device=self.keep.device))
+            self.register_buffer("width_fisher_seen", torch.zeros((), dtype=torch.bool, device=self.keep.device))
+
     @property
     def fisher(self) -> lw.FisherDiagonal:
         """The Fisher estimate over this quantizer's buffers (made on first use, and again after
@@ -235,7 +254,8 @@ class ZeroLevelLSQWeight(LSQWeight):
         fisher = self.fisher.estimate()
         if fisher is None:
             return
-        kept = self.hard_keep(w)
+        # the gate of this step's forward (0/1 floats; a held width that just moved re-derives it)
+        kept = self.last_gate if self.last_gate is not None and self._current(w) else self.hard_keep(w)
         s = self.effective_step().detach()
         cost = float(0.5 * price * (fisher * kept).mul_(s.pow(2) / 12.0).sum())
         slope = lw.noise_cost_slope(cost, int(self.held_bits), relaxed, self.min_bits, self.max_bits)
@@ -256,3 +276,12 @@ class ZeroLevelLSQWeight(LSQWeight):
         s_new = lw.refit_step(w, kept, edge, range_keeping, int(qmax_of(new)), self.fisher.estimate())
         self.log_step.copy_((s_new / self.step_multiplier()).log())
         self.dead_zone_raw.copy_(lw.dead_zone_raw_for(edge, self.effective_step().detach()))
+
+
+def _keep_missing_fisher(module, state_dict, prefix, *args) -> None:
+    """A state saved before this quantizer held a Fisher estimate (fixed widths with the size
+    budget's saliency, which kept its own copy in the budget's state) loads with the estimate
+    as it is now: the budget's state (loaded before or after the model) fills it."""
+    for name in ("width_fisher", "width_fisher_seen"):
+        if name in module._buffers and prefix + name not in state_dict:
+            state_dict[prefix + name] = module._buffers[name].detach().clone()

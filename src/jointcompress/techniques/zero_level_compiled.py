@@ -65,6 +65,13 @@ def weights_forward(w, s, t, qmax, keep):
     return q * s, gate.sum()
 
 
+def weights_forward_gate(w, s, t, qmax, keep):
+    """`weights_forward` and its 0/1 gate (what the learned width's noise price counts as kept)."""
+    _, _, level, gate, _ = _levels(w, s, t, qmax, keep)
+    q = level * gate + 0.0
+    return q * s, gate.sum(), gate
+
+
 def weights_backward(grad, grad_count, w, s, t, qmax, keep, sb, b, e, x, dead_zone_raw, consts):
     """(d/dw, d/dlog_step, d/dbits_raw, d/ddead_zone_raw): the eager backward's formulas
     (zero_level_kernel.py), with zeros for a missing gradient; consts = (Q(ref), max_bits -
@@ -117,12 +124,13 @@ def constant(values: tuple, like: torch.Tensor) -> torch.Tensor:
 
 def _kernels():
     if _STATE["kernels"] is None:
-        _STATE["kernels"] = (torch.compile(weights_forward, dynamic=True), torch.compile(weights_backward, dynamic=True))
+        _STATE["kernels"] = tuple(torch.compile(fn, dynamic=True) for fn in (weights_forward, weights_backward,
+                                                                             weights_forward_gate))
     return _STATE["kernels"]
 
 
 def run(which: int, *args):
-    """The compiled kernel `which` (0: forward, 1: backward) on args, or None where compiling
+    """The compiled kernel `which` (0: forward, 1: backward, 2: forward with the gate) on args, or None where compiling
     is unavailable (then the caller runs its eager kernel)."""
     if _STATE["broken"]:
         return None

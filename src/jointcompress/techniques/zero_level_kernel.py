@@ -56,14 +56,38 @@ def step_and_dead_zone(log_step, bits_raw, dead_zone_raw, cfg):
     s = round_step(exp(log_step) * Q(ref) / Q(round(bits))), t = 0.5 + softplus(dead_zone_raw),
     bits = min_bits + (max_bits - min_bits) * sigmoid(bits_raw): zero_level.py's formulas.
     """
+    sb, b, hard, qmax = _width_terms(bits_raw, cfg)
+    e = log_step.exp()
+    x = e * hard
+    t = 0.5 + F.softplus(dead_zone_raw)
+    return round_step(x, cfg.step_format), t, qmax, (sb, b, e, x)
+
+
+_WIDTH_TERMS: dict[tuple, tuple] = {}
+
+
+def _width_terms(bits_raw, cfg):
+    """(sigmoid(bits_raw), the relaxed width, the step multiplier's value, the held width's Q).
+
+    The quantizer passes the same constant raw width every step (zero_level._kernel_bits_raw:
+    the held width, no gradient), so these are computed once per width, not per forward; a raw
+    width that trains, or one changed in place, is computed afresh."""
+    key = None
+    if not bits_raw.requires_grad:
+        key = (id(bits_raw), bits_raw._version, cfg.min_bits, cfg.max_bits, cfg.ref_qmax)
+        hit = _WIDTH_TERMS.get(key)
+        if hit is not None:
+            return hit[1:]
     sb = torch.sigmoid(bits_raw)
     b = cfg.min_bits + (cfg.max_bits - cfg.min_bits) * sb
     bh = b.round()
     hard = cfg.ref_qmax / qmax_of(bh)  # the step multiplier's value
-    e = log_step.exp()
-    x = e * hard
-    t = 0.5 + F.softplus(dead_zone_raw)
-    return round_step(x, cfg.step_format), t, int(qmax_of(int(bh))), (sb, b, e, x)
+    terms = (sb, b, hard, int(qmax_of(int(bh))))
+    if key is not None:
+        if len(_WIDTH_TERMS) > 1024:
+            _WIDTH_TERMS.clear()
+        _WIDTH_TERMS[key] = (bits_raw, *terms)  # holding bits_raw keeps its id from being reused
+    return terms
 
 
 @dataclass(frozen=True)
@@ -76,12 +100,14 @@ class ZeroLevelSetup:
     per_step: int  # weights sharing one step (LSQ's gradient scale is 1 / sqrt(per_step * Q))
     step_format: str | None
     compiled: bool = False  # the weight-sized arithmetic in compiled kernels (zero_level_compiled.py)
+    gate: bool = False  # also hand out the 0/1 gate (the learned width's noise price reads it)
 
 
 class ZeroLevelQuant(torch.autograd.Function):
-    """(out, count) from w and the raw parameters: out = s * q with q = 0 inside the dead zone
+    """(out, count, gate) from w and the raw parameters: out = s * q with q = 0 inside the dead zone
     |w/s| < t (or where `keep` is 0 once the pattern is fixed), else sign(w) * clamp(max(round(|w/s|),
-    1), Q); count = the kept weights (a float; its gradient is the sigmoid surrogate's).
+    1), Q); count = the kept weights (a float; its gradient is the sigmoid surrogate's); gate = the
+    0/1 floats of the kept weights with `cfg.gate` (no gradient), else None.
 
     Gradients (zero_level.py's docstring): w straight through inside the grid's range; the step
     gets LSQ's gradient (scaled by 1 / sqrt(per_step * Q)) from `out` and the plain one from
@@ -94,19 +120,27 @@ class ZeroLevelQuant(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         s, t, qmax, (sb, b, e, x) = step_and_dead_zone(log_step, bits_raw, dead_zone_raw, cfg)
         ctx.qmax, ctx.cfg, ctx.grad_scale = qmax, cfg, 1.0 / math.sqrt(cfg.per_step * qmax)
-        fused = compiled.run(0, w.detach(), s, t, compiled.constant((float(qmax),), s), keep) if cfg.compiled else None
+        gate = None
+        fused = None
+        if cfg.compiled:
+            fused = compiled.run(2 if cfg.gate else 0, w.detach(), s, t, compiled.constant((float(qmax),), s), keep)
         ctx.fused = fused is not None
         if ctx.fused:  # the backward recomputes v, the level and the gate from w
-            (out, count), saved = fused, (w, None, None, keep)
+            (out, count, *rest), saved = fused, (w, None, None, keep)
+            gate = rest[0] if rest else None
         else:
             out, count, saved = _eager_forward(ctx, w, s, t, qmax, keep)
+            gate = ctx.gate if cfg.gate and keep is None else None
+            ctx.gate = None
         ctx.save_for_backward(*saved, s, t, sb, b, e, x, dead_zone_raw)
         if keep is not None:
             ctx.mark_non_differentiable(count)  # a fixed pattern's count is a constant
-        return out, count
+        if gate is not None:
+            ctx.mark_non_differentiable(gate)
+        return out, count, gate
 
     @staticmethod
-    def backward(ctx, grad, grad_count):
+    def backward(ctx, grad, grad_count, _grad_gate=None):
         v, level, q, d, s, t, sb, b, e, x, dead_zone_raw = ctx.saved_tensors
         if ctx.fused:  # w in v's slot, keep in d's
             grads = _compiled_grads(ctx, grad, grad_count, v, s, t, d, (sb, b, e, x, dead_zone_raw.detach()))
@@ -126,6 +160,7 @@ def _eager_forward(ctx, w, s, t, qmax, keep):
     ctx.clipped = bool(level.max() > qmax) if level.numel() else False
     d = level - t if keep is None else None  # the distance to the dead zone's edge, in steps
     gate = step_gate(d) if keep is None else keep
+    ctx.gate = gate
     count = gate.sum()  # a float32 sum of 0/1 is exact up to 2^24 kept weights per layer
     level.round_().clamp_(1, qmax).mul_(torch.sign(v))  # the signed level the weight has when kept
     q = torch.mul(level, gate).add_(0.0)  # + 0.0: a pruned negative weight is +0.0, not -0.0
