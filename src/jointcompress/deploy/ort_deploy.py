@@ -66,12 +66,19 @@ def deploy_fp32(model: nn.Module, path: str | os.PathLike, example_input: torch.
                 block: int | None = None) -> OrtDeployment:
     """Export `model` to `path` and, next to it (`<stem>.folded.onnx`), the rewritten graph when
     any pooled convolution folds; returns the deployment (call `.predict()` to run it)."""
+    from .onnx_export import export_onnx
+
+    return deploy_onnx(export_onnx(model, path, example_input), threads, fold_from_batch, block)
+
+
+def deploy_onnx(path: str | os.PathLike, threads: int = DEFAULT_THREADS, fold_from_batch: int = FOLD_FROM_BATCH,
+                block: int | None = None) -> OrtDeployment:
+    """The deployment of an exported fp32 file (deploy_fp32 without the export)."""
     import onnx
 
-    from .onnx_export import export_onnx
     from .pooled_conv import rewrite_pooled_convs
 
-    path = export_onnx(model, path, example_input)
+    path = Path(path)
     graph = onnx.load(str(path))
     folded_convs = rewrite_pooled_convs(graph, block)
     folded = None
