@@ -38,6 +38,10 @@ def test_against_torch_pruning_writes_both_contenders(app, tmp_path):
     for batch in ("batch1", "batch64"):
         assert contenders <= set(res["timing"][batch]["latency_ms"]) and contenders <= set(res["timing"][batch]["alone_ms"])
     assert res["threads"] == 1 and res["train_rows"] == 256
+    for side in ("ours_fp32_ort", "tp_fp32_ort"):  # both deployed the same way, and it is recorded
+        runtime = res["runtimes"][side]
+        assert runtime["threads"] == 1 and runtime["spinning"] == "off" and "batch >= 8" in runtime
+    assert res["runtimes"]["dense_fp32_torch"].startswith("pytorch eager")
     dense = res["widths"]["dense"]
     for side in ("ours", "torch_pruning"):  # both really removed channels
         assert sum(res["widths"][side].values()) < sum(dense.values())
