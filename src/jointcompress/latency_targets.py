@@ -369,13 +369,14 @@ def widen(model: nn.Module, example_inputs, alloc: LatencyAllocation, measure, m
     allocation may sit well under the target. Each round times the next width of every group
     and keeps the one with the most importance regained per millisecond added, if it measures
     at or under the target twice (a noisy machine cannot sneak a wide model in on one lucky
-    timing); stop when none fits or after `max_trials` timings. `importance`: as in
-    allocate_latency."""
+    timing); stop when none fits or after `max_trials` timings. A group whose next width
+    measured over the target is not tried again (widening the others only adds time), so the
+    trials go to the groups that can still grow. `importance`: as in allocate_latency."""
     groups, _ = discover_groups(model, example_inputs)
     importance = importance if importance is not None else relative_importance(model, groups)
     channels, widths = alloc.channels, dict(alloc.widths)
     options = {g: allowed_widths(c, min_keep, min_width) for g, c in channels.items()}
-    trials, measured = 0, alloc.measured_ms
+    trials, measured, blocked = 0, alloc.measured_ms, set()
 
     def timed(trial: dict) -> float:
         nonlocal trials
@@ -388,13 +389,15 @@ def widen(model: nn.Module, example_inputs, alloc: LatencyAllocation, measure, m
     while trials < max_trials:
         best = None
         for g, ws in options.items():
-            if widths[g] not in ws or widths[g] == ws[-1] or trials >= max_trials:
+            if g in blocked or widths[g] not in ws or widths[g] == ws[-1] or trials >= max_trials:
                 continue
             w = ws[ws.index(widths[g]) + 1]
             ms = timed({**widths, g: w})
-            gain = importance.lost(g, w, widths[g])
-            score = gain / max(ms - measured, 0.01 * alloc.target_ms)
-            if ms <= alloc.target_ms and (best is None or score > best[0]):
+            if ms > alloc.target_ms:
+                blocked.add(g)
+                continue
+            score = importance.lost(g, w, widths[g]) / max(ms - measured, 0.01 * alloc.target_ms)
+            if best is None or score > best[0]:
                 best = (score, {**widths, g: w}, ms)
         if best is None or trials >= max_trials:
             break
