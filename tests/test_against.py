@@ -28,7 +28,7 @@ def test_against_torch_pruning_writes_both_contenders(app, tmp_path):
     out, teacher = tmp_path / "against.json", tmp_path / "teacher.safetensors"
     args = ["bench", "--against", "torch-pruning", "--model", "lenet5", "--data", "digits", "--teacher", str(teacher),
             "--teacher-epochs", "1", "--epochs", "1", "--tp-steps", "2", "--runs", "2", "--select-images", "100",
-            "--train-limit", "256", "--speedup", "1000", "--json", str(out)]
+            "--train-limit", "256", "--speedup", "1000", "--min-width", "4", "--json", str(out)]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
@@ -37,7 +37,7 @@ def test_against_torch_pruning_writes_both_contenders(app, tmp_path):
     assert contenders <= set(res["accuracy"]) and all(0 <= res["accuracy"][k] <= 1 for k in contenders)
     for batch in ("batch1", "batch64"):
         assert contenders <= set(res["timing"][batch]["latency_ms"]) and contenders <= set(res["timing"][batch]["alone_ms"])
-    assert res["threads"] == 1 and res["train_rows"] == 256
+    assert res["threads"] == 1 and res["train_rows"] == 256 and res["config"]["min_width"] == 4
     for side in ("ours_fp32_ort", "tp_fp32_ort"):  # both deployed the same way, and it is recorded
         runtime = res["runtimes"][side]
         assert runtime["threads"] == 1 and runtime["spinning"] == "off" and "batch >= 8" in runtime
