@@ -102,3 +102,35 @@ def test_bound_predict_matches_session_run_and_rebinds(tmp_path):
     assert torch.allclose(bound(a), plain(a), atol=1e-6) and not torch.allclose(bound(a), first)
     wide = torch.randn(8, 2, 8, 8)[:, :1]  # not contiguous: copied, still right
     assert torch.allclose(bound(wide), model(wide), atol=1e-5)
+
+
+def test_bound_runner_calls_the_compiled_session_and_falls_back(tmp_path):
+    """The runner skips the Python wrapper's per-call work (here the wrapper is broken on
+    purpose, and the runner still gives the model's logits), and uses the public call when the
+    session does not expose its compiled one."""
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from jointcompress.deploy.onnx_export import bound_runner, export_onnx, ort_session
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3)).eval()
+    session = ort_session(export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 1, 8, 8)))
+    x, out = torch.randn(4, 1, 8, 8), np.zeros((4, 3), np.float32)
+    binding = session.io_binding()
+    binding.bind_ortvalue_input("input", ort.OrtValue.ortvalue_from_numpy(x.numpy()))
+    binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(out))
+    run = bound_runner(session, binding)
+    session.run_with_iobinding = lambda *a: (_ for _ in ()).throw(AssertionError("the wrapper was called"))
+    run()
+    assert np.allclose(out, model(x).detach().numpy(), atol=1e-5)
+
+    class Public:  # a session without a compiled handle: the public call
+        calls = 0
+
+        def run_with_iobinding(self, b):
+            Public.calls += 1
+
+    bound_runner(Public(), binding)()
+    assert Public.calls == 1

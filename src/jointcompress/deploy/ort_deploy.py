@@ -48,10 +48,13 @@ class OrtDeployment:
         from .onnx_export import bound_predict, ort_session
 
         small = bound_predict(ort_session(self.plain, self.threads))
-        large = bound_predict(ort_session(self.folded, self.threads)) if self.folded is not None else small
+        if self.folded is None:  # one graph serves every batch
+            small.runtime = self.runtime()
+            return small
+        large, fold_from = bound_predict(ort_session(self.folded, self.threads)), self.fold_from_batch
 
         def predict(x: torch.Tensor) -> torch.Tensor:
-            return (large if self.graph_for(x.shape[0]) != self.plain else small)(x)
+            return large(x) if x.shape[0] >= fold_from else small(x)
 
         predict.session, predict.runtime = small.session, self.runtime()
         return predict
