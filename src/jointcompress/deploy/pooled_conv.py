@@ -123,7 +123,7 @@ def rewrite_pooled_convs(model, block: int | None = None) -> list[str]:
     """Every Conv -> Relu -> MaxPool(2x2) chain that fits (module docstring) and where folding
     pays at ORT's NCHWc `block` (default: this CPU's) replaced by its folded form, in place;
     returns the names of the convolutions folded."""
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     graph = model.graph
     weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
@@ -137,29 +137,11 @@ def rewrite_pooled_convs(model, block: int | None = None) -> list[str]:
         if pool is None or not _pool_is_2x2(pool) or not _conv_fits(conv, weights, shapes.get(conv.input[0])):
             continue
         w = weights[conv.input[1]]
-        f, (_, _, h, wd) = w.shape[0], shapes[conv.input[0]]
-        if not folding_pays(f, w.shape[2:], block):
+        if not folding_pays(w.shape[0], w.shape[2:], block):
             continue
-        bias = weights[conv.input[2]] if len(conv.input) > 2 else np.zeros(f, w.dtype)
-        tag = f"{conv.name or conv.output[0]}_pooled"
-        new_w, new_b = folded_kernel(w), np.tile(bias, 4)
-        graph.initializer.extend([numpy_helper.from_array(new_w, f"{tag}.weight"),
-                                  numpy_helper.from_array(new_b, f"{tag}.bias"),
-                                  numpy_helper.from_array(np.array([0, 4, f, (h - w.shape[2] + 1) // 2,
-                                                                    (wd - w.shape[3] + 1) // 2], np.int64),
-                                                          f"{tag}.shape")])
-        reduce = (helper.make_node("ReduceMax", [f"{tag}.phases"], [pool.output[0]], f"{tag}.max", axes=[1], keepdims=0)
-                  if opset < 18 else
-                  helper.make_node("ReduceMax", [f"{tag}.phases", f"{tag}.axes"], [pool.output[0]], f"{tag}.max",
-                                   keepdims=0))
-        if opset >= 18:
-            graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), f"{tag}.axes"))
-        nodes = [helper.make_node("SpaceToDepth", [conv.input[0]], [f"{tag}.folded"], f"{tag}.fold", blocksize=2),
-                 helper.make_node("Conv", [f"{tag}.folded", f"{tag}.weight", f"{tag}.bias"], [f"{tag}.conv"],
-                                  f"{tag}.conv", kernel_shape=list(new_w.shape[2:])),
-                 helper.make_node("Relu", [f"{tag}.conv"], [f"{tag}.relu"], f"{tag}.relu"),
-                 helper.make_node("Reshape", [f"{tag}.relu", f"{tag}.shape"], [f"{tag}.phases"], f"{tag}.split"),
-                 reduce]
+        bias = weights[conv.input[2]] if len(conv.input) > 2 else np.zeros(w.shape[0], w.dtype)
+        nodes, tensors = _folded(conv, pool.output[0], w, bias, shapes[conv.input[0]], opset)
+        graph.initializer.extend(tensors)
         at = list(graph.node).index(conv)
         for old in (conv, relu, pool):
             graph.node.remove(old)
@@ -168,6 +150,31 @@ def rewrite_pooled_convs(model, block: int | None = None) -> list[str]:
         done.append(conv.name or conv.output[0])
     _drop_unused_initializers(graph)
     return done
+
+
+def _folded(conv, output: str, weight: np.ndarray, bias: np.ndarray, shape, opset: int):
+    """The nodes and initializers that compute `output` (the pooled map) from the conv's input:
+    SpaceToDepth(2) -> Conv(folded kernel) -> Relu -> Reshape(N, 4, F, h, w) -> ReduceMax(1)."""
+    from onnx import helper, numpy_helper
+
+    f, (h, wd) = weight.shape[0], shape[2:]
+    tag = f"{conv.name or conv.output[0]}_pooled"
+    kernel = folded_kernel(weight)
+    pooled = [0, 4, f, (h - weight.shape[2] + 1) // 2, (wd - weight.shape[3] + 1) // 2]
+    tensors = [numpy_helper.from_array(kernel, f"{tag}.weight"), numpy_helper.from_array(np.tile(bias, 4), f"{tag}.bias"),
+               numpy_helper.from_array(np.array(pooled, np.int64), f"{tag}.shape")]
+    if opset < 18:  # ReduceMax's axes: an attribute up to opset 17, an input from 18
+        reduce = helper.make_node("ReduceMax", [f"{tag}.phases"], [output], f"{tag}.max", axes=[1], keepdims=0)
+    else:
+        tensors.append(numpy_helper.from_array(np.array([1], np.int64), f"{tag}.axes"))
+        reduce = helper.make_node("ReduceMax", [f"{tag}.phases", f"{tag}.axes"], [output], f"{tag}.max", keepdims=0)
+    nodes = [helper.make_node("SpaceToDepth", [conv.input[0]], [f"{tag}.folded"], f"{tag}.fold", blocksize=2),
+             helper.make_node("Conv", [f"{tag}.folded", f"{tag}.weight", f"{tag}.bias"], [f"{tag}.conv"], f"{tag}.conv",
+                              kernel_shape=list(kernel.shape[2:])),
+             helper.make_node("Relu", [f"{tag}.conv"], [f"{tag}.relu"], f"{tag}.relu"),
+             helper.make_node("Reshape", [f"{tag}.relu", f"{tag}.shape"], [f"{tag}.phases"], f"{tag}.split"),
+             reduce]
+    return nodes, tensors
 
 
 def _drop_unused_initializers(graph) -> None:
