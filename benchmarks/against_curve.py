@@ -21,9 +21,16 @@ and alone medians, ONNX Runtime fp32, batch 1 and 64) and our test accuracy minu
 mean +- standard error over seeds, called a difference only beyond 2 SE.
 
 Writes benchmarks/results/against_curve_lenet5.json (with this command).
+
+The runs deployed with the pooled-convolution rewrite (deploy.pooled_conv) and a 4-channel floor,
+re-timed on a quiet machine by benchmarks/against_retime.py, are summarized the same way:
+
+    python benchmarks/against_curve.py --seeds 'against_torch_pruning_lenet5_fold_w24_seed*.json' --no-extra \
+        --retime benchmarks/results/against_retime_lenet5_fold_quiet.json --out against_curve_lenet5_fold.json
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import statistics
@@ -74,21 +81,55 @@ def paired(runs: list[dict]) -> dict:
     return out
 
 
+def paired_retime(retime: dict) -> dict:
+    """The same paired statistics from a re-timing of several runs (benchmarks/against_retime.py):
+    per seed, Torch-Pruning's ms over ours, all contenders interleaved, alone, and each right
+    after dense PyTorch; and ours' speed-ups over dense PyTorch."""
+    tags = sorted({k.split("_")[0] for k in retime["accuracy"] if k.startswith("s") and k.endswith("ours_fp32_ort")})
+    out = {"accuracy_ours_minus_tp_points": mean_se([100 * (retime["accuracy"][f"{t}_ours_fp32_ort"]
+                                                            - retime["accuracy"][f"{t}_tp_fp32_ort"]) for t in tags]),
+           "ours_accuracy_lost_points": mean_se([100 * (retime["accuracy"]["dense_fp32_torch"]
+                                                        - retime["accuracy"][f"{t}_ours_fp32_ort"]) for t in tags])}
+    for b in ("batch1", "batch64"):
+        t = retime["timing"][b]
+        reads = {"interleaved_all": t["all"]["interleaved_ms"], "alone": t["all"]["alone_ms"],
+                 "after_dense": {k: v["interleaved_ms"][k] for k, v in t["after_dense"].items()}}
+        for name, ms in reads.items():
+            out[f"tp_over_ours_{b}_{name}"] = mean_se([ms[f"{g}_tp_fp32_ort"] / ms[f"{g}_ours_fp32_ort"] - 1 for g in tags])
+        out[f"ours_speedup_{b}_after_dense"] = mean_se([t["after_dense"][f"{g}_ours_fp32_ort"]["speedup_interleaved"][
+            f"{g}_ours_fp32_ort"] for g in tags])
+        out[f"ours_speedup_{b}_alone"] = mean_se([t["all"]["speedup_alone"][f"{g}_ours_fp32_ort"] for g in tags])
+    return out
+
+
 def main():
-    seeds = load("against_torch_pruning_lenet5_equal_acc_seed*.json")
-    sweep = load("against_sweep_lenet5_t*.json")
-    earlier = load("against_torch_pruning_lenet5.json") + load("against_torch_pruning_lenet5_both_batches.json")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", default="against_torch_pruning_lenet5_equal_acc_seed*.json")
+    ap.add_argument("--no-extra", action="store_true", help="leave out the sweep and the earlier runs")
+    ap.add_argument("--retime", default=None, help="a re-timing of the seeds' runs (benchmarks/against_retime.py)")
+    ap.add_argument("--out", default="against_curve_lenet5.json")
+    args = ap.parse_args()
+    seeds = load(args.seeds)
+    sweep = [] if args.no_extra else load("against_sweep_lenet5_t*.json")
+    earlier = [] if args.no_extra else (load("against_torch_pruning_lenet5.json")
+                                        + load("against_torch_pruning_lenet5_both_batches.json"))
     ours = [point(r, "ours") for r in seeds + sweep + earlier]
     tp = [{**point(r, "tp"), "matched": r["torch_pruning"]["matched"], "chosen_step": r["torch_pruning"]["chosen_step"],
            "candidates": r["torch_pruning"]["candidates"],
            "stages": [{k: s[k] for k in ("step", "widths", "selection_accuracy", "steps_so_far", "ort_fp32_alone_ms")}
                       for s in r["torch_pruning"]["stages"]]} for r in seeds + earlier]
-    result = {"command": "python benchmarks/against_curve.py",
+    command = "python benchmarks/against_curve.py" + (
+        "" if args.seeds == ap.get_default("seeds") and not args.no_extra and not args.retime and args.out == ap.get_default("out")
+        else f" --seeds '{args.seeds}'" + (" --no-extra" if args.no_extra else "")
+        + (f" --retime {args.retime}" if args.retime else "") + f" --out {args.out}")
+    result = {"command": command,
               "sources": [r["file"] for r in seeds + sweep + earlier], "ours_curve": sorted(ours, key=lambda p: p["batch64"]["alone_ms"]),
               "torch_pruning": tp, "paired_over_seeds": paired(seeds) if seeds else None,
               "rule": "ORT fp32 both; Torch-Pruning at its fastest stage whose selection accuracy >= ours after >= our "
                       "training steps; a difference is called only beyond 2 SE (paired over seeds)"}
-    atomic_write_text(RESULTS / "against_curve_lenet5.json", json.dumps(result, indent=1) + "\n")
+    if args.retime:
+        result["paired_over_seeds_retimed"] = {"file": args.retime, **paired_retime(json.loads(Path(args.retime).read_text()))}
+    atomic_write_text(RESULTS / args.out, json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["paired_over_seeds"], indent=1))
     for p in result["ours_curve"]:
         print("ours", p["seed"], p["importance"], p["widths"], p["test_accuracy"], round(p["batch64"]["speedup"], 1), round(p["batch1"]["speedup"], 1))

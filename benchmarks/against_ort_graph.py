@@ -21,8 +21,14 @@ For LeNet-5 at a few pruned widths (random weights: latency does not depend on t
   at batch 64 on whatever load the machine had at that moment (recorded with `uptime`'s load);
 - **neighbours**: our call interleaved with nothing, with dense PyTorch, or with a 4 MB memory
   sweep: whether what runs in between slows it (cache eviction).
+- **folded** (`ort_folded`, `ort_deployed`): the graph with its narrow pooled convolutions
+  folded (deploy.pooled_conv) and the package's deployment (deploy.ort_deploy: the plain
+  export below batch 8, the folded graph from there on), at batch 1 and 64.
 
-Writes benchmarks/results/against_ort_graph.json (with this command).
+    .venv/bin/python benchmarks/against_ort_graph.py --widths 4/16/64,8/16/64,4/16/160 \
+        --out benchmarks/results/against_ort_graph_fold.json
+
+Writes benchmarks/results/against_ort_graph.json (or --out; with this command).
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from jointcompress.deploy.onnx_export import bound_predict, export_onnx
+from jointcompress.deploy.ort_deploy import deploy_onnx
 from jointcompress.deploy.timing import ort_session_options, time_contenders
 from jointcompress.io import atomic_write_text
 from jointcompress.latency_targets import shrunk_to
@@ -143,12 +150,17 @@ def contenders(widths: dict, work: Path, threads: int) -> tuple[dict, dict]:
         fns[f"ort_upto_{STAGES[k - 1]}"] = bound_predict(session(export_onnx(Prefix(model, k), work / f"prefix{k}.onnx",
                                                                              example), threads))
     fns.update({f"ort_{lv}": bound_predict(session(path, threads, lv)) for lv in LEVELS})
+    deployed = deploy_onnx(path, threads)
+    if deployed.folded is not None:
+        fns["ort_folded"] = bound_predict(session(deployed.folded, threads))
+    fns["ort_deployed"] = deployed.predict()
     fns.update({"ort_static_b1": bound_predict(session(static, threads)),
                 "ort_tight": bound_predict(session(tight_path, threads)),
                 "ort_tight_static_b1": bound_predict(session(_static(tight, example, work), threads)),
                 "ort_floor": bound_predict(session(floor, threads))})
     return fns, {"pruned": graphs(path, work, threads), "tight": graphs(tight_path, work, threads),
-                 "static_b1": graphs(static, work, threads)}
+                 "static_b1": graphs(static, work, threads),
+                 **({"folded": graphs(deployed.folded, work, threads)} if deployed.folded is not None else {})}
 
 
 def _static(model: nn.Module, example, work: Path) -> Path:
@@ -178,11 +190,15 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=400)
     ap.add_argument("--shared-machine", default="2 cores shared with other developers' jobs (training runs)")
+    ap.add_argument("--widths", default=None, help="conv1/conv2/fc1,... (default: 8/16/64, 8/16/160, 8/8/32)")
+    ap.add_argument("--out", default="benchmarks/results/against_ort_graph.json")
     args = ap.parse_args()
+    all_widths = WIDTHS if args.widths is None else [dict(zip(("conv1", "conv2", "fc1"), map(int, w.split("/"))))
+                                                 for w in args.widths.split(",")]
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="ort-graph-"))
     rows, load_before = [], os.getloadavg()
-    for widths in WIDTHS:
+    for widths in all_widths:
         fns, graph = contenders(widths, work, args.threads)
         x = torch.randn(1, 1, 28, 28)
         t = time_contenders({k: (lambda f=f: f(x)) for k, f in fns.items()}, threads=args.threads, rounds=args.rounds)
@@ -191,17 +207,20 @@ def main():
                "batch1": {"interleaved_us": {k: 1e3 * v for k, v in t.interleaved_ms.items()},
                           "alone_us": {k: 1e3 * v for k, v in t.alone_ms.items()}, "flagged": t.flagged}}
         x64 = torch.randn(64, 1, 28, 28)
-        b64 = {k: fns[k] for k in ("dense_torch", "ort_all")}
+        b64 = {k: fns[k] for k in ("dense_torch", "ort_all", "ort_folded", "ort_deployed") if k in fns}
         t = time_contenders({k: (lambda f=f: f(x64)) for k, f in b64.items()}, threads=args.threads,
                             rounds=max(10, args.rounds // 10))
         row["batch64"] = {"interleaved_ms": t.interleaved_ms, "alone_ms": t.alone_ms, "flagged": t.flagged}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {"command": f"python benchmarks/against_ort_graph.py --threads {args.threads} --rounds {args.rounds}",
+    command = f"python benchmarks/against_ort_graph.py --threads {args.threads} --rounds {args.rounds}"
+    command += (f" --widths {args.widths}" if args.widths else "") + (
+        f" --out {args.out}" if args.out != ap.get_default("out") else "")
+    result = {"command": command, "graph_rewrite": "ort_folded: deploy.pooled_conv; ort_deployed: deploy.ort_deploy",
               "threads": args.threads, "machine": {"shared": args.shared_machine, "cpus": os.cpu_count(),
                                                    "load_average_before_after": [load_before, os.getloadavg()]},
               "onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__, "rows": rows}
-    atomic_write_text(Path("benchmarks/results/against_ort_graph.json"), json.dumps(result, indent=1) + "\n")
+    atomic_write_text(Path(args.out), json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ def parse() -> tuple[argparse.Namespace, AgainstConfig]:
     ap.add_argument("--teacher", default=None, help="dense weights (safetensors): loaded, or trained and saved there")
     ap.add_argument("--train-limit", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--workdir", default=None, help="where the contenders' ONNX files stay (default: a new temp dir); "
+                    "benchmarks/against_retime.py re-times them from there")
     ap.add_argument("--shared-machine", default="2 cores shared with 3 other jobs (training runs)",
                     help="what else ran on the machine (recorded)")
     defaults = AgainstConfig()
@@ -57,6 +59,7 @@ def command_of(args, cfg: AgainstConfig) -> str:
     parts += [f"--teacher {args.teacher}"] if args.teacher else []
     parts += [f"--train-limit {args.train_limit}"] if args.train_limit else []
     parts += [f"--out {args.out}"] if args.out else []
+    parts += [f"--workdir {args.workdir}"] if args.workdir else []
     return " ".join(parts)
 
 
@@ -70,7 +73,8 @@ def main():
         split.x_train, split.y_train = split.x_train[:args.train_limit], split.y_train[:args.train_limit]
     teacher, note = dense_teacher(cfg, split, Path(args.teacher) if args.teacher else None)
     result = {"command": command_of(args, cfg), "machine": {"shared": args.shared_machine, "cpus": os.cpu_count()},
-              **run_against(cfg, split, teacher, note, progress=lambda m: print(m, file=sys.stderr, flush=True))}
+              **run_against(cfg, split, teacher, note, workdir=args.workdir,
+                            progress=lambda m: print(m, file=sys.stderr, flush=True))}
     out = Path(args.out or f"benchmarks/results/against_torch_pruning_{cfg.model}.json")
     from jointcompress.io import atomic_write_text
 

@@ -28,7 +28,7 @@ def test_against_torch_pruning_writes_both_contenders(app, tmp_path):
     out, teacher = tmp_path / "against.json", tmp_path / "teacher.safetensors"
     args = ["bench", "--against", "torch-pruning", "--model", "lenet5", "--data", "digits", "--teacher", str(teacher),
             "--teacher-epochs", "1", "--epochs", "1", "--tp-steps", "2", "--runs", "2", "--select-images", "100",
-            "--train-limit", "256", "--speedup", "1000", "--json", str(out)]
+            "--train-limit", "256", "--speedup", "1000", "--min-width", "4", "--json", str(out)]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
@@ -37,7 +37,11 @@ def test_against_torch_pruning_writes_both_contenders(app, tmp_path):
     assert contenders <= set(res["accuracy"]) and all(0 <= res["accuracy"][k] <= 1 for k in contenders)
     for batch in ("batch1", "batch64"):
         assert contenders <= set(res["timing"][batch]["latency_ms"]) and contenders <= set(res["timing"][batch]["alone_ms"])
-    assert res["threads"] == 1 and res["train_rows"] == 256
+    assert res["threads"] == 1 and res["train_rows"] == 256 and res["config"]["min_width"] == 4
+    for side in ("ours_fp32_ort", "tp_fp32_ort"):  # both deployed the same way, and it is recorded
+        runtime = res["runtimes"][side]
+        assert runtime["threads"] == 1 and runtime["spinning"] == "off" and "batch >= 8" in runtime
+    assert res["runtimes"]["dense_fp32_torch"].startswith("pytorch eager")
     dense = res["widths"]["dense"]
     for side in ("ours", "torch_pruning"):  # both really removed channels
         assert sum(res["widths"][side].values()) < sum(dense.values())
@@ -98,3 +102,35 @@ def test_bound_predict_matches_session_run_and_rebinds(tmp_path):
     assert torch.allclose(bound(a), plain(a), atol=1e-6) and not torch.allclose(bound(a), first)
     wide = torch.randn(8, 2, 8, 8)[:, :1]  # not contiguous: copied, still right
     assert torch.allclose(bound(wide), model(wide), atol=1e-5)
+
+
+def test_bound_runner_calls_the_compiled_session_and_falls_back(tmp_path):
+    """The runner skips the Python wrapper's per-call work (here the wrapper is broken on
+    purpose, and the runner still gives the model's logits), and uses the public call when the
+    session does not expose its compiled one."""
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from jointcompress.deploy.onnx_export import bound_runner, export_onnx, ort_session
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3)).eval()
+    session = ort_session(export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 1, 8, 8)))
+    x, out = torch.randn(4, 1, 8, 8), np.zeros((4, 3), np.float32)
+    binding = session.io_binding()
+    binding.bind_ortvalue_input("input", ort.OrtValue.ortvalue_from_numpy(x.numpy()))
+    binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(out))
+    run = bound_runner(session, binding)
+    session.run_with_iobinding = lambda *a: (_ for _ in ()).throw(AssertionError("the wrapper was called"))
+    run()
+    assert np.allclose(out, model(x).detach().numpy(), atol=1e-5)
+
+    class Public:  # a session without a compiled handle: the public call
+        calls = 0
+
+        def run_with_iobinding(self, b):
+            Public.calls += 1
+
+    bound_runner(Public(), binding)()
+    assert Public.calls == 1

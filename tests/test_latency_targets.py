@@ -145,6 +145,25 @@ def test_widen_gives_back_what_the_measured_target_affords(lenet):
     assert tight.widths == start.widths and len([r for r in tight.rounds if r.get("widen")]) <= 5
 
 
+def test_widen_stops_trying_a_group_that_measured_over(lenet):
+    """A group whose next width is over the target (here conv1: any width above 4 costs 1000)
+    is timed once, and the trials go to the groups that can still grow."""
+    from jointcompress.latency_targets import LatencyAllocation, widen
+
+    model, x = lenet
+    channels = {"conv1": 20, "conv2": 50, "fc1": 500}
+
+    def fake_ms(m):
+        kept = {g.name: g.channels for g in discover_groups(m, x)[0]}
+        return float(sum(kept.values()) + (1000 if kept["conv1"] > 4 else 0))
+
+    start = LatencyAllocation({"conv1": 4, "conv2": 8, "fc1": 32}, channels, 1.0, target_ms=120.0, measured_ms=44.0)
+    out = widen(model, x, start, fake_ms, max_trials=12, min_width=4)
+    trials = [r for r in out.rounds if r.get("widen")]
+    assert len([r for r in trials if r["widths"]["conv1"] > 4]) == 1
+    assert out.widths["conv1"] == 4 and out.measured_ms <= 120.0 and sum(out.widths.values()) > 44
+
+
 def test_greedy_jumps_over_a_flat_step_of_a_noisy_table(lenet):
     """A measured table can read the same ms at two widths; the cut must not stop there."""
     from jointcompress.latency_targets import greedy_widths, relative_importance

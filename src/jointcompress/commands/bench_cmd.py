@@ -131,6 +131,10 @@ def register(app: typer.Typer) -> None:
         tp_steps: int = typer.Option(6, "--tp-steps", min=1, help="--against: Torch-Pruning's pruning steps."),
         train_limit: Optional[int] = typer.Option(None, "--train-limit", min=1, help="--against: first N training rows."),
         select_images: int = typer.Option(2000, "--select-images", min=1, help="--against: test images for the matching."),
+        target_ms: Optional[float] = typer.Option(None, "--target-ms", min=0.0, help="--against: the target in ONNX Runtime "
+                                                  "fp32 ms at batch 64 instead of --speedup (immune to PyTorch's load)."),
+        min_width: Optional[int] = typer.Option(None, "--min-width", min=1, help="--against: fewest channels a group may "
+                                                "keep (default 8; LeNet-5 reaches 20x only with 4 stem channels)."),
     ) -> None:
         """Parameters, MACs, bytes on disk, latency (batch 1 and 64) and accuracy: dense vs artifact;
         then where the weights file's bytes go (values, indices, scales, biases, other, container).
@@ -144,9 +148,11 @@ def register(app: typer.Typer) -> None:
         console = Console()
         if against is not None:
             options = dict(epochs=epochs, teacher_epochs=teacher_epochs, speedup=speedup, tp_steps=tp_steps,
-                           runs=runs, threads=threads, select_images=select_images, train_limit=train_limit)
+                           runs=runs, threads=threads, select_images=select_images, train_limit=train_limit,
+                           target_ms=target_ms, min_width=min_width)
             result = run_against_cli(against, model, data, teacher, options)
             console.print(against_table(result))
+            console.print(f"ONNX Runtime fp32 (ours and Torch-Pruning's): {result['runtimes']['ours_fp32_ort']}")
             _write_json(json_out, result)
             return
         if artifact_dir is None:

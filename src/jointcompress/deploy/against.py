@@ -18,7 +18,9 @@ What `jointcompress bench --against torch-pruning` and benchmarks/against_torch_
    ONNX Runtime fp32 and int8 (static QDQ, calibrated on training images).
 4. Every contender is timed at batch 1 and 64 (deploy.timing: the same threads, ORT intra-op
    threads, spinning off; interleaved rounds, medians, each also timed alone). Every ONNX
-   Runtime contender, ours and Torch-Pruning's alike, runs through `bound_predict` (IOBinding).
+   Runtime fp32 contender, ours and Torch-Pruning's alike, is deployed the same way
+   (deploy.ort_deploy: IOBinding; from batch 8 on the graph with its pooled convolutions
+   folded, deploy.pooled_conv), and the result records each one's runtime settings.
 
 Accuracy is on the whole test split; training-time choices (the matching) use only its first
 `select_images` images.
@@ -113,10 +115,18 @@ def alone_ms(fn, x: torch.Tensor, threads: int, rounds: int = 20) -> float:
     return time_contenders({"m": lambda: fn(x)}, threads=threads, rounds=rounds, warmup=3, alone_runs=5).interleaved_ms["m"]
 
 
-def ort_fp32(model: nn.Module, path: Path, example: torch.Tensor, threads: int):
-    from .onnx_export import bound_predict, export_onnx, ort_session
+def steady_ms(fn, x: torch.Tensor, threads: int, rounds: int = 20, repeats: int = 3) -> float:
+    """The least of `repeats` medians: load only ever slows a call, so one spike in one median
+    cannot make a model look slower than it is (a 0.70 ms model once measured 0.78 ms and was
+    never widened)."""
+    return min(alone_ms(fn, x, threads, rounds) for _ in range(repeats))
 
-    return bound_predict(ort_session(export_onnx(model, path, example), threads))
+
+def ort_fp32(model: nn.Module, path: Path, example: torch.Tensor, threads: int):
+    """The package's ONNX Runtime fp32 deployment (deploy.ort_deploy); `.runtime` says how it runs."""
+    from .ort_deploy import deploy_fp32
+
+    return deploy_fp32(model, path, example, threads).predict()
 
 
 def ort_int8(model: nn.Module, spec, split, example, workdir: Path, cfg: AgainstConfig):
@@ -128,7 +138,10 @@ def ort_int8(model: nn.Module, spec, split, example, workdir: Path, cfg: Against
     n = cfg.calibration_images
     int8 = quantize_int8(model, spec, (split.x_train[:n], split.y_train[:n]), example, workdir=workdir,
                          threads=cfg.threads)
-    return bound_predict(ort_session(int8.path, cfg.threads))
+    run = bound_predict(ort_session(int8.path, cfg.threads))
+    run.runtime = {"runtime": "onnxruntime CPU int8 (static QDQ), graph optimization level all, no folding",
+                   "threads": cfg.threads, "spinning": "off", "io_binding": True}
+    return run
 
 
 def widths_of(model: nn.Module, example) -> dict[str, int]:
@@ -173,13 +186,13 @@ def allocate(teacher: nn.Module, split, example, work: Path, target_ms: float, c
     table = lt.measure_table(teacher, example, 64, cfg.threads)
     scale = 0.0
     if cfg.both_batches:
-        dense = {b: min(alone_ms(teacher, x, cfg.threads) for _ in range(3)) for b, x in ((1, x1), (64, x64))}
+        dense = {b: steady_ms(teacher, x, cfg.threads) for b, x in ((1, x1), (64, x64))}
         scale = dense[64] / dense[1]
 
     def deploy(m):
         run = ort_fp32(m, work / "probe.onnx", example, cfg.threads)
-        ms64 = alone_ms(run, x64, cfg.threads)
-        return max(ms64, scale * alone_ms(run, x1, cfg.threads, rounds=100)) if scale else ms64
+        ms64 = steady_ms(run, x64, cfg.threads)
+        return max(ms64, scale * steady_ms(run, x1, cfg.threads, rounds=100)) if scale else ms64
     kwargs = {"min_width": cfg.min_width} if cfg.min_width is not None else {}
     importance = importance_for(teacher, split, example, cfg, **kwargs)
     alloc = lt.allocate_latency(teacher, example, Target(latency_ms=target_ms, batch=64), table=table, measure=deploy,
@@ -269,6 +282,12 @@ def dense_teacher(cfg: AgainstConfig, split, teacher_path: Path | None = None) -
     return model, f"trained here ({cfg.teacher_epochs} epochs, lr {cfg.lr}, batch {cfg.batch_size}, seed 0)"
 
 
+def runtimes_of(runners: dict) -> dict:
+    """How each contender runs: the ORT deployment's record (deploy.ort_deploy), else its kind."""
+    return {k: getattr(f, "runtime", None) or (f"pytorch eager ({type(f).__name__})" if isinstance(f, nn.Module)
+                                                else type(f).__name__) for k, f in runners.items()}
+
+
 def time_all(runners: dict, split, threads: int, rounds: int) -> dict:
     """Every contender at batch 1 and 64, the honest way; speed-ups against dense fp32 PyTorch."""
     from ..bench import batch_of
@@ -321,6 +340,7 @@ def run_against(cfg: AgainstConfig, split, teacher: nn.Module | None = None, tea
         "match": {"ours_selection_accuracy": us["selection_accuracy"], "torch_pruning_matched": them["matched"],
                   "rule": "fastest Torch-Pruning stage whose selection accuracy >= ours after the full budget"},
         "timing": time_all(runners, split, cfg.threads, cfg.runs),
+        "runtimes": runtimes_of(runners),
         "macs_per_sample": {"dense": count_macs(teacher, example), "ours": us["macs"], "torch_pruning": them["macs"]},
         "widths": {"dense": widths_of(teacher, example), "ours": us["widths"], "torch_pruning": them["widths"]},
         "ours": {k: us[k] for k in ("allocation", "train_seconds", "train_steps")},

@@ -76,13 +76,15 @@ def bound_predict(session):
     adds more). A deployment that reuses its input and output buffers binds them once, as
     here: the binding is rebuilt only when a call passes another tensor (address, shape). The
     returned logits tensor is that binding's output buffer: the next call with the same input
-    overwrites it (clone it to keep it).
+    overwrites it (clone it to keep it). A call with the bound tensor checks only its identity,
+    address and shape, and runs through `bound_runner`: 15.5 -> 13.3 us per batch-1 call
+    (LeNet-5 at 4/16/64 channels, 1 thread; ORT's own work is ~12.5 us of it).
     """
     import numpy as np
     import onnxruntime as ort
 
     name, out_name = session.get_inputs()[0].name, session.get_outputs()[0].name
-    state = {"key": None}
+    state = {"key": None, "input": None}
 
     def bind(x: torch.Tensor) -> None:
         probe = session.io_binding()  # one run to learn the output's shape
@@ -94,18 +96,42 @@ def bound_predict(session):
         binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(x.numpy()))
         binding.bind_ortvalue_output(out_name, ort.OrtValue.ortvalue_from_numpy(out))
         # the input tensor and output array stay referenced while bound
-        state.update(key=(x.data_ptr(), tuple(x.shape)), binding=binding, input=x, out=torch.from_numpy(out))
+        state.update(key=(x.data_ptr(), x.shape), binding=binding, input=x, out=torch.from_numpy(out),
+                     run=bound_runner(session, binding))
 
     def predict(x: torch.Tensor) -> torch.Tensor:
+        # the bound tensor again, its buffer unchanged: run (checks cost ~1.5 us of a 15 us call at batch 1)
+        if x is state["input"] and (x.data_ptr(), x.shape) == state["key"]:
+            state["run"]()
+            return state["out"]
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.requires_grad or not x.is_contiguous():
             x = x.detach().cpu().float().contiguous()
-        if (x.data_ptr(), tuple(x.shape)) != state["key"]:
+        if (x.data_ptr(), x.shape) != state["key"]:
             bind(x)
-        session.run_with_iobinding(state["binding"])
+        state["run"]()
         return state["out"]
 
     predict.session = session
     return predict
+
+
+def bound_runner(session, binding):
+    """A zero-argument call that runs `session` on `binding`, without the Python wrapper's
+    per-call work where that is safe. `InferenceSession.run_with_iobinding` checks the binding's
+    session and looks up a WebGPU graph-capture id on every call before it calls the compiled
+    session: ~1 us of a 14 us batch-1 call (LeNet-5, 4/16/64 channels, 1 thread), and passing a
+    RunOptions to it costs ~30 us more (the id lookup raises and catches). The compiled call with
+    the same binding and a RunOptions made once does the same work; it is used when the session
+    is the binding's and no graph capture is on, else the public call."""
+    import onnxruntime as ort
+
+    compiled, inner = getattr(session, "_sess", None), getattr(binding, "_iobinding", None)
+    capture = getattr(compiled, "is_webgpu_graph_capture_enabled", None)
+    if (compiled is None or inner is None or getattr(binding, "_session", None) is not compiled
+            or not hasattr(compiled, "run_with_iobinding") or (capture is not None and capture())):
+        return lambda: session.run_with_iobinding(binding)
+    options = ort.RunOptions()
+    return lambda: compiled.run_with_iobinding(inner, options)
 
 
 def export_and_check(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor,
