@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import warnings
@@ -54,6 +55,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
+    load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="hf-latency-"))
     t = teacher()
     fns = {"teacher_fp32_torch": (torch_logits_fn(t), 30522)}
@@ -70,7 +72,7 @@ def main():
                        for bs in (1, 32)} for mode in RUNS}
     result = {
         "command": f"python benchmarks/hf_latency.py --threads {args.threads} --rounds {args.rounds}",
-        "threads": args.threads, "seq_len": 64, "rounds": args.rounds, "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads, "load_average_before_after": [load_before, os.getloadavg()], "seq_len": 64, "rounds": args.rounds, "cpu": platform.processor() or platform.machine(),
         "weights": "random (latency does not depend on values); shapes from the hf_sst2_core results",
         "students": shapes, "latency_ms": lat, "speedup_vs_teacher_fp32_torch": speedups,
     }

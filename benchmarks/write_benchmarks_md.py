@@ -570,13 +570,48 @@ def equal_accuracy_section() -> list[str]:
     return out + [""]
 
 
+def folded_deployment_section() -> list[str]:
+    """The 3 LeNet-5 runs of against_torch_pruning.py with the folded deployment (deploy/ort_deploy.py),
+    re-timed on a quiet machine by against_retime.py, with the paired statistics of against_curve.py."""
+    r, curve = _load("against_retime_lenet5_fold_quiet.json"), _load("against_curve_lenet5_fold.json")
+    if r is None or curve is None:
+        return []
+    seeds = sorted({k.split("_")[0] for k in r["accuracy"] if k.startswith("s")})
+    machine = r.get("machine", {})
+    out = ["### LeNet-5 at 20x: the folded deployment, re-timed on a quiet machine", "",
+           f"Reproduce: `.venv/bin/{r['command']}` over the runs of {', '.join(f'`{Path(x).name}`' for x in curve['sources'][:3])} "
+           f"(each stores its command); paired statistics: `.venv/bin/{curve['command']}`. Machine: {machine.get('shared')}. "
+           "Three readings per contender: *all* = every contender in one interleaved rotation; *after dense* = our call "
+           "always right after a dense PyTorch call (which flushes the caches); *alone*.", "",
+           f"Dense fp32 PyTorch accuracy {r['accuracy']['dense_fp32_torch']:.2%}.", "",
+           "| seed | contender | accuracy | b64 ms all / after dense / alone | b64 speed-up after dense (alone) | "
+           "b1 us all / after dense / alone | b1 speed-up after dense (alone) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for seed in seeds:
+        for who in ("ours_fp32_ort", "tp_fp32_ort"):
+            name, cells = f"{seed}_{who}", []
+            for batch, scale in (("batch64", 1.0), ("batch1", 1000.0)):
+                t, after = r["timing"][batch]["all"], r["timing"][batch]["after_dense"][name]
+                times = (t["interleaved_ms"][name], after["interleaved_ms"][name], after["alone_ms"][name])
+                cells.append(" / ".join(f"{x * scale:.3g}" for x in times))
+                cells.append(f"{after['speedup_interleaved'][name]:.1f}x ({after['speedup_alone'][name]:.1f}x)")
+            label = "ours" if who.startswith("ours") else "Torch-Pruning"
+            out.append(f"| {seed[1:]} | {label} | {r['accuracy'][name]:.2%} | " + " | ".join(cells) + " |")
+    paired = curve["paired_over_seeds_retimed"]
+    out += ["", "| paired over seeds | mean ± SE | per seed | beyond 2 SE |", "| --- | --- | --- | --- |"]
+    for key, v in paired.items():
+        if isinstance(v, dict) and "mean" in v:
+            out.append(f"| {key} | {v['mean']:+.3f} ± {v['se']:.3f} | {', '.join(f'{x:+.3f}' for x in v['values'])} | "
+                       f"{'yes' if v['beyond_2se'] else 'no'} |")
+    return out + [""]
+
+
 def quiet_recheck_section() -> list[str]:
     """benchmarks/against_ort_graph.py on a quiet machine: the speed-ups without other jobs' load."""
     r = _load("against_ort_graph.json")
     if r is None:
         return []
     machine = r.get("machine", {})
-    out = ["### LeNet-5 re-timed on a quiet machine", "",
+    out = ["### LeNet-5 re-timed on a quiet machine (the plain export, before the folded deployment above)", "",
            f"Reproduce: `.venv/bin/{r['command']}` (random weights at the trained models' widths; latency does not "
            f"depend on the values). Machine: {machine.get('shared')}; load average before/after "
            f"{machine.get('load_average_before_after', [[None]])[0][0]:.2f}/{machine.get('load_average_before_after', [[None], [None]])[1][0]:.2f}. "
@@ -595,11 +630,11 @@ def quiet_recheck_section() -> list[str]:
     met = {b: any(row[b][unit]["dense_torch"] / row[b][unit]["ort_all"] >= 20 for row in r["rows"])
            for b, unit in (("batch1", "interleaved_us"), ("batch64", "interleaved_ms"))}
     verdict = "; ".join(f"{b}: {'met' if ok else '**missed**'}" for b, ok in met.items())
-    return out + ["", f"The 20x goal on a quiet machine (interleaved medians): {verdict}.", ""]
+    return out + ["", f"The 20x goal on a quiet machine with the plain export (interleaved medians): {verdict}.", ""]
 
 
 def latency_section() -> list[str]:
-    body = (cnn_latency_section() + quiet_recheck_section() + equal_accuracy_section() + against_tp_section("lenet5")
+    body = (folded_deployment_section() + cnn_latency_section() + quiet_recheck_section() + equal_accuracy_section() + against_tp_section("lenet5")
             + against_tp_section("lenet5", "_both_batches", " (target at batch 1 and 64)") + against_tp_section("resnet"))
     if not body:
         return []
