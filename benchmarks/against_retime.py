@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -36,8 +35,8 @@ import torch
 
 from jointcompress.bench import batch_of
 from jointcompress.data import load_mnist
-from jointcompress.deploy.against import AgainstConfig, accuracy_of, dense_teacher
-from jointcompress.deploy.onnx_export import bound_predict, ort_session
+from jointcompress.deploy.against import AgainstConfig, accuracy_of, dense_teacher, int8_runner
+from jointcompress.deploy.onnx_export import ort_session
 from jointcompress.deploy.ort_deploy import deploy_onnx
 from jointcompress.deploy.timing import time_contenders
 from jointcompress.io import atomic_write_text
@@ -56,9 +55,8 @@ def contenders(run: dict, tag: str, threads: int) -> tuple[dict, dict]:
             fns[f"{tag}{who}_fp32_ort"], runtimes[f"{tag}{who}_fp32_ort"] = run_fn, run_fn.runtime
         int8 = work / f"{who}_int8" / "model_int8.onnx"
         if int8.is_file():
-            fns[f"{tag}{who}_int8_ort"] = bound_predict(ort_session(int8, threads))
-            runtimes[f"{tag}{who}_int8_ort"] = {"runtime": "onnxruntime CPU int8 (static QDQ), level all",
-                                                "threads": threads, "spinning": "off", "io_binding": True}
+            run_fn = int8_runner(int8, threads)
+            fns[f"{tag}{who}_int8_ort"], runtimes[f"{tag}{who}_int8_ort"] = run_fn, run_fn.runtime
     if not fns:
         sys.exit(f"--runs: no ONNX files left in {work} (the run's workdir); re-run against_torch_pruning.py")
     return fns, runtimes
@@ -116,7 +114,10 @@ def main():
         pairs = {k: timed({BASELINE: teacher, k: f}, x, args.threads, rounds) for k, f in fns.items() if k != BASELINE}
         timing[f"batch{bs}"] = {"all": timed(fns, x, args.threads, rounds), "after_dense": pairs}
         print(json.dumps({f"batch{bs}": {k: v["speedup_interleaved"][k] for k, v in pairs.items()}}), flush=True)
-    command = " ".join(["python benchmarks/against_retime.py"] + [re.sub(r"^/work/wt-[^/]+/", "", a) for a in sys.argv[1:]])
+    root = Path(__file__).resolve().parents[1]  # paths inside the repository are stored relative to it
+    command = " ".join(["python benchmarks/against_retime.py"] + [
+        str(Path(a).resolve().relative_to(root)) if Path(a).is_absolute() and Path(a).resolve().is_relative_to(root)
+        else a for a in sys.argv[1:]])
     result = {"command": command, "threads": args.threads,
               "machine": {"shared": args.machine, "cpus": os.cpu_count(),
                           "load_average_before_after": [load_before, os.getloadavg()]},

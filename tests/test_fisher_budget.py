@@ -36,16 +36,16 @@ def _layer(out_features=2, in_features=40, seed=0):
 def test_fisher_sees_only_the_loss_through_the_quantized_weight():
     lin, q = _layer()
     sal = FisherSaliency(1.0)
+    sal.attach({"fc": (lin, q)})  # from now on the quantizer's forward catches the gradient
     x = torch.randn(8, 40)
     task = lin(x).sum()
     size_like = (lin.parametrizations.weight.original ** 2).sum()  # pulls the shadow weights, not the output
-    sal.watch({"fc": (lin, q)})
     (task + size_like).backward()
     expected = x.sum(0).expand(2, 40)  # d sum(x W^T) / dW
-    assert torch.allclose(sal.pending["fc"], expected)
+    assert torch.allclose(q.fisher.pending, expected)
     sal.accumulate(batch_size=8)
     assert torch.allclose(sal.fisher["fc"], 8 * expected ** 2)
-    assert sal.pending == {}
+    assert q.fisher.pending is None
 
 
 def test_fisher_cost_holds_back_the_dead_zone_of_the_channel_that_matters():
@@ -119,9 +119,8 @@ def test_saliency_and_learned_width_share_one_fisher_estimate():
     x = torch.randn(8, 40)
     out = lin(x)
     (out.sum() + (lin.parametrizations.weight.original ** 2).sum()).backward()
-    sal.watch({"fc": (lin, q)})  # the forward caught it already: no second hook
     expected = x.sum(0).expand(2, 40)
-    assert torch.allclose(q.fisher.pending, expected)  # one hook: the gradient counted once
+    assert torch.allclose(q.fisher.pending, expected)  # one hook, the forward's: the gradient counted once
     q.width_step(lin.parametrizations.weight.original, batch_size=8)  # folds it ...
     sal.accumulate(batch_size=8)  # ... and the saliency's fold does not fold it again
     assert sal.fisher["fc"] is q.fisher.estimate()

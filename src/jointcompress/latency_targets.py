@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .deploy.timing import DEFAULT_THREADS, time_contenders
+from .deploy.timing import DEFAULT_THREADS, steady_ms, time_contenders
 from .graph import PRUNABLE_ROOTS, ChannelGroup, build_graph, discover_groups
 
 MAX_CONFIRM = 3  # allocate -> time -> tighten rounds
@@ -424,15 +424,12 @@ def unreachable(target, table: LatencyTable, sites, channels: dict[str, int], mi
 
 def timed_ms(model: nn.Module, example_inputs, batch: int, threads: int = DEFAULT_THREADS, rounds: int = 30,
              repeats: int = REPEATS) -> float:
-    """Ms of one model at `batch`: the least of `repeats` medians (deploy.timing; one contender).
-    Load only ever slows a call, so a spike inside one median cannot push a model over the
-    target (a 0.70 ms model once measured 0.78 ms under a spike and was never widened)."""
+    """Ms of one model at `batch`: the least of `repeats` medians (deploy.timing.steady_ms)."""
     from .bench import batch_of
 
     x = batch_of(example_inputs, batch)
     model = model.eval()
-    return min(time_contenders({"model": lambda: model(x)}, threads=threads, rounds=rounds).interleaved_ms["model"]
-               for _ in range(max(1, repeats)))
+    return steady_ms(lambda: model(x), threads, rounds, repeats)
 
 
 # -- physically shrunk copies ------------------------------------------------------------

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import JointCompressError, UnsupportedModelError
-from .timing import time_contenders
+from .timing import steady_ms, time_contenders
 
 BASELINE = "dense_fp32_torch"
 
@@ -111,15 +111,10 @@ def accuracy_of(fn, x: torch.Tensor, y: torch.Tensor) -> float:
     return hits / len(x)
 
 
-def alone_ms(fn, x: torch.Tensor, threads: int, rounds: int = 20) -> float:
-    return time_contenders({"m": lambda: fn(x)}, threads=threads, rounds=rounds, warmup=3, alone_runs=5).interleaved_ms["m"]
-
-
-def steady_ms(fn, x: torch.Tensor, threads: int, rounds: int = 20, repeats: int = 3) -> float:
-    """The least of `repeats` medians: load only ever slows a call, so one spike in one median
-    cannot make a model look slower than it is (a 0.70 ms model once measured 0.78 ms and was
-    never widened)."""
-    return min(alone_ms(fn, x, threads, rounds) for _ in range(repeats))
+def alone_ms(fn, x: torch.Tensor, threads: int, rounds: int = 20, repeats: int = 1) -> float:
+    """One contender's median ms on `x`; with `repeats`, the least of that many medians
+    (deploy.timing.steady_ms), as the allocator's decisions take it."""
+    return steady_ms(lambda: fn(x), threads, rounds, repeats, warmup=3, alone_runs=5)
 
 
 def ort_fp32(model: nn.Module, path: Path, example: torch.Tensor, threads: int):
@@ -132,15 +127,21 @@ def ort_fp32(model: nn.Module, path: Path, example: torch.Tensor, threads: int):
 def ort_int8(model: nn.Module, spec, split, example, workdir: Path, cfg: AgainstConfig):
     """ONNX Runtime int8 (QDQ) with the bound runner every ORT contender uses."""
     from .int8 import quantize_int8
-    from .onnx_export import bound_predict, ort_session
 
     workdir.mkdir(parents=True, exist_ok=True)
     n = cfg.calibration_images
     int8 = quantize_int8(model, spec, (split.x_train[:n], split.y_train[:n]), example, workdir=workdir,
                          threads=cfg.threads)
-    run = bound_predict(ort_session(int8.path, cfg.threads))
+    return int8_runner(int8.path, cfg.threads)
+
+
+def int8_runner(path: Path, threads: int):
+    """The bound runner of an int8 (QDQ) ONNX file, with its `.runtime` record."""
+    from .onnx_export import bound_predict, ort_session
+
+    run = bound_predict(ort_session(path, threads))
     run.runtime = {"runtime": "onnxruntime CPU int8 (static QDQ), graph optimization level all, no folding",
-                   "threads": cfg.threads, "spinning": "off", "io_binding": True}
+                   "threads": threads, "spinning": "off", "io_binding": True}
     return run
 
 
@@ -186,13 +187,13 @@ def allocate(teacher: nn.Module, split, example, work: Path, target_ms: float, c
     table = lt.measure_table(teacher, example, 64, cfg.threads)
     scale = 0.0
     if cfg.both_batches:
-        dense = {b: steady_ms(teacher, x, cfg.threads) for b, x in ((1, x1), (64, x64))}
+        dense = {b: alone_ms(teacher, x, cfg.threads, repeats=3) for b, x in ((1, x1), (64, x64))}
         scale = dense[64] / dense[1]
 
     def deploy(m):
         run = ort_fp32(m, work / "probe.onnx", example, cfg.threads)
-        ms64 = steady_ms(run, x64, cfg.threads)
-        return max(ms64, scale * steady_ms(run, x1, cfg.threads, rounds=100)) if scale else ms64
+        ms64 = alone_ms(run, x64, cfg.threads, repeats=3)
+        return max(ms64, scale * alone_ms(run, x1, cfg.threads, rounds=100, repeats=3)) if scale else ms64
     kwargs = {"min_width": cfg.min_width} if cfg.min_width is not None else {}
     importance = importance_for(teacher, split, example, cfg, **kwargs)
     alloc = lt.allocate_latency(teacher, example, Target(latency_ms=target_ms, batch=64), table=table, measure=deploy,
@@ -322,7 +323,7 @@ def run_against(cfg: AgainstConfig, split, teacher: nn.Module | None = None, tea
     # the target's reference: the least of three medians, so a load spike cannot set it
     # dense PyTorch at batch 64 runs ~2x slower on a loaded machine (9.3 vs 19.5 ms, 1 thread) while
     # the small ORT models barely change: `target_ms` pins the target in the deployment runtime instead
-    dense_ms = min(alone_ms(teacher, batch_of(split.x_test, 64), cfg.threads) for _ in range(3))
+    dense_ms = alone_ms(teacher, batch_of(split.x_test, 64), cfg.threads, repeats=3)
     target_ms = cfg.target_ms if cfg.target_ms is not None else dense_ms / cfg.speedup
     say(f"dense {dense_ms:.3f} ms at batch 64; target {target_ms:.3f} ms; ours: allocate, train, deploy")
     us = ours(teacher, split, example, work, target_ms, cfg)

@@ -46,26 +46,6 @@ class FisherSaliency:
         """name -> the Fisher diagonal of each layer that has one yet (B * EMA of g^2)."""
         return {name: f for name, (_, q) in self.layers.items() if (f := q.fisher.estimate()) is not None}
 
-    @property
-    def pending(self) -> dict[str, torch.Tensor]:
-        """name -> this step's caught gradient w.r.t. each quantized weight (not folded yet)."""
-        return {name: q.fisher.pending for name, (_, q) in self.layers.items() if q.fisher.pending is not None}
-
-    def watch(self, layers: Layers) -> None:
-        """Catch this step's gradient of the loss w.r.t. each quantized weight (after the forward;
-        the quantizers of attached layers catch it in their forward already).
-
-        The hook sits on the quantizer's output, which only the task and distillation reach;
-        the weights' own .grad also holds the size term's pull, which would count as importance.
-        The size term reaches the quantizer node only through its kept-weight count, so its
-        backward brings no gradient for the weights.
-        """
-        if any(name not in self.layers for name in layers):
-            self.attach({**self.layers, **layers})
-        for _, q in layers.values():
-            if q.last_out is not None and not bool(q.pattern_fixed):
-                q.fisher.watch(q.last_out)
-
     @torch.no_grad()
     def accumulate(self, batch_size: int) -> None:
         """Fold this step's gradients into the Fisher estimate (B * EMA of g^2; a layer whose
@@ -74,8 +54,9 @@ class FisherSaliency:
             q.fisher.fold(batch_size)
 
     @torch.no_grad()
-    def cost(self, name: str, q: ZeroLevelLSQWeight, w: torch.Tensor) -> torch.Tensor | None:
-        """1/2 * F * (q s)^2 per weight: what removing its quantized value costs the loss."""
+    def cost(self, q: ZeroLevelLSQWeight, w: torch.Tensor) -> torch.Tensor | None:
+        """1/2 * F * (q s)^2 per weight: what removing its quantized value costs the loss (None
+        before the quantizer has a Fisher estimate)."""
         fisher = q.fisher.estimate() if "width_fisher" in q._buffers else None
         if fisher is None:
             return None
@@ -86,18 +67,14 @@ class FisherSaliency:
     def add_gradient(self, layers: Layers) -> None:
         """d/d(dead zone) of sum 1/2 * F * (q s)^2 * P(pruned), added to the dead zones' .grad."""
         for m, q in layers.values():
-            if bool(q.pattern_fixed) or not q.dead_zone_raw.requires_grad or "width_fisher" not in q._buffers:
+            if bool(q.pattern_fixed) or not q.dead_zone_raw.requires_grad:
                 continue
-            fisher = q.fisher.estimate()
-            if fisher is None:
+            w = m.parametrizations.weight.original.detach()
+            cost = self.cost(q, w)
+            if cost is None:
                 continue
-            with torch.no_grad():
-                w = m.parametrizations.weight.original.detach()
-                s = q.effective_step().detach()
-                v = (w / s).abs()
-                kept_value = torch.clamp(torch.round(v), min=1, max=q.qmax) * s  # the value pruning removes
-                cost = 0.5 * self.weight * fisher * kept_value.pow(2)
             with torch.enable_grad():
+                v = (w / q.effective_step().detach()).abs()
                 pruned = 1 - torch.sigmoid((v - q.dead_zone()) / GATE_TEMPERATURE)
                 grad, = torch.autograd.grad((cost * pruned).sum(), q.dead_zone_raw)
             q.dead_zone_raw.grad = grad if q.dead_zone_raw.grad is None else q.dead_zone_raw.grad + grad
