@@ -57,3 +57,49 @@ def test_every_k_skips_measurement_between():
     assert torch.allclose(w.grad, torch.tensor([-1.0, 5.0]))  # plain sum
     w.grad = None
     assert coord.backward(terms(), step=3) is not None
+
+
+def _pcgrad_weights_per_op(gram, rng):
+    """PCGrad's coefficients with a tensor operation for every scalar (the formulation before
+    the K x K scalars were read as floats): the reference the faster one must match bit for bit."""
+    k = gram.shape[0]
+    coeffs = torch.eye(k, dtype=gram.dtype)
+    for i in range(k):
+        c = coeffs[i].clone()
+        others = [j for j in range(k) if j != i]
+        rng.shuffle(others)
+        for j in others:
+            dot = c @ gram[:, j]
+            if dot < 0 and gram[j, j] > 0:
+                c[j] -= dot / gram[j, j]
+        coeffs[i] = c
+    return coeffs
+
+
+def test_pcgrad_weights_are_bit_for_bit_those_of_the_per_op_formulation():
+    from jointcompress.coordination import pcgrad_weights
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        k = 2 + trial % 4
+        g = torch.randn(k, 40, generator=gen) * torch.rand(k, 1, generator=gen) * 10 ** (trial % 7 - 3)
+        if trial % 5 == 0:
+            g[0] = 0  # a term that does not touch the group
+        gram = (g @ g.T).double()
+        got = pcgrad_weights(gram, random.Random(trial))
+        assert torch.equal(got, _pcgrad_weights_per_op(gram, random.Random(trial)))
+
+
+def test_measured_cosines_are_the_per_pair_quotients():
+    torch.manual_seed(1)
+    w = torch.nn.Parameter(torch.randn(30))
+    coord = GradientCoordinator(Coordination(strategy="pcgrad"), {"weights": [w]})
+    targets = torch.randn(3, 30)
+    terms = {f"t{i}": ((w - targets[i]) ** 2).sum() * (i + 1) for i in range(3)}
+    stats = coord.backward(terms, step=0)
+    grads = torch.stack([torch.autograd.grad(t, w, retain_graph=True)[0] for t in terms.values()])
+    gram = (grads @ grads.T).double()
+    norms = gram.diag().clamp_min(0).sqrt()
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert stats.cosines[f"t{a}|t{b}@weights"] == float(gram[a, b] / (norms[a] * norms[b]))

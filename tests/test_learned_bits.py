@@ -156,3 +156,48 @@ def test_a_gradient_never_folded_is_dropped_by_the_next_forward():
     assert torch.equal(q.fisher.pending, g)
     q.width_step(w, batch_size=2)
     assert torch.isfinite(q.fisher.estimate()).all()
+
+
+@pytest.mark.parametrize("zero_level", [False, True])
+def test_the_forward_input_is_not_registered_as_state(zero_level):
+    """The quantizer keeps its forward's input (the layer's weight Parameter) as a plain
+    attribute: the weight is in the state dict once, and states saved when it was registered
+    (under last_in / last_w) still load."""
+    from jointcompress.techniques.quant_lsq import LSQWeight
+
+    torch.manual_seed(5)
+    layer = torch.nn.Linear(20, 6)
+    q = ZeroLevelLSQWeight(layer.weight.detach(), bits=4) if zero_level else LSQWeight(layer.weight.detach(), bits=4)
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", q)
+    out = layer(torch.randn(3, 20))
+    assert q.last_in is layer.parametrizations.weight.original
+    keys = set(layer.state_dict())
+    assert not any(k.endswith((".last_in", ".last_w")) for k in keys)
+    assert sum(1 for p in layer.parameters() if p.shape == (6, 20)) == 1
+    old = dict(layer.state_dict())
+    old["parametrizations.weight.0.last_in"] = old["parametrizations.weight.original"].clone()
+    if zero_level:
+        old["parametrizations.weight.0.last_w"] = old["parametrizations.weight.original"].clone()
+    layer.load_state_dict(old)  # strict: the old entries are dropped, not unexpected
+    assert torch.equal(layer(torch.zeros(1, 20)), layer(torch.zeros(1, 20))) and out.shape == (3, 6)
+
+
+def test_the_step_multiplier_follows_the_held_width_in_copies_too():
+    """The multiplier is computed once per held width: a width change, and a change in a deep
+    copy (whose buffers restart their version counters), each get their own."""
+    import copy
+
+    torch.manual_seed(6)
+    w = torch.randn(8, 30)
+    q = ZeroLevelLSQWeight(w, bits=4)
+    fresh = lambda m: qmax_of(float(m.ref_bits)) / qmax_of(m.held_bits.to(m.log_step.dtype))  # noqa: E731
+    assert torch.equal(q.step_multiplier(), fresh(q))
+    twin = copy.deepcopy(q)
+    with torch.no_grad():
+        twin.held_bits.fill_(6)
+    assert torch.equal(twin.step_multiplier(), fresh(twin)) and not torch.equal(twin.step_multiplier(), q.step_multiplier())
+    assert torch.equal(q.step_multiplier(), fresh(q))
+    _push_relaxed_width(q, 2.0)
+    q(w)
+    q.width_step(w, batch_size=1)
+    assert q.bits == 2 and torch.equal(q.step_multiplier(), fresh(q))

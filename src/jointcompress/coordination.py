@@ -17,6 +17,8 @@ last factors and the others take the plain sum with a single backward.
 """
 from __future__ import annotations
 
+import functools
+import operator
 import random
 from dataclasses import dataclass, field
 
@@ -34,14 +36,16 @@ def pcgrad_weights(gram: torch.Tensor, rng: random.Random) -> torch.Tensor:
     """
     k = gram.shape[0]
     coeffs = torch.eye(k, dtype=gram.dtype)
+    columns = gram.unbind(1)
+    diag = gram.diag().tolist()  # the K x K scalars as Python floats: the same IEEE doubles, no tensor op each
     for i in range(k):
         c = coeffs[i].clone()
         others = [j for j in range(k) if j != i]
         rng.shuffle(others)
         for j in others:
-            dot = c @ gram[:, j]
-            if dot < 0 and gram[j, j] > 0:
-                c[j] -= dot / gram[j, j]
+            dot = float(c @ columns[j])
+            if dot < 0 and diag[j] > 0:
+                c[j] -= dot / diag[j]
         coeffs[i] = c
     return coeffs
 
@@ -105,11 +109,13 @@ class GradientCoordinator:
         for gname, stacked in self._split(per_term).items():
             gram = (stacked @ stacked.T).double()
             norms = gram.diag().clamp_min(0).sqrt()
-            live = [i for i in range(len(names)) if norms[i] > 0]  # terms that touch this group
+            live = [i for i, on in enumerate(norms.gt(0).tolist()) if on]  # terms that touch this group
+            # every pair's cosine in one division (element for element the same doubles), read once
+            cosines = (gram / (norms.unsqueeze(1) * norms.unsqueeze(0))).tolist() if len(live) > 1 else None
             for ai, a in enumerate(live):
                 for b in live[ai + 1 :]:
                     key = f"{names[a]}|{names[b]}@{gname}"
-                    c = float(gram[a, b] / (norms[a] * norms[b]))
+                    c = cosines[a][b]
                     pairs += 1
                     conflicts += c < 0
                     stats.cosines[key] = c
@@ -130,8 +136,8 @@ class GradientCoordinator:
         if self.config.strategy == "scale" and self.factors:
             # reuse the last measured damping, per term (a group-free approximation between measurements)
             total = sum(t * min(self.factors.get(f"{n}@{g}", 1.0) for g in self.groups) for n, t in terms.items())
-        else:
-            total = sum(terms.values())
+        else:  # summed from the first term on: sum() would start at 0 and add one more node to the graph
+            total = functools.reduce(operator.add, terms.values())
         if total.requires_grad:
             total.backward()
 

@@ -74,6 +74,26 @@ def lsq_init_step(w: torch.Tensor, qmax: int, per_channel: bool) -> torch.Tensor
     return step.view(shape)
 
 
+def remember(module: nn.Module, **tensors) -> None:
+    """Keep a forward's tensors on a quantizer as plain attributes.
+
+    Not through nn.Module.__setattr__: the first parametrization's input is the layer's weight
+    Parameter itself, which setattr would register as a parameter of the quantizer (the weight
+    then appeared two more times in every state dict, checkpoint and rollback snapshot), and
+    setattr's checks cost more than the assignment on every forward."""
+    module.__dict__.update(tensors)
+
+
+def _drop_forward_caches(module, state_dict, prefix, *args) -> None:
+    """States saved while the forward's input was registered as a parameter (see `remember`)
+    hold the weight again under these names: they are not state, so they are dropped."""
+    for name in FORWARD_CACHES:
+        state_dict.pop(prefix + name, None)
+
+
+FORWARD_CACHES = ("last_in", "last_w")
+
+
 class LSQWeight(nn.Module):
     """Parametrization: per-channel LSQ fake quantization of a weight tensor."""
 
@@ -87,6 +107,7 @@ class LSQWeight(nn.Module):
         self.last_in: torch.Tensor | None = None
         self.last_out: torch.Tensor | None = None
         self.step_format = "fp16"  # storage of the step (artifact/precision.py); the forward uses exactly it
+        self._register_load_state_dict_pre_hook(_drop_forward_caches, with_module=True)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized):
@@ -95,7 +116,7 @@ class LSQWeight(nn.Module):
                 self.initialized.fill_(True)
         n = w[0].numel() if self.per_channel else w.numel()
         out = LSQFunction.apply(w, self.log_step, self.qmax, 1.0 / math.sqrt(n * self.qmax), self.step_format)
-        self.last_in, self.last_out = w, out
+        remember(self, last_in=w, last_out=out)
         return out
 
     @property

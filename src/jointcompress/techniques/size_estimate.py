@@ -23,17 +23,35 @@ def sparse_layer_bytes(nonzero: torch.Tensor, numel, bits: torch.Tensor) -> torc
     layer), and every index width is one column, so the whole estimate is a handful of ops.
     """
     n = nonzero.clamp(min=1.0)
-    numel = torch.as_tensor(numel, dtype=n.dtype, device=n.device)
+    numel, widths, gap_runs = _constants(numel, n.dtype, n.device)
     density = (n / numel).clamp(max=1.0 - 1e-6)
-    widths = torch.tensor(INDEX_WIDTHS, dtype=n.dtype, device=n.device)
-    r = (1 - density).unsqueeze(-1) ** (2 ** widths)
-    fillers = n.unsqueeze(-1) * r / (1 - r).clamp_min(1e-12)
-    indexed = (n.unsqueeze(-1) + fillers) * (bits.unsqueeze(-1) + widths)
+    r = (1 - density).unsqueeze(-1) ** gap_runs
+    n_col = n.unsqueeze(-1)
+    fillers = n_col * r / (1 - r).clamp_min(1e-12)
+    indexed = (n_col + fillers) * (bits.unsqueeze(-1) + widths)
     dense = (numel * bits).unsqueeze(-1)
     bitmask = (n * bits + numel).unsqueeze(-1)
     costs = torch.cat([dense, bitmask, indexed], -1)
     sparse = costs[..., 1:].amin(-1)
     return (sparse + (costs.amin(-1) - sparse).detach()) / 8
+
+
+_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _constants(numel, dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(numel, the index widths, 2 ** widths) as tensors, made once per layer set instead of every
+    step (the same values: the estimate is called on every training step)."""
+    key = (tuple(numel) if isinstance(numel, (list, tuple)) else numel, dtype, device)
+    hit = _CONSTANTS.get(key) if not isinstance(numel, torch.Tensor) else None
+    if hit is None:
+        widths = torch.tensor(INDEX_WIDTHS, dtype=dtype, device=device)
+        hit = (torch.as_tensor(numel, dtype=dtype, device=device), widths, 2 ** widths)
+        if not isinstance(numel, torch.Tensor):
+            if len(_CONSTANTS) > 256:
+                _CONSTANTS.clear()
+            _CONSTANTS[key] = hit
+    return hit
 
 
 def measured_bytes(model: nn.Module) -> dict[str, int]:

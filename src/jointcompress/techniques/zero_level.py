@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..artifact.precision import round_step
 from . import learned_width as lw
-from .quant_lsq import LSQWeight, lsq_init_step
+from .quant_lsq import LSQWeight, lsq_init_step, remember
 from .zero_level_kernel import GATE_TEMPERATURE, ZeroLevelQuant, ZeroLevelSetup, qmax_of
 
 DEAD_ZONE_INIT = 0.55  # initial dead zone (0.5 = plain rounding's own zero bin)
@@ -98,8 +98,14 @@ class ZeroLevelLSQWeight(LSQWeight):
         A constant for autograd: the width is priced by the size term and by its rounding noise
         (width_step), not through the step (learned_width.py says why)."""
         # the kernel's own expression (a tensor divisor: PyTorch's scalar / tensor is reciprocal * scalar,
-        # one ulp from float division, and the stored fp16 step would then miss the kernel's now and then)
-        return qmax_of(float(self.ref_bits)) / qmax_of(self.held_bits.to(self.log_step.dtype))
+        # one ulp from float division, and the stored fp16 step would then miss the kernel's now and then);
+        # computed once per held width (keyed by its value: a deep copy's buffer restarts its version)
+        key = (int(self.held_bits), float(self.ref_bits), self.log_step.dtype, self.log_step.device)
+        cached = self.__dict__.get("_multiplier")
+        if cached is None or cached[0] != key:
+            cached = (key, qmax_of(float(self.ref_bits)) / qmax_of(self.held_bits.to(self.log_step.dtype)))
+            self.__dict__["_multiplier"] = cached
+        return cached[1]
 
     def _kernel_bits_raw(self) -> torch.Tensor:
         """A raw width the fused kernel rounds to the held width, with no gradient."""
@@ -139,19 +145,29 @@ class ZeroLevelLSQWeight(LSQWeight):
                 self.log_step.copy_(lsq_init_step(w, int(qmax_of(self.ref_bits)), self.per_channel).log())
                 self.initialized.fill_(True)
         fixed = bool(self.pattern_fixed)
-        learns_width = not fixed and self.learns_width()
-        setup = ZeroLevelSetup(float(qmax_of(float(self.ref_bits))), self.min_bits, self.max_bits,
-                               w.numel() // w.shape[0] if self.per_channel else w.numel(), self.step_format,
-                               getattr(self, "compiled", False),  # set by QuantLSQ (quant_lsq.compile)
-                               learns_width)  # width_step reads the gate: the kernel hands it out
+        learns_width = not fixed and self._learns_width(fixed)
+        setup = self._setup(w, learns_width)
         keep = self._keep_float() if fixed else None
         # one node: step, width, dead zone, gate, LSQ and the kept-weight count (zero_level_kernel.py)
         out, count, gate = ZeroLevelQuant.apply(w, self.log_step, self._kernel_bits_raw(), self.dead_zone_raw, setup, keep)
         if not fixed and (learns_width or self.fisher_for_saliency):
             self.fisher.watch(out)
-        self.last_in, self.last_out, self.last_w = w, out, w
-        self.last_count, self.last_gate, self._count_key = count, gate if learns_width else None, self._state_key(w)
+        remember(self, last_in=w, last_out=out, last_w=w, last_count=count, last_gate=gate if learns_width else None,
+                 _count_key=self._state_key(w))
         return out
+
+    def _setup(self, w: torch.Tensor, learns_width: bool) -> ZeroLevelSetup:
+        """The kernel's constants (the same object while nothing they hold changes)."""
+        per_step = w.numel() // w.shape[0] if self.per_channel else w.numel()
+        compiled = getattr(self, "compiled", False)  # set by QuantLSQ (quant_lsq.compile)
+        key = (self.ref_bits, self.min_bits, self.max_bits, per_step, self.step_format, compiled, learns_width)
+        cached = self.__dict__.get("_setup_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, ZeroLevelSetup(float(qmax_of(float(self.ref_bits))), self.min_bits, self.max_bits, per_step,
+                                          self.step_format, compiled,
+                                          learns_width))  # width_step reads the gate: the kernel hands it out
+            self.__dict__["_setup_cache"] = cached
+        return cached[1]
 
     def _state_key(self, w: torch.Tensor) -> tuple:
         """What the kept-weight count depends on: the weight and every learned quantity (their
@@ -235,8 +251,10 @@ class ZeroLevelLSQWeight(LSQWeight):
         return cached
 
     def learns_width(self) -> bool:
-        return self.learn_bits and self.max_bits > self.min_bits and not bool(self.pattern_fixed) \
-            and self.bits_raw.requires_grad
+        return self._learns_width(bool(self.pattern_fixed))
+
+    def _learns_width(self, fixed: bool) -> bool:
+        return self.learn_bits and self.max_bits > self.min_bits and not fixed and self.bits_raw.requires_grad
 
     @torch.no_grad()
     def width_step(self, w: torch.Tensor, batch_size: int, price: float = 1.0) -> None:
@@ -246,7 +264,8 @@ class ZeroLevelLSQWeight(LSQWeight):
         if not self.learns_width():
             return
         self.fisher.fold(batch_size)
-        relaxed = float(self.bits_continuous())
+        sb = torch.sigmoid(self.bits_raw)  # bits_continuous(), its sigmoid kept for the gradient below
+        relaxed = float(self.min_bits + (self.max_bits - self.min_bits) * sb)
         held = int(self.held_bits)
         new = lw.next_width(relaxed, held, self.min_bits, self.max_bits)
         if new != held:
@@ -259,7 +278,6 @@ class ZeroLevelLSQWeight(LSQWeight):
         s = self.effective_step().detach()
         cost = float(0.5 * price * (fisher * kept).mul_(s.pow(2) / 12.0).sum())
         slope = lw.noise_cost_slope(cost, int(self.held_bits), relaxed, self.min_bits, self.max_bits)
-        sb = torch.sigmoid(self.bits_raw)
         grad = slope * (self.max_bits - self.min_bits) * sb * (1 - sb)
         self.bits_raw.grad = grad if self.bits_raw.grad is None else self.bits_raw.grad + grad
 

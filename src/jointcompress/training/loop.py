@@ -92,11 +92,13 @@ class Trainer:
         s.step = step
         s.update_techniques()
         terms = s.forward_terms(batch)
-        bad = rec.bad_term(terms)
+        values = {k: float(v.detach()) for k, v in terms.items()}  # what the step reports, read once
+        bad = rec.bad_term(terms, values)
         if bad is not None:
             return rec.nonfinite(step, bad, terms, self.history.events, self.last_checkpoint)
+        factor = lr_factor(step, s.plan, s.recipe.training.lr_schedule)
         for g in s.optimizer.param_groups:
-            g["lr"] = g["base_lr"] * rec.lr_scale * lr_factor(step, s.plan, s.recipe.training.lr_schedule)
+            g["lr"] = g["base_lr"] * rec.lr_scale * factor
         s.optimizer.zero_grad(set_to_none=True)
         stats = s.backward(terms)
         bad = rec.bad_gradient()  # identical on every rank after the all-reduce
@@ -107,7 +109,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(s.coordinator.params, s.recipe.training.grad_clip)
         s.optimizer.step()
         s.after_step(prepare_next=False)
-        return {"terms": {k: float(v.detach()) for k, v in terms.items()}, "coordination": stats}
+        return {"terms": values, "coordination": stats}
 
     # -- the run --------------------------------------------------------------------------------
     def _start(self) -> None:
