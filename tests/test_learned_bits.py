@@ -119,8 +119,9 @@ def test_learned_widths_land_in_range_and_the_artifact_stores_them(trained, tmp_
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_the_noise_price_reads_the_forward_gate_exactly(compiled):
-    """width_step counts the kept weights with the gate of the step's forward pass instead of
-    deriving them again: the same price, bit for bit, as from the weights themselves."""
+    """width_step counts the kept weights with the gate of the step's forward pass and prices them
+    with its stored step instead of deriving them again: the same price, bit for bit, as from the
+    weights and parameters themselves."""
     grads = []
     for reuse in (True, False):
         torch.manual_seed(3)
@@ -133,8 +134,9 @@ def test_the_noise_price_reads_the_forward_gate_exactly(compiled):
         q.width_step(w, batch_size=4)  # the first call only starts the estimate
         out = q(w)
         (out * torch.randn_like(out)).sum().backward()
+        assert torch.equal(q.last_step, q.effective_step().detach())  # the forward's step is effective_step's
         if not reuse:
-            q.last_gate = None
+            q.last_gate = q.last_step = None
         q.bits_raw.grad = None
         q.width_step(w, batch_size=4)
         grads.append(q.bits_raw.grad.clone())
@@ -201,3 +203,19 @@ def test_the_step_multiplier_follows_the_held_width_in_copies_too():
     q(w)
     q.width_step(w, batch_size=1)
     assert q.bits == 2 and torch.equal(q.step_multiplier(), fresh(q))
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "log8", "fp32"])
+@pytest.mark.parametrize("held", [2, 3, 5, 8])
+def test_the_forward_step_is_effective_step_at_every_width(fmt, held):
+    torch.manual_seed(held)
+    w = torch.randn(10, 24) * 0.1
+    q = ZeroLevelLSQWeight(w, bits=4)
+    q.step_format = fmt
+    with torch.no_grad():
+        q.held_bits.fill_(held)
+        q.log_step.add_(torch.randn_like(q.log_step))
+    for compiled in (False, True):
+        q.compiled = compiled
+        q(w)
+        assert torch.equal(q.last_step, q.effective_step().detach())

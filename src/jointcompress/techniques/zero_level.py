@@ -66,6 +66,7 @@ class ZeroLevelLSQWeight(LSQWeight):
         self.last_w: torch.Tensor | None = None
         self.last_count: torch.Tensor | None = None  # kept weights of the last forward (kept_count)
         self.last_gate: torch.Tensor | None = None  # its 0/1 gate, kept while the width is learned (width_step)
+        self.last_step: torch.Tensor | None = None  # its stored step (effective_step's value; width_step)
 
     # -- the learned quantities ------------------------------------------------------------
     @property
@@ -149,11 +150,13 @@ class ZeroLevelLSQWeight(LSQWeight):
         setup = self._setup(w, learns_width)
         keep = self._keep_float() if fixed else None
         # one node: step, width, dead zone, gate, LSQ and the kept-weight count (zero_level_kernel.py)
-        out, count, gate = ZeroLevelQuant.apply(w, self.log_step, self._kernel_bits_raw(), self.dead_zone_raw, setup, keep)
+        stash: dict = {}
+        out, count, gate = ZeroLevelQuant.apply(w, self.log_step, self._kernel_bits_raw(), self.dead_zone_raw, setup, keep,
+                                                stash)
         if not fixed and (learns_width or self.fisher_for_saliency):
             self.fisher.watch(out)
         remember(self, last_in=w, last_out=out, last_w=w, last_count=count, last_gate=gate if learns_width else None,
-                 _count_key=self._state_key(w))
+                 last_step=stash.get("step"), _count_key=self._state_key(w))
         return out
 
     def _setup(self, w: torch.Tensor, learns_width: bool) -> ZeroLevelSetup:
@@ -274,8 +277,9 @@ class ZeroLevelLSQWeight(LSQWeight):
         if fisher is None:
             return
         # the gate of this step's forward (0/1 floats; a held width that just moved re-derives it)
-        kept = self.last_gate if self.last_gate is not None and self._current(w) else self.hard_keep(w)
-        s = self.effective_step().detach()
+        current = self._current(w)
+        kept = self.last_gate if self.last_gate is not None and current else self.hard_keep(w)
+        s = self.last_step if self.last_step is not None and current else self.effective_step().detach()
         cost = float(0.5 * price * (fisher * kept).mul_(s.pow(2) / 12.0).sum())
         slope = lw.noise_cost_slope(cost, int(self.held_bits), relaxed, self.min_bits, self.max_bits)
         grad = slope * (self.max_bits - self.min_bits) * sb * (1 - sb)

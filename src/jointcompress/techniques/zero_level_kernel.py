@@ -116,9 +116,11 @@ class ZeroLevelQuant(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, w, log_step, bits_raw, dead_zone_raw, cfg: ZeroLevelSetup, keep):
+    def forward(ctx, w, log_step, bits_raw, dead_zone_raw, cfg: ZeroLevelSetup, keep, stash: dict | None = None):
         ctx.set_materialize_grads(False)
         s, t, qmax, (sb, b, e, x) = step_and_dead_zone(log_step, bits_raw, dead_zone_raw, cfg)
+        if stash is not None:  # the stored step, for the caller (width_step prices the noise with it)
+            stash["step"] = s
         ctx.qmax, ctx.cfg, ctx.grad_scale = qmax, cfg, 1.0 / math.sqrt(cfg.per_step * qmax)
         gate = None
         fused = None
@@ -149,7 +151,7 @@ class ZeroLevelQuant(torch.autograd.Function):
             _, _, (v, level, q, d) = _eager_forward(ctx, v.detach(), s, t, ctx.qmax, d)  # failed: eager
         grad_w, grad_s, grad_sc, grad_t = _eager_weight_grads(ctx, grad, grad_count, v, level, q, d, s)
         raw = _raw_grads(ctx, grad_s, grad_sc, grad_t, sb, b, e, x, dead_zone_raw)
-        return (grad_w if ctx.needs_input_grad[0] else None, *raw, None, None)
+        return (grad_w if ctx.needs_input_grad[0] else None, *raw, None, None, None)
 
 
 def _eager_forward(ctx, w, s, t, qmax, keep):
@@ -168,7 +170,7 @@ def _eager_forward(ctx, w, s, t, qmax, keep):
 
 
 def _compiled_grads(ctx, grad, grad_count, w, s, t, keep, aux):
-    """The backward's six results from the compiled kernel (None where the eager backward
+    """The backward's seven results from the compiled kernel (None where the eager backward
     gives None), or None if it is unavailable. Only plain tensors go in (a Parameter's shape
     would be a compile-time constant: one kernel per layer)."""
     cfg = ctx.cfg
@@ -182,7 +184,7 @@ def _compiled_grads(ctx, grad, grad_count, w, s, t, keep, aux):
     need_w, need_log, need_bits, need_dz = ctx.needs_input_grad[:4]
     steps = grad is not None or (keep is None and grad_count is not None)  # the step got a gradient
     return (grad_w if need_w else None, g_log if need_log and steps else None, g_bits if need_bits and steps else None,
-            g_dz if need_dz and keep is None else None, None, None)
+            g_dz if need_dz and keep is None else None, None, None, None)
 
 
 def _eager_weight_grads(ctx, grad, grad_count, v, level, q, d, s):
