@@ -74,6 +74,9 @@ def lsq_init_step(w: torch.Tensor, qmax: int, per_channel: bool) -> torch.Tensor
     return step.view(shape)
 
 
+FORWARD_CACHES = ("last_in", "last_w")  # names the forward's input was once registered under
+
+
 def remember(module: nn.Module, **tensors) -> None:
     """Keep a forward's tensors on a quantizer as plain attributes.
 
@@ -89,9 +92,6 @@ def _drop_forward_caches(module, state_dict, prefix, *args) -> None:
     hold the weight again under these names: they are not state, so they are dropped."""
     for name in FORWARD_CACHES:
         state_dict.pop(prefix + name, None)
-
-
-FORWARD_CACHES = ("last_in", "last_w")
 
 
 class LSQWeight(nn.Module):

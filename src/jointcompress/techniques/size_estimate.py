@@ -41,13 +41,16 @@ _CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 def _constants(numel, dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(numel, the index widths, 2 ** widths) as tensors, made once per layer set instead of every
-    step (the same values: the estimate is called on every training step)."""
-    key = (tuple(numel) if isinstance(numel, (list, tuple)) else numel, dtype, device)
-    hit = _CONSTANTS.get(key) if not isinstance(numel, torch.Tensor) else None
+    step (the same values: the estimate is called on every training step). Only plain numbers
+    (and lists of them) are cached; anything else is converted afresh."""
+    plain = isinstance(numel, (int, float)) or (isinstance(numel, (list, tuple))
+                                                 and all(isinstance(v, (int, float)) for v in numel))
+    key = (tuple(numel) if isinstance(numel, (list, tuple)) else numel, dtype, device) if plain else None
+    hit = _CONSTANTS.get(key) if plain else None
     if hit is None:
         widths = torch.tensor(INDEX_WIDTHS, dtype=dtype, device=device)
         hit = (torch.as_tensor(numel, dtype=dtype, device=device), widths, 2 ** widths)
-        if not isinstance(numel, torch.Tensor):
+        if plain:
             if len(_CONSTANTS) > 256:
                 _CONSTANTS.clear()
             _CONSTANTS[key] = hit
