@@ -31,7 +31,11 @@ SEQUENTIAL_FROM = {"compare_lenet5_100x_2k_v2": "compare_lenet5_100x_2k",
 # paired with that folder's sequential runs (same teachers, checked), without replacing it.
 SEQUENTIAL_BESIDE = {"compare_lenet300_100x_stiff_v3": "compare_lenet300_100x_bits_fixed",
                      "compare_lenet300_100x_e10_stiff_v3": "compare_lenet300_100x_e10_fixed",
-                     "compare_lenet300_100x_2k_stiff_v3": "compare_lenet300_100x_2k_fixed"}
+                     "compare_lenet300_100x_2k_stiff_v3": "compare_lenet300_100x_2k_fixed",
+                     # the early freeze (joint-early-*): decisions in the first 30% of the run, then fine-tuning
+                     "compare_lenet300_100x_e10_early_v4": "compare_lenet300_100x_e10_fixed",
+                     "compare_lenet300_100x_2k_early_v4": "compare_lenet300_100x_2k_fixed",
+                     "compare_lenet300_100x_early_v4": "compare_lenet300_100x_bits_fixed"}
 
 
 # Runs with `finetune_phase` (the joint-fisher-* and joint-bits-* variants) made before the fix of
