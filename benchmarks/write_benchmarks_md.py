@@ -245,7 +245,10 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                ("lenet5", "compare_lenet5_200x_bits", " at 200x, learned bit-widths (one seed, a check)"),
                ("lenet300", "compare_lenet300_100x_stiff_v3", " at 100x, learned widths with a stiffer size constraint (penalty 30)"),
                ("lenet300", "compare_lenet300_100x_e10_stiff_v3", " at 100x, 10 compression epochs, learned widths with penalty 30"),
-               ("lenet300", "compare_lenet300_100x_2k_stiff_v3", ", 2,000 training images, at 100x, learned widths with penalty 30"))
+               ("lenet300", "compare_lenet300_100x_2k_stiff_v3", ", 2,000 training images, at 100x, learned widths with penalty 30"),
+               ("lenet300", "compare_lenet300_100x_e10_early_v4", " at 100x, 10 compression epochs, early freeze (joint-early: decide in 30% of the run, fine-tune 70%)"),
+               ("lenet300", "compare_lenet300_100x_early_v4", " at 100x, early freeze (joint-early)"),
+               ("lenet300", "compare_lenet300_100x_2k_early_v4", ", 2,000 training images, at 100x, early freeze (joint-early)"))
 
 
 def fisher_budget_section() -> list[str]:

@@ -76,3 +76,22 @@ def test_early_freeze_variant_fine_tunes_its_fixed_pattern_for_most_of_the_run()
     assert t.window == (0, 200) and plan.freeze[id(t)] == 300
     assert [(p.name, p.start, p.end) for p in plan.phases] == [("joint", 0, 300), ("finetune", 300, 1000)]
     assert lr_factor(300, plan, "cosine") == 1.0 and lr_factor(299, plan, "cosine") < 0.02
+
+
+def test_paced_window_decides_in_a_fixed_number_of_steps_and_fine_tunes_the_rest():
+    """joint-paced-*: the decision window is ~1,000 steps whatever the run's length (between 20% and
+    60% of it), the freeze half a window later (at most 80%)."""
+    from jointcompress.compare import JOINT_OPTIONS, joint_options, joint_recipe, paced_window
+    from jointcompress.recipe import parse_recipe
+
+    assert paced_window(1000, 640) == {"end": 0.6, "freeze": 0.8}  # short run: the default window
+    assert paced_window(1000, 1876) == {"end": 0.533, "freeze": 0.7995}
+    assert paced_window(1000, 4690) == {"end": 0.2132, "freeze": 0.3198}
+    assert paced_window(1000, 50_000) == {"end": 0.2, "freeze": 0.3}  # never fewer than 20% deciding
+    seq = parse_recipe({"mode": "sequential", "target": {"ratio": 40}, "techniques": [
+        {"type": "prune_unstructured", "sparsity": 0.9, "end": 0.6}, {"type": "quant_lsq", "bits": 4}]})
+    budget = joint_recipe(seq, **joint_options("joint-paced-none", 4690)).technique("size_budget")
+    assert (budget.end, budget.freeze, budget.penalty, budget.saliency) == (0.2132, 0.3198, 30.0, 30.0)
+    assert "decide_steps" in JOINT_OPTIONS["joint-paced-none"]  # resolved, never passed to the recipe
+    unpaced = joint_recipe(seq, **joint_options("joint-paced-none")).technique("size_budget")
+    assert (unpaced.end, unpaced.freeze) == (0.6, 0.8)  # no step count (the demo): the default window
