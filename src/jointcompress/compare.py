@@ -46,6 +46,7 @@ VARIANTS = {  # name -> (mode, coordination strategy)
     "joint-early-pcgrad": ("joint", "pcgrad"),
     "joint-paced-none": ("joint", "none"),  # fixed widths, stiff constraint, a decision window of ~1,000 steps (PACED_BUDGET)
     "joint-paced-pcgrad": ("joint", "pcgrad"),
+    "joint-paced-aw-none": ("joint", "none"),  # PACED_BUDGET with the multiplier's anti-windup (PACED_ANTI_WINDUP)
 }
 # the Fisher (OBD) cost of pruned weights on the dead zones, a budget that warms up fast first and
 # slowly at the end, and a fine-tuning phase with its own LR after the freeze (docs/joint.md)
@@ -70,11 +71,14 @@ EARLY_FREEZE = {**STIFF_BUDGET, "end": 0.2, "freeze": 0.3}
 # with 2,000 images 2.5), and every step beyond that is better spent fine-tuning the fixed pattern
 # (paced_window; docs/joint.md); not in the default set
 PACED_BUDGET = {**FISHER_BUDGET, "penalty": 30.0, "decide_steps": 1000}
+# the paced budget whose multiplier decays while the state is under the budget (size_budget.anti_windup)
+PACED_ANTI_WINDUP = {**PACED_BUDGET, "anti_windup": True}
 JOINT_OPTIONS = {"joint-fisher-none": FISHER_BUDGET, "joint-fisher-pcgrad": FISHER_BUDGET,  # not in the default set
                  "joint-bits-none": LEARNED_BITS, "joint-bits-pcgrad": LEARNED_BITS,
                  "joint-stiff-none": STIFF_BUDGET, "joint-stiff-pcgrad": STIFF_BUDGET,
                  "joint-early-none": EARLY_FREEZE, "joint-early-pcgrad": EARLY_FREEZE,
-                 "joint-paced-none": PACED_BUDGET, "joint-paced-pcgrad": PACED_BUDGET}
+                 "joint-paced-none": PACED_BUDGET, "joint-paced-pcgrad": PACED_BUDGET,
+                 "joint-paced-aw-none": PACED_ANTI_WINDUP}
 DEFAULT_VARIANTS = ("joint-none", "joint-scale", "joint-pcgrad", "sequential")
 CSV_FIELDS = ["variant", "mode", "strategy", "ratio_target", "seed", "accuracy", "error", "bytes", "file_bytes",
               "target_bytes", "ratio", "sparsity", "bits", "conflict_rate", "changed_share", "changed_mean", "wall_s", "dir"]
