@@ -66,7 +66,7 @@ STIFF_BUDGET = {**LEARNED_BITS, "penalty": 30.0}
 # (docs/joint.md); not in the default set
 EARLY_FREEZE = {**STIFF_BUDGET, "end": 0.2, "freeze": 0.3}
 # the Fisher budget with the stiff constraint at fixed widths, its decision window paced in steps, not in
-# fractions of the run: the dead zones and the multiplier need about DECIDE_STEPS steps to move the model
+# fractions of the run: the dead zones and the multiplier need about 1,000 steps to move the model
 # onto the target whatever the run's length (a 375-step window at 4 epochs lost 0.3 points, a 128-step one
 # with 2,000 images 2.5), and every step beyond that is better spent fine-tuning the fixed pattern
 # (paced_window; docs/joint.md); not in the default set
