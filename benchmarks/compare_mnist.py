@@ -94,7 +94,10 @@ def main() -> None:
                     help="quant_lsq.bits of every variant (the allocator may still lower it for sequential if the target needs it)")
     ap.add_argument("--variants", help="comma-separated (default: joint-none,joint-scale,joint-pcgrad,sequential; "
                                        "also joint-fisher-none/-pcgrad, joint-bits-none/-pcgrad with learned widths, "
-                                       "joint-stiff-none/-pcgrad with a stiffer constraint (penalty 30), overlap)")
+                                       "joint-stiff-none/-pcgrad with a stiffer constraint (penalty 30), "
+                                       "joint-early-none/-pcgrad: the stiff one frozen at 30%% of the run, 70%% fine-tuning; "
+                                       "joint-paced-none/-pcgrad: Fisher budget, penalty 30, ~1,000 steps of decisions, "
+                                       "then fine-tuning (joint-paced-aw-none: with the multiplier's anti-windup); overlap)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.add_layers:

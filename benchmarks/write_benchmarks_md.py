@@ -31,7 +31,16 @@ SEQUENTIAL_FROM = {"compare_lenet5_100x_2k_v2": "compare_lenet5_100x_2k",
 # paired with that folder's sequential runs (same teachers, checked), without replacing it.
 SEQUENTIAL_BESIDE = {"compare_lenet300_100x_stiff_v3": "compare_lenet300_100x_bits_fixed",
                      "compare_lenet300_100x_e10_stiff_v3": "compare_lenet300_100x_e10_fixed",
-                     "compare_lenet300_100x_2k_stiff_v3": "compare_lenet300_100x_2k_fixed"}
+                     "compare_lenet300_100x_2k_stiff_v3": "compare_lenet300_100x_2k_fixed",
+                     # the early freeze (joint-early-*): decisions in the first 30% of the run, then fine-tuning
+                     "compare_lenet300_100x_e10_early_v4": "compare_lenet300_100x_e10_fixed",
+                     "compare_lenet300_100x_2k_early_v4": "compare_lenet300_100x_2k_fixed",
+                     "compare_lenet300_100x_early_v4": "compare_lenet300_100x_bits_fixed",
+                     # the paced window (joint-paced-*): ~1,000 steps of decisions, then fine-tuning
+                     "compare_lenet300_100x_e10_paced_v4": "compare_lenet300_100x_e10_fixed",
+                     "compare_lenet300_100x_2k_paced_v4": "compare_lenet300_100x_2k_fixed",
+                     "compare_lenet300_100x_paced_v4": "compare_lenet300_100x_bits_fixed",
+                     "compare_lenet300_100x_e10_paced_aw_v4": "compare_lenet300_100x_e10_fixed"}
 
 
 # Runs with `finetune_phase` (the joint-fisher-* and joint-bits-* variants) made before the fix of
@@ -241,7 +250,14 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                ("lenet5", "compare_lenet5_200x_bits", " at 200x, learned bit-widths (one seed, a check)"),
                ("lenet300", "compare_lenet300_100x_stiff_v3", " at 100x, learned widths with a stiffer size constraint (penalty 30)"),
                ("lenet300", "compare_lenet300_100x_e10_stiff_v3", " at 100x, 10 compression epochs, learned widths with penalty 30"),
-               ("lenet300", "compare_lenet300_100x_2k_stiff_v3", ", 2,000 training images, at 100x, learned widths with penalty 30"))
+               ("lenet300", "compare_lenet300_100x_2k_stiff_v3", ", 2,000 training images, at 100x, learned widths with penalty 30"),
+               ("lenet300", "compare_lenet300_100x_e10_early_v4", " at 100x, 10 compression epochs, early freeze (joint-early: decide in 30% of the run, fine-tune 70%)"),
+               ("lenet300", "compare_lenet300_100x_early_v4", " at 100x, early freeze (joint-early)"),
+               ("lenet300", "compare_lenet300_100x_2k_early_v4", ", 2,000 training images, at 100x, early freeze (joint-early)"),
+               ("lenet300", "compare_lenet300_100x_e10_paced_v4", " at 100x, 10 compression epochs, paced window (joint-paced: ~1,000 steps of decisions)"),
+               ("lenet300", "compare_lenet300_100x_paced_v4", " at 100x, paced window (joint-paced)"),
+               ("lenet300", "compare_lenet300_100x_2k_paced_v4", ", 2,000 training images, at 100x, paced window (joint-paced)"),
+               ("lenet300", "compare_lenet300_100x_e10_paced_aw_v4", " at 100x, 10 compression epochs, paced window with the multiplier's anti-windup"))
 
 
 def fisher_budget_section() -> list[str]:

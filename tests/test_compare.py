@@ -51,3 +51,47 @@ def test_compare_cli_tiny(tmp_path):
     acc = EventAccumulator(str(events[0].parent)).Reload()
     tags = acc.Tags()["scalars"]
     assert "loss/task" in tags and "coordination/conflict_rate" in tags
+
+
+
+def test_early_freeze_variant_fine_tunes_its_fixed_pattern_for_most_of_the_run():
+    """joint-early-*: the stiff budget reaches the target at 20% of the run, freezes at 30%, and the
+    rest is its own LR phase from the full rate; the other joint variants keep their window."""
+    from jointcompress.compare import JOINT_OPTIONS, joint_recipe
+    from jointcompress.plan import joint_plan
+    from jointcompress.recipe import parse_recipe
+    from jointcompress.session.schedule import lr_factor
+    from jointcompress.techniques.size_budget import SizeBudget
+
+    seq = parse_recipe({"mode": "sequential", "target": {"ratio": 40}, "techniques": [
+        {"type": "prune_unstructured", "sparsity": 0.9, "end": 0.6}, {"type": "quant_lsq", "bits": 4}]})
+    early = joint_recipe(seq, **JOINT_OPTIONS["joint-early-none"])
+    budget = early.technique("size_budget")
+    assert (budget.end, budget.freeze, budget.penalty, budget.finetune_phase) == (0.2, 0.3, 30.0, True)
+    assert early.technique("quant_lsq").learn_bits
+    stiff = joint_recipe(seq, **JOINT_OPTIONS["joint-stiff-none"]).technique("size_budget")
+    assert (stiff.end, stiff.freeze) == (0.6, 0.8)  # the variants measured before keep theirs
+    t = SizeBudget(budget)
+    plan = joint_plan([t], 1000)
+    assert t.window == (0, 200) and plan.freeze[id(t)] == 300
+    assert [(p.name, p.start, p.end) for p in plan.phases] == [("joint", 0, 300), ("finetune", 300, 1000)]
+    assert lr_factor(300, plan, "cosine") == 1.0 and lr_factor(299, plan, "cosine") < 0.02
+
+
+def test_paced_window_decides_in_a_fixed_number_of_steps_and_fine_tunes_the_rest():
+    """joint-paced-*: the decision window is ~1,000 steps whatever the run's length (between 20% and
+    60% of it), the freeze half a window later (at most 80%)."""
+    from jointcompress.compare import JOINT_OPTIONS, joint_options, joint_recipe, paced_window
+    from jointcompress.recipe import parse_recipe
+
+    assert paced_window(1000, 640) == {"end": 0.6, "freeze": 0.8}  # short run: the default window
+    assert paced_window(1000, 1876) == {"end": 0.533, "freeze": 0.7995}
+    assert paced_window(1000, 4690) == {"end": 0.2132, "freeze": 0.3198}
+    assert paced_window(1000, 50_000) == {"end": 0.2, "freeze": 0.3}  # never fewer than 20% deciding
+    seq = parse_recipe({"mode": "sequential", "target": {"ratio": 40}, "techniques": [
+        {"type": "prune_unstructured", "sparsity": 0.9, "end": 0.6}, {"type": "quant_lsq", "bits": 4}]})
+    budget = joint_recipe(seq, **joint_options("joint-paced-none", 4690)).technique("size_budget")
+    assert (budget.end, budget.freeze, budget.penalty, budget.saliency) == (0.2132, 0.3198, 30.0, 30.0)
+    assert "decide_steps" in JOINT_OPTIONS["joint-paced-none"]  # resolved, never passed to the recipe
+    unpaced = joint_recipe(seq, **joint_options("joint-paced-none")).technique("size_budget")
+    assert (unpaced.end, unpaced.freeze) == (0.6, 0.8)  # no step count (the demo): the default window

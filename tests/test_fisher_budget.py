@@ -216,3 +216,22 @@ def test_fisher_run_lands_on_target(fisher_run, tmp_path):
     goal = target_bytes(teacher, recipe.target)
     assert abs(manifest["weights_file_bytes"] - goal) / goal < 0.02
     assert result.metrics["accuracy"] > 0.8
+
+
+def test_anti_windup_lets_the_multiplier_go_once_the_state_is_under_the_budget():
+    """Under the budget, plain dual ascent lowers a positive multiplier by lr * |c| a step (it keeps
+    pushing the state down long after the descent); with anti_windup it also decays geometrically.
+    Over the budget both rise the same."""
+    from types import SimpleNamespace
+
+    def run(anti_windup: bool, bytes_now: float, steps: int = 100) -> float:
+        b = SizeBudget(SizeBudgetConfig(type="size_budget", target_bytes=1000.0, margin=0.0, anti_windup=anti_windup))
+        b.window, b.span, b.lam, b.start_bytes, b.last_hard = (0, 100), 100, 2.0, 1000.0, bytes_now
+        for step in range(200, 200 + steps):
+            b.after_optimizer_step(SimpleNamespace(step=step))
+        return b.lam
+
+    plain, damped = run(False, 980.0), run(True, 980.0)  # 2% under the aim
+    assert plain == pytest.approx(2.0 - 100 * 0.5 * 0.02)  # 1.0: still pushing after 100 steps
+    assert damped < 0.1 * plain
+    assert run(True, 1020.0) == pytest.approx(run(False, 1020.0)) == pytest.approx(3.0)  # over: unchanged

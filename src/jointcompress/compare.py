@@ -20,6 +20,7 @@ Run-dir layout (what `jointcompress report` reads):
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,11 @@ VARIANTS = {  # name -> (mode, coordination strategy)
     "joint-bits-pcgrad": ("joint", "pcgrad"),
     "joint-stiff-none": ("joint", "none"),  # learned widths with a stiffer size constraint (STIFF_BUDGET)
     "joint-stiff-pcgrad": ("joint", "pcgrad"),
+    "joint-early-none": ("joint", "none"),  # STIFF_BUDGET that lands early and fine-tunes longer (EARLY_FREEZE)
+    "joint-early-pcgrad": ("joint", "pcgrad"),
+    "joint-paced-none": ("joint", "none"),  # fixed widths, stiff constraint, a decision window of ~1,000 steps (PACED_BUDGET)
+    "joint-paced-pcgrad": ("joint", "pcgrad"),
+    "joint-paced-aw-none": ("joint", "none"),  # PACED_BUDGET with the multiplier's anti-windup (PACED_ANTI_WINDUP)
 }
 # the Fisher (OBD) cost of pruned weights on the dead zones, a budget that warms up fast first and
 # slowly at the end, and a fine-tuning phase with its own LR after the freeze (docs/joint.md)
@@ -53,9 +59,26 @@ LEARNED_BITS = {**FISHER_BUDGET, "learn_bits": True}
 # a proportional pull that reverses as soon as the state is under the budget, where the multiplier
 # (an integral of the error) still pushes down after the descent (docs/joint.md); not in the default set
 STIFF_BUDGET = {**LEARNED_BITS, "penalty": 30.0}
+# the stiff budget on a shorter decision window: the budget reaches the target at 20% of the run and the
+# pattern and widths freeze at 30%, so 70% of the steps fine-tune a fixed pattern from the full LR (the
+# sequential pipeline's sparsity ramp ends at 24% of the run and its mask freezes at 40%); with the default window
+# (0.6 / 0.8) the extra epochs of a longer run went to moving the pattern, not to recovering from it
+# (docs/joint.md); not in the default set
+EARLY_FREEZE = {**STIFF_BUDGET, "end": 0.2, "freeze": 0.3}
+# the Fisher budget with the stiff constraint at fixed widths, its decision window paced in steps, not in
+# fractions of the run: the dead zones and the multiplier need about 1,000 steps to move the model
+# onto the target whatever the run's length (a 375-step window at 4 epochs lost 0.3 points, a 128-step one
+# with 2,000 images 2.5), and every step beyond that is better spent fine-tuning the fixed pattern
+# (paced_window; docs/joint.md); not in the default set
+PACED_BUDGET = {**FISHER_BUDGET, "penalty": 30.0, "decide_steps": 1000}
+# the paced budget whose multiplier decays while the state is under the budget (size_budget.anti_windup)
+PACED_ANTI_WINDUP = {**PACED_BUDGET, "anti_windup": True}
 JOINT_OPTIONS = {"joint-fisher-none": FISHER_BUDGET, "joint-fisher-pcgrad": FISHER_BUDGET,  # not in the default set
                  "joint-bits-none": LEARNED_BITS, "joint-bits-pcgrad": LEARNED_BITS,
-                 "joint-stiff-none": STIFF_BUDGET, "joint-stiff-pcgrad": STIFF_BUDGET}
+                 "joint-stiff-none": STIFF_BUDGET, "joint-stiff-pcgrad": STIFF_BUDGET,
+                 "joint-early-none": EARLY_FREEZE, "joint-early-pcgrad": EARLY_FREEZE,
+                 "joint-paced-none": PACED_BUDGET, "joint-paced-pcgrad": PACED_BUDGET,
+                 "joint-paced-aw-none": PACED_ANTI_WINDUP}
 DEFAULT_VARIANTS = ("joint-none", "joint-scale", "joint-pcgrad", "sequential")
 CSV_FIELDS = ["variant", "mode", "strategy", "ratio_target", "seed", "accuracy", "error", "bytes", "file_bytes",
               "target_bytes", "ratio", "sparsity", "bits", "conflict_rate", "changed_share", "changed_mean", "wall_s", "dir"]
@@ -94,15 +117,33 @@ def joint_recipe(base: Recipe, learn_bits: bool = False, **budget) -> Recipe:
     return parse_recipe(data, source="joint form of the recipe")
 
 
+def paced_window(decide_steps: int, total_steps: int) -> dict[str, float]:
+    """size_budget's `end` and `freeze` for a decision window of about `decide_steps` steps: the
+    budget reaches the target after them (between 20% and 60% of the run) and the pattern freezes
+    half a window later (at most at 80%), so a longer run spends its extra steps fine-tuning."""
+    end = round(min(0.6, max(0.2, decide_steps / max(1, total_steps))), 4)
+    return {"end": end, "freeze": round(min(0.8, 1.5 * end), 4)}
+
+
+def joint_options(variant: str, total_steps: int | None = None) -> dict:
+    """The size_budget (and quant_lsq) fields of a joint variant, its paced window resolved."""
+    options = dict(JOINT_OPTIONS.get(variant, {}))
+    decide_steps = options.pop("decide_steps", None)
+    if decide_steps is not None and total_steps:
+        options.update(paced_window(decide_steps, total_steps))
+    return options
+
+
 def variant_recipe(budgets: Recipe, variant: str, seed: int, targeted: Recipe | None = None, model=None,
-                   example=None) -> Recipe:
+                   example=None, total_steps: int | None = None) -> Recipe:
     """One variant's recipe. sequential and overlap train the allocator's `budgets`; the joint
-    variants learn their own from `targeted` (the recipe with the size target, unallocated)."""
+    variants learn their own from `targeted` (the recipe with the size target, unallocated).
+    `total_steps`: the run's optimizer steps, which a paced variant's window is measured in."""
     mode, strategy = VARIANTS[variant]
     if mode == "joint" and targeted is not None:
         from .targets import resolve_target
 
-        budgets = resolve_target(model, joint_recipe(targeted, **JOINT_OPTIONS.get(variant, {})), example)
+        budgets = resolve_target(model, joint_recipe(targeted, **joint_options(variant, total_steps)), example)
     data = budgets.model_dump()
     data["mode"] = "joint" if mode == "overlap" else mode
     data["coordination"]["strategy"], data["training"]["seed"] = strategy, seed
@@ -128,6 +169,7 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
     if spec.epochs:
         base = parse_recipe({**base.model_dump(), "training": {**base.training.model_dump(), "epochs": spec.epochs}})
     builder = builder_for(model_name, split)
+    total_steps = base.training.epochs * math.ceil(len(split.y_train) / base.training.batch_size)
     result = {"kind": "compare", "model": model_name, "data": split.name, "ratios": list(spec.ratios),
               "seeds": spec.seeds, "variants": list(spec.variants), "epochs": base.training.epochs,
               "teacher_epochs": None if weights else spec.teacher_epochs, "recipe": base.model_dump(),
@@ -154,7 +196,7 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
                 continue
             for variant in spec.variants:
                 name = f"{variant}-r{ratio:g}-s{seed}"
-                r = variant_recipe(budgets, variant, seed, targeted, teacher, example)
+                r = variant_recipe(budgets, variant, seed, targeted, teacher, example, total_steps)
                 run_dir = out / "runs" / name
                 callbacks = _tensorboard(tensorboard, name)
                 run_row, history = run_one(teacher, r, split, builder, run_dir, callbacks,

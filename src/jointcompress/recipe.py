@@ -127,6 +127,9 @@ class SizeBudget(Strict):
     finetune_phase: bool = False
     # how the budget warms up over [start, end] in log-bytes: linear, or cubic (fast first, slow at the end)
     schedule: Literal["log_linear", "cubic"] = "log_linear"
+    # while the state is under the budget, a positive multiplier also decays (e-fold in a tenth of the
+    # window), so the integral of the descent's error stops pushing the state under the aim
+    anti_windup: bool = False
 
     @model_validator(mode="after")
     def _window(self):

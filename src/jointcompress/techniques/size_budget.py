@@ -43,6 +43,7 @@ from .zero_level import ZeroLevelLSQWeight
 LAMBDA_MAX = 1e3
 DECISION_TRAVEL = 6.0  # how far (in raw units) a dead zone or bit-width can move over the budget's window
 LAMBDA_TRAVEL = 50.0  # lambda_lr by default: the multiplier can rise this far over the budget's window
+WINDUP_DECAY = 10.0  # with anti_windup: a positive multiplier e-folds this many times a window while under the budget
 
 
 class SizeBudget(Landing, Technique):
@@ -167,6 +168,10 @@ class SizeBudget(Landing, Technique):
             return
         c = self.last_hard / self.goal(ctx.step) - 1
         lr = self.config.lambda_lr or LAMBDA_TRAVEL / self.span
+        if getattr(self.config, "anti_windup", False) and c < 0 < self.lam:
+            # the multiplier integrates the descent's error and keeps pushing once the state is under
+            # the budget (it ends ~2% under the aim, and the freeze revives weights with stale values)
+            self.lam *= 1 - WINDUP_DECAY / self.span
         self.lam = max(-LAMBDA_MAX, min(LAMBDA_MAX, self.lam + lr * c))
 
     def freeze(self) -> None:
