@@ -134,7 +134,11 @@ def section(model: str, folder: str | None = None, title: str = "") -> list[str]
             continue
         best = min(joint, key=lambda s: s["error_mean"])
         paired = paired_difference(r.get("runs", []), best["variant"], ratio)
-        if best["error_mean"] < seq["error_mean"]:
+        stats = paired_stats(r.get("runs", []), best["variant"], ratio)
+        if stats is not None and best["error_mean"] < seq["error_mean"] and stats[0] + 2 * stats[1] >= 0:
+            lines.append(f"- At {ratio:g}x joint's mean error is lower, within noise: {best['variant']} "
+                         f"{100 * best['error_mean']:.2f}% vs {100 * seq['error_mean']:.2f}% error; {paired}.")
+        elif best["error_mean"] < seq["error_mean"]:
             lines.append(f"- At {ratio:g}x joint is ahead of sequential: {best['variant']} {100 * best['error_mean']:.2f}% vs "
                          f"{100 * seq['error_mean']:.2f}% error; {paired}.")
         else:
@@ -269,10 +273,13 @@ def fisher_budget_section() -> list[str]:
         if r is None:
             continue
         lines += section(model, folder, title)[:-1]
+        joint_variants = [v for v in r["variants"] if v.startswith("joint")]
+        if len(joint_variants) < 2:  # the section's own line already pairs the one joint variant
+            lines.append("")
+            continue
         for ratio in r["ratios"]:
-            for variant in r["variants"]:
-                if variant.startswith("joint"):
-                    lines.append(f"- {variant} at {ratio:g}x: {paired_difference(r.get('runs', []), variant, ratio)}.")
+            for variant in joint_variants:
+                lines.append(f"- {variant} at {ratio:g}x: {paired_difference(r.get('runs', []), variant, ratio)}.")
         lines.append("")
     return lines
 
@@ -430,6 +437,14 @@ VARIANTS_TEXT = [
     "- **sequential**: the allocator's per-layer sparsity and bits (measured candidate artifacts), magnitude pruning -> "
     "fine-tune -> LSQ -> fine-tune over the same total steps, the same distillation, size steering onto the target bytes.",
     "- **overlap**: the earlier joint mode (masks and LSQ at overlapping times on the allocator's budgets).",
+    "- Options of the joint mode (`compare.JOINT_OPTIONS`, not in the default set; the suffix is again the coordination): "
+    "**`joint-fisher-*`** prices a pruned weight by its Fisher (OBD) loss cost, warms the budget up on a cubic "
+    "schedule and fine-tunes after the freeze with its own LR; **`joint-bits-*`** adds learned per-layer widths (2-8 "
+    "bits) under the same byte budget; **`joint-stiff-*`** is joint-bits with the constraint's quadratic term at 30 "
+    "instead of 1; **`joint-early-*`** is joint-stiff with the budget on target at 20% of the run and the freeze at 30%; "
+    "**`joint-paced-*`** is joint-fisher (fixed widths) with the quadratic term at 30 and a decision window of about "
+    "1,000 steps (on target after them, frozen half a window later, between 20% and 80% of the run), the rest of "
+    "the run fine-tuning the fixed pattern; **`joint-paced-aw-*`** adds the multiplier's anti-windup.",
     "",
     "Every variant gets the same teacher, epochs, data and target bytes; differences are paired by seed.", "",
 ]
