@@ -168,7 +168,7 @@ class SizeBudget(Landing, Technique):
             return
         c = self.last_hard / self.goal(ctx.step) - 1
         lr = self.config.lambda_lr or LAMBDA_TRAVEL / self.span
-        if getattr(self.config, "anti_windup", False) and c < 0 < self.lam:
+        if self.config.anti_windup and c < 0 < self.lam:
             # the multiplier integrates the descent's error and keeps pushing once the state is under
             # the budget (it ends ~2% under the aim, and the freeze revives weights with stale values)
             self.lam *= 1 - WINDUP_DECAY / self.span
