@@ -13,6 +13,10 @@ mean, or the measured rise of a held-out loss when the group is cut) is largest,
 until the prediction is at or under the target. The shrunk model is then timed (deploy.timing)
 to confirm; if it measures over, the prediction was optimistic by measured/predicted and the
 allocation is redone against a target lowered by that factor (a few times at most).
+Where the table cannot tell cuts apart any more (flat, or timed under load), the cut goes on
+towards every group's floor instead of stopping; `narrow` then cuts further on the deployment
+runtime itself while the model measures over, and the allocation records whether the target was
+met (`met`), so a run that cannot reach it says so.
 
 Tests use a fake table (no timing in tests); benchmarks/latency_target.py runs it for real.
 """
@@ -354,6 +358,9 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
     the table's relative costs are scaled to the runtime; the widest model that met the target
     is returned. `min_width`: no group below this many channels (default MIN_WIDTH).
     `importance`: what a cut loses (width_importance; default channel norms, data-free).
+    A table that cannot reach the goal (flat, or timed under load) still cuts every group
+    towards its floor (greedy_widths), and the runtime judges: the result's `met` says whether
+    the model measured at or under the target; `narrow` cuts further, measured, when it did not.
     """
     groups, _ = discover_groups(model, example_inputs)
     channels = {g.name: g.channels for g in groups}
