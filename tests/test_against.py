@@ -50,6 +50,7 @@ def test_against_torch_pruning_writes_both_contenders(app, tmp_path):
         assert res["macs_per_sample"][side] < res["macs_per_sample"]["dense"]
     assert len(res["torch_pruning"]["stages"]) == 2 and res["torch_pruning"]["train_steps"] == res["ours"]["train_steps"]
     assert teacher.is_file() and "vs Torch-Pruning" in r.output
+    assert ("latency target" in r.output) and (("NOT met" in r.output) != target["met"])
     assert res["teacher"].startswith("trained here")
 
 
