@@ -97,11 +97,15 @@ def main():
     load_before = os.getloadavg()
     torch.set_num_threads(args.threads)
     split = load_mnist(args.data)
-    teacher = dense_teacher(AgainstConfig(), split, Path(args.teacher))[0]
     runs = [json.loads(Path(p).read_text()) for p in args.runs]
+    models = {run["config"]["model"] for run in runs}
+    if len(models) != 1:
+        sys.exit(f"--runs: the runs compress different models ({', '.join(sorted(models))}); re-time them separately")
+    teacher = dense_teacher(AgainstConfig(model=models.pop()), split, Path(args.teacher))[0]
     fns, runtimes, sources = {BASELINE: teacher}, {BASELINE: "pytorch eager fp32"}, {}
-    for p, run in zip(args.runs, runs):
-        tag = f"s{run['config']['seed']}_" if len(runs) > 1 else ""
+    seeds = [run["config"]["seed"] for run in runs]
+    for i, (p, run) in enumerate(zip(args.runs, runs)):  # runs told apart by seed, else by their place in --runs
+        tag = "" if len(runs) == 1 else f"s{seeds[i]}_" if len(set(seeds)) == len(runs) else f"r{i}_"
         f, r = contenders(run, tag, args.threads)
         fns.update(f)
         runtimes.update(r)

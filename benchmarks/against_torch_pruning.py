@@ -4,6 +4,9 @@
         --teacher-epochs 8 --epochs 4 --speedup 20 --both-batches False --teacher /tmp/jc-teacher-lenet5-e8.safetensors
     .venv/bin/python benchmarks/against_torch_pruning.py --data ../shared/datasets/mnist/mnist.npz --model resnet \
         --teacher-epochs 4 --epochs 3 --train-limit 20000 --teacher /tmp/jc-teacher-resnet-e4-20k.safetensors
+    .venv/bin/python benchmarks/against_torch_pruning.py --data ../shared/datasets/mnist/mnist.npz --model resnet \
+        --teacher-epochs 4 --epochs 1 --speedup 3 --tp-steps 8 --importance-points 4 \
+        --teacher /tmp/jc-teacher-resnet-e4-60k.safetensors --out benchmarks/results/against_torch_pruning_resnet_60k_x3.json
 
 The comparison itself lives in jointcompress.deploy.against (its docstring says every step:
 latency-table allocation + joint pruning/LSQ/KD for ours; Torch-Pruning's MagnitudePruner

@@ -38,6 +38,8 @@ def test_against_torch_pruning_writes_both_contenders(app, tmp_path):
     for batch in ("batch1", "batch64"):
         assert contenders <= set(res["timing"][batch]["latency_ms"]) and contenders <= set(res["timing"][batch]["alone_ms"])
     assert res["threads"] == 1 and res["train_rows"] == 256 and res["config"]["min_width"] == 4
+    target = res["target"]  # whether the deployed allocation met its target is said, and true to the numbers
+    assert isinstance(target["met"], bool) and target["met"] == (target["measured_ms"] <= target["latency_ms_b64"])
     for side in ("ours_fp32_ort", "tp_fp32_ort"):  # both deployed the same way, and it is recorded
         runtime = res["runtimes"][side]
         assert runtime["threads"] == 1 and runtime["spinning"] == "off" and "batch >= 8" in runtime
@@ -48,6 +50,7 @@ def test_against_torch_pruning_writes_both_contenders(app, tmp_path):
         assert res["macs_per_sample"][side] < res["macs_per_sample"]["dense"]
     assert len(res["torch_pruning"]["stages"]) == 2 and res["torch_pruning"]["train_steps"] == res["ours"]["train_steps"]
     assert teacher.is_file() and "vs Torch-Pruning" in r.output
+    assert ("latency target" in r.output) and (("NOT met" in r.output) != target["met"])
     assert res["teacher"].startswith("trained here")
 
 

@@ -179,3 +179,57 @@ def test_greedy_jumps_over_a_flat_step_of_a_noisy_table(lenet):
 
     widths, predicted = greedy_widths(Plateau(), {}, channels, relative_importance(model, groups), 20.0)
     assert predicted <= 20.0 and widths["conv2"] <= 20
+
+
+def test_flat_table_keeps_cutting_towards_the_floors(lenet):
+    """A table that reads the same ms at every width (timed under load) cannot reach the target;
+    the cut must still go on, the least important step first, down to every group's floor, rather
+    than stop at full width."""
+    from jointcompress.latency_targets import LatencyTable, floors, greedy_widths, relative_importance
+
+    model, x = lenet
+    groups, _ = discover_groups(model, x)
+    channels = {g.name: g.channels for g in groups}
+    sites = layer_sites(model, x, groups)
+    flat = LatencyTable({n: {"cin": [s.cin], "cout": [s.cout], "ms": [[1.0]]} for n, s in sites.items()}, 0.5)
+    assert flat.predict(sites, floors(channels), channels) == flat.predict(sites, channels, channels)
+    widths, predicted = greedy_widths(flat, sites, channels, relative_importance(model, groups), 0.1)
+    assert widths == floors(channels) and predicted > 0.1
+    assert floors(channels) == {"conv1": 8, "conv2": 8, "fc1": 32}
+
+
+def test_flat_table_allocation_is_judged_by_the_runtime(lenet):
+    """Calibrating on a flat table, the allocation reaches the floors, and the runtime (here a fake
+    one: ms = kept channels) decides: a target the floors meet is met (and recorded as met); one
+    even the floors miss is reported as not met, with what the narrowest model measured."""
+    from jointcompress.latency_targets import LatencyTable, floors
+
+    model, x = lenet
+    groups, _ = discover_groups(model, x)
+    channels = {g.name: g.channels for g in groups}
+    sites = layer_sites(model, x, groups)
+    flat = LatencyTable({n: {"cin": [s.cin], "cout": [s.cout], "ms": [[1.0]]} for n, s in sites.items()}, 0.5)
+    fake_ms = lambda m: float(sum(_widths(m, x)))  # noqa: E731
+    narrowest = float(sum(floors(channels).values()))
+    alloc = allocate_latency(model, x, Target(latency_ms=narrowest + 1), table=flat, measure=fake_ms, calibrate=True)
+    assert alloc.met and alloc.measured_ms <= narrowest + 1 and alloc.widths == floors(channels)
+    missed = allocate_latency(model, x, Target(latency_ms=narrowest - 1), table=flat, measure=fake_ms, calibrate=True)
+    assert missed.met is False and missed.measured_ms == narrowest and missed.to_dict()["met"] is False
+
+
+def test_narrow_cuts_measured_until_the_target_is_met(lenet):
+    """An allocation that measures over its target is cut further on the (fake) runtime, one
+    measured step at a time, and stops as soon as it measures at or under the target; a target
+    under the floors ends at the floors, not met."""
+    from jointcompress.latency_targets import LatencyAllocation, floors, narrow
+
+    model, x = lenet
+    channels = {"conv1": 20, "conv2": 50, "fc1": 500}
+    fake_ms = lambda m: float(sum(_widths(m, x)))  # noqa: E731
+    start = LatencyAllocation(dict(channels), channels, 1.0, target_ms=400.0, measured_ms=570.0)
+    out = narrow(model, x, start, fake_ms, max_trials=200)
+    assert out.met and 400.0 - 16 < out.measured_ms <= 400.0  # stopped right after crossing (steps of <= 16)
+    assert out.measured_ms == fake_ms(shrunk_to(model, x, out.widths))
+    assert all(r["measured_ms"] == sum(r["widths"].values()) for r in out.rounds if r.get("narrow"))
+    low = narrow(model, x, LatencyAllocation(dict(channels), channels, 1.0, 10.0, 570.0), fake_ms, max_trials=200)
+    assert low.met is False and low.widths == floors(channels) and low.measured_ms == sum(floors(channels).values())

@@ -97,6 +97,13 @@ def run_against_cli(against: str, model: Optional[str], data: Optional[str], tea
     return {"command": "jointcompress bench --against " + against, **run_against(cfg, split, dense, note)}
 
 
+def target_note(target: dict) -> str:
+    """Whether our allocation met its latency target, measured on the deployment (deploy.against)."""
+    verdict = "met" if target.get("met") else "NOT met (the narrowest model tried is what was trained)"
+    return (f"latency target {target['latency_ms_b64']:.3f} ms at batch 64: {verdict}; measured "
+            f"{target['measured_ms']:.3f} ms ({target.get('measured_as', 'on the deployment')})")
+
+
 def against_table(result: dict):
     """Accuracy, latency and speed-up of every contender (batch 1 and 64, interleaved)."""
     from rich.table import Table
@@ -152,6 +159,7 @@ def register(app: typer.Typer) -> None:
                            target_ms=target_ms, min_width=min_width)
             result = run_against_cli(against, model, data, teacher, options)
             console.print(against_table(result))
+            console.print(target_note(result["target"]))
             console.print(f"ONNX Runtime fp32 (ours and Torch-Pruning's): {result['runtimes']['ours_fp32_ort']}")
             _write_json(json_out, result)
             return
