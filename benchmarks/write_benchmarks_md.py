@@ -40,7 +40,8 @@ SEQUENTIAL_BESIDE = {"compare_lenet300_100x_stiff_v3": "compare_lenet300_100x_bi
                      "compare_lenet300_100x_e10_paced_v4": "compare_lenet300_100x_e10_fixed",
                      "compare_lenet300_100x_2k_paced_v4": "compare_lenet300_100x_2k_fixed",
                      "compare_lenet300_100x_paced_v4": "compare_lenet300_100x_bits_fixed",
-                     "compare_lenet300_100x_e10_paced_aw_v4": "compare_lenet300_100x_e10_fixed"}
+                     "compare_lenet300_100x_e10_paced_aw_v4": "compare_lenet300_100x_e10_fixed",
+                     "compare_lenet300_100x_e10_paced_pcgrad_v4": "compare_lenet300_100x_e10_fixed"}
 
 
 # Runs with `finetune_phase` (the joint-fisher-* and joint-bits-* variants) made before the fix of
@@ -261,7 +262,8 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                ("lenet300", "compare_lenet300_100x_e10_paced_v4", " at 100x, 10 compression epochs, paced window (joint-paced: ~1,000 steps of decisions)"),
                ("lenet300", "compare_lenet300_100x_paced_v4", " at 100x, paced window (joint-paced)"),
                ("lenet300", "compare_lenet300_100x_2k_paced_v4", ", 2,000 training images, at 100x, paced window (joint-paced)"),
-               ("lenet300", "compare_lenet300_100x_e10_paced_aw_v4", " at 100x, 10 compression epochs, paced window with the multiplier's anti-windup"))
+               ("lenet300", "compare_lenet300_100x_e10_paced_aw_v4", " at 100x, 10 compression epochs, paced window with the multiplier's anti-windup"),
+               ("lenet300", "compare_lenet300_100x_e10_paced_pcgrad_v4", " at 100x, 10 compression epochs, paced window with PCGrad (joint-paced-pcgrad)"))
 
 
 def fisher_budget_section() -> list[str]:
