@@ -153,6 +153,20 @@ def test_finetune_phase_restarts_the_learning_rate_at_the_freeze():
     assert lr_factor(800, plans[False], "cosine") < 0.11  # one cosine: a tenth of the rate left
 
 
+def test_decide_steps_paces_the_window_and_the_freeze_by_the_runs_length():
+    """size_budget.decide_steps: on target after ~decide_steps steps, frozen half a window later,
+    the fine-tuning phase from there; a short run keeps the default window."""
+    for total, (end, freeze) in ((4690, (1000, 1500)), (1000, (600, 800))):
+        t = SizeBudget(SizeBudgetConfig(type="size_budget", decide_steps=1000, finetune_phase=True))
+        plan = joint_plan([t], total)
+        assert t.window == (0, end) and plan.freeze[id(t)] == freeze
+        assert [(p.name, p.start, p.end) for p in plan.phases] == [("joint", 0, freeze), ("finetune", freeze, total)]
+        assert round(t.config.freeze * total) == freeze
+    with pytest.raises(RecipeError, match="decide_steps.*start"):
+        parse_recipe({"mode": "joint", "target": {"ratio": 10}, "techniques": [
+            {"type": "quant_lsq", "zero_level": True}, {"type": "size_budget", "start": 0.3, "decide_steps": 500}]})
+
+
 def test_recipe_errors_name_the_new_fields_and_the_fix():
     base = {"mode": "joint", "target": {"ratio": 10}, "techniques": [{"type": "quant_lsq", "zero_level": True}]}
     with pytest.raises(RecipeError, match="saliency.*freeze"):

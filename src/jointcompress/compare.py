@@ -118,11 +118,11 @@ def joint_recipe(base: Recipe, learn_bits: bool = False, **budget) -> Recipe:
 
 
 def paced_window(decide_steps: int, total_steps: int) -> dict[str, float]:
-    """size_budget's `end` and `freeze` for a decision window of about `decide_steps` steps: the
-    budget reaches the target after them (between 20% and 60% of the run) and the pattern freezes
-    half a window later (at most at 80%), so a longer run spends its extra steps fine-tuning."""
-    end = round(min(0.6, max(0.2, decide_steps / max(1, total_steps))), 4)
-    return {"end": end, "freeze": round(min(0.8, 1.5 * end), 4)}
+    """size_budget's `end` and `freeze` for a decision window of about `decide_steps` steps
+    (recipe.SizeBudget.paced, which a recipe's `size_budget.decide_steps` uses)."""
+    from .recipe import SizeBudget
+
+    return SizeBudget(type="size_budget", decide_steps=decide_steps).paced(total_steps)
 
 
 def joint_options(variant: str, total_steps: int | None = None) -> dict:

@@ -37,6 +37,9 @@ def _is_prune(t: Technique) -> bool:
 def joint_plan(techniques: list[Technique], total_steps: int) -> Plan:
     plan = Plan(phases=[Phase("joint", 0, total_steps)])
     for t in techniques:
+        if t.kind == "size_budget" and getattr(t.config, "decide_steps", None):
+            # the paced window resolved for this run's length (recipe.SizeBudget.paced)
+            t.config = t.config.model_copy(update=t.config.paced(total_steps))
         start = round(getattr(t.config, "start", 0.0) * total_steps)
         end = round(getattr(t.config, "end", getattr(t.config, "start", 0.0)) * total_steps)
         t.window = (start, max(start, end))

@@ -130,9 +130,22 @@ class SizeBudget(Strict):
     # while the state is under the budget, a positive multiplier also decays (e-fold in a tenth of the
     # window), so the integral of the descent's error stops pushing the state under the aim
     anti_windup: bool = False
+    # a decision window in steps, not in fractions of the run: the budget reaches the target after about
+    # this many steps (end = decide_steps / the run's steps, between 0.2 and 0.6) and the pattern freezes
+    # half a window later (at most at 0.8), so a longer run spends its extra steps fine-tuning a fixed
+    # pattern (docs/joint.md); None: `end` and `freeze` as given
+    decide_steps: Annotated[int, Field(ge=1)] | None = None
+
+    def paced(self, total_steps: int) -> dict[str, float]:
+        """`end` and `freeze` for a run of `total_steps` steps under `decide_steps`."""
+        end = round(min(0.6, max(0.2, self.decide_steps / max(1, total_steps))), 4)
+        return {"end": end, "freeze": round(min(0.8, 1.5 * end), 4)}
 
     @model_validator(mode="after")
     def _window(self):
+        if self.decide_steps is not None and self.start > 0.2:
+            raise ValueError(f"decide_steps paces `end` from 0.2 of the run on, but start is {self.start}; "
+                             "set start <= 0.2 or drop decide_steps")
         if not self.start <= self.end <= self.freeze:
             raise ValueError(f"need start <= end <= freeze, got {self.start}, {self.end}, {self.freeze}")
         if self.saliency > 0 and self.start >= self.freeze:
