@@ -129,6 +129,14 @@ def _kernels():
     return _STATE["kernels"]
 
 
+def forget_kernels() -> None:
+    """Drop the compiled kernels, so the next call compiles them afresh. Inductor's CPU kernels take
+    the intra-op thread count at compile time (their reductions split by it): a process that
+    changes `torch.set_num_threads` and needs the same summation order as before compiles again."""
+    _STATE["kernels"] = None
+    torch._dynamo.reset()
+
+
 def run(which: int, *args):
     """The compiled kernel `which` (0: forward, 1: backward, 2: forward with the gate) on args, or None where compiling
     is unavailable (then the caller runs its eager kernel)."""
