@@ -28,7 +28,7 @@ from typing import Callable
 
 import yaml
 
-from .recipe import Recipe, parse_recipe
+from .recipe import Recipe, paced_window, parse_recipe
 
 VARIANTS = {  # name -> (mode, coordination strategy)
     "joint-none": ("joint", "none"),
@@ -115,14 +115,6 @@ def joint_recipe(base: Recipe, learn_bits: bool = False, **budget) -> Recipe:
     if data.get("target"):
         data["target"] = {k: v for k, v in data["target"].items() if k not in ("allocated", "steer")}
     return parse_recipe(data, source="joint form of the recipe")
-
-
-def paced_window(decide_steps: int, total_steps: int) -> dict[str, float]:
-    """size_budget's `end` and `freeze` for a decision window of about `decide_steps` steps
-    (recipe.SizeBudget.paced, which a recipe's `size_budget.decide_steps` uses)."""
-    from .recipe import SizeBudget
-
-    return SizeBudget(type="size_budget", decide_steps=decide_steps).paced(total_steps)
 
 
 def joint_options(variant: str, total_steps: int | None = None) -> dict:

@@ -37,7 +37,7 @@ def _is_prune(t: Technique) -> bool:
 def joint_plan(techniques: list[Technique], total_steps: int) -> Plan:
     plan = Plan(phases=[Phase("joint", 0, total_steps)])
     for t in techniques:
-        if t.kind == "size_budget" and getattr(t.config, "decide_steps", None):
+        if t.kind == "size_budget" and t.config.decide_steps:
             # the paced window resolved for this run's length (recipe.SizeBudget.paced)
             t.config = t.config.model_copy(update=t.config.paced(total_steps))
         start = round(getattr(t.config, "start", 0.0) * total_steps)
@@ -45,7 +45,7 @@ def joint_plan(techniques: list[Technique], total_steps: int) -> Plan:
         t.window = (start, max(start, end))
         plan.attach[id(t)] = 0 if _is_prune(t) or t.kind == "distill_kd" else start
         if t.kind == "size_budget":  # the zero pattern and widths are fixed, then values fine-tune
-            plan.freeze[id(t)] = max(t.window[1], min(total_steps - 1, round(t.config.freeze * total_steps)))
+            plan.freeze[id(t)] = t.config.freeze_step(t.window[1], total_steps)
             if getattr(t.config, "finetune_phase", False):
                 _split_at_freeze(plan, plan.freeze[id(t)], total_steps)
     return plan

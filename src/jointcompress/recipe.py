@@ -102,6 +102,14 @@ class QuantLSQ(Selection):
         return self
 
 
+def paced_window(decide_steps: int, total_steps: int) -> dict[str, float]:
+    """size_budget's `end` and `freeze` for a decision window of about `decide_steps` steps: the
+    budget reaches the target after them (between 20% and 60% of the run) and the pattern freezes
+    half a window later (at most at 80%), so a longer run spends its extra steps fine-tuning."""
+    end = round(min(0.6, max(0.2, decide_steps / max(1, total_steps))), 4)
+    return {"end": end, "freeze": round(min(0.8, 1.5 * end), 4)}
+
+
 class SizeBudget(Strict):
     """The artifact's bytes as a constraint inside training (techniques/size_budget.py).
 
@@ -138,8 +146,11 @@ class SizeBudget(Strict):
 
     def paced(self, total_steps: int) -> dict[str, float]:
         """`end` and `freeze` for a run of `total_steps` steps under `decide_steps`."""
-        end = round(min(0.6, max(0.2, self.decide_steps / max(1, total_steps))), 4)
-        return {"end": end, "freeze": round(min(0.8, 1.5 * end), 4)}
+        return paced_window(self.decide_steps, total_steps)
+
+    def freeze_step(self, window_end: int, total_steps: int) -> int:
+        """The step of the freeze: `freeze` of the run, not before the window's end, before the last step."""
+        return max(window_end, min(total_steps - 1, round(self.freeze * total_steps)))
 
     @model_validator(mode="after")
     def _window(self):

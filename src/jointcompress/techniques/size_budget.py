@@ -88,8 +88,7 @@ class SizeBudget(Landing, Technique):
         # the steps over which the dead zones and the multiplier must travel (a tenth of the run at least)
         self.span = max(1, self.window[1] - self.window[0], ctx.total_steps // 10)
         self.calibration_interval = self.config.calibrate_every or max(1, ctx.total_steps // 40)
-        # the step of the freeze, as plan.joint_plan sets it
-        self.freeze_step = max(self.window[1], min(ctx.total_steps - 1, round(self.config.freeze * ctx.total_steps)))
+        self.freeze_step = self.config.freeze_step(self.window[1], ctx.total_steps)  # as plan.joint_plan sets it
         for _, q in self.layers.values():  # Adam moves a parameter ~lr a step: let the dead zones cross the window
             q.decision_lr = DECISION_TRAVEL / self.span
         if self.saliency is not None:  # the quantizers keep the Fisher estimate it reads

@@ -93,7 +93,7 @@ class Trainer:
         s.update_techniques()
         terms = s.forward_terms(batch)
         values = {k: float(v.detach()) for k, v in terms.items()}  # what the step reports, read once
-        bad = rec.bad_term(terms, values)
+        bad = rec.bad_term(values)
         if bad is not None:
             return rec.nonfinite(step, bad, terms, self.history.events, self.last_checkpoint)
         factor = lr_factor(step, s.plan, s.recipe.training.lr_schedule)

@@ -39,14 +39,10 @@ class Recovery:
         p = next(self.session.model.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
-    def bad_term(self, terms: dict, values: dict[str, float] | None = None) -> str | None:
-        """The first non-finite loss term, named; `values`: the terms already read as floats (one
-        read per term instead of three tensor operations each)."""
-        if values is not None:
-            bad = next((f"loss term '{k}' is {values[k]}" for k in terms if not math.isfinite(values[k])), None)
-        else:
-            bad = next((f"loss term '{k}' is {float(v.detach().float().sum())}" for k, v in terms.items()
-                        if not bool(torch.isfinite(v).all())), None)
+    def bad_term(self, values: dict[str, float]) -> str | None:
+        """The first non-finite loss term, named; `values`: the step's terms read as floats (the
+        loop reads them once, for this check and for what the step reports)."""
+        bad = next((f"loss term '{k}' is {v}" for k, v in values.items() if not math.isfinite(v)), None)
         if self.session.sync.dist is not None and self.session.sync.any(bad is not None, self._device()) and bad is None:
             bad = "a loss term is non-finite on another rank"
         return bad
