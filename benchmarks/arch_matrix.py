@@ -4,7 +4,8 @@
 
 transformers' own classes at tiny random configs (tests/arch_models.py: hidden 32, 2 layers,
 images 32x32, text as float inputs_embeds), each through unstructured and structured
-pruning (with 8-bit LSQ, 1 epoch on 8 random samples) -> finalize -> save -> load -> ONNX,
+pruning (with 8-bit LSQ, 1 epoch on 8 random samples), and the joint mode (zero-level 4-bit LSQ under
+a size budget at 1/4 of the fp32 file, 2 epochs) -> finalize -> save -> load -> ONNX,
 exactly as tests/test_arch_matrix.py runs them. A cell is `ok` with what was checked (relative
 logit gap to the previous stage, groups pruned, bytes) or the JointCompressError message.
 Writes benchmarks/results/arch_matrix.md (with this command and the torch thread count).
@@ -24,7 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from arch_models import ARCHS, CAUSAL, STAGES, run_cell  # noqa: E402
 
 THREADS = 1
-KINDS = ("prune_unstructured", "prune_structured")
+KINDS = ("prune_unstructured", "prune_structured", "joint")
 
 
 def _cell(status: str, detail: str) -> str:
@@ -47,10 +48,11 @@ def main() -> None:
         "# Architecture matrix", "",
         "Command: `PYTHONPATH=src .venv/bin/python benchmarks/arch_matrix.py` "
         f"(torch {torch.__version__}, {THREADS} thread, {time.time() - started:.0f} s).", "",
-        "Each row: compress (pruning at 50 % + 8-bit LSQ, 1 epoch, 8 random samples) -> finalize (relative logit gap "
+        "Each row: compress (pruning at 50 % + 8-bit LSQ, 1 epoch, 8 random samples; `joint`: zero-level 4-bit LSQ and "
+        "size_budget at a quarter of the fp32 file, 2 epochs) -> finalize (relative logit gap "
         "to the masked model) -> save -> load (gap to the finalized model) -> ONNX Runtime (gap to the finalized "
         "model). Text models take float `inputs_embeds`; gpt2 is a causal LM read at its last position.", "",
-        "| architecture | pruning | " + " | ".join(STAGES) + " |",
+        "| architecture | compression | " + " | ".join(STAGES) + " |",
         "|---|---|" + "---|" * len(STAGES),
     ]
     out.write_text("\n".join(header + rows) + "\n")

@@ -106,7 +106,13 @@ def data(name: str, n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
 STAGES = ("compress", "finalize", "save", "load", "onnx")
 
 
+JOINT_RATIO = 4.0  # the joint cell's size target (below it, BERT's embeddings alone exceed the budget)
+
+
 def _recipe(kind: str) -> dict:
+    if kind == "joint":  # zero as a quantizer level, decided under one byte budget (size_budget)
+        return {"mode": "joint", "target": {"ratio": JOINT_RATIO}, "training": {"epochs": 2, "batch_size": 4, "lr": 1e-3},
+                "techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True}, {"type": "size_budget"}]}
     prune = {"type": kind, "sparsity": 0.5, "end": 0.5}
     if kind == "prune_structured":
         prune["criterion"] = "magnitude"
@@ -122,6 +128,24 @@ def _shrunk_layers(model: nn.Module, fresh: nn.Module) -> int:
     """How many Linear/Conv layers have fewer parameters than in the unpruned model."""
     before = {n: m.weight.numel() for n, m in fresh.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     return sum(1 for n, m in model.named_modules() if n in before and m.weight.numel() < before[n])
+
+
+def _compress_detail(kind: str, first) -> str:
+    if kind == "prune_structured":
+        return f"{len(getattr(first, 'groups', []))} groups, {len(getattr(first, 'skipped', []))} layers skipped"
+    if kind == "joint":
+        return f"{len(first.quantizers)} layers with a dead zone"
+    return f"sparsity {first.achieved_sparsity():.2f} over {len(first.masks)} layers"
+
+
+def _against_target(kind: str, manifest: dict, name: str) -> str:
+    """For the joint cell: the file against its target (the fp32 file / JOINT_RATIO)."""
+    if kind != "joint":
+        return ""
+    from jointcompress.artifact.size import dense_fp32_bytes
+
+    target = dense_fp32_bytes(build(name)) / JOINT_RATIO
+    return f", {100 * (manifest['weights_file_bytes'] / target - 1):+.1f}% vs the {target:,.0f} B target"
 
 
 def run_cell(name: str, kind: str, workdir, tol: float = 1e-4) -> dict[str, tuple[str, str]]:
@@ -145,9 +169,7 @@ def run_cell(name: str, kind: str, workdir, tol: float = 1e-4) -> dict[str, tupl
         model.eval()
         with torch.no_grad():
             masked = model(x)
-        skipped = len(getattr(res.techniques[0], "skipped", []))
-        out[stage] = ("ok", f"{len(getattr(res.techniques[0], 'groups', []))} groups, {skipped} layers skipped"
-                      if kind == "prune_structured" else f"sparsity {res.techniques[0].achieved_sparsity():.2f} over {len(res.techniques[0].masks)} layers")
+        out[stage] = ("ok", _compress_detail(kind, res.techniques[0]))
         stage = "finalize"
         spec = finalize(model, res.example_inputs)
         with torch.no_grad():
@@ -160,7 +182,7 @@ def run_cell(name: str, kind: str, workdir, tol: float = 1e-4) -> dict[str, tupl
         stage = "save"
         path = Path(workdir) / f"{name}-{kind}"
         manifest = save(model, spec, path / "artifact", builder=lambda: build(name), example_inputs=res.example_inputs)
-        out[stage] = ("ok", f"{manifest['weights_file_bytes']} bytes")
+        out[stage] = ("ok", f"{manifest['weights_file_bytes']} bytes" + _against_target(kind, manifest, name))
         stage = "load"
         loaded = load(path / "artifact", lambda: build(name))
         with torch.no_grad():

@@ -1,17 +1,21 @@
 """The architecture matrix: transformers' own classes (tiny random configs) through
-compress (pruning + LSQ) -> finalize -> save -> load -> ONNX, with parity at every stage.
+compress (pruning + LSQ, or the joint mode under a byte budget) -> finalize -> save -> load -> ONNX,
+with parity at every stage.
 
 Every supported architecture must pass every stage with the masked model's logits kept
 within 1e-4 (relative); an unsupported combination must stop with a JointCompressError that
 names the module and the reason. benchmarks/arch_matrix.py prints the same matrix as a table.
 """
+import re
+
 import pytest
 import torch
 
 from arch_models import ARCHS, STAGES, build, data, run_cell
 
-KINDS = ("prune_unstructured", "prune_structured")
-SLOW = {("mobilenetv2", "prune_structured"), ("mobilenetv2", "prune_unstructured"), ("vit", "prune_structured")}
+KINDS = ("prune_unstructured", "prune_structured", "joint")
+SLOW = {("mobilenetv2", "prune_structured"), ("mobilenetv2", "prune_unstructured"), ("mobilenetv2", "joint"),
+        ("vit", "prune_structured")}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -35,6 +39,9 @@ def test_architecture_goes_through_every_stage(arch, kind, tmp_path):
     result = run_cell(arch, kind, tmp_path)
     assert list(result) == list(STAGES), result
     assert all(status == "ok" for status, _ in result.values()), result
+    if kind == "joint":  # the size budget lands the weights file on its target on every architecture
+        off = float(re.search(r"([+-][0-9.]+)% vs the", result["save"][1]).group(1))
+        assert -2.0 <= off <= 0.0, result["save"]
 
 
 def test_causal_lm_structured_is_a_clear_error(tmp_path):

@@ -149,6 +149,33 @@ def test_size_budget_recipe_errors_name_the_fix():
         parse_recipe({"techniques": [{"type": "quant_lsq", "zero_level": True, "min_bits": 6, "max_bits": 4}]})
 
 
+class _Embedded(nn.Module):
+    """A Linear classifier behind a lookup table the quantizer never touches (an Embedding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Embedding(64, 32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(self.table(x).mean(1))
+
+
+def test_a_target_under_the_bytes_training_cannot_move_is_refused_before_training():
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 64, (16, 5)), torch.randint(0, 4, (16,))
+    recipe = {"mode": "joint", "target": {"ratio": 8}, "training": {"epochs": 1, "batch_size": 8},
+              "techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True}, {"type": "size_budget"}]}
+    from jointcompress.targets import TargetError
+
+    # the table alone (64 x 32 fp32 = 8,192 B) is far above an eighth of the model's fp32 file
+    with pytest.raises(TargetError, match=r"table.weight 8,192 B.*Raise target"):
+        compress(_Embedded(), recipe, (x, y), lambda m: 0.0)
+    recipe["target"] = {"ratio": 1.05}  # just above those bytes: the run goes ahead
+    result = compress(_Embedded(), recipe, (x, y), lambda m: 0.0)
+    assert result.techniques[1].fixed >= 8192
+
+
 def test_joint_form_of_a_prune_quantize_recipe():
     seq = parse_recipe({"mode": "sequential", "target": {"ratio": 40}, "techniques": [
         {"type": "prune_unstructured", "sparsity": 0.9, "start": 0.1, "end": 0.5},

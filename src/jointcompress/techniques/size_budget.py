@@ -94,8 +94,24 @@ class SizeBudget(Landing, Technique):
         if self.saliency is not None:  # the quantizers keep the Fisher estimate it reads
             self.saliency.attach(self.layers)
         self.calibrate(ctx.model)
+        self.check_reachable(ctx.model)
         self.start_bytes = self.calibrated_hard()
         self.attached = True
+
+    def check_reachable(self, model: nn.Module) -> None:
+        """Refuse, before training, a target under the bytes that no decision of the run can move
+        (step sizes, biases, tensors no technique compresses such as BatchNorm or embeddings):
+        the budget would strip every weight and still miss it."""
+        if self.fixed < self.aim():
+            return
+        from ..targets import TargetError
+        from .size_estimate import fixed_bytes_detail
+
+        raise TargetError(
+            f"target: {self.config.target_bytes:,.0f} B cannot be reached: {self.fixed:,.0f} B of the weights file do "
+            f"not depend on what the run decides ({fixed_bytes_detail(model)}). Raise target.size_kb (or lower "
+            "target.ratio) well above that: quant_lsq compresses only the Linear and Conv2d weights its targets select, "
+            "everything else is stored as it is")
 
     def goal(self, step: int) -> float:
         """The budget now: log-linear from the size at `start` to the target at `end` (with

@@ -57,6 +57,24 @@ def _constants(numel, dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.
     return hit
 
 
+def fixed_bytes_detail(model: nn.Module, largest: int = 3) -> str:
+    """Where the bytes go that no training decision moves (step sizes, biases, the tensors no
+    technique compresses, the container), largest first, in words for an error message."""
+    from ..artifact.encode import encode_model
+    from ..artifact.store import file_blob
+    from ..finalize import finalize
+    from ..model_copy import plain_copy
+
+    plain = plain_copy(model)
+    enc = encode_model(plain, finalize(plain))
+    t = enc.totals()
+    others = sorted(enc.others.items(), key=lambda kv: -kv[1]["bytes"])
+    named = ", ".join(f"{key} {rec['bytes']:,} B" for key, rec in others[:largest])
+    more = f" and {len(others) - largest} more" if len(others) > largest else ""
+    return (f"tensors stored as they are {t['other']:,} B ({named}{more}), step sizes {t['scales']:,} B, "
+            f"biases {t['biases']:,} B, container {len(file_blob(enc)) - t['total']:,} B")
+
+
 def measured_bytes(model: nn.Module) -> dict[str, int]:
     """The weights file the artifact writer would produce for the model as it is now."""
     from ..artifact.encode import encode_model
