@@ -47,6 +47,7 @@ VARIANTS = {  # name -> (mode, coordination strategy)
     "joint-paced-none": ("joint", "none"),  # fixed widths, stiff constraint, a decision window of ~1,000 steps (PACED_BUDGET)
     "joint-paced-pcgrad": ("joint", "pcgrad"),
     "joint-paced-aw-none": ("joint", "none"),  # PACED_BUDGET with the multiplier's anti-windup (PACED_ANTI_WINDUP)
+    "joint-paced-lin-none": ("joint", "none"),  # PACED_BUDGET on a log-linear budget schedule (PACED_LINEAR)
 }
 # the Fisher (OBD) cost of pruned weights on the dead zones, a budget that warms up fast first and
 # slowly at the end, and a fine-tuning phase with its own LR after the freeze (docs/joint.md)
@@ -73,12 +74,16 @@ EARLY_FREEZE = {**STIFF_BUDGET, "end": 0.2, "freeze": 0.3}
 PACED_BUDGET = {**FISHER_BUDGET, "penalty": 30.0, "decide_steps": 1000}
 # the paced budget whose multiplier decays while the state is under the budget (size_budget.anti_windup)
 PACED_ANTI_WINDUP = {**PACED_BUDGET, "anti_windup": True}
+# the paced budget whose goal falls log-linearly over the window instead of on the cubic (fast first): at
+# LeNet-5 400x the cubic goal reached the target's neighbourhood within half the window, the state lagged
+# far behind it, and the catch-up then cut conv1 to one weight per filter (docs/joint.md)
+PACED_LINEAR = {**PACED_BUDGET, "schedule": "log_linear"}
 JOINT_OPTIONS = {"joint-fisher-none": FISHER_BUDGET, "joint-fisher-pcgrad": FISHER_BUDGET,  # not in the default set
                  "joint-bits-none": LEARNED_BITS, "joint-bits-pcgrad": LEARNED_BITS,
                  "joint-stiff-none": STIFF_BUDGET, "joint-stiff-pcgrad": STIFF_BUDGET,
                  "joint-early-none": EARLY_FREEZE, "joint-early-pcgrad": EARLY_FREEZE,
                  "joint-paced-none": PACED_BUDGET, "joint-paced-pcgrad": PACED_BUDGET,
-                 "joint-paced-aw-none": PACED_ANTI_WINDUP}
+                 "joint-paced-aw-none": PACED_ANTI_WINDUP, "joint-paced-lin-none": PACED_LINEAR}
 DEFAULT_VARIANTS = ("joint-none", "joint-scale", "joint-pcgrad", "sequential")
 CSV_FIELDS = ["variant", "mode", "strategy", "ratio_target", "seed", "accuracy", "error", "bytes", "file_bytes",
               "target_bytes", "ratio", "sparsity", "bits", "conflict_rate", "changed_share", "changed_mean", "wall_s", "dir"]
