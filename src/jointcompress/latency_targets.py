@@ -16,7 +16,9 @@ allocation is redone against a target lowered by that factor (a few times at mos
 Where the table cannot tell cuts apart any more (flat, or timed under load), the cut goes on
 towards every group's floor instead of stopping; `narrow` then cuts further on the deployment
 runtime itself while the model measures over, and the allocation records whether the target was
-met (`met`), so a run that cannot reach it says so.
+met (`met`), so a run that cannot reach it says so. A target out of the table's reach does not
+buy the last percent of speed at any price: the channels whose cut saves under a tolerance are
+given back where they matter most (latency_knee), and `narrow` leaves them.
 
 Tests use a fake table (no timing in tests); benchmarks/latency_target.py runs it for real.
 """
