@@ -16,7 +16,9 @@ allocation is redone against a target lowered by that factor (a few times at mos
 Where the table cannot tell cuts apart any more (flat, or timed under load), the cut goes on
 towards every group's floor instead of stopping; `narrow` then cuts further on the deployment
 runtime itself while the model measures over, and the allocation records whether the target was
-met (`met`), so a run that cannot reach it says so.
+met (`met`), so a run that cannot reach it says so. A target out of the table's reach does not
+buy the last percent of speed at any price: the channels whose cut saves under a tolerance are
+given back where they matter most (latency_knee), and `narrow` leaves them.
 
 Tests use a fake table (no timing in tests); benchmarks/latency_target.py runs it for real.
 """
@@ -31,6 +33,7 @@ import torch.nn as nn
 
 from .deploy.timing import DEFAULT_THREADS, steady_ms, time_contenders
 from .graph import PRUNABLE_ROOTS, ChannelGroup, build_graph, discover_groups
+from .latency_knee import TOLERANCE, give_back_within
 
 MAX_CONFIRM = 3  # allocate -> time -> tighten rounds
 CALIBRATED = 0.85  # calibrate=True stops once a model measures within 15% under the target
@@ -254,6 +257,7 @@ class LatencyAllocation:
     measured_ms: float | None = None
     rounds: list[dict] = field(default_factory=list)  # every allocate -> time round
     importance: dict | None = None  # what the cuts were ranked by (width_importance .to_dict()), when recorded
+    least: dict[str, int] | None = None  # out of reach: narrower than these buys < tolerance (latency_knee)
 
     @property
     def met(self) -> bool | None:
@@ -271,7 +275,7 @@ class LatencyAllocation:
     def to_dict(self) -> dict:
         return {"widths": self.widths, "channels": self.channels, "predicted_ms": self.predicted_ms,
                 "target_ms": self.target_ms, "measured_ms": self.measured_ms, "met": self.met, "rounds": self.rounds,
-                "layer_sparsity": self.layer_sparsity, "importance": self.importance}
+                "layer_sparsity": self.layer_sparsity, "importance": self.importance, "least": self.least}
 
 
 def relative_importance(model: nn.Module, groups: list[ChannelGroup]):
@@ -346,7 +350,8 @@ def floors(channels: dict[str, int], min_keep: float = MIN_KEEP, min_width: int 
 def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTable | None = None,
                      measure=None, min_keep: float = MIN_KEEP, threads: int = DEFAULT_THREADS,
                      rounds: int = 30, calibrate: bool = False, max_rounds: int = MAX_CONFIRM,
-                     min_width: int = MIN_WIDTH, importance=None) -> LatencyAllocation:
+                     min_width: int = MIN_WIDTH, importance=None,
+                     tolerance: float = TOLERANCE) -> LatencyAllocation:
     """Per-group widths whose shrunk model meets `target.latency_ms` at `target.batch`.
 
     `table`: a LatencyTable (default: measured now, PyTorch fp32). `measure(model) -> ms`:
@@ -361,6 +366,9 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
     A table that cannot reach the goal (flat, or timed under load) still cuts every group
     towards its floor (greedy_widths), and the runtime judges: the result's `met` says whether
     the model measured at or under the target; `narrow` cuts further, measured, when it did not.
+    When a goal is out of the table's reach, channels are given back while the prediction stays
+    within `tolerance` of the narrowest (latency_knee; 0: off) and the result's `least` records
+    those widths, under which `narrow` does not cut.
     """
     groups, _ = discover_groups(model, example_inputs)
     channels = {g.name: g.channels for g in groups}
@@ -381,17 +389,23 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
                     "widths": dict(channels)})
     for _ in range(max_rounds):
         widths, predicted = greedy_widths(table, sites, channels, importance, goal, min_keep, min_width)
-        if predicted > goal and last is not None and widths == last.widths:
-            break  # a tightened goal the table cannot reach any further: keep what was measured
         if predicted > goal and not calibrate and last is None:
             raise unreachable(target, table, sites, channels, min_keep, min_width)
         # (calibrating, the table's units are not the runtime's: the narrowest model is timed instead)
-        last = LatencyAllocation(widths, channels, predicted, float(target.latency_ms), rounds=log)
+        least = None
+        if predicted > goal:  # out of reach: keep what the last cuts would throw away for < tolerance
+            options = {g: allowed_widths(c, min_keep, min_width) for g, c in channels.items()}
+            widths, predicted = give_back_within(table, sites, channels, importance, widths, options, tolerance)
+            least = dict(widths)
+        if predicted > goal and last is not None and widths == last.widths:
+            break  # a tightened goal the table cannot reach any further: keep what was measured
+        last = LatencyAllocation(widths, channels, predicted, float(target.latency_ms), rounds=log, least=least)
         if measure is False:
             log.append({"goal_ms": goal, "predicted_ms": predicted, "measured_ms": None})
             return last
         last.measured_ms = float(measure(shrunk_to(model, example_inputs, widths)))
-        log.append({"goal_ms": goal, "predicted_ms": predicted, "measured_ms": last.measured_ms, "widths": dict(widths)})
+        log.append({"goal_ms": goal, "predicted_ms": predicted, "measured_ms": last.measured_ms, "widths": dict(widths),
+                    **({"gave_back": True} if least is not None else {})})
         if last.measured_ms <= target.latency_ms:
             if best is None or sum(widths.values()) > sum(best.widths.values()):
                 best = last
@@ -460,11 +474,15 @@ def narrow(model: nn.Module, example_inputs, alloc: LatencyAllocation, measure, 
     measured ms saved per importance lost (the least important one when none saves), until the
     model measures at or under the target, every group is at its floor, or `max_trials` timings
     are spent. The result's `met` says whether the target was reached; when it was not, the
-    narrowest model tried is returned, with what it measured."""
+    narrowest model tried is returned, with what it measured. No group is cut under
+    `alloc.least` (a target out of the table's reach: the cuts under it buy < tolerance,
+    latency_knee), so a model that misses the target anyway keeps those channels."""
     groups, _ = discover_groups(model, example_inputs)
     importance = importance if importance is not None else relative_importance(model, groups)
     channels, widths, measured = alloc.channels, dict(alloc.widths), alloc.measured_ms
-    options = {g: allowed_widths(c, min_keep, min_width) for g, c in channels.items()}
+    least = alloc.least or {}
+    options = {g: [w for w in allowed_widths(c, min_keep, min_width) if w >= least.get(g, 0)] or [widths[g]]
+               for g, c in channels.items()}
     if measured is None:
         measured = float(measure(shrunk_to(model, example_inputs, widths)))
     trials = 0
@@ -485,7 +503,7 @@ def narrow(model: nn.Module, example_inputs, alloc: LatencyAllocation, measure, 
             break  # every group at its floor
         _, widths, measured = max(tried, key=lambda t: t[0])
     return LatencyAllocation(widths, channels, alloc.predicted_ms, alloc.target_ms, measured, alloc.rounds,
-                             alloc.importance)
+                             alloc.importance, alloc.least)
 
 
 def unreachable(target, table: LatencyTable, sites, channels: dict[str, int], min_keep: float,
