@@ -39,9 +39,9 @@ def test_architecture_goes_through_every_stage(arch, kind, tmp_path):
     result = run_cell(arch, kind, tmp_path)
     assert list(result) == list(STAGES), result
     assert all(status == "ok" for status, _ in result.values()), result
-    if kind == "joint":  # the size budget lands the weights file on its target on every architecture
+    if kind == "joint":  # the size budget lands the weights file within 2% of its target on every architecture
         off = float(re.search(r"([+-][0-9.]+)% vs the", result["save"][1]).group(1))
-        assert -2.0 <= off <= 0.0, result["save"]
+        assert abs(off) <= 2.0, result["save"]
 
 
 def test_causal_lm_structured_is_a_clear_error(tmp_path):
