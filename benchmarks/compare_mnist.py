@@ -120,7 +120,6 @@ def main() -> None:
     result["wall_seconds"] = time.perf_counter() - t0
     result["command"] = " ".join(["nice -n 10 .venv/bin/python benchmarks/compare_mnist.py"] + sys.argv[1:])
     result["reference"] = {"deep_compression": DEEP_COMPRESSION[args.model], "goal": GOALS[args.model]}
-    result["train_images"] = len(split.y_train)
     (out / "compare.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     plot_pareto(result, out / "pareto.png", references=[DEEP_COMPRESSION[args.model]])
     for s in sorted(result["summary"], key=lambda s: (s["ratio_target"], s["variant"])):

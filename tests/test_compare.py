@@ -25,6 +25,9 @@ def test_compare_cli_tiny(tmp_path):
     assert res.exit_code == 0, res.output
     result = json.loads((out / "compare.json").read_text())
     assert {r["variant"] for r in result["runs"]} == {"joint-pcgrad", "sequential", "overlap"}
+    from jointcompress.data import load_digits
+
+    assert result["train_images"] == len(load_digits().y_train)  # the training-set size the runs used
     for r in result["runs"]:
         manifest = json.loads((out / r["dir"] / "artifact" / "manifest.json").read_text())
         assert r["file_bytes"] == manifest["weights_file_bytes"]

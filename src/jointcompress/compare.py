@@ -169,7 +169,8 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
     total_steps = base.training.epochs * math.ceil(len(split.y_train) / base.training.batch_size)
     result = {"kind": "compare", "model": model_name, "data": split.name, "ratios": list(spec.ratios),
               "seeds": spec.seeds, "variants": list(spec.variants), "epochs": base.training.epochs,
-              "teacher_epochs": None if weights else spec.teacher_epochs, "recipe": base.model_dump(),
+              "teacher_epochs": None if weights else spec.teacher_epochs, "train_images": len(split.y_train),
+              "recipe": base.model_dump(),
               "uncompressed": [], "runs": [], "unreachable": []}
     for seed in range(spec.seeds):
         if weights:
