@@ -57,16 +57,22 @@ def _constants(numel, dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.
     return hit
 
 
-def fixed_bytes_detail(model: nn.Module, largest: int = 3) -> str:
-    """Where the bytes go that no training decision moves (step sizes, biases, the tensors no
-    technique compresses, the container), largest first, in words for an error message."""
+def _encoded(model: nn.Module):
+    """The model as the artifact writer would encode it now (a finalized plain copy)."""
     from ..artifact.encode import encode_model
-    from ..artifact.store import file_blob
     from ..finalize import finalize
     from ..model_copy import plain_copy
 
     plain = plain_copy(model)
-    enc = encode_model(plain, finalize(plain))
+    return encode_model(plain, finalize(plain))
+
+
+def fixed_bytes_detail(model: nn.Module, largest: int = 3) -> str:
+    """Where the bytes go that no training decision moves (step sizes, biases, the tensors no
+    technique compresses, the container), largest first, in words for an error message."""
+    from ..artifact.store import file_blob
+
+    enc = _encoded(model)
     t = enc.totals()
     others = sorted(enc.others.items(), key=lambda kv: -kv[1]["bytes"])
     named = ", ".join(f"{key} {rec['bytes']:,} B" for key, rec in others[:largest])
@@ -77,14 +83,9 @@ def fixed_bytes_detail(model: nn.Module, largest: int = 3) -> str:
 
 def measured_bytes(model: nn.Module) -> dict[str, int]:
     """The weights file the artifact writer would produce for the model as it is now."""
-    from ..artifact.encode import encode_model
     from ..artifact.store import file_blob
-    from ..finalize import finalize
-    from ..model_copy import plain_copy
 
-    plain = plain_copy(model)
-    spec = finalize(plain)
-    enc = encode_model(plain, spec)
+    enc = _encoded(model)
     totals = enc.totals()
     total = len(file_blob(enc))
     return {"total": total, "variable": totals["values"] + totals["indices"]}
