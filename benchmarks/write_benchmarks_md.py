@@ -47,6 +47,8 @@ SEQUENTIAL_BESIDE = {"compare_lenet300_100x_stiff_v3": "compare_lenet300_100x_bi
                      "compare_lenet5_200x_paced": "compare_lenet5_200x",
                      "compare_lenet5_200x_2k_paced": "compare_lenet5_2k",
                      "compare_lenet5_400x_paced": "compare_lenet5_400x",
+                     "compare_lenet5_100x_paced": "compare_lenet5_100x",
+                     "compare_lenet5_100x_2k_paced": "compare_lenet5_100x_2k",
                      # the paced recipe on a log-linear budget schedule (joint-paced-lin-*)
                      "compare_lenet5_400x_paced_lin": "compare_lenet5_400x",
                      "compare_lenet5_200x_paced_lin": "compare_lenet5_200x",
@@ -327,6 +329,8 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                ("lenet5", "compare_lenet5_200x_paced", " at 200x, the paced recipe (joint-paced-none)"),
                ("lenet5", "compare_lenet5_200x_2k_paced", ", 2,000 training images, at 200x, the paced recipe (joint-paced-none)"),
                ("lenet5", "compare_lenet5_400x_paced", " at 400x, the paced recipe (joint-paced-none)"),
+               ("lenet5", "compare_lenet5_100x_paced", " at 100x, the paced recipe (joint-paced-none)"),
+               ("lenet5", "compare_lenet5_100x_2k_paced", ", 2,000 training images, at 100x, the paced recipe (joint-paced-none)"),
                ("lenet5", "compare_lenet5_400x_paced_lin", " at 400x, the paced recipe on a log-linear schedule (joint-paced-lin-none)"),
                ("lenet5", "compare_lenet5_200x_paced_lin", " at 200x, the paced recipe on a log-linear schedule (joint-paced-lin-none)"),
                ("lenet300", "compare_lenet300_100x_paced_lin_5seeds", " at 100x, the paced recipe on a log-linear schedule, 5 seeds"),
