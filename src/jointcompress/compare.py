@@ -75,8 +75,8 @@ PACED_BUDGET = {**FISHER_BUDGET, "penalty": 30.0, "decide_steps": 1000}
 # the paced budget whose multiplier decays while the state is under the budget (size_budget.anti_windup)
 PACED_ANTI_WINDUP = {**PACED_BUDGET, "anti_windup": True}
 # the paced budget whose goal falls log-linearly over the window instead of on the cubic (fast first): at
-# LeNet-5 400x the cubic goal reached the target's neighbourhood within half the window, the state lagged
-# far behind it, and the catch-up then cut conv1 to one weight per filter (docs/joint.md)
+# LeNet-5 400x the cubic goal asks for most of the descent within half the window, the multiplier winds up
+# (21-32 at the freeze against 10-15) and conv1 ends at about one weight per filter (docs/joint.md)
 PACED_LINEAR = {**PACED_BUDGET, "schedule": "log_linear"}
 JOINT_OPTIONS = {"joint-fisher-none": FISHER_BUDGET, "joint-fisher-pcgrad": FISHER_BUDGET,  # not in the default set
                  "joint-bits-none": LEARNED_BITS, "joint-bits-pcgrad": LEARNED_BITS,
