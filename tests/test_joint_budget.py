@@ -199,3 +199,48 @@ def test_dead_zone_output_is_exactly_on_the_stored_grid(fmt):
     out = q(w).detach()
     ints = out / q.scale().view(-1, 1)
     assert (ints - ints.round()).abs().max() < 1e-5  # the writer allows 1e-3; fp32 rounding of q * s is ~1e-7
+
+
+def test_a_target_met_before_any_decision_is_said_at_fixed_widths():
+    """At fixed 4-bit widths a quarter of the fp32 file is met with nothing pruned: the run warns
+    with the fix and records it; learned widths spend the slack on precision (recorded, no warning)."""
+    import warnings
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 20), torch.randint(0, 4, (32,))
+    recipe = {"mode": "joint", "target": {"ratio": 4}, "training": {"epochs": 1, "batch_size": 8},
+              "techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True, "learn_bits": False},
+                             {"type": "size_budget"}]}
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 4))
+    with pytest.warns(UserWarning, match=r"size_budget: the model at its fixed bit-widths .* quant_lsq.learn_bits: true"):
+        result = compress(model, recipe, (x, y), lambda m: 0.0)
+    budget = result.techniques[1]
+    slack = [e for e in budget.events if e["event"] == "size_budget_slack"]
+    assert slack and slack[0]["start_bytes"] <= slack[0]["target_bytes"] and not slack[0]["learns_widths"]
+    recipe["techniques"][0]["learn_bits"] = True
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="size_budget")
+        result = compress(nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 4)), recipe, (x, y), lambda m: 0.0)
+    assert any(e["event"] == "size_budget_slack" and e["learns_widths"] for e in result.techniques[1].events)
+
+
+def test_the_shipped_joint_recipe_is_the_one_the_benchmarks_measure():
+    """recipes/lenet300_mnist_joint.yaml is joint-paced-none at 100x exactly as compare_mnist.py builds it
+    (so a user starting from it runs what BENCHMARKS.md reports)."""
+    import importlib.util
+    from pathlib import Path
+
+    from jointcompress.compare import JOINT_OPTIONS
+    from jointcompress.recipe import builtin_recipe, load_recipe
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "compare_mnist.py"
+    spec = importlib.util.spec_from_file_location("compare_mnist_for_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    base = bench.recipe("lenet300", 4).model_dump()
+    base["target"] = {"ratio": 100}
+    measured = joint_recipe(parse_recipe(base), **JOINT_OPTIONS["joint-paced-none"])
+    shipped = load_recipe(builtin_recipe("lenet300_mnist_joint"))
+    assert [t.model_dump() for t in shipped.techniques] == [t.model_dump() for t in measured.techniques]
+    assert shipped.training == measured.training and shipped.target == measured.target
+    assert (shipped.mode, shipped.model, shipped.coordination.strategy) == ("joint", "lenet300", "none")

@@ -31,6 +31,7 @@ thins a path, it never cuts one), and the count is searched with the writer itse
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -96,6 +97,7 @@ class SizeBudget(Landing, Technique):
         self.calibrate(ctx.model)
         self.check_reachable(ctx.model)
         self.start_bytes = self.calibrated_hard()
+        self.note_slack()
         self.attached = True
 
     def check_reachable(self, model: nn.Module) -> None:
@@ -112,6 +114,23 @@ class SizeBudget(Landing, Technique):
             f"not depend on what the run decides ({fixed_bytes_detail(model)}). Raise target.size_kb (or lower "
             "target.ratio) well above that: quant_lsq compresses only the Linear and Conv2d weights its targets select, "
             "everything else is stored as it is")
+
+    def note_slack(self) -> None:
+        """A target the model already meets before any decision: learned widths can spend the
+        slack on precision, fixed widths cannot, so the file would end far under the target with
+        nothing pruned (4-bit weights alone are an eighth of fp32). Said once, with the fix."""
+        if self.start_bytes > self.aim():
+            return
+        learns = any(q.learns_width() for _, q in self.layers.values())
+        self.events.append({"event": "size_budget_slack", "start_bytes": round(self.start_bytes),
+                            "target_bytes": round(self.config.target_bytes), "learns_widths": learns})
+        if not learns:
+            warnings.warn(
+                f"size_budget: the model at its fixed bit-widths is already {self.start_bytes:,.0f} B before any "
+                f"pruning, under the {self.config.target_bytes:,.0f} B target: nothing needs pruning and the file will "
+                "end under the target. To spend the budget on precision, raise quant_lsq.bits or set "
+                "quant_lsq.learn_bits: true; for a smaller file, lower target.size_kb (or raise target.ratio)",
+                stacklevel=2)
 
     def goal(self, step: int) -> float:
         """The budget now: log-linear from the size at `start` to the target at `end` (with
