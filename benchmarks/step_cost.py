@@ -8,8 +8,6 @@ model, measured in one process, interleaved.
 A plain step: forward, cross-entropy, backward, Adam step on the uncompressed model, with
 PyTorch's default Adam (`plain`, the for-loop implementation on CPU) and with the multi-tensor
 Adam the session itself builds (`plain_foreach`: the same optimizer code on both sides).
-`paced_none`: the step of the recipe the benchmarks recommend (joint-paced-none: fixed widths,
-the Fisher saliency on the dead zones, penalty 30), inside its decision window.
 A joint step: Trainer.step with masks and quantizers attached and the teacher's logits
 cached (as the demo recipe does), with four loss terms (task, distill, sparsity and quant
 regularizers); `none` takes one backward of the summed loss, `scale` and `pcgrad` measure
@@ -17,6 +15,9 @@ every step (every: 1), i.e. one backward per loss term. `none_no_regularizers` i
 default recipe's step (task + distill only). `budget_*`: the joint mode's step with the size
 term (size_budget), its quantizer compiled (quant_lsq.compile: auto compiles a run this long,
 10,000 steps); `budget_pcgrad_every10_eager` is the same step with compile: false.
+`paced_none` / `paced_pcgrad_every10`: the step of the recipe the benchmarks measure everywhere
+(joint-paced-none: fixed widths, the Fisher saliency on the dead zones, penalty 30), inside its
+decision window.
 
 Each sample times `--steps` consecutive steps; the reported numbers are per step: medians (the
 typical step) and means (which include the size budget's calibration when one falls in a
