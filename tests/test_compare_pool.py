@@ -105,3 +105,19 @@ def test_pooling_refuses_overlapping_seeds_or_another_setting(tmp_path):
     with pytest.raises(pool.PoolError, match="'epochs' differs"):
         pool.write_pooled([first, other], tmp_path / "out", "pool")
     assert not (tmp_path / "out" / "compare.json").exists()
+
+
+def test_benchmarks_page_shows_each_batch_of_a_pooled_folder_alone(tmp_path):
+    pool = _pool_module()
+    spec = importlib.util.spec_from_file_location("write_benchmarks_md", ROOT / "benchmarks" / "write_benchmarks_md.py")
+    page = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(page)
+    accuracy = {**_accuracy([0, 1]), ("joint-paced-none", 1): 0.971 + 0.003, **_accuracy([2, 3])}
+    first = _fake_folder(tmp_path, "a_5seeds", [0, 1], accuracy)
+    later = _fake_folder(tmp_path, "a_s2to3", [2, 3], accuracy)
+    pooled = pool.write_pooled([first, later], tmp_path / "a_pooled", "pool")
+    lines = page.batch_lines(pooled)
+    assert len(lines) == 2
+    # seeds 0-1: joint's error is 0.2 and 0.3 points lower; seeds 2-3: 0.2 and 0.2
+    assert lines[0].startswith("- Seeds 0-1 alone (`a_5seeds`)") and "-0.25 ± 0.05 points" in lines[0]
+    assert lines[1].startswith("- Seeds 2-3 alone (`a_s2to3`)") and "-0.20 ± 0.00 points" in lines[1]
