@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--data", default=MNIST)
     ap.add_argument("--ratios")
     ap.add_argument("--seeds", type=int)
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="run seeds FIRST_SEED .. FIRST_SEED+SEEDS-1 (to extend an earlier run with more seeds)")
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--teacher-epochs", type=int)
     ap.add_argument("--threads", type=int, default=1)
@@ -109,7 +111,7 @@ def main() -> None:
     out = args.out or Path(__file__).parent / "results" / f"compare_{args.model}"
     out.mkdir(parents=True, exist_ok=True)
     spec = CompareSpec(ratios=[float(r) for r in (args.ratios or d["ratios"]).split(",")],
-                       seeds=args.seeds or d["seeds"], teacher_epochs=args.teacher_epochs or d["teacher_epochs"],
+                       seeds=args.seeds or d["seeds"], first_seed=args.first_seed, teacher_epochs=args.teacher_epochs or d["teacher_epochs"],
                        **({"variants": tuple(args.variants.split(","))} if args.variants else {}))
     split = load_mnist(args.data)
     if args.train_images:

@@ -95,11 +95,43 @@ def load_compare(folder: str) -> dict | None:
     return r
 
 
+def pooled_into() -> dict[str, str]:
+    """Folder -> the folder that pools its runs with another batch of seeds (benchmarks/pool_compare.py)."""
+    into = {}
+    for path in sorted((ROOT / "benchmarks" / "results").glob("compare_*/compare.json")):
+        for part in json.loads(path.read_text()).get("pooled_from", []):
+            into[Path(part["folder"]).name] = path.parent.name
+    return into
+
+
+def _reproduce(r: dict | None, model: str) -> str:
+    """The command(s) that wrote a folder: for a pooled one, each batch's run, then the pooling."""
+    cmd = (r or {}).get("command") or f"nice -n 10 .venv/bin/python benchmarks/compare_mnist.py --model {model}"
+    runs = [f"`{part['command']}`" for part in (r or {}).get("pooled_from", [])]
+    return ", then ".join(runs + [f"`{cmd}`"])
+
+
+def batch_lines(r: dict) -> list[str]:
+    """For a pooled folder, each batch of seeds alone: does the pooled verdict hold in both halves?"""
+    lines = []
+    for part in r.get("pooled_from", []):
+        runs = [row for row in r.get("runs", []) if row["seed"] in part["seeds"]]
+        for ratio in r["ratios"]:
+            for variant in (v for v in r["variants"] if v.startswith("joint")):
+                lines.append(f"- Seeds {part['seeds'][0]}-{part['seeds'][-1]} alone (`{Path(part['folder']).name}`), "
+                             f"{variant} at {ratio:g}x: {paired_difference(runs, variant, ratio)}.")
+    return lines
+
+
 def section(model: str, folder: str | None = None, title: str = "") -> list[str]:
     folder = folder or f"compare_{model}"
     r = load_compare(folder)
-    cmd = (r or {}).get("command") or f"nice -n 10 .venv/bin/python benchmarks/compare_mnist.py --model {model}"
-    lines = [f"## {MODELS[model]} on MNIST{title}", "", f"Reproduce: `{cmd}` (then `python benchmarks/write_benchmarks_md.py`).", ""]
+    lines = [f"## {MODELS[model]} on MNIST{title}", "",
+             f"Reproduce: {_reproduce(r, model)} (then `python benchmarks/write_benchmarks_md.py`).", ""]
+    if r is not None and r.get("pooled_from"):
+        lines += [f"Seeds {', '.join(str(p['seeds'][0]) + '-' + str(p['seeds'][-1]) for p in r['pooled_from'])} ran as "
+                  "separate batches of the same command (`--first-seed`; every seed trains its own teacher) and are "
+                  "pooled here; each run stays in its batch's folder.", ""]
     if r is not None and r.get("sequential_from"):
         why = ("This folder adds a joint variant beside another" if folder in SEQUENTIAL_BESIDE
                else "The joint variant was re-run after a change to the joint mode only")
@@ -158,6 +190,7 @@ def section(model: str, folder: str | None = None, title: str = "") -> list[str]
         else:
             lines.append(f"- **At {ratio:g}x joint does not beat sequential**: best joint ({best['variant']}) "
                          f"{100 * best['error_mean']:.2f}% vs sequential {100 * seq['error_mean']:.2f}% error; {paired}.")
+    lines += batch_lines(r)
     lines.append(f"- Size targets: {size_accuracy(r.get('runs', []))}")
     for s_ in summary:
         if s_.get("changed_share_mean") is not None and s_["variant"] != "sequential":
@@ -341,9 +374,16 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
 def fisher_budget_section() -> list[str]:
     """The size budget with the Fisher cost on the dead zones (variant joint-fisher-*, docs/joint.md):
     every joint variant paired against sequential, not only the best one."""
-    lines = []
+    lines, into, shown = [], pooled_into(), set()
     for model, folder, title in FISHER_RUNS:
+        if folder in into:  # a batch of seeds pooled with another: the pooled folder's section, once
+            folder = into[folder]
+            if folder in shown:
+                continue
+            shown.add(folder)
         r = load_compare(folder)
+        if r is not None and r.get("pooled_from"):
+            title = title.replace(", 5 seeds", f", {r['seeds']} seeds")
         if r is None:
             continue
         lines += section(model, folder, title)[:-1]

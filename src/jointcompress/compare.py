@@ -96,6 +96,11 @@ class CompareSpec:
     variants: tuple[str, ...] = DEFAULT_VARIANTS
     teacher_epochs: int = 10
     epochs: int | None = None
+    first_seed: int = 0  # seeds run as first_seed .. first_seed + seeds - 1, so a later batch extends an earlier one
+
+    def seed_range(self) -> range:
+        """The seeds this comparison runs (each seed trains its own teacher, as in a full run)."""
+        return range(self.first_seed, self.first_seed + self.seeds)
 
 
 def joint_recipe(base: Recipe, learn_bits: bool = False, **budget) -> Recipe:
@@ -168,11 +173,11 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
     builder = builder_for(model_name, split)
     total_steps = base.training.epochs * math.ceil(len(split.y_train) / base.training.batch_size)
     result = {"kind": "compare", "model": model_name, "data": split.name, "ratios": list(spec.ratios),
-              "seeds": spec.seeds, "variants": list(spec.variants), "epochs": base.training.epochs,
+              "seeds": spec.seeds, "first_seed": spec.first_seed, "variants": list(spec.variants), "epochs": base.training.epochs,
               "teacher_epochs": None if weights else spec.teacher_epochs, "train_images": len(split.y_train),
               "recipe": base.model_dump(),
               "uncompressed": [], "runs": [], "unreachable": []}
-    for seed in range(spec.seeds):
+    for seed in spec.seed_range():
         if weights:
             teacher = load_weights(build_model(model_name, split.image_size, split.num_classes), weights)
         else:

@@ -1,0 +1,123 @@
+"""compare's first seed (a later batch of seeds extends an earlier one) and the pooling of such batches."""
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from jointcompress.compare import CompareSpec, run_compare
+from jointcompress.data import load_digits
+from jointcompress.recipe import parse_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pool_module():
+    spec = importlib.util.spec_from_file_location("pool_compare", ROOT / "benchmarks" / "pool_compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny_recipe():
+    return parse_recipe({
+        "model": "lenet300", "data": "digits",
+        "techniques": [{"type": "prune_unstructured", "sparsity": 0.9, "end": 0.6, "regularization": 1.0},
+                       {"type": "quant_lsq", "bits": 4, "start": 0.3}],
+        "training": {"epochs": 1, "batch_size": 256, "lr": 0.002},
+        "coordination": {"every": 2, "log_every": 2}}, source="test")
+
+
+def test_a_later_batch_of_seeds_reproduces_those_seeds_of_one_longer_run(tmp_path):
+    split = load_digits()
+    run = lambda spec, out: run_compare(_tiny_recipe(), split, "lenet300", spec, out, log=lambda m: None)  # noqa: E731
+    both = run(CompareSpec(ratios=[20.0], seeds=2, variants=("sequential",), teacher_epochs=1), tmp_path / "s0to1")
+    later = run(CompareSpec(ratios=[20.0], seeds=1, first_seed=1, variants=("sequential",), teacher_epochs=1),
+                tmp_path / "s1")
+    assert (both["first_seed"], both["seeds"]) == (0, 2)
+    assert (later["first_seed"], later["seeds"]) == (1, 1)
+    assert [u["seed"] for u in later["uncompressed"]] == [1] and [r["seed"] for r in later["runs"]] == [1]
+    assert later["runs"][0]["dir"] == "runs/sequential-r20-s1"
+    recorded = json.loads((tmp_path / "s1" / "compare.json").read_text())
+    assert recorded["first_seed"] == 1 and [r["seed"] for r in recorded["runs"]] == [1]
+    # seed 1 alone is seed 1 of the two-seed run: same teacher, same compressed model
+    assert later["uncompressed"][0] == both["uncompressed"][1]
+    seed1 = next(r for r in both["runs"] if r["seed"] == 1)
+    assert (later["runs"][0]["accuracy"], later["runs"][0]["file_bytes"]) == (seed1["accuracy"], seed1["file_bytes"])
+
+
+def _fake_folder(root: Path, name: str, seeds: list[int], accuracy: dict, **setting) -> Path:
+    """A compare folder as compare_mnist.py writes it, with a run dir per row."""
+    folder = root / name
+    runs = []
+    for seed in seeds:
+        for variant in ("joint-paced-none", "sequential"):
+            run_dir = Path("runs") / f"{variant}-r100-s{seed}"
+            (folder / run_dir).mkdir(parents=True)
+            (folder / run_dir / "history.json").write_text("{}")
+            acc = accuracy[(variant, seed)]
+            runs.append({"variant": variant, "ratio_target": 100.0, "seed": seed, "accuracy": acc, "error": 1 - acc,
+                         "file_bytes": 10_000 + seed, "target_bytes": 10_000.0, "ratio": 100.0, "dir": str(run_dir)})
+    result = {"kind": "compare", "model": "lenet300", "data": "mnist", "ratios": [100.0], "seeds": len(seeds),
+              "variants": ["joint-paced-none", "sequential"], "epochs": 4, "teacher_epochs": 6, "train_images": 60000,
+              "recipe": {"name": "r"}, "uncompressed": [{"seed": s, "accuracy": 0.98, "bytes": 1} for s in seeds],
+              "runs": runs, "unreachable": [], "summary": [], "wall_seconds": 10.0, "command": f"compare {name}",
+              "reference": {"deep_compression": ["Deep Compression", 40.0, 1.58]}, **setting}
+    (folder / "compare.json").write_text(json.dumps(result))
+    return folder
+
+
+def _accuracy(seeds):
+    return {(v, s): 0.97 + 0.001 * s + (0.002 if v == "joint-paced-none" else 0.0)
+            for s in seeds for v in ("joint-paced-none", "sequential")}
+
+
+def test_pooling_two_batches_recomputes_the_summary_over_every_seed(tmp_path):
+    pool = _pool_module()
+    results = tmp_path / "results"
+    first = _fake_folder(results, "a_5seeds", [0, 1], _accuracy([0, 1]))
+    later = _fake_folder(results, "a_s2to3", [2, 3], _accuracy([2, 3]), first_seed=2)
+    out = results / "a_pooled"
+    pool.main([str(first), str(later), "--out", str(out)])
+    pooled = json.loads((out / "compare.json").read_text())
+    assert (pooled["seeds"], pooled["first_seed"], pooled["seed_list"]) == (4, 0, [0, 1, 2, 3])
+    assert [u["seed"] for u in pooled["uncompressed"]] == [0, 1, 2, 3]
+    assert len(pooled["runs"]) == 8
+    for row in pooled["runs"]:  # every run dir leads to the folder that holds the run
+        assert (out / row["dir"] / "history.json").is_file(), row["dir"]
+    joint = next(s for s in pooled["summary"] if s["variant"] == "joint-paced-none")
+    assert joint["n"] == 4
+    assert joint["accuracy_mean"] == pytest.approx(statistics.fmean(0.972 + 0.001 * s for s in range(4)))
+    assert [p["command"] for p in pooled["pooled_from"]] == ["compare a_5seeds", "compare a_s2to3"]
+    assert pooled["wall_seconds"] == 20.0 and "pool_compare.py" in pooled["command"]
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert len((out / "compare.csv").read_text().splitlines()) == 9
+
+
+def test_pooling_refuses_overlapping_seeds_or_another_setting(tmp_path):
+    pool = _pool_module()
+    first = _fake_folder(tmp_path, "a", [0, 1], _accuracy([0, 1]))
+    again = _fake_folder(tmp_path, "b", [1, 2], _accuracy([1, 2]))
+    other = _fake_folder(tmp_path, "c", [2, 3], _accuracy([2, 3]), epochs=10)
+    with pytest.raises(pool.PoolError, match="seed 1 is in both"):
+        pool.write_pooled([first, again], tmp_path / "out", "pool")
+    with pytest.raises(pool.PoolError, match="'epochs' differs"):
+        pool.write_pooled([first, other], tmp_path / "out", "pool")
+    assert not (tmp_path / "out" / "compare.json").exists()
+
+
+def test_benchmarks_page_shows_each_batch_of_a_pooled_folder_alone(tmp_path):
+    pool = _pool_module()
+    spec = importlib.util.spec_from_file_location("write_benchmarks_md", ROOT / "benchmarks" / "write_benchmarks_md.py")
+    page = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(page)
+    accuracy = {**_accuracy([0, 1]), ("joint-paced-none", 1): 0.971 + 0.003, **_accuracy([2, 3])}
+    first = _fake_folder(tmp_path, "a_5seeds", [0, 1], accuracy)
+    later = _fake_folder(tmp_path, "a_s2to3", [2, 3], accuracy)
+    pooled = pool.write_pooled([first, later], tmp_path / "a_pooled", "pool")
+    lines = page.batch_lines(pooled)
+    assert len(lines) == 2
+    # seeds 0-1: joint's error is 0.2 and 0.3 points lower; seeds 2-3: 0.2 and 0.2
+    assert lines[0].startswith("- Seeds 0-1 alone (`a_5seeds`)") and "-0.25 ± 0.05 points" in lines[0]
+    assert lines[1].startswith("- Seeds 2-3 alone (`a_s2to3`)") and "-0.20 ± 0.00 points" in lines[1]
