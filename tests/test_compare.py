@@ -20,10 +20,12 @@ def test_compare_cli_tiny(tmp_path):
         "  - {type: quant_lsq, bits: 4, start: 0.3}\n"
         "training: {epochs: 1, batch_size: 128, lr: 0.002}\ncoordination: {every: 2, log_every: 2}\n")
     out, tb = tmp_path / "cmp", tmp_path / "tb"
-    res = CliRunner().invoke(app, ["compare", str(recipe), "--ratios", "20", "--seeds", "1", "--teacher-epochs", "1",
-                                   "--variants", "joint-pcgrad,sequential,overlap", "--out", str(out), "--tensorboard", str(tb)])
+    res = CliRunner().invoke(app, ["compare", str(recipe), "--ratios", "20", "--seeds", "1", "--first-seed", "1",
+                                   "--teacher-epochs", "1", "--variants", "joint-pcgrad,sequential,overlap",
+                                   "--out", str(out), "--tensorboard", str(tb)])
     assert res.exit_code == 0, res.output
     result = json.loads((out / "compare.json").read_text())
+    assert result["first_seed"] == 1 and {r["seed"] for r in result["runs"]} == {1}  # a later batch of seeds
     assert {r["variant"] for r in result["runs"]} == {"joint-pcgrad", "sequential", "overlap"}
     from jointcompress.data import load_digits
 

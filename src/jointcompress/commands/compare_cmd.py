@@ -25,6 +25,8 @@ def register(app: typer.Typer) -> None:
         recipe_path: Path = typer.Argument(..., help="Recipe YAML (its techniques and epochs; the target comes from --ratios)."),
         ratios: str = typer.Option("10,20,40", "--ratios", help="Compression ratios vs the fp32 file, comma-separated."),
         seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds per point (teacher trained once per seed)."),
+        first_seed: int = typer.Option(0, "--first-seed", min=0, help="First seed (a later batch extends an earlier one; "
+                                       "benchmarks/pool_compare.py pools the folders)."),
         variants: str = typer.Option("joint-none,joint-scale,joint-pcgrad,sequential", "--variants", help="Which to run."),
         model: Optional[str] = typer.Option(None, "--model", help="lenet300 | lenet5 | resnet (default: the recipe's)."),
         data: Optional[str] = typer.Option(None, "--data", help="'digits' or an MNIST .npz (default: the recipe's)."),
@@ -50,7 +52,7 @@ def register(app: typer.Typer) -> None:
             raise JointCompressError(f"{recipe_path}: no model given; set `model:` in the recipe or pass --model")
         spec = CompareSpec(ratios=parse_floats(ratios, "--ratios"), seeds=seeds,
                            variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
-                           teacher_epochs=teacher_epochs, epochs=epochs)
+                           teacher_epochs=teacher_epochs, epochs=epochs, first_seed=first_seed)
         split = load_split(recipe, data)
         out = prepare_output_dir(out, force=force)
         with progress_bar() as bar:
