@@ -115,6 +115,20 @@ class Landing:
             q.fix_pattern(m.parametrizations.weight.original.detach(), keep)
         return float(measured_bytes(model)["total"]) if measure else None
 
+    def drops_by_fisher(self) -> bool:
+        """With size_budget.landing_order: fisher, the cuts go by the Fisher cost of removing a weight
+        (saliency.cost, OBD's 1/2 F w^2) per byte freed, not by its margin to the dead zone's edge
+        (before every layer has a Fisher estimate, by the margin). Why: the margin is in each layer's
+        own steps. Where the saliency held a layer's dead zones at their minimum (LeNet-5's conv1 at
+        400x: its weights worth more to the loss than their bytes all window long) its kept weights sit
+        near the edge and were cut first, cut after cut, down to one per filter, while a layer whose
+        dead zones had opened wide kept only weights far outside them; the Fisher cost is in the
+        loss's units in every layer, the same price the dead zones were trained against."""
+        saliency = getattr(self, "saliency", None)
+        if getattr(self.config, "landing_order", "margin") != "fisher" or saliency is None:
+            return False
+        return all("width_fisher" in q._buffers and q.fisher.estimate() is not None for _, q in self.layers.values())
+
     @torch.no_grad()
     def bytes_per_weight(self) -> torch.Tensor:
         """What one kept weight costs in each layer (calibrated bytes): the estimate's slope in the
@@ -133,13 +147,17 @@ class Landing:
         in its layer, bytes it frees or costs). Dropping, a kept weight's price is its margin to
         the dead zone's edge (in steps: how far training kept it from pruning) per byte it frees,
         so weights barely kept in layers where a weight costs most go first, across layers, and
-        `channel_floor` protects each channel's strongest weights. Reviving: the pruned weights
-        nearest the edge, per byte they cost."""
+        `channel_floor` protects each channel's strongest weights; with `landing_order: fisher` the
+        price and the strength are the weight's Fisher cost instead (`drops_by_fisher`). Reviving:
+        the pruned weights nearest the edge, per byte they cost."""
         per_byte = self.bytes_per_weight()
+        by_fisher = drop and self.drops_by_fisher()
         scores, owners, where = [], [], []
         for i, (m, q) in enumerate(self.layers.values()):
             w = m.parametrizations.weight.original
             margin = q.edge_distance(w).detach().expand_as(w)
+            if by_fisher:  # what the weight is worth to the loss (OBD), not its distance to the edge
+                margin = self.saliency.cost(q, w.detach())
             keep = q.hard_keep(w)
             eligible = keep & ~channel_floor(keep, margin, share=share) if drop else ~keep
             idx = torch.nonzero(eligible.flatten()).flatten()
