@@ -95,6 +95,9 @@ def test_the_fisher_landing_spares_the_layer_the_loss_needs_and_still_lands():
     by_fisher = _land(budget, 0.75)
     assert by_fisher["conv"] == start  # conv keeps every weight it had ...
     assert by_margin["conv"] < 0.6 * start  # ... where the margin order took about half of them
+    cuts = [e for e in budget.events if e["event"] in ("size_catch_up", "size_projection")]
+    assert len(cuts) >= 4 and cuts[-1]["kept"] == by_fisher  # the history says what each cut left, per layer
+    assert [e["kept"]["fc"] for e in cuts] == sorted((e["kept"]["fc"] for e in cuts), reverse=True)
     assert by_fisher["fc"] < by_margin["fc"]  # the bytes came from the layer that matters least
     budget.calibrate(budget.model)
     assert abs(budget.calibrated_hard() / budget.aim() - 1) < 0.01  # on the aim all the same

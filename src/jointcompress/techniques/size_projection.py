@@ -75,7 +75,8 @@ class Landing:
         self.calibrate(model)
         self.events.append({"event": event, "bytes_before": round(before), "bytes_after": round(self.calibrated_hard()),
                             "aim_bytes": round(aim), "dropped_weights" if drop else "revived_weights": int(count),
-                            "channel_share": share, "probes": probes, "target_bytes": round(self.config.target_bytes)})
+                            "channel_share": share, "probes": probes, "target_bytes": round(self.config.target_bytes),
+                            "kept": self.kept_by_layer()})
         return True
 
     def _search(self, measure, n: int, guess: int, drop: bool) -> tuple[int, float, int]:
@@ -114,6 +115,12 @@ class Landing:
             keep.view(-1)[where[owners == i]] = not drop
             q.fix_pattern(m.parametrizations.weight.original.detach(), keep)
         return float(measured_bytes(model)["total"]) if measure else None
+
+    @torch.no_grad()
+    def kept_by_layer(self) -> dict[str, int]:
+        """Every budgeted layer's kept weights now: the landing's events record them after each cut,
+        so a history shows which layer the cuts took from (LeNet-5's conv1 emptied over the catch-up)."""
+        return {name: int(q.hard_keep(m.parametrizations.weight.original).sum()) for name, (m, q) in self.layers.items()}
 
     def drops_by_fisher(self) -> bool:
         """With size_budget.landing_order: fisher, the cuts go by the Fisher cost of removing a weight
@@ -189,4 +196,4 @@ class Landing:
         for i, (m, _) in enumerate(self.layers.values()):  # into the dead zone; the task may grow them back
             m.parametrizations.weight.original.view(-1)[where[:count][owners[:count] == i]] = 0.0
         self.events.append({"event": "size_catch_up", "step": step, "bytes_before": round(now),
-                            "aim_bytes": round(aim), "dropped_weights": count})
+                            "aim_bytes": round(aim), "dropped_weights": count, "kept": self.kept_by_layer()})
