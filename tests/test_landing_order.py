@@ -1,7 +1,7 @@
 """size_budget.landing_order: fisher, the landing's cuts by Fisher cost per byte.
 
-The landing (catch-up cuts, the freeze's projection, the trim) drops the cheapest kept weights
-first. By margin to the dead zone's edge (the default), a layer whose dead zones the Fisher cost
+The landing (catch-up cuts, the freeze's projection; the trim after it keeps the margin order)
+drops the cheapest kept weights first. By margin to the dead zone's edge (the default), a layer whose dead zones the Fisher cost
 held at their minimum has its kept weights near the edge and loses them first, cut after cut
 (LeNet-5's conv1 at 400x: 305 kept weights to 20). By Fisher cost, the order is in the loss's
 units in every layer. Off by default: the order and every cut stay as they were.
@@ -98,6 +98,17 @@ def test_the_fisher_landing_spares_the_layer_the_loss_needs_and_still_lands():
     cuts = [e for e in budget.events if e["event"] in ("size_catch_up", "size_projection")]
     assert len(cuts) >= 4 and cuts[-1]["kept"] == by_fisher  # the history says what each cut left, per layer
     assert [e["kept"]["fc"] for e in cuts] == sorted((e["kept"]["fc"] for e in cuts), reverse=True)
+    assert not budget.drops_by_fisher()  # after the freeze (the trim) the margin orders again
+    assert [torch.equal(a, b) for a, b in zip(budget.ranking(drop=True), _frozen_margin_ranking(budget))] == [True] * 3
+
+
+def _frozen_margin_ranking(budget: SizeBudget) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The margin order of a budget in the same state (the trim's order)."""
+    budget.config.landing_order = "margin"
+    try:
+        return budget.ranking(drop=True)
+    finally:
+        budget.config.landing_order = "fisher"
     assert by_fisher["fc"] < by_margin["fc"]  # the bytes came from the layer that matters least
     budget.calibrate(budget.model)
     assert abs(budget.calibrated_hard() / budget.aim() - 1) < 0.01  # on the aim all the same

@@ -79,8 +79,8 @@ PACED_ANTI_WINDUP = {**PACED_BUDGET, "anti_windup": True}
 # LeNet-5 400x the cubic goal asks for most of the descent within half the window, the multiplier winds up
 # (21-32 at the freeze against 10-15) and conv1 ends at about one weight per filter (docs/joint.md)
 PACED_LINEAR = {**PACED_BUDGET, "schedule": "log_linear"}
-# the paced budget whose landing (catch-up cuts, the freeze's projection, the trim) drops the kept weights of
-# least Fisher cost per byte first, not those nearest their dead zone's edge (size_budget.landing_order): at
+# the paced budget whose landing (catch-up cuts, the freeze's projection; not the trim after it) drops the kept
+# weights of least Fisher cost per byte first, not those nearest their dead zone's edge (size_budget.landing_order): at
 # LeNet-5 400x (seed 0) conv1 kept 305 weights through the whole window, its dead zones held at their minimum
 # by the same Fisher cost, and the margin-ordered catch-up cuts took it to 20, one per filter (docs/joint.md);
 # not in the default set

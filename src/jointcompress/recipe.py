@@ -138,9 +138,9 @@ class SizeBudget(Strict):
     # while the state is under the budget, a positive multiplier also decays (e-fold in a tenth of the
     # window), so the integral of the descent's error stops pushing the state under the aim
     anti_windup: bool = False
-    # the order of the landing's cuts (catch-up, projection, trim): a kept weight's margin to the dead zone's
-    # edge per byte it frees, or (fisher; needs saliency > 0) the Fisher cost of removing it per byte
-    # (size_projection.Landing.ranking; docs/joint.md)
+    # the order of the landing's cuts before and at the freeze (catch-up, projection): a kept weight's margin
+    # to the dead zone's edge per byte it frees, or (fisher; needs saliency > 0) the Fisher cost of removing
+    # it per byte; the trim after the freeze keeps the margin (size_projection.Landing.drops_by_fisher)
     landing_order: Literal["margin", "fisher"] = "margin"
     # a decision window in steps, not in fractions of the run: the budget reaches the target after about
     # this many steps (end = decide_steps / the run's steps, between 0.2 and 0.6) and the pattern freezes
