@@ -99,7 +99,8 @@ def main() -> None:
                                        "joint-stiff-none/-pcgrad with a stiffer constraint (penalty 30), "
                                        "joint-early-none/-pcgrad: the stiff one frozen at 30%% of the run, 70%% fine-tuning; "
                                        "joint-paced-none/-pcgrad: Fisher budget, penalty 30, ~1,000 steps of decisions, "
-                                       "then fine-tuning (joint-paced-aw-none: with the multiplier's anti-windup); overlap)")
+                                       "then fine-tuning (joint-paced-aw-none: with the multiplier's anti-windup; joint-paced-lin-none: on a "
+                                       "log-linear goal; joint-paced-obd-none: its landing cuts by Fisher cost per byte); overlap)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.add_layers:

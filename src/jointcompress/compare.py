@@ -48,6 +48,7 @@ VARIANTS = {  # name -> (mode, coordination strategy)
     "joint-paced-pcgrad": ("joint", "pcgrad"),
     "joint-paced-aw-none": ("joint", "none"),  # PACED_BUDGET with the multiplier's anti-windup (PACED_ANTI_WINDUP)
     "joint-paced-lin-none": ("joint", "none"),  # PACED_BUDGET on a log-linear budget schedule (PACED_LINEAR)
+    "joint-paced-obd-none": ("joint", "none"),  # PACED_BUDGET whose landing cuts by Fisher cost per byte (PACED_OBD)
 }
 # the Fisher (OBD) cost of pruned weights on the dead zones, a budget that warms up fast first and
 # slowly at the end, and a fine-tuning phase with its own LR after the freeze (docs/joint.md)
@@ -78,12 +79,19 @@ PACED_ANTI_WINDUP = {**PACED_BUDGET, "anti_windup": True}
 # LeNet-5 400x the cubic goal asks for most of the descent within half the window, the multiplier winds up
 # (21-32 at the freeze against 10-15) and conv1 ends at about one weight per filter (docs/joint.md)
 PACED_LINEAR = {**PACED_BUDGET, "schedule": "log_linear"}
+# the paced budget whose landing (catch-up cuts, the freeze's projection; not the trim after it) drops the kept
+# weights of least Fisher cost per byte first, not those nearest their dead zone's edge (size_budget.landing_order): at
+# LeNet-5 400x (seed 0) conv1 kept 305 weights through the whole window, its dead zones held at their minimum
+# by the same Fisher cost, and the margin-ordered catch-up cuts took it to 20, one per filter (docs/joint.md);
+# not in the default set
+PACED_OBD = {**PACED_BUDGET, "landing_order": "fisher"}
 JOINT_OPTIONS = {"joint-fisher-none": FISHER_BUDGET, "joint-fisher-pcgrad": FISHER_BUDGET,  # not in the default set
                  "joint-bits-none": LEARNED_BITS, "joint-bits-pcgrad": LEARNED_BITS,
                  "joint-stiff-none": STIFF_BUDGET, "joint-stiff-pcgrad": STIFF_BUDGET,
                  "joint-early-none": EARLY_FREEZE, "joint-early-pcgrad": EARLY_FREEZE,
                  "joint-paced-none": PACED_BUDGET, "joint-paced-pcgrad": PACED_BUDGET,
-                 "joint-paced-aw-none": PACED_ANTI_WINDUP, "joint-paced-lin-none": PACED_LINEAR}
+                 "joint-paced-aw-none": PACED_ANTI_WINDUP, "joint-paced-lin-none": PACED_LINEAR,
+                 "joint-paced-obd-none": PACED_OBD}
 DEFAULT_VARIANTS = ("joint-none", "joint-scale", "joint-pcgrad", "sequential")
 CSV_FIELDS = ["variant", "mode", "strategy", "ratio_target", "seed", "accuracy", "error", "bytes", "file_bytes",
               "target_bytes", "ratio", "sparsity", "bits", "conflict_rate", "changed_share", "changed_mean", "wall_s", "dir"]

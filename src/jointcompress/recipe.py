@@ -138,6 +138,10 @@ class SizeBudget(Strict):
     # while the state is under the budget, a positive multiplier also decays (e-fold in a tenth of the
     # window), so the integral of the descent's error stops pushing the state under the aim
     anti_windup: bool = False
+    # the order of the landing's cuts before and at the freeze (catch-up, projection): a kept weight's margin
+    # to the dead zone's edge per byte it frees, or (fisher; needs saliency > 0) the Fisher cost of removing
+    # it per byte; the trim after the freeze keeps the margin (size_projection.Landing.drops_by_fisher)
+    landing_order: Literal["margin", "fisher"] = "margin"
     # a decision window in steps, not in fractions of the run: the budget reaches the target after about
     # this many steps (end = decide_steps / the run's steps, between 0.2 and 0.6) and the pattern freezes
     # half a window later (at most at 0.8), so a longer run spends its extra steps fine-tuning a fixed
@@ -163,6 +167,9 @@ class SizeBudget(Strict):
             raise ValueError(f"saliency ({self.saliency}) weighs the dead zones' decisions, which are fixed at freeze; "
                              f"with start ({self.start}) >= freeze ({self.freeze}) nothing is decided: set saliency: 0 "
                              "or start the budget before freeze")
+        if self.landing_order == "fisher" and self.saliency <= 0:
+            raise ValueError("landing_order: fisher ranks the landing's cuts by the Fisher cost the saliency estimates, "
+                             "but saliency is 0; set saliency > 0 (e.g. 30) or landing_order: margin")
         if self.finetune_phase and self.freeze >= 1.0:
             raise ValueError("finetune_phase: true gives the steps after freeze their own LR phase, but freeze is 1.0 "
                              "(no steps after it); set freeze below 1.0 (default 0.8) or finetune_phase: false")

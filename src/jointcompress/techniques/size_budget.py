@@ -26,7 +26,7 @@ is projected onto the aim (FLOP/CoFi's export rule, `project`): weights barely k
 they free go first, across layers, every channel keeps its strongest weights (a projection
 thins a path, it never cuts one), and the count is searched with the writer itself.
 `history.events` records the catch-up cuts, how far off the state was at the freeze
-(`size_freeze`) and the projection.
+(`size_freeze`) and the projection, each with every layer's kept weights (`kept`).
 """
 from __future__ import annotations
 
@@ -215,7 +215,8 @@ class SizeBudget(Landing, Technique):
             self.calibrate(self.model)
             now, aim = self.calibrated_hard(), self.aim()
             self.events.append({"event": "size_freeze", "step": self.frozen_at, "bytes_at_freeze": round(now),
-                                "aim_bytes": round(aim), "off_by": round(now / aim - 1, 4), "lambda": round(self.lam, 4)})
+                                "aim_bytes": round(aim), "off_by": round(now / aim - 1, 4), "lambda": round(self.lam, 4),
+                                "kept": self.kept_by_layer()})
             self.project(self.model)
         for name, (m, q) in self.layers.items():
             q.fix_pattern(m.parametrizations.weight.original.detach())

@@ -7,7 +7,7 @@ rules: weights barely kept per byte they free go first, across layers; every out
 keeps its strongest weights (a projection thins a path, it never cuts one); the count is found
 by bisection on the artifact writer's bytes. The mixin uses the budget's `layers`, `aim()`,
 `calibrate()`, `calibrated_hard()`, `scale`, `events`, `window`, `freeze_step`,
-`calibration_interval` and `config`.
+`calibration_interval`, `config`, `frozen` and `saliency`.
 """
 from __future__ import annotations
 
@@ -75,7 +75,8 @@ class Landing:
         self.calibrate(model)
         self.events.append({"event": event, "bytes_before": round(before), "bytes_after": round(self.calibrated_hard()),
                             "aim_bytes": round(aim), "dropped_weights" if drop else "revived_weights": int(count),
-                            "channel_share": share, "probes": probes, "target_bytes": round(self.config.target_bytes)})
+                            "channel_share": share, "probes": probes, "target_bytes": round(self.config.target_bytes),
+                            "kept": self.kept_by_layer()})
         return True
 
     def _search(self, measure, n: int, guess: int, drop: bool) -> tuple[int, float, int]:
@@ -116,6 +117,30 @@ class Landing:
         return float(measured_bytes(model)["total"]) if measure else None
 
     @torch.no_grad()
+    def kept_by_layer(self) -> dict[str, int]:
+        """Every budgeted layer's kept weights now: the landing's events record them after each cut,
+        so a history shows which layer the cuts took from (LeNet-5's conv1 emptied over the catch-up)."""
+        return {name: int(q.hard_keep(m.parametrizations.weight.original).sum()) for name, (m, q) in self.layers.items()}
+
+    def drops_by_fisher(self) -> bool:
+        """With size_budget.landing_order: fisher, the cuts up to and at the freeze (catch-up, the
+        freeze's projection) go by the Fisher cost of removing a weight (saliency.cost, OBD's
+        1/2 F w^2) per byte freed, not by its margin to the dead zone's edge. Why: the margin is in
+        each layer's own steps. Where the saliency held a layer's dead zones at their minimum
+        (LeNet-5's conv1 at 400x: its weights worth more to the loss than their bytes all window
+        long) its kept weights sit near the edge and were cut first, cut after cut, down to one per
+        filter, while a layer whose dead zones had opened wide kept only weights far outside them;
+        the Fisher cost is in the loss's units in every layer, the same price the dead zones were
+        trained against. The trim after the freeze keeps the margin order: the estimate stops at the
+        freeze, the margins follow the fine-tuned values whose coding the trim corrects (by Fisher
+        cost it lost 0.05 points on LeNet-300-100 at 100x, docs/joint.md). Before every layer has
+        an estimate, the margin too."""
+        saliency = getattr(self, "saliency", None)
+        if getattr(self.config, "landing_order", "margin") != "fisher" or saliency is None or self.frozen:
+            return False
+        return all("width_fisher" in q._buffers and q.fisher.estimate() is not None for _, q in self.layers.values())
+
+    @torch.no_grad()
     def bytes_per_weight(self) -> torch.Tensor:
         """What one kept weight costs in each layer (calibrated bytes): the estimate's slope in the
         layer's count, i.e. its value bits plus its share of the position bits at this density."""
@@ -133,13 +158,17 @@ class Landing:
         in its layer, bytes it frees or costs). Dropping, a kept weight's price is its margin to
         the dead zone's edge (in steps: how far training kept it from pruning) per byte it frees,
         so weights barely kept in layers where a weight costs most go first, across layers, and
-        `channel_floor` protects each channel's strongest weights. Reviving: the pruned weights
-        nearest the edge, per byte they cost."""
+        `channel_floor` protects each channel's strongest weights; with `landing_order: fisher` the
+        price and the strength are the weight's Fisher cost instead (`drops_by_fisher`). Reviving:
+        the pruned weights nearest the edge, per byte they cost."""
         per_byte = self.bytes_per_weight()
+        by_fisher = drop and self.drops_by_fisher()
         scores, owners, where = [], [], []
         for i, (m, q) in enumerate(self.layers.values()):
             w = m.parametrizations.weight.original
             margin = q.edge_distance(w).detach().expand_as(w)
+            if by_fisher:  # what the weight is worth to the loss (OBD), not its distance to the edge
+                margin = self.saliency.cost(q, w.detach())
             keep = q.hard_keep(w)
             eligible = keep & ~channel_floor(keep, margin, share=share) if drop else ~keep
             idx = torch.nonzero(eligible.flatten()).flatten()
@@ -171,4 +200,4 @@ class Landing:
         for i, (m, _) in enumerate(self.layers.values()):  # into the dead zone; the task may grow them back
             m.parametrizations.weight.original.view(-1)[where[:count][owners[:count] == i]] = 0.0
         self.events.append({"event": "size_catch_up", "step": step, "bytes_before": round(now),
-                            "aim_bytes": round(aim), "dropped_weights": count})
+                            "aim_bytes": round(aim), "dropped_weights": count, "kept": self.kept_by_layer()})
