@@ -50,6 +50,9 @@ SEQUENTIAL_BESIDE = {"compare_lenet300_100x_stiff_v3": "compare_lenet300_100x_bi
                      "compare_lenet5_100x_paced": "compare_lenet5_100x",
                      "compare_lenet5_100x_2k_paced": "compare_lenet5_100x_2k",
                      "compare_lenet5_200x_3bit_paced": "compare_lenet5_200x_3bit",
+                     # the paced recipe whose landing cuts by Fisher cost per byte (joint-paced-obd-none)
+                     "compare_lenet5_400x_paced_obd": "compare_lenet5_400x",
+                     "compare_lenet5_200x_paced_obd": "compare_lenet5_200x",
                      "compare_lenet5_400x_2k_paced": "compare_lenet5_400x_2k",
                      # the paced recipe on a log-linear budget schedule (joint-paced-lin-*)
                      "compare_lenet5_400x_paced_lin": "compare_lenet5_400x",
