@@ -19,22 +19,10 @@ from jointcompress.techniques.base import RunContext
 from jointcompress.techniques.size_budget import SizeBudget
 from jointcompress.techniques.size_projection import channel_floor
 from jointcompress.techniques.zero_level import ZeroLevelLSQWeight
+from test_landing import _Tiny  # LeNet-5's conv1 -> fc1 in miniature
 
 TOTAL_STEPS = 20  # window (0, 10), freeze at step 16, a calibration (and catch-up check) every step
 FISHER_SCALE = {"conv": 1e3, "fc": 1e-3, "out": 1e-3}  # the conv layer's weights matter most to the loss
-
-
-class _Tiny(nn.Module):
-    """Few small filters feeding a large linear layer: LeNet-5's conv1 -> fc1 in miniature."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 6, 3)
-        self.fc = nn.Linear(6 * 6 * 6, 40)
-        self.out = nn.Linear(40, 10)
-
-    def forward(self, x):
-        return self.out(torch.relu(self.fc(torch.relu(self.conv(x)).flatten(1))))
 
 
 def _budget(**config) -> SizeBudget:

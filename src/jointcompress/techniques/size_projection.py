@@ -133,7 +133,7 @@ class Landing:
         the Fisher cost is in the loss's units in every layer, the same price the dead zones were
         trained against. The trim after the freeze keeps the margin order: the estimate stops at the
         freeze, the margins follow the fine-tuned values whose coding the trim corrects (by Fisher
-        cost it lost 0.05 points on LeNet-300-100 at 100x, docs/joint.md). Before every layer has
+        cost it did worse on LeNet-300-100 at 100x in a probe, docs/joint.md). Before every layer has
         an estimate, the margin too."""
         saliency = getattr(self, "saliency", None)
         if getattr(self.config, "landing_order", "margin") != "fisher" or saliency is None or self.frozen:
