@@ -6,8 +6,9 @@ transformers' own classes at tiny random configs (tests/arch_models.py: hidden 3
 images 32x32, text as float inputs_embeds), each through unstructured and structured
 pruning (with 8-bit LSQ, 1 epoch on 8 random samples), the joint mode (zero-level 4-bit LSQ under
 a size budget at 1/4 of the fp32 file, 2 epochs) and the paced joint recipe BENCHMARKS.md measures
-(joint-paced-none: fixed 4-bit widths, Fisher saliency, stiff constraint, paced window; target 1/12 of
-the fp32 file, 1/6 for MobileNetV2, 1/4 for the text encoders, arch_models.joint_ratio)
+(joint-paced-obd-none: fixed 4-bit widths, Fisher saliency, stiff constraint, paced window, landing
+by Fisher cost; target 1/12 of the fp32 file, 1/6 for MobileNetV2, 1/4 for the text encoders,
+arch_models.joint_ratio)
 -> finalize -> save -> load -> ONNX,
 exactly as tests/test_arch_matrix.py runs them. A cell is `ok` with what was checked (relative
 logit gap to the previous stage, groups pruned, bytes) or the JointCompressError message.
@@ -52,7 +53,7 @@ def main() -> None:
         "Command: `PYTHONPATH=src .venv/bin/python benchmarks/arch_matrix.py` "
         f"(torch {torch.__version__}, {THREADS} thread, {time.time() - started:.0f} s).", "",
         "Each row: compress (pruning at 50 % + 8-bit LSQ, 1 epoch, 8 random samples; `joint`: zero-level 4-bit LSQ and "
-        "size_budget at a quarter of the fp32 file, 2 epochs; `joint_paced`: the joint-paced-none recipe at fixed 4-bit "
+        "size_budget at a quarter of the fp32 file, 2 epochs; `joint_paced`: the joint-paced-obd-none recipe at fixed 4-bit "
         "widths, target 1/12 of the fp32 file, 1/6 for MobileNetV2, 1/4 for the text encoders) -> finalize (relative logit gap "
         "to the masked model) -> save -> load (gap to the finalized model) -> ONNX Runtime (gap to the finalized "
         "model). Text models take float `inputs_embeds`; gpt2 is a causal LM read at its last position.", "",

@@ -123,13 +123,13 @@ def _recipe(kind: str, name: str = "") -> dict:
     if kind == "joint":  # zero as a quantizer level, decided under one byte budget (size_budget)
         return {"mode": "joint", "target": {"ratio": JOINT_RATIO}, "training": {"epochs": 2, "batch_size": 4, "lr": 1e-3},
                 "techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True}, {"type": "size_budget"}]}
-    if kind == "joint_paced":  # the recipe BENCHMARKS.md measures everywhere: joint-paced-none
+    if kind == "joint_paced":  # the recipe BENCHMARKS.md measures everywhere: joint-paced-obd-none
         from jointcompress.compare import JOINT_OPTIONS
 
         return {"mode": "joint", "target": {"ratio": joint_ratio(kind, name)},
                 "training": {"epochs": 2, "batch_size": 4, "lr": 1e-3},
                 "techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True, "learn_bits": False},
-                               {"type": "size_budget", **JOINT_OPTIONS["joint-paced-none"]}]}
+                               {"type": "size_budget", **JOINT_OPTIONS["joint-paced-obd-none"]}]}
     prune = {"type": kind, "sparsity": 0.5, "end": 0.5}
     if kind == "prune_structured":
         prune["criterion"] = "magnitude"

@@ -225,7 +225,7 @@ def test_a_target_met_before_any_decision_is_said_at_fixed_widths():
 
 
 def test_the_shipped_joint_recipe_is_the_one_the_benchmarks_measure():
-    """recipes/lenet300_mnist_joint.yaml is joint-paced-none at 100x exactly as compare_mnist.py builds it
+    """recipes/lenet300_mnist_joint.yaml is joint-paced-obd-none at 100x exactly as compare_mnist.py builds it
     (so a user starting from it runs what BENCHMARKS.md reports)."""
     import importlib.util
     from pathlib import Path
@@ -239,7 +239,7 @@ def test_the_shipped_joint_recipe_is_the_one_the_benchmarks_measure():
     spec.loader.exec_module(bench)
     base = bench.recipe("lenet300", 4).model_dump()
     base["target"] = {"ratio": 100}
-    measured = joint_recipe(parse_recipe(base), **JOINT_OPTIONS["joint-paced-none"])
+    measured = joint_recipe(parse_recipe(base), **JOINT_OPTIONS["joint-paced-obd-none"])
     shipped = load_recipe(builtin_recipe("lenet300_mnist_joint"))
     assert [t.model_dump() for t in shipped.techniques] == [t.model_dump() for t in measured.techniques]
     assert shipped.training == measured.training and shipped.target == measured.target
