@@ -217,6 +217,33 @@ def test_trim_flips_the_weights_nearest_the_edge_until_back_on_the_aim(fisher_ru
     assert kept() == before
 
 
+def test_guard_lands_a_file_that_drifted_over_the_target_and_leaves_one_under_it(fisher_run):
+    """After the trim the fine-tuned values keep moving the file; a guard step finds it over the
+    target and lands it on the aim, and no epoch over the target counts as final."""
+    from jointcompress.techniques.size_estimate import measured_bytes
+
+    _, _, _, model, result = fisher_run
+    budget = copy.copy(next(t for t in result.techniques if t.kind == "size_budget"))
+    budget.events, budget.model = [], model
+    state = copy.deepcopy(model.state_dict())
+    try:
+        now = measured_bytes(model)["total"]
+        budget.config = budget.config.model_copy(update={"target_bytes": now * 1.05})
+        budget.guard(model)  # under the target: untouched
+        assert budget.events == [] and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        assert budget.at_target()
+        budget.config = budget.config.model_copy(update={"target_bytes": now * 0.9})
+        assert not budget.at_target()  # over the target: not a state the loop may keep
+        budget.guard(model)
+        assert [e["event"] for e in budget.events] == ["size_guard"]
+        assert measured_bytes(model)["total"] <= now * 0.9 and budget.at_target()
+    finally:
+        model.load_state_dict(state)
+    steps = budget.guard_steps(1000)
+    trim = budget.trim_step(1000)
+    assert len(steps) == 8 and min(steps) > trim and max(steps) == 999
+
+
 def test_fisher_run_lands_on_target(fisher_run, tmp_path):
     split, teacher, recipe, model, result = fisher_run
     budget = next(t for t in result.techniques if t.kind == "size_budget")
