@@ -22,7 +22,8 @@ GOAL = {"lenet300": (100.0, 1.80), "lenet5": (200.0, 1.00)}  # the joint-compres
 # folder they replace. Sequential never builds a size budget, so the change cannot reach it
 # (re-running seed 0 of compare_lenet5_400x_2k's sequential reproduced 19.70% and 4,287 B), and
 # the teachers are the same (checked below: every seed's uncompressed accuracy must match).
-SEQUENTIAL_FROM = {"compare_lenet5_100x_2k_v2": "compare_lenet5_100x_2k",
+SEQUENTIAL_FROM = {"compare_lenet300_100x_e20_paced_obd_guard": "compare_lenet300_100x_e20_paced_obd",  # the guard steps
+                   "compare_lenet5_100x_2k_v2": "compare_lenet5_100x_2k",
                    "compare_lenet5_200x_2k_v2": "compare_lenet5_2k",
                    "compare_lenet5_400x_2k_v2": "compare_lenet5_400x_2k",
                    "compare_lenet5_200x_e6_v2": "compare_lenet5_200x_e6",
@@ -77,6 +78,12 @@ SEQUENTIAL_BESIDE = {"compare_lenet300_100x_stiff_v3": "compare_lenet300_100x_bi
 # and flipped up to 3x the decisions it needed. Marked in the summary table.
 STALE_TRIM = {"compare_lenet300_100x_v2", "compare_lenet300_100x_2k_v2", "compare_lenet300_60x", "compare_lenet300_60x_2k",
               "compare_lenet5_200x_fisher", "compare_lenet300_100x_bits", "compare_lenet5_200x_bits", "compare_lenet300_100x_e10"}
+
+
+# Runs of 20 epochs made before size_budget's guard steps: the values drifted after the half-way trim
+# and the files ended 1.4-1.9% over the target (within 2%, but over); `_guard` re-runs them.
+BEFORE_GUARD = {"compare_lenet300_100x_e20_paced_obd", "compare_lenet300_100x_e20_paced_obd_s0to2",
+                "compare_lenet300_100x_e20_paced_obd_s3to4"}
 
 
 def stale_trim(folder: str, variant: str) -> bool:
@@ -341,7 +348,8 @@ def headline_table(points: list[dict]) -> list[str]:
 
 def points_table(points: list[dict]) -> list[str]:
     """Every point and joint variant: the summary the sections below explain."""
-    rows = [_row_cells(p, p["variant"] + (" †" if stale_trim(p["folder"], p["variant"]) else "")) for p in points]
+    rows = [_row_cells(p, p["variant"] + (" †" if stale_trim(p["folder"], p["variant"]) else "")
+                       + (" ‡" if p["folder"] in BEFORE_GUARD else "")) for p in points]
     if not rows:
         return []
     return ["## Every point, joint vs sequential", "",
@@ -353,7 +361,9 @@ def points_table(points: list[dict]) -> list[str]:
             f"{', '.join(f'`{new}`' for new, old in SEQUENTIAL_FROM.items() if old in superseded())}; the others with the projection before it "
             "(`compare_lenet5_100x_v2` against `compare_lenet5_100x` shows how little it moves a 60,000-image point). † measured before a fix of the pattern cache: the half-way re-projection of "
             "`finetune_phase` read a stale file and flipped up to 3x the decisions it needed (docs/joint.md); "
-            "the `*_fixed` folders re-measure those points after the fix.", "",
+            "the `*_fixed` folders re-measure those points after the fix. ‡ measured before the size budget's guard steps: "
+            "over 20 epochs the fine-tuned values moved the file after the trim, and it ended 1.4-1.9% over the target "
+            "(`compare_lenet300_100x_e20_paced_obd_guard` re-measures the point).", "",
             *TABLE_HEAD, *rows, ""]
 
 
@@ -426,7 +436,8 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                      ("lenet300", "60x", "_10seeds", " at 60x, 10 seeds"), ("lenet300", "100x", "_10seeds", " at 100x, 10 seeds"),
                      ("lenet300", "100x_e10", "_10seeds", " at 100x, 10 compression epochs, 10 seeds"),
                      ("lenet300", "60x_2k", "_10seeds", ", 2,000 training images, at 60x, 10 seeds"),
-                     ("lenet300", "100x_2k", "_10seeds", ", 2,000 training images, at 100x, 10 seeds"))))
+                     ("lenet300", "100x_2k", "_10seeds", ", 2,000 training images, at 100x, 10 seeds"))),
+               ("lenet300", "compare_lenet300_100x_e20_paced_obd_guard", " at 100x, 20 compression epochs, joint-paced-obd-none with the guard steps, 5 seeds"))
 
 
 def fisher_budget_section() -> list[str]:
