@@ -81,7 +81,7 @@ STALE_TRIM = {"compare_lenet300_100x_v2", "compare_lenet300_100x_2k_v2", "compar
 
 
 # Runs of 20 epochs made before size_budget's guard steps: the values drifted after the half-way trim
-# and the files ended 1.4-1.9% over the target (within 2%, but over); `_guard` re-runs them.
+# and the files ended 1.4-1.95% over the target (within 2%, but over); `_guard` re-runs them.
 BEFORE_GUARD = {"compare_lenet300_100x_e20_paced_obd", "compare_lenet300_100x_e20_paced_obd_s0to2",
                 "compare_lenet300_100x_e20_paced_obd_s3to4"}
 
@@ -362,7 +362,7 @@ def points_table(points: list[dict]) -> list[str]:
             "(`compare_lenet5_100x_v2` against `compare_lenet5_100x` shows how little it moves a 60,000-image point). † measured before a fix of the pattern cache: the half-way re-projection of "
             "`finetune_phase` read a stale file and flipped up to 3x the decisions it needed (docs/joint.md); "
             "the `*_fixed` folders re-measure those points after the fix. ‡ measured before the size budget's guard steps: "
-            "over 20 epochs the fine-tuned values moved the file after the trim, and it ended 1.4-1.9% over the target "
+            "over 20 epochs the fine-tuned values moved the file after the trim, and it ended 1.4-1.95% over the target "
             "(`compare_lenet300_100x_e20_paced_obd_guard` re-measures the point).", "",
             *TABLE_HEAD, *rows, ""]
 
