@@ -133,14 +133,21 @@ def _reproduce(r: dict | None, model: str) -> str:
     return ", then ".join(runs + [f"`{cmd}`"])
 
 
+def seed_range(seeds: list[int]) -> str:
+    return str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+
+
 def batch_lines(r: dict) -> list[str]:
-    """For a pooled folder, each batch of seeds alone: does the pooled verdict hold in both halves?"""
+    """For a pooled folder, each batch of seeds alone: does the pooled verdict hold in both halves?
+    (A batch of one seed has no standard error: it is not listed.)"""
     lines = []
     for part in r.get("pooled_from", []):
+        if len(part["seeds"]) < 2:
+            continue
         runs = [row for row in r.get("runs", []) if row["seed"] in part["seeds"]]
         for ratio in r["ratios"]:
             for variant in (v for v in r["variants"] if v.startswith("joint")):
-                lines.append(f"- Seeds {part['seeds'][0]}-{part['seeds'][-1]} alone (`{Path(part['folder']).name}`), "
+                lines.append(f"- Seeds {seed_range(part['seeds'])} alone (`{Path(part['folder']).name}`), "
                              f"{variant} at {ratio:g}x: {paired_difference(runs, variant, ratio)}.")
     return lines
 
@@ -151,7 +158,7 @@ def section(model: str, folder: str | None = None, title: str = "") -> list[str]
     lines = [f"## {MODELS[model]} on MNIST{title}", "",
              f"Reproduce: {_reproduce(r, model)} (then `python benchmarks/write_benchmarks_md.py`).", ""]
     if r is not None and r.get("pooled_from"):
-        lines += [f"Seeds {', '.join(str(p['seeds'][0]) + '-' + str(p['seeds'][-1]) for p in r['pooled_from'])} ran as "
+        lines += [f"Seeds {', '.join(seed_range(p['seeds']) for p in r['pooled_from'])} ran as "
                   "separate batches of the same command (`--first-seed`; every seed trains its own teacher) and are "
                   "pooled here; each run stays in its batch's folder.", ""]
     if r is not None and r.get("sequential_from"):
