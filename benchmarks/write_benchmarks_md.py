@@ -444,7 +444,8 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                      ("lenet300", "100x_e10", "_10seeds", " at 100x, 10 compression epochs, 10 seeds"),
                      ("lenet300", "60x_2k", "_10seeds", ", 2,000 training images, at 60x, 10 seeds"),
                      ("lenet300", "100x_2k", "_10seeds", ", 2,000 training images, at 100x, 10 seeds"))),
-               ("lenet300", "compare_lenet300_100x_e20_paced_obd_guard", " at 100x, 20 compression epochs, joint-paced-obd-none with the guard steps, 5 seeds"))
+               ("lenet300", "compare_lenet300_100x_e20_paced_obd_guard", " at 100x, 20 compression epochs, joint-paced-obd-none with the guard steps, 5 seeds"),
+               ("resnet", "compare_resnet_2k", ", 2,000 training images, at 20x and 30x"))
 
 
 def fisher_budget_section() -> list[str]:
