@@ -65,7 +65,7 @@ def pool(results: dict[Path, dict], out: Path, command: str) -> dict:
         runs += [{**row, "dir": str(to_source / row["dir"])} for row in result["runs"]]
         uncompressed += result.get("uncompressed", [])
         unreachable += result.get("unreachable", [])
-    seeds = sorted({u["seed"] for u in uncompressed} | {r["seed"] for r in runs})
+    seeds = _seeds({"uncompressed": uncompressed, "runs": runs})
     pooled = {key: first.get(key) for key in SAME_SETTING}
     pooled.update({
         "seeds": len(seeds), "first_seed": seeds[0], "seed_list": seeds,

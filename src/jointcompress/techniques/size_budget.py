@@ -181,8 +181,12 @@ class SizeBudget(Landing, Technique):
         the second half of 20 epochs of LeNet-300-100 at 100x, which ended 1.9% over its target):
         a file found over the target is landed on the aim again. A file at or under the target is
         never touched, so a run that stays under it trains exactly as without the guard."""
-        if model is not None and measured_bytes(model)["total"] > self.config.target_bytes:
+        if model is not None and self.file_over_target(model):
             self.land(model, event="size_guard")
+
+    def file_over_target(self, model: nn.Module) -> bool:
+        """The weights file the writer would produce now is larger than the target."""
+        return measured_bytes(model)["total"] > self.config.target_bytes
 
     def land(self, model: nn.Module | None, event: str = "size_projection") -> None:
         """Project onto the aim (see `project`), with the real encoder as the judge."""
@@ -292,8 +296,7 @@ class SizeBudget(Landing, Technique):
         keep an epoch from before that)."""
         if not getattr(self.config, "finetune_phase", False):
             return self.frozen
-        return self.frozen and self.trimmed and (
-            self.model is None or measured_bytes(self.model)["total"] <= self.config.target_bytes)
+        return self.frozen and self.trimmed and (self.model is None or not self.file_over_target(self.model))
 
     # -- bookkeeping -----------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
