@@ -54,6 +54,22 @@ def test_against_torch_pruning_writes_both_contenders(app, tmp_path):
     assert res["teacher"].startswith("trained here")
 
 
+def test_against_drops_the_named_block_from_ours_only(app, tmp_path):
+    pytest.importorskip("torch_pruning")
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "against.json"
+    args = ["bench", "--against", "torch-pruning", "--model", "resnet", "--data", "digits", "--teacher-epochs", "1",
+            "--epochs", "1", "--tp-steps", "1", "--runs", "2", "--select-images", "100", "--train-limit", "128",
+            "--speedup", "1000", "--drop-blocks", "layer1", "--json", str(out)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["ours"]["dropped_blocks"] == ["layer1"] and res["config"]["drop_blocks"] == ["layer1"]
+    assert not any(g.startswith("layer1.") for g in res["widths"]["ours"])  # the allocation is for the model without it
+    assert "layer1.conv1" in res["widths"]["torch_pruning"]  # Torch-Pruning prunes channels only
+    assert res["macs_per_sample"]["ours"] < res["macs_per_sample"]["torch_pruning"]
+
+
 def test_against_without_torch_pruning_is_a_clear_error(app, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_pruning", None)  # import fails as if not installed
     r = CliRunner().invoke(app, ["bench", "--against", "torch-pruning", "--model", "lenet5", "--data", "digits"])
@@ -65,6 +81,8 @@ def test_against_without_torch_pruning_is_a_clear_error(app, monkeypatch):
     (["--against", "nncf", "--model", "lenet5"], "--against 'nncf' is unknown"),
     (["--against", "torch-pruning", "--model", "vgg"], "--model 'vgg' is not supported"),
     (["--against", "torch-pruning"], "needs --model"),
+    (["--against", "torch-pruning", "--model", "resnet", "--teacher-epochs", "1", "--drop-blocks", "layer2"],
+     "cannot drop 'layer2'"),
     ([], "needs ARTIFACT_DIR"),
 ])
 def test_against_bad_input(app, argv, words):

@@ -54,6 +54,7 @@ def test_dry_run_command_lists_groups_and_skipped(app):
     assert r.exit_code == 0, r.output
     assert "stem" in r.output and "layer1.conv1" in r.output
     assert "fc" in r.output and "classes are never removed" in r.output
+    assert "prune_blocks can remove whole: layer1" in r.output
 
 
 def test_bench_command_on_artifact(app, tmp_path):

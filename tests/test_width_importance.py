@@ -66,6 +66,26 @@ def test_measured_loss_is_the_loss_of_the_cut_model_and_never_falls_when_narrowe
     assert calls and all(isinstance(m, nn.Module) for m in calls)  # each cut copy is recovered before its loss
 
 
+def test_a_recovering_model_is_measured_against_itself_recovered(lenet):
+    """recover_base: the reference is the uncut model after the same recovery (here: a
+    "recovery" that zeroes the classifier, so every loss is log 10), else the model as it is."""
+    import math
+
+    model, x = lenet
+    groups = [g for g in discover_groups(model, x)[0] if g.name == "conv2"]
+    held = _data()
+
+    def flatten(m):
+        nn.init.zeros_(m.fc2.weight)
+        nn.init.zeros_(m.fc2.bias)
+    options = {"conv2": allowed_widths(50)}
+    as_is = loss_importance(model, x, groups, held, options, recover=flatten, points=2)
+    recovered = loss_importance(model, x, groups, held, options, recover=flatten, points=2, recover_base=True)
+    assert as_is.base_loss == pytest.approx(held_out_loss(model, *held)) and as_is.base_loss != pytest.approx(math.log(10))
+    assert recovered.base_loss == pytest.approx(math.log(10))
+    assert model.fc2.weight.abs().sum() > 0  # the model itself is untouched
+
+
 def test_allocator_spends_the_budget_where_the_loss_says(lenet):
     """Same table, same target: with channel norms the many cheap fc1 units weigh as much as
     conv2's channels; a measured loss saying fc1 cuts are free and conv2 cuts costly sends the

@@ -4,7 +4,8 @@ Like torch.nn.utils.prune.remove(): the masked, fake-quantized weight becomes th
 `weight` (its values sit exactly on the quantization grid and pruned entries are exact
 zeros), the state dict gets the model's plain keys, and channels whose structured mask is 0
 are physically removed from every coupled layer (through the traced dependency graph), so
-the finalized model is really smaller and faster. What cannot be read off the plain tensors
+the finalized model is really smaller and faster. Residual blocks that prune_blocks faded into
+the identity are replaced by nn.Identity first. What cannot be read off the plain tensors
 (bits, step sizes, the pruning plan) is returned as a CompressionSpec.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from .block_drop import collapse_faded
 from .errors import JointCompressError, UnsupportedModelError
 from .graph import build_graph
 from .group_checks import output_gap, tolerance
@@ -70,10 +72,11 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None) 
     """
     was_training = model.training
     model.eval()
+    dropped = collapse_faded(model)  # first: the layers of a removed block leave no spec and no plan
     specs = quant_specs(model)
     plan = _structured_plan(model)
     _remove_reparametrizations(model)
-    spec = CompressionSpec(layers=specs, recipe=recipe)
+    spec = CompressionSpec(layers=specs, recipe=recipe, dropped_blocks=dropped)
     todo = {name: (g, drop) for name, (g, drop) in plan.items() if drop}
     if todo:
         if example_inputs is None:

@@ -575,6 +575,16 @@ def with_latency_budgets(data: dict, alloc: LatencyAllocation):
     return parse_recipe(data, source="resolved target")
 
 
+def allocation_base(model: nn.Module, data: dict, example_inputs) -> nn.Module:
+    """The model the widths are allocated for: a copy without the blocks the recipe's
+    prune_blocks removes (their layers cost nothing after finalize), else the model itself."""
+    from .block_drop import drop_blocks
+
+    blocks = [b for t in data.get("techniques", []) if t.get("type") == "prune_blocks" for b in t.get("blocks", [])]
+    return drop_blocks(copy.deepcopy(model), blocks, example_inputs) if blocks else model
+
+
 def resolve_latency(model: nn.Module, data: dict, example_inputs, target):
     """resolve_target's latency branch: allocate, then write the per-group budgets."""
-    return with_latency_budgets(data, allocate_latency(model, example_inputs, target))
+    return with_latency_budgets(data, allocate_latency(allocation_base(model, data, example_inputs), example_inputs,
+                                                       target))

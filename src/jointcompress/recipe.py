@@ -232,6 +232,24 @@ class PruneLayers(_PruneUnits):
         return self
 
 
+class PruneBlocks(Strict):
+    """Whole residual blocks of a CNN (module names), faded into the identity over [start, end]
+    and removed by finalize: see techniques/prune_blocks.py."""
+
+    type: Literal["prune_blocks"]
+    blocks: list[str] = Field(min_length=1)
+    start: Fraction = 0.0
+    end: Fraction = 0.5
+
+    @model_validator(mode="after")
+    def _window(self):
+        if self.end < self.start:
+            raise ValueError(f"end ({self.end}) must be >= start ({self.start})")
+        if len(set(self.blocks)) != len(self.blocks):
+            raise ValueError("blocks: a block is listed twice; list each once")
+        return self
+
+
 class HF(Strict):
     """Hugging Face text classification (`jointcompress compress` dispatches to jointcompress.hf)."""
 
@@ -246,7 +264,8 @@ class HF(Strict):
 
 
 Technique = Annotated[
-    Union[PruneUnstructured, PruneStructured, QuantLSQ, DistillKD, PruneHeads, PruneFFN, PruneLayers, SizeBudget], Field(discriminator="type")
+    Union[PruneUnstructured, PruneStructured, QuantLSQ, DistillKD, PruneHeads, PruneFFN, PruneLayers, PruneBlocks,
+          SizeBudget], Field(discriminator="type")
 ]
 
 
@@ -329,7 +348,8 @@ class Recipe(Strict):
     def _combinations(self):
         kinds = [t.type for t in self.techniques]
         for k in set(kinds):
-            if kinds.count(k) > 1 and k in ("quant_lsq", "distill_kd", "prune_heads", "prune_ffn", "prune_layers", "size_budget"):
+            if kinds.count(k) > 1 and k in ("quant_lsq", "distill_kd", "prune_heads", "prune_ffn", "prune_layers", "prune_blocks",
+                                            "size_budget"):
                 raise ValueError(f"technique '{k}' appears {kinds.count(k)} times; use it once")
         return self
 
@@ -363,7 +383,8 @@ def _format(err: ValidationError, source: str) -> str:
             lines.append(f"  - {loc}: unknown key; remove it or check its spelling")
         elif e["type"] == "union_tag_invalid" or e["type"] == "union_tag_not_found":
             lines.append(
-                f"  - {loc}: {msg}. Allowed types: prune_unstructured, prune_structured, quant_lsq, distill_kd, prune_heads, prune_ffn, prune_layers, size_budget"
+                f"  - {loc}: {msg}. Allowed types: prune_unstructured, prune_structured, quant_lsq, distill_kd, prune_heads, prune_ffn, prune_layers, "
+                "prune_blocks, size_budget"
             )
         else:
             lines.append(f"  - {loc}: {msg} (got {got!r})" if "input" in e else f"  - {loc}: {msg}")

@@ -30,4 +30,6 @@ class CompressionSpec:
     # Torch-Pruning pruning history: [(root_module_name, is_out_channel_pruning, [idxs])].
     # Replaying it on a freshly built dense model reproduces the shrunken architecture.
     pruning_history: list[tuple[str, bool, list[int]]] = field(default_factory=list)
+    # residual blocks replaced by nn.Identity (prune_blocks), replayed before the pruning history
+    dropped_blocks: list[str] = field(default_factory=list)
     recipe: dict[str, Any] | None = None

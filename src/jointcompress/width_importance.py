@@ -110,14 +110,24 @@ def spread(widths: list[int], points: int | None) -> list[int]:
 
 def loss_importance(model: nn.Module, example_inputs, groups: list[ChannelGroup], held_out,
                     options: dict[str, list[int]], recover=None, recover_steps: int = 0,
-                    points: int | None = None) -> LossImportance:
+                    points: int | None = None, recover_base: bool = False) -> LossImportance:
     """Measure `LossImportance` on `held_out = (x, y)` at (at most `points` of) the widths in
     `options[group]`. `recover(model)`: fine-tunes a cut copy in place before it is evaluated
-    (None: one-shot); `recover_steps` only records how many steps it takes."""
+    (None: one-shot); `recover_steps` only records how many steps it takes. `recover_base`: the
+    reference loss is the uncut model after the same recovery, for a model that is itself still
+    recovering (a teacher without a dropped block): its cut copies would otherwise come out better
+    than it, and every cut would read as free."""
+    import copy
+
     from .latency_targets import shrunk_to
 
     x, y = held_out
-    base = held_out_loss(model, x, y)
+    if recover_base and recover is not None:
+        reference = copy.deepcopy(model)
+        recover(reference)
+        base = held_out_loss(reference, x, y)
+    else:
+        base = held_out_loss(model, x, y)
     raw, mono = {}, {}
     for g in groups:
         curve = {}

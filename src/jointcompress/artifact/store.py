@@ -114,9 +114,19 @@ def _history_json(history) -> list[list]:
     return [[str(n), bool(out), [int(i) for i in idxs]] for n, out, idxs in history]
 
 
-def rebuild(builder: Callable[[], nn.Module], history: list, inputs: tuple, where: str) -> nn.Module:
-    """A fresh model from `builder`, with the recorded structured pruning replayed on it."""
+def rebuild(builder: Callable[[], nn.Module], history: list, inputs: tuple, where: str,
+            dropped: list[str] = ()) -> nn.Module:
+    """A fresh model from `builder`, with its dropped blocks removed and the recorded structured
+    pruning replayed on it."""
     model = builder()
+    if dropped:
+        from ..block_drop import drop_blocks
+
+        try:
+            drop_blocks(model, list(dropped))
+        except AttributeError as exc:
+            raise ArtifactError(f"{where}: dropped block {exc} is not a module of the builder's model; is the builder "
+                                "the same architecture the artifact was trained from?") from exc
     if not history:
         return model
     from ..graph import build_graph
@@ -180,10 +190,11 @@ def save(
     history = _history_json(spec.pruning_history or [])
     if history and example_inputs is None:
         raise ArtifactError(f"{path}: save() needs example_inputs to record how to replay the pruning history")
+    dropped = [str(n) for n in getattr(spec, "dropped_blocks", [])]
     inputs = _input_records(example_inputs)
     encoding = _enc.encode_model(model, spec, entropy=entropy)
     if builder is not None:
-        rebuilt = rebuild(builder, history, _dummy_inputs(inputs), str(path))
+        rebuilt = rebuild(builder, history, _dummy_inputs(inputs), str(path), dropped)
         check_shapes(rebuilt, encoding.layers, encoding.others, f"{path} (checked at save time)")
     blob = file_blob(encoding, container)
     totals = encoding.totals()
@@ -203,6 +214,7 @@ def save(
         "blob_keys": list(encoding.parts),
         "example_inputs": inputs,
         "pruning_history": history,
+        "dropped_blocks": dropped,
         "layers": encoding.layers,
         "other_tensors": encoding.others,
         "extra": extra or {},
@@ -418,6 +430,8 @@ def _validate_fields(m: dict) -> None:
         _need(isinstance(step[1], bool), f"{f}[1]", f"must be true or false, got {step[1]!r:.80}")
         for j, idx in enumerate(_list(step[2], f"{f}[2]")):
             _int(idx, f"{f}[2][{j}]", 0, 1 << 62)
+    for i, name in enumerate(_list(m.get("dropped_blocks", []), "dropped_blocks")):
+        _str(name, f"dropped_blocks[{i}]")
     for i, rec in enumerate(_list(m["example_inputs"], "example_inputs")):
         f = f"example_inputs[{i}]"
         _dict(rec, f)
@@ -560,10 +574,11 @@ def load_with_spec(path: str | os.PathLike, builder: Callable[[], nn.Module]) ->
         raise ArtifactError(
             f"{Path(path) / MANIFEST_FILE}: field example_inputs cannot be turned into tensors ({type(exc).__name__}: {exc})"
         ) from exc
-    model = rebuild(builder, history, inputs, str(path))
+    dropped = manifest.get("dropped_blocks", [])  # absent from artifacts written before prune_blocks
+    model = rebuild(builder, history, inputs, str(path), dropped)
     check_shapes(model, manifest["layers"], manifest["other_tensors"], where)
     try:
-        spec = CompressionSpec(pruning_history=history, recipe=manifest.get("recipe"))
+        spec = CompressionSpec(pruning_history=history, recipe=manifest.get("recipe"), dropped_blocks=list(dropped))
         model.load_state_dict(_state(manifest, parts, tensors, where, spec), strict=True)
     except ArtifactError:
         raise

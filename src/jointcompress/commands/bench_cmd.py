@@ -142,6 +142,8 @@ def register(app: typer.Typer) -> None:
                                                   "fp32 ms at batch 64 instead of --speedup (immune to PyTorch's load)."),
         min_width: Optional[int] = typer.Option(None, "--min-width", min=1, help="--against: fewest channels a group may "
                                                 "keep (default 8; LeNet-5 reaches 20x only with 4 stem channels)."),
+        drop_blocks: Optional[str] = typer.Option(None, "--drop-blocks", help="--against: residual blocks ours removes "
+                                                  "whole, comma-separated module names (e.g. layer1)."),
     ) -> None:
         """Parameters, MACs, bytes on disk, latency (batch 1 and 64) and accuracy: dense vs artifact;
         then where the weights file's bytes go (values, indices, scales, biases, other, container).
@@ -156,7 +158,8 @@ def register(app: typer.Typer) -> None:
         if against is not None:
             options = dict(epochs=epochs, teacher_epochs=teacher_epochs, speedup=speedup, tp_steps=tp_steps,
                            runs=runs, threads=threads, select_images=select_images, train_limit=train_limit,
-                           target_ms=target_ms, min_width=min_width)
+                           target_ms=target_ms, min_width=min_width,
+                           drop_blocks=[b for b in (drop_blocks or "").split(",") if b])
             result = run_against_cli(against, model, data, teacher, options)
             console.print(against_table(result))
             console.print(target_note(result["target"]))

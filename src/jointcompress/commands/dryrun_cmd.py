@@ -2,7 +2,8 @@
 
 Shows every coupled channel group (root layer, member layers, channel count) and every layer
 that will not be pruned with the reason (the output layer, a target pattern, a normalization
-that mixes channels, a reshape into heads, ...), so a wrong target pattern or an
+that mixes channels, a reshape into heads, ...), and the residual blocks `prune_blocks` can
+remove whole, so a wrong target pattern or an
 architecture that cannot be pruned structurally is caught in seconds instead of after an
 hour of training. NAME is a built-in model or the user's own builder, `package.module:function`
 or `path/to/file.py:function`, traced on a zero input of `--input-shape`.
@@ -98,7 +99,13 @@ def register(app: typer.Typer) -> None:
         """List every prunable channel group and every skipped layer with the reason."""
         from rich.console import Console
 
-        gt, st, _, _ = dry_run_tables(model, image_size, target, exclude, _shape(input_shape))
+        from ..block_drop import residual_blocks
+
+        shape = _shape(input_shape)
+        gt, st, _, _ = dry_run_tables(model, image_size, target, exclude, shape)
         console = Console()
         console.print(gt)
         console.print(st)
+        net, example = _model_and_input(model, image_size, shape)
+        blocks = residual_blocks(net, example)
+        console.print(f"residual blocks prune_blocks can remove whole: {', '.join(blocks) or 'none'}")

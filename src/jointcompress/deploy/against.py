@@ -8,6 +8,8 @@ What `jointcompress bench --against torch-pruning` and benchmarks/against_torch_
    calibrated on ONNX Runtime fp32, the deployment runtime), then structured pruning to those
    widths + 8-bit LSQ + KD from the teacher in one joint run of `epochs` epochs; finalized
    (channels removed) and deployed in ONNX Runtime fp32 and int8 (QDQ, the trained scales).
+   With `drop_blocks`, those residual blocks go whole (block_drop): the widths are allocated for
+   the model without them, and the joint run fades them into the identity (prune_blocks).
 3. **Torch-Pruning**: its MagnitudePruner (L2, uniform per-layer ratio, its default) pruned in
    `tp_steps` steps up to `tp_max_ratio`, fine-tuned between steps with the same loss as ours
    (KD from the same teacher, same temperature and alpha, Adam, same lr and batch). The stages
@@ -74,6 +76,7 @@ class AgainstConfig:
     seed: int = 0  # our run's seed; Torch-Pruning's fine-tuning seeds are offset by it too
     target_ms: float | None = None  # the target in ONNX Runtime fp32 ms at batch 64 (None: dense's / speedup)
     torch_pruning: bool = True  # False: ours only (a sweep of our widths; Torch-Pruning's curve comes from a full run)
+    drop_blocks: list[str] = dataclasses.field(default_factory=list)  # residual blocks ours removes whole (prune_blocks)
 
 
 def require_torch_pruning():
@@ -159,7 +162,9 @@ def steps_per_epoch(split, batch_size: int) -> int:
 # -- ours ------------------------------------------------------------------------------------
 
 def our_recipe(alloc, cfg: AgainstConfig) -> dict:
-    """Structured pruning to the allocation's widths + 8-bit LSQ + KD, in one joint run."""
+    """Structured pruning to the allocation's widths + 8-bit LSQ + KD (+ the dropped blocks faded
+    out over the same window), in one joint run."""
+    blocks = [{"type": "prune_blocks", "blocks": list(cfg.drop_blocks), "end": 0.5}] if cfg.drop_blocks else []
     return {
         "mode": "joint",
         "training": {"epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed},
@@ -170,8 +175,22 @@ def our_recipe(alloc, cfg: AgainstConfig) -> dict:
              "layer_sparsity": {g: min(0.99, s) for g, s in alloc.layer_sparsity.items()}},  # 0.0 = keep all
             {"type": "quant_lsq", "bits": 8, "start": 0.3},
             {"type": "distill_kd", "temperature": cfg.temperature, "alpha": cfg.alpha, "cache_teacher": True},
+            *blocks,
         ],
     }
+
+
+def without_blocks(teacher: nn.Module, split, example, cfg: AgainstConfig) -> nn.Module:
+    """The teacher with `cfg.drop_blocks` removed, recovered by KD from the whole teacher for 1/8
+    of the training budget, so the allocator's tables and measured importances describe the
+    model that will be trained (at once, the small ResNet without its first block is at 7%)."""
+    from ..block_drop import drop_blocks
+    from .against_tp import fine_tune
+
+    base = drop_blocks(copy.deepcopy(teacher), list(cfg.drop_blocks), example)
+    fine_tune(base, teacher, split, steps_per_epoch(split, cfg.batch_size) * cfg.epochs // 8, cfg,
+              seed=1000 * cfg.seed + 11)
+    return base.eval()
 
 
 def allocate(teacher: nn.Module, split, example, work: Path, target_ms: float, cfg: AgainstConfig):
@@ -185,7 +204,8 @@ def allocate(teacher: nn.Module, split, example, work: Path, target_ms: float, c
     from ..recipe import Target
 
     x1, x64 = batch_of(split.x_test, 1), batch_of(split.x_test, 64)
-    table = lt.measure_table(teacher, example, 64, cfg.threads)
+    base = without_blocks(teacher, split, example, cfg) if cfg.drop_blocks else teacher
+    table = lt.measure_table(base, example, 64, cfg.threads)
     scale = 0.0
     if cfg.both_batches:
         dense = {b: alone_ms(teacher, x, cfg.threads, repeats=3) for b, x in ((1, x1), (64, x64))}
@@ -196,30 +216,33 @@ def allocate(teacher: nn.Module, split, example, work: Path, target_ms: float, c
         ms64 = alone_ms(run, x64, cfg.threads, repeats=3)
         return max(ms64, scale * alone_ms(run, x1, cfg.threads, rounds=100, repeats=3)) if scale else ms64
     kwargs = {"min_width": cfg.min_width} if cfg.min_width is not None else {}
-    importance = importance_for(teacher, split, example, cfg, **kwargs)
-    alloc = lt.allocate_latency(teacher, example, Target(latency_ms=target_ms, batch=64), table=table, measure=deploy,
+    importance = importance_for(base, split, example, cfg, **kwargs, teacher=teacher)
+    alloc = lt.allocate_latency(base, example, Target(latency_ms=target_ms, batch=64), table=table, measure=deploy,
                                 calibrate=True, max_rounds=5, importance=importance, **kwargs)
     if not alloc.met:  # the table's widths measure over the target: cut further, measured on the deployment
-        alloc = lt.narrow(teacher, example, alloc, deploy, max_trials=cfg.narrow_trials, importance=importance, **kwargs)
+        alloc = lt.narrow(base, example, alloc, deploy, max_trials=cfg.narrow_trials, importance=importance, **kwargs)
     if cfg.widen_trials and alloc.met:
-        alloc = lt.widen(teacher, example, alloc, deploy, max_trials=cfg.widen_trials, importance=importance, **kwargs)
+        alloc = lt.widen(base, example, alloc, deploy, max_trials=cfg.widen_trials, importance=importance, **kwargs)
     alloc.importance = importance.to_dict()
     return alloc
 
 
-def importance_for(teacher: nn.Module, split, example, cfg: AgainstConfig, min_width: int | None = None):
-    """The allocator's currency: the held-out loss (on the selection images) of the teacher with
-    each group cut to a few widths it may take, each cut copy first fine-tuned for
-    `importance_steps` steps with the same KD loss as every contender; or channel norms
-    (`importance="norm"`). See width_importance for why recovered and not one-shot."""
+def importance_for(model: nn.Module, split, example, cfg: AgainstConfig, min_width: int | None = None,
+                   teacher: nn.Module | None = None):
+    """The allocator's currency: the held-out loss (on the selection images) of `model` (the
+    teacher, or the teacher without its dropped blocks) with each group cut to a few widths it
+    may take, each cut copy first fine-tuned for `importance_steps` steps with the same KD loss
+    (from `teacher`, default `model`) as every contender; or channel norms (`importance="norm"`).
+    See width_importance for why recovered and not one-shot."""
     from .. import latency_targets as lt
     from ..graph import discover_groups
     from ..width_importance import loss_importance
     from .against_tp import fine_tune
 
-    groups = discover_groups(teacher, example)[0]
+    teacher = model if teacher is None else teacher
+    groups = discover_groups(model, example)[0]
     if cfg.importance == "norm":
-        return lt.relative_importance(teacher, groups)
+        return lt.relative_importance(model, groups)
     if cfg.importance != "loss":
         raise JointCompressError(f"importance: {cfg.importance!r} is unknown; use 'loss' or 'norm'")
     floor = lt.MIN_WIDTH if min_width is None else min_width
@@ -227,8 +250,8 @@ def importance_for(teacher: nn.Module, split, example, cfg: AgainstConfig, min_w
     sel = selection_split(split, cfg.select_images)
     steps = min(cfg.importance_steps, steps_per_epoch(split, cfg.batch_size) * cfg.epochs // 16)
     recover = (lambda m: fine_tune(m, teacher, split, steps, cfg, seed=1000 * cfg.seed + 7)) if steps > 0 else None
-    return loss_importance(teacher, example, groups, (sel.x_test, sel.y_test), options, recover, steps,
-                           cfg.importance_points)
+    return loss_importance(model, example, groups, (sel.x_test, sel.y_test), options, recover, steps,
+                           cfg.importance_points, recover_base=model is not teacher)
 
 
 def ours(teacher: nn.Module, split, example, work: Path, target_ms: float, cfg: AgainstConfig) -> dict:
@@ -252,7 +275,8 @@ def ours(teacher: nn.Module, split, example, work: Path, target_ms: float, cfg: 
     return {"runners": runners,
             "accuracy": {k: accuracy_of(f, split.x_test, split.y_test) for k, f in runners.items()},
             "selection_accuracy": accuracy_of(model, sel.x_test, sel.y_test),
-            "widths": widths_of(model, example), "allocation": alloc.to_dict(), "train_seconds": train_s,
+            "widths": widths_of(model, example), "dropped_blocks": spec.dropped_blocks,
+            "allocation": alloc.to_dict(), "train_seconds": train_s,
             "train_steps": steps_per_epoch(split, cfg.batch_size) * cfg.epochs, "macs": count_macs(model, example)}
 
 
@@ -323,6 +347,10 @@ def run_against(cfg: AgainstConfig, split, teacher: nn.Module | None = None, tea
     teacher = teacher.eval()
     example = batch_of(split.x_test, 2)
     check_supported(teacher, example)
+    if cfg.drop_blocks:  # a name that is not a droppable block fails here, before any training
+        from ..block_drop import check_droppable
+
+        check_droppable(teacher, example, list(cfg.drop_blocks))
     # the target's reference: the least of three medians, so a load spike cannot set it
     # dense PyTorch at batch 64 runs ~2x slower on a loaded machine (9.3 vs 19.5 ms, 1 thread) while
     # the small ORT models barely change: `target_ms` pins the target in the deployment runtime instead
@@ -353,7 +381,7 @@ def run_against(cfg: AgainstConfig, split, teacher: nn.Module | None = None, tea
         "runtimes": runtimes_of(runners),
         "macs_per_sample": {"dense": count_macs(teacher, example), "ours": us["macs"], "torch_pruning": them["macs"]},
         "widths": {"dense": widths_of(teacher, example), "ours": us["widths"], "torch_pruning": them["widths"]},
-        "ours": {k: us[k] for k in ("allocation", "train_seconds", "train_steps")},
+        "ours": {k: us[k] for k in ("allocation", "train_seconds", "train_steps", "dropped_blocks")},
         "torch_pruning": {k: them.get(k) for k in ("matched", "chosen_step", "candidates", "stages", "train_seconds",
                                                    "train_steps")},
         "wall_seconds": time.perf_counter() - t_start,

@@ -29,9 +29,10 @@ def check_needs(recipe: Recipe, teacher, example_inputs) -> None:
     kd = recipe.technique("distill_kd")
     if kd is not None and teacher is None:
         raise RecipeError("techniques: distill_kd needs a teacher; pass teacher=... to prepare() or remove distill_kd")
-    needs_example = recipe.technique("prune_structured") is not None or (kd is not None and kd.features)
+    needs_example = any(recipe.technique(k) is not None for k in ("prune_structured", "prune_blocks")) or \
+        (kd is not None and kd.features)
     if needs_example and example_inputs is None:
-        raise RecipeError("prepare: prune_structured (tracing the model) and distill_kd.features (sizing projections) "
+        raise RecipeError("prepare: prune_structured and prune_blocks (tracing the model) and distill_kd.features (sizing projections) "
                           "need example_inputs=... (a batch of inputs, e.g. the first two rows)")
 
 

@@ -1,6 +1,7 @@
 """Techniques: one file each, built from their recipe config by `build`."""
 from .base import RunContext, Technique
 from .distill_kd import DistillKD, hinton_loss, kd_loss
+from .prune_blocks import PruneBlocks
 from .prune_structured import PruneStructured
 from .prune_units import PruneFFN, PruneHeads, PruneLayers
 from .prune_unstructured import PruneUnstructured
@@ -14,6 +15,7 @@ REGISTRY = {
     "distill_kd": DistillKD,
     "prune_heads": PruneHeads,
     "prune_layers": PruneLayers,
+    "prune_blocks": PruneBlocks,
     "prune_ffn": PruneFFN,
     "size_budget": SizeBudget,
 }

@@ -1,0 +1,167 @@
+"""Whole residual blocks of a CNN: which ones can be dropped, and dropping them.
+
+Why: channel pruning cannot make every CNN fast. A small ResNet whose first stage works at full
+resolution spends about 70% of its multiply-adds there (docs/latency.md), so even every group
+cut to 8 channels stays ~4x short of 20x. A residual block `y = f(x) + x` whose output has its
+input's shape can be removed whole: with `f` gone it is the identity, the next block reads `x`
+directly, and nothing else in the network changes shape. That is what `prune_blocks` trains
+towards (techniques/prune_blocks.py fades a block into the identity under distillation), and
+what the latency allocator can take as a starting point (deploy/against.py `drop_blocks`).
+
+A block is droppable when, on the example input, it returns one tensor of its input's shape,
+and its traced forward adds its own input to something it computed (the skip connection). Blocks nest (a stage of
+residual layers is itself droppable); a name and one inside it cannot both be dropped.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn as nn
+
+from .errors import UnsupportedModelError
+
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+def _adds_its_input(module: nn.Module) -> bool:
+    """True when the module's traced forward adds its (single) input to another value."""
+    try:
+        graph = torch.fx.symbolic_trace(module).graph
+    except Exception:  # not traceable (data-dependent control flow, HF outputs): not a plain block
+        return False
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        return False
+    modules = dict(module.named_modules())
+    same = {inputs[0]}  # the input, and what an identity shortcut (nn.Identity, empty Sequential) makes of it
+    for node in graph.nodes:
+        if node.op == "call_module" and node.args and node.args[0] in same and _is_identity(modules.get(node.target)):
+            same.add(node)
+        is_add = (node.op == "call_function" and node.target in _ADDS) or (node.op == "call_method" and node.target in ("add", "add_"))
+        if is_add and any(a in same for a in node.args):
+            return True
+    return False
+
+
+def _is_identity(m) -> bool:
+    return isinstance(m, nn.Identity) or (isinstance(m, nn.Sequential) and len(m) == 0)
+
+
+def _shape_preserving(model: nn.Module, example_inputs) -> list[str]:
+    """Names of the submodules that returned one tensor of their input's shape on the example."""
+    found, hooks = [], []
+    for name, m in model.named_modules():
+        if not name or next(m.parameters(), None) is None:
+            continue
+
+        def hook(mod, inp, out, name=name):
+            if len(inp) == 1 and isinstance(inp[0], torch.Tensor) and isinstance(out, torch.Tensor) \
+                    and out.shape == inp[0].shape:
+                found.append(name)
+        hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(*example_inputs) if isinstance(example_inputs, tuple) else model(example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(dict.fromkeys(found))
+
+
+def residual_blocks(model: nn.Module, example_inputs) -> list[str]:
+    """The blocks `drop_blocks` can remove (module docstring), in model order."""
+    was_training = model.training
+    model.eval()
+    try:
+        candidates = _shape_preserving(model, example_inputs)
+    finally:
+        model.train(was_training)
+    modules = dict(model.named_modules())
+    order = {n: i for i, n in enumerate(modules)}
+    return sorted((n for n in candidates if _adds_its_input(modules[n])), key=order.__getitem__)
+
+
+def check_droppable(model: nn.Module, example_inputs, names: list[str]) -> None:
+    """A clear error for a name that is not a droppable block (naming the ones that are)."""
+    if not names:
+        return
+    droppable = residual_blocks(model, example_inputs)
+    modules = dict(model.named_modules())
+    for name in names:
+        if name in droppable:
+            continue
+        why = ("no such module" if name not in modules else
+               "it is not a residual block whose output has its input's shape (dropping it would change "
+               "what the next layer reads)")
+        raise UnsupportedModelError(
+            f"prune_blocks.blocks: cannot drop {name!r}: {why}; droppable blocks of this model: "
+            f"{', '.join(droppable) or 'none'}")
+    nested = [(a, b) for a in names for b in names if b.startswith(a + ".")]
+    if nested:
+        raise UnsupportedModelError(f"prune_blocks.blocks: {nested[0][1]!r} lies inside {nested[0][0]!r}, "
+                                    "which is dropped whole; list only one of them")
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not isinstance(getattr(parent, child, None), nn.Module):
+        raise AttributeError(repr(name))
+    setattr(parent, child, new)
+
+
+def drop_blocks(model: nn.Module, names: list[str], example_inputs=None) -> nn.Module:
+    """Replace each named block with nn.Identity, in place (checked first when `example_inputs`
+    is given); returns the model."""
+    if example_inputs is not None:
+        check_droppable(model, example_inputs, names)
+    for name in names:
+        _set_module(model, name, nn.Identity())
+    return model
+
+
+class BlockFade:
+    """A forward hook that blends a block's output into its input: y = x + (1 - fade) (f(x) - x).
+
+    fade = 0 leaves the block as it is; fade = 1 makes it exactly the identity, which is when
+    finalize may replace it by nn.Identity without changing the logits. A hook, not a wrapper
+    module, so every parameter keeps its name (recipes, state dicts and artifacts use them)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.fade = 0.0
+
+    def __call__(self, module, inputs, output):
+        if self.fade <= 0.0:
+            return output
+        x = inputs[0]
+        if self.fade >= 1.0:
+            return x
+        return x + (1.0 - self.fade) * (output - x)
+
+
+def faded(model: nn.Module) -> dict[str, tuple[int, BlockFade]]:
+    """Every block carrying a BlockFade hook: name -> (hook id, hook)."""
+    out = {}
+    for name, m in model.named_modules():
+        for hid, hook in m._forward_hooks.items():
+            if isinstance(hook, BlockFade):
+                out[name] = (hid, hook)
+    return out
+
+
+def collapse_faded(model: nn.Module) -> list[str]:
+    """Replace every fully faded block with nn.Identity (exact); returns their names. A block
+    only partly faded is an error: removing it would change the logits, keeping it would leave
+    a hook that no artifact records."""
+    blocks = faded(model)
+    partial = {n: h.fade for n, (_, h) in blocks.items() if h.fade < 1.0}
+    if partial:
+        shown = ", ".join(f"{n} at {f:.2f}" for n, f in partial.items())
+        raise UnsupportedModelError(
+            f"finalize: prune_blocks has only partly faded {shown} (1.0 = removed); finalize after the "
+            "technique's window ends (its `end`), or lower `end` so the run reaches it")
+    for name in blocks:
+        _set_module(model, name, nn.Identity())
+    return list(blocks)

@@ -1,0 +1,126 @@
+"""prune_blocks: whole residual blocks of a CNN faded into the identity, removed by finalize
+without changing the logits, and replayed by the artifact loader."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from jointcompress.api import compress
+from jointcompress.artifact import store
+from jointcompress.block_drop import BlockFade, check_droppable, collapse_faded, residual_blocks
+from jointcompress.data import evaluator
+from jointcompress.errors import RecipeError, UnsupportedModelError
+from jointcompress.finalize import finalize
+from jointcompress.models import build_model
+from jointcompress.recipe import parse_recipe
+
+X2 = torch.randn(2, 1, 28, 28)
+
+
+def _recipe(end=0.5, epochs=1):
+    return {"mode": "joint", "training": {"epochs": epochs, "batch_size": 32, "lr": 1e-3, "seed": 0},
+            "techniques": [{"type": "prune_blocks", "blocks": ["layer1"], "end": end},
+                           {"type": "prune_structured", "sparsity": 0.5, "criterion": "magnitude", "end": end,
+                            "layer_sparsity": {"stem": 0.5, "layer2.conv1": 0.5}},
+                           {"type": "quant_lsq", "bits": 8, "start": 0.3},
+                           {"type": "distill_kd", "temperature": 4.0, "alpha": 0.7}]}
+
+
+def test_residual_blocks_are_the_shape_preserving_blocks_with_a_skip():
+    assert residual_blocks(build_model("resnet"), X2) == ["layer1"]  # layer2/3 downsample: not droppable
+    assert residual_blocks(build_model("lenet5"), X2) == []
+    assert residual_blocks(build_model("lenet300"), X2) == []
+
+
+def test_residual_blocks_of_a_transformers_resnet():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[2, 1], layer_type="basic",
+                                    num_labels=3)
+    blocks = residual_blocks(transformers.ResNetForImageClassification(cfg), torch.randn(2, 3, 32, 32))
+    assert "resnet.encoder.stages.0.layers.1" in blocks  # an identity-shortcut layer (nn.Identity shortcut)
+    assert not any(b.startswith("resnet.encoder.stages.1") for b in blocks)  # its layer downsamples
+
+
+@pytest.mark.parametrize("names, words", [
+    (["layer2"], "cannot drop 'layer2': it is not a residual block"),
+    (["nope"], "cannot drop 'nope': no such module"),
+])
+def test_a_block_that_cannot_be_dropped_is_named_with_the_ones_that_can(names, words):
+    with pytest.raises(UnsupportedModelError, match=words) as err:
+        check_droppable(build_model("resnet"), X2, names)
+    assert "droppable blocks of this model: layer1" in str(err.value)
+
+
+def test_the_fade_blends_the_block_into_its_input_and_ends_exactly_at_it():
+    block = nn.Linear(4, 4)
+    hook = BlockFade("b")
+    block.register_forward_hook(hook)
+    x = torch.randn(3, 4)
+    plain = torch.nn.functional.linear(x, block.weight, block.bias)
+    hook.fade = 0.25
+    torch.testing.assert_close(block(x), x + 0.75 * (plain - x))
+    hook.fade = 1.0
+    assert torch.equal(block(x), x)
+
+
+def test_compress_fades_the_block_out_and_finalize_removes_it_without_changing_the_logits(tmp_path):
+    torch.manual_seed(0)
+    model, x, y = build_model("resnet"), torch.randn(192, 1, 28, 28), torch.randint(0, 10, (192,))
+    teacher = copy.deepcopy(model).eval()
+    res = compress(model, _recipe(), (x, y), evaluator(x[:64], y[:64]), teacher=teacher)
+    model.eval()
+    with torch.no_grad():
+        masked = model(x[:16])
+    spec = finalize(model, res.example_inputs)
+    assert isinstance(model.layer1, nn.Identity) and spec.dropped_blocks == ["layer1"]
+    assert not any(n.startswith("layer1.") for n, _ in model.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[:16]), masked, atol=1e-5, rtol=0)
+    store.save(model, spec, tmp_path / "art", example_inputs=res.example_inputs, builder=lambda: build_model("resnet"))
+    loaded = store.load(tmp_path / "art", lambda: build_model("resnet"))
+    assert isinstance(loaded.layer1, nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x[:16]), model(x[:16]), atol=1e-6, rtol=0)
+    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in teacher.parameters())
+
+
+def test_finalize_refuses_a_block_that_is_only_partly_faded():
+    model = build_model("resnet")
+    hook = BlockFade("layer1")
+    model.layer1.register_forward_hook(hook)
+    hook.fade = 0.4
+    with pytest.raises(UnsupportedModelError, match="only partly faded layer1 at 0.40"):
+        collapse_faded(model)
+    assert not isinstance(model.layer1, nn.Identity)  # nothing removed
+
+
+@pytest.mark.parametrize("technique, words", [
+    ({"type": "prune_blocks", "blocks": []}, "blocks"),
+    ({"type": "prune_blocks", "blocks": ["layer1", "layer1"]}, "listed twice"),
+    ({"type": "prune_blocks", "blocks": ["layer1"], "start": 0.6, "end": 0.5}, "must be >= start"),
+])
+def test_recipe_errors(technique, words):
+    with pytest.raises(RecipeError, match=words):
+        parse_recipe({"techniques": [technique]})
+
+
+def test_an_unknown_block_fails_at_setup_before_any_step():
+    model, x, y = build_model("resnet"), torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    recipe = {"training": {"epochs": 1, "batch_size": 32}, "techniques": [{"type": "prune_blocks", "blocks": ["layer3"]}]}
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(UnsupportedModelError, match="cannot drop 'layer3'"):
+        compress(model, recipe, (x, y), evaluator(x, y))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_latency_target_is_allocated_for_the_model_without_its_dropped_blocks():
+    from jointcompress.graph import discover_groups
+    from jointcompress.latency_targets import allocation_base
+
+    model = build_model("resnet")
+    data = {"techniques": [{"type": "prune_blocks", "blocks": ["layer1"]}]}
+    base = allocation_base(model, data, X2)
+    assert isinstance(base.layer1, nn.Identity) and not isinstance(model.layer1, nn.Identity)  # a copy
+    assert "layer1.conv1" not in {g.name for g in discover_groups(base, X2)[0]}
+    assert allocation_base(model, {"techniques": []}, X2) is model
