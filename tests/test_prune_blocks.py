@@ -124,3 +124,26 @@ def test_a_latency_target_is_allocated_for_the_model_without_its_dropped_blocks(
     assert isinstance(base.layer1, nn.Identity) and not isinstance(model.layer1, nn.Identity)  # a copy
     assert "layer1.conv1" not in {g.name for g in discover_groups(base, X2)[0]}
     assert allocation_base(model, {"techniques": []}, X2) is model
+
+
+def test_a_transformers_resnet_layer_is_dropped_through_save_and_load(tmp_path):
+    pytest.importorskip("transformers")
+    import arch_models
+
+    model, (x, y) = arch_models.build("resnet"), arch_models.data("resnet", n=64)
+    model.hf.resnet.encoder.stages[0].layers.append(copy.deepcopy(model.hf.resnet.encoder.stages[0].layers[0]))
+    name = "hf.resnet.encoder.stages.0.layers.1"  # a second, identity-shortcut layer in the first stage
+    assert name in residual_blocks(model, x[:2])
+    fresh = copy.deepcopy(model)  # the builder's model: the same architecture, before compression
+    recipe = {"training": {"epochs": 2, "batch_size": 16}, "techniques": [{"type": "prune_blocks", "blocks": [name]},
+                                                                        {"type": "quant_lsq", "bits": 8}]}
+    res = compress(model, recipe, (x, y), evaluator(x, y))
+    model.eval()
+    with torch.no_grad():
+        masked = model(x)
+    spec = finalize(model, res.example_inputs)
+    assert spec.dropped_blocks == [name] and isinstance(model.get_submodule(name), nn.Identity)
+    store.save(model, spec, tmp_path / "art", example_inputs=res.example_inputs, builder=lambda: copy.deepcopy(fresh))
+    loaded = store.load(tmp_path / "art", lambda: copy.deepcopy(fresh))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), masked, atol=1e-5, rtol=0)
