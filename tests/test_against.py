@@ -32,8 +32,8 @@ def test_against_torch_pruning_writes_both_contenders(app, tmp_path):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
-    contenders = {"dense_fp32_torch", "ours_fp32_ort", "ours_int8_ort", "tp_fp32_torch", "tp_int8_torch_x86",
-                  "tp_fp32_ort", "tp_int8_ort"}
+    contenders = {"dense_fp32_torch", "ours_fp32_ort", "ours_int8_ort", "ours_int8_torch_x86", "tp_fp32_torch",
+                  "tp_int8_torch_x86", "tp_fp32_ort", "tp_int8_ort"}
     assert contenders <= set(res["accuracy"]) and all(0 <= res["accuracy"][k] <= 1 for k in contenders)
     for batch in ("batch1", "batch64"):
         assert contenders <= set(res["timing"][batch]["latency_ms"]) and contenders <= set(res["timing"][batch]["alone_ms"])
