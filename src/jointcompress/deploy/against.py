@@ -8,8 +8,9 @@ What `jointcompress bench --against torch-pruning` and benchmarks/against_torch_
    calibrated on ONNX Runtime fp32, the deployment runtime), then structured pruning to those
    widths + 8-bit LSQ + KD from the teacher in one joint run of `epochs` epochs; finalized
    (channels removed) and deployed in ONNX Runtime fp32 and int8 (QDQ, the trained scales) and
-   in PyTorch FX int8 (x86), as Torch-Pruning's model is. With `drop_blocks`, those residual blocks go whole (block_drop): the widths are allocated for
-   the model without them, and the joint run fades them into the identity (prune_blocks).
+   in PyTorch FX int8 (x86), as Torch-Pruning's model is. With `drop_blocks`, those residual
+   blocks go whole (block_drop): the widths are allocated for the model without them, and the
+   joint run fades them into the identity (prune_blocks).
 3. **Torch-Pruning**: its MagnitudePruner (L2, uniform per-layer ratio, its default) pruned in
    `tp_steps` steps up to `tp_max_ratio`, fine-tuned between steps with the same loss as ours
    (KD from the same teacher, same temperature and alpha, Adam, same lr and batch). The stages
@@ -188,9 +189,13 @@ def without_blocks(teacher: nn.Module, split, example, cfg: AgainstConfig) -> nn
     from .against_tp import fine_tune
 
     base = drop_blocks(copy.deepcopy(teacher), list(cfg.drop_blocks), example)
-    fine_tune(base, teacher, split, steps_per_epoch(split, cfg.batch_size) * cfg.epochs // 8, cfg,
-              seed=1000 * cfg.seed + 11)
+    fine_tune(base, teacher, split, drop_recovery_steps(split, cfg), cfg, seed=1000 * cfg.seed + 11)
     return base.eval()
+
+
+def drop_recovery_steps(split, cfg: AgainstConfig) -> int:
+    """KD steps that recover the teacher without its dropped blocks before the allocator reads it."""
+    return steps_per_epoch(split, cfg.batch_size) * cfg.epochs // 8 if cfg.drop_blocks else 0
 
 
 def allocate(teacher: nn.Module, split, example, work: Path, target_ms: float, cfg: AgainstConfig):
@@ -282,6 +287,7 @@ def ours(teacher: nn.Module, split, example, work: Path, target_ms: float, cfg: 
             "accuracy": {k: accuracy_of(f, split.x_test, split.y_test) for k, f in runners.items()},
             "selection_accuracy": accuracy_of(model, sel.x_test, sel.y_test),
             "widths": widths_of(model, example), "dropped_blocks": spec.dropped_blocks,
+            "drop_recovery_steps": drop_recovery_steps(split, cfg),
             "allocation": alloc.to_dict(), "train_seconds": train_s,
             "train_steps": steps_per_epoch(split, cfg.batch_size) * cfg.epochs, "macs": count_macs(model, example)}
 
@@ -387,7 +393,8 @@ def run_against(cfg: AgainstConfig, split, teacher: nn.Module | None = None, tea
         "runtimes": runtimes_of(runners),
         "macs_per_sample": {"dense": count_macs(teacher, example), "ours": us["macs"], "torch_pruning": them["macs"]},
         "widths": {"dense": widths_of(teacher, example), "ours": us["widths"], "torch_pruning": them["widths"]},
-        "ours": {k: us[k] for k in ("allocation", "train_seconds", "train_steps", "dropped_blocks")},
+        "ours": {k: us[k] for k in ("allocation", "train_seconds", "train_steps", "dropped_blocks",
+                                            "drop_recovery_steps")},
         "torch_pruning": {k: them.get(k) for k in ("matched", "chosen_step", "candidates", "stages", "train_seconds",
                                                    "train_steps")},
         "wall_seconds": time.perf_counter() - t_start,
