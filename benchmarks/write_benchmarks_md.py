@@ -797,12 +797,19 @@ def equal_accuracy_section() -> list[str]:
 def folded_deployment_section() -> list[str]:
     """The 3 LeNet-5 runs of against_torch_pruning.py with the folded deployment (deploy/ort_deploy.py),
     re-timed on a quiet machine by against_retime.py, with the paired statistics of against_curve.py."""
-    r, curve = _load("against_retime_lenet5_fold_quiet.json"), _load("against_curve_lenet5_fold.json")
+    return retimed_seeds_section("against_retime_lenet5_fold_quiet.json", "against_curve_lenet5_fold.json",
+                                 "LeNet-5 at 20x: the folded deployment, re-timed on a quiet machine")
+
+
+def retimed_seeds_section(retime_file: str, curve_file: str, title: str) -> list[str]:
+    """Seeds of against_torch_pruning.py re-timed together by against_retime.py, per seed and
+    contender, with the paired statistics of against_curve.py."""
+    r, curve = _load(retime_file), _load(curve_file)
     if r is None or curve is None:
         return []
     seeds = sorted({k.split("_")[0] for k in r["accuracy"] if k.startswith("s")})
     machine = r.get("machine", {})
-    out = ["### LeNet-5 at 20x: the folded deployment, re-timed on a quiet machine", "",
+    out = [f"### {title}", "",
            f"Reproduce: `.venv/bin/{r['command']}` over the runs of {', '.join(f'`{Path(x).name}`' for x in curve['sources'][:3])} "
            f"(each stores its command); paired statistics: `.venv/bin/{curve['command']}`. Machine: {machine.get('shared')}. "
            "Three readings per contender: *all* = every contender in one interleaved rotation; *after dense* = our call "
@@ -860,7 +867,12 @@ def quiet_recheck_section() -> list[str]:
 def latency_section() -> list[str]:
     body = (folded_deployment_section() + cnn_latency_section() + quiet_recheck_section() + equal_accuracy_section() + against_tp_section("lenet5")
             + against_tp_section("lenet5", "_both_batches", " (target at batch 1 and 64)") + against_tp_section("resnet")
-            + against_tp_section("resnet", "_60k_x5_v3", " (5x target out of reach: the give-back of latency_knee, docs/latency.md)"))
+            + against_tp_section("resnet", "_60k_x5_v3", " (5x target out of reach: the give-back of latency_knee, docs/latency.md)")
+            + retimed_seeds_section("against_retime_resnet_drop_x5_quiet.json", "against_curve_resnet_drop_x5.json",
+                                    "Small ResNet with its first block dropped (`--drop-blocks layer1`, 5x target), "
+                                    "3 seeds, re-timed on a quiet machine")
+            + against_tp_section("resnet", "_drop_x5_seed0", " (first block dropped, 5x target, seed 0)")
+            + against_tp_section("resnet", "_drop_x3_seed0", " (first block dropped, 3x target, seed 0)"))
     if not body:
         return []
     return ["## Latency, timed the honest way", "",

@@ -72,14 +72,15 @@ def _shape_preserving(model: nn.Module, example_inputs) -> list[str]:
 def residual_blocks(model: nn.Module, example_inputs) -> list[str]:
     """The blocks `drop_blocks` can remove (module docstring), in model order."""
     was_training = model.training
-    model.eval()
+    model.eval()  # traced as deployed: no BatchNorm statistics updates in the graph
     try:
         candidates = _shape_preserving(model, example_inputs)
+        modules = dict(model.named_modules())
+        blocks = [n for n in candidates if _adds_its_input(modules[n])]
     finally:
         model.train(was_training)
-    modules = dict(model.named_modules())
     order = {n: i for i, n in enumerate(modules)}
-    return sorted((n for n in candidates if _adds_its_input(modules[n])), key=order.__getitem__)
+    return sorted(blocks, key=order.__getitem__)
 
 
 def check_droppable(model: nn.Module, example_inputs, names: list[str]) -> None:
