@@ -1,6 +1,8 @@
 """Where a pruned small ResNet's ONNX Runtime time goes: a per-node profile at a few widths.
 
     python benchmarks/against_resnet_profile.py --widths 16 8 4 --out benchmarks/results/against_resnet_profile.json
+    python benchmarks/against_resnet_profile.py --widths 16 8 4 --drop-blocks layer1 \
+        --out benchmarks/results/against_resnet_profile_drop_layer1.json
 
 Why: `bench --against` on the small ResNet (models.SmallResNet) stops far short of 20x, and the
 question is what bounds it. For every width (every channel group cut to it, random weights:
@@ -14,6 +16,7 @@ can be set against its share of the work. `uptime`'s load average is recorded.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 
 from jointcompress.bench import count_macs
+from jointcompress.block_drop import drop_blocks
 from jointcompress.deploy.ort_deploy import deploy_fp32
 from jointcompress.deploy.timing import ort_session_options, steady_ms
 from jointcompress.graph import discover_groups
@@ -92,6 +96,7 @@ def main():
     ap.add_argument("--widths", type=int, nargs="+", default=[16, 8, 4])
     ap.add_argument("--calls64", type=int, default=50)
     ap.add_argument("--calls1", type=int, default=2000)
+    ap.add_argument("--drop-blocks", default="", help="residual blocks removed first (block_drop), comma-separated")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     load_before = os.getloadavg()
@@ -99,11 +104,13 @@ def main():
     torch.manual_seed(0)
     dense = build_model("resnet").eval()
     x2, xs = torch.randn(2, 1, 28, 28), {1: torch.randn(1, 1, 28, 28), 64: torch.randn(64, 1, 28, 28)}
-    groups = discover_groups(dense, x2)[0]
+    blocks = [b for b in args.drop_blocks.split(",") if b]
+    base = drop_blocks(copy.deepcopy(dense), blocks, x2) if blocks else dense  # timed against the whole dense model
+    groups = discover_groups(base, x2)[0]
     dense_ms = {b: steady_ms(lambda: dense(x), 1, 20 if b == 64 else 200, 3) for b, x in xs.items()}
     work, rows = Path(tempfile.mkdtemp(prefix="jc-resnet-profile-")), {}
     for w in args.widths:
-        model = shrunk_to(dense, x2, {g.name: min(w, g.channels) for g in groups})
+        model = shrunk_to(base, x2, {g.name: min(w, g.channels) for g in groups})
         dep = deploy_fp32(model, work / f"w{w}.onnx", x2, 1)
         run = dep.predict()
         ms = {b: steady_ms(lambda: run(x), 1, 30 if b == 64 else 300, 3) for b, x in xs.items()}
@@ -116,7 +123,7 @@ def main():
     result = {"command": "python benchmarks/against_resnet_profile.py " + " ".join(sys.argv[1:]), "threads": 1,
               "load_average_before_after": [load_before, os.getloadavg()],
               "dense_fp32_torch_ms_alone": {f"batch{b}": v for b, v in dense_ms.items()},
-              "dense_macs": count_macs(dense, x2), "runtime": run.runtime, "widths": rows}
+              "dense_macs": count_macs(dense, x2), "runtime": run.runtime, "dropped_blocks": blocks, "widths": rows}
     atomic_write_text(Path(args.out), json.dumps(result, indent=1, default=float) + "\n")
 
 

@@ -688,6 +688,8 @@ def against_tp_section(model: str, variant: str = "", title: str = "") -> list[s
            f"Torch-Pruning (MagnitudePruner, L2, uniform ratio) is pruned step by step and kept at the fastest stage "
            f"whose accuracy matches ours after at least our {tp['train_steps']:,} training steps (step "
            f"{tp['chosen_step']}; matched: {'yes' if tp['matched'] else '**no**'}). "
+           + (f"Ours drops the residual block(s) {', '.join(r['ours']['dropped_blocks'])} whole (prune_blocks; a "
+              "\"-\" width is a group inside it). " if (r.get("ours") or {}).get("dropped_blocks") else "") +
            f"{r['threads']} thread(s) for every contender; ONNX Runtime contenders bound with IOBinding; "
            f"machine: {(r.get('machine') or {}).get('shared', 'not recorded')}. Median ms interleaved (alone in brackets).", "",
            f"| contender | widths ({'/'.join(r['widths']['dense'])}) | test acc | b1 ms | b1 speed-up | b64 ms | b64 speed-up |",
@@ -695,7 +697,8 @@ def against_tp_section(model: str, variant: str = "", title: str = "") -> list[s
     widths = {"dense": r["widths"]["dense"], "ours": r["widths"]["ours"], "tp": r["widths"]["torch_pruning"]}
     for k in tm["batch64"]["latency_ms"]:
         w = widths["dense" if k.startswith("dense") else "ours" if k.startswith("ours") else "tp"]
-        out.append(f"| {k} | {'/'.join(str(v) for v in w.values())} | {100 * acc[k]:.2f}% | " + " | ".join(timing_cells(tm, k)) + " |")
+        shown = "/".join(str(w.get(g, "-")) for g in r["widths"]["dense"])  # "-": a group inside a dropped block
+        out.append(f"| {k} | {shown} | {100 * acc[k]:.2f}% | " + " | ".join(timing_cells(tm, k)) + " |")
     out += ["", "Torch-Pruning's curve (each stage after its share of the budget; ONNX Runtime fp32, alone):", "",
             "| step | ratio | widths | selection acc | b1 ms | b64 ms |", "| --- | --- | --- | --- | --- | --- |"]
     for s in tp["stages"]:
