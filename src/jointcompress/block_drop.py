@@ -1,16 +1,17 @@
 """Whole residual blocks of a CNN: which ones can be dropped, and dropping them.
 
 Why: channel pruning cannot make every CNN fast. A small ResNet whose first stage works at full
-resolution spends about 70% of its multiply-adds there (docs/latency.md), so even every group
-cut to 8 channels stays ~4x short of 20x. A residual block `y = f(x) + x` whose output has its
+resolution spends about 70% of its multiply-adds there (docs/latency.md), so with every group
+cut to 8 channels it is still only about 4x faster than dense. A residual block `y = f(x) + x` whose output has its
 input's shape can be removed whole: with `f` gone it is the identity, the next block reads `x`
 directly, and nothing else in the network changes shape. That is what `prune_blocks` trains
 towards (techniques/prune_blocks.py fades a block into the identity under distillation), and
 what the latency allocator can take as a starting point (deploy/against.py `drop_blocks`).
 
 A block is droppable when, on the example input, it returns one tensor of its input's shape,
-and its traced forward adds its own input to something it computed (the skip connection). Blocks nest (a stage of
-residual layers is itself droppable); a name and one inside it cannot both be dropped.
+and its traced forward adds its own input to something it computed (the skip connection).
+Blocks nest (a stage of residual layers is itself droppable); a name and one inside it cannot
+both be dropped.
 """
 from __future__ import annotations
 
@@ -142,14 +143,10 @@ class BlockFade:
         return x + (1.0 - self.fade) * (output - x)
 
 
-def faded(model: nn.Module) -> dict[str, tuple[int, BlockFade]]:
-    """Every block carrying a BlockFade hook: name -> (hook id, hook)."""
-    out = {}
-    for name, m in model.named_modules():
-        for hid, hook in m._forward_hooks.items():
-            if isinstance(hook, BlockFade):
-                out[name] = (hid, hook)
-    return out
+def faded(model: nn.Module) -> dict[str, BlockFade]:
+    """Every block carrying a BlockFade hook: name -> hook."""
+    return {name: hook for name, m in model.named_modules() for hook in m._forward_hooks.values()
+            if isinstance(hook, BlockFade)}
 
 
 def collapse_faded(model: nn.Module) -> list[str]:
@@ -157,7 +154,7 @@ def collapse_faded(model: nn.Module) -> list[str]:
     only partly faded is an error: removing it would change the logits, keeping it would leave
     a hook that no artifact records."""
     blocks = faded(model)
-    partial = {n: h.fade for n, (_, h) in blocks.items() if h.fade < 1.0}
+    partial = {n: h.fade for n, h in blocks.items() if h.fade < 1.0}
     if partial:
         shown = ", ".join(f"{n} at {f:.2f}" for n, f in partial.items())
         raise UnsupportedModelError(

@@ -23,13 +23,12 @@ class PruneBlocks(Technique):
     def __init__(self, config):
         super().__init__(config)
         self.hooks: dict[str, BlockFade] = {}
-        self._handles = []
 
     def setup(self, ctx: RunContext) -> None:
         check_droppable(ctx.model, ctx.example_inputs, list(self.config.blocks))
         for name in self.config.blocks:
             hook = BlockFade(name)
-            self._handles.append(ctx.model.get_submodule(name).register_forward_hook(hook))
+            ctx.model.get_submodule(name).register_forward_hook(hook)  # finalize finds it by its type
             self.hooks[name] = hook
         self.attached = True
         self.on_step(ctx)
