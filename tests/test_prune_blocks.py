@@ -64,11 +64,12 @@ def test_the_fade_blends_the_block_into_its_input_and_ends_exactly_at_it():
     assert torch.equal(block(x), x)
 
 
-def test_compress_fades_the_block_out_and_finalize_removes_it_without_changing_the_logits(tmp_path):
+@pytest.mark.parametrize("mode", ["joint", "sequential"])
+def test_compress_fades_the_block_out_and_finalize_removes_it_without_changing_the_logits(tmp_path, mode):
     torch.manual_seed(0)
     model, x, y = build_model("resnet"), torch.randn(192, 1, 28, 28), torch.randint(0, 10, (192,))
     teacher = copy.deepcopy(model).eval()
-    res = compress(model, _recipe(), (x, y), evaluator(x[:64], y[:64]), teacher=teacher)
+    res = compress(model, {**_recipe(), "mode": mode}, (x, y), evaluator(x[:64], y[:64]), teacher=teacher)
     model.eval()
     with torch.no_grad():
         masked = model(x[:16])
