@@ -70,6 +70,45 @@ def test_against_drops_the_named_block_from_ours_only(app, tmp_path):
     assert res["macs_per_sample"]["ours"] < res["macs_per_sample"]["torch_pruning"]
 
 
+def test_against_auto_drop_allocates_with_and_without_the_block(app, tmp_path):
+    pytest.importorskip("torch_pruning")
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "against.json"
+    args = ["bench", "--against", "torch-pruning", "--model", "resnet", "--data", "digits", "--teacher-epochs", "1",
+            "--epochs", "1", "--tp-steps", "1", "--runs", "2", "--select-images", "100", "--train-limit", "128",
+            "--speedup", "1000", "--drop-blocks", "auto", "--json", str(out)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    options = res["ours"]["drop_options"]
+    assert [o["blocks"] for o in options] == [[], ["layer1"]] and all(o["predicted_loss"] is not None for o in options)
+    assert res["ours"]["dropped_blocks"] in ([], ["layer1"]) and res["config"]["drop_blocks"] == ["auto"]
+
+
+def test_auto_drop_keeps_the_option_predicted_to_lose_least_among_those_that_met_the_target():
+    import torch
+
+    from jointcompress.deploy.against import AgainstConfig, choose_drop, drop_options, predicted_loss
+    from jointcompress.latency_targets import LatencyAllocation
+    from jointcompress.models import build_model
+    from jointcompress.width_importance import LossImportance
+
+    x = torch.randn(2, 1, 28, 28)
+    assert drop_options(build_model("resnet"), x, AgainstConfig(drop_blocks=["auto"])) == [[], ["layer1"]]
+    assert drop_options(build_model("resnet"), x, AgainstConfig(drop_blocks=["layer1"])) == [["layer1"]]
+    assert drop_options(build_model("resnet"), x, AgainstConfig()) == [[]]
+    curve = {"a": {4: 0.9, 8: 0.5, 16: 0.2}}
+    imp = LossImportance(curve, 0.2, curve)
+    alloc = LatencyAllocation({"a": 8}, {"a": 16}, 1.0, 1.0)
+    assert predicted_loss(imp, alloc) == pytest.approx(0.5)  # 0.2 + the rise from 16 to 8 channels
+    keep, drop, slow = ({"blocks": [], "met": True, "measured_ms": 1.0, "predicted_loss": 0.3},
+                        {"blocks": ["layer1"], "met": True, "measured_ms": 0.5, "predicted_loss": 0.4},
+                        {"blocks": [], "met": False, "measured_ms": 2.0, "predicted_loss": 0.1})
+    assert choose_drop([keep, drop, slow]) is keep  # both met: the lower predicted loss
+    assert choose_drop([{**keep, "met": False}, drop]) is drop  # only the drop met the target
+    assert choose_drop([{**keep, "met": False}, {**drop, "met": False}])["blocks"] == ["layer1"]  # none met: the fastest
+
+
 def test_against_without_torch_pruning_is_a_clear_error(app, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_pruning", None)  # import fails as if not installed
     r = CliRunner().invoke(app, ["bench", "--against", "torch-pruning", "--model", "lenet5", "--data", "digits"])

@@ -143,7 +143,7 @@ def register(app: typer.Typer) -> None:
         min_width: Optional[int] = typer.Option(None, "--min-width", min=1, help="--against: fewest channels a group may "
                                                 "keep (default 8; LeNet-5 reaches 20x only with 4 stem channels)."),
         drop_blocks: Optional[str] = typer.Option(None, "--drop-blocks", help="--against: residual blocks ours removes "
-                                                  "whole, comma-separated module names (e.g. layer1)."),
+                                                  "whole, comma-separated module names (e.g. layer1), or 'auto'."),
     ) -> None:
         """Parameters, MACs, bytes on disk, latency (batch 1 and 64) and accuracy: dense vs artifact;
         then where the weights file's bytes go (values, indices, scales, biases, other, container).

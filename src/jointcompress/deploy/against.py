@@ -10,7 +10,8 @@ What `jointcompress bench --against torch-pruning` and benchmarks/against_torch_
    (channels removed) and deployed in ONNX Runtime fp32 and int8 (QDQ, the trained scales) and
    in PyTorch FX int8 (x86), as Torch-Pruning's model is. With `drop_blocks`, those residual
    blocks go whole (block_drop): the widths are allocated for the model without them, and the
-   joint run fades them into the identity (prune_blocks).
+   joint run fades them into the identity (prune_blocks); `["auto"]` allocates with no block
+   and with each droppable block dropped, and keeps the one predicted to lose least.
 3. **Torch-Pruning**: its MagnitudePruner (L2, uniform per-layer ratio, its default) pruned in
    `tp_steps` steps up to `tp_max_ratio`, fine-tuned between steps with the same loss as ours
    (KD from the same teacher, same temperature and alpha, Adam, same lr and batch). The stages
@@ -77,7 +78,8 @@ class AgainstConfig:
     seed: int = 0  # our run's seed; Torch-Pruning's fine-tuning seeds are offset by it too
     target_ms: float | None = None  # the target in ONNX Runtime fp32 ms at batch 64 (None: dense's / speedup)
     torch_pruning: bool = True  # False: ours only (a sweep of our widths; Torch-Pruning's curve comes from a full run)
-    drop_blocks: list[str] = dataclasses.field(default_factory=list)  # residual blocks ours removes whole (prune_blocks)
+    # residual blocks ours removes whole (prune_blocks); ["auto"]: none or one droppable block, as the allocator finds best
+    drop_blocks: list[str] = dataclasses.field(default_factory=list)
 
 
 def require_torch_pruning():
@@ -198,8 +200,53 @@ def drop_recovery_steps(split, cfg: AgainstConfig) -> int:
     return steps_per_epoch(split, cfg.batch_size) * cfg.epochs // 8 if cfg.drop_blocks else 0
 
 
+def drop_options(teacher: nn.Module, example, cfg: AgainstConfig) -> list[list[str]]:
+    """The block sets to allocate for: the named ones, or with `drop_blocks: ["auto"]` none and
+    each droppable block alone (block_drop.residual_blocks)."""
+    if list(cfg.drop_blocks) != ["auto"]:
+        return [list(cfg.drop_blocks)]
+    from ..block_drop import residual_blocks
+
+    return [[]] + [[b] for b in residual_blocks(teacher, example)]
+
+
+def predicted_loss(importance, alloc) -> float | None:
+    """The held-out loss the allocation is predicted to end at: the loss of the model it was cut
+    from plus each group's measured rise at its width (None for channel norms, which have no loss)."""
+    from ..width_importance import LossImportance
+
+    if not isinstance(importance, LossImportance):
+        return None
+    return importance.base_loss + sum(importance.lost(g, alloc.channels[g], w) for g, w in alloc.widths.items())
+
+
+def choose_drop(options: list[dict]) -> dict:
+    """Among the options ({"blocks", "met", "measured_ms", "predicted_loss", ...}): the lowest
+    predicted loss among those that met the target; when none met it, the fastest measured."""
+    met = [o for o in options if o["met"]]
+    if not met:
+        return min(options, key=lambda o: o["measured_ms"])
+    inf = float("inf")
+    return min(met, key=lambda o: (inf if o["predicted_loss"] is None else o["predicted_loss"], o["measured_ms"]))
+
+
 def allocate(teacher: nn.Module, split, example, work: Path, target_ms: float, cfg: AgainstConfig):
-    """Per-group widths for the target, confirmed on ONNX Runtime fp32.
+    """allocate_for every block set of drop_options; returns (blocks, allocation, options) with
+    the option choose_drop picks and a summary of every option."""
+    options, allocs = [], []
+    for blocks in drop_options(teacher, example, cfg):
+        alloc, importance = allocate_for(teacher, split, example, work, target_ms,
+                                         dataclasses.replace(cfg, drop_blocks=blocks))
+        allocs.append(alloc)
+        options.append({"blocks": blocks, "widths": alloc.widths, "measured_ms": alloc.measured_ms, "met": alloc.met,
+                        "predicted_loss": predicted_loss(importance, alloc)})
+    chosen = choose_drop(options)
+    return chosen["blocks"], allocs[next(i for i, o in enumerate(options) if o is chosen)], options
+
+
+def allocate_for(teacher: nn.Module, split, example, work: Path, target_ms: float, cfg: AgainstConfig):
+    """Per-group widths for the target, confirmed on ONNX Runtime fp32, for the teacher without
+    `cfg.drop_blocks`; returns the allocation and the importance it was ranked by.
 
     With `both_batches`, a shrunk model "measures" max(ms at batch 64, ms at batch 1 x dense's
     batch-64 / batch-1 ratio): under the target only if it is `speedup` x faster than dense
@@ -229,7 +276,7 @@ def allocate(teacher: nn.Module, split, example, work: Path, target_ms: float, c
     if cfg.widen_trials and alloc.met:
         alloc = lt.widen(base, example, alloc, deploy, max_trials=cfg.widen_trials, importance=importance, **kwargs)
     alloc.importance = importance.to_dict()
-    return alloc
+    return alloc, importance
 
 
 def importance_for(model: nn.Module, split, example, cfg: AgainstConfig, min_width: int | None = None,
@@ -266,7 +313,8 @@ def ours(teacher: nn.Module, split, example, work: Path, target_ms: float, cfg: 
     from ..data import evaluator
     from ..finalize import finalize
 
-    alloc = allocate(teacher, split, example, work, target_ms, cfg)
+    blocks, alloc, options = allocate(teacher, split, example, work, target_ms, cfg)
+    cfg = dataclasses.replace(cfg, drop_blocks=blocks)
     model = copy.deepcopy(teacher)
     t0 = time.perf_counter()
     sel = selection_split(split, cfg.select_images)
@@ -288,7 +336,7 @@ def ours(teacher: nn.Module, split, example, work: Path, target_ms: float, cfg: 
             "selection_accuracy": accuracy_of(model, sel.x_test, sel.y_test),
             "widths": widths_of(model, example), "dropped_blocks": spec.dropped_blocks,
             "drop_recovery_steps": drop_recovery_steps(split, cfg),
-            "allocation": alloc.to_dict(), "train_seconds": train_s,
+            "allocation": alloc.to_dict(), "drop_options": options, "train_seconds": train_s,
             "train_steps": steps_per_epoch(split, cfg.batch_size) * cfg.epochs, "macs": count_macs(model, example)}
 
 
@@ -359,7 +407,7 @@ def run_against(cfg: AgainstConfig, split, teacher: nn.Module | None = None, tea
     teacher = teacher.eval()
     example = batch_of(split.x_test, 2)
     check_supported(teacher, example)
-    if cfg.drop_blocks:  # a name that is not a droppable block fails here, before any training
+    if cfg.drop_blocks and list(cfg.drop_blocks) != ["auto"]:  # a bad name fails here, before any training
         from ..block_drop import check_droppable
 
         check_droppable(teacher, example, list(cfg.drop_blocks))
@@ -394,7 +442,7 @@ def run_against(cfg: AgainstConfig, split, teacher: nn.Module | None = None, tea
         "macs_per_sample": {"dense": count_macs(teacher, example), "ours": us["macs"], "torch_pruning": them["macs"]},
         "widths": {"dense": widths_of(teacher, example), "ours": us["widths"], "torch_pruning": them["widths"]},
         "ours": {k: us[k] for k in ("allocation", "train_seconds", "train_steps", "dropped_blocks",
-                                            "drop_recovery_steps")},
+                                            "drop_recovery_steps", "drop_options")},
         "torch_pruning": {k: them.get(k) for k in ("matched", "chosen_step", "candidates", "stages", "train_seconds",
                                                    "train_steps")},
         "wall_seconds": time.perf_counter() - t_start,
