@@ -54,16 +54,21 @@ def test_against_torch_pruning_writes_both_contenders(app, tmp_path):
     assert res["teacher"].startswith("trained here")
 
 
-def test_against_drops_the_named_block_from_ours_only(app, tmp_path):
+def _resnet_against(app, tmp_path, drop_blocks: str) -> dict:
+    """A tiny `bench --against` run of the small ResNet on digits with `--drop-blocks`."""
     pytest.importorskip("torch_pruning")
     pytest.importorskip("onnxruntime")
     out = tmp_path / "against.json"
     args = ["bench", "--against", "torch-pruning", "--model", "resnet", "--data", "digits", "--teacher-epochs", "1",
             "--epochs", "1", "--tp-steps", "1", "--runs", "2", "--select-images", "100", "--train-limit", "128",
-            "--speedup", "1000", "--drop-blocks", "layer1", "--json", str(out)]
+            "--speedup", "1000", "--drop-blocks", drop_blocks, "--json", str(out)]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
-    res = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_against_drops_the_named_block_from_ours_only(app, tmp_path):
+    res = _resnet_against(app, tmp_path, "layer1")
     assert res["ours"]["dropped_blocks"] == ["layer1"] and res["config"]["drop_blocks"] == ["layer1"]
     assert not any(g.startswith("layer1.") for g in res["widths"]["ours"])  # the allocation is for the model without it
     assert "layer1.conv1" in res["widths"]["torch_pruning"]  # Torch-Pruning prunes channels only
@@ -71,15 +76,7 @@ def test_against_drops_the_named_block_from_ours_only(app, tmp_path):
 
 
 def test_against_auto_drop_allocates_with_and_without_the_block(app, tmp_path):
-    pytest.importorskip("torch_pruning")
-    pytest.importorskip("onnxruntime")
-    out = tmp_path / "against.json"
-    args = ["bench", "--against", "torch-pruning", "--model", "resnet", "--data", "digits", "--teacher-epochs", "1",
-            "--epochs", "1", "--tp-steps", "1", "--runs", "2", "--select-images", "100", "--train-limit", "128",
-            "--speedup", "1000", "--drop-blocks", "auto", "--json", str(out)]
-    r = CliRunner().invoke(app, args)
-    assert r.exit_code == 0, r.output
-    res = json.loads(out.read_text())
+    res = _resnet_against(app, tmp_path, "auto")
     options = res["ours"]["drop_options"]
     assert [o["blocks"] for o in options] == [[], ["layer1"]] and all(o["predicted_loss"] is not None for o in options)
     assert res["ours"]["dropped_blocks"] in ([], ["layer1"]) and res["config"]["drop_blocks"] == ["auto"]
