@@ -78,7 +78,8 @@ class AgainstConfig:
     seed: int = 0  # our run's seed; Torch-Pruning's fine-tuning seeds are offset by it too
     target_ms: float | None = None  # the target in ONNX Runtime fp32 ms at batch 64 (None: dense's / speedup)
     torch_pruning: bool = True  # False: ours only (a sweep of our widths; Torch-Pruning's curve comes from a full run)
-    # residual blocks ours removes whole (prune_blocks); ["auto"]: none or one droppable block, as the allocator finds best
+    # residual blocks ours removes whole (prune_blocks); ["auto"]: none or one droppable block, as the
+    # allocator finds best
     drop_blocks: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -142,6 +143,14 @@ def ort_int8(model: nn.Module, spec, split, example, workdir: Path, cfg: Against
     return int8_runner(int8.path, cfg.threads)
 
 
+def torch_int8(model: nn.Module, spec, split, example, cfg: AgainstConfig):
+    """PyTorch FX int8 (x86), calibrated on the first `calibration_images` training images."""
+    from .int8 import quantize_int8
+
+    n = cfg.calibration_images
+    return quantize_int8(model, spec, (split.x_train[:n], split.y_train[:n]), example, backend="torch-x86")
+
+
 def int8_runner(path: Path, threads: int):
     """The bound runner of an int8 (QDQ) ONNX file, with its `.runtime` record."""
     from .onnx_export import bound_predict, ort_session
@@ -190,7 +199,7 @@ def without_blocks(teacher: nn.Module, split, example, cfg: AgainstConfig) -> nn
     from ..block_drop import drop_blocks
     from .against_tp import fine_tune
 
-    base = drop_blocks(copy.deepcopy(teacher), list(cfg.drop_blocks), example)
+    base = drop_blocks(copy.deepcopy(teacher), list(cfg.drop_blocks))  # names checked by run_against / drop_options
     fine_tune(base, teacher, split, drop_recovery_steps(split, cfg), cfg, seed=1000 * cfg.seed + 11)
     return base.eval()
 
@@ -323,14 +332,10 @@ def ours(teacher: nn.Module, split, example, work: Path, target_ms: float, cfg: 
     spec = finalize(model, res.example_inputs)
     train_s = time.perf_counter() - t0
     model.eval()
-    from .int8 import quantize_int8
-
-    n = cfg.calibration_images
     runners = {"ours_fp32_torch": model, "ours_fp32_ort": ort_fp32(model, work / "ours_fp32.onnx", example, cfg.threads),
                "ours_int8_ort": ort_int8(model, spec, split, example, work / "ours_int8", cfg),
                # the runtime Torch-Pruning's int8 model gets, for ours too: the fastest at batch 64 for some widths
-               "ours_int8_torch_x86": quantize_int8(model, spec, (split.x_train[:n], split.y_train[:n]), example,
-                                                    backend="torch-x86")}
+               "ours_int8_torch_x86": torch_int8(model, spec, split, example, cfg)}
     return {"runners": runners,
             "accuracy": {k: accuracy_of(f, split.x_test, split.y_test) for k, f in runners.items()},
             "selection_accuracy": accuracy_of(model, sel.x_test, sel.y_test),

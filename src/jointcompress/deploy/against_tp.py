@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .against import AgainstConfig, accuracy_of, alone_ms, ort_fp32, ort_int8, require_torch_pruning, \
+from .against import AgainstConfig, accuracy_of, alone_ms, ort_fp32, ort_int8, require_torch_pruning, torch_int8, \
     selection_split, steps_per_epoch, widths_of
 
 MAX_CANDIDATES = None  # no cap: a cap stopped 12-step runs at a stage that still matched, slower than needed
@@ -111,7 +111,6 @@ def matched(teacher: nn.Module, split, stages: list[dict], cfg: AgainstConfig, b
 def torch_pruning(teacher: nn.Module, split, example, work: Path, cfg: AgainstConfig, match_acc: float) -> dict:
     """Torch-Pruning at our accuracy: its curve, the matched model, and its four deployments."""
     from ..bench import count_macs
-    from .int8 import quantize_int8
 
     budget = steps_per_epoch(split, cfg.batch_size) * cfg.epochs
     t0 = time.perf_counter()
@@ -119,10 +118,8 @@ def torch_pruning(teacher: nn.Module, split, example, work: Path, cfg: AgainstCo
     pick = matched(teacher, split, stages, cfg, budget, match_acc)
     train_s = time.perf_counter() - t0
     pruned = pick["model"].eval()
-    n = cfg.calibration_images
     runners = {"tp_fp32_torch": pruned,
-               "tp_int8_torch_x86": quantize_int8(pruned, None, (split.x_train[:n], split.y_train[:n]), example,
-                                                  backend="torch-x86"),
+               "tp_int8_torch_x86": torch_int8(pruned, None, split, example, cfg),
                "tp_fp32_ort": ort_fp32(pruned, work / "tp_fp32.onnx", example, cfg.threads),
                "tp_int8_ort": ort_int8(pruned, None, split, example, work / "tp_int8", cfg)}
     return {"runners": runners,
