@@ -72,6 +72,30 @@ def test_fisher_cost_holds_back_the_dead_zone_of_the_channel_that_matters():
     assert torch.allclose(grad[0], analytic, rtol=1e-4)
 
 
+def _saliency_by_autograd(q, w, fisher, weight):
+    """The saliency's dead-zone gradient as autograd takes it: d/d raw of sum cost * (1 - gate)."""
+    s = q.effective_step().detach()
+    v = (w / s).abs()
+    cost = 0.5 * weight * fisher * (torch.clamp(torch.round(v), min=1, max=q.qmax) * s) ** 2
+    pruned = 1 - torch.sigmoid((v - q.dead_zone()) / GATE_TEMPERATURE)
+    return torch.autograd.grad((cost * pruned).sum(), q.dead_zone_raw)[0]
+
+
+def test_the_closed_form_saliency_gradient_is_autograds():
+    lin, q = _layer(out_features=6, in_features=50, seed=3)
+    with torch.no_grad():
+        q.dead_zone_raw.copy_(torch.linspace(-2.0, 21.0, 6).view_as(q.dead_zone_raw))  # both sides of softplus' threshold
+    sal = FisherSaliency(7.0)
+    sal.attach({"fc": (lin, q)})
+    fisher = torch.rand(6, 50, generator=torch.Generator().manual_seed(1)) * 4
+    q.width_fisher.copy_(fisher)
+    q.width_fisher_seen.fill_(True)
+    sal.add_gradient({"fc": (lin, q)})
+    expected = _saliency_by_autograd(q, lin.parametrizations.weight.original.detach(), fisher, 7.0)
+    assert expected.abs().max() > 0
+    assert torch.allclose(q.dead_zone_raw.grad, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
 def test_fisher_is_kept_in_the_model_state_and_old_budget_states_still_load():
     cfg = SizeBudgetConfig(type="size_budget", saliency=5.0, target_bytes=1000.0)
     lin, q = _layer(2, 3)

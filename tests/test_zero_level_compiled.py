@@ -8,6 +8,7 @@ Compiling costs seconds, so every compiled call here uses 2-D layers of more tha
 """
 import math
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch.nn as nn
 
 from jointcompress import prepare
 from jointcompress.techniques import zero_level_compiled
+from jointcompress.techniques.saliency import FisherSaliency
 from jointcompress.techniques.zero_level import ZeroLevelLSQWeight
 
 
@@ -116,6 +118,22 @@ def test_a_compiled_run_follows_the_eager_trajectory():
         for a, b in zip(eager_model, fast_model):
             if hasattr(a, "weight"):
                 assert torch.equal(a.weight, b.weight)  # the quantized weights the run ends with
+
+
+def test_the_compiled_saliency_gradient_matches_the_eager_one():
+    """The size budget's Fisher saliency (saliency.py) on the dead zones: one compiled pass."""
+    w, eager, fast = _pair(seed=4)
+    fisher = torch.rand(w.shape, generator=torch.Generator().manual_seed(5)) * 3
+    for q in (eager, fast):
+        q.width_fisher.copy_(fisher)
+        q.width_fisher_seen.fill_(True)
+    sal = FisherSaliency(30.0)
+    layers = [{"fc": (SimpleNamespace(parametrizations=SimpleNamespace(weight=SimpleNamespace(original=w))), q)}
+              for q in (eager, fast)]
+    for layer in layers:
+        sal.add_gradient(layer)
+    assert eager.dead_zone_raw.grad.abs().max() > 0
+    torch.testing.assert_close(fast.dead_zone_raw.grad, eager.dead_zone_raw.grad, rtol=2e-5, atol=1e-5)
 
 
 def test_auto_compiles_only_long_runs():

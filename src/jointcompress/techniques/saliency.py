@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .zero_level import GATE_TEMPERATURE, ZeroLevelLSQWeight
+from . import zero_level_compiled as compiled
+from .zero_level import ZeroLevelLSQWeight
 
 Layers = dict[str, tuple[nn.Module, ZeroLevelLSQWeight]]
 
@@ -65,19 +66,28 @@ class FisherSaliency:
         return 0.5 * self.weight * fisher * (level * s).pow(2)
 
     def add_gradient(self, layers: Layers) -> None:
-        """d/d(dead zone) of sum 1/2 * F * (q s)^2 * P(pruned), added to the dead zones' .grad."""
+        """d/d(dead zone) of sum 1/2 * F * (q s)^2 * P(pruned), added to the dead zones' .grad.
+
+        In closed form (zero_level_compiled.saliency_dead_zone_grad), one compiled pass over the
+        weights where the quantizer runs compiled, else the same formula eagerly: building and
+        running an autograd graph for it cost as much as the training step's own backward on
+        small layers (benchmarks/step_cost.py)."""
         for m, q in layers.values():
             if bool(q.pattern_fixed) or not q.dead_zone_raw.requires_grad:
                 continue
-            w = m.parametrizations.weight.original.detach()
-            cost = self.cost(q, w)
-            if cost is None:
+            fisher = q.fisher.estimate() if "width_fisher" in q._buffers else None
+            if fisher is None:
                 continue
-            with torch.enable_grad():
-                v = (w / q.effective_step().detach()).abs()
-                pruned = 1 - torch.sigmoid((v - q.dead_zone()) / GATE_TEMPERATURE)
-                grad, = torch.autograd.grad((cost * pruned).sum(), q.dead_zone_raw)
+            grad = self._dead_zone_grad(q, m.parametrizations.weight.original.detach(), fisher)
             q.dead_zone_raw.grad = grad if q.dead_zone_raw.grad is None else q.dead_zone_raw.grad + grad
+
+    @torch.no_grad()
+    def _dead_zone_grad(self, q: ZeroLevelLSQWeight, w: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:
+        s = q.effective_step().detach()
+        args = (w, s, q.dead_zone().detach(), compiled.constant((float(q.qmax),), s), fisher, q.dead_zone_raw.detach(),
+                compiled.constant((0.5 * self.weight,), s))
+        grad = compiled.run(3, *args) if getattr(q, "compiled", False) else None
+        return grad if grad is not None else compiled.saliency_dead_zone_grad(*args)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Nothing of its own: the estimate is in the quantizers' buffers (the model's state)."""

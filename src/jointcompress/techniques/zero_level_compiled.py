@@ -6,7 +6,8 @@ step with the size term three times a plain training step. Compiled, the forward
 that reads w and writes the quantized weight and the kept-weight count, and the backward one
 loop that reads the incoming gradient and w and writes the weight's gradient and the
 per-channel sums the step, dead zone and width need (recomputing w / s, the level and the gate
-instead of keeping them from the forward).
+instead of keeping them from the forward). A third kernel gives the size budget's Fisher saliency
+its dead-zone gradient (saliency.py) in one pass.
 
 Numerics: the forward performs the eager kernel's operations in the same order, so the
 quantized weights and the count are bit for bit the eager ones (element-wise IEEE operations;
@@ -110,6 +111,19 @@ def _raw_grads(grad_s, grad_sc, grad_t, sb, b, e, x, dead_zone_raw, consts):
     return g_log, g_bits, grad_t * slope
 
 
+def saliency_dead_zone_grad(w, s, t, qmax, fisher, dead_zone_raw, half_weight):
+    """d/d dead_zone_raw of sum_i half_weight * F_i * (level_i s)^2 * P(w_i pruned): the size
+    budget's Fisher saliency (saliency.py), in closed form. P(pruned) = 1 - sigmoid((|w/s| - t) / T),
+    whose derivative in t is sigmoid' / T; t = 0.5 + softplus(dead_zone_raw)."""
+    v = (w / s).abs()
+    level = torch.minimum(v.round().clamp(min=1), qmax)
+    cost = half_weight * fisher * (level * s) ** 2
+    sig = torch.sigmoid((v - t) * (1.0 / GATE_TEMPERATURE))
+    per_channel = _per_channel_sum(cost * ((1 - sig) * sig), s) * (1.0 / GATE_TEMPERATURE)
+    z = dead_zone_raw.exp()
+    return per_channel * torch.where(dead_zone_raw > SOFTPLUS_THRESHOLD, torch.ones_like(z), z / (z + 1))
+
+
 def constant(values: tuple, like: torch.Tensor) -> torch.Tensor:
     """`values` as a (cached) tensor of like's dtype and device: 0-d for one value. Passed to a
     kernel as a tensor, Q and the other per-layer constants are inputs, not compile-time
@@ -125,7 +139,8 @@ def constant(values: tuple, like: torch.Tensor) -> torch.Tensor:
 def _kernels():
     if _STATE["kernels"] is None:
         _STATE["kernels"] = tuple(torch.compile(fn, dynamic=True) for fn in (weights_forward, weights_backward,
-                                                                             weights_forward_gate))
+                                                                             weights_forward_gate,
+                                                                             saliency_dead_zone_grad))
     return _STATE["kernels"]
 
 
@@ -138,7 +153,8 @@ def forget_kernels() -> None:
 
 
 def run(which: int, *args):
-    """The compiled kernel `which` (0: forward, 1: backward, 2: forward with the gate) on args, or None where compiling
+    """The compiled kernel `which` (0: forward, 1: backward, 2: forward with the gate, 3: the saliency's
+    dead-zone gradient) on args, or None where compiling
     is unavailable (then the caller runs its eager kernel)."""
     if _STATE["broken"]:
         return None
