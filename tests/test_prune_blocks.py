@@ -148,3 +148,37 @@ def test_a_transformers_resnet_layer_is_dropped_through_save_and_load(tmp_path):
     loaded = store.load(tmp_path / "art", lambda: copy.deepcopy(fresh))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), masked, atol=1e-5, rtol=0)
+
+
+def _size_target_run(tmp_path, mode, techniques):
+    """A 10x size target on the small ResNet with layer1 dropped: (weights file bytes, target, the run's result)."""
+    from jointcompress.artifact.size import dense_fp32_bytes
+
+    torch.manual_seed(0)
+    model, x, y = build_model("resnet"), torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,))
+    goal = dense_fp32_bytes(model) / 10
+    recipe = {"mode": mode, "target": {"ratio": 10}, "training": {"epochs": 1, "batch_size": 32, "lr": 1e-3, "seed": 0},
+              "techniques": [{"type": "prune_blocks", "blocks": ["layer1"], "end": 0.5}, *techniques]}
+    res = compress(model, recipe, (x, y), evaluator(x, y), teacher=copy.deepcopy(model))
+    spec = finalize(model, res.example_inputs)
+    assert spec.dropped_blocks == ["layer1"]
+    store.save(model, spec, tmp_path / mode, example_inputs=res.example_inputs)
+    return (tmp_path / mode / "weights.jcw").stat().st_size, goal, res
+
+
+def test_a_joint_size_budget_spends_the_dropped_blocks_bytes_elsewhere(tmp_path):
+    """The budget's calibration measures the file as it will be, without the fading block (a
+    finalize of the block mid-fade used to stop the run), and its estimate holds no layer of it."""
+    size, goal, res = _size_target_run(tmp_path, "joint", [
+        {"type": "quant_lsq", "bits": 4, "zero_level": True},
+        {"type": "size_budget", "end": 0.6, "freeze": 0.8},
+        {"type": "distill_kd", "temperature": 4.0, "alpha": 0.7}])
+    budget = next(t for t in res.techniques if t.kind == "size_budget")
+    assert budget.layers and not any(n.startswith("layer1.") for n in budget.layers)
+    assert 0.98 * goal <= size <= goal
+
+
+def test_a_sequential_size_target_allocates_the_bytes_to_the_layers_that_stay(tmp_path):
+    size, goal, _ = _size_target_run(tmp_path, "sequential", [{"type": "quant_lsq", "bits": 4},
+                                                              {"type": "distill_kd", "temperature": 4.0, "alpha": 0.7}])
+    assert 0.97 * goal <= size <= goal  # counting the dropped block's layers, it landed 11% under

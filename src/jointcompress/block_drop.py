@@ -149,6 +149,23 @@ def faded(model: nn.Module) -> dict[str, BlockFade]:
             if isinstance(hook, BlockFade)}
 
 
+def inside_faded(model: nn.Module) -> set[str]:
+    """Names of every module inside a block that carries a BlockFade hook (the block included):
+    the layers that will not be in the artifact."""
+    blocks = faded(model)
+    return {name for name, _ in model.named_modules()
+            if any(name == b or name.startswith(b + ".") for b in blocks)}
+
+
+def as_dropped(model: nn.Module) -> nn.Module:
+    """`model` (a copy: it is changed) with every fading block set to its end, fade 1, so that
+    finalize removes it: what the artifact will hold once the blocks are gone. For measuring the
+    file during training (the size budget's calibration), when the fade is still under way."""
+    for hook in faded(model).values():
+        hook.fade = 1.0
+    return model
+
+
 def collapse_faded(model: nn.Module) -> list[str]:
     """Replace every fully faded block with nn.Identity (exact); returns their names. A block
     only partly faded is an error: removing it would change the logits, keeping it would leave

@@ -30,7 +30,7 @@ from .recipe import Recipe, parse_recipe
 from .schedules import progress, ramp
 from .techniques.base import selected_layers
 from .techniques.pruning import key as prune_key
-from .latency_targets import allocate_latency, resolve_latency, shrunk_copy  # noqa: E402,F401  (latency targets)
+from .latency_targets import allocate_latency, allocation_base, resolve_latency, shrunk_copy  # noqa: E402,F401
 
 TOLERANCE = 0.02  # the promise: within 2% of the target
 AIM = 0.003  # how close the bisection gets to its goal
@@ -236,15 +236,18 @@ def fit_global(cand: Candidate, weights: dict[str, float], floor: dict[str, floa
 
 
 def allocate_size(model: nn.Module, recipe: Recipe, example_inputs, scan: dict | None = None,
-                  tolerance: float = 0.01) -> Allocation:
-    """Per-layer sparsity and bits whose artifact weighs the target, measured."""
+                  tolerance: float = 0.01, base: nn.Module | None = None) -> Allocation:
+    """Per-layer sparsity and bits whose artifact weighs the target, measured. `base`: the model
+    the file will hold (latency_targets.allocation_base: without the blocks prune_blocks drops),
+    whose layers share the bytes; the target's ratio stays relative to `model`."""
     prune, quant = recipe.technique("prune_unstructured"), recipe.technique("quant_lsq")
+    goal = target_bytes(model, recipe.target)
+    model = base if base is not None else model
     qlayers = selected_layers(model, quant)
     players = {n: m for n, m in selected_layers(model, prune).items() if n in qlayers}
     at_start = sparsity_at_quant_start(quant.start, (prune.start, prune.end), prune.schedule)  # fractions of the run
     cand = Candidate(model, list(qlayers), list(players), quant.per_channel, at_start)
     cand.step_format, cand.bias_format = quant.scale_format, quant.bias_format
-    goal = target_bytes(model, recipe.target)
     weights = scan_weights(players, scan, tolerance) if scan else erk_weights(players)
     base_bits = scan_bits(qlayers, scan, tolerance, quant.bits) if scan else {n: quant.bits for n in qlayers}
     floor = {n: max(prune.min_keep, 1.0 - MAX_LAYER_SPARSITY, 1.0 / m.weight.numel()) for n, m in players.items()}
@@ -399,7 +402,8 @@ def resolve_target(model: nn.Module, recipe: Recipe | dict, example_inputs, eval
         from .sensitivity import scan
 
         sensitivity = scan(model, evaluate, example_inputs, metric=recipe.training.metric, groups=False)
-    alloc = allocate_size(model, full, example_inputs, scan=sensitivity)
+    alloc = allocate_size(model, full, example_inputs, scan=sensitivity,
+                          base=allocation_base(model, data, example_inputs))
     data["target"] = {**recipe.target.model_dump(), "allocated": True}  # compress() steers toward it
     return _with_budgets(data, alloc)
 

@@ -73,9 +73,13 @@ class SizeBudget(Landing, Technique):
 
     # -- lifecycle -------------------------------------------------------------------------
     def setup(self, ctx: RunContext) -> None:
+        from ..block_drop import inside_faded
+
+        dropped = inside_faded(ctx.model)  # prune_blocks' blocks: not in the file, so not in the budget
         self.layers = {
             name: (m, p) for name, m in ctx.model.named_modules() if hasattr(m, "parametrizations")
-            and "weight" in m.parametrizations for p in m.parametrizations.weight if isinstance(p, ZeroLevelLSQWeight)
+            and "weight" in m.parametrizations and name not in dropped
+            for p in m.parametrizations.weight if isinstance(p, ZeroLevelLSQWeight)
         }
         if not self.layers:
             from ..errors import RecipeError

@@ -58,12 +58,14 @@ def _constants(numel, dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def _encoded(model: nn.Module):
-    """The model as the artifact writer would encode it now (a finalized plain copy)."""
+    """The model as the artifact writer would encode it now (a finalized plain copy). Blocks that
+    prune_blocks is fading out are measured as gone, as they will be in the file."""
     from ..artifact.encode import encode_model
+    from ..block_drop import as_dropped
     from ..finalize import finalize
     from ..model_copy import plain_copy
 
-    plain = plain_copy(model)
+    plain = as_dropped(plain_copy(model))
     return encode_model(plain, finalize(plain))
 
 
