@@ -160,7 +160,9 @@ def _size_target_run(tmp_path, mode, techniques):
     recipe = {"mode": mode, "target": {"ratio": 10}, "training": {"epochs": 1, "batch_size": 32, "lr": 1e-3, "seed": 0},
               "techniques": [{"type": "prune_blocks", "blocks": ["layer1"], "end": 0.5}, *techniques]}
     res = compress(model, recipe, (x, y), evaluator(x, y), teacher=copy.deepcopy(model))
+    before = res.summary()
     spec = finalize(model, res.example_inputs)
+    assert res.summary() == before  # the summary of a finalized model (size_budget's estimate needs its quantizers)
     assert spec.dropped_blocks == ["layer1"]
     store.save(model, spec, tmp_path / mode, example_inputs=res.example_inputs)
     return (tmp_path / mode / "weights.jcw").stat().st_size, goal, res

@@ -60,6 +60,7 @@ class SizeBudget(Landing, Technique):
         self.fixed = 0.0  # bytes that do not depend on training (scales, biases, container)
         self.start_bytes = 0.0
         self.last_hard = 0.0
+        self.last_size_bytes = 0.0  # metrics' last estimate (what it reports after finalize)
         self.calibrations = 0
         self.events: list[dict] = []
         self.model: nn.Module | None = None
@@ -304,7 +305,11 @@ class SizeBudget(Landing, Technique):
 
     # -- bookkeeping -----------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
-        return {"size_bytes": self.calibrated_hard() if self.layers else 0.0, "size_lambda": self.lam,
+        """After finalize (the quantizers removed) the bytes last estimated: Result.summary() of a
+        finalized model used to stop with an AttributeError from inside the estimate."""
+        if self.layers and all(hasattr(m, "parametrizations") for m, _ in self.layers.values()):
+            self.last_size_bytes = self.calibrated_hard()
+        return {"size_bytes": self.last_size_bytes, "size_lambda": self.lam,
                 "size_scale": self.scale, "size_calibrations": float(self.calibrations)}
 
     def state_dict(self):
