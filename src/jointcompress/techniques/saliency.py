@@ -62,8 +62,8 @@ class FisherSaliency:
         if fisher is None:
             return None
         s = q.effective_step().detach()
-        level = torch.clamp(torch.round((w.detach() / s).abs()), min=1, max=q.qmax)
-        return 0.5 * self.weight * fisher * (level * s).pow(2)
+        return compiled.obd_cost((w.detach() / s).abs(), s, compiled.constant((float(q.qmax),), s), fisher,
+                                 compiled.constant((0.5 * self.weight,), s))
 
     def add_gradient(self, layers: Layers) -> None:
         """d/d(dead zone) of sum 1/2 * F * (q s)^2 * P(pruned), added to the dead zones' .grad.

@@ -111,15 +111,20 @@ def _raw_grads(grad_s, grad_sc, grad_t, sb, b, e, x, dead_zone_raw, consts):
     return g_log, g_bits, grad_t * slope
 
 
+def obd_cost(v, s, qmax, fisher, half_weight):
+    """half_weight * F * (level s)^2 per weight, |v| = |w / s|: what removing the weight's quantized
+    value costs the loss (Optimal Brain Damage with the Fisher diagonal F)."""
+    level = torch.minimum(v.round().clamp(min=1), qmax)
+    return half_weight * fisher * (level * s) ** 2
+
+
 def saliency_dead_zone_grad(w, s, t, qmax, fisher, dead_zone_raw, half_weight):
     """d/d dead_zone_raw of sum_i half_weight * F_i * (level_i s)^2 * P(w_i pruned): the size
     budget's Fisher saliency (saliency.py), in closed form. P(pruned) = 1 - sigmoid((|w/s| - t) / T),
     whose derivative in t is sigmoid' / T; t = 0.5 + softplus(dead_zone_raw)."""
     v = (w / s).abs()
-    level = torch.minimum(v.round().clamp(min=1), qmax)
-    cost = half_weight * fisher * (level * s) ** 2
     sig = torch.sigmoid((v - t) * (1.0 / GATE_TEMPERATURE))
-    per_channel = _per_channel_sum(cost * ((1 - sig) * sig), s) * (1.0 / GATE_TEMPERATURE)
+    per_channel = _per_channel_sum(obd_cost(v, s, qmax, fisher, half_weight) * ((1 - sig) * sig), s) * (1.0 / GATE_TEMPERATURE)
     z = dead_zone_raw.exp()
     return per_channel * torch.where(dead_zone_raw > SOFTPLUS_THRESHOLD, torch.ones_like(z), z / (z + 1))
 
