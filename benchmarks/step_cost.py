@@ -18,6 +18,8 @@ term (size_budget), its quantizer compiled (quant_lsq.compile: auto compiles a r
 `paced_none` / `paced_pcgrad_every10`: the step of the recipe the benchmarks measure everywhere
 (joint-paced-none: fixed widths, the Fisher saliency on the dead zones, penalty 30), inside its
 decision window.
+`paced_none_autograd_saliency`: `paced_none` with the Fisher saliency's dead-zone gradient taken
+through an autograd graph, as before its closed form (techniques/saliency.py).
 
 Each sample times `--steps` consecutive steps; the reported numbers are per step: medians (the
 typical step) and means (which include the size budget's calibration when one falls in a
@@ -140,6 +142,33 @@ def plain_stepper(teacher, split, **adam):
     return step
 
 
+def with_autograd_saliency(stepper):
+    """`stepper` whose size budget takes the Fisher saliency's dead-zone gradient through an
+    autograd graph per layer (the implementation before saliency.py's closed form; the same
+    gradient to float rounding, tests/test_fisher_budget.py): the reference its speed-up is read against."""
+    from jointcompress.techniques.zero_level import GATE_TEMPERATURE
+
+    budget = next(t for t in stepper.trainer.techniques if t.kind == "size_budget")
+    sal = budget.saliency
+
+    def add_gradient(layers):
+        for m, q in layers.values():
+            if bool(q.pattern_fixed) or not q.dead_zone_raw.requires_grad:
+                continue
+            w = m.parametrizations.weight.original.detach()
+            cost = sal.cost(q, w)
+            if cost is None:
+                continue
+            with torch.enable_grad():
+                v = (w / q.effective_step().detach()).abs()
+                pruned = 1 - torch.sigmoid((v - q.dead_zone()) / GATE_TEMPERATURE)
+                grad, = torch.autograd.grad((cost * pruned).sum(), q.dead_zone_raw)
+            q.dead_zone_raw.grad = grad if q.dead_zone_raw.grad is None else q.dead_zone_raw.grad + grad
+
+    sal.add_gradient = add_gradient
+    return stepper
+
+
 def steppers(teacher, split) -> dict:
     fns = {"plain": plain_stepper(teacher, split), "plain_foreach": plain_stepper(teacher, split, foreach=True),
            "none_no_regularizers": joint_stepper(teacher, split, "none", False)}
@@ -157,6 +186,9 @@ def steppers(teacher, split) -> dict:
     fns["paced_none"] = joint_stepper(teacher, split, "none", recipe=budget_recipe("none", 1, goal, variant="joint-paced-none"))
     fns["paced_pcgrad_every10"] = joint_stepper(teacher, split, "pcgrad",
                                                 recipe=budget_recipe("pcgrad", 10, goal, variant="joint-paced-none"))
+    # the same step with the saliency's dead-zone gradient taken by autograd, as before its closed form
+    fns["paced_none_autograd_saliency"] = with_autograd_saliency(
+        joint_stepper(teacher, split, "none", recipe=budget_recipe("none", 1, goal, variant="joint-paced-none")))
     return fns
 
 
@@ -225,6 +257,8 @@ def main():
         "cpu_mean_ms_per_step": cpu_mean, "cpu_ratio_to_plain_of_means": cpu_ratio_mean,
         "first_call_seconds": first,  # the compiled kernels are compiled here (cached on disk afterwards)
         "targets": {"none": 1.3, "pcgrad": 2.5, "budget_pcgrad_every10": 2.0, "paced_none": 2.0, "paced_pcgrad_every10": 2.0},
+        # the closed-form saliency against the autograd one, in the same run
+        "paced_none_over_autograd_saliency": med["paced_none"] / med["paced_none_autograd_saliency"],
         "size_budget_calibration": calibration,
     }
     print(json.dumps(result, indent=1))
