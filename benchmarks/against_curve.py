@@ -73,7 +73,10 @@ def mean_se(xs: list[float]) -> dict:
 def paired(runs: list[dict]) -> dict:
     """Per seed: Torch-Pruning's ms over ours (> 1: we are faster) and accuracy differences."""
     out = {"accuracy_ours_minus_tp_points": mean_se([100 * (r["accuracy"]["ours_fp32_ort"] - r["accuracy"]["tp_fp32_ort"])
-                                                      for r in runs])}
+                                                      for r in runs]),
+           # against each run's own dense teacher (runs on other machines may have retrained it)
+           "ours_accuracy_lost_points": mean_se([100 * (r["accuracy"]["dense_fp32_torch"] - r["accuracy"]["ours_fp32_ort"])
+                                                 for r in runs])}
     for b in ("batch1", "batch64"):
         for kind in ("latency_ms", "alone_ms"):
             t = [r["timing"][b][kind] for r in runs]
