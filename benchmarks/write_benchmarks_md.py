@@ -773,19 +773,21 @@ def demo_seeds_section() -> list[str]:
     return lines + [""]
 
 
-def equal_accuracy_section() -> list[str]:
-    """The 3-seed point at equal accuracy against Torch-Pruning (benchmarks/against_curve.py),
+def equal_accuracy_section(curve_file: str = "against_curve_lenet5.json",
+                           title: str = "LeNet-5: the equal-accuracy point over 3 seeds") -> list[str]:
+    """A 3-seed point at equal accuracy against Torch-Pruning (benchmarks/against_curve.py),
     paired by seed: Torch-Pruning's latency over ours and the accuracy difference."""
-    r = _load("against_curve_lenet5.json")
+    r = _load(curve_file)
     if r is None:
         return []
     paired = r["paired_over_seeds"]
     names = {"accuracy_ours_minus_tp_points": "accuracy, ours − Torch-Pruning (points)",
+             "ours_accuracy_lost_points": "accuracy ours lost against its teacher (points)",
              "tp_over_ours_batch1_latency_ms": "Torch-Pruning latency / ours − 1, batch 1, interleaved",
              "tp_over_ours_batch1_alone_ms": "Torch-Pruning latency / ours − 1, batch 1, alone",
              "tp_over_ours_batch64_latency_ms": "Torch-Pruning latency / ours − 1, batch 64, interleaved",
              "tp_over_ours_batch64_alone_ms": "Torch-Pruning latency / ours − 1, batch 64, alone"}
-    out = ["### LeNet-5: the equal-accuracy point over 3 seeds", "",
+    out = [f"### {title}", "",
            f"Reproduce: `.venv/bin/{r['command']}` over {', '.join(f'`{Path(x).name}`' for x in r['sources'][:3])} "
            f"(each stores its command). Rule: {r['rule']}.", "", "| quantity | mean ± SE | per seed | beyond 2 SE |",
            "| --- | --- | --- | --- |"]
@@ -874,6 +876,9 @@ def latency_section() -> list[str]:
             + retimed_seeds_section("against_retime_resnet_drop_x5_quiet.json", "against_curve_resnet_drop_x5.json",
                                     "Small ResNet with its first block dropped (`--drop-blocks layer1`, 5x target), "
                                     "3 seeds, re-timed on a quiet machine")
+            + equal_accuracy_section("against_curve_resnet_drop_x5_e8.json",
+                                     "Small ResNet with its first block dropped, 8 epochs, 3 seeds (each run's own "
+                                     "timings, under load; seed 2 on another machine, docs/latency.md)")
             + against_tp_section("resnet", "_drop_x5_seed0", " (first block dropped, 5x target, seed 0)")
             + against_tp_section("resnet", "_drop_x3_seed0", " (first block dropped, 3x target, seed 0)"))
     if not body:
