@@ -65,6 +65,9 @@ SEQUENTIAL_BESIDE = {"compare_lenet300_100x_stiff_v3": "compare_lenet300_100x_bi
                      "compare_lenet300_100x_e10_paced_obd_10seeds": "compare_lenet300_100x_e10_paced_10seeds",
                      "compare_lenet300_60x_2k_paced_obd_10seeds": "compare_lenet300_60x_2k_paced_10seeds",
                      "compare_lenet300_100x_2k_paced_obd_10seeds": "compare_lenet300_100x_2k_paced_10seeds",
+                     # the same point after the saliency's closed form, on another machine (its own teachers)
+                     "compare_lenet300_100x_paced_obd_10seeds_closed_form":
+                         "compare_lenet300_100x_paced_obd_10seeds_closed_form_seq",
                      # the paced recipe on a log-linear budget schedule (joint-paced-lin-*)
                      "compare_lenet5_400x_paced_lin": "compare_lenet5_400x",
                      "compare_lenet5_200x_paced_lin": "compare_lenet5_200x",
@@ -445,6 +448,8 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                      ("lenet300", "60x_2k", "_10seeds", ", 2,000 training images, at 60x, 10 seeds"),
                      ("lenet300", "100x_2k", "_10seeds", ", 2,000 training images, at 100x, 10 seeds"))),
                ("lenet300", "compare_lenet300_100x_e20_paced_obd_guard", " at 100x, 20 compression epochs, joint-paced-obd-none with the guard steps, 5 seeds"),
+               ("lenet300", "compare_lenet300_100x_paced_obd_10seeds_closed_form",
+                " at 100x, 10 seeds, joint-paced-obd-none after the saliency's closed form (another machine)"),
                ("resnet", "compare_resnet_2k", ", 2,000 training images, at 20x and 30x"))
 
 
