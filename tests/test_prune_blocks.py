@@ -117,7 +117,7 @@ def test_an_unknown_block_fails_at_setup_before_any_step():
 
 def test_a_latency_target_is_allocated_for_the_model_without_its_dropped_blocks():
     from jointcompress.graph import discover_groups
-    from jointcompress.latency_targets import allocation_base
+    from jointcompress.block_drop import allocation_base
 
     model = build_model("resnet")
     data = {"techniques": [{"type": "prune_blocks", "blocks": ["layer1"]}]}
@@ -183,4 +183,15 @@ def test_a_joint_size_budget_spends_the_dropped_blocks_bytes_elsewhere(tmp_path)
 def test_a_sequential_size_target_allocates_the_bytes_to_the_layers_that_stay(tmp_path):
     size, goal, _ = _size_target_run(tmp_path, "sequential", [{"type": "quant_lsq", "bits": 4},
                                                               {"type": "distill_kd", "temperature": 4.0, "alpha": 0.7}])
-    assert 0.97 * goal <= size <= goal  # counting the dropped block's layers, it landed 11% under
+    assert 0.97 * goal <= size <= goal  # budgeting the dropped block's layers too, it landed far under
+
+
+def test_the_size_measurement_drops_the_fading_block_of_a_copy_only():
+    from jointcompress.block_drop import as_dropped, faded
+    from jointcompress.model_copy import plain_copy
+
+    model, hook = build_model("resnet"), BlockFade("layer1")
+    model.layer1.register_forward_hook(hook)
+    hook.fade = 0.3
+    measured = as_dropped(plain_copy(model))
+    assert faded(measured)["layer1"].fade == 1.0 and hook.fade == 0.3  # the run's own fade goes on as scheduled

@@ -15,6 +15,7 @@ both be dropped.
 """
 from __future__ import annotations
 
+import copy
 import operator
 
 import torch
@@ -121,6 +122,15 @@ def drop_blocks(model: nn.Module, names: list[str], example_inputs=None) -> nn.M
     for name in names:
         _set_module(model, name, nn.Identity())
     return model
+
+
+def allocation_base(model: nn.Module, recipe_data: dict, example_inputs) -> nn.Module:
+    """The model a target is allocated for (latency widths, size budgets): a copy without the
+    blocks the recipe's prune_blocks removes (their layers are not in the artifact), else the
+    model itself."""
+    blocks = [b for t in recipe_data.get("techniques", []) if t.get("type") == "prune_blocks"
+              for b in t.get("blocks", [])]
+    return drop_blocks(copy.deepcopy(model), blocks, example_inputs) if blocks else model
 
 
 class BlockFade:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .block_drop import allocation_base
 from .deploy.timing import DEFAULT_THREADS, steady_ms, time_contenders
 from .graph import PRUNABLE_ROOTS, ChannelGroup, build_graph, discover_groups
 from .latency_knee import TOLERANCE, give_back_within
@@ -573,15 +574,6 @@ def with_latency_budgets(data: dict, alloc: LatencyAllocation):
         data["techniques"].insert(0, {"type": "prune_structured", "sparsity": min(0.99, alloc.overall_sparsity),
                                       "criterion": "magnitude", "scope": "layer", "layer_sparsity": per})
     return parse_recipe(data, source="resolved target")
-
-
-def allocation_base(model: nn.Module, data: dict, example_inputs) -> nn.Module:
-    """The model the widths are allocated for: a copy without the blocks the recipe's
-    prune_blocks removes (their layers cost nothing after finalize), else the model itself."""
-    from .block_drop import drop_blocks
-
-    blocks = [b for t in data.get("techniques", []) if t.get("type") == "prune_blocks" for b in t.get("blocks", [])]
-    return drop_blocks(copy.deepcopy(model), blocks, example_inputs) if blocks else model
 
 
 def resolve_latency(model: nn.Module, data: dict, example_inputs, target):

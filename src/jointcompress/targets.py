@@ -25,12 +25,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .block_drop import allocation_base
 from .errors import RecipeError
 from .recipe import Recipe, parse_recipe
 from .schedules import progress, ramp
 from .techniques.base import selected_layers
 from .techniques.pruning import key as prune_key
-from .latency_targets import allocate_latency, allocation_base, resolve_latency, shrunk_copy  # noqa: E402,F401
+from .latency_targets import allocate_latency, resolve_latency, shrunk_copy  # noqa: E402,F401  (latency targets)
 
 TOLERANCE = 0.02  # the promise: within 2% of the target
 AIM = 0.003  # how close the bisection gets to its goal
@@ -238,7 +239,7 @@ def fit_global(cand: Candidate, weights: dict[str, float], floor: dict[str, floa
 def allocate_size(model: nn.Module, recipe: Recipe, example_inputs, scan: dict | None = None,
                   tolerance: float = 0.01, base: nn.Module | None = None) -> Allocation:
     """Per-layer sparsity and bits whose artifact weighs the target, measured. `base`: the model
-    the file will hold (latency_targets.allocation_base: without the blocks prune_blocks drops),
+    the file will hold (block_drop.allocation_base: without the blocks prune_blocks drops),
     whose layers share the bytes; the target's ratio stays relative to `model`."""
     prune, quant = recipe.technique("prune_unstructured"), recipe.technique("quant_lsq")
     goal = target_bytes(model, recipe.target)

@@ -28,6 +28,11 @@ from .zero_level import ZeroLevelLSQWeight
 Layers = dict[str, tuple[nn.Module, ZeroLevelLSQWeight]]
 
 
+def _estimate(q: ZeroLevelLSQWeight) -> torch.Tensor | None:
+    """The quantizer's Fisher diagonal, or None before it holds one (or any buffer for it)."""
+    return q.fisher.estimate() if "width_fisher" in q._buffers else None
+
+
 class FisherSaliency:
     """The dead zones' curvature gradient, from the Fisher diagonal each budgeted quantizer holds."""
 
@@ -58,7 +63,7 @@ class FisherSaliency:
     def cost(self, q: ZeroLevelLSQWeight, w: torch.Tensor) -> torch.Tensor | None:
         """1/2 * F * (q s)^2 per weight: what removing its quantized value costs the loss (None
         before the quantizer has a Fisher estimate)."""
-        fisher = q.fisher.estimate() if "width_fisher" in q._buffers else None
+        fisher = _estimate(q)
         if fisher is None:
             return None
         s = q.effective_step().detach()
@@ -75,7 +80,7 @@ class FisherSaliency:
         for m, q in layers.values():
             if bool(q.pattern_fixed) or not q.dead_zone_raw.requires_grad:
                 continue
-            fisher = q.fisher.estimate() if "width_fisher" in q._buffers else None
+            fisher = _estimate(q)
             if fisher is None:
                 continue
             grad = self._dead_zone_grad(q, m.parametrizations.weight.original.detach(), fisher)
