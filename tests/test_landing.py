@@ -14,12 +14,14 @@ from jointcompress.api import compress
 from jointcompress.artifact.store import save
 from jointcompress.data import evaluator, load_digits
 from jointcompress.finalize import finalize
+from jointcompress.model_copy import plain_copy
 from jointcompress.pipeline import train_teacher
 from jointcompress.recipe import SizeBudget as SizeBudgetConfig
 from jointcompress.recipe import parse_recipe
 from jointcompress.targets import target_bytes
 from jointcompress.techniques.base import RunContext
 from jointcompress.techniques.size_budget import SizeBudget
+from jointcompress.techniques.size_estimate import measured_bytes
 from jointcompress.techniques.size_projection import CHANNEL_FLOOR, CHANNEL_SHARE, channel_floor
 from jointcompress.techniques.zero_level import ZeroLevelLSQWeight
 
@@ -59,10 +61,10 @@ class _Tiny(nn.Module):
         return self.out(torch.relu(self.fc(torch.relu(self.conv(x)).flatten(1))))
 
 
-def _budget(model: nn.Module, target: float) -> SizeBudget:
+def _budget(model: nn.Module, target: float, learn_bits: bool = False) -> SizeBudget:
     torch.manual_seed(1)
     for m in (model.conv, model.fc, model.out):
-        parametrize.register_parametrization(m, "weight", ZeroLevelLSQWeight(m.weight.detach(), bits=4, learn_bits=False))
+        parametrize.register_parametrization(m, "weight", ZeroLevelLSQWeight(m.weight.detach(), bits=4, learn_bits=learn_bits))
         m(torch.randn(2, *((1, 8, 8) if isinstance(m, nn.Conv2d) else (m.in_features,))))  # initializes the step
     budget = SizeBudget(SizeBudgetConfig(type="size_budget", target_bytes=target))
     budget.window = (0, 10)
@@ -103,6 +105,50 @@ def test_projection_lands_on_the_aim_without_emptying_a_channel():
         assert event["bytes_after"] == round(budget.calibrated_hard())
         before = after
     assert event["channel_share"] == 0.0  # the second cut needed more than half of some channels
+
+
+def test_under_the_aim_learned_widths_take_the_bytes_left_and_the_pattern_stays():
+    """A short run can freeze with its learned widths overshot downwards and little pruned (a small
+    ResNet at 10x froze 25% under its aim at 2-3 bits); reviving cannot give those bytes back, so
+    the projection raises widths, the most rounding noise per byte first, as far as the file allows."""
+    torch.manual_seed(0)
+    model = _Tiny()
+    budget = _budget(model, target=1e9, learn_bits=True)
+    four_bits = budget.calibrated_hard()
+    layers = list(budget.layers.values())
+    for m, q in layers:  # the overshoot: every width down to 2 bits, little pruned
+        q._change_width(m.parametrizations.weight.original.detach(), 2)
+    kept = _kept(model)
+    budget.calibrate(model)
+    low = budget.calibrated_hard()
+    budget.config.target_bytes = 0.5 * (low + four_bits) / (1 - budget.config.margin)  # halfway back
+    assert budget.project(model)
+    budget.calibrate(model)  # the real encoder's bytes
+    landed = budget.calibrated_hard()
+    assert low < landed <= budget.aim() * 1.003
+    event = budget.events[-1]
+    assert event["widened"] == {name: int(q.held_bits) for name, (_, q) in budget.layers.items() if int(q.held_bits) > 2}
+    assert event["widened"] and all(b <= q.max_bits for b, (_, q) in zip(event["widened"].values(), layers))
+    # the few pruned weights revived first (all they could give), then precision moved, not sparsity
+    assert sum(int(v.sum()) for v in kept.values()) + event["revived_weights"] == sum(int(v.sum()) for v in _kept(model).values())
+    for name, before in kept.items():
+        assert (_kept(model)[name] >= before).all(), name
+    for i, (_, q) in enumerate(layers):  # as far as the file allows: one more bit anywhere is over the aim
+        if int(q.held_bits) < q.max_bits:
+            other = plain_copy(model)
+            m2 = [other.conv, other.fc, other.out][i]
+            m2.parametrizations.weight[0]._change_width(m2.parametrizations.weight.original.detach(), int(q.held_bits) + 1)
+            assert measured_bytes(other)["total"] > budget.aim() * 1.003, i
+
+
+def test_a_frozen_or_fixed_width_budget_under_its_aim_keeps_its_widths():
+    torch.manual_seed(0)
+    model = _Tiny()
+    budget = _budget(model, target=1e9, learn_bits=False)
+    budget.config.target_bytes = 1.5 * budget.calibrated_hard()
+    budget.project(model)
+    assert all(int(q.held_bits) == 4 for _, q in budget.layers.values())
+    assert "widened" not in budget.events[-1]
 
 
 def test_drop_ranking_prices_margin_per_byte_freed_and_skips_the_floor():
@@ -195,7 +241,6 @@ def test_a_copy_measures_the_pattern_fixed_after_training_forwards(compiled):
     restarts its version counter, so a cache keyed by the version alone made every copy apply
     the freeze's pattern: the half-way trim saw the same bytes whatever it dropped and emptied
     the model (LeNet-300-100, 10 epochs, learned widths: 10.1% accuracy)."""
-    from jointcompress.model_copy import plain_copy
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32))

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .size_estimate import measured_bytes, sparse_layer_bytes
+from .zero_level_kernel import qmax_of
 
 PROJECTION_SLACK = 0.003  # the projection lands within 0.3% of the aim (fine-tuning moves the coding ~0.5%)
 # a projection never cuts a path: every output channel that keeps weights keeps at least its strongest
@@ -22,6 +23,7 @@ PROJECTION_SLACK = 0.003  # the projection lands within 0.3% of the aim (fine-tu
 CHANNEL_FLOOR = 1
 CHANNEL_SHARE = 0.5
 MAX_PROBES = 24  # measurements of the weights file one projection may take
+WIDENING_ROUNDS = 3  # under the aim at the freeze: rounds of single-bit raises of learned widths (_widen)
 # between the window's end and the freeze, a state more than CATCH_UP_TOLERANCE over the aim is
 # brought down in steps (the multiplier alone could not get there while the LR decays)
 CATCH_UP_TOLERANCE = 0.02
@@ -71,13 +73,103 @@ class Landing:
                                                guess, drop)
             if not drop or size <= aim * (1 + PROJECTION_SLACK):
                 break
+        if not drop and size < before:
+            count = 0  # reviving took the file further from the aim (a layer left a sparse format for a cheaper one)
         self._apply(model, order, count, keeps, drop, measure=False)  # the search's last probe may differ
         self.calibrate(model)
-        self.events.append({"event": event, "bytes_before": round(before), "bytes_after": round(self.calibrated_hard()),
-                            "aim_bytes": round(aim), "dropped_weights" if drop else "revived_weights": int(count),
-                            "channel_share": share, "probes": probes, "target_bytes": round(self.config.target_bytes),
-                            "kept": self.kept_by_layer()})
+        widened = {}
+        if not drop and not self.frozen and self.calibrated_hard() < aim * (1 - PROJECTION_SLACK):
+            widened, searched = self._widen(model)
+            probes += searched
+        self._record(event, before, aim, **{"dropped_weights" if drop else "revived_weights": int(count)},
+                     channel_share=share, probes=probes, **({"widened": widened} if widened else {}))
         return True
+
+    def _record(self, event: str, before: float, aim: float, **what) -> None:
+        self.events.append({"event": event, "bytes_before": round(before), "bytes_after": round(self.calibrated_hard()),
+                            "aim_bytes": round(aim), **what, "target_bytes": round(self.config.target_bytes),
+                            "kept": self.kept_by_layer()})
+
+    @torch.no_grad()
+    def _widen(self, model: nn.Module) -> tuple[dict[str, int], int]:
+        """Still under the aim at the freeze after the revival, with learned widths: spend the bytes
+        left on precision.
+
+        Why: in a short run the widths can overshoot downwards (the multiplier pushed them down
+        faster than it could pull them back; 2 epochs of a small ResNet at 10x froze at 2-3 bits,
+        25% under the aim, with little pruned) and reviving pruned weights cannot give those bytes
+        back. So the layer whose next bit removes the most rounding noise per byte (the learned
+        width's own price, 1/2 F s^2 / 12 per kept weight, lw.noise_cost_slope) gains a bit, then
+        the next, as long as the file stays under the aim (a bisection over that order with the
+        writer as the judge); each raise re-fits the step and keeps the dead zone's edge, so the
+        pattern stays. Returns ({layer: its new width} of the layers raised, files measured)."""
+        # learned widths (the revival's probes have fixed every pattern, so learns_width() reads False now)
+        layers = [(name, m, q) for name, (m, q) in self.layers.items() if q.learn_bits and q.max_bits > q.min_bits]
+        widened, probes = {}, 0
+        for _ in range(WIDENING_ROUNDS):  # a raise that overshoots ends a round; a cheaper one may still fit
+            gap = self.aim() - self.calibrated_hard()
+            plan = self._widening_plan(layers, gap) if gap > self.aim() * PROJECTION_SLACK else []
+            raised, searched = self._raise_widths(model, layers, plan, gap) if plan else ({}, 0)
+            probes += searched
+            if not raised:
+                break
+            widened.update(raised)
+        return widened, probes
+
+    def _raise_widths(self, model: nn.Module, layers, plan: list[tuple[int, float]], gap: float) -> tuple[dict[str, int], int]:
+        """The longest prefix of `plan` whose file is not over the aim, applied: ({layer: its new
+        width}, files measured)."""
+        saved = [(int(q.held_bits), q.log_step.clone(), q.dead_zone_raw.clone(), len(q.width_changes)) for _, _, q in layers]
+
+        def apply(k: int, measure: bool = True) -> float | None:
+            for (_, m, q), (held, log_step, dead_zone_raw, changes) in zip(layers, saved):
+                q.held_bits.fill_(held)
+                q.log_step.copy_(log_step)
+                q.dead_zone_raw.copy_(dead_zone_raw)
+                del q.width_changes[changes:]
+            for i, _ in plan[:k]:
+                _, m, q = layers[i]
+                q._change_width(m.parametrizations.weight.original.detach(), int(q.held_bits) + 1)
+            return float(measured_bytes(model)["total"]) if measure else None
+
+        guess = int(torch.searchsorted(torch.cumsum(torch.tensor([c for _, c in plan]), 0), torch.tensor(gap)))
+        count, _, probes = self._search(apply, len(plan), guess, drop=False)
+        apply(count, measure=False)
+        self.calibrate(model)
+        return {layers[i][0]: int(layers[i][2].held_bits) for i, _ in plan[:count]}, probes
+
+    def _widening_plan(self, layers, gap: float) -> list[tuple[int, float]]:
+        """Single-bit raises (layer index, estimated bytes), the most rounding noise removed per byte
+        first, until they would cost twice `gap`; a raise that alone costs more than `gap` is left out."""
+        state = []
+        for _, m, q in layers:
+            w = m.parametrizations.weight.original
+            kept = q.hard_keep(w)
+            fisher = q.fisher.estimate()
+            weights = (fisher if fisher is not None else torch.ones_like(w)) * kept
+            noise = float(0.5 * (weights * q.effective_step().detach().pow(2) / 12.0).sum())
+            state.append([int(q.held_bits), noise, float(kept.sum()), w.numel(), q.max_bits])
+        plan, spent = [], 0.0
+        while spent < 2 * gap:
+            best, best_price = None, 0.0
+            for i, (bits, noise, kept, numel, top) in enumerate(state):
+                if bits >= top or kept == 0:
+                    continue
+                ratio = (qmax_of(bits) / qmax_of(bits + 1)) ** 2
+                cost = self.scale * float(sparse_layer_bytes(torch.tensor([kept]), [numel], torch.tensor([bits + 1.0]))
+                                          - sparse_layer_bytes(torch.tensor([kept]), [numel], torch.tensor([float(bits)])))
+                if cost > gap:
+                    continue
+                price = noise * (1 - ratio) / max(cost, 1e-9)
+                if best is None or price > best_price:
+                    best, best_price, best_cost, best_ratio = i, price, cost, ratio
+            if best is None:
+                break
+            state[best][0] += 1
+            state[best][1] *= best_ratio
+            plan.append((best, best_cost))
+            spent += best_cost
+        return plan
 
     def _search(self, measure, n: int, guess: int, drop: bool) -> tuple[int, float, int]:
         """The count of decisions that puts the file on the aim: dropping, the fewest whose file
