@@ -20,6 +20,8 @@ term (size_budget), its quantizer compiled (quant_lsq.compile: auto compiles a r
 decision window.
 `paced_none_autograd_saliency`: `paced_none` with the Fisher saliency's dead-zone gradient taken
 through an autograd graph, as before its closed form (techniques/saliency.py).
+`*_before_fused`: the step with the multi-tensor Adam, the size term recorded through autograd and
+the Fisher fold with a temporary, as before the fused Adam, SizeTerm and the one-pass fold.
 
 Each sample times `--steps` consecutive steps; the reported numbers are per step: medians (the
 typical step) and means (which include the size budget's calibration when one falls in a
@@ -169,6 +171,48 @@ def with_autograd_saliency(stepper):
     return stepper
 
 
+def as_before_fused(stepper):
+    """`stepper` with the optimizer, the size term and the Fisher fold as they were before the fused
+    Adam (session.fused_or_foreach), the size term's single node (size_budget.SizeTerm) and the
+    two-pass fold (learned_width.FisherDiagonal.fold): the multi-tensor Adam, the size term recorded
+    through autograd (estimate()), the fold with a temporary. The same numbers to float rounding:
+    the reference the speed-up of those three is read against."""
+    from jointcompress.techniques.learned_width import FISHER_DECAY
+
+    session = stepper.trainer.session
+    groups = [{**g, "fused": None, "foreach": True} for g in session.optimizer.param_groups]
+    session.optimizer = torch.optim.Adam(groups, lr=groups[0]["lr"], foreach=True)
+    budget = next(t for t in stepper.trainer.techniques if t.kind == "size_budget")
+
+    def loss_terms(ctx):
+        if budget.frozen:
+            return {}
+        est = budget.estimate(soft=True)
+        c = est / budget.goal(ctx.step) - 1
+        budget.last_hard = float(est.detach())
+        return {"size": budget.lam * c + 0.5 * budget.config.penalty * c * c}
+
+    budget.loss_terms = loss_terms
+    for _, q in budget.layers.values():
+        fisher = q.fisher
+
+        @torch.no_grad()
+        def fold(batch_size, fisher=fisher):
+            fisher.watched = None
+            if fisher.pending is None:
+                return
+            sq = torch.mul(fisher.pending, fisher.pending).mul_(float(batch_size))
+            if bool(fisher.seen):
+                fisher.value.mul_(FISHER_DECAY).add_(sq, alpha=1 - FISHER_DECAY)
+            else:
+                fisher.value.copy_(sq)
+                fisher.seen.fill_(True)
+            fisher.pending = None
+
+        fisher.fold = fold
+    return stepper
+
+
 def steppers(teacher, split) -> dict:
     fns = {"plain": plain_stepper(teacher, split), "plain_foreach": plain_stepper(teacher, split, foreach=True),
            "none_no_regularizers": joint_stepper(teacher, split, "none", False)}
@@ -189,6 +233,11 @@ def steppers(teacher, split) -> dict:
     # the same step with the saliency's dead-zone gradient taken by autograd, as before its closed form
     fns["paced_none_autograd_saliency"] = with_autograd_saliency(
         joint_stepper(teacher, split, "none", recipe=budget_recipe("none", 1, goal, variant="joint-paced-none")))
+    # the same step as before the fused Adam, the size term's single node and the one-pass fold
+    fns["paced_none_before_fused"] = as_before_fused(
+        joint_stepper(teacher, split, "none", recipe=budget_recipe("none", 1, goal, variant="joint-paced-none")))
+    fns["budget_pcgrad_every10_before_fused"] = as_before_fused(
+        joint_stepper(teacher, split, "pcgrad", recipe=budget_recipe("pcgrad", 10, goal)))
     return fns
 
 
@@ -259,6 +308,9 @@ def main():
         "targets": {"none": 1.3, "pcgrad": 2.5, "budget_pcgrad_every10": 2.0, "paced_none": 2.0, "paced_pcgrad_every10": 2.0},
         # the closed-form saliency against the autograd one, in the same run
         "paced_none_over_autograd_saliency": med["paced_none"] / med["paced_none_autograd_saliency"],
+        # the fused Adam, the size term's single node and the one-pass Fisher fold against the code before them
+        "paced_none_over_before_fused": med["paced_none"] / med["paced_none_before_fused"],
+        "budget_pcgrad_every10_over_before_fused": med["budget_pcgrad_every10"] / med["budget_pcgrad_every10_before_fused"],
         "size_budget_calibration": calibration,
     }
     print(json.dumps(result, indent=1))

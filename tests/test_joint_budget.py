@@ -18,7 +18,7 @@ from jointcompress.finalize import finalize
 from jointcompress.pipeline import train_teacher
 from jointcompress.recipe import Coordination, parse_recipe
 from jointcompress.targets import target_bytes
-from jointcompress.techniques.size_estimate import sparse_layer_bytes
+from jointcompress.techniques.size_estimate import sparse_layer_bytes, sparse_layer_bytes_with_slopes
 from jointcompress.techniques.zero_level import ZeroLevelLSQWeight
 
 
@@ -57,6 +57,59 @@ def test_a_layer_still_stored_dense_feels_the_size_gradient():
     assert float(est) == 40_000 * 4 / 8  # the value is the dense format's
     (g,) = torch.autograd.grad(est, n)
     assert g >= 4 / 8  # at least the value bits of a kept weight, in bytes
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_closed_form_slopes_of_the_estimate_are_autograds(seed):
+    """sparse_layer_bytes_with_slopes gives the estimate's value bit for bit and its autograd
+    gradient to float rounding, in every format's regime (dense, bitmask, every index width)."""
+    g = torch.Generator().manual_seed(seed)
+    numel = [int(v) for v in torch.randint(50, 300_000, (8,), generator=g)]
+    nonzero = (torch.rand(8, generator=g) ** 3 * torch.tensor(numel, dtype=torch.float32)).round()
+    nonzero[0] = 0.0  # under clamp(min=1): no gradient
+    bits = torch.randint(2, 9, (8,), generator=g).float()
+    n, b = nonzero.clone().requires_grad_(True), bits.clone().requires_grad_(True)
+    value = sparse_layer_bytes(n, numel, b)
+    d_n, d_b = torch.autograd.grad(value.sum(), (n, b))
+    closed = sparse_layer_bytes_with_slopes(nonzero, numel, bits)
+    assert torch.equal(closed[0], value.detach())
+    assert torch.allclose(closed[1], d_n, rtol=1e-3, atol=1e-6) and torch.allclose(closed[2], d_b, rtol=1e-3, atol=1e-6)
+    assert closed[1][0] == 0
+
+
+def test_the_size_term_node_gives_the_estimates_loss_and_gradient(trained):
+    """SizeTerm (one node, closed-form backward) against the size term recorded through autograd
+    (estimate(), as before): the same loss, the same gradients on counts, dead zones and widths."""
+    from jointcompress.recipe import SizeBudget as SizeBudgetConfig
+    from jointcompress.techniques.base import RunContext
+    from jointcompress.techniques.size_budget import SizeBudget
+
+    split, teacher = trained
+    model = copy.deepcopy(teacher)
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    for layer in layers:
+        torch.nn.utils.parametrize.register_parametrization(layer, "weight", ZeroLevelLSQWeight(layer.weight.detach(), 4))
+    model(split.x_train[:2])  # initializes the steps
+    budget = SizeBudget(SizeBudgetConfig(type="size_budget", target_bytes=target_bytes(teacher, parse_recipe(
+        {"target": {"ratio": 30.0}}).target), penalty=30.0))
+    budget.setup(RunContext(model=model, example_inputs=split.x_train[:2], total_steps=100))
+    budget.lam = 0.7
+    ctx = RunContext(model=model, example_inputs=split.x_train[:2], total_steps=100)
+    ctx.step = 40
+    params = [p for _, q in budget.layers.values() for p in (q.dead_zone_raw, q.log_step, q.bits_raw)]
+    grads = []
+    for closed in (True, False):
+        model(split.x_train[:32])  # a forward: the counts the term reads
+        if closed:
+            loss = budget.loss_terms(ctx)["size"]
+        else:
+            c = budget.estimate(soft=True) / budget.goal(ctx.step) - 1
+            loss = budget.lam * c + 0.5 * budget.config.penalty * c * c
+        grads.append((loss.detach(), torch.autograd.grad(loss, params)))
+    assert torch.equal(grads[0][0], grads[1][0]) and float(grads[0][0]) != 0
+    for a, b in zip(grads[0][1], grads[1][1]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-9)
+    assert any(bool(g.abs().sum() > 0) for g in grads[0][1])
 
 
 def test_dead_zone_prunes_and_keeps_weights_on_the_grid():

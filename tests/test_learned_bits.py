@@ -219,3 +219,4 @@ def test_the_forward_step_is_effective_step_at_every_width(fmt, held):
         q.compiled = compiled
         q(w)
         assert torch.equal(q.last_step, q.effective_step().detach())
+        assert torch.equal(q.last_dead_zone, q.dead_zone().detach())  # what the saliency reuses

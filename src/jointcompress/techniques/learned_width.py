@@ -131,11 +131,11 @@ class FisherDiagonal:
         self.watched = None
         if self.pending is None:
             return
-        sq = torch.mul(self.pending, self.pending).mul_(float(batch_size))  # pow(2), as one product
-        if bool(self.seen):
-            self.value.mul_(FISHER_DECAY).add_(sq, alpha=1 - FISHER_DECAY)
+        g = self.pending
+        if bool(self.seen):  # two passes over the weights, no temporary: value = d * value + (1 - d) * B * g^2
+            self.value.mul_(FISHER_DECAY).addcmul_(g, g, value=(1 - FISHER_DECAY) * float(batch_size))
         else:
-            self.value.copy_(sq)
+            torch.mul(g, g, out=self.value).mul_(float(batch_size))
             self.seen.fill_(True)
         self.pending = None
 

@@ -83,13 +83,16 @@ class FisherSaliency:
             fisher = _estimate(q)
             if fisher is None:
                 continue
-            grad = self._dead_zone_grad(q, m.parametrizations.weight.original.detach(), fisher)
+            grad = self._dead_zone_grad(q, m.parametrizations.weight.original, fisher)
             q.dead_zone_raw.grad = grad if q.dead_zone_raw.grad is None else q.dead_zone_raw.grad + grad
 
     @torch.no_grad()
     def _dead_zone_grad(self, q: ZeroLevelLSQWeight, w: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:
-        s = q.effective_step().detach()
-        args = (w, s, q.dead_zone().detach(), compiled.constant((float(q.qmax),), s), fisher, q.dead_zone_raw.detach(),
+        # the step and dead zone of this step's forward when it ran on w as it is (the same values)
+        current = q.last_step is not None and q.last_dead_zone is not None and q._current(w)
+        s = q.last_step if current else q.effective_step().detach()
+        t = q.last_dead_zone if current else q.dead_zone().detach()
+        args = (w.detach(), s, t, compiled.constant((float(q.qmax),), s), fisher, q.dead_zone_raw.detach(),
                 compiled.constant((0.5 * self.weight,), s))
         grad = compiled.run(3, *args) if getattr(q, "compiled", False) else None
         return grad if grad is not None else compiled.saliency_dead_zone_grad(*args)

@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from .base import RunContext, Technique
 from .saliency import FisherSaliency
-from .size_estimate import measured_bytes, sparse_layer_bytes
+from .size_estimate import measured_bytes, sparse_layer_bytes, sparse_layer_bytes_with_slopes
 from .size_projection import Landing
 from .zero_level import ZeroLevelLSQWeight
 LAMBDA_MAX = 1e3
@@ -201,13 +201,18 @@ class SizeBudget(Landing, Technique):
             self.project(model, event=event)
 
     def loss_terms(self, ctx: RunContext) -> dict[str, torch.Tensor]:
+        """lam * c + penalty / 2 * c^2 with c = estimate / goal - 1: the estimate's value and its
+        gradient (to the kept-weight counts and the relaxed widths) in closed form, one autograd
+        node (SizeTerm); `estimate()` is the same number."""
         if self.frozen:
             return {}
-        est = self.estimate(soft=True)
-        goal = self.goal(ctx.step)
-        c = est / goal - 1
-        self.last_hard = float(est.detach())
-        return {"size": self.lam * c + 0.5 * self.config.penalty * c * c}
+        counts = torch.stack([q.kept_count(m.parametrizations.weight.original) for m, q in self.layers.values()])
+        raw, held, lo, span = self._width_vectors()
+        numels = [m.parametrizations.weight.original.numel() for m, _ in self.layers.values()]
+        loss, est = SizeTerm.apply(counts, raw, held, lo, span, numels, self.scale, self.fixed, self.goal(ctx.step),
+                                   self.lam, self.config.penalty)
+        self.last_hard = float(est)
+        return {"size": loss}
 
     def before_optimizer_step(self, ctx: RunContext) -> None:
         """Learned widths: their rounding noise's price (zero_level.width_step). With `saliency`:
@@ -267,6 +272,12 @@ class SizeBudget(Landing, Technique):
     def layer_bits(self) -> torch.Tensor:
         """Every layer's `bits_ste()` (the held width in value, the relaxed one's gradient) in one
         vector: the same numbers, a handful of operations instead of seven per layer."""
+        raw, held, lo, span = self._width_vectors()
+        b = lo + span * torch.sigmoid(raw)
+        return held + (b - b.detach())
+
+    def _width_vectors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every layer's raw width, held width, min_bits and max_bits - min_bits, as vectors."""
         qs = [q for _, q in self.layers.values()]
         raw = torch.stack([q.bits_raw for q in qs])
         key = tuple((q.min_bits, q.max_bits) for q in qs) + (raw.dtype, raw.device)
@@ -275,8 +286,7 @@ class SizeBudget(Landing, Technique):
             span = torch.tensor([float(q.max_bits - q.min_bits) for q in qs], dtype=raw.dtype, device=raw.device)
             self._bit_range = (key, lo, span)
         _, lo, span = self._bit_range
-        b = lo + span * torch.sigmoid(raw)
-        return torch.stack([q.held_bits for q in qs]).to(b.dtype) + (b - b.detach())
+        return raw, torch.stack([q.held_bits for q in qs]).to(raw.dtype), lo, span
 
     def calibrated_hard(self) -> float:
         with torch.no_grad():
@@ -326,3 +336,29 @@ class SizeBudget(Landing, Technique):
         self.trimmed = bool(state.get("trimmed", torch.tensor(False)))
         if self.saliency is not None:
             self.saliency.load_state_dict(state)
+
+
+class SizeTerm(torch.autograd.Function):
+    """The size term as one autograd node: (lam * c + penalty / 2 * c^2, the estimate), c = estimate
+    / goal - 1, estimate = scale * sum of the layers' bytes (sparse_layer_bytes at the held widths)
+    + fixed, from the layers' kept-weight counts and raw widths. Its backward is the closed form
+    (sparse_layer_bytes_with_slopes; a width's bytes reach its raw parameter through the relaxed
+    width's sigmoid, as in bits_ste): recorded through autograd the estimate was some forty nodes,
+    about a tenth of a joint step on LeNet-300-100 (benchmarks/step_cost.py)."""
+
+    @staticmethod
+    def forward(ctx, counts, raw, held, lo, span, numels, scale, fixed, goal, lam, penalty):
+        value, d_count, d_bits = sparse_layer_bytes_with_slopes(counts.detach(), numels, held)
+        est = scale * value.sum() + fixed
+        c = est / goal - 1
+        slope = (lam + penalty * c) * scale / goal  # d term / d bytes of any layer
+        sig = torch.sigmoid(raw.detach())
+        ctx.save_for_backward(slope * d_count, slope * d_bits * span * sig * (1 - sig))
+        ctx.mark_non_differentiable(est)
+        return lam * c + 0.5 * penalty * c * c, est
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        d_count, d_raw = ctx.saved_tensors
+        return grad * d_count, grad * d_raw, *([None] * 9)
+

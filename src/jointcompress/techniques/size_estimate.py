@@ -36,6 +36,35 @@ def sparse_layer_bytes(nonzero: torch.Tensor, numel, bits: torch.Tensor) -> torc
     return (sparse + (costs.amin(-1) - sparse).detach()) / 8
 
 
+@torch.no_grad()
+def sparse_layer_bytes_with_slopes(nonzero: torch.Tensor, numel, bits: torch.Tensor):
+    """`sparse_layer_bytes` (the same value) and its two slopes, d/d nonzero and d/d bits, in closed
+    form: what autograd gives through it, without building its graph of some forty operations,
+    which the size term would otherwise record and run backwards on every step (SizeTerm)."""
+    n = nonzero.clamp(min=1.0)
+    numel, widths, gap_runs = _constants(numel, n.dtype, n.device)
+    ratio = n / numel
+    density = ratio.clamp(max=1.0 - 1e-6)
+    base = (1 - density).unsqueeze(-1)
+    r = base ** gap_runs
+    n_col = n.unsqueeze(-1)
+    odds_den = (1 - r).clamp_min(1e-12)
+    fillers = n_col * r / odds_den
+    indexed = (n_col + fillers) * (bits.unsqueeze(-1) + widths)
+    dense = (numel * bits).unsqueeze(-1)
+    bitmask = (n * bits + numel).unsqueeze(-1)
+    costs = torch.cat([dense, bitmask, indexed], -1)
+    value = costs.amin(-1) / 8
+    # slopes of every sparse column, then the cheapest sparse column's (the gradient's format)
+    dr = -gap_runs * base ** (gap_runs - 1) * (ratio <= 1.0 - 1e-6).to(n.dtype).unsqueeze(-1) / numel.unsqueeze(-1)
+    dfill = r / odds_den + n_col * dr * (1 / odds_den + r * ((1 - r) > 1e-12).to(n.dtype) / odds_den ** 2)
+    passes = (nonzero >= 1.0).to(n.dtype).unsqueeze(-1)  # clamp(min=1)'s gradient
+    d_n = torch.cat([bits.unsqueeze(-1), (1 + dfill) * (bits.unsqueeze(-1) + widths)], -1) * passes
+    d_b = torch.cat([n_col, n_col + fillers], -1)
+    pick = costs[..., 1:].argmin(-1, keepdim=True)
+    return value, d_n.gather(-1, pick).squeeze(-1) / 8, d_b.gather(-1, pick).squeeze(-1) / 8
+
+
 _CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 

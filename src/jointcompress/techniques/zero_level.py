@@ -67,6 +67,7 @@ class ZeroLevelLSQWeight(LSQWeight):
         self.last_count: torch.Tensor | None = None  # kept weights of the last forward (kept_count)
         self.last_gate: torch.Tensor | None = None  # its 0/1 gate, kept while the width is learned (width_step)
         self.last_step: torch.Tensor | None = None  # its stored step (effective_step's value; width_step)
+        self.last_dead_zone: torch.Tensor | None = None  # its dead zone (dead_zone()'s value; the saliency)
 
     # -- the learned quantities ------------------------------------------------------------
     @property
@@ -156,7 +157,7 @@ class ZeroLevelLSQWeight(LSQWeight):
         if not fixed and (learns_width or self.fisher_for_saliency):
             self.fisher.watch(out)
         remember(self, last_in=w, last_out=out, last_w=w, last_count=count, last_gate=gate if learns_width else None,
-                 last_step=stash.get("step"), _count_key=self._state_key(w))
+                 last_step=stash.get("step"), last_dead_zone=stash.get("dead_zone"), _count_key=self._state_key(w))
         return out
 
     def _setup(self, w: torch.Tensor, learns_width: bool) -> ZeroLevelSetup:

@@ -119,8 +119,8 @@ class ZeroLevelQuant(torch.autograd.Function):
     def forward(ctx, w, log_step, bits_raw, dead_zone_raw, cfg: ZeroLevelSetup, keep, stash: dict | None = None):
         ctx.set_materialize_grads(False)
         s, t, qmax, (sb, b, e, x) = step_and_dead_zone(log_step, bits_raw, dead_zone_raw, cfg)
-        if stash is not None:  # the stored step, for the caller (width_step prices the noise with it)
-            stash["step"] = s
+        if stash is not None:  # the stored step and the dead zone, for the caller (width_step, the saliency)
+            stash["step"], stash["dead_zone"] = s, t
         ctx.qmax, ctx.cfg, ctx.grad_scale = qmax, cfg, 1.0 / math.sqrt(cfg.per_step * qmax)
         gate = None
         fused = None
