@@ -68,6 +68,9 @@ SEQUENTIAL_BESIDE = {"compare_lenet300_100x_stiff_v3": "compare_lenet300_100x_bi
                      # the same point after the saliency's closed form, on another machine (its own teachers)
                      "compare_lenet300_100x_paced_obd_10seeds_closed_form":
                          "compare_lenet300_100x_paced_obd_10seeds_closed_form_seq",
+                     # ten more seeds of that point on the same machine, and the twenty pooled
+                     "compare_lenet300_100x_paced_obd_seeds10to19": "compare_lenet300_100x_paced_obd_seeds10to19_seq",
+                     "compare_lenet300_100x_paced_obd_20seeds": "compare_lenet300_100x_paced_obd_20seeds_seq",
                      # the paced recipe on a log-linear budget schedule (joint-paced-lin-*)
                      "compare_lenet5_400x_paced_lin": "compare_lenet5_400x",
                      "compare_lenet5_200x_paced_lin": "compare_lenet5_200x",
@@ -282,7 +285,8 @@ def point_rows() -> list[dict]:
                              "joint": s["error_mean"], "sequential": seq["error_mean"], "stats": st,
                              "landed": sum(abs(row["file_bytes"] / row["target_bytes"] - 1) <= 0.02 for row in mine),
                              "runs": len(mine), "teacher": teacher_error(r),
-                             "per_seed": {row["seed"]: (row["error"], row["file_bytes"]) for row in mine}})
+                             "per_seed": {row["seed"]: (row["error"], row["file_bytes"]) for row in mine},
+                             "teachers": {u["seed"]: u["accuracy"] for u in r.get("uncompressed", [])}})
     return rows
 
 
@@ -331,6 +335,8 @@ def same_as_base(p: dict, base: dict | None) -> str:
     if base is None:
         return "-"
     common = sorted(set(p["per_seed"]) & set(base["per_seed"]))
+    if any(p["teachers"].get(s) != base["teachers"].get(s) for s in common):  # run on another machine
+        return f"{HEADLINE_BASE}: {100 * base['joint']:.2f}%, other teachers (another machine), not paired"
     differ = [s for s in common if p["per_seed"][s] != base["per_seed"][s]]
     if not differ:
         return f"same files ({len(common)}/{len(common)} seeds)"
@@ -448,8 +454,11 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                      ("lenet300", "60x_2k", "_10seeds", ", 2,000 training images, at 60x, 10 seeds"),
                      ("lenet300", "100x_2k", "_10seeds", ", 2,000 training images, at 100x, 10 seeds"))),
                ("lenet300", "compare_lenet300_100x_e20_paced_obd_guard", " at 100x, 20 compression epochs, joint-paced-obd-none with the guard steps, 5 seeds"),
-               ("lenet300", "compare_lenet300_100x_paced_obd_10seeds_closed_form",
-                " at 100x, 10 seeds, joint-paced-obd-none after the saliency's closed form (another machine)"),
+               # seeds 0-9 after the saliency's closed form (on another machine than the 10-seed folders
+               # above, its own teachers), pooled with seeds 10-19 run there too: one section, the pooled one
+               ("lenet300", "compare_lenet300_100x_paced_obd_20seeds",
+                " at 100x, 20 seeds, joint-paced-obd-none after the saliency's closed form (another machine)"),
+               ("lenet300", "compare_lenet300_100x_paced_obd_10seeds_closed_form", ""),
                ("resnet", "compare_resnet_2k", ", 2,000 training images, at 20x and 30x"))
 
 
@@ -458,11 +467,10 @@ def fisher_budget_section() -> list[str]:
     every joint variant paired against sequential, not only the best one."""
     lines, into, shown = [], pooled_into(), set()
     for model, folder, title in FISHER_RUNS:
-        if folder in into:  # a batch of seeds pooled with another: the pooled folder's section, once
-            folder = into[folder]
-            if folder in shown:
-                continue
-            shown.add(folder)
+        folder = into.get(folder, folder)  # a batch of seeds pooled with another: the pooled folder's section, once
+        if folder in shown:
+            continue
+        shown.add(folder)
         r = load_compare(folder)
         if r is not None and r.get("pooled_from"):
             title = title.replace(", 5 seeds", f", {r['seeds']} seeds")
