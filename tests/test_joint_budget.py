@@ -61,8 +61,8 @@ def test_a_layer_still_stored_dense_feels_the_size_gradient():
 
 @pytest.mark.parametrize("seed", range(6))
 def test_the_closed_form_slopes_of_the_estimate_are_autograds(seed):
-    """sparse_layer_bytes_with_slopes gives the estimate's value bit for bit and its autograd
-    gradient to float rounding, in every format's regime (dense, bitmask, every index width)."""
+    """sparse_layer_bytes_with_slopes gives the estimate's value and its autograd gradient to float
+    rounding, in every format's regime (dense, bitmask, every index width)."""
     g = torch.Generator().manual_seed(seed)
     numel = [int(v) for v in torch.randint(50, 300_000, (8,), generator=g)]
     nonzero = (torch.rand(8, generator=g) ** 3 * torch.tensor(numel, dtype=torch.float32)).round()
@@ -71,8 +71,8 @@ def test_the_closed_form_slopes_of_the_estimate_are_autograds(seed):
     n, b = nonzero.clone().requires_grad_(True), bits.clone().requires_grad_(True)
     value = sparse_layer_bytes(n, numel, b)
     d_n, d_b = torch.autograd.grad(value.sum(), (n, b))
-    closed = sparse_layer_bytes_with_slopes(nonzero, numel, bits)
-    assert torch.equal(closed[0], value.detach())
+    closed = [torch.tensor(v) for v in sparse_layer_bytes_with_slopes(nonzero.tolist(), numel, bits.tolist())]
+    assert torch.allclose(closed[0], value.detach(), rtol=1e-6)  # double precision against float
     assert torch.allclose(closed[1], d_n, rtol=1e-3, atol=1e-6) and torch.allclose(closed[2], d_b, rtol=1e-3, atol=1e-6)
     assert closed[1][0] == 0
 
@@ -106,7 +106,7 @@ def test_the_size_term_node_gives_the_estimates_loss_and_gradient(trained):
             c = budget.estimate(soft=True) / budget.goal(ctx.step) - 1
             loss = budget.lam * c + 0.5 * budget.config.penalty * c * c
         grads.append((loss.detach(), torch.autograd.grad(loss, params)))
-    assert torch.equal(grads[0][0], grads[1][0]) and float(grads[0][0]) != 0
+    assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-5) and float(grads[0][0]) != 0
     for a, b in zip(grads[0][1], grads[1][1]):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-9)
     assert any(bool(g.abs().sum() > 0) for g in grads[0][1])

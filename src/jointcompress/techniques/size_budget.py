@@ -207,9 +207,9 @@ class SizeBudget(Landing, Technique):
         if self.frozen:
             return {}
         counts = torch.stack([q.kept_count(m.parametrizations.weight.original) for m, q in self.layers.values()])
-        raw, held, lo, span = self._width_vectors()
+        raw, held, _, span = self._width_vectors()
         numels = [m.parametrizations.weight.original.numel() for m, _ in self.layers.values()]
-        loss, est = SizeTerm.apply(counts, raw, held, lo, span, numels, self.scale, self.fixed, self.goal(ctx.step),
+        loss, est = SizeTerm.apply(counts, raw, held, span, numels, self.scale, self.fixed, self.goal(ctx.step),
                                    self.lam, self.config.penalty)
         self.last_hard = float(est)
         return {"size": loss}
@@ -343,22 +343,24 @@ class SizeTerm(torch.autograd.Function):
     / goal - 1, estimate = scale * sum of the layers' bytes (sparse_layer_bytes at the held widths)
     + fixed, from the layers' kept-weight counts and raw widths. Its backward is the closed form
     (sparse_layer_bytes_with_slopes; a width's bytes reach its raw parameter through the relaxed
-    width's sigmoid, as in bits_ste): recorded through autograd the estimate was some forty nodes,
-    about a tenth of a joint step on LeNet-300-100 (benchmarks/step_cost.py)."""
+    width's sigmoid, as in bits_ste), computed on plain floats: recorded through autograd the
+    estimate was some forty nodes, about a tenth of a joint step on LeNet-300-100
+    (benchmarks/step_cost.py). The value is `estimate()`'s in double precision."""
 
     @staticmethod
-    def forward(ctx, counts, raw, held, lo, span, numels, scale, fixed, goal, lam, penalty):
-        value, d_count, d_bits = sparse_layer_bytes_with_slopes(counts.detach(), numels, held)
-        est = scale * value.sum() + fixed
+    def forward(ctx, counts, raw, held, span, numels, scale, fixed, goal, lam, penalty):
+        value, d_count, d_bits = sparse_layer_bytes_with_slopes(counts.tolist(), numels, held.tolist())
+        est = scale * sum(value) + fixed
         c = est / goal - 1
         slope = (lam + penalty * c) * scale / goal  # d term / d bytes of any layer
-        sig = torch.sigmoid(raw.detach())
-        ctx.save_for_backward(slope * d_count, slope * d_bits * span * sig * (1 - sig))
-        ctx.mark_non_differentiable(est)
-        return lam * c + 0.5 * penalty * c * c, est
+        sigmoids = (0.5 * (1 + math.tanh(0.5 * x)) for x in raw.tolist())
+        d_raw = [slope * d * width * sig * (1 - sig) for d, width, sig in zip(d_bits, span.tolist(), sigmoids)]
+        ctx.save_for_backward(counts.new_tensor([slope * d for d in d_count]), raw.new_tensor(d_raw))
+        estimate = counts.new_tensor(est)
+        ctx.mark_non_differentiable(estimate)
+        return counts.new_tensor(lam * c + 0.5 * penalty * c * c), estimate
 
     @staticmethod
     def backward(ctx, grad, _):
         d_count, d_raw = ctx.saved_tensors
-        return grad * d_count, grad * d_raw, *([None] * 9)
-
+        return grad * d_count, grad * d_raw, *([None] * 8)

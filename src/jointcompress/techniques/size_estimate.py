@@ -3,6 +3,8 @@ budget trains against (`sparse_layer_bytes`) and the real file it is calibrated 
 (`measured_bytes`, the artifact writer itself run on a finalized copy)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -25,9 +27,12 @@ def sparse_layer_bytes(nonzero: torch.Tensor, numel, bits: torch.Tensor) -> torc
     n = nonzero.clamp(min=1.0)
     numel, widths, gap_runs = _constants(numel, n.dtype, n.device)
     density = (n / numel).clamp(max=1.0 - 1e-6)
-    r = (1 - density).unsqueeze(-1) ** gap_runs
+    # r = (1 - density) ** 2^w through log1p / expm1: in float32, 1 - density drops the density's
+    # last digits and the power multiplies that error by 2^w (0.2% of a layer's bytes at some densities)
+    runs_log = torch.log1p(-density).unsqueeze(-1) * gap_runs
+    r = runs_log.exp()
     n_col = n.unsqueeze(-1)
-    fillers = n_col * r / (1 - r).clamp_min(1e-12)
+    fillers = n_col * r / (-torch.expm1(runs_log)).clamp_min(1e-12)
     indexed = (n_col + fillers) * (bits.unsqueeze(-1) + widths)
     dense = (numel * bits).unsqueeze(-1)
     bitmask = (n * bits + numel).unsqueeze(-1)
@@ -36,33 +41,36 @@ def sparse_layer_bytes(nonzero: torch.Tensor, numel, bits: torch.Tensor) -> torc
     return (sparse + (costs.amin(-1) - sparse).detach()) / 8
 
 
-@torch.no_grad()
-def sparse_layer_bytes_with_slopes(nonzero: torch.Tensor, numel, bits: torch.Tensor):
-    """`sparse_layer_bytes` (the same value) and its two slopes, d/d nonzero and d/d bits, in closed
-    form: what autograd gives through it, without building its graph of some forty operations,
-    which the size term would otherwise record and run backwards on every step (SizeTerm)."""
-    n = nonzero.clamp(min=1.0)
-    numel, widths, gap_runs = _constants(numel, n.dtype, n.device)
-    ratio = n / numel
-    density = ratio.clamp(max=1.0 - 1e-6)
-    base = (1 - density).unsqueeze(-1)
-    r = base ** gap_runs
-    n_col = n.unsqueeze(-1)
-    odds_den = (1 - r).clamp_min(1e-12)
-    fillers = n_col * r / odds_den
-    indexed = (n_col + fillers) * (bits.unsqueeze(-1) + widths)
-    dense = (numel * bits).unsqueeze(-1)
-    bitmask = (n * bits + numel).unsqueeze(-1)
-    costs = torch.cat([dense, bitmask, indexed], -1)
-    value = costs.amin(-1) / 8
-    # slopes of every sparse column, then the cheapest sparse column's (the gradient's format)
-    dr = -gap_runs * base ** (gap_runs - 1) * (ratio <= 1.0 - 1e-6).to(n.dtype).unsqueeze(-1) / numel.unsqueeze(-1)
-    dfill = r / odds_den + n_col * dr * (1 / odds_den + r * ((1 - r) > 1e-12).to(n.dtype) / odds_den ** 2)
-    passes = (nonzero >= 1.0).to(n.dtype).unsqueeze(-1)  # clamp(min=1)'s gradient
-    d_n = torch.cat([bits.unsqueeze(-1), (1 + dfill) * (bits.unsqueeze(-1) + widths)], -1) * passes
-    d_b = torch.cat([n_col, n_col + fillers], -1)
-    pick = costs[..., 1:].argmin(-1, keepdim=True)
-    return value, d_n.gather(-1, pick).squeeze(-1) / 8, d_b.gather(-1, pick).squeeze(-1) / 8
+def sparse_layer_bytes_with_slopes(nonzero: list[float], numel: list[int], bits: list[float]
+                                   ) -> tuple[list[float], list[float], list[float]]:
+    """`sparse_layer_bytes` per layer (the same formula, in double precision) and its two slopes,
+    d/d nonzero and d/d bits, in closed form: what autograd gives through it (the cheapest *sparse*
+    format's slopes; none below one kept weight, where the count is clamped).
+
+    Why plain floats: a handful of layers' numbers; as tensor operations the size term recorded
+    some forty autograd nodes on every step, and even without autograd their dispatch cost more
+    than the arithmetic (size_budget.SizeTerm)."""
+    values, d_count, d_bits = [], [], []
+    for nz, total, b in zip(nonzero, numel, bits):
+        n = max(nz, 1.0)
+        ratio = n / total
+        density = min(ratio, 1.0 - 1e-6)
+        log_base = math.log1p(-density)
+        best, d_n, d_b = n * b + total, b, n  # the bitmask
+        for w in INDEX_WIDTHS:
+            runs = 2.0 ** w
+            r, one_minus_r = math.exp(runs * log_base), -math.expm1(runs * log_base)
+            den = max(one_minus_r, 1e-12)
+            fillers = n * r / den
+            cost = (n + fillers) * (b + w)
+            if cost < best:
+                dr = -runs * r / (1.0 - density) / total if ratio <= 1.0 - 1e-6 else 0.0  # d r / d n
+                d_fill = r / den + n * dr * (1.0 / den + (r / den ** 2 if one_minus_r > 1e-12 else 0.0))
+                best, d_n, d_b = cost, (1.0 + d_fill) * (b + w), n + fillers
+        values.append(min(total * b, best) / 8)
+        d_count.append(d_n / 8 if nz >= 1.0 else 0.0)
+        d_bits.append(d_b / 8)
+    return values, d_count, d_bits
 
 
 _CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
