@@ -192,3 +192,27 @@ def test_hidden_state_kd_on_dict_batches_averages_over_real_tokens():
     masked = feature_loss(s, t, "mse", mask)
     assert torch.allclose(terms["distill"], logits_part + masked)
     assert not torch.allclose(masked, feature_loss(s, t, "mse"))  # padding really is left out
+
+
+def test_the_sessions_optimizer_is_fused_where_the_device_has_the_kernel_else_multi_tensor():
+    """The fused Adam updates each tensor in one pass (the multi-tensor one in about eight); a
+    device or dtype without the fused kernel gets the multi-tensor optimizer, never an error."""
+    from jointcompress.session.session import fused_or_foreach
+
+    params = [nn.Parameter(torch.randn(4, 3))]
+    opt = fused_or_foreach(torch.optim.Adam, [{"params": params}], lr=1e-3)
+    assert opt.defaults["fused"] and not opt.defaults["foreach"]
+    reference = torch.optim.Adam([p2 := nn.Parameter(params[0].detach().clone())], lr=1e-3, foreach=True)
+    for p, o in ((params[0], opt), (p2, reference)):  # the same update to float rounding
+        p.grad = torch.ones_like(p)
+        o.step()
+    assert torch.allclose(params[0], p2, atol=1e-7)
+
+    class NoFused(torch.optim.Adam):
+        def __init__(self, groups, fused=None, **options):
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+            super().__init__(groups, **options)
+
+    opt = fused_or_foreach(NoFused, [{"params": params}], lr=1e-3)
+    assert opt.defaults["foreach"] and not opt.defaults["fused"]
