@@ -74,6 +74,46 @@ def test_generous_target_keeps_every_channel_and_impossible_one_names_the_field(
         allocate_latency(model, x, Target(latency_ms=table.constant_ms * 0.5), table=table, measure=False)
 
 
+def test_a_speedup_target_is_the_uncompressed_models_time_divided_by_it(lenet, monkeypatch):
+    """`target: {speedup}` is timed against the uncompressed model when the run starts, so a loaded
+    machine, which reads every model slower alike, asks for the same widths as a quiet one."""
+    from jointcompress import latency_targets
+
+    model, x = lenet
+    table, sites, channels = mac_table(model, x)
+    full = table.predict(sites, channels, channels)
+    widths = []
+    for load in (1.0, 2.5):  # the machine reads the dense model and every shrunk one `load` times slower
+        asked = []
+
+        def allocate(m, ex, target, load=load, **_):  # the fake table, read at this load (no timing)
+            asked.append(target.latency_ms)
+            return allocate_latency(m, ex, target.model_copy(update={"latency_ms": target.latency_ms / load}),
+                                    table=table, measure=False)
+
+        monkeypatch.setattr(latency_targets, "allocate_latency", allocate)
+        recipe = latency_targets.resolve_latency(model, {"model": "lenet5", "techniques": [{"type": "distill_kd"}]}, x,
+                                                 Target(speedup=4.0), measure_dense=lambda m, load=load: load * full)
+        assert asked == [pytest.approx(load * full / 4)]
+        ps = recipe.technique("prune_structured")
+        widths.append({g: round(channels[g] * (1 - s)) for g, s in ps.layer_sparsity.items()})
+        assert table.predict(sites, widths[-1], channels) <= full / 4
+    assert widths[0] == widths[1]
+
+
+def test_a_speedup_target_is_checked_and_named(lenet):
+    with pytest.raises(ValueError, match="exactly one of size_kb, ratio, latency_ms, speedup"):
+        Target(speedup=4.0, latency_ms=1.0)
+    with pytest.raises(ValueError, match="speedup"):
+        Target(speedup=0.5)
+    assert Target(speedup=4.0).is_latency and Target(latency_ms=1.0).is_latency and not Target(ratio=10).is_latency
+    model, x = lenet
+    table, _, _ = mac_table(model, x)
+    asked = Target(speedup=1000.0, batch=1).model_copy(update={"latency_ms": table.constant_ms * 0.5})
+    with pytest.raises(TargetError, match="target.speedup: 1000x .*Lower target.speedup"):
+        allocate_latency(model, x, asked, table=table, measure=False)
+
+
 def test_confirmation_tightens_when_measured_over(lenet):
     model, x = lenet
     table, sites, channels = mac_table(model, x)
@@ -233,3 +273,22 @@ def test_narrow_cuts_measured_until_the_target_is_met(lenet):
     assert all(r["measured_ms"] == sum(r["widths"].values()) for r in out.rounds if r.get("narrow"))
     low = narrow(model, x, LatencyAllocation(dict(channels), channels, 1.0, 10.0, 570.0), fake_ms, max_trials=200)
     assert low.met is False and low.widths == floors(channels) and low.measured_ms == sum(floors(channels).values())
+
+
+def test_the_finished_model_is_judged_against_its_speedup_goal(lenet):
+    """What the CLI prints after a latency-target run: both models timed together; the goal of a
+    speedup target is the uncompressed model's time over it (logic only: no time is asserted)."""
+    from jointcompress.latency_targets import latency_against_target
+
+    model, x = lenet
+    table, sites, channels = mac_table(model, x)
+    alloc = allocate_latency(model, x, Target(latency_ms=0.3 * table.predict(sites, channels, channels)),
+                             table=table, measure=False)
+    small = shrunk_to(model, x, alloc.widths)
+    r = latency_against_target(model, small, x, Target(speedup=2.0, batch=4), rounds=3)
+    ms = r["interleaved_ms"]
+    assert r["batch"] == 4 and r["goal_ms"] == pytest.approx(ms["uncompressed"] / 2)
+    assert r["speedup"] == pytest.approx(ms["uncompressed"] / ms["compressed"])
+    assert r["met"] == (ms["compressed"] <= r["goal_ms"]) and set(r["alone_ms"]) == {"uncompressed", "compressed"}
+    r = latency_against_target(model, small, x, Target(latency_ms=123.0), rounds=3)
+    assert r["goal_ms"] == 123.0

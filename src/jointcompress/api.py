@@ -200,7 +200,7 @@ def compress(
         from .targets import SizeSteering, resolve_target, target_bytes
 
         recipe = resolve_target(model, recipe, example)
-        if recipe.target is not None and recipe.target.steer and recipe.target.latency_ms is None:
+        if recipe.target is not None and recipe.target.steer and not recipe.target.is_latency:
             callbacks.append(SizeSteering(target_bytes(model, recipe.target)))
     techniques = [tech.build(c) for c in recipe.techniques]
     total_steps = recipe.training.epochs * len(loader)

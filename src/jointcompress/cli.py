@@ -205,12 +205,26 @@ def compress_cmd(
     atomic_write_text(out / "recipe.yaml", recipe_path.read_text(encoding="utf-8"))
     console.print(f"artifact in {out / 'artifact'}")
     target = result.recipe.target
-    if target is not None and target.latency_ms is None and row.get("file_bytes"):
+    if target is not None and not target.is_latency and row.get("file_bytes"):
         from .targets import target_bytes
 
         goal = target_bytes(teacher, target)
         console.print(f"size target: {goal / 1024:.2f} KiB weights file; on disk {row['file_bytes'] / 1024:.2f} KiB "
                       f"({100 * (row['file_bytes'] / goal - 1):+.1f}%)")
+    if recipe.target is not None and recipe.target.is_latency:  # the resolved recipe no longer holds it
+        console.print(_latency_line(teacher, outcome.model, result.example_inputs, recipe.target))
+
+
+def _latency_line(teacher, model, example_inputs, target) -> str:
+    from .latency_targets import latency_against_target
+
+    r = latency_against_target(teacher, model, example_inputs, target)
+    ms, alone = r["interleaved_ms"], r["alone_ms"]
+    asked = f"{target.speedup:g}x faster" if target.speedup is not None else f"{target.latency_ms:g} ms"
+    return (f"latency target: {asked} at batch {r['batch']} ({r['goal_ms']:.3f} ms); measured {ms['compressed']:.3f} ms "
+            f"against {ms['uncompressed']:.3f} ms uncompressed ({r['speedup']:.2f}x; alone {alone['compressed']:.3f} / "
+            f"{alone['uncompressed']:.3f} ms), PyTorch fp32, {r['threads']} thread(s): "
+            + ("met" if r["met"] else "[yellow]not met[/yellow]"))
 
 
 @recipe_app.command("validate")

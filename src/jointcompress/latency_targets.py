@@ -1,4 +1,5 @@
-"""From `target: {latency_ms, batch}` to a width for every channel group, from measured tables.
+"""From `target: {latency_ms, batch}` (or `{speedup, batch}`, times faster than the uncompressed
+model timed when the run starts) to a width for every channel group, from measured tables.
 
 Why per group, and why tables: one uniform channel sparsity spends the latency budget badly.
 Layers differ in cost per channel (a 5x5 conv on 24x24 maps costs far more per channel than a
@@ -513,11 +514,16 @@ def unreachable(target, table: LatencyTable, sites, channels: dict[str, int], mi
     from .targets import TargetError
 
     smallest = {g: allowed_widths(c, min_keep, min_width)[0] for g, c in channels.items()}
+    asked, fix = f"target.latency_ms: {target.latency_ms} ms", "Raise target.latency_ms"
+    if getattr(target, "speedup", None) is not None:  # milliseconds derived from the uncompressed model's
+        asked = (f"target.speedup: {target.speedup:g}x ({target.latency_ms:.3f} ms: the uncompressed model timed now, "
+                 f"/ {target.speedup:g})")
+        fix = "Lower target.speedup"
     return TargetError(
-        f"target.latency_ms: {target.latency_ms} ms at batch {target.batch} cannot be met by removing channels; "
+        f"{asked} at batch {target.batch} cannot be met by removing channels; "
         f"the narrowest model allowed (every group at {100 * min_keep:.0f}% of its channels, at least {min_width}) is "
         f"predicted at {table.predict(sites, smallest, channels):.3f} ms ({table.runtime} {table.precision}, "
-        f"{table.threads} thread(s)). Raise target.latency_ms or lower target.batch"
+        f"{table.threads} thread(s)). {fix} or lower target.batch"
     )
 
 
@@ -576,7 +582,30 @@ def with_latency_budgets(data: dict, alloc: LatencyAllocation):
     return parse_recipe(data, source="resolved target")
 
 
-def resolve_latency(model: nn.Module, data: dict, example_inputs, target):
-    """resolve_target's latency branch: allocate, then write the per-group budgets."""
+def resolve_latency(model: nn.Module, data: dict, example_inputs, target, measure_dense=None):
+    """resolve_target's latency branch: allocate, then write the per-group budgets. A `speedup`
+    target becomes milliseconds here: the uncompressed model timed now, the same way the shrunk
+    models are (`measure_dense(model) -> ms`, default timed_ms at target.batch), divided by it."""
+    if target.speedup is not None:
+        measure_dense = measure_dense or (lambda m: timed_ms(m, example_inputs, target.batch))
+        dense_ms = float(measure_dense(copy.deepcopy(model)))
+        target = target.model_copy(update={"latency_ms": dense_ms / target.speedup})
     return with_latency_budgets(data, allocate_latency(allocation_base(model, data, example_inputs), example_inputs,
                                                        target))
+
+
+def latency_against_target(uncompressed: nn.Module, compressed: nn.Module, example_inputs, target,
+                           threads: int = DEFAULT_THREADS, rounds: int = 30) -> dict:
+    """The finished model against its latency target: both models timed at target.batch, the
+    honest way (deploy.timing: interleaved medians, each also alone), in PyTorch fp32 as the
+    allocator timed them. For a speedup target the goal is the uncompressed model's time now / speedup."""
+    from .bench import batch_of
+
+    x = batch_of(example_inputs, target.batch)
+    models = {"uncompressed": copy.deepcopy(uncompressed).eval(), "compressed": copy.deepcopy(compressed).eval()}
+    timing = time_contenders({k: (lambda m=m: m(x)) for k, m in models.items()}, threads, rounds)
+    ms = timing.interleaved_ms
+    goal = ms["uncompressed"] / target.speedup if target.speedup is not None else float(target.latency_ms)
+    return {"batch": target.batch, "threads": threads, "goal_ms": goal, "interleaved_ms": ms, "alone_ms": timing.alone_ms,
+            "speedup": ms["uncompressed"] / ms["compressed"], "met": ms["compressed"] <= goal, "flagged": timing.flagged}
+

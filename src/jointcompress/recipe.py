@@ -275,6 +275,9 @@ class Target(Strict):
     size_kb: Annotated[float, Field(gt=0.0)] | None = None  # artifact weight bytes / 1024
     ratio: Annotated[float, Field(gt=1.0, le=10000.0)] | None = None  # vs the fp32 state dict
     latency_ms: Annotated[float, Field(gt=0.0)] | None = None
+    # times faster than the uncompressed model in PyTorch fp32 at `batch`, both timed when the run
+    # starts on this machine: a latency target that a loaded machine reads as it reads the model
+    speedup: Annotated[float, Field(gt=1.0, le=10000.0)] | None = None
     batch: Annotated[int, Field(ge=1, le=100000)] = 1
     # size targets: at 80% of the pruning ramp and at 90% of the run, re-fit the per-layer sparsity
     # from the trained weights and step sizes so that the artifact lands on the target
@@ -286,10 +289,15 @@ class Target(Strict):
 
     @model_validator(mode="after")
     def _one(self):
-        given = [k for k in ("size_kb", "ratio", "latency_ms") if getattr(self, k) is not None]
+        given = [k for k in ("size_kb", "ratio", "latency_ms", "speedup") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of size_kb, ratio, latency_ms (got {given or 'none'})")
+            raise ValueError(f"give exactly one of size_kb, ratio, latency_ms, speedup (got {given or 'none'})")
         return self
+
+    @property
+    def is_latency(self) -> bool:
+        """A latency target (latency_ms or speedup): channel widths, not bytes."""
+        return self.latency_ms is not None or self.speedup is not None
 
 
 class Training(Strict):
@@ -365,7 +373,7 @@ class Recipe(Strict):
                              "sequential runs meet a size target through the allocator (remove size_budget)")
         if self.technique("prune_unstructured") is not None:
             raise ValueError("size_budget prunes through quant_lsq's dead zone; remove prune_unstructured")
-        if (self.target is None or self.target.latency_ms is not None) and self.technique("size_budget").target_bytes is None:
+        if (self.target is None or self.target.is_latency) and self.technique("size_budget").target_bytes is None:
             raise ValueError("size_budget needs target: {size_kb: ...} or {ratio: ...}")
         return self
 

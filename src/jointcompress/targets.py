@@ -373,7 +373,7 @@ def resolve_target(model: nn.Module, recipe: Recipe | dict, example_inputs, eval
     compress() steers the bytes onto it during training (SizeSteering) without allocating
     again; a latency target is cleared. With `evaluate` (or a precomputed `sensitivity`
     scan), sensitive layers keep more weights and bits; without, the ERK proxy is used.
-    latency_ms: sets prune_structured.layer_sparsity (added if missing) to per-group widths
+    latency_ms / speedup: sets prune_structured.layer_sparsity (added if missing) to per-group widths
     allocated from measured latency tables and confirmed by timing (latency_targets.py).
     """
     recipe = parse_recipe(recipe)
@@ -382,7 +382,7 @@ def resolve_target(model: nn.Module, recipe: Recipe | dict, example_inputs, eval
         if budget is not None and budget.target_bytes is not None:
             return recipe
         prune = recipe.technique("prune_unstructured")
-        if recipe.target.latency_ms is None and (prune is None or not prune.layer_sparsity):
+        if not recipe.target.is_latency and (prune is None or not prune.layer_sparsity):
             raise TargetError("target.allocated: true is set by the allocator once prune_unstructured.layer_sparsity "
                               "holds the budgets; remove target.allocated to let jointcompress allocate them")
         return recipe
@@ -390,9 +390,9 @@ def resolve_target(model: nn.Module, recipe: Recipe | dict, example_inputs, eval
         return recipe
     data = recipe.model_dump()
     data["target"] = None
-    if recipe.technique("size_budget") is not None and recipe.target.latency_ms is None:
+    if recipe.technique("size_budget") is not None and not recipe.target.is_latency:
         return _with_size_budget(data, recipe, target_bytes(model, recipe.target))
-    if recipe.target.latency_ms is not None:
+    if recipe.target.is_latency:
         return resolve_latency(model, data, example_inputs, recipe.target)
     if recipe.technique("prune_structured") is not None:
         raise TargetError("target.size_kb/ratio allocates unstructured sparsity and bits; remove prune_structured "
