@@ -224,7 +224,9 @@ def _latency_line(teacher, model, example_inputs, target) -> str:
     return (f"latency target: {asked} at batch {r['batch']} ({r['goal_ms']:.3f} ms); measured {ms['compressed']:.3f} ms "
             f"against {ms['uncompressed']:.3f} ms uncompressed ({r['speedup']:.2f}x; alone {alone['compressed']:.3f} / "
             f"{alone['uncompressed']:.3f} ms), PyTorch fp32, {r['threads']} thread(s): "
-            + ("met" if r["met"] else "[yellow]not met[/yellow]"))
+            + ("met" if r["met"] else "[yellow]not met[/yellow]")
+            + (f" [yellow](interleaved and alone differ by more than 20% for {', '.join(r['flagged'])}: "
+               "the machine is busy)[/yellow]" if r["flagged"] else ""))
 
 
 @recipe_app.command("validate")

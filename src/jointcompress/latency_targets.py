@@ -608,4 +608,3 @@ def latency_against_target(uncompressed: nn.Module, compressed: nn.Module, examp
     goal = ms["uncompressed"] / target.speedup if target.speedup is not None else float(target.latency_ms)
     return {"batch": target.batch, "threads": threads, "goal_ms": goal, "interleaved_ms": ms, "alone_ms": timing.alone_ms,
             "speedup": ms["uncompressed"] / ms["compressed"], "met": ms["compressed"] <= goal, "flagged": timing.flagged}
-

@@ -306,4 +306,3 @@ def fused_or_foreach(cls, groups: list[dict], **options) -> torch.optim.Optimize
         return cls(groups, fused=True, **options)
     except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
         return cls(groups, foreach=True, **options)
-

@@ -203,7 +203,7 @@ class SizeBudget(Landing, Technique):
     def loss_terms(self, ctx: RunContext) -> dict[str, torch.Tensor]:
         """lam * c + penalty / 2 * c^2 with c = estimate / goal - 1: the estimate's value and its
         gradient (to the kept-weight counts and the relaxed widths) in closed form, one autograd
-        node (SizeTerm); `estimate()` is the same number."""
+        node (SizeTerm); `estimate()` is the same number to float rounding."""
         if self.frozen:
             return {}
         counts = torch.stack([q.kept_count(m.parametrizations.weight.original) for m, q in self.layers.values()])
