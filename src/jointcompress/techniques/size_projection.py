@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .size_estimate import measured_bytes, sparse_layer_bytes
-from .zero_level_kernel import qmax_of
+from . import learned_width as lw
+from .size_estimate import measured_bytes, sparse_layer_bytes, sparse_layer_bytes_with_slopes
 
 PROJECTION_SLACK = 0.003  # the projection lands within 0.3% of the aim (fine-tuning moves the coding ~0.5%)
 # a projection never cuts a path: every output channel that keeps weights keeps at least its strongest
@@ -58,7 +58,8 @@ class Landing:
         smooth in the count (a layer changes format or index width; the entropy coder), so the
         count is searched with the writer itself (`_search`, a bisection). A channel keeps at
         least CHANNEL_SHARE of what it kept (never less than its strongest weight); only if the
-        aim cannot be met that way is the share relaxed to the single strongest weight."""
+        aim cannot be met that way is the share relaxed to the single strongest weight. Still
+        under the aim at the freeze after the revival, learned widths are raised (`_widen`)."""
         aim = self.aim()
         before = self.calibrated_hard()
         if aim * (1 - PROJECTION_SLACK) <= before <= aim * (1 + PROJECTION_SLACK):
@@ -148,25 +149,24 @@ class Landing:
             fisher = q.fisher.estimate()
             weights = (fisher if fisher is not None else torch.ones_like(w)) * kept
             noise = float(0.5 * (weights * q.effective_step().detach().pow(2) / 12.0).sum())
-            state.append([int(q.held_bits), noise, float(kept.sum()), w.numel(), q.max_bits])
+            state.append([int(q.held_bits), noise, float(kept.sum()), w.numel(), q.min_bits, q.max_bits])
         plan, spent = [], 0.0
         while spent < 2 * gap:
             best, best_price = None, 0.0
-            for i, (bits, noise, kept, numel, top) in enumerate(state):
+            for i, (bits, noise, kept, numel, q_min, top) in enumerate(state):
                 if bits >= top or kept == 0:
                     continue
-                ratio = (qmax_of(bits) / qmax_of(bits + 1)) ** 2
-                cost = self.scale * float(sparse_layer_bytes(torch.tensor([kept]), [numel], torch.tensor([bits + 1.0]))
-                                          - sparse_layer_bytes(torch.tensor([kept]), [numel], torch.tensor([float(bits)])))
+                now, up = sparse_layer_bytes_with_slopes([kept, kept], [numel, numel], [float(bits), bits + 1.0])[0]
+                cost = self.scale * (up - now)
                 if cost > gap:
                     continue
-                price = noise * (1 - ratio) / max(cost, 1e-9)
-                if best is None or price > best_price:
-                    best, best_price, best_cost, best_ratio = i, price, cost, ratio
+                removed = -lw.noise_cost_slope(noise, bits, bits + 1.0, q_min, top)  # the noise one more bit removes
+                if best is None or removed / max(cost, 1e-9) > best_price:
+                    best, best_price, best_cost, best_removed = i, removed / max(cost, 1e-9), cost, removed
             if best is None:
                 break
             state[best][0] += 1
-            state[best][1] *= best_ratio
+            state[best][1] -= best_removed
             plan.append((best, best_cost))
             spent += best_cost
         return plan
