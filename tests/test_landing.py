@@ -141,10 +141,13 @@ def test_under_the_aim_learned_widths_take_the_bytes_left_and_the_pattern_stays(
             assert measured_bytes(other)["total"] > budget.aim() * 1.003, i
 
 
-def test_a_frozen_or_fixed_width_budget_under_its_aim_keeps_its_widths():
+@pytest.mark.parametrize("learn_bits", [False, True])
+def test_a_frozen_or_fixed_width_budget_under_its_aim_keeps_its_widths(learn_bits):
+    """Fixed widths are the user's; after the freeze (the trim, the guards) the widths are fixed too."""
     torch.manual_seed(0)
     model = _Tiny()
-    budget = _budget(model, target=1e9, learn_bits=False)
+    budget = _budget(model, target=1e9, learn_bits=learn_bits)
+    budget.frozen = learn_bits  # learned widths: only the freeze's own projection may raise them
     budget.config.target_bytes = 1.5 * budget.calibrated_hard()
     budget.project(model)
     assert all(int(q.held_bits) == 4 for _, q in budget.layers.values())
