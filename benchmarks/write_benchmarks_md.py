@@ -71,6 +71,9 @@ SEQUENTIAL_BESIDE = {"compare_lenet300_100x_stiff_v3": "compare_lenet300_100x_bi
                      # ten more seeds of that point on the same machine, and the twenty pooled
                      "compare_lenet300_100x_paced_obd_seeds10to19": "compare_lenet300_100x_paced_obd_seeds10to19_seq",
                      "compare_lenet300_100x_paced_obd_20seeds": "compare_lenet300_100x_paced_obd_20seeds_seq",
+                     # the 2,000-image points over 20 seeds on this machine, after the fused Adam
+                     "compare_lenet300_60x_2k_paced_obd_20seeds": "compare_lenet300_60x_2k_paced_obd_20seeds_seq",
+                     "compare_lenet300_100x_2k_paced_obd_20seeds": "compare_lenet300_100x_2k_paced_obd_20seeds_seq",
                      # LeNet-5 at 200x after the fused Adam and the size term's single node (a check)
                      "compare_lenet5_200x_paced_obd_fused": "compare_lenet5_200x_paced_obd_fused_seq",
                      # the paced recipe on a log-linear budget schedule (joint-paced-lin-*)
@@ -461,6 +464,9 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                ("lenet300", "compare_lenet300_100x_paced_obd_20seeds",
                 " at 100x, 20 seeds, joint-paced-obd-none after the saliency's closed form (another machine)"),
                ("lenet300", "compare_lenet300_100x_paced_obd_10seeds_closed_form", ""),
+               *(("lenet300", f"compare_lenet300_{r}x_2k_paced_obd_20seeds",
+                  f", 2,000 training images, at {r}x, 20 seeds, joint-paced-obd-none after the fused Adam (another machine)")
+                 for r in (60, 100)),
                ("lenet5", "compare_lenet5_200x_paced_obd_fused",
                 " at 200x, joint-paced-obd-none after the fused Adam and the size term's single node (a check)"),
                ("resnet", "compare_resnet_2k", ", 2,000 training images, at 20x and 30x"))
