@@ -599,11 +599,10 @@ def latency_against_target(uncompressed: nn.Module, compressed: nn.Module, examp
     """The finished model against its latency target: both models timed at target.batch, the
     honest way (deploy.timing: interleaved medians, each also alone), in PyTorch fp32 as the
     allocator timed them. For a speedup target the goal is the uncompressed model's time now / speedup."""
-    from .bench import batch_of
+    from .bench import timed_sides
 
-    x = batch_of(example_inputs, target.batch)
     models = {"uncompressed": copy.deepcopy(uncompressed).eval(), "compressed": copy.deepcopy(compressed).eval()}
-    timing = time_contenders({k: (lambda m=m: m(x)) for k, m in models.items()}, threads, rounds)
+    timing = timed_sides(models, example_inputs, [target.batch], rounds, threads)[target.batch]
     ms = timing.interleaved_ms
     goal = ms["uncompressed"] / target.speedup if target.speedup is not None else float(target.latency_ms)
     return {"batch": target.batch, "threads": threads, "goal_ms": goal, "interleaved_ms": ms, "alone_ms": timing.alone_ms,
