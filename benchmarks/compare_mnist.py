@@ -40,12 +40,12 @@ DEFAULTS = {  # sized for <= ~30 min each on 2 CPU cores shared with other jobs 
 }
 
 
-def recipe(model: str, epochs: int, min_keep: float = 0.01, bits: int = 4):
+def recipe(model: str, epochs: int, min_keep: float = 0.01, bits: int = 4, norm_format: str = "fp32"):
     return parse_recipe({
         "name": f"{model}-mnist-compare", "model": model, "mode": "joint",
         "techniques": [
             {"type": "prune_unstructured", "sparsity": 0.9, "end": 0.6, "regularization": 1.0, "min_keep": min_keep},
-            {"type": "quant_lsq", "bits": bits, "start": 0.3, "regularization": 0.1},
+            {"type": "quant_lsq", "bits": bits, "start": 0.3, "regularization": 0.1, "norm_format": norm_format},
             {"type": "distill_kd", "temperature": 4.0, "alpha": 0.7, "cache_teacher": True},
         ],
         "training": {"epochs": epochs, "lr": 1e-3, "batch_size": 128},
@@ -98,6 +98,8 @@ def main() -> None:
                     help="prune_unstructured.min_keep of the sequential pipeline (lower it for targets its floor cannot reach)")
     ap.add_argument("--bits", type=int, default=4,
                     help="quant_lsq.bits of every variant (the allocator may still lower it for sequential if the target needs it)")
+    ap.add_argument("--norm-format", choices=("fp32", "fp16"), default="fp32",
+                    help="quant_lsq.norm_format of every variant: fp16 trains BatchNorm/LayerNorm as stored at half the bytes")
     ap.add_argument("--variants", help="comma-separated (default: joint-none,joint-scale,joint-pcgrad,sequential; "
                                        "also joint-fisher-none/-pcgrad, joint-bits-none/-pcgrad with learned widths, "
                                        "joint-stiff-none/-pcgrad with a stiffer constraint (penalty 30), "
@@ -122,7 +124,8 @@ def main() -> None:
     if args.train_images:
         split = balanced_subset(split, args.train_images)
     t0 = time.perf_counter()
-    result = run_compare(recipe(args.model, args.epochs or d["epochs"], args.min_keep, args.bits), split, args.model, spec, out,
+    result = run_compare(recipe(args.model, args.epochs or d["epochs"], args.min_keep, args.bits, args.norm_format), split,
+                         args.model, spec, out,
                          log=lambda m: print(f"[{time.perf_counter() - t0:6.0f}s] {m}", flush=True))
     result["wall_seconds"] = time.perf_counter() - t0
     result["command"] = " ".join(["nice -n 10 .venv/bin/python benchmarks/compare_mnist.py"] + sys.argv[1:])

@@ -20,6 +20,7 @@ from .graph import build_graph
 from .group_checks import output_gap, tolerance
 from .spec import CompressionSpec, LayerSpec
 from .techniques.masks import ApplyMask
+from .techniques.norm_storage import detach_norm_storage
 from .techniques.quant_lsq import LSQWeight
 
 
@@ -56,6 +57,7 @@ def _remove_reparametrizations(model: nn.Module) -> None:
     for m in model.modules():
         for pname in list(getattr(m, "parametrizations", {}) or {}):
             parametrize.remove_parametrizations(m, pname, leave_parametrized=True)
+        detach_norm_storage(m)
         if hasattr(m, "input_quant"):
             for hid, hook in list(m._forward_pre_hooks.items()):
                 if getattr(hook, "__name__", "") == "_quantize_input":

@@ -89,6 +89,9 @@ class QuantLSQ(Selection):
     # how the artifact stores the step sizes and the biases of quantized layers; training uses exactly that
     scale_format: Literal["fp16", "log8"] = "fp16"
     bias_format: Literal["fp16", "int", "fp32"] = "fp16"
+    # normalization layers (affine weights, BatchNorm's running statistics): fp32 as they are, or
+    # fp16 values trained as stored, at half the bytes (techniques/norm_storage.py)
+    norm_format: Literal["fp32", "fp16"] = "fp32"
     # zero_level's quantizer in torch.compile'd kernels (same quantized weights, gradients to float
     # rounding; seconds to compile once): auto = for runs of 2000 steps or more (techniques/zero_level_compiled.py)
     compile: Literal["auto"] | bool = "auto"

@@ -30,6 +30,7 @@ from .errors import RecipeError
 from .recipe import Recipe, parse_recipe
 from .schedules import progress, ramp
 from .techniques.base import selected_layers
+from .techniques.norm_storage import bake_norm_storage, round_norms
 from .techniques.pruning import key as prune_key
 from .latency_targets import allocate_latency, resolve_latency, shrunk_copy  # noqa: E402,F401  (latency targets)
 
@@ -147,6 +148,7 @@ class Candidate:
                     parametrize.remove_parametrizations(layer, "bias", leave_parametrized=True)
             if hasattr(layer, "input_quant"):
                 del layer.input_quant
+        bake_norm_storage(plain)
         learned = prune.config.criterion == "learned"  # magnitude re-ranks |w| as the weights are now
         for name in prune.layers:
             if name in names:
@@ -249,6 +251,8 @@ def allocate_size(model: nn.Module, recipe: Recipe, example_inputs, scan: dict |
     at_start = sparsity_at_quant_start(quant.start, (prune.start, prune.end), prune.schedule)  # fractions of the run
     cand = Candidate(model, list(qlayers), list(players), quant.per_channel, at_start)
     cand.step_format, cand.bias_format = quant.scale_format, quant.bias_format
+    if quant.norm_format == "fp16":  # as the run will store them
+        round_norms(cand.model)
     weights = scan_weights(players, scan, tolerance) if scan else erk_weights(players)
     base_bits = scan_bits(qlayers, scan, tolerance, quant.bits) if scan else {n: quant.bits for n in qlayers}
     floor = {n: max(prune.min_keep, 1.0 - MAX_LAYER_SPARSITY, 1.0 / m.weight.numel()) for n, m in players.items()}

@@ -9,7 +9,8 @@ Parts per quantized layer (keys in the container index, in this order):
   ``<layer>.weight.indices``  bitmask or relative indices (absent for dense)
   ``<layer>.weight.scale``    step sizes, smallest exact format (precision.py)
   ``<layer>.bias``            the layer's bias, smallest exact format (absent without bias)
-Every other state-dict entry (BatchNorm, fp32 layers) is stored as is ("other").
+Every other state-dict entry (BatchNorm, fp32 layers) is stored as is ("other"), in fp16 where
+it holds only fp16 values (bit for bit; the manifest's `loaded_as` names the dtype it loads as).
 """
 from __future__ import annotations
 
@@ -156,12 +157,22 @@ def encode_model(model: nn.Module, spec: CompressionSpec, entropy: bool = True) 
     for key, t in model.state_dict().items():
         if key in skip:
             continue
-        t = t.detach().cpu().contiguous().clone()
-        enc.tensors[key] = t
-        enc.parts[key] = tensor_bytes(t)
-        enc.others[key] = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
-                           "bytes": t.numel() * t.element_size()}
+        _encode_other(enc, key, t.detach().cpu().contiguous().clone())
     return enc
+
+
+def _encode_other(enc: Encoding, key: str, t: torch.Tensor) -> None:
+    """A tensor no technique compresses, as it is; an fp32 tensor that holds only fp16 values
+    (normalization layers trained as stored, quant_lsq.norm_format) in fp16, bit for bit, with
+    the dtype the model gets back on load."""
+    record = {}
+    if t.numel() and precision.fp16_exact(t):
+        record["loaded_as"] = str(t.dtype).replace("torch.", "")
+        t = t.to(torch.float16)
+    enc.tensors[key] = t
+    enc.parts[key] = tensor_bytes(t)
+    enc.others[key] = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
+                       "bytes": t.numel() * t.element_size(), **record}
 
 
 def part_bytes(parts: dict[str, bytes], rec: dict, where: str) -> bytes:

@@ -73,7 +73,21 @@ def round_bias(b: torch.Tensor, fmt: str | None, step: torch.Tensor | None = Non
     raise ValueError(f"bias format {fmt!r}: choose one of {BIAS_FORMATS}")
 
 
+def round_fp16_storable(t: torch.Tensor) -> torch.Tensor:
+    """`t` rounded to the nearest fp16 values (same dtype), so the writer stores it in half the
+    bytes, bit for bit; unchanged if any entry lies beyond fp16's range (it is then stored wide,
+    and nothing saturates)."""
+    if t.numel() == 0 or not t.is_floating_point() or bool(t.detach().abs().max() > FP16_MAX):
+        return t
+    return t.to(torch.float16).to(t.dtype)
+
+
 # ---------------------------------------------------------------------------- storage side
+
+def fp16_exact(t: torch.Tensor) -> bool:
+    """Whether an fp32 tensor holds only fp16 values (NaN never does), so fp16 stores it exactly."""
+    return t.dtype == torch.float32 and bool(torch.equal(t.to(torch.float16).to(torch.float32), t))
+
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and bool(torch.equal(a.float(), b.float()))

@@ -453,6 +453,8 @@ def _validate_fields(m: dict) -> None:
             _dtype(rec["dtype"], f"{f}.dtype")
         if "bytes" in rec:
             _int(rec["bytes"], f"{f}.bytes")
+        if "loaded_as" in rec:
+            _dtype(rec["loaded_as"], f"{f}.loaded_as")
         _need(key.removesuffix(".weight") not in layers or not key.endswith(".weight"), f,
               "is also stored as a quantized layer")
 
@@ -558,7 +560,7 @@ def _state(manifest: dict, parts: dict[str, bytes], tensors: dict[str, torch.Ten
                 f"{where}: tensor {key!r} is {list(t.shape)} {str(t.dtype).replace('torch.', '')}, the manifest "
                 f"says {rec['shape']} {rec.get('dtype', '')}".rstrip()
             )
-        state[key] = t
+        state[key] = t.to(getattr(torch, rec["loaded_as"])) if "loaded_as" in rec else t  # stored narrower, exactly
     return state
 
 

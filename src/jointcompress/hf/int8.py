@@ -27,10 +27,13 @@ def bake_parametrizations(model: nn.Module) -> nn.Module:
     """Replace every parametrized weight by its current (e.g. fake-quantized) value, in place."""
     from torch.nn.utils import parametrize
 
+    from jointcompress.techniques.norm_storage import detach_norm_storage
+
     for mod in list(model.modules()):
         if parametrize.is_parametrized(mod):
             for name in list(mod.parametrizations.keys()):
                 parametrize.remove_parametrizations(mod, name, leave_parametrized=True)
+        detach_norm_storage(mod)
     return model
 
 

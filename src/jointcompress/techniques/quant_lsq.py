@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 from ..artifact.precision import round_step
 from .base import RunContext, Technique, selected_layers
 from .bias_quant import attach_bias_quant
+from .norm_storage import attach_norm_storage
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -161,6 +162,7 @@ class QuantLSQ(Technique):
         super().__init__(config)
         self.quantizers: dict[str, LSQWeight] = {}
         self.act_quantizers: dict[str, LSQActivation] = {}
+        self.norm_layers: list[str] = []  # rounded as stored (norm_format: fp16)
         self.hooks = []
 
     def setup(self, ctx: RunContext) -> None:
@@ -176,6 +178,8 @@ class QuantLSQ(Technique):
                 layer.input_quant = LSQActivation(self.config.act_bits)
                 self.act_quantizers[name] = layer.input_quant
                 self.hooks.append(layer.register_forward_pre_hook(_quantize_input))
+        if getattr(self.config, "norm_format", "fp32") == "fp16":
+            self.norm_layers = attach_norm_storage(ctx.model)
         self.attached = True
         with torch.no_grad():  # initialise step sizes now, from the (masked) weights as they are
             for name, layer in selected_layers(ctx.model, self.config).items():

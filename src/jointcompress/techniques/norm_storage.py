@@ -1,0 +1,115 @@
+"""Normalization layers trained as the artifact stores them (quant_lsq.norm_format: fp16).
+
+The artifact writer keeps every tensor no technique compresses as it is, and an fp32 tensor
+holding only fp16 values in fp16, bit for bit (artifact/encode.py). BatchNorm keeps four fp32
+numbers per channel: in a small ResNet at 30x they are about half of the weights file, at any
+higher ratio more than the weights. With `norm_format: fp16` the affine weight and bias of every
+normalization layer are rounded to fp16 in each forward pass (straight-through gradient), and
+BatchNorm's running statistics after every update, so the model a run evaluates is the one the
+file stores at half the bytes, and `finalize` changes no logit.
+
+Why rounding the running statistics in place loses nothing that matters: an update moves them
+by momentum * (batch statistic - running one), some percent of their value at usual batch
+sizes, while fp16's spacing is 0.05-0.1% of it. (A cumulative average, momentum None, stops
+moving once 1 / num_batches_tracked falls below that spacing.)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from ..artifact.precision import round_fp16_storable
+
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+RUNNING_STATS = ("running_mean", "running_var")
+
+
+def is_norm(module: nn.Module) -> bool:
+    """torch's normalization layers, and a model's own (transformers' LlamaRMSNorm, T5LayerNorm,
+    ...: a class named *Norm with a weight Parameter and no child modules)."""
+    if isinstance(module, NORM_TYPES):
+        return True
+    own = type(module).__name__.endswith("Norm") and not any(True for _ in module.children())
+    return own and isinstance(getattr(module, "weight", None), nn.Parameter)
+
+
+class StoredFp16(nn.Module):
+    """Parametrization: the tensor rounded to fp16 values (same dtype), straight-through gradient."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + (round_fp16_storable(x.detach()) - x.detach())
+
+
+@torch.no_grad()
+def _round_stats(module: nn.Module) -> None:
+    """Replace (not overwrite) each running statistic by its rounding: the training forward that
+    just updated them saved them for its backward, which an in-place change would invalidate."""
+    for name in RUNNING_STATS:
+        t = getattr(module, name, None)
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            setattr(module, name, round_fp16_storable(t).clone())
+
+
+def _round_running_stats(module: nn.Module, args, output) -> None:
+    """Forward hook: the statistics this training forward just updated, rounded to fp16 values."""
+    if module.training:
+        _round_stats(module)
+
+
+def _hook_ids(module: nn.Module) -> list[int]:
+    # found by the function, not by a handle: a deep copy of the model carries the hook along,
+    # and a copied handle would still point at the original's hook dict
+    return [k for k, fn in module._forward_hooks.items() if fn is _round_running_stats]
+
+
+def attach_norm_storage(model: nn.Module) -> list[str]:
+    """Round every normalization layer of `model` as the artifact will store it; returns their
+    names. The running statistics are rounded now as well (the model evaluated before the first
+    step is the stored one too)."""
+    names = []
+    for name, module in model.named_modules():
+        if not is_norm(module) or _hook_ids(module) or _rounded(module):
+            continue
+        for pname in ("weight", "bias"):
+            if isinstance(getattr(module, pname, None), nn.Parameter) or parametrize.is_parametrized(module, pname):
+                parametrize.register_parametrization(module, pname, StoredFp16())
+        if any(isinstance(getattr(module, s, None), torch.Tensor) for s in RUNNING_STATS):
+            module.register_forward_hook(_round_running_stats)
+            _round_stats(module)
+        names.append(name)
+    return names
+
+
+def _rounded(module: nn.Module) -> bool:
+    plist = getattr(module, "parametrizations", {}) or {}
+    return any(isinstance(p, StoredFp16) for name in plist for p in plist[name])
+
+
+def detach_norm_storage(module: nn.Module) -> None:
+    """Remove the running statistics' hook (finalize; the parametrizations go with the others)."""
+    for k in _hook_ids(module):
+        del module._forward_hooks[k]
+
+
+@torch.no_grad()
+def round_norms(model: nn.Module) -> None:
+    """Round every normalization layer's tensors in place, as a run with norm_format: fp16 will
+    have them (the size allocator measures its candidate artifacts this way)."""
+    for module in model.modules():
+        if is_norm(module):
+            for pname in ("weight", "bias"):
+                t = getattr(module, pname, None)
+                if isinstance(t, nn.Parameter):
+                    t.copy_(round_fp16_storable(t))
+            _round_stats(module)
+
+
+def bake_norm_storage(model: nn.Module) -> None:
+    """Make the rounding permanent on a copy that is measured, not trained (the steering's
+    candidate): the rounded values become the plain tensors, and the hooks go."""
+    for module in model.modules():
+        if _rounded(module):
+            for pname in [n for n, plist in module.parametrizations.items() if any(isinstance(p, StoredFp16) for p in plist)]:
+                parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
+        detach_norm_storage(module)

@@ -1,0 +1,137 @@
+"""Normalization layers stored in fp16 and trained as stored (quant_lsq.norm_format: fp16): the
+writer keeps fp16-valued fp32 tensors in half the bytes, bit for bit, and a run evaluates what
+the file holds."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from jointcompress.api import compress
+from jointcompress.artifact.store import load, save
+from jointcompress.data import evaluator, load_digits
+from jointcompress.errors import RecipeError
+from jointcompress.finalize import finalize
+from jointcompress.recipe import parse_recipe
+from jointcompress.spec import CompressionSpec
+from jointcompress.targets import target_bytes
+from jointcompress.techniques.norm_storage import attach_norm_storage, detach_norm_storage, round_norms
+
+
+class NormNet(nn.Module):
+    """A small CNN with BatchNorm and LayerNorm, on the 8x8 digits."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.norm = nn.LayerNorm(16 * 16)
+        self.fc1, self.fc2 = nn.Linear(16 * 16, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.nn.functional.max_pool2d(torch.relu(self.bn2(self.conv2(x))), 2)
+        return self.fc2(torch.relu(self.fc1(self.norm(x.flatten(1)))))
+
+
+NORM_KEYS = ("bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var", "bn2.weight", "bn2.bias",
+             "bn2.running_mean", "bn2.running_var", "norm.weight", "norm.bias")
+
+
+def _fp16_valued(t: torch.Tensor) -> bool:
+    return bool(torch.equal(t.half().float(), t))
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    split = load_digits()
+    torch.manual_seed(0)
+    model = NormNet()
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    x, y = split.x_train, split.y_train
+    for _ in range(3):
+        for i in range(0, len(y), 64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[i:i + 64]), y[i:i + 64]).backward()
+            opt.step()
+    return split, model.eval()
+
+
+def test_the_writer_stores_fp16_valued_tensors_in_half_the_bytes_and_loads_them_exactly(teacher, tmp_path):
+    split, model = teacher
+    model = copy.deepcopy(model)
+    assert not _fp16_valued(model.bn1.running_var)  # trained in fp32: stored as it is
+    wide = save(model, CompressionSpec(), tmp_path / "wide", example_inputs=split.x_test[:2])
+    round_norms(model)
+    manifest = save(model, CompressionSpec(), tmp_path / "narrow", example_inputs=split.x_test[:2])
+    others, before = manifest["other_tensors"], wide["other_tensors"]
+    for key in NORM_KEYS:
+        assert others[key]["dtype"] == "float16" and others[key]["loaded_as"] == "float32"
+        assert others[key]["bytes"] == before[key]["bytes"] // 2
+    assert others["conv1.weight"]["dtype"] == "float32" and "loaded_as" not in others["conv1.weight"]
+    assert others["bn1.num_batches_tracked"]["dtype"] == "int64"
+    saved = sum(before[k]["bytes"] for k in NORM_KEYS) // 2
+    assert wide["weights_file_bytes"] - manifest["weights_file_bytes"] >= saved - 16  # the container's varints may differ
+    loaded = load(tmp_path / "narrow", NormNet)
+    for key, t in model.state_dict().items():
+        assert loaded.state_dict()[key].dtype == t.dtype and torch.equal(loaded.state_dict()[key], t), key
+    assert torch.equal(loaded(split.x_test[:64]), model.eval()(split.x_test[:64]))
+
+
+def _recipe(norm_format="fp16", **extra):
+    return parse_recipe({"mode": "joint", **extra, "techniques": [
+        {"type": "quant_lsq", "bits": 4, "norm_format": norm_format, **({"zero_level": True} if extra else {})},
+        *([{"type": "size_budget", "end": 0.6, "freeze": 0.8}] if extra else []),
+        {"type": "distill_kd", "cache_teacher": True}],
+        "training": {"epochs": 3, "batch_size": 32, "lr": 0.002}})
+
+
+def test_a_run_with_fp16_norms_evaluates_what_the_file_stores(teacher, tmp_path):
+    split, model = teacher
+    student = copy.deepcopy(model)
+    start = {k: v.clone() for k, v in student.state_dict().items() if "running" in k}
+    result = compress(student, _recipe(), (split.x_train, split.y_train), evaluator(split.x_test, split.y_test),
+                      teacher=model)
+    assert set(next(t for t in result.techniques if t.kind == "quant_lsq").norm_layers) == {"bn1", "bn2", "norm"}
+    student.eval()
+    for key in start:  # the statistics kept training, and hold fp16 values after every update
+        assert not torch.equal(student.state_dict()[key], start[key]), key
+        assert _fp16_valued(getattr(student, key.split(".")[0]).get_buffer(key.split(".")[1])), key
+    for name in ("bn1", "bn2", "norm"):
+        assert _fp16_valued(getattr(student, name).weight.detach()) and _fp16_valued(getattr(student, name).bias.detach())
+    masked = student(split.x_test[:64]).detach()
+    spec = finalize(student, result.example_inputs)
+    assert not any(True for m in student.modules() for _ in m._forward_hooks.values())  # no hook left behind
+    assert torch.equal(student(split.x_test[:64]), masked)  # finalize changes no logit
+    manifest = save(student, spec, tmp_path / "a", example_inputs=result.example_inputs)
+    assert all(manifest["other_tensors"][k]["dtype"] == "float16" for k in NORM_KEYS)
+    assert torch.equal(load(tmp_path / "a", NormNet)(split.x_test[:64]), masked)  # and the file gives them back
+    assert result.metrics["accuracy"] > 0.8
+
+
+def test_a_size_target_counts_the_norms_at_their_stored_bytes(teacher, tmp_path):
+    split, model = teacher
+    student = copy.deepcopy(model)
+    recipe = _recipe(target={"ratio": 16.0})  # about a quarter of the file is norms, stored in fp16
+    result = compress(student, recipe, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test), teacher=model)
+    manifest = save(student, finalize(student, result.example_inputs), tmp_path / "t", example_inputs=result.example_inputs)
+    goal = target_bytes(model, recipe.target)
+    assert abs(manifest["weights_file_bytes"] - goal) / goal < 0.02
+    assert all(manifest["other_tensors"][k]["dtype"] == "float16" for k in NORM_KEYS)
+
+
+def test_a_copy_keeps_its_rounding_and_detaching_it_leaves_the_original_alone(teacher):
+    _, model = teacher
+    live = copy.deepcopy(model)
+    attach_norm_storage(live)
+    twin = copy.deepcopy(live)
+    detach_norm_storage(twin.bn1)
+    live.train()(torch.randn(8, 1, 8, 8) * 3 + 1)  # a training forward moves the statistics: still fp16 values
+    assert _fp16_valued(live.bn1.running_mean) and _fp16_valued(live.bn1.running_var)
+    twin.train()(torch.randn(8, 1, 8, 8) * 3 + 1)
+    assert not _fp16_valued(twin.bn1.running_var) and _fp16_valued(twin.bn2.running_var)
+
+
+def test_norm_format_is_checked():
+    with pytest.raises(RecipeError, match="norm_format"):
+        parse_recipe({"techniques": [{"type": "quant_lsq", "norm_format": "fp8"}]})
