@@ -276,7 +276,10 @@ def point_rows() -> list[dict]:
         runs = r.get("runs", [])
         if not any("changed_share" in row for row in runs):
             continue  # measured with the earlier joint mode
-        bits = next((t.get("bits") for t in r["recipe"]["techniques"] if t["type"] == "quant_lsq"), "-")
+        quant = next((t for t in r["recipe"]["techniques"] if t["type"] == "quant_lsq"), {})
+        bits = quant.get("bits", "-")
+        if quant.get("norm_format", "fp32") != "fp32":  # normalization layers stored narrower: another point
+            bits = f"{bits}, {quant['norm_format']} norms"
         for ratio in r["ratios"]:
             seq = next((s for s in r["summary"] if s["variant"] == "sequential" and s["ratio_target"] == ratio), None)
             for s in sorted((s for s in r["summary"] if s["ratio_target"] == ratio and s["variant"] not in ("sequential", "overlap")),

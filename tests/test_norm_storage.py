@@ -14,7 +14,7 @@ from jointcompress.errors import RecipeError
 from jointcompress.finalize import finalize
 from jointcompress.recipe import parse_recipe
 from jointcompress.spec import CompressionSpec
-from jointcompress.targets import target_bytes
+from jointcompress.targets import TargetError, target_bytes
 from jointcompress.techniques.norm_storage import attach_norm_storage, detach_norm_storage, round_norms
 
 
@@ -135,3 +135,38 @@ def test_a_copy_keeps_its_rounding_and_detaching_it_leaves_the_original_alone(te
 def test_norm_format_is_checked():
     with pytest.raises(RecipeError, match="norm_format"):
         parse_recipe({"techniques": [{"type": "quant_lsq", "norm_format": "fp8"}]})
+
+
+def test_an_unreachable_target_names_the_norm_format_when_norms_are_wide(teacher):
+    split, model = teacher
+    for fmt, named in (("fp32", True), ("fp16", False)):
+        recipe = _recipe(norm_format=fmt, target={"size_kb": 1.2})
+        with pytest.raises(TargetError) as err:
+            compress(copy.deepcopy(model), recipe, (split.x_train, split.y_train), lambda m: 0.0, teacher=model)
+        assert ("norm_format: fp16" in str(err.value)) is named, str(err.value)
+
+
+def test_a_transformers_classifier_stores_its_layernorms_in_fp16(tmp_path):
+    pytest.importorskip("transformers")
+    from hf_helpers import tiny_tokenizer
+    from test_hf_joint import recipe as hf_recipe
+    from test_hf_joint import run as hf_run
+
+    from jointcompress.hf.artifact import load_hf_artifact, save_hf_artifact
+    from jointcompress.hf.finalize import finalize_hf_with_spec
+    from jointcompress.hf.wrapper import SequenceClassifier
+
+    rec = hf_recipe(epochs=1)
+    next(t for t in rec["techniques"] if t["type"] == "quant_lsq")["norm_format"] = "fp16"
+    result, x, _ = hf_run(rec)
+    model = result.model.eval()
+    with torch.no_grad():
+        masked = model(x)
+    hf, spec = finalize_hf_with_spec(model, result.techniques)
+    manifest = save_hf_artifact(hf, spec, tmp_path / "art", tiny_tokenizer(tmp_path), ptq_bits=8)
+    norms = {k: r for k, r in manifest["other_tensors"].items() if "LayerNorm" in k}
+    assert norms and all(r["dtype"] == "float16" and r["loaded_as"] == "float32" for r in norms.values())
+    loaded = load_hf_artifact(tmp_path / "art")[0]
+    with torch.no_grad():
+        assert (SequenceClassifier(loaded).eval()(x) - SequenceClassifier(hf).eval()(x)).abs().max() <= 1e-5
+        assert (SequenceClassifier(hf).eval()(x) - masked).abs().max() <= 1e-4  # finalize, then the 8-bit rest: close

@@ -30,7 +30,7 @@ from .errors import RecipeError
 from .recipe import Recipe, parse_recipe
 from .schedules import progress, ramp
 from .techniques.base import selected_layers
-from .techniques.norm_storage import bake_norm_storage, round_norms
+from .techniques.norm_storage import bake_norm_storage, norm_format_hint, round_norms
 from .techniques.pruning import key as prune_key
 from .latency_targets import allocate_latency, resolve_latency, shrunk_copy  # noqa: E402,F401  (latency targets)
 
@@ -149,6 +149,8 @@ class Candidate:
             if hasattr(layer, "input_quant"):
                 del layer.input_quant
         bake_norm_storage(plain)
+        if getattr(quant.config, "norm_format", "fp32") == "fp16":  # as the run will store them, started or not
+            round_norms(plain)
         learned = prune.config.criterion == "learned"  # magnitude re-ranks |w| as the weights are now
         for name in prune.layers:
             if name in names:
@@ -288,7 +290,7 @@ def choose_bits(cand: Candidate, base: dict[str, int], sparsest: dict, dense: di
                 f"allows (2-bit, every layer at its floor: prune_unstructured.min_keep, at most "
                 f"{MAX_LAYER_SPARSITY:.1%} sparsity) is {cand.file_bytes(sparsest, bits(shift)):,} B: "
                 f"{floor_detail(*cand.build(sparsest, bits(shift)))}. Raise target.size_kb (or lower "
-                "target.ratio), or lower prune_unstructured.min_keep"
+                "target.ratio), or lower prune_unstructured.min_keep" + norm_format_hint(cand.model)
             )
         shift -= 1
     while shift >= 0 and any(b < 8 for b in bits(shift).values()) and cand.file_bytes(dense, bits(shift)) < goal:

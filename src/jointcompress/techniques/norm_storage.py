@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from ..artifact.precision import round_fp16_storable
+from ..artifact.precision import fp16_exact, round_fp16_storable
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 RUNNING_STATS = ("running_mean", "running_var")
@@ -113,3 +113,14 @@ def bake_norm_storage(model: nn.Module) -> None:
             for pname in [n for n, plist in module.parametrizations.items() if any(isinstance(p, StoredFp16) for p in plist)]:
                 parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
         detach_norm_storage(module)
+
+
+def norm_format_hint(model: nn.Module) -> str:
+    """A sentence for size errors: the bytes of normalization layers stored in fp32, if any, and
+    the setting that halves them."""
+    with torch.no_grad():
+        tensors = [getattr(m, n, None) for m in model.modules() if is_norm(m) for n in ("weight", "bias") + RUNNING_STATS]
+        wide = sum(t.numel() * 4 for t in tensors if isinstance(t, torch.Tensor) and t.numel() and not fp16_exact(t))
+    if not wide:
+        return ""
+    return f"; normalization layers hold {wide:,} B of it in fp32: quant_lsq.norm_format: fp16 stores them in half"
