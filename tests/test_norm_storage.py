@@ -109,10 +109,21 @@ def test_a_run_with_fp16_norms_evaluates_what_the_file_stores(teacher, tmp_path)
     assert result.metrics["accuracy"] > 0.8
 
 
-def test_a_size_target_counts_the_norms_at_their_stored_bytes(teacher, tmp_path):
+def _sequential(target):
+    return parse_recipe({"mode": "sequential", "target": target, "techniques": [
+        {"type": "prune_unstructured", "sparsity": 0.9, "end": 0.6},
+        {"type": "quant_lsq", "bits": 4, "start": 0.3, "norm_format": "fp16"},
+        {"type": "distill_kd", "cache_teacher": True}],
+        "training": {"epochs": 3, "batch_size": 32, "lr": 0.002}})
+
+
+@pytest.mark.parametrize("mode", ["joint", "sequential"])
+def test_a_size_target_counts_the_norms_at_their_stored_bytes(teacher, tmp_path, mode):
+    # sequential: the allocator and the steering (before quantization starts) measure them as stored too
     split, model = teacher
     student = copy.deepcopy(model)
-    recipe = _recipe(target={"ratio": 16.0})  # about a quarter of the file is norms, stored in fp16
+    target = {"ratio": 16.0}  # about a quarter of the file is norms, stored in fp16
+    recipe = _recipe(target=target) if mode == "joint" else _sequential(target)
     result = compress(student, recipe, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test), teacher=model)
     manifest = save(student, finalize(student, result.example_inputs), tmp_path / "t", example_inputs=result.example_inputs)
     goal = target_bytes(model, recipe.target)

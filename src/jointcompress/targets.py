@@ -30,7 +30,7 @@ from .errors import RecipeError
 from .recipe import Recipe, parse_recipe
 from .schedules import progress, ramp
 from .techniques.base import selected_layers
-from .techniques.norm_storage import bake_norm_storage, norm_format_hint, round_norms
+from .techniques.norm_storage import bake_norm_storage, norm_format_hint, norm_state_keys, round_norms
 from .techniques.pruning import key as prune_key
 from .latency_targets import allocate_latency, resolve_latency, shrunk_copy  # noqa: E402,F401  (latency targets)
 
@@ -125,6 +125,7 @@ class Candidate:
         self.biases = {n: self.modules[n].bias.detach().clone() for n in quant_layers
                        if isinstance(getattr(self.modules[n], "bias", None), torch.Tensor)}
         self.step_format, self.bias_format = "fp16", "fp16"  # as training stores them (artifact/precision.py)
+        self.narrow: set[str] = set()  # tensors training keeps on fp16 values (store_norms_as)
 
     @classmethod
     def from_training(cls, model: nn.Module, prune, quant, sparsity_at_quant_start: float = 1.0) -> "Candidate":
@@ -149,8 +150,6 @@ class Candidate:
             if hasattr(layer, "input_quant"):
                 del layer.input_quant
         bake_norm_storage(plain)
-        if getattr(quant.config, "norm_format", "fp32") == "fp16":  # as the run will store them, started or not
-            round_norms(plain)
         learned = prune.config.criterion == "learned"  # magnitude re-ranks |w| as the weights are now
         for name in prune.layers:
             if name in names:
@@ -159,7 +158,17 @@ class Candidate:
         cand = cls(plain, names, list(scores), quant.config.per_channel, sparsity_at_quant_start,
                    steps=steps or None, scores=scores, copy_model=False)
         cand.step_format, cand.bias_format = quant.config.scale_format, quant.config.bias_format
+        cand.store_norms_as(getattr(quant.config, "norm_format", "fp32"))  # before quantization starts too
         return cand
+
+    def store_norms_as(self, fmt: str) -> None:
+        """Normalization layers as the run will store them (quant_lsq.norm_format): with fp16,
+        rounded and measured in fp16; otherwise every tensor no technique compresses is measured
+        wide, even one whose values happen to be fp16 now (an untrained BatchNorm): training
+        moves them."""
+        if fmt == "fp16":
+            round_norms(self.model)
+            self.narrow = set(norm_state_keys(self.model))
 
     def _kept(self, name: str, sparsity: float) -> torch.Tensor:
         w = self.original[name]
@@ -212,7 +221,7 @@ class Candidate:
         from .artifact.store import file_blob
 
         model, spec = self.build(sparsity, bits)
-        return len(file_blob(encode_model(model, spec)))  # exactly what save() writes
+        return len(file_blob(encode_model(model, spec, narrow=self.narrow.__contains__)))  # what save() writes
 
 
 # -- the size allocator -------------------------------------------------------------------
@@ -253,8 +262,7 @@ def allocate_size(model: nn.Module, recipe: Recipe, example_inputs, scan: dict |
     at_start = sparsity_at_quant_start(quant.start, (prune.start, prune.end), prune.schedule)  # fractions of the run
     cand = Candidate(model, list(qlayers), list(players), quant.per_channel, at_start)
     cand.step_format, cand.bias_format = quant.scale_format, quant.bias_format
-    if quant.norm_format == "fp16":  # as the run will store them
-        round_norms(cand.model)
+    cand.store_norms_as(quant.norm_format)
     weights = scan_weights(players, scan, tolerance) if scan else erk_weights(players)
     base_bits = scan_bits(qlayers, scan, tolerance, quant.bits) if scan else {n: quant.bits for n in qlayers}
     floor = {n: max(prune.min_keep, 1.0 - MAX_LAYER_SPARSITY, 1.0 / m.weight.numel()) for n, m in players.items()}

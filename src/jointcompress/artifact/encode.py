@@ -15,6 +15,7 @@ it holds only fp16 values (bit for bit; the manifest's `loaded_as` names the dty
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -146,8 +147,12 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def encode_model(model: nn.Module, spec: CompressionSpec, entropy: bool = True) -> Encoding:
-    """Encode every quantized layer (weights, scale, bias) in its smallest form; keep the rest as is."""
+def encode_model(model: nn.Module, spec: CompressionSpec, entropy: bool = True,
+                 narrow: Callable[[str], bool] | None = None) -> Encoding:
+    """Encode every quantized layer (weights, scale, bias) in its smallest form; keep the rest as
+    is, in fp16 where it holds only fp16 values and `narrow(key)` allows it (default: always; the
+    size allocator predicts a file from a teacher whose values training will still move, so it
+    allows only what training keeps on fp16 values)."""
     enc = Encoding()
     quantized = _quantized_layers(model, spec)
     skip = set()
@@ -157,16 +162,16 @@ def encode_model(model: nn.Module, spec: CompressionSpec, entropy: bool = True) 
     for key, t in model.state_dict().items():
         if key in skip:
             continue
-        _encode_other(enc, key, t.detach().cpu().contiguous().clone())
+        _encode_other(enc, key, t.detach().cpu().contiguous().clone(), narrow is None or narrow(key))
     return enc
 
 
-def _encode_other(enc: Encoding, key: str, t: torch.Tensor) -> None:
+def _encode_other(enc: Encoding, key: str, t: torch.Tensor, narrow: bool = True) -> None:
     """A tensor no technique compresses, as it is; an fp32 tensor that holds only fp16 values
     (normalization layers trained as stored, quant_lsq.norm_format) in fp16, bit for bit, with
     the dtype the model gets back on load."""
     record = {}
-    if t.numel() and precision.fp16_exact(t):
+    if narrow and t.numel() and precision.fp16_exact(t):
         record["loaded_as"] = str(t.dtype).replace("torch.", "")
         t = t.to(torch.float16)
     enc.tensors[key] = t

@@ -105,6 +105,12 @@ def round_norms(model: nn.Module) -> None:
             _round_stats(module)
 
 
+def norm_state_keys(model: nn.Module) -> list[str]:
+    """The state-dict keys of every normalization layer's float tensors (of a plain model)."""
+    return [f"{name}.{n}".lstrip(".") for name, m in model.named_modules() if is_norm(m)
+            for n in ("weight", "bias") + RUNNING_STATS if isinstance(getattr(m, n, None), torch.Tensor)]
+
+
 def bake_norm_storage(model: nn.Module) -> None:
     """Make the rounding permanent on a copy that is measured, not trained (the steering's
     candidate): the rounded values become the plain tensors, and the hooks go."""
