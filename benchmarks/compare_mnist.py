@@ -35,7 +35,8 @@ DEFAULTS = {  # sized for <= ~30 min each on 2 CPU cores shared with other jobs 
     "lenet300": {"ratios": "40,60", "seeds": 3, "epochs": 4, "teacher_epochs": 6},
     "lenet5": {"ratios": "40,50", "seeds": 3, "epochs": 2, "teacher_epochs": 3},
     # BatchNorm and residual couplings: the joint recipe on a model unlike the LeNets (its BatchNorm
-    # tensors, stored as they are, set a floor under the file: about a third of it at 20x, half at 30x)
+    # tensors, stored in fp32, set a floor under the file: about a third of it at 20x, half at 30x;
+    # --norm-format fp16 halves them)
     "resnet": {"ratios": "20,30", "seeds": 3, "epochs": 2, "teacher_epochs": 3},
 }
 

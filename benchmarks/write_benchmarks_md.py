@@ -501,6 +501,56 @@ def fisher_budget_section() -> list[str]:
     return lines
 
 
+NORM_FORMAT_RUNS = ("compare_resnet", "compare_resnet_fp16norm")  # BatchNorm stored in fp32 / in fp16
+
+
+def norm_bytes(model: str) -> tuple[int, int]:
+    """Bytes of the model's normalization layers in the weights file: fp32, and with norm_format: fp16
+    (float tensors at 2 bytes, BatchNorm's int64 counter as it is)."""
+    import torch
+
+    from jointcompress.models import build_model
+    from jointcompress.techniques.norm_storage import is_norm
+
+    tensors = [t for m in build_model(model, 28, 10).modules() if is_norm(m) for t in m.state_dict().values()]
+    wide = sum(t.numel() * t.element_size() for t in tensors)
+    return wide, wide - sum(t.numel() * 2 for t in tensors if t.dtype == torch.float32)
+
+
+def norm_format_section() -> list[str]:
+    """The small ResNet with BatchNorm trained and stored in fp16 against the same points in fp32,
+    each variant paired by seed where the teachers are the same."""
+    wide, narrow = (load_compare(f) for f in NORM_FORMAT_RUNS)
+    if wide is None or narrow is None:
+        return []
+    fp32_b, fp16_b = norm_bytes("resnet")
+    teachers = lambda r: {u["seed"]: u["accuracy"] for u in r["uncompressed"]}  # noqa: E731
+    same = all(teachers(wide).get(k) == v for k, v in teachers(narrow).items())
+    lines = [f"## Small ResNet on MNIST: BatchNorm stored in fp16 (quant_lsq.norm_format: fp16) against fp32", "",
+             f"Reproduce: `{narrow['command']}` (each seed as its own command, pooled with `benchmarks/pool_compare.py`; "
+             f"the fp32 runs: `{wide['command']}`). The model's BatchNorm takes {fp32_b:,} B of the weights file in fp32 "
+             f"and {fp16_b:,} B with `norm_format: fp16` (affine weights trained as stored, running statistics rounded "
+             "after each update): the bytes it frees go to the weights, for both methods alike (the allocator and the "
+             "budget measure the file as it will be stored). "
+             + ("Same teachers (same seeds, same machine), so fp16 − fp32 is paired by seed." if same else
+                "The fp32 runs had other teachers (another machine): the fp16 − fp32 difference is not paired."), "",
+             "| target | variant | error, fp32 BatchNorm | error, fp16 BatchNorm | fp16 − fp32 (points) |",
+             "| --- | --- | --- | --- | --- |"]
+    for ratio in narrow["ratios"]:
+        for variant in ("joint-paced-obd-none", "sequential"):
+            err = {name: {row["seed"]: row["error"] for row in r["runs"] if row["variant"] == variant and row["ratio_target"] == ratio}
+                   for name, r in (("wide", wide), ("narrow", narrow))}
+            seeds = sorted(set(err["wide"]) & set(err["narrow"]))
+            if not seeds:
+                continue
+            diffs = [100 * (err["narrow"][k] - err["wide"][k]) for k in seeds]
+            paired = (f"{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs) / math.sqrt(len(diffs)):.2f} (n={len(diffs)})"
+                      if same and len(diffs) > 1 else "not paired")
+            mean = lambda d: 100 * statistics.mean(d[k] for k in seeds)  # noqa: E731
+            lines.append(f"| {ratio:g}x | {variant} | {mean(err['wide']):.2f}% | {mean(err['narrow']):.2f}% | {paired} |")
+    return lines + [""]
+
+
 def longer_run_section() -> list[str]:
     """LeNet-300-100 with the recipe's full 20 epochs (benchmarks/lenet300_mnist.py), if it ran."""
     path = ROOT / "benchmarks" / "results" / "lenet300_mnist.json"
@@ -946,6 +996,7 @@ def main() -> None:
     for model in MODELS:
         text += section(model)
     text += fisher_budget_section()
+    text += norm_format_section()
     if (ROOT / "benchmarks" / "results" / "compare_lenet300_long" / "compare.json").is_file():
         text += section("lenet300", "compare_lenet300_long", ", longer training at 60x")
     text += size_target_section()

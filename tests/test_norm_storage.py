@@ -78,6 +78,23 @@ def test_the_writer_stores_fp16_valued_tensors_in_half_the_bytes_and_loads_them_
     assert torch.equal(loaded(split.x_test[:64]), model.eval()(split.x_test[:64]))
 
 
+def test_an_edited_loaded_as_is_refused_naming_the_field(teacher, tmp_path):
+    import json
+
+    from jointcompress.errors import ArtifactError
+
+    split, model = teacher
+    model = copy.deepcopy(model)
+    round_norms(model)
+    save(model, CompressionSpec(), tmp_path / "a", example_inputs=split.x_test[:2])
+    path = tmp_path / "a" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["other_tensors"]["bn1.running_var"]["loaded_as"] = "int8"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"other_tensors\['bn1.running_var'\].loaded_as"):
+        load(tmp_path / "a", NormNet)
+
+
 def _recipe(norm_format="fp16", **extra):
     return parse_recipe({"mode": "joint", **extra, "techniques": [
         {"type": "quant_lsq", "bits": 4, "norm_format": norm_format, **({"zero_level": True} if extra else {})},

@@ -453,8 +453,9 @@ def _validate_fields(m: dict) -> None:
             _dtype(rec["dtype"], f"{f}.dtype")
         if "bytes" in rec:
             _int(rec["bytes"], f"{f}.bytes")
-        if "loaded_as" in rec:
-            _dtype(rec["loaded_as"], f"{f}.loaded_as")
+        if "loaded_as" in rec:  # the writer narrows fp32 tensors only (artifact/encode.py)
+            _need(rec["loaded_as"] == "float32" and rec.get("dtype") == "float16", f"{f}.loaded_as",
+                  f"is {rec['loaded_as']!r:.40} for a {rec.get('dtype')!r:.40} tensor; only float16 stored for float32 loads")
         _need(key.removesuffix(".weight") not in layers or not key.endswith(".weight"), f,
               "is also stored as a quantized layer")
 
