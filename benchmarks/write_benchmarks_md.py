@@ -472,7 +472,10 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                  for r in (60, 100)),
                ("lenet5", "compare_lenet5_200x_paced_obd_fused",
                 " at 200x, joint-paced-obd-none after the fused Adam and the size term's single node (a check)"),
-               ("resnet", "compare_resnet_2k", ", 2,000 training images, at 20x and 30x"))
+               ("resnet", "compare_resnet_2k", ", 2,000 training images, at 20x and 30x"),
+               ("resnet", "compare_resnet_fp16norm", " at 20x and 30x, BatchNorm stored in fp16 (quant_lsq.norm_format: fp16)"),
+               ("resnet", "compare_resnet_30x_fp32norm",
+                " at 30x, BatchNorm in fp32, on the machine of the fp16 runs (their teachers)"))
 
 
 def fisher_budget_section() -> list[str]:
@@ -501,7 +504,8 @@ def fisher_budget_section() -> list[str]:
     return lines
 
 
-NORM_FORMAT_RUNS = ("compare_resnet", "compare_resnet_fp16norm")  # BatchNorm stored in fp32 / in fp16
+# BatchNorm stored in fp32 / in fp16, the same seeds on the same machine (the same teachers)
+NORM_FORMAT_RUNS = ("compare_resnet_30x_fp32norm", "compare_resnet_fp16norm")
 
 
 def norm_bytes(model: str) -> tuple[int, int]:
@@ -527,8 +531,7 @@ def norm_format_section() -> list[str]:
     teachers = lambda r: {u["seed"]: u["accuracy"] for u in r["uncompressed"]}  # noqa: E731
     same = all(teachers(wide).get(k) == v for k, v in teachers(narrow).items())
     lines = [f"## Small ResNet on MNIST: BatchNorm stored in fp16 (quant_lsq.norm_format: fp16) against fp32", "",
-             f"Reproduce: `{narrow['command']}` (each seed as its own command, pooled with `benchmarks/pool_compare.py`; "
-             f"the fp32 runs: `{wide['command']}`). The model's BatchNorm takes {fp32_b:,} B of the weights file in fp32 "
+             f"Reproduce, fp16: {_reproduce(narrow, 'resnet')}; fp32: {_reproduce(wide, 'resnet')}. The model's BatchNorm takes {fp32_b:,} B of the weights file in fp32 "
              f"and {fp16_b:,} B with `norm_format: fp16` (affine weights trained as stored, running statistics rounded "
              "after each update): the bytes it frees go to the weights, for both methods alike (the allocator and the "
              "budget measure the file as it will be stored). "

@@ -1,0 +1,130 @@
+"""Where the time of one joint step goes, phase by phase, beside a plain step (the issue's goal:
+a joint step with the size term and PCGrad every 10 steps at most 2x a plain one).
+
+    .venv/bin/python benchmarks/step_phases.py --data ../shared/datasets/mnist/mnist.npz --threads 1 \
+        --out benchmarks/results/step_phases.json
+
+The steppers are benchmarks/step_cost.py's (`budget_pcgrad_every10`: the goal's step;
+`paced_none`: the benchmarks' recipe inside its decision window). Each joint step runs the
+training loop's own phases in its order (Trainer.step), each timed with perf_counter; a plain
+step (forward, cross-entropy, backward, Adam) is timed between two joint steps, so both see
+the same machine. Also the quantized layers' weights alone (the parametrizations' forward,
+no matmul), per layer: their cost barely depends on the layer's size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+import step_cost
+from jointcompress.artifact.size import dense_fp32_bytes
+from jointcompress.data import load_dataset
+from jointcompress.models import build_model
+from jointcompress.training import loop
+
+PHASES = ("update", "forward", "read_terms", "backward", "gradient_check", "before_step", "clip", "optimizer", "after_step")
+
+
+def timed_step(times: dict):
+    """Trainer.step with each phase timed into `times` (the loop's own calls, in its order)."""
+    def step(self, batch, step):
+        t = [time.perf_counter()]
+        s, rec = self.session, self.recovery
+        s.step = step
+        s.update_techniques(); t.append(time.perf_counter())
+        terms = s.forward_terms(batch); t.append(time.perf_counter())
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        rec.bad_term(values)
+        factor = loop.lr_factor(step, s.plan, s.recipe.training.lr_schedule)
+        for g in s.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * rec.lr_scale * factor
+        s.optimizer.zero_grad(set_to_none=True); t.append(time.perf_counter())
+        stats = s.backward(terms); t.append(time.perf_counter())
+        rec.bad_gradient(); t.append(time.perf_counter())
+        s.before_step(); t.append(time.perf_counter())
+        if s.recipe.training.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(s.coordinator.params, s.recipe.training.grad_clip)
+        t.append(time.perf_counter())
+        s.optimizer.step(); t.append(time.perf_counter())
+        s.after_step(prepare_next=False); t.append(time.perf_counter())
+        for name, a, b in zip(PHASES, t, t[1:]):
+            times[name].append((b - a) * 1e3)
+        return {"terms": values, "coordination": stats}
+    return step
+
+
+def weight_times(stepper, rounds: int) -> dict:
+    """ms to compute each quantized layer's weight (its parametrizations' forward), median."""
+    out = {}
+    for name, mod in stepper.trainer.model.named_modules():
+        if not hasattr(mod, "parametrizations"):
+            continue
+        samples = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            mod.weight
+            samples.append((time.perf_counter() - t0) * 1e3)
+        out[name] = {"numel": mod.parametrizations.weight.original.numel(), "ms": statistics.median(samples)}
+    return out
+
+
+def measure(name: str, stepper, plain, steps: int) -> dict:
+    times = defaultdict(list)
+    original = loop.Trainer.step
+    loop.Trainer.step = timed_step(times)
+    try:
+        for _ in range(30):
+            stepper(); plain()
+        times.clear()
+        plain_ms = []
+        for _ in range(steps):
+            stepper()
+            t0 = time.perf_counter(); plain(); plain_ms.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        loop.Trainer.step = original
+    phases = {k: {"median_ms": statistics.median(v), "mean_ms": statistics.mean(v)} for k, v in times.items()}
+    total = sum(p["mean_ms"] for p in phases.values())
+    return {"phases": phases, "joint_mean_ms": total, "plain_mean_ms": statistics.mean(plain_ms),
+            "ratio_of_means": total / statistics.mean(plain_ms), "weights_alone": weight_times(stepper, 200)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default="digits")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--out", default="benchmarks/results/step_phases.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    split = load_dataset(args.data)
+    teacher = build_model("lenet300", split.image_size, split.num_classes)
+    goal = dense_fp32_bytes(teacher) / 100
+    load_before = os.getloadavg()[0]
+    steppers = {
+        "budget_pcgrad_every10": step_cost.joint_stepper(teacher, split, "pcgrad", recipe=step_cost.budget_recipe("pcgrad", 10, goal)),
+        "paced_none": step_cost.joint_stepper(teacher, split, "none",
+                                              recipe=step_cost.budget_recipe("none", 1, goal, variant="joint-paced-none")),
+    }
+    result = {"command": f"python benchmarks/step_phases.py --data {args.data} --threads {args.threads} --steps {args.steps} "
+                         f"--out {args.out}",
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+                         f"load average {load_before:.1f} before",
+              "model": "lenet300", "batch": step_cost.BATCH[0]}
+    for name, fn in steppers.items():
+        result[name] = measure(name, fn, step_cost.plain_stepper(teacher, split), args.steps)
+    result["machine"] += f" / {os.getloadavg()[0]:.1f} after"
+    print(json.dumps(result, indent=1))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
