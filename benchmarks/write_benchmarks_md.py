@@ -530,7 +530,7 @@ def norm_format_section() -> list[str]:
     fp32_b, fp16_b = norm_bytes("resnet")
     teachers = lambda r: {u["seed"]: u["accuracy"] for u in r["uncompressed"]}  # noqa: E731
     same = all(teachers(wide).get(k) == v for k, v in teachers(narrow).items())
-    lines = [f"## Small ResNet on MNIST: BatchNorm stored in fp16 (quant_lsq.norm_format: fp16) against fp32", "",
+    lines = ["## Small ResNet on MNIST: BatchNorm stored in fp16 (quant_lsq.norm_format: fp16) against fp32", "",
              f"Reproduce, fp16: {_reproduce(narrow, 'resnet')}; fp32: {_reproduce(wide, 'resnet')}. The model's BatchNorm takes {fp32_b:,} B of the weights file in fp32 "
              f"and {fp16_b:,} B with `norm_format: fp16` (affine weights trained as stored, running statistics rounded "
              "after each update): the bytes it frees go to the weights, for both methods alike (the allocator and the "
