@@ -96,6 +96,7 @@ def test_an_edited_loaded_as_is_refused_naming_the_field(teacher, tmp_path):
 
 
 def _recipe(norm_format="fp16", **extra):
+    """4-bit LSQ + KD; given a target (`extra`), the joint mode's size budget too."""
     return parse_recipe({"mode": "joint", **extra, "techniques": [
         {"type": "quant_lsq", "bits": 4, "norm_format": norm_format, **({"zero_level": True} if extra else {})},
         *([{"type": "size_budget", "end": 0.6, "freeze": 0.8}] if extra else []),
