@@ -5,10 +5,10 @@ a joint step with the size term and PCGrad every 10 steps at most 2x a plain one
         --out benchmarks/results/step_phases.json
 
 The steppers are benchmarks/step_cost.py's (`budget_pcgrad_every10`: the goal's step;
-`paced_none`: the benchmarks' recipe inside its decision window). Each joint step runs the
-training loop's own phases in its order (Trainer.step), each timed with perf_counter; a plain
-step (forward, cross-entropy, backward, Adam) is timed between two joint steps, so both see
-the same machine. Also the quantized layers' weights alone (the parametrizations' forward,
+`paced_none`: the benchmarks' recipe inside its decision window). Each joint step is the
+training loop's own Trainer.step, timed whole and, through its calls on the session, the
+recovery and the optimizer, phase by phase; a plain step (forward, cross-entropy, backward,
+Adam) is timed between two joint steps, so both see the same machine. Also the quantized layers' weights alone (the parametrizations' forward,
 no matmul), per layer: their cost barely depends on the layer's size.
 """
 from __future__ import annotations
@@ -27,37 +27,26 @@ import step_cost
 from jointcompress.artifact.size import dense_fp32_bytes
 from jointcompress.data import load_dataset
 from jointcompress.models import build_model
-from jointcompress.training import loop
 
-PHASES = ("update", "forward", "read_terms", "backward", "gradient_check", "before_step", "clip", "optimizer", "after_step")
+def timed(fn, samples: list):
+    """`fn` with each call's milliseconds appended to `samples`."""
+    def call(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        samples.append((time.perf_counter() - t0) * 1e3)
+        return out
+    return call
 
 
-def timed_step(times: dict):
-    """Trainer.step with each phase timed into `times` (the loop's own calls, in its order)."""
-    def step(self, batch, step):
-        t = [time.perf_counter()]
-        s, rec = self.session, self.recovery
-        s.step = step
-        s.update_techniques(); t.append(time.perf_counter())
-        terms = s.forward_terms(batch); t.append(time.perf_counter())
-        values = {k: float(v.detach()) for k, v in terms.items()}
-        rec.bad_term(values)
-        factor = loop.lr_factor(step, s.plan, s.recipe.training.lr_schedule)
-        for g in s.optimizer.param_groups:
-            g["lr"] = g["base_lr"] * rec.lr_scale * factor
-        s.optimizer.zero_grad(set_to_none=True); t.append(time.perf_counter())
-        stats = s.backward(terms); t.append(time.perf_counter())
-        rec.bad_gradient(); t.append(time.perf_counter())
-        s.before_step(); t.append(time.perf_counter())
-        if s.recipe.training.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(s.coordinator.params, s.recipe.training.grad_clip)
-        t.append(time.perf_counter())
-        s.optimizer.step(); t.append(time.perf_counter())
-        s.after_step(prepare_next=False); t.append(time.perf_counter())
-        for name, a, b in zip(PHASES, t, t[1:]):
-            times[name].append((b - a) * 1e3)
-        return {"terms": values, "coordination": stats}
-    return step
+def instrument(trainer, times: dict) -> None:
+    """Time the training loop's own calls on this trainer's objects (Trainer.step itself runs
+    unchanged): what is not in a phase (reading the terms, the learning rate, clipping) is `rest`."""
+    s = trainer.session
+    for name, owner, attr in (("update", s, "update_techniques"), ("forward", s, "forward_terms"),
+                              ("backward", s, "backward"), ("gradient_check", trainer.recovery, "bad_gradient"),
+                              ("before_step", s, "before_step"), ("optimizer", s.optimizer, "step"),
+                              ("after_step", s, "after_step")):
+        setattr(owner, attr, timed(getattr(owner, attr), times[name]))
 
 
 def weight_times(stepper, rounds: int) -> dict:
@@ -75,22 +64,20 @@ def weight_times(stepper, rounds: int) -> dict:
     return out
 
 
-def measure(name: str, stepper, plain, steps: int) -> dict:
+def measure(stepper, plain, steps: int) -> dict:
     times = defaultdict(list)
-    original = loop.Trainer.step
-    loop.Trainer.step = timed_step(times)
-    try:
-        for _ in range(30):
-            stepper(); plain()
-        times.clear()
-        plain_ms = []
-        for _ in range(steps):
-            stepper()
-            t0 = time.perf_counter(); plain(); plain_ms.append((time.perf_counter() - t0) * 1e3)
-    finally:
-        loop.Trainer.step = original
+    instrument(stepper.trainer, times)
+    for _ in range(30):
+        stepper(); plain()
+    for samples in times.values():  # the timers hold these lists: emptied, not replaced
+        samples.clear()
+    joint_ms, plain_ms = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter(); stepper(); joint_ms.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter(); plain(); plain_ms.append((time.perf_counter() - t0) * 1e3)
     phases = {k: {"median_ms": statistics.median(v), "mean_ms": statistics.mean(v)} for k, v in times.items()}
-    total = sum(p["mean_ms"] for p in phases.values())
+    total = statistics.mean(joint_ms)
+    phases["rest"] = {"mean_ms": total - sum(p["mean_ms"] for p in phases.values())}
     return {"phases": phases, "joint_mean_ms": total, "plain_mean_ms": statistics.mean(plain_ms),
             "ratio_of_means": total / statistics.mean(plain_ms), "weights_alone": weight_times(stepper, 200)}
 
@@ -119,7 +106,7 @@ def main() -> None:
                          f"load average {load_before:.1f} before",
               "model": "lenet300", "batch": step_cost.BATCH[0]}
     for name, fn in steppers.items():
-        result[name] = measure(name, fn, step_cost.plain_stepper(teacher, split), args.steps)
+        result[name] = measure(fn, step_cost.plain_stepper(teacher, split), args.steps)
     result["machine"] += f" / {os.getloadavg()[0]:.1f} after"
     print(json.dumps(result, indent=1))
     with open(args.out, "w") as f:

@@ -81,9 +81,10 @@ def attach_norm_storage(model: nn.Module) -> list[str]:
     return names
 
 
-def _rounded(module: nn.Module) -> bool:
+def _rounded(module: nn.Module) -> list[str]:
+    """The names of the module's tensors that StoredFp16 rounds."""
     plist = getattr(module, "parametrizations", {}) or {}
-    return any(isinstance(p, StoredFp16) for name in plist for p in plist[name])
+    return [name for name in plist if any(isinstance(p, StoredFp16) for p in plist[name])]
 
 
 def detach_norm_storage(module: nn.Module) -> None:
@@ -105,19 +106,28 @@ def round_norms(model: nn.Module) -> None:
             _round_stats(module)
 
 
+def _norm_tensors(model: nn.Module):
+    """(state-dict key, tensor as the forward reads it) of every normalization layer's affine
+    weights and running statistics."""
+    for name, m in model.named_modules():
+        if is_norm(m):
+            for n in ("weight", "bias") + RUNNING_STATS:
+                t = getattr(m, n, None)
+                if isinstance(t, torch.Tensor):
+                    yield f"{name}.{n}".lstrip("."), t
+
+
 def norm_state_keys(model: nn.Module) -> list[str]:
     """The state-dict keys of every normalization layer's float tensors (of a plain model)."""
-    return [f"{name}.{n}".lstrip(".") for name, m in model.named_modules() if is_norm(m)
-            for n in ("weight", "bias") + RUNNING_STATS if isinstance(getattr(m, n, None), torch.Tensor)]
+    return [key for key, _ in _norm_tensors(model)]
 
 
 def bake_norm_storage(model: nn.Module) -> None:
     """Make the rounding permanent on a copy that is measured, not trained (the steering's
     candidate): the rounded values become the plain tensors, and the hooks go."""
     for module in model.modules():
-        if _rounded(module):
-            for pname in [n for n, plist in module.parametrizations.items() if any(isinstance(p, StoredFp16) for p in plist)]:
-                parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
+        for pname in _rounded(module):
+            parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
         detach_norm_storage(module)
 
 
@@ -125,8 +135,7 @@ def norm_format_hint(model: nn.Module) -> str:
     """A sentence for size errors: the bytes of normalization layers stored in fp32, if any, and
     the setting that halves them."""
     with torch.no_grad():
-        tensors = [getattr(m, n, None) for m in model.modules() if is_norm(m) for n in ("weight", "bias") + RUNNING_STATS]
-        wide = sum(t.numel() * 4 for t in tensors if isinstance(t, torch.Tensor) and t.numel() and not fp16_exact(t))
+        wide = sum(t.numel() * 4 for _, t in _norm_tensors(model) if t.numel() and not fp16_exact(t))
     if not wide:
         return ""
     return f"; normalization layers hold {wide:,} B of it in fp32: quant_lsq.norm_format: fp16 stores them in half"
