@@ -3,7 +3,7 @@
     PYTHONPATH=src .venv/bin/python benchmarks/arch_matrix.py
 
 transformers' own classes at tiny random configs (tests/arch_models.py: hidden 32, 2 layers,
-images 32x32, text as float inputs_embeds), each through unstructured and structured
+images 32x32, text as float inputs_embeds) and two plain torch signal CNNs (Conv1d, Conv3d), each through unstructured and structured
 pruning (with 8-bit LSQ, 1 epoch on 8 random samples), the joint mode (zero-level 4-bit LSQ under
 a size budget at 1/4 of the fp32 file, 2 epochs) and the paced joint recipe BENCHMARKS.md measures
 (joint-paced-obd-none: fixed 4-bit widths, Fisher saliency, stiff constraint, paced window, landing

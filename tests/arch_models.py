@@ -1,4 +1,5 @@
-"""transformers' own model classes at tiny random configs (no download), as float-input classifiers.
+"""transformers' own model classes at tiny random configs (no download), as float-input classifiers,
+and two plain torch signal models: a 1-D convolutional net (audio, sensor series) and a 3-D one (video).
 
 Vision models take pixel_values [B, 3, 32, 32]; text models take float `inputs_embeds`
 [B, T, 32] (so they run through compress() as they are), and every wrapper returns the
@@ -18,7 +19,9 @@ HIDDEN = 32
 SEQ = 6
 VISION = ("resnet", "mobilenetv2", "convnext", "vit")
 TEXT = ("bert", "distilbert", "roberta", "electra", "deberta-v2")
-ARCHS = VISION + TEXT
+SIGNALS = ("conv1d", "conv3d")  # nn.Conv1d / nn.Conv3d with BatchNorm and a residual addition
+ARCHS = VISION + TEXT + SIGNALS
+INPUT_SHAPES = {"conv1d": (4, 64), "conv3d": (3, 4, 16, 16)}
 CAUSAL = ("gpt2",)  # last-token logits from float inputs_embeds
 
 
@@ -43,6 +46,26 @@ class Logits(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.hf(**{self.key: x}).logits
+
+
+class SignalNet(nn.Module):
+    """conv-BN-ReLU, a residual block, a strided conv, global pooling and a Linear head, in 1-D or 3-D."""
+
+    def __init__(self, dims: int, channels: int = 24):
+        super().__init__()
+        conv, norm = {1: (nn.Conv1d, nn.BatchNorm1d), 3: (nn.Conv3d, nn.BatchNorm3d)}[dims]
+        cin = INPUT_SHAPES[f"conv{dims}d"][0]
+        self.stem = nn.Sequential(conv(cin, channels, 3, padding=1, bias=False), norm(channels), nn.ReLU())
+        self.block = nn.Sequential(conv(channels, channels, 3, padding=1, bias=False), norm(channels), nn.ReLU(),
+                                   conv(channels, channels, 3, padding=1, bias=False), norm(channels))
+        self.down = nn.Sequential(conv(channels, 2 * channels, 3, stride=2, padding=1), nn.ReLU())
+        self.pool = {1: nn.AdaptiveAvgPool1d, 3: nn.AdaptiveAvgPool3d}[dims](1)
+        self.head = nn.Linear(2 * channels, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = torch.relu(h + self.block(h))
+        return self.head(self.pool(self.down(h)).flatten(1))
 
 
 def _text_kwargs() -> dict:
@@ -91,6 +114,8 @@ def _hf(name: str) -> nn.Module:
 def build(name: str, seed: int = 0) -> nn.Module:
     """A fresh tiny classifier of architecture `name` (eval mode, deterministic weights)."""
     torch.manual_seed(seed)
+    if name in SIGNALS:
+        return SignalNet(int(name[4])).eval()
     if name in CAUSAL:
         return LastToken(_hf(name).eval()).eval()
     return Logits(_hf(name).eval(), "pixel_values" if name in VISION else "inputs_embeds").eval()
@@ -99,7 +124,7 @@ def build(name: str, seed: int = 0) -> nn.Module:
 def data(name: str, n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """n random float inputs of the shape `name` takes, and random class labels."""
     g = torch.Generator().manual_seed(seed)
-    shape = (n, 3, 32, 32) if name in VISION else (n, SEQ, HIDDEN)
+    shape = (n, 3, 32, 32) if name in VISION else (n, *INPUT_SHAPES[name]) if name in SIGNALS else (n, SEQ, HIDDEN)
     return torch.randn(shape, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
 
 
@@ -143,7 +168,9 @@ def rel_gap(reference: torch.Tensor, other: torch.Tensor) -> float:
 
 def _shrunk_layers(model: nn.Module, fresh: nn.Module) -> int:
     """How many Linear/Conv layers have fewer parameters than in the unpruned model."""
-    before = {n: m.weight.numel() for n, m in fresh.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    from jointcompress.layer_types import COMPRESSIBLE
+
+    before = {n: m.weight.numel() for n, m in fresh.named_modules() if isinstance(m, COMPRESSIBLE)}
     return sum(1 for n, m in model.named_modules() if n in before and m.weight.numel() < before[n])
 
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 from . import distributed as _dist
 from . import techniques as tech
 from .errors import DataError, RecipeError
+from .layer_types import COMPRESSIBLE
 from .session.outputs import call_model, describe, first_rows, split_batch
 from .training import History, Trainer
 from .plan import make_plan
@@ -83,11 +84,11 @@ def check_targets(model: nn.Module, recipe: Recipe) -> None:
         check_layers(model, cfg, i)
         if selected_layers(model, cfg):
             continue
-        layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        layers = [n for n, m in model.named_modules() if isinstance(m, COMPRESSIBLE)]
         shown = ", ".join(layers[:12]) + (f", ... ({len(layers)} in all)" if len(layers) > 12 else "")
         raise RecipeError(
             f"techniques[{i}] ({cfg.type}): targets {cfg.targets} with exclude {cfg.exclude} select no layer of the model; "
-            f"its Linear/Conv2d layers are: {shown or '(none)'}. Fix the glob patterns or remove the technique"
+            f"its Linear and convolution layers are: {shown or '(none)'}. Fix the glob patterns or remove the technique"
         )
 
 

@@ -9,6 +9,7 @@ because dense kernels still multiply them).
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Callable
@@ -18,8 +19,8 @@ import torch.nn as nn
 
 from .artifact.size import dense_fp32_bytes
 from .deploy.timing import DEFAULT_THREADS, Timing, time_contenders
+from .layer_types import COMPRESSIBLE
 
-PRUNABLE = (nn.Linear, nn.Conv2d)
 
 
 def count_params(model: nn.Module) -> dict[str, int]:
@@ -28,16 +29,16 @@ def count_params(model: nn.Module) -> dict[str, int]:
 
 
 def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
-    """Multiply-accumulates of one sample through every Linear/Conv2d (forward hooks)."""
+    """Multiply-accumulates of one sample through every Linear and convolution (forward hooks)."""
     total = 0
 
     def hook(mod, inp, out):
         nonlocal total
         per_out = mod.in_features if isinstance(mod, nn.Linear) else \
-            (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
+            (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
         total += out.numel() // max(out.shape[0], 1) * per_out if out.dim() > 1 else out.numel() * per_out
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, PRUNABLE)]
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, COMPRESSIBLE)]
     try:
         with torch.inference_mode():
             model.eval()(example_input[:1])

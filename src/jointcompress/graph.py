@@ -18,9 +18,10 @@ import torch
 import torch.nn as nn
 
 from .errors import UnsupportedModelError
+from .layer_types import BATCH_NORMS, COMPRESSIBLE
 from .group_checks import member_reason, parameter_owners, reshape_reason, verify_groups
 
-PRUNABLE_ROOTS = (nn.Linear, nn.Conv2d)
+PRUNABLE_ROOTS = COMPRESSIBLE
 
 
 @dataclass
@@ -186,7 +187,7 @@ def _traced_groups(model: nn.Module, dg, ignored) -> tuple[list[ChannelGroup], d
         for item in g:
             mod = item.dep.target.module
             kind = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
-            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            if isinstance(mod, BATCH_NORMS):
                 kind = "out"
             idxs = [int(i) for i in item.idxs]
             reason = reshape_reason(item.dep.target) or member_reason(

@@ -27,21 +27,22 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from .layer_types import BATCH_NORMS, CONVOLUTIONS
+
 PARITY_RTOL = 1e-4  # |masked - removed| <= PARITY_RTOL * max|masked| (+ a float32 floor)
-_CHANNELWISE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def _is_channel_mixing_norm(mod: nn.Module) -> bool:
-    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+    if isinstance(mod, BATCH_NORMS):
         return False
     return isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or "norm" in type(mod).__name__.lower()
 
 
 def _channel_sizes(mod: nn.Module) -> tuple[int, int] | None:
     """(out, in) channel counts of a channel-wise layer, as its weight stores them."""
-    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+    if isinstance(mod, BATCH_NORMS):
         return mod.num_features, mod.num_features
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+    if isinstance(mod, CONVOLUTIONS):
         return mod.out_channels, mod.in_channels
     if isinstance(mod, nn.Linear):
         return mod.out_features, mod.in_features

@@ -4,7 +4,7 @@ model timed when the run starts) to a width for every channel group, from measur
 Why per group, and why tables: one uniform channel sparsity spends the latency budget badly.
 Layers differ in cost per channel (a 5x5 conv on 24x24 maps costs far more per channel than a
 Linear) and in how much a channel matters. So the model's latency is predicted from a
-**per-layer latency table**: each Conv2d / Linear is timed alone on its real input size, at a
+**per-layer latency table**: each convolution / Linear is timed alone on its real input size, at a
 grid of (input width, output width) pairs, for the runtime and batch the target names, and
 interpolated in between; the rest of the model (pooling, BatchNorm, Python) is one measured
 constant. The allocator then removes channels greedily, a kernel-friendly step at a time
@@ -35,6 +35,7 @@ import torch.nn as nn
 from .block_drop import allocation_base
 from .deploy.timing import DEFAULT_THREADS, steady_ms, time_contenders
 from .graph import PRUNABLE_ROOTS, ChannelGroup, build_graph, discover_groups
+from .layer_types import CONVOLUTIONS
 from .latency_knee import TOLERANCE, give_back_within
 
 MAX_CONFIRM = 3  # allocate -> time -> tighten rounds
@@ -68,7 +69,7 @@ def allowed_widths(channels: int, min_keep: float = MIN_KEEP, min_width: int = M
 
 @dataclass
 class LayerSite:
-    """A Conv2d / Linear: its full widths, which group sets each, and its input shape."""
+    """A convolution / Linear: its full widths, which group sets each, and its input shape."""
 
     name: str
     cin: int
@@ -103,8 +104,8 @@ def layer_sites(model: nn.Module, example_inputs, groups: list[ChannelGroup]) ->
     for name, m in model.named_modules():
         if not isinstance(m, PRUNABLE_ROOTS) or name not in shapes:
             continue
-        conv = isinstance(m, nn.Conv2d)
-        spec = ({"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding, "bias": m.bias is not None}
+        conv = isinstance(m, CONVOLUTIONS)
+        spec = ({"type": type(m), "kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding, "bias": m.bias is not None}
                 if conv else {"bias": m.bias is not None})
         if conv and m.groups != 1:
             continue  # grouped / depthwise convs: not tabled (their cost rides in the constant)
@@ -194,7 +195,7 @@ def grid_of(full: int, grouped: bool) -> list[int]:
 
 def _rebuilt(site: LayerSite, cin: int, cout: int) -> tuple[nn.Module, tuple]:
     if "kernel_size" in site.spec:
-        layer = nn.Conv2d(cin, cout, site.spec["kernel_size"], site.spec["stride"], site.spec["padding"], bias=site.spec["bias"])
+        layer = site.spec["type"](cin, cout, site.spec["kernel_size"], site.spec["stride"], site.spec["padding"], bias=site.spec["bias"])
         shape = (cin, *site.input_shape[1:])
     else:
         layer = nn.Linear(cin, cout, bias=site.spec["bias"])

@@ -19,6 +19,7 @@ from .deploy.timing import DEFAULT_THREADS, time_contenders
 from .data import Split, evaluator, load_dataset
 from .errors import ArtifactError
 from .finalize import finalize
+from .layer_types import COMPRESSIBLE
 from .models import build_model
 from .recipe import Recipe
 
@@ -117,7 +118,7 @@ def _describe(model: nn.Module, spec) -> dict:
     p = count_params(model)
     zeros = total = 0
     for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
+        if isinstance(m, COMPRESSIBLE):
             zeros += int((m.weight == 0).sum())
             total += m.weight.numel()
     bits = sorted({ls.bits for ls in spec.layers.values() if ls.bits})

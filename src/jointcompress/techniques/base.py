@@ -13,6 +13,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from ..layer_types import COMPRESSIBLE
+
 
 @dataclass
 class RunContext:
@@ -89,7 +91,7 @@ class Technique:
         pass
 
 
-def selected_layers(model: nn.Module, cfg, types=(nn.Linear, nn.Conv2d)) -> dict[str, nn.Module]:
+def selected_layers(model: nn.Module, cfg, types=COMPRESSIBLE) -> dict[str, nn.Module]:
     """The layers a technique's `targets`/`exclude` patterns select, in model order."""
     from ..graph import matches
 

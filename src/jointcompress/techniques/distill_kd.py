@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import RecipeError
+from ..layer_types import BATCH_NORMS, CONVOLUTIONS
 from .base import RunContext, Technique
 
 
@@ -60,9 +61,10 @@ def hinton_loss(student_logits, teacher_logits, targets, temperature: float, alp
 
 
 def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse",
-                 positions: torch.Tensor | None = None) -> torch.Tensor:
-    """MSE, or 1 - cosine similarity along the feature axis (channels of NCHW maps, else the
-    last axis: the hidden size of [batch, tokens, hidden] states), averaged over the rest.
+                 positions: torch.Tensor | None = None, axis: int | None = None) -> torch.Tensor:
+    """MSE, or 1 - cosine similarity along the feature axis, averaged over the rest. The feature
+    axis is `axis`, by default the channels of NCHW maps, else the last axis: the hidden size of
+    [batch, tokens, hidden] states (feature_axis says which a captured module's output has).
 
     `positions` ([batch, tokens] bool) keeps only those positions of [batch, tokens, hidden]
     states in the average: padding carries no signal, and without the mask short sentences
@@ -73,7 +75,9 @@ def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse"
             f"distill_kd.features: student output {tuple(student.shape)} and teacher output {tuple(teacher.shape)} "
             "differ beyond the feature width; pair modules whose outputs agree in batch and position axes"
         )
-    if positions is not None and student.dim() == 3 and tuple(positions.shape) == tuple(student.shape[:2]):
+    if axis is None:
+        axis = 1 if student.dim() == 4 else -1
+    if positions is not None and student.dim() == 3 and axis == -1 and tuple(positions.shape) == tuple(student.shape[:2]):
         keep = positions.to(student.dtype)
         if kind == "cosine":
             per = 1.0 - F.cosine_similarity(student, teacher, dim=-1)
@@ -81,7 +85,7 @@ def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse"
             per = (student - teacher).pow(2).mean(-1)
         return (per * keep).sum() / keep.sum().clamp_min(1.0)
     if kind == "cosine":
-        return (1.0 - F.cosine_similarity(student, teacher, dim=1 if student.dim() == 4 else -1)).mean()
+        return (1.0 - F.cosine_similarity(student, teacher, dim=axis)).mean()
     return F.mse_loss(student, teacher)
 
 
@@ -90,16 +94,34 @@ class _Capture:
 
     def __init__(self, module: nn.Module):
         self.value = None
+        self.module = module
         self.handle = module.register_forward_hook(self)
 
     def __call__(self, module, inputs, output):
         self.value = output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _projection(student_dim: int, teacher_dim: int, conv: bool) -> nn.Module:
+def feature_axis(module: nn.Module, output: torch.Tensor) -> int:
+    """The feature axis of `module`'s output: channels (1) for convolution feature maps, else the
+    last axis. A 3-D output is [batch, channels, length] when the last layer in `module` that
+    sets its width is a convolution or a BatchNorm (a Conv1d stack), else [batch, tokens, hidden]."""
+    if output.dim() >= 4:
+        return 1
+    if output.dim() == 3:
+        last = [m for m in module.modules() if isinstance(m, (*CONVOLUTIONS, *BATCH_NORMS, nn.Linear, nn.LayerNorm))]
+        if last and isinstance(last[-1], (*CONVOLUTIONS, *BATCH_NORMS)):
+            return 1
+    return -1
+
+
+def _projection(student_dim: int, teacher_dim: int, spatial_dims: int | None) -> nn.Module:
+    """A learned map from the student's feature width to the teacher's: a 1x1 convolution over
+    channel-first maps with `spatial_dims` spatial axes, else a Linear on the last axis."""
     if student_dim == teacher_dim:
         return nn.Identity()
-    return nn.Conv2d(student_dim, teacher_dim, 1, bias=False) if conv else nn.Linear(student_dim, teacher_dim, bias=False)
+    if spatial_dims is None:
+        return nn.Linear(student_dim, teacher_dim, bias=False)
+    return CONVOLUTIONS[spatial_dims - 1](student_dim, teacher_dim, 1, bias=False)
 
 
 class DistillKD(Technique):
@@ -111,6 +133,7 @@ class DistillKD(Technique):
         self.student_caps: list[_Capture] = []
         self.teacher_caps: list[_Capture] = []
         self.projections = nn.ModuleList()
+        self.feature_axes: list[int] = []
         self.teacher: nn.Module | None = None
 
     def setup(self, ctx: RunContext) -> None:
@@ -142,9 +165,10 @@ class DistillKD(Technique):
             ctx.model.train()
             _call(self.teacher, ctx.example_inputs)
         for s, t in zip(self.student_caps, self.teacher_caps):
-            conv = s.value.dim() == 4  # NCHW feature maps: channels are dim 1; else the last dim
-            dim = 1 if conv else -1
-            self.projections.append(_projection(s.value.shape[dim], t.value.shape[dim], conv))
+            axis = feature_axis(s.module, s.value)
+            self.feature_axes.append(axis)
+            spatial = s.value.dim() - 2 if axis == 1 else None
+            self.projections.append(_projection(s.value.shape[axis], t.value.shape[axis], spatial))
 
     def teacher_logits(self, ctx: RunContext) -> torch.Tensor:
         cached = ctx.batch_extra.get("teacher_logits")
@@ -169,8 +193,9 @@ class DistillKD(Technique):
         t_logits = self.teacher_logits(ctx)
         positions = self._positions(ctx)
         loss = self.config.alpha * kd_loss(ctx.outputs, t_logits, self.config.temperature, positions)
-        for pair, s, t, proj in zip(self.config.features, self.student_caps, self.teacher_caps, self.projections):
-            loss = loss + pair.weight * feature_loss(proj(s.value), t.value.detach(), pair.loss, positions)
+        for pair, s, t, proj, axis in zip(self.config.features, self.student_caps, self.teacher_caps, self.projections,
+                                          self.feature_axes):
+            loss = loss + pair.weight * feature_loss(proj(s.value), t.value.detach(), pair.loss, positions, axis)
         return {"distill": loss}
 
     def parameters(self) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Structured pruning: whole output neurons of Linear layers and output channels of Conv2d.
+"""Structured pruning: whole output neurons of Linear layers and output channels of convolutions (1-D, 2-D, 3-D).
 
 Channels are scored per *coupled group* (graph.py): a conv, its BatchNorm and every layer
 joined to it by a residual addition share one score per channel and one mask, so that a
@@ -18,11 +18,12 @@ from torch.nn.utils import parametrize
 from .. import schedules
 from ..errors import RecipeError
 from ..graph import ChannelGroup, discover_groups
+from ..layer_types import BATCH_NORMS
 from .base import RunContext
 from .masks import ApplyMask, ScoredMask, allocate
 from .pruning import PruningTechnique, key as _key
 
-_AFFINE = (nn.BatchNorm1d, nn.BatchNorm2d)
+_AFFINE = BATCH_NORMS
 
 
 class PruneStructured(PruningTechnique):

@@ -119,7 +119,7 @@ class SizeBudget(Landing, Technique):
         raise TargetError(
             f"target: {self.config.target_bytes:,.0f} B cannot be reached: {self.fixed:,.0f} B of the weights file do "
             f"not depend on what the run decides ({fixed_bytes_detail(model)}). Raise target.size_kb (or lower "
-            "target.ratio) well above that: quant_lsq compresses only the Linear and Conv2d weights its targets select, "
+            "target.ratio) well above that: quant_lsq compresses only the Linear and convolution weights its targets select, "
             "everything else is stored as it is" + norm_format_hint(model))
 
     def note_slack(self) -> None:
