@@ -1,5 +1,6 @@
 """Joint vs sequential on MNIST at Deep Compression's operating points (LeNet-300-100, LeNet-5),
-and on a small ResNet with BatchNorm (`--model resnet`, no published reference point).
+and on a small ResNet with BatchNorm (`--model resnet`, no published reference point) and a 1-D CNN
+(`--model seqcnn`: Conv1d and BatchNorm1d over the image's columns as a sequence, the shape of an audio model).
 
     nice -n 10 .venv/bin/python benchmarks/compare_mnist.py --model lenet300
     nice -n 10 .venv/bin/python benchmarks/compare_mnist.py --model lenet5
@@ -38,6 +39,9 @@ DEFAULTS = {  # sized for <= ~30 min each on 2 CPU cores shared with other jobs 
     # tensors, stored in fp32, set a floor under the file: about a third of it at 20x, half at 30x;
     # --norm-format fp16 halves them)
     "resnet": {"ratios": "20,30", "seeds": 3, "epochs": 2, "teacher_epochs": 3},
+    # a 1-D CNN (Conv1d + BatchNorm1d, a residual block) reading each image as a sequence of columns:
+    # the shape of an audio or sensor model
+    "seqcnn": {"ratios": "30", "seeds": 3, "epochs": 2, "teacher_epochs": 3},
 }
 
 

@@ -1,4 +1,4 @@
-"""Reference models (no torchvision here): LeNet-300-100, LeNet-5 and a small ResNet.
+"""Reference models (no torchvision here): LeNet-300-100, LeNet-5, a small ResNet and a 1-D CNN.
 
 All take [N, 1, H, W] images (28x28 MNIST or 8x8 digits) and return class logits.
 """
@@ -76,7 +76,30 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-MODELS = {"lenet300": LeNet300, "lenet5": LeNet5, "resnet": SmallResNet}
+class SequenceCNN(nn.Module):
+    """A 1-D CNN that reads an image as a sequence (each column one step of H features), the shape
+    of an audio or sensor model: Conv1d + BatchNorm1d, a residual block, a strided conv, pooling."""
+
+    def __init__(self, features: int = 28, num_classes: int = 10, width: int = 64):
+        super().__init__()
+        self.stem = nn.Conv1d(features, width, 5, padding=2, bias=False)
+        self.bn = nn.BatchNorm1d(width)
+        self.conv1 = nn.Conv1d(width, width, 5, padding=2, bias=False)
+        self.bn1 = nn.BatchNorm1d(width)
+        self.conv2 = nn.Conv1d(width, width, 5, padding=2, bias=False)
+        self.bn2 = nn.BatchNorm1d(width)
+        self.down = nn.Conv1d(width, 2 * width, 3, stride=2, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm1d(2 * width)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x.flatten(1, 2))))  # [N, 1, H, W] -> [N, H, W]: W steps of H features
+        x = F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        x = F.relu(self.bn3(self.down(x)))
+        return self.fc(x.mean(2))
+
+
+MODELS = {"lenet300": LeNet300, "lenet5": LeNet5, "resnet": SmallResNet, "seqcnn": SequenceCNN}
 
 
 def build_model(name: str, image_size: int = 28, num_classes: int = 10) -> nn.Module:
@@ -89,4 +112,6 @@ def build_model(name: str, image_size: int = 28, num_classes: int = 10) -> nn.Mo
         return LeNet300(image_size * image_size, num_classes)
     if name == "lenet5":
         return LeNet5(1, num_classes, image_size)
+    if name == "seqcnn":
+        return SequenceCNN(image_size, num_classes)
     return SmallResNet(1, num_classes)
