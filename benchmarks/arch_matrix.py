@@ -5,10 +5,10 @@
 transformers' own classes at tiny random configs (tests/arch_models.py: hidden 32, 2 layers,
 images 32x32, text as float inputs_embeds) and two plain torch signal CNNs (Conv1d, Conv3d), each through unstructured and structured
 pruning (with 8-bit LSQ, 1 epoch on 8 random samples), the joint mode (zero-level 4-bit LSQ under
-a size budget at 1/4 of the fp32 file, 2 epochs) and the paced joint recipe BENCHMARKS.md measures
-(joint-paced-obd-none: fixed 4-bit widths, Fisher saliency, stiff constraint, paced window, landing
-by Fisher cost; target 1/12 of the fp32 file, 1/6 for MobileNetV2, 1/4 for the text encoders,
-arch_models.joint_ratio)
+a size budget at 1/4 of the fp32 file, 1/6 for ResNet and MobileNetV2, 2 epochs) and the paced joint
+recipe BENCHMARKS.md measures (joint-paced-obd-none: fixed 4-bit widths, Fisher saliency, stiff constraint,
+paced window, landing by Fisher cost; target 1/12 of the fp32 file, 1/4 for the text encoders,
+arch_models.joint_ratio); normalization layers at the default norm_format (auto: fp16 under a size target)
 -> finalize -> save -> load -> ONNX,
 exactly as tests/test_arch_matrix.py runs them. A cell is `ok` with what was checked (relative
 logit gap to the previous stage, groups pruned, bytes) or the JointCompressError message.
@@ -53,8 +53,9 @@ def main() -> None:
         "Command: `PYTHONPATH=src .venv/bin/python benchmarks/arch_matrix.py` "
         f"(torch {torch.__version__}, {THREADS} thread, {time.time() - started:.0f} s).", "",
         "Each row: compress (pruning at 50 % + 8-bit LSQ, 1 epoch, 8 random samples; `joint`: zero-level 4-bit LSQ and "
-        "size_budget at a quarter of the fp32 file, 2 epochs; `joint_paced`: the joint-paced-obd-none recipe at fixed 4-bit "
-        "widths, target 1/12 of the fp32 file, 1/6 for MobileNetV2, 1/4 for the text encoders) -> finalize (relative logit gap "
+        "size_budget at a quarter of the fp32 file, a sixth for ResNet and MobileNetV2, 2 epochs; `joint_paced`: the "
+        "joint-paced-obd-none recipe at fixed 4-bit widths, target 1/12 of the fp32 file, 1/4 for the text encoders; "
+        "normalization layers in fp16, the default under a size target) -> finalize (relative logit gap "
         "to the masked model) -> save -> load (gap to the finalized model) -> ONNX Runtime (gap to the finalized "
         "model). Text models take float `inputs_embeds`; gpt2 is a causal LM read at its last position.", "",
         "| architecture | compression | " + " | ".join(STAGES) + " |",

@@ -45,7 +45,7 @@ DEFAULTS = {  # sized for <= ~30 min each on 2 CPU cores shared with other jobs 
 }
 
 
-def recipe(model: str, epochs: int, min_keep: float = 0.01, bits: int = 4, norm_format: str = "fp32"):
+def recipe(model: str, epochs: int, min_keep: float = 0.01, bits: int = 4, norm_format: str = "auto"):
     return parse_recipe({
         "name": f"{model}-mnist-compare", "model": model, "mode": "joint",
         "techniques": [
@@ -103,8 +103,10 @@ def main() -> None:
                     help="prune_unstructured.min_keep of the sequential pipeline (lower it for targets its floor cannot reach)")
     ap.add_argument("--bits", type=int, default=4,
                     help="quant_lsq.bits of every variant (the allocator may still lower it for sequential if the target needs it)")
-    ap.add_argument("--norm-format", choices=("fp32", "fp16"), default="fp32",
-                    help="quant_lsq.norm_format of every variant: fp16 trains BatchNorm/LayerNorm as stored at half the bytes")
+    ap.add_argument("--norm-format", choices=("fp32", "fp16", "auto"), default="fp32",
+                    help="quant_lsq.norm_format of every variant: fp16 trains BatchNorm/LayerNorm as stored at half the bytes; "
+                         "default fp32, as every stored result without this flag was measured (the library's default, "
+                         "auto, is fp16 under a size target, which every compare point has)")
     ap.add_argument("--variants", help="comma-separated (default: joint-none,joint-scale,joint-pcgrad,sequential; "
                                        "also joint-fisher-none/-pcgrad, joint-bits-none/-pcgrad with learned widths, "
                                        "joint-stiff-none/-pcgrad with a stiffer constraint (penalty 30), "

@@ -96,9 +96,10 @@ def test_an_edited_loaded_as_is_refused_naming_the_field(teacher, tmp_path):
 
 
 def _recipe(norm_format="fp16", **extra):
-    """4-bit LSQ + KD; given a target (`extra`), the joint mode's size budget too."""
+    """4-bit LSQ + KD; given a target (`extra`), the joint mode's size budget too; norm_format None: the default."""
+    fmt = {} if norm_format is None else {"norm_format": norm_format}
     return parse_recipe({"mode": "joint", **extra, "techniques": [
-        {"type": "quant_lsq", "bits": 4, "norm_format": norm_format, **({"zero_level": True} if extra else {})},
+        {"type": "quant_lsq", "bits": 4, **fmt, **({"zero_level": True} if extra else {})},
         *([{"type": "size_budget", "end": 0.6, "freeze": 0.8}] if extra else []),
         {"type": "distill_kd", "cache_teacher": True}],
         "training": {"epochs": 3, "batch_size": 32, "lr": 0.002}})
@@ -130,18 +131,19 @@ def test_a_run_with_fp16_norms_evaluates_what_the_file_stores(teacher, tmp_path)
 def _sequential(target):
     return parse_recipe({"mode": "sequential", "target": target, "techniques": [
         {"type": "prune_unstructured", "sparsity": 0.9, "end": 0.6},
-        {"type": "quant_lsq", "bits": 4, "start": 0.3, "norm_format": "fp16"},
+        {"type": "quant_lsq", "bits": 4, "start": 0.3},
         {"type": "distill_kd", "cache_teacher": True}],
         "training": {"epochs": 3, "batch_size": 32, "lr": 0.002}})
 
 
 @pytest.mark.parametrize("mode", ["joint", "sequential"])
 def test_a_size_target_counts_the_norms_at_their_stored_bytes(teacher, tmp_path, mode):
+    # norm_format left at its default (auto): fp16 under a size target;
     # sequential: the allocator and the steering (before quantization starts) measure them as stored too
     split, model = teacher
     student = copy.deepcopy(model)
     target = {"ratio": 16.0}  # about a quarter of the file is norms, stored in fp16
-    recipe = _recipe(target=target) if mode == "joint" else _sequential(target)
+    recipe = _recipe(norm_format=None, target=target) if mode == "joint" else _sequential(target)
     result = compress(student, recipe, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test), teacher=model)
     manifest = save(student, finalize(student, result.example_inputs), tmp_path / "t", example_inputs=result.example_inputs)
     goal = target_bytes(model, recipe.target)
@@ -164,6 +166,25 @@ def test_a_copy_keeps_its_rounding_and_detaching_it_leaves_the_original_alone(te
 def test_norm_format_is_checked():
     with pytest.raises(RecipeError, match="norm_format"):
         parse_recipe({"techniques": [{"type": "quant_lsq", "norm_format": "fp8"}]})
+
+
+def _stored(recipe: dict) -> str:
+    return parse_recipe(recipe).technique("quant_lsq").stored_norm_format
+
+
+def test_auto_norm_format_is_fp16_under_a_size_target_only():
+    quant = [{"type": "quant_lsq"}]
+    assert _stored({"techniques": quant}) == "fp32"
+    assert _stored({"target": {"ratio": 20}, "techniques": quant}) == "fp16"
+    assert _stored({"target": {"size_kb": 30}, "techniques": quant}) == "fp16"
+    assert _stored({"target": {"latency_ms": 1.0, "batch": 1}, "techniques": quant}) == "fp32"
+    budget = [{"type": "quant_lsq", "zero_level": True}, {"type": "size_budget", "target_bytes": 4096}]
+    assert _stored({"techniques": budget}) == "fp16"
+    assert _stored({"target": {"ratio": 20}, "techniques": [{"type": "quant_lsq", "norm_format": "fp32"}]}) == "fp32"
+    # kept as `auto` in the recipe: a copy given a target (as `compare` makes one per ratio) resolves it again
+    base = parse_recipe({"techniques": quant})
+    assert base.model_dump()["techniques"][0]["norm_format"] == "auto"
+    assert _stored({**base.model_dump(), "target": {"ratio": 20}}) == "fp16"
 
 
 def test_an_unreachable_target_names_the_norm_format_when_norms_are_wide(teacher):

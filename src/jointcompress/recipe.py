@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from .errors import RecipeError
 
@@ -90,11 +90,21 @@ class QuantLSQ(Selection):
     scale_format: Literal["fp16", "log8"] = "fp16"
     bias_format: Literal["fp16", "int", "fp32"] = "fp16"
     # normalization layers (affine weights, BatchNorm's running statistics): fp32 as they are, or
-    # fp16 values trained as stored, at half the bytes (techniques/norm_storage.py)
-    norm_format: Literal["fp32", "fp16"] = "fp32"
+    # fp16 values trained as stored, at half the bytes (techniques/norm_storage.py); auto = fp16 when
+    # the run has a size target (every byte counts there), else fp32 (stored_norm_format)
+    norm_format: Literal["auto", "fp32", "fp16"] = "auto"
+    _norm_format_of_run: str | None = PrivateAttr(default=None)  # what `auto` means for the recipe holding it
     # zero_level's quantizer in torch.compile'd kernels (same quantized weights, gradients to float
     # rounding; seconds to compile once): auto = for runs of 2000 steps or more (techniques/zero_level_compiled.py)
     compile: Literal["auto"] | bool = "auto"
+
+    @property
+    def stored_norm_format(self) -> str:
+        """"fp16" or "fp32": norm_format, with `auto` as the recipe resolved it (Recipe._norm_format;
+        fp32 for a config outside a recipe)."""
+        if self.norm_format != "auto":
+            return self.norm_format
+        return self._norm_format_of_run or "fp32"
 
     @model_validator(mode="after")
     def _bit_range(self):
@@ -378,6 +388,19 @@ class Recipe(Strict):
             raise ValueError("size_budget prunes through quant_lsq's dead zone; remove prune_unstructured")
         if (self.target is None or self.target.is_latency) and self.technique("size_budget").target_bytes is None:
             raise ValueError("size_budget needs target: {size_kb: ...} or {ratio: ...}")
+        return self
+
+    @model_validator(mode="after")
+    def _norm_format(self):
+        """quant_lsq.norm_format `auto`: fp16 under a size target, where the normalization layers'
+        fp32 bytes would take budget from the weights (half the small ResNet's file at 30x). Kept as
+        `auto` in the recipe, so a copy given another target resolves it again."""
+        quant = self.technique("quant_lsq")
+        if quant is not None:
+            budget = self.technique("size_budget")
+            sized = (self.target is not None and not self.target.is_latency) or (
+                budget is not None and budget.target_bytes is not None)
+            quant._norm_format_of_run = "fp16" if sized else "fp32"
         return self
 
     def technique(self, kind: str):

@@ -178,7 +178,7 @@ class QuantLSQ(Technique):
                 layer.input_quant = LSQActivation(self.config.act_bits)
                 self.act_quantizers[name] = layer.input_quant
                 self.hooks.append(layer.register_forward_pre_hook(_quantize_input))
-        if getattr(self.config, "norm_format", "fp32") == "fp16":
+        if self.config.stored_norm_format == "fp16":
             self.norm_layers = attach_norm_storage(ctx.model)
         self.attached = True
         with torch.no_grad():  # initialise step sizes now, from the (masked) weights as they are
