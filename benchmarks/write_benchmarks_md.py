@@ -12,7 +12,8 @@ import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5", "resnet": "Small ResNet"}
+MODELS = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5", "resnet": "Small ResNet",
+          "seqcnn": "1-D CNN (seqcnn)"}
 REF = {"lenet300": (40.0, 1.58), "lenet5": (39.0, 0.74)}  # Deep Compression's points (none for the small ResNet)
 GOAL = {"lenet300": (100.0, 1.80), "lenet5": (200.0, 1.00)}  # the joint-compression issue's goals
 
@@ -475,7 +476,11 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                ("resnet", "compare_resnet_2k", ", 2,000 training images, at 20x and 30x"),
                ("resnet", "compare_resnet_fp16norm", " at 20x and 30x, BatchNorm stored in fp16 (quant_lsq.norm_format: fp16)"),
                ("resnet", "compare_resnet_30x_fp32norm",
-                " at 30x, BatchNorm in fp32, on the machine of the fp16 runs (their teachers)"))
+                " at 30x, BatchNorm in fp32, on the machine of the fp16 runs (their teachers)"),
+               ("resnet", "compare_resnet_2k_fp16norm", ", 2,000 training images, at 20x, BatchNorm stored in fp16"),
+               ("seqcnn", "compare_seqcnn_30x_fp16norm",
+                " (Conv1d + BatchNorm1d over the image's columns as a sequence, the shape of an audio model) at 30x, "
+                "BatchNorm stored in fp16"))
 
 
 def fisher_budget_section() -> list[str]:
@@ -996,7 +1001,7 @@ def main() -> None:
             folder = SEQUENTIAL_FROM.get(folder, folder)  # the re-run has not finished: the earlier runs
         if (ROOT / "benchmarks" / "results" / folder / "compare.json").is_file():
             text += section(model, folder, title)
-    for model in MODELS:
+    for model in ("lenet300", "lenet5", "resnet"):  # each model's default compare (seqcnn's runs name their settings)
         text += section(model)
     text += fisher_budget_section()
     text += norm_format_section()
