@@ -3,8 +3,8 @@
     PYTHONPATH=src .venv/bin/python benchmarks/arch_matrix.py
 
 transformers' own classes at tiny random configs (tests/arch_models.py: hidden 32, 2 layers,
-images 32x32, text as float inputs_embeds) and two plain torch signal CNNs (Conv1d, Conv3d), each through unstructured and structured
-pruning (with 8-bit LSQ, 1 epoch on 8 random samples), the joint mode (zero-level 4-bit LSQ under
+images 32x32, text as float inputs_embeds) and two plain torch signal CNNs (Conv1d, Conv3d), each
+through unstructured and structured pruning (with 8-bit LSQ, 1 epoch on 8 random samples), the joint mode (zero-level 4-bit LSQ under
 a size budget at 1/4 of the fp32 file, 1/6 for ResNet and MobileNetV2, 2 epochs) and the paced joint
 recipe BENCHMARKS.md measures (joint-paced-obd-none: fixed 4-bit widths, Fisher saliency, stiff constraint,
 paced window, landing by Fisher cost; target 1/12 of the fp32 file, 1/4 for the text encoders,

@@ -22,7 +22,6 @@ from .deploy.timing import DEFAULT_THREADS, Timing, time_contenders
 from .layer_types import COMPRESSIBLE
 
 
-
 def count_params(model: nn.Module) -> dict[str, int]:
     params = list(model.parameters())
     return {"total": sum(p.numel() for p in params), "nonzero": sum(int((p != 0).sum()) for p in params)}

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 
 from .errors import UnsupportedModelError
-from .layer_types import BATCH_NORMS, COMPRESSIBLE
 from .group_checks import member_reason, parameter_owners, reshape_reason, verify_groups
+from .layer_types import BATCH_NORMS, COMPRESSIBLE
 
 PRUNABLE_ROOTS = COMPRESSIBLE
 

@@ -35,8 +35,8 @@ import torch.nn as nn
 from .block_drop import allocation_base
 from .deploy.timing import DEFAULT_THREADS, steady_ms, time_contenders
 from .graph import PRUNABLE_ROOTS, ChannelGroup, build_graph, discover_groups
-from .layer_types import CONVOLUTIONS
 from .latency_knee import TOLERANCE, give_back_within
+from .layer_types import CONVOLUTIONS
 
 MAX_CONFIRM = 3  # allocate -> time -> tighten rounds
 CALIBRATED = 0.85  # calibrate=True stops once a model measures within 15% under the target

@@ -100,8 +100,8 @@ class QuantLSQ(Selection):
 
     @property
     def stored_norm_format(self) -> str:
-        """"fp16" or "fp32": norm_format, with `auto` as the recipe resolved it (Recipe._norm_format;
-        fp32 for a config outside a recipe)."""
+        """The format normalization layers are stored in, fp16 or fp32: norm_format, with `auto` as the
+        recipe holding this config resolved it (Recipe._norm_format; fp32 for a config outside a recipe)."""
         if self.norm_format != "auto":
             return self.norm_format
         return self._norm_format_of_run or "fp32"
