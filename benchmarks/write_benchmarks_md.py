@@ -483,8 +483,7 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                 "BatchNorm stored in fp16"),
                ("seqcnn", "compare_seqcnn_30x_2k_fp16norm", ", 2,000 training images, at 30x, BatchNorm stored in fp16"),
                ("seqcnn", "compare_seqcnn_60x_fp16norm", " at 60x, BatchNorm stored in fp16"),
-               ("seqcnn", "compare_seqcnn_60x_2k_fp16norm", ", 2,000 training images, at 60x, BatchNorm stored in fp16"),
-               ("seqcnn", "compare_seqcnn_100x_fp16norm", " at 100x, BatchNorm stored in fp16"))
+               ("seqcnn", "compare_seqcnn_60x_2k_fp16norm", ", 2,000 training images, at 60x, BatchNorm stored in fp16"))
 
 
 def fisher_budget_section() -> list[str]:
