@@ -513,7 +513,8 @@ def fisher_budget_section() -> list[str]:
 
 
 # BatchNorm stored in fp32 / in fp16, the same seeds on the same machine (the same teachers)
-NORM_FORMAT_RUNS = ("compare_resnet_30x_fp32norm", "compare_resnet_fp16norm")
+NORM_FORMAT_RUNS = (("resnet", "compare_resnet_30x_fp32norm", "compare_resnet_fp16norm"),
+                    ("seqcnn", "compare_seqcnn_30x_fp32norm", "compare_seqcnn_30x_fp16norm"))
 
 
 def norm_bytes(model: str) -> tuple[int, int]:
@@ -530,16 +531,20 @@ def norm_bytes(model: str) -> tuple[int, int]:
 
 
 def norm_format_section() -> list[str]:
-    """The small ResNet with BatchNorm trained and stored in fp16 against the same points in fp32,
-    each variant paired by seed where the teachers are the same."""
-    wide, narrow = (load_compare(f) for f in NORM_FORMAT_RUNS)
+    """Each model with BatchNorm trained and stored in fp16 against the same points in fp32."""
+    return [line for model, wide, narrow in NORM_FORMAT_RUNS for line in norm_format_pair(model, wide, narrow)]
+
+
+def norm_format_pair(model: str, wide_folder: str, narrow_folder: str) -> list[str]:
+    """fp16 against fp32 BatchNorm on one model, each variant paired by seed where the teachers are the same."""
+    wide, narrow = load_compare(wide_folder), load_compare(narrow_folder)
     if wide is None or narrow is None:
         return []
-    fp32_b, fp16_b = norm_bytes("resnet")
+    fp32_b, fp16_b = norm_bytes(model)
     teachers = lambda r: {u["seed"]: u["accuracy"] for u in r["uncompressed"]}  # noqa: E731
     same = all(teachers(wide).get(k) == v for k, v in teachers(narrow).items())
-    lines = ["## Small ResNet on MNIST: BatchNorm stored in fp16 (quant_lsq.norm_format: fp16) against fp32", "",
-             f"Reproduce, fp16: {_reproduce(narrow, 'resnet')}; fp32: {_reproduce(wide, 'resnet')}. The model's BatchNorm takes {fp32_b:,} B of the weights file in fp32 "
+    lines = [f"## {MODELS[model]} on MNIST: BatchNorm stored in fp16 (quant_lsq.norm_format: fp16) against fp32", "",
+             f"Reproduce, fp16: {_reproduce(narrow, model)}; fp32: {_reproduce(wide, model)}. The model's BatchNorm takes {fp32_b:,} B of the weights file in fp32 "
              f"and {fp16_b:,} B with `norm_format: fp16` (affine weights trained as stored, running statistics rounded "
              "after each update): the bytes it frees go to the weights, for both methods alike (the allocator and the "
              "budget measure the file as it will be stored). "
