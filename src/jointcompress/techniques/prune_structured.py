@@ -23,8 +23,6 @@ from .base import RunContext
 from .masks import ApplyMask, ScoredMask, allocate
 from .pruning import PruningTechnique, key as _key
 
-_AFFINE = BATCH_NORMS
-
 
 class PruneStructured(PruningTechnique):
     score_group = "channel_scores"
@@ -72,7 +70,7 @@ class PruneStructured(PruningTechnique):
         sq = torch.zeros(g.channels)
         for m in g.out_members():
             layer = modules[m.module]
-            if isinstance(layer, _AFFINE) or not hasattr(layer, "weight"):
+            if isinstance(layer, BATCH_NORMS) or not hasattr(layer, "weight"):
                 continue
             w = layer.weight.detach()
             rows = w.flatten(1).pow(2).sum(1) if w.dim() > 1 else w.pow(2)
@@ -110,7 +108,7 @@ class PruneStructured(PruningTechnique):
         sq = torch.zeros(g.channels)
         for m in g.out_members():
             layer = modules[m.module]
-            if isinstance(layer, _AFFINE):
+            if isinstance(layer, BATCH_NORMS):
                 continue
             w = layer.parametrizations.weight.original.detach()
             sq.index_add_(0, torch.as_tensor(m.root_idxs), w.flatten(1).pow(2).sum(1)[torch.as_tensor(m.idxs)])
@@ -123,7 +121,7 @@ class PruneStructured(PruningTechnique):
             return {}
         terms = []
         for layer, pname, applier in self.appliers:
-            if pname != "weight" or isinstance(layer, _AFFINE) or applier.last_mask is None:
+            if pname != "weight" or isinstance(layer, BATCH_NORMS) or applier.last_mask is None:
                 continue
             w = layer.parametrizations.weight.original
             norms = (w.flatten(1).pow(2).sum(1) + 1e-12).sqrt()
