@@ -3,7 +3,8 @@
     PYTHONPATH=src .venv/bin/python benchmarks/arch_matrix.py
 
 transformers' own classes at tiny random configs (tests/arch_models.py: hidden 32, 2 layers,
-images 32x32, text as float inputs_embeds) and two plain torch signal CNNs (Conv1d, Conv3d), each
+images 32x32, text as float inputs_embeds), two plain torch signal CNNs (Conv1d, Conv3d) and torch's own
+nn.TransformerEncoder (its nn.MultiheadAttention converted by attention.mha_to_linear), each
 through unstructured and structured pruning (with 8-bit LSQ, 1 epoch on 8 random samples), the joint mode (zero-level 4-bit LSQ under
 a size budget at 1/4 of the fp32 file, 1/6 for ResNet and MobileNetV2, 2 epochs) and the paced joint
 recipe BENCHMARKS.md measures (joint-paced-obd-none: fixed 4-bit widths, Fisher saliency, stiff constraint,
@@ -57,7 +58,8 @@ def main() -> None:
         "joint-paced-obd-none recipe at fixed 4-bit widths, target 1/12 of the fp32 file, 1/4 for the text encoders; "
         "normalization layers in fp16, the default under a size target) -> finalize (relative logit gap "
         "to the masked model) -> save -> load (gap to the finalized model) -> ONNX Runtime (gap to the finalized "
-        "model). Text models take float `inputs_embeds`; gpt2 is a causal LM read at its last position.", "",
+        "model). Text models (and torch-transformer, torch's nn.TransformerEncoder after attention.mha_to_linear) "
+        "take float `inputs_embeds`; gpt2 is a causal LM read at its last position.", "",
         "| architecture | compression | " + " | ".join(STAGES) + " |",
         "|---|---|" + "---|" * len(STAGES),
     ]

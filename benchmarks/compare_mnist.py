@@ -42,6 +42,9 @@ DEFAULTS = {  # sized for <= ~30 min each on 2 CPU cores shared with other jobs 
     # a 1-D CNN (Conv1d + BatchNorm1d, a residual block) reading each image as a sequence of columns:
     # the shape of an audio or sensor model
     "seqcnn": {"ratios": "30", "seeds": 3, "epochs": 2, "teacher_epochs": 3},
+    # a small vision transformer (torch's nn.TransformerEncoder, its attention converted to Linear
+    # projections by attention.mha_to_linear): LayerNorm, attention and MLP weights
+    "vit": {"ratios": "30", "seeds": 3, "epochs": 2, "teacher_epochs": 3},
 }
 
 

@@ -1,5 +1,6 @@
 """transformers' own model classes at tiny random configs (no download), as float-input classifiers,
-and two plain torch signal models: a 1-D convolutional net (audio, sensor series) and a 3-D one (video).
+two plain torch signal models (a 1-D convolutional net for audio or sensor series, a 3-D one for video)
+and torch's own nn.TransformerEncoder (its nn.MultiheadAttention converted by attention.mha_to_linear).
 
 Vision models take pixel_values [B, 3, 32, 32]; text models take float `inputs_embeds`
 [B, T, 32] (so they run through compress() as they are), and every wrapper returns the
@@ -20,7 +21,8 @@ SEQ = 6
 VISION = ("resnet", "mobilenetv2", "convnext", "vit")
 TEXT = ("bert", "distilbert", "roberta", "electra", "deberta-v2")
 SIGNALS = ("conv1d", "conv3d")  # nn.Conv1d / nn.Conv3d with BatchNorm and a residual addition
-ARCHS = VISION + TEXT + SIGNALS
+TORCH_TEXT = ("torch-transformer",)  # nn.TransformerEncoder over float [B, T, 32] inputs
+ARCHS = VISION + TEXT + SIGNALS + TORCH_TEXT
 INPUT_SHAPES = {"conv1d": (4, 64), "conv3d": (3, 4, 16, 16)}
 CAUSAL = ("gpt2",)  # last-token logits from float inputs_embeds
 
@@ -66,6 +68,22 @@ class SignalNet(nn.Module):
         h = self.stem(x)
         h = torch.relu(h + self.block(h))
         return self.head(self.pool(self.down(h)).flatten(1))
+
+
+class TorchTransformer(nn.Module):
+    """torch's nn.TransformerEncoder (2 layers, 4 heads) over float token features, mean-pooled into a
+    Linear head; its attention converted to Linear projections (attention.mha_to_linear) so they are compressed."""
+
+    def __init__(self):
+        super().__init__()
+        from jointcompress.attention import mha_to_linear
+
+        layer = nn.TransformerEncoderLayer(HIDDEN, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = mha_to_linear(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
+        self.head = nn.Linear(HIDDEN, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x).mean(1))
 
 
 def _text_kwargs() -> dict:
@@ -116,6 +134,8 @@ def build(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     if name in SIGNALS:
         return SignalNet(int(name[4])).eval()
+    if name in TORCH_TEXT:
+        return TorchTransformer().eval()
     if name in CAUSAL:
         return LastToken(_hf(name).eval()).eval()
     return Logits(_hf(name).eval(), "pixel_values" if name in VISION else "inputs_embeds").eval()

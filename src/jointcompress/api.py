@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -75,8 +76,14 @@ def first_inputs(loader):
 
 def check_targets(model: nn.Module, recipe: Recipe) -> None:
     """Every technique with `targets`/`exclude` must select at least one layer, and none it
-    cannot compress correctly (see check_layers)."""
+    cannot compress correctly (see check_layers). Packed attention projections, which no technique
+    can select, are named in a warning with the conversion that makes them compressible."""
+    from .attention import packed_attention_hint
     from .techniques.base import selected_layers
+
+    hint = packed_attention_hint(model)
+    if hint and any(hasattr(cfg, "targets") for cfg in recipe.techniques):
+        warnings.warn(hint[2:], stacklevel=3)
 
     for i, cfg in enumerate(recipe.techniques):
         if not hasattr(cfg, "targets"):

@@ -127,7 +127,7 @@ def _print_demo(res, ratio: float) -> None:
 @app.command("compress")
 def compress_cmd(
     recipe_path: Path = typer.Argument(..., help="Recipe YAML."),
-    model: Optional[str] = typer.Option(None, help="Reference model (lenet300, lenet5, resnet, seqcnn); default: the recipe's."),
+    model: Optional[str] = typer.Option(None, help="Reference model (lenet300, lenet5, resnet, seqcnn, vit); default: the recipe's."),
     data: Optional[str] = typer.Option(None, help="'digits' or a path to an MNIST-style .npz; default: the recipe's."),
     weights: Optional[Path] = typer.Option(None, help="Trained weights (.safetensors, or a torch file read with weights_only); default: train the model first."),
     teacher_epochs: int = typer.Option(10, min=1, help="Epochs to train the model when no --weights are given."),

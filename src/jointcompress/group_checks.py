@@ -119,7 +119,8 @@ def reshape_reason(node) -> str | None:
     before, after = shapes
     if len(after) > len(before) and before and after and after[-1] != before[-1]:
         return (f"the channels are reshaped from {before} to {after} (split into attention heads): removing some "
-                "would regroup the rest into other heads; use prune_heads to remove whole heads")
+                "would regroup the rest into other heads; prune_heads removes whole heads of transformers' BERT-family "
+                "models")
     return None
 
 

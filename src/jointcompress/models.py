@@ -1,4 +1,5 @@
-"""Reference models (no torchvision here): LeNet-300-100, LeNet-5, a small ResNet and a 1-D CNN.
+"""Reference models (no torchvision here): LeNet-300-100, LeNet-5, a small ResNet, a 1-D CNN and a
+small vision transformer.
 
 All take [N, 1, H, W] images (28x28 MNIST or 8x8 digits) and return class logits.
 """
@@ -99,7 +100,42 @@ class SequenceCNN(nn.Module):
         return self.fc(x.mean(2))
 
 
-MODELS = {"lenet300": LeNet300, "lenet5": LeNet5, "resnet": SmallResNet, "seqcnn": SequenceCNN}
+class TinyViT(nn.Module):
+    """A small vision transformer built from torch's own nn.TransformerEncoder: 7x7 patches embedded
+    by a Linear layer, fixed sinusoidal positions (nothing to store), pre-norm blocks, mean pooling.
+    Its nn.MultiheadAttention is converted to Linear projections (attention.mha_to_linear) so that
+    every weight matrix is compressed."""
+
+    def __init__(self, image_size: int = 28, num_classes: int = 10, width: int = 64, depth: int = 2, heads: int = 4):
+        super().__init__()
+        from .attention import mha_to_linear
+
+        self.patch = 7 if image_size % 7 == 0 else 4 if image_size % 4 == 0 else 1
+        tokens = (image_size // self.patch) ** 2
+        self.embed = nn.Linear(self.patch * self.patch, width)
+        self.register_buffer("position", _sinusoid(tokens, width), persistent=False)
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = mha_to_linear(nn.TransformerEncoder(layer, depth, enable_nested_tensor=False))
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        p = self.patch  # [N, 1, H, W] -> [N, tokens, p * p]
+        x = x.unfold(2, p, p).unfold(3, p, p).flatten(1, 3).flatten(2)
+        x = self.encoder(self.embed(x) + self.position)
+        return self.fc(self.norm(x).mean(1))
+
+
+def _sinusoid(tokens: int, width: int) -> torch.Tensor:
+    """The fixed sine / cosine position table of "Attention Is All You Need", [tokens, width]."""
+    position = torch.arange(tokens, dtype=torch.float32)[:, None]
+    rate = torch.exp(torch.arange(0, width, 2, dtype=torch.float32) * (-torch.log(torch.tensor(10000.0)) / width))
+    table = torch.zeros(tokens, width)
+    table[:, 0::2], table[:, 1::2] = torch.sin(position * rate), torch.cos(position * rate)
+    return table
+
+
+MODELS = {"lenet300": LeNet300, "lenet5": LeNet5, "resnet": SmallResNet, "seqcnn": SequenceCNN, "vit": TinyViT}
 
 
 def build_model(name: str, image_size: int = 28, num_classes: int = 10) -> nn.Module:
@@ -114,4 +150,6 @@ def build_model(name: str, image_size: int = 28, num_classes: int = 10) -> nn.Mo
         return LeNet5(1, num_classes, image_size)
     if name == "seqcnn":
         return SequenceCNN(image_size, num_classes)
+    if name == "vit":
+        return TinyViT(image_size, num_classes)
     return SmallResNet(1, num_classes)

@@ -356,7 +356,7 @@ class Recipe(Strict):
     version: Literal[1] = 1
     name: str = "recipe"
     mode: Literal["joint", "sequential"] = "joint"
-    model: str | None = None  # a reference model name for the CLI (lenet300, lenet5, resnet, seqcnn)
+    model: str | None = None  # a reference model name for the CLI (lenet300, lenet5, resnet, seqcnn, vit)
     data: str | None = None  # "digits" (embedded) or a path to an MNIST-style .npz
     techniques: list[Technique] = Field(default_factory=list)
     training: Training = Field(default_factory=Training)
