@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5", "resnet": "Small ResNet",
-          "seqcnn": "1-D CNN (seqcnn)"}
+          "seqcnn": "1-D CNN (seqcnn)", "vit": "Small ViT (vit)"}
 REF = {"lenet300": (40.0, 1.58), "lenet5": (39.0, 0.74)}  # Deep Compression's points (none for the small ResNet)
 GOAL = {"lenet300": (100.0, 1.80), "lenet5": (200.0, 1.00)}  # the joint-compression issue's goals
 
@@ -483,7 +483,14 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                 "BatchNorm stored in fp16"),
                ("seqcnn", "compare_seqcnn_30x_2k_fp16norm", ", 2,000 training images, at 30x, BatchNorm stored in fp16"),
                ("seqcnn", "compare_seqcnn_60x_fp16norm", " at 60x, BatchNorm stored in fp16"),
-               ("seqcnn", "compare_seqcnn_60x_2k_fp16norm", ", 2,000 training images, at 60x, BatchNorm stored in fp16"))
+               ("seqcnn", "compare_seqcnn_60x_2k_fp16norm", ", 2,000 training images, at 60x, BatchNorm stored in fp16"),
+               ("vit", "compare_vit_30x_fp16norm",
+                " (torch's nn.TransformerEncoder, its attention converted to Linear projections by attention.mha_to_linear; "
+                "7x7 patches) at 30x, LayerNorm stored in fp16"),
+               ("vit", "compare_vit_30x_e4_fp16norm", " at 30x, teachers of 15 epochs, 4 compression epochs, LayerNorm stored in fp16"),
+               ("vit", "compare_vit_30x_2k_fp16norm", ", 2,000 training images, at 30x, LayerNorm stored in fp16"),
+               ("vit", "compare_vit_30x_2k_joint_none",
+                ", 2,000 training images, at 30x, LayerNorm stored in fp16: the joint mode without the Fisher saliency (joint-none)"))
 
 
 def fisher_budget_section() -> list[str]:
