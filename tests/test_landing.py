@@ -219,8 +219,9 @@ def test_catch_up_cuts_a_lagging_state_and_leaves_one_on_its_aim_alone():
     assert not budget.events
     before = _kept(model)
     start = budget.calibrated_hard()
-    budget.config.target_bytes = 0.5 * start  # far over: a tenth-ish of the excess goes now
-    budget.catch_up(12)
+    budget.config.target_bytes = 0.5 * start  # far over: a tenth-ish of the excess goes now, with a warning
+    with pytest.warns(UserWarning, match=r"at step 12, the end of its decision window, the weights file is 1\d\d% over"):
+        budget.catch_up(12)
     budget.calibrate(model)
     assert budget.aim() < budget.calibrated_hard() < start  # a step toward the aim, not the whole way
     (event,) = budget.events
@@ -231,6 +232,10 @@ def test_catch_up_cuts_a_lagging_state_and_leaves_one_on_its_aim_alone():
     assert not any(q.pattern_fixed for _, q in budget.layers.values())  # training still decides
     budget.catch_up(budget.freeze_step)  # the freeze's own projection takes over there
     assert len(budget.events) == 1
+    with warnings.catch_warnings():  # said once: the next cut of the same run is silent
+        warnings.simplefilter("error")
+        budget.catch_up(13)
+    assert len(budget.events) == 2
 
 
 def _floor_of_tensor(kept: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ by bisection on the artifact writer's bytes. The mixin uses the budget's `layers
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 
@@ -27,6 +29,9 @@ WIDENING_ROUNDS = 3  # under the aim at the freeze: rounds of single-bit raises 
 # between the window's end and the freeze, a state more than CATCH_UP_TOLERANCE over the aim is
 # brought down in steps (the multiplier alone could not get there while the LR decays)
 CATCH_UP_TOLERANCE = 0.02
+# ... and one more than LATE_EXCESS over it when the window ends is said in a warning: cut that late, in
+# few steps, a large excess costs accuracy (the small ViT with 2,000 images: 67% over, docs/joint.md)
+LATE_EXCESS = 0.25
 
 
 def channel_floor(keep: torch.Tensor, margin: torch.Tensor, floor: int = CHANNEL_FLOOR,
@@ -272,6 +277,17 @@ class Landing:
         owners = torch.cat(owners)[order]
         return owners, torch.cat(where)[order], per_byte[owners]
 
+    def warn_late(self, step: int, now: float, aim: float) -> None:
+        """Say once that the dead zones ended the decision window far over the aim, and what holds them."""
+        saliency = getattr(self.config, "saliency", 0.0)
+        held = (f"the Fisher price of each pruned weight (size_budget.saliency: {saliency:g}) held the dead zones "
+                "back; lower it (0 turns it off) or " if saliency > 0 else "the dead zones moved too slowly; ")
+        warnings.warn(
+            f"size_budget: at step {step}, the end of its decision window, the weights file is {now / aim - 1:.0%} over "
+            f"the aim ({now:,.0f} B against {aim:,.0f} B); the excess is cut in steps before the freeze at step "
+            f"{self.freeze_step}, and a cut this large this late can cost accuracy. {held[0].upper() + held[1:]}"
+            "give the decisions more steps (more epochs)", stacklevel=2)
+
     @torch.no_grad()
     def catch_up(self, step: int) -> None:
         """Between the window's end and the freeze the goal is final, but in a short run the LR has
@@ -285,6 +301,8 @@ class Landing:
         aim, now = self.aim(), self.calibrated_hard()
         if now <= aim * (1 + CATCH_UP_TOLERANCE):
             return
+        if not any(e["event"] == "size_catch_up" for e in self.events) and now > aim * (1 + LATE_EXCESS):
+            self.warn_late(step, now, aim)
         every = self.calibration_interval
         share = every / (self.freeze_step - step + every)
         owners, where, freed = self.ranking(drop=True)
