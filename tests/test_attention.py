@@ -33,7 +33,8 @@ def _call_options():
         "plain": {},
         "key padding": {"key_padding_mask": padding},
         "float mask": {"attn_mask": torch.randn(L, S)},
-        "per-head bool mask, float padding": {"attn_mask": per_head, "key_padding_mask": padding.float() * -1e4},
+        "per-head bool mask and padding": {"attn_mask": per_head, "key_padding_mask": padding},
+        "float mask and padding": {"attn_mask": torch.randn(B * HEADS, L, S), "key_padding_mask": padding.float() * -1e4},
         "no weights (SDPA)": {"need_weights": False, "attn_mask": torch.randn(L, S)},
         "per-head weights": {"average_attn_weights": False, "key_padding_mask": padding},
     }
@@ -74,6 +75,7 @@ def test_unbatched_causal_and_biasless_attention_convert():
         torch.testing.assert_close(weights2, weights, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")  # torch's own path, the reference
 def test_a_converted_encoder_keeps_its_outputs_with_padding_in_eval():
     """torch's encoder takes a nested-tensor fast path in eval that reads the packed projection;
     the conversion turns it off, so padded batches still run, with the same outputs."""
@@ -120,7 +122,8 @@ def test_unconverted_attention_is_named_with_the_fix():
     without a size target, the run warns once that they stay uncompressed."""
     joint = {"mode": "joint", "target": {"ratio": 4}, "training": {"epochs": 1, "batch_size": 8},
              "techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True}, {"type": "size_budget"}]}
-    with pytest.raises(TargetError, match=r"in_proj_weight .*'encoder.layers.0.self_attn' and 1 more.*mha_to_linear"):
+    with pytest.warns(UserWarning, match="mha_to_linear"), \
+            pytest.raises(TargetError, match=r"in_proj_weight .*'encoder.layers.0.self_attn' and 1 more.*mha_to_linear"):
         compress(_Encoder(convert=False), joint, _data(), lambda m: 0.0)
     plain = {"training": {"epochs": 1, "batch_size": 8}, "techniques": [{"type": "quant_lsq", "bits": 8}]}
     with pytest.warns(UserWarning, match="mha_to_linear"):

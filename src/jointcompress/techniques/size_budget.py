@@ -112,8 +112,8 @@ class SizeBudget(Landing, Technique):
         the budget would strip every weight and still miss it."""
         if self.fixed < self.aim():
             return
-        from ..targets import TargetError
         from ..attention import packed_attention_hint
+        from ..targets import TargetError
         from .norm_storage import norm_format_hint
         from .size_estimate import fixed_bytes_detail
 
