@@ -3,8 +3,9 @@
 `nn.MultiheadAttention` keeps its query / key / value projections in one `in_proj_weight`
 parameter (`[3 * embed_dim, embed_dim]`) that belongs to no Linear layer, so the techniques,
 which act on Linear and convolution weights, leave it as it is: in an `nn.TransformerEncoder`
-that is a quarter of every block's weights and half of its attention. `mha_to_linear` swaps each
-`nn.MultiheadAttention` for a `LinearMultiheadAttention` that computes the same function with
+that is three quarters of its attention weights and, with the usual 4x feed-forward width, a quarter
+of every block's. `mha_to_linear` swaps each `nn.MultiheadAttention` for a
+`LinearMultiheadAttention` that computes the same function with
 `q_proj`, `k_proj`, `v_proj` and the original `out_proj` as plain Linear layers (the same step as
 `hf.causal.conv1d_to_linear` for GPT-2). After `finalize`, `linear_to_mha` puts torch's own
 module back, with the compressed weights, for code that expects it.
