@@ -280,13 +280,13 @@ class Landing:
     def warn_late(self, step: int, now: float, aim: float) -> None:
         """Say once that the dead zones ended the decision window far over the aim, and what holds them."""
         saliency = getattr(self.config, "saliency", 0.0)
-        held = (f"the Fisher price of each pruned weight (size_budget.saliency: {saliency:g}) held the dead zones "
-                "back; lower it (0 turns it off) or " if saliency > 0 else "the dead zones moved too slowly; ")
+        fix = (f"The Fisher price of each pruned weight (size_budget.saliency: {saliency:g}) held the dead zones back: "
+               "lower it (0 turns it off), or give the decisions more steps (more epochs)" if saliency > 0 else
+               "The dead zones moved too slowly: give the decisions more steps (more epochs)")
         warnings.warn(
-            f"size_budget: at step {step}, the end of its decision window, the weights file is {now / aim - 1:.0%} over "
+            f"size_budget: at step {step}, after its decision window, the weights file is {now / aim - 1:.0%} over "
             f"the aim ({now:,.0f} B against {aim:,.0f} B); the excess is cut in steps before the freeze at step "
-            f"{self.freeze_step}, and a cut this large this late can cost accuracy. {held[0].upper() + held[1:]}"
-            "give the decisions more steps (more epochs)", stacklevel=2)
+            f"{self.freeze_step}, and a cut this large this late can cost accuracy. {fix}", stacklevel=2)
 
     @torch.no_grad()
     def catch_up(self, step: int) -> None:
