@@ -168,14 +168,6 @@ def test_constrained_run_lands_on_target(trained, tmp_path):
     assert result.metrics["accuracy"] > 0.8
 
 
-def test_learned_bits_stay_in_range_and_the_artifact_stores_them(trained, tmp_path):
-    model, result = _run(trained, _joint(ratio=30.0, min_bits=2, max_bits=6))
-    learned = {n: q.bits for t in result.techniques if t.kind == "quant_lsq" for n, q in t.quantizers.items()}
-    assert all(2 <= b <= 6 for b in learned.values())
-    manifest = save(model, finalize(model, result.example_inputs), tmp_path / "b", example_inputs=result.example_inputs)
-    assert {n: r["bits"] for n, r in manifest["layers"].items()} == learned
-
-
 def test_coordination_strategies_change_the_update_when_size_conflicts():
     torch.manual_seed(0)
     w = nn.Parameter(torch.randn(32))
