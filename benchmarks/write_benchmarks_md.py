@@ -488,14 +488,15 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                 " (torch's nn.TransformerEncoder, its attention converted to Linear projections by attention.mha_to_linear; "
                 "7x7 patches) at 30x, LayerNorm stored in fp16"),
                ("vit", "compare_vit_30x_joint_none",
-                " at 30x, LayerNorm stored in fp16: the joint mode without the Fisher saliency (joint-none)"),
+                " at 30x, LayerNorm stored in fp16: the joint mode at size_budget's defaults (joint-none: no Fisher saliency)"),
                ("vit", "compare_vit_30x_e4_fp16norm", " at 30x, teachers of 15 epochs, 4 compression epochs, LayerNorm stored in fp16"),
                ("vit", "compare_vit_30x_e4_joint_none",
-                " at 30x, teachers of 15 epochs, 4 compression epochs, LayerNorm stored in fp16: the joint mode without the "
-                "Fisher saliency (joint-none)"),
+                " at 30x, teachers of 15 epochs, 4 compression epochs, LayerNorm stored in fp16: the joint mode at "
+                "size_budget's defaults (joint-none: no Fisher saliency)"),
                ("vit", "compare_vit_30x_2k_fp16norm", ", 2,000 training images, at 30x, LayerNorm stored in fp16"),
                ("vit", "compare_vit_30x_2k_joint_none",
-                ", 2,000 training images, at 30x, LayerNorm stored in fp16: the joint mode without the Fisher saliency (joint-none)"))
+                ", 2,000 training images, at 30x, LayerNorm stored in fp16: the joint mode at size_budget's defaults "
+                "(joint-none: no Fisher saliency)"))
 
 
 def fisher_budget_section() -> list[str]:
