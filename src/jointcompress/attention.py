@@ -145,10 +145,8 @@ def _swap(model: nn.Module, kind: type, convert) -> nn.Module:
     """Replace every submodule of type `kind` by `convert(module, name)`, in place."""
     if isinstance(model, kind):
         return convert(model, "")
-    for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, kind):
-                setattr(parent, name, convert(child, f"{parent_name}.{name}".lstrip(".")))
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, kind)]:
+        model.set_submodule(name, convert(module, name))
     return model
 
 
