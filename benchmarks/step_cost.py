@@ -213,7 +213,7 @@ def as_before_fused(stepper):
     return stepper
 
 
-def steppers(teacher, split) -> dict:
+def steppers(teacher, split, ratio: float = 100.0) -> dict:
     fns = {"plain": plain_stepper(teacher, split), "plain_foreach": plain_stepper(teacher, split, foreach=True),
            "none_no_regularizers": joint_stepper(teacher, split, "none", False)}
     for s in ("none", "scale", "pcgrad"):
@@ -221,7 +221,7 @@ def steppers(teacher, split) -> dict:
     fns["pcgrad_every10"] = joint_stepper(teacher, split, "pcgrad", every=10)
     from jointcompress.artifact.size import dense_fp32_bytes
 
-    goal = dense_fp32_bytes(teacher) / 100
+    goal = dense_fp32_bytes(teacher) / ratio
     for s, every in (("none", 1), ("pcgrad", 10)):  # the size term of the joint mode (issue: cost <= 2x plain)
         fns[f"budget_{s}_every{every}"] = joint_stepper(teacher, split, s, recipe=budget_recipe(s, every, goal))
     fns["budget_pcgrad_every10_eager"] = joint_stepper(teacher, split, "pcgrad",
@@ -276,6 +276,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--steps", type=int, default=10, help="steps per timed sample")
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--ratio", type=float, default=100.0, help="the size budget's target: the fp32 weights / ratio")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (1: stable ratios on a shared machine)")
     ap.add_argument("--out", default="benchmarks/results/step_cost.json")
     args = ap.parse_args()
@@ -284,7 +285,7 @@ def main():
     torch.manual_seed(0)
     split = load_dataset(args.data)
     teacher = build_model(args.model, split.image_size, split.num_classes)
-    fns = steppers(teacher, split)
+    fns = steppers(teacher, split, args.ratio)
     load_before = os.getloadavg()[0]
     times, first = time_steps(fns, args.rounds, args.steps)
     med, ratio = summary(times, "wall", statistics.median)
@@ -294,7 +295,7 @@ def main():
     calibration = calibration_cost(fns["budget_pcgrad_every10"])
     result = {
         "command": f"python benchmarks/step_cost.py --data {args.data} --model {args.model} --threads {args.threads} "
-                   f"--batch {args.batch} --rounds {args.rounds} --steps {args.steps} --out {args.out}",
+                   f"--batch {args.batch}{'' if args.ratio == 100 else f' --ratio {args.ratio:g}'} --rounds {args.rounds} --steps {args.steps} --out {args.out}",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                    f"{os.cpu_count()} cores, load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after",
         "median_ms_per_step": med,
