@@ -54,11 +54,12 @@ def main() -> None:
         "Command: `PYTHONPATH=src .venv/bin/python benchmarks/arch_matrix.py` "
         f"(torch {torch.__version__}, {THREADS} thread, {time.time() - started:.0f} s).", "",
         "Each row: compress (pruning at 50 % + 8-bit LSQ, 1 epoch, 8 random samples; `joint`: zero-level 4-bit LSQ and "
-        "size_budget at a quarter of the fp32 file, a sixth for ResNet and MobileNetV2, 2 epochs; `joint_paced`: the "
+        "size_budget at a quarter of the fp32 file, a sixth for ResNet, MobileNetV2 and torch-lstm, 2 epochs; `joint_paced`: the "
         "joint-paced-obd-none recipe at fixed 4-bit widths, target 1/12 of the fp32 file, 1/4 for the text encoders; "
         "normalization layers in fp16, the default under a size target) -> finalize (relative logit gap "
         "to the masked model) -> save -> load (gap to the finalized model) -> ONNX Runtime (gap to the finalized "
-        "model). Text models (and torch-transformer, torch's nn.TransformerEncoder after attention.mha_to_linear) "
+        "model). Text models (and torch-transformer, torch's nn.TransformerEncoder after attention.mha_to_linear, and "
+        "torch-lstm, a 2-layer bidirectional nn.LSTM after recurrent.rnn_to_linear) "
         "take float `inputs_embeds`; gpt2 is a causal LM read at its last position.", "",
         "| architecture | compression | " + " | ".join(STAGES) + " |",
         "|---|---|" + "---|" * len(STAGES),

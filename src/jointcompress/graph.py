@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import signal
 import threading
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -82,7 +83,10 @@ def build_graph(model: nn.Module, example_inputs, ignored: list[nn.Module] | Non
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():  # the graph is traced through autograd
+        with torch.enable_grad(), warnings.catch_warnings():  # the graph is traced through autograd
+            # its channel-count inference gives up on long chains of concatenations (a recurrent loop
+            # unrolled over time) with this warning; groups through them are checked by verify_groups
+            warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
             dg = tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_inputs, ignored_layers=ignored or [], verbose=False
             )
@@ -159,12 +163,16 @@ def discover_groups(
 def _selection(model: nn.Module, example_inputs, targets: list[str], exclude: list[str]):
     """(skipped layers with the reason, modules the graph must ignore): outputs, targets, exclude."""
     outputs = set(output_layers(model, example_inputs))
+    recurrent = recurrent_layers(model)
     skipped: list[tuple[str, str]] = []
     ignored = []
     for n, m in model.named_modules():
         if not isinstance(m, PRUNABLE_ROOTS):
             continue
-        if n in outputs:
+        if n in recurrent:
+            skipped.append((n, f"a layer of the recurrent module '{recurrent[n]}': its outputs are split into gates "
+                               "and fed back at every step (its input channels follow the layer before it)"))
+        elif n in outputs:
             skipped.append((n, "its output is the model output (classes are never removed)"))
         elif not matches(n, targets):
             skipped.append((n, f"not matched by targets {targets}"))
@@ -174,6 +182,14 @@ def _selection(model: nn.Module, example_inputs, targets: list[str], exclude: li
             continue
         ignored.append(m)
     return skipped, ignored
+
+
+def recurrent_layers(model: nn.Module) -> dict[str, str]:
+    """Layer name -> the name of the `recurrent.LinearRNN` it belongs to."""
+    from .recurrent import LinearRNN
+
+    return {f"{n}.{c}" if n else c: n for n, m in model.named_modules() if isinstance(m, LinearRNN)
+            for c, _ in m.named_children()}
 
 
 def _traced_groups(model: nn.Module, dg, ignored) -> tuple[list[ChannelGroup], dict[str, tuple]]:

@@ -1,0 +1,203 @@
+"""torch's `nn.LSTM`, `nn.GRU` and `nn.RNN` as `nn.Linear` layers, so their weights are compressed.
+
+A recurrent module keeps each layer's input and recurrent weights as loose parameters
+(`weight_ih_l0`, `weight_hh_l0`, `..._reverse`) that belong to no Linear layer, so the techniques,
+which act on Linear and convolution weights, store them as they are: in a speech or text model
+built on `nn.LSTM` they are most of the weights. `rnn_to_linear` swaps every such module for a
+`LinearRNN` that computes the same function (same arguments, same outputs) with `ih_l{k}` and
+`hh_l{k}` as plain Linear layers (the same step as `attention.mha_to_linear` for torch's attention).
+After `finalize`, `linear_to_rnn` puts torch's own module back, holding the compressed weights: its
+fused kernel is the fast one at inference.
+
+The converted module runs its time loop in Python (the input projection of a whole sequence is one
+matrix product, the recurrent one a product per step), so training is slower than with torch's fused
+kernel on long sequences; the quantized recurrent weight is computed once per forward, not per step.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+from torch.nn.utils.rnn import PackedSequence
+
+from .errors import JointCompressError
+
+RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
+GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+class LinearRNN(nn.Module):
+    """`nn.LSTM` / `nn.GRU` / `nn.RNN`'s forward over Linear layers: `ih_l{k}` (the input projection of
+    layer k, all gates) and `hh_l{k}` (the recurrent one), `_reverse` for the backward direction."""
+
+    def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False):
+        super().__init__()
+        self.mode, self.input_size, self.hidden_size, self.num_layers = mode, input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout, self.bidirectional = bias, batch_first, dropout, bidirectional
+        gates = GATES[mode] * hidden_size
+        for layer in range(num_layers):
+            width = input_size if layer == 0 else hidden_size * self.directions
+            for suffix in self.suffixes:
+                self.add_module(f"ih_l{layer}{suffix}", nn.Linear(width, gates, bias=bias))
+                self.add_module(f"hh_l{layer}{suffix}", nn.Linear(hidden_size, gates, bias=bias))
+
+    @property
+    def directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        return ("", "_reverse") if self.bidirectional else ("",)
+
+    @classmethod
+    def from_rnn(cls, rnn: nn.RNNBase, name: str = "") -> "LinearRNN":
+        """The same function as `rnn`, its weights copied exactly."""
+        if getattr(rnn, "proj_size", 0):
+            raise JointCompressError(f"'{name}': nn.LSTM with proj_size={rnn.proj_size} has no Linear form here; "
+                                     "compress it without proj_size, or leave it out (it is then stored as it is)")
+        mode = rnn.mode if rnn.mode in GATES else f"RNN_{rnn.nonlinearity.upper()}"
+        out = cls(mode, rnn.input_size, rnn.hidden_size, rnn.num_layers, rnn.bias, rnn.batch_first, rnn.dropout,
+                  rnn.bidirectional).to(device=rnn.weight_ih_l0.device, dtype=rnn.weight_ih_l0.dtype)
+        out.train(rnn.training)
+        with torch.no_grad():
+            for layer in range(rnn.num_layers):
+                for suffix in out.suffixes:
+                    for part in ("ih", "hh"):
+                        linear = getattr(out, f"{part}_l{layer}{suffix}")
+                        linear.weight.copy_(getattr(rnn, f"weight_{part}_l{layer}{suffix}"))
+                        if rnn.bias:
+                            linear.bias.copy_(getattr(rnn, f"bias_{part}_l{layer}{suffix}"))
+        return out
+
+    def to_rnn(self, name: str = "") -> nn.RNNBase:
+        """torch's module with these (finalized) weights."""
+        if any(parametrize.is_parametrized(m) for m in self.children()):
+            raise JointCompressError(f"'{name}': its Linear layers are still parametrized; call finalize(model) first")
+        kind = {"LSTM": nn.LSTM, "GRU": nn.GRU}.get(self.mode, nn.RNN)
+        extra = {"nonlinearity": self.mode[4:].lower()} if kind is nn.RNN else {}
+        first = self.ih_l0.weight
+        rnn = kind(self.input_size, self.hidden_size, self.num_layers, bias=self.bias, batch_first=self.batch_first,
+                   dropout=self.dropout, bidirectional=self.bidirectional, device=first.device, dtype=first.dtype,
+                   **extra)
+        with torch.no_grad():
+            for key, value in rnn.named_parameters():
+                part, layer = key.split("_", 2)[1], key.split("_", 2)[2]  # weight_ih_l0_reverse -> ih, l0_reverse
+                linear = getattr(self, f"{part}_{layer}")
+                source = linear.weight if key.startswith("weight") else linear.bias
+                if source.shape != value.shape:
+                    raise JointCompressError(f"'{name}.{part}_{layer}' is {tuple(source.shape)}, torch's module needs "
+                                             f"{tuple(value.shape)} (structured pruning shrank it): keep the LinearRNN")
+                value.copy_(source)
+        rnn.train(self.training)
+        return rnn
+
+    def forward(self, input, hx=None):
+        if isinstance(input, PackedSequence):
+            raise JointCompressError("LinearRNN: a PackedSequence input is not supported; pass the padded tensor "
+                                     "(and take each sequence's last valid step), or keep this module as torch's")
+        batched = input.dim() == 3
+        x = input if batched else input.unsqueeze(1)
+        if batched and self.batch_first:
+            x = x.transpose(0, 1)
+        h0, c0 = self._initial_state(hx, x, batched)
+        finals_h, finals_c = [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for d, suffix in enumerate(self.suffixes):
+                i = layer * self.directions + d
+                out, h, c = self._direction(x, f"l{layer}{suffix}", h0[i], None if c0 is None else c0[i], d == 1)
+                outputs.append(out)
+                finals_h.append(h)
+                finals_c.append(c)
+            x = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        output = x.transpose(0, 1) if batched and self.batch_first else x
+        h_n = torch.stack(finals_h)
+        state = (h_n, torch.stack(finals_c)) if self.mode == "LSTM" else h_n
+        if not batched:
+            output = output.squeeze(1)
+            state = tuple(s.squeeze(1) for s in state) if self.mode == "LSTM" else state.squeeze(1)
+        return output, state
+
+    def _initial_state(self, hx, x: torch.Tensor, batched: bool):
+        """(h0, c0) as [layers * directions, batch, hidden] (c0 None but for LSTM); zeros where hx is None."""
+        if hx is None:
+            zeros = x.new_zeros(self.num_layers * self.directions, x.shape[1], self.hidden_size)
+            return zeros, zeros if self.mode == "LSTM" else None
+        h0, c0 = hx if self.mode == "LSTM" else (hx, None)
+        if not batched:
+            h0, c0 = h0.unsqueeze(1), None if c0 is None else c0.unsqueeze(1)
+        return h0, c0
+
+    def _direction(self, x: torch.Tensor, key: str, h: torch.Tensor, c: torch.Tensor | None, reverse: bool):
+        """One layer in one direction over the sequence x [T, B, in]: (outputs [T, B, H], h_T, c_T)."""
+        projected = getattr(self, f"ih_{key}")(x)  # every step's input projection, one product
+        recurrent = getattr(self, f"hh_{key}")
+        steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
+        outputs = [None] * x.shape[0]
+        with parametrize.cached():  # a quantized recurrent weight is computed once, not once per step
+            for t in steps:
+                h, c = self._cell(projected[t], recurrent(h), h, c)
+                outputs[t] = h
+        return torch.stack(outputs), h, c
+
+    def _cell(self, xg: torch.Tensor, hg: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None):
+        """One step from the input's and the state's gate pre-activations (torch's gate order)."""
+        if self.mode == "LSTM":
+            i, f, g, o = (xg + hg).chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return torch.sigmoid(o) * torch.tanh(c), c
+        if self.mode == "GRU":
+            xr, xz, xn = xg.chunk(3, dim=-1)
+            hr, hz, hn = hg.chunk(3, dim=-1)
+            r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+            n = torch.tanh(xn + r * hn)
+            return (1 - z) * n + z * h, None
+        pre = xg + hg
+        return (torch.tanh(pre) if self.mode == "RNN_TANH" else torch.relu(pre)), None
+
+    def extra_repr(self) -> str:
+        return (f"{self.mode}, {self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
+                f"batch_first={self.batch_first}, bidirectional={self.bidirectional}")
+
+
+def _swap(model: nn.Module, kinds, convert) -> nn.Module:
+    """Replace every submodule of one of `kinds` by `convert(module, name)`, in place."""
+    if isinstance(model, kinds):
+        return convert(model, "")
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]:
+        model.set_submodule(name, convert(module, name))
+    return model
+
+
+def rnn_to_linear(model: nn.Module) -> nn.Module:
+    """Every `nn.LSTM`, `nn.GRU` and `nn.RNN` in `model` replaced by a `LinearRNN` computing the same
+    function, in place; returns the model (the module itself if `model` is one). Call it on the model
+    before `compress`, and on the model your `load` builder returns."""
+    return _swap(model, RECURRENT, lambda m, name: LinearRNN.from_rnn(m, name))
+
+
+def linear_to_rnn(model: nn.Module) -> nn.Module:
+    """The reverse of `rnn_to_linear` on a finalized model: torch's own modules back, holding the
+    compressed weights, in place; returns the model."""
+    return _swap(model, LinearRNN, lambda m, name: m.to_rnn(name))
+
+
+def packed_recurrent(model: nn.Module) -> list[str]:
+    """Names of the recurrent modules whose weights no technique compresses."""
+    return [name for name, m in model.named_modules() if isinstance(m, RECURRENT)]
+
+
+def packed_recurrent_hint(model: nn.Module) -> str:
+    """A sentence for size errors and warnings: the recurrent weights left uncompressed, and the
+    conversion that compresses them; empty when there are none."""
+    names = packed_recurrent(model)
+    if not names:
+        return ""
+    more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+    return (f"; nn.LSTM / nn.GRU / nn.RNN keep their weights as loose parameters that no technique compresses "
+            f"('{names[0]}'{more}): jointcompress.recurrent.rnn_to_linear(model) turns them into Linear layers "
+            "(and do the same on the model your load builder returns)")

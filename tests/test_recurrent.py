@@ -1,0 +1,161 @@
+"""torch's nn.LSTM / nn.GRU / nn.RNN converted to Linear layers (recurrent.rnn_to_linear): the same
+function and gradients, compressed like any Linear, saved and loaded, and torch's module back after
+finalize (linear_to_rnn)."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from jointcompress import JointCompressError, compress, finalize
+from jointcompress.artifact import dense_fp32_bytes, load, save
+from jointcompress.graph import discover_groups
+from jointcompress.recurrent import LinearRNN, linear_to_rnn, rnn_to_linear
+from jointcompress.targets import TargetError
+
+T, B, IN, H = 5, 3, 6, 8
+KINDS = {"lstm": (nn.LSTM, {}), "gru": (nn.GRU, {}), "rnn-tanh": (nn.RNN, {"nonlinearity": "tanh"}),
+         "rnn-relu": (nn.RNN, {"nonlinearity": "relu"})}
+
+
+def _states(state):
+    return state if isinstance(state, tuple) else (state,)
+
+
+def _pair(kind: str, **options):
+    torch.manual_seed(0)
+    cls, extra = KINDS[kind]
+    rnn = cls(IN, H, **{**extra, **options}).eval()
+    return rnn, LinearRNN.from_rnn(rnn)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_the_converted_module_computes_what_torch_computes(kind, batch_first, bidirectional):
+    rnn, converted = _pair(kind, num_layers=2, batch_first=batch_first, bidirectional=bidirectional)
+    x = torch.randn((B, T, IN) if batch_first else (T, B, IN))
+    state = torch.randn(2 * (2 if bidirectional else 1), B, H)
+    hx = (state, torch.randn_like(state)) if kind == "lstm" else state
+    for args in ((x,), (x, hx)):
+        want, want_state = rnn(*args)
+        got, got_state = converted(*args)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for g, w in zip(_states(got_state), _states(want_state), strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    back = converted.to_rnn()
+    assert type(back) is type(rnn)
+    torch.testing.assert_close(back(x)[0], rnn(x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_gradients_and_unbatched_inputs_match_torch(kind):
+    rnn, converted = _pair(kind, num_layers=2, bias=False)
+    x = torch.randn(T, IN)  # unbatched
+    want, want_state = rnn(x)
+    got, got_state = converted(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert [s.shape for s in _states(got_state)] == [s.shape for s in _states(want_state)]
+    want.square().sum().backward()
+    got.square().sum().backward()
+    for layer in range(2):
+        for part in ("ih", "hh"):
+            torch.testing.assert_close(getattr(converted, f"{part}_l{layer}").weight.grad,
+                                       getattr(rnn, f"weight_{part}_l{layer}").grad, rtol=1e-4, atol=1e-6)
+
+
+def test_what_has_no_linear_form_is_refused_by_name():
+    model = nn.Sequential(nn.Linear(IN, IN), nn.LSTM(IN, H, proj_size=4))
+    with pytest.raises(JointCompressError, match=r"'1': nn.LSTM with proj_size=4"):
+        rnn_to_linear(model)
+    _, converted = _pair("gru", batch_first=True)
+    packed = pack_padded_sequence(torch.randn(B, T, IN), [T, 3, 2], batch_first=True)
+    with pytest.raises(JointCompressError, match="PackedSequence"):
+        converted(packed)
+
+
+class _Tagger(nn.Module):
+    """A small sequence classifier: a Linear front, a 2-layer bidirectional LSTM, a Linear head on the last step."""
+
+    def __init__(self, convert: bool = True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.front = nn.Linear(IN, 16)
+        rnn = nn.LSTM(16, 16, 2, batch_first=True, bidirectional=True)
+        self.rnn = rnn_to_linear(rnn) if convert else rnn
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(torch.relu(self.front(x)))
+        return self.head(out[:, -1])
+
+
+def _data(n=32):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, T, IN, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def test_unconverted_recurrent_weights_are_named_with_the_fix():
+    joint = {"mode": "joint", "target": {"ratio": 4}, "training": {"epochs": 1, "batch_size": 8},
+             "techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True}, {"type": "size_budget"}]}
+    with pytest.warns(UserWarning, match="rnn_to_linear"), \
+            pytest.raises(TargetError, match=r"loose parameters .*'rnn'.*rnn_to_linear"):
+        compress(_Tagger(convert=False), joint, _data(), lambda m: 0.0)
+    plain = {"training": {"epochs": 1, "batch_size": 8}, "techniques": [{"type": "quant_lsq", "bits": 8}]}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*rnn_to_linear")
+        compress(_Tagger(), plain, _data(), lambda m: 0.0)
+
+
+def test_a_joint_run_compresses_the_recurrent_weights_and_they_go_back_to_torch(tmp_path):
+    recipe = {"mode": "joint", "target": {"ratio": 12}, "training": {"epochs": 8, "batch_size": 8},
+              "techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True}, {"type": "size_budget"}]}
+    model = _Tagger()
+    x, y = _data()
+    result = compress(model, recipe, (x, y), lambda m: 0.0)
+    model.eval()
+    with torch.no_grad():
+        masked = model(x)
+    with pytest.raises(JointCompressError, match="finalize"):
+        linear_to_rnn(copy.deepcopy(model))
+    target = dense_fp32_bytes(model) / 12
+    spec = finalize(model, result.example_inputs)
+    hh = model.rnn.hh_l1_reverse.weight
+    assert float((hh == 0).float().mean()) > 0.3  # the recurrent weights were pruned
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked, rtol=1e-4, atol=1e-5)
+    path = tmp_path / "tagger"
+    manifest = save(model, spec, path, builder=_Tagger, example_inputs=x[:2])
+    assert manifest["weights_file_bytes"] == (path / manifest["weights_file"]).stat().st_size <= target
+    loaded = load(path, _Tagger).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), masked, rtol=1e-4, atol=1e-5)
+    torch_model = linear_to_rnn(loaded)
+    assert type(torch_model.rnn) is nn.LSTM
+    assert torch.equal(torch_model.rnn.weight_hh_l1_reverse, hh)
+    with torch.no_grad():
+        torch.testing.assert_close(torch_model(x), masked, rtol=1e-4, atol=1e-5)
+
+
+def test_structured_pruning_leaves_the_recurrent_units_and_shrinks_what_feeds_them(tmp_path):
+    model = _Tagger()
+    x, y = _data()
+    groups, skipped = discover_groups(model, x[:2])
+    assert "recurrent module 'rnn'" in dict(skipped)["rnn.hh_l0"]
+    assert [g.name for g in groups] == ["front"]
+    assert {m.module for m in groups[0].members} == {"front", "rnn.ih_l0", "rnn.ih_l0_reverse"}
+    recipe = {"training": {"epochs": 1, "batch_size": 8},
+              "techniques": [{"type": "prune_structured", "sparsity": 0.5}, {"type": "quant_lsq", "bits": 8}]}
+    result = compress(model, recipe, (x, y), lambda m: 0.0)
+    model.eval()
+    with torch.no_grad():
+        masked = model(x)
+    spec = finalize(model, result.example_inputs)
+    assert model.front.out_features == model.rnn.ih_l0.in_features == 8  # physically removed
+    save(model, spec, tmp_path, builder=_Tagger, example_inputs=x[:2])  # the replay is checked here
+    loaded = load(tmp_path, _Tagger).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(loaded(x), masked, rtol=1e-4, atol=1e-5)
