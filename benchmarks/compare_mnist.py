@@ -45,6 +45,9 @@ DEFAULTS = {  # sized for <= ~30 min each on 2 CPU cores shared with other jobs 
     # a small vision transformer (torch's nn.TransformerEncoder, its attention converted to Linear
     # projections by attention.mha_to_linear): LayerNorm, attention and MLP weights
     "vit": {"ratios": "30", "seeds": 3, "epochs": 2, "teacher_epochs": 3},
+    # an LSTM reading each image as a sequence of rows (torch's nn.LSTM, converted to Linear layers by
+    # recurrent.rnn_to_linear): input and recurrent weights, the shape of a speech or sensor model
+    "lstm": {"ratios": "30", "seeds": 3, "epochs": 2, "teacher_epochs": 3},
 }
 
 

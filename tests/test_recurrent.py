@@ -159,3 +159,13 @@ def test_structured_pruning_leaves_the_recurrent_units_and_shrinks_what_feeds_th
     with torch.no_grad():
         torch.testing.assert_close(model(x), masked, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(loaded(x), masked, rtol=1e-4, atol=1e-5)
+
+
+def test_the_builtin_lstm_reads_each_image_row_by_row():
+    from jointcompress.models import build_model
+
+    for size in (28, 8):
+        model = build_model("lstm", image_size=size)
+        assert model(torch.randn(2, 1, size, size)).shape == (2, 10)
+        assert model.rnn.ih_l0.in_features == size
+    assert not any(isinstance(m, nn.LSTM) for m in model.modules())  # converted: every weight is a Linear's

@@ -126,6 +126,23 @@ class TinyViT(nn.Module):
         return self.fc(self.norm(x).mean(1))
 
 
+class RowLSTM(nn.Module):
+    """An LSTM that reads an image as a sequence (each row one step of W features) and classifies
+    its last hidden state: the shape of a speech or sensor sequence model. torch's nn.LSTM, converted
+    to Linear layers (recurrent.rnn_to_linear) so that its input and recurrent weights are compressed."""
+
+    def __init__(self, features: int = 28, num_classes: int = 10, hidden: int = 96):
+        super().__init__()
+        from .recurrent import rnn_to_linear
+
+        self.rnn = rnn_to_linear(nn.LSTM(features, hidden, batch_first=True))
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        out, _ = self.rnn(x.flatten(1, 2))  # [N, 1, H, W] -> [N, H, W]: H steps of W features
+        return self.fc(out[:, -1])
+
+
 def _sinusoid(tokens: int, width: int) -> torch.Tensor:
     """The fixed sine / cosine position table of "Attention Is All You Need", [tokens, width]."""
     position = torch.arange(tokens, dtype=torch.float32)[:, None]
@@ -135,7 +152,8 @@ def _sinusoid(tokens: int, width: int) -> torch.Tensor:
     return table
 
 
-MODELS = {"lenet300": LeNet300, "lenet5": LeNet5, "resnet": SmallResNet, "seqcnn": SequenceCNN, "vit": TinyViT}
+MODELS = {"lenet300": LeNet300, "lenet5": LeNet5, "resnet": SmallResNet, "seqcnn": SequenceCNN, "vit": TinyViT,
+          "lstm": RowLSTM}
 
 
 def build_model(name: str, image_size: int = 28, num_classes: int = 10) -> nn.Module:
@@ -152,4 +170,6 @@ def build_model(name: str, image_size: int = 28, num_classes: int = 10) -> nn.Mo
         return SequenceCNN(image_size, num_classes)
     if name == "vit":
         return TinyViT(image_size, num_classes)
+    if name == "lstm":
+        return RowLSTM(image_size, num_classes)
     return SmallResNet(1, num_classes)
