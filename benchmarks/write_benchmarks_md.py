@@ -13,7 +13,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5", "resnet": "Small ResNet",
-          "seqcnn": "1-D CNN (seqcnn)", "vit": "Small ViT (vit)"}
+          "seqcnn": "1-D CNN (seqcnn)", "vit": "Small ViT (vit)",
+          "lstm": "LSTM (lstm)"}
 REF = {"lenet300": (40.0, 1.58), "lenet5": (39.0, 0.74)}  # Deep Compression's points (none for the small ResNet)
 GOAL = {"lenet300": (100.0, 1.80), "lenet5": (200.0, 1.00)}  # the joint-compression issue's goals
 
@@ -496,7 +497,10 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                ("vit", "compare_vit_30x_2k_fp16norm", ", 2,000 training images, at 30x, LayerNorm stored in fp16"),
                ("vit", "compare_vit_30x_2k_joint_none",
                 ", 2,000 training images, at 30x, LayerNorm stored in fp16: the joint mode at size_budget's defaults "
-                "(joint-none: no Fisher saliency)"))
+                "(joint-none: no Fisher saliency)"),
+               ("lstm", "compare_lstm_30x",
+                " (torch's nn.LSTM, 96 units, reading each image row by row, converted to Linear layers by "
+                "recurrent.rnn_to_linear) at 30x: the benchmarks' recipe and the joint mode at size_budget's defaults"))
 
 
 def fisher_budget_section() -> list[str]:
