@@ -500,7 +500,8 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                 "(joint-none: no Fisher saliency)"),
                ("lstm", "compare_lstm_30x",
                 " (torch's nn.LSTM, 96 units, reading each image row by row, converted to Linear layers by "
-                "recurrent.rnn_to_linear) at 30x: the benchmarks' recipe and the joint mode at size_budget's defaults"))
+                "recurrent.rnn_to_linear) at 30x: the benchmarks' recipe and the joint mode at size_budget's defaults"),
+               ("lstm", "compare_lstm_30x_2k", ", 2,000 training images, at 30x"))
 
 
 def fisher_budget_section() -> list[str]:

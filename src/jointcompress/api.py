@@ -79,11 +79,10 @@ def check_targets(model: nn.Module, recipe: Recipe) -> None:
     cannot compress correctly (see check_layers). Packed attention projections and recurrent weights,
     which no technique can select, are named in a warning with the conversions that make them
     compressible."""
-    from .attention import packed_attention_hint
-    from .recurrent import packed_recurrent_hint
+    from .conversions import conversion_hint
     from .techniques.base import selected_layers
 
-    hint = packed_attention_hint(model) + packed_recurrent_hint(model)
+    hint = conversion_hint(model)
     if hint and any(hasattr(cfg, "targets") for cfg in recipe.techniques):
         warnings.warn(hint[2:], stacklevel=3)
 

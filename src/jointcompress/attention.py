@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .conversions import named_hint, swap_modules
 from .errors import JointCompressError
 
 
@@ -141,20 +142,11 @@ def _as_float(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)
 
 
-def _swap(model: nn.Module, kind: type, convert) -> nn.Module:
-    """Replace every submodule of type `kind` by `convert(module, name)`, in place."""
-    if isinstance(model, kind):
-        return convert(model, "")
-    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, kind)]:
-        model.set_submodule(name, convert(module, name))
-    return model
-
-
 def mha_to_linear(model: nn.Module) -> nn.Module:
     """Every `nn.MultiheadAttention` in `model` replaced by a `LinearMultiheadAttention` computing the
     same function, in place; returns the model (the module itself if `model` is one). Call it on the
     model before `compress`, and on the model your `load` builder returns."""
-    model = _swap(model, nn.MultiheadAttention, lambda m, name: LinearMultiheadAttention.from_mha(m, name))
+    model = swap_modules(model, nn.MultiheadAttention, lambda m, name: LinearMultiheadAttention.from_mha(m, name))
     for module in model.modules():  # its nested-tensor path reads the packed projection
         if isinstance(module, nn.TransformerEncoder):
             module.use_nested_tensor = False
@@ -164,7 +156,7 @@ def mha_to_linear(model: nn.Module) -> nn.Module:
 def linear_to_mha(model: nn.Module) -> nn.Module:
     """The reverse of `mha_to_linear` on a finalized model: torch's own `nn.MultiheadAttention` back,
     holding the compressed weights, in place; returns the model."""
-    return _swap(model, LinearMultiheadAttention, lambda m, name: m.to_mha(name))
+    return swap_modules(model, LinearMultiheadAttention, lambda m, name: m.to_mha(name))
 
 
 def packed_attention(model: nn.Module) -> list[str]:
@@ -175,10 +167,7 @@ def packed_attention(model: nn.Module) -> list[str]:
 def packed_attention_hint(model: nn.Module) -> str:
     """A sentence for size errors and warnings: the packed attention projections left uncompressed,
     and the conversion that compresses them; empty when there are none."""
-    names = packed_attention(model)
-    if not names:
-        return ""
-    more = f" and {len(names) - 1} more" if len(names) > 1 else ""
-    return (f"; nn.MultiheadAttention keeps its query / key / value weights in one in_proj_weight that no technique "
-            f"compresses ('{names[0]}'{more}): jointcompress.attention.mha_to_linear(model) turns them into Linear "
-            "layers, exactly (and on the model your load builder returns)")
+    return named_hint(packed_attention(model), "nn.MultiheadAttention keeps its query / key / value weights in one "
+                      "in_proj_weight that no technique compresses",
+                      "jointcompress.attention.mha_to_linear(model) turns them into Linear layers, exactly (and on the "
+                      "model your load builder returns)")

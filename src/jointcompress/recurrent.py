@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
+from .conversions import named_hint, swap_modules
 from .errors import JointCompressError
 
 RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
@@ -57,8 +58,7 @@ class LinearRNN(nn.Module):
         if getattr(rnn, "proj_size", 0):
             raise JointCompressError(f"'{name}': nn.LSTM with proj_size={rnn.proj_size} has no Linear form here; "
                                      "compress it without proj_size, or leave it out (it is then stored as it is)")
-        mode = rnn.mode if rnn.mode in GATES else f"RNN_{rnn.nonlinearity.upper()}"
-        out = cls(mode, rnn.input_size, rnn.hidden_size, rnn.num_layers, rnn.bias, rnn.batch_first, rnn.dropout,
+        out = cls(rnn.mode, rnn.input_size, rnn.hidden_size, rnn.num_layers, rnn.bias, rnn.batch_first, rnn.dropout,
                   rnn.bidirectional).to(device=rnn.weight_ih_l0.device, dtype=rnn.weight_ih_l0.dtype)
         out.train(rnn.training)
         with torch.no_grad():
@@ -164,26 +164,17 @@ class LinearRNN(nn.Module):
                 f"batch_first={self.batch_first}, bidirectional={self.bidirectional}")
 
 
-def _swap(model: nn.Module, kinds, convert) -> nn.Module:
-    """Replace every submodule of one of `kinds` by `convert(module, name)`, in place."""
-    if isinstance(model, kinds):
-        return convert(model, "")
-    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]:
-        model.set_submodule(name, convert(module, name))
-    return model
-
-
 def rnn_to_linear(model: nn.Module) -> nn.Module:
     """Every `nn.LSTM`, `nn.GRU` and `nn.RNN` in `model` replaced by a `LinearRNN` computing the same
     function, in place; returns the model (the module itself if `model` is one). Call it on the model
     before `compress`, and on the model your `load` builder returns."""
-    return _swap(model, RECURRENT, lambda m, name: LinearRNN.from_rnn(m, name))
+    return swap_modules(model, RECURRENT, lambda m, name: LinearRNN.from_rnn(m, name))
 
 
 def linear_to_rnn(model: nn.Module) -> nn.Module:
     """The reverse of `rnn_to_linear` on a finalized model: torch's own modules back, holding the
     compressed weights, in place; returns the model."""
-    return _swap(model, LinearRNN, lambda m, name: m.to_rnn(name))
+    return swap_modules(model, LinearRNN, lambda m, name: m.to_rnn(name))
 
 
 def packed_recurrent(model: nn.Module) -> list[str]:
@@ -194,10 +185,7 @@ def packed_recurrent(model: nn.Module) -> list[str]:
 def packed_recurrent_hint(model: nn.Module) -> str:
     """A sentence for size errors and warnings: the recurrent weights left uncompressed, and the
     conversion that compresses them; empty when there are none."""
-    names = packed_recurrent(model)
-    if not names:
-        return ""
-    more = f" and {len(names) - 1} more" if len(names) > 1 else ""
-    return (f"; nn.LSTM / nn.GRU / nn.RNN keep their weights as loose parameters that no technique compresses "
-            f"('{names[0]}'{more}): jointcompress.recurrent.rnn_to_linear(model) turns them into Linear layers "
-            "(and do the same on the model your load builder returns)")
+    return named_hint(packed_recurrent(model), "nn.LSTM / nn.GRU / nn.RNN keep their weights as loose parameters that "
+                      "no technique compresses",
+                      "jointcompress.recurrent.rnn_to_linear(model) turns them into Linear layers (and on the model "
+                      "your load builder returns)")

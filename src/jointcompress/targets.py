@@ -25,8 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .attention import packed_attention_hint
-from .recurrent import packed_recurrent_hint
+from .conversions import conversion_hint
 from .block_drop import allocation_base
 from .errors import RecipeError
 from .recipe import Recipe, parse_recipe
@@ -301,7 +300,7 @@ def choose_bits(cand: Candidate, base: dict[str, int], sparsest: dict, dense: di
                 f"{MAX_LAYER_SPARSITY:.1%} sparsity) is {cand.file_bytes(sparsest, bits(shift)):,} B: "
                 f"{floor_detail(*cand.build(sparsest, bits(shift)))}. Raise target.size_kb (or lower "
                 "target.ratio), or lower prune_unstructured.min_keep" + norm_format_hint(cand.model)
-                + packed_attention_hint(cand.model) + packed_recurrent_hint(cand.model)
+                + conversion_hint(cand.model)
             )
         shift -= 1
     while shift >= 0 and any(b < 8 for b in bits(shift).values()) and cand.file_bytes(dense, bits(shift)) < goal:

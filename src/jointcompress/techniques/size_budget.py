@@ -112,8 +112,7 @@ class SizeBudget(Landing, Technique):
         the budget would strip every weight and still miss it."""
         if self.fixed < self.aim():
             return
-        from ..attention import packed_attention_hint
-        from ..recurrent import packed_recurrent_hint
+        from ..conversions import conversion_hint
         from ..targets import TargetError
         from .norm_storage import norm_format_hint
         from .size_estimate import fixed_bytes_detail
@@ -123,7 +122,7 @@ class SizeBudget(Landing, Technique):
             f"not depend on what the run decides ({fixed_bytes_detail(model)}). Raise target.size_kb (or lower "
             "target.ratio) well above that: quant_lsq compresses only the Linear and convolution weights its targets select, "
             "everything else is stored as it is" + norm_format_hint(model)
-            + packed_attention_hint(model) + packed_recurrent_hint(model))
+            + conversion_hint(model))
 
     def note_slack(self) -> None:
         """A target the model already meets before any decision: learned widths can spend the

@@ -1,0 +1,39 @@
+"""Modules whose weights belong to no Linear layer, and the exact conversions that make them so.
+
+The techniques compress the weights of `nn.Linear` and the convolutions. torch's `nn.MultiheadAttention`
+(its packed query / key / value projection) and its recurrent modules (`nn.LSTM`, `nn.GRU`, `nn.RNN`:
+loose per-layer parameters) hold theirs elsewhere; `attention.mha_to_linear` and
+`recurrent.rnn_to_linear` swap them for modules computing the same function over Linear layers.
+Here: the in-place swap both use, and the hint that names what a model still holds unconverted.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+
+
+def swap_modules(model: nn.Module, kinds, convert: Callable[[nn.Module, str], nn.Module]) -> nn.Module:
+    """Replace every submodule of type `kinds` (a type or a tuple of types) by `convert(module, name)`,
+    in place; returns the model (the converted module itself if `model` is one)."""
+    if isinstance(model, kinds):
+        return convert(model, "")
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]:
+        model.set_submodule(name, convert(module, name))
+    return model
+
+
+def named_hint(names: list[str], holds: str, conversion: str) -> str:
+    """'; <holds> ('first' and N more): <conversion>' for size errors and warnings; empty without names."""
+    if not names:
+        return ""
+    more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+    return f"; {holds} ('{names[0]}'{more}): {conversion}"
+
+
+def conversion_hint(model: nn.Module) -> str:
+    """Every kind of unconverted module in `model`, each with the conversion that compresses it."""
+    from .attention import packed_attention_hint
+    from .recurrent import packed_recurrent_hint
+
+    return packed_attention_hint(model) + packed_recurrent_hint(model)
