@@ -185,3 +185,10 @@ def test_real_entry_point_prints_no_traceback(tmp_path):
                        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
     assert p.returncode == 2 and "temprature" in p.stdout and "unknown key" in p.stdout
     assert "Traceback" not in p.stdout + p.stderr
+
+
+def test_the_help_texts_name_every_built_in_model():
+    from jointcompress.commands import BUILT_IN_MODELS
+    from jointcompress.models import MODELS
+
+    assert BUILT_IN_MODELS.split(" | ") == list(MODELS)

@@ -14,6 +14,8 @@ from typing import Optional
 
 import typer
 
+from . import BUILT_IN_MODELS
+
 
 def _image_size(manifest: dict) -> int:
     inputs = manifest.get("example_inputs") or []
@@ -124,7 +126,7 @@ def register(app: typer.Typer) -> None:
     @app.command("bench")
     def bench_command(
         artifact_dir: Optional[Path] = typer.Argument(None, help="Directory written by save() / compress."),
-        model: Optional[str] = typer.Option(None, "--model", help="lenet300 | lenet5 | resnet (default: from the manifest)."),
+        model: Optional[str] = typer.Option(None, "--model", help=f"{BUILT_IN_MODELS} (default: from the manifest)."),
         data: Optional[str] = typer.Option(None, "--data", help="'digits' or an MNIST .npz; enables accuracy."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the measurements as JSON here."),
         runs: int = typer.Option(50, "--runs", min=1, help="Timed runs per batch size (median reported)."),

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from . import BUILT_IN_MODELS
+
 
 def parse_floats(text: str, what: str) -> list[float]:
     from ..errors import RecipeError
@@ -28,7 +30,7 @@ def register(app: typer.Typer) -> None:
         first_seed: int = typer.Option(0, "--first-seed", min=0, help="First seed (a later batch extends an earlier one; "
                                        "benchmarks/pool_compare.py pools the folders)."),
         variants: str = typer.Option("joint-none,joint-scale,joint-pcgrad,sequential", "--variants", help="Which to run."),
-        model: Optional[str] = typer.Option(None, "--model", help="lenet300 | lenet5 | resnet (default: the recipe's)."),
+        model: Optional[str] = typer.Option(None, "--model", help=f"{BUILT_IN_MODELS} (default: the recipe's)."),
         data: Optional[str] = typer.Option(None, "--data", help="'digits' or an MNIST .npz (default: the recipe's)."),
         weights: Optional[Path] = typer.Option(None, "--weights", help="Trained weights (.safetensors) used for every seed."),
         teacher_epochs: int = typer.Option(10, "--teacher-epochs", min=1, help="Teacher epochs when no --weights."),

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import typer
 
+from . import BUILT_IN_MODELS
+
 from ..errors import RecipeError
 
 
@@ -90,7 +92,7 @@ def _shape(text: str | None) -> list[int] | None:
 def register(app: typer.Typer) -> None:
     @app.command("dry-run")
     def dry_run_command(
-        model: str = typer.Option("lenet5", "--model", help="lenet300 | lenet5 | resnet, or your builder: package.module:function or file.py:function"),
+        model: str = typer.Option("lenet5", "--model", help=f"{BUILT_IN_MODELS}, or your builder: package.module:function or file.py:function"),
         image_size: int = typer.Option(28, "--image-size", help="Input height/width used to trace a built-in model."),
         input_shape: str = typer.Option(None, "--input-shape", help="Shape of the zero input to trace with, e.g. 1,3,32,32 (needed for your own model)."),
         target: list[str] = typer.Option(["*"], "--target", help="Glob of layer names to prune (repeatable)."),

@@ -6,12 +6,14 @@ from typing import Optional
 
 import typer
 
+from . import BUILT_IN_MODELS
+
 
 def register(app: typer.Typer) -> None:
     @app.command("sensitivity")
     def sensitivity_command(
         recipe_path: Path = typer.Argument(..., help="Recipe YAML (model, data and training.metric are read from it)."),
-        model: Optional[str] = typer.Option(None, "--model", help="lenet300 | lenet5 | resnet (default: the recipe's)."),
+        model: Optional[str] = typer.Option(None, "--model", help=f"{BUILT_IN_MODELS} (default: the recipe's)."),
         data: Optional[str] = typer.Option(None, "--data", help="'digits' or an MNIST .npz (default: the recipe's)."),
         weights: Optional[Path] = typer.Option(None, "--weights", help="Trained weights (.safetensors); default: train first."),
         teacher_epochs: int = typer.Option(10, "--teacher-epochs", min=1, help="Epochs to train when no --weights."),
