@@ -134,7 +134,9 @@ class LinearRNN(nn.Module):
 
     def _direction(self, x: torch.Tensor, key: str, h: torch.Tensor, c: torch.Tensor | None, reverse: bool):
         """One layer in one direction over the sequence x [T, B, in]: (outputs [T, B, H], h_T, c_T)."""
-        projected = getattr(self, f"ih_{key}")(x)  # every step's input projection, one product
+        # every step's input projection in one product; unbind, not indexing: one backward node for
+        # all steps (each index's backward would write a sequence-sized gradient: quadratic in T)
+        projected = getattr(self, f"ih_{key}")(x).unbind(0)
         recurrent = getattr(self, f"hh_{key}")
         steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
         outputs = [None] * x.shape[0]
