@@ -170,8 +170,9 @@ def _selection(model: nn.Module, example_inputs, targets: list[str], exclude: li
         if not isinstance(m, PRUNABLE_ROOTS):
             continue
         if n in recurrent:
+            follows = " (its input channels follow the layer before it)" if ".ih_l" in f".{n}" else ""
             skipped.append((n, f"a layer of the recurrent module '{recurrent[n]}': its outputs are split into gates "
-                               "and fed back at every step (its input channels follow the layer before it)"))
+                               f"and fed back at every step{follows}"))
         elif n in outputs:
             skipped.append((n, "its output is the model output (classes are never removed)"))
         elif not matches(n, targets):
