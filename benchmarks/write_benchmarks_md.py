@@ -501,7 +501,8 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                ("lstm", "compare_lstm_30x",
                 " (torch's nn.LSTM, 96 units, reading each image row by row, converted to Linear layers by "
                 "recurrent.rnn_to_linear) at 30x: the benchmarks' recipe and the joint mode at size_budget's defaults"),
-               ("lstm", "compare_lstm_30x_2k", ", 2,000 training images, at 30x"))
+               ("lstm", "compare_lstm_30x_2k", ", 2,000 training images, at 30x"),
+               ("lstm", "compare_lstm_8x_15x_seed0", " at 8x and 15x (one seed, a check of the baseline where the cut is mild)"))
 
 
 def fisher_budget_section() -> list[str]:
