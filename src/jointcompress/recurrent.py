@@ -10,8 +10,8 @@ After `finalize`, `linear_to_rnn` puts torch's own module back, holding the comp
 fused kernel is the fast one at inference.
 
 The converted module runs its time loop in Python (the input projection of a whole sequence is one
-matrix product, the recurrent one a product per step), so training is slower than with torch's fused
-kernel on long sequences; the quantized recurrent weight is computed once per forward, not per step.
+matrix product, the recurrent one a product per step; benchmarks/recurrent_speed.py times it against
+torch's fused kernel); the quantized recurrent weight is computed once per forward, not per step.
 """
 from __future__ import annotations
 
