@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .conversions import named_hint, swap_modules
+from .conversions import named_hint, require_plain, swap_modules
 from .errors import JointCompressError
 
 
@@ -69,8 +69,7 @@ class LinearMultiheadAttention(nn.Module):
     def to_mha(self, name: str = "") -> nn.MultiheadAttention:
         """torch's own module with these weights (after finalize: no parametrization left)."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        if any(nn.utils.parametrize.is_parametrized(m) for m in (*projections, self.out_proj)):
-            raise JointCompressError(f"'{name}': its projections are still parametrized; call finalize(model) first")
+        require_plain(name, (*projections, self.out_proj))
         if any(m.out_features != self.embed_dim for m in projections) or self.out_proj.in_features != self.embed_dim:
             raise JointCompressError(f"'{name}': its projections no longer have {self.embed_dim} channels (structured "
                                      "pruning shrank them), so nn.MultiheadAttention cannot hold them; keep this module")

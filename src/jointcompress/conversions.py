@@ -11,6 +11,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from .errors import JointCompressError
 
 
 def swap_modules(model: nn.Module, kinds, convert: Callable[[nn.Module, str], nn.Module]) -> nn.Module:
@@ -21,6 +24,13 @@ def swap_modules(model: nn.Module, kinds, convert: Callable[[nn.Module, str], nn
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]:
         model.set_submodule(name, convert(module, name))
     return model
+
+
+def require_plain(owner: str, layers) -> None:
+    """Refuse to hand the Linear `layers` of the converted module `owner` back to torch's module while a
+    technique's parametrization is still on one of them (torch's module would drop it)."""
+    if any(parametrize.is_parametrized(layer) for layer in layers):
+        raise JointCompressError(f"'{owner}': its Linear layers are still parametrized; call finalize(model) first")
 
 
 def named_hint(names: list[str], holds: str, conversion: str) -> str:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
-from .conversions import named_hint, swap_modules
+from .conversions import named_hint, require_plain, swap_modules
 from .errors import JointCompressError
 
 RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
@@ -73,8 +73,7 @@ class LinearRNN(nn.Module):
 
     def to_rnn(self, name: str = "") -> nn.RNNBase:
         """torch's module with these (finalized) weights."""
-        if any(parametrize.is_parametrized(m) for m in self.children()):
-            raise JointCompressError(f"'{name}': its Linear layers are still parametrized; call finalize(model) first")
+        require_plain(name, self.children())
         kind = {"LSTM": nn.LSTM, "GRU": nn.GRU}.get(self.mode, nn.RNN)
         extra = {"nonlinearity": self.mode[4:].lower()} if kind is nn.RNN else {}
         first = self.ih_l0.weight
