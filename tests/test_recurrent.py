@@ -4,6 +4,7 @@ finalize (linear_to_rnn)."""
 import copy
 import warnings
 
+import onnx
 import pytest
 import torch
 import torch.nn as nn
@@ -11,6 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from jointcompress import JointCompressError, compress, finalize
 from jointcompress.artifact import dense_fp32_bytes, load, save
+from jointcompress.deploy.onnx_export import export_and_check
 from jointcompress.graph import discover_groups
 from jointcompress.recurrent import LinearRNN, linear_to_rnn, rnn_to_linear
 from jointcompress.targets import TargetError
@@ -137,6 +139,9 @@ def test_a_joint_run_compresses_the_recurrent_weights_and_they_go_back_to_torch(
     assert torch.equal(torch_model.rnn.weight_hh_l1_reverse, hh)
     with torch.no_grad():
         torch.testing.assert_close(torch_model(x), masked, rtol=1e-4, atol=1e-5)
+    report = export_and_check(torch_model, tmp_path / "tagger.onnx", x[:2], eval_data=x)  # ONNX Runtime's LSTM op
+    assert report.max_abs_logit_diff <= 1e-5
+    assert "LSTM" in {node.op_type for node in onnx.load(tmp_path / "tagger.onnx").graph.node}
 
 
 def test_structured_pruning_leaves_the_recurrent_units_and_shrinks_what_feeds_them(tmp_path):
