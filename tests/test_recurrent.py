@@ -76,6 +76,12 @@ def test_what_has_no_linear_form_is_refused_by_name():
     packed = pack_padded_sequence(torch.randn(B, T, IN), [T, 3, 2], batch_first=True)
     with pytest.raises(JointCompressError, match="PackedSequence"):
         converted(packed)
+    rnn, converted = _pair("lstm", num_layers=2)  # wrong shapes: torch's errors, not an IndexError from the loop
+    state = torch.zeros(1, B, H)
+    for args in ((torch.randn(T, B, IN + 1),), (torch.randn(T, B, IN), (state, state))):
+        for module in (rnn, converted):
+            with pytest.raises(RuntimeError, match="Expected"):
+                module(*args)
 
 
 class _Tagger(nn.Module):
@@ -164,6 +170,9 @@ def test_structured_pruning_leaves_the_recurrent_units_and_shrinks_what_feeds_th
     with torch.no_grad():
         torch.testing.assert_close(model(x), masked, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(loaded(x), masked, rtol=1e-4, atol=1e-5)
+        back = linear_to_rnn(loaded)  # torch's module takes the narrower input
+        assert back.rnn.input_size == 8
+        torch.testing.assert_close(back(x), masked, rtol=1e-4, atol=1e-5)
 
 
 def test_the_builtin_lstm_reads_each_image_row_by_row():

@@ -35,7 +35,7 @@ class LinearRNN(nn.Module):
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False):
         super().__init__()
-        self.mode, self.input_size, self.hidden_size, self.num_layers = mode, input_size, hidden_size, num_layers
+        self.mode, self.hidden_size, self.num_layers = mode, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout, self.bidirectional = bias, batch_first, dropout, bidirectional
         gates = GATES[mode] * hidden_size
         for layer in range(num_layers):
@@ -43,6 +43,12 @@ class LinearRNN(nn.Module):
             for suffix in self.suffixes:
                 self.add_module(f"ih_l{layer}{suffix}", nn.Linear(width, gates, bias=bias))
                 self.add_module(f"hh_l{layer}{suffix}", nn.Linear(hidden_size, gates, bias=bias))
+
+    @property
+    def input_size(self) -> int:
+        """The features of each step: the first input projection's width (structured pruning of the layer
+        before may have shrunk it)."""
+        return self.ih_l0.in_features
 
     @property
     def directions(self) -> int:
@@ -96,6 +102,9 @@ class LinearRNN(nn.Module):
         if isinstance(input, PackedSequence):
             raise JointCompressError("LinearRNN: a PackedSequence input is not supported; pass the padded tensor "
                                      "(and take each sequence's last valid step), or keep this module as torch's")
+        if input.dim() not in (2, 3) or input.shape[-1] != self.input_size:  # torch's own messages
+            raise RuntimeError(f"input must have 2 or 3 dimensions and input.size(-1) must be equal to input_size. "
+                               f"Expected {self.input_size}, got {tuple(input.shape)}")
         batched = input.dim() == 3
         x = input if batched else input.unsqueeze(1)
         if batched and self.batch_first:
@@ -129,6 +138,10 @@ class LinearRNN(nn.Module):
         h0, c0 = hx if self.mode == "LSTM" else (hx, None)
         if not batched:
             h0, c0 = h0.unsqueeze(1), None if c0 is None else c0.unsqueeze(1)
+        expected = (self.num_layers * self.directions, x.shape[1], self.hidden_size)
+        for state in (h0, c0):
+            if state is not None and tuple(state.shape) != expected:
+                raise RuntimeError(f"Expected hidden size {expected}, got {tuple(state.shape)}")
         return h0, c0
 
     def _direction(self, x: torch.Tensor, key: str, h: torch.Tensor, c: torch.Tensor | None, reverse: bool):
