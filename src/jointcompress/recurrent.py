@@ -88,7 +88,7 @@ class LinearRNN(nn.Module):
                    **extra)
         with torch.no_grad():
             for key, value in rnn.named_parameters():
-                part, layer = key.split("_", 2)[1], key.split("_", 2)[2]  # weight_ih_l0_reverse -> ih, l0_reverse
+                _, part, layer = key.split("_", 2)  # weight_ih_l0_reverse -> ih, l0_reverse
                 linear = getattr(self, f"{part}_{layer}")
                 source = linear.weight if key.startswith("weight") else linear.bias
                 if source.shape != value.shape:

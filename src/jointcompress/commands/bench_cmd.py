@@ -82,6 +82,7 @@ def run_against_cli(against: str, model: Optional[str], data: Optional[str], tea
     """`bench --against torch-pruning`: deploy.against on the named model and data."""
     from ..deploy.against import AgainstConfig, dense_teacher, require_torch_pruning, run_against
     from ..errors import JointCompressError
+
     if against not in AGAINST:
         raise JointCompressError(f"--against {against!r} is unknown; use one of: {', '.join(AGAINST)}")
     require_torch_pruning()

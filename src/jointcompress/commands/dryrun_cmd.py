@@ -16,9 +16,8 @@ from pathlib import Path
 
 import typer
 
-from . import BUILT_IN_MODELS
-
 from ..errors import RecipeError
+from . import BUILT_IN_MODELS
 
 
 def load_builder(spec: str):
