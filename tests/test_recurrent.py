@@ -68,6 +68,21 @@ def test_gradients_and_unbatched_inputs_match_torch(kind):
                                        getattr(rnn, f"weight_{part}_l{layer}").grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "rnn-tanh", "gru"])
+def test_merged_biases_keep_the_function_with_half_the_bias_tensors(kind):
+    cls, extra = KINDS[kind]
+    torch.manual_seed(0)
+    rnn = cls(IN, H, num_layers=2, bidirectional=True, **extra).eval()
+    merged = rnn_to_linear(copy.deepcopy(rnn), merge_biases=True)
+    x = torch.randn(T, B, IN)
+    torch.testing.assert_close(merged(x)[0], rnn(x)[0], rtol=1e-5, atol=1e-6)
+    recurrent_biases = sum(getattr(merged, f"hh_l{k}{s}").bias is not None for k in (0, 1) for s in ("", "_reverse"))
+    assert recurrent_biases == (4 if kind == "gru" else 0)  # a GRU's new-gate bias cannot join the input's
+    back = linear_to_rnn(merged)
+    assert type(back) is cls and (kind == "gru" or not back.bias_hh_l1_reverse.any())
+    torch.testing.assert_close(back(x)[0], rnn(x)[0], rtol=1e-5, atol=1e-6)
+
+
 def test_what_has_no_linear_form_is_refused_by_name():
     model = nn.Sequential(nn.Linear(IN, IN), nn.LSTM(IN, H, proj_size=4))
     with pytest.raises(JointCompressError, match=r"'1': nn.LSTM with proj_size=4"):

@@ -26,6 +26,7 @@ from .errors import JointCompressError
 
 RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+MERGEABLE = ("LSTM", "RNN_TANH", "RNN_RELU")  # the input and recurrent biases only ever appear summed
 
 
 class LinearRNN(nn.Module):
@@ -33,8 +34,12 @@ class LinearRNN(nn.Module):
     layer k, all gates) and `hh_l{k}` (the recurrent one), `_reverse` for the backward direction."""
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False):
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 merged_biases: bool = False):
         super().__init__()
+        if merged_biases and mode not in MERGEABLE:
+            raise JointCompressError(f"merge_biases: {mode}'s recurrent bias of its new gate is multiplied by the reset "
+                                     "gate, so it cannot join the input bias; convert it without merge_biases")
         self.mode, self.hidden_size, self.num_layers = mode, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout, self.bidirectional = bias, batch_first, dropout, bidirectional
         gates = GATES[mode] * hidden_size
@@ -42,7 +47,7 @@ class LinearRNN(nn.Module):
             width = input_size if layer == 0 else hidden_size * self.directions
             for suffix in self.suffixes:
                 self.add_module(f"ih_l{layer}{suffix}", nn.Linear(width, gates, bias=bias))
-                self.add_module(f"hh_l{layer}{suffix}", nn.Linear(hidden_size, gates, bias=bias))
+                self.add_module(f"hh_l{layer}{suffix}", nn.Linear(hidden_size, gates, bias=bias and not merged_biases))
 
     @property
     def input_size(self) -> int:
@@ -59,22 +64,26 @@ class LinearRNN(nn.Module):
         return ("", "_reverse") if self.bidirectional else ("",)
 
     @classmethod
-    def from_rnn(cls, rnn: nn.RNNBase, name: str = "") -> "LinearRNN":
-        """The same function as `rnn`, its weights copied exactly."""
+    def from_rnn(cls, rnn: nn.RNNBase, name: str = "", merge_biases: bool = False) -> "LinearRNN":
+        """The same function as `rnn`, its weights copied exactly (with `merge_biases`, an LSTM's or RNN's
+        two biases of every gate as one, on `ih`: the same function to float rounding, half the bias bytes)."""
         if getattr(rnn, "proj_size", 0):
             raise JointCompressError(f"'{name}': nn.LSTM with proj_size={rnn.proj_size} has no Linear form here; "
                                      "compress it without proj_size, or leave it out (it is then stored as it is)")
+        merge = merge_biases and rnn.bias
         out = cls(rnn.mode, rnn.input_size, rnn.hidden_size, rnn.num_layers, rnn.bias, rnn.batch_first, rnn.dropout,
-                  rnn.bidirectional).to(device=rnn.weight_ih_l0.device, dtype=rnn.weight_ih_l0.dtype)
+                  rnn.bidirectional, merge).to(device=rnn.weight_ih_l0.device, dtype=rnn.weight_ih_l0.dtype)
         out.train(rnn.training)
         with torch.no_grad():
-            for layer in range(rnn.num_layers):
-                for suffix in out.suffixes:
-                    for part in ("ih", "hh"):
-                        linear = getattr(out, f"{part}_l{layer}{suffix}")
-                        linear.weight.copy_(getattr(rnn, f"weight_{part}_l{layer}{suffix}"))
-                        if rnn.bias:
-                            linear.bias.copy_(getattr(rnn, f"bias_{part}_l{layer}{suffix}"))
+            for key, value in rnn.named_parameters():
+                kind, part, layer = key.split("_", 2)  # weight_ih_l0_reverse -> weight, ih, l0_reverse
+                linear = getattr(out, f"{part}_{layer}")
+                if kind == "weight":
+                    linear.weight.copy_(value)
+                elif part == "ih":
+                    linear.bias.copy_(value + getattr(rnn, f"bias_hh_{layer}") if merge else value)
+                elif not merge:
+                    linear.bias.copy_(value)
         return out
 
     def to_rnn(self, name: str = "") -> nn.RNNBase:
@@ -88,9 +97,12 @@ class LinearRNN(nn.Module):
                    **extra)
         with torch.no_grad():
             for key, value in rnn.named_parameters():
-                _, part, layer = key.split("_", 2)  # weight_ih_l0_reverse -> ih, l0_reverse
+                kind, part, layer = key.split("_", 2)  # weight_ih_l0_reverse -> weight, ih, l0_reverse
                 linear = getattr(self, f"{part}_{layer}")
-                source = linear.weight if key.startswith("weight") else linear.bias
+                source = linear.weight if kind == "weight" else linear.bias
+                if source is None:  # merged biases: the input projection holds their sum
+                    value.zero_()
+                    continue
                 if source.shape != value.shape:
                     raise JointCompressError(f"'{name}.{part}_{layer}' is {tuple(source.shape)}, torch's module needs "
                                              f"{tuple(value.shape)} (structured pruning shrank it): keep the LinearRNN")
@@ -178,11 +190,19 @@ class LinearRNN(nn.Module):
                 f"batch_first={self.batch_first}, bidirectional={self.bidirectional}")
 
 
-def rnn_to_linear(model: nn.Module) -> nn.Module:
+def rnn_to_linear(model: nn.Module, merge_biases: bool = False) -> nn.Module:
     """Every `nn.LSTM`, `nn.GRU` and `nn.RNN` in `model` replaced by a `LinearRNN` computing the same
     function, in place; returns the model (the module itself if `model` is one). Call it on the model
-    before `compress`, and on the model your `load` builder returns."""
-    return swap_modules(model, RECURRENT, lambda m, name: LinearRNN.from_rnn(m, name))
+    before `compress`, and on the model your `load` builder returns (with the same `merge_biases`).
+
+    `merge_biases`: torch keeps two biases per gate (input and recurrent) where an LSTM or RNN only ever
+    uses their sum; stored in fp16 they can be a quarter of a small LSTM's file at high ratios. Merged,
+    the input projection holds the sum and the recurrent one none (a GRU keeps both: its new gate's
+    recurrent bias is multiplied by the reset gate)."""
+    def convert(module: nn.Module, name: str) -> LinearRNN:
+        return LinearRNN.from_rnn(module, name, merge_biases and module.mode in MERGEABLE)
+
+    return swap_modules(model, RECURRENT, convert)
 
 
 def linear_to_rnn(model: nn.Module) -> nn.Module:
