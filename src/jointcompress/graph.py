@@ -170,7 +170,8 @@ def _selection(model: nn.Module, example_inputs, targets: list[str], exclude: li
         if not isinstance(m, PRUNABLE_ROOTS):
             continue
         if n in recurrent:
-            follows = " (its input channels follow the layer before it)" if ".ih_l" in f".{n}" else ""
+            is_input = n.rsplit(".", 1)[-1].startswith("ih_")  # an input projection, not the recurrent one
+            follows = " (its input channels follow the layer before it)" if is_input else ""
             skipped.append((n, f"a layer of the recurrent module '{recurrent[n]}': its outputs are split into gates "
                                f"and fed back at every step{follows}"))
         elif n in outputs:
