@@ -106,17 +106,18 @@ def _run(compile_mode, steps=60):
     return model, quantizers
 
 
-def test_a_compiled_run_follows_the_eager_trajectory(monkeypatch):
+def test_a_compiled_run_follows_the_eager_trajectory():
     # the same trajectory to 1e-6 needs the same summation order as a fresh compile under one known
     # thread count: neither a kernel that inductor's graph cache kept from an earlier test (compiled
-    # under another count) nor the thread count an earlier test left behind
+    # under another count) nor the thread count an earlier test left behind. (The config's own
+    # patch: monkeypatch's undo deleted the setting, and every later compile in the process failed.)
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _compare_trajectories()
+        with inductor_config.patch(fx_graph_cache=False):
+            _compare_trajectories()
     finally:
         torch.set_num_threads(threads)
         zero_level_compiled.forget_kernels()  # later tests compile again under their own thread count
@@ -171,8 +172,9 @@ def test_a_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch):
     def broken():
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(zero_level_compiled, "_STATE", {"kernels": None, "broken": False})
+    monkeypatch.setattr(zero_level_compiled, "_STATE", {"kernels": None, "direct": None, "broken": False})
     monkeypatch.setattr(zero_level_compiled, "_kernels", broken)
+    monkeypatch.setattr(zero_level_compiled, "_direct_kernels", broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = fast(w)
@@ -184,6 +186,24 @@ def test_a_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch):
     for a, b in zip(grads, want):
         assert torch.equal(a, b)  # the eager kernel itself
     assert math.isfinite(float(out.sum()))
+
+
+def test_a_kernel_that_cannot_be_traced_runs_through_torch_compile(monkeypatch):
+    w, eager, fast = _pair(seed=7)
+
+    def untraceable():
+        raise RuntimeError("make_fx cannot trace this")
+
+    monkeypatch.setattr(zero_level_compiled, "_direct_kernels", untraceable)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the torch.compile path is the same kernel: no warning
+        out = fast(w)
+        grads = _grads(out.sum() + 0.01 * fast.kept_count(w), fast, w)
+    assert zero_level_compiled._STATE["kernels"] is not None  # it did run through torch.compile
+    assert torch.equal(out, eager(w))
+    want = _grads(eager(w).sum() + 0.01 * eager.kept_count(w), eager, w)
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
 
 
 def test_a_backward_without_its_compiled_kernel_recomputes_eagerly(monkeypatch):
