@@ -26,7 +26,7 @@ import torch
 
 
 class KernelUnavailable(RuntimeError):
-    """Tracing or compiling failed for this argument layout (the caller runs another path)."""
+    """Tracing or compiling failed for these arguments (the caller runs another path)."""
 
 
 @dataclass
@@ -39,8 +39,6 @@ class _Variant:
     def accepts(self, shapes: list[tuple[int, ...]]) -> bool:
         subs = {}
         for i, j, size in self.dims:
-            if len(shapes[i]) <= j:
-                return False
             actual = shapes[i][j]
             if isinstance(size, int):
                 if actual != size:
@@ -112,22 +110,29 @@ class TracedKernel:
             graph = make_fx(with_nones, tracing_mode="symbolic")(*tensors)
         fakes = [n.meta["val"] for n in graph.graph.nodes if n.op == "placeholder"]
         compiled_graph = torch._inductor.compile(graph, fakes)
-        shape_env = next((f.fake_mode.shape_env for f in fakes if f.fake_mode.shape_env is not None), None)
-        dims, symbols = [], set()
-        for i, fake in enumerate(fakes):
-            for j, size in enumerate(fake.shape):
-                # the symbol as created (before the shape environment's replacements, checked below)
-                expr = getattr(size.node, "_expr", size.node.expr) if isinstance(size, torch.SymInt) else int(size)
-                if not isinstance(expr, (int, sympy.Symbol)):
-                    expr = int(expr) if getattr(expr, "is_number", False) else None
-                if expr is None:
-                    raise KernelUnavailable(f"argument {i} dim {j} traced as an expression")
-                dims.append((i, j, expr))
-                if isinstance(expr, sympy.Symbol):
-                    symbols.add(expr)
-        conditions = [g.expr for g in shape_env.guards] if shape_env is not None else []
-        if shape_env is not None:
-            conditions += [sympy.Eq(sym, rep) for sym, rep in shape_env.replacements.items()]
-        ranges = {s: shape_env.var_to_range[s] for s in symbols if shape_env is not None and s in shape_env.var_to_range}
         call = (lambda *ts: tuple(compiled_graph(*ts))) if returns_tuple[0] else (lambda *ts: compiled_graph(*ts)[0])
-        return _Variant(call, dims, ranges, conditions)
+        return _Variant(call, *_assumptions(fakes))
+
+
+def _assumptions(fakes: list) -> tuple[list, dict, list]:
+    """What a graph traced on `fakes` assumes of its arguments' shapes: per dimension its constant
+    or its symbol (as created, before the shape environment's replacements), each symbol's range,
+    and the guards and replacements the trace and the compiler recorded."""
+    shape_env = next((f.fake_mode.shape_env for f in fakes if f.fake_mode.shape_env is not None), None)
+    dims, symbols = [], set()
+    for i, fake in enumerate(fakes):
+        for j, size in enumerate(fake.shape):
+            expr = getattr(size.node, "_expr", size.node.expr) if isinstance(size, torch.SymInt) else int(size)
+            if not isinstance(expr, (int, sympy.Symbol)):
+                expr = int(expr) if getattr(expr, "is_number", False) else None
+            if expr is None:
+                raise KernelUnavailable(f"argument {i} dim {j} traced as an expression")
+            dims.append((i, j, expr))
+            if isinstance(expr, sympy.Symbol):
+                symbols.add(expr)
+    if shape_env is None:
+        return dims, {}, []
+    conditions = [g.expr for g in shape_env.guards]
+    conditions += [sympy.Eq(sym, rep) for sym, rep in shape_env.replacements.items()]
+    ranges = {s: shape_env.var_to_range[s] for s in symbols if s in shape_env.var_to_range}
+    return dims, ranges, conditions
