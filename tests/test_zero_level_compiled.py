@@ -127,6 +127,8 @@ def _compare_trajectories():
     eager_model, eager_q = _run(False)
     fast_model, fast_q = _run(True)
     assert all(q.compiled for q in fast_q) and not any(q.compiled for q in eager_q)
+    # every kernel call went direct (traced_kernel.py): torch.compile's kernels were never built
+    assert zero_level_compiled._STATE["kernels"] is None and not zero_level_compiled._STATE["broken"]
     assert all(bool(q.pattern_fixed) for q in fast_q)  # the run crossed the freeze
     for (name, a), (_, b) in zip(eager_model.state_dict().items(), fast_model.state_dict().items()):
         # float rounding: the compiled backward sums per channel in another order (~1e-7 relative a step)
@@ -151,6 +153,9 @@ def test_the_compiled_saliency_gradient_matches_the_eager_one():
         sal.add_gradient(layer)
     assert eager.dead_zone_raw.grad.abs().max() > 0
     torch.testing.assert_close(fast.dead_zone_raw.grad, eager.dead_zone_raw.grad, rtol=2e-5, atol=1e-5)
+    # the compiled kernel really ran (an earlier test's config patch once broke every compile after
+    # it, and this test then compared the eager gradient with itself)
+    assert not zero_level_compiled._STATE["broken"] and zero_level_compiled._direct_kernels()[3]._variants
 
 
 def test_auto_compiles_only_long_runs():
