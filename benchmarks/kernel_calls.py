@@ -16,9 +16,11 @@ import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
+from jointcompress.io import atomic_write_text
 from jointcompress.models import build_model
 from jointcompress.techniques import zero_level_compiled as zc
 
@@ -91,8 +93,7 @@ def main():
         "weight_shapes": per_layer,
     }
     print(json.dumps(result, indent=1))
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    atomic_write_text(Path(args.out), json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
