@@ -28,13 +28,23 @@ SCRIPT = textwrap.dedent(
     tag = f"rank{rank}" if "WORLD_SIZE" in os.environ else "single"
 
     import atexit
-    def _threads_at_exit():  # registered first, so it runs after jointcompress's hook (LIFO)
+    def _thread_names():
         names = []
         for t in os.listdir("/proc/self/task"):
             try:
                 names.append(open(f"/proc/self/task/{t}/comm").read().strip())
             except OSError:
                 pass
+        return names
+
+    def _threads_at_exit():  # registered first, so it runs after jointcompress's hook (LIFO)
+        import time
+        names = _thread_names()
+        for _ in range(40):  # gloo's loop thread ends a moment after the group is destroyed: wait up to 2 s
+            if not any("gloo" in n for n in names):
+                break
+            time.sleep(0.05)
+            names = _thread_names()
         json.dump({"initialized": dist.is_initialized(), "threads": names}, open(os.path.join(out, tag + ".exit"), "w"))
     atexit.register(_threads_at_exit)
 
