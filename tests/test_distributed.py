@@ -39,12 +39,11 @@ SCRIPT = textwrap.dedent(
 
     def _threads_at_exit():  # registered first, so it runs after jointcompress's hook (LIFO)
         import time
-        names = _thread_names()
         for _ in range(40):  # gloo's loop thread ends a moment after the group is destroyed: wait up to 2 s
+            names = _thread_names()
             if not any("gloo" in n for n in names):
                 break
             time.sleep(0.05)
-            names = _thread_names()
         json.dump({"initialized": dist.is_initialized(), "threads": names}, open(os.path.join(out, tag + ".exit"), "w"))
     atexit.register(_threads_at_exit)
 
