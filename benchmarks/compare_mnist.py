@@ -119,7 +119,9 @@ def main() -> None:
                                        "joint-early-none/-pcgrad: the stiff one frozen at 30%% of the run, 70%% fine-tuning; "
                                        "joint-paced-none/-pcgrad: Fisher budget, penalty 30, ~1,000 steps of decisions, "
                                        "then fine-tuning (joint-paced-aw-none: with the multiplier's anti-windup; joint-paced-lin-none: on a "
-                                       "log-linear goal; joint-paced-obd-none: its landing cuts by Fisher cost per byte); overlap)")
+                                       "log-linear goal; joint-paced-obd-none: its landing cuts by Fisher cost per byte; "
+                                       "joint-paced-obdrank-none / joint-paced-obdland-none: that one with the size-neutral "
+                                       "saliency / the Fisher estimate in the landing only); overlap)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.add_layers:

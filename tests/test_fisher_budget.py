@@ -3,6 +3,7 @@ zones, the cubic warm-up of the budget, and the fine-tuning phase after the free
 mid-way trim back onto the target)."""
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -94,6 +95,67 @@ def test_the_closed_form_saliency_gradient_is_autograds():
     expected = _saliency_by_autograd(q, lin.parametrizations.weight.original.detach(), fisher, 7.0)
     assert expected.abs().max() > 0
     assert torch.allclose(q.dead_zone_raw.grad, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+def _two_budgeted_layers():
+    layers = {}
+    for name, (out_f, in_f, seed) in {"a": (6, 50, 3), "b": (4, 30, 4)}.items():
+        lin, q = _layer(out_features=out_f, in_features=in_f, seed=seed)
+        with torch.no_grad():
+            q.dead_zone_raw.uniform_(-1.0, 1.0, generator=torch.Generator().manual_seed(seed))
+        q.track_fisher()
+        q.width_fisher.copy_(torch.rand(out_f, in_f, generator=torch.Generator().manual_seed(seed + 10)) * 4)
+        q.width_fisher_seen.fill_(True)
+        layers[name] = (lin, q)
+    return layers
+
+
+def test_rank_mode_keeps_the_fisher_ranking_but_not_its_pull_on_the_bytes():
+    bytes_per_weight = {"a": 0.6, "b": 0.9}
+    price, rank = _two_budgeted_layers(), _two_budgeted_layers()
+    FisherSaliency(30.0).add_gradient(price)
+    sal = FisherSaliency(30.0, "rank")
+    sal.add_gradient(rank, bytes_per_weight)
+    # the bytes' gradient on the dead zones, by autograd through the kept-weight counts the size term reads
+    size_grad = {}
+    for name, (lin, q) in rank.items():
+        _ = lin.weight  # a forward pass: the count's surrogate
+        count = q.kept_count(lin.parametrizations.weight.original)
+        size_grad[name] = torch.autograd.grad(bytes_per_weight[name] * count, q.dead_zone_raw)[0]
+        torch.testing.assert_close(sal._bytes_gradient(lin, q, bytes_per_weight[name]), size_grad[name],
+                                   rtol=1e-5, atol=1e-7)
+    g = {n: price[n][1].dead_zone_raw.grad for n in price}
+    g_rank = {n: rank[n][1].dead_zone_raw.grad for n in rank}
+    dot = sum(float((g[n] * size_grad[n]).sum()) for n in g)
+    assert dot < 0  # the price pulls against the bytes: every pruned weight costs loss
+    dot_rank = sum(float((g_rank[n] * size_grad[n]).sum()) for n in g)
+    scale = math.sqrt(sum(float(g[n].pow(2).sum()) for n in g) * sum(float(size_grad[n].pow(2).sum()) for n in g))
+    assert abs(dot_rank) < 1e-5 * scale  # no pull on the bytes left (to first order)
+    alpha = dot / sum(float(size_grad[n].pow(2).sum()) for n in g)
+    for n in g:  # what was removed is the bytes' direction only: the ranking between dead zones remains
+        torch.testing.assert_close(g_rank[n], g[n] - alpha * size_grad[n], rtol=1e-5, atol=1e-7)
+    assert any((g_rank[n] < 0).any() for n in g)  # dead zones whose weights cost less than the price now widen
+    assert 0 < sal.last_neutralized < 1
+
+
+def test_rank_mode_needs_the_saliency():
+    with pytest.raises(ValueError, match="saliency_mode"):
+        SizeBudgetConfig(type="size_budget", saliency_mode="rank")
+    assert SizeBudgetConfig(type="size_budget", saliency=30.0, saliency_mode="rank").saliency_mode == "rank"
+
+
+@pytest.mark.parametrize("mode", ["price", "landing"])
+def test_landing_mode_keeps_the_estimate_and_leaves_the_dead_zones_alone(mode):
+    lin, q = _layer(out_features=4, in_features=30, seed=5)
+    budget = SizeBudget(SizeBudgetConfig(type="size_budget", saliency=30.0, saliency_mode=mode, target_bytes=100.0))
+    budget.layers = {"fc": (lin, q)}  # what setup does
+    budget.saliency.attach(budget.layers)
+    x = torch.randn(16, 30, generator=torch.Generator().manual_seed(0))
+    lin(x).pow(2).sum().backward()
+    task_grad = q.dead_zone_raw.grad.clone()
+    budget.before_optimizer_step(SimpleNamespace(batch_targets=torch.zeros(16), batch_inputs=x))
+    assert budget.saliency.fisher["fc"].sum() > 0  # the estimate the landing orders its cuts by
+    assert torch.equal(q.dead_zone_raw.grad, task_grad) == (mode == "landing")
 
 
 def test_fisher_is_kept_in_the_model_state_and_old_budget_states_still_load():

@@ -49,6 +49,8 @@ VARIANTS = {  # name -> (mode, coordination strategy)
     "joint-paced-aw-none": ("joint", "none"),  # PACED_BUDGET with the multiplier's anti-windup (PACED_ANTI_WINDUP)
     "joint-paced-lin-none": ("joint", "none"),  # PACED_BUDGET on a log-linear budget schedule (PACED_LINEAR)
     "joint-paced-obd-none": ("joint", "none"),  # PACED_BUDGET whose landing cuts by Fisher cost per byte (PACED_OBD)
+    "joint-paced-obdrank-none": ("joint", "none"),  # PACED_OBD with the size-neutral saliency (PACED_OBD_RANK)
+    "joint-paced-obdland-none": ("joint", "none"),  # PACED_OBD, the Fisher cost only in the landing (PACED_OBD_LANDING)
 }
 # the Fisher (OBD) cost of pruned weights on the dead zones, a budget that warms up fast first and
 # slowly at the end, and a fine-tuning phase with its own LR after the freeze (docs/joint.md)
@@ -85,13 +87,22 @@ PACED_LINEAR = {**PACED_BUDGET, "schedule": "log_linear"}
 # by the same Fisher cost, and the margin-ordered catch-up cuts took it to 20, one per filter (docs/joint.md);
 # not in the default set
 PACED_OBD = {**PACED_BUDGET, "landing_order": "fisher"}
+# PACED_OBD whose Fisher saliency only moves pruning between channels at constant bytes
+# (size_budget.saliency_mode: rank): the budget alone sets how much is pruned, so the multiplier need
+# not outbid the summed Fisher cost (the ViT with 2,000 images landed late under PACED_OBD; docs/joint.md);
+# not in the default set
+PACED_OBD_RANK = {**PACED_OBD, "saliency_mode": "rank"}
+# PACED_OBD whose Fisher estimate only orders the landing's cuts: no pull on the dead zones at all
+# (size_budget.saliency_mode: landing); not in the default set
+PACED_OBD_LANDING = {**PACED_OBD, "saliency_mode": "landing"}
 JOINT_OPTIONS = {"joint-fisher-none": FISHER_BUDGET, "joint-fisher-pcgrad": FISHER_BUDGET,  # not in the default set
                  "joint-bits-none": LEARNED_BITS, "joint-bits-pcgrad": LEARNED_BITS,
                  "joint-stiff-none": STIFF_BUDGET, "joint-stiff-pcgrad": STIFF_BUDGET,
                  "joint-early-none": EARLY_FREEZE, "joint-early-pcgrad": EARLY_FREEZE,
                  "joint-paced-none": PACED_BUDGET, "joint-paced-pcgrad": PACED_BUDGET,
                  "joint-paced-aw-none": PACED_ANTI_WINDUP, "joint-paced-lin-none": PACED_LINEAR,
-                 "joint-paced-obd-none": PACED_OBD}
+                 "joint-paced-obd-none": PACED_OBD, "joint-paced-obdrank-none": PACED_OBD_RANK,
+                 "joint-paced-obdland-none": PACED_OBD_LANDING}
 DEFAULT_VARIANTS = ("joint-none", "joint-scale", "joint-pcgrad", "sequential")
 CSV_FIELDS = ["variant", "mode", "strategy", "ratio_target", "seed", "accuracy", "error", "bytes", "file_bytes",
               "target_bytes", "ratio", "sparsity", "bits", "conflict_rate", "changed_share", "changed_mean", "wall_s", "dir"]

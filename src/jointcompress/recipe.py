@@ -144,6 +144,11 @@ class SizeBudget(Strict):
     # weight of the second-order (Fisher, Optimal Brain Damage) cost of the weights a dead zone
     # prunes, added to the dead zones' first-order gradient; 0 = off (techniques/saliency.py)
     saliency: Annotated[float, Field(ge=0.0, le=1e6)] = 0.0
+    # price: that cost resists pruning, weighed against the size term's price per byte; rank: only its
+    # part that moves pruning between channels at constant bytes is kept (the budget alone sets how
+    # much is pruned, the Fisher cost where), so the multiplier need not climb to outbid it; landing:
+    # nothing on the dead zones, the Fisher estimate only orders the landing's cuts (landing_order: fisher)
+    saliency_mode: Literal["price", "rank", "landing"] = "price"
     # the fine-tuning after `freeze` gets its own cosine LR phase from the full rate (plan.py)
     finetune_phase: bool = False
     # how the budget warms up over [start, end] in log-bytes: linear, or cubic (fast first, slow at the end)
@@ -180,6 +185,9 @@ class SizeBudget(Strict):
             raise ValueError(f"saliency ({self.saliency}) weighs the dead zones' decisions, which are fixed at freeze; "
                              f"with start ({self.start}) >= freeze ({self.freeze}) nothing is decided: set saliency: 0 "
                              "or start the budget before freeze")
+        if self.saliency_mode != "price" and self.saliency <= 0:
+            raise ValueError(f"saliency_mode: {self.saliency_mode} changes what the Fisher saliency does, but saliency "
+                             "is 0; set saliency > 0 (e.g. 30) or saliency_mode: price")
         if self.landing_order == "fisher" and self.saliency <= 0:
             raise ValueError("landing_order: fisher ranks the landing's cuts by the Fisher cost the saliency estimates, "
                              "but saliency is 0; set saliency > 0 (e.g. 30) or landing_order: margin")

@@ -70,7 +70,8 @@ class SizeBudget(Landing, Technique):
         self.calibration_interval = 1
         self.trimmed = False  # with finetune_phase: the half-way re-projection has run
         # OBD's curvature cost of a pruned weight on the dead zones (saliency.py); off at 0
-        self.saliency = FisherSaliency(config.saliency) if getattr(config, "saliency", 0.0) > 0 else None
+        self.saliency = (FisherSaliency(config.saliency, getattr(config, "saliency_mode", "price"))
+                         if getattr(config, "saliency", 0.0) > 0 else None)
 
     # -- lifecycle -------------------------------------------------------------------------
     def setup(self, ctx: RunContext) -> None:
@@ -229,7 +230,8 @@ class SizeBudget(Landing, Technique):
         if self.saliency is None:
             return
         self.saliency.accumulate(batch_size)
-        self.saliency.add_gradient(self.layers)
+        if self.saliency.mode != "landing":  # landing: the estimate only orders the landing's cuts
+            self.saliency.add_gradient(self.layers, self._bytes_per_weight() if self.saliency.mode == "rank" else None)
 
     def after_optimizer_step(self, ctx: RunContext) -> None:
         if self.frozen:
@@ -278,6 +280,13 @@ class SizeBudget(Landing, Technique):
         raw, held, lo, span = self._width_vectors()
         b = lo + span * torch.sigmoid(raw)
         return held + (b - b.detach())
+
+    def _bytes_per_weight(self) -> dict[str, float]:
+        """Each layer's bytes per kept weight at its count and width now (the size term's slope)."""
+        counts = [float(q.kept_count(m.parametrizations.weight.original).detach()) for m, q in self.layers.values()]
+        numels = [m.parametrizations.weight.original.numel() for m, _ in self.layers.values()]
+        bits = [float(q.held_bits) for _, q in self.layers.values()]
+        return dict(zip(self.layers, sparse_layer_bytes_with_slopes(counts, numels, bits)[1]))
 
     def _width_vectors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every layer's raw width, held width, min_bits and max_bits - min_bits, as vectors."""
