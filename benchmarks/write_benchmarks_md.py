@@ -11,6 +11,8 @@ import math
 import statistics
 from pathlib import Path
 
+from jointcompress.compare import summarize
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5", "resnet": "Small ResNet",
           "seqcnn": "1-D CNN (seqcnn)", "vit": "Small ViT (vit)",
@@ -76,6 +78,16 @@ SEQUENTIAL_BESIDE = {"compare_lenet300_100x_stiff_v3": "compare_lenet300_100x_bi
                      # the 2,000-image points over 20 seeds on this machine, after the fused Adam
                      "compare_lenet300_60x_2k_paced_obd_20seeds": "compare_lenet300_60x_2k_paced_obd_20seeds_seq",
                      "compare_lenet300_100x_2k_paced_obd_20seeds": "compare_lenet300_100x_2k_paced_obd_20seeds_seq",
+                     # the size-neutral saliency (joint-paced-obdrank-none) on ten of those seeds
+                     "compare_lenet300_60x_2k_obdrank_10seeds": "compare_lenet300_60x_2k_paced_obd_20seeds_seq",
+                     "compare_lenet300_60x_2k_obdland_10seeds": "compare_lenet300_60x_2k_paced_obd_20seeds_seq",
+                     # the Fisher estimate in the landing only (joint-paced-obdland-none), beside the folder
+                     # of the size-neutral saliency (its sequential and joint-paced-obd-none runs)
+                     "compare_vit_30x_2k_obdland": "compare_vit_30x_2k_obdrank",
+                     # both on LeNet-5 at 200x with 2,000 images (a CNN where joint-paced-obd-none wins), beside
+                     # joint-paced-obd-none and sequential re-run with the same teachers (the stored ones' teachers
+                     # differ in the fourth digit: trained on another machine)
+                     "compare_lenet5_200x_2k_rank_land": "compare_lenet5_200x_2k_obd_seq",
                      # LeNet-5 at 200x after the fused Adam and the size term's single node (a check)
                      "compare_lenet5_200x_paced_obd_fused": "compare_lenet5_200x_paced_obd_fused_seq",
                      # the paced recipe on a log-linear budget schedule (joint-paced-lin-*)
@@ -115,19 +127,27 @@ def load_compare(folder: str) -> dict | None:
         return None
     r = json.loads(path.read_text())
     base_folder = SEQUENTIAL_FROM.get(folder, SEQUENTIAL_BESIDE.get(folder))
-    base_path = ROOT / "benchmarks" / "results" / str(base_folder) / "compare.json"
-    if base_folder is None or not base_path.is_file():
+    if base_folder is None or not (ROOT / "benchmarks" / "results" / base_folder / "compare.json").is_file():
         return r
-    base = json.loads(base_path.read_text())
+    r["sequential_from"] = (base_folder, _add_runs_from(r, folder, base_folder, "sequential"))
+    if folder in JOINT_BESIDE:
+        r["joint_from"] = (*JOINT_BESIDE[folder], _add_runs_from(r, folder, *JOINT_BESIDE[folder]))
+    return r
+
+
+def _add_runs_from(r: dict, folder: str, other: str, variant: str) -> str | None:
+    """Add `variant`'s runs of r's seeds from folder `other` (its teachers must be r's); its command."""
+    base = json.loads((ROOT / "benchmarks" / "results" / other / "compare.json").read_text())
     teachers = lambda x: [round(u["accuracy"], 6) for u in x.get("uncompressed", [])]  # noqa: E731
     if teachers(r) != teachers(base)[:len(teachers(r))]:
-        raise SystemExit(f"{folder}: its teachers differ from {base_folder}'s; sequential cannot be paired from there")
-    seeds = {row["seed"] for row in r.get("runs", [])}
-    r["runs"] = r.get("runs", []) + [row for row in base.get("runs", []) if row["variant"] == "sequential" and row["seed"] in seeds]
-    r["summary"] = (r.get("summary") or []) + [s for s in base.get("summary") or [] if s["variant"] == "sequential"]
-    r["variants"] = list(r["variants"]) + ["sequential"]
-    r["sequential_from"] = (base_folder, base.get("command"))
-    return r
+        raise SystemExit(f"{folder}: its teachers differ from {other}'s; {variant} cannot be paired from there")
+    seeds = {row["seed"] for row in r.get("runs", []) if row["variant"] != variant}
+    added = [row for row in base.get("runs", [])
+             if row["variant"] == variant and row["seed"] in seeds and row["ratio_target"] in r["ratios"]]
+    r["runs"] = r.get("runs", []) + added
+    r["summary"] = (r.get("summary") or []) + summarize(added)  # over the paired seeds, not all of the other's
+    r["variants"] = list(r["variants"]) + [variant]
+    return base.get("command")
 
 
 def pooled_into() -> dict[str, str]:
@@ -179,6 +199,9 @@ def section(model: str, folder: str | None = None, title: str = "") -> list[str]
                else "The joint variant was re-run after a change to the joint mode only")
         lines += [f"{why}; its sequential runs are those of "
                   f"`{r['sequential_from'][0]}` (`{r['sequential_from'][1]}`), the same teachers and seeds.", ""]
+    if r is not None and r.get("joint_from"):
+        lines += [f"Its {r['joint_from'][1]} runs are those of `{r['joint_from'][0]}` (`{r['joint_from'][2]}`), "
+                  "the same teachers and seeds.", ""]
     if model in REF:
         lines += [f"Deep Compression (Han et al. 2016): **{REF[model][0]:g}x at {REF[model][1]:.2f}% error**. "
                   f"Goal here: >= {GOAL[model][0]:g}x at <= {GOAL[model][1]:.2f}%.", ""]
@@ -250,18 +273,20 @@ def goal_lines(model: str, summary: list[dict]) -> list[str]:
                     f"({ref_ratio:g}x at {ref_err:.2f}%)" + (f": {', '.join(sorted({s['variant'] for s in beats_dc}))}." if beats_dc else ".")]
 
 
-def seed_differences(runs: list[dict], variant: str, ratio: float) -> list[float]:
-    """Joint minus sequential error (points) per seed that ran both (same teacher, same budgets)."""
+def seed_differences(runs: list[dict], variant: str, ratio: float, baseline: str = "sequential") -> list[float]:
+    """Joint minus sequential (or `baseline`) error (points) per seed that ran both (same teacher,
+    same budgets)."""
     by_seed = {}
     for row in runs:
-        if row["ratio_target"] == ratio and row["variant"] in (variant, "sequential"):
+        if row["ratio_target"] == ratio and row["variant"] in (variant, baseline):
             by_seed.setdefault(row["seed"], {})[row["variant"]] = row["error"]
-    return [100 * (d[variant] - d["sequential"]) for d in by_seed.values() if len(d) == 2]
+    return [100 * (d[variant] - d[baseline]) for d in by_seed.values() if len(d) == 2]
 
 
-def paired_stats(runs: list[dict], variant: str, ratio: float) -> tuple[float, float, int] | None:
-    """Mean and standard error of joint − sequential error (points) over the seeds both ran."""
-    diffs = seed_differences(runs, variant, ratio)
+def paired_stats(runs: list[dict], variant: str, ratio: float,
+                 baseline: str = "sequential") -> tuple[float, float, int] | None:
+    """Mean and standard error of joint − sequential (or `baseline`) error (points) over the seeds both ran."""
+    diffs = seed_differences(runs, variant, ratio, baseline)
     if len(diffs) < 2:
         return None
     return statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs)), len(diffs)
@@ -284,7 +309,8 @@ def point_rows() -> list[dict]:
             bits = f"{bits}, {quant['norm_format']} norms"
         for ratio in r["ratios"]:
             seq = next((s for s in r["summary"] if s["variant"] == "sequential" and s["ratio_target"] == ratio), None)
-            for s in sorted((s for s in r["summary"] if s["ratio_target"] == ratio and s["variant"] not in ("sequential", "overlap")),
+            borrowed = ("sequential", "overlap", (r.get("joint_from") or (None, None))[1])  # another folder's point
+            for s in sorted((s for s in r["summary"] if s["ratio_target"] == ratio and s["variant"] not in borrowed),
                             key=lambda s: s["variant"]):
                 st = paired_stats(runs, s["variant"], ratio)
                 if seq is None or st is None:
@@ -329,11 +355,18 @@ def _point_key(p: dict) -> tuple:
     return p["model"], p["ratio"], p["images"], p["bits"], p["epochs"]
 
 
+# re-runs of a stored point made only to pair other variants with today's teachers: the headline
+# keeps the stored point (both are in the full table)
+HEADLINE_SKIP = {"compare_lenet5_200x_2k_obd_seq"}
+
+
 def most_seeds(points: list[dict], variant: str) -> dict[tuple, dict]:
     """Per point, the variant's folder with the most paired seeds."""
     best: dict[tuple, dict] = {}
     for p in points:
         key = _point_key(p)
+        if p["folder"] in HEADLINE_SKIP:
+            continue
         if p["variant"] == variant and (key not in best or p["stats"][2] > best[key]["stats"][2]):
             best[key] = p
     return best
@@ -393,16 +426,17 @@ def points_table(points: list[dict]) -> list[str]:
             *TABLE_HEAD, *rows, ""]
 
 
-def paired_difference(runs: list[dict], variant: str, ratio: float) -> str:
-    """Joint minus sequential error per seed (same teacher, same budgets), with its standard error:
-    a difference counts only when it exceeds two standard errors."""
-    diffs = seed_differences(runs, variant, ratio)
-    stats = paired_stats(runs, variant, ratio)
+def paired_difference(runs: list[dict], variant: str, ratio: float, baseline: str = "sequential") -> str:
+    """Joint minus sequential (or `baseline`) error per seed (same teacher, same budgets), with its
+    standard error: a difference counts only when it exceeds two standard errors."""
+    diffs = seed_differences(runs, variant, ratio, baseline)
+    stats = paired_stats(runs, variant, ratio, baseline)
     if stats is None:
         return "one seed: not significant"
     mean, se, _ = stats
     verdict = "significant" if abs(mean) > 2 * se else "not significant"
-    return (f"paired over {len(diffs)} seeds the difference is {mean:+.2f} ± {se:.2f} points (joint − sequential, "
+    against = "joint − sequential" if baseline == "sequential" else f"{variant} − {baseline}"
+    return (f"paired over {len(diffs)} seeds the difference is {mean:+.2f} ± {se:.2f} points ({against}, "
             f"± one standard error; per seed {', '.join(f'{d:+.2f}' for d in diffs)}): {verdict}")
 
 
@@ -416,6 +450,17 @@ def size_accuracy(runs: list[dict]) -> str:
             f"(deviation {min(devs):+.1f}% to {max(devs):+.1f}%; negative = smaller than asked).")
 
 
+# joint variants paired against another joint variant of the same folder (a change to one recipe)
+JOINT_AGAINST_JOINT = (("joint-paced-obdrank-none", "joint-paced-obd-none"),
+                       ("joint-paced-obdland-none", "joint-paced-obd-none"))
+# a folder of one joint variant paired also with another joint variant's runs of the same seeds from
+# another folder (same teachers, checked): folder -> (that folder, its variant)
+JOINT_BESIDE = {"compare_lenet300_60x_2k_obdrank_10seeds": ("compare_lenet300_60x_2k_paced_obd_20seeds",
+                                                            "joint-paced-obd-none"),
+                "compare_lenet300_60x_2k_obdland_10seeds": ("compare_lenet300_60x_2k_paced_obd_20seeds",
+                                                            "joint-paced-obd-none"),
+                "compare_vit_30x_2k_obdland": ("compare_vit_30x_2k_obdrank", "joint-paced-obd-none"),
+                "compare_lenet5_200x_2k_rank_land": ("compare_lenet5_200x_2k_obd_seq", "joint-paced-obd-none")}
 FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weighted size budget"),
                ("lenet300", "compare_lenet300_100x_2k_v2", ", 2,000 training images, at 100x, Fisher-weighted size budget"),
                ("lenet300", "compare_lenet300_60x", " at 60x, Fisher-weighted size budget"),
@@ -498,6 +543,21 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                ("vit", "compare_vit_30x_2k_joint_none",
                 ", 2,000 training images, at 30x, LayerNorm stored in fp16: the joint mode at size_budget's defaults "
                 "(joint-none: no Fisher saliency)"),
+               ("lenet300", "compare_lenet300_60x_2k_obdrank_10seeds",
+                ", 2,000 training images, at 60x, 10 seeds: the Fisher saliency made size-neutral "
+                "(joint-paced-obdrank-none, size_budget.saliency_mode: rank) beside joint-paced-obd-none"),
+               ("vit", "compare_vit_30x_2k_obdrank",
+                ", 2,000 training images, at 30x, LayerNorm stored in fp16: the Fisher saliency made size-neutral "
+                "(joint-paced-obdrank-none, size_budget.saliency_mode: rank) beside joint-paced-obd-none"),
+               ("lenet300", "compare_lenet300_60x_2k_obdland_10seeds",
+                ", 2,000 training images, at 60x, 10 seeds: the Fisher estimate in the landing only "
+                "(joint-paced-obdland-none, size_budget.saliency_mode: landing) beside joint-paced-obd-none"),
+               ("lenet5", "compare_lenet5_200x_2k_rank_land",
+                ", 2,000 training images, at 200x: the size-neutral saliency and the Fisher estimate in the landing "
+                "only (joint-paced-obdrank-none, joint-paced-obdland-none) beside joint-paced-obd-none"),
+               ("vit", "compare_vit_30x_2k_obdland",
+                ", 2,000 training images, at 30x, LayerNorm stored in fp16: the Fisher estimate in the landing only "
+                "(joint-paced-obdland-none, size_budget.saliency_mode: landing)"),
                ("lstm", "compare_lstm_30x",
                 " (torch's nn.LSTM, 96 units, reading each image row by row, converted to Linear layers by "
                 "recurrent.rnn_to_linear) at 30x: the benchmarks' recipe and the joint mode at size_budget's defaults"),
@@ -527,6 +587,10 @@ def fisher_budget_section() -> list[str]:
         for ratio in r["ratios"]:
             for variant in joint_variants:
                 lines.append(f"- {variant} at {ratio:g}x: {paired_difference(r.get('runs', []), variant, ratio)}.")
+            for variant, baseline in JOINT_AGAINST_JOINT:
+                if variant in joint_variants and baseline in joint_variants:
+                    lines.append(f"- {variant} against {baseline} at {ratio:g}x: "
+                                 f"{paired_difference(r.get('runs', []), variant, ratio, baseline)}.")
         lines.append("")
     return lines
 
