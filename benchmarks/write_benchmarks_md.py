@@ -84,6 +84,7 @@ SEQUENTIAL_BESIDE = {"compare_lenet300_100x_stiff_v3": "compare_lenet300_100x_bi
                      # the Fisher estimate in the landing only (joint-paced-obdland-none), beside the folder
                      # of the size-neutral saliency (its sequential and joint-paced-obd-none runs)
                      "compare_vit_30x_2k_obdland": "compare_vit_30x_2k_obdrank",
+                     "compare_lstm_30x_2k_obdland": "compare_lstm_30x_2k",
                      # both on LeNet-5 at 200x with 2,000 images (a CNN where joint-paced-obd-none wins), beside
                      # joint-paced-obd-none and sequential re-run with the same teachers (the stored ones' teachers
                      # differ in the fourth digit: trained on another machine)
@@ -460,6 +461,7 @@ JOINT_BESIDE = {"compare_lenet300_60x_2k_obdrank_10seeds": ("compare_lenet300_60
                 "compare_lenet300_60x_2k_obdland_10seeds": ("compare_lenet300_60x_2k_paced_obd_20seeds",
                                                             "joint-paced-obd-none"),
                 "compare_vit_30x_2k_obdland": ("compare_vit_30x_2k_obdrank", "joint-paced-obd-none"),
+                "compare_lstm_30x_2k_obdland": ("compare_lstm_30x_2k", "joint-paced-obd-none"),
                 "compare_lenet5_200x_2k_rank_land": ("compare_lenet5_200x_2k_obd_seq", "joint-paced-obd-none")}
 FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weighted size budget"),
                ("lenet300", "compare_lenet300_100x_2k_v2", ", 2,000 training images, at 100x, Fisher-weighted size budget"),
@@ -562,6 +564,8 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                 " (torch's nn.LSTM, 96 units, reading each image row by row, converted to Linear layers by "
                 "recurrent.rnn_to_linear) at 30x: the benchmarks' recipe and the joint mode at size_budget's defaults"),
                ("lstm", "compare_lstm_30x_2k", ", 2,000 training images, at 30x"),
+               ("lstm", "compare_lstm_30x_2k_obdland", ", 2,000 training images, at 30x: the Fisher estimate in the landing "
+                "only (joint-paced-obdland-none, size_budget.saliency_mode: landing)"),
                ("lstm", "compare_lstm_8x_15x_seed0", " at 8x and 15x (one seed, a check of the baseline where the cut is mild)"))
 
 
