@@ -135,7 +135,7 @@ def test_rank_mode_keeps_the_fisher_ranking_but_not_its_pull_on_the_bytes():
     for n in g:  # what was removed is the bytes' direction only: the ranking between dead zones remains
         torch.testing.assert_close(g_rank[n], g[n] - alpha * size_grad[n], rtol=1e-5, atol=1e-7)
     assert any((g_rank[n] < 0).any() for n in g)  # dead zones whose weights cost less than the price now widen
-    assert 0 < sal.last_neutralized < 1
+    assert 0 < sal.last_neutralized < 1  # the share of the pull removed (size_budget's metric)
 
 
 def test_rank_mode_needs_the_saliency():
@@ -144,7 +144,7 @@ def test_rank_mode_needs_the_saliency():
     assert SizeBudgetConfig(type="size_budget", saliency=30.0, saliency_mode="rank").saliency_mode == "rank"
 
 
-@pytest.mark.parametrize("mode", ["price", "landing"])
+@pytest.mark.parametrize("mode", ["price", "rank", "landing"])
 def test_landing_mode_keeps_the_estimate_and_leaves_the_dead_zones_alone(mode):
     lin, q = _layer(out_features=4, in_features=30, seed=5)
     budget = SizeBudget(SizeBudgetConfig(type="size_budget", saliency=30.0, saliency_mode=mode, target_bytes=100.0))
@@ -156,6 +156,8 @@ def test_landing_mode_keeps_the_estimate_and_leaves_the_dead_zones_alone(mode):
     budget.before_optimizer_step(SimpleNamespace(batch_targets=torch.zeros(16), batch_inputs=x))
     assert budget.saliency.fisher["fc"].sum() > 0  # the estimate the landing orders its cuts by
     assert torch.equal(q.dead_zone_raw.grad, task_grad) == (mode == "landing")
+    if mode == "rank":  # through the budget: its bytes per weight, and the share removed in its metrics
+        assert 0 < budget.saliency.last_neutralized < 1
 
 
 def test_fisher_is_kept_in_the_model_state_and_old_budget_states_still_load():

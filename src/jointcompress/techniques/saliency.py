@@ -105,10 +105,11 @@ class FisherSaliency:
         the dead zones toward keeping more; the size term's multiplier must climb until it outbids
         the summed cost, and with few steps (scarce data) it climbed too late: the ViT's Fisher runs
         with 2,000 images ended their decision window 67-73% over the aim and the catch-up cut the
-        rest in the last steps before the freeze (docs/joint.md). Projected, what is left is each
-        weight's cost minus one price per byte for all layers: dead zones whose edge weights cost
-        less than that price are pushed to prune, the others to keep, at constant bytes to first
-        order; the budget alone sets how much is pruned."""
+        rest in the last steps before the freeze. Projected, what is left is each weight's cost
+        minus one price per byte for all layers: dead zones whose edge weights cost less than that
+        price are pushed to prune, the others to keep, at constant bytes to first order; the budget
+        alone sets how much is pruned. (Under Adam it is neutral for the gradient, not the update:
+        on that ViT it recovered a third of the loss, saliency_mode: landing all of it; docs/joint.md.)"""
         directions = {name: self._bytes_gradient(*layers[name], bytes_per_weight[name]) for name in grads}
         dot = sum(float((grads[n] * directions[n]).sum()) for n in grads)
         norm2 = sum(float(directions[n].pow(2).sum()) for n in grads)

@@ -331,8 +331,11 @@ class SizeBudget(Landing, Technique):
         finalized model used to stop with an AttributeError from inside the estimate."""
         if self.layers and all(hasattr(m, "parametrizations") for m, _ in self.layers.values()):
             self.last_size_bytes = self.calibrated_hard()
-        return {"size_bytes": self.last_size_bytes, "size_lambda": self.lam,
-                "size_scale": self.scale, "size_calibrations": float(self.calibrations)}
+        out = {"size_bytes": self.last_size_bytes, "size_lambda": self.lam,
+               "size_scale": self.scale, "size_calibrations": float(self.calibrations)}
+        if self.saliency is not None and self.saliency.mode == "rank":  # how much of the pull the last step removed
+            out["saliency_neutralized"] = self.saliency.last_neutralized
+        return out
 
     def state_dict(self):
         extra = self.saliency.state_dict() if self.saliency is not None else {}
