@@ -81,6 +81,7 @@ SEQUENTIAL_BESIDE = {"compare_lenet300_100x_stiff_v3": "compare_lenet300_100x_bi
                      # the size-neutral saliency (joint-paced-obdrank-none) on ten of those seeds
                      "compare_lenet300_60x_2k_obdrank_10seeds": "compare_lenet300_60x_2k_paced_obd_20seeds_seq",
                      "compare_lenet300_60x_2k_obdland_10seeds": "compare_lenet300_60x_2k_paced_obd_20seeds_seq",
+                     "compare_lenet300_100x_2k_obdland_10seeds": "compare_lenet300_100x_2k_paced_obd_20seeds_seq",
                      # the Fisher estimate in the landing only (joint-paced-obdland-none), beside the folder
                      # of the size-neutral saliency (its sequential and joint-paced-obd-none runs)
                      "compare_vit_30x_2k_obdland": "compare_vit_30x_2k_obdrank",
@@ -460,6 +461,8 @@ JOINT_BESIDE = {"compare_lenet300_60x_2k_obdrank_10seeds": ("compare_lenet300_60
                                                             "joint-paced-obd-none"),
                 "compare_lenet300_60x_2k_obdland_10seeds": ("compare_lenet300_60x_2k_paced_obd_20seeds",
                                                             "joint-paced-obd-none"),
+                "compare_lenet300_100x_2k_obdland_10seeds": ("compare_lenet300_100x_2k_paced_obd_20seeds",
+                                                             "joint-paced-obd-none"),
                 "compare_vit_30x_2k_obdland": ("compare_vit_30x_2k_obdrank", "joint-paced-obd-none"),
                 "compare_lstm_30x_2k_obdland": ("compare_lstm_30x_2k", "joint-paced-obd-none"),
                 "compare_lenet5_200x_2k_rank_land": ("compare_lenet5_200x_2k_obd_seq", "joint-paced-obd-none")}
@@ -553,6 +556,9 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                 "(joint-paced-obdrank-none, size_budget.saliency_mode: rank) beside joint-paced-obd-none"),
                ("lenet300", "compare_lenet300_60x_2k_obdland_10seeds",
                 ", 2,000 training images, at 60x, 10 seeds: the Fisher estimate in the landing only "
+                "(joint-paced-obdland-none, size_budget.saliency_mode: landing) beside joint-paced-obd-none"),
+               ("lenet300", "compare_lenet300_100x_2k_obdland_10seeds",
+                ", 2,000 training images, at 100x, 10 seeds: the Fisher estimate in the landing only "
                 "(joint-paced-obdland-none, size_budget.saliency_mode: landing) beside joint-paced-obd-none"),
                ("lenet5", "compare_lenet5_200x_2k_rank_land",
                 ", 2,000 training images, at 200x: the size-neutral saliency and the Fisher estimate in the landing "
