@@ -81,6 +81,8 @@ SEQUENTIAL_BESIDE = {"compare_lenet300_100x_stiff_v3": "compare_lenet300_100x_bi
                      # the size-neutral saliency (joint-paced-obdrank-none) on ten of those seeds
                      "compare_lenet300_60x_2k_obdrank_10seeds": "compare_lenet300_60x_2k_paced_obd_20seeds_seq",
                      "compare_lenet300_60x_2k_obdland_10seeds": "compare_lenet300_60x_2k_paced_obd_20seeds_seq",
+                     "compare_lenet300_60x_2k_obdland_s10to19": "compare_lenet300_60x_2k_paced_obd_20seeds_seq",
+                     "compare_lenet300_60x_2k_obdland_20seeds": "compare_lenet300_60x_2k_paced_obd_20seeds_seq",
                      "compare_lenet300_100x_2k_obdland_10seeds": "compare_lenet300_100x_2k_paced_obd_20seeds_seq",
                      # the Fisher estimate in the landing only (joint-paced-obdland-none), beside the folder
                      # of the size-neutral saliency (its sequential and joint-paced-obd-none runs)
@@ -140,8 +142,9 @@ def load_compare(folder: str) -> dict | None:
 def _add_runs_from(r: dict, folder: str, other: str, variant: str) -> str | None:
     """Add `variant`'s runs of r's seeds from folder `other` (its teachers must be r's); its command."""
     base = json.loads((ROOT / "benchmarks" / "results" / other / "compare.json").read_text())
-    teachers = lambda x: [round(u["accuracy"], 6) for u in x.get("uncompressed", [])]  # noqa: E731
-    if teachers(r) != teachers(base)[:len(teachers(r))]:
+    teachers = lambda x: {u["seed"]: round(u["accuracy"], 6) for u in x.get("uncompressed", [])}  # noqa: E731
+    mine, theirs = teachers(r), teachers(base)
+    if any(theirs.get(seed) != acc for seed, acc in mine.items()):  # by seed: a later batch starts past 0
         raise SystemExit(f"{folder}: its teachers differ from {other}'s; {variant} cannot be paired from there")
     seeds = {row["seed"] for row in r.get("runs", []) if row["variant"] != variant}
     added = [row for row in base.get("runs", [])
@@ -461,6 +464,10 @@ JOINT_BESIDE = {"compare_lenet300_60x_2k_obdrank_10seeds": ("compare_lenet300_60
                                                             "joint-paced-obd-none"),
                 "compare_lenet300_60x_2k_obdland_10seeds": ("compare_lenet300_60x_2k_paced_obd_20seeds",
                                                             "joint-paced-obd-none"),
+                "compare_lenet300_60x_2k_obdland_s10to19": ("compare_lenet300_60x_2k_paced_obd_20seeds",
+                                                            "joint-paced-obd-none"),
+                "compare_lenet300_60x_2k_obdland_20seeds": ("compare_lenet300_60x_2k_paced_obd_20seeds",
+                                                            "joint-paced-obd-none"),
                 "compare_lenet300_100x_2k_obdland_10seeds": ("compare_lenet300_100x_2k_paced_obd_20seeds",
                                                              "joint-paced-obd-none"),
                 "compare_vit_30x_2k_obdland": ("compare_vit_30x_2k_obdrank", "joint-paced-obd-none"),
@@ -555,7 +562,7 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                 ", 2,000 training images, at 30x, LayerNorm stored in fp16: the Fisher saliency made size-neutral "
                 "(joint-paced-obdrank-none, size_budget.saliency_mode: rank) beside joint-paced-obd-none"),
                ("lenet300", "compare_lenet300_60x_2k_obdland_10seeds",
-                ", 2,000 training images, at 60x, 10 seeds: the Fisher estimate in the landing only "
+                ", 2,000 training images, at 60x, 20 seeds: the Fisher estimate in the landing only "
                 "(joint-paced-obdland-none, size_budget.saliency_mode: landing) beside joint-paced-obd-none"),
                ("lenet300", "compare_lenet300_100x_2k_obdland_10seeds",
                 ", 2,000 training images, at 100x, 10 seeds: the Fisher estimate in the landing only "
