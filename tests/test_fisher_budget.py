@@ -145,7 +145,8 @@ def test_rank_mode_needs_the_saliency():
 
 
 @pytest.mark.parametrize("mode", ["price", "rank", "landing"])
-def test_landing_mode_keeps_the_estimate_and_leaves_the_dead_zones_alone(mode):
+def test_each_saliency_mode_through_the_budgets_step(mode):
+    """landing keeps the estimate and leaves the dead zones as the task left them; price and rank add to them."""
     lin, q = _layer(out_features=4, in_features=30, seed=5)
     budget = SizeBudget(SizeBudgetConfig(type="size_budget", saliency=30.0, saliency_mode=mode, target_bytes=100.0))
     budget.layers = {"fc": (lin, q)}  # what setup does
@@ -156,7 +157,7 @@ def test_landing_mode_keeps_the_estimate_and_leaves_the_dead_zones_alone(mode):
     budget.before_optimizer_step(SimpleNamespace(batch_targets=torch.zeros(16), batch_inputs=x))
     assert budget.saliency.fisher["fc"].sum() > 0  # the estimate the landing orders its cuts by
     assert torch.equal(q.dead_zone_raw.grad, task_grad) == (mode == "landing")
-    if mode == "rank":  # through the budget: its bytes per weight, and the share removed in its metrics
+    if mode == "rank":  # projected with the budget's bytes per weight (the share removed: its saliency_neutralized)
         assert 0 < budget.saliency.last_neutralized < 1
 
 

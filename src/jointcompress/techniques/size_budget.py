@@ -220,7 +220,9 @@ class SizeBudget(Landing, Technique):
 
     def before_optimizer_step(self, ctx: RunContext) -> None:
         """Learned widths: their rounding noise's price (zero_level.width_step). With `saliency`:
-        weigh each dead zone's size price against the Fisher cost of what it prunes."""
+        weigh each dead zone's size price against the Fisher cost of what it prunes (saliency_mode:
+        price), or only that cost's share that moves pruning between dead zones at constant bytes
+        (rank); landing only folds the estimate, which orders the landing's cuts."""
         if self.frozen:
             return
         batch = ctx.batch_targets if ctx.batch_targets is not None else ctx.batch_inputs
