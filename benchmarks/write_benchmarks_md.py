@@ -829,7 +829,10 @@ VARIANTS_TEXT = [
     "1,000 steps (on target after them, frozen half a window later, between 20% and 80% of the run), the rest of "
     "the run fine-tuning the fixed pattern; **`joint-paced-aw-*`** adds the multiplier's anti-windup; "
     "**`joint-paced-lin-*`** is joint-paced with the budget's goal falling log-linearly over the window instead of on "
-    "the cubic (fast first).",
+    "the cubic (fast first); **`joint-paced-obd-*`** is joint-paced whose landing cuts by Fisher cost per byte "
+    "(`landing_order: fisher`; the benchmarks' recipe); **`joint-paced-obdrank-*`** is that one with its Fisher saliency "
+    "made size-neutral (`saliency_mode: rank`), **`joint-paced-obdland-*`** with the Fisher estimate in the landing only "
+    "(`saliency_mode: landing`: nothing on the dead zones).",
     "",
     "Every variant gets the same teacher, epochs, data and target bytes; differences are paired by seed.", "",
 ]
