@@ -88,6 +88,7 @@ SEQUENTIAL_BESIDE = {"compare_lenet300_100x_stiff_v3": "compare_lenet300_100x_bi
                      # of the size-neutral saliency (its sequential and joint-paced-obd-none runs)
                      "compare_vit_30x_2k_obdland": "compare_vit_30x_2k_obdrank",
                      "compare_lstm_30x_2k_obdland": "compare_lstm_30x_2k",
+                     "compare_vit_30x_obdland": "compare_vit_30x_fp16norm",
                      # both on LeNet-5 at 200x with 2,000 images (a CNN where joint-paced-obd-none wins), beside
                      # joint-paced-obd-none and sequential re-run with the same teachers (the stored ones' teachers
                      # differ in the fourth digit: trained on another machine)
@@ -472,6 +473,7 @@ JOINT_BESIDE = {"compare_lenet300_60x_2k_obdrank_10seeds": ("compare_lenet300_60
                                                              "joint-paced-obd-none"),
                 "compare_vit_30x_2k_obdland": ("compare_vit_30x_2k_obdrank", "joint-paced-obd-none"),
                 "compare_lstm_30x_2k_obdland": ("compare_lstm_30x_2k", "joint-paced-obd-none"),
+                "compare_vit_30x_obdland": ("compare_vit_30x_fp16norm", "joint-paced-obd-none"),
                 "compare_lenet5_200x_2k_rank_land": ("compare_lenet5_200x_2k_obd_seq", "joint-paced-obd-none")}
 FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weighted size budget"),
                ("lenet300", "compare_lenet300_100x_2k_v2", ", 2,000 training images, at 100x, Fisher-weighted size budget"),
@@ -570,6 +572,8 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                ("lenet5", "compare_lenet5_200x_2k_rank_land",
                 ", 2,000 training images, at 200x: the size-neutral saliency and the Fisher estimate in the landing "
                 "only (joint-paced-obdrank-none, joint-paced-obdland-none) beside joint-paced-obd-none"),
+               ("vit", "compare_vit_30x_obdland", " at 30x, LayerNorm stored in fp16: the Fisher estimate in the landing "
+                "only (joint-paced-obdland-none, size_budget.saliency_mode: landing)"),
                ("vit", "compare_vit_30x_2k_obdland",
                 ", 2,000 training images, at 30x, LayerNorm stored in fp16: the Fisher estimate in the landing only "
                 "(joint-paced-obdland-none, size_budget.saliency_mode: landing)"),
