@@ -165,6 +165,10 @@ class SizeBudget(Strict):
     # half a window later (at most at 0.8), so a longer run spends its extra steps fine-tuning a fixed
     # pattern (docs/joint.md); None: `end` and `freeze` as given
     decide_steps: Annotated[int, Field(ge=1)] | None = None
+    # inside the decision window, a state found more than this share over the budget's goal at a
+    # calibration is cut back to that bound (in the landing's order), so it follows the schedule instead of
+    # piling the excess up for the catch-up before the freeze; None: only the catch-up (size_projection.track)
+    lag_tolerance: Annotated[float, Field(ge=0.0, le=10.0)] | None = None
 
     def paced(self, total_steps: int) -> dict[str, float]:
         """`end` and `freeze` for a run of `total_steps` steps under `decide_steps`."""
