@@ -238,6 +238,40 @@ def test_catch_up_cuts_a_lagging_state_and_leaves_one_on_its_aim_alone():
     assert len(budget.events) == 2
 
 
+def test_lag_tolerance_cuts_a_state_lagging_its_goal_inside_the_window_toward_the_bound():
+    torch.manual_seed(0)
+    model = _Tiny()
+    budget = _budget(model, target=1e9)  # window (0, 10)
+    start = budget.calibrated_hard()
+    budget.start_bytes = start
+    budget.config.target_bytes = 0.5 * start  # a cut may halve a channel, no more: a reachable bound
+    budget.config.lag_tolerance = 0.25
+    bound = budget.goal(5) * 1.25
+    assert start > bound  # at step 5 the goal is far under the state
+    before = _kept(model)
+    with warnings.catch_warnings():  # inside the window: no late-landing warning
+        warnings.simplefilter("error")
+        budget.catch_up(5)
+    budget.calibrate(model)
+    now = budget.calibrated_hard()
+    # toward the bound (the estimate's slopes overstate what a weight of a still dense layer frees: the next
+    # check cuts again), never past it
+    assert bound * 0.97 <= now < start
+    (event,) = budget.events
+    assert event["event"] == "size_track_cut" and event["bound_bytes"] == round(bound)
+    after = _kept(model)
+    for name in before:  # no channel emptied
+        assert ((after[name] >= _floor_of_tensor(before[name])) | (before[name] == 0)).all()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    budget.config.lag_tolerance = 10.0
+    budget.catch_up(6)  # within the bound: untouched
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters()) and len(budget.events) == 1
+    budget.config.lag_tolerance = None  # off: the window is the dead zones' own
+    budget.config.target_bytes = 0.05 * start
+    budget.catch_up(5)
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters()) and len(budget.events) == 1
+
+
 def _floor_of_tensor(kept: torch.Tensor) -> torch.Tensor:
     return torch.tensor([_floor_of(int(k)) for k in kept])
 
