@@ -51,8 +51,7 @@ VARIANTS = {  # name -> (mode, coordination strategy)
     "joint-paced-obd-none": ("joint", "none"),  # PACED_BUDGET whose landing cuts by Fisher cost per byte (PACED_OBD)
     "joint-paced-obdrank-none": ("joint", "none"),  # PACED_OBD with the size-neutral saliency (PACED_OBD_RANK)
     "joint-paced-obdland-none": ("joint", "none"),  # PACED_OBD, the Fisher cost only in the landing (PACED_OBD_LANDING)
-    "joint-paced-obdtrack-none": ("joint", "none"),
-    "joint-paced-obdlrank-none": ("joint", "none"),  # PACED_OBD cut back onto its goal inside the window (PACED_OBD_TRACK)
+    "joint-paced-obdtrack-none": ("joint", "none"),  # PACED_OBD cut back onto its goal inside the window (PACED_OBD_TRACK)
 }
 # the Fisher (OBD) cost of pruned weights on the dead zones, a budget that warms up fast first and
 # slowly at the end, and a fine-tuning phase with its own LR after the freeze (docs/joint.md)
@@ -100,7 +99,6 @@ PACED_OBD_LANDING = {**PACED_OBD, "saliency_mode": "landing"}
 # PACED_OBD whose state is cut back to 25% over the budget's goal wherever it lags further inside the
 # window (size_budget.lag_tolerance), not only after it; not in the default set
 PACED_OBD_TRACK = {**PACED_OBD, "lag_tolerance": 0.25}
-PACED_OBD_LAYER_RANK = {**PACED_OBD, "saliency_mode": "layer_rank"}
 JOINT_OPTIONS = {"joint-fisher-none": FISHER_BUDGET, "joint-fisher-pcgrad": FISHER_BUDGET,  # not in the default set
                  "joint-bits-none": LEARNED_BITS, "joint-bits-pcgrad": LEARNED_BITS,
                  "joint-stiff-none": STIFF_BUDGET, "joint-stiff-pcgrad": STIFF_BUDGET,
@@ -108,8 +106,7 @@ JOINT_OPTIONS = {"joint-fisher-none": FISHER_BUDGET, "joint-fisher-pcgrad": FISH
                  "joint-paced-none": PACED_BUDGET, "joint-paced-pcgrad": PACED_BUDGET,
                  "joint-paced-aw-none": PACED_ANTI_WINDUP, "joint-paced-lin-none": PACED_LINEAR,
                  "joint-paced-obd-none": PACED_OBD, "joint-paced-obdrank-none": PACED_OBD_RANK,
-                 "joint-paced-obdland-none": PACED_OBD_LANDING, "joint-paced-obdtrack-none": PACED_OBD_TRACK,
-                 "joint-paced-obdlrank-none": PACED_OBD_LAYER_RANK}
+                 "joint-paced-obdland-none": PACED_OBD_LANDING, "joint-paced-obdtrack-none": PACED_OBD_TRACK}
 DEFAULT_VARIANTS = ("joint-none", "joint-scale", "joint-pcgrad", "sequential")
 CSV_FIELDS = ["variant", "mode", "strategy", "ratio_target", "seed", "accuracy", "error", "bytes", "file_bytes",
               "target_bytes", "ratio", "sparsity", "bits", "conflict_rate", "changed_share", "changed_mean", "wall_s", "dir"]

@@ -148,7 +148,7 @@ class SizeBudget(Strict):
     # part that moves pruning between channels at constant bytes is kept (the budget alone sets how
     # much is pruned, the Fisher cost where), so the multiplier need not climb to outbid it; landing:
     # nothing on the dead zones, the Fisher estimate only orders the landing's cuts (landing_order: fisher)
-    saliency_mode: Literal["price", "rank", "layer_rank", "landing"] = "price"
+    saliency_mode: Literal["price", "rank", "landing"] = "price"
     # the fine-tuning after `freeze` gets its own cosine LR phase from the full rate (plan.py)
     finetune_phase: bool = False
     # how the budget warms up over [start, end] in log-bytes: linear, or cubic (fast first, slow at the end)

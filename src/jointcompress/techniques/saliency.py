@@ -111,12 +111,6 @@ class FisherSaliency:
         alone sets how much is pruned. (Under Adam it is neutral for the gradient, not the update:
         on that ViT it recovered a third of the loss, saliency_mode: landing all of it; docs/joint.md.)"""
         directions = {name: self._bytes_gradient(*layers[name], bytes_per_weight[name]) for name in grads}
-        if self.mode == "layer_rank":  # each layer's own projection: no bytes move between layers
-            out = {}
-            for n, g in grads.items():
-                dot, norm2 = float((g * directions[n]).sum()), float(directions[n].pow(2).sum())
-                out[n] = g - (dot / norm2) * directions[n] if dot < 0 < norm2 else g
-            return out
         dot = sum(float((grads[n] * directions[n]).sum()) for n in grads)
         norm2 = sum(float(directions[n].pow(2).sum()) for n in grads)
         if dot >= 0 or norm2 <= 0:  # no component against the size term: nothing to remove

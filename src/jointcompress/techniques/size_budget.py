@@ -233,7 +233,7 @@ class SizeBudget(Landing, Technique):
             return
         self.saliency.accumulate(batch_size)
         if self.saliency.mode != "landing":  # landing: the estimate only orders the landing's cuts
-            self.saliency.add_gradient(self.layers, self._bytes_per_weight() if self.saliency.mode in ("rank", "layer_rank") else None)
+            self.saliency.add_gradient(self.layers, self._bytes_per_weight() if self.saliency.mode == "rank" else None)
 
     def after_optimizer_step(self, ctx: RunContext) -> None:
         if self.frozen:
