@@ -93,6 +93,14 @@ SEQUENTIAL_BESIDE = {"compare_lenet300_100x_stiff_v3": "compare_lenet300_100x_bi
                      # joint-paced-obd-none and sequential re-run with the same teachers (the stored ones' teachers
                      # differ in the fourth digit: trained on another machine)
                      "compare_lenet5_200x_2k_rank_land": "compare_lenet5_200x_2k_obd_seq",
+                     # the state cut back onto its goal inside the window (joint-paced-obdtrack-none), beside
+                     # the folders of joint-paced-obd-none and sequential (and of joint-paced-obdland-none)
+                     "compare_vit_30x_2k_obdtrack": "compare_vit_30x_2k_obdrank",
+                     "compare_lenet5_200x_2k_obdtrack": "compare_lenet5_200x_2k_obd_seq",
+                     "compare_lenet300_60x_2k_obdtrack_10seeds": "compare_lenet300_60x_2k_paced_obd_20seeds_seq",
+                     "compare_lstm_30x_2k_obdtrack": "compare_lstm_30x_2k",
+                     "compare_vit_30x_obdtrack": "compare_vit_30x_fp16norm",
+                     "compare_lenet300_100x_2k_obdtrack_10seeds": "compare_lenet300_100x_2k_paced_obd_20seeds_seq",
                      # LeNet-5 at 200x after the fused Adam and the size term's single node (a check)
                      "compare_lenet5_200x_paced_obd_fused": "compare_lenet5_200x_paced_obd_fused_seq",
                      # the paced recipe on a log-linear budget schedule (joint-paced-lin-*)
@@ -135,8 +143,7 @@ def load_compare(folder: str) -> dict | None:
     if base_folder is None or not (ROOT / "benchmarks" / "results" / base_folder / "compare.json").is_file():
         return r
     r["sequential_from"] = (base_folder, _add_runs_from(r, folder, base_folder, "sequential"))
-    if folder in JOINT_BESIDE:
-        r["joint_from"] = (*JOINT_BESIDE[folder], _add_runs_from(r, folder, *JOINT_BESIDE[folder]))
+    r["joint_from"] = [(other, variant, _add_runs_from(r, folder, other, variant)) for other, variant in joint_beside(folder)]
     return r
 
 
@@ -205,9 +212,8 @@ def section(model: str, folder: str | None = None, title: str = "") -> list[str]
                else "The joint variant was re-run after a change to the joint mode only")
         lines += [f"{why}; its sequential runs are those of "
                   f"`{r['sequential_from'][0]}` (`{r['sequential_from'][1]}`), the same teachers and seeds.", ""]
-    if r is not None and r.get("joint_from"):
-        lines += [f"Its {r['joint_from'][1]} runs are those of `{r['joint_from'][0]}` (`{r['joint_from'][2]}`), "
-                  "the same teachers and seeds.", ""]
+    for other, variant, command in (r or {}).get("joint_from", []):
+        lines += [f"Its {variant} runs are those of `{other}` (`{command}`), the same teachers and seeds.", ""]
     if model in REF:
         lines += [f"Deep Compression (Han et al. 2016): **{REF[model][0]:g}x at {REF[model][1]:.2f}% error**. "
                   f"Goal here: >= {GOAL[model][0]:g}x at <= {GOAL[model][1]:.2f}%.", ""]
@@ -315,7 +321,7 @@ def point_rows() -> list[dict]:
             bits = f"{bits}, {quant['norm_format']} norms"
         for ratio in r["ratios"]:
             seq = next((s for s in r["summary"] if s["variant"] == "sequential" and s["ratio_target"] == ratio), None)
-            borrowed = ("sequential", "overlap", (r.get("joint_from") or (None, None))[1])  # another folder's point
+            borrowed = ("sequential", "overlap", *(v for _, v, _ in r.get("joint_from", [])))  # another folder's point
             for s in sorted((s for s in r["summary"] if s["ratio_target"] == ratio and s["variant"] not in borrowed),
                             key=lambda s: s["variant"]):
                 st = paired_stats(runs, s["variant"], ratio)
@@ -458,7 +464,9 @@ def size_accuracy(runs: list[dict]) -> str:
 
 # joint variants paired against another joint variant of the same folder (a change to one recipe)
 JOINT_AGAINST_JOINT = (("joint-paced-obdrank-none", "joint-paced-obd-none"),
-                       ("joint-paced-obdland-none", "joint-paced-obd-none"))
+                       ("joint-paced-obdland-none", "joint-paced-obd-none"),
+                       ("joint-paced-obdtrack-none", "joint-paced-obd-none"),
+                       ("joint-paced-obdtrack-none", "joint-paced-obdland-none"))
 # a folder of one joint variant paired also with another joint variant's runs of the same seeds from
 # another folder (same teachers, checked): folder -> (that folder, its variant)
 JOINT_BESIDE = {"compare_lenet300_60x_2k_obdrank_10seeds": ("compare_lenet300_60x_2k_paced_obd_20seeds",
@@ -474,7 +482,31 @@ JOINT_BESIDE = {"compare_lenet300_60x_2k_obdrank_10seeds": ("compare_lenet300_60
                 "compare_vit_30x_2k_obdland": ("compare_vit_30x_2k_obdrank", "joint-paced-obd-none"),
                 "compare_lstm_30x_2k_obdland": ("compare_lstm_30x_2k", "joint-paced-obd-none"),
                 "compare_vit_30x_obdland": ("compare_vit_30x_fp16norm", "joint-paced-obd-none"),
-                "compare_lenet5_200x_2k_rank_land": ("compare_lenet5_200x_2k_obd_seq", "joint-paced-obd-none")}
+                "compare_lenet5_200x_2k_rank_land": ("compare_lenet5_200x_2k_obd_seq", "joint-paced-obd-none"),
+                "compare_vit_30x_2k_obdtrack": [("compare_vit_30x_2k_obdrank", "joint-paced-obd-none"),
+                                                ("compare_vit_30x_2k_obdland", "joint-paced-obdland-none")],
+                "compare_lenet5_200x_2k_obdtrack": [("compare_lenet5_200x_2k_obd_seq", "joint-paced-obd-none"),
+                                                    ("compare_lenet5_200x_2k_rank_land", "joint-paced-obdland-none")],
+                "compare_lenet300_60x_2k_obdtrack_10seeds": [("compare_lenet300_60x_2k_paced_obd_20seeds",
+                                                              "joint-paced-obd-none"),
+                                                             ("compare_lenet300_60x_2k_obdland_10seeds",
+                                                              "joint-paced-obdland-none")],
+                "compare_lenet300_100x_2k_obdtrack_10seeds": [("compare_lenet300_100x_2k_paced_obd_20seeds",
+                                                               "joint-paced-obd-none"),
+                                                              ("compare_lenet300_100x_2k_obdland_10seeds",
+                                                               "joint-paced-obdland-none")],
+                "compare_vit_30x_obdtrack": [("compare_vit_30x_fp16norm", "joint-paced-obd-none"),
+                                             ("compare_vit_30x_obdland", "joint-paced-obdland-none")],
+                "compare_lstm_30x_2k_obdtrack": [("compare_lstm_30x_2k", "joint-paced-obd-none"),
+                                                 ("compare_lstm_30x_2k_obdland", "joint-paced-obdland-none")]}
+
+
+def joint_beside(folder: str) -> list[tuple[str, str]]:
+    """The (folder, joint variant) pairs whose runs `folder` borrows (JOINT_BESIDE: one pair or a list)."""
+    beside = JOINT_BESIDE.get(folder, [])
+    return [beside] if isinstance(beside, tuple) else list(beside)
+
+
 FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weighted size budget"),
                ("lenet300", "compare_lenet300_100x_2k_v2", ", 2,000 training images, at 100x, Fisher-weighted size budget"),
                ("lenet300", "compare_lenet300_60x", " at 60x, Fisher-weighted size budget"),
@@ -583,6 +615,19 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                ("lstm", "compare_lstm_30x_2k", ", 2,000 training images, at 30x"),
                ("lstm", "compare_lstm_30x_2k_obdland", ", 2,000 training images, at 30x: the Fisher estimate in the landing "
                 "only (joint-paced-obdland-none, size_budget.saliency_mode: landing)"),
+               ("vit", "compare_vit_30x_obdtrack", " at 30x, LayerNorm stored in fp16: the state cut back onto its goal "
+                "inside the window (joint-paced-obdtrack-none, size_budget.lag_tolerance: 0.25)"),
+               ("vit", "compare_vit_30x_2k_obdtrack",
+                ", 2,000 training images, at 30x, LayerNorm stored in fp16: the state cut back onto its goal inside the "
+                "window (joint-paced-obdtrack-none, size_budget.lag_tolerance: 0.25)"),
+               ("lenet5", "compare_lenet5_200x_2k_obdtrack", ", 2,000 training images, at 200x: the state cut back onto its "
+                "goal inside the window (joint-paced-obdtrack-none, size_budget.lag_tolerance: 0.25)"),
+               ("lenet300", "compare_lenet300_60x_2k_obdtrack_10seeds", ", 2,000 training images, at 60x, 10 seeds: the "
+                "state cut back onto its goal inside the window (joint-paced-obdtrack-none, size_budget.lag_tolerance: 0.25)"),
+               ("lenet300", "compare_lenet300_100x_2k_obdtrack_10seeds", ", 2,000 training images, at 100x, 10 seeds: "
+                "the state cut back onto its goal inside the window (joint-paced-obdtrack-none, size_budget.lag_tolerance: 0.25)"),
+               ("lstm", "compare_lstm_30x_2k_obdtrack", ", 2,000 training images, at 30x: the state cut back onto its goal "
+                "inside the window (joint-paced-obdtrack-none, size_budget.lag_tolerance: 0.25)"),
                ("lstm", "compare_lstm_8x_15x_seed0", " at 8x and 15x (one seed, a check of the baseline where the cut is mild)"))
 
 
@@ -836,7 +881,9 @@ VARIANTS_TEXT = [
     "the cubic (fast first); **`joint-paced-obd-*`** is joint-paced whose landing cuts by Fisher cost per byte "
     "(`landing_order: fisher`; the benchmarks' recipe); **`joint-paced-obdrank-*`** is that one with its Fisher saliency "
     "made size-neutral (`saliency_mode: rank`), **`joint-paced-obdland-*`** with the Fisher estimate in the landing only "
-    "(`saliency_mode: landing`: nothing on the dead zones).",
+    "(`saliency_mode: landing`: nothing on the dead zones), **`joint-paced-obdtrack-*`** with the state cut back to 25% "
+    "over the budget's goal at every check inside the decision window where it lags further (`lag_tolerance: 0.25`; "
+    "the catch-up after the window is unchanged).",
     "",
     "Every variant gets the same teacher, epochs, data and target bytes; differences are paired by seed.", "",
 ]

@@ -272,6 +272,20 @@ def test_lag_tolerance_cuts_a_state_lagging_its_goal_inside_the_window_toward_th
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters()) and len(budget.events) == 1
 
 
+@pytest.mark.parametrize("tolerance, warns", [(None, True), (0.3, False)])
+def test_the_late_landing_warning_leaves_out_a_lag_the_recipe_allows(tolerance, warns):
+    torch.manual_seed(0)
+    model = _Tiny()
+    budget = _budget(model, target=1e9)  # window (0, 10), freeze at step 16
+    budget.config.lag_tolerance = tolerance
+    budget.config.target_bytes = budget.calibrated_hard() / 1.28 / (1 - budget.config.margin)  # 28% over the aim
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        budget.catch_up(12)
+    assert any("after its decision window" in str(w.message) for w in caught) == warns
+    assert [e["event"] for e in budget.events] == ["size_catch_up"]  # cut either way
+
+
 def _floor_of_tensor(kept: torch.Tensor) -> torch.Tensor:
     return torch.tensor([_floor_of(int(k)) for k in kept])
 

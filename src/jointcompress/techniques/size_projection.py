@@ -297,7 +297,8 @@ class Landing:
         images: 53% over at the freeze, and the one-shot projection fell to chance). If the state
         is still more than CATCH_UP_TOLERANCE over the aim, drop the cheapest share of the excess
         now, spread evenly over the checks left, so training recovers between the cuts and the
-        freeze's projection has little left to do. A state on its aim is never touched."""
+        freeze's projection has little left to do. A state on its aim is never touched. With
+        size_budget.lag_tolerance, the checks inside the window cut a lagging state too (`track`)."""
         tolerance = getattr(self.config, "lag_tolerance", None)
         if tolerance is not None and self.window[0] < step < self.window[1]:
             self.track(step, tolerance)
@@ -307,7 +308,8 @@ class Landing:
         aim, now = self.aim(), self.calibrated_hard()
         if now <= aim * (1 + CATCH_UP_TOLERANCE):
             return
-        if not any(e["event"] == "size_catch_up" for e in self.events) and now > aim * (1 + LATE_EXCESS):
+        late = max(LATE_EXCESS, (tolerance or 0.0) + CATCH_UP_TOLERANCE)  # a lag the recipe allows is not news
+        if not any(e["event"] == "size_catch_up" for e in self.events) and now > aim * (1 + late):
             self.warn_late(step, now, aim)
         every = self.calibration_interval
         share = every / (self.freeze_step - step + every)
