@@ -468,7 +468,7 @@ JOINT_AGAINST_JOINT = (("joint-paced-obdrank-none", "joint-paced-obd-none"),
                        ("joint-paced-obdtrack-none", "joint-paced-obd-none"),
                        ("joint-paced-obdtrack-none", "joint-paced-obdland-none"))
 # a folder of one joint variant paired also with another joint variant's runs of the same seeds from
-# another folder (same teachers, checked): folder -> (that folder, its variant)
+# another folder (same teachers, checked): folder -> (that folder, its variant), or a list of such pairs
 JOINT_BESIDE = {"compare_lenet300_60x_2k_obdrank_10seeds": ("compare_lenet300_60x_2k_paced_obd_20seeds",
                                                             "joint-paced-obd-none"),
                 "compare_lenet300_60x_2k_obdland_10seeds": ("compare_lenet300_60x_2k_paced_obd_20seeds",

@@ -312,11 +312,7 @@ class Landing:
         if not any(e["event"] == "size_catch_up" for e in self.events) and now > aim * (1 + late):
             self.warn_late(step, now, aim)
         every = self.calibration_interval
-        share = every / (self.freeze_step - step + every)
-        owners, where, freed = self.ranking(drop=True)
-        count = int(torch.searchsorted(torch.cumsum(freed, 0), torch.tensor(share * (now - aim)))) + 1
-        for i, (m, _) in enumerate(self.layers.values()):  # into the dead zone; the task may grow them back
-            m.parametrizations.weight.original.view(-1)[where[:count][owners[:count] == i]] = 0.0
+        count = self._cut(every / (self.freeze_step - step + every) * (now - aim))
         self.events.append({"event": "size_catch_up", "step": step, "bytes_before": round(now),
                             "aim_bytes": round(aim), "dropped_weights": count, "kept": self.kept_by_layer()})
 
@@ -333,9 +329,16 @@ class Landing:
         bound, now = self.goal(step) * (1 + tolerance), self.calibrated_hard()
         if now <= bound:
             return
-        owners, where, freed = self.ranking(drop=True)
-        count = int(torch.searchsorted(torch.cumsum(freed, 0), torch.tensor(now - bound))) + 1
-        for i, (m, _) in enumerate(self.layers.values()):  # into the dead zone; the task may grow them back
-            m.parametrizations.weight.original.view(-1)[where[:count][owners[:count] == i]] = 0.0
+        count = self._cut(now - bound)
         self.events.append({"event": "size_track_cut", "step": step, "bytes_before": round(now),
                             "bound_bytes": round(bound), "dropped_weights": count, "kept": self.kept_by_layer()})
+
+    @torch.no_grad()
+    def _cut(self, excess: float) -> int:
+        """Zero the cheapest kept weights (`ranking`) until the estimate frees `excess` bytes: into the
+        dead zone, where training may grow them back; the pattern stays free. Returns how many."""
+        owners, where, freed = self.ranking(drop=True)
+        count = int(torch.searchsorted(torch.cumsum(freed, 0), torch.tensor(excess))) + 1
+        for i, (m, _) in enumerate(self.layers.values()):
+            m.parametrizations.weight.original.view(-1)[where[:count][owners[:count] == i]] = 0.0
+        return count
