@@ -101,6 +101,8 @@ SEQUENTIAL_BESIDE = {"compare_lenet300_100x_stiff_v3": "compare_lenet300_100x_bi
                      "compare_lstm_30x_2k_obdtrack": "compare_lstm_30x_2k",
                      "compare_vit_30x_obdtrack": "compare_vit_30x_fp16norm",
                      "compare_lenet300_100x_2k_obdtrack_10seeds": "compare_lenet300_100x_2k_paced_obd_20seeds_seq",
+                     # (its 60,000-image teachers differ from the stored ones: the pull and sequential re-run beside it)
+                     "compare_lenet300_100x_obdtrack_10seeds": "compare_lenet300_100x_obd_seq_10seeds",
                      # LeNet-5 at 200x after the fused Adam and the size term's single node (a check)
                      "compare_lenet5_200x_paced_obd_fused": "compare_lenet5_200x_paced_obd_fused_seq",
                      # the paced recipe on a log-linear budget schedule (joint-paced-lin-*)
@@ -495,6 +497,7 @@ JOINT_BESIDE = {"compare_lenet300_60x_2k_obdrank_10seeds": ("compare_lenet300_60
                                                                "joint-paced-obd-none"),
                                                               ("compare_lenet300_100x_2k_obdland_10seeds",
                                                                "joint-paced-obdland-none")],
+                "compare_lenet300_100x_obdtrack_10seeds": ("compare_lenet300_100x_obd_seq_10seeds", "joint-paced-obd-none"),
                 "compare_vit_30x_obdtrack": [("compare_vit_30x_fp16norm", "joint-paced-obd-none"),
                                              ("compare_vit_30x_obdland", "joint-paced-obdland-none")],
                 "compare_lstm_30x_2k_obdtrack": [("compare_lstm_30x_2k", "joint-paced-obd-none"),
@@ -624,6 +627,8 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                 "goal inside the window (joint-paced-obdtrack-none, size_budget.lag_tolerance: 0.25)"),
                ("lenet300", "compare_lenet300_60x_2k_obdtrack_10seeds", ", 2,000 training images, at 60x, 10 seeds: the "
                 "state cut back onto its goal inside the window (joint-paced-obdtrack-none, size_budget.lag_tolerance: 0.25)"),
+               ("lenet300", "compare_lenet300_100x_obdtrack_10seeds", " at 100x, 10 seeds: the state cut back onto its "
+                "goal inside the window (joint-paced-obdtrack-none, size_budget.lag_tolerance: 0.25)"),
                ("lenet300", "compare_lenet300_100x_2k_obdtrack_10seeds", ", 2,000 training images, at 100x, 10 seeds: "
                 "the state cut back onto its goal inside the window (joint-paced-obdtrack-none, size_budget.lag_tolerance: 0.25)"),
                ("lstm", "compare_lstm_30x_2k_obdtrack", ", 2,000 training images, at 30x: the state cut back onto its goal "
