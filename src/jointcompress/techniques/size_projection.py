@@ -319,13 +319,15 @@ class Landing:
     @torch.no_grad()
     def track(self, step: int, tolerance: float) -> None:
         """Inside the decision window (size_budget.lag_tolerance): a state more than `tolerance` over the
-        budget's goal now is cut back to that bound, cheapest first (`ranking`), so the excess never piles up.
+        budget's goal now is cut back toward that bound (as far as the estimate counts the bytes a weight
+        frees; the next check cuts again), cheapest first (`ranking`), so the excess does not pile up.
 
         Why: with Adam each dead zone moves about its learning rate a step whatever the size term's price,
         so the bytes fall only as fast as the dead zones that widen allow. Where the Fisher price holds many
-        of them shut (the small ViT with 2,000 images) the state lagged its goal twofold through the window
-        and ended it 67-73% over the aim; the catch-up then cut that in the last steps before the freeze.
-        Cut as it builds up, the same excess goes in small steps at the window's learning rate."""
+        of them shut (the small ViT with 2,000 images) the state stayed 1.7-2 times its goal from a third
+        of the window on and ended it 67-73% over the aim; the catch-up then cut that in the last steps
+        before the freeze. Cut as it builds up, the excess goes in small steps at the window's learning
+        rate (docs/joint.md, "Cutting the lag as it builds up": most of the ViT's loss, not all of it)."""
         bound, now = self.goal(step) * (1 + tolerance), self.calibrated_hard()
         if now <= bound:
             return
