@@ -31,15 +31,9 @@ BATCH = 128
 
 
 def budgeted_layers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights a size budget would price: every Linear and convolution weight (attention's
-    in-projection included, as the ViT's q/k/v after conversion)."""
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            out[name] = m.weight
-        elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
-            out[f"{name}.in_proj"] = m.in_proj_weight
-    return out
+    """The weights a size budget would price: every Linear and convolution weight (the models here
+    hold attention as Linear projections, attention.mha_to_linear)."""
+    return {name: m.weight for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))}
 
 
 def mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

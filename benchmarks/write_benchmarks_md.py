@@ -145,7 +145,7 @@ def load_compare(folder: str) -> dict | None:
     if base_folder is None or not (ROOT / "benchmarks" / "results" / base_folder / "compare.json").is_file():
         return r
     r["sequential_from"] = (base_folder, _add_runs_from(r, folder, base_folder, "sequential"))
-    r["joint_from"] = [(other, variant, _add_runs_from(r, folder, other, variant)) for other, variant in joint_beside(folder)]
+    r["joint_from"] = [(other, variant, _add_runs_from(r, folder, other, variant)) for other, variant in JOINT_BESIDE.get(folder, [])]
     return r
 
 
@@ -470,44 +470,29 @@ JOINT_AGAINST_JOINT = (("joint-paced-obdrank-none", "joint-paced-obd-none"),
                        ("joint-paced-obdtrack-none", "joint-paced-obd-none"),
                        ("joint-paced-obdtrack-none", "joint-paced-obdland-none"))
 # a folder of one joint variant paired also with another joint variant's runs of the same seeds from
-# another folder (same teachers, checked): folder -> (that folder, its variant), or a list of such pairs
-JOINT_BESIDE = {"compare_lenet300_60x_2k_obdrank_10seeds": ("compare_lenet300_60x_2k_paced_obd_20seeds",
-                                                            "joint-paced-obd-none"),
-                "compare_lenet300_60x_2k_obdland_10seeds": ("compare_lenet300_60x_2k_paced_obd_20seeds",
-                                                            "joint-paced-obd-none"),
-                "compare_lenet300_60x_2k_obdland_s10to19": ("compare_lenet300_60x_2k_paced_obd_20seeds",
-                                                            "joint-paced-obd-none"),
-                "compare_lenet300_60x_2k_obdland_20seeds": ("compare_lenet300_60x_2k_paced_obd_20seeds",
-                                                            "joint-paced-obd-none"),
-                "compare_lenet300_100x_2k_obdland_10seeds": ("compare_lenet300_100x_2k_paced_obd_20seeds",
-                                                             "joint-paced-obd-none"),
-                "compare_vit_30x_2k_obdland": ("compare_vit_30x_2k_obdrank", "joint-paced-obd-none"),
-                "compare_lstm_30x_2k_obdland": ("compare_lstm_30x_2k", "joint-paced-obd-none"),
-                "compare_vit_30x_obdland": ("compare_vit_30x_fp16norm", "joint-paced-obd-none"),
-                "compare_lenet5_200x_2k_rank_land": ("compare_lenet5_200x_2k_obd_seq", "joint-paced-obd-none"),
-                "compare_vit_30x_2k_obdtrack": [("compare_vit_30x_2k_obdrank", "joint-paced-obd-none"),
-                                                ("compare_vit_30x_2k_obdland", "joint-paced-obdland-none")],
-                "compare_lenet5_200x_2k_obdtrack": [("compare_lenet5_200x_2k_obd_seq", "joint-paced-obd-none"),
-                                                    ("compare_lenet5_200x_2k_rank_land", "joint-paced-obdland-none")],
-                "compare_lenet300_60x_2k_obdtrack_10seeds": [("compare_lenet300_60x_2k_paced_obd_20seeds",
-                                                              "joint-paced-obd-none"),
-                                                             ("compare_lenet300_60x_2k_obdland_10seeds",
-                                                              "joint-paced-obdland-none")],
-                "compare_lenet300_100x_2k_obdtrack_10seeds": [("compare_lenet300_100x_2k_paced_obd_20seeds",
-                                                               "joint-paced-obd-none"),
-                                                              ("compare_lenet300_100x_2k_obdland_10seeds",
-                                                               "joint-paced-obdland-none")],
-                "compare_lenet300_100x_obdtrack_10seeds": ("compare_lenet300_100x_obd_seq_10seeds", "joint-paced-obd-none"),
-                "compare_vit_30x_obdtrack": [("compare_vit_30x_fp16norm", "joint-paced-obd-none"),
-                                             ("compare_vit_30x_obdland", "joint-paced-obdland-none")],
-                "compare_lstm_30x_2k_obdtrack": [("compare_lstm_30x_2k", "joint-paced-obd-none"),
-                                                 ("compare_lstm_30x_2k_obdland", "joint-paced-obdland-none")]}
-
-
-def joint_beside(folder: str) -> list[tuple[str, str]]:
-    """The (folder, joint variant) pairs whose runs `folder` borrows (JOINT_BESIDE: one pair or a list)."""
-    beside = JOINT_BESIDE.get(folder, [])
-    return [beside] if isinstance(beside, tuple) else list(beside)
+# other folders (same teachers, checked): folder -> [(that folder, its variant), ...]
+OBD, OBD_LAND = "joint-paced-obd-none", "joint-paced-obdland-none"
+JOINT_BESIDE = {
+    "compare_lenet300_60x_2k_obdrank_10seeds": [("compare_lenet300_60x_2k_paced_obd_20seeds", OBD)],
+    "compare_lenet300_60x_2k_obdland_10seeds": [("compare_lenet300_60x_2k_paced_obd_20seeds", OBD)],
+    "compare_lenet300_60x_2k_obdland_s10to19": [("compare_lenet300_60x_2k_paced_obd_20seeds", OBD)],
+    "compare_lenet300_60x_2k_obdland_20seeds": [("compare_lenet300_60x_2k_paced_obd_20seeds", OBD)],
+    "compare_lenet300_100x_2k_obdland_10seeds": [("compare_lenet300_100x_2k_paced_obd_20seeds", OBD)],
+    "compare_vit_30x_2k_obdland": [("compare_vit_30x_2k_obdrank", OBD)],
+    "compare_lstm_30x_2k_obdland": [("compare_lstm_30x_2k", OBD)],
+    "compare_vit_30x_obdland": [("compare_vit_30x_fp16norm", OBD)],
+    "compare_lenet5_200x_2k_rank_land": [("compare_lenet5_200x_2k_obd_seq", OBD)],
+    "compare_vit_30x_2k_obdtrack": [("compare_vit_30x_2k_obdrank", OBD), ("compare_vit_30x_2k_obdland", OBD_LAND)],
+    "compare_lenet5_200x_2k_obdtrack": [("compare_lenet5_200x_2k_obd_seq", OBD),
+                                        ("compare_lenet5_200x_2k_rank_land", OBD_LAND)],
+    "compare_lenet300_60x_2k_obdtrack_10seeds": [("compare_lenet300_60x_2k_paced_obd_20seeds", OBD),
+                                                 ("compare_lenet300_60x_2k_obdland_10seeds", OBD_LAND)],
+    "compare_lenet300_100x_2k_obdtrack_10seeds": [("compare_lenet300_100x_2k_paced_obd_20seeds", OBD),
+                                                  ("compare_lenet300_100x_2k_obdland_10seeds", OBD_LAND)],
+    "compare_lenet300_100x_obdtrack_10seeds": [("compare_lenet300_100x_obd_seq_10seeds", OBD)],
+    "compare_vit_30x_obdtrack": [("compare_vit_30x_fp16norm", OBD), ("compare_vit_30x_obdland", OBD_LAND)],
+    "compare_lstm_30x_2k_obdtrack": [("compare_lstm_30x_2k", OBD), ("compare_lstm_30x_2k_obdland", OBD_LAND)],
+}
 
 
 FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weighted size budget"),
