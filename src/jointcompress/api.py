@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from . import distributed as _dist
 from . import techniques as tech
-from .errors import DataError, RecipeError
+from .errors import DataError, RecipeError, UnsupportedModelError
 from .layer_types import COMPRESSIBLE
 from .session.outputs import call_model, describe, first_rows, split_batch
 from .training import History, Trainer
@@ -102,14 +102,18 @@ def check_targets(model: nn.Module, recipe: Recipe) -> None:
 
 def check_layers(model: nn.Module, cfg, i: int) -> None:
     """Layers a technique would select but cannot compress correctly: a weight tied to another
-    module (finalize would change both), transformers' Conv1D (GPT-2; not a Linear)."""
+    module (finalize would change both), transformers' Conv1D (GPT-2; not a Linear), a weight
+    another library parametrizes or that is not float32 (session.checks.weight_problem)."""
     from .graph import matches
-    from .session.checks import is_conv1d, tied_weights
+    from .session.checks import is_conv1d, tied_weights, weight_problem
     from .techniques.base import selected_layers
 
     where = f"techniques[{i}] ({cfg.type})"
     tied = tied_weights(model)
-    for name in selected_layers(model, cfg):
+    for name, layer in selected_layers(model, cfg).items():
+        problem = weight_problem(layer)
+        if problem is not None:
+            raise UnsupportedModelError(f"{where}: layer '{name}' cannot be compressed as it is: {problem}")
         if name in tied:
             raise RecipeError(
                 f"{where}: layer '{name}' shares its weight with '{tied[name]}' (tied embeddings); compressing it would "

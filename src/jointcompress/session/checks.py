@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import torch
 from torch import nn
 
 
@@ -31,3 +32,36 @@ def tied_weights(model: nn.Module) -> dict[str, str]:
         else:
             first.setdefault(id(w), name)
     return tied
+
+
+def weight_problem(module: nn.Module) -> str | None:
+    """Why a selected layer's weight cannot carry the techniques' parametrizations, or None.
+
+    Another library's parametrization on it (weight_norm, spectral_norm) would be baked in with
+    ours by finalize while the techniques read and store only their own input; the old hook-based
+    weight_norm recomputes the weight every forward, so it is no Parameter to parametrize; and the
+    step sizes, masks and estimates the techniques train are float32, which parametrize refuses to
+    put on a weight of another dtype. Each is fixed in one call before compressing."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module, "weight"):
+        foreign = [type(p).__name__ for p in module.parametrizations.weight
+                   if not type(p).__module__.startswith("jointcompress")]
+        if foreign:
+            return (f"its weight already has a parametrization ({', '.join(foreign)}), which the techniques would "
+                    "stack on and finalize would bake in; make it permanent first with "
+                    "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') (the layer computes the same), "
+                    "before any deep copy of the model (a teacher): a copy of a parametrized layer shares its class "
+                    "with the original, and removing the parametrization from one breaks the other")
+        return None
+    w = getattr(module, "weight", None)
+    if not isinstance(w, nn.Parameter):
+        if hasattr(module, "weight_g") and hasattr(module, "weight_v"):
+            return ("its weight is recomputed every forward by torch.nn.utils.weight_norm's hook; remove it first with "
+                    "torch.nn.utils.remove_weight_norm(layer) (the layer computes the same)")
+        return None
+    if w.dtype != torch.float32:
+        return (f"its weight is {w.dtype}, and the techniques train float32 weights (their step sizes, masks and "
+                "estimates are float32); call model.float() (and teacher.float()) before compressing: the artifact "
+                "stores the low-bit weights either way")
+    return None

@@ -1,0 +1,73 @@
+"""Layers whose weight another library parametrizes, or that are not float32, are refused before
+training with the layer named and the one-call fix; after that call the same model compresses."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import jointcompress
+from jointcompress.errors import UnsupportedModelError
+
+RECIPE = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5},
+                         {"type": "quant_lsq", "bits": 4, "start": 0.3},
+                         {"type": "distill_kd", "temperature": 2.0, "alpha": 0.5}]}
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x)))
+
+
+def weight_normed() -> Net:
+    net = Net()
+    net.a = nn.utils.parametrizations.weight_norm(net.a)
+    return net
+
+
+def hook_weight_normed() -> Net:
+    net = Net()
+    with pytest.warns(FutureWarning):  # torch.nn.utils.weight_norm is deprecated, and still in use
+        net.a = nn.utils.weight_norm(net.a)
+    return net
+
+
+@pytest.mark.parametrize("build, words", [
+    (weight_normed, r"layer 'a' .*parametrization \(_WeightNorm\).*remove_parametrizations\(layer, 'weight'\)"),
+    (hook_weight_normed, r"layer 'a' .*weight_norm's hook.*remove_weight_norm\(layer\)"),
+    (lambda: Net().to(torch.bfloat16), r"layer 'a' .*torch.bfloat16.*model.float\(\)"),
+    (lambda: Net().double(), r"layer 'a' .*torch.float64.*model.float\(\)"),
+], ids=["weight_norm", "hook_weight_norm", "bfloat16", "float64"])
+def test_a_layer_the_techniques_cannot_carry_is_refused_with_the_fix(build, words):
+    model = build()
+    with pytest.raises(UnsupportedModelError, match=words):
+        # no teacher: a model with the hook-based weight_norm cannot even be deep-copied
+        jointcompress.prepare(model, {"techniques": RECIPE["techniques"][:2]}, total_steps=4)
+    assert not any(hasattr(m, "parametrizations") and "weight" in m.parametrizations and len(m.parametrizations.weight) > 1
+                   for m in model.modules())  # nothing was attached before the refusal
+
+
+@pytest.mark.parametrize("fix", ["remove_parametrizations", "float"])
+def test_after_the_named_fix_the_model_compresses_and_finalizes_to_the_same_logits(fix):
+    torch.manual_seed(0)
+    if fix == "float":
+        model = Net().to(torch.bfloat16).float()
+    else:
+        model = weight_normed()
+        nn.utils.parametrize.remove_parametrizations(model.a, "weight")
+    teacher = copy.deepcopy(model)  # after the fix, as the message says
+    x = torch.randn(64, 16)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    result = jointcompress.compress(model, {**RECIPE, "training": {"epochs": 2, "batch_size": 16}}, (x, y),
+                                    lambda m: 0.0, teacher=teacher)
+    assert float((result.model.a.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+    result.model.eval()
+    with torch.no_grad():
+        masked = result.model(x)
+        jointcompress.finalize(result.model, result.example_inputs)
+        assert torch.equal(result.model(x), masked)
