@@ -58,3 +58,48 @@ def test_feature_distillation_with_projection(digits, digits_teacher):
     assert res.metrics["accuracy"] > 0.8
     for a, b in zip(teacher.parameters(), digits_teacher.parameters()):
         assert torch.equal(a, b)  # the teacher never changed
+
+
+def test_dense_predictions_are_distilled_over_their_class_axis_per_position():
+    """A segmentation map [batch, classes, H, W]: the KL at each pixel over the classes, averaged
+    over batch and pixels, i.e. the classifier's loss on the pixels as rows."""
+    torch.manual_seed(0)
+    s, t, T = torch.randn(2, 5, 3, 4), torch.randn(2, 5, 3, 4), 2.0
+    rows = lambda x: x.permute(0, 2, 3, 1).reshape(-1, 5)  # noqa: E731
+    assert math.isclose(float(kd_loss(s, t, T)), float(kd_loss(rows(s), rows(t), T)), rel_tol=1e-5)
+    assert abs(float(kd_loss(t.clone(), t, T))) < 1e-6
+    # doubling the map (the same pixels twice) leaves the loss as it is
+    assert math.isclose(float(kd_loss(torch.cat([s, s], 3), torch.cat([t, t], 3), T)), float(kd_loss(s, t, T)), rel_tol=1e-5)
+
+
+def test_a_segmentation_model_compresses_with_the_default_loss_and_distillation():
+    import copy
+
+    import torch.nn as nn
+
+    from jointcompress import finalize
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 8, 8)
+    y = (x[:, 0] > 0).long() + (x[:, 0] > 1).long()  # 3 classes per pixel
+    teacher = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 3, 1))
+    opt = torch.optim.Adam(teacher.parameters(), 1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        F.cross_entropy(teacher(x), y).backward()
+        opt.step()
+    model = copy.deepcopy(teacher)
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5},
+                             {"type": "distill_kd", "temperature": 2.0, "alpha": 0.5}],
+              "training": {"epochs": 3, "batch_size": 16, "lr": 3e-3}}
+    pixel_accuracy = lambda m: float((m(x).argmax(1) == y).float().mean())  # noqa: E731
+    result = compress(model, recipe, (x, y), pixel_accuracy, teacher=teacher)
+    losses = result.history.epochs[-1]["losses"]
+    assert set(losses) == {"task", "distill"} and all(math.isfinite(v) for v in losses.values()), losses
+    assert result.metrics["accuracy"] > 0.8, result.metrics
+    assert float((model[0].weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+    model.eval()
+    with torch.no_grad():
+        masked = model(x)
+        finalize(model, result.example_inputs)
+        assert torch.equal(model(x), masked)

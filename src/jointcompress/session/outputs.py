@@ -93,8 +93,9 @@ def model_loss(outputs) -> torch.Tensor | None:
 
 def default_task_loss(outputs, batch: Batch) -> torch.Tensor:
     """The model's own loss if it computed one, else cross-entropy of the logits against the
-    labels: [batch, classes] with [batch], or [batch, tokens, vocab] with [batch, tokens]
-    (label -100 ignored, no shift: a causal LM that shifts computes its own loss)."""
+    labels: [batch, classes] with [batch], [batch, tokens, vocab] with [batch, tokens]
+    (label -100 ignored, no shift: a causal LM that shifts computes its own loss), or dense
+    predictions [batch, classes, H, W(, D)] with [batch, H, W(, D)] (a segmentation map)."""
     own = model_loss(outputs)
     if own is not None:
         return own
@@ -106,9 +107,12 @@ def default_task_loss(outputs, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(logits, y)
     if logits.dim() == 3 and y.dim() == 2 and tuple(y.shape) == tuple(logits.shape[:2]):
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+    if logits.dim() > 3 and tuple(y.shape) == (logits.shape[0], *logits.shape[2:]):
+        return F.cross_entropy(logits, y, ignore_index=-100)
     raise DataError(
         f"the model's logits have shape {tuple(logits.shape)} and the labels {tuple(y.shape)}; the default task loss is "
-        "cross-entropy on [batch, classes] logits with [batch] labels or [batch, tokens, vocab] with [batch, tokens]. "
+        "cross-entropy on [batch, classes] logits with [batch] labels, [batch, tokens, vocab] with [batch, tokens], or "
+        "[batch, classes, H, W] with [batch, H, W]. "
         "Pass loss_fn=lambda outputs, batch: ... for any other loss"
     )
 

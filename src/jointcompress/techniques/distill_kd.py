@@ -23,16 +23,34 @@ from .base import RunContext, Technique
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
             token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over the batch; for token-level
-    logits [batch, tokens, vocab], averaged over the real tokens (`token_mask`)."""
+    logits [batch, tokens, vocab], averaged over the real tokens (`token_mask`); for dense
+    predictions [batch, classes, H, W(, D)], over the positions (`dense_kd_loss`)."""
     t = temperature
     if student_logits.dim() == 3:
         return token_kd_loss(student_logits, teacher_logits, t, token_mask)
+    if student_logits.dim() > 3:
+        return dense_kd_loss(student_logits, teacher_logits, t)
     return F.kl_div(
         F.log_softmax(student_logits / t, dim=-1),
         F.log_softmax(teacher_logits.detach() / t, dim=-1),
         reduction="batchmean",
         log_target=True,
     ) * (t * t)
+
+
+def dense_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Dense predictions [batch, classes, *positions] (a segmentation map: the class axis second, as
+    F.cross_entropy takes it): T^2 * KL over the classes at each position, averaged over the batch
+    and the positions. Why not the classifier's formula: its softmax over the last axis would
+    compare the pixels of a row with each other, and `batchmean` would grow with the map's size."""
+    t = temperature
+    per_position = F.kl_div(
+        F.log_softmax(student_logits / t, dim=1),
+        F.log_softmax(teacher_logits.detach() / t, dim=1),
+        reduction="none",
+        log_target=True,
+    ).sum(1)
+    return per_position.mean() * (t * t)
 
 
 # -- token-level logits (causal / masked LMs): session edit, kept apart from the rest -------------
