@@ -159,10 +159,17 @@ def resolve(mode: Any = "auto") -> DistContext | None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel (or DataParallel) wrapper."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+    """The module inside a DistributedDataParallel (or DataParallel) wrapper, or inside torch.compile's
+    (the techniques change the model's parametrizations as the run goes, and each change would make
+    TorchDynamo trace the model again until it gave up; the user's compiled wrapper still holds
+    the same, now compressed, module)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 def shard_loader(loader: torch.utils.data.DataLoader, ctx: DistContext, seed: int, batch_size: int | None = None):

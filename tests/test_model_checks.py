@@ -1,5 +1,6 @@
-"""Layers whose weight another library parametrizes, or that are not float32, are refused before
-training with the layer named and the one-call fix; after that call the same model compresses."""
+"""Models as users hand them over: layers whose weight another library parametrizes, or that are not
+float32, are refused before training with the layer named and the one-call fix (after which the
+same model compresses); a model inside torch.compile's wrapper is compressed itself."""
 import copy
 
 import pytest
@@ -71,3 +72,14 @@ def test_after_the_named_fix_the_model_compresses_and_finalizes_to_the_same_logi
         masked = result.model(x)
         jointcompress.finalize(result.model, result.example_inputs)
         assert torch.equal(result.model(x), masked)
+
+
+def test_a_compiled_model_is_compressed_itself_not_traced_through_its_wrapper():
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(64, 16)
+    y = (x[:, 0] > 0).long()
+    result = jointcompress.compress(torch.compile(net), {"techniques": RECIPE["techniques"][:2],
+                                                         "training": {"epochs": 2, "batch_size": 16}}, (x, y), lambda m: 0.0)
+    assert result.model is net  # the module inside the wrapper, compressed in place
+    assert float((net.a.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
