@@ -292,3 +292,25 @@ def test_the_finished_model_is_judged_against_its_speedup_goal(lenet):
     assert r["met"] == (ms["compressed"] <= r["goal_ms"]) and set(r["alone_ms"]) == {"uncompressed", "compressed"}
     r = latency_against_target(model, small, x, Target(latency_ms=123.0), rounds=3)
     assert r["goal_ms"] == 123.0
+
+
+def test_a_table_that_reads_high_does_not_refuse_a_target_the_narrowest_model_meets(lenet):
+    """Layers timed alone can sum to more than the whole model measures. A target under the table's
+    narrowest prediction is refused only when the narrowest model, measured, misses it too; when it
+    meets it, the allocation goes on in the table's units and is met on the runtime."""
+    from jointcompress.latency_targets import floors
+
+    model, x = lenet
+    true, sites, channels = mac_table(model, x)
+    high = LatencyTable({n: {**t, "ms": [[3 * v for v in row] for row in t["ms"]]} for n, t in true.layers.items()},
+                        3 * true.constant_ms)
+    runtime = lambda m: true.predict(sites, dict(zip(channels, _widths(m, x))), channels)  # noqa: E731
+    narrowest = true.predict(sites, floors(channels), channels)
+    assert high.predict(sites, floors(channels), channels) > 2 * narrowest
+    alloc = allocate_latency(model, x, Target(latency_ms=1.5 * narrowest), table=high, measure=runtime)
+    assert alloc.met and alloc.measured_ms <= 1.5 * narrowest and alloc.widths != floors(channels)
+    assert alloc.rounds[0]["widths"] == floors(channels)  # the floor was measured first
+    with pytest.raises(TargetError, match=r"narrowest model allowed .* is measured at"):
+        allocate_latency(model, x, Target(latency_ms=0.9 * narrowest), table=high, measure=runtime)
+    with pytest.raises(TargetError, match=r"is predicted at"):  # no runtime to ask: the table's word
+        allocate_latency(model, x, Target(latency_ms=1.5 * narrowest), table=high, measure=False)

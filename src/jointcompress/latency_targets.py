@@ -393,7 +393,9 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
     for _ in range(max_rounds):
         widths, predicted = greedy_widths(table, sites, channels, importance, goal, min_keep, min_width)
         if predicted > goal and not calibrate and last is None:
-            raise unreachable(target, table, sites, channels, min_keep, min_width)
+            goal = goal_at_the_floor(model, example_inputs, target, table, sites, channels, measure, min_keep, min_width,
+                                     log)
+            widths, predicted = greedy_widths(table, sites, channels, importance, goal, min_keep, min_width)
         # (calibrating, the table's units are not the runtime's: the narrowest model is timed instead)
         least = None
         if predicted > goal:  # out of reach: keep what the last cuts would throw away for < tolerance
@@ -509,12 +511,34 @@ def narrow(model: nn.Module, example_inputs, alloc: LatencyAllocation, measure, 
                              alloc.importance, alloc.least)
 
 
+def goal_at_the_floor(model: nn.Module, example_inputs, target, table: LatencyTable, sites, channels: dict[str, int],
+                      measure, min_keep: float, min_width: int, log: list) -> float:
+    """The goal in the table's units when the table puts even the narrowest model over the target:
+    that model measured, and the target refused only if it measures over the target too.
+
+    Why: the table sums each layer timed alone, interleaved with its other widths; for small
+    layers those times read high (their caches go cold between calls), so on a model of many
+    small layers the sum can exceed what the whole model measures (transformers' ResNet at
+    batch 8: the narrowest model predicted over the uncompressed one's time). The runtime judges,
+    as it does for every allocation after this one."""
+    smallest = floors(channels, min_keep, min_width)
+    predicted = table.predict(sites, smallest, channels)
+    if measure is False:
+        raise unreachable(target, table, sites, channels, min_keep, min_width)
+    measured = float(measure(shrunk_to(model, example_inputs, smallest)))
+    log.append({"goal_ms": None, "predicted_ms": predicted, "measured_ms": measured, "widths": dict(smallest)})
+    if measured > target.latency_ms:
+        raise unreachable(target, table, sites, channels, min_keep, min_width, measured)
+    return float(target.latency_ms) * predicted / measured
+
+
 def unreachable(target, table: LatencyTable, sites, channels: dict[str, int], min_keep: float,
-                min_width: int = MIN_WIDTH):
-    """The TargetError for a target below the narrowest model the bounds allow."""
+                min_width: int = MIN_WIDTH, measured_ms: float | None = None):
+    """The TargetError for a target below the narrowest model the bounds allow (`measured_ms`:
+    that model's measured time, when it was timed)."""
     from .targets import TargetError
 
-    smallest = {g: allowed_widths(c, min_keep, min_width)[0] for g, c in channels.items()}
+    smallest = floors(channels, min_keep, min_width)
     asked, fix = f"target.latency_ms: {target.latency_ms} ms", "Raise target.latency_ms"
     if getattr(target, "speedup", None) is not None:  # milliseconds derived from the uncompressed model's
         asked = (f"target.speedup: {target.speedup:g}x ({target.latency_ms:.3f} ms: the uncompressed model timed now, "
@@ -523,8 +547,9 @@ def unreachable(target, table: LatencyTable, sites, channels: dict[str, int], mi
     return TargetError(
         f"{asked} at batch {target.batch} cannot be met by removing channels; "
         f"the narrowest model allowed (every group at {100 * min_keep:.0f}% of its channels, at least {min_width}) is "
-        f"predicted at {table.predict(sites, smallest, channels):.3f} ms ({table.runtime} {table.precision}, "
-        f"{table.threads} thread(s)). {fix} or lower target.batch"
+        + (f"predicted at {table.predict(sites, smallest, channels):.3f} ms" if measured_ms is None
+           else f"measured at {measured_ms:.3f} ms")
+        + f" ({table.runtime} {table.precision}, {table.threads} thread(s)). {fix} or lower target.batch"
     )
 
 
