@@ -16,15 +16,6 @@ from arch_models import ARCHS, CAUSAL, JOINT_KINDS, STAGES, build, data, run_cel
 KINDS = ("prune_unstructured", "prune_structured", "joint", "joint_paced")
 SLOW = {("mobilenetv2", "prune_structured"), ("mobilenetv2", "prune_unstructured"), ("mobilenetv2", "joint"),
         ("mobilenetv2", "joint_paced"), ("vit", "prune_structured")}
-# cells that benchmarks/arch_matrix.py runs (results/arch_matrix.md) but the suite does not, to keep it
-# under 10 minutes: each repeats what another cell tests on the same code path (MobileNetV2's joint
-# cells by ConvNeXt's, whose depthwise convolutions take the same path, and by its own pruning cells;
-# the joint cell of the BERT-family encoders by BERT's, and their paced cells; the LSTM's joint,
-# unstructured and structured cells by its paced cell and tests/test_recurrent.py, which runs those
-# paths through save and load)
-MATRIX_ONLY = {("mobilenetv2", "joint"), ("mobilenetv2", "joint_paced"), ("roberta", "joint"), ("electra", "joint"),
-               ("deberta-v2", "joint"), ("distilbert", "joint"),
-               ("torch-lstm", "joint"), ("torch-lstm", "prune_unstructured"), ("torch-lstm", "prune_structured")}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,8 +30,6 @@ def one_thread():
 def _cases():
     for arch in ARCHS + CAUSAL:
         for kind in KINDS if arch in ARCHS else JOINT_KINDS:  # GPT-2 compressed and generating: tests/test_causal_lm.py
-            if (arch, kind) in MATRIX_ONLY:
-                continue
             marks = [pytest.mark.slow] if (arch, kind) in SLOW else []
             yield pytest.param(arch, kind, marks=marks, id=f"{arch}-{kind}")
 
