@@ -108,19 +108,21 @@ def _run(compile_mode, steps=60):
 
 def test_a_compiled_run_follows_the_eager_trajectory():
     # the same trajectory to 1e-6 needs the same summation order as a fresh compile under one known
-    # thread count: neither a kernel that inductor's graph cache kept from an earlier test (compiled
-    # under another count) nor the thread count an earlier test left behind. (The config's own
-    # patch: monkeypatch's undo deleted the setting, and every later compile in the process failed.)
-    import torch._inductor.config as inductor_config
+    # thread count, and a process no other test has run in: twice in many full-suite runs (once on a
+    # branch that called the kernels without TorchDynamo, once on this code under pytest-xdist), each
+    # time after other tests in the same process, the runs split beyond rounding; never alone, nor in
+    # 20 runs of this comparison in one process with other allocations between them. The cause is not
+    # found, so it runs in a fresh interpreter, as it does alone.
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with inductor_config.patch(fx_graph_cache=False):
-            _compare_trajectories()
-    finally:
-        torch.set_num_threads(threads)
-        zero_level_compiled.forget_kernels()  # later tests compile again under their own thread count
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); torch.set_num_threads(1); "
+            "import torch._inductor.config as c; import test_zero_level_compiled as t; "
+            "c.fx_graph_cache = False; t._compare_trajectories()")
+    here = str(Path(__file__).resolve().parent)
+    done = subprocess.run([sys.executable, "-c", code, here], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
 
 def _compare_trajectories():
