@@ -43,14 +43,18 @@ def dense_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     F.cross_entropy takes it): T^2 * KL over the classes at each position, averaged over the batch
     and the positions. Why not the classifier's formula: its softmax over the last axis would
     compare the pixels of a row with each other, and `batchmean` would grow with the map's size."""
-    t = temperature
-    per_position = F.kl_div(
-        F.log_softmax(student_logits / t, dim=1),
-        F.log_softmax(teacher_logits.detach() / t, dim=1),
+    return kl_per_position(student_logits, teacher_logits, temperature, 1).mean() * (temperature * temperature)
+
+
+def kl_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                    dim: int) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) over the class axis `dim`, one value per remaining position."""
+    return F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=dim),
+        F.log_softmax(teacher_logits.detach() / temperature, dim=dim),
         reduction="none",
         log_target=True,
-    ).sum(1)
-    return per_position.mean() * (t * t)
+    ).sum(dim)
 
 
 # -- token-level logits (causal / masked LMs): session edit, kept apart from the rest -------------
@@ -59,12 +63,7 @@ def token_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     """T^2 * KL per token, summed over the vocabulary and averaged over the tokens whose
     mask is 1 (padding carries no signal), so the scale does not grow with the length."""
     t = temperature
-    per_token = F.kl_div(
-        F.log_softmax(student_logits / t, dim=-1),
-        F.log_softmax(teacher_logits.detach() / t, dim=-1),
-        reduction="none",
-        log_target=True,
-    ).sum(-1)
+    per_token = kl_per_position(student_logits, teacher_logits, t, -1)
     if token_mask is None or tuple(token_mask.shape) != tuple(per_token.shape):
         return per_token.mean() * (t * t)
     keep = token_mask.to(per_token.dtype)
