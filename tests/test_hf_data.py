@@ -105,3 +105,17 @@ def test_predict_logits_keeps_row_order(tmp_path):
     with torch.no_grad():
         ref = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_half_precision_checkpoint_loads_as_float32(tmp_path):
+    """transformers loads a checkpoint in the dtype it was saved in; the techniques train float32
+    weights and refuse others, which a CLI user could not fix: the loader asks for float32."""
+    from hf_helpers import tiny_bert
+
+    from jointcompress.hf.load import load_classifier
+
+    model = tiny_bert(layers=1).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    loaded = load_classifier(str(tmp_path))
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert torch.equal(loaded.classifier.weight, model.classifier.weight.float())

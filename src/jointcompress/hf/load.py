@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from jointcompress.errors import ArtifactError
 
 MINILM_NAME = "minilm-l6"
@@ -59,6 +61,9 @@ def load_classifier(name_or_path: str, num_labels: int = 2, id2label: dict[int, 
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             resolve(name_or_path),
+            # transformers loads a checkpoint in the dtype it was saved in (bf16 / fp16 on many hubs);
+            # the techniques train float32 weights, and a CLI user has no model.float() to call
+            dtype=torch.float32,
             num_labels=num_labels,
             id2label=id2label,
             label2id={v: k for k, v in id2label.items()},
