@@ -103,3 +103,29 @@ def test_a_segmentation_model_compresses_with_the_default_loss_and_distillation(
         masked = model(x)
         finalize(model, result.example_inputs)
         assert torch.equal(model(x), masked)
+
+
+def test_a_single_output_is_refused_and_the_named_fix_distils_it():
+    """One output per example (a regressor): the softmax KL is 0 at every step, so distillation would
+    silently do nothing. It is refused with the fix named, and the fix (an MSE feature pair on the
+    last layer, alpha 0) really pulls the student's outputs toward the teacher's."""
+    import copy
+
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    y = x[:, :1] * 2.0
+    teacher = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    mse = lambda out, batch: F.mse_loss(out, batch[1])  # noqa: E731
+    base = {"techniques": [{"type": "distill_kd", "alpha": 0.5}], "training": {"epochs": 1, "batch_size": 16}}
+    with pytest.raises(RecipeError, match=r"one class.*distill_kd.features.*loss: mse.*alpha: 0"):
+        compress(copy.deepcopy(teacher), base, (x, y), lambda m: 0.0, teacher=teacher, loss_fn=mse)
+    student = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    before = float(F.mse_loss(student(x), teacher(x)))
+    fixed = {"techniques": [{"type": "distill_kd", "alpha": 0.0, "features": [{"student": "2", "teacher": "2"}]}],
+             "training": {"epochs": 20, "batch_size": 16, "lr": 1e-2}}
+    result = compress(student, fixed, (x, y), lambda m: 0.0, teacher=teacher, loss_fn=lambda out, batch: out.sum() * 0)
+    with torch.no_grad():
+        assert float(F.mse_loss(student(x), teacher(x))) < 0.2 * before
+    assert result.history.epochs[-1]["losses"]["distill"] > 0

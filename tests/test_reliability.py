@@ -129,6 +129,36 @@ def test_bad_data_is_a_clear_error(digits):
         compress(_model(), {}, (digits.x_train, digits.y_train[:-1]), ev)
 
 
+def test_float_targets_train_a_regressor_with_its_loss_and_are_named_without_one():
+    """(x, y) with float y (regression): kept as floats, not truncated to class indices; the default
+    cross-entropy refuses them with loss_fn named; NaN targets are refused like NaN inputs."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    x = torch.randn(128, 8)
+    y = x[:, :1] * 0.7 + 0.25  # not integers: y.long() would make most of them 0
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5}],
+              "training": {"epochs": 30, "batch_size": 32, "lr": 1e-2}}
+    seen = []
+
+    def mse(out, batch):
+        seen.append(batch[1])
+        return F.mse_loss(out, batch[1])
+
+    result = compress(model, recipe, (x, y), lambda m: 0.0, loss_fn=mse)
+    assert all(t.dtype == torch.float32 for t in seen) and any(not torch.equal(t, t.round()) for t in seen)
+    with torch.no_grad():
+        assert float(F.mse_loss(model(x), y)) < 0.1 * float(y.var())
+    assert result.techniques[0].achieved_sparsity() == pytest.approx(0.5, abs=0.02)
+    with pytest.raises(DataError, match=r"labels are floats of shape \(32, 1\).*loss_fn=lambda outputs, batch: F.mse_loss"):
+        compress(nn.Sequential(nn.Linear(8, 1)), recipe, (x, y), lambda m: 0.0)
+    bad = y.clone()
+    bad[5] = float("nan")
+    with pytest.raises(DataError, match="1 labels contain NaN or Inf"):
+        compress(nn.Sequential(nn.Linear(8, 1)), recipe, (x, bad), lambda m: 0.0, loss_fn=mse)
+
+
 def _two_artifacts(digits, teacher, tmp_path):
     from jointcompress.artifact import save
 

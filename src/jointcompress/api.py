@@ -145,7 +145,7 @@ def check_data(model: nn.Module, example, train_data) -> None:
         model.train(was)
     if isinstance(train_data, (tuple, list)) and len(train_data) == 2 and isinstance(out, torch.Tensor) and out.dim() == 2:
         y = train_data[1]
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= out.shape[1]):
+        if y.numel() and not torch.is_floating_point(y) and (int(y.min()) < 0 or int(y.max()) >= out.shape[1]):
             raise DataError(
                 f"train_data: labels range over [{int(y.min())}, {int(y.max())}] but the model has {out.shape[1]} outputs; "
                 f"labels must be class indices in [0, {out.shape[1] - 1}]"

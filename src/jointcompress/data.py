@@ -84,7 +84,8 @@ def load_dataset(spec: str | None) -> Split:
 
 def check_tensors(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
     """Fail early, with the field named, on data that would silently corrupt training.
-    Inputs may be floats (features, pixels: checked for NaN/Inf) or integers (token ids)."""
+    Inputs may be floats (features, pixels: checked for NaN/Inf) or integers (token ids); labels
+    integer class indices, or floats (regression targets, soft labels: checked for NaN/Inf)."""
     if x.shape[0] != y.shape[0]:
         raise DataError(f"{what}: {x.shape[0]} inputs but {y.shape[0]} labels; they must match")
     if x.dtype == torch.bool or x.is_complex():
@@ -92,15 +93,19 @@ def check_tensors(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
     if torch.is_floating_point(x) and not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
         raise DataError(f"{what}: {bad} input samples contain NaN or Inf; clean or drop them")
-    if y.dtype not in (torch.int64, torch.int32, torch.uint8):
-        raise DataError(f"{what}: labels have dtype {y.dtype}; expected integer class indices")
+    if torch.is_floating_point(y):
+        if not torch.isfinite(y).all():
+            raise DataError(f"{what}: {int((~torch.isfinite(y)).flatten(1).any(1).sum())} labels contain NaN or Inf; "
+                            "clean or drop them")
+    elif y.dtype not in (torch.int64, torch.int32, torch.uint8):
+        raise DataError(f"{what}: labels have dtype {y.dtype}; give integer class indices or float targets")
 
 
 def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
     """A DataLoader over (x, y, index); the index lets teacher logits be cached per sample."""
     check_tensors(x, y, "data")
     g = torch.Generator().manual_seed(seed)
-    ds = TensorDataset(x, y.long(), torch.arange(len(x)))
+    ds = TensorDataset(x, y if torch.is_floating_point(y) else y.long(), torch.arange(len(x)))
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g)
 
 

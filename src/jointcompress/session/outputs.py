@@ -94,8 +94,9 @@ def model_loss(outputs) -> torch.Tensor | None:
 def default_task_loss(outputs, batch: Batch) -> torch.Tensor:
     """The model's own loss if it computed one, else cross-entropy of the logits against the
     labels: [batch, classes] with [batch], [batch, tokens, vocab] with [batch, tokens]
-    (label -100 ignored, no shift: a causal LM that shifts computes its own loss), or dense
-    predictions [batch, classes, H, W(, D)] with [batch, H, W(, D)] (a segmentation map)."""
+    (label -100 ignored, no shift: a causal LM that shifts computes its own loss), dense
+    predictions [batch, classes, H, W(, D)] with [batch, H, W(, D)] (a segmentation map), or
+    float soft labels [batch, classes]; other float labels (regression) need a loss_fn."""
     own = model_loss(outputs)
     if own is not None:
         return own
@@ -103,6 +104,13 @@ def default_task_loss(outputs, batch: Batch) -> torch.Tensor:
     if y is None:
         raise DataError("the batch has no labels and the model returned no loss; pass loss_fn=lambda outputs, batch: ... "
                         "(or give session.loss a task_loss)")
+    if torch.is_floating_point(y):
+        if logits.dim() == 2 and logits.shape[1] > 1 and tuple(y.shape) == tuple(logits.shape):  # soft labels
+            return F.cross_entropy(logits, y)
+        raise DataError(f"the labels are floats of shape {tuple(y.shape)} (regression targets?) and the model's outputs "
+                        f"{tuple(logits.shape)}; the default task loss is cross-entropy on class indices, or on soft "
+                        "labels [batch, classes]. Pass loss_fn=lambda outputs, batch: F.mse_loss(outputs, batch[1]), "
+                        "or the loss your task needs")
     if logits.dim() == 2 and y.dim() == 1 and len(y) == len(logits):
         return F.cross_entropy(logits, y)
     if logits.dim() == 3 and y.dim() == 2 and tuple(y.shape) == tuple(logits.shape[:2]):

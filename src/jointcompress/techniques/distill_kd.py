@@ -38,6 +38,18 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     ) * (t * t)
 
 
+def check_classes(logits: torch.Tensor) -> None:
+    """Refuse logits with one class: the softmax over one class is 1, so the KL would be 0 at every
+    step and distillation would silently do nothing (a regressor's single output, for example)."""
+    axis = 1 if logits.dim() > 3 else -1
+    if logits.dim() >= 2 and logits.shape[axis] == 1:
+        raise RecipeError(
+            f"distill_kd: the model's output has shape {tuple(logits.shape)}, one class, where the softmax is 1 and "
+            "the KL is 0 whatever the student does. For a regressor, match the outputs with distill_kd.features "
+            "(student and teacher: the last layer's name, loss: mse) and alpha: 0, or remove distill_kd"
+        )
+
+
 def dense_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Dense predictions [batch, classes, *positions] (a segmentation map: the class axis second, as
     F.cross_entropy takes it): T^2 * KL over the classes at each position, averaged over the batch
@@ -209,6 +221,8 @@ class DistillKD(Technique):
     def loss_terms(self, ctx: RunContext) -> dict[str, torch.Tensor]:
         t_logits = self.teacher_logits(ctx)
         positions = self._positions(ctx)
+        if self.config.alpha > 0:
+            check_classes(ctx.outputs)
         loss = self.config.alpha * kd_loss(ctx.outputs, t_logits, self.config.temperature, positions)
         for pair, s, t, proj, axis in zip(self.config.features, self.student_caps, self.teacher_caps, self.projections,
                                           self.feature_axes):
