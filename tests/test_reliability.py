@@ -157,6 +157,8 @@ def test_float_targets_train_a_regressor_with_its_loss_and_are_named_without_one
     bad[5] = float("nan")
     with pytest.raises(DataError, match="1 labels contain NaN or Inf"):
         compress(nn.Sequential(nn.Linear(8, 1)), recipe, (x, bad), lambda m: 0.0, loss_fn=mse)
+    with pytest.raises(DataError, match="1 labels contain NaN or Inf"):  # one target per sample, 1-D
+        compress(nn.Sequential(nn.Linear(8, 1)), recipe, (x, bad[:, 0]), lambda m: 0.0, loss_fn=mse)
 
 
 def _two_artifacts(digits, teacher, tmp_path):

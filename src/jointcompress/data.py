@@ -91,14 +91,17 @@ def check_tensors(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
     if x.dtype == torch.bool or x.is_complex():
         raise DataError(f"{what}: inputs have dtype {x.dtype}; give float features or integer token ids")
     if torch.is_floating_point(x) and not torch.isfinite(x).all():
-        bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
-        raise DataError(f"{what}: {bad} input samples contain NaN or Inf; clean or drop them")
+        raise DataError(f"{what}: {_non_finite_samples(x)} input samples contain NaN or Inf; clean or drop them")
     if torch.is_floating_point(y):
         if not torch.isfinite(y).all():
-            raise DataError(f"{what}: {int((~torch.isfinite(y)).flatten(1).any(1).sum())} labels contain NaN or Inf; "
-                            "clean or drop them")
+            raise DataError(f"{what}: {_non_finite_samples(y)} labels contain NaN or Inf; clean or drop them")
     elif y.dtype not in (torch.int64, torch.int32, torch.uint8):
         raise DataError(f"{what}: labels have dtype {y.dtype}; give integer class indices or float targets")
+
+
+def _non_finite_samples(t: torch.Tensor) -> int:
+    """How many samples (rows of the first axis; a 1-D tensor holds one value per sample) hold a NaN or Inf."""
+    return int((~torch.isfinite(t)).reshape(len(t), -1).any(1).sum())
 
 
 def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
