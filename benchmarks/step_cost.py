@@ -22,6 +22,8 @@ decision window.
 through an autograd graph, as before its closed form (techniques/saliency.py).
 `*_before_fused`: the step with the multi-tensor Adam, the size term recorded through autograd and
 the Fisher fold with a temporary, as before the fused Adam, SizeTerm and the one-pass fold.
+`*_torch_compile`: the step with the quantizer's compiled kernels called through torch.compile
+(TorchDynamo's guards and wrappers on every call), as before techniques/traced_kernel.py.
 
 Each sample times `--steps` consecutive steps; the reported numbers are per step: medians (the
 typical step) and means (which include the size budget's calibration when one falls in a
@@ -153,21 +155,15 @@ def with_autograd_saliency(stepper):
     budget = next(t for t in stepper.trainer.techniques if t.kind == "size_budget")
     sal = budget.saliency
 
-    def add_gradient(layers):
-        for m, q in layers.values():
-            if bool(q.pattern_fixed) or not q.dead_zone_raw.requires_grad:
-                continue
-            w = m.parametrizations.weight.original.detach()
-            cost = sal.cost(q, w)
-            if cost is None:
-                continue
-            with torch.enable_grad():
-                v = (w / q.effective_step().detach()).abs()
-                pruned = 1 - torch.sigmoid((v - q.dead_zone()) / GATE_TEMPERATURE)
-                grad, = torch.autograd.grad((cost * pruned).sum(), q.dead_zone_raw)
-            q.dead_zone_raw.grad = grad if q.dead_zone_raw.grad is None else q.dead_zone_raw.grad + grad
+    def dead_zone_grad(q, w, fisher):
+        cost = sal.cost(q, w)
+        with torch.enable_grad():
+            v = (w.detach() / q.effective_step().detach()).abs()
+            pruned = 1 - torch.sigmoid((v - q.dead_zone()) / GATE_TEMPERATURE)
+            grad, = torch.autograd.grad((cost * pruned).sum(), q.dead_zone_raw)
+        return grad
 
-    sal.add_gradient = add_gradient
+    sal._dead_zone_grad = dead_zone_grad  # add_gradient's per-layer gradient (rank mode's projection stays)
     return stepper
 
 
@@ -213,6 +209,29 @@ def as_before_fused(stepper):
     return stepper
 
 
+def through_torch_compile(stepper):
+    """`stepper` with the quantizer's compiled kernels called through torch.compile, as before
+    techniques/traced_kernel.py: the same Inductor kernels behind TorchDynamo's per-call guards and
+    wrappers (the direct call is refused first, at the cost of one raised exception per kernel
+    call): the reference the direct call's saving is read against."""
+    from jointcompress.techniques import zero_level_compiled
+    from jointcompress.techniques.traced_kernel import KernelUnavailable
+
+    def refused():
+        raise KernelUnavailable("timing the torch.compile path")
+
+    def step():
+        direct = zero_level_compiled._direct_kernels
+        zero_level_compiled._direct_kernels = refused
+        try:
+            stepper()
+        finally:
+            zero_level_compiled._direct_kernels = direct
+
+    step.trainer = stepper.trainer
+    return step
+
+
 def steppers(teacher, split, ratio: float = 100.0) -> dict:
     fns = {"plain": plain_stepper(teacher, split), "plain_foreach": plain_stepper(teacher, split, foreach=True),
            "none_no_regularizers": joint_stepper(teacher, split, "none", False)}
@@ -238,6 +257,11 @@ def steppers(teacher, split, ratio: float = 100.0) -> dict:
         joint_stepper(teacher, split, "none", recipe=budget_recipe("none", 1, goal, variant="joint-paced-none")))
     fns["budget_pcgrad_every10_before_fused"] = as_before_fused(
         joint_stepper(teacher, split, "pcgrad", recipe=budget_recipe("pcgrad", 10, goal)))
+    # the same steps with the compiled kernels called through torch.compile, as before the direct call
+    fns["budget_pcgrad_every10_torch_compile"] = through_torch_compile(
+        joint_stepper(teacher, split, "pcgrad", recipe=budget_recipe("pcgrad", 10, goal)))
+    fns["paced_none_torch_compile"] = through_torch_compile(
+        joint_stepper(teacher, split, "none", recipe=budget_recipe("none", 1, goal, variant="joint-paced-none")))
     return fns
 
 
@@ -312,6 +336,9 @@ def main():
         # the fused Adam, the size term's single node and the one-pass Fisher fold against the code before them
         "paced_none_over_before_fused": med["paced_none"] / med["paced_none_before_fused"],
         "budget_pcgrad_every10_over_before_fused": med["budget_pcgrad_every10"] / med["budget_pcgrad_every10_before_fused"],
+        # the kernels called directly against the same kernels through torch.compile
+        "budget_pcgrad_every10_over_torch_compile": med["budget_pcgrad_every10"] / med["budget_pcgrad_every10_torch_compile"],
+        "paced_none_over_torch_compile": med["paced_none"] / med["paced_none_torch_compile"],
         "size_budget_calibration": calibration,
     }
     print(json.dumps(result, indent=1))

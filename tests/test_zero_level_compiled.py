@@ -129,7 +129,8 @@ def _compare_trajectories():
     eager_model, eager_q = _run(False)
     fast_model, fast_q = _run(True)
     assert all(q.compiled for q in fast_q) and not any(q.compiled for q in eager_q)
-    assert not zero_level_compiled._STATE["broken"]  # the kernels compiled and ran
+    # every kernel call went direct (traced_kernel.py): torch.compile's kernels were never built
+    assert zero_level_compiled._STATE["kernels"] is None and not zero_level_compiled._STATE["broken"]
     assert all(bool(q.pattern_fixed) for q in fast_q)  # the run crossed the freeze
     for (name, a), (_, b) in zip(eager_model.state_dict().items(), fast_model.state_dict().items()):
         # float rounding: the compiled backward sums per channel in another order (~1e-7 relative a step)
@@ -156,7 +157,7 @@ def test_the_compiled_saliency_gradient_matches_the_eager_one():
     torch.testing.assert_close(fast.dead_zone_raw.grad, eager.dead_zone_raw.grad, rtol=2e-5, atol=1e-5)
     # the compiled kernel really ran (an earlier test's config patch once broke every compile after
     # it, and this test then compared the eager gradient with itself)
-    assert not zero_level_compiled._STATE["broken"] and zero_level_compiled._STATE["kernels"] is not None
+    assert not zero_level_compiled._STATE["broken"] and zero_level_compiled._direct_kernels()[3]._variants
 
 
 def test_auto_compiles_only_long_runs():
@@ -178,8 +179,9 @@ def test_a_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch):
     def broken():
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(zero_level_compiled, "_STATE", {"kernels": None, "broken": False})
+    monkeypatch.setattr(zero_level_compiled, "_STATE", {"kernels": None, "direct": None, "broken": False})
     monkeypatch.setattr(zero_level_compiled, "_kernels", broken)
+    monkeypatch.setattr(zero_level_compiled, "_direct_kernels", broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = fast(w)
@@ -191,6 +193,24 @@ def test_a_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch):
     for a, b in zip(grads, want):
         assert torch.equal(a, b)  # the eager kernel itself
     assert math.isfinite(float(out.sum()))
+
+
+def test_a_kernel_that_cannot_be_traced_runs_through_torch_compile(monkeypatch):
+    w, eager, fast = _pair(seed=7)
+
+    def untraceable():
+        raise RuntimeError("make_fx cannot trace this")
+
+    monkeypatch.setattr(zero_level_compiled, "_direct_kernels", untraceable)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the torch.compile path is the same kernel: no warning
+        out = fast(w)
+        grads = _grads(out.sum() + 0.01 * fast.kept_count(w), fast, w)
+    assert zero_level_compiled._STATE["kernels"] is not None  # it did run through torch.compile
+    assert torch.equal(out, eager(w))
+    want = _grads(eager(w).sum() + 0.01 * eager.kept_count(w), eager, w)
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
 
 
 def test_a_backward_without_its_compiled_kernel_recomputes_eagerly(monkeypatch):

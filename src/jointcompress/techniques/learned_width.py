@@ -97,7 +97,8 @@ def dead_zone_raw_for(edge: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 
 class FisherDiagonal:
     """B * EMA of the squared gradient of the loss w.r.t. the quantized weight (the Fisher diagonal),
-    caught by a hook on the quantizer's output: only task and distillation reach it. The estimate
+    caught where the quantizer's backward receives its output's gradient: only task and
+    distillation reach it. The estimate
     lives in the quantizer's buffers (`value`, `seen`), so checkpoints and resumed runs carry it.
     It is the one estimate of a quantizer: the learned width's noise price and the size budget's
     saliency (saliency.py) both read it, so a run with both folds one hook's gradient once a step."""
@@ -110,17 +111,18 @@ class FisherDiagonal:
         self.watched: int | None = None
 
     def watch(self, out: torch.Tensor) -> None:
-        """Catch the gradient of this forward's output. A new output starts a new step's gradient:
-        one caught earlier and never folded (a step skipped for a non-finite loss or gradient, whose
-        gradient may be inf) is dropped, not added to this one."""
+        """This forward's output is the one whose gradient the quantizer's backward hands to
+        `catch`. A new output starts a new step's gradient: one caught earlier and never folded (a
+        step skipped for a non-finite loss or gradient, whose gradient may be inf) is dropped, not
+        added to this one."""
         if out.requires_grad and self.watched != id(out):
             self.pending = None
-            out.register_hook(self._collect)
             self.watched = id(out)
 
-    def _collect(self, grad: torch.Tensor | None) -> None:
-        # one backward per term on a coordinated step: their parts add up. Kept by reference, not
-        # copied: autograd hands the gradient on to the quantizer's backward, which only reads it
+    def catch(self, grad: torch.Tensor | None) -> None:
+        """The gradient of the watched output, from the quantizer's own backward (a tensor hook on
+        the output cost as much again per layer and step). One backward per term on a coordinated
+        step: their parts add up. Kept by reference, not copied: the backward only reads it."""
         if grad is not None:
             g = grad.detach()
             self.pending = g if self.pending is None else self.pending + g

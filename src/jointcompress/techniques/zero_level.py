@@ -150,12 +150,14 @@ class ZeroLevelLSQWeight(LSQWeight):
         learns_width = not fixed and self._learns_width(fixed)
         setup = self._setup(w, learns_width)
         keep = self._keep_float() if fixed else None
-        # one node: step, width, dead zone, gate, LSQ and the kept-weight count (zero_level_kernel.py)
-        stash: dict = {}
+        # one node: step, width, dead zone, gate, LSQ and the kept-weight count (zero_level_kernel.py);
+        # its backward hands the output's gradient to the Fisher estimate
+        fisher = self.fisher if not fixed and (learns_width or self.fisher_for_saliency) else None
+        stash: dict = {"fisher": fisher}
         out, count, gate = ZeroLevelQuant.apply(w, self.log_step, self._kernel_bits_raw(), self.dead_zone_raw, setup, keep,
                                                 stash)
-        if not fixed and (learns_width or self.fisher_for_saliency):
-            self.fisher.watch(out)
+        if fisher is not None:
+            fisher.watch(out)
         remember(self, last_in=w, last_out=out, last_w=w, last_count=count, last_gate=gate if learns_width else None,
                  last_step=stash.get("step"), last_dead_zone=stash.get("dead_zone"), _count_key=self._state_key(w))
         return out
@@ -268,8 +270,11 @@ class ZeroLevelLSQWeight(LSQWeight):
         if not self.learns_width():
             return
         self.fisher.fold(batch_size)
-        sb = torch.sigmoid(self.bits_raw)  # bits_continuous(), its sigmoid kept for the gradient below
-        relaxed = float(self.min_bits + (self.max_bits - self.min_bits) * sb)
+        # bits_continuous(), its sigmoid kept for the gradient below: scalar work in Python floats
+        # (as 0-d tensors, a dozen operations of a few µs each per layer and step)
+        sb = float(torch.sigmoid(self.bits_raw))
+        span = self.max_bits - self.min_bits
+        relaxed = self.min_bits + span * sb
         held = int(self.held_bits)
         new = lw.next_width(relaxed, held, self.min_bits, self.max_bits)
         if new != held:
@@ -283,8 +288,8 @@ class ZeroLevelLSQWeight(LSQWeight):
         s = self.last_step if self.last_step is not None and current else self.effective_step().detach()
         cost = float(0.5 * price * (fisher * kept).mul_(s.pow(2) / 12.0).sum())
         slope = lw.noise_cost_slope(cost, int(self.held_bits), relaxed, self.min_bits, self.max_bits)
-        grad = slope * (self.max_bits - self.min_bits) * sb * (1 - sb)
-        self.bits_raw.grad = grad if self.bits_raw.grad is None else self.bits_raw.grad + grad
+        grad = slope * span * sb * (1 - sb)
+        self.bits_raw.grad = torch.full_like(self.bits_raw, grad) if self.bits_raw.grad is None else self.bits_raw.grad + grad
 
     @torch.no_grad()
     def _change_width(self, w: torch.Tensor, new: int) -> None:

@@ -28,11 +28,13 @@ import warnings
 
 import torch
 
+from .traced_kernel import TracedKernel
+
 GATE_TEMPERATURE = 0.5  # zero_level_kernel's (kept here so this file imports nothing of it)
 SOFTPLUS_THRESHOLD = 20.0
 AUTO_MIN_STEPS = 2000  # `auto`: a run this long saves more than the first compile costs (see docs)
 
-_STATE = {"kernels": None, "broken": False}
+_STATE = {"kernels": None, "direct": None, "broken": False}
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
 
 
@@ -141,11 +143,20 @@ def constant(values: tuple, like: torch.Tensor) -> torch.Tensor:
     return _CONSTANTS[key]
 
 
+KERNEL_FUNCTIONS = (weights_forward, weights_backward, weights_forward_gate, saliency_dead_zone_grad)
+
+
+def _direct_kernels() -> tuple[TracedKernel, ...]:
+    """The kernels called without TorchDynamo (traced_kernel.py): the same Inductor code, a
+    fraction of the per-call cost."""
+    if _STATE["direct"] is None:
+        _STATE["direct"] = tuple(TracedKernel(fn) for fn in KERNEL_FUNCTIONS)
+    return _STATE["direct"]
+
+
 def _kernels():
     if _STATE["kernels"] is None:
-        _STATE["kernels"] = tuple(torch.compile(fn, dynamic=True) for fn in (weights_forward, weights_backward,
-                                                                             weights_forward_gate,
-                                                                             saliency_dead_zone_grad))
+        _STATE["kernels"] = tuple(torch.compile(fn, dynamic=True) for fn in KERNEL_FUNCTIONS)
     return _STATE["kernels"]
 
 
@@ -153,16 +164,21 @@ def forget_kernels() -> None:
     """Drop the compiled kernels, so the next call compiles them afresh. Inductor's CPU kernels take
     the intra-op thread count at compile time (their reductions split by it): a process that
     changes `torch.set_num_threads` and needs the same summation order as before compiles again."""
-    _STATE["kernels"] = None
+    _STATE["kernels"] = _STATE["direct"] = None
     torch._dynamo.reset()
 
 
 def run(which: int, *args):
     """The compiled kernel `which` (0: forward, 1: backward, 2: forward with the gate, 3: the saliency's
-    dead-zone gradient) on args, or None where compiling
-    is unavailable (then the caller runs its eager kernel)."""
+    dead-zone gradient) on args, or None where compiling is unavailable (then the caller runs its
+    eager kernel). Called directly (traced_kernel.py); through torch.compile where tracing it for
+    these arguments failed."""
     if _STATE["broken"]:
         return None
+    try:
+        return _direct_kernels()[which](*args)
+    except Exception:  # noqa: BLE001 -- KernelUnavailable or a failing call: the torch.compile path below
+        pass
     try:
         return _kernels()[which](*args)
     except Exception as exc:  # noqa: BLE001 -- any compiler failure means: run eager

@@ -119,8 +119,10 @@ class ZeroLevelQuant(torch.autograd.Function):
     def forward(ctx, w, log_step, bits_raw, dead_zone_raw, cfg: ZeroLevelSetup, keep, stash: dict | None = None):
         ctx.set_materialize_grads(False)
         s, t, qmax, (sb, b, e, x) = step_and_dead_zone(log_step, bits_raw, dead_zone_raw, cfg)
+        ctx.fisher = None
         if stash is not None:  # the stored step and the dead zone, for the caller (width_step, the saliency)
             stash["step"], stash["dead_zone"] = s, t
+            ctx.fisher = stash.get("fisher")  # a FisherDiagonal that catches the output's gradient
         ctx.qmax, ctx.cfg, ctx.grad_scale = qmax, cfg, 1.0 / math.sqrt(cfg.per_step * qmax)
         gate = None
         fused = None
@@ -143,6 +145,8 @@ class ZeroLevelQuant(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, grad_count, _grad_gate=None):
+        if ctx.fisher is not None:
+            ctx.fisher.catch(grad)
         v, level, q, d, s, t, sb, b, e, x, dead_zone_raw = ctx.saved_tensors
         if ctx.fused:  # w in v's slot, keep in d's
             grads = _compiled_grads(ctx, grad, grad_count, v, s, t, d, (sb, b, e, x, dead_zone_raw.detach()))
