@@ -95,3 +95,52 @@ def test_structured_pruning_shrinks_layers_and_keeps_function(digits):
     assert model.stem.out_channels == model.bn.num_features == model.layer1.conv2.out_channels == model.layer1.bn2.num_features == 4
     assert model.layer1.conv1.in_channels == 4 and model.layer1.conv1.out_channels == 4
     assert model.fc.out_features == 10  # the classifier's outputs are never pruned
+
+
+def _frozen_backbone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    for layer in (model[0], model[2]):
+        for p in layer.parameters():
+            p.requires_grad_(False)
+    x = torch.randn(256, 20, generator=torch.Generator().manual_seed(1))
+    return model, x, x[:, :4].argmax(1)
+
+
+def test_a_frozen_backbone_is_pruned_structurally_and_stays_frozen(tmp_path):
+    """The channel graph is traced through autograd, which recorded nothing of frozen layers fed by
+    inputs that need no gradient: every frozen layer was refused as 'coupled with a layer that is
+    not pruned'. Freezing is about training, not structure: the layers shrink and stay frozen,
+    in the finalized model and in the one loaded from the artifact."""
+    from jointcompress.artifact import load, save
+
+    model, x, y = _frozen_backbone()
+    recipe = {"training": {"epochs": 1, "batch_size": 32},
+              "techniques": [{"type": "prune_structured", "sparsity": 0.5, "end": 0.5}]}
+    res = compress(model, recipe, (x, y), lambda m: {"accuracy": 0.0})
+    model.eval()
+    before = model(x[:16]).detach()
+    spec = finalize(model, res.example_inputs)
+    assert model[0].out_features == model[2].in_features == 32 and model[2].out_features == model[4].in_features == 32
+    assert torch.allclose(model(x[:16]), before, atol=1e-5)
+    frozen = [False, False, False, False, True, True]
+    assert [p.requires_grad for p in model.parameters()] == frozen
+    save(model, spec, tmp_path / "a", example_inputs=res.example_inputs)
+    loaded = load(tmp_path / "a", lambda: _frozen_backbone()[0])
+    assert [p.requires_grad for p in loaded.parameters()] == frozen
+    assert torch.allclose(loaded(x[:16]), before, atol=1e-5)
+
+
+def test_frozen_weights_are_masked_and_quantized_but_not_trained():
+    model, x, y = _frozen_backbone()
+    first = model[0].weight.detach().clone()
+    recipe = {"training": {"epochs": 1, "batch_size": 32},
+              "techniques": [{"type": "prune_unstructured", "sparsity": 0.8}, {"type": "quant_lsq", "bits": 4}]}
+    res = compress(model, recipe, (x, y), lambda m: {"accuracy": 0.0})
+    assert torch.equal(model[0].parametrizations.weight.original, first)  # the optimizer never moved it
+    finalize(model, res.example_inputs)
+    kept = model[0].weight != 0
+    assert abs(float(kept.float().mean()) - 0.2) < 0.01
+    for row in model[0].weight:  # each row on its channel's 4-bit grid: at most levels +-1..+-7
+        assert len(torch.unique(row[row != 0])) <= 14
+    assert not model[0].weight.requires_grad and model[4].weight.requires_grad

@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 
 from .block_drop import collapse_faded
 from .errors import JointCompressError, UnsupportedModelError
-from .graph import build_graph
+from .graph import build_graph, frozen_stay_frozen
 from .group_checks import output_gap, tolerance
 from .spec import CompressionSpec, LayerSpec
 from .techniques.masks import ApplyMask
@@ -102,11 +102,12 @@ def _shrink(model: nn.Module, todo: dict, example_inputs, spec: CompressionSpec)
                 keep = [i for i in range(ls.scale.numel()) if i not in dropped]
                 ls.scale = ls.scale[keep]
     masked = _outputs(model, example_inputs)
-    dg = build_graph(model, example_inputs)
-    for name, (g, drop) in todo.items():
-        root = modules[name]
-        fn = dg.get_pruner_of_module(root).prune_out_channels
-        dg.get_pruning_group(root, fn, drop).prune()
+    with frozen_stay_frozen(model):
+        dg = build_graph(model, example_inputs)
+        for name, (g, drop) in todo.items():
+            root = modules[name]
+            fn = dg.get_pruner_of_module(root).prune_out_channels
+            dg.get_pruning_group(root, fn, drop).prune()
     spec.pruning_history = [list(h) for h in dg.pruning_history()]
     _check_parity(model, example_inputs, masked, list(todo))
 

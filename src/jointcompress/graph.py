@@ -9,6 +9,7 @@ after masks and quantizers are attached and can be replayed on a freshly built m
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import signal
 import threading
@@ -76,14 +77,37 @@ def matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+@contextlib.contextmanager
+def frozen_stay_frozen(model: nn.Module):
+    """Around Torch-Pruning's pruning: it rebuilds a pruned layer's tensors as new nn.Parameters,
+    which need a gradient, so a frozen layer (requires_grad False) came out trainable. The
+    parameters frozen before are frozen again after, by name."""
+    frozen = [(mn, pn) for mn, m in model.named_modules() for pn, p in m.named_parameters(recurse=False)
+              if not p.requires_grad]
+    try:
+        yield
+    finally:
+        modules = dict(model.named_modules())
+        for mn, pn in frozen:
+            p = getattr(modules.get(mn), pn, None)
+            if isinstance(p, nn.Parameter):
+                p.requires_grad_(False)
+
+
 def build_graph(model: nn.Module, example_inputs, ignored: list[nn.Module] | None = None):
     """Torch-Pruning's DependencyGraph of `model`; a model it cannot trace raises UnsupportedModelError."""
     import torch_pruning as tp
 
     was_training = model.training
     model.eval()
+    # the graph is traced through autograd, which records nothing of a frozen layer fed by inputs
+    # that need no gradient (a frozen backbone would have no channel groups): freezing is about
+    # training, not structure, so every parameter needs a gradient while the graph is traced
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
     try:
-        with torch.enable_grad(), warnings.catch_warnings():  # the graph is traced through autograd
+        with torch.enable_grad(), warnings.catch_warnings():
             # its channel-count inference gives up on long chains of concatenations (a recurrent loop
             # unrolled over time) with this warning; groups through them are checked by verify_groups
             warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
@@ -98,6 +122,8 @@ def build_graph(model: nn.Module, example_inputs, ignored: list[nn.Module] | Non
             "BERT-family model"
         ) from exc
     finally:
+        for p in frozen:
+            p.requires_grad_(False)
         model.train(was_training)
     return dg
 

@@ -129,11 +129,12 @@ def rebuild(builder: Callable[[], nn.Module], history: list, inputs: tuple, wher
                                 "the same architecture the artifact was trained from?") from exc
     if not history:
         return model
-    from ..graph import build_graph
+    from ..graph import build_graph, frozen_stay_frozen
 
     try:
-        dg = build_graph(model, inputs if len(inputs) != 1 else inputs[0])
-        dg.load_pruning_history(_history_json(history))
+        with frozen_stay_frozen(model):
+            dg = build_graph(model, inputs if len(inputs) != 1 else inputs[0])
+            dg.load_pruning_history(_history_json(history))
     except Exception as exc:
         raise ArtifactError(
             f"{where}: replaying the pruning history on the builder's model failed ({type(exc).__name__}: {exc}); "
