@@ -15,7 +15,7 @@ from . import distributed as _dist
 from . import techniques as tech
 from .errors import DataError, RecipeError, UnsupportedModelError
 from .layer_types import COMPRESSIBLE
-from .session.outputs import call_model, describe, first_rows, split_batch
+from .session.outputs import LABEL_KEYS, call_model, describe, first_rows, split_batch
 from .training import History, Trainer
 from .plan import make_plan
 from .recipe import Recipe, parse_recipe
@@ -67,11 +67,14 @@ def as_loader(train_data, batch_size: int, seed: int, dist: "_dist.DistContext |
 
 
 def first_inputs(loader):
-    """The first two rows of the first batch's inputs (a tensor, or a dict for dict batches)."""
+    """The first two rows of the first batch's inputs: a tensor, a dict for dict batches, or a
+    tuple for a model of several positional inputs (batches `((x1, x2), y)`: model(x1, x2))."""
     x = split_batch(next(iter(loader))).inputs
-    if not isinstance(x, (torch.Tensor, dict)):
-        raise DataError("train_data: batches must start with an input tensor (or be dicts of tensors)")
-    return first_rows(x)
+    several = isinstance(x, (tuple, list)) and x and all(isinstance(t, torch.Tensor) for t in x)
+    if not isinstance(x, (torch.Tensor, dict)) and not several:
+        raise DataError("train_data: batches must start with the inputs: a tensor, a tuple of tensors (a model of several "
+                        f"inputs: ((x1, x2), y) calls model(x1, x2)) or be dicts of tensors; got {describe(x)}")
+    return first_rows(tuple(x) if several else x)
 
 
 def check_targets(model: nn.Module, recipe: Recipe) -> None:
@@ -137,9 +140,13 @@ def check_data(model: nn.Module, example, train_data) -> None:
             out = call_model(model, example)
     except (RuntimeError, ValueError, IndexError, TypeError) as err:
         shape = tuple(example.shape) if isinstance(example, torch.Tensor) else describe(example)
+        hint = "give inputs of the shape the model expects"
+        if isinstance(example, dict) and any(f"'{k}'" in str(err) for k in LABEL_KEYS if k in example):
+            hint = ("dict batches pass every key to the model, the labels too (as Hugging Face models expect): let "
+                    "forward take labels=None, or yield ((x1, x2, ...), labels) tuples, which call model(x1, x2, ...)")
         raise DataError(
             f"train_data: the model cannot run on a batch of shape {shape} "
-            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); give inputs of the shape the model expects"
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); {hint}"
         ) from None
     finally:
         model.train(was)

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UnsupportedModelError
+from .model_call import call_model
 
 _ADDS = (operator.add, operator.iadd, torch.add)
 
@@ -64,7 +65,7 @@ def _shape_preserving(model: nn.Module, example_inputs) -> list[str]:
         hooks.append(m.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            model(*example_inputs) if isinstance(example_inputs, tuple) else model(example_inputs)
+            call_model(model, example_inputs)
     finally:
         for h in hooks:
             h.remove()

@@ -18,6 +18,7 @@ from .block_drop import collapse_faded
 from .errors import JointCompressError, UnsupportedModelError
 from .graph import build_graph, frozen_stay_frozen
 from .group_checks import output_gap, tolerance
+from .model_call import call_model
 from .spec import CompressionSpec, LayerSpec
 from .techniques.masks import ApplyMask
 from .techniques.norm_storage import detach_norm_storage
@@ -113,7 +114,7 @@ def _shrink(model: nn.Module, todo: dict, example_inputs, spec: CompressionSpec)
 
 
 def _outputs(model: nn.Module, example_inputs):
-    return model(*(tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)))
+    return call_model(model, example_inputs)
 
 
 def _check_parity(model: nn.Module, example_inputs, masked, groups: list[str]) -> None:

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UnsupportedModelError
+from .model_call import call_model
 from .group_checks import member_reason, parameter_owners, reshape_reason, verify_groups
 from .layer_types import BATCH_NORMS, COMPRESSIBLE
 
@@ -65,7 +66,7 @@ def output_layers(model: nn.Module, example_inputs) -> list[str]:
     ]
     try:
         with torch.no_grad():
-            out = model(*_as_tuple(example_inputs))
+            out = call_model(model, example_inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -300,7 +301,3 @@ def _time_limited(groups, names: dict):
 
 def _has_parameters(mod: nn.Module) -> bool:
     return any(True for _ in mod.parameters(recurse=False))
-
-
-def _as_tuple(x):
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)

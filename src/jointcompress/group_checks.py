@@ -28,6 +28,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .layer_types import BATCH_NORMS, CONVOLUTIONS
+from .model_call import call_model
 
 PARITY_RTOL = 1e-4  # |masked - removed| <= PARITY_RTOL * max|masked| (+ a float32 floor)
 
@@ -174,7 +175,7 @@ def _drop_sets(groups: list, seed: int = 0) -> dict[str, list[int]]:
 
 def _run(model: nn.Module, example_inputs):
     with torch.no_grad():
-        return model(*(tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)))
+        return call_model(model, example_inputs)
 
 
 @torch.no_grad()

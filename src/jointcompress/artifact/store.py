@@ -103,11 +103,19 @@ def _as_tuple(x) -> tuple:
 
 
 def _input_records(example_inputs) -> list[dict]:
+    """Shape and dtype of each example input (and its name, for inputs given by name)."""
+    if isinstance(example_inputs, dict):
+        return [{"name": k, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+                for k, t in example_inputs.items()]
     return [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in _as_tuple(example_inputs)]
 
 
-def _dummy_inputs(records: list[dict]) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.zeros(r["shape"], dtype=getattr(torch, r["dtype"])) for r in records)
+def _dummy_inputs(records: list[dict]):
+    """Zeros of the recorded shapes: a dict where the inputs were named, else a tuple."""
+    zeros = [torch.zeros(r["shape"], dtype=getattr(torch, r["dtype"])) for r in records]
+    if records and all("name" in r for r in records):
+        return {r["name"]: z for r, z in zip(records, zeros)}
+    return tuple(zeros)
 
 
 def _history_json(history) -> list[list]:
@@ -133,7 +141,7 @@ def rebuild(builder: Callable[[], nn.Module], history: list, inputs: tuple, wher
 
     try:
         with frozen_stay_frozen(model):
-            dg = build_graph(model, inputs if len(inputs) != 1 else inputs[0])
+            dg = build_graph(model, inputs if isinstance(inputs, dict) or len(inputs) != 1 else inputs[0])
             dg.load_pruning_history(_history_json(history))
     except Exception as exc:
         raise ArtifactError(
@@ -438,6 +446,8 @@ def _validate_fields(m: dict) -> None:
         _dict(rec, f)
         for key in ("shape", "dtype"):
             _need(key in rec, f"{f}.{key}", "is missing")
+        if "name" in rec:  # an input given by name (a model called with keyword inputs)
+            _str(rec["name"], f"{f}.name")
         shape = _shape(rec["shape"], f"{f}.shape")
         _need(_prod(shape) <= MAX_INPUT_NUMEL, f"{f}.shape", f"{shape} has more than {MAX_INPUT_NUMEL} elements")
         _dtype(rec["dtype"], f"{f}.dtype")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
+from ..model_call import call_model  # noqa: F401 -- re-exported: the session's way to run the model
 
 INDEX_KEYS = ("index", "idx")  # a dict batch's sample index: for the teacher cache, never fed to the model
 LABEL_KEYS = ("labels", "label")
@@ -58,9 +59,6 @@ def split_batch(batch) -> Batch:
     )
 
 
-def call_model(model, inputs):
-    """model(**inputs) for a dict, model(x) otherwise."""
-    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
 
 def logits_of(outputs) -> torch.Tensor:
@@ -140,4 +138,6 @@ def describe(inputs) -> str:
         return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in inputs.items()) + "}"
     if isinstance(inputs, torch.Tensor):
         return f"{tuple(inputs.shape)} {str(inputs.dtype).replace('torch.', '')}"
+    if isinstance(inputs, (tuple, list)):
+        return "(" + ", ".join(describe(v) for v in inputs) + ")"
     return type(inputs).__name__

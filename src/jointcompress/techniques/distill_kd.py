@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import RecipeError
 from ..layer_types import BATCH_NORMS, CONVOLUTIONS
+from ..model_call import call_model
 from .base import RunContext, Technique
 
 
@@ -190,9 +191,9 @@ class DistillKD(Technique):
     def _build_projections(self, ctx: RunContext) -> None:
         with torch.no_grad():
             ctx.model.eval()
-            _call(ctx.model, ctx.example_inputs)
+            call_model(ctx.model, ctx.example_inputs)
             ctx.model.train()
-            _call(self.teacher, ctx.example_inputs)
+            call_model(self.teacher, ctx.example_inputs)
         for s, t in zip(self.student_caps, self.teacher_caps):
             axis = feature_axis(s.module, s.value)
             self.feature_axes.append(axis)
@@ -205,7 +206,7 @@ class DistillKD(Technique):
         if cached is not None and (not self.config.features or ctx.batch_extra.get("teacher_fresh")):
             return cached
         with torch.no_grad():
-            return self.teacher(*_as_tuple(ctx.batch_inputs))
+            return call_model(self.teacher, ctx.batch_inputs)
 
     @staticmethod
     def _positions(ctx: RunContext) -> torch.Tensor | None:
@@ -250,7 +251,3 @@ class DistillKD(Technique):
 def _as_tuple(x):
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
-
-def _call(model, inputs):
-    """model(**inputs) for dict inputs (HF style), model(*inputs) otherwise."""
-    return model(**inputs) if isinstance(inputs, dict) else model(*_as_tuple(inputs))

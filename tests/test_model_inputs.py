@@ -1,0 +1,76 @@
+"""Models of several inputs: batches `((x1, x2), y)` call model(x1, x2), dict batches call
+model(**batch); training, the channel graph, finalize and the artifact all feed the model the same
+way (model_call.py)."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from jointcompress import compress, finalize
+from jointcompress.artifact import load, save
+from jointcompress.errors import DataError
+
+STRUCTURED = {"training": {"epochs": 2, "batch_size": 16},
+              "techniques": [{"type": "prune_structured", "sparsity": 0.5, "end": 0.5},
+                             {"type": "quant_lsq", "bits": 8, "start": 0.3}]}
+
+
+class TwoInputs(nn.Module):
+    """Two branches summed: structured pruning must remove the same channels from both."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.hidden, self.head = nn.Linear(10, 32), nn.Linear(6, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+    def forward(self, x1, x2):
+        return self.head(F.relu(self.hidden(F.relu(self.a(x1) + self.b(x2)))))
+
+
+class NamedInputs(TwoInputs):
+    def forward(self, x1, x2, labels=None):  # dict batches pass the labels too
+        return super().forward(x1, x2)
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randn(96, 10, generator=g), torch.randn(96, 6, generator=g)
+    return x1, x2, (x1[:, :2].sum(1) > x2[:, :2].sum(1)).long() + 2 * (x1[:, 2] > 0).long()
+
+
+class Pairs(Dataset):
+    def __init__(self, named: bool):
+        self.x1, self.x2, self.y = _tensors()
+        self.named = named
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        if self.named:
+            return {"x1": self.x1[i], "x2": self.x2[i], "labels": self.y[i]}
+        return (self.x1[i], self.x2[i]), self.y[i]
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_a_model_of_two_inputs_is_pruned_finalized_and_loaded(named, tmp_path):
+    cls = NamedInputs if named else TwoInputs
+    model = cls()
+    res = compress(model, STRUCTURED, DataLoader(Pairs(named), batch_size=16), lambda m: {"accuracy": 0.0})
+    assert isinstance(res.example_inputs, dict if named else tuple)
+    x1, x2, _ = _tensors()
+    model.eval()
+    before = model(x1[:8], x2[:8]).detach()
+    spec = finalize(model, res.example_inputs)
+    assert model.a.out_features == model.b.out_features == model.hidden.in_features == 16  # both branches shrink
+    assert torch.allclose(model(x1[:8], x2[:8]), before, atol=1e-5)
+    save(model, spec, tmp_path / "a", example_inputs=res.example_inputs)
+    loaded = load(tmp_path / "a", cls)
+    assert torch.allclose(loaded(x1[:8], x2[:8]), before, atol=1e-5)
+
+
+def test_dict_batches_to_a_forward_without_labels_name_both_fixes():
+    with pytest.raises(DataError) as err:
+        compress(TwoInputs(), STRUCTURED, DataLoader(Pairs(named=True), batch_size=16), lambda m: {"accuracy": 0.0})
+    assert "labels=None" in str(err.value) and "((x1, x2, ...), labels)" in str(err.value)
