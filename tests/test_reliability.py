@@ -161,6 +161,26 @@ def test_float_targets_train_a_regressor_with_its_loss_and_are_named_without_one
         compress(nn.Sequential(nn.Linear(8, 1)), recipe, (x, bad[:, 0]), lambda m: 0.0, loss_fn=mse)
 
 
+def test_what_evaluate_returns_is_read_or_named(tmp_path):
+    """A number, a 0-d tensor or a dict of them is read as floats (a tensor reached the history
+    and the run's JSON as a tensor); None (a function without `return`) or a string is named with
+    the fix, not a TypeError from inside float()."""
+    import json
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    y = x[:, :2].argmax(1)
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5}], "training": {"epochs": 1, "batch_size": 32}}
+    result = compress(nn.Sequential(nn.Linear(8, 2)), recipe, (x, y),
+                      lambda m: {"accuracy": torch.tensor(0.75), "note": "held-out"}, run_dir=tmp_path / "run")
+    assert result.metrics == {"accuracy": 0.75, "note": "held-out"} and type(result.metrics["accuracy"]) is float
+    assert result.history.epochs[-1]["metrics"]["accuracy"] == 0.75
+    assert json.dumps(result.history.epochs[-1]["metrics"])  # plain JSON
+    for returned, shown in ((None, "returned None"), ("0.9", "returned '0.9'"), ({"accuracy": None}, "for 'accuracy'")):
+        with pytest.raises(TrainingError, match=f"{shown}.*return a number or a dict of numbers"):
+            compress(nn.Sequential(nn.Linear(8, 2)), recipe, (x, y), lambda m, r=returned: r)
+
+
 def _two_artifacts(digits, teacher, tmp_path):
     from jointcompress.artifact import save
 

@@ -17,6 +17,7 @@ from .errors import DataError, RecipeError, UnsupportedModelError
 from .layer_types import COMPRESSIBLE
 from .session.outputs import LABEL_KEYS, call_model, describe, first_rows, split_batch
 from .training import History, Trainer
+from .training.metrics import read_metrics
 from .plan import make_plan
 from .recipe import Recipe, parse_recipe
 
@@ -231,8 +232,7 @@ def compress(
         loss_fn=loss_fn,
     )
     history = trainer.run()
-    metrics = evaluate(model)
-    metrics = metrics if isinstance(metrics, dict) else {recipe.training.metric: float(metrics)}
+    metrics = read_metrics(evaluate(model), recipe.training.metric)
     if dist is not None:
         metrics = dist.mean_metrics(metrics)
     trainer.session.finish()

@@ -32,6 +32,7 @@ from .best import BestState
 from .checkpoints import RunCheckpoints
 from .epochs import epoch_batches
 from .history import History, Position
+from .metrics import read_metrics
 from .recovery import Recovery
 
 
@@ -174,8 +175,7 @@ class Trainer:
         s = self.session
         s.sync.model(s.model)  # BatchNorm statistics and everything else: rank 0's
         s.sync.techniques(s.techniques)
-        metrics = self.evaluate(s.model)
-        metrics = metrics if isinstance(metrics, dict) else {s.recipe.training.metric: float(metrics)}
+        metrics = read_metrics(self.evaluate(s.model), s.recipe.training.metric)
         metrics = s.sync.mean_metrics(metrics, self.recovery._device())
         s.model.train()
         return metrics
