@@ -129,6 +129,30 @@ def test_bad_data_is_a_clear_error(digits):
         compress(_model(), {}, (digits.x_train, digits.y_train[:-1]), ev)
 
 
+def test_dtypes_a_user_brings_are_read_or_named():
+    """numpy's float64 and uint8 images name the dtype and the conversion (they were told to fix the
+    shape); int32 class indices from a loader train (cross-entropy raised deep inside on them); a
+    per-sample loss_fn names .mean() (float() raised 'only one element tensors ...')."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    y = x[:, :3].argmax(1)
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5}], "training": {"epochs": 1, "batch_size": 32}}
+
+    def mlp():
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    for bad, dtype in ((x.double(), "float64"), ((x * 40 + 128).clamp(0, 255).to(torch.uint8), "uint8")):
+        with pytest.raises(DataError, match=rf"batch of shape \(2, 8\) {dtype} .*x.float\(\)"):
+            compress(mlp(), recipe, (bad, y), lambda m: 0.0)
+    result = compress(mlp(), recipe, DataLoader(TensorDataset(x, y.int()), batch_size=32), lambda m: 0.0)
+    assert result.history.epochs[-1]["losses"]["task"] > 0
+    with pytest.raises(DataError, match=r"loss_fn returned a tensor of shape \(32,\).*\.mean\(\)"):
+        compress(mlp(), recipe, (x, y), lambda m: 0.0, loss_fn=lambda out, b: F.cross_entropy(out, b[1], reduction="none"))
+
+
 def test_float_targets_train_a_regressor_with_its_loss_and_are_named_without_one():
     """(x, y) with float y (regression): kept as floats, not truncated to class indices; the default
     cross-entropy refuses them with loss_fn named; NaN targets are refused like NaN inputs."""

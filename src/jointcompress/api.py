@@ -64,7 +64,8 @@ def as_loader(train_data, batch_size: int, seed: int, dist: "_dist.DistContext |
         return dl
     if isinstance(train_data, torch.utils.data.DataLoader):
         return _dist.shard_loader(train_data, dist, seed) if dist is not None else train_data
-    raise DataError("train_data: pass a DataLoader yielding (x, y[, index]) or a tuple (x, y) of tensors")
+    raise DataError("train_data: pass a DataLoader yielding (x, y[, index]) or a tuple (x, y) of tensors "
+                    "(numpy arrays: torch.from_numpy(x).float(), torch.from_numpy(y))")
 
 
 def first_inputs(loader):
@@ -140,8 +141,11 @@ def check_data(model: nn.Module, example, train_data) -> None:
         with torch.no_grad():
             out = call_model(model, example)
     except (RuntimeError, ValueError, IndexError, TypeError) as err:
-        shape = tuple(example.shape) if isinstance(example, torch.Tensor) else describe(example)
+        shape = describe(example)
         hint = "give inputs of the shape the model expects"
+        if "dtype" in str(err) or "scalar type" in str(err):
+            hint = ("give inputs of the dtype the model's weights have: x.float() for float64 ones (numpy's default), "
+                    "x.float() / 255 for uint8 images")
         if isinstance(example, dict) and any(f"'{k}'" in str(err) for k in LABEL_KEYS if k in example):
             hint = ("dict batches pass every key to the model, the labels too (as Hugging Face models expect): let "
                     "forward take labels=None, or yield ((x1, x2, ...), labels) tuples, which call model(x1, x2, ...)")

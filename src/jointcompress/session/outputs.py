@@ -89,6 +89,15 @@ def model_loss(outputs) -> torch.Tensor | None:
     return loss if isinstance(loss, torch.Tensor) else None
 
 
+def check_scalar_loss(loss) -> None:
+    """A loss_fn must return one number to minimize: a per-sample loss (reduction='none') failed
+    later inside float() with a message naming neither loss_fn nor the shape."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shown = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise DataError(f"loss_fn returned {shown}; return a scalar tensor (reduce a per-sample loss with .mean(), "
+                        "or use the loss's reduction='mean')")
+
+
 def default_task_loss(outputs, batch: Batch) -> torch.Tensor:
     """The model's own loss if it computed one, else cross-entropy of the logits against the
     labels: [batch, classes] with [batch], [batch, tokens, vocab] with [batch, tokens]
@@ -109,6 +118,8 @@ def default_task_loss(outputs, batch: Batch) -> torch.Tensor:
                         f"{tuple(logits.shape)}; the default task loss is cross-entropy on class indices, or on soft "
                         "labels [batch, classes]. Pass loss_fn=lambda outputs, batch: F.mse_loss(outputs, batch[1]), "
                         "or the loss your task needs")
+    if y.dtype not in (torch.long, torch.uint8):  # int32 class indices (a loader's own dtype): cross-entropy takes long
+        y = y.long()
     if logits.dim() == 2 and y.dim() == 1 and len(y) == len(logits):
         return F.cross_entropy(logits, y)
     if logits.dim() == 3 and y.dim() == 2 and tuple(y.shape) == tuple(logits.shape[:2]):

@@ -28,7 +28,7 @@ from ..errors import RecipeError
 from ..plan import Plan
 from ..techniques.base import RunContext
 from . import terms as _terms
-from .outputs import Batch, call_model, default_task_loss, logits_of, split_batch
+from .outputs import Batch, call_model, check_scalar_loss, default_task_loss, logits_of, split_batch
 from .schedule import apply_events, event_steps
 from .sync import Sync
 from .teacher import TeacherCache, teacher_logits
@@ -172,6 +172,8 @@ class CompressionSession:
         ctx.batch_extra = {"teacher_logits": self._teacher_logits(b), "teacher_fresh": True, "token_mask": b.token_mask}
         if task_loss is None and self._task_weighted():
             task_loss = self.loss_fn(outputs, batch) if self.loss_fn is not None else default_task_loss(outputs, b)
+            if self.loss_fn is not None:
+                check_scalar_loss(task_loss)
         return _terms.technique_terms(self.techniques, ctx, task_loss)
 
     def forward_terms(self, batch) -> dict[str, torch.Tensor]:
