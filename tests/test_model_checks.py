@@ -83,3 +83,26 @@ def test_a_compiled_model_is_compressed_itself_not_traced_through_its_wrapper():
                                                          "training": {"epochs": 2, "batch_size": 16}}, (x, y), lambda m: 0.0)
     assert result.model is net  # the module inside the wrapper, compressed in place
     assert float((net.a.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+
+
+def test_a_model_compressed_before_is_refused_until_finalized():
+    """A notebook cell run twice: compress() on a model that still carries the first run's masks and
+    quantizers stacked a second mask and quantizer on every weight, silently."""
+    from jointcompress.errors import RecipeError
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    y = x[:, :3].argmax(1)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    recipe = {"training": {"epochs": 1, "batch_size": 32},
+              "techniques": [{"type": "prune_unstructured", "sparsity": 0.5}, {"type": "quant_lsq", "bits": 4}]}
+    result = jointcompress.compress(model, recipe, (x, y), lambda m: 0.0)
+    before = [n for n, _ in model.named_parameters()]
+    for again in (lambda: jointcompress.compress(model, recipe, (x, y), lambda m: 0.0),
+                  lambda: jointcompress.prepare(model, recipe, total_steps=4)):
+        with pytest.raises(RecipeError, match=r"already carries jointcompress masks or quantizers \('0', '2'\).*fresh copy"):
+            again()
+        assert [n for n, _ in model.named_parameters()] == before  # nothing stacked
+    jointcompress.finalize(model, result.example_inputs)
+    jointcompress.compress(model, recipe, (x, y), lambda m: 0.0)  # the finalized model compresses further
+    assert len(model[0].parametrizations.weight) == 2  # one mask, one quantizer

@@ -85,8 +85,19 @@ def check_targets(model: nn.Module, recipe: Recipe) -> None:
     which no technique can select, are named in a warning with the conversions that make them
     compressible."""
     from .conversions import conversion_hint
+    from .session.checks import attached_layers
     from .techniques.base import selected_layers
 
+    attached = attached_layers(model)
+    if attached:
+        shown = ", ".join(f"'{n}'" for n in attached[:3]) + (f" and {len(attached) - 3} more" if len(attached) > 3 else "")
+        raise RecipeError(
+            f"the model already carries jointcompress masks or quantizers ({shown}): it was given to compress() or "
+            "prepare() before and not finalized, and a second run would stack another mask and quantizer on each "
+            "weight. Compress a fresh copy of the original model (also to resume an interrupted run: resume=True "
+            "loads the run's checkpoint into it), or finalize(model, example_inputs) first to compress the "
+            "compressed model further"
+        )
     hint = conversion_hint(model)
     if hint and any(hasattr(cfg, "targets") for cfg in recipe.techniques):
         warnings.warn(hint[2:], stacklevel=3)

@@ -34,6 +34,21 @@ def tied_weights(model: nn.Module) -> dict[str, str]:
     return tied
 
 
+def attached_layers(model: nn.Module) -> list[str]:
+    """Layers that still carry this package's masks or quantizers: a model given to compress() or
+    prepare() before, and not finalized (a notebook cell run twice). Compressing it again would
+    stack a second mask and quantizer on each weight."""
+    from torch.nn.utils import parametrize
+
+    found = []
+    for name, m in model.named_modules():
+        ours = parametrize.is_parametrized(m) and any(
+            type(p).__module__.startswith("jointcompress") for plist in m.parametrizations.values() for p in plist)
+        if ours or hasattr(m, "input_quant"):
+            found.append(name)
+    return found
+
+
 def weight_problem(module: nn.Module) -> str | None:
     """Why a selected layer's weight cannot carry the techniques' parametrizations, or None.
 
