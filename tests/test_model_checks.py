@@ -106,3 +106,24 @@ def test_a_model_compressed_before_is_refused_until_finalized():
     jointcompress.finalize(model, result.example_inputs)
     jointcompress.compress(model, recipe, (x, y), lambda m: 0.0)  # the finalized model compresses further
     assert len(model[0].parametrizations.weight) == 2  # one mask, one quantizer
+
+
+def test_a_teacher_that_is_the_model_or_shares_its_layers_is_refused():
+    """teacher=model (the same object) was masked, quantized and trained with the model, which was
+    distilled toward itself; a teacher built from the model's own layers likewise."""
+    from jointcompress.errors import RecipeError
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    y = x[:, :3].argmax(1)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    recipe = {"training": {"epochs": 1, "batch_size": 32},
+              "techniques": [{"type": "prune_unstructured", "sparsity": 0.5}, {"type": "distill_kd"}]}
+    reused = nn.Sequential(model[0], nn.ReLU(), nn.Linear(16, 3))
+    for teacher, words in ((model, "is the model being compressed"), (reused, r"shares 2 parameters .*'0.weight'")):
+        with pytest.raises(RecipeError, match=f"the teacher {words}.*copy.deepcopy"):
+            jointcompress.compress(model, recipe, (x, y), lambda m: 0.0, teacher=teacher)
+        with pytest.raises(RecipeError, match=f"the teacher {words}"):
+            jointcompress.prepare(model, recipe, total_steps=4, teacher=teacher)
+    assert not hasattr(model[0], "parametrizations")  # refused before anything was attached
+    jointcompress.compress(model, recipe, (x, y), lambda m: 0.0, teacher=copy.deepcopy(model))

@@ -15,6 +15,7 @@ from . import distributed as _dist
 from . import techniques as tech
 from .errors import DataError, RecipeError, UnsupportedModelError
 from .layer_types import COMPRESSIBLE
+from .session.checks import check_teacher
 from .session.outputs import LABEL_KEYS, call_model, describe, first_rows, split_batch
 from .training import History, Trainer
 from .training.metrics import read_metrics
@@ -226,6 +227,7 @@ def compress(
     dist = _dist.resolve(distributed)
     model = _dist.unwrap(model)
     teacher = _dist.unwrap(teacher) if teacher is not None else None
+    check_teacher(model, teacher)
     check_targets(model, recipe)
     seed_everything(recipe.training.seed)
     loader = as_loader(train_data, recipe.training.batch_size, recipe.training.seed, dist)

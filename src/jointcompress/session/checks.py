@@ -49,6 +49,23 @@ def attached_layers(model: nn.Module) -> list[str]:
     return found
 
 
+def check_teacher(model: nn.Module, teacher: nn.Module | None) -> None:
+    """The teacher must stay as it is: `teacher=model` (the same object) or a teacher built from the
+    model's own layers would be masked, quantized and trained with it, and distillation would pull
+    the model toward itself (and put it in eval mode, where the teacher runs)."""
+    if teacher is None:
+        return
+    from ..errors import RecipeError
+
+    mine = {id(p) for p in model.parameters()}
+    shared = [n for n, p in teacher.named_parameters() if id(p) in mine]
+    if shared:
+        what = ("is the model being compressed" if teacher is model else
+                f"shares {len(shared)} parameters with the model being compressed (e.g. '{shared[0]}')")
+        raise RecipeError(f"the teacher {what}; the teacher must stay as it is while the model is compressed: pass a copy "
+                          "made before compressing, teacher = copy.deepcopy(model)")
+
+
 def weight_problem(module: nn.Module) -> str | None:
     """Why a selected layer's weight cannot carry the techniques' parametrizations, or None.
 

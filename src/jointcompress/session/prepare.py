@@ -7,6 +7,7 @@ from .. import techniques as tech
 from ..errors import RecipeError
 from ..plan import make_plan
 from ..recipe import Recipe, parse_recipe
+from .checks import check_teacher
 from .session import CompressionSession, LossFn
 
 
@@ -53,6 +54,7 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
     recipe = parse_recipe(recipe)
     check_needs(recipe, teacher, example_inputs)
     model = _dist.unwrap(model)
+    check_teacher(model, _dist.unwrap(teacher) if teacher is not None else None)
     check_targets(model, recipe)
     techniques = [tech.build(c) for c in recipe.techniques]
     plan = make_plan(techniques, total_steps_of(recipe, total_steps, steps_per_epoch), recipe)
