@@ -273,3 +273,25 @@ def test_checkpoint_write_failure_leaves_previous_checkpoints_intact(digits, tmp
         _run(digits, run_dir=tmp_path / "other", checkpoint_every=4)
     assert {p.name: p.read_bytes() for p in CheckpointStore(tmp_path).paths()} == before
     assert not [p for p in (tmp_path / "other" / "checkpoints").iterdir()]
+
+
+def test_a_stream_without_length_is_named_and_one_with_length_trains():
+    from torch.utils.data import DataLoader, IterableDataset
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    y = x[:, :3].argmax(1)
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(zip(x, y))
+
+    class SizedStream(Stream):
+        def __len__(self):
+            return len(y)
+
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5}], "training": {"epochs": 2, "batch_size": 16}}
+    with pytest.raises(DataError, match="DataLoader over Stream, which has no __len__.*give the dataset a __len__"):
+        compress(nn.Sequential(nn.Linear(8, 3)), recipe, DataLoader(Stream(), batch_size=16), lambda m: 0.0)
+    result = compress(nn.Sequential(nn.Linear(8, 3)), recipe, DataLoader(SizedStream(), batch_size=16), lambda m: 0.0)
+    assert result.history.epochs[-1]["step"] == 8 and result.techniques[0].achieved_sparsity() == pytest.approx(0.5, abs=0.05)

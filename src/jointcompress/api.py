@@ -64,6 +64,14 @@ def as_loader(train_data, batch_size: int, seed: int, dist: "_dist.DistContext |
             dl = _dist.shard_loader(dl, dist, seed, batch_size=max(1, batch_size // dist.world_size))
         return dl
     if isinstance(train_data, torch.utils.data.DataLoader):
+        try:
+            len(train_data)
+        except TypeError:
+            raise DataError(
+                f"train_data: a DataLoader over {type(train_data.dataset).__name__}, which has no __len__; the pruning "
+                "ramps, the LSQ start and the learning-rate schedule are placed on the run's steps, so the loader must "
+                "say how many batches an epoch has: give the dataset a __len__ (its number of samples)"
+            ) from None
         return _dist.shard_loader(train_data, dist, seed) if dist is not None else train_data
     raise DataError("train_data: pass a DataLoader yielding (x, y[, index]) or a tuple (x, y) of tensors "
                     "(numpy arrays: torch.from_numpy(x).float(), torch.from_numpy(y))")
