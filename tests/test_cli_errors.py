@@ -88,8 +88,25 @@ def test_weights_with_pickle_payload_are_refused(tmp_path, monkeypatch, capsys):
     w = tmp_path / "w.pt"
     torch.save({"fc1.weight": _Evil(marker)}, w)
     code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, ""), "--weights", w, "--out", tmp_path / "out")
-    assert code == 2 and "cannot load weights" in out and "Traceback" not in out, out
-    assert not marker.exists()
+    assert code == 2 and "cannot be read as weights" in out and "torch.save(model.state_dict()" in out, out
+    assert "Traceback" not in out and not marker.exists()
+
+
+def test_weights_and_data_of_the_wrong_kind_name_what_to_give(tmp_path, monkeypatch, capsys, weights_file):
+    from jointcompress.models import build_model
+
+    other = tmp_path / "lenet5.pt"
+    torch.save(build_model("lenet5", 28, 10).state_dict(), other)  # the recipe's model is lenet300
+    listed = tmp_path / "list.pt"
+    torch.save([1, 2], listed)
+    csv = tmp_path / "d.csv"
+    csv.write_text("a,b\n1,2\n")
+    r = _recipe(tmp_path, "")
+    for args, words in (((" --weights", other), ['do not fit the recipe', 'Unexpected key(s) in state_dict: "conv1.weight"']),
+                        ((" --weights", listed), ["holds a list, not a state dict"]),
+                        ((" --data", csv), ["is not an .npz archive", "numpy.savez(path, x_train="])):
+        code, out = _cli(monkeypatch, capsys, "compress", r, args[0].strip(), args[1], "--out", tmp_path / "o")
+        assert code == 2 and "Traceback" not in out and all(w in " ".join(out.split()) for w in words), out
 
 
 def test_data_with_nan_or_wrong_shape(tmp_path, monkeypatch, capsys):

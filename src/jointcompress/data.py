@@ -63,6 +63,11 @@ def load_mnist(path: str | Path) -> Split:
     except KeyError as err:
         raise DataError(f"data: {path} lacks array {err}; expected x_train, y_train, x_test, y_test") from None
     except (ValueError, OSError) as err:
+        import zipfile
+
+        if not zipfile.is_zipfile(path):  # np.load then tries to unpickle it and says so
+            raise DataError(f"data: {path} is not an .npz archive; give numpy.savez(path, x_train=..., y_train=..., "
+                            "x_test=..., y_test=...) output") from None
         raise DataError(f"data: {path} is not a readable .npz file: {err}") from None
     for k in ("x_train", "x_test"):
         if arrays[k].ndim != 3:

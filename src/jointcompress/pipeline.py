@@ -51,11 +51,19 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any reading problem is the file's
+        raise ArtifactError(
+            f"{path}: cannot be read as weights ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); "
+            "give a .safetensors file or a state dict saved with torch.save(model.state_dict(), path)"
+        ) from None
+    if not isinstance(state, dict):
+        raise ArtifactError(f"{path}: holds a {type(state).__name__}, not a state dict; save the weights with "
+                            "torch.save(model.state_dict(), path)")
+    try:
         model.load_state_dict(state)
-    except ArtifactError:
-        raise
-    except Exception as err:  # noqa: BLE001 - report any loading problem as the user's file problem
-        raise ArtifactError(f"{path}: cannot load weights into the model ({type(err).__name__}: {err})") from None
+    except Exception as err:  # noqa: BLE001 - the weights do not fit the recipe's model
+        raise ArtifactError(f"{path}: the weights do not fit the recipe's model ({type(err).__name__}: "
+                            f"{' '.join(str(err).split())[:300]}); is it the same architecture (recipe model)?") from None
     return model
 
 
