@@ -6,7 +6,6 @@ non-zero exit; a traceback is shown only with --debug.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 

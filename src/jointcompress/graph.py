@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 
 from .errors import UnsupportedModelError
-from .model_call import call_model
 from .group_checks import member_reason, parameter_owners, reshape_reason, verify_groups
 from .layer_types import BATCH_NORMS, COMPRESSIBLE
+from .model_call import call_model
 
 PRUNABLE_ROOTS = COMPRESSIBLE
 

@@ -59,8 +59,6 @@ def split_batch(batch) -> Batch:
     )
 
 
-
-
 def logits_of(outputs) -> torch.Tensor:
     """The logits in a model's outputs: the tensor itself, `.logits` of a ModelOutput or dict,
     or the first tensor of a tuple with at least one axis (HF's return_dict=False puts a

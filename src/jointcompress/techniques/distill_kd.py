@@ -250,4 +250,3 @@ class DistillKD(Technique):
 
 def _as_tuple(x):
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-

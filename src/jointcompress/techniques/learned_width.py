@@ -101,7 +101,7 @@ class FisherDiagonal:
     distillation reach it. The estimate
     lives in the quantizer's buffers (`value`, `seen`), so checkpoints and resumed runs carry it.
     It is the one estimate of a quantizer: the learned width's noise price and the size budget's
-    saliency (saliency.py) both read it, so a run with both folds one hook's gradient once a step."""
+    saliency (saliency.py) both read it, so a run with both folds one caught gradient once a step."""
 
     def __init__(self, value: torch.Tensor, seen: torch.Tensor):
         self.value, self.seen = value, seen
