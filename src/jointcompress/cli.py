@@ -116,8 +116,8 @@ def _print_demo(res, ratio: float) -> None:
                   f"(fp32 before int8: {100 * s['fp32_accuracy']:.2f}%)")
     console.print(
         "sequential: allocator budgets, prune -> fine-tune -> quantize -> fine-tune; joint: zero as a quantizer level "
-        "under the size budget, pcgrad on accuracy vs size (docs/joint.md); structured int8: 75% of channels removed, "
-        "8-bit LSQ, int8 ONNX Runtime on the trained scales. Same teacher, epochs and distillation. "
+        "under the size budget, pcgrad between the task, distillation and size gradients (docs/joint.md); structured int8: "
+        "75% of channels removed, 8-bit LSQ, int8 ONNX Runtime on the trained scales. Same teacher, epochs and distillation. "
         "stored = the weights file's payload; latency = median CPU forward, 1 thread for every model, interleaved "
         "(ONNX Runtime spinning off); conflict = mean share of gradient pairs pointing against each other."
     )
