@@ -46,3 +46,31 @@ def test_yaml_errors_name_the_file(tmp_path):
         load_recipe(p)
     with pytest.raises(RecipeError, match="not found"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("target, technique, needed", [
+    (None, "prune_unstructured", "size_kb"), ({"speedup": 2}, "prune_unstructured", "size_kb"),
+    (None, "prune_structured", "latency_ms"), ({"ratio": 20}, "prune_structured", "latency_ms")])
+def test_sparsity_is_left_out_only_where_a_target_sets_it(target, technique, needed):
+    recipe = {"techniques": [{"type": technique}, {"type": "quant_lsq"}]}
+    if target:
+        recipe["target"] = target
+    with pytest.raises(RecipeError, match=rf"techniques.0 \({technique}\): sparsity is required .*target: \{{{needed}"):
+        parse_recipe(recipe)
+
+
+def test_a_target_sets_the_sparsity_a_recipe_leaves_out():
+    import torch
+    import torch.nn as nn
+
+    from jointcompress import compress
+
+    torch.manual_seed(0)
+    x = torch.randn(128, 20)
+    y = x[:, :4].argmax(1)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 4))
+    recipe = {"target": {"ratio": 20}, "training": {"epochs": 1, "batch_size": 32},
+              "techniques": [{"type": "prune_unstructured"}, {"type": "quant_lsq", "bits": 4}]}
+    result = compress(model, recipe, (x, y), lambda m: 0.0)
+    allocated = result.recipe.technique("prune_unstructured").sparsity
+    assert 0.5 < allocated < 1 and result.techniques[0].achieved_sparsity() == pytest.approx(allocated, abs=0.01)

@@ -52,7 +52,8 @@ class MaskSchedule(Selection):
 
 class PruneUnstructured(MaskSchedule):
     type: Literal["prune_unstructured"]
-    sparsity: Annotated[float, Field(ge=0.0, le=0.999)]
+    # None: set by the allocator of a size target (target: {size_kb | ratio}), required otherwise
+    sparsity: Annotated[float, Field(ge=0.0, le=0.999)] | None = None
     criterion: Literal["magnitude", "learned"] = "magnitude"
     min_keep: Fraction = 0.01
     # per-layer targets (layer name -> sparsity), e.g. from a size-target allocator; needs scope: layer
@@ -61,7 +62,8 @@ class PruneUnstructured(MaskSchedule):
 
 class PruneStructured(MaskSchedule):
     type: Literal["prune_structured"]
-    sparsity: Annotated[float, Field(ge=0.0, le=0.99)]
+    # None: set by the allocator of a latency target (target: {latency_ms | speedup}), required otherwise
+    sparsity: Annotated[float, Field(ge=0.0, le=0.99)] | None = None
     criterion: Literal["magnitude", "learned"] = "learned"
     min_keep: Fraction = 0.05
     # per-group targets (root layer name -> channel sparsity), e.g. from a latency allocator
@@ -384,6 +386,20 @@ class Recipe(Strict):
             if kinds.count(k) > 1 and k in ("quant_lsq", "distill_kd", "prune_heads", "prune_ffn", "prune_layers", "prune_blocks",
                                             "size_budget"):
                 raise ValueError(f"technique '{k}' appears {kinds.count(k)} times; use it once")
+        return self
+
+    @model_validator(mode="after")
+    def _sparsity_given(self):
+        """A pruning technique's sparsity may be left out only where a target's allocator sets it:
+        a size target sets prune_unstructured's, a latency target prune_structured's."""
+        for i, t in enumerate(self.techniques):
+            if t.type not in ("prune_unstructured", "prune_structured") or t.sparsity is not None:
+                continue
+            latency = t.type == "prune_structured"
+            if self.target is None or self.target.is_latency != latency:
+                which = "{latency_ms: ...} or {speedup: ...}" if latency else "{size_kb: ...} or {ratio: ...}"
+                raise ValueError(f"techniques.{i} ({t.type}): sparsity is required (the fraction to remove, e.g. 0.5) "
+                                 f"unless target: {which} sets it")
         return self
 
     @model_validator(mode="after")
