@@ -129,3 +129,30 @@ def test_a_single_output_is_refused_and_the_named_fix_distils_it():
     with torch.no_grad():
         assert float(F.mse_loss(student(x), teacher(x))) < 0.2 * before
     assert result.history.epochs[-1]["losses"]["distill"] > 0
+
+
+def test_a_teacher_that_cannot_serve_the_model_is_named_before_training():
+    """A bf16 teacher, one of another input size or of other classes failed inside the first step's
+    distillation with a bare RuntimeError; now each is a DataError naming the teacher and the fix.
+    Hidden states alone (alpha 0) need no matching classes: that teacher distils."""
+    import copy
+
+    import torch.nn as nn
+
+    from jointcompress import DataError
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    y = x[:, :3].argmax(1)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    recipe = {"techniques": [{"type": "distill_kd"}], "training": {"epochs": 1, "batch_size": 16}}
+    five = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5))
+    for teacher, words in ((copy.deepcopy(model).to(torch.bfloat16), r"cannot run on the model's inputs \(2, 8\) float32.*teacher.float\(\)"),
+                           (nn.Sequential(nn.Linear(5, 3)), r"cannot run on the model's inputs .*same input size"),
+                           (five, r"logits have shape \(2, 5\) and the model's \(2, 3\).*alpha: 0")):
+        with pytest.raises(DataError, match=f"teacher: .*{words}"):
+            compress(copy.deepcopy(model), recipe, (x, y), lambda m: 0.0, teacher=teacher)
+    hidden = {"techniques": [{"type": "distill_kd", "alpha": 0.0, "features": [{"student": "0", "teacher": "0"}]}],
+              "training": {"epochs": 1, "batch_size": 16}}
+    result = compress(copy.deepcopy(model), hidden, (x, y), lambda m: 0.0, teacher=five)
+    assert result.history.epochs[-1]["losses"]["distill"] > 0

@@ -184,6 +184,38 @@ def check_data(model: nn.Module, example, train_data) -> None:
             )
 
 
+def check_teacher_data(model: nn.Module, teacher: nn.Module, example, alpha: float) -> None:
+    """The teacher runs once on a real batch before training, beside the model: a teacher that
+    cannot take the model's inputs (another dtype, another input size) or gives logits of another
+    shape (other classes) fails here, named, instead of inside the first step's distillation."""
+    from .session.outputs import logits_of
+
+    teacher_was, model_was = teacher.training, model.training
+    teacher.eval()
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                t_logits = logits_of(call_model(teacher, {k: v for k, v in example.items() if k not in LABEL_KEYS}
+                                                if isinstance(example, dict) else example))
+            except (RuntimeError, ValueError, IndexError, TypeError) as err:
+                raise DataError(
+                    f"teacher: it cannot run on the model's inputs {describe(example)} ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0][:200]}); the teacher takes the same inputs as the model: the same input "
+                    "size, and weights of the inputs' dtype (a bf16 or fp16 teacher: teacher.float())"
+                ) from None
+            s_logits = logits_of(call_model(model, example))
+    finally:
+        teacher.train(teacher_was)
+        model.train(model_was)
+    if alpha > 0 and tuple(t_logits.shape) != tuple(s_logits.shape):
+        raise DataError(
+            f"teacher: its logits have shape {tuple(t_logits.shape)} and the model's {tuple(s_logits.shape)}; "
+            "distillation matches them class for class, so give a teacher with the model's classes (or distil hidden "
+            "states only: distill_kd.features with alpha: 0)"
+        )
+
+
 def compress(
     model: nn.Module,
     recipe: Recipe | dict,
@@ -241,6 +273,8 @@ def compress(
     loader = as_loader(train_data, recipe.training.batch_size, recipe.training.seed, dist)
     example = first_inputs(loader)
     check_data(model, example, train_data)
+    if teacher is not None and recipe.technique("distill_kd") is not None:
+        check_teacher_data(model, teacher, example, recipe.technique("distill_kd").alpha)
     callbacks = list(callbacks or [])
     if recipe.target is not None:  # size / ratio / latency -> per-layer sparsity and bits
         from .targets import SizeSteering, resolve_target, target_bytes

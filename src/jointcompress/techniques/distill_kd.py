@@ -224,7 +224,9 @@ class DistillKD(Technique):
         positions = self._positions(ctx)
         if self.config.alpha > 0:
             check_classes(ctx.outputs)
-        loss = self.config.alpha * kd_loss(ctx.outputs, t_logits, self.config.temperature, positions)
+            loss = self.config.alpha * kd_loss(ctx.outputs, t_logits, self.config.temperature, positions)
+        else:  # hidden states only: the logits need not even have the same classes
+            loss = ctx.outputs.new_zeros(())
         for pair, s, t, proj, axis in zip(self.config.features, self.student_caps, self.teacher_caps, self.projections,
                                           self.feature_axes):
             loss = loss + pair.weight * feature_loss(proj(s.value), t.value.detach(), pair.loss, positions, axis)
