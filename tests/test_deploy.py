@@ -56,6 +56,25 @@ def test_int8_weights_are_the_trained_integers(tmp_path):
     assert np.abs(int8[0]).max() <= 7  # 4-bit values stay 4-bit inside the int8 tensor
 
 
+def test_int8_without_a_workdir_leaves_no_directory_behind():
+    """Each call without a workdir left a temporary directory with two ONNX files behind; it now
+    lives as long as a model made from it (with_threads' copies too)."""
+    import gc
+    from pathlib import Path
+
+    model, spec = fake_finalize(MLP(), example_input(), bits=4)
+    x, _ = _data(model, 64)
+    q = quantize_int8(model, spec, x, example_input())
+    where = Path(q.path).parent
+    again = q.with_threads(1)
+    del q
+    gc.collect()
+    assert where.is_dir() and again(x).shape == (64, 10)  # the copy still runs on its file
+    del again
+    gc.collect()
+    assert not where.exists()
+
+
 def test_int8_torch_backend_runs():
     model, spec = fake_finalize(SmallCNN(), example_input(), bits=8)
     x, y = _data(model, 128)

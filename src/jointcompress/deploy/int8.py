@@ -38,7 +38,7 @@ import copy
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -63,6 +63,9 @@ class Int8Model:
     predict: Callable[[torch.Tensor], torch.Tensor]
     path: str | None = None
     trained_scales: int = 0  # layers whose int8 weights use the trained scales exactly
+    # the temporary directory that holds `path` when the caller gave no workdir: removed once no
+    # model made from it (with_threads' copies included) is left
+    scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.predict(x)
@@ -72,7 +75,8 @@ class Int8Model:
         timing); torch back ends follow torch.set_num_threads and are returned as they are."""
         if self.backend != "onnxruntime" or self.path is None:
             return self
-        return Int8Model(self.backend, ort_predict(ort_session(self.path, threads)), self.path, self.trained_scales)
+        return Int8Model(self.backend, ort_predict(ort_session(self.path, threads)), self.path, self.trained_scales,
+                         self.scratch)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -200,8 +204,12 @@ def quantize_int8(model: nn.Module, spec: CompressionSpec | None, calibration, e
     """An int8 model for CPU inference. `calibration`: inputs (tensor, (X, Y) or batches).
     `threads`: intra-op threads of the ONNX Runtime session (re-made by `with_threads`)."""
     if backend == "onnxruntime":
-        workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="jointcompress-int8-"))
-        return quantize_onnxruntime(model, spec, calibration, workdir, example_input, threads=threads)
+        if workdir is not None:
+            return quantize_onnxruntime(model, spec, calibration, Path(workdir), example_input, threads=threads)
+        scratch = tempfile.TemporaryDirectory(prefix="jointcompress-int8-")  # it left a directory per call behind
+        int8 = quantize_onnxruntime(model, spec, calibration, Path(scratch.name), example_input, threads=threads)
+        int8.scratch = scratch
+        return int8
     if backend.startswith("torch"):
         engine = backend.split("-", 1)[1] if "-" in backend else None
         return quantize_torch(model, calibration, example_input, engine)
