@@ -216,3 +216,33 @@ def test_the_sessions_optimizer_is_fused_where_the_device_has_the_kernel_else_mu
 
     opt = fused_or_foreach(NoFused, [{"params": params}], lr=1e-3)
     assert opt.defaults["foreach"] and not opt.defaults["fused"]
+
+
+def test_a_loop_without_after_step_is_warned_once():
+    """Without session.after_step() the schedule stays at step 0: masks never ramp and finalize bakes
+    an uncompressed model, silently. The second before_step at the same step says so, once."""
+    import warnings
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 8)
+    y = x[:, :3].argmax(1)
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5}]}
+    for call_after, expected in ((True, 0), (False, 1)):
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        session = jointcompress.prepare(model, recipe, total_steps=6)
+        opt = torch.optim.Adam(session.param_groups())
+        session.bind(opt)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(6):
+                terms = session.loss(model(x), (x, y))
+                opt.zero_grad()
+                session.backward(terms)
+                session.before_step()
+                opt.step()
+                if call_after:
+                    session.after_step()
+        said = [w for w in caught if "no session.after_step() between" in str(w.message)]
+        assert len(said) == expected
+        sparsity = float((model[0].weight == 0).float().mean())
+        assert sparsity == (0.5 if call_after else 0.0)  # what the warning is about

@@ -18,6 +18,7 @@ integration (integrations/hf_trainer.py) another.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -51,6 +52,8 @@ class CompressionSession:
         self.param_names: dict[int, str] = {}
         self.step = 0
         self._begun: int | None = None  # the step whose schedule update has run
+        self._before_at: int | None = None  # the step of the last before_step (after_step must follow it)
+        self._warned_no_after = False
         self.on_restructure: list[Callable[[], None]] = []  # after attach/freeze events (rollback snapshots)
 
     # -- start -----------------------------------------------------------------------------
@@ -203,6 +206,14 @@ class CompressionSession:
 
     def before_step(self) -> None:
         """Right before optimizer.step(): techniques act on the gradients."""
+        if self._before_at == self.step and not self._warned_no_after:
+            # a loop that never calls after_step trains at step 0's schedule: masks never ramp,
+            # quantizers never start, and finalize then bakes an uncompressed model, silently
+            self._warned_no_after = True
+            warnings.warn(f"session.before_step() ran twice at step {self.step} with no session.after_step() between: "
+                          "after_step advances the schedule (pruning ramps, the quantizers' start, freezes); call it "
+                          "right after optimizer.step()", RuntimeWarning, stacklevel=2)
+        self._before_at = self.step
         for t in self.techniques:
             if t.attached:
                 t.before_optimizer_step(self.ctx)
