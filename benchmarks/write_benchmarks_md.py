@@ -991,7 +991,7 @@ def demo_section() -> list[str]:
 
 def demo_seeds_section() -> list[str]:
     """benchmarks/demo_seeds.py: the demo's size point over several compression seeds."""
-    r = _load("demo_seeds")
+    r = _load("demo_seeds.json")
     if r is None:
         return []
     lines = ["## The demo's point over seeds (LeNet-5 on the embedded digits)", "",
