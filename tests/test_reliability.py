@@ -295,3 +295,16 @@ def test_a_stream_without_length_is_named_and_one_with_length_trains():
         compress(nn.Sequential(nn.Linear(8, 3)), recipe, DataLoader(Stream(), batch_size=16), lambda m: 0.0)
     result = compress(nn.Sequential(nn.Linear(8, 3)), recipe, DataLoader(SizedStream(), batch_size=16), lambda m: 0.0)
     assert result.history.epochs[-1]["step"] == 8 and result.techniques[0].achieved_sparsity() == pytest.approx(0.5, abs=0.05)
+
+
+def test_a_dataset_is_batched_at_the_recipes_batch_size():
+    """A Dataset given as it is was refused ('pass a DataLoader ...'); it is batched at
+    training.batch_size and shuffled by the run's seed, as a pair of tensors is."""
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    y = x[:, :3].argmax(1)
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5}], "training": {"epochs": 2, "batch_size": 16}}
+    result = compress(nn.Sequential(nn.Linear(8, 3)), recipe, TensorDataset(x, y), lambda m: 0.0)
+    assert result.history.epochs[-1]["step"] == 8  # 64 samples / 16 a batch, two epochs

@@ -51,7 +51,8 @@ def seed_everything(seed: int) -> None:
 
 
 def as_loader(train_data, batch_size: int, seed: int, dist: "_dist.DistContext | None" = None):
-    """Accept a DataLoader or an (x, y) pair of tensors.
+    """Accept a DataLoader, a map-style Dataset (batched at `batch_size`, shuffled) or an (x, y)
+    pair of tensors.
 
     Under torch.distributed the data is sharded with a DistributedSampler; for an (x, y)
     pair `batch_size` is the global batch (each rank takes batch_size // world_size).
@@ -60,6 +61,14 @@ def as_loader(train_data, batch_size: int, seed: int, dist: "_dist.DistContext |
 
     if isinstance(train_data, (tuple, list)) and len(train_data) == 2 and all(isinstance(t, torch.Tensor) for t in train_data):
         dl = loader(train_data[0], train_data[1], batch_size, shuffle=True, seed=seed)
+        if dist is not None:
+            dl = _dist.shard_loader(dl, dist, seed, batch_size=max(1, batch_size // dist.world_size))
+        return dl
+    if isinstance(train_data, torch.utils.data.Dataset) and not isinstance(train_data, torch.utils.data.IterableDataset) \
+            and hasattr(train_data, "__len__"):
+        # a dataset given as it is: batched at training.batch_size and shuffled by the run's seed, as a pair of tensors is
+        dl = torch.utils.data.DataLoader(train_data, batch_size=batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed))
         if dist is not None:
             dl = _dist.shard_loader(dl, dist, seed, batch_size=max(1, batch_size // dist.world_size))
         return dl
@@ -73,7 +82,7 @@ def as_loader(train_data, batch_size: int, seed: int, dist: "_dist.DistContext |
                 "say how many batches an epoch has: give the dataset a __len__ (its number of samples)"
             ) from None
         return _dist.shard_loader(train_data, dist, seed) if dist is not None else train_data
-    raise DataError("train_data: pass a DataLoader yielding (x, y[, index]) or a tuple (x, y) of tensors "
+    raise DataError("train_data: pass a DataLoader or a Dataset yielding (x, y[, index]), or a tuple (x, y) of tensors "
                     "(numpy arrays: torch.from_numpy(x).float(), torch.from_numpy(y))")
 
 
