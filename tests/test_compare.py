@@ -58,7 +58,6 @@ def test_compare_cli_tiny(tmp_path):
     assert "loss/task" in tags and "coordination/conflict_rate" in tags
 
 
-
 def test_early_freeze_variant_fine_tunes_its_fixed_pattern_for_most_of_the_run():
     """joint-early-*: the stiff budget reaches the target at 20% of the run, freezes at 30%, and the
     rest is its own LR phase from the full rate; the other joint variants keep their window."""
