@@ -59,19 +59,16 @@ def as_loader(train_data, batch_size: int, seed: int, dist: "_dist.DistContext |
     """
     from .data import loader
 
+    built = None
     if isinstance(train_data, (tuple, list)) and len(train_data) == 2 and all(isinstance(t, torch.Tensor) for t in train_data):
-        dl = loader(train_data[0], train_data[1], batch_size, shuffle=True, seed=seed)
-        if dist is not None:
-            dl = _dist.shard_loader(dl, dist, seed, batch_size=max(1, batch_size // dist.world_size))
-        return dl
-    if isinstance(train_data, torch.utils.data.Dataset) and not isinstance(train_data, torch.utils.data.IterableDataset) \
+        built = loader(train_data[0], train_data[1], batch_size, shuffle=True, seed=seed)
+    elif isinstance(train_data, torch.utils.data.Dataset) and not isinstance(train_data, torch.utils.data.IterableDataset) \
             and hasattr(train_data, "__len__"):
         # a dataset given as it is: batched at training.batch_size and shuffled by the run's seed, as a pair of tensors is
-        dl = torch.utils.data.DataLoader(train_data, batch_size=batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))
-        if dist is not None:
-            dl = _dist.shard_loader(dl, dist, seed, batch_size=max(1, batch_size // dist.world_size))
-        return dl
+        built = torch.utils.data.DataLoader(train_data, batch_size=batch_size, shuffle=True,
+                                            generator=torch.Generator().manual_seed(seed))
+    if built is not None:
+        return built if dist is None else _dist.shard_loader(built, dist, seed, batch_size=max(1, batch_size // dist.world_size))
     if isinstance(train_data, torch.utils.data.DataLoader):
         try:
             len(train_data)
@@ -161,16 +158,24 @@ def check_layers(model: nn.Module, cfg, i: int) -> None:
         )
 
 
-def check_data(model: nn.Module, example, train_data) -> None:
-    """One forward pass on a real batch before training: wrong input shapes and labels outside
-    the model's classes fail here, with the shapes named, instead of deep inside the loop."""
+def eval_outputs(model: nn.Module, inputs):
+    """The model's outputs on `inputs` in eval mode without gradients, its mode restored after."""
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = call_model(model, example)
+            return call_model(model, inputs)
+    finally:
+        model.train(was)
+
+
+def check_data(model: nn.Module, example, train_data):
+    """One forward pass on a real batch before training: wrong input shapes and labels outside
+    the model's classes fail here, with the shapes named, instead of deep inside the loop.
+    Returns the model's outputs on the batch."""
+    try:
+        out = eval_outputs(model, example)
     except (RuntimeError, ValueError, IndexError, TypeError) as err:
-        shape = describe(example)
         hint = "give inputs of the shape the model expects"
         if "dtype" in str(err) or "scalar type" in str(err):
             hint = ("give inputs of the dtype the model's weights have: x.float() for float64 ones (numpy's default), "
@@ -179,11 +184,9 @@ def check_data(model: nn.Module, example, train_data) -> None:
             hint = ("dict batches pass every key to the model, the labels too (as Hugging Face models expect): let "
                     "forward take labels=None, or yield ((x1, x2, ...), labels) tuples, which call model(x1, x2, ...)")
         raise DataError(
-            f"train_data: the model cannot run on a batch of shape {shape} "
+            f"train_data: the model cannot run on a batch of shape {describe(example)} "
             f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); {hint}"
         ) from None
-    finally:
-        model.train(was)
     if isinstance(train_data, (tuple, list)) and len(train_data) == 2 and isinstance(out, torch.Tensor) and out.dim() == 2:
         y = train_data[1]
         if y.numel() and not torch.is_floating_point(y) and (int(y.min()) < 0 or int(y.max()) >= out.shape[1]):
@@ -191,32 +194,25 @@ def check_data(model: nn.Module, example, train_data) -> None:
                 f"train_data: labels range over [{int(y.min())}, {int(y.max())}] but the model has {out.shape[1]} outputs; "
                 f"labels must be class indices in [0, {out.shape[1] - 1}]"
             )
+    return out
 
 
-def check_teacher_data(model: nn.Module, teacher: nn.Module, example, alpha: float) -> None:
-    """The teacher runs once on a real batch before training, beside the model: a teacher that
-    cannot take the model's inputs (another dtype, another input size) or gives logits of another
-    shape (other classes) fails here, named, instead of inside the first step's distillation."""
-    from .session.outputs import logits_of
+def check_teacher_data(teacher: nn.Module, example, model_outputs, alpha: float) -> None:
+    """The teacher runs once on a real batch before training, beside the model's `model_outputs`
+    on it: a teacher that cannot take the model's inputs (another dtype, another input size) or
+    gives logits of another shape (other classes) fails here, named, instead of inside the first
+    step's distillation."""
+    from .session.outputs import Batch, logits_of
 
-    teacher_was, model_was = teacher.training, model.training
-    teacher.eval()
-    model.eval()
     try:
-        with torch.no_grad():
-            try:
-                t_logits = logits_of(call_model(teacher, {k: v for k, v in example.items() if k not in LABEL_KEYS}
-                                                if isinstance(example, dict) else example))
-            except (RuntimeError, ValueError, IndexError, TypeError) as err:
-                raise DataError(
-                    f"teacher: it cannot run on the model's inputs {describe(example)} ({type(err).__name__}: "
-                    f"{str(err).splitlines()[0][:200]}); the teacher takes the same inputs as the model: the same input "
-                    "size, and weights of the inputs' dtype (a bf16 or fp16 teacher: teacher.float())"
-                ) from None
-            s_logits = logits_of(call_model(model, example))
-    finally:
-        teacher.train(teacher_was)
-        model.train(model_was)
+        t_logits = logits_of(eval_outputs(teacher, Batch(example).teacher_inputs))
+    except (RuntimeError, ValueError, IndexError, TypeError) as err:
+        raise DataError(
+            f"teacher: it cannot run on the model's inputs {describe(example)} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}); the teacher takes the same inputs as the model: the same input "
+            "size, and weights of the inputs' dtype (a bf16 or fp16 teacher: teacher.float())"
+        ) from None
+    s_logits = logits_of(model_outputs)
     if alpha > 0 and tuple(t_logits.shape) != tuple(s_logits.shape):
         raise DataError(
             f"teacher: its logits have shape {tuple(t_logits.shape)} and the model's {tuple(s_logits.shape)}; "
@@ -281,9 +277,9 @@ def compress(
     seed_everything(recipe.training.seed)
     loader = as_loader(train_data, recipe.training.batch_size, recipe.training.seed, dist)
     example = first_inputs(loader)
-    check_data(model, example, train_data)
+    outputs = check_data(model, example, train_data)
     if teacher is not None and recipe.technique("distill_kd") is not None:
-        check_teacher_data(model, teacher, example, recipe.technique("distill_kd").alpha)
+        check_teacher_data(teacher, example, outputs, recipe.technique("distill_kd").alpha)
     callbacks = list(callbacks or [])
     if recipe.target is not None:  # size / ratio / latency -> per-layer sparsity and bits
         from .targets import SizeSteering, resolve_target, target_bytes

@@ -80,9 +80,9 @@ def matches(name: str, patterns: list[str]) -> bool:
 
 @contextlib.contextmanager
 def frozen_stay_frozen(model: nn.Module):
-    """Around Torch-Pruning's pruning: it rebuilds a pruned layer's tensors as new nn.Parameters,
-    which need a gradient, so a frozen layer (requires_grad False) came out trainable. The
-    parameters frozen before are frozen again after, by name."""
+    """Around tracing the channel graph (which needs every parameter to want a gradient) and
+    Torch-Pruning's pruning (which rebuilds a pruned layer's tensors as new nn.Parameters that
+    want one): the parameters frozen before (requires_grad False) are frozen again after, by name."""
     frozen = [(mn, pn) for mn, m in model.named_modules() for pn, p in m.named_parameters(recurse=False)
               if not p.requires_grad]
     try:
@@ -101,14 +101,13 @@ def build_graph(model: nn.Module, example_inputs, ignored: list[nn.Module] | Non
 
     was_training = model.training
     model.eval()
-    # the graph is traced through autograd, which records nothing of a frozen layer fed by inputs
-    # that need no gradient (a frozen backbone would have no channel groups): freezing is about
-    # training, not structure, so every parameter needs a gradient while the graph is traced
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(True)
     try:
-        with torch.enable_grad(), warnings.catch_warnings():
+        # the graph is traced through autograd, which records nothing of a frozen layer fed by inputs
+        # that need no gradient (a frozen backbone would have no channel groups): freezing is about
+        # training, not structure, so every parameter needs a gradient while the graph is traced
+        with frozen_stay_frozen(model), torch.enable_grad(), warnings.catch_warnings():
+            for p in model.parameters():
+                p.requires_grad_(True)
             # its channel-count inference gives up on long chains of concatenations (a recurrent loop
             # unrolled over time) with this warning; groups through them are checked by verify_groups
             warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
@@ -123,8 +122,6 @@ def build_graph(model: nn.Module, example_inputs, ignored: list[nn.Module] | Non
             "BERT-family model"
         ) from exc
     finally:
-        for p in frozen:
-            p.requires_grad_(False)
         model.train(was_training)
     return dg
 

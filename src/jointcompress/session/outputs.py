@@ -22,8 +22,8 @@ LABEL_KEYS = ("labels", "label")
 
 @dataclass
 class Batch:
-    """One batch, split: `inputs` is what the model is called with (a tensor, or a dict of
-    keyword tensors); `targets` the labels (None when the batch has none)."""
+    """One batch, split: `inputs` is what the model is called with (a tensor, a tuple of positional
+    tensors, or a dict of keyword tensors); `targets` the labels (None when the batch has none)."""
 
     inputs: Any
     targets: torch.Tensor | None = None

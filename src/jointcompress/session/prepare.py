@@ -49,7 +49,7 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
     distributed: False (default), "auto" (join torchrun's group) or a DistContext.
     """
     from .. import distributed as _dist
-    from ..api import check_targets, check_teacher_data
+    from ..api import check_targets, check_teacher_data, eval_outputs
 
     recipe = parse_recipe(recipe)
     check_needs(recipe, teacher, example_inputs)
@@ -58,7 +58,7 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
     check_targets(model, recipe)
     kd = recipe.technique("distill_kd")
     if kd is not None and teacher is not None and example_inputs is not None:
-        check_teacher_data(model, _dist.unwrap(teacher), example_inputs, kd.alpha)
+        check_teacher_data(_dist.unwrap(teacher), example_inputs, eval_outputs(model, example_inputs), kd.alpha)
     techniques = [tech.build(c) for c in recipe.techniques]
     plan = make_plan(techniques, total_steps_of(recipe, total_steps, steps_per_epoch), recipe)
     session = CompressionSession(model, techniques, plan, recipe, example_inputs=example_inputs, teacher=teacher,

@@ -213,7 +213,7 @@ class DistillKD(Technique):
         """Real-token positions of this batch when the student says which (hf.wrapper), else None."""
         fn = getattr(ctx.model, "position_mask", None)
         if callable(fn):
-            return fn(*_as_tuple(ctx.batch_inputs))
+            return call_model(fn, ctx.batch_inputs)
         return ctx.batch_extra.get("token_mask")  # a dict batch's attention_mask (session)
 
     def task_weight(self) -> float:
@@ -248,7 +248,3 @@ class DistillKD(Technique):
 
     def load_state_dict(self, state):
         self.projections.load_state_dict(state["projections"])
-
-
-def _as_tuple(x):
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
