@@ -193,10 +193,10 @@ def as_before_fused(stepper):
         fisher = q.fisher
 
         @torch.no_grad()
-        def fold(batch_size, fisher=fisher):
+        def fold(batch_size, step=None, every=1, fisher=fisher):  # every step's gradient, as before FISHER_EVERY
             fisher.watched = None
             if fisher.pending is None:
-                return
+                return False
             sq = torch.mul(fisher.pending, fisher.pending).mul_(float(batch_size))
             if bool(fisher.seen):
                 fisher.value.mul_(FISHER_DECAY).add_(sq, alpha=1 - FISHER_DECAY)
@@ -204,6 +204,7 @@ def as_before_fused(stepper):
                 fisher.value.copy_(sq)
                 fisher.seen.fill_(True)
             fisher.pending = None
+            return True
 
         fisher.fold = fold
     return stepper

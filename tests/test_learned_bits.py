@@ -220,3 +220,55 @@ def test_the_forward_step_is_effective_step_at_every_width(fmt, held):
         q(w)
         assert torch.equal(q.last_step, q.effective_step().detach())
         assert torch.equal(q.last_dead_zone, q.dead_zone().detach())  # what the saliency reuses
+
+
+@pytest.mark.parametrize("saliency", [False, True])
+def test_the_width_alone_folds_every_fisher_every_th_gradient_with_the_decay_of_as_many_steps(saliency):
+    """Where only the width's price reads the estimate, it takes the first gradient it sees, then
+    one step's in FISHER_EVERY, decayed by FISHER_DECAY ** FISHER_EVERY: the same ~50-step average,
+    fewer passes. Where the size budget's saliency weighs each weight by it, every step's."""
+    torch.manual_seed(5)
+    w = torch.nn.Parameter(torch.randn(4, 10))
+    q = ZeroLevelLSQWeight(w.detach(), bits=4)
+    q.fisher_for_saliency = saliency
+    every = 1 if saliency else lw.FISHER_EVERY
+    decay = lw.FISHER_DECAY ** every
+    expected, folds = None, []
+    for step in range(1, 3 * lw.FISHER_EVERY + 2):
+        out = q(w)
+        g = torch.randn_like(out)
+        (out * g).sum().backward()
+        before = q.fisher.value.clone()
+        q.width_step(w, batch_size=2, step=step)
+        if not torch.equal(q.fisher.value, before):
+            folds.append(step)
+            expected = 2 * g * g if expected is None else decay * expected + (1 - decay) * 2 * g * g
+        assert not q.fisher.fold(batch_size=2, step=step)  # once a step
+    assert folds == [1] + [s for s in range(2, 3 * lw.FISHER_EVERY + 2) if s % every == 0]
+    torch.testing.assert_close(q.fisher.estimate(), expected)
+
+
+def test_the_noise_price_is_computed_when_the_estimate_moves_and_resumes_with_the_state():
+    """Between folds the width is priced with the noise computed at the last fold (kept in the
+    quantizer's state): a copy loaded from that state prices the next step exactly as the original."""
+    torch.manual_seed(6)
+    w = torch.nn.Parameter(torch.randn(8, 32))
+    q = ZeroLevelLSQWeight(w.detach(), bits=4)
+
+    def step(layer, s):
+        out = layer(w)
+        (out * torch.randn_like(out, generator=torch.Generator().manual_seed(s))).sum().backward()
+        layer.bits_raw.grad = None
+        layer.width_step(w, batch_size=4, step=s)
+        return float(layer.bits_raw.grad), float(layer.width_noise)
+
+    _, noise_at_fold = step(q, lw.FISHER_EVERY)
+    with torch.no_grad():
+        q.dead_zone_raw.add_(0.5)  # fewer kept weights: a noise computed now would be smaller
+    grad, noise = step(q, lw.FISHER_EVERY + 1)  # no fold: the noise of the last fold prices the step
+    assert noise == noise_at_fold and grad != 0
+    resumed = ZeroLevelLSQWeight(w.detach(), bits=4)
+    resumed.load_state_dict(q.state_dict())
+    assert step(resumed, lw.FISHER_EVERY + 2) == step(q, lw.FISHER_EVERY + 2)
+    _, refreshed = step(q, 2 * lw.FISHER_EVERY)  # the next fold prices the kept weights as they are
+    assert refreshed != noise_at_fold

@@ -133,8 +133,9 @@ def _compare_trajectories():
     assert zero_level_compiled._STATE["kernels"] is None and not zero_level_compiled._STATE["broken"]
     assert all(bool(q.pattern_fixed) for q in fast_q)  # the run crossed the freeze
     for (name, a), (_, b) in zip(eager_model.state_dict().items(), fast_model.state_dict().items()):
-        # float rounding: the compiled backward sums per channel in another order (~1e-7 relative a step)
-        assert a.dtype != torch.float32 or torch.allclose(a, b, rtol=1e-6, atol=1e-6), name
+        # float rounding: the compiled backward sums per channel in another order (~1e-7 relative a
+        # step), and the difference grows along the run (up to 1.6e-6 on a weight of 0.45 here)
+        assert a.dtype != torch.float32 or torch.allclose(a, b, rtol=1e-5, atol=2e-6), name
     with torch.no_grad():
         for a, b in zip(eager_model, fast_model):
             if hasattr(a, "weight"):

@@ -35,6 +35,10 @@ from .zero_level_kernel import qmax_of
 
 HYSTERESIS = 0.25  # the held width moves when the relaxed one is this far past the rounding boundary
 FISHER_DECAY = 0.98  # the Fisher estimate averages the last ~50 steps' squared gradients
+# where only the learned width's noise price reads the estimate (a sum over the layer, not per weight),
+# a training run folds one step's gradient in this many (the folds were a tenth of a joint step on
+# LeNet-300-100); the size budget's saliency weighs each weight by it and folds every step
+FISHER_EVERY = 4
 MIN_DEAD_ZONE_GAP = 0.02  # a moved dead zone stays this far above 0.5 (softplus keeps a usable slope)
 MAX_DEAD_ZONE_GAP = 1e4  # a channel with nothing kept: its dead zone stays finite
 STEP_CANDIDATES = torch.exp(torch.linspace(math.log(0.1), math.log(1.6), 48))  # times the range-keeping step
@@ -128,18 +132,26 @@ class FisherDiagonal:
             self.pending = g if self.pending is None else self.pending + g
 
     @torch.no_grad()
-    def fold(self, batch_size: int) -> None:
-        """This step's gradient into the estimate (once: a second call in the step does nothing)."""
+    def fold(self, batch_size: int, step: int | None = None, every: int = 1) -> bool:
+        """This step's gradient into the estimate (once: a second call in the step does nothing).
+        With `every` > 1 and the training step given, only every `every`-th step's gradient is
+        folded (and the first one caught, so the estimate starts at once), with the decay of as many
+        steps: the same ~50-step average for fewer passes over the weights. Returns whether the
+        estimate moved."""
         self.watched = None
-        if self.pending is None:
-            return
-        g = self.pending
-        if bool(self.seen):  # two passes over the weights, no temporary: value = d * value + (1 - d) * B * g^2
-            self.value.mul_(FISHER_DECAY).addcmul_(g, g, value=(1 - FISHER_DECAY) * float(batch_size))
+        g, self.pending = self.pending, None
+        if g is None:
+            return False
+        seen = bool(self.seen)
+        if seen and step is not None and step % every:
+            return False
+        if seen:  # two passes over the weights, no temporary: value = d * value + (1 - d) * B * g^2
+            decay = FISHER_DECAY ** every
+            self.value.mul_(decay).addcmul_(g, g, value=(1 - decay) * float(batch_size))
         else:
             torch.mul(g, g, out=self.value).mul_(float(batch_size))
             self.seen.fill_(True)
-        self.pending = None
+        return True
 
     def estimate(self) -> torch.Tensor | None:
         return self.value if bool(self.seen) else None

@@ -228,7 +228,7 @@ class SizeBudget(Landing, Technique):
         batch = ctx.batch_targets if ctx.batch_targets is not None else ctx.batch_inputs
         batch_size = len(batch) if batch is not None and hasattr(batch, "__len__") else 1
         for m, q in self.layers.values():  # the weight the forward read: its gate is reused
-            q.width_step(m.parametrizations.weight.original, batch_size)
+            q.width_step(m.parametrizations.weight.original, batch_size, step=ctx.step)
         if self.saliency is None:
             return
         self.saliency.accumulate(batch_size)

@@ -245,6 +245,8 @@ class ZeroLevelLSQWeight(LSQWeight):
             self.register_buffer("width_fisher", torch.zeros(self.keep.shape, dtype=self.log_step.dtype,
                                                              device=self.keep.device))
             self.register_buffer("width_fisher_seen", torch.zeros((), dtype=torch.bool, device=self.keep.device))
+            # its price of the grid's rounding noise (width_step; negative: not computed yet)
+            self.register_buffer("width_noise", torch.tensor(-1.0, device=self.keep.device))
 
     @property
     def fisher(self) -> lw.FisherDiagonal:
@@ -263,13 +265,14 @@ class ZeroLevelLSQWeight(LSQWeight):
         return self.learn_bits and self.max_bits > self.min_bits and not fixed and self.bits_raw.requires_grad
 
     @torch.no_grad()
-    def width_step(self, w: torch.Tensor, batch_size: int, price: float = 1.0) -> None:
+    def width_step(self, w: torch.Tensor, batch_size: int, price: float = 1.0, step: int | None = None) -> None:
         """Before the optimizer step: move the held width if the relaxed one has left its
         hysteresis band, then add the rounding noise's price to the relaxed width's gradient
-        (the size term's pull is there already, through bits_ste)."""
+        (the size term's pull is there already, through bits_ste). `step`: the training step,
+        which paces the Fisher estimate's folds where only this price reads it (lw.FISHER_EVERY)."""
         if not self.learns_width():
             return
-        self.fisher.fold(batch_size)
+        folded = self.fisher.fold(batch_size, step, 1 if self.fisher_for_saliency else lw.FISHER_EVERY)
         # bits_continuous(), its sigmoid kept for the gradient below: scalar work in Python floats
         # (as 0-d tensors, a dozen operations of a few µs each per layer and step)
         sb = float(torch.sigmoid(self.bits_raw))
@@ -279,17 +282,28 @@ class ZeroLevelLSQWeight(LSQWeight):
         new = lw.next_width(relaxed, held, self.min_bits, self.max_bits)
         if new != held:
             self._change_width(w, new)
-        fisher = self.fisher.estimate()
-        if fisher is None:
+        noise = self._rounding_noise(w, refresh=folded or new != held)
+        if noise is None:
             return
-        # the gate of this step's forward (0/1 floats; a held width that just moved re-derives it)
-        current = self._current(w)
-        kept = self.last_gate if self.last_gate is not None and current else self.hard_keep(w)
-        s = self.last_step if self.last_step is not None and current else self.effective_step().detach()
-        cost = float(0.5 * price * (fisher * kept).mul_(s.pow(2) / 12.0).sum())
-        slope = lw.noise_cost_slope(cost, int(self.held_bits), relaxed, self.min_bits, self.max_bits)
+        slope = lw.noise_cost_slope(0.5 * price * noise, int(self.held_bits), relaxed, self.min_bits, self.max_bits)
         grad = slope * span * sb * (1 - sb)
         self.bits_raw.grad = torch.full_like(self.bits_raw, grad) if self.bits_raw.grad is None else self.bits_raw.grad + grad
+
+    def _rounding_noise(self, w: torch.Tensor, refresh: bool) -> float | None:
+        """sum over the kept weights of F * s^2 / 12: the grid's rounding noise, priced by the
+        Fisher diagonal F (None before there is an estimate). Computed again when the estimate or
+        the width moved, else the value in `width_noise` (a buffer, so a resumed run prices as the
+        uninterrupted one did): between folds only the kept set and the step drift, slowly."""
+        fisher = self.fisher.estimate()
+        if fisher is None:
+            return None
+        if refresh or float(self.width_noise) < 0:
+            # the gate of this step's forward (0/1 floats; a held width that just moved re-derives it)
+            current = self._current(w)
+            kept = self.last_gate if self.last_gate is not None and current else self.hard_keep(w)
+            s = self.last_step if self.last_step is not None and current else self.effective_step().detach()
+            self.width_noise.fill_(float((fisher * kept).mul_(s.pow(2) / 12.0).sum()))
+        return float(self.width_noise)
 
     @torch.no_grad()
     def _change_width(self, w: torch.Tensor, new: int) -> None:
@@ -310,6 +324,6 @@ def _keep_missing_fisher(module, state_dict, prefix, *args) -> None:
     """A state saved before this quantizer held a Fisher estimate (fixed widths with the size
     budget's saliency, which kept its own copy in the budget's state) loads with the estimate
     as it is now: the budget's state (loaded before or after the model) fills it."""
-    for name in ("width_fisher", "width_fisher_seen"):
+    for name in ("width_fisher", "width_fisher_seen", "width_noise"):
         if name in module._buffers and prefix + name not in state_dict:
             state_dict[prefix + name] = module._buffers[name].detach().clone()
