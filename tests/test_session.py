@@ -10,6 +10,7 @@ import torch.nn as nn
 
 import jointcompress
 from jointcompress import DataError, RecipeError, compress
+from jointcompress.techniques import learned_width as lw
 from jointcompress.techniques.distill_kd import kd_loss
 
 RECIPE = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.6, "end": 0.5},
@@ -74,6 +75,44 @@ def test_user_loop_checkpoint_resumes_bit_for_bit(tmp_path):
         assert torch.equal(a[k], b[k]), k
     p = next(t for t in session.techniques if t.kind == "prune_unstructured")
     assert abs(p.achieved_sparsity() - 0.6) < 0.01 and p.at_target()
+
+
+LEARNED_WIDTHS = {"techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True, "learn_bits": True, "compile": False},
+                                 {"type": "size_budget", "target_bytes": 400.0, "end": 0.6, "freeze": 0.8}],
+                  "coordination": {"strategy": "pcgrad", "every": 2}}
+
+
+def test_learned_widths_resume_bit_for_bit_between_the_fisher_folds(tmp_path):
+    """The checkpoint falls between two folds of the Fisher estimate (steps 4 and 8): the resumed
+    run prices the widths with the noise of the last fold, from the state, as the original did."""
+    x, y = _data(n=96)  # 3 batches an epoch: the checkpoint at step 6
+
+    def start(seed):
+        model = _mlp(seed)
+        session = jointcompress.prepare(model, LEARNED_WIDTHS, total_steps=12)
+        optimizer = torch.optim.Adam(session.param_groups(lr=1e-2))
+        session.bind(optimizer)
+        return model, session, optimizer
+
+    model, session, opt = start(0)
+    _train(model, session, opt, range(4), x, y)
+    m2, s2, o2 = start(0)
+    _train(m2, s2, o2, range(2), x, y)
+    assert s2.step == 6 and 6 % lw.FISHER_EVERY
+    torch.save({"model": m2.state_dict(), "opt": o2.state_dict(), "session": s2.state_dict()}, tmp_path / "ck.pt")
+    ck = torch.load(tmp_path / "ck.pt", weights_only=True)
+    m3, s3, o3 = start(5)
+    s3.load_state_dict(ck["session"])
+    # step 6's schedule update ran before the save: the techniques must still read step 6, not
+    # the step of the last attach event the rebuild replayed (0)
+    assert ck["session"]["begun"] and s3.ctx.step == 6
+    m3.load_state_dict(ck["model"])
+    o3.load_state_dict(ck["opt"])
+    _train(m3, s3, o3, range(2, 4), x, y)
+    a, b = model.state_dict(), m3.state_dict()
+    assert any(k.endswith("width_noise") and float(v) > 0 for k, v in a.items())
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_technique_parameters_that_attach_later_join_the_bound_optimizer():

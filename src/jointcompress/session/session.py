@@ -279,6 +279,9 @@ class CompressionSession:
         set_python_rng_state(state["coordinator"]["rng"], self.coordinator.rng)
         self.teacher_cache = TeacherCache.from_state(state.get("teacher_cache"))
         self._begun = self.step if state.get("begun") else None
+        # what the techniques read as the step: the rebuild left it at the last event's, and a
+        # step whose schedule update ran before the save does not run it again
+        self.ctx.step = self.step
 
     # -- the end -------------------------------------------------------------------------------
     def finish_schedule(self) -> None:
