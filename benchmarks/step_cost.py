@@ -21,7 +21,8 @@ decision window.
 `paced_none_autograd_saliency`: `paced_none` with the Fisher saliency's dead-zone gradient taken
 through an autograd graph, as before its closed form (techniques/saliency.py).
 `*_before_fused`: the step with the multi-tensor Adam, the size term recorded through autograd and
-the Fisher fold with a temporary, as before the fused Adam, SizeTerm and the one-pass fold.
+the Fisher fold with a temporary on every step, as before the fused Adam, SizeTerm, the one-pass fold
+and the learned width's paced folds (learned_width.FISHER_EVERY).
 `*_torch_compile`: the step with the quantizer's compiled kernels called through torch.compile
 (TorchDynamo's guards and wrappers on every call), as before techniques/traced_kernel.py.
 
@@ -171,8 +172,9 @@ def as_before_fused(stepper):
     """`stepper` with the optimizer, the size term and the Fisher fold as they were before the fused
     Adam (session.fused_or_foreach), the size term's single node (size_budget.SizeTerm) and the
     two-pass fold (learned_width.FisherDiagonal.fold): the multi-tensor Adam, the size term recorded
-    through autograd (estimate()), the fold with a temporary. The same numbers to float rounding:
-    the reference the speed-up of those three is read against."""
+    through autograd (estimate()), the fold with a temporary, every step (the learned width's noise
+    price then computed every step too). The same numbers to float rounding, except the learned
+    width's price between the paced folds: the reference the speed-up of those four is read against."""
     from jointcompress.techniques.learned_width import FISHER_DECAY
 
     session = stepper.trainer.session

@@ -323,7 +323,8 @@ class ZeroLevelLSQWeight(LSQWeight):
 def _keep_missing_fisher(module, state_dict, prefix, *args) -> None:
     """A state saved before this quantizer held a Fisher estimate (fixed widths with the size
     budget's saliency, which kept its own copy in the budget's state) loads with the estimate
-    as it is now: the budget's state (loaded before or after the model) fills it."""
+    as it is now: the budget's state (loaded before or after the model) fills it. One saved
+    before the width's noise price was kept loads without it: the next step computes it."""
     for name in ("width_fisher", "width_fisher_seen", "width_noise"):
         if name in module._buffers and prefix + name not in state_dict:
             state_dict[prefix + name] = module._buffers[name].detach().clone()
