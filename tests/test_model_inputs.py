@@ -74,3 +74,27 @@ def test_dict_batches_to_a_forward_without_labels_name_both_fixes():
     with pytest.raises(DataError) as err:
         compress(TwoInputs(), STRUCTURED, DataLoader(Pairs(named=True), batch_size=16), lambda m: {"accuracy": 0.0})
     assert "labels=None" in str(err.value) and "((x1, x2, ...), labels)" in str(err.value)
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_latency_tables_and_bench_feed_a_model_of_two_inputs(named):
+    """The latency allocator's layer survey and timings and bench's MAC count cut and call the
+    example inputs as the model takes them (they called model(example[:1]))."""
+    from jointcompress.bench import batch_of, count_macs
+    from jointcompress.graph import discover_groups
+    from jointcompress.latency_targets import layer_sites, timed_ms
+
+    x1, x2, _ = _tensors()
+    model = (NamedInputs if named else TwoInputs)().eval()
+    example = {"x1": x1[:4], "x2": x2[:4]} if named else (x1[:4], x2[:4])
+    three = batch_of(example, 3)
+    eight = batch_of(example, 8)  # more than the example holds: its first sample repeated
+    parts = list(three.values()) if named else list(three)
+    assert [tuple(t.shape) for t in parts] == [(3, 10), (3, 6)]
+    first = eight["x2"] if named else eight[1]
+    assert first.shape == (8, 6) and torch.equal(first[7], x2[0])
+    assert count_macs(model, example) == 10 * 32 + 6 * 32 + 32 * 32 + 32 * 4
+    groups, _ = discover_groups(model, example)
+    sites = layer_sites(model, example, groups)
+    assert {n: s.cin for n, s in sites.items()} == {"a": 10, "b": 6, "hidden": 32, "head": 32}
+    assert timed_ms(model, example, batch=4, rounds=2, repeats=1) > 0

@@ -20,6 +20,7 @@ import torch.nn as nn
 from .artifact.size import dense_fp32_bytes
 from .deploy.timing import DEFAULT_THREADS, Timing, time_contenders
 from .layer_types import COMPRESSIBLE
+from .model_call import call_model
 
 
 def count_params(model: nn.Module) -> dict[str, int]:
@@ -27,8 +28,9 @@ def count_params(model: nn.Module) -> dict[str, int]:
     return {"total": sum(p.numel() for p in params), "nonzero": sum(int((p != 0).sum()) for p in params)}
 
 
-def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
-    """Multiply-accumulates of one sample through every Linear and convolution (forward hooks)."""
+def count_macs(model: nn.Module, example_input) -> int:
+    """Multiply-accumulates of one sample through every Linear and convolution (forward hooks);
+    the example: the model's inputs (batch_of)."""
     total = 0
 
     def hook(mod, inp, out):
@@ -40,7 +42,7 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, COMPRESSIBLE)]
     try:
         with torch.inference_mode():
-            model.eval()(example_input[:1])
+            call_model(model.eval(), batch_of(example_input, 1))
     finally:
         for h in hooks:
             h.remove()
@@ -53,8 +55,16 @@ def dir_bytes(path: str | os.PathLike) -> int:
     return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
-def batch_of(example_input: torch.Tensor, n: int) -> torch.Tensor:
-    """`n` samples: the first n of the example if it has them, else its first sample repeated."""
+def batch_of(example_input, n: int):
+    """`n` samples: the first n of the example if it has them, else its first sample repeated.
+    The example is a tensor, or a tuple / list / dict of them (a model with several inputs; see
+    model_call.py): each tensor is cut along its first dimension, anything else kept as it is."""
+    if isinstance(example_input, dict):
+        return {k: batch_of(v, n) for k, v in example_input.items()}
+    if isinstance(example_input, (tuple, list)):
+        return type(example_input)(batch_of(v, n) for v in example_input)
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() == 0:
+        return example_input
     if example_input.shape[0] >= n:
         return example_input[:n].contiguous()
     return example_input[:1].expand(n, *example_input.shape[1:]).contiguous()
@@ -74,7 +84,8 @@ def timed_sides(sides: dict, example_input: torch.Tensor, batch_sizes, runs: int
     out = {}
     for bs in batch_sizes:
         x = batch_of(example_input, bs)
-        out[bs] = time_contenders({s: (lambda m=m: m(x)) for s, m in sides.items()}, threads=threads, rounds=runs)
+        out[bs] = time_contenders({s: (lambda m=m: call_model(m, x)) for s, m in sides.items()}, threads=threads,
+                                  rounds=runs)
     return out
 
 

@@ -32,11 +32,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .bench import batch_of
 from .block_drop import allocation_base
 from .deploy.timing import DEFAULT_THREADS, steady_ms, time_contenders
 from .graph import PRUNABLE_ROOTS, ChannelGroup, build_graph, discover_groups
 from .latency_knee import TOLERANCE, give_back_within
 from .layer_types import CONVOLUTIONS
+from .model_call import call_model
 
 MAX_CONFIRM = 3  # allocate -> time -> tighten rounds
 CALIBRATED = 0.85  # calibrate=True stops once a model measures within 15% under the target
@@ -92,7 +94,7 @@ def layer_sites(model: nn.Module, example_inputs, groups: list[ChannelGroup]) ->
              for n, m in model.named_modules() if isinstance(m, PRUNABLE_ROOTS)]
     try:
         with torch.no_grad():
-            model.eval()(example_inputs[:1])
+            call_model(model.eval(), batch_of(example_inputs, 1))
     finally:
         for h in hooks:
             h.remove()
@@ -207,8 +209,6 @@ def measure_table(model: nn.Module, example_inputs, batch: int, threads: int = D
                   rounds: int = 15, groups: list[ChannelGroup] | None = None) -> LatencyTable:
     """Time every prunable layer alone at a grid of widths in PyTorch fp32 (deploy.timing),
     and the rest of the model as the full model's time minus its layers' at full width."""
-    from .bench import batch_of
-
     groups = groups if groups is not None else discover_groups(model, example_inputs)[0]
     channels = {g.name: g.channels for g in groups}
     sites = layer_sites(model, example_inputs, groups)
@@ -233,12 +233,10 @@ def measure_table(model: nn.Module, example_inputs, batch: int, threads: int = D
 def fit_rest(table: LatencyTable, model: nn.Module, example_inputs, sites, channels, rounds: int) -> None:
     """Fit the constant and the per-activation cost from the full model and a half-width copy,
     timed together: measured - tabled layers = constant + activation_ms * elements."""
-    from .bench import batch_of
-
     half = {g: allowed_widths(c)[len(allowed_widths(c)) // 2] for g, c in channels.items()}
     models = {"full": (model.eval(), channels), "half": (shrunk_to(model, example_inputs, half), half)}
     x = batch_of(example_inputs, table.batch)
-    t = time_contenders({k: (lambda m=m: m(x)) for k, (m, _) in models.items()}, threads=table.threads,
+    t = time_contenders({k: (lambda m=m: call_model(m, x)) for k, (m, _) in models.items()}, threads=table.threads,
                         rounds=rounds, warmup=2, alone_runs=3)
     rest = {k: t.interleaved_ms[k] - table.predict(sites, w, channels) for k, (_, w) in models.items()}
     elems = {k: activations(sites, w, channels) / 1e6 for k, (_, w) in models.items()}
@@ -556,11 +554,9 @@ def unreachable(target, table: LatencyTable, sites, channels: dict[str, int], mi
 def timed_ms(model: nn.Module, example_inputs, batch: int, threads: int = DEFAULT_THREADS, rounds: int = 30,
              repeats: int = REPEATS) -> float:
     """Ms of one model at `batch`: the least of `repeats` medians (deploy.timing.steady_ms)."""
-    from .bench import batch_of
-
     x = batch_of(example_inputs, batch)
     model = model.eval()
-    return steady_ms(lambda: model(x), threads, rounds, repeats)
+    return steady_ms(lambda: call_model(model, x), threads, rounds, repeats)
 
 
 # -- physically shrunk copies ------------------------------------------------------------
