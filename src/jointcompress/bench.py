@@ -76,7 +76,7 @@ def interleaved_latency(fns: dict[str, Callable[[], object]], runs: int = 50, wa
     return time_contenders(fns, threads=threads, rounds=runs, warmup=warmup).interleaved_ms
 
 
-def timed_sides(sides: dict, example_input: torch.Tensor, batch_sizes, runs: int, threads: int) -> dict[int, Timing]:
+def timed_sides(sides: dict, example_input, batch_sizes, runs: int, threads: int) -> dict[int, Timing]:
     """One honest timing per batch size of every side (an ORT int8 side is re-made with `threads`)."""
     from .deploy.int8 import Int8Model
 
@@ -89,14 +89,14 @@ def timed_sides(sides: dict, example_input: torch.Tensor, batch_sizes, runs: int
     return out
 
 
-def bench(model_before: nn.Module, model_after, example_input: torch.Tensor,
+def bench(model_before: nn.Module, model_after, example_input,
           eval_fn: Callable[[object], float] | None = None, artifact_dir: str | os.PathLike | None = None,
           runs: int = 50, batch_sizes: tuple[int, ...] = (1, 64), threads: int = DEFAULT_THREADS) -> dict:
     """Measure both models; returns a JSON-able dict {"before": {...}, "after": {...}, "ratios": {...}}.
 
     `model_after` may be an nn.Module or any callable (e.g. an int8 model); parameters and MACs
     are only counted for modules. `eval_fn(model) -> accuracy` is called on each side.
-    Latency: `threads` threads for both sides, timed by deploy.timing (recorded in "timing").
+    `example_input`: the models' inputs, a tensor or a tuple / dict of them (batch_of). Latency: `threads` threads for both sides, timed by deploy.timing (recorded in "timing").
     """
     model_before.eval()
     if isinstance(model_after, nn.Module):
