@@ -140,15 +140,20 @@ def check_layers(model: nn.Module, cfg, i: int) -> None:
     from .techniques.base import selected_layers
 
     where = f"techniques[{i}] ({cfg.type})"
-    tied = tied_weights(model)
-    for name, layer in selected_layers(model, cfg).items():
+    # both ways: whichever module comes first, compressing either changes the other at finalize
+    pairs = tied_weights(model)
+    tied = {**{b: a for a, b in pairs.items()}, **pairs}
+    selected = selected_layers(model, cfg)
+    for name, layer in selected.items():
         problem = weight_problem(layer)
         if problem is not None:
             raise UnsupportedModelError(f"{where}: layer '{name}' cannot be compressed as it is: {problem}")
         if name in tied:
+            other = tied[name]
             raise RecipeError(
-                f"{where}: layer '{name}' shares its weight with '{tied[name]}' (tied embeddings); compressing it would "
-                f"change '{tied[name]}' too when finalize bakes the weight. Add '{name}' to exclude"
+                f"{where}: layer '{name}' shares its weight with '{other}' (tied embeddings); compressing it would "
+                f"change '{other}' too when finalize bakes the weight. Add '{name}'"
+                + (f" and '{other}'" if other in selected else "") + " to exclude"
             )
     conv1d = [n for n, m in model.named_modules() if is_conv1d(m) and matches(n, cfg.targets) and not matches(n, cfg.exclude)]
     if conv1d:

@@ -56,6 +56,7 @@ class PruneUnstructured(MaskSchedule):
     sparsity: Annotated[float, Field(ge=0.0, le=0.999)] | None = None
     criterion: Literal["magnitude", "learned"] = "magnitude"
     min_keep: Fraction = 0.01
+    embeddings: bool = False  # also nn.Embedding tables (rows as channels); off: they are not pruned
     # per-layer targets (layer name -> sparsity), e.g. from a size-target allocator; needs scope: layer
     layer_sparsity: dict[str, Annotated[float, Field(ge=0.0, le=0.999)]] | None = None
 
@@ -79,6 +80,8 @@ class QuantLSQ(Selection):
     start: Fraction = 0.0
     regularization: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
     step_lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
+    # also nn.Embedding tables (a step per row, as a Linear has per output channel); off: stored as they are
+    embeddings: bool = False
     # per-layer bit-widths (layer name -> bits), e.g. from a size-target allocator
     layer_bits: dict[str, Annotated[int, Field(ge=2, le=8)]] | None = None
     # zero as a quantizer level: a learned per-channel dead zone prunes (techniques/zero_level.py)

@@ -31,7 +31,7 @@ from .errors import RecipeError
 from .recipe import Recipe, parse_recipe
 from .schedules import progress, ramp
 from .techniques.base import selected_layers
-from .techniques.norm_storage import bake_norm_storage, norm_format_hint, norm_state_keys, round_norms
+from .techniques.norm_storage import bake_norm_storage, embedding_hint, norm_format_hint, norm_state_keys, round_norms
 from .techniques.pruning import key as prune_key
 from .latency_targets import allocate_latency, resolve_latency, shrunk_copy  # noqa: E402,F401  (latency targets)
 
@@ -300,7 +300,7 @@ def choose_bits(cand: Candidate, base: dict[str, int], sparsest: dict, dense: di
                 f"{MAX_LAYER_SPARSITY:.1%} sparsity) is {cand.file_bytes(sparsest, bits(shift)):,} B: "
                 f"{floor_detail(*cand.build(sparsest, bits(shift)))}. Raise target.size_kb (or lower "
                 "target.ratio), or lower prune_unstructured.min_keep" + norm_format_hint(cand.model)
-                + conversion_hint(cand.model)
+                + embedding_hint(cand.model, cand.quant_layers) + conversion_hint(cand.model)
             )
         shift -= 1
     while shift >= 0 and any(b < 8 for b in bits(shift).values()) and cand.file_bytes(dense, bits(shift)) < goal:

@@ -91,10 +91,13 @@ class Technique:
         pass
 
 
-def selected_layers(model: nn.Module, cfg, types=COMPRESSIBLE) -> dict[str, nn.Module]:
-    """The layers a technique's `targets`/`exclude` patterns select, in model order."""
+def selected_layers(model: nn.Module, cfg, types=None) -> dict[str, nn.Module]:
+    """The layers a technique's `targets`/`exclude` patterns select, in model order: Linear and
+    convolution layers, and embedding tables where the technique's `embeddings` is set."""
     from ..graph import matches
 
+    if types is None:
+        types = COMPRESSIBLE + (nn.Embedding,) if getattr(cfg, "embeddings", False) else COMPRESSIBLE
     return {
         n: m
         for n, m in model.named_modules()

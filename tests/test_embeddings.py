@@ -1,0 +1,89 @@
+"""Embedding tables: quantized (and pruned) when a technique's `embeddings` switch asks for it,
+under a size target as well; named by the size errors otherwise; refused when tied to another
+layer's weight, whichever of the two the model registers first."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from jointcompress import RecipeError, compress, finalize
+from jointcompress.artifact import load, save
+from jointcompress.artifact.size import dense_fp32_bytes
+from jointcompress.recipe import QuantLSQ
+from jointcompress.targets import TargetError
+from jointcompress.techniques.base import selected_layers
+
+
+class Bag(nn.Module):
+    """Mean of token embeddings, then an MLP: the table is most of the file."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.l1, self.ln, self.out = nn.Embedding(50, 16), nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 4)
+
+    def forward(self, tokens):
+        return self.out(F.gelu(self.ln(self.l1(self.emb(tokens).mean(1)))))
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 50, (256, 7), generator=g)
+    return x, (x[:, 0] > 25).long() + 2 * (x[:, 1] > 25).long()
+
+
+def _joint(embeddings: bool) -> dict:
+    return {"mode": "joint", "target": {"ratio": 6}, "training": {"epochs": 3, "batch_size": 32},
+            "techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True, "embeddings": embeddings},
+                           {"type": "size_budget"}, {"type": "distill_kd"}]}
+
+
+def test_embeddings_are_left_out_unless_asked():
+    assert list(selected_layers(Bag(), QuantLSQ(type="quant_lsq"))) == ["l1", "out"]
+    assert list(selected_layers(Bag(), QuantLSQ(type="quant_lsq", embeddings=True))) == ["emb", "l1", "out"]
+
+
+def test_a_size_target_quantizes_the_table_when_asked_and_lands(tmp_path):
+    x, y = _data()
+    teacher = Bag().eval()
+    model = copy.deepcopy(teacher)
+    res = compress(model, _joint(True), (x, y), lambda m: {"accuracy": 0.0}, teacher=teacher)
+    model.eval()
+    masked = model(x[:32]).detach()
+    spec = finalize(model, res.example_inputs)
+    assert torch.equal(model(x[:32]), masked)  # finalize keeps the logits
+    assert "emb" in spec.layers and 2 <= spec.layers["emb"].bits <= 8
+    save(model, spec, tmp_path / "a", example_inputs=res.example_inputs)
+    target = dense_fp32_bytes(teacher) / 6
+    assert abs((tmp_path / "a" / "weights.jcw").stat().st_size / target - 1) < 0.02
+    assert torch.equal(load(tmp_path / "a", Bag)(x[:32]), masked)
+
+
+def test_without_the_switch_the_size_error_names_the_table_and_the_switch():
+    x, y = _data()
+    teacher = Bag().eval()
+    with pytest.raises(TargetError, match=r"embedding tables \(emb\) hold 3,200 B .* quant_lsq.embeddings: true"):
+        compress(copy.deepcopy(teacher), _joint(False), (x, y), lambda m: {"accuracy": 0.0}, teacher=teacher)
+
+
+class TiedHeadFirst(nn.Module):
+    """The output layer registered before the embedding that shares its weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(16, 40, bias=False)
+        self.emb = nn.Embedding(40, 16)
+        self.emb.weight = self.head.weight
+
+    def forward(self, t):
+        return self.head(self.emb(t).mean(1))
+
+
+@pytest.mark.parametrize("embeddings, fix", [(False, "Add 'head' to exclude"), (True, "Add 'head' and 'emb' to exclude")])
+def test_a_tied_weight_is_refused_whichever_module_comes_first(embeddings, fix):
+    x = torch.randint(0, 40, (64, 5))
+    recipe = {"techniques": [{"type": "quant_lsq", "bits": 4, "embeddings": embeddings}], "training": {"epochs": 1}}
+    with pytest.raises(RecipeError, match=fix):
+        compress(TiedHeadFirst(), recipe, (x, torch.randint(0, 40, (64,))), lambda m: {"accuracy": 0.0})
