@@ -31,8 +31,9 @@ from .errors import RecipeError
 from .recipe import Recipe, parse_recipe
 from .schedules import progress, ramp
 from .techniques.base import selected_layers
-from .techniques.norm_storage import bake_norm_storage, embedding_hint, norm_format_hint, norm_state_keys, round_norms
+from .techniques.norm_storage import bake_norm_storage, norm_format_hint, norm_state_keys, round_norms
 from .techniques.pruning import key as prune_key
+from .techniques.size_estimate import embedding_hint
 from .latency_targets import allocate_latency, resolve_latency, shrunk_copy  # noqa: E402,F401  (latency targets)
 
 TOLERANCE = 0.02  # the promise: within 2% of the target

@@ -139,17 +139,3 @@ def norm_format_hint(model: nn.Module) -> str:
     if not wide:
         return ""
     return f"; normalization layers hold {wide:,} B of it in fp32: quant_lsq.norm_format: fp16 stores them in half"
-
-
-def embedding_hint(model: nn.Module, quantized=()) -> str:
-    """A sentence for size errors: the bytes of embedding tables stored in fp32 (not among the
-    `quantized` layer names, nor parametrized by a quantizer), if any, and the setting that
-    quantizes them."""
-    tables = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding)
-              and n not in quantized and not hasattr(m, "parametrizations")]
-    if not tables:
-        return ""
-    total = sum(m.weight.numel() * 4 for _, m in tables)
-    return (f"; embedding tables ({', '.join(n for n, _ in tables[:3])}{' ...' if len(tables) > 3 else ''}) hold "
-            f"{total:,} B of it in fp32: quant_lsq.embeddings: true quantizes them too")
-

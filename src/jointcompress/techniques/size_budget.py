@@ -115,15 +115,15 @@ class SizeBudget(Landing, Technique):
             return
         from ..conversions import conversion_hint
         from ..targets import TargetError
-        from .norm_storage import embedding_hint, norm_format_hint
-        from .size_estimate import fixed_bytes_detail
+        from .norm_storage import norm_format_hint
+        from .size_estimate import embedding_hint, fixed_bytes_detail
 
         raise TargetError(
             f"target: {self.config.target_bytes:,.0f} B cannot be reached: {self.fixed:,.0f} B of the weights file do "
             f"not depend on what the run decides ({fixed_bytes_detail(model)}). Raise target.size_kb (or lower "
             "target.ratio) well above that: quant_lsq compresses only the Linear and convolution weights (and with "
-            "`embeddings: true` the embedding tables) its targets select, everything else is stored as it is" + norm_format_hint(model) + embedding_hint(model)
-            + conversion_hint(model))
+            "`embeddings: true` the embedding tables) its targets select, everything else is stored as it is"
+            + norm_format_hint(model) + embedding_hint(model) + conversion_hint(model))
 
     def note_slack(self) -> None:
         """A target the model already meets before any decision: learned widths can spend the
