@@ -87,3 +87,23 @@ def test_a_tied_weight_is_refused_whichever_module_comes_first(embeddings, fix):
     recipe = {"techniques": [{"type": "quant_lsq", "bits": 4, "embeddings": embeddings}], "training": {"epochs": 1}}
     with pytest.raises(RecipeError, match=fix):
         compress(TiedHeadFirst(), recipe, (x, torch.randint(0, 40, (64,))), lambda m: {"accuracy": 0.0})
+
+
+def test_a_token_model_with_its_table_quantized_deploys_to_int8():
+    """Token ids reach ONNX Runtime as the integers the exported graph declares (they were cast
+    to float32, which the session refused), and the table keeps ONNX Runtime's own scale."""
+    from jointcompress.deploy.int8 import quantize_int8
+    from jointcompress.deploy.onnx_export import ort_input
+
+    assert ort_input(torch.tensor([[1, 2]])).dtype == torch.int64
+    assert ort_input(torch.ones(2, dtype=torch.float64)).dtype == torch.float32
+    x, y = _data()
+    model = Bag()
+    recipe = {"techniques": [{"type": "quant_lsq", "bits": 8, "embeddings": True}], "training": {"epochs": 2, "batch_size": 32}}
+    res = compress(model, recipe, (x, y), lambda m: {"accuracy": 0.0})
+    model.eval()
+    spec = finalize(model, res.example_inputs)
+    int8 = quantize_int8(model, spec, x[:64], x[:2])
+    out, ref = int8(x[:64]), model(x[:64]).detach()
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()

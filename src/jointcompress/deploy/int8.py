@@ -47,8 +47,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import JointCompressError
+from ..layer_types import COMPRESSIBLE
 from ..spec import CompressionSpec
-from .onnx_export import export_onnx, ort_predict, ort_session
+from .onnx_export import export_onnx, ort_input, ort_predict, ort_session
 from .parity import ParityReport, batches, compare
 from .timing import DEFAULT_THREADS
 
@@ -98,6 +99,10 @@ def folded_scales(model: nn.Module, folded: nn.Module, spec: CompressionSpec | N
     for name, ls in spec.layers.items():
         if ls.bits is None or ls.bits > 8 or ls.scale is None or name not in before or name not in after:
             continue
+        # an embedding table: ONNX Runtime quantizes Gather's table with a scale of its own (it requantizes the
+        # gathered rows with the table's scale, which a scale per row does not fit)
+        if not isinstance(before[name], COMPRESSIBLE):
+            continue
         w0 = before[name].weight.detach().float().flatten(1).abs().amax(1)
         w1 = after[name].weight.detach().float().flatten(1).abs().amax(1)
         ratio = torch.where(w0 > 0, w1 / torch.where(w0 > 0, w0, torch.ones_like(w0)), torch.ones_like(w0))
@@ -142,7 +147,7 @@ class _Reader:
         for i, (x, _) in enumerate(batches(data, 64)):
             if i >= max_batches:
                 break
-            self.items.append({name: x.detach().float().numpy()})
+            self.items.append({name: ort_input(x).numpy()})
         self.it = iter(self.items)
 
     def get_next(self):

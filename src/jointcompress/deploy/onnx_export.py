@@ -57,12 +57,19 @@ def ort_session(path: str | os.PathLike, threads: int = DEFAULT_THREADS):
     return timing.ort_session(path, threads)
 
 
+def ort_input(x: torch.Tensor) -> torch.Tensor:
+    """A model input as ONNX Runtime takes it: on the CPU, contiguous, float32 if it is floating;
+    integer inputs (token ids) keep their dtype, which the exported graph declares."""
+    x = x.detach().cpu()
+    return (x.float() if x.is_floating_point() else x).contiguous()
+
+
 def ort_predict(session):
     """Wrap an ONNX Runtime session as a torch -> torch function."""
     name = session.get_inputs()[0].name
 
     def predict(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {name: x.detach().cpu().float().numpy()})[0])
+        return torch.from_numpy(session.run(None, {name: ort_input(x).numpy()})[0])
 
     predict.session = session  # so a timing can check (or rebuild) the session's threads
     return predict
@@ -104,8 +111,9 @@ def bound_predict(session):
         if x is state["input"] and (x.data_ptr(), x.shape) == state["key"]:
             state["run"]()
             return state["out"]
-        if x.dtype != torch.float32 or x.device.type != "cpu" or x.requires_grad or not x.is_contiguous():
-            x = x.detach().cpu().float().contiguous()
+        if (x.is_floating_point() and x.dtype != torch.float32) or x.device.type != "cpu" or x.requires_grad \
+                or not x.is_contiguous():
+            x = ort_input(x)
         if (x.data_ptr(), x.shape) != state["key"]:
             bind(x)
         state["run"]()
