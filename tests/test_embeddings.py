@@ -91,7 +91,8 @@ def test_a_tied_weight_is_refused_whichever_module_comes_first(embeddings, fix):
 
 def test_a_token_model_with_its_table_quantized_deploys_to_int8():
     """Token ids reach ONNX Runtime as the integers the exported graph declares (they were cast
-    to float32, which the session refused), and the table keeps ONNX Runtime's own scale."""
+    to float32, which the session refused), and the table keeps ONNX Runtime's own scale. Inputs
+    are made the graph's input type, whatever dtype they come in."""
     from jointcompress.deploy.int8 import quantize_int8
     from jointcompress.deploy.onnx_export import ort_input
 
@@ -107,3 +108,4 @@ def test_a_token_model_with_its_table_quantized_deploys_to_int8():
     out, ref = int8(x[:64]), model(x[:64]).detach()
     assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
     assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+    assert torch.equal(int8(x[:64].int()), out)  # int32 ids: made the int64 the graph declares

@@ -140,14 +140,15 @@ def weight_overrides(onnx_path: Path, folded: nn.Module, scales: dict[str, np.nd
 
 
 class _Reader:
-    """onnxruntime CalibrationDataReader over a few batches of calibration inputs."""
+    """onnxruntime CalibrationDataReader over a few batches of calibration inputs, as `dtype` (the
+    exported graph's input type)."""
 
-    def __init__(self, name: str, data, max_batches: int):
+    def __init__(self, name: str, data, max_batches: int, dtype: torch.dtype):
         self.items = []
         for i, (x, _) in enumerate(batches(data, 64)):
             if i >= max_batches:
                 break
-            self.items.append({name: ort_input(x).numpy()})
+            self.items.append({name: ort_input(x, dtype).numpy()})
         self.it = iter(self.items)
 
     def get_next(self):
@@ -162,7 +163,7 @@ def quantize_onnxruntime(model: nn.Module, spec: CompressionSpec | None, calibra
     folded = fold_batchnorm(model)
     fp32 = export_onnx(folded, workdir / "model_fp32.onnx", example_input)
     overrides = weight_overrides(fp32, folded, folded_scales(model, folded, spec))
-    reader = _Reader("input", calibration, max_batches)
+    reader = _Reader("input", calibration, max_batches, ort_input(example_input[:1]).dtype)
     CalibrationDataReader.register(_Reader)
     out = workdir / "model_int8.onnx"
     with _quiet_root_logger():  # quantize_static logs a generic "consider pre-processing" warning on every call

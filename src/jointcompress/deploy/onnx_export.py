@@ -57,19 +57,30 @@ def ort_session(path: str | os.PathLike, threads: int = DEFAULT_THREADS):
     return timing.ort_session(path, threads)
 
 
-def ort_input(x: torch.Tensor) -> torch.Tensor:
-    """A model input as ONNX Runtime takes it: on the CPU, contiguous, float32 if it is floating;
-    integer inputs (token ids) keep their dtype, which the exported graph declares."""
+ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(double)": torch.float64, "tensor(float16)": torch.float16,
+              "tensor(int64)": torch.int64, "tensor(int32)": torch.int32, "tensor(uint8)": torch.uint8}
+
+
+def session_input_dtype(session) -> torch.dtype:
+    """The dtype the session's first input declares (float32 where it is not one of ORT_DTYPES)."""
+    return ORT_DTYPES.get(session.get_inputs()[0].type, torch.float32)
+
+
+def ort_input(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A model input as ONNX Runtime takes it: on the CPU, contiguous, of `dtype` (the graph's
+    input type); by default float32 if it is floating, and integer inputs (token ids) as they are."""
     x = x.detach().cpu()
-    return (x.float() if x.is_floating_point() else x).contiguous()
+    if dtype is None:
+        dtype = torch.float32 if x.is_floating_point() else x.dtype
+    return x.to(dtype).contiguous()
 
 
 def ort_predict(session):
     """Wrap an ONNX Runtime session as a torch -> torch function."""
-    name = session.get_inputs()[0].name
+    name, dtype = session.get_inputs()[0].name, session_input_dtype(session)
 
     def predict(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {name: ort_input(x).numpy()})[0])
+        return torch.from_numpy(session.run(None, {name: ort_input(x, dtype).numpy()})[0])
 
     predict.session = session  # so a timing can check (or rebuild) the session's threads
     return predict
@@ -91,6 +102,7 @@ def bound_predict(session):
     import onnxruntime as ort
 
     name, out_name = session.get_inputs()[0].name, session.get_outputs()[0].name
+    dtype = session_input_dtype(session)
     state = {"key": None, "input": None}
 
     def bind(x: torch.Tensor) -> None:
@@ -111,9 +123,8 @@ def bound_predict(session):
         if x is state["input"] and (x.data_ptr(), x.shape) == state["key"]:
             state["run"]()
             return state["out"]
-        if (x.is_floating_point() and x.dtype != torch.float32) or x.device.type != "cpu" or x.requires_grad \
-                or not x.is_contiguous():
-            x = ort_input(x)
+        if x.dtype != dtype or x.device.type != "cpu" or x.requires_grad or not x.is_contiguous():
+            x = ort_input(x, dtype)
         if (x.data_ptr(), x.shape) != state["key"]:
             bind(x)
         state["run"]()
