@@ -128,9 +128,11 @@ def calibration_cost(stepper, total_steps: int = 10_000) -> dict:
     return {"calibration_ms": ms, "calibrate_every": every, "amortized_ms_per_step": ms / every}
 
 
-def plain_stepper(teacher, split, **adam):
+def plain_stepper(teacher, split, times: dict | None = None, **adam):
     """A plain PyTorch step; `adam`: the optimizer's implementation flags (default: PyTorch's own
-    choice, the for-loop Adam on CPU; foreach=True: the multi-tensor Adam the session builds)."""
+    choice, the for-loop Adam on CPU; foreach=True: the multi-tensor Adam the session builds).
+    With `times` (name -> list), its forward with the cross-entropy, backward and Adam step are
+    each timed into it, in ms (benchmarks/step_phases.py)."""
     model = copy.deepcopy(teacher)
     opt = torch.optim.Adam(model.parameters(), 1e-3, **adam)
     loader = as_loader((split.x_train, split.y_train), BATCH[0], 0)
@@ -144,7 +146,21 @@ def plain_stepper(teacher, split, **adam):
         opt.step()
         state["i"] += 1
 
-    return step
+    def phased_step():
+        x, y = batches[state["i"] % len(batches)][:2]
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        t3 = time.perf_counter()
+        for name, a, b in (("forward", t0, t1), ("backward", t1, t2), ("optimizer", t2, t3)):
+            times[name].append((b - a) * 1e3)
+        state["i"] += 1
+
+    return step if times is None else phased_step
 
 
 def with_autograd_saliency(stepper):

@@ -8,8 +8,9 @@ The steppers are benchmarks/step_cost.py's (`budget_pcgrad_every10`: the goal's 
 `paced_none`: the benchmarks' recipe inside its decision window). Each joint step is the
 training loop's own Trainer.step, timed whole and, through its calls on the session, the
 recovery and the optimizer, phase by phase; a plain step (forward, cross-entropy, backward,
-Adam) is timed between two joint steps, so both see the same machine, its three phases apart. Also the quantized layers' weights alone (the parametrizations' forward,
-no matmul), per layer: their cost barely depends on the layer's size.
+Adam) is timed between two joint steps, so both see the same machine, its three phases apart.
+Also the quantized layers' weights alone (the parametrizations' forward, no matmul), per layer:
+their cost barely depends on the layer's size.
 """
 from __future__ import annotations
 
@@ -64,41 +65,10 @@ def weight_times(stepper, rounds: int) -> dict:
     return out
 
 
-def plain_phased(teacher, split, times: dict):
-    """benchmarks/step_cost.py's plain step (forward with the cross-entropy, backward, PyTorch's
-    default Adam), each phase timed into `times`: what the joint step's phases are read against."""
-    import copy
-
-    import torch.nn.functional as F
-
-    from jointcompress.api import as_loader
-
-    model = copy.deepcopy(teacher)
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    batches = list(as_loader((split.x_train, split.y_train), step_cost.BATCH[0], 0))[:20]
-    state = {"i": 0}
-
-    def step():
-        x, y = batches[state["i"] % len(batches)][:2]
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        opt.step()
-        t3 = time.perf_counter()
-        for name, a, b in (("forward", t0, t1), ("backward", t1, t2), ("optimizer", t2, t3)):
-            times[name].append((b - a) * 1e3)
-        state["i"] += 1
-
-    return step
-
-
 def measure(stepper, teacher, split, steps: int) -> dict:
     times, plain_times = defaultdict(list), defaultdict(list)
     instrument(stepper.trainer, times)
-    plain = plain_phased(teacher, split, plain_times)
+    plain = step_cost.plain_stepper(teacher, split, plain_times)
     for _ in range(30):
         stepper(); plain()
     for samples in list(times.values()) + list(plain_times.values()):  # the timers hold these lists: emptied

@@ -96,7 +96,8 @@ def bench(model_before: nn.Module, model_after, example_input,
 
     `model_after` may be an nn.Module or any callable (e.g. an int8 model); parameters and MACs
     are only counted for modules. `eval_fn(model) -> accuracy` is called on each side.
-    `example_input`: the models' inputs, a tensor or a tuple / dict of them (batch_of). Latency: `threads` threads for both sides, timed by deploy.timing (recorded in "timing").
+    `example_input`: the models' inputs, a tensor or a tuple / dict of them (batch_of).
+    Latency: `threads` threads for both sides, timed by deploy.timing (recorded in "timing").
     """
     model_before.eval()
     if isinstance(model_after, nn.Module):

@@ -54,11 +54,12 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
     recipe = parse_recipe(recipe)
     check_needs(recipe, teacher, example_inputs)
     model = _dist.unwrap(model)
-    check_teacher(model, _dist.unwrap(teacher) if teacher is not None else None)
+    bare_teacher = _dist.unwrap(teacher) if teacher is not None else None
+    check_teacher(model, bare_teacher)
     check_targets(model, recipe)
     kd = recipe.technique("distill_kd")
-    if kd is not None and teacher is not None and example_inputs is not None:
-        check_teacher_data(_dist.unwrap(teacher), example_inputs, eval_outputs(model, example_inputs), kd.alpha)
+    if kd is not None and bare_teacher is not None and example_inputs is not None:
+        check_teacher_data(bare_teacher, example_inputs, eval_outputs(model, example_inputs), kd.alpha)
     techniques = [tech.build(c) for c in recipe.techniques]
     plan = make_plan(techniques, total_steps_of(recipe, total_steps, steps_per_epoch), recipe)
     session = CompressionSession(model, techniques, plan, recipe, example_inputs=example_inputs, teacher=teacher,
