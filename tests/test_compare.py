@@ -99,3 +99,14 @@ def test_paced_window_decides_in_a_fixed_number_of_steps_and_fine_tunes_the_rest
     assert "decide_steps" in JOINT_OPTIONS["joint-paced-none"]  # resolved, never passed to the recipe
     unpaced = joint_recipe(seq, **joint_options("joint-paced-none")).technique("size_budget")
     assert (unpaced.end, unpaced.freeze) == (0.6, 0.8)  # no step count (the demo): the default window
+
+
+def test_acc_pcgrad_variant_coordinates_accuracy_as_one_and_leaves_the_others_per_term():
+    from jointcompress.compare import variant_recipe
+    from jointcompress.recipe import parse_recipe
+
+    base = parse_recipe({"techniques": [{"type": "quant_lsq", "bits": 4}]})
+    grouped = variant_recipe(base, "joint-acc-pcgrad", seed=3)
+    assert grouped.coordination.strategy == "pcgrad" and grouped.coordination.accuracy_as_one
+    for variant in ("joint-pcgrad", "joint-none", "sequential"):
+        assert not variant_recipe(base, variant, seed=3).coordination.accuracy_as_one

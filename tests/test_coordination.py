@@ -103,3 +103,45 @@ def test_measured_cosines_are_the_per_pair_quotients():
     for a in range(3):
         for b in range(a + 1, 3):
             assert stats.cosines[f"t{a}|t{b}@weights"] == float(gram[a, b] / (norms[a] * norms[b]))
+
+
+def _three_terms(**kw):
+    w = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    coord = GradientCoordinator(Coordination(strategy="pcgrad", **kw), {"weights": [w]})
+    # task (grad (-4, 2)) and distillation (grad (2, -6)) conflict with each other; size (grad (3, 3)) with both
+    terms = {"task": ((w - torch.tensor([3.0, 0.0])) ** 2).sum(), "distill": ((w - torch.tensor([0.0, 4.0])) ** 2).sum(),
+             "size": 3 * w.abs().sum()}
+    return w, coord, terms
+
+
+def test_accuracy_as_one_resolves_accuracy_against_size_in_two_backwards(monkeypatch):
+    gt, gd, gs = torch.tensor([-4.0, 2.0]), torch.tensor([2.0, -6.0]), torch.tensor([3.0, 3.0])
+    w, coord, terms = _three_terms(accuracy_as_one=True)
+    backwards = []
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: backwards.append(1) or grad(*a, **k))
+    stats = coord.backward(terms, step=0)
+    assert len(backwards) == 2  # accuracy and size, not one per term
+    assert set(stats.cosines) == {"accuracy|size@weights"}
+    assert torch.allclose(w.grad, torch.stack(pcgrad([gt + gd, gs], random.Random(0))).sum(0))
+    w2, per_term, terms2 = _three_terms()
+    per_term.backward(terms2, step=0)
+    assert not torch.allclose(w.grad, w2.grad)  # per term, task and distillation are projected off each other too
+
+
+def test_accuracy_as_one_leaves_the_steps_between_measurements_alone():
+    w, coord, terms = _three_terms(accuracy_as_one=True, every=2)
+    assert coord.backward(terms, step=1) is None
+    w2, per_term, terms2 = _three_terms(every=2)
+    per_term.backward(terms2, step=1)
+    assert torch.equal(w.grad, w2.grad)
+
+
+def test_scale_keeps_the_summed_accuracy_as_its_primary_objective():
+    w = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    coord = GradientCoordinator(Coordination(strategy="scale", accuracy_as_one=True, threshold=0.0), {"weights": [w]})
+    terms = {"task": ((w - torch.tensor([3.0, 0.0])) ** 2).sum(), "distill": ((w - torch.tensor([3.0, 0.0])) ** 2).sum(),
+             "size": 3 * w.abs().sum()}
+    stats = coord.backward(terms, step=0)
+    assert stats.damped == {"size@weights": 0.5}  # the size term is damped, never the accuracy objective
+    assert torch.allclose(w.grad, 2 * torch.tensor([-4.0, 2.0]) + 0.5 * torch.tensor([3.0, 3.0]))

@@ -34,6 +34,7 @@ VARIANTS = {  # name -> (mode, coordination strategy)
     "joint-none": ("joint", "none"),
     "joint-scale": ("joint", "scale"),
     "joint-pcgrad": ("joint", "pcgrad"),
+    "joint-acc-pcgrad": ("joint", "pcgrad"),  # pcgrad on accuracy (task + distill) against size (ACCURACY_AS_ONE)
     "sequential": ("sequential", "none"),
     "overlap": ("overlap", "none"),  # masks + LSQ at overlapping times, allocator budgets (not in the default set)
     "joint-fisher-none": ("joint", "none"),  # the size budget with FISHER_BUDGET (docs/joint.md)
@@ -107,6 +108,9 @@ JOINT_OPTIONS = {"joint-fisher-none": FISHER_BUDGET, "joint-fisher-pcgrad": FISH
                  "joint-paced-aw-none": PACED_ANTI_WINDUP, "joint-paced-lin-none": PACED_LINEAR,
                  "joint-paced-obd-none": PACED_OBD, "joint-paced-obdrank-none": PACED_OBD_RANK,
                  "joint-paced-obdland-none": PACED_OBD_LANDING, "joint-paced-obdtrack-none": PACED_OBD_TRACK}
+# the variants whose coordination resolves accuracy (task + distillation, one gradient) against size only
+# (coordination.accuracy_as_one): one backward fewer per measured step; not in the default set
+ACCURACY_AS_ONE = {"joint-acc-pcgrad"}
 DEFAULT_VARIANTS = ("joint-none", "joint-scale", "joint-pcgrad", "sequential")
 CSV_FIELDS = ["variant", "mode", "strategy", "ratio_target", "seed", "accuracy", "error", "bytes", "file_bytes",
               "target_bytes", "ratio", "sparsity", "bits", "conflict_rate", "changed_share", "changed_mean", "wall_s", "dir"]
@@ -172,6 +176,8 @@ def variant_recipe(budgets: Recipe, variant: str, seed: int, targeted: Recipe | 
     data = budgets.model_dump()
     data["mode"] = "joint" if mode == "overlap" else mode
     data["coordination"]["strategy"], data["training"]["seed"] = strategy, seed
+    if variant in ACCURACY_AS_ONE:
+        data["coordination"]["accuracy_as_one"] = True
     return parse_recipe(data, source=f"compare variant {variant}")
 
 

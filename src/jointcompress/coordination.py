@@ -13,7 +13,9 @@ resolves it:
   other term's gradient it conflicts with (negative dot product), in random order.
 
 `every: k` measures and resolves on every k-th step only; between them `scale` reuses its
-last factors and the others take the plain sum with a single backward.
+last factors and the others take the plain sum with a single backward. `accuracy_as_one`: on
+the measured steps task and distillation are one "accuracy" term (summed first), so the
+strategy resolves accuracy against size and the regularizers, not task against distillation.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-PRIMARY = ("task", "distill")
+PRIMARY = ("task", "distill", "accuracy")  # "accuracy": the two summed (accuracy_as_one)
 
 
 def pcgrad_weights(gram: torch.Tensor, rng: random.Random) -> torch.Tensor:
@@ -99,6 +101,10 @@ class GradientCoordinator:
         if not measured:
             self._plain_backward(terms)
             return None
+        terms = self._objectives(terms)
+        if len(terms) < 2:  # task and distillation alone, summed: nothing left to coordinate
+            self._plain_backward(terms)
+            return None
         per_term = {name: self._grad(t) for name, t in terms.items()}
         stats = CoordinationStats(step=step, conflict_rate=0.0)
         detailed = step % self.config.log_every == 0  # elementwise sign statistics only when logged
@@ -132,6 +138,16 @@ class GradientCoordinator:
         return stats
 
     # -- pieces ---------------------------------------------------------------------------
+    def _objectives(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The terms the strategy resolves: as given, or with `accuracy_as_one` the primary terms
+        summed into "accuracy" (first, in the order given) beside the others."""
+        primary = [t for n, t in terms.items() if n in PRIMARY]
+        if not self.config.accuracy_as_one or len(primary) < 2:
+            return terms
+        objectives = {"accuracy": functools.reduce(operator.add, primary)}
+        objectives.update((n, t) for n, t in terms.items() if n not in PRIMARY)
+        return objectives
+
     def _plain_backward(self, terms: dict[str, torch.Tensor]) -> None:
         if self.config.strategy == "scale" and self.factors:
             # reuse the last measured damping, per term (a group-free approximation between measurements)

@@ -343,8 +343,14 @@ class Training(Strict):
 
 
 class Coordination(Strict):
+    """How the loss terms' gradients are combined (coordination.py). `accuracy_as_one`: task and
+    distillation enter the measured steps as one accuracy gradient, so `pcgrad` and `scale`
+    resolve accuracy against the other terms (size, regularizers) only, with one backward
+    fewer per measured step; off, each term is its own gradient (the stored results' setting)."""
+
     strategy: Literal["none", "scale", "pcgrad"] = "none"
     every: Annotated[int, Field(ge=1, le=1_000_000)] = 1
+    accuracy_as_one: bool = False
     threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3
     factor: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     log_every: Annotated[int, Field(ge=1, le=1_000_000)] = 50
