@@ -95,6 +95,27 @@ def test_nonfinite_gradient_names_the_parameter(digits):
         _run(digits, model=model, recipe={"training": {"epochs": 1}}, max_nonfinite=1)
 
 
+def test_the_gradient_check_finds_any_non_finite_entry_and_passes_finite_ones_whose_norm_overflows():
+    from jointcompress.training.recovery import all_finite
+
+    params = [nn.Parameter(torch.zeros(5)), nn.Parameter(torch.zeros(3, 4)), nn.Parameter(torch.zeros(()))]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    assert all_finite(params)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        params[1].grad[2, 3] = bad
+        assert not all_finite(params)
+        params[1].grad[2, 3] = 1.0
+    params[0].grad.fill_(3e38)  # every entry finite, the norm not: the slow path decides
+    assert not all_finite(params)
+    session = type("S", (), {"coordinator": type("C", (), {"params": params})(), "param_names": {}})()
+    from jointcompress.training.recovery import Recovery
+
+    assert Recovery(session).bad_gradient() is None
+    params[2].grad.fill_(float("nan"))
+    assert "non-finite" in Recovery(session).bad_gradient()
+
+
 def test_poisoned_batch_is_caught(digits):
     x = digits.x_train.clone()
     x[5] = float("nan")  # a DataLoader the user built: no check on the way in

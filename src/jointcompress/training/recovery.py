@@ -26,6 +26,17 @@ def clone(v):
     return v
 
 
+def all_finite(params: list[torch.Tensor]) -> bool:
+    """Whether every gradient is finite, in one multi-tensor pass (the fast path; False also where
+    only the sum of the norms overflows): the gradients' norms are finite iff their entries are,
+    and their sum iff every norm is. Gradients on several devices take get_total_norm's grouping."""
+    grads = [p.grad for p in params]
+    device = grads[0].device
+    if any(g.device != device for g in grads):
+        return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
+
+
 class Recovery:
     def __init__(self, session, max_nonfinite: int = 3, snapshot_every: int = 50):
         if max_nonfinite < 1:
@@ -51,8 +62,7 @@ class Recovery:
         params = [p for p in self.session.coordinator.params if p.grad is not None]
         if not params:
             return None
-        # one fused norm over every gradient: finite iff every entry is finite (fast path)
-        if bool(torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params]))):
+        if all_finite(params):
             return None
         finite = torch.stack([torch.isfinite(p.grad).all() for p in params])
         if bool(finite.all()):  # the norm overflowed, but every entry is finite
