@@ -22,8 +22,7 @@ decision window.
 through an autograd graph, as before its closed form (techniques/saliency.py).
 `*_before_fused`: the step with the multi-tensor Adam, the size term recorded through autograd and
 the Fisher fold with a temporary on every step, as before the fused Adam, SizeTerm, the one-pass fold
-and the learned width's paced folds (learned_width.FISHER_EVERY) with the gate handed out only to
-the steps that fold. `budget_acc_pcgrad_every10`: the goal's step with coordination.accuracy_as_one
+and the learned width's paced folds (learned_width.FISHER_EVERY). `budget_acc_pcgrad_every10`: the goal's step with coordination.accuracy_as_one
 (PCGrad between accuracy, task + distill as one gradient, and size).
 `*_torch_compile`: the step with the quantizer's compiled kernels called through torch.compile
 (TorchDynamo's guards and wrappers on every call), as before techniques/traced_kernel.py.
@@ -32,7 +31,8 @@ Each sample times `--steps` consecutive steps; the reported numbers are per step
 typical step) and means (which include the size budget's calibration when one falls in a
 sample), in wall-clock time and in the process's CPU time (less sensitive to other processes
 on a shared machine). The first call of each stepper (where torch.compile compiles) is timed
-apart.
+apart. Not in a timed step, reported apart with what they add per step: the size budget's
+calibration and the training loop's snapshot for non-finite recovery (every 50 steps).
 """
 from __future__ import annotations
 
@@ -133,6 +133,23 @@ def calibration_cost(stepper, total_steps: int = 10_000) -> dict:
     return {"calibration_ms": ms, "calibrate_every": every, "amortized_ms_per_step": ms / every}
 
 
+def snapshot_cost(stepper, med: dict) -> dict:
+    """The training loop's in-memory snapshot for non-finite recovery (Recovery.take_good: model,
+    techniques, optimizer), taken every `snapshot_every` steps outside Trainer.step and so not in a
+    timed step: its time, median of 5, what it adds per step, and the goal's steps' ratios with it."""
+    recovery = stepper.trainer.recovery
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        recovery.take_good(0)
+        times.append((time.perf_counter() - t0) * 1e3)
+    ms = statistics.median(times)
+    per_step = ms / recovery.snapshot_every
+    return {"snapshot_ms": ms, "snapshot_every": recovery.snapshot_every, "amortized_ms_per_step": per_step,
+            "ratio_to_plain_with_snapshot": {k: (med[k] + per_step) / med["plain"]
+                                             for k in ("budget_pcgrad_every10", "budget_acc_pcgrad_every10")}}
+
+
 def plain_stepper(teacher, split, times: dict | None = None, **adam):
     """A plain PyTorch step; `adam`: the optimizer's implementation flags (default: PyTorch's own
     choice, the for-loop Adam on CPU; foreach=True: the multi-tensor Adam the session builds).
@@ -194,7 +211,7 @@ def as_before_fused(stepper):
     Adam (session.fused_or_foreach), the size term's single node (size_budget.SizeTerm) and the
     two-pass fold (learned_width.FisherDiagonal.fold): the multi-tensor Adam, the size term recorded
     through autograd (estimate()), the fold with a temporary, every step (the learned width's noise
-    price then computed every step too, from the gate the forward hands out on every step). The same numbers to float rounding, except the learned
+    price then computed every step too). The same numbers to float rounding, except the learned
     width's price between the paced folds: the reference the speed-up of those four is read against."""
     from jointcompress.techniques.learned_width import FISHER_DECAY
 
@@ -230,12 +247,6 @@ def as_before_fused(stepper):
             return True
 
         fisher.fold = fold
-
-        def gate_every_step(*args, q=q, width_step=q.width_step, **kwargs):  # the forward's gate on every step, as before
-            width_step(*args, **kwargs)
-            q.__dict__["_prices_next"] = True
-
-        q.width_step = gate_every_step
     return stepper
 
 
@@ -351,6 +362,7 @@ def main():
     cpu_med, cpu_ratio = summary(times, "cpu", statistics.median)
     cpu_mean, cpu_ratio_mean = summary(times, "cpu", statistics.mean)
     calibration = calibration_cost(fns["budget_pcgrad_every10"])
+    snapshot = snapshot_cost(fns["budget_pcgrad_every10"], med)
     result = {
         "command": f"python benchmarks/step_cost.py --data {args.data} --model {args.model} --threads {args.threads} "
                    f"--batch {args.batch}{'' if args.ratio == 100 else f' --ratio {args.ratio:g}'} --rounds {args.rounds} --steps {args.steps} --out {args.out}",
@@ -375,6 +387,7 @@ def main():
         "budget_pcgrad_every10_over_torch_compile": med["budget_pcgrad_every10"] / med["budget_pcgrad_every10_torch_compile"],
         "paced_none_over_torch_compile": med["paced_none"] / med["paced_none_torch_compile"],
         "size_budget_calibration": calibration,
+        "recovery_snapshot": snapshot,
     }
     print(json.dumps(result, indent=1))
     with open(args.out, "w") as f:

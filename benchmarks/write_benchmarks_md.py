@@ -110,7 +110,11 @@ SEQUENTIAL_BESIDE = {"compare_lenet300_100x_stiff_v3": "compare_lenet300_100x_bi
                      "compare_lenet5_200x_paced_lin": "compare_lenet5_200x",
                      "compare_lenet300_100x_paced_lin_5seeds": "compare_lenet300_100x_paced_5seeds",
                      "compare_lenet300_100x_2k_paced_lin_5seeds": "compare_lenet300_100x_2k_paced_5seeds",
-                     "compare_lenet300_100x_e10_paced_lin_5seeds": "compare_lenet300_100x_e10_paced_5seeds"}
+                     "compare_lenet300_100x_e10_paced_lin_5seeds": "compare_lenet300_100x_e10_paced_5seeds",
+                     # PCGrad between accuracy (task + distill as one gradient) and size (joint-acc-pcgrad) beside
+                     # per-term PCGrad, with sequential re-run on the same teachers
+                     "compare_lenet5_100x_acc": "compare_lenet5_100x_acc_seq",
+                     "compare_lenet300_100x_acc": "compare_lenet300_100x_acc_seq"}
 
 
 # Runs with `finetune_phase` (the joint-fisher-* and joint-bits-* variants) made before the fix of
@@ -465,7 +469,8 @@ def size_accuracy(runs: list[dict]) -> str:
 
 
 # joint variants paired against another joint variant of the same folder (a change to one recipe)
-JOINT_AGAINST_JOINT = (("joint-paced-obdrank-none", "joint-paced-obd-none"),
+JOINT_AGAINST_JOINT = (("joint-acc-pcgrad", "joint-pcgrad"),
+                       ("joint-paced-obdrank-none", "joint-paced-obd-none"),
                        ("joint-paced-obdland-none", "joint-paced-obd-none"),
                        ("joint-paced-obdtrack-none", "joint-paced-obd-none"),
                        ("joint-paced-obdtrack-none", "joint-paced-obdland-none"))
@@ -518,6 +523,8 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                ("lenet300", "compare_lenet300_100x_2k_paced_v4", ", 2,000 training images, at 100x, paced window (joint-paced)"),
                ("lenet300", "compare_lenet300_100x_e10_paced_aw_v4", " at 100x, 10 compression epochs, paced window with the multiplier's anti-windup"),
                ("lenet300", "compare_lenet300_100x_e10_paced_pcgrad_v4", " at 100x, 10 compression epochs, paced window with PCGrad (joint-paced-pcgrad)"),
+               ("lenet5", "compare_lenet5_100x_acc", " at 100x, PCGrad between accuracy and size (joint-acc-pcgrad) beside per-term PCGrad"),
+               ("lenet300", "compare_lenet300_100x_acc", " at 100x, PCGrad between accuracy and size (joint-acc-pcgrad) beside per-term PCGrad"),
                ("lenet300", "compare_lenet300_100x_e10_paced_5seeds", " at 100x, 10 compression epochs, joint-paced-none vs sequential, 5 seeds"),
                ("lenet300", "compare_lenet300_100x_paced_5seeds", " at 100x, joint-paced-none vs sequential, 5 seeds"),
                ("lenet300", "compare_lenet300_100x_2k_paced_5seeds", ", 2,000 training images, at 100x, joint-paced-none vs sequential, 5 seeds"),
@@ -854,8 +861,10 @@ VARIANTS_TEXT = [
     "(a learned per-channel dead zone makes zero a level of the quantizer; bits fixed at `quant_lsq.bits`) and "
     "`size_budget` (the weights file's bytes as an augmented-Lagrangian constraint, calibrated against the writer, "
     "warmed up over the masks' window, pattern fixed and projected onto the target at 80% of the run, then fine-tuning), "
-    "with distillation throughout; the suffix is the gradient coordination between accuracy (task + distill) and size "
-    "(docs/joint.md).",
+    "with distillation throughout; the suffix is the gradient coordination between the loss terms (task, distill, size: "
+    "PCGrad takes one gradient per term; docs/joint.md). **joint-acc-pcgrad** is joint-pcgrad with task and distill "
+    "summed into one accuracy gradient first (`coordination.accuracy_as_one`): PCGrad between accuracy and size only, "
+    "one backward fewer per measured step.",
     "- **sequential**: the allocator's per-layer sparsity and bits (measured candidate artifacts), magnitude pruning -> "
     "fine-tune -> LSQ -> fine-tune over the same total steps, the same distillation, size steering onto the target bytes.",
     "- **overlap**: the earlier joint mode (masks and LSQ at overlapping times on the allocator's budgets).",

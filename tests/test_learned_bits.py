@@ -272,32 +272,3 @@ def test_the_noise_price_is_computed_when_the_estimate_moves_and_resumes_with_th
     assert step(resumed, lw.FISHER_EVERY + 2) == step(q, lw.FISHER_EVERY + 2)
     _, refreshed = step(q, 2 * lw.FISHER_EVERY)  # the next fold prices the kept weights as they are
     assert refreshed != noise_at_fold
-
-
-@pytest.mark.parametrize("compiled", [False, True])
-def test_the_forward_hands_out_its_gate_only_on_the_steps_that_price_the_noise(compiled):
-    """The 0/1 gate (a weight-sized output) is read only where width_step prices the rounding noise
-    afresh, on the steps that fold: the forward hands it out then and not between, and the widths,
-    prices and gradients are bit for bit those of a quantizer that hands it out every step."""
-    torch.manual_seed(7)
-    w = torch.nn.Parameter(torch.randn(8, 32))
-    q, every_step = ZeroLevelLSQWeight(w.detach(), bits=4), ZeroLevelLSQWeight(w.detach(), bits=4)
-    gated = []
-    for step in range(1, 3 * lw.FISHER_EVERY + 2):
-        results = []
-        for layer in (q, every_step):
-            layer.compiled = compiled
-            if layer is every_step:
-                layer.__dict__["_prices_next"] = True
-            out = layer(w)
-            (out * torch.randn_like(out, generator=torch.Generator().manual_seed(step))).sum().backward()
-            if layer is q:
-                gated.append(layer.last_gate is not None)
-            layer.width_step(w, batch_size=4, step=step)
-            results.append((layer.bits_raw.grad.clone(), layer.width_noise.clone(), out.detach(), w.grad.clone()))
-            layer.bits_raw.grad = None
-            w.grad = None
-        for a, b in zip(*results):
-            assert torch.equal(a, b)
-    folds = [1] + [s for s in range(2, 3 * lw.FISHER_EVERY + 2) if s % lw.FISHER_EVERY == 0]
-    assert [s for s, g in enumerate(gated, start=1) if g] == folds

@@ -148,7 +148,7 @@ class ZeroLevelLSQWeight(LSQWeight):
                 self.initialized.fill_(True)
         fixed = bool(self.pattern_fixed)
         learns_width = not fixed and self._learns_width(fixed)
-        setup = self._setup(w, learns_width and self.__dict__.get("_prices_next", True))
+        setup = self._setup(w, learns_width)
         keep = self._keep_float() if fixed else None
         # one node: step, width, dead zone, gate, LSQ and the kept-weight count (zero_level_kernel.py);
         # its backward hands the output's gradient to the Fisher estimate
@@ -162,16 +162,16 @@ class ZeroLevelLSQWeight(LSQWeight):
                  last_step=stash.get("step"), last_dead_zone=stash.get("dead_zone"), _count_key=self._state_key(w))
         return out
 
-    def _setup(self, w: torch.Tensor, gate: bool) -> ZeroLevelSetup:
-        """The kernel's constants (the same object while nothing they hold changes); `gate`: the
-        kernel also hands out the 0/1 gate, for width_step's pricing of the rounding noise."""
+    def _setup(self, w: torch.Tensor, learns_width: bool) -> ZeroLevelSetup:
+        """The kernel's constants (the same object while nothing they hold changes)."""
         per_step = w.numel() // w.shape[0] if self.per_channel else w.numel()
         compiled = getattr(self, "compiled", False)  # set by QuantLSQ (quant_lsq.compile)
-        key = (self.ref_bits, self.min_bits, self.max_bits, per_step, self.step_format, compiled, gate)
+        key = (self.ref_bits, self.min_bits, self.max_bits, per_step, self.step_format, compiled, learns_width)
         cached = self.__dict__.get("_setup_cache")
         if cached is None or cached[0] != key:
             cached = (key, ZeroLevelSetup(float(qmax_of(float(self.ref_bits))), self.min_bits, self.max_bits, per_step,
-                                          self.step_format, compiled, gate))
+                                          self.step_format, compiled,
+                                          learns_width))  # width_step reads the gate: the kernel hands it out
             self.__dict__["_setup_cache"] = cached
         return cached[1]
 
@@ -272,13 +272,7 @@ class ZeroLevelLSQWeight(LSQWeight):
         which paces the Fisher estimate's folds where only this price reads it (lw.FISHER_EVERY)."""
         if not self.learns_width():
             return
-        every = 1 if self.fisher_for_saliency else lw.FISHER_EVERY
-        folded = self.fisher.fold(batch_size, step, every)
-        # whether the next step prices the noise afresh (it folds) and so reads its forward's gate, a
-        # weight-sized output the kernel then hands out; once there is an estimate this step prices the
-        # noise if it has no price yet. A step not foreseen (a skipped one, a width change) re-derives
-        # the gate from the weights (hard_keep)
-        self.__dict__["_prices_next"] = every == 1 or step is None or (step + 1) % every == 0 or not bool(self.fisher.seen)
+        folded = self.fisher.fold(batch_size, step, 1 if self.fisher_for_saliency else lw.FISHER_EVERY)
         # bits_continuous(), its sigmoid kept for the gradient below: scalar work in Python floats
         # (as 0-d tensors, a dozen operations of a few µs each per layer and step)
         sb = float(torch.sigmoid(self.bits_raw))
