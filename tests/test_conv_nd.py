@@ -113,3 +113,32 @@ def test_hidden_states_of_a_conv1d_stack_are_matched_over_channels():
     per_position = maps * torch.linspace(0.5, 2.0, maps.shape[2])
     assert float(feature_loss(per_position, maps, "cosine", axis=1)) < 1e-6
     assert float(feature_loss(per_position, maps, "cosine", axis=-1)) > 1e-3
+
+
+def test_transposed_convolutions_are_named_as_left_in_fp32():
+    """A transposed convolution ([in, out / groups, *kernel]) is a layer type no technique compresses:
+    the run warns with its name, and a size target under its bytes is refused naming it."""
+    import warnings
+
+    from jointcompress.targets import TargetError
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.ConvTranspose2d(4, 8, 2, stride=2)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.up(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4, 3, 3), torch.randint(0, 3, (16,))
+    plain = {"training": {"epochs": 1, "batch_size": 8}, "techniques": [{"type": "quant_lsq", "bits": 8}]}
+    with pytest.warns(UserWarning, match=r"transposed convolutions .*\('up'\): they are stored in fp32"):
+        compress(Decoder(), plain, (x, y), lambda m: 0.0)
+    joint = {"mode": "joint", "target": {"ratio": 8}, "training": {"epochs": 1, "batch_size": 8},
+             "techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True}, {"type": "size_budget"}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(TargetError, match=r"up.weight 512 B.*transposed convolutions .*\('up'\)"):
+            compress(Decoder(), joint, (x, y), lambda m: 0.0)

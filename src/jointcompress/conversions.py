@@ -41,9 +41,16 @@ def named_hint(names: list[str], holds: str, conversion: str) -> str:
     return f"; {holds} ('{names[0]}'{more}): {conversion}"
 
 
+TRANSPOSED_CONVOLUTIONS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
 def conversion_hint(model: nn.Module) -> str:
-    """Every kind of unconverted module in `model`, each with the conversion that compresses it."""
+    """Every kind of unconverted module in `model`, each with the conversion that compresses it,
+    and the layer types no technique compresses (left in fp32, their bytes in the file's rest)."""
     from .attention import packed_attention_hint
     from .recurrent import packed_recurrent_hint
 
-    return packed_attention_hint(model) + packed_recurrent_hint(model)
+    transposed = [n for n, m in model.named_modules() if isinstance(m, TRANSPOSED_CONVOLUTIONS)]
+    return packed_attention_hint(model) + packed_recurrent_hint(model) + named_hint(
+        transposed, "transposed convolutions store their weight as [in, out / groups, *kernel], which no technique "
+        "compresses", "they are stored in fp32, whole")
