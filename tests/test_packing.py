@@ -89,3 +89,55 @@ def test_zstd_only_when_smaller():
     noise = np.random.default_rng(0).integers(0, 256, 10000).astype(np.uint8)
     data, codec = packing.maybe_zstd(noise)
     assert codec == "raw" and np.array_equal(data, noise)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_symbols_are_read_back_from_their_packed_bytes_at_every_width(bits):
+    """entropy.symbols_of inverts pack_symbols at every width: the widths that divide a byte take
+    the direct path, the others the bit planes, and both give the symbols in order, as int64."""
+    from jointcompress.artifact.entropy import pack_symbols, symbols_of
+
+    rng = np.random.default_rng(bits)
+    for count in (1, 7, 1000, 1001):
+        symbols = rng.integers(0, 1 << bits, count)
+        out = symbols_of(pack_symbols(symbols, bits), bits, count)
+        assert out.dtype == np.int64 and np.array_equal(out, symbols)
+
+
+def _model_counts_one_shift_at_a_time(counts):
+    """entropy.model_counts as a loop over the shifts (its definition): the reference."""
+    from jointcompress.artifact.entropy import write_varint
+
+    counts = np.asarray(counts, dtype=np.int64)
+    k = int(np.flatnonzero(counts)[-1]) + 1 if counts.any() else 0
+    counts, best, present = counts[:k], None, counts[:k] > 0
+    for shift in range(0, max(1, int(counts.max()).bit_length() if k else 1)):
+        scaled = np.where(present, np.maximum((counts + (1 << shift) - 1) >> shift, 1), 0)
+        header = len(write_varint(k)) + sum(len(write_varint(int(c))) for c in scaled)
+        p = scaled[present] / scaled.sum()
+        bits = float(-(counts[present] * np.log2(p)).sum()) if present.sum() > 1 else 0.0
+        if best is None or header * 8 + bits < best[1] * 8 + best[2]:
+            best = (scaled, header, bits)
+    return best if best is not None else (np.zeros(0, np.int64), 1, 0.0)
+
+
+def test_the_stored_histogram_is_the_one_the_shift_by_shift_search_picks():
+    """model_counts prices every shift at once; its pick (the histogram the file stores), header and
+    code length are exactly those of trying the shifts one at a time, on skewed and flat histograms
+    of every size a layer's parts have."""
+    from jointcompress.artifact.entropy import model_counts
+
+    rng = np.random.default_rng(0)
+    cases = [np.zeros(4, np.int64), np.array([0, 0, 7]), np.array([5]), np.array([1, 0, 0, 1])]
+    for _ in range(300):
+        k = int(rng.choice([2, 3, 4, 8, 16, 64, 129, 256]))
+        n = int(rng.choice([10, 1_000, 100_000, 2_000_000]))
+        p = rng.dirichlet(np.full(k, float(rng.choice([0.05, 0.5, 5.0]))))
+        counts = rng.multinomial(n, p)
+        if rng.random() < 0.3:
+            counts[rng.integers(0, k)] = 0
+        cases.append(counts)
+    for counts in cases:
+        scaled, header, bits = model_counts(counts)
+        ref_scaled, ref_header, ref_bits = _model_counts_one_shift_at_a_time(counts)
+        assert np.array_equal(scaled, ref_scaled) and header == ref_header and bits == ref_bits, counts
