@@ -22,8 +22,9 @@ decision window.
 through an autograd graph, as before its closed form (techniques/saliency.py).
 `*_before_fused`: the step with the multi-tensor Adam, the size term recorded through autograd and
 the Fisher fold with a temporary on every step, as before the fused Adam, SizeTerm, the one-pass fold
-and the learned width's paced folds (learned_width.FISHER_EVERY). `budget_acc_pcgrad_every10`: the goal's step with coordination.accuracy_as_one
-(PCGrad between accuracy, task + distill as one gradient, and size).
+and the learned width's paced folds (learned_width.FISHER_EVERY).
+`budget_acc_pcgrad_every10`: the goal's step with coordination.accuracy_as_one (PCGrad between
+accuracy, task + distill as one gradient, and size).
 `*_torch_compile`: the step with the quantizer's compiled kernels called through torch.compile
 (TorchDynamo's guards and wrappers on every call), as before techniques/traced_kernel.py.
 
