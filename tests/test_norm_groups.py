@@ -211,3 +211,29 @@ def test_model_with_nothing_safe_to_prune_names_the_reason():
     recipe = {"training": {"epochs": 1, "batch_size": 4}, "techniques": [{"type": "prune_structured", "sparsity": 0.5}]}
     with pytest.raises(RecipeError, match=r"no prunable channel group .* 0: its channels pass through LayerNorm '1'"):
         compress(model, recipe, (x, y), lambda m: 0.0)
+
+
+def test_the_trace_limit_outlasts_an_alarm_that_is_swallowed(monkeypatch):
+    """The alarm's exception can land in code that swallows it (a finalizer the garbage collector
+    runs mid-search): it is raised again until it gets out, so the search still ends, named."""
+    import time
+
+    import jointcompress.graph as graph
+
+    monkeypatch.setattr(graph, "GROUP_SECONDS", 0.2)
+
+    def get_all_groups():  # named as Torch-Pruning's generator, whose frame the alarm reads
+        m = "root"
+        try:
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 3:
+                pass
+        except Exception:
+            pass  # the first alarm lands here and is swallowed
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3:
+            pass
+        yield m  # reached only if no later alarm interrupts the search
+
+    with pytest.raises(UnsupportedModelError, match="channel group of 'the root'"):
+        list(graph._time_limited(get_all_groups(), {"root": "the root"}))

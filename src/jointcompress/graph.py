@@ -248,6 +248,9 @@ def _traced_groups(model: nn.Module, dg, ignored) -> tuple[list[ChannelGroup], d
 
 
 GROUP_SECONDS = 60.0  # one channel group taking longer than this to trace means the tracer is looping
+# after the first alarm, again every this many seconds: a raise that lands in code which swallows
+# exceptions (a finalizer run by the garbage collector mid-search) is repeated until one gets out
+ALARM_REPEAT_SECONDS = 0.5
 
 
 class _Timeout(Exception):
@@ -259,8 +262,9 @@ def _time_limited(groups, names: dict):
 
     Its search can loop without end on some index mappings (seen on Llama attention, whose
     key/value heads are repeated for grouped-query attention); then the root module being traced is
-    named in an UnsupportedModelError instead of hanging. Off the main thread (no SIGALRM) it
-    yields without a limit.
+    named in an UnsupportedModelError instead of hanging. The alarm repeats until its exception
+    reaches here: one raised inside a finalizer is swallowed (a CI run hung that way). Off the main
+    thread (no SIGALRM) it yields without a limit.
     """
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
         yield from groups
@@ -270,13 +274,14 @@ def _time_limited(groups, names: dict):
     def on_alarm(signum, frame):
         while frame is not None and frame.f_code.co_name != "get_all_groups":
             frame = frame.f_back
-        root["module"] = frame.f_locals.get("m") if frame is not None else None
+        if frame is not None:
+            root.setdefault("module", frame.f_locals.get("m"))
         raise _Timeout
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
     try:
         while True:
-            signal.setitimer(signal.ITIMER_REAL, GROUP_SECONDS)
+            signal.setitimer(signal.ITIMER_REAL, GROUP_SECONDS, ALARM_REPEAT_SECONDS)
             try:
                 group = next(groups)
             except StopIteration:
