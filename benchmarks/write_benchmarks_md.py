@@ -525,6 +525,7 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                ("lenet300", "compare_lenet300_100x_e10_paced_pcgrad_v4", " at 100x, 10 compression epochs, paced window with PCGrad (joint-paced-pcgrad)"),
                ("lenet5", "compare_lenet5_100x_acc", " at 100x, PCGrad between accuracy and size (joint-acc-pcgrad) beside per-term PCGrad"),
                ("lenet300", "compare_lenet300_100x_acc", " at 100x, PCGrad between accuracy and size (joint-acc-pcgrad) beside per-term PCGrad"),
+               ("lenet5", "compare_lenet5_200x_acc", " at 200x, PCGrad between accuracy and size (joint-acc-pcgrad) beside per-term PCGrad"),
                ("lenet300", "compare_lenet300_100x_e10_paced_5seeds", " at 100x, 10 compression epochs, joint-paced-none vs sequential, 5 seeds"),
                ("lenet300", "compare_lenet300_100x_paced_5seeds", " at 100x, joint-paced-none vs sequential, 5 seeds"),
                ("lenet300", "compare_lenet300_100x_2k_paced_5seeds", ", 2,000 training images, at 100x, joint-paced-none vs sequential, 5 seeds"),
@@ -648,7 +649,7 @@ def fisher_budget_section() -> list[str]:
             lines.append("")
             continue
         for ratio in r["ratios"]:
-            for variant in joint_variants:
+            for variant in joint_variants if "sequential" in r["variants"] else ():  # a joint-only folder: no pairing
                 lines.append(f"- {variant} at {ratio:g}x: {paired_difference(r.get('runs', []), variant, ratio)}.")
             for variant, baseline in JOINT_AGAINST_JOINT:
                 if variant in joint_variants and baseline in joint_variants:
