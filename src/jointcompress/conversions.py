@@ -41,13 +41,11 @@ def named_hint(names: list[str], holds: str, conversion: str) -> str:
     return f"; {holds} ('{names[0]}'{more}): {conversion}"
 
 
-TRANSPOSED_CONVOLUTIONS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
 def conversion_hint(model: nn.Module) -> str:
     """Every kind of unconverted module in `model`, each with the conversion that compresses it,
     and the layer types no technique compresses (left in fp32, their bytes in the file's rest)."""
     from .attention import packed_attention_hint
+    from .layer_types import TRANSPOSED_CONVOLUTIONS
     from .recurrent import packed_recurrent_hint
 
     transposed = [n for n, m in model.named_modules() if isinstance(m, TRANSPOSED_CONVOLUTIONS)]

@@ -13,3 +13,4 @@ import torch.nn as nn
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)  # per-channel affine: pruned with the channel
 COMPRESSIBLE = (nn.Linear, *CONVOLUTIONS)
+TRANSPOSED_CONVOLUTIONS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)  # left out: named in hints
