@@ -626,7 +626,17 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                 "the state cut back onto its goal inside the window (joint-paced-obdtrack-none, size_budget.lag_tolerance: 0.25)"),
                ("lstm", "compare_lstm_30x_2k_obdtrack", ", 2,000 training images, at 30x: the state cut back onto its goal "
                 "inside the window (joint-paced-obdtrack-none, size_budget.lag_tolerance: 0.25)"),
-               ("lstm", "compare_lstm_8x_15x_seed0", " at 8x and 15x (one seed, a check of the baseline where the cut is mild)"))
+               ("lstm", "compare_lstm_8x_15x_seed0", " at 8x and 15x (one seed, a check of the baseline where the cut is mild)"),
+               ("lenet5", "compare_lenet5_200x_obdland", " at 200x: the joint form `mode: joint` runs under a size target "
+                "(joint-paced-obdland-none, joint_form.py) beside joint-paced-obd-none and sequential"),
+               ("lenet300", "compare_lenet300_100x_obdland", " at 100x: the joint form `mode: joint` runs under a size target "
+                "(joint-paced-obdland-none, joint_form.py) beside joint-paced-obd-none and sequential"),
+               ("lenet5", "compare_lenet5_400x_obdland", " at 400x: the joint form `mode: joint` runs under a size target "
+                "(joint-paced-obdland-none, joint_form.py) beside sequential"),
+               ("lenet5", "compare_lenet5_100x_obdland", " at 100x: the joint form `mode: joint` runs under a size target "
+                "(joint-paced-obdland-none, joint_form.py) beside sequential"),
+               ("resnet", "compare_resnet_20x_obdland", " at 20x: the joint form `mode: joint` runs under a size target "
+                "(joint-paced-obdland-none, joint_form.py) beside sequential"))
 
 
 def fisher_budget_section() -> list[str]:
@@ -999,12 +1009,14 @@ def demo_section() -> list[str]:
     return lines + [""]
 
 
-def demo_seeds_section() -> list[str]:
-    """benchmarks/demo_seeds.py: the demo's size point over several compression seeds."""
-    r = _load("demo_seeds.json")
+def demo_seeds_section(name: str = "demo_seeds.json") -> list[str]:
+    """benchmarks/demo_seeds.py: the demo's size point over several compression seeds (`name`: one
+    joint variant's file)."""
+    r = _load(name)
     if r is None:
         return []
-    lines = ["## The demo's point over seeds (LeNet-5 on the embedded digits)", "",
+    variant = r.get("joint_variant", "joint-pcgrad")
+    lines = [f"## The demo's point over seeds (LeNet-5 on the embedded digits), joint = {variant}", "",
              f"Reproduce: `.venv/bin/{r['command']}`. `jointcompress demo`'s recipe and target; one teacher, compression "
              f"seeds 0..n-1; accuracy on the {r['data'].split('; ')[-1].rstrip(')')}.", "",
              "| target | seed | sequential | joint | weights file (seq / joint) |", "| --- | --- | --- | --- | --- |"]
@@ -1147,7 +1159,7 @@ def main() -> None:
     text += headline_table(points)
     text += points_table(points)
     text += demo_section()
-    text += demo_seeds_section()
+    text += demo_seeds_section() + demo_seeds_section("demo_seeds_joint_pcgrad.json")
     for model, folder, title in (("lenet300", "compare_lenet300_100x", " at 100x"),
                                  ("lenet300", "compare_lenet300_100x_e10", " at 100x, 10 compression epochs"),
                                  ("lenet300", "compare_lenet300_2k", ", 2,000 training images, at 100x"),

@@ -101,12 +101,15 @@ def test_paced_window_decides_in_a_fixed_number_of_steps_and_fine_tunes_the_rest
     assert (unpaced.end, unpaced.freeze) == (0.6, 0.8)  # no step count (the demo): the default window
 
 
-def test_acc_pcgrad_variant_coordinates_accuracy_as_one_and_leaves_the_others_per_term():
+def test_acc_pcgrad_variant_coordinates_accuracy_as_one_and_leaves_the_others_as_the_recipe_says():
     from jointcompress.compare import variant_recipe
     from jointcompress.recipe import parse_recipe
 
-    base = parse_recipe({"techniques": [{"type": "quant_lsq", "bits": 4}]})
+    base = parse_recipe({"techniques": [{"type": "quant_lsq", "bits": 4}],
+                         "coordination": {"accuracy_as_one": False}})  # per term, as compare_mnist.py's recipe
     grouped = variant_recipe(base, "joint-acc-pcgrad", seed=3)
     assert grouped.coordination.strategy == "pcgrad" and grouped.coordination.accuracy_as_one
     for variant in ("joint-pcgrad", "joint-none", "sequential"):
         assert not variant_recipe(base, variant, seed=3).coordination.accuracy_as_one
+    default = parse_recipe({"techniques": [{"type": "quant_lsq", "bits": 4}]})  # the library's default: accuracy as one
+    assert variant_recipe(default, "joint-pcgrad", seed=3).coordination.accuracy_as_one

@@ -124,7 +124,7 @@ def test_accuracy_as_one_resolves_accuracy_against_size_in_two_backwards(monkeyp
     assert len(backwards) == 2  # accuracy and size, not one per term
     assert set(stats.cosines) == {"accuracy|size@weights"}
     assert torch.allclose(w.grad, torch.stack(pcgrad([gt + gd, gs], random.Random(0))).sum(0))
-    w2, per_term, terms2 = _three_terms()
+    w2, per_term, terms2 = _three_terms(accuracy_as_one=False)
     per_term.backward(terms2, step=0)
     assert not torch.allclose(w.grad, w2.grad)  # per term, task and distillation are projected off each other too
 
@@ -145,3 +145,17 @@ def test_scale_keeps_the_summed_accuracy_as_its_primary_objective():
     stats = coord.backward(terms, step=0)
     assert stats.damped == {"size@weights": 0.5}  # the size term is damped, never the accuracy objective
     assert torch.allclose(w.grad, 2 * torch.tensor([-4.0, 2.0]) + 0.5 * torch.tensor([3.0, 3.0]))
+
+
+def test_none_measures_every_term_apart_whatever_accuracy_as_one_says():
+    """`none` changes no update: the switch must not change its numbers (the plain backward of one
+    summed term and the sum of per-term gradients differ in float rounding), only its statistics' names."""
+    grads = {}
+    for grouped in (True, False):
+        w = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+        coord = GradientCoordinator(Coordination(strategy="none", accuracy_as_one=grouped), {"weights": [w]})
+        terms = {"task": ((w - torch.tensor([3.0, 0.0])) ** 2).sum(), "distill": ((w - torch.tensor([0.0, 4.0])) ** 2).sum()}
+        stats = coord.backward(terms, step=0)
+        assert set(stats.cosines) == {"task|distill@weights"}
+        grads[grouped] = w.grad.clone()
+    assert torch.equal(grads[True], grads[False])

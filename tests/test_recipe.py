@@ -18,7 +18,7 @@ def test_builtin_recipes_validate():
         ({"techniques": [{"type": "quant_lsq", "bitz": 4}]}, "techniques.0.quant_lsq.bitz", "unknown key"),
         ({"techniques": [{"type": "prune_everything"}]}, "techniques.0", "prune_unstructured"),
         ({"training": {"epochs": "ten"}}, "training.epochs", "valid integer"),
-        ({"mode": "parallel"}, "mode", "'joint' or 'sequential'"),
+        ({"mode": "parallel"}, "mode", "'joint', 'overlap' or 'sequential'"),
         ({"coordination": {"strategy": "magic"}}, "coordination.strategy", "pcgrad"),
         ({"sequential": {"prune": 0.9}}, "sequential", "sum to 1"),
         ({"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "start": 0.8, "end": 0.2}]}, "techniques.0.prune_unstructured", "end"),
@@ -69,7 +69,7 @@ def test_a_target_sets_the_sparsity_a_recipe_leaves_out():
     x = torch.randn(128, 20)
     y = x[:, :4].argmax(1)
     model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 4))
-    recipe = {"target": {"ratio": 20}, "training": {"epochs": 1, "batch_size": 32},
+    recipe = {"mode": "overlap", "target": {"ratio": 20}, "training": {"epochs": 1, "batch_size": 32},
               "techniques": [{"type": "prune_unstructured"}, {"type": "quant_lsq", "bits": 4}]}
     result = compress(model, recipe, (x, y), lambda m: 0.0)
     allocated = result.recipe.technique("prune_unstructured").sparsity

@@ -20,7 +20,8 @@ def digits_teacher():
 
 
 def _recipe(target, epochs=2):
-    return parse_recipe({"model": "lenet300", "target": target, "techniques": [
+    """The allocator's recipe (mode: overlap; mode: joint trains its joint form, tests/test_joint_form.py)."""
+    return parse_recipe({"model": "lenet300", "mode": "overlap", "target": target, "techniques": [
         {"type": "prune_unstructured", "sparsity": 0.9, "end": 0.6},
         {"type": "quant_lsq", "bits": 4, "start": 0.3},
         {"type": "distill_kd", "cache_teacher": True}],

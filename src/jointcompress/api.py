@@ -14,6 +14,7 @@ import torch.nn as nn
 from . import distributed as _dist
 from . import techniques as tech
 from .errors import DataError, RecipeError, UnsupportedModelError
+from .joint_form import as_joint_form
 from .layer_types import COMPRESSIBLE
 from .session.checks import check_teacher
 from .session.outputs import LABEL_KEYS, call_model, describe, first_rows, split_batch
@@ -242,7 +243,12 @@ def compress(
     distributed: Any = "auto",
     loss_fn: Callable | None = None,
 ) -> Result:
-    """Compress `model` in place with `recipe` (joint or sequential); returns a Result.
+    """Compress `model` in place with `recipe` (joint, overlap or sequential); returns a Result.
+
+    `mode: joint` with a size target (size_kb / ratio) and no size_budget trains the recipe's joint
+    form (joint_form.py: zero as a quantizer level under one size budget; `Result.recipe` is what
+    ran, and history records a `joint_form` event); overlap and sequential meet a size target
+    through the allocator's per-layer budgets.
 
     `evaluate(model)` returns the user's metric(s) on held-out data; it is called after
     every epoch and the best state with all techniques at their target is kept.
@@ -286,6 +292,7 @@ def compress(
     if teacher is not None and recipe.technique("distill_kd") is not None:
         check_teacher_data(teacher, example, outputs, recipe.technique("distill_kd").alpha)
     callbacks = list(callbacks or [])
+    recipe, joint_form = as_joint_form(recipe)  # mode: joint under a size target: one decision, one budget
     if recipe.target is not None:  # size / ratio / latency -> per-layer sparsity and bits
         from .targets import SizeSteering, resolve_target, target_bytes
 
@@ -300,6 +307,8 @@ def compress(
         run_dir=run_dir, checkpoint_every=checkpoint_every, resume=resume, max_nonfinite=max_nonfinite, dist=dist,
         loss_fn=loss_fn,
     )
+    if joint_form is not None:
+        trainer.history.events.append(joint_form)
     history = trainer.run()
     metrics = read_metrics(evaluate(model), recipe.training.metric)
     if dist is not None:

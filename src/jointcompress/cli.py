@@ -115,8 +115,9 @@ def _print_demo(res, ratio: float) -> None:
                   f"the uncompressed model at batch 64, {u['latency_ms_b1'] / s['latency_ms_b1']:.1f}x at batch 1 "
                   f"(fp32 before int8: {100 * s['fp32_accuracy']:.2f}%)")
     console.print(
-        "sequential: allocator budgets, prune -> fine-tune -> quantize -> fine-tune; joint: zero as a quantizer level "
-        "under the size budget, pcgrad between the task, distillation and size gradients (docs/joint.md); structured int8: "
+        "sequential: allocator budgets, prune -> fine-tune -> quantize -> fine-tune; joint: what mode: joint trains under a "
+        "size target, zero as a quantizer level under one size budget, pcgrad between accuracy (task + distillation) and "
+        "size (docs/joint.md); structured int8: "
         "75% of channels removed, 8-bit LSQ, int8 ONNX Runtime on the trained scales. Same teacher, epochs and distillation. "
         "stored = the weights file's payload; latency = median CPU forward, 1 thread for every model, interleaved "
         "(ONNX Runtime spinning off); conflict = mean share of gradient pairs pointing against each other."
@@ -130,7 +131,7 @@ def compress_cmd(
     data: Optional[str] = typer.Option(None, help="'digits' or a path to an MNIST-style .npz; default: the recipe's."),
     weights: Optional[Path] = typer.Option(None, help="Trained weights (.safetensors, or a torch file read with weights_only); default: train the model first."),
     teacher_epochs: int = typer.Option(10, min=1, help="Epochs to train the model when no --weights are given."),
-    mode: Optional[str] = typer.Option(None, help="Override the recipe's mode: joint or sequential."),
+    mode: Optional[str] = typer.Option(None, help="Override the recipe's mode: joint, overlap or sequential."),
     out: Path = typer.Option(Path("runs/compress"), help="Output directory (artifact, history, summary, checkpoints)."),
     force: bool = typer.Option(False, help="Allow writing into an existing, non-empty output directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last complete checkpoint."),
@@ -203,6 +204,10 @@ def compress_cmd(
     atomic_write_json(out / "summary.json", rows)
     atomic_write_text(out / "recipe.yaml", recipe_path.read_text(encoding="utf-8"))
     console.print(f"artifact in {out / 'artifact'}")
+    if any(e.get("event") == "joint_form" for e in result.history.events):
+        console.print("joint under a size target: zero as a quantizer level (quant_lsq.zero_level) under one size budget "
+                      "(size_budget), prune_unstructured's masks replaced; the resolved recipe is in the artifact's "
+                      "manifest (docs/joint.md; mode: overlap keeps masks and LSQ under the allocator's budgets)")
     target = result.recipe.target
     if target is not None and not target.is_latency and row.get("file_bytes"):
         from .targets import target_bytes

@@ -28,6 +28,7 @@ from typing import Callable
 
 import yaml
 
+from .joint_form import joint_recipe
 from .recipe import Recipe, paced_window, parse_recipe
 
 VARIANTS = {  # name -> (mode, coordination strategy)
@@ -52,6 +53,8 @@ VARIANTS = {  # name -> (mode, coordination strategy)
     "joint-paced-obd-none": ("joint", "none"),  # PACED_BUDGET whose landing cuts by Fisher cost per byte (PACED_OBD)
     "joint-paced-obdrank-none": ("joint", "none"),  # PACED_OBD with the size-neutral saliency (PACED_OBD_RANK)
     "joint-paced-obdland-none": ("joint", "none"),  # PACED_OBD, the Fisher cost only in the landing (PACED_OBD_LANDING)
+    "joint-paced-obdland-scale": ("joint", "scale"),  # PACED_OBD_LANDING is what compress() runs for mode: joint
+    "joint-paced-obdland-pcgrad": ("joint", "pcgrad"),  # under a size target (joint_form.py): the CLI's default set
     "joint-paced-obdtrack-none": ("joint", "none"),  # PACED_OBD cut back onto its goal inside the window (PACED_OBD_TRACK)
 }
 # the Fisher (OBD) cost of pruned weights on the dead zones, a budget that warms up fast first and
@@ -107,11 +110,15 @@ JOINT_OPTIONS = {"joint-fisher-none": FISHER_BUDGET, "joint-fisher-pcgrad": FISH
                  "joint-paced-none": PACED_BUDGET, "joint-paced-pcgrad": PACED_BUDGET,
                  "joint-paced-aw-none": PACED_ANTI_WINDUP, "joint-paced-lin-none": PACED_LINEAR,
                  "joint-paced-obd-none": PACED_OBD, "joint-paced-obdrank-none": PACED_OBD_RANK,
-                 "joint-paced-obdland-none": PACED_OBD_LANDING, "joint-paced-obdtrack-none": PACED_OBD_TRACK}
+                 "joint-paced-obdland-none": PACED_OBD_LANDING, "joint-paced-obdland-scale": PACED_OBD_LANDING,
+                 "joint-paced-obdland-pcgrad": PACED_OBD_LANDING, "joint-paced-obdtrack-none": PACED_OBD_TRACK}
 # the variants whose coordination resolves accuracy (task + distillation, one gradient) against size only
 # (coordination.accuracy_as_one): one backward fewer per measured step; not in the default set
 ACCURACY_AS_ONE = {"joint-acc-pcgrad"}
-DEFAULT_VARIANTS = ("joint-none", "joint-scale", "joint-pcgrad", "sequential")
+# the joint form compress() runs for mode: joint under a size target (joint_form.py), with each coordination
+# strategy, against sequential; benchmarks/compare_mnist.py keeps its own default (BENCHMARK_VARIANTS)
+DEFAULT_VARIANTS = ("joint-paced-obdland-none", "joint-paced-obdland-scale", "joint-paced-obdland-pcgrad", "sequential")
+BENCHMARK_VARIANTS = ("joint-none", "joint-scale", "joint-pcgrad", "sequential")
 CSV_FIELDS = ["variant", "mode", "strategy", "ratio_target", "seed", "accuracy", "error", "bytes", "file_bytes",
               "target_bytes", "ratio", "sparsity", "bits", "conflict_rate", "changed_share", "changed_mean", "wall_s", "dir"]
 
@@ -128,30 +135,6 @@ class CompareSpec:
     def seed_range(self) -> range:
         """The seeds this comparison runs (each seed trains its own teacher, as in a full run)."""
         return range(self.first_seed, self.first_seed + self.seeds)
-
-
-def joint_recipe(base: Recipe, learn_bits: bool = False, **budget) -> Recipe:
-    """The joint form of a prune + quantize recipe: zero is a level of the quantizer (a learned
-    dead zone) under the target's bytes (size_budget), over the same window the masks would
-    have ramped in; distillation and training stay as they are. Widths stay at quant_lsq.bits
-    unless `learn_bits` (the joint-bits-* variants): each layer's width is then learned in
-    [min_bits, max_bits] against the same budget (techniques/learned_width.py). `budget`: further
-    size_budget fields (e.g. saliency, finetune_phase), as the variants in JOINT_OPTIONS set them."""
-    data = base.model_dump()
-    prune = base.technique("prune_unstructured")
-    techniques = [t for t in data["techniques"] if t["type"] not in ("prune_unstructured", "size_budget")]
-    for t in techniques:
-        if t["type"] == "quant_lsq":
-            t.update(zero_level=True, start=0.0, layer_bits=None, learn_bits=learn_bits)
-    if not any(t["type"] == "quant_lsq" for t in techniques):
-        techniques.append({"type": "quant_lsq", "bits": 4, "zero_level": True})
-    end = prune.end if prune is not None else 0.6
-    techniques.append({"type": "size_budget", "start": prune.start if prune is not None else 0.0, "end": end,
-                       "freeze": max(end, 0.8), **budget})
-    data["techniques"], data["mode"] = techniques, "joint"
-    if data.get("target"):
-        data["target"] = {k: v for k, v in data["target"].items() if k not in ("allocated", "steer")}
-    return parse_recipe(data, source="joint form of the recipe")
 
 
 def joint_options(variant: str, total_steps: int | None = None) -> dict:
@@ -174,7 +157,7 @@ def variant_recipe(budgets: Recipe, variant: str, seed: int, targeted: Recipe | 
 
         budgets = resolve_target(model, joint_recipe(targeted, **joint_options(variant, total_steps)), example)
     data = budgets.model_dump()
-    data["mode"] = "joint" if mode == "overlap" else mode
+    data["mode"] = mode
     data["coordination"]["strategy"], data["training"]["seed"] = strategy, seed
     if variant in ACCURACY_AS_ONE:
         data["coordination"]["accuracy_as_one"] = True

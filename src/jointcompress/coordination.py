@@ -13,9 +13,11 @@ resolves it:
   other term's gradient it conflicts with (negative dot product), in random order.
 
 `every: k` measures and resolves on every k-th step only; between them `scale` reuses its
-last factors and the others take the plain sum with a single backward. `accuracy_as_one`: on
-the measured steps task and distillation are one "accuracy" term (summed first), so the
-strategy resolves accuracy against size and the regularizers, not task against distillation.
+last factors and the others take the plain sum with a single backward. `accuracy_as_one` (the
+default): on the measured steps of `scale` and `pcgrad` task and distillation are one "accuracy"
+term (summed first), so the strategy resolves accuracy against size and the regularizers, not task
+against distillation; `none` measures every term apart (it changes no update, so a run's numbers
+do not depend on the switch).
 """
 from __future__ import annotations
 
@@ -140,9 +142,10 @@ class GradientCoordinator:
     # -- pieces ---------------------------------------------------------------------------
     def _objectives(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The terms the strategy resolves: as given, or with `accuracy_as_one` the primary terms
-        summed into "accuracy" (first, in the order given) beside the others."""
+        summed into "accuracy" (first, in the order given) beside the others. `none` changes no
+        update, so it keeps every term apart: its statistics then say which terms conflict."""
         primary = [t for n, t in terms.items() if n in PRIMARY]
-        if not self.config.accuracy_as_one or len(primary) < 2:
+        if self.config.strategy == "none" or not self.config.accuracy_as_one or len(primary) < 2:
             return terms
         objectives = {"accuracy": functools.reduce(operator.add, primary)}
         objectives.update((n, t) for n, t in terms.items() if n not in PRIMARY)

@@ -343,14 +343,15 @@ class Training(Strict):
 
 
 class Coordination(Strict):
-    """How the loss terms' gradients are combined (coordination.py). `accuracy_as_one`: task and
-    distillation enter the measured steps as one accuracy gradient, so `pcgrad` and `scale`
-    resolve accuracy against the other terms (size, regularizers) only, with one backward
-    fewer per measured step; off, each term is its own gradient (the stored results' setting)."""
+    """How the loss terms' gradients are combined (coordination.py). `accuracy_as_one` (default): task
+    and distillation enter the measured steps as one accuracy gradient, so `pcgrad` and `scale`
+    resolve accuracy against the other terms (size, regularizers) only, the conflict the joint mode
+    is built around, with one backward fewer per measured step; false: each term is its own gradient
+    (the setting of the stored `*-pcgrad` / `*-scale` results; benchmarks/compare_mnist.py keeps it)."""
 
     strategy: Literal["none", "scale", "pcgrad"] = "none"
     every: Annotated[int, Field(ge=1, le=1_000_000)] = 1
-    accuracy_as_one: bool = False
+    accuracy_as_one: bool = True
     threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3
     factor: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     log_every: Annotated[int, Field(ge=1, le=1_000_000)] = 50
@@ -378,7 +379,10 @@ class Sequential(Strict):
 class Recipe(Strict):
     version: Literal[1] = 1
     name: str = "recipe"
-    mode: Literal["joint", "sequential"] = "joint"
+    # joint: techniques trained together (under a size target: zero as a quantizer level under one size
+    # budget, joint_form.py); overlap: masks and LSQ at overlapping times, under a size target with the
+    # allocator's per-layer budgets; sequential: prune -> fine-tune -> quantize -> fine-tune
+    mode: Literal["joint", "overlap", "sequential"] = "joint"
     model: str | None = None  # a reference model name for the CLI (lenet300, lenet5, resnet, seqcnn, vit)
     data: str | None = None  # "digits" (embedded) or a path to an MNIST-style .npz
     techniques: list[Technique] = Field(default_factory=list)
@@ -409,6 +413,20 @@ class Recipe(Strict):
                 which = "{latency_ms: ...} or {speedup: ...}" if latency else "{size_kb: ...} or {ratio: ...}"
                 raise ValueError(f"techniques.{i} ({t.type}): sparsity is required (the fraction to remove, e.g. 0.5) "
                                  f"unless target: {which} sets it")
+        return self
+
+    @model_validator(mode="after")
+    def _structured_under_size(self):
+        """Channel pruning is not priced by a size target (the allocator and size_budget decide unstructured
+        sparsity and bits); refused here, before any training, not when the target is resolved."""
+        sized = (self.target is not None and not self.target.is_latency) or self.technique("size_budget") is not None
+        if sized and self.technique("prune_structured") is not None:
+            i = next(i for i, t in enumerate(self.techniques) if t.type == "prune_structured")
+            raise ValueError(f"techniques.{i} (prune_structured) cannot be combined with a size target "
+                             "(target.size_kb / target.ratio, or size_budget): the size target decides unstructured "
+                             "sparsity and bits, and does not price removed channels. Remove prune_structured, or "
+                             "remove the size target and use target: {latency_ms: ...} or {speedup: ...}, which "
+                             "allocates channel sparsity for speed")
         return self
 
     @model_validator(mode="after")
@@ -458,7 +476,8 @@ def _format(err: ValidationError, source: str) -> str:
                 "prune_blocks, size_budget"
             )
         else:
-            lines.append(f"  - {loc}: {msg} (got {got!r})" if "input" in e else f"  - {loc}: {msg}")
+            shown = "input" in e and e["loc"]  # a top-level check's input is the whole recipe: not repeated
+            lines.append(f"  - {loc}: {msg} (got {got!r})" if shown else f"  - {loc}: {msg}")
     return "\n".join(lines)
 
 

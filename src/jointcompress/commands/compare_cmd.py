@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from ..compare import DEFAULT_VARIANTS
 from . import BUILT_IN_MODELS
 
 
@@ -29,9 +30,12 @@ def register(app: typer.Typer) -> None:
         seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds per point (teacher trained once per seed)."),
         first_seed: int = typer.Option(0, "--first-seed", min=0, help="First seed (a later batch extends an earlier one; "
                                        "benchmarks/pool_compare.py pools the folders)."),
-        variants: str = typer.Option("joint-none,joint-scale,joint-pcgrad,sequential", "--variants",
-                                     help="Comma-separated: joint-none, joint-scale, joint-pcgrad, joint-acc-pcgrad (PCGrad between "
-                                          "accuracy and size), joint-paced-obd-none, sequential, ... (an unknown name lists them all)."),
+        variants: str = typer.Option(",".join(DEFAULT_VARIANTS), "--variants",
+                                     help="Comma-separated. Default: the joint form `compress` runs for mode: joint under a size "
+                                          "target, with coordination none / scale / pcgrad, and sequential. Also joint-none, "
+                                          "joint-scale, joint-pcgrad (size_budget at its defaults), joint-acc-pcgrad (PCGrad "
+                                          "between accuracy and size), joint-paced-obd-none, overlap, ... (an unknown name lists "
+                                          "them all)."),
         model: Optional[str] = typer.Option(None, "--model", help=f"{BUILT_IN_MODELS} (default: the recipe's)."),
         data: Optional[str] = typer.Option(None, "--data", help="'digits' or an MNIST .npz (default: the recipe's)."),
         weights: Optional[Path] = typer.Option(None, "--weights", help="Trained weights (.safetensors) used for every seed."),

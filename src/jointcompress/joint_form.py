@@ -1,0 +1,76 @@
+"""The joint form of a recipe: what `mode: joint` trains under a size target.
+
+Why: masks ranked on raw |w| and LSQ steps trained beside them, each layer's sparsity and bits fixed
+by the allocator before training, do not decide together; the design (docs/joint.md) is one decision
+per weight under one budget: zero as a level of the quantizer (a learned per-channel dead zone tied
+to the LSQ step) and the artifact's bytes as a constraint inside the loss (size_budget). A recipe
+that asks for `mode: joint` and a size target, and does not spell the joint form out itself, gets it
+here; `mode: overlap` keeps masks and LSQ at overlapping times under the allocator's budgets.
+
+Which size_budget settings: `JOINT_FORM_BUDGET`, the paced decision window with the Fisher estimate
+ordering the landing's cuts only (`compare`'s joint-paced-obdland-none). Across the models stored in
+BENCHMARKS.md it ties or beats sequential at every point measured, where the Fisher price on the dead
+zones (joint-paced-obd-none) wins more on some CNNs but lost 9 points on a small ViT with 2,000 images.
+"""
+from __future__ import annotations
+
+from .recipe import Recipe, parse_recipe
+
+# the Fisher (OBD) estimate of each weight's cost, a budget that warms up fast first and slowly at
+# the end, a fine-tuning phase with its own LR after the freeze, the stiff constraint, a decision
+# window of about 1,000 steps, and the landing's cuts ordered by Fisher cost per byte, with nothing
+# of the Fisher cost on the dead zones' gradient (compare.PACED_OBD_LANDING; docs/joint.md)
+JOINT_FORM_BUDGET = {"saliency": 30.0, "schedule": "cubic", "finetune_phase": True, "penalty": 30.0,
+                     "decide_steps": 1000, "landing_order": "fisher", "saliency_mode": "landing"}
+
+
+def joint_recipe(base: Recipe, learn_bits: bool = False, **budget) -> Recipe:
+    """The joint form of a prune + quantize recipe: zero is a level of the quantizer (a learned
+    dead zone) under the target's bytes (size_budget), over the same window the masks would
+    have ramped in; distillation and training stay as they are. Widths stay at quant_lsq.bits
+    unless `learn_bits`: each layer's width is then learned in [min_bits, max_bits] against the
+    same budget (techniques/learned_width.py). `budget`: further size_budget fields (e.g. saliency,
+    finetune_phase)."""
+    data = base.model_dump()
+    prune = base.technique("prune_unstructured")
+    techniques = [t for t in data["techniques"] if t["type"] not in ("prune_unstructured", "size_budget")]
+    for t in techniques:
+        if t["type"] == "quant_lsq":
+            t.update(zero_level=True, start=0.0, layer_bits=None, learn_bits=learn_bits)
+    if not any(t["type"] == "quant_lsq" for t in techniques):
+        techniques.append({"type": "quant_lsq", "bits": 4, "zero_level": True})
+    end = prune.end if prune is not None else 0.6
+    techniques.append({"type": "size_budget", "start": prune.start if prune is not None else 0.0, "end": end,
+                       "freeze": max(end, 0.8), **budget})
+    data["techniques"], data["mode"] = techniques, "joint"
+    if data.get("target"):
+        data["target"] = {k: v for k, v in data["target"].items() if k not in ("allocated", "steer")}
+    return parse_recipe(data, source="joint form of the recipe")
+
+
+def wants_joint_form(recipe: Recipe) -> bool:
+    """Whether `recipe` asks for joint training under a size target without the joint form spelled
+    out: mode joint, a size_kb / ratio target not yet allocated, and no size_budget."""
+    target = recipe.target
+    return (recipe.mode == "joint" and target is not None and not target.is_latency and not target.allocated
+            and recipe.technique("size_budget") is None)
+
+
+def as_joint_form(recipe: Recipe) -> tuple[Recipe, dict | None]:
+    """`recipe` in its joint form where it asks for one (wants_joint_form), else unchanged; and
+    the history event that says what changed (None where nothing did). The budget starts where
+    the masks would have (at most at 0.2 of the run, where a paced window may start)."""
+    if not wants_joint_form(recipe):
+        return recipe, None
+    prune = recipe.technique("prune_unstructured")
+    if prune is not None and prune.start > 0.2:
+        recipe = recipe.model_copy(deep=True)
+        recipe.technique("prune_unstructured").start = 0.2
+    joint = joint_recipe(recipe, **JOINT_FORM_BUDGET)
+    event = {"event": "joint_form", "step": 0, "bits": joint.technique("quant_lsq").bits,
+             "replaced": ["prune_unstructured"] if prune is not None else [],
+             "size_budget": {k: v for k, v in joint.technique("size_budget").model_dump().items() if k != "type"},
+             "note": "mode: joint under a size target: zero is a level of the quantizer, learned under one size "
+                     "budget (quant_lsq.zero_level + size_budget, docs/joint.md); mode: overlap keeps magnitude "
+                     "masks and LSQ under the allocator's per-layer budgets"}
+    return joint, event

@@ -1,0 +1,110 @@
+"""mode: joint under a size target trains the joint form (joint_form.py): zero as a quantizer level under
+one size budget, not magnitude masks beside LSQ under the allocator's budgets (that is mode: overlap)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from jointcompress import compress, finalize
+from jointcompress.artifact import save
+from jointcompress.compare import JOINT_OPTIONS
+from jointcompress.errors import RecipeError
+from jointcompress.joint_form import JOINT_FORM_BUDGET, as_joint_form
+from jointcompress.recipe import parse_recipe
+from jointcompress.artifact.size import dense_fp32_bytes
+
+TECHNIQUES = [{"type": "prune_unstructured", "scope": "global", "end": 0.5},
+              {"type": "quant_lsq", "bits": 4, "start": 0.3}]
+
+
+def _data():
+    torch.manual_seed(0)
+    x = torch.randn(512, 32)
+    return x, x[:, :4].argmax(1)
+
+
+def _model():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 4))
+
+
+def test_joint_mode_under_a_size_target_trains_zero_as_a_level_under_one_budget_and_lands_on_it(tmp_path):
+    x, y = _data()
+    model = _model()
+    goal = dense_fp32_bytes(model) / 20
+    recipe = {"mode": "joint", "target": {"ratio": 20}, "techniques": TECHNIQUES,
+              "training": {"epochs": 6, "batch_size": 32, "lr": 0.003}}
+    result = compress(model, recipe, (x, y), lambda m: 0.0)
+    ran = result.recipe
+    assert [t.type for t in ran.techniques] == ["quant_lsq", "size_budget"]
+    assert ran.technique("quant_lsq").zero_level and ran.technique("quant_lsq").bits == 4
+    budget = ran.technique("size_budget")
+    assert {k: getattr(budget, k) for k in JOINT_FORM_BUDGET} == JOINT_FORM_BUDGET
+    assert budget.target_bytes == pytest.approx(goal)
+    event = next(e for e in result.history.events if e["event"] == "joint_form")
+    assert event["replaced"] == ["prune_unstructured"] and event["size_budget"]["saliency_mode"] == "landing"
+    spec = finalize(model, result.example_inputs)
+    save(model, spec, tmp_path / "a", example_inputs=result.example_inputs)
+    on_disk = (tmp_path / "a" / "weights.jcw").stat().st_size
+    assert on_disk <= goal * 1.02, (on_disk, goal)  # the budget, not an allocation before training, set the bytes
+    assert on_disk >= goal * 0.9
+
+
+def test_overlap_mode_keeps_masks_and_lsq_under_the_allocators_budgets():
+    x, y = _data()
+    recipe = {"mode": "overlap", "target": {"ratio": 20}, "techniques": TECHNIQUES,
+              "training": {"epochs": 1, "batch_size": 64}}
+    result = compress(_model(), recipe, (x, y), lambda m: 0.0)
+    assert [t.type for t in result.recipe.techniques] == ["prune_unstructured", "quant_lsq"]
+    assert result.recipe.technique("prune_unstructured").layer_sparsity  # per-layer budgets from the allocator
+    assert not result.recipe.technique("quant_lsq").zero_level
+    assert not [e for e in result.history.events if e["event"] == "joint_form"]
+
+
+@pytest.mark.parametrize("change", [
+    {"mode": "sequential"},
+    {"mode": "overlap"},
+    {"target": {"speedup": 2.0, "batch": 1}},
+    {"target": None},
+    {"techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True}, {"type": "size_budget", "penalty": 5.0}]},
+])
+def test_recipes_that_do_not_ask_for_the_joint_form_are_left_as_they_are(change):
+    data = {"mode": "joint", "target": {"ratio": 20}, "techniques": TECHNIQUES, **change}
+    if data["target"] is None or data["target"].get("speedup"):  # no size target sets the masks' sparsity
+        data["techniques"] = [{**TECHNIQUES[0], "sparsity": 0.5}, TECHNIQUES[1]]
+    recipe = parse_recipe(data)
+    same, event = as_joint_form(recipe)
+    assert same is recipe and event is None
+
+
+def test_the_joint_form_is_the_compare_variant_that_ties_or_beats_sequential_on_every_model_measured():
+    assert JOINT_OPTIONS["joint-paced-obdland-none"] == JOINT_FORM_BUDGET
+
+
+def test_a_late_mask_start_becomes_a_budget_start_a_paced_window_allows():
+    late = [{**TECHNIQUES[0], "start": 0.4, "end": 0.7}, TECHNIQUES[1]]
+    joint, _ = as_joint_form(parse_recipe({"mode": "joint", "target": {"ratio": 20}, "techniques": late}))
+    assert joint.technique("size_budget").start == 0.2 and joint.technique("size_budget").decide_steps == 1000
+
+
+@pytest.mark.parametrize("target", [{"ratio": 20}, {"size_kb": 4}])
+@pytest.mark.parametrize("mode", ["joint", "overlap", "sequential"])
+def test_channel_pruning_under_a_size_target_is_refused_before_training(mode, target):
+    techniques = [TECHNIQUES[0], {"type": "prune_structured", "sparsity": 0.5}, TECHNIQUES[1]]
+    with pytest.raises(RecipeError, match=r"techniques\.1 \(prune_structured\).*latency_ms"):
+        parse_recipe({"mode": mode, "target": target, "techniques": techniques})
+
+
+def test_compares_default_joint_variants_train_what_compress_runs_for_mode_joint():
+    from jointcompress.compare import DEFAULT_VARIANTS, VARIANTS, joint_options, joint_recipe
+
+    recipe = parse_recipe({"mode": "joint", "target": {"ratio": 20}, "techniques": TECHNIQUES})
+    ran = as_joint_form(recipe)[0].technique("size_budget")
+    joint_variants = [v for v in DEFAULT_VARIANTS if VARIANTS[v][0] == "joint"]
+    assert {VARIANTS[v][1] for v in joint_variants} == {"none", "scale", "pcgrad"} and "sequential" in DEFAULT_VARIANTS
+    for variant in joint_variants:
+        compared = joint_recipe(recipe, **joint_options(variant, total_steps=1876)).technique("size_budget")
+        assert (compared.end, compared.freeze) == tuple(ran.paced(1876).values())
+        same = {k: v for k, v in ran.model_dump().items() if k not in ("end", "freeze", "decide_steps")}
+        assert {k: getattr(compared, k) for k in same} == same
