@@ -128,8 +128,9 @@ def worker(args: dict) -> dict:
 
 
 def train_recipe(model: str, ratio: float, formats: dict, epochs: int) -> dict:
-    """The compare_mnist recipe (joint, 4-bit LSQ, KD) at a size target, with this side's formats."""
-    return {"name": "artifact-bytes-train", "model": model, "mode": "joint", "target": {"ratio": ratio},
+    """The compare_mnist recipe (masks and 4-bit LSQ at overlapping times under the allocator's budgets, KD;
+    mode: overlap, what mode: joint ran before joint_form.py) at a size target, with this side's formats."""
+    return {"name": "artifact-bytes-train", "model": model, "mode": "overlap", "target": {"ratio": ratio},
             "techniques": [{"type": "prune_unstructured", "sparsity": 0.9, "end": 0.6, "regularization": 1.0,
                             "min_keep": 0.001},
                            {"type": "quant_lsq", "bits": 4, "start": 0.3, "regularization": 0.1, **formats},

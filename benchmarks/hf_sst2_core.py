@@ -41,6 +41,7 @@ def main():
     base["mode"] = "sequential" if args.mode == "sequential" else "joint"
     base["hf"]["train_limit"] = None  # every train row
     base["hf"]["trim_vocab"] = True
+    base["coordination"]["every"] = 1  # measured on every step, as the stored results were (now: every log_every)
     if args.mode == "progressive":  # two one-epoch stages over half the rows: the same number of steps
         base["hf"]["train_limit"] = 67349 // 2
         for t in base["techniques"]:

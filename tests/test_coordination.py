@@ -159,3 +159,23 @@ def test_none_measures_every_term_apart_whatever_accuracy_as_one_says():
         assert set(stats.cosines) == {"task|distill@weights"}
         grads[grouped] = w.grad.clone()
     assert torch.equal(grads[True], grads[False])
+
+
+def test_none_measures_only_the_steps_it_logs_unless_told_and_the_strategies_that_act_every_step():
+    """Each measurement takes one backward per term; `none` changes no update, so by default it
+    measures only where history logs (log_every), while scale and pcgrad act on every step."""
+    def measured_steps(**kw):
+        w = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+        coord = GradientCoordinator(Coordination(log_every=5, **kw), {"weights": [w]})
+        out = []
+        for step in range(12):
+            w.grad = None
+            terms = {"task": ((w - 3.0) ** 2).sum(), "size": w.abs().sum()}
+            if coord.backward(terms, step=step) is not None:
+                out.append(step)
+        return out
+
+    assert measured_steps(strategy="none") == [0, 5, 10]
+    assert measured_steps(strategy="none", every=2) == [0, 2, 4, 6, 8, 10]
+    assert measured_steps(strategy="pcgrad") == list(range(12))
+    assert measured_steps(strategy="scale") == list(range(12))

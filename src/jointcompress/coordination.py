@@ -99,7 +99,7 @@ class GradientCoordinator:
 
     def backward(self, terms: dict[str, torch.Tensor], step: int) -> CoordinationStats | None:
         """Put the coordinated gradient into .grad of every shared parameter."""
-        measured = step % self.config.every == 0 and len(terms) > 1
+        measured = step % self.config.measure_every() == 0 and len(terms) > 1
         if not measured:
             self._plain_backward(terms)
             return None
