@@ -351,8 +351,8 @@ class Coordination(Strict):
 
     strategy: Literal["none", "scale", "pcgrad"] = "none"
     # measure (one backward per term) and resolve on every k-th step; None: every step for scale and
-    # pcgrad, and for none only the steps it logs (log_every): none changes no update, and its per-term
-    # measurement made a default step about 1.5x as long
+    # pcgrad, and for none only the steps it logs (log_every): none changes no update, and measuring
+    # takes one backward per term
     every: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     accuracy_as_one: bool = True
     threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3
