@@ -108,3 +108,19 @@ def test_compares_default_joint_variants_train_what_compress_runs_for_mode_joint
         assert (compared.end, compared.freeze) == tuple(ran.paced(1876).values())
         same = {k: v for k, v in ran.model_dump().items() if k not in ("end", "freeze", "decide_steps")}
         assert {k: getattr(compared, k) for k in same} == same
+
+
+def test_a_pruning_selection_the_joint_form_cannot_honour_is_refused_when_the_recipe_is_read():
+    """The joint form prunes through quant_lsq's dead zones: an exclusion given to prune_unstructured
+    alone would be dropped silently, and the layer pruned after all."""
+    techniques = [{**TECHNIQUES[0], "exclude": ["head"]}, TECHNIQUES[1]]
+    with pytest.raises(RecipeError, match=r"prune_unstructured selects others.*mode: overlap"):
+        parse_recipe({"mode": "joint", "target": {"ratio": 20}, "techniques": techniques})
+    both = [{**TECHNIQUES[0], "exclude": ["head"]}, {**TECHNIQUES[1], "exclude": ["head"]}]
+    joint, _ = as_joint_form(parse_recipe({"mode": "joint", "target": {"ratio": 20}, "techniques": both}))
+    assert joint.technique("quant_lsq").exclude == ["head"]
+    for fine in ({"mode": "overlap"}, {"mode": "sequential"}, {"target": None}):
+        data = {"mode": "joint", "target": {"ratio": 20}, "techniques": techniques, **fine}
+        if data["target"] is None:
+            data["techniques"] = [{**techniques[0], "sparsity": 0.5}, TECHNIQUES[1]]
+        parse_recipe(data)

@@ -439,6 +439,25 @@ class Recipe(Strict):
         return self
 
     @model_validator(mode="after")
+    def _joint_form_selection(self):
+        """Under a size target, mode: joint prunes through quant_lsq's dead zones (joint_form.py), so
+        on the layers quant_lsq selects: a prune_unstructured that selects others would be ignored."""
+        prune = self.technique("prune_unstructured")
+        sized = self.target is not None and not self.target.is_latency and not self.target.allocated
+        if self.mode != "joint" or not sized or prune is None or self.technique("size_budget") is not None:
+            return self
+        quant = self.technique("quant_lsq")
+        chosen = (quant.targets, quant.exclude, quant.embeddings) if quant is not None else (["*"], [], False)
+        if (prune.targets, prune.exclude, prune.embeddings) != chosen:
+            raise ValueError(
+                f"mode: joint under a size target prunes through quant_lsq's dead zones, on the layers quant_lsq "
+                f"quantizes (targets {chosen[0]}, exclude {chosen[1]}, embeddings {chosen[2]}), but prune_unstructured "
+                f"selects others (targets {prune.targets}, exclude {prune.exclude}, embeddings {prune.embeddings}). "
+                "Give both the same targets / exclude / embeddings, or set mode: overlap (magnitude masks on "
+                "prune_unstructured's layers under the allocator's budgets)")
+        return self
+
+    @model_validator(mode="after")
     def _size_budget(self):
         if self.technique("size_budget") is None:
             return self
