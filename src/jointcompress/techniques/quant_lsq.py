@@ -211,6 +211,12 @@ class QuantLSQ(Technique):
         ]
         return {"quant": lam * torch.stack(terms).mean()} if terms else {}
 
+    def after_optimizer_step(self, ctx: RunContext) -> None:
+        for q in self.quantizers.values():  # the zero-level quantizers' kept-weight counts are now stale
+            forget = getattr(q, "forget_forward", None)
+            if forget is not None:
+                forget()
+
     def freeze(self) -> None:
         super().freeze()
         for q in list(self.quantizers.values()) + list(self.act_quantizers.values()):

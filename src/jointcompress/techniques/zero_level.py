@@ -196,6 +196,14 @@ class ZeroLevelLSQWeight(LSQWeight):
             self._keep_f = cached
         return cached[1]
 
+    def forget_forward(self) -> None:
+        """After the optimizer step the last forward's count no longer describes the weights. A
+        fused optimizer (the session's, on CPU) updates parameters in place without moving their
+        version counters, so `_state_key` alone would still call that forward current: a count read
+        before the next forward (the size budget's calibration) was then one step stale, and a run
+        resumed from a checkpoint, which has no such forward, computed it afresh and drifted."""
+        self._count_key = None
+
     def _current(self, w: torch.Tensor) -> bool:
         """Whether the last forward pass ran on `w` and the learned quantities as they are now."""
         key = getattr(self, "_count_key", None)
