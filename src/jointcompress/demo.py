@@ -28,8 +28,8 @@ DEFAULT_RATIO = 100.0
 STRUCTURED_CHANNELS = 0.75  # share of conv channels / hidden units the fast model removes
 LATENCY_BATCH = 64
 # the joint row: what `mode: joint` trains under a size target (joint_form.py), with PCGrad between accuracy
-# and size; on the demo's point it is 0.59 ± 0.15 points ahead of joint-pcgrad (size_budget's defaults,
-# which also landed late there), benchmarks/results/demo_seeds*.json
+# and size; on the demo's point it is 0.74 ± 0.32 points ahead of joint-pcgrad (size_budget's defaults,
+# which also landed late there), paired over 3 seeds in benchmarks/results/demo_seeds*.json
 JOINT_VARIANT = "joint-paced-obdland-pcgrad"
 
 
