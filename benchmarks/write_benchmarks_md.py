@@ -636,7 +636,9 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                ("lenet5", "compare_lenet5_100x_obdland", " at 100x: the joint form `mode: joint` runs under a size target "
                 "(joint-paced-obdland-none, joint_form.py) beside sequential"),
                ("resnet", "compare_resnet_20x_obdland", " at 20x: the joint form `mode: joint` runs under a size target "
-                "(joint-paced-obdland-none, joint_form.py) beside sequential"))
+                "(joint-paced-obdland-none, joint_form.py) beside sequential"),
+               ("vit", "compare_vit_30x_2k_obdland_fixed", ", 2,000 training images, at 30x, LayerNorm stored in fp16: "
+                "the joint form `mode: joint` runs (joint-paced-obdland-none) after the kept-weight count fix, beside sequential"))
 
 
 def fisher_budget_section() -> list[str]:
