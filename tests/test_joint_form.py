@@ -124,3 +124,19 @@ def test_a_pruning_selection_the_joint_form_cannot_honour_is_refused_when_the_re
         if data["target"] is None:
             data["techniques"] = [{**techniques[0], "sparsity": 0.5}, TECHNIQUES[1]]
         parse_recipe(data)
+
+
+def test_a_run_shorter_than_log_every_still_counts_what_pcgrad_changed():
+    """compare flags a strategy that changed nothing: it must read every measured step, not only the
+    logged ones (a 32-step run logs step 0 alone, where the size term has not pulled yet)."""
+    from jointcompress.pipeline import coordination_effect
+
+    x, y = _data()
+    recipe = {"mode": "joint", "target": {"ratio": 20}, "techniques": TECHNIQUES,
+              "training": {"epochs": 2, "batch_size": 32}, "coordination": {"strategy": "pcgrad"}}
+    result = compress(_model(), recipe, (x, y), lambda m: 0.0)
+    counted = result.history.coordination
+    assert len(result.history.steps) == 1  # one logged step
+    assert 0 < counted["changed"] <= counted["measured"] <= 32  # after the freeze the size term is gone
+    effect = coordination_effect(result.history)
+    assert effect["changed_share"] == counted["changed"] / counted["measured"] > 0

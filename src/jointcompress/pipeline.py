@@ -114,8 +114,13 @@ def finalize_and_save(model: nn.Module, result: Result, teacher: nn.Module, spli
 
 
 def coordination_effect(history) -> dict:
-    """How often the coordination strategy changed the update (share of the logged
-    coordinated steps with ||resolved - sum|| > 0) and by how much on average."""
+    """How often the coordination strategy changed the update (share of the measured steps with
+    ||resolved - sum|| > 0) and by how much on average; from the logged steps for a history
+    recorded before every measured step was counted."""
+    counted = getattr(history, "coordination", None) or {}
+    if counted.get("measured"):
+        n = counted["measured"]
+        return {"changed_share": counted["changed"] / n, "changed_mean": counted["changed_sum"] / n}
     changed = [s["changed"] for s in history.steps if "changed" in s]
     if not changed:
         return {"changed_share": None, "changed_mean": None}

@@ -12,6 +12,15 @@ class History:
     best_metric: float | None = None
     wall_seconds: float = 0.0
     events: list[dict] = field(default_factory=list)  # skipped non-finite steps, rollbacks, resumes
+    # every measured coordination step, not only the logged ones: how many, how many the strategy
+    # changed, and the sum of ||resolved - sum|| / ||sum|| (a run shorter than log_every logs one step)
+    coordination: dict = field(default_factory=lambda: {"measured": 0, "changed": 0, "changed_sum": 0.0})
+
+    def note_coordination(self, changed: float) -> None:
+        c = self.coordination
+        c["measured"] += 1
+        c["changed"] += int(changed > 1e-9)
+        c["changed_sum"] += float(changed)
 
     def as_dict(self) -> dict:
         return {
@@ -21,6 +30,7 @@ class History:
             "best_metric": self.best_metric,
             "wall_seconds": self.wall_seconds,
             "events": self.events,
+            "coordination": self.coordination,
         }
 
 

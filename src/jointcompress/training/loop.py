@@ -126,6 +126,8 @@ class Trainer:
         out = self.step(batch, step)
         pos.add(out)
         stats = out["coordination"]
+        if stats is not None:
+            self.history.note_coordination(stats.changed)
         if stats is not None and step % self.recipe.coordination.log_every == 0:
             self.history.steps.append({"step": step, "terms": out["terms"], **stats.as_dict()})
         self._notify("on_step", step, out)
