@@ -26,7 +26,8 @@ def check_needs(recipe: Recipe, teacher, example_inputs) -> None:
     """Fail before training on what a technique of the recipe will need."""
     if recipe.target is not None:
         raise RecipeError("target: size and latency targets are steered by the built-in loop (compress()); in your own "
-                          "loop set the techniques' sparsity and bits instead")
+                          "loop set the techniques' sparsity and bits instead, or for the joint form a byte budget: "
+                          "quant_lsq with zero_level: true and size_budget with target_bytes (docs/joint.md)")
     kd = recipe.technique("distill_kd")
     if kd is not None and teacher is None:
         raise RecipeError("techniques: distill_kd needs a teacher; pass teacher=... to prepare() or remove distill_kd")
