@@ -1033,6 +1033,24 @@ def demo_seeds_section(name: str = "demo_seeds.json") -> list[str]:
     return lines + [""]
 
 
+def demo_joint_against_joint(name: str = "demo_seeds.json", other: str = "demo_seeds_joint_pcgrad.json") -> list[str]:
+    """The demo's joint row against another joint variant, paired by seed (the same teacher and
+    sequential runs in both files, checked)."""
+    a, b = _load(name), _load(other)
+    if a is None or b is None:
+        return []
+    lines = []
+    for pa, pb in zip(a["points"], b["points"]):
+        if pa["ratio"] != pb["ratio"] or any(x["sequential"] != y["sequential"] for x, y in zip(pa["runs"], pb["runs"])):
+            continue  # not the same teacher and seeds: not paired
+        diffs = [100 * (x["joint"]["accuracy"] - y["joint"]["accuracy"]) for x, y in zip(pa["runs"], pb["runs"])]
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+        lines.append(f"- {pa['ratio']:g}x, {a.get('joint_variant', 'joint-pcgrad')} − {b.get('joint_variant', 'joint-pcgrad')}, "
+                     f"accuracy paired over {len(diffs)} seeds: {statistics.mean(diffs):+.2f} ± {se:.2f} points "
+                     f"(per seed {', '.join(f'{d:+.2f}' for d in diffs)}).")
+    return lines + [""] if lines else []
+
+
 def equal_accuracy_section(curve_file: str = "against_curve_lenet5.json",
                            title: str = "LeNet-5: the equal-accuracy point over 3 seeds") -> list[str]:
     """A 3-seed point at equal accuracy against Torch-Pruning (benchmarks/against_curve.py),
@@ -1161,7 +1179,7 @@ def main() -> None:
     text += headline_table(points)
     text += points_table(points)
     text += demo_section()
-    text += demo_seeds_section() + demo_seeds_section("demo_seeds_joint_pcgrad.json")
+    text += demo_seeds_section() + demo_seeds_section("demo_seeds_joint_pcgrad.json") + demo_joint_against_joint()
     for model, folder, title in (("lenet300", "compare_lenet300_100x", " at 100x"),
                                  ("lenet300", "compare_lenet300_100x_e10", " at 100x, 10 compression epochs"),
                                  ("lenet300", "compare_lenet300_2k", ", 2,000 training images, at 100x"),

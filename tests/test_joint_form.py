@@ -10,7 +10,7 @@ from jointcompress import compress, finalize
 from jointcompress.artifact import save
 from jointcompress.compare import JOINT_OPTIONS
 from jointcompress.errors import RecipeError
-from jointcompress.joint_form import JOINT_FORM_BUDGET, as_joint_form
+from jointcompress.joint_form import JOINT_FORM_VARIANT, as_joint_form
 from jointcompress.recipe import parse_recipe
 from jointcompress.artifact.size import dense_fp32_bytes
 
@@ -40,7 +40,8 @@ def test_joint_mode_under_a_size_target_trains_zero_as_a_level_under_one_budget_
     assert [t.type for t in ran.techniques] == ["quant_lsq", "size_budget"]
     assert ran.technique("quant_lsq").zero_level and ran.technique("quant_lsq").bits == 4
     budget = ran.technique("size_budget")
-    assert {k: getattr(budget, k) for k in JOINT_FORM_BUDGET} == JOINT_FORM_BUDGET
+    chosen = JOINT_OPTIONS[JOINT_FORM_VARIANT]
+    assert {k: getattr(budget, k) for k in chosen} == chosen and budget.saliency_mode == "landing"
     assert budget.target_bytes == pytest.approx(goal)
     event = next(e for e in result.history.events if e["event"] == "joint_form")
     assert event["replaced"] == ["prune_unstructured"] and event["size_budget"]["saliency_mode"] == "landing"
@@ -76,10 +77,6 @@ def test_recipes_that_do_not_ask_for_the_joint_form_are_left_as_they_are(change)
     recipe = parse_recipe(data)
     same, event = as_joint_form(recipe)
     assert same is recipe and event is None
-
-
-def test_the_joint_form_is_the_compare_variant_that_ties_or_beats_sequential_on_every_model_measured():
-    assert JOINT_OPTIONS["joint-paced-obdland-none"] == JOINT_FORM_BUDGET
 
 
 def test_a_late_mask_start_becomes_a_budget_start_a_paced_window_allows():

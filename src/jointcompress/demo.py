@@ -29,7 +29,7 @@ STRUCTURED_CHANNELS = 0.75  # share of conv channels / hidden units the fast mod
 LATENCY_BATCH = 64
 # the joint row: what `mode: joint` trains under a size target (joint_form.py), with PCGrad between accuracy
 # and size; on the demo's point it is 0.74 ± 0.32 points ahead of joint-pcgrad (size_budget's defaults,
-# which also landed late there), paired over 3 seeds in benchmarks/results/demo_seeds*.json
+# which also landed late there), paired over 3 seeds in BENCHMARKS.md (benchmarks/results/demo_seeds*.json)
 JOINT_VARIANT = "joint-paced-obdland-pcgrad"
 
 

@@ -7,7 +7,7 @@ to the LSQ step) and the artifact's bytes as a constraint inside the loss (size_
 that asks for `mode: joint` and a size target, and does not spell the joint form out itself, gets it
 here; `mode: overlap` keeps masks and LSQ at overlapping times under the allocator's budgets.
 
-Which size_budget settings: `JOINT_FORM_BUDGET`, the paced decision window with the Fisher estimate
+Which size_budget settings: `JOINT_FORM_VARIANT`'s, the paced decision window with the Fisher estimate
 ordering the landing's cuts only (`compare`'s joint-paced-obdland-none). Across the models stored in
 BENCHMARKS.md it ties or beats sequential at every point measured, where the Fisher price on the dead
 zones (joint-paced-obd-none) wins more on some CNNs but lost 9 points on a small ViT with 2,000 images.
@@ -16,12 +16,17 @@ from __future__ import annotations
 
 from .recipe import Recipe, parse_recipe
 
-# the Fisher (OBD) estimate of each weight's cost, a budget that warms up fast first and slowly at
-# the end, a fine-tuning phase with its own LR after the freeze, the stiff constraint, a decision
-# window of about 1,000 steps, and the landing's cuts ordered by Fisher cost per byte, with nothing
-# of the Fisher cost on the dead zones' gradient (compare.PACED_OBD_LANDING; docs/joint.md)
-JOINT_FORM_BUDGET = {"saliency": 30.0, "schedule": "cubic", "finetune_phase": True, "penalty": 30.0,
-                     "decide_steps": 1000, "landing_order": "fisher", "saliency_mode": "landing"}
+# compare's variant whose size_budget settings the joint form takes (compare.PACED_OBD_LANDING: the paced
+# window, the stiff constraint, the Fisher estimate ordering the landing's cuts only; docs/joint.md)
+JOINT_FORM_VARIANT = "joint-paced-obdland-none"
+
+
+def joint_form_budget() -> dict:
+    """The size_budget fields of the joint form (compare's JOINT_FORM_VARIANT; imported here, not at the
+    top: compare builds its joint variants with joint_recipe below)."""
+    from .compare import JOINT_OPTIONS
+
+    return dict(JOINT_OPTIONS[JOINT_FORM_VARIANT])
 
 
 def joint_recipe(base: Recipe, learn_bits: bool = False, **budget) -> Recipe:
@@ -48,25 +53,17 @@ def joint_recipe(base: Recipe, learn_bits: bool = False, **budget) -> Recipe:
     return parse_recipe(data, source="joint form of the recipe")
 
 
-def wants_joint_form(recipe: Recipe) -> bool:
-    """Whether `recipe` asks for joint training under a size target without the joint form spelled
-    out: mode joint, a size_kb / ratio target not yet allocated, and no size_budget."""
-    target = recipe.target
-    return (recipe.mode == "joint" and target is not None and not target.is_latency and not target.allocated
-            and recipe.technique("size_budget") is None)
-
-
 def as_joint_form(recipe: Recipe) -> tuple[Recipe, dict | None]:
-    """`recipe` in its joint form where it asks for one (wants_joint_form), else unchanged; and
+    """`recipe` in its joint form where it asks for one (Recipe.asks_for_joint_form), else unchanged; and
     the history event that says what changed (None where nothing did). The budget starts where
     the masks would have (at most at 0.2 of the run, where a paced window may start)."""
-    if not wants_joint_form(recipe):
+    if not recipe.asks_for_joint_form():
         return recipe, None
     prune = recipe.technique("prune_unstructured")
     if prune is not None and prune.start > 0.2:
         recipe = recipe.model_copy(deep=True)
         recipe.technique("prune_unstructured").start = 0.2
-    joint = joint_recipe(recipe, **JOINT_FORM_BUDGET)
+    joint = joint_recipe(recipe, **joint_form_budget())
     event = {"event": "joint_form", "step": 0, "bits": joint.technique("quant_lsq").bits,
              "replaced": ["prune_unstructured"] if prune is not None else [],
              "size_budget": {k: v for k, v in joint.technique("size_budget").model_dump().items() if k != "type"},

@@ -443,8 +443,7 @@ class Recipe(Strict):
         """Under a size target, mode: joint prunes through quant_lsq's dead zones (joint_form.py), so
         on the layers quant_lsq selects: a prune_unstructured that selects others would be ignored."""
         prune = self.technique("prune_unstructured")
-        sized = self.target is not None and not self.target.is_latency and not self.target.allocated
-        if self.mode != "joint" or not sized or prune is None or self.technique("size_budget") is not None:
+        if prune is None or not self.asks_for_joint_form():
             return self
         quant = self.technique("quant_lsq")
         chosen = (quant.targets, quant.exclude, quant.embeddings) if quant is not None else (["*"], [], False)
@@ -488,6 +487,13 @@ class Recipe(Strict):
 
     def technique(self, kind: str):
         return next((t for t in self.techniques if t.type == kind), None)
+
+    def asks_for_joint_form(self) -> bool:
+        """mode: joint under a size_kb / ratio target not yet allocated, without size_budget spelled out:
+        compress() trains the joint form (joint_form.py)."""
+        target = self.target
+        return (self.mode == "joint" and target is not None and not target.is_latency and not target.allocated
+                and self.technique("size_budget") is None)
 
 
 def _format(err: ValidationError, source: str) -> str:
