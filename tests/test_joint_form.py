@@ -52,6 +52,43 @@ def test_joint_mode_under_a_size_target_trains_zero_as_a_level_under_one_budget_
     assert on_disk >= goal * 0.9
 
 
+def test_a_users_own_loop_trains_the_joint_form_from_the_same_recipe_and_lands_on_the_target(tmp_path):
+    """prepare() (a plain loop, the transformers Trainer) takes the recipe compress() takes: the size
+    budget lives in the session, so the target needs no allocation before the loop and no steering in it."""
+    import jointcompress
+
+    x, y = _data()
+    model = _model()
+    goal = dense_fp32_bytes(model) / 20
+    recipe = {"mode": "joint", "target": {"ratio": 20}, "techniques": TECHNIQUES, "training": {"epochs": 6}}
+    session = jointcompress.prepare(model, recipe, total_steps=96)
+    assert session.recipe.technique("size_budget").target_bytes == pytest.approx(goal)
+    assert session.recipe.technique("prune_unstructured") is None and session.recipe.technique("quant_lsq").zero_level
+    optimizer = torch.optim.Adam(session.param_groups(lr=0.003))
+    session.bind(optimizer)
+    for step in range(96):
+        i = (step % 16) * 32
+        terms = session.loss(model(x[i:i + 32]), (x[i:i + 32], y[i:i + 32]))
+        optimizer.zero_grad()
+        session.backward(terms)
+        session.before_step()
+        optimizer.step()
+        session.after_step()
+    spec = session.finalize(x[:2])
+    save(model, spec, tmp_path / "a", example_inputs=x[:2])
+    on_disk = (tmp_path / "a" / "weights.jcw").stat().st_size
+    assert goal * 0.9 <= on_disk <= goal * 1.02, (on_disk, goal)
+
+
+@pytest.mark.parametrize("target", [{"ratio": 20}, {"speedup": 2.0, "batch": 1}])
+def test_a_target_the_session_cannot_hold_is_refused_by_prepare_with_the_way_out(target):
+    import jointcompress
+
+    techniques = [{**TECHNIQUES[0], "sparsity": 0.5}, TECHNIQUES[1]] if "speedup" in target else TECHNIQUES
+    with pytest.raises(RecipeError, match="mode: joint with the size target"):
+        jointcompress.prepare(_model(), {"mode": "sequential", "target": target, "techniques": techniques}, total_steps=10)
+
+
 def test_overlap_mode_keeps_masks_and_lsq_under_the_allocators_budgets():
     x, y = _data()
     recipe = {"mode": "overlap", "target": {"ratio": 20}, "techniques": TECHNIQUES,

@@ -24,10 +24,12 @@ def total_steps_of(recipe: Recipe, total_steps: int | None, steps_per_epoch: int
 
 def check_needs(recipe: Recipe, teacher, example_inputs) -> None:
     """Fail before training on what a technique of the recipe will need."""
-    if recipe.target is not None:
-        raise RecipeError("target: size and latency targets are steered by the built-in loop (compress()); in your own "
-                          "loop set the techniques' sparsity and bits instead, or for the joint form a byte budget: "
-                          "quant_lsq with zero_level: true and size_budget with target_bytes (docs/joint.md)")
+    if recipe.target is not None and not _budgeted_in_session(recipe):
+        raise RecipeError(
+            f"target: {'a latency target' if recipe.target.is_latency else f'a size target with mode: {recipe.mode}'} is "
+            "allocated and steered by the built-in loop (compress()); in your own loop use mode: joint with the size "
+            "target (the joint form: one size budget inside the session, docs/joint.md), or set the techniques' "
+            "sparsity and bits yourself")
     kd = recipe.technique("distill_kd")
     if kd is not None and teacher is None:
         raise RecipeError("techniques: distill_kd needs a teacher; pass teacher=... to prepare() or remove distill_kd")
@@ -36,6 +38,12 @@ def check_needs(recipe: Recipe, teacher, example_inputs) -> None:
     if needs_example and example_inputs is None:
         raise RecipeError("prepare: prune_structured and prune_blocks (tracing the model) and distill_kd.features (sizing projections) "
                           "need example_inputs=... (a batch of inputs, e.g. the first two rows)")
+
+
+def _budgeted_in_session(recipe: Recipe) -> bool:
+    """Whether the session itself holds the recipe's size target: a size_kb / ratio target with a
+    size_budget (the joint form), which needs no allocation before training and no steering after it."""
+    return not recipe.target.is_latency and recipe.technique("size_budget") is not None
 
 
 def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None = None,
@@ -48,16 +56,22 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
     cross-entropy). The techniques due at step 0 are attached on return, so create the
     optimizer afterwards from `session.param_groups()` (or bind your own with `session.bind`).
     distributed: False (default), "auto" (join torchrun's group) or a DistContext.
+    A recipe with `mode: joint` and a size target (size_kb / ratio) trains its joint form, as
+    compress() does (joint_form.py): `session.recipe` holds the recipe that runs.
     """
     from .. import distributed as _dist
     from ..api import check_targets, check_teacher_data, eval_outputs
+    from ..joint_form import as_joint_form
+    from ..targets import resolve_target
 
-    recipe = parse_recipe(recipe)
+    recipe, _ = as_joint_form(parse_recipe(recipe))  # mode: joint under a size target, as compress() trains it
     check_needs(recipe, teacher, example_inputs)
     model = _dist.unwrap(model)
     bare_teacher = _dist.unwrap(teacher) if teacher is not None else None
     check_teacher(model, bare_teacher)
     check_targets(model, recipe)
+    if recipe.target is not None:  # the size budget's bytes, from the target and the model
+        recipe = resolve_target(model, recipe, example_inputs)
     kd = recipe.technique("distill_kd")
     if kd is not None and bare_teacher is not None and example_inputs is not None:
         check_teacher_data(bare_teacher, example_inputs, eval_outputs(model, example_inputs), kd.alpha)
