@@ -174,3 +174,22 @@ def test_a_run_shorter_than_log_every_still_counts_what_pcgrad_changed():
     assert 0 < counted["changed"] <= counted["measured"] <= 32  # after the freeze the size term is gone
     effect = coordination_effect(result.history)
     assert effect["changed_share"] == counted["changed"] / counted["measured"] > 0
+
+
+def test_a_target_the_landing_cannot_reach_is_said_at_the_freeze_with_the_file_it_got(tmp_path):
+    """Every output channel that keeps weights keeps its strongest one, so a target a little above the
+    bytes no decision moves cannot be met: the run ends over it, and says so with the numbers."""
+    x, y = _data()
+    model = _model()
+    goal = dense_fp32_bytes(model) / 60
+    recipe = {"mode": "joint", "target": {"ratio": 60}, "techniques": TECHNIQUES,
+              "training": {"epochs": 4, "batch_size": 32}}
+    with pytest.warns(UserWarning, match=r"over the [\d,]+ B target.*target.size_kb >="):
+        result = compress(model, recipe, (x, y), lambda m: 0.0)
+    budget = next(t for t in result.techniques if t.kind == "size_budget")
+    missed = next(e for e in budget.events if e["event"] == "size_target_missed")
+    spec = finalize(model, result.example_inputs)
+    save(model, spec, tmp_path / "a", example_inputs=result.example_inputs)
+    on_disk = (tmp_path / "a" / "weights.jcw").stat().st_size
+    assert on_disk > goal and missed["bytes"] > missed["target_bytes"] == round(goal)
+    assert abs(on_disk - missed["bytes"]) <= 0.02 * on_disk  # the warning's number is the file's

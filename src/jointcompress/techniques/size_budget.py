@@ -256,6 +256,7 @@ class SizeBudget(Landing, Technique):
                                 "aim_bytes": round(aim), "off_by": round(now / aim - 1, 4), "lambda": round(self.lam, 4),
                                 "kept": self.kept_by_layer()})
             self.project(self.model)
+            self.warn_missed()
         for name, (m, q) in self.layers.items():
             q.fix_pattern(m.parametrizations.weight.original.detach())
         super().freeze()

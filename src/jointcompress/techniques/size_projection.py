@@ -214,6 +214,25 @@ class Landing:
         return float(measured_bytes(model)["total"]) if measure else None
 
     @torch.no_grad()
+    def warn_missed(self) -> None:
+        """Said once, at the freeze, where the projection could not bring the file under the target: a
+        channel keeps its strongest weight, so a target under the bytes of one weight per live channel
+        (plus what no decision moves) ends over it. The file is what it is, the user hears by how much."""
+        now, target = self.calibrated_hard(), self.config.target_bytes
+        if now <= target * (1 + PROJECTION_SLACK):
+            return
+        kept = self.kept_by_layer()
+        channels = sum(int(q.hard_keep(m.parametrizations.weight.original).flatten(1).any(1).sum())
+                       for m, q in self.layers.values())
+        self.events.append({"event": "size_target_missed", "bytes": round(now), "target_bytes": round(target),
+                            "fixed_bytes": round(self.fixed), "live_channels": channels, "kept": kept})
+        warnings.warn(
+            f"size_budget: the weights file ends at {now:,.0f} B, {now / target - 1:.0%} over the {target:,.0f} B target: "
+            f"{self.fixed:,.0f} B do not depend on the run's decisions and the landing keeps the strongest weight of each "
+            f"of the {channels:,} output channels that still have weights ({sum(kept.values()):,} weights kept). Ask "
+            f"for at least this file (target.size_kb >= {now / 1024:.2f}, or a lower target.ratio), or lower "
+            "quant_lsq.bits", stacklevel=2)
+
     def kept_by_layer(self) -> dict[str, int]:
         """Every budgeted layer's kept weights now: the landing's events record them after each cut,
         so a history shows which layer the cuts took from (LeNet-5's conv1 emptied over the catch-up)."""
