@@ -2,6 +2,8 @@
 one size budget, not magnitude masks beside LSQ under the allocator's budgets (that is mode: overlap)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -176,16 +178,21 @@ def test_a_run_shorter_than_log_every_still_counts_what_pcgrad_changed():
     assert effect["changed_share"] == counted["changed"] / counted["measured"] > 0
 
 
-def test_a_target_the_landing_cannot_reach_is_said_at_the_freeze_with_the_file_it_got(tmp_path):
+def test_a_target_the_landing_cannot_reach_is_said_before_training_and_at_the_freeze_with_the_file_it_got(tmp_path):
     """Every output channel that keeps weights keeps its strongest one, so a target a little above the
-    bytes no decision moves cannot be met: the run ends over it, and says so with the numbers."""
+    bytes no decision moves cannot be met: the run says so before training, ends over it, and says by
+    how much at the freeze."""
     x, y = _data()
     model = _model()
     goal = dense_fp32_bytes(model) / 60
     recipe = {"mode": "joint", "target": {"ratio": 60}, "techniques": TECHNIQUES,
               "training": {"epochs": 4, "batch_size": 32}}
-    with pytest.warns(UserWarning, match=r"over the [\d,]+ B target.*target.size_kb >="):
+    with pytest.warns(UserWarning) as said:
         result = compress(model, recipe, (x, y), lambda m: 0.0)
+    messages = [str(w.message) for w in said]
+    early = [m for m in messages if "one weight kept in every output channel" in m]  # before training
+    assert early and messages.index(early[0]) == 0, messages
+    assert any(re.search(r"ends at [\d,]+ B, \d+% over the [\d,]+ B target.*target.size_kb >=", m) for m in messages)
     budget = next(t for t in result.techniques if t.kind == "size_budget")
     missed = next(e for e in budget.events if e["event"] == "size_target_missed")
     spec = finalize(model, result.example_inputs)

@@ -103,6 +103,7 @@ class SizeBudget(Landing, Technique):
             self.saliency.attach(self.layers)
         self.calibrate(ctx.model)
         self.check_reachable(ctx.model)
+        self.warn_channel_floor()
         self.start_bytes = self.calibrated_hard()
         self.note_slack()
         self.attached = True
@@ -124,6 +125,29 @@ class SizeBudget(Landing, Technique):
             "target.ratio) well above that: quant_lsq compresses only the Linear and convolution weights (and with "
             "`embeddings: true` the embedding tables) its targets select, everything else is stored as it is"
             + norm_format_hint(model) + embedding_hint(model) + conversion_hint(model))
+
+    def channel_floor_bytes(self) -> float:
+        """About the smallest file the landing reaches unless training empties whole channels: every
+        output channel keeps its strongest weight (size_projection.channel_floor), each layer at the
+        narrowest width it may take; plus the bytes no decision moves."""
+        layers = list(self.layers.values())
+        counts = torch.tensor([float(m.parametrizations.weight.original.shape[0]) for m, _ in layers])
+        numels = [m.parametrizations.weight.original.numel() for m, _ in layers]
+        bits = torch.tensor([float(q.min_bits if q.learns_width() else int(q.held_bits)) for _, q in layers])
+        with torch.no_grad():
+            return self.scale * float(sparse_layer_bytes(counts, numels, bits).sum()) + self.fixed
+
+    def warn_channel_floor(self) -> None:
+        """Before training, a target under `channel_floor_bytes`: reachable only if the run happens to
+        empty whole channels, so it will most likely end over the target (said again at the freeze)."""
+        floor = self.channel_floor_bytes()
+        if self.config.target_bytes >= floor:
+            return
+        warnings.warn(
+            f"size_budget: the {self.config.target_bytes:,.0f} B target is under about {floor:,.0f} B, the file with "
+            f"one weight kept in every output channel ({self.fixed:,.0f} B of it do not depend on the run's decisions); "
+            "the landing never empties a channel, so unless training does, the file will end over the target. Raise "
+            "target.size_kb (or lower target.ratio)", stacklevel=2)
 
     def note_slack(self) -> None:
         """A target the model already meets before any decision: learned widths can spend the
