@@ -211,3 +211,34 @@ def test_a_joint_size_budget_run_resumes_bit_for_bit(tmp_path, strategy):
     whole = compress(model(), recipe, (x, y), lambda m: 0.0)
     a, b = resumed.model.state_dict(), whole.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_started_before_the_joint_form_resumes_as_overlap_and_joint_says_how(tmp_path):
+    """Before the joint form, mode: joint under a size target trained masks and LSQ on the allocator's
+    budgets; its checkpoints name mode: joint. Today that is mode: overlap: the run resumes with it to
+    the uninterrupted run's weights, and resuming with mode: joint is refused with that way out."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 32)
+    y = x[:, :4].argmax(1)
+
+    def model():
+        torch.manual_seed(1)
+        return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+
+    recipe = {"mode": "overlap", "target": {"ratio": 12}, "training": {"epochs": 3, "batch_size": 32},
+              "techniques": [{"type": "prune_unstructured", "end": 0.5}, {"type": "quant_lsq", "bits": 4, "start": 0.3}]}
+    with pytest.raises(KeyboardInterrupt):
+        compress(model(), recipe, (x, y), lambda m: 0.0, run_dir=tmp_path, checkpoint_every=8, callbacks=[_StopAt(13)])
+    for path in CheckpointStore(tmp_path).paths():  # as the code before the joint form wrote them
+        ck = torch.load(path, weights_only=True)
+        meta = json.loads(ck["meta"])
+        meta["recipe"]["mode"] = "joint"
+        ck["meta"] = json.dumps(meta)
+        torch.save(ck, path)
+    with pytest.raises(RecipeError, match="resume it with --mode overlap"):
+        compress(model(), {**recipe, "mode": "joint"}, (x, y), lambda m: 0.0, run_dir=tmp_path, resume=True)
+    resumed = compress(model(), recipe, (x, y), lambda m: 0.0, run_dir=tmp_path, resume=True)
+    assert any(e["event"] == "resumed" for e in resumed.history.events)
+    whole = compress(model(), recipe, (x, y), lambda m: 0.0)
+    a, b = resumed.model.state_dict(), whole.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -63,10 +63,10 @@ class RunCheckpoints:
 
     def _check_fits(self, path, meta: dict) -> None:
         s = self.trainer.session
-        if meta.get("recipe") != s.recipe.model_dump(mode="json"):
+        if _as_trained_today(meta.get("recipe"), s.recipe) != s.recipe.model_dump(mode="json"):
             raise RecipeError(
                 f"{path}: the checkpoint was made with a different recipe; resume with the same recipe "
-                "(and --mode/--model/--data), or start a new run in another directory"
+                "(and --mode/--model/--data), or start a new run in another directory" + _before_joint_form(meta, s.recipe)
             )
         if meta.get("total_steps") != s.plan.total_steps:
             raise TrainingError(
@@ -128,3 +128,26 @@ class RunCheckpoints:
         torch.set_rng_state(ck["torch_rng"])
         if ck.get("cuda_rng") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ck["cuda_rng"])
+
+
+def _trained_overlap(saved: dict) -> bool:
+    """A run started with `mode: joint` under a size target before that mode trained the joint form
+    (joint_form.py): masks and LSQ under the allocator's budgets, what `mode: overlap` trains now."""
+    kinds = [t.get("type") for t in saved.get("techniques", [])]
+    return saved.get("mode") == "joint" and saved.get("target") is not None and "size_budget" not in kinds
+
+
+def _as_trained_today(saved: dict | None, recipe) -> dict | None:
+    """The checkpoint's recipe under today's names: such a run resumes with mode: overlap."""
+    if saved and recipe.mode == "overlap" and _trained_overlap(saved):
+        return {**saved, "mode": "overlap"}
+    return saved
+
+
+def _before_joint_form(meta: dict, recipe) -> str:
+    """The hint for a run `_trained_overlap` resumed with today's `mode: joint`."""
+    if _trained_overlap(meta.get("recipe") or {}) and recipe.technique("size_budget") is not None:
+        return (". This run started with mode: joint under a size target before that mode trained the joint form "
+                "(docs/joint.md); what it trained then is mode: overlap: resume it with --mode overlap (or mode: "
+                "overlap in the recipe)")
+    return ""
