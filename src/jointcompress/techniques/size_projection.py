@@ -11,6 +11,7 @@ by bisection on the artifact writer's bytes. The mixin uses the budget's `layers
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -230,7 +231,7 @@ class Landing:
             f"size_budget: the weights file ends at {now:,.0f} B, {now / target - 1:.0%} over the {target:,.0f} B target: "
             f"{self.fixed:,.0f} B do not depend on the run's decisions and the landing keeps the strongest weight of each "
             f"of the {channels:,} output channels that still have weights ({sum(kept.values()):,} weights kept). Ask "
-            f"for at least this file (target.size_kb >= {now / 1024:.2f}, or a lower target.ratio), or lower "
+            f"for at least this file (target.size_kb >= {math.ceil(now / 10.24) / 100:.2f}, or a lower target.ratio), or lower "
             "quant_lsq.bits", stacklevel=2)
 
     def kept_by_layer(self) -> dict[str, int]:
