@@ -186,20 +186,25 @@ class _StopAt:
         return lambda *a, **k: None
 
 
+def _argmax_task(n: int, hidden: int):
+    """Inputs, which of their first 4 features is largest, and a maker of the same fresh MLP."""
+    torch.manual_seed(0)
+    x = torch.randn(n, 32)
+
+    def model():
+        torch.manual_seed(1)
+        return torch.nn.Sequential(torch.nn.Linear(32, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 4))
+
+    return x, x[:, :4].argmax(1), model
+
+
 @pytest.mark.parametrize("strategy", ["none", "pcgrad"])
 def test_a_joint_size_budget_run_resumes_bit_for_bit(tmp_path, strategy):
     """The joint form (dead zones under size_budget, recalibrated on every step of this short run): the
     fused optimizer moves weights without moving their version counters, so a kept-weight count read
     before the next forward was the last forward's; the resumed run, which has none, drifted from the
     uninterrupted one (0.02 in the logits with PCGrad)."""
-    torch.manual_seed(0)
-    x = torch.randn(512, 32)
-    y = x[:, :4].argmax(1)
-
-    def model():
-        torch.manual_seed(1)
-        return torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.ReLU(), torch.nn.Linear(128, 4))
-
+    x, y, model = _argmax_task(512, 128)
     recipe = {"mode": "joint", "target": {"ratio": 20}, "training": {"epochs": 4, "batch_size": 32},
               "coordination": {"strategy": strategy, "every": 10},
               "techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True, "learn_bits": False},
@@ -217,14 +222,7 @@ def test_a_run_started_before_the_joint_form_resumes_as_overlap_and_joint_says_h
     """Before the joint form, mode: joint under a size target trained masks and LSQ on the allocator's
     budgets; its checkpoints name mode: joint. Today that is mode: overlap: the run resumes with it to
     the uninterrupted run's weights, and resuming with mode: joint is refused with that way out."""
-    torch.manual_seed(0)
-    x = torch.randn(256, 32)
-    y = x[:, :4].argmax(1)
-
-    def model():
-        torch.manual_seed(1)
-        return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
-
+    x, y, model = _argmax_task(256, 64)
     recipe = {"mode": "overlap", "target": {"ratio": 12}, "training": {"epochs": 3, "batch_size": 32},
               "techniques": [{"type": "prune_unstructured", "end": 0.5}, {"type": "quant_lsq", "bits": 4, "start": 0.3}]}
     with pytest.raises(KeyboardInterrupt):
