@@ -25,11 +25,11 @@ def total_steps_of(recipe: Recipe, total_steps: int | None, steps_per_epoch: int
 def check_needs(recipe: Recipe, teacher, example_inputs) -> None:
     """Fail before training on what a technique of the recipe will need."""
     if recipe.target is not None and not _budgeted_in_session(recipe):
+        what = "a latency target" if recipe.target.is_latency else f"a size target with mode: {recipe.mode}"
         raise RecipeError(
-            f"target: {'a latency target' if recipe.target.is_latency else f'a size target with mode: {recipe.mode}'} is "
-            "allocated and steered by the built-in loop (compress()); in your own loop use mode: joint with the size "
-            "target (the joint form: one size budget inside the session, docs/joint.md), or set the techniques' "
-            "sparsity and bits yourself")
+            f"target: {what} is allocated and steered by the built-in loop (compress()); in your own loop use "
+            "mode: joint with the size target (the joint form: one size budget inside the session, docs/joint.md), "
+            "or set the techniques' sparsity and bits yourself")
     kd = recipe.technique("distill_kd")
     if kd is not None and teacher is None:
         raise RecipeError("techniques: distill_kd needs a teacher; pass teacher=... to prepare() or remove distill_kd")

@@ -222,9 +222,9 @@ class Landing:
         now, target = self.calibrated_hard(), self.config.target_bytes
         if now <= target * (1 + PROJECTION_SLACK):
             return
-        kept = self.kept_by_layer()
-        channels = sum(int(q.hard_keep(m.parametrizations.weight.original).flatten(1).any(1).sum())
-                       for m, q in self.layers.values())
+        keeps = [q.hard_keep(m.parametrizations.weight.original) for m, q in self.layers.values()]
+        kept = {name: int(k.sum()) for name, k in zip(self.layers, keeps)}
+        channels = sum(int(k.flatten(1).any(1).sum()) for k in keeps)
         self.events.append({"event": "size_target_missed", "bytes": round(now), "target_bytes": round(target),
                             "fixed_bytes": round(self.fixed), "live_channels": channels, "kept": kept})
         warnings.warn(
