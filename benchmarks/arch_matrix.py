@@ -6,10 +6,10 @@ transformers' own classes at tiny random configs (tests/arch_models.py: hidden 3
 images 32x32, text as float inputs_embeds), two plain torch signal CNNs (Conv1d, Conv3d) and torch's own
 nn.TransformerEncoder (its nn.MultiheadAttention converted by attention.mha_to_linear), each
 through unstructured and structured pruning (with 8-bit LSQ, 1 epoch on 8 random samples), the joint mode (zero-level 4-bit LSQ under
-a size budget at 1/4 of the fp32 file, 1/6 for ResNet and MobileNetV2, 2 epochs) and the paced joint
-recipe BENCHMARKS.md measures (joint-paced-obd-none: fixed 4-bit widths, Fisher saliency, stiff constraint,
-paced window, landing by Fisher cost; target 1/12 of the fp32 file, 1/4 for the text encoders,
-arch_models.joint_ratio); normalization layers at the default norm_format (auto: fp16 under a size target)
+a size budget at 1/4 of the fp32 file, 1/6 for ResNet and MobileNetV2, 2 epochs) and the joint form, what
+`mode: joint` trains from a user's prune + 4-bit quantize recipe under a size target (joint_form.py: fixed 4-bit
+widths, the paced window, the stiff constraint, landing by Fisher cost; target 1/12 of the fp32 file, 1/4 for
+the text encoders, arch_models.joint_ratio); normalization layers at the default norm_format (auto: fp16 under a size target)
 -> finalize -> save -> load -> ONNX,
 exactly as tests/test_arch_matrix.py runs them. A cell is `ok` with what was checked (relative
 logit gap to the previous stage, groups pruned, bytes) or the JointCompressError message.
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from arch_models import ARCHS, CAUSAL, STAGES, run_cell  # noqa: E402
 
 THREADS = 1
-KINDS = ("prune_unstructured", "prune_structured", "joint", "joint_paced")
+KINDS = ("prune_unstructured", "prune_structured", "joint", "joint_form")
 
 
 def _cell(status: str, detail: str) -> str:
@@ -54,8 +54,9 @@ def main() -> None:
         "Command: `PYTHONPATH=src .venv/bin/python benchmarks/arch_matrix.py` "
         f"(torch {torch.__version__}, {THREADS} thread, {time.time() - started:.0f} s).", "",
         "Each row: compress (pruning at 50 % + 8-bit LSQ, 1 epoch, 8 random samples; `joint`: zero-level 4-bit LSQ and "
-        "size_budget at a quarter of the fp32 file, a sixth for ResNet, MobileNetV2 and torch-lstm, 2 epochs; `joint_paced`: the "
-        "joint-paced-obd-none recipe at fixed 4-bit widths, target 1/12 of the fp32 file, 1/4 for the text encoders; "
+        "size_budget at a quarter of the fp32 file, a sixth for ResNet, MobileNetV2 and torch-lstm, 2 epochs; `joint_form`: "
+        "`mode: joint` with a size target on a prune + 4-bit quantize recipe, which trains its joint form (fixed 4-bit "
+        "widths, the paced window, landing by Fisher cost), target 1/12 of the fp32 file, 1/4 for the text encoders; "
         "normalization layers in fp16, the default under a size target) -> finalize (relative logit gap "
         "to the masked model) -> save -> load (gap to the finalized model) -> ONNX Runtime (gap to the finalized "
         "model). Text models (and torch-transformer, torch's nn.TransformerEncoder after attention.mha_to_linear, and "

@@ -176,28 +176,25 @@ JOINT_RATIO = 4.0  # the joint cell's size target (below it, BERT's embeddings a
 # under 4x, nothing would bind: a higher target there (also for the LSTM, whose file stayed 5% under a
 # 4x target: its 4-bit weights alone are about 4.2x under fp32)
 JOINT_RATIO_OF = {"resnet": 6.0, "mobilenetv2": 6.0, "torch-lstm": 6.0}
-# the paced cell keeps 4-bit widths, which alone make a file about 8x under fp32: a target that binds, per
-# architecture (the text encoders' embeddings, stored as they are, allow no more than 4x)
-PACED_RATIO, PACED_RATIO_OF = 12.0, {name: JOINT_RATIO for name in TEXT}
-JOINT_KINDS = ("joint", "joint_paced")
+# the joint form (joint_form.py, what `mode: joint` trains under a size target) keeps 4-bit widths, which
+# alone make a file about 8x under fp32: a target that binds, per architecture (the text encoders' embeddings, stored as they are, allow no more than 4x)
+FORM_RATIO, FORM_RATIO_OF = 12.0, {name: JOINT_RATIO for name in TEXT}
+JOINT_KINDS = ("joint", "joint_form")
 
 
 def joint_ratio(kind: str, name: str) -> float:
     """The size target (fp32 file / ratio) of a joint cell."""
-    return JOINT_RATIO_OF.get(name, JOINT_RATIO) if kind == "joint" else PACED_RATIO_OF.get(name, PACED_RATIO)
+    return JOINT_RATIO_OF.get(name, JOINT_RATIO) if kind == "joint" else FORM_RATIO_OF.get(name, FORM_RATIO)
 
 
 def _recipe(kind: str, name: str = "") -> dict:
     if kind == "joint":  # zero as a quantizer level, decided under one byte budget (size_budget)
         return {"mode": "joint", "target": {"ratio": joint_ratio(kind, name)}, "training": {"epochs": 2, "batch_size": 4, "lr": 1e-3},
                 "techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True}, {"type": "size_budget"}]}
-    if kind == "joint_paced":  # the recipe BENCHMARKS.md measures everywhere: joint-paced-obd-none
-        from jointcompress.compare import JOINT_OPTIONS
-
+    if kind == "joint_form":  # a user's prune + quantize recipe under a size target: compress() trains its joint form
         return {"mode": "joint", "target": {"ratio": joint_ratio(kind, name)},
                 "training": {"epochs": 2, "batch_size": 4, "lr": 1e-3},
-                "techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True, "learn_bits": False},
-                               {"type": "size_budget", **JOINT_OPTIONS["joint-paced-obd-none"]}]}
+                "techniques": [{"type": "prune_unstructured", "sparsity": 0.5}, {"type": "quant_lsq", "bits": 4}]}
     prune = {"type": kind, "sparsity": 0.5, "end": 0.5}
     if kind == "prune_structured":
         prune["criterion"] = "magnitude"

@@ -13,9 +13,9 @@ import torch
 
 from arch_models import ARCHS, CAUSAL, JOINT_KINDS, STAGES, build, data, run_cell
 
-KINDS = ("prune_unstructured", "prune_structured", "joint", "joint_paced")
+KINDS = ("prune_unstructured", "prune_structured", "joint", "joint_form")
 SLOW = {("mobilenetv2", "prune_structured"), ("mobilenetv2", "prune_unstructured"), ("mobilenetv2", "joint"),
-        ("mobilenetv2", "joint_paced"), ("vit", "prune_structured")}
+        ("mobilenetv2", "joint_form"), ("vit", "prune_structured")}
 
 
 @pytest.fixture(autouse=True, scope="module")
