@@ -103,3 +103,39 @@ def test_trainer_train_compresses_a_causal_lm_with_token_level_kd(tmp_path):
         assert torch.allclose(model(input_ids=x, attention_mask=xm).logits, masked, atol=1e-4)
     prompt = x[:1, :5]
     assert model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False).shape == (1, 8)
+
+
+def test_trainer_trains_the_joint_form_and_lands_the_file_on_the_size_target(tmp_path):
+    """`mode: joint` with a ratio target through a real Trainer: prepare() trains the recipe's joint
+    form (zero as a quantizer level under the size budget, in the session), and the saved weights
+    file lands on the target; at 4x the 4-bit encoder alone is over it (the embeddings stay fp32), so
+    the dead zones must prune."""
+    from jointcompress.artifact import save
+    from jointcompress.artifact.size import dense_fp32_bytes
+
+    teacher, model = tiny_bert(layers=2, seed=1), tiny_bert(layers=2, seed=0)
+    goal = dense_fp32_bytes(model) / 4
+    recipe = {"mode": "joint", "target": {"ratio": 4},
+              "techniques": [{"type": "prune_unstructured", "sparsity": 0.5}, {"type": "quant_lsq", "bits": 4},
+                             {"type": "distill_kd", "temperature": 2.0, "alpha": 0.5}]}
+    steps = 40
+    session = jointcompress.prepare(model, recipe, total_steps=steps, teacher=teacher)
+    assert session.recipe.technique("size_budget").target_bytes == pytest.approx(goal)
+    assert session.recipe.technique("prune_unstructured") is None
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=6, learning_rate=1e-3,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    CompressionTrainer(session=session, model=model, args=args, train_dataset=_rows()).train()
+    assert session.step == steps
+    batch = {k: torch.stack([r[k] for r in _rows(6, seed=3)]) for k in ("input_ids", "attention_mask")}
+    model.eval()
+    with torch.no_grad():
+        masked = model(**batch).logits
+    spec = session.finalize(batch)
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, masked, atol=1e-4)
+    pruned = model.bert.encoder.layer[0].intermediate.dense.weight
+    assert float((pruned == 0).float().mean()) > 0.2  # the dead zones pruned to reach the target
+    manifest = save(model, spec, tmp_path / "a", builder=lambda: tiny_bert(layers=2), example_inputs=batch)
+    on_disk = (tmp_path / "a" / "weights.jcw").stat().st_size
+    assert on_disk == manifest["weights_file_bytes"]
+    assert goal * 0.9 <= on_disk <= goal * 1.02, (on_disk, goal)
