@@ -23,6 +23,14 @@ through an autograd graph, as before its closed form (techniques/saliency.py).
 `*_before_fused`: the step with the multi-tensor Adam, the size term recorded through autograd and
 the Fisher fold with a temporary on every step, as before the fused Adam, SizeTerm, the one-pass fold
 and the learned width's paced folds (learned_width.FISHER_EVERY).
+`form_none` / `form_pcgrad_every10`: the step of the joint form, what `mode: joint` trains under a
+size target (joint_form.py: the paced budget with the Fisher estimate ordering the landing, fixed
+widths; made from a prune + quantize + distill recipe as compress() makes it), with its default
+coordination (none, measuring only on the steps it logs) and with PCGrad every 10 steps (accuracy
+as one gradient, the default): the issue's goal step for what a user runs today. They are timed
+inside the decision window; `form_none_after_freeze` is the joint form's step after the freeze
+(the pattern and widths fixed, no size term), the step of the rest of the run (70% of a run of
+3,300 steps or more: the paced window closes after 1,000 steps and the pattern freezes at 1.5x that).
 `budget_acc_pcgrad_every10`: the goal's step with coordination.accuracy_as_one (PCGrad between
 accuracy, task + distill as one gradient, and size), the library's default since it was measured here;
 every other stepper coordinates per term (accuracy_as_one: false), as the stored results were measured.
@@ -99,7 +107,33 @@ def budget_recipe(strategy: str, every: int, target_bytes: float, compile="auto"
     })
 
 
-def joint_stepper(teacher, split, strategy, regularized=True, every=1, recipe=None):
+def joint_form_recipe(teacher, split, strategy: str, every: int | None, ratio: float):
+    """What `mode: joint` trains under a size target (joint_form.py: the paced Fisher-landing budget,
+    fixed widths), made as compress() and prepare() make it: a prune + 4-bit quantize + distill recipe
+    with `target: {ratio}`, in its joint form, the target resolved on the model. `every`: None keeps
+    the strategy's default (none: measure only on the steps it logs)."""
+    from jointcompress.joint_form import as_joint_form
+    from jointcompress.targets import resolve_target
+
+    recipe = parse_recipe({
+        "mode": "joint", "target": {"ratio": ratio},
+        "training": {"epochs": 1, "batch_size": BATCH[0]},
+        "coordination": {"strategy": strategy, "every": every},
+        "techniques": [
+            {"type": "prune_unstructured", "sparsity": 0.9},
+            {"type": "quant_lsq", "bits": 4},
+            {"type": "distill_kd", "temperature": 4.0, "alpha": 0.7, "cache_teacher": True},
+        ],
+    })
+    recipe, _ = as_joint_form(recipe)
+    loader = as_loader((split.x_train, split.y_train), BATCH[0], 0)
+    return resolve_target(copy.deepcopy(teacher), recipe, first_inputs(loader))
+
+
+def joint_stepper(teacher, split, strategy, regularized=True, every=1, recipe=None, after_freeze=False):
+    """Trainer.step of `recipe` at step 100 on (mid-ramp: soft masks, all terms live), or with
+    `after_freeze` from the step after the size budget's freeze on (the freeze carried out as the
+    loop does it: the pattern fixed, the size term and the dead zones gone from the step)."""
     recipe = recipe or recipe_for(strategy, regularized, every)
     loader = as_loader((split.x_train, split.y_train), BATCH[0], 0)
     model = copy.deepcopy(teacher)
@@ -109,13 +143,20 @@ def joint_stepper(teacher, split, strategy, regularized=True, every=1, recipe=No
     trainer.session.start()
     batches = list(loader)[:20]
     state = {"i": 0}
-
-    def step():
-        trainer.step(batches[state["i"] % len(batches)], 100 + state["i"])  # mid-ramp: soft masks, all terms live
-        state["i"] += 1
-
     for b in batches:  # fill the teacher-logit cache, as after the first epoch
         trainer.session._teacher_logits(split_batch(b))
+    first = 100
+    if after_freeze:
+        budget = next(t for t in techniques if t.kind == "size_budget")
+        first = plan.freeze[id(budget)]
+        trainer.session.step = first
+        trainer.session.advance_schedule()
+        first += 1
+
+    def step():
+        trainer.step(batches[state["i"] % len(batches)], first + state["i"])
+        state["i"] += 1
+
     step.trainer = trainer
     return step
 
@@ -297,6 +338,14 @@ def steppers(teacher, split, ratio: float = 100.0) -> dict:
     fns["paced_none"] = joint_stepper(teacher, split, "none", recipe=budget_recipe("none", 1, goal, variant="joint-paced-none"))
     fns["paced_pcgrad_every10"] = joint_stepper(teacher, split, "pcgrad",
                                                 recipe=budget_recipe("pcgrad", 10, goal, variant="joint-paced-none"))
+    # the joint form, what `mode: joint` trains under a size target (the default since it was measured,
+    # fixed widths), with its default coordination (none) and with PCGrad every 10 steps
+    fns["form_none"] = joint_stepper(teacher, split, "none", recipe=joint_form_recipe(teacher, split, "none", None, ratio))
+    fns["form_pcgrad_every10"] = joint_stepper(teacher, split, "pcgrad",
+                                               recipe=joint_form_recipe(teacher, split, "pcgrad", 10, ratio))
+    # the same after the freeze (the pattern fixed, no size term): the rest of the run's step
+    fns["form_none_after_freeze"] = joint_stepper(teacher, split, "none", after_freeze=True,
+                                                  recipe=joint_form_recipe(teacher, split, "none", None, ratio))
     # the same step with the saliency's dead-zone gradient taken by autograd, as before its closed form
     fns["paced_none_autograd_saliency"] = with_autograd_saliency(
         joint_stepper(teacher, split, "none", recipe=budget_recipe("none", 1, goal, variant="joint-paced-none")))
@@ -380,7 +429,7 @@ def main():
         "cpu_mean_ms_per_step": cpu_mean, "cpu_ratio_to_plain_of_means": cpu_ratio_mean,
         "first_call_seconds": first,  # the compiled kernels are compiled here (cached on disk afterwards)
         "targets": {"none": 1.3, "pcgrad": 2.5, "budget_pcgrad_every10": 2.0, "budget_acc_pcgrad_every10": 2.0,
-                    "paced_none": 2.0, "paced_pcgrad_every10": 2.0},
+                    "paced_none": 2.0, "paced_pcgrad_every10": 2.0, "form_none": 2.0, "form_pcgrad_every10": 2.0},
         # the closed-form saliency against the autograd one, in the same run
         "paced_none_over_autograd_saliency": med["paced_none"] / med["paced_none_autograd_saliency"],
         # the fused Adam, the size term's single node and the one-pass Fisher fold against the code before them
