@@ -200,3 +200,36 @@ def test_a_target_the_landing_cannot_reach_is_said_before_training_and_at_the_fr
     on_disk = (tmp_path / "a" / "weights.jcw").stat().st_size
     assert on_disk > goal and missed["bytes"] > missed["target_bytes"] == round(goal)
     assert abs(on_disk - missed["bytes"]) <= 0.02 * on_disk  # the warning's number is the file's
+
+
+def test_the_channel_floor_warning_names_the_fp32_embedding_table_and_the_settings_that_shrink_it():
+    """A target under the one-weight-per-channel file where most bytes are an fp32 embedding table: the
+    warning names the table and the settings that quantize it (quant_lsq and prune_unstructured's
+    `embeddings`), which move those bytes into the run's decisions."""
+    import jointcompress
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.table = nn.Embedding(256, 32)
+            self.head = nn.Sequential(nn.Linear(32, 512), nn.ReLU(), nn.Linear(512, 4))  # many channels: a floor over the table
+
+        def forward(self, ids):
+            return self.head(self.table(ids).mean(1))
+
+    ids = torch.randint(0, 256, (8, 6))
+    techniques = [{"type": "prune_unstructured", "sparsity": 0.5}, {"type": "quant_lsq", "bits": 4}]
+
+    def session(target):
+        return jointcompress.prepare(Tokens(), {"mode": "joint", "target": target, "techniques": techniques},
+                                     total_steps=20, example_inputs=ids)
+
+    budget = next(t for t in session({"ratio": 1.2}).techniques if t.kind == "size_budget")
+    fixed, floor, reachable = budget.fixed, budget.channel_floor_bytes(), budget.fixed / (1 - budget.config.margin)
+    assert fixed > 256 * 32 * 4 and floor > reachable  # the fp32 table is in the bytes no decision moves
+    with pytest.warns(UserWarning, match="one weight kept in every output channel") as said:
+        session({"size_kb": (reachable + floor) / 2 / 1024})  # over what no decision moves, under the floor
+    message = next(str(w.message) for w in said if "output channel" in str(w.message))
+    assert "embedding tables (table) hold 32,768 B of it in fp32" in message
+    assert "quant_lsq.embeddings: true" in message and "prune_unstructured.embeddings: true" in message

@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from .base import RunContext, Technique
 from .saliency import FisherSaliency
-from .size_estimate import measured_bytes, sparse_layer_bytes, sparse_layer_bytes_with_slopes
+from .size_estimate import fixed_part_hint, measured_bytes, sparse_layer_bytes, sparse_layer_bytes_with_slopes
 from .size_projection import Landing
 from .zero_level import ZeroLevelLSQWeight
 LAMBDA_MAX = 1e3
@@ -114,17 +114,15 @@ class SizeBudget(Landing, Technique):
         the budget would strip every weight and still miss it."""
         if self.fixed < self.aim():
             return
-        from ..conversions import conversion_hint
         from ..targets import TargetError
-        from .norm_storage import norm_format_hint
-        from .size_estimate import embedding_hint, fixed_bytes_detail
+        from .size_estimate import fixed_bytes_detail, fixed_part_hint
 
         raise TargetError(
             f"target: {self.config.target_bytes:,.0f} B cannot be reached: {self.fixed:,.0f} B of the weights file do "
             f"not depend on what the run decides ({fixed_bytes_detail(model)}). Raise target.size_kb (or lower "
             "target.ratio) well above that: quant_lsq compresses only the Linear and convolution weights (and with "
             "`embeddings: true` the embedding tables) its targets select, everything else is stored as it is"
-            + norm_format_hint(model) + embedding_hint(model) + conversion_hint(model))
+            + fixed_part_hint(model))
 
     def channel_floor_bytes(self) -> float:
         """About the smallest file the landing reaches unless training empties whole channels: every
@@ -147,7 +145,7 @@ class SizeBudget(Landing, Technique):
             f"size_budget: the {self.config.target_bytes:,.0f} B target is under about {floor:,.0f} B, the file with "
             f"one weight kept in every output channel ({self.fixed:,.0f} B of it do not depend on the run's decisions); "
             "the landing never empties a channel, so unless training does, the file will end over the target. Raise "
-            "target.size_kb (or lower target.ratio)", stacklevel=2)
+            "target.size_kb (or lower target.ratio)" + fixed_part_hint(self.model), stacklevel=2)
 
     def note_slack(self) -> None:
         """A target the model already meets before any decision: learned widths can spend the

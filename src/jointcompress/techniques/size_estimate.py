@@ -140,4 +140,15 @@ def embedding_hint(model: nn.Module, quantized=()) -> str:
         return ""
     total = sum(m.weight.numel() * 4 for _, m in tables)
     return (f"; embedding tables ({', '.join(n for n, _ in tables[:3])}{' ...' if len(tables) > 3 else ''}) hold "
-            f"{total:,} B of it in fp32: quant_lsq.embeddings: true quantizes them too")
+            f"{total:,} B of it in fp32: quant_lsq.embeddings: true quantizes them too (with prune_unstructured.embeddings: "
+            "true where the recipe also prunes)")
+
+
+def fixed_part_hint(model: nn.Module) -> str:
+    """Sentences for a size message: the settings that shrink the bytes no decision of the run moves
+    (normalization layers and embedding tables in fp32, modules no technique compresses until
+    converted); "" where none applies."""
+    from ..conversions import conversion_hint
+    from .norm_storage import norm_format_hint
+
+    return norm_format_hint(model) + embedding_hint(model) + conversion_hint(model)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from . import learned_width as lw
-from .size_estimate import measured_bytes, sparse_layer_bytes, sparse_layer_bytes_with_slopes
+from .size_estimate import fixed_part_hint, measured_bytes, sparse_layer_bytes, sparse_layer_bytes_with_slopes
 
 PROJECTION_SLACK = 0.003  # the projection lands within 0.3% of the aim (fine-tuning moves the coding ~0.5%)
 # a projection never cuts a path: every output channel that keeps weights keeps at least its strongest
@@ -232,7 +232,7 @@ class Landing:
             f"{self.fixed:,.0f} B do not depend on the run's decisions and the landing keeps the strongest weight of each "
             f"of the {channels:,} output channels that still have weights ({sum(kept.values()):,} weights kept). Ask "
             f"for at least this file (target.size_kb >= {math.ceil(now / 10.24) / 100:.2f}, or a lower target.ratio), or lower "
-            "quant_lsq.bits", stacklevel=2)
+            "quant_lsq.bits" + (fixed_part_hint(self.model) if self.model is not None else ""), stacklevel=2)
 
     def kept_by_layer(self) -> dict[str, int]:
         """Every budgeted layer's kept weights now: the landing's events record them after each cut,
