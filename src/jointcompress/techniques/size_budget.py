@@ -38,7 +38,8 @@ import torch.nn as nn
 
 from .base import RunContext, Technique
 from .saliency import FisherSaliency
-from .size_estimate import fixed_part_hint, measured_bytes, sparse_layer_bytes, sparse_layer_bytes_with_slopes
+from .size_estimate import (fixed_bytes_detail, fixed_part_hint, measured_bytes, sparse_layer_bytes,
+                            sparse_layer_bytes_with_slopes)
 from .size_projection import Landing
 from .zero_level import ZeroLevelLSQWeight
 LAMBDA_MAX = 1e3
@@ -115,7 +116,6 @@ class SizeBudget(Landing, Technique):
         if self.fixed < self.aim():
             return
         from ..targets import TargetError
-        from .size_estimate import fixed_bytes_detail, fixed_part_hint
 
         raise TargetError(
             f"target: {self.config.target_bytes:,.0f} B cannot be reached: {self.fixed:,.0f} B of the weights file do "
