@@ -30,7 +30,7 @@ coordination (none, measuring only on the steps it logs) and with PCGrad every 1
 as one gradient, the default): the issue's goal step for what a user runs today. They are timed
 inside the decision window; `form_none_after_freeze` is the joint form's step after the freeze
 (the pattern and widths fixed, no size term), the step of the rest of the run (70% of a run of
-3,300 steps or more: the paced window closes after 1,000 steps and the pattern freezes at 1.5x that).
+5,000 steps or more: the paced window closes at 20% of such a run and the pattern freezes at 30%).
 `budget_acc_pcgrad_every10`: the goal's step with coordination.accuracy_as_one (PCGrad between
 accuracy, task + distill as one gradient, and size), the library's default since it was measured here;
 every other stepper coordinates per term (accuracy_as_one: false), as the stored results were measured.
