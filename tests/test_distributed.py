@@ -50,22 +50,53 @@ SCRIPT = textwrap.dedent(
     split = load_digits()
     torch.manual_seed(1)
     model = LeNet300(64, 10)
-    recipe = {"techniques": [
-                {"type": "prune_unstructured", "sparsity": 0.7, "criterion": "learned", "scope": "global", "end": 0.5},
-                {"type": "quant_lsq", "bits": 4, "start": 0.3}],
-              "training": {"epochs": 3, "batch_size": 64, "lr": 3e-3}}
+    recipe = json.loads(sys.argv[2])
+    trace = []
+
+    class Trace:  # each step's model state, summed per tensor (each rank's own Fisher estimate left out)
+        def on_step(self, trainer, step, out):
+            trace.append({k: float(t.double().sum()) for k, t in model.state_dict().items()
+                          if t.is_floating_point() and "fisher" not in k})
+
     res = compress(model, recipe, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test),
-                   run_dir=os.path.join(out, "run_" + ("dist" if tag != "single" else "single")), checkpoint_every=7)
-    state = {"mask." + k: v.contiguous() for k, v in res.techniques[0].state_dict()["masks"].items()}
+                   callbacks=[Trace()], run_dir=os.path.join(out, "run_" + ("dist" if tag != "single" else "single")),
+                   checkpoint_every=7)
+    first = res.techniques[0]
+    budget = next((t for t in res.techniques if t.kind == "size_budget"), None)
+    state = {"mask." + k: v.contiguous() for k, v in first.state_dict().get("masks", {}).items()}
     state.update({"model." + k: v.contiguous() for k, v in model.state_dict().items()})
     save_file(state, os.path.join(out, tag + ".safetensors"))
+    from jointcompress.techniques.size_estimate import measured_bytes
     info = {"metrics": res.metrics, "world": dist.get_world_size() if dist.is_initialized() else 1,
-            "steps": res.history.epochs[-1]["step"], "sparsity": res.techniques[0].achieved_sparsity()}
+            "steps": res.history.epochs[-1]["step"], "file_bytes": measured_bytes(model)["total"],
+            "sparsity": first.achieved_sparsity() if hasattr(first, "achieved_sparsity") else None,
+            "budget_events": [e["event"] for e in budget.events] if budget is not None else [], "trace": trace}
     json.dump(info, open(os.path.join(out, tag + ".json"), "w"))
     # no destroy_process_group() here on purpose: jointcompress created the group, so it must
     # also tear it down at exit (gloo otherwise can abort the process after a good run)
     """
 )
+
+
+MASKS_AND_LSQ = {"techniques": [
+    {"type": "prune_unstructured", "sparsity": 0.7, "criterion": "learned", "scope": "global", "end": 0.5},
+    {"type": "quant_lsq", "bits": 4, "start": 0.3}],
+    "training": {"epochs": 3, "batch_size": 64, "lr": 3e-3}}
+
+
+def _torchrun(tmp_path, recipe: dict, single: bool = False):
+    """SCRIPT with `recipe` under torchrun on 2 processes (and, with `single`, in one process)."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    args = [str(script), str(tmp_path), json.dumps(recipe)]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
+                       env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    if single:
+        s = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=400)
+        assert s.returncode == 0, s.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -74,16 +105,7 @@ def test_torchrun_two_processes_identical_masks_and_close_to_single_process(tmp_
 
     if not os.path.isdir("/proc/self/task"):
         pytest.skip("reads the threads left at exit from /proc (Linux)")
-
-    script = tmp_path / "train.py"
-    script.write_text(SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)],
-                       env=env, capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    s = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=400)
-    assert s.returncode == 0, s.stderr[-3000:]
+    _torchrun(tmp_path, MASKS_AND_LSQ, single=True)
 
     r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
     assert any(k.endswith(".hard") for k in r0) and any(k.endswith("log_step") for k in r0)
@@ -103,3 +125,31 @@ def test_torchrun_two_processes_identical_masks_and_close_to_single_process(tmp_
         assert not [n for n in at_exit["threads"] if "gloo" in n], at_exit
     # only rank 0 wrote checkpoints (one directory, complete files)
     assert sorted(p.name for p in (tmp_path / "run_dist" / "checkpoints").iterdir())[-1] == "ckpt-000000066.pt"
+
+
+@pytest.mark.slow
+def test_torchrun_trains_the_joint_form_identically_on_both_ranks_and_lands_on_the_target(tmp_path):
+    """mode: joint under a size target under torchrun: the ranks hold the same model at every step,
+    through the landing's catch-up cuts before the freeze (ordered by each rank's own Fisher estimate,
+    so rank 0's cut is put on every rank), and the file is on the target. The run is short for its
+    target, so the catch-up has to cut."""
+    from safetensors.torch import load_file
+
+    from jointcompress.artifact.size import dense_fp32_bytes
+    from jointcompress.models import LeNet300
+
+    ratio = 60
+    recipe = {"mode": "joint", "target": {"ratio": ratio},
+              "techniques": [{"type": "prune_unstructured", "sparsity": 0.7}, {"type": "quant_lsq", "bits": 4}],
+              "training": {"epochs": 2, "batch_size": 64, "lr": 3e-3}}
+    _torchrun(tmp_path, recipe)
+    r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    assert any(k.endswith("dead_zone_raw") for k in r0)
+    for k in r0:  # weights, step sizes, dead zones, the fixed pattern: bit-identical on both ranks
+        assert torch.equal(r0[k], r1[k]), k
+    j0, j1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert j0["world"] == 2 and j0["metrics"] == j1["metrics"] and j0["file_bytes"] == j1["file_bytes"]
+    assert j0["budget_events"].count("size_catch_up") >= 2, j0["budget_events"]
+    assert len(j0["trace"]) == j0["steps"] and j0["trace"] == j1["trace"]  # the same model at every step
+    target = dense_fp32_bytes(LeNet300(64, 10)) / ratio
+    assert 0.9 * target <= j0["file_bytes"] <= 1.02 * target, (j0["file_bytes"], target)

@@ -142,6 +142,8 @@ class CompressionSession:
         self.rebuild()
         self.sync.model(self.model)
         self.sync.techniques(self.techniques)
+        for t in self.techniques:  # rank 0's model is everywhere now
+            t.moved_weights = False
         for fn in self.on_restructure:
             fn()
         return True
@@ -154,7 +156,21 @@ class CompressionSession:
             if t.attached:
                 t.on_step(self.ctx)
         self.sync.techniques(self.techniques)
+        self._sync_moved_weights()
         self._begun = self.step
+
+    def _sync_moved_weights(self) -> None:
+        """A technique cut weights by a decision each rank takes from its own numbers (the size budget's
+        landing orders its cuts by a Fisher estimate from that rank's gradients): rank 0's model on every
+        rank, so the ranks do not train different models until the next event syncs them."""
+        moved = [t for t in self.techniques if t.moved_weights]
+        for t in moved:
+            t.moved_weights = False
+        if self.sync.dist is None:  # one process: nothing to agree on
+            return
+        device = next(self.model.parameters()).device
+        if self.sync.any(bool(moved), device):  # the same answer on every rank, so the broadcast matches
+            self.sync.model(self.model)
 
     def begin_step(self) -> None:
         """Make the techniques ready for this step's forward pass (idempotent per step)."""

@@ -225,6 +225,7 @@ class SizeBudget(Landing, Technique):
         if model is not None:
             self.calibrate(model)
             self.project(model, event=event)
+            self.moved_weights = True
 
     def loss_terms(self, ctx: RunContext) -> dict[str, torch.Tensor]:
         """lam * c + penalty / 2 * c^2 with c = estimate / goal - 1: the estimate's value and its

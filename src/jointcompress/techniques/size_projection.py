@@ -363,4 +363,5 @@ class Landing:
         count = int(torch.searchsorted(torch.cumsum(freed, 0), torch.tensor(excess))) + 1
         for i, (m, _) in enumerate(self.layers.values()):
             m.parametrizations.weight.original.view(-1)[where[:count][owners[:count] == i]] = 0.0
+        self.moved_weights = True
         return count
