@@ -11,8 +11,9 @@ Design (see docs/reliability.md):
 - Decisions are made on rank 0 and broadcast: the whole model state (weights, parametrization
   buffers, LSQ step sizes, BatchNorm statistics) at the start, after every attach/freeze event
   and at every evaluation; technique state (masks, scores, thresholds, temperatures) after
-  every schedule update; the model again after a technique cut weights by its own rank's numbers
-  (Technique.moved_weights). All ranks therefore hold identical masks and step sizes.
+  every schedule update; the model again after a technique moved weights by its own rank's numbers
+  (Technique.moved_weights), and the gradients a technique added after the averaging from them
+  (Technique.rank_local_grads). All ranks therefore hold identical masks and step sizes.
 - Data is sharded with DistributedSampler (padded, so every rank runs the same number of
   steps and collectives always match); `training.batch_size` is the *global* batch.
 - Only rank 0 writes files; metrics returned by `evaluate` are averaged over the ranks.

@@ -160,9 +160,10 @@ class CompressionSession:
         self._begun = self.step
 
     def _sync_moved_weights(self) -> None:
-        """A technique cut weights by a decision each rank takes from its own numbers (the size budget's
-        landing orders its cuts by a Fisher estimate from that rank's gradients): rank 0's model on every
-        rank, so the ranks do not train different models until the next event syncs them."""
+        """A technique moved weights by a decision each rank takes from its own numbers (the size budget's
+        landing orders its cuts, and a learned width re-fits its step, by a Fisher estimate from that rank's
+        gradients): rank 0's model on every rank, so the ranks do not train different models until the
+        next event syncs them."""
         moved = [t for t in self.techniques if t.moved_weights]
         for t in moved:
             t.moved_weights = False
@@ -233,6 +234,10 @@ class CompressionSession:
         for t in self.techniques:
             if t.attached:
                 t.before_optimizer_step(self.ctx)
+        if self.sync.dist is not None:  # gradients a technique added from its own rank's numbers: rank 0's
+            local = [p.grad for t in self.techniques if t.attached for p in t.rank_local_grads()]
+            self.sync.dist.broadcast_tensors([g for g in local if g is not None])
+        self._sync_moved_weights()  # a learned width's step re-fit by this rank's Fisher estimate
 
     def after_step(self, prepare_next: bool = True) -> None:
         """Right after optimizer.step(): techniques act on the new weights; the step

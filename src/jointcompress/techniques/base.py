@@ -67,6 +67,12 @@ class Technique:
     def before_optimizer_step(self, ctx: RunContext) -> None:
         pass
 
+    def rank_local_grads(self) -> list[torch.Tensor]:
+        """Parameters whose .grad `before_optimizer_step` changed after the gradients were averaged over
+        the ranks, from numbers each rank has of its own (the size budget's Fisher estimate): the session
+        puts rank 0's gradients of these on every rank, so the ranks' updates stay the same."""
+        return []
+
     def after_optimizer_step(self, ctx: RunContext) -> None:
         pass
 

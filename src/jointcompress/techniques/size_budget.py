@@ -251,12 +251,24 @@ class SizeBudget(Landing, Technique):
         batch = ctx.batch_targets if ctx.batch_targets is not None else ctx.batch_inputs
         batch_size = len(batch) if batch is not None and hasattr(batch, "__len__") else 1
         for m, q in self.layers.values():  # the weight the forward read: its gate is reused
-            q.width_step(m.parametrizations.weight.original, batch_size, step=ctx.step)
+            if q.width_step(m.parametrizations.weight.original, batch_size, step=ctx.step):
+                self.moved_weights = True  # the step re-fit by this rank's Fisher estimate
         if self.saliency is None:
             return
         self.saliency.accumulate(batch_size)
         if self.saliency.mode != "landing":  # landing: the estimate only orders the landing's cuts
             self.saliency.add_gradient(self.layers, self._bytes_per_weight() if self.saliency.mode == "rank" else None)
+
+    def rank_local_grads(self) -> list[torch.Tensor]:
+        """The learned widths' noise price and the saliency's dead-zone gradient come from each rank's own
+        Fisher estimate (its own gradients), added after the averaging."""
+        if self.frozen:
+            return []
+        quantizers = [q for _, q in self.layers.values()]
+        params = [q.bits_raw for q in quantizers if q.learns_width()]
+        if self.saliency is not None and self.saliency.mode != "landing":
+            params += [q.dead_zone_raw for q in quantizers if q.dead_zone_raw.requires_grad]
+        return params
 
     def after_optimizer_step(self, ctx: RunContext) -> None:
         if self.frozen:

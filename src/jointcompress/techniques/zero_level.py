@@ -273,13 +273,14 @@ class ZeroLevelLSQWeight(LSQWeight):
         return self.learn_bits and self.max_bits > self.min_bits and not fixed and self.bits_raw.requires_grad
 
     @torch.no_grad()
-    def width_step(self, w: torch.Tensor, batch_size: int, price: float = 1.0, step: int | None = None) -> None:
+    def width_step(self, w: torch.Tensor, batch_size: int, price: float = 1.0, step: int | None = None) -> bool:
         """Before the optimizer step: move the held width if the relaxed one has left its
         hysteresis band, then add the rounding noise's price to the relaxed width's gradient
         (the size term's pull is there already, through bits_ste). `step`: the training step,
-        which paces the Fisher estimate's folds where only this price reads it (lw.FISHER_EVERY)."""
+        which paces the Fisher estimate's folds where only this price reads it (lw.FISHER_EVERY).
+        Returns whether the held width moved (its step was then re-fit)."""
         if not self.learns_width():
-            return
+            return False
         folded = self.fisher.fold(batch_size, step, 1 if self.fisher_for_saliency else lw.FISHER_EVERY)
         # bits_continuous(), its sigmoid kept for the gradient below: scalar work in Python floats
         # (as 0-d tensors, a dozen operations of a few µs each per layer and step)
@@ -291,11 +292,11 @@ class ZeroLevelLSQWeight(LSQWeight):
         if new != held:
             self._change_width(w, new)
         noise = self._rounding_noise(w, refresh=folded or new != held)
-        if noise is None:
-            return
-        slope = lw.noise_cost_slope(0.5 * price * noise, int(self.held_bits), relaxed, self.min_bits, self.max_bits)
-        grad = slope * span * sb * (1 - sb)
-        self.bits_raw.grad = torch.full_like(self.bits_raw, grad) if self.bits_raw.grad is None else self.bits_raw.grad + grad
+        if noise is not None:
+            slope = lw.noise_cost_slope(0.5 * price * noise, int(self.held_bits), relaxed, self.min_bits, self.max_bits)
+            grad = slope * span * sb * (1 - sb)
+            self.bits_raw.grad = torch.full_like(self.bits_raw, grad) if self.bits_raw.grad is None else self.bits_raw.grad + grad
+        return new != held
 
     def _rounding_noise(self, w: torch.Tensor, refresh: bool) -> float | None:
         """sum over the kept weights of F * s^2 / 12: the grid's rounding noise, priced by the
