@@ -177,7 +177,8 @@ JOINT_RATIO = 4.0  # the joint cell's size target (below it, BERT's embeddings a
 # 4x target: its 4-bit weights alone are about 4.2x under fp32)
 JOINT_RATIO_OF = {"resnet": 6.0, "mobilenetv2": 6.0, "torch-lstm": 6.0}
 # the joint form (joint_form.py, what `mode: joint` trains under a size target) keeps 4-bit widths, which
-# alone make a file about 8x under fp32: a target that binds, per architecture (the text encoders' embeddings, stored as they are, allow no more than 4x)
+# alone make a file about 8x under fp32: a target that binds, per architecture (the text encoders'
+# embeddings, stored as they are, allow no more than 4x)
 FORM_RATIO, FORM_RATIO_OF = 12.0, {name: JOINT_RATIO for name in TEXT}
 JOINT_KINDS = ("joint", "joint_form")
 

@@ -42,8 +42,8 @@ class Technique:
     attached: bool = False
     frozen: bool = False  # after its phase in a sequential run: keep applying, stop changing
     # set by a hook that changed the model's weights by a decision that may differ between ranks (the size
-    # budget's landing orders its cuts by each rank's own Fisher estimate): the session then puts rank 0's
-    # model on every rank and clears it
+    # budget's landing orders its cuts, and a learned width re-fits its step, by each rank's own Fisher
+    # estimate): the session then puts rank 0's model on every rank and clears it
     moved_weights: bool = False
 
     def __init__(self, config):
