@@ -240,3 +240,24 @@ def test_a_run_started_before_the_joint_form_resumes_as_overlap_and_joint_says_h
     whole = compress(model(), recipe, (x, y), lambda m: 0.0)
     a, b = resumed.model.state_dict(), whole.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_joint_form_resumes_bit_for_bit_from_inside_its_catch_up(tmp_path):
+    """What mode: joint trains from a prune + quantize recipe (the Fisher estimate in the quantizers'
+    buffers orders the landing's cuts): stopped between the window's end and the freeze, where the
+    catch-up cuts at every calibration of this short run, it resumes to the uninterrupted run's weights."""
+    x, y, model = _argmax_task(512, 128)
+    recipe = {"mode": "joint", "target": {"ratio": 20}, "training": {"epochs": 2, "batch_size": 32},
+              "techniques": [{"type": "prune_unstructured", "sparsity": 0.9}, {"type": "quant_lsq", "bits": 4}]}
+    with pytest.warns(UserWarning, match="after its decision window"):
+        whole = compress(model(), recipe, (x, y), lambda m: 0.0)
+    budget = next(t for t in whole.techniques if t.kind == "size_budget")
+    cuts = [e["step"] for e in budget.events if e["event"] == "size_catch_up"]
+    stop = cuts[len(cuts) // 2]
+    assert cuts[0] < stop < cuts[-1], cuts  # stopped inside the catch-up
+    with pytest.raises(KeyboardInterrupt):
+        compress(model(), recipe, (x, y), lambda m: 0.0, run_dir=tmp_path, checkpoint_every=5, callbacks=[_StopAt(stop)])
+    resumed = compress(model(), recipe, (x, y), lambda m: 0.0, run_dir=tmp_path, resume=True)
+    assert any(e["event"] == "resumed" for e in resumed.history.events)
+    a, b = resumed.model.state_dict(), whole.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
