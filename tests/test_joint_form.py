@@ -233,3 +233,26 @@ def test_the_channel_floor_warning_names_the_fp32_embedding_table_and_the_settin
     message = next(str(w.message) for w in said if "output channel" in str(w.message))
     assert "embedding tables (table) hold 32,768 B of it in fp32" in message
     assert "quant_lsq.embeddings: true" in message and "prune_unstructured.embeddings: true" in message
+
+
+def test_channels_and_a_size_target_in_two_runs_the_refusal_names_and_that_work(tmp_path):
+    """prune_structured is refused beside a size target (nothing prices removed channels), with the way
+    to have both: channel pruning first (finalize removes the channels), then the size target on the
+    smaller model, where the joint form lands the file on it."""
+    x, y = _data()
+    model = _model()
+    with pytest.raises(RecipeError, match="compress in two runs: prune_structured first"):
+        parse_recipe({"mode": "joint", "target": {"ratio": 20}, "techniques": [{"type": "prune_structured", "sparsity": 0.5}]})
+    first = compress(model, {"training": {"epochs": 2, "batch_size": 32}, "techniques": [{"type": "prune_structured",
+                                                                                         "sparsity": 0.5}]}, (x, y), lambda m: 0.0)
+    finalize(model, first.example_inputs)
+    assert model[0].out_features == 64 and model[2].out_features == 32  # the channels are gone
+    goal = dense_fp32_bytes(model) / 10
+    recipe = {"mode": "joint", "target": {"size_kb": goal / 1024}, "techniques": TECHNIQUES,
+              "training": {"epochs": 6, "batch_size": 32, "lr": 0.003}}
+    second = compress(model, recipe, (x, y), lambda m: 0.0)
+    assert second.recipe.technique("size_budget") is not None
+    spec = finalize(model, second.example_inputs)
+    save(model, spec, tmp_path / "a", example_inputs=second.example_inputs)
+    on_disk = (tmp_path / "a" / "weights.jcw").stat().st_size
+    assert goal * 0.9 <= on_disk <= goal * 1.02, (on_disk, goal)

@@ -435,7 +435,9 @@ class Recipe(Strict):
                              "(target.size_kb / target.ratio, or size_budget): the size target decides unstructured "
                              "sparsity and bits, and does not price removed channels. Remove prune_structured, or "
                              "remove the size target and use target: {latency_ms: ...} or {speedup: ...}, which "
-                             "allocates channel sparsity for speed")
+                             "allocates channel sparsity for speed; for both, compress in two runs: prune_structured "
+                             "first (finalize removes the channels), then the size target on the smaller model "
+                             "(target.size_kb: a ratio would be of the pruned model's size)")
         return self
 
     @model_validator(mode="after")
