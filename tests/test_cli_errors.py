@@ -209,3 +209,30 @@ def test_the_help_texts_name_every_built_in_model():
     from jointcompress.models import MODELS
 
     assert BUILT_IN_MODELS.split(" | ") == list(MODELS)
+
+
+def test_channels_beside_a_size_target_are_refused_and_the_two_runs_it_names_work(tmp_path, monkeypatch, capsys,
+                                                                                 weights_file):
+    """prune_structured with a size target: refused with the way to have both, two runs; the second
+    starts from the first's artifact (--weights DIR), lands on the target, and its artifact rebuilds
+    from the reference model's builder with the first run's channels removed."""
+    from jointcompress.artifact import load
+    from jointcompress.models import LeNet300
+
+    both = _recipe(tmp_path, "target: {size_kb: 5}\ntechniques: [{type: prune_structured, sparsity: 0.5}]\n")
+    code, out = _cli(monkeypatch, capsys, "compress", both, "--weights", weights_file, "--out", tmp_path / "o0")
+    assert code == 2 and "compress in two runs" in out and "--weights FIRST_RUN/artifact" in out, out
+    channels = tmp_path / "channels.yaml"
+    channels.write_text("model: lenet300\ndata: digits\ntraining: {epochs: 2}\n"
+                        "techniques: [{type: prune_structured, sparsity: 0.5}]\n")
+    code, out = _cli(monkeypatch, capsys, "compress", channels, "--weights", weights_file, "--out", tmp_path / "o1")
+    assert not code, out
+    size = tmp_path / "size.yaml"
+    size.write_text("model: lenet300\ndata: digits\nmode: joint\ntarget: {size_kb: 5}\ntraining: {epochs: 3}\n"
+                    "techniques: [{type: prune_unstructured, sparsity: 0.9}, {type: quant_lsq, bits: 4}]\n")
+    code, out = _cli(monkeypatch, capsys, "compress", size, "--weights", tmp_path / "o1" / "artifact", "--out", tmp_path / "o2")
+    assert not code and "size target: 5.00 KiB" in out, out
+    on_disk = json.loads((tmp_path / "o2" / "artifact" / "manifest.json").read_text())["weights_file_bytes"]
+    assert 0.9 * 5 * 1024 <= on_disk <= 1.02 * 5 * 1024, on_disk
+    model = load(tmp_path / "o2" / "artifact", lambda: LeNet300(64, 10))
+    assert (model.fc1.out_features, model.fc2.out_features) == (150, 50)

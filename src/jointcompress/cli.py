@@ -129,7 +129,7 @@ def compress_cmd(
     recipe_path: Path = typer.Argument(..., help="Recipe YAML."),
     model: Optional[str] = typer.Option(None, help="Reference model (lenet300, lenet5, resnet, seqcnn, vit); default: the recipe's."),
     data: Optional[str] = typer.Option(None, help="'digits' or a path to an MNIST-style .npz; default: the recipe's."),
-    weights: Optional[Path] = typer.Option(None, help="Trained weights (.safetensors, or a torch file read with weights_only); default: train the model first."),
+    weights: Optional[Path] = typer.Option(None, help="Trained weights (.safetensors, or a torch file read with weights_only), or a saved artifact directory (e.g. a first run's model with channels removed); default: train the model first."),
     teacher_epochs: int = typer.Option(10, min=1, help="Epochs to train the model when no --weights are given."),
     mode: Optional[str] = typer.Option(None, help="Override the recipe's mode: joint, overlap or sequential."),
     out: Path = typer.Option(Path("runs/compress"), help="Output directory (artifact, history, summary, checkpoints)."),
@@ -148,7 +148,8 @@ def compress_cmd(
     from .distributed import init_from_env
     from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, prepare_run_dir
     from .models import build_model
-    from .pipeline import builder_for, compress_and_save, load_split, load_weights, train_teacher, uncompressed_row
+    from .pipeline import (builder_for, compress_and_save, load_split, load_start, load_weights, train_teacher,
+                           uncompressed_row)
     from .tensorboard import TensorBoardLogger
     from .recipe import load_recipe, parse_recipe
 
@@ -177,7 +178,7 @@ def compress_cmd(
     with progress_bar() as bar:
         show = (lambda d: tracked(bar, d)) if main_rank else (lambda d: None)
         if weights:
-            teacher = load_weights(build_model(model_name, split.image_size, split.num_classes), weights)
+            teacher = load_start(builder, weights)
         elif resume and teacher_file.is_file():
             teacher = load_weights(build_model(model_name, split.image_size, split.num_classes), teacher_file)
         else:

@@ -19,7 +19,7 @@ from .errors import JointCompressError, UnsupportedModelError
 from .graph import build_graph, frozen_stay_frozen
 from .group_checks import output_gap, tolerance
 from .model_call import call_model
-from .spec import CompressionSpec, LayerSpec
+from .spec import CompressionSpec, LayerSpec, prior_structure
 from .techniques.masks import ApplyMask
 from .techniques.norm_storage import detach_norm_storage
 from .techniques.quant_lsq import LSQWeight
@@ -79,7 +79,8 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None) 
     specs = quant_specs(model)
     plan = _structured_plan(model)
     _remove_reparametrizations(model)
-    spec = CompressionSpec(layers=specs, recipe=recipe, dropped_blocks=dropped)
+    history, prior_dropped = prior_structure(model)  # a model loaded from an artifact: its structure first
+    spec = CompressionSpec(layers=specs, recipe=recipe, pruning_history=history, dropped_blocks=prior_dropped + dropped)
     todo = {name: (g, drop) for name, (g, drop) in plan.items() if drop}
     if todo:
         if example_inputs is None:
@@ -109,7 +110,7 @@ def _shrink(model: nn.Module, todo: dict, example_inputs, spec: CompressionSpec)
             root = modules[name]
             fn = dg.get_pruner_of_module(root).prune_out_channels
             dg.get_pruning_group(root, fn, drop).prune()
-    spec.pruning_history = [list(h) for h in dg.pruning_history()]
+    spec.pruning_history = spec.pruning_history + [list(h) for h in dg.pruning_history()]
     _check_parity(model, example_inputs, masked, list(todo))
 
 

@@ -39,6 +39,17 @@ def builder_for(model_name: str, split: Split) -> Callable[[], nn.Module]:
     return lambda: build_model(model_name, image_size=split.image_size, num_classes=split.num_classes)
 
 
+def load_start(builder: Callable[[], nn.Module], path: str | Path) -> nn.Module:
+    """The model a run starts from: trained weights (a file, into `builder()`), or a saved artifact (a
+    directory), rebuilt in the shape it was saved in: a first run's model whose channels prune_structured
+    removed, which a second run then compresses under a size target."""
+    if Path(path).is_dir():
+        from .artifact import load
+
+        return load(path, builder).train()
+    return load_weights(builder(), path)
+
+
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a state dict from .safetensors (or a torch file with weights_only=True: no unpickling)."""
     path = Path(path)

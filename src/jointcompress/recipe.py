@@ -437,7 +437,8 @@ class Recipe(Strict):
                              "remove the size target and use target: {latency_ms: ...} or {speedup: ...}, which "
                              "allocates channel sparsity for speed; for both, compress in two runs: prune_structured "
                              "first (finalize removes the channels), then the size target on the smaller model "
-                             "(target.size_kb: a ratio would be of the pruned model's size)")
+                             "(target.size_kb: a ratio would be of the pruned model's size; on the command line, "
+                             "--weights FIRST_RUN/artifact)")
         return self
 
     @model_validator(mode="after")

@@ -33,3 +33,15 @@ class CompressionSpec:
     # residual blocks replaced by nn.Identity (prune_blocks), replayed before the pruning history
     dropped_blocks: list[str] = field(default_factory=list)
     recipe: dict[str, Any] | None = None
+
+
+# the attribute a model loaded from an artifact carries its structure in (the pruning history and dropped
+# blocks that rebuild it from the builder's model): a later run's finalize starts its spec from it, so that
+# run's artifact rebuilds from the same builder (a second run on a model whose channels a first one removed)
+PRIOR_STRUCTURE = "_jointcompress_prior_structure"
+
+
+def prior_structure(model) -> tuple[list, list]:
+    """(pruning history, dropped blocks) the model was loaded with, or two empty lists."""
+    prior = getattr(model, PRIOR_STRUCTURE, None) or {}
+    return [list(h) for h in prior.get("pruning_history", [])], list(prior.get("dropped_blocks", []))

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from ..errors import ArtifactError
 from ..io import atomic_write_bytes
-from ..spec import CompressionSpec, LayerSpec
+from ..spec import PRIOR_STRUCTURE, CompressionSpec, LayerSpec
 from . import container as _container
 from . import encode as _enc
 from . import entropy as _entropy
@@ -600,6 +600,8 @@ def load_with_spec(path: str | os.PathLike, builder: Callable[[], nn.Module]) ->
         raise ArtifactError(
             f"{where}: the artifact's content is inconsistent and cannot be loaded ({type(exc).__name__}: {exc})"
         ) from exc
+    if history or dropped:  # a further run on this model saves an artifact that rebuilds from the same builder
+        setattr(model, PRIOR_STRUCTURE, {"pruning_history": history, "dropped_blocks": list(dropped)})
     return model.eval(), spec
 
 
