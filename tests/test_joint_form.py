@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from jointcompress import compress, finalize
-from jointcompress.artifact import save
+from jointcompress.artifact import load, save
 from jointcompress.compare import JOINT_OPTIONS
 from jointcompress.errors import RecipeError
 from jointcompress.joint_form import JOINT_FORM_VARIANT, as_joint_form
@@ -253,6 +253,8 @@ def test_channels_and_a_size_target_in_two_runs_the_refusal_names_and_that_work(
     second = compress(model, recipe, (x, y), lambda m: 0.0)
     assert second.recipe.technique("size_budget") is not None
     spec = finalize(model, second.example_inputs)
-    save(model, spec, tmp_path / "a", example_inputs=second.example_inputs)
+    save(model, spec, tmp_path / "a", builder=_model, example_inputs=second.example_inputs)
     on_disk = (tmp_path / "a" / "weights.jcw").stat().st_size
     assert goal * 0.9 <= on_disk <= goal * 1.02, (on_disk, goal)
+    loaded = load(tmp_path / "a", _model)  # the first run's channels are in the second artifact's history
+    assert loaded[0].out_features == 64 and torch.equal(loaded(x[:8]), model.eval()(x[:8]))

@@ -19,7 +19,7 @@ from .errors import JointCompressError, UnsupportedModelError
 from .graph import build_graph, frozen_stay_frozen
 from .group_checks import output_gap, tolerance
 from .model_call import call_model
-from .spec import CompressionSpec, LayerSpec, prior_structure
+from .spec import PRIOR_STRUCTURE, CompressionSpec, LayerSpec, prior_structure
 from .techniques.masks import ApplyMask
 from .techniques.norm_storage import detach_norm_storage
 from .techniques.quant_lsq import LSQWeight
@@ -89,6 +89,8 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None) 
                 "so the model can be traced to remove them from every coupled layer"
             )
         _shrink(model, todo, example_inputs, spec)
+    if spec.pruning_history or spec.dropped_blocks:  # a further run on this model keeps them in its spec
+        setattr(model, PRIOR_STRUCTURE, {"pruning_history": spec.pruning_history, "dropped_blocks": spec.dropped_blocks})
     model.train(was_training)
     return spec
 
