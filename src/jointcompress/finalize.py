@@ -79,7 +79,7 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None) 
     specs = quant_specs(model)
     plan = _structured_plan(model)
     _remove_reparametrizations(model)
-    history, prior_dropped = prior_structure(model)  # a model loaded from an artifact: its structure first
+    history, prior_dropped = prior_structure(model)  # a model finalized or loaded before: its structure first
     spec = CompressionSpec(layers=specs, recipe=recipe, pruning_history=history, dropped_blocks=prior_dropped + dropped)
     todo = {name: (g, drop) for name, (g, drop) in plan.items() if drop}
     if todo:

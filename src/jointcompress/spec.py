@@ -35,13 +35,14 @@ class CompressionSpec:
     recipe: dict[str, Any] | None = None
 
 
-# the attribute a model loaded from an artifact carries its structure in (the pruning history and dropped
-# blocks that rebuild it from the builder's model): a later run's finalize starts its spec from it, so that
-# run's artifact rebuilds from the same builder (a second run on a model whose channels a first one removed)
+# the attribute a finalized model (or one loaded from an artifact) carries its structure in: the pruning
+# history and dropped blocks that rebuild it from the builder's model. A later run's finalize starts its spec
+# from it, so that run's artifact rebuilds from the same builder (a second run on a model whose channels a
+# first one removed)
 PRIOR_STRUCTURE = "_jointcompress_prior_structure"
 
 
 def prior_structure(model) -> tuple[list, list]:
-    """(pruning history, dropped blocks) the model was loaded with, or two empty lists."""
+    """(pruning history, dropped blocks) the model was finalized or loaded with, or two empty lists."""
     prior = getattr(model, PRIOR_STRUCTURE, None) or {}
     return [list(h) for h in prior.get("pruning_history", [])], list(prior.get("dropped_blocks", []))
