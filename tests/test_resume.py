@@ -198,6 +198,14 @@ def _argmax_task(n: int, hidden: int):
     return x, x[:, :4].argmax(1), model
 
 
+def _resumes_to(whole, model, recipe, data, run_dir) -> None:
+    """The run stopped in `run_dir` resumes (and says so) to `whole`'s weights, bit for bit."""
+    resumed = compress(model(), recipe, data, lambda m: 0.0, run_dir=run_dir, resume=True)
+    assert any(e["event"] == "resumed" for e in resumed.history.events)
+    a, b = resumed.model.state_dict(), whole.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("strategy", ["none", "pcgrad"])
 def test_a_joint_size_budget_run_resumes_bit_for_bit(tmp_path, strategy):
     """The joint form (dead zones under size_budget, recalibrated on every step of this short run): the
@@ -211,11 +219,7 @@ def test_a_joint_size_budget_run_resumes_bit_for_bit(tmp_path, strategy):
                              {"type": "size_budget"}]}
     with pytest.raises(KeyboardInterrupt):
         compress(model(), recipe, (x, y), lambda m: 0.0, run_dir=tmp_path, checkpoint_every=10, callbacks=[_StopAt(37)])
-    resumed = compress(model(), recipe, (x, y), lambda m: 0.0, run_dir=tmp_path, resume=True)
-    assert any(e["event"] == "resumed" for e in resumed.history.events)
-    whole = compress(model(), recipe, (x, y), lambda m: 0.0)
-    a, b = resumed.model.state_dict(), whole.model.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _resumes_to(compress(model(), recipe, (x, y), lambda m: 0.0), model, recipe, (x, y), tmp_path)
 
 
 def test_a_run_started_before_the_joint_form_resumes_as_overlap_and_joint_says_how(tmp_path):
@@ -235,11 +239,7 @@ def test_a_run_started_before_the_joint_form_resumes_as_overlap_and_joint_says_h
         torch.save(ck, path)
     with pytest.raises(RecipeError, match="resume it with --mode overlap"):
         compress(model(), {**recipe, "mode": "joint"}, (x, y), lambda m: 0.0, run_dir=tmp_path, resume=True)
-    resumed = compress(model(), recipe, (x, y), lambda m: 0.0, run_dir=tmp_path, resume=True)
-    assert any(e["event"] == "resumed" for e in resumed.history.events)
-    whole = compress(model(), recipe, (x, y), lambda m: 0.0)
-    a, b = resumed.model.state_dict(), whole.model.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _resumes_to(compress(model(), recipe, (x, y), lambda m: 0.0), model, recipe, (x, y), tmp_path)
 
 
 def test_the_joint_form_resumes_bit_for_bit_from_inside_its_catch_up(tmp_path):
@@ -257,7 +257,4 @@ def test_the_joint_form_resumes_bit_for_bit_from_inside_its_catch_up(tmp_path):
     assert cuts[0] < stop < cuts[-1], cuts  # stopped inside the catch-up
     with pytest.raises(KeyboardInterrupt):
         compress(model(), recipe, (x, y), lambda m: 0.0, run_dir=tmp_path, checkpoint_every=5, callbacks=[_StopAt(stop)])
-    resumed = compress(model(), recipe, (x, y), lambda m: 0.0, run_dir=tmp_path, resume=True)
-    assert any(e["event"] == "resumed" for e in resumed.history.events)
-    a, b = resumed.model.state_dict(), whole.model.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _resumes_to(whole, model, recipe, (x, y), tmp_path)
