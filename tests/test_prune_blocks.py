@@ -199,3 +199,42 @@ def test_the_size_measurement_drops_the_fading_block_of_a_copy_only():
     hook.fade = 0.3
     measured = as_dropped(plain_copy(model))
     assert faded(measured)["layer1"].fade == 1.0 and hook.fade == 0.3  # the run's own fade goes on as scheduled
+
+
+def test_a_later_run_drops_a_block_whose_layers_an_earlier_run_pruned_and_every_artifact_loads(tmp_path):
+    """Channels first, then prune_blocks on the loaded artifact (its history names a layer of the block),
+    then channels again: each artifact rebuilds from the dense builder with the finalized model's logits
+    (replayed in the runs' order; the block dropped before the first history would leave a layer to prune
+    that is gone)."""
+    import json
+
+    torch.manual_seed(0)
+    x, y = torch.randn(96, 1, 28, 28), torch.randint(0, 10, (96,))
+    fit = {"training": {"epochs": 1, "batch_size": 32}}
+    channels = {**fit, "techniques": [{"type": "prune_structured", "sparsity": 0.5, "criterion": "magnitude",
+                                       "layer_sparsity": {"stem": 0.5, "layer1.conv1": 0.5}}]}
+    blocks = {**fit, "techniques": [{"type": "prune_blocks", "blocks": ["layer1"], "end": 0.5}]}
+    model = build_model("resnet")
+    for run, recipe in enumerate((channels, blocks, channels)):
+        res = compress(model, recipe, (x, y), evaluator(x[:32], y[:32]))
+        spec = finalize(model, res.example_inputs)
+        model.eval()
+        with torch.no_grad():
+            logits = model(x[:8])
+        store.save(model, spec, tmp_path / str(run), example_inputs=res.example_inputs, builder=lambda: build_model("resnet"))
+        model = store.load(tmp_path / str(run), lambda: build_model("resnet"))
+        with torch.no_grad():
+            torch.testing.assert_close(model(x[:8]), logits, atol=1e-6, rtol=0)
+        model.train()
+    first_history = len(json.loads((tmp_path / "0" / "manifest.json").read_text())["pruning_history"])
+    assert any(h[0] == "layer1.conv1" for h in spec.pruning_history[:first_history])  # a layer of the dropped block
+    assert spec.dropped_blocks == [] and spec.later_dropped_blocks == [(first_history, ["layer1"])]
+    assert len(spec.pruning_history) > first_history and isinstance(model.layer1, nn.Identity)
+    assert model.stem.out_channels < build_model("resnet").stem.out_channels // 2  # pruned in both channel runs
+    manifest = json.loads((tmp_path / "2" / "manifest.json").read_text())
+    assert manifest["later_dropped_blocks"] == [[first_history, ["layer1"]]]
+    assert "later_dropped_blocks" not in json.loads((tmp_path / "0" / "manifest.json").read_text())
+    manifest["later_dropped_blocks"] = [[len(manifest["pruning_history"]) + 1, ["layer1"]]]
+    (tmp_path / "2" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(store.ArtifactError, match=r"later_dropped_blocks\[0\]\[0\]"):
+        store.load(tmp_path / "2", lambda: build_model("resnet"))

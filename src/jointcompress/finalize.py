@@ -79,8 +79,8 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None) 
     specs = quant_specs(model)
     plan = _structured_plan(model)
     _remove_reparametrizations(model)
-    history, prior_dropped = prior_structure(model)  # a model finalized or loaded before: its structure first
-    spec = CompressionSpec(layers=specs, recipe=recipe, pruning_history=history, dropped_blocks=prior_dropped + dropped)
+    spec = _with_prior_structure(prior_structure(model), dropped)  # a model finalized or loaded before: its structure first
+    spec.layers, spec.recipe = specs, recipe
     todo = {name: (g, drop) for name, (g, drop) in plan.items() if drop}
     if todo:
         if example_inputs is None:
@@ -90,8 +90,19 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None) 
             )
         _shrink(model, todo, example_inputs, spec)
     if spec.pruning_history or spec.dropped_blocks:  # a further run on this model keeps them in its spec
-        setattr(model, PRIOR_STRUCTURE, {"pruning_history": spec.pruning_history, "dropped_blocks": spec.dropped_blocks})
+        setattr(model, PRIOR_STRUCTURE, spec.structure())
     model.train(was_training)
+    return spec
+
+
+def _with_prior_structure(spec: CompressionSpec, dropped: list[str]) -> CompressionSpec:
+    """The earlier structure `spec` with this run's dropped blocks added where they replay: before
+    every history where there is none yet, else after the earlier runs' history (which may name
+    their layers: replayed first, it would look for layers that are gone)."""
+    if dropped and spec.pruning_history:
+        spec.later_dropped_blocks = spec.later_dropped_blocks + [(len(spec.pruning_history), list(dropped))]
+    else:
+        spec.dropped_blocks = spec.dropped_blocks + list(dropped)
     return spec
 
 

@@ -33,16 +33,27 @@ class CompressionSpec:
     # residual blocks replaced by nn.Identity (prune_blocks), replayed before the pruning history
     dropped_blocks: list[str] = field(default_factory=list)
     recipe: dict[str, Any] | None = None
+    # blocks a later run dropped from a model whose channels an earlier run had removed: [(n, [names])],
+    # each replayed after the first n entries of the pruning history (the history can name their layers)
+    later_dropped_blocks: list[tuple[int, list[str]]] = field(default_factory=list)
+
+    def structure(self) -> dict:
+        """What rebuilds the architecture from the builder's model: PRIOR_STRUCTURE's dict, the
+        manifest's fields of the same names."""
+        return {"pruning_history": [list(h) for h in self.pruning_history], "dropped_blocks": list(self.dropped_blocks),
+                "later_dropped_blocks": [[int(n), list(names)] for n, names in self.later_dropped_blocks]}
 
 
-# the attribute a finalized model (or one loaded from an artifact) carries its structure in: the pruning
-# history and dropped blocks that rebuild it from the builder's model. A later run's finalize starts its spec
-# from it, so that run's artifact rebuilds from the same builder (a second run on a model whose channels a
-# first one removed)
+# the attribute a finalized model (or one loaded from an artifact) carries its structure in
+# (CompressionSpec.structure(): the pruning history and dropped blocks that rebuild it from the builder's
+# model). A later run's finalize starts its spec from it, so that run's artifact rebuilds from the same
+# builder (a second run on a model whose channels a first one removed)
 PRIOR_STRUCTURE = "_jointcompress_prior_structure"
 
 
-def prior_structure(model) -> tuple[list, list]:
-    """(pruning history, dropped blocks) the model was finalized or loaded with, or two empty lists."""
+def prior_structure(model) -> CompressionSpec:
+    """A spec holding only the structure the model was finalized or loaded with (empty if none)."""
     prior = getattr(model, PRIOR_STRUCTURE, None) or {}
-    return [list(h) for h in prior.get("pruning_history", [])], list(prior.get("dropped_blocks", []))
+    return CompressionSpec(pruning_history=[list(h) for h in prior.get("pruning_history", [])],
+                           dropped_blocks=list(prior.get("dropped_blocks", [])),
+                           later_dropped_blocks=[(int(n), list(b)) for n, b in prior.get("later_dropped_blocks", [])])

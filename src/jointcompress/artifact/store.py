@@ -123,20 +123,37 @@ def _history_json(history) -> list[list]:
 
 
 def rebuild(builder: Callable[[], nn.Module], history: list, inputs: tuple, where: str,
-            dropped: list[str] = ()) -> nn.Module:
+            dropped: list[str] = (), later_dropped: list = ()) -> nn.Module:
     """A fresh model from `builder`, with its dropped blocks removed and the recorded structured
-    pruning replayed on it."""
+    pruning replayed on it; `later_dropped`: [(n, names)], blocks removed once the first n history
+    entries are replayed (a later run's, on a model an earlier run had shrunk)."""
     model = builder()
-    if dropped:
-        from ..block_drop import drop_blocks
+    _drop(model, dropped, where)
+    start = 0
+    for n, names in sorted((int(n), names) for n, names in later_dropped):
+        _replay(model, history[start:n], inputs, where)
+        _drop(model, names, where)
+        start = max(start, n)
+    _replay(model, history[start:], inputs, where)
+    return model
 
-        try:
-            drop_blocks(model, list(dropped))
-        except AttributeError as exc:
-            raise ArtifactError(f"{where}: dropped block {exc} is not a module of the builder's model; is the builder "
-                                "the same architecture the artifact was trained from?") from exc
+
+def _drop(model: nn.Module, names: list[str], where: str) -> None:
+    if not names:
+        return
+    from ..block_drop import drop_blocks
+
+    try:
+        drop_blocks(model, list(names))
+    except AttributeError as exc:
+        raise ArtifactError(f"{where}: dropped block {exc} is not a module of the builder's model; is the builder "
+                            "the same architecture the artifact was trained from?") from exc
+
+
+def _replay(model: nn.Module, history: list, inputs: tuple, where: str) -> None:
+    """Torch-Pruning's replay of `history` on the model as it is now (its graph traced afresh)."""
     if not history:
-        return model
+        return
     from ..graph import build_graph, frozen_stay_frozen
 
     try:
@@ -148,7 +165,6 @@ def rebuild(builder: Callable[[], nn.Module], history: list, inputs: tuple, wher
             f"{where}: replaying the pruning history on the builder's model failed ({type(exc).__name__}: {exc}); "
             "is the builder the same architecture the artifact was trained from?"
         ) from exc
-    return model
 
 
 def check_shapes(model: nn.Module, layers: dict, others: dict, where: str) -> None:
@@ -200,10 +216,11 @@ def save(
     if history and example_inputs is None:
         raise ArtifactError(f"{path}: save() needs example_inputs to record how to replay the pruning history")
     dropped = [str(n) for n in getattr(spec, "dropped_blocks", [])]
+    later = [[int(n), [str(b) for b in names]] for n, names in getattr(spec, "later_dropped_blocks", [])]
     inputs = _input_records(example_inputs)
     encoding = _enc.encode_model(model, spec, entropy=entropy)
     if builder is not None:
-        rebuilt = rebuild(builder, history, _dummy_inputs(inputs), str(path), dropped)
+        rebuilt = rebuild(builder, history, _dummy_inputs(inputs), str(path), dropped, later)
         check_shapes(rebuilt, encoding.layers, encoding.others, f"{path} (checked at save time)")
     blob = file_blob(encoding, container)
     totals = encoding.totals()
@@ -228,6 +245,8 @@ def save(
         "other_tensors": encoding.others,
         "extra": extra or {},
     }
+    if later:  # only where a later run dropped blocks: every other manifest stays as it was
+        manifest["later_dropped_blocks"] = later
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path / CONTAINERS[container], blob)
     for other in set(CONTAINERS.values()) - {CONTAINERS[container]}:  # a stale file of the other container
@@ -441,6 +460,12 @@ def _validate_fields(m: dict) -> None:
             _int(idx, f"{f}[2][{j}]", 0, 1 << 62)
     for i, name in enumerate(_list(m.get("dropped_blocks", []), "dropped_blocks")):
         _str(name, f"dropped_blocks[{i}]")
+    for i, step in enumerate(_list(m.get("later_dropped_blocks", []), "later_dropped_blocks")):
+        f = f"later_dropped_blocks[{i}]"
+        _need(isinstance(step, list) and len(step) == 2, f, "must be a [history position, [block names]] pair")
+        _int(step[0], f"{f}[0]", 0, len(m["pruning_history"]))
+        for j, name in enumerate(_list(step[1], f"{f}[1]")):
+            _str(name, f"{f}[1][{j}]")
     for i, rec in enumerate(_list(m["example_inputs"], "example_inputs")):
         f = f"example_inputs[{i}]"
         _dict(rec, f)
@@ -589,10 +614,12 @@ def load_with_spec(path: str | os.PathLike, builder: Callable[[], nn.Module]) ->
             f"{Path(path) / MANIFEST_FILE}: field example_inputs cannot be turned into tensors ({type(exc).__name__}: {exc})"
         ) from exc
     dropped = manifest.get("dropped_blocks", [])  # absent from artifacts written before prune_blocks
-    model = rebuild(builder, history, inputs, str(path), dropped)
+    later = manifest.get("later_dropped_blocks", [])  # present only where a later run dropped blocks
+    model = rebuild(builder, history, inputs, str(path), dropped, later)
     check_shapes(model, manifest["layers"], manifest["other_tensors"], where)
     try:
-        spec = CompressionSpec(pruning_history=history, recipe=manifest.get("recipe"), dropped_blocks=list(dropped))
+        spec = CompressionSpec(pruning_history=history, recipe=manifest.get("recipe"), dropped_blocks=list(dropped),
+                               later_dropped_blocks=[(int(n), list(names)) for n, names in later])
         model.load_state_dict(_state(manifest, parts, tensors, where, spec), strict=True)
     except ArtifactError:
         raise
@@ -601,7 +628,7 @@ def load_with_spec(path: str | os.PathLike, builder: Callable[[], nn.Module]) ->
             f"{where}: the artifact's content is inconsistent and cannot be loaded ({type(exc).__name__}: {exc})"
         ) from exc
     if history or dropped:  # a further run on this model saves an artifact that rebuilds from the same builder
-        setattr(model, PRIOR_STRUCTURE, {"pruning_history": history, "dropped_blocks": list(dropped)})
+        setattr(model, PRIOR_STRUCTURE, spec.structure())
     return model.eval(), spec
 
 
