@@ -213,15 +213,16 @@ def test_the_help_texts_name_every_built_in_model():
 
 def test_channels_beside_a_size_target_are_refused_and_the_two_runs_it_names_work(tmp_path, monkeypatch, capsys,
                                                                                  weights_file):
-    """prune_structured with a size target: refused with the way to have both, two runs; the second
-    starts from the first's artifact (--weights DIR), lands on the target, and its artifact rebuilds
-    from the reference model's builder with the first run's channels removed."""
+    """prune_structured with a size target outside mode joint: refused with the ways to have both (mode
+    joint, or two runs); in two runs the second starts from the first's artifact (--weights DIR), lands on
+    the target, and its artifact rebuilds from the reference model's builder with the first run's channels
+    removed."""
     from jointcompress.artifact import load
     from jointcompress.models import LeNet300
 
-    both = _recipe(tmp_path, "target: {size_kb: 5}\ntechniques: [{type: prune_structured, sparsity: 0.5}]\n")
+    both = _recipe(tmp_path, "mode: sequential\ntarget: {size_kb: 5}\ntechniques: [{type: prune_structured, sparsity: 0.5}]\n")
     code, out = _cli(monkeypatch, capsys, "compress", both, "--weights", weights_file, "--out", tmp_path / "o0")
-    assert code == 2 and "compress in two runs" in out and "--weights FIRST_RUN/artifact" in out, out
+    assert code == 2 and "Use mode: joint" in out and "compress in two runs" in out and "--weights FIRST_RUN/artifact" in out, out
     channels = tmp_path / "channels.yaml"
     channels.write_text("model: lenet300\ndata: digits\ntraining: {epochs: 2}\n"
                         "techniques: [{type: prune_structured, sparsity: 0.5}]\n")

@@ -236,13 +236,13 @@ def test_the_channel_floor_warning_names_the_fp32_embedding_table_and_the_settin
 
 
 def test_channels_and_a_size_target_in_two_runs_the_refusal_names_and_that_work(tmp_path):
-    """prune_structured is refused beside a size target (nothing prices removed channels), with the way
-    to have both: channel pruning first (finalize removes the channels), then the size target on the
-    smaller model, where the joint form lands the file on it."""
+    """prune_structured is refused beside a size target outside mode joint (the allocator does not price
+    removed channels), with the ways to have both; one of them: channel pruning first (finalize removes
+    the channels), then the size target on the smaller model, where the joint form lands the file on it."""
     x, y = _data()
     model = _model()
-    with pytest.raises(RecipeError, match="compress in two runs: prune_structured first"):
-        parse_recipe({"mode": "joint", "target": {"ratio": 20}, "techniques": [{"type": "prune_structured", "sparsity": 0.5}]})
+    with pytest.raises(RecipeError, match="Use mode: joint.*compress in two runs: prune_structured first"):
+        parse_recipe({"mode": "sequential", "target": {"ratio": 20}, "techniques": [{"type": "prune_structured", "sparsity": 0.5}]})
     first = compress(model, {"training": {"epochs": 2, "batch_size": 32}, "techniques": [{"type": "prune_structured",
                                                                                          "sparsity": 0.5}]}, (x, y), lambda m: 0.0)
     finalize(model, first.example_inputs)
@@ -258,3 +258,42 @@ def test_channels_and_a_size_target_in_two_runs_the_refusal_names_and_that_work(
     assert goal * 0.9 <= on_disk <= goal * 1.02, (on_disk, goal)
     loaded = load(tmp_path / "a", _model)  # the first run's channels are in the second artifact's history
     assert loaded[0].out_features == 64 and torch.equal(loaded(x[:8]), model.eval()(x[:8]))
+
+
+@pytest.mark.parametrize("criterion", ["learned", "magnitude"])
+def test_channels_and_a_size_target_in_one_joint_run_the_budget_lands_the_file_with_the_channels_gone(tmp_path, criterion):
+    """mode: joint keeps prune_structured beside its size budget: the budget measures the file as finalize
+    will write it (the masked channels removed, the learned criterion's soft masks as they decide now) and
+    lands the rest of the bytes on the target; the artifact loads from the dense builder."""
+    x, y = _data()
+    model = _model()
+    goal = dense_fp32_bytes(model) / 40
+    recipe = {"mode": "joint", "target": {"ratio": 40}, "training": {"epochs": 6, "batch_size": 32, "lr": 0.003},
+              "techniques": [{"type": "prune_structured", "sparsity": 0.25, "criterion": criterion, "end": 0.4},
+                             *TECHNIQUES]}
+    result = compress(model, recipe, (x, y), lambda m: 0.0)
+    budget = result.recipe.technique("size_budget")
+    assert result.recipe.technique("prune_structured") is not None and budget.end >= 0.5
+    model.eval()
+    with torch.no_grad():
+        masked = model(x[:16])
+    spec = finalize(model, result.example_inputs)
+    assert model[0].out_features == 96 and model[2].out_features == 48  # a quarter of the channels are gone
+    save(model, spec, tmp_path / "a", builder=_model, example_inputs=result.example_inputs)
+    on_disk = (tmp_path / "a" / "weights.jcw").stat().st_size
+    assert goal * 0.97 <= on_disk <= goal * 1.0, (on_disk, goal)
+    loaded = load(tmp_path / "a", _model)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x[:16]), masked, atol=1e-5, rtol=0)
+
+
+def test_a_target_the_channels_already_undershoot_is_said_at_the_freeze():
+    """Channel pruning beside the budget can leave fewer bytes than the target allows (fixed widths cannot
+    spend them): the freeze says how far under the file ends and what would spend the bytes."""
+    x, y = _data()
+    recipe = {"mode": "joint", "target": {"ratio": 10}, "training": {"epochs": 3, "batch_size": 32},
+              "techniques": [{"type": "prune_structured", "sparsity": 0.5, "end": 0.3}, *TECHNIQUES]}
+    with pytest.warns(UserWarning, match=r"% under the .* target: the other techniques left fewer bytes.*prune_structured"):
+        result = compress(_model(), recipe, (x, y), lambda m: 0.0)
+    budget = next(t for t in result.techniques if t.kind == "size_budget")
+    assert any(e["event"] == "size_target_undershot" for e in budget.events)

@@ -45,6 +45,9 @@ def joint_recipe(base: Recipe, learn_bits: bool = False, **budget) -> Recipe:
     if not any(t["type"] == "quant_lsq" for t in techniques):
         techniques.append({"type": "quant_lsq", "bits": 4, "zero_level": True})
     end = prune.end if prune is not None else 0.6
+    channels = base.technique("prune_structured")
+    if channels is not None:  # the budget lands the file once the channels are gone (it measures it without them)
+        end = max(end, channels.end)
     techniques.append({"type": "size_budget", "start": prune.start if prune is not None else 0.0, "end": end,
                        "freeze": max(end, 0.8), **budget})
     data["techniques"], data["mode"] = techniques, "joint"

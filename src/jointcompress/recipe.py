@@ -426,16 +426,18 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _structured_under_size(self):
-        """Channel pruning is not priced by a size target (the allocator and size_budget decide unstructured
-        sparsity and bits); refused here, before any training, not when the target is resolved."""
+        """Channel pruning beside a size target: in mode joint the size budget measures the file with the
+        masked channels removed and lands the rest of the bytes on the target; the allocator of the other
+        modes does not price removed channels. Refused there, before any training."""
         sized = (self.target is not None and not self.target.is_latency) or self.technique("size_budget") is not None
-        if sized and self.technique("prune_structured") is not None:
+        if sized and self.mode != "joint" and self.technique("prune_structured") is not None:
             i = next(i for i, t in enumerate(self.techniques) if t.type == "prune_structured")
-            raise ValueError(f"techniques.{i} (prune_structured) cannot be combined with a size target "
-                             "(target.size_kb / target.ratio, or size_budget): the size target decides unstructured "
-                             "sparsity and bits, and does not price removed channels. Remove prune_structured, or "
-                             "remove the size target and use target: {latency_ms: ...} or {speedup: ...}, which "
-                             "allocates channel sparsity for speed; for both, compress in two runs: prune_structured "
+            raise ValueError(f"techniques.{i} (prune_structured) cannot be combined with a size target in mode "
+                             f"{self.mode} (target.size_kb / target.ratio, or size_budget): its allocator decides "
+                             "unstructured sparsity and bits and does not price removed channels. Use mode: joint, "
+                             "whose size budget measures the file with the channels removed and lands the rest on the "
+                             "target; or remove the size target and use target: {latency_ms: ...} or {speedup: ...}, "
+                             "which allocates channel sparsity for speed; or compress in two runs: prune_structured "
                              "first (finalize removes the channels), then the size target on the smaller model "
                              "(target.size_kb: a ratio would be of the pruned model's size; on the command line, "
                              "--weights FIRST_RUN/artifact)")

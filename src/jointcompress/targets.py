@@ -414,7 +414,8 @@ def resolve_target(model: nn.Module, recipe: Recipe | dict, example_inputs, eval
     if recipe.technique("prune_structured") is not None:
         raise TargetError("target.size_kb/ratio allocates unstructured sparsity and bits; remove prune_structured "
                           "from techniques, or use target.latency_ms (which allocates channel sparsity); for both, "
-                          "compress in two runs: prune_structured first, then the size target on the finalized model")
+                          "use mode: joint (its size budget measures the file with the channels removed), or compress "
+                          "in two runs: prune_structured first, then the size target on the finalized model")
     data = _with_size_techniques(data)
     full = parse_recipe({**data, "target": recipe.target.model_dump()}, source="resolved target")
     if sensitivity is None and evaluate is not None:

@@ -87,6 +87,17 @@ class ApplyMask(nn.Module):
         return w * m
 
 
+def harden_masks(model: nn.Module) -> None:
+    """Every scored mask of `model` exactly binary (its current keep), as at the end of its ramp: a
+    copy measured mid-ramp (the size budget's file) is finalized as the masks decide now; soft values
+    would make finalize's removed channels differ from the masked model."""
+    for m in model.modules():
+        for plist in (getattr(m, "parametrizations", None) or {}).values():
+            for p in plist:
+                if isinstance(p, ApplyMask):
+                    p.source.temperature.fill_(0.0)
+
+
 def topk_keep(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Boolean tensor with exactly `keep` True entries at the largest scores (ties broken by index)."""
     flat = scores.detach().flatten()

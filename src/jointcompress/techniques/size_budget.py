@@ -94,6 +94,7 @@ class SizeBudget(Landing, Technique):
 
             raise RecipeError("size_budget.target_bytes is not set; give the recipe a target (size_kb or ratio)")
         self.model = ctx.model
+        self.example_inputs = ctx.example_inputs  # the file measured with prune_structured's channels removed
         # the steps over which the dead zones and the multiplier must travel (a tenth of the run at least)
         self.span = max(1, self.window[1] - self.window[0], ctx.total_steps // 10)
         self.calibration_interval = self.config.calibrate_every or max(1, ctx.total_steps // 40)
@@ -119,7 +120,7 @@ class SizeBudget(Landing, Technique):
 
         raise TargetError(
             f"target: {self.config.target_bytes:,.0f} B cannot be reached: {self.fixed:,.0f} B of the weights file do "
-            f"not depend on what the run decides ({fixed_bytes_detail(model)}). Raise target.size_kb (or lower "
+            f"not depend on what the run decides ({fixed_bytes_detail(model, example_inputs=self.example_inputs)}). Raise target.size_kb (or lower "
             "target.ratio) well above that: quant_lsq compresses only the Linear and convolution weights (and with "
             "`embeddings: true` the embedding tables) its targets select, everything else is stored as it is"
             + fixed_part_hint(model))
@@ -217,7 +218,7 @@ class SizeBudget(Landing, Technique):
 
     def file_over_target(self, model: nn.Module) -> bool:
         """The weights file the writer would produce now is larger than the target."""
-        return measured_bytes(model)["total"] > self.config.target_bytes
+        return self.file_bytes(model)["total"] > self.config.target_bytes
 
     def land(self, model: nn.Module | None, event: str = "size_projection") -> None:
         """Project onto the aim (see `project`), with the real encoder as the judge."""
@@ -292,6 +293,8 @@ class SizeBudget(Landing, Technique):
                                 "kept": self.kept_by_layer()})
             self.project(self.model)
             self.warn_missed()
+            if not any(e["event"] == "size_budget_slack" for e in self.events):  # said at the start already
+                self.warn_under()
         for name, (m, q) in self.layers.items():
             q.fix_pattern(m.parametrizations.weight.original.detach())
         super().freeze()
@@ -338,6 +341,10 @@ class SizeBudget(Landing, Technique):
         _, lo, span = self._bit_range
         return raw, torch.stack([q.held_bits for q in qs]).to(raw.dtype), lo, span
 
+    def file_bytes(self, model: nn.Module) -> dict[str, int]:
+        """The weights file finalize and save would write now (size_estimate.measured_bytes)."""
+        return measured_bytes(model, getattr(self, "example_inputs", None))
+
     def calibrated_hard(self) -> float:
         with torch.no_grad():
             return float(self.estimate(soft=False))
@@ -345,7 +352,7 @@ class SizeBudget(Landing, Technique):
     @torch.no_grad()
     def calibrate(self, model: nn.Module) -> None:
         """Measure the real file and fit the estimate's scale and fixed part to it."""
-        real = measured_bytes(model)
+        real = self.file_bytes(model)
         raw = float(self.layer_bytes(soft=False).sum())
         self.scale = real["variable"] / max(raw, 1.0) if real["variable"] > 0 else 1.0
         self.fixed = float(real["total"] - real["variable"])

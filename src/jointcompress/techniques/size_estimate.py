@@ -94,24 +94,27 @@ def _constants(numel, dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.
     return hit
 
 
-def _encoded(model: nn.Module):
+def _encoded(model: nn.Module, example_inputs=None):
     """The model as the artifact writer would encode it now (a finalized plain copy). Blocks that
-    prune_blocks is fading out are measured as gone, as they will be in the file."""
+    prune_blocks is fading out are measured as gone, as they will be in the file; channels that
+    prune_structured masks, too (the copy is shrunk: `example_inputs` traces it)."""
     from ..artifact.encode import encode_model
     from ..block_drop import as_dropped
     from ..finalize import finalize
     from ..model_copy import plain_copy
+    from .masks import harden_masks
 
     plain = as_dropped(plain_copy(model))
-    return encode_model(plain, finalize(plain))
+    harden_masks(plain)
+    return encode_model(plain, finalize(plain, example_inputs))
 
 
-def fixed_bytes_detail(model: nn.Module, largest: int = 3) -> str:
+def fixed_bytes_detail(model: nn.Module, largest: int = 3, example_inputs=None) -> str:
     """Where the bytes go that no training decision moves (step sizes, biases, the tensors no
     technique compresses, the container), largest first, in words for an error message."""
     from ..artifact.store import file_blob
 
-    enc = _encoded(model)
+    enc = _encoded(model, example_inputs)
     t = enc.totals()
     others = sorted(enc.others.items(), key=lambda kv: -kv[1]["bytes"])
     named = ", ".join(f"{key} {rec['bytes']:,} B" for key, rec in others[:largest])
@@ -120,11 +123,12 @@ def fixed_bytes_detail(model: nn.Module, largest: int = 3) -> str:
             f"biases {t['biases']:,} B, container {len(file_blob(enc)) - t['total']:,} B")
 
 
-def measured_bytes(model: nn.Module) -> dict[str, int]:
-    """The weights file the artifact writer would produce for the model as it is now."""
+def measured_bytes(model: nn.Module, example_inputs=None) -> dict[str, int]:
+    """The weights file the artifact writer would produce for the model as it is now
+    (`example_inputs`: where prune_structured masks channels, which finalize removes)."""
     from ..artifact.store import file_blob
 
-    enc = _encoded(model)
+    enc = _encoded(model, example_inputs)
     totals = enc.totals()
     total = len(file_blob(enc))
     return {"total": total, "variable": totals["values"] + totals["indices"]}

@@ -18,8 +18,9 @@ import torch
 import torch.nn as nn
 
 from . import learned_width as lw
-from .size_estimate import fixed_part_hint, measured_bytes, sparse_layer_bytes, sparse_layer_bytes_with_slopes
+from .size_estimate import fixed_part_hint, sparse_layer_bytes, sparse_layer_bytes_with_slopes
 
+UNDER_WARNING = 0.05  # a file this far under the aim at the freeze is said (warn_under)
 PROJECTION_SLACK = 0.003  # the projection lands within 0.3% of the aim (fine-tuning moves the coding ~0.5%)
 # a projection never cuts a path: every output channel that keeps weights keeps at least its strongest
 # CHANNEL_FLOOR of them, and at least CHANNEL_SHARE of what it kept before (it thins, it never empties)
@@ -137,7 +138,7 @@ class Landing:
             for i, _ in plan[:k]:
                 _, m, q = layers[i]
                 q._change_width(m.parametrizations.weight.original.detach(), int(q.held_bits) + 1)
-            return float(measured_bytes(model)["total"]) if measure else None
+            return float(self.file_bytes(model)["total"]) if measure else None
 
         guess = int(torch.searchsorted(torch.cumsum(torch.tensor([c for _, c in plan]), 0), torch.tensor(gap)))
         count, _, probes = self._search(apply, len(plan), guess, drop=False)
@@ -212,7 +213,7 @@ class Landing:
             keep = keeps[i].clone()
             keep.view(-1)[where[owners == i]] = not drop
             q.fix_pattern(m.parametrizations.weight.original.detach(), keep)
-        return float(measured_bytes(model)["total"]) if measure else None
+        return float(self.file_bytes(model)["total"]) if measure else None
 
     @torch.no_grad()
     def warn_missed(self) -> None:
@@ -233,6 +234,20 @@ class Landing:
             f"of the {channels:,} output channels that still have weights ({sum(kept.values()):,} weights kept). Ask "
             f"for at least this file (target.size_kb >= {math.ceil(now / 10.24) / 100:.2f}, or a lower target.ratio), or lower "
             "quant_lsq.bits" + (fixed_part_hint(self.model) if self.model is not None else ""), stacklevel=2)
+
+    def warn_under(self) -> None:
+        """Said once, at the freeze, where the file ends far under the target with every weight the widths
+        allow: the techniques beside the budget (prune_structured's channels, fixed bit-widths) made it
+        smaller than asked, and the budget cannot spend bytes on weights that are gone."""
+        now, target = self.calibrated_hard(), self.config.target_bytes
+        if now >= self.aim() * (1 - UNDER_WARNING) or any(q.learns_width() for _, q in self.layers.values()):
+            return
+        self.events.append({"event": "size_target_undershot", "bytes": round(now), "target_bytes": round(target)})
+        warnings.warn(
+            f"size_budget: the weights file ends at {now:,.0f} B, {1 - now / target:.0%} under the {target:,.0f} B "
+            "target: the other techniques left fewer bytes than the target allows (prune_structured's channels, "
+            "quant_lsq.bits). To spend them on accuracy, lower prune_structured.sparsity, raise quant_lsq.bits or set "
+            "quant_lsq.learn_bits: true; for a smaller file, lower target.size_kb (or raise target.ratio)", stacklevel=2)
 
     def kept_by_layer(self) -> dict[str, int]:
         """Every budgeted layer's kept weights now: the landing's events record them after each cut,
