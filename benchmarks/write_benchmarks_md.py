@@ -789,6 +789,36 @@ def size_target_section() -> list[str]:
     return lines + [""]
 
 
+def channels_size_section() -> list[str]:
+    """benchmarks/channels_and_size.py: channels and a size target in one joint run, in two runs, and
+    the size target alone (same teacher, epochs, distillation and target bytes per seed)."""
+    files = sorted((ROOT / "benchmarks" / "results").glob("channels_and_size_*.json"))
+    if not files:
+        return []
+    lines = ["## Channels and a size target: one joint run, two runs, the size target alone", "",
+             "`one_run`: `mode: joint` with `prune_structured` beside the size target (the budget measures the file "
+             "with the masked channels removed); `two_runs`: `prune_structured` for half the epochs, finalized, then "
+             "the joint form on the smaller model for the other half; `size_only`: the joint form without channel "
+             "pruning. Same teacher, total epochs, distillation and target bytes per seed; latency: the finalized "
+             "model in PyTorch fp32, interleaved with the dense teacher (`deploy/timing.py`). Differences paired by "
+             "seed, mean ± standard error.", "",
+             "| model, ratio, channels removed | variant | test error | weights file (B) | PyTorch fp32 speed-up | command |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for f in files:
+        r = json.loads(f.read_text())
+        seeds, first = r["per_seed"], r["per_seed"][0]
+        what = f"{f.stem.removeprefix('channels_and_size_')}, target {first['target_bytes']:,} B, {len(seeds)} seeds"
+        for v, row in r["summary"].items():
+            lines.append(f"| {what} | {v} | {row['error']:.2f}% | {row['file_bytes']:,.0f} | {row['speedup_vs_teacher']:.2f}x | "
+                         f"`{r['command']}` |")
+        for pair, stats in r["paired"].items():
+            e, (a, b) = stats["error"], pair.split("-")
+            verdict = f"{a} better" if e["mean"] < -2 * e["standard_error"] else f"{b} better" if e["mean"] > 2 * e["standard_error"] else "tie"
+            lines.append(f"| {what} | {pair} (paired) | {e['mean']:+.2f} ± {e['standard_error']:.2f} ({verdict}) | "
+                         f"{stats['file_bytes']['mean']:+,.0f} | {stats['speedup_vs_teacher']['mean']:+.2f}x | |")
+    return lines + [""]
+
+
 def hf_speedups(mode: str, r: dict) -> dict:
     """Speed-ups of a mode's int8 student over the teacher: re-timed by benchmarks/hf_latency.py
     (deploy.timing) when its results exist, else the run's own timing."""
@@ -1213,6 +1243,7 @@ def main() -> None:
     if (ROOT / "benchmarks" / "results" / "compare_lenet300_long" / "compare.json").is_file():
         text += section("lenet300", "compare_lenet300_long", ", longer training at 60x")
     text += size_target_section()
+    text += channels_size_section()
     text += longer_run_section()
     text += sst2_section()
     text += latency_section()

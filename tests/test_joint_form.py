@@ -297,3 +297,25 @@ def test_a_target_the_channels_already_undershoot_is_said_at_the_freeze():
         result = compress(_model(), recipe, (x, y), lambda m: 0.0)
     budget = next(t for t in result.techniques if t.kind == "size_budget")
     assert any(e["event"] == "size_target_undershot" for e in budget.events)
+
+
+def test_a_target_only_the_channel_pruning_makes_reachable_is_trained_not_refused(tmp_path):
+    """Before training the budget refuses a target under the bytes no decision moves (BatchNorm, steps,
+    biases); those bytes shrink with the channels prune_structured removes, so beside it the budget
+    trains and the landing, measuring the file without them, reaches the target."""
+    from jointcompress.models import build_model
+    from jointcompress.targets import TargetError
+
+    torch.manual_seed(0)
+    x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    recipe = {"mode": "joint", "target": {"ratio": 150}, "training": {"epochs": 2, "batch_size": 32},
+              "techniques": [{"type": "quant_lsq", "bits": 4}]}
+    with pytest.raises(TargetError, match="cannot be reached"):
+        compress(build_model("resnet"), recipe, (x, y), lambda m: 0.0)
+    model = build_model("resnet")
+    recipe["techniques"] = [{"type": "prune_structured", "sparsity": 0.5}, *recipe["techniques"]]
+    result = compress(model, recipe, (x, y), lambda m: 0.0)
+    spec = finalize(model, result.example_inputs)
+    save(model, spec, tmp_path / "a", builder=lambda: build_model("resnet"), example_inputs=result.example_inputs)
+    goal = dense_fp32_bytes(build_model("resnet")) / 150
+    assert goal * 0.97 <= (tmp_path / "a" / "weights.jcw").stat().st_size <= goal

@@ -87,15 +87,24 @@ class ApplyMask(nn.Module):
         return w * m
 
 
+def _apply_masks(model: nn.Module):
+    for m in model.modules():
+        for plist in (getattr(m, "parametrizations", None) or {}).values():
+            yield from (p for p in plist if isinstance(p, ApplyMask))
+
+
+def has_channel_masks(model: nn.Module) -> bool:
+    """Whether prune_structured masks channels of `model` (finalize will remove them, and the bytes
+    that hang on them: their BatchNorm, biases, step sizes)."""
+    return any(p.dim is not None for p in _apply_masks(model))
+
+
 def harden_masks(model: nn.Module) -> None:
     """Every scored mask of `model` exactly binary (its current keep), as at the end of its ramp: a
     copy measured mid-ramp (the size budget's file) is finalized as the masks decide now; soft values
     would make finalize's removed channels differ from the masked model."""
-    for m in model.modules():
-        for plist in (getattr(m, "parametrizations", None) or {}).values():
-            for p in plist:
-                if isinstance(p, ApplyMask):
-                    p.source.temperature.fill_(0.0)
+    for p in _apply_masks(model):
+        p.source.temperature.fill_(0.0)
 
 
 def topk_keep(scores: torch.Tensor, keep: int) -> torch.Tensor:

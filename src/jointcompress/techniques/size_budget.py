@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from .base import RunContext, Technique
 from .saliency import FisherSaliency
+from .masks import has_channel_masks
 from .size_estimate import (fixed_bytes_detail, fixed_part_hint, measured_bytes, sparse_layer_bytes,
                             sparse_layer_bytes_with_slopes)
 from .size_projection import Landing
@@ -104,8 +105,9 @@ class SizeBudget(Landing, Technique):
         if self.saliency is not None:  # the quantizers keep the Fisher estimate it reads
             self.saliency.attach(self.layers)
         self.calibrate(ctx.model)
-        self.check_reachable(ctx.model)
-        self.warn_channel_floor()
+        if not has_channel_masks(ctx.model):  # both assume every channel stays (the freeze says a miss)
+            self.check_reachable(ctx.model)
+            self.warn_channel_floor()
         self.start_bytes = self.calibrated_hard()
         self.note_slack()
         self.attached = True
@@ -120,7 +122,8 @@ class SizeBudget(Landing, Technique):
 
         raise TargetError(
             f"target: {self.config.target_bytes:,.0f} B cannot be reached: {self.fixed:,.0f} B of the weights file do "
-            f"not depend on what the run decides ({fixed_bytes_detail(model, example_inputs=self.example_inputs)}). Raise target.size_kb (or lower "
+            f"not depend on what the run decides ({fixed_bytes_detail(model, example_inputs=self.example_inputs)}). "
+            "Raise target.size_kb (or lower "
             "target.ratio) well above that: quant_lsq compresses only the Linear and convolution weights (and with "
             "`embeddings: true` the embedding tables) its targets select, everything else is stored as it is"
             + fixed_part_hint(model))

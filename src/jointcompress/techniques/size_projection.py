@@ -236,9 +236,9 @@ class Landing:
             "quant_lsq.bits" + (fixed_part_hint(self.model) if self.model is not None else ""), stacklevel=2)
 
     def warn_under(self) -> None:
-        """Said once, at the freeze, where the file ends far under the target with every weight the widths
-        allow: the techniques beside the budget (prune_structured's channels, fixed bit-widths) made it
-        smaller than asked, and the budget cannot spend bytes on weights that are gone."""
+        """Said once, at the freeze, where the file ends far under the target after the projection revived
+        what it could: the techniques beside the budget (prune_structured's channels, fixed bit-widths) made
+        it smaller than asked, and the budget cannot spend bytes on weights that are gone."""
         now, target = self.calibrated_hard(), self.config.target_bytes
         if now >= self.aim() * (1 - UNDER_WARNING) or any(q.learns_width() for _, q in self.layers.values()):
             return
