@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from compare_mnist import recipe as compare_recipe
+from compare_mnist import balanced_subset, recipe as compare_recipe
 from jointcompress.api import compress
 from jointcompress.artifact.size import dense_fp32_bytes
 from jointcompress.artifact.store import save
@@ -120,6 +120,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--teacher-epochs", type=int, default=4)
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--train-images", type=int, default=None, help="a balanced subset of the training set (scarce data)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=50)
@@ -127,6 +128,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     split = load_dataset(args.data)
+    if args.train_images:
+        split = balanced_subset(split, args.train_images)
     with tempfile.TemporaryDirectory() as tmp:
         per_seed = [one_seed(args, split, int(s), Path(tmp)) for s in args.seeds.split(",")]
     summary = {v: {k: round(statistics.mean(s["variants"][v][k] for s in per_seed), 4)
@@ -134,7 +137,7 @@ def main() -> None:
     result = {
         "command": f"python benchmarks/channels_and_size.py --data {args.data} --model {args.model} --ratio {args.ratio:g} "
                    f"--channels {args.channels:g} --epochs {args.epochs} --teacher-epochs {args.teacher_epochs} "
-                   f"--seeds {args.seeds} --batch {args.batch} --threads {args.threads} --rounds {args.rounds} --out {args.out}",
+                   f"--seeds {args.seeds}{f' --train-images {args.train_images}' if args.train_images else ''} --batch {args.batch} --threads {args.threads} --rounds {args.rounds} --out {args.out}",
         "machine": f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}",
         "timing": "PyTorch fp32 (the finalized models), batch as given; deploy.timing.time_contenders (interleaved, medians)",
         "summary": summary,
