@@ -125,11 +125,13 @@ def test_a_late_mask_start_becomes_a_budget_start_a_paced_window_allows():
 
 
 @pytest.mark.parametrize("target", [{"ratio": 20}, {"size_kb": 4}])
-@pytest.mark.parametrize("mode", ["joint", "overlap", "sequential"])
-def test_channel_pruning_under_a_size_target_is_refused_before_training(mode, target):
+@pytest.mark.parametrize("mode", ["overlap", "sequential"])
+def test_channel_pruning_under_a_size_target_is_refused_before_training_outside_mode_joint(mode, target):
     techniques = [TECHNIQUES[0], {"type": "prune_structured", "sparsity": 0.5}, TECHNIQUES[1]]
-    with pytest.raises(RecipeError, match=r"techniques\.1 \(prune_structured\).*latency_ms"):
+    with pytest.raises(RecipeError, match=r"techniques\.1 \(prune_structured\).*Use mode: joint.*latency_ms"):
         parse_recipe({"mode": mode, "target": target, "techniques": techniques})
+    joint, _ = as_joint_form(parse_recipe({"mode": "joint", "target": target, "techniques": techniques}))
+    assert joint.technique("prune_structured").sparsity == 0.5 and joint.technique("size_budget") is not None
 
 
 def test_compares_default_joint_variants_train_what_compress_runs_for_mode_joint():
@@ -269,11 +271,14 @@ def test_channels_and_a_size_target_in_one_joint_run_the_budget_lands_the_file_w
     model = _model()
     goal = dense_fp32_bytes(model) / 40
     recipe = {"mode": "joint", "target": {"ratio": 40}, "training": {"epochs": 6, "batch_size": 32, "lr": 0.003},
-              "techniques": [{"type": "prune_structured", "sparsity": 0.25, "criterion": criterion, "end": 0.4},
+              "techniques": [{"type": "prune_structured", "sparsity": 0.25, "criterion": criterion},
                              *TECHNIQUES]}
     result = compress(model, recipe, (x, y), lambda m: 0.0)
+    channels, quant = result.recipe.technique("prune_structured"), result.recipe.technique("quant_lsq")
     budget = result.recipe.technique("size_budget")
-    assert result.recipe.technique("prune_structured") is not None and budget.end >= 0.5
+    assert channels.end == quant.start == budget.start == 0.2  # the channels first, then the bits and the bytes
+    event = next(e for e in result.history.events if e["event"] == "joint_form")
+    assert event["channels_first"] == {"prune_structured_end": 0.2, "quant_lsq_start": 0.2}
     model.eval()
     with torch.no_grad():
         masked = model(x[:16])
@@ -287,16 +292,20 @@ def test_channels_and_a_size_target_in_one_joint_run_the_budget_lands_the_file_w
         torch.testing.assert_close(loaded(x[:16]), masked, atol=1e-5, rtol=0)
 
 
-def test_a_target_the_channels_already_undershoot_is_said_at_the_freeze():
+@pytest.mark.parametrize("budget_start, event", [(None, "size_budget_slack"), (0.0, "size_target_undershot")])
+def test_a_target_the_channels_already_undershoot_is_said(budget_start, event):
     """Channel pruning beside the budget can leave fewer bytes than the target allows (fixed widths cannot
-    spend them): the freeze says how far under the file ends and what would spend the bytes."""
+    spend them): said when the budget starts after the channels are gone (the joint form's order), else at
+    the freeze, with how far under the file ends and what would spend the bytes."""
     x, y = _data()
-    recipe = {"mode": "joint", "target": {"ratio": 10}, "training": {"epochs": 3, "batch_size": 32},
-              "techniques": [{"type": "prune_structured", "sparsity": 0.5, "end": 0.3}, *TECHNIQUES]}
-    with pytest.warns(UserWarning, match=r"% under the .* target: the other techniques left fewer bytes.*prune_structured"):
+    techniques = [{"type": "prune_structured", "sparsity": 0.5, "end": 0.2}, {**TECHNIQUES[1], "zero_level": True, "start": 0.0}]
+    recipe = {"mode": "joint", "target": {"ratio": 10}, "training": {"epochs": 3, "batch_size": 32}, "techniques": techniques}
+    if budget_start is not None:  # the joint form spelled out, its budget deciding beside the channels
+        recipe["techniques"] = [*techniques, {"type": "size_budget", "start": budget_start, "end": 0.5, "freeze": 0.8}]
+    with pytest.warns(UserWarning, match=r"under the .* target.*prune_structured"):
         result = compress(_model(), recipe, (x, y), lambda m: 0.0)
     budget = next(t for t in result.techniques if t.kind == "size_budget")
-    assert any(e["event"] == "size_target_undershot" for e in budget.events)
+    assert any(e["event"] == event for e in budget.events)
 
 
 def test_a_target_only_the_channel_pruning_makes_reachable_is_trained_not_refused(tmp_path):
@@ -308,7 +317,7 @@ def test_a_target_only_the_channel_pruning_makes_reachable_is_trained_not_refuse
 
     torch.manual_seed(0)
     x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
-    recipe = {"mode": "joint", "target": {"ratio": 150}, "training": {"epochs": 2, "batch_size": 32},
+    recipe = {"mode": "joint", "target": {"ratio": 100}, "training": {"epochs": 6, "batch_size": 32},
               "techniques": [{"type": "quant_lsq", "bits": 4}]}
     with pytest.raises(TargetError, match="cannot be reached"):
         compress(build_model("resnet"), recipe, (x, y), lambda m: 0.0)
@@ -317,5 +326,5 @@ def test_a_target_only_the_channel_pruning_makes_reachable_is_trained_not_refuse
     result = compress(model, recipe, (x, y), lambda m: 0.0)
     spec = finalize(model, result.example_inputs)
     save(model, spec, tmp_path / "a", builder=lambda: build_model("resnet"), example_inputs=result.example_inputs)
-    goal = dense_fp32_bytes(build_model("resnet")) / 150
+    goal = dense_fp32_bytes(build_model("resnet")) / 100
     assert goal * 0.97 <= (tmp_path / "a" / "weights.jcw").stat().st_size <= goal

@@ -161,12 +161,14 @@ class SizeBudget(Landing, Technique):
         self.events.append({"event": "size_budget_slack", "start_bytes": round(self.start_bytes),
                             "target_bytes": round(self.config.target_bytes), "learns_widths": learns})
         if not learns:
+            channels = has_channel_masks(self.model)
             warnings.warn(
-                f"size_budget: the model at its fixed bit-widths is already {self.start_bytes:,.0f} B before any "
-                f"pruning, under the {self.config.target_bytes:,.0f} B target: nothing needs pruning and the file will "
-                "end under the target. To spend the budget on precision, raise quant_lsq.bits or set "
-                "quant_lsq.learn_bits: true; for a smaller file, lower target.size_kb (or raise target.ratio)",
-                stacklevel=2)
+                f"size_budget: the model at its fixed bit-widths{' with the channels prune_structured removes' if channels else ''} "
+                f"is already {self.start_bytes:,.0f} B before any unstructured pruning, under the "
+                f"{self.config.target_bytes:,.0f} B target: nothing needs pruning and the file will end under the target. "
+                "To spend the budget on precision, raise quant_lsq.bits or set quant_lsq.learn_bits: true"
+                f"{', or lower prune_structured.sparsity' if channels else ''}; for a smaller file, lower target.size_kb "
+                "(or raise target.ratio)", stacklevel=2)
 
     def goal(self, step: int) -> float:
         """The budget now: log-linear from the size at `start` to the target at `end` (with
