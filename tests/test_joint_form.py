@@ -328,3 +328,70 @@ def test_a_target_only_the_channel_pruning_makes_reachable_is_trained_not_refuse
     save(model, spec, tmp_path / "a", builder=lambda: build_model("resnet"), example_inputs=result.example_inputs)
     goal = dense_fp32_bytes(build_model("resnet")) / 100
     assert goal * 0.97 <= (tmp_path / "a" / "weights.jcw").stat().st_size <= goal
+
+
+class _CountedImages(torch.utils.data.Dataset):
+    """Random 1x28x28 images; counts the images training draws."""
+
+    def __init__(self, n: int):
+        torch.manual_seed(0)
+        self.x, self.y, self.drawn = torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,)), 0
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.drawn += 1
+        return self.x[i], self.y[i]
+
+
+def test_a_target_under_the_bytes_left_once_the_channels_go_is_refused_before_the_first_step():
+    """The bytes no decision moves shrink with the channels prune_structured removes, so the check before
+    training counts them at the widths the run ends with (not at step 0's, where every channel is still
+    there): a target under them is refused before the first step, with the number the freeze would have
+    said after the whole run, naming prune_structured.sparsity; one just over them trains (the test above)."""
+    from jointcompress.models import build_model
+    from jointcompress.targets import TargetError
+
+    data = _CountedImages(128)
+    recipe = {"mode": "joint", "target": {"ratio": 300}, "training": {"epochs": 6, "batch_size": 32},
+              "techniques": [{"type": "prune_structured", "sparsity": 0.5}, {"type": "quant_lsq", "bits": 4}]}
+    with pytest.raises(TargetError, match=r"cannot be reached: ([\d,]+) B of the weights file with the channels "
+                                          r"prune_structured removes \(sparsity 0.5\).*or raise prune_structured.sparsity") as refused:
+        compress(build_model("resnet"), recipe, data, lambda m: 0.0)
+    assert data.drawn <= 32  # at most the batch the example inputs come from: not one training step
+    fixed = int(re.search(r"([\d,]+) B of the weights file", str(refused.value)).group(1).replace(",", ""))
+    # what the budget measures once the channels are gone: the model with the channels already removed, quantized
+    # as the run quantizes it (a size target stores normalization layers in fp16)
+    shrunk = build_model("resnet")
+    result = compress(shrunk, {"training": {"epochs": 1, "batch_size": 32}, "techniques": recipe["techniques"][:1]},
+                      data, lambda m: 0.0)
+    finalize(shrunk, result.example_inputs)
+    from jointcompress.techniques import build
+    from jointcompress.techniques.base import RunContext
+    from jointcompress.techniques.size_estimate import measured_bytes
+
+    build(parse_recipe({"techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True, "norm_format": "fp16"}]}).techniques[0]).setup(
+        RunContext(model=shrunk, example_inputs=result.example_inputs))
+    real = measured_bytes(shrunk)
+    assert abs(fixed - (real["total"] - real["variable"])) <= 8  # the container's names may differ by a few bytes
+
+
+def test_the_channels_end_state_is_seen_without_moving_the_masks():
+    """prune_structured.at_end: every group at the width its ramp ends with (scope layer: exactly
+    sparsity of each group), and on leaving the masks are as they were, bit for bit."""
+    from jointcompress.techniques import build
+    from jointcompress.techniques.base import RunContext
+
+    model = _model()
+    channels = build(parse_recipe({"techniques": [{"type": "prune_structured", "sparsity": 0.5}]}).techniques[0])
+    channels.setup(RunContext(model=model, example_inputs=torch.randn(2, 32), total_steps=100))
+    before = {k: v.clone() for k, v in channels.masks.state_dict().items()}
+    with channels.at_end():
+        for mask, group in zip(channels._group_masks(), channels.groups):
+            assert int(mask.hard.sum()) == round(group.channels * 0.5) and float(mask.temperature) == 0.0
+    after = channels.masks.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert channels.counts_known()
+    glob = build(parse_recipe({"techniques": [{"type": "prune_structured", "sparsity": 0.5, "scope": "global"}]}).techniques[0])
+    assert not glob.counts_known()

@@ -60,6 +60,8 @@ class CompressionSession:
     def start(self) -> None:
         """Attach the techniques due at step 0 and agree on the state over the ranks."""
         apply_events(self.techniques, self.plan, self.ctx, 0)
+        for t in self.techniques:
+            t.before_training(self.ctx, self.techniques)
         self.rebuild()
         if self.teacher is not None:
             self.sync.model(self.teacher)

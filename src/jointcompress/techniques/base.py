@@ -53,6 +53,10 @@ class Technique:
     def setup(self, ctx: RunContext) -> None:
         self.attached = True
 
+    def before_training(self, ctx: RunContext, techniques: list["Technique"]) -> None:
+        """Once, at the session's start, attached or not: checks that need the other techniques of the
+        run and must refuse before its first step, not when this one attaches."""
+
     def on_step(self, ctx: RunContext) -> None:
         """Update schedules (sparsity, temperature) before the forward pass."""
 

@@ -11,6 +11,8 @@ unstructured learned masks.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
@@ -91,18 +93,48 @@ class PruneStructured(PruningTechnique):
             for g in self.groups:
                 self.masks[_key(g.name)].scores.copy_(self._original_norms(g, modules))
         temp = 0.0 if self.config.criterion == "magnitude" else schedules.temperature(self.config.temperature, p)
-        masks = [self.masks[_key(g.name)] for g in self.groups]
+        for m, keep in zip(self._group_masks(), self._keeps(p)):
+            m.set_keep(keep, temp)
+        self._final_done = p >= 1.0
+
+    def _group_masks(self) -> list[ScoredMask]:
+        return [self.masks[_key(g.name)] for g in self.groups]
+
+    def _keeps(self, p: float) -> list[torch.Tensor]:
+        """Every group's keep at ramp progress `p`, as the scores rank the channels now."""
+        masks = self._group_masks()
         if self.config.layer_sparsity:
             per = self.config.layer_sparsity
-            keeps = [
+            return [
                 allocate([m.scores], min(schedules.ramp(per.get(g.name, self.config.sparsity), p, self.config.schedule), 1 - 1 / g.channels), "layer", 0)[0]
                 for g, m in zip(self.groups, masks)
             ]
-        else:
-            keeps = allocate([m.scores for m in masks], self.current_sparsity, self.config.scope, self.config.min_keep)
-        for m, keep in zip(masks, keeps):
-            m.set_keep(keep, temp)
-        self._final_done = p >= 1.0
+        return allocate([m.scores for m in masks], schedules.ramp(self.config.sparsity, p, self.config.schedule),
+                        self.config.scope, self.config.min_keep)
+
+    def counts_known(self) -> bool:
+        """Whether each group's number of channels at the end of the ramp is known before training: per
+        group (scope: layer, or layer_sparsity) it is fixed; under scope: global the scores, learned
+        in training, share the channels out between the groups."""
+        return bool(self.config.layer_sparsity) or (self.config.scope == "layer" and self.config.sparsity is not None)
+
+    @contextmanager
+    def at_end(self):
+        """Inside: every mask binary at the end of its ramp, as the scores rank the channels now (each
+        group then has the width it will end with; which of its channels go, training decides, and
+        does not change the bytes that hang on them: every channel of a group carries the same bias,
+        step size and normalization entries). The masks' state is restored on leaving."""
+        masks = self._group_masks()
+        saved = [{k: b.clone() for k, b in m.named_buffers()} for m in masks]
+        try:
+            for m, keep in zip(masks, self._keeps(1.0)):
+                m.set_keep(keep, 0.0)
+            yield
+        finally:
+            with torch.no_grad():
+                for m, state in zip(masks, saved):
+                    for k, b in m.named_buffers():
+                        b.copy_(state[k])
 
     def _original_norms(self, g: ChannelGroup, modules) -> torch.Tensor:
         sq = torch.zeros(g.channels)

@@ -39,7 +39,7 @@ import torch.nn as nn
 from .base import RunContext, Technique
 from .saliency import FisherSaliency
 from .masks import has_channel_masks
-from .size_estimate import (fixed_bytes_detail, fixed_part_hint, measured_bytes, sparse_layer_bytes,
+from .size_estimate import (finalized_copy, fixed_bytes_detail, fixed_part_hint, measured_bytes, sparse_layer_bytes,
                             sparse_layer_bytes_with_slopes)
 from .size_projection import Landing
 from .zero_level import ZeroLevelLSQWeight
@@ -112,21 +112,45 @@ class SizeBudget(Landing, Technique):
         self.note_slack()
         self.attached = True
 
-    def check_reachable(self, model: nn.Module) -> None:
+    def before_training(self, ctx: RunContext, techniques: list[Technique]) -> None:
+        """Beside prune_structured, the bytes no decision moves are those left once its channels are gone:
+        setup cannot count them (it sees every channel, so it waits for them), and a target under them
+        would train the whole run to miss it. Counted here, before the first step, on a copy shrunk to
+        the widths the run ends with; skipped where those widths are learned (scope: global: the freeze
+        says a miss)."""
+        channels = next((t for t in techniques if t.kind == "prune_structured"), None)
+        quant = next((t for t in techniques if t.kind == "quant_lsq"), None)
+        if channels is None or quant is None or not channels.attached or not channels.counts_known():
+            return
+        from dataclasses import replace
+
+        from . import build
+
+        with channels.at_end():
+            shrunk, _ = finalized_copy(ctx.model, ctx.example_inputs)
+        build(quant.config).setup(replace(ctx, model=shrunk))
+        real = measured_bytes(shrunk)
+        self.check_reachable(shrunk, fixed=real["total"] - real["variable"], channels=channels.config.sparsity)
+
+    def check_reachable(self, model: nn.Module, fixed: float | None = None, channels: float | None = None) -> None:
         """Refuse, before training, a target under the bytes that no decision of the run can move
         (step sizes, biases, tensors no technique compresses such as BatchNorm or embeddings):
-        the budget would strip every weight and still miss it."""
-        if self.fixed < self.aim():
+        the budget would strip every weight and still miss it. `fixed`: those bytes of `model` with
+        the `channels` sparsity of prune_structured already removed (before_training)."""
+        fixed = self.fixed if fixed is None else fixed
+        if self.config.target_bytes is None or fixed < self.aim():
             return
         from ..targets import TargetError
 
+        example = getattr(self, "example_inputs", None) if channels is None else None
+        gone = "" if channels is None else f" with the channels prune_structured removes (sparsity {channels:g})"
         raise TargetError(
-            f"target: {self.config.target_bytes:,.0f} B cannot be reached: {self.fixed:,.0f} B of the weights file do "
-            f"not depend on what the run decides ({fixed_bytes_detail(model, example_inputs=self.example_inputs)}). "
-            "Raise target.size_kb (or lower "
-            "target.ratio) well above that: quant_lsq compresses only the Linear and convolution weights (and with "
-            "`embeddings: true` the embedding tables) its targets select, everything else is stored as it is"
-            + fixed_part_hint(model))
+            f"target: {self.config.target_bytes:,.0f} B cannot be reached: {fixed:,.0f} B of the weights file{gone} do "
+            f"not depend on what the run decides ({fixed_bytes_detail(model, example_inputs=example)}). "
+            "Raise target.size_kb (or lower target.ratio) well above that"
+            f"{'' if channels is None else ', or raise prune_structured.sparsity'}: quant_lsq compresses only the "
+            "Linear and convolution weights (and with `embeddings: true` the embedding tables) its targets select, "
+            "everything else is stored as it is" + fixed_part_hint(model))
 
     def channel_floor_bytes(self) -> float:
         """About the smallest file the landing reaches unless training empties whole channels: every

@@ -94,11 +94,10 @@ def _constants(numel, dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.
     return hit
 
 
-def _encoded(model: nn.Module, example_inputs=None):
-    """The model as the artifact writer would encode it now (a finalized plain copy). Blocks that
-    prune_blocks is fading out are measured as gone, as they will be in the file; channels that
-    prune_structured masks, too (the copy is shrunk: `example_inputs` traces it)."""
-    from ..artifact.encode import encode_model
+def finalized_copy(model: nn.Module, example_inputs=None):
+    """A plain copy of the model as finalize would leave it now, and its spec. Blocks that
+    prune_blocks is fading out are gone, as they will be in the file; channels that prune_structured
+    masks, too (the copy is shrunk: `example_inputs` traces it)."""
     from ..block_drop import as_dropped
     from ..finalize import finalize
     from ..model_copy import plain_copy
@@ -106,7 +105,14 @@ def _encoded(model: nn.Module, example_inputs=None):
 
     plain = as_dropped(plain_copy(model))
     harden_masks(plain)
-    return encode_model(plain, finalize(plain, example_inputs))
+    return plain, finalize(plain, example_inputs)
+
+
+def _encoded(model: nn.Module, example_inputs=None):
+    """The model as the artifact writer would encode it now (finalized_copy)."""
+    from ..artifact.encode import encode_model
+
+    return encode_model(*finalized_copy(model, example_inputs))
 
 
 def fixed_bytes_detail(model: nn.Module, largest: int = 3, example_inputs=None) -> str:
