@@ -345,11 +345,12 @@ class _CountedImages(torch.utils.data.Dataset):
         return self.x[i], self.y[i]
 
 
-def test_a_target_under_the_bytes_left_once_the_channels_go_is_refused_before_the_first_step():
+def test_a_target_under_the_bytes_left_once_the_channels_go_is_refused_before_the_first_step_and_the_floor_warned():
     """The bytes no decision moves shrink with the channels prune_structured removes, so the check before
     training counts them at the widths the run ends with (not at step 0's, where every channel is still
     there): a target under them is refused before the first step, with the number the freeze would have
-    said after the whole run, naming prune_structured.sparsity; one just over them trains (the test above)."""
+    said after the whole run, naming prune_structured.sparsity; one just over them trains (the test above), warned
+    before training where it is under the file with one weight in every channel that stays."""
     from jointcompress.models import build_model
     from jointcompress.targets import TargetError
 
@@ -375,6 +376,12 @@ def test_a_target_under_the_bytes_left_once_the_channels_go_is_refused_before_th
         RunContext(model=shrunk, example_inputs=result.example_inputs))
     real = measured_bytes(shrunk)
     assert abs(fixed - (real["total"] - real["variable"])) <= 8  # the container's names may differ by a few bytes
+    # over those bytes but under the file with one weight in every channel that stays: warned before training
+    recipe = {**recipe, "target": {"size_kb": (fixed + 100) / 1024}, "training": {"epochs": 1, "batch_size": 32}}
+    with pytest.warns(UserWarning) as said:
+        compress(build_model("resnet"), recipe, data, lambda m: 0.0)
+    assert re.search(r"one weight kept in every output channel that prune_structured keeps \(sparsity 0.5\).*"
+                     r"or raise prune_structured.sparsity", str(said[0].message)), [str(w.message) for w in said]
 
 
 def test_the_channels_end_state_is_seen_without_moving_the_masks():

@@ -80,11 +80,7 @@ class SizeBudget(Landing, Technique):
         from ..block_drop import inside_faded
 
         dropped = inside_faded(ctx.model)  # prune_blocks' blocks: not in the file, so not in the budget
-        self.layers = {
-            name: (m, p) for name, m in ctx.model.named_modules() if hasattr(m, "parametrizations")
-            and "weight" in m.parametrizations and name not in dropped
-            for p in m.parametrizations.weight if isinstance(p, ZeroLevelLSQWeight)
-        }
+        self.layers = self._dead_zone_layers(ctx.model, dropped)
         if not self.layers:
             from ..errors import RecipeError
 
@@ -112,6 +108,12 @@ class SizeBudget(Landing, Technique):
         self.note_slack()
         self.attached = True
 
+    @staticmethod
+    def _dead_zone_layers(model: nn.Module, dropped=()) -> dict:
+        return {name: (m, p) for name, m in model.named_modules() if hasattr(m, "parametrizations")
+                and "weight" in m.parametrizations and name not in dropped
+                for p in m.parametrizations.weight if isinstance(p, ZeroLevelLSQWeight)}
+
     def before_training(self, ctx: RunContext, techniques: list[Technique]) -> None:
         """Beside prune_structured, the bytes no decision moves are those left once its channels are gone:
         setup cannot count them (it sees every channel, so it waits for them), and a target under them
@@ -129,15 +131,18 @@ class SizeBudget(Landing, Technique):
         with channels.at_end():
             shrunk, _ = finalized_copy(ctx.model, ctx.example_inputs)
         build(quant.config).setup(replace(ctx, model=shrunk))
-        real = measured_bytes(shrunk)
-        self.check_reachable(shrunk, fixed=real["total"] - real["variable"], channels=channels.config.sparsity)
+        probe = type(self)(self.config)  # this budget on the shrunk copy: its bytes, its channel floor
+        probe.model, probe.layers = shrunk, self._dead_zone_layers(shrunk)
+        probe.calibrate(shrunk)
+        probe.check_reachable(shrunk, channels=channels.config.sparsity)
+        probe.warn_channel_floor(channels=channels.config.sparsity)
 
-    def check_reachable(self, model: nn.Module, fixed: float | None = None, channels: float | None = None) -> None:
+    def check_reachable(self, model: nn.Module, channels: float | None = None) -> None:
         """Refuse, before training, a target under the bytes that no decision of the run can move
         (step sizes, biases, tensors no technique compresses such as BatchNorm or embeddings):
-        the budget would strip every weight and still miss it. `fixed`: those bytes of `model` with
-        the `channels` sparsity of prune_structured already removed (before_training)."""
-        fixed = self.fixed if fixed is None else fixed
+        the budget would strip every weight and still miss it. `channels`: `model` is the copy
+        without the channels prune_structured removes at that sparsity (before_training)."""
+        fixed = self.fixed
         if self.config.target_bytes is None or fixed < self.aim():
             return
         from ..targets import TargetError
@@ -163,17 +168,21 @@ class SizeBudget(Landing, Technique):
         with torch.no_grad():
             return self.scale * float(sparse_layer_bytes(counts, numels, bits).sum()) + self.fixed
 
-    def warn_channel_floor(self) -> None:
+    def warn_channel_floor(self, channels: float | None = None) -> None:
         """Before training, a target under `channel_floor_bytes`: reachable only if the run happens to
-        empty whole channels, so it will most likely end over the target (said again at the freeze)."""
+        empty whole channels, so it will most likely end over the target (said again at the freeze).
+        `channels`: measured without the channels prune_structured removes at that sparsity."""
         floor = self.channel_floor_bytes()
-        if self.config.target_bytes >= floor:
+        if self.config.target_bytes is None or self.config.target_bytes >= floor:
             return
+        gone = "" if channels is None else f" that prune_structured keeps (sparsity {channels:g})"
         warnings.warn(
             f"size_budget: the {self.config.target_bytes:,.0f} B target is under about {floor:,.0f} B, the file with "
-            f"one weight kept in every output channel ({self.fixed:,.0f} B of it do not depend on the run's decisions); "
-            "the landing never empties a channel, so unless training does, the file will end over the target. Raise "
-            "target.size_kb (or lower target.ratio)" + fixed_part_hint(self.model), stacklevel=2)
+            f"one weight kept in every output channel{gone} ({self.fixed:,.0f} B of it do not depend on the run's "
+            "decisions); the landing never empties a channel, so unless training does, the file will end over the "
+            "target. Raise target.size_kb (or lower target.ratio)"
+            f"{'' if channels is None else ', or raise prune_structured.sparsity'}" + fixed_part_hint(self.model),
+            stacklevel=2)
 
     def note_slack(self) -> None:
         """A target the model already meets before any decision: learned widths can spend the
