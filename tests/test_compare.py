@@ -92,6 +92,9 @@ def test_paced_window_decides_in_a_fixed_number_of_steps_and_fine_tunes_the_rest
     assert paced_window(1000, 1876) == {"end": 0.533, "freeze": 0.7995}
     assert paced_window(1000, 4690) == {"end": 0.2132, "freeze": 0.3198}
     assert paced_window(1000, 50_000) == {"end": 0.2, "freeze": 0.3}  # never fewer than 20% deciding
+    # from a later start (the budget after prune_structured's channels): the same steps of decisions
+    assert paced_window(1000, 10_000, start=0.2) == {"end": 0.3, "freeze": 0.35}
+    assert paced_window(1000, 938, start=0.2) == {"end": 0.6, "freeze": 0.8}  # a short run: as from step 0
     seq = parse_recipe({"mode": "sequential", "target": {"ratio": 40}, "techniques": [
         {"type": "prune_unstructured", "sparsity": 0.9, "end": 0.6}, {"type": "quant_lsq", "bits": 4}]})
     budget = joint_recipe(seq, **joint_options("joint-paced-none", 4690)).technique("size_budget")

@@ -402,3 +402,23 @@ def test_the_channels_end_state_is_seen_without_moving_the_masks():
     assert channels.counts_known()
     glob = build(parse_recipe({"techniques": [{"type": "prune_structured", "sparsity": 0.5, "scope": "global"}]}).techniques[0])
     assert not glob.counts_known()
+
+
+def test_beside_channels_the_budget_keeps_its_decision_window_in_a_long_run():
+    """The joint form starts the budget after prune_structured's channels (at 0.2 of the run); its paced
+    window (~1,000 steps of decisions) counts from there. Counted from step 0, a run of 10,000 steps
+    gave it none: `end` fell on its start, and the whole descent was left to the cuts before the freeze."""
+    from jointcompress import techniques as tech
+    from jointcompress.plan import make_plan
+
+    recipe = parse_recipe({"mode": "joint", "target": {"ratio": 50}, "techniques": [
+        {"type": "prune_structured", "sparsity": 0.5}, {"type": "prune_unstructured", "sparsity": 0.9},
+        {"type": "quant_lsq", "bits": 4}]})
+    joint, _ = as_joint_form(recipe)
+    techniques = [tech.build(c) for c in joint.techniques]
+    plan = make_plan(techniques, 10_000, joint)
+    budget = next(t for t in techniques if t.kind == "size_budget")
+    channels = next(t for t in techniques if t.kind == "prune_structured")
+    assert channels.window[1] == budget.window[0] == 2_000  # the channels first, then the budget
+    decide = JOINT_OPTIONS[JOINT_FORM_VARIANT]["decide_steps"]
+    assert budget.window == (2_000, 2_000 + decide) and plan.freeze[id(budget)] == 2_000 + decide + decide // 2

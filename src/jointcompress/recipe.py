@@ -120,12 +120,14 @@ class QuantLSQ(Selection):
         return self
 
 
-def paced_window(decide_steps: int, total_steps: int) -> dict[str, float]:
-    """size_budget's `end` and `freeze` for a decision window of about `decide_steps` steps: the
-    budget reaches the target after them (between 20% and 60% of the run) and the pattern freezes
-    half a window later (at most at 80%), so a longer run spends its extra steps fine-tuning."""
-    end = round(min(0.6, max(0.2, decide_steps / max(1, total_steps))), 4)
-    return {"end": end, "freeze": round(min(0.8, 1.5 * end), 4)}
+def paced_window(decide_steps: int, total_steps: int, start: float = 0.0) -> dict[str, float]:
+    """size_budget's `end` and `freeze` for a decision window of about `decide_steps` steps from its
+    `start`: the budget reaches the target after them (between 20% and 60% of the run) and the pattern
+    freezes half a window later (at most at 80%), so a longer run spends its extra steps fine-tuning.
+    Counted from `start`, not from step 0: a budget that starts after prune_structured's channels
+    (joint_form) would otherwise get no window at all in a long run (end = 0.2 = its start)."""
+    end = round(min(0.6, max(0.2, start + decide_steps / max(1, total_steps))), 4)
+    return {"end": end, "freeze": round(min(0.8, 1.5 * end - 0.5 * start), 4)}  # half a window after `end`
 
 
 class SizeBudget(Strict):
@@ -177,7 +179,7 @@ class SizeBudget(Strict):
 
     def paced(self, total_steps: int) -> dict[str, float]:
         """`end` and `freeze` for a run of `total_steps` steps under `decide_steps`."""
-        return paced_window(self.decide_steps, total_steps)
+        return paced_window(self.decide_steps, total_steps, self.start)
 
     def freeze_step(self, window_end: int, total_steps: int) -> int:
         """The step of the freeze: `freeze` of the run, not before the window's end, before the last step."""
