@@ -125,7 +125,8 @@ def fixed_bytes_detail(model: nn.Module, largest: int = 3, example_inputs=None) 
     others = sorted(enc.others.items(), key=lambda kv: -kv[1]["bytes"])
     named = ", ".join(f"{key} {rec['bytes']:,} B" for key, rec in others[:largest])
     more = f" and {len(others) - largest} more" if len(others) > largest else ""
-    return (f"tensors stored as they are {t['other']:,} B ({named}{more}), step sizes {t['scales']:,} B, "
+    listed = f" ({named}{more})" if others else ""
+    return (f"tensors stored as they are {t['other']:,} B{listed}, step sizes {t['scales']:,} B, "
             f"biases {t['biases']:,} B, container {len(file_blob(enc)) - t['total']:,} B")
 
 
