@@ -422,3 +422,18 @@ def test_beside_channels_the_budget_keeps_its_decision_window_in_a_long_run():
     assert channels.window[1] == budget.window[0] == 2_000  # the channels first, then the budget
     decide = JOINT_OPTIONS[JOINT_FORM_VARIANT]["decide_steps"]
     assert budget.window == (2_000, 2_000 + decide) and plan.freeze[id(budget)] == 2_000 + decide + decide // 2
+
+
+def test_compare_trains_the_window_compress_trains_for_a_late_mask_start_in_a_long_run():
+    """compare's joint variants and compress() resolve a paced window alike: from the budget's start
+    (a late mask start moved to 0.2), not from step 0. Before, compare kept the late start (0.4) with a
+    window resolved from step 0 (end 0.2), a recipe its own validator refused."""
+    from jointcompress.compare import variant_recipe
+
+    late = [{**TECHNIQUES[0], "start": 0.4, "end": 0.7}, TECHNIQUES[1]]
+    recipe = parse_recipe({"mode": "joint", "target": {"ratio": 20}, "techniques": late})
+    ran = as_joint_form(recipe)[0].technique("size_budget")
+    compared = variant_recipe(recipe, JOINT_FORM_VARIANT, 0, targeted=recipe, model=_model(),
+                              example=torch.randn(2, 32), total_steps=10_000).technique("size_budget")
+    assert compared.start == ran.start == 0.2 and compared.decide_steps is None
+    assert (compared.end, compared.freeze) == tuple(ran.paced(10_000).values()) == (0.3, 0.35)

@@ -155,7 +155,10 @@ def variant_recipe(budgets: Recipe, variant: str, seed: int, targeted: Recipe | 
     if mode == "joint" and targeted is not None:
         from .targets import resolve_target
 
-        budgets = resolve_target(model, joint_recipe(targeted, **joint_options(variant, total_steps)), example)
+        options = dict(JOINT_OPTIONS.get(variant, {}))
+        if not total_steps:  # a paced variant without the run's length: the default window
+            options.pop("decide_steps", None)
+        budgets = resolve_target(model, joint_recipe(targeted, total_steps=total_steps, **options), example)
     data = budgets.model_dump()
     data["mode"] = mode
     data["coordination"]["strategy"], data["training"]["seed"] = strategy, seed

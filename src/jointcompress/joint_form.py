@@ -14,7 +14,7 @@ zones (joint-paced-obd-none) wins more on some CNNs but lost 9 points on a small
 """
 from __future__ import annotations
 
-from .recipe import Recipe, parse_recipe
+from .recipe import Recipe, paced_window, parse_recipe
 
 # compare's variant whose size_budget settings the joint form takes (compare.PACED_OBD_LANDING: the paced
 # window, the stiff constraint, the Fisher estimate ordering the landing's cuts only; docs/joint.md)
@@ -32,13 +32,14 @@ def joint_form_budget() -> dict:
     return dict(JOINT_OPTIONS[JOINT_FORM_VARIANT])
 
 
-def joint_recipe(base: Recipe, learn_bits: bool = False, **budget) -> Recipe:
+def joint_recipe(base: Recipe, learn_bits: bool = False, total_steps: int | None = None, **budget) -> Recipe:
     """The joint form of a prune + quantize recipe: zero is a level of the quantizer (a learned
     dead zone) under the target's bytes (size_budget), over the same window the masks would
     have ramped in; distillation and training stay as they are. Widths stay at quant_lsq.bits
     unless `learn_bits`: each layer's width is then learned in [min_bits, max_bits] against the
     same budget (techniques/learned_width.py). `budget`: further size_budget fields (e.g. saliency,
-    finetune_phase)."""
+    finetune_phase). A paced window (`decide_steps`) starts by 0.2 of the run, and with `total_steps`
+    it is resolved here, from the budget's start, as the plan resolves it (recipe.paced_window)."""
     data = base.model_dump()
     prune = base.technique("prune_unstructured")
     techniques = [t for t in data["techniques"] if t["type"] not in ("prune_unstructured", "size_budget")]
@@ -49,8 +50,12 @@ def joint_recipe(base: Recipe, learn_bits: bool = False, **budget) -> Recipe:
     if not any(t["type"] == "quant_lsq" for t in techniques):
         techniques.append({"type": "quant_lsq", "bits": 4, "zero_level": True, "start": first})
     end = prune.end if prune is not None else 0.6
-    techniques.append({"type": "size_budget", "start": max(prune.start if prune is not None else 0.0, first), "end": end,
-                       "freeze": max(end, 0.8), **budget})
+    start = max(prune.start if prune is not None else 0.0, first)
+    if budget.get("decide_steps") is not None:
+        start = min(start, 0.2)
+        if total_steps:
+            budget.update(paced_window(budget.pop("decide_steps"), total_steps, start))
+    techniques.append({"type": "size_budget", "start": start, "end": end, "freeze": max(end, 0.8), **budget})
     data["techniques"], data["mode"] = techniques, "joint"
     if data.get("target"):
         data["target"] = {k: v for k, v in data["target"].items() if k not in ("allocated", "steer")}
@@ -82,9 +87,6 @@ def as_joint_form(recipe: Recipe) -> tuple[Recipe, dict | None]:
     if not recipe.asks_for_joint_form():
         return recipe, None
     prune = recipe.technique("prune_unstructured")
-    if prune is not None and prune.start > 0.2:
-        recipe = recipe.model_copy(deep=True)
-        recipe.technique("prune_unstructured").start = 0.2
     joint = joint_recipe(recipe, **joint_form_budget())
     event = {"event": "joint_form", "step": 0, "bits": joint.technique("quant_lsq").bits,
              "replaced": ["prune_unstructured"] if prune is not None else [],
