@@ -142,15 +142,14 @@ class SizeBudget(Landing, Technique):
         (step sizes, biases, tensors no technique compresses such as BatchNorm or embeddings):
         the budget would strip every weight and still miss it. `channels`: `model` is the copy
         without the channels prune_structured removes at that sparsity (before_training)."""
-        fixed = self.fixed
-        if self.config.target_bytes is None or fixed < self.aim():
+        if self.config.target_bytes is None or self.fixed < self.aim():
             return
         from ..targets import TargetError
 
         example = getattr(self, "example_inputs", None) if channels is None else None
         gone = "" if channels is None else f" with the channels prune_structured removes (sparsity {channels:g})"
         raise TargetError(
-            f"target: {self.config.target_bytes:,.0f} B cannot be reached: {fixed:,.0f} B of the weights file{gone} do "
+            f"target: {self.config.target_bytes:,.0f} B cannot be reached: {self.fixed:,.0f} B of the weights file{gone} do "
             f"not depend on what the run decides ({fixed_bytes_detail(model, example_inputs=example)}). "
             "Raise target.size_kb (or lower target.ratio) well above that"
             f"{'' if channels is None else ', or raise prune_structured.sparsity'}: quant_lsq compresses only the "
