@@ -118,7 +118,41 @@ def test_data_with_nan_or_wrong_shape(tmp_path, monkeypatch, capsys):
     assert code == 2 and "NaN" in out and "clean or drop them" in out, out
     np.savez(tmp_path / "flat.npz", x_train=x.reshape(20, -1), y_train=y, x_test=x[:5].reshape(5, -1), y_test=y[:5])
     code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, ""), "--data", tmp_path / "flat.npz", "--out", tmp_path / "o2")
-    assert code == 2 and "expected [N, H, W] images" in out, out
+    assert code == 2 and "expected [N, H, W], [N, H, W, C] or [N, C, H, W] images" in out, out
+    for shape, words in (((20, 28, 24), ["28x24 images", "square images"]),
+                         ((20, 3, 28, 2), ["which axis holds the channels is unclear"])):
+        np.savez(tmp_path / "odd.npz", x_train=np.zeros(shape, np.uint8), y_train=y, x_test=np.zeros((5, *shape[1:]), np.uint8),
+                 y_test=y[:5])
+        code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, ""), "--data", tmp_path / "odd.npz", "--out", tmp_path / "o3")
+        assert code == 2 and "Traceback" not in out and all(w in out for w in words), out
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "channels_first"])
+def test_colour_images_train_the_reference_models_and_the_artifact_loads_with_their_channels(tmp_path, monkeypatch, capsys, layout):
+    """An RGB data set (CIFAR's [N, 32, 32, 3] uint8, or [N, 3, 32, 32]): each channel normalised on its own,
+    the reference model built for 3 channels, and bench rebuilds it from the artifact's recorded input shape."""
+    from jointcompress.data import load_dataset
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (96, 32, 32, 3), dtype=np.uint8)
+    x[..., 0] //= 4  # a dark red channel: per-channel statistics differ
+    if layout == "channels_first":
+        x = x.transpose(0, 3, 1, 2).copy()
+    y = np.arange(96) % 4
+    np.savez(tmp_path / "rgb.npz", x_train=x[:64], y_train=y[:64], x_test=x[64:], y_test=y[64:])
+    split = load_dataset(str(tmp_path / "rgb.npz"))
+    assert split.x_train.shape == (64, 3, 32, 32) and split.channels == 3 and split.image_size == 32
+    means, stds = split.x_train.mean((0, 2, 3)), split.x_train.std((0, 2, 3))
+    assert torch.allclose(means, torch.zeros(3), atol=1e-5) and torch.allclose(stds, torch.ones(3), atol=1e-3)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: lenet5\ntraining: {epochs: 1, batch_size: 32}\n"
+                      "techniques: [{type: prune_unstructured, sparsity: 0.5}, {type: quant_lsq, bits: 8}]\n")
+    code, out = _cli(monkeypatch, capsys, "compress", recipe, "--data", tmp_path / "rgb.npz", "--out", tmp_path / "o")
+    assert code in (0, None) and "Traceback" not in out, out
+    manifest = json.loads((tmp_path / "o" / "artifact" / "manifest.json").read_text())
+    assert manifest["example_inputs"][0]["shape"][1:] == [3, 32, 32]
+    code, out = _cli(monkeypatch, capsys, "bench", tmp_path / "o" / "artifact")  # no --data: the manifest's shape
+    assert code in (0, None) and "Traceback" not in out, out
 
 
 @pytest.fixture(scope="module")

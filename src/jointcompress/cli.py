@@ -128,7 +128,7 @@ def _print_demo(res, ratio: float) -> None:
 def compress_cmd(
     recipe_path: Path = typer.Argument(..., help="Recipe YAML."),
     model: Optional[str] = typer.Option(None, help="Reference model (lenet300, lenet5, resnet, seqcnn, vit); default: the recipe's."),
-    data: Optional[str] = typer.Option(None, help="'digits' or a path to an MNIST-style .npz; default: the recipe's."),
+    data: Optional[str] = typer.Option(None, help="'digits' or a path to an .npz of images (MNIST-style, grayscale or colour); default: the recipe's."),
     weights: Optional[Path] = typer.Option(None, help="Trained weights (.safetensors, or a torch file read with weights_only), or a saved artifact directory (e.g. a first run's model with channels removed); default: train the model first."),
     teacher_epochs: int = typer.Option(10, min=1, help="Epochs to train the model when no --weights are given."),
     mode: Optional[str] = typer.Option(None, help="Override the recipe's mode: joint, overlap or sequential."),
@@ -180,7 +180,7 @@ def compress_cmd(
         if weights:
             teacher = load_start(builder, weights)
         elif resume and teacher_file.is_file():
-            teacher = load_weights(build_model(model_name, split.image_size, split.num_classes), teacher_file)
+            teacher = load_weights(build_model(model_name, split.image_size, split.num_classes, split.channels), teacher_file)
         else:
             teacher = train_teacher(model_name, split, teacher_epochs, lr=recipe.training.lr, progress=show("train model"))
             if main_rank:

@@ -194,7 +194,7 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
               "uncompressed": [], "runs": [], "unreachable": []}
     for seed in spec.seed_range():
         if weights:
-            teacher = load_weights(build_model(model_name, split.image_size, split.num_classes), weights)
+            teacher = load_weights(build_model(model_name, split.image_size, split.num_classes, split.channels), weights)
         else:
             teacher = train_teacher(model_name, split, spec.teacher_epochs, lr=base.training.lr, seed=seed,
                                     progress=progress_factory(f"teacher s{seed}") if progress_factory else None)

@@ -1,6 +1,7 @@
 """Data: scikit-learn's bundled digits (the embedded default, no download) and MNIST .npz.
 
-Both come back as float tensors [N, 1, H, W] normalised with the training set's mean/std,
+Both come back as float tensors [N, C, H, W] normalised with the training set's mean/std (per channel
+for colour images; an .npz may hold [N, H, W], [N, H, W, C] or [N, C, H, W] arrays),
 plus int64 labels, split into train and held-out test. Loaders carry the sample index so a
 teacher's logits can be cached once per dataset.
 """
@@ -29,6 +30,10 @@ class Split:
         return int(self.x_train.shape[-1])
 
     @property
+    def channels(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
     def num_classes(self) -> int:
         return int(max(self.y_train.max(), self.y_test.max()) + 1)
 
@@ -37,6 +42,31 @@ def _normalise(x_train: np.ndarray, x_test: np.ndarray):
     mean, std = float(x_train.mean()), float(x_train.std()) or 1.0
     f = lambda a: torch.from_numpy(((a - mean) / std).astype(np.float32)).unsqueeze(1)  # noqa: E731
     return f(x_train), f(x_test)
+
+
+def _normalise_channels(x_train: np.ndarray, x_test: np.ndarray):
+    """[N, C, H, W] arrays, each channel with the training set's own mean and std."""
+    mean = x_train.mean(axis=(0, 2, 3), keepdims=True, dtype=np.float64)
+    std = x_train.std(axis=(0, 2, 3), keepdims=True, dtype=np.float64)
+    std = np.where(std > 0, std, 1.0)
+    f = lambda a: torch.from_numpy(((a - mean) / std).astype(np.float32))  # noqa: E731
+    return f(x_train), f(x_test)
+
+
+def _channels_first(x: np.ndarray, what: str) -> np.ndarray:
+    """Square images as [N, H, W] (grayscale, kept as they are), or [N, C, H, W] from [N, H, W, C]
+    (Keras / CIFAR layout) or [N, C, H, W], with at most 4 channels: the reference models' input."""
+    if x.ndim == 4 and x.shape[3] <= 4 < x.shape[1]:
+        x = x.transpose(0, 3, 1, 2)
+    elif x.ndim == 4 and not x.shape[1] <= 4 < x.shape[3]:
+        raise DataError(f"data: {what} has shape {x.shape}: which axis holds the channels is unclear; give "
+                        "[N, H, W, C] or [N, C, H, W] with at most 4 channels and images larger than 4 pixels")
+    if x.ndim not in (3, 4):
+        raise DataError(f"data: {what} has shape {x.shape}; expected [N, H, W], [N, H, W, C] or [N, C, H, W] images")
+    if x.shape[-1] != x.shape[-2]:
+        raise DataError(f"data: {what} has {x.shape[-2]}x{x.shape[-1]} images; the reference models take square "
+                        "images: crop or pad them, or compress your own model from Python (docs/your-model.md)")
+    return x
 
 
 def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Split:
@@ -53,7 +83,8 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Split:
 
 
 def load_mnist(path: str | Path) -> Split:
-    """MNIST from an .npz with x_train, y_train, x_test, y_test (Keras layout, uint8 pixels)."""
+    """MNIST (or any image set) from an .npz with x_train, y_train, x_test, y_test (Keras layout, uint8
+    pixels; [N, H, W] grayscale, or colour as [N, H, W, C] or [N, C, H, W])."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data: MNIST file not found: {path} (expected an .npz with x_train, y_train, x_test, y_test)")
@@ -69,12 +100,15 @@ def load_mnist(path: str | Path) -> Split:
             raise DataError(f"data: {path} is not an .npz archive; give numpy.savez(path, x_train=..., y_train=..., "
                             "x_test=..., y_test=...) output") from None
         raise DataError(f"data: {path} is not a readable .npz file: {err}") from None
-    for k in ("x_train", "x_test"):
-        if arrays[k].ndim != 3:
-            raise DataError(f"data: {path}:{k} has shape {arrays[k].shape}; expected [N, H, W] images")
-    x_train = arrays["x_train"].astype(np.float32) / 255.0
-    x_test = arrays["x_test"].astype(np.float32) / 255.0
-    xtr, xte = _normalise(x_train, x_test)
+    x_train = _channels_first(arrays["x_train"], f"{path}:x_train").astype(np.float32) / 255.0
+    x_test = _channels_first(arrays["x_test"], f"{path}:x_test").astype(np.float32) / 255.0
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(f"data: {path}: x_train images are {x_train.shape[1:]} but x_test images {x_test.shape[1:]}; "
+                        "they must match")
+    if x_train.ndim == 3:
+        xtr, xte = _normalise(x_train, x_test)
+    else:
+        xtr, xte = _normalise_channels(x_train, x_test)
     ytr = torch.from_numpy(arrays["y_train"].astype(np.int64))
     yte = torch.from_numpy(arrays["y_test"].astype(np.int64))
     return Split(xtr, ytr, xte, yte, "mnist")

@@ -106,13 +106,14 @@ class TinyViT(nn.Module):
     Its nn.MultiheadAttention is converted to Linear projections (attention.mha_to_linear) so that
     every weight matrix is compressed."""
 
-    def __init__(self, image_size: int = 28, num_classes: int = 10, width: int = 64, depth: int = 2, heads: int = 4):
+    def __init__(self, image_size: int = 28, num_classes: int = 10, width: int = 64, depth: int = 2, heads: int = 4,
+                 in_channels: int = 1):
         super().__init__()
         from .attention import mha_to_linear
 
         self.patch = 7 if image_size % 7 == 0 else 4 if image_size % 4 == 0 else 1
         tokens = (image_size // self.patch) ** 2
-        self.embed = nn.Linear(self.patch * self.patch, width)
+        self.embed = nn.Linear(in_channels * self.patch * self.patch, width)
         self.register_buffer("position", _sinusoid(tokens, width), persistent=False)
         layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
         self.encoder = mha_to_linear(nn.TransformerEncoder(layer, depth, enable_nested_tensor=False))
@@ -120,8 +121,9 @@ class TinyViT(nn.Module):
         self.fc = nn.Linear(width, num_classes)
 
     def forward(self, x):
-        p = self.patch  # [N, 1, H, W] -> [N, tokens, p * p]
-        x = x.unfold(2, p, p).unfold(3, p, p).flatten(1, 3).flatten(2)
+        p = self.patch  # [N, C, H, W] -> [N, C, H/p, W/p, p, p] -> [N, tokens, C * p * p]
+        x = x.unfold(2, p, p).unfold(3, p, p)
+        x = x.flatten(1, 3).flatten(2) if x.shape[1] == 1 else x.permute(0, 2, 3, 1, 4, 5).flatten(1, 2).flatten(2)
         x = self.encoder(self.embed(x) + self.position)
         return self.fc(self.norm(x).mean(1))
 
@@ -156,20 +158,22 @@ MODELS = {"lenet300": LeNet300, "lenet5": LeNet5, "resnet": SmallResNet, "seqcnn
           "lstm": RowLSTM}
 
 
-def build_model(name: str, image_size: int = 28, num_classes: int = 10) -> nn.Module:
-    """Build a reference model for images of `image_size` x `image_size` (28 MNIST, 8 digits)."""
+def build_model(name: str, image_size: int = 28, num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """Build a reference model for `in_channels` x `image_size` x `image_size` images (1 x 28 MNIST,
+    1 x 8 digits, 3 x 32 an RGB data set). The sequence models read the channels' rows one after
+    another (RowLSTM: C x H steps of W features; SequenceCNN: W steps of C x H features)."""
     from .errors import RecipeError
 
     if name not in MODELS:
         raise RecipeError(f"model: unknown reference model '{name}'; choose one of {', '.join(MODELS)}")
     if name == "lenet300":
-        return LeNet300(image_size * image_size, num_classes)
+        return LeNet300(in_channels * image_size * image_size, num_classes)
     if name == "lenet5":
-        return LeNet5(1, num_classes, image_size)
+        return LeNet5(in_channels, num_classes, image_size)
     if name == "seqcnn":
-        return SequenceCNN(image_size, num_classes)
+        return SequenceCNN(in_channels * image_size, num_classes)
     if name == "vit":
-        return TinyViT(image_size, num_classes)
+        return TinyViT(image_size, num_classes, in_channels=in_channels)
     if name == "lstm":
         return RowLSTM(image_size, num_classes)
-    return SmallResNet(1, num_classes)
+    return SmallResNet(in_channels, num_classes)

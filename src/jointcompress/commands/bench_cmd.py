@@ -17,9 +17,24 @@ import typer
 from . import BUILT_IN_MODELS
 
 
-def _image_size(manifest: dict) -> int:
+def _num_classes(manifest: dict, name: str) -> int:
+    """The classes of reference model `name` as the artifact stores its output layer (the last Linear):
+    its recorded shape, or 10 where the layer is not recorded."""
+    import torch.nn as nn
+
+    from ..models import build_model
+
+    head = [n for n, m in build_model(name).named_modules() if isinstance(m, nn.Linear)][-1]
+    shape = (manifest.get("layers") or {}).get(head, {}).get("shape") \
+        or ((manifest.get("other_tensors") or {}).get(f"{head}.weight") or {}).get("shape")
+    return int(shape[0]) if shape else 10
+
+
+def _image_shape(manifest: dict) -> tuple[int, int]:
+    """(channels, image size) of the example inputs the artifact recorded; (1, 28) where none."""
     inputs = manifest.get("example_inputs") or []
-    return int(inputs[0]["shape"][-1]) if inputs else 28
+    shape = inputs[0]["shape"] if inputs else [1, 1, 28, 28]
+    return (int(shape[1]) if len(shape) == 4 else 1), int(shape[-1])
 
 
 def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], runs: int = 50, threads: int = 1) -> dict:
@@ -39,10 +54,11 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
         from ..data import load_dataset
 
         split = load_dataset(data)
-    size = split.image_size if split is not None else _image_size(manifest)
-    builder = lambda: build_model(name, image_size=size)  # noqa: E731
+    channels, size = (split.channels, split.image_size) if split is not None else _image_shape(manifest)
+    classes = split.num_classes if split is not None else _num_classes(manifest, name)
+    builder = lambda: build_model(name, image_size=size, num_classes=classes, in_channels=channels)  # noqa: E731
     after = load(artifact_dir, builder)
-    example = split.x_test[:64] if split is not None else torch.randn(64, 1, size, size)
+    example = split.x_test[:64] if split is not None else torch.randn(64, channels, size, size)
     eval_fn = None
     if split is not None:
         from ..data import accuracy
@@ -128,7 +144,7 @@ def register(app: typer.Typer) -> None:
     def bench_command(
         artifact_dir: Optional[Path] = typer.Argument(None, help="Directory written by save() / compress."),
         model: Optional[str] = typer.Option(None, "--model", help=f"{BUILT_IN_MODELS} (default: from the manifest)."),
-        data: Optional[str] = typer.Option(None, "--data", help="'digits' or an MNIST .npz; enables accuracy."),
+        data: Optional[str] = typer.Option(None, "--data", help="'digits' or an .npz of images (MNIST-style); enables accuracy."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the measurements as JSON here."),
         runs: int = typer.Option(50, "--runs", min=1, help="Timed runs per batch size (median reported)."),
         threads: int = typer.Option(1, "--threads", min=1, help="Threads for both sides (PyTorch and ONNX Runtime)."),

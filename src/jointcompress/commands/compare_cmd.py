@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
                                           "between accuracy and size), joint-paced-obd-none, overlap, ... (an unknown name lists "
                                           "them all)."),
         model: Optional[str] = typer.Option(None, "--model", help=f"{BUILT_IN_MODELS} (default: the recipe's)."),
-        data: Optional[str] = typer.Option(None, "--data", help="'digits' or an MNIST .npz (default: the recipe's)."),
+        data: Optional[str] = typer.Option(None, "--data", help="'digits' or an .npz of images (MNIST-style; default: the recipe's)."),
         weights: Optional[Path] = typer.Option(None, "--weights", help="Trained weights (.safetensors) used for every seed."),
         teacher_epochs: int = typer.Option(10, "--teacher-epochs", min=1, help="Teacher epochs when no --weights."),
         epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the recipe's epochs (same for all)."),

@@ -47,9 +47,10 @@ def _model_and_input(model_name: str, image_size: int, input_shape: list[int] | 
 
     from ..models import MODELS, build_model
 
-    if model_name in MODELS:
+    if model_name in MODELS:  # --input-shape N,C,H,W sets the channels and the size of a built-in model
         shape = input_shape or [1, 1, image_size, image_size]
-        return build_model(model_name, image_size=image_size).eval(), torch.zeros(shape)
+        channels, size = (shape[1], shape[-1]) if len(shape) == 4 else (1, image_size)
+        return build_model(model_name, image_size=size, in_channels=channels).eval(), torch.zeros(shape)
     if not input_shape:
         raise RecipeError(f"--model {model_name!r}: a model of your own needs --input-shape, e.g. --input-shape 1,3,32,32")
     return load_builder(model_name)().eval(), torch.zeros(input_shape)

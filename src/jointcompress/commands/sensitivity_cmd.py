@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
     def sensitivity_command(
         recipe_path: Path = typer.Argument(..., help="Recipe YAML (model, data and training.metric are read from it)."),
         model: Optional[str] = typer.Option(None, "--model", help=f"{BUILT_IN_MODELS} (default: the recipe's)."),
-        data: Optional[str] = typer.Option(None, "--data", help="'digits' or an MNIST .npz (default: the recipe's)."),
+        data: Optional[str] = typer.Option(None, "--data", help="'digits' or an .npz of images (MNIST-style; default: the recipe's)."),
         weights: Optional[Path] = typer.Option(None, "--weights", help="Trained weights (.safetensors); default: train first."),
         teacher_epochs: int = typer.Option(10, "--teacher-epochs", min=1, help="Epochs to train when no --weights."),
         sparsities: str = typer.Option("0.5,0.8,0.9,0.95,0.98", "--sparsities", help="Unstructured sparsities per layer."),
@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
         out.mkdir(parents=True, exist_ok=True)
         with progress_bar() as bar:
             if weights:
-                net = load_weights(build_model(name, split.image_size, split.num_classes), weights)
+                net = load_weights(build_model(name, split.image_size, split.num_classes, split.channels), weights)
             else:
                 net = train_teacher(name, split, teacher_epochs, lr=recipe.training.lr, progress=tracked(bar, "train model"))
             result = scan(net, evaluator(split.x_test, split.y_test), split.x_train[:2], sp, bs, gs,

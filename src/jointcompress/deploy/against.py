@@ -356,7 +356,8 @@ def dense_teacher(cfg: AgainstConfig, split, teacher_path: Path | None = None) -
     if teacher_path is not None and Path(teacher_path).is_file():
         from safetensors.torch import load_file
 
-        model = build_model(cfg.model, image_size=split.image_size, num_classes=split.num_classes)
+        model = build_model(cfg.model, image_size=split.image_size, num_classes=split.num_classes,
+                            in_channels=split.channels)
         try:
             model.load_state_dict(load_file(str(teacher_path)))
         except (RuntimeError, OSError, ValueError) as exc:
