@@ -349,10 +349,13 @@ def test_a_target_under_the_bytes_left_once_the_channels_go_is_refused_before_th
     """The bytes no decision moves shrink with the channels prune_structured removes, so the check before
     training counts them at the widths the run ends with (not at step 0's, where every channel is still
     there): a target under them is refused before the first step, with the number the freeze would have
-    said after the whole run, naming prune_structured.sparsity; one just over them trains (the test above), warned
-    before training where it is under the file with one weight in every channel that stays."""
+    said after the whole run, naming prune_structured.sparsity; one just over them trains (the test above),
+    warned before training where it is under the file with one weight in every channel that stays."""
     from jointcompress.models import build_model
     from jointcompress.targets import TargetError
+    from jointcompress.techniques import build
+    from jointcompress.techniques.base import RunContext
+    from jointcompress.techniques.size_estimate import measured_bytes
 
     data = _CountedImages(128)
     recipe = {"mode": "joint", "target": {"ratio": 300}, "training": {"epochs": 6, "batch_size": 32},
@@ -368,12 +371,8 @@ def test_a_target_under_the_bytes_left_once_the_channels_go_is_refused_before_th
     result = compress(shrunk, {"training": {"epochs": 1, "batch_size": 32}, "techniques": recipe["techniques"][:1]},
                       data, lambda m: 0.0)
     finalize(shrunk, result.example_inputs)
-    from jointcompress.techniques import build
-    from jointcompress.techniques.base import RunContext
-    from jointcompress.techniques.size_estimate import measured_bytes
-
-    build(parse_recipe({"techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True, "norm_format": "fp16"}]}).techniques[0]).setup(
-        RunContext(model=shrunk, example_inputs=result.example_inputs))
+    quant = parse_recipe({"techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True, "norm_format": "fp16"}]})
+    build(quant.techniques[0]).setup(RunContext(model=shrunk, example_inputs=result.example_inputs))
     real = measured_bytes(shrunk)
     assert abs(fixed - (real["total"] - real["variable"])) <= 8  # the container's names may differ by a few bytes
     # over those bytes but under the file with one weight in every channel that stays: warned before training
