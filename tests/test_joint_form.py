@@ -360,8 +360,8 @@ def test_a_target_under_the_bytes_left_once_the_channels_go_is_refused_before_th
     data = _CountedImages(128)
     recipe = {"mode": "joint", "target": {"ratio": 300}, "training": {"epochs": 6, "batch_size": 32},
               "techniques": [{"type": "prune_structured", "sparsity": 0.5}, {"type": "quant_lsq", "bits": 4}]}
-    with pytest.raises(TargetError, match=r"cannot be reached: ([\d,]+) B of the weights file with the channels "
-                                          r"prune_structured removes \(sparsity 0.5\).*or raise prune_structured.sparsity") as refused:
+    with pytest.raises(TargetError, match=r"cannot be reached: ([\d,]+) B of the weights file once the channels "
+                                          r"prune_structured removes \(sparsity 0.5\) are gone.*or raise prune_structured.sparsity") as refused:
         compress(build_model("resnet"), recipe, data, lambda m: 0.0)
     assert data.drawn <= 32  # at most the batch the example inputs come from: not one training step
     fixed = int(re.search(r"([\d,]+) B of the weights file", str(refused.value)).group(1).replace(",", ""))
@@ -379,8 +379,15 @@ def test_a_target_under_the_bytes_left_once_the_channels_go_is_refused_before_th
     recipe = {**recipe, "target": {"size_kb": (fixed + 100) / 1024}, "training": {"epochs": 1, "batch_size": 32}}
     with pytest.warns(UserWarning) as said:
         compress(build_model("resnet"), recipe, data, lambda m: 0.0)
-    assert re.search(r"one weight kept in every output channel that prune_structured keeps \(sparsity 0.5\).*"
+    assert re.search(r"one weight kept in every output channel once the channels prune_structured removes \(sparsity 0.5\) "
+                     r"are gone.*"
                      r"or raise prune_structured.sparsity", str(said[0].message)), [str(w.message) for w in said]
+    # scope: global learns the widths: only a target under the file with every group at its fewest channels is
+    # refused before training (a floor no run goes under)
+    recipe = {**recipe, "target": {"ratio": 3000}, "techniques": [{**recipe["techniques"][0], "scope": "global"},
+                                                                   *recipe["techniques"][1:]]}
+    with pytest.raises(TargetError, match=r"once every channel group of prune_structured is at its fewest \(min_keep\)"):
+        compress(build_model("resnet"), recipe, data, lambda m: 0.0)
 
 
 def test_the_channels_end_state_is_seen_without_moving_the_masks():
@@ -399,8 +406,13 @@ def test_the_channels_end_state_is_seen_without_moving_the_masks():
     after = channels.masks.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert channels.counts_known()
-    glob = build(parse_recipe({"techniques": [{"type": "prune_structured", "sparsity": 0.5, "scope": "global"}]}).techniques[0])
+    glob = build(parse_recipe({"techniques": [{"type": "prune_structured", "sparsity": 0.5, "scope": "global",
+                                               "min_keep": 0.25}]}).techniques[0])
+    glob.setup(RunContext(model=_model(), example_inputs=torch.randn(2, 32), total_steps=100))
     assert not glob.counts_known()
+    with glob.at_end():  # the widths are learned: every group at its fewest channels, a floor no run goes under
+        for mask, group in zip(glob._group_masks(), glob.groups):
+            assert int(mask.hard.sum()) == max(1, round(group.channels * 0.25))
 
 
 def test_beside_channels_the_budget_keeps_its_decision_window_in_a_long_run():

@@ -22,7 +22,7 @@ from ..errors import RecipeError
 from ..graph import ChannelGroup, discover_groups
 from ..layer_types import BATCH_NORMS
 from .base import RunContext
-from .masks import ApplyMask, ScoredMask, allocate
+from .masks import ApplyMask, ScoredMask, allocate, topk_keep
 from .pruning import PruningTechnique, key as _key
 
 
@@ -118,16 +118,22 @@ class PruneStructured(PruningTechnique):
         in training, share the channels out between the groups."""
         return bool(self.config.layer_sparsity) or (self.config.scope == "layer" and self.config.sparsity is not None)
 
+    def _fewest_keeps(self) -> list[torch.Tensor]:
+        """Every group at the fewest channels scope: global lets it keep (min_keep, at least one)."""
+        return [topk_keep(m.scores, max(1, round(m.scores.numel() * self.config.min_keep))) for m in self._group_masks()]
+
     @contextmanager
     def at_end(self):
         """Inside: every mask binary at the end of its ramp, as the scores rank the channels now (each
         group then has the width it will end with; which of its channels go, training decides, and
         does not change the bytes that hang on them: every channel of a group carries the same bias,
-        step size and normalization entries). The masks' state is restored on leaving."""
+        step size and normalization entries). Where the widths are learned (not counts_known), every
+        group at its fewest channels instead: no run ends narrower. The masks' state is restored on
+        leaving."""
         masks = self._group_masks()
         saved = [{k: b.clone() for k, b in m.named_buffers()} for m in masks]
         try:
-            for m, keep in zip(masks, self._keeps(1.0)):
+            for m, keep in zip(masks, self._keeps(1.0) if self.counts_known() else self._fewest_keeps()):
                 m.set_keep(keep, 0.0)
             yield
         finally:

@@ -118,11 +118,11 @@ class SizeBudget(Landing, Technique):
         """Beside prune_structured, the bytes no decision moves are those left once its channels are gone:
         setup cannot count them (it sees every channel, so it waits for them), and a target under them
         would train the whole run to miss it. Counted here, before the first step, on a copy shrunk to
-        the widths the run ends with; skipped where those widths are learned (scope: global: the freeze
-        says a miss)."""
+        the widths the run ends with; where those widths are learned (scope: global), to the fewest
+        channels each group may keep, a floor: only a target under it is refused."""
         channels = next((t for t in techniques if t.kind == "prune_structured"), None)
         quant = next((t for t in techniques if t.kind == "quant_lsq"), None)
-        if channels is None or quant is None or not channels.attached or not channels.counts_known():
+        if channels is None or quant is None or not channels.attached:
             return
         from dataclasses import replace
 
@@ -134,20 +134,22 @@ class SizeBudget(Landing, Technique):
         probe = type(self)(self.config)  # this budget on the shrunk copy: its bytes, its channel floor
         probe.model, probe.layers = shrunk, self._dead_zone_layers(shrunk)
         probe.calibrate(shrunk)
-        probe.check_reachable(shrunk, channels=channels.config.sparsity)
-        probe.warn_channel_floor(channels=channels.config.sparsity)
+        gone = (f"once the channels prune_structured removes (sparsity {channels.config.sparsity:g}) are gone"
+                if channels.counts_known() else "once every channel group of prune_structured is at its fewest (min_keep)")
+        probe.check_reachable(shrunk, channels=gone)
+        probe.warn_channel_floor(channels=gone)
 
-    def check_reachable(self, model: nn.Module, channels: float | None = None) -> None:
+    def check_reachable(self, model: nn.Module, channels: str | None = None) -> None:
         """Refuse, before training, a target under the bytes that no decision of the run can move
         (step sizes, biases, tensors no technique compresses such as BatchNorm or embeddings):
         the budget would strip every weight and still miss it. `channels`: `model` is the copy
-        without the channels prune_structured removes at that sparsity (before_training)."""
+        without the channels prune_structured removes, as the words say (before_training)."""
         if self.config.target_bytes is None or self.fixed < self.aim():
             return
         from ..targets import TargetError
 
         example = getattr(self, "example_inputs", None) if channels is None else None
-        gone = "" if channels is None else f" with the channels prune_structured removes (sparsity {channels:g})"
+        gone = "" if channels is None else f" {channels}"
         raise TargetError(
             f"target: {self.config.target_bytes:,.0f} B cannot be reached: {self.fixed:,.0f} B of the weights file{gone} do "
             f"not depend on what the run decides ({fixed_bytes_detail(model, example_inputs=example)}). "
@@ -167,14 +169,14 @@ class SizeBudget(Landing, Technique):
         with torch.no_grad():
             return self.scale * float(sparse_layer_bytes(counts, numels, bits).sum()) + self.fixed
 
-    def warn_channel_floor(self, channels: float | None = None) -> None:
+    def warn_channel_floor(self, channels: str | None = None) -> None:
         """Before training, a target under `channel_floor_bytes`: reachable only if the run happens to
         empty whole channels, so it will most likely end over the target (said again at the freeze).
-        `channels`: measured without the channels prune_structured removes at that sparsity."""
+        `channels`: measured without the channels prune_structured removes, as the words say."""
         floor = self.channel_floor_bytes()
         if self.config.target_bytes is None or self.config.target_bytes >= floor:
             return
-        gone = "" if channels is None else f" that prune_structured keeps (sparsity {channels:g})"
+        gone = "" if channels is None else f" {channels}"
         warnings.warn(
             f"size_budget: the {self.config.target_bytes:,.0f} B target is under about {floor:,.0f} B, the file with "
             f"one weight kept in every output channel{gone} ({self.fixed:,.0f} B of it do not depend on the run's "
