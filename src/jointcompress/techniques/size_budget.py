@@ -101,7 +101,7 @@ class SizeBudget(Landing, Technique):
         if self.saliency is not None:  # the quantizers keep the Fisher estimate it reads
             self.saliency.attach(self.layers)
         self.calibrate(ctx.model)
-        if not has_channel_masks(ctx.model):  # both assume every channel stays (the freeze says a miss)
+        if not has_channel_masks(ctx.model):  # both assume every channel stays (before_training counted them without)
             self.check_reachable(ctx.model)
             self.warn_channel_floor()
         self.start_bytes = self.calibrated_hard()
