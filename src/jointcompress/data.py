@@ -87,7 +87,7 @@ def load_mnist(path: str | Path) -> Split:
     pixels; [N, H, W] grayscale, or colour as [N, H, W, C] or [N, C, H, W])."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data: MNIST file not found: {path} (expected an .npz with x_train, y_train, x_test, y_test)")
+        raise DataError(f"data: file not found: {path} (expected 'digits' or an .npz with x_train, y_train, x_test, y_test)")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
