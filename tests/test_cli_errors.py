@@ -119,6 +119,12 @@ def test_data_with_nan_or_wrong_shape(tmp_path, monkeypatch, capsys):
     np.savez(tmp_path / "flat.npz", x_train=x.reshape(20, -1), y_train=y, x_test=x[:5].reshape(5, -1), y_test=y[:5])
     code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, ""), "--data", tmp_path / "flat.npz", "--out", tmp_path / "o2")
     assert code == 2 and "expected [N, H, W], [N, H, W, C] or [N, C, H, W] images" in out, out
+    for labels, words in ((np.linspace(0, 1, 20), ["float64 values that are not whole numbers"]),
+                          (np.eye(10)[y], ["shape (20, 10)", "one-hot rows: save y.argmax(1)"])):
+        np.savez(tmp_path / "labels.npz", x_train=np.zeros((20, 28, 28), np.uint8), y_train=labels,
+                 x_test=np.zeros((5, 28, 28), np.uint8), y_test=labels[:5])
+        code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, ""), "--data", tmp_path / "labels.npz", "--out", tmp_path / "o4")
+        assert code == 2 and "Traceback" not in out and all(w in out for w in words), out
     for shape, words in (((20, 28, 24), ["28x24 images", "square images"]),
                          ((20, 3, 28, 2), ["which axis holds the channels is unclear"])):
         np.savez(tmp_path / "odd.npz", x_train=np.zeros(shape, np.uint8), y_train=y, x_test=np.zeros((5, *shape[1:]), np.uint8),

@@ -87,7 +87,8 @@ def load_mnist(path: str | Path) -> Split:
     pixels; [N, H, W] grayscale, or colour as [N, H, W, C] or [N, C, H, W])."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data: file not found: {path} (expected 'digits' or an .npz with x_train, y_train, x_test, y_test)")
+        raise DataError(f"data: file not found: {path} (expected 'digits' or an .npz with x_train, y_train, x_test, "
+                        "y_test)")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
@@ -109,9 +110,22 @@ def load_mnist(path: str | Path) -> Split:
         xtr, xte = _normalise(x_train, x_test)
     else:
         xtr, xte = _normalise_channels(x_train, x_test)
-    ytr = torch.from_numpy(arrays["y_train"].astype(np.int64))
-    yte = torch.from_numpy(arrays["y_test"].astype(np.int64))
+    ytr = torch.from_numpy(_class_labels(arrays["y_train"], f"{path}:y_train", len(x_train)))
+    yte = torch.from_numpy(_class_labels(arrays["y_test"], f"{path}:y_test", len(x_test)))
     return Split(xtr, ytr, xte, yte, "mnist")
+
+
+def _class_labels(y: np.ndarray, what: str, n: int) -> np.ndarray:
+    """One integer class index per image, as int64: one-hot rows or fractional values are refused (a cast
+    would silently turn 0.7 into class 0)."""
+    if y.ndim != 1 or len(y) != n:
+        raise DataError(f"data: {what} has shape {y.shape}; expected one class index per image, shape ({n},)"
+                        + (" (one-hot rows: save y.argmax(1))" if y.ndim == 2 else ""))
+    whole = np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and bool(np.all(np.mod(y, 1) == 0)))
+    if not whole:
+        raise DataError(f"data: {what} holds {y.dtype} values that are not whole numbers; expected integer class "
+                        "indices")
+    return y.astype(np.int64)
 
 
 def load_dataset(spec: str | None) -> Split:

@@ -120,7 +120,8 @@ class PruneStructured(PruningTechnique):
 
     def _fewest_keeps(self) -> list[torch.Tensor]:
         """Every group at the fewest channels scope: global lets it keep (min_keep, at least one)."""
-        return [topk_keep(m.scores, max(1, round(m.scores.numel() * self.config.min_keep))) for m in self._group_masks()]
+        return [topk_keep(m.scores, max(1, round(m.scores.numel() * self.config.min_keep)))
+                for m in self._group_masks()]
 
     @contextmanager
     def at_end(self):

@@ -135,7 +135,8 @@ class SizeBudget(Landing, Technique):
         probe.model, probe.layers = shrunk, self._dead_zone_layers(shrunk)
         probe.calibrate(shrunk)
         gone = (f"once the channels prune_structured removes (sparsity {channels.config.sparsity:g}) are gone"
-                if channels.counts_known() else "once every channel group of prune_structured is at its fewest (min_keep)")
+                if channels.counts_known()
+                else "once every channel group of prune_structured is at its fewest (min_keep)")
         probe.check_reachable(shrunk, channels=gone)
         probe.warn_channel_floor(channels=gone)
 
@@ -151,8 +152,8 @@ class SizeBudget(Landing, Technique):
         example = getattr(self, "example_inputs", None) if channels is None else None
         gone = "" if channels is None else f" {channels}"
         raise TargetError(
-            f"target: {self.config.target_bytes:,.0f} B cannot be reached: {self.fixed:,.0f} B of the weights file{gone} do "
-            f"not depend on what the run decides ({fixed_bytes_detail(model, example_inputs=example)}). "
+            f"target: {self.config.target_bytes:,.0f} B cannot be reached: {self.fixed:,.0f} B of the weights file{gone} "
+            f"do not depend on what the run decides ({fixed_bytes_detail(model, example_inputs=example)}). "
             "Raise target.size_kb (or lower target.ratio) well above that"
             f"{'' if channels is None else ', or raise prune_structured.sparsity'}: quant_lsq compresses only the "
             "Linear and convolution weights (and with `embeddings: true` the embedding tables) its targets select, "
