@@ -138,7 +138,9 @@ class CompareSpec:
 
 
 def joint_options(variant: str, total_steps: int | None = None) -> dict:
-    """The size_budget (and quant_lsq) fields of a joint variant, its paced window resolved."""
+    """The size_budget (and quant_lsq) fields of a joint variant, its paced window resolved from step 0
+    (for a budget that starts at 0, as in step_cost.py; variant_recipe lets joint_recipe resolve it from
+    the budget's own start, as compress() does)."""
     options = dict(JOINT_OPTIONS.get(variant, {}))
     decide_steps = options.pop("decide_steps", None)
     if decide_steps is not None and total_steps:
