@@ -1,4 +1,4 @@
-"""SST-2 TSV reading and tokenization; remote-code loading of pruned folders."""
+"""Text-classification files (TSV, CSV, JSON lines) read and tokenized; the classes a teacher names; remote-code loading of pruned folders."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch  # noqa: E402
 from hf_helpers import inputs, tiny_bert, tiny_tokenizer  # noqa: E402
 
 from jointcompress.errors import DataError  # noqa: E402
-from jointcompress.hf.data import batches, read_tsv, tokenize  # noqa: E402
+from jointcompress.hf.data import batches, read_rows, read_tsv, tokenize  # noqa: E402
 from jointcompress.hf.export import export_folder  # noqa: E402
 from jointcompress.hf.heads import prune_heads  # noqa: E402
 from jointcompress.hf.layers import drop_layers, every_other  # noqa: E402
@@ -42,6 +42,78 @@ def test_read_tsv_errors_name_the_line(tmp_path, text, match):
     f.write_text(text)
     with pytest.raises(DataError, match=match):
         read_tsv(f)
+
+
+def test_rows_come_from_csv_and_json_lines_with_named_labels_and_other_columns(tmp_path):
+    names = ["negative", "neutral", "positive"]
+    csv_file = tmp_path / "train.csv"  # a spreadsheet's byte-order mark, quoting, an index column
+    csv_file.write_text('\ufeffidx,text,label\n0,"good, fun movie",positive\n1,"the ""plot""",1\n2,awful,negative\n',
+                        encoding="utf-8")
+    d = read_rows(csv_file, label_names=names)
+    assert d.sentences == ["good, fun movie", 'the "plot"', "awful"] and d.labels == [2, 1, 0]
+    jsonl = tmp_path / "dev.jsonl"
+    jsonl.write_text('{"review": "great film", "stars": 2}\n\n{"review": "boring", "stars": "neutral"}\n')
+    d = read_rows(jsonl, text_column="review", label_column="stars", label_names=names)
+    assert d.sentences == ["great film", "boring"] and d.labels == [2, 1]
+
+
+@pytest.mark.parametrize("name,text,kwargs,match", [
+    ("t.csv", "premise,hypothesis,label\na,b,0\n", {}, "sentence-pair task"),
+    ("t.csv", "question,sentence,label\na,b,0\n", {}, "sentence-pair task"),  # QNLI: not 'sentence' alone
+    ("t.csv", "text,y\nok,1\n", {}, "no 'label' column.*hf.label_column"),
+    ("t.csv", "body,label\nok,1\n", {}, "text column.*hf.text_column"),
+    ("t.csv", "text,label\nok,maybe\n", {"label_names": ["no", "yes"]}, "t.csv:2: label 'maybe'.*hf.labels"),
+    ("t.jsonl", '{"text": "ok", "label": 0.5}\n', {}, "t.jsonl:1: label 0.5 is not an integer"),
+    ("t.jsonl", "[1, 2]\n", {}, "a JSON object per line"),
+    ("t.txt", "text,label\n", {}, "unknown format"),
+])
+def test_text_files_that_cannot_be_read_say_which_column_or_row(tmp_path, name, text, kwargs, match):
+    f = tmp_path / name
+    f.write_text(text)
+    with pytest.raises(DataError, match=match):
+        read_rows(f, **kwargs)
+
+
+def test_split_files_take_datasets_names_and_refuse_two_candidates(tmp_path):
+    from jointcompress.hf.recipe_steps import split_files
+
+    (tmp_path / "train.jsonl").write_text("")
+    (tmp_path / "validation.csv").write_text("")
+    assert split_files(tmp_path) == (tmp_path / "train.jsonl", tmp_path / "validation.csv")
+    (tmp_path / "dev.tsv").write_text("")
+    with pytest.raises(DataError, match="dev.tsv and validation.csv: one only"):
+        split_files(tmp_path)
+
+
+def test_the_classes_come_from_the_teacher_and_a_count_that_disagrees_is_refused(tmp_path):
+    """A 3-class teacher trained through the CLI path failed with transformers' size-mismatch traceback:
+    the recipe's default named two classes."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from jointcompress.errors import RecipeError
+    from jointcompress.hf import recipe_steps as steps
+    from jointcompress.recipe import parse_recipe
+
+    names = {0: "entailment", 1: "neutral", 2: "contradiction"}
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=64, num_labels=3, id2label=names, label2id={v: k for k, v in names.items()})
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer(tmp_path).save_pretrained(tmp_path / "teacher")
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "dev"):
+        (data / f"{split}.tsv").write_text("sentence\tlabel\ngood movie\tcontradiction\nawful\t0\nthe plot\t1\n")
+    recipe = parse_recipe({"hf": {"student_layers": [0]}, "techniques": [{"type": "distill_kd"}]})
+    run = steps.HFRun(recipe=recipe, hf_cfg=recipe.hf, out=tmp_path / "out", log=lambda _: None)
+    steps.load_models(run, str(tmp_path / "teacher"))
+    steps.load_text(run, data)
+    assert run.labels == ["entailment", "neutral", "contradiction"] and run.train_data.labels == [2, 0, 1]
+    assert run.student.config.num_labels == 3 and run.teacher.classifier.out_features == 3
+    two = parse_recipe({"hf": {"labels": ["NEGATIVE", "POSITIVE"]}, "techniques": [{"type": "distill_kd"}]})
+    run = steps.HFRun(recipe=two, hf_cfg=two.hf, out=tmp_path / "out", log=lambda _: None)
+    with pytest.raises(RecipeError, match="hf.labels names 2 classes.*has 3 outputs.*remove hf.labels"):
+        steps.load_models(run, str(tmp_path / "teacher"))
 
 
 def test_drop_layers_and_every_other():

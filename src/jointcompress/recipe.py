@@ -290,7 +290,11 @@ class HF(Strict):
     max_length: Annotated[int, Field(ge=8, le=4096)] = 64
     train_limit: Annotated[int, Field(ge=1)] | None = None  # random subset of train rows (None: all)
     eval_limit: Annotated[int, Field(ge=1)] | None = None  # first rows of dev (None: all)
-    labels: list[str] = Field(default_factory=lambda: ["NEGATIVE", "POSITIVE"], min_length=2)
+    # the classes' names in index order; None: the teacher's own (its config's id2label) where it has a
+    # classification head, else NEGATIVE / POSITIVE (a base encoder such as minilm-l6 gets a 2-class head)
+    labels: list[str] | None = Field(default=None, min_length=2)
+    text_column: str | None = None  # the data's text column (None: "sentence", else "text")
+    label_column: str = "label"  # the data's label column: class indices, or names from `labels`
     trim_vocab: bool = False  # keep only the word pieces the training text uses (embeddings + tokenizer)
     ptq_bits: Annotated[int, Field(ge=2, le=8)] | None = 8  # artifact: weights LSQ did not train (embeddings, pooler)
 

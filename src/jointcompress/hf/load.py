@@ -44,6 +44,27 @@ def load_tokenizer(name_or_path: str):
     return AutoTokenizer.from_pretrained(resolve(name_or_path))
 
 
+DEFAULT_LABELS = ["NEGATIVE", "POSITIVE"]  # a base encoder's fresh head: SST-2's classes
+
+
+def teacher_labels(name_or_path: str) -> list[str] | None:
+    """The class names of a fine-tuned sequence classifier, in index order (its config's id2label),
+    or None where the folder has no classification head (a base encoder) or its config cannot be read
+    (loading the model then says why)."""
+    from transformers import AutoConfig
+
+    from jointcompress.hf import modeling_pruned  # noqa: F401  (registers pruned classes)
+
+    try:
+        config = AutoConfig.from_pretrained(resolve(name_or_path))
+    except (OSError, ValueError):
+        return None
+    if not any(str(a).endswith("ForSequenceClassification") for a in (config.architectures or [])):
+        return None
+    names = config.id2label or {}
+    return [str(names.get(i, f"LABEL_{i}")) for i in range(config.num_labels)]
+
+
 def load_classifier(name_or_path: str, num_labels: int = 2, id2label: dict[int, str] | None = None):
     """AutoModelForSequenceClassification with num_labels outputs.
 
@@ -55,7 +76,7 @@ def load_classifier(name_or_path: str, num_labels: int = 2, id2label: dict[int, 
 
     from jointcompress.hf import modeling_pruned  # noqa: F401  (registers pruned classes)
 
-    id2label = id2label or {0: "NEGATIVE", 1: "POSITIVE"}
+    id2label = id2label or dict(enumerate(DEFAULT_LABELS))
     if len(id2label) != num_labels:
         raise ArtifactError(f"id2label has {len(id2label)} entries but num_labels={num_labels}; make them agree")
     try:

@@ -29,7 +29,7 @@ from jointcompress.hf import recipe_steps as steps
 from jointcompress.hf.export import export_folder, folder_bytes, load_pipeline
 from jointcompress.hf.recipe_steps import HFRun, split_files, teacher_source  # noqa: F401 - re-exported
 
-EXAMPLE = "a gorgeous, witty, seductive movie."
+EXAMPLE = "a gorgeous, witty, seductive movie."  # the exported pipeline's example where the dev file has no text
 # max |logit diff| allowed between the int8 ONNX student and the finalized fp32 student. SST-2
 # MiniLM students (logits of order +-4) measured 0.39-0.45 (benchmarks/results/hf_sst2.md).
 INT8_ATOL = 1.0
@@ -114,7 +114,8 @@ def _export_and_summarize(run: HFRun, *, int8: bool, int8_atol: float, latency_r
     from jointcompress.io import atomic_write_json
 
     folder = export_folder(run.hf, run.tok, run.out / "hf_model")
-    example = load_pipeline(folder)(EXAMPLE)[0]
+    text = next((t for t in run.dev_data.sentences if t), EXAMPLE)  # a row of the user's own task, not SST-2's
+    example = load_pipeline(folder)(text)[0]
     teacher_bytes = folder_bytes(run.src) if Path(run.src).is_dir() else None
     student_bytes = folder_bytes(folder)
     int8_summary = None
@@ -134,7 +135,7 @@ def _export_and_summarize(run: HFRun, *, int8: bool, int8_atol: float, latency_r
         "train_rows": len(run.train_data), "dev_rows": len(run.dev_data), "world_size": world, "progressive": progressive,
         "steps": _steps(run.result),
         "techniques": {k: v for r in (run.stage1, run.result) if r is not None for k, v in r.summary().items() if "." in k},
-        "pipeline_example": {"text": EXAMPLE, **example},
+        "pipeline_example": {"text": text, **example},
         "int8": int8_summary,
         "notes": [NOTE] + run.warnings,
         "wall_seconds": time.perf_counter() - run.t0,

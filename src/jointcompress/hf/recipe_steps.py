@@ -16,10 +16,10 @@ from typing import Any, Callable
 import torch
 
 from jointcompress.errors import ArtifactError, DataError, RecipeError
-from jointcompress.hf.data import TextDataset, read_tsv, tokenize
+from jointcompress.hf.data import FORMATS, TextDataset, read_rows, tokenize
 from jointcompress.hf.ffn import ffn_widths
 from jointcompress.hf.heads import head_counts
-from jointcompress.hf.load import MINILM_NAME, load_classifier, load_tokenizer
+from jointcompress.hf.load import DEFAULT_LABELS, MINILM_NAME, load_classifier, load_tokenizer, teacher_labels
 from jointcompress.hf.pruned import n_layers
 from jointcompress.hf.student import make_student
 from jointcompress.hf.wrapper import SequenceClassifier, accuracy, pack, tensor_loader
@@ -36,6 +36,7 @@ class HFRun:
     t0: float = field(default_factory=time.perf_counter)
     src: str = ""
     warnings: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)  # the classes' names in index order (class_names)
     tok: Any = None
     teacher: Any = None
     student: Any = None
@@ -69,14 +70,33 @@ def teacher_source(recipe, weights: str | Path | None) -> str:
 
 
 def split_files(data_dir: str | Path | None) -> tuple[Path, Path]:
+    """The folder's training and evaluation files: train.<ext> and dev.<ext> (GLUE's names) or
+    validation.<ext> (the `datasets` library's), <ext> one of hf.data.FORMATS."""
+    looked = f"train and dev (or validation) files, each {' / '.join(FORMATS)} with a header"
     if not data_dir:
-        raise DataError("HF recipe: no data; pass --data DIR holding SST-2 style train.tsv and dev.tsv (or set `data:`)")
+        raise DataError(f"HF recipe: no data; pass --data DIR holding {looked} (or set `data:`)")
     d = Path(data_dir)
-    train, dev = d / "train.tsv", d / "dev.tsv"
-    for f in (train, dev):
-        if not f.is_file():
-            raise DataError(f"{f} does not exist; --data must be a folder with train.tsv and dev.tsv (header 'sentence<TAB>label')")
-    return train, dev
+    found = []
+    for stems in (("train",), ("dev", "validation")):
+        files = [d / f"{stem}{ext}" for stem in stems for ext in FORMATS if (d / f"{stem}{ext}").is_file()]
+        if len(files) != 1:
+            what = "none" if not files else " and ".join(f.name for f in files) + ": one only"
+            raise DataError(f"{d}: {'/'.join(stems)} file: {what}; --data must be a folder with {looked}")
+        found.append(files[0])
+    return found[0], found[1]
+
+
+def class_names(hf_cfg, src: str) -> list[str]:
+    """hf.labels, else the teacher's own class names, else NEGATIVE / POSITIVE (a base encoder's
+    new head); a count that disagrees with the teacher's classifier is refused here, not by
+    transformers' size-mismatch traceback."""
+    own = teacher_labels(src)
+    if hf_cfg.labels is None:
+        return own or list(DEFAULT_LABELS)
+    if own is not None and len(own) != len(hf_cfg.labels):
+        raise RecipeError(f"hf.labels names {len(hf_cfg.labels)} classes {hf_cfg.labels}, but the teacher's classifier "
+                          f"has {len(own)} outputs {own}; remove hf.labels to take the teacher's, or list {len(own)} names")
+    return list(hf_cfg.labels)
 
 
 def check_recipe(recipe) -> None:
@@ -96,7 +116,8 @@ def load_models(run: HFRun, weights) -> None:
         )
         run.log(run.warnings[-1])
     torch.manual_seed(run.recipe.training.seed)
-    labels = dict(enumerate(run.hf_cfg.labels))
+    run.labels = class_names(run.hf_cfg, src)
+    labels = dict(enumerate(run.labels))
     run.tok = load_tokenizer(src)
     run.teacher = load_classifier(src, num_labels=len(labels), id2label=labels).eval()
     layers_ = run.hf_cfg.student_layers
@@ -110,18 +131,20 @@ def load_models(run: HFRun, weights) -> None:
 
 
 def load_text(run: HFRun, data_dir) -> None:
-    """train.tsv / dev.tsv read, limited, checked against the labels, tokenized."""
-    hf_cfg, n_labels = run.hf_cfg, len(run.hf_cfg.labels)
+    """The train and dev files read, limited, checked against the classes, tokenized."""
+    hf_cfg, n_labels = run.hf_cfg, len(run.labels)
     train_file, dev_file = split_files(data_dir or run.recipe.data)
-    run.train_data = read_tsv(train_file).subset(hf_cfg.train_limit, seed=run.recipe.training.seed)
-    dev = read_tsv(dev_file)
+    read = dict(text_column=hf_cfg.text_column, label_column=hf_cfg.label_column, label_names=run.labels)
+    run.train_data = read_rows(train_file, **read).subset(hf_cfg.train_limit, seed=run.recipe.training.seed)
+    dev = read_rows(dev_file, **read)
     if hf_cfg.eval_limit is not None:
         dev = TextDataset(dev.sentences[: hf_cfg.eval_limit], dev.labels[: hf_cfg.eval_limit])
     run.dev_data = dev
-    for name, d in (("train", run.train_data), ("dev", dev)):
+    for f, d in ((train_file, run.train_data), (dev_file, dev)):
         bad = sorted({y for y in d.labels if not 0 <= y < n_labels})
         if bad:
-            raise DataError(f"{name}.tsv has labels {bad[:5]}; hf.labels has {n_labels} classes (0..{n_labels - 1})")
+            raise DataError(f"{f.name} has labels {bad[:5]}; the classifier has {n_labels} classes {run.labels} "
+                            f"(0..{n_labels - 1}); list every class in hf.labels")
     run.dev_t = tokenize(run.tok, dev, hf_cfg.max_length)
     run.x_dev, run.y_dev = pack(run.dev_t["input_ids"], run.dev_t["attention_mask"]), run.dev_t["labels"]
 
