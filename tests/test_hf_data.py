@@ -58,8 +58,8 @@ def test_rows_come_from_csv_and_json_lines_with_named_labels_and_other_columns(t
 
 
 @pytest.mark.parametrize("name,text,kwargs,match", [
-    ("t.csv", "premise,hypothesis,label\na,b,0\n", {}, "sentence-pair task"),
-    ("t.csv", "question,sentence,label\na,b,0\n", {}, "sentence-pair task"),  # QNLI: not 'sentence' alone
+    ("t.csv", "a,b,label\nx,y,0\n", {"pair_column": "b"}, "hf.pair_column is 'b' but hf.text_column is not set"),
+    ("t.csv", "a,b,label\nx,y,0\n", {"text_column": "a", "pair_column": "c"}, "no 'c' column \\(hf.pair_column\\)"),
     ("t.csv", "text,y\nok,1\n", {}, "no 'label' column.*hf.label_column"),
     ("t.csv", "body,label\nok,1\n", {}, "text column.*hf.text_column"),
     ("t.csv", "text,label\nok,maybe\n", {"label_names": ["no", "yes"]}, "t.csv:2: label 'maybe'.*hf.labels"),
@@ -72,6 +72,29 @@ def test_text_files_that_cannot_be_read_say_which_column_or_row(tmp_path, name, 
     f.write_text(text)
     with pytest.raises(DataError, match=match):
         read_rows(f, **kwargs)
+
+
+def test_sentence_pairs_are_read_tokenized_as_two_segments_and_reach_the_model_with_their_token_types(tmp_path):
+    from jointcompress.hf.wrapper import SequenceClassifier, pack_tokens
+
+    f = tmp_path / "dev.csv"  # QNLI's columns: the pair, not 'sentence' alone
+    f.write_text("idx,question,sentence,label\n0,is the plot good,the plot is fun,1\n1,was it boring,a great film,0\n")
+    d = read_rows(f)
+    assert d.sentences == ["is the plot good", "was it boring"] and d.pairs == ["the plot is fun", "a great film"]
+    assert read_rows(f, text_column="sentence").pairs is None  # one column named: one text
+    assert d.subset(1, seed=0).pairs is not None and d.head(1).pairs == ["the plot is fun"]
+    t = tokenize(tiny_tokenizer(tmp_path), d, max_length=16)
+    assert t["token_type_ids"].sum() > 0  # the second segment is type 1
+    x = pack_tokens(t)
+    assert x.shape == (2, 3, 16)
+    assert pack_tokens(tokenize(tiny_tokenizer(tmp_path), read_rows(f, text_column="sentence"), 16)).shape == (2, 2, 16)
+    model = tiny_bert()
+    with torch.no_grad():
+        wrapped = SequenceClassifier(model, trim=False)(x)
+        direct = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], token_type_ids=t["token_type_ids"]).logits
+        one_segment = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+    assert torch.equal(wrapped, direct) and not torch.allclose(wrapped, one_segment)
+    assert torch.allclose(SequenceClassifier(model)(x), direct, atol=1e-5)  # trimmed to the longest row
 
 
 def test_split_files_take_datasets_names_and_refuse_two_candidates(tmp_path):
@@ -110,6 +133,12 @@ def test_the_classes_come_from_the_teacher_and_a_count_that_disagrees_is_refused
     steps.load_text(run, data)
     assert run.labels == ["entailment", "neutral", "contradiction"] and run.train_data.labels == [2, 0, 1]
     assert run.student.config.num_labels == 3 and run.teacher.classifier.out_features == 3
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "train.tsv").write_text("sentence\tlabel\ngood movie\t0\n")
+    (mixed / "dev.csv").write_text("premise,hypothesis,label\ngood,movie,0\n")
+    with pytest.raises(DataError, match="one holds sentence pairs, the other single texts"):
+        steps.load_text(run, mixed)
     two = parse_recipe({"hf": {"labels": ["NEGATIVE", "POSITIVE"]}, "techniques": [{"type": "distill_kd"}]})
     run = steps.HFRun(recipe=two, hf_cfg=two.hf, out=tmp_path / "out", log=lambda _: None)
     with pytest.raises(RecipeError, match="hf.labels names 2 classes.*has 3 outputs.*remove hf.labels"):

@@ -206,6 +206,52 @@ def test_cli_compress_runs_an_hf_recipe(tmp_path):
     assert res.exit_code == 0, res.output
 
 
+def test_cli_compresses_a_sentence_pair_task_with_its_token_types_through_to_the_int8_model(tmp_path):
+    """A 3-class pair task saved as `datasets` writes it (validation.jsonl, class names as labels):
+    the teacher's classes are taken, both segments reach the model, and the int8 ONNX model takes
+    token_type_ids and gives the fp32 student's logits."""
+    import json
+
+    import onnx
+    import yaml
+    from typer.testing import CliRunner
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hf_helpers import WORDS
+    from jointcompress.cli import app
+
+    names = {0: "entailment", 1: "neutral", 2: "contradiction"}
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=FFN,
+                     max_position_embeddings=64, num_labels=3, id2label=names, label2id={v: k for k, v in names.items()})
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer(tmp_path).save_pretrained(tmp_path / "teacher")
+    data = tmp_path / "nli"
+    data.mkdir()
+    g = torch.Generator().manual_seed(0)
+    words = lambda: " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (4,), generator=g))  # noqa: E731
+    for split, n in (("train", 32), ("validation", 8)):
+        rows = [{"premise": words(), "hypothesis": words(), "label": names[i % 3], "idx": i} for i in range(n)]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rec = recipe(epochs=1)
+    rec["hf"] = {"student_layers": [0], "max_length": 16}
+    rec["techniques"][2]["targets"] = ["*encoder.layer.*"]
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(rec))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["compress", str(path), "--data", str(data), "--weights", str(tmp_path / "teacher"),
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_rows"] == 32 and summary["dev_rows"] == 8
+    example = summary["pipeline_example"]
+    assert set(example["text"]) == {"text", "text_pair"} and example["label"] in names.values()
+    inputs = [i.name for i in onnx.load(str(out / "onnx" / "model_int8.onnx")).graph.input]
+    assert inputs == ["input_ids", "attention_mask", "token_type_ids"]
+    assert summary["int8"]["logits_vs_fp32_student"]["within_tolerance"]
+    assert summary["int8"]["logits_vs_fp32_student"]["max_abs_diff"] <= 0.05
+
+
 def test_cli_hf_recipe_without_teacher_says_what_to_pass(tmp_path):
     from typer.testing import CliRunner
 

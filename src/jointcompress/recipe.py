@@ -293,7 +293,10 @@ class HF(Strict):
     # the classes' names in index order; None: the teacher's own (its config's id2label) where it has a
     # classification head, else NEGATIVE / POSITIVE (a base encoder such as minilm-l6 gets a 2-class head)
     labels: list[str] | None = Field(default=None, min_length=2)
-    text_column: str | None = None  # the data's text column (None: "sentence", else "text")
+    # the data's text column (None: a sentence pair's columns by name, premise / hypothesis, ..., else
+    # "sentence", else "text") and a pair's second text's column (hf/data.py)
+    text_column: str | None = None
+    pair_column: str | None = None
     label_column: str = "label"  # the data's label column: class indices, or names from `labels`
     trim_vocab: bool = False  # keep only the word pieces the training text uses (embeddings + tokenizer)
     ptq_bits: Annotated[int, Field(ge=2, le=8)] | None = 8  # artifact: weights LSQ did not train (embeddings, pooler)

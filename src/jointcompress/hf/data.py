@@ -19,21 +19,35 @@ MAX_LENGTH = 64
 
 @dataclass
 class TextDataset:
-    """Sentences and integer labels, in file order."""
+    """Texts and integer labels, in file order; `pairs`: the second text of each row for a
+    sentence-pair task (None for single texts)."""
 
     sentences: list[str]
     labels: list[int]
+    pairs: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.sentences)
+
+    def rows(self, idx: list[int]) -> "TextDataset":
+        return TextDataset([self.sentences[i] for i in idx], [self.labels[i] for i in idx],
+                           None if self.pairs is None else [self.pairs[i] for i in idx])
 
     def subset(self, n: int | None, seed: int = 0) -> "TextDataset":
         """A reproducible random subset of n rows (all rows if n is None or >= len)."""
         if n is None or n >= len(self):
             return self
         g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(self), generator=g)[:n].tolist()
-        return TextDataset([self.sentences[i] for i in idx], [self.labels[i] for i in idx])
+        return self.rows(torch.randperm(len(self), generator=g)[:n].tolist())
+
+    def head(self, n: int | None) -> "TextDataset":
+        """The first n rows (all if n is None)."""
+        return self if n is None else self.rows(list(range(min(n, len(self)))))
+
+    @property
+    def texts(self) -> list[str]:
+        """Every text of the rows (both of a pair): what a vocabulary must cover."""
+        return self.sentences + (self.pairs or [])
 
 
 # single-text columns tried in this order when hf.text_column is not set
@@ -45,15 +59,16 @@ FORMATS = (".tsv", ".csv", ".jsonl")
 
 
 def read_rows(path: str | Path, text_column: str | None = None, label_column: str = "label",
-              label_names: list[str] | None = None) -> TextDataset:
+              label_names: list[str] | None = None, pair_column: str | None = None) -> TextDataset:
     """Read a text-classification file: `.tsv` (GLUE's layout, no quoting), `.csv` or `.jsonl`,
     with a header naming its columns (a JSON object per line for `.jsonl`).
 
-    The text is `text_column`, else the first of TEXT_COLUMNS the header has; other columns (an
-    index, a source) are ignored. A label is a class index, or one of `label_names` (the
-    classifier's label names: "entailment", "positive"), mapped to its index. Why so general:
-    results are re-checked on other data than SST-2, saved by other tools (pandas writes CSV,
-    `datasets` writes JSON lines, GLUE ships TSV)."""
+    The text is `text_column`, else the first of TEXT_COLUMNS the header has; a sentence pair's
+    second text is `pair_column`, else, with no text column named, found by PAIR_COLUMNS (GLUE's
+    premise / hypothesis, question / sentence, ...). Other columns (an index, a source) are ignored.
+    A label is a class index, or one of `label_names` (the classifier's label names: "entailment",
+    "positive"), mapped to its index. Why so general: results are re-checked on other data than
+    SST-2, saved by other tools (pandas writes CSV, `datasets` writes JSON lines, GLUE ships TSV)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; give a folder with train and dev files ({', '.join(FORMATS)})")
@@ -61,18 +76,21 @@ def read_rows(path: str | Path, text_column: str | None = None, label_column: st
         raise DataError(f"{path}: unknown format {path.suffix!r}; save the rows as one of {', '.join(FORMATS)}")
     sentences: list[str] = []
     labels: list[int] = []
-    text_key = None
+    pairs: list[str] = []
+    keys: tuple[str, str | None] | None = None
     for lineno, header, row in _records(path):
-        if text_key is None:
-            text_key = _text_column(path, header, text_column, label_column)
-        if text_key not in row or label_column not in row:
-            missing = text_key if text_key not in row else label_column
-            raise DataError(f"{path}:{lineno}: no {missing!r} value in this row")
-        sentences.append(str(row[text_key]).strip())
+        if keys is None:
+            keys = _text_columns(path, header, text_column, pair_column, label_column)
+        for key in (*[k for k in keys if k is not None], label_column):
+            if key not in row:
+                raise DataError(f"{path}:{lineno}: no {key!r} value in this row")
+        sentences.append(str(row[keys[0]]).strip())
+        if keys[1] is not None:
+            pairs.append(str(row[keys[1]]).strip())
         labels.append(_label(path, lineno, row[label_column], label_names))
     if not sentences:
         raise DataError(f"{path}: no rows after the header")
-    return TextDataset(sentences, labels)
+    return TextDataset(sentences, labels, pairs if keys[1] is not None else None)
 
 
 def read_tsv(path: str | Path) -> TextDataset:
@@ -120,27 +138,29 @@ def _fit(path: Path, lineno: int, header: list[str], fields: list[str]) -> list[
     return fields
 
 
-def _text_column(path: Path, header: list[str], text_column: str | None, label_column: str) -> str:
-    """The column holding the text (hf.text_column, else the first of TEXT_COLUMNS in the header)."""
+def _text_columns(path: Path, header: list[str], text_column: str | None, pair_column: str | None,
+                  label_column: str) -> tuple[str, str | None]:
+    """(the text's column, the pair's second text's column or None), as read_rows says."""
     if label_column not in header:
         raise DataError(f"{path}: header is {header!r}, with no {label_column!r} column; name the label column "
                         "with hf.label_column")
+    for name, field in ((text_column, "hf.text_column"), (pair_column, "hf.pair_column")):
+        if name is not None and name not in header:
+            raise DataError(f"{path}: header is {header!r}, with no {name!r} column ({field})")
     if text_column is not None:
-        if text_column not in header:
-            raise DataError(f"{path}: header is {header!r}, with no {text_column!r} column (hf.text_column)")
-        return text_column
+        return text_column, pair_column
+    if pair_column is not None:
+        raise DataError(f"{path}: hf.pair_column is {pair_column!r} but hf.text_column is not set; name the first text's "
+                        "column too")
     pair = next((p for p in PAIR_COLUMNS if set(p) <= set(header)), None)
     if pair is not None:
-        raise DataError(
-            f"{path}: columns {pair[0]!r} and {pair[1]!r} look like a sentence-pair task, which `jointcompress "
-            "compress` does not read (it feeds one text per row); compress such a model from Python, where the "
-            "session takes the tokenizer's dict batches as they are, or with the transformers Trainer "
-            "(docs/your-model.md), or set hf.text_column to classify one column alone")
+        return pair
     found = next((c for c in TEXT_COLUMNS if c in header), None)
     if found is None:
         raise DataError(f"{path}: header is {header!r}; expected a text column ({' or '.join(TEXT_COLUMNS)}) and "
-                        f"{label_column!r}, or name the text column with hf.text_column")
-    return found
+                        f"{label_column!r}, or name the text column with hf.text_column (and a pair's second with "
+                        "hf.pair_column)")
+    return found, None
 
 
 def _label(path: Path, lineno: int, value, names: list[str] | None) -> int:
@@ -162,9 +182,10 @@ def _label(path: Path, lineno: int, value, names: list[str] | None) -> int:
 
 
 def tokenize(tokenizer, data: TextDataset, max_length: int = MAX_LENGTH) -> dict[str, torch.Tensor]:
-    """Tokenize every sentence padded to max_length (fixed shapes make latency comparable)."""
+    """Tokenize every row (a pair as two segments) padded to max_length (fixed shapes make latency comparable)."""
     enc = tokenizer(
         data.sentences,
+        data.pairs,  # a sentence pair: two segments ([SEP] between, token types 0 / 1), truncated longest first
         padding="max_length",
         truncation=True,
         max_length=max_length,

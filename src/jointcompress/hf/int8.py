@@ -75,12 +75,14 @@ class _LogitsOnly(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **types).logits
 
 
-def export_onnx(model: nn.Module, path: str | Path, seq_len: int = 64) -> Path:
-    """Export fp32 model to ONNX (inputs input_ids, attention_mask; output logits).
+def export_onnx(model: nn.Module, path: str | Path, seq_len: int = 64, token_types: bool = False) -> Path:
+    """Export fp32 model to ONNX (inputs input_ids, attention_mask, with `token_types` also
+    token_type_ids (sentence pairs); output logits).
 
     The batch axis is dynamic; the sequence length is fixed at seq_len (the traced mask
     code treats it as a constant), so feed inputs padded to exactly seq_len.
@@ -89,11 +91,11 @@ def export_onnx(model: nn.Module, path: str | Path, seq_len: int = 64) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     model = baked_copy(model).eval()
     model.config._attn_implementation = "eager"  # sdpa's mask path traces poorly
-    ids = torch.ones(2, seq_len, dtype=torch.long)
-    mask = torch.ones(2, seq_len, dtype=torch.long)
+    names = list(INPUT_NAMES) + (["token_type_ids"] if token_types else [])
+    example = tuple(torch.ones(2, seq_len, dtype=torch.long) for _ in names)
     torch.onnx.export(
-        _LogitsOnly(model), (ids, mask), str(path), input_names=list(INPUT_NAMES), output_names=["logits"],
-        dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}, "logits": {0: "batch"}},
+        _LogitsOnly(model), example, str(path), input_names=names, output_names=["logits"],
+        dynamic_axes={**{name: {0: "batch"} for name in names}, "logits": {0: "batch"}},
         opset_version=17, dynamo=False,
     )
     return path
@@ -135,26 +137,35 @@ class OrtClassifier:
         if not Path(path).is_file():
             raise ArtifactError(f"ONNX file {path} does not exist; run export_onnx / quantize_onnx_int8 first")
         self.session = ort_session(path, threads or DEFAULT_THREADS)  # spinning off (deploy.timing)
+        self.takes_types = "token_type_ids" in {i.name for i in self.session.get_inputs()}
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                 **_) -> torch.Tensor:
         feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+        if self.takes_types:  # a sentence-pair model; one segment where none is given (the latency's rows)
+            feeds["token_type_ids"] = (token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)).numpy()
         return torch.from_numpy(self.session.run(["logits"], feeds)[0])
 
 
 def torch_logits_fn(model: nn.Module):
-    """Callable (input_ids, attention_mask) -> logits for a torch model, no grad."""
+    """Callable (input_ids, attention_mask[, token_type_ids]) -> logits for a torch model, no grad."""
 
     @torch.no_grad()
-    def run(input_ids, attention_mask, **_):
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+    def run(input_ids, attention_mask, token_type_ids=None, **_):
+        types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return model(input_ids=input_ids, attention_mask=attention_mask, **types).logits
 
     return run
 
 
 def logits_over(fn, tensors: dict[str, torch.Tensor], batch_size: int = 64) -> torch.Tensor:
-    """fn's logits for all rows (fixed padding, so every back end sees identical inputs)."""
+    """fn's logits for all rows (fixed padding, so every back end sees identical inputs); the token
+    types go along where a row has a second segment (sentence pairs)."""
     n = tensors["input_ids"].shape[0]
-    outs = [fn(tensors["input_ids"][i:i + batch_size], tensors["attention_mask"][i:i + batch_size])
+    types = tensors.get("token_type_ids")
+    types = types if types is not None and bool(types.any()) else None
+    outs = [fn(tensors["input_ids"][i:i + batch_size], tensors["attention_mask"][i:i + batch_size],
+               *([] if types is None else [types[i:i + batch_size]]))
             for i in range(0, n, batch_size)]
     return torch.cat(outs).float()
 

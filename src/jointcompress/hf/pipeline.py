@@ -38,8 +38,8 @@ NOTE = (
     "LSQ did not train (hf.ptq_bits); artifact.dev_accuracy and everything after it: the model loaded back "
     "from OUT/artifact. folder_bytes: fp32 safetensors of OUT/hf_model (values on the quantization grids). "
     "int8 (OUT/onnx/model_int8.onnx) is ONNX Runtime dynamic int8 with the trained LSQ step sizes for the "
-    "encoder Linears (ORT's own scales elsewhere); feed it input_ids / attention_mask padded to exactly "
-    "seq_len with the tokenizer in OUT/hf_model"
+    "encoder Linears (ORT's own scales elsewhere); feed it input_ids / attention_mask (and token_type_ids for "
+    "sentence pairs) padded to exactly seq_len with the tokenizer in OUT/hf_model"
 )
 
 
@@ -114,8 +114,9 @@ def _export_and_summarize(run: HFRun, *, int8: bool, int8_atol: float, latency_r
     from jointcompress.io import atomic_write_json
 
     folder = export_folder(run.hf, run.tok, run.out / "hf_model")
-    text = next((t for t in run.dev_data.sentences if t), EXAMPLE)  # a row of the user's own task, not SST-2's
-    example = load_pipeline(folder)(text)[0]
+    text = example_text(run.dev_data)
+    example = load_pipeline(folder)(text)
+    example = example[0] if isinstance(example, list) else example
     teacher_bytes = folder_bytes(run.src) if Path(run.src).is_dir() else None
     student_bytes = folder_bytes(folder)
     int8_summary = None
@@ -145,6 +146,14 @@ def _export_and_summarize(run: HFRun, *, int8: bool, int8_atol: float, latency_r
     return summary
 
 
+def example_text(data) -> str | dict:
+    """The exported pipeline's example: the first dev row (the user's own task, not SST-2's), as
+    the text-classification pipeline takes it ({"text", "text_pair"} for a sentence pair)."""
+    if not len(data):
+        return EXAMPLE
+    return data.sentences[0] if data.pairs is None else {"text": data.sentences[0], "text_pair": data.pairs[0]}
+
+
 def deploy_int8(hf, teacher, dev_t: dict, onnx_dir: Path, *, seq_len: int, teacher_bytes: int | None,
                 teacher_acc: float | None, atol: float = INT8_ATOL, rounds: int = 5,
                 log: Callable[[str], None] = lambda msg: None, spec=None) -> dict:
@@ -158,11 +167,12 @@ def deploy_int8(hf, teacher, dev_t: dict, onnx_dir: Path, *, seq_len: int, teach
                                        torch_logits_fn, trained_overrides)
 
     onnx_dir = Path(onnx_dir)
-    fp32 = export_onnx(hf, onnx_dir / "model_fp32.onnx", seq_len=seq_len)
+    dev = {k: dev_t[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in dev_t}
+    pairs = "token_type_ids" in dev and bool(dev["token_type_ids"].any())  # sentence pairs: a third input
+    fp32 = export_onnx(hf, onnx_dir / "model_fp32.onnx", seq_len=seq_len, token_types=pairs)
     trained = trained_overrides(fp32, hf, spec)
     q = quantize_onnx_int8(fp32, onnx_dir / "model_int8.onnx", trained)
     ort = OrtClassifier(q, threads=1)
-    dev = {k: dev_t[k] for k in ("input_ids", "attention_mask")}
     ref = logits_over(torch_logits_fn(hf.eval()), dev)
     got = logits_over(ort, dev)
     try:

@@ -22,7 +22,7 @@ from jointcompress.hf.heads import head_counts
 from jointcompress.hf.load import DEFAULT_LABELS, MINILM_NAME, load_classifier, load_tokenizer, teacher_labels
 from jointcompress.hf.pruned import n_layers
 from jointcompress.hf.student import make_student
-from jointcompress.hf.wrapper import SequenceClassifier, accuracy, pack, tensor_loader
+from jointcompress.hf.wrapper import SequenceClassifier, accuracy, pack_tokens, tensor_loader
 
 
 @dataclass
@@ -134,19 +134,20 @@ def load_text(run: HFRun, data_dir) -> None:
     """The train and dev files read, limited, checked against the classes, tokenized."""
     hf_cfg, n_labels = run.hf_cfg, len(run.labels)
     train_file, dev_file = split_files(data_dir or run.recipe.data)
-    read = dict(text_column=hf_cfg.text_column, label_column=hf_cfg.label_column, label_names=run.labels)
+    read = dict(text_column=hf_cfg.text_column, pair_column=hf_cfg.pair_column, label_column=hf_cfg.label_column,
+                label_names=run.labels)
     run.train_data = read_rows(train_file, **read).subset(hf_cfg.train_limit, seed=run.recipe.training.seed)
-    dev = read_rows(dev_file, **read)
-    if hf_cfg.eval_limit is not None:
-        dev = TextDataset(dev.sentences[: hf_cfg.eval_limit], dev.labels[: hf_cfg.eval_limit])
-    run.dev_data = dev
+    run.dev_data = dev = read_rows(dev_file, **read).head(hf_cfg.eval_limit)
+    if (run.train_data.pairs is None) != (dev.pairs is None):
+        raise DataError(f"{train_file.name} and {dev_file.name}: one holds sentence pairs, the other single texts; "
+                        "give both files the same columns")
     for f, d in ((train_file, run.train_data), (dev_file, dev)):
         bad = sorted({y for y in d.labels if not 0 <= y < n_labels})
         if bad:
             raise DataError(f"{f.name} has labels {bad[:5]}; the classifier has {n_labels} classes {run.labels} "
                             f"(0..{n_labels - 1}); list every class in hf.labels")
     run.dev_t = tokenize(run.tok, dev, hf_cfg.max_length)
-    run.x_dev, run.y_dev = pack(run.dev_t["input_ids"], run.dev_t["attention_mask"]), run.dev_t["labels"]
+    run.x_dev, run.y_dev = pack_tokens(run.dev_t), run.dev_t["labels"]
 
 
 def train(run: HFRun, dist, progress, callbacks, progressive: bool, compress_kwargs: dict) -> None:
@@ -189,10 +190,10 @@ def finalize_student(run: HFRun, trim_vocab: bool | None) -> None:
     from jointcompress.hf.vocab import trim_vocab as _trim
 
     full_vocab = run.hf.config.vocab_size
-    run.hf, run.tok, keep = _trim(run.hf, run.tok, run.train_data.sentences)
+    run.hf, run.tok, keep = _trim(run.hf, run.tok, run.train_data.texts)
     run.hf.eval()
     run.dev_t = tokenize(run.tok, run.dev_data, run.hf_cfg.max_length)
-    run.x_dev = pack(run.dev_t["input_ids"], run.dev_t["attention_mask"])
+    run.x_dev = pack_tokens(run.dev_t)
     run.measured["vocab_note"] = {"dev_accuracy_full_vocab": acc, "vocab_kept": len(keep), "vocab_full": full_vocab}
     run.measured["final_acc"] = accuracy(SequenceClassifier(run.hf), run.x_dev, run.y_dev)
     run.log(f"vocabulary trimmed to {len(keep)} of {full_vocab} word pieces; dev accuracy {acc:.4f} -> "

@@ -16,30 +16,49 @@ from torch import nn
 from jointcompress.errors import DataError
 
 
-def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """[N, L] ids and mask -> one int64 tensor [N, 2, L] (mask of ones when not given)."""
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+         token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, L] ids and mask -> one int64 tensor [N, 2, L] (mask of ones when not given); with the
+    token types (a sentence pair's segments) [N, 3, L]."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+    rows = [input_ids, attention_mask] + ([token_type_ids] if token_type_ids is not None else [])
+    if input_ids.dim() != 2 or any(r.shape != input_ids.shape for r in rows):
         raise DataError(
-            f"pack: input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
-            "must both be [batch, length]"
+            f"pack: input_ids {tuple(input_ids.shape)}, attention_mask {tuple(attention_mask.shape)}"
+            f"{'' if token_type_ids is None else f' and token_type_ids {tuple(token_type_ids.shape)}'} "
+            "must all be [batch, length]"
         )
-    return torch.stack([input_ids.long(), attention_mask.long()], dim=1)
+    return torch.stack([r.long() for r in rows], dim=1)
+
+
+def pack_tokens(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """pack() of a tokenizer's dict (hf.data.tokenize): the token types go in only where some row
+    has a second segment (sentence pairs); single texts stay [N, 2, L], as they always were."""
+    types = tensors.get("token_type_ids")
+    return pack(tensors["input_ids"], tensors["attention_mask"], types if types is not None and bool(types.any()) else None)
+
+
+def model_inputs(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The inverse of pack, as the HF model's keyword arguments."""
+    if x.dim() != 3 or x.shape[1] not in (2, 3):
+        raise DataError(
+            f"SequenceClassifier: inputs have shape {tuple(x.shape)}; expected [batch, 2, length] "
+            "(input_ids and attention_mask stacked with jointcompress.hf.wrapper.pack; [batch, 3, length] with "
+            "token_type_ids)"
+        )
+    names = ("input_ids", "attention_mask", "token_type_ids")[: x.shape[1]]
+    return {name: x[:, i].long() for i, name in enumerate(names)}
 
 
 def unpack(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse of pack: (input_ids, attention_mask)."""
-    if x.dim() != 3 or x.shape[1] != 2:
-        raise DataError(
-            f"SequenceClassifier: inputs have shape {tuple(x.shape)}; expected [batch, 2, length] "
-            "(input_ids and attention_mask stacked with jointcompress.hf.wrapper.pack)"
-        )
-    return x[:, 0].long(), x[:, 1].long()
+    """input_ids and attention_mask of a packed tensor."""
+    inputs = model_inputs(x)
+    return inputs["input_ids"], inputs["attention_mask"]
 
 
 class SequenceClassifier(nn.Module):
-    """forward(x [N, 2, L]) -> logits [N, num_labels] of the wrapped HF classifier.
+    """forward(x [N, 2, L], or [N, 3, L] with token types) -> logits [N, num_labels] of the wrapped HF classifier.
 
     trim=True cuts each batch to its longest row (exact for BERT-style encoders, whose padded
     positions are masked out; several times cheaper on short-sentence data).
@@ -55,11 +74,12 @@ class SequenceClassifier(nn.Module):
         return self.hf.config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids, mask = unpack(x)
+        inputs = model_inputs(x)
+        mask = inputs["attention_mask"]
         if self.trim and mask.numel():
             length = max(1, int(mask.sum(1).max()))
-            ids, mask = ids[:, :length], mask[:, :length]
-        return self.hf(input_ids=ids, attention_mask=mask).logits
+            inputs = {k: v[:, :length] for k, v in inputs.items()}
+        return self.hf(**inputs).logits
 
     def position_mask(self, x: torch.Tensor) -> torch.Tensor:
         """[N, L'] bool: which positions of the hidden states of `forward(x)` are real tokens
@@ -121,7 +141,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
 def tensor_loader(tensors: dict[str, torch.Tensor], batch_size: int, shuffle: bool = True, seed: int = 0,
                   bucket: int = 50, rank: int = 0, world: int = 1):
-    """A DataLoader of (pack(ids, mask), labels, index) from tokenize()'s dict.
+    """A DataLoader of (pack_tokens(tensors), labels, index) from tokenize()'s dict.
 
     Bypasses data.check_tensors (which wants float inputs): token ids are integers. With
     shuffle and bucket > 0, batches hold rows of similar length (BucketBatchSampler), sharded
@@ -131,7 +151,7 @@ def tensor_loader(tensors: dict[str, torch.Tensor], batch_size: int, shuffle: bo
         raise DataError("tensor_loader: data-parallel loading needs shuffle=True and bucket > 0 (BucketBatchSampler)")
     from torch.utils.data import DataLoader, TensorDataset
 
-    x = pack(tensors["input_ids"], tensors["attention_mask"])
+    x = pack_tokens(tensors)
     y = tensors["labels"].long()
     g = torch.Generator().manual_seed(seed)
     ds = TensorDataset(x, y, torch.arange(len(y)))
