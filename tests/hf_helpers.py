@@ -14,6 +14,8 @@ from transformers import (  # noqa: E402
     BertForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
 )
 
 WORDS = "good bad great awful movie film fun boring plot acting love hate the a is was".split()
@@ -34,6 +36,14 @@ def tiny_distilbert(layers: int = 4, heads: int = 4, hidden: int = 32, ffn: int 
                            max_position_embeddings=64, num_labels=2, id2label=LABELS,
                            label2id={v: k for k, v in LABELS.items()})
     return DistilBertForSequenceClassification(cfg).eval()
+
+
+def tiny_roberta(layers: int = 4, heads: int = 4, hidden: int = 32, ffn: int = 64, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = RobertaConfig(vocab_size=64, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=ffn, max_position_embeddings=72, num_labels=2, id2label=LABELS,
+                        label2id={v: k for k, v in LABELS.items()})
+    return RobertaForSequenceClassification(cfg).eval()
 
 
 def tiny_tokenizer(tmp_path: Path):

@@ -139,6 +139,11 @@ def test_the_classes_come_from_the_teacher_and_a_count_that_disagrees_is_refused
     (mixed / "dev.csv").write_text("premise,hypothesis,label\ngood,movie,0\n")
     with pytest.raises(DataError, match="one holds sentence pairs, the other single texts"):
         steps.load_text(run, mixed)
+    from transformers import ElectraConfig
+
+    from jointcompress.errors import UnsupportedModelError
+    with pytest.raises(UnsupportedModelError, match="model_type 'electra'.*from Python"):  # a ValueError deep in pruning
+        steps.check_family(ElectraConfig(), "electra-folder")
     two = parse_recipe({"hf": {"labels": ["NEGATIVE", "POSITIVE"]}, "techniques": [{"type": "distill_kd"}]})
     run = steps.HFRun(recipe=two, hf_cfg=two.hf, out=tmp_path / "out", log=lambda _: None)
     with pytest.raises(RecipeError, match="hf.labels names 2 classes.*has 3 outputs.*remove hf.labels"):

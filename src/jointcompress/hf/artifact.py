@@ -9,7 +9,7 @@ and token-type embeddings, pooler) as 8-bit per-row round-to-nearest integers
 LayerNorm) as fp32, all counted byte for byte in manifest.json.
 
 The architecture is not pickled: the manifest holds the model's config (per-layer head
-counts and FFN widths of the `jointcompress_bert` / `jointcompress_distilbert` types), and
+counts and FFN widths of the `jointcompress_bert` / `jointcompress_distilbert` / `jointcompress_roberta` types), and
 `load_hf_artifact` rebuilds the model from it with the transformers Auto classes, then
 reads the tensors with safetensors. The tokenizer is saved beside the weights (in
 ARTIFACT/tokenizer), so the artifact alone is enough to classify text.

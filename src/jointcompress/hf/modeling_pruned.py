@@ -24,6 +24,8 @@ from transformers import (
     BertForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
 )
 
 # Dotted paths inside one transformer layer, per family, and the config field names.
@@ -59,7 +61,7 @@ ARCH = {
         "n_layers": "n_layers",
     },
 }
-ARCH["roberta"] = ARCH["bert"]  # same module names; no pruned save/load class yet
+ARCH["roberta"] = ARCH["bert"]  # same module names (embeddings and the classification head differ)
 # Causal LMs: FFN neurons only (Llama / Mistral gated MLP: gate and up rows go together; GPT-2
 # after hf.causal.conv1d_to_linear). Heads are not: grouped-query attention shares each KV head
 # among several query heads, and GPT-2 fuses q, k and v into one projection.
@@ -91,6 +93,7 @@ FAMILY_OF = {
     "distilbert": "distilbert",
     "jointcompress_distilbert": "distilbert",
     "roberta": "roberta",
+    "jointcompress_roberta": "roberta",
     "llama": "llama",
     "mistral": "llama",
     "gpt2": "gpt2",
@@ -109,7 +112,7 @@ def require_units(config, unit: str) -> None:
 
 
 def family(config) -> str:
-    """'bert', 'distilbert' or 'roberta' for a config; ValueError names supported types."""
+    """The family of a config (ARCH's keys); ValueError names the supported types."""
     fam = FAMILY_OF.get(getattr(config, "model_type", None))
     if fam is None:
         raise ValueError(
@@ -233,6 +236,15 @@ class JCDistilBertConfig(DistilBertConfig):
     intermediate_per_layer: list[int] | None = None
 
 
+@strict
+class JCRobertaConfig(RobertaConfig):
+    """RobertaConfig plus per-layer widths (None = unpruned)."""
+
+    model_type = "jointcompress_roberta"
+    heads_per_layer: list[int] | None = None
+    intermediate_per_layer: list[int] | None = None
+
+
 class JCBertForSequenceClassification(BertForSequenceClassification):
     """BertForSequenceClassification whose layers are shrunk to the config's widths."""
 
@@ -253,9 +265,20 @@ class JCDistilBertForSequenceClassification(DistilBertForSequenceClassification)
         apply_widths(self)
 
 
+class JCRobertaForSequenceClassification(RobertaForSequenceClassification):
+    """RobertaForSequenceClassification whose layers are shrunk to the config's widths."""
+
+    config_class = JCRobertaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        apply_widths(self)
+
+
 PRUNED_CLASSES = {
     "bert": (JCBertConfig, JCBertForSequenceClassification),
     "distilbert": (JCDistilBertConfig, JCDistilBertForSequenceClassification),
+    "roberta": (JCRobertaConfig, JCRobertaForSequenceClassification),
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from jointcompress.errors import ArtifactError, DataError, RecipeError
+from jointcompress.errors import ArtifactError, DataError, RecipeError, UnsupportedModelError
 from jointcompress.hf.data import FORMATS, TextDataset, read_rows, tokenize
 from jointcompress.hf.ffn import ffn_widths
 from jointcompress.hf.heads import head_counts
@@ -120,6 +120,7 @@ def load_models(run: HFRun, weights) -> None:
     labels = dict(enumerate(run.labels))
     run.tok = load_tokenizer(src)
     run.teacher = load_classifier(src, num_labels=len(labels), id2label=labels).eval()
+    check_family(run.teacher.config, src)
     layers_ = run.hf_cfg.student_layers
     if layers_:
         n = n_layers(run.teacher.config)
@@ -128,6 +129,23 @@ def load_models(run: HFRun, weights) -> None:
         run.student = make_student(run.teacher, layers_)
     else:
         run.student = copy.deepcopy(run.teacher)
+
+
+def check_family(config, src: str) -> None:
+    """This path removes heads, FFN neurons and layers and exports the pruned model with per-layer
+    widths, which it knows how to do for the families of modeling_pruned.FAMILY_OF only: another
+    model type is refused here, naming the way it can be compressed, not by a ValueError deep in
+    pruning or finalize."""
+    from jointcompress.hf.modeling_pruned import FAMILY_OF, family
+
+    try:
+        family(config)
+    except ValueError:
+        raise UnsupportedModelError(
+            f"teacher {src}: model_type {config.model_type!r}; `jointcompress compress` with an hf: section prunes heads, "
+            f"FFN neurons and layers of model_type {', '.join(sorted(k for k in FAMILY_OF if '_' not in k))} only. "
+            f"Classifiers of model_type {config.model_type!r} compress from Python, where the session takes the model "
+            "and its dict batches as they are (quant_lsq, prune_unstructured, distill_kd; docs/your-model.md)") from None
 
 
 def load_text(run: HFRun, data_dir) -> None:
@@ -145,7 +163,8 @@ def load_text(run: HFRun, data_dir) -> None:
         bad = sorted({y for y in d.labels if not 0 <= y < n_labels})
         if bad:
             raise DataError(f"{f.name} has labels {bad[:5]}; the classifier has {n_labels} classes {run.labels} "
-                            f"(0..{n_labels - 1}); list every class in hf.labels")
+                            f"(0..{n_labels - 1}), so the data's labels must be among them (a teacher fine-tuned on "
+                            "another task has another head; a base encoder gets one of hf.labels' size)")
     run.dev_t = tokenize(run.tok, dev, hf_cfg.max_length)
     run.x_dev, run.y_dev = pack_tokens(run.dev_t), run.dev_t["labels"]
 
