@@ -148,6 +148,7 @@ def test_colour_images_train_the_reference_models_and_the_artifact_loads_with_th
     np.savez(tmp_path / "rgb.npz", x_train=x[:64], y_train=y[:64], x_test=x[64:], y_test=y[64:])
     split = load_dataset(str(tmp_path / "rgb.npz"))
     assert split.x_train.shape == (64, 3, 32, 32) and split.channels == 3 and split.image_size == 32
+    assert split.name == "rgb"  # tables and results name the file's data set (every .npz was "mnist")
     means, stds = split.x_train.mean((0, 2, 3)), split.x_train.std((0, 2, 3))
     assert torch.allclose(means, torch.zeros(3), atol=1e-5) and torch.allclose(stds, torch.ones(3), atol=1e-3)
     recipe = tmp_path / "r.yaml"

@@ -112,7 +112,7 @@ def load_mnist(path: str | Path) -> Split:
         xtr, xte = _normalise_channels(x_train, x_test)
     ytr = torch.from_numpy(_class_labels(arrays["y_train"], f"{path}:y_train", len(x_train)))
     yte = torch.from_numpy(_class_labels(arrays["y_test"], f"{path}:y_test", len(x_test)))
-    return Split(xtr, ytr, xte, yte, "mnist")
+    return Split(xtr, ytr, xte, yte, path.stem)  # tables and results name the data set by its file ("mnist")
 
 
 def _class_labels(y: np.ndarray, what: str, n: int) -> np.ndarray:
