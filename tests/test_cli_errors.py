@@ -278,3 +278,23 @@ def test_channels_beside_a_size_target_are_refused_and_the_two_runs_it_names_wor
     assert 0.9 * 5 * 1024 <= on_disk <= 1.02 * 5 * 1024, on_disk
     model = load(tmp_path / "o2" / "artifact", lambda: LeNet300(64, 10))
     assert (model.fc1.out_features, model.fc2.out_features) == (150, 50)
+
+
+def test_the_commands_show_their_own_warnings_as_one_line_and_leave_others_alone(monkeypatch, capsys):
+    """A size_budget warning printed the raising file, its line number and its source line."""
+    import warnings
+
+    from jointcompress import cli
+
+    shown = []
+    cli.STATE["debug"] = False
+    cli._show_warning(UserWarning("size_budget: 54% over the aim"), UserWarning, cli.__file__, 3,
+                      _default=lambda *a: shown.append(a))
+    err = capsys.readouterr().err
+    assert err.strip() == "warning: size_budget: 54% over the aim" and not shown
+    cli._show_warning(UserWarning("from torch"), UserWarning, "/site-packages/torch/onnx/x.py", 3,
+                      _default=lambda *a: shown.append(a))
+    assert len(shown) == 1 and capsys.readouterr().err == ""
+    before = warnings.showwarning
+    _cli(monkeypatch, capsys, "recipe", "validate", "/nonexistent.yaml")
+    assert warnings.showwarning is before  # main() restores it

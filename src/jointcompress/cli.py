@@ -257,8 +257,27 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=None):
+    """A warning of this package as one line, `warning: ...` on stderr (not the file, line and source
+    of the code that raised it, which mean nothing to a command-line user); others as Python shows them."""
+    if STATE["debug"] or not str(filename).startswith(str(Path(__file__).parent)):
+        return _default(message, category, filename, lineno, file, line)
+    from rich.markup import escape
+
+    Console(stderr=True, width=console.width).print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False)
+
+
 def main() -> None:
+    import functools
+    import warnings
+
     debug = STATE["debug"] = "--debug" in sys.argv[1:]
+    with warnings.catch_warnings():  # restores showwarning when the command ends (tests call main())
+        warnings.showwarning = functools.partial(_show_warning, _default=warnings.showwarning)
+        _run(debug)
+
+
+def _run(debug: bool) -> None:
     try:
         app(standalone_mode=False)
     except JointCompressError as err:
