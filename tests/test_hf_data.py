@@ -52,9 +52,10 @@ def test_rows_come_from_csv_and_json_lines_with_named_labels_and_other_columns(t
     d = read_rows(csv_file, label_names=names)
     assert d.sentences == ["good, fun movie", 'the "plot"', "awful"] and d.labels == [2, 1, 0]
     jsonl = tmp_path / "dev.jsonl"
-    jsonl.write_text('{"review": "great film", "stars": 2}\n\n{"review": "boring", "stars": "neutral"}\n')
+    jsonl.write_text('{"review": "great film", "stars": 2}\n\n{"review": "boring", "stars": "neutral"}\n'
+                     '{"review": "ok", "stars": false}\n')
     d = read_rows(jsonl, text_column="review", label_column="stars", label_names=names)
-    assert d.sentences == ["great film", "boring"] and d.labels == [2, 1]
+    assert d.sentences == ["great film", "boring", "ok"] and d.labels == [2, 1, 0]
 
 
 @pytest.mark.parametrize("name,text,kwargs,match", [

@@ -164,10 +164,11 @@ def _text_columns(path: Path, header: list[str], text_column: str | None, pair_c
 
 
 def _label(path: Path, lineno: int, value, names: list[str] | None) -> int:
-    """A class index from an integer, an integer string or one of the label names."""
-    if isinstance(value, bool) or value is None or isinstance(value, float) and not value.is_integer():
+    """A class index from an integer, an integer string, a JSON true / false (BoolQ's: 1 / 0) or one
+    of the label names."""
+    if value is None or isinstance(value, float) and not value.is_integer():
         raise DataError(f"{path}:{lineno}: label {value!r} is not an integer class index")
-    if isinstance(value, (int, float)):
+    if isinstance(value, (bool, int, float)):
         return int(value)
     text = str(value).strip()
     try:
