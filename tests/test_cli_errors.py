@@ -298,3 +298,18 @@ def test_the_commands_show_their_own_warnings_as_one_line_and_leave_others_alone
     before = warnings.showwarning
     _cli(monkeypatch, capsys, "recipe", "validate", "/nonexistent.yaml")
     assert warnings.showwarning is before  # main() restores it
+
+
+def test_dry_run_takes_an_image_shape_without_its_batch_and_refuses_a_shape_the_model_does_not_run_on(
+        monkeypatch, capsys, tmp_path):
+    """--input-shape 3,40,40 built a 1-channel ResNet and traced it with a 3-D input: a RuntimeError
+    traceback from the first convolution."""
+    code, out = _cli(monkeypatch, capsys, "dry-run", "--model", "resnet", "--input-shape", "3,40,40")
+    assert code in (0, None) and "prunable channel groups" in out and "Traceback" not in out
+    builder = tmp_path / "mine.py"
+    builder.write_text("import torch.nn as nn\n\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten())\n")
+    code, out = _cli(monkeypatch, capsys, "dry-run", "--model", f"{builder}:build", "--input-shape", "1,1,16,16")
+    assert code == 2 and "--input-shape 1,1,16,16: " in out and "does not run on a zero input of this shape" in out
+    assert "Traceback" not in out
+    code, out = _cli(monkeypatch, capsys, "dry-run", "--model", "vit", "--input-shape", "1,3,32,16")
+    assert code == 2 and "takes square images" in out

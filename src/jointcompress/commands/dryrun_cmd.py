@@ -43,17 +43,32 @@ def load_builder(spec: str):
 
 
 def _model_and_input(model_name: str, image_size: int, input_shape: list[int] | None):
+    """The model and the zero input to trace it with, checked to run (a shape the model does not take
+    failed deep inside the trace)."""
     import torch
 
     from ..models import MODELS, build_model
 
-    if model_name in MODELS:  # --input-shape N,C,H,W sets the channels and the size of a built-in model
-        shape = input_shape or [1, 1, image_size, image_size]
-        channels, size = (shape[1], shape[-1]) if len(shape) == 4 else (1, image_size)
-        return build_model(model_name, image_size=size, in_channels=channels).eval(), torch.zeros(shape)
-    if not input_shape:
+    if model_name in MODELS:  # built-ins take square images: --input-shape N,C,H,W (or C,H,W) sets channels and size
+        shape = list(input_shape or [1, 1, image_size, image_size])
+        shape = [1] * (4 - len(shape)) + shape if len(shape) in (2, 3) else shape
+        if len(shape) != 4 or shape[2] != shape[3]:
+            raise RecipeError(f"--input-shape {','.join(map(str, input_shape))}: the built-in model {model_name!r} takes square "
+                              "images, N,C,H,W with H = W (e.g. 1,3,32,32)")
+        model, example = build_model(model_name, image_size=shape[-1], in_channels=shape[1]).eval(), torch.zeros(shape)
+    elif not input_shape:
         raise RecipeError(f"--model {model_name!r}: a model of your own needs --input-shape, e.g. --input-shape 1,3,32,32")
-    return load_builder(model_name)().eval(), torch.zeros(input_shape)
+    else:
+        model, example = load_builder(model_name)().eval(), torch.zeros(input_shape)
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as exc:  # noqa: BLE001 -- any failure of the user's model on this shape: say so plainly
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise RecipeError(f"--input-shape {','.join(map(str, example.shape))}: {model_name!r} does not run on a zero input "
+                          f"of this shape ({type(exc).__name__}: {first}); give the shape its forward takes, batch "
+                          "first") from None
+    return model, example
 
 
 def dry_run_tables(model_name: str, image_size: int = 28, targets=("*",), exclude=(), input_shape: list[int] | None = None):
