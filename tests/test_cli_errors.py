@@ -313,3 +313,12 @@ def test_dry_run_takes_an_image_shape_without_its_batch_and_refuses_a_shape_the_
     assert "Traceback" not in out
     code, out = _cli(monkeypatch, capsys, "dry-run", "--model", "vit", "--input-shape", "1,3,32,16")
     assert code == 2 and "takes square images" in out
+
+
+@pytest.mark.parametrize("command", ["compare", "sensitivity"])
+def test_commands_for_image_models_refuse_an_hf_recipe_naming_the_one_that_runs_it(monkeypatch, capsys, tmp_path, command):
+    recipe = tmp_path / "hf.yaml"
+    recipe.write_text("hf: {student_layers: [0]}\ntechniques: [{type: prune_heads, sparsity: 0.5}]\n")
+    code, out = _cli(monkeypatch, capsys, command, recipe)
+    assert code == 2 and "an hf: recipe (a Hugging Face text classifier) is run by `jointcompress compress`" in out
+    assert "no model given" not in out

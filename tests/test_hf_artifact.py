@@ -137,6 +137,10 @@ def test_pruned_artifact_round_trip(tmp_path, make_name):
         a, b = model(**x).logits, loaded(**x).logits
     assert (a - b).abs().max() <= 1e-5
     assert head_counts(loaded) == [2, 3] and ffn_widths(loaded) == [32, 40]
+    from jointcompress.commands.bench_cmd import run_bench
+
+    with pytest.raises(ArtifactError, match="a Hugging Face text classifier's artifact.*summary.json"):
+        run_bench(tmp_path / "art", None, None)  # "no recipe.model recorded; pass --model" sent users looking
 
 
 def test_distilbert_joint_run_to_artifact_and_int8(tmp_path):

@@ -2,3 +2,14 @@
 
 # the built-in reference models (jointcompress.models.MODELS), named here so help texts need no torch import
 BUILT_IN_MODELS = "lenet300 | lenet5 | resnet | seqcnn | vit | lstm"
+
+
+def refuse_hf_recipe(recipe, recipe_path, command: str, instead: str) -> None:
+    """`command` trains image models (built-in or a builder); an hf: recipe reached its "no model
+    given" message, which sent a text-classifier user looking for a `model:` that does not apply."""
+    if recipe.hf is None and not (recipe.model or "").startswith("hf:"):
+        return
+    from ..errors import RecipeError
+
+    raise RecipeError(f"{recipe_path}: an hf: recipe (a Hugging Face text classifier) is run by `jointcompress compress`; "
+                      f"`{command}` trains the built-in image models or your own (--model). {instead}")

@@ -46,6 +46,10 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
     from ..models import build_model
 
     manifest = read_manifest(artifact_dir)
+    if "hf_config" in (manifest.get("extra") or {}):
+        raise ArtifactError(f"{artifact_dir}: a Hugging Face text classifier's artifact; the `jointcompress compress` run that "
+                            "wrote it measured it (its summary.json: dev accuracy, bytes, int8 ONNX latency against the "
+                            "teacher); load it with jointcompress.hf.artifact.load_hf_artifact")
     name = model or (manifest.get("recipe") or {}).get("model")
     if not name:
         raise ArtifactError(f"{artifact_dir}/manifest.json: no recipe.model recorded; pass --model")

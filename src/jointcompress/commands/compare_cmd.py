@@ -53,8 +53,12 @@ def register(app: typer.Typer) -> None:
         from ..io import prepare_output_dir
         from ..pipeline import load_split
         from ..recipe import load_recipe
+        from . import refuse_hf_recipe
 
         recipe = load_recipe(recipe_path)
+        refuse_hf_recipe(recipe, recipe_path, "compare",
+                         "To weigh joint against sequential, run `jointcompress compress RECIPE --mode sequential` "
+                         "beside the joint run (docs/transformers.md)")
         name = model or recipe.model
         if not name:
             raise JointCompressError(f"{recipe_path}: no model given; set `model:` in the recipe or pass --model")

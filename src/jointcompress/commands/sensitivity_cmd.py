@@ -33,9 +33,13 @@ def register(app: typer.Typer) -> None:
         from ..models import build_model
         from ..pipeline import load_split, load_weights, train_teacher
         from ..recipe import load_recipe
+        from . import refuse_hf_recipe
         from ..sensitivity import save_heatmap, scan
 
         recipe = load_recipe(recipe_path)
+        refuse_hf_recipe(recipe, recipe_path, "sensitivity",
+                         "A text classifier's heads and FFN neurons are not scanned one by one yet; prune_heads / "
+                         "prune_ffn learn which to remove in the run")
         name = model or recipe.model
         if not name:
             raise JointCompressError(f"{recipe_path}: no model given; set `model:` in the recipe or pass --model")
