@@ -5,7 +5,9 @@ a joint step with the size term and PCGrad every 10 steps at most 2x a plain one
         --out benchmarks/results/step_phases.json
 
 The steppers are benchmarks/step_cost.py's (`budget_pcgrad_every10`: the goal's step;
-`paced_none`: the benchmarks' recipe inside its decision window). Each joint step is the
+`paced_none`: the benchmarks' recipe inside its decision window; with `--steppers
+form_none,form_pcgrad_every10`, the joint form's, what `mode: joint` trains under a size target,
+inside its decision window, where `before_step` is the Fisher estimate's fold). Each joint step is the
 training loop's own Trainer.step, timed whole and, through its calls on the session, the
 recovery and the optimizer, phase by phase; a plain step (forward, cross-entropy, backward,
 Adam) is timed between two joint steps, so both see the same machine, its three phases apart.
@@ -28,6 +30,9 @@ import step_cost
 from jointcompress.artifact.size import dense_fp32_bytes
 from jointcompress.data import load_dataset
 from jointcompress.models import build_model
+
+DEFAULT_STEPPERS = "budget_pcgrad_every10,paced_none"
+
 
 def timed(fn, samples: list):
     """`fn` with each call's milliseconds appended to `samples`."""
@@ -90,6 +95,8 @@ def main() -> None:
     ap.add_argument("--data", default="digits")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steppers", default=DEFAULT_STEPPERS, help="comma-separated: budget_pcgrad_every10, paced_none, "
+                    "form_none, form_pcgrad_every10 (the joint form: what mode joint trains under a size target)")
     ap.add_argument("--out", default="benchmarks/results/step_phases.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -98,13 +105,19 @@ def main() -> None:
     teacher = build_model("lenet300", split.image_size, split.num_classes)
     goal = dense_fp32_bytes(teacher) / 100
     load_before = os.getloadavg()[0]
-    steppers = {
-        "budget_pcgrad_every10": step_cost.joint_stepper(teacher, split, "pcgrad", recipe=step_cost.budget_recipe("pcgrad", 10, goal)),
-        "paced_none": step_cost.joint_stepper(teacher, split, "none",
-                                              recipe=step_cost.budget_recipe("none", 1, goal, variant="joint-paced-none")),
+    recipes = {
+        "budget_pcgrad_every10": lambda: step_cost.budget_recipe("pcgrad", 10, goal),
+        "paced_none": lambda: step_cost.budget_recipe("none", 1, goal, variant="joint-paced-none"),
+        # what `mode: joint` trains under a size target (step_cost.joint_form_recipe), inside its decision window
+        "form_none": lambda: step_cost.joint_form_recipe(teacher, split, "none", None, 100.0),
+        "form_pcgrad_every10": lambda: step_cost.joint_form_recipe(teacher, split, "pcgrad", 10, 100.0),
     }
+    steppers = {}
+    for name in (n.strip() for n in args.steppers.split(",") if n.strip()):
+        recipe = recipes[name]()
+        steppers[name] = step_cost.joint_stepper(teacher, split, recipe.coordination.strategy, recipe=recipe)
     result = {"command": f"python benchmarks/step_phases.py --data {args.data} --threads {args.threads} --steps {args.steps} "
-                         f"--out {args.out}",
+                         f"{'' if args.steppers == DEFAULT_STEPPERS else f'--steppers {args.steppers} '}--out {args.out}",
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                          f"load average {load_before:.1f} before",
               "model": "lenet300", "batch": step_cost.BATCH[0]}

@@ -27,6 +27,7 @@ from typing import Callable
 from jointcompress.errors import ArtifactError
 from jointcompress.hf import recipe_steps as steps
 from jointcompress.hf.export import export_folder, folder_bytes, load_pipeline
+from jointcompress.hf.load import resolve
 from jointcompress.hf.recipe_steps import HFRun, split_files, teacher_source  # noqa: F401 - re-exported
 
 EXAMPLE = "a gorgeous, witty, seductive movie."  # the exported pipeline's example where the dev file has no text
@@ -117,7 +118,8 @@ def _export_and_summarize(run: HFRun, *, int8: bool, int8_atol: float, latency_r
     text = example_text(run.dev_data)
     example = load_pipeline(folder)(text)
     example = example[0] if isinstance(example, list) else example
-    teacher_bytes = folder_bytes(run.src) if Path(run.src).is_dir() else None
+    teacher_dir = Path(resolve(run.src))  # the bundled minilm-l6 is a folder too: its bytes are known
+    teacher_bytes = folder_bytes(teacher_dir) if teacher_dir.is_dir() else None
     student_bytes = folder_bytes(folder)
     int8_summary = None
     if int8:
@@ -267,8 +269,7 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
             f"b32 {lat['speedup_b32']}x (1 thread, seq len {lat['seq_len']}, median of {lat['rounds']} interleaved rounds)")
         console.print(f"int8 ONNX model: {q['onnx_int8']}")
     atomic_write_text(out / "recipe.yaml", Path(recipe_path).read_text(encoding="utf-8"))
-    ratio_a = "-" if a["size_ratio_vs_teacher"] is None else f"{a['size_ratio_vs_teacher']:.1f}x"
-    console.print(f"packed artifact in {a['path']} ({ratio_a} smaller than the teacher's weights; "
-                  "load with jointcompress.hf.artifact.load_hf_artifact)")
+    ratio_a = "" if a["size_ratio_vs_teacher"] is None else f"{a['size_ratio_vs_teacher']:.1f}x smaller than the teacher's weights; "
+    console.print(f"packed artifact in {a['path']} ({ratio_a}load with jointcompress.hf.artifact.load_hf_artifact)")
     console.print(f"HF model folder in {out / 'hf_model'} (loads with pipeline('text-classification', model=...) "
                   "after `import jointcompress.hf`, or with trust_remote_code=True)")
