@@ -322,3 +322,11 @@ def test_commands_for_image_models_refuse_an_hf_recipe_naming_the_one_that_runs_
     code, out = _cli(monkeypatch, capsys, command, recipe)
     assert code == 2 and "an hf: recipe (a Hugging Face text classifier) is run by `jointcompress compress`" in out
     assert "no model given" not in out
+
+
+def test_an_image_recipe_given_a_folder_says_what_it_reads(tmp_path):
+    from jointcompress.data import load_dataset
+    from jointcompress.errors import DataError
+
+    with pytest.raises(DataError, match="is a folder; an image recipe reads one .npz file"):
+        load_dataset(str(tmp_path))  # it said "file not found" of a folder that is there

@@ -107,6 +107,8 @@ def test_split_files_take_datasets_names_and_refuse_two_candidates(tmp_path):
     (tmp_path / "dev.tsv").write_text("")
     with pytest.raises(DataError, match="dev.tsv and validation.csv: one only"):
         split_files(tmp_path)
+    with pytest.raises(DataError, match="train.jsonl: a file; an hf: recipe reads a folder"):
+        split_files(tmp_path / "train.jsonl")
 
 
 def test_the_classes_come_from_the_teacher_and_a_count_that_disagrees_is_refused(tmp_path):

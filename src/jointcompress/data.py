@@ -86,6 +86,9 @@ def load_mnist(path: str | Path) -> Split:
     """MNIST (or any image set) from an .npz with x_train, y_train, x_test, y_test (Keras layout, uint8
     pixels; [N, H, W] grayscale, or colour as [N, H, W, C] or [N, C, H, W])."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"data: {path} is a folder; an image recipe reads one .npz file (x_train, y_train, x_test, "
+                        "y_test), and a folder of train / dev text files is read by a recipe with an hf: section")
     if not path.is_file():
         raise DataError(f"data: file not found: {path} (expected 'digits' or an .npz with x_train, y_train, x_test, "
                         "y_test)")
