@@ -250,6 +250,13 @@ def test_cli_compresses_a_sentence_pair_task_with_its_token_types_through_to_the
     assert inputs == ["input_ids", "attention_mask", "token_type_ids"]
     assert summary["int8"]["logits_vs_fp32_student"]["within_tolerance"]
     assert summary["int8"]["logits_vs_fp32_student"]["max_abs_diff"] <= 0.05
+    from jointcompress.report import build_report, read_run_dir
+
+    points = {p["name"]: p for p in read_run_dir(out).points}  # an hf: run's summary ended the report in an AttributeError
+    assert points["artifact"]["bytes"] == summary["artifact"]["bytes"]["model"]
+    assert points["int8 ONNX"]["accuracy"] == summary["int8"]["dev_accuracy"] and set(points) == {"teacher", "artifact", "int8 ONNX"}
+    build_report(out, None)
+    assert (out / "report.html").stat().st_size > 0
 
 
 def test_cli_hf_recipe_without_teacher_says_what_to_pass(tmp_path):

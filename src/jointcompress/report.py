@@ -69,17 +69,32 @@ def read_run_dir(path: Path) -> RunDir:
     )
 
 
+def _summary_rows(summary: dict) -> dict:
+    """name -> {accuracy, bytes}: an image run's summary rows as they are; an hf: run's summary (teacher,
+    student, artifact and int8 sections, hf/pipeline.py) as its teacher's weights, the packed artifact
+    and the int8 ONNX model."""
+    if isinstance(summary.get("teacher"), dict) and isinstance(summary.get("artifact"), dict):
+        teacher, art, int8 = summary["teacher"], summary["artifact"], summary.get("int8") or {}
+        rows = {"teacher": {"accuracy": teacher.get("dev_accuracy"), "bytes": teacher.get("folder_bytes")},
+                "artifact": {"accuracy": art.get("dev_accuracy"), "bytes": (art.get("bytes") or {}).get("model")}}
+        if int8:
+            rows["int8 ONNX"] = {"accuracy": int8.get("dev_accuracy"), "bytes": int8.get("int8_onnx_bytes")}
+        return rows
+    return {k: v for k, v in summary.items() if isinstance(v, dict)}
+
+
 def _read_compress(path: Path) -> RunDir:
     rd = RunDir(kind="compress", title=f"compress run {path.name}")
-    rows = _json(path / "summary.json") or (_json(path / "results.json") or {}).get("rows") or {}
+    summary = _json(path / "summary.json")
+    rows = _summary_rows(summary) if summary else (_json(path / "results.json") or {}).get("rows") or {}
     for name, r in rows.items():
         if r.get("accuracy") is not None and r.get("bytes"):
             rd.points.append({"name": name, "accuracy": r["accuracy"], "bytes": r["bytes"], "group": name})
     manifests = {p.parent.name: p for p in sorted(path.glob("*/manifest.json"))}
     history = _json(path / "history.json")
     for name, mpath in manifests.items():
-        rd.runs.append(Run(name if name != "artifact" else next((k for k in rows if k != "uncompressed"), name),
-                           _json(mpath), history if name == "artifact" else None))
+        shown = name if name != "artifact" or name in rows else next((k for k in rows if k != "uncompressed"), name)
+        rd.runs.append(Run(shown, _json(mpath), history if name == "artifact" else None))
     if not rd.runs and history:
         rd.runs.append(Run("run", None, history))
     return rd
