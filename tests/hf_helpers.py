@@ -51,7 +51,8 @@ def tiny_tokenizer(tmp_path: Path):
 
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    return BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    # `vocab` (transformers 5; its `vocab_file` was ignored: a 5-token tokenizer that read every word as [UNK])
+    return BertTokenizerFast(vocab=str(vocab), do_lower_case=True)
 
 
 def inputs(batch: int = 3, seq: int = 10, seed: int = 1, vocab: int = 64):
