@@ -67,6 +67,7 @@ def test_rows_come_from_csv_and_json_lines_with_named_labels_and_other_columns(t
     ("t.jsonl", '{"text": "ok", "label": 0.5}\n', {}, "t.jsonl:1: label 0.5 is not an integer"),
     ("t.jsonl", "[1, 2]\n", {}, "a JSON object per line"),
     ("t.txt", "text,label\n", {}, "unknown format"),
+    ("t.tsv", "label\tsentence\n1\ta\tb\n", {}, "t.tsv:2: 3 field\\(s\\) where the header has 2"),  # text not first
 ])
 def test_text_files_that_cannot_be_read_say_which_column_or_row(tmp_path, name, text, kwargs, match):
     f = tmp_path / name

@@ -78,7 +78,7 @@ def read_rows(path: str | Path, text_column: str | None = None, label_column: st
     labels: list[int] = []
     pairs: list[str] = []
     keys: tuple[str, str | None] | None = None
-    for lineno, header, row in _records(path):
+    for lineno, header, row in _records(path, label_column):
         if keys is None:
             keys = _text_columns(path, header, text_column, pair_column, label_column)
         for key in (*[k for k in keys if k is not None], label_column):
@@ -98,7 +98,7 @@ def read_tsv(path: str | Path) -> TextDataset:
     return read_rows(path)
 
 
-def _records(path: Path):
+def _records(path: Path, label_column: str):
     """(line number, header, {column: value}) per non-empty row."""
     import csv
     import json
@@ -123,13 +123,13 @@ def _records(path: Path):
         lineno, header = next(lines, (1, []))
         for lineno, fields in lines:
             if fields and any(f.strip() for f in fields):
-                yield lineno, header, dict(zip(header, _fit(path, lineno, header, fields)))
+                yield lineno, header, dict(zip(header, _fit(path, lineno, header, fields, label_column)))
 
 
-def _fit(path: Path, lineno: int, header: list[str], fields: list[str]) -> list[str]:
-    """The row's fields, one per column; a 2-column file with the text first keeps tabs inside
-    its text (everything before the last field is the text, as GLUE's SST-2 reader does)."""
-    if len(fields) > len(header) == 2:
+def _fit(path: Path, lineno: int, header: list[str], fields: list[str], label_column: str) -> list[str]:
+    """The row's fields, one per column; a 2-column file with the label last keeps tabs (or commas)
+    inside its text (everything before the last field is the text, as GLUE's SST-2 reader does)."""
+    if len(fields) > len(header) == 2 and header[-1] == label_column:
         return ["\t".join(fields[:-1]) if path.suffix == ".tsv" else ",".join(fields[:-1]), fields[-1]]
     if len(fields) != len(header):
         sep = "tab" if path.suffix == ".tsv" else "comma"
