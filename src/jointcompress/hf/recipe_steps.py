@@ -135,19 +135,17 @@ def load_models(run: HFRun, weights) -> None:
 
 def check_family(config, src: str) -> None:
     """This path removes heads, FFN neurons and layers and exports the pruned model with per-layer
-    widths, which it knows how to do for the families of modeling_pruned.FAMILY_OF only: another
-    model type is refused here, naming the way it can be compressed, not by a ValueError deep in
-    pruning or finalize."""
-    from jointcompress.hf.modeling_pruned import FAMILY_OF, family
+    widths, which it can do for the families with a pruned class (modeling_pruned.PRUNED_CLASSES)
+    only: another model type is refused here, naming the way it can be compressed, not by a
+    ValueError deep in pruning or an export refused after the run."""
+    from jointcompress.hf.modeling_pruned import FAMILY_OF, PRUNED_CLASSES
 
-    try:
-        family(config)
-    except ValueError:
+    if FAMILY_OF.get(getattr(config, "model_type", None)) not in PRUNED_CLASSES:
         raise UnsupportedModelError(
-            f"teacher {src}: model_type {config.model_type!r}; `jointcompress compress` with an hf: section prunes heads, "
-            f"FFN neurons and layers of model_type {', '.join(sorted(k for k in FAMILY_OF if '_' not in k))} only. "
-            f"Classifiers of model_type {config.model_type!r} compress from Python, where the session takes the model "
-            "and its dict batches as they are (quant_lsq, prune_unstructured, distill_kd; docs/your-model.md)") from None
+            f"teacher {src}: model_type {config.model_type!r}; `jointcompress compress` with an hf: section prunes and exports "
+            f"the classifiers of model_type {', '.join(sorted(PRUNED_CLASSES))} only. Classifiers of model_type "
+            f"{config.model_type!r} compress from Python, where the session takes the model and its dict batches as "
+            "they are (quant_lsq, prune_unstructured, distill_kd; docs/your-model.md)")
 
 
 def load_text(run: HFRun, data_dir) -> None:
