@@ -22,12 +22,16 @@ WORDS = "good bad great awful movie film fun boring plot acting love hate the a 
 LABELS = {0: "NEGATIVE", 1: "POSITIVE"}
 
 
-def tiny_bert(layers: int = 4, heads: int = 4, hidden: int = 32, ffn: int = 64, seed: int = 0):
+def _bert_like(config_cls, model_cls, layers: int, heads: int, hidden: int, ffn: int, seed: int, positions: int):
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=64, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                     intermediate_size=ffn, max_position_embeddings=64, num_labels=2, id2label=LABELS,
+    cfg = config_cls(vocab_size=64, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=ffn, max_position_embeddings=positions, num_labels=2, id2label=LABELS,
                      label2id={v: k for k, v in LABELS.items()})
-    return BertForSequenceClassification(cfg).eval()
+    return model_cls(cfg).eval()
+
+
+def tiny_bert(layers: int = 4, heads: int = 4, hidden: int = 32, ffn: int = 64, seed: int = 0):
+    return _bert_like(BertConfig, BertForSequenceClassification, layers, heads, hidden, ffn, seed, positions=64)
 
 
 def tiny_distilbert(layers: int = 4, heads: int = 4, hidden: int = 32, ffn: int = 64, seed: int = 0):
@@ -39,11 +43,8 @@ def tiny_distilbert(layers: int = 4, heads: int = 4, hidden: int = 32, ffn: int 
 
 
 def tiny_roberta(layers: int = 4, heads: int = 4, hidden: int = 32, ffn: int = 64, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = RobertaConfig(vocab_size=64, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=ffn, max_position_embeddings=72, num_labels=2, id2label=LABELS,
-                        label2id={v: k for k, v in LABELS.items()})
-    return RobertaForSequenceClassification(cfg).eval()
+    # RoBERTa's positions start after its padding index: a few more of them than BERT's
+    return _bert_like(RobertaConfig, RobertaForSequenceClassification, layers, heads, hidden, ffn, seed, positions=72)
 
 
 def tiny_tokenizer(tmp_path: Path):
