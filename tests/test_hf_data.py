@@ -1,4 +1,5 @@
-"""Text-classification files (TSV, CSV, JSON lines) read and tokenized; the classes a teacher names; remote-code loading of pruned folders."""
+"""Text-classification files (TSV, CSV, JSON lines) read and tokenized; the classes a teacher names;
+remote-code loading of pruned folders."""
 
 from __future__ import annotations
 

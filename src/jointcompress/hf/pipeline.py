@@ -269,7 +269,8 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
             f"b32 {lat['speedup_b32']}x (1 thread, seq len {lat['seq_len']}, median of {lat['rounds']} interleaved rounds)")
         console.print(f"int8 ONNX model: {q['onnx_int8']}")
     atomic_write_text(out / "recipe.yaml", Path(recipe_path).read_text(encoding="utf-8"))
-    ratio_a = "" if a["size_ratio_vs_teacher"] is None else f"{a['size_ratio_vs_teacher']:.1f}x smaller than the teacher's weights; "
+    art_ratio = a["size_ratio_vs_teacher"]
+    ratio_a = "" if art_ratio is None else f"{art_ratio:.1f}x smaller than the teacher's weights; "
     console.print(f"packed artifact in {a['path']} ({ratio_a}load with jointcompress.hf.artifact.load_hf_artifact)")
     console.print(f"HF model folder in {out / 'hf_model'} (loads with pipeline('text-classification', model=...) "
                   "after `import jointcompress.hf`, or with trust_remote_code=True)")

@@ -77,7 +77,8 @@ def split_files(data_dir: str | Path | None) -> tuple[Path, Path]:
         raise DataError(f"HF recipe: no data; pass --data DIR holding {looked} (or set `data:`)")
     d = Path(data_dir)
     if not d.is_dir():
-        raise DataError(f"--data {d}: {'a file' if d.is_file() else 'no such folder'}; an hf: recipe reads a folder with {looked}")
+        what = "a file" if d.is_file() else "no such folder"
+        raise DataError(f"--data {d}: {what}; an hf: recipe reads a folder with {looked}")
     found = []
     for stems in (("train",), ("dev", "validation")):
         files = [d / f"{stem}{ext}" for stem in stems for ext in FORMATS if (d / f"{stem}{ext}").is_file()]
