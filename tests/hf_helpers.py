@@ -14,6 +14,8 @@ from transformers import (  # noqa: E402
     BertForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
+    ElectraConfig,
+    ElectraForSequenceClassification,
     RobertaConfig,
     RobertaForSequenceClassification,
 )
@@ -45,6 +47,15 @@ def tiny_distilbert(layers: int = 4, heads: int = 4, hidden: int = 32, ffn: int 
 def tiny_roberta(layers: int = 4, heads: int = 4, hidden: int = 32, ffn: int = 64, seed: int = 0):
     # RoBERTa's positions start after its padding index: a few more of them than BERT's
     return _bert_like(RobertaConfig, RobertaForSequenceClassification, layers, heads, hidden, ffn, seed, positions=72)
+
+
+def tiny_electra(layers: int = 4, heads: int = 4, hidden: int = 32, ffn: int = 64, seed: int = 0):
+    # ELECTRA's embeddings narrower than its layers (projected up), as in its small models
+    torch.manual_seed(seed)
+    cfg = ElectraConfig(vocab_size=64, embedding_size=16, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=64, num_labels=2,
+                        id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+    return ElectraForSequenceClassification(cfg).eval()
 
 
 def tiny_tokenizer(tmp_path: Path):

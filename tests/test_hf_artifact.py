@@ -112,7 +112,7 @@ def test_int8_onnx_uses_the_trained_lsq_integers(finalized, tmp_path):
     assert out.shape == (3, 2) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("make_name", ["tiny_distilbert", "tiny_roberta"])
+@pytest.mark.parametrize("make_name", ["tiny_distilbert", "tiny_roberta", "tiny_electra"])
 def test_pruned_artifact_round_trip(tmp_path, make_name):
     """RoBERTa's pruned model had no class to be rebuilt from: its artifact failed the check at save
     time after the whole run."""

@@ -144,11 +144,11 @@ def test_the_classes_come_from_the_teacher_and_a_count_that_disagrees_is_refused
     (mixed / "dev.csv").write_text("premise,hypothesis,label\ngood,movie,0\n")
     with pytest.raises(DataError, match="one holds sentence pairs, the other single texts"):
         steps.load_text(run, mixed)
-    from transformers import ElectraConfig, GPT2Config
+    from transformers import AlbertConfig, GPT2Config
 
     from jointcompress.errors import UnsupportedModelError
-    for config in (ElectraConfig(), GPT2Config()):  # a ValueError deep in pruning; an export refused after the run
-        with pytest.raises(UnsupportedModelError, match=f"model_type '{config.model_type}'.*bert, distilbert, roberta only"):
+    for config in (AlbertConfig(), GPT2Config()):  # a ValueError deep in pruning; an export refused after the run
+        with pytest.raises(UnsupportedModelError, match=f"model_type '{config.model_type}'.*distilbert, electra, roberta only"):
             steps.check_family(config, "teacher-folder")
     two = parse_recipe({"hf": {"labels": ["NEGATIVE", "POSITIVE"]}, "techniques": [{"type": "distill_kd"}]})
     run = steps.HFRun(recipe=two, hf_cfg=two.hf, out=tmp_path / "out", log=lambda _: None)

@@ -1,7 +1,8 @@
 """Hugging Face transformers support: load, prune heads/FFN/layers, distil, int8, export.
 
 Importing this package registers the pruned model classes (model_type
-"jointcompress_bert" / "jointcompress_distilbert" / "jointcompress_roberta") with the transformers Auto classes,
+"jointcompress_bert" / "jointcompress_distilbert" / "jointcompress_roberta" /
+"jointcompress_electra") with the transformers Auto classes,
 so `AutoModelForSequenceClassification.from_pretrained` and `pipeline()` load pruned
 folders without trust_remote_code.
 """

@@ -8,7 +8,8 @@ weights. finalize_hf
      fake-quantized value (on the LSQ grid: at most 2^b distinct values per row),
   3. physically removes the masked heads and neurons (prune_heads / prune_ffn in
      jointcompress.hf), which switches the model to the `jointcompress_bert` /
-     `jointcompress_distilbert` / `jointcompress_roberta` classes that save and load per-layer widths,
+     `jointcompress_distilbert` / `jointcompress_roberta` / `jointcompress_electra` classes that save and
+     load per-layer widths,
   4. drops the layers whose learned gate ended at 0 (prune_layers), which were exact
      identities, and renumbers the rest.
 The result is a plain HF model whose eval-mode logits equal the masked model's.

@@ -24,6 +24,8 @@ from transformers import (
     BertForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
+    ElectraConfig,
+    ElectraForSequenceClassification,
     RobertaConfig,
     RobertaForSequenceClassification,
 )
@@ -62,6 +64,7 @@ ARCH = {
     },
 }
 ARCH["roberta"] = ARCH["bert"]  # same module names (embeddings and the classification head differ)
+ARCH["electra"] = ARCH["bert"]  # same layer modules (its embeddings may be narrower, projected up)
 # Causal LMs: FFN neurons only (Llama / Mistral gated MLP: gate and up rows go together; GPT-2
 # after hf.causal.conv1d_to_linear). Heads are not: grouped-query attention shares each KV head
 # among several query heads, and GPT-2 fuses q, k and v into one projection.
@@ -85,7 +88,7 @@ ARCH["gpt2"] = {
     "n_layers": "n_layer",
 }
 UNITS = {"bert": {"heads", "ffn", "layers"}, "distilbert": {"heads", "ffn", "layers"},
-         "roberta": {"heads", "ffn", "layers"}, "llama": {"ffn"}, "gpt2": {"ffn"}}
+         "roberta": {"heads", "ffn", "layers"}, "electra": {"heads", "ffn", "layers"}, "llama": {"ffn"}, "gpt2": {"ffn"}}
 
 FAMILY_OF = {
     "bert": "bert",
@@ -94,6 +97,8 @@ FAMILY_OF = {
     "jointcompress_distilbert": "distilbert",
     "roberta": "roberta",
     "jointcompress_roberta": "roberta",
+    "electra": "electra",
+    "jointcompress_electra": "electra",
     "llama": "llama",
     "mistral": "llama",
     "gpt2": "gpt2",
@@ -245,6 +250,15 @@ class JCRobertaConfig(RobertaConfig):
     intermediate_per_layer: list[int] | None = None
 
 
+@strict
+class JCElectraConfig(ElectraConfig):
+    """ElectraConfig plus per-layer widths (None = unpruned)."""
+
+    model_type = "jointcompress_electra"
+    heads_per_layer: list[int] | None = None
+    intermediate_per_layer: list[int] | None = None
+
+
 class JCBertForSequenceClassification(BertForSequenceClassification):
     """BertForSequenceClassification whose layers are shrunk to the config's widths."""
 
@@ -275,10 +289,21 @@ class JCRobertaForSequenceClassification(RobertaForSequenceClassification):
         apply_widths(self)
 
 
+class JCElectraForSequenceClassification(ElectraForSequenceClassification):
+    """ElectraForSequenceClassification whose layers are shrunk to the config's widths."""
+
+    config_class = JCElectraConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        apply_widths(self)
+
+
 PRUNED_CLASSES = {
     "bert": (JCBertConfig, JCBertForSequenceClassification),
     "distilbert": (JCDistilBertConfig, JCDistilBertForSequenceClassification),
     "roberta": (JCRobertaConfig, JCRobertaForSequenceClassification),
+    "electra": (JCElectraConfig, JCElectraForSequenceClassification),
 }
 
 
