@@ -12,6 +12,8 @@ import torch  # noqa: E402
 from transformers import (  # noqa: E402
     BertConfig,
     BertForSequenceClassification,
+    DebertaV2Config,
+    DebertaV2ForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
     ElectraConfig,
@@ -56,6 +58,16 @@ def tiny_electra(layers: int = 4, heads: int = 4, hidden: int = 32, ffn: int = 6
                         num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=64, num_labels=2,
                         id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
     return ElectraForSequenceClassification(cfg).eval()
+
+
+def tiny_deberta(layers: int = 4, heads: int = 4, hidden: int = 32, ffn: int = 64, seed: int = 0):
+    # relative attention with both position terms and their own projections (share_att_key false)
+    torch.manual_seed(seed)
+    cfg = DebertaV2Config(vocab_size=64, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                          intermediate_size=ffn, max_position_embeddings=64, relative_attention=True,
+                          pos_att_type=["p2c", "c2p"], share_att_key=False, position_buckets=16, num_labels=2,
+                          id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+    return DebertaV2ForSequenceClassification(cfg).eval()
 
 
 def tiny_tokenizer(tmp_path: Path):

@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from hf_helpers import inputs, tiny_bert, tiny_distilbert, tiny_electra, tiny_roberta, tiny_tokenizer  # noqa: E402
+from hf_helpers import inputs, tiny_bert, tiny_deberta, tiny_distilbert, tiny_electra, tiny_roberta, tiny_tokenizer  # noqa: E402
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 
 import jointcompress.hf  # noqa: E402,F401
@@ -22,7 +22,7 @@ from jointcompress.hf.masks import UnitMask, temperature_schedule  # noqa: E402
 from jointcompress.hf.modeling_pruned import ARCH, family, get_sub, layers  # noqa: E402
 from jointcompress.hf.student import Distiller, kd_loss, make_student, student_layer_map  # noqa: E402
 
-MAKERS = [tiny_bert, tiny_distilbert, tiny_roberta, tiny_electra]
+MAKERS = [tiny_bert, tiny_distilbert, tiny_roberta, tiny_electra, tiny_deberta]
 HEADS_KEEP = [[0, 2], [1], [0, 1, 2, 3], [3]]
 FFN_KEEP = [list(range(0, 64, 2)), [1, 5], list(range(64)), [7]]
 

@@ -112,8 +112,9 @@ def test_int8_onnx_uses_the_trained_lsq_integers(finalized, tmp_path):
     assert out.shape == (3, 2) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("make_name", ["tiny_distilbert", "tiny_roberta", "tiny_electra"])
-def test_pruned_artifact_round_trip(tmp_path, make_name):
+@pytest.mark.parametrize("make_name,model_type,prefix", [("tiny_distilbert", "distilbert", "distilbert"),
+    ("tiny_roberta", "roberta", "roberta"), ("tiny_electra", "electra", "electra"), ("tiny_deberta", "deberta-v2", "deberta")])
+def test_pruned_artifact_round_trip(tmp_path, make_name, model_type, prefix):
     """RoBERTa's pruned model had no class to be rebuilt from: its artifact failed the check at save
     time after the whole run."""
     import hf_helpers
@@ -127,9 +128,8 @@ def test_pruned_artifact_round_trip(tmp_path, make_name):
     prune_heads(model, [[0, 2], [1, 2, 3]])
     prune_ffn(model, [list(range(0, 64, 2)), list(range(40))])
     manifest = save_hf_artifact(model, CompressionSpec(), tmp_path / "art", ptq_bits=6)
-    family = make_name.removeprefix("tiny_")
-    assert manifest["extra"]["hf_config"]["model_type"] == f"jointcompress_{family}"
-    assert manifest["layers"][f"{family}.embeddings.word_embeddings"]["bits"] == 6
+    assert manifest["extra"]["hf_config"]["model_type"] == f"jointcompress_{model_type}"
+    assert manifest["layers"][f"{prefix}.embeddings.word_embeddings"]["bits"] == 6
     x = inputs()
     loaded, tok = load_hf_artifact(tmp_path / "art")
     assert tok is None
@@ -179,3 +179,38 @@ def test_distilbert_joint_run_to_artifact_and_int8(tmp_path):
         assert (SequenceClassifier(loaded).eval()(x) - SequenceClassifier(hf).eval()(x)).abs().max() <= 1e-5
     fp32 = export_onnx(loaded, tmp_path / "m.onnx", seq_len=12)
     assert len(trained_overrides(fp32, loaded, spec)) == 2 * 6
+
+
+def test_deberta_joint_run_prunes_its_own_position_projections_with_the_heads(tmp_path):
+    """DeBERTa-v2 with relative-position projections of its own (share_att_key false): they are per
+    head, so the heads' removal slices them and the LSQ step sizes the spec keeps for them (the run
+    stopped at finalize: "pos_key_proj.scale has 32 entries but the weight has 24 output channels")."""
+    from hf_helpers import tiny_deberta
+
+    from jointcompress import api
+    from jointcompress.hf.wrapper import accuracy, pack, tensor_loader
+
+    data = synthetic()
+    x, y = pack(data["input_ids"], data["attention_mask"]), data["labels"]
+    teacher = SequenceClassifier(tiny_deberta(layers=2, heads=HEADS, ffn=FFN, seed=1))
+    student = SequenceClassifier(tiny_deberta(layers=2, heads=HEADS, ffn=FFN, seed=0))
+    rec = {"training": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "seed": 0},
+           "techniques": [{"type": "prune_heads", "sparsity": 0.5, "end": 0.6},
+                          {"type": "quant_lsq", "bits": 4, "targets": ["*encoder.layer.*"]},
+                          {"type": "distill_kd", "temperature": 2.0, "alpha": 0.5}]}
+    result = api.compress(student, rec, tensor_loader(data, 16, seed=0), lambda m: {"accuracy": accuracy(m, x, y)},
+                          teacher=teacher)
+    model = result.model.eval()
+    with torch.no_grad():
+        masked = model(x)
+    hf, spec = finalize_hf_with_spec(model, result.techniques)
+    attn = hf.deberta.encoder.layer[0].attention.self
+    assert attn.pos_key_proj.out_features == attn.query_proj.out_features == head_counts(hf)[0] * 8 < 32
+    name = "deberta.encoder.layer.0.attention.self.pos_key_proj"
+    assert spec.layers[name].scale.numel() == attn.pos_key_proj.out_features
+    with torch.no_grad():
+        assert torch.allclose(SequenceClassifier(hf).eval()(x), masked, atol=1e-4)
+    save_hf_artifact(hf, spec, tmp_path / "art", ptq_bits=8)
+    loaded, _ = load_hf_artifact(tmp_path / "art")
+    with torch.no_grad():
+        assert (SequenceClassifier(loaded).eval()(x) - SequenceClassifier(hf).eval()(x)).abs().max() <= 1e-5

@@ -9,10 +9,10 @@ and token-type embeddings, pooler) as 8-bit per-row round-to-nearest integers
 LayerNorm) as fp32, all counted byte for byte in manifest.json.
 
 The architecture is not pickled: the manifest holds the model's config (per-layer head
-counts and FFN widths of the `jointcompress_bert` / `jointcompress_distilbert` /
-`jointcompress_roberta` / `jointcompress_electra` types), and `load_hf_artifact` rebuilds the model
-from it with the transformers Auto classes, then reads the tensors with safetensors. The tokenizer
-is saved beside the weights (in ARTIFACT/tokenizer), so the artifact alone is enough to classify text.
+counts and FFN widths of the `jointcompress_<type>` pruned types, hf.modeling_pruned.PRUNED_CLASSES),
+and `load_hf_artifact` rebuilds the model from it with the transformers Auto classes, then reads the
+tensors with safetensors. The tokenizer is saved beside the weights (in ARTIFACT/tokenizer), so the
+artifact alone is enough to classify text.
 """
 
 from __future__ import annotations

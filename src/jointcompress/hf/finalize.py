@@ -7,9 +7,8 @@ weights. finalize_hf
   2. removes every parametrization with leave_parametrized=True, so each weight becomes its
      fake-quantized value (on the LSQ grid: at most 2^b distinct values per row),
   3. physically removes the masked heads and neurons (prune_heads / prune_ffn in
-     jointcompress.hf), which switches the model to the `jointcompress_bert` /
-     `jointcompress_distilbert` / `jointcompress_roberta` / `jointcompress_electra` classes that save and
-     load per-layer widths,
+     jointcompress.hf), which switches the model to its `jointcompress_<type>` class
+     (hf.modeling_pruned.PRUNED_CLASSES) that saves and loads per-layer widths,
   4. drops the layers whose learned gate ended at 0 (prune_layers), which were exact
      identities, and renumbers the rest.
 The result is a plain HF model whose eval-mode logits equal the masked model's.
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from jointcompress.hf.int8 import bake_parametrizations
-from jointcompress.hf.modeling_pruned import ARCH, family, head_dim, layers
+from jointcompress.hf.modeling_pruned import ARCH, has_sub, family, head_dim, layers
 from jointcompress.hf.wrapper import unwrap
 from jointcompress.spec import CompressionSpec
 
@@ -97,7 +96,8 @@ def _drop_gated_layers(hf: nn.Module, keep: list[int], specs: dict) -> dict:
 def kept_rows(hf: nn.Module, heads: list[list[int]] | None, neurons: list[list[int]] | None) -> dict[str, torch.Tensor]:
     """Module name -> output rows that survive physical head / FFN-neuron removal.
 
-    Query, key and value keep the rows of the kept heads (head h owns rows h*d .. h*d+d-1);
+    Query, key and value (and DeBERTa's own relative-position projections) keep the rows of the
+    kept heads (head h owns rows h*d .. h*d+d-1);
     the first FFN Linear keeps the rows of the kept neurons. Attention-output and second-FFN
     Linears lose input columns only, so their per-row step sizes are unchanged.
     """
@@ -109,8 +109,8 @@ def kept_rows(hf: nn.Module, heads: list[list[int]] | None, neurons: list[list[i
         if heads is not None:
             hd = head_dim(hf.config)
             idx = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in sorted(set(heads[i]))])
-            for part in ("q", "k", "v"):
-                out[f"{prefix}.{a[part]}"] = idx
+            for path in [a[part] for part in ("q", "k", "v")] + [p for p in a.get("per_head", ()) if has_sub(layer, p)]:
+                out[f"{prefix}.{path}"] = idx
         if neurons is not None:
             for part in ("ffn_in", "ffn_gate"):
                 if part in a:

@@ -1,11 +1,12 @@
-"""Pruned BERT / DistilBERT classes whose layers may differ in head count and FFN width.
+"""Pruned BERT / DistilBERT / RoBERTa / ELECTRA / DeBERTa-v2 classes whose layers may differ in head
+count and FFN width.
 
-Why this file: transformers 5.x removed `prune_heads` / `pruned_heads`, and its BERT and
-DistilBERT modules build every layer with the same width from the config. A physically
+Why this file: transformers 5.x removed `prune_heads` / `pruned_heads`, and its encoder
+modules build every layer with the same width from the config. A physically
 pruned model therefore cannot be rebuilt by the stock classes. We store the per-layer
 widths in the config (`heads_per_layer`, `intermediate_per_layer`) under our own
-model_type ("jointcompress_bert" / "jointcompress_distilbert") and subclass the stock
-models so that construction shrinks each layer's Linear modules before the weights load.
+model_type ("jointcompress_bert", "jointcompress_distilbert", ...: PRUNED_CLASSES) and subclass the
+stock models so that construction shrinks each layer's Linear modules before the weights load.
 
 The file is deliberately self-contained (imports only torch, transformers and
 huggingface_hub): export copies it into the model folder and points `auto_map` at it, so
@@ -23,6 +24,8 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     DistilBertConfig,
+    DebertaV2Config,
+    DebertaV2ForSequenceClassification,
     DistilBertForSequenceClassification,
     ElectraConfig,
     ElectraForSequenceClassification,
@@ -65,6 +68,11 @@ ARCH = {
 }
 ARCH["roberta"] = ARCH["bert"]  # same module names (embeddings and the classification head differ)
 ARCH["electra"] = ARCH["bert"]  # same layer modules (its embeddings may be narrower, projected up)
+# DeBERTa-v2 / v3: disentangled attention; the relative positions' own projections (when not shared with
+# the key and query ones) are per head too ("per_head": sliced with q, k and v)
+ARCH["deberta-v2"] = {**ARCH["bert"], "q": "attention.self.query_proj", "k": "attention.self.key_proj",
+                      "v": "attention.self.value_proj",
+                      "per_head": ("attention.self.pos_key_proj", "attention.self.pos_query_proj")}
 # Causal LMs: FFN neurons only (Llama / Mistral gated MLP: gate and up rows go together; GPT-2
 # after hf.causal.conv1d_to_linear). Heads are not: grouped-query attention shares each KV head
 # among several query heads, and GPT-2 fuses q, k and v into one projection.
@@ -88,7 +96,8 @@ ARCH["gpt2"] = {
     "n_layers": "n_layer",
 }
 UNITS = {"bert": {"heads", "ffn", "layers"}, "distilbert": {"heads", "ffn", "layers"},
-         "roberta": {"heads", "ffn", "layers"}, "electra": {"heads", "ffn", "layers"}, "llama": {"ffn"}, "gpt2": {"ffn"}}
+         "roberta": {"heads", "ffn", "layers"}, "electra": {"heads", "ffn", "layers"},
+         "deberta-v2": {"heads", "ffn", "layers"}, "llama": {"ffn"}, "gpt2": {"ffn"}}
 
 FAMILY_OF = {
     "bert": "bert",
@@ -99,6 +108,8 @@ FAMILY_OF = {
     "jointcompress_roberta": "roberta",
     "electra": "electra",
     "jointcompress_electra": "electra",
+    "deberta-v2": "deberta-v2",
+    "jointcompress_deberta-v2": "deberta-v2",
     "llama": "llama",
     "mistral": "llama",
     "gpt2": "gpt2",
@@ -132,6 +143,14 @@ def get_sub(module: nn.Module, dotted: str) -> nn.Module:
     for part in dotted.split("."):
         module = getattr(module, part)
     return module
+
+
+def has_sub(module: nn.Module, dotted: str) -> bool:
+    try:
+        get_sub(module, dotted)
+    except AttributeError:
+        return False
+    return True
 
 
 def set_sub(module: nn.Module, dotted: str, new: nn.Module) -> None:
@@ -184,6 +203,9 @@ def keep_heads(layer: nn.Module, fam: str, heads: torch.Tensor, hd: int) -> None
     idx = (heads[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
     for key in ("q", "k", "v"):
         set_sub(layer, a[key], slice_linear(get_sub(layer, a[key]), out_idx=idx))
+    for path in a.get("per_head", ()):
+        if has_sub(layer, path):
+            set_sub(layer, path, slice_linear(get_sub(layer, path), out_idx=idx))
     set_sub(layer, a["o"], slice_linear(get_sub(layer, a["o"]), in_idx=idx))
     attn = get_sub(layer, a["attn"])
     setattr(attn, a["heads_attr"], int(heads.numel()))
@@ -259,6 +281,15 @@ class JCElectraConfig(ElectraConfig):
     intermediate_per_layer: list[int] | None = None
 
 
+@strict
+class JCDebertaV2Config(DebertaV2Config):
+    """DebertaV2Config plus per-layer widths (None = unpruned)."""
+
+    model_type = "jointcompress_deberta-v2"
+    heads_per_layer: list[int] | None = None
+    intermediate_per_layer: list[int] | None = None
+
+
 class JCBertForSequenceClassification(BertForSequenceClassification):
     """BertForSequenceClassification whose layers are shrunk to the config's widths."""
 
@@ -299,11 +330,22 @@ class JCElectraForSequenceClassification(ElectraForSequenceClassification):
         apply_widths(self)
 
 
+class JCDebertaV2ForSequenceClassification(DebertaV2ForSequenceClassification):
+    """DebertaV2ForSequenceClassification whose layers are shrunk to the config's widths."""
+
+    config_class = JCDebertaV2Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        apply_widths(self)
+
+
 PRUNED_CLASSES = {
     "bert": (JCBertConfig, JCBertForSequenceClassification),
     "distilbert": (JCDistilBertConfig, JCDistilBertForSequenceClassification),
     "roberta": (JCRobertaConfig, JCRobertaForSequenceClassification),
     "electra": (JCElectraConfig, JCElectraForSequenceClassification),
+    "deberta-v2": (JCDebertaV2Config, JCDebertaV2ForSequenceClassification),
 }
 
 
