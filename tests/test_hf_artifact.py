@@ -143,32 +143,37 @@ def test_pruned_artifact_round_trip(tmp_path, make_name, model_type, prefix):
         run_bench(tmp_path / "art", None, None)  # "no recipe.model recorded; pass --model" sent users looking
 
 
+def _joint_run(build, layers: int, epochs: int, techniques: list[dict]):
+    """A tiny classifier of `build` compressed with `techniques` and KD from another of its kind: the
+    packed inputs, the run's result and the masked model's logits."""
+    from jointcompress import api
+    from jointcompress.hf.wrapper import accuracy, pack, tensor_loader
+
+    data = synthetic()
+    x, y = pack(data["input_ids"], data["attention_mask"]), data["labels"]
+    teacher = SequenceClassifier(build(layers=layers, heads=HEADS, ffn=FFN, seed=1))
+    student = SequenceClassifier(build(layers=layers, heads=HEADS, ffn=FFN, seed=0))
+    rec = {"training": {"epochs": epochs, "batch_size": 16, "lr": 1e-3, "seed": 0},
+           "techniques": techniques + [{"type": "distill_kd", "temperature": 2.0, "alpha": 0.5}]}
+    result = api.compress(student, rec, tensor_loader(data, 16, seed=0), lambda m: {"accuracy": accuracy(m, x, y)},
+                          teacher=teacher)
+    with torch.no_grad():
+        masked = result.model.eval()(x)
+    return x, result, masked
+
+
 def test_distilbert_joint_run_to_artifact_and_int8(tmp_path):
     """DistilBERT through the whole path: heads, FFN neurons and layers pruned with LSQ and KD in
     one loop, finalized, packed, loaded back, and exported to int8 on the trained scales."""
     from hf_helpers import tiny_distilbert
 
-    from jointcompress import api
     from jointcompress.hf.ffn import ffn_widths
     from jointcompress.hf.int8 import export_onnx, trained_overrides
-    from jointcompress.hf.wrapper import accuracy, pack, tensor_loader
 
-    data = synthetic()
-    x, y = pack(data["input_ids"], data["attention_mask"]), data["labels"]
-    teacher = SequenceClassifier(tiny_distilbert(layers=3, heads=HEADS, ffn=FFN, seed=1))
-    student = SequenceClassifier(tiny_distilbert(layers=3, heads=HEADS, ffn=FFN, seed=0))
-    rec = {"training": {"epochs": 3, "batch_size": 16, "lr": 1e-3, "seed": 0},
-           "techniques": [{"type": "prune_layers", "sparsity": 0.34, "end": 0.6},
-                          {"type": "prune_heads", "sparsity": 0.5, "end": 0.6},
-                          {"type": "prune_ffn", "sparsity": 0.5, "end": 0.6},
-                          {"type": "quant_lsq", "bits": 4, "targets": ["*transformer.layer.*"]},
-                          {"type": "distill_kd", "temperature": 2.0, "alpha": 0.5}]}
-    result = api.compress(student, rec, tensor_loader(data, 16, seed=0), lambda m: {"accuracy": accuracy(m, x, y)},
-                          teacher=teacher)
-    model = result.model.eval()
-    with torch.no_grad():
-        masked = model(x)
-    hf, spec = finalize_hf_with_spec(model, result.techniques)
+    x, result, masked = _joint_run(tiny_distilbert, 3, 3, [
+        {"type": "prune_layers", "sparsity": 0.34, "end": 0.6}, {"type": "prune_heads", "sparsity": 0.5, "end": 0.6},
+        {"type": "prune_ffn", "sparsity": 0.5, "end": 0.6}, {"type": "quant_lsq", "bits": 4, "targets": ["*transformer.layer.*"]}])
+    hf, spec = finalize_hf_with_spec(result.model, result.techniques)
     assert len(hf.distilbert.transformer.layer) == 2 and len(spec.layers) == 2 * 6
     with torch.no_grad():
         assert torch.allclose(SequenceClassifier(hf).eval()(x), masked, atol=1e-4)
@@ -187,23 +192,9 @@ def test_deberta_joint_run_prunes_its_own_position_projections_with_the_heads(tm
     stopped at finalize: "pos_key_proj.scale has 32 entries but the weight has 24 output channels")."""
     from hf_helpers import tiny_deberta
 
-    from jointcompress import api
-    from jointcompress.hf.wrapper import accuracy, pack, tensor_loader
-
-    data = synthetic()
-    x, y = pack(data["input_ids"], data["attention_mask"]), data["labels"]
-    teacher = SequenceClassifier(tiny_deberta(layers=2, heads=HEADS, ffn=FFN, seed=1))
-    student = SequenceClassifier(tiny_deberta(layers=2, heads=HEADS, ffn=FFN, seed=0))
-    rec = {"training": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "seed": 0},
-           "techniques": [{"type": "prune_heads", "sparsity": 0.5, "end": 0.6},
-                          {"type": "quant_lsq", "bits": 4, "targets": ["*encoder.layer.*"]},
-                          {"type": "distill_kd", "temperature": 2.0, "alpha": 0.5}]}
-    result = api.compress(student, rec, tensor_loader(data, 16, seed=0), lambda m: {"accuracy": accuracy(m, x, y)},
-                          teacher=teacher)
-    model = result.model.eval()
-    with torch.no_grad():
-        masked = model(x)
-    hf, spec = finalize_hf_with_spec(model, result.techniques)
+    x, result, masked = _joint_run(tiny_deberta, 2, 2, [
+        {"type": "prune_heads", "sparsity": 0.5, "end": 0.6}, {"type": "quant_lsq", "bits": 4, "targets": ["*encoder.layer.*"]}])
+    hf, spec = finalize_hf_with_spec(result.model, result.techniques)
     attn = hf.deberta.encoder.layer[0].attention.self
     assert attn.pos_key_proj.out_features == attn.query_proj.out_features == head_counts(hf)[0] * 8 < 32
     name = "deberta.encoder.layer.0.attention.self.pos_key_proj"
