@@ -175,7 +175,6 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
     """Run every variant at every ratio and seed; write compare.json/.csv and pareto.png."""
     from .artifact.size import dense_fp32_bytes
     from .io import atomic_write_json, atomic_write_text
-    from .models import build_model
     from .pipeline import builder_for, load_weights, train_teacher, uncompressed_row
     from .targets import TargetError, resolve_target
 
@@ -196,7 +195,7 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
               "uncompressed": [], "runs": [], "unreachable": []}
     for seed in spec.seed_range():
         if weights:
-            teacher = load_weights(build_model(model_name, split.image_size, split.num_classes, split.channels), weights)
+            teacher = load_weights(builder_for(model_name, split)(), weights)
         else:
             teacher = train_teacher(model_name, split, spec.teacher_epochs, lr=base.training.lr, seed=seed,
                                     progress=progress_factory(f"teacher s{seed}") if progress_factory else None)

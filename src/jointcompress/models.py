@@ -122,8 +122,7 @@ class TinyViT(nn.Module):
 
     def forward(self, x):
         p = self.patch  # [N, C, H, W] -> [N, C, H/p, W/p, p, p] -> [N, tokens, C * p * p]
-        x = x.unfold(2, p, p).unfold(3, p, p)
-        x = x.flatten(1, 3).flatten(2) if x.shape[1] == 1 else x.permute(0, 2, 3, 1, 4, 5).flatten(1, 2).flatten(2)
+        x = x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).flatten(1, 2).flatten(2)
         x = self.encoder(self.embed(x) + self.position)
         return self.fc(self.norm(x).mean(1))
 

@@ -81,7 +81,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
 
 def train_teacher(model_name: str, split: Split, epochs: int, lr: float = 1e-3, batch_size: int = 64, seed: int = 0, progress=None) -> nn.Module:
     seed_everything(seed)
-    model = build_model(model_name, image_size=split.image_size, num_classes=split.num_classes, in_channels=split.channels)
+    model = builder_for(model_name, split)()
     train_baseline(model, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test), epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
     return model
 

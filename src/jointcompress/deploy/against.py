@@ -350,14 +350,12 @@ def ours(teacher: nn.Module, split, example, work: Path, target_ms: float, cfg: 
 def dense_teacher(cfg: AgainstConfig, split, teacher_path: Path | None = None) -> tuple[nn.Module, str]:
     """The dense model: its weights from `teacher_path` (safetensors) when that file exists,
     else trained here for `teacher_epochs` (and saved there when a path is given)."""
-    from ..models import build_model
-    from ..pipeline import train_teacher
+    from ..pipeline import builder_for, train_teacher
 
     if teacher_path is not None and Path(teacher_path).is_file():
         from safetensors.torch import load_file
 
-        model = build_model(cfg.model, image_size=split.image_size, num_classes=split.num_classes,
-                            in_channels=split.channels)
+        model = builder_for(cfg.model, split)()
         try:
             model.load_state_dict(load_file(str(teacher_path)))
         except (RuntimeError, OSError, ValueError) as exc:

@@ -162,8 +162,9 @@ def logits_over(fn, tensors: dict[str, torch.Tensor], batch_size: int = 64) -> t
     """fn's logits for all rows (fixed padding, so every back end sees identical inputs); the token
     types go along where a row has a second segment (sentence pairs)."""
     n = tensors["input_ids"].shape[0]
-    types = tensors.get("token_type_ids")
-    types = types if types is not None and bool(types.any()) else None
+    from jointcompress.hf.wrapper import pair_types
+
+    types = pair_types(tensors)
     outs = [fn(tensors["input_ids"][i:i + batch_size], tensors["attention_mask"][i:i + batch_size],
                *([] if types is None else [types[i:i + batch_size]]))
             for i in range(0, n, batch_size)]

@@ -169,9 +169,10 @@ def deploy_int8(hf, teacher, dev_t: dict, onnx_dir: Path, *, seq_len: int, teach
                                        torch_logits_fn, trained_overrides)
 
     onnx_dir = Path(onnx_dir)
+    from jointcompress.hf.wrapper import pair_types
+
     dev = {k: dev_t[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in dev_t}
-    pairs = "token_type_ids" in dev and bool(dev["token_type_ids"].any())  # sentence pairs: a third input
-    fp32 = export_onnx(hf, onnx_dir / "model_fp32.onnx", seq_len=seq_len, token_types=pairs)
+    fp32 = export_onnx(hf, onnx_dir / "model_fp32.onnx", seq_len=seq_len, token_types=pair_types(dev) is not None)
     trained = trained_overrides(fp32, hf, spec)
     q = quantize_onnx_int8(fp32, onnx_dir / "model_int8.onnx", trained)
     ort = OrtClassifier(q, threads=1)

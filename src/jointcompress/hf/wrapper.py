@@ -32,11 +32,17 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
     return torch.stack([r.long() for r in rows], dim=1)
 
 
-def pack_tokens(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """pack() of a tokenizer's dict (hf.data.tokenize): the token types go in only where some row
-    has a second segment (sentence pairs); single texts stay [N, 2, L], as they always were."""
+def pair_types(tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """A tokenizer's token types where some row has a second segment (sentence pairs), else None:
+    single texts go on without them (all zeros, the models' default), as they always did."""
     types = tensors.get("token_type_ids")
-    return pack(tensors["input_ids"], tensors["attention_mask"], types if types is not None and bool(types.any()) else None)
+    return types if types is not None and bool(types.any()) else None
+
+
+def pack_tokens(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """pack() of a tokenizer's dict (hf.data.tokenize), with the token types of sentence pairs
+    (pair_types): [N, 3, L]; single texts stay [N, 2, L]."""
+    return pack(tensors["input_ids"], tensors["attention_mask"], pair_types(tensors))
 
 
 def model_inputs(x: torch.Tensor) -> dict[str, torch.Tensor]:
