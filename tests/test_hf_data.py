@@ -77,6 +77,21 @@ def test_text_files_that_cannot_be_read_say_which_column_or_row(tmp_path, name, 
         read_rows(f, **kwargs)
 
 
+def test_a_file_without_a_header_is_read_with_the_columns_named(tmp_path):
+    f = tmp_path / "train.tsv"  # GLUE's CoLA: source, label, the author's mark (often empty), sentence
+    f.write_text("gj04\t1\t\tOur friends won't buy this analysis.\ngj04\t0\t*\tThey drank the pub.\n")
+    with pytest.raises(DataError, match="no 'label' column.*hf.columns"):  # its first row is no header
+        read_rows(f)
+    d = read_rows(f, columns=["source", "label", "mark", "sentence"])
+    assert d.sentences == ["Our friends won't buy this analysis.", "They drank the pub."] and d.labels == [1, 0]
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text('{"text": "ok", "label": 0}\n')
+    with pytest.raises(DataError, match="remove hf.columns"):
+        read_rows(jsonl, columns=["text", "label"])
+    with pytest.raises(DataError, match="given twice"):
+        read_rows(f, columns=["a", "label", "a", "sentence"])
+
+
 def test_sentence_pairs_are_read_tokenized_as_two_segments_and_reach_the_model_with_their_token_types(tmp_path):
     from jointcompress.hf.wrapper import SequenceClassifier, pack_tokens
 
@@ -144,6 +159,16 @@ def test_the_classes_come_from_the_teacher_and_a_count_that_disagrees_is_refused
     (mixed / "dev.csv").write_text("premise,hypothesis,label\ngood,movie,0\n")
     with pytest.raises(DataError, match="one holds sentence pairs, the other single texts"):
         steps.load_text(run, mixed)
+    cola = tmp_path / "cola"  # no header row: the recipe's hf.columns name the columns
+    cola.mkdir()
+    for split in ("train", "dev"):
+        (cola / f"{split}.tsv").write_text("gj04\t1\t\tgood movie\ngj04\t0\t*\tmovie the good\n")
+    headerless = parse_recipe({"hf": {"columns": ["source", "label", "mark", "sentence"]},
+                               "techniques": [{"type": "distill_kd"}]})
+    cola_run = steps.HFRun(recipe=headerless, hf_cfg=headerless.hf, out=tmp_path / "o", log=lambda _: None,
+                           labels=run.labels, tok=run.tok)
+    steps.load_text(cola_run, cola)
+    assert cola_run.dev_data.sentences == ["good movie", "movie the good"] and cola_run.y_dev.tolist() == [1, 0]
     from transformers import AlbertConfig, GPT2Config
 
     from jointcompress.errors import UnsupportedModelError

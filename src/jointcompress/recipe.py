@@ -298,6 +298,9 @@ class HF(Strict):
     text_column: str | None = None
     pair_column: str | None = None
     label_column: str = "label"  # the data's label column: class indices, or names from `labels`
+    # the column names of .tsv / .csv files without a header row (GLUE's CoLA: [source, label, mark,
+    # sentence]); None: the first row names them
+    columns: list[str] | None = Field(default=None, min_length=2)
     trim_vocab: bool = False  # keep only the word pieces the training text uses (embeddings + tokenizer)
     ptq_bits: Annotated[int, Field(ge=2, le=8)] | None = 8  # artifact: weights LSQ did not train (embeddings, pooler)
 

@@ -59,9 +59,11 @@ FORMATS = (".tsv", ".csv", ".jsonl")
 
 
 def read_rows(path: str | Path, text_column: str | None = None, label_column: str = "label",
-              label_names: list[str] | None = None, pair_column: str | None = None) -> TextDataset:
+              label_names: list[str] | None = None, pair_column: str | None = None,
+              columns: list[str] | None = None) -> TextDataset:
     """Read a text-classification file: `.tsv` (GLUE's layout, no quoting), `.csv` or `.jsonl`,
-    with a header naming its columns (a JSON object per line for `.jsonl`).
+    with a header naming its columns (a JSON object per line for `.jsonl`), or `columns` naming
+    them where the file has no header row (GLUE's CoLA).
 
     The text is `text_column`, else the first of TEXT_COLUMNS the header has; a sentence pair's
     second text is `pair_column`, else, with no text column named, found by PAIR_COLUMNS (GLUE's
@@ -74,11 +76,16 @@ def read_rows(path: str | Path, text_column: str | None = None, label_column: st
         raise DataError(f"data file {path} does not exist; give a folder with train and dev files ({', '.join(FORMATS)})")
     if path.suffix not in FORMATS:
         raise DataError(f"{path}: unknown format {path.suffix!r}; save the rows as one of {', '.join(FORMATS)}")
+    if columns is not None and path.suffix == ".jsonl":
+        raise DataError(f"{path}: hf.columns names the columns of a .tsv / .csv file without a header; a JSON "
+                        "object names its own, so remove hf.columns")
+    if columns is not None and len(set(columns)) != len(columns):
+        raise DataError(f"hf.columns {columns}: a name given twice; name each column once")
     sentences: list[str] = []
     labels: list[int] = []
     pairs: list[str] = []
     keys: tuple[str, str | None] | None = None
-    for lineno, header, row in _records(path, label_column):
+    for lineno, header, row in _records(path, label_column, columns):
         if keys is None:
             keys = _text_columns(path, header, text_column, pair_column, label_column)
         for key in (*[k for k in keys if k is not None], label_column):
@@ -98,8 +105,9 @@ def read_tsv(path: str | Path) -> TextDataset:
     return read_rows(path)
 
 
-def _records(path: Path, label_column: str):
-    """(line number, header, {column: value}) per non-empty row."""
+def _records(path: Path, label_column: str, columns: list[str] | None = None):
+    """(line number, header, {column: value}) per non-empty row; `columns`: the header of a file
+    that has none (its first line is a row)."""
     import csv
     import json
 
@@ -120,7 +128,7 @@ def _records(path: Path, label_column: str):
         else:
             reader = csv.reader(fh)
             lines = ((reader.line_num, fields) for fields in reader)
-        lineno, header = next(lines, (1, []))
+        lineno, header = (0, list(columns)) if columns is not None else next(lines, (1, []))
         for lineno, fields in lines:
             if fields and any(f.strip() for f in fields):
                 yield lineno, header, dict(zip(header, _fit(path, lineno, header, fields, label_column)))
@@ -143,7 +151,8 @@ def _text_columns(path: Path, header: list[str], text_column: str | None, pair_c
     """(the text's column, the pair's second text's column or None), as read_rows says."""
     if label_column not in header:
         raise DataError(f"{path}: header is {header!r}, with no {label_column!r} column; name the label column "
-                        "with hf.label_column")
+                        "with hf.label_column, or, for a file whose first line is a row (no header), name its "
+                        "columns with hf.columns")
     for name, field in ((text_column, "hf.text_column"), (pair_column, "hf.pair_column")):
         if name is not None and name not in header:
             raise DataError(f"{path}: header is {header!r}, with no {name!r} column ({field})")

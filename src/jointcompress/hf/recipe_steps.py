@@ -72,7 +72,7 @@ def teacher_source(recipe, weights: str | Path | None) -> str:
 def split_files(data_dir: str | Path | None) -> tuple[Path, Path]:
     """The folder's training and evaluation files: train.<ext> and dev.<ext> (GLUE's names) or
     validation.<ext> (the `datasets` library's), <ext> one of hf.data.FORMATS."""
-    looked = f"train and dev (or validation) files, each {' / '.join(FORMATS)} with a header"
+    looked = f"train and dev (or validation) files, each {' / '.join(FORMATS)} with a header (or hf.columns)"
     if not data_dir:
         raise DataError(f"HF recipe: no data; pass --data DIR holding {looked} (or set `data:`)")
     d = Path(data_dir)
@@ -154,7 +154,7 @@ def load_text(run: HFRun, data_dir) -> None:
     hf_cfg, n_labels = run.hf_cfg, len(run.labels)
     train_file, dev_file = split_files(data_dir or run.recipe.data)
     read = dict(text_column=hf_cfg.text_column, pair_column=hf_cfg.pair_column, label_column=hf_cfg.label_column,
-                label_names=run.labels)
+                label_names=run.labels, columns=hf_cfg.columns)
     run.train_data = read_rows(train_file, **read).subset(hf_cfg.train_limit, seed=run.recipe.training.seed)
     run.dev_data = dev = read_rows(dev_file, **read).head(hf_cfg.eval_limit)
     if (run.train_data.pairs is None) != (dev.pairs is None):
