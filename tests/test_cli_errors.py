@@ -245,6 +245,18 @@ def test_real_entry_point_prints_no_traceback(tmp_path):
     assert "Traceback" not in p.stdout + p.stderr
 
 
+@pytest.mark.parametrize("args,words", [
+    (["compress", "--bogus"], "No such option: --bogus"),
+    (["dry-run", "recipe.yaml"], "unexpected extra argument"),
+    (["compress"], "Missing argument"),
+])
+def test_usage_errors_print_the_usage_not_a_traceback(monkeypatch, capsys, args, words):
+    """typer >= 0.22 raises its own copy of click's usage errors: caught as click's only, they printed
+    a traceback."""
+    code, out = _cli(monkeypatch, capsys, *args)
+    assert code == 2 and words in out and "Usage: " in out and "Traceback" not in out
+
+
 def test_the_help_texts_name_every_built_in_model():
     from jointcompress.commands import BUILT_IN_MODELS
     from jointcompress.models import MODELS

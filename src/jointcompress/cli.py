@@ -301,17 +301,33 @@ def _run(debug: bool) -> None:
         console.print(f"[bold red]error:[/bold red] {escape(str(err.strerror or err) + where)}; check the path, free space and permissions (--debug for details)",
                       highlight=False)
         sys.exit(1)
-    except Exception as err:  # click usage errors and the like
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
+    except Exception as err:  # usage errors (an unknown option, a missing argument) and the like
+        usage, abort = _click_errors()
+        if isinstance(err, usage):
             err.show()
             sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
+        if isinstance(err, abort):
             sys.exit(130)
         raise
     finally:
         _close_process_group()
+
+
+def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage error classes, abort classes) of the command-line parser: click's, and those of the
+    copy of click that typer >= 0.22 carries inside itself (typer._click), which are other classes:
+    caught as click's only, an unknown option printed a traceback instead of the usage message."""
+    import importlib
+
+    usage, abort = [], [typer.Abort]
+    for module in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        usage.append(mod.ClickException)
+        abort += [mod.Abort] if hasattr(mod, "Abort") else []
+    return tuple(usage), tuple(abort)
 
 
 def _close_process_group() -> None:
