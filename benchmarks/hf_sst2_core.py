@@ -9,9 +9,13 @@ over the same random half of the train rows, so the step count equals the other 
     .venv/bin/python benchmarks/hf_sst2_core.py --data ../shared/datasets/sst2 --teacher runs/hf_teacher --mode joint
     .venv/bin/python benchmarks/hf_sst2_core.py --data ../shared/datasets/sst2 --teacher runs/hf_teacher --mode sequential
     .venv/bin/python benchmarks/hf_sst2_core.py --data ../shared/datasets/sst2 --teacher runs/hf_teacher --mode progressive
+    .venv/bin/python benchmarks/hf_sst2_core.py --data ../shared/datasets/sst2 --teacher runs/hf_teacher --ratio 16
+
+--ratio R gives the recipe a size target (R x the teacher's fp32 weights): the heads and FFN neurons
+kept are planned to meet it (hf/size_target.py) instead of the recipe's sparsities.
 
 Writes runs/hf_sst2_core[_MODE]/ (artifact, model folder, ONNX, summary.json) and copies
-summary.json to benchmarks/results/hf_sst2_core[_MODE].json (no suffix for joint). The teacher folder comes
+summary.json to benchmarks/results/hf_sst2_core[_MODE][_ratioR][_rowsN].json (no mode suffix for joint). The teacher folder comes
 from `benchmarks/hf_sst2.py teacher` (MiniLM-L6 fine-tuned on SST-2).
 """
 from __future__ import annotations
@@ -34,12 +38,18 @@ def main():
     ap.add_argument("--mode", choices=["joint", "sequential", "progressive"], default="joint")
     ap.add_argument("--out", default=None, help="default runs/hf_sst2_core (joint), runs/hf_sst2_core_sequential")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ratio", type=float, default=None,
+                    help="a size target (x the teacher's fp32 weights): the heads and FFN neurons kept are planned to meet it")
+    ap.add_argument("--train-limit", type=int, default=None, help="random subset of the train rows (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    suffix = "" if args.mode == "joint" else "_" + args.mode
+    suffix = ("" if args.mode == "joint" else "_" + args.mode) + (f"_ratio{args.ratio:g}" if args.ratio else "") + (
+        f"_rows{args.train_limit}" if args.train_limit else "")
     base = load_recipe(builtin_recipe("hf_sst2")).model_dump()
     base["mode"] = "sequential" if args.mode == "sequential" else "joint"
-    base["hf"]["train_limit"] = None  # every train row
+    base["hf"]["train_limit"] = args.train_limit  # None: every train row
+    if args.ratio:
+        base["target"] = {"ratio": args.ratio}
     base["hf"]["trim_vocab"] = True
     base["coordination"]["every"] = 1  # measured on every step, as the stored results were (now: every log_every)
     if args.mode == "progressive":  # two one-epoch stages over half the rows: the same number of steps
@@ -53,7 +63,8 @@ def main():
     run_hf_recipe(recipe, out, args.data, weights=args.teacher, log=print, progressive=args.mode == "progressive")
     summary = json.loads((out / "summary.json").read_text())
     summary["command"] = (f"python benchmarks/hf_sst2_core.py --data {args.data} --teacher {args.teacher} "
-                          f"--mode {args.mode} --threads {args.threads}")
+                          f"--mode {args.mode} --threads {args.threads}" + (f" --ratio {args.ratio:g}" if args.ratio else "")
+                          + (f" --train-limit {args.train_limit}" if args.train_limit else ""))
     Path(f"benchmarks/results/hf_sst2_core{suffix}.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     print(json.dumps({k: summary.get(k) for k in ("artifact", "int8")}, indent=1, default=str))
 

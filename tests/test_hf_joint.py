@@ -152,9 +152,11 @@ def test_recipe_validation_of_unit_pruning():
                      (torch.randn(8, 4), torch.randint(0, 2, (8,))), lambda m: 0.0)
     from jointcompress.hf.pipeline import run_hf_recipe
 
-    with pytest.raises(RecipeError, match="target.*remove target"):  # refused before anything loads
-        run_hf_recipe({"hf": {}, "target": {"ratio": 10}, "techniques": [{"type": "prune_heads", "sparsity": 0.5}]},
-                      "/nonexistent/out", "/nonexistent/data", "/nonexistent/teacher")
+    for target, techniques, words in (({"latency_ms": 5}, [], "latency target"),
+                                      ({"ratio": 10}, [{"type": "prune_layers", "sparsity": 0.5}], "prune_layers")):
+        with pytest.raises(RecipeError, match=words):  # refused before anything loads
+            run_hf_recipe({"hf": {}, "target": target, "techniques": techniques}, "/nonexistent/out",
+                          "/nonexistent/data", "/nonexistent/teacher")
 
 
 def test_cli_compress_runs_an_hf_recipe(tmp_path):
@@ -522,3 +524,39 @@ def test_run_hf_recipe_progressive(tmp_path):
     assert s["techniques"]["prune_heads.heads_kept"] == 4 * HEADS // 2  # pruned on the 4-layer teacher
     assert sum(s["student"]["heads_per_layer"]) < 4 * HEADS // 2  # the student keeps 2 of those layers
     assert s["artifact"]["lsq_layers"] == {"4": 12}
+
+
+def test_a_size_target_chooses_the_heads_and_neurons_kept_and_the_saved_weights_file_meets_it(tmp_path):
+    """The planner's bytes are the artifact encoder's, fixed-width; the file (entropy-coded where that
+    is smaller) is at or under the target, and re-encoding the loaded model fixed-width gives the plan."""
+    from jointcompress.artifact.encode import encode_model
+    from jointcompress.artifact.store import file_blob
+    from jointcompress.hf.artifact import load_hf_artifact
+    from jointcompress.hf.pipeline import run_hf_recipe
+    from jointcompress.targets import TargetError
+
+    teacher_dir = teacher_folder(tmp_path, heads=HEADS, ffn=FFN)
+    data = sst2_folder(tmp_path, seed=1, train_words=8)
+    rec = recipe(epochs=1, target={"ratio": 14})
+    rec["hf"] = {"student_layers": [0, 1, 2, 3], "max_length": 16, "trim_vocab": True}
+    s = run_hf_recipe(rec, tmp_path / "t14", data, teacher_dir, int8=False)
+    t = s["artifact"]["target"]
+    assert t["met"] and t["weights_bytes"] <= t["goal_bytes"] == int(t["teacher_fp32_bytes"] / 14)
+    assert t["weights_bytes"] == (tmp_path / "t14" / "artifact" / "weights.jcw").stat().st_size
+    assert 0 < t["sparsity"]["prune_heads"] == t["sparsity"]["prune_ffn"]  # the recipe's 0.5 : 0.5, scaled
+    assert sum(s["student"]["heads_per_layer"]) == t["kept"]["prune_heads"] < 16
+    assert sum(s["student"]["intermediate_per_layer"]) == t["kept"]["prune_ffn"] < 256
+    model, _, spec = load_hf_artifact(tmp_path / "t14" / "artifact", with_spec=True)
+    fixed = len(file_blob(encode_model(model, spec, entropy=False), "jcw"))
+    assert t["goal_bytes"] >= t["planned_bytes_fixed_width"] >= fixed > 0.97 * t["planned_bytes_fixed_width"]
+    with pytest.raises(TargetError, match="cannot be met by removing heads and FFN neurons.*hf.trim_vocab: true"):
+        run_hf_recipe(recipe(epochs=1, target={"ratio": 40}, hf={"student_layers": [0, 1]}), tmp_path / "t40", data,
+                      teacher_dir)
+    with pytest.raises(RecipeError, match="latency target.*size target"):
+        run_hf_recipe(recipe(target={"speedup": 2}), tmp_path / "lat", data, teacher_dir)
+    no_units = recipe(target={"ratio": 4})
+    no_units["techniques"] = no_units["techniques"][2:]
+    with pytest.raises(TargetError, match="add prune_ffn"):
+        run_hf_recipe(no_units, tmp_path / "none", data, teacher_dir)
+    with pytest.raises(RecipeError, match="--mode progressive"):
+        run_hf_recipe(recipe(target={"ratio": 4}), tmp_path / "prog", data, teacher_dir, progressive=True)

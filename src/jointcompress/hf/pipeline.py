@@ -85,10 +85,17 @@ def run_hf_recipe(
     from jointcompress.recipe import HF, parse_recipe
 
     recipe = parse_recipe(recipe)
-    steps.check_recipe(recipe)
+    steps.check_recipe(recipe, progressive)
     run = HFRun(recipe, recipe.hf if recipe.hf is not None else HF(), Path(out), log)
     steps.load_models(run, weights)
     steps.load_text(run, data_dir)
+    if recipe.target is not None:
+        from jointcompress.hf.size_target import plan
+
+        run.measured["target"] = planned = plan(run)
+        log(f"size target {planned['goal_bytes']:,} B: keeping " + ", ".join(
+            f"{planned['kept'][k]} of {planned['total'][k]} {k.removeprefix('prune_')}" for k in planned["kept"])
+            + f" (at most {planned['planned_bytes_fixed_width']:,} B before entropy coding)")
     dist = _dist.resolve(compress_kwargs.pop("distributed", "auto"))
     steps.train(run, dist, progress, callbacks, progressive, compress_kwargs)
     if dist is not None and not dist.is_main:  # rank 0 finalizes, exports and measures; the others are done
@@ -269,6 +276,11 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
             f"size vs teacher {'-' if ratio is None else f'{ratio:.1f}x'}, speedup b1 {lat['speedup_b1']}x, "
             f"b32 {lat['speedup_b32']}x (1 thread, seq len {lat['seq_len']}, median of {lat['rounds']} interleaved rounds)")
         console.print(f"int8 ONNX model: {q['onnx_int8']}")
+    if a.get("target"):
+        tg = a["target"]
+        console.print(f"size target {tg['goal_bytes']:,} B ({tg['teacher_fp32_bytes'] / tg['goal_bytes']:.1f}x the teacher's "
+                      f"fp32 weights): weights file {tg['weights_bytes']:,} B ({tg['ratio_reached']:.1f}x), "
+                      f"{'met' if tg['met'] else 'MISSED'}")
     atomic_write_text(out / "recipe.yaml", Path(recipe_path).read_text(encoding="utf-8"))
     art_ratio = a["size_ratio_vs_teacher"]
     ratio_a = "" if art_ratio is None else f"{art_ratio:.1f}x smaller than the teacher's weights; "

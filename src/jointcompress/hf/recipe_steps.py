@@ -102,11 +102,22 @@ def class_names(hf_cfg, src: str) -> list[str]:
     return list(hf_cfg.labels)
 
 
-def check_recipe(recipe) -> None:
-    if recipe.target is not None:
-        raise RecipeError("target: size and latency targets allocate unstructured sparsity and channels of the core "
-                          "models, not heads and FFN neurons; for an hf recipe remove target and set prune_heads / "
-                          "prune_ffn sparsity and quant_lsq bits")
+def check_recipe(recipe, progressive: bool = False) -> None:
+    """What an hf recipe's target can be: a size (ratio, size_kb), met by the heads and FFN neurons
+    kept (hf/size_target.py), in one joint or sequential run of the student."""
+    target = recipe.target
+    if target is None:
+        return
+    if target.is_latency:
+        raise RecipeError("target: a latency target chooses the channels of the core image models; for an hf recipe "
+                          "give a size target (ratio or size_kb), or remove target and set prune_heads / prune_ffn "
+                          "sparsity (`benchmarks/hf_latency.py` times the result)")
+    if progressive:
+        raise RecipeError("target with --mode progressive: the heads and neurons are removed from the teacher there, "
+                          "before the student exists; run the size target with --mode joint or sequential")
+    if any(t.type == "prune_layers" for t in recipe.techniques):
+        raise RecipeError("target with prune_layers: the size target chooses heads and FFN neurons of the student's "
+                          "layers; choose the layers with hf.student_layers instead, or remove target")
 
 
 def load_models(run: HFRun, weights) -> None:
@@ -243,7 +254,18 @@ def artifact_summary(run: HFRun, teacher_bytes: int | None) -> dict:
         "lsq_layers": {str(b): sum(1 for ls in spec.layers.values() if ls.bits == b)
                        for b in sorted({ls.bits for ls in spec.layers.values()})},
         "ptq_bits": run.hf_cfg.ptq_bits,
+        "target": _target_summary(m),
     }
+
+
+def _target_summary(measured: dict) -> dict | None:
+    """The size target's plan beside the weights file it gave (None without a target)."""
+    plan = measured.get("target")
+    if plan is None:
+        return None
+    reached = measured["art_bytes"]["weights"]
+    return {**plan, "weights_bytes": reached, "met": reached <= plan["goal_bytes"],
+            "ratio_reached": plan["teacher_fp32_bytes"] / reached}
 
 
 def model_summary(run: HFRun, folder: Path, student_bytes: int | None, teacher_bytes: int | None) -> tuple[dict, dict]:

@@ -1,0 +1,169 @@
+"""A size target for an HF recipe: how many attention heads and FFN neurons to keep, chosen before
+training so that the packed artifact's weights file lands at or under the target.
+
+Why a planner of its own: the core allocator (targets.py) spreads unstructured sparsity and bits over
+layers; an HF recipe removes whole heads and neurons (what makes the model faster on any hardware),
+so the artifact's bytes are an affine function of how many of each are kept. The function is
+measured, not modelled: the student (its vocabulary trimmed first where the recipe trims it) is
+encoded by the artifact's own encoder as it is, with half of every layer's heads removed, and with
+half of every FFN removed, at the recipe's bits and without entropy coding. The saved file, whose
+encoder codes entropy where that is smaller, meets or beats that bound.
+
+The recipe's prune_heads / prune_ffn sparsities give the proportion between the two (0.33 and 0.5:
+FFN neurons removed 1.5 times as fast as heads); one factor on both is searched for.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from jointcompress.errors import RecipeError
+from jointcompress.targets import TargetError
+
+UNIT_KINDS = ("prune_heads", "prune_ffn")
+
+
+@dataclass
+class UnitBytes:
+    """Weights-file bytes of the student = full - sum over kinds of (removed units * per_unit[kind])."""
+
+    full: float
+    per_unit: dict[str, float]
+    layers: int
+    units: dict[str, int]  # per layer
+
+    def bytes_at(self, kept: dict[str, int]) -> float:
+        return self.full - sum((self.layers * self.units[k] - kept[k]) * self.per_unit[k] for k in kept)
+
+
+def kept_units(layers: int, units: int, cfg, sparsity: float) -> int:
+    """How many units prune_heads / prune_ffn keep in all (techniques/prune_units.py's setup)."""
+    min_per_layer = max(1, math.ceil(cfg.min_keep * units))
+    if cfg.per_layer:
+        return layers * max(min_per_layer, round(units * (1 - sparsity)))
+    return max(min_per_layer * layers, round(layers * units * (1 - sparsity)))
+
+
+def _encoded_bytes(hf: nn.Module, recipe, ptq_bits: int | None) -> int:
+    """The weights file's bytes of `hf` as the artifact would store it, fixed-width (an upper bound of
+    the file, whose parts are entropy-coded where that is smaller)."""
+    from jointcompress.artifact.encode import encode_model
+    from jointcompress.artifact.store import file_blob
+    from jointcompress.hf.artifact import quantize_rest
+    from jointcompress.hf.wrapper import SequenceClassifier
+    from jointcompress.spec import CompressionSpec, LayerSpec
+    from jointcompress.techniques.base import selected_layers
+
+    quant = next((t for t in recipe.techniques if t.type == "quant_lsq"), None)
+    spec = CompressionSpec(recipe=recipe.model_dump(mode="json"))
+    if quant is not None:
+        for name, layer in selected_layers(SequenceClassifier(hf), quant).items():
+            bits = (quant.layer_bits or {}).get(name, quant.bits)
+            spec.layers[name.removeprefix("hf.")] = LayerSpec(bits=bits, scale=_onto_grid(layer.weight, bits))
+    if ptq_bits is not None:
+        quantize_rest(hf, spec, ptq_bits)
+    return len(file_blob(encode_model(hf, spec, entropy=False), "jcw"))  # the container's index too
+
+
+@torch.no_grad()
+def _onto_grid(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round w (a copy's) onto a per-row grid of `bits`, as finalize leaves an LSQ layer; its steps."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = (w.abs().amax(dim=1) / qmax).clamp_min(1e-12)
+    w.copy_(torch.round(w / scale[:, None]).clamp(-qmax, qmax) * scale[:, None])
+    return scale
+
+
+def measure(student: nn.Module, recipe, ptq_bits: int | None, kinds: list[str]) -> UnitBytes:
+    """The affine bytes model of `student` (a vocabulary-trimmed copy where the run trims), from
+    one encoding as it is and one per kind with half of every layer's units removed."""
+    from jointcompress.hf.ffn import ffn_widths, prune_ffn
+    from jointcompress.hf.heads import head_counts, prune_heads
+
+    counts = {"prune_heads": (head_counts, prune_heads), "prune_ffn": (ffn_widths, prune_ffn)}
+    full = _encoded_bytes(copy.deepcopy(student), recipe, ptq_bits)
+    per_unit, units = {}, {}
+    for kind in kinds:
+        count, prune = counts[kind]
+        widths = count(student)
+        if len(set(widths)) != 1:
+            raise RecipeError(f"target with {kind}: the student's layers have different widths {widths}; "
+                              "compress an unpruned model")
+        half = widths[0] // 2
+        smaller = prune(copy.deepcopy(student), [list(range(widths[0] - half)) for _ in widths])
+        per_unit[kind] = (full - _encoded_bytes(smaller, recipe, ptq_bits)) / (half * len(widths))
+        units[kind] = widths[0]
+    return UnitBytes(float(full), per_unit, len(head_counts(student)), units)
+
+
+MAX_SPARSITY = 0.99  # recipe._PruneUnits.sparsity's bound
+
+
+def plan(run) -> dict:
+    """Replace run.recipe by one whose prune_heads / prune_ffn sparsities land the artifact's weights
+    file at or under recipe.target (ratio: against the teacher's fp32 weights), and without the
+    target (the core loop has nothing left to allocate). Returns what was planned, for the summary."""
+    from jointcompress.artifact.size import dense_fp32_bytes
+
+    target = run.recipe.target
+    recipe = run.recipe.model_copy(update={"target": None})  # what trains: the target met by the sparsities
+    units = [t for t in recipe.techniques if t.type in UNIT_KINDS]
+    if not units:
+        raise TargetError("target in an hf recipe sets how many attention heads and FFN neurons are kept: add "
+                          "prune_ffn (and prune_heads) to techniques, or remove target")
+    teacher_bytes = dense_fp32_bytes(run.teacher)
+    goal = target.size_kb * 1024 if target.size_kb is not None else teacher_bytes / target.ratio
+    model = _as_saved(run)
+    ub = measure(model, recipe, run.hf_cfg.ptq_bits, [t.type for t in units])
+    weights = {t.type: t.sparsity for t in units} if any(t.sparsity > 0 for t in units) else {t.type: 1.0 for t in units}
+
+    def sparsities(c: float) -> dict[str, float]:
+        return {k: min(MAX_SPARSITY, c * w) for k, w in weights.items()}
+
+    def planned(c: float) -> float:
+        s = sparsities(c)
+        return ub.bytes_at({t.type: kept_units(ub.layers, ub.units[t.type], t, s[t.type]) for t in units})
+
+    c_max = MAX_SPARSITY / min(w for w in weights.values() if w > 0)
+    if planned(c_max) > goal:
+        raise TargetError(_unreachable(goal, planned(c_max), teacher_bytes, run))
+    lo, hi = 0.0, c_max  # planned() falls as c grows: the least pruning that fits
+    if planned(lo) > goal:
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if planned(mid) <= goal else (mid, hi)
+    else:
+        hi = 0.0
+    chosen = sparsities(hi)
+    run.recipe = recipe.model_copy(update={"techniques": [
+        t.model_copy(update={"sparsity": chosen[t.type]}) if t.type in chosen else t for t in recipe.techniques]})
+    return {"goal_bytes": int(goal), "planned_bytes_fixed_width": int(planned(hi)), "teacher_fp32_bytes": teacher_bytes,
+            "ratio": target.ratio, "size_kb": target.size_kb, "sparsity": chosen,
+            "kept": {t.type: kept_units(ub.layers, ub.units[t.type], t, chosen[t.type]) for t in units},
+            "total": {t.type: ub.layers * ub.units[t.type] for t in units}}
+
+
+def _as_saved(run) -> nn.Module:
+    """A copy of the student with the vocabulary the artifact will have (trimmed to the training
+    text's word pieces where the recipe says so)."""
+    student = copy.deepcopy(run.student)
+    if run.hf_cfg.trim_vocab:
+        from jointcompress.hf.vocab import trim_vocab
+
+        student, _, _ = trim_vocab(student, run.tok, run.train_data.texts)
+    return student
+
+
+def _unreachable(goal: float, smallest: float, teacher_bytes: int, run) -> str:
+    knobs = ["fewer hf.student_layers", "lower quant_lsq bits", "lower hf.ptq_bits (the embeddings)"]
+    if not run.hf_cfg.trim_vocab:
+        knobs.append("hf.trim_vocab: true (most of a small BERT is its word embeddings)")
+    return (f"target {goal / 1024:,.1f} KiB ({teacher_bytes / goal:.1f}x the teacher's fp32 {teacher_bytes / 1024:,.0f} KiB) "
+            f"cannot be met by removing heads and FFN neurons: with {MAX_SPARSITY:.0%} of them removed the weights "
+            f"file is still {smallest / 1024:,.1f} KiB ({teacher_bytes / smallest:.1f}x). Ask for less, or try "
+            + ", ".join(knobs))
