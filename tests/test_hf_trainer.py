@@ -139,3 +139,28 @@ def test_trainer_trains_the_joint_form_and_lands_the_file_on_the_size_target(tmp
     on_disk = (tmp_path / "a" / "weights.jcw").stat().st_size
     assert on_disk == manifest["weights_file_bytes"]
     assert goal * 0.9 <= on_disk <= goal * 1.02, (on_disk, goal)
+
+
+def test_a_technique_that_starts_later_joins_the_trainers_optimizer_and_follows_its_schedule(tmp_path):
+    """quant_lsq with `start: 0.5` adds its group mid-run: the Trainer's LambdaLR stopped with "zip()
+    argument 2 is shorter than argument 1"; the group now follows the warm-up / decay at its own rate,
+    without weight decay."""
+    model = tiny_bert(layers=2, seed=0)
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5, "targets": ["*encoder.layer.*"]},
+                             {"type": "quant_lsq", "bits": 4, "start": 0.5, "step_lr": 5e-4,
+                              "targets": ["*encoder.layer.*"]}]}
+    steps = 8
+    session = jointcompress.prepare(model, recipe, total_steps=steps)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=6, learning_rate=1e-3,
+                             weight_decay=0.1, warmup_steps=2, report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True, seed=0)
+    trainer = CompressionTrainer(session=session, model=model, args=args, train_dataset=_rows())
+    groups_at = []
+    session.on_restructure.append(lambda: groups_at.append(len(trainer.optimizer.param_groups)))
+    trainer.train()
+    assert session.step == steps and groups_at and groups_at[-1] == len(trainer.optimizer.param_groups)
+    late = trainer.optimizer.param_groups[-1]
+    assert late["name"] == "quant_steps" and late["weight_decay"] == 0.0
+    first = trainer.optimizer.param_groups[0]
+    assert late["initial_lr"] == pytest.approx(5e-4) and late["lr"] == pytest.approx(first["lr"] * 0.5)
+    assert len(trainer.lr_scheduler.lr_lambdas) == len(trainer.lr_scheduler.base_lrs) == len(trainer.optimizer.param_groups)

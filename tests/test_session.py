@@ -129,6 +129,44 @@ def test_technique_parameters_that_attach_later_join_the_bound_optimizer():
     assert all(p.grad is not None for p in steps)  # they are trained
 
 
+@pytest.mark.parametrize("make", [
+    lambda opt, n: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / n),
+    lambda opt, n: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=n),
+    lambda opt, n: torch.optim.lr_scheduler.SequentialLR(opt, [torch.optim.lr_scheduler.LinearLR(opt, total_iters=4),
+                                                              torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)], [4]),
+], ids=["lambda", "one-cycle", "sequential"])
+def test_a_group_that_attaches_later_follows_the_bound_schedulers_schedule_at_its_own_rate(make):
+    """LambdaLR stopped with "zip() argument 2 is shorter than argument 1" and OneCycleLR with a
+    KeyError once quant_lsq's group joined at step 8."""
+    model = _mlp()
+    recipe = {**RECIPE, "techniques": [RECIPE["techniques"][0], {**RECIPE["techniques"][1], "step_lr": 2.5e-3}]}
+    session = jointcompress.prepare(model, recipe, total_steps=16)
+    opt = torch.optim.Adam(session.param_groups(lr=1e-2))
+    sched = make(opt, 16)
+    session.bind(opt, sched)
+    x, y = _data()
+    for epoch in range(4):
+        for xb, yb in _batches(epoch, x, y):
+            terms = session.loss(model(xb), (xb, yb))
+            opt.zero_grad()
+            session.backward(terms)
+            session.before_step()
+            opt.step()
+            session.after_step()
+            sched.step()
+            if len(opt.param_groups) > 1:
+                assert opt.param_groups[1]["lr"] == pytest.approx(opt.param_groups[0]["lr"] * 0.25)
+    assert len(opt.param_groups) == 2 and opt.param_groups[-1]["name"] == "quant_steps"
+
+
+def test_a_scheduler_not_bound_is_named_when_a_group_joins_later():
+    model, session, opt = _start()
+    torch.optim.lr_scheduler.StepLR(opt, 4)
+    x, y = _data()
+    with pytest.warns(UserWarning, match=r"session.bind\(optimizer, scheduler\)"):
+        _train(model, session, opt, range(3), x, y)
+
+
 class _DictOut(nn.Module):
     """A model with keyword inputs returning a dict (HF-like), for dict batches."""
 

@@ -95,7 +95,7 @@ def run_hf_recipe(
         run.measured["target"] = planned = plan(run)
         log(f"size target {planned['goal_bytes']:,} B: keeping " + ", ".join(
             f"{planned['kept'][k]} of {planned['total'][k]} {k.removeprefix('prune_')}" for k in planned["kept"])
-            + f" (at most {planned['planned_bytes_fixed_width']:,} B before entropy coding)")
+            + f" (planned {planned['planned_bytes']:,} B)")
     dist = _dist.resolve(compress_kwargs.pop("distributed", "auto"))
     steps.train(run, dist, progress, callbacks, progressive, compress_kwargs)
     if dist is not None and not dist.is_main:  # rank 0 finalizes, exports and measures; the others are done

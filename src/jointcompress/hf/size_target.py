@@ -50,8 +50,8 @@ def kept_units(layers: int, units: int, cfg, sparsity: float) -> int:
 
 
 def _encoded_bytes(hf: nn.Module, recipe, ptq_bits: int | None) -> int:
-    """The weights file's bytes of `hf` as the artifact would store it, fixed-width (an upper bound of
-    the file, whose parts are entropy-coded where that is smaller)."""
+    """The weights file's bytes of `hf` as the artifact would store it, its LSQ layers on the grids
+    quant_lsq starts from (LSQ's step initialisation) and the rest rounded as the artifact rounds it."""
     from jointcompress.artifact.encode import encode_model
     from jointcompress.artifact.store import file_blob
     from jointcompress.hf.artifact import quantize_rest
@@ -64,19 +64,24 @@ def _encoded_bytes(hf: nn.Module, recipe, ptq_bits: int | None) -> int:
     if quant is not None:
         for name, layer in selected_layers(SequenceClassifier(hf), quant).items():
             bits = (quant.layer_bits or {}).get(name, quant.bits)
-            spec.layers[name.removeprefix("hf.")] = LayerSpec(bits=bits, scale=_onto_grid(layer.weight, bits))
+            scale = _onto_grid(layer.weight, bits, quant.per_channel)
+            spec.layers[name.removeprefix("hf.")] = LayerSpec(bits=bits, scale=scale)
     if ptq_bits is not None:
         quantize_rest(hf, spec, ptq_bits)
-    return len(file_blob(encode_model(hf, spec, entropy=False), "jcw"))  # the container's index too
+    return len(file_blob(encode_model(hf, spec, entropy=True), "jcw"))  # the container's index too
 
 
 @torch.no_grad()
-def _onto_grid(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Round w (a copy's) onto a per-row grid of `bits`, as finalize leaves an LSQ layer; its steps."""
+def _onto_grid(w: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
+    """Round w (a copy's) onto the `bits` grid of LSQ's initial step sizes; returns them per row.
+    Their spread of levels, not the fixed width, sets what entropy coding saves: a 8-bit layer
+    measured at 62% of its fixed width on MiniLM, so a fixed-width plan removed far more than needed."""
+    from jointcompress.techniques.quant_lsq import lsq_init_step
+
     qmax = 2 ** (bits - 1) - 1
-    scale = (w.abs().amax(dim=1) / qmax).clamp_min(1e-12)
+    scale = lsq_init_step(w, qmax, per_channel).reshape(-1).expand(w.shape[0]).clamp_min(1e-12)
     w.copy_(torch.round(w / scale[:, None]).clamp(-qmax, qmax) * scale[:, None])
-    return scale
+    return scale.clone()
 
 
 def measure(student: nn.Module, recipe, ptq_bits: int | None, kinds: list[str]) -> UnitBytes:
@@ -142,7 +147,7 @@ def plan(run) -> dict:
     chosen = sparsities(hi)
     run.recipe = recipe.model_copy(update={"techniques": [
         t.model_copy(update={"sparsity": chosen[t.type]}) if t.type in chosen else t for t in recipe.techniques]})
-    return {"goal_bytes": int(goal), "planned_bytes_fixed_width": int(planned(hi)), "teacher_fp32_bytes": teacher_bytes,
+    return {"goal_bytes": int(goal), "planned_bytes": int(planned(hi)), "teacher_fp32_bytes": teacher_bytes,
             "ratio": target.ratio, "size_kb": target.size_kb, "sparsity": chosen,
             "kept": {t.type: kept_units(ub.layers, ub.units[t.type], t, chosen[t.type]) for t in units},
             "total": {t.type: ub.layers * ub.units[t.type] for t in units}}

@@ -70,8 +70,16 @@ class CompressionTrainer(Trainer):
             for g in groups[1:]:
                 g.setdefault("weight_decay", 0.0)
             self.optimizer = cls(groups, **kwargs)
+        self.session.late_group_defaults = {"weight_decay": 0.0}  # technique groups that attach later, too
         self.session.bind(self.optimizer)
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The Trainer's scheduler, bound to the session: the groups of techniques that attach
+        later (quant_lsq with `start: 0.3`) follow it at their own learning rate."""
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        self.session.bind(self.optimizer, scheduler)
+        return scheduler
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         model.train()

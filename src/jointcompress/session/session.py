@@ -48,6 +48,8 @@ class CompressionSession:
         self.teacher_cache = TeacherCache()
         self.optimizer: torch.optim.Optimizer | None = None
         self.owns_optimizer = False  # the built-in loop: the session (re)builds the optimizer
+        self.scheduler = None  # the caller's LR scheduler on a bound optimizer (bind)
+        self.late_group_defaults: dict = {}  # settings of technique groups added to a bound optimizer
         self.coordinator: GradientCoordinator | None = None
         self.param_names: dict[int, str] = {}
         self.step = 0
@@ -88,20 +90,33 @@ class CompressionSession:
         groups.insert(0, {"params": weights, "lr": lr, "weight_decay": wd, "name": "weights"})
         return groups
 
-    def bind(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    def bind(self, optimizer: torch.optim.Optimizer, scheduler=None) -> torch.optim.Optimizer:
         """Use the caller's optimizer: parameters of techniques it lacks (now, and whenever a
-        technique attaches later) are added to it as new groups."""
+        technique attaches later) are added to it as new groups. `scheduler`: the caller's LR
+        scheduler on it (bind again once it is made), which a group added later then follows
+        (session/lr_schedulers.py); without it such a group breaks most torch schedulers."""
         self.optimizer, self.owns_optimizer = optimizer, False
+        if scheduler is not None:
+            self.scheduler = scheduler
         self._add_missing_groups()
         return optimizer
 
     def _add_missing_groups(self) -> None:
+        from .lr_schedulers import base_lr, follow_schedule, has_scheduler
+
         have = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        for g in self.param_groups(lr=self.optimizer.param_groups[0]["lr"]):
+        for g in self.param_groups(lr=base_lr(self.optimizer)):
             params = [p for p in g["params"] if id(p) not in have]
-            if params:
-                self.optimizer.add_param_group({**g, "params": params})
-                have.update(id(p) for p in params)
+            if not params:
+                continue
+            group = {**self.late_group_defaults, **g, "params": params}
+            self.optimizer.add_param_group(group)
+            have.update(id(p) for p in params)
+            if self.scheduler is None and has_scheduler(self.optimizer):
+                warnings.warn(f"{g.get('name', 'a technique')}'s parameters joined the optimizer as a new group at step "
+                              f"{self.step}; the LR scheduler made on it does not know the group: pass it to "
+                              "session.bind(optimizer, scheduler) so the group follows its schedule", stacklevel=3)
+            follow_schedule(self.optimizer, self.optimizer.param_groups[-1], self.scheduler)
 
     def _own_optimizer(self, groups: list[dict]) -> None:
         cfg = self.recipe.training
