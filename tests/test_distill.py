@@ -156,3 +156,28 @@ def test_a_teacher_that_cannot_serve_the_model_is_named_before_training():
               "training": {"epochs": 1, "batch_size": 16}}
     result = compress(copy.deepcopy(model), hidden, (x, y), lambda m: 0.0, teacher=five)
     assert result.history.epochs[-1]["losses"]["distill"] > 0
+
+
+@pytest.mark.parametrize("mode", ["joint", "overlap"])
+def test_hidden_state_distillation_runs_under_a_size_target(mode, tmp_path):
+    """The feature capture's hook kept the last output (a graph tensor): the size budget's measured copy
+    and the overlap run's steering copy stopped in deepcopy's "Only Tensors created explicitly by the user"."""
+    import copy
+
+    from jointcompress import finalize
+    from jointcompress.artifact.size import dense_fp32_bytes
+    from jointcompress.artifact.store import save
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 3))
+    teacher = copy.deepcopy(model).eval()
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    recipe = {"mode": mode, "target": {"ratio": 8},
+              "techniques": [{"type": "prune_unstructured"}, {"type": "quant_lsq", "bits": 4},
+                             {"type": "distill_kd", "alpha": 0.5, "features": [{"student": "2", "teacher": "2"}]}],
+              "training": {"epochs": 2, "batch_size": 16}}
+    result = compress(model, recipe, (x, y), lambda m: {"accuracy": 0.0}, teacher=teacher)
+    spec = finalize(result.model, x[:2])
+    manifest = save(result.model, spec, tmp_path / "a")
+    assert manifest["weights_file_bytes"] <= 1.03 * dense_fp32_bytes(teacher) / 8  # the size target, steered by the copy

@@ -15,11 +15,22 @@ import torch.nn as nn
 
 def plain_copy(model: nn.Module) -> nn.Module:
     """A copy without the forward caches, whose parametrized modules have classes of their own."""
-    memo = {id(v): None for m in model.modules() for v in vars(m).values()
-            if isinstance(v, torch.Tensor) and v.grad_fn is not None}
+    memo = {id(v): None for v in _graph_tensors(model)}
     plain = copy.deepcopy(model, memo)
     for m in plain.modules():
         if hasattr(m, "parametrizations"):
             own = m.__class__
             m.__class__ = type(own.__name__, own.__bases__, dict(own.__dict__))
     return plain
+
+
+def _graph_tensors(model: nn.Module):
+    """The graph tensors a module holds: its own attributes (the parametrizations' caches) and those
+    of the objects its hooks are (distill_kd's feature capture keeps the last output it saw)."""
+    for m in model.modules():
+        holders = [m] + [h for hooks in (m._forward_hooks, m._forward_pre_hooks) for h in hooks.values()
+                         if hasattr(h, "__dict__")]
+        for holder in holders:
+            for v in vars(holder).values():
+                if isinstance(v, torch.Tensor) and v.grad_fn is not None:
+                    yield v
