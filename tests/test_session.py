@@ -323,3 +323,17 @@ def test_a_loop_without_after_step_is_warned_once():
         assert len(said) == expected
         sparsity = float((model[0].weight == 0).float().mean())
         assert sparsity == (0.5 if call_after else 0.0)  # what the warning is about
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "learned"])
+def test_prepare_leaves_the_models_batchnorm_statistics_and_modes_alone(criterion):
+    """Finding the output layers ran the model in train mode: BatchNorm counted a batch and moved its
+    running mean before training started."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    before = copy.deepcopy(model.state_dict())
+    jointcompress.prepare(model, {"techniques": [{"type": "prune_structured", "sparsity": 0.5, "criterion": criterion}]},
+                          total_steps=10, example_inputs=torch.randn(4, 3, 8, 8) + 3)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if "running" in k or "batches" in k)
+    assert model.training and model[1].training

@@ -65,7 +65,7 @@ def output_layers(model: nn.Module, example_inputs) -> list[str]:
         if isinstance(m, PRUNABLE_ROOTS)
     ]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):
             out = call_model(model, example_inputs)
     finally:
         for h in hooks:
@@ -76,6 +76,19 @@ def output_layers(model: nn.Module, example_inputs) -> list[str]:
 
 def matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """The model in eval mode for a look at its structure, each module's mode restored after: in
+    train mode the look would move BatchNorm's running statistics (and draw dropout masks)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 @contextlib.contextmanager
