@@ -257,6 +257,19 @@ def test_usage_errors_print_the_usage_not_a_traceback(monkeypatch, capsys, args,
     assert code == 2 and words in out and "Usage: " in out and "Traceback" not in out
 
 
+def test_an_interrupted_command_says_so_and_exits_130(monkeypatch, capsys):
+    """typer turns Ctrl-C into an exit code it returns (not raises) outside standalone mode: the
+    command ended with status 0 and no word."""
+    from jointcompress.commands import dryrun_cmd
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dryrun_cmd, "dry_run_tables", interrupted)
+    code, out = _cli(monkeypatch, capsys, "dry-run")
+    assert code == 130 and "interrupted" in out and "--resume" in out
+
+
 def test_the_help_texts_name_every_built_in_model():
     from jointcompress.commands import BUILT_IN_MODELS
     from jointcompress.models import MODELS

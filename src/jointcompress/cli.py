@@ -279,7 +279,13 @@ def main() -> None:
 
 def _run(debug: bool) -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        # typer (>= 0.22) returns the code of an Exit instead of raising it here, and turns Ctrl-C
+        # into Exit(130): an interrupted run would otherwise end with status 0 and no word
+        if code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except JointCompressError as err:
         if debug or STATE["debug"]:
             raise
