@@ -115,7 +115,13 @@ def test_data_with_nan_or_wrong_shape(tmp_path, monkeypatch, capsys):
     y = np.arange(20) % 10
     np.savez(tmp_path / "nan.npz", x_train=x, y_train=y, x_test=x[:5], y_test=y[:5])
     code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, ""), "--data", tmp_path / "nan.npz", "--out", tmp_path / "o1")
-    assert code == 2 and "NaN" in out and "clean or drop them" in out, out
+    assert code == 2 and "x_train: 1 of 20 images contain NaN or Inf" in out and "clean or drop them" in out, out
+    clean = np.nan_to_num(x)  # the test split is checked as well (its accuracy was garbage), and an empty one named
+    for x_test, words in ((x[:5], "x_test: 1 of 5 images contain NaN"), (x[:0], "x_test holds no images")):
+        np.savez(tmp_path / "test.npz", x_train=clean, y_train=y, x_test=x_test, y_test=y[:len(x_test)])
+        code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, ""), "--data", tmp_path / "test.npz", "--out",
+                         tmp_path / "o5")
+        assert code == 2 and words in out and "Traceback" not in out, out
     np.savez(tmp_path / "flat.npz", x_train=x.reshape(20, -1), y_train=y, x_test=x[:5].reshape(5, -1), y_test=y[:5])
     code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, ""), "--data", tmp_path / "flat.npz", "--out", tmp_path / "o2")
     assert code == 2 and "expected [N, H, W], [N, H, W, C] or [N, C, H, W] images" in out, out

@@ -109,6 +109,8 @@ def load_mnist(path: str | Path) -> Split:
     if x_train.shape[1:] != x_test.shape[1:]:
         raise DataError(f"data: {path}: x_train images are {x_train.shape[1:]} but x_test images {x_test.shape[1:]}; "
                         "they must match")
+    _check_images(x_train, f"{path}:x_train")
+    _check_images(x_test, f"{path}:x_test")
     if x_train.ndim == 3:
         xtr, xte = _normalise(x_train, x_test)
     else:
@@ -116,6 +118,16 @@ def load_mnist(path: str | Path) -> Split:
     ytr = torch.from_numpy(_class_labels(arrays["y_train"], f"{path}:y_train", len(x_train)))
     yte = torch.from_numpy(_class_labels(arrays["y_test"], f"{path}:y_test", len(x_test)))
     return Split(xtr, ytr, xte, yte, path.stem)  # tables and results name the data set by its file ("mnist")
+
+
+def _check_images(x: np.ndarray, what: str) -> None:
+    """Before normalising: an empty split, or NaN / Inf pixels (which the training set's mean would
+    spread to every image, and which would make a test accuracy of garbage), named with their count."""
+    if len(x) == 0:
+        raise DataError(f"data: {what} holds no images; both splits need at least one")
+    bad = int((~np.isfinite(x)).reshape(len(x), -1).any(1).sum())
+    if bad:
+        raise DataError(f"data: {what}: {bad} of {len(x)} images contain NaN or Inf; clean or drop them")
 
 
 def _class_labels(y: np.ndarray, what: str, n: int) -> np.ndarray:
