@@ -23,3 +23,40 @@ def test_unreachable_ratio_is_recorded_and_the_run_goes_on(tmp_path):
     assert u["ratio_target"] == 5000 and u["seed"] == 0 and "cannot be reached" in u["reason"]
     assert "keeps" in u["reason"] and "B" in u["reason"]  # the floors, in bytes
     assert "not run, target unreachable" in res.output
+
+
+def test_a_recipe_the_sequential_variant_cannot_train_is_refused_before_any_training(tmp_path):
+    """A joint-form recipe (size_budget) stopped at its first sequential point after the joint variants had
+    trained; one with prune_structured recorded every point as out of reach and exited 0."""
+    from jointcompress.compare import CompareSpec, check_variants
+    from jointcompress.errors import RecipeError
+    from jointcompress.recipe import builtin_recipe, load_recipe
+
+    import pytest
+
+    for name, words in (("lenet300_mnist_joint", "size_budget"), ("lenet5_mnist", "prune_structured beside a size target")):
+        with pytest.raises(RecipeError, match=f"(?s)compare variant sequential: .*{words}.*--variants joint-paced"):
+            check_variants(load_recipe(builtin_recipe(name)), CompareSpec(ratios=[20]))
+        check_variants(load_recipe(builtin_recipe(name)), CompareSpec(ratios=[20], variants=("joint-paced-obdland-none",)))
+
+
+def test_prune_structured_is_compared_in_the_joint_form_and_a_compare_that_runs_nothing_fails(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: lenet5\ndata: digits\nmode: joint\ntechniques:\n"
+        "  - {type: prune_structured, sparsity: 0.25, criterion: magnitude, end: 0.4}\n"
+        "  - {type: prune_unstructured, sparsity: 0.5, end: 0.6}\n"
+        "  - {type: quant_lsq, bits: 4}\n"
+        "training: {epochs: 1, batch_size: 128, lr: 0.002}\n")
+    out = tmp_path / "cmp"
+    args = ["compare", str(recipe), "--seeds", "1", "--teacher-epochs", "1", "--variants", "joint-paced-obdland-none"]
+    res = CliRunner().invoke(app, [*args, "--ratios", "8", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    (run,) = json.loads((out / "compare.json").read_text())["runs"]
+    assert run["ratio_target"] == 8 and run["file_bytes"] <= run["target_bytes"] * 1.02
+    res = CliRunner().invoke(app, [*args, "--ratios", "5000", "--out", str(tmp_path / "none")])
+    assert res.exit_code != 0 and "compare ran nothing" in str(res.exception)
+    assert json.loads((tmp_path / "none" / "compare.json").read_text())["unreachable"]  # the reasons are kept
+    res = CliRunner().invoke(app, [*args, "--ratios", "8", "--out", str(out)])
+    message = str(res.exception)
+    assert res.exit_code != 0 and "--force" in message and "--resume" not in message  # compare has no --resume

@@ -186,6 +186,8 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
     base = recipe.model_copy(update={"model": model_name})
     if spec.epochs:
         base = parse_recipe({**base.model_dump(), "training": {**base.training.model_dump(), "epochs": spec.epochs}})
+    check_variants(base, spec)
+    needs_budgets = any(VARIANTS[v][0] != "joint" for v in spec.variants)
     builder = builder_for(model_name, split)
     total_steps = base.training.epochs * math.ceil(len(split.y_train) / base.training.batch_size)
     result = {"kind": "compare", "model": model_name, "data": split.name, "ratios": list(spec.ratios),
@@ -205,21 +207,21 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
         example = split.x_train[:2]
         for ratio in spec.ratios:
             targeted = parse_recipe({**base.model_dump(), "target": {"ratio": ratio}})
-            try:
-                budgets = resolve_target(teacher, targeted, example)  # once: every variant gets the same budgets
+            try:  # once: every sequential / overlap variant trains the same budgets (joint ones learn their own)
+                budgets = resolve_target(teacher, targeted, example) if needs_budgets else targeted
             except TargetError as exc:  # record why this point is missing and go on with the others
-                result["unreachable"].append({"ratio_target": ratio, "seed": seed, "target_bytes": dense / ratio,
-                                              "reason": str(exc)})
-                log(f"r{ratio:g}-s{seed}: unreachable, skipped ({exc})")
-                atomic_write_json(out / "compare.json", {**result, "summary": summarize(result["runs"])})
+                _unreachable(result, out, log, ratio, seed, dense, exc)
                 continue
             for variant in spec.variants:
                 name = f"{variant}-r{ratio:g}-s{seed}"
-                r = variant_recipe(budgets, variant, seed, targeted, teacher, example, total_steps)
                 run_dir = out / "runs" / name
-                callbacks = _tensorboard(tensorboard, name)
-                run_row, history = run_one(teacher, r, split, builder, run_dir, callbacks,
-                                           progress_factory(name) if progress_factory else None)
+                try:  # a joint variant finds out whether its point is in reach as its run sets up
+                    r = variant_recipe(budgets, variant, seed, targeted, teacher, example, total_steps)
+                    run_row, history = run_one(teacher, r, split, builder, run_dir, _tensorboard(tensorboard, name),
+                                               progress_factory(name) if progress_factory else None)
+                except TargetError as exc:
+                    _unreachable(result, out, log, ratio, seed, dense, exc, variant)
+                    continue
                 atomic_write_json(run_dir / "history.json", history.as_dict())
                 atomic_write_json(run_dir / "summary.json", {"uncompressed": row, r.mode: run_row})
                 atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(r.model_dump(mode="json"), sort_keys=False))
@@ -232,7 +234,47 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
     atomic_write_json(out / "compare.json", result)
     write_csv(result["runs"], out / "compare.csv")
     plot_pareto(result, out / "pareto.png")
+    if not result["runs"]:
+        raise TargetError(f"compare ran nothing: every point is out of reach ({result['unreachable'][0]['reason']}); "
+                          f"the reasons are in {out / 'compare.json'}")
     return result
+
+
+def _unreachable(result: dict, out: Path, log, ratio: float, seed: int, dense: int, exc: Exception,
+                 variant: str | None = None) -> None:
+    """Record why a point (or one variant at it) is missing, and go on with the others."""
+    from .io import atomic_write_json
+
+    entry = {"ratio_target": ratio, "seed": seed, "target_bytes": dense / ratio, "reason": str(exc)}
+    result["unreachable"].append({**entry, "variant": variant} if variant else entry)
+    log(f"{variant + '-' if variant else ''}r{ratio:g}-s{seed}: unreachable, skipped ({exc})")
+    atomic_write_json(out / "compare.json", {**result, "summary": summarize(result["runs"])})
+
+
+def check_variants(base: Recipe, spec: CompareSpec) -> None:
+    """Before any training: every variant's recipe is one compress() accepts, so a run does not stop
+    at its first sequential point after the joint ones trained (a recipe already in the joint form,
+    with size_budget), nor record every point as out of reach (prune_structured beside a size target,
+    which only the joint form trains)."""
+    from .errors import RecipeError
+
+    joint = [v for v in spec.variants if VARIANTS[v][0] == "joint"]
+    for variant in spec.variants:
+        mode = VARIANTS[variant][0]
+        if mode == "joint":
+            continue
+        problem = None
+        if any(t.type == "prune_structured" for t in base.techniques):
+            problem = "prune_structured beside a size target trains in the joint form only"
+        try:
+            parse_recipe({**base.model_dump(), "mode": mode, "target": {"ratio": spec.ratios[0]}})
+        except RecipeError as exc:
+            problem = problem or str(exc)
+        if problem:
+            raise RecipeError(f"compare variant {variant}: {problem}. Compare the joint variants alone "
+                              f"(--variants {','.join(joint) or ','.join(DEFAULT_VARIANTS[:-1])}), or give the recipe "
+                              "without them: a sequential baseline needs prune_unstructured + quant_lsq (no size_budget, "
+                              "no quant_lsq.zero_level, no prune_structured)")
 
 
 def run_one(teacher, recipe: Recipe, split, builder, run_dir: Path, callbacks: list, progress=None):

@@ -43,22 +43,23 @@ def _jsonable(o):
     return str(o)
 
 
-def check_output_dir(path: str | os.PathLike, force: bool = False) -> Path:
-    """Raise unless `path` is absent, an empty directory, or `force` is given (writes nothing)."""
+def check_output_dir(path: str | os.PathLike, force: bool = False, resumable: bool = True) -> Path:
+    """Raise unless `path` is absent, an empty directory, or `force` is given (writes nothing).
+    `resumable`: the command has --resume (compress), which the message then names."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise JointCompressError(f"output path {path} exists and is a file, not a directory; choose another --out")
     if path.exists() and any(path.iterdir()) and not force:
         raise JointCompressError(
-            f"output directory {path} already exists and is not empty; choose another --out, pass --force to overwrite, "
-            "or --resume to continue the run it holds"
+            f"output directory {path} already exists and is not empty; choose another --out, pass --force to overwrite"
+            + (", or --resume to continue the run it holds" if resumable else "")
         )
     return path
 
 
-def prepare_output_dir(path: str | os.PathLike, force: bool = False) -> Path:
+def prepare_output_dir(path: str | os.PathLike, force: bool = False, resumable: bool = False) -> Path:
     """Create `path`; refuse a non-empty existing one unless `force`."""
-    path = check_output_dir(path, force)
+    path = check_output_dir(path, force, resumable)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -79,7 +80,7 @@ def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=
     if dist is not None:
         dist.barrier()
     if dist is None or dist.is_main:
-        prepare_output_dir(path, force=resume or force)
+        prepare_output_dir(path, force=resume or force, resumable=True)
         if force and not resume:
             for sub in fresh:
                 shutil.rmtree(path / sub, ignore_errors=True)
