@@ -61,6 +61,19 @@ def test_bad_recipe(tmp_path, monkeypatch, capsys, text, words):
     assert not (tmp_path / "out").exists()  # nothing written for a bad recipe
 
 
+@pytest.mark.parametrize("text, code, words", [
+    ("model: lenet6\ntechniques: [{type: quant_lsq}]\n", 2, ["unknown reference model 'lenet6'", "choose one of"]),
+    ("model: missing.py:build\ntechniques: [{type: quant_lsq}]\n", 2, ["no file missing.py"]),
+    ("techniques: [{type: quant_lsq}]\n", 0, ["ok", "model not set (pass --model to compress)"]),
+    ("model: lenet5\n", 0, ["warning:", "techniques is empty", "ok", "model=lenet5"]),
+])
+def test_recipe_validate_checks_the_model_as_compress_does(tmp_path, monkeypatch, capsys, text, code, words):
+    """`recipe validate` said ok to a model name compress refuses."""
+    (tmp_path / "v.yaml").write_text(text)
+    got, out = _cli(monkeypatch, capsys, "recipe", "validate", tmp_path / "v.yaml")
+    assert got == code and all(w in out for w in words), out
+
+
 def test_targets_matching_no_layer(tmp_path, monkeypatch, capsys, weights_file):
     r = _recipe(tmp_path, "techniques: [{type: prune_unstructured, sparsity: 0.5, targets: ['conv*']}]\ntraining: {epochs: 1}\n")
     code, out = _cli(monkeypatch, capsys, "compress", r, "--weights", weights_file, "--out", tmp_path / "out")

@@ -271,6 +271,10 @@ def test_cli_hf_recipe_without_teacher_says_what_to_pass(tmp_path):
     res = CliRunner().invoke(app, ["compress", str(builtin_recipe("hf_sst2")), "--data", str(tmp_path), "--out", str(tmp_path / "o")])
     assert res.exit_code != 0
     assert "--weights" in str(res.exception) + res.output
+    (tmp_path / "not_hf").mkdir()  # a folder, but not a model's (an image run's): was a tokenizer traceback
+    res = CliRunner().invoke(app, ["compress", str(builtin_recipe("hf_sst2")), "--data", str(tmp_path), "--weights",
+                                   str(tmp_path / "not_hf"), "--out", str(tmp_path / "o2")])
+    assert res.exit_code != 0 and "has no config.json" in str(res.exception)
 
 
 def test_bucketed_loader_covers_every_row_once_with_similar_lengths_and_replays():

@@ -240,8 +240,32 @@ def recipe_validate(recipe_path: Path = typer.Argument(..., help="Recipe YAML.")
     from .recipe import load_recipe
 
     r = load_recipe(recipe_path)
-    console.print(f"[green]ok[/green] {recipe_path}: mode={r.mode}, {len(r.techniques)} techniques "
+    model = _validated_model(r.model, r.hf is not None)
+    if not r.techniques:
+        console.print(f"[yellow]warning:[/yellow] {recipe_path}: techniques is empty, so a run would train and compress "
+                      "nothing; list at least one (prune_unstructured, quant_lsq, distill_kd, ...)")
+    console.print(f"[green]ok[/green] {recipe_path}: {model}, mode={r.mode}, {len(r.techniques)} techniques "
                   f"({', '.join(t.type for t in r.techniques)}), {r.training.epochs} epochs, coordination={r.coordination.strategy}")
+
+
+def _validated_model(name: str | None, hf: bool) -> str:
+    """What `model:` will build, checked as compress checks it: a built-in name, `hf:...`, or a builder
+    (package.module:function, file.py:function) whose file exists."""
+    from .models import MODELS
+
+    if hf or (name or "").startswith("hf:"):
+        return f"model={name or 'the hf teacher (--weights)'}"
+    if not name:
+        return "model not set (pass --model to compress)"
+    if ":" in name:
+        file = name.rsplit(":", 1)[0]
+        if file.endswith(".py") and not Path(file).is_file():
+            raise JointCompressError(f"model: {name!r}: no file {file}; give file.py:function or package.module:function")
+        return f"model={name}"
+    if name not in MODELS:
+        raise JointCompressError(f"model: unknown reference model {name!r}; choose one of {', '.join(MODELS)}, or your "
+                                 "builder as package.module:function or file.py:function")
+    return f"model={name}"
 
 
 def _register_commands() -> None:

@@ -66,6 +66,9 @@ def teacher_source(recipe, weights: str | Path | None) -> str:
     src = str(src)
     if src != MINILM_NAME and not Path(src).is_dir():
         raise ArtifactError(f"teacher {src!r} is not a folder; give a folder with config.json, weights and tokenizer files")
+    if src != MINILM_NAME and not (Path(src) / "config.json").is_file():
+        raise ArtifactError(f"teacher {src!r} has no config.json, so it is no Hugging Face model folder; give the folder "
+                            "save_pretrained wrote for a fine-tuned sequence classifier (config.json, weights, tokenizer files)")
     return src
 
 
