@@ -374,3 +374,19 @@ def test_an_image_recipe_given_a_folder_says_what_it_reads(tmp_path):
 
     with pytest.raises(DataError, match="is a folder; an image recipe reads one .npz file"):
         load_dataset(str(tmp_path))  # it said "file not found" of a folder that is there
+
+
+def test_the_uncompressed_row_of_a_model_with_zeros_gives_its_sparsity():
+    """A second run (its --weights an earlier run's artifact) showed 0.0% beside a nonzero count of a quarter."""
+    from jointcompress.data import load_digits
+    from jointcompress.models import LeNet300
+    from jointcompress.pipeline import uncompressed_row
+
+    torch.manual_seed(0)
+    model = LeNet300(64, 10)
+    with torch.no_grad():
+        model.fc1.weight[:, : 32] = 0
+    row = uncompressed_row(model, load_digits())
+    zeros = model.fc1.weight.numel() / 2
+    weights = sum(m.weight.numel() for m in (model.fc1, model.fc2, model.fc3))
+    assert row["sparsity"] == pytest.approx(zeros / weights) and row["nonzero"] == row["params"] - zeros

@@ -141,13 +141,18 @@ def coordination_effect(history) -> dict:
 
 def _describe(model: nn.Module, spec) -> dict:
     p = count_params(model)
+    bits = sorted({ls.bits for ls in spec.layers.values() if ls.bits})
+    return {"params": p["total"], "nonzero": p["nonzero"], "sparsity": weight_sparsity(model), "bits": "/".join(map(str, bits)) or "32"}
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    """The share of zeros among the weights of the Linear and convolution layers."""
     zeros = total = 0
     for m in model.modules():
         if isinstance(m, COMPRESSIBLE):
             zeros += int((m.weight == 0).sum())
             total += m.weight.numel()
-    bits = sorted({ls.bits for ls in spec.layers.values() if ls.bits})
-    return {"params": p["total"], "nonzero": p["nonzero"], "sparsity": zeros / max(1, total), "bits": "/".join(map(str, bits)) or "32"}
+    return zeros / max(1, total)
 
 
 def measure_latency(models: dict[str, nn.Module], example: torch.Tensor, runs: int = 30,
@@ -176,7 +181,7 @@ def uncompressed_row(model: nn.Module, split: Split) -> dict:
         "bytes": dense_fp32_bytes(model),
         "params": p["total"],
         "nonzero": p["nonzero"],
-        "sparsity": 0.0,
+        "sparsity": weight_sparsity(model),  # a second run's model has zeros already
         "bits": "32",
     }
 
