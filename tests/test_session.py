@@ -235,6 +235,14 @@ def test_token_level_kd_ignores_padding_and_does_not_grow_with_length():
     assert kd_loss(s, s, 2.0, mask).abs() < 1e-6
 
 
+def test_empty_training_data_is_named():
+    """An empty DataLoader ended in StopIteration, empty tensors in the sampler's ValueError."""
+    empty = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(0, 12), torch.zeros(0).long()))
+    for data, words in ((empty, "train_data yields no batches"), ((torch.randn(0, 12), torch.zeros(0).long()), "no samples")):
+        with pytest.raises(DataError, match=words):
+            compress(_mlp(), RECIPE, data, lambda m: {"accuracy": 0.0})
+
+
 def test_prepare_errors_name_the_field():
     with pytest.raises(RecipeError, match="total_steps"):
         jointcompress.prepare(_mlp(), RECIPE)

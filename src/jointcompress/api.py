@@ -87,7 +87,11 @@ def as_loader(train_data, batch_size: int, seed: int, dist: "_dist.DistContext |
 def first_inputs(loader):
     """The first two rows of the first batch's inputs: a tensor, a dict for dict batches, or a
     tuple for a model of several positional inputs (batches `((x1, x2), y)`: model(x1, x2))."""
-    x = split_batch(next(iter(loader))).inputs
+    first = next(iter(loader), None)
+    if first is None:
+        raise DataError("train_data yields no batches (an empty data set, or drop_last with fewer samples than a "
+                        "batch); give at least one batch of training data")
+    x = split_batch(first).inputs
     several = isinstance(x, (tuple, list)) and x and all(isinstance(t, torch.Tensor) for t in x)
     if not isinstance(x, (torch.Tensor, dict)) and not several:
         raise DataError("train_data: batches must start with the inputs: a tensor, a tuple of tensors (a model of several "

@@ -156,6 +156,8 @@ def check_tensors(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
     integer class indices, or floats (regression targets, soft labels: checked for NaN/Inf)."""
     if x.shape[0] != y.shape[0]:
         raise DataError(f"{what}: {x.shape[0]} inputs but {y.shape[0]} labels; they must match")
+    if x.shape[0] == 0:
+        raise DataError(f"{what}: no samples (0 inputs); give at least one batch of training data")
     if x.dtype == torch.bool or x.is_complex():
         raise DataError(f"{what}: inputs have dtype {x.dtype}; give float features or integer token ids")
     if torch.is_floating_point(x) and not torch.isfinite(x).all():
