@@ -235,6 +235,15 @@ def test_token_level_kd_ignores_padding_and_does_not_grow_with_length():
     assert kd_loss(s, s, 2.0, mask).abs() < 1e-6
 
 
+def test_finalize_before_the_planned_end_names_what_is_not_done():
+    model, session, opt = _start()
+    x, y = _data()
+    _train(model, session, opt, range(1), x, y)  # 4 of the 16 steps: LSQ starts at step 8
+    with pytest.warns(UserWarning, match=r"finalize at step 4 of the 16.*quant_lsq \(not attached yet\).*"
+                                         r"prune_unstructured \(not at its target\)"):
+        session.finalize()
+
+
 def test_empty_training_data_is_named():
     """An empty DataLoader ended in StopIteration, empty tensors in the sampler's ValueError."""
     empty = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(0, 12), torch.zeros(0).long()))

@@ -341,7 +341,21 @@ class CompressionSession:
         from .finalize import finalize_session
 
         self.finish()
+        self._warn_unfinished()
         return finalize_session(self, example_inputs)
+
+    def _warn_unfinished(self) -> None:
+        """Finalizing before the schedule's end keeps what the techniques have reached so far: one
+        that never attached (quant_lsq with `start: 0.5` at step 3 of 10) stores fp32 weights. Said
+        once, so a loop whose total_steps overshot is noticed."""
+        if self.step >= self.plan.total_steps:
+            return
+        short = [f"{t.kind} (not attached yet)" for t in self.techniques if not t.attached]
+        short += [f"{t.kind} (not at its target)" for t in self.techniques if t.attached and not t.at_target()]
+        if short:
+            warnings.warn(f"finalize at step {self.step} of the {self.plan.total_steps} prepare() planned: "
+                          f"{', '.join(short)}; the model keeps what they reached. Train to the planned step, or "
+                          "prepare with the total_steps the loop runs", stacklevel=3)
 
     def metrics(self) -> dict[str, float]:
         out = {}
