@@ -69,7 +69,7 @@ class Landing:
         under the aim at the freeze after the revival, learned widths are raised (`_widen`)."""
         aim = self.aim()
         before = self.calibrated_hard()
-        if aim * (1 - PROJECTION_SLACK) <= before <= aim * (1 + PROJECTION_SLACK):
+        if aim * (1 - PROJECTION_SLACK) <= before <= self.band_top():
             return False
         drop = before > aim
         keeps = [q.hard_keep(m.parametrizations.weight.original) for m, q in self.layers.values()]
@@ -79,7 +79,7 @@ class Landing:
             guess = int(torch.searchsorted(torch.cumsum(order[2], 0), torch.tensor(abs(before - aim))))
             count, size, probes = self._search(lambda k: self._apply(model, order, k, keeps, drop), len(order[0]),
                                                guess, drop)
-            if not drop or size <= aim * (1 + PROJECTION_SLACK):
+            if not drop or size <= self.band_top():
                 break
         if not drop and size < before:
             count = 0  # reviving took the file further from the aim (a layer left a sparse format for a cheaper one)
@@ -92,6 +92,11 @@ class Landing:
         self._record(event, before, aim, **{"dropped_weights" if drop else "revived_weights": int(count)},
                      channel_share=share, probes=probes, **({"widened": widened} if widened else {}))
         return True
+
+    def band_top(self) -> float:
+        """The most a landing accepts: the aim's slack, but never over the target (with a small margin
+        the slack reached past it, and a small model's file ended a byte over what was asked)."""
+        return min(self.aim() * (1 + PROJECTION_SLACK), float(self.config.target_bytes))
 
     def _record(self, event: str, before: float, aim: float, **what) -> None:
         self.events.append({"event": event, "bytes_before": round(before), "bytes_after": round(self.calibrated_hard()),
@@ -184,7 +189,7 @@ class Landing:
         file's bytes), bracketed from the estimate's `guess`; returns (count, its file's bytes,
         measurements the bisection took)."""
         aim = self.aim()
-        band = (aim * (1 - PROJECTION_SLACK), aim * (1 + PROJECTION_SLACK))
+        band = (aim * (1 - PROJECTION_SLACK), self.band_top())
         sizes: dict[int, float] = {}
         lo, hi = 0, n  # drop: lo over the band, hi assumed not; revive: lo not over it, hi assumed over
         k = min(n, max(1, 2 * guess))
@@ -221,7 +226,7 @@ class Landing:
         channel keeps its strongest weight, so a target under the bytes of one weight per live channel
         (plus what no decision moves) ends over it. The file is what it is, the user hears by how much."""
         now, target = self.calibrated_hard(), self.config.target_bytes
-        if now <= target * (1 + PROJECTION_SLACK):
+        if now <= target:  # a byte over is over: the user asked for at most the target
             return
         keeps = [q.hard_keep(m.parametrizations.weight.original) for m, q in self.layers.values()]
         kept = {name: int(k.sum()) for name, k in zip(self.layers, keeps)}
@@ -229,7 +234,8 @@ class Landing:
         self.events.append({"event": "size_target_missed", "bytes": round(now), "target_bytes": round(target),
                             "fixed_bytes": round(self.fixed), "live_channels": channels, "kept": kept})
         warnings.warn(
-            f"size_budget: the weights file ends at {now:,.0f} B, {now / target - 1:.0%} over the {target:,.0f} B target: "
+            f"size_budget: the weights file ends at {now:,.0f} B, {now - target:,.0f} B ({now / target - 1:.1%}) over the "
+            f"{target:,.0f} B target: "
             f"{self.fixed:,.0f} B do not depend on the run's decisions and the landing keeps the strongest weight of each "
             f"of the {channels:,} output channels that still have weights ({sum(kept.values()):,} weights kept). Ask "
             f"for at least this file (target.size_kb >= {math.ceil(now / 10.24) / 100:.2f}, or a lower target.ratio), or lower "
