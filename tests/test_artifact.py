@@ -162,6 +162,8 @@ def test_wrong_builder_fails(cnn_artifact):
 
     with pytest.raises(ArtifactError, match=r"fc2\.weight.*\(10, 16\)"):
         load(path, Wider)
+    with pytest.raises(ArtifactError, match=r"builder is a model.*load\(path, build\), not load\(path, build\(\)\)"):
+        load(path, SmallCNN())  # was a TypeError from inside the model's forward
 
 
 def test_weights_off_grid_rejected(tmp_path):

@@ -255,6 +255,10 @@ def test_empty_training_data_is_named():
 def test_prepare_errors_name_the_field():
     with pytest.raises(RecipeError, match="total_steps"):
         jointcompress.prepare(_mlp(), RECIPE)
+    with pytest.raises(RecipeError, match="total_steps=2.5"):
+        jointcompress.prepare(_mlp(), RECIPE, total_steps=2.5)
+    with pytest.raises(RecipeError, match=r"got the path 'recipe.yaml'.*load_recipe\(path\)"):
+        jointcompress.prepare(_mlp(), "recipe.yaml", total_steps=10)
     with pytest.raises(RecipeError, match="needs a teacher"):
         jointcompress.prepare(_mlp(), {"techniques": [{"type": "distill_kd"}]}, total_steps=10)
     with pytest.raises(DataError, match=r"logits have shape \(4, 2\) and the labels \(4, 3\)"):

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .commands import BUILT_IN_MODELS
 from .errors import JointCompressError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Joint pruning + quantization + distillation for PyTorch models.")
@@ -127,7 +128,8 @@ def _print_demo(res, ratio: float) -> None:
 @app.command("compress")
 def compress_cmd(
     recipe_path: Path = typer.Argument(..., help="Recipe YAML."),
-    model: Optional[str] = typer.Option(None, help="Reference model (lenet300, lenet5, resnet, seqcnn, vit); default: the recipe's."),
+    model: Optional[str] = typer.Option(None, help=f"Reference model ({BUILT_IN_MODELS.replace(' |', ',')}) or your builder "
+                                        "(package.module:function, file.py:function); default: the recipe's."),
     data: Optional[str] = typer.Option(None, help="'digits' or a path to an .npz of images (MNIST-style, grayscale or colour); default: the recipe's."),
     weights: Optional[Path] = typer.Option(None, help="Trained weights (.safetensors, or a torch file read with weights_only), or a saved artifact directory (e.g. a first run's model with channels removed); default: train the model first."),
     teacher_epochs: int = typer.Option(10, min=1, help="Epochs to train the model when no --weights are given."),
@@ -207,7 +209,7 @@ def compress_cmd(
     console.print(f"artifact in {out / 'artifact'}")
     if any(e.get("event") == "joint_form" for e in result.history.events):
         console.print("joint under a size target: zero as a quantizer level (quant_lsq.zero_level) under one size budget "
-                      "(size_budget), prune_unstructured's masks replaced; the resolved recipe is in the artifact's "
+                      "(size_budget), in place of masks and the allocator's budgets; the resolved recipe is in the artifact's "
                       "manifest (docs/joint.md; mode: overlap keeps masks and LSQ under the allocator's budgets)")
     target = result.recipe.target
     if target is not None and not target.is_latency and row.get("file_bytes"):

@@ -547,7 +547,8 @@ def unreachable(target, table: LatencyTable, sites, channels: dict[str, int], mi
         f"the narrowest model allowed (every group at {100 * min_keep:.0f}% of its channels, at least {min_width}) is "
         + (f"predicted at {table.predict(sites, smallest, channels):.3f} ms" if measured_ms is None
            else f"measured at {measured_ms:.3f} ms")
-        + f" ({table.runtime} {table.precision}, {table.threads} thread(s)). {fix} or lower target.batch"
+        + f" ({table.runtime} {table.precision}, {table.threads} thread(s)). {fix}"
+        + (" or lower target.batch" if target.batch > 1 else "")
     )
 
 

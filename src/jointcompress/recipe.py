@@ -6,6 +6,8 @@ with a message that names the field, the bad value and what is allowed.
 """
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -536,6 +538,9 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     """Validate a dict (or a Recipe) and return a Recipe, or raise RecipeError naming the field."""
     if isinstance(data, Recipe):
         return data
+    if isinstance(data, (str, os.PathLike)):
+        raise RecipeError(f"invalid recipe ({source}): got the path {str(data)!r}; read the file first: "
+                          "jointcompress.load_recipe(path)")
     if not isinstance(data, dict):
         raise RecipeError(f"invalid recipe ({source}): expected a mapping of fields, got {type(data).__name__}")
     try:

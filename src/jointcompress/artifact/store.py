@@ -603,6 +603,10 @@ def _state(manifest: dict, parts: dict[str, bytes], tensors: dict[str, torch.Ten
 
 def load_with_spec(path: str | os.PathLike, builder: Callable[[], nn.Module]) -> tuple[nn.Module, CompressionSpec]:
     """The finalized model (eval mode) and the CompressionSpec it was saved with."""
+    if isinstance(builder, nn.Module):
+        raise ArtifactError(f"load({str(path)!r}, builder): builder is a model ({type(builder).__name__}); pass the "
+                            "function that builds it (load(path, build), not load(path, build())): the pruning is "
+                            "replayed on a fresh model")
     manifest = read_manifest(path)
     parts, tensors = read_weights(path, manifest)
     where = str(_weights_path(path, manifest))

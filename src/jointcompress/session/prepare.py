@@ -14,7 +14,7 @@ from .session import CompressionSession, LossFn
 def total_steps_of(recipe: Recipe, total_steps: int | None, steps_per_epoch: int | None) -> int:
     if total_steps is None and steps_per_epoch is not None:
         total_steps = recipe.training.epochs * steps_per_epoch
-    if total_steps is None or total_steps < 1:
+    if total_steps is None or total_steps < 1 or total_steps != int(total_steps):
         raise RecipeError(
             f"prepare: total_steps={total_steps}; give total_steps=N (the optimizer steps your loop will run) or "
             "steps_per_epoch=len(loader) (times training.epochs): pruning ramps and LSQ start are placed on it"
