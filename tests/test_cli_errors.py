@@ -130,8 +130,9 @@ def test_data_with_nan_or_wrong_shape(tmp_path, monkeypatch, capsys):
     code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, ""), "--data", tmp_path / "nan.npz", "--out", tmp_path / "o1")
     assert code == 2 and "x_train: 1 of 20 images contain NaN or Inf" in out and "clean or drop them" in out, out
     clean = np.nan_to_num(x)  # the test split is checked as well (its accuracy was garbage), and an empty one named
-    for x_test, words in ((x[:5], "x_test: 1 of 5 images contain NaN"), (x[:0], "x_test holds no images")):
-        np.savez(tmp_path / "test.npz", x_train=clean, y_train=y, x_test=x_test, y_test=y[:len(x_test)])
+    for x_test, words, labels in ((x[:5], "x_test: 1 of 5 images contain NaN", y), (x[:0], "x_test holds no images", y),
+                                  (clean[:5], "y_train holds one class (3)", np.full(20, 3))):
+        np.savez(tmp_path / "test.npz", x_train=clean, y_train=labels, x_test=x_test, y_test=y[:len(x_test)])
         code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, ""), "--data", tmp_path / "test.npz", "--out",
                          tmp_path / "o5")
         assert code == 2 and words in out and "Traceback" not in out, out

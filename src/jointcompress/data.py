@@ -117,6 +117,9 @@ def load_mnist(path: str | Path) -> Split:
         xtr, xte = _normalise_channels(x_train, x_test)
     ytr = torch.from_numpy(_class_labels(arrays["y_train"], f"{path}:y_train", len(x_train)))
     yte = torch.from_numpy(_class_labels(arrays["y_test"], f"{path}:y_test", len(x_test)))
+    if len(ytr.unique()) < 2:  # a one-output classifier is right by construction: its 100% would mean nothing
+        raise DataError(f"data: {path}:y_train holds one class ({int(ytr[0])}); a classifier needs images of at "
+                        "least two classes")
     return Split(xtr, ytr, xte, yte, path.stem)  # tables and results name the data set by its file ("mnist")
 
 
