@@ -75,7 +75,8 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         model.load_state_dict(state)
     except Exception as err:  # noqa: BLE001 - the weights do not fit the recipe's model
         raise ArtifactError(f"{path}: the weights do not fit the recipe's model ({type(err).__name__}: "
-                            f"{' '.join(str(err).split())[:300]}); is it the same architecture (recipe model)?") from None
+                            f"{' '.join(str(err).split())[:300]}); is it the same architecture (recipe model), built for the "
+                            "same data (the model's input size, channels and classes come from --data)?") from None
     return model
 
 

@@ -187,7 +187,8 @@ def check_shapes(model: nn.Module, layers: dict, others: dict, where: str) -> No
             parts.append(f"artifact tensors not in the model: {unexpected[:5]}")
         raise ArtifactError(
             f"{where}: the artifact does not fit the builder's model ({'; '.join(parts)}); "
-            "pass the builder of the architecture the artifact was made from (e.g. the right --model)"
+            "pass the builder of the architecture the artifact was made from (e.g. the right --model, and --data of the "
+            "images it was made for: a built-in model's sizes come from them)"
         )
 
 
