@@ -141,3 +141,21 @@ def test_cli_reports_the_size_target_against_the_file_on_disk(tmp_path):
     on_disk = (tmp_path / "out" / "artifact" / "weights.jcw").stat().st_size
     assert f"on disk {on_disk / 1024:.2f} KiB" in res.output and "size target: 12.00 KiB" in res.output
     assert 0.98 <= on_disk / (12 * 1024) <= 1.0  # steered to just under the target
+
+
+def test_a_sparsity_the_allocator_replaces_is_named():
+    """Under a size target the allocator sets every layer's sparsity: a sequential run ignored the user's
+    0.9 without a word (mode: joint says so in its note)."""
+    import warnings
+
+    import torch
+    import torch.nn as nn
+
+    x, y = torch.randn(64, 12), torch.randint(0, 2, (64,))
+    for given, said in (({"sparsity": 0.9}, True), ({}, False)):
+        recipe = {"mode": "sequential", "target": {"ratio": 6}, "training": {"epochs": 1, "batch_size": 32},
+                  "techniques": [{"type": "prune_unstructured", "end": 0.5, **given}, {"type": "quant_lsq", "bits": 4}]}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compress(nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 2)), recipe, (x, y), lambda m: 0.0)
+        assert any("prune_unstructured.sparsity 0.9 is not used" in str(w.message) for w in caught) == said

@@ -296,6 +296,9 @@ def compress(
     if teacher is not None and recipe.technique("distill_kd") is not None:
         check_teacher_data(teacher, example, outputs, recipe.technique("distill_kd").alpha)
     callbacks = list(callbacks or [])
+    from .targets import warn_unused_sparsity
+
+    warn_unused_sparsity(recipe)
     recipe, joint_form = as_joint_form(recipe)  # mode: joint under a size target: one decision, one budget
     if recipe.target is not None:  # size / ratio / latency -> per-layer sparsity and bits
         from .targets import SizeSteering, resolve_target, target_bytes
