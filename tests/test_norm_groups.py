@@ -237,3 +237,25 @@ def test_the_trace_limit_outlasts_an_alarm_that_is_swallowed(monkeypatch):
 
     with pytest.raises(UnsupportedModelError, match="channel group of 'the root'"):
         list(graph._time_limited(get_all_groups(), {"root": "the root"}))
+
+
+def test_a_group_feeding_a_grouped_convolution_names_it_as_the_reason():
+    """The reason read "an operation that mixes channels (a normalization written as functions, ...)"."""
+    import torch.nn.functional as F
+
+    from jointcompress.graph import discover_groups
+
+    class Residual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1, groups=4)
+            self.head = torch.nn.Conv2d(16, 5, 1)
+
+        def forward(self, x):
+            h = F.relu(self.c1(x))
+            return self.head(h + F.relu(self.c2(h)))
+
+    torch.manual_seed(0)
+    _, skipped = discover_groups(Residual(), torch.randn(2, 3, 8, 8), ["*"], [])
+    reasons = dict(skipped)
+    assert "grouped convolution 'c2' (groups=4)" in reasons["c2"]

@@ -241,6 +241,19 @@ def removal_gap(model: nn.Module, example_inputs, groups: list) -> tuple[float, 
     return output_gap(masked, removed) * PARITY_RTOL / tolerance(masked), ""
 
 
+def _cause(model: nn.Module, group) -> str:
+    """The likely reason a group's removal changes the outputs: a grouped convolution among its members
+    (not depthwise: removing channels of one group shifts the others' split), else the general one."""
+    modules = dict(model.named_modules())
+    for member in group.members:
+        mod = modules.get(member.module)
+        if isinstance(mod, nn.modules.conv._ConvNd) and 1 < mod.groups < mod.in_channels:
+            return (f"they feed the grouped convolution '{member.module}' (groups={mod.groups}), whose channels are "
+                    "split into groups that removal would shift; exclude it, or use groups=1 or depthwise")
+    return ("they pass through an operation that mixes channels (e.g. a normalization written as functions, or a "
+            "reshape into heads)")
+
+
 def verify_groups(model: nn.Module, example_inputs, groups: list) -> dict[str, str]:
     """Root name -> reason, for every group whose removal changes the output on `example_inputs`.
 
@@ -255,9 +268,7 @@ def verify_groups(model: nn.Module, example_inputs, groups: list) -> dict[str, s
         return {}
     if len(groups) == 1:
         what = f"removing them fails ({failure})" if failure else f"removing them changes the outputs by {gap:.2g} (relative)"
-        return {groups[0].name: (
-            f"zeroed and removed channels disagree on the example input: {what}; they pass through an operation "
-            "that mixes channels (e.g. a normalization written as functions, or a reshape into heads)")}
+        return {groups[0].name: f"zeroed and removed channels disagree on the example input: {what}; {_cause(model, groups[0])}"}
     half = len(groups) // 2
     bad = {**verify_groups(model, example_inputs, groups[:half]), **verify_groups(model, example_inputs, groups[half:])}
     if not bad:  # each half is fine alone but not together: keep none of them
