@@ -354,8 +354,10 @@ def test_dry_run_takes_an_image_shape_without_its_batch_and_refuses_a_shape_the_
     builder = tmp_path / "mine.py"
     builder.write_text("import torch.nn as nn\n\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten())\n")
     code, out = _cli(monkeypatch, capsys, "dry-run", "--model", f"{builder}:build", "--input-shape", "1,1,16,16")
-    assert code == 2 and "--input-shape 1,1,16,16: " in out and "does not run on a zero input of this shape" in out
+    assert code == 2 and "--input-shape 1,1,16,16: " in out and "does not run on a zero input of shape (1, 1, 16, 16)" in out
     assert "Traceback" not in out
+    code, out = _cli(monkeypatch, capsys, "dry-run", "--image-size", "3")  # named as given, not as an --input-shape
+    assert code == 2 and "--image-size 3: 'lenet5' does not run on a zero input of shape (1, 1, 3, 3)" in out
     code, out = _cli(monkeypatch, capsys, "dry-run", "--model", "vit", "--input-shape", "1,3,32,16")
     assert code == 2 and "takes square images" in out
 

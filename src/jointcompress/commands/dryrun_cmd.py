@@ -65,9 +65,9 @@ def _model_and_input(model_name: str, image_size: int, input_shape: list[int] | 
             model(example)
     except Exception as exc:  # noqa: BLE001 -- any failure of the user's model on this shape: say so plainly
         first = str(exc).splitlines()[0] if str(exc) else ""
-        raise RecipeError(f"--input-shape {','.join(map(str, example.shape))}: {model_name!r} does not run on a zero input "
-                          f"of this shape ({type(exc).__name__}: {first}); give the shape its forward takes, batch "
-                          "first") from None
+        given = f"--input-shape {','.join(map(str, example.shape))}" if input_shape else f"--image-size {image_size}"
+        raise RecipeError(f"{given}: {model_name!r} does not run on a zero input of shape {tuple(example.shape)} "
+                          f"({type(exc).__name__}: {first}); give the shape its forward takes, batch first") from None
     return model, example
 
 
