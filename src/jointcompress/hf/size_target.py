@@ -1,13 +1,15 @@
 """A size target for an HF recipe: how many attention heads and FFN neurons to keep, chosen before
-training so that the packed artifact's weights file lands at or under the target.
+training so that the packed artifact's weights file lands at or just under the target.
 
 Why a planner of its own: the core allocator (targets.py) spreads unstructured sparsity and bits over
 layers; an HF recipe removes whole heads and neurons (what makes the model faster on any hardware),
 so the artifact's bytes are an affine function of how many of each are kept. The function is
 measured, not modelled: the student (its vocabulary trimmed first where the recipe trims it) is
 encoded by the artifact's own encoder as it is, with half of every layer's heads removed, and with
-half of every FFN removed, at the recipe's bits and without entropy coding. The saved file, whose
-encoder codes entropy where that is smaller, meets or beats that bound.
+half of every FFN removed, its LSQ layers on the grids quant_lsq starts from and the rest rounded
+at hf.ptq_bits, entropy coding included (8-bit layers code to about 60% of their fixed width, so a
+fixed-width plan would remove far more than the target needs). Training moves the values, and so
+the coded bytes, a little: the plan aims MARGIN under the target.
 
 The recipe's prune_heads / prune_ffn sparsities give the proportion between the two (0.33 and 0.5:
 FFN neurons removed 1.5 times as fast as heads); one factor on both is searched for.
@@ -26,6 +28,7 @@ from jointcompress.errors import RecipeError
 from jointcompress.targets import TargetError
 
 UNIT_KINDS = ("prune_heads", "prune_ffn")
+MARGIN = 0.01  # the plan aims this far under the target (as size_budget.margin does)
 
 
 @dataclass
@@ -123,6 +126,7 @@ def plan(run) -> dict:
                           "prune_ffn (and prune_heads) to techniques, or remove target")
     teacher_bytes = dense_fp32_bytes(run.teacher)
     goal = target.size_kb * 1024 if target.size_kb is not None else teacher_bytes / target.ratio
+    aim = goal * (1 - MARGIN)
     model = _as_saved(run)
     ub = measure(model, recipe, run.hf_cfg.ptq_bits, [t.type for t in units])
     weights = {t.type: t.sparsity for t in units} if any(t.sparsity > 0 for t in units) else {t.type: 1.0 for t in units}
@@ -135,13 +139,13 @@ def plan(run) -> dict:
         return ub.bytes_at({t.type: kept_units(ub.layers, ub.units[t.type], t, s[t.type]) for t in units})
 
     c_max = MAX_SPARSITY / min(w for w in weights.values() if w > 0)
-    if planned(c_max) > goal:
+    if planned(c_max) > aim:
         raise TargetError(_unreachable(goal, planned(c_max), teacher_bytes, run))
     lo, hi = 0.0, c_max  # planned() falls as c grows: the least pruning that fits
-    if planned(lo) > goal:
+    if planned(lo) > aim:
         for _ in range(60):
             mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if planned(mid) <= goal else (mid, hi)
+            lo, hi = (lo, mid) if planned(mid) <= aim else (mid, hi)
     else:
         hi = 0.0
     chosen = sparsities(hi)
