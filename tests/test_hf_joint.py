@@ -531,11 +531,8 @@ def test_run_hf_recipe_progressive(tmp_path):
 
 
 def test_a_size_target_chooses_the_heads_and_neurons_kept_and_the_saved_weights_file_meets_it(tmp_path):
-    """The planner's bytes are the artifact encoder's, fixed-width; the file (entropy-coded where that
-    is smaller) is at or under the target, and re-encoding the loaded model fixed-width gives the plan."""
-    from jointcompress.artifact.encode import encode_model
-    from jointcompress.artifact.store import file_blob
-    from jointcompress.hf.artifact import load_hf_artifact
+    """The planner's bytes are the artifact encoder's on the student's starting grids; the saved file is
+    at or under the target, near the plan."""
     from jointcompress.hf.pipeline import run_hf_recipe
     from jointcompress.targets import TargetError
 
@@ -550,9 +547,7 @@ def test_a_size_target_chooses_the_heads_and_neurons_kept_and_the_saved_weights_
     assert 0 < t["sparsity"]["prune_heads"] == t["sparsity"]["prune_ffn"]  # the recipe's 0.5 : 0.5, scaled
     assert sum(s["student"]["heads_per_layer"]) == t["kept"]["prune_heads"] < 16
     assert sum(s["student"]["intermediate_per_layer"]) == t["kept"]["prune_ffn"] < 256
-    model, _, spec = load_hf_artifact(tmp_path / "t14" / "artifact", with_spec=True)
-    fixed = len(file_blob(encode_model(model, spec, entropy=False), "jcw"))
-    assert t["goal_bytes"] >= t["planned_bytes"] >= fixed > 0.97 * t["planned_bytes"]
+    assert t["planned_bytes"] <= 0.99 * t["goal_bytes"] and abs(t["weights_bytes"] / t["planned_bytes"] - 1) < 0.03
     with pytest.raises(TargetError, match="cannot be met by removing heads and FFN neurons.*hf.trim_vocab: true"):
         run_hf_recipe(recipe(epochs=1, target={"ratio": 40}, hf={"student_layers": [0, 1]}), tmp_path / "t40", data,
                       teacher_dir)

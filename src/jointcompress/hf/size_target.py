@@ -7,7 +7,7 @@ so the artifact's bytes are an affine function of how many of each are kept. The
 measured, not modelled: the student (its vocabulary trimmed first where the recipe trims it) is
 encoded by the artifact's own encoder as it is, with half of every layer's heads removed, and with
 half of every FFN removed, its LSQ layers on the grids quant_lsq starts from and the rest rounded
-at hf.ptq_bits, entropy coding included (8-bit layers code to about 60% of their fixed width, so a
+at hf.ptq_bits, entropy coding included (it codes 8-bit layers well under their fixed width, so a
 fixed-width plan would remove far more than the target needs). Training moves the values, and so
 the coded bytes, a little: the plan aims MARGIN under the target.
 
@@ -77,8 +77,7 @@ def _encoded_bytes(hf: nn.Module, recipe, ptq_bits: int | None) -> int:
 @torch.no_grad()
 def _onto_grid(w: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
     """Round w (a copy's) onto the `bits` grid of LSQ's initial step sizes; returns them per row.
-    Their spread of levels, not the fixed width, sets what entropy coding saves: a 8-bit layer
-    measured at 62% of its fixed width on MiniLM, so a fixed-width plan removed far more than needed."""
+    Their spread over the levels, not the fixed width, sets what entropy coding saves."""
     from jointcompress.techniques.quant_lsq import lsq_init_step
 
     qmax = 2 ** (bits - 1) - 1
