@@ -247,7 +247,7 @@ def _cause(model: nn.Module, group) -> str:
     modules = dict(model.named_modules())
     for member in group.members:
         mod = modules.get(member.module)
-        if isinstance(mod, nn.modules.conv._ConvNd) and 1 < mod.groups < mod.in_channels:
+        if isinstance(mod, CONVOLUTIONS) and 1 < mod.groups < mod.in_channels:
             return (f"they feed the grouped convolution '{member.module}' (groups={mod.groups}), whose channels are "
                     "split into groups that removal would shift; exclude it, or use groups=1 or depthwise")
     return ("they pass through an operation that mixes channels (e.g. a normalization written as functions, or a "

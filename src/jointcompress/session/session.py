@@ -346,8 +346,8 @@ class CompressionSession:
 
     def _warn_unfinished(self) -> None:
         """Finalizing before the schedule's end keeps what the techniques have reached so far: one
-        that never attached (quant_lsq with `start: 0.5` at step 3 of 10) stores fp32 weights. Said
-        once, so a loop whose total_steps overshot is noticed."""
+        that never attached (quant_lsq with `start: 0.5` at step 3 of 10) stores fp32 weights. Said,
+        so that a loop whose total_steps overshot what it ran is noticed."""
         if self.step >= self.plan.total_steps:
             return
         short = [f"{t.kind} (not attached yet)" for t in self.techniques if not t.attached]
