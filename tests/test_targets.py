@@ -144,16 +144,17 @@ def test_cli_reports_the_size_target_against_the_file_on_disk(tmp_path):
 
 
 def test_a_sparsity_the_allocator_replaces_is_named():
-    """Under a size target the allocator sets every layer's sparsity: a sequential run ignored the user's
-    0.9 without a word (mode: joint says so in its note)."""
+    """Under a size target the allocator (or the joint form's budget) sets every layer's sparsity: a run
+    ignored the user's 0.9 without a word (the command line's joint note aside)."""
     import warnings
 
     import torch
     import torch.nn as nn
 
     x, y = torch.randn(64, 12), torch.randint(0, 2, (64,))
-    for given, said in (({"sparsity": 0.9}, True), ({}, False)):
-        recipe = {"mode": "sequential", "target": {"ratio": 6}, "training": {"epochs": 1, "batch_size": 32},
+    for given, said, mode in (({"sparsity": 0.9}, True, "sequential"), ({}, False, "sequential"),
+                              ({"sparsity": 0.9}, True, "joint")):
+        recipe = {"mode": mode, "target": {"ratio": 6}, "training": {"epochs": 1, "batch_size": 32},
                   "techniques": [{"type": "prune_unstructured", "end": 0.5, **given}, {"type": "quant_lsq", "bits": 4}]}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -430,14 +430,17 @@ def resolve_target(model: nn.Module, recipe: Recipe | dict, example_inputs, eval
 
 def warn_unused_sparsity(recipe: Recipe) -> None:
     """A user's recipe with a size target (not yet allocated) and an explicit prune_unstructured.sparsity:
-    the allocator (sequential, overlap) sets every layer's sparsity itself, so the number is not used.
-    Read from the fields the user set (a recipe re-parsed from a dump has them all)."""
+    the allocator (sequential, overlap) or the joint form's size budget sets every layer's sparsity
+    itself, so the number is not used. Read from the fields the user set (a recipe re-parsed from a
+    dump has them all)."""
     target, prune = recipe.target, recipe.technique("prune_unstructured")
-    if target is None or target.allocated or target.is_latency or recipe.mode == "joint" or prune is None:
+    if target is None or target.allocated or target.is_latency or prune is None:
         return
     if "sparsity" in prune.model_fields_set:
-        warnings.warn(f"target: prune_unstructured.sparsity {prune.sparsity:g} is not used; the size target's allocator "
-                      "sets each layer's sparsity to meet the target (remove sparsity, or the target)", stacklevel=3)
+        who = ("the joint form learns each layer's sparsity under the size budget" if recipe.mode == "joint"
+               else "the size target's allocator sets each layer's sparsity to meet the target")
+        warnings.warn(f"target: prune_unstructured.sparsity {prune.sparsity:g} is not used; {who} (remove sparsity, "
+                      "or the target)", stacklevel=3)
 
 
 def _with_size_budget(data: dict, recipe: Recipe, goal: float) -> Recipe:
