@@ -351,8 +351,9 @@ def test_prepare_leaves_the_models_batchnorm_statistics_and_modes_alone(criterio
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
                           nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    model[4].eval()  # a frozen normalization inside a training model keeps its mode (tracing set it to train)
     before = copy.deepcopy(model.state_dict())
     jointcompress.prepare(model, {"techniques": [{"type": "prune_structured", "sparsity": 0.5, "criterion": criterion}]},
                           total_steps=10, example_inputs=torch.randn(4, 3, 8, 8) + 3)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if "running" in k or "batches" in k)
-    assert model.training and model[1].training
+    assert model.training and model[1].training and not model[4].training

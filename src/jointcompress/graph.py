@@ -112,13 +112,11 @@ def build_graph(model: nn.Module, example_inputs, ignored: list[nn.Module] | Non
     """Torch-Pruning's DependencyGraph of `model`; a model it cannot trace raises UnsupportedModelError."""
     import torch_pruning as tp
 
-    was_training = model.training
-    model.eval()
     try:
         # the graph is traced through autograd, which records nothing of a frozen layer fed by inputs
         # that need no gradient (a frozen backbone would have no channel groups): freezing is about
         # training, not structure, so every parameter needs a gradient while the graph is traced
-        with frozen_stay_frozen(model), torch.enable_grad(), warnings.catch_warnings():
+        with evaluating(model), frozen_stay_frozen(model), torch.enable_grad(), warnings.catch_warnings():
             for p in model.parameters():
                 p.requires_grad_(True)
             # its channel-count inference gives up on long chains of concatenations (a recurrent loop
@@ -134,8 +132,6 @@ def build_graph(model: nn.Module, example_inputs, ignored: list[nn.Module] | Non
             "Use prune_unstructured / quant_lsq for this model, or prune_heads / prune_ffn for a Hugging Face "
             "BERT-family model"
         ) from exc
-    finally:
-        model.train(was_training)
     return dg
 
 

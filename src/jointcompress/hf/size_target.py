@@ -18,7 +18,6 @@ FFN neurons removed 1.5 times as fast as heads); one factor on both is searched 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 
 from jointcompress.errors import RecipeError
 from jointcompress.targets import TargetError
+from jointcompress.techniques.prune_units import kept_units
 
 UNIT_KINDS = ("prune_heads", "prune_ffn")
 MARGIN = 0.01  # the plan aims this far under the target (as size_budget.margin does)
@@ -42,14 +42,6 @@ class UnitBytes:
 
     def bytes_at(self, kept: dict[str, int]) -> float:
         return self.full - sum((self.layers * self.units[k] - kept[k]) * self.per_unit[k] for k in kept)
-
-
-def kept_units(layers: int, units: int, cfg, sparsity: float) -> int:
-    """How many units prune_heads / prune_ffn keep in all (techniques/prune_units.py's setup)."""
-    min_per_layer = max(1, math.ceil(cfg.min_keep * units))
-    if cfg.per_layer:
-        return layers * max(min_per_layer, round(units * (1 - sparsity)))
-    return max(min_per_layer * layers, round(layers * units * (1 - sparsity)))
 
 
 def _encoded_bytes(hf: nn.Module, recipe, ptq_bits: int | None) -> int:
@@ -135,7 +127,7 @@ def plan(run) -> dict:
 
     def planned(c: float) -> float:
         s = sparsities(c)
-        return ub.bytes_at({t.type: kept_units(ub.layers, ub.units[t.type], t, s[t.type]) for t in units})
+        return ub.bytes_at({t.type: kept_units(ub.layers, ub.units[t.type], t, s[t.type])[1] for t in units})
 
     c_max = MAX_SPARSITY / min(w for w in weights.values() if w > 0)
     if planned(c_max) > aim:
@@ -152,7 +144,7 @@ def plan(run) -> dict:
         t.model_copy(update={"sparsity": chosen[t.type]}) if t.type in chosen else t for t in recipe.techniques]})
     return {"goal_bytes": int(goal), "planned_bytes": int(planned(hi)), "teacher_fp32_bytes": teacher_bytes,
             "ratio": target.ratio, "size_kb": target.size_kb, "sparsity": chosen,
-            "kept": {t.type: kept_units(ub.layers, ub.units[t.type], t, chosen[t.type]) for t in units},
+            "kept": {t.type: kept_units(ub.layers, ub.units[t.type], t, chosen[t.type])[1] for t in units},
             "total": {t.type: ub.layers * ub.units[t.type] for t in units}}
 
 

@@ -61,6 +61,19 @@ def _mask_class():
     return ScheduledUnitMask
 
 
+def kept_units(layers: int, units: int, cfg, sparsity: float | None = None) -> tuple[int, int]:
+    """(kept per layer with `per_layer`, else kept in all; kept in all) for `sparsity` (default the
+    config's): at least max(1, min_keep of the units) in every layer. The size target of an HF
+    recipe (hf/size_target.py) plans with the same counts the technique keeps."""
+    sparsity = cfg.sparsity if sparsity is None else sparsity
+    min_per_layer = max(1, math.ceil(cfg.min_keep * units))
+    if cfg.per_layer:
+        keep = max(min_per_layer, round(units * (1 - sparsity)))
+        return keep, keep * layers
+    keep = max(min_per_layer * layers, round(layers * units * (1 - sparsity)))
+    return keep, keep
+
+
 class _PruneUnits(Technique):
     order = 6  # masks before quantization (LSQ is 20)
     unit = "unit"
@@ -92,20 +105,13 @@ class _PruneUnits(Technique):
         layers, units = self._shape(hf)
         cfg = self.config
         min_per_layer = max(1, math.ceil(cfg.min_keep * units))
-        if cfg.per_layer:
-            keep = max(min_per_layer, round(units * (1 - cfg.sparsity)))
-            self.total = units * layers
-            self.keep_total = keep * layers
-        else:
-            keep = max(min_per_layer * layers, round(layers * units * (1 - cfg.sparsity)))
-            self.total = layers * units
-            self.keep_total = keep
-        self.keep = keep
+        self.keep, self.keep_total = kept_units(layers, units, cfg)
+        self.total = layers * units
         if cfg.init == "magnitude":
             init = normalise_importance(self._magnitude(hf).float())
         else:
             init = 3.0
-        self.mask = _mask_class()(layers, units, keep, per_layer=cfg.per_layer, min_per_layer=min_per_layer,
+        self.mask = _mask_class()(layers, units, self.keep, per_layer=cfg.per_layer, min_per_layer=min_per_layer,
                                   init=init, name=self.kind)
         self.handles = self._attach(hf, self.mask)
         self.attached = True
