@@ -149,7 +149,6 @@ def compress_cmd(
     """
     from .distributed import init_from_env
     from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, prepare_run_dir
-    from .models import build_model
     from .pipeline import (builder_for, compress_and_save, load_split, load_start, load_weights, train_teacher,
                            uncompressed_row)
     from .tensorboard import TensorBoardLogger
@@ -182,7 +181,7 @@ def compress_cmd(
         if weights:
             teacher = load_start(builder, weights)
         elif resume and teacher_file.is_file():
-            teacher = load_weights(build_model(model_name, split.image_size, split.num_classes, split.channels), teacher_file)
+            teacher = load_weights(builder(), teacher_file)
         else:
             teacher = train_teacher(model_name, split, teacher_epochs, lr=recipe.training.lr, progress=show("train model"))
             if main_rank:

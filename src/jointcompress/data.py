@@ -54,8 +54,9 @@ def _normalise_channels(x_train: np.ndarray, x_test: np.ndarray):
 
 
 def _channels_first(x: np.ndarray, what: str) -> np.ndarray:
-    """Square images as [N, H, W] (grayscale, kept as they are), or [N, C, H, W] from [N, H, W, C]
-    (Keras / CIFAR layout) or [N, C, H, W], with at most 4 channels: the reference models' input."""
+    """Images as [N, H, W] (grayscale, kept as they are), or [N, C, H, W] from [N, H, W, C] (Keras /
+    CIFAR layout) or [N, C, H, W], with at most 4 channels. The reference models also need them
+    square (pipeline.builder_for); the user's own model takes what it takes."""
     if x.ndim == 4 and x.shape[3] <= 4 < x.shape[1]:
         x = x.transpose(0, 3, 1, 2)
     elif x.ndim == 4 and not x.shape[1] <= 4 < x.shape[3]:
@@ -63,9 +64,6 @@ def _channels_first(x: np.ndarray, what: str) -> np.ndarray:
                         "[N, H, W, C] or [N, C, H, W] with at most 4 channels and images larger than 4 pixels")
     if x.ndim not in (3, 4):
         raise DataError(f"data: {what} has shape {x.shape}; expected [N, H, W], [N, H, W, C] or [N, C, H, W] images")
-    if x.shape[-1] != x.shape[-2]:
-        raise DataError(f"data: {what} has {x.shape[-2]}x{x.shape[-1]} images; the reference models take square "
-                        "images: crop or pad them, or compress your own model from Python (docs/your-model.md)")
     return x
 
 

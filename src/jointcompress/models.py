@@ -5,6 +5,13 @@ All take [N, 1, H, W] images (28x28 MNIST or 8x8 digits) and return class logits
 """
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -157,14 +164,56 @@ MODELS = {"lenet300": LeNet300, "lenet5": LeNet5, "resnet": SmallResNet, "seqcnn
           "lstm": RowLSTM}
 
 
+def is_builder(name: str) -> bool:
+    """Whether `model:` names the user's own builder (package.module:function, file.py:function)."""
+    return ":" in name and not name.startswith("hf:")
+
+
+@functools.lru_cache(maxsize=None)
+def load_builder(spec: str):
+    """The zero-argument function `spec` names: `package.module:function` (importable, or from the
+    current directory as `python -m` would find it) or `path/to/file.py:function`. Loaded once per
+    spec, so every model a run builds (teacher, student, the artifact's rebuild) is of one class."""
+    from .errors import RecipeError
+
+    where, _, func = spec.rpartition(":")
+    if not where or not func:
+        raise RecipeError(f"model {spec!r}: give a built-in model or 'package.module:function' / 'file.py:function'")
+    try:
+        if where.endswith(".py"):
+            loader = importlib.util.spec_from_file_location(Path(where).stem, where)
+            if loader is None or not Path(where).is_file():
+                raise FileNotFoundError(f"no file {where}")
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            if "" not in sys.path and os.getcwd() not in sys.path:  # a console script does not search it
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(where)
+    except (ImportError, FileNotFoundError) as exc:
+        raise RecipeError(f"model {spec!r}: cannot import {where!r} ({type(exc).__name__}: {exc})") from None
+    builder = getattr(module, func, None)
+    if not callable(builder):
+        raise RecipeError(f"model {spec!r}: {where!r} has no function {func!r}")
+    return builder
+
+
 def build_model(name: str, image_size: int = 28, num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     """Build a reference model for `in_channels` x `image_size` x `image_size` images (1 x 28 MNIST,
     1 x 8 digits, 3 x 32 an RGB data set). The sequence models read the channels' rows one after
-    another (RowLSTM: C x H steps of W features; SequenceCNN: W steps of C x H features)."""
+    another (RowLSTM: C x H steps of W features; SequenceCNN: W steps of C x H features).
+    `name` may also be the user's own builder (`is_builder`): it is called as it is, since it knows
+    the sizes of the data it was written for (compress checks them against the data)."""
     from .errors import RecipeError
 
+    if is_builder(name):
+        model = load_builder(name)()
+        if not isinstance(model, nn.Module):
+            raise RecipeError(f"model {name!r}: the builder returned {type(model).__name__}, not a torch.nn.Module")
+        return model
     if name not in MODELS:
-        raise RecipeError(f"model: unknown reference model '{name}'; choose one of {', '.join(MODELS)}")
+        raise RecipeError(f"model: unknown reference model '{name}'; choose one of {', '.join(MODELS)}, or your "
+                          "builder as package.module:function or file.py:function")
     if name == "lenet300":
         return LeNet300(in_channels * image_size * image_size, num_classes)
     if name == "lenet5":

@@ -17,10 +17,10 @@ from .spec import CompressionSpec
 from .bench import batch_of, count_params
 from .deploy.timing import DEFAULT_THREADS, time_contenders
 from .data import Split, evaluator, load_dataset
-from .errors import ArtifactError
+from .errors import ArtifactError, DataError
 from .finalize import finalize
 from .layer_types import COMPRESSIBLE
-from .models import build_model
+from .models import build_model, is_builder
 from .recipe import Recipe
 
 
@@ -36,6 +36,12 @@ class Outcome:
 
 
 def builder_for(model_name: str, split: Split) -> Callable[[], nn.Module]:
+    """What builds the model for `split`: a reference model sized for its images and classes, or the
+    user's own builder (models.is_builder) as it is."""
+    h, w = split.x_train.shape[-2:]
+    if not is_builder(model_name) and h != w:
+        raise DataError(f"data: {split.name} has {h}x{w} images; the reference model {model_name!r} takes square images: "
+                        "crop or pad them, or give your own model as --model file.py:function (docs/your-model.md)")
     return lambda: build_model(model_name, image_size=split.image_size, num_classes=split.num_classes,
                                in_channels=split.channels)
 

@@ -2,6 +2,8 @@
 
 # the built-in reference models (jointcompress.models.MODELS), named here so help texts need no torch import
 BUILT_IN_MODELS = "lenet300 | lenet5 | resnet | seqcnn | vit | lstm"
+# what --model takes: a built-in or the user's own zero-argument builder (models.load_builder)
+MODEL_CHOICES = f"{BUILT_IN_MODELS}, or your builder (package.module:function or file.py:function)"
 
 
 def refuse_hf_recipe(recipe, recipe_path, command: str, instead: str) -> None:

@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from . import BUILT_IN_MODELS
+from . import MODEL_CHOICES
 
 
 def _num_classes(manifest: dict, name: str) -> int:
@@ -30,10 +30,15 @@ def _num_classes(manifest: dict, name: str) -> int:
     return int(shape[0]) if shape else 10
 
 
+def _input_shape(manifest: dict) -> list[int]:
+    """The shape of the example inputs the artifact recorded (batch first); [1, 1, 28, 28] where none."""
+    inputs = manifest.get("example_inputs") or []
+    return [int(n) for n in inputs[0]["shape"]] if inputs else [1, 1, 28, 28]
+
+
 def _image_shape(manifest: dict) -> tuple[int, int]:
     """(channels, image size) of the example inputs the artifact recorded; (1, 28) where none."""
-    inputs = manifest.get("example_inputs") or []
-    shape = inputs[0]["shape"] if inputs else [1, 1, 28, 28]
+    shape = _input_shape(manifest)
     return (int(shape[1]) if len(shape) == 4 else 1), int(shape[-1])
 
 
@@ -62,7 +67,7 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
     classes = split.num_classes if split is not None else _num_classes(manifest, name)
     builder = lambda: build_model(name, image_size=size, num_classes=classes, in_channels=channels)  # noqa: E731
     after = load(artifact_dir, builder)
-    example = split.x_test[:64] if split is not None else torch.randn(64, channels, size, size)
+    example = split.x_test[:64] if split is not None else torch.randn(64, *_input_shape(manifest)[1:])
     eval_fn = None
     if split is not None:
         from ..data import accuracy
@@ -102,14 +107,16 @@ def run_against_cli(against: str, model: Optional[str], data: Optional[str], tea
     """`bench --against torch-pruning`: deploy.against on the named model and data."""
     from ..deploy.against import AgainstConfig, dense_teacher, require_torch_pruning, run_against
     from ..errors import JointCompressError
+    from ..models import is_builder
 
     if against not in AGAINST:
         raise JointCompressError(f"--against {against!r} is unknown; use one of: {', '.join(AGAINST)}")
     require_torch_pruning()
     if not model:
         raise JointCompressError("--against needs --model (the architecture to compress: lenet5, resnet, ...)")
-    if model not in AGAINST_MODELS:
-        raise JointCompressError(f"--model {model!r} is not supported by --against; use one of: {', '.join(AGAINST_MODELS)}")
+    if model not in AGAINST_MODELS and not is_builder(model):
+        raise JointCompressError(f"--model {model!r} is not supported by --against; use one of: {', '.join(AGAINST_MODELS)}, "
+                                 "or your own builder (package.module:function or file.py:function)")
     from ..data import load_dataset
 
     split = load_dataset(data)
@@ -147,7 +154,7 @@ def register(app: typer.Typer) -> None:
     @app.command("bench")
     def bench_command(
         artifact_dir: Optional[Path] = typer.Argument(None, help="Directory written by save() / compress."),
-        model: Optional[str] = typer.Option(None, "--model", help=f"{BUILT_IN_MODELS} (default: from the manifest)."),
+        model: Optional[str] = typer.Option(None, "--model", help=f"{MODEL_CHOICES} (default: from the manifest)."),
         data: Optional[str] = typer.Option(None, "--data", help="'digits' or an .npz of images (MNIST-style); enables accuracy."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the measurements as JSON here."),
         runs: int = typer.Option(50, "--runs", min=1, help="Timed runs per batch size (median reported)."),

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from ..compare import DEFAULT_VARIANTS
-from . import BUILT_IN_MODELS
+from . import MODEL_CHOICES
 
 
 def parse_floats(text: str, what: str) -> list[float]:
@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
                                           "joint-scale, joint-pcgrad (size_budget at its defaults), joint-acc-pcgrad (PCGrad "
                                           "between accuracy and size), joint-paced-obd-none, overlap, ... (an unknown name lists "
                                           "them all)."),
-        model: Optional[str] = typer.Option(None, "--model", help=f"{BUILT_IN_MODELS} (default: the recipe's)."),
+        model: Optional[str] = typer.Option(None, "--model", help=f"{MODEL_CHOICES} (default: the recipe's)."),
         data: Optional[str] = typer.Option(None, "--data", help="'digits' or an .npz of images (MNIST-style; default: the recipe's)."),
         weights: Optional[Path] = typer.Option(None, "--weights", help="Trained weights (.safetensors) used for every seed."),
         teacher_epochs: int = typer.Option(10, "--teacher-epochs", min=1, help="Teacher epochs when no --weights."),

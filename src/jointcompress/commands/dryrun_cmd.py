@@ -10,36 +10,10 @@ or `path/to/file.py:function`, traced on a zero input of `--input-shape`.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from pathlib import Path
-
 import typer
 
 from ..errors import RecipeError
-from . import BUILT_IN_MODELS
-
-
-def load_builder(spec: str):
-    """The zero-argument function `spec` names: `package.module:function` or `path/to/file.py:function`."""
-    where, _, func = spec.rpartition(":")
-    if not where or not func:
-        raise RecipeError(f"--model {spec!r}: give a built-in model or 'package.module:function' / 'file.py:function'")
-    try:
-        if where.endswith(".py"):
-            loader = importlib.util.spec_from_file_location(Path(where).stem, where)
-            if loader is None or not Path(where).is_file():
-                raise FileNotFoundError(where)
-            module = importlib.util.module_from_spec(loader)
-            loader.loader.exec_module(module)
-        else:
-            module = importlib.import_module(where)
-    except (ImportError, FileNotFoundError) as exc:
-        raise RecipeError(f"--model {spec!r}: cannot import {where!r} ({type(exc).__name__}: {exc})") from None
-    builder = getattr(module, func, None)
-    if not callable(builder):
-        raise RecipeError(f"--model {spec!r}: {where!r} has no function {func!r}")
-    return builder
+from . import MODEL_CHOICES
 
 
 def _model_and_input(model_name: str, image_size: int, input_shape: list[int] | None):
@@ -47,7 +21,7 @@ def _model_and_input(model_name: str, image_size: int, input_shape: list[int] | 
     failed deep inside the trace)."""
     import torch
 
-    from ..models import MODELS, build_model
+    from ..models import MODELS, build_model, load_builder
 
     if model_name in MODELS:  # built-ins take square images: --input-shape N,C,H,W (or C,H,W) sets channels and size
         shape = list(input_shape or [1, 1, image_size, image_size])
@@ -107,7 +81,7 @@ def _shape(text: str | None) -> list[int] | None:
 def register(app: typer.Typer) -> None:
     @app.command("dry-run")
     def dry_run_command(
-        model: str = typer.Option("lenet5", "--model", help=f"{BUILT_IN_MODELS}, or your builder: package.module:function or file.py:function"),
+        model: str = typer.Option("lenet5", "--model", help=MODEL_CHOICES),
         image_size: int = typer.Option(28, "--image-size", help="Input height/width used to trace a built-in model."),
         input_shape: str = typer.Option(None, "--input-shape", help="Shape of the zero input to trace with, e.g. 1,3,32,32 (needed for your own model)."),
         target: list[str] = typer.Option(["*"], "--target", help="Glob of layer names to prune (repeatable)."),

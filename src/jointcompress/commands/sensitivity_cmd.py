@@ -6,14 +6,14 @@ from typing import Optional
 
 import typer
 
-from . import BUILT_IN_MODELS
+from . import MODEL_CHOICES
 
 
 def register(app: typer.Typer) -> None:
     @app.command("sensitivity")
     def sensitivity_command(
         recipe_path: Path = typer.Argument(..., help="Recipe YAML (model, data and training.metric are read from it)."),
-        model: Optional[str] = typer.Option(None, "--model", help=f"{BUILT_IN_MODELS} (default: the recipe's)."),
+        model: Optional[str] = typer.Option(None, "--model", help=f"{MODEL_CHOICES} (default: the recipe's)."),
         data: Optional[str] = typer.Option(None, "--data", help="'digits' or an .npz of images (MNIST-style; default: the recipe's)."),
         weights: Optional[Path] = typer.Option(None, "--weights", help="Trained weights (.safetensors); default: train first."),
         teacher_epochs: int = typer.Option(10, "--teacher-epochs", min=1, help="Epochs to train when no --weights."),
@@ -30,8 +30,7 @@ def register(app: typer.Typer) -> None:
         from ..data import evaluator
         from ..errors import JointCompressError, RecipeError
         from ..io import atomic_write_json
-        from ..models import build_model
-        from ..pipeline import load_split, load_weights, train_teacher
+        from ..pipeline import builder_for, load_split, load_weights, train_teacher
         from ..recipe import load_recipe
         from . import refuse_hf_recipe
         from ..sensitivity import save_heatmap, scan
@@ -55,7 +54,7 @@ def register(app: typer.Typer) -> None:
         out.mkdir(parents=True, exist_ok=True)
         with progress_bar() as bar:
             if weights:
-                net = load_weights(build_model(name, split.image_size, split.num_classes, split.channels), weights)
+                net = load_weights(builder_for(name, split)(), weights)
             else:
                 net = train_teacher(name, split, teacher_epochs, lr=recipe.training.lr, progress=tracked(bar, "train model"))
             result = scan(net, evaluator(split.x_test, split.y_test), split.x_train[:2], sp, bs, gs,
