@@ -209,6 +209,26 @@ def test_compress_and_bench_build_the_users_own_model_named_as_a_builder(tmp_pat
     assert code in (0, None) and (tmp_path / "o3" / "artifact" / "manifest.json").is_file(), out
 
 
+def test_a_latency_target_run_records_its_measured_verdict_in_the_summary(tmp_path, monkeypatch, capsys):
+    """The verdict of a latency target was one console line: summary.json, history.json and the manifest
+    held nothing of the target (the resolved recipe no longer names it)."""
+    import jointcompress.targets as targets
+    from jointcompress.recipe import parse_recipe
+
+    def resolve(model, asked, example):  # the allocation's timings are not the subject here
+        return parse_recipe({**asked.model_dump(), "target": None})
+
+    monkeypatch.setattr(targets, "resolve_target", resolve)
+    recipe = _recipe(tmp_path, "model: lenet5\ntraining: {epochs: 1}\ntarget: {speedup: 1.5, batch: 4}\n"
+                               "techniques: [{type: prune_structured, sparsity: 0.5}]\n")
+    code, out = _cli(monkeypatch, capsys, "compress", recipe, "--out", tmp_path / "o", "--teacher-epochs", 1)
+    assert code in (0, None) and "latency target: 1.5x faster at batch 4" in out, out
+    row = json.loads((tmp_path / "o" / "summary.json").read_text())["joint"]["latency_target"]
+    assert row["asked"] == {"speedup": 1.5, "batch": 4} and isinstance(row["met"], bool) and row["threads"] >= 1
+    assert row["met"] == (row["interleaved_ms"]["compressed"] <= row["goal_ms"])
+    assert row["goal_ms"] == pytest.approx(row["interleaved_ms"]["uncompressed"] / 1.5)
+
+
 @pytest.fixture(scope="module")
 def artifact(digits, tmp_path_factory):
     from jointcompress import compress, finalize

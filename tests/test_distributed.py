@@ -52,6 +52,17 @@ SCRIPT = textwrap.dedent(
     model = LeNet300(64, 10)
     recipe = json.loads(sys.argv[2])
     trace = []
+    if os.environ.get("JC_RANK_OWN_TARGET"):  # each rank would resolve the target its own way (timings differ)
+        import jointcompress.targets as targets
+        from jointcompress.recipe import parse_recipe
+
+        def resolve_by_rank(model, asked, example):
+            data = asked.model_dump()
+            data["target"] = None
+            data["techniques"][0]["sparsity"] = 0.25 if rank == 0 else 0.5
+            return parse_recipe(data)
+
+        targets.resolve_target = resolve_by_rank
 
     class Trace:  # each step's model state, summed per tensor (each rank's own Fisher estimate left out)
         def on_step(self, trainer, step, out):
@@ -68,9 +79,10 @@ SCRIPT = textwrap.dedent(
     save_file(state, os.path.join(out, tag + ".safetensors"))
     from jointcompress.techniques.size_estimate import measured_bytes
     info = {"metrics": res.metrics, "world": dist.get_world_size() if dist.is_initialized() else 1,
-            "steps": res.history.epochs[-1]["step"], "file_bytes": measured_bytes(model)["total"],
+            "steps": res.history.epochs[-1]["step"], "file_bytes": measured_bytes(model, res.example_inputs)["total"],
             "sparsity": first.achieved_sparsity() if hasattr(first, "achieved_sparsity") else None,
-            "budget_events": [e["event"] for e in budget.events] if budget is not None else [], "trace": trace}
+            "budget_events": [e["event"] for e in budget.events] if budget is not None else [], "trace": trace,
+            "recipe": res.recipe.model_dump(mode="json")}
     json.dump(info, open(os.path.join(out, tag + ".json"), "w"))
     # no destroy_process_group() here on purpose: jointcompress created the group, so it must
     # also tear it down at exit (gloo otherwise can abort the process after a good run)
@@ -84,12 +96,12 @@ MASKS_AND_LSQ = {"techniques": [
     "training": {"epochs": 3, "batch_size": 64, "lr": 3e-3}}
 
 
-def _torchrun(tmp_path, recipe: dict, single: bool = False):
+def _torchrun(tmp_path, recipe: dict, single: bool = False, **env_extra):
     """SCRIPT with `recipe` under torchrun on 2 processes (and, with `single`, in one process)."""
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
+    env.update(OMP_NUM_THREADS="1", **env_extra)
     args = [str(script), str(tmp_path), json.dumps(recipe)]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
                        env=env, capture_output=True, text=True, timeout=400)
@@ -159,3 +171,14 @@ def test_torchrun_trains_the_size_budget_identically_on_both_ranks_and_lands_on_
     assert len(j0["trace"]) == j0["steps"] and j0["trace"] == j1["trace"]  # the same model at every step
     target = dense_fp32_bytes(LeNet300(64, 10)) / ratio
     assert 0.9 * target <= j0["file_bytes"] <= 1.02 * target, (j0["file_bytes"], target)
+
+
+@pytest.mark.slow
+def test_torchrun_resolves_a_target_once_on_rank_0_for_every_rank(tmp_path):
+    """A latency target is allocated from timings, which differ from rank to rank: each rank resolved
+    its own (here, by construction, other sparsities), and trained other widths than rank 0's."""
+    recipe = {"techniques": [{"type": "prune_structured", "sparsity": 0.5, "end": 0.5}],
+              "target": {"latency_ms": 1.0, "batch": 1}, "training": {"epochs": 1, "batch_size": 64, "lr": 3e-3}}
+    _torchrun(tmp_path, recipe, JC_RANK_OWN_TARGET="1")
+    j0, j1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert j0["recipe"] == j1["recipe"] and j1["recipe"]["techniques"][0]["sparsity"] == 0.25

@@ -258,3 +258,33 @@ def test_the_joint_form_resumes_bit_for_bit_from_inside_its_catch_up(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         compress(model(), recipe, (x, y), lambda m: 0.0, run_dir=tmp_path, checkpoint_every=5, callbacks=[_StopAt(stop)])
     _resumes_to(whole, model, recipe, (x, y), tmp_path)
+
+
+def test_a_resumed_run_keeps_the_target_its_checkpoint_resolved(tmp_path, monkeypatch):
+    """A latency target is allocated from timings: allocated again on resume (other load, other widths:
+    LeNet-5's conv2 got 8, 40 and 50 channels in three allocations), the checkpoint no longer fit the
+    recipe and the run could not be resumed. The resolution the run started with is reused."""
+    import jointcompress.targets as targets
+    from jointcompress.recipe import parse_recipe
+
+    def resolving_to(sparsity):
+        def resolve(model, asked, example):
+            data = asked.model_dump()
+            data["target"] = None
+            data["techniques"][0]["sparsity"] = sparsity
+            return parse_recipe(data)
+        return resolve
+
+    x, y, model = _argmax_task(512, 64)
+    recipe = {"techniques": [{"type": "prune_structured", "sparsity": 0.5, "end": 0.5}],
+              "target": {"latency_ms": 1.0, "batch": 1}, "training": {"epochs": 2, "batch_size": 64}}
+    monkeypatch.setattr(targets, "resolve_target", resolving_to(0.25))
+    with pytest.raises(KeyboardInterrupt):
+        compress(model(), recipe, (x, y), lambda m: 0.0, run_dir=tmp_path, checkpoint_every=3, callbacks=[_StopAt(7)])
+    monkeypatch.setattr(targets, "resolve_target", resolving_to(0.75))  # what timing again would give
+    resumed = compress(model(), recipe, (x, y), lambda m: 0.0, run_dir=tmp_path, resume=True)
+    assert any(e["event"] == "resumed" for e in resumed.history.events)
+    assert resumed.recipe.technique("prune_structured").sparsity == 0.25
+    changed = {**recipe, "target": {"latency_ms": 2.0, "batch": 1}}  # another target: resolved again, then refused
+    with pytest.raises(RecipeError, match="different recipe"):
+        compress(model(), changed, (x, y), lambda m: 0.0, run_dir=tmp_path, resume=True)

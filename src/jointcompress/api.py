@@ -300,10 +300,12 @@ def compress(
 
     warn_unused_sparsity(recipe)
     recipe, joint_form = as_joint_form(recipe)  # mode: joint under a size target: one decision, one budget
+    asked = recipe
     if recipe.target is not None:  # size / ratio / latency -> per-layer sparsity and bits
-        from .targets import SizeSteering, resolve_target, target_bytes
+        from .run_target import resolve_for_run
+        from .targets import SizeSteering, target_bytes
 
-        recipe = resolve_target(model, recipe, example)
+        recipe = resolve_for_run(model, recipe, example, run_dir, resume, dist)
         if recipe.target is not None and recipe.target.steer and not recipe.target.is_latency:
             callbacks.append(SizeSteering(target_bytes(model, recipe.target)))
     techniques = [tech.build(c) for c in recipe.techniques]
@@ -312,7 +314,7 @@ def compress(
     trainer = Trainer(
         model, techniques, plan, recipe, loader, evaluate, example, teacher=teacher, progress=progress, callbacks=callbacks,
         run_dir=run_dir, checkpoint_every=checkpoint_every, resume=resume, max_nonfinite=max_nonfinite, dist=dist,
-        loss_fn=loss_fn,
+        loss_fn=loss_fn, asked_recipe=asked if asked is not recipe else None,
     )
     if joint_form is not None:
         trainer.history.events.append(joint_form)

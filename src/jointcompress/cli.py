@@ -202,6 +202,13 @@ def compress_cmd(
     result, row = outcome.result, outcome.row
     rows = {"uncompressed": uncompressed_row(teacher, split), recipe.mode: row}
     console.print(results_table(f"{recipe.name} ({model_name} on {split.name})", rows))
+    latency = None
+    if recipe.target is not None and recipe.target.is_latency:  # the resolved recipe no longer holds it
+        from .latency_targets import latency_against_target
+
+        latency = latency_against_target(teacher, outcome.model, result.example_inputs, recipe.target)
+        asked = recipe.target.model_dump(exclude_none=True, exclude={"allocated", "steer"})
+        row["latency_target"] = {"asked": asked, **latency}
     atomic_write_json(out / "history.json", result.history.as_dict())
     atomic_write_json(out / "summary.json", rows)
     atomic_write_text(out / "recipe.yaml", recipe_path.read_text(encoding="utf-8"))
@@ -217,14 +224,12 @@ def compress_cmd(
         goal = target_bytes(teacher, target)
         console.print(f"size target: {goal / 1024:.2f} KiB weights file; on disk {row['file_bytes'] / 1024:.2f} KiB "
                       f"({100 * (row['file_bytes'] / goal - 1):+.1f}%)")
-    if recipe.target is not None and recipe.target.is_latency:  # the resolved recipe no longer holds it
-        console.print(_latency_line(teacher, outcome.model, result.example_inputs, recipe.target))
+    if latency is not None:
+        console.print(_latency_line(latency, recipe.target))
 
 
-def _latency_line(teacher, model, example_inputs, target) -> str:
-    from .latency_targets import latency_against_target
-
-    r = latency_against_target(teacher, model, example_inputs, target)
+def _latency_line(r: dict, target) -> str:
+    """The finished model against its latency target (latency_targets.latency_against_target's `r`)."""
     ms, alone = r["interleaved_ms"], r["alone_ms"]
     asked = f"{target.speedup:g}x faster" if target.speedup is not None else f"{target.latency_ms:g} ms"
     return (f"latency target: {asked} at batch {r['batch']} ({r['goal_ms']:.3f} ms); measured {ms['compressed']:.3f} ms "

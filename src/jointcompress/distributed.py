@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -88,6 +89,17 @@ class DistContext:
         t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
         tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
         return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
+
+    def broadcast_json(self, obj: Any, src: int = 0, device: torch.device | str = "cpu") -> Any:
+        """Rank `src`'s JSON-able `obj` on every rank (as UTF-8 bytes in a tensor: nothing is
+        unpickled); what the other ranks pass is ignored."""
+        mine = json.dumps(obj).encode() if self.rank == src else b""
+        n = torch.tensor([len(mine)], dtype=torch.long, device=device)
+        tdist.broadcast(n, src=src)
+        buf = (torch.tensor(list(mine), dtype=torch.uint8, device=device) if self.rank == src
+               else torch.empty(int(n.item()), dtype=torch.uint8, device=device))
+        tdist.broadcast(buf, src=src)
+        return json.loads(bytes(buf.cpu().tolist()).decode())
 
     def barrier(self) -> None:
         tdist.barrier()

@@ -50,6 +50,7 @@ class RunCheckpoints:
             "total_steps": s.plan.total_steps,
             "history": history,
             "recipe": s.recipe.model_dump(mode="json"),
+            "asked_recipe": tr.asked_recipe.model_dump(mode="json") if tr.asked_recipe is not None else None,
             "lr_scale": tr.recovery.lr_scale,
             "nonfinite": tr.recovery.count,
             "technique_scalars": _terms.technique_scalars(s.techniques),

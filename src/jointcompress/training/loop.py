@@ -46,7 +46,7 @@ class Trainer:
                  progress: Callable | None = None, callbacks: list | None = None, run_dir=None,
                  checkpoint_every: int | None = None, resume: bool = False, max_nonfinite: int = 3,
                  snapshot_every: int = 50, dist: DistContext | None = None, keep_checkpoints: int = 2,
-                 loss_fn: LossFn | None = None):
+                 loss_fn: LossFn | None = None, asked_recipe=None):
         if checkpoint_every is not None and checkpoint_every < 1:
             raise RecipeError(f"checkpoint_every must be >= 1 (got {checkpoint_every}); pass None for checkpoints at evaluations only")
         self.session = CompressionSession(model, techniques, plan, recipe, example_inputs=example_inputs, teacher=teacher,
@@ -64,6 +64,8 @@ class Trainer:
         self.epoch_start: dict[str, Any] = {"gen": None, "torch": None}
         self.wall_offset = 0.0
         self.t0 = time.perf_counter()
+        # the recipe before its target was resolved (run_target.py): a resumed run reuses the resolution
+        self.asked_recipe = asked_recipe
 
     # -- what callbacks read ------------------------------------------------------------------
     model = property(lambda self: self.session.model)

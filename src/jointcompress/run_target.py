@@ -1,0 +1,62 @@
+"""A recipe's target resolved once per run (compress()): on rank 0, sent to the other ranks, and
+on resume taken from the checkpoint instead of resolved again.
+
+Why: a latency target is allocated from timings (latency_targets.allocate_latency), which move
+with the machine's load: allocated again, the same target gave LeNet-5 8, 40 and 50 conv2
+channels in three calls on a loaded machine. So every rank timing its own allocation under torchrun
+would train other widths than rank 0, and a resumed run would allocate widths its checkpoint does
+not fit (refused as "a different recipe"). A size allocation is measured in bytes and repeats,
+but resuming it would run its sensitivity scan again.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn as nn
+
+from .errors import JointCompressError
+from .recipe import Recipe, parse_recipe
+
+
+def resolve_for_run(model: nn.Module, recipe: Recipe, example, run_dir: str | Path | None = None,
+                    resume: bool = False, dist=None) -> Recipe:
+    """`recipe` with its target resolved (targets.resolve_target): the checkpoint's resolution when
+    resuming the same recipe, else resolved here; under torchrun on rank 0 only, then broadcast.
+    An error on rank 0 (an unreachable target) is raised on every rank."""
+    from .targets import TargetError, resolve_target
+
+    resolved, error = None, None
+    if dist is None or dist.is_main:
+        try:
+            resolved = (resumed_resolution(recipe, run_dir) if resume else None) or resolve_target(model, recipe, example)
+        except JointCompressError as exc:
+            if dist is None:
+                raise
+            error = exc
+    if dist is None:
+        return resolved
+    device = next(model.parameters()).device
+    sent = dist.broadcast_json({"recipe": resolved.model_dump(mode="json") if resolved is not None else None,
+                                "error": str(error) if error is not None else None}, device=device)
+    if error is not None:
+        raise error
+    if sent["error"] is not None:
+        raise TargetError(f"rank 0 could not resolve the target: {sent['error']}")
+    return parse_recipe(sent["recipe"], source="the target as rank 0 resolved it")
+
+
+def resumed_resolution(recipe: Recipe, run_dir: str | Path | None) -> Recipe | None:
+    """The resolved recipe the newest checkpoint of `run_dir` trained, where that run asked for the
+    same recipe (its `asked_recipe`); None otherwise (no checkpoint, another recipe, or one written
+    before checkpoints recorded what was asked: resolved again, as before)."""
+    from .checkpoint import CheckpointStore
+
+    if run_dir is None:
+        return None
+    found = CheckpointStore(run_dir).latest()
+    if found is None:
+        return None
+    meta = found[1]["meta"]
+    if meta.get("asked_recipe") != recipe.model_dump(mode="json"):
+        return None
+    return parse_recipe(meta["recipe"], source=f"{found[0]}: the target as the run resolved it")
