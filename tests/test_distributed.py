@@ -182,3 +182,57 @@ def test_torchrun_resolves_a_target_once_on_rank_0_for_every_rank(tmp_path):
     _torchrun(tmp_path, recipe, JC_RANK_OWN_TARGET="1")
     j0, j1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert j0["recipe"] == j1["recipe"] and j1["recipe"]["techniques"][0]["sparsity"] == 0.25
+
+
+LOOP = textwrap.dedent(
+    """
+    import hashlib, json, os, sys
+    import torch
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    import torch._dynamo  # before the group (docs/reliability.md, "Exit")
+    import jointcompress
+
+    dist.init_process_group("gloo")  # the user's own group, which the sampler needs
+    torch.manual_seed(0)
+    x = torch.randn(512, 20)
+    y = (x[:, :5].sum(1) > 0).long()
+    ds = torch.utils.data.TensorDataset(x, y)
+    sampler = torch.utils.data.distributed.DistributedSampler(ds, shuffle=True, seed=0)
+    loader = torch.utils.data.DataLoader(ds, batch_size=32, sampler=sampler)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.7, "end": 0.6},
+                             {"type": "quant_lsq", "bits": 4, "start": 0.3}], "coordination": {"strategy": "pcgrad"}}
+    session = jointcompress.prepare(model, recipe, total_steps=2 * len(loader))  # distributed="auto" by default
+    optimizer = torch.optim.Adam(session.param_groups(lr=3e-3))
+    session.bind(optimizer)
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        for xb, yb in loader:
+            terms = session.loss(model(xb), (xb, yb))
+            optimizer.zero_grad()
+            session.backward(terms)
+            session.before_step()
+            optimizer.step()
+            session.after_step()
+    digest = hashlib.sha256(b"".join(v.contiguous().numpy().tobytes() for _, v in sorted(model.state_dict().items())))
+    rank = dist.get_rank()
+    json.dump({"world": dist.get_world_size(), "state": digest.hexdigest()}, open(os.path.join(sys.argv[1], f"loop{rank}.json"), "w"))
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.slow
+def test_the_session_in_a_users_loop_joins_torchrun_by_default(tmp_path):
+    """prepare() defaulted to one process: under torchrun each rank trained its own model (the docs then
+    said to wrap it in DistributedDataParallel, whose reducer the per-term backward breaks)."""
+    script = tmp_path / "loop.py"
+    script.write_text(LOOP)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                        str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    j0, j1 = (json.loads((tmp_path / f"loop{r}.json").read_text()) for r in (0, 1))
+    assert j0["world"] == 2 and j0["state"] == j1["state"]

@@ -48,14 +48,17 @@ def _budgeted_in_session(recipe: Recipe) -> bool:
 
 def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None = None,
             steps_per_epoch: int | None = None, teacher: nn.Module | None = None, example_inputs=None,
-            loss_fn: LossFn | None = None, distributed=False) -> CompressionSession:
+            loss_fn: LossFn | None = None, distributed="auto") -> CompressionSession:
     """A session compressing `model` in place with `recipe`, driven by the caller's loop.
 
     total_steps (or steps_per_epoch x training.epochs) places the techniques' windows;
     loss_fn(outputs, batch) is the task loss (default: the model's own loss, else
     cross-entropy). The techniques due at step 0 are attached on return, so create the
     optimizer afterwards from `session.param_groups()` (or bind your own with `session.bind`).
-    distributed: False (default), "auto" (join torchrun's group) or a DistContext.
+    distributed: "auto" (default: join torchrun's group, or one you initialized; one process
+    otherwise), False or a DistContext. Under torchrun the session averages the gradients after
+    its coordinated backward and broadcasts rank 0's decisions: do not wrap the model in
+    DistributedDataParallel (its reducer does not see the per-term backward; docs/reliability.md).
     A recipe with `mode: joint` and a size target (size_kb / ratio) trains its joint form, as
     compress() does (joint_form.py): `session.recipe` holds the recipe that runs.
     """
