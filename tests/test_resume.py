@@ -288,3 +288,18 @@ def test_a_resumed_run_keeps_the_target_its_checkpoint_resolved(tmp_path, monkey
     changed = {**recipe, "target": {"latency_ms": 2.0, "batch": 1}}  # another target: resolved again, then refused
     with pytest.raises(RecipeError, match="different recipe"):
         compress(model(), changed, (x, y), lambda m: 0.0, run_dir=tmp_path, resume=True)
+
+
+def test_resuming_with_another_number_of_processes_says_what_it_changes(digits, tmp_path):
+    """A torchrun run of 2 processes resumed in one was accepted silently: the steps match (the batch is
+    global) but the epoch's remaining batches come from another sharding."""
+    import json as _json
+
+    _tiny(digits, run_dir=tmp_path, checkpoint_every=3)
+    newest = CheckpointStore(tmp_path).paths()[-1]
+    ck = read_checkpoint(newest)
+    ck["meta"] = _json.dumps({**ck["meta"], "world_size": 2})
+    torch.save(ck, newest)
+    with pytest.warns(UserWarning, match=r"written by a run of 2 process\(es\), this one has 1.*Resume with 2"):
+        res, _ = _tiny(digits, run_dir=tmp_path, checkpoint_every=3, resume=True)
+    assert res.history.events[-1]["event"] == "resumed"

@@ -8,6 +8,7 @@ checkpoint.CheckpointStore (atomic, read back without unpickling); only rank 0 w
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 
@@ -74,6 +75,13 @@ class RunCheckpoints:
                 f"{path}: the checkpoint's run has {meta.get('total_steps')} steps, this one {s.plan.total_steps}; "
                 "the training data or batch size changed. Resume with the same data, or start a new run"
             )
+        world = s.sync.dist.world_size if s.sync.dist is not None else 1
+        if meta.get("world_size", world) != world:  # the steps match (training.batch_size is the global batch)
+            warnings.warn(
+                f"{path}: the checkpoint was written by a run of {meta['world_size']} process(es), this one has {world}: "
+                "training continues from its step, but the rest of the current epoch takes its batches from this run's "
+                "sharding (some of the epoch's samples are seen twice or not at all), so the result will not match the "
+                f"uninterrupted run bit for bit. Resume with {meta['world_size']} process(es) for that", stacklevel=2)
 
     def _load_state(self, path, ck: dict) -> None:
         s = self.trainer.session
