@@ -191,3 +191,18 @@ def test_bound_runner_calls_the_compiled_session_and_falls_back(tmp_path):
 
     bound_runner(Public(), binding)()
     assert Public.calls == 1
+
+
+def test_the_console_says_when_torch_pruning_did_not_match_and_which_timings_are_flagged():
+    """Both were in the JSON only: a table whose Torch-Pruning rows were less accurate than ours read as an
+    equal-accuracy comparison, and flagged medians (a busy machine) went unsaid."""
+    from jointcompress.commands.bench_cmd import against_notes
+
+    result = {"match": {"ours_selection_accuracy": 0.985, "torch_pruning_matched": False},
+              "torch_pruning": {"candidates": [{"selection_accuracy_full_budget": 0.97}]},
+              "timing": {"batch1": {"flagged": ["tp_int8_ort"]}, "batch64": {"flagged": []}}}
+    notes = against_notes(result)
+    assert "did not reach our accuracy" in notes[0] and "98.50%" in notes[0] and "97.00%" in notes[0]
+    assert "tp_int8_ort (batch 1)" in notes[1]
+    result["match"]["torch_pruning_matched"], result["timing"]["batch1"]["flagged"] = True, []
+    assert against_notes(result) == []

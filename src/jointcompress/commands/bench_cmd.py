@@ -135,6 +135,24 @@ def target_note(target: dict) -> str:
             f"{target['measured_ms']:.3f} ms ({target.get('measured_as', 'on the deployment')})")
 
 
+def against_notes(result: dict) -> list[str]:
+    """What the JSON records that the table does not show: whether Torch-Pruning reached our accuracy
+    (else its row is its closest candidate, less accurate), and contenders whose interleaved and alone
+    medians differ by more than 20% (a busy machine: compare the bracketed alone times too)."""
+    notes = []
+    match = result["match"]
+    if not match["torch_pruning_matched"]:
+        ours = 100 * match["ours_selection_accuracy"]
+        best = max(100 * c["selection_accuracy_full_budget"] for c in result["torch_pruning"]["candidates"])
+        notes.append(f"[yellow]Torch-Pruning did not reach our accuracy[/yellow] on the selection images ({ours:.2f}%; its "
+                     f"best candidate {best:.2f}%): its rows are its least pruned stage, not an equal-accuracy match")
+    flagged = sorted({f"{name} (batch {b.removeprefix('batch')})" for b, t in result["timing"].items() for name in t["flagged"]})
+    if flagged:
+        notes.append(f"[yellow]interleaved and alone medians differ by more than 20%[/yellow] for {', '.join(flagged)}: "
+                     "the machine is busy; the bracketed alone times are the check")
+    return notes
+
+
 def against_table(result: dict):
     """Accuracy, latency and speed-up of every contender (batch 1 and 64, interleaved)."""
     from rich.table import Table
@@ -194,6 +212,8 @@ def register(app: typer.Typer) -> None:
             result = run_against_cli(against, model, data, teacher, options)
             console.print(against_table(result))
             console.print(target_note(result["target"]))
+            for note in against_notes(result):
+                console.print(note)
             console.print(f"ONNX Runtime fp32 (ours and Torch-Pruning's): {result['runtimes']['ours_fp32_ort']}")
             _write_json(json_out, result)
             return
