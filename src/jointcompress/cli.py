@@ -53,6 +53,8 @@ def _fmt_bytes(n) -> str:
 
 
 def results_table(title: str, rows: dict[str, dict]) -> Table:
+    """One row a model. Sparsity: the share of the uncompressed model's Linear / convolution weights that
+    are zero or removed (channels removed count); nonzero params: of the model as it is, all parameters."""
     table = Table(title=title)
     for col in ("", "accuracy", "sparsity", "bits", "nonzero params", "stored", "smaller", "ms b1", "ms b64", "conflict"):
         table.add_column(col, justify="left" if col == "" else "right")
@@ -62,7 +64,7 @@ def results_table(title: str, rows: dict[str, dict]) -> Table:
         table.add_row(
             name,
             f"{100 * r['accuracy']:.2f}%",
-            f"{100 * r.get('sparsity', 0):.1f}%",
+            f"{100 * r.get('sparsity_of_uncompressed', r.get('sparsity', 0)):.1f}%",
             str(r.get("bits", "-")),
             f"{r.get('nonzero', 0):,} / {r.get('params', 0):,}",
             _fmt_bytes(r.get("bytes")),
