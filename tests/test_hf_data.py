@@ -90,6 +90,15 @@ def test_a_file_without_a_header_is_read_with_the_columns_named(tmp_path):
         read_rows(jsonl, columns=["text", "label"])
     with pytest.raises(DataError, match="given twice"):
         read_rows(f, columns=["a", "label", "a", "sentence"])
+    # the messages name hf.columns, not a header the file does not have
+    with pytest.raises(DataError, match=r"4 field\(s\) where hf.columns names 3 .*one name per field"):
+        read_rows(f, columns=["source", "label", "sentence"])
+    with pytest.raises(DataError, match="hf.columns is .* no 'label' column.*hf.label_column"):
+        read_rows(f, columns=["source", "y", "mark", "sentence"])
+    headed = tmp_path / "dev.tsv"
+    headed.write_text("sentence\tlabel\na fine film .\t1\n")
+    with pytest.raises(DataError, match="has a header row, so remove hf.columns"):
+        read_rows(headed, columns=["sentence", "label"])
 
 
 def test_sentence_pairs_are_read_tokenized_as_two_segments_and_reach_the_model_with_their_token_types(tmp_path):

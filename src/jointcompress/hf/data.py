@@ -87,7 +87,10 @@ def read_rows(path: str | Path, text_column: str | None = None, label_column: st
     keys: tuple[str, str | None] | None = None
     for lineno, header, row in _records(path, label_column, columns):
         if keys is None:
-            keys = _text_columns(path, header, text_column, pair_column, label_column)
+            keys = _text_columns(path, header, text_column, pair_column, label_column, columns is not None)
+            if columns is not None and str(row.get(label_column)).strip() in columns:
+                raise DataError(f"{path}:{lineno}: this line names columns ({', '.join(map(str, row.values()))}): the file "
+                                "has a header row, so remove hf.columns (it names the columns of files without one)")
         for key in (*[k for k in keys if k is not None], label_column):
             if key not in row:
                 raise DataError(f"{path}:{lineno}: no {key!r} value in this row")
@@ -131,24 +134,30 @@ def _records(path: Path, label_column: str, columns: list[str] | None = None):
         lineno, header = (0, list(columns)) if columns is not None else next(lines, (1, []))
         for lineno, fields in lines:
             if fields and any(f.strip() for f in fields):
-                yield lineno, header, dict(zip(header, _fit(path, lineno, header, fields, label_column)))
+                yield lineno, header, dict(zip(header, _fit(path, lineno, header, fields, label_column, columns is not None)))
 
 
-def _fit(path: Path, lineno: int, header: list[str], fields: list[str], label_column: str) -> list[str]:
+def _fit(path: Path, lineno: int, header: list[str], fields: list[str], label_column: str,
+         named: bool = False) -> list[str]:
     """The row's fields, one per column; a 2-column file with the label last keeps tabs (or commas)
     inside its text (everything before the last field is the text, as GLUE's SST-2 reader does)."""
     if len(fields) > len(header) == 2 and header[-1] == label_column:
         return ["\t".join(fields[:-1]) if path.suffix == ".tsv" else ",".join(fields[:-1]), fields[-1]]
     if len(fields) != len(header):
         sep = "tab" if path.suffix == ".tsv" else "comma"
-        raise DataError(f"{path}:{lineno}: {len(fields)} field(s) where the header has {len(header)} "
-                        f"({', '.join(header)}){f'; no {sep} separating them' if len(fields) == 1 else ''}")
+        names = f"hf.columns names {len(header)}" if named else f"the header has {len(header)}"
+        fix = "; give hf.columns one name per field" if named else (f"; no {sep} separating them" if len(fields) == 1 else "")
+        raise DataError(f"{path}:{lineno}: {len(fields)} field(s) where {names} ({', '.join(header)}){fix}")
     return fields
 
 
 def _text_columns(path: Path, header: list[str], text_column: str | None, pair_column: str | None,
-                  label_column: str) -> tuple[str, str | None]:
-    """(the text's column, the pair's second text's column or None), as read_rows says."""
+                  label_column: str, named: bool = False) -> tuple[str, str | None]:
+    """(the text's column, the pair's second text's column or None), as read_rows says; `named`: the
+    header is hf.columns (the file has none)."""
+    if label_column not in header and named:
+        raise DataError(f"{path}: hf.columns is {header!r}, with no {label_column!r} column; name the label's column "
+                        f"{label_column!r} in hf.columns, or set hf.label_column to the name you gave it")
     if label_column not in header:
         raise DataError(f"{path}: header is {header!r}, with no {label_column!r} column; name the label column "
                         "with hf.label_column, or, for a file whose first line is a row (no header), name its "
