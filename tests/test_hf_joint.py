@@ -548,7 +548,7 @@ def test_a_size_target_chooses_the_heads_and_neurons_kept_and_the_saved_weights_
     assert sum(s["student"]["heads_per_layer"]) == t["kept"]["prune_heads"] < 16
     assert sum(s["student"]["intermediate_per_layer"]) == t["kept"]["prune_ffn"] < 256
     assert t["planned_bytes"] <= 0.99 * t["goal_bytes"] and abs(t["weights_bytes"] / t["planned_bytes"] - 1) < 0.03
-    with pytest.raises(TargetError, match="cannot be met by removing heads and FFN neurons.*hf.trim_vocab: true"):
+    with pytest.raises(TargetError, match="cannot be met by removing attention heads and FFN neurons.*hf.trim_vocab: true"):
         run_hf_recipe(recipe(epochs=1, target={"ratio": 40}, hf={"student_layers": [0, 1]}), tmp_path / "t40", data,
                       teacher_dir)
     with pytest.raises(RecipeError, match="latency target.*size target"):
@@ -559,3 +559,27 @@ def test_a_size_target_chooses_the_heads_and_neurons_kept_and_the_saved_weights_
         run_hf_recipe(no_units, tmp_path / "none", data, teacher_dir)
     with pytest.raises(RecipeError, match="--mode progressive"):
         run_hf_recipe(recipe(target={"ratio": 4}), tmp_path / "prog", data, teacher_dir, progressive=True)
+
+
+def test_the_size_plan_takes_a_target_reachable_only_without_its_margin_and_names_the_units_it_removes(monkeypatch):
+    """A target under the aim (1% below it) but over the smallest file was refused with "target 136.9 KiB ...
+    still 136.3 KiB", a file under the target; and an FFN-only recipe was told "removing heads and FFN neurons"."""
+    import types
+
+    from jointcompress.hf import size_target as st
+    from jointcompress.recipe import parse_recipe
+    from jointcompress.targets import TargetError
+
+    def run_with(size_bytes):
+        rec = parse_recipe({"hf": {}, "techniques": [{"type": "prune_ffn", "sparsity": 0.5}],
+                            "target": {"size_kb": size_bytes / 1024}})
+        return types.SimpleNamespace(recipe=rec, teacher=torch.nn.Linear(256, 256), student=torch.nn.Linear(2, 2),
+                                     hf_cfg=types.SimpleNamespace(ptq_bits=None, trim_vocab=False))
+
+    # 4 layers of 100 neurons, 10 B each, over a 1,000 B floor: 1,040 B with 99% of them removed
+    monkeypatch.setattr(st, "measure", lambda *a: st.UnitBytes(5000.0, {"prune_ffn": 10.0}, 4, {"prune_ffn": 100}))
+    with pytest.warns(UserWarning, match="target 1,045 B: .* 0.48% under it, less than the 1% margin"):
+        planned = st.plan(run_with(1045))
+    assert planned["planned_bytes"] <= planned["goal_bytes"] == 1045
+    with pytest.raises(TargetError, match="target 1,000 B .* by removing FFN neurons: .* still 1,040 B"):
+        st.plan(run_with(1000))

@@ -18,6 +18,7 @@ FFN neurons removed 1.5 times as fast as heads); one factor on both is searched 
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -130,8 +131,14 @@ def plan(run) -> dict:
         return ub.bytes_at({t.type: kept_units(ub.layers, ub.units[t.type], t, s[t.type])[1] for t in units})
 
     c_max = MAX_SPARSITY / min(w for w in weights.values() if w > 0)
-    if planned(c_max) > aim:
-        raise TargetError(_unreachable(goal, planned(c_max), teacher_bytes, run))
+    if planned(c_max) > goal:
+        raise TargetError(_unreachable(goal, planned(c_max), teacher_bytes, run, [t.type for t in units]))
+    if planned(c_max) > aim:  # reachable, but not with the margin: plan onto the target itself, and say so
+        aim = goal
+        warnings.warn(f"target {_size(goal)}: with {MAX_SPARSITY:.0%} of the units removed the plan is "
+                      f"{1 - planned(c_max) / goal:.2%} under it, less than the {MARGIN:.0%} margin the coded bytes "
+                      "may move by in training; the file may end over it. Ask for a little less to be safe",
+                      stacklevel=2)
     lo, hi = 0.0, c_max  # planned() falls as c grows: the least pruning that fits
     if planned(lo) > aim:
         for _ in range(60):
@@ -159,11 +166,18 @@ def _as_saved(run) -> nn.Module:
     return student
 
 
-def _unreachable(goal: float, smallest: float, teacher_bytes: int, run) -> str:
+def _size(n: float) -> str:
+    """Bytes as the messages give them: exact under 100 KiB, where a tenth of a KiB hides the gap."""
+    return f"{n:,.0f} B" if n < 100 * 1024 else f"{n / 1024:,.1f} KiB"
+
+
+def _unreachable(goal: float, smallest: float, teacher_bytes: int, run, kinds: list[str]) -> str:
     knobs = ["fewer hf.student_layers", "lower quant_lsq bits", "lower hf.ptq_bits (the embeddings)"]
     if not run.hf_cfg.trim_vocab:
         knobs.append("hf.trim_vocab: true (most of a small BERT is its word embeddings)")
-    return (f"target {goal / 1024:,.1f} KiB ({teacher_bytes / goal:.1f}x the teacher's fp32 {teacher_bytes / 1024:,.0f} KiB) "
-            f"cannot be met by removing heads and FFN neurons: with {MAX_SPARSITY:.0%} of them removed the weights "
-            f"file is still {smallest / 1024:,.1f} KiB ({teacher_bytes / smallest:.1f}x). Ask for less, or try "
+    what = " and ".join(name for kind, name in (("prune_heads", "attention heads"), ("prune_ffn", "FFN neurons"))
+                        if kind in kinds)
+    return (f"target {_size(goal)} ({teacher_bytes / goal:.1f}x the teacher's fp32 {_size(teacher_bytes)}) "
+            f"cannot be met by removing {what}: with {MAX_SPARSITY:.0%} of them removed the weights "
+            f"file is still {_size(smallest)} ({teacher_bytes / smallest:.1f}x). Ask for less, or try "
             + ", ".join(knobs))
