@@ -583,3 +583,24 @@ def test_the_size_plan_takes_a_target_reachable_only_without_its_margin_and_name
     assert planned["planned_bytes"] <= planned["goal_bytes"] == 1045
     with pytest.raises(TargetError, match="target 1,000 B .* by removing FFN neurons: .* still 1,040 B"):
         st.plan(run_with(1000))
+
+
+def test_a_missed_size_target_is_warned_and_noted_in_the_summary(tmp_path, monkeypatch):
+    """A file over its target was one word in the console ("MISSED"), exit 0, nothing in summary.json's notes."""
+    from jointcompress.hf import size_target as st
+    from jointcompress.hf.pipeline import run_hf_recipe
+
+    planned = st.plan
+
+    def plan_missing(run):  # as if training moved the coded bytes far more than the plan's margin
+        out = planned(run)
+        return {**out, "goal_bytes": out["planned_bytes"] // 2}
+
+    monkeypatch.setattr(st, "plan", plan_missing)
+    teacher_dir = teacher_folder(tmp_path, heads=HEADS, ffn=FFN)
+    data = sst2_folder(tmp_path, seed=1, train_words=8)
+    rec = recipe(epochs=1, target={"ratio": 14})
+    rec["hf"] = {"student_layers": [0, 1], "max_length": 16}
+    with pytest.warns(UserWarning, match=r"size target missed: the weights file is [\d,]+ B, [\d.]+% over"):
+        s = run_hf_recipe(rec, tmp_path / "miss", data, teacher_dir, int8=False)
+    assert not s["artifact"]["target"]["met"] and any(n.startswith("size target missed") for n in s["notes"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -137,9 +138,18 @@ def _export_and_summarize(run: HFRun, *, int8: bool, int8_atol: float, latency_r
             run.warnings.append(int8_summary["logits_vs_fp32_student"]["message"])
     teacher, student = steps.model_summary(run, folder, student_bytes, teacher_bytes)
     final_acc, ta = run.measured["final_acc"], run.teacher_acc
+    artifact = steps.artifact_summary(run, teacher_bytes)
+    target = artifact.get("target")
+    if target is not None and not target["met"]:
+        missed = (f"size target missed: the weights file is {target['weights_bytes']:,} B, "
+                  f"{target['weights_bytes'] / target['goal_bytes'] - 1:.1%} over the {target['goal_bytes']:,} B target "
+                  f"(planned {target['planned_bytes']:,} B: training moved the coded bytes more than the plan's margin); "
+                  "ask for a slightly smaller file (a higher target.ratio) to land under it")
+        run.warnings.append(missed)
+        warnings.warn(missed, stacklevel=2)
     summary = {
         "recipe": run.recipe.name, "teacher": teacher, "student": student,
-        "artifact": steps.artifact_summary(run, teacher_bytes),
+        "artifact": artifact,
         "accuracy_ratio_vs_teacher": final_acc / ta if ta else None,
         "size_ratio_vs_teacher": (teacher_bytes / student_bytes) if teacher_bytes and student_bytes else None,
         "train_rows": len(run.train_data), "dev_rows": len(run.dev_data), "world_size": world, "progressive": progressive,
