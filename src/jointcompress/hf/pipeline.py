@@ -292,8 +292,11 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
                       f"fp32 weights): weights file {tg['weights_bytes']:,} B ({tg['ratio_reached']:.1f}x), "
                       f"{'met' if tg['met'] else 'MISSED'}")
     atomic_write_text(out / "recipe.yaml", Path(recipe_path).read_text(encoding="utf-8"))
-    art_ratio = a["size_ratio_vs_teacher"]
-    ratio_a = "" if art_ratio is None else f"{art_ratio:.1f}x smaller than the teacher's weights; "
-    console.print(f"packed artifact in {a['path']} ({ratio_a}load with jointcompress.hf.artifact.load_hf_artifact)")
+    art_ratio, parts = a["size_ratio_vs_teacher"], a["bytes"]
+    ratio_a = "" if art_ratio is None else (
+        f"together {art_ratio:.1f}x smaller than the teacher's model file"
+        + (" (the size target counts the weights file alone)" if a.get("target") else "") + "; ")
+    console.print(f"packed artifact in {a['path']} (weights file {parts['weights']:,} B + manifest "
+                  f"{parts['manifest']:,} B, {ratio_a}load with jointcompress.hf.artifact.load_hf_artifact)")
     console.print(f"HF model folder in {out / 'hf_model'} (loads with pipeline('text-classification', model=...) "
                   "after `import jointcompress.hf`, or with trust_remote_code=True)")
