@@ -302,6 +302,9 @@ def test_resume_from_the_command_line(tmp_path, monkeypatch, capsys, weights_fil
     again = json.loads((out_dir / "summary.json").read_text())
     assert again["joint"]["accuracy"] == first["joint"]["accuracy"]
     assert not [p for p in out_dir.rglob("*.tmp")]  # every file was written atomically
+    assert "holds no checkpoint" not in out
+    code, out = _cli(monkeypatch, capsys, "compress", r, "--weights", weights_file, "--out", tmp_path / "typo", "--resume")
+    assert code == 0 and "--resume: " in out and "holds no checkpoint of an earlier run" in out, out  # said, not silent
 
 
 def test_real_entry_point_prints_no_traceback(tmp_path):

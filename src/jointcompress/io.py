@@ -77,6 +77,11 @@ def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=
     path = Path(path)
     if not resume:
         check_output_dir(path, force=force)
+    elif (dist is None or dist.is_main) and not any(p.is_file() for p in (path / "checkpoints").glob("*.pt")):
+        import warnings
+
+        warnings.warn(f"--resume: {path} holds no checkpoint of an earlier run, so this one starts from the beginning "
+                      "(check --out if you meant to continue a run)", stacklevel=2)
     if dist is not None:
         dist.barrier()
     if dist is None or dist.is_main:
