@@ -206,3 +206,16 @@ def test_the_console_says_when_torch_pruning_did_not_match_and_which_timings_are
     assert "tp_int8_ort (batch 1)" in notes[1]
     result["match"]["torch_pruning_matched"], result["timing"]["batch1"]["flagged"] = True, []
     assert against_notes(result) == []
+
+
+def test_a_teacher_path_that_is_a_folder_is_refused_before_any_training(tmp_path, monkeypatch):
+    """`--teacher DIR` trained the dense model for --teacher-epochs, then failed to write it (naming a temporary
+    path the user never gave) and left the temporary file behind."""
+    from jointcompress import JointCompressError
+    from jointcompress.data import load_digits
+    from jointcompress.deploy import against
+
+    monkeypatch.setattr("jointcompress.pipeline.train_teacher", lambda *a, **k: pytest.fail("trained first"))
+    with pytest.raises(JointCompressError, match="--teacher .*: a folder; give the dense model's weights file"):
+        against.dense_teacher(against.AgainstConfig(model="lenet5"), load_digits(), tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -352,6 +352,9 @@ def dense_teacher(cfg: AgainstConfig, split, teacher_path: Path | None = None) -
     else trained here for `teacher_epochs` (and saved there when a path is given)."""
     from ..pipeline import builder_for, train_teacher
 
+    if teacher_path is not None and Path(teacher_path).is_dir():  # before the training it would be written after
+        raise JointCompressError(f"--teacher {teacher_path}: a folder; give the dense model's weights file (safetensors), "
+                                 "or a file name to train them into and keep them there")
     if teacher_path is not None and Path(teacher_path).is_file():
         from safetensors.torch import load_file
 
@@ -365,12 +368,11 @@ def dense_teacher(cfg: AgainstConfig, split, teacher_path: Path | None = None) -
     model = train_teacher(cfg.model, selection_split(split, cfg.select_images), cfg.teacher_epochs, lr=cfg.lr,
                           batch_size=cfg.batch_size).eval()
     if teacher_path is not None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        Path(teacher_path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(teacher_path).with_name(f".{Path(teacher_path).name}.tmp")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        tmp.replace(teacher_path)
+        from ..io import atomic_write_bytes
+
+        atomic_write_bytes(teacher_path, save({k: v.contiguous() for k, v in model.state_dict().items()}))
     return model, f"trained here ({cfg.teacher_epochs} epochs, lr {cfg.lr}, batch {cfg.batch_size}, seed 0)"
 
 
