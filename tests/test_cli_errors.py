@@ -185,6 +185,8 @@ def test_colour_images_train_the_reference_models_and_the_artifact_loads_with_th
 def test_compress_and_bench_build_the_users_own_model_named_as_a_builder(tmp_path, monkeypatch, capsys):
     """`compress --help` and `recipe validate` named file.py:function / package.module:function, and dry-run took
     them, but compress said "unknown reference model": only the built-in names were built."""
+    from jointcompress.models import load_builder
+
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (80, 12, 20), dtype=np.uint8), np.arange(80) % 3  # not square: no built-in takes it
     np.savez(tmp_path / "wide.npz", x_train=x[:64], y_train=y[:64], x_test=x[64:], y_test=y[64:])
@@ -199,6 +201,14 @@ def test_compress_and_bench_build_the_users_own_model_named_as_a_builder(tmp_pat
     assert code in (0, None) and "mine.py:build on wide" in out and "Traceback" not in out, out
     code, out = _cli(monkeypatch, capsys, "bench", tmp_path / "o" / "artifact")  # the manifest's model and input shape
     assert code in (0, None) and "Traceback" not in out, out
+    # accuracy before / after only on the data the dense model's accuracy was recorded on
+    np.savez(tmp_path / "other.npz", x_train=x[:64], y_train=y[:64], x_test=255 - x[64:], y_test=y[64:])
+    for data, paired in (("wide.npz", True), ("other.npz", False)):
+        code, out = _cli(monkeypatch, capsys, "bench", tmp_path / "o" / "artifact", "--data", tmp_path / data, "--runs", 2,
+                         "--json", tmp_path / "b.json")
+        bench = json.loads((tmp_path / "b.json").read_text())
+        assert code in (0, None) and ("accuracy_delta" in bench["ratios"]) == paired, out
+        assert paired or "recorded on 'wide' when the artifact was made, not on 'other'" in out, out
     code, out = _cli(monkeypatch, capsys, "compress", recipe, "--model", f"{tmp_path / 'mine.py'}:not_a_model",
                      "--data", tmp_path / "wide.npz", "--out", tmp_path / "o2")
     assert code == 2 and "the builder returned int, not a torch.nn.Module" in out, out
@@ -207,6 +217,18 @@ def test_compress_and_bench_build_the_users_own_model_named_as_a_builder(tmp_pat
     code, out = _cli(monkeypatch, capsys, "compress", recipe, "--model", "mine:build", "--data", "wide.npz",
                      "--out", "o3", "--teacher-epochs", 1)
     assert code in (0, None) and (tmp_path / "o3" / "artifact" / "manifest.json").is_file(), out
+    # a builder file given relative to the current directory is recorded by its absolute path ...
+    code, out = _cli(monkeypatch, capsys, "compress", recipe, "--model", "mine.py:build", "--data", "wide.npz",
+                     "--out", "o4", "--teacher-epochs", 1)
+    manifest = json.loads((tmp_path / "o4" / "artifact" / "manifest.json").read_text())
+    assert code in (0, None) and manifest["recipe"]["model"] == f"{tmp_path / 'mine.py'}:build", out
+    monkeypatch.chdir(tmp_path / "o4")
+    code, out = _cli(monkeypatch, capsys, "bench", "artifact", "--runs", 1)  # ... so bench finds it from elsewhere
+    assert code in (0, None), out
+    (tmp_path / "mine.py").rename(tmp_path / "moved.py")
+    load_builder.cache_clear()  # a new process would not have it loaded
+    code, out = _cli(monkeypatch, capsys, "bench", "artifact", "--runs", 1)
+    assert code == 2 and "manifest.json records; pass --model file.py:function where it is now" in out, out
 
 
 def test_a_latency_target_run_records_its_measured_verdict_in_the_summary(tmp_path, monkeypatch, capsys):

@@ -171,6 +171,9 @@ def compress_cmd(
     model_name = model or recipe.model
     if not model_name:
         raise JointCompressError(f"{recipe_path}: no model given; set `model:` in the recipe or pass --model")
+    from .models import absolute_builder
+
+    model_name = absolute_builder(model_name)  # the manifest records it: bench finds the file from anywhere
     recipe = recipe.model_copy(update={"model": model_name})
     split = load_split(recipe, data)
     dist = init_from_env()

@@ -169,6 +169,13 @@ def is_builder(name: str) -> bool:
     return ":" in name and not name.startswith("hf:")
 
 
+def absolute_builder(name: str) -> str:
+    """`name` with a builder file's path made absolute (file.py:function), so the artifact's manifest,
+    which records it, names the file from any directory; other names as they are."""
+    where, _, func = name.rpartition(":")
+    return f"{Path(where).resolve()}:{func}" if is_builder(name) and where.endswith(".py") else name
+
+
 @functools.lru_cache(maxsize=None)
 def load_builder(spec: str):
     """The zero-argument function `spec` names: `package.module:function` (importable, or from the

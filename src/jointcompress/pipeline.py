@@ -121,7 +121,8 @@ def finalize_and_save(model: nn.Module, result: Result, teacher: nn.Module, spli
     row = {"accuracy": evaluate(model)["accuracy"]}
     if path is not None:
         manifest = save(model, spec, path, builder=builder, example_inputs=example,
-                        extra={"baseline_accuracy": evaluate(teacher)["accuracy"], "model": result.recipe.model})
+                        extra={"baseline_accuracy": evaluate(teacher)["accuracy"], "model": result.recipe.model,
+                               "data": split.name})  # what baseline_accuracy was measured on
         row["bytes"] = manifest["bytes"]["total"]  # values + indices + scales + fp32 biases
         row["file_bytes"] = manifest["weights_file_bytes"]  # weights.safetensors on disk (+ its header)
     row.update(_describe(model, spec))

@@ -47,8 +47,8 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
 
     from ..artifact import byte_breakdown, load, read_manifest
     from ..bench import bench
-    from ..errors import ArtifactError
-    from ..models import build_model
+    from ..errors import ArtifactError, RecipeError
+    from ..models import build_model, is_builder, load_builder
 
     manifest = read_manifest(artifact_dir)
     if "hf_config" in (manifest.get("extra") or {}):
@@ -58,6 +58,12 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
     name = model or (manifest.get("recipe") or {}).get("model")
     if not name:
         raise ArtifactError(f"{artifact_dir}/manifest.json: no recipe.model recorded; pass --model")
+    if model is None and is_builder(name):
+        try:
+            load_builder(name)
+        except RecipeError as exc:
+            raise RecipeError(f"{exc} (the builder {artifact_dir}/manifest.json records; pass --model "
+                              "file.py:function where it is now)") from None
     split = None
     if data:
         from ..data import load_dataset
@@ -75,7 +81,12 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
         eval_fn = lambda m: accuracy(m, split.x_test, split.y_test)  # noqa: E731
     result = bench(builder(), after, example, eval_fn=eval_fn, artifact_dir=artifact_dir, runs=runs,
                    threads=threads)
-    baseline = (manifest.get("extra") or {}).get("baseline_accuracy")
+    extra = manifest.get("extra") or {}
+    baseline, measured_on = extra.get("baseline_accuracy"), extra.get("data")
+    if baseline is not None and measured_on is not None and split is not None and measured_on != split.name:
+        baseline = None  # the dense model's accuracy on other data: no before / after pair (bench has no dense weights)
+        result["note"] = (f"before: the dense model's accuracy was recorded on {measured_on!r} when the artifact was made, "
+                          f"not on {split.name!r}; only the compressed model's accuracy is measured here")
     if baseline is not None and eval_fn is not None:
         result["before"]["accuracy"] = float(baseline)  # the trained dense model, not the random one
         result["ratios"]["accuracy_delta"] = result["after"]["accuracy"] - float(baseline)
@@ -223,6 +234,8 @@ def register(app: typer.Typer) -> None:
             raise JointCompressError("bench needs ARTIFACT_DIR (a saved artifact), or --against torch-pruning --model NAME")
         result = run_bench(artifact_dir, model, data, runs, threads)
         console.print(render_table(result))
+        if result.get("note"):
+            console.print(result["note"])
         console.print(latency_note(result))
         console.print(render_breakdown(result["breakdown"]))
         _write_json(json_out, result)

@@ -62,6 +62,9 @@ def register(app: typer.Typer) -> None:
         name = model or recipe.model
         if not name:
             raise JointCompressError(f"{recipe_path}: no model given; set `model:` in the recipe or pass --model")
+        from ..models import absolute_builder
+
+        name = absolute_builder(name)  # the artifacts' manifests record it
         spec = CompareSpec(ratios=parse_floats(ratios, "--ratios"), seeds=seeds,
                            variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
                            teacher_epochs=teacher_epochs, epochs=epochs, first_seed=first_seed)
