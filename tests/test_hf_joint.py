@@ -548,7 +548,7 @@ def test_a_size_target_chooses_the_heads_and_neurons_kept_and_the_saved_weights_
     assert sum(s["student"]["heads_per_layer"]) == t["kept"]["prune_heads"] < 16
     assert sum(s["student"]["intermediate_per_layer"]) == t["kept"]["prune_ffn"] < 256
     assert t["planned_bytes"] <= 0.99 * t["goal_bytes"] and abs(t["weights_bytes"] / t["planned_bytes"] - 1) < 0.03
-    with pytest.raises(TargetError, match="cannot be met by removing attention heads and FFN neurons.*hf.trim_vocab: true"):
+    with pytest.raises(TargetError, match="cannot be met: with 6 of 8 attention heads and 126 of 128 FFN neurons removed.*hf.trim_vocab: true"):
         run_hf_recipe(recipe(epochs=1, target={"ratio": 40}, hf={"student_layers": [0, 1]}), tmp_path / "t40", data,
                       teacher_dir)
     with pytest.raises(RecipeError, match="latency target.*size target"):
@@ -563,7 +563,8 @@ def test_a_size_target_chooses_the_heads_and_neurons_kept_and_the_saved_weights_
 
 def test_the_size_plan_takes_a_target_reachable_only_without_its_margin_and_names_the_units_it_removes(monkeypatch):
     """A target under the aim (1% below it) but over the smallest file was refused with "target 136.9 KiB ...
-    still 136.3 KiB", a file under the target; and an FFN-only recipe was told "removing heads and FFN neurons"."""
+    still 136.3 KiB", a file under the target; an FFN-only recipe was told "removing heads and FFN neurons", and
+    one whose min_keep stopped the plan at half of them "with 99% of them removed"."""
     import types
 
     from jointcompress.hf import size_target as st
@@ -581,8 +582,13 @@ def test_the_size_plan_takes_a_target_reachable_only_without_its_margin_and_name
     with pytest.warns(UserWarning, match="target 1,045 B: .* 0.48% under it, less than the 1% margin"):
         planned = st.plan(run_with(1045))
     assert planned["planned_bytes"] <= planned["goal_bytes"] == 1045
-    with pytest.raises(TargetError, match="target 1,000 B .* by removing FFN neurons: .* still 1,040 B"):
+    with pytest.raises(TargetError, match="target 1,000 B .* with 396 of 400 FFN neurons removed .* still 1,040 B"):
         st.plan(run_with(1000))
+    run = run_with(2900)  # what stops the plan is named, and offered as a knob
+    run.recipe.technique("prune_ffn").min_keep = 0.5
+    with pytest.raises(TargetError, match=r"with 200 of 400 FFN neurons \(prune_ffn.min_keep: 0.5 in every layer\) "
+                                          r"removed the weights file is still 3,000 B.* try a lower prune_ffn.min_keep"):
+        st.plan(run)
 
 
 def test_a_missed_size_target_is_warned_and_noted_in_the_summary(tmp_path, monkeypatch):

@@ -105,8 +105,9 @@ def measure(student: nn.Module, recipe, ptq_bits: int | None, kinds: list[str]) 
         count, prune = counts[kind]
         widths = count(student)
         if len(set(widths)) != 1:
-            raise RecipeError(f"target with {kind}: the student's layers have different widths {widths}; "
-                              "compress an unpruned model")
+            raise RecipeError(f"target with {kind}: the student's layers have different widths {widths} (a model pruned "
+                              "before, e.g. an earlier run's hf_model); give the unpruned teacher, or set the "
+                              f"{kind} sparsity without a target")
         half = widths[0] // 2
         smaller = prune(copy.deepcopy(student), [list(range(widths[0] - half)) for _ in widths])
         per_unit[kind] = (full - _encoded_bytes(smaller, recipe, ptq_bits)) / (half * len(widths))
@@ -145,7 +146,8 @@ def plan(run) -> dict:
 
     c_max = MAX_SPARSITY / min(w for w in weights.values() if w > 0)
     if planned(c_max) > goal:
-        raise TargetError(_unreachable(goal, planned(c_max), teacher_bytes, run, [t.type for t in units]))
+        fewest = {t.type: kept_units(ub.layers, ub.units[t.type], t, sparsities(c_max)[t.type])[1] for t in units}
+        raise TargetError(_unreachable(goal, planned(c_max), teacher_bytes, run, units, fewest, ub))
     if planned(c_max) > aim:  # reachable, but not with the margin: plan onto the target itself, and say so
         aim = goal
         warnings.warn(f"target {_size(goal)}: with {MAX_SPARSITY:.0%} of the units removed the plan is "
@@ -201,13 +203,26 @@ def _size(n: float) -> str:
     return f"{n:,.0f} B" if n < 100 * 1024 else f"{n / 1024:,.1f} KiB"
 
 
-def _unreachable(goal: float, smallest: float, teacher_bytes: int, run, kinds: list[str]) -> str:
+def _unreachable(goal: float, smallest: float, teacher_bytes: int, run, units: list, fewest: dict, ub: UnitBytes) -> str:
+    """The refusal: the smallest file the plan can reach, how many units it removes there (and what
+    stops it removing more: a sparsity of 0 keeps a kind out, min_keep a share in every layer), and the
+    knobs that shrink the rest."""
     knobs = ["fewer hf.student_layers", "lower quant_lsq bits", "lower hf.ptq_bits (the embeddings)"]
     if not run.hf_cfg.trim_vocab:
         knobs.append("hf.trim_vocab: true (most of a small BERT is its word embeddings)")
-    what = " and ".join(name for kind, name in (("prune_heads", "attention heads"), ("prune_ffn", "FFN neurons"))
-                        if kind in kinds)
+    names = {"prune_heads": "attention heads", "prune_ffn": "FFN neurons"}
+    removed = []
+    for t in units:
+        total = ub.layers * ub.units[t.type]
+        unbound = kept_units(ub.layers, ub.units[t.type], t.model_copy(update={"min_keep": 0.0}), MAX_SPARSITY)[1]
+        why = ""
+        if t.sparsity == 0 and any(u.sparsity > 0 for u in units):
+            why, knob = f"{t.type}.sparsity: 0 keeps them out of the plan", f"{t.type}.sparsity above 0"
+        elif fewest[t.type] > unbound:
+            why, knob = f"{t.type}.min_keep: {t.min_keep:g} in every layer", f"a lower {t.type}.min_keep"
+        removed.append(f"{total - fewest[t.type]:,} of {total:,} {names[t.type]}" + (f" ({why})" if why else ""))
+        if why:
+            knobs.insert(0, knob)
     return (f"target {_size(goal)} ({teacher_bytes / goal:.1f}x the teacher's fp32 {_size(teacher_bytes)}) "
-            f"cannot be met by removing {what}: with {MAX_SPARSITY:.0%} of them removed the weights "
-            f"file is still {_size(smallest)} ({teacher_bytes / smallest:.1f}x). Ask for less, or try "
-            + ", ".join(knobs))
+            f"cannot be met: with {' and '.join(removed)} removed the weights file is still {_size(smallest)} "
+            f"({teacher_bytes / smallest:.1f}x). Ask for less, or try " + ", ".join(knobs))
