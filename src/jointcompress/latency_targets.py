@@ -549,6 +549,8 @@ def unreachable(target, table: LatencyTable, sites, channels: dict[str, int], mi
            else f"measured at {measured_ms:.3f} ms")
         + f" ({table.runtime} {table.precision}, {table.threads} thread(s)). {fix}"
         + (" or lower target.batch" if target.batch > 1 else "")
+        + f". Only {len(channels)} channel group(s) can narrow ({', '.join(sorted(channels))}): `jointcompress dry-run` "
+          "lists the model's groups and why the other layers keep their width"
     )
 
 
