@@ -63,6 +63,14 @@ SCRIPT = textwrap.dedent(
             return parse_recipe(data)
 
         targets.resolve_target = resolve_by_rank
+    loss_fn, calls = None, []
+    if os.environ.get("JC_NAN_ON_RANK1"):  # the task loss is NaN on rank 1 at its third step
+        import torch.nn.functional as F
+
+        def loss_fn(out, batch):
+            calls.append(1)
+            loss = F.cross_entropy(out, batch[1])
+            return loss * float("nan") if rank == 1 and len(calls) == 3 else loss
 
     class Trace:  # each step's model state, summed per tensor (each rank's own Fisher estimate left out)
         def on_step(self, trainer, step, out):
@@ -71,7 +79,7 @@ SCRIPT = textwrap.dedent(
 
     res = compress(model, recipe, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test),
                    callbacks=[Trace()], run_dir=os.path.join(out, "run_" + ("dist" if tag != "single" else "single")),
-                   checkpoint_every=7)
+                   checkpoint_every=7, loss_fn=loss_fn)
     first = res.techniques[0]
     budget = next((t for t in res.techniques if t.kind == "size_budget"), None)
     state = {"mask." + k: v.contiguous() for k, v in first.state_dict().get("masks", {}).items()}
@@ -82,7 +90,8 @@ SCRIPT = textwrap.dedent(
             "steps": res.history.epochs[-1]["step"], "file_bytes": measured_bytes(model, res.example_inputs)["total"],
             "sparsity": first.achieved_sparsity() if hasattr(first, "achieved_sparsity") else None,
             "budget_events": [e["event"] for e in budget.events] if budget is not None else [], "trace": trace,
-            "recipe": res.recipe.model_dump(mode="json")}
+            "recipe": res.recipe.model_dump(mode="json"),
+            "nonfinite": [e["what"] for e in res.history.events if e.get("event") == "nonfinite"]}
     json.dump(info, open(os.path.join(out, tag + ".json"), "w"))
     # no destroy_process_group() here on purpose: jointcompress created the group, so it must
     # also tear it down at exit (gloo otherwise can abort the process after a good run)
@@ -236,3 +245,11 @@ def test_the_session_in_a_users_loop_joins_torchrun_by_default(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     j0, j1 = (json.loads((tmp_path / f"loop{r}.json").read_text()) for r in (0, 1))
     assert j0["world"] == 2 and j0["state"] == j1["state"]
+
+
+@pytest.mark.slow
+def test_a_non_finite_step_on_one_rank_is_named_with_its_rank_and_term_on_every_rank(tmp_path):
+    """Rank 0, whose history is written, recorded only "a loss term is non-finite on another rank"."""
+    _torchrun(tmp_path, MASKS_AND_LSQ, JC_NAN_ON_RANK1="1")
+    j0, j1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert j0["nonfinite"] == ["loss term 'task' is nan on rank 1"] and j1["nonfinite"] == ["loss term 'task' is nan"]

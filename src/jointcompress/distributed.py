@@ -90,6 +90,12 @@ class DistContext:
         tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
         return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
 
+    def lowest_rank(self, flag: bool, device: torch.device | str = "cpu") -> int | None:
+        """On every rank: the lowest rank where `flag` is true, or None where it is true on none."""
+        t = torch.tensor([self.rank if flag else self.world_size], dtype=torch.long, device=device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+        return None if int(t.item()) == self.world_size else int(t.item())
+
     def broadcast_json(self, obj: Any, src: int = 0, device: torch.device | str = "cpu") -> Any:
         """Rank `src`'s JSON-able `obj` on every rank (as UTF-8 bytes in a tensor: nothing is
         unpickled); what the other ranks pass is ignored."""

@@ -54,8 +54,12 @@ class Recovery:
         """The first non-finite loss term, named; `values`: the step's terms read as floats (the
         loop reads them once, for this check and for what the step reports)."""
         bad = next((f"loss term '{k}' is {v}" for k, v in values.items() if not math.isfinite(v)), None)
-        if self.session.sync.dist is not None and self.session.sync.any(bad is not None, self._device()) and bad is None:
-            bad = "a loss term is non-finite on another rank"
+        dist = self.session.sync.dist
+        if dist is not None:  # every rank skips the step; each names the rank and term that made it
+            src = dist.lowest_rank(bad is not None, self._device())
+            if src is not None:
+                told = dist.broadcast_json(bad, src=src, device=self._device())
+                bad = bad if src == dist.rank else f"{told} on rank {src}"
         return bad
 
     def bad_gradient(self) -> str | None:
