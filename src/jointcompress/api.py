@@ -318,6 +318,8 @@ def compress(
     )
     if joint_form is not None:
         trainer.history.events.append(joint_form)
+    if recipe._resolution is not None:  # a resumed run's history is replaced by its checkpoint's, which has it
+        trainer.history.events.append(recipe._resolution)
     history = trainer.run()
     metrics = read_metrics(evaluate(model), recipe.training.metric)
     if dist is not None:

@@ -615,8 +615,14 @@ def resolve_latency(model: nn.Module, data: dict, example_inputs, target, measur
         measure_dense = measure_dense or (lambda m: timed_ms(m, example_inputs, target.batch))
         dense_ms = float(measure_dense(copy.deepcopy(model)))
         target = target.model_copy(update={"latency_ms": dense_ms / target.speedup})
-    return with_latency_budgets(data, allocate_latency(allocation_base(model, data, example_inputs), example_inputs,
-                                                       target))
+    alloc = allocate_latency(allocation_base(model, data, example_inputs), example_inputs, target)
+    recipe = with_latency_budgets(data, alloc)
+    recipe._resolution = {"event": "latency_allocation", "step": 0, "goal_ms": alloc.target_ms,
+                          "predicted_ms": alloc.predicted_ms, "measured_ms": alloc.measured_ms, "met": alloc.met,
+                          "widths": dict(alloc.widths), "channels": dict(alloc.channels),
+                          "timed_as": f"PyTorch fp32 at batch {target.batch}, the least of {REPEATS} medians timed alone "
+                                      "(the run's final check times the finished model interleaved with the uncompressed one)"}
+    return recipe
 
 
 def latency_against_target(uncompressed: nn.Module, compressed: nn.Module, example_inputs, target,

@@ -414,6 +414,9 @@ class Recipe(Strict):
     sequential: Sequential = Field(default_factory=Sequential)
     target: Target | None = None
     hf: HF | None = None  # Hugging Face text classification; see docs/transformers.md
+    # how the target was resolved, for the run's history (latency_targets.resolve_latency: the allocator's
+    # own timing and verdict); not part of the recipe, so not dumped, compared or checkpointed
+    _resolution: dict | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _combinations(self):
