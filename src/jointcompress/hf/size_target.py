@@ -150,7 +150,7 @@ def plan(run) -> dict:
         raise TargetError(_unreachable(goal, planned(c_max), teacher_bytes, run, units, fewest, ub))
     if planned(c_max) > aim:  # reachable, but not with the margin: plan onto the target itself, and say so
         aim = goal
-        warnings.warn(f"target {_size(goal)}: with {MAX_SPARSITY:.0%} of the units removed the plan is "
+        warnings.warn(f"target {_size(goal)}: with the most units removed that the plan may remove, it is "
                       f"{1 - planned(c_max) / goal:.2%} under it, less than the {MARGIN:.0%} margin the coded bytes "
                       "may move by in training; the file may end over it. Ask for a little less to be safe",
                       stacklevel=2)
