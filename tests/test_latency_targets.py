@@ -317,19 +317,27 @@ def test_a_table_that_reads_high_does_not_refuse_a_target_the_narrowest_model_me
         allocate_latency(model, x, Target(latency_ms=1.5 * narrowest), table=high, measure=False)
 
 
-def test_a_latency_target_run_records_the_allocators_own_timing_and_verdict():
+def test_a_latency_target_run_records_the_allocators_own_timing_and_verdict(monkeypatch):
     """The allocator accepts widths by its own timing (the least of a few medians, timed alone); the run's
     final check times the finished model interleaved with the uncompressed one, and may read otherwise.
-    Only the final verdict was recorded: the allocator's is now in the history too."""
+    Only the final verdict was recorded: the allocator's is now in the history too. (Its timings are a
+    fake here: real ones belong in benchmarks/.)"""
     from jointcompress import compress
+    from jointcompress import latency_targets as lt
 
+    def allocate(model, example_inputs, target, **kwargs):
+        return lt.LatencyAllocation(widths={"0": 128}, channels={"0": 256}, predicted_ms=1.0, target_ms=target.latency_ms,
+                                    measured_ms=1.5)
+
+    monkeypatch.setattr(lt, "allocate_latency", allocate)
     torch.manual_seed(0)
     x = torch.randn(256, 32)
     y = x[:, :4].argmax(1)
     model = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4))
-    recipe = {"techniques": [{"type": "prune_structured", "sparsity": 0.5}], "target": {"speedup": 1.2, "batch": 8},
+    recipe = {"techniques": [{"type": "prune_structured", "sparsity": 0.5}], "target": {"latency_ms": 2.0, "batch": 8},
               "training": {"epochs": 1, "batch_size": 64}}
     res = compress(model, recipe, (x, y), lambda m: 0.0)
     event = next(e for e in res.history.events if e["event"] == "latency_allocation")
-    assert set(event) >= {"goal_ms", "predicted_ms", "measured_ms", "met", "widths", "timed_as"}
-    assert event["met"] == (event["measured_ms"] <= event["goal_ms"]) and "timed alone" in event["timed_as"]
+    assert {k: event[k] for k in ("goal_ms", "predicted_ms", "measured_ms", "met", "widths")} == {
+        "goal_ms": 2.0, "predicted_ms": 1.0, "measured_ms": 1.5, "met": True, "widths": {"0": 128}}
+    assert "timed alone" in event["timed_as"] and res.recipe.technique("prune_structured").layer_sparsity == {"0": 0.5}
