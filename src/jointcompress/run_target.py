@@ -29,7 +29,7 @@ def resolve_for_run(model: nn.Module, recipe: Recipe, example, run_dir: str | Pa
     if dist is None or dist.is_main:
         try:
             resolved = (resumed_resolution(recipe, run_dir) if resume else None) or resolve_target(model, recipe, example)
-        except JointCompressError as exc:
+        except Exception as exc:  # noqa: BLE001 -- under torchrun every rank must hear of it, or they wait forever
             if dist is None:
                 raise
             error = exc
@@ -37,11 +37,15 @@ def resolve_for_run(model: nn.Module, recipe: Recipe, example, run_dir: str | Pa
         return resolved
     device = next(model.parameters()).device
     sent = dist.broadcast_json({"recipe": resolved.model_dump(mode="json") if resolved is not None else None,
-                                "error": str(error) if error is not None else None}, device=device)
+                                "error": str(error) if error is not None else None,
+                                "target_error": isinstance(error, TargetError)}, device=device)
     if error is not None:
         raise error
     if sent["error"] is not None:
-        raise TargetError(f"rank 0 could not resolve the target: {sent['error']}")
+        kind = TargetError if sent["target_error"] else JointCompressError
+        raise kind(f"rank 0 could not resolve the target: {sent['error']}")
+    if dist.is_main:
+        return resolved  # with what the resolution records for the history (Recipe._resolution)
     return parse_recipe(sent["recipe"], source="the target as rank 0 resolved it")
 
 
