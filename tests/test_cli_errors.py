@@ -182,27 +182,31 @@ def test_colour_images_train_the_reference_models_and_the_artifact_loads_with_th
     assert code in (0, None) and "Traceback" not in out, out
 
 
-def test_compress_and_bench_build_the_users_own_model_named_as_a_builder(tmp_path, monkeypatch, capsys):
-    """`compress --help` and `recipe validate` named file.py:function / package.module:function, and dry-run took
-    them, but compress said "unknown reference model": only the built-in names were built."""
-    from jointcompress.models import load_builder
-
+def _own_model_files(tmp_path: Path):
+    """Non-square images (no built-in model takes them), a builder file for them, and a recipe naming it."""
     rng = np.random.default_rng(0)
-    x, y = rng.integers(0, 256, (80, 12, 20), dtype=np.uint8), np.arange(80) % 3  # not square: no built-in takes it
+    x, y = rng.integers(0, 256, (80, 12, 20), dtype=np.uint8), np.arange(80) % 3
     np.savez(tmp_path / "wide.npz", x_train=x[:64], y_train=y[:64], x_test=x[64:], y_test=y[64:])
+    np.savez(tmp_path / "other.npz", x_train=x[:64], y_train=y[:64], x_test=255 - x[64:], y_test=y[64:])
     (tmp_path / "mine.py").write_text(
         "import torch.nn as nn\n\ndef build():\n    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), "
         "nn.Flatten(), nn.Linear(8 * 12 * 20, 3))\n\ndef not_a_model():\n    return 3\n")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model: {tmp_path / 'mine.py'}:build\ntraining: {{epochs: 1, batch_size: 32}}\n"
                       "techniques: [{type: prune_unstructured, sparsity: 0.5}, {type: quant_lsq, bits: 8}]\n")
+    return recipe
+
+
+def test_compress_and_bench_build_the_users_own_model_named_as_a_builder(tmp_path, monkeypatch, capsys):
+    """`compress --help` and `recipe validate` named file.py:function / package.module:function, and dry-run took
+    them, but compress said "unknown reference model": only the built-in names were built."""
+    recipe = _own_model_files(tmp_path)
     code, out = _cli(monkeypatch, capsys, "compress", recipe, "--data", tmp_path / "wide.npz", "--out", tmp_path / "o",
                      "--teacher-epochs", 1)
     assert code in (0, None) and "mine.py:build on wide" in out and "Traceback" not in out, out
     code, out = _cli(monkeypatch, capsys, "bench", tmp_path / "o" / "artifact")  # the manifest's model and input shape
     assert code in (0, None) and "Traceback" not in out, out
     # accuracy before / after only on the data the dense model's accuracy was recorded on
-    np.savez(tmp_path / "other.npz", x_train=x[:64], y_train=y[:64], x_test=255 - x[64:], y_test=y[64:])
     for data, paired in (("wide.npz", True), ("other.npz", False)):
         code, out = _cli(monkeypatch, capsys, "bench", tmp_path / "o" / "artifact", "--data", tmp_path / data, "--runs", 2,
                          "--json", tmp_path / "b.json")
@@ -212,18 +216,26 @@ def test_compress_and_bench_build_the_users_own_model_named_as_a_builder(tmp_pat
     code, out = _cli(monkeypatch, capsys, "compress", recipe, "--model", f"{tmp_path / 'mine.py'}:not_a_model",
                      "--data", tmp_path / "wide.npz", "--out", tmp_path / "o2")
     assert code == 2 and "the builder returned int, not a torch.nn.Module" in out, out
-    monkeypatch.chdir(tmp_path)  # package.module:function from the current directory, as `python -m` finds it
+
+
+def test_a_builder_is_found_from_the_current_directory_and_recorded_by_its_absolute_path(tmp_path, monkeypatch, capsys):
+    """package.module:function is imported from the current directory, as `python -m` would; a builder file
+    given relative to it is recorded by its absolute path, so `bench` finds it from anywhere, and one that
+    moved is named as the manifest's."""
+    from jointcompress.models import load_builder
+
+    recipe = _own_model_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     code, out = _cli(monkeypatch, capsys, "compress", recipe, "--model", "mine:build", "--data", "wide.npz",
                      "--out", "o3", "--teacher-epochs", 1)
     assert code in (0, None) and (tmp_path / "o3" / "artifact" / "manifest.json").is_file(), out
-    # a builder file given relative to the current directory is recorded by its absolute path ...
     code, out = _cli(monkeypatch, capsys, "compress", recipe, "--model", "mine.py:build", "--data", "wide.npz",
                      "--out", "o4", "--teacher-epochs", 1)
     manifest = json.loads((tmp_path / "o4" / "artifact" / "manifest.json").read_text())
     assert code in (0, None) and manifest["recipe"]["model"] == f"{tmp_path / 'mine.py'}:build", out
     monkeypatch.chdir(tmp_path / "o4")
-    code, out = _cli(monkeypatch, capsys, "bench", "artifact", "--runs", 1)  # ... so bench finds it from elsewhere
+    code, out = _cli(monkeypatch, capsys, "bench", "artifact", "--runs", 1)
     assert code in (0, None), out
     (tmp_path / "mine.py").rename(tmp_path / "moved.py")
     load_builder.cache_clear()  # a new process would not have it loaded
