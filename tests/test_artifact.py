@@ -280,3 +280,22 @@ def test_any_damage_behind_a_valid_checksum_is_an_artifact_error_or_harmless(cnn
             load(tmp_path, SmallCNN)
         except ArtifactError:
             pass
+
+
+def test_a_pruning_history_that_cannot_be_replayed_names_what_failed_not_which_techniques_to_train(monkeypatch):
+    """bench with --data of another image size rebuilt the model for those images; the replay's trace then failed
+    and the message advised prune_unstructured / prune_heads, which have nothing to do with loading an artifact."""
+    import jointcompress.graph as graph
+    from jointcompress.artifact.store import _replay
+    from jointcompress.errors import ArtifactError, UnsupportedModelError
+
+    def untraceable(model, example_inputs, ignored=None):
+        try:
+            raise RuntimeError("Kernel size can't be greater than actual input size")
+        except RuntimeError as exc:
+            raise UnsupportedModelError("structured pruning cannot trace it. Use prune_unstructured / quant_lsq") from exc
+
+    monkeypatch.setattr(graph, "build_graph", untraceable)
+    with pytest.raises(ArtifactError, match=r"failed \(RuntimeError: Kernel size.*\); is the builder the same .*--data") as err:
+        _replay(torch.nn.Linear(2, 2), [["0", False, [0]]], (torch.zeros(1, 2),), "art")
+    assert "prune_unstructured" not in str(err.value)

@@ -315,6 +315,13 @@ def test_a_table_that_reads_high_does_not_refuse_a_target_the_narrowest_model_me
         allocate_latency(model, x, Target(latency_ms=0.9 * narrowest), table=high, measure=runtime)
     with pytest.raises(TargetError, match=r"is predicted at"):  # no runtime to ask: the table's word
         allocate_latency(model, x, Target(latency_ms=1.5 * narrowest), table=high, measure=False)
+    # a speedup target whose narrowest model measured no faster than the uncompressed one: a busy machine
+    from jointcompress.latency_targets import unreachable
+
+    busy = Target(speedup=2, batch=1).model_copy(update={"latency_ms": 0.5 * narrowest})  # dense: `narrowest` ms
+    slow = unreachable(busy, high, sites, channels, 0.05, measured_ms=2 * narrowest)
+    assert "no faster than the uncompressed one" in str(slow)
+    assert "no faster" not in str(unreachable(busy, high, sites, channels, 0.05, measured_ms=0.8 * narrowest))
 
 
 def test_a_latency_target_run_records_the_allocators_own_timing_and_verdict(monkeypatch):

@@ -542,6 +542,9 @@ def unreachable(target, table: LatencyTable, sites, channels: dict[str, int], mi
         asked = (f"target.speedup: {target.speedup:g}x ({target.latency_ms:.3f} ms: the uncompressed model timed now, "
                  f"/ {target.speedup:g})")
         fix = "Lower target.speedup"
+        if measured_ms is not None and measured_ms >= target.latency_ms * target.speedup:  # no faster than dense
+            fix = ("The narrowest model measured no faster than the uncompressed one, which says more about the machine's "
+                   "load than the model: time again on a quiet machine. Else, lower target.speedup")
     return TargetError(
         f"{asked} at batch {target.batch} cannot be met by removing channels; "
         f"the narrowest model allowed (every group at {100 * min_keep:.0f}% of its channels, at least {min_width}) is "

@@ -161,9 +161,14 @@ def _replay(model: nn.Module, history: list, inputs: tuple, where: str) -> None:
             dg = build_graph(model, inputs if isinstance(inputs, dict) or len(inputs) != 1 else inputs[0])
             dg.load_pruning_history(_history_json(history))
     except Exception as exc:
+        # a graph that cannot be traced says so with advice for training (which techniques to use instead),
+        # which does not apply here: the error under it is what failed
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        first = str(cause).splitlines()[0][:300] if str(cause) else ""
         raise ArtifactError(
-            f"{where}: replaying the pruning history on the builder's model failed ({type(exc).__name__}: {exc}); "
-            "is the builder the same architecture the artifact was trained from?"
+            f"{where}: replaying the pruning history on the builder's model failed ({type(cause).__name__}: {first}); "
+            "is the builder the same architecture the artifact was trained from? (a built-in model's sizes come from "
+            "--data: give the images it was made for)"
         ) from exc
 
 
