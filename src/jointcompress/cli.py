@@ -151,6 +151,7 @@ def compress_cmd(
     """
     from .distributed import init_from_env
     from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, prepare_run_dir
+    from .models import absolute_builder
     from .pipeline import (builder_for, compress_and_save, load_split, load_start, load_weights, train_teacher,
                            uncompressed_row)
     from .tensorboard import TensorBoardLogger
@@ -171,8 +172,6 @@ def compress_cmd(
     model_name = model or recipe.model
     if not model_name:
         raise JointCompressError(f"{recipe_path}: no model given; set `model:` in the recipe or pass --model")
-    from .models import absolute_builder
-
     model_name = absolute_builder(model_name)  # the manifest records it: bench finds the file from anywhere
     recipe = recipe.model_copy(update={"model": model_name})
     split = load_split(recipe, data)

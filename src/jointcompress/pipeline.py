@@ -125,10 +125,7 @@ def finalize_and_save(model: nn.Module, result: Result, teacher: nn.Module, spli
                                "data": split.name})  # what baseline_accuracy was measured on
         row["bytes"] = manifest["bytes"]["total"]  # values + indices + scales + fp32 biases
         row["file_bytes"] = manifest["weights_file_bytes"]  # weights.safetensors on disk (+ its header)
-    row.update(_describe(model, spec))
-    # zeros and removed channels both count: after prune_structured the model's own sparsity reads only
-    # the zeros of what is left (4.9% of a LeNet-5 that had lost 84% of conv2's channels)
-    row["sparsity_of_uncompressed"] = 1 - weight_counts(model)[0] / max(1, weight_counts(teacher)[1])
+    row.update(_describe(model, spec, reference_weights=weight_counts(teacher)[1]))
     row["wall_s"] = result.history.wall_seconds
     conflicts = [e["conflict_rate"] for e in result.history.epochs if e.get("conflict_rate") is not None]
     row["conflict_rate"] = sum(conflicts) / len(conflicts) if conflicts else None
@@ -150,10 +147,15 @@ def coordination_effect(history) -> dict:
     return {"changed_share": sum(c > 1e-9 for c in changed) / len(changed), "changed_mean": sum(changed) / len(changed)}
 
 
-def _describe(model: nn.Module, spec) -> dict:
+def _describe(model: nn.Module, spec, reference_weights: int) -> dict:
+    """Parameters, bits and two sparsities: the zeros among the model's own weights, and the share of the
+    uncompressed model's `reference_weights` that are zero or removed (after prune_structured the first
+    reads only the zeros of what is left: 4.9% of a LeNet-5 that had lost 84% of conv2's channels)."""
     p = count_params(model)
     bits = sorted({ls.bits for ls in spec.layers.values() if ls.bits})
-    return {"params": p["total"], "nonzero": p["nonzero"], "sparsity": weight_sparsity(model), "bits": "/".join(map(str, bits)) or "32"}
+    nonzero, total = weight_counts(model)
+    return {"params": p["total"], "nonzero": p["nonzero"], "sparsity": (total - nonzero) / max(1, total),
+            "sparsity_of_uncompressed": 1 - nonzero / max(1, reference_weights), "bits": "/".join(map(str, bits)) or "32"}
 
 
 def weight_counts(model: nn.Module) -> tuple[int, int]:
