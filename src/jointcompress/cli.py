@@ -150,10 +150,9 @@ def compress_cmd(
     is data-parallel and only rank 0 writes.
     """
     from .distributed import init_from_env
-    from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, prepare_run_dir
+    from .io import prepare_run_dir
     from .models import absolute_builder
-    from .pipeline import (builder_for, compress_and_save, load_split, load_start, load_weights, train_teacher,
-                           uncompressed_row)
+    from .pipeline import builder_for, compress_and_save, load_split
     from .tensorboard import TensorBoardLogger
     from .recipe import load_recipe, parse_recipe
 
@@ -179,19 +178,10 @@ def compress_cmd(
     main_rank = dist is None or dist.is_main
     out = prepare_run_dir(out, force=force, resume=resume, dist=dist)
     builder = builder_for(model_name, split)
-    teacher_file = out / "teacher.safetensors"
     with progress_bar() as bar:
         show = (lambda d: tracked(bar, d)) if main_rank else (lambda d: None)
-        if weights:
-            teacher = load_start(builder, weights)
-        elif resume and teacher_file.is_file():
-            teacher = load_weights(builder(), teacher_file)
-        else:
-            teacher = train_teacher(model_name, split, teacher_epochs, lr=recipe.training.lr, progress=show("train model"))
-            if main_rank:
-                from safetensors.torch import save as st_save
-
-                atomic_write_bytes(teacher_file, st_save({k: v.contiguous() for k, v in teacher.state_dict().items()}))
+        teacher = _model_to_compress(builder, model_name, split, recipe, out, weights=weights, resume=resume,
+                                     teacher_epochs=teacher_epochs, save=main_rank, progress=show)
         callbacks = [TensorBoardLogger(tensorboard)] if tensorboard and main_rank else []
         try:
             outcome = compress_and_save(
@@ -201,8 +191,35 @@ def compress_cmd(
         finally:
             for cb in callbacks:
                 cb.close()
-    if not main_rank:
-        return
+    if main_rank:
+        _write_compress_results(out, recipe_path, recipe, teacher, outcome, split, model_name)
+
+
+def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights, resume: bool, teacher_epochs: int,
+                       save: bool, progress):
+    """--weights when given; else the model a resumed run trained first; else one trained now and saved (by the
+    writing rank) so that --resume does not train it again."""
+    from .io import atomic_write_bytes
+    from .pipeline import load_start, load_weights, train_teacher
+
+    teacher_file = out / "teacher.safetensors"
+    if weights:
+        return load_start(builder, weights)
+    if resume and teacher_file.is_file():
+        return load_weights(builder(), teacher_file)
+    teacher = train_teacher(model_name, split, teacher_epochs, lr=recipe.training.lr, progress=progress("train model"))
+    if save:
+        from safetensors.torch import save as st_save
+
+        atomic_write_bytes(teacher_file, st_save({k: v.contiguous() for k, v in teacher.state_dict().items()}))
+    return teacher
+
+
+def _write_compress_results(out: Path, recipe_path: Path, recipe, teacher, outcome, split, model_name: str) -> None:
+    """The results table, history.json, summary.json and recipe.yaml of a finished run, and its targets' verdicts."""
+    from .io import atomic_write_json, atomic_write_text
+    from .pipeline import uncompressed_row
+
     result, row = outcome.result, outcome.row
     rows = {"uncompressed": uncompressed_row(teacher, split), recipe.mode: row}
     console.print(results_table(f"{recipe.name} ({model_name} on {split.name})", rows))
