@@ -272,18 +272,7 @@ def compress(
     cross-entropy on the logits).
     """
     recipe = parse_recipe(recipe)
-    if recipe.technique("distill_kd") is not None and teacher is None:
-        raise RecipeError("techniques: distill_kd needs a teacher; pass teacher=... (CLI: --teacher) or remove distill_kd")
-    if run_dir is None and resume:
-        raise RecipeError("resume=True needs run_dir=... (the directory whose checkpoints to continue from)")
-    if run_dir is not None and not resume:
-        from .checkpoint import CheckpointStore
-
-        if CheckpointStore(run_dir).paths():
-            raise RecipeError(
-                f"{run_dir} already holds checkpoints of a run; pass resume=True (CLI: --resume) to continue it, "
-                "or choose another run directory"
-            )
+    _check_run_arguments(recipe, teacher, run_dir, resume)
     dist = _dist.resolve(distributed)
     model = _dist.unwrap(model)
     teacher = _dist.unwrap(teacher) if teacher is not None else None
@@ -326,6 +315,22 @@ def compress(
         metrics = dist.mean_metrics(metrics)
     trainer.session.finish()
     return Result(model, history, dict(metrics), recipe, techniques, example)
+
+
+def _check_run_arguments(recipe: Recipe, teacher, run_dir, resume: bool) -> None:
+    """Refuse, before any work, a call that cannot run as asked or would overwrite another run's checkpoints."""
+    if recipe.technique("distill_kd") is not None and teacher is None:
+        raise RecipeError("techniques: distill_kd needs a teacher; pass teacher=... (CLI: --teacher) or remove distill_kd")
+    if run_dir is None and resume:
+        raise RecipeError("resume=True needs run_dir=... (the directory whose checkpoints to continue from)")
+    if run_dir is not None and not resume:
+        from .checkpoint import CheckpointStore
+
+        if CheckpointStore(run_dir).paths():
+            raise RecipeError(
+                f"{run_dir} already holds checkpoints of a run; pass resume=True (CLI: --resume) to continue it, "
+                "or choose another run directory"
+            )
 
 
 def train_baseline(model: nn.Module, train_data, evaluate, epochs: int = 10, lr: float = 1e-3, batch_size: int = 128, seed: int = 0, progress=None) -> History:
