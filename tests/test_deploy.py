@@ -87,3 +87,47 @@ def test_unknown_backend():
     model, spec = fake_finalize(MLP(), example_input(), prune=0)
     with pytest.raises(JointCompressError, match="backend"):
         quantize_int8(model, spec, torch.randn(4, 1, 28, 28), example_input(), backend="tensorrt")
+
+
+class _Branchy(torch.nn.Module):
+    """Its forward picks a layer by a value of the input: a trace fixes one branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.a(x) if x.mean() > 0 else self.b(x)
+
+
+class _PerSample(torch.nn.Module):
+    """A Python loop over the batch: a trace at batch 1 fixes one row."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.stack([self.a(x[i]) for i in range(x.shape[0])])
+
+
+@pytest.mark.filterwarnings("default::UserWarning")
+def test_an_export_that_fixed_a_branch_is_refused_by_its_parity_check(tmp_path):
+    torch.manual_seed(0)
+    traced_on, x = torch.randn(1, 4) + 3, torch.randn(64, 4) - 3  # the trace takes branch a, the data branch b
+    with pytest.warns(UserWarning, match=r"tracer fixed a value computed from the input at .*test_deploy.py"):
+        with pytest.raises(JointCompressError, match="the ONNX graph disagrees with _Branchy"):
+            export_and_check(_Branchy().eval(), tmp_path / "b.onnx", traced_on, eval_data=x)
+    report = export_and_check(_Branchy().eval(), tmp_path / "b.onnx", traced_on, eval_data=x, tolerance=None)
+    assert report.max_abs_logit_diff > 0.1 and (tmp_path / "b.onnx").is_file()
+
+
+def test_a_deployed_graph_with_another_batch_shape_is_an_error_not_a_small_gap(tmp_path):
+    x = torch.randn(1, 4).expand(8, 4).contiguous()  # identical rows: broadcasting alone would read a gap of 0
+    with pytest.raises(JointCompressError, match=r"returned logits of shape \[1, 3\] for a batch of 8"):
+        export_and_check(_PerSample().eval(), tmp_path / "p.onnx", x[:1], eval_data=x)
+
+
+def test_export_of_a_model_with_two_inputs_is_refused_by_name(tmp_path):
+    with pytest.raises(JointCompressError, match="one input tensor.*got tuple"):
+        export_and_check(MLP(), tmp_path / "t.onnx", (example_input(), example_input()))

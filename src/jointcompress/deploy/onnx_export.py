@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from ..errors import JointCompressError
+from ..errors import JointCompressError, UnsupportedModelError
 from . import timing
 from .parity import ParityReport, compare
 from .timing import DEFAULT_THREADS
@@ -26,7 +27,15 @@ OPSET = 17
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor,
                 exporter: str = "auto") -> Path:
-    """Write `model` (eval mode, dynamic batch) to `path`; input "input", output "logits"."""
+    """Write `model` (eval mode, dynamic batch) to `path`; input "input", output "logits".
+
+    The exporters' own deprecation chatter is dropped; the tracer's warnings are not: one says the
+    graph fixed a Python branch or loop on the input's values, which export_and_check's parity
+    check then shows on real data."""
+    if not isinstance(example_input, torch.Tensor):
+        raise UnsupportedModelError(
+            f"ONNX export takes a model of one input tensor (the exported graph's input \"input\"); got "
+            f"{type(example_input).__name__} example inputs. Wrap the model in a module whose forward takes one tensor")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).eval()
@@ -34,22 +43,44 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
     errors = []
     for kind in (["legacy", "dynamo"] if exporter == "auto" else [exporter]):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                if kind == "legacy":
-                    torch.onnx.export(model, (example_input,), str(tmp), dynamo=False, opset_version=OPSET,
-                                      input_names=["input"], output_names=["logits"],
-                                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-                else:
-                    batch = torch.export.Dim("batch")
-                    torch.onnx.export(model, (example_input,), str(tmp), dynamo=True, opset_version=18,
-                                      input_names=["input"], output_names=["logits"], verbose=False,
-                                      dynamic_shapes=({0: batch},), external_data=False)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                _export(kind, model, example_input, tmp)
             os.replace(tmp, path)
+            _pass_on_tracer_warnings(caught, type(model).__name__)
             return path
         except Exception as exc:  # try the next exporter, report all if none works
-            errors.append(f"{kind}: {type(exc).__name__}: {exc}")
+            errors.append(f"{kind}: {type(exc).__name__}: {_plain(str(exc))[:400]}")
     raise JointCompressError(f"ONNX export to {path} failed: " + " | ".join(errors))
+
+
+def _export(kind: str, model: nn.Module, example_input: torch.Tensor, tmp: Path) -> None:
+    if kind == "legacy":
+        torch.onnx.export(model, (example_input,), str(tmp), dynamo=False, opset_version=OPSET,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    else:
+        batch = torch.export.Dim("batch")
+        torch.onnx.export(model, (example_input,), str(tmp), dynamo=True, opset_version=18,
+                          input_names=["input"], output_names=["logits"], verbose=False,
+                          dynamic_shapes=({0: batch},), external_data=False)
+
+
+def _pass_on_tracer_warnings(caught, model_name: str) -> None:
+    """One warning naming where the tracer fixed a value in the model's own code. Those raised inside
+    torch (nn.LSTM's checks of its input) and the exporters' deprecation notes are dropped."""
+    torch_dir = os.path.dirname(torch.__file__)
+    places = sorted({f"{w.filename}:{w.lineno}" for w in caught
+                     if issubclass(w.category, torch.jit.TracerWarning) and not w.filename.startswith(torch_dir)})
+    if places:
+        warnings.warn(f"ONNX export of {model_name}: the tracer fixed a value computed from the input at "
+                      f"{', '.join(places[:5])} (a Python branch, loop or number), so the graph may not match the "
+                      "model on other inputs", stacklevel=3)
+
+
+def _plain(text: str) -> str:
+    """An exporter's message without its terminal colour codes."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def ort_session(path: str | os.PathLike, threads: int = DEFAULT_THREADS):
@@ -154,9 +185,21 @@ def bound_runner(session, binding):
 
 
 def export_and_check(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor,
-                     eval_data=None, exporter: str = "auto") -> ParityReport:
-    """Export, then compare ONNX Runtime with PyTorch on `eval_data` (or the example input)."""
+                     eval_data=None, exporter: str = "auto", tolerance: float | None = 1e-3) -> ParityReport:
+    """Export, then compare ONNX Runtime with PyTorch on `eval_data` (or the example input).
+
+    An fp32 graph that computes what the model computes differs by float rounding only (1e-6 of the
+    logits' scale on the built-in models); a gap over `tolerance` times the largest reference logit
+    means the graph computes something else, and raises. `tolerance=None` only reports."""
     path = export_onnx(model, path, example_input, exporter)
     model = model.eval()
-    return compare(model, ort_predict(ort_session(path)), eval_data if eval_data is not None else example_input,
-                   "onnxruntime fp32", path=str(path))
+    report = compare(model, ort_predict(ort_session(path)), eval_data if eval_data is not None else example_input,
+                     "onnxruntime fp32", path=str(path))
+    allowed = None if tolerance is None else tolerance * max(1.0, report.max_abs_reference or 0.0)
+    if allowed is not None and report.max_abs_logit_diff > allowed:
+        raise UnsupportedModelError(
+            f"{path}: the ONNX graph disagrees with {type(model).__name__} ({report}; allowed {allowed:.3g}): the "
+            "export fixed a Python branch or value on the input (see the tracer's warning) or an operation exports "
+            "differently. Write the forward with tensor operations (torch.where for a branch) or try exporter='dynamo'; "
+            "the file stays there, and tolerance=None returns the report instead of raising")
+    return report

@@ -11,6 +11,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..errors import UnsupportedModelError
+
 Predict = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -23,6 +25,7 @@ class ParityReport:
     metric_reference: float | None = None
     metric_deployed: float | None = None
     path: str | None = None
+    max_abs_reference: float | None = None  # the largest |logit| of the reference: the scale of max_abs_logit_diff
 
     @property
     def metric_delta(self) -> float | None:
@@ -63,16 +66,23 @@ def batches(data, batch_size: int = 256) -> Iterable[tuple[torch.Tensor, torch.T
 def compare(reference: Predict, deployed: Predict, data, backend: str,
             metric: Callable[[torch.Tensor, torch.Tensor], float] = accuracy, path: str | None = None) -> ParityReport:
     """Run both on `data`; the metric is computed over all samples when targets are given."""
-    worst, n = 0.0, 0
+    worst, scale, n = 0.0, 0.0, 0
     ref_all, dep_all, ys = [], [], []
     with torch.inference_mode():
         for x, y in batches(data):
             r, d = reference(x).float(), deployed(x).float()
+            if r.shape != d.shape:  # broadcasting would compare them anyway and report a small gap
+                raise UnsupportedModelError(
+                    f"{backend}{f' ({path})' if path else ''} returned logits of shape {list(d.shape)} for a batch of "
+                    f"{len(x)}, where PyTorch returned {list(r.shape)}: the exported graph does not take the batch as the "
+                    "model does (a Python loop or branch on the input is fixed when the model is traced); write the "
+                    "forward with tensor operations only")
             worst = max(worst, (r - d).abs().max().item())
+            scale = max(scale, r.abs().max().item())
             n += len(x)
             if y is not None:
                 ref_all.append(r), dep_all.append(d), ys.append(y)
-    rep = ParityReport(backend, worst, n, getattr(metric, "__name__", "metric"), path=path)
+    rep = ParityReport(backend, worst, n, getattr(metric, "__name__", "metric"), path=path, max_abs_reference=scale)
     if ys:
         y = torch.cat(ys)
         rep.metric_reference, rep.metric_deployed = metric(torch.cat(ref_all), y), metric(torch.cat(dep_all), y)
