@@ -31,6 +31,8 @@ def test_bench_before_after(tmp_path):
     assert a["params"]["total"] < b["params"]["total"] and a["macs"] < b["macs"] / 2
     files = sum(f.stat().st_size for f in tmp_path.iterdir())
     assert a["bytes_on_disk"] == files and res["ratios"]["bytes_on_disk"] > 5
+    assert a["weights_file_bytes"] == (tmp_path / "weights.jcw").stat().st_size < files
+    assert res["ratios"]["weights_file_bytes"] == b["bytes_on_disk"] / a["weights_file_bytes"]
     for key in ("latency_ms_b1", "latency_ms_b64"):
         assert b[key] > 0 and a[key] > 0
     assert 0 <= a["accuracy"] <= 1
@@ -69,3 +71,80 @@ def test_bench_command_on_artifact(app, tmp_path):
     res = json.loads(out.read_text())
     assert res["model"] == "lenet5" and res["after"]["macs"] < res["before"]["macs"]
     assert "bytes on disk" in r.output
+
+
+def test_bench_counts_the_artifacts_own_files_not_others_in_its_folder(tmp_path):
+    x = example_input()
+    after, spec = fake_finalize(SmallCNN(), x)
+    manifest = save(after, spec, tmp_path, example_inputs=x)
+    (tmp_path / ".weights.jcw.abc.tmp").write_bytes(b"0" * 5000)  # left by a save that was killed
+    (tmp_path / "notes.txt").write_text("mine")
+    res = bench(SmallCNN(), after, x, artifact_dir=tmp_path, runs=2, batch_sizes=(1,))
+    assert res["after"]["weights_file_bytes"] == manifest["weights_file_bytes"]
+    assert res["after"]["bytes_on_disk"] == manifest["weights_file_bytes"] + (tmp_path / "manifest.json").stat().st_size
+
+
+def test_bench_command_times_an_artifact_of_token_ids_without_data(app, tmp_path):
+    class Text(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids).mean(1))
+
+    ids = torch.randint(0, 50, (2, 12))
+    model, spec = fake_finalize(Text(), ids, prune=0)
+    save(model, spec, tmp_path / "art", example_inputs=ids)
+    (tmp_path / "text_model.py").write_text(
+        "import torch\n"
+        "class Text(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.emb, self.fc = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 3)\n"
+        "    def forward(self, ids):\n"
+        "        return self.fc(self.emb(ids).mean(1))\n"
+        "def build():\n"
+        "    return Text()\n")
+    r = CliRunner().invoke(app, ["bench", str(tmp_path / "art"), "--model", f"{tmp_path / 'text_model.py'}:build",
+                                 "--runs", "2"])
+    assert r.exit_code == 0, r.output
+    assert "weights file bytes" in r.output and "pass --data" in r.output
+
+
+class _Recurrent(torch.nn.Module):
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn, self.fc = rnn, torch.nn.Linear(rnn.hidden_size * (2 if rnn.bidirectional else 1), 3)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru2_bidirectional"])
+def test_count_macs_counts_every_step_of_a_recurrent_layer(kind):
+    steps, width, hidden = 7, 8, 16
+    if kind == "lstm":  # one layer, 4 gates over [input, hidden]
+        rnn, expected = torch.nn.LSTM(width, hidden, batch_first=True), steps * 4 * hidden * (width + hidden)
+    else:  # two layers both ways, 3 gates; the second layer reads both directions' states
+        rnn = torch.nn.GRU(width, hidden, num_layers=2, bidirectional=True, batch_first=True)
+        expected = steps * 2 * 3 * hidden * ((width + hidden) + (2 * hidden + hidden))
+    head = rnn.hidden_size * (2 if rnn.bidirectional else 1) * 3
+    assert count_macs(_Recurrent(rnn), torch.randn(2, steps, width)) == expected + head
+
+
+def test_count_macs_counts_attentions_products():
+    tokens, dim = 10, 16
+    mha = torch.nn.MultiheadAttention(dim, 2, batch_first=True)
+
+    class SelfAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x):
+            return self.mha(x, x, x)[0]
+
+    projections = tokens * dim * 3 * dim + tokens * dim * dim  # q, k, v in; out
+    products = 2 * tokens * tokens * dim  # QK^T and AV over all heads
+    assert count_macs(SelfAttention().eval(), torch.randn(2, tokens, dim)) == projections + products

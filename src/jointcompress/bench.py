@@ -3,15 +3,13 @@
 Compression claims are only useful when measured the same way on both sides, in one run:
 latency is timed by deploy.timing (same threads for both sides, ORT spinning off,
 interleaved rounds so background load hits both equally, medians, each side also alone), bytes are real file sizes (the dense baseline is the fp32 state dict written with
-safetensors, the compressed side is the artifact directory), and MACs count only what the
+safetensors; the compressed side's weights file, which `compress` reports too, and with its manifest), and MACs count only what the
 physically smaller layers really compute (masked zeros inside a layer are *not* subtracted,
 because dense kernels still multiply them).
 """
 from __future__ import annotations
 
-import math
 import os
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -19,7 +17,6 @@ import torch.nn as nn
 
 from .artifact.size import dense_fp32_bytes
 from .deploy.timing import DEFAULT_THREADS, Timing, time_contenders
-from .layer_types import COMPRESSIBLE
 from .model_call import call_model
 
 
@@ -29,30 +26,66 @@ def count_params(model: nn.Module) -> dict[str, int]:
 
 
 def count_macs(model: nn.Module, example_input) -> int:
-    """Multiply-accumulates of one sample through every Linear and convolution (forward hooks);
-    the example: the model's inputs (batch_of)."""
-    total = 0
+    """Multiply-accumulates of one sample: every matrix product and convolution its forward runs
+    (attention's QK^T and AV too), counted by torch's FlopCounterMode (halved). A recurrent layer
+    counts by its formula (_recurrent_macs): its fused kernels are one operation the counter does not
+    see, its plain ones a product per step it does. The example: the model's inputs (batch_of).
+    Elementwise work (activations, normalization) is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def hook(mod, inp, out):
-        nonlocal total
-        per_out = mod.in_features if isinstance(mod, nn.Linear) else \
-            (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
-        total += out.numel() // max(out.shape[0], 1) * per_out if out.dim() > 1 else out.numel() * per_out
+    counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION)
+    recurrent, seen_before = 0, []
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, COMPRESSIBLE)]
+    def before(mod, args):
+        seen_before.append(counter.get_total_flops())
+
+    def after(mod, args, out):
+        nonlocal recurrent  # the formula in place of whatever the counter saw inside the layer
+        recurrent += _recurrent_macs(mod, args[0]) - (counter.get_total_flops() - seen_before.pop()) // 2
+
+    rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
+    hooks = [m.register_forward_pre_hook(before) for m in rnns] + [m.register_forward_hook(after) for m in rnns]
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused attention kernel is one op the counter does not see
     try:
-        with torch.inference_mode():
+        with torch.no_grad(), counter:
             call_model(model.eval(), batch_of(example_input, 1))
     finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
         for h in hooks:
             h.remove()
-    return int(total)
+    return int(counter.get_total_flops() // 2 + recurrent)
 
 
-def dir_bytes(path: str | os.PathLike) -> int:
-    """Sum of real file sizes under `path` (a file or a directory)."""
-    p = Path(path)
-    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+def _cpu_attention_flops(query, key, value, *args, out_val=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+# scaled_dot_product_attention's CPU kernel, which the counter has no formula for (its QK^T and AV products)
+_CPU_ATTENTION = {op: _cpu_attention_flops for op in [getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu",
+                                                              None)] if op is not None}
+GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+def _recurrent_macs(rnn: nn.RNNBase, x) -> int:
+    """One sample's multiply-accumulates through an RNN / LSTM / GRU: at every time step, each layer and
+    direction multiplies its input and its hidden state by every gate's weights (and an LSTM with
+    proj_size its cell output by the projection)."""
+    if isinstance(x, nn.utils.rnn.PackedSequence):
+        steps = x.data.shape[0] / max(int(x.batch_sizes[0]), 1)  # mean length of the batch's sequences
+    else:
+        steps = x.shape[1] if rnn.batch_first and x.dim() == 3 else x.shape[0]  # [B, T, F] or [T, (B,) F]
+    dirs = 2 if rnn.bidirectional else 1
+    out = (rnn.proj_size or rnn.hidden_size) if isinstance(rnn, nn.LSTM) else rnn.hidden_size  # the state's width
+    per_step = 0
+    for layer in range(rnn.num_layers):
+        width_in = rnn.input_size if layer == 0 else out * dirs
+        per_step += dirs * GATES[rnn.mode] * rnn.hidden_size * (width_in + out)
+        if isinstance(rnn, nn.LSTM) and rnn.proj_size:
+            per_step += dirs * rnn.hidden_size * rnn.proj_size
+    return int(steps * per_step)
 
 
 def batch_of(example_input, n: int):
@@ -108,11 +141,15 @@ def bench(model_before: nn.Module, model_after, example_input,
         if isinstance(m, nn.Module):
             result[side]["params"] = count_params(m)
             result[side]["macs"] = count_macs(m, example_input)
-    result["before"]["bytes_on_disk"] = dense_fp32_bytes(model_before)
-    if artifact_dir is not None:
-        result["after"]["bytes_on_disk"] = dir_bytes(artifact_dir)
+    result["before"]["weights_file_bytes"] = result["before"]["bytes_on_disk"] = dense_fp32_bytes(model_before)
+    if artifact_dir is not None:  # its own two files, not whatever else the folder holds
+        from .artifact import file_sizes
+
+        sizes = file_sizes(artifact_dir)
+        result["after"]["weights_file_bytes"] = sizes["weights_file"]
+        result["after"]["bytes_on_disk"] = sizes["weights_file"] + sizes["manifest"]
     elif isinstance(model_after, nn.Module):
-        result["after"]["bytes_on_disk"] = dense_fp32_bytes(model_after)
+        result["after"]["weights_file_bytes"] = result["after"]["bytes_on_disk"] = dense_fp32_bytes(model_after)
     timings = timed_sides(sides, example_input, batch_sizes, runs, threads)
     for bs, timing in timings.items():
         for side in sides:
@@ -131,7 +168,7 @@ def _ratios(before: dict, after: dict) -> dict:
     out = {}
     if "params" in before and "params" in after:
         out["params_nonzero"] = before["params"]["nonzero"] / max(after["params"]["nonzero"], 1)
-    for key in ["macs", "bytes_on_disk"] + [k for k in before if k.startswith("latency_ms")]:
+    for key in ["macs", "weights_file_bytes", "bytes_on_disk"] + [k for k in before if k.startswith("latency_ms")]:
         if key in before and key in after and after[key]:
             out[key] = before[key] / after[key]
     if "accuracy" in before and "accuracy" in after:
@@ -159,7 +196,8 @@ def render_table(result: dict):
     row("params (total)", b.get("params", {}).get("total"), a.get("params", {}).get("total"), None)
     row("params (nonzero)", b.get("params", {}).get("nonzero"), a.get("params", {}).get("nonzero"), r.get("params_nonzero"))
     row("MACs / sample", b.get("macs"), a.get("macs"), r.get("macs"))
-    row("bytes on disk", b.get("bytes_on_disk"), a.get("bytes_on_disk"), r.get("bytes_on_disk"))
+    row("weights file bytes", b.get("weights_file_bytes"), a.get("weights_file_bytes"), r.get("weights_file_bytes"))
+    row("bytes on disk (+ manifest)", b.get("bytes_on_disk"), a.get("bytes_on_disk"), r.get("bytes_on_disk"))
     for key in sorted(k for k in b if k.startswith("latency_ms")):
         row(f"latency ms (batch {key.rsplit('b', 1)[1]})", b[key], a.get(key), r.get(key))
     if "accuracy" in b or "accuracy" in a:

@@ -290,6 +290,13 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
+def file_sizes(path: str | os.PathLike) -> dict[str, int]:
+    """Bytes of the artifact's own files: the weights file its manifest names, and the manifest."""
+    manifest = read_manifest(path)
+    return {"weights_file": _weights_path(path, manifest).stat().st_size,
+            "manifest": (Path(path) / MANIFEST_FILE).stat().st_size}
+
+
 def _upgrade_v1(m: dict) -> None:
     """A version-1 manifest in version-2 terms: safetensors container, fp32 per-channel scales."""
     m["container"] = "safetensors"

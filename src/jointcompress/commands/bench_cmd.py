@@ -36,6 +36,21 @@ def _input_shape(manifest: dict) -> list[int]:
     return [int(n) for n in inputs[0]["shape"]] if inputs else [1, 1, 28, 28]
 
 
+def _recorded_inputs(manifest: dict, n: int):
+    """`n` samples shaped as the artifact's recorded example inputs: random floats, zeros for integer inputs
+    (token ids: 0 is an id of every vocabulary); one tensor, a tuple, or a dict where they were named."""
+    import torch
+
+    records = manifest.get("example_inputs") or [{"shape": [1, 1, 28, 28], "dtype": "float32"}]
+    made = []
+    for r in records:
+        dtype, shape = getattr(torch, r["dtype"]), [n, *r["shape"][1:]]
+        made.append(torch.randn(shape, dtype=dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype))
+    if all("name" in r for r in records):
+        return {r["name"]: t for r, t in zip(records, made)}
+    return made[0] if len(made) == 1 else tuple(made)
+
+
 def _image_shape(manifest: dict) -> tuple[int, int]:
     """(channels, image size) of the example inputs the artifact recorded; (1, 28) where none."""
     shape = _input_shape(manifest)
@@ -73,7 +88,7 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
     classes = split.num_classes if split is not None else _num_classes(manifest, name)
     builder = lambda: build_model(name, image_size=size, num_classes=classes, in_channels=channels)  # noqa: E731
     after = load(artifact_dir, builder)
-    example = split.x_test[:64] if split is not None else torch.randn(64, *_input_shape(manifest)[1:])
+    example = split.x_test[:64] if split is not None else _recorded_inputs(manifest, 64)
     eval_fn = None
     if split is not None:
         from ..data import accuracy
@@ -236,6 +251,8 @@ def register(app: typer.Typer) -> None:
         console.print(render_table(result))
         if result.get("note"):
             console.print(result["note"])
+        if "accuracy" not in result["after"]:
+            console.print("accuracy: not measured; pass --data (digits or an .npz of held-out images) to measure it")
         console.print(latency_note(result))
         console.print(render_breakdown(result["breakdown"]))
         _write_json(json_out, result)
