@@ -132,6 +132,36 @@ def test_tampered_weights_fail_naming_file(cnn_artifact, tmp_path):
         load(tmp_path, SmallCNN)
 
 
+def test_a_save_killed_halfway_is_named_by_load_and_cleaned_by_the_next_save(cnn_artifact, tmp_path):
+    model, spec, _, _, x = cnn_artifact
+    save(model, spec, tmp_path, example_inputs=x)
+    other, other_spec = fake_finalize(SmallCNN(), x, bits=2, seed=1)  # the save that was killed: weights in, manifest not
+    from jointcompress.artifact import file_blob
+    from jointcompress.artifact.encode import encode_model
+
+    (tmp_path / "weights.jcw").write_bytes(file_blob(encode_model(other, other_spec)))
+    (tmp_path / ".manifest.json.k1.tmp").write_text("{")
+    with pytest.raises(ArtifactError, match=r"a save into .* was interrupted \(it left \.manifest\.json\.k1"):
+        load(tmp_path, SmallCNN)
+    save(model, spec, tmp_path, example_inputs=x)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "weights.jcw"]
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path, SmallCNN)(x), model(x))
+
+
+def test_paths_that_are_not_an_artifact_folder_fail_naming_the_fix(cnn_artifact, tmp_path):
+    _, _, path, _, _ = cnn_artifact
+    with pytest.raises(ArtifactError, match="is a file; pass the artifact directory"):
+        load(path / "weights.jcw", SmallCNN)
+    (tmp_path / "dir" / "manifest.json").mkdir(parents=True)
+    with pytest.raises(ArtifactError, match=r"manifest\.json: cannot be read"):
+        load(tmp_path / "dir", SmallCNN)
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "manifest.json").write_text('{"format_version": ' + "9" * 5000 + "}")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        load(tmp_path / "big", SmallCNN)
+
+
 def test_truncated_manifest_fails(cnn_artifact, tmp_path):
     model, spec, _, _, x = cnn_artifact
     save(model, spec, tmp_path, example_inputs=x)

@@ -254,6 +254,8 @@ def save(
     if later:  # only where a later run dropped blocks: every other manifest stays as it was
         manifest["later_dropped_blocks"] = later
     path.mkdir(parents=True, exist_ok=True)
+    for left in _save_leftovers(path):  # an earlier save killed halfway; this one replaces what it was writing
+        left.unlink(missing_ok=True)
     atomic_write_bytes(path / CONTAINERS[container], blob)
     for other in set(CONTAINERS.values()) - {CONTAINERS[container]}:  # a stale file of the other container
         if (path / other).is_file():
@@ -262,17 +264,28 @@ def save(
     return manifest
 
 
+def _save_leftovers(path: Path) -> list[Path]:
+    """Temporary files a killed save left in the artifact folder (io.atomic_write_bytes names them so)."""
+    names = [*CONTAINERS.values(), MANIFEST_FILE]
+    return sorted(p for name in names for p in path.glob(f".{name}.*.tmp") if p.is_file())
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
     """Parse, version-check and structure-check manifest.json; raises ArtifactError naming the file."""
+    if Path(path).is_file():
+        raise ArtifactError(f"{path}: is a file; pass the artifact directory (the folder that holds {MANIFEST_FILE} "
+                            "and the weights file)")
     mpath = Path(path) / MANIFEST_FILE
     try:
         manifest = json.loads(mpath.read_text())
     except FileNotFoundError as exc:
         raise ArtifactError(f"{mpath}: not found; is {path} an artifact directory written by save()?") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{mpath}: not valid JSON ({exc}); the file is truncated or corrupted") from exc
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, or a number past int's digit limit
+        raise ArtifactError(f"{mpath}: not valid JSON ({str(exc)[:200]}); the file is truncated or corrupted") from exc
     except RecursionError as exc:  # absurdly deep nesting
         raise ArtifactError(f"{mpath}: JSON nested too deeply; the file is corrupted") from exc
+    except OSError as exc:  # a directory of that name, no permission, ...
+        raise ArtifactError(f"{mpath}: cannot be read ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{mpath}: not a {FORMAT} manifest")
     if manifest.get("format_version") not in READABLE_VERSIONS or isinstance(manifest.get("format_version"), bool):
@@ -535,12 +548,21 @@ def _read_blob(path: str | os.PathLike, manifest: dict) -> tuple[bytes, Path]:
     except OSError as exc:  # a directory, no permission, ...
         raise ArtifactError(f"{wpath}: cannot be read ({exc})") from exc
     if len(blob) != manifest["weights_file_bytes"]:
-        raise ArtifactError(
-            f"{wpath}: has {len(blob)} bytes, the manifest says {manifest['weights_file_bytes']}; the file is truncated or was replaced"
-        )
+        raise ArtifactError(f"{wpath}: has {len(blob)} bytes, the manifest says {manifest['weights_file_bytes']}; "
+                            + _mismatch_cause(Path(path), "the file is truncated or was replaced"))
     if hashlib.sha256(blob).hexdigest() != manifest["weights_sha256"]:
-        raise ArtifactError(f"{wpath}: sha256 does not match the manifest; the file was modified or corrupted")
+        raise ArtifactError(f"{wpath}: sha256 does not match the manifest; "
+                            + _mismatch_cause(Path(path), "the file was modified or corrupted"))
     return blob, wpath
+
+
+def _mismatch_cause(path: Path, otherwise: str) -> str:
+    """Why the weights file and the manifest disagree: a save killed between its two files leaves its
+    temporary files behind."""
+    left = _save_leftovers(path)
+    if left:
+        return f"a save into {path} was interrupted (it left {', '.join(p.name for p in left[:2])}): save the model again"
+    return f"{otherwise}, or a save into this folder was interrupted"
 
 
 def _layer_part_keys(manifest: dict) -> dict[str, dict]:
