@@ -320,7 +320,7 @@ def compress(
 def _check_run_arguments(recipe: Recipe, teacher, run_dir, resume: bool) -> None:
     """Refuse, before any work, a call that cannot run as asked or would overwrite another run's checkpoints."""
     if recipe.technique("distill_kd") is not None and teacher is None:
-        raise RecipeError("techniques: distill_kd needs a teacher; pass teacher=... (CLI: --teacher) or remove distill_kd")
+        raise RecipeError("techniques: distill_kd needs a teacher; pass teacher=... (the uncompressed model to distil from) or remove distill_kd")
     if run_dir is None and resume:
         raise RecipeError("resume=True needs run_dir=... (the directory whose checkpoints to continue from)")
     if run_dir is not None and not resume:

@@ -168,7 +168,7 @@ class DistillKD(Technique):
 
     def setup(self, ctx: RunContext) -> None:
         if ctx.teacher is None:
-            raise RecipeError("distill_kd needs a teacher: pass teacher=... to compress() or --teacher on the CLI")
+            raise RecipeError("distill_kd needs a teacher: pass teacher=... to compress() or prepare() (the uncompressed model to distil from)")
         # frozen for the run: eval mode (BatchNorm/dropout fixed) and forward under no_grad.
         # requires_grad is left alone: the user's teacher object must not change under them
         # (a deep copy of it may be the next student).
