@@ -205,3 +205,31 @@ def test_deberta_joint_run_prunes_its_own_position_projections_with_the_heads(tm
     loaded, _ = load_hf_artifact(tmp_path / "art")
     with torch.no_grad():
         assert (SequenceClassifier(loaded).eval()(x) - SequenceClassifier(hf).eval()(x)).abs().max() <= 1e-5
+
+
+def test_a_classifier_trained_on_rounded_inputs_keeps_them_through_finalize_and_the_artifact(tmp_path):
+    """quant_lsq activations: true on an HF classifier: finalize and load keep each layer's trained input
+    rounding (they dropped it, so the logits moved)."""
+    from test_hf_joint import recipe
+
+    rec = recipe(epochs=1)
+    rec["techniques"][2] = {"type": "quant_lsq", "bits": 4, "targets": ["*encoder.layer.*"], "activations": True,
+                            "act_bits": 3}
+    result, x, _ = run(rec)
+    model = result.model.eval()
+    with torch.no_grad():
+        masked = model(x)
+    hf, spec = finalize_hf_with_spec(model, result.techniques)
+    query = "bert.encoder.layer.0.attention.self.query"
+    assert spec.layers[query].act_bits == 3
+    with torch.no_grad():  # without the rounding (dropped, or lost with a sliced layer) these moved by 2e-4
+        assert (SequenceClassifier(hf).eval()(x) - masked).abs().max() <= 1e-5
+    save_hf_artifact(hf, spec, tmp_path / "art", None, ptq_bits=None)
+    loaded, _ = load_hf_artifact(tmp_path / "art")
+    with torch.no_grad():  # save rounds what it stores narrower (biases, norms) in hf itself: the model as stored
+        assert (SequenceClassifier(loaded).eval()(x) - SequenceClassifier(hf).eval()(x)).abs().max() <= 1e-5
+    from jointcompress.hf.export import export_folder
+
+    with pytest.warns(UserWarning, match="does not round the inputs of 12 layers"):  # exported, and says what it lacks
+        export_folder(hf, tiny_tokenizer(tmp_path), tmp_path / "folder")
+    assert (tmp_path / "folder" / "model.safetensors").is_file()

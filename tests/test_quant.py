@@ -71,3 +71,40 @@ def test_fused_lsq_gradients_equal_the_unfused_autograd_reference():
     out = LSQFunction.apply(w, log_s, qmax, g)
     gw, gs = torch.autograd.grad((out * upstream).sum(), (w, log_s))
     assert torch.allclose(out, ref) and torch.allclose(gw, ref_gw) and torch.allclose(gs, ref_gs)
+
+
+def test_round_ste_and_grad_scale_are_exact_in_the_forward():
+    from jointcompress.techniques.quant_lsq import grad_scale, round_ste
+
+    x = torch.randn(10_000) * 7
+    assert torch.equal(round_ste(x), x.round()) and torch.equal(grad_scale(x, 0.013), x)
+
+
+def test_finalize_and_load_keep_the_trained_rounding_of_activations(digits, tmp_path):
+    """quant_lsq activations: true trains each layer on rounded inputs; finalize and the artifact keep
+    that rounding (they dropped it: logits moved by up to 5.7 at 2 bits), and the state dict stays plain."""
+    from jointcompress.artifact import load, save
+    from jointcompress.deploy import export_and_check
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    model = build()
+    recipe = {"training": {"epochs": 1, "batch_size": 64},
+              "techniques": [{"type": "quant_lsq", "bits": 4, "activations": True, "act_bits": 2}]}
+    result = compress(model, recipe, (digits.x_train, digits.y_train), evaluator(digits.x_test, digits.y_test))
+    x = torch.as_tensor(digits.x_test)
+    with torch.no_grad():
+        trained = model.eval()(x)
+        spec = finalize(model, result.example_inputs)
+        assert torch.equal(model(x), trained)
+    assert spec.layers["1"].act_bits == 2 and set(model.state_dict()) == set(build().state_dict())
+    from jointcompress.session.checks import attached_layers
+
+    assert attached_layers(model) == []  # frozen rounding is not a trainer left attached: it can be compressed again
+    save(model, spec, tmp_path / "art", example_inputs=result.example_inputs)
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "art", build)(x), trained)
+    report = export_and_check(model, tmp_path / "m.onnx", x[:1], eval_data=x)
+    assert report.max_abs_logit_diff <= 1e-4

@@ -22,7 +22,7 @@ from .model_call import call_model
 from .spec import PRIOR_STRUCTURE, CompressionSpec, LayerSpec, prior_structure
 from .techniques.masks import ApplyMask
 from .techniques.norm_storage import detach_norm_storage
-from .techniques.quant_lsq import LSQWeight
+from .techniques.quant_lsq import LSQActivation, LSQWeight, attach_frozen_input_quant
 
 
 def quant_specs(model: nn.Module) -> dict[str, LayerSpec]:
@@ -59,11 +59,16 @@ def _remove_reparametrizations(model: nn.Module) -> None:
         for pname in list(getattr(m, "parametrizations", {}) or {}):
             parametrize.remove_parametrizations(m, pname, leave_parametrized=True)
         detach_norm_storage(m)
-        if hasattr(m, "input_quant"):
-            for hid, hook in list(m._forward_pre_hooks.items()):
-                if getattr(hook, "__name__", "") == "_quantize_input":
-                    del m._forward_pre_hooks[hid]
-            del m.input_quant
+    freeze_input_quant(model)
+
+
+def freeze_input_quant(model: nn.Module) -> None:
+    """Every trained input quantizer (quant_lsq activations: true) becomes its fixed rounding, so the
+    finalized model computes what the trained one did."""
+    for m in model.modules():
+        trained = getattr(m, "input_quant", None)
+        if isinstance(trained, LSQActivation):
+            attach_frozen_input_quant(m, trained.bits, trained.step.detach())
 
 
 @torch.no_grad()

@@ -666,9 +666,19 @@ def load_with_spec(path: str | os.PathLike, builder: Callable[[], nn.Module]) ->
         raise ArtifactError(
             f"{where}: the artifact's content is inconsistent and cannot be loaded ({type(exc).__name__}: {exc})"
         ) from exc
+    _attach_input_quant(model, spec)
     if history or dropped:  # a further run on this model saves an artifact that rebuilds from the same builder
         setattr(model, PRIOR_STRUCTURE, spec.structure())
     return model.eval(), spec
+
+
+def _attach_input_quant(model: nn.Module, spec: CompressionSpec) -> None:
+    """Layers trained on rounded inputs (quant_lsq activations: true) round them again, as finalize left them."""
+    from ..techniques.quant_lsq import attach_frozen_input_quant
+
+    for name, ls in spec.layers.items():
+        if ls.act_bits is not None and ls.act_scale is not None:
+            attach_frozen_input_quant(model.get_submodule(name), int(ls.act_bits), float(ls.act_scale))
 
 
 def load(path: str | os.PathLike, builder: Callable[[], nn.Module]) -> nn.Module:

@@ -61,7 +61,13 @@ def quantize_rest(model: nn.Module, spec: CompressionSpec, bits: int = 8) -> Com
 
 
 def _check_plain(model: nn.Module) -> None:
-    if any(hasattr(m, "parametrizations") for m in model.modules()) or any(m._forward_pre_hooks for m in model.modules()):
+    """No training parametrization or hook left; a layer's frozen input rounding (finalize's) is part of the model."""
+    from jointcompress.techniques.quant_lsq import FrozenInputQuant
+
+    def training_hooks(m: nn.Module) -> bool:
+        return bool(m._forward_pre_hooks) and not isinstance(getattr(m, "input_quant", None), FrozenInputQuant)
+
+    if any(hasattr(m, "parametrizations") for m in model.modules()) or any(training_hooks(m) for m in model.modules()):
         raise ArtifactError(
             "the model still carries training masks or fake-quantizers; save the model finalize_hf_with_spec returned"
         )

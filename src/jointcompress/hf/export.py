@@ -13,6 +13,7 @@ use the pruned model_type; they load
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 from torch import nn
@@ -26,7 +27,20 @@ REMOTE_FILE = "modeling_pruned.py"
 
 
 def _has_hooks(model: nn.Module) -> bool:
-    return any(m._forward_pre_hooks for m in model.modules())
+    """A training hook (a mask) left on a layer; a layer's frozen input rounding is not one."""
+    from jointcompress.techniques.quant_lsq import FrozenInputQuant
+
+    return any(m._forward_pre_hooks and not isinstance(getattr(m, "input_quant", None), FrozenInputQuant)
+               for m in model.modules())
+
+
+def _warn_input_rounding(model: nn.Module) -> None:
+    """A transformers folder has no place for the input rounding quant_lsq activations: true trained with."""
+    rounded = [n for n, m in model.named_modules() if hasattr(m, "input_quant")]
+    if rounded:
+        warnings.warn(f"the transformers folder does not round the inputs of {len(rounded)} layers as training did "
+                      f"(quant_lsq activations: true, e.g. {rounded[0]}), so its logits differ a little from the "
+                      "finalized model's; the packed artifact (load_hf_artifact) keeps the rounding", stacklevel=3)
 
 
 def export_folder(model: nn.Module, tokenizer, out_dir: str | Path, *, remote_code: bool = True) -> Path:
@@ -44,6 +58,7 @@ def export_folder(model: nn.Module, tokenizer, out_dir: str | Path, *, remote_co
         )
     if tokenizer is None:
         raise ArtifactError("export needs the tokenizer so pipeline() works; pass the one used for training")
+    _warn_input_rounding(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = baked_copy(model) if any(hasattr(m, "parametrizations") for m in model.modules()) else model

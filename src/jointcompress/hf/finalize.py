@@ -43,7 +43,7 @@ def finalize_hf(model: nn.Module, techniques: list) -> nn.Module:
 @torch.no_grad()
 def finalize_hf_with_spec(model: nn.Module, techniques: list) -> tuple[nn.Module, CompressionSpec]:
     """finalize_hf, plus the CompressionSpec (LSQ bits and step sizes of the kept rows)."""
-    from jointcompress.finalize import quant_specs
+    from jointcompress.finalize import freeze_input_quant, quant_specs
     from jointcompress.hf.ffn import prune_ffn
     from jointcompress.hf.heads import prune_heads
 
@@ -55,7 +55,7 @@ def finalize_hf_with_spec(model: nn.Module, techniques: list) -> tuple[nn.Module
         t.detach()
     specs = {name: ls for name, ls in quant_specs(hf).items() if ls.bits is not None}
     rows = kept_rows(hf, kept.get("prune_heads"), kept.get("prune_ffn"))
-    _drop_input_quant(hf)
+    freeze_input_quant(hf)  # the layers keep their trained input rounding: the logits stay as they were
     bake_parametrizations(hf)
     if "prune_heads" in kept:
         prune_heads(hf, kept["prune_heads"])
@@ -65,8 +65,6 @@ def finalize_hf_with_spec(model: nn.Module, techniques: list) -> tuple[nn.Module
         ls = specs.get(name)
         if ls is not None and ls.scale is not None and ls.scale.numel() > 1:
             ls.scale = ls.scale[idx].clone()
-    for ls in specs.values():  # activation quantizers were dropped above (ONNX Runtime quantizes at run time)
-        ls.act_bits = ls.act_scale = None
     if "prune_layers" in kept:
         specs = _drop_gated_layers(hf, kept["prune_layers"][0], specs)
     return hf, CompressionSpec(layers=specs)
@@ -118,11 +116,3 @@ def kept_rows(hf: nn.Module, heads: list[list[int]] | None, neurons: list[list[i
     return out
 
 
-def _drop_input_quant(model: nn.Module) -> None:
-    """LSQ activation quantizers (quant_lsq activations: true) are hooks; remove them too."""
-    for m in model.modules():
-        if hasattr(m, "input_quant"):
-            for hid, hook in list(m._forward_pre_hooks.items()):
-                if getattr(hook, "__name__", "") == "_quantize_input":
-                    del m._forward_pre_hooks[hid]
-            del m.input_quant

@@ -44,7 +44,7 @@ def attached_layers(model: nn.Module) -> list[str]:
     for name, m in model.named_modules():
         ours = parametrize.is_parametrized(m) and any(
             type(p).__module__.startswith("jointcompress") for plist in m.parametrizations.values() for p in plist)
-        if ours or hasattr(m, "input_quant"):
+        if ours or type(getattr(m, "input_quant", None)).__name__ == "LSQActivation":  # a finalized one is frozen
             found.append(name)
     return found
 

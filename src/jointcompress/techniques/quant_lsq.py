@@ -23,12 +23,14 @@ from .norm_storage import attach_norm_storage
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    return (x.round() - x).detach() + x
+    """round(x) forward, exactly (the added term is 0.0); identity gradient (straight-through)."""
+    return x.round().detach() + (x - x.detach())
 
 
 def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
-    """Identity forward; multiplies the gradient by g (LSQ's step-size gradient scale)."""
-    return (x - x * g).detach() + x * g
+    """Identity forward, exactly; multiplies the gradient by g (LSQ's step-size gradient scale)."""
+    scaled = x * g
+    return x.detach() + (scaled - scaled.detach())
 
 
 class LSQFunction(torch.autograd.Function):
@@ -150,6 +152,29 @@ class LSQActivation(nn.Module):
         return round_ste(torch.clamp(x / s, -self.qmax, self.qmax)) * s
 
 
+class FrozenInputQuant(nn.Module):
+    """A trained LSQActivation made permanent by finalize: the layer's input rounded on the same grid,
+    the step fixed, so the finalized model computes what the trained one did. The step is not in the
+    state dict (the model keeps its plain keys); the artifact stores bits and step per layer and load
+    attaches it again (attach_frozen_input_quant)."""
+
+    def __init__(self, bits: int, step: float | torch.Tensor):
+        super().__init__()
+        self.bits, self.qmax = bits, 2 ** (bits - 1) - 1
+        self.register_buffer("step", torch.as_tensor(step, dtype=torch.float32).detach().clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(torch.clamp(x / self.step, -self.qmax, self.qmax)) * self.step
+
+
+def attach_frozen_input_quant(layer: nn.Module, bits: int, step: float | torch.Tensor) -> None:
+    """Round `layer`'s input as training did (finalize, and load from an artifact)."""
+    had = hasattr(layer, "input_quant")
+    layer.input_quant = FrozenInputQuant(bits, step)
+    if not had:
+        layer.register_forward_pre_hook(_quantize_input)
+
+
 def _quantize_input(module, args):
     return (module.input_quant(args[0]),) + tuple(args[1:])
 
@@ -175,9 +200,11 @@ class QuantLSQ(Technique):
             self.quantizers[name] = q
             attach_bias_quant(layer, q, getattr(self.config, "bias_format", "fp16"))  # trained as stored
             if self.config.activations:
+                had = hasattr(layer, "input_quant")  # a finalized model's frozen one: replaced, its hook kept
                 layer.input_quant = LSQActivation(self.config.act_bits)
                 self.act_quantizers[name] = layer.input_quant
-                self.hooks.append(layer.register_forward_pre_hook(_quantize_input))
+                if not had:
+                    self.hooks.append(layer.register_forward_pre_hook(_quantize_input))
         if self.config.stored_norm_format == "fp16":
             self.norm_layers = attach_norm_storage(ctx.model)
         self.attached = True
