@@ -179,3 +179,21 @@ def test_none_measures_only_the_steps_it_logs_unless_told_and_the_strategies_tha
     assert measured_steps(strategy="none", every=2) == [0, 2, 4, 6, 8, 10]
     assert measured_steps(strategy="pcgrad") == list(range(12))
     assert measured_steps(strategy="scale") == list(range(12))
+
+
+def test_a_run_whose_strategy_changed_nothing_says_why(digits, digits_teacher):
+    """pcgrad on task + distillation summed (accuracy_as_one) has one objective: it trains as `none` would,
+    which the recipe did not ask for."""
+    import copy
+
+    import pytest
+
+    from jointcompress import compress
+    from jointcompress.data import evaluator
+
+    recipe = {"training": {"epochs": 1, "batch_size": 256}, "coordination": {"strategy": "pcgrad"},
+              "techniques": [{"type": "quant_lsq", "bits": 4}, {"type": "distill_kd", "temperature": 4, "alpha": 0.7}]}
+    model = copy.deepcopy(digits_teacher)
+    with pytest.warns(UserWarning, match="pcgrad changed no update in this run: it had one objective"):
+        compress(model, recipe, (digits.x_train, digits.y_train), evaluator(digits.x_test, digits.y_test),
+                 teacher=digits_teacher)

@@ -165,6 +165,7 @@ class Trainer:
             self.session.finish_schedule()
         self.best.restore()
         self.history.wall_seconds = self.wall_offset + time.perf_counter() - self.t0
+        _warn_idle_coordination(self.recipe.coordination, self.history.coordination, self.session.sync.dist)
         self._notify("on_end")
         return self.history
 
@@ -204,3 +205,18 @@ class Trainer:
         if all_final and (self.history.best_metric is None or value >= self.history.best_metric):
             self.history.best_metric, self.history.best_epoch = value, epoch
             self.best.keep()
+
+
+def _warn_idle_coordination(config, counts: dict, dist) -> None:
+    """A strategy that changed no update in the whole run (resumed parts included: the history holds
+    them) trained as `none` would have; say why, since the recipe asked for it."""
+    if config.strategy == "none" or counts["changed"] or (dist is not None and not dist.is_main):
+        return
+    import warnings
+
+    why = (f"measured {counts['measured']} steps and the terms never conflicted past its threshold"
+           if counts["measured"] else "had one objective to act on (task + distillation summed, accuracy_as_one)"
+           " and no size or regularizer term")
+    warnings.warn(f"coordination: {config.strategy} changed no update in this run: it {why}; it acts against a size "
+                  "term (mode: joint under a size target) or a regularizer. Set strategy: none for the same "
+                  "training without the measuring", stacklevel=2)
