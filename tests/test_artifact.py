@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from artifact_helpers import MLP, SmallCNN, TinyResNet, example_input, fake_finalize
 from jointcompress.artifact import dense_fp32_bytes, load, load_with_spec, read_manifest, save, storage_bytes
+from jointcompress.artifact.store import manifest_digest
 from jointcompress.errors import ArtifactError
 
 
@@ -162,6 +163,23 @@ def test_paths_that_are_not_an_artifact_folder_fail_naming_the_fix(cnn_artifact,
         load(tmp_path / "big", SmallCNN)
 
 
+def test_an_edited_manifest_is_refused_by_its_own_checksum(cnn_artifact, tmp_path):
+    """Swapping two same-sized part names loaded silently as a wrong model (NaN logits for BatchNorm's statistics)."""
+    model, spec, _, _, x = cnn_artifact
+    save(model, spec, tmp_path, example_inputs=x)
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    keys = m["blob_keys"]
+    keys[0], keys[1] = keys[1], keys[0]
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match=r"manifest\.json: its content does not match its own checksum"):
+        load(tmp_path, SmallCNN)
+    m["manifest_sha256"] = manifest_digest(m)  # a writer that signs what it wrote: the parts' own checks then speak
+    (tmp_path / "manifest.json").write_text(json.dumps(m, indent=3))  # layout and key order are not content
+    with pytest.raises(ArtifactError) as err:
+        load(tmp_path, SmallCNN)
+    assert "own checksum" not in str(err.value)
+
+
 def test_truncated_manifest_fails(cnn_artifact, tmp_path):
     model, spec, _, _, x = cnn_artifact
     save(model, spec, tmp_path, example_inputs=x)
@@ -240,6 +258,7 @@ def _rewrite_weights(path, data: bytes) -> None:
     (path / "weights.jcw").write_bytes(data)
     m = json.loads((path / "manifest.json").read_text())
     m["weights_sha256"], m["weights_file_bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    m["manifest_sha256"] = manifest_digest(m)
     (path / "manifest.json").write_text(json.dumps(m))
 
 
@@ -277,7 +296,7 @@ def test_version_1_artifacts_still_load(cnn_artifact, tmp_path):
         tensors[f"{name}.bias"] = getattr(model, name).bias.detach().clone()
         others[f"{name}.bias"] = {"shape": [rec["shape"][0]], "dtype": "float32", "bytes": 4 * rec["shape"][0]}
     blob = st_save(tensors)
-    v1 = {k: v for k, v in v2.items() if k not in ("container", "blob_keys", "bytes")}
+    v1 = {k: v for k, v in v2.items() if k not in ("container", "blob_keys", "bytes", "manifest_sha256")}
     v1.update(format_version=1, weights_file="weights.safetensors", other_tensors=others,
               weights_sha256=hashlib.sha256(blob).hexdigest(), weights_file_bytes=len(blob))
     (tmp_path / "v1").mkdir()

@@ -12,6 +12,7 @@ import torch  # noqa: E402
 from hf_helpers import tiny_tokenizer  # noqa: E402
 from test_hf_joint import FFN, HEADS, LAYERS, run, synthetic  # noqa: E402
 
+from jointcompress.artifact.store import manifest_digest  # noqa: E402
 from jointcompress.errors import ArtifactError  # noqa: E402
 from jointcompress.hf.artifact import artifact_bytes, load_hf_artifact, save_hf_artifact  # noqa: E402
 from jointcompress.hf.finalize import finalize_hf_with_spec  # noqa: E402
@@ -73,10 +74,15 @@ def test_tampered_hf_artifact_fails_clearly(finalized, tmp_path):
     save_hf_artifact(hf, spec, tmp_path / "art", None, ptq_bits=None)
     m = json.loads((tmp_path / "art" / "manifest.json").read_text())
     m["extra"]["hf_config"]["heads_per_layer"] = [HEADS] * LAYERS  # claims unpruned attention
+    with pytest.raises(ArtifactError, match="own checksum"):
+        (tmp_path / "art" / "manifest.json").write_text(json.dumps(m))
+        load_hf_artifact(tmp_path / "art")
+    m["manifest_sha256"] = manifest_digest(m)  # signed again: the model's own shape checks speak
     (tmp_path / "art" / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ArtifactError, match="does not fit|shape"):
         load_hf_artifact(tmp_path / "art")
     m["extra"]["kind"] = "other"
+    m["manifest_sha256"] = manifest_digest(m)
     (tmp_path / "art" / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ArtifactError, match="extra.kind"):
         load_hf_artifact(tmp_path / "art")

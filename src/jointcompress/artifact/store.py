@@ -253,6 +253,7 @@ def save(
     }
     if later:  # only where a later run dropped blocks: every other manifest stays as it was
         manifest["later_dropped_blocks"] = later
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     path.mkdir(parents=True, exist_ok=True)
     for left in _save_leftovers(path):  # an earlier save killed halfway; this one replaces what it was writing
         left.unlink(missing_ok=True)
@@ -300,7 +301,19 @@ def read_manifest(path: str | os.PathLike) -> dict:
         if key not in manifest:
             raise ArtifactError(f"{mpath}: field {key!r} is missing")
     _validate(manifest, mpath)
+    if "manifest_sha256" in manifest and manifest["manifest_sha256"] != manifest_digest(manifest):
+        raise ArtifactError(f"{mpath}: its content does not match its own checksum (manifest_sha256): it was edited or "
+                            "corrupted after save (a swapped part name or pruning index loads as a wrong model); save "
+                            "the model again")
     return manifest
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's content as JSON reads it back (sorted keys, compact), its own checksum left
+    out: the weights file has one, and an edited manifest could pair its parts with the wrong tensors."""
+    content = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    canonical = json.dumps(json.loads(json.dumps(content)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def file_sizes(path: str | os.PathLike) -> dict[str, int]:
