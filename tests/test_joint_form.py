@@ -238,6 +238,25 @@ def test_the_channel_floor_warning_names_the_fp32_embedding_table_and_the_settin
     assert "quant_lsq.embeddings: true" in message and "prune_unstructured.embeddings: true" in message
 
 
+def test_a_target_whose_aim_alone_is_under_the_channel_floor_warns_that_layers_may_be_emptied():
+    """Target 0.5% over the one-weight-per-channel file: the run aims 1% under the target (the margin), so it
+    landed by emptying whole layers (a re-checker's attention model: six layers 100% zero), with no word."""
+    import jointcompress
+
+    torch.manual_seed(0)
+    techniques = [{"type": "prune_unstructured", "sparsity": 0.5}, {"type": "quant_lsq", "bits": 4}]
+
+    def session(target):
+        model = nn.Sequential(nn.Linear(16, 256), nn.ReLU(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 4))
+        return jointcompress.prepare(model, {"mode": "joint", "target": target, "techniques": techniques},
+                                     total_steps=20, example_inputs=torch.randn(4, 16))
+
+    budget = next(t for t in session({"ratio": 2}).techniques if t.kind == "size_budget")
+    floor = budget.channel_floor_bytes()
+    with pytest.warns(UserWarning, match=r"aims at .* less size_budget.margin\), under about .* whole layers"):
+        session({"size_kb": floor * 1.005 / 1024})
+
+
 def test_channels_and_a_size_target_in_two_runs_the_refusal_names_and_that_work(tmp_path):
     """prune_structured is refused beside a size target outside mode joint (the allocator does not price
     removed channels), with the ways to have both; one of them: channel pruning first (finalize removes

@@ -108,3 +108,16 @@ def test_finalize_and_load_keep_the_trained_rounding_of_activations(digits, tmp_
         assert torch.equal(load(tmp_path / "art", build)(x), trained)
     report = export_and_check(model, tmp_path / "m.onnx", x[:1], eval_data=x)
     assert report.max_abs_logit_diff <= 1e-4
+
+
+def test_finalize_names_a_compressed_layer_left_without_a_nonzero_weight():
+    import pytest
+    from torch.nn.utils import parametrize
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    for layer in (model[0], model[2]):
+        parametrize.register_parametrization(layer, "weight", LSQWeight(layer.weight.detach(), 4))
+    with torch.no_grad():
+        model[2].parametrizations.weight.original.zero_()
+    with pytest.warns(UserWarning, match=r"finalize: 1 layer\(s\) have no nonzero weight left \(2\)"):
+        finalize(model)

@@ -72,11 +72,13 @@ def freeze_input_quant(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None) -> CompressionSpec:
+def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None, *,
+             warn_empty: bool = True) -> CompressionSpec:
     """Finalize `model` in place and return its CompressionSpec.
 
     `example_inputs` is needed only when structured pruning removed channels (to trace the
-    dependency graph of the plain model).
+    dependency graph of the plain model). `warn_empty=False`: no warning for layers left without a
+    nonzero weight (the size budget's measuring copies, finalized many times a run).
     """
     was_training = model.training
     model.eval()
@@ -84,6 +86,8 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None) 
     specs = quant_specs(model)
     plan = _structured_plan(model)
     _remove_reparametrizations(model)
+    if warn_empty:
+        _warn_empty_layers(model, specs)
     spec = _with_prior_structure(prior_structure(model), dropped)  # a model finalized or loaded before: its structure first
     spec.layers, spec.recipe = specs, recipe
     todo = {name: (g, drop) for name, (g, drop) in plan.items() if drop}
@@ -98,6 +102,20 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None) 
         setattr(model, PRIOR_STRUCTURE, spec.structure())
     model.train(was_training)
     return spec
+
+
+def _warn_empty_layers(model: nn.Module, specs: dict) -> None:
+    """A compressed layer without a nonzero weight passes only its bias on: the model still runs, but
+    whatever reached that layer is lost. A size target just above what one weight per channel costs can
+    land there; nothing else says so."""
+    empty = [name for name in specs if getattr(model.get_submodule(name), "weight", None) is not None
+             and model.get_submodule(name).weight.numel() and not bool(model.get_submodule(name).weight.any())]
+    if empty:
+        import warnings
+
+        warnings.warn(f"finalize: {len(empty)} layer(s) have no nonzero weight left ({', '.join(empty[:6])}"
+                      f"{', ...' if len(empty) > 6 else ''}): each passes only its bias on. Raise the size target "
+                      "(or lower the sparsity), or exclude them from pruning", stacklevel=3)
 
 
 def _with_prior_structure(spec: CompressionSpec, dropped: list[str]) -> CompressionSpec:

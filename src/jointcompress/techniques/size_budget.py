@@ -175,9 +175,16 @@ class SizeBudget(Landing, Technique):
         empty whole channels, so it will most likely end over the target (said again at the freeze).
         `channels`: measured without the channels prune_structured removes, as the words say."""
         floor = self.channel_floor_bytes()
-        if self.config.target_bytes is None or self.config.target_bytes >= floor:
+        if self.config.target_bytes is None or self.aim() >= floor:
             return
         gone = "" if channels is None else f" {channels}"
+        if self.config.target_bytes >= floor:  # only the margin under the target is below the floor
+            warnings.warn(
+                f"size_budget: the run aims at {self.aim():,.0f} B (the {self.config.target_bytes:,.0f} B target less "
+                f"size_budget.margin), under about {floor:,.0f} B, the file with one weight kept in every output "
+                f"channel{gone}: to land there training empties whole channels, or whole layers. Raise target.size_kb "
+                "(or lower target.ratio), or lower size_budget.margin" + fixed_part_hint(self.model), stacklevel=2)
+            return
         warnings.warn(
             f"size_budget: the {self.config.target_bytes:,.0f} B target is under about {floor:,.0f} B, the file with "
             f"one weight kept in every output channel{gone} ({self.fixed:,.0f} B of it do not depend on the run's "

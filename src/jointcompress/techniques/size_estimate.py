@@ -105,7 +105,7 @@ def finalized_copy(model: nn.Module, example_inputs=None):
 
     plain = as_dropped(plain_copy(model))
     harden_masks(plain)
-    return plain, finalize(plain, example_inputs)
+    return plain, finalize(plain, example_inputs, warn_empty=False)
 
 
 def _encoded(model: nn.Module, example_inputs=None):
