@@ -17,14 +17,22 @@ GROUP_KEYS = ("initial_lr", "max_lr", "min_lr")
 MOMENTUM_KEYS = ("max_momentum", "base_momentum", "betas", "momentum")
 # per-group lists a scheduler keeps on itself, extended with the first group's entry scaled
 SCALED_LISTS = ("base_lrs", "max_lrs", "min_lrs", "_last_lr")
-COPIED_LISTS = ("lr_lambdas",)
+# per-group lists copied from the first group's entry (CyclicLR's momentum bounds: a momentum is no rate)
+COPIED_LISTS = ("lr_lambdas", "base_momentums", "max_momentums")
 
 
-def base_lr(optimizer: torch.optim.Optimizer) -> float:
-    """The first group's learning rate as the caller chose it: before any schedule, or the peak of a
-    one-cycle schedule (which starts lower), so a technique's own rate is placed beside it."""
+def base_lr(optimizer: torch.optim.Optimizer, scheduler=None) -> float:
+    """The first group's learning rate as the caller chose it, so a technique's own rate is placed
+    beside it at the ratio it has under a constant LR: the peak of a one-cycle schedule (the group's
+    max_lr) or of a cyclic one (CyclicLR's max_lrs, kept on the scheduler: its initial_lr is the
+    bottom of the cycle, which placed a later group 10x too high), else the rate before any schedule."""
     first = optimizer.param_groups[0]
-    return float(first.get("max_lr", first.get("initial_lr", first["lr"])))
+    if "max_lr" in first:
+        return float(first["max_lr"])
+    peaks = [s.max_lrs[0] for s in _schedulers(scheduler) if isinstance(getattr(s, "max_lrs", None), list) and s.max_lrs]
+    if peaks:
+        return float(peaks[0])
+    return float(first.get("initial_lr", first["lr"]))
 
 
 def has_scheduler(optimizer: torch.optim.Optimizer) -> bool:
@@ -36,7 +44,7 @@ def follow_schedule(optimizer: torch.optim.Optimizer, group: dict, scheduler=Non
     """Fit `group` (just added, at its own learning rate) into the optimizer's schedule and, if
     given, into `scheduler`'s per-group lists (SequentialLR / ChainedScheduler: into each one's)."""
     first = optimizer.param_groups[0]
-    base = base_lr(optimizer)
+    base = base_lr(optimizer, scheduler)
     scale = group["lr"] / base if base > 0 else 1.0
     for key in GROUP_KEYS:
         if key in first:

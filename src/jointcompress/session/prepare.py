@@ -8,7 +8,7 @@ from ..errors import RecipeError
 from ..plan import make_plan
 from ..recipe import Recipe, parse_recipe
 from .checks import check_teacher
-from .session import CompressionSession, LossFn
+from .session import CompressionSession, LossFn, explicit_weight_decay
 
 
 def total_steps_of(recipe: Recipe, total_steps: int | None, steps_per_epoch: int | None) -> int:
@@ -67,7 +67,8 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
     from ..joint_form import as_joint_form
     from ..targets import resolve_target
 
-    recipe, _ = as_joint_form(parse_recipe(recipe))  # mode: joint under a size target, as compress() trains it
+    given = parse_recipe(recipe)
+    recipe, _ = as_joint_form(given)  # mode: joint under a size target, as compress() trains it
     check_needs(recipe, teacher, example_inputs)
     model = _dist.unwrap(model)
     bare_teacher = _dist.unwrap(teacher) if teacher is not None else None
@@ -82,6 +83,8 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
     plan = make_plan(techniques, total_steps_of(recipe, total_steps, steps_per_epoch), recipe)
     session = CompressionSession(model, techniques, plan, recipe, example_inputs=example_inputs, teacher=teacher,
                                  loss_fn=loss_fn, dist=_dist.resolve(distributed))
+    session.recipe_weight_decay = explicit_weight_decay(given)  # as given: the joint form sets every field
     session.start()
     session.begin_step()
+    session.guard_load_order()  # a resume that loads the model's state before the session's is named
     return session

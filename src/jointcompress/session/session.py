@@ -30,6 +30,7 @@ from ..plan import Plan
 from ..techniques.base import RunContext
 from . import terms as _terms
 from .outputs import Batch, call_model, check_scalar_loss, default_task_loss, logits_of, split_batch
+from .guards import check_fits, check_terms_have_grad, refuse_finalized, refuse_model_before_session, session_identity
 from .schedule import apply_events, event_steps
 from .sync import Sync
 from .teacher import TeacherCache, teacher_logits
@@ -49,6 +50,9 @@ class CompressionSession:
         self.optimizer: torch.optim.Optimizer | None = None
         self.owns_optimizer = False  # the built-in loop: the session (re)builds the optimizer
         self.scheduler = None  # the caller's LR scheduler on a bound optimizer (bind)
+        # the weights' decay when the recipe sets training.weight_decay itself, else None (the optimizer's own);
+        # prepare() reads it from the recipe as given (the joint form's rebuilt recipe marks every field set)
+        self.recipe_weight_decay = explicit_weight_decay(recipe)
         self.late_group_defaults: dict = {}  # settings of technique groups added to a bound optimizer
         self.coordinator: GradientCoordinator | None = None
         self.param_names: dict[int, str] = {}
@@ -56,6 +60,9 @@ class CompressionSession:
         self._begun: int | None = None  # the step whose schedule update has run
         self._before_at: int | None = None  # the step of the last before_step (after_step must follow it)
         self._warned_no_after = False
+        self._warned_unbound = False
+        self.spec = None  # what finalize() returned: the session is finished then
+        self._load_order_hook = None
         self.on_restructure: list[Callable[[], None]] = []  # after attach/freeze events (rollback snapshots)
 
     # -- start -----------------------------------------------------------------------------
@@ -73,7 +80,11 @@ class CompressionSession:
     # -- parameters and optimizer ----------------------------------------------------------
     def param_groups(self, lr: float | None = None, weight_decay: float | None = None) -> list[dict]:
         """Optimizer groups: the model's weights ("weights"), then each technique's own
-        (mask scores, LSQ step sizes, feature projections) with their own LR if they set one."""
+        (mask scores, LSQ step sizes, feature projections) with their own LR if they set one.
+        The weights group carries a weight_decay only when one is asked for (here, or the recipe's
+        training.weight_decay set explicitly): otherwise the optimizer's own applies, so that
+        AdamW(session.param_groups(...), weight_decay=0.1) decays the weights as it says. Mask
+        scores and LSQ step sizes always carry 0 (decay would pull them toward 0 / a step of 1)."""
         cfg = self.recipe.training
         lr = cfg.lr if lr is None else lr
         groups, owned = [], set()
@@ -86,8 +97,8 @@ class CompressionSession:
                 if params:
                     groups.append({**g, "params": params, "lr": g.get("lr", lr)})
         weights = [p for p in self.model.parameters() if p.requires_grad and id(p) not in owned]
-        wd = cfg.weight_decay if weight_decay is None else weight_decay
-        groups.insert(0, {"params": weights, "lr": lr, "weight_decay": wd, "name": "weights"})
+        wd = self.recipe_weight_decay if weight_decay is None else weight_decay
+        groups.insert(0, {"params": weights, "lr": lr, "name": "weights", **({} if wd is None else {"weight_decay": wd})})
         return groups
 
     def bind(self, optimizer: torch.optim.Optimizer, scheduler=None) -> torch.optim.Optimizer:
@@ -105,7 +116,7 @@ class CompressionSession:
         from .lr_schedulers import base_lr, follow_schedule, has_scheduler
 
         have = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        for g in self.param_groups(lr=base_lr(self.optimizer)):
+        for g in self.param_groups(lr=base_lr(self.optimizer, self.scheduler)):
             params = [p for p in g["params"] if id(p) not in have]
             if not params:
                 continue
@@ -122,6 +133,7 @@ class CompressionSession:
         cfg = self.recipe.training
         for g in groups:
             g["base_lr"] = g["lr"]
+        groups[0].setdefault("weight_decay", cfg.weight_decay)  # the built-in loop: the recipe's, default 0
         old = self.optimizer
         if cfg.optimizer == "sgd":
             self.optimizer = fused_or_foreach(torch.optim.SGD, groups, lr=cfg.lr, momentum=0.9)
@@ -154,8 +166,10 @@ class CompressionSession:
     # -- the step ----------------------------------------------------------------------------
     def advance_schedule(self) -> bool:
         """Carry out the attach / freeze events due at this step; True if any happened."""
+        attached = {id(t) for t in self.techniques if t.attached}
         if self.step == 0 or not apply_events(self.techniques, self.plan, self.ctx, self.step):
             return False
+        self._warn_unbound([t for t in self.techniques if t.attached and id(t) not in attached])
         self.rebuild()
         self.sync.model(self.model)
         self.sync.techniques(self.techniques)
@@ -164,6 +178,18 @@ class CompressionSession:
         for fn in self.on_restructure:
             fn()
         return True
+
+    def _warn_unbound(self, attached_now: list) -> None:
+        """A technique attaching mid-run brings parameters (LSQ step sizes) that only a bound optimizer
+        receives: without session.bind(optimizer) they never trained, silently. Said once."""
+        if self.optimizer is not None or self.owns_optimizer or self._warned_unbound:
+            return
+        names = [f"{g.get('name', 'parameters')} ({t.kind})" for t in attached_now for g in t.parameters() if g["params"]]
+        if names:
+            self._warned_unbound = True
+            warnings.warn(f"{', '.join(names)} attached at step {self.step}, and no optimizer is bound to the session, so "
+                          "these parameters join none and do not train: call session.bind(optimizer) once the optimizer "
+                          "is made from session.param_groups()", UserWarning, stacklevel=4)
 
     def update_techniques(self) -> None:
         """Every technique updates its schedule (sparsity, temperature) for this step; masks
@@ -234,12 +260,17 @@ class CompressionSession:
         measured steps (None between them)."""
         if self.coordinator is None:
             raise RecipeError("session.backward before the session started; create it with jointcompress.prepare(...)")
+        if self.spec is not None:
+            refuse_finalized("backward", self.step)
+        check_terms_have_grad(terms)
         stats = self.coordinator.backward(terms, self.step)
         self.sync.grads(self.coordinator.params)
         return stats
 
     def before_step(self) -> None:
         """Right before optimizer.step(): techniques act on the gradients."""
+        if self.spec is not None:
+            refuse_finalized("before_step", self.step)
         if self._before_at == self.step and not self._warned_no_after:
             # a loop that never calls after_step trains at step 0's schedule: masks never ramp,
             # quantizers never start, and finalize then bakes an uncompressed model, silently
@@ -259,6 +290,8 @@ class CompressionSession:
     def after_step(self, prepare_next: bool = True) -> None:
         """Right after optimizer.step(): techniques act on the new weights; the step
         advances and (prepare_next) the next step's schedule update runs."""
+        if self.spec is not None:
+            refuse_finalized("after_step", self.step)
         for t in self.techniques:
             if t.attached:
                 t.after_optimizer_step(self.ctx)
@@ -295,7 +328,10 @@ class CompressionSession:
         scalars, the coordinator's factors, the teacher cache."""
         from ..checkpoint import python_rng_state
 
+        if self.spec is not None:
+            refuse_finalized("state_dict", self.step)
         return {
+            "identity": session_identity(self),
             "step": self.step,
             "begun": self._begun == self.step,
             "techniques": self.technique_states(),
@@ -307,9 +343,11 @@ class CompressionSession:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a session saved by state_dict() into a freshly prepared one. Call it before
         model.load_state_dict (the model's parametrizations are rebuilt here) and before
-        optimizer.load_state_dict (technique groups are added to a bound optimizer here)."""
+        optimizer.load_state_dict (technique groups are added to a bound optimizer here). A state
+        saved by a session of another recipe or total_steps is refused by name (guards.check_fits)."""
         from ..checkpoint import set_python_rng_state
 
+        check_fits(self, state)
         self.restore_structure(int(state["step"]), bool(state.get("begun")))
         self.load_technique_states(state["techniques"])
         _terms.set_technique_scalars(self.techniques, state["scalars"])
@@ -337,12 +375,26 @@ class CompressionSession:
     def finalize(self, example_inputs=None):
         """Make the compression permanent (masks applied and removed, LSQ values baked, pruned
         units removed) and return the CompressionSpec. For Hugging Face head / FFN / layer
-        pruning the HF model is shrunk in place (`session.model` then holds it)."""
+        pruning the HF model is shrunk in place (`session.model` then holds it).
+
+        A second call returns the first call's spec: the model is finalized already (a second pass
+        found no masks or quantizers and returned an empty spec, which saved the model as dense
+        fp32), and after finalize the session's training verbs refuse to run, so the spec still
+        describes the model (a notebook cell re-run, finalize in a callback and at the end)."""
         from .finalize import finalize_session
 
+        if self.spec is not None:
+            return self.spec
         self.finish()
         self._warn_unfinished()
-        return finalize_session(self, example_inputs)
+        self.spec = finalize_session(self, example_inputs)
+        if self._load_order_hook is not None:
+            self._load_order_hook.remove()
+        return self.spec
+
+    def guard_load_order(self) -> None:
+        """Name the resume order when the model's state is loaded before the session's (guards.py)."""
+        self._load_order_hook = self.model.register_load_state_dict_pre_hook(refuse_model_before_session)
 
     def _warn_unfinished(self) -> None:
         """Finalizing before the schedule's end keeps what the techniques have reached so far: one
@@ -363,6 +415,11 @@ class CompressionSession:
             if t.attached:
                 out.update({f"{t.kind}.{k}": v for k, v in t.metrics().items()})
         return out
+
+
+def explicit_weight_decay(recipe) -> float | None:
+    """training.weight_decay if the recipe sets it, None when it is the default (left to the optimizer)."""
+    return recipe.training.weight_decay if "weight_decay" in recipe.training.model_fields_set else None
 
 
 def fused_or_foreach(cls, groups: list[dict], **options) -> torch.optim.Optimizer:

@@ -1,0 +1,109 @@
+"""Misuse of a session from the caller's loop, refused by name instead of running silently.
+
+Each of these once ran without a word and left a model that was not what the loop meant: a
+session stepped after finalize (zeros regrew, weights left the low-bit grid), outputs computed
+under torch.no_grad() (nothing trained), a checkpoint resumed into a session prepared with
+another recipe or total_steps (another schedule, or torch's raw missing/unexpected keys), the
+model's state loaded before the session's (torch's raw keys again).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import RecipeError, TrainingError
+
+
+def refuse_finalized(verb: str, step: int) -> None:
+    """A verb of the training loop after finalize(): the masks and quantizers are gone, so another
+    optimizer step trains dense fp32 weights that no longer match the spec finalize returned."""
+    raise TrainingError(
+        f"session.{verb}() after session.finalize(): the session was finalized at step {step} (masks applied, "
+        "LSQ values baked, the techniques removed), and stepping on would train the finalized weights off their "
+        "masks and low-bit grid. Finalize after the loop's last step; checkpoint with session.state_dict() before "
+        "finalize, save the finalized model with artifact.save(model, spec, ...); to train again, prepare a new "
+        "session on a fresh copy of the original model")
+
+
+def check_terms_have_grad(terms: dict[str, torch.Tensor]) -> None:
+    """No term requires grad: a plain loss.backward() raises here too; the coordinator would skip the
+    backward and the step would train nothing, silently."""
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in terms.values()):
+        return
+    names = ", ".join(terms) or "none"
+    raise TrainingError(
+        f"session.backward: none of the loss terms ({names}) requires grad, so nothing would train. The model's "
+        "outputs were computed under torch.no_grad() / torch.inference_mode() (an evaluation helper reused for "
+        "training?), or detached; compute the training step's outputs with gradients enabled")
+
+
+def session_identity(session) -> dict:
+    """What a session's checkpoint must match to be resumed into another session: the recipe that runs
+    (techniques, their windows and targets) and total_steps (where the windows are placed)."""
+    return {"recipe": session.recipe.model_dump(mode="json"), "total_steps": session.plan.total_steps}
+
+
+def check_fits(session, state: dict) -> None:
+    """Refuse a session checkpoint made under another recipe or total_steps, as compress(resume=True)
+    refuses a run checkpoint: its masks, scores and step belong to another schedule (a different sparsity
+    loaded silently; another total_steps failed with torch's raw missing/unexpected keys). A checkpoint
+    saved before the identity was stored is not checked."""
+    saved = state.get("identity")
+    if saved is None:
+        return
+    mine = session_identity(session)
+    if saved["recipe"] != mine["recipe"]:
+        where = first_difference(saved["recipe"], mine["recipe"]) or "recipe"
+        raise RecipeError(
+            f"session.load_state_dict: the checkpoint was made with a different recipe ({where}); resume with the "
+            "same recipe the checkpointed session was prepared with, or start a new run")
+    if saved["total_steps"] != mine["total_steps"]:
+        raise TrainingError(
+            f"session.load_state_dict: the checkpoint's session was prepared with total_steps={saved['total_steps']}, "
+            f"this one with total_steps={mine['total_steps']}; the techniques' windows (pruning ramp, LSQ start) are "
+            f"placed on it: prepare(..., total_steps={saved['total_steps']}) to resume, or start a new run")
+
+
+def first_difference(a, b, path: str = "") -> str | None:
+    """The first place two JSON-like values differ, as 'path: saved -> now' (None if equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            found = first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            found = first_difference(x, y, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    if a == b:
+        return None
+    return f"{path or 'recipe'}: {_short(a)} in the checkpoint, {_short(b)} now"
+
+
+def _short(value) -> str:
+    """A recipe value for a message: a list of techniques by their types, anything else cut short."""
+    if isinstance(value, list) and all(isinstance(v, dict) and "type" in v for v in value):
+        return "[" + ", ".join(v["type"] for v in value) + "]"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def refuse_model_before_session(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    """A load_state_dict pre-hook on a prepared model: a checkpoint whose layers carry parametrizations
+    (masks, quantizers attached later) loaded into the model before session.load_state_dict rebuilt them
+    failed with torch's raw missing/unexpected keys; name the order instead."""
+    if not strict:  # the caller chose to load what fits
+        return
+    own = module.state_dict(prefix=prefix, keep_vars=True)
+    for key in state_dict:
+        if not key.startswith(prefix) or ".parametrizations." not in key or key in own:
+            continue
+        layer, rest = key.split(".parametrizations.", 1)
+        plain = f"{layer}.{rest.split('.', 1)[0]}"
+        if plain in own:  # the layer is here, without the checkpoint's parametrization: not yet rebuilt
+            raise TrainingError(
+                f"model.load_state_dict: the checkpoint's '{plain}' is stored under a mask / quantizer this model "
+                "does not carry yet; call session.load_state_dict(checkpoint['session']) first (it rebuilds them), "
+                "then model.load_state_dict, then optimizer.load_state_dict")

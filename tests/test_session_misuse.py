@@ -1,0 +1,161 @@
+"""Misuse of a session from the caller's loop is refused or named, not run silently: a CyclicLR
+bound while a technique attaches later, the optimizer's own weight decay, finalize twice, steps
+after finalize, a forgotten bind, outputs without grad, a resume into another recipe or
+total_steps or in the wrong order."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import jointcompress
+from jointcompress import JointCompressError, RecipeError
+
+torch.set_num_threads(1)
+
+LATE_LSQ = {"techniques": [{"type": "quant_lsq", "bits": 4, "start": 0.3}]}  # attaches at step 6 of 20
+PRUNE_LSQ = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.7, "end": 0.6},
+                            {"type": "quant_lsq", "bits": 4, "start": 0.3}]}
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 20, generator=g)
+    return x, (x[:, :5].sum(1) > 0).long()
+
+
+def _session(recipe=PRUNE_LSQ, steps=8, lr=1e-3, bind=True):
+    model = _mlp()
+    session = jointcompress.prepare(model, recipe, total_steps=steps)
+    opt = torch.optim.Adam(session.param_groups(lr=lr))
+    if bind:
+        session.bind(opt)
+    return model, session, opt
+
+
+def _step(model, session, opt, sched=None):
+    x, y = _data()
+    terms = session.loss(model(x), (x, y))
+    opt.zero_grad()
+    session.backward(terms)
+    session.before_step()
+    opt.step()
+    session.after_step()
+    if sched is not None:
+        sched.step()
+
+
+@pytest.mark.parametrize("cycle_momentum", [True, False])
+def test_cycliclr_bound_keeps_a_later_group_at_its_constant_lr_ratio(cycle_momentum):
+    """(a) with cycle_momentum the step LSQ attached stopped with torch's "zip() argument 2 is shorter";
+    (b) the new group ran at 10x the weights' rate, scaled from the bottom of the cycle."""
+    model = _mlp()
+    session = jointcompress.prepare(model, LATE_LSQ, total_steps=20)
+    opt = torch.optim.SGD(session.param_groups(lr=3e-3), momentum=0.9)  # quant_steps: step_lr 1e-3, a third
+    sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=1e-4, max_lr=3e-3, step_size_up=5,
+                                              cycle_momentum=cycle_momentum)
+    session.bind(opt, sched)
+    for _ in range(20):
+        _step(model, session, opt, sched)
+        if len(opt.param_groups) > 1:
+            weights, steps = opt.param_groups
+            assert steps["lr"] == pytest.approx(weights["lr"] / 3)
+            assert steps["momentum"] == pytest.approx(weights["momentum"])
+    assert [g["name"] for g in opt.param_groups] == ["weights", "quant_steps"]
+
+
+def test_the_weights_group_leaves_weight_decay_to_the_optimizer():
+    model = _mlp()
+    session = jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 4}]}, total_steps=4)
+    opt = torch.optim.AdamW(session.param_groups(lr=1e-3), weight_decay=0.1)
+    assert [(g["name"], g["weight_decay"]) for g in opt.param_groups] == [("weights", 0.1), ("quant_steps", 0.0)]
+    # an explicit setting still wins: the argument, or the recipe's training.weight_decay
+    assert session.param_groups(weight_decay=0.3)[0]["weight_decay"] == 0.3
+    explicit = jointcompress.prepare(_mlp(), {"training": {"weight_decay": 0.05}, "techniques": [{"type": "quant_lsq", "bits": 4}]},
+                                     total_steps=4)
+    assert [g["weight_decay"] for g in explicit.param_groups()] == [0.05, 0.0]
+
+
+def test_finalize_twice_returns_the_first_spec():
+    model, session, opt = _session()
+    for _ in range(8):
+        _step(model, session, opt)
+    first = session.finalize()
+    assert set(first.layers) == {"0", "2"}
+    assert session.finalize() is first  # was an empty spec (the model saved as dense fp32)
+
+
+@pytest.mark.parametrize("verb", ["backward", "before_step", "after_step", "state_dict"])
+def test_the_loop_verbs_refuse_to_run_after_finalize(verb):
+    model, session, opt = _session()
+    for _ in range(8):
+        _step(model, session, opt)
+    session.finalize()
+    x, y = _data()
+    call = {"backward": lambda: session.backward(session.loss(model(x), (x, y))), "before_step": session.before_step,
+            "after_step": session.after_step, "state_dict": session.state_dict}[verb]
+    with pytest.raises(JointCompressError, match=rf"session\.{verb}\(\) after session\.finalize\(\).*prepare a new session"):
+        call()
+
+
+def test_a_technique_attaching_with_no_optimizer_bound_is_named_once():
+    model, session, opt = _session(steps=20, bind=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(20):
+            _step(model, session, opt)
+    named = [w for w in caught if "session.bind(optimizer)" in str(w.message)]
+    assert len(named) == 1 and "quant_steps (quant_lsq) attached at step 6" in str(named[0].message)
+    with warnings.catch_warnings():  # bound: nothing said
+        warnings.simplefilter("error")
+        model, session, opt = _session(steps=20)
+        for _ in range(20):
+            _step(model, session, opt)
+
+
+def test_outputs_without_grad_are_refused_by_backward():
+    model, session, opt = _session()
+    x, y = _data()
+    with torch.no_grad():
+        outputs = model(x)
+    terms = session.loss(outputs, (x, y))
+    with pytest.raises(JointCompressError, match=r"none of the loss terms \(task\) requires grad.*no_grad"):
+        session.backward(terms)
+
+
+def _checkpoint():
+    model, session, opt = _session(steps=20)
+    for _ in range(10):
+        _step(model, session, opt)
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "session": session.state_dict()}
+
+
+def test_resume_into_another_recipe_or_total_steps_is_refused_by_name():
+    ck = _checkpoint()
+    other = {"techniques": [{**PRUNE_LSQ["techniques"][0], "sparsity": 0.5}, PRUNE_LSQ["techniques"][1]]}
+    _, session, _ = _session(other, steps=20)
+    with pytest.raises(RecipeError, match=r"different recipe \(techniques\[0\]\.sparsity: 0\.7 in the checkpoint, 0\.5 now\)"):
+        session.load_state_dict(ck["session"])
+    for steps in (12, 40):
+        _, session, _ = _session(steps=steps)
+        with pytest.raises(JointCompressError, match=rf"prepared with total_steps=20, this one with total_steps={steps}"):
+            session.load_state_dict(ck["session"])
+    model, session, opt = _session(steps=20)  # the same recipe and steps: resumes
+    session.load_state_dict(ck["session"])
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    assert session.step == 10
+
+
+def test_loading_the_model_before_the_session_names_the_order():
+    ck = _checkpoint()
+    model, session, opt = _session(steps=20)
+    with pytest.raises(JointCompressError, match=r"session\.load_state_dict\(checkpoint\['session'\]\) first"):
+        model.load_state_dict(ck["model"])
