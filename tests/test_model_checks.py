@@ -127,3 +127,20 @@ def test_a_teacher_that_is_the_model_or_shares_its_layers_is_refused():
             jointcompress.prepare(model, recipe, total_steps=4, teacher=teacher)
     assert not hasattr(model[0], "parametrizations")  # refused before anything was attached
     jointcompress.compress(model, recipe, (x, y), lambda m: 0.0, teacher=copy.deepcopy(model))
+
+
+def test_a_layer_whose_output_the_model_returns_is_skipped_for_that_reason():
+    """forward returns (logits, hidden): removing a's channels would change the hidden output's shape. The
+    reason said 'an operation that mixes channels (a normalization, a reshape into heads)' and 'by inf'."""
+    from jointcompress.errors import RecipeError
+
+    class WithHidden(Net):
+        def forward(self, x):
+            h = F.relu(self.a(x))  # after an activation: the tracer's direct-output check does not see it
+            return self.b(h), h
+
+    with pytest.raises(RecipeError, match=r"a: the model's output 1 changes shape, \[4, 32\] -> \[4, 16\]: these channels "
+                                          r"are returned by the model") as err:
+        jointcompress.prepare(WithHidden(), {"techniques": [{"type": "prune_structured", "sparsity": 0.5}]},
+                              total_steps=10, example_inputs=torch.randn(4, 16))
+    assert "mixes channels" not in str(err.value)

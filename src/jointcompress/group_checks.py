@@ -238,6 +238,11 @@ def removal_gap(model: nn.Module, example_inputs, groups: list) -> tuple[float, 
         removed = _run(trial, example_inputs)
     except Exception as exc:  # removal or the shrunk forward fails: the group cannot be removed
         return float("inf"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+    before, after = flat_outputs(masked), flat_outputs(removed)
+    for i, (x, y) in enumerate(zip(before, after)):
+        if x.shape != y.shape:  # the channels are (part of) what the model returns
+            return float("inf"), (f"the model's output {i} changes shape, {list(x.shape)} -> {list(y.shape)}: these "
+                                   "channels are returned by the model, which keeps all of them (exclude the layer)")
     return output_gap(masked, removed) * PARITY_RTOL / tolerance(masked), ""
 
 
@@ -267,6 +272,8 @@ def verify_groups(model: nn.Module, example_inputs, groups: list) -> dict[str, s
     if gap <= PARITY_RTOL:
         return {}
     if len(groups) == 1:
+        if failure.startswith("the model's output"):
+            return {groups[0].name: failure}
         what = f"removing them fails ({failure})" if failure else f"removing them changes the outputs by {gap:.2g} (relative)"
         return {groups[0].name: f"zeroed and removed channels disagree on the example input: {what}; {_cause(model, groups[0])}"}
     half = len(groups) // 2
