@@ -159,3 +159,15 @@ def test_loading_the_model_before_the_session_names_the_order():
     model, session, opt = _session(steps=20)
     with pytest.raises(JointCompressError, match=r"session\.load_state_dict\(checkpoint\['session'\]\) first"):
         model.load_state_dict(ck["model"])
+
+
+def test_labels_outside_the_models_classes_are_named_not_an_index_error():
+    import jointcompress
+    from jointcompress.errors import DataError
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    session = jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 4}]}, total_steps=4)
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 5, 1, 0])
+    with pytest.raises(DataError, match=r"labels run from 0 to 5, but the model has 3 outputs"):
+        session.loss(model(x), (x, y))

@@ -118,6 +118,17 @@ def default_task_loss(outputs, batch: Batch) -> torch.Tensor:
                         "or the loss your task needs")
     if y.dtype not in (torch.long, torch.uint8):  # int32 class indices (a loader's own dtype): cross-entropy takes long
         y = y.long()
+    try:
+        return _index_cross_entropy(logits, y)
+    except IndexError as exc:  # a label outside the model's classes: torch's "Target 5 is out of bounds"
+        classes = logits.shape[-1] if logits.dim() == 3 else logits.shape[1]
+        raise DataError(f"the labels run from {int(y.min())} to {int(y.max())}, but the model has {classes} outputs "
+                        f"(classes 0..{classes - 1}); build the model for every class of the data, or map the labels "
+                        "onto 0..classes-1 (-100 marks a position to ignore)") from exc
+
+
+def _index_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits against class indices, by the shapes default_task_loss names."""
     if logits.dim() == 2 and y.dim() == 1 and len(y) == len(logits):
         return F.cross_entropy(logits, y)
     if logits.dim() == 3 and y.dim() == 2 and tuple(y.shape) == tuple(logits.shape[:2]):
