@@ -171,3 +171,17 @@ def test_labels_outside_the_models_classes_are_named_not_an_index_error():
     x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 5, 1, 0])
     with pytest.raises(DataError, match=r"labels run from 0 to 5, but the model has 3 outputs"):
         session.loss(model(x), (x, y))
+
+
+def test_a_flat_ids_mask_labels_batch_is_named():
+    """TensorDataset(input_ids, attention_mask, labels) yields three tensors, read as (x, y, index): the mask
+    became the labels and the labels the teacher cache's index, silently."""
+    from jointcompress.session.outputs import split_batch
+
+    ids, mask, labels = torch.randint(2, 50, (4, 7)), torch.ones(4, 7, dtype=torch.long), torch.tensor([0, 1, 1, 0])
+    with pytest.warns(UserWarning, match=r"looks like \(input_ids, attention_mask, labels\)"):
+        split_batch((ids, mask, labels))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        split_batch((torch.randn(4, 7), labels, torch.arange(4)))  # (x, y, index) as documented: silent
+        split_batch(((ids, mask), labels))

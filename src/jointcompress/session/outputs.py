@@ -7,6 +7,7 @@ reads the logits, the labels, the sample index (teacher-logit cache) and the tok
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,12 +52,24 @@ def split_batch(batch) -> Batch:
     if isinstance(batch, (tuple, list)):
         if not batch:
             raise DataError("train_data: an empty batch; batches are (inputs, labels[, index]) or dicts")
+        if len(batch) == 3 and _looks_like_ids_mask_labels(*batch):
+            warnings.warn("train_data: a batch of three tensors is read as (inputs, labels, sample index), and this one "
+                          "looks like (input_ids, attention_mask, labels): the mask would be the labels and the labels "
+                          "the index. Give ((input_ids, attention_mask), labels) or dict batches", stacklevel=3)
         return Batch(batch[0], batch[1] if len(batch) > 1 else None, batch[2] if len(batch) > 2 else None)
     if isinstance(batch, torch.Tensor):
         return Batch(batch)
     raise DataError(
         f"train_data: a batch of type {type(batch).__name__}; give (inputs, labels[, index]) tuples or dicts of tensors"
     )
+
+
+def _looks_like_ids_mask_labels(first, second, third) -> bool:
+    """Integer inputs, a 0/1 tensor of their shape, a 1-D third: a TensorDataset(input_ids, attention_mask,
+    labels) flattened into one batch, whose mask the (x, y, index) reading takes for the labels."""
+    tensors = all(isinstance(t, torch.Tensor) for t in (first, second, third))
+    return (tensors and first.dim() == 2 and not first.is_floating_point() and second.shape == first.shape
+            and third.dim() == 1 and bool(((second == 0) | (second == 1)).all()))
 
 
 def logits_of(outputs) -> torch.Tensor:
