@@ -194,10 +194,10 @@ def slice_linear(lin: nn.Linear, out_idx: torch.Tensor | None = None, in_idx: to
             new.bias.copy_(b.index_select(0, out_idx.to(b.device)) if out_idx is not None else b)
     new.weight.requires_grad_(lin.weight.requires_grad)
     frozen = getattr(lin, "input_quant", None)
-    if frozen is not None:  # its input rounding (per tensor) is the same on the kept inputs
-        from jointcompress.techniques.quant_lsq import attach_frozen_input_quant
-
-        attach_frozen_input_quant(new, frozen.bits, frozen.step)
+    if frozen is not None:  # a finalized layer's input rounding (per tensor), the same on the kept inputs; this
+        new.input_quant = frozen  # file is loaded as remote code without jointcompress: its hook moves as it is
+        for hook in lin._forward_pre_hooks.values():
+            new.register_forward_pre_hook(hook)
     return new
 
 
