@@ -118,7 +118,7 @@ class _Recurrent(torch.nn.Module):
         self.rnn, self.fc = rnn, torch.nn.Linear(rnn.hidden_size * (2 if rnn.bidirectional else 1), 3)
 
     def forward(self, x):
-        return self.fc(self.rnn(x)[0][:, -1])
+        return self.fc(self.rnn(input=x)[0][:, -1])  # by keyword: the hooks read it there
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru2_bidirectional"])

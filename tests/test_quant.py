@@ -108,6 +108,13 @@ def test_finalize_and_load_keep_the_trained_rounding_of_activations(digits, tmp_
         assert torch.equal(load(tmp_path / "art", build)(x), trained)
     report = export_and_check(model, tmp_path / "m.onnx", x[:1], eval_data=x)
     assert report.max_abs_logit_diff <= 1e-4
+    import pytest
+
+    from jointcompress.deploy import quantize_int8
+    from jointcompress.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="FX int8 drops; use backend='onnxruntime'"):  # it dropped them
+        quantize_int8(model, spec, x[:64], x[:1], backend="torch")
 
 
 def test_finalize_names_a_compressed_layer_left_without_a_nonzero_weight():

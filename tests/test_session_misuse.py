@@ -154,11 +154,13 @@ def test_resume_into_another_recipe_or_total_steps_is_refused_by_name():
     assert session.step == 10
 
 
-def test_loading_the_model_before_the_session_names_the_order():
+def test_a_prepared_model_loads_what_fits_when_asked_to():
+    """A load pre-hook that named the resume order also refused strict=False loads (torch hands every pre-hook
+    strict=True), which is how transformers' Trainer resumes: the model's own load stays torch's."""
     ck = _checkpoint()
     model, session, opt = _session(steps=20)
-    with pytest.raises(JointCompressError, match=r"session\.load_state_dict\(checkpoint\['session'\]\) first"):
-        model.load_state_dict(ck["model"])
+    missing, unexpected = model.load_state_dict(ck["model"], strict=False)
+    assert unexpected and all(".parametrizations." in k for k in unexpected)
 
 
 def test_labels_outside_the_models_classes_are_named_not_an_index_error():

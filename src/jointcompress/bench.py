@@ -36,15 +36,17 @@ def count_macs(model: nn.Module, example_input) -> int:
     counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION)
     recurrent, seen_before = 0, []
 
-    def before(mod, args):
+    def before(mod, args, kwargs):
         seen_before.append(counter.get_total_flops())
 
-    def after(mod, args, out):
+    def after(mod, args, kwargs, out):
         nonlocal recurrent  # the formula in place of whatever the counter saw inside the layer
-        recurrent += _recurrent_macs(mod, args[0]) - (counter.get_total_flops() - seen_before.pop()) // 2
+        x = args[0] if args else kwargs.get("input")  # rnn(x) or rnn(input=x)
+        recurrent += _recurrent_macs(mod, x) - (counter.get_total_flops() - seen_before.pop()) // 2
 
     rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
-    hooks = [m.register_forward_pre_hook(before) for m in rnns] + [m.register_forward_hook(after) for m in rnns]
+    hooks = [m.register_forward_pre_hook(before, with_kwargs=True) for m in rnns]
+    hooks += [m.register_forward_hook(after, with_kwargs=True) for m in rnns]
     fast_path = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the fused attention kernel is one op the counter does not see
     try:

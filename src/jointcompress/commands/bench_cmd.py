@@ -58,8 +58,6 @@ def _image_shape(manifest: dict) -> tuple[int, int]:
 
 
 def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], runs: int = 50, threads: int = 1) -> dict:
-    import torch
-
     from ..artifact import byte_breakdown, load, read_manifest
     from ..bench import bench
     from ..errors import ArtifactError, RecipeError

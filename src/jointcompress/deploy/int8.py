@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import JointCompressError
+from ..errors import JointCompressError, UnsupportedModelError
 from ..layer_types import COMPRESSIBLE
 from ..spec import CompressionSpec
 from .onnx_export import export_onnx, ort_input, ort_predict, ort_session
@@ -192,6 +192,13 @@ def quantize_torch(model: nn.Module, calibration, example_input: torch.Tensor, e
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
+    from ..techniques.quant_lsq import rounded_inputs
+
+    rounding = rounded_inputs(model)
+    if rounding:  # FX rebuilds the layers as a graph of its own: their input rounding (a forward pre-hook) is lost
+        raise UnsupportedModelError(
+            f"int8 backend torch: {len(rounding)} layers ({', '.join(rounding[:3])}) round their inputs as training did "
+            "(quant_lsq activations: true), which PyTorch's FX int8 drops; use backend='onnxruntime', which keeps it")
     engine = engine or ("x86" if "x86" in torch.backends.quantized.supported_engines else "qnnpack")
     torch.backends.quantized.engine = engine
     prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping(engine), (example_input,))

@@ -65,7 +65,13 @@ def quantize_torch_int8(model: nn.Module) -> nn.Module:
     model = baked_copy(model).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    originals = dict(model.named_modules())
+    for name, m in quantized.named_modules():  # the swap keeps a layer's hooks, not the input rounding they call
+        rounding = getattr(originals.get(name), "input_quant", None)
+        if rounding is not None and not hasattr(m, "input_quant"):
+            m.input_quant = rounding
+    return quantized
 
 
 class _LogitsOnly(nn.Module):

@@ -3,8 +3,7 @@
 Each of these once ran without a word and left a model that was not what the loop meant: a
 session stepped after finalize (zeros regrew, weights left the low-bit grid), outputs computed
 under torch.no_grad() (nothing trained), a checkpoint resumed into a session prepared with
-another recipe or total_steps (another schedule, or torch's raw missing/unexpected keys), the
-model's state loaded before the session's (torch's raw keys again).
+another recipe or total_steps (another schedule, or torch's raw missing/unexpected keys).
 """
 from __future__ import annotations
 
@@ -89,21 +88,3 @@ def _short(value) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
-
-def refuse_model_before_session(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-    """A load_state_dict pre-hook on a prepared model: a checkpoint whose layers carry parametrizations
-    (masks, quantizers attached later) loaded into the model before session.load_state_dict rebuilt them
-    failed with torch's raw missing/unexpected keys; name the order instead."""
-    if not strict:  # the caller chose to load what fits
-        return
-    own = module.state_dict(prefix=prefix, keep_vars=True)
-    for key in state_dict:
-        if not key.startswith(prefix) or ".parametrizations." not in key or key in own:
-            continue
-        layer, rest = key.split(".parametrizations.", 1)
-        plain = f"{layer}.{rest.split('.', 1)[0]}"
-        if plain in own:  # the layer is here, without the checkpoint's parametrization: not yet rebuilt
-            raise TrainingError(
-                f"model.load_state_dict: the checkpoint's '{plain}' is stored under a mask / quantizer this model "
-                "does not carry yet; call session.load_state_dict(checkpoint['session']) first (it rebuilds them), "
-                "then model.load_state_dict, then optimizer.load_state_dict")

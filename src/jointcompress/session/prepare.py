@@ -86,5 +86,4 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
     session.recipe_weight_decay = explicit_weight_decay(given)  # as given: the joint form sets every field
     session.start()
     session.begin_step()
-    session.guard_load_order()  # a resume that loads the model's state before the session's is named
     return session

@@ -30,7 +30,7 @@ from ..plan import Plan
 from ..techniques.base import RunContext
 from . import terms as _terms
 from .outputs import Batch, call_model, check_scalar_loss, default_task_loss, logits_of, split_batch
-from .guards import check_fits, check_terms_have_grad, refuse_finalized, refuse_model_before_session, session_identity
+from .guards import check_fits, check_terms_have_grad, refuse_finalized, session_identity
 from .schedule import apply_events, event_steps
 from .sync import Sync
 from .teacher import TeacherCache, teacher_logits
@@ -62,7 +62,6 @@ class CompressionSession:
         self._warned_no_after = False
         self._warned_unbound = False
         self.spec = None  # what finalize() returned: the session is finished then
-        self._load_order_hook = None
         self.on_restructure: list[Callable[[], None]] = []  # after attach/freeze events (rollback snapshots)
 
     # -- start -----------------------------------------------------------------------------
@@ -388,13 +387,7 @@ class CompressionSession:
         self.finish()
         self._warn_unfinished()
         self.spec = finalize_session(self, example_inputs)
-        if self._load_order_hook is not None:
-            self._load_order_hook.remove()
         return self.spec
-
-    def guard_load_order(self) -> None:
-        """Name the resume order when the model's state is loaded before the session's (guards.py)."""
-        self._load_order_hook = self.model.register_load_state_dict_pre_hook(refuse_model_before_session)
 
     def _warn_unfinished(self) -> None:
         """Finalizing before the schedule's end keeps what the techniques have reached so far: one

@@ -175,6 +175,11 @@ def attach_frozen_input_quant(layer: nn.Module, bits: int, step: float | torch.T
         layer.register_forward_pre_hook(_quantize_input)
 
 
+def rounded_inputs(model: nn.Module) -> list[str]:
+    """The layers of a finalized model that round their inputs (FrozenInputQuant)."""
+    return [name for name, m in model.named_modules() if isinstance(getattr(m, "input_quant", None), FrozenInputQuant)]
+
+
 def _quantize_input(module, args):
     return (module.input_quant(args[0]),) + tuple(args[1:])
 
