@@ -164,3 +164,29 @@ def test_a_technique_that_starts_later_joins_the_trainers_optimizer_and_follows_
     first = trainer.optimizer.param_groups[0]
     assert late["initial_lr"] == pytest.approx(5e-4) and late["lr"] == pytest.approx(first["lr"] * 0.5)
     assert len(trainer.lr_scheduler.lr_lambdas) == len(trainer.lr_scheduler.base_lrs) == len(trainer.optimizer.param_groups)
+
+
+def test_train_resumes_from_a_trainer_checkpoint_to_the_uninterrupted_model(tmp_path):
+    """resume_from_checkpoint: the Trainer's load kept what fit and dropped every compressed weight (stored under
+    its parametrizations); a load hook refused it; then the optimizer state, matched by position to parameters a
+    resumed session had reordered, crashed fused Adam. Each checkpoint now holds the session's state too."""
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5, "targets": ["*encoder.layer.*"]},
+                             {"type": "quant_lsq", "bits": 4, "start": 0.3, "targets": ["*encoder.layer.*"]},
+                             {"type": "distill_kd", "temperature": 2.0, "alpha": 0.5}]}
+    teacher, steps = tiny_bert(layers=2, seed=1), 8
+
+    def trainer(out):
+        model = tiny_bert(layers=2, seed=0)
+        session = jointcompress.prepare(model, recipe, total_steps=steps, teacher=teacher)
+        args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=6, learning_rate=1e-3,
+                                 report_to=[], use_cpu=True, save_strategy="steps", save_steps=4, disable_tqdm=True,
+                                 seed=0)
+        return model, session, CompressionTrainer(session=session, model=model, args=args, train_dataset=_rows())
+
+    whole, whole_session, t = trainer(tmp_path / "a")
+    t.train()
+    resumed, resumed_session, t = trainer(tmp_path / "a")
+    t.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
+    assert resumed_session.step == whole_session.step == steps
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name

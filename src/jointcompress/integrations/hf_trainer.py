@@ -11,9 +11,14 @@ technique's terms), the backward is the session's coordinated backward, and the 
 also holds the techniques' parameters (mask scores, LSQ step sizes; those that attach later
 are added when they do). CompressionCallback runs the techniques' hooks around the
 Trainer's optimizer step and advances the schedule. Gradient accumulation works (each
-micro-batch's terms are scaled like the Trainer scales its loss); one process only.
+micro-batch's terms are scaled like the Trainer scales its loss); one process only. Each
+checkpoint-N folder also holds the session's state (SESSION_FILE), which
+train(resume_from_checkpoint=...) restores before the Trainer loads the weights.
 """
 from __future__ import annotations
+
+import io
+import os
 
 import torch
 
@@ -24,6 +29,8 @@ except ImportError as err:  # transformers is the optional `hf` extra
 
 from ..errors import RecipeError
 from ..session.session import CompressionSession
+
+SESSION_FILE = "jointcompress_session.pt"  # beside the Trainer's files in each checkpoint-N folder
 
 
 class CompressionCallback(TrainerCallback):
@@ -67,6 +74,10 @@ class CompressionTrainer(Trainer):
         if self.optimizer is None:
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model or self.model)
             groups = self.session.param_groups(lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
+            names = {id(p): n for n, p in (model or self.model).named_parameters()}
+            # by name: a resumed session registers its parametrizations anew, which reorders the model's parameters,
+            # and the Trainer's saved optimizer state is matched to them by position
+            groups[0]["params"] = sorted(groups[0]["params"], key=lambda p: names.get(id(p), ""))
             for g in groups[1:]:
                 g.setdefault("weight_decay", 0.0)
             self.optimizer = cls(groups, **kwargs)
@@ -80,6 +91,31 @@ class CompressionTrainer(Trainer):
         scheduler = super().create_scheduler(num_training_steps, optimizer)
         self.session.bind(self.optimizer, scheduler)
         return scheduler
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, and the session's state beside it: the masks, scores and schedule
+        position the saved weights (stored under their parametrizations) belong to."""
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            from ..io import atomic_write_bytes
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            buffer = io.BytesIO()
+            torch.save(self.session.state_dict(), buffer)
+            atomic_write_bytes(os.path.join(folder, SESSION_FILE), buffer.getvalue())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """train(resume_from_checkpoint=...): the session's state first (it rebuilds the masks and
+        quantizers the checkpoint's weights are stored under), then the Trainer's own loading. Without
+        it the Trainer's load, which keeps what fits, dropped every compressed weight silently."""
+        path = os.path.join(resume_from_checkpoint, SESSION_FILE)
+        if not os.path.isfile(path):
+            raise RecipeError(f"{resume_from_checkpoint}: no {SESSION_FILE}, so the compression session's state (masks, "
+                              "quantizers, schedule) cannot be restored; resume from a checkpoint CompressionTrainer wrote")
+        self.session.load_state_dict(torch.load(path, weights_only=True))
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         model.train()
