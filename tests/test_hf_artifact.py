@@ -244,3 +244,19 @@ def test_a_classifier_trained_on_rounded_inputs_keeps_them_through_finalize_and_
     with pytest.warns(UserWarning, match="does not round the inputs of 12 layers"):  # exported, and says what it lacks
         export_folder(hf, tiny_tokenizer(tmp_path), tmp_path / "folder")
     assert (tmp_path / "folder" / "model.safetensors").is_file()
+
+
+def test_a_loaded_artifacts_spec_gives_int8_overrides_onnx_runtime_takes(finalized, tmp_path):
+    """The spec load_hf_artifact returns names the embedding table (rounded per row at save); its per-row
+    override stopped ONNX Runtime ("expected per-tensor quantization overrides, found per-channel")."""
+    from jointcompress.hf.int8 import OrtClassifier, export_onnx, quantize_onnx_int8, trained_overrides
+
+    hf, spec, _, _ = finalized
+    save_hf_artifact(hf, spec, tmp_path / "art", None, ptq_bits=8)
+    model, _, loaded_spec = load_hf_artifact(tmp_path / "art", with_spec=True)
+    assert "bert.embeddings.word_embeddings" in loaded_spec.layers
+    fp32 = export_onnx(model, tmp_path / "m.onnx", seq_len=12)
+    overrides = trained_overrides(fp32, model, loaded_spec)
+    assert len(overrides) == LAYERS * 6 + 1 and not any("embeddings" in k for k in overrides)  # LSQ + pooler, no table
+    q = quantize_onnx_int8(fp32, tmp_path / "m.int8.onnx", overrides)
+    assert q.is_file() and OrtClassifier(q) is not None

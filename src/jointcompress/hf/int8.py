@@ -129,8 +129,12 @@ def trained_overrides(onnx_path: str | Path, model: nn.Module | None, spec) -> d
         return {}
     from jointcompress.deploy.int8 import weight_overrides
 
+    modules = dict(model.named_modules())
+    # embedding tables (rounded per row after training, in a loaded artifact's spec) run as ONNX Gather, which
+    # ONNX Runtime quantizes per tensor only: per-row overrides stopped quantize_onnx_int8
     scales = {name: ls.scale.detach().float().reshape(-1).numpy() for name, ls in spec.layers.items()
-              if ls.bits is not None and ls.bits <= 8 and ls.scale is not None}
+              if ls.bits is not None and ls.bits <= 8 and ls.scale is not None
+              and not isinstance(modules.get(name), nn.Embedding)}
     return weight_overrides(Path(onnx_path), model, scales)
 
 
