@@ -10,6 +10,8 @@ the identity are replaced by nn.Identity first. What cannot be read off the plai
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
@@ -108,11 +110,12 @@ def _warn_empty_layers(model: nn.Module, specs: dict) -> None:
     """A compressed layer without a nonzero weight passes only its bias on: the model still runs, but
     whatever reached that layer is lost. A size target just above what one weight per channel costs can
     land there; nothing else says so."""
-    empty = [name for name in specs if getattr(model.get_submodule(name), "weight", None) is not None
-             and model.get_submodule(name).weight.numel() and not bool(model.get_submodule(name).weight.any())]
+    empty = []
+    for name in specs:
+        weight = getattr(model.get_submodule(name), "weight", None)
+        if weight is not None and weight.numel() and not bool(weight.any()):
+            empty.append(name)
     if empty:
-        import warnings
-
         warnings.warn(f"finalize: {len(empty)} layer(s) have no nonzero weight left ({', '.join(empty[:6])}"
                       f"{', ...' if len(empty) > 6 else ''}): each passes only its bias on. Raise the size target "
                       "(or lower the sparsity), or exclude them from pruning", stacklevel=3)
