@@ -181,3 +181,72 @@ def test_hidden_state_distillation_runs_under_a_size_target(mode, tmp_path):
     spec = finalize(result.model, x[:2])
     manifest = save(result.model, spec, tmp_path / "a")
     assert manifest["weights_file_bytes"] <= 1.03 * dense_fp32_bytes(teacher) / 8  # the size target, steered by the copy
+
+
+class _Conv(torch.nn.Module):
+    def __init__(self, stride):
+        super().__init__()
+        self.c, self.bn, self.f = torch.nn.Conv2d(1, 4, 3, stride=stride, padding=1), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.f(self.bn(self.c(x)).mean((2, 3)))
+
+
+def test_a_run_that_stops_on_an_error_leaves_the_teacher_as_it_was():
+    """Feature maps of another size stop the run at its first step; the teacher stayed in eval mode with a
+    capture hook on it (and on the student) holding an activation, until the notebook restarted."""
+    torch.manual_seed(0)
+    teacher, student = _Conv(stride=2).train(), _Conv(stride=1)
+    recipe = {"training": {"epochs": 1, "batch_size": 32},
+              "techniques": [{"type": "distill_kd", "features": [{"student": "c", "teacher": "c"}]}]}
+    with pytest.raises(RecipeError):
+        compress(student, recipe, (torch.randn(64, 1, 8, 8), torch.randint(0, 3, (64,))), lambda m: 0.0, teacher=teacher)
+    assert teacher.training
+    assert not any(m._forward_hooks for m in teacher.modules()) and not any(m._forward_hooks for m in student.modules())
+
+
+class _Tagger(torch.nn.Module):
+    """Token ids -> per-token logits: the teacher's logits are as long as the batch's padding."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb, self.out = torch.nn.Embedding(30, 8), torch.nn.Linear(8, 5)
+
+    def forward(self, ids):
+        return self.out(self.emb(ids))
+
+
+def test_the_teacher_cache_steps_aside_for_inputs_padded_per_batch():
+    """cache_teacher kept one logits shape per sample: a batch padded to another length crashed in the cache."""
+    import jointcompress
+
+    student, teacher = _Tagger(0), _Tagger(1)
+    session = jointcompress.prepare(student, {"techniques": [{"type": "distill_kd", "cache_teacher": True}]},
+                                    total_steps=4, teacher=teacher)
+    for length in (11, 10):
+        ids, labels = torch.randint(1, 30, (3, length)), torch.randint(0, 5, (3, length))
+        batch = (ids, labels, torch.arange(3))
+        if length == 10:
+            with pytest.warns(UserWarning, match=r"cache_teacher: the inputs change shape .*computed on every batch"):
+                terms = session.loss(student(ids), batch)
+        else:
+            terms = session.loss(student(ids), batch)
+        assert torch.isfinite(terms["distill"])
+
+
+def test_token_distillation_of_a_tuple_batch_leaves_out_the_ignored_positions():
+    """((ids), labels) with -100 on the padding: the KL was averaged over the padding too (a dict batch's
+    attention_mask was the only mask read)."""
+    import jointcompress
+
+    student, teacher = _Tagger(0), _Tagger(1)
+    session = jointcompress.prepare(student, {"techniques": [{"type": "distill_kd", "temperature": 2.0, "alpha": 0.5}]},
+                                    total_steps=4, teacher=teacher)
+    ids, labels = torch.randint(1, 30, (3, 8)), torch.randint(0, 5, (3, 8))
+    labels[0, 5:], labels[1, 3:] = -100, -100
+    tuple_term = session.loss(student(ids), (ids, labels))["distill"]
+    real = labels != -100
+    s, t = F.log_softmax(student(ids) / 2, -1), F.log_softmax(teacher(ids) / 2, -1)
+    per_token = (t.exp() * (t - s)).sum(-1) * 4  # T^2 KL per position
+    assert torch.allclose(tuple_term / 0.5, per_token[real].mean(), atol=1e-6)  # alpha 0.5

@@ -220,7 +220,8 @@ def check_teacher_data(teacher: nn.Module, example, model_outputs, alpha: float)
         raise DataError(
             f"teacher: it cannot run on the model's inputs {describe(example)} ({type(err).__name__}: "
             f"{str(err).splitlines()[0][:200]}); the teacher takes the same inputs as the model: the same input "
-            "size, and weights of the inputs' dtype (a bf16 or fp16 teacher: teacher.float())"
+            "size, weights of the inputs' dtype (a bf16 or fp16 teacher: teacher.float()) and on the model's device "
+            "(teacher.to(device))"
         ) from None
     s_logits = logits_of(model_outputs)
     if alpha > 0 and tuple(t_logits.shape) != tuple(s_logits.shape):
@@ -309,7 +310,11 @@ def compress(
         trainer.history.events.append(joint_form)
     if recipe._resolution is not None:  # a resumed run's history is replaced by its checkpoint's, which has it
         trainer.history.events.append(recipe._resolution)
-    history = trainer.run()
+    try:
+        history = trainer.run()
+    except BaseException:  # the user's teacher leaves with its own mode and no capture hooks, whatever stopped the run
+        trainer.session.release_hooks()
+        raise
     metrics = read_metrics(evaluate(model), recipe.training.metric)
     if dist is not None:
         metrics = dist.mean_metrics(metrics)

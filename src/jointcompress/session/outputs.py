@@ -56,12 +56,23 @@ def split_batch(batch) -> Batch:
             warnings.warn("train_data: a batch of three tensors is read as (inputs, labels, sample index), and this one "
                           "looks like (input_ids, attention_mask, labels): the mask would be the labels and the labels "
                           "the index. Give ((input_ids, attention_mask), labels) or dict batches", stacklevel=3)
-        return Batch(batch[0], batch[1] if len(batch) > 1 else None, batch[2] if len(batch) > 2 else None)
+        labels = batch[1] if len(batch) > 1 else None
+        return Batch(batch[0], labels, batch[2] if len(batch) > 2 else None, _labelled_positions(labels))
     if isinstance(batch, torch.Tensor):
         return Batch(batch)
     raise DataError(
         f"train_data: a batch of type {type(batch).__name__}; give (inputs, labels[, index]) tuples or dicts of tensors"
     )
+
+
+def _labelled_positions(labels) -> torch.Tensor | None:
+    """A tuple batch's token mask: its [batch, tokens] labels' positions other than -100 (padding, ignored),
+    so token-level distillation averages over the real tokens as it does with a dict batch's attention_mask."""
+    if isinstance(labels, torch.Tensor) and labels.dim() == 2 and not labels.is_floating_point():
+        ignored = labels == -100
+        if bool(ignored.any()):
+            return ~ignored
+    return None
 
 
 def _looks_like_ids_mask_labels(first, second, third) -> bool:

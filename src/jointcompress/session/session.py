@@ -367,6 +367,11 @@ class CompressionSession:
     def finish(self) -> None:
         """The end of the run: last freeze events; distillation hooks off (teacher mode restored)."""
         self.finish_schedule()
+        self.release_hooks()
+
+    def release_hooks(self) -> None:
+        """Distillation's capture hooks off the model and the teacher, the teacher's mode restored: at the
+        end, and when a run stops on an error (a notebook keeps the models)."""
         for t in self.techniques:
             if hasattr(t, "remove_hooks"):
                 t.remove_hooks()

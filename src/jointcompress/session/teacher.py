@@ -7,6 +7,8 @@ teacher's intermediate outputs, so the teacher then runs on every batch.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .outputs import Batch, call_model, logits_of
@@ -22,6 +24,8 @@ class TeacherCache:
     def __init__(self):
         self.logits: torch.Tensor | None = None
         self.have = torch.zeros(0, dtype=torch.bool)
+        self.input_shapes: tuple | None = None  # per-sample shapes of the first cached batch's inputs
+        self.off: str | None = None  # why the cache stopped (said once)
 
     def get(self, idx: torch.Tensor) -> torch.Tensor | None:
         if self.logits is None or int(idx.max()) >= len(self.have) or not bool(self.have[idx].all()):
@@ -63,7 +67,9 @@ def run_teacher(teacher, batch: Batch) -> torch.Tensor:
 
 def teacher_logits(teacher, batch: Batch, cache: TeacherCache, use_cache: bool) -> torch.Tensor:
     """From the cache when allowed and filled for the batch's indices, else a fresh forward."""
-    if not use_cache or batch.index is None:
+    if use_cache and cache.off is None:
+        _check_cacheable(batch, cache)
+    if not use_cache or batch.index is None or cache.off is not None:
         return run_teacher(teacher, batch)
     cached = cache.get(batch.index)
     if cached is not None:
@@ -71,3 +77,29 @@ def teacher_logits(teacher, batch: Batch, cache: TeacherCache, use_cache: bool) 
     out = run_teacher(teacher, batch)
     cache.put(batch.index, out)
     return out
+
+
+def _check_cacheable(batch: Batch, cache: TeacherCache) -> None:
+    """cache_teacher keeps one logits tensor per sample, of one shape: batches without a sample index
+    (a map-style Dataset's loader) cannot use it, and inputs padded per batch change the logits' length
+    (it crashed on the second length, or would hand back logits of another). Either way the teacher runs
+    on every batch instead, said once."""
+    shapes = tuple(tuple(t.shape[1:]) for t in _tensors(batch.teacher_inputs))
+    if batch.index is None:
+        cache.off = ("the batches carry no sample index (a map-style Dataset's loader); give (x, y) tensors, or "
+                     "batches (x, y, index) / dicts with 'index'")
+    elif cache.input_shapes is None:
+        cache.input_shapes = shapes
+    elif shapes != cache.input_shapes:
+        cache.off = (f"the inputs change shape from batch to batch ({list(cache.input_shapes)} then {list(shapes)}: "
+                     "padding per batch); pad every batch to one length to cache")
+    if cache.off is not None:
+        warnings.warn(f"distill_kd.cache_teacher: {cache.off}. The teacher's logits are computed on every batch",
+                      stacklevel=4)
+
+
+def _tensors(inputs) -> list[torch.Tensor]:
+    if isinstance(inputs, torch.Tensor):
+        return [inputs]
+    values = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else []
+    return [t for v in values for t in _tensors(v)]

@@ -198,7 +198,8 @@ class DistillKD(Technique):
             axis = feature_axis(s.module, s.value)
             self.feature_axes.append(axis)
             spatial = s.value.dim() - 2 if axis == 1 else None
-            self.projections.append(_projection(s.value.shape[axis], t.value.shape[axis], spatial))
+            proj = _projection(s.value.shape[axis], t.value.shape[axis], spatial)  # on the student's device and dtype
+            self.projections.append(proj.to(device=s.value.device, dtype=s.value.dtype))
 
     def teacher_logits(self, ctx: RunContext) -> torch.Tensor:
         cached = ctx.batch_extra.get("teacher_logits")
