@@ -212,3 +212,15 @@ def test_bad_keep_lists_name_the_layer_and_leave_the_model_whole(prune, keep, me
     with pytest.raises(RecipeError, match=message):
         prune(model, keep)
     assert (head_counts(model), ffn_widths(model)) == before
+
+
+def test_make_student_of_an_unsupported_family_is_named():
+    """A plain ValueError about 'head/FFN/layer pruning' came out of make_student for a Qwen2 model."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from jointcompress.errors import UnsupportedModelError
+
+    teacher = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                           num_key_value_heads=1, intermediate_size=32))
+    with pytest.raises(UnsupportedModelError, match="make_student: model_type 'qwen2' is not supported for a student"):
+        make_student(teacher, 1)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jointcompress.errors import RecipeError
+from jointcompress.errors import RecipeError, UnsupportedModelError
 from jointcompress.hf.layers import drop_layers, every_other
 from jointcompress.hf.pruned import n_layers
 
@@ -23,7 +23,12 @@ def make_student(teacher: nn.Module, layers: list[int] | int) -> nn.Module:
 
     Embeddings, pooler and classifier are copied too; the teacher is left untouched.
     """
-    keep = every_other(n_layers(teacher.config), layers) if isinstance(layers, int) else list(layers)
+    try:
+        count = n_layers(teacher.config)
+    except ValueError as err:  # modeling_pruned (loaded without this package) names the supported types so
+        raise UnsupportedModelError(f"make_student: {err}".replace("for head/FFN/layer pruning", "for a student made by "
+                                                                  "dropping layers")) from None
+    keep = every_other(count, layers) if isinstance(layers, int) else list(layers)
     student = copy.deepcopy(teacher)
     drop_layers(student, keep)
     student.config.jc_student_of_layers = keep  # provenance, saved with the config
