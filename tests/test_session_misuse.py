@@ -1,7 +1,7 @@
 """Misuse of a session from the caller's loop is refused or named, not run silently: a CyclicLR
 bound while a technique attaches later, the optimizer's own weight decay, finalize twice, steps
 after finalize, a forgotten bind, outputs without grad, a resume into another recipe or
-total_steps or in the wrong order."""
+total_steps, labels outside the classes, a flat (ids, mask, labels) batch."""
 from __future__ import annotations
 
 import warnings
@@ -12,8 +12,6 @@ import torch.nn as nn
 
 import jointcompress
 from jointcompress import JointCompressError, RecipeError
-
-torch.set_num_threads(1)
 
 LATE_LSQ = {"techniques": [{"type": "quant_lsq", "bits": 4, "start": 0.3}]}  # attaches at step 6 of 20
 PRUNE_LSQ = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.7, "end": 0.6},
@@ -164,7 +162,6 @@ def test_a_prepared_model_loads_what_fits_when_asked_to():
 
 
 def test_labels_outside_the_models_classes_are_named_not_an_index_error():
-    import jointcompress
     from jointcompress.errors import DataError
 
     torch.manual_seed(0)
