@@ -66,8 +66,8 @@ def _cpu_attention_flops(query, key, value, *args, out_val=None, **kwargs) -> in
 
 
 # scaled_dot_product_attention's CPU kernel, which the counter has no formula for (its QK^T and AV products)
-_CPU_ATTENTION = {op: _cpu_attention_flops for op in [getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu",
-                                                              None)] if op is not None}
+_SDPA_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_ATTENTION = {} if _SDPA_CPU is None else {_SDPA_CPU: _cpu_attention_flops}
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
 

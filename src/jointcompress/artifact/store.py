@@ -110,12 +110,16 @@ def _input_records(example_inputs) -> list[dict]:
     return [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in _as_tuple(example_inputs)]
 
 
-def _dummy_inputs(records: list[dict]):
-    """Zeros of the recorded shapes: a dict where the inputs were named, else a tuple."""
-    zeros = [torch.zeros(r["shape"], dtype=getattr(torch, r["dtype"])) for r in records]
+def inputs_of_records(records: list[dict], batch: int | None = None, floats=torch.zeros):
+    """Inputs of the recorded shapes (`batch` rows instead of the recorded ones where given): zeros, or
+    `floats(shape, dtype=...)` for floating inputs; a dict where the inputs were named, else a tuple."""
+    made = []
+    for r in records:
+        dtype, shape = getattr(torch, r["dtype"]), list(r["shape"]) if batch is None else [batch, *r["shape"][1:]]
+        made.append((floats if dtype.is_floating_point else torch.zeros)(shape, dtype=dtype))
     if records and all("name" in r for r in records):
-        return {r["name"]: z for r, z in zip(records, zeros)}
-    return tuple(zeros)
+        return {r["name"]: t for r, t in zip(records, made)}
+    return tuple(made)
 
 
 def _history_json(history) -> list[list]:
@@ -226,7 +230,7 @@ def save(
     inputs = _input_records(example_inputs)
     encoding = _enc.encode_model(model, spec, entropy=entropy)
     if builder is not None:
-        rebuilt = rebuild(builder, history, _dummy_inputs(inputs), str(path), dropped, later)
+        rebuilt = rebuild(builder, history, inputs_of_records(inputs), str(path), dropped, later)
         check_shapes(rebuilt, encoding.layers, encoding.others, f"{path} (checked at save time)")
     blob = file_blob(encoding, container)
     totals = encoding.totals()
@@ -660,7 +664,7 @@ def load_with_spec(path: str | os.PathLike, builder: Callable[[], nn.Module]) ->
     where = str(_weights_path(path, manifest))
     history = manifest["pruning_history"]
     try:
-        inputs = _dummy_inputs(manifest["example_inputs"]) if history else ()
+        inputs = inputs_of_records(manifest["example_inputs"]) if history else ()
     except Exception as exc:  # e.g. a dtype torch.zeros cannot make (quantized)
         raise ArtifactError(
             f"{Path(path) / MANIFEST_FILE}: field example_inputs cannot be turned into tensors ({type(exc).__name__}: {exc})"

@@ -41,14 +41,11 @@ def _recorded_inputs(manifest: dict, n: int):
     (token ids: 0 is an id of every vocabulary); one tensor, a tuple, or a dict where they were named."""
     import torch
 
+    from ..artifact.store import inputs_of_records
+
     records = manifest.get("example_inputs") or [{"shape": [1, 1, 28, 28], "dtype": "float32"}]
-    made = []
-    for r in records:
-        dtype, shape = getattr(torch, r["dtype"]), [n, *r["shape"][1:]]
-        made.append(torch.randn(shape, dtype=dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype))
-    if all("name" in r for r in records):
-        return {r["name"]: t for r, t in zip(records, made)}
-    return made[0] if len(made) == 1 else tuple(made)
+    made = inputs_of_records(records, batch=n, floats=torch.randn)
+    return made[0] if isinstance(made, tuple) and len(made) == 1 else made
 
 
 def _image_shape(manifest: dict) -> tuple[int, int]:

@@ -62,12 +62,9 @@ def quantize_rest(model: nn.Module, spec: CompressionSpec, bits: int = 8) -> Com
 
 def _check_plain(model: nn.Module) -> None:
     """No training parametrization or hook left; a layer's frozen input rounding (finalize's) is part of the model."""
-    from jointcompress.techniques.quant_lsq import FrozenInputQuant
+    from jointcompress.techniques.quant_lsq import has_training_hooks
 
-    def training_hooks(m: nn.Module) -> bool:
-        return bool(m._forward_pre_hooks) and not isinstance(getattr(m, "input_quant", None), FrozenInputQuant)
-
-    if any(hasattr(m, "parametrizations") for m in model.modules()) or any(training_hooks(m) for m in model.modules()):
+    if any(hasattr(m, "parametrizations") for m in model.modules()) or has_training_hooks(model):
         raise ArtifactError(
             "the model still carries training masks or fake-quantizers; save the model finalize_hf_with_spec returned"
         )

@@ -22,21 +22,14 @@ from jointcompress.errors import ArtifactError
 from jointcompress.hf import modeling_pruned
 from jointcompress.hf.int8 import baked_copy
 from jointcompress.hf.pruned import is_pruned_class
+from jointcompress.techniques.quant_lsq import has_training_hooks, rounded_inputs
 
 REMOTE_FILE = "modeling_pruned.py"
 
 
-def _has_hooks(model: nn.Module) -> bool:
-    """A training hook (a mask) left on a layer; a layer's frozen input rounding is not one."""
-    from jointcompress.techniques.quant_lsq import FrozenInputQuant
-
-    return any(m._forward_pre_hooks and not isinstance(getattr(m, "input_quant", None), FrozenInputQuant)
-               for m in model.modules())
-
-
 def _warn_input_rounding(model: nn.Module) -> None:
     """A transformers folder has no place for the input rounding quant_lsq activations: true trained with."""
-    rounded = [n for n, m in model.named_modules() if hasattr(m, "input_quant")]
+    rounded = rounded_inputs(model)
     if rounded:
         warnings.warn(f"the transformers folder does not round the inputs of {len(rounded)} layers as training did "
                       f"(quant_lsq activations: true, e.g. {rounded[0]}), so its logits differ a little from the "
@@ -51,7 +44,7 @@ def export_folder(model: nn.Module, tokenizer, out_dir: str | Path, *, remote_co
     Fake-quant parametrizations are saved as their current values (a baked copy; the
     model passed in is not changed).
     """
-    if _has_hooks(model):
+    if has_training_hooks(model):
         raise ArtifactError(
             "model still has forward pre-hooks (training masks); prune physically and remove the "
             "hook handles before export"

@@ -180,6 +180,13 @@ def rounded_inputs(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(getattr(m, "input_quant", None), FrozenInputQuant)]
 
 
+def has_training_hooks(model: nn.Module) -> bool:
+    """A forward pre-hook left by training (a mask's) on some layer; a finalized layer's input rounding is
+    part of the model, not one."""
+    return any(m._forward_pre_hooks and not isinstance(getattr(m, "input_quant", None), FrozenInputQuant)
+               for m in model.modules())
+
+
 def _quantize_input(module, args):
     return (module.input_quant(args[0]),) + tuple(args[1:])
 
