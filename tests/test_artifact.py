@@ -150,6 +150,55 @@ def test_a_save_killed_halfway_is_named_by_load_and_cleaned_by_the_next_save(cnn
         assert torch.equal(load(tmp_path, SmallCNN)(x), model(x))
 
 
+def _killed_before_its_manifest(monkeypatch):
+    """Make the next save stop as a kill would: its weights written, its manifest not."""
+    from jointcompress.artifact import store
+
+    real = store.atomic_write_bytes
+
+    def write(path, data):
+        if path.name == "manifest.json":
+            raise KeyboardInterrupt
+        real(path, data)
+
+    monkeypatch.setattr(store, "atomic_write_bytes", write)
+    return lambda: monkeypatch.setattr(store, "atomic_write_bytes", real)
+
+
+def test_an_overwrite_killed_halfway_keeps_the_artifact_it_was_replacing(cnn_artifact, tmp_path, monkeypatch):
+    """The overwrite lost the earlier artifact: its manifest no longer matched the new weights file."""
+    model, spec, _, _, x = cnn_artifact
+    save(model, spec, tmp_path, example_inputs=x)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "weights.jcw"]  # no backups left over
+    other, other_spec = fake_finalize(SmallCNN(), x, bits=2, seed=1)
+    restore = _killed_before_its_manifest(monkeypatch)
+    for _ in range(2):  # a second killed save must not take the half-replaced pair for the one to keep
+        with pytest.raises(KeyboardInterrupt):
+            save(other, other_spec, tmp_path, example_inputs=x)
+    restore()
+    with pytest.raises(ArtifactError, match=r"interrupted; the artifact it was replacing is kept there as "
+                                            r"\.previous\.weights\.jcw, \.previous\.manifest\.json"):
+        load(tmp_path, SmallCNN)
+    for name in ("weights.jcw", "manifest.json"):
+        (tmp_path / f".previous.{name}").replace(tmp_path / name)
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path, SmallCNN)(x), model(x))
+
+
+def test_a_save_after_a_killed_overwrite_replaces_the_kept_artifact(cnn_artifact, tmp_path, monkeypatch):
+    model, spec, _, _, x = cnn_artifact
+    save(model, spec, tmp_path, example_inputs=x)
+    other, other_spec = fake_finalize(SmallCNN(), x, bits=2, seed=1)
+    restore = _killed_before_its_manifest(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        save(other, other_spec, tmp_path, example_inputs=x)
+    restore()
+    save(other, other_spec, tmp_path, example_inputs=x)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "weights.jcw"]
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path, SmallCNN)(x), other(x))
+
+
 def test_paths_that_are_not_an_artifact_folder_fail_naming_the_fix(cnn_artifact, tmp_path):
     _, _, path, _, _ = cnn_artifact
     with pytest.raises(ArtifactError, match="is a file; pass the artifact directory"):

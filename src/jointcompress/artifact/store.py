@@ -9,7 +9,9 @@ weights.safetensors that standard tools read (other tensors natively). Version-1
 (safetensors, fp32 scales and biases) still load. Both
 files are written atomically (temp file + os.replace), weights first and manifest last, so a
 crash mid-save leaves either the old artifact or a manifest whose sha256 no longer matches
-(and `load` says so) -- never a silently half-written model.
+(and `load` says so) -- never a silently half-written model. Two files cannot be replaced in one
+atomic step, so an overwrite first links the artifact it replaces under `.previous.` names and
+removes them only once the new pair is complete: a save killed halfway loses nothing.
 
 The shrunken architecture is not pickled either: the manifest stores Torch-Pruning's pruning
 history, and `load` replays it on the dense model the caller's `builder` returns.
@@ -20,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import struct
 from pathlib import Path
 from typing import Any, Callable
@@ -42,6 +45,7 @@ READABLE_VERSIONS = (1, 2)
 CONTAINERS = {"jcw": "weights.jcw", "safetensors": "weights.safetensors"}
 WEIGHTS_FILE = CONTAINERS["jcw"]
 MANIFEST_FILE = "manifest.json"
+PREVIOUS = ".previous."  # prefix of the artifact an overwrite replaces, kept until the new one is whole
 WEIGHTS_METADATA = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}  # the safetensors __metadata__
 MAX_INPUT_NUMEL = 1 << 26  # per example input: the dummy tensors load() builds to replay the pruning history
 
@@ -261,12 +265,48 @@ def save(
     path.mkdir(parents=True, exist_ok=True)
     for left in _save_leftovers(path):  # an earlier save killed halfway; this one replaces what it was writing
         left.unlink(missing_ok=True)
+    _keep_previous(path)
     atomic_write_bytes(path / CONTAINERS[container], blob)
     for other in set(CONTAINERS.values()) - {CONTAINERS[container]}:  # a stale file of the other container
         if (path / other).is_file():
             (path / other).unlink()
     atomic_write_bytes(path / MANIFEST_FILE, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    for kept in _previous_files(path):  # the new artifact is whole
+        kept.unlink(missing_ok=True)
     return manifest
+
+
+def _whole_artifact_files(path: Path) -> list[Path]:
+    """[weights file, manifest] of the artifact in `path` if the two agree (its weights match the manifest's
+    sha256), else []: a folder with no artifact, or one a killed save left half replaced."""
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        name = manifest["weights_file"]
+        _check_weights_file(name)
+        whole = hashlib.sha256((path / name).read_bytes()).hexdigest() == manifest["weights_sha256"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, _Bad):
+        return []
+    return [path / name, path / MANIFEST_FILE] if whole else []
+
+
+def _keep_previous(path: Path) -> None:
+    """Before an overwrite, link the whole artifact in `path` under `.previous.` names (weights first). A
+    half-replaced pair keeps the backups already there: they hold the last whole artifact."""
+    files = _whole_artifact_files(path)
+    if not files:
+        return
+    for kept in _previous_files(path):
+        kept.unlink(missing_ok=True)
+    for f in files:
+        try:
+            os.link(f, path / (PREVIOUS + f.name))
+        except OSError:  # a file system without hard links
+            shutil.copy2(f, path / (PREVIOUS + f.name))
+
+
+def _previous_files(path: Path) -> list[Path]:
+    names = [*CONTAINERS.values(), MANIFEST_FILE]
+    return [p for name in names if (p := path / (PREVIOUS + name)).is_file()]
 
 
 def _save_leftovers(path: Path) -> list[Path]:
@@ -575,7 +615,12 @@ def _read_blob(path: str | os.PathLike, manifest: dict) -> tuple[bytes, Path]:
 
 def _mismatch_cause(path: Path, otherwise: str) -> str:
     """Why the weights file and the manifest disagree: a save killed between its two files leaves its
-    temporary files behind."""
+    temporary files behind, and the artifact it was replacing under `.previous.` names."""
+    kept = _previous_files(path)
+    if kept:
+        moves = "; ".join(f"mv {p.name} {p.name.removeprefix(PREVIOUS)}" for p in kept)
+        return (f"a save into {path} was interrupted; the artifact it was replacing is kept there as "
+                f"{', '.join(p.name for p in kept)}: restore it ({moves}) or save the model again")
     left = _save_leftovers(path)
     if left:
         return f"a save into {path} was interrupted (it left {', '.join(p.name for p in left[:2])}): save the model again"
