@@ -147,7 +147,7 @@ def test_kd_loss_equals_hand_computation():
 
 
 def test_distiller_hidden_projection_gets_gradients():
-    teacher = tiny_bert(layers=4, hidden=32)
+    teacher = tiny_bert(layers=4, hidden=32).train()
     student = tiny_bert(layers=2, hidden=16, heads=2)
     dist = Distiller(teacher, hidden_weight=1.0, ce_weight=0.5, layer_map={1: 2, 2: 4},
                      student_dim=16, teacher_dim=32)
@@ -157,6 +157,8 @@ def test_distiller_hidden_projection_gets_gradients():
     assert math.isfinite(loss.item())
     assert dist.projs["1"].proj.weight.grad is not None
     assert not any(p.grad is not None for p in teacher.parameters())
+    # the user's teacher object is left as given: it set requires_grad False on every parameter
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
     assert student_layer_map([1, 3, 5]) == {1: 2, 2: 4, 3: 6}
 
 

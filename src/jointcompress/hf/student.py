@@ -101,9 +101,9 @@ class Distiller(nn.Module):
                  layer_map: dict[int, int] | None = None, student_dim: int | None = None,
                  teacher_dim: int | None = None):
         super().__init__()
-        self.teacher = [teacher.eval()]  # list: keep it out of this module's parameters
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+        # list: keep it out of this module's parameters. The teacher object stays as the user gave it
+        # (requires_grad, train/eval mode): it runs under no_grad and in eval mode only for each call.
+        self.teacher = [teacher]
         self.temperature, self.alpha, self.ce_weight = temperature, alpha, ce_weight
         self.hidden_weight, self.hidden_kind = hidden_weight, hidden_kind
         self.layer_map = layer_map
@@ -117,8 +117,13 @@ class Distiller(nn.Module):
     def forward(self, student: nn.Module, batch: dict) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         want_h = self.hidden_weight > 0
-        with torch.no_grad():
-            t_out = self.teacher[0](**inputs, output_hidden_states=want_h)
+        teacher = self.teacher[0]
+        was_training = teacher.training
+        try:
+            with torch.no_grad():
+                t_out = teacher.eval()(**inputs, output_hidden_states=want_h)
+        finally:
+            teacher.train(was_training)
         s_out = student(**inputs, output_hidden_states=want_h)
         loss = kd_loss(s_out.logits, t_out.logits, self.temperature, self.alpha)
         if self.ce_weight > 0:
