@@ -344,6 +344,34 @@ def test_a_loop_without_after_step_is_warned_once():
         assert sparsity == (0.5 if call_after else 0.0)  # what the warning is about
 
 
+def test_a_loop_without_before_step_is_warned_once():
+    """Without session.before_step() the techniques never act on the gradients (a learned mask's own
+    gradient, the size budget's, the Fisher estimate's fold): after_step says so, once."""
+    import warnings
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 8)
+    y = x[:, :3].argmax(1)
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5}]}
+    for call_before, expected in ((True, 0), (False, 1)):
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        session = jointcompress.prepare(model, recipe, total_steps=6)
+        opt = torch.optim.Adam(session.param_groups())
+        session.bind(opt)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(6):
+                terms = session.loss(model(x), (x, y))
+                opt.zero_grad()
+                session.backward(terms)
+                if call_before:
+                    session.before_step()
+                opt.step()
+                session.after_step()
+        said = [w for w in caught if "no session.before_step() since the last after_step" in str(w.message)]
+        assert len(said) == expected
+
+
 @pytest.mark.parametrize("criterion", ["magnitude", "learned"])
 def test_prepare_leaves_the_models_batchnorm_statistics_and_modes_alone(criterion):
     """Finding the output layers ran the model in train mode: BatchNorm counted a batch and moved its

@@ -60,6 +60,7 @@ class CompressionSession:
         self._begun: int | None = None  # the step whose schedule update has run
         self._before_at: int | None = None  # the step of the last before_step (after_step must follow it)
         self._warned_no_after = False
+        self._warned_no_before = False
         self._warned_unbound = False
         self.spec = None  # what finalize() returned: the session is finished then
         self.on_restructure: list[Callable[[], None]] = []  # after attach/freeze events (rollback snapshots)
@@ -291,6 +292,13 @@ class CompressionSession:
         advances and (prepare_next) the next step's schedule update runs."""
         if self.spec is not None:
             refuse_finalized("after_step", self.step)
+        if self._before_at != self.step and not self._warned_no_before:
+            # the techniques' work on the gradients (the size budget's and the masks' own gradients,
+            # the Fisher estimate's fold, ...) never ran: the step trained the weights alone
+            self._warned_no_before = True
+            warnings.warn(f"session.after_step() at step {self.step} with no session.before_step() since the last "
+                          "after_step: before_step lets the techniques act on the gradients; call it right before "
+                          "optimizer.step()", RuntimeWarning, stacklevel=2)
         for t in self.techniques:
             if t.attached:
                 t.after_optimizer_step(self.ctx)
