@@ -1,4 +1,5 @@
 """save/load of deployable artifacts: exact sizes, exact logits, shrunken shapes, clear failures."""
+import copy
 import json
 import os
 import struct
@@ -197,6 +198,19 @@ def test_a_save_after_a_killed_overwrite_replaces_the_kept_artifact(cnn_artifact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "weights.jcw"]
     with torch.no_grad():
         assert torch.equal(load(tmp_path, SmallCNN)(x), other(x))
+
+
+def test_a_model_with_nan_parameters_is_not_saved_over_an_artifact(cnn_artifact, tmp_path):
+    """A non-finite training step once finalized and saved a NaN model without a word."""
+    model, spec, _, _, x = cnn_artifact
+    save(model, spec, tmp_path, example_inputs=x)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.fc2.bias[0] = float("nan")
+    with pytest.raises(ArtifactError, match=r"not saved: 1 parameter\(s\) hold NaN or inf \(fc2\.bias\)"):
+        save(broken, spec, tmp_path, example_inputs=x)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_paths_that_are_not_an_artifact_folder_fail_naming_the_fix(cnn_artifact, tmp_path):

@@ -372,6 +372,40 @@ def test_a_loop_without_before_step_is_warned_once():
         assert len(said) == expected
 
 
+def test_a_nan_input_in_the_callers_loop_is_warned_and_finalize_says_the_model_is_broken():
+    """A NaN input at one step of the caller's own loop made every weight NaN; finalize and save went on."""
+    import warnings
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 8)
+    y = x[:, :3].argmax(1)
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5}, {"type": "quant_lsq", "bits": 4}]}
+    for nan_at, expected in ((None, 0), (5, 1)):
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        session = jointcompress.prepare(model, recipe, total_steps=60)
+        opt = torch.optim.Adam(session.param_groups())
+        session.bind(opt)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(60):
+                xb = x.clone()
+                if step == nan_at:
+                    xb[0, 0] = float("nan")
+                terms = session.loss(model(xb), (xb, y))
+                opt.zero_grad()
+                session.backward(terms)
+                session.before_step()
+                opt.step()
+                session.after_step()
+            said = [str(w.message) for w in caught if "were not finite at a step between" in str(w.message)]
+            assert len(said) == expected
+            if nan_at is not None:
+                assert "loss term(s) task were not finite at a step between 0 and 50" in said[0]
+            session.finalize(x[:2])
+        said = [w for w in caught if "parameter(s) hold NaN or inf" in str(w.message)]
+        assert len(said) == expected
+
+
 @pytest.mark.parametrize("criterion", ["magnitude", "learned"])
 def test_prepare_leaves_the_models_batchnorm_statistics_and_modes_alone(criterion):
     """Finding the output layers ran the model in train mode: BatchNorm counted a batch and moved its

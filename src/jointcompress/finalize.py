@@ -90,6 +90,7 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None, 
     _remove_reparametrizations(model)
     if warn_empty:
         _warn_empty_layers(model, specs)
+        _warn_nonfinite(model)
     spec = _with_prior_structure(prior_structure(model), dropped)  # a model finalized or loaded before: its structure first
     spec.layers, spec.recipe = specs, recipe
     todo = {name: (g, drop) for name, (g, drop) in plan.items() if drop}
@@ -119,6 +120,20 @@ def _warn_empty_layers(model: nn.Module, specs: dict) -> None:
         warnings.warn(f"finalize: {len(empty)} layer(s) have no nonzero weight left ({', '.join(empty[:6])}"
                       f"{', ...' if len(empty) > 6 else ''}): each passes only its bias on. Raise the size target "
                       "(or lower the sparsity), or exclude them from pruning", stacklevel=3)
+
+
+def nonfinite_parameters(model: nn.Module) -> list[str]:
+    """Names of the parameters holding a NaN or an infinity (buffers may hold -inf masks on purpose)."""
+    return [name for name, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+
+
+def _warn_nonfinite(model: nn.Module) -> None:
+    bad = nonfinite_parameters(model)
+    if bad:
+        warnings.warn(f"finalize: {len(bad)} parameter(s) hold NaN or inf ({', '.join(bad[:4])}"
+                      f"{', ...' if len(bad) > 4 else ''}): training took a non-finite step in, and the model's outputs "
+                      "are not numbers; artifact.save refuses it. Train again from a clean copy (check the data "
+                      "for NaN, lower the learning rate)", stacklevel=3)
 
 
 def _with_prior_structure(spec: CompressionSpec, dropped: list[str]) -> CompressionSpec:

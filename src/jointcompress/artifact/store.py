@@ -232,6 +232,7 @@ def save(
     dropped = [str(n) for n in getattr(spec, "dropped_blocks", [])]
     later = [[int(n), [str(b) for b in names]] for n, names in getattr(spec, "later_dropped_blocks", [])]
     inputs = _input_records(example_inputs)
+    _refuse_nonfinite(model, path)
     encoding = _enc.encode_model(model, spec, entropy=entropy)
     if builder is not None:
         rebuilt = rebuild(builder, history, inputs_of_records(inputs), str(path), dropped, later)
@@ -274,6 +275,16 @@ def save(
     for kept in _previous_files(path):  # the new artifact is whole
         kept.unlink(missing_ok=True)
     return manifest
+
+
+def _refuse_nonfinite(model: nn.Module, path: Path) -> None:
+    """A model whose parameters hold NaN or inf (a non-finite training step) would load as one whose outputs
+    are not numbers; an earlier artifact in `path` is worth more than that."""
+    bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ArtifactError(f"{path}: not saved: {len(bad)} parameter(s) hold NaN or inf ({', '.join(bad[:4])}"
+                            f"{', ...' if len(bad) > 4 else ''}), so the model's outputs are not numbers; train again "
+                            "from a clean copy (check the data for NaN, lower the learning rate)")
 
 
 def _whole_artifact_files(path: Path) -> list[Path]:

@@ -7,6 +7,8 @@ another recipe or total_steps (another schedule, or torch's raw missing/unexpect
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..errors import RecipeError, TrainingError
@@ -33,6 +35,44 @@ def check_terms_have_grad(terms: dict[str, torch.Tensor]) -> None:
         f"session.backward: none of the loss terms ({names}) requires grad, so nothing would train. The model's "
         "outputs were computed under torch.no_grad() / torch.inference_mode() (an evaluation helper reused for "
         "training?), or detached; compute the training step's outputs with gradients enabled")
+
+
+class NonFiniteWatch:
+    """A non-finite loss term in the caller's own loop (NaN in an input, a learning rate too high): the
+    optimizer writes it into the weights, and finalize and save once baked a NaN model without a word.
+    compress()'s loop rolls such steps back itself. Here each step's terms are flagged where they are
+    (no device sync), the flags read every `every` steps and at finalize, and the first bad one warned."""
+
+    def __init__(self, every: int = 50):
+        self.every = every
+        self.flags: dict[str, torch.Tensor] = {}
+        self.since = 0  # the first step the flags cover
+        self.warned = False
+
+    def note(self, terms: dict[str, torch.Tensor]) -> None:
+        if self.warned:
+            return
+        for name, t in terms.items():
+            if isinstance(t, torch.Tensor):
+                finite = torch.isfinite(t.detach()).all()
+                self.flags[name] = finite if name not in self.flags else self.flags[name] & finite
+
+    def read(self, step: int, model: torch.nn.Module, force: bool = False) -> None:
+        """Warn (once) if a term since the last read was not finite; at `force` (finalize) or every `every` steps."""
+        if self.warned or not self.flags or not (force or step % self.every == 0):
+            return
+        bad = [name for name, flag in self.flags.items() if not bool(flag)]
+        first, self.since, self.flags = self.since, step, {}
+        if not bad:
+            return
+        self.warned = True
+        broken = sum(1 for p in model.parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all()))
+        warnings.warn(
+            f"session: loss term(s) {', '.join(bad)} were not finite at a step between {first} and {step} (NaN or inf "
+            f"in an input or a label, or a learning rate too high); the optimizer steps took them in, and "
+            f"{broken} of the model's parameters are now not finite. compress() rolls such steps back; in your own "
+            "loop, skip optimizer.step() (and session.before_step / after_step) when torch.isfinite(loss) is false, "
+            "or clean the data", RuntimeWarning, stacklevel=3)
 
 
 def session_identity(session) -> dict:

@@ -30,7 +30,7 @@ from ..plan import Plan
 from ..techniques.base import RunContext
 from . import terms as _terms
 from .outputs import Batch, call_model, check_scalar_loss, default_task_loss, logits_of, split_batch
-from .guards import check_fits, check_terms_have_grad, refuse_finalized, session_identity
+from .guards import NonFiniteWatch, check_fits, check_terms_have_grad, refuse_finalized, session_identity
 from .schedule import apply_events, event_steps
 from .sync import Sync
 from .teacher import TeacherCache, teacher_logits
@@ -62,6 +62,7 @@ class CompressionSession:
         self._warned_no_after = False
         self._warned_no_before = False
         self._warned_unbound = False
+        self.nonfinite = NonFiniteWatch()  # the caller's own loop (the built-in loop rolls such steps back)
         self.spec = None  # what finalize() returned: the session is finished then
         self.on_restructure: list[Callable[[], None]] = []  # after attach/freeze events (rollback snapshots)
 
@@ -263,6 +264,8 @@ class CompressionSession:
         if self.spec is not None:
             refuse_finalized("backward", self.step)
         check_terms_have_grad(terms)
+        if not self.owns_optimizer:
+            self.nonfinite.note(terms)
         stats = self.coordinator.backward(terms, self.step)
         self.sync.grads(self.coordinator.params)
         return stats
@@ -303,6 +306,7 @@ class CompressionSession:
             if t.attached:
                 t.after_optimizer_step(self.ctx)
         self.step += 1
+        self.nonfinite.read(self.step, self.model)
         if prepare_next and self.step < self.plan.total_steps:
             self.begin_step()
 
@@ -399,6 +403,7 @@ class CompressionSession:
             return self.spec
         self.finish()
         self._warn_unfinished()
+        self.nonfinite.read(self.step, self.model, force=True)
         self.spec = finalize_session(self, example_inputs)
         return self.spec
 
