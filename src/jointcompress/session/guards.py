@@ -67,12 +67,13 @@ class NonFiniteWatch:
             return
         self.warned = True
         broken = sum(1 for p in model.parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all()))
+        effect = (f"{broken} of the model's parameters are now not finite" if broken else
+                  "the parameters are still finite (a skipped step, e.g. by a GradScaler?)")
         warnings.warn(
             f"session: loss term(s) {', '.join(bad)} were not finite at a step between {first} and {step} (NaN or inf "
-            f"in an input or a label, or a learning rate too high); the optimizer steps took them in, and "
-            f"{broken} of the model's parameters are now not finite. compress() rolls such steps back; in your own "
-            "loop, skip optimizer.step() (and session.before_step / after_step) when torch.isfinite(loss) is false, "
-            "or clean the data", RuntimeWarning, stacklevel=3)
+            f"in an input or a label, or a learning rate too high); {effect}. compress() rolls such steps back; in "
+            "your own loop, skip optimizer.step() (and session.before_step / after_step) when torch.isfinite(loss) "
+            "is false, or clean the data", RuntimeWarning, stacklevel=3)
 
 
 def session_identity(session) -> dict:
