@@ -491,3 +491,17 @@ def test_the_table_counts_removed_channels_in_the_sparsity(tmp_path, monkeypatch
     assert row["params"] < 0.6 * teacher["params"] and row["sparsity"] < 0.1  # shrunk, few zeros left in it
     assert row["sparsity_of_uncompressed"] > 0.4
     assert f"{100 * row['sparsity_of_uncompressed']:.1f}%" in out
+
+
+def test_the_results_table_reports_the_weights_file_a_target_counts():
+    """The table's "stored" and "smaller" read the stored parts (319 B, 7.4x) where the weights file, what a size
+    target counts and `bench` reports, held 343 B (6.9x)."""
+    from rich.console import Console
+
+    from jointcompress.cli import results_table
+
+    rows = {"uncompressed": {"accuracy": 0.9, "bytes": 2360}, "joint": {"accuracy": 0.9, "bytes": 319, "file_bytes": 343}}
+    console = Console(width=200, record=True)
+    console.print(results_table("t", rows))
+    text = console.export_text()
+    assert "343 B" in text and "6.9x" in text and "319 B" not in text, text

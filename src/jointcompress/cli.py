@@ -54,20 +54,23 @@ def _fmt_bytes(n) -> str:
 
 def results_table(title: str, rows: dict[str, dict]) -> Table:
     """One row a model. Sparsity: the share of the uncompressed model's Linear / convolution weights that
-    are zero or removed (channels removed count); nonzero params: of the model as it is, all parameters."""
+    are zero or removed (channels removed count); nonzero params: of the model as it is, all parameters.
+    Stored: the weights file where one was written (what a size target counts and `bench` reports), else
+    the stored parts' bytes; the uncompressed row, fp32 parameters and buffers."""
     table = Table(title=title)
     for col in ("", "accuracy", "sparsity", "bits", "nonzero params", "stored", "smaller", "ms b1", "ms b64", "conflict"):
         table.add_column(col, justify="left" if col == "" else "right")
     base = rows.get("uncompressed", {}).get("bytes")
     for name, r in rows.items():
-        ratio = f"{base / r['bytes']:.1f}x" if base and r.get("bytes") else "-"
+        stored = r.get("file_bytes") or r.get("bytes")
+        ratio = f"{base / stored:.1f}x" if base and stored else "-"
         table.add_row(
             name,
             f"{100 * r['accuracy']:.2f}%",
             f"{100 * r.get('sparsity_of_uncompressed', r.get('sparsity', 0)):.1f}%",
             str(r.get("bits", "-")),
             f"{r.get('nonzero', 0):,} / {r.get('params', 0):,}",
-            _fmt_bytes(r.get("bytes")),
+            _fmt_bytes(stored),
             ratio,
             f"{r['latency_ms_b1']:.3f}" if "latency_ms_b1" in r else "-",
             f"{r['latency_ms_b64']:.3f}" if "latency_ms_b64" in r else "-",

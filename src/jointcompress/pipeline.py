@@ -123,8 +123,8 @@ def finalize_and_save(model: nn.Module, result: Result, teacher: nn.Module, spli
         manifest = save(model, spec, path, builder=builder, example_inputs=example,
                         extra={"baseline_accuracy": evaluate(teacher)["accuracy"], "model": result.recipe.model,
                                "data": split.name})  # what baseline_accuracy was measured on
-        row["bytes"] = manifest["bytes"]["total"]  # values + indices + scales + fp32 biases
-        row["file_bytes"] = manifest["weights_file_bytes"]  # weights.safetensors on disk (+ its header)
+        row["bytes"] = manifest["bytes"]["total"]  # the stored parts: values + indices + scales + biases + the rest
+        row["file_bytes"] = manifest["weights_file_bytes"]  # the weights file on disk: the parts + its container
     row.update(_describe(model, spec, reference_weights=weight_counts(teacher)[1]))
     row["wall_s"] = result.history.wall_seconds
     conflicts = [e["conflict_rate"] for e in result.history.epochs if e.get("conflict_rate") is not None]
