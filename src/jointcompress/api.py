@@ -187,7 +187,7 @@ def check_data(model: nn.Module, example, train_data):
         out = eval_outputs(model, example)
     except (RuntimeError, ValueError, IndexError, TypeError) as err:
         hint = "give inputs of the shape the model expects"
-        if "dtype" in str(err) or "scalar type" in str(err):
+        if any(word in str(err) for word in ("dtype", "scalar type", "Input type (")):  # matmul, index, conv
             hint = ("give inputs of the dtype the model's weights have: x.float() for float64 ones (numpy's default), "
                     "x.float() / 255 for uint8 images")
         if isinstance(example, dict) and any(f"'{k}'" in str(err) for k in LABEL_KEYS if k in example):
@@ -278,6 +278,7 @@ def compress(
     model = _dist.unwrap(model)
     teacher = _dist.unwrap(teacher) if teacher is not None else None
     check_teacher(model, teacher)
+    check_dense_gradients(model)
     check_targets(model, recipe)
     seed_everything(recipe.training.seed)
     loader = as_loader(train_data, recipe.training.batch_size, recipe.training.seed, dist)
@@ -336,6 +337,17 @@ def _check_run_arguments(recipe: Recipe, teacher, run_dir, resume: bool) -> None
                 f"{run_dir} already holds checkpoints of a run; pass resume=True (CLI: --resume) to continue it, "
                 "or choose another run directory"
             )
+
+
+def check_dense_gradients(model: nn.Module) -> None:
+    """The built-in loop trains with Adam, which takes no sparse gradient: an nn.Embedding(sparse=True)
+    failed mid-training inside torch (the gradient check's norm, or Adam itself)."""
+    sparse = [name for name, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+    if sparse:
+        raise UnsupportedModelError(
+            f"{', '.join(sparse[:4])}: an embedding with sparse=True gives sparse gradients, which the built-in "
+            "loop's Adam does not take; set sparse=False on it for compress(), or drive the session in your own "
+            "loop (jointcompress.prepare) with torch.optim.SparseAdam for that table")
 
 
 def train_baseline(model: nn.Module, train_data, evaluate, epochs: int = 10, lr: float = 1e-3, batch_size: int = 128, seed: int = 0, progress=None) -> History:

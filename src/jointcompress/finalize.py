@@ -57,9 +57,13 @@ def _structured_plan(model: nn.Module) -> dict[str, tuple]:
 
 
 def _remove_reparametrizations(model: nn.Module) -> None:
+    """Bake this package's masks and quantizers into plain tensors. A parametrization of the user's own
+    (weight_norm, orthogonal) on a layer no technique touched stays: removing it changed the model's
+    state-dict keys, so the saved artifact no longer loaded into the model its builder makes."""
     for m in model.modules():
-        for pname in list(getattr(m, "parametrizations", {}) or {}):
-            parametrize.remove_parametrizations(m, pname, leave_parametrized=True)
+        for pname, plist in list((getattr(m, "parametrizations", {}) or {}).items()):
+            if any(type(p).__module__.startswith("jointcompress.") for p in plist):
+                parametrize.remove_parametrizations(m, pname, leave_parametrized=True)
         detach_norm_storage(m)
     freeze_input_quant(model)
 
@@ -87,9 +91,12 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None, 
     dropped = collapse_faded(model)  # first: the layers of a removed block leave no spec and no plan
     specs = quant_specs(model)
     plan = _structured_plan(model)
+    pruned = _unstructured_pruned(model)
+    if warn_empty:
+        _warn_zeros_stored_dense([name for name in pruned if name not in specs])
     _remove_reparametrizations(model)
     if warn_empty:
-        _warn_empty_layers(model, specs)
+        _warn_empty_layers(model, [*specs, *(name for name in pruned if name not in specs)])
         _warn_nonfinite(model)
     spec = _with_prior_structure(prior_structure(model), dropped)  # a model finalized or loaded before: its structure first
     spec.layers, spec.recipe = specs, recipe
@@ -107,12 +114,12 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None, 
     return spec
 
 
-def _warn_empty_layers(model: nn.Module, specs: dict) -> None:
+def _warn_empty_layers(model: nn.Module, compressed: list[str]) -> None:
     """A compressed layer without a nonzero weight passes only its bias on: the model still runs, but
     whatever reached that layer is lost. A size target just above what one weight per channel costs can
     land there; nothing else says so."""
     empty = []
-    for name in specs:
+    for name in compressed:
         weight = getattr(model.get_submodule(name), "weight", None)
         if weight is not None and weight.numel() and not bool(weight.any()):
             empty.append(name)
@@ -120,6 +127,23 @@ def _warn_empty_layers(model: nn.Module, specs: dict) -> None:
         warnings.warn(f"finalize: {len(empty)} layer(s) have no nonzero weight left ({', '.join(empty[:6])}"
                       f"{', ...' if len(empty) > 6 else ''}): each passes only its bias on. Raise the size target "
                       "(or lower the sparsity), or exclude them from pruning", stacklevel=3)
+
+
+def _unstructured_pruned(model: nn.Module) -> list[str]:
+    """Layers whose weight carries an unstructured mask."""
+    return [name for name, m in model.named_modules() if parametrize.is_parametrized(m, "weight")
+            and any(isinstance(p, ApplyMask) and p.dim is None for p in m.parametrizations.weight)]
+
+
+def _warn_zeros_stored_dense(dense: list[str]) -> None:
+    """Unstructured masks on a layer that is not quantized: the artifact stores such a layer as a plain fp32
+    tensor (sparse layouts are a quantized layer's), so a prune-only recipe's file did not shrink at any
+    sparsity, and nothing said so."""
+    if dense:
+        warnings.warn(f"finalize: {len(dense)} pruned layer(s) are not quantized ({', '.join(dense[:4])}"
+                      f"{', ...' if len(dense) > 4 else ''}): the artifact stores them dense in fp32, so their zeros do "
+                      "not make the file smaller. Add quant_lsq (bits: 8 stays close to fp32) to store them sparse",
+                      stacklevel=3)
 
 
 def nonfinite_parameters(model: nn.Module) -> list[str]:

@@ -184,6 +184,22 @@ def bound_runner(session, binding):
     return lambda: compiled.run_with_iobinding(inner, options)
 
 
+def _runnable(path: Path, example_input: torch.Tensor):
+    """`ort_predict` on the exported file, once run on the example: an export that ONNX Runtime's CPU kernels
+    refuse (a convolution with padding='same' and dilation, in one) raised onnxruntime's own error."""
+    try:
+        predict = ort_predict(ort_session(path))
+        predict(example_input)
+    except Exception as exc:
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        raise UnsupportedModelError(
+            f"{path}: ONNX Runtime cannot run the exported graph ({str(exc)[:300]}): an operation exported in a form "
+            "its CPU kernels do not take; the node named there comes from one of the model's layers. Change that "
+            "layer's settings (e.g. explicit padding instead of padding='same') or try exporter='dynamo'") from exc
+    return predict
+
+
 def export_and_check(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor,
                      eval_data=None, exporter: str = "auto", tolerance: float | None = 1e-3) -> ParityReport:
     """Export, then compare ONNX Runtime with PyTorch on `eval_data` (or the example input).
@@ -193,7 +209,7 @@ def export_and_check(model: nn.Module, path: str | os.PathLike, example_input: t
     means the graph computes something else, and raises. `tolerance=None` only reports."""
     path = export_onnx(model, path, example_input, exporter)
     model = model.eval()
-    report = compare(model, ort_predict(ort_session(path)), eval_data if eval_data is not None else example_input,
+    report = compare(model, _runnable(path, example_input), eval_data if eval_data is not None else example_input,
                      "onnxruntime fp32", path=str(path))
     allowed = None if tolerance is None else tolerance * max(1.0, report.max_abs_reference or 0.0)
     if allowed is not None and report.max_abs_logit_diff > allowed:

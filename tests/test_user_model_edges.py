@@ -1,0 +1,118 @@
+"""Models of the user's own with parts the techniques do not touch, each once a raw error or a silent
+loss: a parametrization of their own on another layer, a sparse embedding, a layer pruned but not
+quantized, a module's extra state, a graph ONNX Runtime refuses, uint8 images into a convolution."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.utils.parametrizations import weight_norm
+
+import jointcompress
+from jointcompress import compress, finalize
+from jointcompress.artifact import load, save
+from jointcompress.errors import ArtifactError, DataError, UnsupportedModelError
+
+
+def _trained(model, recipe, x, steps=4):
+    session = jointcompress.prepare(model, recipe, total_steps=steps)
+    opt = torch.optim.Adam(session.param_groups(lr=1e-3))
+    session.bind(opt)
+    y = torch.arange(len(x)) % 4
+    for _ in range(steps):
+        terms = session.loss(model(x), (x, y))
+        opt.zero_grad()
+        session.backward(terms)
+        session.before_step()
+        opt.step()
+        session.after_step()
+    return session
+
+
+def _with_weight_norm():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(8, 8, 2, stride=2), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    weight_norm(model[2])  # no technique selects the transposed convolution
+    return model
+
+
+def test_a_users_own_parametrization_on_an_untouched_layer_survives_finalize_and_the_artifact(tmp_path):
+    """finalize removed it too, so the saved state's keys no longer matched the builder's model: load failed."""
+    torch.manual_seed(0)
+    model, x = _with_weight_norm(), torch.randn(16, 3, 8, 8)
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5}, {"type": "quant_lsq", "bits": 4}]}
+    session = _trained(model, recipe, x)
+    with torch.no_grad():
+        trained = model.eval()(x)
+    spec = session.finalize(x[:2])
+    assert "2.parametrizations.weight.original0" in model.state_dict()
+    save(model, spec, tmp_path, builder=_with_weight_norm, example_inputs=x[:2])
+    with torch.no_grad():
+        assert torch.equal(model(x), trained)
+        assert torch.equal(load(tmp_path, _with_weight_norm)(x), trained)
+
+
+def test_a_sparse_embedding_is_refused_by_the_built_in_loop_naming_the_table():
+    class Recommender(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table, self.fc = nn.Embedding(50, 16, sparse=True), nn.Linear(16, 4)
+
+        def forward(self, ids):
+            return self.fc(self.table(ids).mean(1))
+
+    x, y = torch.randint(0, 50, (32, 5)), torch.randint(0, 4, (32,))
+    with pytest.raises(UnsupportedModelError, match=r"table: an embedding with sparse=True .* set sparse=False"):
+        compress(Recommender(), {"techniques": [{"type": "quant_lsq", "bits": 4}]}, (x, y), lambda m: {})
+
+
+def test_pruning_a_layer_that_is_not_quantized_warns_that_the_file_keeps_it_dense():
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    for recipe, expected in (([{"type": "prune_unstructured", "sparsity": 0.9, "end": 0.5}], 2),
+                             ([{"type": "prune_unstructured", "sparsity": 0.9, "end": 0.5}, {"type": "quant_lsq", "bits": 4}], 0)):
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        session = _trained(model, {"techniques": recipe}, x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            session.finalize()
+        said = [str(w.message) for w in caught if "are not quantized" in str(w.message)]
+        assert len(said) == min(expected, 1) and (not said or f"{expected} pruned layer(s)" in said[0])
+
+
+def test_a_modules_extra_state_is_refused_by_save_naming_the_key(tmp_path):
+    class WithState(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(x)
+
+        def get_extra_state(self):
+            return {"vocab": ["a", "b"]}
+
+        def set_extra_state(self, state):
+            pass
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), WithState())
+    spec = finalize(model)
+    with pytest.raises(ArtifactError, match=r"2\._extra_state: the model keeps extra state .* a dict"):
+        save(model, spec, tmp_path / "a")
+
+
+def test_a_graph_onnx_runtime_refuses_is_a_clear_error(tmp_path):
+    from jointcompress.deploy import export_and_check
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding="same", dilation=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4)).eval()
+    with pytest.raises(UnsupportedModelError, match=r"ONNX Runtime cannot run the exported graph .*Dilation"):
+        export_and_check(model, tmp_path / "m.onnx", torch.randn(2, 3, 12, 12))
+
+
+def test_uint8_images_into_a_convolution_are_told_the_conversion():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(4))
+    model(torch.zeros(1, 3, 8, 8))
+    x, y = torch.zeros(8, 3, 8, 8, dtype=torch.uint8), torch.zeros(8, dtype=torch.long)
+    with pytest.raises(DataError, match=r"x\.float\(\) / 255 for uint8 images"):
+        compress(model, {"techniques": [{"type": "quant_lsq", "bits": 4}]}, (x, y), lambda m: {})
