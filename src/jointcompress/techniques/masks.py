@@ -117,15 +117,55 @@ def topk_keep(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return out.view_as(scores)
 
 
+def layer_floor(n: int, min_keep: float) -> int:
+    """The fewest of its `n` entries a tensor keeps in `layer` scope: `min_keep` of them, rounded as
+    the global scope's floor is, and always at least one (a layer or channel group is never emptied:
+    an empty one passes only its bias on, and an empty channel group cannot be removed by finalize)."""
+    return min(n, max(1, round(n * min_keep)))
+
+
+def layer_keep_count(n: int, sparsity: float, min_keep: float) -> int:
+    """How many of its `n` entries a tensor keeps in `layer` scope at `sparsity`: round(n * (1 - sparsity)),
+    raised to layer_floor where the rounding falls under it (the tensor then ends less sparse than asked)."""
+    return max(round(n * (1 - sparsity)), layer_floor(n, min_keep))
+
+
+def floored_layers(sizes: dict[str, int], sparsity: dict[str, float], min_keep: float) -> dict[str, tuple[int, int]]:
+    """The tensors (name -> entries, name -> its sparsity) whose `layer`-scope keep the floor raises:
+    name -> (kept by the rounding alone, kept with the floor)."""
+    out = {}
+    for name, n in sizes.items():
+        asked, kept = round(n * (1 - sparsity[name])), layer_keep_count(n, sparsity[name], min_keep)
+        if kept > asked:
+            out[name] = (asked, kept)
+    return out
+
+
+def floor_warning(kind: str, unit: str, where: str, knob: str, min_keep: float, sizes: dict[str, int],
+                  floored: dict[str, tuple[int, int]]) -> str:
+    """The warning a pruning technique gives once, when it is attached, if layer_floor raises the keep of
+    some of its tensors (`unit`: what they keep, plural; `where`: what they are, plural)."""
+    shown = ", ".join(f"'{name}' keeps {kept} of its {sizes[name]} {unit} (the sparsity alone: {asked})"
+                      for name, (asked, kept) in list(floored.items())[:6])
+    more = f", ... ({len(floored)} in all)" if len(floored) > 6 else ""
+    floor = f"max(1, {kind}.min_keep = {min_keep:g} of its {unit})" if min_keep > 0 else f"one of its {unit}"
+    lower = f"lower {kind}.min_keep to prune them further (one always stays), or " if min_keep > 0 else ""
+    return (f"{kind}: {knob} with scope: layer would leave {len(floored)} of the {where} fewer {unit} than "
+            f"{floor}; each keeps that floor instead and ends less sparse than asked: {shown}{more}. Nothing to "
+            f"do if that is fine; else {lower}leave them out with {kind}.exclude: [...]")
+
+
 def allocate(scores: list[torch.Tensor], sparsity: float, scope: str, min_keep: float) -> list[torch.Tensor]:
     """Exact top-k keep masks for a list of score tensors.
 
-    `layer` scope: every tensor reaches `sparsity` itself (rounded to whole entries).
+    `layer` scope: every tensor reaches `sparsity` itself (rounded to whole entries), but keeps at least
+    layer_floor of its entries (`min_keep` of them, and always one): where the rounding falls under that
+    floor the tensor keeps the floor and ends less sparse than asked; elsewhere the count is the rounding's.
     `global` scope: one budget over all tensors, each keeping at least `min_keep` of its
     entries; the total number kept is exact.
     """
     if scope == "layer":
-        return [topk_keep(s, round(s.numel() * (1 - sparsity))) for s in scores]
+        return [topk_keep(s, layer_keep_count(s.numel(), sparsity, min_keep)) for s in scores]
     sizes = [s.numel() for s in scores]
     total_keep = round(sum(sizes) * (1 - sparsity))
     floors = [min(n, max(1, round(n * min_keep))) if min_keep > 0 else 0 for n in sizes]

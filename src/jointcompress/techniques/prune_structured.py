@@ -11,6 +11,7 @@ unstructured learned masks.
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -22,7 +23,7 @@ from ..errors import RecipeError
 from ..graph import ChannelGroup, discover_groups
 from ..layer_types import BATCH_NORMS
 from .base import RunContext
-from .masks import ApplyMask, ScoredMask, allocate, topk_keep
+from .masks import ApplyMask, ScoredMask, allocate, floor_warning, floored_layers, layer_keep_count, topk_keep
 from .pruning import PruningTechnique, key as _key
 
 
@@ -64,7 +65,22 @@ class PruneStructured(PruningTechnique):
                     parametrize.register_parametrization(layer, pname, applier)
                     self.appliers.append((layer, pname, applier))
         self.attached = True
+        self._warn_floored()
         self._update(ctx.step, force=True)
+
+    def _warn_floored(self) -> None:
+        """Scope layer never empties a group (masks.layer_floor: min_keep of its channels, at least one; an
+        empty group could not be removed by finalize): said once, when attached, naming the groups the
+        floor keeps less sparse than the recipe's sparsity. (layer_sparsity budgets are capped at one
+        channel kept per group in _keeps, and come from allocators that respect their own floors.)"""
+        if self.config.scope != "layer" or self.config.layer_sparsity or self.config.sparsity is None:
+            return
+        sizes = {g.name: g.channels for g in self.groups}
+        floored = floored_layers(sizes, dict.fromkeys(sizes, self.config.sparsity), self.config.min_keep)
+        if floored:
+            warnings.warn(floor_warning("prune_structured", "channels", "channel groups",
+                                        f"prune_structured.sparsity {self.config.sparsity:g}", self.config.min_keep,
+                                        sizes, floored), stacklevel=3)
 
     @staticmethod
     def _channel_norms(g: ChannelGroup, modules: dict[str, nn.Module]) -> torch.Tensor:
@@ -109,6 +125,7 @@ class PruneStructured(PruningTechnique):
                 allocate([m.scores], min(schedules.ramp(per.get(g.name, self.config.sparsity), p, self.config.schedule), 1 - 1 / g.channels), "layer", 0)[0]
                 for g, m in zip(self.groups, masks)
             ]
+        # scope layer: every group keeps at least max(1, min_keep of its channels) (masks.layer_floor)
         return allocate([m.scores for m in masks], schedules.ramp(self.config.sparsity, p, self.config.schedule),
                         self.config.scope, self.config.min_keep)
 
@@ -174,7 +191,11 @@ class PruneStructured(PruningTechnique):
             return True
         # per-group rounding: each group is off by at most half a channel of its own
         slack = 0.5 * len(self.masks) / max(1, self.total_entries())
-        return abs(self.achieved_sparsity() - self.config.sparsity) <= slack + 1e-3 + 1.0 / min(m.hard.numel() for m in self.masks.values())
+        target = self.config.sparsity
+        if self.config.scope == "layer":  # what the groups reach with their floors (masks.layer_keep_count)
+            kept = sum(layer_keep_count(m.hard.numel(), target, self.config.min_keep) for m in self.masks.values())
+            target = 1.0 - kept / max(1, self.total_entries())
+        return abs(self.achieved_sparsity() - target) <= slack + 1e-3 + 1.0 / min(m.hard.numel() for m in self.masks.values())
 
     def pruned_channels(self) -> dict[str, list[int]]:
         """Root layer name -> channel indices whose mask is 0 (what finalize removes)."""

@@ -8,13 +8,15 @@ straight-through gradient.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .. import schedules
 from .base import RunContext, selected_layers
-from .masks import ApplyMask, ScoredMask, allocate
+from .masks import ApplyMask, ScoredMask, allocate, floor_warning, floored_layers, layer_keep_count
 from .pruning import PruningTechnique, key as _key
 
 
@@ -38,7 +40,26 @@ class PruneUnstructured(PruningTechnique):
             parametrize.register_parametrization(layer, "weight", applier)
             self.masks[_key(name)], self.appliers[name] = mask, applier
         self.attached = True
+        self._warn_floored()
         self._update(ctx.step, force=True)
+
+    def _layer_min_keep(self) -> float:
+        """The min_keep of allocate's layer scope: the recipe's; per-layer budgets (layer_sparsity, set by
+        size-target allocators that floor them themselves) only keep the one weight every layer keeps."""
+        return 0.0 if self.config.layer_sparsity else self.config.min_keep
+
+    def _warn_floored(self) -> None:
+        """Scope layer never empties a layer (masks.layer_floor: min_keep of its weights, at least one): said
+        once, when attached, naming the layers the floor keeps less sparse than their target."""
+        if self.config.scope != "layer" or (self.config.sparsity is None and not self.config.layer_sparsity):
+            return
+        sizes = {n: layer.weight.numel() for n, layer in self.layers.items()}
+        floored = floored_layers(sizes, {n: self.layer_target(n) for n in self.layers}, self._layer_min_keep())
+        if floored:
+            knob = ("prune_unstructured.layer_sparsity" if self.config.layer_sparsity
+                    else f"prune_unstructured.sparsity {self.config.sparsity:g}")
+            warnings.warn(floor_warning("prune_unstructured", "weights", "layers", knob, self._layer_min_keep(),
+                                        sizes, floored), stacklevel=3)
 
     def _initial_scores(self, w: torch.Tensor) -> torch.Tensor:
         scores = w.abs()
@@ -72,6 +93,7 @@ class PruneUnstructured(PruningTechnique):
         temp = 0.0 if self.config.criterion == "magnitude" else schedules.temperature(self.config.temperature, p)
         masks = list(self.masks.values())
         if self.config.layer_sparsity:
+            # every layer keeps at least one weight (allocate's layer scope), whatever its budget
             keeps = [allocate([m.scores], schedules.ramp(self.layer_target(n), p, self.config.schedule), "layer", 0)[0] for n, m in zip(self.layers, masks)]
         else:
             keeps = allocate([m.scores for m in masks], self.current_sparsity, self.config.scope, self.config.min_keep)
@@ -132,7 +154,11 @@ class PruneUnstructured(PruningTechnique):
                 abs(m.sparsity() - self.layer_target(n)) <= 1.0 / m.hard.numel() + 1e-6
                 for n, m in zip(self.layers, self.masks.values())
             )
-        return abs(self.achieved_sparsity() - self.config.sparsity) < 1e-3 + 1.0 / max(1, self.total_entries())
+        target = self.config.sparsity
+        if self.config.scope == "layer":  # what the layers reach with their floors (masks.layer_keep_count)
+            kept = sum(layer_keep_count(m.hard.numel(), target, self.config.min_keep) for m in self.masks.values())
+            target = 1.0 - kept / max(1, self.total_entries())
+        return abs(self.achieved_sparsity() - target) < 1e-3 + 1.0 / max(1, self.total_entries())
 
     def metrics(self) -> dict[str, float]:
         return {"sparsity": self.achieved_sparsity(), "sparsity_target_now": self.current_sparsity}
