@@ -156,7 +156,7 @@ def check_layers(model: nn.Module, cfg, i: int) -> None:
         if name in tied:
             other = tied[name]
             raise RecipeError(
-                f"{where}: layer '{name}' shares its weight with '{other}' (tied embeddings); compressing it would "
+                f"{where}: layer '{name}' shares its weight with '{other}' (a tied weight, as an embedding and its output layer); compressing it would "
                 f"change '{other}' too when finalize bakes the weight. Add '{name}'"
                 + (f" and '{other}'" if other in selected else "") + " to exclude"
             )

@@ -19,18 +19,52 @@ def is_conv1d(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # nn.Module's own bookkeeping (hooks, children, flags)
+
+
+def _held_tensors(module: nn.Module):
+    """(attribute, tensor) for every tensor `module` holds itself: its parameters and buffers, and plain
+    attributes (also in a list, tuple or dict), so that a weight referenced anywhere else is seen."""
+    for attr, value in vars(module).items():
+        if attr in ("_parameters", "_buffers"):
+            yield from ((k, t) for k, t in value.items() if t is not None)
+        elif attr in _MODULE_INTERNALS:
+            continue
+        elif isinstance(value, torch.Tensor):
+            yield attr, value
+        elif isinstance(value, (list, tuple, dict)):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            yield from ((f"{attr}[{k!r}]", t) for k, t in items if isinstance(t, torch.Tensor))
+
+
+def _tensor_slots(model: nn.Module) -> dict[int, dict[tuple[int, str], str]]:
+    """id(tensor) -> {(id(owner module), attribute): name}, in model order. One module registered under
+    two names is one owner, so one slot; a module's `weight` is named by the module (lm_head)."""
+    slots: dict[int, dict[tuple[int, str], str]] = {}
+    for prefix, mod in model.named_modules(remove_duplicate=False):
+        for attr, t in _held_tensors(mod):
+            name = prefix if attr == "weight" and prefix else f"{prefix}.{attr}".lstrip(".")
+            slots.setdefault(id(t), {}).setdefault((id(mod), attr), name)
+    return slots
+
+
 def tied_weights(model: nn.Module) -> dict[str, str]:
-    """module name -> the other module whose weight Parameter it shares (e.g. lm_head -> wte)."""
-    first: dict[int, str] = {}
+    """module name -> another name its weight Parameter is reachable under: another module's weight
+    (lm_head -> wte: of two modules the later one is named) or a loose parameter or attribute
+    (enc -> dec_w, a decoder used as `h @ self.dec_w`). Training sees the float original through the
+    other name, and finalize bakes the compressed weight into that same Parameter: the logits change.
+    The same module under two names (`self.b = self.a`) is one layer, not a tie."""
+    all_slots = _tensor_slots(model)
     tied: dict[str, str] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
-        w = getattr(mod, "weight", None)
-        if not isinstance(w, nn.Parameter):
+        w = mod._parameters.get("weight")
+        if w is None:
             continue
-        if id(w) in first and first[id(w)] != name:
-            tied[name] = first[id(w)]
-        else:
-            first.setdefault(id(w), name)
+        own, slots = (id(mod), "weight"), all_slots[id(w)]
+        others = [s for s in slots if s != own]
+        if not others or (next(iter(slots)) == own and others[0][1] == "weight"):
+            continue  # untied, or the first of two tied layers (the later one names it)
+        tied[name] = slots[others[0]]
     return tied
 
 
@@ -71,9 +105,11 @@ def weight_problem(module: nn.Module) -> str | None:
 
     Another library's parametrization on it (weight_norm, spectral_norm) would be baked in with
     ours by finalize while the techniques read and store only their own input; the old hook-based
-    weight_norm recomputes the weight every forward, so it is no Parameter to parametrize; and the
-    step sizes, masks and estimates the techniques train are float32, which parametrize refuses to
-    put on a weight of another dtype. Each is fixed in one call before compressing."""
+    weight_norm and spectral_norm recompute the weight every forward, so it is no Parameter to
+    parametrize; an Embedding's max_norm rescales its stored rows in place on every forward, off the
+    grid finalize put them on; and the step sizes, masks and estimates the techniques train are
+    float32, which parametrize refuses to put on a weight of another dtype. Each is fixed in one call
+    before compressing (or by excluding the layer)."""
     from torch.nn.utils import parametrize
 
     if parametrize.is_parametrized(module, "weight"):
@@ -88,12 +124,30 @@ def weight_problem(module: nn.Module) -> str | None:
         return None
     w = getattr(module, "weight", None)
     if not isinstance(w, nn.Parameter):
-        if hasattr(module, "weight_g") and hasattr(module, "weight_v"):
-            return ("its weight is recomputed every forward by torch.nn.utils.weight_norm's hook; remove it first with "
-                    "torch.nn.utils.remove_weight_norm(layer) (the layer computes the same)")
-        return None
+        return _hooked_weight(module)
+    if getattr(module, "max_norm", None) is not None and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return (f"its max_norm={module.max_norm} rescales the table's rows in place on every forward, so the finalized "
+                "weights would drift off the quantization grid the artifact stores them on; exclude the layer, or build "
+                "it with max_norm=None")
     if w.dtype != torch.float32:
         return (f"its weight is {w.dtype}, and the techniques train float32 weights (their step sizes, masks and "
                 "estimates are float32); call model.float() (and teacher.float()) before compressing: the artifact "
                 "stores the low-bit weights either way")
+    return None
+
+
+def _hooked_weight(module: nn.Module) -> str | None:
+    """Why a weight that is no Parameter cannot be compressed: the old hook-based weight_norm and
+    spectral_norm recompute it from weight_g / weight_v or weight_orig / weight_u / weight_v on every
+    forward, so there is no Parameter to parametrize (torch raised a bare ValueError)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+
+    if hasattr(module, "weight_g") and hasattr(module, "weight_v"):
+        return ("its weight is recomputed every forward by torch.nn.utils.weight_norm's hook; remove it first with "
+                "torch.nn.utils.remove_weight_norm(layer) (the layer computes the same)")
+    hooked = any(isinstance(h, SpectralNorm) for h in module._forward_pre_hooks.values())
+    if hooked or all(hasattr(module, n) for n in ("weight_orig", "weight_u", "weight_v")):
+        return ("its weight is recomputed every forward from weight_orig by torch.nn.utils.spectral_norm's hook; remove "
+                "it first with torch.nn.utils.remove_spectral_norm(layer) (the layer keeps the normalised weight it "
+                "computes in eval mode)")
     return None

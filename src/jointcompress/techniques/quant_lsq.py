@@ -191,6 +191,28 @@ def _quantize_input(module, args):
     return (module.input_quant(args[0]),) + tuple(args[1:])
 
 
+def takes_ids(layer: nn.Module) -> bool:
+    """An embedding's input is integer token ids (and offsets): an input quantizer there would round ids
+    on a float grid (torch refused the mean of int64 ids); its table is quantized as any weight."""
+    return isinstance(layer, (nn.Embedding, nn.EmbeddingBag))
+
+
+def warn_bags_left_out(model: nn.Module, cfg) -> None:
+    """`embeddings: true` selects nn.Embedding tables only: an nn.EmbeddingBag its targets match is left
+    out and stored in fp32, whole; said (as transposed convolutions are), not silently."""
+    import warnings
+
+    from ..graph import matches
+
+    bags = [n for n, m in model.named_modules() if isinstance(m, nn.EmbeddingBag)
+            and matches(n, cfg.targets) and not matches(n, cfg.exclude)]
+    if bags:
+        more = f" and {len(bags) - 1} more" if len(bags) > 1 else ""
+        warnings.warn(f"quant_lsq: embeddings: true quantizes nn.Embedding tables only; the nn.EmbeddingBag "
+                      f"'{bags[0]}'{more} is left out and stored in fp32, whole (the same table as an nn.Embedding, "
+                      "its rows summed or averaged in forward, would be quantized)", stacklevel=2)
+
+
 class QuantLSQ(Technique):
     kind = "quant_lsq"
     order = 20
@@ -211,12 +233,14 @@ class QuantLSQ(Technique):
             parametrize.register_parametrization(layer, "weight", q)
             self.quantizers[name] = q
             attach_bias_quant(layer, q, getattr(self.config, "bias_format", "fp16"))  # trained as stored
-            if self.config.activations:
+            if self.config.activations and not takes_ids(layer):
                 had = hasattr(layer, "input_quant")  # a finalized model's frozen one: replaced, its hook kept
                 layer.input_quant = LSQActivation(self.config.act_bits)
                 self.act_quantizers[name] = layer.input_quant
                 if not had:
                     self.hooks.append(layer.register_forward_pre_hook(_quantize_input))
+        if getattr(self.config, "embeddings", False):
+            warn_bags_left_out(ctx.model, self.config)
         if self.config.stored_norm_format == "fp16":
             self.norm_layers = attach_norm_storage(ctx.model)
         self.attached = True

@@ -1,0 +1,184 @@
+"""Layers the techniques would select but cannot compress correctly are refused before training, named
+with the fix (a weight Parameter also used under another name, the hook-based spectral_norm, an
+Embedding's max_norm); what they can compress is not refused: one module under two names is one layer,
+an embedding's table is quantized without rounding its token ids, and an EmbeddingBag left out is said."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import jointcompress
+from jointcompress.errors import RecipeError, UnsupportedModelError
+from jointcompress.session.checks import tied_weights
+
+PRUNE_QUANT = [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.0}, {"type": "quant_lsq", "bits": 4}]
+
+
+def train(model: nn.Module, recipe: dict, x: torch.Tensor, y: torch.Tensor, steps: int = 3):
+    """A few steps of the caller's own loop; returns the session."""
+    s = jointcompress.prepare(model, recipe, total_steps=steps, example_inputs=x[:2])
+    opt = torch.optim.Adam(s.param_groups(lr=1e-3))
+    s.bind(opt)
+    for _ in range(steps):
+        loss = s.loss(model(x), (x, y))
+        opt.zero_grad()
+        s.backward(loss)
+        s.before_step()
+        opt.step()
+        s.after_step()
+    return s
+
+
+def finalize_keeps_logits(model: nn.Module, session, x: torch.Tensor) -> float:
+    """max |logits after finalize - logits of the trained (masked, fake-quantized) model|."""
+    model.eval()
+    with torch.no_grad():
+        trained = model(x)
+    session.finalize()
+    with torch.no_grad():
+        return float((model(x) - trained).abs().max())
+
+
+class TiedDecoder(nn.Module):
+    """An autoencoder whose decoder is the encoder's weight under a second name, used transposed."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.head = nn.Linear(16, 8), nn.Linear(16, 4)
+        self.dec_w = self.enc.weight
+
+    def forward(self, x):
+        return self.head(F.relu(self.enc(x)) @ self.dec_w)
+
+
+class ListedWeight(TiedDecoder):
+    """The same tie through a plain attribute (a list), which is no registered parameter."""
+
+    def __init__(self):
+        super().__init__()
+        del self.dec_w
+        self.decoders = [self.enc.weight]
+
+    def forward(self, x):
+        return self.head(F.relu(self.enc(x)) @ self.decoders[0])
+
+
+class TiedTable(nn.Module):
+    """An embedding table used again as the output projection through a loose parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(30, 16)
+        self.out_w = self.emb.weight
+
+    def forward(self, ids):
+        return self.emb(ids).mean(1) @ self.out_w.t()
+
+
+class SharedLayer(nn.Module):
+    """One Linear registered under two names (ALBERT-style sharing written as a second reference)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.a, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+        self.b = self.a
+
+    def forward(self, x):
+        return self.head(F.relu(self.b(F.relu(self.a(F.relu(self.inp(x)))))))
+
+
+class Tokens(nn.Module):
+    """Mean of token embeddings, then a Linear; `table` is the embedding module."""
+
+    def __init__(self, table: nn.Module | None = None):
+        super().__init__()
+        self.emb, self.fc = table if table is not None else nn.Embedding(50, 16), nn.Linear(16, 4)
+
+    def forward(self, ids):
+        e = self.emb(ids)
+        return self.fc(e if isinstance(self.emb, nn.EmbeddingBag) else e.mean(1))
+
+
+def _dense_data():
+    torch.manual_seed(0)
+    return torch.randn(64, 16), torch.randint(0, 4, (64,))
+
+
+def _token_data(vocab: int = 50):
+    torch.manual_seed(0)
+    return torch.randint(0, vocab, (32, 6)), torch.randint(0, 4, (32,))
+
+
+@pytest.mark.parametrize("build, other", [(TiedDecoder, "dec_w"), (ListedWeight, r"decoders\[0\]")],
+                         ids=["loose_parameter", "plain_attribute"])
+def test_a_weight_used_under_another_name_is_refused_naming_both(build, other):
+    x, y = _dense_data()
+    with pytest.raises(RecipeError, match=rf"layer 'enc' shares its weight with '{other}'.*'enc' to exclude"):
+        jointcompress.prepare(build(), {"techniques": PRUNE_QUANT}, total_steps=3, example_inputs=x[:2])
+
+
+def test_after_excluding_the_tied_layer_finalize_keeps_the_logits():
+    torch.manual_seed(0)
+    model, (x, y) = TiedDecoder(), _dense_data()
+    recipe = {"techniques": [dict(t, exclude=["enc"]) for t in PRUNE_QUANT]}
+    assert finalize_keeps_logits(model, train(model, recipe, x, y), x[:8]) <= 1e-5
+
+
+def test_an_embedding_tied_to_a_loose_parameter_is_refused():
+    x, y = _token_data(30)
+    recipe = {"techniques": [dict(t, embeddings=True) for t in PRUNE_QUANT]}
+    with pytest.raises(RecipeError, match=r"layer 'emb' shares its weight with 'out_w'.*'emb' to exclude"):
+        jointcompress.prepare(TiedTable(), recipe, total_steps=3, example_inputs=x[:2])
+
+
+def test_two_tied_modules_name_the_later_one_as_before():
+    class Lm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.lm_head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+            self.lm_head.weight = self.wte.weight
+
+    assert tied_weights(Lm()) == {"lm_head": "wte"}
+
+
+def test_one_module_under_two_names_is_one_layer_and_compresses():
+    torch.manual_seed(0)
+    model, x, y = SharedLayer(), torch.randn(64, 8), torch.randint(0, 4, (64,))
+    assert tied_weights(model) == {}
+    recipe = {"techniques": [PRUNE_QUANT[0], dict(PRUNE_QUANT[1], activations=True)]}
+    assert finalize_keeps_logits(model, train(model, recipe, x, y), x[:8]) <= 1e-5
+    assert model.b is model.a
+
+
+def test_the_hook_based_spectral_norm_is_refused_with_its_fix():
+    x = torch.randn(8, 8)
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Linear(8, 16)), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(UnsupportedModelError, match=r"layer '0' .*spectral_norm's hook.*remove_spectral_norm\(layer\)"):
+        jointcompress.prepare(model, {"techniques": PRUNE_QUANT}, total_steps=2, example_inputs=x[:2])
+    nn.utils.remove_spectral_norm(model[0])  # the named fix: then it compresses
+    jointcompress.prepare(model, {"techniques": PRUNE_QUANT}, total_steps=2, example_inputs=x[:2])
+
+
+def test_an_embedding_with_max_norm_is_refused_where_it_would_be_compressed():
+    x, _ = _token_data()
+    recipe = {"techniques": [{"type": "quant_lsq", "bits": 4, "embeddings": True}]}
+    with pytest.raises(UnsupportedModelError, match=r"layer 'emb' .*max_norm=0.5.*exclude the layer.*max_norm=None"):
+        jointcompress.prepare(Tokens(nn.Embedding(50, 16, max_norm=0.5)), recipe, total_steps=2, example_inputs=x[:2])
+    left_out = {"techniques": [{"type": "quant_lsq", "bits": 4}]}  # not selected: nothing to refuse
+    jointcompress.prepare(Tokens(nn.Embedding(50, 16, max_norm=0.5)), left_out, total_steps=2, example_inputs=x[:2])
+
+
+def test_input_quantization_leaves_token_ids_alone_and_quantizes_the_table():
+    model, (x, y) = Tokens(), _token_data()
+    recipe = {"techniques": [{"type": "quant_lsq", "bits": 4, "embeddings": True, "activations": True}]}
+    s = train(model, recipe, x, y)
+    assert not hasattr(model.emb, "input_quant") and hasattr(model.fc, "input_quant")
+    assert torch.nn.utils.parametrize.is_parametrized(model.emb, "weight")  # the table is quantized
+    assert finalize_keeps_logits(model, s, x[:8]) <= 1e-5
+
+
+def test_an_embedding_bag_left_out_is_warned():
+    x, _ = _token_data()
+    recipe = {"techniques": [{"type": "quant_lsq", "bits": 4, "embeddings": True}]}
+    with pytest.warns(UserWarning, match=r"EmbeddingBag 'emb' is left out and stored in fp32"):
+        jointcompress.prepare(Tokens(nn.EmbeddingBag(50, 16)), recipe, total_steps=2, example_inputs=x[:2])
