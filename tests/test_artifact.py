@@ -3,6 +3,7 @@ import copy
 import json
 import os
 import struct
+import warnings
 
 import pytest
 import torch
@@ -211,6 +212,21 @@ def test_a_model_with_nan_parameters_is_not_saved_over_an_artifact(cnn_artifact,
     with pytest.raises(ArtifactError, match=r"not saved: 1 parameter\(s\) hold NaN or inf \(fc2\.bias\)"):
         save(broken, spec, tmp_path, example_inputs=x)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_file_over_the_recipes_size_target_is_warned_by_save(cnn_artifact, tmp_path):
+    """A joint run's values fine-tuned after the budget's freeze coded to 712 B for a 709.9 B target, and
+    nothing said so (the budget's own check ran at the freeze, on its estimate)."""
+    model, spec, _, _, x = cnn_artifact
+    size = save(model, spec, tmp_path / "a", example_inputs=x)["weights_file_bytes"]
+    for target, expected in ((size - 1, 1), (size, 0)):
+        recorded = copy.copy(spec)
+        recorded.recipe = {"techniques": [{"type": "size_budget", "target_bytes": float(target)}]}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            save(model, recorded, tmp_path / "b", example_inputs=x)
+        said = [str(w.message) for w in caught if "over the size target" in str(w.message)]
+        assert len(said) == expected and (not said or f"the weights file is {size:,} B, 1 B" in said[0])
 
 
 def test_paths_that_are_not_an_artifact_folder_fail_naming_the_fix(cnn_artifact, tmp_path):

@@ -204,6 +204,7 @@ def _resumes_to(whole, model, recipe, data, run_dir) -> None:
     assert any(e["event"] == "resumed" for e in resumed.history.events)
     a, b = resumed.model.state_dict(), whole.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return resumed
 
 
 @pytest.mark.parametrize("strategy", ["none", "pcgrad"])
@@ -257,7 +258,13 @@ def test_the_joint_form_resumes_bit_for_bit_from_inside_its_catch_up(tmp_path):
     assert cuts[0] < stop < cuts[-1], cuts  # stopped inside the catch-up
     with pytest.raises(KeyboardInterrupt):
         compress(model(), recipe, (x, y), lambda m: 0.0, run_dir=tmp_path, checkpoint_every=5, callbacks=[_StopAt(stop)])
-    _resumes_to(whole, model, recipe, (x, y), tmp_path)
+    resumed = _resumes_to(whole, model, recipe, (x, y), tmp_path)
+    # the size budget's events are the history's, those before the checkpoint too (a resume lost them, and
+    # compress()'s history had none: only the CLI copied them in, after the run)
+    def size_events(history):
+        return [e for e in history.events if e["event"].startswith("size_")]
+    assert size_events(whole.history) == budget.events and len(budget.events) > 3
+    assert size_events(resumed.history) == budget.events
 
 
 def test_a_resumed_run_keeps_the_target_its_checkpoint_resolved(tmp_path, monkeypatch):

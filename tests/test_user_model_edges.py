@@ -116,3 +116,19 @@ def test_uint8_images_into_a_convolution_are_told_the_conversion():
     x, y = torch.zeros(8, 3, 8, 8, dtype=torch.uint8), torch.zeros(8, dtype=torch.long)
     with pytest.raises(DataError, match=r"x\.float\(\) / 255 for uint8 images"):
         compress(model, {"techniques": [{"type": "quant_lsq", "bits": 4}]}, (x, y), lambda m: {})
+
+
+def test_result_finalize_keeps_the_recipe_in_the_artifacts_manifest(tmp_path):
+    """The README's quick start (finalize(model, inputs), then save) wrote a manifest with recipe null."""
+    from jointcompress.artifact import read_manifest
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    y = x[:, :4].argmax(1)
+    recipe = {"training": {"epochs": 1, "batch_size": 32},
+              "techniques": [{"type": "prune_unstructured", "sparsity": 0.5}, {"type": "quant_lsq", "bits": 4}]}
+    result = compress(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), recipe, (x, y), lambda m: 0.0)
+    spec = result.finalize()
+    save(result.model, spec, tmp_path, example_inputs=result.example_inputs)
+    recorded = read_manifest(tmp_path)["recipe"]
+    assert recorded == result.recipe.model_dump() and recorded["techniques"][1]["bits"] == 4

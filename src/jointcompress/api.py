@@ -37,6 +37,13 @@ class Result:
     techniques: list = field(default_factory=list)
     example_inputs: Any = None
 
+    def finalize(self):
+        """finalize(model, example_inputs) with the recipe that ran recorded in the spec, so the artifact's
+        manifest holds it (finalize(model) alone cannot know it: the manifest's recipe was null)."""
+        from .finalize import finalize
+
+        return finalize(self.model, self.example_inputs, recipe=self.recipe.model_dump())
+
     def summary(self) -> dict[str, Any]:
         out = dict(self.metrics)
         for t in self.techniques:

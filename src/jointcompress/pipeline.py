@@ -114,8 +114,6 @@ def finalize_and_save(model: nn.Module, result: Result, teacher: nn.Module, spli
     """Make the compression permanent, write the artifact to `path`, and measure what is there.
     Returns the measured row and the finalized spec (bits and trained scales, for int8 export)."""
     example = result.example_inputs
-    for t in result.techniques:  # size_budget's projections onto the target, with the rest of the run's events
-        result.history.events.extend(getattr(t, "events", []))
     spec = finalize(model, example, recipe=result.recipe.model_dump())
     evaluate = evaluator(split.x_test, split.y_test)
     row = {"accuracy": evaluate(model)["accuracy"]}

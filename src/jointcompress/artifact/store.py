@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import struct
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -238,6 +239,7 @@ def save(
         rebuilt = rebuild(builder, history, inputs_of_records(inputs), str(path), dropped, later)
         check_shapes(rebuilt, encoding.layers, encoding.others, f"{path} (checked at save time)")
     blob = file_blob(encoding, container)
+    _warn_over_target(spec, len(blob), path)
     totals = encoding.totals()
     if container == "safetensors" and len(blob) < totals["total"]:
         raise ArtifactError(f"{path}: safetensors wrote {len(blob)} bytes, fewer than the {totals['total']} of its parts")
@@ -275,6 +277,19 @@ def save(
     for kept in _previous_files(path):  # the new artifact is whole
         kept.unlink(missing_ok=True)
     return manifest
+
+
+def _warn_over_target(spec: CompressionSpec, size: int, path: Path) -> None:
+    """The run's size budget measures the file at its checks; the values fine-tuned after its freeze can code
+    to a few more bytes, and a target just above one weight per live channel cannot be cut under. The file
+    written is what counts: one over the recipe's target (as the spec records it) is said here."""
+    budget = next((t for t in (spec.recipe or {}).get("techniques", []) if t.get("type") == "size_budget"), {})
+    target = budget.get("target_bytes")
+    if target and size > target:
+        warnings.warn(f"{path}: the weights file is {size:,} B, {size - target:,.0f} B ({size / target - 1:.2%}) over the "
+                      f"size target's {target:,.0f} B (the values fine-tuned after the budget's freeze code to more "
+                      "bytes, or the target is under what one weight per live channel costs); ask for a slightly larger "
+                      "file or a lower target.ratio, or lower quant_lsq.bits", stacklevel=3)
 
 
 def _refuse_nonfinite(model: nn.Module, path: Path) -> None:

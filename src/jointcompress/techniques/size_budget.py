@@ -208,7 +208,8 @@ class SizeBudget(Landing, Technique):
                 f"size_budget: the model at its fixed bit-widths{' with the channels prune_structured removes' if channels else ''} "
                 f"is already {self.start_bytes:,.0f} B before any unstructured pruning, under the "
                 f"{self.config.target_bytes:,.0f} B target: nothing needs pruning and the file will end under the target. "
-                "To spend the budget on precision, raise quant_lsq.bits or set quant_lsq.learn_bits: true"
+                "To spend the budget on precision, raise quant_lsq.bits or learn the widths (quant_lsq.learn_bits: true "
+                "with size_budget written in the recipe: the bare mode: joint form keeps them fixed)"
                 f"{', or lower prune_structured.sparsity' if channels else ''}; for a smaller file, lower target.size_kb "
                 "(or raise target.ratio)", stacklevel=2)
 

@@ -252,8 +252,9 @@ class Landing:
         warnings.warn(
             f"size_budget: the weights file ends at {now:,.0f} B, {1 - now / target:.0%} under the {target:,.0f} B "
             "target: the other techniques left fewer bytes than the target allows (prune_structured's channels, "
-            "quant_lsq.bits). To spend them on accuracy, lower prune_structured.sparsity, raise quant_lsq.bits or set "
-            "quant_lsq.learn_bits: true; for a smaller file, lower target.size_kb (or raise target.ratio)", stacklevel=2)
+            "quant_lsq.bits). To spend them on accuracy, lower prune_structured.sparsity, raise quant_lsq.bits or learn "
+            "the widths (quant_lsq.learn_bits: true with size_budget written in the recipe: the bare mode: joint form "
+            "keeps them fixed); for a smaller file, lower target.size_kb (or raise target.ratio)", stacklevel=2)
 
     def kept_by_layer(self) -> dict[str, int]:
         """Every budgeted layer's kept weights now: the landing's events record them after each cut,

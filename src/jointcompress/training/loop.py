@@ -56,6 +56,7 @@ class Trainer:
         self.loader, self.evaluate, self.progress = train_loader, evaluate, progress
         self.callbacks = list(callbacks or [])
         self.history = History()
+        self._events_copied: dict[int, int] = {}  # technique id -> how many of its events the history holds
         self.pos = Position()
         self.recovery = Recovery(self.session, max_nonfinite, snapshot_every)
         self.best = BestState(self.session)
@@ -84,7 +85,18 @@ class Trainer:
         self.history.best_metric = self.history.best_epoch = None
 
     def save_checkpoint(self):
+        self.collect_technique_events()
         return self.checkpoints.save()
+
+    def collect_technique_events(self) -> None:
+        """The techniques' own events (the size budget's cuts, freeze and projections) into the history as
+        they come: before each checkpoint, so a resumed run keeps them, and at the end, so compress()'s
+        history has them (only the CLI copied them once, after the run)."""
+        for t in self.session.techniques:
+            events = getattr(t, "events", None) or []
+            done = self._events_copied.get(id(t), 0)
+            self.history.events.extend(events[done:])
+            self._events_copied[id(t)] = len(events)
 
     def _snapshot(self) -> None:
         self.recovery.take_good(self.pos.step)
@@ -164,6 +176,7 @@ class Trainer:
         if pos.step >= total:  # freeze events due exactly at the end
             self.session.finish_schedule()
         self.best.restore()
+        self.collect_technique_events()
         self.history.wall_seconds = self.wall_offset + time.perf_counter() - self.t0
         _warn_idle_coordination(self.recipe.coordination, self.history.coordination, self.session.sync.dist)
         self._notify("on_end")
