@@ -34,3 +34,19 @@ def test_demo_compares_both_modes_and_builds_a_fast_model(tmp_path):
 def test_demo_refuses_an_unknown_model(tmp_path):
     res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--model", "resnet"])
     assert res.exit_code != 0 and "--model" in str(res.exception) + res.output
+
+
+def test_demo_writes_over_its_own_output_only(tmp_path):
+    """`demo --out DIR` wrote into any folder (--force was on by default), over the user's files."""
+    from jointcompress.cli import _earlier_demo
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.json").write_text('{"mine": 1}')
+    (mine / "notes.txt").write_text("mine")
+    res = CliRunner().invoke(app, ["demo", "--out", str(mine)])
+    assert res.exit_code != 0 and "already exists and is not empty" in str(res.exception) + res.output
+    assert (mine / "results.json").read_text() == '{"mine": 1}'
+    (mine / "notes.txt").unlink()
+    (mine / "joint").mkdir()  # what a demo stopped halfway leaves: written over, as `make demo` run again does
+    assert _earlier_demo(mine) and not _earlier_demo(tmp_path / "absent")

@@ -329,3 +329,43 @@ def test_a_dataset_is_batched_at_the_recipes_batch_size():
     recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5}], "training": {"epochs": 2, "batch_size": 16}}
     result = compress(nn.Sequential(nn.Linear(8, 3)), recipe, TensorDataset(x, y), lambda m: 0.0)
     assert result.history.epochs[-1]["step"] == 8  # 64 samples / 16 a batch, two epochs
+
+
+def test_resume_with_nothing_to_continue_does_not_overwrite_a_finished_runs_files(tmp_path):
+    """--resume into a folder with no checkpoint started a run over the user's summary, history, recipe and
+    artifact; without --resume the same folder was refused."""
+    from jointcompress.errors import JointCompressError
+    from jointcompress.io import prepare_run_dir
+
+    (tmp_path / "summary.json").write_text('{"mine": 1}')
+    with pytest.raises(JointCompressError, match=r"holds no checkpoint to continue, and summary\.json that a new run"):
+        prepare_run_dir(tmp_path, force=False, resume=True)
+    assert (tmp_path / "summary.json").read_text() == '{"mine": 1}'
+    killed_early = tmp_path / "early"
+    killed_early.mkdir()
+    (killed_early / "teacher.safetensors").write_bytes(b"x")  # what a run killed before its first checkpoint leaves
+    with pytest.warns(UserWarning, match="starts from the beginning"):
+        prepare_run_dir(killed_early, force=False, resume=True)
+
+
+def test_force_removes_the_old_runs_checkpoints_only(tmp_path):
+    """--force removed the whole checkpoints folder, the user's own files in it too."""
+    from jointcompress.io import prepare_run_dir
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    (ckpts / "ckpt-000000022.pt").write_bytes(b"old run")
+    (ckpts / "my_resnet_epoch90.pt").write_bytes(b"mine")
+    prepare_run_dir(tmp_path, force=True, resume=False)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["my_resnet_epoch90.pt"]
+
+
+def test_written_files_get_the_permissions_the_umask_gives(tmp_path):
+    """mkstemp's 0600 survived the atomic rename: artifacts and summaries were unreadable to the group."""
+    import os
+    import stat
+
+    from jointcompress.io import _umask, atomic_write_bytes
+
+    atomic_write_bytes(tmp_path / "a.json", b"{}")
+    assert stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode) == 0o666 & ~_umask()

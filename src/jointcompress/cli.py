@@ -86,7 +86,7 @@ def demo(
     teacher_epochs: int = typer.Option(15, min=1, help="Epochs to train the uncompressed teacher."),
     epochs: int = typer.Option(None, min=1, help="Compression epochs (default: the demo recipe's)."),
     ratio: float = typer.Option(100.0, min=1.5, help="Size target: the weights file this many times smaller than fp32."),
-    force: bool = typer.Option(True, help="Overwrite the demo's own output directory."),
+    force: bool = typer.Option(False, help="Write into a non-empty --out that is not an earlier demo's output."),
 ):
     """Train a teacher on the embedded digits data, compress it to one size target twice,
     sequentially (allocator budgets; prune, then quantize) and jointly (dead-zone quantizer and
@@ -97,7 +97,7 @@ def demo(
 
     if model not in ("lenet5", "lenet300"):
         raise JointCompressError(f"--model {model!r}: the demo runs 'lenet5' or 'lenet300' (use `compress` for other models)")
-    out = prepare_output_dir(out, force=force)
+    out = prepare_output_dir(out, force=force or _earlier_demo(out))
     with progress_bar() as bar:
         res = run_demo(out, model=model, ratio=ratio, teacher_epochs=teacher_epochs, epochs=epochs,
                        progress=lambda name: tracked(bar, name))
@@ -106,6 +106,18 @@ def demo(
     atomic_write_json(out / "results.json", {"command": command, "rows": res.rows, "wall_seconds": res.wall_seconds,
                                              "target_bytes": res.target_bytes, "recipe": res.recipe})
     console.print(f"artifacts in {out}/sequential, {out}/joint and {out}/structured (its int8 ONNX model in {out}/structured-int8); wall time {res.wall_seconds:.0f} s")
+
+
+DEMO_OUTPUTS = {"results.json", "joint", "sequential", "structured", "structured-int8"}
+
+
+def _earlier_demo(out: Path) -> bool:
+    """Whether `out` holds only what an earlier demo writes (a finished one, or one stopped halfway): the demo
+    writes over its own output, as `make demo` run twice does, but not over a folder of other files."""
+    try:
+        return out.is_dir() and all(p.name in DEMO_OUTPUTS for p in out.iterdir())
+    except OSError:
+        return False
 
 
 def _print_demo(res, ratio: float) -> None:

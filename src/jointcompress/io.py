@@ -2,6 +2,7 @@
 output directory is overwritten unless the user asked for it, so nothing a user made is lost."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -11,11 +12,22 @@ from typing import Any
 from .errors import JointCompressError
 
 
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process's umask, read once (reading it means setting it, which is process-wide)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `path` whole or not at all, with the permissions a plain open() would give it (mkstemp's 0600
+    survived the rename: artifacts and summaries came out unreadable to the user's group)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -64,31 +76,62 @@ def prepare_output_dir(path: str | os.PathLike, force: bool = False, resumable: 
     return path
 
 
+RUN_OUTPUTS = ("summary.json", "history.json", "recipe.yaml", "artifact")  # what a finished run writes
+
+
 def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=None,
                     fresh: tuple[str, ...] = ("checkpoints",)) -> Path:
     """The output directory of a `compress` run, prepared once for every rank.
 
-    Every rank checks it before any rank writes (unless resuming); rank 0 creates it and, on a
-    --force restart, removes the old run's `fresh` subfolders (its checkpoints must not be
-    resumed into the new run); then all ranks wait until it exists.
+    Every rank checks it before any rank writes; rank 0 creates it and, on a --force restart,
+    removes the old run's `fresh` outputs (its checkpoints must not be resumed into the new run;
+    only the checkpoint files a run writes, not a folder's other files); then all ranks wait
+    until it exists. --resume with no checkpoint starts the run, unless the folder holds a
+    finished run's outputs (or files of those names) that it would overwrite: that needs --force.
     """
-    import shutil
+    from .checkpoint import CheckpointStore
 
     path = Path(path)
     if not resume:
         check_output_dir(path, force=force)
-    elif (dist is None or dist.is_main) and not any(p.is_file() for p in (path / "checkpoints").glob("*.pt")):
-        import warnings
-
-        warnings.warn(f"--resume: {path} holds no checkpoint of an earlier run, so this one starts from the beginning "
-                      "(check --out if you meant to continue a run)", stacklevel=2)
+    elif not CheckpointStore(path).paths():
+        _resume_without_checkpoint(path, force, dist)
     if dist is not None:
         dist.barrier()
     if dist is None or dist.is_main:
         prepare_output_dir(path, force=resume or force, resumable=True)
         if force and not resume:
-            for sub in fresh:
-                shutil.rmtree(path / sub, ignore_errors=True)
+            _remove_fresh(path, fresh)
     if dist is not None:
         dist.barrier()
     return path
+
+
+def _resume_without_checkpoint(path: Path, force: bool, dist) -> None:
+    """Nothing to continue: a folder with a run's outputs (or the user's files of those names) is refused as
+    a new run would refuse it; an empty one, or one a run killed before its first checkpoint left, starts."""
+    held = [name for name in RUN_OUTPUTS if (path / name).exists()]
+    if held and not force:
+        raise JointCompressError(
+            f"--resume: {path} holds no checkpoint to continue, and {', '.join(held)} that a new run would "
+            "overwrite; choose another --out, or pass --force as well to start over in it")
+    if dist is None or dist.is_main:
+        import warnings
+
+        warnings.warn(f"--resume: {path} holds no checkpoint of an earlier run, so this one starts from the beginning "
+                      "(check --out if you meant to continue a run)", stacklevel=3)
+
+
+def _remove_fresh(path: Path, fresh: tuple[str, ...]) -> None:
+    """An earlier run's outputs a --force restart must not mix with its own: the checkpoint files a run
+    writes (the user's other files in that folder stay), and the other `fresh` folders whole."""
+    import shutil
+
+    from .checkpoint import CheckpointStore
+
+    for sub in fresh:
+        if sub == "checkpoints":
+            for old in CheckpointStore(path).paths():
+                old.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path / sub, ignore_errors=True)
