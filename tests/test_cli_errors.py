@@ -505,3 +505,29 @@ def test_the_results_table_reports_the_weights_file_a_target_counts():
     console.print(results_table("t", rows))
     text = console.export_text()
     assert "343 B" in text and "6.9x" in text and "319 B" not in text, text
+
+
+def test_a_metric_the_command_line_does_not_measure_is_refused_before_any_training(tmp_path, monkeypatch, capsys):
+    """training.metric: acc passed `recipe validate` and failed only after the teacher and a compression epoch."""
+    recipe = _recipe(tmp_path, "training: {epochs: 1, metric: acc}\ntechniques: [{type: quant_lsq, bits: 4}]\n")
+    code, out = _cli(monkeypatch, capsys, "compress", recipe, "--out", tmp_path / "o")
+    assert code == 2 and "training.metric 'acc'" in out and not (tmp_path / "o").exists(), out
+
+
+def test_resume_with_other_weights_than_the_run_began_from_is_refused(tmp_path, monkeypatch, capsys, weights_file):
+    """--resume --weights B on a run begun from A compressed B from A's checkpoint, and the summary reported
+    B as the uncompressed model."""
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({k: v + 0.01 for k, v in load_file(str(weights_file)).items()}, str(other))
+    recipe = _recipe(tmp_path, "training: {epochs: 1}\ntechniques: [{type: quant_lsq, bits: 4}]\n")
+    out = tmp_path / "o"
+    code, text = _cli(monkeypatch, capsys, "compress", recipe, "--weights", weights_file, "--out", out)
+    assert not code and json.loads((out / "start.json").read_text())["weights"] == str(weights_file), text
+    code, text = _cli(monkeypatch, capsys, "compress", recipe, "--weights", other, "--out", out, "--resume")
+    assert code == 2 and f"began from {weights_file}" in text and "holds other weights" in text, text
+    code, text = _cli(monkeypatch, capsys, "compress", recipe, "--out", out, "--resume")
+    assert code == 2 and f"began from --weights {weights_file}; pass it again" in text, text
+    code, text = _cli(monkeypatch, capsys, "compress", recipe, "--weights", weights_file, "--out", out, "--resume")
+    assert not code, text

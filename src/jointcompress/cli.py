@@ -5,6 +5,7 @@ non-zero exit; a traceback is shown only with --debug.
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -188,6 +189,9 @@ def compress_cmd(
         raise JointCompressError(f"{recipe_path}: no model given; set `model:` in the recipe or pass --model")
     model_name = absolute_builder(model_name)  # the manifest records it: bench finds the file from anywhere
     recipe = recipe.model_copy(update={"model": model_name})
+    if recipe.training.metric != "accuracy":  # found only after the teacher and a compression epoch had trained
+        raise JointCompressError(f"{recipe_path}: training.metric {recipe.training.metric!r}: the command line measures "
+                                 "'accuracy' on the data's test split; remove training.metric (or set it to accuracy)")
     split = load_split(recipe, data)
     dist = init_from_env()
     main_rank = dist is None or dist.is_main
@@ -217,17 +221,52 @@ def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights
     from .io import atomic_write_bytes
     from .pipeline import load_start, load_weights, train_teacher
 
-    teacher_file = out / "teacher.safetensors"
+    teacher_file, start_file = out / "teacher.safetensors", out / "start.json"
+    earlier = _earlier_start(start_file) if resume else None
+    if earlier is not None and earlier["weights"] and not weights:
+        raise JointCompressError(f"--resume: the run in {out} began from --weights {earlier['weights']}; pass it again")
     if weights:
-        return load_start(builder, weights)
-    if resume and teacher_file.is_file():
+        teacher = load_start(builder, weights)
+    elif resume and teacher_file.is_file():
         return load_weights(builder(), teacher_file)
-    teacher = train_teacher(model_name, split, teacher_epochs, lr=recipe.training.lr, progress=progress("train model"))
-    if save:
-        from safetensors.torch import save as st_save
+    else:
+        teacher = train_teacher(model_name, split, teacher_epochs, lr=recipe.training.lr, progress=progress("train model"))
+        if save:
+            from safetensors.torch import save as st_save
 
-        atomic_write_bytes(teacher_file, st_save({k: v.contiguous() for k, v in teacher.state_dict().items()}))
+            atomic_write_bytes(teacher_file, st_save({k: v.contiguous() for k, v in teacher.state_dict().items()}))
+    _same_start(start_file, earlier, teacher, weights, save)
     return teacher
+
+
+def _earlier_start(start_file: Path) -> dict | None:
+    try:
+        return json.loads(start_file.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _same_start(start_file: Path, earlier: dict | None, teacher, weights, save: bool) -> None:
+    """Record which weights the run compresses (start.json: the path and a digest of the state); a resumed
+    run given other --weights is refused: it compressed the new model from the old one's checkpoint, and the
+    summary then reported the new model as the uncompressed one."""
+    import hashlib
+
+    import torch
+
+    from .io import atomic_write_json
+
+    digest = hashlib.sha256()
+    for key, t in sorted(teacher.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    start = {"weights": str(weights) if weights else None, "state_sha256": digest.hexdigest()}
+    if earlier is not None and earlier.get("state_sha256") != start["state_sha256"]:
+        raise JointCompressError(f"--resume: the run in {start_file.parent} began from "
+                                 f"{earlier.get('weights') or 'the model it trained first'}, and --weights {weights} "
+                                 "holds other weights; pass the weights it began from, or start over with --force")
+    if save and earlier is None:
+        atomic_write_json(start_file, start)
 
 
 def _write_compress_results(out: Path, recipe_path: Path, recipe, teacher, outcome, split, model_name: str) -> None:
