@@ -132,3 +132,19 @@ def test_result_finalize_keeps_the_recipe_in_the_artifacts_manifest(tmp_path):
     save(result.model, spec, tmp_path, example_inputs=result.example_inputs)
     recorded = read_manifest(tmp_path)["recipe"]
     assert recorded == result.recipe.model_dump() and recorded["techniques"][1]["bits"] == 4
+
+
+@pytest.mark.parametrize("technique", [{"type": "prune_unstructured", "scope": "layer", "sparsity": 0.5,
+                                        "layer_sparsity": {"fc_1": 0.9}},
+                                       {"type": "quant_lsq", "bits": 4, "layer_bits": {"fc_1": 8}}])
+def test_a_per_layer_setting_naming_no_layer_is_refused(technique):
+    """A typo in layer_sparsity / layer_bits was ignored: the layer ran at the default."""
+    from jointcompress.errors import RecipeError
+
+    model = nn.Sequential()
+    model.add_module("fc1", nn.Linear(8, 16))
+    model.add_module("act", nn.ReLU())
+    model.add_module("fc2", nn.Linear(16, 4))
+    x, y = torch.randn(16, 8), torch.zeros(16, dtype=torch.long)
+    with pytest.raises(RecipeError, match=r"names 'fc_1', not a layer it compresses; those are 'fc1', 'fc2'"):
+        compress(model, {"techniques": [technique]}, (x, y), lambda m: 0.0)

@@ -167,12 +167,23 @@ def check_layers(model: nn.Module, cfg, i: int) -> None:
                 f"change '{other}' too when finalize bakes the weight. Add '{name}'"
                 + (f" and '{other}'" if other in selected else "") + " to exclude"
             )
+    _check_named_layers(cfg, selected, where)
     conv1d = [n for n, m in model.named_modules() if is_conv1d(m) and matches(n, cfg.targets) and not matches(n, cfg.exclude)]
     if conv1d:
         raise RecipeError(
             f"{where}: '{conv1d[0]}' is a transformers Conv1D (GPT-2 style), which the techniques do not act on; "
             "convert the model first with jointcompress.hf.causal.conv1d_to_linear(model) (exact), or exclude it"
         )
+
+
+def _check_named_layers(cfg, selected: dict, where: str) -> None:
+    """Per-layer settings (prune_unstructured.layer_sparsity, quant_lsq.layer_bits) must name layers the
+    technique acts on: a typo (fc_1 for fc1) was ignored, and the layer ran at the default."""
+    field = "layer_sparsity" if cfg.type == "prune_unstructured" else "layer_bits" if cfg.type == "quant_lsq" else None
+    unknown = [name for name in (getattr(cfg, field, None) or {}) if name not in selected] if field else []
+    if unknown:
+        raise RecipeError(f"{where}: {field} names {', '.join(map(repr, unknown[:4]))}, not a layer it compresses; "
+                          f"those are {', '.join(map(repr, list(selected)[:12]))}{', ...' if len(selected) > 12 else ''}")
 
 
 def eval_outputs(model: nn.Module, inputs):
