@@ -369,3 +369,20 @@ def test_written_files_get_the_permissions_the_umask_gives(tmp_path):
 
     atomic_write_bytes(tmp_path / "a.json", b"{}")
     assert stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode) == 0o666 & ~_umask()
+
+
+def test_weights_files_are_read_by_content_and_a_pickle_is_refused_without_unsafe_advice(tmp_path):
+    """A safetensors file not named *.safetensors went to torch.load, whose error (quoted) advised
+    weights_only=False; so did a file with a pickled object."""
+    from safetensors.torch import save_file
+
+    from jointcompress.errors import ArtifactError
+    from jointcompress.pipeline import load_weights
+
+    model = nn.Linear(3, 2)
+    save_file(model.state_dict(), str(tmp_path / "w.bin"))
+    assert torch.equal(load_weights(nn.Linear(3, 2), tmp_path / "w.bin").weight, model.weight)
+    torch.save({"weight": model.weight.detach(), "extra": copy.copy}, tmp_path / "evil.pt")
+    with pytest.raises(ArtifactError, match="holds pickled objects besides tensors") as caught:
+        load_weights(nn.Linear(3, 2), tmp_path / "evil.pt")
+    assert "weights_only=False" not in str(caught.value)

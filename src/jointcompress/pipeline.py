@@ -3,6 +3,7 @@ benchmarks share (train or load the model, compress, finalize, save, measure).""
 from __future__ import annotations
 
 import copy
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -57,18 +58,29 @@ def load_start(builder: Callable[[], nn.Module], path: str | Path) -> nn.Module:
     return load_weights(builder(), path)
 
 
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file under another name: 8 bytes of little-endian header length, then the JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a state dict from .safetensors (or a torch file with weights_only=True: no unpickling)."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"weights file not found: {path}")
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors" or _looks_like_safetensors(path):
             from safetensors.torch import load_file
 
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's text would suggest weights_only=False: never, for a file not trusted
+        raise ArtifactError(
+            f"{path}: holds pickled objects besides tensors, which are not loaded (nothing is unpickled); save the "
+            "weights alone: torch.save(model.state_dict(), path), or safetensors") from None
     except Exception as err:  # noqa: BLE001 - any reading problem is the file's
         raise ArtifactError(
             f"{path}: cannot be read as weights ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); "
