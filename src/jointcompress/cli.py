@@ -98,10 +98,16 @@ def demo(
 
     if model not in ("lenet5", "lenet300"):
         raise JointCompressError(f"--model {model!r}: the demo runs 'lenet5' or 'lenet300' (use `compress` for other models)")
+    from .targets import TargetError
+
     out = prepare_output_dir(out, force=force or _earlier_demo(out))
-    with progress_bar() as bar:
-        res = run_demo(out, model=model, ratio=ratio, teacher_epochs=teacher_epochs, epochs=epochs,
-                       progress=lambda name: tracked(bar, name))
+    try:
+        with progress_bar() as bar:
+            res = run_demo(out, model=model, ratio=ratio, teacher_epochs=teacher_epochs, epochs=epochs,
+                           progress=lambda name: tracked(bar, name))
+    except TargetError as err:  # it names a recipe's fields; the demo's one knob is --ratio
+        raise TargetError(f"{err}. The demo has no recipe: its target is --ratio {ratio:g}; ask for a lower "
+                          "--ratio") from err
     _print_demo(res, ratio)
     command = " ".join(["jointcompress", *sys.argv[sys.argv.index("demo"):]]) if "demo" in sys.argv else "jointcompress demo"
     atomic_write_json(out / "results.json", {"command": command, "rows": res.rows, "wall_seconds": res.wall_seconds,
