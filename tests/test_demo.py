@@ -50,3 +50,16 @@ def test_demo_writes_over_its_own_output_only(tmp_path):
     (mine / "notes.txt").unlink()
     (mine / "joint").mkdir()  # what a demo stopped halfway leaves: written over, as `make demo` run again does
     assert _earlier_demo(mine) and not _earlier_demo(tmp_path / "absent")
+
+
+def test_an_unreachable_demo_target_names_the_ratio_option(tmp_path, monkeypatch):
+    """lenet300 at the default 100x: the message named target.size_kb and min_keep, which the demo has not."""
+    import jointcompress.demo
+    from jointcompress.targets import TargetError
+
+    def unreachable(*args, **kwargs):
+        raise TargetError("target: 2.0 KiB cannot be reached; raise target.size_kb")
+
+    monkeypatch.setattr(jointcompress.demo, "run_demo", unreachable)
+    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--model", "lenet300"])
+    assert res.exit_code != 0 and "its target is --ratio 100; ask for a lower --ratio" in str(res.exception) + res.output
