@@ -90,20 +90,9 @@ def load_mnist(path: str | Path) -> Split:
     if not path.is_file():
         raise DataError(f"data: file not found: {path} (expected 'digits' or an .npz with x_train, y_train, x_test, "
                         "y_test)")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    except KeyError as err:
-        raise DataError(f"data: {path} lacks array {err}; expected x_train, y_train, x_test, y_test") from None
-    except (ValueError, OSError) as err:
-        import zipfile
-
-        if not zipfile.is_zipfile(path):  # np.load then tries to unpickle it and says so
-            raise DataError(f"data: {path} is not an .npz archive; give numpy.savez(path, x_train=..., y_train=..., "
-                            "x_test=..., y_test=...) output") from None
-        raise DataError(f"data: {path} is not a readable .npz file: {err}") from None
-    x_train = _channels_first(arrays["x_train"], f"{path}:x_train").astype(np.float32) / 255.0
-    x_test = _channels_first(arrays["x_test"], f"{path}:x_test").astype(np.float32) / 255.0
+    arrays = _read_npz(path)
+    x_train, x_test = (_channels_first(_pixels(arrays[k], f"{path}:{k}"), f"{path}:{k}").astype(np.float32) / 255.0
+                       for k in ("x_train", "x_test"))
     if x_train.shape[1:] != x_test.shape[1:]:
         raise DataError(f"data: {path}: x_train images are {x_train.shape[1:]} but x_test images {x_test.shape[1:]}; "
                         "they must match")
@@ -113,11 +102,14 @@ def load_mnist(path: str | Path) -> Split:
         xtr, xte = _normalise(x_train, x_test)
     else:
         xtr, xte = _normalise_channels(x_train, x_test)
-    ytr = torch.from_numpy(_class_labels(arrays["y_train"], f"{path}:y_train", len(x_train)))
-    yte = torch.from_numpy(_class_labels(arrays["y_test"], f"{path}:y_test", len(x_test)))
-    if len(ytr.unique()) < 2:  # a one-output classifier is right by construction: its 100% would mean nothing
+    ytr = _class_labels(arrays["y_train"], f"{path}:y_train", len(x_train))
+    yte = _class_labels(arrays["y_test"], f"{path}:y_test", len(x_test))
+    if len(np.unique(ytr)) < 2:  # a one-output classifier is right by construction: its 100% would mean nothing
         raise DataError(f"data: {path}:y_train holds one class ({int(ytr[0])}); a classifier needs images of at "
                         "least two classes")
+    num_classes = _class_count(ytr, f"{path}:y_train")
+    _check_held_out_labels(yte, num_classes, f"{path}:y_test")
+    ytr, yte = torch.from_numpy(ytr), torch.from_numpy(yte)
     return Split(xtr, ytr, xte, yte, path.stem)  # tables and results name the data set by its file ("mnist")
 
 
@@ -131,17 +123,112 @@ def _check_images(x: np.ndarray, what: str) -> None:
         raise DataError(f"data: {what}: {bad} of {len(x)} images contain NaN or Inf; clean or drop them")
 
 
+_SAVEZ = "numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
+_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _read_npz(path: Path) -> dict:
+    """The four arrays of an .npz, or one DataError naming the file and what to give: for a single-array .npy,
+    a truncated or corrupted archive (an interrupted download or copy), a file that is no archive at all,
+    a missing key (named, with the keys the archive holds), or an array numpy cannot read without pickle."""
+    import zipfile
+    import zlib
+
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):  # np.save's .npy: one array, no names
+            raise DataError(f"data: {path} holds a single array (shape {loaded.shape}, a .npy file), not an .npz "
+                            f"archive; an image data set is one .npz holding x_train, y_train, x_test, y_test: "
+                            f"{_SAVEZ}")
+        with loaded as f:
+            missing = [k for k in _KEYS if k not in f.files]
+            if missing:
+                raise DataError(f"data: {path} lacks array{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                                f"(it holds {', '.join(f.files) or 'no arrays'}); expected x_train, y_train, x_test, "
+                                f"y_test: {_SAVEZ}")
+            return {k: f[k] for k in _KEYS}
+    except (zipfile.BadZipFile, EOFError, zlib.error) as err:
+        raise DataError(f"data: {path} is truncated or corrupted, or not an .npz archive ({err}); download or copy "
+                        f"it again, or write it with {_SAVEZ}") from None
+    except (ValueError, OSError) as err:
+        if not zipfile.is_zipfile(path):  # np.load then tries to unpickle it and says so
+            raise DataError(f"data: {path} is not an .npz archive (or is truncated); give {_SAVEZ} output") from None
+        raise DataError(f"data: {path} is not a readable .npz file: {err}") from None
+
+
+def _pixels(x: np.ndarray, what: str) -> np.ndarray:
+    """Images must hold numbers (integers, floats or booleans): strings, dates, objects or complex values are
+    refused by dtype, before a cast would fail with numpy's own error or drop an imaginary part."""
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"data: {what} holds {x.dtype} values, not numbers; give images as numeric pixel arrays "
+                        "(uint8 0..255, or floats)")
+    return x
+
+
 def _class_labels(y: np.ndarray, what: str, n: int) -> np.ndarray:
     """One integer class index per image, as int64: one-hot rows or fractional values are refused (a cast
-    would silently turn 0.7 into class 0)."""
+    would silently turn 0.7 into class 0), as are non-numeric and negative labels (cross-entropy would reject
+    -1 mid-training, and silently skip -100)."""
     if y.ndim != 1 or len(y) != n:
         raise DataError(f"data: {what} has shape {y.shape}; expected one class index per image, shape ({n},)"
                         + (" (one-hot rows: save y.argmax(1))" if y.ndim == 2 else ""))
+    if y.dtype.kind not in "iuf":
+        raise DataError(f"data: {what} holds {y.dtype} values; expected integer class indices 0..K-1 (map names or "
+                        "booleans onto them, e.g. classes, y = numpy.unique(y, return_inverse=True))")
     whole = np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and bool(np.all(np.mod(y, 1) == 0)))
     if not whole:
         raise DataError(f"data: {what} holds {y.dtype} values that are not whole numbers; expected integer class "
                         "indices")
+    if len(y) and y.min() < 0:
+        raise DataError(f"data: {what} holds negative labels: {_values_with_counts(y[y < 0], len(y))}; expected "
+                        "class indices 0..K-1: relabel them, or drop those images")
+    if len(y) and y.max() > np.iinfo(np.int64).max // 2:  # beyond int64: the cast would wrap it
+        raise DataError(f"data: {what} holds the label {_number(y.max())}, far beyond any class index; expected "
+                        "class indices 0..K-1: relabel, e.g. classes, y = numpy.unique(y, return_inverse=True)")
     return y.astype(np.int64)
+
+
+MAX_SPARSE_CLASSES = 1000  # ImageNet's count: a model this wide is built whatever labels occur
+
+
+def _class_count(y: np.ndarray, what: str) -> int:
+    """The number of classes, the largest training label + 1, which sizes the reference models' output layer.
+
+    Rule: it may exceed neither ten times the number of distinct labels present nor, whichever is larger,
+    MAX_SPARSE_CLASSES (1,000). Any label set up to 0..999 passes, and so does a larger one in which at least
+    a tenth of the classes occur (a subset of ImageNet-21k's classes with each tenth present); a stray label
+    (1e12 among 0..2 asked for a 4 TB output layer, 1,000,000 built a model with a million outputs) or raw ids
+    in place of indices are refused, with the relabelling that fixes them."""
+    num_classes, distinct = int(y.max()) + 1, len(np.unique(y))
+    if num_classes > max(10 * distinct, MAX_SPARSE_CLASSES):
+        raise DataError(f"data: {what}: the largest label is {int(y.max())} but only {distinct} distinct labels occur, "
+                        f"so the model would get {num_classes} outputs, most of them for classes with no image; labels "
+                        "are class indices: relabel to 0..K-1, e.g. classes, y_train = numpy.unique(y_train, "
+                        "return_inverse=True) and y_test = numpy.searchsorted(classes, y_test), or drop the stray "
+                        "labels")
+    return num_classes
+
+
+def _check_held_out_labels(y: np.ndarray, num_classes: int, what: str) -> None:
+    """Held-out labels must be classes the model has (0..num_classes-1, from y_train): any other would count
+    as wrong whatever the model answers, silently lowering the accuracy. (Negatives are refused earlier.)"""
+    bad = y >= num_classes
+    if bad.any():
+        raise DataError(f"data: {what} holds labels outside the {num_classes} classes of y_train (0..{num_classes - 1}): "
+                        f"{_values_with_counts(y[bad], len(y))}; give y_test the class indices of y_train, "
+                        "or drop those images")
+
+
+def _values_with_counts(values: np.ndarray, total: int, shown: int = 5) -> str:
+    """'7 (5 of 20 images), 9 (1 of 20 images)': the first few distinct values, then how many more."""
+    vals, counts = np.unique(values, return_counts=True)
+    parts = [f"{_number(v)} ({c} of {total} images)" for v, c in zip(vals[:shown], counts[:shown])]
+    return ", ".join(parts) + (f" and {len(vals) - shown} more values" if len(vals) > shown else "")
+
+
+def _number(v) -> str:
+    """A label as written: 7 for 7.0, 1000000000000 for 1e12 (whole values are checked before this)."""
+    return str(int(v)) if float(v).is_integer() and abs(float(v)) < 1e18 else repr(float(v))
 
 
 def load_dataset(spec: str | None) -> Split:

@@ -1,0 +1,159 @@
+"""Mistakes in an image .npz given as --data: each ends in one DataError naming the file, the array and the
+fix (the CLI prints it and exits 2), never a numpy / zipfile traceback, a huge allocation or a silently
+wrong accuracy."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jointcompress.data import load_dataset
+from jointcompress.errors import DataError
+
+MNIST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist" / "mnist.npz"
+
+
+def _arrays(classes: int = 3):
+    r = np.random.default_rng(0)
+    return dict(x_train=r.integers(0, 255, (100, 8, 8)).astype(np.uint8), y_train=np.arange(100) % classes,
+                x_test=r.integers(0, 255, (20, 8, 8)).astype(np.uint8), y_test=np.arange(20) % classes)
+
+
+def _save(tmp_path, name="d.npz", **changes) -> Path:
+    path = tmp_path / name
+    np.savez(path, **{**_arrays(), **changes})
+    return path
+
+
+def _refused(path) -> str:
+    with pytest.raises(DataError) as info:
+        load_dataset(str(path))
+    return " ".join(str(info.value).split())
+
+
+def test_a_npy_file_is_named_a_single_array_and_told_what_an_npz_holds(tmp_path):
+    path = tmp_path / "images.npy"
+    np.save(path, _arrays()["x_train"])  # was: TypeError, ndarray does not support the context manager protocol
+    msg = _refused(path)
+    assert "images.npy holds a single array" in msg and "(100, 8, 8)" in msg
+    assert "x_train, y_train, x_test, y_test" in msg and "numpy.savez(path, x_train=" in msg
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "flipped_byte", "truncated_compressed"])
+def test_a_truncated_or_corrupted_npz_names_the_file(tmp_path, damage):
+    good = tmp_path / "good.npz"
+    (np.savez_compressed if damage.endswith("compressed") else np.savez)(good, **_arrays())
+    data = bytearray(good.read_bytes())
+    if damage.startswith("truncated"):  # an interrupted download or copy: was zipfile.BadZipFile
+        data = data[:3000] if damage == "truncated" else data[:-30]
+    elif damage == "empty":  # was EOFError
+        data = b""
+    else:  # was zipfile.BadZipFile: Bad CRC-32
+        data[200] ^= 0xFF
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(bytes(data))
+    msg = _refused(bad)
+    assert "bad.npz is truncated or corrupted, or not an .npz archive" in msg and "numpy.savez(path" in msg
+
+
+def test_an_npz_without_the_four_names_lists_what_it_lacks_and_holds(tmp_path):
+    path = tmp_path / "positional.npz"
+    a = _arrays()
+    np.savez(path, a["x_train"], y_train=a["y_train"])
+    msg = _refused(path)
+    assert "lacks arrays x_train, x_test, y_test" in msg and "it holds" in msg and "arr_0" in msg
+
+
+@pytest.mark.parametrize("key", ["x_train", "x_test"])
+@pytest.mark.parametrize("kind", ["strings", "dates"])
+def test_non_numeric_pixels_are_refused_by_dtype_naming_the_array(tmp_path, key, kind):
+    shape = _arrays()[key].shape
+    x = np.full(shape, "a") if kind == "strings" else np.zeros(shape, "datetime64[s]")
+    msg = _refused(_save(tmp_path, **{key: x}))  # strings were: ValueError, could not convert string to float
+    assert f"d.npz:{key} holds" in msg and str(x.dtype) in msg and "not numbers" in msg
+
+
+def test_string_labels_are_refused_with_the_relabelling(tmp_path):
+    msg = _refused(_save(tmp_path, y_train=np.array(["cat", "dog"] * 50)))
+    assert "d.npz:y_train holds <U3 values" in msg and "numpy.unique(y, return_inverse=True)" in msg
+
+
+@pytest.mark.parametrize("stray", [1e12, 1_000_000, 2**40])
+def test_a_stray_huge_label_is_refused_before_a_model_is_sized_by_it(tmp_path, stray):
+    y = np.arange(100) % 3
+    y = np.where(np.arange(100) == 0, stray, y).astype(float if isinstance(stray, float) else np.int64)
+    msg = _refused(_save(tmp_path, y_train=y))  # 1e12 tried to allocate 400 TB; 1e6 built 1M outputs
+    assert f"the largest label is {int(stray)}" in msg and "only 4 distinct labels occur" in msg
+    assert "relabel to 0..K-1" in msg and "numpy.unique(y_train, return_inverse=True)" in msg
+
+
+def test_a_label_beyond_int64_is_refused_not_wrapped(tmp_path):
+    msg = _refused(_save(tmp_path, y_train=np.where(np.arange(100) == 0, 1e30, np.arange(100) % 3)))
+    assert "d.npz:y_train holds the label 1e+30" in msg and "relabel" in msg
+
+
+def test_sparse_labels_pass_up_to_a_thousand_classes_or_a_tenth_present(tmp_path):
+    """The rule: classes (largest label + 1) <= max(10 * distinct labels, 1000)."""
+    y = np.where(np.arange(100) == 0, 999, np.arange(100) % 3)  # 4 labels, 1,000 classes: allowed
+    assert load_dataset(str(_save(tmp_path, "a.npz", y_train=y))).num_classes == 1000
+    y = (np.arange(100) % 100) * 20  # 100 labels, 1,981 classes (more than 10 x 100 and more than 1,000)
+    msg = _refused(_save(tmp_path, "b.npz", y_train=y))
+    assert "largest label is 1980" in msg and "100 distinct labels" in msg
+    y = (np.arange(100) % 100) * 10  # 100 labels, 991 classes
+    assert load_dataset(str(_save(tmp_path, "c.npz", y_train=y))).num_classes == 991
+
+
+@pytest.mark.parametrize("label", [7, 3])
+def test_held_out_labels_beyond_the_training_classes_are_refused_naming_them(tmp_path, label):
+    y_test = np.where(np.arange(20) < 5, label, np.arange(20) % 3)  # a 3-class train set: 3 is already outside
+    msg = _refused(_save(tmp_path, y_test=y_test))  # they were accepted and counted as wrong
+    assert "d.npz:y_test holds labels outside the 3 classes of y_train (0..2)" in msg
+    assert f"{label} (5 of 20 images)" in msg
+
+
+@pytest.mark.parametrize("key", ["y_train", "y_test"])
+@pytest.mark.parametrize("label", [-1, -100])
+def test_negative_labels_are_refused_in_either_split(tmp_path, key, label):
+    n = len(_arrays()[key])
+    y = np.where(np.arange(n) < 5, label, np.arange(n) % 3)  # y_train's -100 was silently ignored by cross-entropy
+    msg = _refused(_save(tmp_path, **{key: y}))
+    assert f"d.npz:{key} holds negative labels: {label} (5 of {n} images)" in msg and "relabel" in msg
+
+
+def test_the_existing_train_label_checks_come_first(tmp_path):
+    msg = _refused(_save(tmp_path, y_train=np.full(100, 3), y_test=np.arange(20) % 5))
+    assert "y_train holds one class (3)" in msg
+    msg = _refused(_save(tmp_path, y_train=np.linspace(0, 1, 100)))
+    assert "float64 values that are not whole numbers" in msg
+    split = load_dataset(str(_save(tmp_path, y_train=(np.arange(100) % 3).astype(float))))  # whole floats pass
+    assert split.num_classes == 3 and split.y_train.dtype == split.y_test.dtype
+
+
+def test_the_cli_prints_one_message_and_exits_2(tmp_path, monkeypatch, capsys):
+    from jointcompress import cli
+
+    path = tmp_path / "images.npy"
+    np.save(path, _arrays()["x_train"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: lenet300\ndata: digits\ntraining: {epochs: 1}\n")
+    monkeypatch.setattr(sys, "argv", ["jointcompress", "compress", str(recipe), "--data", str(path), "--out",
+                                      str(tmp_path / "o")])
+    cli.STATE["debug"] = False
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert info.value.code == 2 and "Traceback" not in text and "holds a single array" in text
+
+
+def test_good_files_still_load(tmp_path):
+    split = load_dataset(str(_save(tmp_path)))
+    assert split.x_train.shape == (100, 1, 8, 8) and split.num_classes == 3
+    digits = load_dataset("digits")
+    assert digits.num_classes == 10 and digits.x_train.shape[1:] == (1, 8, 8)
+
+
+@pytest.mark.skipif(not MNIST.is_file(), reason="the shared MNIST file is not on this machine")
+def test_the_real_mnist_file_loads():
+    split = load_dataset(str(MNIST))
+    assert split.x_train.shape == (60000, 1, 28, 28) and len(split.y_test) == 10000 and split.num_classes == 10
