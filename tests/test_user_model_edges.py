@@ -148,3 +148,18 @@ def test_a_per_layer_setting_naming_no_layer_is_refused(technique):
     x, y = torch.randn(16, 8), torch.zeros(16, dtype=torch.long)
     with pytest.raises(RecipeError, match=r"names 'fc_1', not a layer it compresses; those are 'fc1', 'fc2'"):
         compress(model, {"techniques": [technique]}, (x, y), lambda m: 0.0)
+
+
+def test_two_entries_of_one_technique_on_the_same_layer_are_refused():
+    """Two prune_unstructured entries (0.5 and 0.7) on the same layers ran to 70% without a word."""
+    from jointcompress.errors import RecipeError
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x, y = torch.randn(16, 8), torch.zeros(16, dtype=torch.long)
+    both = [{"type": "prune_unstructured", "sparsity": 0.5}, {"type": "prune_unstructured", "sparsity": 0.7}]
+    with pytest.raises(RecipeError, match=r"techniques\[0\] and techniques\[1\] \(prune_unstructured\) both select layer '0'"):
+        compress(model, {"techniques": both}, (x, y), lambda m: 0.0)
+    apart = [{**both[0], "targets": ["0"]}, {**both[1], "targets": ["2"]}]
+    result = compress(model, {"techniques": apart, "training": {"epochs": 3, "batch_size": 4}}, (x, y), lambda m: 0.0)
+    result.finalize()
+    assert [float((result.model[i].weight == 0).float().mean()) for i in (0, 2)] == [0.5, pytest.approx(0.7, abs=0.02)]

@@ -129,11 +129,14 @@ def check_targets(model: nn.Module, recipe: Recipe) -> None:
     if hint and any(hasattr(cfg, "targets") for cfg in recipe.techniques):
         warnings.warn(hint[2:], stacklevel=3)
 
+    claimed: dict[tuple[str, str], int] = {}  # (technique kind, layer) -> the entry that selects it
     for i, cfg in enumerate(recipe.techniques):
         if not hasattr(cfg, "targets"):
             continue
         check_layers(model, cfg, i)
-        if selected_layers(model, cfg):
+        selected = selected_layers(model, cfg)
+        _check_claimed_once(claimed, cfg.type, list(selected), i)
+        if selected:
             continue
         layers = [n for n, m in model.named_modules() if isinstance(m, COMPRESSIBLE)]
         shown = ", ".join(layers[:12]) + (f", ... ({len(layers)} in all)" if len(layers) > 12 else "")
@@ -174,6 +177,16 @@ def check_layers(model: nn.Module, cfg, i: int) -> None:
             f"{where}: '{conv1d[0]}' is a transformers Conv1D (GPT-2 style), which the techniques do not act on; "
             "convert the model first with jointcompress.hf.causal.conv1d_to_linear(model) (exact), or exclude it"
         )
+
+
+def _check_claimed_once(claimed: dict, kind: str, names: list[str], i: int) -> None:
+    """Two entries of one kind (prune_unstructured twice, for other layers each) must not select the same
+    layer: both masks stacked on it, and the layer ended at the stricter of the two, without a word."""
+    for name in names:
+        first = claimed.setdefault((kind, name), i)
+        if first != i:
+            raise RecipeError(f"techniques[{first}] and techniques[{i}] ({kind}) both select layer '{name}'; give each "
+                              "entry its own layers (targets / exclude), or use one entry")
 
 
 def _check_named_layers(cfg, selected: dict, where: str) -> None:
