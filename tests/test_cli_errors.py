@@ -101,7 +101,7 @@ def test_weights_with_pickle_payload_are_refused(tmp_path, monkeypatch, capsys):
     w = tmp_path / "w.pt"
     torch.save({"fc1.weight": _Evil(marker)}, w)
     code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, ""), "--weights", w, "--out", tmp_path / "out")
-    assert code == 2 and "cannot be read as weights" in out and "torch.save(model.state_dict()" in out, out
+    assert code == 2 and "holds pickled objects besides tensors" in out and "torch.save(model.state_dict()" in out, out
     assert "Traceback" not in out and not marker.exists()
 
 
@@ -531,3 +531,26 @@ def test_resume_with_other_weights_than_the_run_began_from_is_refused(tmp_path, 
     assert code == 2 and f"began from --weights {weights_file}; pass it again" in text, text
     code, text = _cli(monkeypatch, capsys, "compress", recipe, "--weights", weights_file, "--out", out, "--resume")
     assert not code, text
+
+
+def test_small_cli_mistakes_get_the_message_that_fits(tmp_path, monkeypatch, capsys, weights_file):
+    """A one-word recipe was read as a path given to the API; a tab in YAML had no hint; NaN weights were
+    blamed on the learning rate; a relative data path did not say where it was looked for."""
+    from safetensors.torch import load_file, save_file
+
+    word = tmp_path / "word.yaml"
+    word.write_text("lenet300\n")
+    code, out = _cli(monkeypatch, capsys, "recipe", "validate", word)
+    assert code == 2 and "holds the single value 'lenet300', not a recipe" in out, out
+    tabbed = tmp_path / "tab.yaml"
+    tabbed.write_text("training:\n\tepochs: 1\n")
+    code, out = _cli(monkeypatch, capsys, "recipe", "validate", tabbed)
+    assert code == 2 and "not tabs" in out, out
+    state = load_file(str(weights_file))
+    state["fc1.weight"][0, 0] = float("nan")
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, ""), "--weights", tmp_path / "nan.safetensors",
+                     "--out", tmp_path / "o1")
+    assert code == 2 and "fc1.weight hold NaN or inf" in out, out
+    code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, ""), "--data", "mine.npz", "--out", tmp_path / "o2")
+    assert code == 2 and "read from the current directory" in out, out

@@ -88,8 +88,9 @@ def load_mnist(path: str | Path) -> Split:
         raise DataError(f"data: {path} is a folder; an image recipe reads one .npz file (x_train, y_train, x_test, "
                         "y_test), and a folder of train / dev text files is read by a recipe with an hf: section")
     if not path.is_file():
+        where = "" if path.is_absolute() else f"; a relative path is read from the current directory, {Path.cwd()}"
         raise DataError(f"data: file not found: {path} (expected 'digits' or an .npz with x_train, y_train, x_test, "
-                        "y_test)")
+                        f"y_test{where})")
     arrays = _read_npz(path)
     x_train, x_test = (_channels_first(_pixels(arrays[k], f"{path}:{k}"), f"{path}:{k}").astype(np.float32) / 255.0
                        for k in ("x_train", "x_test"))

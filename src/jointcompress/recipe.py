@@ -560,7 +560,11 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as err:  # PyYAML raises ValueError on impossible dates
-        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+        tabs = " (YAML indents with spaces, not tabs)" if "\t" in path.read_text(encoding="utf-8", errors="replace") else ""
+        raise RecipeError(f"{path}: not valid YAML{tabs}: {err}") from None
+    if isinstance(data, (str, int, float, bool)):  # parse_recipe would read a string as a path given to it
+        raise RecipeError(f"{path}: holds the single value {str(data)[:60]!r}, not a recipe: a mapping of fields "
+                          "(version, model, techniques, training, ...); see src/jointcompress/recipes/ for examples")
     return parse_recipe(data if data is not None else {}, source=str(path))
 
 

@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         from ..data import evaluator
         from ..errors import JointCompressError, RecipeError
         from ..io import atomic_write_json
-        from ..pipeline import builder_for, load_split, load_weights, train_teacher
+        from ..pipeline import builder_for, load_split, load_start, train_teacher
         from ..recipe import load_recipe
         from . import refuse_hf_recipe
         from ..sensitivity import save_heatmap, scan
@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
         out.mkdir(parents=True, exist_ok=True)
         with progress_bar() as bar:
             if weights:
-                net = load_weights(builder_for(name, split)(), weights)
+                net = load_start(builder_for(name, split), weights)  # a file, or an artifact directory as compress takes
             else:
                 net = train_teacher(name, split, teacher_epochs, lr=recipe.training.lr, progress=tracked(bar, "train model"))
             result = scan(net, evaluator(split.x_test, split.y_test), split.x_train[:2], sp, bs, gs,
