@@ -554,3 +554,13 @@ def test_small_cli_mistakes_get_the_message_that_fits(tmp_path, monkeypatch, cap
     assert code == 2 and "fc1.weight hold NaN or inf" in out, out
     code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, ""), "--data", "mine.npz", "--out", tmp_path / "o2")
     assert code == 2 and "read from the current directory" in out, out
+
+
+def test_output_paths_of_the_wrong_kind_are_refused_before_the_work(tmp_path, monkeypatch, capsys):
+    """bench --json DIR failed after the benchmark naming a temporary file; --tensorboard FILE after training."""
+    (tmp_path / "tb").write_text("a file")
+    code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, ""), "--tensorboard", tmp_path / "tb",
+                     "--out", tmp_path / "o")
+    assert code == 2 and "--tensorboard" in out and "is a file" in out and not (tmp_path / "o").exists(), out
+    code, out = _cli(monkeypatch, capsys, "bench", tmp_path / "no-artifact", "--json", tmp_path)
+    assert code == 2 and "is a folder; give a file path" in out, out

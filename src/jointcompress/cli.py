@@ -175,8 +175,11 @@ def compress_cmd(
     from .io import prepare_run_dir
     from .models import absolute_builder
     from .pipeline import builder_for, compress_and_save, load_split
-    from .tensorboard import TensorBoardLogger
     from .recipe import load_recipe, parse_recipe
+    from .tensorboard import TensorBoardLogger
+
+    if tensorboard is not None and tensorboard.exists() and not tensorboard.is_dir():  # found only after training
+        raise JointCompressError(f"--tensorboard {tensorboard}: is a file; give a folder for the event files")
 
     recipe = load_recipe(recipe_path)
     if mode:

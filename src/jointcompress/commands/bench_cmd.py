@@ -225,6 +225,7 @@ def register(app: typer.Typer) -> None:
         from ..bench import render_breakdown, render_table
 
         console = Console()
+        _check_json_path(json_out)
         if against is not None:
             options = dict(epochs=epochs, teacher_epochs=teacher_epochs, speedup=speedup, tp_steps=tp_steps,
                            runs=runs, threads=threads, select_images=select_images, train_limit=train_limit,
@@ -251,6 +252,14 @@ def register(app: typer.Typer) -> None:
         console.print(latency_note(result))
         console.print(render_breakdown(result["breakdown"]))
         _write_json(json_out, result)
+
+
+def _check_json_path(path: Optional[Path]) -> None:
+    """Before the benchmark: a --json that is a folder failed only after it, naming a temporary file."""
+    from ..errors import JointCompressError
+
+    if path is not None and path.is_dir():
+        raise JointCompressError(f"--json {path}: is a folder; give a file path (e.g. {path / 'bench.json'})")
 
 
 def _write_json(path: Optional[Path], result: dict) -> None:
