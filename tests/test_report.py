@@ -111,3 +111,11 @@ def test_report_rejects_a_non_run_dir(tmp_path):
     res = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert res.exit_code != 0
     assert "compare.json" in str(res.exception) or "compare.json" in res.output
+
+
+def test_report_on_an_unfinished_run_says_to_resume_it(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "ckpt-000000010.pt").write_bytes(b"")
+    res = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert res.exit_code != 0 and "unfinished run" in str(res.exception) + res.output
+    assert "--resume" in str(res.exception) + res.output

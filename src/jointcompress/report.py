@@ -63,9 +63,13 @@ def read_run_dir(path: Path) -> RunDir:
         return _read_compare(path)
     if (path / "artifact" / "manifest.json").is_file() or (path / "summary.json").is_file() or (path / "results.json").is_file():
         return _read_compress(path)
+    from .checkpoint import CheckpointStore
+
+    unfinished = (f"; it holds checkpoints of an unfinished run: finish it with `jointcompress compress RECIPE --out "
+                  f"{path} --resume`, then report") if CheckpointStore(path).paths() else ""
     raise JointCompressError(
         f"report: {path} has neither compare.json (from `jointcompress compare`) nor artifact/manifest.json or "
-        "summary.json (from `jointcompress compress`); pass one of those output directories"
+        f"summary.json (from `jointcompress compress`); pass one of those output directories{unfinished}"
     )
 
 
