@@ -12,7 +12,7 @@ from . import MODEL_CHOICES
 def register(app: typer.Typer) -> None:
     @app.command("sensitivity")
     def sensitivity_command(
-        recipe_path: Path = typer.Argument(..., help="Recipe YAML (model, data and training.metric are read from it)."),
+        recipe_path: Path = typer.Argument(..., help="Recipe YAML (model and data are read from it; the metric is accuracy on the test split)."),
         model: Optional[str] = typer.Option(None, "--model", help=f"{MODEL_CHOICES} (default: the recipe's)."),
         data: Optional[str] = typer.Option(None, "--data", help="'digits' or an .npz of images (MNIST-style; default: the recipe's)."),
         weights: Optional[Path] = typer.Option(None, "--weights", help="Trained weights (.safetensors); default: train first."),
