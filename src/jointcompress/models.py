@@ -176,33 +176,118 @@ def absolute_builder(name: str) -> str:
     return f"{Path(where).resolve()}:{func}" if is_builder(name) and where.endswith(".py") else name
 
 
+def _in_library(filename: str) -> bool:
+    """Whether `filename` is Python's, an installed package's or jointcompress's own code, not the user's."""
+    import sysconfig
+
+    if not filename or filename.startswith("<"):
+        return True
+    roots = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    roots.add(str(Path(__file__).resolve().parent))
+    path = str(Path(filename).resolve())
+    return any(path.startswith(str(Path(r).resolve()) + os.sep) for r in roots if r)
+
+
+def _where_raised(exc: BaseException) -> str:
+    """'file:line' of the deepest frame of `exc` in the user's own code (a SyntaxError: its own
+    file and line), or '' when none is (the failure is deep inside a library with nothing of theirs)."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{exc.filename}:{exc.lineno}"
+    found, tb = "", exc.__traceback__
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if not _in_library(filename):
+            found = f"{filename}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return found
+
+
+def _at(exc: BaseException, parenthesized: bool = False) -> str:
+    where = _where_raised(exc)
+    return "" if not where else f" (in {where})" if parenthesized else f" at {where}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = exc.msg if isinstance(exc, SyntaxError) and exc.msg else str(exc)
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 @functools.lru_cache(maxsize=None)
 def load_builder(spec: str):
     """The zero-argument function `spec` names: `package.module:function` (importable, or from the
     current directory as `python -m` would find it) or `path/to/file.py:function`. Loaded once per
-    spec, so every model a run builds (teacher, student, the artifact's rebuild) is of one class."""
+    spec, so every model a run builds (teacher, student, the artifact's rebuild) is of one class.
+    A file that cannot be imported (not found, a syntax error, an exception while importing it) or
+    a builder that needs arguments is a RecipeError naming the file and the original error."""
+    import inspect
+
     from .errors import RecipeError
 
     where, _, func = spec.rpartition(":")
     if not where or not func:
         raise RecipeError(f"model {spec!r}: give a built-in model or 'package.module:function' / 'file.py:function'")
+    if where.endswith(".py"):
+        loader = importlib.util.spec_from_file_location(Path(where).stem, where)
+        if loader is None or not Path(where).is_file():
+            raise RecipeError(f"model {spec!r}: cannot import {where!r} (FileNotFoundError: no file {where})")
+    elif "" not in sys.path and os.getcwd() not in sys.path:  # a console script does not search it
+        sys.path.insert(0, os.getcwd())
     try:
         if where.endswith(".py"):
-            loader = importlib.util.spec_from_file_location(Path(where).stem, where)
-            if loader is None or not Path(where).is_file():
-                raise FileNotFoundError(f"no file {where}")
             module = importlib.util.module_from_spec(loader)
             loader.loader.exec_module(module)
         else:
-            if "" not in sys.path and os.getcwd() not in sys.path:  # a console script does not search it
-                sys.path.insert(0, os.getcwd())
             module = importlib.import_module(where)
-    except (ImportError, FileNotFoundError) as exc:
-        raise RecipeError(f"model {spec!r}: cannot import {where!r} ({type(exc).__name__}: {exc})") from None
+    except SyntaxError as exc:
+        raise RecipeError(f"model {spec!r}: {where!r} has a syntax error{_at(exc)} ({_first_line(exc)}); "
+                          "fix the file") from exc
+    except ModuleNotFoundError as exc:
+        if not where.endswith(".py") and exc.name and (where == exc.name or where.startswith(exc.name + ".")):
+            raise RecipeError(f"model {spec!r}: cannot import {where!r} ({_first_line(exc)}); give a module importable "
+                              "from the current directory or an installed package, or file.py:function") from exc
+        raise RecipeError(f"model {spec!r}: importing {where!r} failed{_at(exc)} ({_first_line(exc)}); "
+                          "install the missing package or fix the import") from exc
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 -- anything the user's file raises while it is imported
+        hint = ("; guard the script part of the file with `if __name__ == \"__main__\":`" if isinstance(exc, SystemExit)
+                else "; fix the error in the file")
+        raise RecipeError(f"model {spec!r}: importing {where!r} raised {_first_line(exc)}{_at(exc, True)}{hint} "
+                          "(--debug shows the traceback)") from exc
     builder = getattr(module, func, None)
     if not callable(builder):
         raise RecipeError(f"model {spec!r}: {where!r} has no function {func!r}")
+    try:
+        signature = inspect.signature(builder)
+    except (TypeError, ValueError):  # a builtin or C function: nothing to check, it is called as it is
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind()
+        except TypeError:
+            needed = [p.name for p in signature.parameters.values() if p.default is p.empty
+                      and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+            raise RecipeError(f"model {spec!r}: the builder {func}() takes the argument(s) {', '.join(needed)}; a builder "
+                              f"must take no arguments: give them defaults, or add e.g. `def build(): return "
+                              f"{func}(...)` with the values filled in and name that one") from None
     return builder
+
+
+def call_builder(spec: str) -> nn.Module:
+    """Call the user's builder `spec` names and check it returned a model: an exception it raises is a
+    RecipeError naming the builder, the exception and where in the user's code it was raised."""
+    from .errors import JointCompressError, RecipeError
+
+    builder = load_builder(spec)
+    try:
+        model = builder()
+    except JointCompressError:  # already one clear message (the builder called jointcompress and was told why)
+        raise
+    except Exception as exc:  # noqa: BLE001 -- a bug in the user's builder: name it, not a traceback of ours
+        raise RecipeError(f"model {spec!r}: the builder raised {_first_line(exc)}{_at(exc, True)}; fix the builder "
+                          "(--debug shows the traceback)") from exc
+    if not isinstance(model, nn.Module):
+        raise RecipeError(f"model {spec!r}: the builder returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def build_model(name: str, image_size: int = 28, num_classes: int = 10, in_channels: int = 1) -> nn.Module:
@@ -214,10 +299,7 @@ def build_model(name: str, image_size: int = 28, num_classes: int = 10, in_chann
     from .errors import RecipeError
 
     if is_builder(name):
-        model = load_builder(name)()
-        if not isinstance(model, nn.Module):
-            raise RecipeError(f"model {name!r}: the builder returned {type(model).__name__}, not a torch.nn.Module")
-        return model
+        return call_builder(name)
     if name not in MODELS:
         raise RecipeError(f"model: unknown reference model '{name}'; choose one of {', '.join(MODELS)}, or your "
                           "builder as package.module:function or file.py:function")

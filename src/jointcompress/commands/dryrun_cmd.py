@@ -21,8 +21,11 @@ def _model_and_input(model_name: str, image_size: int, input_shape: list[int] | 
     failed deep inside the trace)."""
     import torch
 
-    from ..models import MODELS, build_model, load_builder
+    from ..models import MODELS, build_model
 
+    if model_name in MODELS and not input_shape and image_size < 1:
+        raise RecipeError(f"--image-size {image_size}: give the images' height and width as a positive integer, "
+                          "e.g. --image-size 28 (or the whole shape with --input-shape 1,1,28,28)")
     if model_name in MODELS:  # built-ins take square images: --input-shape N,C,H,W (or C,H,W) sets channels and size
         shape = list(input_shape or [1, 1, image_size, image_size])
         shape = [1] * (4 - len(shape)) + shape if len(shape) in (2, 3) else shape
@@ -33,7 +36,7 @@ def _model_and_input(model_name: str, image_size: int, input_shape: list[int] | 
     elif not input_shape:
         raise RecipeError(f"--model {model_name!r}: a model of your own needs --input-shape, e.g. --input-shape 1,3,32,32")
     else:
-        model, example = load_builder(model_name)().eval(), torch.zeros(input_shape)
+        model, example = build_model(model_name).eval(), torch.zeros(input_shape)  # checks what the builder returned
     try:
         with torch.no_grad():
             model(example)

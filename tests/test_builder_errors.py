@@ -1,0 +1,148 @@
+"""A user's own model builder (`--model file.py:function`) with a bug in it: one clear message naming the
+file / function, the kind of failure and the original error, exit 2, never a traceback (unless --debug).
+The same for dry-run's own inputs (a builder that returns no model, a negative --image-size)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from jointcompress.errors import JointCompressError, RecipeError
+
+BUILDERS = '''import torch.nn as nn
+
+def _helper():
+    raise ValueError("my builder is broken")
+
+def raises():
+    return _helper()
+
+def needs_arg(width):
+    return nn.Linear(64, width)
+
+def not_module():
+    return {"a": 1}
+
+def good():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+'''
+
+
+def _cli(monkeypatch, capsys, *args):
+    """As tests/test_cli_errors.py runs the CLI: through its main(), which turns a JointCompressError into exit 2."""
+    from jointcompress import cli
+
+    monkeypatch.setattr(sys, "argv", ["jointcompress", *map(str, args)])
+    cli.STATE["debug"] = False
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, " ".join((out.out + out.err).split())
+
+
+@pytest.fixture
+def files(tmp_path) -> Path:
+    (tmp_path / "mymodel.py").write_text(BUILDERS)
+    (tmp_path / "syntax_error.py").write_text("import torch\n\ndef build(:\n    pass\n")
+    (tmp_path / "import_error.py").write_text('raise RuntimeError("boom at import")\ndef build(): pass\n')
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit(3)\ndef build(): pass\n")
+    return tmp_path
+
+
+# (builder, words the message must hold); {d} is the folder of the files
+CASES = {
+    "raises": ("mymodel.py:raises", ["mymodel.py:raises", "the builder raised ValueError: my builder is broken",
+                                     "{d}/mymodel.py:4", "fix the builder"]),
+    "needs_arg": ("mymodel.py:needs_arg", ["mymodel.py:needs_arg", "needs_arg()", "width", "must take no arguments"]),
+    "syntax_error": ("syntax_error.py:build", ["syntax_error.py:build", "syntax error", "{d}/syntax_error.py:3",
+                                               "SyntaxError"]),
+    "import_error": ("import_error.py:build", ["import_error.py:build", "importing", "RuntimeError: boom at import",
+                                               "{d}/import_error.py:1"]),
+    "exits": ("exits.py:build", ["exits.py:build", "SystemExit: 3", "__main__"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_build_model_names_a_broken_builder(files, case):
+    from jointcompress.models import build_model
+
+    spec, words = CASES[case]
+    with pytest.raises(RecipeError) as info:
+        build_model(str(files / spec))
+    message = str(info.value)
+    for word in words:
+        assert word.format(d=files) in message, message
+    if case != "needs_arg":  # the original exception is kept for --debug
+        assert info.value.__cause__ is not None
+
+
+def test_a_builder_that_needs_an_argument_is_refused_before_it_is_called(files):
+    from jointcompress.models import load_builder
+
+    with pytest.raises(RecipeError, match="must take no arguments"):
+        load_builder(str(files / "mymodel.py:needs_arg"))
+
+
+def test_a_module_that_imports_a_missing_package_is_told_apart_from_a_missing_module(files, monkeypatch):
+    from jointcompress.models import build_model
+
+    (files / "uses_missing.py").write_text("import no_such_package_xyz_123\ndef build(): pass\n")
+    missing = r"importing '.*uses_missing.py' failed at .*uses_missing.py:1 .*no_such_package_xyz_123"
+    with pytest.raises(RecipeError, match=missing):
+        build_model(str(files / "uses_missing.py:build"))
+    with pytest.raises(RecipeError, match="cannot import 'no_such_package_xyz_123.models'"):
+        build_model("no_such_package_xyz_123.models:build")
+
+
+def test_a_builders_own_jointcompress_error_passes_through(files):
+    from jointcompress.models import build_model
+
+    (files / "own.py").write_text("from jointcompress.errors import DataError\n"
+                                  "def build():\n    raise DataError('the weights file is for 3 channels')\n")
+    with pytest.raises(JointCompressError, match="^the weights file is for 3 channels$"):
+        build_model(str(files / "own.py:build"))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_dry_run_names_a_broken_builder(files, monkeypatch, capsys, case):
+    spec, words = CASES[case]
+    monkeypatch.chdir(files)
+    code, out = _cli(monkeypatch, capsys, "dry-run", "--model", spec, "--input-shape", "1,1,8,8")
+    assert code == 2 and "Traceback" not in out, out
+    for word in words:
+        assert word.format(d=files) in out, out
+
+
+@pytest.mark.parametrize("command", ["compress", "sensitivity"])
+@pytest.mark.parametrize("case", ["raises", "needs_arg", "syntax_error", "import_error"])
+def test_compress_and_sensitivity_name_a_broken_builder(files, monkeypatch, capsys, command, case):
+    spec, words = CASES[case]
+    monkeypatch.chdir(files)
+    recipe = files / "r.yaml"
+    recipe.write_text("model: lenet300\ndata: digits\ntraining: {epochs: 1, batch_size: 64}\n"
+                      "techniques: [{type: prune_unstructured, sparsity: 0.5}]\n")
+    # by its absolute path: load_builder caches a loaded builder by the spec as given, and the dry-run test's
+    # relative "mymodel.py:raises" named another folder's file
+    code, out = _cli(monkeypatch, capsys, command, recipe, "--model", files / spec, "--out", files / "o",
+                     "--teacher-epochs", 1)
+    assert code == 2 and "Traceback" not in out, out
+    for word in words:
+        assert word.format(d=files) in out, out
+
+
+def test_dry_run_checks_what_the_builder_returned(files, monkeypatch, capsys):
+    monkeypatch.chdir(files)
+    code, out = _cli(monkeypatch, capsys, "dry-run", "--model", "mymodel.py:not_module", "--input-shape", "1,1,8,8")
+    assert code == 2 and "the builder returned dict, not a torch.nn.Module" in out and "Traceback" not in out, out
+    code, out = _cli(monkeypatch, capsys, "dry-run", "--model", "mymodel.py:good", "--input-shape", "1,1,8,8")
+    assert code in (0, None) and "prunable channel groups" in out, out
+
+
+@pytest.mark.parametrize("size", ["-3", "0"])
+def test_dry_run_refuses_an_image_size_below_one(monkeypatch, capsys, size):
+    code, out = _cli(monkeypatch, capsys, "dry-run", "--model", "lenet5", "--image-size", size)
+    assert code == 2 and f"--image-size {size}: give" in out and "positive" in out and "Traceback" not in out, out
