@@ -220,13 +220,23 @@ def load_builder(spec: str):
     spec, so every model a run builds (teacher, student, the artifact's rebuild) is of one class.
     A file that cannot be imported (not found, a syntax error, an exception while importing it) or
     a builder that needs arguments is a RecipeError naming the file and the original error."""
-    import inspect
-
     from .errors import RecipeError
 
     where, _, func = spec.rpartition(":")
     if not where or not func:
         raise RecipeError(f"model {spec!r}: give a built-in model or 'package.module:function' / 'file.py:function'")
+    module = _import_builder_module(spec, where)
+    builder = getattr(module, func, None)
+    if not callable(builder):
+        raise RecipeError(f"model {spec!r}: {where!r} has no function {func!r}")
+    _check_takes_no_arguments(spec, func, builder)
+    return builder
+
+
+def _import_builder_module(spec: str, where: str):
+    """The module of a builder spec, every way importing it can fail named with the user's file:line."""
+    from .errors import RecipeError
+
     if where.endswith(".py"):
         loader = importlib.util.spec_from_file_location(Path(where).stem, where)
         if loader is None or not Path(where).is_file():
@@ -237,8 +247,8 @@ def load_builder(spec: str):
         if where.endswith(".py"):
             module = importlib.util.module_from_spec(loader)
             loader.loader.exec_module(module)
-        else:
-            module = importlib.import_module(where)
+            return module
+        return importlib.import_module(where)
     except SyntaxError as exc:
         raise RecipeError(f"model {spec!r}: {where!r} has a syntax error{_at(exc)} ({_first_line(exc)}); "
                           "fix the file") from exc
@@ -253,23 +263,27 @@ def load_builder(spec: str):
                 else "; fix the error in the file")
         raise RecipeError(f"model {spec!r}: importing {where!r} raised {_first_line(exc)}{_at(exc, True)}{hint} "
                           "(--debug shows the traceback)") from exc
-    builder = getattr(module, func, None)
-    if not callable(builder):
-        raise RecipeError(f"model {spec!r}: {where!r} has no function {func!r}")
+
+
+def _check_takes_no_arguments(spec: str, func: str, builder) -> None:
+    """A builder is called with no arguments; one that needs some is told how to wrap it (before the call,
+    so a TypeError raised inside a builder is still reported as the builder's own)."""
+    import inspect
+
+    from .errors import RecipeError
+
     try:
         signature = inspect.signature(builder)
     except (TypeError, ValueError):  # a builtin or C function: nothing to check, it is called as it is
-        signature = None
-    if signature is not None:
-        try:
-            signature.bind()
-        except TypeError:
-            needed = [p.name for p in signature.parameters.values() if p.default is p.empty
-                      and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-            raise RecipeError(f"model {spec!r}: the builder {func}() takes the argument(s) {', '.join(needed)}; a builder "
-                              f"must take no arguments: give them defaults, or add e.g. `def build(): return "
-                              f"{func}(...)` with the values filled in and name that one") from None
-    return builder
+        return
+    try:
+        signature.bind()
+    except TypeError:
+        needed = [p.name for p in signature.parameters.values() if p.default is p.empty
+                  and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        raise RecipeError(f"model {spec!r}: the builder {func}() takes the argument(s) {', '.join(needed)}; a builder "
+                          f"must take no arguments: give them defaults, or add e.g. `def build(): return "
+                          f"{func}(...)` with the values filled in and name that one") from None
 
 
 def call_builder(spec: str) -> nn.Module:
