@@ -3,11 +3,11 @@ file / function, the kind of failure and the original error, exit 2, never a tra
 The same for dry-run's own inputs (a builder that returns no model, a negative --image-size)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
+from cli_helpers import run_cli
 from jointcompress.errors import JointCompressError, RecipeError
 
 BUILDERS = '''import torch.nn as nn
@@ -29,19 +29,7 @@ def good():
 '''
 
 
-def _cli(monkeypatch, capsys, *args):
-    """As tests/test_cli_errors.py runs the CLI: through its main(), which turns a JointCompressError into exit 2."""
-    from jointcompress import cli
-
-    monkeypatch.setattr(sys, "argv", ["jointcompress", *map(str, args)])
-    cli.STATE["debug"] = False
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, " ".join((out.out + out.err).split())
+_cli = run_cli
 
 
 @pytest.fixture

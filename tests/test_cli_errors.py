@@ -12,21 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from cli_helpers import run_cli
 from jointcompress import JointCompressError
 
 
-def _cli(monkeypatch, capsys, *args):
-    from jointcompress import cli
-
-    monkeypatch.setattr(sys, "argv", ["jointcompress", *map(str, args)])
-    cli.STATE["debug"] = False
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, " ".join((out.out + out.err).split())
+_cli = run_cli
 
 
 def _recipe(tmp_path: Path, text: str) -> Path:

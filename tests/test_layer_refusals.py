@@ -10,23 +10,11 @@ import torch.nn.functional as F
 import jointcompress
 from jointcompress.errors import RecipeError, UnsupportedModelError
 from jointcompress.session.checks import tied_weights
+from session_helpers import train_in_own_loop
 
 PRUNE_QUANT = [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.0}, {"type": "quant_lsq", "bits": 4}]
 
 
-def train(model: nn.Module, recipe: dict, x: torch.Tensor, y: torch.Tensor, steps: int = 3):
-    """A few steps of the caller's own loop; returns the session."""
-    s = jointcompress.prepare(model, recipe, total_steps=steps, example_inputs=x[:2])
-    opt = torch.optim.Adam(s.param_groups(lr=1e-3))
-    s.bind(opt)
-    for _ in range(steps):
-        loss = s.loss(model(x), (x, y))
-        opt.zero_grad()
-        s.backward(loss)
-        s.before_step()
-        opt.step()
-        s.after_step()
-    return s
 
 
 def finalize_keeps_logits(model: nn.Module, session, x: torch.Tensor) -> float:
@@ -121,7 +109,7 @@ def test_after_excluding_the_tied_layer_finalize_keeps_the_logits():
     torch.manual_seed(0)
     model, (x, y) = TiedDecoder(), _dense_data()
     recipe = {"techniques": [dict(t, exclude=["enc"]) for t in PRUNE_QUANT]}
-    assert finalize_keeps_logits(model, train(model, recipe, x, y), x[:8]) <= 1e-5
+    assert finalize_keeps_logits(model, train_in_own_loop(model, recipe, x, y), x[:8]) <= 1e-5
 
 
 def test_an_embedding_tied_to_a_loose_parameter_is_refused():
@@ -146,7 +134,7 @@ def test_one_module_under_two_names_is_one_layer_and_compresses():
     model, x, y = SharedLayer(), torch.randn(64, 8), torch.randint(0, 4, (64,))
     assert tied_weights(model) == {}
     recipe = {"techniques": [PRUNE_QUANT[0], dict(PRUNE_QUANT[1], activations=True)]}
-    assert finalize_keeps_logits(model, train(model, recipe, x, y), x[:8]) <= 1e-5
+    assert finalize_keeps_logits(model, train_in_own_loop(model, recipe, x, y), x[:8]) <= 1e-5
     assert model.b is model.a
 
 
@@ -171,7 +159,7 @@ def test_an_embedding_with_max_norm_is_refused_where_it_would_be_compressed():
 def test_input_quantization_leaves_token_ids_alone_and_quantizes_the_table():
     model, (x, y) = Tokens(), _token_data()
     recipe = {"techniques": [{"type": "quant_lsq", "bits": 4, "embeddings": True, "activations": True}]}
-    s = train(model, recipe, x, y)
+    s = train_in_own_loop(model, recipe, x, y)
     assert not hasattr(model.emb, "input_quant") and hasattr(model.fc, "input_quant")
     assert torch.nn.utils.parametrize.is_parametrized(model.emb, "weight")  # the table is quantized
     assert finalize_keeps_logits(model, s, x[:8]) <= 1e-5

@@ -1,6 +1,7 @@
-"""Models of the user's own with parts the techniques do not touch, each once a raw error or a silent
-loss: a parametrization of their own on another layer, a sparse embedding, a layer pruned but not
-quantized, a module's extra state, a graph ONNX Runtime refuses, uint8 images into a convolution."""
+"""A user's own model and recipe at the edges, each once a raw error or a silent loss: a parametrization
+of their own on another layer, a sparse embedding, a layer pruned but not quantized, a module's extra
+state, a graph ONNX Runtime refuses, uint8 images into a convolution, the recipe missing from the
+manifest, per-layer settings naming no layer, two entries of one technique on the same layer."""
 import warnings
 
 import pytest
@@ -8,25 +9,10 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.parametrizations import weight_norm
 
-import jointcompress
 from jointcompress import compress, finalize
 from jointcompress.artifact import load, save
 from jointcompress.errors import ArtifactError, DataError, UnsupportedModelError
-
-
-def _trained(model, recipe, x, steps=4):
-    session = jointcompress.prepare(model, recipe, total_steps=steps)
-    opt = torch.optim.Adam(session.param_groups(lr=1e-3))
-    session.bind(opt)
-    y = torch.arange(len(x)) % 4
-    for _ in range(steps):
-        terms = session.loss(model(x), (x, y))
-        opt.zero_grad()
-        session.backward(terms)
-        session.before_step()
-        opt.step()
-        session.after_step()
-    return session
+from session_helpers import train_in_own_loop
 
 
 def _with_weight_norm():
@@ -41,7 +27,7 @@ def test_a_users_own_parametrization_on_an_untouched_layer_survives_finalize_and
     torch.manual_seed(0)
     model, x = _with_weight_norm(), torch.randn(16, 3, 8, 8)
     recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5}, {"type": "quant_lsq", "bits": 4}]}
-    session = _trained(model, recipe, x)
+    session = train_in_own_loop(model, recipe, x, torch.arange(len(x)) % 4, steps=4)
     with torch.no_grad():
         trained = model.eval()(x)
     spec = session.finalize(x[:2])
@@ -72,7 +58,7 @@ def test_pruning_a_layer_that_is_not_quantized_warns_that_the_file_keeps_it_dens
     for recipe, expected in (([{"type": "prune_unstructured", "sparsity": 0.9, "end": 0.5}], 2),
                              ([{"type": "prune_unstructured", "sparsity": 0.9, "end": 0.5}, {"type": "quant_lsq", "bits": 4}], 0)):
         model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-        session = _trained(model, {"techniques": recipe}, x)
+        session = train_in_own_loop(model, {"techniques": recipe}, x, torch.arange(len(x)) % 4, steps=4)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             session.finalize()
