@@ -314,62 +314,45 @@ def test_the_sessions_optimizer_is_fused_where_the_device_has_the_kernel_else_mu
     assert opt.defaults["foreach"] and not opt.defaults["fused"]
 
 
-def test_a_loop_without_after_step_is_warned_once():
-    """Without session.after_step() the schedule stays at step 0: masks never ramp and finalize bakes
-    an uncompressed model, silently. The second before_step at the same step says so, once."""
+def _loop_skipping(verb: str | None, x, y, recipe, steps: int = 6):
+    """The documented loop with session.<verb>() left out (None: the whole loop); (model, warnings)."""
     import warnings
 
-    torch.manual_seed(0)
-    x = torch.randn(32, 8)
-    y = x[:, :3].argmax(1)
-    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5}]}
-    for call_after, expected in ((True, 0), (False, 1)):
-        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
-        session = jointcompress.prepare(model, recipe, total_steps=6)
-        opt = torch.optim.Adam(session.param_groups())
-        session.bind(opt)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for _ in range(6):
-                terms = session.loss(model(x), (x, y))
-                opt.zero_grad()
-                session.backward(terms)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    session = jointcompress.prepare(model, recipe, total_steps=steps)
+    opt = torch.optim.Adam(session.param_groups())
+    session.bind(opt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            terms = session.loss(model(x), (x, y))
+            opt.zero_grad()
+            session.backward(terms)
+            if verb != "before_step":
                 session.before_step()
-                opt.step()
-                if call_after:
-                    session.after_step()
-        said = [w for w in caught if "no session.after_step() between" in str(w.message)]
-        assert len(said) == expected
-        sparsity = float((model[0].weight == 0).float().mean())
-        assert sparsity == (0.5 if call_after else 0.0)  # what the warning is about
+            opt.step()
+            if verb != "after_step":
+                session.after_step()
+    return model, [str(w.message) for w in caught]
 
 
-def test_a_loop_without_before_step_is_warned_once():
-    """Without session.before_step() the techniques never act on the gradients (a learned mask's own
-    gradient, the size budget's, the Fisher estimate's fold): after_step says so, once."""
-    import warnings
-
+@pytest.mark.parametrize("verb, says", [
+    # without after_step the schedule stays at step 0: masks never ramp and finalize bakes an uncompressed
+    # model, silently; the second before_step at the same step says so, once
+    ("after_step", "no session.after_step() between"),
+    # without before_step the techniques never act on the gradients (a learned mask's own gradient, the
+    # size budget's, the Fisher estimate's fold): after_step says so, once
+    ("before_step", "no session.before_step() since the last after_step")])
+def test_a_loop_leaving_out_a_step_verb_is_warned_once(verb, says):
     torch.manual_seed(0)
     x = torch.randn(32, 8)
     y = x[:, :3].argmax(1)
     recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5}]}
-    for call_before, expected in ((True, 0), (False, 1)):
-        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
-        session = jointcompress.prepare(model, recipe, total_steps=6)
-        opt = torch.optim.Adam(session.param_groups())
-        session.bind(opt)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for _ in range(6):
-                terms = session.loss(model(x), (x, y))
-                opt.zero_grad()
-                session.backward(terms)
-                if call_before:
-                    session.before_step()
-                opt.step()
-                session.after_step()
-        said = [w for w in caught if "no session.before_step() since the last after_step" in str(w.message)]
-        assert len(said) == expected
+    for skipped, expected in ((None, 0), (verb, 1)):
+        model, said = _loop_skipping(skipped, x, y, recipe)
+        assert len([m for m in said if says in m]) == expected
+        if verb == "after_step":  # what the warning is about
+            assert float((model[0].weight == 0).float().mean()) == (0.0 if skipped else 0.5)
 
 
 def test_a_nan_input_in_the_callers_loop_is_warned_and_finalize_says_the_model_is_broken():
