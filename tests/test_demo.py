@@ -50,6 +50,9 @@ def test_demo_writes_over_its_own_output_only(tmp_path):
     (mine / "notes.txt").unlink()
     (mine / "joint").mkdir()  # what a demo stopped halfway leaves: written over, as `make demo` run again does
     assert _earlier_demo(mine) and not _earlier_demo(tmp_path / "absent")
+    for name in ("report.html", "layers.csv", "layers.json"):  # `jointcompress report` on the demo's folder
+        (mine / name).write_text("")
+    assert _earlier_demo(mine)
 
 
 def test_an_unreachable_demo_target_names_the_ratio_option(tmp_path, monkeypatch):

@@ -369,6 +369,12 @@ def test_written_files_get_the_permissions_the_umask_gives(tmp_path):
 
     atomic_write_bytes(tmp_path / "a.json", b"{}")
     assert stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode) == 0o666 & ~_umask()
+    before = os.umask(0o077)  # read at every write, not remembered from the first
+    try:
+        atomic_write_bytes(tmp_path / "b.json", b"{}")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(os.stat(tmp_path / "b.json").st_mode) == 0o600
 
 
 def test_weights_files_are_read_by_content_and_a_pickle_is_refused_without_unsafe_advice(tmp_path):
@@ -386,3 +392,14 @@ def test_weights_files_are_read_by_content_and_a_pickle_is_refused_without_unsaf
     with pytest.raises(ArtifactError, match="holds pickled objects besides tensors") as caught:
         load_weights(nn.Linear(3, 2), tmp_path / "evil.pt")
     assert "weights_only=False" not in str(caught.value)
+
+
+def test_a_file_that_is_no_torch_file_is_not_said_to_hold_pickles(tmp_path):
+    import numpy as np
+
+    from jointcompress.errors import ArtifactError
+    from jointcompress.pipeline import load_weights
+
+    np.save(tmp_path / "w.npy", np.zeros((2, 3), dtype=np.float32))
+    with pytest.raises(ArtifactError, match="is not a torch file or a safetensors file"):
+        load_weights(nn.Linear(3, 2), tmp_path / "w.npy")

@@ -256,15 +256,21 @@ def test_the_joint_form_resumes_bit_for_bit_from_inside_its_catch_up(tmp_path):
     cuts = [e["step"] for e in budget.events if e["event"] == "size_catch_up"]
     stop = cuts[len(cuts) // 2]
     assert cuts[0] < stop < cuts[-1], cuts  # stopped inside the catch-up
-    with pytest.raises(KeyboardInterrupt):
-        compress(model(), recipe, (x, y), lambda m: 0.0, run_dir=tmp_path, checkpoint_every=5, callbacks=[_StopAt(stop)])
-    resumed = _resumes_to(whole, model, recipe, (x, y), tmp_path)
-    # the size budget's events are the history's, those before the checkpoint too (a resume lost them, and
-    # compress()'s history had none: only the CLI copied them in, after the run)
+    freeze = next(e["step"] for e in budget.events if e["event"] == "size_freeze")
+
     def size_events(history):
         return [e for e in history.events if e["event"].startswith("size_")]
+
     assert size_events(whole.history) == budget.events and len(budget.events) > 3
-    assert size_events(resumed.history) == budget.events
+    after_freeze = (freeze // 5 + 1) * 5  # a checkpoint after the freeze (every 5 steps), stopped right after it
+    assert after_freeze < 32, freeze  # 2 epochs of 16 steps
+    for at, run_dir in ((stop, tmp_path / "catch_up"), (after_freeze, tmp_path / "frozen")):
+        with pytest.raises(KeyboardInterrupt):
+            compress(model(), recipe, (x, y), lambda m: 0.0, run_dir=run_dir, checkpoint_every=5, callbacks=[_StopAt(at)])
+        resumed = _resumes_to(whole, model, recipe, (x, y), run_dir)
+        # the size budget's events are the history's, those before the checkpoint too (a resume lost them,
+        # compress()'s history had none, and the freeze a resume replays must not add its own again)
+        assert size_events(resumed.history) == budget.events, at
 
 
 def test_a_resumed_run_keeps_the_target_its_checkpoint_resolved(tmp_path, monkeypatch):

@@ -149,3 +149,15 @@ def test_two_entries_of_one_technique_on_the_same_layer_are_refused():
     result = compress(model, {"techniques": apart, "training": {"epochs": 3, "batch_size": 4}}, (x, y), lambda m: 0.0)
     result.finalize()
     assert [float((result.model[i].weight == 0).float().mean()) for i in (0, 2)] == [0.5, pytest.approx(0.7, abs=0.02)]
+
+
+def test_two_channel_pruning_entries_are_refused_by_the_recipe():
+    """Two prune_structured entries on disjoint layers crashed in torch's deepcopy (the second traced a model
+    the first had reparametrized), and the overlap refusal above pointed users there."""
+    from jointcompress.errors import RecipeError
+    from jointcompress.recipe import parse_recipe
+
+    entries = [{"type": "prune_structured", "sparsity": 0.5, "targets": ["0"]},
+               {"type": "prune_structured", "sparsity": 0.5, "targets": ["3"]}]
+    with pytest.raises(RecipeError, match="'prune_structured' appears 2 times; use it once; per-group sparsities go in"):
+        parse_recipe({"techniques": entries})

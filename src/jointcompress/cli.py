@@ -115,7 +115,8 @@ def demo(
     console.print(f"artifacts in {out}/sequential, {out}/joint and {out}/structured (its int8 ONNX model in {out}/structured-int8); wall time {res.wall_seconds:.0f} s")
 
 
-DEMO_OUTPUTS = {"results.json", "joint", "sequential", "structured", "structured-int8"}
+DEMO_OUTPUTS = {"results.json", "joint", "sequential", "structured", "structured-int8",
+                "report.html", "layers.csv", "layers.json"}  # and what `jointcompress report` adds
 
 
 def _earlier_demo(out: Path) -> bool:

@@ -2,7 +2,6 @@
 output directory is overwritten unless the user asked for it, so nothing a user made is lost."""
 from __future__ import annotations
 
-import functools
 import json
 import os
 import tempfile
@@ -12,12 +11,16 @@ from typing import Any
 from .errors import JointCompressError
 
 
-@functools.lru_cache(maxsize=1)
 def _umask() -> int:
-    """The process's umask, read once (reading it means setting it, which is process-wide)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    """The process's umask now: read from /proc on Linux (setting it to read it back is process-wide, and
+    another thread could create a file in between), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

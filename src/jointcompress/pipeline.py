@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -78,9 +79,10 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's text would suggest weights_only=False: never, for a file not trusted
-        raise ArtifactError(
-            f"{path}: holds pickled objects besides tensors, which are not loaded (nothing is unpickled); save the "
-            "weights alone: torch.save(model.state_dict(), path), or safetensors") from None
+        what = ("holds pickled objects besides tensors, which are not loaded (nothing is unpickled)"
+                if zipfile.is_zipfile(path) else "is not a torch file or a safetensors file")
+        raise ArtifactError(f"{path}: {what}; save the weights alone: torch.save(model.state_dict(), path), or "
+                            "safetensors") from None
     except Exception as err:  # noqa: BLE001 - any reading problem is the file's
         raise ArtifactError(
             f"{path}: cannot be read as weights ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); "

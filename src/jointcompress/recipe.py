@@ -423,8 +423,10 @@ class Recipe(Strict):
         kinds = [t.type for t in self.techniques]
         for k in set(kinds):
             if kinds.count(k) > 1 and k in ("quant_lsq", "distill_kd", "prune_heads", "prune_ffn", "prune_layers", "prune_blocks",
-                                            "size_budget"):
-                raise ValueError(f"technique '{k}' appears {kinds.count(k)} times; use it once")
+                                            "size_budget", "prune_structured"):
+                # prune_structured: a second entry traced a model the first had already reparametrized, and crashed
+                per_group = "; per-group sparsities go in its layer_sparsity" if k == "prune_structured" else ""
+                raise ValueError(f"technique '{k}' appears {kinds.count(k)} times; use it once{per_group}")
         return self
 
     @model_validator(mode="after")

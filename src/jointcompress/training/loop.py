@@ -130,6 +130,8 @@ class Trainer:
     def _start(self) -> None:
         if not self.checkpoints.resume():
             self.session.start()
+        else:  # the history holds the events up to the checkpoint; replaying the structure (a freeze) made more
+            self._events_copied = {id(t): len(getattr(t, "events", None) or []) for t in self.session.techniques}
         self.recovery.take_good(self.pos.step)
 
     def _train_step(self, batch, spe: int) -> None:
