@@ -146,13 +146,10 @@ def _warn_zeros_stored_dense(dense: list[str]) -> None:
                       stacklevel=3)
 
 
-def nonfinite_parameters(model: nn.Module) -> list[str]:
-    """Names of the parameters holding a NaN or an infinity (buffers may hold -inf masks on purpose)."""
-    return [name for name, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
-
-
 def _warn_nonfinite(model: nn.Module) -> None:
-    bad = nonfinite_parameters(model)
+    from .session.checks import nonfinite_tensors
+
+    bad = nonfinite_tensors(model.named_parameters())
     if bad:
         warnings.warn(f"finalize: {len(bad)} parameter(s) hold NaN or inf ({', '.join(bad[:4])}"
                       f"{', ...' if len(bad) > 4 else ''}): training took a non-finite step in, and the model's outputs "

@@ -91,7 +91,9 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     if not isinstance(state, dict):
         raise ArtifactError(f"{path}: holds a {type(state).__name__}, not a state dict; save the weights with "
                             "torch.save(model.state_dict(), path)")
-    broken = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    from .session.checks import nonfinite_tensors
+
+    broken = nonfinite_tensors(state.items())
     if broken:  # training on them named the learning rate and the data, not the weights
         raise ArtifactError(f"{path}: {', '.join(broken[:4])} hold NaN or inf; these weights come from a training run "
                             "that diverged: give the weights of a good run")

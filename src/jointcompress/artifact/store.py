@@ -295,7 +295,9 @@ def _warn_over_target(spec: CompressionSpec, size: int, path: Path) -> None:
 def _refuse_nonfinite(model: nn.Module, path: Path) -> None:
     """A model whose parameters hold NaN or inf (a non-finite training step) would load as one whose outputs
     are not numbers; an earlier artifact in `path` is worth more than that."""
-    bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    from ..session.checks import nonfinite_tensors
+
+    bad = nonfinite_tensors(model.named_parameters())
     if bad:
         raise ArtifactError(f"{path}: not saved: {len(bad)} parameter(s) hold NaN or inf ({', '.join(bad[:4])}"
                             f"{', ...' if len(bad) > 4 else ''}), so the model's outputs are not numbers; train again "

@@ -48,6 +48,13 @@ def _tensor_slots(model: nn.Module) -> dict[int, dict[tuple[int, str], str]]:
     return slots
 
 
+def nonfinite_tensors(named) -> list[str]:
+    """Names of the floating tensors among (name, tensor) pairs that hold a NaN or an infinity: a model's
+    parameters (not its buffers, which may hold -inf masks on purpose) or a loaded state dict."""
+    return [name for name, t in named
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def tied_weights(model: nn.Module) -> dict[str, str]:
     """module name -> another name its weight Parameter is reachable under: another module's weight
     (lm_head -> wte: of two modules the later one is named) or a loose parameter or attribute

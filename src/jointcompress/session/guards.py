@@ -66,7 +66,9 @@ class NonFiniteWatch:
         if not bad:
             return
         self.warned = True
-        broken = sum(1 for p in model.parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all()))
+        from .checks import nonfinite_tensors
+
+        broken = len(nonfinite_tensors(model.named_parameters()))
         effect = (f"{broken} of the model's parameters are now not finite" if broken else
                   "the parameters are still finite (a skipped step, e.g. by a GradScaler?)")
         warnings.warn(
