@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -250,3 +251,11 @@ def test_token_distillation_of_a_tuple_batch_leaves_out_the_ignored_positions():
     s, t = F.log_softmax(student(ids) / 2, -1), F.log_softmax(teacher(ids) / 2, -1)
     per_token = (t.exp() * (t - s)).sum(-1) * 4  # T^2 KL per position
     assert torch.allclose(tuple_term / 0.5, per_token[real].mean(), atol=1e-6)  # alpha 0.5
+
+
+def test_an_evaluate_that_is_not_a_function_is_refused_before_training(digits):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RecipeError, match=r"evaluate is NoneType, not a function.*evaluator\(x_test, y_test\)"):
+        compress(model, {"techniques": [{"type": "quant_lsq", "bits": 4}]}, (digits.x_train, digits.y_train), None)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing trained

@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save as safetensors_save
 
 import jointcompress
+from jointcompress.artifact import dense_fp32_bytes, load, save, storage_bytes
 from jointcompress.errors import RecipeError, UnsupportedModelError
 from jointcompress.session.checks import tied_weights
 from session_helpers import train_in_own_loop
@@ -136,6 +138,42 @@ def test_one_module_under_two_names_is_one_layer_and_compresses():
     recipe = {"techniques": [PRUNE_QUANT[0], dict(PRUNE_QUANT[1], activations=True)]}
     assert finalize_keeps_logits(model, train_in_own_loop(model, recipe, x, y), x[:8]) <= 1e-5
     assert model.b is model.a
+
+
+def test_one_module_under_two_names_is_stored_and_counted_once(tmp_path):
+    torch.manual_seed(0)
+    model, x, y = SharedLayer(), torch.randn(64, 8), torch.randint(0, 4, (64,))
+    session = train_in_own_loop(model, {"techniques": PRUNE_QUANT}, x, y)
+    spec = session.finalize()
+    manifest = save(model, spec, tmp_path / "a", builder=SharedLayer)
+    assert manifest["aliases"] == {"b.weight": "a.weight", "b.bias": "a.bias"}
+    assert not {"b.weight", "b.bias"} & set(manifest["other_tensors"]) and "b" not in manifest["layers"]
+    assert manifest["weights_file_bytes"] == storage_bytes(model, spec)["total"] + manifest["bytes"]["container"]
+    loaded = load(tmp_path / "a", SharedLayer)
+    assert loaded.b is loaded.a and torch.equal(loaded(x), model.eval()(x))
+    once = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("b.")}
+    assert dense_fp32_bytes(model) == len(safetensors_save(once))  # the "N x smaller" baseline: once too
+
+
+def test_a_tied_embedding_left_out_is_stored_once_and_loads_tied(tmp_path):
+    class Lm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.mid, self.lm_head = nn.Embedding(50, 16), nn.Linear(16, 16), nn.Linear(16, 50, bias=False)
+            self.lm_head.weight = self.wte.weight
+
+        def forward(self, ids):
+            return self.lm_head(F.relu(self.mid(self.wte(ids).mean(1))))
+
+    torch.manual_seed(0)
+    model, (ids, _) = Lm(), _token_data()
+    y = torch.randint(0, 50, (ids.shape[0],))
+    recipe = {"techniques": [{"type": "quant_lsq", "bits": 4, "exclude": ["wte", "lm_head"]}]}
+    spec = train_in_own_loop(model, recipe, ids, y).finalize()
+    manifest = save(model, spec, tmp_path / "lm", builder=Lm)
+    assert manifest["aliases"] == {"lm_head.weight": "wte.weight"} and list(manifest["layers"]) == ["mid"]
+    loaded = load(tmp_path / "lm", Lm)
+    assert loaded.lm_head.weight is loaded.wte.weight and torch.equal(loaded(ids), model.eval()(ids))
 
 
 def test_the_hook_based_spectral_norm_is_refused_with_its_fix():

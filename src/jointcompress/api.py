@@ -305,6 +305,10 @@ def compress(
     """
     recipe = parse_recipe(recipe)
     _check_run_arguments(recipe, teacher, run_dir, resume)
+    if not callable(evaluate):  # else a TypeError after the first epoch's training
+        raise RecipeError(f"evaluate is {type(evaluate).__name__}, not a function: pass one that takes the model and "
+                          "returns its metric on held-out data, e.g. jointcompress.data.evaluator(x_test, y_test); "
+                          "compress() keeps the best state it measures")
     dist = _dist.resolve(distributed)
     model = _dist.unwrap(model)
     teacher = _dist.unwrap(teacher) if teacher is not None else None

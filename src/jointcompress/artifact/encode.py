@@ -11,6 +11,8 @@ Parts per quantized layer (keys in the container index, in this order):
   ``<layer>.bias``            the layer's bias, smallest exact format (absent without bias)
 Every other state-dict entry (BatchNorm, fp32 layers) is stored as is ("other"), in fp16 where
 it holds only fp16 values (bit for bit; the manifest's `loaded_as` names the dtype it loads as).
+A state-dict key whose tensor is one already stored under an earlier key (a module registered
+under two names, a tied weight) is stored once: `aliases` maps it to that earlier key.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ class Encoding:
     layers: dict[str, dict] = field(default_factory=dict)
     others: dict[str, dict] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
 
     def totals(self) -> dict[str, int]:
         """Bytes per kind of part; "total" is their sum (the weights file minus its container)."""
@@ -147,6 +150,29 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+def unique_state(model: nn.Module, prefer: set[str] = frozenset()
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict with each tensor once, {other key: the key that holds the same tensor}).
+
+    A module registered under two names (`self.head = self.blocks[-1]`) or a weight tied across
+    modules appears in `state_dict()` under every name; storing it once keeps the file, the size
+    target and the dense baseline from counting it twice. The kept key is the first in `prefer`
+    (a quantized layer's own key), else the first in state-dict order."""
+    groups: dict[int, list[str]] = {}
+    full = model.state_dict(keep_vars=True)
+    for key, t in full.items():
+        groups.setdefault(id(t) if isinstance(t, torch.Tensor) else id(key), []).append(key)
+    state, aliases = {}, {}
+    for key, t in full.items():
+        group = groups[id(t) if isinstance(t, torch.Tensor) else id(key)]
+        kept = next((k for k in group if k in prefer), group[0])
+        if key != kept:
+            aliases[key] = kept
+        else:
+            state[key] = t.detach() if isinstance(t, torch.Tensor) else t
+    return state, aliases
+
+
 def encode_model(model: nn.Module, spec: CompressionSpec, entropy: bool = True,
                  narrow: Callable[[str], bool] | None = None) -> Encoding:
     """Encode every quantized layer (weights, scale, bias) in its smallest form; keep the rest as
@@ -159,7 +185,8 @@ def encode_model(model: nn.Module, spec: CompressionSpec, entropy: bool = True,
     for name, mod in quantized.items():
         _encode_layer(enc, name, mod, spec.layers[name], entropy)
         skip |= {f"{name}.weight"} | ({f"{name}.bias"} if _layer_bias(mod) is not None else set())
-    for key, t in model.state_dict().items():
+    state, enc.aliases = unique_state(model, prefer=skip)
+    for key, t in state.items():
         if key in skip:
             continue
         if not isinstance(t, torch.Tensor):  # a module's get_extra_state(): any Python object

@@ -8,10 +8,11 @@ model's fp32 state dict saved with safetensors, i.e. what one would ship without
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from ..spec import CompressionSpec
-from .encode import BREAKDOWN_PARTS, encode_model
+from .encode import BREAKDOWN_PARTS, encode_model, unique_state
 
 KINDS = ("values", "indices", "scales", "biases", "other", "container")
 _KIND_OF_PART = {"values": "values", "indices": "indices", "scale": "scales", "bias": "biases"}
@@ -84,12 +85,13 @@ def floor_detail(model: nn.Module, spec: CompressionSpec) -> str:
 
 
 def dense_fp32_bytes(model: nn.Module) -> int:
-    """Size of the model's state dict as an fp32 safetensors file (floating tensors cast to fp32)."""
+    """Size of the model's state dict as an fp32 safetensors file (floating tensors cast to fp32),
+    each tensor once (as `safetensors.torch.save_model` stores shared tensors)."""
     from safetensors.torch import save as st_save
 
     state = {
-        k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous().clone()
-        for k, v in model.state_dict().items()
+        k: (v.float() if v.is_floating_point() else v).cpu().contiguous().clone()
+        for k, v in unique_state(model)[0].items() if isinstance(v, torch.Tensor)
     }
     return len(st_save(state))
 

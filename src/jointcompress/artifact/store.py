@@ -181,11 +181,12 @@ def _replay(model: nn.Module, history: list, inputs: tuple, where: str) -> None:
         ) from exc
 
 
-def check_shapes(model: nn.Module, layers: dict, others: dict, where: str) -> None:
+def check_shapes(model: nn.Module, layers: dict, others: dict, where: str, aliases: dict | None = None) -> None:
     """Every stored tensor must exist in the rebuilt model with the same shape, and vice versa."""
     expected = {f"{n}.weight": tuple(r["shape"]) for n, r in layers.items()}
     expected.update({f"{n}.bias": (r["shape"][0],) for n, r in layers.items() if "bias" in r["parts"]})
     expected.update({k: tuple(r["shape"]) for k, r in others.items()})
+    expected.update({k: expected[src] for k, src in (aliases or {}).items() if src in expected})
     actual = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(actual) - set(expected))
     unexpected = sorted(set(expected) - set(actual))
@@ -237,7 +238,7 @@ def save(
     encoding = _enc.encode_model(model, spec, entropy=entropy)
     if builder is not None:
         rebuilt = rebuild(builder, history, inputs_of_records(inputs), str(path), dropped, later)
-        check_shapes(rebuilt, encoding.layers, encoding.others, f"{path} (checked at save time)")
+        check_shapes(rebuilt, encoding.layers, encoding.others, f"{path} (checked at save time)", encoding.aliases)
     blob = file_blob(encoding, container)
     _warn_over_target(spec, len(blob), path)
     totals = encoding.totals()
@@ -264,6 +265,8 @@ def save(
     }
     if later:  # only where a later run dropped blocks: every other manifest stays as it was
         manifest["later_dropped_blocks"] = later
+    if encoding.aliases:  # only where a tensor is held under two names (encode.unique_state)
+        manifest["aliases"] = encoding.aliases
     manifest["manifest_sha256"] = manifest_digest(manifest)
     path.mkdir(parents=True, exist_ok=True)
     for left in _save_leftovers(path):  # an earlier save killed halfway; this one replaces what it was writing
@@ -605,6 +608,11 @@ def _validate_fields(m: dict) -> None:
                   f"is {rec['loaded_as']!r:.40} for a {rec.get('dtype')!r:.40} tensor; only float16 stored for float32 loads")
         _need(key.removesuffix(".weight") not in layers or not key.endswith(".weight"), f,
               "is also stored as a quantized layer")
+    stored = {f"{n}.{p}" for n, rec in layers.items() for p in ("weight", "bias") if p == "weight" or "bias" in rec["parts"]}
+    for key, source in _dict(m.get("aliases", {}), "aliases").items():
+        _str(source, f"aliases[{key!r}]")
+        _need(source in stored or source in others, f"aliases[{key!r}]", f"names {source!r:.80}, which is not stored")
+        _need(key not in stored and key not in others, f"aliases[{key!r}]", "names a tensor that is stored itself")
 
 
 def _validate(manifest: dict, mpath: Path) -> None:
@@ -723,6 +731,8 @@ def _state(manifest: dict, parts: dict[str, bytes], tensors: dict[str, torch.Ten
                 f"says {rec['shape']} {rec.get('dtype', '')}".rstrip()
             )
         state[key] = t.to(getattr(torch, rec["loaded_as"])) if "loaded_as" in rec else t  # stored narrower, exactly
+    for key, source in manifest.get("aliases", {}).items():  # one tensor held under two names: stored once
+        state[key] = state[source]
     return state
 
 
@@ -745,7 +755,7 @@ def load_with_spec(path: str | os.PathLike, builder: Callable[[], nn.Module]) ->
     dropped = manifest.get("dropped_blocks", [])  # absent from artifacts written before prune_blocks
     later = manifest.get("later_dropped_blocks", [])  # present only where a later run dropped blocks
     model = rebuild(builder, history, inputs, str(path), dropped, later)
-    check_shapes(model, manifest["layers"], manifest["other_tensors"], where)
+    check_shapes(model, manifest["layers"], manifest["other_tensors"], where, manifest.get("aliases"))
     try:
         spec = CompressionSpec(pruning_history=history, recipe=manifest.get("recipe"), dropped_blocks=list(dropped),
                                later_dropped_blocks=[(int(n), list(names)) for n, names in later])
