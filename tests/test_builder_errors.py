@@ -134,3 +134,16 @@ def test_dry_run_checks_what_the_builder_returned(files, monkeypatch, capsys):
 def test_dry_run_refuses_an_image_size_below_one(monkeypatch, capsys, size):
     code, out = _cli(monkeypatch, capsys, "dry-run", "--model", "lenet5", "--image-size", size)
     assert code == 2 and f"--image-size {size}: give" in out and "positive" in out and "Traceback" not in out, out
+
+
+def test_a_relative_builder_path_names_the_file_it_resolves_to_after_a_chdir(tmp_path, monkeypatch):
+    from jointcompress.models import load_builder
+
+    for folder, width in (("one", 3), ("two", 5)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "net.py").write_text(f"import torch.nn as nn\n\ndef build():\n    return nn.Linear(2, {width})\n")
+    monkeypatch.chdir(tmp_path / "one")
+    assert load_builder("net.py:build")().out_features == 3
+    monkeypatch.chdir(tmp_path / "two")
+    assert load_builder("net.py:build")().out_features == 5  # not the first folder's cached builder
+    assert load_builder(f"{tmp_path / 'two' / 'net.py'}:build") is load_builder("net.py:build")  # one file, one class

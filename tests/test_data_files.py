@@ -159,3 +159,14 @@ def test_good_files_still_load(tmp_path):
 def test_the_real_mnist_file_loads():
     split = load_dataset(str(MNIST))
     assert split.x_train.shape == (60000, 1, 28, 28) and len(split.y_test) == 10000 and split.num_classes == 10
+
+
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_an_empty_data_argument_is_refused_not_read_as_the_embedded_digits(empty, tmp_path, monkeypatch, capsys):
+    assert "give a path to an MNIST-style .npz, or 'digits'" in _refused(empty)
+    from cli_helpers import run_cli
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: lenet5\ntechniques: [{type: quant_lsq, bits: 4}]\ntraining: {epochs: 1}\n")
+    code, out = run_cli(monkeypatch, capsys, "compress", recipe, "--data", empty, "--out", tmp_path / "run")
+    assert code == 2 and "--data / recipe data is" in out and not (tmp_path / "run" / "artifact").exists()

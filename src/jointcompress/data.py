@@ -236,8 +236,12 @@ def _number(v) -> str:
 
 
 def load_dataset(spec: str | None) -> Split:
-    """'digits' (default) or a path to an MNIST-style .npz."""
-    if spec in (None, "", "digits"):
+    """'digits' (default) or a path to an MNIST-style .npz. An empty string is refused: a shell
+    variable left empty (`--data "$DATA"`) must not train on the embedded digits unnoticed."""
+    if spec is not None and not str(spec).strip():
+        raise DataError(f"--data / recipe data is {spec!r}: give a path to an MNIST-style .npz, or 'digits' (the "
+                        "embedded set), or leave it out for digits")
+    if spec in (None, "digits"):
         return load_digits()
     return load_mnist(spec)
 

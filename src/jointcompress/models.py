@@ -5,7 +5,6 @@ All take [N, 1, H, W] images (28x28 MNIST or 8x8 digits) and return class logits
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -213,13 +212,27 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-@functools.lru_cache(maxsize=None)
+_BUILDERS: dict[str, object] = {}
+
+
 def load_builder(spec: str):
     """The zero-argument function `spec` names: `package.module:function` (importable, or from the
     current directory as `python -m` would find it) or `path/to/file.py:function`. Loaded once per
-    spec, so every model a run builds (teacher, student, the artifact's rebuild) is of one class.
+    file (a relative path is resolved first: after a chdir it names another file), so every model
+    a run builds (teacher, student, the artifact's rebuild) is of one class.
     A file that cannot be imported (not found, a syntax error, an exception while importing it) or
     a builder that needs arguments is a RecipeError naming the file and the original error."""
+    where, _, func = spec.rpartition(":")
+    key = f"{Path(where).resolve()}:{func}" if where.endswith(".py") and Path(where).is_file() else spec
+    if key not in _BUILDERS:
+        _BUILDERS[key] = _load_builder(spec)
+    return _BUILDERS[key]
+
+
+load_builder.cache_clear = _BUILDERS.clear  # what a new process starts from (tests)
+
+
+def _load_builder(spec: str):
     from .errors import RecipeError
 
     where, _, func = spec.rpartition(":")

@@ -224,4 +224,4 @@ def uncompressed_row(model: nn.Module, split: Split) -> dict:
 
 
 def load_split(recipe: Recipe, data: str | None) -> Split:
-    return load_dataset(data or recipe.data)
+    return load_dataset(data if data is not None else recipe.data)

@@ -75,7 +75,7 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
             raise RecipeError(f"{exc} (the builder {artifact_dir}/manifest.json records; pass --model "
                               "file.py:function where it is now)") from None
     split = None
-    if data:
+    if data is not None:
         from ..data import load_dataset
 
         split = load_dataset(data)
