@@ -113,9 +113,7 @@ def test_compress_and_sensitivity_name_a_broken_builder(files, monkeypatch, caps
     recipe = files / "r.yaml"
     recipe.write_text("model: lenet300\ndata: digits\ntraining: {epochs: 1, batch_size: 64}\n"
                       "techniques: [{type: prune_unstructured, sparsity: 0.5}]\n")
-    # by its absolute path: load_builder caches a loaded builder by the spec as given, and the dry-run test's
-    # relative "mymodel.py:raises" named another folder's file
-    code, out = _cli(monkeypatch, capsys, command, recipe, "--model", files / spec, "--out", files / "o",
+    code, out = _cli(monkeypatch, capsys, command, recipe, "--model", spec, "--out", files / "o",
                      "--teacher-epochs", 1)
     assert code == 2 and "Traceback" not in out, out
     for word in words:
@@ -147,3 +145,26 @@ def test_a_relative_builder_path_names_the_file_it_resolves_to_after_a_chdir(tmp
     monkeypatch.chdir(tmp_path / "two")
     assert load_builder("net.py:build")().out_features == 5  # not the first folder's cached builder
     assert load_builder(f"{tmp_path / 'two' / 'net.py'}:build") is load_builder("net.py:build")  # one file, one class
+
+
+@pytest.mark.parametrize("case", ["needs_arg", "syntax_error", "import_error"])
+def test_recipe_validate_imports_the_builder_as_compress_would(files, monkeypatch, capsys, case):
+    """`recipe validate` said ok to a builder file that compress could not import."""
+    spec, words = CASES[case]
+    monkeypatch.chdir(files)
+    (files / "v.yaml").write_text(f"model: {spec}\ntechniques: [{{type: quant_lsq, bits: 4}}]\n")
+    code, out = _cli(monkeypatch, capsys, "recipe", "validate", files / "v.yaml")
+    assert code == 2 and "Traceback" not in out, out
+    for word in words:
+        assert word.format(d=files) in out, out
+    (files / "ok.yaml").write_text("model: mymodel.py:good\ntechniques: [{type: quant_lsq, bits: 4}]\n")
+    code, out = _cli(monkeypatch, capsys, "recipe", "validate", files / "ok.yaml")
+    assert code in (0, None) and "ok" in out and "model=mymodel.py:good" in out, out
+
+
+def test_dry_run_calls_the_builder_once(files, monkeypatch, capsys):
+    (files / "counted.py").write_text("import torch.nn as nn\nCALLS = []\n\ndef build():\n    CALLS.append(1)\n"
+                                      "    print(f'built {len(CALLS)}')\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))\n")
+    monkeypatch.chdir(files)
+    code, out = _cli(monkeypatch, capsys, "dry-run", "--model", "counted.py:build", "--input-shape", "1,1,8,8")
+    assert code in (0, None) and "built 1" in out and "built 2" not in out, out

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -267,7 +268,11 @@ def test_the_joint_form_resumes_bit_for_bit_from_inside_its_catch_up(tmp_path):
     for at, run_dir in ((stop, tmp_path / "catch_up"), (after_freeze, tmp_path / "frozen")):
         with pytest.raises(KeyboardInterrupt):
             compress(model(), recipe, (x, y), lambda m: 0.0, run_dir=run_dir, checkpoint_every=5, callbacks=[_StopAt(at)])
-        resumed = _resumes_to(whole, model, recipe, (x, y), run_dir)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            resumed = _resumes_to(whole, model, recipe, (x, y), run_dir)
+        late = [w for w in caught if "after its decision window" in str(w.message)]
+        assert not late, (at, late)  # said once, before the checkpoint: a resumed catch-up does not say it again
         # the size budget's events are the history's, those before the checkpoint too (a resume lost them,
         # compress()'s history had none, and the freeze a resume replays must not add its own again)
         assert size_events(resumed.history) == budget.events, at

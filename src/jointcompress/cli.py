@@ -341,7 +341,7 @@ def recipe_validate(recipe_path: Path = typer.Argument(..., help="Recipe YAML.")
 
 def _validated_model(name: str | None, hf: bool) -> str:
     """What `model:` will build, checked as compress checks it: a built-in name, `hf:...`, or a builder
-    (package.module:function, file.py:function) whose file exists."""
+    (package.module:function, file.py:function) that imports and takes no arguments."""
     from .models import MODELS
 
     if hf or (name or "").startswith("hf:"):
@@ -349,9 +349,12 @@ def _validated_model(name: str | None, hf: bool) -> str:
     if not name:
         return "model not set (pass --model to compress)"
     if ":" in name:
+        from .models import load_builder
+
         file = name.rsplit(":", 1)[0]
         if file.endswith(".py") and not Path(file).is_file():
             raise JointCompressError(f"model: {name!r}: no file {file}; give file.py:function or package.module:function")
+        load_builder(name)  # imported and its signature checked as compress would, not yet called
         return f"model={name}"
     if name not in MODELS:
         raise JointCompressError(f"model: unknown reference model {name!r}; choose one of {', '.join(MODELS)}, or your "

@@ -49,11 +49,16 @@ def _model_and_input(model_name: str, image_size: int, input_shape: list[int] | 
 
 
 def dry_run_tables(model_name: str, image_size: int = 28, targets=("*",), exclude=(), input_shape: list[int] | None = None):
+    model, example = _model_and_input(model_name, image_size, input_shape)
+    return _tables(model_name, model, example, targets, exclude)
+
+
+def _tables(model_name: str, model, example, targets, exclude):
+    """(groups table, skipped table, groups, skipped) of one built model."""
     from rich.table import Table
 
     from ..graph import discover_groups
 
-    model, example = _model_and_input(model_name, image_size, input_shape)
     groups, skipped = discover_groups(model, example, list(targets), list(exclude))
     gt = Table(title=f"{model_name}: prunable channel groups ({len(groups)})")
     for col in ("group root", "channels", "members (module: out/in)"):
@@ -95,11 +100,10 @@ def register(app: typer.Typer) -> None:
 
         from ..block_drop import residual_blocks
 
-        shape = _shape(input_shape)
-        gt, st, _, _ = dry_run_tables(model, image_size, target, exclude, shape)
+        net, example = _model_and_input(model, image_size, _shape(input_shape))  # the user's builder runs once
+        gt, st, _, _ = _tables(model, net, example, target, exclude)
         console = Console()
         console.print(gt)
         console.print(st)
-        net, example = _model_and_input(model, image_size, shape)
         blocks = residual_blocks(net, example)
         console.print(f"residual blocks prune_blocks can remove whole: {', '.join(blocks) or 'none'}")

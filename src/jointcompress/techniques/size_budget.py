@@ -71,6 +71,7 @@ class SizeBudget(Landing, Technique):
         self.freeze_step = 0  # when it is due (set in setup)
         self.calibration_interval = 1
         self.trimmed = False  # with finetune_phase: the half-way re-projection has run
+        self.late_checked = False  # the first catch-up has judged the lag (warn_late); a checkpoint keeps it
         # OBD's curvature cost of a pruned weight on the dead zones (saliency.py); off at 0
         self.saliency = (FisherSaliency(config.saliency, getattr(config, "saliency_mode", "price"))
                          if getattr(config, "saliency", 0.0) > 0 else None)
@@ -435,13 +436,15 @@ class SizeBudget(Landing, Technique):
         return {**extra, "lam": torch.tensor(self.lam, dtype=torch.float64), "scale": torch.tensor(self.scale, dtype=torch.float64),
                 "fixed": torch.tensor(self.fixed, dtype=torch.float64),
                 "start_bytes": torch.tensor(self.start_bytes, dtype=torch.float64),
-                "frozen_at": torch.tensor(self.frozen_at), "trimmed": torch.tensor(self.trimmed)}
+                "frozen_at": torch.tensor(self.frozen_at), "trimmed": torch.tensor(self.trimmed),
+                "late_checked": torch.tensor(self.late_checked)}
 
     def load_state_dict(self, state):
         self.lam, self.scale = float(state["lam"]), float(state["scale"])
         self.fixed, self.start_bytes = float(state["fixed"]), float(state["start_bytes"])
         self.frozen_at = int(state.get("frozen_at", torch.tensor(0)))
         self.trimmed = bool(state.get("trimmed", torch.tensor(False)))
+        self.late_checked = bool(state.get("late_checked", torch.tensor(False)))
         if self.saliency is not None:
             self.saliency.load_state_dict(state)
 

@@ -351,8 +351,9 @@ class Landing:
         if now <= aim * (1 + CATCH_UP_TOLERANCE):
             return
         late = max(LATE_EXCESS, (tolerance or 0.0) + CATCH_UP_TOLERANCE)  # a lag the recipe allows is not news
-        if not any(e["event"] == "size_catch_up" for e in self.events) and now > aim * (1 + late):
+        if not self.late_checked and now > aim * (1 + late):  # judged at the first catch-up, once per run
             self.warn_late(step, now, aim)
+        self.late_checked = True
         every = self.calibration_interval
         count = self._cut(every / (self.freeze_step - step + every) * (now - aim))
         self.events.append({"event": "size_catch_up", "step": step, "bytes_before": round(now),
