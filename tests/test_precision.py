@@ -28,6 +28,18 @@ def test_scale_formats_are_chosen_smallest_and_exact():
     assert rec["channels"] == 1 and len(data) == 2 and torch.equal(precision.decode_scale(data, rec, 50), shared)
 
 
+@pytest.mark.parametrize("channels, stored", [(1, 3), (2, 4)])
+def test_a_log8_step_that_is_no_fp16_value_takes_log8s_bytes_not_fp32s(channels, stored):
+    """A per-tensor log8 step (2**(k/16), rarely an fp16 value) was stored as fp32, 4 bytes for log8's 3,
+    while the size estimate counted 3 (estimate.SCALE_BYTES)."""
+    step = precision.round_step(torch.tensor([0.0371, 0.0913][:channels]), "log8")
+    assert not torch.equal(step.half().float(), step)  # not fp16 values: only log8 or fp32 hold them exactly
+    wide = step.expand(7).clone() if channels == 1 else step
+    data, rec = precision.encode_scale(wide)
+    assert rec["codec"] == "log8" and len(data) == stored == precision.scale_nbytes(rec)
+    assert torch.equal(precision.decode_scale(data, rec, wide.numel()), wide)
+
+
 def test_bias_formats_are_chosen_smallest_and_exact():
     step = precision.round_step(torch.rand(30) * 0.05 + 0.01)
     on_grid = precision.round_bias(torch.randn(30) * 0.2, "int", step)

@@ -123,16 +123,16 @@ def encode_scale(scale: torch.Tensor) -> tuple[bytes, dict]:
     else:
         per_tensor = False
     rec = {"channels": 1 if per_tensor else channels}
+    options = []  # every exact format; the smallest wins (a per-tensor log8 step: 3 bytes, not fp32's 4)
+    if _same(s.half().float(), s):
+        options.append((s.half().numpy().tobytes(), {**rec, "codec": "fp16"}))
     if bool((s > 0).all()):
         codes = log8_code(s)
         lo, hi = int(codes.min()), int(codes.max())
         if hi - lo < 256 and -32768 <= lo < 32768 and _same(log8_value(codes), s):
-            data = struct_i16(lo) + (codes - lo).to(torch.uint8).numpy().tobytes()
-            if len(data) < 2 * s.numel():
-                return data, {**rec, "codec": "log8"}
-    if _same(s.half().float(), s):
-        return s.half().numpy().tobytes(), {**rec, "codec": "fp16"}
-    return s.numpy().astype("<f4").tobytes(), {**rec, "codec": "fp32"}
+            options.append((struct_i16(lo) + (codes - lo).to(torch.uint8).numpy().tobytes(), {**rec, "codec": "log8"}))
+    options.append((s.numpy().astype("<f4").tobytes(), {**rec, "codec": "fp32"}))
+    return min(options, key=lambda o: len(o[0]))  # ties: the earlier, fp16 before log8 as before
 
 
 def struct_i16(v: int) -> bytes:
