@@ -219,3 +219,28 @@ def test_a_teacher_path_that_is_a_folder_is_refused_before_any_training(tmp_path
     with pytest.raises(JointCompressError, match="--teacher .*: a folder; give the dense model's weights file"):
         against.dense_teacher(against.AgainstConfig(model="lenet5"), load_digits(), tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def _timing(ours64: float, ours1: float, inter64: float) -> dict:
+    return {"batch64": {"alone_ms": {"dense_fp32_torch": 10.0, "ours_fp32_ort": ours64},
+                        "latency_ms": {"dense_fp32_torch": 11.0, "ours_fp32_ort": inter64}},
+            "batch1": {"alone_ms": {"dense_fp32_torch": 0.5, "ours_fp32_ort": ours1},
+                       "latency_ms": {"dense_fp32_torch": 0.6, "ours_fp32_ort": ours1}}}
+
+
+def test_the_verdict_checks_the_deployed_model_not_only_the_probe_before_training():
+    """`bench --against` said "met" from the allocation's probe while its own table read the trained model over
+    the target (7.615 ms target "met", ours_fp32_ort 8.152 ms interleaved, 7.833 alone)."""
+    from jointcompress.commands.bench_cmd import target_note
+    from jointcompress.deploy.against import deployed_against_target
+
+    over = deployed_against_target(_timing(7.833, 0.2, 8.152), 7.615, both_batches=False)
+    assert over == {"deployed_ms": 7.833, "deployed_interleaved_ms_b64": 8.152, "deployed_met": False}
+    probe = {"latency_ms_b64": 7.615, "met": True, "measured_ms": 6.64, "measured_as": "least of 3 alone medians"}
+    note = target_note({**probe, **over})
+    assert "allocation met" in note and "OVER the target" in note and "7.833 ms alone" in note and "re-time" in note
+    # with both batches, batch 1 counts at dense's batch-64 / batch-1 ratio (20x here): 0.4 ms -> 8 ms
+    both = deployed_against_target(_timing(5.0, 0.4, 5.5), 7.615, both_batches=True)
+    assert both["deployed_ms"] == pytest.approx(8.0) and not both["deployed_met"]
+    under = deployed_against_target(_timing(5.0, 0.2, 5.5), 7.615, both_batches=True)
+    assert under["deployed_met"] and "under the target" in target_note({**probe, **under})

@@ -168,3 +168,11 @@ def test_dry_run_calls_the_builder_once(files, monkeypatch, capsys):
     monkeypatch.chdir(files)
     code, out = _cli(monkeypatch, capsys, "dry-run", "--model", "counted.py:build", "--input-shape", "1,1,8,8")
     assert code in (0, None) and "built 1" in out and "built 2" not in out, out
+
+
+def test_a_builder_named_like_an_emoji_code_is_printed_as_written(files, monkeypatch, capsys):
+    """`models.py:cat` printed as "models.py🐱": rich read ":cat:" as an emoji code."""
+    (files / "zoo.py").write_text("import torch.nn as nn\n\ndef cat():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))\n")
+    monkeypatch.chdir(files)
+    code, out = _cli(monkeypatch, capsys, "dry-run", "--model", "zoo.py:cat", "--input-shape", "1,1,8,8")
+    assert code in (0, None) and "zoo.py:cat: prunable channel groups" in out and "\U0001f431" not in out, out

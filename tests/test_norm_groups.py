@@ -259,3 +259,23 @@ def test_a_group_feeding_a_grouped_convolution_names_it_as_the_reason():
     _, skipped = discover_groups(Residual(), torch.randn(2, 3, 8, 8), ["*"], [])
     reasons = dict(skipped)
     assert "grouped convolution 'c2' (groups=4)" in reasons["c2"]
+
+
+class ScaledConv(nn.Module):
+    """A learned per-channel scale reshaped to broadcast over a conv's maps."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(1, 32, 3, padding=1), nn.Conv2d(32, 16, 3), nn.Linear(16, 10)
+        self.scale = nn.Parameter(torch.ones(32))
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x) * self.scale.view(1, 32, 1, 1))
+        return self.fc(torch.relu(self.c2(x)).mean((2, 3)))
+
+
+def test_a_broadcast_per_channel_parameter_is_named_as_such_not_as_attention_heads():
+    """Its reshape [32] -> [1, 32, 1, 1] was called a split "into attention heads", pointing to prune_heads."""
+    names, skipped = _skipped(ScaledConv(), torch.zeros(1, 1, 8, 8))
+    assert "c1" not in names and "c2" in names
+    assert "per-channel tensor of 32 values is broadcast" in skipped["c1"] and "heads" not in skipped["c1"]

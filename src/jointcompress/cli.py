@@ -21,7 +21,7 @@ from .errors import JointCompressError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Joint pruning + quantization + distillation for PyTorch models.")
 recipe_app = typer.Typer(no_args_is_help=True, help="Work with recipes.")
 app.add_typer(recipe_app, name="recipe")
-console = Console(width=None if sys.stdout.isatty() else 140)
+console = Console(width=None if sys.stdout.isatty() else 140, emoji=False)  # ":cat:" in a builder name stays text
 STATE = {"debug": False}
 
 
@@ -382,7 +382,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _de
         return _default(message, category, filename, lineno, file, line)
     from rich.markup import escape
 
-    Console(stderr=True, width=console.width).print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False)
+    Console(stderr=True, width=console.width, emoji=False).print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False)
 
 
 def main() -> None:

@@ -118,6 +118,10 @@ def reshape_reason(node) -> str | None:
     if shapes is None:
         return None
     before, after = shapes
+    if len(before) == 1 and sorted(after) == [1] * (len(after) - 1) + before and before[0] > 1:
+        return (f"a per-channel tensor of {before[0]} values is broadcast over the channels as {after} (a per-channel "
+                "parameter such as a learned scale): the pruner does not slice it, so this layer's "
+                "channels cannot be removed (prune_structured skips it; exclude it to say so)")
     if len(after) > len(before) and before and after and after[-1] != before[-1]:
         return (f"the channels are reshaped from {before} to {after} (split into attention heads): removing some "
                 "would regroup the rest into other heads; prune_heads removes whole heads of transformers' BERT-family "

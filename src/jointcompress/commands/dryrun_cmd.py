@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
 
         net, example = _model_and_input(model, image_size, _shape(input_shape))  # the user's builder runs once
         gt, st, _, _ = _tables(model, net, example, target, exclude)
-        console = Console()
+        console = Console(emoji=False)
         console.print(gt)
         console.print(st)
         blocks = residual_blocks(net, example)
