@@ -191,3 +191,58 @@ def collapse_faded(model: nn.Module) -> list[str]:
     for name in blocks:
         _set_module(model, name, nn.Identity())
     return list(blocks)
+
+
+def groups_that_stay(model: nn.Module, example_inputs, groups: list) -> tuple[list, list[tuple[str, str]]]:
+    """The channel groups of `model` (graph.discover_groups) as they are once its fading blocks are
+    gone: (groups, skipped layers with the reason). Without fading blocks, `groups` as they are.
+
+    A group whose producing layers all lie inside a dropped block stays as it is: masked while the
+    block fades, it leaves with the block at finalize. A group that runs through a block (the trunk of a residual stage, whose channels the
+    block's last conv adds into) may have been traced with a layer of the block as its root; such a
+    name would name no layer once finalize has removed the block, and would differ from the name the
+    allocators give the group, on the model without the block (`allocation_base`), so per-group
+    sparsities keyed by that name would miss it. Every group touching a dropped block is therefore
+    named and rooted as the model without the block names it (traced once here), its channels
+    re-indexed to that root's; the members inside the block stay, masked while the block fades."""
+    from .graph import PRUNABLE_ROOTS, discover_groups
+    from .model_copy import plain_copy
+
+    blocks = list(faded(model))
+    if not blocks:
+        return groups, []
+    gone = inside_faded(model)
+    touching = [g for g in groups if any(m.module in gone for m in g.members)]
+    if not touching:
+        return groups, []
+    base = plain_copy(model)
+    for name in blocks:
+        _set_module(base, name, nn.Identity())
+    # as the allocators trace it (default targets: the name a group gets depends on which layers are ignored)
+    base_names = {g.name for g in discover_groups(base, example_inputs, verify=False)[0]}
+    modules = dict(model.named_modules())
+    kept, skipped = [], []
+    for g in groups:
+        if not any(m.module in gone for m in g.members):
+            kept.append(g)
+            continue
+        inner = g.name if g.name in gone else next(m.module for m in g.members if m.module in gone)
+        block = next(b for b in blocks if inner == b or inner.startswith(b + "."))
+        outside = [m for m in g.out_members() if m.module not in gone]
+        if not outside:  # leaves with the block; its masks shape the block's output while it fades
+            kept.append(g)
+            continue
+        # a root must carry every channel of the group once (finalize removes the channels through it)
+        roots = [m for m in outside if isinstance(modules[m.module], PRUNABLE_ROOTS)
+                 and sorted(m.root_idxs) == list(range(g.channels)) and len(set(m.idxs)) == g.channels]
+        root = next((m for m in roots if m.module in base_names), roots[0] if roots else None)
+        if root is None:
+            skipped.append((g.name, f"its channels run through block {block!r}, which prune_blocks removes whole, "
+                                    "and no layer outside it carries all of them"))
+            continue
+        to_root = dict(zip(root.root_idxs, root.idxs))
+        for m in g.members:
+            m.root_idxs = [to_root[c] for c in m.root_idxs]
+        g.name = root.module
+        kept.append(g)
+    return kept, skipped

@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 
 from .block_drop import collapse_faded
 from .errors import JointCompressError, UnsupportedModelError
-from .graph import build_graph, frozen_stay_frozen
+from .graph import PRUNABLE_ROOTS, build_graph, frozen_stay_frozen
 from .group_checks import output_gap, tolerance
 from .model_call import call_model
 from .spec import PRIOR_STRUCTURE, CompressionSpec, LayerSpec, prior_structure
@@ -182,11 +182,27 @@ def _shrink(model: nn.Module, todo: dict, example_inputs, spec: CompressionSpec)
     with frozen_stay_frozen(model):
         dg = build_graph(model, example_inputs)
         for name, (g, drop) in todo.items():
-            root = modules[name]
+            root, drop = _root(g, drop, modules)
             fn = dg.get_pruner_of_module(root).prune_out_channels
             dg.get_pruning_group(root, fn, drop).prune()
     spec.pruning_history = spec.pruning_history + [list(h) for h in dg.pruning_history()]
     _check_parity(model, example_inputs, masked, list(todo))
+
+
+def _root(g, drop: list[int], modules: dict[str, nn.Module]) -> tuple[nn.Module, list[int]]:
+    """The layer the group's channels are removed through, and `drop` as its output channels: the group's
+    root, or where that is gone (a layer of a block prune_blocks removed, in a group named before groups
+    were named by the layers that stay: block_drop.groups_that_stay) a producing member that stays and
+    carries every channel to drop."""
+    if g.name in modules:
+        return modules[g.name], drop
+    for m in g.out_members():
+        to_idx = dict(zip(m.root_idxs, m.idxs))
+        layer = modules.get(m.module)
+        if layer is not None and isinstance(layer, PRUNABLE_ROOTS) and all(c in to_idx for c in drop):
+            return layer, [to_idx[c] for c in drop]
+    raise JointCompressError(f"finalize: the channel group {g.name!r} has no layer left to remove its channels "
+                             f"through (its layers: {', '.join(g.layers())})")
 
 
 def _outputs(model: nn.Module, example_inputs):

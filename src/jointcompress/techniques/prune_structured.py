@@ -19,6 +19,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .. import schedules
+from ..block_drop import groups_that_stay
 from ..errors import RecipeError
 from ..graph import ChannelGroup, discover_groups
 from ..layer_types import BATCH_NORMS
@@ -40,6 +41,10 @@ class PruneStructured(PruningTechnique):
 
     def setup(self, ctx: RunContext) -> None:
         self.groups, self.skipped = discover_groups(ctx.model, ctx.example_inputs, self.config.targets, self.config.exclude)
+        # prune_blocks (set up first) fades blocks out: groups named and rooted by layers that stay, as
+        # the model without the blocks names them (its allocators' layer_sparsity keys)
+        self.groups, inside = groups_that_stay(ctx.model, ctx.example_inputs, self.groups)
+        self.skipped += inside
         if not self.groups:
             shown = "; ".join(f"{name}: {reason}" for name, reason in self.skipped[:6])
             more = f"; ... ({len(self.skipped)} in all)" if len(self.skipped) > 6 else ""

@@ -1,0 +1,130 @@
+"""prune_blocks together with prune_structured: a residual block removed whole while channels are
+removed around it. The trunk channel group runs through the dropped block (its last conv adds into
+the trunk); its name and finalize's root must be a layer that stays, and the same name the model
+without the block gives it (what the latency allocator keys `layer_sparsity` by)."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from jointcompress.api import compress
+from jointcompress.artifact import store
+from jointcompress.block_drop import allocation_base
+from jointcompress.data import evaluator
+from jointcompress.finalize import finalize
+from jointcompress.graph import discover_groups
+
+X2 = torch.randn(2, 1, 8, 8)
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(c)
+        self.c2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.b2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(x + self.b2(self.c2(F.relu(self.b1(self.c1(x))))))
+
+
+class ResCNN(nn.Module):
+    """The re-check's model: the trunk group is traced with `block1.c2` as its root."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.block1 = Block(16)
+        self.down = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.block2 = Block(32)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.block2(self.down(self.block1(self.stem(x))))
+        return self.fc(self.pool(x).view(x.size(0), -1))
+
+
+def _build():
+    torch.manual_seed(1)
+    return ResCNN()
+
+
+def _recipe(**structured):
+    return {"mode": "joint", "training": {"epochs": 1, "batch_size": 32, "lr": 2e-3, "seed": 0},
+            "techniques": [{"type": "prune_structured", "criterion": "magnitude", "sparsity": 0.5, **structured},
+                           {"type": "distill_kd", "temperature": 4.0, "alpha": 0.7},
+                           {"type": "prune_blocks", "blocks": ["block1"], "end": 0.5}]}
+
+
+def _run(recipe):
+    torch.manual_seed(0)
+    model, x, y = _build(), torch.randn(128, 1, 8, 8), torch.randint(0, 10, (128,))
+    res = compress(model, recipe, (x, y), evaluator(x[:32], y[:32]), teacher=copy.deepcopy(model).eval())
+    return model, res, x
+
+
+def test_the_trunk_group_is_named_as_the_model_without_the_block_names_it():
+    full = {g.name for g in discover_groups(_build(), X2)[0]}
+    base = {g.name for g in discover_groups(allocation_base(_build(), _recipe(), X2), X2)[0]}
+    assert "block1.c2" in full and "block1.c2" not in base and "stem.0" in base  # the premise of this file
+    model, res, _ = _run(_recipe())
+    prune = next(t for t in res.techniques if t.kind == "prune_structured")
+    names = {g.name for g in prune.groups}
+    # the groups that reach the trunk take the block-less names; block1.c1's own group stays (masked while the
+    # block fades, as before: the stored runs with a dropped block trained so) and leaves with the block
+    assert names == base | {"block1.c1"}
+
+
+def test_blocks_and_channels_finalize_shrinks_keeps_the_logits_and_the_artifact_loads(tmp_path):
+    model, res, x = _run(_recipe())
+    model.eval()
+    with torch.no_grad():
+        masked = model(x[:16])
+    spec = finalize(model, res.example_inputs)
+    assert isinstance(model.block1, nn.Identity) and spec.dropped_blocks == ["block1"]
+    assert not any(n.startswith("block1.") for n, _ in model.named_parameters())
+    assert model.stem[0].weight.shape[0] == 8 and model.down[0].weight.shape[1] == 8  # the trunk really shrunk
+    assert model.block2.c1.weight.shape[0] == 16 and model.fc.weight.shape == (10, 16)  # the classes are kept
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[:16]), masked, atol=1e-5, rtol=0)
+    store.save(model, spec, tmp_path / "art", example_inputs=res.example_inputs, builder=_build)
+    loaded = store.load(tmp_path / "art", _build)
+    assert isinstance(loaded.block1, nn.Identity) and loaded.stem[0].weight.shape[0] == 8
+    with torch.no_grad():
+        assert torch.equal(loaded(x[:16]), model(x[:16]))
+
+
+def test_a_per_group_sparsity_keyed_by_the_block_less_name_applies_to_that_group():
+    base_groups = {g.name: g.channels for g in discover_groups(allocation_base(_build(), _recipe(), X2), X2)[0]}
+    assert base_groups["stem.0"] == 16
+    model, res, x = _run(_recipe(scope="layer", layer_sparsity={"stem.0": 0.75, "block2.c1": 0.25}))
+    prune = next(t for t in res.techniques if t.kind == "prune_structured")
+    kept = {g.name: int(prune.masks[g.name.replace(".", "__")].hard.sum()) for g in prune.groups}
+    # block2.c2 and block1.c1 (inside the dropped block): unlisted, the overall 0.5
+    assert kept == {"stem.0": 4, "block2.c1": 24, "block2.c2": 16, "block1.c1": 8}
+    model.eval()
+    with torch.no_grad():
+        masked = model(x[:16])
+    finalize(model, res.example_inputs)
+    assert model.stem[0].out_channels == 4 and model.block2.c1.out_channels == 24
+    assert model.block2.c2.out_channels == 16 and model.down[0].out_channels == 16
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[:16]), masked, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("blocks", [["block2"], ["block1", "block2"]])
+def test_other_blocks_dropped_with_channels_keep_the_logits(blocks):
+    recipe = _recipe()
+    recipe["techniques"][2]["blocks"] = blocks
+    model, res, x = _run(recipe)
+    model.eval()
+    with torch.no_grad():
+        masked = model(x[:16])
+    spec = finalize(model, res.example_inputs)
+    assert spec.dropped_blocks == blocks
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[:16]), masked, atol=1e-5, rtol=0)
