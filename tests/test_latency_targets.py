@@ -348,3 +348,148 @@ def test_a_latency_target_run_records_the_allocators_own_timing_and_verdict(monk
     assert {k: event[k] for k in ("goal_ms", "predicted_ms", "measured_ms", "met", "widths")} == {
         "goal_ms": 2.0, "predicted_ms": 1.0, "measured_ms": 1.5, "met": True, "widths": {"0": 128}}
     assert "timed alone" in event["timed_as"] and res.recipe.technique("prune_structured").layer_sparsity == {"0": 0.5}
+
+
+# -- re-check fixes: the technique's selection, optimistic tables, concatenations, messages, margin ------------
+
+def _true_runtime(table, sites, channels, x, overhead=0.0):
+    """A fake runtime: the table's prediction for the shrunk model's widths, plus a constant the table misses."""
+    return lambda m: table.predict(sites, dict(zip(channels, _widths(m, x))), channels) + overhead
+
+
+def test_only_the_groups_the_technique_may_prune_are_allocated(lenet):
+    """prune_structured's `exclude` / `targets`: an excluded group keeps its width (the allocator cut
+    conv1 to 8 under `exclude: [conv1]`, and the technique then removed nothing)."""
+    model, x = lenet
+    table, sites, channels = mac_table(model, x)
+    target = Target(latency_ms=0.3 * table.predict(sites, channels, channels))
+    alloc = allocate_latency(model, x, target, table=table, measure=False, exclude=["conv1"])
+    assert set(alloc.channels) == {"conv2", "fc1"} and "conv1" not in alloc.widths
+    assert alloc.predicted_ms <= target.latency_ms  # met with conv1 at its 20 channels
+    only = allocate_latency(model, x, Target(latency_ms=0.97 * table.predict(sites, channels, channels)), table=table,
+                            measure=False, targets=["fc1"])
+    assert set(only.widths) == {"fc1"} and only.widths["fc1"] < 500
+
+
+def test_resolve_latency_follows_prune_structureds_selection_and_margin(lenet, monkeypatch):
+    """compress's path (resolve_latency) hands the technique's targets / exclude to the allocator and
+    accepts a measured model only ACCEPT_MARGIN under the target (fake table and runtime)."""
+    from jointcompress import latency_targets as lt
+
+    model, x = lenet
+    table, sites, channels = mac_table(model, x)
+    runtime = _true_runtime(table, sites, channels, x)
+    monkeypatch.setattr(lt, "measure_table", lambda *a, **k: table)
+    monkeypatch.setattr(lt, "timed_ms", lambda m, *a, **k: runtime(m))
+    goal = 0.3 * table.predict(sites, channels, channels)
+    data = {"model": "lenet5", "techniques": [{"type": "prune_structured", "exclude": ["conv1"]}, {"type": "distill_kd"}]}
+    recipe = lt.resolve_latency(model, data, x, Target(latency_ms=goal, batch=1))
+    event = recipe._resolution
+    assert "conv1" not in event["widths"] and "conv1" not in recipe.technique("prune_structured").layer_sparsity
+    assert event["met"] and event["measured_ms"] <= (1 - lt.ACCEPT_MARGIN) * goal
+    assert event["measured_ms"] == pytest.approx(runtime(shrunk_to(model, x, event["widths"])))
+
+
+def test_an_allocation_is_accepted_only_under_the_margin(lenet):
+    model, x = lenet
+    table, sites, channels = mac_table(model, x)
+    runtime = _true_runtime(table, sites, channels, x)
+    target = Target(latency_ms=0.3 * table.predict(sites, channels, channels))
+    plain = allocate_latency(model, x, target, table=table, measure=runtime)
+    aimed = allocate_latency(model, x, target, table=table, measure=runtime, margin=0.05)
+    assert plain.measured_ms > 0.95 * target.latency_ms  # the table's allocation lands right at the target
+    assert aimed.met and aimed.measured_ms <= 0.95 * target.latency_ms and aimed.target_ms == target.latency_ms
+
+
+def test_an_optimistic_table_whose_floor_measures_over_refuses_the_target(lenet):
+    """The table (no per-call overhead) says the target is reachable; every measured allocation is over,
+    and so is the narrowest model: TargetError, not a run that trains and ends "not met"."""
+    model, x = lenet
+    table, sites, channels = mac_table(model, x)
+    runtime = _true_runtime(table, sites, channels, x, overhead=0.5)
+    floor_ms = runtime(shrunk_to(model, x, floors_of(channels)))
+    target = Target(latency_ms=0.9 * floor_ms)
+    assert table.predict(sites, floors_of(channels), channels) < target.latency_ms  # the table's word: reachable
+    with pytest.raises(TargetError, match=rf"is measured at {floor_ms:.3f} ms"):
+        allocate_latency(model, x, target, table=table, measure=runtime)
+
+
+def test_an_optimistic_table_whose_floor_meets_the_target_is_narrowed_until_met(lenet):
+    """The tightened rounds still measure over, the floor measures under: the allocation is cut further,
+    measured (`narrow`), and returned met, not at the floor when a wider model meets it."""
+    model, x = lenet
+    table, sites, channels = mac_table(model, x)
+    runtime = _true_runtime(table, sites, channels, x, overhead=0.5)
+    floor_ms = runtime(shrunk_to(model, x, floors_of(channels)))
+    target = Target(latency_ms=floor_ms + 0.01)
+    alloc = allocate_latency(model, x, target, table=table, measure=runtime)
+    assert alloc.met and alloc.measured_ms <= target.latency_ms
+    assert alloc.measured_ms == pytest.approx(runtime(shrunk_to(model, x, alloc.widths)))
+    assert alloc.widths != floors_of(channels) and sum(alloc.widths.values()) > sum(floors_of(channels).values())
+    floor_rounds = [r for r in alloc.rounds if r.get("floor")]
+    assert len(floor_rounds) == 1 and floor_rounds[0]["measured_ms"] == pytest.approx(floor_ms)
+    assert any(r.get("narrow") for r in alloc.rounds)
+    again = allocate_latency(model, x, target, table=table, measure=runtime)
+    assert again.widths == alloc.widths and again.rounds == alloc.rounds  # deterministic given the measurements
+
+
+def floors_of(channels):
+    from jointcompress.latency_targets import floors
+
+    return floors(channels)
+
+
+class _Cat(torch.nn.Module):
+    """Two branches concatenated into one conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(1, 24, 3, padding=1)
+        self.b = torch.nn.Conv2d(1, 24, 5, padding=2)
+        self.c = torch.nn.Conv2d(48, 64, 3, padding=1)
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+        return self.fc(torch.relu(self.c(x)).amax((2, 3)))
+
+
+def test_a_layer_fed_by_a_concatenation_counts_every_groups_channels():
+    """conv c reads torch.cat(a, b): its input width is a's kept channels plus b's (it was scaled by one
+    group alone: 48 or 16 where the shrunk model has 32)."""
+    from jointcompress.latency_targets import input_grid, site_widths
+
+    torch.manual_seed(0)
+    model, x = _Cat().eval(), torch.randn(1, 1, 8, 8)
+    groups, _ = discover_groups(model, x)
+    channels = {g.name: g.channels for g in groups}
+    sites = layer_sites(model, x, groups)
+    assert sites["c"].in_groups == {"a": 24, "b": 24}
+    for w in ({"a": 24, "b": 8, "c": 64}, {"a": 8, "b": 24, "c": 64}, {"a": 8, "b": 16, "c": 32}):
+        real = shrunk_to(model, x, w).c
+        assert site_widths(sites["c"], w, channels) == (real.in_channels, real.out_channels)
+    grid = input_grid(sites["c"], channels)
+    assert grid[0] == 16 and grid[-1] == 48 and grid == sorted(set(grid))
+
+
+def test_no_prunable_group_says_no_channel_can_be_removed():
+    """A model whose only hidden channels sit under a GroupNorm has no group to narrow: the error says so
+    at once, not "every group at 5%... Only 0 channel group(s) can narrow ()"."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3), torch.nn.GroupNorm(4, 16), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(16 * 6 * 6, 10)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    assert discover_groups(model, x)[0] == []
+    with pytest.raises(TargetError, match=r"no channel can be removed from this model.*jointcompress dry-run.*"
+                                          r"measured at 1\.000 ms") as err:
+        allocate_latency(model, x, Target(latency_ms=0.5, batch=1), table=LatencyTable({}, 1.0), measure=lambda m: 1.0)
+    assert "Only 0" not in str(err.value) and "5%" not in str(err.value)
+
+
+def test_the_floor_in_the_message_is_the_computed_one():
+    """A 512-channel group's floor is 32 (5% is 26 channels, on the 16-channel kernel step), not "5%, at least 8"."""
+    from jointcompress.latency_targets import unreachable
+
+    channels = {"wide": 512, "narrow": 20}
+    assert floors_of(channels) == {"wide": 32, "narrow": 8}
+    msg = str(unreachable(Target(latency_ms=1.0, batch=4), LatencyTable({}), {}, channels, 0.05, measured_ms=2.0))
+    assert "narrow 8 of 20, wide 32 of 512" in msg and "kernel step" in msg and "measured at 2.000 ms" in msg

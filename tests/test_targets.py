@@ -160,3 +160,23 @@ def test_a_sparsity_the_allocator_replaces_is_named():
             warnings.simplefilter("always")
             compress(nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 2)), recipe, (x, y), lambda m: 0.0)
         assert any("prune_unstructured.sparsity 0.9 is not used" in str(w.message) for w in caught) == said
+
+
+def test_a_structured_sparsity_a_latency_target_replaces_is_named():
+    """Under a latency target the allocator sets every channel group's width: a user's prune_structured.sparsity
+    0.5 became 79.8% without a word."""
+    import warnings
+
+    from jointcompress.recipe import parse_recipe
+    from jointcompress.targets import warn_unused_sparsity
+
+    for given, target, said in (({"sparsity": 0.5}, {"latency_ms": 8, "batch": 64}, True),
+                                ({"sparsity": 0.5}, {"speedup": 2}, True),
+                                ({}, {"latency_ms": 8, "batch": 64}, False)):
+        recipe = parse_recipe({"mode": "joint", "target": target, "training": {"epochs": 1},
+                               "techniques": [{"type": "prune_structured", **given}, {"type": "distill_kd"}]})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warn_unused_sparsity(recipe)
+        found = [str(w.message) for w in caught if "prune_structured.sparsity 0.5 is not used" in str(w.message)]
+        assert bool(found) == said and all("latency target decides" in m for m in found)

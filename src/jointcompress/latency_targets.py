@@ -13,7 +13,10 @@ saved per unit of importance lost (width_importance: channel L2 norms relative t
 mean, or the measured rise of a held-out loss when the group is cut) is largest,
 until the prediction is at or under the target. The shrunk model is then timed (deploy.timing)
 to confirm; if it measures over, the prediction was optimistic by measured/predicted and the
-allocation is redone against a target lowered by that factor (a few times at most).
+allocation is redone against a target lowered by that factor (a few times at most). Still over
+(a table that reads optimistic), the narrowest model allowed is timed: over the target too, the
+target is refused (TargetError) before any training; else `narrow` cuts, measured, until it is
+under. Only the groups prune_structured may prune (its targets / exclude) are allocated.
 Where the table cannot tell cuts apart any more (flat, or timed under load), the cut goes on
 towards every group's floor instead of stopping; `narrow` then cuts further on the deployment
 runtime itself while the model measures over, and the allocation records whether the target was
@@ -46,6 +49,11 @@ MIN_KEEP = 0.05  # every group keeps at least this share of its channels (and on
 MIN_WIDTH = 8  # ... and at least this many channels
 GRID_POINTS = 5  # widths timed per axis of a layer table
 REPEATS = 3  # a confirming measurement is the least of this many medians
+NARROW_TRIALS = 30  # measured cuts (at least; 4 per group) when a table's allocation still measures over
+# compress accepts an allocation only at or under (1 - ACCEPT_MARGIN) x the target: its probes are the
+# least of REPEATS medians timed alone, the run's verdict the median interleaved with the uncompressed
+# model, which read 3-4% slower in quiet runs (docs/latency.md, "what the target means")
+ACCEPT_MARGIN = 0.05
 
 
 def kernel_multiple(channels: int) -> int:
@@ -76,11 +84,18 @@ class LayerSite:
     name: str
     cin: int
     cout: int
-    in_group: str | None
+    # every group feeding the input -> how many of its `cin` input channels / features it feeds
+    # (several for a torch.cat of groups; a flatten counts each channel once per position)
+    in_groups: dict[str, int]
     out_group: str | None
     input_shape: tuple  # one sample, as seen in the forward pass
     spec: dict = field(default_factory=dict)  # what it takes to rebuild the layer at other widths
     out_elems: int = 0  # output elements of one sample at full width (what BN, ReLU, pooling touch)
+
+    @property
+    def in_group(self) -> str | None:
+        """The one group feeding the input (the first, when a concatenation joins several)."""
+        return next(iter(self.in_groups), None)
 
 
 def layer_sites(model: nn.Module, example_inputs, groups: list[ChannelGroup]) -> dict[str, LayerSite]:
@@ -101,7 +116,11 @@ def layer_sites(model: nn.Module, example_inputs, groups: list[ChannelGroup]) ->
     out_of, in_of = {}, {}
     for g in groups:
         for mem in g.members:
-            (out_of if mem.kind == "out" else in_of)[mem.module] = g.name
+            if mem.kind == "out":
+                out_of[mem.module] = g.name
+            else:  # a layer fed by torch.cat of several groups is an "in" member of each, at its own slice
+                shares = in_of.setdefault(mem.module, {})
+                shares[g.name] = shares.get(g.name, 0) + len(mem.idxs)
     sites = {}
     for name, m in model.named_modules():
         if not isinstance(m, PRUNABLE_ROOTS) or name not in shapes:
@@ -112,19 +131,27 @@ def layer_sites(model: nn.Module, example_inputs, groups: list[ChannelGroup]) ->
         if conv and m.groups != 1:
             continue  # grouped / depthwise convs: not tabled (their cost rides in the constant)
         sites[name] = LayerSite(name, m.in_channels if conv else m.in_features, m.out_channels if conv else m.out_features,
-                                in_of.get(name), out_of.get(name), shapes[name], spec, outs[name])
+                                in_of.get(name, {}), out_of.get(name), shapes[name], spec, outs[name])
     return sites
 
 
 def site_widths(site: LayerSite, widths: dict[str, int], channels: dict[str, int]) -> tuple[int, int]:
     """(input width, output width) of a layer when its groups have `widths` channels.
 
-    A Linear after a flatten sees each channel of its group several times (spatial
-    positions), so its input width scales with the group: cin * w / channels.
+    The input width is what no group feeds plus each feeding group's share scaled by its kept
+    width: a Linear after a flatten sees each channel of its group several times (spatial
+    positions), so its share scales as share * w / channels; a layer fed by torch.cat of
+    several groups sums them.
     """
-    cin = site.cin if site.in_group is None else max(1, round(site.cin * widths[site.in_group] / channels[site.in_group]))
-    cout = site.cout if site.out_group is None else widths[site.out_group]
-    return cin, cout
+    return input_width(site, widths, channels), (site.cout if site.out_group is None else widths[site.out_group])
+
+
+def input_width(site: LayerSite, widths: dict[str, int], channels: dict[str, int]) -> int:
+    """The layer's input width when its feeding groups keep `widths` (site_widths)."""
+    if not site.in_groups:
+        return site.cin
+    fixed = site.cin - sum(site.in_groups.values())
+    return max(1, round(fixed + sum(share * widths[g] / channels[g] for g, share in site.in_groups.items())))
 
 
 # -- latency tables ----------------------------------------------------------------------
@@ -195,6 +222,19 @@ def grid_of(full: int, grouped: bool) -> list[int]:
     return sorted(picks)
 
 
+def input_grid(site: LayerSite, channels: dict[str, int]) -> list[int]:
+    """The input widths a layer is timed at: its one feeding group's grid scaled to the layer's
+    input, or, fed by a concatenation of groups, GRID_POINTS widths spread evenly from every
+    group at its floor to full width."""
+    if not site.in_groups:
+        return [site.cin]
+    if len(site.in_groups) == 1:
+        g = site.in_group
+        return sorted({input_width(site, {g: w}, channels) for w in grid_of(channels[g], True)})
+    low = input_width(site, {g: allowed_widths(channels[g])[0] for g in site.in_groups}, channels)
+    return sorted({round(low + (site.cin - low) * i / (GRID_POINTS - 1)) for i in range(GRID_POINTS)})
+
+
 def _rebuilt(site: LayerSite, cin: int, cout: int) -> tuple[nn.Module, tuple]:
     if "kernel_size" in site.spec:
         layer = site.spec["type"](cin, cout, site.spec["kernel_size"], site.spec["stride"], site.spec["padding"], bias=site.spec["bias"])
@@ -214,8 +254,7 @@ def measure_table(model: nn.Module, example_inputs, batch: int, threads: int = D
     sites = layer_sites(model, example_inputs, groups)
     layers = {}
     for name, site in sites.items():
-        cins = [max(1, round(site.cin * w / channels[site.in_group])) for w in grid_of(channels[site.in_group], True)] \
-            if site.in_group else [site.cin]
+        cins = input_grid(site, channels)
         couts = grid_of(site.cout, site.out_group is not None)
         fns = {}
         for ci in cins:
@@ -352,7 +391,8 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
                      measure=None, min_keep: float = MIN_KEEP, threads: int = DEFAULT_THREADS,
                      rounds: int = 30, calibrate: bool = False, max_rounds: int = MAX_CONFIRM,
                      min_width: int = MIN_WIDTH, importance=None,
-                     tolerance: float = TOLERANCE) -> LatencyAllocation:
+                     tolerance: float = TOLERANCE, targets=("*",), exclude=(),
+                     margin: float = 0.0) -> LatencyAllocation:
     """Per-group widths whose shrunk model meets `target.latency_ms` at `target.batch`.
 
     `table`: a LatencyTable (default: measured now, PyTorch fp32). `measure(model) -> ms`:
@@ -370,15 +410,23 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
     When a goal is out of the table's reach, channels are given back while the prediction stays
     within `tolerance` of the narrowest (latency_knee; 0: off) and the result's `least` records
     those widths, under which `narrow` does not cut.
+    `targets` / `exclude`: prune_structured's, so that only the groups the technique will prune
+    are cut (discover_groups selects them as the technique does); the others keep their width.
+    `margin`: a measurement is accepted only at or under (1 - margin) x the target (resolve_latency:
+    ACCEPT_MARGIN; the run's verdict times the model another way); `met` is against the target.
+    Not calibrating (the table's runtime is the one measured, compress's path), an allocation that
+    still measures over is settled: the narrowest model allowed is measured, the target refused
+    (TargetError) when that misses it too, else cut further, measured (`narrow`), down to the floor.
     """
-    groups, _ = discover_groups(model, example_inputs)
+    groups, _ = discover_groups(model, example_inputs, list(targets), list(exclude))
     channels = {g.name: g.channels for g in groups}
     sites = layer_sites(model, example_inputs, groups)
     table = table if table is not None else measure_table(model, example_inputs, target.batch, threads, groups=groups)
     importance = importance if importance is not None else relative_importance(model, groups)
     if measure is None:
         measure = lambda m: timed_ms(m, example_inputs, target.batch, threads, rounds)  # noqa: E731
-    goal, log, best, last = float(target.latency_ms), [], None, None
+    aim = float(target.latency_ms) * (1.0 - margin)
+    goal, log, best, last = aim, [], None, None
     if calibrate and measure is not False:  # start from the runtime's speed relative to the table's
         # another runtime drops the constant (Python, dispatch) and fuses BN into the convs: keep
         # the layers' and the activations' (ReLU, pooling) relative costs and scale those
@@ -392,7 +440,7 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
         widths, predicted = greedy_widths(table, sites, channels, importance, goal, min_keep, min_width)
         if predicted > goal and not calibrate and last is None:
             goal = goal_at_the_floor(model, example_inputs, target, table, sites, channels, measure, min_keep, min_width,
-                                     log)
+                                     log, aim)
             widths, predicted = greedy_widths(table, sites, channels, importance, goal, min_keep, min_width)
         # (calibrating, the table's units are not the runtime's: the narrowest model is timed instead)
         least = None
@@ -409,17 +457,61 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
         last.measured_ms = float(measure(shrunk_to(model, example_inputs, widths)))
         log.append({"goal_ms": goal, "predicted_ms": predicted, "measured_ms": last.measured_ms, "widths": dict(widths),
                     **({"gave_back": True} if least is not None else {})})
-        if last.measured_ms <= target.latency_ms:
+        if last.measured_ms <= aim:
             if best is None or sum(widths.values()) > sum(best.widths.values()):
                 best = last
-            if not calibrate or last.measured_ms >= CALIBRATED * target.latency_ms or widths == channels:
+            if not calibrate or last.measured_ms >= CALIBRATED * aim or widths == channels:
                 break
         # the table reads `predicted` where the runtime measured `measured_ms`: the target in
         # table units at this operating point (the same units when not calibrating)
-        goal = float(target.latency_ms) * predicted / last.measured_ms
+        goal = aim * predicted / last.measured_ms
     result = best or last  # still over after max_rounds: the caller sees measured_ms > target_ms
     result.rounds = log
+    if not calibrate and result.measured_ms > aim:
+        result = settle(model, example_inputs, target, result, table, sites, measure, importance, aim, min_keep,
+                        min_width)
     return result
+
+
+def settle(model: nn.Module, example_inputs, target, alloc: LatencyAllocation, table: LatencyTable, sites, measure,
+           importance, aim: float, min_keep: float = MIN_KEEP, min_width: int = MIN_WIDTH) -> LatencyAllocation:
+    """An allocation whose measurement is still over `aim` after the table's rounds (a table that
+    reads optimistic): the narrowest model allowed (every group at its floor) is measured (once:
+    the round-1 floor check's measurement is reused); when it misses the target too, the target
+    is refused with the same TargetError as that check, so an unreachable target does not train.
+    Else the model is cut further, measured (`narrow`, ignoring `least`: the target is within
+    reach), until it measures at or under `aim`; if `narrow`'s trials run out with the model
+    still over the target, the floor (measured under it) is taken. Deterministic given the
+    measurements."""
+    channels, log = alloc.channels, alloc.rounds
+    smallest = floors(channels, min_keep, min_width)
+    seen = [r for r in log if r.get("floor") and r.get("widths") == smallest]
+    if seen:
+        floor_ms = float(seen[0]["measured_ms"])
+    else:
+        floor_ms = float(measure(shrunk_to(model, example_inputs, smallest)))
+        log.append({"goal_ms": None, "predicted_ms": table.predict(sites, smallest, channels), "measured_ms": floor_ms,
+                    "widths": dict(smallest), "floor": True})
+    over = alloc.measured_ms > target.latency_ms
+    if floor_ms > target.latency_ms:
+        if over:
+            raise unreachable(target, table, sites, channels, min_keep, min_width, floor_ms)
+        return alloc  # over the aim, under the target; the floor reads no better: keep it
+    if floor_ms > aim and not over:
+        return alloc  # under the target; not even the floor reaches the margin: no channel is cut for it
+    if alloc.widths == smallest:
+        return alloc if not over else LatencyAllocation(dict(smallest), channels, alloc.predicted_ms, alloc.target_ms,
+                                                        floor_ms, log, alloc.importance)
+    start = LatencyAllocation(dict(alloc.widths), channels, alloc.predicted_ms, aim, alloc.measured_ms, log,
+                              alloc.importance)
+    cut = narrow(model, example_inputs, start, measure, max_trials=max(NARROW_TRIALS, 4 * len(channels)),
+                 min_keep=min_keep, min_width=min_width, importance=importance)
+    if cut.measured_ms > target.latency_ms:  # trials spent, still over: the floor, measured under the target
+        return LatencyAllocation(dict(smallest), channels, table.predict(sites, smallest, channels),
+                                 float(target.latency_ms), floor_ms, log, alloc.importance)
+    predicted = table.predict(sites, cut.widths, channels)
+    return LatencyAllocation(cut.widths, channels, predicted, float(target.latency_ms), cut.measured_ms, log,
+                             alloc.importance)
 
 
 def widen(model: nn.Module, example_inputs, alloc: LatencyAllocation, measure, max_trials: int = 12,
@@ -510,7 +602,7 @@ def narrow(model: nn.Module, example_inputs, alloc: LatencyAllocation, measure, 
 
 
 def goal_at_the_floor(model: nn.Module, example_inputs, target, table: LatencyTable, sites, channels: dict[str, int],
-                      measure, min_keep: float, min_width: int, log: list) -> float:
+                      measure, min_keep: float, min_width: int, log: list, aim: float | None = None) -> float:
     """The goal in the table's units when the table puts even the narrowest model over the target:
     that model measured, and the target refused only if it measures over the target too.
 
@@ -518,16 +610,18 @@ def goal_at_the_floor(model: nn.Module, example_inputs, target, table: LatencyTa
     layers those times read high (their caches go cold between calls), so on a model of many
     small layers the sum can exceed what the whole model measures (transformers' ResNet at
     batch 8: the narrowest model predicted over the uncompressed one's time). The runtime judges,
-    as it does for every allocation after this one."""
+    as it does for every allocation after this one. `aim`: what the allocation aims at (the target
+    less allocate_latency's margin; default the target)."""
     smallest = floors(channels, min_keep, min_width)
     predicted = table.predict(sites, smallest, channels)
     if measure is False:
         raise unreachable(target, table, sites, channels, min_keep, min_width)
     measured = float(measure(shrunk_to(model, example_inputs, smallest)))
-    log.append({"goal_ms": None, "predicted_ms": predicted, "measured_ms": measured, "widths": dict(smallest)})
+    log.append({"goal_ms": None, "predicted_ms": predicted, "measured_ms": measured, "widths": dict(smallest),
+                "floor": True})
     if measured > target.latency_ms:
         raise unreachable(target, table, sites, channels, min_keep, min_width, measured)
-    return float(target.latency_ms) * predicted / measured
+    return float(target.latency_ms if aim is None else aim) * predicted / measured
 
 
 def unreachable(target, table: LatencyTable, sites, channels: dict[str, int], min_keep: float,
@@ -545,15 +639,27 @@ def unreachable(target, table: LatencyTable, sites, channels: dict[str, int], mi
         if measured_ms is not None and measured_ms >= target.latency_ms * target.speedup:  # no faster than dense
             fix = ("The narrowest model measured no faster than the uncompressed one, which says more about the machine's "
                    "load than the model: time again on a quiet machine. Else, lower target.speedup")
+    at = (f"predicted at {table.predict(sites, smallest, channels):.3f} ms" if measured_ms is None
+          else f"measured at {measured_ms:.3f} ms")
+    at += f" ({table.runtime} {table.precision}, {table.threads} thread(s))"
+    batch = " or lower target.batch" if target.batch > 1 else ""
+    if not channels:
+        return TargetError(
+            f"{asked} at batch {target.batch} cannot be met: no channel can be removed from this model, which has no "
+            f"channel group prune_structured may prune (`jointcompress dry-run` lists every layer and why it keeps its "
+            f"width: a normalization over the channels, the output layer, prune_structured's targets / exclude, ...); "
+            f"the model as it is was {at}. Make channel groups prunable (targets / exclude, or the model), "
+            + ("raise target.latency_ms" if getattr(target, "speedup", None) is None else "or drop target.speedup")
+            + (f"{batch}" if getattr(target, "speedup", None) is None else ""))
+    shown = ", ".join(f"{g} {w} of {channels[g]}" for g, w in sorted(smallest.items())[:8])
+    more = f", ... ({len(smallest)} groups)" if len(smallest) > 8 else ""
     return TargetError(
         f"{asked} at batch {target.batch} cannot be met by removing channels; "
-        f"the narrowest model allowed (every group at {100 * min_keep:.0f}% of its channels, at least {min_width}) is "
-        + (f"predicted at {table.predict(sites, smallest, channels):.3f} ms" if measured_ms is None
-           else f"measured at {measured_ms:.3f} ms")
-        + f" ({table.runtime} {table.precision}, {table.threads} thread(s)). {fix}"
-        + (" or lower target.batch" if target.batch > 1 else "")
-        + f". Only {len(channels)} channel group(s) can narrow ({', '.join(sorted(channels))}): `jointcompress dry-run` "
-          "lists the model's groups and why the other layers keep their width"
+        f"the narrowest model allowed (every group at its floor: the fewest channels at or above the largest of "
+        f"{100 * min_keep:g}% of its channels, {min_width} channels (all of a narrower group) and one kernel step "
+        f"(16 / 8 / 4 for groups of >= 128 / 32 / 12 channels), on a multiple of that step; here {shown}{more}) is {at}. "
+        f"{fix}{batch}. Only {len(channels)} channel group(s) can narrow ({', '.join(sorted(channels))}): "
+        "`jointcompress dry-run` lists the model's groups and why the other layers keep their width"
     )
 
 
@@ -618,13 +724,17 @@ def resolve_latency(model: nn.Module, data: dict, example_inputs, target, measur
         measure_dense = measure_dense or (lambda m: timed_ms(m, example_inputs, target.batch))
         dense_ms = float(measure_dense(copy.deepcopy(model)))
         target = target.model_copy(update={"latency_ms": dense_ms / target.speedup})
-    alloc = allocate_latency(allocation_base(model, data, example_inputs), example_inputs, target)
+    ps = next((t for t in data["techniques"] if t["type"] == "prune_structured"), {})
+    alloc = allocate_latency(allocation_base(model, data, example_inputs), example_inputs, target,
+                             targets=ps.get("targets") or ["*"], exclude=ps.get("exclude") or [], margin=ACCEPT_MARGIN)
     recipe = with_latency_budgets(data, alloc)
     recipe._resolution = {"event": "latency_allocation", "step": 0, "goal_ms": alloc.target_ms,
                           "predicted_ms": alloc.predicted_ms, "measured_ms": alloc.measured_ms, "met": alloc.met,
                           "widths": dict(alloc.widths), "channels": dict(alloc.channels),
-                          "timed_as": f"PyTorch fp32 at batch {target.batch}, the least of {REPEATS} medians timed alone "
-                                      "(the run's final check times the finished model interleaved with the uncompressed one)"}
+                          "aim_ms": alloc.target_ms * (1 - ACCEPT_MARGIN),
+                          "timed_as": f"PyTorch fp32 at batch {target.batch}, the least of {REPEATS} medians timed alone, "
+                                      f"accepted at or under {100 * (1 - ACCEPT_MARGIN):g}% of the target (the run's final "
+                                      "check times the finished model interleaved with the uncompressed one)"}
     return recipe
 
 

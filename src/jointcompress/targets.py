@@ -296,9 +296,10 @@ def choose_bits(cand: Candidate, base: dict[str, int], sparsest: dict, dense: di
             from .artifact.size import floor_detail
 
             raise TargetError(
-                f"target: {goal / 1024:.2f} KiB ({goal:,.0f} B) cannot be reached; the smallest artifact the recipe "
-                f"allows (2-bit, every layer at its floor: prune_unstructured.min_keep, at most "
-                f"{MAX_LAYER_SPARSITY:.1%} sparsity) is {cand.file_bytes(sparsest, bits(shift)):,} B: "
+                f"target: {goal / 1024:.2f} KiB ({goal:,.0f} B) cannot be planned: it is below the smallest artifact "
+                f"the allocator can plan for this recipe (2-bit, every layer at its floor: prune_unstructured.min_keep, at most "
+                f"{MAX_LAYER_SPARSITY:.1%} sparsity; every kept weight counted, though 2-bit training may round "
+                f"some of them to zero): {cand.file_bytes(sparsest, bits(shift)):,} B: "
                 f"{floor_detail(*cand.build(sparsest, bits(shift)))}. Raise target.size_kb (or lower "
                 "target.ratio), or lower prune_unstructured.min_keep" + norm_format_hint(cand.model)
                 + embedding_hint(cand.model, cand.quant_layers) + conversion_hint(cand.model)
@@ -431,10 +432,21 @@ def resolve_target(model: nn.Module, recipe: Recipe | dict, example_inputs, eval
 def warn_unused_sparsity(recipe: Recipe) -> None:
     """A user's recipe with a size target (not yet allocated) and an explicit prune_unstructured.sparsity:
     the allocator (sequential, overlap) or the joint form's size budget sets every layer's sparsity
-    itself, so the number is not used. Read from the fields the user set (a recipe re-parsed from a
-    dump has them all)."""
-    target, prune = recipe.target, recipe.technique("prune_unstructured")
-    if target is None or target.allocated or target.is_latency or prune is None:
+    itself, so the number is not used. Likewise a latency target (latency_ms / speedup) and an explicit
+    prune_structured.sparsity: the latency allocator sets every channel group's width. Read from the
+    fields the user set (a recipe re-parsed from a dump has them all)."""
+    target = recipe.target
+    if target is None or target.allocated:
+        return
+    if target.is_latency:
+        structured = recipe.technique("prune_structured")
+        if structured is not None and "sparsity" in structured.model_fields_set and structured.sparsity is not None:
+            warnings.warn(f"target: prune_structured.sparsity {structured.sparsity:g} is not used; the latency target "
+                          "decides every channel group's width (its allocator sets prune_structured.layer_sparsity to "
+                          "meet the target) (remove sparsity, or the target)", stacklevel=3)
+        return
+    prune = recipe.technique("prune_unstructured")
+    if prune is None:
         return
     if "sparsity" in prune.model_fields_set:
         who = ("the joint form learns each layer's sparsity under the size budget" if recipe.mode == "joint"
