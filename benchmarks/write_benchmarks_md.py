@@ -11,7 +11,7 @@ import math
 import statistics
 from pathlib import Path
 
-from jointcompress.compare import summarize
+from jointcompress.compare import paired_stats, seed_differences, summarize
 from jointcompress.joint_form import JOINT_FORM_VARIANT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,25 +290,6 @@ def goal_lines(model: str, summary: list[dict]) -> list[str]:
     beats_dc = [s for s in summary if s["ratio_mean"] >= ref_ratio and 100 * s["error_mean"] <= ref_err]
     return lines + [f"- {'Matches or beats' if beats_dc else 'Does **not** match'} Deep Compression's point "
                     f"({ref_ratio:g}x at {ref_err:.2f}%)" + (f": {', '.join(sorted({s['variant'] for s in beats_dc}))}." if beats_dc else ".")]
-
-
-def seed_differences(runs: list[dict], variant: str, ratio: float, baseline: str = "sequential") -> list[float]:
-    """Joint minus sequential (or `baseline`) error (points) per seed that ran both (same teacher,
-    same budgets)."""
-    by_seed = {}
-    for row in runs:
-        if row["ratio_target"] == ratio and row["variant"] in (variant, baseline):
-            by_seed.setdefault(row["seed"], {})[row["variant"]] = row["error"]
-    return [100 * (d[variant] - d[baseline]) for d in by_seed.values() if len(d) == 2]
-
-
-def paired_stats(runs: list[dict], variant: str, ratio: float,
-                 baseline: str = "sequential") -> tuple[float, float, int] | None:
-    """Mean and standard error of joint − sequential (or `baseline`) error (points) over the seeds both ran."""
-    diffs = seed_differences(runs, variant, ratio, baseline)
-    if len(diffs) < 2:
-        return None
-    return statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs)), len(diffs)
 
 
 def point_rows() -> list[dict]:

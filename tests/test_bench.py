@@ -148,3 +148,29 @@ def test_count_macs_counts_attentions_products():
     projections = tokens * dim * 3 * dim + tokens * dim * dim  # q, k, v in; out
     products = 2 * tokens * tokens * dim  # QK^T and AV over all heads
     assert count_macs(SelfAttention().eval(), torch.randn(2, tokens, dim)) == projections + products
+
+
+def test_bench_with_data_of_another_shape_names_data_and_both_shapes(app, tmp_path):
+    """An artifact of a model on 3-channel 16x16 images, benched with --data digits (1x8x8): a RuntimeError
+    traceback from the MAC count before."""
+    from jointcompress.errors import JointCompressError
+
+    (tmp_path / "colour_model.py").write_text(
+        "import torch.nn as nn\n"
+        "def cnn():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),\n"
+        "                         nn.Linear(8 * 8 * 8, 10))\n")
+    import importlib.util
+
+    spec_ = importlib.util.spec_from_file_location("colour_model", tmp_path / "colour_model.py")
+    mod = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(mod)
+    x = torch.randn(2, 3, 16, 16)
+    model, spec = fake_finalize(mod.cnn(), x, prune=0)
+    spec.recipe = {"model": f"{tmp_path / 'colour_model.py'}:cnn"}
+    save(model, spec, tmp_path / "art", example_inputs=x)
+    r = CliRunner().invoke(app, ["bench", str(tmp_path / "art"), "--data", "digits", "--runs", "2"])
+    assert r.exit_code != 0 and isinstance(r.exception, JointCompressError), r.exception
+    message = str(r.exception)
+    assert "--data digits" in message and "[1, 8, 8]" in message and "[3, 16, 16]" in message
+    assert "example_inputs" in message

@@ -46,6 +46,11 @@ def test_compare_cli_tiny(tmp_path):
     assert joint_run["changed_share"] > 0  # pcgrad changed the update on the size-vs-accuracy conflict
     summary = {s["variant"]: s for s in result["summary"]}
     assert not summary["joint-pcgrad"]["changed_nothing"]
+    # compare.json and the printed table: every seed's teacher, and each variant paired with sequential
+    assert result["uncompressed_summary"]["n"] == 1
+    assert {(p["variant"], p["n"], p["verdict"]) for p in result["paired"]} == {("joint-pcgrad", 1, "too few seeds"),
+                                                                               ("overlap", 1, "too few seeds")}
+    assert "uncompressed (teacher)" in res.output and "too few seeds" in res.output
     assert len(list(csv.DictReader((out / "compare.csv").open()))) == 3
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     events = list(tb.rglob("events.out.tfevents.*"))
@@ -116,3 +121,130 @@ def test_acc_pcgrad_variant_coordinates_accuracy_as_one_and_leaves_the_others_as
         assert not variant_recipe(base, variant, seed=3).coordination.accuracy_as_one
     default = parse_recipe({"techniques": [{"type": "quant_lsq", "bits": 4}]})  # the library's default: accuracy as one
     assert variant_recipe(default, "joint-pcgrad", seed=3).coordination.accuracy_as_one
+
+
+def _recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: lenet300\ndata: digits\ntechniques:\n"
+                      "  - {type: prune_unstructured, sparsity: 0.9, end: 0.6}\n"
+                      "  - {type: quant_lsq, bits: 4, start: 0.3}\n"
+                      "training: {epochs: 1, batch_size: 128}\n")
+    return recipe
+
+
+def test_bad_or_duplicate_ratios_are_refused_before_anything_trains(tmp_path):
+    """10,10 ran one folder twice (n: 2 from one run); 10,10.000001 two rows in one folder; 20000 failed after the
+    teacher and the 10x point trained; nan and inf passed the "> 1" check."""
+    from jointcompress.errors import RecipeError
+
+    recipe = _recipe(tmp_path)
+    for ratios, words in (("10,10", ["duplicate", "r10"]), ("10,10.000001", ["duplicate", "10.000001", "r10"]),
+                          ("10,20000", ["20000", "<= 10000"]), ("nan", ["nan", "finite"]), ("inf", ["inf"]),
+                          ("10,1", ["> 1", "got 1"])):
+        out = tmp_path / f"cmp_{len(words)}_{ratios.replace(',', '_')}"
+        res = CliRunner().invoke(app, ["compare", str(recipe), "--ratios", ratios, "--variants", "sequential",
+                                       "--teacher-epochs", "1", "--out", str(out)])
+        assert res.exit_code != 0 and isinstance(res.exception, RecipeError), (ratios, res.output)
+        message = str(res.exception)
+        assert "--ratios" in message and all(w in message for w in words), (ratios, message)
+        assert not out.exists()  # refused before the output folder, the data and any training
+
+
+def test_the_ratio_bound_is_read_from_the_recipe_model_and_run_compare_checks_it_too(tmp_path):
+    from jointcompress.compare import CompareSpec, check_variants, ratio_bounds, run_compare
+    from jointcompress.data import load_digits
+    from jointcompress.errors import RecipeError
+    from jointcompress.recipe import Target, load_recipe
+
+    import pydantic
+    import pytest
+
+    lower, upper = ratio_bounds()
+    Target(ratio=upper)
+    with pytest.raises(pydantic.ValidationError):
+        Target(ratio=upper * 1.001)
+    assert lower == 1.0
+    with pytest.raises(RecipeError, match=r"--ratios: duplicate .*r10"):  # the API, not only the command line
+        run_compare(load_recipe(_recipe(tmp_path)), load_digits(), "lenet300", CompareSpec(ratios=[10.0, 10.0000001]),
+                    tmp_path / "never", log=lambda s: None)
+    assert not (tmp_path / "never").exists()
+    # check_variants parses every ratio's recipe, not only the first one's
+    with pytest.raises(RecipeError, match="--ratios 20000"):
+        check_variants(load_recipe(_recipe(tmp_path)), CompareSpec(ratios=[20.0, 20000.0], variants=("sequential",)))
+    with pytest.raises(RecipeError, match="--ratios 20000"):
+        check_variants(load_recipe(_recipe(tmp_path)), CompareSpec(ratios=[20.0, 20000.0], variants=("joint-paced-obdland-none",)))
+
+
+def _fake_result():
+    """Three seeds at 10x (joint 1, 2 and 3 points better than sequential), and a 20x point that ran one seed."""
+    runs = []
+    for seed, (j, s) in enumerate([(0.90, 0.89), (0.91, 0.89), (0.92, 0.89)]):
+        for variant, acc in (("joint-paced-obdland-none", j), ("sequential", s)):
+            runs.append({"variant": variant, "ratio_target": 10.0, "seed": seed, "accuracy": acc, "error": 1 - acc,
+                         "ratio": 10.0, "file_bytes": 1000, "dir": f"runs/{variant}-r10-s{seed}"})
+    for variant, acc in (("joint-paced-obdland-none", 0.80), ("sequential", 0.85)):
+        runs.append({"variant": variant, "ratio_target": 20.0, "seed": 1, "accuracy": acc, "error": 1 - acc,
+                     "ratio": 20.0, "file_bytes": 500, "dir": f"runs/{variant}-r20-s1"})
+    return {"model": "lenet300", "data": "digits", "seeds": 3, "variants": ["joint-paced-obdland-none", "sequential"],
+            "uncompressed": [{"seed": 0, "accuracy": 0.95, "bytes": 10000}, {"seed": 1, "accuracy": 0.97, "bytes": 10000},
+                             {"seed": 2, "accuracy": 0.96, "bytes": 10000}], "runs": runs}
+
+
+def test_paired_differences_vs_sequential_per_ratio_with_a_verdict_only_from_three_seeds():
+    import pytest
+
+    from jointcompress.compare import paired_differences, with_summary
+
+    result = with_summary(_fake_result())
+    assert result["paired"] == paired_differences(result["runs"])
+    by_ratio = {p["ratio_target"]: p for p in result["paired"]}
+    assert set(by_ratio) == {10.0, 20.0} and all(p["variant"] == "joint-paced-obdland-none" for p in result["paired"])
+    p10, p20 = by_ratio[10.0], by_ratio[20.0]
+    assert p10["n"] == 3 and p10["seeds"] == [0, 1, 2]
+    assert p10["error_diff_mean"] == pytest.approx(-2.0) and p10["error_diff_se"] == pytest.approx(1 / 3 ** 0.5)
+    assert p10["verdict"] == "beyond 2 SE"  # |-2| > 2 x 0.577
+    assert p20["n"] == 1 and p20["error_diff_mean"] == pytest.approx(5.0) and p20["error_diff_se"] is None
+    assert p20["verdict"] == "too few seeds"
+    two = dict(_fake_result(), runs=[r for r in _fake_result()["runs"] if r["seed"] != 2])
+    (p2,) = [p for p in paired_differences(two["runs"]) if p["ratio_target"] == 10.0]
+    assert p2["n"] == 2 and p2["error_diff_se"] is not None and p2["verdict"] == "too few seeds"
+    t = result["uncompressed_summary"]
+    assert t["n"] == 3 and t["accuracy_mean"] == pytest.approx(0.96) and (t["accuracy_min"], t["accuracy_max"]) == (0.95, 0.97)
+
+
+def test_summary_table_shows_n_per_row_the_teacher_and_the_paired_difference():
+    from jointcompress.commands.compare_cmd import summary_table
+    from jointcompress.compare import with_summary
+
+    table = summary_table(with_summary(_fake_result()))
+    cols = {c.header: list(c.cells) for c in table.columns}
+    assert "mean over 3 seed(s)" not in str(table.title) and "n seeds that ran each row" in str(table.title)
+    assert cols["variant"][0] == "uncompressed (teacher)" and cols["n"][0] == "3"
+    assert cols["accuracy"][0] == "96.00% [95.00-97.00]"
+    rows = list(zip(cols["variant"], cols["target"], cols["n"], cols["Δerror vs sequential"]))
+    assert ("joint-paced-obdland-none", "10x", "3", "-2.00 ± 0.58 pts (n=3): beyond 2 SE") in rows
+    assert ("joint-paced-obdland-none", "20x", "1", "+5.00 pts (n=1): too few seeds") in rows
+    assert ("sequential", "20x", "1", "") in rows
+    # a compare.json written before the paired fields still prints
+    assert len(summary_table({**_fake_result(), "summary": with_summary(_fake_result())["summary"]}).rows) == 5
+
+
+def test_pareto_plot_shows_every_seeds_teacher_as_mean_and_min_max():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pytest
+
+    from jointcompress.compare import plot_pareto
+
+    fig, ax = plt.subplots()
+    plot_pareto(_fake_result(), None, ax=ax)
+    (bar,) = [c for c in ax.containers if "uncompressed" in str(c.get_label())]
+    assert "3 teacher" in bar.get_label()
+    line = bar.lines[0]
+    assert list(line.get_xdata()) == [1.0] and line.get_ydata()[0] == pytest.approx(4.0)  # mean error of 5, 3, 4 %
+    (segments,) = [c.get_segments() for c in bar.lines[2]]
+    (low, high) = sorted(p[1] for p in segments[0])
+    assert (low, high) == (pytest.approx(3.0), pytest.approx(5.0))  # seed 1's and seed 0's teachers
+    plt.close(fig)

@@ -119,3 +119,57 @@ def test_report_on_an_unfinished_run_says_to_resume_it(tmp_path):
     res = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert res.exit_code != 0 and "unfinished run" in str(res.exception) + res.output
     assert "--resume" in str(res.exception) + res.output
+
+
+@pytest.mark.parametrize("content, words", [
+    ("[]", "a JSON list, not an object"),
+    ('{"runs": 5}', '"runs" is not a list'),
+    ('{"runs": [{"variant": "sequential", "ratio_target": 10, "seed": 0}]}', 'runs[0]["accuracy"]'),
+    ('{"runs": [], "uncompressed": [{"seed": 0}]}', "uncompressed[0]"),
+])
+def test_a_malformed_compare_json_is_one_error_naming_the_file(tmp_path, content, words):
+    from jointcompress.errors import JointCompressError
+
+    (tmp_path / "compare.json").write_text(content)
+    res = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert res.exit_code != 0 and isinstance(res.exception, JointCompressError), res.exception
+    assert str(tmp_path / "compare.json") in str(res.exception) and words in str(res.exception)
+
+
+def _saved_artifact(where):
+    from artifact_helpers import SmallCNN, example_input, fake_finalize
+    from jointcompress.artifact import save
+
+    model, spec = fake_finalize(SmallCNN(), example_input())
+    manifest = save(model, spec, where, example_inputs=example_input())
+    return model, manifest
+
+
+def test_layer_bytes_and_dense_fp32_bytes_count_the_same_tensors(tmp_path):
+    from jointcompress.report import layer_rows, read_run_dir
+
+    model, manifest = _saved_artifact(tmp_path / "run" / "artifact")
+    rows = {r["layer"]: r for r in layer_rows(read_run_dir(tmp_path / "run"))}
+    modules = dict(model.named_modules())
+    assert set(rows) == set(manifest["layers"])
+    for name, row in rows.items():
+        m = modules[name]
+        assert "bias" in manifest["layers"][name]["parts"] and m.bias is not None
+        assert row["dense_fp32_bytes"] == 4 * (m.weight.numel() + m.bias.numel())  # the bias `bytes` includes, too
+
+
+def test_compress_report_gives_both_models_the_weights_files_size_on_disk(tmp_path):
+    from jointcompress.report import read_run_dir
+
+    (tmp_path / "summary.json").write_text(json.dumps({
+        "sequential": {"accuracy": 0.85, "bytes": 1544, "file_bytes": 1567},
+        "uncompressed": {"accuracy": 0.88, "bytes": 39544}}))
+    points = {p["name"]: p["bytes"] for p in read_run_dir(tmp_path).points}
+    assert points == {"sequential": 1567, "uncompressed": 39544}  # the container counts, as in the fp32 file
+
+
+def test_report_on_an_artifact_folder_suggests_its_run_folder(tmp_path):
+    _saved_artifact(tmp_path / "run" / "artifact")
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "run" / "artifact")])
+    assert res.exit_code != 0
+    assert f"jointcompress report {(tmp_path / 'run').resolve()}" in str(res.exception)

@@ -42,3 +42,43 @@ def test_cli_writes_json_and_heatmap(tmp_path):
     assert set(data["layers"]) == {"fc1", "fc2", "fc3"} and data["groups"]
     assert (tmp_path / "s" / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
     assert "fc1" in res.output
+
+
+def _scan_result():
+    """What scan() writes for one layer (sparsities 0.9, bits 8) and one group at three channel shares."""
+    return {"baseline": 0.9, "layers": {"fc1": {"sparsity": {"0.9": 0.05}, "bits": {"8": 0.001}}},
+            "groups": {"fc1": {"layers": ["fc1", "fc2"], "sparsity": {"0.25": 0.01, "0.5": 0.02, "0.75": 0.07}}}}
+
+
+def test_every_group_value_sits_under_its_own_header():
+    """The group row's "ch 0.25" / "ch 0.5" sat under s=0.9 and 8b, and "ch 0.75" was cut off."""
+    from jointcompress.commands.sensitivity_cmd import group_table, layer_table
+
+    layers = layer_table(_scan_result(), "lenet300", "digits", [0.9], [8])
+    assert {c.header: list(c.cells) for c in layers.columns} == {"layer": ["fc1"], "s=0.9": ["5.00"], "8b": ["0.10"]}
+    groups = group_table(_scan_result(), [0.25, 0.5, 0.75])
+    assert {c.header: list(c.cells) for c in groups.columns} == {
+        "group (layers)": ["fc1 (fc1, fc2)"], "ch 0.25": ["1.00"], "ch 0.5": ["2.00"], "ch 0.75": ["7.00"]}
+
+
+def test_out_holding_another_runs_files_is_refused_without_force(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: lenet300\ndata: digits\ntraining: {epochs: 1}\n")
+    other = tmp_path / "run"
+    other.mkdir()
+    (other / "summary.json").write_text("{}")
+    args = ["sensitivity", str(recipe), "--teacher-epochs", "1", "--sparsities", "0.9", "--bits", "8",
+            "--group-sparsities", "0.5", "--out", str(other)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code != 0 and "--force" in str(res.exception) and "summary.json" in str(res.exception)
+    assert sorted(p.name for p in other.iterdir()) == ["summary.json"]  # nothing written
+    res = CliRunner().invoke(app, [*args, "--force"])
+    assert res.exit_code == 0, res.output
+    assert (other / "sensitivity.json").is_file() and (other / "summary.json").read_text() == "{}"
+    again = tmp_path / "s"  # a folder holding only an earlier scan's outputs is a re-run of it
+    again.mkdir()
+    (again / "sensitivity.json").write_text("{}")
+    args[-1] = str(again)
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert json.loads((again / "sensitivity.json").read_text())["layers"]

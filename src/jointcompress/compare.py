@@ -12,7 +12,10 @@ Run-dir layout (what `jointcompress report` reads):
     compare.json   {"kind": "compare", "model", "data", "ratios", "seeds", "variants",
                     "uncompressed": [{"seed", "accuracy", "bytes"}], "runs": [row, ...],
                     "unreachable": [{"ratio_target", "seed", "target_bytes", "reason"}],
-                    "summary": [{"variant", "ratio", "n", "accuracy_mean", ...}], "recipe"}
+                    "summary": [{"variant", "ratio", "n", "accuracy_mean", ...}],
+                    "uncompressed_summary": {"n", "accuracy_mean", "accuracy_min", "accuracy_max"},
+                    "paired": [{"variant", "baseline", "ratio_target", "n", "error_diff_mean", "error_diff_se",
+                                "seeds", "verdict"}], "recipe"}
     compare.csv    one row per run
     pareto.png     error vs compression ratio, mean and min-max over seeds
     runs/<variant>-r<ratio>-s<seed>/{artifact/, history.json, summary.json, recipe.yaml}
@@ -137,6 +140,48 @@ class CompareSpec:
         return range(self.first_seed, self.first_seed + self.seeds)
 
 
+def ratio_bounds() -> tuple[float, float]:
+    """(exclusive lower, inclusive upper) bound of target.ratio, as the Recipe model declares them."""
+    import typing
+
+    from .recipe import Target
+
+    lower, upper = 1.0, math.inf
+    annotation = Target.model_fields["ratio"].annotation  # Annotated[float, Field(gt=..., le=...)] | None
+    for arg in (annotation, *typing.get_args(annotation)):
+        for info in getattr(arg, "__metadata__", ()):  # the Field(...) of an Annotated
+            for constraint in getattr(info, "metadata", [info]):  # its Gt / Le
+                if getattr(constraint, "gt", None) is not None:
+                    lower = constraint.gt
+                if getattr(constraint, "le", None) is not None:
+                    upper = constraint.le
+    return float(lower), float(upper)
+
+
+def check_ratios(ratios: list[float], what: str = "--ratios") -> list[float]:
+    """Before any training: every ratio is a number target.ratio accepts, and no two name the same run
+    folder (runs/<variant>-r<ratio:g>-s<seed>): a duplicate would overwrite the other's artifact and
+    count as a further seed."""
+    from .errors import RecipeError
+
+    lower, upper = ratio_bounds()
+    if not ratios:
+        raise RecipeError(f"{what}: give at least one compression ratio, e.g. 10,20,40")
+    bad = [r for r in ratios if not (math.isfinite(r) and lower < r <= upper)]
+    if bad:
+        raise RecipeError(f"{what}: every compression ratio must be a finite number > {lower:g} and <= {upper:g} "
+                          f"(target.ratio's bounds); got {', '.join(f'{r:g}' for r in bad)}")
+    names: dict[str, list[float]] = {}
+    for r in ratios:
+        names.setdefault(f"{r:g}", []).append(r)
+    dups = {k: v for k, v in names.items() if len(v) > 1}
+    if dups:
+        listed = "; ".join(f"{', '.join(repr(r) for r in v)} (all run as r{k})" for k, v in dups.items())
+        raise RecipeError(f"{what}: duplicate compression ratios: {listed}; each ratio runs once per seed "
+                          "(use --seeds for more runs of a point)")
+    return list(ratios)
+
+
 def joint_options(variant: str, total_steps: int | None = None) -> dict:
     """The size_budget (and quant_lsq) fields of a joint variant, its paced window resolved from step 0
     (for a budget that starts at 0, as in step_cost.py; variant_recipe lets joint_recipe resolve it from
@@ -183,6 +228,7 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
         from .errors import RecipeError
 
         raise RecipeError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    check_ratios(spec.ratios)
     base = recipe.model_copy(update={"model": model_name})
     if spec.epochs:
         base = parse_recipe({**base.model_dump(), "training": {**base.training.model_dump(), "epochs": spec.epochs}})
@@ -229,8 +275,8 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
                 entry["layers"] = layer_widths(run_dir / "artifact")
                 result["runs"].append(entry)
                 log(f"{name}: accuracy {100 * entry['accuracy']:.2f}%  {entry['file_bytes']} B  {entry['ratio']:.1f}x")
-                atomic_write_json(out / "compare.json", {**result, "summary": summarize(result["runs"])})
-    result["summary"] = summarize(result["runs"])
+                atomic_write_json(out / "compare.json", with_summary(result))
+    result = with_summary(result)
     atomic_write_json(out / "compare.json", result)
     write_csv(result["runs"], out / "compare.csv")
     plot_pareto(result, out / "pareto.png")
@@ -248,7 +294,7 @@ def _unreachable(result: dict, out: Path, log, ratio: float, seed: int, dense: i
     entry = {"ratio_target": ratio, "seed": seed, "target_bytes": dense / ratio, "reason": str(exc)}
     result["unreachable"].append({**entry, "variant": variant} if variant else entry)
     log(f"{variant + '-' if variant else ''}r{ratio:g}-s{seed}: unreachable, skipped ({exc})")
-    atomic_write_json(out / "compare.json", {**result, "summary": summarize(result["runs"])})
+    atomic_write_json(out / "compare.json", with_summary(result))
 
 
 def check_variants(base: Recipe, spec: CompareSpec) -> None:
@@ -259,6 +305,11 @@ def check_variants(base: Recipe, spec: CompareSpec) -> None:
     from .errors import RecipeError
 
     joint = [v for v in spec.variants if VARIANTS[v][0] == "joint"]
+    for ratio in spec.ratios:  # every ratio, not only the first: a point must not fail after others trained
+        try:
+            parse_recipe({**base.model_dump(), "target": {"ratio": ratio}})
+        except RecipeError as exc:
+            raise RecipeError(f"--ratios {ratio:g}: the recipe with target.ratio {ratio:g} is refused: {exc}") from None
     for variant in spec.variants:
         mode = VARIANTS[variant][0]
         if mode == "joint":
@@ -266,10 +317,11 @@ def check_variants(base: Recipe, spec: CompareSpec) -> None:
         problem = None
         if any(t.type == "prune_structured" for t in base.techniques):
             problem = "prune_structured beside a size target trains in the joint form only"
-        try:
-            parse_recipe({**base.model_dump(), "mode": mode, "target": {"ratio": spec.ratios[0]}})
-        except RecipeError as exc:
-            problem = problem or str(exc)
+        for ratio in spec.ratios:
+            try:
+                parse_recipe({**base.model_dump(), "mode": mode, "target": {"ratio": ratio}})
+            except RecipeError as exc:
+                problem = problem or str(exc)
         if problem:
             raise RecipeError(f"compare variant {variant}: {problem}. Compare the joint variants alone "
                               f"(--variants {','.join(joint) or ','.join(DEFAULT_VARIANTS[:-1])}), or give the recipe "
@@ -341,6 +393,67 @@ def summarize(runs: list[dict]) -> list[dict]:
     return out
 
 
+def uncompressed_summary(result: dict) -> dict | None:
+    """The teachers' (uncompressed models') accuracy over seeds: mean, min, max and n."""
+    acc = [u["accuracy"] for u in result.get("uncompressed", []) if u.get("accuracy") is not None]
+    if not acc:
+        return None
+    return {"n": len(acc), "accuracy_mean": statistics.fmean(acc), "accuracy_min": min(acc), "accuracy_max": max(acc),
+            "error_mean": 1 - statistics.fmean(acc)}
+
+
+def seed_differences(runs: list[dict], variant: str, ratio: float, baseline: str = "sequential") -> list[float]:
+    """Joint minus sequential (or `baseline`) error (points) per seed that ran both (same teacher,
+    same budgets)."""
+    by_seed = {}
+    for row in runs:
+        if row["ratio_target"] == ratio and row["variant"] in (variant, baseline):
+            by_seed.setdefault(row["seed"], {})[row["variant"]] = row["error"]
+    return [100 * (d[variant] - d[baseline]) for d in by_seed.values() if len(d) == 2]
+
+
+def paired_stats(runs: list[dict], variant: str, ratio: float,
+                 baseline: str = "sequential") -> tuple[float, float, int] | None:
+    """Mean and standard error of joint − sequential (or `baseline`) error (points) over the seeds both ran."""
+    diffs = seed_differences(runs, variant, ratio, baseline)
+    if len(diffs) < 2:
+        return None
+    return statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs)), len(diffs)
+
+
+MIN_SEEDS_FOR_VERDICT = 3  # a standard error from two differences is too rough to call anything beyond it
+
+
+def paired_differences(runs: list[dict], baseline: str = "sequential") -> list[dict]:
+    """Per ratio and per variant beside `baseline`: its error minus the baseline's (points), paired by seed
+    (same teacher, same budgets), mean ± one standard error over the n seeds both ran. The verdict needs
+    n >= MIN_SEEDS_FOR_VERDICT ("too few seeds" below); otherwise "beyond 2 SE" or "within 2 SE"."""
+    out = []
+    for variant, ratio in sorted({(r["variant"], r["ratio_target"]) for r in runs if r["variant"] != baseline},
+                                 key=lambda k: (k[1], k[0])):
+        diffs = seed_differences(runs, variant, ratio, baseline)
+        if not diffs:
+            continue
+        stats = paired_stats(runs, variant, ratio, baseline)
+        mean, se = (stats[0], stats[1]) if stats else (diffs[0], None)
+        if len(diffs) < MIN_SEEDS_FOR_VERDICT:
+            verdict = "too few seeds"
+        else:
+            verdict = "beyond 2 SE" if abs(mean) > 2 * se else "within 2 SE"
+        seeds = sorted({r["seed"] for r in runs if r["ratio_target"] == ratio and r["variant"] == variant}
+                       & {r["seed"] for r in runs if r["ratio_target"] == ratio and r["variant"] == baseline})
+        out.append({"variant": variant, "baseline": baseline, "ratio_target": ratio, "n": len(diffs),
+                     "error_diff_mean": mean, "error_diff_se": se, "seeds": seeds, "verdict": verdict})
+    return out
+
+
+def with_summary(result: dict) -> dict:
+    """`result` with its per-point summary, the teachers' summary and the paired differences vs sequential."""
+    runs = result.get("runs", [])
+    return {**result, "summary": summarize(runs), "uncompressed_summary": uncompressed_summary(result),
+            "paired": paired_differences(runs)}
+
+
 def _mean_of(rows: list[dict], key: str) -> float | None:
     vals = [r[key] for r in rows if r.get(key) is not None]
     return statistics.fmean(vals) if vals else None
@@ -391,8 +504,12 @@ def plot_pareto(result: dict, path: Path, references: list[tuple[str, float, flo
     front = pareto_front([(r["ratio"], 100 * r["error"]) for r in result["runs"]])
     if front:
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="grey", ls=":", label="Pareto front (all runs)")
-    for u in result.get("uncompressed", [])[:1]:
-        ax.scatter([1.0], [100 * (1 - u["accuracy"])], marker="*", s=120, color="black", label="uncompressed")
+    teacher = uncompressed_summary(result)
+    if teacher:  # every seed's teacher: the mean with its min-max
+        err = 100 * teacher["error_mean"]
+        ax.errorbar([1.0], [err], yerr=[[err - 100 * (1 - teacher["accuracy_max"])], [100 * (1 - teacher["accuracy_min"]) - err]],
+                    marker="*", markersize=12, capsize=3, color="black", ls="none",
+                    label=f"uncompressed (mean of {teacher['n']} teacher(s), min-max)")
     for label, ratio, err in references or []:
         ax.scatter([ratio], [err], marker="x", s=80, color="red", label=label)
     ax.set_xscale("log")

@@ -25,6 +25,9 @@ from pathlib import Path
 from .errors import JointCompressError
 
 LAYER_FIELDS = ["run", "layer", "shape", "numel", "nonzero", "sparsity", "bits", "encoding", "bytes", "dense_fp32_bytes"]
+# layers.csv / layers.json, per layer of an artifact: `bytes` is what the weights file stores for the layer (its
+# weight's values and indices, its scales and its bias), `dense_fp32_bytes` the same tensors (weight and bias) in
+# fp32: 4 x (numel + the bias's shape[0] where the layer has a bias); neither counts the container or other tensors
 
 
 @dataclass
@@ -63,6 +66,10 @@ def read_run_dir(path: Path) -> RunDir:
         return _read_compare(path)
     if (path / "artifact" / "manifest.json").is_file() or (path / "summary.json").is_file() or (path / "results.json").is_file():
         return _read_compress(path)
+    if (path / "manifest.json").is_file():  # an artifact folder itself: its run folder holds the history and summary
+        raise JointCompressError(
+            f"report: {path} is an artifact folder (manifest.json), not a run folder; report the run that wrote it: "
+            f"`jointcompress report {path.resolve().parent}` (or `jointcompress bench {path}` to measure the artifact alone)")
     from .checkpoint import CheckpointStore
 
     unfinished = (f"; it holds checkpoints of an unfinished run: finish it with `jointcompress compress RECIPE --out "
@@ -92,8 +99,10 @@ def _read_compress(path: Path) -> RunDir:
     summary = _json(path / "summary.json")
     rows = _summary_rows(summary) if summary else (_json(path / "results.json") or {}).get("rows") or {}
     for name, r in rows.items():
-        if r.get("accuracy") is not None and r.get("bytes"):
-            rd.points.append({"name": name, "accuracy": r["accuracy"], "bytes": r["bytes"], "group": name})
+        # the weights file's size on disk (container included), as the uncompressed row's fp32 safetensors file
+        size = r.get("file_bytes") or r.get("bytes")
+        if r.get("accuracy") is not None and size:
+            rd.points.append({"name": name, "accuracy": r["accuracy"], "bytes": size, "group": name})
     manifests = {p.parent.name: p for p in sorted(path.glob("*/manifest.json"))}
     history = _json(path / "history.json")
     for name, mpath in manifests.items():
@@ -104,8 +113,40 @@ def _read_compress(path: Path) -> RunDir:
     return rd
 
 
+RUN_KEYS = {"variant": str, "ratio_target": (int, float), "seed": int, "accuracy": (int, float), "error": (int, float),
+            "ratio": (int, float), "file_bytes": (int, float), "dir": str}  # what the report reads of a compare run
+
+
+def _check_compare(cmp, file: Path) -> None:
+    """A compare.json the report can read: an object whose runs and uncompressed rows have their fields."""
+    def bad(what: str):
+        return JointCompressError(f"{file}: not a compare result ({what}); re-run `jointcompress compare` into a new "
+                                  "--out, or pass the --out of `compress` / `compare`")
+
+    if not isinstance(cmp, dict):
+        raise bad(f"a JSON {type(cmp).__name__}, not an object")
+    for key in ("runs", "uncompressed", "summary", "variants"):
+        if key in cmp and not isinstance(cmp[key], list):
+            raise bad(f'"{key}" is not a list (JSON {type(cmp[key]).__name__})')
+    for i, r in enumerate(cmp.get("runs", [])):
+        if not isinstance(r, dict):
+            raise bad(f"runs[{i}] is not an object")
+        for key, kind in RUN_KEYS.items():
+            if not isinstance(r.get(key), kind) or isinstance(r.get(key), bool):
+                raise bad(f'runs[{i}]["{key}"] is missing or not a {getattr(kind, "__name__", "number")}')
+    for i, u in enumerate(cmp.get("uncompressed", [])):
+        if not (isinstance(u, dict) and all(isinstance(u.get(k), (int, float)) for k in ("seed", "accuracy", "bytes"))):
+            raise bad(f"uncompressed[{i}] needs numeric seed, accuracy and bytes")
+    for i, s in enumerate(cmp.get("summary", [])):
+        if not (isinstance(s, dict) and isinstance(s.get("variant"), str)
+                and all(isinstance(s.get(k), (int, float)) for k in ("ratio_mean", "error_mean", "accuracy_min", "accuracy_max"))):
+            raise bad(f"summary[{i}] is not a per-point summary")
+
+
 def _read_compare(path: Path) -> RunDir:
     cmp = _json(path / "compare.json")
+    _check_compare(cmp, path / "compare.json")
+    cmp.setdefault("variants", sorted({r["variant"] for r in cmp.get("runs", [])}))
     rd = RunDir(kind="compare", compare=cmp, title=f"compare: {cmp.get('model')} on {cmp.get('data')}")
     for u in cmp.get("uncompressed", []):
         rd.points.append({"name": f"uncompressed s{u['seed']}", "accuracy": u["accuracy"], "bytes": u["bytes"], "group": "uncompressed"})
@@ -126,7 +167,8 @@ def layer_rows(rd: RunDir) -> list[dict]:
             rows.append({"run": run.name, "layer": name, "shape": "x".join(map(str, rec["shape"])), "numel": rec["numel"],
                          "nonzero": rec.get("nonzero"), "sparsity": rec.get("sparsity"), "bits": rec.get("bits"),
                          "encoding": rec.get("encoding"), "bytes": sum(p.get("bytes", 0) for p in parts.values()),
-                         "dense_fp32_bytes": 4 * rec["numel"]})
+                         # the same tensors as `bytes`: the weight, and the bias where the layer stores one
+                         "dense_fp32_bytes": 4 * (rec["numel"] + (rec["shape"][0] if "bias" in parts else 0))})
     return rows
 
 
@@ -309,8 +351,10 @@ def render_html(rd: RunDir, plots: dict[str, str], layers: list[dict]) -> str:
     points = _table(sorted(rd.points, key=lambda p: p["bytes"]), ["name", "group", "accuracy", "bytes"])
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(rd.title)}</title>"
             f"<style>{CSS}</style></head><body><h1>jointcompress report: {html.escape(rd.title)}</h1>"
-            f"<p>Bytes are the saved artifact's (values + indices + scales + biases + other tensors; compare: the weights file on "
-            f"disk); accuracy is on held-out data.</p>{imgs}<h2>Models</h2>{points}"
+            f"<p>Models: bytes are each weights file's size on disk (the artifact's, container included; the uncompressed "
+            f"model's fp32 safetensors file); accuracy is on held-out data. Per layer: <code>bytes</code> is what the weights "
+            f"file stores for the layer (values, indices, scales, bias), <code>dense_fp32_bytes</code> the same weight and bias "
+            f"in fp32.</p>{imgs}<h2>Models</h2>{points}"
             f"<h2>Per-layer (from the artifact manifests)</h2>{_table(layers, LAYER_FIELDS)}"
             f"<h2>Where the bytes go (weights file, by layer and part)</h2>{breakdown_html(rd)}</body></html>\n")
 

@@ -82,6 +82,8 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
     channels, size = (split.channels, split.image_size) if split is not None else _image_shape(manifest)
     classes = split.num_classes if split is not None else _num_classes(manifest, name)
     builder = lambda: build_model(name, image_size=size, num_classes=classes, in_channels=channels)  # noqa: E731
+    if split is not None:
+        _check_data_fits(artifact_dir, manifest, data, split, builder)
     after = load(artifact_dir, builder)
     example = split.x_test[:64] if split is not None else _recorded_inputs(manifest, 64)
     eval_fn = None
@@ -106,6 +108,33 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
     result.update(model=name, artifact=str(artifact_dir), manifest_bytes=manifest.get("bytes"),
                   breakdown=byte_breakdown(manifest))
     return result
+
+
+def _check_data_fits(artifact_dir: Path, manifest: dict, data: str, split, builder) -> None:
+    """--data whose samples differ in shape from the example inputs the artifact recorded: load and run
+    one sample on both sides first, so a mismatch is one message, not a traceback from the MAC count."""
+    import torch
+
+    from ..artifact import load
+    from ..errors import DataError
+    from ..model_call import call_model
+
+    records = manifest.get("example_inputs") or []
+    if len(records) != 1:  # several inputs (or none recorded): nothing to hold an image split against
+        return
+    made_for, given = tuple(int(n) for n in records[0]["shape"][1:]), tuple(int(n) for n in split.x_test.shape[1:])
+    if made_for == given:
+        return
+    try:
+        with torch.no_grad():
+            for model in (builder(), load(artifact_dir, builder)):
+                call_model(model.eval(), split.x_test[:1])
+    except Exception as exc:  # noqa: BLE001 - any failure here is the shape mismatch this names
+        raise DataError(
+            f"--data {data}: its samples are shaped {list(given)} ({split.name}), but the model of {artifact_dir} was made "
+            f"for inputs shaped {list(made_for)} (manifest.json example_inputs, batch first: {list(records[0]['shape'])}); "
+            f"pass --data of that shape (the data the artifact was compressed on), or leave --data out to time it "
+            f"without accuracy ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
 def latency_note(result: dict) -> str:

@@ -21,11 +21,10 @@ def register(app: typer.Typer) -> None:
         bits: str = typer.Option("8,4,3,2", "--bits", help="Bit-widths per layer."),
         group_sparsities: str = typer.Option("0.25,0.5,0.75", "--group-sparsities", help="Channel sparsities per group."),
         out: Path = typer.Option(Path("runs/sensitivity"), "--out", help="Where sensitivity.json and .png go."),
+        force: bool = typer.Option(False, "--force", help="Allow writing into an --out that holds other files."),
     ) -> None:
         """Prune or quantize one layer (or one coupled channel group) at a time and measure the drop;
-        prints a table, writes sensitivity.json (usable by targets.resolve_target) and a heatmap PNG."""
-        from rich.table import Table
-
+        prints a layer table and a group table, writes sensitivity.json (usable by targets.resolve_target) and a heatmap PNG."""
         from ..cli import console, progress_bar, tracked
         from ..data import evaluator
         from ..errors import JointCompressError, RecipeError
@@ -50,6 +49,7 @@ def register(app: typer.Typer) -> None:
             raise RecipeError("--sparsities/--group-sparsities take numbers like 0.5,0.9; --bits integers like 8,4,2") from None
         if any(not 0 < s < 1 for s in sp + gs) or any(not 2 <= b <= 8 for b in bs):
             raise RecipeError("sparsities must be in (0, 1) and bits in 2..8")
+        check_out(out, force)  # before the data and any training
         split = load_split(recipe, data)
         out.mkdir(parents=True, exist_ok=True)
         with progress_bar() as bar:
@@ -61,15 +61,51 @@ def register(app: typer.Typer) -> None:
                           metric="accuracy", progress=tracked(bar, "scan"))
         atomic_write_json(out / "sensitivity.json", result)
         save_heatmap(result, out / "sensitivity.png")
-        table = Table(title=f"{name} on {split.name}: accuracy drop (points), baseline {100 * result['baseline']:.2f}%")
-        cols = [f"s={s}" for s in sp] + [f"{b}b" for b in bs]
-        table.add_column("layer / group", justify="left")
-        for c in cols:
-            table.add_column(c, justify="right")
-        for layer, rec in result["layers"].items():
-            table.add_row(layer, *[f"{100 * rec['sparsity'][str(s)]:.2f}" for s in sp], *[f"{100 * rec['bits'][str(b)]:.2f}" for b in bs])
-        for g, rec in result["groups"].items():
-            cells = [f"ch {s}: {100 * rec['sparsity'][str(s)]:.2f}" for s in gs]
-            table.add_row(f"group {g} ({', '.join(rec['layers'])})", *(cells + [""] * (len(cols) - len(cells)))[: len(cols)])
-        console.print(table)
+        console.print(layer_table(result, name, split.name, sp, bs))
+        if result["groups"]:
+            console.print(group_table(result, gs))
         console.print(f"wrote {out / 'sensitivity.json'} and {out / 'sensitivity.png'}")
+
+
+OUTPUTS = ("sensitivity.json", "sensitivity.png")  # what a scan writes (a re-run may replace them)
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse an --out that holds anything but a previous scan's outputs (another run's folder), unless --force."""
+    from ..errors import JointCompressError
+
+    if out.exists() and not out.is_dir():
+        raise JointCompressError(f"--out {out}: exists and is a file, not a folder; choose another --out")
+    others = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS) if out.is_dir() else []
+    if others and not force:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise JointCompressError(f"--out {out}: the folder already holds other files ({shown}); choose another --out, "
+                                 "or pass --force to write sensitivity.json and sensitivity.png beside them")
+
+
+def layer_table(result: dict, model: str, data: str, sparsities: list[float], bits: list[int]):
+    """One row per layer: the accuracy drop (points) at each unstructured sparsity and bit-width."""
+    from rich.table import Table
+
+    table = Table(title=f"{model} on {data}: accuracy drop (points) per layer, baseline {100 * result['baseline']:.2f}%")
+    table.add_column("layer", justify="left")
+    for c in [f"s={s}" for s in sparsities] + [f"{b}b" for b in bits]:
+        table.add_column(c, justify="right")
+    for layer, rec in result["layers"].items():
+        table.add_row(layer, *[f"{100 * rec['sparsity'][str(s)]:.2f}" for s in sparsities],
+                      *[f"{100 * rec['bits'][str(b)]:.2f}" for b in bits])
+    return table
+
+
+def group_table(result: dict, group_sparsities: list[float]):
+    """One row per coupled channel group: the accuracy drop (points) with that share of its channels removed."""
+    from rich.table import Table
+
+    table = Table(title="accuracy drop (points) per coupled channel group, share of its channels removed")
+    table.add_column("group (layers)", justify="left")
+    for s in group_sparsities:
+        table.add_column(f"ch {s}", justify="right")
+    for g, rec in result["groups"].items():
+        table.add_row(f"{g} ({', '.join(rec['layers'])})",
+                      *[f"{100 * rec['sparsity'][str(s)]:.2f}" if str(s) in rec["sparsity"] else "-" for s in group_sparsities])
+    return table
