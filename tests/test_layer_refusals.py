@@ -208,3 +208,27 @@ def test_an_embedding_bag_left_out_is_warned():
     recipe = {"techniques": [{"type": "quant_lsq", "bits": 4, "embeddings": True}]}
     with pytest.warns(UserWarning, match=r"EmbeddingBag 'emb' is left out and stored in fp32"):
         jointcompress.prepare(Tokens(nn.EmbeddingBag(50, 16)), recipe, total_steps=2, example_inputs=x[:2])
+
+
+def test_a_tied_weight_both_of_whose_layers_are_quantized_is_stored_per_layer_and_loads(tmp_path):
+    """An Embedding tied to an LM head, both quantized (hf.artifact.quantize_rest does so, as BART's shared
+    embeddings): the head's key became an alias of a tensor stored itself, and the saved artifact did not load."""
+    from jointcompress.hf.artifact import quantize_rest
+    from jointcompress.spec import CompressionSpec
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(16, 8), nn.Linear(8, 16, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.emb(ids))
+
+    torch.manual_seed(0)
+    model = Tied()
+    spec = quantize_rest(model, CompressionSpec(), 8)
+    manifest = save(model, spec, tmp_path / "t", builder=Tied)
+    assert set(manifest["layers"]) == {"emb", "head"} and "aliases" not in manifest
+    loaded, ids = load(tmp_path / "t", Tied), torch.arange(16)
+    assert torch.equal(loaded(ids), model(ids))

@@ -157,7 +157,8 @@ def unique_state(model: nn.Module, prefer: set[str] = frozenset()
     A module registered under two names (`self.head = self.blocks[-1]`) or a weight tied across
     modules appears in `state_dict()` under every name; storing it once keeps the file, the size
     target and the dense baseline from counting it twice. The kept key is the first in `prefer`
-    (a quantized layer's own key), else the first in state-dict order."""
+    (a quantized layer's own key), else the first in state-dict order; a key in `prefer` is never
+    an alias (each quantized layer's parts are written by the layer's own encoder)."""
     groups: dict[int, list[str]] = {}
     full = model.state_dict(keep_vars=True)
     for key, t in full.items():
@@ -166,9 +167,9 @@ def unique_state(model: nn.Module, prefer: set[str] = frozenset()
     for key, t in full.items():
         group = groups[id(t) if isinstance(t, torch.Tensor) else id(key)]
         kept = next((k for k in group if k in prefer), group[0])
-        if key != kept:
+        if key != kept and key not in prefer:
             aliases[key] = kept
-        else:
+        else:  # two quantized layers of one tensor (tied embeddings both quantized) each keep their own parts
             state[key] = t.detach() if isinstance(t, torch.Tensor) else t
     return state, aliases
 

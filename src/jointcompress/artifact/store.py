@@ -268,6 +268,7 @@ def save(
     if encoding.aliases:  # only where a tensor is held under two names (encode.unique_state)
         manifest["aliases"] = encoding.aliases
     manifest["manifest_sha256"] = manifest_digest(manifest)
+    _validate(manifest, path / MANIFEST_FILE, saving=True)  # what load will check: a manifest it would refuse is never written
     path.mkdir(parents=True, exist_ok=True)
     for left in _save_leftovers(path):  # an earlier save killed halfway; this one replaces what it was writing
         left.unlink(missing_ok=True)
@@ -615,12 +616,14 @@ def _validate_fields(m: dict) -> None:
         _need(key not in stored and key not in others, f"aliases[{key!r}]", "names a tensor that is stored itself")
 
 
-def _validate(manifest: dict, mpath: Path) -> None:
+def _validate(manifest: dict, mpath: Path, saving: bool = False) -> None:
     try:
         _validate_fields(manifest)
     except _Bad as bad:
         field, what = bad.args
-        raise ArtifactError(f"{mpath}: field {field} {what}; the manifest is corrupted or was edited") from None
+        why = ("not written: load would refuse it (a bug of the writer; nothing was changed on disk)" if saving
+               else "the manifest is corrupted or was edited")
+        raise ArtifactError(f"{mpath}: field {field} {what}; {why}") from None
 
 
 def _weights_path(path: str | os.PathLike, manifest: dict) -> Path:
