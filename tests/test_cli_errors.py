@@ -359,7 +359,7 @@ def test_an_interrupted_command_says_so_and_exits_130(monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dryrun_cmd, "dry_run_tables", interrupted)
+    monkeypatch.setattr(dryrun_cmd, "_tables", interrupted)
     code, out = _cli(monkeypatch, capsys, "dry-run")
     assert code == 130 and "interrupted" in out and "--resume" in out
 

@@ -342,6 +342,8 @@ def compress(
         run_dir=run_dir, checkpoint_every=checkpoint_every, resume=resume, max_nonfinite=max_nonfinite, dist=dist,
         loss_fn=loss_fn, asked_recipe=asked if asked is not recipe else None,
     )
+    if run_dir is not None:  # recorded in the checkpoints; a resume with other data or another teacher is refused
+        trainer.checkpoints.inputs = run_inputs(train_data, teacher)
     if joint_form is not None:
         trainer.history.events.append(joint_form)
     if recipe._resolution is not None:  # a resumed run's history is replaced by its checkpoint's, which has it
@@ -356,6 +358,23 @@ def compress(
         metrics = dist.mean_metrics(metrics)
     trainer.session.finish()
     return Result(model, history, dict(metrics), recipe, techniques, example)
+
+
+def run_inputs(train_data, teacher) -> dict:
+    """What a run's checkpoints record of its inputs: the sha256 of training data given as an (x, y) pair of
+    tensors (other data, a Dataset or a DataLoader, is not read whole to hash it: not recorded, not checked) and
+    of the teacher's state."""
+    from .checkpoint import data_digest, state_digest
+
+    found = {}
+    digest = data_digest(train_data)
+    if digest is not None:
+        found["data_sha256"] = digest
+        found["data_shape"] = ", ".join(f"{n} {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+                                        for n, t in zip("xy", train_data))
+    if teacher is not None:
+        found["teacher_sha256"] = state_digest(teacher)
+    return found
 
 
 def _check_run_arguments(recipe: Recipe, teacher, run_dir, resume: bool) -> None:

@@ -8,11 +8,14 @@ positions, RNG states of python/numpy, technique scalars) is one JSON string ins
 
 Files are written to a temporary name, fsynced and renamed (`io.atomic_write_bytes`): a
 process killed while writing leaves the previous checkpoints intact, and any file named
-`ckpt-*.pt` is complete. The newest `keep` checkpoints are kept; when the newest one does not
-load (disk damage), resuming falls back to the one before it.
+`ckpt-*.pt` is complete. Each checkpoint has a sidecar `ckpt-*.pt.sha256` (its bytes' sha256, written
+after it): a file damaged in place, which torch.load does not notice, is then refused like a truncated
+one. The newest `keep` checkpoints are kept; when the newest one does not load (disk damage), resuming
+falls back to the one before it. A checkpoint without a sidecar (an older version's) loads unchecked.
 """
 from __future__ import annotations
 
+import hashlib
 import io as _io
 import json
 import random
@@ -30,6 +33,39 @@ from .io import atomic_write_bytes
 FORMAT = "jointcompress-checkpoint"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
+_LEFTOVER = re.compile(r"^\.ckpt-\d{9}\.pt(\.sha256)?\..*\.tmp$")  # io.atomic_write_bytes' temporary names
+SUM = ".sha256"
+START_OVER = ("start over, pass --force (it removes the checkpoints; in Python, delete RUN_DIR/checkpoints), or "
+              "give another --out (run_dir)")
+
+
+def state_digest(state) -> str:
+    """sha256 of a module's (or a state dict's) tensors, key by key: what a run started from."""
+    if isinstance(state, torch.nn.Module):
+        state = state.state_dict()
+    digest = hashlib.sha256()
+    for key, t in sorted(state.items()):
+        digest.update(key.encode())
+        digest.update(_tensor_bytes(t))
+    return digest.hexdigest()
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    return t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def data_digest(train_data) -> str | None:
+    """sha256 of training data given as an (x, y) pair of tensors (shapes, dtypes and bytes); None for anything
+    else (a Dataset, a DataLoader: reading it whole to hash it could be slow or not repeatable)."""
+    if not (isinstance(train_data, (tuple, list)) and len(train_data) == 2
+            and all(isinstance(t, torch.Tensor) for t in train_data)):
+        return None
+    digest = hashlib.sha256()
+    for t in train_data:
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(_tensor_bytes(t))
+    return digest.hexdigest()
 
 
 def _to_jsonable(v):
@@ -62,15 +98,19 @@ def set_numpy_rng_state(state: list) -> None:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load one checkpoint file safely (no code execution); raises TrainingError if unusable."""
+    """Load one checkpoint file safely (no code execution); raises TrainingError if unusable: unreadable,
+    not a checkpoint, or other bytes than its sidecar's checksum (damaged in place)."""
     path = Path(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+    except OSError as err:
+        raise TrainingError(f"{path}: cannot be read ({err.strerror or err})") from None
+    _check_sum(path, data)
+    try:
+        payload = torch.load(_io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure means: this file cannot be trusted
-        raise TrainingError(
-            f"{path}: not a loadable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}); "
-            "it is corrupted or not written by jointcompress (only plain tensors and data are accepted, never pickled objects)"
-        ) from None
+        raise TrainingError(f"{path}: not a loadable checkpoint ({_reason(err)}); it is corrupted or not written by "
+                            "jointcompress (only plain tensors and data are accepted, never pickled objects)") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise TrainingError(f"{path}: not a {FORMAT} file")
     if payload.get("format_version") != FORMAT_VERSION:
@@ -83,6 +123,33 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except (KeyError, TypeError, ValueError) as err:
         raise TrainingError(f"{path}: checkpoint metadata is unreadable ({err})") from None
     return payload
+
+
+def _reason(err: Exception) -> str:
+    """Why torch.load failed, in its first sentence: never torch's advice to load with weights_only=False,
+    which would run whatever code a tampered file carries."""
+    if "weights_only" in str(err) or "WeightsUnpickler" in str(err):
+        return "it holds pickled objects besides plain tensors and data, which are not loaded"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first.split('. ')[0][:300]}"
+
+
+def _sum_path(path: Path) -> Path:
+    return path.with_name(path.name + SUM)
+
+
+def _check_sum(path: Path, data: bytes) -> None:
+    """Compare `data` with the checksum the sidecar holds; a checkpoint without one (written before
+    sidecars, or by a run killed between the two files) is not checked."""
+    try:
+        recorded = _sum_path(path).read_text().split()[0]
+    except FileNotFoundError:
+        return
+    except (OSError, UnicodeDecodeError, IndexError):
+        recorded = "(unreadable)"
+    if recorded != hashlib.sha256(data).hexdigest():
+        raise TrainingError(f"{path}: its bytes do not match the checksum in {_sum_path(path).name} (sha256 "
+                            f"{recorded[:16]}...): the file was damaged after it was written")
 
 
 class CheckpointStore:
@@ -100,15 +167,35 @@ class CheckpointStore:
         return [p for _, p in sorted(found)]
 
     def save(self, step: int, payload: dict[str, Any], meta: dict[str, Any]) -> Path:
+        """Write checkpoint `step`, then its checksum sidecar; drop the oldest beyond `keep` and what
+        earlier writes that were killed left (temporary files, sidecars without their checkpoint)."""
         payload = {**payload, "format": FORMAT, "format_version": FORMAT_VERSION, "meta": json.dumps(_to_jsonable(meta))}
         buf = _io.BytesIO()
         torch.save(payload, buf)
+        data = buf.getvalue()
         path = self.dir / f"ckpt-{step:09d}.pt"
-        atomic_write_bytes(path, buf.getvalue())
+        self.remove_leftovers()
+        _sum_path(path).unlink(missing_ok=True)  # an earlier checkpoint of this step's: not this file's sum
+        try:
+            atomic_write_bytes(path, data)
+            atomic_write_bytes(_sum_path(path), (hashlib.sha256(data).hexdigest() + f"  {path.name}\n").encode())
+        except OSError as err:  # atomic_write_bytes names the file (err.filename)
+            what = err.strerror if err.filename else f"writing {path} failed: {err.strerror or err}"
+            raise type(err)(err.errno, f"{what}; the checkpoints written before are intact: free space (or fix the "
+                            "folder's permissions), then resume the run (--resume, resume=True)", err.filename or str(path)) from err
         for old in self.paths()[: -self.keep]:
             if old != path:
-                old.unlink(missing_ok=True)
+                remove(old)
         return path
+
+    def remove_leftovers(self) -> None:
+        """Temporary files of writes a kill interrupted, and sidecars whose checkpoint is gone."""
+        if not self.dir.is_dir():
+            return
+        for p in self.dir.iterdir():
+            orphan = p.name.endswith(".pt" + SUM) and _NAME.match(p.name[: -len(SUM)]) and not p.with_suffix("").exists()
+            if (_LEFTOVER.match(p.name) or orphan) and p.is_file():
+                p.unlink(missing_ok=True)
 
     def latest(self) -> tuple[Path, dict[str, Any]] | None:
         """The newest checkpoint that loads; None if there is none. Unloadable newer files are
@@ -124,5 +211,12 @@ class CheckpointStore:
                 warnings.warn(f"skipped unusable newer checkpoint(s), resuming from {path}: " + " | ".join(errors), stacklevel=2)
             return found
         if errors:
-            raise TrainingError("no usable checkpoint: " + " | ".join(errors))
+            raise TrainingError(f"no usable checkpoint in {self.dir}, so the run cannot continue: " + " | ".join(errors)
+                                + f". To {START_OVER}")
         return None
+
+
+def remove(path: Path) -> None:
+    """A checkpoint file and its checksum sidecar."""
+    path.unlink(missing_ok=True)
+    _sum_path(path).unlink(missing_ok=True)

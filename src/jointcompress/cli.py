@@ -227,55 +227,73 @@ def compress_cmd(
 def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights, resume: bool, teacher_epochs: int,
                        save: bool, progress):
     """--weights when given; else the model a resumed run trained first; else one trained now and saved (by the
-    writing rank) so that --resume does not train it again."""
+    writing rank) so that --resume does not train it again. start.json, which records what the run began from,
+    is written before the trained model's file and checked on every --resume, whichever way the model came."""
     from .io import atomic_write_bytes
-    from .pipeline import load_start, load_weights, train_teacher
+    from .pipeline import load_start, train_teacher
 
     teacher_file, start_file = out / "teacher.safetensors", out / "start.json"
-    earlier = _earlier_start(start_file) if resume else None
+    earlier = _earlier_start(start_file, teacher_file, builder) if resume else None
     if earlier is not None and earlier["weights"] and not weights:
         raise JointCompressError(f"--resume: the run in {out} began from --weights {earlier['weights']}; pass it again")
     if weights:
         teacher = load_start(builder, weights)
     elif resume and teacher_file.is_file():
-        return load_weights(builder(), teacher_file)
+        teacher = _trained_before(builder, teacher_file)
     else:
         teacher = train_teacher(model_name, split, teacher_epochs, lr=recipe.training.lr, progress=progress("train model"))
-        if save:
-            from safetensors.torch import save as st_save
-
-            atomic_write_bytes(teacher_file, st_save({k: v.contiguous() for k, v in teacher.state_dict().items()}))
     _same_start(start_file, earlier, teacher, weights, save)
+    if save and not weights and not teacher_file.is_file():
+        from safetensors.torch import save as st_save
+
+        atomic_write_bytes(teacher_file, st_save({k: v.contiguous() for k, v in teacher.state_dict().items()}))
     return teacher
 
 
-def _earlier_start(start_file: Path) -> dict | None:
+def _trained_before(builder, teacher_file: Path):
+    """The model this run trained first (OUT/teacher.safetensors, written by the run): a damaged one is
+    retrained once deleted, and start.json still checks that the run continues from the same model."""
+    from .errors import ArtifactError
+    from .pipeline import load_weights
+
+    try:
+        return load_weights(builder(), teacher_file)
+    except ArtifactError as err:  # not the advice for a file of the user's: this run wrote it
+        why = str(err).split(": ", 1)[-1].split(";")[0].removeprefix("cannot be read as weights ").strip("()")
+        raise ArtifactError(f"{teacher_file}: the model this run trained before compressing it cannot be used ({why}); "
+                            "delete the file and --resume trains it again (start.json checks that it is the same "
+                            "model), or start over with --force") from None
+
+
+def _earlier_start(start_file: Path, teacher_file: Path, builder) -> dict | None:
+    """What the run in OUT began from: start.json, else (a run killed between the trained model's file and
+    start.json, by a version that wrote them in that order) the trained model's file."""
     try:
         return json.loads(start_file.read_text())
     except (OSError, ValueError):
-        return None
+        pass
+    if teacher_file.is_file():
+        from .checkpoint import state_digest
+
+        return {"weights": None, "state_sha256": state_digest(_trained_before(builder, teacher_file))}
+    return None
 
 
 def _same_start(start_file: Path, earlier: dict | None, teacher, weights, save: bool) -> None:
     """Record which weights the run compresses (start.json: the path and a digest of the state); a resumed
     run given other --weights is refused: it compressed the new model from the old one's checkpoint, and the
     summary then reported the new model as the uncompressed one."""
-    import hashlib
-
-    import torch
-
+    from .checkpoint import state_digest
     from .io import atomic_write_json
 
-    digest = hashlib.sha256()
-    for key, t in sorted(teacher.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    start = {"weights": str(weights) if weights else None, "state_sha256": digest.hexdigest()}
+    start = {"weights": str(weights) if weights else None, "state_sha256": state_digest(teacher)}
     if earlier is not None and earlier.get("state_sha256") != start["state_sha256"]:
-        raise JointCompressError(f"--resume: the run in {start_file.parent} began from "
-                                 f"{earlier.get('weights') or 'the model it trained first'}, and --weights {weights} "
-                                 "holds other weights; pass the weights it began from, or start over with --force")
-    if save and earlier is None:
+        began = earlier.get("weights") or "the model it trained first"
+        now = (f"--weights {weights} holds other weights; pass the weights it began from" if weights else
+               "the model trained again differs from it (training is not repeatable here); pass that model as --weights")
+        raise JointCompressError(f"--resume: the run in {start_file.parent} began from {began}, and {now}, or start "
+                                 "over with --force")
+    if save and not start_file.is_file():
         atomic_write_json(start_file, start)
 
 
@@ -419,10 +437,12 @@ def _run(debug: bool) -> None:
     except OSError as err:  # the machine's problem (disk full, permissions), not a bug: say which file
         if debug or STATE["debug"]:
             raise
-        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        filename = getattr(err, "filename", None)
+        named = filename is not None and str(filename) in str(err.strerror)  # io.atomic_write_bytes says what to do
+        where = "" if named else (f" ({filename})" if filename else "") + "; check the path, free space and permissions"
         from rich.markup import escape
 
-        console.print(f"[bold red]error:[/bold red] {escape(str(err.strerror or err) + where)}; check the path, free space and permissions (--debug for details)",
+        console.print(f"[bold red]error:[/bold red] {escape(str(err.strerror or err) + where)} (--debug for details)",
                       highlight=False)
         sys.exit(1)
     except Exception as err:  # usage errors (an unknown option, a missing argument) and the like

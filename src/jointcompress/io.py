@@ -25,9 +25,19 @@ def _umask() -> int:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `path` whole or not at all, with the permissions a plain open() would give it (mkstemp's 0600
-    survived the rename: artifacts and summaries came out unreadable to the user's group)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    survived the rename: artifacts and summaries came out unreadable to the user's group). An OSError (a full
+    disk, no permission) is raised again naming `path` and saying that its previous content is intact."""
+    path, existed = Path(path), False
+    try:
+        existed = path.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_and_rename(path, data)
+    except OSError as err:
+        kept = f"the previous {path.name} is intact" if existed else f"no {path.name} was written"
+        raise type(err)(err.errno, f"writing {path} failed: {err.strerror or err}; {kept}", str(path)) from err
+
+
+def _write_and_rename(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_umask())
@@ -127,14 +137,17 @@ def _resume_without_checkpoint(path: Path, force: bool, dist) -> None:
 
 def _remove_fresh(path: Path, fresh: tuple[str, ...]) -> None:
     """An earlier run's outputs a --force restart must not mix with its own: the checkpoint files a run
-    writes (the user's other files in that folder stay), and the other `fresh` folders whole."""
+    writes (with their checksum sidecars and the temporary files of killed writes; the user's other files in that
+    folder stay), and the other `fresh` folders whole."""
     import shutil
 
-    from .checkpoint import CheckpointStore
+    from .checkpoint import CheckpointStore, remove
 
     for sub in fresh:
         if sub == "checkpoints":
-            for old in CheckpointStore(path).paths():
-                old.unlink(missing_ok=True)
+            store = CheckpointStore(path)
+            for old in store.paths():
+                remove(old)  # and its checksum sidecar
+            store.remove_leftovers()
         else:
             shutil.rmtree(path / sub, ignore_errors=True)

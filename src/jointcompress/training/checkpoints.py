@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from .. import checkpoint as ckpt
-from ..errors import RecipeError, TrainingError
+from ..errors import DataError, RecipeError, TrainingError
 from ..session import terms as _terms
 from ..session.teacher import TeacherCache
 from .history import History, Position
@@ -24,6 +24,9 @@ class RunCheckpoints:
         self.trainer = trainer
         self.store = ckpt.CheckpointStore(run_dir, keep=keep) if run_dir is not None else None
         self.last = None
+        # what the run trains on, recorded in every checkpoint and checked on resume (compress() sets them):
+        # data_sha256 / data_shape (an (x, y) pair of tensors only) and teacher_sha256
+        self.inputs: dict = {}
 
     def save(self):
         """Write a checkpoint of the run as it is now (rank 0 only; a no-op without run_dir)."""
@@ -59,17 +62,22 @@ class RunCheckpoints:
             "python_rng": ckpt.python_rng_state(),
             "numpy_rng": ckpt.numpy_rng_state(),
             "world_size": s.sync.dist.world_size if s.sync.dist is not None else 1,
+            **self.inputs,
         }
         self.last = self.store.save(tr.pos.step, payload, meta)
         return self.last
 
     def _check_fits(self, path, meta: dict) -> None:
         s = self.trainer.session
-        if _as_trained_today(meta.get("recipe"), s.recipe) != s.recipe.model_dump(mode="json"):
+        saved, now = _as_trained_today(meta.get("recipe"), s.recipe), s.recipe.model_dump(mode="json")
+        if saved != now:
+            diffs = _differences(saved, now)
+            shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
             raise RecipeError(
-                f"{path}: the checkpoint was made with a different recipe; resume with the same recipe "
+                f"{path}: the checkpoint was made with a different recipe ({shown}); resume with the same recipe "
                 "(and --mode/--model/--data), or start a new run in another directory" + _before_joint_form(meta, s.recipe)
             )
+        self._check_inputs(path, meta)
         if meta.get("total_steps") != s.plan.total_steps:
             raise TrainingError(
                 f"{path}: the checkpoint's run has {meta.get('total_steps')} steps, this one {s.plan.total_steps}; "
@@ -82,6 +90,24 @@ class RunCheckpoints:
                 "training continues from its step, but the rest of the current epoch takes its batches from this run's "
                 "sharding (some of the epoch's samples are seen twice or not at all), so the result will not match the "
                 f"uninterrupted run bit for bit. Resume with {meta['world_size']} process(es) for that", stacklevel=2)
+
+    def _check_inputs(self, path, meta: dict) -> None:
+        """The same training data (its tensors' sha256: the cached teacher outputs are looked up by sample
+        index) and the same teacher as the checkpoint's run; not checked where either side recorded none
+        (data that is not an (x, y) pair of tensors, a checkpoint written before these were recorded)."""
+        data, mine = meta.get("data_sha256"), self.inputs.get("data_sha256")
+        if data and mine and data != mine:
+            raise DataError(
+                f"{path}: the checkpoint's run trained on other data ({meta.get('data_shape')}, sha256 {data[:12]}) than "
+                f"this one ({self.inputs.get('data_shape')}, sha256 {mine[:12]}): its model, position in the epoch and "
+                "cached teacher outputs belong to those samples. Resume with the data the run began with (CLI: the same "
+                f"--data, or the recipe's data:; Python: the same x and y, in the same order), or to {ckpt.START_OVER}")
+        teacher, mine = meta.get("teacher_sha256"), self.inputs.get("teacher_sha256")
+        if teacher and mine and teacher != mine:
+            raise TrainingError(
+                f"{path}: the checkpoint's run distilled from another teacher (its weights' sha256 {teacher[:12]}, this "
+                f"one's {mine[:12]}): resume with the teacher the run began with (CLI: the same --weights), or to "
+                f"{ckpt.START_OVER}")
 
     def _load_state(self, path, ck: dict) -> None:
         s = self.trainer.session
@@ -97,6 +123,8 @@ class RunCheckpoints:
     def resume(self) -> bool:
         """Continue from the newest usable checkpoint; False when there is none to resume."""
         tr = self.trainer
+        if self.store is not None and tr.session.sync.is_main:
+            self.store.remove_leftovers()  # what writes killed before this run began left
         if not tr.resume or self.store is None:
             return False
         found = self.store.latest()
@@ -137,6 +165,24 @@ class RunCheckpoints:
         torch.set_rng_state(ck["torch_rng"])
         if ck.get("cuda_rng") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ck["cuda_rng"])
+
+
+def _differences(a, b, path: str = "") -> list[str]:
+    """Where two recipes (JSON-like) differ, each as 'field: old in the checkpoint, new now'."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = list(a) + [k for k in b if k not in a]
+        return [d for k in keys for d in _differences(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"{path or 'recipe'}: {_short(a)} in the checkpoint, {_short(b)} now"]
+
+
+def _short(value) -> str:
+    """A recipe value for a message: a list of techniques by their types, anything else cut short."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) and "type" in v for v in value):
+        return "[" + ", ".join(str(v["type"]) for v in value) + "]"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _trained_overlap(saved: dict) -> bool:

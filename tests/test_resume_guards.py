@@ -1,0 +1,228 @@
+"""Resume guards: a checkpoint is resumed only into the run it belongs to (same data, teacher, recipe,
+starting weights) and only when its bytes are the ones written; what a killed write leaves is cleaned up,
+and every refusal says what to do."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from cli_helpers import run_cli
+from jointcompress import RecipeError, TrainingError, compress
+from jointcompress.checkpoint import CheckpointStore, read_checkpoint
+from jointcompress.data import evaluator
+from jointcompress.errors import DataError
+
+PRUNE = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5}],
+         "training": {"epochs": 1, "batch_size": 128}}
+DISTIL = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5},
+                         {"type": "distill_kd", "temperature": 2.0, "alpha": 0.5, "cache_teacher": True}],
+          "training": {"epochs": 1, "batch_size": 128}}
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+
+def _run(digits, run_dir, recipe=PRUNE, data=None, teacher=None, **kw):
+    data = data if data is not None else (digits.x_train, digits.y_train)
+    model = copy.deepcopy(teacher) if teacher is not None else _net()
+    return compress(model, recipe, data, evaluator(digits.x_test, digits.y_test), teacher=teacher, run_dir=run_dir, **kw)
+
+
+def test_resume_with_other_data_of_the_same_size_is_refused(digits, tmp_path):
+    """Only the step count was checked: shuffled labels (or other images) resumed, and distillation read the
+    teacher outputs cached for the old samples."""
+    _run(digits, tmp_path, checkpoint_every=4)
+    shuffled = digits.y_train[torch.randperm(len(digits.y_train), generator=torch.Generator().manual_seed(3))]
+    with pytest.raises(DataError, match=r"trained on other data .*the same --data.*--force"):
+        _run(digits, tmp_path, data=(digits.x_train, shuffled), resume=True)
+    _run(digits, tmp_path, resume=True)  # the same data resumes
+    meta = read_checkpoint(CheckpointStore(tmp_path).paths()[-1])["meta"]
+    assert len(meta["data_sha256"]) == 64 and meta["data_shape"] == f"x {tuple(digits.x_train.shape)} float32, y ({len(digits.y_train)},) int64"
+
+
+def test_checkpoints_without_input_digests_and_loaders_are_not_checked(digits, tmp_path, monkeypatch):
+    import jointcompress.api as api
+
+    monkeypatch.setattr(api, "run_inputs", lambda data, teacher: {})  # what an older version wrote
+    _run(digits, tmp_path, checkpoint_every=4)
+    monkeypatch.undo()
+    assert "data_sha256" not in read_checkpoint(CheckpointStore(tmp_path).paths()[-1])["meta"]
+    _run(digits, tmp_path, data=(digits.x_train, digits.y_train.flip(0)), resume=True)
+    assert api.run_inputs(torch.utils.data.TensorDataset(digits.x_train, digits.y_train), None) == {}
+
+
+def test_resume_with_another_teacher_is_refused(digits, tmp_path):
+    """The CLI guards its starting weights with start.json; compress(resume=True) took any teacher."""
+    teacher = _net(0)
+    _run(digits, tmp_path, recipe=DISTIL, teacher=teacher, checkpoint_every=4)
+    with pytest.raises(TrainingError, match=r"distilled from another teacher .*--force"):
+        _run(digits, tmp_path, recipe=DISTIL, teacher=_net(1), resume=True)
+    _run(digits, tmp_path, recipe=DISTIL, teacher=teacher, resume=True)
+
+
+def test_a_refused_recipe_names_the_fields_that_differ(digits, tmp_path):
+    _run(digits, tmp_path)
+    other = {"name": "renamed", "techniques": [{**PRUNE["techniques"][0], "sparsity": 0.6}], "training": PRUNE["training"]}
+    with pytest.raises(RecipeError) as err:
+        _run(digits, tmp_path, recipe=other, resume=True)
+    assert "name: 'recipe' in the checkpoint, 'renamed' now" in str(err.value)
+    assert "techniques[0].sparsity: 0.5 in the checkpoint, 0.6 now" in str(err.value)
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    for i in range(20):
+        data[len(data) // 2 + i * 97] ^= 0x55
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_damaged_in_place_is_skipped_like_a_truncated_one(digits, tmp_path):
+    """torch.load does not check the zip's CRCs: flipped bytes loaded, and the run went on from corrupt state."""
+    _run(digits, tmp_path, checkpoint_every=4)
+    paths = CheckpointStore(tmp_path).paths()
+    _flip(paths[-1])
+    with pytest.warns(UserWarning, match=rf"resuming from .*{paths[-2].name}.*do not match the checksum"):
+        res = _run(digits, tmp_path, resume=True)
+    assert res.history.events[0] == {"event": "resumed", "step": int(paths[-2].name[5:14]), "checkpoint": paths[-2].name}
+    paths = CheckpointStore(tmp_path).paths()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == sorted(
+        [p.name for p in paths] + [p.name + ".sha256" for p in paths])  # rotation removed the old sidecars too
+
+
+def test_a_checkpoint_without_a_sidecar_loads_unchecked(digits, tmp_path):
+    _run(digits, tmp_path, checkpoint_every=4)
+    newest = CheckpointStore(tmp_path).paths()[-1]
+    (tmp_path / "checkpoints" / (newest.name + ".sha256")).unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_checkpoint(newest)["meta"]["position"]["step"] == 11
+
+
+def test_force_removes_sidecars_and_leftovers(tmp_path):
+    from jointcompress.io import prepare_run_dir
+
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    for name in ("ckpt-000000004.pt", "ckpt-000000004.pt.sha256", ".ckpt-000000008.pt.x1.tmp", "mine.pt"):
+        (ck / name).write_bytes(b"x")
+    prepare_run_dir(tmp_path, force=True, resume=False)
+    assert [p.name for p in ck.iterdir()] == ["mine.pt"]
+
+
+class _Obj:
+    pass
+
+
+def test_no_loadable_checkpoint_says_what_to_do_and_never_suggests_unpickling(tmp_path):
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    torch.save({"x": _Obj()}, ck / "ckpt-000000004.pt")
+    with pytest.raises(TrainingError) as err:
+        CheckpointStore(tmp_path).latest()
+    text = str(err.value)
+    assert "weights_only" not in text and "trust" not in text and "arbitrary code" not in text, text
+    assert "pickled objects" in text and "--force" in text and "another --out" in text, text
+
+
+def test_killed_checkpoint_writes_leave_no_temporary_files(digits, tmp_path):
+    ck = tmp_path / "checkpoints"
+    _run(digits, tmp_path, checkpoint_every=4)
+    left = [".ckpt-000000008.pt.a1b2c3.tmp", ".ckpt-000000008.pt.sha256.zz.tmp", "ckpt-000000001.pt.sha256"]
+    for name in left:
+        (ck / name).write_bytes(b"half")
+    (ck / ".mine.tmp").write_bytes(b"user")
+    _run(digits, tmp_path, resume=True)
+    names = {p.name for p in ck.iterdir()}
+    assert not names & set(left) and ".mine.tmp" in names, names
+
+
+def test_a_full_disk_names_the_file_and_says_the_old_one_is_intact(tmp_path, monkeypatch):
+    from jointcompress.io import atomic_write_bytes
+
+    target = tmp_path / "summary.json"
+    atomic_write_bytes(target, b"old")
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError) as err:
+        atomic_write_bytes(target, b"new")
+    assert err.value.errno == 28 and str(target) in str(err.value) and "previous summary.json is intact" in str(err.value)
+    with pytest.raises(OSError) as err:
+        CheckpointStore(tmp_path).save(3, {}, {})
+    assert "ckpt-000000003.pt" in str(err.value) and "resume the run" in str(err.value), err.value
+    assert target.read_bytes() == b"old" and not list((tmp_path / "checkpoints").iterdir())
+
+
+# -- the command line's starting weights (start.json, teacher.safetensors) -----------------------------------------
+
+@pytest.fixture(scope="module")
+def lenet_files(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    from jointcompress.models import LeNet300
+
+    d = tmp_path_factory.mktemp("w")
+    for seed, name in ((0, "a"), (1, "b")):
+        torch.manual_seed(seed)
+        save_file(LeNet300(64, 10).state_dict(), str(d / f"{name}.safetensors"))
+    return d / "a.safetensors", d / "b.safetensors"
+
+
+def _recipe(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("model: lenet300\ndata: digits\ntraining: {epochs: 1}\ntechniques: [{type: quant_lsq, bits: 4}]\n")
+    return p
+
+
+def test_a_run_killed_before_start_json_still_refuses_other_weights(tmp_path, monkeypatch, capsys, lenet_files):
+    """Killed between teacher.safetensors and start.json, every --resume loaded the trained model, returned
+    before the check, never wrote start.json and accepted other --weights."""
+    a, b = lenet_files
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "teacher.safetensors").write_bytes(a.read_bytes())  # what the older order left
+    code, text = run_cli(monkeypatch, capsys, "compress", _recipe(tmp_path), "--out", out, "--resume", "--weights", b)
+    assert code == 2 and "began from the model it trained first" in text and "holds other weights" in text, text
+    code, text = run_cli(monkeypatch, capsys, "compress", _recipe(tmp_path), "--out", out, "--resume")
+    assert not code and json.loads((out / "start.json").read_text())["weights"] is None, text
+    code, text = run_cli(monkeypatch, capsys, "compress", _recipe(tmp_path), "--out", out, "--resume", "--weights", b)
+    assert code == 2 and "holds other weights" in text, text
+
+
+def test_start_json_is_written_before_the_trained_model(tmp_path, monkeypatch, capsys):
+    import jointcompress.io as jio
+
+    written, real = [], jio.atomic_write_bytes
+    monkeypatch.setattr(jio, "atomic_write_bytes", lambda p, d: (written.append(os.path.basename(p)), real(p, d))[1])
+    code, text = run_cli(monkeypatch, capsys, "compress", _recipe(tmp_path), "--out", tmp_path / "o", "--teacher-epochs", "1")
+    assert not code, text
+    assert written.index("start.json") < written.index("teacher.safetensors"), written
+
+
+def test_a_damaged_trained_model_of_the_run_says_to_delete_it(tmp_path, monkeypatch, capsys, lenet_files):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "teacher.safetensors").write_bytes(lenet_files[0].read_bytes()[:100])
+    code, text = run_cli(monkeypatch, capsys, "compress", _recipe(tmp_path), "--out", out, "--resume")
+    assert code == 2 and "delete the file and --resume trains it again" in text, text
+    assert "give a .safetensors file" not in text, text
+
+
+def test_the_command_line_shows_a_full_disk_once_with_the_file(tmp_path, monkeypatch, capsys):
+    import jointcompress.pipeline as pipeline
+    from jointcompress.io import atomic_write_bytes
+
+    def full(*args, **kwargs):
+        monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+        atomic_write_bytes(tmp_path / "out.json", b"{}")
+
+    monkeypatch.setattr(pipeline, "load_split", full)
+    code, text = run_cli(monkeypatch, capsys, "compress", _recipe(tmp_path), "--out", tmp_path / "o")
+    assert code == 1 and f"writing {tmp_path / 'out.json'} failed: No space left on device; no out.json was written" in text
+    assert text.count(str(tmp_path / "out.json")) == 1, text
