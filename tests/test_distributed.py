@@ -145,7 +145,7 @@ def test_torchrun_two_processes_identical_masks_and_close_to_single_process(tmp_
         assert at_exit["initialized"] is False
         assert not [n for n in at_exit["threads"] if "gloo" in n], at_exit
     # only rank 0 wrote checkpoints (one directory, complete files)
-    assert sorted(p.name for p in (tmp_path / "run_dist" / "checkpoints").iterdir())[-1] == "ckpt-000000066.pt"
+    assert sorted(p.name for p in (tmp_path / "run_dist" / "checkpoints").glob("ckpt-*.pt"))[-1] == "ckpt-000000066.pt"
 
 
 JOINT_FORM = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.7}, {"type": "quant_lsq", "bits": 4}],
