@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn as nn
 
@@ -144,3 +145,12 @@ def test_frozen_weights_are_masked_and_quantized_but_not_trained():
     for row in model[0].weight:  # each row on its channel's 4-bit grid: at most levels +-1..+-7
         assert len(torch.unique(row[row != 0])) <= 14
     assert not model[0].weight.requires_grad and model[4].weight.requires_grad
+
+
+def test_a_structured_layer_sparsity_naming_no_group_is_warned():
+    import jointcompress
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    recipe = {"techniques": [{"type": "prune_structured", "scope": "layer", "layer_sparsity": {"0": 0.5, "fc_1": 0.5}}]}
+    with pytest.warns(UserWarning, match=r"layer_sparsity names 'fc_1', no channel group it prunes.*its groups: 0\)"):
+        jointcompress.prepare(model, recipe, total_steps=4, example_inputs=torch.randn(2, 8))

@@ -53,6 +53,7 @@ class PruneStructured(PruningTechnique):
                 f"{self.config.targets} (skipped: {shown}{more}); widen targets, see `jointcompress dry-run` "
                 "for every reason, or remove the technique"
             )
+        self._warn_unknown_groups()
         modules = dict(ctx.model.named_modules())
         for g in self.groups:
             scores = self._channel_norms(g, modules)
@@ -117,6 +118,18 @@ class PruneStructured(PruningTechnique):
         for m, keep in zip(self._group_masks(), self._keeps(p)):
             m.set_keep(keep, temp)
         self._final_done = p >= 1.0
+
+    def _warn_unknown_groups(self) -> None:
+        """layer_sparsity keys that name no group pruned here were ignored without a word: a typo, or an
+        allocation made on another trace of the model (a latency target's, with prune_blocks and an exclude
+        that names a layer of the dropped block), whose cut is then never made."""
+        names = {g.name for g in self.groups}
+        unknown = [n for n in (self.config.layer_sparsity or {}) if n not in names]
+        if unknown:
+            warnings.warn(f"prune_structured.layer_sparsity names {', '.join(map(repr, unknown[:4]))}, no channel group "
+                          f"it prunes in this model (its groups: {', '.join(sorted(names)[:8])}"
+                          f"{', ...' if len(names) > 8 else ''}); those entries are not used (`jointcompress dry-run` "
+                          "lists the groups)", stacklevel=3)
 
     def _group_masks(self) -> list[ScoredMask]:
         return [self.masks[_key(g.name)] for g in self.groups]
