@@ -151,6 +151,6 @@ def test_a_structured_layer_sparsity_naming_no_group_is_warned():
     import jointcompress
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    recipe = {"techniques": [{"type": "prune_structured", "scope": "layer", "layer_sparsity": {"0": 0.5, "fc_1": 0.5}}]}
+    recipe = {"techniques": [{"type": "prune_structured", "sparsity": 0.5, "scope": "layer", "layer_sparsity": {"0": 0.5, "fc_1": 0.5}}]}
     with pytest.warns(UserWarning, match=r"layer_sparsity names 'fc_1', no channel group it prunes.*its groups: 0\)"):
         jointcompress.prepare(model, recipe, total_steps=4, example_inputs=torch.randn(2, 8))
