@@ -405,11 +405,15 @@ def uncompressed_summary(result: dict) -> dict | None:
 def seed_differences(runs: list[dict], variant: str, ratio: float, baseline: str = "sequential") -> list[float]:
     """Joint minus sequential (or `baseline`) error (points) per seed that ran both (same teacher,
     same budgets)."""
+    return list(_differences_by_seed(runs, variant, ratio, baseline).values())
+
+
+def _differences_by_seed(runs: list[dict], variant: str, ratio: float, baseline: str) -> dict[int, float]:
     by_seed = {}
     for row in runs:
         if row["ratio_target"] == ratio and row["variant"] in (variant, baseline):
             by_seed.setdefault(row["seed"], {})[row["variant"]] = row["error"]
-    return [100 * (d[variant] - d[baseline]) for d in by_seed.values() if len(d) == 2]
+    return {seed: 100 * (d[variant] - d[baseline]) for seed, d in by_seed.items() if len(d) == 2}
 
 
 def paired_stats(runs: list[dict], variant: str, ratio: float,
@@ -431,19 +435,18 @@ def paired_differences(runs: list[dict], baseline: str = "sequential") -> list[d
     out = []
     for variant, ratio in sorted({(r["variant"], r["ratio_target"]) for r in runs if r["variant"] != baseline},
                                  key=lambda k: (k[1], k[0])):
-        diffs = seed_differences(runs, variant, ratio, baseline)
+        by_seed = _differences_by_seed(runs, variant, ratio, baseline)
+        diffs = list(by_seed.values())
         if not diffs:
             continue
-        stats = paired_stats(runs, variant, ratio, baseline)
-        mean, se = (stats[0], stats[1]) if stats else (diffs[0], None)
+        mean = statistics.mean(diffs)
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
         if len(diffs) < MIN_SEEDS_FOR_VERDICT:
             verdict = "too few seeds"
         else:
             verdict = "beyond 2 SE" if abs(mean) > 2 * se else "within 2 SE"
-        seeds = sorted({r["seed"] for r in runs if r["ratio_target"] == ratio and r["variant"] == variant}
-                       & {r["seed"] for r in runs if r["ratio_target"] == ratio and r["variant"] == baseline})
         out.append({"variant": variant, "baseline": baseline, "ratio_target": ratio, "n": len(diffs),
-                     "error_diff_mean": mean, "error_diff_se": se, "seeds": seeds, "verdict": verdict})
+                     "error_diff_mean": mean, "error_diff_se": se, "seeds": sorted(by_seed), "verdict": verdict})
     return out
 
 
