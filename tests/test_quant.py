@@ -100,12 +100,17 @@ def test_finalize_and_load_keep_the_trained_rounding_of_activations(digits, tmp_
         spec = finalize(model, result.example_inputs)
         assert torch.equal(model(x), trained)
     assert spec.layers["1"].act_bits == 2 and set(model.state_dict()) == set(build().state_dict())
+    assert spec.layers["1"].act_signed == bool((x < 0).any()) and spec.layers["3"].act_signed is False  # after a ReLU
     from jointcompress.session.checks import attached_layers
 
     assert attached_layers(model) == []  # frozen rounding is not a trainer left attached: it can be compressed again
     save(model, spec, tmp_path / "art", example_inputs=result.example_inputs)
     with torch.no_grad():
         assert torch.equal(load(tmp_path / "art", build)(x), trained)
+    import json
+
+    layers = json.loads((tmp_path / "art" / "manifest.json").read_text())["layers"]
+    assert layers["3"]["act_signed"] is False and ("act_signed" in layers["1"]) == (not spec.layers["1"].act_signed)
     report = export_and_check(model, tmp_path / "m.onnx", x[:1], eval_data=x)
     assert report.max_abs_logit_diff <= 1e-4
     import pytest
@@ -115,6 +120,25 @@ def test_finalize_and_load_keep_the_trained_rounding_of_activations(digits, tmp_
 
     with pytest.raises(UnsupportedModelError, match="FX int8 drops; use backend='onnxruntime'"):  # it dropped them
         quantize_int8(model, spec, x[:64], x[:1], backend="torch")
+
+
+def test_input_grid_is_unsigned_where_the_inputs_never_go_negative():
+    """After a ReLU a signed grid spends half its levels on values that never come: 2-bit inputs
+    had 3 levels (-1, 0, 1 step; only 0 and 1 used), now 4 (0..3 steps). Inputs that can be
+    negative keep the symmetric grid, and a state dict written before `signed` loads as signed."""
+    from jointcompress.techniques.quant_lsq import LSQActivation
+
+    x = torch.relu(torch.randn(256, 16, generator=torch.Generator().manual_seed(0)))
+    after_relu = LSQActivation(bits=2)
+    levels = torch.unique(torch.round(after_relu(x) / after_relu.step.detach()))
+    assert not bool(after_relu.signed) and levels.tolist() == [0.0, 1.0, 2.0, 3.0]
+    raw = LSQActivation(bits=2)
+    levels = torch.unique(torch.round(raw(x - 0.5) / raw.step.detach()))
+    assert bool(raw.signed) and levels.tolist() == [-1.0, 0.0, 1.0]
+    old_state = {k: v for k, v in after_relu.state_dict().items() if k != "signed"}
+    reloaded = LSQActivation(bits=2)
+    reloaded.load_state_dict(old_state)
+    assert bool(reloaded.signed) and bool(reloaded.initialized)
 
 
 def test_finalize_names_a_compressed_layer_left_without_a_nonzero_weight():

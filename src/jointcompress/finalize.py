@@ -38,6 +38,7 @@ def quant_specs(model: nn.Module) -> dict[str, LayerSpec]:
         if aq is not None:
             spec = specs.setdefault(name, LayerSpec())
             spec.act_bits, spec.act_scale = aq.bits, float(aq.step.detach())
+            spec.act_signed = bool(aq.signed)
     return specs
 
 
@@ -74,7 +75,7 @@ def freeze_input_quant(model: nn.Module) -> None:
     for m in model.modules():
         trained = getattr(m, "input_quant", None)
         if isinstance(trained, LSQActivation):
-            attach_frozen_input_quant(m, trained.bits, trained.step.detach())
+            attach_frozen_input_quant(m, trained.bits, trained.step.detach(), bool(trained.signed))
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ class LayerSpec:
     scale: torch.Tensor | None = None  # shape [out_features/out_channels], fp32 step sizes
     act_bits: int | None = None  # input activation quantization, if trained with it
     act_scale: float | None = None
+    act_signed: bool = True  # False: the inputs were never negative, the grid is [0, 2^act_bits - 1]
 
 
 @dataclass

@@ -135,6 +135,8 @@ def _encode_layer(enc: Encoding, name: str, mod: nn.Module, ls: LayerSpec, entro
         "entries": coded.entries, "act_bits": ls.act_bits,
         "act_scale": None if ls.act_scale is None else float(ls.act_scale), "parts": parts,
     }
+    if ls.act_bits is not None and not ls.act_signed:  # written only when unsigned: older files read as signed
+        enc.layers[name]["act_signed"] = False
 
 
 def side_symbols(rec: dict, raw_bytes: int, channels: int) -> tuple[int | None, int]:

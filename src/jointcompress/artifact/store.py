@@ -505,6 +505,8 @@ def _check_layer(rec, field: str) -> None:
     if act_bits is not None:
         _int(act_bits, f"{field}.act_bits", 1, 32)
     _number_or_none(rec.get("act_scale"), f"{field}.act_scale")
+    _need(isinstance(rec.get("act_signed", True), bool), f"{field}.act_signed",
+          f"must be true or false, got {rec.get('act_signed')!r:.80}")
     for key in ("nonzero", "sparsity"):
         if key in rec:
             _need(isinstance(rec[key], (int, float)) and not isinstance(rec[key], bool), f"{field}.{key}",
@@ -723,7 +725,8 @@ def _state(manifest: dict, parts: dict[str, bytes], tensors: dict[str, torch.Ten
         state[f"{name}.weight"] = weight
         if bias is not None:
             state[f"{name}.bias"] = bias
-        spec.layers[name] = LayerSpec(rec["bits"], scale, rec.get("act_bits"), rec.get("act_scale"))
+        spec.layers[name] = LayerSpec(rec["bits"], scale, rec.get("act_bits"), rec.get("act_scale"),
+                                      rec.get("act_signed", True))
     for key, rec in manifest["other_tensors"].items():
         if key not in tensors:
             raise ArtifactError(f"{where}: tensor {key!r} listed in the manifest is missing")
@@ -781,7 +784,7 @@ def _attach_input_quant(model: nn.Module, spec: CompressionSpec) -> None:
 
     for name, ls in spec.layers.items():
         if ls.act_bits is not None and ls.act_scale is not None:
-            attach_frozen_input_quant(model.get_submodule(name), int(ls.act_bits), float(ls.act_scale))
+            attach_frozen_input_quant(model.get_submodule(name), int(ls.act_bits), float(ls.act_scale), ls.act_signed)
 
 
 def load(path: str | os.PathLike, builder: Callable[[], nn.Module]) -> nn.Module:

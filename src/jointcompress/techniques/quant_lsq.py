@@ -130,14 +130,24 @@ class LSQWeight(nn.Module):
         return self.step.detach().flatten()
 
 
+def input_levels(bits: int, signed: bool) -> tuple[int, int]:
+    """The integer range of an input grid: symmetric when the inputs can be negative, else
+    [0, 2^bits - 1] (LSQ's unsigned case: after a ReLU a signed grid wastes half its levels)."""
+    return (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+
+
 class LSQActivation(nn.Module):
-    """LSQ quantizer for a layer's input (signed, per tensor), run as a forward pre-hook."""
+    """LSQ quantizer for a layer's input (per tensor), run as a forward pre-hook. Signed unless the
+    first batch it sees has no negative value (the input of a layer after a ReLU); kept in the
+    state dict (`signed`; a checkpoint written before it is read as signed, as it trained)."""
 
     def __init__(self, bits: int = 8):
         super().__init__()
-        self.bits, self.qmax = bits, 2 ** (bits - 1) - 1
+        self.bits = bits
         self.log_step = nn.Parameter(torch.zeros(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("signed", torch.ones((), dtype=torch.bool))
+        self._register_load_state_dict_pre_hook(_signed_if_absent, with_module=True)
 
     @property
     def step(self) -> torch.Tensor:
@@ -146,31 +156,40 @@ class LSQActivation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized):
             with torch.no_grad():
-                self.log_step.fill_(math.log(float(2 * x.detach().abs().mean() / math.sqrt(self.qmax)) or 1e-3))
+                self.signed.fill_(bool((x.detach() < 0).any()))
+                top = input_levels(self.bits, bool(self.signed))[1]
+                self.log_step.fill_(math.log(float(2 * x.detach().abs().mean() / math.sqrt(top)) or 1e-3))
                 self.initialized.fill_(True)
-        s = grad_scale(self.log_step, 1.0 / math.sqrt(x[0].numel() * self.qmax)).exp()
-        return round_ste(torch.clamp(x / s, -self.qmax, self.qmax)) * s
+        low, high = input_levels(self.bits, bool(self.signed))
+        s = grad_scale(self.log_step, 1.0 / math.sqrt(x[0].numel() * high)).exp()
+        return round_ste(torch.clamp(x / s, low, high)) * s
+
+
+def _signed_if_absent(module, state_dict, prefix, *_):
+    """A state dict from before `signed` existed trained a signed grid."""
+    state_dict.setdefault(prefix + "signed", torch.ones((), dtype=torch.bool))
 
 
 class FrozenInputQuant(nn.Module):
     """A trained LSQActivation made permanent by finalize: the layer's input rounded on the same grid,
     the step fixed, so the finalized model computes what the trained one did. The step is not in the
-    state dict (the model keeps its plain keys); the artifact stores bits and step per layer and load
-    attaches it again (attach_frozen_input_quant)."""
+    state dict (the model keeps its plain keys); the artifact stores bits, step and sign per layer and
+    load attaches it again (attach_frozen_input_quant)."""
 
-    def __init__(self, bits: int, step: float | torch.Tensor):
+    def __init__(self, bits: int, step: float | torch.Tensor, signed: bool = True):
         super().__init__()
-        self.bits, self.qmax = bits, 2 ** (bits - 1) - 1
+        self.bits, self.signed = bits, bool(signed)
+        self.low, self.high = input_levels(bits, self.signed)
         self.register_buffer("step", torch.as_tensor(step, dtype=torch.float32).detach().clone(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.round(torch.clamp(x / self.step, -self.qmax, self.qmax)) * self.step
+        return torch.round(torch.clamp(x / self.step, self.low, self.high)) * self.step
 
 
-def attach_frozen_input_quant(layer: nn.Module, bits: int, step: float | torch.Tensor) -> None:
+def attach_frozen_input_quant(layer: nn.Module, bits: int, step: float | torch.Tensor, signed: bool = True) -> None:
     """Round `layer`'s input as training did (finalize, and load from an artifact)."""
     had = hasattr(layer, "input_quant")
-    layer.input_quant = FrozenInputQuant(bits, step)
+    layer.input_quant = FrozenInputQuant(bits, step, signed)
     if not had:
         layer.register_forward_pre_hook(_quantize_input)
 
