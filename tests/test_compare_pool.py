@@ -88,6 +88,9 @@ def test_pooling_two_batches_recomputes_the_summary_over_every_seed(tmp_path):
         assert (out / row["dir"] / "history.json").is_file(), row["dir"]
     joint = next(s for s in pooled["summary"] if s["variant"] == "joint-paced-none")
     assert joint["n"] == 4
+    (paired,) = pooled["paired"]  # joint is 0.2 points more accurate on every seed of both batches
+    assert (paired["variant"], paired["n"], paired["seeds"]) == ("joint-paced-none", 4, [0, 1, 2, 3])
+    assert paired["error_diff_mean"] == pytest.approx(-0.2) and paired["error_diff_se"] == pytest.approx(0, abs=1e-9)
     assert joint["accuracy_mean"] == pytest.approx(statistics.fmean(0.972 + 0.001 * s for s in range(4)))
     assert [p["command"] for p in pooled["pooled_from"]] == ["compare a_5seeds", "compare a_s2to3"]
     assert pooled["wall_seconds"] == 20.0 and "pool_compare.py" in pooled["command"]
