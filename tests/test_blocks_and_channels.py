@@ -128,3 +128,41 @@ def test_other_blocks_dropped_with_channels_keep_the_logits(blocks):
     assert spec.dropped_blocks == blocks
     with torch.no_grad():
         torch.testing.assert_close(model(x[:16]), masked, atol=1e-5, rtol=0)
+
+
+def test_a_block_dropped_from_the_first_step_still_lets_the_group_feeding_it_shrink():
+    """prune_blocks `end: 0` fades the block fully (the identity) before prune_structured traces its groups; a
+    trace at fade 1 never reached the block's layers, so the stem's removal left block1.c1 reading 16 channels of
+    8, its check failed and the allocated stem cut was skipped (with a warning only). The block still runs while
+    it fades: the graph is traced with it whole, and the stem shrinks to its width, logits unchanged."""
+    recipe = _recipe(scope="layer", layer_sparsity={"stem.0": 0.75})
+    recipe["techniques"][2]["end"] = 0.0
+    model, res, x = _run(recipe)
+    prune = next(t for t in res.techniques if t.kind == "prune_structured")
+    assert "stem.0" not in {name for name, _ in prune.skipped}
+    assert int(prune.masks["stem__0"].hard.sum()) == 4
+    model.eval()
+    with torch.no_grad():
+        masked = model(x[:16])
+    spec = finalize(model, res.example_inputs)
+    assert spec.dropped_blocks == ["block1"] and isinstance(model.block1, nn.Identity)
+    assert model.stem[0].out_channels == 4 and model.stem[1].num_features == 4 and model.down[0].in_channels == 4
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[:16]), masked, atol=1e-5, rtol=0)
+
+
+def test_the_channel_groups_do_not_depend_on_how_far_a_block_has_faded():
+    """The groups traced at fade 1 are those at fade 0 (block_drop.traced_whole), and the fade is left as it was."""
+    from jointcompress.block_drop import BlockFade
+
+    def groups_at(fade):
+        model, hook = _build(), BlockFade("block1")
+        model.block1.register_forward_hook(hook)
+        hook.fade = fade
+        groups = discover_groups(model, X2)[0]
+        assert hook.fade == fade
+        return {g.name: sorted((m.module, m.kind) for m in g.members) for g in groups}
+
+    whole = groups_at(0.0)
+    assert any(("block1.c1", "in") in members for members in whole.values())
+    assert groups_at(1.0) == whole

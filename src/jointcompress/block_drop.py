@@ -15,6 +15,7 @@ both be dropped.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
 
@@ -158,6 +159,27 @@ def faded(model: nn.Module) -> dict[str, BlockFade]:
     """Every block carrying a BlockFade hook: name -> hook."""
     return {name: hook for name, m in model.named_modules() for hook in m._forward_hooks.values()
             if isinstance(hook, BlockFade)}
+
+
+@contextlib.contextmanager
+def traced_whole(model: nn.Module):
+    """Inside: every fading block passes its own output on (fade 0), each fade restored on leaving.
+
+    For tracing the channel graph (graph.build_graph). A block keeps running while it fades, even at
+    fade 1, where the hook only discards its output: its layers still read the channels the layers
+    before it make, so removing those channels must slice their inputs too. A trace at fade 1 never
+    reaches the block (the output no longer depends on it), so the group feeding it missed the
+    block's first conv, failed its removal check and went unpruned (a prune_blocks window that ends
+    at step 0: `end: 0`, or a one-step run)."""
+    hooks = list(faded(model).values())
+    saved = [h.fade for h in hooks]
+    for h in hooks:
+        h.fade = 0.0
+    try:
+        yield
+    finally:
+        for h, fade in zip(hooks, saved):
+            h.fade = fade
 
 
 def inside_faded(model: nn.Module) -> set[str]:

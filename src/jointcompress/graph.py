@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .block_drop import traced_whole
 from .errors import UnsupportedModelError
 from .group_checks import member_reason, parameter_owners, reshape_reason, verify_groups
 from .layer_types import BATCH_NORMS, COMPRESSIBLE
@@ -116,7 +117,9 @@ def build_graph(model: nn.Module, example_inputs, ignored: list[nn.Module] | Non
         # the graph is traced through autograd, which records nothing of a frozen layer fed by inputs
         # that need no gradient (a frozen backbone would have no channel groups): freezing is about
         # training, not structure, so every parameter needs a gradient while the graph is traced
-        with evaluating(model), frozen_stay_frozen(model), torch.enable_grad(), warnings.catch_warnings():
+        # a fading block is traced whole (block_drop.traced_whole): it still runs, and reads its input's channels
+        with evaluating(model), traced_whole(model), frozen_stay_frozen(model), torch.enable_grad(), \
+                warnings.catch_warnings():
             for p in model.parameters():
                 p.requires_grad_(True)
             # its channel-count inference gives up on long chains of concatenations (a recurrent loop
