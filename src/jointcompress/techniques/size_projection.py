@@ -55,6 +55,16 @@ def channel_floor(keep: torch.Tensor, margin: torch.Tensor, floor: int = CHANNEL
     return ((rank < protect.unsqueeze(1)) & rows).view_as(keep)
 
 
+
+def set_flat(tensor: torch.Tensor, flat_index: torch.Tensor, value) -> None:
+    """`tensor.view(-1)[flat_index] = value` in place, for any memory layout: the decisions index
+    weights in their logical (row-major) order, and a channels_last conv weight has no flat view
+    (`.view(-1)` raised; a reshape would write into a copy and lose the cut)."""
+    if tensor.is_contiguous():
+        tensor.view(-1)[flat_index] = value
+    else:
+        tensor[torch.unravel_index(flat_index, tensor.shape)] = value
+
 class Landing:
     """The size budget's landing on its aim (see the module's docstring)."""
 
@@ -216,7 +226,7 @@ class Landing:
         owners, where = order[0][:count], order[1][:count]
         for i, (m, q) in enumerate(self.layers.values()):
             keep = keeps[i].clone()
-            keep.view(-1)[where[owners == i]] = not drop
+            set_flat(keep, where[owners == i], not drop)
             q.fix_pattern(m.parametrizations.weight.original.detach(), keep)
         return float(self.file_bytes(model)["total"]) if measure else None
 
@@ -385,6 +395,6 @@ class Landing:
         owners, where, freed = self.ranking(drop=True)
         count = int(torch.searchsorted(torch.cumsum(freed, 0), torch.tensor(excess))) + 1
         for i, (m, _) in enumerate(self.layers.values()):
-            m.parametrizations.weight.original.view(-1)[where[:count][owners[:count] == i]] = 0.0
+            set_flat(m.parametrizations.weight.original, where[:count][owners[:count] == i], 0.0)
         self.moved_weights = True
         return count
