@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import JointCompressError
+
 PRIMARY = ("task", "distill", "accuracy")  # "accuracy": the two summed (accuracy_as_one)
 
 
@@ -163,7 +165,16 @@ class GradientCoordinator:
     def _grad(self, term: torch.Tensor) -> list[torch.Tensor]:
         if not term.requires_grad:  # e.g. a regularizer whose parameters are all frozen
             return [torch.zeros_like(p) for p in self.params]
-        grads = torch.autograd.grad(term, self.params, retain_graph=True, allow_unused=True)
+        try:
+            grads = torch.autograd.grad(term, self.params, retain_graph=True, allow_unused=True)
+        except RuntimeError as exc:
+            if "donated buffer" not in str(exc):
+                raise
+            raise JointCompressError(
+                "coordination: a measured step takes one gradient per loss term (a backward that keeps the "
+                "graph), which a torch.compile'd model refuses when its backward donates buffers. Set "
+                "`torch._functorch.config.donated_buffer = False` before the model's first compiled call (it "
+                "only saves memory), or train the model uncompiled") from exc
         return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
 
     def _split(self, per_term: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -42,6 +42,21 @@ def log8_value(code: torch.Tensor) -> torch.Tensor:
     return torch.exp2(code.double() / LOG_STEPS_PER_OCTAVE).float()
 
 
+def fp16_values(t: torch.Tensor) -> torch.Tensor:
+    """`t` (within fp16's range) rounded to the nearest fp16 values, ties to even, in t's dtype.
+
+    Eager: a cast to fp16 and back. Under torch.compile (a user compiling the model being trained)
+    the same rounding by arithmetic: inductor folds the two casts into nothing, and the compiled
+    model trained on steps the artifact never stores (6,399 of 8,192 4-bit weights of a layer on
+    other levels). The spacing of fp16 values at |t| is 2^(e - 11) for t = m * 2^e, m in [0.5, 1),
+    and 2^-24 below the normal range; t / spacing and back are exact powers of two."""
+    if not torch.compiler.is_compiling():
+        return t.to(torch.float16).to(t.dtype)
+    _, exponent = torch.frexp(t)
+    spacing = torch.exp2((exponent - 11).clamp_min(-24).to(t.dtype))
+    return torch.round(t / spacing) * spacing
+
+
 def round_step(s: torch.Tensor, fmt: str | None = "fp16") -> torch.Tensor:
     """The step size exactly as the artifact will store it (same dtype as `s`).
 
@@ -50,7 +65,7 @@ def round_step(s: torch.Tensor, fmt: str | None = "fp16") -> torch.Tensor:
     if fmt is None or fmt == "fp32":
         return s
     if fmt == "fp16":
-        return s.clamp(FP16_MIN, FP16_MAX).to(torch.float16).to(s.dtype)
+        return fp16_values(s.clamp(FP16_MIN, FP16_MAX))
     if fmt == "log8":
         return log8_value(log8_code(s)).to(s.dtype)
     raise ValueError(f"step format {fmt!r}: choose one of {STEP_FORMATS}")
@@ -64,7 +79,7 @@ def round_bias(b: torch.Tensor, fmt: str | None, step: torch.Tensor | None = Non
     if fmt is None or fmt == "fp32":
         return b
     if fmt == "fp16":
-        return b.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).to(b.dtype)
+        return fp16_values(b.clamp(-FP16_MAX, FP16_MAX))
     if fmt == "int":
         if step is None:
             raise ValueError("bias format 'int' needs the layer's step sizes")
@@ -79,7 +94,7 @@ def round_fp16_storable(t: torch.Tensor) -> torch.Tensor:
     and nothing saturates)."""
     if t.numel() == 0 or not t.is_floating_point() or bool(t.detach().abs().max() > FP16_MAX):
         return t
-    return t.to(torch.float16).to(t.dtype)
+    return fp16_values(t)
 
 
 # ---------------------------------------------------------------------------- storage side
