@@ -74,6 +74,35 @@ def test_int8_logits_are_not_rounded(tmp_path, cls):
     assert steps.min() < 1e-4  # not on a grid: a uint8 grid over these logits has steps of ~1e-3
 
 
+class _UntraceableCNN(SmallCNN):
+    """A forward FX cannot trace (a branch on the input), as Hugging Face's ResNet: FX could not
+    fold its BatchNorm, the exporter folded it, and no conv weight matched a trained one."""
+
+    def forward(self, x):
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        return super().forward(x)
+
+
+def test_int8_keeps_the_trained_integers_where_the_exporter_folds_batchnorm(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    model, spec = fake_finalize(_UntraceableCNN(), example_input(), bits=4)
+    q = quantize_int8(model, spec, torch.randn(64, 1, 28, 28), example_input(), workdir=tmp_path)
+    assert q.trained_scales == len(spec.layers)  # was 2 of 4: the fully connected layers only
+    convs = [numpy_helper.to_array(i) for i in onnx.load(q.path).graph.initializer
+             if numpy_helper.to_array(i).dtype == np.int8 and numpy_helper.to_array(i).ndim == 4]
+    assert len(convs) == 2 and all(np.abs(w).max() <= 7 for w in convs)  # 4-bit integers, not min/max's +-127
+
+
+def test_int8_says_when_the_spec_names_layers_the_model_has_not(tmp_path):
+    model, spec = fake_finalize(MLP(), example_input(), bits=4, prune=0)
+    spec.layers = {f"hf.{name}": layer for name, layer in spec.layers.items()}  # made on a wrapped model
+    with pytest.warns(UserWarning, match=r"3 of 3 quantized layers get min/max weight scales.*no layer of this model"):
+        quantize_int8(model, spec, torch.randn(64, 1, 28, 28), example_input(), workdir=tmp_path)
+
+
 def test_int8_without_a_workdir_leaves_no_directory_behind():
     """Each call without a workdir left a temporary directory with two ONNX files behind; it now
     lives as long as a model made from it (with_threads' copies too)."""
