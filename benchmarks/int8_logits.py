@@ -16,7 +16,6 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from jointcompress.artifact.store import load_with_spec
