@@ -181,6 +181,37 @@ def _replay(model: nn.Module, history: list, inputs: tuple, where: str) -> None:
         ) from exc
 
 
+def _transformers_fix(model: nn.Module, expected: dict, actual: dict) -> str | None:
+    """check_shapes' advice for a transformers model of a family jointcompress.hf prunes (None for any
+    other model: the image-model advice stands); where the artifact's FFN widths differ from the builder's
+    model's, it names them and the builder that builds them."""
+    hf = getattr(model, "hf", model)
+    if not isinstance(getattr(getattr(hf, "config", None), "model_type", None), str):
+        return None  # not a transformers model (jointcompress.hf needs transformers, an optional dependency)
+    from ..hf.modeling_pruned import ARCH, FAMILY_OF, family, layers as hf_layers
+
+    if hf.config.model_type not in FAMILY_OF:
+        return None
+    hf_load = ("an artifact written by jointcompress.hf.artifact.save_hf_artifact loads with "
+               "jointcompress.hf.artifact.load_hf_artifact(path), which rebuilds its pruned heads and FFN widths "
+               "from its manifest (docs/transformers.md)")
+    try:  # a layer's FFN width: the rows of its FFN input projection (an nn.Linear's [width, hidden])
+        stack = hf_layers(hf)
+        prefix = next(n for n, m in model.named_modules() if m is stack)
+        keys = [f"{prefix}.{i}.{ARCH[family(hf.config)]['ffn_in']}.weight" for i in range(len(stack))]
+        stored = [expected[k][0] for k in keys]
+        built = [actual[k][0] for k in keys]
+    except (StopIteration, AttributeError, KeyError, IndexError, ValueError):
+        stored = built = []
+    if not stored or stored == built:
+        return f"pass a builder of the transformers model the artifact was made from (the same config); {hf_load}"
+    return (f"the artifact's FFN widths are {stored} (per layer), the builder's model's {built}: build the pruned "
+            f"widths with builder = jointcompress.hf.causal.with_ffn_widths(build, {stored}) (the finalized "
+            "model's config.intermediate_per_layer; docs/your-model.md), or, for an artifact written by "
+            "jointcompress.hf.artifact.save_hf_artifact, load it with jointcompress.hf.artifact.load_hf_artifact("
+            "path), which rebuilds them from its manifest (docs/transformers.md)")
+
+
 def check_shapes(model: nn.Module, layers: dict, others: dict, where: str, aliases: dict | None = None) -> None:
     """Every stored tensor must exist in the rebuilt model with the same shape, and vice versa."""
     expected = {f"{n}.weight": tuple(r["shape"]) for n, r in layers.items()}
@@ -202,9 +233,9 @@ def check_shapes(model: nn.Module, layers: dict, others: dict, where: str, alias
             parts.append(f"artifact tensors not in the model: {unexpected[:5]}")
         raise ArtifactError(
             f"{where}: the artifact does not fit the builder's model ({'; '.join(parts)}); "
-            "pass the builder of the architecture the artifact was made from (e.g. the right --model, and --data of the "
-            "images it was made for: a built-in model's sizes come from them)"
-        )
+            + (_transformers_fix(model, expected, actual)
+               or "pass the builder of the architecture the artifact was made from (e.g. the right --model, and "
+                  "--data of the images it was made for: a built-in model's sizes come from them)"))
 
 
 def save(

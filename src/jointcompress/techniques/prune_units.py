@@ -30,16 +30,26 @@ from .base import RunContext, Technique
 END_RATIO = 0.05  # final soft temperature, as a fraction of the configured one
 
 
-def _hf_model(model: nn.Module) -> nn.Module:
+def _hf_model(model: nn.Module, kind: str = "prune_heads / prune_ffn / prune_layers") -> nn.Module:
     hf = getattr(model, "hf", model)
     cfg = getattr(hf, "config", None)
-    from ..hf.modeling_pruned import FAMILY_OF
+    from ..hf.modeling_pruned import FAMILY_OF, UNITS
 
     if cfg is None or getattr(cfg, "model_type", None) not in FAMILY_OF:
+        unit = {"prune_heads": "heads", "prune_ffn": "ffn", "prune_layers": "layers"}.get(kind)
+        types = sorted(t for t, fam in FAMILY_OF.items()
+                       if not t.startswith("jointcompress_") and (unit is None or unit in UNITS[fam]))
+        causal = sorted(t for t in types if FAMILY_OF[t] in ("llama", "gpt2"))
+        what = "a BERT-family or DistilBERT classifier (bare, or wrapped in jointcompress.hf.wrapper.SequenceClassifier)"
+        if causal:
+            what += f" or a causal LM ({', '.join(causal)})"
+        model_type = getattr(cfg, "model_type", None)
+        got = type(hf).__name__ + (f" (model_type {model_type!r})" if model_type else "")
         raise RecipeError(
-            "prune_heads / prune_ffn / prune_layers need a Hugging Face BERT-family or DistilBERT classifier "
-            "(wrap it with jointcompress.hf.wrapper.SequenceClassifier); "
-            f"got {type(hf).__name__}"
+            f"{kind}: need a Hugging Face transformer of model_type {', '.join(types)}: {what}; got {got}. "
+            "For a vision model use prune_structured: it removes the MLP width of ViT blocks, the inverted-bottleneck "
+            "width of ConvNeXt blocks and CNN channels (docs/architectures.md); attention heads of vision models are "
+            "not pruned"
         )
     return hf
 
@@ -101,7 +111,7 @@ class _PruneUnits(Technique):
     def setup(self, ctx: RunContext) -> None:
         from ..hf.masks import normalise_importance
 
-        hf = _hf_model(ctx.model)
+        hf = _hf_model(ctx.model, self.kind)
         layers, units = self._shape(hf)
         cfg = self.config
         min_per_layer = max(1, math.ceil(cfg.min_keep * units))
@@ -172,12 +182,29 @@ class _PruneUnits(Technique):
         self.handles = []
 
     def state_dict(self):
-        return {} if self.mask is None else {"scores": self.mask.scores.detach()}
+        """The scores and where the schedule has the mask (open, hard, temperature): the mask's
+        schedule state lives on the mask, not in the technique's scalars, and a resumed session
+        does not re-run the schedule update of the step it was saved at."""
+        if self.mask is None:
+            return {}
+        m = self.mask
+        return {
+            "scores": m.scores.detach(),
+            "active": torch.tensor(bool(m.active)),
+            "hard": torch.tensor(bool(m.hard)),
+            "temperature": torch.tensor(float(m.temperature), dtype=torch.float64),
+        }
 
     def load_state_dict(self, state):
-        if self.mask is not None and "scores" in state:
+        if self.mask is None:
+            return
+        m = self.mask
+        if "scores" in state:
             with torch.no_grad():
-                self.mask.scores.copy_(state["scores"])
+                m.scores.copy_(state["scores"])
+        if "temperature" in state:  # a checkpoint of an older version keeps setup's schedule state
+            m.active, m.hard = bool(state["active"]), bool(state["hard"])
+            m.temperature = float(state["temperature"])
 
 
 class PruneHeads(_PruneUnits):
