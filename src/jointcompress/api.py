@@ -36,13 +36,20 @@ class Result:
     recipe: Recipe
     techniques: list = field(default_factory=list)
     example_inputs: Any = None
+    _spec: Any = field(default=None, init=False, repr=False, compare=False)
 
     def finalize(self):
-        """finalize(model, example_inputs) with the recipe that ran recorded in the spec, so the artifact's
-        manifest holds it (finalize(model) alone cannot know it: the manifest's recipe was null)."""
-        from .finalize import finalize
+        """Make the compression permanent as session.finalize() does (one code path:
+        session.finalize.finalize_compressed), with the recipe that ran recorded in the spec so the
+        artifact's manifest holds it. Hugging Face head / FFN / layer pruning removes the units
+        physically and takes the mask hooks off; the core finalize alone left them masked by hooks,
+        and save wrote the unmasked weights. A second call returns the first call's spec: the model
+        is finalized already, and finalizing it again found nothing and returned an empty spec."""
+        from .session.finalize import finalize_compressed
 
-        return finalize(self.model, self.example_inputs, recipe=self.recipe.model_dump())
+        if self._spec is None:
+            self._spec = finalize_compressed(self.model, self.techniques, self.recipe, self.example_inputs)
+        return self._spec
 
     def summary(self) -> dict[str, Any]:
         out = dict(self.metrics)

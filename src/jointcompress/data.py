@@ -280,12 +280,16 @@ def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, see
 
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
-    """Top-1 accuracy on held-out data, in eval mode (restores the previous mode)."""
+    """Top-1 accuracy on held-out data, in eval mode (restores the previous mode). The logits are
+    read as training reads them (session.outputs.logits_of): a model returning a Hugging Face
+    ModelOutput (ViTForImageClassification) trained, then crashed here on `.argmax`."""
+    from .session.outputs import logits_of
+
     was = model.training
     model.eval()
     correct = 0
     for i in range(0, len(x), batch_size):
-        correct += int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+        correct += int((logits_of(model(x[i : i + batch_size])).argmax(1) == y[i : i + batch_size]).sum())
     model.train(was)
     return correct / max(1, len(x))
 

@@ -20,7 +20,6 @@ from .bench import batch_of, count_params
 from .deploy.timing import DEFAULT_THREADS, time_contenders
 from .data import Split, evaluator, load_dataset
 from .errors import ArtifactError, DataError
-from .finalize import finalize
 from .layer_types import COMPRESSIBLE
 from .models import build_model, is_builder
 from .recipe import Recipe
@@ -132,9 +131,11 @@ def compress_and_save(
 def finalize_and_save(model: nn.Module, result: Result, teacher: nn.Module, split: Split, builder,
                       path: Path | None) -> tuple[dict, CompressionSpec]:
     """Make the compression permanent, write the artifact to `path`, and measure what is there.
-    Returns the measured row and the finalized spec (bits and trained scales, for int8 export)."""
+    Returns the measured row and the finalized spec (bits and trained scales, for int8 export).
+    Finalized by result.finalize(), session.finalize()'s code path: a Hugging Face model's pruned
+    FFN neurons / heads / layers are removed, not left masked by hooks that save does not store."""
     example = result.example_inputs
-    spec = finalize(model, example, recipe=result.recipe.model_dump())
+    spec = result.finalize()
     evaluate = evaluator(split.x_test, split.y_test)
     row = {"accuracy": evaluate(model)["accuracy"]}
     if path is not None:

@@ -114,8 +114,12 @@ def selection_split(split, n: int):
 
 
 def accuracy_of(fn, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy of a model or deployed callable (a ModelOutput read as training reads it)."""
+    from ..session.outputs import logits_of
+
     with torch.inference_mode():
-        hits = sum(int((fn(x[i:i + 1000]).argmax(-1) == y[i:i + 1000]).sum()) for i in range(0, len(x), 1000))
+        hits = sum(int((logits_of(fn(x[i:i + 1000])).argmax(-1) == y[i:i + 1000]).sum())
+                   for i in range(0, len(x), 1000))
     return hits / len(x)
 
 

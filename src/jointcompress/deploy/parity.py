@@ -65,12 +65,16 @@ def batches(data, batch_size: int = 256) -> Iterable[tuple[torch.Tensor, torch.T
 
 def compare(reference: Predict, deployed: Predict, data, backend: str,
             metric: Callable[[torch.Tensor, torch.Tensor], float] = accuracy, path: str | None = None) -> ParityReport:
-    """Run both on `data`; the metric is computed over all samples when targets are given."""
+    """Run both on `data`; the metric is computed over all samples when targets are given. Both
+    outputs are read as training reads them (session.outputs.logits_of): a bare Hugging Face model
+    returns a ModelOutput, which exported fine and then failed here on `.float()`."""
+    from ..session.outputs import logits_of
+
     worst, scale, n = 0.0, 0.0, 0
     ref_all, dep_all, ys = [], [], []
     with torch.inference_mode():
         for x, y in batches(data):
-            r, d = reference(x).float(), deployed(x).float()
+            r, d = logits_of(reference(x)).float(), logits_of(deployed(x)).float()
             if r.shape != d.shape:  # broadcasting would compare them anyway and report a small gap
                 raise UnsupportedModelError(
                     f"{backend}{f' ({path})' if path else ''} returned logits of shape {list(d.shape)} for a batch of "

@@ -1,5 +1,11 @@
 """Finalize what a session compressed: the core models through finalize.py, Hugging Face
-models with head / FFN / layer pruning through hf/finalize.py (units removed physically)."""
+models with head / FFN / layer pruning through hf/finalize.py (units removed physically).
+
+One code path for both ways in: `session.finalize()` and `Result.finalize()` (api.compress)
+both end in `finalize_compressed`, so a model compressed by the built-in loop is finalized
+exactly as one driven from the user's loop (HF FFN neurons were left masked, with their
+hooks on, when compress()'s Result went through the core finalize alone).
+"""
 from __future__ import annotations
 
 UNIT_KINDS = ("prune_heads", "prune_ffn", "prune_layers")
@@ -7,13 +13,24 @@ UNIT_KINDS = ("prune_heads", "prune_ffn", "prune_layers")
 
 def finalize_session(session, example_inputs=None):
     """Finalize session.model in place; returns the CompressionSpec (bits, step sizes, plan)."""
-    if any(t.kind in UNIT_KINDS and t.attached for t in session.techniques):
+    example = example_inputs if example_inputs is not None else session.ctx.example_inputs
+    return finalize_compressed(session.model, session.techniques, session.recipe, example)
+
+
+def finalize_compressed(model, techniques, recipe, example_inputs):
+    """Finalize `model` in place given the techniques that trained it and the recipe that ran;
+    returns the CompressionSpec with the recipe recorded (the artifact's manifest keeps it).
+
+    HF head / FFN / layer pruning removes its units physically (hf.finalize, which also takes the
+    mask hooks off); everything else goes through the core finalize (masks applied, LSQ baked,
+    pruned channels removed), which traces the model on `example_inputs`."""
+    recorded = recipe.model_dump(mode="json")
+    if any(t.kind in UNIT_KINDS and t.attached for t in techniques):
         from ..hf.finalize import finalize_hf_with_spec
 
-        _, spec = finalize_hf_with_spec(session.model, session.techniques)
-        spec.recipe = session.recipe.model_dump(mode="json")
+        _, spec = finalize_hf_with_spec(model, techniques)
+        spec.recipe = recorded
         return spec
     from ..finalize import finalize
 
-    example = example_inputs if example_inputs is not None else session.ctx.example_inputs
-    return finalize(session.model, example, recipe=session.recipe.model_dump(mode="json"))
+    return finalize(model, example_inputs, recipe=recorded)
