@@ -17,6 +17,8 @@ def test_fp16_rounding_is_the_cast_under_torch_compile():
     x = torch.exp(torch.empty(200_000).uniform_(-17.5, 11.08, generator=g))
     x = torch.cat([x, -x, torch.tensor([2.0 ** -24, 65504.0, 1 + 2 ** -11, 1 + 3 * 2 ** -11, 0.0])])
     assert torch.equal(torch.compile(fp16_values)(x), x.to(torch.float16).float())
+    wide = x.double()  # inductor's C++ for a float64 frexp did not build
+    assert torch.equal(torch.compile(fp16_values)(wide), wide.to(torch.float16).double())
 
 
 def test_a_compiled_model_computes_what_the_eager_one_does():

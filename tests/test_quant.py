@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn as nn
 
@@ -135,6 +136,11 @@ def test_input_grid_is_unsigned_where_the_inputs_never_go_negative():
     raw = LSQActivation(bits=2)
     levels = torch.unique(torch.round(raw(x - 0.5) / raw.step.detach()))
     assert bool(raw.signed) and levels.tolist() == [-1.0, 0.0, 1.0]
+    later = LSQActivation(bits=2)
+    later(x)  # first batch non-negative: unsigned ...
+    with pytest.warns(UserWarning, match="signed from now on"):
+        later(x - 0.5)  # ... a negative input later: signed, not clamped to 0 without a word
+    assert bool(later.signed)
     old_state = {k: v for k, v in after_relu.state_dict().items() if k != "signed"}
     reloaded = LSQActivation(bits=2)
     reloaded.load_state_dict(old_state)

@@ -52,7 +52,7 @@ def fp16_values(t: torch.Tensor) -> torch.Tensor:
     and 2^-24 below the normal range; t / spacing and back are exact powers of two."""
     if not torch.compiler.is_compiling():
         return t.to(torch.float16).to(t.dtype)
-    _, exponent = torch.frexp(t)
+    _, exponent = torch.frexp(t.float())  # fp32's exponent (inductor's C++ for a float64 frexp fails to build)
     spacing = torch.exp2((exponent - 11).clamp_min(-24).to(t.dtype))
     return torch.round(t / spacing) * spacing
 

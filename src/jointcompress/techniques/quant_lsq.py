@@ -11,6 +11,7 @@ step sizes initialise from those pruned weights the first time it runs.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -137,9 +138,10 @@ def input_levels(bits: int, signed: bool) -> tuple[int, int]:
 
 
 class LSQActivation(nn.Module):
-    """LSQ quantizer for a layer's input (per tensor), run as a forward pre-hook. Signed unless the
-    first batch it sees has no negative value (the input of a layer after a ReLU); kept in the
-    state dict (`signed`; a checkpoint written before it is read as signed, as it trained)."""
+    """LSQ quantizer for a layer's input (per tensor), run as a forward pre-hook. Unsigned while no
+    training input has been negative (the input of a layer after a ReLU), signed from the first
+    one on (with a warning, if that comes after the first batch); kept in the state dict (`signed`;
+    a checkpoint written before it is read as signed, as it trained)."""
 
     def __init__(self, bits: int = 8):
         super().__init__()
@@ -160,6 +162,10 @@ class LSQActivation(nn.Module):
                 top = input_levels(self.bits, bool(self.signed))[1]
                 self.log_step.fill_(math.log(float(2 * x.detach().abs().mean() / math.sqrt(top)) or 1e-3))
                 self.initialized.fill_(True)
+        elif self.training and not bool(self.signed) and bool((x.detach() < 0).any()):
+            self.signed.fill_(True)  # negatives after all: clamped to 0 they would be lost without a word
+            warnings.warn("quant_lsq activations: a layer's inputs were non-negative in the first batch, negative "
+                          f"later; its {self.bits}-bit grid is signed from now on", stacklevel=2)
         low, high = input_levels(self.bits, bool(self.signed))
         s = grad_scale(self.log_step, 1.0 / math.sqrt(x[0].numel() * high)).exp()
         return round_ste(torch.clamp(x / s, low, high)) * s
