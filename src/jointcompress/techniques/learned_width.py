@@ -105,23 +105,57 @@ class FisherDiagonal:
     distillation reach it. The estimate
     lives in the quantizer's buffers (`value`, `seen`), so checkpoints and resumed runs carry it.
     It is the one estimate of a quantizer: the learned width's noise price and the size budget's
-    saliency (saliency.py) both read it, so a run with both folds one caught gradient once a step."""
+    saliency (saliency.py) both read it, so a run with both folds one caught gradient once a step.
+
+    Gradient accumulation (K micro-batches, one optimizer step; CompressionTrainer, a user's loop):
+    the step's gradient is the *sum* of its micro-batches' (each scaled as the loop scales its loss),
+    and B the samples of all of them, so the fold squares the summed gradient: K micro-batches give
+    the estimate one batch of the same samples gives, to float rounding. Squaring each micro-batch's
+    part instead would miss the cross terms (and a K-times smaller part, squared, is K^2 smaller).
+    Which forwards belong to the step: those the session's size budget `join`s (a training forward
+    that went through session.loss with gradients on) while the gradients accumulate (the weight's
+    .grad not reset since). What a forward the session did not join caught (the quantizer used
+    outside the session, a measurement's extra forward and backward; evaluation under no_grad
+    catches nothing) is dropped at the next forward, not added; once the gradients were zeroed (a
+    step skipped for a non-finite loss or gradient, whose gradient may be inf, never folded) the
+    next forward drops the step's sum as well."""
 
     def __init__(self, value: torch.Tensor, seen: torch.Tensor):
         self.value, self.seen = value, seen
-        self.pending: torch.Tensor | None = None
+        self.pending: torch.Tensor | None = None  # the gradient caught since the watched forward
         # id of the output whose gradient is caught this step (not the tensor: a graph tensor would
         # stop a deep copy of the model; the output stays alive as the quantizer's last_out)
         self.watched: int | None = None
+        self.joined: int | None = None  # the watched forward's samples, once the session joined it to the step
+        # gradient accumulation: the summed gradient of the step's earlier joined micro-batches, and their samples
+        self.carried: torch.Tensor | None = None
+        self.carried_samples = 0
 
-    def watch(self, out: torch.Tensor) -> None:
+    def watch(self, out: torch.Tensor, accumulator: torch.Tensor | None = None) -> None:
         """This forward's output is the one whose gradient the quantizer's backward hands to
-        `catch`. A new output starts a new step's gradient: one caught earlier and never folded (a
-        step skipped for a non-finite loss or gradient, whose gradient may be inf) is dropped, not
-        added to this one."""
-        if out.requires_grad and self.watched != id(out):
-            self.pending = None
-            self.watched = id(out)
+        `catch`. A new output starts a new micro-batch: the gradient caught for the one before is
+        carried into the step's sum if the session joined that forward to the step and
+        `accumulator` (a leaf whose .grad accumulates with it: the layer's weight) still holds its
+        gradient; otherwise it is dropped (see the class), and with a reset gradient so is the sum."""
+        if not out.requires_grad or self.watched == id(out):
+            return
+        if self.carried is not None or (self.pending is not None and self.joined is not None):
+            if accumulator is not None and accumulator.grad is None:  # zeroed: a new step's gradients
+                self.carried, self.carried_samples = None, 0
+            elif self.pending is not None and self.joined is not None:
+                # a copy the first time: the caught tensor may be the one the weight's .grad holds, which
+                # the next micro-batch's backward accumulates into in place
+                self.carried = self.pending.clone() if self.carried is None else self.carried + self.pending
+                self.carried_samples += self.joined
+        self.pending, self.joined = None, None
+        self.watched = id(out)
+
+    def join(self, samples: int) -> None:
+        """The session's word that the watched forward is a training micro-batch of this step, of
+        `samples` samples (the size budget says it from session.loss, gradients on): its gradient,
+        once caught, adds to the step's if another micro-batch follows before the fold."""
+        if self.watched is not None:
+            self.joined = samples
 
     def catch(self, grad: torch.Tensor | None) -> None:
         """The gradient of the watched output, from the quantizer's own backward (a tensor hook on
@@ -134,12 +168,18 @@ class FisherDiagonal:
     @torch.no_grad()
     def fold(self, batch_size: int, step: int | None = None, every: int = 1) -> bool:
         """This step's gradient into the estimate (once: a second call in the step does nothing).
+        `batch_size`: the samples of the last (or only) micro-batch; with gradient accumulation the
+        step's gradient is the micro-batches' sum and B their samples together (the class).
         With `every` > 1 and the training step given, only every `every`-th step's gradient is
         folded (and the first one caught, so the estimate starts at once), with the decay of as many
         steps: the same ~50-step average for fewer passes over the weights. Returns whether the
         estimate moved."""
-        self.watched = None
+        self.watched = self.joined = None
         g, self.pending = self.pending, None
+        if self.carried is not None:  # K micro-batches: their summed gradient, all their samples
+            batch_size = self.carried_samples + (batch_size if g is not None else 0)
+            g = self.carried if g is None else self.carried + g
+            self.carried, self.carried_samples = None, 0
         if g is None:
             return False
         seen = bool(self.seen)

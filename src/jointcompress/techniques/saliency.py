@@ -60,7 +60,9 @@ class FisherSaliency:
     @torch.no_grad()
     def accumulate(self, batch_size: int) -> None:
         """Fold this step's gradients into the Fisher estimate (B * EMA of g^2; a layer whose
-        learned width folded it already this step is left as it is)."""
+        learned width folded it already this step is left as it is). `batch_size`: the last
+        micro-batch's samples; with gradient accumulation g is the micro-batches' summed gradient
+        and B all their samples (learned_width.FisherDiagonal)."""
         for _, q in self.layers.values():
             q.fisher.fold(batch_size)
 

@@ -50,6 +50,12 @@ WINDUP_DECAY = 10.0  # with anti_windup: a positive multiplier e-folds this many
 GUARDS = 8  # with finetune_phase: checks of the real file over the fine-tuning's second half (after the trim)
 
 
+def _batch_size(ctx: RunContext) -> int:
+    """The samples of the batch session.loss saw last (its targets, else its inputs; 1 if neither has a length)."""
+    batch = ctx.batch_targets if ctx.batch_targets is not None else ctx.batch_inputs
+    return len(batch) if batch is not None and hasattr(batch, "__len__") else 1
+
+
 class SizeBudget(Landing, Technique):
     kind = "size_budget"
     order = 30  # after quant_lsq, whose quantizers it reads
@@ -283,6 +289,11 @@ class SizeBudget(Landing, Technique):
         node (SizeTerm); `estimate()` is the same number to float rounding."""
         if self.frozen:
             return {}
+        if torch.is_grad_enabled():  # a training micro-batch: its gradient joins the step's Fisher estimate
+            samples = _batch_size(ctx)
+            for _, q in self.layers.values():
+                if "width_fisher" in q._buffers:
+                    q.fisher.join(samples)
         counts = torch.stack([q.kept_count(m.parametrizations.weight.original) for m, q in self.layers.values()])
         raw, held, _, span = self._width_vectors()
         numels = [m.parametrizations.weight.original.numel() for m, _ in self.layers.values()]
@@ -298,8 +309,7 @@ class SizeBudget(Landing, Technique):
         (rank); landing only folds the estimate, which orders the landing's cuts."""
         if self.frozen:
             return
-        batch = ctx.batch_targets if ctx.batch_targets is not None else ctx.batch_inputs
-        batch_size = len(batch) if batch is not None and hasattr(batch, "__len__") else 1
+        batch_size = _batch_size(ctx)  # the last micro-batch's: the Fisher estimate adds the earlier ones' own
         for m, q in self.layers.values():  # the weight the forward read: its gate is reused
             if q.width_step(m.parametrizations.weight.original, batch_size, step=ctx.step):
                 self.moved_weights = True  # the step re-fit by this rank's Fisher estimate

@@ -156,8 +156,9 @@ class ZeroLevelLSQWeight(LSQWeight):
         stash: dict = {"fisher": fisher}
         out, count, gate = ZeroLevelQuant.apply(w, self.log_step, self._kernel_bits_raw(), self.dead_zone_raw, setup, keep,
                                                 stash)
-        if fisher is not None:
-            fisher.watch(out)
+        if fisher is not None:  # the weight's .grad tells a micro-batch of the step from a new step
+            grads = w if w.is_leaf and w.requires_grad else self.log_step if self.log_step.requires_grad else None
+            fisher.watch(out, grads)
         remember(self, last_in=w, last_out=out, last_w=w, last_count=count, last_gate=gate if learns_width else None,
                  last_step=stash.get("step"), last_dead_zone=stash.get("dead_zone"), _count_key=self._state_key(w))
         return out
