@@ -18,6 +18,8 @@ from transformers import (  # noqa: E402
     DistilBertForSequenceClassification,
     ElectraConfig,
     ElectraForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
     RobertaConfig,
     RobertaForSequenceClassification,
 )
@@ -68,6 +70,14 @@ def tiny_deberta(layers: int = 4, heads: int = 4, hidden: int = 32, ffn: int = 6
                           pos_att_type=["p2c", "c2p"], share_att_key=False, position_buckets=16, num_labels=2,
                           id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
     return DebertaV2ForSequenceClassification(cfg).eval()
+
+
+def tiny_llama():
+    """A 2-layer Llama causal LM (64-token vocabulary, FFN width 64), seeded."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                        bos_token_id=1, eos_token_id=2, pad_token_id=0))
 
 
 def tiny_tokenizer(tmp_path: Path):

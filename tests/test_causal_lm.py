@@ -10,7 +10,8 @@ import pytest
 pytest.importorskip("transformers")
 
 import torch  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from hf_helpers import tiny_llama as llama  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import jointcompress  # noqa: E402
 from jointcompress import RecipeError  # noqa: E402
@@ -30,13 +31,6 @@ def gpt2_raw():
 
 def gpt2():
     return conv1d_to_linear(gpt2_raw())
-
-
-def llama():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                        bos_token_id=1, eos_token_id=2, pad_token_id=0))
 
 
 def test_conv1d_to_linear_is_exact():

@@ -5,7 +5,6 @@ step it was saved at. Also the messages of the unit techniques on a model they d
 an artifact loaded with a builder that builds a transformers model's unpruned FFN widths."""
 from __future__ import annotations
 
-import copy
 import io
 
 import pytest
@@ -13,8 +12,7 @@ import pytest
 pytest.importorskip("transformers")
 
 import torch  # noqa: E402
-from hf_helpers import tiny_bert  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from hf_helpers import tiny_bert, tiny_llama as llama  # noqa: E402
 
 import jointcompress  # noqa: E402
 from jointcompress import ArtifactError, RecipeError  # noqa: E402
@@ -22,13 +20,6 @@ from jointcompress.artifact.store import check_shapes  # noqa: E402
 from jointcompress.hf.causal import arithmetic_rows as rows, with_ffn_widths  # noqa: E402
 
 STEPS = 12
-
-
-def llama():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                        bos_token_id=1, eos_token_id=2, pad_token_id=0))
 
 
 def _lm_batches():
