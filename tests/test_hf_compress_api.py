@@ -89,3 +89,20 @@ def test_export_and_check_compares_a_bare_hf_models_logits(tmp_path):
     report = export_and_check(vit(), tmp_path / "vit.onnx", x[:2], eval_data=(x, y))
     assert report.samples == 4 and report.max_abs_logit_diff < 1e-3
     assert report.metric_reference == report.metric_deployed
+
+
+def test_the_core_finalize_refuses_a_model_that_still_carries_unit_masks():
+    """jointcompress.finalize(model) left prune_ffn's hooks on: the neurons masked, not removed, and
+    save wrote the unmasked weights without a word. It names the call that removes them now."""
+    import jointcompress
+    from jointcompress.errors import JointCompressError
+
+    model = llama()
+    x = {"input_ids": rows(4, 1)[0], "attention_mask": rows(4, 1)[1]}
+    session = jointcompress.prepare(model, {"techniques": [{"type": "prune_ffn", "sparsity": 0.5}]},
+                                    total_steps=4, example_inputs=x)
+    with pytest.raises(JointCompressError, match=r"prune_ffn masks.*session.finalize\(\)"):
+        jointcompress.finalize(model, x)
+    session.finalize()
+    assert all(layer.mlp.up_proj.out_features < 64 for layer in model.model.layers)
+    assert not any(m._forward_pre_hooks for m in model.modules())

@@ -79,6 +79,19 @@ def freeze_input_quant(model: nn.Module) -> None:
 
 
 @torch.no_grad()
+def _refuse_unit_masks(model: nn.Module) -> None:
+    """Transformer unit masks (prune_heads / prune_ffn / prune_layers) are hooks this finalize cannot
+    remove: it left them on, the units masked but not removed, and save wrote the unmasked weights."""
+    kinds = sorted({getattr(hook, "unit_mask") for m in model.modules()
+                    for hook in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())
+                    if isinstance(getattr(hook, "unit_mask", None), str)})
+    if kinds:
+        raise JointCompressError(
+            f"finalize: the model still carries {' / '.join(kinds)} masks (hooks), which remove whole heads, FFN "
+            "neurons or layers: finalize it with session.finalize() or, after compress(), result.finalize() (they "
+            "remove the units physically); jointcompress.finalize(model) alone cannot")
+
+
 def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None, *,
              warn_empty: bool = True) -> CompressionSpec:
     """Finalize `model` in place and return its CompressionSpec.
@@ -87,6 +100,7 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None, 
     dependency graph of the plain model). `warn_empty=False`: no warning for layers left without a
     nonzero weight (the size budget's measuring copies, finalized many times a run).
     """
+    _refuse_unit_masks(model)
     was_training = model.training
     model.eval()
     dropped = collapse_faded(model)  # first: the layers of a removed block leave no spec and no plan

@@ -46,6 +46,7 @@ def attach_ffn_mask(model: nn.Module, mask: UnitMask) -> list:
         def hook(module, args, i=i):
             return (args[0] * mask()[i].to(args[0].dtype),) + tuple(args[1:])
 
+        hook.unit_mask = "prune_ffn"  # core finalize refuses a model that still carries one
         handles.append(get_sub(layer, ARCH[fam]["ffn_out"]).register_forward_pre_hook(hook))
     return handles
 

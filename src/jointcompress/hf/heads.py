@@ -52,6 +52,7 @@ def attach_head_mask(model: nn.Module, mask: UnitMask) -> list:
             m = mask()[i].to(x.dtype).repeat_interleave(hd)
             return (x * m,) + tuple(args[1:])
 
+        hook.unit_mask = "prune_heads"  # core finalize refuses a model that still carries one
         handles.append(get_sub(layer, ARCH[fam]["o"]).register_forward_pre_hook(hook))
     return handles
 

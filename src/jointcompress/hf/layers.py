@@ -73,6 +73,7 @@ def attach_layer_gate(model: nn.Module, mask) -> list:
             mixed = g * h_out + (1 - g) * h_in
             return (mixed,) + tuple(output[1:]) if isinstance(output, tuple) else mixed
 
+        hook.unit_mask = "prune_layers"  # core finalize refuses a model that still carries one
         handles.append(layer.register_forward_hook(hook, with_kwargs=True))
     return handles
 
