@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jointcompress import JointCompressError, load_recipe, parse_recipe
+from jointcompress import ArtifactError, JointCompressError, load_recipe, parse_recipe
 from jointcompress.artifact.store import load, manifest_digest, read_manifest
 from jointcompress.recipe import builtin_recipe
 
@@ -143,3 +143,15 @@ def test_manifest_fields_of_the_right_version_but_random_content(artifact):
 
     check()
     assert not failures, f"{len(failures)} inputs raised something else than ArtifactError, e.g. {failures[:3]}"
+
+
+@pytest.mark.parametrize("container", [{}, ["jcw"], None, 3])
+def test_a_container_field_of_another_type_is_an_artifact_error(artifact, tmp_path, container):
+    """The fuzz test found it: a dict there raised TypeError (unhashable) from the membership check."""
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    manifest["container"] = container
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    shutil.copy(artifact / "weights.jcw", tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="container"):
+        load(tmp_path, _builder)

@@ -594,7 +594,8 @@ def _validate_fields(m: dict) -> None:
         _need(m.get(key) is None or isinstance(m[key], dict), key, f"must be an object or null, got {type(m.get(key)).__name__}")
     if "bytes" in m:
         _dict(m["bytes"], "bytes")
-    _need(m.get("container") in CONTAINERS, "container", f"must be one of {sorted(CONTAINERS)}, got {m.get('container')!r:.80}")
+    _need(isinstance(m.get("container"), str) and m["container"] in CONTAINERS, "container",  # a dict is unhashable
+          f"must be one of {sorted(CONTAINERS)}, got {m.get('container')!r:.80}")
     if m["container"] == "jcw":
         keys = _list(m.get("blob_keys"), "blob_keys")
         _need(all(isinstance(k, str) for k in keys) and len(set(keys)) == len(keys), "blob_keys",
