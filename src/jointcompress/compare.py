@@ -422,7 +422,13 @@ def paired_stats(runs: list[dict], variant: str, ratio: float,
     diffs = seed_differences(runs, variant, ratio, baseline)
     if len(diffs) < 2:
         return None
-    return statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs)), len(diffs)
+    return *_mean_se(diffs), len(diffs)
+
+
+def _mean_se(diffs: list[float]) -> tuple[float, float | None]:
+    """Mean and standard error (None from one difference)."""
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+    return statistics.mean(diffs), se
 
 
 MIN_SEEDS_FOR_VERDICT = 3  # a standard error from two differences is too rough to call anything beyond it
@@ -439,8 +445,7 @@ def paired_differences(runs: list[dict], baseline: str = "sequential") -> list[d
         diffs = list(by_seed.values())
         if not diffs:
             continue
-        mean = statistics.mean(diffs)
-        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+        mean, se = _mean_se(diffs)
         if len(diffs) < MIN_SEEDS_FOR_VERDICT:
             verdict = "too few seeds"
         else:

@@ -132,10 +132,14 @@ def weight_overrides(onnx_path: Path, folded: nn.Module, scales: dict[str, np.nd
 
     modules = dict(folded.named_modules())
     wanted = {name: modules[name].weight.detach().float().numpy() for name in scales}
+    unfolded = {}
+    if trained is not None:
+        before = dict(trained[0].named_modules())
+        unfolded = {name: (before[name].weight.detach().double().numpy(), scale) for name, scale in trained[1].items()}
     overrides = {}
     for init in onnx.load(str(onnx_path)).graph.initializer:
         arr = numpy_helper.to_array(init)
-        match = _exact_match(arr, wanted, scales) or (trained and _scaled_match(arr, *trained))
+        match = _exact_match(arr, wanted, scales) or _scaled_match(arr, unfolded)
         if match:
             axis, channel_scales = match
             overrides[init.name] = [{"axis": axis, "scale": np.float32(channel_scales[0]), "zero_point": np.int8(0)}] + [
@@ -154,12 +158,11 @@ def _exact_match(arr: np.ndarray, wanted: dict[str, np.ndarray], scales: dict[st
     return None
 
 
-def _scaled_match(arr: np.ndarray, model: nn.Module, scales: dict[str, np.ndarray]):
+def _scaled_match(arr: np.ndarray, unfolded: dict[str, tuple[np.ndarray, np.ndarray]]):
     """(0, scales) where each output channel of `arr` is a trained layer's channel times a factor
-    (BatchNorm folded by the exporter; the factor to float rounding), else None."""
-    modules = dict(model.named_modules())
-    for name, scale in scales.items():
-        w = modules[name].weight.detach().double().numpy()
+    (BatchNorm folded by the exporter; the factor to float rounding), else None. `unfolded`: layer
+    -> (its weight before folding, its trained scales)."""
+    for w, scale in unfolded.values():
         if arr.ndim < 2 or arr.shape != w.shape:
             continue
         flat, ref = arr.reshape(len(arr), -1).astype(np.float64), w.reshape(len(w), -1)
