@@ -319,31 +319,13 @@ def compress(
     dist = _dist.resolve(distributed)
     model = _dist.unwrap(model)
     teacher = _dist.unwrap(teacher) if teacher is not None else None
-    check_teacher(model, teacher)
-    check_dense_gradients(model)
-    check_targets(model, recipe)
-    seed_everything(recipe.training.seed)
-    loader = as_loader(train_data, recipe.training.batch_size, recipe.training.seed, dist)
-    example = first_inputs(loader)
-    outputs = check_data(model, example, train_data)
-    if teacher is not None and recipe.technique("distill_kd") is not None:
-        check_teacher_data(teacher, example, outputs, recipe.technique("distill_kd").alpha)
+    loader, example = _checked_inputs(model, teacher, recipe, train_data, dist)
     callbacks = list(callbacks or [])
-    from .targets import warn_unused_sparsity
-
-    warn_unused_sparsity(recipe)
     recipe, joint_form = as_joint_form(recipe)  # mode: joint under a size target: one decision, one budget
     asked = recipe
-    if recipe.target is not None:  # size / ratio / latency -> per-layer sparsity and bits
-        from .run_target import resolve_for_run
-        from .targets import SizeSteering, target_bytes
-
-        recipe = resolve_for_run(model, recipe, example, run_dir, resume, dist)
-        if recipe.target is not None and recipe.target.steer and not recipe.target.is_latency:
-            callbacks.append(SizeSteering(target_bytes(model, recipe.target)))
+    recipe = _resolve_target(model, recipe, example, callbacks, run_dir, resume, dist)
     techniques = [tech.build(c) for c in recipe.techniques]
-    total_steps = recipe.training.epochs * len(loader)
-    plan = make_plan(techniques, total_steps, recipe)
+    plan = make_plan(techniques, recipe.training.epochs * len(loader), recipe)
     trainer = Trainer(
         model, techniques, plan, recipe, loader, evaluate, example, teacher=teacher, progress=progress, callbacks=callbacks,
         run_dir=run_dir, checkpoint_every=checkpoint_every, resume=resume, max_nonfinite=max_nonfinite, dist=dist,
@@ -365,6 +347,38 @@ def compress(
         metrics = dist.mean_metrics(metrics)
     trainer.session.finish()
     return Result(model, history, dict(metrics), recipe, techniques, example)
+
+
+def _checked_inputs(model: nn.Module, teacher: nn.Module | None, recipe: Recipe, train_data, dist):
+    """(loader, example inputs) once the model, the teacher, the targets and the data passed their checks:
+    whatever would fail later, deep inside training, fails here with a message that names the fix."""
+    check_teacher(model, teacher)
+    check_dense_gradients(model)
+    check_targets(model, recipe)
+    seed_everything(recipe.training.seed)
+    loader = as_loader(train_data, recipe.training.batch_size, recipe.training.seed, dist)
+    example = first_inputs(loader)
+    outputs = check_data(model, example, train_data)
+    if teacher is not None and recipe.technique("distill_kd") is not None:
+        check_teacher_data(teacher, example, outputs, recipe.technique("distill_kd").alpha)
+    from .targets import warn_unused_sparsity
+
+    warn_unused_sparsity(recipe)
+    return loader, example
+
+
+def _resolve_target(model: nn.Module, recipe: Recipe, example, callbacks: list, run_dir, resume: bool, dist) -> Recipe:
+    """The recipe with its size / ratio / latency target turned into per-layer sparsity and bits (unchanged
+    without a target); a steered size target adds its SizeSteering callback to `callbacks`."""
+    if recipe.target is None:
+        return recipe
+    from .run_target import resolve_for_run
+    from .targets import SizeSteering, target_bytes
+
+    recipe = resolve_for_run(model, recipe, example, run_dir, resume, dist)
+    if recipe.target is not None and recipe.target.steer and not recipe.target.is_latency:
+        callbacks.append(SizeSteering(target_bytes(model, recipe.target)))
+    return recipe
 
 
 def run_inputs(train_data, teacher) -> dict:
