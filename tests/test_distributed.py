@@ -253,3 +253,17 @@ def test_a_non_finite_step_on_one_rank_is_named_with_its_rank_and_term_on_every_
     _torchrun(tmp_path, MASKS_AND_LSQ, JC_NAN_ON_RANK1="1")
     j0, j1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert j0["nonfinite"] == ["loss term 'task' is nan on rank 1"] and j1["nonfinite"] == ["loss term 'task' is nan"]
+
+
+@pytest.mark.parametrize("rank, says", [(0, 1), (1, 0)])
+def test_the_command_line_warns_from_rank_0_only(rank, says):
+    """Every rank runs the same recipe, so each printed each warning once more under torchrun."""
+    import warnings
+
+    from jointcompress.distributed import DistContext, quiet_other_ranks
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_other_ranks(DistContext(rank=rank, world_size=2, backend="gloo"))
+        warnings.warn("size_budget: something to say once")
+    assert len(caught) == says

@@ -172,7 +172,7 @@ def compress_cmd(
     continues where the last checkpoint left off. Under `torchrun --nproc_per_node=N` the run
     is data-parallel and only rank 0 writes.
     """
-    from .distributed import init_from_env
+    from .distributed import init_from_env, quiet_other_ranks
     from .io import prepare_run_dir
     from .models import absolute_builder
     from .pipeline import builder_for, compress_and_save, load_split
@@ -204,6 +204,7 @@ def compress_cmd(
                                  "'accuracy' on the data's test split; remove training.metric (or set it to accuracy)")
     split = load_split(recipe, data)
     dist = init_from_env()
+    quiet_other_ranks(dist)
     main_rank = dist is None or dist.is_main
     out = prepare_run_dir(out, force=force, resume=resume, dist=dist)
     builder = builder_for(model_name, split)

@@ -158,6 +158,16 @@ def _destroy_if_initialized() -> None:
         tdist.destroy_process_group()
 
 
+def quiet_other_ranks(ctx: DistContext | None) -> None:
+    """In a command-line run, warnings from rank 0 only: every rank runs the same code on the same
+    recipe, so each would print each warning once more (N copies under torchrun --nproc_per_node=N).
+    Only for the CLI, which owns its process; a library call leaves the user's warning filters alone."""
+    if ctx is not None and not ctx.is_main:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+
+
 def current() -> DistContext | None:
     """The running process group as a DistContext, or None (not initialized, or one process)."""
     if not (tdist.is_available() and tdist.is_initialized()):

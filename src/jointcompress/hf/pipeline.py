@@ -236,10 +236,11 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
 
     from rich.table import Table
 
-    from jointcompress.distributed import init_from_env
+    from jointcompress.distributed import init_from_env, quiet_other_ranks
     from jointcompress.io import atomic_write_text, prepare_run_dir
 
     dist = init_from_env()
+    quiet_other_ranks(dist)
     main_rank = dist is None or dist.is_main
     out = prepare_run_dir(out, force=force, resume=resume, dist=dist,
                           fresh=("checkpoints", "hf_model", "onnx", "artifact"))
