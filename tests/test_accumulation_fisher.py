@@ -136,9 +136,11 @@ def test_forwards_that_are_not_micro_batches_of_the_step_add_nothing():
         torch.testing.assert_close(q.width_fisher, one["fisher"][name], rtol=1e-4, atol=1e-9)
 
 
-def test_a_skipped_accumulated_step_is_not_carried_into_the_next():
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_skipped_accumulated_step_is_not_carried_into_the_next(set_to_none):
     """A loop that skips the optimizer step after a non-finite gradient and zeroes the gradients: what
-    its micro-batches caught (inf) is dropped at the next step's first forward."""
+    its micro-batches caught (inf) is dropped at the next step's first forward. Zeroed in place too
+    (set_to_none=False: the gradients stay allocated), which once carried the inf into the next step."""
     x, y = _data()
     one = _one_step(1, saliency=True)
     model, session, optimizer = _start(saliency=True)
@@ -147,7 +149,7 @@ def test_a_skipped_accumulated_step_is_not_carried_into_the_next():
         terms = session.loss(model(xm), (xm, ym))
         scale = float("inf") if i == 1 else 0.5
         session.backward({name: t * scale for name, t in terms.items()})
-    optimizer.zero_grad()  # skipped: no before_step, optimizer.step, after_step
+    optimizer.zero_grad(set_to_none=set_to_none)  # skipped: no before_step, optimizer.step, after_step
     _micro_batches(model, session, x, y, 4)
     session.before_step()
     for name, q in _quantizers(model).items():

@@ -99,6 +99,13 @@ def dead_zone_raw_for(edge: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return gap + torch.log(-torch.expm1(-gap))  # softplus' inverse, finite for large gaps
 
 
+def _zeroed(grad: torch.Tensor | None) -> bool:
+    """Whether a gradient was reset since the last backward: None (zero_grad's default), or all zeros
+    (zero_grad(set_to_none=False) zeroes it in place; a backward that reached the weight leaves some
+    entry non-zero). Read only between the micro-batches of an accumulated or skipped step."""
+    return grad is None or not bool(grad.any())
+
+
 class FisherDiagonal:
     """B * EMA of the squared gradient of the loss w.r.t. the quantized weight (the Fisher diagonal),
     caught where the quantizer's backward receives its output's gradient: only task and
@@ -140,7 +147,7 @@ class FisherDiagonal:
         if not out.requires_grad or self.watched == id(out):
             return
         if self.carried is not None or (self.pending is not None and self.joined is not None):
-            if accumulator is not None and accumulator.grad is None:  # zeroed: a new step's gradients
+            if accumulator is not None and _zeroed(accumulator.grad):  # a new step's gradients
                 self.carried, self.carried_samples = None, 0
             elif self.pending is not None and self.joined is not None:
                 # a copy the first time: the caught tensor may be the one the weight's .grad holds, which
