@@ -173,3 +173,50 @@ def test_report_on_an_artifact_folder_suggests_its_run_folder(tmp_path):
     res = CliRunner().invoke(app, ["report", str(tmp_path / "run" / "artifact")])
     assert res.exit_code != 0
     assert f"jointcompress report {(tmp_path / 'run').resolve()}" in str(res.exception)
+
+
+def test_a_comparison_that_began_at_another_seed_still_gets_its_per_run_plots(compare_dir, tmp_path):
+    """compare --first-seed 1: the plots looked for seed 0 only, and said no manifest or history was found."""
+    import shutil
+
+    from jointcompress.report import _chosen_runs, read_run_dir
+
+    moved = tmp_path / "run"
+    shutil.copytree(compare_dir, moved)
+    data = json.loads((moved / "compare.json").read_text())
+    for row in data["runs"]:
+        row["seed"] += 1
+    (moved / "compare.json").write_text(json.dumps(data))
+    chosen = _chosen_runs(read_run_dir(moved))
+    assert chosen and all(run.manifest and run.name.endswith("-r30-s0") for run in chosen)
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda d: (d / "summary.json").write_text("[1, 2, 3]"), "summary.json: holds a JSON list"),
+    (lambda d: (d / "history.json").write_text('{"steps": 5}'), 'history.json: "steps" is not a list'),
+    (lambda d: _drop_a_layer_shape(d / "artifact" / "manifest.json"), "shape is missing"),
+])
+def test_a_damaged_run_file_is_one_error_naming_it(compress_dir, tmp_path, damage, words):
+    """Valid JSON of the wrong shape ended in an AttributeError, a TypeError or a KeyError."""
+    import shutil
+
+    from jointcompress.errors import JointCompressError
+
+    run = tmp_path / "run"
+    shutil.copytree(compress_dir, run)
+    damage(run)
+    res = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "rep")])
+    assert res.exit_code != 0 and isinstance(res.exception, JointCompressError), res.exception
+    assert words in str(res.exception)
+
+
+def _drop_a_layer_shape(path):
+    manifest = json.loads(path.read_text())
+    next(iter(manifest["layers"].values())).pop("shape")
+    path.write_text(json.dumps(manifest))
+
+
+def test_report_out_that_is_a_file_is_named(compress_dir, tmp_path):
+    (tmp_path / "f.txt").write_text("")
+    res = CliRunner().invoke(app, ["report", str(compress_dir), "--out", str(tmp_path / "f.txt")])
+    assert res.exit_code != 0 and "is a file; give a folder" in str(res.exception)

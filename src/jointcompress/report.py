@@ -57,6 +57,37 @@ def _json(path: Path):
         raise JointCompressError(f"{path}: not valid JSON ({err}); re-run the command that wrote it") from None
 
 
+def _object(path: Path) -> dict | None:
+    """A JSON file of a run that must hold an object (summary.json, results.json): None when absent."""
+    data = _json(path)
+    if data is not None and not isinstance(data, dict):
+        raise JointCompressError(f"{path}: holds a JSON {type(data).__name__}, not the object the run wrote; it was "
+                                 "edited or damaged: re-run the command that wrote it")
+    return data
+
+
+def _history(path: Path) -> dict | None:
+    """A run's history.json with the shape the plots read: `steps` and `epochs` lists of objects, each
+    with a numeric `step`; None when absent."""
+    history = _object(path)
+    for key in ("steps", "epochs"):
+        rows = (history or {}).get(key, [])
+        if not isinstance(rows, list) or not all(
+                isinstance(r, dict) and isinstance(r.get("step"), (int, float)) for r in rows):
+            raise JointCompressError(f"{path}: \"{key}\" is not a list of logged steps; the file was edited or "
+                                     "damaged: re-run the command that wrote it")
+    return history
+
+
+def _manifest(path: Path) -> dict | None:
+    """The artifact manifest in folder `path`, structure-checked as loading the artifact checks it; None when absent."""
+    if not (path / "manifest.json").is_file():
+        return None
+    from .artifact.store import read_manifest
+
+    return read_manifest(path)
+
+
 def read_run_dir(path: Path) -> RunDir:
     """Detect the layout and load it; errors say what a run directory must contain."""
     path = Path(path)
@@ -96,18 +127,18 @@ def _summary_rows(summary: dict) -> dict:
 
 def _read_compress(path: Path) -> RunDir:
     rd = RunDir(kind="compress", title=f"compress run {path.name}")
-    summary = _json(path / "summary.json")
-    rows = _summary_rows(summary) if summary else (_json(path / "results.json") or {}).get("rows") or {}
+    summary = _object(path / "summary.json")
+    rows = _summary_rows(summary) if summary else (_object(path / "results.json") or {}).get("rows") or {}
     for name, r in rows.items():
         # the weights file's size on disk (container included), as the uncompressed row's fp32 safetensors file
         size = r.get("file_bytes") or r.get("bytes")
         if r.get("accuracy") is not None and size:
             rd.points.append({"name": name, "accuracy": r["accuracy"], "bytes": size, "group": name})
     manifests = {p.parent.name: p for p in sorted(path.glob("*/manifest.json"))}
-    history = _json(path / "history.json")
+    history = _history(path / "history.json")
     for name, mpath in manifests.items():
         shown = name if name != "artifact" or name in rows else next((k for k in rows if k != "uncompressed"), name)
-        rd.runs.append(Run(shown, _json(mpath), history if name == "artifact" else None))
+        rd.runs.append(Run(shown, _manifest(mpath.parent), history if name == "artifact" else None))
     if not rd.runs and history:
         rd.runs.append(Run("run", None, history))
     return rd
@@ -153,7 +184,7 @@ def _read_compare(path: Path) -> RunDir:
     for r in cmp.get("runs", []):
         rd.points.append({"name": Path(r["dir"]).name, "accuracy": r["accuracy"], "bytes": r["file_bytes"], "group": r["variant"]})
         run_dir = path / r["dir"]
-        rd.runs.append(Run(Path(r["dir"]).name, _json(run_dir / "artifact" / "manifest.json"), _json(run_dir / "history.json")))
+        rd.runs.append(Run(Path(r["dir"]).name, _manifest(run_dir / "artifact"), _history(run_dir / "history.json")))
     return rd
 
 
@@ -218,11 +249,13 @@ def plot_accuracy_bytes(rd: RunDir) -> str:
 
 
 def _chosen_runs(rd: RunDir, limit: int = 4) -> list[Run]:
-    """Which runs get per-run plots: all of a compress dir; for compare, seed 0 at the largest ratio."""
+    """Which runs get per-run plots: all of a compress dir; for compare, the first seed at the largest ratio
+    (seed 0 unless the comparison began at another: --first-seed)."""
     if rd.kind != "compare" or not rd.compare.get("runs"):
         return rd.runs[:limit]
     top = max(r["ratio_target"] for r in rd.compare["runs"])
-    names = {Path(r["dir"]).name for r in rd.compare["runs"] if r["ratio_target"] == top and r["seed"] == 0}
+    first = min(r["seed"] for r in rd.compare["runs"] if r["ratio_target"] == top)
+    names = {Path(r["dir"]).name for r in rd.compare["runs"] if r["ratio_target"] == top and r["seed"] == first}
     return [r for r in rd.runs if r.name in names][:limit]
 
 

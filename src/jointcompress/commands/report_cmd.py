@@ -15,7 +15,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Accuracy vs bytes, per-layer sparsity and bits, loss terms and conflict rate over time."""
         from ..cli import console
+        from ..errors import JointCompressError
         from ..report import build_report
+
+        if out is not None and out.exists() and not out.is_dir():
+            raise JointCompressError(f"--out {out}: is a file; give a folder for report.html, layers.csv and layers.json")
 
         paths = build_report(run_dir, out)
         console.print(f"report: {paths['html']} (per-layer: {paths['csv']}, {paths['json']})")
