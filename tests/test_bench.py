@@ -174,3 +174,15 @@ def test_bench_with_data_of_another_shape_names_data_and_both_shapes(app, tmp_pa
     message = str(r.exception)
     assert "--data digits" in message and "[1, 8, 8]" in message and "[3, 16, 16]" in message
     assert "example_inputs" in message
+
+
+def test_bench_of_a_fully_convolutional_builder_takes_the_default_class_count(tmp_path):
+    """The class count was read off the builder's last nn.Linear: an IndexError for a model with none."""
+    from jointcompress.commands.bench_cmd import _num_classes
+
+    builder = tmp_path / "allconv.py"
+    builder.write_text("import torch.nn as nn\n"
+                       "def build():\n"
+                       "    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 10, 1),\n"
+                       "                         nn.AdaptiveAvgPool2d(1), nn.Flatten())\n")
+    assert _num_classes({"layers": {}}, f"{builder}:build") == 10

@@ -361,7 +361,17 @@ def test_an_interrupted_command_says_so_and_exits_130(monkeypatch, capsys):
 
     monkeypatch.setattr(dryrun_cmd, "_tables", interrupted)
     code, out = _cli(monkeypatch, capsys, "dry-run")
-    assert code == 130 and "interrupted" in out and "--resume" in out
+    assert code == 130 and "interrupted" in out
+    assert "--resume" not in out  # only compress resumes; the message once told every command to
+
+
+@pytest.mark.parametrize("argv, words", [(["compress", "r.yaml", "--out", "o"], "--resume"),
+                                         (["--debug", "compare", "r.yaml"], "compare.json"), (["bench", "a"], "")])
+def test_an_interrupted_command_says_what_it_left(argv, words):
+    from jointcompress.cli import _after_interrupt
+
+    said = _after_interrupt(argv)
+    assert words in said and (said == "") == (words == "")
 
 
 def test_the_help_texts_name_every_built_in_model():
@@ -554,3 +564,49 @@ def test_output_paths_of_the_wrong_kind_are_refused_before_the_work(tmp_path, mo
     assert code == 2 and "--tensorboard" in out and "is a file" in out and not (tmp_path / "o").exists(), out
     code, out = _cli(monkeypatch, capsys, "bench", tmp_path / "no-artifact", "--json", tmp_path)
     assert code == 2 and "is a folder; give a file path" in out, out
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--variants", ","], ["--variants: give at least one"]),
+    (["--variants", "sequential", "--tensorboard", "{tb}"], ["--tensorboard", "is a file; give a folder"]),
+])
+def test_compare_refuses_before_training_what_failed_after_it(tmp_path, monkeypatch, capsys, extra, words):
+    """An empty --variants ended in an IndexError, and a file given as --tensorboard in an unclear error,
+    both after the teacher had trained."""
+    from jointcompress import pipeline
+
+    trained = []
+    monkeypatch.setattr(pipeline, "train_teacher", lambda *a, **k: trained.append(1))
+    (tmp_path / "tb.txt").write_text("")
+    args = [a.replace("{tb}", str(tmp_path / "tb.txt")) for a in extra]
+    code, out = _cli(monkeypatch, capsys, "compare", _recipe(tmp_path, "techniques: [{type: quant_lsq}]\n"),
+                     "--ratios", "10", "--out", tmp_path / "out", *args)
+    assert code == 2 and all(w in out for w in words) and "Traceback" not in out, out
+    assert not trained
+
+
+@pytest.mark.parametrize("command", ["compress", "compare", "sensitivity"])
+def test_a_folder_given_as_the_recipe_is_named_as_a_folder(tmp_path, monkeypatch, capsys, command):
+    code, out = _cli(monkeypatch, capsys, command, tmp_path)
+    assert code == 2 and "is a folder; give the recipe's YAML file" in out, out
+
+
+def test_dry_run_with_a_misspelt_built_in_name_lists_the_names(monkeypatch, capsys):
+    """It said a model of one's own needs --input-shape."""
+    code, out = _cli(monkeypatch, capsys, "dry-run", "--model", "lenet-5")
+    assert code == 2 and "unknown reference model 'lenet-5'" in out and "lenet5" in out, out
+
+
+def test_sensitivity_of_a_model_with_no_layer_to_scan_says_so_before_training(tmp_path, monkeypatch, capsys):
+    """It trained, wrote sensitivity.json, then failed drawing the heatmap of nothing."""
+    builder = tmp_path / "nolayers.py"
+    builder.write_text("import torch, torch.nn as nn\n"
+                       "class P(nn.Module):\n"
+                       "    def __init__(self):\n"
+                       "        super().__init__(); self.w = nn.Parameter(torch.zeros(64, 10))\n"
+                       "    def forward(self, x): return x.flatten(1) @ self.w\n"
+                       "def build(): return P()\n")
+    code, out = _cli(monkeypatch, capsys, "sensitivity", _recipe(tmp_path, ""), "--model", f"{builder}:build",
+                     "--out", tmp_path / "out")
+    assert code == 2 and "has no Linear or Conv layer to scan" in out, out
+    assert not (tmp_path / "out").exists()

@@ -404,6 +404,17 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _de
     Console(stderr=True, width=console.width, emoji=False).print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False)
 
 
+def _after_interrupt(argv: list[str]) -> str:
+    """What an interrupted command left: compress resumes from its checkpoints; compare keeps the points it
+    finished in its compare.json (it has no --resume); the others are run again."""
+    command = next((a for a in argv if not a.startswith("-")), "")
+    if command == "compress":
+        return "; the run continues from its last checkpoint with the same command and --resume"
+    if command == "compare":
+        return "; compare.json in its --out keeps the points that finished (`jointcompress report` reads it)"
+    return ""
+
+
 def main() -> None:
     import functools
     import warnings
@@ -433,7 +444,7 @@ def _run(debug: bool) -> None:
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        console.print("[bold red]interrupted[/bold red]; a `compress` run continues from its last checkpoint with --resume")
+        console.print(f"[bold red]interrupted[/bold red]{_after_interrupt(sys.argv[1:])}")
         sys.exit(130)
     except OSError as err:  # the machine's problem (disk full, permissions), not a bug: say which file
         if debug or STATE["debug"]:

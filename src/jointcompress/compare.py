@@ -220,9 +220,13 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
     """Run every variant at every ratio and seed; write compare.json/.csv and pareto.png."""
     from .artifact.size import dense_fp32_bytes
     from .io import atomic_write_json, atomic_write_text
-    from .pipeline import builder_for, load_weights, train_teacher, uncompressed_row
+    from .pipeline import builder_for, load_start, train_teacher, uncompressed_row
     from .targets import TargetError, resolve_target
 
+    if not spec.variants:  # else every point would end with nothing to compare
+        from .errors import RecipeError
+
+        raise RecipeError(f"--variants: give at least one, e.g. {','.join(DEFAULT_VARIANTS)}")
     unknown = [v for v in spec.variants if v not in VARIANTS]
     if unknown:
         from .errors import RecipeError
@@ -243,7 +247,7 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
               "uncompressed": [], "runs": [], "unreachable": []}
     for seed in spec.seed_range():
         if weights:
-            teacher = load_weights(builder_for(model_name, split)(), weights)
+            teacher = load_start(builder_for(model_name, split), weights)  # a weights file or an artifact folder
         else:
             teacher = train_teacher(model_name, split, spec.teacher_epochs, lr=base.training.lr, seed=seed,
                                     progress=progress_factory(f"teacher s{seed}") if progress_factory else None)
@@ -293,7 +297,8 @@ def _unreachable(result: dict, out: Path, log, ratio: float, seed: int, dense: i
 
     entry = {"ratio_target": ratio, "seed": seed, "target_bytes": dense / ratio, "reason": str(exc)}
     result["unreachable"].append({**entry, "variant": variant} if variant else entry)
-    log(f"{variant + '-' if variant else ''}r{ratio:g}-s{seed}: unreachable, skipped ({exc})")
+    log(f"{variant + '-' if variant else ''}r{ratio:g}-s{seed}: unreachable, skipped ({exc}; in compare, "
+        f"target.ratio is the {ratio:g} of --ratios)")
     atomic_write_json(out / "compare.json", with_summary(result))
 
 

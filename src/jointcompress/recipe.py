@@ -557,6 +557,9 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     """Read a YAML recipe file; errors name the file, the field and the allowed values."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"{path}: is a folder; give the recipe's YAML file (e.g. {path / 'recipe.yaml'}, or one of "
+                          "src/jointcompress/recipes/)")
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:

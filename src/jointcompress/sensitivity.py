@@ -90,6 +90,18 @@ def zero_channels_(model: nn.Module, group: ChannelGroup, sparsity: float) -> li
     return sorted(drop)
 
 
+def scanned_layers(model: nn.Module) -> list[str]:
+    """The layers a scan prunes and quantizes one at a time (Linear and Conv); none is an error that
+    names the model, before any work (the heatmap of nothing failed only after the training)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, PRUNABLE_ROOTS)]
+    if not names:
+        from .errors import JointCompressError
+
+        raise JointCompressError(f"sensitivity: {type(model).__name__} has no Linear or Conv layer to scan; the "
+                                 "scan measures what pruning and quantizing each such layer costs")
+    return names
+
+
 def scan(
     model: nn.Module,
     evaluate: Callable,
@@ -113,7 +125,7 @@ def scan(
     model = copy.deepcopy(model).eval()
     baseline = metric_of(evaluate, model, metric)
     modules = dict(model.named_modules())
-    names = layers or [n for n, m in modules.items() if isinstance(m, PRUNABLE_ROOTS)]
+    names = layers or scanned_layers(model)
     found = discover_groups(model, example_inputs)[0] if groups else []
     total = len(names) * (len(sparsities) + len(bits)) + len(found) * len(group_sparsities)
     done = 0

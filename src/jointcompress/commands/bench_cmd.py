@@ -19,12 +19,16 @@ from . import MODEL_CHOICES
 
 def _num_classes(manifest: dict, name: str) -> int:
     """The classes of reference model `name` as the artifact stores its output layer (the last Linear):
-    its recorded shape, or 10 where the layer is not recorded."""
+    its recorded shape, or 10 where the layer is not recorded or the model has no Linear layer (a fully
+    convolutional model of the user's, whose builder takes no class count anyway)."""
     import torch.nn as nn
 
     from ..models import build_model
 
-    head = [n for n, m in build_model(name).named_modules() if isinstance(m, nn.Linear)][-1]
+    linears = [n for n, m in build_model(name).named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return 10
+    head = linears[-1]
     shape = (manifest.get("layers") or {}).get(head, {}).get("shape") \
         or ((manifest.get("other_tensors") or {}).get(f"{head}.weight") or {}).get("shape")
     return int(shape[0]) if shape else 10

@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
                                           "them all)."),
         model: Optional[str] = typer.Option(None, "--model", help=f"{MODEL_CHOICES} (default: the recipe's)."),
         data: Optional[str] = typer.Option(None, "--data", help="'digits' or an .npz of images (MNIST-style; default: the recipe's)."),
-        weights: Optional[Path] = typer.Option(None, "--weights", help="Trained weights (.safetensors) used for every seed."),
+        weights: Optional[Path] = typer.Option(None, "--weights", help="Trained weights (.safetensors) or a saved artifact folder, the teacher of every seed."),
         teacher_epochs: int = typer.Option(10, "--teacher-epochs", min=1, help="Teacher epochs when no --weights."),
         epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the recipe's epochs (same for all)."),
         out: Path = typer.Option(Path("runs/compare"), "--out", help="Output directory."),
@@ -55,6 +55,8 @@ def register(app: typer.Typer) -> None:
         from ..recipe import load_recipe
         from . import refuse_hf_recipe
 
+        if tensorboard is not None and tensorboard.exists() and not tensorboard.is_dir():  # else found after training
+            raise JointCompressError(f"--tensorboard {tensorboard}: is a file; give a folder for the event files")
         recipe = load_recipe(recipe_path)
         refuse_hf_recipe(recipe, recipe_path, "compare",
                          "To weigh joint against sequential, run `jointcompress compress RECIPE --mode sequential` "

@@ -21,7 +21,7 @@ def _model_and_input(model_name: str, image_size: int, input_shape: list[int] | 
     failed deep inside the trace)."""
     import torch
 
-    from ..models import MODELS, build_model
+    from ..models import MODELS, build_model, is_builder
 
     if model_name in MODELS and not input_shape and image_size < 1:
         raise RecipeError(f"--image-size {image_size}: give the images' height and width as a positive integer, "
@@ -33,6 +33,8 @@ def _model_and_input(model_name: str, image_size: int, input_shape: list[int] | 
             raise RecipeError(f"--input-shape {','.join(map(str, input_shape))}: the built-in model {model_name!r} takes square "
                               "images, N,C,H,W with H = W (e.g. 1,3,32,32)")
         model, example = build_model(model_name, image_size=shape[-1], in_channels=shape[1]).eval(), torch.zeros(shape)
+    elif not is_builder(model_name):  # neither built in nor a builder: a misspelt name gets the list of names
+        build_model(model_name)
     elif not input_shape:
         raise RecipeError(f"--model {model_name!r}: a model of your own needs --input-shape, e.g. --input-shape 1,3,32,32")
     else:

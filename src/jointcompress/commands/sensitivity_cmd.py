@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         from ..pipeline import builder_for, load_split, load_start, train_teacher
         from ..recipe import load_recipe
         from . import refuse_hf_recipe
-        from ..sensitivity import save_heatmap, scan
+        from ..sensitivity import save_heatmap, scan, scanned_layers
 
         recipe = load_recipe(recipe_path)
         refuse_hf_recipe(recipe, recipe_path, "sensitivity",
@@ -51,6 +51,7 @@ def register(app: typer.Typer) -> None:
             raise RecipeError("sparsities must be in (0, 1) and bits in 2..8")
         check_out(out, force)  # before the data and any training
         split = load_split(recipe, data)
+        scanned_layers(builder_for(name, split)())  # a model with nothing to scan: said before any training
         out.mkdir(parents=True, exist_ok=True)
         with progress_bar() as bar:
             if weights:
