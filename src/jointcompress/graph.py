@@ -125,7 +125,7 @@ def build_graph(model: nn.Module, example_inputs, ignored: list[nn.Module] | Non
             # its channel-count inference gives up on long chains of concatenations (a recurrent loop
             # unrolled over time) with this warning; groups through them are checked by verify_groups
             warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
-            dg = tp.DependencyGraph().build_dependency(
+            dg = _graph_class()().build_dependency(
                 model, example_inputs=example_inputs, ignored_layers=ignored or [], verbose=False
             )
     except Exception as exc:
@@ -136,6 +136,41 @@ def build_graph(model: nn.Module, example_inputs, ignored: list[nn.Module] | Non
             "BERT-family model"
         ) from exc
     return dg
+
+
+def _graph_class():
+    """Torch-Pruning's DependencyGraph, which takes the sizes of a concatenation's inputs from the traced
+    tensors themselves (autograd records each one's shape) instead of inferring them back through the
+    graph: its inference gives up on long chains (a recurrent loop unrolled over time, e.g. a
+    bidirectional LSTM's final states concatenated), and a concatenation with an unknown input then
+    failed the whole trace, so a model that had prunable groups elsewhere had none."""
+    import torch_pruning as tp
+
+    class Graph(tp.DependencyGraph):
+        def _build_dependency(self, module2node):
+            super()._build_dependency(module2node)
+            for node in module2node.values():
+                if node.type == tp.ops.OPTYPE.CONCAT and node.module.concat_sizes is None:
+                    node.module.concat_sizes = _traced_concat_sizes(node)
+
+    return Graph
+
+
+def _traced_concat_sizes(node) -> list[int] | None:
+    """The channels (dim 1) of each input of a traced torch.cat, in the order of the node's inputs, or None
+    where the node's inputs are not its grad_fn's inputs one for one (a leaf, an input that needs no
+    gradient, one tensor twice: the graph leaves those out or merges them)."""
+    grad_fn = node.grad_fn
+    if getattr(grad_fn, "_saved_dim", None) != 1:
+        return None  # not the channels: Torch-Pruning maps no index through it
+    inputs = [fn for fn, _ in grad_fn.next_functions]
+    if any(fn is None or "accumulategrad" in fn.name().lower() for fn in inputs) or len(set(inputs)) != len(inputs) \
+            or [n.grad_fn for n in node.inputs] != inputs:
+        return None
+    try:
+        return [int(fn._input_metadata[nr].shape[1]) for fn, nr in grad_fn.next_functions]
+    except (AttributeError, IndexError, RuntimeError):  # a torch without the metadata: inferred as before
+        return None
 
 
 def _failing_node(model: nn.Module, exc: BaseException) -> str:
