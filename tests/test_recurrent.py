@@ -198,3 +198,73 @@ def test_the_builtin_lstm_reads_each_image_row_by_row():
         assert model(torch.randn(2, 1, size, size)).shape == (2, 10)
         assert model.rnn.ih_l0.in_features == size
     assert not any(isinstance(m, nn.LSTM) for m in model.modules())  # converted: every weight is a Linear's
+
+
+class _FinalStates(_Tagger):
+    """The usual bidirectional classifier head: the last layer's two final states, concatenated."""
+
+    def forward(self, x):
+        self.rnn.flatten_parameters()  # what code written for nn.LSTM calls: a no-op on the converted module
+        _, (h_n, _) = self.rnn(torch.relu(self.front(x)))
+        return self.head(torch.cat([h_n[-2], h_n[-1]], 1))
+
+
+def test_structured_pruning_through_concatenated_final_states(tmp_path):
+    """The concatenation's input sizes were inferred back through the unrolled loop, which gave up: the
+    whole trace failed and the model was refused as one structured pruning cannot trace."""
+    model = _FinalStates()
+    x, y = _data()
+    groups, _ = discover_groups(model, x[:2])
+    assert [g.name for g in groups] == ["front"]
+    recipe = {"training": {"epochs": 1, "batch_size": 8}, "techniques": [{"type": "prune_structured", "sparsity": 0.5}]}
+    result = compress(model, recipe, (x, y), lambda m: 0.0)
+    model.eval()
+    with torch.no_grad():
+        masked = model(x)
+    finalize(model, result.example_inputs)
+    assert model.front.out_features == model.rnn.ih_l0.in_features == 8
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked, rtol=1e-4, atol=1e-5)
+
+
+def test_a_recurrent_module_shared_by_two_names_is_converted_once():
+    """A siamese encoder (self.b = self.a): only one name was converted, and the run untied the two."""
+    class Siamese(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc_a = nn.GRU(IN, 8, batch_first=True)
+            self.enc_b = self.enc_a
+
+        def forward(self, x):
+            return self.enc_a(x)[0][:, -1] - self.enc_b(x.flip(1))[0][:, -1]
+
+    torch.manual_seed(0)
+    model = Siamese()
+    x, _ = _data(4)
+    with torch.no_grad():
+        before = model(x)
+    rnn_to_linear(model)
+    assert isinstance(model.enc_a, LinearRNN) and model.enc_b is model.enc_a
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_going_back_to_torch_refuses_layers_that_round_their_inputs():
+    """linear_to_rnn dropped the input rounding finalize keeps (quant_lsq activations: true): the logits
+    moved by 0.03 with no word."""
+    from jointcompress.techniques.quant_lsq import attach_frozen_input_quant
+
+    model = _Tagger()
+    attach_frozen_input_quant(model.rnn.hh_l0, 8, 0.05)
+    with pytest.raises(JointCompressError, match="round their inputs"):
+        linear_to_rnn(model)
+
+
+def test_pytorch_int8_of_a_converted_module_names_the_fix():
+    """FX's TraceError from inside the step loop reached the user raw."""
+    from jointcompress.deploy.int8 import quantize_torch
+    from jointcompress.errors import UnsupportedModelError
+
+    x, y = _data(8)
+    with pytest.raises(UnsupportedModelError, match=r"linear_to_rnn\(model\) first .*'onnxruntime'"):
+        quantize_torch(_Tagger().eval(), (x, y), x[:2])

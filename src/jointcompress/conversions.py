@@ -18,19 +18,31 @@ from .errors import JointCompressError
 
 def swap_modules(model: nn.Module, kinds, convert: Callable[[nn.Module, str], nn.Module]) -> nn.Module:
     """Replace every submodule of type `kinds` (a type or a tuple of types) by `convert(module, name)`,
-    in place; returns the model (the converted module itself if `model` is one)."""
+    in place; returns the model (the converted module itself if `model` is one).
+    A module reachable under several names (a siamese encoder, `self.b = self.a`) is converted once and
+    every name points at the one converted module, so the weights stay tied through the run."""
     if isinstance(model, kinds):
         return convert(model, "")
-    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]:
-        model.set_submodule(name, convert(module, name))
+    converted: dict[int, nn.Module] = {}
+    for name, module in [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, kinds)]:
+        if id(module) not in converted:
+            converted[id(module)] = convert(module, name)
+        model.set_submodule(name, converted[id(module)])
     return model
 
 
 def require_plain(owner: str, layers) -> None:
     """Refuse to hand the Linear `layers` of the converted module `owner` back to torch's module while a
     technique's parametrization is still on one of them (torch's module would drop it)."""
+    layers = list(layers)  # read twice
     if any(parametrize.is_parametrized(layer) for layer in layers):
         raise JointCompressError(f"'{owner}': its Linear layers are still parametrized; call finalize(model) first")
+    from .techniques.quant_lsq import FrozenInputQuant
+
+    if any(isinstance(getattr(layer, "input_quant", None), FrozenInputQuant) for layer in layers):  # torch's module has no place for it: its logits would change without a word
+        raise JointCompressError(f"'{owner}': its Linear layers round their inputs (quant_lsq activations: true, kept "
+                                 "by finalize), which torch's module cannot do; keep the converted module, which "
+                                 "computes the same function, or compress without activation quantization")
 
 
 def named_hint(names: list[str], holds: str, conversion: str) -> str:

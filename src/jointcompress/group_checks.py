@@ -86,7 +86,12 @@ def member_reason(mod: Any, name: str | None, kind: str, idxs: list[int], owners
     sizes = _channel_sizes(mod)
     if sizes is None:
         if any(True for _ in mod.parameters(recurse=False)):
-            return f"module '{name}' ({type(mod).__name__}) has parameters on these channels that structured pruning does not handle"
+            from .recurrent import RECURRENT
+
+            fix = (" (convert it first: recurrent.rnn_to_linear(model) gives it Linear layers, whose channels are pruned)"
+                   if isinstance(mod, RECURRENT) else "")
+            return (f"module '{name}' ({type(mod).__name__}) has parameters on these channels that structured pruning "
+                    f"does not handle{fix}")
         return None
     size = sizes[0] if kind == "out" else sizes[1]
     if idxs and max(idxs) >= size:

@@ -49,6 +49,11 @@ class LinearRNN(nn.Module):
                 self.add_module(f"ih_l{layer}{suffix}", nn.Linear(width, gates, bias=bias))
                 self.add_module(f"hh_l{layer}{suffix}", nn.Linear(hidden_size, gates, bias=bias and not merged_biases))
 
+    proj_size = 0  # torch's attribute: from_rnn converts no LSTM with a projection
+
+    def flatten_parameters(self) -> None:
+        """torch's cuDNN weight packing, which code written for nn.LSTM calls in its forward: nothing to pack here."""
+
     @property
     def input_size(self) -> int:
         """The features of each step: the first input projection's width (structured pruning of the layer

@@ -269,7 +269,16 @@ def quantize_torch(model: nn.Module, calibration, example_input: torch.Tensor, e
             "(quant_lsq activations: true), which PyTorch's FX int8 drops; use backend='onnxruntime', which keeps it")
     engine = engine or ("x86" if "x86" in torch.backends.quantized.supported_engines else "qnnpack")
     torch.backends.quantized.engine = engine
-    prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping(engine), (example_input,))
+    try:
+        prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping(engine), (example_input,))
+    except torch.fx.proxy.TraceError as exc:  # control flow on the input: a loop over steps, a shape test
+        from ..recurrent import LinearRNN
+
+        loops = [n for n, m in model.named_modules() if isinstance(m, LinearRNN)]
+        fix = (f"call recurrent.linear_to_rnn(model) first ({', '.join(loops[:3])} step through time in Python), or "
+               if loops else "")
+        raise UnsupportedModelError(f"int8 backend torch: PyTorch's FX cannot trace this model ({exc}); {fix}use "
+                                    "backend='onnxruntime', which exports it through torch.onnx") from None
     with torch.no_grad():
         for i, (x, _) in enumerate(batches(calibration, 64)):
             if i >= max_batches:
