@@ -111,8 +111,6 @@ def frozen_stay_frozen(model: nn.Module):
 
 def build_graph(model: nn.Module, example_inputs, ignored: list[nn.Module] | None = None):
     """Torch-Pruning's DependencyGraph of `model`; a model it cannot trace raises UnsupportedModelError."""
-    import torch_pruning as tp
-
     try:
         # the graph is traced through autograd, which records nothing of a frozen layer fed by inputs
         # that need no gradient (a frozen backbone would have no channel groups): freezing is about
