@@ -39,7 +39,8 @@ def require_plain(owner: str, layers) -> None:
         raise JointCompressError(f"'{owner}': its Linear layers are still parametrized; call finalize(model) first")
     from .techniques.quant_lsq import FrozenInputQuant
 
-    if any(isinstance(getattr(layer, "input_quant", None), FrozenInputQuant) for layer in layers):  # torch's module has no place for it: its logits would change without a word
+    # torch's module has no place for the rounding: its logits would change without a word
+    if any(isinstance(getattr(layer, "input_quant", None), FrozenInputQuant) for layer in layers):
         raise JointCompressError(f"'{owner}': its Linear layers round their inputs (quant_lsq activations: true, kept "
                                  "by finalize), which torch's module cannot do; keep the converted module, which "
                                  "computes the same function, or compress without activation quantization")
