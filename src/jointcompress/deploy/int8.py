@@ -60,6 +60,7 @@ from .parity import ParityReport, batches, compare
 from .timing import DEFAULT_THREADS
 
 DEFAULT_BACKEND = "onnxruntime"
+PARITY_AGREEMENT = 0.98  # quantize_int8 warns when fewer calibration samples keep the fp32 model's top-1 class
 
 
 @dataclass
@@ -73,6 +74,8 @@ class Int8Model:
     # the temporary directory that holds `path` when the caller gave no workdir: removed once no
     # model made from it (with_threads' copies included) is left
     scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+    # against the fp32 model on the calibration inputs (quantize_int8): top-1 agreement, max |logit diff|
+    parity: dict | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.predict(x)
@@ -83,7 +86,7 @@ class Int8Model:
         if self.backend != "onnxruntime" or self.path is None:
             return self
         return Int8Model(self.backend, ort_predict(ort_session(self.path, threads)), self.path, self.trained_scales,
-                         self.scratch)
+                         self.scratch, self.parity)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -295,15 +298,51 @@ def quantize_int8(model: nn.Module, spec: CompressionSpec | None, calibration, e
     `threads`: intra-op threads of the ONNX Runtime session (re-made by `with_threads`)."""
     if backend == "onnxruntime":
         if workdir is not None:
-            return quantize_onnxruntime(model, spec, calibration, Path(workdir), example_input, threads=threads)
-        scratch = tempfile.TemporaryDirectory(prefix="jointcompress-int8-")  # it left a directory per call behind
-        int8 = quantize_onnxruntime(model, spec, calibration, Path(scratch.name), example_input, threads=threads)
-        int8.scratch = scratch
-        return int8
-    if backend.startswith("torch"):
+            int8 = quantize_onnxruntime(model, spec, calibration, Path(workdir), example_input, threads=threads)
+        else:
+            scratch = tempfile.TemporaryDirectory(prefix="jointcompress-int8-")  # it left a directory per call behind
+            int8 = quantize_onnxruntime(model, spec, calibration, Path(scratch.name), example_input, threads=threads)
+            int8.scratch = scratch
+    elif backend.startswith("torch"):
         engine = backend.split("-", 1)[1] if "-" in backend else None
-        return quantize_torch(model, calibration, example_input, engine)
-    raise JointCompressError(f"int8 backend {backend!r} is unknown; use 'onnxruntime' or 'torch[-x86|-qnnpack|...]'")
+        int8 = quantize_torch(model, calibration, example_input, engine)
+    else:
+        raise JointCompressError(f"int8 backend {backend!r} is unknown; use 'onnxruntime' or 'torch[-x86|-qnnpack|...]'")
+    int8.parity = calibration_parity(model, int8, calibration)
+    return int8
+
+
+def calibration_parity(model: nn.Module, int8: Int8Model, calibration, max_batches: int = 8) -> dict:
+    """The int8 model against the fp32 one on the first calibration batches: the share of samples whose
+    top-1 class is the same, and the largest |logit difference| (with the largest |logit| for its scale).
+    Warned past PARITY_AGREEMENT: int8 of a model whose activations have outliers (a transformer's
+    attention and LayerNorm inputs) loses accuracy silently, and a user deploying it should know before
+    measuring; `int8_parity` measures accuracy on held-out data."""
+    from ..session.outputs import logits_of
+
+    was_training, agree, seen, worst, scale = model.training, 0, 0, 0.0, 0.0
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for i, (x, _) in enumerate(batches(calibration, 64)):
+                if i >= max_batches:
+                    break
+                r, d = logits_of(model(x)).float(), logits_of(int8(x)).float()
+                worst, scale = max(worst, (r - d).abs().max().item()), max(scale, r.abs().max().item())
+                if r.shape[-1] > 1:  # classes: the top-1 of each sample (each token of a sequence's logits)
+                    agree += int((r.argmax(-1) == d.argmax(-1)).sum())
+                    seen += r.argmax(-1).numel()
+    finally:
+        model.train(was_training)
+    parity = {"samples_compared": seen, "top1_agreement": agree / seen if seen else None,
+              "max_abs_logit_diff": worst, "max_abs_logit": scale}
+    if seen and agree / seen < PARITY_AGREEMENT:
+        warnings.warn(f"int8 {int8.backend}: the top-1 class differs from the fp32 model's on {1 - agree / seen:.1%} of "
+                      f"{seen} calibration samples (largest logit difference {worst:.3g}, largest logit {scale:.3g}); "
+                      "measure it on held-out data (deploy.int8_parity) before deploying. Training with quant_lsq "
+                      "(bits: 8) gives the int8 weights their trained scales; the fp32 ONNX model "
+                      "(deploy.export_and_check) keeps the accuracy", stacklevel=3)
+    return parity
 
 
 def int8_parity(model: nn.Module, int8: Int8Model, eval_data) -> ParityReport:
