@@ -438,10 +438,10 @@ def test_dry_run_takes_an_image_shape_without_its_batch_and_refuses_a_shape_the_
     builder = tmp_path / "mine.py"
     builder.write_text("import torch.nn as nn\n\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten())\n")
     code, out = _cli(monkeypatch, capsys, "dry-run", "--model", f"{builder}:build", "--input-shape", "1,1,16,16")
-    assert code == 2 and "--input-shape 1,1,16,16: " in out and "does not run on a zero input of shape (1, 1, 16, 16)" in out
+    assert code == 2 and "--input-shape 1,1,16,16: " in out and "does not run on an input of shape (1, 1, 16, 16)" in out
     assert "Traceback" not in out
     code, out = _cli(monkeypatch, capsys, "dry-run", "--image-size", "3")  # named as given, not as an --input-shape
-    assert code == 2 and "--image-size 3: 'lenet5' does not run on a zero input of shape (1, 1, 3, 3)" in out
+    assert code == 2 and "--image-size 3: 'lenet5' does not run on an input of shape (1, 1, 3, 3)" in out
     code, out = _cli(monkeypatch, capsys, "dry-run", "--model", "vit", "--input-shape", "1,3,32,16")
     assert code == 2 and "takes square images" in out
 
@@ -610,3 +610,41 @@ def test_sensitivity_of_a_model_with_no_layer_to_scan_says_so_before_training(tm
                      "--out", tmp_path / "out")
     assert code == 2 and "has no Linear or Conv layer to scan" in out, out
     assert not (tmp_path / "out").exists()
+
+
+def test_mode_on_the_command_line_runs_the_recipe_as_the_file_would(tmp_path, monkeypatch, capsys):
+    """--mode re-parsed the recipe with every default written out: prune_unstructured's unset sparsity
+    (None under a size target) then read as asked for, and a format of None ended in a TypeError."""
+    recipe = _recipe(tmp_path, "mode: joint\ntarget: {ratio: 10}\ntraining: {epochs: 1, batch_size: 128}\n"
+                               "techniques: [{type: prune_unstructured}, {type: quant_lsq, bits: 4}]\n")
+    code, out = _cli(monkeypatch, capsys, "compress", recipe, "--mode", "sequential", "--teacher-epochs", "1",
+                     "--out", tmp_path / "out")
+    assert code == 0, out
+    assert set(json.loads((tmp_path / "out" / "summary.json").read_text())) == {"sequential", "uncompressed"}
+
+
+def test_dry_run_agrees_with_training_on_a_grouped_convolution(tmp_path, monkeypatch, capsys):
+    """Traced on zeros, a fresh bias-free Conv -> BatchNorm model outputs its classifier's bias alone: the
+    check that a group's channels can go saw no difference, and dry-run listed the grouped convolution's
+    channels as prunable, which compress (on real data) then skipped."""
+    builder = tmp_path / "grouped.py"
+    builder.write_text(
+        "import torch, torch.nn as nn\n"
+        "def block(cin, cout, k, stride=1, groups=1):\n"
+        "    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU())\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.stem, self.dw1, self.pw1 = block(3, 32, 3), block(32, 32, 3, 2, groups=32), block(32, 64, 1)\n"
+        "        self.g2, self.pw2 = block(64, 64, 3, 2, groups=4), block(64, 128, 1)\n"
+        "        self.fc = nn.Linear(128, 10)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(self.pw2(self.g2(self.pw1(self.dw1(self.stem(x))))).mean((2, 3)))\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return Net()\n")
+    monkeypatch.chdir(tmp_path)
+    code, out = _cli(monkeypatch, capsys, "dry-run", "--model", "grouped.py:build", "--input-shape", "1,3,32,32")
+    assert code == 0, out
+    listed = out.split("layers not pruned")[0]
+    assert "│ g2.0 " not in listed and "groups=4" in out, out

@@ -184,7 +184,9 @@ def compress_cmd(
 
     recipe = load_recipe(recipe_path)
     if mode:
-        recipe = parse_recipe({**recipe.model_dump(), "mode": mode}, source=f"--mode {mode}")
+        # the fields the file set, not every default: a default written out reads as asked for (a
+        # sparsity beside a size target, which the target's checks then weigh)
+        recipe = parse_recipe({**recipe.model_dump(exclude_unset=True), "mode": mode}, source=f"--mode {mode}")
     if recipe.hf is not None or (model or recipe.model or "").startswith("hf:"):  # Hugging Face text classification
         from .hf.pipeline import cli_compress
 

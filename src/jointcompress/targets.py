@@ -448,7 +448,7 @@ def warn_unused_sparsity(recipe: Recipe) -> None:
     prune = recipe.technique("prune_unstructured")
     if prune is None:
         return
-    if "sparsity" in prune.model_fields_set:
+    if "sparsity" in prune.model_fields_set and prune.sparsity is not None:
         who = ("the joint form learns each layer's sparsity under the size budget" if recipe.mode == "joint"
                else "the size target's allocator sets each layer's sparsity to meet the target")
         warnings.warn(f"target: prune_unstructured.sparsity {prune.sparsity:g} is not used; {who} (remove sparsity, "

@@ -6,7 +6,7 @@ that mixes channels, a reshape into heads, ...), and the residual blocks `prune_
 remove whole, so a wrong target pattern or an
 architecture that cannot be pruned structurally is caught in seconds instead of after an
 hour of training. NAME is a built-in model or the user's own builder, `package.module:function`
-or `path/to/file.py:function`, traced on a zero input of `--input-shape`.
+or `path/to/file.py:function`, traced on a random input (seeded) of `--input-shape`.
 """
 from __future__ import annotations
 
@@ -16,8 +16,16 @@ from ..errors import RecipeError
 from . import MODEL_CHOICES
 
 
+def _noise(shape):
+    import torch
+
+    return torch.randn(list(shape), generator=torch.Generator().manual_seed(0))
+
+
 def _model_and_input(model_name: str, image_size: int, input_shape: list[int] | None):
-    """The model and the zero input to trace it with, checked to run (a shape the model does not take
+    """The model and the input to trace it with (seeded normal noise: on zeros, a fresh Conv -> BatchNorm model
+    outputs its classifier's bias alone, so the check that a group's channels can go saw no difference and
+    listed groups training then skips), checked to run (a shape the model does not take
     failed deep inside the trace)."""
     import torch
 
@@ -32,20 +40,20 @@ def _model_and_input(model_name: str, image_size: int, input_shape: list[int] | 
         if len(shape) != 4 or shape[2] != shape[3]:
             raise RecipeError(f"--input-shape {','.join(map(str, input_shape))}: the built-in model {model_name!r} takes square "
                               "images, N,C,H,W with H = W (e.g. 1,3,32,32)")
-        model, example = build_model(model_name, image_size=shape[-1], in_channels=shape[1]).eval(), torch.zeros(shape)
+        model, example = build_model(model_name, image_size=shape[-1], in_channels=shape[1]).eval(), _noise(shape)
     elif not is_builder(model_name):  # neither built in nor a builder: a misspelt name gets the list of names
         build_model(model_name)
     elif not input_shape:
         raise RecipeError(f"--model {model_name!r}: a model of your own needs --input-shape, e.g. --input-shape 1,3,32,32")
     else:
-        model, example = build_model(model_name).eval(), torch.zeros(input_shape)  # checks what the builder returned
+        model, example = build_model(model_name).eval(), _noise(input_shape)  # checks what the builder returned
     try:
         with torch.no_grad():
             model(example)
     except Exception as exc:  # noqa: BLE001 -- any failure of the user's model on this shape: say so plainly
         first = str(exc).splitlines()[0] if str(exc) else ""
         given = f"--input-shape {','.join(map(str, example.shape))}" if input_shape else f"--image-size {image_size}"
-        raise RecipeError(f"{given}: {model_name!r} does not run on a zero input of shape {tuple(example.shape)} "
+        raise RecipeError(f"{given}: {model_name!r} does not run on an input of shape {tuple(example.shape)} "
                           f"({type(exc).__name__}: {first}); give the shape its forward takes, batch first") from None
     return model, example
 
@@ -93,7 +101,7 @@ def register(app: typer.Typer) -> None:
     def dry_run_command(
         model: str = typer.Option("lenet5", "--model", help=MODEL_CHOICES),
         image_size: int = typer.Option(28, "--image-size", help="Input height/width used to trace a built-in model."),
-        input_shape: str = typer.Option(None, "--input-shape", help="Shape of the zero input to trace with, e.g. 1,3,32,32 (needed for your own model)."),
+        input_shape: str = typer.Option(None, "--input-shape", help="Shape of the (random) input to trace with, e.g. 1,3,32,32 (needed for your own model)."),
         target: list[str] = typer.Option(["*"], "--target", help="Glob of layer names to prune (repeatable)."),
         exclude: list[str] = typer.Option([], "--exclude", help="Glob of layer names never to prune (repeatable)."),
     ) -> None:
