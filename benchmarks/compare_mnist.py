@@ -124,6 +124,10 @@ def main() -> None:
                                        "log-linear goal; joint-paced-obd-none: its landing cuts by Fisher cost per byte; "
                                        "joint-paced-obdrank-none / joint-paced-obdland-none: that one with the size-neutral "
                                        "saliency / the Fisher estimate in the landing only); overlap)")
+    ap.add_argument("--keep", choices=("best", "last"),
+                    help="training.keep of every variant: the state each run ends with, its best evaluated epoch at the "
+                         "target (the recipe's default, as every stored result without this flag was measured) or its last "
+                         "(the same rule for every variant; docs/reliability.md says why)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.add_layers:
@@ -136,7 +140,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     spec = CompareSpec(ratios=[float(r) for r in (args.ratios or d["ratios"]).split(",")],
                        seeds=args.seeds or d["seeds"], first_seed=args.first_seed, teacher_epochs=args.teacher_epochs or d["teacher_epochs"],
-                       variants=tuple(args.variants.split(",")) if args.variants else BENCHMARK_VARIANTS)
+                       variants=tuple(args.variants.split(",")) if args.variants else BENCHMARK_VARIANTS, keep=args.keep)
     split = load_mnist(args.data)
     if args.train_images:
         split = balanced_subset(split, args.train_images)

@@ -569,6 +569,7 @@ def test_output_paths_of_the_wrong_kind_are_refused_before_the_work(tmp_path, mo
 @pytest.mark.parametrize("extra, words", [
     (["--variants", ","], ["--variants: give at least one"]),
     (["--variants", "sequential", "--tensorboard", "{tb}"], ["--tensorboard", "is a file; give a folder"]),
+    (["--variants", "sequential", "--keep", "worst"], ["--keep worst: choose best or last"]),
 ])
 def test_compare_refuses_before_training_what_failed_after_it(tmp_path, monkeypatch, capsys, extra, words):
     """An empty --variants ended in an IndexError, and a file given as --tensorboard in an unclear error,

@@ -403,3 +403,25 @@ def test_a_file_that_is_no_torch_file_is_not_said_to_hold_pickles(tmp_path):
     np.save(tmp_path / "w.npy", np.zeros((2, 3), dtype=np.float32))
     with pytest.raises(ArtifactError, match="is not a torch file or a safetensors file"):
         load_weights(nn.Linear(3, 2), tmp_path / "w.npy")
+
+
+@pytest.mark.parametrize("keep, epoch", [("best", 1), ("last", 3)])
+def test_training_keep_chooses_the_state_the_run_ends_with(keep, epoch):
+    """keep: last ends with the last state at the target, whatever the evaluation read: no choice made on
+    the data `evaluate` reads (the test split, where a comparison reports it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    x = torch.randn(64, 8)
+    y = (x[:, 0] > 0).long()
+    states = []
+
+    def evaluate(m):  # each epoch reads worse: "best" keeps the first (then the final reading after the run)
+        states.append({k: v.clone() for k, v in m.state_dict().items()})
+        return 0.9 - 0.1 * (len(states) - 1)
+
+    recipe = {"training": {"epochs": 3, "batch_size": 16, "keep": keep},
+              "techniques": [{"type": "quant_lsq", "bits": 8}]}
+    result = compress(model, recipe, (x, y), evaluate)
+    assert result.history.best_epoch == epoch
+    kept = states[epoch - 1]
+    assert all(torch.equal(v, kept[k]) for k, v in model.state_dict().items())

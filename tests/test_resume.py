@@ -323,3 +323,20 @@ def test_resuming_with_another_number_of_processes_says_what_it_changes(digits, 
     with pytest.warns(UserWarning, match=r"written by a run of 2 process\(es\), this one has 1.*Resume with 2"):
         res, _ = _tiny(digits, run_dir=tmp_path, checkpoint_every=3, resume=True)
     assert res.history.events[-1]["event"] == "resumed"
+
+
+def test_a_checkpoint_from_before_training_keep_resumes(digits, tmp_path):
+    """training.keep was added later: a checkpoint whose recipe lacks it trained with 'best' and must not
+    read as made with a different recipe."""
+    import json as _json
+
+    _tiny(digits, run_dir=tmp_path, checkpoint_every=3)
+    newest = CheckpointStore(tmp_path).paths()[-1]
+    ck = read_checkpoint(newest)
+    meta = _json.loads(ck["meta"]) if isinstance(ck["meta"], str) else dict(ck["meta"])
+    del meta["recipe"]["training"]["keep"]
+    ck["meta"] = _json.dumps(meta)
+    torch.save(ck, newest)
+    newest.with_name(newest.name + ".sha256").unlink()
+    res, _ = _tiny(digits, run_dir=tmp_path, checkpoint_every=3, resume=True)
+    assert res.history.events[-1]["event"] == "resumed"

@@ -134,6 +134,7 @@ class CompareSpec:
     teacher_epochs: int = 10
     epochs: int | None = None
     first_seed: int = 0  # seeds run as first_seed .. first_seed + seeds - 1, so a later batch extends an earlier one
+    keep: str | None = None  # training.keep for every variant ("best" / "last"); None: the recipe's
 
     def seed_range(self) -> range:
         """The seeds this comparison runs (each seed trains its own teacher, as in a full run)."""
@@ -234,14 +235,16 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
         raise RecipeError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     check_ratios(spec.ratios)
     base = recipe.model_copy(update={"model": model_name})
-    if spec.epochs:
-        base = parse_recipe({**base.model_dump(), "training": {**base.training.model_dump(), "epochs": spec.epochs}})
+    if spec.epochs or spec.keep:
+        training = {**base.training.model_dump(), **({"epochs": spec.epochs} if spec.epochs else {}),
+                    **({"keep": spec.keep} if spec.keep else {})}
+        base = parse_recipe({**base.model_dump(), "training": training})
     check_variants(base, spec)
     needs_budgets = any(VARIANTS[v][0] != "joint" for v in spec.variants)
     builder = builder_for(model_name, split)
     total_steps = base.training.epochs * math.ceil(len(split.y_train) / base.training.batch_size)
     result = {"kind": "compare", "model": model_name, "data": split.name, "ratios": list(spec.ratios),
-              "seeds": spec.seeds, "first_seed": spec.first_seed, "variants": list(spec.variants), "epochs": base.training.epochs,
+              "seeds": spec.seeds, "first_seed": spec.first_seed, "variants": list(spec.variants), "epochs": base.training.epochs, "keep": base.training.keep,
               "teacher_epochs": None if weights else spec.teacher_epochs, "train_images": len(split.y_train),
               "recipe": base.model_dump(),
               "uncompressed": [], "runs": [], "unreachable": []}

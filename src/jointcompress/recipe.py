@@ -354,6 +354,11 @@ class Training(Strict):
     seed: Annotated[int, Field(ge=0)] = 0
     metric: str = "accuracy"
     grad_clip: Annotated[float, Field(ge=0.0, le=1e6)] = 0.0
+    # which evaluated state (every technique at its target) the run ends with: the best by `metric`, or the
+    # last (no choice made on the evaluation data: when `evaluate` reads the test split the result is
+    # reported on, "best" is the best of several test readings, and a method at its target for more
+    # epochs gets more of them; compare --keep last gives every variant the same rule)
+    keep: Literal["best", "last"] = "best"
 
 
 class Coordination(Strict):

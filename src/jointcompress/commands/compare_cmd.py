@@ -43,6 +43,9 @@ def register(app: typer.Typer) -> None:
         epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the recipe's epochs (same for all)."),
         out: Path = typer.Option(Path("runs/compare"), "--out", help="Output directory."),
         tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", help="Also log every run to TensorBoard here."),
+        keep: Optional[str] = typer.Option(None, "--keep", help="training.keep of every variant: 'best' (its best evaluated "
+                                           "epoch at the target) or 'last' (the same rule for every variant, no choice made on "
+                                           "the evaluation data). Default: the recipe's (best)."),
         force: bool = typer.Option(False, "--force", help="Allow writing into a non-empty --out."),
     ) -> None:
         """Run joint (coordination none/scale/pcgrad) and sequential at each ratio and seed, with the
@@ -57,6 +60,8 @@ def register(app: typer.Typer) -> None:
 
         if tensorboard is not None and tensorboard.exists() and not tensorboard.is_dir():  # else found after training
             raise JointCompressError(f"--tensorboard {tensorboard}: is a file; give a folder for the event files")
+        if keep not in (None, "best", "last"):
+            raise JointCompressError(f"--keep {keep}: choose best or last")
         recipe = load_recipe(recipe_path)
         refuse_hf_recipe(recipe, recipe_path, "compare",
                          "To weigh joint against sequential, run `jointcompress compress RECIPE --mode sequential` "
@@ -69,7 +74,7 @@ def register(app: typer.Typer) -> None:
         name = absolute_builder(name)  # the artifacts' manifests record it
         spec = CompareSpec(ratios=parse_floats(ratios, "--ratios"), seeds=seeds,
                            variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
-                           teacher_epochs=teacher_epochs, epochs=epochs, first_seed=first_seed)
+                           teacher_epochs=teacher_epochs, epochs=epochs, first_seed=first_seed, keep=keep)
         split = load_split(recipe, data)
         out = prepare_output_dir(out, force=force)
         with progress_bar() as bar:

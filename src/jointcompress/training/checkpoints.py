@@ -192,9 +192,20 @@ def _trained_overlap(saved: dict) -> bool:
     return saved.get("mode") == "joint" and saved.get("target") is not None and "size_budget" not in kinds
 
 
+# recipe fields added since checkpoints were first written, with the value a run without them trained with:
+# a checkpoint that lacks one resumes as that value, not as a different recipe
+ADDED_FIELDS = {("training", "keep"): "best"}
+
+
 def _as_trained_today(saved: dict | None, recipe) -> dict | None:
-    """The checkpoint's recipe under today's names: such a run resumes with mode: overlap."""
-    if saved and recipe.mode == "overlap" and _trained_overlap(saved):
+    """The checkpoint's recipe under today's names: such a run resumes with mode: overlap; the fields added
+    since it was written at what it trained with (ADDED_FIELDS)."""
+    if not saved:
+        return saved
+    for (section, field), value in ADDED_FIELDS.items():
+        if isinstance(saved.get(section), dict) and field not in saved[section]:
+            saved = {**saved, section: {**saved[section], field: value}}
+    if recipe.mode == "overlap" and _trained_overlap(saved):
         return {**saved, "mode": "overlap"}
     return saved
 

@@ -217,7 +217,8 @@ class Trainer:
         if key not in metrics:
             raise TrainingError(f"evaluate() returned {sorted(metrics)}; training.metric is '{key}'. Set training.metric to one of them")
         value = float(metrics[key])
-        if all_final and (self.history.best_metric is None or value >= self.history.best_metric):
+        last = s.recipe.training.keep == "last"  # every final state replaces the one before: the run ends with the last
+        if all_final and (last or self.history.best_metric is None or value >= self.history.best_metric):
             self.history.best_metric, self.history.best_epoch = value, epoch
             self.best.keep()
 
