@@ -149,9 +149,26 @@ def _graph_class():
             super()._build_dependency(module2node)
             for node in module2node.values():
                 if node.type == tp.ops.OPTYPE.CONCAT and node.module.concat_sizes is None:
-                    node.module.concat_sizes = _traced_concat_sizes(node)
+                    node.module.concat_sizes = _channel_concat_sizes(self, node)
 
     return Graph
+
+
+def _channel_concat_sizes(graph, node) -> list[int] | None:
+    """The traced input sizes of a concatenation whose output's channels are known downstream and are their
+    sum: a concatenation of channels. Dim 1 is not always channels (a transformer's [batch, tokens, width]
+    joins a class token on it); there the sizes are left to Torch-Pruning, which skips the index mapping of
+    a concatenation it cannot size, as before."""
+    from torch_pruning.dependency import shape_infer
+
+    sizes = _traced_concat_sizes(node)
+    if sizes is None:
+        return None
+    try:
+        joined = shape_infer.infer_in_channels_recursively(graph, node, [0])
+    except Exception:  # noqa: BLE001 - its inference failing on this graph: no sizes from here either
+        return None
+    return sizes if joined == sum(sizes) else None
 
 
 def _traced_concat_sizes(node) -> list[int] | None:
