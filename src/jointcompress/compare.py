@@ -244,7 +244,8 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
     builder = builder_for(model_name, split)
     total_steps = base.training.epochs * math.ceil(len(split.y_train) / base.training.batch_size)
     result = {"kind": "compare", "model": model_name, "data": split.name, "ratios": list(spec.ratios),
-              "seeds": spec.seeds, "first_seed": spec.first_seed, "variants": list(spec.variants), "epochs": base.training.epochs, "keep": base.training.keep,
+              "seeds": spec.seeds, "first_seed": spec.first_seed, "variants": list(spec.variants),
+              "epochs": base.training.epochs, "keep": base.training.keep,
               "teacher_epochs": None if weights else spec.teacher_epochs, "train_images": len(split.y_train),
               "recipe": base.model_dump(),
               "uncompressed": [], "runs": [], "unreachable": []}
