@@ -719,39 +719,55 @@ def norm_format_pair(model: str, wide_folder: str, narrow_folder: str) -> list[s
     return lines + [""]
 
 
-def keep_rule_section(best: str = "compare_lenet300_100x_e10_keep_best",
-                      last: str = "compare_lenet300_100x_e10_keep_last") -> list[str]:
-    """The same point run twice on the same teachers, each run ending with its best epoch at the target or
-    with its last: how much of joint's difference is the choice of epoch on the test split."""
-    runs = {name: load_compare(name) for name in (best, last)}
-    if any(r is None for r in runs.values()):
+KEEP_RULE_PAIRS = (("compare_lenet300_100x_e10_keep_best", "compare_lenet300_100x_e10_keep_last"),
+                   ("compare_lenet5_200x_e6_keep_best", "compare_lenet5_200x_e6_keep_last"))
+
+
+def keep_rule_section(pairs=KEEP_RULE_PAIRS) -> list[str]:
+    """Points run twice on the same teachers, each run ending with its best epoch at the target or with its
+    last: how much of joint's difference is the choice of epoch on the test split."""
+    pairs = [(b, l, load_compare(b), load_compare(l)) for b, l in pairs]
+    pairs = [p for p in pairs if p[2] is not None and p[3] is not None]
+    if not pairs:
         return []
     out = ["## Which epoch a run keeps (best on the test split, or the last)", "",
            "compress() ends with the best evaluated epoch at the target (`training.keep: best`); the command line and "
            "the benchmarks evaluate on the test split they report. The joint form is at its target from its half-way "
            "trim, sequential only after its trim at 0.9 of the run, so in a long run joint keeps the best of more test "
-           "readings. The same point, the same teachers and seeds, run with each rule (paired by seed, ± one standard "
+           "readings. The same points, the same teachers and seeds, run with each rule (paired by seed, ± one standard "
            "error):", "",
-           "| rule | variant | joint error | sequential error | difference | verdict | epochs it could end with (joint / sequential) | results |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for rule, name in (("best", best), ("last", last)):
-        r = runs[name]
-        for ratio in r["ratios"]:
-            seq = next(s for s in r["summary"] if s["variant"] == "sequential" and s["ratio_target"] == ratio)
-            for s in (s for s in r["summary"] if s["ratio_target"] == ratio and s["variant"] != "sequential"):
-                mean, se, n = paired_stats(r["runs"], s["variant"], ratio)
-                at = [_epochs_at_target(name, v, ratio, r) for v in (s["variant"], "sequential")]
-                out.append(f"| {rule} | {s['variant']} | {100 * s['error_mean']:.2f}% | {100 * seq['error_mean']:.2f}% | "
-                           f"{mean:+.2f} ± {se:.2f} (n={n}) | {_verdict(mean, se)} | {at[0]} / {at[1]} | `{name}` |")
-    moved = {v: _rule_change(runs[best], runs[last], v) for v in sorted({row["variant"] for row in runs[best]["runs"]})}
-    out += ["", "Each variant's error with `last` minus with `best`, the same seeds: " + "; ".join(
-                f"{v} {m:+.2f} points" for v, m in moved.items() if m is not None)
-            + ". What the joint form gains from choosing its epoch on the test split is within this point's standard "
-            "error; the rows above measured with `best` over 6 or more epochs on 60,000 images, where the joint form "
-            "can end with more epochs than sequential, carry a bias of this kind, and rows of 2-4 epochs little of it "
-            "(the trims fall in the last epoch or two of such runs).",
-            "", f"Reproduce: `{runs[best]['command']}` and `{runs[last]['command']}`.", ""]
+           "| model | target | epochs | rule | variant | joint error | sequential error | difference | verdict | epochs it "
+           "could end with (joint / sequential) | results |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for best, last, rb, rl in pairs:
+        for rule, name, r in (("best", best, rb), ("last", last, rl)):
+            out += _keep_rule_rows(rule, name, r)
+    out += ["", "Each variant's error with `last` minus with `best`, the same seeds:", ""]
+    for best, last, rb, rl in pairs:
+        moved = {v: _rule_change(rb, rl, v) for v in sorted({row["variant"] for row in rb["runs"]})}
+        out.append(f"- {MODELS[rb['model']]} at {', '.join(f'{x:g}x' for x in rb['ratios'])}, {rb['epochs']} epochs: "
+                   + "; ".join(f"{v} {m:+.2f} points" for v, m in moved.items() if m is not None) + ".")
+    out += ["", "Rows elsewhere in this file were measured with `best`; where they ran 6 or more epochs on 60,000 "
+            "images the joint form could end with more epochs than sequential, and they carry a bias of the size "
+            "measured here.", "", "Reproduce: " + "; ".join(f"`{r['command']}`" for _, _, rb, rl in pairs for r in (rb, rl))
+            + ".", ""]
     return out
+
+
+def _keep_rule_rows(rule: str, name: str, r: dict) -> list[str]:
+    rows = []
+    for ratio in r["ratios"]:
+        seq = next((s for s in r["summary"] if s["variant"] == "sequential" and s["ratio_target"] == ratio), None)
+        for s in (s for s in r["summary"] if s["ratio_target"] == ratio and s["variant"] != "sequential"):
+            stats = paired_stats(r["runs"], s["variant"], ratio)
+            if seq is None or stats is None:
+                continue
+            mean, se, n = stats
+            at = [_epochs_at_target(name, v, ratio, r) for v in (s["variant"], "sequential")]
+            rows.append(f"| {MODELS[r['model']]} | {ratio:g}x | {r['epochs']} | {rule} | {s['variant']} | "
+                        f"{100 * s['error_mean']:.2f}% | {100 * seq['error_mean']:.2f}% | {mean:+.2f} ± {se:.2f} (n={n}) | "
+                        f"{_verdict(mean, se)} | {at[0]} / {at[1]} | `{name}` |")
+    return rows
 
 
 def _rule_change(best: dict, last: dict, variant: str) -> float | None:
