@@ -235,10 +235,9 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
         raise RecipeError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     check_ratios(spec.ratios)
     base = recipe.model_copy(update={"model": model_name})
-    if spec.epochs or spec.keep:
-        training = {**base.training.model_dump(), **({"epochs": spec.epochs} if spec.epochs else {}),
-                    **({"keep": spec.keep} if spec.keep else {})}
-        base = parse_recipe({**base.model_dump(), "training": training})
+    overrides = {k: v for k, v in (("epochs", spec.epochs), ("keep", spec.keep)) if v}
+    if overrides:
+        base = parse_recipe({**base.model_dump(), "training": {**base.training.model_dump(), **overrides}})
     check_variants(base, spec)
     needs_budgets = any(VARIANTS[v][0] != "joint" for v in spec.variants)
     builder = builder_for(model_name, split)

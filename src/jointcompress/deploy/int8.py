@@ -313,35 +313,25 @@ def quantize_int8(model: nn.Module, spec: CompressionSpec | None, calibration, e
 
 
 def calibration_parity(model: nn.Module, int8: Int8Model, calibration, max_batches: int = 8) -> dict:
-    """The int8 model against the fp32 one on the first calibration batches: the share of samples whose
-    top-1 class is the same, and the largest |logit difference| (with the largest |logit| for its scale).
-    Warned past PARITY_AGREEMENT: int8 of a model whose activations have outliers (a transformer's
-    attention and LayerNorm inputs) loses accuracy silently, and a user deploying it should know before
-    measuring; `int8_parity` measures accuracy on held-out data."""
-    from ..session.outputs import logits_of
-
-    was_training, agree, seen, worst, scale = model.training, 0, 0, 0.0, 0.0
-    model.eval()
+    """The int8 model against the fp32 one on the first calibration batches (parity.compare): the share of
+    outputs whose top-1 class is the same, and the largest |logit difference| (with the largest |logit| for
+    its scale). Warned under PARITY_AGREEMENT: int8 of a model whose activations have outliers (a
+    transformer's attention and LayerNorm inputs) loses accuracy silently, and a user deploying it should
+    know before measuring; `int8_parity` measures accuracy on held-out data."""
+    first = [(x, None) for i, (x, _) in zip(range(max_batches), batches(calibration, 64))]
+    was_training = model.training
     try:
-        with torch.inference_mode():
-            for i, (x, _) in enumerate(batches(calibration, 64)):
-                if i >= max_batches:
-                    break
-                r, d = logits_of(model(x)).float(), logits_of(int8(x)).float()
-                worst, scale = max(worst, (r - d).abs().max().item()), max(scale, r.abs().max().item())
-                if r.shape[-1] > 1:  # classes: the top-1 of each sample (each token of a sequence's logits)
-                    agree += int((r.argmax(-1) == d.argmax(-1)).sum())
-                    seen += r.argmax(-1).numel()
+        rep = compare(model.eval(), int8, first, f"int8 {int8.backend}", path=int8.path)
     finally:
         model.train(was_training)
-    parity = {"samples_compared": seen, "top1_agreement": agree / seen if seen else None,
-              "max_abs_logit_diff": worst, "max_abs_logit": scale}
-    if seen and agree / seen < PARITY_AGREEMENT:
-        warnings.warn(f"int8 {int8.backend}: the top-1 class differs from the fp32 model's on {1 - agree / seen:.1%} of "
-                      f"{seen} calibration samples (largest logit difference {worst:.3g}, largest logit {scale:.3g}); "
-                      "measure it on held-out data (deploy.int8_parity) before deploying. Training with quant_lsq "
-                      "(bits: 8) gives the int8 weights their trained scales; the fp32 ONNX model "
-                      "(deploy.export_and_check) keeps the accuracy", stacklevel=3)
+    parity = {"samples_compared": rep.samples, "top1_agreement": rep.top1_agreement,
+              "max_abs_logit_diff": rep.max_abs_logit_diff, "max_abs_logit": rep.max_abs_reference}
+    if rep.top1_agreement is not None and rep.top1_agreement < PARITY_AGREEMENT:
+        warnings.warn(f"int8 {int8.backend}: the top-1 class differs from the fp32 model's on {1 - rep.top1_agreement:.1%} "
+                      f"of {rep.samples} calibration samples (largest logit difference {rep.max_abs_logit_diff:.3g}, "
+                      f"largest logit {rep.max_abs_reference:.3g}); measure it on held-out data (deploy.int8_parity) "
+                      "before deploying. Training with quant_lsq (bits: 8) gives the int8 weights their trained scales; "
+                      "the fp32 ONNX model (deploy.export_and_check) keeps the accuracy", stacklevel=3)
     return parity
 
 

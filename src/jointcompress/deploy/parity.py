@@ -26,6 +26,9 @@ class ParityReport:
     metric_deployed: float | None = None
     path: str | None = None
     max_abs_reference: float | None = None  # the largest |logit| of the reference: the scale of max_abs_logit_diff
+    # the share of outputs (samples; tokens of a sequence's logits) whose top-1 class is the reference's; None
+    # for a single output per sample (no class to agree on)
+    top1_agreement: float | None = None
 
     @property
     def metric_delta(self) -> float | None:
@@ -70,7 +73,7 @@ def compare(reference: Predict, deployed: Predict, data, backend: str,
     returns a ModelOutput, which exported fine and then failed here on `.float()`."""
     from ..session.outputs import logits_of
 
-    worst, scale, n = 0.0, 0.0, 0
+    worst, scale, n, agree, classified = 0.0, 0.0, 0, 0, 0
     ref_all, dep_all, ys = [], [], []
     with torch.inference_mode():
         for x, y in batches(data):
@@ -84,9 +87,13 @@ def compare(reference: Predict, deployed: Predict, data, backend: str,
             worst = max(worst, (r - d).abs().max().item())
             scale = max(scale, r.abs().max().item())
             n += len(x)
+            if r.shape[-1] > 1:
+                agree += int((r.argmax(-1) == d.argmax(-1)).sum())
+                classified += r.argmax(-1).numel()
             if y is not None:
                 ref_all.append(r), dep_all.append(d), ys.append(y)
-    rep = ParityReport(backend, worst, n, getattr(metric, "__name__", "metric"), path=path, max_abs_reference=scale)
+    rep = ParityReport(backend, worst, n, getattr(metric, "__name__", "metric"), path=path, max_abs_reference=scale,
+                       top1_agreement=agree / classified if classified else None)
     if ys:
         y = torch.cat(ys)
         rep.metric_reference, rep.metric_deployed = metric(torch.cat(ref_all), y), metric(torch.cat(dep_all), y)
