@@ -26,6 +26,7 @@ import torch
 
 from jointcompress.compare import BENCHMARK_VARIANTS, CompareSpec, plot_pareto, run_compare
 from jointcompress.data import load_mnist
+from jointcompress.devices import resolve_device
 from jointcompress.recipe import parse_recipe
 
 MNIST = "../shared/datasets/mnist/mnist.npz"  # relative to the repository root, as the datasets README says
@@ -124,6 +125,8 @@ def main() -> None:
                                        "log-linear goal; joint-paced-obd-none: its landing cuts by Fisher cost per byte; "
                                        "joint-paced-obdrank-none / joint-paced-obdland-none: that one with the size-neutral "
                                        "saliency / the Fisher estimate in the landing only); overlap)")
+    ap.add_argument("--device", default="cpu", help="where every teacher and variant trains: cpu, cuda, cuda:N or auto "
+                                                    "(artifacts are made on the CPU either way)")
     ap.add_argument("--keep", choices=("best", "last"),
                     help="training.keep of every variant: the state each run ends with, its best evaluated epoch at the "
                          "target (the recipe's default, as every stored result without this flag was measured) or its last "
@@ -140,7 +143,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     spec = CompareSpec(ratios=[float(r) for r in (args.ratios or d["ratios"]).split(",")],
                        seeds=args.seeds or d["seeds"], first_seed=args.first_seed, teacher_epochs=args.teacher_epochs or d["teacher_epochs"],
-                       variants=tuple(args.variants.split(",")) if args.variants else BENCHMARK_VARIANTS, keep=args.keep)
+                       variants=tuple(args.variants.split(",")) if args.variants else BENCHMARK_VARIANTS, keep=args.keep,
+                       device=str(resolve_device(args.device)))
     split = load_mnist(args.data)
     if args.train_images:
         split = balanced_subset(split, args.train_images)

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .commands import BUILT_IN_MODELS
+from .commands import BUILT_IN_MODELS, DEVICE_HELP
 from .errors import JointCompressError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Joint pruning + quantization + distillation for PyTorch models.")
@@ -88,23 +88,26 @@ def demo(
     epochs: int = typer.Option(None, min=1, help="Compression epochs (default: the demo recipe's)."),
     ratio: float = typer.Option(100.0, min=1.5, help="Size target: the weights file this many times smaller than fp32."),
     force: bool = typer.Option(False, help="Write into a non-empty --out that is not an earlier demo's output."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
 ):
     """Train a teacher on the embedded digits data, compress it to one size target twice,
     sequentially (allocator budgets; prune, then quantize) and jointly (dead-zone quantizer and
     size budget trained together), build a fast model (channels removed, int8), and compare
     them side by side, measured on held-out digits."""
     from .demo import run_demo
+    from .devices import resolve_device
     from .io import atomic_write_json, prepare_output_dir
 
     if model not in ("lenet5", "lenet300"):
         raise JointCompressError(f"--model {model!r}: the demo runs 'lenet5' or 'lenet300' (use `compress` for other models)")
     from .targets import TargetError
 
+    where = resolve_device(device)
     out = prepare_output_dir(out, force=force or _earlier_demo(out))
     try:
         with progress_bar() as bar:
             res = run_demo(out, model=model, ratio=ratio, teacher_epochs=teacher_epochs, epochs=epochs,
-                           progress=lambda name: tracked(bar, name))
+                           progress=lambda name: tracked(bar, name), device=where)
     except TargetError as err:  # it names a recipe's fields; the demo's one knob is --ratio
         raise TargetError(f"{err}. The demo has no recipe: its target is --ratio {ratio:g}; ask for a lower "
                           "--ratio") from err
@@ -165,6 +168,7 @@ def compress_cmd(
     checkpoint_every: int = typer.Option(100, min=1, help="Steps between checkpoints (one is also written at every evaluation)."),
     max_nonfinite: int = typer.Option(3, min=1, help="Non-finite steps (each skipped and rolled back, LR halved) before giving up."),
     tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", help="Also log every loss term and the conflict rate to this TensorBoard directory."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
 ):
     """Run a recipe: compress the model, finalize it, save the artifact, report the numbers.
 
@@ -172,6 +176,7 @@ def compress_cmd(
     continues where the last checkpoint left off. Under `torchrun --nproc_per_node=N` the run
     is data-parallel and only rank 0 writes.
     """
+    from .devices import resolve_device
     from .distributed import init_from_env, quiet_other_ranks
     from .io import prepare_run_dir
     from .models import absolute_builder
@@ -190,6 +195,11 @@ def compress_cmd(
     if recipe.hf is not None or (model or recipe.model or "").startswith("hf:"):  # Hugging Face text classification
         from .hf.pipeline import cli_compress
 
+        if resolve_device(device).type != "cpu":
+            raise JointCompressError(f"--device {device}: Hugging Face recipes train on the CPU from the command line; on "
+                                     "a GPU, use the Python API: model.to('cuda'), then jointcompress.compress(...) or the "
+                                     "Trainer integration (docs/huggingface.md)")
+
         if model:
             recipe = recipe.model_copy(update={"model": model})
         cli_compress(recipe, recipe_path, out=out, data=data, weights=weights, force=force, resume=resume,
@@ -204,21 +214,24 @@ def compress_cmd(
     if recipe.training.metric != "accuracy":  # found only after the teacher and a compression epoch had trained
         raise JointCompressError(f"{recipe_path}: training.metric {recipe.training.metric!r}: the command line measures "
                                  "'accuracy' on the data's test split; remove training.metric (or set it to accuracy)")
+    resolve_device(device)  # a device this machine lacks is refused before the data loads
     split = load_split(recipe, data)
     dist = init_from_env()
     quiet_other_ranks(dist)
+    where = resolve_device(device)  # after joining the group: under torchrun, `cuda` is the rank's own GPU
     main_rank = dist is None or dist.is_main
     out = prepare_run_dir(out, force=force, resume=resume, dist=dist)
     builder = builder_for(model_name, split)
     with progress_bar() as bar:
         show = (lambda d: tracked(bar, d)) if main_rank else (lambda d: None)
         teacher = _model_to_compress(builder, model_name, split, recipe, out, weights=weights, resume=resume,
-                                     teacher_epochs=teacher_epochs, save=main_rank, progress=show)
+                                     teacher_epochs=teacher_epochs, save=main_rank, progress=show, device=where)
         callbacks = [TensorBoardLogger(tensorboard)] if tensorboard and main_rank else []
         try:
             outcome = compress_and_save(
                 "artifact", teacher, recipe, split, builder, out if main_rank else None, progress=show(recipe.mode),
                 callbacks=callbacks, run_dir=out, resume=resume, checkpoint_every=checkpoint_every, max_nonfinite=max_nonfinite,
+                device=where,
             )
         finally:
             for cb in callbacks:
@@ -228,7 +241,7 @@ def compress_cmd(
 
 
 def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights, resume: bool, teacher_epochs: int,
-                       save: bool, progress):
+                       save: bool, progress, device=None):
     """--weights when given; else the model a resumed run trained first; else one trained now and saved (by the
     writing rank) so that --resume does not train it again. start.json, which records what the run began from,
     is written before the trained model's file and checked on every --resume, whichever way the model came."""
@@ -244,7 +257,8 @@ def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights
     elif resume and teacher_file.is_file():
         teacher = _trained_before(builder, teacher_file)
     else:
-        teacher = train_teacher(model_name, split, teacher_epochs, lr=recipe.training.lr, progress=progress("train model"))
+        teacher = train_teacher(model_name, split, teacher_epochs, lr=recipe.training.lr, progress=progress("train model"),
+                                device=device)
     _same_start(start_file, earlier, teacher, weights, save)
     if save and not weights and not teacher_file.is_file():
         from safetensors.torch import save as st_save

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
 import yaml
 
 from .joint_form import joint_recipe
@@ -135,6 +136,7 @@ class CompareSpec:
     epochs: int | None = None
     first_seed: int = 0  # seeds run as first_seed .. first_seed + seeds - 1, so a later batch extends an earlier one
     keep: str | None = None  # training.keep for every variant ("best" / "last"); None: the recipe's
+    device: str = "cpu"  # where the teachers and every variant train (the same for all); artifacts are made on the CPU
 
     def seed_range(self) -> range:
         """The seeds this comparison runs (each seed trains its own teacher, as in a full run)."""
@@ -244,7 +246,7 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
     total_steps = base.training.epochs * math.ceil(len(split.y_train) / base.training.batch_size)
     result = {"kind": "compare", "model": model_name, "data": split.name, "ratios": list(spec.ratios),
               "seeds": spec.seeds, "first_seed": spec.first_seed, "variants": list(spec.variants),
-              "epochs": base.training.epochs, "keep": base.training.keep,
+              "epochs": base.training.epochs, "keep": base.training.keep, "device": spec.device,
               "teacher_epochs": None if weights else spec.teacher_epochs, "train_images": len(split.y_train),
               "recipe": base.model_dump(),
               "uncompressed": [], "runs": [], "unreachable": []}
@@ -253,7 +255,8 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
             teacher = load_start(builder_for(model_name, split), weights)  # a weights file or an artifact folder
         else:
             teacher = train_teacher(model_name, split, spec.teacher_epochs, lr=base.training.lr, seed=seed,
-                                    progress=progress_factory(f"teacher s{seed}") if progress_factory else None)
+                                    progress=progress_factory(f"teacher s{seed}") if progress_factory else None,
+                                    device=torch.device(spec.device))
         row = uncompressed_row(teacher, split)
         result["uncompressed"].append({"seed": seed, "accuracy": row["accuracy"], "bytes": row["bytes"]})
         dense = dense_fp32_bytes(teacher)
@@ -271,7 +274,8 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
                 try:  # a joint variant finds out whether its point is in reach as its run sets up
                     r = variant_recipe(budgets, variant, seed, targeted, teacher, example, total_steps)
                     run_row, history = run_one(teacher, r, split, builder, run_dir, _tensorboard(tensorboard, name),
-                                               progress_factory(name) if progress_factory else None)
+                                               progress_factory(name) if progress_factory else None,
+                                               torch.device(spec.device))
                 except TargetError as exc:
                     _unreachable(result, out, log, ratio, seed, dense, exc, variant)
                     continue
@@ -337,12 +341,13 @@ def check_variants(base: Recipe, spec: CompareSpec) -> None:
                               "no quant_lsq.zero_level, no prune_structured)")
 
 
-def run_one(teacher, recipe: Recipe, split, builder, run_dir: Path, callbacks: list, progress=None):
-    """compress -> finalize -> save one variant into RUN_DIR/artifact."""
+def run_one(teacher, recipe: Recipe, split, builder, run_dir: Path, callbacks: list, progress=None, device=None):
+    """compress -> finalize -> save one variant into RUN_DIR/artifact (trained on `device`)."""
     from .pipeline import compress_and_save
 
     try:
-        outcome = compress_and_save("artifact", teacher, recipe, split, builder, run_dir, progress=progress, callbacks=callbacks)
+        outcome = compress_and_save("artifact", teacher, recipe, split, builder, run_dir, progress=progress,
+                                    callbacks=callbacks, device=device)
     finally:
         for cb in callbacks:
             cb.close()

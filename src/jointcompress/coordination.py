@@ -41,7 +41,7 @@ def pcgrad_weights(gram: torch.Tensor, rng: random.Random) -> torch.Tensor:
     gradients instead of K^2 dot products, and the same result.
     """
     k = gram.shape[0]
-    coeffs = torch.eye(k, dtype=gram.dtype)
+    coeffs = torch.eye(k, dtype=gram.dtype, device=gram.device)
     columns = gram.unbind(1)
     diag = gram.diag().tolist()  # the K x K scalars as Python floats: the same IEEE doubles, no tensor op each
     for i in range(k):
@@ -197,9 +197,9 @@ class GradientCoordinator:
         k = len(names)
         if self.config.strategy == "pcgrad":
             return pcgrad_weights(gram, self.rng).sum(0)
-        weights = torch.ones(k, dtype=gram.dtype)
+        weights = torch.ones(k, dtype=gram.dtype, device=gram.device)
         if self.config.strategy == "scale":
-            prim = torch.tensor([n in PRIMARY for n in names], dtype=gram.dtype)
+            prim = torch.tensor([n in PRIMARY for n in names], dtype=gram.dtype, device=gram.device)
             if prim.sum() == 0:
                 prim[0] = 1
             p_norm = float(prim @ gram @ prim) ** 0.5

@@ -283,13 +283,15 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     """Top-1 accuracy on held-out data, in eval mode (restores the previous mode). The logits are
     read as training reads them (session.outputs.logits_of): a model returning a Hugging Face
     ModelOutput (ViTForImageClassification) trained, then crashed here on `.argmax`."""
+    from .model_call import call_model
     from .session.outputs import logits_of
 
     was = model.training
     model.eval()
     correct = 0
-    for i in range(0, len(x), batch_size):
-        correct += int((logits_of(model(x[i : i + batch_size])).argmax(1) == y[i : i + batch_size]).sum())
+    for i in range(0, len(x), batch_size):  # the rows go to the model's device, the predictions come back
+        predicted = logits_of(call_model(model, x[i : i + batch_size])).argmax(1).cpu()
+        correct += int((predicted == y[i : i + batch_size].cpu()).sum())
     model.train(was)
     return correct / max(1, len(x))
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 
 from .compare import variant_recipe
@@ -71,24 +72,27 @@ def structured_recipe(targeted: Recipe, channels: float = STRUCTURED_CHANNELS) -
 def run_demo(out: Path, model: str = DEFAULT_MODEL, ratio: float = DEFAULT_RATIO, teacher_epochs: int = 15,
              epochs: int | None = None, seed: int | None = None, structured: bool = True,
              progress: Callable[[str], Callable | None] = lambda name: None,
-             joint_variant: str = JOINT_VARIANT) -> DemoResult:
+             joint_variant: str = JOINT_VARIANT, device: torch.device | None = None) -> DemoResult:
     """Teacher on digits; sequential and joint (compare's `joint_variant`) at `ratio` (compression seed
-    `seed`, default the recipe's); the structured int8 model unless `structured` is False; latency."""
+    `seed`, default the recipe's); the structured int8 model unless `structured` is False; latency.
+    Every model trains on `device` (default: the CPU); latency is measured on the CPU."""
     t0 = time.perf_counter()
     split = load_digits()
     targeted = demo_recipe(model, epochs, ratio)
     if seed is not None:
         targeted.training.seed = seed
     builder = builder_for(model, split)
-    teacher = train_teacher(model, split, teacher_epochs, lr=targeted.training.lr, progress=progress("teacher"))
+    teacher = train_teacher(model, split, teacher_epochs, lr=targeted.training.lr, progress=progress("teacher"),
+                            device=device)
     rows, fast = {"uncompressed": uncompressed_row(teacher, split)}, {"uncompressed": teacher}
     budgets = resolve_target(teacher, targeted, split.x_train[:2])
     for mode, variant in (("sequential", "sequential"), ("joint", joint_variant)):
         r = variant_recipe(budgets, variant, targeted.training.seed, targeted, teacher, split.x_train[:2])
-        outcome = compress_and_save(mode, teacher, r, split, builder, out, progress=progress(mode))
+        outcome = compress_and_save(mode, teacher, r, split, builder, out, progress=progress(mode), device=device)
         rows[mode], fast[mode] = outcome.row, outcome.model
     if structured:
-        rows["structured int8"], fast["structured int8"] = structured_row(teacher, targeted, split, builder, out, progress)
+        rows["structured int8"], fast["structured int8"] = structured_row(teacher, targeted, split, builder, out, progress,
+                                                                          device)
     x = split.x_test[:LATENCY_BATCH]
     for name, lat in measure_latency(fast, x).items():
         rows[name].update(lat)
@@ -97,11 +101,12 @@ def run_demo(out: Path, model: str = DEFAULT_MODEL, ratio: float = DEFAULT_RATIO
 
 
 def structured_row(teacher: nn.Module, targeted: Recipe, split: Split, builder, out: Path,
-                   progress: Callable[[str], Callable | None]) -> tuple[dict, Callable]:
+                   progress: Callable[[str], Callable | None], device: torch.device | None = None) -> tuple[dict, Callable]:
     """Train, finalize (channels removed) and save the fast model, then build its int8 ONNX
     Runtime model on the trained scales; the row's accuracy is the int8 model's, on held-out data."""
     recipe = structured_recipe(targeted)
-    outcome = compress_and_save("structured", teacher, recipe, split, builder, out, progress=progress("structured"))
+    outcome = compress_and_save("structured", teacher, recipe, split, builder, out, progress=progress("structured"),
+                                device=device)
     int8 = quantize_int8(outcome.model, outcome.spec, (split.x_train[:512], split.y_train[:512]),
                          split.x_test[:LATENCY_BATCH], workdir=out / "structured-int8")  # the deployable int8 ONNX model, beside the artifact
     parity = int8_parity(outcome.model, int8, (split.x_test, split.y_test))

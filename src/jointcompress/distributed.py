@@ -121,17 +121,19 @@ def _env_world_size() -> int:
 def init_from_env(backend: str | None = None) -> DistContext | None:
     """Join the process group torchrun describes (WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT).
 
-    Returns None for a single process. NCCL when CUDA is available (the model and data must
-    then live on the GPU of LOCAL_RANK), gloo otherwise.
+    Returns None for a single process. Where CUDA is available, NCCL for tensors on the GPU and
+    gloo for those on the CPU (one group of both, so a CPU model on a GPU host syncs too; each rank
+    takes the GPU of LOCAL_RANK where there is one); gloo alone otherwise.
     """
     if not tdist.is_available():
         return None
     if not tdist.is_initialized():
         if _env_world_size() <= 1:
             return None
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = backend or ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if "nccl" in backend and local_rank < torch.cuda.device_count():
+            torch.cuda.set_device(local_rank)
         # torch._dynamo (imported lazily by the first torch.optim optimizer) keeps references
         # to a process group that exists when it is imported; destroy_process_group() then
         # cannot free it and gloo's threads live on into interpreter shutdown, where they can

@@ -23,7 +23,7 @@ from .block_drop import traced_whole
 from .errors import UnsupportedModelError
 from .group_checks import member_reason, parameter_owners, reshape_reason, verify_groups
 from .layer_types import BATCH_NORMS, COMPRESSIBLE
-from .model_call import call_model
+from .model_call import call_model, model_device, to_device
 
 PRUNABLE_ROOTS = COMPRESSIBLE
 
@@ -51,6 +51,15 @@ class ChannelGroup:
 
     def layers(self) -> list[str]:
         return sorted({m.module for m in self.members})
+
+
+def group_device(group: ChannelGroup, modules: dict[str, nn.Module]) -> torch.device:
+    """Where the group's layers keep their weights: its channel norms and masks are made there."""
+    for m in group.out_members():
+        weight = getattr(modules[m.module], "weight", None)
+        if isinstance(weight, torch.Tensor):
+            return weight.device
+    return torch.device("cpu")
 
 
 def output_layers(model: nn.Module, example_inputs) -> list[str]:
@@ -123,9 +132,9 @@ def build_graph(model: nn.Module, example_inputs, ignored: list[nn.Module] | Non
             # its channel-count inference gives up on long chains of concatenations (a recurrent loop
             # unrolled over time) with this warning; groups through them are checked by verify_groups
             warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
-            dg = _graph_class()().build_dependency(
-                model, example_inputs=example_inputs, ignored_layers=ignored or [], verbose=False
-            )
+            dg = _graph_class()().build_dependency(  # it calls the model itself: the inputs go where it is
+                model, example_inputs=to_device(example_inputs, model_device(model)), ignored_layers=ignored or [],
+                verbose=False)
     except Exception as exc:
         raise UnsupportedModelError(
             f"structured pruning cannot trace {type(model).__name__}: the channel dependency graph fails "

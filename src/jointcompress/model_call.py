@@ -5,14 +5,46 @@ whose forward takes named inputs) or a tuple / list (`model(*inputs)`: a model w
 positional inputs, as example inputs and artifacts record them). Training, tracing the channel
 graph, checking groups, finalizing and distilling all call the model through this, so a model
 that trains also traces and finalizes.
+
+Inputs follow the model: a model on a GPU fed from an ordinary (CPU) loader gets its batches
+moved to its device here, as the Hugging Face Trainer does, so no caller has to know where the
+model lives. A model already beside its inputs pays one device comparison per call, no copy.
 """
 from __future__ import annotations
 
+import itertools
+
+import torch
 import torch.nn as nn
 
 
+def model_device(model) -> torch.device | None:
+    """The device of the model's first parameter (or buffer): where its inputs must be. None for
+    anything without tensors (a function, a module with no weights), whose inputs stay put."""
+    if not isinstance(model, nn.Module):
+        return None
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return None if first is None else first.device
+
+
+def to_device(obj, device: torch.device | None):
+    """`obj` with every tensor in it (nested in dicts, tuples and lists) on `device`; tensors
+    already there, and everything that is not a tensor, are returned as they are."""
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device == device else obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)) and not hasattr(obj, "_fields"):  # a named tuple keeps its type as given
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
 def call_model(model: nn.Module, inputs):
-    """model(**inputs) for a dict, model(*inputs) for a tuple or list, model(inputs) otherwise."""
+    """model(**inputs) for a dict, model(*inputs) for a tuple or list, model(inputs) otherwise,
+    with the inputs on the model's device."""
+    inputs = to_device(inputs, model_device(model))
     if isinstance(inputs, dict):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):

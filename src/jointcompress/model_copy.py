@@ -8,6 +8,7 @@ model, so removing a parametrization from the copy would remove it from the live
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 import torch.nn as nn
@@ -34,3 +35,19 @@ def _graph_tensors(model: nn.Module):
             for v in vars(holder).values():
                 if isinstance(v, torch.Tensor) and v.grad_fn is not None:
                     yield v
+
+
+def on_cpu(model: nn.Module, spec=None):
+    """(model, spec) with every tensor on the CPU, where artifacts are written and ONNX and int8
+    models are made: the objects themselves when they are there already, else copies, so a model
+    finalized on a GPU can be saved and deployed and still be used where it is."""
+    from dataclasses import replace
+
+    if all(t.device.type == "cpu" for t in itertools.chain(model.parameters(), model.buffers())):
+        moved = model
+    else:
+        moved = plain_copy(model).cpu()
+    if spec is not None and any(ls.scale is not None and ls.scale.device.type != "cpu" for ls in spec.layers.values()):
+        spec = replace(spec, layers={n: replace(ls, scale=None if ls.scale is None else ls.scale.cpu())
+                                     for n, ls in spec.layers.items()})
+    return moved, spec

@@ -21,6 +21,8 @@ from .deploy.timing import DEFAULT_THREADS, time_contenders
 from .data import Split, evaluator, load_dataset
 from .errors import ArtifactError, DataError
 from .layer_types import COMPRESSIBLE
+from .model_call import model_device
+from .model_copy import on_cpu
 from .models import build_model, is_builder
 from .recipe import Recipe
 
@@ -105,26 +107,39 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def train_teacher(model_name: str, split: Split, epochs: int, lr: float = 1e-3, batch_size: int = 64, seed: int = 0, progress=None) -> nn.Module:
+def train_teacher(model_name: str, split: Split, epochs: int, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
+                  progress=None, device: torch.device | None = None) -> nn.Module:
+    """The model trained from scratch on `device` (default: the CPU), built on the CPU first so a seed gives
+    the same start anywhere, and returned on the CPU, as every model the pipeline hands over."""
     seed_everything(seed)
     model = builder_for(model_name, split)()
+    if device is not None:
+        model.to(device)
     train_baseline(model, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test), epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
-    return model
+    return model.cpu()
 
 
 def compress_and_save(
     name: str, teacher: nn.Module, recipe: Recipe, split: Split, builder, out_dir: Path | None,
-    progress=None, callbacks=None, **compress_kwargs,
+    progress=None, callbacks=None, device: torch.device | None = None, **compress_kwargs,
 ) -> Outcome:
     """Compress a copy of `teacher` (which also serves as the distillation teacher), finalize,
     and save the artifact to OUT_DIR/NAME (not saved when out_dir is None, e.g. on ranks > 0).
+    With a `device` other than the teacher's, the copy and the teacher train there (the caller's teacher
+    stays where it is), and the compressed model comes back on the CPU, where it is timed and deployed.
     `compress_kwargs` go to compress() (run_dir, resume, checkpoint_every, ...)."""
     seed_everything(recipe.training.seed)
+    moved = device is not None and model_device(teacher) != device
+    if moved:
+        teacher = copy.deepcopy(teacher).to(device)
     model = copy.deepcopy(teacher)
     evaluate = evaluator(split.x_test, split.y_test)
     result = compress(model, recipe, (split.x_train, split.y_train), evaluate, teacher=teacher,
                       progress=progress, callbacks=callbacks, **compress_kwargs)
     row, spec = finalize_and_save(model, result, teacher, split, builder, out_dir and out_dir / name)
+    if moved:
+        model.cpu()
+        spec = on_cpu(model, spec)[1]
     return Outcome(name, model, result, row, spec)
 
 

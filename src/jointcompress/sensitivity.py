@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .graph import PRUNABLE_ROOTS, ChannelGroup, discover_groups
+from .graph import PRUNABLE_ROOTS, ChannelGroup, discover_groups, group_device
 from .techniques.quant_lsq import lsq_init_step
 
 DEFAULT_SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
@@ -56,13 +56,13 @@ def quantize_(weight: torch.Tensor, bits: int, per_channel: bool = True) -> torc
 
 
 def _channel_norms(group: ChannelGroup, modules: dict[str, nn.Module]) -> torch.Tensor:
-    sq = torch.zeros(group.channels)
+    sq = torch.zeros(group.channels, device=group_device(group, modules))
     for m in group.out_members():
         layer = modules[m.module]
         if not isinstance(layer, PRUNABLE_ROOTS):
             continue
         rows = layer.weight.detach().flatten(1).pow(2).sum(1)
-        sq.index_add_(0, torch.as_tensor(m.root_idxs), rows[torch.as_tensor(m.idxs)])
+        sq.index_add_(0, torch.as_tensor(m.root_idxs, device=sq.device), rows[torch.as_tensor(m.idxs, device=sq.device)])
     return sq.sqrt()
 
 
@@ -86,7 +86,7 @@ def zero_channels_(model: nn.Module, group: ChannelGroup, sparsity: float) -> li
         for pname in ("weight", "bias"):
             t = getattr(layer, pname, None)
             if isinstance(t, torch.Tensor):
-                t[torch.as_tensor(idxs)] = 0
+                t[torch.as_tensor(idxs, device=t.device)] = 0
     return sorted(drop)
 
 

@@ -116,14 +116,16 @@ class Candidate:
     def __init__(self, model: nn.Module, quant_layers: list[str], prune_layers: list[str], per_channel: bool,
                  sparsity_at_quant_start: float = 1.0, steps: dict[str, torch.Tensor] | None = None,
                  scores: dict[str, torch.Tensor] | None = None, copy_model: bool = True):
-        self.model = (copy.deepcopy(model) if copy_model else model).eval()
+        # on the CPU, where the artifact writer measures it (a GPU model's copy is moved; each probe then
+        # encodes without another copy)
+        self.model = (copy.deepcopy(model) if copy_model else model).cpu().eval()
         self.modules = dict(self.model.named_modules())
         self.original = {n: self.modules[n].weight.detach().clone() for n in quant_layers}
-        rank = scores or {n: self.original[n].abs() for n in prune_layers}
+        rank = {n: v.cpu() for n, v in scores.items()} if scores else {n: self.original[n].abs() for n in prune_layers}
         self.order = {n: torch.argsort(rank[n].flatten(), descending=True) for n in prune_layers}
         self.quant_layers, self.per_channel = quant_layers, per_channel
         self.at_start = sparsity_at_quant_start
-        self.steps = steps  # trained LSQ steps (size feedback), else estimated
+        self.steps = None if steps is None else {n: v.cpu() for n, v in steps.items()}  # trained LSQ steps, else estimated
         self.biases = {n: self.modules[n].bias.detach().clone() for n in quant_layers
                        if isinstance(getattr(self.modules[n], "bias", None), torch.Tensor)}
         self.step_format, self.bias_format = "fp16", "fp16"  # as training stores them (artifact/precision.py)

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .graph import ChannelGroup
+from .model_call import call_model, model_device, to_device
 
 
 @dataclass
@@ -93,7 +94,8 @@ def norm_importance(model: nn.Module, groups: list[ChannelGroup]) -> NormImporta
 def held_out_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 1000) -> float:
     """Mean cross-entropy of `model` on (x, y)."""
     model.eval()
-    total = sum(float(F.cross_entropy(model(x[i:i + chunk]), y[i:i + chunk], reduction="sum"))
+    device = model_device(model)
+    total = sum(float(F.cross_entropy(call_model(model, x[i:i + chunk]), to_device(y[i:i + chunk], device), reduction="sum"))
                 for i in range(0, len(x), chunk))
     return total / max(1, len(x))
 

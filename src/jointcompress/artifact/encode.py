@@ -181,7 +181,10 @@ def encode_model(model: nn.Module, spec: CompressionSpec, entropy: bool = True,
     """Encode every quantized layer (weights, scale, bias) in its smallest form; keep the rest as
     is, in fp16 where it holds only fp16 values and `narrow(key)` allows it (default: always; the
     size allocator predicts a file from a teacher whose values training will still move, so it
-    allows only what training keeps on fp16 values)."""
+    allows only what training keeps on fp16 values). A model on a GPU is encoded from a CPU copy."""
+    from ..model_copy import on_cpu
+
+    model, spec = on_cpu(model, spec)
     enc = Encoding()
     quantized = _quantized_layers(model, spec)
     skip = set()

@@ -4,6 +4,9 @@
 BUILT_IN_MODELS = "lenet300 | lenet5 | resnet | seqcnn | vit | lstm"
 # what --model takes: a built-in or the user's own zero-argument builder (models.load_builder)
 MODEL_CHOICES = f"{BUILT_IN_MODELS}, or your builder (package.module:function or file.py:function)"
+# --device of the commands that train (devices.resolve_device reads it)
+DEVICE_HELP = ("Where to train: cpu, cuda, cuda:N, mps, or auto (a GPU where there is one). Artifacts, int8 models and "
+               "latency are made and measured on the CPU either way.")
 
 
 def refuse_hf_recipe(recipe, recipe_path, command: str, instead: str) -> None:

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from ..compare import DEFAULT_VARIANTS
-from . import MODEL_CHOICES
+from . import DEVICE_HELP, MODEL_CHOICES
 
 
 def parse_floats(text: str, what: str) -> list[float]:
@@ -47,11 +47,13 @@ def register(app: typer.Typer) -> None:
                                            "epoch at the target) or 'last' (the same rule for every variant, no choice made on "
                                            "the evaluation data). Default: the recipe's (best)."),
         force: bool = typer.Option(False, "--force", help="Allow writing into a non-empty --out."),
+        device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
     ) -> None:
         """Run joint (coordination none/scale/pcgrad) and sequential at each ratio and seed, with the
         same epochs and per-layer budgets; write compare.json/.csv and the Pareto plot."""
         from ..cli import console, progress_bar, tracked
         from ..compare import CompareSpec, run_compare
+        from ..devices import resolve_device
         from ..errors import JointCompressError
         from ..io import prepare_output_dir
         from ..pipeline import load_split
@@ -74,7 +76,8 @@ def register(app: typer.Typer) -> None:
         name = absolute_builder(name)  # the artifacts' manifests record it
         spec = CompareSpec(ratios=parse_floats(ratios, "--ratios"), seeds=seeds,
                            variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
-                           teacher_epochs=teacher_epochs, epochs=epochs, first_seed=first_seed, keep=keep)
+                           teacher_epochs=teacher_epochs, epochs=epochs, first_seed=first_seed, keep=keep,
+                           device=str(resolve_device(device)))
         split = load_split(recipe, data)
         out = prepare_output_dir(out, force=force)
         with progress_bar() as bar:

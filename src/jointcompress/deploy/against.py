@@ -115,10 +115,11 @@ def selection_split(split, n: int):
 
 def accuracy_of(fn, x: torch.Tensor, y: torch.Tensor) -> float:
     """Top-1 accuracy of a model or deployed callable (a ModelOutput read as training reads it)."""
+    from ..model_call import call_model
     from ..session.outputs import logits_of
 
     with torch.inference_mode():
-        hits = sum(int((logits_of(fn(x[i:i + 1000])).argmax(-1) == y[i:i + 1000]).sum())
+        hits = sum(int((logits_of(call_model(fn, x[i:i + 1000])).argmax(-1).cpu() == y[i:i + 1000].cpu()).sum())
                    for i in range(0, len(x), 1000))
     return hits / len(x)
 

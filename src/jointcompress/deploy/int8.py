@@ -54,6 +54,8 @@ import torch.nn as nn
 
 from ..errors import JointCompressError, UnsupportedModelError
 from ..layer_types import COMPRESSIBLE
+from ..model_call import to_device
+from ..model_copy import on_cpu
 from ..spec import CompressionSpec
 from .onnx_export import export_onnx, ort_input, ort_predict, ort_session
 from .parity import ParityReport, batches, compare
@@ -295,7 +297,11 @@ def quantize_int8(model: nn.Module, spec: CompressionSpec | None, calibration, e
                   backend: str = DEFAULT_BACKEND, workdir: str | os.PathLike | None = None,
                   threads: int = DEFAULT_THREADS) -> Int8Model:
     """An int8 model for CPU inference. `calibration`: inputs (tensor, (X, Y) or batches).
-    `threads`: intra-op threads of the ONNX Runtime session (re-made by `with_threads`)."""
+    `threads`: intra-op threads of the ONNX Runtime session (re-made by `with_threads`). A model on a GPU
+    is deployed from a CPU copy; the parity check below still runs it where it is."""
+    reference = model
+    model, spec = on_cpu(model, spec)
+    example_input = to_device(example_input, torch.device("cpu"))
     if backend == "onnxruntime":
         if workdir is not None:
             int8 = quantize_onnxruntime(model, spec, calibration, Path(workdir), example_input, threads=threads)
@@ -308,7 +314,7 @@ def quantize_int8(model: nn.Module, spec: CompressionSpec | None, calibration, e
         int8 = quantize_torch(model, calibration, example_input, engine)
     else:
         raise JointCompressError(f"int8 backend {backend!r} is unknown; use 'onnxruntime' or 'torch[-x86|-qnnpack|...]'")
-    int8.parity = calibration_parity(model, int8, calibration)
+    int8.parity = calibration_parity(reference, int8, calibration)
     return int8
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import JointCompressError, UnsupportedModelError
+from ..model_copy import on_cpu
 from . import timing
 from .parity import ParityReport, compare
 from .timing import DEFAULT_THREADS
@@ -38,7 +39,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
             f"{type(example_input).__name__} example inputs. Wrap the model in a module whose forward takes one tensor")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = copy.deepcopy(model).eval()
+    model, example_input = copy.deepcopy(on_cpu(model)[0]).eval(), example_input.cpu()  # ONNX Runtime runs on the CPU
     tmp = path.with_name(f".{path.name}.tmp")
     errors = []
     for kind in (["legacy", "dynamo"] if exporter == "auto" else [exporter]):

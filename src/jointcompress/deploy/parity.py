@@ -71,13 +71,14 @@ def compare(reference: Predict, deployed: Predict, data, backend: str,
     """Run both on `data`; the metric is computed over all samples when targets are given. Both
     outputs are read as training reads them (session.outputs.logits_of): a bare Hugging Face model
     returns a ModelOutput, which exported fine and then failed here on `.float()`."""
+    from ..model_call import model_device, to_device
     from ..session.outputs import logits_of
 
     worst, scale, n, agree, classified = 0.0, 0.0, 0, 0, 0
     ref_all, dep_all, ys = [], [], []
     with torch.inference_mode():
         for x, y in batches(data):
-            r, d = logits_of(reference(x)).float(), logits_of(deployed(x)).float()
+            r, d = (logits_of(fn(to_device(x, model_device(fn)))).float().cpu() for fn in (reference, deployed))
             if r.shape != d.shape:  # broadcasting would compare them anyway and report a small gap
                 raise UnsupportedModelError(
                     f"{backend}{f' ({path})' if path else ''} returned logits of shape {list(d.shape)} for a batch of "

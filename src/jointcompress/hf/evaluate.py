@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..model_call import call_model
+
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, tensors: dict[str, torch.Tensor], batch_size: int = 128) -> torch.Tensor:
@@ -22,7 +24,7 @@ def predict_logits(model: torch.nn.Module, tensors: dict[str, torch.Tensor], bat
         batch = {k: tensors[k][idx] for k in keys}
         length = int(batch["attention_mask"].sum(1).max())
         batch = {k: v[:, :length] for k, v in batch.items()}
-        outs.append(model(**batch).logits.float())
+        outs.append(call_model(model, batch).logits.float().cpu())  # rows to the model's device, logits back
     model.train(was_training)
     logits = torch.empty(order.numel(), outs[0].shape[-1])
     logits[order] = torch.cat(outs)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from jointcompress.errors import RecipeError
+from jointcompress.model_call import call_model, model_device
 
 
 class UnitMask(nn.Module):
@@ -136,7 +137,7 @@ def gate_importance(model: nn.Module, attach, n_layers: int, width: int, batch_i
     """
     gate = UnitMask(n_layers, width, 1, per_layer=True)
     gate.scores.requires_grad_(False)
-    ones = torch.ones(n_layers, width, requires_grad=True)
+    ones = torch.ones(n_layers, width, requires_grad=True, device=model_device(model))
     gate.forward = lambda: ones  # type: ignore[method-assign]
     handles = attach(model, gate)
     imp = torch.zeros_like(ones)
@@ -146,7 +147,7 @@ def gate_importance(model: nn.Module, attach, n_layers: int, width: int, batch_i
         for j, batch in enumerate(batch_iter):
             if j >= n_batches:
                 break
-            (g,) = torch.autograd.grad(model(**batch).loss, ones)
+            (g,) = torch.autograd.grad(call_model(model, batch).loss, ones)  # the batch goes to the model's device
             imp += g.abs()
     finally:
         for h in handles:

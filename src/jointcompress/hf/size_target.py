@@ -194,7 +194,7 @@ def _unpinned(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         if p.numel() > 1 and p.is_floating_point() and bool((p == p.reshape(-1)[0]).all()):
             spread = 1e-2 * max(float(p.reshape(-1)[0].abs()), 1.0)
-            p.add_(torch.randn(p.shape, generator=generator).to(p) * spread)
+            p.add_(torch.randn(p.shape, generator=generator, device="cpu").to(p) * spread)
     return model
 
 

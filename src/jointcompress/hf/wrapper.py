@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from jointcompress.errors import DataError
+from jointcompress.model_call import call_model
 
 
 def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -176,6 +177,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     correct = 0
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
-        correct += int((model(x[idx]).argmax(-1) == y[idx]).sum())
+        correct += int((call_model(model, x[idx]).argmax(-1).cpu() == y[idx].cpu()).sum())
     model.train(was)
     return correct / max(1, len(y))

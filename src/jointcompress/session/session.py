@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from ..coordination import GradientCoordinator
 from ..errors import RecipeError
+from ..model_call import model_device, to_device
 from ..plan import Plan
 from ..techniques.base import RunContext
 from . import terms as _terms
@@ -229,6 +230,7 @@ class CompressionSession:
         batch), else the model's own loss or cross-entropy), weighted down by distillation,
         plus each technique's terms ("distill", "sparsity", "quant", ...)."""
         self.begin_step()
+        batch = to_device(batch, model_device(self.model))  # a GPU model's labels and sample index beside its logits
         b = split_batch(batch) if batch is not None else Batch(None)
         ctx = self.ctx
         ctx.batch_inputs, ctx.batch_targets = b.inputs, b.targets
@@ -242,6 +244,7 @@ class CompressionSession:
 
     def forward_terms(self, batch) -> dict[str, torch.Tensor]:
         """Forward the model on the batch's inputs and return the step's loss terms."""
+        batch = to_device(batch, model_device(self.model))
         outputs = call_model(self.model, split_batch(batch).inputs)
         return self.loss(outputs, batch)
 

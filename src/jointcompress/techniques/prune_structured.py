@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 from .. import schedules
 from ..block_drop import groups_that_stay
 from ..errors import RecipeError
-from ..graph import ChannelGroup, discover_groups
+from ..graph import ChannelGroup, discover_groups, group_device
 from ..layer_types import BATCH_NORMS
 from .base import RunContext
 from .masks import ApplyMask, ScoredMask, allocate, floor_warning, floored_layers, layer_keep_count, topk_keep
@@ -91,14 +91,14 @@ class PruneStructured(PruningTechnique):
     @staticmethod
     def _channel_norms(g: ChannelGroup, modules: dict[str, nn.Module]) -> torch.Tensor:
         """L2 norm of each channel over every producing layer of the group (BN excluded)."""
-        sq = torch.zeros(g.channels)
+        sq = torch.zeros(g.channels, device=group_device(g, modules))
         for m in g.out_members():
             layer = modules[m.module]
             if isinstance(layer, BATCH_NORMS) or not hasattr(layer, "weight"):
                 continue
             w = layer.weight.detach()
             rows = w.flatten(1).pow(2).sum(1) if w.dim() > 1 else w.pow(2)
-            sq.index_add_(0, torch.as_tensor(m.root_idxs), rows[torch.as_tensor(m.idxs)])
+            sq.index_add_(0, torch.as_tensor(m.root_idxs, device=sq.device), rows[torch.as_tensor(m.idxs, device=sq.device)])
         return sq.sqrt()
 
     def on_step(self, ctx: RunContext) -> None:
@@ -179,13 +179,14 @@ class PruneStructured(PruningTechnique):
                         b.copy_(state[k])
 
     def _original_norms(self, g: ChannelGroup, modules) -> torch.Tensor:
-        sq = torch.zeros(g.channels)
+        sq = torch.zeros(g.channels, device=group_device(g, modules))
         for m in g.out_members():
             layer = modules[m.module]
             if isinstance(layer, BATCH_NORMS):
                 continue
             w = layer.parametrizations.weight.original.detach()
-            sq.index_add_(0, torch.as_tensor(m.root_idxs), w.flatten(1).pow(2).sum(1)[torch.as_tensor(m.idxs)])
+            sq.index_add_(0, torch.as_tensor(m.root_idxs, device=sq.device),
+                          w.flatten(1).pow(2).sum(1)[torch.as_tensor(m.idxs, device=sq.device)])
         return sq.sqrt()
 
     def loss_terms(self, ctx: RunContext) -> dict[str, torch.Tensor]:

@@ -86,7 +86,7 @@ class Landing:
         shares = (CHANNEL_SHARE, 0.0) if drop else (0.0,)
         orders = [self.ranking(drop, share) for share in shares]  # before any probe fixes a pattern
         for share, order in zip(shares, orders):
-            guess = int(torch.searchsorted(torch.cumsum(order[2], 0), torch.tensor(abs(before - aim))))
+            guess = _first_reaching(order[2], abs(before - aim))
             count, size, probes = self._search(lambda k: self._apply(model, order, k, keeps, drop), len(order[0]),
                                                guess, drop)
             if not drop or size <= self.band_top():
@@ -155,7 +155,7 @@ class Landing:
                 q._change_width(m.parametrizations.weight.original.detach(), int(q.held_bits) + 1)
             return float(self.file_bytes(model)["total"]) if measure else None
 
-        guess = int(torch.searchsorted(torch.cumsum(torch.tensor([c for _, c in plan]), 0), torch.tensor(gap)))
+        guess = _first_reaching(torch.tensor([c for _, c in plan]), gap)
         count, _, probes = self._search(apply, len(plan), guess, drop=False)
         apply(count, measure=False)
         self.calibrate(model)
@@ -293,10 +293,10 @@ class Landing:
     def bytes_per_weight(self) -> torch.Tensor:
         """What one kept weight costs in each layer (calibrated bytes): the estimate's slope in the
         layer's count, i.e. its value bits plus its share of the position bits at this density."""
-        counts = torch.tensor([float(q.hard_keep(m.parametrizations.weight.original).sum())
-                               for m, q in self.layers.values()], requires_grad=True)
-        numels = [m.parametrizations.weight.original.numel() for m, _ in self.layers.values()]
         bits = torch.stack([q.bits_ste().detach().float() for _, q in self.layers.values()])
+        counts = torch.tensor([float(q.hard_keep(m.parametrizations.weight.original).sum())
+                               for m, q in self.layers.values()], device=bits.device, requires_grad=True)
+        numels = [m.parametrizations.weight.original.numel() for m, _ in self.layers.values()]
         with torch.enable_grad():
             (slope,) = torch.autograd.grad(sparse_layer_bytes(counts, numels, bits).sum(), counts)
         return (slope * self.scale).clamp_min(1e-3)
@@ -323,7 +323,7 @@ class Landing:
             idx = torch.nonzero(eligible.flatten()).flatten()
             m_idx = margin.flatten()[idx].float()
             scores.append(m_idx / per_byte[i] if drop else -m_idx * per_byte[i])
-            owners.append(torch.full((len(idx),), i))
+            owners.append(torch.full((len(idx),), i, device=idx.device))
             where.append(idx)
         order = torch.argsort(torch.cat(scores), stable=True)
         owners = torch.cat(owners)[order]
@@ -393,8 +393,15 @@ class Landing:
         """Zero the cheapest kept weights (`ranking`) until the estimate frees `excess` bytes: into the
         dead zone, where training may grow them back; the pattern stays free. Returns how many."""
         owners, where, freed = self.ranking(drop=True)
-        count = int(torch.searchsorted(torch.cumsum(freed, 0), torch.tensor(excess))) + 1
+        count = _first_reaching(freed, excess) + 1
         for i, (m, _) in enumerate(self.layers.values()):
             set_flat(m.parametrizations.weight.original, where[:count][owners[:count] == i], 0.0)
         self.moved_weights = True
         return count
+
+
+def _first_reaching(costs: torch.Tensor, total: float) -> int:
+    """How many of `costs`, taken in order, it takes before their running sum reaches `total`
+    (searchsorted on the cumulative sum, on the costs' device)."""
+    running = torch.cumsum(costs, 0)
+    return int(torch.searchsorted(running, torch.tensor(total, device=running.device)))
