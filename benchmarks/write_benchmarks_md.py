@@ -303,6 +303,8 @@ def point_rows() -> list[dict]:
         runs = r.get("runs", [])
         if not any("changed_share" in row for row in runs):
             continue  # measured with the earlier joint mode
+        if r.get("device", "cpu") != "cpu":
+            continue  # a run on a GPU: its own section (gpu_section), beside the CPU runs of its point
         quant = next((t for t in r["recipe"]["techniques"] if t["type"] == "quant_lsq"), {})
         bits = quant.get("bits", "-")
         if quant.get("norm_format", "fp32") != "fp32":  # normalization layers stored narrower: another point
@@ -752,6 +754,54 @@ def keep_rule_section(pairs=KEEP_RULE_PAIRS) -> list[str]:
             "measured here.", "", "Reproduce: " + "; ".join(f"`{r['command']}`" for _, _, rb, rl in pairs for r in (rb, rl))
             + ".", ""]
     return out
+
+
+# runs on a GPU and the stored CPU runs of the same point (same command otherwise, same seeds)
+GPU_PAIRS = (("compare_lenet5_200x_e6_cuda_s0", "compare_lenet5_200x_e6_keep_best"),)
+
+
+def gpu_section(pairs=GPU_PAIRS) -> list[str]:
+    """The same compare command with --device cuda, beside the CPU runs of its seeds: what a GPU changes
+    (the wall time) and what it must not (the accuracies, to the run-to-run noise of another device)."""
+    loaded = [((g, load_compare(g)), (c, load_compare(c))) for g, c in pairs]
+    loaded = [(g, c) for g, c in loaded if g[1] is not None and c[1] is not None]
+    if not loaded:
+        return []
+    out = ["## On a GPU (--device cuda)", "",
+           "The same comparison with every teacher and variant trained on a GPU (`--device cuda`; the artifacts are "
+           "written and measured on the CPU as always), beside the CPU runs of the same seeds. The machine is recorded "
+           "with each run. Error and wall time per run:", "",
+           "| model | target | epochs | seed | variant | device | teacher error | error | file | wall s | results |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for gpu, cpu in loaded:
+        seeds = {row["seed"] for row in gpu[1]["runs"]}
+        for folder, r in (gpu, cpu):
+            teachers = {u["seed"]: 1 - u["accuracy"] for u in r["uncompressed"]}
+            for row in sorted((x for x in r["runs"] if x["seed"] in seeds), key=lambda x: (x["seed"], x["variant"])):
+                out.append(f"| {MODELS[r['model']]} | {row['ratio_target']:g}x | {r['epochs']} | {row['seed']} | "
+                           f"{row['variant']} | {r.get('device', 'cpu')} | {100 * teachers[row['seed']]:.2f}% | "
+                           f"{100 * row['error']:.2f}% | {row['file_bytes']:,} B | {row['wall_s']:.0f} | `{folder}` |")
+    for gpu, cpu in loaded:
+        ratios = {name: _wall_ratio(r, {row["seed"] for row in gpu[1]["runs"]}) for name, r in (("GPU", gpu[1]), ("CPU", cpu[1]))}
+        if all(v is not None for v in ratios.values()):
+            out += ["", f"The joint run's wall time is {ratios['GPU']:.1f}x the sequential run's on the GPU and "
+                        f"{ratios['CPU']:.1f}x on the CPU: the joint form's extra work (its size estimate at every step, and the "
+                        "calibrations and landing probes that encode the weights file on the CPU, about 40 a run) gains "
+                        "less from the GPU than the training itself (an inference from these wall times; the GPU run was "
+                        "not profiled)."]
+        out += ["", f"GPU machine: {gpu[1].get('machine', 'not recorded')}.", "",
+                "Reproduce: " + "; ".join(f"`{r['command']}`" for _, r in (gpu, cpu)) + "."]
+    return out + [""]
+
+
+def _wall_ratio(r: dict, seeds: set[int]) -> float | None:
+    """Joint's total wall time over sequential's, on the given seeds."""
+    wall = {}
+    for row in r["runs"]:
+        if row["seed"] in seeds:
+            kind = "sequential" if row["variant"] == "sequential" else "joint"
+            wall[kind] = wall.get(kind, 0.0) + row["wall_s"]
+    return wall["joint"] / wall["sequential"] if wall.get("sequential") and "joint" in wall else None
 
 
 def _keep_rule_rows(rule: str, name: str, r: dict) -> list[str]:
@@ -1311,6 +1361,7 @@ def main() -> None:
     text += headline_table(points, intro=HEADLINE_INTRO)
     text += points_table(points)
     text += keep_rule_section()
+    text += gpu_section()
     text += demo_section()
     text += demo_seeds_section() + demo_seeds_section("demo_seeds_joint_pcgrad.json") + demo_joint_against_joint()
     for model, folder, title in (("lenet300", "compare_lenet300_100x", " at 100x"),
