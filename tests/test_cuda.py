@@ -147,6 +147,8 @@ def test_teacher_cache_moves_to_the_device_of_the_logits():
     from jointcompress.session.teacher import TeacherCache
 
     cache = TeacherCache.from_state({"idx": torch.tensor([0, 1]), "logits": torch.ones(2, 3)})  # a checkpoint's
+    hit = cache.get(torch.tensor([1, 0], device=CUDA))  # cached before the run was resumed on the GPU
+    assert hit.device.type == "cuda" and hit.tolist() == [[1.0] * 3] * 2
     idx = torch.tensor([1, 2], device=CUDA)
     assert cache.get(idx) is None
     cache.put(idx, torch.full((2, 3), 2.0, device=CUDA))

@@ -198,7 +198,7 @@ def compress_cmd(
         if resolve_device(device).type != "cpu":
             raise JointCompressError(f"--device {device}: Hugging Face recipes train on the CPU from the command line; on "
                                      "a GPU, use the Python API: model.to('cuda'), then jointcompress.compress(...) or the "
-                                     "Trainer integration (docs/huggingface.md)")
+                                     "Trainer integration (docs/transformers.md)")
 
         if model:
             recipe = recipe.model_copy(update={"model": model})

@@ -62,7 +62,7 @@ def quantize_torch_int8(model: nn.Module) -> nn.Module:
     """A copy of model with all nn.Linear replaced by torch dynamic int8 Linear (CPU)."""
     import warnings
 
-    model = baked_copy(model).eval()
+    model = baked_copy(model).cpu().eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
@@ -95,7 +95,7 @@ def export_onnx(model: nn.Module, path: str | Path, seq_len: int = 64, token_typ
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = baked_copy(model).eval()
+    model = baked_copy(model).cpu().eval()  # ONNX Runtime runs on the CPU: a GPU model is exported from a copy there
     model.config._attn_implementation = "eager"  # sdpa's mask path traces poorly
     names = list(INPUT_NAMES) + (["token_type_ids"] if token_types else [])
     example = tuple(torch.ones(2, seq_len, dtype=torch.long) for _ in names)

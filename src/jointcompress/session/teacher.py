@@ -30,7 +30,8 @@ class TeacherCache:
     def get(self, idx: torch.Tensor) -> torch.Tensor | None:
         if self.logits is None:
             return None
-        idx = idx.to(self.have.device)
+        if self.logits.device != idx.device:  # a checkpoint's cache (read on the CPU) joins a GPU run: once
+            self.logits, self.have = self.logits.to(idx.device), self.have.to(idx.device)
         if int(idx.max()) >= len(self.have) or not bool(self.have[idx].all()):
             return None
         return self.logits[idx]
