@@ -265,3 +265,31 @@ def test_sequential_size_target_trains_on_gpu_through_the_pipeline(trained, tmp_
     assert any(e["event"] in ("size_steering", "size_trim") for e in outcome.result.history.events)
     goal = target_bytes(teacher, targeted.target)
     assert outcome.row["file_bytes"] <= 1.05 * goal and outcome.row["accuracy"] > 0.5
+
+
+def test_trainer_moving_the_model_to_the_gpu_after_prepare_takes_the_session_along(tmp_path):
+    """prepare() on the CPU, then the transformers Trainer moves the model to the GPU in its constructor:
+    CompressionTrainer moves the masks and the teacher after it (session.to)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from hf_helpers import tiny_bert
+    from transformers import TrainingArguments
+
+    from jointcompress.integrations.hf_trainer import CompressionTrainer
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 60, (24, 10), generator=g)
+    rows = [{"input_ids": ids[i], "attention_mask": torch.ones(10, dtype=torch.long), "labels": int(ids[i, 1] > 30)}
+            for i in range(24)]
+    model, teacher = tiny_bert(layers=2, seed=0), tiny_bert(layers=2, seed=1)
+    session = prepare(model, {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5,
+                                              "targets": ["*encoder.layer.*"]},
+                                             {"type": "quant_lsq", "bits": 4, "targets": ["*encoder.layer.*"]},
+                                             {"type": "distill_kd", "alpha": 0.5}]}, total_steps=4, teacher=teacher)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=6, learning_rate=1e-3,
+                             report_to=[], save_strategy="no", disable_tqdm=True, seed=0)
+    trainer = CompressionTrainer(session=session, model=model, args=args, train_dataset=rows)
+    trainer.train()
+    prune = next(t for t in session.techniques if t.kind == "prune_unstructured")
+    assert _on_gpu(model) and next(teacher.parameters()).device.type == "cuda"
+    assert prune.at_target() and all(m.scores.device.type == "cuda" for m in prune.masks.values())

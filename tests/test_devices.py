@@ -80,3 +80,32 @@ def test_commands_refuse_a_cuda_device_this_machine_lacks_before_any_work(monkey
                         *([str(tmp_path / "out")] if command[0] != "demo" else []), "--device", "cuda")
     assert code == 2 and "--device 'cuda': no CUDA device is visible here" in out and "Traceback" not in out
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_session_to_moves_what_it_holds_beside_a_model_moved_after_prepare():
+    """The transformers Trainer moves the model in its constructor, after prepare(): the masks and the
+    teacher, which are not the model's submodules, must follow (CompressionTrainer calls session.to)."""
+    from jointcompress import prepare
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    teacher = nn.Sequential(nn.Linear(8, 4))
+    session = prepare(model, {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5},
+                                             {"type": "quant_lsq", "bits": 4}, {"type": "distill_kd"}]},
+                      total_steps=10, teacher=teacher, example_inputs=torch.randn(2, 8))
+    prune = next(t for t in session.techniques if t.kind == "prune_unstructured")
+    model.to(META)
+    assert all(m.scores.device.type == "cpu" for m in prune.masks.values())  # what the move leaves behind
+    assert session.to(META) is session
+    assert all(m.scores.device == META and m.hard.device == META for m in prune.masks.values())
+    assert next(teacher.parameters()).device == META
+
+
+def test_a_teacher_on_another_device_than_the_model_is_refused_before_training():
+    from jointcompress import DataError, compress
+
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    model, teacher = nn.Sequential(nn.Linear(8, 4)), nn.Sequential(nn.Linear(8, 4)).to(META)
+    with pytest.raises(DataError, match=r"teacher: it is on meta and the model on cpu.*teacher.to\(device\)"):
+        compress(model, {"techniques": [{"type": "distill_kd"}], "training": {"epochs": 1, "batch_size": 8}},
+                 (x, y), lambda m: 0.0, teacher=teacher)

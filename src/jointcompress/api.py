@@ -262,6 +262,9 @@ def check_teacher_data(teacher: nn.Module, example, model_outputs, alpha: float)
             "(teacher.to(device))"
         ) from None
     s_logits = logits_of(model_outputs)
+    if t_logits.device != s_logits.device:  # its inputs followed it there; distillation would fail at the first step
+        raise DataError(f"teacher: it is on {t_logits.device} and the model on {s_logits.device}; distillation compares "
+                        "their logits on every step, so put the teacher beside the model (teacher.to(device))")
     if alpha > 0 and tuple(t_logits.shape) != tuple(s_logits.shape):
         raise DataError(
             f"teacher: its logits have shape {tuple(t_logits.shape)} and the model's {tuple(s_logits.shape)}; "

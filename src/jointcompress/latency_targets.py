@@ -41,7 +41,8 @@ from .deploy.timing import DEFAULT_THREADS, steady_ms, time_contenders
 from .graph import PRUNABLE_ROOTS, ChannelGroup, build_graph, discover_groups
 from .latency_knee import TOLERANCE, give_back_within
 from .layer_types import CONVOLUTIONS
-from .model_call import call_model
+from .model_call import call_model, to_device
+from .model_copy import on_cpu
 
 MAX_CONFIRM = 3  # allocate -> time -> tighten rounds
 CALIBRATED = 0.85  # calibrate=True stops once a model measures within 15% under the target
@@ -719,7 +720,9 @@ def with_latency_budgets(data: dict, alloc: LatencyAllocation):
 def resolve_latency(model: nn.Module, data: dict, example_inputs, target, measure_dense=None):
     """resolve_target's latency branch: allocate, then write the per-group budgets. A `speedup`
     target becomes milliseconds here: the uncompressed model timed now, the same way the shrunk
-    models are (`measure_dense(model) -> ms`, default timed_ms at target.batch), divided by it."""
+    models are (`measure_dense(model) -> ms`, default timed_ms at target.batch), divided by it.
+    Timed on the CPU, the deployment the targets are for: a model on a GPU is allocated from a CPU copy."""
+    model, example_inputs = on_cpu(model)[0], to_device(example_inputs, torch.device("cpu"))
     if target.speedup is not None:
         measure_dense = measure_dense or (lambda m: timed_ms(m, example_inputs, target.batch))
         dense_ms = float(measure_dense(copy.deepcopy(model)))

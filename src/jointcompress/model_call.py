@@ -12,6 +12,7 @@ model lives. A model already beside its inputs pays one device comparison per ca
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import torch
@@ -25,6 +26,14 @@ def model_device(model) -> torch.device | None:
         return None
     first = next(itertools.chain(model.parameters(), model.buffers()), None)
     return None if first is None else first.device
+
+
+def on_model_device(model):
+    """A context in which new tensors are made on the model's device: what a technique creates as it
+    attaches (mask scores, LSQ step sizes, dead zones, their buffers) then sits beside the weights it
+    acts on, on a GPU too. A model on the CPU (or without weights) gets no context at all."""
+    device = model_device(model)
+    return torch.device(device) if device is not None and device.type != "cpu" else contextlib.nullcontext()
 
 
 def to_device(obj, device: torch.device | None):

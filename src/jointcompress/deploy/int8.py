@@ -136,11 +136,11 @@ def weight_overrides(onnx_path: Path, folded: nn.Module, scales: dict[str, np.nd
     from onnx import numpy_helper
 
     modules = dict(folded.named_modules())
-    wanted = {name: modules[name].weight.detach().float().numpy() for name in scales}
+    wanted = {name: modules[name].weight.detach().float().cpu().numpy() for name in scales}
     unfolded = {}
     if trained is not None:
         before = dict(trained[0].named_modules())
-        unfolded = {name: (before[name].weight.detach().double().numpy(), scale) for name, scale in trained[1].items()}
+        unfolded = {name: (before[name].weight.detach().double().cpu().numpy(), scale) for name, scale in trained[1].items()}
     overrides = {}
     for init in onnx.load(str(onnx_path)).graph.initializer:
         arr = numpy_helper.to_array(init)

@@ -209,7 +209,7 @@ def export_and_check(model: nn.Module, path: str | os.PathLike, example_input: t
     logits' scale on the built-in models); a gap over `tolerance` times the largest reference logit
     means the graph computes something else, and raises. `tolerance=None` only reports."""
     path = export_onnx(model, path, example_input, exporter)
-    model = model.eval()
+    model = on_cpu(model)[0].eval()  # the float32 model it was exported from (a GPU's TF32 convolutions would differ)
     report = compare(model, _runnable(path, example_input), eval_data if eval_data is not None else example_input,
                      "onnxruntime fp32", path=str(path))
     allowed = None if tolerance is None else tolerance * max(1.0, report.max_abs_reference or 0.0)

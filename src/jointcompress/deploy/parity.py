@@ -92,7 +92,7 @@ def compare(reference: Predict, deployed: Predict, data, backend: str,
                 agree += int((r.argmax(-1) == d.argmax(-1)).sum())
                 classified += r.argmax(-1).numel()
             if y is not None:
-                ref_all.append(r), dep_all.append(d), ys.append(y)
+                ref_all.append(r), dep_all.append(d), ys.append(y.cpu())
     rep = ParityReport(backend, worst, n, getattr(metric, "__name__", "metric"), path=path, max_abs_reference=scale,
                        top1_agreement=agree / classified if classified else None)
     if ys:

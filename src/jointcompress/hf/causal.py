@@ -21,6 +21,7 @@ import math
 import torch
 from torch import nn
 
+from jointcompress.model_call import model_device, to_device
 from jointcompress.session.checks import is_conv1d, tied_weights  # noqa: F401 - part of this module's API
 
 
@@ -49,6 +50,7 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
     for i in range(0, len(input_ids), batch_size):
         ids = input_ids[i:i + batch_size]
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask[i:i + batch_size]
+        ids, mask = to_device((ids, mask), model_device(model))  # the rows go where the model is
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum")

@@ -34,4 +34,4 @@ def predict_logits(model: torch.nn.Module, tensors: dict[str, torch.Tensor], bat
 def accuracy(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> float:
     """Fraction of rows whose argmax logit equals the label."""
     logits = predict_logits(model, tensors)
-    return float((logits.argmax(-1) == tensors["labels"]).float().mean())
+    return float((logits.argmax(-1) == tensors["labels"].cpu()).float().mean())

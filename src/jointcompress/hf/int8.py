@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from jointcompress.errors import ArtifactError
+from jointcompress.model_call import model_device, to_device
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 
@@ -132,7 +133,7 @@ def trained_overrides(onnx_path: str | Path, model: nn.Module | None, spec) -> d
     modules = dict(model.named_modules())
     # embedding tables (rounded per row after training, in a loaded artifact's spec) run as ONNX Gather, which
     # ONNX Runtime quantizes per tensor only: per-row overrides stopped quantize_onnx_int8
-    scales = {name: ls.scale.detach().float().reshape(-1).numpy() for name, ls in spec.layers.items()
+    scales = {name: ls.scale.detach().float().reshape(-1).cpu().numpy() for name, ls in spec.layers.items()
               if ls.bits is not None and ls.bits <= 8 and ls.scale is not None
               and not isinstance(modules.get(name), nn.Embedding)}
     return weight_overrides(Path(onnx_path), model, scales)
@@ -163,7 +164,8 @@ def torch_logits_fn(model: nn.Module):
     @torch.no_grad()
     def run(input_ids, attention_mask, token_type_ids=None, **_):
         types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        return model(input_ids=input_ids, attention_mask=attention_mask, **types).logits
+        inputs = to_device({"input_ids": input_ids, "attention_mask": attention_mask, **types}, model_device(model))
+        return model(**inputs).logits.cpu()
 
     return run
 

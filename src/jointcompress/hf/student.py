@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jointcompress.errors import RecipeError, UnsupportedModelError
+from jointcompress.model_call import model_device, to_device
 from jointcompress.hf.layers import drop_layers, every_other
 from jointcompress.hf.pruned import n_layers
 
@@ -115,6 +116,7 @@ class Distiller(nn.Module):
                 self.projs[str(s_idx)] = HiddenProjection(sd, td)
 
     def forward(self, student: nn.Module, batch: dict) -> torch.Tensor:
+        batch = to_device(batch, model_device(student))  # a CPU loader's rows beside the models
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         want_h = self.hidden_weight > 0
         teacher = self.teacher[0]

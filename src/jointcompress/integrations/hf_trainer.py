@@ -28,6 +28,7 @@ except ImportError as err:  # transformers is the optional `hf` extra
     raise ImportError(f"jointcompress.integrations.hf_trainer needs transformers ({err}); pip install jointcompress[hf]") from None
 
 from ..errors import RecipeError
+from ..model_call import model_device
 from ..session.session import CompressionSession
 
 SESSION_FILE = "jointcompress_session.pt"  # beside the Trainer's files in each checkpoint-N folder
@@ -64,7 +65,7 @@ class CompressionTrainer(Trainer):
         if self.args.world_size > 1:
             raise RecipeError("CompressionTrainer runs in one process; for data-parallel compression use "
                               "jointcompress.compress under torchrun")
-        self.session = session
+        self.session = session.to(model_device(self.model))  # the Trainer moved the model after prepare()
         self.add_callback(CompressionCallback(session))
 
     def create_optimizer(self, model=None):
@@ -114,7 +115,7 @@ class CompressionTrainer(Trainer):
         if not os.path.isfile(path):
             raise RecipeError(f"{resume_from_checkpoint}: no {SESSION_FILE}, so the compression session's state (masks, "
                               "quantizers, schedule) cannot be restored; resume from a checkpoint CompressionTrainer wrote")
-        self.session.load_state_dict(torch.load(path, weights_only=True))
+        self.session.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))  # saved on a GPU too
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:

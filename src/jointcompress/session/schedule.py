@@ -6,12 +6,9 @@ whose events built the structure a resumed run must rebuild before loading its s
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
-import torch
-
-from ..model_call import model_device
+from ..model_call import on_model_device
 from ..plan import Plan
 
 
@@ -30,14 +27,6 @@ def apply_events(techniques, plan: Plan, ctx, step: int) -> bool:
             t.freeze()
             changed = True
     return changed
-
-
-def on_model_device(model):
-    """A context in which new tensors are made on the model's device: what a technique creates as it
-    attaches (mask scores, LSQ step sizes, dead zones, their buffers) then sits beside the weights it
-    acts on, on a GPU too. A model on the CPU (or without weights) gets no context at all."""
-    device = model_device(model)
-    return torch.device(device) if device is not None and device.type != "cpu" else contextlib.nullcontext()
 
 
 def event_steps(plan: Plan, before: int) -> list[int]:

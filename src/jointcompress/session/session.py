@@ -80,6 +80,21 @@ class CompressionSession:
         self.sync.techniques(self.techniques)
 
     # -- parameters and optimizer ----------------------------------------------------------
+    def to(self, device) -> "CompressionSession":
+        """Move what the session holds beside the model to `device`: the teacher and the techniques' own
+        modules (mask scores, distillation projections), which are not the model's submodules. For a model
+        moved after prepare(), as the transformers Trainer moves it in its constructor; parameters move in
+        place, so an optimizer made before keeps them."""
+        if device is None:
+            return self
+        if self.teacher is not None:
+            self.teacher.to(device)
+        for t in self.techniques:
+            for value in vars(t).values():
+                for module in _modules_in(value):
+                    module.to(device)
+        return self
+
     def param_groups(self, lr: float | None = None, weight_decay: float | None = None) -> list[dict]:
         """Optimizer groups: the model's weights ("weights"), then each technique's own
         (mask scores, LSQ step sizes, feature projections) with their own LR if they set one.
@@ -445,3 +460,13 @@ def fused_or_foreach(cls, groups: list[dict], **options) -> torch.optim.Optimize
         return cls(groups, fused=True, **options)
     except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
         return cls(groups, foreach=True, **options)
+
+
+def _modules_in(value):
+    """The nn.Modules a technique's attribute holds: itself, or those in a dict, list or tuple of them."""
+    if isinstance(value, nn.Module):
+        yield value
+    elif isinstance(value, dict):
+        yield from (v for v in value.values() if isinstance(v, nn.Module))
+    elif isinstance(value, (list, tuple)):
+        yield from (v for v in value if isinstance(v, nn.Module))

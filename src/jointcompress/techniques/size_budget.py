@@ -36,6 +36,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from ..model_call import on_model_device
 from .base import RunContext, Technique
 from .saliency import FisherSaliency
 from .masks import has_channel_masks
@@ -137,7 +138,8 @@ class SizeBudget(Landing, Technique):
 
         with channels.at_end():
             shrunk, _ = finalized_copy(ctx.model, ctx.example_inputs)
-        build(quant.config).setup(replace(ctx, model=shrunk))
+        with on_model_device(shrunk):  # its quantizers beside the copy's weights, on a GPU too
+            build(quant.config).setup(replace(ctx, model=shrunk))
         probe = type(self)(self.config)  # this budget on the shrunk copy: its bytes, its channel floor
         probe.model, probe.layers = shrunk, self._dead_zone_layers(shrunk)
         probe.calibrate(shrunk)

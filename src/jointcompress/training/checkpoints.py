@@ -163,8 +163,9 @@ class RunCheckpoints:
         ckpt.set_python_rng_state(meta["python_rng"])
         ckpt.set_numpy_rng_state(meta["numpy_rng"])
         torch.set_rng_state(ck["torch_rng"])
-        if ck.get("cuda_rng") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ck["cuda_rng"])
+        if ck.get("cuda_rng") and torch.cuda.is_available():  # as many GPUs as both the run and this machine have
+            for index, state in enumerate(ck["cuda_rng"][: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(state, index)
 
 
 def _differences(a, b, path: str = "") -> list[str]:
