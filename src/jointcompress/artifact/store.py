@@ -33,8 +33,6 @@ import torch.nn as nn
 
 from ..errors import ArtifactError
 from ..io import atomic_write_bytes
-from ..model_call import to_device
-from ..model_copy import on_cpu
 from ..spec import PRIOR_STRUCTURE, CompressionSpec, LayerSpec
 from . import container as _container
 from . import encode as _enc
@@ -266,8 +264,7 @@ def save(
         raise ArtifactError(f"{path}: save() needs example_inputs to record how to replay the pruning history")
     dropped = [str(n) for n in getattr(spec, "dropped_blocks", [])]
     later = [[int(n), [str(b) for b in names]] for n, names in getattr(spec, "later_dropped_blocks", [])]
-    model, spec = on_cpu(model, spec)  # a model finalized on a GPU is written from a CPU copy
-    inputs = _input_records(to_device(example_inputs, torch.device("cpu")))
+    inputs = _input_records(example_inputs)
     _refuse_nonfinite(model, path)
     encoding = _enc.encode_model(model, spec, entropy=entropy)
     if builder is not None:

@@ -37,17 +37,17 @@ class TeacherCache:
         return self.logits[idx]
 
     def put(self, idx: torch.Tensor, out: torch.Tensor) -> None:
-        """Keep `out`, the logits of samples `idx`. The cache lives where the teacher's logits are
-        (a GPU run's on the GPU; a resumed run's, read from a checkpoint on the CPU, move there)."""
+        """Keep `out`, the logits of samples `idx`, where the teacher's logits are (`get`, called first,
+        has brought a checkpoint's cache there)."""
         idx = idx.to(out.device)
         need = int(idx.max()) + 1
-        if self.logits is None or need > len(self.have) or self.logits.device != out.device:
-            size = max(need, 2 * len(self.have)) if need > len(self.have) else len(self.have)
+        if self.logits is None or need > len(self.have):
+            size = max(need, 2 * len(self.have))
             logits = out.new_zeros((size,) + tuple(out.shape[1:]))
             have = torch.zeros(size, dtype=torch.bool, device=out.device)
             if self.logits is not None:
-                logits[: len(self.have)] = self.logits.to(out.device)
-                have[: len(self.have)] = self.have.to(out.device)
+                logits[: len(self.have)] = self.logits
+                have[: len(self.have)] = self.have
             self.logits, self.have = logits, have
         self.logits[idx] = out.detach()
         self.have[idx] = True
