@@ -62,6 +62,28 @@ def group_device(group: ChannelGroup, modules: dict[str, nn.Module]) -> torch.de
     return torch.device("cpu")
 
 
+def channel_norms(group: ChannelGroup, modules: dict[str, nn.Module], weight_of=None) -> torch.Tensor:
+    """The L2 norm of each of the group's channels over its producing layers' weights, `weight_of(layer)`
+    (default: the layer's weight; None leaves the layer out), a 1-d weight (a norm's scale) counted per
+    channel: the magnitude criterion of structured pruning and of the sensitivity scan."""
+    weight_of = weight_of or (lambda layer: getattr(layer, "weight", None))
+    sq = torch.zeros(group.channels, device=group_device(group, modules))
+    for m in group.out_members():
+        weight = weight_of(modules[m.module])
+        if not isinstance(weight, torch.Tensor):
+            continue
+        w = weight.detach()
+        rows = w.flatten(1).pow(2).sum(1) if w.dim() > 1 else w.pow(2)
+        sq.index_add_(0, torch.as_tensor(m.root_idxs, device=sq.device), rows[torch.as_tensor(m.idxs, device=sq.device)])
+    return sq.sqrt()
+
+
+def root_weight(layer: nn.Module):
+    """The weight of a prunable root layer (conv, linear), else None: `channel_norms` over the layers
+    whose channels the group removes, norms and others left out."""
+    return layer.weight if isinstance(layer, PRUNABLE_ROOTS) else None
+
+
 def output_layers(model: nn.Module, example_inputs) -> list[str]:
     """Names of the layers whose output tensor *is* the model output (e.g. the classifier).
 

@@ -677,7 +677,7 @@ def timed_ms(model: nn.Module, example_inputs, batch: int, threads: int = DEFAUL
 @torch.no_grad()
 def shrunk_to(model: nn.Module, example_inputs, widths: dict[str, int]) -> nn.Module:
     """A copy with every channel group cut to `widths[group]` channels (its strongest kept)."""
-    from .sensitivity import _channel_norms
+    from .graph import channel_norms, root_weight
 
     m = copy.deepcopy(model).eval()
     groups, _ = discover_groups(m, example_inputs)
@@ -685,7 +685,7 @@ def shrunk_to(model: nn.Module, example_inputs, widths: dict[str, int]) -> nn.Mo
     plan = {}
     for g in groups:
         keep = max(1, min(g.channels, int(widths.get(g.name, g.channels))))
-        plan[g.name] = torch.argsort(_channel_norms(g, modules), descending=True)[keep:].tolist()
+        plan[g.name] = torch.argsort(channel_norms(g, modules, root_weight), descending=True)[keep:].tolist()
     dg = build_graph(m, example_inputs)
     for name, drop in plan.items():
         if drop:

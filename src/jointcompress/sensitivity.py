@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .graph import PRUNABLE_ROOTS, ChannelGroup, discover_groups, group_device
+from .graph import PRUNABLE_ROOTS, ChannelGroup, channel_norms, discover_groups, root_weight
 from .techniques.quant_lsq import lsq_init_step
 
 DEFAULT_SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
@@ -55,17 +55,6 @@ def quantize_(weight: torch.Tensor, bits: int, per_channel: bool = True) -> torc
     return step.flatten().expand(weight.shape[0]).clone() if step.numel() == 1 else step.flatten().clone()
 
 
-def _channel_norms(group: ChannelGroup, modules: dict[str, nn.Module]) -> torch.Tensor:
-    sq = torch.zeros(group.channels, device=group_device(group, modules))
-    for m in group.out_members():
-        layer = modules[m.module]
-        if not isinstance(layer, PRUNABLE_ROOTS):
-            continue
-        rows = layer.weight.detach().flatten(1).pow(2).sum(1)
-        sq.index_add_(0, torch.as_tensor(m.root_idxs, device=sq.device), rows[torch.as_tensor(m.idxs, device=sq.device)])
-    return sq.sqrt()
-
-
 @torch.no_grad()
 def zero_channels_(model: nn.Module, group: ChannelGroup, sparsity: float) -> list[int]:
     """Zero the weakest channels of a group in every producing member (weight, bias, BN affine).
@@ -74,7 +63,7 @@ def zero_channels_(model: nn.Module, group: ChannelGroup, sparsity: float) -> li
     measures the deployed network without rebuilding it. Returns the dropped root channels.
     """
     modules = dict(model.named_modules())
-    norms = _channel_norms(group, modules)
+    norms = channel_norms(group, modules, root_weight)
     keep = round(group.channels * (1 - sparsity))
     order = torch.argsort(norms, descending=True)
     drop = set(order[keep:].tolist())

@@ -80,12 +80,12 @@ class LossImportance:
 
 
 def norm_importance(model: nn.Module, groups: list[ChannelGroup]) -> NormImportance:
-    from .sensitivity import _channel_norms
+    from .graph import channel_norms, root_weight
 
     modules = dict(model.named_modules())
     out = {}
     for g in groups:
-        norms = _channel_norms(g, modules)
+        norms = channel_norms(g, modules, root_weight)
         out[g.name] = torch.sort(norms / norms.mean().clamp_min(1e-12)).values
     return NormImportance(out)
 

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 from .. import schedules
 from ..block_drop import groups_that_stay
 from ..errors import RecipeError
-from ..graph import ChannelGroup, discover_groups, group_device
+from ..graph import ChannelGroup, channel_norms, discover_groups
 from ..layer_types import BATCH_NORMS
 from .base import RunContext
 from .masks import ApplyMask, ScoredMask, allocate, floor_warning, floored_layers, layer_keep_count, topk_keep
@@ -56,7 +56,7 @@ class PruneStructured(PruningTechnique):
         self._warn_unknown_groups()
         modules = dict(ctx.model.named_modules())
         for g in self.groups:
-            scores = self._channel_norms(g, modules)
+            scores = channel_norms(g, modules, _weight_unless_batch_norm)
             if self.config.criterion == "learned":
                 scores = scores / scores.mean().clamp_min(1e-12)
             mask = ScoredMask(scores, learned=self.config.criterion == "learned")
@@ -88,19 +88,6 @@ class PruneStructured(PruningTechnique):
                                         f"prune_structured.sparsity {self.config.sparsity:g}", self.config.min_keep,
                                         sizes, floored), stacklevel=3)
 
-    @staticmethod
-    def _channel_norms(g: ChannelGroup, modules: dict[str, nn.Module]) -> torch.Tensor:
-        """L2 norm of each channel over every producing layer of the group (BN excluded)."""
-        sq = torch.zeros(g.channels, device=group_device(g, modules))
-        for m in g.out_members():
-            layer = modules[m.module]
-            if isinstance(layer, BATCH_NORMS) or not hasattr(layer, "weight"):
-                continue
-            w = layer.weight.detach()
-            rows = w.flatten(1).pow(2).sum(1) if w.dim() > 1 else w.pow(2)
-            sq.index_add_(0, torch.as_tensor(m.root_idxs, device=sq.device), rows[torch.as_tensor(m.idxs, device=sq.device)])
-        return sq.sqrt()
-
     def on_step(self, ctx: RunContext) -> None:
         if not self.frozen:
             self._update(ctx.step, modules=dict(ctx.model.named_modules()))
@@ -113,7 +100,7 @@ class PruneStructured(PruningTechnique):
         self.current_sparsity = schedules.ramp(self.config.sparsity, p, self.config.schedule)
         if self.config.criterion == "magnitude" and modules is not None:
             for g in self.groups:
-                self.masks[_key(g.name)].scores.copy_(self._original_norms(g, modules))
+                self.masks[_key(g.name)].scores.copy_(channel_norms(g, modules, _trained_weight_unless_batch_norm))
         temp = 0.0 if self.config.criterion == "magnitude" else schedules.temperature(self.config.temperature, p)
         for m, keep in zip(self._group_masks(), self._keeps(p)):
             m.set_keep(keep, temp)
@@ -178,17 +165,6 @@ class PruneStructured(PruningTechnique):
                     for k, b in m.named_buffers():
                         b.copy_(state[k])
 
-    def _original_norms(self, g: ChannelGroup, modules) -> torch.Tensor:
-        sq = torch.zeros(g.channels, device=group_device(g, modules))
-        for m in g.out_members():
-            layer = modules[m.module]
-            if isinstance(layer, BATCH_NORMS):
-                continue
-            w = layer.parametrizations.weight.original.detach()
-            sq.index_add_(0, torch.as_tensor(m.root_idxs, device=sq.device),
-                          w.flatten(1).pow(2).sum(1)[torch.as_tensor(m.idxs, device=sq.device)])
-        return sq.sqrt()
-
     def loss_terms(self, ctx: RunContext) -> dict[str, torch.Tensor]:
         """Group lasso on the channels being removed: sum_c (1 - m_c) * ||W_c||."""
         lam = self.config.regularization
@@ -222,3 +198,15 @@ class PruneStructured(PruningTechnique):
 
     def metrics(self) -> dict[str, float]:
         return {"channel_sparsity": self.achieved_sparsity(), "channel_sparsity_target_now": self.current_sparsity}
+
+
+
+def _weight_unless_batch_norm(layer: nn.Module):
+    """A producing layer's weight for a channel's magnitude; BatchNorm's scale is left out (it is folded
+    into the conv at deployment)."""
+    return None if isinstance(layer, BATCH_NORMS) else getattr(layer, "weight", None)
+
+
+def _trained_weight_unless_batch_norm(layer: nn.Module):
+    """The weight under the mask (the parametrization's original), BatchNorm left out."""
+    return None if isinstance(layer, BATCH_NORMS) else layer.parametrizations.weight.original
