@@ -236,6 +236,28 @@ def test_the_teacher_cache_steps_aside_for_inputs_padded_per_batch():
         assert torch.isfinite(terms["distill"])
 
 
+def test_the_teacher_cache_stops_at_its_memory_cap_and_the_teacher_runs_on_every_batch():
+    """A causal LM's logits ([tokens, vocabulary] a sample) outgrow the machine: the cache grew until the
+    process was killed for memory. It now stops at its cap, frees what it held, and says so once."""
+    import jointcompress
+
+    student, teacher = _Tagger(0), _Tagger(1)
+    session = jointcompress.prepare(student, {"techniques": [{"type": "distill_kd", "cache_teacher": True}]},
+                                    total_steps=4, teacher=teacher)
+    session.teacher_cache.limit_bytes = 5 * 6 * 4 * 4  # room for four samples of [6 tokens, 5 classes] float32
+    ids, labels = torch.randint(1, 30, (4, 6)), torch.randint(0, 5, (4, 6))
+    session.loss(student(ids), (ids, labels, torch.arange(4)))
+    assert session.teacher_cache.get(torch.arange(4)) is not None  # within the cap: cached
+    more = torch.randint(1, 30, (4, 6))
+    with pytest.warns(UserWarning, match=r"cache_teacher: the teacher's logits would take more than .*every batch"):
+        terms = session.loss(student(more), (more, labels, torch.arange(4, 8)))
+    assert torch.isfinite(terms["distill"])
+    assert session.teacher_cache.logits is None and session.teacher_cache.get(torch.arange(4)) is None  # freed
+    expected = jointcompress.prepare(student, {"techniques": [{"type": "distill_kd"}]}, total_steps=4,
+                                     teacher=teacher).loss(student(more), (more, labels))["distill"]
+    assert torch.allclose(terms["distill"], expected)  # the fresh logits, not stale ones
+
+
 def test_token_distillation_of_a_tuple_batch_leaves_out_the_ignored_positions():
     """((ids), labels) with -100 on the padding: the KL was averaged over the padding too (a dict batch's
     attention_mask was the only mask read)."""

@@ -21,7 +21,12 @@ class TeacherCache:
     gather instead of a Python loop over its samples.
     """
 
-    def __init__(self):
+    # the share of the device's memory (the machine's RAM for the CPU) the cache may take: a causal LM's
+    # logits, [tokens, vocabulary] per sample, outgrow any machine long before the data set ends
+    MEMORY_SHARE = 0.25
+
+    def __init__(self, limit_bytes: int | None = None):
+        self.limit_bytes = limit_bytes  # None: MEMORY_SHARE of the memory where the logits are
         self.logits: torch.Tensor | None = None
         self.have = torch.zeros(0, dtype=torch.bool)
         self.input_shapes: tuple | None = None  # per-sample shapes of the first cached batch's inputs
@@ -42,7 +47,15 @@ class TeacherCache:
         idx = idx.to(out.device)
         need = int(idx.max()) + 1
         if self.logits is None or need > len(self.have):
-            size = max(need, 2 * len(self.have))
+            per_sample = max(1, out[0].numel() * out.element_size())
+            room = (self.limit_bytes if self.limit_bytes is not None else _memory_share(out.device, self.MEMORY_SHARE))
+            if need * per_sample > room:  # stop before the process is killed for memory, and free what it held
+                self.off = (f"the teacher's logits would take more than {room / 2**30:.1f} GiB ({per_sample:,} bytes a "
+                            f"sample, {need:,} samples so far; the cap is {self.MEMORY_SHARE:.0%} of the "
+                            f"{out.device.type.upper()} memory)")
+                self.logits, self.have = None, torch.zeros(0, dtype=torch.bool)
+                return
+            size = max(need, min(2 * len(self.have), room // per_sample))
             logits = out.new_zeros((size,) + tuple(out.shape[1:]))
             have = torch.zeros(size, dtype=torch.bool, device=out.device)
             if self.logits is not None:
@@ -66,6 +79,18 @@ class TeacherCache:
         return cache
 
 
+def _memory_share(device: torch.device, share: float) -> int:
+    """`share` of the memory of `device`: a GPU's own, else the machine's RAM (unknown: no cap)."""
+    import os
+
+    if device.type == "cuda":
+        return int(share * torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(share * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # a platform without sysconf
+        return 2**63
+
+
 def run_teacher(teacher, batch: Batch) -> torch.Tensor:
     """The teacher's logits for the batch (no gradient; the teacher is in eval mode)."""
     with torch.no_grad():
@@ -83,6 +108,8 @@ def teacher_logits(teacher, batch: Batch, cache: TeacherCache, use_cache: bool) 
         return cached
     out = run_teacher(teacher, batch)
     cache.put(batch.index, out)
+    if cache.off is not None:  # the cap was reached: said once, the teacher runs on every batch from now on
+        _warn_off(cache)
     return out
 
 
@@ -101,8 +128,12 @@ def _check_cacheable(batch: Batch, cache: TeacherCache) -> None:
         cache.off = (f"the inputs change shape from batch to batch ({list(cache.input_shapes)} then {list(shapes)}: "
                      "padding per batch); pad every batch to one length to cache")
     if cache.off is not None:
-        warnings.warn(f"distill_kd.cache_teacher: {cache.off}. The teacher's logits are computed on every batch",
-                      stacklevel=4)
+        _warn_off(cache)
+
+
+def _warn_off(cache: TeacherCache) -> None:
+    warnings.warn(f"distill_kd.cache_teacher: {cache.off}. The teacher's logits are computed on every batch",
+                  stacklevel=5)
 
 
 def _tensors(inputs) -> list[torch.Tensor]:
