@@ -1,6 +1,7 @@
 """`jointcompress bench --against torch-pruning` runs both contenders and writes them to JSON;
 its input errors are clear. No timing is asserted (timings never in tests)."""
 import json
+from pathlib import Path
 import sys
 
 import pytest
@@ -25,13 +26,18 @@ def app():
 def test_against_torch_pruning_writes_both_contenders(app, tmp_path):
     pytest.importorskip("torch_pruning")
     pytest.importorskip("onnxruntime")
+    import tempfile
+
     out, teacher = tmp_path / "against.json", tmp_path / "teacher.safetensors"
     args = ["bench", "--against", "torch-pruning", "--model", "lenet5", "--data", "digits", "--teacher", str(teacher),
             "--teacher-epochs", "1", "--epochs", "1", "--tp-steps", "2", "--runs", "2", "--select-images", "100",
             "--train-limit", "256", "--speedup", "1000", "--min-width", "4", "--json", str(out)]
+    scratch = set(Path(tempfile.gettempdir()).glob("jointcompress-against-*"))
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
+    # the ONNX files went to a temporary folder that is gone (each run left one behind); --workdir keeps them
+    assert res["workdir"] is None and set(Path(tempfile.gettempdir()).glob("jointcompress-against-*")) <= scratch
     contenders = {"dense_fp32_torch", "ours_fp32_ort", "ours_int8_ort", "ours_int8_torch_x86", "tp_fp32_torch",
                   "tp_int8_torch_x86", "tp_fp32_ort", "tp_int8_ort"}
     assert contenders <= set(res["accuracy"]) and all(0 <= res["accuracy"][k] <= 1 for k in contenders)
@@ -61,10 +67,12 @@ def _resnet_against(app, tmp_path, drop_blocks: str) -> dict:
     out = tmp_path / "against.json"
     args = ["bench", "--against", "torch-pruning", "--model", "resnet", "--data", "digits", "--teacher-epochs", "1",
             "--epochs", "1", "--tp-steps", "1", "--runs", "2", "--select-images", "100", "--train-limit", "128",
-            "--speedup", "1000", "--drop-blocks", drop_blocks, "--json", str(out)]
+            "--speedup", "1000", "--drop-blocks", drop_blocks, "--json", str(out), "--workdir", str(tmp_path / "onnx")]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
-    return json.loads(out.read_text())
+    res = json.loads(out.read_text())
+    assert res["workdir"] == str(tmp_path / "onnx") and (tmp_path / "onnx" / "ours_fp32.onnx").is_file()  # kept
+    return res
 
 
 def test_against_drops_the_named_block_from_ours_only(app, tmp_path):

@@ -157,8 +157,10 @@ AGAINST_MODELS = ("lenet300", "lenet5", "resnet", "seqcnn")
 
 
 def run_against_cli(against: str, model: Optional[str], data: Optional[str], teacher: Optional[Path],
-                    options: dict) -> dict:
-    """`bench --against torch-pruning`: deploy.against on the named model and data."""
+                    options: dict, workdir: Optional[Path] = None) -> dict:
+    """`bench --against torch-pruning`: deploy.against on the named model and data. The contenders' ONNX
+    files stay in `workdir` when given; else they go to a temporary folder removed at the end (every run
+    left one behind in the system's temporary directory)."""
     from ..deploy.against import AgainstConfig, dense_teacher, require_torch_pruning, run_against
     from ..errors import JointCompressError
     from ..models import is_builder
@@ -179,7 +181,14 @@ def run_against_cli(against: str, model: Optional[str], data: Optional[str], tea
         split.x_train, split.y_train = split.x_train[:train_limit], split.y_train[:train_limit]
     cfg = AgainstConfig(model=model, **options)
     dense, note = dense_teacher(cfg, split, teacher)
-    return {"command": "jointcompress bench --against " + against, **run_against(cfg, split, dense, note)}
+    command = {"command": "jointcompress bench --against " + against}
+    if workdir is not None:
+        return {**command, **run_against(cfg, split, dense, note, workdir=workdir)}
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="jointcompress-against-") as scratch:
+        result = run_against(cfg, split, dense, note, workdir=Path(scratch))
+    return {**command, **result, "workdir": None}  # removed: --workdir keeps the files
 
 
 def target_note(target: dict) -> str:
@@ -255,6 +264,9 @@ def register(app: typer.Typer) -> None:
                                                 "keep (default 8; LeNet-5 reaches 20x only with 4 stem channels)."),
         drop_blocks: Optional[str] = typer.Option(None, "--drop-blocks", help="--against: residual blocks ours removes "
                                                   "whole, comma-separated module names (e.g. layer1), or 'auto'."),
+        workdir: Optional[Path] = typer.Option(None, "--workdir", help="--against: keep every contender's ONNX files "
+                                               "(fp32 and int8, ours and Torch-Pruning's) in this folder; default: a "
+                                               "temporary folder, removed at the end."),
     ) -> None:
         """Parameters, MACs, bytes on disk, latency (batch 1 and 64) and accuracy: dense vs artifact;
         then where the weights file's bytes go (values, indices, scales, biases, other, container).
@@ -272,12 +284,14 @@ def register(app: typer.Typer) -> None:
                            runs=runs, threads=threads, select_images=select_images, train_limit=train_limit,
                            target_ms=target_ms, min_width=min_width,
                            drop_blocks=[b for b in (drop_blocks or "").split(",") if b])
-            result = run_against_cli(against, model, data, teacher, options)
+            result = run_against_cli(against, model, data, teacher, options, workdir)
             console.print(against_table(result))
             console.print(target_note(result["target"]))
             for note in against_notes(result):
                 console.print(note)
             console.print(f"ONNX Runtime fp32 (ours and Torch-Pruning's): {result['runtimes']['ours_fp32_ort']}")
+            if result["workdir"]:
+                console.print(f"the contenders' ONNX files: {result['workdir']}")
             _write_json(json_out, result)
             return
         if artifact_dir is None:
