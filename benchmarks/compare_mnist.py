@@ -131,6 +131,10 @@ def main() -> None:
                     help="training.keep of every variant: the state each run ends with, its best evaluated epoch at the "
                          "target (the recipe's default, as every stored result without this flag was measured) or its last "
                          "(the same rule for every variant; docs/reliability.md says why)")
+    ap.add_argument("--val-images", type=int,
+                    help="training.validation_images of every variant and teacher: training images held out (a fixed "
+                         "draw, the same for all; from the --train-images subset when given) to choose the kept epoch "
+                         "on; default 0, the test split, as every stored result without this flag was measured")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.add_layers:
@@ -144,7 +148,7 @@ def main() -> None:
     spec = CompareSpec(ratios=[float(r) for r in (args.ratios or d["ratios"]).split(",")],
                        seeds=args.seeds or d["seeds"], first_seed=args.first_seed, teacher_epochs=args.teacher_epochs or d["teacher_epochs"],
                        variants=tuple(args.variants.split(",")) if args.variants else BENCHMARK_VARIANTS, keep=args.keep,
-                       device=str(resolve_device(args.device)))
+                       device=str(resolve_device(args.device)), validation_images=args.val_images)
     split = load_mnist(args.data)
     if args.train_images:
         split = balanced_subset(split, args.train_images)

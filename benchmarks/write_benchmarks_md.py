@@ -319,7 +319,7 @@ def point_rows() -> list[dict]:
                     continue
                 mine = [row for row in runs if row["variant"] == s["variant"] and row["ratio_target"] == ratio and row.get("target_bytes")]
                 rows.append({"model": r["model"], "ratio": ratio, "images": r.get("train_images", 60000), "bits": bits,
-                             "epochs": r["epochs"], "keep": r.get("keep", "best"), "variant": s["variant"],
+                             "epochs": r["epochs"], "keep": _keep_rule(r), "variant": s["variant"],
                              "folder": path.parent.name,
                              "joint": s["error_mean"], "sequential": seq["error_mean"], "stats": st,
                              "landed": sum(abs(row["file_bytes"] / row["target_bytes"] - 1) <= 0.02 for row in mine),
@@ -327,6 +327,15 @@ def point_rows() -> list[dict]:
                              "per_seed": {row["seed"]: (row["error"], row["file_bytes"]) for row in mine},
                              "teachers": {u["seed"]: u["accuracy"] for u in r.get("uncompressed", [])}})
     return rows
+
+
+def _keep_rule(r: dict) -> str:
+    """How a folder's runs chose the epoch they ended with: "best" on the test split (every stored folder
+    without a record of it), "last kept", or the best on training images held out (training.validation_images)."""
+    if r.get("keep", "best") == "last":
+        return "last kept"
+    held = r.get("recipe", {}).get("training", {}).get("validation_images", 0)
+    return f"best on {held:,} held-out training images" if held else "best"
 
 
 def teacher_error(r: dict) -> float | None:
@@ -342,7 +351,7 @@ def _verdict(mean: float, se: float) -> str:
 def _row_cells(p: dict, variant_text: str) -> str:
     mean, se, n = p["stats"]
     landed = f"{p['landed']}/{p['runs']}" + ("" if p["landed"] == p["runs"] else " **(missed the target)**")
-    epochs = f"{p['epochs']}, last kept" if p["keep"] == "last" else p["epochs"]  # training.keep (docs/reliability.md)
+    epochs = p["epochs"] if p["keep"] == "best" else f"{p['epochs']}, {p['keep']}"  # docs/reliability.md
     return (f"| {MODELS[p['model']]} | {p['ratio']:g}x | {p['images']:,} | {p['bits']} | {epochs} | {variant_text} | "
             f"{100 * p['joint']:.2f}% | {100 * p['sequential']:.2f}% | {mean:+.2f} ± {se:.2f} (n={n}) | {_verdict(mean, se)} | "
             f"{landed} | `{p['folder']}` |")
@@ -721,39 +730,52 @@ def norm_format_pair(model: str, wide_folder: str, narrow_folder: str) -> list[s
     return lines + [""]
 
 
-KEEP_RULE_PAIRS = (("compare_lenet300_100x_e10_keep_best", "compare_lenet300_100x_e10_keep_last"),
-                   ("compare_lenet5_200x_e6_keep_best", "compare_lenet5_200x_e6_keep_last"))
+# (best on the test split, last, best on held-out training images) of one point: the first two on the same
+# teachers, the third on teachers trained without the held-out images
+KEEP_RULE_PAIRS = (("compare_lenet300_100x_e10_keep_best", "compare_lenet300_100x_e10_keep_last",
+                    "compare_lenet300_100x_e10_keep_best_val"),
+                   ("compare_lenet5_200x_e6_keep_best", "compare_lenet5_200x_e6_keep_last",
+                    "compare_lenet5_200x_e6_keep_best_val"))
 
 
 def keep_rule_section(pairs=KEEP_RULE_PAIRS) -> list[str]:
-    """Points run twice on the same teachers, each run ending with its best epoch at the target or with its
-    last: how much of joint's difference is the choice of epoch on the test split."""
-    pairs = [(b, l, load_compare(b), load_compare(l)) for b, l in pairs]
+    """Points run with each rule: the best epoch at the target chosen on the test split, the last, or the best
+    chosen on training images held out: how much of joint's difference is the choice of epoch on the test split."""
+    pairs = [(b, l, load_compare(b), load_compare(l), v, _finished(load_compare(v))) for b, l, v in pairs]
     pairs = [p for p in pairs if p[2] is not None and p[3] is not None]
     if not pairs:
         return []
-    out = ["## Which epoch a run keeps (best on the test split, or the last)", "",
+    out = ["## Which epoch a run keeps (best on the test split, the last, or best on held-out training images)", "",
            "compress() ends with the best evaluated epoch at the target (`training.keep: best`); the command line and "
-           "the benchmarks evaluate on the test split they report. The joint form is at its target from its half-way "
+           "the benchmarks evaluate on the test split they report, unless `training.validation_images` (`--val-images`) "
+           "holds training images out to choose on. The joint form is at its target from its half-way "
            "trim, sequential only after its trim at 0.9 of the run, so in a long run joint keeps the best of more test "
-           "readings. The same points, the same teachers and seeds, run with each rule (paired by seed, ± one standard "
-           "error):", "",
+           "readings. The same points, the same teachers and seeds, run with the first two rules (paired by seed, ± one "
+           "standard error); the third rule's runs train their teachers and variants without the 5,000 held-out images, "
+           "the same seeds:", "",
            "| model | target | epochs | rule | variant | joint error | sequential error | difference | verdict | epochs it "
            "could end with (joint / sequential) | results |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for best, last, rb, rl in pairs:
-        for rule, name, r in (("best", best, rb), ("last", last, rl)):
-            out += _keep_rule_rows(rule, name, r)
+    for best, last, rb, rl, val, rv in pairs:
+        for name, r in ((best, rb), (last, rl), (val, rv)):
+            if r is not None:
+                out += _keep_rule_rows(_keep_rule(r), name, r)
     out += ["", "Each variant's error with `last` minus with `best`, the same seeds:", ""]
-    for best, last, rb, rl in pairs:
+    for best, last, rb, rl, _, _ in pairs:
         moved = {v: _rule_change(rb, rl, v) for v in sorted({row["variant"] for row in rb["runs"]})}
         out.append(f"- {MODELS[rb['model']]} at {', '.join(f'{x:g}x' for x in rb['ratios'])}, {rb['epochs']} epochs: "
                    + "; ".join(f"{v} {m:+.2f} points" for v, m in moved.items() if m is not None) + ".")
-    out += ["", "Rows elsewhere in this file were measured with `best`; where they ran 6 or more epochs on 60,000 "
-            "images the joint form could end with more epochs than sequential, and they carry a bias of the size "
-            "measured here.", "", "Reproduce: " + "; ".join(f"`{r['command']}`" for _, _, rb, rl in pairs for r in (rb, rl))
+    out += ["", "Rows elsewhere in this file were measured with `best` on the test split unless they say otherwise; "
+            "where they ran 6 or more epochs on 60,000 images the joint form could end with more epochs than sequential, "
+            "and they carry a bias of the size measured here.", "",
+            "Reproduce: " + "; ".join(f"`{r['command']}`" for p in pairs for r in (p[2], p[3], p[5]) if r is not None)
             + ".", ""]
     return out
+
+
+def _finished(r: dict | None) -> dict | None:
+    """A compare result once its run has ended (compare_mnist.py stores the command last), else None."""
+    return r if r is not None and "command" in r else None
 
 
 # runs on a GPU and the stored CPU runs of the same point (same command otherwise, same seeds)
@@ -1077,8 +1099,10 @@ VARIANTS_TEXT = [
     "ends with its best evaluated epoch among those at the target (`training.keep: best`), and the evaluation is the "
     "test split the tables report: the best of several test readings, and the joint form is at its target for more "
     "epochs than sequential in long runs (from about 0.65 of the run against 0.9). Where the epochs column says "
-    "\"last kept\", every variant ended with its last epoch (`--keep last`), the same rule for both; the section "
-    "\"Which epoch a run keeps\" below measures what the rule changes.", "",
+    "\"last kept\", every variant ended with its last epoch (`--keep last`), the same rule for both; where it says "
+    "\"best on 5,000 held-out training images\", every teacher and variant chose its epoch on training images held out "
+    "for it (`--val-images`; the test split only reported on, the training images column counts what remained); the "
+    "section \"Which epoch a run keeps\" below measures what the rule changes.", "",
 ]
 
 

@@ -194,7 +194,9 @@ def compress_cmd(
         recipe = parse_recipe({**recipe.model_dump(exclude_unset=True), "mode": mode}, source=f"--mode {mode}")
     if recipe.hf is not None or (model or recipe.model or "").startswith("hf:"):  # Hugging Face text classification
         from .hf.pipeline import cli_compress
+        from .hf.recipe_steps import refuse_validation_images
 
+        refuse_validation_images(recipe)  # before the run folder and the progress bar
         if resolve_device(device).type != "cpu":
             raise JointCompressError(f"--device {device}: Hugging Face recipes train on the CPU from the command line; on "
                                      "a GPU, use the Python API: model.to('cuda'), then jointcompress.compress(...) or the "
@@ -259,7 +261,7 @@ def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights
     else:
         teacher = train_teacher(model_name, split, teacher_epochs, lr=recipe.training.lr, progress=progress("train model"),
                                 device=device)
-    _same_start(start_file, earlier, teacher, weights, save)
+    _same_start(start_file, earlier, teacher, weights, save, recipe.training.validation_images)
     if save and not weights and not teacher_file.is_file():
         from safetensors.torch import save as st_save
 
@@ -296,14 +298,23 @@ def _earlier_start(start_file: Path, teacher_file: Path, builder) -> dict | None
     return None
 
 
-def _same_start(start_file: Path, earlier: dict | None, teacher, weights, save: bool) -> None:
+def _same_start(start_file: Path, earlier: dict | None, teacher, weights, save: bool, held_out: int = 0) -> None:
     """Record which weights the run compresses (start.json: the path and a digest of the state); a resumed
     run given other --weights is refused: it compressed the new model from the old one's checkpoint, and the
-    summary then reported the new model as the uncompressed one."""
+    summary then reported the new model as the uncompressed one. A model the run trained itself also records
+    the training images it held out (`held_out`, training.validation_images): resumed with another count, it
+    would reuse a model that trained on rows now held out to choose on."""
     from .checkpoint import state_digest
     from .io import atomic_write_json
 
     start = {"weights": str(weights) if weights else None, "state_sha256": state_digest(teacher)}
+    if not weights:
+        start["validation_images"] = held_out
+        before = (earlier or {}).get("validation_images", 0)
+        if earlier is not None and before != held_out:
+            raise JointCompressError(f"--resume: the run in {start_file.parent} trained its model with "
+                                     f"training.validation_images: {before}, and the recipe now holds out {held_out}; "
+                                     f"set it back to {before}, or start over with --force")
     if earlier is not None and earlier.get("state_sha256") != start["state_sha256"]:
         began = earlier.get("weights") or "the model it trained first"
         now = (f"--weights {weights} holds other weights; pass the weights it began from" if weights else
@@ -333,6 +344,8 @@ def _write_compress_results(out: Path, recipe_path: Path, recipe, teacher, outco
     atomic_write_json(out / "summary.json", rows)
     atomic_write_text(out / "recipe.yaml", recipe_path.read_text(encoding="utf-8"))
     console.print(f"artifact in {out / 'artifact'}")
+    if result.history.best_epoch is not None:  # which evaluation chose the state the run ended with
+        console.print(_kept_epoch_line(result.history.best_epoch, recipe.training.keep, split))
     if any(e.get("event") == "joint_form" for e in result.history.events):
         console.print("joint under a size target: zero as a quantizer level (quant_lsq.zero_level) under one size budget "
                       "(size_budget), in place of masks and the allocator's budgets; the resolved recipe is in the artifact's "
@@ -346,6 +359,15 @@ def _write_compress_results(out: Path, recipe_path: Path, recipe, teacher, outco
                       f"({100 * (row['file_bytes'] / goal - 1):+.1f}%)")
     if latency is not None:
         console.print(_latency_line(latency, recipe.target))
+
+
+def _kept_epoch_line(epoch: int, keep: str, split) -> str:
+    """Which epoch the run ended with, and which data chose it (none for training.keep: last)."""
+    if keep == "last":
+        return f"kept epoch {epoch}: the last at the target (training.keep: last); the table's accuracy is on the test split"
+    hint = "" if split.x_val is not None else " (training.validation_images holds training images out to choose on instead)"
+    return (f"kept epoch {epoch}: the best at the target, chosen on {split.selected_on}; the table's accuracy is on the "
+            f"test split{hint}")
 
 
 def _latency_line(r: dict, target) -> str:

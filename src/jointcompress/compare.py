@@ -137,6 +137,8 @@ class CompareSpec:
     first_seed: int = 0  # seeds run as first_seed .. first_seed + seeds - 1, so a later batch extends an earlier one
     keep: str | None = None  # training.keep for every variant ("best" / "last"); None: the recipe's
     device: str = "cpu"  # where the teachers and every variant train (the same for all); artifacts are made on the CPU
+    # training.validation_images for every variant and teacher (held out once, the same rows for all); None: the recipe's
+    validation_images: int | None = None
 
     def seed_range(self) -> range:
         """The seeds this comparison runs (each seed trains its own teacher, as in a full run)."""
@@ -222,6 +224,7 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
                 log: Callable[[str], None] = print) -> dict:
     """Run every variant at every ratio and seed; write compare.json/.csv and pareto.png."""
     from .artifact.size import dense_fp32_bytes
+    from .data import hold_out
     from .io import atomic_write_json, atomic_write_text
     from .pipeline import builder_for, load_start, train_teacher, uncompressed_row
     from .targets import TargetError, resolve_target
@@ -238,15 +241,19 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
     check_ratios(spec.ratios)
     base = recipe.model_copy(update={"model": model_name})
     overrides = {k: v for k, v in (("epochs", spec.epochs), ("keep", spec.keep)) if v}
+    if spec.validation_images is not None:  # 0 is a choice too: select on the test split
+        overrides["validation_images"] = spec.validation_images
     if overrides:
         base = parse_recipe({**base.model_dump(), "training": {**base.training.model_dump(), **overrides}})
     check_variants(base, spec)
+    split = hold_out(split, base.training.validation_images)  # before the teachers: they choose their epoch there too
     needs_budgets = any(VARIANTS[v][0] != "joint" for v in spec.variants)
     builder = builder_for(model_name, split)
     total_steps = base.training.epochs * math.ceil(len(split.y_train) / base.training.batch_size)
     result = {"kind": "compare", "model": model_name, "data": split.name, "ratios": list(spec.ratios),
               "seeds": spec.seeds, "first_seed": spec.first_seed, "variants": list(spec.variants),
-              "epochs": base.training.epochs, "keep": base.training.keep, "device": spec.device,
+              "epochs": base.training.epochs, "keep": base.training.keep, "selected_on": split.selected_on,
+              "device": spec.device,
               "teacher_epochs": None if weights else spec.teacher_epochs, "train_images": len(split.y_train),
               "recipe": base.model_dump(),
               "uncompressed": [], "runs": [], "unreachable": []}

@@ -24,6 +24,23 @@ class Split:
     x_test: torch.Tensor
     y_test: torch.Tensor
     name: str
+    # images held out of the training rows to choose the kept epoch on (training.validation_images), so the
+    # test split the accuracy is reported on plays no part in training; None: choices read the test split
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
+
+    def selection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images a run's choices are made on (the kept epoch, a teacher's best epoch): the validation
+        rows when the split has them, else the test split."""
+        return (self.x_val, self.y_val) if self.x_val is not None else (self.x_test, self.y_test)
+
+    @property
+    def selected_on(self) -> str:
+        """Where `selection` reads, as results record it."""
+        if self.x_val is None:
+            return "test"
+        n = len(self.x_val)
+        return f"validation ({n} training image{'s' if n != 1 else ''} held out)"
 
     @property
     def image_size(self) -> int:
@@ -36,6 +53,25 @@ class Split:
     @property
     def num_classes(self) -> int:
         return int(max(self.y_train.max(), self.y_test.max()) + 1)
+
+
+def hold_out(split: Split, images: int, seed: int = 0, what: str = "training.validation_images") -> Split:
+    """`split` with `images` of its training rows (a fixed random draw, the same for every run and seed,
+    so paired runs train on the same rows) moved to a validation set; 0 (or a split that has one already)
+    leaves it as it is. The normalisation stays the one of the full training set. `what`: the setting an
+    error names (the field, or the command-line option that set it)."""
+    if not images or split.x_val is not None:
+        return split
+    from dataclasses import replace
+
+    n = len(split.y_train)
+    if images >= n:
+        raise DataError(f"{what}: {images} of {n} training images would leave none to train "
+                        f"on; hold out fewer (e.g. {max(1, n // 10)}, a tenth), or 0 to choose on the test split")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val, train = order[:images], order[images:]
+    return replace(split, x_train=split.x_train[train], y_train=split.y_train[train],
+                   x_val=split.x_train[val], y_val=split.y_train[val])
 
 
 def _normalise(x_train: np.ndarray, x_test: np.ndarray):

@@ -18,7 +18,7 @@ from .artifact.store import save
 from .spec import CompressionSpec
 from .bench import batch_of, count_params
 from .deploy.timing import DEFAULT_THREADS, time_contenders
-from .data import Split, evaluator, load_dataset
+from .data import Split, evaluator, hold_out, load_dataset
 from .errors import ArtifactError, DataError
 from .layer_types import COMPRESSIBLE
 from .model_call import model_device
@@ -115,7 +115,8 @@ def train_teacher(model_name: str, split: Split, epochs: int, lr: float = 1e-3, 
     model = builder_for(model_name, split)()
     if device is not None:
         model.to(device)
-    train_baseline(model, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test), epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
+    train_baseline(model, (split.x_train, split.y_train), evaluator(*split.selection()), epochs=epochs, lr=lr,
+                   batch_size=batch_size, seed=seed, progress=progress)
     return model.cpu()
 
 
@@ -133,7 +134,7 @@ def compress_and_save(
     if moved:
         teacher = copy.deepcopy(teacher).to(device)
     model = copy.deepcopy(teacher)
-    evaluate = evaluator(split.x_test, split.y_test)
+    evaluate = evaluator(*split.selection())  # the kept epoch is chosen here; finalize_and_save reports the test split
     result = compress(model, recipe, (split.x_train, split.y_train), evaluate, teacher=teacher,
                       progress=progress, callbacks=callbacks, **compress_kwargs)
     row, spec = finalize_and_save(model, result, teacher, split, builder, out_dir and out_dir / name)
@@ -152,7 +153,7 @@ def finalize_and_save(model: nn.Module, result: Result, teacher: nn.Module, spli
     example = result.example_inputs
     spec = result.finalize()
     evaluate = evaluator(split.x_test, split.y_test)
-    row = {"accuracy": evaluate(model)["accuracy"]}
+    row = {"accuracy": evaluate(model)["accuracy"], "selected_on": split.selected_on}
     if path is not None:
         manifest = save(model, spec, path, builder=builder, example_inputs=example,
                         extra={"baseline_accuracy": evaluate(teacher)["accuracy"], "model": result.recipe.model,
@@ -240,4 +241,6 @@ def uncompressed_row(model: nn.Module, split: Split) -> dict:
 
 
 def load_split(recipe: Recipe, data: str | None) -> Split:
-    return load_dataset(data if data is not None else recipe.data)
+    """The recipe's data set (or `data`), with training.validation_images of its training rows held out
+    as the evaluation the run's choices read."""
+    return hold_out(load_dataset(data if data is not None else recipe.data), recipe.training.validation_images)

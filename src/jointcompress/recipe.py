@@ -359,6 +359,11 @@ class Training(Strict):
     # reported on, "best" is the best of several test readings, and a method at its target for more
     # epochs gets more of them; compare --keep last gives every variant the same rule)
     keep: Literal["best", "last"] = "best"
+    # training images held out (a fixed draw) as the evaluation the run's choices read (the kept epoch, the
+    # teacher's best), so the test split is only reported on; read where the evaluation is built from a data
+    # set (the command line, compare, pipeline.compress_and_save); compress() in Python evaluates with the
+    # `evaluate` it is given. 0: choices read the test split
+    validation_images: Annotated[int, Field(ge=0, le=100_000_000)] = 0
 
 
 class Coordination(Strict):

@@ -46,6 +46,10 @@ def register(app: typer.Typer) -> None:
         keep: Optional[str] = typer.Option(None, "--keep", help="training.keep of every variant: 'best' (its best evaluated "
                                            "epoch at the target) or 'last' (the same rule for every variant, no choice made on "
                                            "the evaluation data). Default: the recipe's (best)."),
+        val_images: Optional[int] = typer.Option(None, "--val-images", min=0, help="training.validation_images of every "
+                                                 "variant and teacher: training images held out (the same for all) to choose "
+                                                 "the kept epoch on, so the reported test accuracy played no part in it; 0: "
+                                                 "choose on the test split. Default: the recipe's (0)."),
         force: bool = typer.Option(False, "--force", help="Allow writing into a non-empty --out."),
         device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
     ) -> None:
@@ -56,7 +60,7 @@ def register(app: typer.Typer) -> None:
         from ..devices import resolve_device
         from ..errors import JointCompressError
         from ..io import prepare_output_dir
-        from ..pipeline import load_split
+        from ..data import hold_out, load_dataset
         from ..recipe import load_recipe
         from . import refuse_hf_recipe
 
@@ -77,9 +81,11 @@ def register(app: typer.Typer) -> None:
         spec = CompareSpec(ratios=parse_floats(ratios, "--ratios"), seeds=seeds,
                            variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
                            teacher_epochs=teacher_epochs, epochs=epochs, first_seed=first_seed, keep=keep,
-                           device=str(resolve_device(device)))
-        split = load_split(recipe, data)
-        out = prepare_output_dir(out, force=force)
+                           device=str(resolve_device(device)), validation_images=val_images)
+        split = load_dataset(data if data is not None else recipe.data)
+        held = val_images if val_images is not None else recipe.training.validation_images
+        split = hold_out(split, held, what="--val-images" if val_images is not None else "training.validation_images")
+        out = prepare_output_dir(out, force=force)  # after every check: a refused run leaves no folder
         with progress_bar() as bar:
             result = run_compare(recipe, split, name, spec, out, weights=weights, tensorboard=tensorboard,
                                  progress_factory=lambda d: tracked(bar, d), log=console.print)

@@ -12,7 +12,8 @@ from . import MODEL_CHOICES
 def register(app: typer.Typer) -> None:
     @app.command("sensitivity")
     def sensitivity_command(
-        recipe_path: Path = typer.Argument(..., help="Recipe YAML (model and data are read from it; the metric is accuracy on the test split)."),
+        recipe_path: Path = typer.Argument(..., help="Recipe YAML (model and data are read from it; the metric is accuracy on the test split, or on the "
+                                                 "training images training.validation_images holds out)."),
         model: Optional[str] = typer.Option(None, "--model", help=f"{MODEL_CHOICES} (default: the recipe's)."),
         data: Optional[str] = typer.Option(None, "--data", help="'digits' or an .npz of images (MNIST-style; default: the recipe's)."),
         weights: Optional[Path] = typer.Option(None, "--weights", help="Trained weights (.safetensors); default: train first."),
@@ -58,11 +59,12 @@ def register(app: typer.Typer) -> None:
                 net = load_start(builder_for(name, split), weights)  # a file, or an artifact directory as compress takes
             else:
                 net = train_teacher(name, split, teacher_epochs, lr=recipe.training.lr, progress=tracked(bar, "train model"))
-            result = scan(net, evaluator(split.x_test, split.y_test), split.x_train[:2], sp, bs, gs,
+            result = scan(net, evaluator(*split.selection()), split.x_train[:2], sp, bs, gs,
                           metric="accuracy", progress=tracked(bar, "scan"))
+        result["measured_on"] = split.selected_on  # the images the baseline and every drop are measured on
         atomic_write_json(out / "sensitivity.json", result)
         save_heatmap(result, out / "sensitivity.png")
-        console.print(layer_table(result, name, split.name, sp, bs))
+        console.print(layer_table(result, name, f"{split.name}, measured on {split.selected_on}", sp, bs))
         if result["groups"]:
             console.print(group_table(result, gs))
         console.print(f"wrote {out / 'sensitivity.json'} and {out / 'sensitivity.png'}")

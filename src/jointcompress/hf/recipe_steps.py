@@ -105,9 +105,19 @@ def class_names(hf_cfg, src: str) -> list[str]:
     return list(hf_cfg.labels)
 
 
+def refuse_validation_images(recipe) -> None:
+    """training.validation_images holds out images of an image data set; a text recipe reads its dev file."""
+    if recipe.training.validation_images:
+        raise RecipeError(f"training.validation_images: {recipe.training.validation_images}: an hf recipe evaluates on "
+                          "its dev file (hf data folder); hold out rows of the training file into a separate folder's "
+                          "dev file to choose on them, or remove training.validation_images")
+
+
 def check_recipe(recipe, progressive: bool = False) -> None:
     """What an hf recipe's target can be: a size (ratio, size_kb), met by the heads and FFN neurons
-    kept (hf/size_target.py), in one joint or sequential run of the student."""
+    kept (hf/size_target.py), in one joint or sequential run of the student. training.validation_images is
+    for image data sets: a text recipe evaluates on its dev file, and a validation file is not read yet."""
+    refuse_validation_images(recipe)
     target = recipe.target
     if target is None:
         return

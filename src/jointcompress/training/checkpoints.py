@@ -195,7 +195,7 @@ def _trained_overlap(saved: dict) -> bool:
 
 # recipe fields added since checkpoints were first written, with the value a run without them trained with:
 # a checkpoint that lacks one resumes as that value, not as a different recipe
-ADDED_FIELDS = {("training", "keep"): "best"}
+ADDED_FIELDS = {("training", "keep"): "best", ("training", "validation_images"): 0}
 
 
 def _as_trained_today(saved: dict | None, recipe) -> dict | None:
