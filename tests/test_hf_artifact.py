@@ -265,3 +265,29 @@ def test_a_loaded_artifacts_spec_gives_int8_overrides_onnx_runtime_takes(finaliz
         reference = SequenceClassifier(model).eval()(x)
     int8 = OrtClassifier(q)(x[:, 0], x[:, 1])
     assert (int8 - reference).abs().max() <= 0.05 * reference.abs().max()  # int8 tolerance as in test_deploy
+
+
+def test_the_exported_pooler_is_a_plain_gemm_so_every_onnx_runtime_takes_its_axis(finalized, tmp_path):
+    """ONNX Runtime before 1.32 turned a Gemm with transB=1 into a MatMul on a transposed copy under the
+    weight's own name, and refused the pooler's per-channel override on axis 0 (reproduced with 1.30)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from jointcompress.hf.int8 import OrtClassifier, export_onnx, trained_overrides
+
+    hf, spec, x, _ = finalized
+    save_hf_artifact(hf, spec, tmp_path / "art", None, ptq_bits=8)  # the pooler gets a scale of its own
+    model, _, loaded_spec = load_hf_artifact(tmp_path / "art", with_spec=True)
+    path = export_onnx(model, tmp_path / "m.onnx", seq_len=12)
+    graph = onnx.load(str(path)).graph
+    gemms = [n for n in graph.node if n.op_type == "Gemm"]
+    assert gemms and all(a.i == 0 for n in gemms for a in n.attribute if a.name == "transB")
+    pooler = dict(model.named_modules())["bert.pooler.dense"].weight.detach().numpy()
+    stored = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    name = next(k for k, v in stored.items() if v.shape == pooler.T.shape and np.array_equal(v, pooler.T))
+    overrides = trained_overrides(path, model, loaded_spec)
+    assert overrides[name][0]["axis"] == 1  # the output channels, where a MatMul's quantizer looks
+    with torch.no_grad():
+        reference = SequenceClassifier(model).eval()(x)
+    assert torch.allclose(OrtClassifier(path)(x[:, 0], x[:, 1]), reference, atol=1e-4)  # the same product

@@ -105,7 +105,40 @@ def export_onnx(model: nn.Module, path: str | Path, seq_len: int = 64, token_typ
         dynamic_axes={**{name: {0: "batch"} for name in names}, "logits": {0: "batch"}},
         opset_version=17, dynamo=False,
     )
+    untranspose_gemm_weights(path)
     return path
+
+
+def untranspose_gemm_weights(path: Path) -> int:
+    """Rewrite every Gemm with transB=1 on a weight of its own as transB=0 on the stored transpose, in place;
+    returns how many. The same product, but the weight's output channels are then on axis 1 in any
+    version of ONNX Runtime's dynamic quantizer: before 1.32 it turned such a Gemm into a MatMul on a
+    transposed copy under the weight's own name, so a per-channel override on axis 0 (the BERT pooler's,
+    from trained_overrides) was refused ("unexpected axis. Expected 1, but got 0")."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    changed = 0
+    for node in graph.node:
+        trans_b = next((a for a in node.attribute if a.name == "transB"), None)
+        if node.op_type != "Gemm" or trans_b is None or trans_b.i != 1 or len(node.input) < 2:
+            continue
+        weight = initializers.get(node.input[1])
+        if weight is None or uses[weight.name] != 1 or len(weight.dims) != 2:
+            continue
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight).T.copy(), weight.name))
+        trans_b.i = 0
+        changed += 1
+    if changed:
+        onnx.save(model, str(path))
+    return changed
 
 
 def quantize_onnx_int8(src: str | Path, dst: str | Path, overrides: dict | None = None) -> Path:
