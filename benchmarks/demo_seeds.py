@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from jointcompress.demo import JOINT_VARIANT, run_demo
+from jointcompress.demo import JOINT_VARIANT, VALIDATION_IMAGES, run_demo
 
 
 def paired(diffs: list[float]) -> dict:
@@ -36,6 +36,9 @@ def main() -> None:
     ap.add_argument("--ratios", default="100")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--joint-variant", default=JOINT_VARIANT, help=f"compare's variant for the joint row (default {JOINT_VARIANT}, the demo's)")
+    ap.add_argument("--val-images", type=int, default=VALIDATION_IMAGES,
+                    help=f"training images held out to choose every kept epoch on (default {VALIDATION_IMAGES}, the "
+                         "demo's; 0: on the test images, as the results stored before this option)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "demo_seeds.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -46,7 +49,7 @@ def main() -> None:
         for seed in range(args.seeds):
             with tempfile.TemporaryDirectory() as work:
                 res = run_demo(Path(work), model=args.model, ratio=ratio, seed=seed, structured=False,
-                               joint_variant=args.joint_variant)
+                               joint_variant=args.joint_variant, validation_images=args.val_images)
             runs.append({"seed": seed, **{m: {k: res.rows[m][k] for k in ("accuracy", "file_bytes")}
                                           for m in ("sequential", "joint")},
                          "teacher_accuracy": res.rows["uncompressed"]["accuracy"], "target_bytes": res.target_bytes})
@@ -56,7 +59,8 @@ def main() -> None:
         points.append({"ratio": ratio, "runs": runs, "joint_minus_sequential_accuracy": diff})
     result = {"command": " ".join(["python benchmarks/demo_seeds.py"] + sys.argv[1:]), "model": args.model,
               "joint_variant": args.joint_variant,
-              "data": "digits (embedded; 449 held-out images)", "threads": 1, "points": points,
+              "data": "digits (embedded; 449 held-out images)", "selected_on": res.selected_on, "threads": 1,
+              "points": points,
               "wall_seconds": time.perf_counter() - t0}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for p in points:

@@ -29,6 +29,9 @@ def test_demo_compares_both_modes_and_builds_a_fast_model(tmp_path):
         assert rows[name]["latency_ms_b1"] > 0 and rows[name]["latency_ms_b64"] > 0
         assert rows[name]["latency_threads"] == 1
     assert "target 20x" in res.output and "structured int8" in res.output
+    # every kept epoch was chosen on training images held out, not on the test images the table reports
+    assert data["recipe"]["training"]["validation_images"] == 150
+    assert all(rows[m]["selected_on"] == "validation (150 training images held out)" for m in ("sequential", "joint"))
 
 
 def test_demo_refuses_an_unknown_model(tmp_path):

@@ -89,6 +89,9 @@ def demo(
     ratio: float = typer.Option(100.0, min=1.5, help="Size target: the weights file this many times smaller than fp32."),
     force: bool = typer.Option(False, help="Write into a non-empty --out that is not an earlier demo's output."),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
+    val_images: int = typer.Option(150, "--val-images", min=0, help="Training images held out to choose every kept "
+                                   "epoch on (the teacher's too), so the test images the table reports chose nothing; "
+                                   "0: choose on the test images."),
 ):
     """Train a teacher on the embedded digits data, compress it to one size target twice,
     sequentially (allocator budgets; prune, then quantize) and jointly (dead-zone quantizer and
@@ -107,7 +110,7 @@ def demo(
     try:
         with progress_bar() as bar:
             res = run_demo(out, model=model, ratio=ratio, teacher_epochs=teacher_epochs, epochs=epochs,
-                           progress=lambda name: tracked(bar, name), device=where)
+                           progress=lambda name: tracked(bar, name), device=where, validation_images=val_images)
     except TargetError as err:  # it names a recipe's fields; the demo's one knob is --ratio
         raise TargetError(f"{err}. The demo has no recipe: its target is --ratio {ratio:g}; ask for a lower "
                           "--ratio") from err
@@ -133,8 +136,9 @@ def _earlier_demo(out: Path) -> bool:
 
 def _print_demo(res, ratio: float) -> None:
     names = {"lenet5": "LeNet-5", "lenet300": "LeNet-300-100"}
-    console.print(results_table(f"jointcompress demo: {names[res.model]} on digits ({res.held_out} held-out), "
-                                f"target {ratio:g}x = {res.target_bytes:,.0f} B weights file", res.rows))
+    console.print(results_table(f"jointcompress demo: {names[res.model]} on digits ({res.held_out} held-out test images; "
+                                f"every kept epoch chosen on {res.selected_on}), target {ratio:g}x = "
+                                f"{res.target_bytes:,.0f} B weights file", res.rows))
     for mode in ("sequential", "joint"):
         r = res.rows[mode]
         console.print(f"{mode}: weights file {r['file_bytes']:,} B ({r['file_bytes'] / res.target_bytes - 1:+.1%} of the target)")
