@@ -82,6 +82,7 @@ def test_compare_holds_the_rows_out_once_for_every_teacher_and_variant(tmp_path)
     assert result["selected_on"] == hold_out(load_digits(), 120).selected_on
     manifest = json.loads((out / result["runs"][0]["dir"] / "artifact" / "manifest.json").read_text())
     assert manifest["recipe"]["training"]["validation_images"] == 120
+    assert result["runs"][0]["selected_on"] == result["selected_on"]  # each run says what chose its epoch
 
 
 def test_an_hf_recipe_refuses_validation_images_naming_the_field():

@@ -377,7 +377,7 @@ def _row(row: dict, variant: str, ratio: float, seed: int, dense: int, run_dir: 
             "file_bytes": file_bytes, "target_bytes": dense / ratio, "ratio": dense / file_bytes,
             "sparsity": row.get("sparsity"), "bits": row.get("bits"), "conflict_rate": row.get("conflict_rate"),
             "changed_share": row.get("changed_share"), "changed_mean": row.get("changed_mean"),
-            "wall_s": row.get("wall_s"), "dir": str(run_dir)}
+            "wall_s": row.get("wall_s"), "selected_on": row.get("selected_on"), "dir": str(run_dir)}
 
 
 def layer_widths(artifact: Path) -> dict[str, dict]:
