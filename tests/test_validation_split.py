@@ -83,6 +83,7 @@ def test_compare_holds_the_rows_out_once_for_every_teacher_and_variant(tmp_path)
     manifest = json.loads((out / result["runs"][0]["dir"] / "artifact" / "manifest.json").read_text())
     assert manifest["recipe"]["training"]["validation_images"] == 120
     assert result["runs"][0]["selected_on"] == result["selected_on"]  # each run says what chose its epoch
+    assert "chosen on validation (120 training images held out)" in " ".join(res.output.split())
 
 
 def test_an_hf_recipe_refuses_validation_images_naming_the_field():
