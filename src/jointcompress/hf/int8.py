@@ -118,8 +118,10 @@ def untranspose_gemm_weights(path: Path) -> int:
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
+    if any(init.data_location == onnx.TensorProto.EXTERNAL for init in graph.initializer):
+        return 0  # a model over protobuf's 2 GB keeps its weights beside the file; left as exported
     initializers = {init.name: init for init in graph.initializer}
     uses: dict[str, int] = {}
     for node in graph.node:
