@@ -187,8 +187,9 @@ def test_bound_runner_calls_the_compiled_session_and_falls_back(tmp_path):
     binding.bind_ortvalue_input("input", ort.OrtValue.ortvalue_from_numpy(x.numpy()))
     binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(out))
     run = bound_runner(session, binding)
-    session.run_with_iobinding = lambda *a: (_ for _ in ()).throw(AssertionError("the wrapper was called"))
-    run()
+    if getattr(binding, "_session", None) is not None:  # ONNX Runtime that records a binding's session (1.20 did not)
+        session.run_with_iobinding = lambda *a: (_ for _ in ()).throw(AssertionError("the wrapper was called"))
+    run()  # else the runner cannot tell whose binding it is, and takes the public call
     assert np.allclose(out, model(x).detach().numpy(), atol=1e-5)
 
     class Public:  # a session without a compiled handle: the public call
