@@ -50,9 +50,10 @@ class TeacherCache:
             per_sample = max(1, out[0].numel() * out.element_size())
             room = (self.limit_bytes if self.limit_bytes is not None else _memory_share(out.device, self.MEMORY_SHARE))
             if need * per_sample > room:  # stop before the process is killed for memory, and free what it held
-                self.off = (f"the teacher's logits would take more than {room / 2**30:.1f} GiB ({per_sample:,} bytes a "
-                            f"sample, {need:,} samples so far; the cap is {self.MEMORY_SHARE:.0%} of the "
-                            f"{out.device.type.upper()} memory)")
+                cap = ("the cap given" if self.limit_bytes is not None else
+                       f"the cap is {self.MEMORY_SHARE:.0%} of the {out.device.type.upper()} memory")
+                self.off = (f"the teacher's logits would take more than {room / 2**30:.2f} GiB ({per_sample:,} bytes a "
+                            f"sample, {need:,} samples so far; {cap})")
                 self.logits, self.have = None, torch.zeros(0, dtype=torch.bool)
                 return
             size = max(need, min(2 * len(self.have), room // per_sample))
