@@ -43,13 +43,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    points = []
+    points, selected_on = [], None
     for ratio in [float(r) for r in args.ratios.split(",")]:
         runs = []
         for seed in range(args.seeds):
             with tempfile.TemporaryDirectory() as work:
                 res = run_demo(Path(work), model=args.model, ratio=ratio, seed=seed, structured=False,
                                joint_variant=args.joint_variant, validation_images=args.val_images)
+            selected_on = res.selected_on
             runs.append({"seed": seed, **{m: {k: res.rows[m][k] for k in ("accuracy", "file_bytes")}
                                           for m in ("sequential", "joint")},
                          "teacher_accuracy": res.rows["uncompressed"]["accuracy"], "target_bytes": res.target_bytes})
@@ -59,7 +60,7 @@ def main() -> None:
         points.append({"ratio": ratio, "runs": runs, "joint_minus_sequential_accuracy": diff})
     result = {"command": " ".join(["python benchmarks/demo_seeds.py"] + sys.argv[1:]), "model": args.model,
               "joint_variant": args.joint_variant,
-              "data": "digits (embedded; 449 held-out images)", "selected_on": res.selected_on, "threads": 1,
+              "data": "digits (embedded; 449 held-out images)", "selected_on": selected_on, "threads": 1,
               "points": points,
               "wall_seconds": time.perf_counter() - t0}
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -291,3 +291,30 @@ def test_the_exported_pooler_is_a_plain_gemm_so_every_onnx_runtime_takes_its_axi
     with torch.no_grad():
         reference = SequenceClassifier(model).eval()(x)
     assert torch.allclose(OrtClassifier(path)(x[:, 0], x[:, 1]), reference, atol=1e-4)  # the same product
+
+
+def test_a_gemm_weight_the_graph_also_outputs_keeps_its_layout(tmp_path):
+    """untranspose_gemm_weights counted only node inputs: a weight that is also a graph output came back
+    transposed under its declared shape."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from jointcompress.hf.int8 import untranspose_gemm_weights
+
+    w = np.arange(6, dtype=np.float32).reshape(3, 2)  # [out, in], used with transB=1
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3]),
+         helper.make_tensor_value_info("W", TensorProto.FLOAT, [3, 2])],
+        [numpy_helper.from_array(w, "W")])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert untranspose_gemm_weights(path) == 0
+    stored = numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0])
+    assert np.array_equal(stored, w)
+    single = helper.make_graph(graph.node, "g", graph.input, graph.output[:1], graph.initializer)  # W used once
+    onnx.save(helper.make_model(single, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert untranspose_gemm_weights(path) == 1
+    assert np.array_equal(numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0]), w.T)

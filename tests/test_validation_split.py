@@ -28,7 +28,7 @@ def test_hold_out_moves_that_many_training_rows_the_same_draw_every_time():
     again = hold_out(split, 150)  # paired runs (every seed, every variant) hold out the same rows
     assert torch.equal(again.x_val, held.x_val) and torch.equal(again.y_train, held.y_train)
     assert held.selection()[0] is held.x_val and split.selection()[0] is split.x_test
-    assert hold_out(split, 0) is split and hold_out(held, 20) is held  # nothing to do / held out already
+    assert hold_out(split, 0) is split and hold_out(held, 150) is held  # nothing to do / held out already
     assert "150" in held.selected_on and split.selected_on == "test"
 
 
@@ -36,6 +36,18 @@ def test_hold_out_of_every_training_row_is_refused_naming_the_field():
     split = load_digits()
     with pytest.raises(DataError, match="training.validation_images"):
         hold_out(split, len(split.y_train))
+    with pytest.raises(DataError, match="already holds 150 training images out"):  # a count the split does not have
+        hold_out(hold_out(split, 150), 50)
+
+
+def test_compress_and_save_holds_out_the_recipes_rows_from_a_split_given_whole(tmp_path):
+    split = load_digits()
+    recipe = parse_recipe({"model": "lenet300", "techniques": [{"type": "quant_lsq", "bits": 8}],
+                           "training": {"epochs": 1, "batch_size": 128, "validation_images": 120}})
+    teacher = pipeline.train_teacher("lenet300", split, epochs=1)
+    outcome = pipeline.compress_and_save("artifact", teacher, recipe, split, pipeline.builder_for("lenet300", split),
+                                         tmp_path)
+    assert outcome.row["selected_on"] == hold_out(split, 120).selected_on  # what the manifest's recipe says
 
 
 def test_compress_and_save_chooses_on_the_validation_rows_and_reports_the_test_split(tmp_path, monkeypatch):
@@ -117,6 +129,12 @@ def test_a_resumed_run_that_trained_its_model_refuses_another_hold_out(tmp_path)
     (out / "checkpoints").mkdir()
     again = CliRunner().invoke(app, ["compress", recipe(100), "--teacher-epochs", "1", "--out", str(out), "--resume"])
     assert again.exit_code != 0 and "training.validation_images: 50" in str(again.exception)
+    kept = (out / "teacher.safetensors").read_bytes()
+    (out / "teacher.safetensors").unlink()  # its model lost too: refused before training one again
+    again = CliRunner().invoke(app, ["compress", recipe(100), "--teacher-epochs", "1", "--out", str(out), "--resume"])
+    assert again.exit_code != 0 and "training.validation_images: 50" in str(again.exception)
+    assert not (out / "teacher.safetensors").exists()
+    (out / "teacher.safetensors").write_bytes(kept)
     same = CliRunner().invoke(app, ["compress", recipe(50), "--teacher-epochs", "1", "--out", str(out), "--resume"])
     assert same.exit_code == 0, same.output  # the count it trained with resumes
 

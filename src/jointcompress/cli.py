@@ -243,7 +243,7 @@ def compress_cmd(
             for cb in callbacks:
                 cb.close()
     if main_rank:
-        _write_compress_results(out, recipe_path, recipe, teacher, outcome, split, model_name)
+        _write_compress_results(out, recipe_path, recipe, teacher, outcome, split, model_name, given=weights is not None)
 
 
 def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights, resume: bool, teacher_epochs: int,
@@ -258,6 +258,8 @@ def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights
     earlier = _earlier_start(start_file, teacher_file, builder) if resume else None
     if earlier is not None and earlier["weights"] and not weights:
         raise JointCompressError(f"--resume: the run in {out} began from --weights {earlier['weights']}; pass it again")
+    if earlier is not None and not weights:  # before the model is trained again, if it must be
+        _same_hold_out(start_file, earlier, recipe.training.validation_images)
     if weights:
         teacher = load_start(builder, weights)
     elif resume and teacher_file.is_file():
@@ -314,11 +316,6 @@ def _same_start(start_file: Path, earlier: dict | None, teacher, weights, save: 
     start = {"weights": str(weights) if weights else None, "state_sha256": state_digest(teacher)}
     if not weights:
         start["validation_images"] = held_out
-        before = (earlier or {}).get("validation_images", 0)
-        if earlier is not None and before != held_out:
-            raise JointCompressError(f"--resume: the run in {start_file.parent} trained its model with "
-                                     f"training.validation_images: {before}, and the recipe now holds out {held_out}; "
-                                     f"set it back to {before}, or start over with --force")
     if earlier is not None and earlier.get("state_sha256") != start["state_sha256"]:
         began = earlier.get("weights") or "the model it trained first"
         now = (f"--weights {weights} holds other weights; pass the weights it began from" if weights else
@@ -329,7 +326,18 @@ def _same_start(start_file: Path, earlier: dict | None, teacher, weights, save: 
         atomic_write_json(start_file, start)
 
 
-def _write_compress_results(out: Path, recipe_path: Path, recipe, teacher, outcome, split, model_name: str) -> None:
+def _same_hold_out(start_file: Path, earlier: dict, held_out: int) -> None:
+    """A model the run trained itself trained without its held-out rows (start.json records how many): resumed
+    with another count, it would be reused though it trained on rows now held out to choose on."""
+    before = earlier.get("validation_images", 0)
+    if before != held_out:
+        raise JointCompressError(f"--resume: the run in {start_file.parent} trained its model with "
+                                 f"training.validation_images: {before}, and the recipe now holds out {held_out}; "
+                                 f"set it back to {before}, or start over with --force")
+
+
+def _write_compress_results(out: Path, recipe_path: Path, recipe, teacher, outcome, split, model_name: str,
+                            given: bool = False) -> None:
     """The results table, history.json, summary.json and recipe.yaml of a finished run, and its targets' verdicts."""
     from .io import atomic_write_json, atomic_write_text
     from .pipeline import uncompressed_row
@@ -349,7 +357,7 @@ def _write_compress_results(out: Path, recipe_path: Path, recipe, teacher, outco
     atomic_write_text(out / "recipe.yaml", recipe_path.read_text(encoding="utf-8"))
     console.print(f"artifact in {out / 'artifact'}")
     if result.history.best_epoch is not None:  # which evaluation chose the state the run ended with
-        console.print(_kept_epoch_line(result.history.best_epoch, recipe.training.keep, split))
+        console.print(_kept_epoch_line(result.history.best_epoch, recipe.training.keep, split, given))
     if any(e.get("event") == "joint_form" for e in result.history.events):
         console.print("joint under a size target: zero as a quantizer level (quant_lsq.zero_level) under one size budget "
                       "(size_budget), in place of masks and the allocator's budgets; the resolved recipe is in the artifact's "
@@ -365,11 +373,14 @@ def _write_compress_results(out: Path, recipe_path: Path, recipe, teacher, outco
         console.print(_latency_line(latency, recipe.target))
 
 
-def _kept_epoch_line(epoch: int, keep: str, split) -> str:
-    """Which epoch the run ended with, and which data chose it (none for training.keep: last)."""
+def _kept_epoch_line(epoch: int, keep: str, split, given: bool = False) -> str:
+    """Which epoch the run ended with, and which data chose it (none for training.keep: last). `given`: the
+    model came from --weights, which may have trained on the rows held out here."""
     if keep == "last":
         return f"kept epoch {epoch}: the last at the target (training.keep: last); the table's accuracy is on the test split"
     hint = "" if split.x_val is not None else " (training.validation_images holds training images out to choose on instead)"
+    if split.x_val is not None and given:
+        hint = " (held out here; the --weights model may have trained on them)"
     return (f"kept epoch {epoch}: the best at the target, chosen on {split.selected_on}; the table's accuracy is on the "
             f"test split{hint}")
 

@@ -60,14 +60,20 @@ def hold_out(split: Split, images: int, seed: int = 0, what: str = "training.val
     so paired runs train on the same rows) moved to a validation set; 0 (or a split that has one already)
     leaves it as it is. The normalisation stays the one of the full training set. `what`: the setting an
     error names (the field, or the command-line option that set it)."""
-    if not images or split.x_val is not None:
+    if split.x_val is not None:  # held out already: only the same count is the same run
+        if images != len(split.x_val):
+            raise DataError(f"{what}: {images}, but the split already holds {len(split.x_val)} training images out; "
+                            f"pass the split before its hold-out, or set {what} to {len(split.x_val)}")
+        return split
+    if not images:
         return split
     from dataclasses import replace
 
     n = len(split.y_train)
     if images >= n:
-        raise DataError(f"{what}: {images} of {n} training images would leave none to train "
-                        f"on; hold out fewer (e.g. {max(1, n // 10)}, a tenth), or 0 to choose on the test split")
+        fewer = f"fewer (e.g. {n // 10}, a tenth), or " if n >= 10 else ""
+        raise DataError(f"{what}: {images} of {n} training images would leave none to train on; hold out {fewer}0 to "
+                        "choose on the test split")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val, train = order[:images], order[images:]
     return replace(split, x_train=split.x_train[train], y_train=split.y_train[train],

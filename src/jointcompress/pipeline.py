@@ -129,6 +129,7 @@ def compress_and_save(
     With a `device` other than the teacher's, the copy and the teacher train there (the caller's teacher
     stays where it is), and the compressed model comes back on the CPU, where it is timed and deployed.
     `compress_kwargs` go to compress() (run_dir, resume, checkpoint_every, ...)."""
+    split = hold_out(split, recipe.training.validation_images)  # a caller's split that is not held out yet
     seed_everything(recipe.training.seed)
     moved = device is not None and model_device(teacher) != device
     if moved:

@@ -90,7 +90,8 @@ def register(app: typer.Typer) -> None:
             result = run_compare(recipe, split, name, spec, out, weights=weights, tensorboard=tensorboard,
                                  progress_factory=lambda d: tracked(bar, d), log=console.print)
         console.print(summary_table(result))
-        console.print(f"accuracy on the test split; every kept epoch (the teachers' too) chosen on {result['selected_on']}"
+        whose = "the --weights teacher was trained elsewhere" if weights else "the teachers' too"
+        console.print(f"accuracy on the test split; every kept epoch ({whose}) chosen on {result['selected_on']}"
                       + ("" if result["keep"] == "best" else "; the variants end with their last (training.keep: last)"))
         for u in result.get("unreachable", []):
             console.print(f"[yellow]r{u['ratio_target']:g} seed {u['seed']}: not run, target unreachable[/yellow]: {u['reason']}")

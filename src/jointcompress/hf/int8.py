@@ -122,11 +122,12 @@ def untranspose_gemm_weights(path: Path) -> int:
     graph = model.graph
     if any(init.data_location == onnx.TensorProto.EXTERNAL for init in graph.initializer):
         return 0  # a model over protobuf's 2 GB keeps its weights beside the file; left as exported
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return 0  # If / Loop bodies may read a weight too: its uses are not all counted here
     initializers = {init.name: init for init in graph.initializer}
     uses: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+    for name in [i for node in graph.node for i in node.input] + [v.name for v in (*graph.input, *graph.output)]:
+        uses[name] = uses.get(name, 0) + 1  # a graph input or output keeps its stored layout
     changed = 0
     for node in graph.node:
         trans_b = next((a for a in node.attribute if a.name == "transB"), None)

@@ -21,8 +21,8 @@ class TeacherCache:
     gather instead of a Python loop over its samples.
     """
 
-    # the share of the device's memory (the machine's RAM for the CPU) the cache may take: a causal LM's
-    # logits, [tokens, vocabulary] per sample, outgrow any machine long before the data set ends
+    # the share of the memory the cache may take (a GPU's free memory, or the machine's RAM per process): a
+    # causal LM's logits, [tokens, vocabulary] per sample, outgrow any machine long before the data set ends
     MEMORY_SHARE = 0.25
 
     def __init__(self, limit_bytes: int | None = None):
@@ -51,7 +51,8 @@ class TeacherCache:
             room = (self.limit_bytes if self.limit_bytes is not None else _memory_share(out.device, self.MEMORY_SHARE))
             if need * per_sample > room:  # stop before the process is killed for memory, and free what it held
                 cap = ("the cap given" if self.limit_bytes is not None else
-                       f"the cap is {self.MEMORY_SHARE:.0%} of the {out.device.type.upper()} memory")
+                       f"the cap is {self.MEMORY_SHARE:.0%} of the {out.device.type.upper()} memory "
+                       f"{'free' if out.device.type == 'cuda' else 'per process'})")
                 self.off = (f"the teacher's logits would take more than {room / 2**30:.2f} GiB ({per_sample:,} bytes a "
                             f"sample, {need:,} samples so far; {cap})")
                 self.logits, self.have = None, torch.zeros(0, dtype=torch.bool)
@@ -81,15 +82,17 @@ class TeacherCache:
 
 
 def _memory_share(device: torch.device, share: float) -> int:
-    """`share` of the memory of `device`: a GPU's own, else the machine's RAM (unknown: no cap)."""
+    """`share` of the memory of `device`: of a GPU's free memory (the model and optimizer hold the rest),
+    else of the machine's RAM divided among the processes torchrun started on it (unknown: no cap)."""
     import os
 
     if device.type == "cuda":
-        return int(share * torch.cuda.get_device_properties(device).total_memory)
+        return int(share * torch.cuda.mem_get_info(device)[0])
     try:
-        return int(share * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # a platform without sysconf
         return 2**63
+    return int(share * ram / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
 
 
 def run_teacher(teacher, batch: Batch) -> torch.Tensor:
