@@ -739,6 +739,7 @@ KEEP_RULE_PAIRS = (("compare_lenet300_100x_e10_keep_best", "compare_lenet300_100
                    ("compare_lenet5_2k_obdland", None, "compare_lenet5_200x_2k_obdland_val"),
                    ("compare_lenet300_100x_e20_obdland_10seeds", None, "compare_lenet300_100x_e20_obdland_val"),
                    ("compare_lenet300_100x_obdland", None, "compare_lenet300_100x_obdland_val"),
+                   ("compare_lenet5_100x_obdland", None, "compare_lenet5_100x_obdland_val"),
                    ("compare_lenet5_400x_obdland", None, "compare_lenet5_400x_obdland_val"),
                    ("compare_lenet5_400x_2k_obdland", None, "compare_lenet5_400x_2k_obdland_val"))
 
