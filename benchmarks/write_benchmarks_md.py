@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -785,7 +786,8 @@ def _finished(r: dict | None) -> dict | None:
 
 
 # runs on a GPU and the stored CPU runs of the same point (same command otherwise, same seeds)
-GPU_PAIRS = (("compare_lenet5_200x_e6_cuda_s0", "compare_lenet5_200x_e6_keep_best"),)
+GPU_PAIRS = (("compare_lenet5_200x_e6_cuda_s0", "compare_lenet5_200x_e6_keep_best"),
+             ("compare_lenet5_200x_2k_obdland_val_cuda", "compare_lenet5_200x_2k_obdland_val"))
 
 
 def gpu_section(pairs=GPU_PAIRS) -> list[str]:
@@ -817,9 +819,35 @@ def gpu_section(pairs=GPU_PAIRS) -> list[str]:
                         "calibrations and landing probes that encode the weights file on the CPU, about 40 a run) gains "
                         "less from the GPU than the training itself (an inference from these wall times; the GPU run was "
                         "not profiled)."]
+        out += _gpu_paired_lines(gpu, cpu)
         out += ["", f"GPU machine: {gpu[1].get('machine', 'not recorded')}.", "",
                 "Reproduce: " + "; ".join(f"`{r['command']}`" for _, r in (gpu, cpu)) + "."]
-    return out + [""]
+    return out + _gpu_suite_lines() + [""]
+
+
+def _gpu_suite_lines(folder: Path = ROOT / "benchmarks" / "results" / "gpu_check") -> list[str]:
+    """The last GPU machine's test results (benchmarks/gpu_check.sh), where they are stored."""
+    try:
+        cuda = (folder / "cuda_tests.log").read_text().strip().splitlines()[-1]
+        suite = (folder / "suite.log").read_text().strip().splitlines()[-1]
+        env = [re.sub(r" \(UUID: [^)]*\)", "", line) for line in (folder / "env.log").read_text().strip().splitlines()]
+    except (OSError, IndexError):
+        return []
+    return ["", f"Tests on the same kind of machine ({'; '.join(env)}), `bash benchmarks/gpu_check.sh`: "
+                f"`tests/test_cuda.py` {cuda.strip('= ')}; the rest of the suite {suite.strip('= ')} "
+                f"(logs in `benchmarks/results/gpu_check/`)."]
+
+
+def _gpu_paired_lines(gpu: tuple, cpu: tuple) -> list[str]:
+    """Joint minus sequential, paired by seed, on each device (where the GPU run has two or more seeds)."""
+    lines = []
+    for device, (folder, r) in (("GPU", gpu), ("CPU", cpu)):
+        for p in r.get("paired", []):
+            if p["n"] >= 2:
+                lines.append(f"{device}, {p['variant']} minus {p['baseline']} at {p['ratio_target']:g}x: "
+                             f"{p['error_diff_mean']:+.2f} ± {p['error_diff_se']:.2f} points of error over seeds "
+                             f"{', '.join(map(str, p['seeds']))} (`{folder}`).")
+    return ["", " ".join(lines)] if lines else []
 
 
 def _wall_ratio(r: dict, seeds: set[int]) -> float | None:
