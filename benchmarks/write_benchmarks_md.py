@@ -1203,7 +1203,11 @@ def against_tp_section(model: str, variant: str = "", title: str = "") -> list[s
         out.append(f"| {s['step']} | {s['ratio']:.2f} | {'/'.join(str(v) for v in s['widths'].values())} | "
                    f"{100 * s['selection_accuracy']:.2f}% | {s['ort_fp32_alone_ms']['batch1']:.4f} | "
                    f"{s['ort_fp32_alone_ms']['batch64']:.3f} |")
-    out += ["", f"Ours on the selection images: {100 * r['match']['ours_selection_accuracy']:.2f}%; Torch-Pruning's "
+    chosen_on = (f"{r['selected_on']}" if r.get("selected_on") else
+                 f"the first {r['config']['select_images']:,} test images, as measured before choices read held-out "
+                 "training images")
+    out += ["", f"Ours on the selection images ({chosen_on}): {100 * r['match']['ours_selection_accuracy']:.2f}%; "
+                "Torch-Pruning's "
             "candidates after the full budget: " + ", ".join(f"step {c['step']} {100 * c['selection_accuracy_full_budget']:.2f}%"
                                                           for c in tp["candidates"]) + ".", ""]
     return out + tp_verdict(acc, tm) + [""]

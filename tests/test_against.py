@@ -1,5 +1,6 @@
 """`jointcompress bench --against torch-pruning` runs both contenders and writes them to JSON;
 its input errors are clear. No timing is asserted (timings never in tests)."""
+import dataclasses
 import json
 from pathlib import Path
 import sys
@@ -43,7 +44,9 @@ def test_against_torch_pruning_writes_both_contenders(app, tmp_path):
     assert contenders <= set(res["accuracy"]) and all(0 <= res["accuracy"][k] <= 1 for k in contenders)
     for batch in ("batch1", "batch64"):
         assert contenders <= set(res["timing"][batch]["latency_ms"]) and contenders <= set(res["timing"][batch]["alone_ms"])
-    assert res["threads"] == 1 and res["train_rows"] == 256 and res["config"]["min_width"] == 4
+    # --select-images 100 of 256 rows: a tenth (25) held out for the choices, trained on by no contender
+    assert res["threads"] == 1 and res["train_rows"] == 256 - 25 and res["config"]["min_width"] == 4
+    assert res["selected_on"] == "validation (25 training images held out)"
     target = res["target"]  # whether the deployed allocation met its target is said, and true to the numbers
     assert isinstance(target["met"], bool) and target["met"] == (target["measured_ms"] <= target["latency_ms_b64"])
     for side in ("ours_fp32_ort", "tp_fp32_ort"):  # both deployed the same way, and it is recorded
@@ -253,3 +256,27 @@ def test_the_verdict_checks_the_deployed_model_not_only_the_probe_before_trainin
     assert both["deployed_ms"] == pytest.approx(8.0) and not both["deployed_met"]
     under = deployed_against_target(_timing(5.0, 0.2, 5.5), 7.615, both_batches=True)
     assert under["deployed_met"] and "under the target" in target_note({**probe, **under})
+
+
+def test_the_matching_reads_held_out_training_images_never_test_ones():
+    import torch
+
+    from jointcompress.data import load_digits
+    from jointcompress.deploy.against import AgainstConfig, matching_split, selection_split
+    from jointcompress.errors import JointCompressError
+
+    split = load_digits()
+    held = matching_split(split, AgainstConfig(select_images=100))
+    sel = selection_split(held)
+    assert len(sel.x_test) == 100 and len(held.x_train) == len(split.x_train) - 100
+    rows = {tuple(r.flatten().tolist()) for r in split.x_train}
+    kept = {tuple(r.flatten().tolist()) for r in held.x_train}
+    chosen_on = [tuple(r.flatten().tolist()) for r in sel.x_test]
+    assert all(r in rows and r not in kept for r in chosen_on)  # training images nobody trains on
+    assert torch.equal(held.x_test, split.x_test)  # the test split is whole, for the reported accuracy
+    assert matching_split(held, AgainstConfig(select_images=100)) is held  # the teacher's and the run's: the same rows
+    small = matching_split(split, AgainstConfig(select_images=10**6))  # at most a tenth of the rows
+    assert len(small.x_val) == len(split.x_train) // 10
+    tiny = dataclasses.replace(split, x_train=split.x_train[:9], y_train=split.y_train[:9])
+    with pytest.raises(JointCompressError, match="at least 10"):
+        matching_split(tiny, AgainstConfig())

@@ -257,7 +257,8 @@ def register(app: typer.Typer) -> None:
         speedup: float = typer.Option(20.0, "--speedup", min=1.0, help="--against: latency target, x faster than dense."),
         tp_steps: int = typer.Option(6, "--tp-steps", min=1, help="--against: Torch-Pruning's pruning steps."),
         train_limit: Optional[int] = typer.Option(None, "--train-limit", min=1, help="--against: first N training rows."),
-        select_images: int = typer.Option(2000, "--select-images", min=1, help="--against: test images for the matching."),
+        select_images: int = typer.Option(2000, "--select-images", min=1, help="--against: training images held out for the "
+                                          "choices (the matching, the kept epochs; at most a tenth of the rows)."),
         target_ms: Optional[float] = typer.Option(None, "--target-ms", min=0.0, help="--against: the target in ONNX Runtime "
                                                   "fp32 ms at batch 64 instead of --speedup (immune to PyTorch's load)."),
         min_width: Optional[int] = typer.Option(None, "--min-width", min=1, help="--against: fewest channels a group may "

@@ -26,8 +26,10 @@ What `jointcompress bench --against torch-pruning` and benchmarks/against_torch_
    (deploy.ort_deploy: IOBinding; from batch 8 on the graph with its pooled convolutions
    folded, deploy.pooled_conv), and the result records each one's runtime settings.
 
-Accuracy is on the whole test split; training-time choices (the matching) use only its first
-`select_images` images.
+Accuracy is on the whole test split. Every training-time choice (the teacher's kept epoch, the
+allocator's held-out loss, our kept epoch, the matching) reads `select_images` training images held
+out for it (at most a tenth of the training rows; a fixed draw, data.hold_out) that no contender
+trains on, so no choice sees a test image.
 """
 from __future__ import annotations
 
@@ -108,9 +110,24 @@ def check_supported(model: nn.Module, example: torch.Tensor) -> None:
                                     "(no Conv2d/Linear whose output channels can be removed); nothing to compare")
 
 
-def selection_split(split, n: int):
-    """The split with only the first n test images: what training-time choices look at."""
-    return dataclasses.replace(split, x_test=split.x_test[:n], y_test=split.y_test[:n])
+def matching_split(split, cfg: AgainstConfig):
+    """`split` with `cfg.select_images` of its training rows held out for the choices (at most a tenth
+    of them, so a small data set still trains on most of its rows): the same rows for every contender,
+    for the teacher trained here too. A split held out already with that count comes back as it is."""
+    from ..data import hold_out
+
+    n = min(cfg.select_images, len(split.y_train) // 10)
+    if n < 1:
+        raise JointCompressError(f"--against: {len(split.y_train)} training images leave none to hold out for the "
+                                 "matching (it takes up to a tenth of them); give at least 10")
+    return hold_out(split, n, what="--select-images")
+
+
+def selection_split(split):
+    """The held-out training images (matching_split) in the test rows' place: what choices read."""
+    if split.x_val is None:
+        raise JointCompressError("--against: the split has no held-out images to choose on (matching_split)")
+    return dataclasses.replace(split, x_test=split.x_val, y_test=split.y_val)
 
 
 def accuracy_of(fn, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -313,7 +330,7 @@ def importance_for(model: nn.Module, split, example, cfg: AgainstConfig, min_wid
         raise JointCompressError(f"importance: {cfg.importance!r} is unknown; use 'loss' or 'norm'")
     floor = lt.MIN_WIDTH if min_width is None else min_width
     options = {g.name: lt.allowed_widths(g.channels, lt.MIN_KEEP, floor) for g in groups}
-    sel = selection_split(split, cfg.select_images)
+    sel = selection_split(split)
     steps = min(cfg.importance_steps, steps_per_epoch(split, cfg.batch_size) * cfg.epochs // 16)
     recover = (lambda m: fine_tune(m, teacher, split, steps, cfg, seed=1000 * cfg.seed + 7)) if steps > 0 else None
     return loss_importance(model, example, groups, (sel.x_test, sel.y_test), options, recover, steps,
@@ -331,7 +348,7 @@ def ours(teacher: nn.Module, split, example, work: Path, target_ms: float, cfg: 
     cfg = dataclasses.replace(cfg, drop_blocks=blocks)
     model = copy.deepcopy(teacher)
     t0 = time.perf_counter()
-    sel = selection_split(split, cfg.select_images)
+    sel = selection_split(split)
     res = compress(model, our_recipe(alloc, cfg), (split.x_train, split.y_train), evaluator(sel.x_test, sel.y_test),
                    teacher=teacher)
     spec = finalize(model, res.example_inputs)
@@ -370,7 +387,8 @@ def dense_teacher(cfg: AgainstConfig, split, teacher_path: Path | None = None) -
             raise JointCompressError(f"--teacher {teacher_path}: not a {cfg.model} state dict in safetensors "
                                      f"({type(exc).__name__}: {exc}); pass the dense model's weights") from exc
         return model.eval(), f"loaded from {teacher_path}"
-    model = train_teacher(cfg.model, selection_split(split, cfg.select_images), cfg.teacher_epochs, lr=cfg.lr,
+    # trained without the held-out rows, its best epoch chosen on them (split.selection())
+    model = train_teacher(cfg.model, matching_split(split, cfg), cfg.teacher_epochs, lr=cfg.lr,
                           batch_size=cfg.batch_size).eval()
     if teacher_path is not None:
         from safetensors.torch import save
@@ -426,6 +444,7 @@ def run_against(cfg: AgainstConfig, split, teacher: nn.Module | None = None, tea
     require_torch_pruning()
     t_start = time.perf_counter()
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="jointcompress-against-"))
+    split = matching_split(split, cfg)
     if teacher is None:
         teacher, teacher_note = dense_teacher(cfg, split)
     teacher = teacher.eval()
@@ -454,7 +473,7 @@ def run_against(cfg: AgainstConfig, split, teacher: nn.Module | None = None, tea
     timing = time_all(runners, split, cfg.threads, cfg.runs)
     return {
         "config": dataclasses.asdict(cfg), "teacher": teacher_note, "threads": cfg.threads,
-        "train_rows": len(split.x_train), "test_rows": len(split.x_test),
+        "train_rows": len(split.x_train), "test_rows": len(split.x_test), "selected_on": split.selected_on,
         "target": {"latency_ms_b64": target_ms, "dense_fp32_torch_ms_b64_at_allocation": dense_ms, "speedup": cfg.speedup,
                    "met": alloc["met"], "measured_ms": alloc["measured_ms"],
                    "measured_as": "ONNX Runtime fp32 (deploy.ort_deploy), least of 3 alone medians: batch 64" +

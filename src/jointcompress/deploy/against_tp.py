@@ -69,7 +69,7 @@ def stage_curve(teacher: nn.Module, split, example, work: Path, cfg: AgainstConf
 
     model = copy.deepcopy(teacher)
     pruner = pruner_for(model, example, cfg)
-    sel = selection_split(split, cfg.select_images)
+    sel = selection_split(split)
     per_stage, stages = budget // cfg.tp_steps, []
     for k in range(cfg.tp_steps):
         pruner.step()
@@ -88,7 +88,7 @@ def matched(teacher: nn.Module, split, stages: list[dict], cfg: AgainstConfig, b
     """The fastest stage that matches `match_acc` after the whole budget. Candidates: from the
     most pruned stage that matches already, more pruned ones in turn until one fails even
     after the whole budget (at most `MAX_CANDIDATES`; None: as many as there are stages)."""
-    sel = selection_split(split, cfg.select_images)
+    sel = selection_split(split)
     ok = [i for i, s in enumerate(stages) if s["selection_accuracy"] >= match_acc]
     first = ok[-1] if ok else 0
     candidates = []
