@@ -293,3 +293,34 @@ def test_trainer_moving_the_model_to_the_gpu_after_prepare_takes_the_session_alo
     prune = next(t for t in session.techniques if t.kind == "prune_unstructured")
     assert _on_gpu(model) and next(teacher.parameters()).device.type == "cuda"
     assert prune.at_target() and all(m.scores.device.type == "cuda" for m in prune.masks.values())
+
+
+def test_cli_trains_an_hf_recipe_on_the_gpu_and_writes_everything_from_the_cpu(tmp_path):
+    """`jointcompress compress HF_RECIPE --device cuda`: heads, FFN neurons, LSQ and KD train on the GPU;
+    the artifact, the HF folder and the int8 ONNX model are written from the CPU, and the saved
+    artifact gives the finalized student's dev accuracy."""
+    pytest.importorskip("transformers")
+    import json
+
+    import yaml
+    from hf_helpers import sst2_folder, teacher_folder
+    from typer.testing import CliRunner
+
+    from jointcompress.cli import app
+
+    teacher_dir, data = teacher_folder(tmp_path, heads=4, ffn=64), sst2_folder(tmp_path, seed=0)
+    rec = {"name": "hf-tiny-gpu", "hf": {"student_layers": [0, 3], "max_length": 16},
+           "training": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "seed": 0},
+           "techniques": [{"type": "prune_heads", "sparsity": 0.5, "end": 0.6}, {"type": "prune_ffn", "sparsity": 0.5, "end": 0.6},
+                          {"type": "quant_lsq", "bits": 4, "targets": ["*encoder.layer.*"]},
+                          {"type": "distill_kd", "temperature": 2.0, "alpha": 0.5, "cache_teacher": True}]}
+    path, out = tmp_path / "r.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(rec))
+    res = CliRunner().invoke(app, ["compress", str(path), "--data", str(data), "--weights", str(teacher_dir), "--out", str(out),
+                                   "--device", "cuda"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert sum(summary["student"]["heads_per_layer"]) == 4 and sum(summary["student"]["intermediate_per_layer"]) == 64
+    assert summary["artifact"]["dev_accuracy"] == pytest.approx(summary["student"]["dev_accuracy"], abs=1 / 8)
+    assert (out / "onnx" / "model_int8.onnx").is_file() and summary["int8"]["logits_vs_fp32_student"]["within_tolerance"]
+    assert summary["int8"]["latency"]["teacher_fp32_torch"]["batch1_ms"] > 0  # the teacher timed back on the CPU

@@ -109,3 +109,13 @@ def test_a_teacher_on_another_device_than_the_model_is_refused_before_training()
     with pytest.raises(DataError, match=r"teacher: it is on meta and the model on cpu.*teacher.to\(device\)"):
         compress(model, {"techniques": [{"type": "distill_kd"}], "training": {"epochs": 1, "batch_size": 8}},
                  (x, y), lambda m: 0.0, teacher=teacher)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without CUDA")
+def test_an_hf_recipe_refuses_a_cuda_device_this_machine_lacks_before_the_teacher_loads(monkeypatch, capsys, tmp_path):
+    from jointcompress.recipe import builtin_recipe
+
+    code, out = run_cli(monkeypatch, capsys, "compress", str(builtin_recipe("hf_sst2")), "--weights",
+                        str(tmp_path / "no_teacher"), "--out", str(tmp_path / "out"), "--device", "cuda")
+    assert code == 2 and "--device 'cuda': no CUDA device is visible here" in out and "Traceback" not in out
+    assert not (tmp_path / "out").exists()

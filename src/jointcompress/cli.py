@@ -201,16 +201,12 @@ def compress_cmd(
         from .hf.recipe_steps import refuse_validation_images
 
         refuse_validation_images(recipe)  # before the run folder and the progress bar
-        if resolve_device(device).type != "cpu":
-            raise JointCompressError(f"--device {device}: Hugging Face recipes train on the CPU from the command line; on "
-                                     "a GPU, use the Python API: model.to('cuda'), then jointcompress.compress(...) or the "
-                                     "Trainer integration (docs/transformers.md)")
-
+        resolve_device(device)  # a device this machine lacks is refused before the teacher loads
         if model:
             recipe = recipe.model_copy(update={"model": model})
         cli_compress(recipe, recipe_path, out=out, data=data, weights=weights, force=force, resume=resume,
                      checkpoint_every=checkpoint_every, max_nonfinite=max_nonfinite, console=console,
-                     progress_bar=progress_bar, tracked=tracked)
+                     progress_bar=progress_bar, tracked=tracked, device=device)
         return
     model_name = model or recipe.model
     if not model_name:

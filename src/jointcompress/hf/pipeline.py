@@ -59,6 +59,7 @@ def run_hf_recipe(
     progressive: bool = False,
     int8_atol: float = INT8_ATOL,
     latency_rounds: int = 5,
+    device=None,
     **compress_kwargs,
 ) -> dict:
     """Compress an HF text classifier with `recipe`; writes OUT/hf_model and OUT/summary.json.
@@ -74,6 +75,9 @@ def run_hf_recipe(
     the student from the pruned teacher's `hf.student_layers` and distil into it with the
     other techniques for the other half (jointcompress.progressive; single process, no
     checkpoints).
+    device: where the student and the teacher train (a torch.device; default the CPU); the
+    finalized student and the teacher come back to the CPU, where the artifact, the HF folder and the
+    ONNX models are written and everything is measured.
     compress_kwargs go to api.compress (resume, checkpoint_every, max_nonfinite, ...); the
     run directory is `out` (checkpoints in OUT/checkpoints).
 
@@ -98,7 +102,7 @@ def run_hf_recipe(
             f"{planned['kept'][k]} of {planned['total'][k]} {k.removeprefix('prune_')}" for k in planned["kept"])
             + f" (planned {planned['planned_bytes']:,} B)")
     dist = _dist.resolve(compress_kwargs.pop("distributed", "auto"))
-    steps.train(run, dist, progress, callbacks, progressive, compress_kwargs)
+    steps.train(run, dist, progress, callbacks, progressive, compress_kwargs, device=device)
     if dist is not None and not dist.is_main:  # rank 0 finalizes, exports and measures; the others are done
         return _other_rank(run, dist)
     steps.finalize_student(run, trim_vocab)
@@ -230,17 +234,20 @@ def deploy_int8(hf, teacher, dev_t: dict, onnx_dir: Path, *, seq_len: int, teach
 
 
 def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: bool, resume: bool,
-                 checkpoint_every: int, max_nonfinite: int, console, progress_bar, tracked) -> None:
-    """The `jointcompress compress` path for HF recipes (data-parallel under torchrun; rank 0 writes)."""
+                 checkpoint_every: int, max_nonfinite: int, console, progress_bar, tracked, device: str = "cpu") -> None:
+    """The `jointcompress compress` path for HF recipes (data-parallel under torchrun; rank 0 writes);
+    `device`: --device, where the student and the teacher train."""
     import contextlib
 
     from rich.table import Table
 
+    from jointcompress.devices import resolve_device
     from jointcompress.distributed import init_from_env, quiet_other_ranks
     from jointcompress.io import atomic_write_text, prepare_run_dir
 
     dist = init_from_env()
     quiet_other_ranks(dist)
+    where = resolve_device(device)  # after joining the group: under torchrun, `cuda` is the rank's own GPU
     main_rank = dist is None or dist.is_main
     out = prepare_run_dir(out, force=force, resume=resume, dist=dist,
                           fresh=("checkpoints", "hf_model", "onnx", "artifact"))
@@ -248,7 +255,7 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
         summary = run_hf_recipe(
             recipe, out, data, weights, progress=tracked(bar, recipe.mode) if main_rank else None,
             log=console.print if main_rank else (lambda msg: None), resume=resume, checkpoint_every=checkpoint_every,
-            max_nonfinite=max_nonfinite, distributed=dist if dist is not None else False,
+            max_nonfinite=max_nonfinite, distributed=dist if dist is not None else False, device=where,
         )
     if not main_rank:
         return

@@ -194,14 +194,18 @@ def load_text(run: HFRun, data_dir) -> None:
     run.x_dev, run.y_dev = pack_tokens(run.dev_t), run.dev_t["labels"]
 
 
-def train(run: HFRun, dist, progress, callbacks, progressive: bool, compress_kwargs: dict) -> None:
-    """Compress the student (joint/sequential: one compress() run; progressive: two stages)."""
+def train(run: HFRun, dist, progress, callbacks, progressive: bool, compress_kwargs: dict, device=None) -> None:
+    """Compress the student (joint/sequential: one compress() run; progressive: two stages), on
+    `device` (default: the CPU): the teacher and the student go there, CPU batches follow them."""
     from jointcompress.api import compress
 
     recipe = run.recipe
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     train_t = tokenize(run.tok, run.train_data, run.hf_cfg.max_length)
     loader = tensor_loader(train_t, recipe.training.batch_size, shuffle=True, seed=recipe.training.seed, rank=rank, world=world)
+    if device is not None:
+        run.teacher.to(device)
+        run.student.to(device)
     teacher_w = SequenceClassifier(run.teacher).eval()
     run.teacher_acc = accuracy(teacher_w, run.x_dev, run.y_dev)
     run.log(f"teacher dev accuracy {run.teacher_acc:.4f} on {len(run.y_dev)} rows; training on {len(run.train_data)} rows")
@@ -225,7 +229,12 @@ def finalize_student(run: HFRun, trim_vocab: bool | None) -> None:
     """Masks and LSQ made permanent, heads / neurons removed; optionally the vocabulary trimmed."""
     from jointcompress.hf.finalize import finalize_hf_with_spec
 
+    from jointcompress.model_copy import on_cpu
+
     run.hf, run.spec = finalize_hf_with_spec(run.result.model, run.result.techniques)
+    # trained on a GPU: written, exported and measured from the CPU (the teacher's latency is timed there too)
+    run.hf, run.spec = on_cpu(run.hf, run.spec)
+    run.teacher.cpu()
     run.hf.eval()
     acc = accuracy(SequenceClassifier(run.hf), run.x_dev, run.y_dev)
     run.measured.update(final_acc=acc, vocab_note={})
