@@ -320,7 +320,8 @@ def point_rows() -> list[dict]:
                     continue
                 mine = [row for row in runs if row["variant"] == s["variant"] and row["ratio_target"] == ratio and row.get("target_bytes")]
                 rows.append({"model": r["model"], "ratio": ratio, "images": r.get("train_images", 60000), "bits": bits,
-                             "epochs": r["epochs"], "keep": _keep_rule(r), "variant": s["variant"],
+                             "epochs": r["epochs"], "teacher_epochs": r.get("teacher_epochs"), "keep": _keep_rule(r),
+                             "variant": s["variant"],
                              "folder": path.parent.name,
                              "joint": s["error_mean"], "sequential": seq["error_mean"], "stats": st,
                              "landed": sum(abs(row["file_bytes"] / row["target_bytes"] - 1) <= 0.02 for row in mine),
@@ -353,6 +354,8 @@ def _row_cells(p: dict, variant_text: str) -> str:
     mean, se, n = p["stats"]
     landed = f"{p['landed']}/{p['runs']}" + ("" if p["landed"] == p["runs"] else " **(missed the target)**")
     epochs = p["epochs"] if p["keep"] == "best" else f"{p['epochs']}, {p['keep']}"  # docs/reliability.md
+    if p.get("teacher_epochs") not in (None, DEFAULT_TEACHER_EPOCHS.get(p["model"])):
+        epochs = f"{epochs}; teachers {p['teacher_epochs']}"
     return (f"| {MODELS[p['model']]} | {p['ratio']:g}x | {p['images']:,} | {p['bits']} | {epochs} | {variant_text} | "
             f"{100 * p['joint']:.2f}% | {100 * p['sequential']:.2f}% | {mean:+.2f} ± {se:.2f} (n={n}) | {_verdict(mean, se)} | "
             f"{landed} | `{p['folder']}` |")
@@ -370,8 +373,12 @@ JOINT_FORM_INTRO = ("What `mode: joint` trains under a size target (the joint fo
                     "landing only, described above). ")
 
 
+# compare_mnist.py's teacher epochs per model; a folder whose teachers trained longer says so in its epochs cell
+DEFAULT_TEACHER_EPOCHS = {"lenet300": 6, "lenet5": 3, "resnet": 3, "seqcnn": 3, "vit": 3, "lstm": 3}
+
+
 def _point_key(p: dict) -> tuple:
-    return p["model"], p["ratio"], p["images"], p["bits"], p["epochs"], p["keep"]
+    return p["model"], p["ratio"], p["images"], p["bits"], p["epochs"], p.get("teacher_epochs"), p["keep"]
 
 
 # re-runs of a stored point made only to pair other variants with today's teachers, where the headline
