@@ -1,7 +1,6 @@
 """training.validation_images: the kept epoch (and a teacher's best epoch) is chosen on training rows held
 out for it, and the test split is only reported on."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from typer.testing import CliRunner
 from jointcompress import pipeline
 from jointcompress.cli import app
 from jointcompress.data import DataError, accuracy, hold_out, load_digits
-from jointcompress.recipe import RecipeError, load_recipe, parse_recipe
+from jointcompress.recipe import parse_recipe
 
 
 def _rows(x: torch.Tensor) -> set:
@@ -98,13 +97,46 @@ def test_compare_holds_the_rows_out_once_for_every_teacher_and_variant(tmp_path)
     assert "chosen on validation (120 training images held out)" in " ".join(res.output.split())
 
 
-def test_an_hf_recipe_refuses_validation_images_naming_the_field():
-    from jointcompress.hf.recipe_steps import check_recipe
+def test_an_hf_recipe_chooses_its_kept_epoch_on_held_out_training_rows(tmp_path, monkeypatch):
+    """training.validation_images in an hf recipe: rows of the training file held out, every evaluation
+    during training reads them, and the dev file is only reported on."""
+    pytest.importorskip("transformers")
+    import yaml
+    from hf_helpers import sst2_folder, teacher_folder
+    from typer.testing import CliRunner
 
-    recipe = load_recipe(Path(__file__).parents[1] / "src" / "jointcompress" / "recipes" / "hf_sst2.yaml")
-    held = parse_recipe({**recipe.model_dump(), "training": {**recipe.training.model_dump(), "validation_images": 500}})
-    with pytest.raises(RecipeError, match="training.validation_images"):
-        check_recipe(held)
+    from jointcompress.cli import app
+    from jointcompress.hf import recipe_steps
+    from jointcompress.hf.wrapper import accuracy as hf_accuracy
+
+    teacher_dir, data = teacher_folder(tmp_path, heads=4, ffn=64), sst2_folder(tmp_path, seed=0)
+    rec = {"name": "hf-held-out", "hf": {"student_layers": [0], "max_length": 16},
+           "training": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "seed": 0, "validation_images": 7},
+           "techniques": [{"type": "quant_lsq", "bits": 8, "targets": ["*encoder.layer.*"]},
+                          {"type": "distill_kd", "temperature": 2.0, "alpha": 0.5}]}
+    path, out = tmp_path / "r.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(rec))
+    read = []  # the rows of every accuracy the run measures, in order
+
+    def counting(model, x, y, *a, **k):
+        read.append(len(y))
+        return hf_accuracy(model, x, y, *a, **k)
+
+    monkeypatch.setattr(recipe_steps, "accuracy", counting)
+    args = ["compress", str(path), "--data", str(data), "--weights", str(teacher_dir), "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_rows"] == 32 - 7 and summary["dev_rows"] == 8
+    assert summary["selected_on"] == "validation (7 training rows held out)"
+    # the teacher on dev (8 rows), every evaluation of the run (one per epoch, its end) on the 7 held-out
+    # rows, then the finalized student, the artifact and the rest on dev
+    during = read[1:read.index(8, 1)]
+    assert read[0] == 8 and len(during) >= 2 and set(during) == {7} and set(read[1 + len(during):]) == {8}, read
+    rec["training"]["validation_images"] = 32
+    path.write_text(yaml.safe_dump(rec))
+    res = CliRunner().invoke(app, args[:-1] + [str(tmp_path / "out2")])
+    assert res.exit_code != 0 and "training.validation_images: 32 of the 32 training rows" in str(res.exception)
 
 
 def test_a_resumed_run_that_trained_its_model_refuses_another_hold_out(tmp_path):

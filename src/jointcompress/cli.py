@@ -198,9 +198,7 @@ def compress_cmd(
         recipe = parse_recipe({**recipe.model_dump(exclude_unset=True), "mode": mode}, source=f"--mode {mode}")
     if recipe.hf is not None or (model or recipe.model or "").startswith("hf:"):  # Hugging Face text classification
         from .hf.pipeline import cli_compress
-        from .hf.recipe_steps import refuse_validation_images
 
-        refuse_validation_images(recipe)  # before the run folder and the progress bar
         resolve_device(device)  # a device this machine lacks is refused before the teacher loads
         if model:
             recipe = recipe.model_copy(update={"model": model})

@@ -361,8 +361,9 @@ class Training(Strict):
     keep: Literal["best", "last"] = "best"
     # training images held out (a fixed draw) as the evaluation the run's choices read (the kept epoch, the
     # teacher's best), so the test split is only reported on; read where the evaluation is built from a data
-    # set (the command line, compare, pipeline.compress_and_save); compress() in Python evaluates with the
-    # `evaluate` it is given. 0: choices read the test split
+    # set (the command line, compare, pipeline.compress_and_save; an hf recipe holds out rows of its training
+    # file, its dev file then only reported on); compress() in Python evaluates with the `evaluate` it is
+    # given. 0: choices read the test split (the dev file)
     validation_images: Annotated[int, Field(ge=0, le=100_000_000)] = 0
 
 

@@ -40,6 +40,12 @@ class TextDataset:
         g = torch.Generator().manual_seed(seed)
         return self.rows(torch.randperm(len(self), generator=g)[:n].tolist())
 
+    def hold_out(self, n: int, seed: int = 0) -> tuple["TextDataset", "TextDataset"]:
+        """(the rows left to train on, n rows held out): a fixed random draw, the same for every run,
+        rank and resume, as data.hold_out draws images."""
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
+        return self.rows(sorted(order[n:])), self.rows(order[:n])
+
     def head(self, n: int | None) -> "TextDataset":
         """The first n rows (all if n is None)."""
         return self if n is None else self.rows(list(range(min(n, len(self)))))

@@ -157,6 +157,7 @@ def _export_and_summarize(run: HFRun, *, int8: bool, int8_atol: float, latency_r
         "accuracy_ratio_vs_teacher": final_acc / ta if ta else None,
         "size_ratio_vs_teacher": (teacher_bytes / student_bytes) if teacher_bytes and student_bytes else None,
         "train_rows": len(run.train_data), "dev_rows": len(run.dev_data), "world_size": world, "progressive": progressive,
+        "selected_on": run.selected_on,
         "steps": _steps(run.result),
         "techniques": {k: v for r in (run.stage1, run.result) if r is not None for k, v in r.summary().items() if "." in k},
         "pipeline_example": {"text": text, **example},

@@ -45,6 +45,10 @@ class HFRun:
     dev_t: dict | None = None
     x_dev: torch.Tensor | None = None
     y_dev: torch.Tensor | None = None
+    # training rows held out to choose the kept epoch on (training.validation_images); None: the dev rows
+    x_sel: torch.Tensor | None = None
+    y_sel: torch.Tensor | None = None
+    selected_on: str = "dev"
     teacher_acc: float | None = None
     stage1: Any = None
     result: Any = None
@@ -105,19 +109,9 @@ def class_names(hf_cfg, src: str) -> list[str]:
     return list(hf_cfg.labels)
 
 
-def refuse_validation_images(recipe) -> None:
-    """training.validation_images holds out images of an image data set; a text recipe reads its dev file."""
-    if recipe.training.validation_images:
-        raise RecipeError(f"training.validation_images: {recipe.training.validation_images}: an hf recipe evaluates on "
-                          "its dev file (hf data folder); hold out rows of the training file into a separate folder's "
-                          "dev file to choose on them, or remove training.validation_images")
-
-
 def check_recipe(recipe, progressive: bool = False) -> None:
     """What an hf recipe's target can be: a size (ratio, size_kb), met by the heads and FFN neurons
-    kept (hf/size_target.py), in one joint or sequential run of the student. training.validation_images is
-    for image data sets: a text recipe evaluates on its dev file, and a validation file is not read yet."""
-    refuse_validation_images(recipe)
+    kept (hf/size_target.py), in one joint or sequential run of the student."""
     target = recipe.target
     if target is None:
         return
@@ -192,6 +186,23 @@ def load_text(run: HFRun, data_dir) -> None:
                             "another task has another head; a base encoder gets one of hf.labels' size)")
     run.dev_t = tokenize(run.tok, dev, hf_cfg.max_length)
     run.x_dev, run.y_dev = pack_tokens(run.dev_t), run.dev_t["labels"]
+    hold_out_rows(run, train_file.name)
+
+
+def hold_out_rows(run: HFRun, train_name: str) -> None:
+    """training.validation_images rows of the training file held out (a fixed draw) for the run's choices
+    (the kept epoch), so the dev file is only reported on."""
+    held = run.recipe.training.validation_images
+    if not held:
+        return
+    if held >= len(run.train_data):
+        raise DataError(f"training.validation_images: {held} of the {len(run.train_data)} training rows of {train_name} "
+                        f"(after hf.train_limit) would leave none to train on; hold out fewer (e.g. "
+                        f"{len(run.train_data) // 10}), or 0 to choose on the dev file")
+    run.train_data, chosen_on = run.train_data.hold_out(held)
+    sel = tokenize(run.tok, chosen_on, run.hf_cfg.max_length)
+    run.x_sel, run.y_sel = pack_tokens(sel), sel["labels"]
+    run.selected_on = f"validation ({held} training row{'s' if held != 1 else ''} held out)"
 
 
 def train(run: HFRun, dist, progress, callbacks, progressive: bool, compress_kwargs: dict, device=None) -> None:
@@ -208,8 +219,11 @@ def train(run: HFRun, dist, progress, callbacks, progressive: bool, compress_kwa
         run.student.to(device)
     teacher_w = SequenceClassifier(run.teacher).eval()
     run.teacher_acc = accuracy(teacher_w, run.x_dev, run.y_dev)
-    run.log(f"teacher dev accuracy {run.teacher_acc:.4f} on {len(run.y_dev)} rows; training on {len(run.train_data)} rows")
-    evaluate = lambda m: {"accuracy": accuracy(m, run.x_dev, run.y_dev)}  # noqa: E731
+    run.log(f"teacher dev accuracy {run.teacher_acc:.4f} on {len(run.y_dev)} rows; training on {len(run.train_data)} rows; "
+            f"kept epoch chosen on {run.selected_on}")
+    # the kept epoch is chosen on the held-out training rows where the recipe holds some out, else on dev
+    x_sel, y_sel = (run.x_sel, run.y_sel) if run.x_sel is not None else (run.x_dev, run.y_dev)
+    evaluate = lambda m: {"accuracy": accuracy(m, x_sel, y_sel)}  # noqa: E731
     if not progressive:
         run.result = compress(SequenceClassifier(run.student), recipe, loader, evaluate, teacher=teacher_w, progress=progress,
                               callbacks=callbacks, run_dir=run.out, distributed=dist if dist is not None else False,
