@@ -242,7 +242,6 @@ def train(run: HFRun, dist, progress, callbacks, progressive: bool, compress_kwa
 def finalize_student(run: HFRun, trim_vocab: bool | None) -> None:
     """Masks and LSQ made permanent, heads / neurons removed; optionally the vocabulary trimmed."""
     from jointcompress.hf.finalize import finalize_hf_with_spec
-
     from jointcompress.model_copy import on_cpu
 
     run.hf, run.spec = finalize_hf_with_spec(run.result.model, run.result.techniques)
