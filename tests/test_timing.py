@@ -1,5 +1,7 @@
 """deploy.timing: every ORT session is made with the requested threads and spinning off, and the
 timing helper returns the fields it documents (no real timing is asserted)."""
+import os
+
 import torch
 
 from jointcompress.bench import bench
@@ -58,6 +60,12 @@ def test_time_contenders_returns_documented_fields(tmp_path):
     assert {"threads", "interleaved_ms", "alone_ms", "flagged", "tolerance", "method"} <= set(d)
     assert "1 thread" in describe(t)
     assert t.speedup("torch")["torch"] == 1.0
+    # the processor the times were taken on is recorded with them, and said
+    machine = d["machine"]
+    assert machine["cores"] == os.cpu_count() and machine["vector_isa"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["cpu"] and machine["cpu"] in describe(t) and machine["vector_isa"] in describe(t)
+    assert Timing(**d).machine == machine  # a stored result read back keeps its own machine
+    assert machine["cpu"] not in describe(Timing(**{**d, "machine": None}))  # an old result without one names none
 
 
 def test_flag_when_interleaved_and_alone_disagree():

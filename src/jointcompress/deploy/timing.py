@@ -20,6 +20,7 @@ Why each rule (measured on the 2-core development machine, issue 11):
 from __future__ import annotations
 
 import os
+import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -75,6 +76,7 @@ class Timing:
     tolerance: float = TOLERANCE
     method: str = ("same threads for all (torch.set_num_threads; ORT intra-op, inter-op 1, spinning off); "
                    "warm-up; interleaved rounds, rotating start; medians; each also timed alone as a check")
+    machine: dict | None = None  # machine_info() where the times were taken (None: not recorded)
 
     def median(self, name: str) -> float:
         return self.interleaved_ms[name]
@@ -85,6 +87,21 @@ class Timing:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def machine_info() -> dict:
+    """The processor the times are taken on, recorded with them: the same model gives other times on another
+    processor (ONNX Runtime's convolutions run in blocks of 16 channels with AVX-512 and of 8 without, so a
+    narrow layer costs differently), and a loaded machine slows PyTorch more than small ORT models."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "vector_isa": torch.backends.cpu.get_cpu_capability(),
+            "load_average": load}
 
 
 def _median_ms(samples: list[float]) -> float:
@@ -115,7 +132,8 @@ def time_contenders(fns: dict[str, Callable[[], object]], threads: int = DEFAULT
         torch.set_num_threads(before)
     inter_ms = {k: _median_ms(v) for k, v in inter.items()}
     alone_ms = {k: _median_ms(v) for k, v in alone.items()}
-    return Timing(threads, rounds, warmup, alone_runs, inter_ms, alone_ms, flagged(inter_ms, alone_ms, tolerance), tolerance)
+    return Timing(threads, rounds, warmup, alone_runs, inter_ms, alone_ms, flagged(inter_ms, alone_ms, tolerance), tolerance,
+                  machine=machine_info())
 
 
 def steady_ms(call: Callable[[], object], threads: int = DEFAULT_THREADS, rounds: int = 30, repeats: int = 3,
@@ -158,6 +176,8 @@ def _alone(fn, runs: int, warmup: int) -> list[float]:
 def describe(timing: Timing) -> str:
     """One line for logs and tables: the method, the threads and any flagged contender."""
     s = f"{timing.threads} thread(s), medians of {timing.rounds} interleaved rounds"
+    if timing.machine:
+        s += f" on {timing.machine['cpu']} ({timing.machine['vector_isa']}, {timing.machine['cores']} cores)"
     if timing.flagged:
         s += (f"; interleaved vs alone differ > {100 * timing.tolerance:.0f}% for " + ", ".join(timing.flagged)
               + " (load changed during the run, or the contenders disturb each other: re-run)")
