@@ -300,7 +300,9 @@ def point_rows() -> list[dict]:
     for path in sorted((ROOT / "benchmarks" / "results").glob("compare_*/compare.json")):
         if path.parent.name in superseded():
             continue  # its joint variant was re-run (SEQUENTIAL_FROM)
-        r = load_compare(path.parent.name)
+        r = _finished(load_compare(path.parent.name))
+        if r is None:
+            continue  # a run still in progress (its compare.json is rewritten after every run)
         runs = r.get("runs", [])
         if not any("changed_share" in row for row in runs):
             continue  # measured with the earlier joint mode
