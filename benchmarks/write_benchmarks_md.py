@@ -753,7 +753,9 @@ KEEP_RULE_PAIRS = (("compare_lenet300_100x_e10_keep_best", "compare_lenet300_100
                    ("compare_lenet5_400x_obdland", None, "compare_lenet5_400x_obdland_val"),
                    ("compare_lenet5_400x_2k_obdland", None, "compare_lenet5_400x_2k_obdland_val"),
                    ("compare_lenet300_100x_2k_obdland_10seeds", None, "compare_lenet300_100x_2k_obdland_val_10seeds"),
-                   ("compare_resnet_20x_obdland", None, "compare_resnet_20x_obdland_val"))
+                   ("compare_resnet_20x_obdland", None, "compare_resnet_20x_obdland_val"),
+                   ("compare_lenet300_60x_2k_obdland_20seeds", None, "compare_lenet300_60x_2k_obdland_val_10seeds"),
+                   ("compare_lenet300_60x_paced_10seeds", None, "compare_lenet300_60x_obdland_val_10seeds"))
 
 
 def keep_rule_section(pairs=KEEP_RULE_PAIRS) -> list[str]:
