@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,15 @@ def add_layers(out: Path) -> None:
     path.write_text(json.dumps(result, indent=1, default=str) + "\n")
 
 
+def gpu_machine(device: str, threads: int) -> str:
+    """The GPU a run trained on and the versions beside it, as BENCHMARKS.md's "On a GPU" prints them."""
+    import onnxruntime
+    import transformers
+
+    return (f"one {torch.cuda.get_device_name(device)}, torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"onnxruntime {onnxruntime.__version__}; {os.cpu_count()} CPU cores, torch.set_num_threads({threads})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--add-layers", type=Path, metavar="DIR",
@@ -157,6 +167,8 @@ def main() -> None:
                          args.model, spec, out,
                          log=lambda m: print(f"[{time.perf_counter() - t0:6.0f}s] {m}", flush=True))
     result["wall_seconds"] = time.perf_counter() - t0
+    if spec.device.startswith("cuda"):  # BENCHMARKS.md "On a GPU" names the machine
+        result["machine"] = gpu_machine(spec.device, args.threads)
     result["command"] = " ".join(["nice -n 10 .venv/bin/python benchmarks/compare_mnist.py"] + sys.argv[1:])
     result["reference"] = {"deep_compression": DEEP_COMPRESSION.get(args.model), "goal": GOALS.get(args.model)}
     (out / "compare.json").write_text(json.dumps(result, indent=1, default=str) + "\n")

@@ -19,6 +19,7 @@ Why each rule (measured on the 2-core development machine, issue 11):
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -93,15 +94,20 @@ def machine_info() -> dict:
     """The processor the times are taken on, recorded with them: the same model gives other times on another
     processor (ONNX Runtime's convolutions run in blocks of 16 channels with AVX-512 and of 8 without, so a
     narrow layer costs differently), and a loaded machine slows PyTorch more than small ORT models."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cpu": _processor(), "cores": os.cpu_count(), "vector_isa": torch.backends.cpu.get_cpu_capability(),
+            "load_average": load}
+
+
+@functools.lru_cache(maxsize=1)
+def _processor() -> str:
+    """The CPU's model name (read once a process: every timing records it)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "vector_isa": torch.backends.cpu.get_cpu_capability(),
-            "load_average": load}
+        return cpu
 
 
 def _median_ms(samples: list[float]) -> float:
