@@ -747,6 +747,7 @@ KEEP_RULE_PAIRS = (("compare_lenet300_100x_e10_keep_best", "compare_lenet300_100
                    ("compare_lenet5_200x_e6_keep_best", "compare_lenet5_200x_e6_keep_last",
                     "compare_lenet5_200x_e6_keep_best_val"),
                    ("compare_lenet5_2k_obdland", None, "compare_lenet5_200x_2k_obdland_val"),
+                   ("compare_lenet5_2k_obdland", None, "compare_lenet5_100x_2k_obdland_val"),
                    ("compare_lenet300_100x_e20_obdland_10seeds", None, "compare_lenet300_100x_e20_obdland_val"),
                    ("compare_lenet300_100x_obdland", None, "compare_lenet300_100x_obdland_val"),
                    ("compare_lenet5_100x_obdland", None, "compare_lenet5_100x_obdland_val"),
@@ -755,7 +756,12 @@ KEEP_RULE_PAIRS = (("compare_lenet300_100x_e10_keep_best", "compare_lenet300_100
                    ("compare_lenet300_100x_2k_obdland_10seeds", None, "compare_lenet300_100x_2k_obdland_val_10seeds"),
                    ("compare_resnet_20x_obdland", None, "compare_resnet_20x_obdland_val"),
                    ("compare_lenet300_60x_2k_obdland_20seeds", None, "compare_lenet300_60x_2k_obdland_val_10seeds"),
-                   ("compare_lenet300_60x_paced_10seeds", None, "compare_lenet300_60x_obdland_val_10seeds"))
+                   ("compare_lenet300_60x_paced_10seeds", None, "compare_lenet300_60x_obdland_val_10seeds"),
+                   ("compare_lenet5_200x_3bit_paced_obd", None, "compare_lenet5_200x_3bit_obdland_val"),
+                   ("compare_lstm_30x_2k", None, "compare_lstm_30x_2k_obdland_val"),
+                   ("compare_seqcnn_60x_fp16norm", None, "compare_seqcnn_60x_obdland_val"),
+                   ("compare_vit_30x_fp16norm", None, "compare_vit_30x_obdland_val"),
+                   ("compare_lstm_30x", None, "compare_lstm_30x_obdland_val"))
 
 
 def keep_rule_section(pairs=KEEP_RULE_PAIRS) -> list[str]:
@@ -776,9 +782,11 @@ def keep_rule_section(pairs=KEEP_RULE_PAIRS) -> list[str]:
            "| model | target | training images | epochs | rule | variant | joint error | sequential error | difference | verdict | epochs it "
            "could end with (joint / sequential) | results |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    shown = set()  # a folder paired with two held-out folders (one per ratio) is listed once
     for best, last, rb, rl, val, rv in pairs:
         for name, r in ((best, rb), (last, rl), (val, rv)):
-            if r is not None:
+            if r is not None and name not in shown:
+                shown.add(name)
                 out += _keep_rule_rows(_keep_rule(r), name, r)
     out += ["", "Each variant's error with `last` minus with `best`, the same seeds:", ""]
     for best, last, rb, rl, _, _ in (p for p in pairs if p[3] is not None):
@@ -788,7 +796,8 @@ def keep_rule_section(pairs=KEEP_RULE_PAIRS) -> list[str]:
     out += ["", "Rows elsewhere in this file were measured with `best` on the test split unless they say otherwise; "
             "where they ran 6 or more epochs on 60,000 images the joint form could end with more epochs than sequential, "
             "and they carry a bias of the size measured here.", "",
-            "Reproduce: " + "; ".join(f"`{r['command']}`" for p in pairs for r in (p[2], p[3], p[5]) if r is not None)
+            "Reproduce: " + "; ".join(dict.fromkeys(f"`{r['command']}`" for p in pairs for r in (p[2], p[3], p[5])
+                                                    if r is not None))
             + ".", ""]
     return out
 
