@@ -796,10 +796,16 @@ def keep_rule_section(pairs=KEEP_RULE_PAIRS) -> list[str]:
     out += ["", "Rows elsewhere in this file were measured with `best` on the test split unless they say otherwise; "
             "where they ran 6 or more epochs on 60,000 images the joint form could end with more epochs than sequential, "
             "and they carry a bias of the size measured here.", "",
-            "Reproduce: " + "; ".join(dict.fromkeys(f"`{r['command']}`" for p in pairs for r in (p[2], p[3], p[5])
-                                                    if r is not None))
+            "Reproduce: " + "; ".join(dict.fromkeys(f"`{c}`" for p in pairs for r in (p[2], p[3], p[5])
+                                                    if r is not None for c in _commands(r)))
             + ".", ""]
     return out
+
+
+def _commands(r: dict) -> list[str]:
+    """The commands behind a loaded folder's rows: its own, and those of the runs load_compare borrowed."""
+    borrowed = [r["sequential_from"][1]] if r.get("sequential_from") else []
+    return [c for c in [r["command"], *borrowed, *(c for _, _, c in r.get("joint_from", []))] if c]
 
 
 def _finished(r: dict | None) -> dict | None:
