@@ -170,3 +170,19 @@ def test_an_empty_data_argument_is_refused_not_read_as_the_embedded_digits(empty
     recipe.write_text("model: lenet5\ntechniques: [{type: quant_lsq, bits: 4}]\ntraining: {epochs: 1}\n")
     code, out = run_cli(monkeypatch, capsys, "compress", recipe, "--data", empty, "--out", tmp_path / "run")
     assert code == 2 and "--data / recipe data is" in out and not (tmp_path / "run" / "artifact").exists()
+
+
+def test_the_digits_are_scikit_learns_own_read_without_importing_it(monkeypatch):
+    """load_digits reads scikit-learn's data file in place (importing sklearn.datasets cost every process ~2 s):
+    the same images and labels as the library's loader, with sklearn.datasets unimportable."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    from jointcompress.data import _digits_arrays, load_digits
+
+    reference = sk_digits()
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # any import of it now raises ImportError
+    images, labels = _digits_arrays()
+    assert np.array_equal(images, reference.images) and images.dtype == reference.images.dtype
+    assert np.array_equal(labels, reference.target)
+    split = load_digits()
+    assert len(split.x_train) + len(split.x_test) == 1797 and split.x_train.shape[1:] == (1, 8, 8)

@@ -220,6 +220,7 @@ def _root(g, drop: list[int], modules: dict[str, nn.Module]) -> tuple[nn.Module,
                              f"through (its layers: {', '.join(g.layers())})")
 
 
+@torch.no_grad()  # compared, never differentiated: no graph kept for them
 def _outputs(model: nn.Module, example_inputs):
     return call_model(model, example_inputs)
 

@@ -146,8 +146,9 @@ def flat_outputs(out: Any) -> list[torch.Tensor]:
 
 
 def output_gap(reference: Any, other: Any) -> float:
-    """max |reference - other| relative to max |reference| over all output tensors (inf if shapes differ)."""
-    a, b = flat_outputs(reference), flat_outputs(other)
+    """max |reference - other| relative to max |reference| over all output tensors (inf if shapes differ).
+    Outputs of a forward with gradients on are read detached (a float() of them warned on every finalize)."""
+    a, b = ([t.detach() for t in flat_outputs(out)] for out in (reference, other))
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
         return float("inf")
     if not a:

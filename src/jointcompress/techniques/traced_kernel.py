@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import sympy
 import torch
 
 
@@ -134,6 +133,8 @@ def _assumptions(fakes: list) -> tuple[list, dict, list]:
     """What a graph traced on `fakes` assumes of its arguments' shapes: per dimension its constant
     or its symbol (as created, before the shape environment's replacements), each symbol's range,
     and the guards and replacements the trace and the compiler recorded."""
+    import sympy  # here, not at the top: 0.6 s of every process's `import jointcompress` for code only a compile runs
+
     shape_env = next((f.fake_mode.shape_env for f in fakes if f.fake_mode.shape_env is not None), None)
     dims, symbols = [], set()
     for i, fake in enumerate(fakes):
