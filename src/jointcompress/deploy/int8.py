@@ -259,6 +259,18 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
+@contextlib.contextmanager
+def _torch_ao_deprecations_quiet():
+    """PyTorch's FX int8 warns, inside its own default recipe, that its observers' reduce_range and its quantized
+    tensors are deprecated: four lines of its internals per model on a command line, nothing the user can change
+    (this backend is kept for comparisons with PyTorch int8; the ONNX Runtime backend is the default)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Please use quant_min and quant_max", category=UserWarning)
+        warnings.filterwarnings("ignore", message="torch.quantize_per_tensor, torch.quantize_per_channel",
+                                category=UserWarning)
+        yield
+
+
 def quantize_torch(model: nn.Module, calibration, example_input: torch.Tensor, engine: str | None = None,
                    max_batches: int = 8) -> Int8Model:
     """PyTorch FX static int8 (slower here, see module docstring); min/max weight scales."""
@@ -275,7 +287,8 @@ def quantize_torch(model: nn.Module, calibration, example_input: torch.Tensor, e
     engine = engine or ("x86" if "x86" in torch.backends.quantized.supported_engines else "qnnpack")
     torch.backends.quantized.engine = engine
     try:
-        prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping(engine), (example_input,))
+        with _torch_ao_deprecations_quiet():
+            prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping(engine), (example_input,))
     except torch.fx.proxy.TraceError as exc:  # control flow on the input: a loop over steps, a shape test
         from ..recurrent import LinearRNN
 
@@ -289,7 +302,8 @@ def quantize_torch(model: nn.Module, calibration, example_input: torch.Tensor, e
             if i >= max_batches:
                 break
             prepared(x)
-    q = convert_fx(prepared)
+    with _torch_ao_deprecations_quiet():
+        q = convert_fx(prepared)
     return Int8Model(f"torch-{engine}", lambda x: q(x))
 
 
