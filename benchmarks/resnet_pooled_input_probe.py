@@ -79,10 +79,9 @@ def teacher_for(args, split) -> nn.Module:
 
 
 def timed(student: nn.Module, teacher: nn.Module, split, workdir: Path) -> dict:
-    out = {}
-    for batch in (64, 1):
+    out, run = {}, deploy_fp32(copy.deepcopy(student), workdir / "student.onnx", split.x_test[:1]).predict()
+    for batch in (64, 1):  # one export serves both batches, as in bench --against (deploy.ort_deploy)
         x = split.x_test[:batch].contiguous()
-        run = deploy_fp32(copy.deepcopy(student), workdir / f"student_b{batch}.onnx", x[:1]).predict()
         t = time_contenders({"dense_fp32_torch": lambda: teacher(x), "student_ort_fp32": lambda: run(x)}, threads=1,
                             rounds=60 if batch == 64 else 600)
         out[f"batch{batch}"] = {
