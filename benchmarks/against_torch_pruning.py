@@ -57,11 +57,13 @@ def parse() -> tuple[argparse.Namespace, AgainstConfig]:
     defaults = AgainstConfig()
     for f in AgainstConfig.__dataclass_fields__.values():
         value = getattr(defaults, f.name)
-        if isinstance(value, list):  # e.g. --drop-blocks layer1,layer2.0
-            ap.add_argument("--" + f.name.replace("_", "-"), type=lambda v: [s for s in v.split(",") if s], default=value)
+        if isinstance(value, list):  # e.g. --drop-blocks layer1,layer2.0; --strides 1,2
+            item = int if value and isinstance(value[0], int) else str
+            ap.add_argument("--" + f.name.replace("_", "-"), type=lambda v, item=item: [item(s) for s in v.split(",") if s],
+                            default=value)
             continue
         kind = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value) if value is not None \
-            else float if "float" in str(f.type) else int
+            else float if "float" in str(f.type) else str if "str" in str(f.type) else int
         ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=value)
     args = ap.parse_args()
     return args, AgainstConfig(**{k: getattr(args, k) for k in AgainstConfig.__dataclass_fields__})
@@ -69,7 +71,7 @@ def parse() -> tuple[argparse.Namespace, AgainstConfig]:
 
 def command_of(args, cfg: AgainstConfig) -> str:
     parts = [f"python benchmarks/against_torch_pruning.py --data {args.data}"]
-    parts += [f"--{k.replace('_', '-')} {','.join(v) if isinstance(v, list) else v}" for k, v in vars(cfg).items()
+    parts += [f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(cfg).items()
               if v is not None and v != []]
     parts += [f"--teacher {args.teacher}"] if args.teacher else []
     parts += [f"--train-limit {args.train_limit}"] if args.train_limit else []

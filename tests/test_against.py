@@ -63,14 +63,15 @@ def test_against_torch_pruning_writes_both_contenders(app, tmp_path):
     assert res["teacher"].startswith("trained here")
 
 
-def _resnet_against(app, tmp_path, drop_blocks: str) -> dict:
-    """A tiny `bench --against` run of the small ResNet on digits with `--drop-blocks`."""
+def _resnet_against(app, tmp_path, drop_blocks: str, *extra: str) -> dict:
+    """A tiny `bench --against` run of the small ResNet on digits with `--drop-blocks` (and `extra` options)."""
     pytest.importorskip("torch_pruning")
     pytest.importorskip("onnxruntime")
     out = tmp_path / "against.json"
     args = ["bench", "--against", "torch-pruning", "--model", "resnet", "--data", "digits", "--teacher-epochs", "1",
             "--epochs", "1", "--tp-steps", "1", "--runs", "2", "--select-images", "100", "--train-limit", "128",
-            "--speedup", "1000", "--drop-blocks", drop_blocks, "--json", str(out), "--workdir", str(tmp_path / "onnx")]
+            "--speedup", "1000", "--drop-blocks", drop_blocks, "--json", str(out), "--workdir", str(tmp_path / "onnx"),
+            *extra]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
@@ -91,6 +92,52 @@ def test_against_auto_drop_allocates_with_and_without_the_block(app, tmp_path):
     options = res["ours"]["drop_options"]
     assert [o["blocks"] for o in options] == [[], ["layer1"]] and all(o["predicted_loss"] is not None for o in options)
     assert res["ours"]["dropped_blocks"] in ([], ["layer1"]) and res["config"]["drop_blocks"] == ["auto"]
+
+
+def test_against_raises_the_stem_stride_and_gives_torch_pruning_the_same_start(app, tmp_path):
+    res = _resnet_against(app, tmp_path, "layer1", "--strides", "2", "--tp-start", "ours")
+    assert res["ours"]["strides"] == {"stem": [2, 2]} and res["ours"]["dropped_blocks"] == ["layer1"]
+    assert [(o["blocks"], o["stride"]) for o in res["ours"]["drop_options"]] == [(["layer1"], 2)]
+    assert "stride 2" in res["torch_pruning_start"] and "layer1" in res["torch_pruning_start"]
+    # both run on quarter-size maps: every conv after the stem sees 4x fewer positions than the dense model's
+    assert res["macs_per_sample"]["torch_pruning"] < res["macs_per_sample"]["dense"] / 4
+    assert "layer1.conv1" not in res["widths"]["torch_pruning"]  # it started without the block, as ours did
+    import onnx
+
+    strides = [a.ints for n in onnx.load(str(tmp_path / "onnx" / "ours_fp32.onnx")).graph.node if n.op_type == "Conv"
+               for a in n.attribute if a.name == "strides"]
+    assert list(strides[0]) == [2, 2]  # the deployed model downsamples at its stem
+
+
+def test_the_allocator_tries_each_stride_with_each_block_set_and_resolves_the_config(monkeypatch):
+    import torch
+
+    from jointcompress.deploy import against
+    from jointcompress.latency_targets import LatencyAllocation
+    from jointcompress.models import build_model
+    from jointcompress.width_importance import LossImportance
+
+    tried = []
+
+    def fake_allocate_for(teacher, split, example, work, target_ms, cfg):  # stride 2 without layer1: met, least loss
+        tried.append((cfg.drop_blocks, cfg.strides))
+        loss = {((), 1): 0.2, ((), 2): 0.3, (("layer1",), 1): 0.5, (("layer1",), 2): 0.6}
+        met = cfg.strides == [2]
+        curve = {"g": {8: 0.0}}
+        alloc = LatencyAllocation({"g": 8}, {"g": 8}, 1.0, 1.0, 1.0 if met else 2.0)
+        return alloc, LossImportance(curve, loss[(tuple(cfg.drop_blocks), cfg.strides[0])], curve)
+
+    monkeypatch.setattr(against, "allocate_for", fake_allocate_for)
+    cfg = against.AgainstConfig(drop_blocks=["auto"], strides=[1, 2])
+    resolved, alloc, options = against.allocate(build_model("resnet"), None, torch.randn(2, 1, 28, 28), None, 1.0, cfg)
+    assert tried == [([], [1]), ([], [2]), (["layer1"], [1]), (["layer1"], [2])]
+    assert [(o["blocks"], o["stride"], o["met"]) for o in options] == [
+        ([], 1, False), ([], 2, True), (["layer1"], 1, False), (["layer1"], 2, True)]
+    assert resolved.drop_blocks == [] and resolved.strides == [2] and against.stride_of(resolved) == 2
+    assert {"type": "raise_stride", "layer": None, "stride": 2} in against.our_recipe(alloc, resolved)["techniques"]
+    assert not any(t["type"] == "raise_stride" for t in against.our_recipe(alloc, against.AgainstConfig())["techniques"])
+    with pytest.raises(Exception, match="resolve it first"):
+        against.stride_of(cfg)
 
 
 def test_auto_drop_keeps_the_option_predicted_to_lose_least_among_those_that_met_the_target():
@@ -131,6 +178,13 @@ def test_against_without_torch_pruning_is_a_clear_error(app, monkeypatch):
     (["--against", "torch-pruning", "--model", "resnet", "--teacher-epochs", "1", "--drop-blocks", "layer2"],
      "cannot drop 'layer2'"),
     ([], "needs ARTIFACT_DIR"),
+    (["--against", "torch-pruning", "--model", "resnet", "--strides", "1,x"], "--strides '1,x'"),
+    (["--against", "torch-pruning", "--model", "resnet", "--teacher-epochs", "1", "--strides", "1,9"],
+     "strides: [1, 9] must list strides from 1"),
+    (["--against", "torch-pruning", "--model", "resnet", "--teacher-epochs", "1", "--tp-start", "both"],
+     "tp_start: 'both' is unknown"),
+    (["--against", "torch-pruning", "--model", "lenet5", "--teacher-epochs", "1", "--strides", "2"],
+     "a flatten into a Linear"),
 ])
 def test_against_bad_input(app, argv, words):
     pytest.importorskip("torch_pruning")

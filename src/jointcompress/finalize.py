@@ -22,6 +22,7 @@ from .graph import PRUNABLE_ROOTS, build_graph, frozen_stay_frozen
 from .group_checks import output_gap, tolerance
 from .model_call import call_model
 from .spec import PRIOR_STRUCTURE, CompressionSpec, LayerSpec, prior_structure
+from .strides import raised_strides
 from .techniques.masks import ApplyMask
 from .techniques.norm_storage import detach_norm_storage
 from .techniques.quant_lsq import LSQActivation, LSQWeight, attach_frozen_input_quant
@@ -115,6 +116,7 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None, 
         _warn_nonfinite(model)
     spec = _with_prior_structure(prior_structure(model), dropped)  # a model finalized or loaded before: its structure first
     spec.layers, spec.recipe = specs, recipe
+    spec.strides = {**spec.strides, **raised_strides(model)}
     todo = {name: (g, drop) for name, (g, drop) in plan.items() if drop}
     if todo:
         if example_inputs is None:
@@ -123,7 +125,7 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None, 
                 "so the model can be traced to remove them from every coupled layer"
             )
         _shrink(model, todo, example_inputs, spec)
-    if spec.pruning_history or spec.dropped_blocks:  # a further run on this model keeps them in its spec
+    if spec.pruning_history or spec.dropped_blocks or spec.strides:  # a further run on this model keeps them in its spec
         setattr(model, PRIOR_STRUCTURE, spec.structure())
     model.train(was_training)
     return spec

@@ -284,6 +284,15 @@ class PruneBlocks(Strict):
         return self
 
 
+class RaiseStride(Strict):
+    """A convolution's stride raised (default: the first stride-1 convolution, the stem), so every
+    later map is smaller: see techniques/raise_stride.py and strides.py."""
+
+    type: Literal["raise_stride"]
+    layer: str | None = None  # a module name as model.named_modules() lists it (None: the first stride-1 conv)
+    stride: Annotated[int, Field(ge=2, le=8)] = 2
+
+
 class HF(Strict):
     """Hugging Face text classification (`jointcompress compress` dispatches to jointcompress.hf)."""
 
@@ -309,7 +318,7 @@ class HF(Strict):
 
 Technique = Annotated[
     Union[PruneUnstructured, PruneStructured, QuantLSQ, DistillKD, PruneHeads, PruneFFN, PruneLayers, PruneBlocks,
-          SizeBudget], Field(discriminator="type")
+          SizeBudget, RaiseStride], Field(discriminator="type")
 ]
 
 
@@ -434,7 +443,7 @@ class Recipe(Strict):
         kinds = [t.type for t in self.techniques]
         for k in set(kinds):
             if kinds.count(k) > 1 and k in ("quant_lsq", "distill_kd", "prune_heads", "prune_ffn", "prune_layers", "prune_blocks",
-                                            "size_budget", "prune_structured"):
+                                            "size_budget", "prune_structured", "raise_stride"):
                 # prune_structured: a second entry traced a model the first had already reparametrized, and crashed
                 per_group = "; per-group sparsities go in its layer_sparsity" if k == "prune_structured" else ""
                 raise ValueError(f"technique '{k}' appears {kinds.count(k)} times; use it once{per_group}")
@@ -542,7 +551,7 @@ def _format(err: ValidationError, source: str) -> str:
         elif e["type"] == "union_tag_invalid" or e["type"] == "union_tag_not_found":
             lines.append(
                 f"  - {loc}: {msg}. Allowed types: prune_unstructured, prune_structured, quant_lsq, distill_kd, prune_heads, prune_ffn, prune_layers, "
-                "prune_blocks, size_budget"
+                "prune_blocks, size_budget, raise_stride"
             )
         else:
             shown = "input" in e and e["loc"]  # a top-level check's input is the whole recipe: not repeated

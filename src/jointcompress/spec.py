@@ -37,16 +37,19 @@ class CompressionSpec:
     # blocks a later run dropped from a model whose channels an earlier run had removed: [(n, [names])],
     # each replayed after the first n entries of the pruning history (the history can name their layers)
     later_dropped_blocks: list[tuple[int, list[str]]] = field(default_factory=list)
+    # convolutions whose stride raise_stride raised: {name: stride per dim}, set after the replay
+    strides: dict[str, list[int]] = field(default_factory=dict)
 
     def structure(self) -> dict:
         """What rebuilds the architecture from the builder's model: PRIOR_STRUCTURE's dict, the
         manifest's fields of the same names."""
         return {"pruning_history": [list(h) for h in self.pruning_history], "dropped_blocks": list(self.dropped_blocks),
-                "later_dropped_blocks": [[int(n), list(names)] for n, names in self.later_dropped_blocks]}
+                "later_dropped_blocks": [[int(n), list(names)] for n, names in self.later_dropped_blocks],
+                "strides": {str(k): [int(s) for s in v] for k, v in self.strides.items()}}
 
 
 # the attribute a finalized model (or one loaded from an artifact) carries its structure in
-# (CompressionSpec.structure(): the pruning history and dropped blocks that rebuild it from the builder's
+# (CompressionSpec.structure(): the pruning history, dropped blocks and raised strides that rebuild it from the builder's
 # model). A later run's finalize starts its spec from it, so that run's artifact rebuilds from the same
 # builder (a second run on a model whose channels a first one removed)
 PRIOR_STRUCTURE = "_jointcompress_prior_structure"
@@ -57,4 +60,5 @@ def prior_structure(model) -> CompressionSpec:
     prior = getattr(model, PRIOR_STRUCTURE, None) or {}
     return CompressionSpec(pruning_history=[list(h) for h in prior.get("pruning_history", [])],
                            dropped_blocks=list(prior.get("dropped_blocks", [])),
-                           later_dropped_blocks=[(int(n), list(b)) for n, b in prior.get("later_dropped_blocks", [])])
+                           later_dropped_blocks=[(int(n), list(b)) for n, b in prior.get("later_dropped_blocks", [])],
+                           strides={k: list(v) for k, v in prior.get("strides", {}).items()})

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, UnsupportedModelError
 from ..io import atomic_write_bytes
 from ..spec import PRIOR_STRUCTURE, CompressionSpec, LayerSpec
 from . import container as _container
@@ -132,10 +132,11 @@ def _history_json(history) -> list[list]:
 
 
 def rebuild(builder: Callable[[], nn.Module], history: list, inputs: tuple, where: str,
-            dropped: list[str] = (), later_dropped: list = ()) -> nn.Module:
+            dropped: list[str] = (), later_dropped: list = (), strides: dict | None = None) -> nn.Module:
     """A fresh model from `builder`, with its dropped blocks removed and the recorded structured
     pruning replayed on it; `later_dropped`: [(n, names)], blocks removed once the first n history
-    entries are replayed (a later run's, on a model an earlier run had shrunk)."""
+    entries are replayed (a later run's, on a model an earlier run had shrunk); `strides`: the
+    convolutions raise_stride downsampled with (weights keep their shapes: set last)."""
     model = builder()
     _drop(model, dropped, where)
     start = 0
@@ -144,6 +145,13 @@ def rebuild(builder: Callable[[], nn.Module], history: list, inputs: tuple, wher
         _drop(model, names, where)
         start = max(start, n)
     _replay(model, history[start:], inputs, where)
+    if strides:
+        from ..strides import set_strides
+
+        try:
+            set_strides(model, strides, where)
+        except UnsupportedModelError as exc:
+            raise ArtifactError(f"{exc}; is the builder the same architecture the artifact was trained from?") from exc
     return model
 
 
@@ -264,11 +272,12 @@ def save(
         raise ArtifactError(f"{path}: save() needs example_inputs to record how to replay the pruning history")
     dropped = [str(n) for n in getattr(spec, "dropped_blocks", [])]
     later = [[int(n), [str(b) for b in names]] for n, names in getattr(spec, "later_dropped_blocks", [])]
+    strides = {str(k): [int(s) for s in v] for k, v in getattr(spec, "strides", {}).items()}
     inputs = _input_records(example_inputs)
     _refuse_nonfinite(model, path)
     encoding = _enc.encode_model(model, spec, entropy=entropy)
     if builder is not None:
-        rebuilt = rebuild(builder, history, inputs_of_records(inputs), str(path), dropped, later)
+        rebuilt = rebuild(builder, history, inputs_of_records(inputs), str(path), dropped, later, strides)
         check_shapes(rebuilt, encoding.layers, encoding.others, f"{path} (checked at save time)", encoding.aliases)
     blob = file_blob(encoding, container)
     _warn_over_target(spec, len(blob), path)
@@ -296,6 +305,8 @@ def save(
     }
     if later:  # only where a later run dropped blocks: every other manifest stays as it was
         manifest["later_dropped_blocks"] = later
+    if strides:  # only where raise_stride downsampled a layer
+        manifest["strides"] = strides
     if encoding.aliases:  # only where a tensor is held under two names (encode.unique_state)
         manifest["aliases"] = encoding.aliases
     manifest["manifest_sha256"] = manifest_digest(manifest)
@@ -615,6 +626,10 @@ def _validate_fields(m: dict) -> None:
         _int(step[0], f"{f}[0]", 0, len(m["pruning_history"]))
         for j, name in enumerate(_list(step[1], f"{f}[1]")):
             _str(name, f"{f}[1][{j}]")
+    for name, stride in _dict(m.get("strides", {}), "strides").items():
+        _need(isinstance(stride, list) and 1 <= len(stride) <= 3, f"strides[{name!r}]", "must be a list of 1 to 3 integers")
+        for j, s in enumerate(stride):
+            _int(s, f"strides[{name!r}][{j}]", 1, 64)
     for i, rec in enumerate(_list(m["example_inputs"], "example_inputs")):
         f = f"example_inputs[{i}]"
         _dict(rec, f)
@@ -792,11 +807,13 @@ def load_with_spec(path: str | os.PathLike, builder: Callable[[], nn.Module]) ->
         ) from exc
     dropped = manifest.get("dropped_blocks", [])  # absent from artifacts written before prune_blocks
     later = manifest.get("later_dropped_blocks", [])  # present only where a later run dropped blocks
-    model = rebuild(builder, history, inputs, str(path), dropped, later)
+    strides = manifest.get("strides", {})  # present only where raise_stride downsampled a layer
+    model = rebuild(builder, history, inputs, str(path), dropped, later, strides)
     check_shapes(model, manifest["layers"], manifest["other_tensors"], where, manifest.get("aliases"))
     try:
         spec = CompressionSpec(pruning_history=history, recipe=manifest.get("recipe"), dropped_blocks=list(dropped),
-                               later_dropped_blocks=[(int(n), list(names)) for n, names in later])
+                               later_dropped_blocks=[(int(n), list(names)) for n, names in later],
+                               strides={k: list(v) for k, v in strides.items()})
         model.load_state_dict(_state(manifest, parts, tensors, where, spec), strict=True)
     except ArtifactError:
         raise
@@ -805,7 +822,7 @@ def load_with_spec(path: str | os.PathLike, builder: Callable[[], nn.Module]) ->
             f"{where}: the artifact's content is inconsistent and cannot be loaded ({type(exc).__name__}: {exc})"
         ) from exc
     _attach_input_quant(model, spec)
-    if history or dropped:  # a further run on this model saves an artifact that rebuilds from the same builder
+    if history or dropped or strides:  # a further run on this model saves an artifact that rebuilds from the same builder
         setattr(model, PRIOR_STRUCTURE, spec.structure())
     return model.eval(), spec
 

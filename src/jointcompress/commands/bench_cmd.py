@@ -211,6 +211,11 @@ def against_notes(result: dict) -> list[str]:
     (else its row is its closest candidate, less accurate), and contenders whose interleaved and alone
     medians differ by more than 20% (a busy machine: compare the bracketed alone times too)."""
     notes = []
+    ours = result.get("ours", {})
+    if ours.get("strides") or ours.get("dropped_blocks"):  # results written before raise_stride have no strides
+        notes.append(f"ours reshaped the model: strides {ours.get('strides') or 'as built'}, blocks dropped "
+                     f"{ours.get('dropped_blocks') or 'none'}; Torch-Pruning started from "
+                     f"{result.get('torch_pruning_start', 'the dense teacher')}")
     match = result["match"]
     if not match["torch_pruning_matched"]:
         ours = 100 * match["ours_selection_accuracy"]
@@ -265,6 +270,12 @@ def register(app: typer.Typer) -> None:
                                                 "keep (default 8; LeNet-5 reaches 20x only with 4 stem channels)."),
         drop_blocks: Optional[str] = typer.Option(None, "--drop-blocks", help="--against: residual blocks ours removes "
                                                   "whole, comma-separated module names (e.g. layer1), or 'auto'."),
+        strides: str = typer.Option("1", "--strides", help="--against: strides the allocator tries for the stem "
+                                    "(raise_stride; 1: as built), e.g. 1,2: it keeps the one predicted to lose least."),
+        stride_layer: Optional[str] = typer.Option(None, "--stride-layer", help="--against: the convolution --strides "
+                                                   "applies to (default: the first with stride 1)."),
+        tp_start: str = typer.Option("teacher", "--tp-start", help="--against: Torch-Pruning starts from the dense "
+                                     "'teacher', or from it reshaped as 'ours' chose (stride raised, blocks dropped)."),
         workdir: Optional[Path] = typer.Option(None, "--workdir", help="--against: keep every contender's ONNX files "
                                                "(fp32 and int8, ours and Torch-Pruning's) in this folder; default: a "
                                                "temporary folder, removed at the end."),
@@ -284,7 +295,8 @@ def register(app: typer.Typer) -> None:
             options = dict(epochs=epochs, teacher_epochs=teacher_epochs, speedup=speedup, tp_steps=tp_steps,
                            runs=runs, threads=threads, select_images=select_images, train_limit=train_limit,
                            target_ms=target_ms, min_width=min_width,
-                           drop_blocks=[b for b in (drop_blocks or "").split(",") if b])
+                           drop_blocks=[b for b in (drop_blocks or "").split(",") if b],
+                           strides=_strides(strides), stride_layer=stride_layer, tp_start=tp_start)
             result = run_against_cli(against, model, data, teacher, options, workdir)
             console.print(against_table(result))
             console.print(target_note(result["target"]))
@@ -308,6 +320,16 @@ def register(app: typer.Typer) -> None:
         console.print(latency_note(result))
         console.print(render_breakdown(result["breakdown"]))
         _write_json(json_out, result)
+
+
+def _strides(text: str) -> list[int]:
+    """--strides "1,2" as [1, 2], or a JointCompressError naming the option."""
+    from ..errors import JointCompressError
+
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise JointCompressError(f"--strides {text!r}: give comma-separated whole numbers, e.g. 1,2") from None
 
 
 def _check_json_path(path: Optional[Path]) -> None:

@@ -11,7 +11,9 @@ What `jointcompress bench --against torch-pruning` and benchmarks/against_torch_
    in PyTorch FX int8 (x86), as Torch-Pruning's model is. With `drop_blocks`, those residual
    blocks go whole (block_drop): the widths are allocated for the model without them, and the
    joint run fades them into the identity (prune_blocks); `["auto"]` allocates with no block
-   and with each droppable block dropped, and keeps the one predicted to lose least.
+   and with each droppable block dropped, and keeps the one predicted to lose least. `strides`
+   ([1, 2]: as built and at stride 2) adds the stem's stride to those options (raise_stride:
+   every later map a quarter the size), each block set allocated with each stride.
 3. **Torch-Pruning**: its MagnitudePruner (L2, uniform per-layer ratio, its default) pruned in
    `tp_steps` steps up to `tp_max_ratio`, fine-tuned between steps with the same loss as ours
    (KD from the same teacher, same temperature and alpha, Adam, same lr and batch). The stages
@@ -19,7 +21,10 @@ What `jointcompress bench --against torch-pruning` and benchmarks/against_torch_
    images, as ours) matches ours, and the next more pruned one, then get the rest of the
    training budget, so each has had at least as many fine-tuning steps as ours; the fastest one
    that still matches is kept. Then PyTorch FX int8 (x86) and, in the same runtime as ours,
-   ONNX Runtime fp32 and int8 (static QDQ, calibrated on training images).
+   ONNX Runtime fp32 and int8 (static QDQ, calibrated on training images). It starts from the
+   dense teacher, or with `tp_start: "ours"` from the teacher reshaped as ours chose (stride
+   raised, blocks dropped; not trained further): Torch-Pruning has neither option, and given
+   them the two differ only in the channels they keep and how they train.
 4. Every contender is timed at batch 1 and 64 (deploy.timing: the same threads, ORT intra-op
    threads, spinning off; interleaved rounds, medians, each also timed alone). Every ONNX
    Runtime fp32 contender, ours and Torch-Pruning's alike, is deployed the same way
@@ -83,6 +88,12 @@ class AgainstConfig:
     # residual blocks ours removes whole (prune_blocks); ["auto"]: none or one droppable block, as the
     # allocator finds best
     drop_blocks: list[str] = dataclasses.field(default_factory=list)
+    # the strides the allocator tries for `stride_layer` (raise_stride; 1: as built), each with every block set
+    strides: list[int] = dataclasses.field(default_factory=lambda: [1])
+    stride_layer: str | None = None  # None: the first stride-1 convolution (the stem)
+    # Torch-Pruning's starting model: "teacher" (the dense model), or "ours": the teacher with the stride and
+    # blocks ours chose (Torch-Pruning has neither option; given them, the comparison is of channel choices)
+    tp_start: str = "teacher"
 
 
 def require_torch_pruning():
@@ -199,6 +210,7 @@ def our_recipe(alloc, cfg: AgainstConfig) -> dict:
     """Structured pruning to the allocation's widths + 8-bit LSQ + KD (+ the dropped blocks faded
     out over the same window), in one joint run."""
     blocks = [{"type": "prune_blocks", "blocks": list(cfg.drop_blocks), "end": 0.5}] if cfg.drop_blocks else []
+    stride = [{"type": "raise_stride", "layer": cfg.stride_layer, "stride": stride_of(cfg)}] if stride_of(cfg) > 1 else []
     return {
         "mode": "joint",
         "training": {"epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed},
@@ -209,26 +221,44 @@ def our_recipe(alloc, cfg: AgainstConfig) -> dict:
              "layer_sparsity": {g: min(0.99, s) for g, s in alloc.layer_sparsity.items()}},  # 0.0 = keep all
             {"type": "quant_lsq", "bits": 8, "start": 0.3},
             {"type": "distill_kd", "temperature": cfg.temperature, "alpha": cfg.alpha, "cache_teacher": True},
-            *blocks,
+            *blocks, *stride,
         ],
     }
 
 
-def without_blocks(teacher: nn.Module, split, example, cfg: AgainstConfig) -> nn.Module:
-    """The teacher with `cfg.drop_blocks` removed, recovered by KD from the whole teacher for 1/8
-    of the training budget, so the allocator's tables and measured importances describe the
-    model that will be trained (at once, the small ResNet without its first block is at 7%)."""
+def stride_of(cfg: AgainstConfig) -> int:
+    """The one stride of a config allocate() has resolved (its `strides` narrowed to the chosen one)."""
+    if len(cfg.strides) != 1:
+        raise JointCompressError(f"strides: {cfg.strides} is a choice for the allocator; resolve it first (allocate)")
+    return int(cfg.strides[0])
+
+
+def reshaped(teacher: nn.Module, example, cfg: AgainstConfig) -> nn.Module:
+    """A copy of the teacher without `cfg.drop_blocks` and with its stride raised (the resolved
+    config's), not trained further: Torch-Pruning's start with tp_start "ours"."""
     from ..block_drop import drop_blocks
+    from ..strides import raise_stride
+
+    model = drop_blocks(copy.deepcopy(teacher), list(cfg.drop_blocks))  # names checked by run_against / drop_options
+    if stride_of(cfg) > 1:
+        raise_stride(model, example, cfg.stride_layer, stride_of(cfg))
+    return model.eval()
+
+
+def recovered_base(teacher: nn.Module, split, example, cfg: AgainstConfig) -> nn.Module:
+    """The teacher reshaped (without `cfg.drop_blocks`, its stride raised), recovered by KD from the
+    whole teacher for 1/8 of the training budget, so the allocator's tables and measured importances
+    describe the model that will be trained (at once, the small ResNet without its first block is at 7%)."""
     from .against_tp import fine_tune
 
-    base = drop_blocks(copy.deepcopy(teacher), list(cfg.drop_blocks))  # names checked by run_against / drop_options
+    base = reshaped(teacher, example, cfg)
     fine_tune(base, teacher, split, drop_recovery_steps(split, cfg), cfg, seed=1000 * cfg.seed + 11)
     return base.eval()
 
 
 def drop_recovery_steps(split, cfg: AgainstConfig) -> int:
-    """KD steps that recover the teacher without its dropped blocks before the allocator reads it."""
-    return steps_per_epoch(split, cfg.batch_size) * cfg.epochs // 8 if cfg.drop_blocks else 0
+    """KD steps that recover the reshaped teacher (blocks dropped, stride raised) before the allocator reads it."""
+    return steps_per_epoch(split, cfg.batch_size) * cfg.epochs // 8 if cfg.drop_blocks or stride_of(cfg) > 1 else 0
 
 
 def drop_options(teacher: nn.Module, example, cfg: AgainstConfig) -> list[list[str]]:
@@ -262,17 +292,19 @@ def choose_drop(options: list[dict]) -> dict:
 
 
 def allocate(teacher: nn.Module, split, example, work: Path, target_ms: float, cfg: AgainstConfig):
-    """allocate_for every block set of drop_options; returns (blocks, allocation, options) with
-    the option choose_drop picks and a summary of every option."""
+    """allocate_for every block set of drop_options with every stride of `cfg.strides`; returns
+    (the config resolved to the option choose_drop picks, its allocation, a summary of every option)."""
     options, allocs = [], []
     for blocks in drop_options(teacher, example, cfg):
-        alloc, importance = allocate_for(teacher, split, example, work, target_ms,
-                                         dataclasses.replace(cfg, drop_blocks=blocks))
-        allocs.append(alloc)
-        options.append({"blocks": blocks, "widths": alloc.widths, "measured_ms": alloc.measured_ms, "met": alloc.met,
-                        "predicted_loss": predicted_loss(importance, alloc)})
+        for stride in dict.fromkeys(int(s) for s in cfg.strides):
+            alloc, importance = allocate_for(teacher, split, example, work, target_ms,
+                                             dataclasses.replace(cfg, drop_blocks=blocks, strides=[stride]))
+            allocs.append(alloc)
+            options.append({"blocks": blocks, "stride": stride, "widths": alloc.widths, "measured_ms": alloc.measured_ms,
+                            "met": alloc.met, "predicted_loss": predicted_loss(importance, alloc)})
     chosen = choose_drop(options)
-    return chosen["blocks"], allocs[next(i for i, o in enumerate(options) if o is chosen)], options
+    resolved = dataclasses.replace(cfg, drop_blocks=chosen["blocks"], strides=[chosen["stride"]])
+    return resolved, allocs[next(i for i, o in enumerate(options) if o is chosen)], options
 
 
 def allocate_for(teacher: nn.Module, split, example, work: Path, target_ms: float, cfg: AgainstConfig):
@@ -287,7 +319,7 @@ def allocate_for(teacher: nn.Module, split, example, work: Path, target_ms: floa
     from ..recipe import Target
 
     x1, x64 = batch_of(split.x_test, 1), batch_of(split.x_test, 64)
-    base = without_blocks(teacher, split, example, cfg) if cfg.drop_blocks else teacher
+    base = recovered_base(teacher, split, example, cfg) if cfg.drop_blocks or stride_of(cfg) > 1 else teacher
     table = lt.measure_table(base, example, 64, cfg.threads)
     scale = 0.0
     if cfg.both_batches:
@@ -344,8 +376,7 @@ def ours(teacher: nn.Module, split, example, work: Path, target_ms: float, cfg: 
     from ..data import evaluator
     from ..finalize import finalize
 
-    blocks, alloc, options = allocate(teacher, split, example, work, target_ms, cfg)
-    cfg = dataclasses.replace(cfg, drop_blocks=blocks)
+    cfg, alloc, options = allocate(teacher, split, example, work, target_ms, cfg)
     model = copy.deepcopy(teacher)
     t0 = time.perf_counter()
     sel = selection_split(split)
@@ -361,7 +392,8 @@ def ours(teacher: nn.Module, split, example, work: Path, target_ms: float, cfg: 
     return {"runners": runners,
             "accuracy": {k: accuracy_of(f, split.x_test, split.y_test) for k, f in runners.items()},
             "selection_accuracy": accuracy_of(model, sel.x_test, sel.y_test),
-            "widths": widths_of(model, example), "dropped_blocks": spec.dropped_blocks,
+            "widths": widths_of(model, example), "dropped_blocks": spec.dropped_blocks, "strides": spec.strides,
+            "resolved": cfg,
             "drop_recovery_steps": drop_recovery_steps(split, cfg),
             "allocation": alloc.to_dict(), "drop_options": options, "train_seconds": train_s,
             "train_steps": steps_per_epoch(split, cfg.batch_size) * cfg.epochs, "macs": count_macs(model, example)}
@@ -397,6 +429,26 @@ def dense_teacher(cfg: AgainstConfig, split, teacher_path: Path | None = None) -
 
         atomic_write_bytes(teacher_path, save({k: v.contiguous() for k, v in model.state_dict().items()}))
     return model, f"trained here ({cfg.teacher_epochs} epochs, lr {cfg.lr}, batch {cfg.batch_size}, seed 0)"
+
+
+def check_strides(teacher: nn.Module, example, cfg: AgainstConfig) -> None:
+    """Refuse bad `strides` / `stride_layer` / `tp_start` before any training (raise_stride on a copy)."""
+    from ..strides import raise_stride
+
+    if cfg.tp_start not in ("teacher", "ours"):
+        raise JointCompressError(f"tp_start: {cfg.tp_start!r} is unknown; use 'teacher' or 'ours'")
+    if not cfg.strides or any(not 1 <= int(s) <= 8 for s in cfg.strides):
+        raise JointCompressError(f"strides: {cfg.strides} must list strides from 1 (as built) to 8, e.g. 1,2")
+    for stride in {int(s) for s in cfg.strides} - {1}:
+        raise_stride(copy.deepcopy(teacher), example, cfg.stride_layer, stride)
+
+
+def tp_start_note(cfg: AgainstConfig, resolved: AgainstConfig) -> str:
+    """What Torch-Pruning started from, for the result."""
+    if cfg.tp_start == "teacher":
+        return "the dense teacher"
+    return (f"the teacher as ours reshaped it, untrained: blocks dropped {list(resolved.drop_blocks)}, "
+            f"stride {stride_of(resolved)} at {resolved.stride_layer or 'the first stride-1 convolution'}")
 
 
 def runtimes_of(runners: dict) -> dict:
@@ -454,6 +506,7 @@ def run_against(cfg: AgainstConfig, split, teacher: nn.Module | None = None, tea
         from ..block_drop import check_droppable
 
         check_droppable(teacher, example, list(cfg.drop_blocks))
+    check_strides(teacher, example, cfg)
     # the target's reference: the least of three medians, so a load spike cannot set it
     # dense PyTorch at batch 64 runs ~2x slower on a loaded machine (9.3 vs 19.5 ms, 1 thread) while
     # the small ORT models barely change: `target_ms` pins the target in the deployment runtime instead
@@ -465,7 +518,8 @@ def run_against(cfg: AgainstConfig, split, teacher: nn.Module | None = None, tea
     met = (f"met: {alloc['measured_ms']:.3f} ms measured on the deployment" if alloc["met"] else
            f"NOT met: the narrowest model tried measured {alloc['measured_ms']:.3f} ms on the deployment")
     say(f"ours: target {target_ms:.3f} ms {met}; widths {us['widths']}, selection accuracy {us['selection_accuracy']:.4f}")
-    them = torch_pruning(teacher, split, example, work, cfg, us["selection_accuracy"]) if cfg.torch_pruning else None
+    start = reshaped(teacher, example, us["resolved"]) if cfg.tp_start == "ours" else None
+    them = torch_pruning(teacher, split, example, work, cfg, us["selection_accuracy"], start) if cfg.torch_pruning else None
     if them is not None:
         say(f"Torch-Pruning: widths {them['widths']}, matched {them['matched']}; timing every contender")
     runners = {BASELINE: teacher, **us["runners"], **(them["runners"] if them else {})}
@@ -486,7 +540,8 @@ def run_against(cfg: AgainstConfig, split, teacher: nn.Module | None = None, tea
         "runtimes": runtimes_of(runners),
         "macs_per_sample": {"dense": count_macs(teacher, example), "ours": us["macs"], "torch_pruning": them["macs"]},
         "widths": {"dense": widths_of(teacher, example), "ours": us["widths"], "torch_pruning": them["widths"]},
-        "ours": {k: us[k] for k in ("allocation", "train_seconds", "train_steps", "dropped_blocks",
+        "torch_pruning_start": tp_start_note(cfg, us["resolved"]),
+        "ours": {k: us[k] for k in ("allocation", "train_seconds", "train_steps", "dropped_blocks", "strides",
                                             "drop_recovery_steps", "drop_options")},
         "torch_pruning": {k: them.get(k) for k in ("matched", "chosen_step", "candidates", "stages", "train_seconds",
                                                    "train_steps")},

@@ -62,12 +62,13 @@ def pruner_for(model: nn.Module, example, cfg: AgainstConfig):
                                      global_pruning=cfg.tp_global)
 
 
-def stage_curve(teacher: nn.Module, split, example, work: Path, cfg: AgainstConfig, budget: int) -> list[dict]:
-    """Prune step by step, fine-tuning budget / tp_steps steps after each; every stage's
-    selection accuracy, MACs, widths and ORT fp32 latency (alone, batch 1 and 64)."""
+def stage_curve(teacher: nn.Module, split, example, work: Path, cfg: AgainstConfig, budget: int,
+                start: nn.Module | None = None) -> list[dict]:
+    """Prune step by step from `start` (default the teacher), fine-tuning budget / tp_steps steps
+    after each; every stage's selection accuracy, MACs, widths and ORT fp32 latency (alone, batch 1 and 64)."""
     from ..bench import batch_of, count_macs
 
-    model = copy.deepcopy(teacher)
+    model = copy.deepcopy(teacher if start is None else start)
     pruner = pruner_for(model, example, cfg)
     sel = selection_split(split)
     per_stage, stages = budget // cfg.tp_steps, []
@@ -108,13 +109,15 @@ def matched(teacher: nn.Module, split, stages: list[dict], cfg: AgainstConfig, b
             "candidates": [{k: v for k, v in c.items() if k != "model"} for c in candidates]}
 
 
-def torch_pruning(teacher: nn.Module, split, example, work: Path, cfg: AgainstConfig, match_acc: float) -> dict:
-    """Torch-Pruning at our accuracy: its curve, the matched model, and its four deployments."""
+def torch_pruning(teacher: nn.Module, split, example, work: Path, cfg: AgainstConfig, match_acc: float,
+                  start: nn.Module | None = None) -> dict:
+    """Torch-Pruning at our accuracy, pruned from `start` (default the teacher) and distilled from the
+    teacher: its curve, the matched model, and its four deployments."""
     from ..bench import count_macs
 
     budget = steps_per_epoch(split, cfg.batch_size) * cfg.epochs
     t0 = time.perf_counter()
-    stages = stage_curve(teacher, split, example, work, cfg, budget)
+    stages = stage_curve(teacher, split, example, work, cfg, budget, start)
     pick = matched(teacher, split, stages, cfg, budget, match_acc)
     train_s = time.perf_counter() - t0
     pruned = pick["model"].eval()

@@ -33,10 +33,10 @@ def check_needs(recipe: Recipe, teacher, example_inputs) -> None:
     kd = recipe.technique("distill_kd")
     if kd is not None and teacher is None:
         raise RecipeError("techniques: distill_kd needs a teacher; pass teacher=... to prepare() or remove distill_kd")
-    needs_example = any(recipe.technique(k) is not None for k in ("prune_structured", "prune_blocks")) or \
+    needs_example = any(recipe.technique(k) is not None for k in ("prune_structured", "prune_blocks", "raise_stride")) or \
         (kd is not None and kd.features)
     if needs_example and example_inputs is None:
-        raise RecipeError("prepare: prune_structured and prune_blocks (tracing the model) and distill_kd.features (sizing projections) "
+        raise RecipeError("prepare: prune_structured, prune_blocks and raise_stride (tracing the model) and distill_kd.features (sizing projections) "
                           "need example_inputs=... (a batch of inputs, e.g. the first two rows)")
 
 

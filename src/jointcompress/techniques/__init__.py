@@ -6,6 +6,7 @@ from .prune_structured import PruneStructured
 from .prune_units import PruneFFN, PruneHeads, PruneLayers
 from .prune_unstructured import PruneUnstructured
 from .quant_lsq import LSQWeight, QuantLSQ
+from .raise_stride import RaiseStride
 from .size_budget import SizeBudget
 
 REGISTRY = {
@@ -18,6 +19,7 @@ REGISTRY = {
     "prune_blocks": PruneBlocks,
     "prune_ffn": PruneFFN,
     "size_budget": SizeBudget,
+    "raise_stride": RaiseStride,
 }
 
 
