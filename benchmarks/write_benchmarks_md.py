@@ -1216,6 +1216,10 @@ def against_tp_section(model: str, variant: str = "", title: str = "") -> list[s
            f"{tp['chosen_step']}; matched: {'yes' if tp['matched'] else '**no**'}). "
            + (f"Ours drops the residual block(s) {', '.join(r['ours']['dropped_blocks'])} whole (prune_blocks; a "
               "\"-\" width is a group inside it). " if (r.get("ours") or {}).get("dropped_blocks") else "") +
+           (f"Ours runs {', '.join(f'{n} at stride {v[0]}' for n, v in r['ours']['strides'].items())} (raise_stride: "
+            "every later map a quarter the size). " if (r.get("ours") or {}).get("strides") else "") +
+           (f"Torch-Pruning starts from {r['torch_pruning_start']}. " if r.get("torch_pruning_start", "").startswith(
+               "the teacher as ours") else "") +
            f"{r['threads']} thread(s) for every contender; ONNX Runtime contenders bound with IOBinding; "
            f"machine: {(r.get('machine') or {}).get('shared', 'not recorded')}. Median ms interleaved (alone in brackets).", "",
            f"| contender | widths ({'/'.join(r['widths']['dense'])}) | test acc | b1 ms | b1 speed-up | b64 ms | b64 speed-up |",
@@ -1438,7 +1442,10 @@ def latency_section() -> list[str]:
                                      "Small ResNet with its first block dropped, 8 epochs, 3 seeds (each run's own "
                                      "timings, under load; seed 2 on another machine, docs/latency.md)")
             + against_tp_section("resnet", "_drop_x5_seed0", " (first block dropped, 5x target, seed 0)")
-            + against_tp_section("resnet", "_drop_x3_seed0", " (first block dropped, 3x target, seed 0)"))
+            + against_tp_section("resnet", "_drop_x3_seed0", " (first block dropped, 3x target, seed 0)")
+            + sum((against_tp_section("resnet", f"_stride2_drop_e8_seed{k}", " (stem at stride 2, first block dropped, "
+                                      f"Torch-Pruning from the same start, 20x target, 8 epochs, seed {k})")
+                   for k in range(3)), []))
     if not body:
         return []
     return ["## Latency, timed the honest way", "",

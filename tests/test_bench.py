@@ -57,6 +57,10 @@ def test_dry_run_command_lists_groups_and_skipped(app):
     assert "stem" in r.output and "layer1.conv1" in r.output
     assert "fc" in r.output and "classes are never removed" in r.output
     assert "prune_blocks can remove whole: layer1" in r.output
+    assert "raise_stride can run stem at stride 2" in r.output
+    r = CliRunner().invoke(app, ["dry-run", "--model", "lenet5"])
+    said = " ".join(r.output.split())  # rich wraps long lines
+    assert r.exit_code == 0 and "raise_stride: not with its defaults" in said and "a flatten into a Linear" in said
 
 
 def test_bench_command_on_artifact(app, tmp_path):

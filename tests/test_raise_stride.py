@@ -39,6 +39,17 @@ def test_a_head_that_needs_the_full_maps_is_refused_and_the_model_left_as_built(
         raise_stride(SmallResNet(), X, "nope", 2)
 
 
+def test_a_target_is_allocated_for_the_downsampled_model():
+    from jointcompress.block_drop import allocation_base
+
+    model = SmallResNet()
+    recipe = {"techniques": [{"type": "raise_stride"}, {"type": "prune_blocks", "blocks": ["layer1"]}]}
+    base = allocation_base(model, recipe, X)
+    assert base.stem.stride == (2, 2) and not hasattr(base.layer1, "conv1")  # the latency tables' model
+    assert model.stem.stride == (1, 1) and hasattr(model.layer1, "conv1")  # the user's model is not touched
+    assert allocation_base(model, {"techniques": [{"type": "raise_stride", "stride": 4}]}, X).stem.stride == (4, 4)
+
+
 def test_the_recipe_checks_its_fields():
     with pytest.raises(RecipeError, match="stride"):
         parse_recipe({"techniques": [{"type": "raise_stride", "stride": 1}]})

@@ -128,11 +128,19 @@ def drop_blocks(model: nn.Module, names: list[str], example_inputs=None) -> nn.M
 
 def allocation_base(model: nn.Module, recipe_data: dict, example_inputs) -> nn.Module:
     """The model a target is allocated for (latency widths, size budgets): a copy without the
-    blocks the recipe's prune_blocks removes (their layers are not in the artifact), else the
-    model itself."""
-    blocks = [b for t in recipe_data.get("techniques", []) if t.get("type") == "prune_blocks"
-              for b in t.get("blocks", [])]
-    return drop_blocks(copy.deepcopy(model), blocks, example_inputs) if blocks else model
+    blocks the recipe's prune_blocks removes (their layers are not in the artifact) and with the
+    stride its raise_stride sets (the maps every later layer will run on), else the model itself."""
+    from .strides import raise_stride
+
+    techniques = recipe_data.get("techniques", [])
+    blocks = [b for t in techniques if t.get("type") == "prune_blocks" for b in t.get("blocks", [])]
+    strides = [t for t in techniques if t.get("type") == "raise_stride"]
+    if not blocks and not strides:
+        return model
+    base = drop_blocks(copy.deepcopy(model), blocks, example_inputs) if blocks else copy.deepcopy(model)
+    for t in strides:
+        raise_stride(base, example_inputs, t.get("layer"), int(t.get("stride", 2)))
+    return base
 
 
 class BlockFade:

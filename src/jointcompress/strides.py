@@ -88,6 +88,19 @@ def raise_stride(model: nn.Module, example_inputs, layer: str | None, stride: in
     return {name: [stride] * dims}
 
 
+def stride_note(model: nn.Module, example_inputs) -> str:
+    """What `jointcompress dry-run` says about raise_stride on this model (tried on a copy)."""
+    import copy
+
+    from .errors import JointCompressError
+
+    try:
+        (name, stride), = raise_stride(copy.deepcopy(model), example_inputs, None, 2).items()
+    except JointCompressError as exc:
+        return f"raise_stride: not with its defaults ({str(exc).removeprefix('raise_stride: ')})"
+    return f"raise_stride can run {name} at stride {stride[0]}: every later map a quarter the size (or fewer, in 1-D)"
+
+
 def _output_shape(model: nn.Module, example_inputs):
     was = model.training
     model.eval()

@@ -109,6 +109,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from ..block_drop import residual_blocks
+        from ..strides import stride_note
 
         net, example = _model_and_input(model, image_size, _shape(input_shape))  # the user's builder runs once
         gt, st, _, _ = _tables(model, net, example, target, exclude)
@@ -117,3 +118,4 @@ def register(app: typer.Typer) -> None:
         console.print(st)
         blocks = residual_blocks(net, example)
         console.print(f"residual blocks prune_blocks can remove whole: {', '.join(blocks) or 'none'}")
+        console.print(stride_note(net, example))
