@@ -35,6 +35,8 @@ def test_a_head_that_needs_the_full_maps_is_refused_and_the_model_left_as_built(
     assert model.conv1.stride == (1, 1) and model(X).shape == (2, 10)
     with pytest.raises(UnsupportedModelError, match=r"layer 'fc' is a Linear"):
         raise_stride(SmallResNet(), X, "fc", 2)
+    with pytest.raises(UnsupportedModelError, match=r"'layer2.conv1' already runs at stride \(2, 2\); give a stride above 2"):
+        raise_stride(SmallResNet(), X, "layer2.conv1", 2)  # a raise that would change nothing (or lower it) is refused
     with pytest.raises(UnsupportedModelError, match=r"layer 'nope' is not a module"):
         raise_stride(SmallResNet(), X, "nope", 2)
 

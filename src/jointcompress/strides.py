@@ -15,6 +15,8 @@ global-pooling head allows it, a flatten into a Linear (LeNet-5) does not.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
@@ -72,6 +74,9 @@ def raise_stride(model: nn.Module, example_inputs, layer: str | None, stride: in
     name = layer or first_conv(model)
     conv = _conv(model, name, "raise_stride")
     dims, had = len(conv.stride), list(conv.stride)
+    if max(had) >= stride:
+        raise UnsupportedModelError(f"raise_stride: layer {name!r} already runs at stride {tuple(had)}; give a stride "
+                                    f"above {max(had)}, or another layer")
     with torch.no_grad():
         before = _output_shape(model, example_inputs)
         set_strides(model, {name: [stride] * dims})
@@ -90,15 +95,13 @@ def raise_stride(model: nn.Module, example_inputs, layer: str | None, stride: in
 
 def stride_note(model: nn.Module, example_inputs) -> str:
     """What `jointcompress dry-run` says about raise_stride on this model (tried on a copy)."""
-    import copy
-
     from .errors import JointCompressError
 
     try:
         (name, stride), = raise_stride(copy.deepcopy(model), example_inputs, None, 2).items()
     except JointCompressError as exc:
         return f"raise_stride: not with its defaults ({str(exc).removeprefix('raise_stride: ')})"
-    return f"raise_stride can run {name} at stride {stride[0]}: every later map a quarter the size (or fewer, in 1-D)"
+    return f"raise_stride can run {name} at stride {stride[0]}: every later map half as long in each spatial dimension"
 
 
 def _output_shape(model: nn.Module, example_inputs):
