@@ -210,7 +210,8 @@ def our_recipe(alloc, cfg: AgainstConfig) -> dict:
     """Structured pruning to the allocation's widths + 8-bit LSQ + KD (+ the dropped blocks faded
     out over the same window), in one joint run."""
     blocks = [{"type": "prune_blocks", "blocks": list(cfg.drop_blocks), "end": 0.5}] if cfg.drop_blocks else []
-    stride = [{"type": "raise_stride", "layer": cfg.stride_layer, "stride": stride_of(cfg)}] if stride_of(cfg) > 1 else []
+    stride = stride_of(cfg)
+    stride = [{"type": "raise_stride", "layer": cfg.stride_layer, "stride": stride}] if stride > 1 else []
     return {
         "mode": "joint",
         "training": {"epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed},
@@ -231,6 +232,11 @@ def stride_of(cfg: AgainstConfig) -> int:
     if len(cfg.strides) != 1:
         raise JointCompressError(f"strides: {cfg.strides} is a choice for the allocator; resolve it first (allocate)")
     return int(cfg.strides[0])
+
+
+def reshapes(cfg: AgainstConfig) -> bool:
+    """Whether a resolved config changes the teacher's structure (blocks dropped, stride raised)."""
+    return bool(cfg.drop_blocks) or stride_of(cfg) > 1
 
 
 def reshaped(teacher: nn.Module, example, cfg: AgainstConfig) -> nn.Module:
@@ -258,7 +264,7 @@ def recovered_base(teacher: nn.Module, split, example, cfg: AgainstConfig) -> nn
 
 def drop_recovery_steps(split, cfg: AgainstConfig) -> int:
     """KD steps that recover the reshaped teacher (blocks dropped, stride raised) before the allocator reads it."""
-    return steps_per_epoch(split, cfg.batch_size) * cfg.epochs // 8 if cfg.drop_blocks or stride_of(cfg) > 1 else 0
+    return steps_per_epoch(split, cfg.batch_size) * cfg.epochs // 8 if reshapes(cfg) else 0
 
 
 def drop_options(teacher: nn.Module, example, cfg: AgainstConfig) -> list[list[str]]:
@@ -319,7 +325,7 @@ def allocate_for(teacher: nn.Module, split, example, work: Path, target_ms: floa
     from ..recipe import Target
 
     x1, x64 = batch_of(split.x_test, 1), batch_of(split.x_test, 64)
-    base = recovered_base(teacher, split, example, cfg) if cfg.drop_blocks or stride_of(cfg) > 1 else teacher
+    base = recovered_base(teacher, split, example, cfg) if reshapes(cfg) else teacher
     table = lt.measure_table(base, example, 64, cfg.threads)
     scale = 0.0
     if cfg.both_batches:
