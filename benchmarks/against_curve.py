@@ -113,6 +113,9 @@ def main():
     ap.add_argument("--out", default="against_curve_lenet5.json")
     args = ap.parse_args()
     seeds = load(args.seeds)
+    if not seeds:
+        ap.error(f"--seeds {args.seeds!r} matches no file in {RESULTS}/ (a file pattern inside that folder, "
+                 "e.g. 'against_torch_pruning_lenet5_equal_acc_seed*.json')")
     sweep = [] if args.no_extra else load("against_sweep_lenet5_t*.json")
     earlier = [] if args.no_extra else (load("against_torch_pruning_lenet5.json")
                                         + load("against_torch_pruning_lenet5_both_batches.json"))

@@ -189,7 +189,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=400)
-    ap.add_argument("--shared-machine", default="2 cores shared with other developers' jobs (training runs)")
+    ap.add_argument("--shared-machine", default="not stated (pass --shared-machine)")
     ap.add_argument("--widths", default=None, help="conv1/conv2/fc1,... (default: 8/16/64, 8/16/160, 8/8/32)")
     ap.add_argument("--out", default="benchmarks/results/against_ort_graph.json")
     args = ap.parse_args()

@@ -64,7 +64,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=200)
-    ap.add_argument("--shared-machine", default="2 cores shared with 3 other jobs (training runs)")
+    ap.add_argument("--shared-machine", default="not stated (pass --shared-machine)")
     args = ap.parse_args()
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="ort-overhead-"))

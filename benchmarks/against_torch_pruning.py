@@ -52,8 +52,8 @@ def parse() -> tuple[argparse.Namespace, AgainstConfig]:
     ap.add_argument("--out", default=None)
     ap.add_argument("--workdir", default=None, help="where the contenders' ONNX files stay (default: a new temp dir); "
                     "benchmarks/against_retime.py re-times them from there")
-    ap.add_argument("--shared-machine", default="2 cores shared with 3 other jobs (training runs)",
-                    help="what else ran on the machine (recorded)")
+    ap.add_argument("--shared-machine", default="not stated (pass --shared-machine)",
+                    help="what else ran on the machine (recorded beside the load averages at the start and the end)")
     defaults = AgainstConfig()
     for f in AgainstConfig.__dataclass_fields__.values():
         value = getattr(defaults, f.name)
@@ -88,10 +88,13 @@ def main():
     split = load_mnist(args.data)
     if args.train_limit:
         split.x_train, split.y_train = split.x_train[:args.train_limit], split.y_train[:args.train_limit]
+    load_before = os.getloadavg()
     teacher, note = dense_teacher(cfg, split, Path(args.teacher) if args.teacher else None)
-    result = {"command": command_of(args, cfg), "machine": {"shared": args.shared_machine, "cpus": os.cpu_count()},
-              **run_against(cfg, split, teacher, note, workdir=args.workdir,
-                            progress=lambda m: print(m, file=sys.stderr, flush=True))}
+    ran = run_against(cfg, split, teacher, note, workdir=args.workdir,
+                      progress=lambda m: print(m, file=sys.stderr, flush=True))
+    machine = {"shared": args.shared_machine, "cpus": os.cpu_count(),
+               "load_average_before_after": [load_before, os.getloadavg()]}
+    result = {"command": command_of(args, cfg), "machine": machine, **ran}
     out = Path(args.out or f"benchmarks/results/against_torch_pruning_{cfg.model}.json")
     from jointcompress.io import atomic_write_text
 

@@ -1441,6 +1441,14 @@ def latency_section() -> list[str]:
             + equal_accuracy_section("against_curve_resnet_drop_x5_e8.json",
                                      "Small ResNet with its first block dropped, 8 epochs, 3 seeds (each run's own "
                                      "timings, under load; seed 2 on another machine, docs/latency.md)")
+            + retimed_seeds_section("against_retime_resnet_stride2_drop_e8_quiet.json",
+                                    "against_curve_resnet_stride2_drop_e8.json",
+                                    "Small ResNet at a 20x target, stem at stride 2 and first block dropped "
+                                    "(`--strides 2 --drop-blocks layer1 --tp-start ours`), 3 seeds, re-timed on a quiet machine")
+            + retimed_seeds_section("against_retime_resnet_stride2_drop_e8_quiet_repeat.json",
+                                    "against_curve_resnet_stride2_drop_e8_repeat.json",
+                                    "The same 3 seeds re-timed a second time, right after the first (how much the "
+                                    "batch-1 readings move between two quiet timings)")
             + against_tp_section("resnet", "_drop_x5_seed0", " (first block dropped, 5x target, seed 0)")
             + against_tp_section("resnet", "_drop_x3_seed0", " (first block dropped, 3x target, seed 0)")
             + sum((against_tp_section("resnet", f"_stride2_drop_e8_seed{k}", " (stem at stride 2, first block dropped, "
