@@ -130,16 +130,17 @@ def allocation_base(model: nn.Module, recipe_data: dict, example_inputs) -> nn.M
     """The model a target is allocated for (latency widths, size budgets): a copy without the
     blocks the recipe's prune_blocks removes (their layers are not in the artifact) and with the
     stride its raise_stride sets (the maps every later layer will run on), else the model itself."""
+    from .recipe import RaiseStride
     from .strides import raise_stride
 
     techniques = recipe_data.get("techniques", [])
     blocks = [b for t in techniques if t.get("type") == "prune_blocks" for b in t.get("blocks", [])]
-    strides = [t for t in techniques if t.get("type") == "raise_stride"]
+    strides = [RaiseStride.model_validate(t) for t in techniques if t.get("type") == "raise_stride"]  # its defaults
     if not blocks and not strides:
         return model
     base = drop_blocks(copy.deepcopy(model), blocks, example_inputs) if blocks else copy.deepcopy(model)
     for t in strides:
-        raise_stride(base, example_inputs, t.get("layer"), int(t.get("stride", 2)))
+        raise_stride(base, example_inputs, t.layer, t.stride)
     return base
 
 

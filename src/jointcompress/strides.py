@@ -96,9 +96,11 @@ def raise_stride(model: nn.Module, example_inputs, layer: str | None, stride: in
 def stride_note(model: nn.Module, example_inputs) -> str:
     """What `jointcompress dry-run` says about raise_stride on this model (tried on a copy)."""
     from .errors import JointCompressError
+    from .recipe import RaiseStride
 
+    defaults = RaiseStride(type="raise_stride")
     try:
-        (name, stride), = raise_stride(copy.deepcopy(model), example_inputs, None, 2).items()
+        (name, stride), = raise_stride(copy.deepcopy(model), example_inputs, defaults.layer, defaults.stride).items()
     except JointCompressError as exc:
         return f"raise_stride: not with its defaults ({str(exc).removeprefix('raise_stride: ')})"
     return f"raise_stride can run {name} at stride {stride[0]}: every later map half as long in each spatial dimension"

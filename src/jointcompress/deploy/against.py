@@ -210,8 +210,8 @@ def our_recipe(alloc, cfg: AgainstConfig) -> dict:
     """Structured pruning to the allocation's widths + 8-bit LSQ + KD (+ the dropped blocks faded
     out over the same window), in one joint run."""
     blocks = [{"type": "prune_blocks", "blocks": list(cfg.drop_blocks), "end": 0.5}] if cfg.drop_blocks else []
-    stride = stride_of(cfg)
-    stride = [{"type": "raise_stride", "layer": cfg.stride_layer, "stride": stride}] if stride > 1 else []
+    raised = stride_of(cfg)
+    stride = [{"type": "raise_stride", "layer": cfg.stride_layer, "stride": raised}] if raised > 1 else []
     return {
         "mode": "joint",
         "training": {"epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed},
