@@ -209,3 +209,26 @@ def test_compression_trainer_accumulation_gives_the_fisher_estimate_of_one_batch
         assert fisher[accum] and all(float(f.sum()) > 0 for f in fisher[accum].values())
     for name in fisher[1]:
         torch.testing.assert_close(fisher[4][name], fisher[1][name], rtol=1e-4, atol=1e-9)
+
+
+def test_a_forward_is_new_even_where_its_output_takes_a_freed_outputs_place():
+    """Forwards were told apart by id(output): an evaluation under no_grad replaced the quantizer's last
+    output, the training output was freed, and a measurement's forward could get its id, so its gradient
+    was added to the step's (the flaky test above, one run in ~60). The same tensor object handed to
+    `watch` three times stands for three outputs at one address: only the two joined forwards count."""
+    from jointcompress.techniques.learned_width import FisherDiagonal
+
+    fisher = FisherDiagonal(torch.zeros(3), torch.zeros((), dtype=torch.bool))
+    weight = torch.zeros(3, requires_grad=True)
+    weight.grad = torch.ones(3)  # the step's gradients are accumulating
+    out = torch.zeros(3, requires_grad=True) * 1.0
+    fisher.watch(out, weight)  # micro-batch 1, joined by the session
+    fisher.join(4)
+    fisher.catch(torch.ones(3))
+    fisher.watch(out, weight)  # a measurement's forward and backward, never joined
+    fisher.catch(torch.full((3,), 100.0))
+    fisher.watch(out, weight)  # micro-batch 2
+    fisher.join(4)
+    fisher.catch(torch.ones(3))
+    assert fisher.fold(4)
+    torch.testing.assert_close(fisher.estimate(), torch.full((3,), 2.0 ** 2 * 8))  # summed gradient, 8 samples

@@ -130,9 +130,11 @@ class FisherDiagonal:
     def __init__(self, value: torch.Tensor, seen: torch.Tensor):
         self.value, self.seen = value, seen
         self.pending: torch.Tensor | None = None  # the gradient caught since the watched forward
-        # id of the output whose gradient is caught this step (not the tensor: a graph tensor would
-        # stop a deep copy of the model; the output stays alive as the quantizer's last_out)
-        self.watched: int | None = None
+        # whether a forward's output is watched this step. Every call of `watch` is a new forward: its
+        # output was once told apart by id(), and a freed output's id handed to the next forward's
+        # (an evaluation under no_grad in between replaces the quantizer's last_out) made that forward
+        # look like the one before, so a measurement's gradient joined the step's sum (a flaky test)
+        self.watched = False
         self.joined: int | None = None  # the watched forward's samples, once the session joined it to the step
         # gradient accumulation: the summed gradient of the step's earlier joined micro-batches, and their samples
         self.carried: torch.Tensor | None = None
@@ -144,7 +146,7 @@ class FisherDiagonal:
         carried into the step's sum if the session joined that forward to the step and
         `accumulator` (a leaf whose .grad accumulates with it: the layer's weight) still holds its
         gradient; otherwise it is dropped (see the class), and with a reset gradient so is the sum."""
-        if not out.requires_grad or self.watched == id(out):
+        if not out.requires_grad:
             return
         if self.carried is not None or (self.pending is not None and self.joined is not None):
             if accumulator is not None and _zeroed(accumulator.grad):  # a new step's gradients
@@ -155,13 +157,13 @@ class FisherDiagonal:
                 self.carried = self.pending.clone() if self.carried is None else self.carried + self.pending
                 self.carried_samples += self.joined
         self.pending, self.joined = None, None
-        self.watched = id(out)
+        self.watched = True
 
     def join(self, samples: int) -> None:
         """The session's word that the watched forward is a training micro-batch of this step, of
         `samples` samples (the size budget says it from session.loss, gradients on): its gradient,
         once caught, adds to the step's if another micro-batch follows before the fold."""
-        if self.watched is not None:
+        if self.watched:
             self.joined = samples
 
     def catch(self, grad: torch.Tensor | None) -> None:
@@ -181,7 +183,7 @@ class FisherDiagonal:
         folded (and the first one caught, so the estimate starts at once), with the decay of as many
         steps: the same ~50-step average for fewer passes over the weights. Returns whether the
         estimate moved."""
-        self.watched = self.joined = None
+        self.watched, self.joined = False, None
         g, self.pending = self.pending, None
         if self.carried is not None:  # K micro-batches: their summed gradient, all their samples
             batch_size = self.carried_samples + (batch_size if g is not None else 0)
