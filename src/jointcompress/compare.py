@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn as nn
 import yaml
 
 from .joint_form import joint_recipe
@@ -225,27 +226,11 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
     """Run every variant at every ratio and seed; write compare.json/.csv and pareto.png."""
     from .artifact.size import dense_fp32_bytes
     from .data import hold_out
-    from .io import atomic_write_json, atomic_write_text
-    from .pipeline import builder_for, load_start, train_teacher, uncompressed_row
+    from .io import atomic_write_json
+    from .pipeline import builder_for, uncompressed_row
     from .targets import TargetError, resolve_target
 
-    if not spec.variants:  # else every point would end with nothing to compare
-        from .errors import RecipeError
-
-        raise RecipeError(f"--variants: give at least one, e.g. {','.join(DEFAULT_VARIANTS)}")
-    unknown = [v for v in spec.variants if v not in VARIANTS]
-    if unknown:
-        from .errors import RecipeError
-
-        raise RecipeError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
-    check_ratios(spec.ratios)
-    base = recipe.model_copy(update={"model": model_name})
-    overrides = {k: v for k, v in (("epochs", spec.epochs), ("keep", spec.keep)) if v}
-    if spec.validation_images is not None:  # 0 is a choice too: select on the test split
-        overrides["validation_images"] = spec.validation_images
-    if overrides:
-        base = parse_recipe({**base.model_dump(), "training": {**base.training.model_dump(), **overrides}})
-    check_variants(base, spec)
+    base = _compare_base(recipe, model_name, spec)
     split = hold_out(split, base.training.validation_images)  # before the teachers: they choose their epoch there too
     needs_budgets = any(VARIANTS[v][0] != "joint" for v in spec.variants)
     builder = builder_for(model_name, split)
@@ -258,12 +243,7 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
               "recipe": base.model_dump(),
               "uncompressed": [], "runs": [], "unreachable": []}
     for seed in spec.seed_range():
-        if weights:
-            teacher = load_start(builder_for(model_name, split), weights)  # a weights file or an artifact folder
-        else:
-            teacher = train_teacher(model_name, split, spec.teacher_epochs, lr=base.training.lr, seed=seed,
-                                    progress=progress_factory(f"teacher s{seed}") if progress_factory else None,
-                                    device=torch.device(spec.device))
+        teacher = _seed_teacher(model_name, split, spec, base, seed, weights, progress_factory)
         row = uncompressed_row(teacher, split)
         result["uncompressed"].append({"seed": seed, "accuracy": row["accuracy"], "bytes": row["bytes"]})
         dense = dense_fp32_bytes(teacher)
@@ -286,14 +266,62 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
                 except TargetError as exc:
                     _unreachable(result, out, log, ratio, seed, dense, exc, variant)
                     continue
-                atomic_write_json(run_dir / "history.json", history.as_dict())
-                atomic_write_json(run_dir / "summary.json", {"uncompressed": row, r.mode: run_row})
-                atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(r.model_dump(mode="json"), sort_keys=False))
+                _write_run(run_dir, r, row, run_row, history)
                 entry = _row(run_row, variant, ratio, seed, dense, run_dir.relative_to(out))
                 entry["layers"] = layer_widths(run_dir / "artifact")
                 result["runs"].append(entry)
                 log(f"{name}: accuracy {100 * entry['accuracy']:.2f}%  {entry['file_bytes']} B  {entry['ratio']:.1f}x")
                 atomic_write_json(out / "compare.json", with_summary(result))
+    return _finish(result, out)
+
+
+def _compare_base(recipe: Recipe, model_name: str, spec: CompareSpec) -> Recipe:
+    """The recipe every variant starts from, the spec checked first (variants, ratios, what the
+    variants need of the recipe): the model named, the spec's epochs / keep / held-out images set."""
+    from .errors import RecipeError
+
+    if not spec.variants:  # else every point would end with nothing to compare
+        raise RecipeError(f"--variants: give at least one, e.g. {','.join(DEFAULT_VARIANTS)}")
+    unknown = [v for v in spec.variants if v not in VARIANTS]
+    if unknown:
+        raise RecipeError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    check_ratios(spec.ratios)
+    base = recipe.model_copy(update={"model": model_name})
+    overrides = {k: v for k, v in (("epochs", spec.epochs), ("keep", spec.keep)) if v}
+    if spec.validation_images is not None:  # 0 is a choice too: select on the test split
+        overrides["validation_images"] = spec.validation_images
+    if overrides:
+        base = parse_recipe({**base.model_dump(), "training": {**base.training.model_dump(), **overrides}})
+    check_variants(base, spec)
+    return base
+
+
+def _seed_teacher(model_name: str, split, spec: CompareSpec, base: Recipe, seed: int, weights: Path | None,
+                  progress_factory: Callable | None) -> nn.Module:
+    """The seed's teacher: loaded from `weights` (a weights file or an artifact folder), else trained."""
+    from .pipeline import builder_for, load_start, train_teacher
+
+    if weights:
+        return load_start(builder_for(model_name, split), weights)
+    return train_teacher(model_name, split, spec.teacher_epochs, lr=base.training.lr, seed=seed,
+                         progress=progress_factory(f"teacher s{seed}") if progress_factory else None,
+                         device=torch.device(spec.device))
+
+
+def _write_run(run_dir: Path, recipe: Recipe, uncompressed: dict, run_row: dict, history) -> None:
+    """A run's own files beside its artifact: history, summary (with the uncompressed row), recipe."""
+    from .io import atomic_write_json, atomic_write_text
+
+    atomic_write_json(run_dir / "history.json", history.as_dict())
+    atomic_write_json(run_dir / "summary.json", {"uncompressed": uncompressed, recipe.mode: run_row})
+    atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+
+
+def _finish(result: dict, out: Path) -> dict:
+    """compare.json with its summary, compare.csv and pareto.png; a compare that ran nothing is an error."""
+    from .io import atomic_write_json
+    from .targets import TargetError
+
     result = with_summary(result)
     atomic_write_json(out / "compare.json", result)
     write_csv(result["runs"], out / "compare.csv")

@@ -427,51 +427,97 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
     if measure is None:
         measure = lambda m: timed_ms(m, example_inputs, target.batch, threads, rounds)  # noqa: E731
     aim = float(target.latency_ms) * (1.0 - margin)
-    goal, log, best, last = aim, [], None, None
-    if calibrate and measure is not False:  # start from the runtime's speed relative to the table's
-        # another runtime drops the constant (Python, dispatch) and fuses BN into the convs: keep
-        # the layers' and the activations' (ReLU, pooling) relative costs and scale those
-        table = LatencyTable(table.layers, 0.0, table.activation_ms, table.runtime, table.precision, table.batch,
-                             table.threads)
-        full_ms = float(measure(copy.deepcopy(model).eval()))
-        goal *= table.predict(sites, channels, channels) / full_ms
-        log.append({"goal_ms": None, "predicted_ms": table.predict(sites, channels, channels), "measured_ms": full_ms,
-                    "widths": dict(channels)})
-    for _ in range(max_rounds):
-        widths, predicted = greedy_widths(table, sites, channels, importance, goal, min_keep, min_width)
-        if predicted > goal and not calibrate and last is None:
-            goal = goal_at_the_floor(model, example_inputs, target, table, sites, channels, measure, min_keep, min_width,
-                                     log, aim)
-            widths, predicted = greedy_widths(table, sites, channels, importance, goal, min_keep, min_width)
-        # (calibrating, the table's units are not the runtime's: the narrowest model is timed instead)
-        least = None
-        if predicted > goal:  # out of reach: keep what the last cuts would throw away for < tolerance
-            options = {g: allowed_widths(c, min_keep, min_width) for g, c in channels.items()}
-            widths, predicted = give_back_within(table, sites, channels, importance, widths, options, tolerance)
-            least = dict(widths)
-        if predicted > goal and last is not None and widths == last.widths:
-            break  # a tightened goal the table cannot reach any further: keep what was measured
-        last = LatencyAllocation(widths, channels, predicted, float(target.latency_ms), rounds=log, least=least)
-        if measure is False:
-            log.append({"goal_ms": goal, "predicted_ms": predicted, "measured_ms": None})
-            return last
-        last.measured_ms = float(measure(shrunk_to(model, example_inputs, widths)))
-        log.append({"goal_ms": goal, "predicted_ms": predicted, "measured_ms": last.measured_ms, "widths": dict(widths),
-                    **({"gave_back": True} if least is not None else {})})
-        if last.measured_ms <= aim:
-            if best is None or sum(widths.values()) > sum(best.widths.values()):
-                best = last
-            if not calibrate or last.measured_ms >= CALIBRATED * aim or widths == channels:
-                break
-        # the table reads `predicted` where the runtime measured `measured_ms`: the target in
-        # table units at this operating point (the same units when not calibrating)
-        goal = aim * predicted / last.measured_ms
-    result = best or last  # still over after max_rounds: the caller sees measured_ms > target_ms
-    result.rounds = log
-    if not calibrate and result.measured_ms > aim:
-        result = settle(model, example_inputs, target, result, table, sites, measure, importance, aim, min_keep,
-                        min_width)
-    return result
+    search = _Search(model, example_inputs, target, table, sites, channels, importance, measure, aim, min_keep,
+                     min_width, tolerance, calibrate)
+    goal = aim
+    if calibrate and measure is not False:
+        goal = search.calibrate_table(goal)
+    result = search.rounds(goal, max_rounds)
+    if measure is False or calibrate or result.measured_ms <= aim:
+        return result
+    return settle(model, example_inputs, target, result, search.table, sites, measure, importance, aim, min_keep,
+                  min_width)
+
+
+@dataclass
+class _Search:
+    """What the rounds of one allocate_latency call share (the model's layers and groups, the table,
+    the importance, how a shrunk model is measured) and the log every measurement joins."""
+
+    model: nn.Module
+    example_inputs: object
+    target: object
+    table: LatencyTable
+    sites: dict[str, LayerSite]
+    channels: dict[str, int]
+    importance: object
+    measure: object
+    aim: float
+    min_keep: float
+    min_width: int
+    tolerance: float
+    calibrate: bool
+    log: list = field(default_factory=list)
+
+    def calibrate_table(self, goal: float) -> float:
+        """Start from the runtime's speed relative to the table's: another runtime drops the
+        constant (Python, dispatch) and fuses BN into the convs, so the layers' and activations'
+        (ReLU, pooling) relative costs are kept and scaled by the unpruned model's measured time.
+        Returns the goal in the table's units."""
+        t = self.table
+        self.table = LatencyTable(t.layers, 0.0, t.activation_ms, t.runtime, t.precision, t.batch, t.threads)
+        full_ms = float(self.measure(copy.deepcopy(self.model).eval()))
+        predicted = self.table.predict(self.sites, self.channels, self.channels)
+        self.log.append({"goal_ms": None, "predicted_ms": predicted, "measured_ms": full_ms,
+                         "widths": dict(self.channels)})
+        return goal * predicted / full_ms
+
+    def widths_for(self, goal: float, first: bool) -> tuple[dict[str, int], float, dict[str, int] | None, float]:
+        """The greedy widths for `goal`: (widths, predicted ms, `least`, goal). On the first round of
+        a search that is not calibrating, a goal the table cannot reach is re-read at the measured
+        floor (goal_at_the_floor; calibrating, the table's units are not the runtime's: the
+        narrowest model is timed by the rounds instead). Still out of reach, the channels the last
+        cuts would throw away for under `tolerance` are given back (latency_knee): `least`."""
+        widths, predicted = greedy_widths(self.table, self.sites, self.channels, self.importance, goal,
+                                          self.min_keep, self.min_width)
+        if predicted > goal and not self.calibrate and first:
+            goal = goal_at_the_floor(self.model, self.example_inputs, self.target, self.table, self.sites,
+                                     self.channels, self.measure, self.min_keep, self.min_width, self.log, self.aim)
+            widths, predicted = greedy_widths(self.table, self.sites, self.channels, self.importance, goal,
+                                              self.min_keep, self.min_width)
+        if predicted <= goal:
+            return widths, predicted, None, goal
+        options = {g: allowed_widths(c, self.min_keep, self.min_width) for g, c in self.channels.items()}
+        widths, predicted = give_back_within(self.table, self.sites, self.channels, self.importance, widths, options,
+                                             self.tolerance)
+        return widths, predicted, dict(widths), goal
+
+    def rounds(self, goal: float, max_rounds: int) -> LatencyAllocation:
+        """Allocate -> measure -> re-aim, at most `max_rounds` times: while a shrunk model measures
+        over the aim, the goal is lowered by predicted / measured (the target in table units at
+        this operating point); calibrating, it is also raised when a model measures far under
+        (< CALIBRATED of the aim). The widest model that met the aim, else the last one (its
+        measured_ms over the target tells the caller)."""
+        best = last = None
+        for _ in range(max_rounds):
+            widths, predicted, least, goal = self.widths_for(goal, first=last is None)
+            if predicted > goal and last is not None and widths == last.widths:
+                break  # a tightened goal the table cannot reach any further: keep what was measured
+            last = LatencyAllocation(widths, self.channels, predicted, float(self.target.latency_ms), rounds=self.log,
+                                     least=least)
+            if self.measure is False:
+                self.log.append({"goal_ms": goal, "predicted_ms": predicted, "measured_ms": None})
+                return last
+            last.measured_ms = float(self.measure(shrunk_to(self.model, self.example_inputs, widths)))
+            self.log.append({"goal_ms": goal, "predicted_ms": predicted, "measured_ms": last.measured_ms,
+                             "widths": dict(widths), **({"gave_back": True} if least is not None else {})})
+            if last.measured_ms <= self.aim:
+                if best is None or sum(widths.values()) > sum(best.widths.values()):
+                    best = last
+                if not self.calibrate or last.measured_ms >= CALIBRATED * self.aim or widths == self.channels:
+                    break
+            goal = self.aim * predicted / last.measured_ms
+        return best or last
 
 
 def settle(model: nn.Module, example_inputs, target, alloc: LatencyAllocation, table: LatencyTable, sites, measure,

@@ -284,6 +284,16 @@ def save(
     totals = encoding.totals()
     if container == "safetensors" and len(blob) < totals["total"]:
         raise ArtifactError(f"{path}: safetensors wrote {len(blob)} bytes, fewer than the {totals['total']} of its parts")
+    manifest = _manifest(spec, container, blob, encoding, inputs, history, dropped, later, strides, extra)
+    _validate(manifest, path / MANIFEST_FILE, saving=True)  # what load will check: a manifest it would refuse is never written
+    _write_files(path, container, blob, manifest)
+    return manifest
+
+
+def _manifest(spec: CompressionSpec, container: str, blob: bytes, encoding, inputs, history, dropped: list,
+              later: list, strides: dict, extra: dict | None) -> dict:
+    """The manifest of an encoded model: what load checks and replays, with both digests."""
+    totals = encoding.totals()
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -310,7 +320,12 @@ def save(
     if encoding.aliases:  # only where a tensor is held under two names (encode.unique_state)
         manifest["aliases"] = encoding.aliases
     manifest["manifest_sha256"] = manifest_digest(manifest)
-    _validate(manifest, path / MANIFEST_FILE, saving=True)  # what load will check: a manifest it would refuse is never written
+    return manifest
+
+
+def _write_files(path: Path, container: str, blob: bytes, manifest: dict) -> None:
+    """Weights then manifest, each written atomically; the previous artifact's files are kept
+    until the new one is whole, so a save killed halfway loses nothing."""
     path.mkdir(parents=True, exist_ok=True)
     for left in _save_leftovers(path):  # an earlier save killed halfway; this one replaces what it was writing
         left.unlink(missing_ok=True)
@@ -322,7 +337,6 @@ def save(
     atomic_write_bytes(path / MANIFEST_FILE, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     for kept in _previous_files(path):  # the new artifact is whole
         kept.unlink(missing_ok=True)
-    return manifest
 
 
 def _warn_over_target(spec: CompressionSpec, size: int, path: Path) -> None:
@@ -596,6 +610,7 @@ def _check_weights_file(name) -> None:
 
 
 def _validate_fields(m: dict) -> None:
+    """Every field's type and range, naming the field that is wrong (ArtifactError)."""
     if "weights_file" in m:
         _check_weights_file(m["weights_file"])
     sha = _str(m["weights_sha256"], "weights_sha256")
@@ -611,6 +626,13 @@ def _validate_fields(m: dict) -> None:
         keys = _list(m.get("blob_keys"), "blob_keys")
         _need(all(isinstance(k, str) for k in keys) and len(set(keys)) == len(keys), "blob_keys",
               "must be a list of distinct part names")
+    _validate_structure(m)
+    _validate_inputs(m)
+    _validate_tensors(m)
+
+
+def _validate_structure(m: dict) -> None:
+    """How the model is rebuilt: the pruning history, the dropped blocks, the raised strides."""
     for i, step in enumerate(_list(m["pruning_history"], "pruning_history")):
         f = f"pruning_history[{i}]"
         _need(isinstance(step, list) and len(step) == 3, f, "must be a [module name, is_out_channels, [indices]] triple")
@@ -630,6 +652,10 @@ def _validate_fields(m: dict) -> None:
         _need(isinstance(stride, list) and 1 <= len(stride) <= 3, f"strides[{name!r}]", "must be a list of 1 to 3 integers")
         for j, s in enumerate(stride):
             _int(s, f"strides[{name!r}][{j}]", 1, 64)
+
+
+def _validate_inputs(m: dict) -> None:
+    """The example inputs the history is replayed with."""
     for i, rec in enumerate(_list(m["example_inputs"], "example_inputs")):
         f = f"example_inputs[{i}]"
         _dict(rec, f)
@@ -640,6 +666,10 @@ def _validate_fields(m: dict) -> None:
         shape = _shape(rec["shape"], f"{f}.shape")
         _need(_prod(shape) <= MAX_INPUT_NUMEL, f"{f}.shape", f"{shape} has more than {MAX_INPUT_NUMEL} elements")
         _dtype(rec["dtype"], f"{f}.dtype")
+
+
+def _validate_tensors(m: dict) -> None:
+    """The stored tensors: quantized layers, other tensors and the names that alias them."""
     layers = _dict(m["layers"], "layers")
     for name, rec in layers.items():
         _check_layer(rec, f"layers[{name!r}]")

@@ -496,7 +496,7 @@ def run_against(cfg: AgainstConfig, split, teacher: nn.Module | None = None, tea
     """The whole comparison (module docstring); a JSON-ready dict (no models in it).
     `progress(message)`: told when each phase starts (default: silent)."""
     say = progress or (lambda message: None)
-    from ..bench import batch_of, count_macs
+    from ..bench import batch_of
     from .against_tp import torch_pruning
 
     require_torch_pruning()
@@ -507,12 +507,7 @@ def run_against(cfg: AgainstConfig, split, teacher: nn.Module | None = None, tea
         teacher, teacher_note = dense_teacher(cfg, split)
     teacher = teacher.eval()
     example = batch_of(split.x_test, 2)
-    check_supported(teacher, example)
-    if cfg.drop_blocks and list(cfg.drop_blocks) != ["auto"]:  # a bad name fails here, before any training
-        from ..block_drop import check_droppable
-
-        check_droppable(teacher, example, list(cfg.drop_blocks))
-    check_strides(teacher, example, cfg)
+    check_teacher(teacher, example, cfg)
     # the target's reference: the least of three medians, so a load spike cannot set it
     # dense PyTorch at batch 64 runs ~2x slower on a loaded machine (9.3 vs 19.5 ms, 1 thread) while
     # the small ORT models barely change: `target_ms` pins the target in the deployment runtime instead
@@ -531,6 +526,28 @@ def run_against(cfg: AgainstConfig, split, teacher: nn.Module | None = None, tea
     runners = {BASELINE: teacher, **us["runners"], **(them["runners"] if them else {})}
     them = them or {"accuracy": {}, "matched": None, "macs": None, "widths": None}
     timing = time_all(runners, split, cfg.threads, cfg.runs)
+    return {**against_record(cfg, split, teacher, teacher_note, example, us, them, timing, runners, target_ms, dense_ms),
+            "wall_seconds": time.perf_counter() - t_start,
+            "workdir": str(work)}  # the ONNX files of every contender stay there (ours_fp32.onnx, tp_fp32.onnx)
+
+
+def check_teacher(teacher: nn.Module, example, cfg: AgainstConfig) -> None:
+    """What fails before any training: a model the comparison does not support, a block that
+    cannot be dropped (by name; `auto` finds its own), a stride that cannot be raised."""
+    check_supported(teacher, example)
+    if cfg.drop_blocks and list(cfg.drop_blocks) != ["auto"]:
+        from ..block_drop import check_droppable
+
+        check_droppable(teacher, example, list(cfg.drop_blocks))
+    check_strides(teacher, example, cfg)
+
+
+def against_record(cfg: AgainstConfig, split, teacher: nn.Module, teacher_note: str, example, us: dict, them: dict,
+                   timing: dict, runners: dict, target_ms: float, dense_ms: float) -> dict:
+    """The JSON-ready record of one comparison (no models in it), less its wall time and folder."""
+    from ..bench import count_macs
+
+    alloc = us["allocation"]
     return {
         "config": dataclasses.asdict(cfg), "teacher": teacher_note, "threads": cfg.threads,
         "train_rows": len(split.x_train), "test_rows": len(split.x_test), "selected_on": split.selected_on,
@@ -551,6 +568,4 @@ def run_against(cfg: AgainstConfig, split, teacher: nn.Module | None = None, tea
                                             "drop_recovery_steps", "drop_options")},
         "torch_pruning": {k: them.get(k) for k in ("matched", "chosen_step", "candidates", "stages", "train_seconds",
                                                    "train_steps")},
-        "wall_seconds": time.perf_counter() - t_start,
-        "workdir": str(work),  # the ONNX files of every contender stay there (ours_fp32.onnx, tp_fp32.onnx)
     }
