@@ -1245,6 +1245,53 @@ def against_tp_section(model: str, variant: str = "", title: str = "") -> list[s
     return out + tp_verdict(acc, tm) + [""]
 
 
+def reshape_choice_section(name: str, named_run: str, option_runs: list[str], title: str) -> list[str]:
+    """Ours alone, the allocator choosing the reshaping (`--drop-blocks auto --strides 1,2`): every
+    option it allocated for, the one it kept, the run that named the same reshaping by hand, and
+    the other options each allocated and trained alone (does the predicted loss rank them as training does?)."""
+    r, named = _load(name), _load(named_run)
+    if r is None:
+        return []
+    ours, tm, groups = r["ours"], r["timing"], list(r["widths"]["dense"])
+    out = [f"### {title}", "",
+           f"Reproduce: `.venv/bin/{r['command']}`. {r['train_rows']:,} train rows; dense teacher: {r.get('teacher', '')}. "
+           f"Target {r['target']['latency_ms_b64']:.3f} ms (ONNX Runtime fp32, batch 64). Every option is allocated on the "
+           f"teacher so reshaped (recovered by KD for {ours['drop_recovery_steps']:,} steps where it is reshaped) and "
+           "confirmed on ONNX Runtime; the kept one is the lowest predicted held-out loss among those that met the target "
+           f"(`deploy/against.py: choose_drop`). Machine: {(r.get('machine') or {}).get('shared', 'not recorded')}.", "",
+           f"| blocks dropped | stem stride | widths ({'/'.join(groups)}; \"-\": dropped) | measured ms (alone, as the target measures) | met | "
+           "predicted held-out loss | kept |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for o in ours["drop_options"]:
+        kept = o["blocks"] == ours["dropped_blocks"] and o["stride"] == next(iter(ours["strides"].values()), [1])[0]
+        loss = "-" if o["predicted_loss"] is None else f"{o['predicted_loss']:.4f}"
+        out.append(f"| {', '.join(o['blocks']) or 'none'} | {o['stride']} | {'/'.join(str(o['widths'].get(g, '-')) for g in groups)} | "
+                   f"{o['measured_ms']:.3f} | {'yes' if o['met'] else 'no'} | {loss} | {'**yes**' if kept else ''} |")
+    out += ["", "| contender | test acc | b1 ms | b1 speed-up | b64 ms | b64 speed-up |", "| --- | --- | --- | --- | --- | --- |"]
+    for k in tm["batch64"]["latency_ms"]:
+        out.append(f"| {k} | {100 * r['accuracy'][k]:.2f}% | " + " | ".join(timing_cells(tm, k)) + " |")
+    if named is not None:
+        out += ["", f"The run that named this reshaping (`{named_run}`, the same seed): widths "
+                f"{'/'.join(str(named['widths']['ours'].get(g, '-')) for g in groups)}, test accuracy "
+                f"{100 * named['accuracy']['ours_fp32_ort']:.2f}%, allocation measured "
+                f"{named['ours']['allocation']['measured_ms']:.3f} ms."]
+    trained = [(f, _load(f)) for f in ([named_run] if named else []) + option_runs]
+    trained = [(f, t) for f, t in trained if t is not None]
+    if trained:
+        out += ["", "Each option allocated and trained on its own (same seed, budget and target; its own allocation, "
+                "so its widths can differ from the option's row above):", "",
+                f"| result | blocks dropped | stem stride | widths ({'/'.join(groups)}) | allocation measured ms (met) | "
+                "predicted held-out loss | selection acc | test acc |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for f, t in trained:
+            o = t["ours"]["drop_options"][0]
+            loss = "-" if o["predicted_loss"] is None else f"{o['predicted_loss']:.4f}"
+            out.append(f"| `{f}` | {', '.join(o['blocks']) or 'none'} | {o['stride']} | "
+                       f"{'/'.join(str(o['widths'].get(g, '-')) for g in groups)} | {o['measured_ms']:.3f} "
+                       f"({'yes' if o['met'] else 'no'}) | {loss} | {100 * t['match']['ours_selection_accuracy']:.2f}% | "
+                       f"{100 * t['accuracy']['ours_fp32_ort']:.2f}% |")
+    return out + [""]
+
+
 def tp_verdict(acc: dict, tm: dict) -> list[str]:
     """The issue's goal (>= 20x at batch 1 and 64, <= 0.5 points lost) and the comparison with
     Torch-Pruning at matched accuracy, same runtime, on interleaved and on alone medians."""
@@ -1449,6 +1496,12 @@ def latency_section() -> list[str]:
                                     "against_curve_resnet_stride2_drop_e8_repeat.json",
                                     "The same 3 seeds re-timed a second time, right after the first (how much the "
                                     "batch-1 readings move between two quiet timings)")
+            + reshape_choice_section("against_auto_resnet_stride12_e8_seed0.json",
+                                     "against_torch_pruning_resnet_stride2_drop_e8_seed0.json",
+                                     ["against_option_resnet_stride2_keep_e8_seed0.json",
+                                      "against_option_resnet_drop_stride1_e8_seed0.json"],
+                                     "Small ResNet at a 20x target, the allocator choosing the reshaping "
+                                     "(`--drop-blocks auto --strides 1,2`, ours only), seed 0")
             + against_tp_section("resnet", "_drop_x5_seed0", " (first block dropped, 5x target, seed 0)")
             + against_tp_section("resnet", "_drop_x3_seed0", " (first block dropped, 3x target, seed 0)")
             + sum((against_tp_section("resnet", f"_stride2_drop_e8_seed{k}", " (stem at stride 2, first block dropped, "
