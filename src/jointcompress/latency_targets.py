@@ -470,7 +470,7 @@ class _Search:
         predicted = self.table.predict(self.sites, self.channels, self.channels)
         self.log.append({"goal_ms": None, "predicted_ms": predicted, "measured_ms": full_ms,
                          "widths": dict(self.channels)})
-        return goal * predicted / full_ms
+        return goal * (predicted / full_ms)  # this grouping: the goals rounded as before the refactor
 
     def widths_for(self, goal: float, first: bool) -> tuple[dict[str, int], float, dict[str, int] | None, float]:
         """The greedy widths for `goal`: (widths, predicted ms, `least`, goal). On the first round of
