@@ -1275,8 +1275,7 @@ def reshape_choice_section(name: str, named_run: str, option_runs: list[str], ti
                 f"{'/'.join(str(named['widths']['ours'].get(g, '-')) for g in groups)}, test accuracy "
                 f"{100 * named['accuracy']['ours_fp32_ort']:.2f}%, allocation measured "
                 f"{named['ours']['allocation']['measured_ms']:.3f} ms."]
-    trained = [(f, _load(f)) for f in ([named_run] if named else []) + option_runs]
-    trained = [(f, t) for f, t in trained if t is not None]
+    trained = [(f, t) for f, t in [(named_run, named)] + [(f, _load(f)) for f in option_runs] if t is not None]
     if trained:
         out += ["", "Each option allocated and trained on its own (same seed, budget and target; its own allocation, "
                 "so its widths can differ from the option's row above):", "",
