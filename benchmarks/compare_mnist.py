@@ -1,5 +1,6 @@
 """Joint vs sequential on MNIST at Deep Compression's operating points (LeNet-300-100, LeNet-5),
-and on a small ResNet with BatchNorm (`--model resnet`, no published reference point) and a 1-D CNN
+and on a small ResNet with BatchNorm (`--model resnet`, no published reference point), a small
+MobileNetV2 (`--model mobilenet`: depthwise separable convolutions, inverted residuals) and a 1-D CNN
 (`--model seqcnn`: Conv1d and BatchNorm1d over the image's columns as a sequence, the shape of an audio model).
 
     nice -n 10 .venv/bin/python benchmarks/compare_mnist.py --model lenet300
@@ -41,6 +42,10 @@ DEFAULTS = {  # sized for <= ~30 min each on 2 CPU cores shared with other jobs 
     # tensors, stored in fp32, set a floor under the file: about a third of it at 20x, half at 30x;
     # --norm-format fp16 halves them)
     "resnet": {"ratios": "20,30", "seeds": 3, "epochs": 2, "teacher_epochs": 3},
+    # a MobileNetV2-style CNN (depthwise separable convolutions, inverted residuals): 74k weights and 1,632
+    # BatchNorm channels, whose four tensors at --norm-format fp16 (13.1 KB) and the steps fill 58% of a 12x
+    # file (27.5 KB), leaving 11.5 KB for the weights (26x smaller than in fp32); 20x is below the floor the allocator can plan
+    "mobilenet": {"ratios": "12", "seeds": 3, "epochs": 2, "teacher_epochs": 3},
     # a 1-D CNN (Conv1d + BatchNorm1d, a residual block) reading each image as a sequence of columns:
     # the shape of an audio or sensor model
     "seqcnn": {"ratios": "30", "seeds": 3, "epochs": 2, "teacher_epochs": 3},

@@ -17,7 +17,7 @@ from jointcompress.joint_form import JOINT_FORM_VARIANT
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5", "resnet": "Small ResNet",
-          "seqcnn": "1-D CNN (seqcnn)", "vit": "Small ViT (vit)",
+          "mobilenet": "Small MobileNetV2 (mobilenet)", "seqcnn": "1-D CNN (seqcnn)", "vit": "Small ViT (vit)",
           "lstm": "LSTM (lstm)"}
 REF = {"lenet300": (40.0, 1.58), "lenet5": (39.0, 0.74)}  # Deep Compression's points (none for the small ResNet)
 GOAL = {"lenet300": (100.0, 1.80), "lenet5": (200.0, 1.00)}  # the joint-compression issue's goals
@@ -376,7 +376,7 @@ JOINT_FORM_INTRO = ("What `mode: joint` trains under a size target (the joint fo
 
 
 # compare_mnist.py's teacher epochs per model; a folder whose teachers trained longer says so in its epochs cell
-DEFAULT_TEACHER_EPOCHS = {"lenet300": 6, "lenet5": 3, "resnet": 3, "seqcnn": 3, "vit": 3, "lstm": 3}
+DEFAULT_TEACHER_EPOCHS = {"lenet300": 6, "lenet5": 3, "resnet": 3, "mobilenet": 3, "seqcnn": 3, "vit": 3, "lstm": 3}
 
 
 def _point_key(p: dict) -> tuple:
@@ -580,6 +580,10 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                ("resnet", "compare_resnet_30x_fp32norm",
                 " at 30x, BatchNorm in fp32, on the machine of the fp16 runs (their teachers)"),
                ("resnet", "compare_resnet_2k_fp16norm", ", 2,000 training images, at 20x, BatchNorm stored in fp16"),
+               ("mobilenet", "compare_mobilenet_12x",
+                " (MobileNetV2-style: depthwise separable convolutions, inverted residuals; 74k weights) at 12x, "
+                "BatchNorm stored in fp16"),
+               ("mobilenet", "compare_mobilenet_12x_2k", ", 2,000 training images, at 12x, BatchNorm stored in fp16"),
                ("seqcnn", "compare_seqcnn_30x_fp16norm",
                 " (Conv1d + BatchNorm1d over the image's columns as a sequence, the shape of an audio model) at 30x, "
                 "BatchNorm stored in fp16"),

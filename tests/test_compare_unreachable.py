@@ -60,3 +60,23 @@ def test_prune_structured_is_compared_in_the_joint_form_and_a_compare_that_runs_
     res = CliRunner().invoke(app, [*args, "--ratios", "8", "--out", str(out)])
     message = str(res.exception)
     assert res.exit_code != 0 and "--force" in message and "--resume" not in message  # compare has no --resume
+
+
+def test_a_ratio_the_allocator_cannot_plan_is_refused_before_any_teacher_trains(tmp_path, monkeypatch):
+    """A small MobileNet at 20x trained its teacher for 11 minutes before compare said that its BatchNorm
+    tensors alone nearly filled the file: the floor is the architecture's, known before training."""
+    import pytest
+
+    import jointcompress.compare as compare
+
+    monkeypatch.setattr(compare, "_seed_teacher", lambda *a, **k: pytest.fail("a teacher trained for a point out of reach"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: lenet300\ndata: digits\ntechniques:\n  - {type: prune_unstructured, sparsity: 0.9}\n"
+                      "  - {type: quant_lsq, bits: 4}\ntraining: {epochs: 1, batch_size: 128}\n")
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(app, ["compare", str(recipe), "--ratios", "5000,8000", "--seeds", "2", "--teacher-epochs", "1",
+                                   "--variants", "joint-paced-obdland-none,sequential", "--out", str(out)])
+    assert res.exit_code != 0 and "compare ran nothing" in str(res.exception), res.output
+    unreachable = json.loads((out / "compare.json").read_text())["unreachable"]
+    assert [(u["ratio_target"], u["seed"]) for u in unreachable] == [(5000, 0), (5000, 1), (8000, 0), (8000, 1)]
+    assert all("cannot be planned" in u["reason"] for u in unreachable)

@@ -235,20 +235,17 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
     needs_budgets = any(VARIANTS[v][0] != "joint" for v in spec.variants)
     builder = builder_for(model_name, split)
     total_steps = base.training.epochs * math.ceil(len(split.y_train) / base.training.batch_size)
-    result = {"kind": "compare", "model": model_name, "data": split.name, "ratios": list(spec.ratios),
-              "seeds": spec.seeds, "first_seed": spec.first_seed, "variants": list(spec.variants),
-              "epochs": base.training.epochs, "keep": base.training.keep, "selected_on": split.selected_on,
-              "device": spec.device,
-              "teacher_epochs": None if weights else spec.teacher_epochs, "train_images": len(split.y_train),
-              "recipe": base.model_dump(),
-              "uncompressed": [], "runs": [], "unreachable": []}
+    result = _new_result(base, split, model_name, spec, weights)
+    example = split.x_train[:2]
+    ratios = _plannable_ratios(result, out, log, builder(), base, spec, example) if needs_budgets else spec.ratios
+    if not ratios:  # every point is out of reach: say so before any teacher trains
+        return _finish(result, out)
     for seed in spec.seed_range():
         teacher = _seed_teacher(model_name, split, spec, base, seed, weights, progress_factory)
         row = uncompressed_row(teacher, split)
         result["uncompressed"].append({"seed": seed, "accuracy": row["accuracy"], "bytes": row["bytes"]})
         dense = dense_fp32_bytes(teacher)
-        example = split.x_train[:2]
-        for ratio in spec.ratios:
+        for ratio in ratios:
             targeted = parse_recipe({**base.model_dump(), "target": {"ratio": ratio}})
             try:  # once: every sequential / overlap variant trains the same budgets (joint ones learn their own)
                 budgets = resolve_target(teacher, targeted, example) if needs_budgets else targeted
@@ -273,6 +270,48 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
                 log(f"{name}: accuracy {100 * entry['accuracy']:.2f}%  {entry['file_bytes']} B  {entry['ratio']:.1f}x")
                 atomic_write_json(out / "compare.json", with_summary(result))
     return _finish(result, out)
+
+
+def _new_result(base: Recipe, split, model_name: str, spec: CompareSpec, weights: Path | None) -> dict:
+    """compare.json before any run: what was compared, on what, and the empty lists the runs fill."""
+    return {"kind": "compare", "model": model_name, "data": split.name, "ratios": list(spec.ratios),
+            "seeds": spec.seeds, "first_seed": spec.first_seed, "variants": list(spec.variants),
+            "epochs": base.training.epochs, "keep": base.training.keep, "selected_on": split.selected_on,
+            "device": spec.device,
+            "teacher_epochs": None if weights else spec.teacher_epochs, "train_images": len(split.y_train),
+            "recipe": base.model_dump(),
+            "uncompressed": [], "runs": [], "unreachable": []}
+
+
+PLAN_SLACK = 1.02  # before training, a ratio is refused only if a file this much larger cannot be planned either
+
+
+def _plannable_ratios(result: dict, out: Path, log, untrained: nn.Module, base: Recipe, spec: CompareSpec,
+                      example) -> list[float]:
+    """The ratios the allocator can plan, checked on an untrained model before any teacher trains. What
+    refuses a ratio (2 bits, every layer at prune_unstructured.min_keep, the tensors no technique compresses)
+    depends on the architecture, not on the trained values, so a user learns in seconds, not after each
+    seed's teacher, that a point is out of reach; it is recorded for every seed, as it would have been
+    after training. Within PLAN_SLACK of the floor the trained teacher decides, as before."""
+    from .artifact.size import dense_fp32_bytes
+    from .targets import TargetError, resolve_target
+
+    def refusal(ratio: float) -> TargetError | None:
+        try:
+            resolve_target(untrained, parse_recipe({**base.model_dump(), "target": {"ratio": ratio}}), example)
+        except TargetError as exc:
+            return exc
+        return None
+
+    kept = []
+    for ratio in spec.ratios:
+        why = refusal(ratio / PLAN_SLACK) and refusal(ratio)
+        if why is None:
+            kept.append(ratio)
+            continue
+        for seed in spec.seed_range():
+            _unreachable(result, out, log, ratio, seed, dense_fp32_bytes(untrained), why)
+    return kept
 
 
 def _compare_base(recipe: Recipe, model_name: str, spec: CompareSpec) -> Recipe:

@@ -1,5 +1,5 @@
-"""Reference models (no torchvision here): LeNet-300-100, LeNet-5, a small ResNet, a 1-D CNN and a
-small vision transformer.
+"""Reference models (no torchvision here): LeNet-300-100, LeNet-5, a small ResNet, a small
+MobileNetV2 (depthwise separable, inverted residuals), a 1-D CNN, a small vision transformer and an LSTM.
 
 All take [N, 1, H, W] images (28x28 MNIST or 8x8 digits) and return class logits.
 """
@@ -83,6 +83,44 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expansion, 3x3 depthwise, linear 1x1 projection; the input is added
+    back where the shapes allow."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, expand: int = 4):
+        super().__init__()
+        hidden = cin * expand
+        self.expand = nn.Sequential(nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6())
+        self.depthwise = nn.Sequential(nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+                                       nn.BatchNorm2d(hidden), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        out = self.project(self.depthwise(self.expand(x)))
+        return x + out if self.residual else out
+
+
+class SmallMobileNet(nn.Module):
+    """A MobileNetV2-style network for small images: the depthwise separable convolutions of the models
+    deployed on phones and microcontrollers, whose weights are few and whose depthwise layers are
+    coupled channel for channel to their expansion (what structured pruning must remove together). The stem
+    halves the resolution, as MobileNetV2's does."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU6())
+        self.blocks = nn.Sequential(InvertedResidual(width, width), InvertedResidual(width, 2 * width, stride=2),
+                                    InvertedResidual(2 * width, 2 * width), InvertedResidual(2 * width, 4 * width, stride=2),
+                                    InvertedResidual(4 * width, 4 * width))
+        self.head = nn.Sequential(nn.Conv2d(4 * width, 8 * width, 1, bias=False), nn.BatchNorm2d(8 * width), nn.ReLU6())
+        self.fc = nn.Linear(8 * width, num_classes)
+
+    def forward(self, x):
+        x = self.head(self.blocks(self.stem(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 class SequenceCNN(nn.Module):
     """A 1-D CNN that reads an image as a sequence (each column one step of H features), the shape
     of an audio or sensor model: Conv1d + BatchNorm1d, a residual block, a strided conv, pooling."""
@@ -159,8 +197,8 @@ def _sinusoid(tokens: int, width: int) -> torch.Tensor:
     return table
 
 
-MODELS = {"lenet300": LeNet300, "lenet5": LeNet5, "resnet": SmallResNet, "seqcnn": SequenceCNN, "vit": TinyViT,
-          "lstm": RowLSTM}
+MODELS = {"lenet300": LeNet300, "lenet5": LeNet5, "resnet": SmallResNet, "mobilenet": SmallMobileNet,
+          "seqcnn": SequenceCNN, "vit": TinyViT, "lstm": RowLSTM}
 
 
 def is_builder(name: str) -> bool:
@@ -340,4 +378,6 @@ def build_model(name: str, image_size: int = 28, num_classes: int = 10, in_chann
         return TinyViT(image_size, num_classes, in_channels=in_channels)
     if name == "lstm":
         return RowLSTM(image_size, num_classes)
+    if name == "mobilenet":
+        return SmallMobileNet(in_channels, num_classes)
     return SmallResNet(in_channels, num_classes)

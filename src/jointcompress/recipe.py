@@ -426,7 +426,7 @@ class Recipe(Strict):
     # budget, joint_form.py); overlap: masks and LSQ at overlapping times, under a size target with the
     # allocator's per-layer budgets; sequential: prune -> fine-tune -> quantize -> fine-tune
     mode: Literal["joint", "overlap", "sequential"] = "joint"
-    model: str | None = None  # a reference model name for the CLI (lenet300, lenet5, resnet, seqcnn, vit)
+    model: str | None = None  # a reference model name for the CLI (lenet300, lenet5, resnet, mobilenet, seqcnn, vit, lstm)
     data: str | None = None  # "digits" (embedded) or a path to an MNIST-style .npz
     techniques: list[Technique] = Field(default_factory=list)
     training: Training = Field(default_factory=Training)

@@ -1,7 +1,7 @@
 """CLI sub-commands; each module has `register(app)` that adds its command to the Typer app."""
 
 # the built-in reference models (jointcompress.models.MODELS), named here so help texts need no torch import
-BUILT_IN_MODELS = "lenet300 | lenet5 | resnet | seqcnn | vit | lstm"
+BUILT_IN_MODELS = "lenet300 | lenet5 | resnet | mobilenet | seqcnn | vit | lstm"
 # what --model takes: a built-in or the user's own zero-argument builder (models.load_builder)
 MODEL_CHOICES = f"{BUILT_IN_MODELS}, or your builder (package.module:function or file.py:function)"
 # --device of the commands that train (devices.resolve_device reads it)

@@ -153,7 +153,7 @@ def latency_note(result: dict) -> str:
 AGAINST = ("torch-pruning",)
 # the reference models whose channels Torch-Pruning prunes as it is (not the ViT's attention heads, not the
 # LSTM's gates: its pruner would cut across them)
-AGAINST_MODELS = ("lenet300", "lenet5", "resnet", "seqcnn")
+AGAINST_MODELS = ("lenet300", "lenet5", "resnet", "mobilenet", "seqcnn")
 
 
 def run_against_cli(against: str, model: Optional[str], data: Optional[str], teacher: Optional[Path],
