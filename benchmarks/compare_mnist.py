@@ -43,8 +43,8 @@ DEFAULTS = {  # sized for <= ~30 min each on 2 CPU cores shared with other jobs 
     # --norm-format fp16 halves them)
     "resnet": {"ratios": "20,30", "seeds": 3, "epochs": 2, "teacher_epochs": 3},
     # a MobileNetV2-style CNN (depthwise separable convolutions, inverted residuals): 74k weights and 1,632
-    # BatchNorm channels, whose four tensors at --norm-format fp16 (13.1 KB) and the steps fill 58% of a 12x
-    # file (27.5 KB), leaving 11.5 KB for the weights (26x smaller than in fp32); 20x is below the floor the allocator can plan
+    # BatchNorm channels, whose four tensors at --norm-format fp16 (13.2 KB) and the steps fill about 57% of a
+    # 12x file (27.5 KB), leaving about 12 KB for the weights (25x less than fp32); 20x is below the allocator's floor
     "mobilenet": {"ratios": "12", "seeds": 3, "epochs": 2, "teacher_epochs": 3},
     # a 1-D CNN (Conv1d + BatchNorm1d, a residual block) reading each image as a sequence of columns:
     # the shape of an audio or sensor model
