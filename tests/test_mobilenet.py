@@ -5,9 +5,9 @@ import torch
 
 from jointcompress import compress, finalize
 from jointcompress.artifact import load, save
+from jointcompress.artifact.size import dense_fp32_bytes
 from jointcompress.graph import discover_groups
 from jointcompress.models import SmallMobileNet, build_model
-from jointcompress.artifact.size import dense_fp32_bytes
 
 
 def test_each_depthwise_convolution_is_one_group_with_its_expansion():
@@ -23,7 +23,7 @@ def test_each_depthwise_convolution_is_one_group_with_its_expansion():
 
 def test_the_joint_form_lands_the_file_and_keeps_the_logits_through_finalize_and_load(tmp_path):
     torch.manual_seed(0)
-    x, y = torch.randn(96, 1, 16, 16), torch.randint(0, 10, (96,))  # small images: the test times the run, not the data
+    x, y = torch.randn(96, 1, 16, 16), torch.randint(0, 10, (96,))  # 16x16: quicker, the couplings the same
     model = SmallMobileNet(width=8)  # half the reference width: the same couplings, a quicker test
     recipe = {"mode": "joint", "target": {"ratio": 10}, "training": {"epochs": 3, "batch_size": 32},
               "techniques": [{"type": "prune_structured", "sparsity": 0.25}, {"type": "quant_lsq", "bits": 4}]}
