@@ -41,3 +41,12 @@ def test_the_joint_form_lands_the_file_and_keeps_the_logits_through_finalize_and
     assert goal * 0.97 <= (tmp_path / "a" / "weights.jcw").stat().st_size <= goal
     with torch.no_grad():
         assert torch.allclose(load(tmp_path / "a", lambda: SmallMobileNet(width=8)).eval()(probe), masked, atol=1e-5)
+
+
+def test_dry_run_says_why_the_default_stride_cannot_be_raised_inside_a_residual_block():
+    """The stem already runs at stride 2, so raise_stride's default is block 0's expansion, whose residual
+    addition then meets a map of the other size: the note named only a flatten into a Linear."""
+    from jointcompress.strides import stride_note
+
+    note = stride_note(build_model("mobilenet"), torch.randn(2, 1, 28, 28))
+    assert "'blocks.0.expand.0' at stride 2" in note and "a residual addition" in note

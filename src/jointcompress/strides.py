@@ -88,8 +88,9 @@ def raise_stride(model: nn.Module, example_inputs, layer: str | None, stride: in
         set_strides(model, {name: had})
         raise UnsupportedModelError(
             f"raise_stride: with {name!r} at stride {stride}, {type(model).__name__} gives {after} instead of "
-            f"{before}: a later layer needs the full-size maps (a flatten into a Linear); it applies to models that "
-            "pool globally before their head")
+            f"{before}: a later layer needs the full-size maps (a flatten into a Linear, or a residual addition whose "
+            "other input keeps them); it applies to models that pool globally before their head, at a layer outside "
+            "a residual block (name it in `layer`)")
     return {name: [stride] * dims}
 
 
