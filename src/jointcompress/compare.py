@@ -303,14 +303,14 @@ def _plannable_ratios(result: dict, out: Path, log, untrained: nn.Module, base: 
             return exc
         return None
 
-    kept = []
+    kept, dense = [], dense_fp32_bytes(untrained)
     for ratio in spec.ratios:
-        why = refusal(ratio / PLAN_SLACK) and refusal(ratio)
+        why = refusal(ratio / PLAN_SLACK) and refusal(ratio)  # the exact ratio only for a refusal's message
         if why is None:
             kept.append(ratio)
             continue
         for seed in spec.seed_range():
-            _unreachable(result, out, log, ratio, seed, dense_fp32_bytes(untrained), why)
+            _unreachable(result, out, log, ratio, seed, dense, why)
     return kept
 
 
