@@ -127,8 +127,9 @@ def main() -> None:
                     help="prune_unstructured.min_keep of the sequential pipeline (lower it for targets its floor cannot reach)")
     ap.add_argument("--bits", type=int, default=4,
                     help="quant_lsq.bits of every variant (the allocator may still lower it for sequential if the target needs it)")
-    ap.add_argument("--norm-format", choices=("fp32", "fp16", "auto"), default="fp32",
+    ap.add_argument("--norm-format", choices=("fp32", "fp16", "fp16_folded", "auto"), default="fp32",
                     help="quant_lsq.norm_format of every variant: fp16 trains BatchNorm/LayerNorm as stored at half the bytes; "
+                         "fp16_folded also stores each BatchNorm as its inference scale and shift (half fp16's bytes); "
                          "default fp32, as every stored result without this flag was measured (the library's default, "
                          "auto, is fp16 under a size target, which every compare point has)")
     ap.add_argument("--variants", help="comma-separated (default: joint-none,joint-scale,joint-pcgrad,sequential; "

@@ -128,27 +128,31 @@ def test_a_run_with_fp16_norms_evaluates_what_the_file_stores(teacher, tmp_path)
     assert result.metrics["accuracy"] > 0.8
 
 
-def _sequential(target):
+def _sequential(target, norm_format="auto"):
     return parse_recipe({"mode": "sequential", "target": target, "techniques": [
         {"type": "prune_unstructured", "sparsity": 0.9, "end": 0.6},
-        {"type": "quant_lsq", "bits": 4, "start": 0.3},
+        {"type": "quant_lsq", "bits": 4, "start": 0.3, "norm_format": norm_format},
         {"type": "distill_kd", "cache_teacher": True}],
         "training": {"epochs": 3, "batch_size": 32, "lr": 0.002}})
 
 
-@pytest.mark.parametrize("mode", ["joint", "sequential"])
-def test_a_size_target_counts_the_norms_at_their_stored_bytes(teacher, tmp_path, mode):
+@pytest.mark.parametrize("mode,norm_format", [("joint", None), ("sequential", None), ("joint", "fp16_folded"),
+                                              ("sequential", "fp16_folded")])
+def test_a_size_target_counts_the_norms_at_their_stored_bytes(teacher, tmp_path, mode, norm_format):
     # norm_format left at its default (auto): fp16 under a size target;
-    # sequential: the allocator and the steering (before quantization starts) measure them as stored too
+    # sequential: the allocator and the steering (before quantization starts) measure them as stored too;
+    # folded, each BatchNorm is two tensors, not four (counted as four, the file would land 2.3% under)
     split, model = teacher
     student = copy.deepcopy(model)
     target = {"ratio": 16.0}  # about a quarter of the file is norms, stored in fp16
-    recipe = _recipe(norm_format=None, target=target) if mode == "joint" else _sequential(target)
+    recipe = (_recipe(norm_format=norm_format, target=target) if mode == "joint"
+              else _sequential(target, norm_format or "auto"))
     result = compress(student, recipe, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test), teacher=model)
     manifest = save(student, finalize(student, result.example_inputs), tmp_path / "t", example_inputs=result.example_inputs)
     goal = target_bytes(model, recipe.target)
     assert abs(manifest["weights_file_bytes"] - goal) / goal < 0.02
-    assert all(manifest["other_tensors"][k]["dtype"] == "float16" for k in NORM_KEYS)
+    assert all(manifest["other_tensors"][k]["dtype"] == "float16" for k in NORM_KEYS if "running" not in k or not norm_format)
+    assert manifest.get("folded_norms", []) == (["bn1", "bn2"] if norm_format else [])
 
 
 def test_a_copy_keeps_its_rounding_and_detaching_it_leaves_the_original_alone(teacher):
@@ -220,3 +224,60 @@ def test_a_transformers_classifier_stores_its_layernorms_in_fp16(tmp_path):
     with torch.no_grad():
         assert (SequenceClassifier(loaded).eval()(x) - SequenceClassifier(hf).eval()(x)).abs().max() <= 1e-5
         assert (SequenceClassifier(hf).eval()(x) - masked).abs().max() <= 1e-4  # finalize, then the 8-bit rest: close
+
+
+def test_folded_batchnorm_is_evaluated_as_stored_and_stored_as_a_scale_and_a_shift(teacher, tmp_path):
+    """norm_format: fp16_folded: every evaluation during the run computes each BatchNorm as the
+    fp16 scale and shift the file stores; finalize writes them without changing a logit, the
+    statistics cost one stored value each, and the file gives the logits back in both containers.
+    Such an artifact cannot start another run (its training statistics are gone): refused by name."""
+    from jointcompress.errors import ArtifactError
+    from jointcompress.pipeline import load_start
+
+    split, model = teacher
+    student = copy.deepcopy(model)
+    result = compress(student, _recipe("fp16_folded"), (split.x_train, split.y_train),
+                      evaluator(split.x_test, split.y_test), teacher=model)
+    student.eval()
+    masked = student(split.x_test[:64]).detach()
+    spec = finalize(student, result.example_inputs)
+    assert spec.folded_norms == ["bn1", "bn2"]  # the LayerNorm has no statistics to fold
+    assert torch.equal(student(split.x_test[:64]), masked)  # the run evaluated the rounded scale and shift
+    for bn in (student.bn1, student.bn2):
+        assert not bn.running_mean.any() and bool(((bn.running_var + bn.eps) == 1).all())
+        assert _fp16_valued(bn.weight.detach()) and _fp16_valued(bn.bias.detach())
+    for container in ("jcw", "safetensors"):
+        manifest = save(student, spec, tmp_path / container, example_inputs=result.example_inputs, container=container)
+        others = manifest["other_tensors"]
+        assert manifest["folded_norms"] == ["bn1", "bn2"]
+        for bn in ("bn1", "bn2"):
+            assert others[f"{bn}.weight"]["bytes"] == others[f"{bn}.bias"]["bytes"] == 16 * 2
+            assert others[f"{bn}.running_mean"] == {"shape": [16], "dtype": "float16", "bytes": 2, "fill": True,
+                                                    "loaded_as": "float32"}
+            assert others[f"{bn}.running_var"] == {"shape": [16], "dtype": "float32", "bytes": 4, "fill": True}
+        loaded = load(tmp_path / container, NormNet)
+        assert torch.equal(loaded(split.x_test[:64]), masked)
+    with pytest.raises(ArtifactError, match=r"stored folded \(quant_lsq.norm_format: fp16_folded; bn1, bn2\)"):
+        load_start(NormNet, tmp_path / "jcw")
+
+
+def test_a_stored_tensor_is_one_value_only_where_its_format_makes_it_constant(teacher, tmp_path):
+    """An untrained BatchNorm's statistics are constant too, but training moves them: stored whole
+    (the allocator measures untrained candidates); only a folded layer's are one value. A manifest
+    whose fill flag was edited is refused naming the field."""
+    import json
+
+    from jointcompress.artifact.encode import constant
+    from jointcompress.errors import ArtifactError
+
+    split, _ = teacher
+    fresh = NormNet().eval()
+    manifest = save(fresh, CompressionSpec(), tmp_path / "fresh", example_inputs=split.x_test[:2])
+    assert manifest["other_tensors"]["bn1.running_var"]["bytes"] == 16 * 2 and "fill" not in manifest["other_tensors"]["bn1.running_var"]
+    assert constant(torch.zeros(3)) and not constant(torch.tensor([0.0, -0.0])) and not constant(torch.ones(1))
+    path = tmp_path / "fresh" / "manifest.json"
+    edited = json.loads(path.read_text())
+    edited["other_tensors"]["bn1.running_mean"]["fill"] = "yes"
+    path.write_text(json.dumps(edited))
+    with pytest.raises(ArtifactError, match=r"other_tensors\['bn1.running_mean'\].fill"):
+        load(tmp_path / "fresh", NormNet)

@@ -58,16 +58,20 @@ def _structured_plan(model: nn.Module) -> dict[str, tuple]:
     return plan
 
 
-def _remove_reparametrizations(model: nn.Module) -> None:
-    """Bake this package's masks and quantizers into plain tensors. A parametrization of the user's own
-    (weight_norm, orthogonal) on a layer no technique touched stays: removing it changed the model's
-    state-dict keys, so the saved artifact no longer loaded into the model its builder makes."""
-    for m in model.modules():
+def _remove_reparametrizations(model: nn.Module) -> list[str]:
+    """Bake this package's masks and quantizers into plain tensors; returns the BatchNorm layers
+    folded into their stored affine (quant_lsq.norm_format: fp16_folded). A parametrization of the
+    user's own (weight_norm, orthogonal) on a layer no technique touched stays: removing it changed
+    the model's state-dict keys, so the saved artifact no longer loaded into the model its builder makes."""
+    folded = []
+    for name, m in model.named_modules():
         for pname, plist in list((getattr(m, "parametrizations", {}) or {}).items()):
             if any(type(p).__module__.startswith("jointcompress.") for p in plist):
                 parametrize.remove_parametrizations(m, pname, leave_parametrized=True)
-        detach_norm_storage(m)
+        if detach_norm_storage(m):
+            folded.append(name)
     freeze_input_quant(model)
+    return folded
 
 
 def freeze_input_quant(model: nn.Module) -> None:
@@ -110,12 +114,13 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None, 
     pruned = _unstructured_pruned(model)
     if warn_empty:
         _warn_zeros_stored_dense([name for name in pruned if name not in specs])
-    _remove_reparametrizations(model)
+    folded = _remove_reparametrizations(model)
     if warn_empty:
         _warn_empty_layers(model, [*specs, *(name for name in pruned if name not in specs)])
         _warn_nonfinite(model)
     spec = _with_prior_structure(prior_structure(model), dropped)  # a model finalized or loaded before: its structure first
     spec.layers, spec.recipe = specs, recipe
+    spec.folded_norms = folded
     spec.strides = {**spec.strides, **raised_strides(model)}
     todo = {name: (g, drop) for name, (g, drop) in plan.items() if drop}
     if todo:

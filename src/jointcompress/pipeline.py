@@ -54,9 +54,16 @@ def load_start(builder: Callable[[], nn.Module], path: str | Path) -> nn.Module:
     directory), rebuilt in the shape it was saved in: a first run's model whose channels prune_structured
     removed, which a second run then compresses under a size target."""
     if Path(path).is_dir():
-        from .artifact import load
+        from .artifact import load_with_spec
 
-        return load(path, builder).train()
+        model, spec = load_with_spec(path, builder)
+        if spec.folded_norms:
+            raise ArtifactError(
+                f"{path}: its BatchNorm layers are stored folded (quant_lsq.norm_format: fp16_folded; "
+                f"{', '.join(spec.folded_norms[:3])}{', ...' if len(spec.folded_norms) > 3 else ''}), exact in "
+                "evaluation but without the statistics training normalizes by: start the next run from a run whose "
+                "recipe keeps norm_format fp16 or fp32 (the first of two runs needs no folding), or from its weights")
+        return model.train()
     return load_weights(builder(), path)
 
 

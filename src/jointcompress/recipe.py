@@ -97,9 +97,11 @@ class QuantLSQ(Selection):
     scale_format: Literal["fp16", "log8"] = "fp16"
     bias_format: Literal["fp16", "int", "fp32"] = "fp16"
     # normalization layers (affine weights, BatchNorm's running statistics): fp32 as they are, or
-    # fp16 values trained as stored, at half the bytes (techniques/norm_storage.py); auto = fp16 when
-    # the run has a size target (every byte counts there), else fp32 (stored_norm_format)
-    norm_format: Literal["auto", "fp32", "fp16"] = "auto"
+    # fp16 values trained as stored, at half the bytes (techniques/norm_storage.py); fp16_folded: fp16,
+    # and each BatchNorm stored as its inference affine (a scale and a shift per channel, two tensors
+    # instead of four: half fp16's bytes), evaluated as stored; auto = fp16 when the run has a size
+    # target (every byte counts there), else fp32 (stored_norm_format)
+    norm_format: Literal["auto", "fp32", "fp16", "fp16_folded"] = "auto"
     _norm_format_of_run: str | None = PrivateAttr(default=None)  # what `auto` means for the recipe holding it
     # zero_level's quantizer in torch.compile'd kernels (same quantized weights, gradients to float
     # rounding; seconds to compile once): auto = for runs of 2000 steps or more (techniques/zero_level_compiled.py)
@@ -112,6 +114,11 @@ class QuantLSQ(Selection):
         if self.norm_format != "auto":
             return self.norm_format
         return self._norm_format_of_run or "fp32"
+
+    @property
+    def norms_in_fp16(self) -> bool:
+        """Whether normalization layers train and are stored on fp16 values (fp16, fp16_folded)."""
+        return self.stored_norm_format in ("fp16", "fp16_folded")
 
     @model_validator(mode="after")
     def _bit_range(self):

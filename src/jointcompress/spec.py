@@ -39,6 +39,9 @@ class CompressionSpec:
     later_dropped_blocks: list[tuple[int, list[str]]] = field(default_factory=list)
     # convolutions whose stride raise_stride raised: {name: stride per dim}, set after the replay
     strides: dict[str, list[int]] = field(default_factory=dict)
+    # BatchNorm layers stored as their inference affine (quant_lsq.norm_format: fp16_folded): exact in
+    # evaluation, but without the training state another run would start from
+    folded_norms: list[str] = field(default_factory=list)
 
     def structure(self) -> dict:
         """What rebuilds the architecture from the builder's model: PRIOR_STRUCTURE's dict, the

@@ -31,7 +31,7 @@ from .errors import RecipeError
 from .recipe import Recipe, parse_recipe
 from .schedules import progress, ramp
 from .techniques.base import selected_layers
-from .techniques.norm_storage import bake_norm_storage, norm_format_hint, norm_state_keys, round_norms
+from .techniques.norm_storage import bake_norm_storage, fold_norms, norm_format_hint, norm_state_keys, round_norms
 from .techniques.pruning import key as prune_key
 from .techniques.size_estimate import embedding_hint
 from .latency_targets import allocate_latency, resolve_latency, shrunk_copy  # noqa: E402,F401  (latency targets)
@@ -130,6 +130,7 @@ class Candidate:
                        if isinstance(getattr(self.modules[n], "bias", None), torch.Tensor)}
         self.step_format, self.bias_format = "fp16", "fp16"  # as training stores them (artifact/precision.py)
         self.narrow: set[str] = set()  # tensors training keeps on fp16 values (store_norms_as)
+        self.folded: list[str] = []  # BatchNorm layers stored folded (store_norms_as)
 
     @classmethod
     def from_training(cls, model: nn.Module, prune, quant, sparsity_at_quant_start: float = 1.0) -> "Candidate":
@@ -169,10 +170,12 @@ class Candidate:
         """Normalization layers as the run will store them (quant_lsq.norm_format): with fp16,
         rounded and measured in fp16; otherwise every tensor no technique compresses is measured
         wide, even one whose values happen to be fp16 now (an untrained BatchNorm): training
-        moves them."""
-        if fmt == "fp16":
+        moves them. fp16_folded: rounded, then each BatchNorm folded into its stored affine."""
+        if fmt in ("fp16", "fp16_folded"):
             round_norms(self.model)
             self.narrow = set(norm_state_keys(self.model))
+        if fmt == "fp16_folded":
+            self.folded = fold_norms(self.model)
 
     def _kept(self, name: str, sparsity: float) -> torch.Tensor:
         w = self.original[name]
@@ -199,7 +202,7 @@ class Candidate:
         from .spec import CompressionSpec, LayerSpec
         from .techniques.quant_lsq import lsq_init_step
 
-        spec = CompressionSpec()
+        spec = CompressionSpec(folded_norms=list(self.folded))
         for name in self.quant_layers:
             target = sparsity.get(name, 0.0)
             keep = self._kept(name, target)

@@ -192,6 +192,7 @@ def encode_model(model: nn.Module, spec: CompressionSpec, entropy: bool = True,
         _encode_layer(enc, name, mod, spec.layers[name], entropy)
         skip |= {f"{name}.weight"} | ({f"{name}.bias"} if _layer_bias(mod) is not None else set())
     state, enc.aliases = unique_state(model, prefer=skip)
+    filled = {f"{name}.{stat}" for name in spec.folded_norms for stat in ("running_mean", "running_var")}
     for key, t in state.items():
         if key in skip:
             continue
@@ -199,22 +200,35 @@ def encode_model(model: nn.Module, spec: CompressionSpec, entropy: bool = True,
             raise ArtifactError(f"{key}: the model keeps extra state (get_extra_state) there, a "
                                 f"{type(t).__name__} and not a tensor; the artifact holds tensors only (nothing is "
                                 "pickled); keep what it holds in a buffer (register_buffer) instead")
-        _encode_other(enc, key, t.detach().cpu().contiguous().clone(), narrow is None or narrow(key))
+        _encode_other(enc, key, t.detach().cpu().contiguous().clone(), narrow is None or narrow(key), key in filled)
     return enc
 
 
-def _encode_other(enc: Encoding, key: str, t: torch.Tensor, narrow: bool = True) -> None:
+def _encode_other(enc: Encoding, key: str, t: torch.Tensor, narrow: bool = True, fill: bool = False) -> None:
     """A tensor no technique compresses, as it is; an fp32 tensor that holds only fp16 values
     (normalization layers trained as stored, quant_lsq.norm_format) in fp16, bit for bit, with
-    the dtype the model gets back on load."""
-    record = {}
+    the dtype the model gets back on load. `fill`: a tensor constant by its format (a folded
+    BatchNorm's statistics), stored as one entry when it is; a tensor merely constant now (an
+    untrained BatchNorm) is not, as training will move it and the allocator predicts from it."""
+    record, shape = {}, list(t.shape)
+    if fill and constant(t):
+        record["fill"] = True
+        t = t.reshape(-1)[:1].clone()
     if narrow and t.numel() and precision.fp16_exact(t):
         record["loaded_as"] = str(t.dtype).replace("torch.", "")
         t = t.to(torch.float16)
     enc.tensors[key] = t
     enc.parts[key] = tensor_bytes(t)
-    enc.others[key] = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
+    enc.others[key] = {"shape": shape, "dtype": str(t.dtype).replace("torch.", ""),
                        "bytes": t.numel() * t.element_size(), **record}
+
+
+def constant(t: torch.Tensor) -> bool:
+    """Whether a tensor of two or more entries holds one value, bit for bit (-0.0 is not 0.0)."""
+    if t.numel() < 2 or t.is_complex() or t.dtype == torch.bool:
+        return t.dtype == torch.bool and t.numel() > 1 and bool((t == t.reshape(-1)[0]).all())
+    rows = t.reshape(-1).view(torch.uint8).reshape(t.numel(), t.element_size())
+    return bool((rows == rows[:1]).all())
 
 
 def part_bytes(parts: dict[str, bytes], rec: dict, where: str) -> bytes:

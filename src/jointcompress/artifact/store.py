@@ -319,6 +319,8 @@ def _manifest(spec: CompressionSpec, container: str, blob: bytes, encoding, inpu
         manifest["strides"] = strides
     if encoding.aliases:  # only where a tensor is held under two names (encode.unique_state)
         manifest["aliases"] = encoding.aliases
+    if getattr(spec, "folded_norms", None):  # only where BatchNorm layers are stored folded (norm_format: fp16_folded)
+        manifest["folded_norms"] = list(spec.folded_norms)
     manifest["manifest_sha256"] = manifest_digest(manifest)
     return manifest
 
@@ -652,6 +654,8 @@ def _validate_structure(m: dict) -> None:
         _need(isinstance(stride, list) and 1 <= len(stride) <= 3, f"strides[{name!r}]", "must be a list of 1 to 3 integers")
         for j, s in enumerate(stride):
             _int(s, f"strides[{name!r}][{j}]", 1, 64)
+    for i, name in enumerate(_list(m.get("folded_norms", []), "folded_norms")):
+        _str(name, f"folded_norms[{i}]")
 
 
 def _validate_inputs(m: dict) -> None:
@@ -683,6 +687,8 @@ def _validate_tensors(m: dict) -> None:
             _dtype(rec["dtype"], f"{f}.dtype")
         if "bytes" in rec:
             _int(rec["bytes"], f"{f}.bytes")
+        if "fill" in rec:  # one stored entry for a tensor whose entries are all equal
+            _need(rec["fill"] is True, f"{f}.fill", f"must be true where present, got {rec['fill']!r:.40}")
         if "loaded_as" in rec:  # the writer narrows fp32 tensors only (artifact/encode.py)
             _need(rec["loaded_as"] == "float32" and rec.get("dtype") == "float16", f"{f}.loaded_as",
                   f"is {rec['loaded_as']!r:.40} for a {rec.get('dtype')!r:.40} tensor; only float16 stored for float32 loads")
@@ -787,11 +793,12 @@ def _other_tensor(key: str, rec: dict, parts: dict[str, bytes], where: str) -> t
     dtype = getattr(torch, rec["dtype"])
     data = parts[key]
     size = torch.empty((), dtype=dtype).element_size()
-    if len(data) != _prod(rec["shape"]) * size:
-        raise ArtifactError(f"{where}: tensor {key!r} has {len(data)} bytes, {rec['dtype']} {rec['shape']} needs "
-                            f"{_prod(rec['shape']) * size}")
+    numel = 1 if rec.get("fill") else _prod(rec["shape"])
+    if len(data) != numel * size:
+        what = "one entry, filled in" if rec.get("fill") else rec["shape"]
+        raise ArtifactError(f"{where}: tensor {key!r} has {len(data)} bytes, {rec['dtype']} {what} needs {numel * size}")
     flat = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
-    return flat.view(dtype).reshape(rec["shape"]).clone()
+    return flat.view(dtype).reshape([1] if rec.get("fill") else rec["shape"]).clone()
 
 
 def _state(manifest: dict, parts: dict[str, bytes], tensors: dict[str, torch.Tensor], where: str,
@@ -808,6 +815,8 @@ def _state(manifest: dict, parts: dict[str, bytes], tensors: dict[str, torch.Ten
         if key not in tensors:
             raise ArtifactError(f"{where}: tensor {key!r} listed in the manifest is missing")
         t = tensors[key]
+        if rec.get("fill") and t.numel() == 1:  # one value for every entry (encode.constant)
+            t = t.reshape([]).expand(rec["shape"]).clone()
         if list(t.shape) != rec["shape"] or ("dtype" in rec and t.dtype != getattr(torch, rec["dtype"])):
             raise ArtifactError(
                 f"{where}: tensor {key!r} is {list(t.shape)} {str(t.dtype).replace('torch.', '')}, the manifest "
@@ -843,7 +852,8 @@ def load_with_spec(path: str | os.PathLike, builder: Callable[[], nn.Module]) ->
     try:
         spec = CompressionSpec(pruning_history=history, recipe=manifest.get("recipe"), dropped_blocks=list(dropped),
                                later_dropped_blocks=[(int(n), list(names)) for n, names in later],
-                               strides={k: list(v) for k, v in strides.items()})
+                               strides={k: list(v) for k, v in strides.items()},
+                               folded_norms=list(manifest.get("folded_norms", [])))
         model.load_state_dict(_state(manifest, parts, tensors, where, spec), strict=True)
     except ArtifactError:
         raise

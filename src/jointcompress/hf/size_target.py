@@ -71,7 +71,7 @@ def _encoded_bytes(hf: nn.Module, recipe, ptq_bits: int | None) -> int:
                 with torch.no_grad():
                     layer.bias.copy_(round_bias(layer.bias, quant.bias_format, scale))
             spec.layers[name.removeprefix("hf.")] = LayerSpec(bits=bits, scale=scale)
-        if quant.stored_norm_format == "fp16":
+        if quant.norms_in_fp16:
             with torch.no_grad():
                 round_norms(hf)
     if ptq_bits is not None:

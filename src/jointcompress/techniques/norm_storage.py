@@ -12,11 +12,22 @@ Why rounding the running statistics in place loses nothing that matters: an upda
 by momentum * (batch statistic - running one), some percent of their value at usual batch
 sizes, while fp16's spacing is 0.05-0.1% of it. (A cumulative average, momentum None, stops
 moving once 1 / num_batches_tracked falls below that spacing.)
+
+`norm_format: fp16_folded` goes one step further for BatchNorm, whose four tensors an inference
+needs only as one scale and one shift per channel (y = x * a + c, a = weight / sqrt(var + eps),
+c = bias - mean * a: what ONNX Runtime and every deployment fold it into). Each evaluation forward
+computes exactly that, with a and c rounded to fp16, and finalize writes them as the layer's
+weight and bias over a zero mean and a variance v with v + eps == 1 in fp32: the same call of
+torch's kernel, so no logit changes, and the file holds two fp16 tensors per layer (the constant
+statistics are one stored value each, artifact/encode.py). Training forwards normalize by the
+batch as before; what is lost is only BatchNorm's training state, so a folded artifact cannot be
+the start of another training run (pipeline.load_start refuses it).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from ..artifact.precision import fp16_exact, round_fp16_storable
@@ -87,10 +98,74 @@ def _rounded(module: nn.Module) -> list[str]:
     return [name for name in plist if any(isinstance(p, StoredFp16) for p in plist[name])]
 
 
-def detach_norm_storage(module: nn.Module) -> None:
-    """Remove the running statistics' hook (finalize; the parametrizations go with the others)."""
+def detach_norm_storage(module: nn.Module) -> bool:
+    """Remove the running statistics' hook and make a folded BatchNorm's affine its tensors
+    (finalize, after the parametrizations went); returns whether the module was folded."""
     for k in _hook_ids(module):
         del module._forward_hooks[k]
+    folded = [k for k, fn in module._forward_hooks.items() if fn is _folded_eval_output]
+    for k in folded:
+        del module._forward_hooks[k]
+    if folded:
+        bake_fold(module)
+    return bool(folded)
+
+
+def foldable(module: nn.Module) -> bool:
+    """A BatchNorm whose evaluation reads running statistics through an affine scale and shift."""
+    return (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine and module.track_running_stats
+            and module.running_mean is not None and module.running_var is not None)
+
+
+def unit_variance(eps: float) -> float:
+    """The fp32 variance v with v + eps == 1 exactly, so 1 / sqrt(v + eps) is exactly 1."""
+    one = torch.ones((), dtype=torch.float32)
+    v = one - torch.tensor(eps, dtype=torch.float32)
+    for _ in range(8):
+        total = v + torch.tensor(eps, dtype=torch.float32)
+        if bool(total == one):
+            return float(v)
+        v = torch.nextafter(v, one + one if bool(total < one) else -one)
+    raise ValueError(f"no fp32 variance v with v + {eps} == 1")
+
+
+def folded_affine(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) per channel of a BatchNorm in evaluation, rounded as the file stores them."""
+    scale = module.weight / torch.sqrt(module.running_var + module.eps)
+    shift = module.bias - module.running_mean * round_fp16_storable(scale.detach())
+    return round_fp16_storable(scale.detach()), round_fp16_storable(shift.detach())
+
+
+def _folded_eval_output(module: nn.Module, args, output):
+    """Forward hook: in evaluation, the layer as finalize will store it (folded_affine), through the
+    very kernel call the finalized layer makes; training forwards keep the batch statistics."""
+    if module.training:
+        return output
+    scale, shift = folded_affine(module)
+    mean = torch.zeros_like(module.running_mean)
+    var = torch.full_like(module.running_var, unit_variance(module.eps))
+    return F.batch_norm(args[0], mean, var, scale, shift, False, 0.0, module.eps)
+
+
+def attach_folded_batchnorm(model: nn.Module) -> list[str]:
+    """Evaluate every foldable BatchNorm of `model` as its folded, fp16 affine; returns their names."""
+    names = []
+    for name, module in model.named_modules():
+        if foldable(module) and not any(fn is _folded_eval_output for fn in module._forward_hooks.values()):
+            module.register_forward_hook(_folded_eval_output)
+            names.append(name)
+    return names
+
+
+@torch.no_grad()
+def bake_fold(module: nn.Module) -> None:
+    """Write a BatchNorm's folded affine as its tensors: weight = scale, bias = shift, mean 0 and
+    variance v (unit_variance), which torch's evaluation kernel turns into exactly x * scale + shift."""
+    scale, shift = folded_affine(module)
+    module.weight.copy_(scale)
+    module.bias.copy_(shift)
+    module.running_mean.zero_()
+    module.running_var.fill_(unit_variance(module.eps))
 
 
 @torch.no_grad()
@@ -123,12 +198,22 @@ def norm_state_keys(model: nn.Module) -> list[str]:
 
 
 def bake_norm_storage(model: nn.Module) -> None:
-    """Make the rounding permanent on a copy that is measured, not trained (the steering's
-    candidate): the rounded values become the plain tensors, and the hooks go."""
+    """Make the rounding (and a fold) permanent on a copy that is measured, not trained (the
+    steering's candidate): the rounded values become the plain tensors, and the hooks go."""
     for module in model.modules():
         for pname in _rounded(module):
             parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
         detach_norm_storage(module)
+
+
+@torch.no_grad()
+def fold_norms(model: nn.Module) -> list[str]:
+    """Fold every foldable BatchNorm of a plain model in place (bake_fold), as a run with
+    norm_format: fp16_folded stores it; returns their names (the size allocator's candidates)."""
+    names = [name for name, m in model.named_modules() if foldable(m)]
+    for name in names:
+        bake_fold(model.get_submodule(name))
+    return names
 
 
 def norm_format_hint(model: nn.Module) -> str:

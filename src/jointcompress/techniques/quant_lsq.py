@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 from ..artifact.precision import round_step
 from .base import RunContext, Technique, selected_layers
 from .bias_quant import attach_bias_quant
-from .norm_storage import attach_norm_storage
+from .norm_storage import attach_folded_batchnorm, attach_norm_storage
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -266,8 +266,10 @@ class QuantLSQ(Technique):
                     self.hooks.append(layer.register_forward_pre_hook(_quantize_input))
         if getattr(self.config, "embeddings", False):
             warn_bags_left_out(ctx.model, self.config)
-        if self.config.stored_norm_format == "fp16":
+        if self.config.norms_in_fp16:
             self.norm_layers = attach_norm_storage(ctx.model)
+        if self.config.stored_norm_format == "fp16_folded":
+            attach_folded_batchnorm(ctx.model)
         self.attached = True
         with torch.no_grad():  # initialise step sizes now, from the (masked) weights as they are
             for name, layer in selected_layers(ctx.model, self.config).items():
