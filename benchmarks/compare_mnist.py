@@ -45,6 +45,7 @@ DEFAULTS = {  # sized for <= ~30 min each on 2 CPU cores shared with other jobs 
     # a MobileNetV2-style CNN (depthwise separable convolutions, inverted residuals): 74k weights and 1,632
     # BatchNorm channels, whose four tensors at --norm-format fp16 (13.2 KB) and the steps fill about 57% of a
     # 12x file (27.5 KB), leaving about 12 KB for the weights (25x less than fp32); 20x is below the allocator's floor
+    # there, not with --norm-format fp16_folded (each BatchNorm as a scale and a shift: 6.8 KB)
     "mobilenet": {"ratios": "12", "seeds": 3, "epochs": 2, "teacher_epochs": 3},
     # a 1-D CNN (Conv1d + BatchNorm1d, a residual block) reading each image as a sequence of columns:
     # the shape of an audio or sensor model

@@ -584,6 +584,8 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                 " (MobileNetV2-style: depthwise separable convolutions, inverted residuals; 74k weights) at 12x, "
                 "BatchNorm stored in fp16"),
                ("mobilenet", "compare_mobilenet_12x_2k", ", 2,000 training images, at 12x, BatchNorm stored in fp16"),
+               ("mobilenet", "compare_mobilenet_12x_2k_folded", ", 2,000 training images, at 12x, BatchNorm stored in fp16 "
+                "and folded into a scale and a shift per channel (quant_lsq.norm_format: fp16_folded)"),
                ("seqcnn", "compare_seqcnn_30x_fp16norm",
                 " (Conv1d + BatchNorm1d over the image's columns as a sequence, the shape of an audio model) at 30x, "
                 "BatchNorm stored in fp16"),
@@ -689,48 +691,71 @@ def fisher_budget_section() -> list[str]:
     return lines
 
 
-# BatchNorm stored in fp32 / in fp16, the same seeds on the same machine (the same teachers)
-NORM_FORMAT_RUNS = (("resnet", "compare_resnet_30x_fp32norm", "compare_resnet_fp16norm"),
-                    ("seqcnn", "compare_seqcnn_30x_fp32norm", "compare_seqcnn_30x_fp16norm"))
+# BatchNorm stored one way / another, the same seeds on the same machine (the same teachers):
+# (model, (format, folder), (format, folder), variants paired)
+NORM_FORMAT_RUNS = (("resnet", ("fp32", "compare_resnet_30x_fp32norm"), ("fp16", "compare_resnet_fp16norm"),
+                     ("joint-paced-obd-none", "sequential")),
+                    ("seqcnn", ("fp32", "compare_seqcnn_30x_fp32norm"), ("fp16", "compare_seqcnn_30x_fp16norm"),
+                     ("joint-paced-obd-none", "sequential")),
+                    ("mobilenet", ("fp16", "compare_mobilenet_12x_2k"), ("fp16_folded", "compare_mobilenet_12x_2k_folded"),
+                     ("joint-paced-obdland-none", "sequential")))
+NORM_FORMAT_WORDS = {"fp32": "fp32", "fp16": "fp16", "fp16_folded": "fp16 and folded"}
+NORM_FORMAT_HOW = {  # what each format does, after the first
+    "fp16": "affine weights trained as stored, running statistics rounded after each update",
+    "fp16_folded": "each BatchNorm evaluated and stored as its fp16 scale and shift per channel, its statistics one "
+                   "stored value each"}
 
 
-def norm_bytes(model: str) -> tuple[int, int]:
-    """Bytes of the model's normalization layers in the weights file: fp32, and with norm_format: fp16
-    (float tensors at 2 bytes, BatchNorm's int64 counter as it is)."""
-    import torch
-
+def norm_bytes(model: str) -> dict[str, int]:
+    """Bytes of the model's normalization layers in the weights file in each format, measured by the
+    writer itself on the untrained model (norms rounded to fp16; folded as finalize folds them)."""
+    from jointcompress.artifact.encode import encode_model
     from jointcompress.models import build_model
-    from jointcompress.techniques.norm_storage import is_norm
+    from jointcompress.spec import CompressionSpec
+    from jointcompress.techniques.norm_storage import fold_norms, norm_state_keys, round_norms
 
-    tensors = [t for m in build_model(model, 28, 10).modules() if is_norm(m) for t in m.state_dict().values()]
-    wide = sum(t.numel() * t.element_size() for t in tensors)
-    return wide, wide - sum(t.numel() * 2 for t in tensors if t.dtype == torch.float32)
+    sizes = {}
+    for fmt in ("fp32", "fp16", "fp16_folded"):
+        net = build_model(model, 28, 10).eval()
+        keys = [k for k in norm_state_keys(net)] + [k for k in net.state_dict() if k.endswith("num_batches_tracked")]
+        folded = []
+        if fmt != "fp32":
+            round_norms(net)
+            folded = fold_norms(net) if fmt == "fp16_folded" else []
+        enc = encode_model(net, CompressionSpec(folded_norms=folded), narrow=lambda key: fmt != "fp32")
+        sizes[fmt] = sum(enc.others[k]["bytes"] for k in keys)
+    return sizes
 
 
 def norm_format_section() -> list[str]:
-    """Each model with BatchNorm trained and stored in fp16 against the same points in fp32."""
-    return [line for model, wide, narrow in NORM_FORMAT_RUNS for line in norm_format_pair(model, wide, narrow)]
+    """Each model with BatchNorm trained and stored one way against the same points stored another."""
+    return [line for model, first, second, variants in NORM_FORMAT_RUNS
+            for line in norm_format_pair(model, first, second, variants)]
 
 
-def norm_format_pair(model: str, wide_folder: str, narrow_folder: str) -> list[str]:
-    """fp16 against fp32 BatchNorm on one model, each variant paired by seed where the teachers are the same."""
-    wide, narrow = load_compare(wide_folder), load_compare(narrow_folder)
+def norm_format_pair(model: str, first: tuple[str, str], second: tuple[str, str], variants: tuple[str, ...]) -> list[str]:
+    """The second format against the first on one model, each variant paired by seed where the teachers are the same."""
+    (fmt_a, folder_a), (fmt_b, folder_b) = first, second
+    wide, narrow = load_compare(folder_a), load_compare(folder_b)
     if wide is None or narrow is None:
         return []
-    fp32_b, fp16_b = norm_bytes(model)
+    sizes = norm_bytes(model)
+    word_a, word_b = NORM_FORMAT_WORDS[fmt_a], NORM_FORMAT_WORDS[fmt_b]
     teachers = lambda r: {u["seed"]: u["accuracy"] for u in r["uncompressed"]}  # noqa: E731
     same = all(teachers(wide).get(k) == v for k, v in teachers(narrow).items())
-    lines = [f"## {MODELS[model]} on MNIST: BatchNorm stored in fp16 (quant_lsq.norm_format: fp16) against fp32", "",
-             f"Reproduce, fp16: {_reproduce(narrow, model)}; fp32: {_reproduce(wide, model)}. The model's BatchNorm takes {fp32_b:,} B of the weights file in fp32 "
-             f"and {fp16_b:,} B with `norm_format: fp16` (affine weights trained as stored, running statistics rounded "
-             "after each update): the bytes it frees go to the weights, for both methods alike (the allocator and the "
+    images = narrow.get("train_images") or 60_000
+    where = "" if images >= 60_000 else f", {images:,} training images"
+    lines = [f"## {MODELS[model]} on MNIST{where}: BatchNorm stored in {word_b} (quant_lsq.norm_format: {fmt_b}) against {word_a}", "",
+             f"Reproduce, {fmt_b}: {_reproduce(narrow, model)}; {fmt_a}: {_reproduce(wide, model)}. The model's BatchNorm takes "
+             f"{sizes[fmt_a]:,} B of the weights file in {fmt_a} and {sizes[fmt_b]:,} B with `norm_format: {fmt_b}` "
+             f"({NORM_FORMAT_HOW[fmt_b]}): the bytes it frees go to the weights, for both methods alike (the allocator and the "
              "budget measure the file as it will be stored). "
-             + ("Same teachers (same seeds, same machine), so fp16 − fp32 is paired by seed." if same else
-                "The fp32 runs had other teachers (another machine): the fp16 − fp32 difference is not paired."), "",
-             "| target | variant | error, fp32 BatchNorm | error, fp16 BatchNorm | fp16 − fp32 (points) |",
+             + (f"Same teachers (same seeds, same machine), so {fmt_b} − {fmt_a} is paired by seed." if same else
+                f"The {fmt_a} runs had other teachers (another machine): the {fmt_b} − {fmt_a} difference is not paired."), "",
+             f"| target | variant | error, {word_a} BatchNorm | error, {word_b} BatchNorm | {fmt_b} − {fmt_a} (points) |",
              "| --- | --- | --- | --- | --- |"]
     for ratio in narrow["ratios"]:
-        for variant in ("joint-paced-obd-none", "sequential"):
+        for variant in variants:
             err = {name: {row["seed"]: row["error"] for row in r["runs"] if row["variant"] == variant and row["ratio_target"] == ratio}
                    for name, r in (("wide", wide), ("narrow", narrow))}
             seeds = sorted(set(err["wide"]) & set(err["narrow"]))

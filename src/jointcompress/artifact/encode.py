@@ -225,9 +225,9 @@ def _encode_other(enc: Encoding, key: str, t: torch.Tensor, narrow: bool = True,
 
 def constant(t: torch.Tensor) -> bool:
     """Whether a tensor of two or more entries holds one value, bit for bit (-0.0 is not 0.0)."""
-    if t.numel() < 2 or t.is_complex() or t.dtype == torch.bool:
-        return t.dtype == torch.bool and t.numel() > 1 and bool((t == t.reshape(-1)[0]).all())
-    rows = t.reshape(-1).view(torch.uint8).reshape(t.numel(), t.element_size())
+    if t.numel() < 2:
+        return False
+    rows = t.contiguous().reshape(-1).view(torch.uint8).reshape(t.numel(), t.element_size())
     return bool((rows == rows[:1]).all())
 
 

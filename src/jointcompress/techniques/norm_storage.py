@@ -25,6 +25,8 @@ the start of another training run (pipeline.load_start refuses it).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -117,8 +119,10 @@ def foldable(module: nn.Module) -> bool:
             and module.running_mean is not None and module.running_var is not None)
 
 
+@functools.lru_cache(maxsize=None)
 def unit_variance(eps: float) -> float:
-    """The fp32 variance v with v + eps == 1 exactly, so 1 / sqrt(v + eps) is exactly 1."""
+    """The fp32 variance v with v + eps == 1 exactly, so 1 / sqrt(v + eps) is exactly 1 (cached:
+    every evaluation forward of a folded layer asks)."""
     one = torch.ones((), dtype=torch.float32)
     v = one - torch.tensor(eps, dtype=torch.float32)
     for _ in range(8):
