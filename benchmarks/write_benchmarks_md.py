@@ -586,6 +586,8 @@ FISHER_RUNS = (("lenet300", "compare_lenet300_100x_v2", " at 100x, Fisher-weight
                ("mobilenet", "compare_mobilenet_12x_2k", ", 2,000 training images, at 12x, BatchNorm stored in fp16"),
                ("mobilenet", "compare_mobilenet_12x_2k_folded", ", 2,000 training images, at 12x, BatchNorm stored in fp16 "
                 "and folded into a scale and a shift per channel (quant_lsq.norm_format: fp16_folded)"),
+               ("mobilenet", "compare_mobilenet_20x_2k_folded", ", 2,000 training images, at 20x (below the floor with "
+                "fp16 BatchNorm), BatchNorm folded (quant_lsq.norm_format: fp16_folded)"),
                ("seqcnn", "compare_seqcnn_30x_fp16norm",
                 " (Conv1d + BatchNorm1d over the image's columns as a sequence, the shape of an audio model) at 30x, "
                 "BatchNorm stored in fp16"),
