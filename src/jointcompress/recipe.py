@@ -109,7 +109,7 @@ class QuantLSQ(Selection):
 
     @property
     def stored_norm_format(self) -> str:
-        """The format normalization layers are stored in, fp16 or fp32: norm_format, with `auto` as the
+        """The format normalization layers are stored in, fp32, fp16 or fp16_folded: norm_format, with `auto` as the
         recipe holding this config resolved it (Recipe._norm_format; fp32 for a config outside a recipe)."""
         if self.norm_format != "auto":
             return self.norm_format
