@@ -719,7 +719,7 @@ def norm_bytes(model: str) -> dict[str, int]:
     sizes = {}
     for fmt in ("fp32", "fp16", "fp16_folded"):
         net = build_model(model, 28, 10).eval()
-        keys = [k for k in norm_state_keys(net)] + [k for k in net.state_dict() if k.endswith("num_batches_tracked")]
+        keys = norm_state_keys(net) + [k for k in net.state_dict() if k.endswith("num_batches_tracked")]
         folded = []
         if fmt != "fp32":
             round_norms(net)
@@ -749,8 +749,9 @@ def norm_format_pair(model: str, first: tuple[str, str], second: tuple[str, str]
     where = "" if images >= 60_000 else f", {images:,} training images"
     lines = [f"## {MODELS[model]} on MNIST{where}: BatchNorm stored in {word_b} (quant_lsq.norm_format: {fmt_b}) against {word_a}", "",
              f"Reproduce, {fmt_b}: {_reproduce(narrow, model)}; {fmt_a}: {_reproduce(wide, model)}. The model's BatchNorm takes "
-             f"{sizes[fmt_a]:,} B of the weights file in {fmt_a} and {sizes[fmt_b]:,} B with `norm_format: {fmt_b}` "
-             f"({NORM_FORMAT_HOW[fmt_b]}): the bytes it frees go to the weights, for both methods alike (the allocator and the "
+             f"{sizes['fp32']:,} B of the weights file in fp32, {sizes['fp16']:,} B in fp16 and {sizes['fp16_folded']:,} B "
+             f"folded (`norm_bytes`: the writer run on the untrained model); with `norm_format: {fmt_b}` "
+             f"({NORM_FORMAT_HOW[fmt_b]}) the bytes it frees go to the weights, for both methods alike (the allocator and the "
              "budget measure the file as it will be stored). "
              + (f"Same teachers (same seeds, same machine), so {fmt_b} − {fmt_a} is paired by seed." if same else
                 f"The {fmt_a} runs had other teachers (another machine): the {fmt_b} − {fmt_a} difference is not paired."), "",
