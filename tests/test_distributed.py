@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent(
 
     out = sys.argv[1]
     rank = int(os.environ.get("RANK", "0"))
-    tag = f"rank{rank}" if "WORLD_SIZE" in os.environ else "single"
+    who = f"rank{rank}" if "WORLD_SIZE" in os.environ else "single"
 
     import atexit
     def _thread_names():
@@ -44,55 +44,61 @@ SCRIPT = textwrap.dedent(
             if not any("gloo" in n for n in names):
                 break
             time.sleep(0.05)
-        json.dump({"initialized": dist.is_initialized(), "threads": names}, open(os.path.join(out, tag + ".exit"), "w"))
+        json.dump({"initialized": dist.is_initialized(), "threads": names}, open(os.path.join(out, who + ".exit"), "w"))
     atexit.register(_threads_at_exit)
 
-    split = load_digits()
-    torch.manual_seed(1)
-    model = LeNet300(64, 10)
-    recipe = json.loads(sys.argv[2])
-    trace = []
-    if os.environ.get("JC_RANK_OWN_TARGET"):  # each rank would resolve the target its own way (timings differ)
-        import jointcompress.targets as targets
-        from jointcompress.recipe import parse_recipe
-
-        def resolve_by_rank(model, asked, example):
-            data = asked.model_dump()
-            data["target"] = None
-            data["techniques"][0]["sparsity"] = 0.25 if rank == 0 else 0.5
-            return parse_recipe(data)
-
-        targets.resolve_target = resolve_by_rank
-    loss_fn, calls = None, []
-    if os.environ.get("JC_NAN_ON_RANK1"):  # the task loss is NaN on rank 1 at its third step
-        import torch.nn.functional as F
-
-        def loss_fn(out, batch):
-            calls.append(1)
-            loss = F.cross_entropy(out, batch[1])
-            return loss * float("nan") if rank == 1 and len(calls) == 3 else loss
-
-    class Trace:  # each step's model state, summed per tensor (each rank's own Fisher estimate left out)
-        def on_step(self, trainer, step, out):
-            trace.append({k: float(t.double().sum()) for k, t in model.state_dict().items()
-                          if t.is_floating_point() and "fisher" not in k and "width_noise" not in k})
-
-    res = compress(model, recipe, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test),
-                   callbacks=[Trace()], run_dir=os.path.join(out, "run_" + ("dist" if tag != "single" else "single")),
-                   checkpoint_every=7, loss_fn=loss_fn)
-    first = res.techniques[0]
-    budget = next((t for t in res.techniques if t.kind == "size_budget"), None)
-    state = {"mask." + k: v.contiguous() for k, v in first.state_dict().get("masks", {}).items()}
-    state.update({"model." + k: v.contiguous() for k, v in model.state_dict().items()})
-    save_file(state, os.path.join(out, tag + ".safetensors"))
+    import jointcompress.targets as targets
+    from jointcompress.recipe import parse_recipe
     from jointcompress.techniques.size_estimate import measured_bytes
-    info = {"metrics": res.metrics, "world": dist.get_world_size() if dist.is_initialized() else 1,
-            "steps": res.history.epochs[-1]["step"], "file_bytes": measured_bytes(model, res.example_inputs)["total"],
-            "sparsity": first.achieved_sparsity() if hasattr(first, "achieved_sparsity") else None,
-            "budget_events": [e["event"] for e in budget.events] if budget is not None else [], "trace": trace,
-            "recipe": res.recipe.model_dump(mode="json"),
-            "nonfinite": [e["what"] for e in res.history.events if e.get("event") == "nonfinite"]}
-    json.dump(info, open(os.path.join(out, tag + ".json"), "w"))
+    split = load_digits()
+    resolve_target = targets.resolve_target
+
+
+    def resolve_by_rank(model, asked, example):  # each rank would resolve the target its own way (timings differ)
+        data = asked.model_dump()
+        data["target"] = None
+        data["techniques"][0]["sparsity"] = 0.25 if rank == 0 else 0.5
+        return parse_recipe(data)
+
+
+    def run(tag, recipe, own_target=False, nan_on_rank1=False):
+        torch.manual_seed(1)
+        model = LeNet300(64, 10)
+        trace, calls = [], []
+        targets.resolve_target = resolve_by_rank if own_target else resolve_target
+        loss_fn = None
+        if nan_on_rank1:  # the task loss is NaN on rank 1 at its third step
+            import torch.nn.functional as F
+
+            def loss_fn(out, batch):
+                calls.append(1)
+                loss = F.cross_entropy(out, batch[1])
+                return loss * float("nan") if rank == 1 and len(calls) == 3 else loss
+
+        class Trace:  # each step's model state, summed per tensor (each rank's own Fisher estimate left out)
+            def on_step(self, trainer, step, out):
+                trace.append({k: float(t.double().sum()) for k, t in model.state_dict().items()
+                              if t.is_floating_point() and "fisher" not in k and "width_noise" not in k})
+
+        res = compress(model, recipe, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test),
+                       callbacks=[Trace()], checkpoint_every=7, loss_fn=loss_fn,
+                       run_dir=os.path.join(out, f"run_{tag}_" + ("dist" if who != "single" else "single")))
+        first = res.techniques[0]
+        budget = next((t for t in res.techniques if t.kind == "size_budget"), None)
+        state = {"mask." + k: v.contiguous() for k, v in first.state_dict().get("masks", {}).items()}
+        state.update({"model." + k: v.contiguous() for k, v in model.state_dict().items()})
+        save_file(state, os.path.join(out, f"{tag}.{who}.safetensors"))
+        info = {"metrics": res.metrics, "world": dist.get_world_size() if dist.is_initialized() else 1,
+                "steps": res.history.epochs[-1]["step"], "file_bytes": measured_bytes(model, res.example_inputs)["total"],
+                "sparsity": first.achieved_sparsity() if hasattr(first, "achieved_sparsity") else None,
+                "budget_events": [e["event"] for e in budget.events] if budget is not None else [], "trace": trace,
+                "recipe": res.recipe.model_dump(mode="json"),
+                "nonfinite": [e["what"] for e in res.history.events if e.get("event") == "nonfinite"]}
+        json.dump(info, open(os.path.join(out, f"{tag}.{who}.json"), "w"))
+
+
+    for scenario in json.loads(sys.argv[2]):  # one launch for every scenario: torchrun's start is most of a short run
+        run(**scenario)
     # no destroy_process_group() here on purpose: jointcompress created the group, so it must
     # also tear it down at exit (gloo otherwise can abort the process after a good run)
     """
@@ -103,36 +109,63 @@ MASKS_AND_LSQ = {"techniques": [
     {"type": "prune_unstructured", "sparsity": 0.7, "criterion": "learned", "scope": "global", "end": 0.5},
     {"type": "quant_lsq", "bits": 4, "start": 0.3}],
     "training": {"epochs": 3, "batch_size": 64, "lr": 3e-3}}
+JOINT_FORM = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.7}, {"type": "quant_lsq", "bits": 4}],
+              "training": {"epochs": 2, "batch_size": 64, "lr": 3e-3}}
+# learned widths and the Fisher price on the dead zones: gradients each rank adds from its own estimate
+LEARNED_WIDTHS = {"techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True, "learn_bits": True},
+                                 {"type": "size_budget", "saliency": 30.0}],
+                  "training": {"epochs": 3, "batch_size": 64, "lr": 3e-3}}
+LATENCY_TARGET = {"techniques": [{"type": "prune_structured", "sparsity": 0.5, "end": 0.5}],
+                  "target": {"latency_ms": 1.0, "batch": 1}, "training": {"epochs": 1, "batch_size": 64, "lr": 3e-3}}
+SCENARIOS = [  # the first runs in one process too, as the reference
+    {"tag": "masks", "recipe": MASKS_AND_LSQ},
+    {"tag": "joint_form", "recipe": {"mode": "joint", "target": {"ratio": 60}, **JOINT_FORM}},
+    {"tag": "learned_widths", "recipe": {"mode": "joint", "target": {"ratio": 30}, **LEARNED_WIDTHS}},
+    {"tag": "own_target", "recipe": LATENCY_TARGET, "own_target": True},
+    {"tag": "nan", "recipe": MASKS_AND_LSQ, "nan_on_rank1": True},
+]
 
 
-def _torchrun(tmp_path, recipe: dict, single: bool = False, **env_extra):
-    """SCRIPT with `recipe` under torchrun on 2 processes (and, with `single`, in one process)."""
-    script = tmp_path / "train.py"
-    script.write_text(SCRIPT)
+def _clean_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", **env_extra)
-    args = [str(script), str(tmp_path), json.dumps(recipe)]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
-                       env=env, capture_output=True, text=True, timeout=400)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """SCRIPT's scenarios under torchrun on 2 processes, in one launch, and the first in one process."""
+    out = tmp_path_factory.mktemp("torchrun")
+    script = out / "train.py"
+    script.write_text(SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                        str(out), json.dumps(SCENARIOS)], env=_clean_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    if single:
-        s = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=400)
-        assert s.returncode == 0, s.stderr[-3000:]
+    s = subprocess.run([sys.executable, str(script), str(out), json.dumps(SCENARIOS[:1])], env=_clean_env(),
+                       capture_output=True, text=True, timeout=400)
+    assert s.returncode == 0, s.stderr[-3000:]
+    return out
+
+
+def _read(out, tag: str, who: str):
+    return json.loads((out / f"{tag}.{who}.json").read_text())
+
+
+def _states(out, tag: str):
+    from safetensors.torch import load_file
+
+    return (load_file(str(out / f"{tag}.rank{r}.safetensors")) for r in (0, 1))
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_identical_masks_and_close_to_single_process(tmp_path):
-    from safetensors.torch import load_file
-
+def test_torchrun_two_processes_identical_masks_and_close_to_single_process(runs):
     if not os.path.isdir("/proc/self/task"):
         pytest.skip("reads the threads left at exit from /proc (Linux)")
-    _torchrun(tmp_path, MASKS_AND_LSQ, single=True)
-
-    r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    r0, r1 = _states(runs, "masks")
     assert any(k.endswith(".hard") for k in r0) and any(k.endswith("log_step") for k in r0)
     for k in r0:  # masks, scores, thresholds, LSQ step sizes, weights: bit-identical on both ranks
         assert torch.equal(r0[k], r1[k]), k
-    j0, j1, js = (json.loads((tmp_path / f"{t}.json").read_text()) for t in ("rank0", "rank1", "single"))
+    j0, j1, js = (_read(runs, "masks", who) for who in ("rank0", "rank1", "single"))
     assert j0["world"] == 2 and js["world"] == 1
     assert j0["metrics"] == j1["metrics"]  # evaluation reduced over the ranks
     assert j0["steps"] == js["steps"]  # training.batch_size is the global batch: same number of steps
@@ -141,55 +174,41 @@ def test_torchrun_two_processes_identical_masks_and_close_to_single_process(tmp_
     # the group compress created was torn down before interpreter finalization on both ranks,
     # and really freed: no gloo thread is left to race the interpreter's shutdown (SIGABRT)
     for r in (0, 1):
-        at_exit = json.loads((tmp_path / f"rank{r}.exit").read_text())
+        at_exit = json.loads((runs / f"rank{r}.exit").read_text())
         assert at_exit["initialized"] is False
         assert not [n for n in at_exit["threads"] if "gloo" in n], at_exit
     # only rank 0 wrote checkpoints (one directory, complete files)
-    assert sorted(p.name for p in (tmp_path / "run_dist" / "checkpoints").glob("ckpt-*.pt"))[-1] == "ckpt-000000066.pt"
-
-
-JOINT_FORM = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.7}, {"type": "quant_lsq", "bits": 4}],
-              "training": {"epochs": 2, "batch_size": 64, "lr": 3e-3}}
-# learned widths and the Fisher price on the dead zones: gradients each rank adds from its own estimate
-LEARNED_WIDTHS = {"techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True, "learn_bits": True},
-                                 {"type": "size_budget", "saliency": 30.0}],
-                  "training": {"epochs": 3, "batch_size": 64, "lr": 3e-3}}
+    assert sorted(p.name for p in (runs / "run_masks_dist" / "checkpoints").glob("ckpt-*.pt"))[-1] == "ckpt-000000066.pt"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ratio, recipe", [(60, JOINT_FORM), (30, LEARNED_WIDTHS)], ids=["joint_form", "learned_widths"])
-def test_torchrun_trains_the_size_budget_identically_on_both_ranks_and_lands_on_the_target(tmp_path, ratio, recipe):
+@pytest.mark.parametrize("tag, ratio", [("joint_form", 60), ("learned_widths", 30)])
+def test_torchrun_trains_the_size_budget_identically_on_both_ranks_and_lands_on_the_target(runs, tag, ratio):
     """mode: joint under a size target under torchrun: the ranks hold the same model at every step, though
     each rank's Fisher estimate (from its own gradients) orders the landing's catch-up cuts, prices the
     learned widths and the dead zones, and re-fits a width's step (rank 0's cuts, gradients and re-fits go
     to every rank); and the file is on the target. The joint form's run is short for its target, so the
     catch-up has to cut."""
-    from safetensors.torch import load_file
-
     from jointcompress.artifact.size import dense_fp32_bytes
     from jointcompress.models import LeNet300
 
-    _torchrun(tmp_path, {"mode": "joint", "target": {"ratio": ratio}, **recipe})
-    r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    r0, r1 = _states(runs, tag)
     assert any(k.endswith("dead_zone_raw") for k in r0)
     for k in r0:  # weights, step sizes, dead zones, the fixed pattern: bit-identical on both ranks
         assert torch.equal(r0[k], r1[k]), k
-    j0, j1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    j0, j1 = (_read(runs, tag, f"rank{r}") for r in (0, 1))
     assert j0["world"] == 2 and j0["metrics"] == j1["metrics"] and j0["file_bytes"] == j1["file_bytes"]
-    assert recipe is not JOINT_FORM or j0["budget_events"].count("size_catch_up") >= 2, j0["budget_events"]
+    assert tag != "joint_form" or j0["budget_events"].count("size_catch_up") >= 2, j0["budget_events"]
     assert len(j0["trace"]) == j0["steps"] and j0["trace"] == j1["trace"]  # the same model at every step
     target = dense_fp32_bytes(LeNet300(64, 10)) / ratio
     assert 0.9 * target <= j0["file_bytes"] <= 1.02 * target, (j0["file_bytes"], target)
 
 
 @pytest.mark.slow
-def test_torchrun_resolves_a_target_once_on_rank_0_for_every_rank(tmp_path):
+def test_torchrun_resolves_a_target_once_on_rank_0_for_every_rank(runs):
     """A latency target is allocated from timings, which differ from rank to rank: each rank resolved
     its own (here, by construction, other sparsities), and trained other widths than rank 0's."""
-    recipe = {"techniques": [{"type": "prune_structured", "sparsity": 0.5, "end": 0.5}],
-              "target": {"latency_ms": 1.0, "batch": 1}, "training": {"epochs": 1, "batch_size": 64, "lr": 3e-3}}
-    _torchrun(tmp_path, recipe, JC_RANK_OWN_TARGET="1")
-    j0, j1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    j0, j1 = (_read(runs, "own_target", f"rank{r}") for r in (0, 1))
     assert j0["recipe"] == j1["recipe"] and j1["recipe"]["techniques"][0]["sparsity"] == 0.25
 
 
@@ -238,20 +257,17 @@ def test_the_session_in_a_users_loop_joins_torchrun_by_default(tmp_path):
     said to wrap it in DistributedDataParallel, whose reducer the per-term backward breaks)."""
     script = tmp_path / "loop.py"
     script.write_text(LOOP)
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-                        str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+                        str(tmp_path)], env=_clean_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     j0, j1 = (json.loads((tmp_path / f"loop{r}.json").read_text()) for r in (0, 1))
     assert j0["world"] == 2 and j0["state"] == j1["state"]
 
 
 @pytest.mark.slow
-def test_a_non_finite_step_on_one_rank_is_named_with_its_rank_and_term_on_every_rank(tmp_path):
+def test_a_non_finite_step_on_one_rank_is_named_with_its_rank_and_term_on_every_rank(runs):
     """Rank 0, whose history is written, recorded only "a loss term is non-finite on another rank"."""
-    _torchrun(tmp_path, MASKS_AND_LSQ, JC_NAN_ON_RANK1="1")
-    j0, j1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    j0, j1 = (_read(runs, "nan", f"rank{r}") for r in (0, 1))
     assert j0["nonfinite"] == ["loss term 'task' is nan on rank 1"] and j1["nonfinite"] == ["loss term 'task' is nan"]
 
 

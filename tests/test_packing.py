@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jointcompress.artifact import packing
+from jointcompress.artifact import layer_codec, packing
 
 
 def _ints(bits, n, sparsity, seed):
@@ -141,3 +141,28 @@ def test_the_stored_histogram_is_the_one_the_shift_by_shift_search_picks():
         scaled, header, bits = model_counts(counts)
         ref_scaled, ref_header, ref_bits = _model_counts_one_shift_at_a_time(counts)
         assert np.array_equal(scaled, ref_scaled) and header == ref_header and bits == ref_bits, counts
+
+
+def test_a_layer_encoded_again_comes_from_the_cache_byte_for_byte_and_the_cache_stays_in_its_bound(monkeypatch):
+    """The allocator and the landing measure the file again and again with most layers unchanged: a layer
+    whose integers (and width) were encoded lately is not encoded again, and gets the same bytes."""
+    rng = np.random.default_rng(5)
+    q = (rng.integers(-7, 8, 4096) * (rng.random(4096) < 0.2)).astype(np.int8)
+    reference = layer_codec._encode_flat(q, 4, True)
+    cache = layer_codec._EncodingCache(limit=3 * reference.nbytes)
+    monkeypatch.setattr(layer_codec, "_CACHE", cache)
+    fresh = []
+    monkeypatch.setattr(layer_codec, "_encode_flat", lambda *a, real=layer_codec._encode_flat: fresh.append(a) or real(*a))
+    first = layer_codec.encode_layer(q.reshape(64, 64), 4)
+    first.parts.clear()  # what a caller does with its copy does not reach the cache
+    again = layer_codec.encode_layer(q, 4)
+    assert len(fresh) == 1 and again.parts == reference.parts and again.encoding == reference.encoding
+    layer_codec.encode_layer(q, 5)  # another width, another entry
+    flipped = q.copy()
+    flipped[0] = 3 - flipped[0]
+    layer_codec.encode_layer(flipped, 4)  # one integer changed: encoded afresh
+    assert len(fresh) == 3
+    for seed in range(6):  # more layers than the bound holds: the least recently used go first
+        layer_codec.encode_layer(np.random.default_rng(seed).integers(-7, 8, 4096).astype(np.int8), 4)
+    assert cache.held <= cache.limit and cache.held == sum(c.nbytes for c in cache.entries.values())
+    assert len(cache.entries) < 10
