@@ -70,7 +70,9 @@ def test_the_writer_stores_fp16_valued_tensors_in_half_the_bytes_and_loads_them_
         assert others[key]["dtype"] == "float16" and others[key]["loaded_as"] == "float32"
         assert others[key]["bytes"] == before[key]["bytes"] // 2
     assert others["conv1.weight"]["dtype"] == "float32" and "loaded_as" not in others["conv1.weight"]
-    assert others["bn1.num_batches_tracked"]["dtype"] == "int64"
+    steps = int(model.bn1.num_batches_tracked)  # the count of batches it trained on: int64, stored narrowest
+    assert others["bn1.num_batches_tracked"] == {"shape": [], "dtype": "int8" if steps < 128 else "int16",
+                                                 "bytes": 1 if steps < 128 else 2, "loaded_as": "int64"}
     saved = sum(before[k]["bytes"] for k in NORM_KEYS) // 2
     assert wide["weights_file_bytes"] - manifest["weights_file_bytes"] >= saved - 16  # the container's varints may differ
     loaded = load(tmp_path / "narrow", NormNet)
@@ -85,6 +87,25 @@ def test_an_edited_loaded_as_is_refused_naming_the_field(teacher, tmp_path):
     round_norms(model)
     save(model, CompressionSpec(), tmp_path / "a", example_inputs=split.x_test[:2])
     _refused_once_edited(tmp_path / "a", "bn1.running_var", "loaded_as", "int8")
+
+
+@pytest.mark.parametrize("count, stored", [(0, "int8"), (300, "int16"), (40_000, "int32"), (2 ** 40, "int64")])
+def test_an_integer_tensor_is_stored_in_the_narrowest_integer_type_that_holds_it_and_loads_exactly(
+        teacher, tmp_path, count, stored):
+    """BatchNorm's int64 batch counter cost 8 bytes per layer (2.6% of a 20x MobileNetV2's file in its 52
+    BatchNorms); any count loads back as the int64 it was, in both containers."""
+    split, model = teacher
+    model = copy.deepcopy(model)
+    model.bn2.num_batches_tracked.fill_(count)
+    for container in ("jcw", "safetensors"):
+        manifest = save(model, CompressionSpec(), tmp_path / container, example_inputs=split.x_test[:2], container=container)
+        rec = manifest["other_tensors"]["bn2.num_batches_tracked"]
+        assert rec["dtype"] == stored and rec["bytes"] == torch.empty(0, dtype=getattr(torch, stored)).element_size()
+        assert rec.get("loaded_as") == (None if stored == "int64" else "int64")
+        loaded = load(tmp_path / container, NormNet).bn2.num_batches_tracked
+        assert loaded.dtype == torch.int64 and int(loaded) == count
+    _refused_once_edited(tmp_path / "jcw", "bn1.num_batches_tracked", "loaded_as", "int8")  # not narrower than int8
+    _refused_once_edited(tmp_path / "jcw", "bn1.num_batches_tracked", "loaded_as", "float32")
 
 
 def _refused_once_edited(folder, key: str, field: str, value) -> None:

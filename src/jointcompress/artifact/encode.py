@@ -10,7 +10,8 @@ Parts per quantized layer (keys in the container index, in this order):
   ``<layer>.weight.scale``    step sizes, smallest exact format (precision.py)
   ``<layer>.bias``            the layer's bias, smallest exact format (absent without bias)
 Every other state-dict entry (BatchNorm, fp32 layers) is stored as is ("other"), in fp16 where
-it holds only fp16 values (bit for bit; the manifest's `loaded_as` names the dtype it loads as).
+it holds only fp16 values, an integer tensor in the narrowest integer type that holds its values
+(bit for bit; the manifest's `loaded_as` names the dtype it loads as).
 A state-dict key whose tensor is one already stored under an earlier key (a module registered
 under two names, a tied weight) is stored once: `aliases` maps it to that earlier key.
 """
@@ -206,17 +207,19 @@ def encode_model(model: nn.Module, spec: CompressionSpec, entropy: bool = True,
 
 def _encode_other(enc: Encoding, key: str, t: torch.Tensor, narrow: bool = True, fill: bool = False) -> None:
     """A tensor no technique compresses, as it is; an fp32 tensor that holds only fp16 values
-    (normalization layers trained as stored, quant_lsq.norm_format) in fp16, bit for bit, with
-    the dtype the model gets back on load. `fill`: a tensor constant by its format (a folded
+    (normalization layers trained as stored, quant_lsq.norm_format) in fp16, and an integer one
+    (BatchNorm's num_batches_tracked) in the narrowest integer type holding its values, bit for
+    bit, with the dtype the model gets back on load. `fill`: a tensor constant by its format (a folded
     BatchNorm's statistics), stored as one entry when it is; a tensor merely constant now (an
     untrained BatchNorm) is not, as training will move it and the allocator predicts from it."""
     record, shape = {}, list(t.shape)
     if fill and constant(t):
         record["fill"] = True
         t = t.reshape(-1)[:1].clone()
-    if narrow and t.numel() and precision.fp16_exact(t):
+    stored_as = torch.float16 if narrow and t.numel() and precision.fp16_exact(t) else precision.narrowest_int(t)
+    if stored_as is not None:  # integers always: they load back exactly whatever their values
         record["loaded_as"] = str(t.dtype).replace("torch.", "")
-        t = t.to(torch.float16)
+        t = t.to(stored_as)
     enc.tensors[key] = t
     enc.parts[key] = tensor_bytes(t)
     enc.others[key] = {"shape": shape, "dtype": str(t.dtype).replace("torch.", ""),

@@ -104,6 +104,26 @@ def fp16_exact(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and bool(torch.equal(t.to(torch.float16).to(torch.float32), t))
 
 
+NARROW_INTS = (torch.int8, torch.int16, torch.int32)
+WIDE_INTS = (torch.int16, torch.int32, torch.int64)
+
+
+def narrowest_int(t: torch.Tensor) -> torch.dtype | None:
+    """The narrowest signed integer dtype holding every value of a signed integer tensor, where it
+    is narrower than the tensor's own (a BatchNorm's int64 num_batches_tracked fits 2 or 4 bytes
+    of its 8); None otherwise (floats, bools, unsigned or empty tensors, values that need the full
+    width)."""
+    if t.dtype not in WIDE_INTS or t.numel() == 0:
+        return None
+    lo, hi = int(t.min()), int(t.max())
+    for dtype in NARROW_INTS:
+        if dtype.itemsize >= t.dtype.itemsize:
+            return None
+        if torch.iinfo(dtype).min <= lo and hi <= torch.iinfo(dtype).max:
+            return dtype
+    return None
+
+
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and bool(torch.equal(a.float(), b.float()))
 

@@ -689,9 +689,10 @@ def _validate_tensors(m: dict) -> None:
             _int(rec["bytes"], f"{f}.bytes")
         if "fill" in rec:  # one stored entry for a tensor whose entries are all equal
             _need(rec["fill"] is True, f"{f}.fill", f"must be true where present, got {rec['fill']!r:.40}")
-        if "loaded_as" in rec:  # the writer narrows fp32 tensors only (artifact/encode.py)
-            _need(rec["loaded_as"] == "float32" and rec.get("dtype") == "float16", f"{f}.loaded_as",
-                  f"is {rec['loaded_as']!r:.40} for a {rec.get('dtype')!r:.40} tensor; only float16 stored for float32 loads")
+        if "loaded_as" in rec:  # the writer narrows fp32 to fp16 and integers to narrower integers (encode.py)
+            _need(_narrowed(rec.get("dtype"), rec["loaded_as"]), f"{f}.loaded_as",
+                  f"is {rec['loaded_as']!r:.40} for a {rec.get('dtype')!r:.40} tensor; only float16 stored for float32 "
+                  "loads, or a signed integer stored narrower than the integer it loads as")
         _need(key.removesuffix(".weight") not in layers or not key.endswith(".weight"), f,
               "is also stored as a quantized layer")
     stored = {f"{n}.{p}" for n, rec in layers.items() for p in ("weight", "bias") if p == "weight" or "bias" in rec["parts"]}
@@ -699,6 +700,14 @@ def _validate_tensors(m: dict) -> None:
         _str(source, f"aliases[{key!r}]")
         _need(source in stored or source in others, f"aliases[{key!r}]", f"names {source!r:.80}, which is not stored")
         _need(key not in stored and key not in others, f"aliases[{key!r}]", "names a tensor that is stored itself")
+
+
+def _narrowed(stored, loaded) -> bool:
+    """Whether a manifest's (dtype, loaded_as) pair is one the writer makes (exact both ways)."""
+    ints = ("int8", "int16", "int32", "int64")
+    if (stored, loaded) == ("float16", "float32"):
+        return True
+    return stored in ints and loaded in ints and ints.index(stored) < ints.index(loaded)
 
 
 def _validate(manifest: dict, mpath: Path, saving: bool = False) -> None:
