@@ -348,6 +348,19 @@ def test_a_latency_target_run_records_the_allocators_own_timing_and_verdict(monk
     assert {k: event[k] for k in ("goal_ms", "predicted_ms", "measured_ms", "met", "widths")} == {
         "goal_ms": 2.0, "predicted_ms": 1.0, "measured_ms": 1.5, "met": True, "widths": {"0": 128}}
     assert "timed alone" in event["timed_as"] and res.recipe.technique("prune_structured").layer_sparsity == {"0": 0.5}
+    # the Python API's verdict, as the command line judges it: the compressed model timed with the uncompressed one
+    uncompressed = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4))
+    keys = list(res.model.state_dict())
+    verdict = res.latency_verdict(uncompressed, rounds=3)  # on a finalized copy: the run's model keeps its masks
+    assert list(res.model.state_dict()) == keys and any("parametrizations" in k for k in keys)
+    assert verdict["batch"] == 8 and verdict["goal_ms"] == 2.0 and set(verdict["interleaved_ms"]) == {"uncompressed", "compressed"}
+    assert verdict["met"] == (verdict["interleaved_ms"]["compressed"] <= 2.0)
+    from jointcompress import RecipeError
+
+    sized = compress(torch.nn.Sequential(torch.nn.Linear(32, 4)), {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5}],
+                     "training": {"epochs": 1, "batch_size": 64}}, (x, y), lambda m: 0.0)
+    with pytest.raises(RecipeError, match="not a latency target"):
+        sized.latency_verdict(uncompressed)
 
 
 # -- re-check fixes: the technique's selection, optimistic tables, concatenations, messages, margin ------------

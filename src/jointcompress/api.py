@@ -36,6 +36,7 @@ class Result:
     recipe: Recipe
     techniques: list = field(default_factory=list)
     example_inputs: Any = None
+    target: Any = None  # the target the recipe asked for (`recipe` holds what it resolved to)
     _spec: Any = field(default=None, init=False, repr=False, compare=False)
 
     def finalize(self):
@@ -50,6 +51,24 @@ class Result:
         if self._spec is None:
             self._spec = finalize_compressed(self.model, self.techniques, self.recipe, self.example_inputs)
         return self._spec
+
+    def latency_verdict(self, uncompressed: nn.Module, rounds: int = 30) -> dict[str, Any]:
+        """Whether a latency target was met: the compressed and the `uncompressed` model timed together
+        at the target's batch the honest way (interleaved medians, each also alone; PyTorch fp32), as
+        `jointcompress compress` judges it, on the model as finalize leaves it (a finalized copy where
+        finalize() was not called yet: masked channels removed, no parametrization on the clock).
+        Returns goal_ms, interleaved_ms, alone_ms, speedup, met and flagged (a contender whose alone
+        and interleaved medians differ by more than 20%)."""
+        from .errors import RecipeError
+        from .latency_targets import latency_against_target
+        from .techniques.size_estimate import finalized_copy
+
+        if self.target is None or not self.target.is_latency:
+            raise RecipeError(f"latency_verdict: the recipe asked for {self.target or 'no target'}, not a latency "
+                              "target (target: {latency_ms: MS, batch: N} or {speedup: X, batch: N}); time any two "
+                              "models with jointcompress.deploy.timing instead")
+        timed = self.model if self._spec is not None else finalized_copy(self.model, self.example_inputs)[0]
+        return latency_against_target(uncompressed, timed, self.example_inputs, self.target, rounds=rounds)
 
     def summary(self) -> dict[str, Any]:
         out = dict(self.metrics)
@@ -349,7 +368,7 @@ def compress(
     if dist is not None:
         metrics = dist.mean_metrics(metrics)
     trainer.session.finish()
-    return Result(model, history, dict(metrics), recipe, techniques, example)
+    return Result(model, history, dict(metrics), recipe, techniques, example, target=asked.target)
 
 
 def _checked_inputs(model: nn.Module, teacher: nn.Module | None, recipe: Recipe, train_data, dist):
