@@ -181,13 +181,13 @@ def test_a_joint_size_budget_spends_the_dropped_blocks_bytes_elsewhere(tmp_path)
 
 
 def test_a_sequential_size_target_allocates_the_bytes_to_the_layers_that_stay(tmp_path):
-    # fp32 norms, as when this was written: with fp16 ones (the default under a size target) the
-    # allocator spends the freed bytes on 6-bit widths and, in 8 steps with no steering, lands more
-    # than 3% under (run this test with the default to see); the fp16 landing is tested on runs long
-    # enough to steer (test_norm_storage.py)
+    # Once BatchNorm's batch counters were stored narrow (50 B fewer here), the allocator affords 6-bit
+    # widths, as with fp16 norms, and in 8 steps with no steering a 6-bit allocation lands 3.1% under its
+    # prediction (5-bit ones landed 0.6% under); the landing is tested on runs long enough to steer
+    # (test_norm_storage.py). Budgeting the dropped block's two convolutions too, it lands 11.5% under.
     size, goal, _ = _size_target_run(tmp_path, "sequential", [{"type": "quant_lsq", "bits": 4, "norm_format": "fp32"},
                                                               {"type": "distill_kd", "temperature": 4.0, "alpha": 0.7}])
-    assert 0.97 * goal <= size <= goal  # budgeting the dropped block's layers too, it landed far under
+    assert 0.95 * goal <= size <= goal
 
 
 def test_the_size_measurement_drops_the_fading_block_of_a_copy_only():
