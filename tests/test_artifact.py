@@ -427,3 +427,76 @@ def test_a_pruning_history_that_cannot_be_replayed_names_what_failed_not_which_t
     with pytest.raises(ArtifactError, match=r"failed \(RuntimeError: Kernel size.*\); is the builder the same .*--data") as err:
         _replay(torch.nn.Linear(2, 2), [["0", False, [0]]], (torch.zeros(1, 2),), "art")
     assert "prune_unstructured" not in str(err.value)
+
+
+def _dead_channel_model(bias_format: str):
+    """A finalized MLP whose first layer has 10 channels without a kept weight (5 of them with a bias) and whose
+    last layer (no bias) has 4; the spec and logits as finalize leaves them."""
+    from jointcompress import finalize, prepare
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8, bias=False))
+    prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 4, "bias_format": bias_format}]}, total_steps=1)
+    with torch.no_grad():
+        model[0].parametrizations.weight.original[:10] = 0
+        model[2].parametrizations.weight.original[3:7] = 0
+        bias = model[0].parametrizations.bias.original if hasattr(model[0].parametrizations, "bias") else model[0].bias
+        bias[:5] = 0
+        bias[5:10] = 0.25  # no weight but a bias: its step is needed where the bias is stored as a multiple of it
+    spec = finalize(model)
+    return model, spec
+
+
+@pytest.mark.parametrize("bias_format", ["fp16", "int"])
+def test_the_steps_of_channels_without_a_weight_or_a_bias_are_not_stored_and_load_unchanged(tmp_path, bias_format):
+    """A channel that keeps no weight computes its bias whatever its step (unless the bias is an int multiple
+    of it): at aggressive targets most channels of small layers die, and their steps were stored anyway."""
+    from jointcompress.artifact import precision
+
+    model, spec = _dead_channel_model(bias_format)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        out = model(x)
+    first, last = spec.layers["0"].scale, spec.layers["2"].scale
+    dead = 5 if bias_format == "int" else 10  # finalize gives a dead channel the first live one's step
+    assert torch.equal(first[:dead], first[dead].expand(dead)) and torch.equal(last[3:7], last[0].expand(4))
+    builder = lambda: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8, bias=False))  # noqa: E731
+    for container in ("jcw", "safetensors"):
+        manifest = save(model, spec, tmp_path / container, container=container)
+        steps = {n: manifest["layers"][n]["parts"]["scale"] for n in ("0", "2")}
+        live = 27 if bias_format == "int" else 22  # an fp16 bias needs no step; an int one is a multiple of it
+        assert manifest["layers"]["0"]["parts"]["bias"]["format"] == bias_format
+        assert steps["0"]["live_only"] and steps["0"]["channels"] == live and steps["2"]["channels"] == 4
+        for n, rec in steps.items():  # fewer raw bytes than every channel's step in the same format
+            assert rec["raw_bytes"] < len(precision.encode_scale(spec.layers[n].scale)[0])
+        loaded, loaded_spec = load_with_spec(tmp_path / container, builder)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), out)
+        for n in ("0", "2"):
+            assert torch.equal(loaded_spec.layers[n].scale, spec.layers[n].scale), n
+    path = tmp_path / "jcw" / "manifest.json"
+    for field, value in (("live_only", "yes"), ("channels", 32)):
+        manifest = json.loads(path.read_text())
+        manifest["layers"]["0"]["parts"]["scale"][field] = value
+        edited = tmp_path / f"edited_{field}"
+        edited.mkdir()
+        (edited / "manifest.json").write_text(json.dumps(manifest))
+        (edited / "weights.jcw").write_bytes((tmp_path / "jcw" / "weights.jcw").read_bytes())
+        with pytest.raises(ArtifactError, match=rf"layers\['0'\]\.parts\.scale\.{field}"):
+            load(edited, builder)
+
+
+def test_a_layer_without_a_live_channel_stores_one_step():
+    from jointcompress.artifact.encode import filled_steps, live_channels, stored_steps
+
+    q = torch.zeros(6, 3, dtype=torch.int8)
+    steps, live_only = stored_steps(torch.arange(1.0, 7.0), live_channels(q, None))
+    assert live_only and steps.tolist() == [1.0]
+    assert filled_steps(steps, live_channels(q, None)).tolist() == [1.0] * 6
+    q[2, 1] = 3
+    bias = torch.tensor([0.0, 0, 0, 0, 0.5, 0])
+    assert live_channels(q, bias, int_bias=False).tolist() == [False, False, True, False, False, False]
+    live = live_channels(q, bias, int_bias=True)  # an int bias is a multiple of its channel's step
+    assert live.tolist() == [False, False, True, False, True, False]
+    assert torch.equal(live_channels(q, bias, torch.full((6,), 0.25)), live)  # 0.5 = 2 x 0.25: the writer picks int
+    assert filled_steps(*[stored_steps(torch.arange(1.0, 7.0), live)[0], live]).tolist() == [3.0, 3.0, 3.0, 3.0, 5.0, 3.0]

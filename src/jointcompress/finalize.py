@@ -43,6 +43,26 @@ def quant_specs(model: nn.Module) -> dict[str, LayerSpec]:
     return specs
 
 
+def _dead_channels_share_a_step(model: nn.Module, spec: CompressionSpec) -> None:
+    """An output channel with no kept weight computes its bias (or zero) whatever its step, unless the
+    bias is stored as a multiple of it (encode.live_channels). The artifact stores only the live
+    channels' steps and gives a dead one the first stored step (encode.stored_steps), so finalize
+    gives it that step too: the spec saves and loads unchanged. The weights are untouched (zero
+    times any step)."""
+    from .artifact.encode import filled_steps, live_channels, stored_steps
+
+    for name, ls in spec.layers.items():
+        if ls.scale is None or ls.scale.numel() <= 1:
+            continue
+        layer = model.get_submodule(name)
+        bias = getattr(layer, "bias", None)
+        bias = bias.detach().cpu() if isinstance(bias, torch.Tensor) and bias.dim() == 1 else None
+        live = live_channels(layer.weight.detach().cpu(), bias, ls.scale.detach().cpu())
+        if live.numel() == ls.scale.numel() and not bool(live.all()):
+            scale = ls.scale.detach()
+            ls.scale = filled_steps(stored_steps(scale.cpu(), live)[0], live).to(scale.device, scale.dtype)
+
+
 def _structured_plan(model: nn.Module) -> dict[str, tuple]:
     """root layer -> (group, channel indices to remove), read from the structured masks."""
     plan = {}
@@ -130,6 +150,7 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None, 
                 "so the model can be traced to remove them from every coupled layer"
             )
         _shrink(model, todo, example_inputs, spec)
+    _dead_channels_share_a_step(model, spec)
     if spec.pruning_history or spec.dropped_blocks or spec.strides:  # a further run on this model keeps them in its spec
         setattr(model, PRIOR_STRUCTURE, spec.structure())
     model.train(was_training)

@@ -108,6 +108,38 @@ def _layer_bias(mod: nn.Module) -> torch.Tensor | None:
     return b if isinstance(b, torch.Tensor) and b.dim() == 1 else None
 
 
+def live_channels(q: torch.Tensor | np.ndarray, bias: torch.Tensor | None, scale: torch.Tensor | None = None,
+                  int_bias: bool | None = None) -> torch.Tensor:
+    """The output channels whose step the model needs: a kept weight, or a nonzero bias stored as a
+    multiple of the step (the `int` bias format, `int_bias`; by default the format the writer picks
+    for `bias` on `scale`). Any other channel computes its bias, or zero, whatever its step: the
+    artifact does not store that step (`live_only`)."""
+    q = torch.as_tensor(q)
+    live = (q.reshape(q.shape[0], -1) != 0).any(1) if q.shape[0] else torch.zeros(0, dtype=torch.bool)
+    if bias is None:
+        return live
+    if int_bias is None:
+        int_bias = precision.encode_bias(bias, scale)[1]["codec"] == "int"
+    return live | (bias.detach().cpu().reshape(-1) != 0) if int_bias else live
+
+
+def stored_steps(scale: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(the steps the artifact stores, whether only the live channels'): every step where every channel
+    is live, else the live ones' (the first channel's where none is); `filled_steps` undoes it."""
+    if bool(live.all()):
+        return scale, False
+    return (scale[live] if bool(live.any()) else scale[:1]), True
+
+
+def filled_steps(stored: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """Every channel's step from `stored_steps`' live ones: a dead channel gets the first stored step
+    (finalize gives it that step too, so a spec survives save and load unchanged)."""
+    scale = stored[:1].expand(live.numel()).clone()
+    if bool(live.any()):
+        scale[live] = stored
+    return scale
+
+
 def _encode_layer(enc: Encoding, name: str, mod: nn.Module, ls: LayerSpec, entropy_coding: bool) -> None:
     q, scale = integer_weights(name, mod.weight, ls)
     coded = layer_codec.encode_layer(q, ls.bits, entropy_coding)
@@ -115,12 +147,15 @@ def _encode_layer(enc: Encoding, name: str, mod: nn.Module, ls: LayerSpec, entro
     for part, (stored, codec, raw) in coded.parts.items():
         key = name + PART_SUFFIX[part]
         enc.parts[key], parts[part] = stored, {"key": key, "bytes": len(stored), "codec": codec, "raw_bytes": raw}
-    raw, srec = precision.encode_scale(scale)
+    bias = _layer_bias(mod)
+    steps, live_only = stored_steps(scale, live_channels(q, bias, scale))
+    raw, srec = precision.encode_scale(steps)
     key = name + PART_SUFFIX["scale"]
     stored, codec = entropy.code_part(raw, 8, len(raw)) if entropy_coding else (raw, "raw")
     enc.parts[key], parts["scale"] = stored, {"key": key, "bytes": len(stored), "codec": codec, "raw_bytes": len(raw),
                                               "format": srec["codec"], "channels": srec["channels"]}
-    bias = _layer_bias(mod)
+    if live_only:  # written only where a channel is dead: older files store every channel's step
+        parts["scale"]["live_only"] = True
     if bias is not None:
         raw, brec = precision.encode_bias(bias, scale)
         brec = {"format": brec["codec"], **({"bits": brec["bits"]} if "bits" in brec else {})}
@@ -266,15 +301,29 @@ def decode_layer(name: str, rec: dict, parts: dict[str, bytes], where: str
     try:
         q = packing.decode_ints(rec["encoding"], rec["bits"], rec["numel"], values, indices,
                                 rec["entries"], rec.get("index_bits"))
-        srec = p["scale"]
-        scale = precision.decode_scale(_decoded(parts, srec, (8, srec["raw_bytes"]), where),
-                                       {"codec": srec["format"], "channels": srec["channels"]}, shape[0])
-        bias = None
+        q = torch.from_numpy(q.astype(np.float32)).reshape(shape)
+        bias_data = bias_rec = None
         if "bias" in p:
             brec = p["bias"]
-            sym = side_symbols(brec, brec["raw_bytes"], shape[0])
-            bias = precision.decode_bias(_decoded(parts, brec, sym, where), {**brec, "codec": brec["format"]}, scale)
+            bias_data = _decoded(parts, brec, side_symbols(brec, brec["raw_bytes"], shape[0]), where)
+            bias_rec = {**brec, "codec": brec["format"]}
+        scale = _decoded_steps(parts, p["scale"], q, bias_data, bias_rec, where)
+        bias = None if bias_data is None else precision.decode_bias(bias_data, bias_rec, scale)
     except (ValueError, KeyError) as exc:
         raise ArtifactError(f"{where}: layer {name!r} cannot be unpacked: {exc}") from exc
-    q = torch.from_numpy(q.astype(np.float32)).reshape(shape)
     return q * scale.view(-1, *([1] * (len(shape) - 1))), scale, bias
+
+
+def _decoded_steps(parts: dict[str, bytes], srec: dict, q: torch.Tensor, bias_data: bytes | None,
+                   bias_rec: dict | None, where: str) -> torch.Tensor:
+    """Every output channel's step; with `live_only`, the live channels' (live_channels: read from the
+    integers and an int bias, decoded on unit steps) and the first stored one for the rest."""
+    data, fmt = _decoded(parts, srec, (8, srec["raw_bytes"]), where), {"codec": srec["format"], "channels": srec["channels"]}
+    if not srec.get("live_only"):
+        return precision.decode_scale(data, fmt, q.shape[0])
+    int_bias = bias_rec is not None and bias_rec["codec"] == "int"
+    multiples = precision.decode_bias(bias_data, bias_rec, torch.ones(q.shape[0])) if int_bias else None
+    live = live_channels(q, multiples, int_bias=int_bias)
+    if bool(live.all()):
+        raise ValueError("its steps are stored for the live channels only (live_only), but every channel is live")
+    return filled_steps(precision.decode_scale(data, fmt, max(int(live.sum()), 1)), live)

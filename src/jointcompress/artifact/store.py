@@ -589,8 +589,13 @@ def _check_scale(rec, field: str, channels: int) -> None:
         _need(key in rec, f"{field}.{key}", "is missing")
     _need(rec["format"] in _precision.STEP_FORMATS, f"{field}.format",
           f"must be one of {list(_precision.STEP_FORMATS)}, got {rec['format']!r:.80}")
-    _need(rec["channels"] in (1, channels) and _is_int(rec["channels"]), f"{field}.channels",
-          f"must be 1 or the layer's {channels} output channels, got {rec['channels']!r:.80}")
+    if "live_only" in rec:  # the steps of the channels with a kept weight or a bias only (encode.live_channels)
+        _need(rec["live_only"] is True, f"{field}.live_only", f"must be true where present, got {rec['live_only']!r:.40}")
+        _need(_is_int(rec["channels"]) and 1 <= rec["channels"] < max(channels, 2), f"{field}.channels",
+              f"must be between 1 and the layer's {channels} output channels less one, got {rec['channels']!r:.80}")
+    else:
+        _need(rec["channels"] in (1, channels) and _is_int(rec["channels"]), f"{field}.channels",
+              f"must be 1 or the layer's {channels} output channels, got {rec['channels']!r:.80}")
     _check_part(rec, field, _precision.scale_nbytes({"codec": rec["format"], "channels": rec["channels"]}), _entropy.CODECS)
 
 
