@@ -59,12 +59,14 @@ DEFAULTS = {  # sized for <= ~30 min each on 2 CPU cores shared with other jobs 
 }
 
 
-def recipe(model: str, epochs: int, min_keep: float = 0.01, bits: int = 4, norm_format: str = "auto"):
+def recipe(model: str, epochs: int, min_keep: float = 0.01, bits: int = 4, norm_format: str = "auto",
+           scale_format: str = "fp16"):
     return parse_recipe({
         "name": f"{model}-mnist-compare", "model": model, "mode": "joint",
         "techniques": [
             {"type": "prune_unstructured", "sparsity": 0.9, "end": 0.6, "regularization": 1.0, "min_keep": min_keep},
-            {"type": "quant_lsq", "bits": bits, "start": 0.3, "regularization": 0.1, "norm_format": norm_format},
+            {"type": "quant_lsq", "bits": bits, "start": 0.3, "regularization": 0.1, "norm_format": norm_format,
+             "scale_format": scale_format},
             {"type": "distill_kd", "temperature": 4.0, "alpha": 0.7, "cache_teacher": True},
         ],
         "training": {"epochs": epochs, "lr": 1e-3, "batch_size": 128},
@@ -133,6 +135,9 @@ def main() -> None:
                          "fp16_folded also stores each BatchNorm as its inference scale and shift (half fp16's bytes); "
                          "default fp32, as every stored result without this flag was measured (the library's default, "
                          "auto, is fp16 under a size target, which every compare point has)")
+    ap.add_argument("--scale-format", choices=("fp16", "log8"), default="fp16",
+                    help="quant_lsq.scale_format of every variant: log8 stores each step size in 1 byte instead of 2 "
+                         "(default fp16, as every stored result without this flag was measured)")
     ap.add_argument("--variants", help="comma-separated (default: joint-none,joint-scale,joint-pcgrad,sequential; "
                                        "also joint-fisher-none/-pcgrad, joint-bits-none/-pcgrad with learned widths, "
                                        "joint-stiff-none/-pcgrad with a stiffer constraint (penalty 30), "
@@ -170,7 +175,8 @@ def main() -> None:
     if args.train_images:
         split = balanced_subset(split, args.train_images)
     t0 = time.perf_counter()
-    result = run_compare(recipe(args.model, args.epochs or d["epochs"], args.min_keep, args.bits, args.norm_format), split,
+    result = run_compare(recipe(args.model, args.epochs or d["epochs"], args.min_keep, args.bits, args.norm_format,
+                                args.scale_format), split,
                          args.model, spec, out,
                          log=lambda m: print(f"[{time.perf_counter() - t0:6.0f}s] {m}", flush=True))
     result["wall_seconds"] = time.perf_counter() - t0

@@ -468,3 +468,25 @@ def test_compare_trains_the_window_compress_trains_for_a_late_mask_start_in_a_lo
                               example=torch.randn(2, 32), total_steps=10_000).technique("size_budget")
     assert compared.start == ran.start == 0.2 and compared.decide_steps is None
     assert (compared.end, compared.freeze) == tuple(ran.paced(10_000).values()) == (0.3, 0.35)
+
+
+@pytest.mark.parametrize("ratio, scale_format, warned", [(12, "fp16", True), (12, "log8", True), (4, "fp16", False)])
+def test_a_target_the_fixed_bytes_take_most_of_is_said_before_training_with_what_shrinks_them(ratio, scale_format, warned):
+    """Reachable, but the weights get what the step sizes, biases and normalization layers leave: a small
+    depthwise CNN at 30x kept a tenth of its file for weights and lost half its accuracy, without a word."""
+    import warnings
+
+    import jointcompress
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 4))
+    recipe = {"mode": "joint", "target": {"ratio": ratio}, "techniques": [{"type": "quant_lsq", "bits": 4, "scale_format": scale_format}]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jointcompress.prepare(model, recipe, total_steps=20, example_inputs=torch.randn(8, 32))
+    said = [str(w.message) for w in caught if "do not depend on what the run decides" in str(w.message)]
+    assert len(said) == int(warned), [str(w.message) for w in caught]
+    if warned:
+        share = int(re.search(r"target \((\d+)%\)", said[0]).group(1))
+        assert share >= 50 and "1.weight 512 B" in said[0] and "the weights share the" in said[0]  # BatchNorm, in fp16
+        assert ("quant_lsq.scale_format: log8 stores each of the 260 step sizes" in said[0]) == (scale_format == "fp16")

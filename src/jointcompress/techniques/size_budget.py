@@ -48,6 +48,7 @@ LAMBDA_MAX = 1e3
 DECISION_TRAVEL = 6.0  # how far (in raw units) a dead zone or bit-width can move over the budget's window
 LAMBDA_TRAVEL = 50.0  # lambda_lr by default: the multiplier can rise this far over the budget's window
 WINDUP_DECAY = 10.0  # with anti_windup: a positive multiplier e-folds this many times a window while under the budget
+FIXED_SHARE_WARNING = 0.5  # before training, said where the bytes no decision moves take this share of the aim
 GUARDS = 8  # with finetune_phase: checks of the real file over the fine-tuning's second half (after the trim)
 
 
@@ -109,9 +110,10 @@ class SizeBudget(Landing, Technique):
         if self.saliency is not None:  # the quantizers keep the Fisher estimate it reads
             self.saliency.attach(self.layers)
         self.calibrate(ctx.model)
-        if not has_channel_masks(ctx.model):  # both assume every channel stays (before_training counted them without)
+        if not has_channel_masks(ctx.model):  # all three assume every channel stays (before_training counted them without)
             self.check_reachable(ctx.model)
-            self.warn_channel_floor()
+            if not self.warn_channel_floor():  # the stronger word where both apply
+                self.warn_fixed_share(ctx.model)
         self.start_bytes = self.calibrated_hard()
         self.note_slack()
         self.attached = True
@@ -147,7 +149,8 @@ class SizeBudget(Landing, Technique):
                 if channels.counts_known()
                 else "once every channel group of prune_structured is at its fewest (min_keep)")
         probe.check_reachable(shrunk, channels=gone)
-        probe.warn_channel_floor(channels=gone)
+        if not probe.warn_channel_floor(channels=gone):
+            probe.warn_fixed_share(shrunk, channels=gone)
 
     def check_reachable(self, model: nn.Module, channels: str | None = None) -> None:
         """Refuse, before training, a target under the bytes that no decision of the run can move
@@ -168,6 +171,26 @@ class SizeBudget(Landing, Technique):
             "Linear and convolution weights (and with `embeddings: true` the embedding tables) its targets select, "
             "everything else is stored as it is" + fixed_part_hint(model))
 
+    def warn_fixed_share(self, model: nn.Module, channels: str | None = None) -> None:
+        """Before training, a target the bytes no decision moves take most of (step sizes, biases,
+        normalization layers, tensors no technique compresses): reachable, but the weights get what is
+        left, and on a small model at an aggressive ratio that was a tenth of the file (a depthwise CNN
+        at 30x: 445 B of values among 4.2 KB), its accuracy lost without a word on why."""
+        target = self.config.target_bytes
+        if target is None or self.fixed < FIXED_SHARE_WARNING * self.aim():
+            return
+        example = getattr(self, "example_inputs", None) if channels is None else None
+        gone = "" if channels is None else f" {channels}"
+        channel_steps = sum(m.parametrizations.weight.original.shape[0] for m, _ in self.layers.values())
+        steps_hint = ("; quant_lsq.scale_format: log8 stores each of the {:,} step sizes in 1 byte instead of 2, and "
+                      "quant_lsq.per_channel: false one per layer".format(channel_steps)
+                      if any(q.step_format == "fp16" for _, q in self.layers.values()) else "")
+        warnings.warn(
+            f"size_budget: {self.fixed:,.0f} B of the {target:,.0f} B target ({self.fixed / target:.0%}) do not depend on "
+            f"what the run decides{gone} ({fixed_bytes_detail(model, example_inputs=example)}); the weights share the "
+            f"{max(self.aim() - self.fixed, 0.0):,.0f} B left, so few of them stay and accuracy may suffer. A larger "
+            "target leaves them more" + steps_hint + fixed_part_hint(model), stacklevel=2)
+
     def channel_floor_bytes(self) -> float:
         """About the smallest file the landing reaches unless training empties whole channels: every
         output channel keeps its strongest weight (size_projection.channel_floor), each layer at the
@@ -179,13 +202,13 @@ class SizeBudget(Landing, Technique):
         with torch.no_grad():
             return self.scale * float(sparse_layer_bytes(counts, numels, bits).sum()) + self.fixed
 
-    def warn_channel_floor(self, channels: str | None = None) -> None:
+    def warn_channel_floor(self, channels: str | None = None) -> bool:
         """Before training, a target under `channel_floor_bytes`: reachable only if the run happens to
         empty whole channels, so it will most likely end over the target (said again at the freeze).
-        `channels`: measured without the channels prune_structured removes, as the words say."""
+        `channels`: measured without the channels prune_structured removes, as the words say. Whether it warned."""
         floor = self.channel_floor_bytes()
         if self.config.target_bytes is None or self.aim() >= floor:
-            return
+            return False
         gone = "" if channels is None else f" {channels}"
         if self.config.target_bytes >= floor:  # only the margin under the target is below the floor
             warnings.warn(
@@ -193,7 +216,7 @@ class SizeBudget(Landing, Technique):
                 f"size_budget.margin), under about {floor:,.0f} B, the file with one weight kept in every output "
                 f"channel{gone}: to land there training empties whole channels, or whole layers. Raise target.size_kb "
                 "(or lower target.ratio), or lower size_budget.margin" + fixed_part_hint(self.model), stacklevel=2)
-            return
+            return True
         warnings.warn(
             f"size_budget: the {self.config.target_bytes:,.0f} B target is under about {floor:,.0f} B, the file with "
             f"one weight kept in every output channel{gone} ({self.fixed:,.0f} B of it do not depend on the run's "
@@ -201,6 +224,7 @@ class SizeBudget(Landing, Technique):
             "target. Raise target.size_kb (or lower target.ratio)"
             f"{'' if channels is None else ', or raise prune_structured.sparsity'}" + fixed_part_hint(self.model),
             stacklevel=2)
+        return True
 
     def note_slack(self) -> None:
         """A target the model already meets before any decision: learned widths can spend the
