@@ -472,8 +472,8 @@ def test_compare_trains_the_window_compress_trains_for_a_late_mask_start_in_a_lo
 
 @pytest.mark.parametrize("ratio, scale_format, warned", [(12, "fp16", True), (12, "log8", True), (4, "fp16", False)])
 def test_a_target_the_fixed_bytes_take_most_of_is_said_before_training_with_what_shrinks_them(ratio, scale_format, warned):
-    """Reachable, but the weights get what the step sizes, biases and normalization layers leave: a small
-    depthwise CNN at 30x kept a tenth of its file for weights and lost half its accuracy, without a word."""
+    """Reachable, but the weights get what the step sizes, biases and normalization layers leave: on a small
+    model at an aggressive ratio accuracy fell without a word on why."""
     import warnings
 
     import jointcompress

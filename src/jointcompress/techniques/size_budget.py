@@ -173,9 +173,8 @@ class SizeBudget(Landing, Technique):
 
     def warn_fixed_share(self, model: nn.Module, channels: str | None = None) -> None:
         """Before training, a target the bytes no decision moves take most of (step sizes, biases,
-        normalization layers, tensors no technique compresses): reachable, but the weights get what is
-        left, and on a small model at an aggressive ratio that was a tenth of the file (a depthwise CNN
-        at 30x: 445 B of values among 4.2 KB), its accuracy lost without a word on why."""
+        normalization layers, tensors no technique compresses): reachable, but the weights get only what
+        is left, and on a small model at an aggressive ratio its accuracy fell without a word on why."""
         target = self.config.target_bytes
         if target is None or self.fixed < FIXED_SHARE_WARNING * self.aim():
             return
