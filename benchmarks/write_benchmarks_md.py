@@ -312,6 +312,8 @@ def point_rows() -> list[dict]:
         bits = quant.get("bits", "-")
         if quant.get("norm_format", "fp32") != "fp32":  # normalization layers stored narrower: another point
             bits = f"{bits}, {quant['norm_format']} norms"
+        if quant.get("scale_format", "fp16") != "fp16":  # step sizes stored another way: another point too
+            bits = f"{bits}, {quant['scale_format']} steps"
         for ratio in r["ratios"]:
             seq = next((s for s in r["summary"] if s["variant"] == "sequential" and s["ratio_target"] == ratio), None)
             borrowed = ("sequential", "overlap", *(v for _, v, _ in r.get("joint_from", [])))  # another folder's point
@@ -743,8 +745,7 @@ def norm_format_pair(model: str, first: tuple[str, str], second: tuple[str, str]
         return []
     sizes = norm_bytes(model)
     word_a, word_b = NORM_FORMAT_WORDS[fmt_a], NORM_FORMAT_WORDS[fmt_b]
-    teachers = lambda r: {u["seed"]: u["accuracy"] for u in r["uncompressed"]}  # noqa: E731
-    same = all(teachers(wide).get(k) == v for k, v in teachers(narrow).items())
+    same = same_teachers(wide, narrow)
     images = narrow.get("train_images") or 60_000
     where = "" if images >= 60_000 else f", {images:,} training images"
     lines = [f"## {MODELS[model]} on MNIST{where}: BatchNorm stored in {word_b} (quant_lsq.norm_format: {fmt_b}) against {word_a}", "",
@@ -757,19 +758,70 @@ def norm_format_pair(model: str, first: tuple[str, str], second: tuple[str, str]
                 f"The {fmt_a} runs had other teachers (another machine): the {fmt_b} − {fmt_a} difference is not paired."), "",
              f"| target | variant | error, {word_a} BatchNorm | error, {word_b} BatchNorm | {fmt_b} − {fmt_a} (points) |",
              "| --- | --- | --- | --- | --- |"]
-    for ratio in narrow["ratios"]:
+    return lines + paired_rows(wide, narrow, variants, same) + [""]
+
+
+def same_teachers(a: dict, b: dict) -> bool:
+    """Whether two compare results trained the same teachers (every seed's teacher accuracy equal)."""
+    teachers = lambda r: {u["seed"]: u["accuracy"] for u in r["uncompressed"]}  # noqa: E731
+    return all(teachers(a).get(k) == v for k, v in teachers(b).items())
+
+
+def paired_rows(first: dict, second: dict, variants: tuple[str, ...], same: bool, files: bool = False) -> list[str]:
+    """Table rows: each target and variant, the two results' mean errors over the seeds both ran and the second
+    minus the first paired by seed (where the teachers are the same); with `files`, the mean file bytes too."""
+    rows = []
+    for ratio in second["ratios"]:
         for variant in variants:
-            err = {name: {row["seed"]: row["error"] for row in r["runs"] if row["variant"] == variant and row["ratio_target"] == ratio}
-                   for name, r in (("wide", wide), ("narrow", narrow))}
-            seeds = sorted(set(err["wide"]) & set(err["narrow"]))
+            pick = lambda r, key: {row["seed"]: row[key] for row in r["runs"]  # noqa: E731
+                                   if row["variant"] == variant and row["ratio_target"] == ratio}
+            err = {"a": pick(first, "error"), "b": pick(second, "error")}
+            seeds = sorted(set(err["a"]) & set(err["b"]))
             if not seeds:
                 continue
-            diffs = [100 * (err["narrow"][k] - err["wide"][k]) for k in seeds]
+            diffs = [100 * (err["b"][k] - err["a"][k]) for k in seeds]
             paired = (f"{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs) / math.sqrt(len(diffs)):.2f} (n={len(diffs)})"
                       if same and len(diffs) > 1 else "not paired")
-            mean = lambda d: 100 * statistics.mean(d[k] for k in seeds)  # noqa: E731
-            lines.append(f"| {ratio:g}x | {variant} | {mean(err['wide']):.2f}% | {mean(err['narrow']):.2f}% | {paired} |")
-    return lines + [""]
+            mean = lambda d, scale=100: scale * statistics.mean(d[k] for k in seeds)  # noqa: E731
+            sizes = (f" {mean(pick(first, 'file_bytes'), 1):,.0f} B | {mean(pick(second, 'file_bytes'), 1):,.0f} B |"
+                     if files else "")
+            rows.append(f"| {ratio:g}x | {variant} | {mean(err['a']):.2f}% | {mean(err['b']):.2f}% |{sizes} {paired} |")
+    return rows
+
+
+# (model, title, (label, folder) before, (label, folder) after, variants, what changed): the step sizes'
+# storage against the same points stored another way
+STEP_FORMAT_RUNS = (
+    ("lenet5", "at 400x: today's writer (the live channels' step sizes only, batch counters narrow) against the stored run",
+     ("stored run", "compare_lenet5_400x_obdland"), ("today's code", "compare_lenet5_400x_live_steps"),
+     ("joint-paced-obdland-none", "sequential"),
+     "The same command re-run on today's code, which stores only the step sizes of channels that keep a weight "
+     "(`live_only`, docs/artifact_format.md) and BatchNorm's batch counters in the narrowest integer type; every "
+     "other change since the stored run is in the difference too."),
+    ("lenet5", "at 400x: step sizes in 1 byte (quant_lsq.scale_format: log8) against 2 (fp16)",
+     ("fp16 steps", "compare_lenet5_400x_live_steps"), ("log8 steps", "compare_lenet5_400x_log8"),
+     ("joint-paced-obdland-none", "sequential"),
+     "Both on today's code; `scale_format: log8` (every variant) trains and stores each step size on a 2^(1/16) grid "
+     "in one byte, and both methods spend the freed bytes on weights (the budget and the allocator measure the file "
+     "as it will be stored)."))
+
+
+def step_format_section() -> list[str]:
+    """Each pair of STEP_FORMAT_RUNS: errors and files, the second minus the first paired by seed."""
+    lines = []
+    for model, title, (label_a, folder_a), (label_b, folder_b), variants, what in STEP_FORMAT_RUNS:
+        first, second = load_compare(folder_a), load_compare(folder_b)
+        if first is None or second is None:
+            continue
+        same = same_teachers(first, second)
+        lines += [f"## {MODELS[model]} on MNIST {title}", "",
+                  f"Reproduce, {label_b}: {_reproduce(second, model)}; {label_a}: {_reproduce(first, model)}. {what} "
+                  + ("Same teachers (same seeds, the same teacher accuracies), so the difference is paired by seed." if same
+                     else "The teachers differ: the difference is not paired."), "",
+                  f"| target | variant | error, {label_a} | error, {label_b} | file, {label_a} | file, {label_b} | "
+                  f"{label_b} − {label_a} (points) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += paired_rows(first, second, variants, same, files=True) + [""]
+    return lines
 
 
 # (best on the test split, last, best on held-out training images) of one point: the first two on the same
@@ -1581,6 +1633,7 @@ def main() -> None:
         text += section(model)
     text += fisher_budget_section()
     text += norm_format_section()
+    text += step_format_section()
     if (ROOT / "benchmarks" / "results" / "compare_lenet300_long" / "compare.json").is_file():
         text += section("lenet300", "compare_lenet300_long", ", longer training at 60x")
     text += size_target_section()
