@@ -789,6 +789,9 @@ def paired_rows(first: dict, second: dict, variants: tuple[str, ...], same: bool
     return rows
 
 
+LOG8_HOW = ("Both on today's code; `scale_format: log8` (every variant) trains and stores each step size on a 2^(1/16) "
+            "grid in one byte, and both methods spend the freed bytes on weights (the budget and the allocator measure "
+            "the file as it will be stored).")
 # (model, title, (label, folder) before, (label, folder) after, variants, what changed): the step sizes'
 # storage against the same points stored another way
 STEP_FORMAT_RUNS = (
@@ -801,18 +804,22 @@ STEP_FORMAT_RUNS = (
     ("lenet5", "at 400x: step sizes in 1 byte (quant_lsq.scale_format: log8) against 2 (fp16)",
      ("fp16 steps", "compare_lenet5_400x_live_steps"), ("log8 steps", "compare_lenet5_400x_log8"),
      ("joint-paced-obdland-none", "sequential"),
-     "Both on today's code; `scale_format: log8` (every variant) trains and stores each step size on a 2^(1/16) grid "
-     "in one byte, and both methods spend the freed bytes on weights (the budget and the allocator measure the file "
-     "as it will be stored)."))
+     LOG8_HOW),
+    ("lenet300", "at 100x: step sizes in 1 byte (quant_lsq.scale_format: log8) against 2 (fp16)",
+     ("fp16 steps", "compare_lenet300_100x_fp16_steps"), ("log8 steps", "compare_lenet300_100x_log8"),
+     ("joint-paced-obdland-none", "sequential"), LOG8_HOW),
+    ("resnet", "at 20x: step sizes in 1 byte (quant_lsq.scale_format: log8) against 2 (fp16)",
+     ("fp16 steps", "compare_resnet_20x_fp16_steps"), ("log8 steps", "compare_resnet_20x_log8"),
+     ("joint-paced-obdland-none", "sequential"), LOG8_HOW))
 
 
 def step_format_section() -> list[str]:
     """Each pair of STEP_FORMAT_RUNS: errors and files, the second minus the first paired by seed."""
     lines = []
     for model, title, (label_a, folder_a), (label_b, folder_b), variants, what in STEP_FORMAT_RUNS:
-        first, second = load_compare(folder_a), load_compare(folder_b)
+        first, second = _finished(load_compare(folder_a)), _finished(load_compare(folder_b))
         if first is None or second is None:
-            continue
+            continue  # a run not written yet, or still in progress
         same = same_teachers(first, second)
         lines += [f"## {MODELS[model]} on MNIST {title}", "",
                   f"Reproduce, {label_b}: {_reproduce(second, model)}; {label_a}: {_reproduce(first, model)}. {what} "
