@@ -740,9 +740,9 @@ def norm_format_section() -> list[str]:
 def norm_format_pair(model: str, first: tuple[str, str], second: tuple[str, str], variants: tuple[str, ...]) -> list[str]:
     """The second format against the first on one model, each variant paired by seed where the teachers are the same."""
     (fmt_a, folder_a), (fmt_b, folder_b) = first, second
-    wide, narrow = load_compare(folder_a), load_compare(folder_b)
+    wide, narrow = _finished(load_compare(folder_a)), _finished(load_compare(folder_b))
     if wide is None or narrow is None:
-        return []
+        return []  # a run not written yet, or still in progress
     sizes = norm_bytes(model)
     word_a, word_b = NORM_FORMAT_WORDS[fmt_a], NORM_FORMAT_WORDS[fmt_b]
     same = same_teachers(wide, narrow)

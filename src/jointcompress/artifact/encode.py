@@ -148,7 +148,9 @@ def _encode_layer(enc: Encoding, name: str, mod: nn.Module, ls: LayerSpec, entro
         key = name + PART_SUFFIX[part]
         enc.parts[key], parts[part] = stored, {"key": key, "bytes": len(stored), "codec": codec, "raw_bytes": raw}
     bias = _layer_bias(mod)
-    steps, live_only = stored_steps(scale, live_channels(q, bias, scale))
+    bias_raw, bias_rec = precision.encode_bias(bias, scale) if bias is not None else (None, None)
+    int_bias = bias_rec is not None and bias_rec["codec"] == "int"
+    steps, live_only = stored_steps(scale, live_channels(q, bias, int_bias=int_bias))
     raw, srec = precision.encode_scale(steps)
     key = name + PART_SUFFIX["scale"]
     stored, codec = entropy.code_part(raw, 8, len(raw)) if entropy_coding else (raw, "raw")
@@ -157,13 +159,12 @@ def _encode_layer(enc: Encoding, name: str, mod: nn.Module, ls: LayerSpec, entro
     if live_only:  # written only where a channel is dead: older files store every channel's step
         parts["scale"]["live_only"] = True
     if bias is not None:
-        raw, brec = precision.encode_bias(bias, scale)
-        brec = {"format": brec["codec"], **({"bits": brec["bits"]} if "bits" in brec else {})}
-        stored, codec = (entropy.code_part(raw, *side_symbols(brec, len(raw), bias.numel())) if entropy_coding
-                         else (raw, "raw"))
+        brec = {"format": bias_rec["codec"], **({"bits": bias_rec["bits"]} if "bits" in bias_rec else {})}
+        stored, codec = (entropy.code_part(bias_raw, *side_symbols(brec, len(bias_raw), bias.numel())) if entropy_coding
+                         else (bias_raw, "raw"))
         key = name + PART_SUFFIX["bias"]
         enc.parts[key] = stored
-        parts["bias"] = {"key": key, "bytes": len(stored), "codec": codec, "raw_bytes": len(raw), **brec}
+        parts["bias"] = {"key": key, "bytes": len(stored), "codec": codec, "raw_bytes": len(bias_raw), **brec}
     nnz = int(np.count_nonzero(q))
     enc.layers[name] = {
         "shape": list(mod.weight.shape), "bits": int(ls.bits), "numel": int(q.size), "nonzero": nnz,
