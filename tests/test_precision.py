@@ -109,3 +109,14 @@ def test_int_biases_cost_less_than_fp16(tmp_path):
         model = _trained_mlp("fp16", fmt)
         sizes[fmt] = save(model, finalize(model), tmp_path / fmt, example_inputs=x)["bytes"]["biases"]
     assert sizes["int"] < sizes["fp16"] == 2 * (64 + 32 + 10)
+
+
+def test_a_log8_step_stays_in_fp16s_range():
+    """A step near zero stayed near zero on the log8 grid (down to 1e-30), and runs beside prune_structured,
+    whose emptied channels have such steps, stopped on non-finite step-size gradients; fp16 clamps, and
+    log8 now clamps alike."""
+    tiny = torch.tensor([0.0, 1e-30, 1e-9, 1e9])
+    log8 = precision.round_step(tiny, "log8")
+    assert (log8 >= precision.FP16_MIN).all() and (log8 <= 2.0 ** 16).all()  # 65504's nearest grid value: 2**16
+    assert torch.equal(precision.log8_value(precision.log8_code(log8)), log8)  # still on the grid
+    assert log8[0] == log8[1] == precision.FP16_MIN  # 2**-24 is the grid's code -384

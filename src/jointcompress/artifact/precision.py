@@ -66,8 +66,8 @@ def round_step(s: torch.Tensor, fmt: str | None = "fp16") -> torch.Tensor:
         return s
     if fmt == "fp16":
         return fp16_values(s.clamp(FP16_MIN, FP16_MAX))
-    if fmt == "log8":
-        return log8_value(log8_code(s)).to(s.dtype)
+    if fmt == "log8":  # in fp16's range too: unclamped, emptied channels trained to non-finite step gradients
+        return log8_value(log8_code(s.clamp(FP16_MIN, FP16_MAX))).to(s.dtype)
     raise ValueError(f"step format {fmt!r}: choose one of {STEP_FORMATS}")
 
 
