@@ -6,10 +6,11 @@ transformers' own classes at tiny random configs (tests/arch_models.py: hidden 3
 images 32x32, text as float inputs_embeds), two plain torch signal CNNs (Conv1d, Conv3d) and torch's own
 nn.TransformerEncoder (its nn.MultiheadAttention converted by attention.mha_to_linear), each
 through unstructured and structured pruning (with 8-bit LSQ, 1 epoch on 8 random samples), the joint mode (zero-level 4-bit LSQ under
-a size budget at 1/4 of the fp32 file, 1/6 for ResNet and MobileNetV2, 2 epochs) and the joint form, what
+a size budget at 1/4 of the fp32 file, 1/6 for ResNet, MobileNetV2 and torch-lstm, 1/5 for ConvNeXt, 2 epochs) and the joint form, what
 `mode: joint` trains from a user's prune + 4-bit quantize recipe under a size target (joint_form.py: fixed 4-bit
 widths, the paced window, the stiff constraint, landing by Fisher cost; target 1/12 of the fp32 file, 1/4 for
-the text encoders, arch_models.joint_ratio); normalization layers at the default norm_format (auto: fp16 under a size target)
+the text encoders, arch_models.joint_ratio); normalization layers and step sizes at the default norm_format and
+scale_format (auto: fp16 and log8 under a size target)
 -> finalize -> save -> load -> ONNX,
 exactly as tests/test_arch_matrix.py runs them. A cell is `ok` with what was checked (relative
 logit gap to the previous stage, groups pruned, bytes) or the JointCompressError message.
@@ -54,10 +55,11 @@ def main() -> None:
         "Command: `PYTHONPATH=src .venv/bin/python benchmarks/arch_matrix.py` "
         f"(torch {torch.__version__}, {THREADS} thread, {time.time() - started:.0f} s).", "",
         "Each row: compress (pruning at 50 % + 8-bit LSQ, 1 epoch, 8 random samples; `joint`: zero-level 4-bit LSQ and "
-        "size_budget at a quarter of the fp32 file, a sixth for ResNet, MobileNetV2 and torch-lstm, 2 epochs; `joint_form`: "
+        "size_budget at a quarter of the fp32 file, a sixth for ResNet, MobileNetV2 and torch-lstm, a fifth for "
+        "ConvNeXt, 2 epochs; `joint_form`: "
         "`mode: joint` with a size target on a prune + 4-bit quantize recipe, which trains its joint form (fixed 4-bit "
         "widths, the paced window, landing by Fisher cost), target 1/12 of the fp32 file, 1/4 for the text encoders; "
-        "normalization layers in fp16, the default under a size target) -> finalize (relative logit gap "
+        "normalization layers in fp16 and step sizes in one byte, the defaults under a size target) -> finalize (relative logit gap "
         "to the masked model) -> save -> load (gap to the finalized model) -> ONNX Runtime (gap to the finalized "
         "model). Text models (and torch-transformer, torch's nn.TransformerEncoder after attention.mha_to_linear, and "
         "torch-lstm, a 2-layer bidirectional nn.LSTM after recurrent.rnn_to_linear) "

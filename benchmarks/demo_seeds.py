@@ -39,6 +39,9 @@ def main() -> None:
     ap.add_argument("--val-images", type=int, default=VALIDATION_IMAGES,
                     help=f"training images held out to choose every kept epoch on (default {VALIDATION_IMAGES}, the "
                          "demo's; 0: on the test images, as the results stored before this option)")
+    ap.add_argument("--scale-format", choices=("auto", "fp16", "log8"), default="auto",
+                    help="quant_lsq.scale_format of both runs (default auto, the demo's: log8 under its size target; "
+                         "the results stored before it existed trained fp16 steps)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "demo_seeds.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -49,7 +52,8 @@ def main() -> None:
         for seed in range(args.seeds):
             with tempfile.TemporaryDirectory() as work:
                 res = run_demo(Path(work), model=args.model, ratio=ratio, seed=seed, structured=False,
-                               joint_variant=args.joint_variant, validation_images=args.val_images)
+                               joint_variant=args.joint_variant, validation_images=args.val_images,
+                               scale_format=args.scale_format)
             selected_on = res.selected_on
             runs.append({"seed": seed, **{m: {k: res.rows[m][k] for k in ("accuracy", "file_bytes")}
                                           for m in ("sequential", "joint")},
@@ -59,7 +63,7 @@ def main() -> None:
         diff = paired([r["joint"]["accuracy"] - r["sequential"]["accuracy"] for r in runs])
         points.append({"ratio": ratio, "runs": runs, "joint_minus_sequential_accuracy": diff})
     result = {"command": " ".join(["python benchmarks/demo_seeds.py"] + sys.argv[1:]), "model": args.model,
-              "joint_variant": args.joint_variant,
+              "joint_variant": args.joint_variant, "scale_format": args.scale_format,
               "data": "digits (embedded; 449 held-out images)", "selected_on": selected_on, "threads": 1,
               "points": points,
               "wall_seconds": time.perf_counter() - t0}

@@ -41,6 +41,9 @@ def main():
     ap.add_argument("--ratio", type=float, default=None,
                     help="a size target (x the teacher's fp32 weights): the heads and FFN neurons kept are planned to meet it")
     ap.add_argument("--train-limit", type=int, default=None, help="random subset of the train rows (default: all)")
+    ap.add_argument("--scale-format", choices=("auto", "fp16", "log8"), default="fp16",
+                    help="quant_lsq.scale_format (default fp16, as the stored runs trained; the library's default, "
+                         "auto, stores step sizes in one byte under a size target: about 0.1%% of this file, 6 KB)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     suffix = ("" if args.mode == "joint" else "_" + args.mode) + (f"_ratio{args.ratio:g}" if args.ratio else "") + (
@@ -51,6 +54,9 @@ def main():
     if args.ratio:
         base["target"] = {"ratio": args.ratio}
     base["hf"]["trim_vocab"] = True
+    for t in base["techniques"]:
+        if t["type"] == "quant_lsq":
+            t["scale_format"] = args.scale_format
     base["coordination"]["every"] = 1  # measured on every step, as the stored results were (now: every log_every)
     if args.mode == "progressive":  # two one-epoch stages over half the rows: the same number of steps
         base["hf"]["train_limit"] = 67349 // 2
@@ -64,7 +70,8 @@ def main():
     summary = json.loads((out / "summary.json").read_text())
     summary["command"] = (f"python benchmarks/hf_sst2_core.py --data {args.data} --teacher {args.teacher} "
                           f"--mode {args.mode} --threads {args.threads}" + (f" --ratio {args.ratio:g}" if args.ratio else "")
-                          + (f" --train-limit {args.train_limit}" if args.train_limit else ""))
+                          + (f" --train-limit {args.train_limit}" if args.train_limit else "")
+                          + (f" --scale-format {args.scale_format}" if args.scale_format != "fp16" else ""))
     Path(f"benchmarks/results/hf_sst2_core{suffix}.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     print(json.dumps({k: summary.get(k) for k in ("artifact", "int8")}, indent=1, default=str))
 

@@ -810,7 +810,58 @@ STEP_FORMAT_RUNS = (
      ("joint-paced-obdland-none", "sequential"), LOG8_HOW),
     ("resnet", "at 20x: step sizes in 1 byte (quant_lsq.scale_format: log8) against 2 (fp16)",
      ("fp16 steps", "compare_resnet_20x_fp16_steps"), ("log8 steps", "compare_resnet_20x_log8"),
+     ("joint-paced-obdland-none", "sequential"), LOG8_HOW),
+    ("lenet5", "at 100x and 200x: step sizes in 1 byte (quant_lsq.scale_format: log8) against 2 (fp16)",
+     ("fp16 steps", "compare_lenet5_100_200x_fp16_steps"), ("log8 steps", "compare_lenet5_100_200x_log8"),
+     ("joint-paced-obdland-none", "sequential"), LOG8_HOW),
+    ("lenet5", "with 2,000 training images at 200x: step sizes in 1 byte (quant_lsq.scale_format: log8) against 2 (fp16)",
+     ("fp16 steps", "compare_lenet5_200x_2k_fp16_steps"), ("log8 steps", "compare_lenet5_200x_2k_log8"),
+     ("joint-paced-obdland-none", "sequential"), LOG8_HOW),
+    ("seqcnn", "at 60x, BatchNorm in fp16: step sizes in 1 byte (quant_lsq.scale_format: log8) against 2 (fp16)",
+     ("fp16 steps", "compare_seqcnn_60x_fp16_steps"), ("log8 steps", "compare_seqcnn_60x_log8"),
      ("joint-paced-obdland-none", "sequential"), LOG8_HOW))
+
+
+def _paired_points(first: dict, second: dict, ratio: float, variant: str) -> list[float]:
+    """Per seed, `variant`'s error at `ratio` in `second` minus in `first` (points; the seeds both ran)."""
+    pick = lambda r: {row["seed"]: row["error"] for row in r["runs"]  # noqa: E731
+                      if row["variant"] == variant and row["ratio_target"] == ratio}
+    a, b = pick(first), pick(second)
+    return [100 * (b[k] - a[k]) for k in sorted(set(a) & set(b))]
+
+
+def _mean_se(diffs: list[float]) -> str:
+    mean, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return f"{'**' if abs(mean) > 2 * se else ''}{mean:+.2f} ± {se:.2f}{'**' if abs(mean) > 2 * se else ''}"
+
+
+def step_format_summary() -> list[str]:
+    """Every log8-against-fp16 pair of STEP_FORMAT_RUNS in one table: what `scale_format: auto` (log8 under
+    a size target) changes for each method, and joint against sequential with it."""
+    rows = []
+    for model, _, (_, folder_a), (_, folder_b), (joint, seq), what in STEP_FORMAT_RUNS:
+        first, second = _finished(load_compare(folder_a)), _finished(load_compare(folder_b))
+        if what != LOG8_HOW or first is None or second is None or not same_teachers(first, second):
+            continue
+        for ratio in second["ratios"]:
+            change = [_paired_points(first, second, ratio, v) for v in (joint, seq)]
+            log8 = {v: {row["seed"]: row["error"] for row in second["runs"] if row["variant"] == v
+                        and row["ratio_target"] == ratio} for v in (joint, seq)}
+            gap = [100 * (log8[joint][k] - log8[seq][k]) for k in sorted(set(log8[joint]) & set(log8[seq]))]
+            if min(len(change[0]), len(change[1]), len(gap)) < 2:
+                continue
+            images = f"{second.get('train_images', 60000):,}"
+            rows.append(f"| {MODELS[model]} | {ratio:g}x | {images} | {_mean_se(change[0])} | {_mean_se(change[1])} | "
+                        f"{_mean_se(gap)} | `{folder_b}` |")
+    if not rows:
+        return []
+    return ["## Step sizes in one byte (the default under a size target) against two, every measured point", "",
+            "`quant_lsq.scale_format: auto`, the default, trains and stores step sizes on a 2^(1/16) grid in one byte "
+            "each (log8) when the run has a size target, fp16 otherwise. Each point below ran both ways on the same "
+            "teachers and code (the sections after this one); differences in points of test error, log8 minus fp16, "
+            "paired by seed, bold beyond 2 standard errors; the last column is joint minus sequential with log8.", "",
+            "| model | target | training images | joint: log8 − fp16 | sequential: log8 − fp16 | joint − sequential, log8 "
+            "| log8 results |", "| --- | --- | --- | --- | --- | --- | --- |"] + rows + [""]
 
 
 def step_format_section() -> list[str]:
@@ -1139,7 +1190,9 @@ def sst2_target_section() -> list[str]:
            "The recipe above with a size target instead of its fixed sparsities: the heads and FFN neurons kept are planned "
            "before training from the artifact encoder's bytes (hf/size_target.py, aiming 1% under the target), in the "
            "recipe's 1 : 1.5 proportion. Target and file: the packed artifact's weights file (weights.jcw) against the "
-           "teacher's fp32 weights. Accuracy: the artifact loaded back, dev set.", "",
+           "teacher's fp32 weights. Accuracy: the artifact loaded back, dev set. Step sizes in fp16, as the script "
+           "pins them (`--scale-format`; the library's default under a size target is one byte each: 6,081 steps, "
+           "about 6 KB, 0.1% of this file, counted from its kept heads and neurons).", "",
            "| command | target | planned | weights file | met | heads / FFN neurons | dev acc | % of teacher | int8 dev acc |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for path in runs:
@@ -1438,7 +1491,8 @@ def demo_seeds_section(name: str = "demo_seeds.json") -> list[str]:
     if r is None:
         return []
     variant = r.get("joint_variant", "joint-pcgrad")
-    lines = [f"## The demo's point over seeds (LeNet-5 on the embedded digits), joint = {variant}", "",
+    steps = f", step sizes {r['scale_format']}" if r.get("scale_format", "auto") != "auto" else ""
+    lines = [f"## The demo's point over seeds (LeNet-5 on the embedded digits), joint = {variant}{steps}", "",
              f"Reproduce: `.venv/bin/{r['command']}`. `jointcompress demo`'s recipe and target; one teacher, compression "
              f"seeds 0..n-1; accuracy on the {r['data'].split('; ')[-1].rstrip(')')}; every kept epoch chosen on "
              f"{r.get('selected_on', 'the same test images')}.", "",
@@ -1470,6 +1524,30 @@ def demo_joint_against_joint(name: str = "demo_seeds.json", other: str = "demo_s
                      f"accuracy paired over {len(diffs)} seeds: {statistics.mean(diffs):+.2f} ± {se:.2f} points "
                      f"(per seed {', '.join(f'{d:+.2f}' for d in diffs)}).")
     return lines + [""] if lines else []
+
+
+def demo_step_format_section(fp16: str = "demo_seeds_fp16_steps.json", default: str = "demo_seeds.json") -> list[str]:
+    """The demo's point with step sizes in fp16 against the default (`scale_format: auto`, log8 under
+    the demo's size target), both methods paired by seed (the same teacher, checked)."""
+    a, b = _load(fp16), _load(default)
+    if a is None or b is None or a.get("joint_variant") != b.get("joint_variant") or "scale_format" not in b:
+        return []
+    lines = [f"## The demo's point: step sizes in one byte (the default) against two", "",
+             f"Reproduce: `.venv/bin/{b['command']}`; `.venv/bin/{a['command']}`. Both on today's code, joint = "
+             f"{b['joint_variant']}; `scale_format: auto` (the default) stores each step size in one byte on a 2^(1/16) "
+             "grid under a size target, `fp16` in two; accuracy on the 449 held-out images.", "",
+             "| target | run | accuracy, fp16 steps | accuracy, default (log8) | default − fp16 (points, paired) |",
+             "| --- | --- | --- | --- | --- |"]
+    for pa, pb in zip(a["points"], b["points"]):
+        if pa["ratio"] != pb["ratio"] or [x["teacher_accuracy"] for x in pa["runs"]] != [y["teacher_accuracy"] for y in pb["runs"]]:
+            continue  # not the same teacher: not paired
+        for mode in ("sequential", "joint"):
+            diffs = [100 * (y[mode]["accuracy"] - x[mode]["accuracy"]) for x, y in zip(pa["runs"], pb["runs"])]
+            mean, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+            acc = [statistics.mean(100 * r[mode]["accuracy"] for r in p["runs"]) for p in (pa, pb)]
+            lines.append(f"| {pa['ratio']:g}x | {mode} | {acc[0]:.2f}% | {acc[1]:.2f}% | {mean:+.2f} ± {se:.2f} "
+                         f"({'beyond' if abs(mean) > 2 * se else 'within'} 2 SE; per seed {', '.join(f'{d:+.2f}' for d in diffs)}) |")
+    return lines + [""]
 
 
 def equal_accuracy_section(curve_file: str = "against_curve_lenet5.json",
@@ -1621,6 +1699,7 @@ def main() -> None:
     text += gpu_section()
     text += demo_section()
     text += demo_seeds_section() + demo_seeds_section("demo_seeds_joint_pcgrad.json") + demo_joint_against_joint()
+    text += demo_seeds_section("demo_seeds_fp16_steps.json") + demo_step_format_section()
     for model, folder, title in (("lenet300", "compare_lenet300_100x", " at 100x"),
                                  ("lenet300", "compare_lenet300_100x_e10", " at 100x, 10 compression epochs"),
                                  ("lenet300", "compare_lenet300_2k", ", 2,000 training images, at 100x"),
@@ -1640,7 +1719,7 @@ def main() -> None:
         text += section(model)
     text += fisher_budget_section()
     text += norm_format_section()
-    text += step_format_section()
+    text += step_format_summary() + step_format_section()
     if (ROOT / "benchmarks" / "results" / "compare_lenet300_long" / "compare.json").is_file():
         text += section("lenet300", "compare_lenet300_long", ", longer training at 60x")
     text += size_target_section()

@@ -174,8 +174,9 @@ STAGES = ("compress", "finalize", "save", "load", "onnx")
 JOINT_RATIO = 4.0  # the joint cell's size target (below it, BERT's embeddings alone exceed the budget)
 # where 8-bit weights and fp16 BatchNorm (norm_format auto under a size target) already make a file
 # under 4x, nothing would bind: a higher target there (also for the LSTM, whose file stayed 5% under a
-# 4x target: its 4-bit weights alone are about 4.2x under fp32)
-JOINT_RATIO_OF = {"resnet": 6.0, "mobilenetv2": 6.0, "torch-lstm": 6.0}
+# 4x target: its 4-bit weights alone are about 4.2x under fp32; ConvNeXt's file, every weight kept at
+# 8 bits, ended 3.5% under 4x once its step sizes took one byte each, scale_format auto)
+JOINT_RATIO_OF = {"resnet": 6.0, "mobilenetv2": 6.0, "torch-lstm": 6.0, "convnext": 5.0}
 # the joint form (joint_form.py, what `mode: joint` trains under a size target) keeps 4-bit widths, which
 # alone make a file about 8x under fp32: a target that binds, per architecture (the text encoders'
 # embeddings, stored as they are, allow no more than 4x)

@@ -30,7 +30,11 @@ def _recipe(saliency: bool, strategy: str) -> dict:
     budget = {"type": "size_budget", "target_bytes": 900.0, "end": 0.6, "freeze": 0.8}
     if saliency:
         budget["saliency"] = 30.0
-    return {"techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True, "learn_bits": True, "compile": False},
+    # fp16 steps: PCGrad finds nothing to project at this step, so one batch and its micro-batches must agree;
+    # with log8 steps the size term conflicts with accuracy here, and PCGrad projects each micro-batch's
+    # gradients on their own (nonlinear: K micro-batches then differ from one batch, by design)
+    return {"techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True, "learn_bits": True, "compile": False,
+                            "scale_format": "fp16"},
                            {"type": "distill_kd", "temperature": 2.0, "alpha": 0.5},
                            budget],
             "coordination": {"strategy": strategy, "every": 1}}

@@ -48,10 +48,13 @@ def test_joint_mode_under_a_size_target_trains_zero_as_a_level_under_one_budget_
     event = next(e for e in result.history.events if e["event"] == "joint_form")
     assert event["replaced"] == ["prune_unstructured"] and event["size_budget"]["saliency_mode"] == "landing"
     spec = finalize(model, result.example_inputs)
-    save(model, spec, tmp_path / "a", example_inputs=result.example_inputs)
+    manifest = save(model, spec, tmp_path / "a", example_inputs=result.example_inputs)
     on_disk = (tmp_path / "a" / "weights.jcw").stat().st_size
     assert on_disk <= goal * 1.02, (on_disk, goal)  # the budget, not an allocation before training, set the bytes
     assert on_disk >= goal * 0.9
+    steps = {name: layer["parts"]["scale"]["format"] for name, layer in manifest["layers"].items()
+             if "scale" in layer["parts"]}
+    assert sorted(steps) == ["0", "2", "4"] and set(steps.values()) == {"log8"}  # scale_format auto under a target
 
 
 def test_a_users_own_loop_trains_the_joint_form_from_the_same_recipe_and_lands_on_the_target(tmp_path):
@@ -187,7 +190,8 @@ def test_a_target_the_landing_cannot_reach_is_said_before_training_and_at_the_fr
     x, y = _data()
     model = _model()
     goal = dense_fp32_bytes(model) / 60
-    recipe = {"mode": "joint", "target": {"ratio": 60}, "techniques": TECHNIQUES,
+    fp16_steps = [TECHNIQUES[0], {**TECHNIQUES[1], "scale_format": "fp16"}]  # the floor this target sits just above
+    recipe = {"mode": "joint", "target": {"ratio": 60}, "techniques": fp16_steps,
               "training": {"epochs": 4, "batch_size": 32}}
     with pytest.warns(UserWarning) as said:
         result = compress(model, recipe, (x, y), lambda m: 0.0)
@@ -338,7 +342,7 @@ def test_a_target_only_the_channel_pruning_makes_reachable_is_trained_not_refuse
     torch.manual_seed(0)
     x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
     recipe = {"mode": "joint", "target": {"ratio": 100}, "training": {"epochs": 6, "batch_size": 32},
-              "techniques": [{"type": "quant_lsq", "bits": 4}]}
+              "techniques": [{"type": "quant_lsq", "bits": 4, "scale_format": "fp16"}]}  # fixed bytes over 100x
     with pytest.raises(TargetError, match="cannot be reached"):
         compress(build_model("resnet"), recipe, (x, y), lambda m: 0.0)
     model = build_model("resnet")
@@ -386,12 +390,13 @@ def test_a_target_under_the_bytes_left_once_the_channels_go_is_refused_before_th
     assert data.drawn <= 32  # at most the batch the example inputs come from: not one training step
     fixed = int(re.search(r"([\d,]+) B of the weights file", str(refused.value)).group(1).replace(",", ""))
     # what the budget measures once the channels are gone: the model with the channels already removed, quantized
-    # as the run quantizes it (a size target stores normalization layers in fp16)
+    # as the run quantizes it (a size target stores normalization layers in fp16 and step sizes in log8)
     shrunk = build_model("resnet")
     result = compress(shrunk, {"training": {"epochs": 1, "batch_size": 32}, "techniques": recipe["techniques"][:1]},
                       data, lambda m: 0.0)
     finalize(shrunk, result.example_inputs)
-    quant = parse_recipe({"techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True, "norm_format": "fp16"}]})
+    quant = parse_recipe({"techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True, "norm_format": "fp16",
+                                          "scale_format": "log8"}]})
     build(quant.techniques[0]).setup(RunContext(model=shrunk, example_inputs=result.example_inputs))
     real = measured_bytes(shrunk)
     assert abs(fixed - (real["total"] - real["variable"])) <= 8  # the container's names may differ by a few bytes

@@ -218,6 +218,39 @@ def test_auto_norm_format_is_fp16_under_a_size_target_only():
     assert _stored({**base.model_dump(), "target": {"ratio": 20}}) == "fp16"
 
 
+def test_auto_scale_format_is_log8_under_a_size_target_only():
+    """Step sizes in one byte where a size target makes every byte count (a quarter of LeNet-5's file at
+    400x in fp16), fp16 elsewhere; resolved by the recipe as norm_format is, and an explicit format wins."""
+    def stored(recipe: dict) -> str:
+        return parse_recipe(recipe).technique("quant_lsq").stored_scale_format
+
+    quant = [{"type": "quant_lsq"}]
+    assert stored({"techniques": quant}) == "fp16"
+    assert stored({"target": {"ratio": 20}, "techniques": quant}) == "log8"
+    assert stored({"target": {"size_kb": 30}, "techniques": quant}) == "log8"
+    assert stored({"target": {"latency_ms": 1.0, "batch": 1}, "techniques": quant}) == "fp16"
+    assert stored({"techniques": [{"type": "quant_lsq", "zero_level": True},
+                                  {"type": "size_budget", "target_bytes": 4096}]}) == "log8"
+    assert stored({"target": {"ratio": 20}, "techniques": [{"type": "quant_lsq", "scale_format": "fp16"}]}) == "fp16"
+    assert stored({"techniques": [{"type": "quant_lsq", "scale_format": "log8"}]}) == "log8"
+    base = parse_recipe({"techniques": quant})
+    assert base.model_dump()["techniques"][0]["scale_format"] == "auto"
+    assert stored({**base.model_dump(), "target": {"ratio": 20}}) == "log8"
+
+
+def test_a_recipe_without_its_target_keeps_the_formats_the_target_chose():
+    """The hf plan trains a copy without the target (its sparsities meet it): the `auto` formats stay as
+    the plan measured them, in the copy and in its dump (what a checkpoint stores and a resume reads)."""
+    sized = parse_recipe({"target": {"ratio": 16}, "techniques": [{"type": "quant_lsq"}]})
+    plain = sized.without_target()
+    assert plain.target is None and sized.target is not None
+    for recipe in (plain, parse_recipe(plain.model_dump(mode="json"))):
+        quant = recipe.technique("quant_lsq")
+        assert (quant.stored_scale_format, quant.stored_norm_format) == ("log8", "fp16")
+    unsized = parse_recipe({"techniques": [{"type": "quant_lsq", "scale_format": "log8"}]}).without_target()
+    assert (unsized.technique("quant_lsq").scale_format, unsized.technique("quant_lsq").norm_format) == ("log8", "fp32")
+
+
 def test_an_unreachable_target_names_the_norm_format_when_norms_are_wide(teacher):
     split, model = teacher
     for fmt, named in (("fp32", True), ("fp16", False)):

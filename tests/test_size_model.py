@@ -28,7 +28,7 @@ def _apply_with_training_quantizers(model, alloc, recipe):
         with torch.no_grad():
             layer.weight.mul_(cand._kept(name, alloc.sparsity[name]))
         q = LSQWeight(layer.weight.detach(), bits)
-        q.step_format = quant.scale_format
+        q.step_format = quant.stored_scale_format
         parametrize.register_parametrization(layer, "weight", q)
         attach_bias_quant(layer, q, quant.bias_format)
         _ = layer.weight

@@ -80,6 +80,17 @@ def test_compiled_kernel_matches_the_eager_one(fixed, outliers):
                 torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
 
 
+def test_compiled_kernel_rounds_log8_steps_as_the_eager_one():
+    """log8 steps (scale_format auto under a size target) in the compiled kernels: the same stored steps
+    and quantized weights bit for bit, else the writer would find no exact log8 code and store fp16."""
+    w, eager, fast = _pair()
+    eager.step_format = fast.step_format = "log8"
+    assert torch.equal(eager(w), fast(w)) and torch.equal(eager.scale(), fast.scale())
+    from jointcompress.artifact.precision import log8_code, log8_value
+
+    assert torch.equal(log8_value(log8_code(fast.scale())), fast.scale())  # on the grid 2**(k/16)
+
+
 def _run(compile_mode, steps=60):
     """A size-budgeted joint run of `steps` steps (the freeze at 80%: both pattern modes)."""
     if compile_mode:  # kernels compiled by earlier tests under another thread count sum in another order

@@ -32,8 +32,8 @@ LATENCY_BATCH = 64
 # 449 test images the table reports played no part in any choice (training.validation_images)
 VALIDATION_IMAGES = 150
 # the joint row: what `mode: joint` trains under a size target (joint_form.py), with PCGrad between accuracy
-# and size; on the demo's point it is 0.89 ± 0.22 points ahead of joint-pcgrad (size_budget's defaults),
-# paired over 3 seeds in BENCHMARKS.md (benchmarks/results/demo_seeds*.json)
+# and size; on the demo's point it is 0.37 ± 0.20 points ahead of joint-pcgrad (size_budget's defaults; 0.89
+# ± 0.22 with fp16 step sizes), paired over 3 seeds in BENCHMARKS.md (benchmarks/results/demo_seeds*.json)
 JOINT_VARIANT = "joint-paced-obdland-pcgrad"
 
 
@@ -48,10 +48,15 @@ class DemoResult:
     selected_on: str = "test"  # what chose every kept epoch (data.Split.selected_on)
 
 
-def demo_recipe(model: str, epochs: int | None, ratio: float, validation_images: int = VALIDATION_IMAGES) -> Recipe:
-    """The built-in demo recipe on `model`, with its size target and its held-out training images."""
+def demo_recipe(model: str, epochs: int | None, ratio: float, validation_images: int = VALIDATION_IMAGES,
+                scale_format: str = "auto") -> Recipe:
+    """The built-in demo recipe on `model`, with its size target and its held-out training images
+    (`scale_format`: quant_lsq's, for benchmarks that pin the step sizes' format)."""
     data = load_recipe(builtin_recipe("demo")).model_dump()
     data["model"] = model
+    for technique in data["techniques"]:
+        if technique["type"] == "quant_lsq":
+            technique["scale_format"] = scale_format
     data["training"]["validation_images"] = validation_images
     if epochs:
         data["training"]["epochs"] = epochs
@@ -78,13 +83,13 @@ def run_demo(out: Path, model: str = DEFAULT_MODEL, ratio: float = DEFAULT_RATIO
              epochs: int | None = None, seed: int | None = None, structured: bool = True,
              progress: Callable[[str], Callable | None] = lambda name: None,
              joint_variant: str = JOINT_VARIANT, device: torch.device | None = None,
-             validation_images: int = VALIDATION_IMAGES) -> DemoResult:
+             validation_images: int = VALIDATION_IMAGES, scale_format: str = "auto") -> DemoResult:
     """Teacher on digits; sequential and joint (compare's `joint_variant`) at `ratio` (compression seed
     `seed`, default the recipe's); the structured int8 model unless `structured` is False; latency.
     Every model trains on `device` (default: the CPU); latency is measured on the CPU. Every kept epoch
     is chosen on `validation_images` training images held out (0: on the test split)."""
     t0 = time.perf_counter()
-    targeted = demo_recipe(model, epochs, ratio, validation_images)
+    targeted = demo_recipe(model, epochs, ratio, validation_images, scale_format)
     split = hold_out(load_digits(), targeted.training.validation_images)
     if seed is not None:
         targeted.training.seed = seed

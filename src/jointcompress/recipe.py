@@ -93,8 +93,10 @@ class QuantLSQ(Selection):
     max_bits: Annotated[int, Field(ge=2, le=8)] = 8
     # learning rate of dead zones and bit-widths; None: set by size_budget so they can cross its window
     zero_level_lr: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
-    # how the artifact stores the step sizes and the biases of quantized layers; training uses exactly that
-    scale_format: Literal["fp16", "log8"] = "fp16"
+    # how the artifact stores the step sizes and the biases of quantized layers; training uses exactly that.
+    # Steps: fp16, or log8 (one byte each on the grid 2**(k/16)); auto = log8 when the run has a size
+    # target (a byte per channel goes to the weights instead), else fp16 (stored_scale_format)
+    scale_format: Literal["auto", "fp16", "log8"] = "auto"
     bias_format: Literal["fp16", "int", "fp32"] = "fp16"
     # normalization layers (affine weights, BatchNorm's running statistics): fp32 as they are, or
     # fp16 values trained as stored, at half the bytes (techniques/norm_storage.py); fp16_folded: fp16,
@@ -102,7 +104,7 @@ class QuantLSQ(Selection):
     # instead of four: half fp16's bytes), evaluated as stored; auto = fp16 when the run has a size
     # target (every byte counts there), else fp32 (stored_norm_format)
     norm_format: Literal["auto", "fp32", "fp16", "fp16_folded"] = "auto"
-    _norm_format_of_run: str | None = PrivateAttr(default=None)  # what `auto` means for the recipe holding it
+    _sized_run: bool = PrivateAttr(default=False)  # the recipe holding it has a size target: what `auto` means
     # zero_level's quantizer in torch.compile'd kernels (same quantized weights, gradients to float
     # rounding; seconds to compile once): auto = for runs of 2000 steps or more (techniques/zero_level_compiled.py)
     compile: Literal["auto"] | bool = "auto"
@@ -110,10 +112,18 @@ class QuantLSQ(Selection):
     @property
     def stored_norm_format(self) -> str:
         """The format normalization layers are stored in, fp32, fp16 or fp16_folded: norm_format, with `auto` as the
-        recipe holding this config resolved it (Recipe._norm_format; fp32 for a config outside a recipe)."""
+        recipe holding this config resolved it (Recipe._auto_formats; fp32 for a config outside a recipe)."""
         if self.norm_format != "auto":
             return self.norm_format
-        return self._norm_format_of_run or "fp32"
+        return "fp16" if self._sized_run else "fp32"
+
+    @property
+    def stored_scale_format(self) -> str:
+        """The format step sizes are stored (and trained) in, fp16 or log8: scale_format, with `auto` as the
+        recipe holding this config resolved it (log8 under a size target; fp16 for a config outside a recipe)."""
+        if self.scale_format != "auto":
+            return self.scale_format
+        return "log8" if self._sized_run else "fp16"
 
     @property
     def norms_in_fp16(self) -> bool:
@@ -524,20 +534,28 @@ class Recipe(Strict):
         return self
 
     @model_validator(mode="after")
-    def _norm_format(self):
-        """quant_lsq.norm_format `auto`: fp16 under a size target, where the normalization layers'
-        fp32 bytes would take budget from the weights (half the small ResNet's file at 30x). Kept as
-        `auto` in the recipe, so a copy given another target resolves it again."""
+    def _auto_formats(self):
+        """quant_lsq's `auto` formats under a size target, where every fixed byte is taken from the weights:
+        norm_format fp16 (fp32 normalization layers were half the small ResNet's file at 30x) and
+        scale_format log8 (fp16 step sizes were a quarter of LeNet-5's file at 400x). Kept as `auto` in
+        the recipe, so a copy given another target resolves them again."""
         quant = self.technique("quant_lsq")
         if quant is not None:
             budget = self.technique("size_budget")
-            sized = (self.target is not None and not self.target.is_latency) or (
+            quant._sized_run = (self.target is not None and not self.target.is_latency) or (
                 budget is not None and budget.target_bytes is not None)
-            quant._norm_format_of_run = "fp16" if sized else "fp32"
         return self
 
     def technique(self, kind: str):
         return next((t for t in self.techniques if t.type == kind), None)
+
+    def without_target(self) -> "Recipe":
+        """This recipe with no target, for a run whose target is already met by what it sets (the hf
+        plan's sparsities): quant_lsq's `auto` formats are written out as the target resolved them, so
+        the copy (and a run resumed from its dump) trains and stores what the plan measured."""
+        pinned = [t.model_copy(update={"scale_format": t.stored_scale_format, "norm_format": t.stored_norm_format})
+                  if t.type == "quant_lsq" else t for t in self.techniques]
+        return parse_recipe({**self.model_dump(), "techniques": [t.model_dump() for t in pinned], "target": None})
 
     def asks_for_joint_form(self) -> bool:
         """mode: joint under a size_kb / ratio target not yet allocated, without size_budget spelled out:

@@ -162,7 +162,7 @@ class Candidate:
                 scores[name] = prune.masks[prune_key(name)].scores.detach().clone() if learned else layer.weight.detach().abs()
         cand = cls(plain, names, list(scores), quant.config.per_channel, sparsity_at_quant_start,
                    steps=steps or None, scores=scores, copy_model=False)
-        cand.step_format, cand.bias_format = quant.config.scale_format, quant.config.bias_format
+        cand.step_format, cand.bias_format = quant.config.stored_scale_format, quant.config.bias_format
         cand.store_norms_as(quant.config.stored_norm_format)  # before quantization starts too
         return cand
 
@@ -268,7 +268,7 @@ def allocate_size(model: nn.Module, recipe: Recipe, example_inputs, scan: dict |
     players = {n: m for n, m in selected_layers(model, prune).items() if n in qlayers}
     at_start = sparsity_at_quant_start(quant.start, (prune.start, prune.end), prune.schedule)  # fractions of the run
     cand = Candidate(model, list(qlayers), list(players), quant.per_channel, at_start)
-    cand.step_format, cand.bias_format = quant.scale_format, quant.bias_format
+    cand.step_format, cand.bias_format = quant.stored_scale_format, quant.bias_format
     cand.store_norms_as(quant.stored_norm_format)
     weights = scan_weights(players, scan, tolerance) if scan else erk_weights(players)
     base_bits = scan_bits(qlayers, scan, tolerance, quant.bits) if scan else {n: quant.bits for n in qlayers}

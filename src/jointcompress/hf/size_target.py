@@ -66,7 +66,7 @@ def _encoded_bytes(hf: nn.Module, recipe, ptq_bits: int | None) -> int:
 
         for name, layer in selected_layers(SequenceClassifier(hf), quant).items():
             bits = (quant.layer_bits or {}).get(name, quant.bits)
-            scale = _onto_grid(layer.weight, bits, quant.per_channel, quant.scale_format)
+            scale = _onto_grid(layer.weight, bits, quant.per_channel, quant.stored_scale_format)
             if isinstance(layer.bias, torch.Tensor):
                 with torch.no_grad():
                     layer.bias.copy_(round_bias(layer.bias, quant.bias_format, scale))
@@ -125,7 +125,7 @@ def plan(run) -> dict:
     from jointcompress.artifact.size import dense_fp32_bytes
 
     target = run.recipe.target
-    recipe = run.recipe.model_copy(update={"target": None})  # what trains: the target met by the sparsities
+    recipe = run.recipe.without_target()  # what trains: the target met by the sparsities
     units = [t for t in recipe.techniques if t.type in UNIT_KINDS]
     if not units:
         raise TargetError("target in an hf recipe sets how many attention heads and FFN neurons are kept: add "

@@ -253,7 +253,7 @@ class QuantLSQ(Technique):
         for name, layer in selected_layers(ctx.model, self.config).items():
             bits = (self.config.layer_bits or {}).get(name, self.config.bits)
             q = self._quantizer(layer.weight.detach(), bits)
-            q.step_format = getattr(self.config, "scale_format", "fp16")
+            q.step_format = self.config.stored_scale_format
             q.compiled = self._compiled(ctx)
             parametrize.register_parametrization(layer, "weight", q)
             self.quantizers[name] = q
