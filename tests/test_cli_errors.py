@@ -649,3 +649,20 @@ def test_dry_run_agrees_with_training_on_a_grouped_convolution(tmp_path, monkeyp
     assert code == 0, out
     listed = out.split("layers not pruned")[0]
     assert "│ g2.0 " not in listed and "groups=4" in out, out
+
+
+def test_a_target_found_out_of_reach_after_the_model_trained_names_the_trained_model_to_start_from(
+        tmp_path, monkeypatch, capsys):
+    """Without --weights the command trains the model first and only then meets the size target's checks:
+    the error says where that model is kept, and a run given it as --weights does not train it again."""
+    recipe = _recipe(tmp_path, "mode: joint\ntarget: {ratio: 5000}\ntraining: {epochs: 1}\n"
+                               "techniques: [{type: quant_lsq, bits: 4}]\n")
+    code, out = _cli(monkeypatch, capsys, "compress", recipe, "--teacher-epochs", "1", "--out", tmp_path / "o")
+    trained = tmp_path / "o" / "teacher.safetensors"
+    assert code == 2 and "cannot be reached" in out and trained.is_file(), out
+    assert f"--weights {trained}" in out.replace("\n", ""), out
+    recipe.write_text(recipe.read_text().replace("ratio: 5000", "ratio: 20"))
+    code, out = _cli(monkeypatch, capsys, "compress", recipe, "--weights", trained, "--out", tmp_path / "o2")
+    assert not code and "train model" not in out, out
+    code, out = _cli(monkeypatch, capsys, "compress", recipe.parent / "missing.yaml", "--out", tmp_path / "o3")
+    assert code == 2 and "--weights" not in out  # nothing trained: nothing to name

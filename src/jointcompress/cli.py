@@ -233,6 +233,9 @@ def compress_cmd(
                 callbacks=callbacks, run_dir=out, resume=resume, checkpoint_every=checkpoint_every, max_nonfinite=max_nonfinite,
                 device=where,
             )
+        except JointCompressError as err:
+            _name_the_trained_model(err, out, given=weights is not None)
+            raise
         finally:
             for cb in callbacks:
                 cb.close()
@@ -267,6 +270,16 @@ def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights
 
         atomic_write_bytes(teacher_file, st_save({k: v.contiguous() for k, v in teacher.state_dict().items()}))
     return teacher
+
+
+def _name_the_trained_model(err: JointCompressError, out: Path, given: bool) -> None:
+    """A run that stops after training the model first (a target out of reach is found then): that model is
+    in OUT/teacher.safetensors, and the next run can start from it rather than train it again (an hour, for
+    some models). Said as a note under the error."""
+    teacher_file = out / "teacher.safetensors"
+    if not given and teacher_file.is_file():
+        err.add_note(f"The model this run trained before compressing it is kept: give --weights {teacher_file} to "
+                     "the next run to start from it instead of training it again.")
 
 
 def _trained_before(builder, teacher_file: Path):
@@ -487,6 +500,8 @@ def _run(debug: bool) -> None:
         from rich.markup import escape
 
         console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False)
+        for note in getattr(err, "__notes__", ()):
+            console.print(escape(note), highlight=False)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
