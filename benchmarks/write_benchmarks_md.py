@@ -819,7 +819,13 @@ STEP_FORMAT_RUNS = (
      ("joint-paced-obdland-none", "sequential"), LOG8_HOW),
     ("seqcnn", "at 60x, BatchNorm in fp16: step sizes in 1 byte (quant_lsq.scale_format: log8) against 2 (fp16)",
      ("fp16 steps", "compare_seqcnn_60x_fp16_steps"), ("log8 steps", "compare_seqcnn_60x_log8"),
-     ("joint-paced-obdland-none", "sequential"), LOG8_HOW))
+     ("joint-paced-obdland-none", "sequential"), LOG8_HOW),
+    ("lenet300", "at 100x, 10 compression epochs: step sizes in 1 byte (quant_lsq.scale_format: log8) against 2 (fp16)",
+     ("fp16 steps", "compare_lenet300_100x_e10_fp16_steps"), ("log8 steps", "compare_lenet300_100x_e10_log8"),
+     ("joint-paced-obdland-none", "sequential"), LOG8_HOW),
+    ("lenet300", "with 2,000 training images at 100x: step sizes in 1 byte (quant_lsq.scale_format: log8) against 2 "
+     "(fp16)", ("fp16 steps", "compare_lenet300_100x_2k_fp16_steps_10seeds"),
+     ("log8 steps", "compare_lenet300_100x_2k_log8_10seeds"), ("joint-paced-obdland-none", "sequential"), LOG8_HOW))
 
 
 def _paired_points(first: dict, second: dict, ratio: float, variant: str) -> list[float]:
@@ -851,17 +857,18 @@ def step_format_summary() -> list[str]:
             if min(len(change[0]), len(change[1]), len(gap)) < 2:
                 continue
             images = f"{second.get('train_images', 60000):,}"
-            rows.append(f"| {MODELS[model]} | {ratio:g}x | {images} | {_mean_se(change[0])} | {_mean_se(change[1])} | "
-                        f"{_mean_se(gap)} | `{folder_b}` |")
+            rows.append(f"| {MODELS[model]} | {ratio:g}x | {images} | {second['epochs']} | {_mean_se(change[0])} | "
+                        f"{_mean_se(change[1])} | {_mean_se(gap)} | `{folder_b}` |")
     if not rows:
         return []
     return ["## Step sizes in one byte (the default under a size target) against two, every measured point", "",
             "`quant_lsq.scale_format: auto`, the default, trains and stores step sizes on a 2^(1/16) grid in one byte "
             "each (log8) when the run has a size target, fp16 otherwise. Each point below ran both ways on the same "
             "teachers and code (the sections after this one); differences in points of test error, log8 minus fp16, "
-            "paired by seed, bold beyond 2 standard errors; the last column is joint minus sequential with log8.", "",
-            "| model | target | training images | joint: log8 − fp16 | sequential: log8 − fp16 | joint − sequential, log8 "
-            "| log8 results |", "| --- | --- | --- | --- | --- | --- | --- |"] + rows + [""]
+            "paired by seed (3 seeds unless the sections say more), bold beyond 2 standard errors; the next-to-last "
+            "column is joint minus sequential with log8.", "",
+            "| model | target | training images | epochs | joint: log8 − fp16 | sequential: log8 − fp16 | joint − sequential, "
+            "log8 | log8 results |", "| --- | --- | --- | --- | --- | --- | --- | --- |"] + rows + [""]
 
 
 def step_format_section() -> list[str]:
