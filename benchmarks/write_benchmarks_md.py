@@ -825,7 +825,10 @@ STEP_FORMAT_RUNS = (
      ("joint-paced-obdland-none", "sequential"), LOG8_HOW),
     ("lenet300", "with 2,000 training images at 100x: step sizes in 1 byte (quant_lsq.scale_format: log8) against 2 "
      "(fp16)", ("fp16 steps", "compare_lenet300_100x_2k_fp16_steps_10seeds"),
-     ("log8 steps", "compare_lenet300_100x_2k_log8_10seeds"), ("joint-paced-obdland-none", "sequential"), LOG8_HOW))
+     ("log8 steps", "compare_lenet300_100x_2k_log8_10seeds"), ("joint-paced-obdland-none", "sequential"), LOG8_HOW),
+    ("vit", "at 30x, LayerNorm in fp16: step sizes in 1 byte (quant_lsq.scale_format: log8) against 2 (fp16)",
+     ("fp16 steps", "compare_vit_30x_fp16_steps"), ("log8 steps", "compare_vit_30x_log8"),
+     ("joint-paced-obdland-none", "sequential"), LOG8_HOW))
 
 
 def _paired_points(first: dict, second: dict, ratio: float, variant: str) -> list[float]:
