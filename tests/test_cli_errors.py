@@ -651,15 +651,26 @@ def test_dry_run_agrees_with_training_on_a_grouped_convolution(tmp_path, monkeyp
     assert "│ g2.0 " not in listed and "groups=4" in out, out
 
 
-def test_a_target_found_out_of_reach_after_the_model_trained_names_the_trained_model_to_start_from(
-        tmp_path, monkeypatch, capsys):
-    """Without --weights the command trains the model first and only then meets the size target's checks:
-    the error says where that model is kept, and a run given it as --weights does not train it again."""
+def test_a_joint_target_the_fixed_bytes_exceed_is_refused_before_the_model_trains(tmp_path, monkeypatch, capsys):
+    """mode: joint: the bytes no decision moves do not need the trained model, so a target under them is
+    refused before the command trains the model first (an hour, for some models), not after."""
     recipe = _recipe(tmp_path, "mode: joint\ntarget: {ratio: 5000}\ntraining: {epochs: 1}\n"
                                "techniques: [{type: quant_lsq, bits: 4}]\n")
     code, out = _cli(monkeypatch, capsys, "compress", recipe, "--teacher-epochs", "1", "--out", tmp_path / "o")
+    assert code == 2 and "cannot be reached" in out and "before training it" in out, out
+    assert "train model" not in out and not (tmp_path / "o" / "teacher.safetensors").exists(), out
+
+
+def test_a_target_found_out_of_reach_after_the_model_trained_names_the_trained_model_to_start_from(
+        tmp_path, monkeypatch, capsys):
+    """Sequential prices its floor on the trained model: the command trains it first and then finds the target
+    out of reach. The error says where that model is kept, and a run given it as --weights does not train it
+    again."""
+    recipe = _recipe(tmp_path, "mode: sequential\ntarget: {ratio: 5000}\ntraining: {epochs: 1}\n"
+                               "techniques: [{type: prune_unstructured}, {type: quant_lsq, bits: 4}]\n")
+    code, out = _cli(monkeypatch, capsys, "compress", recipe, "--teacher-epochs", "1", "--out", tmp_path / "o")
     trained = tmp_path / "o" / "teacher.safetensors"
-    assert code == 2 and "cannot be reached" in out and trained.is_file(), out
+    assert code == 2 and "smallest artifact" in out and trained.is_file(), out
     assert f"--weights {trained}" in out.replace("\n", ""), out
     recipe.write_text(recipe.read_text().replace("ratio: 5000", "ratio: 20"))
     code, out = _cli(monkeypatch, capsys, "compress", recipe, "--weights", trained, "--out", tmp_path / "o2")

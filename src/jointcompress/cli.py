@@ -222,6 +222,8 @@ def compress_cmd(
     main_rank = dist is None or dist.is_main
     out = prepare_run_dir(out, force=force, resume=resume, dist=dist)
     builder = builder_for(model_name, split)
+    if not weights and not resume:
+        _refuse_an_unreachable_target_before_training(builder, recipe, split)
     with progress_bar() as bar:
         show = (lambda d: tracked(bar, d)) if main_rank else (lambda d: None)
         teacher = _model_to_compress(builder, model_name, split, recipe, out, weights=weights, resume=resume,
@@ -270,6 +272,34 @@ def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights
 
         atomic_write_bytes(teacher_file, st_save({k: v.contiguous() for k, v in teacher.state_dict().items()}))
     return teacher
+
+
+def _refuse_an_unreachable_target_before_training(builder, recipe, split) -> None:
+    """mode: joint under a size target refuses a target the bytes no decision moves already exceed when its
+    budget sets up, which came after the command had trained the model first (an hour, for some models).
+    Those bytes (normalization layers, step sizes, biases, tensors no technique compresses) hardly depend on
+    the trained values, so the same check runs first on the untrained model (its constant normalization
+    layers code a little smaller: it refuses what the run would refuse, or a target within bytes of it)."""
+    import copy
+    import warnings
+
+    from .session.prepare import prepare
+
+    budget = recipe.technique("size_budget")
+    sized = (recipe.target is not None and not recipe.target.is_latency) or (
+        budget is not None and budget.target_bytes is not None)
+    if recipe.mode != "joint" or not sized:
+        return  # sequential and overlap: the allocator's floor is priced on the trained model
+    model = builder()
+    steps = max(1, len(split.x_train) // recipe.training.batch_size) * recipe.training.epochs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the run itself says them
+        try:
+            prepare(model, recipe, total_steps=steps, example_inputs=split.x_train[:2], teacher=copy.deepcopy(model),
+                    distributed=False)
+        except JointCompressError as err:
+            err.add_note("Checked on the untrained model, before training it; nothing was trained.")
+            raise
 
 
 def _name_the_trained_model(err: JointCompressError, out: Path, given: bool) -> None:
