@@ -43,7 +43,7 @@ def main():
     ap.add_argument("--train-limit", type=int, default=None, help="random subset of the train rows (default: all)")
     ap.add_argument("--scale-format", choices=("auto", "fp16", "log8"), default="fp16",
                     help="quant_lsq.scale_format (default fp16, as the stored runs trained; the library's default, "
-                         "auto, stores step sizes in one byte under a size target: about 0.1%% of this file, 6 KB)")
+                         "auto, stores step sizes in one byte under a size target)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     suffix = ("" if args.mode == "joint" else "_" + args.mode) + (f"_ratio{args.ratio:g}" if args.ratio else "") + (

@@ -767,14 +767,18 @@ def same_teachers(a: dict, b: dict) -> bool:
     return all(teachers(a).get(k) == v for k, v in teachers(b).items())
 
 
+def by_seed(result: dict, variant: str, ratio: float, key: str = "error") -> dict[int, float]:
+    """seed -> `key` of `variant`'s runs at `ratio` in a compare result."""
+    return {row["seed"]: row[key] for row in result["runs"] if row["variant"] == variant and row["ratio_target"] == ratio}
+
+
 def paired_rows(first: dict, second: dict, variants: tuple[str, ...], same: bool, files: bool = False) -> list[str]:
     """Table rows: each target and variant, the two results' mean errors over the seeds both ran and the second
     minus the first paired by seed (where the teachers are the same); with `files`, the mean file bytes too."""
     rows = []
     for ratio in second["ratios"]:
         for variant in variants:
-            pick = lambda r, key: {row["seed"]: row[key] for row in r["runs"]  # noqa: E731
-                                   if row["variant"] == variant and row["ratio_target"] == ratio}
+            pick = lambda r, key: by_seed(r, variant, ratio, key)  # noqa: E731
             err = {"a": pick(first, "error"), "b": pick(second, "error")}
             seeds = sorted(set(err["a"]) & set(err["b"]))
             if not seeds:
@@ -792,50 +796,40 @@ def paired_rows(first: dict, second: dict, variants: tuple[str, ...], same: bool
 LOG8_HOW = ("Both on today's code; `scale_format: log8` (every variant) trains and stores each step size on a 2^(1/16) "
             "grid in one byte, and both methods spend the freed bytes on weights (the budget and the allocator measure "
             "the file as it will be stored).")
+STEP_FORMAT_VARIANTS = ("joint-paced-obdland-none", "sequential")
+
+
+def _log8_pair(model: str, where: str, fp16_folder: str, log8_folder: str) -> tuple:
+    """A STEP_FORMAT_RUNS entry: the same point with step sizes in log8 against fp16."""
+    return (model, f"{where}: step sizes in 1 byte (quant_lsq.scale_format: log8) against 2 (fp16)",
+            ("fp16 steps", fp16_folder), ("log8 steps", log8_folder), STEP_FORMAT_VARIANTS, LOG8_HOW)
+
+
 # (model, title, (label, folder) before, (label, folder) after, variants, what changed): the step sizes'
 # storage against the same points stored another way
 STEP_FORMAT_RUNS = (
     ("lenet5", "at 400x: today's writer (the live channels' step sizes only, batch counters narrow) against the stored run",
      ("stored run", "compare_lenet5_400x_obdland"), ("today's code", "compare_lenet5_400x_live_steps"),
-     ("joint-paced-obdland-none", "sequential"),
+     STEP_FORMAT_VARIANTS,
      "The same command re-run on today's code, which stores only the step sizes of channels that keep a weight "
      "(`live_only`, docs/artifact_format.md) and BatchNorm's batch counters in the narrowest integer type; every "
      "other change since the stored run is in the difference too."),
-    ("lenet5", "at 400x: step sizes in 1 byte (quant_lsq.scale_format: log8) against 2 (fp16)",
-     ("fp16 steps", "compare_lenet5_400x_live_steps"), ("log8 steps", "compare_lenet5_400x_log8"),
-     ("joint-paced-obdland-none", "sequential"),
-     LOG8_HOW),
-    ("lenet300", "at 100x: step sizes in 1 byte (quant_lsq.scale_format: log8) against 2 (fp16)",
-     ("fp16 steps", "compare_lenet300_100x_fp16_steps"), ("log8 steps", "compare_lenet300_100x_log8"),
-     ("joint-paced-obdland-none", "sequential"), LOG8_HOW),
-    ("resnet", "at 20x: step sizes in 1 byte (quant_lsq.scale_format: log8) against 2 (fp16)",
-     ("fp16 steps", "compare_resnet_20x_fp16_steps"), ("log8 steps", "compare_resnet_20x_log8"),
-     ("joint-paced-obdland-none", "sequential"), LOG8_HOW),
-    ("lenet5", "at 100x and 200x: step sizes in 1 byte (quant_lsq.scale_format: log8) against 2 (fp16)",
-     ("fp16 steps", "compare_lenet5_100_200x_fp16_steps"), ("log8 steps", "compare_lenet5_100_200x_log8"),
-     ("joint-paced-obdland-none", "sequential"), LOG8_HOW),
-    ("lenet5", "with 2,000 training images at 200x: step sizes in 1 byte (quant_lsq.scale_format: log8) against 2 (fp16)",
-     ("fp16 steps", "compare_lenet5_200x_2k_fp16_steps"), ("log8 steps", "compare_lenet5_200x_2k_log8"),
-     ("joint-paced-obdland-none", "sequential"), LOG8_HOW),
-    ("seqcnn", "at 60x, BatchNorm in fp16: step sizes in 1 byte (quant_lsq.scale_format: log8) against 2 (fp16)",
-     ("fp16 steps", "compare_seqcnn_60x_fp16_steps"), ("log8 steps", "compare_seqcnn_60x_log8"),
-     ("joint-paced-obdland-none", "sequential"), LOG8_HOW),
-    ("lenet300", "at 100x, 10 compression epochs: step sizes in 1 byte (quant_lsq.scale_format: log8) against 2 (fp16)",
-     ("fp16 steps", "compare_lenet300_100x_e10_fp16_steps"), ("log8 steps", "compare_lenet300_100x_e10_log8"),
-     ("joint-paced-obdland-none", "sequential"), LOG8_HOW),
-    ("lenet300", "with 2,000 training images at 100x: step sizes in 1 byte (quant_lsq.scale_format: log8) against 2 "
-     "(fp16)", ("fp16 steps", "compare_lenet300_100x_2k_fp16_steps_10seeds"),
-     ("log8 steps", "compare_lenet300_100x_2k_log8_10seeds"), ("joint-paced-obdland-none", "sequential"), LOG8_HOW),
-    ("vit", "at 30x, LayerNorm in fp16: step sizes in 1 byte (quant_lsq.scale_format: log8) against 2 (fp16)",
-     ("fp16 steps", "compare_vit_30x_fp16_steps"), ("log8 steps", "compare_vit_30x_log8"),
-     ("joint-paced-obdland-none", "sequential"), LOG8_HOW))
+    _log8_pair("lenet5", "at 400x", "compare_lenet5_400x_live_steps", "compare_lenet5_400x_log8"),
+    _log8_pair("lenet300", "at 100x", "compare_lenet300_100x_fp16_steps", "compare_lenet300_100x_log8"),
+    _log8_pair("resnet", "at 20x", "compare_resnet_20x_fp16_steps", "compare_resnet_20x_log8"),
+    _log8_pair("lenet5", "at 100x and 200x", "compare_lenet5_100_200x_fp16_steps", "compare_lenet5_100_200x_log8"),
+    _log8_pair("lenet5", "with 2,000 training images at 200x", "compare_lenet5_200x_2k_fp16_steps",
+               "compare_lenet5_200x_2k_log8"),
+    _log8_pair("seqcnn", "at 60x, BatchNorm in fp16", "compare_seqcnn_60x_fp16_steps", "compare_seqcnn_60x_log8"),
+    _log8_pair("lenet300", "at 100x, 10 compression epochs", "compare_lenet300_100x_e10_fp16_steps",
+               "compare_lenet300_100x_e10_log8"),
+    _log8_pair("lenet300", "with 2,000 training images at 100x", "compare_lenet300_100x_2k_fp16_steps_10seeds",
+               "compare_lenet300_100x_2k_log8_10seeds"),
+    _log8_pair("vit", "at 30x, LayerNorm in fp16", "compare_vit_30x_fp16_steps", "compare_vit_30x_log8"))
 
 
-def _paired_points(first: dict, second: dict, ratio: float, variant: str) -> list[float]:
-    """Per seed, `variant`'s error at `ratio` in `second` minus in `first` (points; the seeds both ran)."""
-    pick = lambda r: {row["seed"]: row["error"] for row in r["runs"]  # noqa: E731
-                      if row["variant"] == variant and row["ratio_target"] == ratio}
-    a, b = pick(first), pick(second)
+def _differences(a: dict[int, float], b: dict[int, float]) -> list[float]:
+    """b minus a in points, per seed both have."""
     return [100 * (b[k] - a[k]) for k in sorted(set(a) & set(b))]
 
 
@@ -853,10 +847,8 @@ def step_format_summary() -> list[str]:
         if what != LOG8_HOW or first is None or second is None or not same_teachers(first, second):
             continue
         for ratio in second["ratios"]:
-            change = [_paired_points(first, second, ratio, v) for v in (joint, seq)]
-            log8 = {v: {row["seed"]: row["error"] for row in second["runs"] if row["variant"] == v
-                        and row["ratio_target"] == ratio} for v in (joint, seq)}
-            gap = [100 * (log8[joint][k] - log8[seq][k]) for k in sorted(set(log8[joint]) & set(log8[seq]))]
+            change = [_differences(by_seed(first, v, ratio), by_seed(second, v, ratio)) for v in (joint, seq)]
+            gap = _differences(by_seed(second, seq, ratio), by_seed(second, joint, ratio))
             if min(len(change[0]), len(change[1]), len(gap)) < 2:
                 continue
             images = f"{second.get('train_images', 60000):,}"
@@ -1201,8 +1193,8 @@ def sst2_target_section() -> list[str]:
            "before training from the artifact encoder's bytes (hf/size_target.py, aiming 1% under the target), in the "
            "recipe's 1 : 1.5 proportion. Target and file: the packed artifact's weights file (weights.jcw) against the "
            "teacher's fp32 weights. Accuracy: the artifact loaded back, dev set. Step sizes in fp16, as the script "
-           "pins them (`--scale-format`; the library's default under a size target is one byte each: 6,081 steps, "
-           "about 6 KB, 0.1% of this file, counted from its kept heads and neurons).", "",
+           "pins them (`--scale-format`; the library's default under a size target stores them in one byte each, "
+           "not run here).", "",
            "| command | target | planned | weights file | met | heads / FFN neurons | dev acc | % of teacher | int8 dev acc |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for path in runs:
@@ -1542,7 +1534,7 @@ def demo_step_format_section(fp16: str = "demo_seeds_fp16_steps.json", default: 
     a, b = _load(fp16), _load(default)
     if a is None or b is None or a.get("joint_variant") != b.get("joint_variant") or "scale_format" not in b:
         return []
-    lines = [f"## The demo's point: step sizes in one byte (the default) against two", "",
+    lines = ["## The demo's point: step sizes in one byte (the default) against two", "",
              f"Reproduce: `.venv/bin/{b['command']}`; `.venv/bin/{a['command']}`. Both on today's code, joint = "
              f"{b['joint_variant']}; `scale_format: auto` (the default) stores each step size in one byte on a 2^(1/16) "
              "grid under a size target, `fp16` in two; accuracy on the 449 held-out images.", "",

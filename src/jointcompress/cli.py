@@ -285,10 +285,7 @@ def _refuse_an_unreachable_target_before_training(builder, recipe, split) -> Non
 
     from .session.prepare import prepare
 
-    budget = recipe.technique("size_budget")
-    sized = (recipe.target is not None and not recipe.target.is_latency) or (
-        budget is not None and budget.target_bytes is not None)
-    if recipe.mode != "joint" or not sized:
+    if recipe.mode != "joint" or not recipe.has_size_target():
         return  # sequential and overlap: the allocator's floor is priced on the trained model
     model = builder()
     steps = max(1, len(split.x_train) // recipe.training.batch_size) * recipe.training.epochs

@@ -541,10 +541,14 @@ class Recipe(Strict):
         the recipe, so a copy given another target resolves them again."""
         quant = self.technique("quant_lsq")
         if quant is not None:
-            budget = self.technique("size_budget")
-            quant._sized_run = (self.target is not None and not self.target.is_latency) or (
-                budget is not None and budget.target_bytes is not None)
+            quant._sized_run = self.has_size_target()
         return self
+
+    def has_size_target(self) -> bool:
+        """A target in bytes: target.size_kb / ratio, or size_budget.target_bytes."""
+        budget = self.technique("size_budget")
+        return (self.target is not None and not self.target.is_latency) or (
+            budget is not None and budget.target_bytes is not None)
 
     def technique(self, kind: str):
         return next((t for t in self.techniques if t.type == kind), None)
