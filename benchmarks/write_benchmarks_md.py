@@ -1124,6 +1124,35 @@ def size_target_section() -> list[str]:
     return lines + [""]
 
 
+def accumulation_section() -> list[str]:
+    """benchmarks/accumulation_coordination.py: what projecting each micro-batch on its own did to PCGrad's
+    update, against the step's micro-batches resolved together (one batch's update)."""
+    r = _load("accumulation_coordination.json")
+    if r is None:
+        return []
+    lines = ["## PCGrad under gradient accumulation: micro-batches resolved together", "",
+             f"{r['model']} on the {r['data']}, the joint form at {r['target_ratio']:g}x, {r['epochs']} epochs, "
+             f"{r['coordination']}; K micro-batches a step (terms scaled by their share of the batch). A step once "
+             "took the sum of its micro-batches' own projections; it now takes the projection of their summed "
+             "per-term gradients, which equals one batch's (`tests/test_accumulation_fisher.py`). Per step, the "
+             "distance between the two (||before - now|| / ||now||, over every coordinated parameter) and their cosine; "
+             "per seed the median over the run's steps, then the mean ± standard error over seeds. PCGrad's own "
+             "change of the update (stats.changed) is beside it for scale.", "",
+             "| micro-batches | seeds | measured steps a run (the size term alive) | distance, median per seed | "
+             "distance, largest step | "
+             "cosine, smallest | PCGrad's change of the update, median | command |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for k, runs in r["by_micro_batches"].items():
+        medians = [x["distance_median"] for x in runs]
+        changed = [x["changed_median"] for x in runs]
+        se = statistics.stdev(medians) / math.sqrt(len(medians)) if len(medians) > 1 else 0.0
+        lines.append(f"| {k} | {len(runs)} | {runs[0]['measured_steps']} | {100 * statistics.mean(medians):.1f}% ± "
+                     f"{100 * se:.1f}% | {100 * max(x['distance_max'] for x in runs):.1f}% | "
+                     f"{min(x['cosine_min'] for x in runs):.4f} | {100 * statistics.mean(changed):.1f}% | "
+                     f"`{r['command'].strip()}` |")
+    return lines + [""]
+
+
 def channels_size_section() -> list[str]:
     """benchmarks/channels_and_size.py: channels and a size target in one joint run, in two runs, and
     the size target alone (same teacher, epochs, distillation and target bytes per seed)."""
@@ -1725,6 +1754,7 @@ def main() -> None:
     if (ROOT / "benchmarks" / "results" / "compare_lenet300_long" / "compare.json").is_file():
         text += section("lenet300", "compare_lenet300_long", ", longer training at 60x")
     text += size_target_section()
+    text += accumulation_section()
     text += channels_size_section()
     text += longer_run_section()
     text += sst2_section()

@@ -30,11 +30,9 @@ def _recipe(saliency: bool, strategy: str) -> dict:
     budget = {"type": "size_budget", "target_bytes": 900.0, "end": 0.6, "freeze": 0.8}
     if saliency:
         budget["saliency"] = 30.0
-    # fp16 steps: PCGrad finds nothing to project at this step, so one batch and its micro-batches must agree;
-    # with log8 steps the size term conflicts with accuracy here, and PCGrad projects each micro-batch's
-    # gradients on their own (nonlinear: K micro-batches then differ from one batch, by design)
-    return {"techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True, "learn_bits": True, "compile": False,
-                            "scale_format": "fp16"},
+    # step sizes in log8 (the default under this target): the size term conflicts with accuracy at this step,
+    # so PCGrad projects (test_pcgrad_resolves_the_micro_batches_as_one_batch); in fp16 it finds nothing to project
+    return {"techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True, "learn_bits": True, "compile": False},
                            {"type": "distill_kd", "temperature": 2.0, "alpha": 0.5},
                            budget],
             "coordination": {"strategy": strategy, "every": 1}}
@@ -57,19 +55,22 @@ def _start(saliency=False, strategy="none"):
 
 
 def _micro_batches(model, session, x, y, k, between=None):
-    """One accumulated step's forwards and backwards: k micro-batches, terms scaled by 1/k."""
+    """One accumulated step's forwards and backwards: k micro-batches, terms scaled by 1/k. Returns
+    the coordination stats the last backward returned."""
+    stats = None
     for i, (xm, ym) in enumerate(zip(x.chunk(k), y.chunk(k))):
         if i and between is not None:
             between()
         terms = session.loss(model(xm), (xm, ym))
         if k > 1:
             terms = {name: t / k for name, t in terms.items()}
-        session.backward(terms)
+        stats = session.backward(terms)
+    return stats
 
 
 def _one_step(k, saliency=False, strategy="none", between=None, x=None, y=None):
-    """The Fisher estimate and the gradients the techniques add before the optimizer step, after one
-    step of k micro-batches over the same SAMPLES samples."""
+    """The Fisher estimate, the gradients the techniques add before the optimizer step and every
+    parameter's gradient then, after one step of k micro-batches over the same SAMPLES samples."""
     model, session, optimizer = _start(saliency, strategy)
     if x is None:
         x, y = _data()
@@ -80,13 +81,14 @@ def _one_step(k, saliency=False, strategy="none", between=None, x=None, y=None):
     assert qs and all(bool(q.width_fisher_seen) for q in qs.values())
     out = {"fisher": {n: q.width_fisher.clone() for n, q in qs.items()},
            "bits_grad": {n: q.bits_raw.grad.clone() for n, q in qs.items()},
-           "dead_zone_grad": {n: q.dead_zone_raw.grad.clone() for n, q in qs.items()}}
+           "dead_zone_grad": {n: q.dead_zone_raw.grad.clone() for n, q in qs.items()},
+           "grad": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
     optimizer.step()
     session.after_step()
     return out
 
 
-def _assert_same(a, b, what=("fisher", "bits_grad", "dead_zone_grad")):
+def _assert_same(a, b, what=("fisher", "bits_grad", "dead_zone_grad", "grad")):
     for key in what:
         for name in a[key]:
             torch.testing.assert_close(b[key][name], a[key][name], rtol=1e-4, atol=1e-9, msg=f"{key} of {name}")
@@ -100,6 +102,43 @@ def test_four_micro_batches_give_the_fisher_estimate_of_one_batch(saliency, stra
     four = _one_step(4, saliency, strategy)
     assert all(float(f.sum()) > 0 for f in one["fisher"].values())
     _assert_same(one, four)
+
+
+def test_pcgrad_resolves_the_micro_batches_as_one_batch():
+    """PCGrad's projection is not linear: each of four micro-batches projected on its own, and their sum
+    taken, differed from one batch of the same samples (a Trainer with gradient_accumulation_steps > 1 got
+    that). The step now resolves the per-term gradients summed over its micro-batches (scale's damping
+    goes the same way), and the stats the last backward returned describe that update."""
+    def run(k):
+        model, session, optimizer = _start(strategy="pcgrad")
+        x, y = _data()
+        optimizer.zero_grad()
+        stats = _micro_batches(model, session, x, y, k)
+        session.before_step()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, stats
+
+    (one, one_stats), (four, four_stats) = run(1), run(4)
+    assert one_stats.changed > 1e-3  # the strategy changes this update: the terms conflict
+    for name in one:
+        torch.testing.assert_close(four[name], one[name], rtol=1e-4, atol=1e-8, msg=name)
+    assert four_stats.changed == pytest.approx(one_stats.changed, rel=1e-4)
+    assert four_stats.cosines.keys() == one_stats.cosines.keys()
+
+
+def test_a_step_zeroed_and_run_again_at_the_same_number_is_not_summed_with_the_first():
+    """A loop that drops a step (zero_grad, as after a non-finite loss) and runs it again at the same step
+    number: the first try's per-term gradients must not join the second's resolution."""
+    x, y = _data()
+    model, session, optimizer = _start(strategy="pcgrad")
+    optimizer.zero_grad()
+    _micro_batches(model, session, x[:32], y[:32], 2)  # the first try, dropped before the optimizer step
+    optimizer.zero_grad()
+    _micro_batches(model, session, x, y, 4)
+    session.before_step()
+    again = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    one = _one_step(1, strategy="pcgrad")["grad"]
+    for name in one:
+        torch.testing.assert_close(again[name], one[name], rtol=1e-4, atol=1e-8, msg=name)
 
 
 def test_uneven_micro_batches_count_every_sample():

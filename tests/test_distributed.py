@@ -229,17 +229,19 @@ LOOP = textwrap.dedent(
     sampler = torch.utils.data.distributed.DistributedSampler(ds, shuffle=True, seed=0)
     loader = torch.utils.data.DataLoader(ds, batch_size=32, sampler=sampler)
     model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
-    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.7, "end": 0.6},
-                             {"type": "quant_lsq", "bits": 4, "start": 0.3}], "coordination": {"strategy": "pcgrad"}}
+    # the joint form: accuracy against the size term, which PCGrad projects
+    recipe = {"mode": "joint", "target": {"ratio": 12}, "techniques": [{"type": "quant_lsq", "bits": 4}],
+              "coordination": {"strategy": "pcgrad"}}
     session = jointcompress.prepare(model, recipe, total_steps=2 * len(loader))  # distributed="auto" by default
     optimizer = torch.optim.Adam(session.param_groups(lr=3e-3))
     session.bind(optimizer)
     for epoch in range(2):
         sampler.set_epoch(epoch)
         for xb, yb in loader:
-            terms = session.loss(model(xb), (xb, yb))
             optimizer.zero_grad()
-            session.backward(terms)
+            for xm, ym in zip(xb.chunk(2), yb.chunk(2)):  # two micro-batches a step (gradient accumulation)
+                terms = session.loss(model(xm), (xm, ym))
+                session.backward({name: t / 2 for name, t in terms.items()})
             session.before_step()
             optimizer.step()
             session.after_step()
@@ -254,7 +256,8 @@ LOOP = textwrap.dedent(
 @pytest.mark.slow
 def test_the_session_in_a_users_loop_joins_torchrun_by_default(tmp_path):
     """prepare() defaulted to one process: under torchrun each rank trained its own model (the docs then
-    said to wrap it in DistributedDataParallel, whose reducer the per-term backward breaks)."""
+    said to wrap it in DistributedDataParallel, whose reducer the per-term backward breaks). Two micro-batches
+    a step: PCGrad resolves them together on each rank, and the ranks still agree."""
     script = tmp_path / "loop.py"
     script.write_text(LOOP)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),

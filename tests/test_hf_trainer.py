@@ -141,6 +141,35 @@ def test_trainer_trains_the_joint_form_and_lands_the_file_on_the_size_target(tmp
     assert goal * 0.9 <= on_disk <= goal * 1.02, (on_disk, goal)
 
 
+def test_accumulated_micro_batches_are_coordinated_together_before_the_trainer_clips(tmp_path, monkeypatch):
+    """gradient_accumulation_steps 2 with PCGrad: each micro-batch was projected on its own. The step's
+    micro-batches are now resolved together on the last one, in training_step, before the Trainer clips
+    the gradients (its on_pre_optimizer_step, where before_step runs, comes after the clipping)."""
+    from jointcompress.coordination import GradientCoordinator
+
+    events = []
+    settle = GradientCoordinator.settle
+    monkeypatch.setattr(GradientCoordinator, "settle", lambda self, step: events.append(("settle", settle(self, step)))
+                        or events[-1][1])
+    teacher, model = tiny_bert(layers=2, seed=1), tiny_bert(layers=2, seed=0)
+    recipe = {"mode": "joint", "target": {"ratio": 4}, "coordination": {"strategy": "pcgrad", "every": 1},
+              "techniques": [{"type": "quant_lsq", "bits": 4}, {"type": "distill_kd", "temperature": 2.0, "alpha": 0.5}]}
+    steps = 3
+    session = jointcompress.prepare(model, recipe, total_steps=steps, teacher=teacher)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=6,
+                             gradient_accumulation_steps=2, max_grad_norm=1.0, learning_rate=1e-3, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    trainer = CompressionTrainer(session=session, model=model, args=args, train_dataset=_rows())
+    clip = trainer._clip_grad_norm
+    monkeypatch.setattr(trainer, "_clip_grad_norm", lambda m: events.append(("clip", None)) or clip(m))
+    trainer.train()
+    assert session.step == steps
+    # per step: the last micro-batch settles two micro-batches (True), the Trainer clips, before_step finds
+    # nothing left; the third step is past the size budget's freeze (80% of the run): accuracy alone
+    assert events == [("settle", True), ("clip", None), ("settle", False)] * 2 + [
+        ("settle", False), ("clip", None), ("settle", False)], events
+
+
 def test_a_technique_that_starts_later_joins_the_trainers_optimizer_and_follows_its_schedule(tmp_path):
     """quant_lsq with `start: 0.5` adds its group mid-run: the Trainer's LambdaLR stopped with "zip()
     argument 2 is shorter than argument 1"; the group now follows the warm-up / decay at its own rate,

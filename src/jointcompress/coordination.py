@@ -18,6 +18,11 @@ default): on the measured steps of `scale` and `pcgrad` task and distillation ar
 term (summed first), so the strategy resolves accuracy against size and the regularizers, not task
 against distillation; `none` measures every term apart (it changes no update, so a run's numbers
 do not depend on the switch).
+
+Gradient accumulation (K backward calls before one optimizer step): `scale` and `pcgrad` are not
+linear, so a measured step keeps its per-term gradients, summed over the micro-batches, and
+`settle` (session.before_step) resolves the sum once in place of the micro-batches' own resolutions:
+K micro-batches take the update one batch of their samples takes.
 """
 from __future__ import annotations
 
@@ -90,6 +95,22 @@ class CoordinationStats:
         }
 
 
+class _HeldStep:
+    """A measured step's per-term gradients (group -> one row per term) summed over its micro-batches,
+    and what their own resolutions put into .grad, until the optimizer step settles them."""
+
+    def __init__(self, step: int, names: list[str], stacked: dict, applied: dict, stats: CoordinationStats,
+                 groups: dict[str, list[torch.nn.Parameter]]):
+        self.step, self.names, self.stacked, self.applied, self.stats = step, names, stacked, applied, stats
+        self.micro_batches = 1
+        # the parameters of a group the first resolution gave a non-zero gradient: all zero (or None)
+        # again means the loop zeroed the gradients since, and a new step began at the same number
+        self.witness = next((groups[g] for g, vec in applied.items() if bool(vec.any())), [])
+
+    def zeroed(self) -> bool:
+        return all(p.grad is None or not bool(p.grad.any()) for p in self.witness)
+
+
 class GradientCoordinator:
     def __init__(self, config, groups: dict[str, list[torch.nn.Parameter]], seed: int = 0):
         self.config = config
@@ -98,6 +119,7 @@ class GradientCoordinator:
         self.params = [p for v in self.groups.values() for p in v]
         self.factors: dict[str, float] = {}  # "term@group" -> last scale factor
         self.rng = random.Random(seed)
+        self._held: _HeldStep | None = None  # a measured step's per-term gradients, until settle
 
     def backward(self, terms: dict[str, torch.Tensor], step: int) -> CoordinationStats | None:
         """Put the coordinated gradient into .grad of every shared parameter."""
@@ -110,14 +132,55 @@ class GradientCoordinator:
             self._plain_backward(terms)
             return None
         per_term = {name: self._grad(t) for name, t in terms.items()}
+        names, stacked = list(per_term), self._split(per_term)
+        resolved, stats = self._resolve(names, stacked, step)
+        if self._held is not None and self._held.zeroed():  # read before this backward's gradients land
+            self._held = None
+        self._assign(resolved)
+        if self.config.strategy != "none":  # none's sum is linear: its micro-batches add up on their own
+            self._hold(step, names, stacked, resolved, stats)
+        return stats
+
+    def settle(self, step: int) -> bool:
+        """Gradient accumulation: a measured step's K micro-batches (K backward calls before the
+        optimizer step) were each resolved on their own, and PCGrad's projection (or scale's damping)
+        is not linear, so their sum differs from what one batch of the same samples gets whenever the
+        terms conflict. Resolve the per-term gradients summed over the micro-batches once and put that
+        in .grad in place of the per-micro-batch resolutions (what else a loop added stays). Returns
+        whether .grad changed; one micro-batch changes nothing. The step's stats (the object the last
+        backward returned) then describe the update the step takes."""
+        held, self._held = self._held, None
+        if held is None or held.step != step or held.micro_batches < 2:
+            return False
+        resolved, stats = self._resolve(held.names, held.stacked, step)
+        self._assign({g: resolved[g] - held.applied[g] for g in resolved})
+        held.stats.__dict__.update(stats.__dict__)
+        return True
+
+    def _hold(self, step: int, names: list[str], stacked: dict, resolved: dict, stats: CoordinationStats) -> None:
+        """Keep a measured backward's per-term gradients until the optimizer step (settle): summed with
+        the step's earlier micro-batches, or the first of a new step (another step number, a new name
+        set, or, seen by backward, gradients zeroed since: a step dropped and tried again at its number)."""
+        held = self._held
+        if held is None or held.step != step or held.names != names:
+            self._held = _HeldStep(step, names, stacked, dict(resolved), stats, self.groups)
+            return
+        for g in stacked:
+            held.stacked[g] += stacked[g]
+            held.applied[g] = held.applied[g] + resolved[g]  # not in place: .grad may view the first one
+        held.stats, held.micro_batches = stats, held.micro_batches + 1
+
+    # -- pieces ---------------------------------------------------------------------------
+    def _resolve(self, names: list[str], stacked: dict[str, torch.Tensor], step: int):
+        """The coordinated gradient of each group from its terms' gradients (one row per term), and
+        the step's conflict statistics."""
         stats = CoordinationStats(step=step, conflict_rate=0.0)
         detailed = step % self.config.log_every == 0  # elementwise sign statistics only when logged
         resolved: dict[str, torch.Tensor] = {}
         conflicts = pairs = 0
         sq_changed = sq_sum = 0.0
-        names = list(per_term)
-        for gname, stacked in self._split(per_term).items():
-            gram = (stacked @ stacked.T).double()
+        for gname, rows in stacked.items():
+            gram = (rows @ rows.T).double()
             norms = gram.diag().clamp_min(0).sqrt()
             live = [i for i, on in enumerate(norms.gt(0).tolist()) if on]  # terms that touch this group
             # every pair's cosine in one division (element for element the same doubles), read once
@@ -130,18 +193,16 @@ class GradientCoordinator:
                     conflicts += c < 0
                     stats.cosines[key] = c
                     if detailed:
-                        stats.opposite[key] = opposite_fraction(stacked[a], stacked[b])
+                        stats.opposite[key] = opposite_fraction(rows[a], rows[b])
             weights = self._weights(names, gram, gname, stats)
             delta = weights - 1
-            resolved[gname] = (weights.to(stacked.dtype) @ stacked)
+            resolved[gname] = (weights.to(rows.dtype) @ rows)
             sq_changed += float(delta @ gram @ delta)
             sq_sum += float(gram.sum())
         stats.conflict_rate = conflicts / pairs if pairs else 0.0
         stats.changed = (max(sq_changed, 0.0) / sq_sum) ** 0.5 if sq_sum > 0 else 0.0
-        self._assign(resolved)
-        return stats
+        return resolved, stats
 
-    # -- pieces ---------------------------------------------------------------------------
     def _objectives(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The terms the strategy resolves: as given, or with `accuracy_as_one` the primary terms
         summed into "accuracy" (first, in the order given) beside the others. `none` changes no

@@ -11,7 +11,8 @@ technique's terms), the backward is the session's coordinated backward, and the 
 also holds the techniques' parameters (mask scores, LSQ step sizes; those that attach later
 are added when they do). CompressionCallback runs the techniques' hooks around the
 Trainer's optimizer step and advances the schedule. Gradient accumulation works (each
-micro-batch's terms are scaled like the Trainer scales its loss); one process only. Each
+micro-batch's terms are scaled like the Trainer scales its loss, and the step's micro-batches are
+coordinated together on the last one, before the Trainer clips); one process only. Each
 checkpoint-N folder also holds the session's state (SESSION_FILE), which
 train(resume_from_checkpoint=...) restores before the Trainer loads the weights.
 """
@@ -127,6 +128,8 @@ class CompressionTrainer(Trainer):
         scale = 1.0 / max(1, self.current_gradient_accumulation_steps)
         terms = {k: v * scale for k, v in terms.items()}
         self.session.backward(terms)
+        if self.accelerator.sync_gradients:  # the step's last micro-batch: settle before the Trainer clips
+            self.session.settle_gradients()
         return sum(v.detach() for v in terms.values())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -288,10 +288,19 @@ class CompressionSession:
         self.sync.grads(self.coordinator.params)
         return stats
 
+    def settle_gradients(self) -> None:
+        """Gradient accumulation: the measured step's micro-batches resolved together, as one batch
+        of their samples is (coordination.py, `settle`). before_step calls it; a loop that changes the
+        gradients between its last backward and before_step (clipping, as the Hugging Face Trainer
+        does) calls it first. Once a step; without accumulation it changes nothing."""
+        if self.coordinator is not None and self.coordinator.settle(self.step):
+            self.sync.grads(self.coordinator.params)  # each rank corrected its own: the average again
+
     def before_step(self) -> None:
         """Right before optimizer.step(): techniques act on the gradients."""
         if self.spec is not None:
             refuse_finalized("before_step", self.step)
+        self.settle_gradients()
         if self._before_at == self.step and not self._warned_no_after:
             # a loop that never calls after_step trains at step 0's schedule: masks never ramp,
             # quantizers never start, and finalize then bakes an uncompressed model, silently
