@@ -495,3 +495,4 @@ def test_a_target_the_fixed_bytes_take_most_of_is_said_before_training_with_what
         share = int(re.search(r"target \((\d+)%\)", said[0]).group(1))
         assert share >= 50 and "1.weight 512 B" in said[0] and "the weights share the" in said[0]  # BatchNorm, in fp16
         assert ("quant_lsq.scale_format: log8 stores each of the 260 step sizes" in said[0]) == (scale_format == "fp16")
+        assert "quant_lsq.per_channel: false stores one step per layer" in said[0]  # once dropped beside log8 steps

@@ -180,15 +180,24 @@ class SizeBudget(Landing, Technique):
             return
         example = getattr(self, "example_inputs", None) if channels is None else None
         gone = "" if channels is None else f" {channels}"
-        channel_steps = sum(m.parametrizations.weight.original.shape[0] for m, _ in self.layers.values())
-        steps_hint = ("; quant_lsq.scale_format: log8 stores each of the {:,} step sizes in 1 byte instead of 2, and "
-                      "quant_lsq.per_channel: false one per layer".format(channel_steps)
-                      if any(q.step_format == "fp16" for _, q in self.layers.values()) else "")
         warnings.warn(
             f"size_budget: {self.fixed:,.0f} B of the {target:,.0f} B target ({self.fixed / target:.0%}) do not depend on "
             f"what the run decides{gone} ({fixed_bytes_detail(model, example_inputs=example)}); the weights share the "
             f"{max(self.aim() - self.fixed, 0.0):,.0f} B left, so few of them stay and accuracy may suffer. A larger "
-            "target leaves them more" + steps_hint + fixed_part_hint(model), stacklevel=2)
+            "target leaves them more" + self._steps_hint() + fixed_part_hint(model), stacklevel=2)
+
+    def _steps_hint(self) -> str:
+        """What the step sizes' own bytes could give back: one byte each (log8) where they are fp16, one per
+        layer (per_channel: false) where they are per channel. Each part is said only where it applies:
+        the per-layer part was once dropped whenever the steps were already log8."""
+        quantizers = [q for _, q in self.layers.values()]
+        steps = sum(m.parametrizations.weight.original.shape[0] if q.per_channel else 1 for m, q in self.layers.values())
+        parts = []
+        if any(q.step_format == "fp16" for q in quantizers):
+            parts.append(f"quant_lsq.scale_format: log8 stores each of the {steps:,} step sizes in 1 byte instead of 2")
+        if any(q.per_channel for q in quantizers):
+            parts.append("quant_lsq.per_channel: false stores one step per layer")
+        return "; " + ", and ".join(parts) if parts else ""
 
     def channel_floor_bytes(self) -> float:
         """About the smallest file the landing reaches unless training empties whole channels: every
