@@ -838,9 +838,27 @@ def _mean_se(diffs: list[float]) -> str:
     return f"{'**' if abs(mean) > 2 * se else ''}{mean:+.2f} ± {se:.2f}{'**' if abs(mean) > 2 * se else ''}"
 
 
+def kept_weights(result: dict, variant: str, ratio: float) -> dict[int, int]:
+    """seed -> the weights `variant`'s run at `ratio` kept (non-zero, over its compressed layers)."""
+    return {row["seed"]: sum(layer["nonzero"] for layer in row["layers"].values())
+            for row in result["runs"] if row["variant"] == variant and row["ratio_target"] == ratio and row.get("layers")}
+
+
+def _kept_change(first: dict, second: dict, variant: str, ratio: float) -> str:
+    """The weights kept with fp16 steps and with log8, mean over the seeds both ran, and the change."""
+    a, b = kept_weights(first, variant, ratio), kept_weights(second, variant, ratio)
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return "-"
+    mean_a, mean_b = statistics.mean(a[k] for k in seeds), statistics.mean(b[k] for k in seeds)
+    return f"{mean_a:,.0f} → {mean_b:,.0f} ({100 * (mean_b / mean_a - 1):+.1f}%)"
+
+
 def step_format_summary() -> list[str]:
     """Every log8-against-fp16 pair of STEP_FORMAT_RUNS in one table: what `scale_format: auto` (log8 under
-    a size target) changes for each method, and joint against sequential with it."""
+    a size target) changes for each method, and joint against sequential with it; and how many more weights
+    each method kept with the bytes log8 frees, so a method that gains less is seen to gain less per weight,
+    not to get fewer weights."""
     rows = []
     for model, _, (_, folder_a), (_, folder_b), (joint, seq), what in STEP_FORMAT_RUNS:
         first, second = _finished(load_compare(folder_a)), _finished(load_compare(folder_b))
@@ -853,17 +871,20 @@ def step_format_summary() -> list[str]:
                 continue
             images = f"{second.get('train_images', 60000):,}"
             rows.append(f"| {MODELS[model]} | {ratio:g}x | {images} | {second['epochs']} | {_mean_se(change[0])} | "
-                        f"{_mean_se(change[1])} | {_mean_se(gap)} | `{folder_b}` |")
+                        f"{_mean_se(change[1])} | {_mean_se(gap)} | {_kept_change(first, second, joint, ratio)} | "
+                        f"{_kept_change(first, second, seq, ratio)} | `{folder_b}` |")
     if not rows:
         return []
     return ["## Step sizes in one byte (the default under a size target) against two, every measured point", "",
             "`quant_lsq.scale_format: auto`, the default, trains and stores step sizes on a 2^(1/16) grid in one byte "
             "each (log8) when the run has a size target, fp16 otherwise. Each point below ran both ways on the same "
             "teachers and code (the sections after this one); differences in points of test error, log8 minus fp16, "
-            "paired by seed (3 seeds unless the sections say more), bold beyond 2 standard errors; the next-to-last "
-            "column is joint minus sequential with log8.", "",
+            "paired by seed (3 seeds unless the sections say more), bold beyond 2 standard errors; then joint minus "
+            "sequential with log8, and the weights each method kept (non-zero, over the compressed layers; mean over "
+            "the seeds) with fp16 steps and with log8: what it bought with the bytes log8 frees.", "",
             "| model | target | training images | epochs | joint: log8 − fp16 | sequential: log8 − fp16 | joint − sequential, "
-            "log8 | log8 results |", "| --- | --- | --- | --- | --- | --- | --- | --- |"] + rows + [""]
+            "log8 | joint: weights kept, fp16 → log8 | sequential: weights kept, fp16 → log8 | log8 results |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"] + rows + [""]
 
 
 def step_format_section() -> list[str]:
