@@ -267,6 +267,64 @@ def test_the_session_in_a_users_loop_joins_torchrun_by_default(tmp_path):
     assert j0["world"] == 2 and j0["state"] == j1["state"]
 
 
+GLOBAL_BATCH = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    import torch._dynamo  # before the group (docs/reliability.md, "Exit")
+    import jointcompress
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    torch.manual_seed(0)
+    x = torch.randn(48, 20)
+    y = (x[:, :5].sum(1) > 0).long()
+    model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
+    recipe = {"mode": "joint", "target": {"ratio": 12}, "techniques": [{"type": "quant_lsq", "bits": 4}],
+              "coordination": {"strategy": "pcgrad"}}
+    session = jointcompress.prepare(model, recipe, total_steps=10, example_inputs=x[:2])
+    optimizer = torch.optim.SGD(session.param_groups(lr=0.05), lr=0.05)
+    session.bind(optimizer)
+    seen = {}
+    for step in range(3):  # a global batch of 16; each rank its share
+        xb, yb = x[16 * step: 16 * step + 16].chunk(world)[rank], y[16 * step: 16 * step + 16].chunk(world)[rank]
+        optimizer.zero_grad()
+        stats = session.backward(session.loss(model(xb), (xb, yb)))
+        session.before_step()
+        seen[f"changed{step}"] = torch.tensor(stats.changed)
+        seen.update({f"{step}:{n}": p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        optimizer.step()
+        session.after_step()
+    if rank == 0:
+        torch.save(seen, os.path.join(sys.argv[1], f"grads{world}.pt"))
+    if world > 1:
+        dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.slow
+def test_pcgrad_under_torchrun_takes_the_global_batchs_update(tmp_path):
+    """Each rank projected its own batch's gradients and the ranks averaged the projections: PCGrad is not
+    linear, so two ranks of 8 samples took another update than one process with the 16. The ranks' per-term
+    gradients are now averaged first and projected once, on every rank alike."""
+    script = tmp_path / "global_batch.py"
+    script.write_text(GLOBAL_BATCH)
+    for launch in ([sys.executable], [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]):
+        r = subprocess.run([*launch, str(script), str(tmp_path)], env=_clean_env(), capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    one, two = (torch.load(tmp_path / f"grads{w}.pt", weights_only=True) for w in (1, 2))
+    assert float(one["changed0"]) > 1e-3  # PCGrad changes these updates: the terms conflict
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-7, msg=key)
+
+
 @pytest.mark.slow
 def test_a_non_finite_step_on_one_rank_is_named_with_its_rank_and_term_on_every_rank(runs):
     """Rank 0, whose history is written, recorded only "a loss term is non-finite on another rank"."""

@@ -149,7 +149,7 @@ def test_accumulated_micro_batches_are_coordinated_together_before_the_trainer_c
 
     events = []
     settle = GradientCoordinator.settle
-    monkeypatch.setattr(GradientCoordinator, "settle", lambda self, step: events.append(("settle", settle(self, step)))
+    monkeypatch.setattr(GradientCoordinator, "settle", lambda self, *args: events.append(("settle", settle(self, *args)))
                         or events[-1][1])
     teacher, model = tiny_bert(layers=2, seed=1), tiny_bert(layers=2, seed=0)
     recipe = {"mode": "joint", "target": {"ratio": 4}, "coordination": {"strategy": "pcgrad", "every": 1},

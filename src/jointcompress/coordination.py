@@ -22,7 +22,8 @@ do not depend on the switch).
 Gradient accumulation (K backward calls before one optimizer step): `scale` and `pcgrad` are not
 linear, so a measured step keeps its per-term gradients, summed over the micro-batches, and
 `settle` (session.before_step) resolves the sum once in place of the micro-batches' own resolutions:
-K micro-batches take the update one batch of their samples takes.
+K micro-batches take the update one batch of their samples takes. Under torchrun the ranks' sums are
+averaged first, so every rank takes the global batch's update.
 """
 from __future__ import annotations
 
@@ -141,19 +142,25 @@ class GradientCoordinator:
             self._hold(step, names, stacked, resolved, stats)
         return stats
 
-    def settle(self, step: int) -> bool:
+    def settle(self, step: int, mean_over_ranks=None) -> bool:
         """Gradient accumulation: a measured step's K micro-batches (K backward calls before the
         optimizer step) were each resolved on their own, and PCGrad's projection (or scale's damping)
         is not linear, so their sum differs from what one batch of the same samples gets whenever the
         terms conflict. Resolve the per-term gradients summed over the micro-batches once and put that
-        in .grad in place of the per-micro-batch resolutions (what else a loop added stays). Returns
-        whether .grad changed; one micro-batch changes nothing. The step's stats (the object the last
-        backward returned) then describe the update the step takes."""
+        in .grad in place of the per-micro-batch resolutions (what else a loop added stays).
+        Data-parallel (`mean_over_ranks`: group -> tensor averaged over the ranks, given after .grad was
+        averaged): the same for the ranks' batches, so the step takes the global batch's update on every
+        rank, not the average of each rank's own projection. Returns whether .grad changed; one
+        micro-batch in one process changes nothing. The step's stats (the object the last backward
+        returned) then describe the update the step takes."""
         held, self._held = self._held, None
-        if held is None or held.step != step or held.micro_batches < 2:
+        if held is None or held.step != step or (held.micro_batches < 2 and mean_over_ranks is None):
             return False
-        resolved, stats = self._resolve(held.names, held.stacked, step)
-        self._assign({g: resolved[g] - held.applied[g] for g in resolved})
+        stacked, applied = held.stacked, held.applied
+        if mean_over_ranks is not None:
+            stacked, applied = mean_over_ranks(stacked), mean_over_ranks(applied)
+        resolved, stats = self._resolve(held.names, stacked, step)
+        self._assign({g: resolved[g] - applied[g] for g in resolved})
         held.stats.__dict__.update(stats.__dict__)
         return True
 

@@ -8,6 +8,9 @@ Design (see docs/reliability.md):
   shared parameter (weights, mask scores, LSQ step sizes, feature projections), those
   gradients are averaged over the ranks with one flattened all-reduce per dtype. The same
   code path serves plain training (no technique), so there is one way gradients are reduced.
+  On a step `pcgrad` or `scale` measures, the ranks' per-term gradients are averaged too and
+  resolved once (coordination.py, `settle`): the global batch's update, not the average of each
+  rank's own projection.
 - Decisions are made on rank 0 and broadcast: the whole model state (weights, parametrization
   buffers, LSQ step sizes, BatchNorm statistics) at the start, after every attach/freeze event
   and at every evaluation; technique state (masks, scores, thresholds, temperatures) after
@@ -76,6 +79,21 @@ class DistContext:
                 n = p.grad.numel()
                 p.grad = flat[offset : offset + n].view_as(p.grad).clone()
                 offset += n
+
+    def mean_tensors(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The tensors averaged over the ranks, as new tensors (the given ones are left alone: one may
+        be what a .grad views); one flat all-reduce per dtype and device."""
+        out: list[torch.Tensor | None] = [None] * len(tensors)
+        buckets: dict[tuple, list[int]] = {}
+        for i, t in enumerate(tensors):
+            buckets.setdefault((t.dtype, t.device), []).append(i)
+        for index in buckets.values():
+            flat = torch.cat([tensors[i].reshape(-1) for i in index])
+            tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+            flat /= self.world_size
+            for i, part in zip(index, flat.split([tensors[i].numel() for i in index])):
+                out[i] = part.view_as(tensors[i])
+        return out
 
     def any(self, flag: bool, device: torch.device | str = "cpu") -> bool:
         """True on every rank when `flag` is true on at least one."""

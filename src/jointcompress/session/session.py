@@ -289,12 +289,13 @@ class CompressionSession:
         return stats
 
     def settle_gradients(self) -> None:
-        """Gradient accumulation: the measured step's micro-batches resolved together, as one batch
-        of their samples is (coordination.py, `settle`). before_step calls it; a loop that changes the
-        gradients between its last backward and before_step (clipping, as the Hugging Face Trainer
-        does) calls it first. Once a step; without accumulation it changes nothing."""
-        if self.coordinator is not None and self.coordinator.settle(self.step):
-            self.sync.grads(self.coordinator.params)  # each rank corrected its own: the average again
+        """The measured step's micro-batches, and under torchrun the ranks' batches, resolved together,
+        as one batch of all their samples is (coordination.py, `settle`). before_step calls it; a loop
+        that changes the gradients between its last backward and before_step (clipping, as the Hugging
+        Face Trainer does) calls it first. Once a step; in one process without accumulation it changes
+        nothing."""
+        if self.coordinator is not None:
+            self.coordinator.settle(self.step, self.sync.mean_groups if self.sync.dist is not None else None)
 
     def before_step(self) -> None:
         """Right before optimizer.step(): techniques act on the gradients."""

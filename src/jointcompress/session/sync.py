@@ -32,6 +32,12 @@ class Sync:
         if self.dist is not None:
             self.dist.all_reduce_grads(params)
 
+    def mean_groups(self, by_group: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each group's tensor averaged over the ranks (new tensors; alone: as given)."""
+        if self.dist is None:
+            return by_group
+        return dict(zip(by_group, self.dist.mean_tensors(list(by_group.values()))))
+
     def any(self, flag: bool, device) -> bool:
         """True on every rank when `flag` is true on one (alone: the flag itself)."""
         return self.dist.any(flag, device) if self.dist is not None else flag
