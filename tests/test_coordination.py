@@ -1,5 +1,6 @@
 import random
 
+import pytest
 import torch
 
 from jointcompress.coordination import GradientCoordinator, pcgrad
@@ -197,3 +198,34 @@ def test_a_run_whose_strategy_changed_nothing_says_why(digits, digits_teacher):
     with pytest.warns(UserWarning, match="pcgrad changed no update in this run: it had one objective"):
         compress(model, recipe, (digits.x_train, digits.y_train), evaluator(digits.x_test, digits.y_test),
                  teacher=digits_teacher)
+
+
+@pytest.mark.parametrize("weight_before", [True, False])
+def test_reentrant_activation_checkpointing_is_refused_with_its_fix(weight_before):
+    """A measured step takes one gradient per term with torch.autograd.grad, and reentrant checkpointing hides
+    the checkpointed layer's weights from it: with a trained weight before the checkpoint torch's RuntimeError
+    came from deep inside the coordinator; without one (frozen embeddings, say) the layer's gradients came
+    back as None, taken as zero: the measured steps did not train it, silently."""
+    from torch.utils.checkpoint import checkpoint
+
+    from jointcompress.errors import JointCompressError
+
+    first, layer = torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+    params = [*first.parameters(), *layer.parameters()] if weight_before else list(layer.parameters())
+    coord = GradientCoordinator(Coordination(strategy="pcgrad"), {"weights": params})
+    x = torch.randn(5, 4, requires_grad=True)  # reentrant checkpointing needs an input that requires grad
+    out = checkpoint(layer, first(x) if weight_before else x, use_reentrant=True)
+    size = sum(p.abs().sum() for p in params)  # first, and its graph holds no checkpoint
+    terms = {"size": size, "task": out.square().mean()}
+    with pytest.raises(JointCompressError, match=r"use_reentrant=False"):
+        coord.backward(terms, step=0)
+
+
+def test_non_reentrant_activation_checkpointing_trains_on_measured_steps():
+    from torch.utils.checkpoint import checkpoint
+
+    layer = torch.nn.Linear(4, 3)
+    coord = GradientCoordinator(Coordination(strategy="pcgrad"), {"weights": list(layer.parameters())})
+    out = checkpoint(layer, torch.randn(5, 4), use_reentrant=False)
+    coord.backward({"task": out.square().mean(), "size": out.sum()}, step=0)
+    assert layer.weight.grad is not None and bool(layer.weight.grad.any())

@@ -69,6 +69,30 @@ def pcgrad(grads: list[torch.Tensor], rng: random.Random | None = None) -> list[
     return [(c @ flat).to(grads[0].dtype) for c in coeffs]
 
 
+REENTRANT_CHECKPOINT = (
+    "coordination: a measured step takes one gradient per loss term (torch.autograd.grad), and activation "
+    "checkpointing with use_reentrant=True hides the checkpointed layers' weights from it: torch refuses, or, where "
+    "no other weight the step asks for lies before them, their gradients come back as nothing, silently. "
+    "Checkpoint with use_reentrant=False (Hugging Face: model.gradient_checkpointing_enable("
+    "gradient_checkpointing_kwargs={'use_reentrant': False}), or TrainingArguments(gradient_checkpointing_kwargs=...)); "
+    "it saves the same memory")
+
+
+def reentrant_checkpoint_in(term: torch.Tensor) -> bool:
+    """Whether the graph behind `term` holds a reentrant activation checkpoint (its backward recomputes the
+    forward in a nested backward() of its own, which torch.autograd.grad cannot reach into)."""
+    seen, todo = set(), [term.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if fn.name() == "CheckpointFunctionBackward":
+            return True
+        todo.extend(next_fn for next_fn, _ in fn.next_functions)
+    return False
+
+
 def opposite_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
     """Share of the entries where both gradients are non-zero that have opposite signs."""
     prod = a * b
@@ -121,6 +145,7 @@ class GradientCoordinator:
         self.factors: dict[str, float] = {}  # "term@group" -> last scale factor
         self.rng = random.Random(seed)
         self._held: _HeldStep | None = None  # a measured step's per-term gradients, until settle
+        self._graph_checked = False  # for reentrant activation checkpointing, on the first measured step
 
     def backward(self, terms: dict[str, torch.Tensor], step: int) -> CoordinationStats | None:
         """Put the coordinated gradient into .grad of every shared parameter."""
@@ -132,6 +157,10 @@ class GradientCoordinator:
         if len(terms) < 2:  # task and distillation alone, summed: nothing left to coordinate
             self._plain_backward(terms)
             return None
+        if not self._graph_checked:  # once: a walk over each term's graph
+            self._graph_checked = True
+            if any(t.requires_grad and reentrant_checkpoint_in(t) for t in terms.values()):
+                raise JointCompressError(REENTRANT_CHECKPOINT)
         per_term = {name: self._grad(t) for name, t in terms.items()}
         names, stacked = list(per_term), self._split(per_term)
         resolved, stats = self._resolve(names, stacked, step)
@@ -236,6 +265,8 @@ class GradientCoordinator:
         try:
             grads = torch.autograd.grad(term, self.params, retain_graph=True, allow_unused=True)
         except RuntimeError as exc:
+            if "use_reentrant=True" in str(exc):
+                raise JointCompressError(REENTRANT_CHECKPOINT) from exc
             if "donated buffer" not in str(exc):
                 raise
             raise JointCompressError(
