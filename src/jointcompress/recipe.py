@@ -377,6 +377,9 @@ class Training(Strict):
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     batch_size: Annotated[int, Field(ge=1, le=1_000_000)] = 128
+    # gradient accumulation: each batch of batch_size samples forwarded in this many parts, one optimizer step
+    # (the same update, in 1/micro_batches of the activation memory; training/micro_batches.py)
+    micro_batches: Annotated[int, Field(ge=1, le=65_536)] = 1
     seed: Annotated[int, Field(ge=0)] = 0
     metric: str = "accuracy"
     grad_clip: Annotated[float, Field(ge=0.0, le=1e6)] = 0.0

@@ -33,6 +33,7 @@ from .checkpoints import RunCheckpoints
 from .epochs import epoch_batches
 from .history import History, Position
 from .metrics import read_metrics
+from .micro_batches import micro_batches
 from .recovery import Recovery
 
 
@@ -106,16 +107,20 @@ class Trainer:
         s, rec = self.session, self.recovery
         s.step = step
         s.update_techniques()
-        terms = s.forward_terms(batch)
-        values = {k: float(v.detach()) for k, v in terms.items()}  # what the step reports, read once
-        bad = rec.bad_term(values)
-        if bad is not None:
-            return rec.nonfinite(step, bad, terms, self.history.events, self.last_checkpoint)
+        s.optimizer.zero_grad(set_to_none=True)
+        values: dict[str, float] = {}  # what the step reports: each term over the whole batch
+        stats = None
+        for part, share in micro_batches(batch, s.recipe.training.micro_batches):
+            terms = s.forward_terms(part)
+            read = {k: float(v.detach()) for k, v in terms.items()}  # read once, for the check and the report
+            bad = rec.bad_term(read)
+            if bad is not None:
+                return rec.nonfinite(step, bad, terms, self.history.events, self.last_checkpoint)
+            values = {k: values.get(k, 0.0) + share * v for k, v in read.items()}
+            stats = s.backward(terms if share == 1.0 else {k: t * share for k, t in terms.items()})
         factor = lr_factor(step, s.plan, s.recipe.training.lr_schedule)
         for g in s.optimizer.param_groups:
             g["lr"] = g["base_lr"] * rec.lr_scale * factor
-        s.optimizer.zero_grad(set_to_none=True)
-        stats = s.backward(terms)
         bad = rec.bad_gradient()  # identical on every rank after the all-reduce
         if bad is not None:
             return rec.nonfinite(step, bad, terms, self.history.events, self.last_checkpoint)

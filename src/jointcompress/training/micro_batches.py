@@ -1,0 +1,36 @@
+"""Gradient accumulation in the built-in loop: one batch of `training.batch_size` samples forwarded
+in `training.micro_batches` parts, each part's loss terms scaled by its share of the samples, the
+gradients summed, one optimizer step. The session treats the parts as one batch: the coordinator
+resolves their summed per-term gradients once (coordination.py, `settle`) and the Fisher estimate
+folds their summed gradient with all their samples, so only memory changes, not the update (up to
+layers whose forward depends on the batch, such as BatchNorm's batch statistics).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def _samples(batch: Any) -> int | None:
+    """The batch's sample count: the first dimension of its first tensor."""
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else [batch]
+    return next((v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+
+
+def _part(batch: Any, index: torch.Tensor) -> Any:
+    take = lambda v: v[index] if isinstance(v, torch.Tensor) and v.dim() > 0 else v  # noqa: E731
+    if isinstance(batch, dict):
+        return type(batch)({k: take(v) for k, v in batch.items()})
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(take(v) for v in batch)
+    return take(batch)
+
+
+def micro_batches(batch: Any, parts: int) -> list[tuple[Any, float]]:
+    """(part, its share of the batch's samples) for each of up to `parts` parts of equal size (the
+    last smaller); a batch of fewer samples than parts gives one part per sample."""
+    n = _samples(batch)
+    if parts <= 1 or n is None or n <= 1:
+        return [(batch, 1.0)]
+    return [(_part(batch, index), len(index) / n) for index in torch.arange(n).tensor_split(min(parts, n))]
