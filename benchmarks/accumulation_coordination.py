@@ -11,7 +11,9 @@ micro-batches' own projections (what a step took before); `session.settle_gradie
 the projection of the summed per-term gradients there, which equals one batch's projection
 (`tests/test_accumulation_fisher.py`). The script records, per step, the relative distance
 ||before - after|| / ||after|| and the cosine between the two, and how much PCGrad changed the update
-(stats.changed). Writes benchmarks/results/accumulation_coordination.json.
+(stats.changed). Each run is repeated with the step taking the summed per-micro-batch projections
+(what it took before), and both runs' test accuracies are stored, paired by seed. Writes
+benchmarks/results/accumulation_coordination.json.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 import jointcompress  # noqa: E402
-from jointcompress.data import hold_out, load_digits, loader  # noqa: E402
+from jointcompress.data import accuracy, hold_out, load_digits, loader  # noqa: E402
 from jointcompress.demo import DEFAULT_MODEL, VALIDATION_IMAGES, demo_recipe  # noqa: E402
 from jointcompress.pipeline import builder_for, train_teacher  # noqa: E402
 
@@ -38,9 +40,18 @@ def flat_grads(params) -> torch.Tensor:
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
 
 
-def run(k: int, seed: int, epochs: int, teacher, split, builder) -> dict:
+def put_grads(params, flat: torch.Tensor) -> None:
+    offset = 0
+    for p in params:
+        p.grad = flat[offset: offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def run(k: int, seed: int, epochs: int, teacher, split, builder, each_on_its_own: bool = False) -> dict:
     """One compression run with k micro-batches a step; per-step distances between the summed
-    per-micro-batch projections and the settled one."""
+    per-micro-batch projections and the settled one, and the test accuracy at the end. With
+    `each_on_its_own` the step takes the summed per-micro-batch projections, as before the settle
+    existed (the settled gradient is measured, then put back)."""
     recipe = demo_recipe(DEFAULT_MODEL, epochs, 100.0).model_dump()
     recipe["coordination"] = {"strategy": "pcgrad", "every": 1}
     recipe["training"]["seed"] = seed
@@ -68,10 +79,12 @@ def run(k: int, seed: int, epochs: int, teacher, split, builder) -> dict:
                 rows.append({"step": session.step, "changed": stats.changed,
                              "distance": float((before - after).norm() / after.norm()),
                              "cosine": float(torch.nn.functional.cosine_similarity(before, after, dim=0))})
+            if each_on_its_own:
+                put_grads(params, before)
             session.before_step()
             optimizer.step()
             session.after_step()
-    return summarize(rows)
+    return {**summarize(rows), "accuracy": accuracy(model.eval(), split.x_test, split.y_test)}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -95,13 +108,16 @@ def main() -> None:
     split = hold_out(load_digits(), VALIDATION_IMAGES)
     builder = builder_for(DEFAULT_MODEL, split)
     teacher = train_teacher(DEFAULT_MODEL, split, 15, lr=demo_recipe(DEFAULT_MODEL, None, 100.0).training.lr)
-    results = {}
+    results, before = {}, {}
     for k in (int(v) for v in args.micro_batches.split(",")):
         results[str(k)] = [run(k, seed, args.epochs, teacher, split, builder) for seed in range(args.seeds)]
-        print(k, json.dumps(results[str(k)]), flush=True)
+        before[str(k)] = [run(k, seed, args.epochs, teacher, split, builder, each_on_its_own=True)
+                          for seed in range(args.seeds)]
+        print(k, json.dumps(results[str(k)]), json.dumps(before[str(k)]), flush=True)
     out = {"command": shlex.join(["python", "benchmarks/accumulation_coordination.py", *sys.argv[1:]]),
            "model": DEFAULT_MODEL, "data": "digits (embedded)", "target_ratio": 100.0, "epochs": args.epochs,
            "coordination": "pcgrad, every step, accuracy_as_one", "by_micro_batches": results,
+           "each_on_its_own": before, "test_images": len(split.x_test),
            "wall_seconds": round(time.perf_counter() - t0, 1)}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print("wrote", args.out)
