@@ -48,3 +48,16 @@ def test_four_micro_batches_train_the_model_one_batch_trains():
     one, four = _run(1), _run(4)
     for name in one:
         torch.testing.assert_close(four[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_micro_batches_of_one_sample_beside_batchnorm_are_refused_naming_the_setting():
+    """BatchNorm cannot train on one sample: torch's ValueError came from inside the first forward."""
+    from jointcompress.errors import RecipeError
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    data = torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    recipe = {"techniques": [{"type": "quant_lsq", "bits": 4}], "training": {"epochs": 1, "batch_size": 8, "micro_batches": 8}}
+    with pytest.raises(RecipeError, match=r"training.micro_batches: 8 parts .* BatchNorm \(1\)"):
+        jointcompress.compress(model, recipe, data, lambda m: {"accuracy": 0.0})
+    recipe["training"]["micro_batches"] = 4  # two samples a part: BatchNorm trains
+    jointcompress.compress(model, recipe, data, lambda m: {"accuracy": 0.0})

@@ -33,7 +33,7 @@ from .checkpoints import RunCheckpoints
 from .epochs import epoch_batches
 from .history import History, Position
 from .metrics import read_metrics
-from .micro_batches import micro_batches
+from .micro_batches import check_parts, micro_batches
 from .recovery import Recovery
 
 
@@ -50,6 +50,7 @@ class Trainer:
                  loss_fn: LossFn | None = None, asked_recipe=None):
         if checkpoint_every is not None and checkpoint_every < 1:
             raise RecipeError(f"checkpoint_every must be >= 1 (got {checkpoint_every}); pass None for checkpoints at evaluations only")
+        check_parts(model, recipe.training, dist.world_size if dist is not None else 1)
         self.session = CompressionSession(model, techniques, plan, recipe, example_inputs=example_inputs, teacher=teacher,
                                           loss_fn=loss_fn, dist=dist)
         self.session.owns_optimizer = True

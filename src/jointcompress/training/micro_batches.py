@@ -34,3 +34,19 @@ def micro_batches(batch: Any, parts: int) -> list[tuple[Any, float]]:
     if parts <= 1 or n is None or n <= 1:
         return [(batch, 1.0)]
     return [(_part(batch, index), len(index) / n) for index in torch.arange(n).tensor_split(min(parts, n))]
+
+
+def check_parts(model: torch.nn.Module, training, world_size: int = 1) -> None:
+    """Refuse micro-batches of one sample where the model has BatchNorm, which cannot train on one
+    (torch's error came from inside the first forward, naming neither the setting nor the fix)."""
+    per_part = training.batch_size // world_size // training.micro_batches
+    if training.micro_batches == 1 or per_part >= 2:
+        return
+    norm = next((name for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)), None)
+    if norm is not None:
+        from ..errors import RecipeError
+
+        raise RecipeError(
+            f"training.micro_batches: {training.micro_batches} parts of a batch of {training.batch_size // world_size} "
+            f"samples{' per rank' if world_size > 1 else ''} leave at most one sample a part, and BatchNorm ({norm}) "
+            "cannot train on one; use at most half as many micro_batches as samples, or a larger training.batch_size")
