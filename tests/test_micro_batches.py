@@ -61,3 +61,18 @@ def test_micro_batches_of_one_sample_beside_batchnorm_are_refused_naming_the_set
         jointcompress.compress(model, recipe, data, lambda m: {"accuracy": 0.0})
     recipe["training"]["micro_batches"] = 4  # two samples a part: BatchNorm trains
     jointcompress.compress(model, recipe, data, lambda m: {"accuracy": 0.0})
+
+
+def test_a_session_checkpoint_loads_into_a_session_with_other_micro_batches():
+    """A memory setting: session.load_state_dict (your loop, CompressionTrainer's resume) matches the recipe
+    without it, while a change of what the run does is still refused."""
+    from jointcompress.errors import RecipeError
+
+    def session(**training):
+        recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5}], "training": training}
+        return jointcompress.prepare(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), recipe, total_steps=10)
+
+    state = session(micro_batches=1).state_dict()
+    session(micro_batches=4).load_state_dict(state)
+    with pytest.raises(RecipeError, match="different recipe"):
+        session(micro_batches=1, lr=0.5).load_state_dict(state)

@@ -632,3 +632,16 @@ def builtin_recipe(name: str) -> Path:
         available = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise RecipeError(f"no built-in recipe '{name}'; available: {', '.join(available)}")
     return path
+
+
+# recipe fields that change memory, not the run: a resumed run may set them anew (a run that ran out of memory
+# resumes with more micro-batches), so checkpoints are matched without them
+MEMORY_FIELDS = (("training", "micro_batches"),)
+
+
+def without_memory_fields(dump: dict) -> dict:
+    """A recipe's JSON dump without MEMORY_FIELDS: what a checkpoint's recipe must match."""
+    for section, field in MEMORY_FIELDS:
+        if isinstance(dump.get(section), dict) and field in dump[section]:
+            dump = {**dump, section: {k: v for k, v in dump[section].items() if k != field}}
+    return dump

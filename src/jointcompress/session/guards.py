@@ -12,6 +12,7 @@ import warnings
 import torch
 
 from ..errors import RecipeError, TrainingError
+from ..recipe import without_memory_fields
 
 
 def refuse_finalized(verb: str, step: int) -> None:
@@ -80,8 +81,9 @@ class NonFiniteWatch:
 
 def session_identity(session) -> dict:
     """What a session's checkpoint must match to be resumed into another session: the recipe that runs
-    (techniques, their windows and targets) and total_steps (where the windows are placed)."""
-    return {"recipe": session.recipe.model_dump(mode="json"), "total_steps": session.plan.total_steps}
+    (techniques, their windows and targets; not the settings of memory alone, such as
+    training.micro_batches) and total_steps (where the windows are placed)."""
+    return {"recipe": without_memory_fields(session.recipe.model_dump(mode="json")), "total_steps": session.plan.total_steps}
 
 
 def check_fits(session, state: dict) -> None:

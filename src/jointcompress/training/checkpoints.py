@@ -14,6 +14,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..errors import DataError, RecipeError, TrainingError
+from ..recipe import without_memory_fields
 from ..session import terms as _terms
 from ..session.teacher import TeacherCache
 from .history import History, Position
@@ -70,6 +71,7 @@ class RunCheckpoints:
     def _check_fits(self, path, meta: dict) -> None:
         s = self.trainer.session
         saved, now = _as_trained_today(meta.get("recipe"), s.recipe), s.recipe.model_dump(mode="json")
+        saved, now = (without_memory_fields(saved) if saved else saved), without_memory_fields(now)
         if saved != now:
             diffs = _differences(saved, now)
             shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
@@ -195,7 +197,7 @@ def _trained_overlap(saved: dict) -> bool:
 
 # recipe fields added since checkpoints were first written, with the value a run without them trained with:
 # a checkpoint that lacks one resumes as that value, not as a different recipe
-ADDED_FIELDS = {("training", "keep"): "best", ("training", "validation_images"): 0}
+ADDED_FIELDS = {("training", "keep"): "best", ("training", "validation_images"): 0, ("training", "micro_batches"): 1}
 
 
 def _as_trained_today(saved: dict | None, recipe) -> dict | None:
