@@ -22,6 +22,10 @@ def test_a_batch_splits_into_parts_that_cover_it_with_their_shares():
     rows = micro_batches({"input_ids": torch.ones(5, 7), "labels": torch.zeros(5), "name": "kept"}, 2)
     assert [p["input_ids"].shape for p, _ in rows] == [(3, 7), (2, 7)] and rows[1][0]["name"] == "kept"
     assert len(micro_batches((x[:2], y[:2]), 8)) == 2  # fewer samples than parts: one part each
+    from collections import UserDict
+
+    encoded = UserDict({"input_ids": torch.ones(6, 3), "attention_mask": torch.ones(6, 3)})  # as BatchEncoding
+    assert [p["input_ids"].shape[0] for p, _ in micro_batches(encoded, 3)] == [2, 2, 2]
     assert micro_batches((x, y), 1) == [((x, y), 1.0)]
 
 

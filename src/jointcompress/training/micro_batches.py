@@ -7,29 +7,35 @@ layers whose forward depends on the batch, such as BatchNorm's batch statistics)
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from ..errors import RecipeError
+
 
 def _samples(batch: Any) -> int | None:
     """The batch's sample count: the first dimension of its first tensor."""
-    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else [batch]
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else [batch]
     return next((v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.dim() > 0), None)
 
 
 def _part(batch: Any, index: torch.Tensor) -> Any:
+    """The samples `index` of every tensor in the batch (a tuple, a list, a dict or another mapping such as
+    transformers' BatchEncoding, which becomes a dict); anything else is kept as it is."""
     take = lambda v: v[index] if isinstance(v, torch.Tensor) and v.dim() > 0 else v  # noqa: E731
-    if isinstance(batch, dict):
-        return type(batch)({k: take(v) for k, v in batch.items()})
+    if isinstance(batch, Mapping):
+        rows = {k: take(v) for k, v in batch.items()}
+        return type(batch)(rows) if isinstance(batch, dict) else rows
     if isinstance(batch, (tuple, list)):
         return type(batch)(take(v) for v in batch)
     return take(batch)
 
 
 def micro_batches(batch: Any, parts: int) -> list[tuple[Any, float]]:
-    """(part, its share of the batch's samples) for each of up to `parts` parts of equal size (the
-    last smaller); a batch of fewer samples than parts gives one part per sample."""
+    """(part, its share of the batch's samples) for each of up to `parts` parts whose sizes differ by at
+    most one; a batch of fewer samples than parts gives one part per sample."""
     n = _samples(batch)
     if parts <= 1 or n is None or n <= 1:
         return [(batch, 1.0)]
@@ -44,8 +50,6 @@ def check_parts(model: torch.nn.Module, training, world_size: int = 1) -> None:
         return
     norm = next((name for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)), None)
     if norm is not None:
-        from ..errors import RecipeError
-
         raise RecipeError(
             f"training.micro_batches: {training.micro_batches} parts of a batch of {training.batch_size // world_size} "
             f"samples{' per rank' if world_size > 1 else ''} leave at most one sample a part, and BatchNorm ({norm}) "
