@@ -1181,6 +1181,31 @@ def accumulation_section() -> list[str]:
     return lines + [""]
 
 
+def torchrun_cost_section() -> list[str]:
+    """benchmarks/torchrun_coordination_cost.py: the step time of resolving PCGrad on the global batch under
+    torchrun, against each rank resolving its own."""
+    r = _load("torchrun_coordination_cost.json")
+    if r is None:
+        return []
+    lines = ["## PCGrad on the global batch under torchrun: what it costs", "",
+             f"{r['setup']}. `global`: the ranks' per-term gradients averaged and resolved once on a measured step "
+             "(the session now); `per_rank`: each rank resolves its own batch and the ranks average the results "
+             "(what a step did before). Median step of rank 0 per launch; the two alternate over the rounds; the "
+             f"ratio paired by round, mean ± standard error. Load average {r['load_average'][0]} before, "
+             f"{r['load_average'][1]} after.", "",
+             "| PCGrad measured | rounds | per_rank step (ms) | global step (ms) | global / per_rank | command |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for every in (1, 10):
+        ratios = r["global_over_per_rank"][f"every{every}"]
+        se = statistics.stdev(ratios) / math.sqrt(len(ratios)) if len(ratios) > 1 else 0.0
+        own, whole = r["median_step_ms"][f"per_rank_every{every}"], r["median_step_ms"][f"global_every{every}"]
+        lines.append(f"| every {'step' if every == 1 else f'{every} steps'} | {len(ratios)} | "
+                     f"{statistics.mean(own):.1f} ({min(own):.1f}-{max(own):.1f}) | "
+                     f"{statistics.mean(whole):.1f} ({min(whole):.1f}-{max(whole):.1f}) | "
+                     f"{statistics.mean(ratios):.2f} ± {se:.2f}x | `{r['command']}` |")
+    return lines + [""]
+
+
 def channels_size_section() -> list[str]:
     """benchmarks/channels_and_size.py: channels and a size target in one joint run, in two runs, and
     the size target alone (same teacher, epochs, distillation and target bytes per seed)."""
@@ -1783,6 +1808,7 @@ def main() -> None:
         text += section("lenet300", "compare_lenet300_long", ", longer training at 60x")
     text += size_target_section()
     text += accumulation_section()
+    text += torchrun_cost_section()
     text += channels_size_section()
     text += longer_run_section()
     text += sst2_section()
