@@ -137,7 +137,7 @@ class _HeldStep:
 
 
 class GradientCoordinator:
-    def __init__(self, config, groups: dict[str, list[torch.nn.Parameter]], seed: int = 0):
+    def __init__(self, config, groups: dict[str, list[torch.nn.Parameter]], seed: int = 0, across_ranks: bool = False):
         self.config = config
         self.groups = {k: [p for p in v if p.requires_grad] for k, v in groups.items()}
         self.groups = {k: v for k, v in self.groups.items() if v}
@@ -146,6 +146,9 @@ class GradientCoordinator:
         self.rng = random.Random(seed)
         self._held: _HeldStep | None = None  # a measured step's per-term gradients, until settle
         self._graph_checked = False  # for reentrant activation checkpointing, on the first measured step
+        # under torchrun `settle` resolves the ranks' averaged gradients: until then a measured step's .grad holds
+        # the plain sum (a rank's own resolution would be replaced, and the sum's average is known from theirs)
+        self.across_ranks = across_ranks
 
     def backward(self, terms: dict[str, torch.Tensor], step: int) -> CoordinationStats | None:
         """Put the coordinated gradient into .grad of every shared parameter."""
@@ -163,7 +166,10 @@ class GradientCoordinator:
                 raise JointCompressError(REENTRANT_CHECKPOINT)
         per_term = {name: self._grad(t) for name, t in terms.items()}
         names, stacked = list(per_term), self._split(per_term)
-        resolved, stats = self._resolve(names, stacked, step)
+        if self.across_ranks and self.config.strategy != "none":  # settle resolves; its stats fill these
+            resolved, stats = {g: rows.sum(0) for g, rows in stacked.items()}, CoordinationStats(step, 0.0)
+        else:
+            resolved, stats = self._resolve(names, stacked, step)
         if self._held is not None and self._held.zeroed():  # read before this backward's gradients land
             self._held = None
         self._assign(resolved)
@@ -177,17 +183,19 @@ class GradientCoordinator:
         is not linear, so their sum differs from what one batch of the same samples gets whenever the
         terms conflict. Resolve the per-term gradients summed over the micro-batches once and put that
         in .grad in place of the per-micro-batch resolutions (what else a loop added stays).
-        Data-parallel (`mean_over_ranks`: group -> tensor averaged over the ranks, given after .grad was
-        averaged): the same for the ranks' batches, so the step takes the global batch's update on every
-        rank, not the average of each rank's own projection. Returns whether .grad changed; one
+        Data-parallel (`mean_over_ranks`: group -> tensor averaged over the ranks; a coordinator made
+        `across_ranks`, whose measured backward put the plain sum into .grad, averaged since): the same for
+        the ranks' batches, with one all-reduce of the per-term gradients, so the step takes the global
+        batch's update on every rank, not the average of each rank's own projection. Returns whether .grad changed; one
         micro-batch in one process changes nothing. The step's stats (the object the last backward
         returned) then describe the update the step takes."""
         held, self._held = self._held, None
         if held is None or held.step != step or (held.micro_batches < 2 and mean_over_ranks is None):
             return False
         stacked, applied = held.stacked, held.applied
-        if mean_over_ranks is not None:
-            stacked, applied = mean_over_ranks(stacked), mean_over_ranks(applied)
+        if mean_over_ranks is not None:  # .grad holds the ranks' average of the plain sums: the averaged rows' sum
+            stacked = mean_over_ranks(stacked)
+            applied = {g: rows.sum(0) for g, rows in stacked.items()}
         resolved, stats = self._resolve(held.names, stacked, step)
         self._assign({g: resolved[g] - applied[g] for g in resolved})
         held.stats.__dict__.update(stats.__dict__)

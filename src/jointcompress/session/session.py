@@ -171,7 +171,8 @@ class CompressionSession:
         elif self.optimizer is not None:
             self._add_missing_groups()
         self.coordinator = GradientCoordinator(
-            self.recipe.coordination, {g["name"]: g["params"] for g in groups}, seed=self.recipe.training.seed
+            self.recipe.coordination, {g["name"]: g["params"] for g in groups}, seed=self.recipe.training.seed,
+            across_ranks=self.sync.dist is not None,
         )
         self.param_names = {id(p): n for n, p in self.model.named_parameters()}
         for t in self.techniques:
