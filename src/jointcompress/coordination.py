@@ -186,9 +186,9 @@ class GradientCoordinator:
         Data-parallel (`mean_over_ranks`: group -> tensor averaged over the ranks; a coordinator made
         `across_ranks`, whose measured backward put the plain sum into .grad, averaged since): the same for
         the ranks' batches, with one all-reduce of the per-term gradients, so the step takes the global
-        batch's update on every rank, not the average of each rank's own projection. Returns whether .grad changed; one
-        micro-batch in one process changes nothing. The step's stats (the object the last backward
-        returned) then describe the update the step takes."""
+        batch's update on every rank, not the average of each rank's own projection.
+        Returns whether .grad changed; one micro-batch in one process changes nothing. The step's stats
+        (the object the last backward returned) then describe the update the step takes."""
         held, self._held = self._held, None
         if held is None or held.step != step or (held.micro_batches < 2 and mean_over_ranks is None):
             return False
