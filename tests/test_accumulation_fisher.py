@@ -125,6 +125,23 @@ def test_pcgrad_resolves_the_micro_batches_as_one_batch():
     assert four_stats.cosines.keys() == one_stats.cosines.keys()
 
 
+def test_none_reports_the_conflicts_of_the_whole_batch_under_accumulation():
+    """none changes no update, but its statistics (history, compare's conflict column) described the
+    last micro-batch only."""
+    def stats(k):
+        model, session, optimizer = _start(strategy="none")
+        x, y = _data()
+        optimizer.zero_grad()
+        out = _micro_batches(model, session, x, y, k)
+        session.before_step()
+        return out
+
+    one, four = stats(1), stats(4)
+    assert one.cosines and four.cosines.keys() == one.cosines.keys()
+    for key, cosine in one.cosines.items():
+        assert four.cosines[key] == pytest.approx(cosine, rel=1e-3, abs=1e-5), key
+
+
 def test_a_step_zeroed_and_run_again_at_the_same_number_is_not_summed_with_the_first():
     """A loop that drops a step (zero_grad, as after a non-finite loss) and runs it again at the same step
     number: the first try's per-term gradients must not join the second's resolution."""

@@ -173,8 +173,7 @@ class GradientCoordinator:
         if self._held is not None and self._held.zeroed():  # read before this backward's gradients land
             self._held = None
         self._assign(resolved)
-        if self.config.strategy != "none":  # none's sum is linear: its micro-batches add up on their own
-            self._hold(step, names, stacked, resolved, stats)
+        self._hold(step, names, stacked, resolved, stats)
         return stats
 
     def settle(self, step: int, mean_over_ranks=None) -> bool:
@@ -187,10 +186,17 @@ class GradientCoordinator:
         `across_ranks`, whose measured backward put the plain sum into .grad, averaged since): the same for
         the ranks' batches, with one all-reduce of the per-term gradients, so the step takes the global
         batch's update on every rank, not the average of each rank's own projection.
-        Returns whether .grad changed; one micro-batch in one process changes nothing. The step's stats
-        (the object the last backward returned) then describe the update the step takes."""
+        Returns whether .grad changed; one micro-batch in one process changes nothing, nor does `none`
+        (a plain sum), whose conflict statistics are then the batch's too (each rank's own under torchrun).
+        The step's stats (the object the last backward returned) then describe the update the step takes."""
         held, self._held = self._held, None
-        if held is None or held.step != step or (held.micro_batches < 2 and mean_over_ranks is None):
+        if held is None or held.step != step:
+            return False
+        if self.config.strategy == "none":  # the plain sum is linear: .grad is the batch's already, not its stats
+            if held.micro_batches > 1:
+                held.stats.__dict__.update(self._resolve(held.names, held.stacked, step)[1].__dict__)
+            return False
+        if held.micro_batches < 2 and mean_over_ranks is None:
             return False
         stacked, applied = held.stacked, held.applied
         if mean_over_ranks is not None:  # .grad holds the ranks' average of the plain sums: the averaged rows' sum
