@@ -104,20 +104,23 @@ def test_four_micro_batches_give_the_fisher_estimate_of_one_batch(saliency, stra
     _assert_same(one, four)
 
 
+def _coordinated(k: int, strategy: str):
+    """Every parameter's gradient after before_step, and the stats the last backward returned, for one step
+    of k micro-batches."""
+    model, session, optimizer = _start(strategy=strategy)
+    x, y = _data()
+    optimizer.zero_grad()
+    stats = _micro_batches(model, session, x, y, k)
+    session.before_step()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, stats
+
+
 def test_pcgrad_resolves_the_micro_batches_as_one_batch():
     """PCGrad's projection is not linear: each of four micro-batches projected on its own, and their sum
     taken, differed from one batch of the same samples (a Trainer with gradient_accumulation_steps > 1 got
     that). The step now resolves the per-term gradients summed over its micro-batches (scale's damping
     goes the same way), and the stats the last backward returned describe that update."""
-    def run(k):
-        model, session, optimizer = _start(strategy="pcgrad")
-        x, y = _data()
-        optimizer.zero_grad()
-        stats = _micro_batches(model, session, x, y, k)
-        session.before_step()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, stats
-
-    (one, one_stats), (four, four_stats) = run(1), run(4)
+    (one, one_stats), (four, four_stats) = _coordinated(1, "pcgrad"), _coordinated(4, "pcgrad")
     assert one_stats.changed > 1e-3  # the strategy changes this update: the terms conflict
     for name in one:
         torch.testing.assert_close(four[name], one[name], rtol=1e-4, atol=1e-8, msg=name)
@@ -128,15 +131,7 @@ def test_pcgrad_resolves_the_micro_batches_as_one_batch():
 def test_none_reports_the_conflicts_of_the_whole_batch_under_accumulation():
     """none changes no update, but its statistics (history, compare's conflict column) described the
     last micro-batch only."""
-    def stats(k):
-        model, session, optimizer = _start(strategy="none")
-        x, y = _data()
-        optimizer.zero_grad()
-        out = _micro_batches(model, session, x, y, k)
-        session.before_step()
-        return out
-
-    one, four = stats(1), stats(4)
+    one, four = _coordinated(1, "none")[1], _coordinated(4, "none")[1]
     assert one.cosines and four.cosines.keys() == one.cosines.keys()
     for key, cosine in one.cosines.items():
         assert four.cosines[key] == pytest.approx(cosine, rel=1e-3, abs=1e-5), key
