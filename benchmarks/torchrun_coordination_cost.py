@@ -8,7 +8,8 @@ own batch and the ranks averaged the results (one all-reduce of the gradient). T
 of LeNet-300-100 on MNIST in the joint form at 100x (the user's-loop verbs, a global batch of 128) both
 ways: `global` (the session as it is) and `per_rank` (the session's settle given no ranks to average
 over, which is what a step did before). Every launch is a fresh `torch.distributed.run` of this file; the
-two ways alternate over the rounds, with PCGrad every step and every 10 steps. Each launch times its
+two ways alternate over the rounds, with PCGrad every step and every 10 steps (`per_rank` builds every
+coordinator without `across_ranks`, so each rank's backward resolves its own batch, as before). Each launch times its
 steps after a warm-up and reports rank 0's median. Writes benchmarks/results/torchrun_coordination_cost.json.
 """
 from __future__ import annotations
@@ -49,6 +50,11 @@ def worker(mode: str, every: int, steps: int, out: str) -> None:
     model = build_model("lenet300")
     recipe = {"mode": "joint", "target": {"ratio": 100}, "techniques": [{"type": "quant_lsq", "bits": 4}],
               "coordination": {"strategy": "pcgrad", "every": every}}
+    if mode == "per_rank":  # every coordinator the session builds resolves its own rank's batch, as before
+        from jointcompress.coordination import GradientCoordinator
+
+        made = GradientCoordinator.__init__
+        GradientCoordinator.__init__ = lambda self, *a, **kw: made(self, *a, **{**kw, "across_ranks": False})
     session = jointcompress.prepare(model, recipe, total_steps=10 * steps, example_inputs=x[:2])
     if mode == "per_rank":
         session.settle_gradients = lambda: session.coordinator.settle(session.step)
