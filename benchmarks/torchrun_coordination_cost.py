@@ -9,7 +9,7 @@ of LeNet-300-100 on MNIST in the joint form at 100x (the user's-loop verbs, a gl
 ways: `global` (the session as it is) and `per_rank` (the session's settle given no ranks to average
 over, which is what a step did before). Every launch is a fresh `torch.distributed.run` of this file; the
 two ways alternate over the rounds, with PCGrad every step and every 10 steps (`per_rank` builds every
-coordinator without `across_ranks`, so each rank's backward resolves its own batch, as before). Each launch times its
+coordinator without `mean_over_ranks`, so each rank's backward resolves its own batch, as before). Each launch times its
 steps after a warm-up and reports rank 0's median. Writes benchmarks/results/torchrun_coordination_cost.json.
 """
 from __future__ import annotations
@@ -54,10 +54,8 @@ def worker(mode: str, every: int, steps: int, out: str) -> None:
         from jointcompress.coordination import GradientCoordinator
 
         made = GradientCoordinator.__init__
-        GradientCoordinator.__init__ = lambda self, *a, **kw: made(self, *a, **{**kw, "across_ranks": False})
+        GradientCoordinator.__init__ = lambda self, *a, **kw: made(self, *a, **{**kw, "mean_over_ranks": None})
     session = jointcompress.prepare(model, recipe, total_steps=10 * steps, example_inputs=x[:2])
-    if mode == "per_rank":
-        session.settle_gradients = lambda: session.coordinator.settle(session.step)
     optimizer = torch.optim.Adam(session.param_groups(lr=1e-3))
     session.bind(optimizer)
     times = []

@@ -137,7 +137,7 @@ class _HeldStep:
 
 
 class GradientCoordinator:
-    def __init__(self, config, groups: dict[str, list[torch.nn.Parameter]], seed: int = 0, across_ranks: bool = False):
+    def __init__(self, config, groups: dict[str, list[torch.nn.Parameter]], seed: int = 0, mean_over_ranks=None):
         self.config = config
         self.groups = {k: [p for p in v if p.requires_grad] for k, v in groups.items()}
         self.groups = {k: v for k, v in self.groups.items() if v}
@@ -146,9 +146,10 @@ class GradientCoordinator:
         self.rng = random.Random(seed)
         self._held: _HeldStep | None = None  # a measured step's per-term gradients, until settle
         self._graph_checked = False  # for reentrant activation checkpointing, on the first measured step
-        # under torchrun `settle` resolves the ranks' averaged gradients: until then a measured step's .grad holds
-        # the plain sum (a rank's own resolution would be replaced, and the sum's average is known from theirs)
-        self.across_ranks = across_ranks
+        # under torchrun (group -> tensor averaged over the ranks): `settle` resolves the ranks' averaged gradients,
+        # and until then a measured step's .grad holds the plain sum (a rank's own resolution would be replaced,
+        # and the sum's average is known from theirs)
+        self.mean_over_ranks = mean_over_ranks
 
     def backward(self, terms: dict[str, torch.Tensor], step: int) -> CoordinationStats | None:
         """Put the coordinated gradient into .grad of every shared parameter."""
@@ -166,7 +167,7 @@ class GradientCoordinator:
                 raise JointCompressError(REENTRANT_CHECKPOINT)
         per_term = {name: self._grad(t) for name, t in terms.items()}
         names, stacked = list(per_term), self._split(per_term)
-        if self.across_ranks and self.config.strategy != "none":  # settle resolves; its stats fill these
+        if self.mean_over_ranks is not None and self.config.strategy != "none":  # settle resolves; its stats fill these
             resolved, stats = {g: rows.sum(0) for g, rows in stacked.items()}, CoordinationStats(step, 0.0)
         else:
             resolved, stats = self._resolve(names, stacked, step)
@@ -176,16 +177,15 @@ class GradientCoordinator:
         self._hold(step, names, stacked, resolved, stats)
         return stats
 
-    def settle(self, step: int, mean_over_ranks=None) -> bool:
+    def settle(self, step: int) -> bool:
         """Gradient accumulation: a measured step's K micro-batches (K backward calls before the
         optimizer step) were each resolved on their own, and PCGrad's projection (or scale's damping)
         is not linear, so their sum differs from what one batch of the same samples gets whenever the
         terms conflict. Resolve the per-term gradients summed over the micro-batches once and put that
         in .grad in place of the per-micro-batch resolutions (what else a loop added stays).
-        Data-parallel (`mean_over_ranks`: group -> tensor averaged over the ranks; a coordinator made
-        `across_ranks`, whose measured backward put the plain sum into .grad, averaged since): the same for
-        the ranks' batches, with one all-reduce of the per-term gradients, so the step takes the global
-        batch's update on every rank, not the average of each rank's own projection.
+        Data-parallel (`mean_over_ranks`; the measured backward put the plain sum into .grad, averaged
+        since): the same for the ranks' batches, with one all-reduce of the per-term gradients, so the step
+        takes the global batch's update on every rank, not the average of each rank's own projection.
         Returns whether .grad changed; one micro-batch in one process changes nothing, nor does `none`
         (a plain sum), whose conflict statistics are then the batch's too (each rank's own under torchrun).
         The step's stats (the object the last backward returned) then describe the update the step takes."""
@@ -196,11 +196,11 @@ class GradientCoordinator:
             if held.micro_batches > 1:
                 held.stats.__dict__.update(self._resolve(held.names, held.stacked, step)[1].__dict__)
             return False
-        if held.micro_batches < 2 and mean_over_ranks is None:
+        if held.micro_batches < 2 and self.mean_over_ranks is None:
             return False
         stacked, applied = held.stacked, held.applied
-        if mean_over_ranks is not None:  # .grad holds the ranks' average of the plain sums: the averaged rows' sum
-            stacked = mean_over_ranks(stacked)
+        if self.mean_over_ranks is not None:  # .grad holds the ranks' average of the plain sums: the averaged rows' sum
+            stacked = self.mean_over_ranks(stacked)
             applied = {g: rows.sum(0) for g, rows in stacked.items()}
         resolved, stats = self._resolve(held.names, stacked, step)
         self._assign({g: resolved[g] - applied[g] for g in resolved})

@@ -172,7 +172,7 @@ class CompressionSession:
             self._add_missing_groups()
         self.coordinator = GradientCoordinator(
             self.recipe.coordination, {g["name"]: g["params"] for g in groups}, seed=self.recipe.training.seed,
-            across_ranks=self.sync.dist is not None,
+            mean_over_ranks=self.sync.mean_groups if self.sync.dist is not None else None,
         )
         self.param_names = {id(p): n for n, p in self.model.named_parameters()}
         for t in self.techniques:
@@ -296,7 +296,7 @@ class CompressionSession:
         Face Trainer does) calls it first. Once a step; in one process without accumulation it changes
         nothing."""
         if self.coordinator is not None:
-            self.coordinator.settle(self.step, self.sync.mean_groups if self.sync.dist is not None else None)
+            self.coordinator.settle(self.step)
 
     def before_step(self) -> None:
         """Right before optimizer.step(): techniques act on the gradients."""
