@@ -154,7 +154,7 @@ def test_each_saliency_mode_through_the_budgets_step(mode):
     x = torch.randn(16, 30, generator=torch.Generator().manual_seed(0))
     lin(x).pow(2).sum().backward()
     task_grad = q.dead_zone_raw.grad.clone()
-    budget.before_optimizer_step(SimpleNamespace(batch_targets=torch.zeros(16), batch_inputs=x, step=0))
+    budget.before_optimizer_step(SimpleNamespace(batch_targets=torch.zeros(16), batch_inputs=x, step=0, loss_scale=None))
     assert budget.saliency.fisher["fc"].sum() > 0  # the estimate the landing orders its cuts by
     assert torch.equal(q.dead_zone_raw.grad, task_grad) == (mode == "landing")
     if mode == "rank":  # projected with the budget's bytes per weight (the share removed: its saliency_neutralized)

@@ -141,6 +141,18 @@ def test_trainer_trains_the_joint_form_and_lands_the_file_on_the_size_target(tmp
     assert goal * 0.9 <= on_disk <= goal * 1.02, (on_disk, goal)
 
 
+def _joint_trainer(tmp_path, steps: int, **args) -> tuple[CompressionTrainer, object]:
+    """The joint form under a 4x size target with PCGrad on every step, two micro-batches a step."""
+    teacher, model = tiny_bert(layers=2, seed=1), tiny_bert(layers=2, seed=0)
+    recipe = {"mode": "joint", "target": {"ratio": 4}, "coordination": {"strategy": "pcgrad", "every": 1},
+              "techniques": [{"type": "quant_lsq", "bits": 4}, {"type": "distill_kd", "temperature": 2.0, "alpha": 0.5}]}
+    session = jointcompress.prepare(model, recipe, total_steps=steps, teacher=teacher)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=6,
+                             gradient_accumulation_steps=2, max_grad_norm=1.0, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True, seed=0, **args)
+    return CompressionTrainer(session=session, model=model, args=args, train_dataset=_rows()), session
+
+
 def test_accumulated_micro_batches_are_coordinated_together_before_the_trainer_clips(tmp_path, monkeypatch):
     """gradient_accumulation_steps 2 with PCGrad: each micro-batch was projected on its own. The step's
     micro-batches are now resolved together on the last one, in training_step, before the Trainer clips
@@ -151,23 +163,45 @@ def test_accumulated_micro_batches_are_coordinated_together_before_the_trainer_c
     settle = GradientCoordinator.settle
     monkeypatch.setattr(GradientCoordinator, "settle", lambda self, *args: events.append(("settle", settle(self, *args)))
                         or events[-1][1])
-    teacher, model = tiny_bert(layers=2, seed=1), tiny_bert(layers=2, seed=0)
-    recipe = {"mode": "joint", "target": {"ratio": 4}, "coordination": {"strategy": "pcgrad", "every": 1},
-              "techniques": [{"type": "quant_lsq", "bits": 4}, {"type": "distill_kd", "temperature": 2.0, "alpha": 0.5}]}
-    steps = 3
-    session = jointcompress.prepare(model, recipe, total_steps=steps, teacher=teacher)
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=6,
-                             gradient_accumulation_steps=2, max_grad_norm=1.0, learning_rate=1e-3, report_to=[],
-                             use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
-    trainer = CompressionTrainer(session=session, model=model, args=args, train_dataset=_rows())
+    trainer, session = _joint_trainer(tmp_path, steps=3, learning_rate=1e-3)
     clip = trainer._clip_grad_norm
     monkeypatch.setattr(trainer, "_clip_grad_norm", lambda m: events.append(("clip", None)) or clip(m))
     trainer.train()
-    assert session.step == steps
+    assert session.step == 3
     # per step: the last micro-batch settles two micro-batches (True), the Trainer clips, before_step finds
     # nothing left; the third step is past the size budget's freeze (80% of the run): accuracy alone
     assert events == [("settle", True), ("clip", None), ("settle", False)] * 2 + [
         ("settle", False), ("clip", None), ("settle", False)], events
+
+
+def _bare_name(name: str) -> str:
+    return name.replace("parametrizations.", "").replace(".original", "")
+
+
+def test_fp16_loss_scaling_trains_what_fp32_trains(tmp_path):
+    """fp16=True gives the Trainer a GradScaler. Its training_step is replaced by the session's, which never
+    scaled a loss, so the first optimizer step stopped ("Attempted step but _scale is None"); had it gone on,
+    the Trainer's unscaling would have divided unscaled gradients by 4,096 here (65,536 by default). The
+    session's backward now scales the terms by the scaler and before_step works on unscaled gradients
+    (session/loss_scale.py)."""
+    trained = {}
+    for fp16 in (False, True):
+        trainer, session = _joint_trainer(tmp_path / str(fp16), steps=4, learning_rate=0.2, optim="sgd", fp16=fp16)
+        if fp16:  # what accelerate sets up on a GPU (on a CPU it makes no scaler)
+            trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+            trainer.accelerator.native_amp = True
+        trainer.train()
+        assert session.step == 4
+        trained[fp16] = {n: p.detach() for n, p in trainer.model.named_parameters()}
+    assert trainer.accelerator.scaler.get_scale() == 2.0 ** 12  # it scaled every step, and none overflowed
+    start = {n: p.detach() for n, p in tiny_bert(layers=2, seed=0).named_parameters()}
+    fp32, fp16 = trained[False], trained[True]
+    assert fp32.keys() == fp16.keys()
+    moved = sum(int((p - start[_bare_name(n)]).abs().gt(1e-3).sum()) for n, p in fp32.items() if _bare_name(n) in start)
+    apart = sum(int((fp16[n] - p).abs().gt(1e-3).sum()) for n, p in fp32.items())
+    total = sum(p.numel() for p in fp32.values())
+    # fp16 autocast rounds the forward: a weight at a level's (or the landing's) edge may go the other way
+    assert moved > 0.05 * total and apart < 0.002 * total, (moved, apart, total)
 
 
 def test_a_technique_that_starts_later_joins_the_trainers_optimizer_and_follows_its_schedule(tmp_path):

@@ -12,7 +12,8 @@ also holds the techniques' parameters (mask scores, LSQ step sizes; those that a
 are added when they do). CompressionCallback runs the techniques' hooks around the
 Trainer's optimizer step and advances the schedule. Gradient accumulation works (each
 micro-batch's terms are scaled like the Trainer scales its loss, and the step's micro-batches are
-coordinated together on the last one, before the Trainer clips); one process only. Each
+coordinated together on the last one, before the Trainer clips); so does fp16 mixed precision (the
+terms are scaled by the Trainer's GradScaler, session/loss_scale.py); one process only. Each
 checkpoint-N folder also holds the session's state (SESSION_FILE), which
 train(resume_from_checkpoint=...) restores before the Trainer loads the weights.
 """
@@ -127,7 +128,7 @@ class CompressionTrainer(Trainer):
             terms = self.session.loss(outputs, inputs)
         scale = 1.0 / max(1, self.current_gradient_accumulation_steps)
         terms = {k: v * scale for k, v in terms.items()}
-        self.session.backward(terms)
+        self.session.backward(terms, scaler=getattr(self.accelerator, "scaler", None))  # fp16: the Trainer's GradScaler
         if self.accelerator.sync_gradients:  # the step's last micro-batch: settle before the Trainer clips
             self.session.settle_gradients()
         return sum(v.detach() for v in terms.values())

@@ -32,6 +32,7 @@ from ..techniques.base import RunContext
 from . import terms as _terms
 from .outputs import Batch, call_model, check_scalar_loss, default_task_loss, logits_of, split_batch
 from .guards import NonFiniteWatch, check_fits, check_terms_have_grad, refuse_finalized, session_identity
+from .loss_scale import LossScale
 from .schedule import apply_events, event_steps
 from .sync import Sync
 from .teacher import TeacherCache, teacher_logits
@@ -64,6 +65,7 @@ class CompressionSession:
         self._warned_no_before = False
         self._warned_unbound = False
         self.nonfinite = NonFiniteWatch()  # the caller's own loop (the built-in loop rolls such steps back)
+        self.loss_scale = LossScale()  # fp16 mixed precision: the scaler the step's backward was given
         self.spec = None  # what finalize() returned: the session is finished then
         self.on_restructure: list[Callable[[], None]] = []  # after attach/freeze events (rollback snapshots)
 
@@ -274,10 +276,12 @@ class CompressionSession:
         use_cache = distill.config.cache_teacher and not distill.config.features
         return teacher_logits(self.teacher, b, self.teacher_cache, use_cache)
 
-    def backward(self, terms: dict[str, torch.Tensor]):
+    def backward(self, terms: dict[str, torch.Tensor], scaler=None):
         """The coordinated backward: each term's gradient resolved into `.grad` of every
         shared parameter (then averaged over the ranks). Returns the coordination stats of
-        measured steps (None between them)."""
+        measured steps (None between them). `scaler`: the torch.amp.GradScaler of fp16 mixed
+        precision; the terms are scaled by it here, in place of `scaler.scale(loss).backward()`,
+        and before_step unscales the gradients before the techniques work on them (loss_scale.py)."""
         if self.coordinator is None:
             raise RecipeError("session.backward before the session started; create it with jointcompress.prepare(...)")
         if self.spec is not None:
@@ -285,6 +289,7 @@ class CompressionSession:
         check_terms_have_grad(terms)
         if not self.owns_optimizer:
             self.nonfinite.note(terms)
+        terms = self.loss_scale.scaled(terms, scaler, self.step)
         stats = self.coordinator.backward(terms, self.step)
         self.sync.grads(self.coordinator.params)
         return stats
@@ -311,6 +316,7 @@ class CompressionSession:
                           "after_step advances the schedule (pruning ramps, the quantizers' start, freezes); call it "
                           "right after optimizer.step()", RuntimeWarning, stacklevel=2)
         self._before_at = self.step
+        self.ctx.loss_scale = self.loss_scale.unscale(self.optimizer, self.step)  # after settling: PCGrad is scale-free
         for t in self.techniques:
             if t.attached:
                 t.before_optimizer_step(self.ctx)

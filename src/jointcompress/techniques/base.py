@@ -30,6 +30,9 @@ class RunContext:
     batch_targets: torch.Tensor | None = None
     batch_extra: dict = field(default_factory=dict)
     outputs: torch.Tensor | None = None
+    # in before_optimizer_step: the factor a mixed-precision loss scaler multiplied this step's terms by
+    # (None: not scaled); gradients a technique caught in the backward carry it (session/loss_scale.py)
+    loss_scale: float | None = None
     log: Callable[[str], None] = lambda msg: None
 
 

@@ -175,14 +175,16 @@ class FisherDiagonal:
             self.pending = g if self.pending is None else self.pending + g
 
     @torch.no_grad()
-    def fold(self, batch_size: int, step: int | None = None, every: int = 1) -> bool:
+    def fold(self, batch_size: int, step: int | None = None, every: int = 1, loss_scale: float | None = None) -> bool:
         """This step's gradient into the estimate (once: a second call in the step does nothing).
         `batch_size`: the samples of the last (or only) micro-batch; with gradient accumulation the
         step's gradient is the micro-batches' sum and B their samples together (the class).
         With `every` > 1 and the training step given, only every `every`-th step's gradient is
         folded (and the first one caught, so the estimate starts at once), with the decay of as many
-        steps: the same ~50-step average for fewer passes over the weights. Returns whether the
-        estimate moved."""
+        steps: the same ~50-step average for fewer passes over the weights. `loss_scale`: the
+        factor a mixed-precision loss scaler put into the caught gradient (divided out; a step it
+        overflowed, inf or nan, is not folded: the scaler skips that step too). Returns whether
+        the estimate moved."""
         self.watched, self.joined = False, None
         g, self.pending = self.pending, None
         if self.carried is not None:  # K micro-batches: their summed gradient, all their samples
@@ -191,6 +193,10 @@ class FisherDiagonal:
             self.carried, self.carried_samples = None, 0
         if g is None:
             return False
+        if loss_scale is not None:
+            if not bool(torch.isfinite(g).all()):
+                return False
+            g = g / loss_scale
         seen = bool(self.seen)
         if seen and step is not None and step % every:
             return False

@@ -58,13 +58,13 @@ class FisherSaliency:
         return {name: f for name, (_, q) in self.layers.items() if (f := q.fisher.estimate()) is not None}
 
     @torch.no_grad()
-    def accumulate(self, batch_size: int) -> None:
+    def accumulate(self, batch_size: int, loss_scale: float | None = None) -> None:
         """Fold this step's gradients into the Fisher estimate (B * EMA of g^2; a layer whose
         learned width folded it already this step is left as it is). `batch_size`: the last
         micro-batch's samples; with gradient accumulation g is the micro-batches' summed gradient
         and B all their samples (learned_width.FisherDiagonal)."""
         for _, q in self.layers.values():
-            q.fisher.fold(batch_size)
+            q.fisher.fold(batch_size, loss_scale=loss_scale)
 
     @torch.no_grad()
     def cost(self, q: ZeroLevelLSQWeight, w: torch.Tensor) -> torch.Tensor | None:

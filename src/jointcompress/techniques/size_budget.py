@@ -345,11 +345,11 @@ class SizeBudget(Landing, Technique):
             return
         batch_size = _batch_size(ctx)  # the last micro-batch's: the Fisher estimate adds the earlier ones' own
         for m, q in self.layers.values():  # the weight the forward read: its gate is reused
-            if q.width_step(m.parametrizations.weight.original, batch_size, step=ctx.step):
+            if q.width_step(m.parametrizations.weight.original, batch_size, step=ctx.step, loss_scale=ctx.loss_scale):
                 self.moved_weights = True  # the step re-fit by this rank's Fisher estimate
         if self.saliency is None:
             return
-        self.saliency.accumulate(batch_size)
+        self.saliency.accumulate(batch_size, ctx.loss_scale)
         if self.saliency.mode != "landing":  # landing: the estimate only orders the landing's cuts
             self.saliency.add_gradient(self.layers, self._bytes_per_weight() if self.saliency.mode == "rank" else None)
 

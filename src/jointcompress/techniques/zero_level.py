@@ -274,15 +274,17 @@ class ZeroLevelLSQWeight(LSQWeight):
         return self.learn_bits and self.max_bits > self.min_bits and not fixed and self.bits_raw.requires_grad
 
     @torch.no_grad()
-    def width_step(self, w: torch.Tensor, batch_size: int, price: float = 1.0, step: int | None = None) -> bool:
+    def width_step(self, w: torch.Tensor, batch_size: int, price: float = 1.0, step: int | None = None,
+                   loss_scale: float | None = None) -> bool:
         """Before the optimizer step: move the held width if the relaxed one has left its
         hysteresis band, then add the rounding noise's price to the relaxed width's gradient
         (the size term's pull is there already, through bits_ste). `step`: the training step,
-        which paces the Fisher estimate's folds where only this price reads it (lw.FISHER_EVERY).
+        which paces the Fisher estimate's folds where only this price reads it (lw.FISHER_EVERY);
+        `loss_scale`: the mixed-precision scale the caught gradient carries (FisherDiagonal.fold).
         Returns whether the held width moved (its step was then re-fit)."""
         if not self.learns_width():
             return False
-        folded = self.fisher.fold(batch_size, step, 1 if self.fisher_for_saliency else lw.FISHER_EVERY)
+        folded = self.fisher.fold(batch_size, step, 1 if self.fisher_for_saliency else lw.FISHER_EVERY, loss_scale)
         # bits_continuous(), its sigmoid kept for the gradient below: scalar work in Python floats
         # (as 0-d tensors, a dozen operations of a few µs each per layer and step)
         sb = float(torch.sigmoid(self.bits_raw))
