@@ -15,6 +15,7 @@ from hf_helpers import tiny_bert  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
 import jointcompress  # noqa: E402
+from jointcompress.errors import RecipeError  # noqa: E402
 from jointcompress.integrations.hf_trainer import CompressionTrainer  # noqa: E402
 
 RECIPE = {
@@ -202,6 +203,75 @@ def test_fp16_loss_scaling_trains_what_fp32_trains(tmp_path):
     total = sum(p.numel() for p in fp32.values())
     # fp16 autocast rounds the forward: a weight at a level's (or the landing's) edge may go the other way
     assert moved > 0.05 * total and apart < 0.002 * total, (moved, apart, total)
+
+
+def _spied_run(tmp_path, **args) -> list[dict]:
+    """A distilled tiny BERT under the Trainer with `args`; per micro-batch, the task loss the session was
+    given, the outputs and labels it was computed from, and the terms the backward got."""
+    teacher, model = tiny_bert(layers=2, seed=1), tiny_bert(layers=2, seed=0)
+    with torch.no_grad():  # confident logits, where smoothing the labels changes the loss
+        model.classifier.weight.mul_(50.0)
+    session = jointcompress.prepare(model, {"techniques": [{"type": "distill_kd", "temperature": 2.0, "alpha": 0.5}]},
+                                    total_steps=2, teacher=teacher)
+    seen, loss, backward = [], session.loss, session.backward
+    session.loss = lambda outputs, batch=None, task_loss=None: seen.append(
+        {"task_loss": task_loss, "logits": outputs.logits.detach(), "labels": batch["labels"]}) or loss(outputs, batch, task_loss)
+    session.backward = lambda terms, scaler=None: seen[-1].update(terms={k: v.detach() for k, v in terms.items()}) or backward(
+        terms, scaler)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=6,
+                             learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                             seed=0, **args)
+    CompressionTrainer(session=session, model=model, args=args, train_dataset=_rows()).train()
+    return seen
+
+
+def test_label_smoothing_is_the_task_term(tmp_path):
+    """label_smoothing_factor was ignored: the session read the model's own (unsmoothed) loss."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    seen = _spied_run(tmp_path, label_smoothing_factor=0.2)
+    assert len(seen) == 2
+    for micro in seen:
+        smoothed = LabelSmoother(epsilon=0.2)({"logits": micro["logits"]}, micro["labels"])
+        plain = torch.nn.functional.cross_entropy(micro["logits"], micro["labels"])
+        assert micro["task_loss"] is not None and torch.allclose(micro["task_loss"].detach(), smoothed, atol=1e-6)
+        assert not torch.allclose(smoothed, plain, atol=1e-3)
+        assert torch.allclose(micro["terms"]["task"], 0.5 * smoothed, atol=1e-6)  # weighted by 1 - alpha
+
+
+def test_compute_loss_func_is_the_task_term_normalized_over_the_accumulated_batch(tmp_path):
+    """A compute_loss_func normalizes over the step's accumulated batch (num_items_in_batch), so, as in the
+    Trainer, its term is not divided by the accumulation steps again; distillation's is."""
+    def summed_over_items(outputs, labels, num_items_in_batch=None):  # twice the model's own loss
+        return 2.0 * torch.nn.functional.cross_entropy(outputs.logits, labels, reduction="sum") / num_items_in_batch
+
+    teacher, model = tiny_bert(layers=2, seed=1), tiny_bert(layers=2, seed=0)
+    for m in model.modules():  # the same logits in the Trainer's training mode as below
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model.config.attention_probs_dropout_prob = 0.0
+    session = jointcompress.prepare(model, {"techniques": [{"type": "distill_kd", "temperature": 2.0, "alpha": 0.5}]},
+                                    total_steps=1, teacher=teacher)
+    got, backward = [], session.backward
+    session.backward = lambda terms, scaler=None: got.append({k: v.detach() for k, v in terms.items()}) or backward(terms, scaler)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=6,
+                             gradient_accumulation_steps=2, learning_rate=1e-3, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True, seed=0)
+    trainer = CompressionTrainer(session=session, model=model, args=args, train_dataset=_rows(12),
+                                 compute_loss_func=summed_over_items)
+    rows = _rows(12)
+    # the logits the two micro-batches saw (the weights have not moved yet)
+    with torch.no_grad():
+        logits = model(**{k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "attention_mask")}).logits
+    labels = torch.stack([r["labels"] for r in rows])
+    trainer.train()
+    assert len(got) == 2
+    whole = torch.nn.functional.cross_entropy(logits, labels)  # the mean over the step's 12 rows
+    assert torch.allclose(sum(m["task"] for m in got), 0.5 * 2.0 * whole, atol=1e-4)  # (1 - alpha) * the function
+    with pytest.raises(RecipeError, match="task loss is given twice"):
+        CompressionTrainer(session=jointcompress.prepare(tiny_bert(layers=2), {"techniques": []}, total_steps=1,
+                                                         loss_fn=lambda outputs, batch: outputs.logits.sum()),
+                           model=tiny_bert(layers=2), args=args, compute_loss_func=summed_over_items)
 
 
 def test_a_technique_that_starts_later_joins_the_trainers_optimizer_and_follows_its_schedule(tmp_path):

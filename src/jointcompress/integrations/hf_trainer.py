@@ -6,7 +6,8 @@
     spec = session.finalize()
 
 CompressionTrainer changes three things of the Trainer: the loss goes through the session
-(task term from the model's own loss or the session's loss_fn, plus distillation and every
+(task term from the model's own loss or the session's loss_fn, or the Trainer's own loss where
+label_smoothing_factor or compute_loss_func makes it another, plus distillation and every
 technique's terms), the backward is the session's coordinated backward, and the optimizer
 also holds the techniques' parameters (mask scores, LSQ step sizes; those that attach later
 are added when they do). CompressionCallback runs the techniques' hooks around the
@@ -67,6 +68,9 @@ class CompressionTrainer(Trainer):
         if self.args.world_size > 1:
             raise RecipeError("CompressionTrainer runs in one process; for data-parallel compression use "
                               "jointcompress.compress under torchrun")
+        if session.loss_fn is not None and self._trainer_task_loss():
+            raise RecipeError("CompressionTrainer: the task loss is given twice, to prepare(loss_fn=...) and to the Trainer "
+                              "(label_smoothing_factor or compute_loss_func); keep one of them")
         self.session = session.to(model_device(self.model))  # the Trainer moved the model after prepare()
         self.add_callback(CompressionCallback(session))
 
@@ -123,15 +127,33 @@ class CompressionTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         model.train()
         inputs = self._prepare_inputs(inputs)
-        with self.compute_loss_context_manager():
-            outputs = model(**inputs)
-            terms = self.session.loss(outputs, inputs)
         scale = 1.0 / max(1, self.current_gradient_accumulation_steps)
-        terms = {k: v * scale for k, v in terms.items()}
+        with self.compute_loss_context_manager():
+            if self._trainer_task_loss():
+                task, outputs = super().compute_loss(model, dict(inputs), return_outputs=True,
+                                                     num_items_in_batch=num_items_in_batch)
+                terms = self.session.loss(outputs, inputs, task_loss=task)
+            else:
+                outputs = model(**inputs)
+                terms = self.session.loss(outputs, inputs)
+        task_scale = 1.0 if self._trainer_task_loss() and self._task_scaled_for_accumulation(num_items_in_batch) else scale
+        terms = {k: v * (task_scale if k == "task" else scale) for k, v in terms.items()}
         self.session.backward(terms, scaler=getattr(self.accelerator, "scaler", None))  # fp16: the Trainer's GradScaler
         if self.accelerator.sync_gradients:  # the step's last micro-batch: settle before the Trainer clips
             self.session.settle_gradients()
         return sum(v.detach() for v in terms.values())
+
+    def _trainer_task_loss(self) -> bool:
+        """Whether the task term is the Trainer's own loss: with label_smoothing_factor or a compute_loss_func
+        the model's loss is not what the Trainer trains (the session's default reads the model's)."""
+        return self.label_smoother is not None or self.compute_loss_func is not None
+
+    def _task_scaled_for_accumulation(self, num_items_in_batch) -> bool:
+        """The Trainer's rule for its own loss: normalized over the step's accumulated batch already (by
+        num_items_in_batch, or a compute_loss_func), so not divided by the accumulation steps again."""
+        if getattr(self, "loss_is_scaled_for_ga", None) is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Evaluation loss: the session's terms summed (training goes through training_step)."""
