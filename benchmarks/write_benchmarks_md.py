@@ -1181,6 +1181,31 @@ def accumulation_section() -> list[str]:
     return lines + [""]
 
 
+def precision_section() -> list[str]:
+    """benchmarks/precision_cost.py: training.precision bf16 against fp32, wall time and accuracy paired by seed."""
+    results = [r for r in (_load(f"precision_cost_{m}.json") for m in ("lenet5", "resnet")) if r is not None]
+    if not results:
+        return []
+    lines = ["## Training in bfloat16 (`training.precision: bf16`)", "",
+             "The joint form under a size target, trained with the forward in bfloat16 autocast and in float32, "
+             "alike otherwise (one float32 teacher, the same seeds, alternating which runs first, last epoch kept, "
+             "1 thread; the stored LeNet-5 and ResNet scripts ran at the same time, one on each of the 2 cores). Wall time of the whole `compress()` run (evaluation after each epoch included); accuracy "
+             "of the finalized float32 model on the 10,000 test images; bf16 − fp32 paired by seed (points, bold "
+             "beyond 2 standard errors). CPU: " + results[0]["cpu"] + " (AVX512-BF16).", "",
+             "| model | target | epochs | teacher | fp32 / bf16 run time, per seed | fp32 accuracy | bf16 accuracy | "
+             "bf16 − fp32 | weights file, bf16 − fp32 (bytes) | command |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        acc = {p: {x["seed"]: x["test_accuracy"] for x in r["runs"] if x["precision"] == p} for p in ("fp32", "bf16")}
+        size = r["bytes"]
+        lines.append(f"| {r['model']} | {r['target_ratio']:g}x | {r['epochs']} | {100 * r['teacher_test_accuracy']:.2f}% | "
+                     f"{', '.join(f'{v:.2f}x' for v in r['fp32_over_bf16_seconds'])} | "
+                     f"{100 * statistics.mean(acc['fp32'].values()):.2f}% | {100 * statistics.mean(acc['bf16'].values()):.2f}% | "
+                     f"{_mean_se(_differences(acc['fp32'], acc['bf16']))} | {size['bf16_minus_fp32_mean']:+.0f} ± "
+                     f"{size['se']:.0f} | `{r['command'].strip()}` |")
+    return lines + [""]
+
+
 def torchrun_cost_section() -> list[str]:
     """benchmarks/torchrun_coordination_cost.py: the step time of resolving PCGrad on the global batch under
     torchrun, against each rank resolving its own."""
@@ -1808,6 +1833,7 @@ def main() -> None:
         text += section("lenet300", "compare_lenet300_long", ", longer training at 60x")
     text += size_target_section()
     text += accumulation_section()
+    text += precision_section()
     text += torchrun_cost_section()
     text += channels_size_section()
     text += longer_run_section()

@@ -98,12 +98,12 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
         assert ja[key] == jb[key], key  # exactly: same batches, same RNG, same arithmetic
 
 
-def _tiny(digits, teacher=None, epochs=2, micro_batches=1, **kw):
+def _tiny(digits, teacher=None, epochs=2, micro_batches=1, precision="fp32", **kw):
     import copy
 
     model = copy.deepcopy(teacher) if teacher is not None else torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5}],
-              "training": {"epochs": epochs, "batch_size": 128, "micro_batches": micro_batches}}
+              "training": {"epochs": epochs, "batch_size": 128, "micro_batches": micro_batches, "precision": precision}}
     return compress(model, recipe, (digits.x_train, digits.y_train), evaluator(digits.x_test, digits.y_test), **kw), model
 
 
@@ -326,7 +326,7 @@ def test_resuming_with_another_number_of_processes_says_what_it_changes(digits, 
     assert res.history.events[-1]["event"] == "resumed"
 
 
-@pytest.mark.parametrize("field", ["keep", "micro_batches"])
+@pytest.mark.parametrize("field", ["keep", "micro_batches", "precision"])
 def test_a_checkpoint_from_before_a_training_field_resumes(digits, tmp_path, field):
     """training.keep and training.micro_batches were added later: a checkpoint whose recipe lacks one
     trained with its default ('best', 1) and must not read as made with a different recipe."""
@@ -344,24 +344,48 @@ def test_a_checkpoint_from_before_a_training_field_resumes(digits, tmp_path, fie
     assert res.history.events[-1]["event"] == "resumed"
 
 
+class Crash(Exception):
+    """The process killed mid-run."""
+
+
+class CrashAt:
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step(self, trainer, step, out):
+        if step == self.step:
+            raise Crash
+
+
 def test_a_run_resumes_with_other_micro_batches(digits, tmp_path):
     """micro_batches sets memory, not the run: a run that ran out of memory resumes with more of them (the
     recipe check refused it as a different recipe) and ends where the uninterrupted run ends."""
-
-    class Crash(Exception):
-        pass
-
-    class CrashAt:
-        def on_step(self, trainer, step, out):
-            if step == 13:
-                raise Crash
-
     _, whole = _tiny(digits, epochs=2)
     with pytest.raises(Crash):
-        _tiny(digits, epochs=2, run_dir=tmp_path, checkpoint_every=5, callbacks=[CrashAt()])
+        _tiny(digits, epochs=2, run_dir=tmp_path, checkpoint_every=5, callbacks=[CrashAt(13)])
     res, resumed = _tiny(digits, epochs=2, run_dir=tmp_path, checkpoint_every=5, resume=True, micro_batches=4)
     assert any(e["event"] == "resumed" for e in res.history.events)
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
     with pytest.raises(RecipeError, match="different recipe"):  # another recipe is still refused
         _tiny(digits, epochs=3, run_dir=tmp_path, resume=True, micro_batches=4)
+
+
+def test_a_run_checkpointed_in_float32_resumes_in_bf16(digits, tmp_path):
+    """training.precision sets speed and memory, not the run: a float32 run resumes in bf16 autocast."""
+
+    class ForwardDtypes:
+        def __init__(self):
+            self.seen = set()
+
+        def on_step(self, trainer, step, out):
+            if not self.seen:
+                trainer.model[1].register_forward_hook(lambda m, i, o: m.training and self.seen.add(o.dtype))
+                self.seen.add("hooked")
+
+    with pytest.raises(Crash):
+        _tiny(digits, epochs=2, run_dir=tmp_path, checkpoint_every=5, callbacks=[CrashAt(13)])
+    spy = ForwardDtypes()
+    res, _ = _tiny(digits, epochs=2, run_dir=tmp_path, checkpoint_every=5, resume=True, precision="bf16", callbacks=[spy])
+    assert any(e["event"] == "resumed" for e in res.history.events)
+    assert spy.seen == {"hooked", torch.bfloat16}

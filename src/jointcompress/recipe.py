@@ -380,6 +380,9 @@ class Training(Strict):
     # gradient accumulation: each batch of batch_size samples forwarded in this many parts, one optimizer step
     # (the same update, in 1/micro_batches of the activation memory; training/micro_batches.py)
     micro_batches: Annotated[int, Field(ge=1, le=65_536)] = 1
+    # the training forward in bfloat16 autocast (weights, gradients, optimizer and evaluation stay float32;
+    # training/mixed_precision.py)
+    precision: Literal["fp32", "bf16"] = "fp32"
     seed: Annotated[int, Field(ge=0)] = 0
     metric: str = "accuracy"
     grad_clip: Annotated[float, Field(ge=0.0, le=1e6)] = 0.0
@@ -634,9 +637,9 @@ def builtin_recipe(name: str) -> Path:
     return path
 
 
-# recipe fields that change memory, not the run: a resumed run may set them anew (a run that ran out of memory
-# resumes with more micro-batches), so checkpoints are matched without them
-MEMORY_FIELDS = (("training", "micro_batches"),)
+# recipe fields that change memory and speed, not the run: a resumed run may set them anew (a run that ran out of
+# memory resumes with more micro-batches, or in bf16), so checkpoints are matched without them
+MEMORY_FIELDS = (("training", "micro_batches"), ("training", "precision"))
 
 
 def without_memory_fields(dump: dict) -> dict:

@@ -197,7 +197,8 @@ def _trained_overlap(saved: dict) -> bool:
 
 # recipe fields added since checkpoints were first written, with the value a run without them trained with:
 # a checkpoint that lacks one resumes as that value, not as a different recipe
-ADDED_FIELDS = {("training", "keep"): "best", ("training", "validation_images"): 0, ("training", "micro_batches"): 1}
+ADDED_FIELDS = {("training", "keep"): "best", ("training", "validation_images"): 0, ("training", "micro_batches"): 1,
+                ("training", "precision"): "fp32"}
 
 
 def _as_trained_today(saved: dict | None, recipe) -> dict | None:

@@ -34,6 +34,7 @@ from .epochs import epoch_batches
 from .history import History, Position
 from .metrics import read_metrics
 from .micro_batches import check_parts, micro_batches
+from .mixed_precision import check_precision, forward_precision
 from .recovery import Recovery
 
 
@@ -51,6 +52,7 @@ class Trainer:
         if checkpoint_every is not None and checkpoint_every < 1:
             raise RecipeError(f"checkpoint_every must be >= 1 (got {checkpoint_every}); pass None for checkpoints at evaluations only")
         check_parts(model, recipe.training, dist.world_size if dist is not None else 1)
+        check_precision(model, recipe.training.precision)
         self.session = CompressionSession(model, techniques, plan, recipe, example_inputs=example_inputs, teacher=teacher,
                                           loss_fn=loss_fn, dist=dist)
         self.session.owns_optimizer = True
@@ -112,7 +114,8 @@ class Trainer:
         values: dict[str, float] = {}  # what the step reports: each term over the whole batch
         stats = None
         for part, share in micro_batches(batch, s.recipe.training.micro_batches):
-            terms = s.forward_terms(part)
+            with forward_precision(s.model, s.recipe.training.precision):
+                terms = s.forward_terms(part)
             read = {k: float(v.detach()) for k, v in terms.items()}  # read once, for the check and the report
             bad = rec.bad_term(read)
             if bad is not None:
