@@ -380,8 +380,12 @@ def test_a_run_checkpointed_in_float32_resumes_in_bf16(digits, tmp_path):
 
         def on_step(self, trainer, step, out):
             if not self.seen:
-                trainer.model[1].register_forward_hook(lambda m, i, o: m.training and self.seen.add(o.dtype))
+                trainer.model[1].register_forward_hook(self.note)
                 self.seen.add("hooked")
+
+        def note(self, module, inputs, output):
+            if module.training:  # evaluation runs in float32
+                self.seen.add(output.dtype)
 
     with pytest.raises(Crash):
         _tiny(digits, epochs=2, run_dir=tmp_path, checkpoint_every=5, callbacks=[CrashAt(13)])
