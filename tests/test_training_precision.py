@@ -2,6 +2,8 @@
 the optimizer and evaluation stay float32 (resuming in the other precision: test_resume.py)."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -67,3 +69,15 @@ def test_precision_is_checked_by_name():
     with pytest.raises(RecipeError, match="training.precision: bf16.*meta"):
         check_precision(nn.Linear(2, 2, device="meta"), "bf16")
     check_precision(nn.Linear(2, 2, device="meta"), "fp32")  # float32 goes anywhere
+
+
+def test_bf16_on_a_cpu_without_bfloat16_instructions_warns(monkeypatch):
+    from jointcompress.training.mixed_precision import check_precision
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "avx512_bf16": False, "amx_bf16": False})
+    with pytest.warns(RuntimeWarning, match="without bfloat16 instructions"):
+        check_precision(nn.Linear(2, 2), "bf16")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_precision(nn.Linear(2, 2), "bf16")

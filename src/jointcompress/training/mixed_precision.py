@@ -13,6 +13,7 @@ a diverging run; a loop of your own can use one (session.backward(terms, scaler=
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
@@ -31,6 +32,18 @@ def check_precision(model: torch.nn.Module, precision: str) -> None:
     if device.type not in ("cpu", "cuda"):
         raise RecipeError(f"training.precision: bf16 autocast is offered on the CPU and CUDA GPUs, not on "
                           f"{device.type}; set training.precision: fp32")
+    if device.type == "cpu" and not _cpu_computes_bf16():
+        warnings.warn("training.precision: bf16 on a CPU without bfloat16 instructions (AVX512-BF16, AMX-BF16): "
+                      "autocast emulates them and may train slower than fp32", RuntimeWarning, stacklevel=3)
+
+
+def _cpu_computes_bf16() -> bool:
+    """Whether the CPU has bfloat16 instructions (torch.cpu.get_capabilities' bf16 flags; True where unknown)."""
+    try:
+        capabilities = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):
+        return True
+    return any(on is True and "bf16" in name for name, on in capabilities.items())
 
 
 def forward_precision(model: torch.nn.Module, precision: str):
