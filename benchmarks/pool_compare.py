@@ -21,6 +21,7 @@ from pathlib import Path
 from jointcompress.compare import paired_differences, plot_pareto, summarize, write_csv
 from jointcompress.errors import JointCompressError
 from jointcompress.io import atomic_write_json
+from jointcompress.training.checkpoints import ADDED_FIELDS
 
 # what must agree for two folders to be one experiment (the seeds are what differ)
 SAME_SETTING = ("kind", "model", "data", "ratios", "variants", "epochs", "teacher_epochs", "train_images", "recipe")
@@ -34,13 +35,25 @@ def _seeds(result: dict) -> list[int]:
     return sorted({u["seed"] for u in result.get("uncompressed", [])} | {r["seed"] for r in result.get("runs", [])})
 
 
+def _setting(result: dict, key: str):
+    """What must agree between folders; a recipe field added since a folder ran (training.precision,
+    training.micro_batches) counts at the value that run trained with (the checkpoints' ADDED_FIELDS)."""
+    value = result.get(key)
+    if key != "recipe" or not isinstance(value, dict):
+        return value
+    for (section, field), default in ADDED_FIELDS.items():
+        if isinstance(value.get(section), dict) and field not in value[section]:
+            value = {**value, section: {**value[section], field: default}}
+    return value
+
+
 def check_poolable(results: dict[Path, dict]) -> None:
     """Refuse to pool folders whose setting differs or whose seeds overlap (a seed counted twice
     would shrink the standard error for nothing)."""
     (first_dir, first), *others = results.items()
     for folder, result in others:
         for key in SAME_SETTING:
-            if result.get(key) != first.get(key):
+            if _setting(result, key) != _setting(first, key):
                 raise PoolError(f"{folder}: its {key!r} differs from {first_dir}'s; pool only runs of one setting "
                                 "(same command apart from --first-seed/--seeds/--out)")
     seen: dict[int, Path] = {}

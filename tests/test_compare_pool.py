@@ -107,7 +107,20 @@ def test_pooling_refuses_overlapping_seeds_or_another_setting(tmp_path):
         pool.write_pooled([first, again], tmp_path / "out", "pool")
     with pytest.raises(pool.PoolError, match="'epochs' differs"):
         pool.write_pooled([first, other], tmp_path / "out", "pool")
+    bf16 = _fake_folder(tmp_path, "d", [2, 3], _accuracy([2, 3]), recipe={"name": "r", "training": {"precision": "bf16"}})
+    with pytest.raises(pool.PoolError, match="'recipe' differs"):
+        pool.write_pooled([first, bf16], tmp_path / "out", "pool")
     assert not (tmp_path / "out" / "compare.json").exists()
+
+
+def test_a_field_added_since_a_batch_ran_counts_at_what_that_batch_trained_with(tmp_path):
+    """A batch run before training.precision existed trained in fp32: it pools with a later fp32 batch."""
+    pool = _pool_module()
+    older = _fake_folder(tmp_path, "a", [0, 1], _accuracy([0, 1]), recipe={"name": "r", "training": {"epochs": 4}})
+    newer = _fake_folder(tmp_path, "b", [2, 3], _accuracy([2, 3]), recipe={"name": "r", "training": {
+        "epochs": 4, "precision": "fp32", "micro_batches": 1}})
+    pooled = pool.write_pooled([older, newer], tmp_path / "out", "pool")
+    assert pooled["seeds"] == 4
 
 
 def test_benchmarks_page_shows_each_batch_of_a_pooled_folder_alone(tmp_path):
