@@ -193,13 +193,13 @@ class FisherDiagonal:
             self.carried, self.carried_samples = None, 0
         if g is None:
             return False
+        seen = bool(self.seen)
+        if seen and step is not None and step % every:
+            return False
         if loss_scale is not None:
             if not bool(torch.isfinite(g).all()):
                 return False
             g = g / loss_scale
-        seen = bool(self.seen)
-        if seen and step is not None and step % every:
-            return False
         if seen:  # two passes over the weights, no temporary: value = d * value + (1 - d) * B * g^2
             decay = FISHER_DECAY ** every
             self.value.mul_(decay).addcmul_(g, g, value=(1 - decay) * float(batch_size))
