@@ -234,8 +234,9 @@ def _against_target(kind: str, manifest: dict, name: str) -> str:
     return f", {100 * (manifest['weights_file_bytes'] / target - 1):+.1f}% vs the {target:,.0f} B target"
 
 
-def run_cell(name: str, kind: str, workdir, tol: float = 1e-4) -> dict[str, tuple[str, str]]:
-    """compress -> finalize -> save -> load -> ONNX for one architecture and pruning kind.
+def run_cell(name: str, kind: str, workdir, tol: float = 1e-4, precision: str = "fp32") -> dict[str, tuple[str, str]]:
+    """compress -> finalize -> save -> load -> ONNX for one architecture and pruning kind (trained in
+    `precision`: training.precision).
 
     Returns stage -> ("ok", what was checked) or ("error", the JointCompressError message);
     a stage after a failed one is not run. Any other exception propagates (it is a bug).
@@ -251,7 +252,9 @@ def run_cell(name: str, kind: str, workdir, tol: float = 1e-4) -> dict[str, tupl
     model, (x, y) = build(name), data(name)
     stage = "compress"
     try:
-        res = compress(model, _recipe(kind, name), (x, y), lambda m: 0.0)
+        recipe = _recipe(kind, name)
+        recipe["training"]["precision"] = precision
+        res = compress(model, recipe, (x, y), lambda m: 0.0)
         model.eval()
         with torch.no_grad():
             masked = model(x)

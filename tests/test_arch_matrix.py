@@ -44,6 +44,15 @@ def test_architecture_goes_through_every_stage(arch, kind, tmp_path):
         assert abs(off) <= 2.0, result["save"]
 
 
+@pytest.mark.parametrize("arch, kind", [("convnext", "joint_form"), ("conv3d", "prune_structured"), ("torch-lstm", "joint"),
+                                        ("gpt2", "joint_form")])
+def test_bf16_training_goes_through_every_stage(arch, kind, tmp_path):
+    """training.precision: bf16 (the forward in bfloat16 autocast); every cell of the matrix passed it once
+    (an ad hoc run), these four stay in the suite: depthwise and 3-D convolutions, a recurrent net, a causal LM."""
+    result = run_cell(arch, kind, tmp_path, precision="bf16")
+    assert list(result) == list(STAGES) and all(status == "ok" for status, _ in result.values()), result
+
+
 def test_causal_lm_structured_is_a_clear_error(tmp_path):
     """GPT-2 cannot be traced for channel groups (its attention concatenates past keys): a named error, not a TypeError."""
     result = run_cell("gpt2", "prune_structured", tmp_path)
