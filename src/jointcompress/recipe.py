@@ -380,9 +380,9 @@ class Training(Strict):
     # gradient accumulation: each batch of batch_size samples forwarded in this many parts, one optimizer step
     # (the same update, in 1/micro_batches of the activation memory; training/micro_batches.py)
     micro_batches: Annotated[int, Field(ge=1, le=65_536)] = 1
-    # the training forward in bfloat16 autocast (weights, gradients, optimizer and evaluation stay float32;
-    # training/mixed_precision.py)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # the training forward in bfloat16 or float16 autocast (fp16 with a loss scaler); weights, gradients,
+    # optimizer and evaluation stay float32 (training/mixed_precision.py)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: Annotated[int, Field(ge=0)] = 0
     metric: str = "accuracy"
     grad_clip: Annotated[float, Field(ge=0.0, le=1e6)] = 0.0

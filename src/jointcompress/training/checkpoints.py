@@ -47,6 +47,7 @@ class RunCheckpoints:
             "epoch_start_torch": tr.epoch_start["torch"],
             "best": tr.best.payload(),
             "teacher_cache": s.teacher_cache.state(),
+            "loss_scaler": tr.scaler.state_dict() if tr.scaler is not None else None,  # fp16
         }
         history = tr.history.as_dict()
         history["wall_seconds"] = tr.wall_offset + time.perf_counter() - tr.t0
@@ -117,6 +118,8 @@ class RunCheckpoints:
             s.model.load_state_dict(ck["model"])
             s.load_technique_states(ck["techniques"])
             s.optimizer.load_state_dict(ck["optimizer"])
+            if self.trainer.scaler is not None and ck.get("loss_scaler"):  # a run resumed in fp16 after fp32 starts anew
+                self.trainer.scaler.load_state_dict(ck["loss_scaler"])
         except (RuntimeError, KeyError, ValueError) as err:
             raise TrainingError(
                 f"{path}: the checkpoint does not fit this model ({str(err).splitlines()[0][:300]}); resume with the same model and recipe"

@@ -34,7 +34,7 @@ from .epochs import epoch_batches
 from .history import History, Position
 from .metrics import read_metrics
 from .micro_batches import check_parts, micro_batches
-from .mixed_precision import check_precision, forward_precision
+from .mixed_precision import check_precision, forward_precision, loss_scaler
 from .recovery import Recovery
 
 
@@ -53,6 +53,7 @@ class Trainer:
             raise RecipeError(f"checkpoint_every must be >= 1 (got {checkpoint_every}); pass None for checkpoints at evaluations only")
         check_parts(model, recipe.training, dist.world_size if dist is not None else 1)
         check_precision(model, recipe.training.precision)
+        self.scaler = loss_scaler(model, recipe.training.precision)  # fp16 only
         self.session = CompressionSession(model, techniques, plan, recipe, example_inputs=example_inputs, teacher=teacher,
                                           loss_fn=loss_fn, dist=dist)
         self.session.owns_optimizer = True
@@ -121,19 +122,45 @@ class Trainer:
             if bad is not None:
                 return rec.nonfinite(step, bad, terms, self.history.events, self.last_checkpoint)
             values = {k: values.get(k, 0.0) + share * v for k, v in read.items()}
-            stats = s.backward(terms if share == 1.0 else {k: t * share for k, t in terms.items()})
+            stats = s.backward(terms if share == 1.0 else {k: t * share for k, t in terms.items()}, scaler=self.scaler)
         factor = lr_factor(step, s.plan, s.recipe.training.lr_schedule)
         for g in s.optimizer.param_groups:
             g["lr"] = g["base_lr"] * rec.lr_scale * factor
+        scale = self._unscale()
         bad = rec.bad_gradient()  # identical on every rank after the all-reduce
         if bad is not None:
+            if scale is not None:
+                self.scaler.update()  # ends the scaler's step (its unscale_ is done) and halves the scale
+                if scale > 1.0:  # the loss scale overflowed them: the scaler's own skip
+                    return self._overflowed(step, values)
             return rec.nonfinite(step, bad, terms, self.history.events, self.last_checkpoint)
         s.before_step()
         if s.recipe.training.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(s.coordinator.params, s.recipe.training.grad_clip)
-        s.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(s.optimizer)
+            self.scaler.update()
+        else:
+            s.optimizer.step()
         s.after_step(prepare_next=False)
         return {"terms": values, "coordination": stats}
+
+    def _unscale(self) -> float | None:
+        """fp16: the gradients back in true units before they are checked, clipped and worked on; returns
+        the scale they carried (None without a scaler)."""
+        if self.scaler is None:
+            return None
+        self.session.settle_gradients()  # the held per-term gradients (micro-batches, ranks) carry the scale too
+        scale = self.scaler.get_scale()
+        self.scaler.unscale_(self.session.optimizer)
+        return scale
+
+    def _overflowed(self, step: int, values: dict[str, float]) -> dict[str, Any]:
+        """fp16: gradients that overflowed under a loss scale above 1 skip the step (the scale was halved), as
+        GradScaler does; the non-finite recovery (rollback, half the LR) is for gradients that overflow unscaled."""
+        self.session.optimizer.zero_grad(set_to_none=True)
+        self.history.events.append({"event": "loss_scale_overflow", "step": step, "scale": self.scaler.get_scale()})
+        return {"terms": values, "coordination": None, "skipped": True}
 
     # -- the run --------------------------------------------------------------------------------
     def _start(self) -> None:
