@@ -624,6 +624,25 @@ def test_mode_on_the_command_line_runs_the_recipe_as_the_file_would(tmp_path, mo
     assert set(json.loads((tmp_path / "out" / "summary.json").read_text())) == {"sequential", "uncompressed"}
 
 
+def test_precision_on_the_command_line_trains_the_forward_in_it(tmp_path, monkeypatch, capsys):
+    """--precision bf16 overrides training.precision and keeps what the file set (its mode, target, epochs)."""
+    import jointcompress.training.loop as loop
+
+    seen = []
+    autocast = loop.forward_precision
+    monkeypatch.setattr(loop, "forward_precision", lambda model, precision: seen.append(precision) or autocast(model, precision))
+    recipe = _recipe(tmp_path, "mode: joint\ntarget: {ratio: 10}\ntraining: {epochs: 1, batch_size: 128}\n"
+                               "techniques: [{type: prune_unstructured}, {type: quant_lsq, bits: 4}]\n")
+    code, out = _cli(monkeypatch, capsys, "compress", recipe, "--precision", "bf16", "--teacher-epochs", "1",
+                     "--out", tmp_path / "out")
+    assert code == 0, out
+    first = seen.index("bf16")  # the teacher trains first, at the default fp32; then every compression step in bf16
+    assert set(seen[:first]) <= {"fp32"} and set(seen[first:]) == {"bf16"}, seen
+    assert set(json.loads((tmp_path / "out" / "summary.json").read_text())) == {"joint", "uncompressed"}
+    code, out = _cli(monkeypatch, capsys, "compress", recipe, "--precision", "fp8", "--out", tmp_path / "other")
+    assert code == 2 and "training.precision" in out and "fp8" in out, out
+
+
 def test_dry_run_agrees_with_training_on_a_grouped_convolution(tmp_path, monkeypatch, capsys):
     """Traced on zeros, a fresh bias-free Conv -> BatchNorm model outputs its classifier's bias alone: the
     check that a group's channels can go saw no difference, and dry-run listed the grouped convolution's

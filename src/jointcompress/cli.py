@@ -166,6 +166,8 @@ def compress_cmd(
     weights: Optional[Path] = typer.Option(None, help="Trained weights (.safetensors, or a torch file read with weights_only), or a saved artifact directory (e.g. a first run's model with channels removed); default: train the model first."),
     teacher_epochs: int = typer.Option(10, min=1, help="Epochs to train the model when no --weights are given."),
     mode: Optional[str] = typer.Option(None, help="Override the recipe's mode: joint, overlap or sequential."),
+    precision: Optional[str] = typer.Option(None, help="Override training.precision: fp32, bf16 or fp16 (the training "
+                                            "forward in 16-bit autocast; weights, evaluation and the artifact stay fp32)."),
     out: Path = typer.Option(Path("runs/compress"), help="Output directory (artifact, history, summary, checkpoints)."),
     force: bool = typer.Option(False, help="Allow writing into an existing, non-empty output directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last complete checkpoint."),
@@ -185,17 +187,13 @@ def compress_cmd(
     from .io import prepare_run_dir
     from .models import absolute_builder
     from .pipeline import builder_for, compress_and_save, load_split
-    from .recipe import load_recipe, parse_recipe
+    from .recipe import load_recipe
     from .tensorboard import TensorBoardLogger
 
     if tensorboard is not None and tensorboard.exists() and not tensorboard.is_dir():  # found only after training
         raise JointCompressError(f"--tensorboard {tensorboard}: is a file; give a folder for the event files")
 
-    recipe = load_recipe(recipe_path)
-    if mode:
-        # the fields the file set, not every default: a default written out reads as asked for (a
-        # sparsity beside a size target, which the target's checks then weigh)
-        recipe = parse_recipe({**recipe.model_dump(exclude_unset=True), "mode": mode}, source=f"--mode {mode}")
+    recipe = _overridden(load_recipe(recipe_path), mode=mode, precision=precision)
     if recipe.hf is not None or (model or recipe.model or "").startswith("hf:"):  # Hugging Face text classification
         from .hf.pipeline import cli_compress
 
@@ -243,6 +241,22 @@ def compress_cmd(
                 cb.close()
     if main_rank:
         _write_compress_results(out, recipe_path, recipe, teacher, outcome, split, model_name, given=weights is not None)
+
+
+def _overridden(recipe, *, mode: str | None, precision: str | None):
+    """The recipe with the command line's --mode and --precision, re-parsed from the fields the file set, not
+    every default: a default written out reads as asked for (a sparsity beside a size target, which the
+    target's checks then weigh)."""
+    from .recipe import parse_recipe
+
+    given = recipe.model_dump(exclude_unset=True)
+    if mode:
+        recipe = parse_recipe({**given, "mode": mode}, source=f"--mode {mode}")
+        given = recipe.model_dump(exclude_unset=True)
+    if precision:
+        recipe = parse_recipe({**given, "training": {**given.get("training", {}), "precision": precision}},
+                              source=f"--precision {precision}")
+    return recipe
 
 
 def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights, resume: bool, teacher_epochs: int,
