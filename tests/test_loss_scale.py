@@ -41,7 +41,7 @@ def _fishers(model):
             if hasattr(m, "parametrizations")}
 
 
-def _train(scaler=None, unscale_in_loop=False):
+def _train(scaler=None, unscale_in_loop=False, micro_batches=1):
     model = _mlp(0)
     x, y = _data()
     session = jointcompress.prepare(model, RECIPE, total_steps=40, teacher=_mlp(1), example_inputs=x[:2])
@@ -50,7 +50,9 @@ def _train(scaler=None, unscale_in_loop=False):
     skipped = 0
     for _ in range(STEPS):
         optimizer.zero_grad()
-        session.backward(session.loss(model(x), (x, y)), scaler=scaler)
+        for xm, ym in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
+            terms = session.loss(model(xm), (xm, ym))
+            session.backward({k: t / micro_batches for k, t in terms.items()}, scaler=scaler)
         if scaler is None:
             session.before_step()
             optimizer.step()
@@ -76,10 +78,13 @@ def _assert_same_training(a, b):
 
 
 @pytest.mark.parametrize("unscale_in_loop", [False, True])
-def test_a_scaled_backward_trains_what_the_unscaled_one_trains(unscale_in_loop):
-    plain, _ = _train()
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_a_scaled_backward_trains_what_the_unscaled_one_trains(unscale_in_loop, micro_batches):
+    """With 2 micro-batches PCGrad settles the step's summed per-term gradients, which carry the scale: a loop
+    that unscales first (to clip) had that difference added S times too large."""
+    plain, _ = _train(micro_batches=micro_batches)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=10_000)
-    scaled, skipped = _train(scaler, unscale_in_loop)
+    scaled, skipped = _train(scaler, unscale_in_loop, micro_batches)
     assert skipped == 0
     _assert_same_training(plain, scaled)
 

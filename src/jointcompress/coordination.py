@@ -177,7 +177,7 @@ class GradientCoordinator:
         self._hold(step, names, stacked, resolved, stats)
         return stats
 
-    def settle(self, step: int) -> bool:
+    def settle(self, step: int, unit: float = 1.0) -> bool:
         """Gradient accumulation: a measured step's K micro-batches (K backward calls before the
         optimizer step) were each resolved on their own, and PCGrad's projection (or scale's damping)
         is not linear, so their sum differs from what one batch of the same samples gets whenever the
@@ -188,7 +188,9 @@ class GradientCoordinator:
         takes the global batch's update on every rank, not the average of each rank's own projection.
         Returns whether .grad changed; one micro-batch in one process changes nothing, nor does `none`
         (a plain sum), whose conflict statistics are then the batch's too (each rank's own under torchrun).
-        The step's stats (the object the last backward returned) then describe the update the step takes."""
+        The step's stats (the object the last backward returned) then describe the update the step takes.
+        `unit`: what .grad holds per unit of the held gradients (1 / the loss scale where a loop unscaled
+        .grad before settling; session/loss_scale.py)."""
         held, self._held = self._held, None
         if held is None or held.step != step:
             return False
@@ -203,7 +205,8 @@ class GradientCoordinator:
             stacked = self.mean_over_ranks(stacked)
             applied = {g: rows.sum(0) for g, rows in stacked.items()}
         resolved, stats = self._resolve(held.names, stacked, step)
-        self._assign({g: resolved[g] - applied[g] for g in resolved})
+        delta = {g: resolved[g] - applied[g] for g in resolved}
+        self._assign(delta if unit == 1.0 else {g: d * unit for g, d in delta.items()})
         held.stats.__dict__.update(stats.__dict__)
         return True
 

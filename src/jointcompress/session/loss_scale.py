@@ -12,7 +12,9 @@ is scaled by one factor). Two things then need the scaler after the backward:
   unscales the bound optimizer itself unless the loop did (the transformers Trainer does, in its
   gradient clipping);
 - the Fisher estimate keeps the gradient its quantizers caught in the backward, which carries S:
-  it is divided back out, and an overflowed step (inf or nan) is not folded into the estimate.
+  it is divided back out, and an overflowed step (inf or nan) is not folded into the estimate;
+- settling a step's micro-batches (coordination.py, `settle`) resolves held per-term gradients that
+  carry S into a .grad the loop may have unscaled already (to clip): `grad_unit` says which.
 """
 from __future__ import annotations
 
@@ -56,6 +58,19 @@ class LossScale:
                 if "already been called" not in str(err):
                     raise
         return float(self.scaler.get_scale())
+
+
+    def grad_unit(self, optimizer: torch.optim.Optimizer | None, step: int) -> float:
+        """What .grad holds per unit of the gradients the backward took: 1, or 1 / the scale where the loop
+        has unscaled the optimizer already this step (to clip) while the step's held per-term gradients,
+        which settling resolves, still carry the scale. Read from the scaler's per-optimizer state (not
+        public API: where it is missing, 1, and a loop must settle before it unscales)."""
+        if self.scaler is None or self.step != step or optimizer is None:
+            return 1.0
+        from torch.amp.grad_scaler import OptState
+
+        state = getattr(self.scaler, "_per_optimizer_states", {}).get(id(innermost(optimizer)), {})
+        return 1.0 / float(self.scaler.get_scale()) if state.get("stage") is OptState.UNSCALED else 1.0
 
 
 def innermost(optimizer: Any) -> Any:

@@ -301,7 +301,7 @@ class CompressionSession:
         Face Trainer does) calls it first. Once a step; in one process without accumulation it changes
         nothing."""
         if self.coordinator is not None:
-            self.coordinator.settle(self.step)
+            self.coordinator.settle(self.step, self.loss_scale.grad_unit(self.optimizer, self.step))
 
     def before_step(self) -> None:
         """Right before optimizer.step(): techniques act on the gradients."""
