@@ -324,3 +324,51 @@ def test_cli_trains_an_hf_recipe_on_the_gpu_and_writes_everything_from_the_cpu(t
     assert summary["artifact"]["dev_accuracy"] == pytest.approx(summary["student"]["dev_accuracy"], abs=1 / 8)
     assert (out / "onnx" / "model_int8.onnx").is_file() and summary["int8"]["logits_vs_fp32_student"]["within_tolerance"]
     assert summary["int8"]["latency"]["teacher_fp32_torch"]["batch1_ms"] > 0  # the teacher timed back on the CPU
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_sixteen_bit_training_on_gpu_lands_the_target_and_evaluates_in_float32(trained, precision):
+    """training.precision on a GPU: the forward in 16-bit autocast (fp16 with the loop's GradScaler), the
+    weights float32; the joint form lands its size target and reaches the float32 run's accuracy."""
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bfloat16")
+    split, teacher = trained
+    accuracy_of = {}
+    for p in ("fp32", precision):
+        recipe = parse_recipe({**JOINT, "training": {**JOINT["training"], "precision": p}})
+        model = copy.deepcopy(teacher).to(CUDA)
+        result = compress(model, recipe, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test),
+                          teacher=copy.deepcopy(teacher).to(CUDA))
+        assert _on_gpu(model) and all(q.dtype == torch.float32 for q in model.parameters())
+        assert not [e for e in result.history.events if e["event"] == "nonfinite"]
+        accuracy_of[p] = result.metrics["accuracy"]
+    assert accuracy_of[precision] > accuracy_of["fp32"] - 0.05, accuracy_of
+
+
+def test_trainer_with_fp16_trains_through_the_session_on_gpu(tmp_path):
+    """transformers' fp16=True: accelerate's GradScaler scales the session's terms (session/loss_scale.py)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from hf_helpers import tiny_bert
+    from transformers import TrainingArguments
+
+    from jointcompress.integrations.hf_trainer import CompressionTrainer
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 60, (24, 10), generator=g)
+    rows = [{"input_ids": ids[i], "attention_mask": torch.ones(10, dtype=torch.long), "labels": int(ids[i, 1] > 30)}
+            for i in range(24)]
+    model, teacher = tiny_bert(layers=2, seed=0), tiny_bert(layers=2, seed=1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    session = prepare(model, {"mode": "joint", "target": {"ratio": 4}, "coordination": {"strategy": "pcgrad", "every": 1},
+                              "techniques": [{"type": "quant_lsq", "bits": 4}, {"type": "distill_kd", "alpha": 0.5}]},
+                      total_steps=4, teacher=teacher)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=6, learning_rate=1e-3,
+                             gradient_accumulation_steps=2, fp16=True, report_to=[], save_strategy="no",
+                             disable_tqdm=True, seed=0)
+    trainer = CompressionTrainer(session=session, model=model, args=args, train_dataset=rows)
+    assert trainer.accelerator.scaler is not None
+    trainer.train()
+    assert session.step == 4 and _on_gpu(model)
+    moved = [n for n, p in model.named_parameters() if n in before and not torch.equal(p.detach().cpu(), before[n])]
+    assert moved and all(torch.isfinite(p).all() for p in model.parameters())
