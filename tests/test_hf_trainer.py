@@ -205,6 +205,17 @@ def test_fp16_loss_scaling_trains_what_fp32_trains(tmp_path):
     assert moved > 0.05 * total and apart < 0.002 * total, (moved, apart, total)
 
 
+def test_bf16_trains_through_the_session_in_bfloat16_autocast(tmp_path):
+    """bf16=True needs no scaler: the Trainer's autocast reaches the session's forward; the weights stay float32."""
+    trainer, session = _joint_trainer(tmp_path, steps=3, learning_rate=1e-3, bf16=True)
+    seen = set()
+    trainer.model.bert.encoder.layer[0].intermediate.dense.register_forward_hook(
+        lambda m, i, out: seen.add(out.dtype) if m.training else None)
+    trainer.train()
+    assert session.step == 3 and seen == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
 def _spied_run(tmp_path, **args) -> list[dict]:
     """A distilled tiny BERT under the Trainer with `args`; per micro-batch, the task loss the session was
     given, the outputs and labels it was computed from, and the terms the backward got."""
