@@ -267,9 +267,8 @@ def test_sequential_size_target_trains_on_gpu_through_the_pipeline(trained, tmp_
     assert outcome.row["file_bytes"] <= 1.05 * goal and outcome.row["accuracy"] > 0.5
 
 
-def test_trainer_moving_the_model_to_the_gpu_after_prepare_takes_the_session_along(tmp_path):
-    """prepare() on the CPU, then the transformers Trainer moves the model to the GPU in its constructor:
-    CompressionTrainer moves the masks and the teacher after it (session.to)."""
+def _trainer_parts():
+    """transformers' TrainingArguments, CompressionTrainer, 24 rows of token ids, a tiny BERT and its teacher."""
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     from hf_helpers import tiny_bert
@@ -281,7 +280,13 @@ def test_trainer_moving_the_model_to_the_gpu_after_prepare_takes_the_session_alo
     ids = torch.randint(5, 60, (24, 10), generator=g)
     rows = [{"input_ids": ids[i], "attention_mask": torch.ones(10, dtype=torch.long), "labels": int(ids[i, 1] > 30)}
             for i in range(24)]
-    model, teacher = tiny_bert(layers=2, seed=0), tiny_bert(layers=2, seed=1)
+    return TrainingArguments, CompressionTrainer, rows, tiny_bert(layers=2, seed=0), tiny_bert(layers=2, seed=1)
+
+
+def test_trainer_moving_the_model_to_the_gpu_after_prepare_takes_the_session_along(tmp_path):
+    """prepare() on the CPU, then the transformers Trainer moves the model to the GPU in its constructor:
+    CompressionTrainer moves the masks and the teacher after it (session.to)."""
+    TrainingArguments, CompressionTrainer, rows, model, teacher = _trainer_parts()
     session = prepare(model, {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5,
                                               "targets": ["*encoder.layer.*"]},
                                              {"type": "quant_lsq", "bits": 4, "targets": ["*encoder.layer.*"]},
@@ -347,18 +352,7 @@ def test_sixteen_bit_training_on_gpu_lands_the_target_and_evaluates_in_float32(t
 
 def test_trainer_with_fp16_trains_through_the_session_on_gpu(tmp_path):
     """transformers' fp16=True: accelerate's GradScaler scales the session's terms (session/loss_scale.py)."""
-    pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
-    from hf_helpers import tiny_bert
-    from transformers import TrainingArguments
-
-    from jointcompress.integrations.hf_trainer import CompressionTrainer
-
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, 60, (24, 10), generator=g)
-    rows = [{"input_ids": ids[i], "attention_mask": torch.ones(10, dtype=torch.long), "labels": int(ids[i, 1] > 30)}
-            for i in range(24)]
-    model, teacher = tiny_bert(layers=2, seed=0), tiny_bert(layers=2, seed=1)
+    TrainingArguments, CompressionTrainer, rows, model, teacher = _trainer_parts()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     session = prepare(model, {"mode": "joint", "target": {"ratio": 4}, "coordination": {"strategy": "pcgrad", "every": 1},
                               "techniques": [{"type": "quant_lsq", "bits": 4}, {"type": "distill_kd", "alpha": 0.5}]},
