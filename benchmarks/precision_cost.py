@@ -55,13 +55,27 @@ def one_run(teacher, split, precision: str, ratio: float, epochs: int, seed: int
             "test_accuracy": accuracy(student.eval(), split.x_test, split.y_test), "weights_file_bytes": size}
 
 
-def paired(rows: list[dict], key: str) -> dict:
-    by = {(r["precision"], r["seed"]): r[key] for r in rows}
-    seeds = sorted({r["seed"] for r in rows})
-    d = np.array([by[("bf16", s)] - by[("fp32", s)] for s in seeds], dtype=float)
+def by_seed(rows: list[dict], key: str) -> dict[str, dict[int, float]]:
+    """precision -> seed -> the run's `key`."""
+    out: dict[str, dict[int, float]] = {}
+    for r in rows:
+        out.setdefault(r["precision"], {})[r["seed"]] = r[key]
+    return out
+
+
+def paired(rows: list[dict], key: str, scale: float = 1.0) -> dict:
+    """bf16 minus fp32, per seed, times `scale`: mean, standard error, and whether beyond 2 of them."""
+    values = by_seed(rows, key)
+    d = scale * np.array([values["bf16"][s] - values["fp32"][s] for s in sorted(values["fp32"])], dtype=float)
     se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
     return {"bf16_minus_fp32_mean": float(d.mean()), "se": se, "per_seed": d.tolist(),
             "beyond_2se": bool(abs(d.mean()) > 2 * se) if len(d) > 1 else False}
+
+
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
 
 
 def main() -> None:
@@ -83,16 +97,13 @@ def main() -> None:
         for precision in (("fp32", "bf16") if seed % 2 == 0 else ("bf16", "fp32")):
             rows.append(one_run(teacher, split, precision, args.ratio, args.epochs, seed))
             print(json.dumps(rows[-1]), flush=True)
-    speed = [next(r["seconds"] for r in rows if r["seed"] == s and r["precision"] == "fp32")
-             / next(r["seconds"] for r in rows if r["seed"] == s and r["precision"] == "bf16") for s in range(args.seeds)]
+    seconds = by_seed(rows, "seconds")
+    speed = [seconds["fp32"][s] / seconds["bf16"][s] for s in range(args.seeds)]
     out = {"command": shlex.join(["python", "benchmarks/precision_cost.py", *sys.argv[1:]]),
            "model": args.model, "target_ratio": args.ratio, "epochs": args.epochs, "threads": 1,
            "teacher_test_accuracy": accuracy(teacher, split.x_test, split.y_test),
-           "cpu": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                        if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown",
-           "runs": rows, "fp32_over_bf16_seconds": [round(v, 3) for v in speed],
-           "accuracy_points": {k: v * 100 if isinstance(v, float) else [x * 100 for x in v] if isinstance(v, list) else v
-                               for k, v in paired(rows, "test_accuracy").items()},
+           "cpu": cpu_name(), "runs": rows, "fp32_over_bf16_seconds": [round(v, 3) for v in speed],
+           "accuracy_points": paired(rows, "test_accuracy", scale=100.0),
            "bytes": paired(rows, "weights_file_bytes"), "wall_seconds": round(time.perf_counter() - t0, 1)}
     path = Path(args.out or ROOT / f"benchmarks/results/precision_cost_{args.model}.json")
     path.write_text(json.dumps(out, indent=1) + "\n")

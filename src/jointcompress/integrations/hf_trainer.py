@@ -128,15 +128,16 @@ class CompressionTrainer(Trainer):
         model.train()
         inputs = self._prepare_inputs(inputs)
         scale = 1.0 / max(1, self.current_gradient_accumulation_steps)
+        trainer_loss = self._trainer_task_loss()
         with self.compute_loss_context_manager():
-            if self._trainer_task_loss():
+            if trainer_loss:
                 task, outputs = super().compute_loss(model, dict(inputs), return_outputs=True,
                                                      num_items_in_batch=num_items_in_batch)
                 terms = self.session.loss(outputs, inputs, task_loss=task)
             else:
                 outputs = model(**inputs)
                 terms = self.session.loss(outputs, inputs)
-        task_scale = 1.0 if self._trainer_task_loss() and self._task_scaled_for_accumulation(num_items_in_batch) else scale
+        task_scale = 1.0 if trainer_loss and self._task_scaled_for_accumulation(num_items_in_batch) else scale
         terms = {k: v * (task_scale if k == "task" else scale) for k, v in terms.items()}
         self.session.backward(terms, scaler=getattr(self.accelerator, "scaler", None))  # fp16: the Trainer's GradScaler
         if self.accelerator.sync_gradients:  # the step's last micro-batch: settle before the Trainer clips
