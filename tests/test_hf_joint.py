@@ -610,3 +610,31 @@ def test_a_missed_size_target_is_warned_and_noted_in_the_summary(tmp_path, monke
     with pytest.warns(UserWarning, match=r"size target missed: the weights file is [\d,]+ B, [\d.]+% over"):
         s = run_hf_recipe(rec, tmp_path / "miss", data, teacher_dir, int8=False)
     assert not s["artifact"]["target"]["met"] and any(n.startswith("size target missed") for n in s["notes"])
+
+
+def test_the_joint_size_budget_prices_a_model_whose_heads_neurons_and_layers_are_masked(tmp_path):
+    """`mode: joint` under a size target measures the file on a finalized copy; with prune_heads / prune_ffn /
+    prune_layers that copy refused itself ("the model still carries ... masks") and no such run could start.
+    The copy now removes the units its masks drop, as finalize does: the run lands its saved weights file
+    at or under the target, within 2%, and finalize keeps the masked model's logits."""
+    from jointcompress.artifact.size import dense_fp32_bytes
+    from jointcompress.hf.artifact import save_hf_artifact
+
+    rec = recipe(mode="joint", target={"ratio": 20})
+    rec["techniques"] = [*rec["techniques"][:2], {"type": "prune_layers", "sparsity": 0.5},
+                         {"type": "quant_lsq", "bits": 4, "embeddings": True},
+                         {"type": "prune_unstructured", "embeddings": True}, rec["techniques"][-1]]
+    result, x, _ = run(rec)
+    student = result.model
+    goal = dense_fp32_bytes(SequenceClassifier(tiny_bert(layers=LAYERS, heads=HEADS, ffn=FFN))) / 20  # as the run began
+    student.eval()
+    with torch.no_grad():
+        masked = student(x)
+    spec = result.finalize()
+    with torch.no_grad():
+        assert torch.allclose(student(x), masked, atol=1e-5)
+    hf = student.hf
+    assert hf.config.num_hidden_layers == 1 and head_counts(hf)[0] < HEADS and ffn_widths(hf)[0] < FFN  # removed
+    save_hf_artifact(hf, spec, tmp_path / "artifact", ptq_bits=None)
+    size = (tmp_path / "artifact" / "weights.jcw").stat().st_size
+    assert 0.98 * goal <= size <= goal

@@ -103,13 +103,22 @@ def freeze_input_quant(model: nn.Module) -> None:
             attach_frozen_input_quant(m, trained.bits, trained.step.detach(), bool(trained.signed))
 
 
+def unit_mask_kinds(model: nn.Module) -> list[str]:
+    """The prune_heads / prune_ffn / prune_layers masks whose hooks `model` carries."""
+    return sorted({getattr(hook, "unit_mask") for m in model.modules()
+                   for hook in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())
+                   if isinstance(getattr(hook, "unit_mask", None), str)})
+
+
+def carries_unit_masks(model: nn.Module) -> bool:
+    return bool(unit_mask_kinds(model))
+
+
 @torch.no_grad()
 def _refuse_unit_masks(model: nn.Module) -> None:
     """Transformer unit masks (prune_heads / prune_ffn / prune_layers) are hooks this finalize cannot
     remove: it left them on, the units masked but not removed, and save wrote the unmasked weights."""
-    kinds = sorted({getattr(hook, "unit_mask") for m in model.modules()
-                    for hook in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())
-                    if isinstance(getattr(hook, "unit_mask", None), str)})
+    kinds = unit_mask_kinds(model)
     if kinds:
         raise JointCompressError(
             f"finalize: the model still carries {' / '.join(kinds)} masks (hooks), which remove whole heads, FFN "

@@ -43,16 +43,49 @@ def finalize_hf(model: nn.Module, techniques: list) -> nn.Module:
 @torch.no_grad()
 def finalize_hf_with_spec(model: nn.Module, techniques: list) -> tuple[nn.Module, CompressionSpec]:
     """finalize_hf, plus the CompressionSpec (LSQ bits and step sizes of the kept rows)."""
-    from jointcompress.finalize import freeze_input_quant, quant_specs
-    from jointcompress.hf.ffn import prune_ffn
-    from jointcompress.hf.heads import prune_heads
-
-    hf = unwrap(model)
     units = {t.kind: t for t in techniques
              if t.kind in ("prune_heads", "prune_ffn", "prune_layers") and getattr(t, "mask", None) is not None}
     kept = {kind: t.kept() for kind, t in units.items()}
     for t in units.values():
         t.detach()
+    return remove_units(model, kept)
+
+
+@torch.no_grad()
+def finalize_copy_with_units(model: nn.Module) -> tuple[nn.Module, CompressionSpec]:
+    """Finalize in place a copy of a model that still carries unit-mask hooks (the size budget's and the
+    latency verdict's measuring copies): the hooks of a copy still point at the run's masks, which say
+    which units the exact top-k keeps now; they are taken off the copy only, the run's model keeps its
+    own. Returns the HF model (unwrapped, the one the spec's names are relative to, as the HF artifact
+    writes it) and the spec finalize_hf_with_spec would return for the run's model at this step."""
+    return remove_units(model, detach_unit_hooks(model))
+
+
+def detach_unit_hooks(model: nn.Module) -> dict[str, list[list[int]]]:
+    """Take every prune_heads / prune_ffn / prune_layers hook off `model`; per kind, the units kept."""
+    kept = {}
+    for m in model.modules():
+        for hooks in (m._forward_pre_hooks, m._forward_hooks):
+            for key, hook in list(hooks.items()):
+                kind = getattr(hook, "unit_mask", None)
+                if not isinstance(kind, str):
+                    continue
+                if kind not in kept:
+                    kept[kind] = hook.unit_kept()
+                del hooks[key]
+                for extra in (m._forward_pre_hooks_with_kwargs, m._forward_hooks_with_kwargs,
+                              m._forward_hooks_always_called):
+                    extra.pop(key, None)
+    return kept
+
+
+def remove_units(model: nn.Module, kept: dict[str, list[list[int]]]) -> tuple[nn.Module, CompressionSpec]:
+    """Bake `model` (its mask hooks already off) and remove the units not in `kept` physically."""
+    from jointcompress.finalize import freeze_input_quant, quant_specs
+    from jointcompress.hf.ffn import prune_ffn
+    from jointcompress.hf.heads import prune_heads
+
+    hf = unwrap(model)
     specs = {name: ls for name, ls in quant_specs(hf).items() if ls.bits is not None}
     rows = kept_rows(hf, kept.get("prune_heads"), kept.get("prune_ffn"))
     freeze_input_quant(hf)  # the layers keep their trained input rounding: the logits stay as they were

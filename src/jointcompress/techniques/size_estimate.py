@@ -97,14 +97,19 @@ def _constants(numel, dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.
 def finalized_copy(model: nn.Module, example_inputs=None):
     """A plain copy of the model as finalize would leave it now, and its spec. Blocks that
     prune_blocks is fading out are gone, as they will be in the file; channels that prune_structured
-    masks, too (the copy is shrunk: `example_inputs` traces it)."""
+    masks, too (the copy is shrunk: `example_inputs` traces it); and the heads, FFN neurons and layers
+    that prune_heads / prune_ffn / prune_layers mask, removed as session.finalize removes them."""
     from ..block_drop import as_dropped
-    from ..finalize import finalize
+    from ..finalize import carries_unit_masks, finalize
     from ..model_copy import plain_copy
     from .masks import harden_masks
 
     plain = as_dropped(plain_copy(model))
     harden_masks(plain)
+    if carries_unit_masks(plain):
+        from ..hf.finalize import finalize_copy_with_units
+
+        return finalize_copy_with_units(plain)
     return plain, finalize(plain, example_inputs, warn_empty=False)
 
 
