@@ -334,3 +334,35 @@ def test_train_resumes_from_a_trainer_checkpoint_to_the_uninterrupted_model(tmp_
     assert resumed_session.step == whole_session.step == steps
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_a_tokenizers_batch_encoding_is_a_batch_and_the_padding_collator_trains(tmp_path):
+    """What a tokenizer and DataCollatorWithPadding return (a BatchEncoding: a mapping, not a dict) was
+    refused as 'a batch of type BatchEncoding', so the standard set-up for text of varying length failed
+    at its first step. It is read as the dict of its tensors: the same terms, and the Trainer trains."""
+    from hf_helpers import tiny_tokenizer
+    from transformers import DataCollatorWithPadding
+
+    tok = tiny_tokenizer(tmp_path)
+    teacher, model = tiny_bert(layers=2, seed=1), tiny_bert(layers=2, seed=0)
+    steps = 4
+    session = jointcompress.prepare(model, RECIPE, total_steps=steps, teacher=teacher)
+    encoded = tok(["good movie", "a bad and boring plot"], padding=True, return_tensors="pt")
+    encoded["labels"] = torch.tensor([1, 0])
+    assert not isinstance(encoded, dict)
+    with torch.no_grad():
+        as_encoding = session.loss(model(**encoded), encoded)
+        as_dict = session.loss(model(**encoded), dict(encoded))
+    assert sorted(as_encoding) == ["distill", "task"]
+    assert all(torch.equal(as_encoding[k], as_dict[k]) for k in as_dict)
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(5, 60, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist(),
+             "labels": i % 2} for i in range(24)]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=6,
+                             learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                             remove_unused_columns=False, seed=0)
+    trainer = CompressionTrainer(session=session, model=model, args=args, train_dataset=rows,
+                                 data_collator=DataCollatorWithPadding(tok))
+    trainer.train()
+    assert trainer.state.global_step == steps and session.step == steps

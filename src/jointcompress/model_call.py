@@ -13,6 +13,7 @@ model lives. A model already beside its inputs pays one device comparison per ca
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 import itertools
 
 import torch
@@ -43,7 +44,7 @@ def to_device(obj, device: torch.device | None):
         return obj
     if isinstance(obj, torch.Tensor):
         return obj if obj.device == device else obj.to(device)
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):  # a dict, or a mapping such as transformers' BatchEncoding (becomes a dict)
         return {k: to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)) and not hasattr(obj, "_fields"):  # a named tuple keeps its type as given
         return type(obj)(to_device(v, device) for v in obj)
@@ -54,7 +55,7 @@ def call_model(model: nn.Module, inputs):
     """model(**inputs) for a dict, model(*inputs) for a tuple or list, model(inputs) otherwise,
     with the inputs on the model's device."""
     inputs = to_device(inputs, model_device(model))
-    if isinstance(inputs, dict):
+    if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)

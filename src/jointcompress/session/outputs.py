@@ -8,6 +8,7 @@ reads the logits, the labels, the sample index (teacher-logit cache) and the tok
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +45,8 @@ def split_batch(batch) -> Batch:
     or a bare input tensor."""
     if isinstance(batch, Batch):
         return batch
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # a dict, or a mapping such as what a tokenizer or DataCollatorWithPadding returns
+        batch = dict(batch)
         inputs = {k: v for k, v in batch.items() if k not in INDEX_KEYS}
         targets = next((batch[k] for k in LABEL_KEYS if k in batch), None)
         index = next((batch[k] for k in INDEX_KEYS if k in batch), None)
