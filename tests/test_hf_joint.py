@@ -638,3 +638,20 @@ def test_the_joint_size_budget_prices_a_model_whose_heads_neurons_and_layers_are
     save_hf_artifact(hf, spec, tmp_path / "artifact", ptq_bits=None)
     size = (tmp_path / "artifact" / "weights.jcw").stat().st_size
     assert 0.98 * goal <= size <= goal
+
+
+def test_a_max_length_past_the_teachers_position_table_is_refused_before_training(tmp_path):
+    """Rows padded past max_position_embeddings trained the whole run (short rows) and then failed in the int8
+    export with torch's size mismatch naming neither hf.max_length nor the teacher's table."""
+    from jointcompress.hf.pipeline import run_hf_recipe
+    from jointcompress.hf.recipe_steps import usable_positions
+    from transformers import RobertaConfig
+
+    teacher_dir = teacher_folder(tmp_path, heads=HEADS, ffn=FFN)  # 64 positions
+    data = sst2_folder(tmp_path, seed=1, train_words=8)
+    rec = recipe(epochs=1)
+    rec["hf"] = {"max_length": 128}
+    with pytest.raises(RecipeError, match="hf.max_length 128: the teacher .* position embeddings for 64 tokens.*at most 64"):
+        run_hf_recipe(rec, tmp_path / "long", data, teacher_dir)
+    assert not (tmp_path / "long" / "artifact").exists()
+    assert usable_positions(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512

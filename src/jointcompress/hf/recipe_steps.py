@@ -142,6 +142,7 @@ def load_models(run: HFRun, weights) -> None:
     run.tok = load_tokenizer(src)
     run.teacher = load_classifier(src, num_labels=len(labels), id2label=labels).eval()
     check_family(run.teacher.config, src)
+    check_max_length(run.hf_cfg.max_length, run.teacher.config, src)
     layers_ = run.hf_cfg.student_layers
     if layers_:
         n = n_layers(run.teacher.config)
@@ -150,6 +151,28 @@ def load_models(run: HFRun, weights) -> None:
         run.student = make_student(run.teacher, layers_)
     else:
         run.student = copy.deepcopy(run.teacher)
+
+
+def usable_positions(config) -> int | None:
+    """How many tokens the model's position embeddings cover: max_position_embeddings, less RoBERTa's
+    padding_idx + 1 (its positions start after the padding index); None where it has no such table."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return None
+    if "roberta" in str(getattr(config, "model_type", "")) and isinstance(getattr(config, "pad_token_id", None), int):
+        positions -= config.pad_token_id + 1
+    return positions
+
+
+def check_max_length(max_length: int, config, src: str) -> None:
+    """Rows are padded to hf.max_length: a length past the position table trained the whole run on
+    short rows and then failed in the int8 export (or, with long rows, failed before training), with
+    torch's size mismatch naming neither."""
+    positions = usable_positions(config)
+    if positions is not None and max_length > positions:
+        raise RecipeError(f"hf.max_length {max_length}: the teacher {src} has position embeddings for {positions} "
+                          f"tokens (max_position_embeddings {config.max_position_embeddings}); set hf.max_length to "
+                          f"at most {positions}")
 
 
 def check_family(config, src: str) -> None:
