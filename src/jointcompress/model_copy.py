@@ -7,11 +7,24 @@ model, so removing a parametrization from the copy would remove it from the live
 """
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 
 import torch
 import torch.nn as nn
+
+
+def load_model_state(model: nn.Module, state, strict: bool = True):
+    """`model.load_state_dict(state)` for a state that lost its version metadata (a copy made key by key,
+    or read back from a file): a module with a `_version` of its own reads that metadata while loading
+    (torchvision's MNASNet refuses a state without it), so the model's own is supplied; the state was made
+    by the same classes."""
+    if getattr(state, "_metadata", None) is None:
+        own = model.state_dict()._metadata
+        state = collections.OrderedDict(state)
+        state._metadata = own
+    return model.load_state_dict(state, strict=strict)
 
 
 def plain_copy(model: nn.Module) -> nn.Module:

@@ -19,6 +19,7 @@ from .spec import CompressionSpec
 from .bench import batch_of, count_params
 from .deploy.timing import DEFAULT_THREADS, time_contenders
 from .data import Split, evaluator, hold_out, load_dataset
+from .model_copy import load_model_state
 from .errors import ArtifactError, DataError
 from .layer_types import COMPRESSIBLE
 from .model_call import model_device
@@ -106,7 +107,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         raise ArtifactError(f"{path}: {', '.join(broken[:4])} hold NaN or inf; these weights come from a training run "
                             "that diverged: give the weights of a good run")
     try:
-        model.load_state_dict(state)
+        load_model_state(model, state)
     except Exception as err:  # noqa: BLE001 - the weights do not fit the recipe's model
         raise ArtifactError(f"{path}: the weights do not fit the recipe's model ({type(err).__name__}: "
                             f"{' '.join(str(err).split())[:300]}); is it the same architecture (recipe model), built for the "

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .model_copy import load_model_state
 from .graph import PRUNABLE_ROOTS, ChannelGroup, channel_norms, discover_groups, root_weight
 from .techniques.quant_lsq import lsq_init_step
 
@@ -148,7 +149,7 @@ def scan(
         for s in group_sparsities:
             zero_channels_(model, g, s)
             rec["sparsity"][str(s)] = baseline - metric_of(evaluate, model, metric)
-            model.load_state_dict(state)
+            load_model_state(model, state)
             tick()
         out["groups"][g.name] = rec
     return out

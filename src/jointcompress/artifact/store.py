@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from ..errors import ArtifactError, UnsupportedModelError
 from ..io import atomic_write_bytes
+from ..model_copy import load_model_state
 from ..spec import PRIOR_STRUCTURE, CompressionSpec, LayerSpec
 from . import container as _container
 from . import encode as _enc
@@ -868,7 +869,7 @@ def load_with_spec(path: str | os.PathLike, builder: Callable[[], nn.Module]) ->
                                later_dropped_blocks=[(int(n), list(names)) for n, names in later],
                                strides={k: list(v) for k, v in strides.items()},
                                folded_norms=list(manifest.get("folded_norms", [])))
-        model.load_state_dict(_state(manifest, parts, tensors, where, spec), strict=True)
+        load_model_state(model, _state(manifest, parts, tensors, where, spec), strict=True)
     except ArtifactError:
         raise
     except Exception as exc:  # malformed content the checks above did not anticipate: still the artifact's fault

@@ -49,6 +49,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import JointCompressError, UnsupportedModelError
+from ..model_copy import load_model_state
 from .timing import steady_ms, time_contenders
 
 BASELINE = "dense_fp32_torch"
@@ -420,7 +421,7 @@ def dense_teacher(cfg: AgainstConfig, split, teacher_path: Path | None = None) -
 
         model = builder_for(cfg.model, split)()
         try:
-            model.load_state_dict(load_file(str(teacher_path)))
+            load_model_state(model, load_file(str(teacher_path)))
         except (RuntimeError, OSError, ValueError) as exc:
             raise JointCompressError(f"--teacher {teacher_path}: not a {cfg.model} state dict in safetensors "
                                      f"({type(exc).__name__}: {exc}); pass the dense model's weights") from exc

@@ -20,6 +20,7 @@ from torch import nn
 
 from jointcompress.errors import ArtifactError
 from jointcompress.model_call import model_device, to_device
+from jointcompress.model_copy import load_model_state
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 
@@ -55,7 +56,7 @@ def baked_copy(model: nn.Module) -> nn.Module:
             for pname in mod.parametrizations.keys():
                 state[f"{prefix}.{pname}" if prefix else pname] = getattr(mod, pname).detach().clone()
     new = type(model)(copy.deepcopy(model.config))
-    new.load_state_dict(state, strict=True)
+    load_model_state(new, state, strict=True)
     return new.train(model.training)
 
 

@@ -2,6 +2,7 @@
 at the end of the run."""
 from __future__ import annotations
 
+from ..model_copy import load_model_state
 from .recovery import clone
 
 
@@ -24,7 +25,7 @@ class BestState:
         if self.state is None:
             return
         model_state, tech_states = self.state
-        self.session.model.load_state_dict(model_state)
+        load_model_state(self.session.model, model_state)
         self.session.load_technique_states(tech_states)
 
     def payload(self) -> dict | None:

@@ -14,6 +14,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..errors import DataError, RecipeError, TrainingError
+from ..model_copy import load_model_state
 from ..recipe import without_memory_fields
 from ..session import terms as _terms
 from ..session.teacher import TeacherCache
@@ -115,7 +116,7 @@ class RunCheckpoints:
     def _load_state(self, path, ck: dict) -> None:
         s = self.trainer.session
         try:
-            s.model.load_state_dict(ck["model"])
+            load_model_state(s.model, ck["model"])
             s.load_technique_states(ck["techniques"])
             s.optimizer.load_state_dict(ck["optimizer"])
             if self.trainer.scaler is not None and ck.get("loss_scaler"):  # a run resumed in fp16 after fp32 starts anew

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import RecipeError, TrainingError
+from ..model_copy import load_model_state
 from ..session import terms as _terms
 
 
@@ -92,7 +93,7 @@ class Recovery:
         g, s = self.good, self.session
         if g is None:
             return
-        s.model.load_state_dict(g["model"])
+        load_model_state(s.model, g["model"])
         s.load_technique_states(g["techniques"])
         _terms.set_technique_scalars(s.techniques, g["scalars"])
         s.optimizer.load_state_dict(copy.deepcopy(g["optimizer"]))
