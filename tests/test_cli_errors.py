@@ -696,3 +696,23 @@ def test_a_target_found_out_of_reach_after_the_model_trained_names_the_trained_m
     assert not code and "train model" not in out, out
     code, out = _cli(monkeypatch, capsys, "compress", recipe.parent / "missing.yaml", "--out", tmp_path / "o3")
     assert code == 2 and "--weights" not in out  # nothing trained: nothing to name
+
+
+def test_a_builder_file_imports_the_modules_beside_it(tmp_path, monkeypatch, capsys):
+    """`--model sub/builders.py:build` whose file imports its neighbour (`from mymodels import Net`) failed with
+    "No module named 'mymodels'": the file's folder was not searched, as `python sub/builders.py` searches it."""
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "jc_neighbour_models.py").write_text(
+        "import torch.nn as nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 10)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(self.conv(x).mean((2, 3)))\n")
+    (sub / "builders.py").write_text("from jc_neighbour_models import Net\ndef build():\n    return Net()\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))  # the folder added here leaves with the test
+    code, out = _cli(monkeypatch, capsys, "dry-run", "--model", "sub/builders.py:build", "--input-shape", "1,3,16,16")
+    assert code == 0 and "No module named" not in out, out

@@ -292,6 +292,9 @@ def _import_builder_module(spec: str, where: str):
         loader = importlib.util.spec_from_file_location(Path(where).stem, where)
         if loader is None or not Path(where).is_file():
             raise RecipeError(f"model {spec!r}: cannot import {where!r} (FileNotFoundError: no file {where})")
+        folder = str(Path(where).resolve().parent)  # as `python file.py` does: the file imports its neighbours
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
     elif "" not in sys.path and os.getcwd() not in sys.path:  # a console script does not search it
         sys.path.insert(0, os.getcwd())
     try:
