@@ -41,6 +41,31 @@ def test_a_head_that_needs_the_full_maps_is_refused_and_the_model_left_as_built(
         raise_stride(SmallResNet(), X, "nope", 2)
 
 
+def test_a_convolution_on_a_1x1_map_is_not_the_default_and_is_refused_by_name():
+    """MobileNetV3's first stride-1 convolution is a squeeze-and-excitation block's, after global pooling: the
+    default raised it, changing nothing, while dry-run promised every later map half as long and the spec
+    recorded the stride."""
+    import torch.nn as nn
+
+    class SqueezeFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+            self.se = nn.Conv2d(8, 8, 1)
+            self.body = nn.Conv2d(8, 16, 3, padding=1)
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x):
+            x = self.stem(x)
+            x = x * torch.sigmoid(self.se(x.mean((2, 3), keepdim=True)))
+            return self.fc(self.body(x).mean((2, 3)))
+
+    model = SqueezeFirst().eval()
+    assert raise_stride(model, X, None, 2) == {"body": [2, 2]} and model.se.stride == (1, 1)
+    with pytest.raises(UnsupportedModelError, match=r"'se' gives a 1x1 map on the example input, which no stride"):
+        raise_stride(SqueezeFirst(), X, "se", 2)
+
+
 def test_a_target_is_allocated_for_the_downsampled_model():
     from jointcompress.block_drop import allocation_base
 

@@ -28,13 +28,41 @@ RAISED_FROM = "_jointcompress_stride_raised_from"
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def first_conv(model: nn.Module) -> str:
-    """The first convolution in module order whose stride is 1 everywhere: the default to raise."""
+def first_conv(model: nn.Module, maps: dict[str, tuple[int, ...]] | None = None) -> str:
+    """The first convolution in module order whose stride is 1 everywhere, and, given `maps` (each
+    convolution's output map on the example input), whose map a stride can shrink: the default to raise.
+    A 1x1 map (a squeeze-and-excitation block's convolution after global pooling) stays 1x1 at any stride."""
     for name, m in model.named_modules():
-        if isinstance(m, _CONVS) and all(s == 1 for s in m.stride):
+        if isinstance(m, _CONVS) and all(s == 1 for s in m.stride) and (maps is None or _shrinks(maps.get(name))):
             return name
-    raise UnsupportedModelError(f"raise_stride: {type(model).__name__} has no Conv1d/2d/3d with stride 1; name the "
-                                "layer to downsample in `layer`, or remove raise_stride (it applies to CNNs)")
+    raise UnsupportedModelError(f"raise_stride: {type(model).__name__} has no Conv1d/2d/3d with stride 1 on maps larger "
+                                "than 1; name the layer to downsample in `layer`, or remove raise_stride (it applies "
+                                "to CNNs)")
+
+
+def _shrinks(out_map: tuple[int, ...] | None) -> bool:
+    """A convolution at stride 1 with this output map gives a smaller map at stride 2 (some side above 1)."""
+    return out_map is not None and any(side > 1 for side in out_map)
+
+
+def output_maps(model: nn.Module, example_inputs) -> dict[str, tuple[int, ...]]:
+    """Each convolution's output map (its spatial sides) on the example input."""
+    maps, handles = {}, []
+
+    def record(name):
+        def hook(mod, inp, out):  # returns None: the output passes on unchanged
+            maps.setdefault(name, tuple(out.shape[2:]))
+        return hook
+
+    for name, m in model.named_modules():
+        if isinstance(m, _CONVS):
+            handles.append(m.register_forward_hook(record(name)))
+    try:
+        _output_shape(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return maps
 
 
 def _conv(model: nn.Module, name: str, where: str) -> nn.Module:
@@ -71,12 +99,17 @@ def raised_strides(model: nn.Module) -> dict[str, list[int]]:
 def raise_stride(model: nn.Module, example_inputs, layer: str | None, stride: int) -> dict[str, list[int]]:
     """Raise `layer`'s stride (default: first_conv) to `stride`, refusing a model whose output
     would change shape; returns {layer: stride per dim}."""
-    name = layer or first_conv(model)
+    with torch.no_grad():
+        maps = output_maps(model, example_inputs)
+    name = layer or first_conv(model, maps)
     conv = _conv(model, name, "raise_stride")
     dims, had = len(conv.stride), list(conv.stride)
     if max(had) >= stride:
         raise UnsupportedModelError(f"raise_stride: layer {name!r} already runs at stride {tuple(had)}; give a stride "
                                     f"above {max(had)}, or another layer")
+    if name in maps and not _shrinks(maps[name]):
+        raise UnsupportedModelError(f"raise_stride: layer {name!r} gives a {'x'.join(map(str, maps[name]))} map on the "
+                                    "example input, which no stride makes smaller; name a layer on larger maps")
     with torch.no_grad():
         before = _output_shape(model, example_inputs)
         set_strides(model, {name: [stride] * dims})
