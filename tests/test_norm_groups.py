@@ -26,7 +26,8 @@ class Block(nn.Module):
         self.inner = inner
         self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
         self.fc3, self.fc4 = nn.Linear(8, 12), nn.Linear(12, 4)
-        norms = {"layernorm": nn.LayerNorm(16), "rmsnorm": nn.RMSNorm(16), "groupnorm": nn.GroupNorm(4, 16)}
+        norms = {"layernorm": nn.LayerNorm(16), "rmsnorm": nn.RMSNorm(16), "groupnorm": nn.GroupNorm(4, 16),
+                 "batchnorm_no_affine": nn.BatchNorm1d(16, affine=False)}
         self.norm = norms.get(inner, nn.Identity())
         self.scale = nn.Parameter(torch.zeros(16)) if inner == "parameter" else None
 
@@ -49,6 +50,7 @@ def _skipped(model, x):
 @pytest.mark.parametrize("inner, named", [
     ("layernorm", "LayerNorm 'norm'"), ("rmsnorm", "RMSNorm 'norm'"), ("groupnorm", "GroupNorm 'norm'"),
     ("parameter", "parameter 'scale'"), ("functional", "zeroed and removed channels disagree"),
+    ("batchnorm_no_affine", "BatchNorm1d 'norm' has no weight and bias (affine=False)"),
 ])
 def test_group_through_channel_mixing_op_is_left_out_with_reason(inner, named):
     model = Block(inner)
@@ -95,7 +97,7 @@ def test_embedding_dimensions_are_left_out():
     assert "fc1" not in groups and "Embedding 'pos'" in skipped["fc1"], skipped
 
 
-@pytest.mark.parametrize("inner", ["layernorm", "functional", "identity"])
+@pytest.mark.parametrize("inner", ["layernorm", "functional", "batchnorm_no_affine", "identity"])
 def test_compress_finalize_keeps_logits(inner):
     model = Block(inner)
     x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))

@@ -81,6 +81,10 @@ def member_reason(mod: Any, name: str | None, kind: str, idxs: list[int], owners
         return None  # a traced function (add, view, cat, ...): checked by verify_groups
     if _is_channel_mixing_norm(mod):
         return _norm_reason(mod, name)
+    if isinstance(mod, BATCH_NORMS) and not mod.affine and mod.track_running_stats:
+        return (f"{type(mod).__name__} '{name}' has no weight and bias (affine=False): a removed channel still gives "
+                "minus its running mean over its deviation, not 0, and the next layer reads it; give it affine=True "
+                "to prune these channels")
     if isinstance(mod, nn.Embedding):
         return f"Embedding '{name}' produces these channels (embedding dimensions are not masked)"
     sizes = _channel_sizes(mod)
