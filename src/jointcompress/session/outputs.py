@@ -67,6 +67,38 @@ def split_batch(batch) -> Batch:
     )
 
 
+def is_encoder_decoder(model) -> bool:
+    """A Hugging Face encoder-decoder (T5, BART, Marian, ...): its logits are the decoder's positions."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def decoder_inputs(model, batch: Batch):
+    """The teacher's inputs for an encoder-decoder model: without the labels its decoder had no inputs
+    (T5 raised, BART read its decoder inputs off the encoder's and distilled the wrong positions), so
+    they are made from the labels as the model makes its own (shifted right after the start token)."""
+    inputs = batch.teacher_inputs
+    if (not is_encoder_decoder(model) or not isinstance(inputs, dict) or batch.targets is None
+            or "decoder_input_ids" in inputs or "decoder_inputs_embeds" in inputs):
+        return inputs
+    make = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if make is None:
+        raise DataError(f"train_data: {type(model).__name__} is an encoder-decoder model; give the batches "
+                        "'decoder_input_ids' beside the labels (the teacher needs its decoder's inputs)")
+    return {**inputs, "decoder_input_ids": make(labels=batch.targets)}
+
+
+def decoder_token_mask(batch: Batch) -> torch.Tensor | None:
+    """An encoder-decoder batch's real decoder positions: its decoder_attention_mask, else the labels that
+    are not -100 (its attention_mask is the encoder's, over other positions)."""
+    inputs = batch.inputs if isinstance(batch.inputs, dict) else {}
+    if inputs.get("decoder_attention_mask") is not None:
+        return inputs["decoder_attention_mask"]
+    labels = batch.targets
+    if isinstance(labels, torch.Tensor) and labels.dim() == 2 and not labels.is_floating_point():
+        return labels != -100
+    return None
+
+
 def _labelled_positions(labels) -> torch.Tensor | None:
     """A tuple batch's token mask: its [batch, tokens] labels' positions other than -100 (padding, ignored),
     so token-level distillation averages over the real tokens as it does with a dict batch's attention_mask."""

@@ -30,7 +30,8 @@ from ..model_call import model_device, to_device
 from ..plan import Plan
 from ..techniques.base import RunContext
 from . import terms as _terms
-from .outputs import Batch, call_model, check_scalar_loss, default_task_loss, logits_of, split_batch
+from .outputs import (Batch, call_model, check_scalar_loss, decoder_token_mask, default_task_loss, is_encoder_decoder,
+                      logits_of, split_batch)
 from .guards import NonFiniteWatch, check_fits, check_terms_have_grad, refuse_finalized, session_identity
 from .loss_scale import LossScale
 from .schedule import apply_events, event_steps
@@ -253,7 +254,8 @@ class CompressionSession:
         ctx = self.ctx
         ctx.batch_inputs, ctx.batch_targets = b.inputs, b.targets
         ctx.outputs = logits_of(outputs) if outputs is not None else None
-        ctx.batch_extra = {"teacher_logits": self._teacher_logits(b), "teacher_fresh": True, "token_mask": b.token_mask}
+        token_mask = decoder_token_mask(b) if is_encoder_decoder(self.model) else b.token_mask
+        ctx.batch_extra = {"teacher_logits": self._teacher_logits(b), "teacher_fresh": True, "token_mask": token_mask}
         if task_loss is None and self._task_weighted():
             task_loss = self.loss_fn(outputs, batch) if self.loss_fn is not None else default_task_loss(outputs, b)
             if self.loss_fn is not None:

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from .outputs import Batch, call_model, logits_of
+from .outputs import Batch, call_model, decoder_inputs, logits_of
 
 
 class TeacherCache:
@@ -98,7 +98,7 @@ def _memory_share(device: torch.device, share: float) -> int:
 def run_teacher(teacher, batch: Batch) -> torch.Tensor:
     """The teacher's logits for the batch (no gradient; the teacher is in eval mode)."""
     with torch.no_grad():
-        return logits_of(call_model(teacher, batch.teacher_inputs))
+        return logits_of(call_model(teacher, decoder_inputs(teacher, batch)))
 
 
 def teacher_logits(teacher, batch: Batch, cache: TeacherCache, use_cache: bool) -> torch.Tensor:
