@@ -61,3 +61,39 @@ def test_a_decoder_attention_mask_is_the_token_mask():
     b = batch(7)
     b["decoder_attention_mask"] = torch.ones(4, 7, dtype=torch.long)
     assert torch.equal(decoder_token_mask(split_batch(b)), b["decoder_attention_mask"])
+
+
+@pytest.mark.parametrize("build", [t5, bart])
+def test_a_compressed_encoder_decoder_saves_loads_and_generates_the_same(build, tmp_path):
+    from jointcompress.artifact import load, save
+
+    teacher = build()
+    student = copy.deepcopy(teacher)
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5, "exclude": ["lm_head"]},
+                             {"type": "quant_lsq", "bits": 4, "exclude": ["lm_head"]},
+                             {"type": "distill_kd", "temperature": 2.0, "alpha": 0.5}]}
+    session = jointcompress.prepare(student, recipe, total_steps=4, teacher=teacher)
+    opt = torch.optim.AdamW(session.param_groups(lr=3e-3))
+    session.bind(opt)
+    b = batch(7)
+    student.train()
+    for _ in range(4):
+        terms = session.loss(student(**b), b)
+        opt.zero_grad()
+        session.backward(terms)
+        session.before_step()
+        opt.step()
+        session.after_step()
+    student.eval()
+    with torch.no_grad():
+        masked = student(**b).logits
+    spec = session.finalize()
+    with torch.no_grad():
+        assert torch.allclose(student(**b).logits, masked, atol=1e-5)
+    save(student, spec, tmp_path / "artifact", builder=build, example_inputs=b)
+    loaded = load(tmp_path / "artifact", build).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**b).logits, student(**b).logits)
+    prompt = b["input_ids"][:2]
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=5, do_sample=False),
+                       student.generate(prompt, max_new_tokens=5, do_sample=False))
