@@ -201,6 +201,26 @@ def _runnable(path: Path, example_input: torch.Tensor):
     return predict
 
 
+ROUNDED_TOP1 = 0.99  # a model that rounds its activations: the share of top-1 classes the graph must keep
+
+
+def _rounding_flips(model: nn.Module, report: ParityReport, path) -> bool:
+    """A model whose layers round their inputs (quant_lsq activations: true) turns a float difference
+    between two runtimes into a whole rounding step wherever a value sits on a step's edge: a few outputs
+    move by far more than float rounding while the graph computes the same thing (MobileNetV2: 31 of
+    32 samples exact, top-1 kept on all). Such a gap is said, not raised, while the top-1 classes agree
+    on at least ROUNDED_TOP1 of the outputs (an output without classes keeps the strict check)."""
+    from ..techniques.quant_lsq import rounded_inputs
+
+    rounding = rounded_inputs(model)
+    if not rounding or report.top1_agreement is None or report.top1_agreement < ROUNDED_TOP1:
+        return False
+    warnings.warn(f"{path}: {report}, top-1 agreement {report.top1_agreement:.2%}: {len(rounding)} layer(s) round their "
+                  "inputs (quant_lsq activations), and a float difference between ONNX Runtime and PyTorch moves an "
+                  "input across a rounding step on a few outputs", stacklevel=3)
+    return True
+
+
 def export_and_check(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor,
                      eval_data=None, exporter: str = "auto", tolerance: float | None = 1e-3) -> ParityReport:
     """Export, then compare ONNX Runtime with PyTorch on `eval_data` (or the example input).
@@ -213,6 +233,8 @@ def export_and_check(model: nn.Module, path: str | os.PathLike, example_input: t
     report = compare(model, _runnable(path, example_input), eval_data if eval_data is not None else example_input,
                      "onnxruntime fp32", path=str(path))
     allowed = None if tolerance is None else tolerance * max(1.0, report.max_abs_reference or 0.0)
+    if allowed is not None and report.max_abs_logit_diff > allowed and _rounding_flips(model, report, path):
+        return report
     if allowed is not None and report.max_abs_logit_diff > allowed:
         raise UnsupportedModelError(
             f"{path}: the ONNX graph disagrees with {type(model).__name__} ({report}; allowed {allowed:.3g}): the "
