@@ -716,3 +716,21 @@ def test_a_builder_file_imports_the_modules_beside_it(tmp_path, monkeypatch, cap
     monkeypatch.setattr("sys.path", list(__import__("sys").path))  # the folder added here leaves with the test
     code, out = _cli(monkeypatch, capsys, "dry-run", "--model", "sub/builders.py:build", "--input-shape", "1,3,16,16")
     assert code == 0 and "No module named" not in out, out
+
+
+def test_dry_run_traces_a_text_model_on_token_ids(tmp_path, monkeypatch, capsys):
+    """A model whose forward starts at an nn.Embedding was traced on float noise and refused with "give the shape
+    its forward takes", though the shape was right: the input's type was not. It is traced on token ids."""
+    (tmp_path / "textcls.py").write_text(
+        "import torch, torch.nn as nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.emb, self.fc1, self.fc2 = nn.Embedding(50, 16), nn.Linear(16, 32), nn.Linear(32, 2)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc2(torch.relu(self.fc1(self.emb(x).mean(1))))\n"
+        "def build():\n"
+        "    return Net()\n")
+    monkeypatch.chdir(tmp_path)
+    code, out = _cli(monkeypatch, capsys, "dry-run", "--model", "textcls.py:build", "--input-shape", "1,12")
+    assert code == 0 and "fc1" in out.split("layers not pruned")[0], out

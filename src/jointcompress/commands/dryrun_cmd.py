@@ -22,6 +22,17 @@ def _noise(shape):
     return torch.randn(list(shape), generator=torch.Generator().manual_seed(0))
 
 
+def _token_ids(model, shape):
+    """Seeded token ids of `shape` below the smallest nn.Embedding's vocabulary, for a model with one (a text
+    model, whose forward takes integers: traced on noise it failed with the shape named as the cause)."""
+    import torch
+
+    vocab = [m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    if not vocab:
+        return None
+    return torch.randint(0, min(vocab), list(shape), generator=torch.Generator().manual_seed(0))
+
+
 def _model_and_input(model_name: str, image_size: int, input_shape: list[int] | None):
     """The model and the input to trace it with (seeded normal noise: on zeros, a fresh Conv -> BatchNorm model
     outputs its classifier's bias alone, so the check that a group's channels can go saw no difference and
@@ -49,7 +60,14 @@ def _model_and_input(model_name: str, image_size: int, input_shape: list[int] | 
         model, example = build_model(model_name).eval(), _noise(input_shape)  # checks what the builder returned
     try:
         with torch.no_grad():
-            model(example)
+            try:
+                model(example)
+            except Exception:
+                ids = _token_ids(model, example.shape)
+                if ids is None:
+                    raise
+                model(ids)  # a text model: its forward takes token ids, not images
+                example = ids
     except Exception as exc:  # noqa: BLE001 -- any failure of the user's model on this shape: say so plainly
         first = str(exc).splitlines()[0] if str(exc) else ""
         given = f"--input-shape {','.join(map(str, example.shape))}" if input_shape else f"--image-size {image_size}"
