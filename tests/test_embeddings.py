@@ -109,3 +109,22 @@ def test_a_token_model_with_its_table_quantized_deploys_to_int8():
     assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
     assert (out - ref).abs().max() < 0.1 * ref.abs().max()
     assert torch.equal(int8(x[:64].int()), out)  # int32 ids: made the int64 the graph declares
+
+
+def test_the_size_hint_names_a_tied_table_and_how_to_untie_it_not_the_switch_already_on():
+    """GPT-2's wte is tied to lm_head, both excluded: the hint told the user to set quant_lsq.embeddings: true,
+    which was set; nothing in the recipe reaches a tied table."""
+    import torch.nn as nn
+
+    from jointcompress.techniques.size_estimate import embedding_hint
+
+    class LM(nn.Module):
+        def __init__(self, tie: bool):
+            super().__init__()
+            self.wte, self.lm_head = nn.Embedding(40, 8), nn.Linear(8, 40, bias=False)
+            if tie:
+                self.lm_head.weight = self.wte.weight
+
+    tied, free = embedding_hint(LM(True)), embedding_hint(LM(False))
+    assert "tied to another layer (wte with lm_head)" in tied and "embeddings: true" not in tied
+    assert "quant_lsq.embeddings: true quantizes them" in free

@@ -161,8 +161,8 @@ def build_graph(model: nn.Module, example_inputs, ignored: list[nn.Module] | Non
         raise UnsupportedModelError(
             f"structured pruning cannot trace {type(model).__name__}: the channel dependency graph fails "
             f"{_failing_node(model, exc)}({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}). "
-            "Use prune_unstructured / quant_lsq for this model, or prune_heads / prune_ffn for a Hugging Face "
-            "BERT-family model"
+            "Use prune_unstructured / quant_lsq for this model; a Hugging Face transformer takes prune_heads / "
+            "prune_ffn / prune_layers instead (BERT-family classifiers), or prune_ffn (Llama, Mistral, GPT-2 causal LMs)"
         ) from exc
     return dg
 

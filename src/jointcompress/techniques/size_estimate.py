@@ -154,10 +154,20 @@ def embedding_hint(model: nn.Module, quantized=()) -> str:
               and n not in quantized and not hasattr(m, "parametrizations")]
     if not tables:
         return ""
+    holders: dict[int, list[str]] = {}
+    for n, m in model.named_modules():
+        if isinstance(getattr(m, "weight", None), torch.Tensor):
+            holders.setdefault(id(m.weight), []).append(n)
+    tied = {n: [o for o in holders.get(id(m.weight), []) if o != n] for n, m in tables}
     total = sum(m.weight.numel() * 4 for _, m in tables)
-    return (f"; embedding tables ({', '.join(n for n, _ in tables[:3])}{' ...' if len(tables) > 3 else ''}) hold "
-            f"{total:,} B of it in fp32: quant_lsq.embeddings: true quantizes them too (with prune_unstructured.embeddings: "
-            "true where the recipe also prunes)")
+    named = f"embedding tables ({', '.join(n for n, _ in tables[:3])}{' ...' if len(tables) > 3 else ''})"
+    if all(tied.values()):  # every one shares its weight with an output layer: the embeddings switch cannot reach it
+        pairs = ", ".join(f"{n} with {others[0]}" for n, others in list(tied.items())[:3])
+        return (f"; {named} hold {total:,} B of it in fp32, each tied to another layer ({pairs}), which keeps both as "
+                "they are: untie them (e.g. config.tie_word_embeddings: false, then train the output layer) to compress "
+                "the table")
+    return (f"; {named} hold {total:,} B of it in fp32: quant_lsq.embeddings: true quantizes them too (with "
+            "prune_unstructured.embeddings: true where the recipe also prunes)")
 
 
 def fixed_part_hint(model: nn.Module) -> str:
