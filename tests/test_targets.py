@@ -1,6 +1,7 @@
 """A size target becomes per-layer budgets whose saved artifact weighs what was asked."""
 import copy
 import os
+import warnings
 
 import pytest
 
@@ -81,7 +82,10 @@ def test_a_short_sequential_run_still_trims_onto_its_target(digits_teacher, tmp_
     data = _recipe({"size_kb": 14.0}, epochs=1).model_dump()
     data["mode"], data["training"]["batch_size"] = "sequential", batch_size
     model = copy.deepcopy(teacher)
-    result = compress(model, data, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test), teacher=teacher)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        result = compress(model, data, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test), teacher=teacher)
+    assert not [w for w in said if "size target missed" in str(w.message)]  # landed: nothing to say
     total = result.history.epochs[-1]["step"]
     trims = [e for e in result.history.events if e["event"] == "size_trim"]
     assert total < 20 and [e["step"] for e in trims] == [total - 2]
@@ -204,3 +208,19 @@ def test_a_structured_sparsity_a_latency_target_replaces_is_named():
             warn_unused_sparsity(recipe)
         found = [str(w.message) for w in caught if "prune_structured.sparsity 0.5 is not used" in str(w.message)]
         assert bool(found) == said and all("latency target decides" in m for m in found)
+
+
+def test_a_run_that_ends_over_its_size_target_says_so(digits_teacher, monkeypatch):
+    """Without a size budget (sequential, overlap) a file over the target was found only by measuring the saved
+    file; compress() now measures the state it ends with and warns when it is over."""
+    from jointcompress import api
+
+    split, teacher = digits_teacher
+    data = _recipe({"size_kb": 14.0}, epochs=1).model_dump()
+    data["mode"], data["training"]["batch_size"] = "sequential", 90
+    asked = api._allocated_size_goal
+    monkeypatch.setattr(api, "_allocated_size_goal", lambda model, recipe: 0.8 * asked(model, recipe))
+    with pytest.warns(UserWarning, match=r"size target missed: the weights file would be [\d,]+ B, 2[0-9.]+% over"):
+        compress(copy.deepcopy(teacher), data, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test),
+                 teacher=teacher)
+    assert asked(teacher, parse_recipe(data)) == 14.0 * 1024

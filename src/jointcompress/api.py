@@ -346,6 +346,7 @@ def compress(
     recipe, joint_form = as_joint_form(recipe)  # mode: joint under a size target: one decision, one budget
     asked = recipe
     recipe = _resolve_target(model, recipe, example, callbacks, run_dir, resume, dist)
+    goal = _allocated_size_goal(model, recipe)
     techniques = [tech.build(c) for c in recipe.techniques]
     plan = make_plan(techniques, recipe.training.epochs * len(loader), recipe)
     trainer = Trainer(
@@ -368,7 +369,34 @@ def compress(
     if dist is not None:
         metrics = dist.mean_metrics(metrics)
     trainer.session.finish()
+    _warn_size_missed(model, example, goal)
     return Result(model, history, dict(metrics), recipe, techniques, example, target=asked.target)
+
+
+def _allocated_size_goal(model: nn.Module, recipe: Recipe) -> float | None:
+    """The weights file's bytes a size target asks for where the allocator's budgets (and the steering) are
+    to meet it (mode: sequential / overlap), measured on the model before it trains; None otherwise (the
+    joint form's size budget checks its own file, and save warns where it is over)."""
+    from .targets import target_bytes
+
+    target = recipe.target
+    if target is None or target.is_latency or recipe.technique("size_budget") is not None:
+        return None
+    return target_bytes(model, target)
+
+
+def _warn_size_missed(model: nn.Module, example, goal: float | None) -> None:
+    """Say it where the file the run ends with is over its size target: a run too short to steer, or steering
+    turned off, ended over it without a word until the user measured the saved file."""
+    if goal is None:
+        return
+    from .techniques.size_estimate import measured_bytes
+
+    size = measured_bytes(model, example)["total"]
+    if size > goal:
+        warnings.warn(f"size target missed: the weights file would be {size:,} B, {size / goal - 1:.1%} over the "
+                      f"target's {goal:,.0f} B; train longer (the steering re-fits at 80% of the pruning ramp and trims "
+                      "at 90% of the run), keep target.steer on, or ask for a lower ratio", stacklevel=3)
 
 
 def _checked_inputs(model: nn.Module, teacher: nn.Module | None, recipe: Recipe, train_data, dist):
