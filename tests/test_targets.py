@@ -4,6 +4,7 @@ import os
 import warnings
 
 import pytest
+import torch
 
 from jointcompress.api import compress
 from jointcompress.artifact.store import save
@@ -69,31 +70,55 @@ def test_size_target_in_sequential_mode(digits_teacher, tmp_path):
     assert abs(manifest["weights_file_bytes"] / (14.0 * 1024) - 1) <= 0.02
 
 
-@pytest.mark.parametrize("batch_size", [90, 128])  # 15 and 11 steps
-def test_a_short_sequential_run_still_trims_onto_its_target(digits_teacher, tmp_path, batch_size):
+def test_a_short_run_over_its_size_target_is_trimmed_before_its_last_step(tmp_path):
     """At 90% of a run under 20 steps the trim fell on the last step, which it skipped: no re-fit ran and the
-    file missed its target by 9-17% (ConvNeXt and ViT runs of 16 steps). It now trims one step before the end,
-    and gives back at most 5% of a layer's density (opened wide, masked weights coded to 20% more than the
-    re-fit measured: every layer dense, the file 3% over)."""
+    file missed its target by 9-17% (transformers' ConvNeXt and ViT, 8 and 16 steps). It now trims one step
+    before the end, where the file is over the target, and gives back at most 5% of a layer's density."""
+    pytest.importorskip("transformers")
+    import transformers as t
+
+    from jointcompress.artifact.size import dense_fp32_bytes
     from jointcompress.targets import trim_step
 
     assert (trim_step(1000, 500), trim_step(16, 5), trim_step(16, 15), trim_step(1, 0)) == (900, 14, 15, 0)
+
+    def build():
+        torch.manual_seed(0)
+        return t.ConvNextForImageClassification(t.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
+                                                                  patch_size=4, num_labels=10)).eval()
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 3, 32, 32, generator=g), torch.randint(0, 10, (256,), generator=g)
+    teacher, model = build(), build()
+    recipe = {"mode": "sequential", "target": {"ratio": 12}, "training": {"epochs": 1, "batch_size": 32},
+              "techniques": [{"type": "prune_unstructured"}, {"type": "quant_lsq", "bits": 4, "start": 0.3},
+                             {"type": "distill_kd", "temperature": 2, "alpha": 0.5}]}
+    result = compress(model, recipe, (x, y), lambda m: {"accuracy": 0.0}, teacher=teacher)
+    trims = [e for e in result.history.events if e["event"] == "size_trim"]
+    assert [e["step"] for e in trims] == [result.history.epochs[-1]["step"] - 2]
+    assert all(1 - trims[0]["layer_sparsity_after"][n] <= 1.05 * (1 - s) + 1e-9
+               for n, s in trims[0]["layer_sparsity_before"].items())
+    spec = finalize(model, result.example_inputs)
+    manifest = save(model, spec, tmp_path / "a", example_inputs=result.example_inputs)
+    goal = dense_fp32_bytes(build()) / 12
+    assert 0.98 * goal <= manifest["weights_file_bytes"] <= goal
+
+
+def test_a_short_run_under_its_size_target_keeps_its_masks(digits_teacher, tmp_path):
+    """The same trim, pulled that early, leaves a file already under the target alone: a re-fit this soon after
+    quantization starts mis-measured what the last steps move (an 8-step run landed 7% under, 3% untrimmed)."""
     split, teacher = digits_teacher
     data = _recipe({"size_kb": 14.0}, epochs=1).model_dump()
-    data["mode"], data["training"]["batch_size"] = "sequential", batch_size
+    data["mode"], data["training"]["batch_size"] = "sequential", 90  # 15 steps
     model = copy.deepcopy(teacher)
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         result = compress(model, data, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test), teacher=teacher)
     assert not [w for w in said if "size target missed" in str(w.message)]  # landed: nothing to say
-    total = result.history.epochs[-1]["step"]
-    trims = [e for e in result.history.events if e["event"] == "size_trim"]
-    assert total < 20 and [e["step"] for e in trims] == [total - 2]
-    assert all(1 - trims[0]["layer_sparsity_after"][n] <= 1.05 * (1 - s) + 1e-9
-               for n, s in trims[0]["layer_sparsity_before"].items())
+    assert not [e for e in result.history.events if e["event"].startswith("size_")]
     spec = finalize(model, result.example_inputs)
     manifest = save(model, spec, tmp_path / "a", example_inputs=result.example_inputs)
-    assert abs(manifest["weights_file_bytes"] / (14.0 * 1024) - 1) <= 0.02
+    assert 0.98 * 14.0 * 1024 <= manifest["weights_file_bytes"] <= 14.0 * 1024
 
 
 def test_steered_targets_survive_a_checkpoint(digits_teacher):

@@ -47,7 +47,7 @@ def attach_ffn_mask(model: nn.Module, mask: UnitMask) -> list:
             return (args[0] * mask()[i].to(args[0].dtype),) + tuple(args[1:])
 
         hook.unit_mask = "prune_ffn"  # core finalize refuses a model that still carries one
-        hook.unit_kept = mask.kept  # what a measuring copy keeps (hf.finalize.finalize_copy_with_units)
+        hook.unit_kept = getattr(mask, "kept", None)  # what a measuring copy keeps (hf.finalize.finalize_copy_with_units)
         handles.append(get_sub(layer, ARCH[fam]["ffn_out"]).register_forward_pre_hook(hook))
     return handles
 

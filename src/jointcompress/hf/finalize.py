@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from jointcompress.errors import RecipeError
 from jointcompress.hf.int8 import bake_parametrizations
 from jointcompress.hf.modeling_pruned import ARCH, has_sub, family, head_dim, layers
 from jointcompress.hf.wrapper import unwrap
@@ -71,6 +72,9 @@ def detach_unit_hooks(model: nn.Module) -> dict[str, list[list[int]]]:
                 if not isinstance(kind, str):
                     continue
                 if kind not in kept:
+                    if getattr(hook, "unit_kept", None) is None:
+                        raise RecipeError(f"{kind}: a mask attached by hand (no kept() to read) cannot be finalized on a "
+                                          "copy; attach it through the prune_heads / prune_ffn / prune_layers technique")
                     kept[kind] = hook.unit_kept()
                 del hooks[key]
                 for extra in (m._forward_pre_hooks_with_kwargs, m._forward_hooks_with_kwargs,

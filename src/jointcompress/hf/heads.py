@@ -53,7 +53,7 @@ def attach_head_mask(model: nn.Module, mask: UnitMask) -> list:
             return (x * m,) + tuple(args[1:])
 
         hook.unit_mask = "prune_heads"  # core finalize refuses a model that still carries one
-        hook.unit_kept = mask.kept  # what a measuring copy keeps (hf.finalize.finalize_copy_with_units)
+        hook.unit_kept = getattr(mask, "kept", None)  # what a measuring copy keeps (hf.finalize.finalize_copy_with_units)
         handles.append(get_sub(layer, ARCH[fam]["o"]).register_forward_pre_hook(hook))
     return handles
 

@@ -74,7 +74,7 @@ def attach_layer_gate(model: nn.Module, mask) -> list:
             return (mixed,) + tuple(output[1:]) if isinstance(output, tuple) else mixed
 
         hook.unit_mask = "prune_layers"  # core finalize refuses a model that still carries one
-        hook.unit_kept = mask.kept  # what a measuring copy keeps (hf.finalize.finalize_copy_with_units)
+        hook.unit_kept = getattr(mask, "kept", None)  # what a measuring copy keeps (hf.finalize.finalize_copy_with_units)
         handles.append(layer.register_forward_hook(hook, with_kwargs=True))
     return handles
 
