@@ -13,8 +13,8 @@ model lives. A model already beside its inputs pays one device comparison per ca
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
 import itertools
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn

@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .model_copy import load_model_state
 from .graph import PRUNABLE_ROOTS, ChannelGroup, channel_norms, discover_groups, root_weight
+from .model_copy import load_model_state
 from .techniques.quant_lsq import lsq_init_step
 
 DEFAULT_SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)

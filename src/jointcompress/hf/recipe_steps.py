@@ -157,7 +157,9 @@ def usable_positions(config) -> int | None:
     """How many tokens the model's position embeddings cover: max_position_embeddings, less RoBERTa's
     padding_idx + 1 (its positions start after the padding index); None where it has no such table."""
     positions = getattr(config, "max_position_embeddings", None)
-    if not isinstance(positions, int) or getattr(config, "position_embedding_type", "absolute") != "absolute":
+    relative = (getattr(config, "position_embedding_type", "absolute") != "absolute"
+                or not getattr(config, "position_biased_input", True))  # DeBERTa without absolute positions
+    if not isinstance(positions, int) or relative:
         return None
     if "roberta" in str(getattr(config, "model_type", "")) and isinstance(getattr(config, "pad_token_id", None), int):
         positions -= config.pad_token_id + 1
