@@ -126,8 +126,46 @@ def test_finalize_refuses_silently_changed_logits(monkeypatch):
     recipe = {"training": {"epochs": 1, "batch_size": 8},
               "techniques": [{"type": "prune_structured", "sparsity": 0.5, "end": 0.5, "exclude": ["fc3"]}]}
     res = compress(model, recipe, (x, y), lambda m: 0.0)
-    with pytest.raises(UnsupportedModelError, match=r"finalize: removing the pruned channels of groups \['fc1'\]"):
+    model.eval()
+    with torch.no_grad():
+        masked = model(x)
+    with pytest.raises(UnsupportedModelError, match=r"finalize: removing the pruned channels of groups \['fc1'\] changed "
+                                                    r"the model .*keeps every channel"):
         finalize(model, res.example_inputs)
+    assert model.fc1.out_features == 16  # tried on a copy: the trained model is whole (it was left shrunk)
+    with torch.no_grad():
+        assert torch.allclose(model(x), masked, atol=1e-6)
+
+
+def test_a_loop_stopped_before_the_ramp_ends_finalizes_its_channels_as_they_stand():
+    """With learned masks still soft (early stopping at step 3 of 10), the channels finalize removed had been
+    scaled, not zeroed: the shrunk model differed, finalize refused, and the model was left shrunk. The masks are
+    made binary at their current keep first, as the end of the ramp makes them."""
+    import warnings
+
+    import jointcompress
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 64), torch.randint(0, 3, (64,))
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
+    session = jointcompress.prepare(model, {"techniques": [{"type": "prune_structured", "sparsity": 0.5, "end": 0.6}]},
+                                    total_steps=10, example_inputs=x[:2])
+    opt = torch.optim.SGD(session.param_groups(lr=0.01))
+    session.bind(opt)
+    for _ in range(3):
+        terms = session.loss(model(x[:32]), (x[:32], y[:32]))
+        opt.zero_grad()
+        session.backward(terms)
+        session.before_step()
+        opt.step()
+        session.after_step()
+    group = next(t for t in session.techniques if t.kind == "prune_structured")
+    kept = [int(m.hard.sum()) for m in group.masks.values()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "finalize at step 3 of the 10 prepare() planned"
+        session.finalize()
+    widths = [m.out_features for m in model if isinstance(m, nn.Linear)]
+    assert widths[:2] != [64, 64] and widths[2] == 3 and sorted(widths[:2]) == sorted(kept)  # as the masks stood
 
 
 def test_untraceable_model_is_a_clear_error():

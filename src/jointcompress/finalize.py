@@ -10,6 +10,7 @@ the identity are replaced by nn.Identity first. What cannot be read off the plai
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -23,7 +24,7 @@ from .group_checks import output_gap, tolerance
 from .model_call import call_model
 from .spec import PRIOR_STRUCTURE, CompressionSpec, LayerSpec, prior_structure
 from .strides import raised_strides
-from .techniques.masks import ApplyMask
+from .techniques.masks import ApplyMask, harden_masks
 from .techniques.norm_storage import detach_norm_storage
 from .techniques.quant_lsq import LSQActivation, LSQWeight, attach_frozen_input_quant
 
@@ -131,12 +132,18 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None, 
     """Finalize `model` in place and return its CompressionSpec.
 
     `example_inputs` is needed only when structured pruning removed channels (to trace the
-    dependency graph of the plain model). `warn_empty=False`: no warning for layers left without a
-    nonzero weight (the size budget's measuring copies, finalized many times a run).
+    dependency graph of the plain model). `warn_empty=False`: the size budget's measuring copies,
+    finalized many times a run: no warning for layers left without a nonzero weight, and channels
+    removed without a trial on a copy first (it is a copy).
+
+    Masks still ramping (a loop stopped early) are made binary at their current keep first, as the
+    end of their ramp makes them: soft values scaled the channels finalize then removed, so the
+    shrunk model differed from the masked one.
     """
     _refuse_unit_masks(model)
     was_training = model.training
     model.eval()
+    harden_masks(model)
     dropped = collapse_faded(model)  # first: the layers of a removed block leave no spec and no plan
     specs = quant_specs(model)
     plan = _structured_plan(model)
@@ -158,6 +165,8 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None, 
                 "finalize: structured pruning removed channels; pass example_inputs (e.g. result.example_inputs) "
                 "so the model can be traced to remove them from every coupled layer"
             )
+        if warn_empty:  # the user's model: tried on a copy first, so that a refusal leaves it whole
+            _shrink(copy.deepcopy(model), todo, example_inputs, copy.deepcopy(spec))
         _shrink(model, todo, example_inputs, spec)
     _dead_channels_share_a_step(model, spec)
     if spec.pruning_history or spec.dropped_blocks or spec.strides:  # a further run on this model keeps them in its spec
@@ -271,7 +280,7 @@ def _check_parity(model: nn.Module, example_inputs, masked, groups: list[str]) -
         gap, detail = float("inf"), f"{type(exc).__name__}: {exc}"
     if gap > tolerance(masked):
         raise UnsupportedModelError(
-            f"finalize: removing the pruned channels of groups {groups} changed the model ({detail}); the model is "
-            "left shrunk and must be rebuilt from a checkpoint. Exclude these layers from prune_structured "
-            "(exclude: [...]) and report the architecture"
+            f"finalize: removing the pruned channels of groups {groups} changed the model ({detail}); the model "
+            "keeps every channel (its pruned ones zero, its masks and quantizers baked in). Exclude these layers "
+            "from prune_structured (exclude: [...]) and report the architecture"
         )
