@@ -402,3 +402,31 @@ def test_prepare_leaves_the_models_batchnorm_statistics_and_modes_alone(criterio
                           total_steps=10, example_inputs=torch.randn(4, 3, 8, 8) + 3)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if "running" in k or "batches" in k)
     assert model.training and model[1].training and not model[4].training
+
+
+def test_outputs_without_logits_train_on_the_users_own_task_loss():
+    """A model returning {"scores": ...} was refused with "no 'logits' ... or give the session a loss_fn and task
+    loss of your own", and giving both was refused the same way: the logits were read unconditionally."""
+    import torch.nn.functional as F
+
+    class Scores(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+        def forward(self, x):
+            return {"scores": self.body(x)}
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    own = lambda out, batch: F.cross_entropy(out["scores"], batch[1])  # noqa: E731
+    model = Scores()
+    session = jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 4}]}, total_steps=2, loss_fn=own)
+    terms = session.loss(model(x), (x, y))
+    assert torch.allclose(terms["task"], own(model(x), (x, y)))
+    teacher = Scores()
+    model = copy.deepcopy(teacher)
+    session = jointcompress.prepare(model, {"techniques": [{"type": "distill_kd"}]}, total_steps=2, loss_fn=own,
+                                    teacher=teacher)
+    with pytest.raises(DataError, match="no 'logits'; return the logits under 'logits' \\(distill_kd needs them\\)"):
+        session.loss(model(x), (x, y))

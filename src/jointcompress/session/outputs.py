@@ -128,7 +128,8 @@ def logits_of(outputs) -> torch.Tensor:
         logits = outputs.get("logits")
         if logits is None:
             raise DataError(f"model outputs: a dict with keys {sorted(outputs)} and no 'logits'; return the logits "
-                            "under 'logits' or give the session a loss_fn and task loss of your own")
+                            "under 'logits' (distill_kd needs them), or, without distill_kd, give the session a "
+                            "loss_fn (or session.loss(..., task_loss=...)) of your own")
     if logits is None and isinstance(outputs, (tuple, list)):
         logits = next((o for o in outputs if isinstance(o, torch.Tensor) and o.dim() >= 1), None)
     if not isinstance(logits, torch.Tensor):

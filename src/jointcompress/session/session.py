@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..coordination import GradientCoordinator
-from ..errors import RecipeError
+from ..errors import DataError, RecipeError
 from ..model_call import model_device, to_device
 from ..plan import Plan
 from ..techniques.base import RunContext
@@ -253,7 +253,7 @@ class CompressionSession:
         b = split_batch(batch) if batch is not None else Batch(None)
         ctx = self.ctx
         ctx.batch_inputs, ctx.batch_targets = b.inputs, b.targets
-        ctx.outputs = logits_of(outputs) if outputs is not None else None
+        ctx.outputs = self._logits(outputs, task_loss)
         token_mask = decoder_token_mask(b) if is_encoder_decoder(self.model) else b.token_mask
         ctx.batch_extra = {"teacher_logits": self._teacher_logits(b), "teacher_fresh": True, "token_mask": token_mask}
         if task_loss is None and self._task_weighted():
@@ -443,6 +443,19 @@ class CompressionSession:
         self.nonfinite.read(self.step, self.model, force=True)
         self.spec = finalize_session(self, example_inputs)
         return self.spec
+
+    def _logits(self, outputs, task_loss):
+        """The logits in the model's outputs; None for outputs without them (a dict of other names) where the
+        task term is the user's own (loss_fn or task_loss) and no technique reads logits (distill_kd does)."""
+        if outputs is None:
+            return None
+        try:
+            return logits_of(outputs)
+        except DataError:
+            own_task = task_loss is not None or self.loss_fn is not None
+            if own_task and not any(t.kind == "distill_kd" for t in self.techniques):
+                return None
+            raise
 
     def _warn_unfinished(self) -> None:
         """Finalizing before the schedule's end keeps what the techniques have reached so far: one
