@@ -430,3 +430,36 @@ def test_outputs_without_logits_train_on_the_users_own_task_loss():
                                     teacher=teacher)
     with pytest.raises(DataError, match="no 'logits'; return the logits under 'logits' \\(distill_kd needs them\\)"):
         session.loss(model(x), (x, y))
+
+
+def test_technique_parameters_an_unbound_optimizer_lacks_are_named_after_the_first_step():
+    """An optimizer made from model.parameters() and never bound holds the LSQ step sizes (they live in the
+    model's parametrizations) but not the mask scores: those never trained, and nothing said so (a technique
+    attaching later was warned about, one attached at step 0 was not)."""
+    import warnings
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    recipe = {"techniques": [{"type": "prune_structured", "sparsity": 0.5, "criterion": "learned", "end": 0.6},
+                             {"type": "quant_lsq", "bits": 4}]}
+
+    def run(bind: bool) -> list[str]:
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        session = jointcompress.prepare(model, recipe, total_steps=4, example_inputs=x[:2])
+        opt = torch.optim.Adam(session.param_groups(lr=1e-2) if bind else model.parameters(), lr=1e-2)
+        if bind:
+            session.bind(opt)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                terms = session.loss(model(x), (x, y))
+                opt.zero_grad()
+                session.backward(terms)
+                session.before_step()
+                opt.step()
+                session.after_step()
+        return [str(w.message) for w in said if "technique parameter" in str(w.message)]
+
+    said = run(bind=False)
+    assert len(said) == 1 and "prune_structured.masks" in said[0] and "log_step" not in said[0], said
+    assert run(bind=True) == []

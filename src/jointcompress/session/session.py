@@ -65,6 +65,7 @@ class CompressionSession:
         self._warned_no_after = False
         self._warned_no_before = False
         self._warned_unbound = False
+        self._unbound_probe: list | None = None  # (parameter, its value before the step): see _probe_unbound
         self.nonfinite = NonFiniteWatch()  # the caller's own loop (the built-in loop rolls such steps back)
         self.loss_scale = LossScale()  # fp16 mixed precision: the scaler the step's backward was given
         self.spec = None  # what finalize() returned: the session is finished then
@@ -212,6 +213,28 @@ class CompressionSession:
                           "these parameters join none and do not train: call session.bind(optimizer) once the optimizer "
                           "is made from session.param_groups()", UserWarning, stacklevel=4)
 
+    def _probe_unbound(self) -> None:
+        """With no optimizer bound, the techniques' parameters that have a gradient at the first step that
+        gives them one, and their values, to see after the step whether the user's optimizer holds them: one
+        made from model.parameters() does not, and mask scores and step sizes then never trained, silently."""
+        if self.optimizer is not None or self.owns_optimizer or self._unbound_probe is not None:
+            return
+        graded = [p for t in self.techniques if t.attached for g in t.parameters() for p in g["params"]
+                  if p.grad is not None and bool(p.grad.ne(0).any())]
+        if graded:
+            self._unbound_probe = [(p, p.detach().clone()) for p in graded]
+
+    def _check_unbound(self) -> None:
+        probe, self._unbound_probe = self._unbound_probe, (None if self._unbound_probe is None else [])
+        still = [p for p, before in probe or [] if torch.equal(p.detach(), before)]
+        if still and not self._warned_unbound:
+            self._warned_unbound = True
+            names = sorted({self.param_names.get(id(p), "a technique parameter") for p in still})
+            warnings.warn(f"the optimizer step left {len(still)} technique parameter(s) with a gradient unchanged "
+                          f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): the optimizer does not hold "
+                          "them (one made from model.parameters() lacks the mask scores), so they do not train. Make it "
+                          "from session.param_groups(lr=...) and call session.bind(optimizer)", UserWarning, stacklevel=3)
+
     def update_techniques(self) -> None:
         """Every technique updates its schedule (sparsity, temperature) for this step; masks
         decided on rank 0 are then the masks everywhere."""
@@ -318,6 +341,7 @@ class CompressionSession:
                           "after_step advances the schedule (pruning ramps, the quantizers' start, freezes); call it "
                           "right after optimizer.step()", RuntimeWarning, stacklevel=2)
         self._before_at = self.step
+        self._probe_unbound()
         self.ctx.loss_scale = self.loss_scale.unscale(self.optimizer, self.step)  # after settling: PCGrad is scale-free
         for t in self.techniques:
             if t.attached:
@@ -339,6 +363,7 @@ class CompressionSession:
             warnings.warn(f"session.after_step() at step {self.step} with no session.before_step() since the last "
                           "after_step: before_step lets the techniques act on the gradients; call it right before "
                           "optimizer.step()", RuntimeWarning, stacklevel=2)
+        self._check_unbound()
         for t in self.techniques:
             if t.attached:
                 t.after_optimizer_step(self.ctx)
