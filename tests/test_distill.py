@@ -258,6 +258,33 @@ def test_the_teacher_cache_stops_at_its_memory_cap_and_the_teacher_runs_on_every
     assert torch.allclose(terms["distill"], expected)  # the fresh logits, not stale ones
 
 
+def test_the_teacher_cache_checks_its_first_reuse_and_is_not_an_evaluations():
+    """Keyed by sample index only, the cache handed epoch 1's logits to an augmented view of the same sample
+    every epoch after it, and a validation loss through session.loss (under no_grad, its own indices 0..n)
+    overwrote the training samples' logits. The first reuse is now checked against a fresh forward, and a
+    call under no_grad neither reads nor writes the cache."""
+    import jointcompress
+
+    student, teacher = _Tagger(0), _Tagger(1)
+    session = jointcompress.prepare(student, {"techniques": [{"type": "distill_kd", "cache_teacher": True}]},
+                                    total_steps=8, teacher=teacher)
+    cache = session.teacher_cache
+    ids, labels, index = torch.randint(1, 30, (4, 6)), torch.randint(0, 5, (4, 6)), torch.arange(4)
+    session.loss(student(ids), (ids, labels, index))
+    other = torch.randint(1, 30, (4, 6))
+    with torch.no_grad():  # a validation batch, indexed in its own loader
+        session.loss(student(other), (other, labels, index + 4))
+    assert cache.get(index + 4) is None and torch.equal(cache.get(index), teacher(ids).detach())  # untouched
+    session.loss(student(ids), (ids, labels, index))  # the same views: the first reuse checks out
+    assert cache.checked and cache.off is None
+    cache.checked = False  # as if this were the first reuse, now of an augmented view
+    with pytest.warns(UserWarning, match=r"cache_teacher: a sample's teacher logits changed between epochs .*augmentation"):
+        terms = session.loss(student(other), (other, labels, index))
+    expected = jointcompress.prepare(_Tagger(0), {"techniques": [{"type": "distill_kd"}]}, total_steps=4,
+                                     teacher=teacher).loss(student(other), (other, labels))["distill"]
+    assert torch.allclose(terms["distill"], expected) and cache.off is not None and cache.logits is None
+
+
 def test_token_distillation_of_a_tuple_batch_leaves_out_the_ignored_positions():
     """((ids), labels) with -100 on the padding: the KL was averaged over the padding too (a dict batch's
     attention_mask was the only mask read)."""

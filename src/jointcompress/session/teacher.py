@@ -31,6 +31,7 @@ class TeacherCache:
         self.have = torch.zeros(0, dtype=torch.bool)
         self.input_shapes: tuple | None = None  # per-sample shapes of the first cached batch's inputs
         self.off: str | None = None  # why the cache stopped (said once)
+        self.checked = False  # the first reuse was checked against a fresh forward (_reused)
 
     def get(self, idx: torch.Tensor) -> torch.Tensor | None:
         if self.logits is None:
@@ -105,16 +106,32 @@ def teacher_logits(teacher, batch: Batch, cache: TeacherCache, use_cache: bool) 
     """From the cache when allowed and filled for the batch's indices, else a fresh forward."""
     if use_cache and cache.off is None:
         _check_cacheable(batch, cache)
-    if not use_cache or batch.index is None or cache.off is not None:
-        return run_teacher(teacher, batch)
+    if not use_cache or batch.index is None or cache.off is not None or not torch.is_grad_enabled():
+        return run_teacher(teacher, batch)  # under no_grad: an evaluation, whose indices are another loader's
     cached = cache.get(batch.index)
     if cached is not None:
-        return cached
+        return cached if cache.checked else _reused(teacher, batch, cache, cached)
     out = run_teacher(teacher, batch)
     cache.put(batch.index, out)
     if cache.off is not None:  # the cap was reached: said once, the teacher runs on every batch from now on
         _warn_off(cache)
     return out
+
+
+def _reused(teacher, batch: Batch, cache: TeacherCache, cached: torch.Tensor) -> torch.Tensor:
+    """The first reuse of cached logits, checked once against a fresh forward: a sample whose inputs change
+    from epoch to epoch (random augmentation) got the teacher's logits on the first epoch's view every epoch
+    after it, without a word."""
+    fresh = run_teacher(teacher, batch)
+    gap = float((fresh.float() - cached.float()).abs().max())
+    if gap <= 1e-3 * max(1.0, float(fresh.float().abs().max())):
+        cache.checked = True
+        return cached
+    cache.off = (f"a sample's teacher logits changed between epochs (by {gap:.3g}): its inputs differ from one epoch "
+                 "to the next (random augmentation), so cached logits would be another view's")
+    cache.logits, cache.have = None, torch.zeros(0, dtype=torch.bool)
+    _warn_off(cache)
+    return fresh
 
 
 def _check_cacheable(batch: Batch, cache: TeacherCache) -> None:
