@@ -61,9 +61,10 @@ SCRIPT = textwrap.dedent(
         return parse_recipe(data)
 
 
-    def run(tag, recipe, own_target=False, nan_on_rank1=False):
-        torch.manual_seed(1)
+    def run(tag, recipe, own_target=False, nan_on_rank1=False, own_init=False):
+        torch.manual_seed(1 + (rank if own_init else 0))  # own_init: each rank builds its model from its own seed
         model = LeNet300(64, 10)
+        torch.manual_seed(1)
         trace, calls = [], []
         targets.resolve_target = resolve_by_rank if own_target else resolve_target
         loss_fn = None
@@ -123,6 +124,7 @@ SCENARIOS = [  # the first runs in one process too, as the reference
     {"tag": "learned_widths", "recipe": {"mode": "joint", "target": {"ratio": 30}, **LEARNED_WIDTHS}},
     {"tag": "own_target", "recipe": LATENCY_TARGET, "own_target": True},
     {"tag": "nan", "recipe": MASKS_AND_LSQ, "nan_on_rank1": True},
+    {"tag": "joint_form_own_init", "recipe": {"mode": "joint", "target": {"ratio": 60}, **JOINT_FORM}, "own_init": True},
 ]
 
 
@@ -202,6 +204,16 @@ def test_torchrun_trains_the_size_budget_identically_on_both_ranks_and_lands_on_
     assert len(j0["trace"]) == j0["steps"] and j0["trace"] == j1["trace"]  # the same model at every step
     target = dense_fp32_bytes(LeNet300(64, 10)) / ratio
     assert 0.9 * target <= j0["file_bytes"] <= 1.02 * target, (j0["file_bytes"], target)
+
+
+@pytest.mark.slow
+def test_a_rank_that_builds_other_weights_trains_rank_0s_model(runs):
+    """prepare() puts rank 0's model on every rank, but after the techniques' setup had read each rank's own
+    weights: the size budget's starting bytes and multiplier differed on rank 1, and its averaged gradients
+    moved rank 0's model (logits 0.35 away from the run whose ranks began alike)."""
+    (alike, _), (own, own_rank1) = _states(runs, "joint_form"), _states(runs, "joint_form_own_init")
+    for k in alike:
+        assert torch.equal(alike[k], own[k]) and torch.equal(own[k], own_rank1[k]), k
 
 
 @pytest.mark.slow

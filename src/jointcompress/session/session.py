@@ -73,13 +73,16 @@ class CompressionSession:
 
     # -- start -----------------------------------------------------------------------------
     def start(self) -> None:
-        """Attach the techniques due at step 0 and agree on the state over the ranks."""
+        """Attach the techniques due at step 0 and agree on the state over the ranks: rank 0's weights first,
+        since a technique's setup reads them (mask scores from magnitudes, the size budget's bytes and its
+        multiplier: a rank that began from its own weights kept its own multiplier)."""
+        if self.teacher is not None:
+            self.sync.model(self.teacher)
+        self.sync.model(self.model)
         apply_events(self.techniques, self.plan, self.ctx, 0)
         for t in self.techniques:
             t.before_training(self.ctx, self.techniques)
         self.rebuild()
-        if self.teacher is not None:
-            self.sync.model(self.teacher)
         self.sync.model(self.model)
         self.sync.techniques(self.techniques)
 
