@@ -155,6 +155,17 @@ def check_scalar_loss(loss) -> None:
                         "or use the loss's reduction='mean')")
 
 
+def _check_soft_labels(y: torch.Tensor) -> None:
+    """Float labels of the logits' shape are read as class probabilities: rows that do not sum to 1 are not
+    (multi-label 0/1 targets: cross-entropy then trained a softmax over them, silently)."""
+    sums = y.detach().float().sum(-1)
+    if not bool(((sums - 1).abs() <= 1e-3).all()) or bool((y < 0).any()):
+        raise DataError(f"the labels are floats of the logits' shape {tuple(y.shape)}, read as class probabilities "
+                        f"(soft labels), but their rows sum to {float(sums.min()):.3g}..{float(sums.max()):.3g}, not 1 "
+                        "(multi-label targets?); pass loss_fn=lambda outputs, batch: "
+                        "F.binary_cross_entropy_with_logits(outputs, batch[1]), or the loss your task needs")
+
+
 def default_task_loss(outputs, batch: Batch) -> torch.Tensor:
     """The model's own loss if it computed one, else cross-entropy of the logits against the
     labels: [batch, classes] with [batch], [batch, tokens, vocab] with [batch, tokens]
@@ -170,6 +181,7 @@ def default_task_loss(outputs, batch: Batch) -> torch.Tensor:
                         "(or give session.loss a task_loss)")
     if torch.is_floating_point(y):
         if logits.dim() == 2 and logits.shape[1] > 1 and tuple(y.shape) == tuple(logits.shape):  # soft labels
+            _check_soft_labels(y)
             return F.cross_entropy(logits, y)
         raise DataError(f"the labels are floats of shape {tuple(y.shape)} (regression targets?) and the model's outputs "
                         f"{tuple(logits.shape)}; the default task loss is cross-entropy on class indices, or on soft "
