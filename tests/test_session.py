@@ -477,3 +477,22 @@ def test_multi_label_targets_are_refused_as_soft_labels_and_real_soft_labels_tra
         session.loss(model(x), (x, multi))
     soft = torch.softmax(torch.randn(6, 4), -1)
     assert torch.isfinite(session.loss(model(x), (x, soft))["task"])
+
+
+def test_a_tuple_of_several_output_tensors_says_which_is_read_as_the_logits():
+    """(embedding, logits): the first tensor was read as the logits and the task term was cross-entropy on the
+    embedding (labels 0..1 fit inside its 16 "classes"), without a word."""
+    class EmbeddingFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(8, 16), nn.Linear(16, 2)
+
+        def forward(self, x):
+            h = self.body(x)
+            return h, self.head(h)
+
+    model = EmbeddingFirst()
+    session = jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 8}]}, total_steps=2)
+    x, y = torch.randn(4, 8), torch.randint(0, 2, (4,))
+    with pytest.warns(UserWarning, match=r"a tuple of 2 tensors \(per sample \[16\], \[2\]\); the first is read as the logits"):
+        session.loss(model(x), (x, y))

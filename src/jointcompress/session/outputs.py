@@ -131,7 +131,13 @@ def logits_of(outputs) -> torch.Tensor:
                             "under 'logits' (distill_kd needs them), or, without distill_kd, give the session a "
                             "loss_fn (or session.loss(..., task_loss=...)) of your own")
     if logits is None and isinstance(outputs, (tuple, list)):
-        logits = next((o for o in outputs if isinstance(o, torch.Tensor) and o.dim() >= 1), None)
+        tensors = [o for o in outputs if isinstance(o, torch.Tensor) and o.dim() >= 1]
+        logits = tensors[0] if tensors else None
+        if len(tensors) > 1:  # (embedding, logits) trained the embedding as the logits, silently
+            shapes = ", ".join(str(list(t.shape[1:])) for t in tensors[:3])
+            warnings.warn(f"model outputs: a {type(outputs).__name__} of {len(tensors)} tensors (per sample {shapes}); "
+                          "the first is read as the logits. Return the logits first, or a dict with 'logits'",
+                          UserWarning, stacklevel=3)
     if not isinstance(logits, torch.Tensor):
         raise DataError(f"model outputs of type {type(outputs).__name__} hold no logits tensor; return a tensor, "
                         "a tuple, a dict with 'logits' or a transformers ModelOutput")
