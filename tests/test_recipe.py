@@ -74,3 +74,21 @@ def test_a_target_sets_the_sparsity_a_recipe_leaves_out():
     result = compress(model, recipe, (x, y), lambda m: 0.0)
     allocated = result.recipe.technique("prune_unstructured").sparsity
     assert 0.5 < allocated < 1 and result.techniques[0].achieved_sparsity() == pytest.approx(allocated, abs=0.01)
+
+
+def test_a_key_given_twice_and_a_binary_file_are_refused_by_name(tmp_path):
+    """Two `training:` blocks: the second replaced the first and its lr and batch_size vanished without a word;
+    a data file given as the recipe was called bad YAML with a hint about tabs."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("training: {lr: 0.003, batch_size: 32}\ntechniques: [{type: quant_lsq}]\ntraining: {epochs: 3}\n")
+    with pytest.raises(RecipeError, match=r"twice.yaml: not valid YAML: the key 'training' is given twice"):
+        load_recipe(twice)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("training: {epochs: 3, epochs: 4}\n")
+    with pytest.raises(RecipeError, match=r"the key 'epochs' is given twice"):
+        load_recipe(nested)
+    binary = tmp_path / "data.yaml"
+    binary.write_bytes(b"PK\x03\x04\xff\xfe\x00\x01")
+    with pytest.raises(RecipeError, match=r"data.yaml: not a text file"):
+        load_recipe(binary)
+    assert load_recipe(builtin_recipe("lenet300_mnist_joint")).techniques

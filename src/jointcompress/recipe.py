@@ -609,6 +609,22 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         raise RecipeError(_format(err, source)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, refusing a key given twice in one mapping: the last one won, so a second `training:`
+    block silently dropped the first's settings."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping (the second would replace the first); "
+                    "merge them into one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read a YAML recipe file; errors name the file, the field and the allowed values."""
     path = Path(path)
@@ -618,9 +634,13 @@ def load_recipe(path: str | Path) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as err:  # PyYAML raises ValueError on impossible dates
-        tabs = " (YAML indents with spaces, not tabs)" if "\t" in path.read_text(encoding="utf-8", errors="replace") else ""
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text file (a data or weights file?); give the recipe's YAML file") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader: builds plain data only
+    except (yaml.YAMLError, ValueError, RecursionError) as err:  # PyYAML raises ValueError on impossible dates
+        tabs = " (YAML indents with spaces, not tabs)" if "\t" in text else ""
         raise RecipeError(f"{path}: not valid YAML{tabs}: {err}") from None
     if isinstance(data, (str, int, float, bool)):  # parse_recipe would read a string as a path given to it
         raise RecipeError(f"{path}: holds the single value {str(data)[:60]!r}, not a recipe: a mapping of fields "
