@@ -190,3 +190,19 @@ def test_bench_of_a_fully_convolutional_builder_takes_the_default_class_count(tm
                        "    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 10, 1),\n"
                        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten())\n")
     assert _num_classes({"layers": {}}, f"{builder}:build") == 10
+
+
+def test_the_before_accuracy_is_the_artifacts_only_on_the_test_images_it_was_measured_on():
+    """bench --data matched the recorded "before" accuracy by the file's stem: another gray.npz (other test
+    images) got the recorded 100% and a delta of -78 points. The manifest records the split's digest now."""
+    from types import SimpleNamespace
+
+    from jointcompress.checkpoint import data_digest
+    from jointcompress.commands.bench_cmd import _same_data
+
+    x, y = torch.randn(8, 1, 4, 4), torch.arange(8) % 3
+    split = SimpleNamespace(name="gray", x_test=x, y_test=y)
+    extra = {"data": "gray", "data_sha256": data_digest((x, y))}
+    assert _same_data(extra, split)
+    assert not _same_data(extra, SimpleNamespace(name="gray", x_test=x, y_test=y.flip(0)))
+    assert _same_data({"data": "gray"}, split) and not _same_data({"data": "other"}, split)  # older manifests

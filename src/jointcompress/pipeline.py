@@ -19,6 +19,7 @@ from .spec import CompressionSpec
 from .bench import batch_of, count_params
 from .deploy.timing import DEFAULT_THREADS, time_contenders
 from .data import Split, evaluator, hold_out, load_dataset
+from .checkpoint import data_digest
 from .model_copy import load_model_state
 from .errors import ArtifactError, DataError
 from .layer_types import COMPRESSIBLE
@@ -166,7 +167,8 @@ def finalize_and_save(model: nn.Module, result: Result, teacher: nn.Module, spli
     if path is not None:
         manifest = save(model, spec, path, builder=builder, example_inputs=example,
                         extra={"baseline_accuracy": evaluate(teacher)["accuracy"], "model": result.recipe.model,
-                               "data": split.name})  # what baseline_accuracy was measured on
+                               "data": split.name,  # what baseline_accuracy was measured on: by name, and exactly
+                               "data_sha256": data_digest((split.x_test, split.y_test))})
         row["bytes"] = manifest["bytes"]["total"]  # the stored parts: values + indices + scales + biases + the rest
         row["file_bytes"] = manifest["weights_file_bytes"]  # the weights file on disk: the parts + its container
     row.update(_describe(model, spec, reference_weights=weight_counts(teacher)[1]))

@@ -99,10 +99,11 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
                    threads=threads)
     extra = manifest.get("extra") or {}
     baseline, measured_on = extra.get("baseline_accuracy"), extra.get("data")
-    if baseline is not None and measured_on is not None and split is not None and measured_on != split.name:
+    if baseline is not None and measured_on is not None and split is not None and not _same_data(extra, split):
         baseline = None  # the dense model's accuracy on other data: no before / after pair (bench has no dense weights)
+        other = f"not on {split.name!r}" if measured_on != split.name else f"not on this {split.name!r} (other test images)"
         result["note"] = (f"before: the dense model's accuracy was recorded on {measured_on!r} when the artifact was made, "
-                          f"not on {split.name!r}; only the compressed model's accuracy is measured here")
+                          f"{other}; only the compressed model's accuracy is measured here")
     if baseline is not None and eval_fn is not None:
         result["before"]["accuracy"] = float(baseline)  # the trained dense model, not the random one
         result["ratios"]["accuracy_delta"] = result["after"]["accuracy"] - float(baseline)
@@ -242,6 +243,17 @@ def against_table(result: dict):
                   f"{b1['latency_ms'][name]:.4f} ({b1['alone_ms'][name]:.4f})", f"{b1['speedup_vs_dense_fp32_torch'][name]:.1f}",
                   f"{b64['latency_ms'][name]:.3f} ({b64['alone_ms'][name]:.3f})", f"{b64['speedup_vs_dense_fp32_torch'][name]:.1f}")
     return t
+
+
+def _same_data(extra: dict, split) -> bool:
+    """The test split the artifact's "before" accuracy was measured on: by its digest where the manifest
+    records one (a file of the same name elsewhere holds other images), else by name (older artifacts)."""
+    recorded = extra.get("data_sha256")
+    if recorded is None:
+        return extra.get("data") == split.name
+    from ..checkpoint import data_digest
+
+    return recorded == data_digest((split.x_test, split.y_test))
 
 
 def register(app: typer.Typer) -> None:
