@@ -3,6 +3,7 @@ the uninterrupted run ends; checkpoints hold the whole state, load without unpic
 are never silently overwritten."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -393,3 +394,21 @@ def test_a_run_checkpointed_in_float32_resumes_in_bf16(digits, tmp_path):
     res, _ = _tiny(digits, epochs=2, run_dir=tmp_path, checkpoint_every=5, resume=True, precision="bf16", callbacks=[spy])
     assert any(e["event"] == "resumed" for e in res.history.events)
     assert spy.seen == {"hooked", torch.bfloat16}
+
+
+def test_a_refused_resume_names_the_field_the_user_changed_with_their_own_index(digits, tmp_path):
+    """The check compared the resolved recipes: a changed target.ratio came 'and 2 more' behind the sparsities the
+    allocator derived from it, and mode: joint named quant_lsq techniques[0] (the joint form drops
+    prune_unstructured) where the user's file has it at techniques[1]."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    recipe = {"mode": "joint", "target": {"ratio": 20},
+              "techniques": [{"type": "prune_unstructured"}, {"type": "quant_lsq", "bits": 4}],
+              "training": {"epochs": 1, "batch_size": 128}}
+    with pytest.raises(Crash):
+        compress(copy.deepcopy(model), recipe, (digits.x_train, digits.y_train), evaluator(digits.x_test, digits.y_test),
+                 run_dir=tmp_path, checkpoint_every=3, callbacks=[CrashAt(5)])
+    changed = {**recipe, "techniques": [{"type": "prune_unstructured"}, {"type": "quant_lsq", "bits": 3}]}
+    with pytest.raises(RecipeError, match=r"different recipe than the one given now \(techniques\[1\]\.bits: 4 in the "
+                                          r"checkpoint, 3 now\); resume"):
+        compress(copy.deepcopy(model), changed, (digits.x_train, digits.y_train), evaluator(digits.x_test, digits.y_test),
+                 run_dir=tmp_path, resume=True)

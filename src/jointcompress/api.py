@@ -343,6 +343,7 @@ def compress(
     teacher = _dist.unwrap(teacher) if teacher is not None else None
     loader, example = _checked_inputs(model, teacher, recipe, train_data, dist)
     callbacks = list(callbacks or [])
+    given = recipe
     recipe, joint_form = as_joint_form(recipe)  # mode: joint under a size target: one decision, one budget
     asked = recipe
     recipe = _resolve_target(model, recipe, example, callbacks, run_dir, resume, dist)
@@ -356,6 +357,7 @@ def compress(
     )
     if run_dir is not None:  # recorded in the checkpoints; a resume with other data or another teacher is refused
         trainer.checkpoints.inputs = run_inputs(train_data, teacher)
+        trainer.checkpoints.given_recipe = given  # a resume's refusal names what the user changed in it
     if joint_form is not None:
         trainer.history.events.append(joint_form)
     if recipe._resolution is not None:  # a resumed run's history is replaced by its checkpoint's, which has it

@@ -29,6 +29,7 @@ class RunCheckpoints:
         # what the run trains on, recorded in every checkpoint and checked on resume (compress() sets them):
         # data_sha256 / data_shape (an (x, y) pair of tensors only) and teacher_sha256
         self.inputs: dict = {}
+        self.given_recipe = None  # the recipe as the user gave it (compress sets it): a refused resume names their change
 
     def save(self):
         """Write a checkpoint of the run as it is now (rank 0 only; a no-op without run_dir)."""
@@ -58,6 +59,7 @@ class RunCheckpoints:
             "history": history,
             "recipe": s.recipe.model_dump(mode="json"),
             "asked_recipe": tr.asked_recipe.model_dump(mode="json") if tr.asked_recipe is not None else None,
+            "given_recipe": self.given_recipe.model_dump(mode="json") if self.given_recipe is not None else None,
             "lr_scale": tr.recovery.lr_scale,
             "nonfinite": tr.recovery.count,
             "technique_scalars": _terms.technique_scalars(s.techniques),
@@ -75,10 +77,10 @@ class RunCheckpoints:
         saved, now = _as_trained_today(meta.get("recipe"), s.recipe), s.recipe.model_dump(mode="json")
         saved, now = (without_memory_fields(saved) if saved else saved), without_memory_fields(now)
         if saved != now:
-            diffs = _differences(saved, now)
+            diffs, which = self._given_differences(meta) or (_differences(saved, now), "a different recipe")
             shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
             raise RecipeError(
-                f"{path}: the checkpoint was made with a different recipe ({shown}); resume with the same recipe "
+                f"{path}: the checkpoint was made with {which} ({shown}); resume with the same recipe "
                 "(and --mode/--model/--data), or start a new run in another directory" + _before_joint_form(meta, s.recipe)
             )
         self._check_inputs(path, meta)
@@ -94,6 +96,18 @@ class RunCheckpoints:
                 "training continues from its step, but the rest of the current epoch takes its batches from this run's "
                 "sharding (some of the epoch's samples are seen twice or not at all), so the result will not match the "
                 f"uninterrupted run bit for bit. Resume with {meta['world_size']} process(es) for that", stacklevel=2)
+
+    def _given_differences(self, meta: dict) -> tuple[list[str], str] | None:
+        """Where the recipe as the user gave it differs from the one the checkpoint's run was given: the fields
+        they changed, with the indices of their own techniques list. The resolved recipes' differences named the
+        allocator's derived sparsities first (the ratio the user changed came 'and 2 more' behind them), and
+        techniques by their place after the joint form dropped prune_unstructured."""
+        given = self.given_recipe
+        if given is None or not meta.get("given_recipe"):
+            return None
+        diffs = _differences(without_memory_fields(meta["given_recipe"]),
+                             without_memory_fields(given.model_dump(mode="json")))
+        return (diffs, "a different recipe than the one given now") if diffs else None
 
     def _check_inputs(self, path, meta: dict) -> None:
         """The same training data (its tensors' sha256: the cached teacher outputs are looked up by sample
