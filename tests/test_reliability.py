@@ -360,6 +360,19 @@ def test_force_removes_the_old_runs_checkpoints_only(tmp_path):
     assert sorted(p.name for p in ckpts.iterdir()) == ["my_resnet_epoch90.pt"]
 
 
+def test_force_removes_the_old_runs_results_too(tmp_path):
+    """A --force restart stopped before its end left the old run's summary, recipe and artifact beside its own
+    checkpoints: `report` then described the old run and `bench` measured its artifact, with no word."""
+    from jointcompress.io import prepare_run_dir
+
+    for name in ("summary.json", "history.json", "recipe.yaml", "teacher.safetensors", "notes.txt"):
+        (tmp_path / name).write_text("old")
+    (tmp_path / "artifact").mkdir()
+    (tmp_path / "artifact" / "weights.jcw").write_bytes(b"old")
+    prepare_run_dir(tmp_path, force=True, resume=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "teacher.safetensors"]
+
+
 def test_written_files_get_the_permissions_the_umask_gives(tmp_path):
     """mkstemp's 0600 survived the atomic rename: artifacts and summaries were unreadable to the group."""
     import os

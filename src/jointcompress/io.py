@@ -93,12 +93,14 @@ RUN_OUTPUTS = ("summary.json", "history.json", "recipe.yaml", "artifact")  # wha
 
 
 def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=None,
-                    fresh: tuple[str, ...] = ("checkpoints",)) -> Path:
+                    fresh: tuple[str, ...] = ("checkpoints", *RUN_OUTPUTS)) -> Path:
     """The output directory of a `compress` run, prepared once for every rank.
 
     Every rank checks it before any rank writes; rank 0 creates it and, on a --force restart,
     removes the old run's `fresh` outputs (its checkpoints must not be resumed into the new run;
-    only the checkpoint files a run writes, not a folder's other files); then all ranks wait
+    only the checkpoint files a run writes, not a folder's other files; and its summary, history,
+    recipe and artifact, which a new run stopped before its end left beside the new checkpoints,
+    where `report` and `bench` read them as the new run's); then all ranks wait
     until it exists. --resume with no checkpoint starts the run, unless the folder holds a
     finished run's outputs (or files of those names) that it would overwrite: that needs --force.
     """
@@ -149,5 +151,7 @@ def _remove_fresh(path: Path, fresh: tuple[str, ...]) -> None:
             for old in store.paths():
                 remove(old)  # and its checksum sidecar
             store.remove_leftovers()
-        else:
+        elif (path / sub).is_dir():
             shutil.rmtree(path / sub, ignore_errors=True)
+        elif (path / sub).is_file():
+            (path / sub).unlink()
