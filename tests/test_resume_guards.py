@@ -226,3 +226,21 @@ def test_the_command_line_shows_a_full_disk_once_with_the_file(tmp_path, monkeyp
     code, text = run_cli(monkeypatch, capsys, "compress", _recipe(tmp_path), "--out", tmp_path / "o")
     assert code == 1 and f"writing {tmp_path / 'out.json'} failed: No space left on device; no out.json was written" in text
     assert text.count(str(tmp_path / "out.json")) == 1, text
+
+
+def test_a_trained_model_that_no_longer_fits_the_builder_names_the_builder(tmp_path):
+    """A builder edited between an interrupt and --resume: the advice was to delete the trained model's file, after
+    which the resume blamed non-repeatable training and asked for the file just deleted."""
+    import torch.nn as nn
+    from safetensors.torch import save_file
+
+    from jointcompress.cli import _trained_before
+    from jointcompress.errors import ArtifactError
+
+    teacher_file = tmp_path / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in nn.Linear(4, 32).state_dict().items()}, str(teacher_file))
+    with pytest.raises(ArtifactError, match="does not fit the model the builder makes now .*the builder changed since"):
+        _trained_before(lambda: nn.Linear(4, 48), teacher_file)
+    teacher_file.write_bytes(b"damaged")
+    with pytest.raises(ArtifactError, match="cannot be used .*delete the file and --resume trains it again"):
+        _trained_before(lambda: nn.Linear(4, 48), teacher_file)

@@ -167,6 +167,9 @@ def test_a_resumed_run_that_trained_its_model_refuses_another_hold_out(tmp_path)
     assert again.exit_code != 0 and "training.validation_images: 50" in str(again.exception)
     assert not (out / "teacher.safetensors").exists()
     (out / "teacher.safetensors").write_bytes(kept)
+    longer = CliRunner().invoke(app, ["compress", recipe(50), "--teacher-epochs", "3", "--out", str(out), "--resume"])
+    assert longer.exit_code != 0 and "trained its model for --teacher-epochs 1, and this command asks for 3" in " ".join(
+        str(longer.exception).split())  # it reused the 1-epoch model without a word
     same = CliRunner().invoke(app, ["compress", recipe(50), "--teacher-epochs", "1", "--out", str(out), "--resume"])
     assert same.exit_code == 0, same.output  # the count it trained with resumes
 

@@ -273,6 +273,7 @@ def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights
         raise JointCompressError(f"--resume: the run in {out} began from --weights {earlier['weights']}; pass it again")
     if earlier is not None and not weights:  # before the model is trained again, if it must be
         _same_hold_out(start_file, earlier, recipe.training.validation_images)
+        _same_teacher_epochs(start_file, earlier, teacher_epochs)
     if weights:
         teacher = load_start(builder, weights)
     elif resume and teacher_file.is_file():
@@ -280,7 +281,7 @@ def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights
     else:
         teacher = train_teacher(model_name, split, teacher_epochs, lr=recipe.training.lr, progress=progress("train model"),
                                 device=device)
-    _same_start(start_file, earlier, teacher, weights, save, recipe.training.validation_images)
+    _same_start(start_file, earlier, teacher, weights, save, recipe.training.validation_images, teacher_epochs)
     if save and not weights and not teacher_file.is_file():
         from safetensors.torch import save as st_save
 
@@ -333,6 +334,10 @@ def _trained_before(builder, teacher_file: Path):
         return load_weights(builder(), teacher_file)
     except ArtifactError as err:  # not the advice for a file of the user's: this run wrote it
         why = str(err).split(": ", 1)[-1].split(";")[0].removeprefix("cannot be read as weights ").strip("()")
+        if "do not fit" in str(err):  # whole, but the builder makes another model now
+            raise ArtifactError(f"{teacher_file}: the model this run trained before compressing it does not fit the "
+                                f"model the builder makes now ({why}): the builder changed since the run began; set it "
+                                "back to --resume, or start over with --force") from None
         raise ArtifactError(f"{teacher_file}: the model this run trained before compressing it cannot be used ({why}); "
                             "delete the file and --resume trains it again (start.json checks that it is the same "
                             "model), or start over with --force") from None
@@ -352,7 +357,8 @@ def _earlier_start(start_file: Path, teacher_file: Path, builder) -> dict | None
     return None
 
 
-def _same_start(start_file: Path, earlier: dict | None, teacher, weights, save: bool, held_out: int = 0) -> None:
+def _same_start(start_file: Path, earlier: dict | None, teacher, weights, save: bool, held_out: int = 0,
+                teacher_epochs: int | None = None) -> None:
     """Record which weights the run compresses (start.json: the path and a digest of the state); a resumed
     run given other --weights is refused: it compressed the new model from the old one's checkpoint, and the
     summary then reported the new model as the uncompressed one. A model the run trained itself also records
@@ -363,15 +369,26 @@ def _same_start(start_file: Path, earlier: dict | None, teacher, weights, save: 
 
     start = {"weights": str(weights) if weights else None, "state_sha256": state_digest(teacher)}
     if not weights:
-        start["validation_images"] = held_out
+        start["validation_images"], start["teacher_epochs"] = held_out, teacher_epochs
     if earlier is not None and earlier.get("state_sha256") != start["state_sha256"]:
         began = earlier.get("weights") or "the model it trained first"
         now = (f"--weights {weights} holds other weights; pass the weights it began from" if weights else
-               "the model trained again differs from it (training is not repeatable here); pass that model as --weights")
+               "the model trained again differs from it (the builder's code changed since, or training is not "
+               "repeatable here); set the builder back and pass that model as --weights")
         raise JointCompressError(f"--resume: the run in {start_file.parent} began from {began}, and {now}, or start "
                                  "over with --force")
     if save and not start_file.is_file():
         atomic_write_json(start_file, start)
+
+
+def _same_teacher_epochs(start_file: Path, earlier: dict, teacher_epochs: int) -> None:
+    """A resumed run reuses the model it trained first: --teacher-epochs changed since was ignored without a word
+    (start.json of an earlier version does not record it: not checked)."""
+    before = earlier.get("teacher_epochs")
+    if before is not None and before != teacher_epochs:
+        raise JointCompressError(f"--resume: the run in {start_file.parent} trained its model for --teacher-epochs "
+                                 f"{before}, and this command asks for {teacher_epochs}; pass --teacher-epochs {before} "
+                                 "to continue it, or start over with --force")
 
 
 def _same_hold_out(start_file: Path, earlier: dict, held_out: int) -> None:
