@@ -127,6 +127,8 @@ def test_the_existing_train_label_checks_come_first(tmp_path):
     assert "y_train holds one class (3)" in msg
     msg = _refused(_save(tmp_path, y_train=np.linspace(0, 1, 100)))
     assert "float64 values that are not whole numbers" in msg
+    missing = np.where(np.arange(100) < 2, np.nan, np.arange(100) % 3)  # was called "not whole numbers" alone
+    assert "not whole numbers (2 NaN: labels missing; drop those images)" in _refused(_save(tmp_path, y_train=missing))
     split = load_dataset(str(_save(tmp_path, y_train=(np.arange(100) % 3).astype(float))))  # whole floats pass
     assert split.num_classes == 3 and split.y_train.dtype == split.y_test.dtype
 

@@ -237,8 +237,10 @@ def _class_labels(y: np.ndarray, what: str, n: int) -> np.ndarray:
                         "booleans onto them, e.g. classes, y = numpy.unique(y, return_inverse=True))")
     whole = np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and bool(np.all(np.mod(y, 1) == 0)))
     if not whole:
-        raise DataError(f"data: {what} holds {y.dtype} values that are not whole numbers; expected integer class "
-                        "indices")
+        missing = int(np.isnan(y).sum()) if np.issubdtype(y.dtype, np.floating) else 0
+        raise DataError(f"data: {what} holds {y.dtype} values that are not whole numbers"
+                        + (f" ({missing} NaN: labels missing; drop those images)" if missing else "")
+                        + "; expected integer class indices")
     if len(y) and y.min() < 0:
         raise DataError(f"data: {what} holds negative labels: {_values_with_counts(y[y < 0], len(y))}; expected "
                         "class indices 0..K-1: relabel them, or drop those images")
