@@ -465,6 +465,30 @@ def test_technique_parameters_an_unbound_optimizer_lacks_are_named_after_the_fir
     assert run(bind=True) == []
 
 
+def test_a_skipped_first_step_does_not_read_as_an_optimizer_without_the_technique_parameters():
+    """An fp16 loss scaler skips the steps whose gradients overflowed (often the first): nothing moves then, the
+    technique parameters of an optimizer that holds them (made from session.param_groups, not bound) included."""
+    import warnings
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    session = jointcompress.prepare(model, {"techniques": [{"type": "prune_structured", "sparsity": 0.5, "end": 0.6}]},
+                                    total_steps=4, example_inputs=x[:2])
+    opt = torch.optim.Adam(session.param_groups(lr=1e-2))  # holds the mask scores; not bound
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for step in range(3):
+            terms = session.loss(model(x), (x, y))
+            opt.zero_grad()
+            session.backward(terms)
+            session.before_step()
+            if step > 0:  # the first step skipped, as a loss scaler skips an overflow
+                opt.step()
+            session.after_step()
+    assert not [w for w in said if "technique parameter" in str(w.message)]
+
+
 def test_multi_label_targets_are_refused_as_soft_labels_and_real_soft_labels_train():
     """0/1 multi-label targets of the logits' shape were read as class probabilities: cross-entropy trained a
     softmax over them without a word (0.81 label accuracy where BCE reached 0.97)."""

@@ -224,12 +224,18 @@ class CompressionSession:
             return
         graded = [p for t in self.techniques if t.attached for g in t.parameters() for p in g["params"]
                   if p.grad is not None and bool(p.grad.ne(0).any())]
-        if graded:
-            self._unbound_probe = [(p, p.detach().clone()) for p in graded]
+        own = {id(p) for p in graded}
+        weight = next((p for p in self.model.parameters() if id(p) not in own and p.grad is not None
+                       and bool(p.grad.ne(0).any())), None)
+        if graded and weight is not None:  # the weight tells a step the optimizer took from one it skipped
+            self._unbound_probe = [(weight, weight.detach().clone())] + [(p, p.detach().clone()) for p in graded]
 
     def _check_unbound(self) -> None:
         probe, self._unbound_probe = self._unbound_probe, (None if self._unbound_probe is None else [])
-        still = [p for p, before in probe or [] if torch.equal(p.detach(), before)]
+        if probe and torch.equal(probe[0][0].detach(), probe[0][1]):  # no step taken (an fp16 overflow): ask again
+            self._unbound_probe = None
+            return
+        still = [p for p, before in (probe or [])[1:] if torch.equal(p.detach(), before)]
         if still and not self._warned_unbound:
             self._warned_unbound = True
             names = sorted({self.param_names.get(id(p), "a technique parameter") for p in still})
