@@ -436,8 +436,6 @@ def test_technique_parameters_an_unbound_optimizer_lacks_are_named_after_the_fir
     """An optimizer made from model.parameters() and never bound holds the LSQ step sizes (they live in the
     model's parametrizations) but not the mask scores: those never trained, and nothing said so (a technique
     attaching later was warned about, one attached at step 0 was not)."""
-    import warnings
-
     torch.manual_seed(0)
     x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
     recipe = {"techniques": [{"type": "prune_structured", "sparsity": 0.5, "criterion": "learned", "end": 0.6},
@@ -449,16 +447,7 @@ def test_technique_parameters_an_unbound_optimizer_lacks_are_named_after_the_fir
         opt = torch.optim.Adam(session.param_groups(lr=1e-2) if bind else model.parameters(), lr=1e-2)
         if bind:
             session.bind(opt)
-        with warnings.catch_warnings(record=True) as said:
-            warnings.simplefilter("always")
-            for _ in range(2):
-                terms = session.loss(model(x), (x, y))
-                opt.zero_grad()
-                session.backward(terms)
-                session.before_step()
-                opt.step()
-                session.after_step()
-        return [str(w.message) for w in said if "technique parameter" in str(w.message)]
+        return _unbound_warnings(session, model, opt, x, y, steps=2)
 
     said = run(bind=False)
     assert len(said) == 1 and "prune_structured.masks" in said[0] and "log_step" not in said[0], said
@@ -468,25 +457,31 @@ def test_technique_parameters_an_unbound_optimizer_lacks_are_named_after_the_fir
 def test_a_skipped_first_step_does_not_read_as_an_optimizer_without_the_technique_parameters():
     """An fp16 loss scaler skips the steps whose gradients overflowed (often the first): nothing moves then, the
     technique parameters of an optimizer that holds them (made from session.param_groups, not bound) included."""
-    import warnings
-
     torch.manual_seed(0)
     x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
     session = jointcompress.prepare(model, {"techniques": [{"type": "prune_structured", "sparsity": 0.5, "end": 0.6}]},
                                     total_steps=4, example_inputs=x[:2])
     opt = torch.optim.Adam(session.param_groups(lr=1e-2))  # holds the mask scores; not bound
+    assert _unbound_warnings(session, model, opt, x, y, steps=3, skip_first=True) == []
+
+
+def _unbound_warnings(session, model, opt, x, y, steps: int, skip_first: bool = False) -> list[str]:
+    """Train `steps` steps in a plain loop (the first without its optimizer step: skipped, as a loss scaler
+    skips an overflow); the warnings about technique parameters the optimizer step left unchanged."""
+    import warnings
+
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
-        for step in range(3):
+        for step in range(steps):
             terms = session.loss(model(x), (x, y))
             opt.zero_grad()
             session.backward(terms)
             session.before_step()
-            if step > 0:  # the first step skipped, as a loss scaler skips an overflow
+            if step > 0 or not skip_first:
                 opt.step()
             session.after_step()
-    assert not [w for w in said if "technique parameter" in str(w.message)]
+    return [str(w.message) for w in said if "technique parameter" in str(w.message)]
 
 
 def test_multi_label_targets_are_refused_as_soft_labels_and_real_soft_labels_train():
