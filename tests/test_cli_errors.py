@@ -20,8 +20,12 @@ _cli = run_cli
 
 
 def _recipe(tmp_path: Path, text: str) -> Path:
+    """A recipe file: lenet300 on the digits unless `text` names its own model or data (a key given twice is
+    refused)."""
+    given = {line.split(":", 1)[0] for line in text.splitlines() if ":" in line and not line.startswith(" ")}
+    defaults = "".join(f"{key}: {value}\n" for key, value in (("model", "lenet300"), ("data", "digits")) if key not in given)
     p = tmp_path / "r.yaml"
-    p.write_text("model: lenet300\ndata: digits\n" + text)
+    p.write_text(defaults + text)
     return p
 
 
