@@ -515,3 +515,13 @@ def test_a_tuple_of_several_output_tensors_says_which_is_read_as_the_logits():
     x, y = torch.randn(4, 8), torch.randint(0, 2, (4,))
     with pytest.warns(UserWarning, match=r"a tuple of 2 tensors \(per sample \[16\], \[2\]\); the first is read as the logits"):
         session.loss(model(x), (x, y))
+
+
+def test_prepare_names_a_technique_by_its_place_in_the_recipe_given():
+    """mode: joint under a size target drops prune_unstructured (the joint form): prepare() checked the rewritten
+    recipe and named the user's techniques[1] as techniques[0]; compress() already checked the recipe as given."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    recipe = {"mode": "joint", "target": {"ratio": 4},
+              "techniques": [{"type": "prune_unstructured"}, {"type": "quant_lsq", "layer_bits": {"fc9": 6}}]}
+    with pytest.raises(RecipeError, match=r"techniques\[1\] \(quant_lsq\)"):
+        jointcompress.prepare(model, recipe, total_steps=4)

@@ -73,6 +73,7 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
     model = _dist.unwrap(model)
     bare_teacher = _dist.unwrap(teacher) if teacher is not None else None
     check_teacher(model, bare_teacher)
+    check_targets(model, given)  # first as the user wrote it: errors name their techniques[i] (compress() does too)
     check_targets(model, recipe)
     if recipe.target is not None:  # the size budget's bytes, from the target and the model
         recipe = resolve_target(model, recipe, example_inputs)
