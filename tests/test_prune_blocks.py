@@ -150,14 +150,14 @@ def test_a_transformers_resnet_layer_is_dropped_through_save_and_load(tmp_path):
         torch.testing.assert_close(loaded(x), masked, atol=1e-5, rtol=0)
 
 
-def _size_target_run(tmp_path, mode, techniques):
+def _size_target_run(tmp_path, mode, techniques, epochs: int = 1):
     """A 10x size target on the small ResNet with layer1 dropped: (weights file bytes, target, the run's result)."""
     from jointcompress.artifact.size import dense_fp32_bytes
 
     torch.manual_seed(0)
     model, x, y = build_model("resnet"), torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,))
     goal = dense_fp32_bytes(model) / 10
-    recipe = {"mode": mode, "target": {"ratio": 10}, "training": {"epochs": 1, "batch_size": 32, "lr": 1e-3, "seed": 0},
+    recipe = {"mode": mode, "target": {"ratio": 10}, "training": {"epochs": epochs, "batch_size": 32, "lr": 1e-3, "seed": 0},
               "techniques": [{"type": "prune_blocks", "blocks": ["layer1"], "end": 0.5}, *techniques]}
     res = compress(model, recipe, (x, y), evaluator(x, y), teacher=copy.deepcopy(model))
     before = res.summary()
@@ -188,6 +188,17 @@ def test_a_sequential_size_target_allocates_the_bytes_to_the_layers_that_stay(tm
     size, goal, _ = _size_target_run(tmp_path, "sequential", [{"type": "quant_lsq", "bits": 4, "norm_format": "fp32"},
                                                               {"type": "distill_kd", "temperature": 4.0, "alpha": 0.7}])
     assert 0.95 * goal <= size <= goal
+
+
+def test_the_size_steering_prices_the_layers_that_stay_only(tmp_path):
+    """The steering's re-fits priced the dropped block's layers too: they cut every layer that stays to make room
+    for bytes finalize deletes anyway, and the file ended 18-54% under its target (a user's residual CNN)."""
+    size, goal, res = _size_target_run(tmp_path, "sequential", [{"type": "quant_lsq", "bits": 4, "norm_format": "fp32"},
+                                                               {"type": "distill_kd", "temperature": 4.0, "alpha": 0.7}],
+                                       epochs=3)
+    refits = [e for e in res.history.events if e["event"] in ("size_steering", "size_trim")]
+    assert refits and not any(n.startswith("layer1.") for e in refits for n in e["layer_sparsity_after"])
+    assert 0.98 * goal <= size <= goal
 
 
 def test_the_size_measurement_drops_the_fading_block_of_a_copy_only():

@@ -139,11 +139,15 @@ class Candidate:
         on estimated steps when LSQ has not started yet (sequential runs)."""
         from torch.nn.utils import parametrize
 
+        from .block_drop import as_dropped, collapse_faded
         from .model_copy import plain_copy
 
         plain = plain_copy(model)
+        collapse_faded(as_dropped(plain))  # the blocks prune_blocks fades out are not in the file: not priced either
+        present = dict(plain.named_modules())
         steps, scores = {}, {}
-        names = list(quant.quantizers) if quant.attached else list(selected_layers(model, quant.config))
+        names = [n for n in (list(quant.quantizers) if quant.attached else list(selected_layers(model, quant.config)))
+                 if n in present]
         for name in names:
             layer = plain.get_submodule(name)
             if quant.attached:
