@@ -2,7 +2,9 @@
 one size budget, not magnitude masks beside LSQ under the allocator's budgets (that is mode: overlap)."""
 from __future__ import annotations
 
+import copy
 import re
+import warnings
 
 import pytest
 import torch
@@ -496,3 +498,22 @@ def test_a_target_the_fixed_bytes_take_most_of_is_said_before_training_with_what
         assert share >= 50 and "1.weight 512 B" in said[0] and "the weights share the" in said[0]  # BatchNorm, in fp16
         assert ("quant_lsq.scale_format: log8 stores each of the 260 step sizes" in said[0]) == (scale_format == "fp16")
         assert "quant_lsq.per_channel: false stores one step per layer" in said[0]  # once dropped beside log8 steps
+
+
+def test_a_file_the_learned_widths_left_under_the_target_is_said_with_the_advice_for_that_run():
+    """A short run whose learned widths ended low (2/4/6 bits, frozen at the freeze) was told to learn the widths
+    with quant_lsq.learn_bits: true (it did) and to lower a prune_structured sparsity the recipe did not have."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(384, 3, 16, 16, generator=g), torch.randint(0, 10, (384,), generator=g)
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(768, 128), torch.nn.ReLU(),
+                                  torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)).eval()
+    recipe = {"mode": "joint", "target": {"ratio": 20}, "training": {"epochs": 4, "batch_size": 32},
+              "techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True, "learn_bits": True, "scale_format": "fp16"},
+                             {"type": "distill_kd", "temperature": 4, "alpha": 0.7}, {"type": "size_budget"}]}
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        compress(copy.deepcopy(teacher), recipe, (x, y), lambda m: 0.0, teacher=teacher)
+    under = [str(w.message) for w in said if "under the" in str(w.message) and "left fewer bytes" in str(w.message)]
+    assert len(under) == 1 and "the widths learned (frozen since)" in under[0] and "more steps" in under[0], under
+    assert "prune_structured" not in under[0] and "learn_bits: true" not in under[0]

@@ -259,12 +259,27 @@ class Landing:
         if now >= self.aim() * (1 - UNDER_WARNING) or any(q.learns_width() for _, q in self.layers.values()):
             return
         self.events.append({"event": "size_target_undershot", "bytes": round(now), "target_bytes": round(target)})
+        causes, fixes = self._under_causes()
         warnings.warn(
             f"size_budget: the weights file ends at {now:,.0f} B, {1 - now / target:.0%} under the {target:,.0f} B "
-            "target: the other techniques left fewer bytes than the target allows (prune_structured's channels, "
-            "quant_lsq.bits). To spend them on accuracy, lower prune_structured.sparsity, raise quant_lsq.bits or learn "
-            "the widths (quant_lsq.learn_bits: true with size_budget written in the recipe: the bare mode: joint form "
-            "keeps them fixed); for a smaller file, lower target.size_kb (or raise target.ratio)", stacklevel=2)
+            f"target: {causes} left fewer bytes than the target allows. To spend them on accuracy, {fixes}; for a "
+            "smaller file, lower target.size_kb (or raise target.ratio)", stacklevel=2)
+
+    def _under_causes(self) -> tuple[str, str]:
+        """What made the file small, and what spends the bytes, as this run is set up: it told a run that learned
+        its widths (frozen by now, too low after a short run) to learn them, and to lower a prune_structured
+        sparsity the recipe did not have."""
+        from .masks import has_channel_masks
+
+        learned = any(getattr(q, "learn_bits", False) for _, q in self.layers.values())
+        channels = self.model is not None and has_channel_masks(self.model)
+        causes = (["prune_structured's channels"] if channels else []) + (
+            ["the widths learned (frozen since)"] if learned else ["quant_lsq.bits"])
+        fixes = (["lower prune_structured.sparsity"] if channels else []) + (
+            ["give the widths more steps to rise (more epochs)"] if learned else
+            ["raise quant_lsq.bits or learn the widths (quant_lsq.learn_bits: true with size_budget written in the "
+             "recipe: the bare mode: joint form keeps them fixed)"])
+        return " and ".join(causes), ", or ".join(fixes)
 
     def kept_by_layer(self) -> dict[str, int]:
         """Every budgeted layer's kept weights now: the landing's events record them after each cut,
