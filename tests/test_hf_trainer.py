@@ -366,3 +366,20 @@ def test_a_tokenizers_batch_encoding_is_a_batch_and_the_padding_collator_trains(
                                  data_collator=DataCollatorWithPadding(tok))
     trainer.train()
     assert trainer.state.global_step == steps and session.step == steps
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoints_session_too(tmp_path):
+    """The Trainer reloaded the best checkpoint's weights alone: its masks, scores and schedule stayed at the last
+    step's, and evaluate() read a model no evaluation had seen (0.0878 where the chosen checkpoint logged 0.0869)."""
+    teacher, model = tiny_bert(layers=2, seed=1), tiny_bert(layers=2, seed=0)
+    session = jointcompress.prepare(model, RECIPE, total_steps=6, teacher=teacher)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=6, learning_rate=1e-3,
+                             report_to=[], use_cpu=True, disable_tqdm=True, seed=0, eval_strategy="steps", eval_steps=2,
+                             save_strategy="steps", save_steps=2, load_best_model_at_end=True,
+                             metric_for_best_model="eval_loss", greater_is_better=True)  # the worst loss: not the last
+    trainer = CompressionTrainer(session=session, model=model, args=args, train_dataset=_rows(), eval_dataset=_rows(12, seed=5))
+    trainer.train()
+    logged = {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
+    best_step = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[1])
+    assert best_step < 6 and session.step == best_step
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(logged[best_step], rel=1e-6)

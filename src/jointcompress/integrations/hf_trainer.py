@@ -124,6 +124,15 @@ class CompressionTrainer(Trainer):
         self.session.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))  # saved on a GPU too
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
+    def _load_best_model(self) -> None:
+        """load_best_model_at_end: the best checkpoint's session state too. The Trainer loaded its weights
+        alone, so the masks, scores and schedule stayed at the last step's: a model no evaluation had seen."""
+        best = self.state.best_model_checkpoint
+        path = os.path.join(best, SESSION_FILE) if best else None
+        if path is not None and os.path.isfile(path):
+            self.session.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        super()._load_best_model()
+
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         model.train()
         inputs = self._prepare_inputs(inputs)
