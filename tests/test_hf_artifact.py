@@ -318,3 +318,27 @@ def test_a_gemm_weight_the_graph_also_outputs_keeps_its_layout(tmp_path):
     onnx.save(helper.make_model(single, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     assert untranspose_gemm_weights(path) == 1
     assert np.array_equal(numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0]), w.T)
+
+
+def test_a_token_classifier_is_saved_and_loaded_as_its_own_class_and_refused_once_its_units_are_removed(tmp_path):
+    """The artifact was rebuilt as a sequence classifier whatever the model's head: a token classifier (no
+    pooler) or a multiple-choice head failed at save with a shape mismatch naming a builder save_hf_artifact
+    does not take. The class is recorded; heads or neurons removed from such a head are refused by name."""
+    from transformers import BertConfig, BertForTokenClassification
+
+    from jointcompress.hf.ffn import prune_ffn
+    from jointcompress.spec import CompressionSpec
+
+    torch.manual_seed(0)
+    model = BertForTokenClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=4, intermediate_size=64, num_labels=5)).eval()
+    ids = torch.randint(5, 64, (3, 9))
+    save_hf_artifact(model, CompressionSpec(), tmp_path / "tok", ptq_bits=None)
+    loaded, _ = load_hf_artifact(tmp_path / "tok")
+    assert type(loaded) is BertForTokenClassification
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    prune_ffn(model, [list(range(32)), list(range(32))])
+    with pytest.raises(ArtifactError, match="BertForTokenClassification had heads or FFN neurons removed, and only "
+                                            "sequence classifiers are rebuilt"):
+        save_hf_artifact(model, CompressionSpec(), tmp_path / "pruned", ptq_bits=None)

@@ -70,11 +70,31 @@ def _check_plain(model: nn.Module) -> None:
         )
 
 
+def _check_rebuildable(model: nn.Module) -> None:
+    """Heads or FFN neurons removed from a model of another head than a sequence classifier (token
+    classification, multiple choice): its class builds every layer at the config's full widths, so no loader
+    could rebuild it; said before writing, where saving ended in a shape mismatch naming a builder."""
+    from jointcompress.hf.pruned import is_pruned_class
+
+    cfg = model.config
+    pruned = getattr(cfg, "heads_per_layer", None) is not None or getattr(cfg, "intermediate_per_layer", None) is not None
+    if pruned and not is_pruned_class(model):
+        raise ArtifactError(
+            f"save_hf_artifact: {type(model).__name__} had heads or FFN neurons removed, and only sequence classifiers "
+            "are rebuilt at per-layer widths; save it with jointcompress.artifact.save(model, spec, path, builder=...) "
+            "and a builder that makes those widths, or compress this head with prune_unstructured / quant_lsq")
+
+
 def _config_dict(model: nn.Module) -> dict:
     return json.loads(model.config.to_json_string(use_diff=False))
 
 
-def _builder(cfg_dict: dict, where: str):
+def _builder(cfg_dict: dict, where: str, hf_class: str | None = None):
+    """The model an artifact is loaded into: its transformers class (`hf_class`, recorded at save: a token
+    classifier or a multiple-choice head was rebuilt as a sequence classifier, whose head and pooler differ,
+    and saving refused it naming a builder save_hf_artifact does not take), else a sequence classifier (the
+    pruned classes register under their model_type, and artifacts written before the class was recorded)."""
+    import transformers
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     import jointcompress.hf  # noqa: F401  (registers the pruned model types)
@@ -90,8 +110,12 @@ def _builder(cfg_dict: dict, where: str):
             f"transformers ({type(exc).__name__}: {exc})"
         ) from exc
 
+    cls = getattr(transformers, hf_class, None) if isinstance(hf_class, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        cls = None
+
     def build() -> nn.Module:
-        return AutoModelForSequenceClassification.from_config(config)
+        return cls(config) if cls is not None else AutoModelForSequenceClassification.from_config(config)
 
     return build
 
@@ -106,15 +130,18 @@ def save_hf_artifact(model: nn.Module, spec: CompressionSpec, path: str | os.Pat
     from jointcompress.artifact.store import save
 
     _check_plain(model)
+    _check_rebuildable(model)
     model.eval()
     spec = CompressionSpec(layers=dict(spec.layers), recipe=spec.recipe)
     if ptq_bits is not None:
         quantize_rest(model, spec, ptq_bits)
     cfg = _config_dict(model)
     path = Path(path)
+    hf_class = type(model).__name__
     manifest = save(
-        model, spec, path, builder=_builder(cfg, str(path)),
-        extra={"kind": KIND, "hf_config": cfg, "ptq_bits": ptq_bits, **(extra or {})}, entropy=entropy,
+        model, spec, path, builder=_builder(cfg, str(path), hf_class),
+        extra={"kind": KIND, "hf_config": cfg, "hf_class": hf_class, "ptq_bits": ptq_bits, **(extra or {})},
+        entropy=entropy,
     )
     if tokenizer is not None:
         _save_tokenizer(tokenizer, path / TOKENIZER_DIR)
@@ -149,7 +176,7 @@ def load_hf_artifact(path: str | os.PathLike, *, with_spec: bool = False):
             f"{where}: not an HF classifier artifact (extra.kind is not {KIND!r}); load it with "
             "jointcompress.load(path, builder) instead"
         )
-    model, spec = load_with_spec(path, _builder(extra.get("hf_config"), where))
+    model, spec = load_with_spec(path, _builder(extra.get("hf_config"), where, extra.get("hf_class")))
     tok_dir = Path(path) / TOKENIZER_DIR
     tokenizer = None
     if tok_dir.is_dir():
