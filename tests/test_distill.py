@@ -285,6 +285,24 @@ def test_the_teacher_cache_checks_its_first_reuse_and_is_not_an_evaluations():
     assert torch.allclose(terms["distill"], expected) and cache.off is not None and cache.logits is None
 
 
+def test_the_teacher_cache_reads_a_narrow_integer_index_and_refuses_a_float_column():
+    """A uint8 index column was read by torch as a boolean mask (an IndexError inside the cache), and a float third
+    column (per-sample weights) crashed there too."""
+    import jointcompress
+
+    student, teacher = _Tagger(0), _Tagger(1)
+    ids, labels = torch.randint(1, 30, (4, 6)), torch.randint(0, 5, (4, 6))
+    session = jointcompress.prepare(student, {"techniques": [{"type": "distill_kd", "cache_teacher": True}]},
+                                    total_steps=4, teacher=teacher)
+    session.loss(student(ids), (ids, labels, torch.tensor([3, 0, 2, 1], dtype=torch.uint8)))
+    assert torch.equal(session.teacher_cache.get(torch.tensor([3])), teacher(ids[:1]).detach())
+    session = jointcompress.prepare(student, {"techniques": [{"type": "distill_kd", "cache_teacher": True}]},
+                                    total_steps=4, teacher=teacher)
+    with pytest.warns(UserWarning, match=r"third element holds float32 values, not a sample index"):
+        terms = session.loss(student(ids), (ids, labels, torch.rand(4)))
+    assert torch.isfinite(terms["distill"]) and session.teacher_cache.off is not None
+
+
 def test_token_distillation_of_a_tuple_batch_leaves_out_the_ignored_positions():
     """((ids), labels) with -100 on the padding: the KL was averaged over the padding too (a dict batch's
     attention_mask was the only mask read)."""

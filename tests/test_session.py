@@ -525,3 +525,18 @@ def test_prepare_names_a_technique_by_its_place_in_the_recipe_given():
               "techniques": [{"type": "prune_unstructured"}, {"type": "quant_lsq", "layer_bits": {"fc9": 6}}]}
     with pytest.raises(RecipeError, match=r"techniques\[1\] \(quant_lsq\)"):
         jointcompress.prepare(model, recipe, total_steps=4)
+
+
+def test_a_pair_whose_last_batch_would_hold_one_sample_drops_it_for_a_batchnorm_model():
+    """BatchNorm cannot train on one sample: 321 rows at batch 32 crashed in torch at the last batch of every
+    epoch ("Expected more than 1 value per channel"). The loader built for a pair drops that one sample then."""
+    torch.manual_seed(0)
+    x, y = torch.randn(33, 8), torch.randint(0, 3, (33,))
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    result = compress(model, {"techniques": [{"type": "quant_lsq", "bits": 8}], "training": {"epochs": 2, "batch_size": 16}},
+                      (x, y), lambda m: {"accuracy": 0.0})
+    assert result.history.epochs[-1]["step"] == 4  # 2 batches an epoch: 16 + 16, the 33rd sample left out
+    plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    result = compress(plain, {"techniques": [{"type": "quant_lsq", "bits": 8}], "training": {"epochs": 2, "batch_size": 16}},
+                      (x, y), lambda m: {"accuracy": 0.0})
+    assert result.history.epochs[-1]["step"] == 6  # no BatchNorm: every sample, the last batch of one included

@@ -84,18 +84,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def as_loader(train_data, batch_size: int, seed: int, dist: "_dist.DistContext | None" = None):
+def as_loader(train_data, batch_size: int, seed: int, dist: "_dist.DistContext | None" = None,
+              batch_norm: bool = False):
     """Accept a DataLoader, a map-style Dataset (batched at `batch_size`, shuffled) or an (x, y)
     pair of tensors.
 
     Under torch.distributed the data is sharded with a DistributedSampler; for an (x, y)
-    pair `batch_size` is the global batch (each rank takes batch_size // world_size).
+    pair `batch_size` is the global batch (each rank takes batch_size // world_size). `batch_norm`:
+    the model has a BatchNorm, which cannot train on a batch of one sample: a pair whose last batch
+    would hold one drops it (a different sample each epoch, as the batches are shuffled).
     """
     from .data import loader
 
     built = None
     if isinstance(train_data, (tuple, list)) and len(train_data) == 2 and all(isinstance(t, torch.Tensor) for t in train_data):
-        built = loader(train_data[0], train_data[1], batch_size, shuffle=True, seed=seed)
+        lone = batch_norm and dist is None and len(train_data[0]) % batch_size == 1 and len(train_data[0]) > 1
+        built = loader(train_data[0], train_data[1], batch_size, shuffle=True, seed=seed, drop_last=lone)
     elif isinstance(train_data, torch.utils.data.Dataset) and not isinstance(train_data, torch.utils.data.IterableDataset) \
             and hasattr(train_data, "__len__"):
         # a dataset given as it is: batched at training.batch_size and shuffled by the run's seed, as a pair of tensors is
@@ -408,7 +412,8 @@ def _checked_inputs(model: nn.Module, teacher: nn.Module | None, recipe: Recipe,
     check_dense_gradients(model)
     check_targets(model, recipe)
     seed_everything(recipe.training.seed)
-    loader = as_loader(train_data, recipe.training.batch_size, recipe.training.seed, dist)
+    batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    loader = as_loader(train_data, recipe.training.batch_size, recipe.training.seed, dist, batch_norm=batch_norm)
     example = first_inputs(loader)
     outputs = check_data(model, example, train_data)
     if teacher is not None and recipe.technique("distill_kd") is not None:

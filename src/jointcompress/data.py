@@ -331,12 +331,13 @@ def _non_finite_samples(t: torch.Tensor) -> int:
     return int((~torch.isfinite(t)).reshape(len(t), -1).any(1).sum())
 
 
-def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0,
+           drop_last: bool = False) -> DataLoader:
     """A DataLoader over (x, y, index); the index lets teacher logits be cached per sample."""
     check_tensors(x, y, "data")
     g = torch.Generator().manual_seed(seed)
     ds = TensorDataset(x, y if torch.is_floating_point(y) else y.long(), torch.arange(len(x)))
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last)
 
 
 @torch.no_grad()

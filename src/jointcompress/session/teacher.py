@@ -108,11 +108,12 @@ def teacher_logits(teacher, batch: Batch, cache: TeacherCache, use_cache: bool) 
         _check_cacheable(batch, cache)
     if not use_cache or batch.index is None or cache.off is not None or not torch.is_grad_enabled():
         return run_teacher(teacher, batch)  # under no_grad: an evaluation, whose indices are another loader's
-    cached = cache.get(batch.index)
+    index = batch.index.long()  # an int32 or uint8 column: torch reads uint8 as a mask, not as indices
+    cached = cache.get(index)
     if cached is not None:
         return cached if cache.checked else _reused(teacher, batch, cache, cached)
     out = run_teacher(teacher, batch)
-    cache.put(batch.index, out)
+    cache.put(index, out)
     if cache.off is not None:  # the cap was reached: said once, the teacher runs on every batch from now on
         _warn_off(cache)
     return out
@@ -140,7 +141,12 @@ def _check_cacheable(batch: Batch, cache: TeacherCache) -> None:
     (it crashed on the second length, or would hand back logits of another). Either way the teacher runs
     on every batch instead, said once."""
     shapes = tuple(tuple(t.shape[1:]) for t in _tensors(batch.teacher_inputs))
-    if batch.index is None:
+    index = batch.index
+    if isinstance(index, torch.Tensor) and (index.is_floating_point() or index.dtype == torch.bool):
+        cache.off = (f"the batches' third element holds {str(index.dtype).removeprefix('torch.')} values, not a sample "
+                     "index (per-sample weights? they are not read either: give a loss_fn that takes them from the "
+                     "batch); give (x, y, index) with integer indices to cache")
+    elif index is None:
         cache.off = ("the batches carry no sample index (a map-style Dataset's loader); give (x, y) tensors, or "
                      "batches (x, y, index) / dicts with 'index'")
     elif cache.input_shapes is None:
