@@ -301,6 +301,11 @@ def test_the_teacher_cache_reads_a_narrow_integer_index_and_refuses_a_float_colu
     with pytest.warns(UserWarning, match=r"third element holds float32 values, not a sample index"):
         terms = session.loss(student(ids), (ids, labels, torch.rand(4)))
     assert torch.isfinite(terms["distill"]) and session.teacher_cache.off is not None
+    session = jointcompress.prepare(student, {"techniques": [{"type": "distill_kd", "cache_teacher": True}]},
+                                    total_steps=4, teacher=teacher)
+    session.loss(student(ids), (ids, labels, torch.zeros(4, dtype=torch.long)))  # every row "sample 0"
+    with pytest.warns(UserWarning, match=r"the sample indices repeat within a batch"):  # it blamed augmentation
+        session.loss(student(ids), (ids, labels, torch.zeros(4, dtype=torch.long)))
 
 
 def test_token_distillation_of_a_tuple_batch_leaves_out_the_ignored_positions():

@@ -540,3 +540,32 @@ def test_a_pair_whose_last_batch_would_hold_one_sample_drops_it_for_a_batchnorm_
     result = compress(plain, {"techniques": [{"type": "quant_lsq", "bits": 8}], "training": {"epochs": 2, "batch_size": 16}},
                       (x, y), lambda m: {"accuracy": 0.0})
     assert result.history.epochs[-1]["step"] == 6  # no BatchNorm: every sample, the last batch of one included
+
+
+def test_a_loader_whose_len_is_not_its_batches_is_said_once():
+    """The run is placed on len(loader) batches an epoch: an IterableDataset whose __len__ counts another number (or
+    that every worker yields whole) ended after another number of epochs than asked, without a word."""
+    import warnings
+
+    from torch.utils.data import DataLoader, IterableDataset
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+
+    class Rows(IterableDataset):
+        def __init__(self, claimed):
+            self.claimed = claimed
+
+        def __iter__(self):
+            return iter(zip(x, y))
+
+        def __len__(self):
+            return self.claimed
+
+    for claimed, words in ((128, "4 batches where its len() gives 8"), (32, "more batches than the 2 its len() gives")):
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            compress(nn.Linear(8, 3), {"techniques": [{"type": "quant_lsq", "bits": 8}], "training": {"epochs": 2}},
+                     DataLoader(Rows(claimed), batch_size=16), lambda m: {"accuracy": 0.0})
+        lengths = [str(w.message) for w in said if "an epoch yielded" in str(w.message)]
+        assert len(lengths) == 1 and words in lengths[0], lengths

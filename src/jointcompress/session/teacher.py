@@ -128,7 +128,10 @@ def _reused(teacher, batch: Batch, cache: TeacherCache, cached: torch.Tensor) ->
     if gap <= 1e-3 * max(1.0, float(fresh.float().abs().max())):
         cache.checked = True
         return cached
-    cache.off = (f"a sample's teacher logits changed between epochs (by {gap:.3g}): its inputs differ from one epoch "
+    repeated = len(torch.unique(batch.index)) < len(batch.index)
+    cache.off = ("the sample indices repeat within a batch (the batches' third element is no sample index), so one "
+                 "index stood for several samples" if repeated else
+                 f"a sample's teacher logits changed between epochs (by {gap:.3g}): its inputs differ from one epoch "
                  "to the next (random augmentation), so cached logits would be another view's")
     cache.logits, cache.have = None, torch.zeros(0, dtype=torch.bool)
     _warn_off(cache)

@@ -18,6 +18,7 @@ The loop composes small collaborators (docs/reliability.md):
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -72,6 +73,7 @@ class Trainer:
         self.t0 = time.perf_counter()
         # the recipe before its target was resolved (run_target.py): a resumed run reuses the resolution
         self.asked_recipe = asked_recipe
+        self._warned_epoch_length = False
 
     # -- what callbacks read ------------------------------------------------------------------
     model = property(lambda self: self.session.model)
@@ -204,6 +206,11 @@ class Trainer:
                 if pos.step >= total:
                     break
                 self._train_step(batch, spe)
+                if pos.batch_in_epoch == spe + 1:
+                    self._warn_epoch_length(f"more batches than the {spe:,} its len() gives")
+            else:
+                if pos.batch_in_epoch < spe:
+                    self._warn_epoch_length(f"{pos.batch_in_epoch:,} batches where its len() gives {spe:,}")
             pos.epoch += 1
             losses, conflict = pos.epoch_means()
             pos.new_epoch()
@@ -219,6 +226,18 @@ class Trainer:
         _warn_idle_coordination(self.recipe.coordination, self.history.coordination, self.session.sync.dist)
         self._notify("on_end")
         return self.history
+
+    def _warn_epoch_length(self, what: str) -> None:
+        """The schedule (pruning ramps, the quantizers' start, the LR) is placed on len(loader) batches an epoch: a
+        loader that yields another number (an IterableDataset that every worker yields whole, a __len__ that counts
+        something else) ended after another number of epochs, without a word. Said once a run."""
+        if self._warned_epoch_length:
+            return
+        self._warned_epoch_length = True
+        warnings.warn(f"train_data: an epoch yielded {what}; the run is placed on its len(), so it ends after another "
+                      "number of epochs than training.epochs. Give the loader a __len__ that counts its batches (an "
+                      "IterableDataset under several workers must split its samples among them)", UserWarning,
+                      stacklevel=3)
 
     def _notify(self, event: str, *args) -> None:
         for cb in self.callbacks:
@@ -272,3 +291,4 @@ def _warn_idle_coordination(config, counts: dict, dist) -> None:
     warnings.warn(f"coordination: {config.strategy} changed no update in this run: it {why}; it acts against a size "
                   "term (mode: joint under a size target) or a regularizer. Set strategy: none for the same "
                   "training without the measuring", stacklevel=2)
+
