@@ -60,6 +60,8 @@ def test_bad_recipe(tmp_path, monkeypatch, capsys, text, words):
     ("model: missing.py:build\ntechniques: [{type: quant_lsq}]\n", 2, ["no file missing.py"]),
     ("techniques: [{type: quant_lsq}]\n", 0, ["ok", "model not set (pass --model to compress)"]),
     ("model: lenet5\n", 0, ["warning:", "techniques is empty", "ok", "model=lenet5"]),
+    ("model: lenet5\ndata: nowhere/mnist.npz\ntechniques: [{type: quant_lsq}]\n", 0,
+     ["warning:", "data: nowhere/mnist.npz does not exist", "ok"]),  # said ok, and compress then stopped there
 ])
 def test_recipe_validate_checks_the_model_as_compress_does(tmp_path, monkeypatch, capsys, text, code, words):
     """`recipe validate` said ok to a model name compress refuses."""

@@ -557,7 +557,7 @@ def test_a_size_target_chooses_the_heads_and_neurons_kept_and_the_saved_weights_
     no_units["techniques"] = no_units["techniques"][2:]
     with pytest.raises(TargetError, match="add prune_ffn"):
         run_hf_recipe(no_units, tmp_path / "none", data, teacher_dir)
-    with pytest.raises(RecipeError, match="--mode progressive"):
+    with pytest.raises(RecipeError, match="target with progressive compression \\(run_hf_recipe\\(..., progressive=True\\)"):
         run_hf_recipe(recipe(target={"ratio": 4}), tmp_path / "prog", data, teacher_dir, progressive=True)
 
 

@@ -472,6 +472,9 @@ def recipe_validate(recipe_path: Path = typer.Argument(..., help="Recipe YAML.")
     if not r.techniques:
         console.print(f"[yellow]warning:[/yellow] {recipe_path}: techniques is empty, so a run would train and compress "
                       "nothing; list at least one (prune_unstructured, quant_lsq, distill_kd, ...)")
+    if r.data and r.data != "digits" and not Path(r.data).exists():  # compress would stop there (unless --data)
+        console.print(f"[yellow]warning:[/yellow] {recipe_path}: data: {r.data} does not exist (from {Path.cwd()}); "
+                      "compress stops there unless --data gives another")
     console.print(f"[green]ok[/green] {recipe_path}: {model}, mode={r.mode}, {len(r.techniques)} techniques "
                   f"({', '.join(t.type for t in r.techniques)}), {r.training.epochs} epochs, coordination={r.coordination.strategy}")
 

@@ -120,8 +120,9 @@ def check_recipe(recipe, progressive: bool = False) -> None:
                           "give a size target (ratio or size_kb), or remove target and set prune_heads / prune_ffn "
                           "sparsity (`benchmarks/hf_latency.py` times the result)")
     if progressive:
-        raise RecipeError("target with --mode progressive: the heads and neurons are removed from the teacher there, "
-                          "before the student exists; run the size target with --mode joint or sequential")
+        raise RecipeError("target with progressive compression (run_hf_recipe(..., progressive=True), "
+                          "benchmarks/hf_sst2_core.py --mode progressive): the heads and neurons are removed from the "
+                          "teacher there, before the student exists; run the size target jointly or sequentially")
     if any(t.type == "prune_layers" for t in recipe.techniques):
         raise RecipeError("target with prune_layers: the size target chooses heads and FFN neurons of the student's "
                           "layers; choose the layers with hf.student_layers instead, or remove target")
