@@ -224,10 +224,12 @@ class CompressionSession:
             return
         graded = [p for t in self.techniques if t.attached for g in t.parameters() for p in g["params"]
                   if p.grad is not None and bool(p.grad.ne(0).any())]
+        if not graded:  # nothing to watch yet: the model's weights are not searched either
+            return
         own = {id(p) for p in graded}
         weight = next((p for p in self.model.parameters() if id(p) not in own and p.grad is not None
                        and bool(p.grad.ne(0).any())), None)
-        if graded and weight is not None:  # the weight tells a step the optimizer took from one it skipped
+        if weight is not None:  # the weight tells a step the optimizer took from one it skipped
             self._unbound_probe = [(weight, weight.detach().clone())] + [(p, p.detach().clone()) for p in graded]
 
     def _check_unbound(self) -> None:
