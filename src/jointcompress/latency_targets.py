@@ -51,6 +51,8 @@ MIN_WIDTH = 8  # ... and at least this many channels
 GRID_POINTS = 5  # widths timed per axis of a layer table
 REPEATS = 3  # a confirming measurement is the least of this many medians
 NARROW_TRIALS = 30  # measured cuts (at least; 4 per group) when a table's allocation still measures over
+BISECT_STEPS = 4  # measured goals between one that measured over and one far under (compress's path)
+WIDEN_TRIALS = 12  # measured give-backs after them (at least; 2 per group)
 # compress accepts an allocation only at or under (1 - ACCEPT_MARGIN) x the target: its probes are the
 # least of REPEATS medians timed alone, the run's verdict the median interleaved with the uncompressed
 # model, which read 3-4% slower in quiet runs (docs/latency.md, "what the target means")
@@ -433,8 +435,10 @@ def allocate_latency(model: nn.Module, example_inputs, target, table: LatencyTab
     if calibrate and measure is not False:
         goal = search.calibrate_table(goal)
     result = search.rounds(goal, max_rounds)
-    if measure is False or calibrate or result.measured_ms <= aim:
+    if measure is False or calibrate:
         return result
+    if result.measured_ms <= aim:
+        return search.given_back(result)
     return settle(model, example_inputs, target, result, search.table, sites, measure, importance, aim, min_keep,
                   min_width)
 
@@ -458,6 +462,8 @@ class _Search:
     tolerance: float
     calibrate: bool
     log: list = field(default_factory=list)
+    over_goal: float | None = None  # the narrowest goal whose model measured over the aim
+    under_goal: float | None = None  # the goal of the widest model that measured at or under it
 
     def calibrate_table(self, goal: float) -> float:
         """Start from the runtime's speed relative to the table's: another runtime drops the
@@ -513,11 +519,58 @@ class _Search:
                              "widths": dict(widths), **({"gave_back": True} if least is not None else {})})
             if last.measured_ms <= self.aim:
                 if best is None or sum(widths.values()) > sum(best.widths.values()):
-                    best = last
+                    best, self.under_goal = last, goal
                 if not self.calibrate or last.measured_ms >= CALIBRATED * self.aim or widths == self.channels:
                     break
+            else:
+                self.over_goal = goal if self.over_goal is None else min(self.over_goal, goal)
             goal = self.aim * predicted / last.measured_ms
         return best or last
+
+    def given_back(self, best: LatencyAllocation) -> LatencyAllocation:
+        """A model that measured far under the aim (< CALIBRATED of it) gets back what the aim still
+        affords, measured. Why: the rounds re-aim by predicted / measured, which is exact only for a
+        table proportional to the runtime; a table that reads small layers high (each timed alone) has
+        an offset, so the rounds jump between a model over the aim and one far under it (a 1.5x target
+        measured 3.8x faster: every group at its floor, accuracy thrown away for speed nobody asked
+        for). The goal is bisected between the two (`refined`), then `widen` gives back single steps."""
+        best = self.refined(best)
+        if best.measured_ms >= CALIBRATED * self.aim or best.widths == self.channels:
+            return best
+        capped = LatencyAllocation(dict(best.widths), self.channels, best.predicted_ms, self.aim, best.measured_ms,
+                                   self.log)
+        wide = widen(self.model, self.example_inputs, capped, self.measure,
+                     max_trials=max(WIDEN_TRIALS, 2 * len(self.channels)), min_keep=self.min_keep,
+                     min_width=self.min_width, importance=self.importance)
+        if wide.widths == best.widths:
+            return best
+        return LatencyAllocation(wide.widths, self.channels, self.table.predict(self.sites, wide.widths, self.channels),
+                                 best.target_ms, wide.measured_ms, self.log, best.importance, best.least)
+
+    def refined(self, best: LatencyAllocation) -> LatencyAllocation:
+        """Bisect the goal (geometrically, in the table's units) between the widest model measured
+        under the aim and the narrowest goal measured over it, each allocation measured; the widest
+        model at or under the aim is kept. Stops once one measures within CALIBRATED of the aim."""
+        lo, hi = self.under_goal, self.over_goal
+        for _ in range(BISECT_STEPS):
+            if lo is None or hi is None or lo >= hi or best.measured_ms >= CALIBRATED * self.aim:
+                break
+            mid = (lo * hi) ** 0.5
+            widths, predicted, least, _ = self.widths_for(mid, first=False)
+            if widths == best.widths:
+                lo = mid
+                continue
+            ms = float(self.measure(shrunk_to(self.model, self.example_inputs, widths)))
+            self.log.append({"goal_ms": mid, "predicted_ms": predicted, "measured_ms": ms, "widths": dict(widths),
+                             "bisect": True})
+            if ms > self.aim:
+                hi = mid
+                continue
+            lo = mid
+            if sum(widths.values()) > sum(best.widths.values()):
+                best = LatencyAllocation(widths, self.channels, predicted, float(self.target.latency_ms), ms,
+                                         rounds=self.log, least=least)
+        return best
 
 
 def settle(model: nn.Module, example_inputs, target, alloc: LatencyAllocation, table: LatencyTable, sites, measure,
