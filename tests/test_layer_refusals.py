@@ -232,3 +232,79 @@ def test_a_tied_weight_both_of_whose_layers_are_quantized_is_stored_per_layer_an
     assert set(manifest["layers"]) == {"emb", "head"} and "aliases" not in manifest
     loaded, ids = load(tmp_path / "t", Tied), torch.arange(16)
     assert torch.equal(loaded(ids), model(ids))
+
+
+class SharedBias(nn.Module):
+    """Two Linear layers with one bias Parameter (`b.bias = a.bias`), their weights their own."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.a, self.b, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+        self.b.bias = self.a.bias
+
+    def forward(self, x):
+        return self.head(F.relu(self.b(F.relu(self.a(F.relu(self.inp(x)))))))
+
+
+@pytest.mark.parametrize("first", [PRUNE_QUANT[0], {"type": "prune_structured", "sparsity": 0.5, "end": 0.0}],
+                         ids=["unstructured", "structured"])
+def test_a_bias_shared_by_two_layers_is_refused_naming_both(first):
+    """Finalize wrote the compressed (masked, rounded) bias of one into the shared Parameter, so the
+    other changed: logits moved by 0.2 of their scale. Refused before training, either layer named."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 4, (64,))
+    techniques = [first, PRUNE_QUANT[1]]
+    with pytest.raises(RecipeError, match=r"layer 'a' shares its bias with 'b.bias'.*own bias"):
+        jointcompress.prepare(SharedBias(), {"techniques": techniques}, total_steps=3, example_inputs=x[:2])
+    only_a = [dict(t, exclude=["a"]) for t in techniques]
+    with pytest.raises(RecipeError, match=r"layer 'b' shares its bias with 'a.bias'"):
+        jointcompress.prepare(SharedBias(), {"techniques": only_a}, total_steps=3, example_inputs=x[:2])
+    model = SharedBias()
+    both = {"techniques": [dict(t, exclude=["a", "b"]) for t in techniques]}
+    assert finalize_keeps_logits(model, train_in_own_loop(model, both, x, y), x[:8]) <= 1e-5
+    assert model.a.bias is model.b.bias
+
+
+def test_finalize_refuses_a_bake_that_moves_the_outputs(monkeypatch):
+    """The safety net under the checks before training: with the shared-bias refusal switched off, the
+    run trains, and finalize, whose baking changed the other layer's bias, refuses instead of handing
+    back a model that is not the one measured."""
+    import jointcompress.api as api
+
+    monkeypatch.setattr(api, "_refuse_shared_biases", lambda *a: None)
+    torch.manual_seed(0)
+    model, x, y = SharedBias(), torch.randn(64, 8), torch.randint(0, 4, (64,))
+    recipe = {"techniques": [{"type": "prune_structured", "sparsity": 0.5, "end": 0.0}, PRUNE_QUANT[1]]}
+    session = train_in_own_loop(model, recipe, x, y)
+    with pytest.raises(UnsupportedModelError, match=r"baking the masks and quantizers .* changed the model's outputs"):
+        session.finalize(x[:8])
+
+
+class TiedHeadLm(nn.Module):
+    """A language model whose output layer is its embedding table (head.weight = emb.weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc1, self.fc2 = nn.Embedding(50, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+        self.head = nn.Linear(32, 50, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(F.relu(self.fc2(F.relu(self.fc1(self.emb(ids))))))
+
+
+def test_structured_pruning_leaves_the_channels_of_a_tied_layer_and_keeps_the_tie():
+    """With the tied head excluded (as its refusal says), the channels of fc2, which feed the head,
+    were removed anyway: head.weight was sliced into a new Parameter, untied from the embedding, and
+    the file stored both tables. That group is skipped, named; fc1's channels are still removed."""
+    from jointcompress.graph import discover_groups
+
+    torch.manual_seed(0)
+    model, ids = TiedHeadLm(), torch.randint(0, 50, (64, 6))
+    groups, skipped = discover_groups(model, ids[:2])
+    assert [g.name for g in groups] == ["fc1"]
+    assert "'head' shares its weight or bias with 'emb'" in dict(skipped)["fc2"]
+    recipe = {"techniques": [{"type": "prune_structured", "sparsity": 0.5, "end": 0.0, "exclude": ["head"]}]}
+    session = train_in_own_loop(model, recipe, ids, torch.randint(0, 50, (64, 6)))
+    session.finalize(ids[:2])
+    assert model.head.weight is model.emb.weight and model.fc1.out_features == 16 and model.fc2.out_features == 32

@@ -150,7 +150,11 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None, 
     pruned = _unstructured_pruned(model)
     if warn_empty:
         _warn_zeros_stored_dense([name for name in pruned if name not in specs])
+    checked = warn_empty and example_inputs is not None  # the user's model: baking must not move its outputs
+    trained = _outputs(model, example_inputs) if checked else None
     folded = _remove_reparametrizations(model)
+    if checked:
+        _check_baked(model, example_inputs, trained)
     if warn_empty:
         _warn_empty_layers(model, [*specs, *(name for name in pruned if name not in specs)])
         _warn_nonfinite(model)
@@ -269,6 +273,21 @@ def _root(g, drop: list[int], modules: dict[str, nn.Module]) -> tuple[nn.Module,
 @torch.no_grad()  # compared, never differentiated: no graph kept for them
 def _outputs(model: nn.Module, example_inputs):
     return call_model(model, example_inputs)
+
+
+def _check_baked(model: nn.Module, example_inputs, trained) -> None:
+    """Baking the masks and quantizers into plain tensors gives the outputs the run trained and
+    evaluated, or the model is refused: a tensor a compressed layer shares with another place
+    (a probe: one bias in two Linear layers) gets the compressed value there too, and the model
+    saved would not be the model measured."""
+    gap = output_gap(trained, _outputs(model, example_inputs))
+    if gap > tolerance(trained):
+        raise UnsupportedModelError(
+            f"finalize: baking the masks and quantizers into plain weights changed the model's outputs by {gap:.3g} "
+            "(relative to their largest); most likely a compressed layer's weight or bias is also used in another "
+            "place (one Parameter in two layers), which now holds the compressed value too. Give that layer its own "
+            "copy of the tensor, or exclude it from the techniques, and run again; the model is left baked"
+        )
 
 
 def _check_parity(model: nn.Module, example_inputs, masked, groups: list[str]) -> None:

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .block_drop import traced_whole
 from .errors import UnsupportedModelError
-from .group_checks import member_reason, parameter_owners, reshape_reason, verify_groups
+from .group_checks import member_reason, parameter_owners, reshape_reason, tied_layers, tied_reason, verify_groups
 from .layer_types import BATCH_NORMS, COMPRESSIBLE
 from .model_call import call_model, model_device, to_device
 
@@ -314,7 +314,7 @@ def recurrent_layers(model: nn.Module) -> dict[str, str]:
 def _traced_groups(model: nn.Module, dg, ignored) -> tuple[list[ChannelGroup], dict[str, tuple]]:
     """The dependency graph's groups as ChannelGroups: (safe ones, root -> (group, reason) for unsafe ones)."""
     names = {m: n for n, m in model.named_modules()}
-    owners = parameter_owners(model)
+    owners, tied = parameter_owners(model), tied_layers(model)
     groups, unsafe = [], {}
     for g in _time_limited(dg.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE_ROOTS), names):
         root = g[0].dep.target.module
@@ -325,8 +325,9 @@ def _traced_groups(model: nn.Module, dg, ignored) -> tuple[list[ChannelGroup], d
             if isinstance(mod, BATCH_NORMS):
                 kind = "out"
             idxs = [int(i) for i in item.idxs]
-            reason = reshape_reason(item.dep.target) or member_reason(
-                mod, names.get(mod) if isinstance(mod, nn.Module) else None, kind, idxs, owners)
+            name = names.get(mod) if isinstance(mod, nn.Module) else None
+            reason = (reshape_reason(item.dep.target) or tied_reason(name, tied)
+                      or member_reason(mod, name, kind, idxs, owners))
             if reason:
                 reasons.append(reason)
             if reason or not isinstance(mod, nn.Module) or mod not in names or not _has_parameters(mod):

@@ -55,21 +55,22 @@ def nonfinite_tensors(named) -> list[str]:
             if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
-def tied_weights(model: nn.Module) -> dict[str, str]:
+def tied_weights(model: nn.Module, attr: str = "weight") -> dict[str, str]:
     """module name -> another name its weight Parameter is reachable under: another module's weight
     (lm_head -> wte: of two modules the later one is named) or a loose parameter or attribute
     (enc -> dec_w, a decoder used as `h @ self.dec_w`). Training sees the float original through the
     other name, and finalize bakes the compressed weight into that same Parameter: the logits change.
-    The same module under two names (`self.b = self.a`) is one layer, not a tie."""
+    The same module under two names (`self.b = self.a`) is one layer, not a tie. `attr="bias"`: the
+    same for biases (`b.bias = a.bias`), which structured pruning masks and quant_lsq rounds."""
     all_slots = _tensor_slots(model)
     tied: dict[str, str] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
-        w = mod._parameters.get("weight")
+        w = mod._parameters.get(attr)
         if w is None:
             continue
-        own, slots = (id(mod), "weight"), all_slots[id(w)]
+        own, slots = (id(mod), attr), all_slots[id(w)]
         others = [s for s in slots if s != own]
-        if not others or (next(iter(slots)) == own and others[0][1] == "weight"):
+        if not others or (next(iter(slots)) == own and others[0][1] == attr):
             continue  # untied, or the first of two tied layers (the later one names it)
         tied[name] = slots[others[0]]
     return tied
