@@ -166,3 +166,31 @@ def test_a_layer_encoded_again_comes_from_the_cache_byte_for_byte_and_the_cache_
         layer_codec.encode_layer(np.random.default_rng(seed).integers(-7, 8, 4096).astype(np.int8), 4)
     assert cache.held <= cache.limit and cache.held == sum(c.nbytes for c in cache.entries.values())
     assert len(cache.entries) < 10
+
+
+def _code_part_level_19_always(raw, symbol_bits, count):
+    """code_part as it was: level 19 tried on every part."""
+    from jointcompress.artifact import entropy
+
+    options = [(raw, "raw"), (packing.zstd_compress(raw), "zstd"),
+               (entropy.ans_encode(entropy.symbols_of(raw, symbol_bits, count)), "ans")]
+    return min(options, key=lambda o: (len(o[0]), entropy.CODECS.index(o[1])))
+
+
+def test_a_large_part_skips_zstd_level_19_only_where_it_cannot_win(monkeypatch):
+    """Level 19 was half the time of encoding a large model; on a quantized weight's 4-bit symbols ans
+    wins and level 19 is not run, on a repetitive part it still is, and both parts are coded as before."""
+    from jointcompress.artifact import entropy
+
+    levels = []
+    real = packing.zstd_compress
+    monkeypatch.setattr(packing, "zstd_compress", lambda data, level=19: levels.append((len(data), level)) or real(data, level))
+    rng = np.random.default_rng(0)
+    n = 4 * entropy.ZSTD_SAMPLE  # 4-bit symbols peaked at the middle of the grid, as trained weights are
+    weights = packing.pack_bits(np.clip(np.rint(rng.normal(0, 3, n)), -8, 7).astype(np.int8), 4).tobytes()
+    coded = entropy.code_part(weights, 4, n)
+    assert coded[1] == "ans" and not [size for size, level in levels if level == 19 and size == len(weights)]
+    assert coded == _code_part_level_19_always(weights, 4, n)
+    tiled = bytes(rng.integers(0, 16, 4096, dtype=np.uint8)) * (len(weights) // 4096)  # repeats: zstd's case
+    assert entropy.code_part(tiled, 8, len(tiled)) == _code_part_level_19_always(tiled, 8, len(tiled))
+    assert entropy.code_part(tiled, 8, len(tiled))[1] == "zstd"
