@@ -30,6 +30,14 @@ class Plan:
         return self.phases[-1].end if self.phases else 0
 
 
+def _within(step: int, total_steps: int) -> int:
+    """`step`, or the run's last step where it falls at or after the end: a window that opens or
+    closes at step `total_steps` is never reached (steps run 0..total_steps-1), so a mask whose ramp
+    ended there never got its final keep and the model ended unpruned without a word
+    (`start: 1.0, end: 1.0`, or a one-step run with the default `end: 0.6`)."""
+    return min(step, max(0, total_steps - 1))
+
+
 def _is_prune(t: Technique) -> bool:
     return t.kind.startswith("prune")
 
@@ -40,8 +48,8 @@ def joint_plan(techniques: list[Technique], total_steps: int) -> Plan:
         if t.kind == "size_budget" and t.config.decide_steps:
             # the paced window resolved for this run's length (recipe.SizeBudget.paced)
             t.config = t.config.model_copy(update=t.config.paced(total_steps))
-        start = round(getattr(t.config, "start", 0.0) * total_steps)
-        end = round(getattr(t.config, "end", getattr(t.config, "start", 0.0)) * total_steps)
+        start = _within(round(getattr(t.config, "start", 0.0) * total_steps), total_steps)
+        end = _within(round(getattr(t.config, "end", getattr(t.config, "start", 0.0)) * total_steps), total_steps)
         t.window = (start, max(start, end))
         plan.attach[id(t)] = 0 if _is_prune(t) or t.kind == "distill_kd" else start
         if t.kind == "size_budget":  # the zero pattern and widths are fixed, then values fine-tune
@@ -85,7 +93,8 @@ def sequential_plan(techniques: list[Technique], total_steps: int, cfg) -> Plan:
     q_start, q_len = steps[0] + steps[1], steps[2]
     for t in techniques:
         if _is_prune(t):
-            t.window = (p_start + round(t.config.start * p_len), p_start + round(t.config.end * p_len))
+            t.window = (_within(p_start + round(t.config.start * p_len), total_steps),
+                        _within(p_start + round(t.config.end * p_len), total_steps))
             plan.attach[id(t)] = 0
             plan.freeze[id(t)] = p_start + p_len
         elif t.kind == "quant_lsq":

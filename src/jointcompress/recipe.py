@@ -6,6 +6,8 @@ with a message that names the field, the bad value and what is allowed.
 """
 from __future__ import annotations
 
+import re
+
 import os
 
 from pathlib import Path
@@ -166,7 +168,7 @@ class SizeBudget(Strict):
     penalty: Annotated[float, Field(ge=0.0, le=1000.0)] = 1.0  # quadratic term of the augmented Lagrangian
     margin: Annotated[float, Field(ge=0.0, le=0.2)] = 0.01  # aim this far under the target
     calibrate_every: Annotated[int, Field(ge=1, le=1_000_000)] | None = None  # None: 40 times a run
-    target_bytes: Annotated[float, Field(gt=0.0)] | None = None  # set from `target` by compress()
+    target_bytes: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None  # set from `target` by compress()
     # weight of the second-order (Fisher, Optimal Brain Damage) cost of the weights a dead zone
     # prunes, added to the dead zones' first-order gradient; 0 = off (techniques/saliency.py)
     saliency: Annotated[float, Field(ge=0.0, le=1e6)] = 0.0
@@ -342,9 +344,9 @@ Technique = Annotated[
 class Target(Strict):
     """What the user wants, in their units; the allocator turns it into per-layer budgets."""
 
-    size_kb: Annotated[float, Field(gt=0.0)] | None = None  # artifact weight bytes / 1024
+    size_kb: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None  # artifact weight bytes / 1024
     ratio: Annotated[float, Field(gt=1.0, le=10000.0)] | None = None  # vs the fp32 state dict
-    latency_ms: Annotated[float, Field(gt=0.0)] | None = None
+    latency_ms: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
     # times faster than the uncompressed model in PyTorch fp32 at `batch`, both timed when the run
     # starts on this machine: a latency target that a loaded machine reads as it reads the model
     speedup: Annotated[float, Field(gt=1.0, le=10000.0)] | None = None
@@ -370,6 +372,9 @@ class Target(Strict):
         return self.latency_ms is not None or self.speedup is not None
 
 
+LOWER_IS_BETTER = frozenset({"loss", "error", "err", "perplexity", "ppl", "wer", "cer", "mse", "mae", "rmse", "nll"})
+
+
 class Training(Strict):
     epochs: Annotated[int, Field(ge=1, le=100000)] = 10
     lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
@@ -383,8 +388,11 @@ class Training(Strict):
     # the training forward in bfloat16 or float16 autocast (fp16 with a loss scaler); weights, gradients,
     # optimizer and evaluation stay float32 (training/mixed_precision.py)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
     metric: str = "accuracy"
+    # whether a higher `metric` is better (the kept epoch, the sensitivity scan's drops); None: inferred from
+    # its name, lower for a loss, error, perplexity, WER/CER, MSE/MAE (as transformers' Trainer reads "loss")
+    greater_is_better: bool | None = None
     grad_clip: Annotated[float, Field(ge=0.0, le=1e6)] = 0.0
     # which evaluated state (every technique at its target) the run ends with: the best by `metric`, or the
     # last (no choice made on the evaluation data: when `evaluate` reads the test split the result is
@@ -397,6 +405,15 @@ class Training(Strict):
     # file, its dev file then only reported on); compress() in Python evaluates with the `evaluate` it is
     # given. 0: choices read the test split (the dev file)
     validation_images: Annotated[int, Field(ge=0, le=100_000_000)] = 0
+
+    def metric_rises(self) -> bool:
+        """Whether a higher `metric` is better: `greater_is_better`, else False for a name with a word
+        that says lower is better (eval_loss, error_rate, perplexity, wer), else True. A loss read as
+        higher-is-better kept the worst epoch without a word."""
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        words = set(re.split(r"[^a-z0-9]+", self.metric.lower()))
+        return not (words & LOWER_IS_BETTER or any(w.endswith("loss") for w in words))
 
 
 class Coordination(Strict):

@@ -104,16 +104,23 @@ def scan(
     groups: bool = True,
     per_channel: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    greater_is_better: bool = True,
 ) -> dict:
     """Measure the metric drop of each layer and each channel group at each setting.
 
     Returns {"metric", "baseline", "sparsities", "bits", "group_sparsities",
     "layers": {name: {"numel", "shape", "sparsity": {"0.9": drop}, "bits": {"4": drop}}},
     "groups": {root: {"layers": [...], "channels", "sparsity": {"0.5": drop}}}}.
-    Keys of the inner dicts are strings (JSON); drops are baseline - metric (higher = worse).
+    Keys of the inner dicts are strings (JSON); drops are baseline - metric (higher = worse), or
+    metric - baseline for a metric where lower is better (`greater_is_better=False`: a loss).
     """
     model = copy.deepcopy(model).eval()
     baseline = metric_of(evaluate, model, metric)
+    sign = 1.0 if greater_is_better else -1.0
+
+    def lost() -> float:
+        return sign * (baseline - metric_of(evaluate, model, metric))
+
     modules = dict(model.named_modules())
     names = layers or scanned_layers(model)
     found = discover_groups(model, example_inputs)[0] if groups else []
@@ -134,12 +141,12 @@ def scan(
         rec = {"numel": w.numel(), "shape": list(w.shape), "sparsity": {}, "bits": {}}
         for s in sparsities:
             magnitude_prune_(w.data, s)
-            rec["sparsity"][str(s)] = baseline - metric_of(evaluate, model, metric)
+            rec["sparsity"][str(s)] = lost()
             w.data.copy_(original)
             tick()
         for b in bits:
             quantize_(w.data, b, per_channel)
-            rec["bits"][str(b)] = baseline - metric_of(evaluate, model, metric)
+            rec["bits"][str(b)] = lost()
             w.data.copy_(original)
             tick()
         out["layers"][name] = rec
@@ -148,7 +155,7 @@ def scan(
         rec = {"layers": g.layers(), "channels": g.channels, "sparsity": {}}
         for s in group_sparsities:
             zero_channels_(model, g, s)
-            rec["sparsity"][str(s)] = baseline - metric_of(evaluate, model, metric)
+            rec["sparsity"][str(s)] = lost()
             load_model_state(model, state)
             tick()
         out["groups"][g.name] = rec

@@ -457,7 +457,8 @@ def resolve_target(model: nn.Module, recipe: Recipe | dict, example_inputs, eval
     if sensitivity is None and evaluate is not None:
         from .sensitivity import scan
 
-        sensitivity = scan(model, evaluate, example_inputs, metric=recipe.training.metric, groups=False)
+        sensitivity = scan(model, evaluate, example_inputs, metric=recipe.training.metric, groups=False,
+                           greater_is_better=recipe.training.metric_rises())
     alloc = allocate_size(model, full, example_inputs, scan=sensitivity,
                           base=allocation_base(model, data, example_inputs))
     data["target"] = {**recipe.target.model_dump(), "allocated": True}  # compress() steers toward it

@@ -17,6 +17,7 @@ The loop composes small collaborators (docs/reliability.md):
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from typing import Any, Callable
@@ -74,6 +75,7 @@ class Trainer:
         # the recipe before its target was resolved (run_target.py): a resumed run reuses the resolution
         self.asked_recipe = asked_recipe
         self._warned_epoch_length = False
+        self._said_nan = False
 
     # -- what callbacks read ------------------------------------------------------------------
     model = property(lambda self: self.session.model)
@@ -273,9 +275,25 @@ class Trainer:
             raise TrainingError(f"evaluate() returned {sorted(metrics)}; training.metric is '{key}'. Set training.metric to one of them")
         value = float(metrics[key])
         last = s.recipe.training.keep == "last"  # every final state replaces the one before: the run ends with the last
-        if all_final and (last or self.history.best_metric is None or value >= self.history.best_metric):
+        if all_final and (last or self._better(value, epoch)):
             self.history.best_metric, self.history.best_epoch = value, epoch
             self.best.keep()
+
+    def _better(self, value: float, epoch: int) -> bool:
+        """Whether `value` beats the best so far, in the metric's direction (training.metric_rises). A
+        NaN is never the best (it was kept, and every later comparison with it failed: the run ended
+        with that epoch), and is said once."""
+        if math.isnan(value):
+            if not self._said_nan:
+                self._said_nan = True
+                warnings.warn(f"evaluate() returned NaN for '{self.session.recipe.training.metric}' at epoch {epoch}; "
+                              "an epoch read as NaN is never kept as the best (check the evaluation data and function)",
+                              RuntimeWarning, stacklevel=2)
+            return False
+        best = self.history.best_metric
+        if best is None:
+            return True
+        return value >= best if self.session.recipe.training.metric_rises() else value <= best
 
 
 def _warn_idle_coordination(config, counts: dict, dist) -> None:

@@ -1,0 +1,98 @@
+"""Recipe values at the edges that a run once accepted and then ignored without a word: a window that
+closes on the run's end, a metric where lower is better, a metric read as NaN, selection patterns
+that match no layer, a global floor above the asked keep, numbers out of range."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from session_helpers import train_in_own_loop
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def _data():
+    torch.manual_seed(1)
+    return torch.randn(64, 16), torch.randint(0, 4, (64,))
+
+
+@pytest.mark.parametrize("steps, window", [(6, {"start": 1.0, "end": 1.0}), (1, {}), (5, {"start": 0.9, "end": 1.0})],
+                         ids=["start_end_1", "one_step_default_end", "end_1"])
+def test_a_pruning_window_that_closes_at_the_runs_end_still_reaches_its_sparsity(steps, window):
+    """The window closed at step `total_steps`, which never runs: the masks never got their final keep and
+    the model ended unpruned (asked 0.5, got 0.0)."""
+    model, (x, y) = _mlp(), _data()
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, **window}]}
+    train_in_own_loop(model, recipe, x, y, steps=steps).finalize(x[:2])
+    for i in (0, 2):
+        assert float((model[i].weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+
+
+def test_channels_and_quantizers_that_start_at_the_runs_end_are_applied():
+    model, (x, y) = _mlp(), _data()
+    recipe = {"techniques": [{"type": "prune_structured", "sparsity": 0.5, "start": 1.0, "end": 1.0},
+                             {"type": "quant_lsq", "bits": 2, "start": 1.0}]}
+    spec = train_in_own_loop(model, recipe, x, y, steps=4).finalize(x[:2])
+    assert model[0].out_features == 16 and model[2].out_features == 16
+    assert spec.layers and all(ls.bits == 2 for ls in spec.layers.values())
+    assert len(torch.unique(model[2].weight[0])) <= 4  # on a 2-bit grid
+
+
+def _epochs_kept(metric: str, readings: list[float], **training) -> tuple[int | None, list]:
+    """compress() for len(readings) epochs whose evaluate() returns the next reading as `metric`; the kept epoch."""
+    from jointcompress import compress
+
+    model, (x, y) = _mlp(), _data()
+    it = iter([*readings, 0.0])  # and the one after the run
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.0}],
+              "training": {"epochs": len(readings), "batch_size": 32, "metric": metric, **training}}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = compress(model, recipe, (x, y), lambda m: {metric: next(it)})
+    return result.history.best_epoch, [str(w.message) for w in seen]
+
+
+def test_a_loss_as_the_metric_keeps_its_lowest_epoch():
+    """A metric read as higher-is-better whatever its name: training.metric 'eval_loss' kept the worst epoch."""
+    assert _epochs_kept("eval_loss", [0.9, 0.5, 0.7])[0] == 2
+    assert _epochs_kept("accuracy", [0.5, 0.9, 0.7])[0] == 2
+    assert _epochs_kept("score_loss", [0.9, 0.5, 0.7], greater_is_better=True)[0] == 1
+
+
+def test_an_epoch_read_as_nan_is_never_the_best_and_is_said():
+    """The NaN was kept first, then every comparison with it failed: the run ended with that epoch."""
+    best, said = _epochs_kept("accuracy", [float("nan"), 0.6, 0.8, 0.7])
+    assert best == 3 and any("returned NaN for 'accuracy' at epoch 1" in m for m in said)
+
+
+@pytest.mark.parametrize("data, field", [({"target": {"size_kb": float("inf")}}, "target.size_kb"),
+                                         ({"target": {"latency_ms": float("inf"), "batch": 1}}, "target.latency_ms"),
+                                         ({"training": {"seed": 2 ** 32}}, "training.seed")])
+def test_numbers_that_failed_after_training_began_are_refused_by_the_recipe(data, field):
+    """An infinite size target overflowed at the first size check, an infinite latency target cut nothing
+    and said it was met; a seed past 2**32 failed in numpy
+    after the teacher had trained. Both now fail at validation, naming the field."""
+    from jointcompress.errors import RecipeError
+    from jointcompress.recipe import parse_recipe
+
+    with pytest.raises(RecipeError, match=field):
+        parse_recipe({"techniques": [{"type": "quant_lsq"}], **data})
+
+
+def test_a_selection_pattern_that_matches_no_module_is_said():
+    """exclude: [fc_2] (meant 2, the second Linear) compressed that layer anyway, without a word."""
+    import jointcompress
+
+    model, (x, _) = _mlp(), _data()
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "exclude": ["fc_2", "4"]},
+                             {"type": "quant_lsq", "targets": ["0", "lin*"]}]}
+    with pytest.warns(UserWarning) as seen:
+        jointcompress.prepare(model, recipe, total_steps=2, example_inputs=x[:2])
+    said = [str(w.message) for w in seen]
+    assert any("techniques[0] (prune_unstructured): exclude pattern 'fc_2' matches no module" in m for m in said)
+    assert any("techniques[1] (quant_lsq): targets pattern 'lin*' matches no module" in m for m in said)
+    assert not any("pattern '4'" in m or "pattern '0'" in m for m in said)
