@@ -244,3 +244,36 @@ def test_a_trained_model_that_no_longer_fits_the_builder_names_the_builder(tmp_p
     teacher_file.write_bytes(b"damaged")
     with pytest.raises(ArtifactError, match="cannot be used .*delete the file and --resume trains it again"):
         _trained_before(lambda: nn.Linear(4, 48), teacher_file)
+
+
+def test_force_starts_over_with_its_own_start_and_trained_model(tmp_path, monkeypatch, capsys):
+    """--force kept the earlier run's start.json and trained model and never rewrote them: the new run,
+    once interrupted, could be resumed by no command (its --teacher-epochs refused, the old one too)."""
+    out = tmp_path / "o"
+    code, text = run_cli(monkeypatch, capsys, "compress", _recipe(tmp_path), "--out", out, "--teacher-epochs", "1")
+    assert not code, text
+    first = (out / "teacher.safetensors").read_bytes()
+    code, text = run_cli(monkeypatch, capsys, "compress", _recipe(tmp_path), "--out", out, "--teacher-epochs", "2", "--force")
+    assert not code, text
+    assert json.loads((out / "start.json").read_text())["teacher_epochs"] == 2
+    assert (out / "teacher.safetensors").read_bytes() != first
+
+
+def test_a_second_run_in_a_folder_in_use_is_refused_naming_the_first(tmp_path):
+    """Two runs given one --out wrote the same checkpoint names and deleted each other's temporary files."""
+    import fcntl
+
+    from jointcompress.errors import JointCompressError
+    from jointcompress.io import LOCK_NAME, check_output_dir, prepare_run_dir
+
+    out = tmp_path / "o"
+    out.mkdir()
+    with open(out / LOCK_NAME, "a+") as other:  # another process's hold (a second open file locks apart)
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write("4242\n")
+        other.flush()
+        with pytest.raises(JointCompressError, match=r"in use by another jointcompress run \(pid 4242\)"):
+            prepare_run_dir(out, force=False, resume=False)
+    check_output_dir(out)  # the lock file alone is no run's output: the folder still counts as empty
+    assert prepare_run_dir(out, force=False, resume=False) == out
+    assert prepare_run_dir(out, force=True, resume=False) == out  # this process holds it already

@@ -74,7 +74,7 @@ def check_output_dir(path: str | os.PathLike, force: bool = False, resumable: bo
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise JointCompressError(f"output path {path} exists and is a file, not a directory; choose another --out")
-    if path.exists() and any(path.iterdir()) and not force:
+    if path.exists() and any(p.name != LOCK_NAME for p in path.iterdir()) and not force:
         raise JointCompressError(
             f"output directory {path} already exists and is not empty; choose another --out, pass --force to overwrite"
             + (", or --resume to continue the run it holds" if resumable else "")
@@ -90,14 +90,48 @@ def prepare_output_dir(path: str | os.PathLike, force: bool = False, resumable: 
 
 
 RUN_OUTPUTS = ("summary.json", "history.json", "recipe.yaml", "artifact")  # what a finished run writes
+RUN_START = ("start.json", "teacher.safetensors")  # what the run began from (the model it trained first)
+LOCK_NAME = ".jointcompress.lock"
+_HELD_LOCKS: dict[str, Any] = {}  # folder -> the open lock file this process holds for its life
+
+
+def hold_run_lock(path: Path) -> None:
+    """Hold `path`'s run lock (an exclusive flock on LOCK_NAME, with this process's pid) until the
+    process ends; another run in the same folder is refused. Why: two runs given one --out wrote the
+    same checkpoint names and deleted each other's temporary files, and the loser died after its
+    teacher had trained with advice about free space. A process holds it once (a run and its resume
+    in one Python session); without fcntl (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    key = str(path.resolve())
+    if key in _HELD_LOCKS:
+        return
+    handle = open(path / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        pid = handle.read().strip() or "unknown"
+        handle.close()
+        raise JointCompressError(f"{path} is in use by another jointcompress run (pid {pid}); two runs in one folder "
+                                 "overwrite each other's checkpoints. Wait for it to end, or choose another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _HELD_LOCKS[key] = handle
 
 
 def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=None,
-                    fresh: tuple[str, ...] = ("checkpoints", *RUN_OUTPUTS)) -> Path:
+                    fresh: tuple[str, ...] = ("checkpoints", *RUN_OUTPUTS, *RUN_START)) -> Path:
     """The output directory of a `compress` run, prepared once for every rank.
 
-    Every rank checks it before any rank writes; rank 0 creates it and, on a --force restart,
-    removes the old run's `fresh` outputs (its checkpoints must not be resumed into the new run;
+    Every rank checks it before any rank writes; rank 0 creates it, holds its run lock (hold_run_lock)
+    and, on a --force restart, removes the old run's `fresh` outputs (its checkpoints must not be resumed
+    into the new run; its start.json and trained model neither: the new run never rewrote them, so it
+    could not be resumed by any command;
     only the checkpoint files a run writes, not a folder's other files; and its summary, history,
     recipe and artifact, which a new run stopped before its end left beside the new checkpoints,
     where `report` and `bench` read them as the new run's); then all ranks wait
@@ -115,6 +149,7 @@ def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=
         dist.barrier()
     if dist is None or dist.is_main:
         prepare_output_dir(path, force=resume or force, resumable=True)
+        hold_run_lock(path)
         if force and not resume:
             _remove_fresh(path, fresh)
     if dist is not None:
