@@ -319,3 +319,22 @@ def test_a_broadcast_per_channel_parameter_is_named_as_such_not_as_attention_hea
     names, skipped = _skipped(ScaledConv(), torch.zeros(1, 1, 8, 8))
     assert "c1" not in names and "c2" in names
     assert "per-channel tensor of 32 values is broadcast" in skipped["c1"] and "heads" not in skipped["c1"]
+
+
+def test_a_conv_feeding_a_grouped_convolution_is_skipped_whatever_the_trial_draw():
+    """The trial removal draws half the channels with a fixed seed; for this model the draw fell evenly
+    across the grouped conv's two groups and passed, the run trained to its end and finalize refused."""
+    from jointcompress.graph import discover_groups
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.bn = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.c2, self.head = nn.Conv2d(8, 16, 3, padding=1, groups=2), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.c2(torch.relu(self.bn(self.c1(x))))).flatten(2).mean(2))
+
+    torch.manual_seed(0)
+    groups, skipped = discover_groups(Net().eval(), torch.randn(2, 1, 8, 8), ["*"], [])
+    assert not groups and "grouped convolution 'c2' (groups=2)" in dict(skipped)["c1"]

@@ -268,3 +268,23 @@ def test_pytorch_int8_of_a_converted_module_names_the_fix():
     x, y = _data(8)
     with pytest.raises(UnsupportedModelError, match=r"linear_to_rnn\(model\) first .*'onnxruntime'"):
         quantize_torch(_Tagger().eval(), (x, y), x[:2])
+
+
+def test_structured_pruning_beside_an_unconverted_gru_names_the_conversion():
+    """Torch-Pruning's search raised a bare IndexError on an nn.GRU (an LSTM was already named)."""
+    import jointcompress
+    from jointcompress.errors import UnsupportedModelError
+
+    class GRUNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.gru, self.head = nn.Linear(8, 32), nn.GRU(32, 32, batch_first=True), nn.Linear(32, 4)
+
+        def forward(self, x):
+            out, _ = self.gru(torch.relu(self.inp(x)))
+            return self.head(out[:, -1])
+
+    torch.manual_seed(0)
+    with pytest.raises(UnsupportedModelError, match=r"recurrent layers \(gru\) must be converted first: .*rnn_to_linear"):
+        jointcompress.prepare(GRUNet(), {"techniques": [{"type": "prune_structured", "sparsity": 0.5}]}, total_steps=10,
+                              example_inputs=torch.randn(4, 6, 8))

@@ -316,7 +316,8 @@ def _traced_groups(model: nn.Module, dg, ignored) -> tuple[list[ChannelGroup], d
     names = {m: n for n, m in model.named_modules()}
     owners, tied = parameter_owners(model), tied_layers(model)
     groups, unsafe = [], {}
-    for g in _time_limited(dg.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE_ROOTS), names):
+    searched = _time_limited(dg.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE_ROOTS), names)
+    for g in _search_failures_named(searched, model):
         root = g[0].dep.target.module
         group, reasons = ChannelGroup(name=names[root], channels=len(g[0].idxs)), []
         for item in g:
@@ -349,6 +350,23 @@ ALARM_REPEAT_SECONDS = 0.5
 
 class _Timeout(Exception):
     pass
+
+
+def _search_failures_named(groups, model: nn.Module):
+    """Yield Torch-Pruning's groups; its search failing inside (an IndexError on an unconverted nn.GRU)
+    becomes an UnsupportedModelError that names what to convert or exclude."""
+    from .recurrent import packed_recurrent
+
+    try:
+        yield from groups
+    except (IndexError, KeyError, ValueError, RuntimeError, AttributeError, TypeError) as exc:
+        rnn = packed_recurrent(model)
+        fix = (f"its recurrent layers ({', '.join(rnn)}) must be converted first: "
+               "jointcompress.recurrent.rnn_to_linear(model) gives them Linear layers, whose channels are pruned"
+               if rnn else "exclude the layers around the failing operation from prune_structured, or use "
+               "prune_unstructured / quant_lsq for them (`jointcompress dry-run` lists the groups)")
+        raise UnsupportedModelError(f"structured pruning cannot trace this model's channel groups: the dependency "
+                                    f"search failed ({type(exc).__name__}: {str(exc)[:120]}); {fix}") from exc
 
 
 def _time_limited(groups, names: dict):

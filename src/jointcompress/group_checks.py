@@ -108,6 +108,8 @@ def member_reason(mod: Any, name: str | None, kind: str, idxs: list[int], owners
                 "to prune these channels")
     if isinstance(mod, nn.Embedding):
         return f"Embedding '{name}' produces these channels (embedding dimensions are not masked)"
+    if _is_grouped(mod):  # refused here, not by the trial removal alone, which one lucky draw of channels passed
+        return _grouped_reason(name, mod)
     sizes = _channel_sizes(mod)
     if sizes is None:
         if any(True for _ in mod.parameters(recurse=False)):
@@ -300,15 +302,24 @@ def removal_gap(model: nn.Module, example_inputs, groups: list) -> tuple[float, 
     return output_gap(masked, removed) * PARITY_RTOL / tolerance(masked), ""
 
 
+def _is_grouped(mod) -> bool:
+    """A grouped convolution that is not depthwise (1 < groups < input channels)."""
+    return isinstance(mod, CONVOLUTIONS) and 1 < mod.groups < mod.in_channels
+
+
+def _grouped_reason(name: str, mod) -> str:
+    return (f"they feed the grouped convolution '{name}' (groups={mod.groups}), whose channels are split into "
+            "groups that removal would shift; exclude it, or use groups=1 or depthwise")
+
+
 def _cause(model: nn.Module, group) -> str:
     """The likely reason a group's removal changes the outputs: a grouped convolution among its members
     (not depthwise: removing channels of one group shifts the others' split), else the general one."""
     modules = dict(model.named_modules())
     for member in group.members:
         mod = modules.get(member.module)
-        if isinstance(mod, CONVOLUTIONS) and 1 < mod.groups < mod.in_channels:
-            return (f"they feed the grouped convolution '{member.module}' (groups={mod.groups}), whose channels are "
-                    "split into groups that removal would shift; exclude it, or use groups=1 or depthwise")
+        if _is_grouped(mod):
+            return _grouped_reason(member.module, mod)
     return ("they pass through an operation that mixes channels (e.g. a normalization written as functions, or a "
             "reshape into heads)")
 
