@@ -334,3 +334,31 @@ def test_the_matching_reads_held_out_training_images_never_test_ones():
     tiny = dataclasses.replace(split, x_train=split.x_train[:9], y_train=split.y_train[:9])
     with pytest.raises(JointCompressError, match="at least 10"):
         matching_split(tiny, AgainstConfig())
+
+
+def test_torch_pruning_keeps_the_classifier_found_by_the_graph_not_the_last_registered_layer():
+    """A model that defines its head first: the last registered conv was kept whole (Torch-Pruning handicapped
+    in the comparison) and the head pruned to 5 of 10 classes."""
+    from types import SimpleNamespace
+
+    import torch
+    import torch.nn as nn
+
+    from jointcompress.deploy.against_tp import pruner_for
+
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(32, 10)
+            self.c1 = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+            self.c2 = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU())
+
+        def forward(self, x):
+            return self.fc(self.c2(self.c1(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x = HeadFirst().eval(), torch.randn(1, 1, 16, 16)
+    pruner_for(model, x, SimpleNamespace(tp_max_ratio=0.5, tp_steps=1, tp_round_to=0, tp_global=False)).step()
+    with torch.no_grad():
+        assert model(x).shape[-1] == 10
+    assert model.c2[0].out_channels == 16 and model.c1[0].out_channels == 8

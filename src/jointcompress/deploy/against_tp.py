@@ -53,12 +53,25 @@ def fine_tune(model: nn.Module, teacher: nn.Module, split, steps: int, cfg: Agai
     model.eval()
 
 
+def output_layers(model: nn.Module, example) -> list[nn.Module]:
+    """The layers whose outputs are the model's (the classifier keeps its classes), as the dependency
+    graph finds them. The last registered Linear / Conv2d was taken before: a model that defines its
+    head first had a hidden conv kept whole (Torch-Pruning handicapped) and its head pruned to 5 of
+    10 classes. Falls back to the last registered layer when the graph names none."""
+    from ..graph import discover_groups
+    from ..layer_types import COMPRESSIBLE
+
+    modules = dict(model.named_modules())
+    _, skipped = discover_groups(model, example)
+    found = [modules[name] for name, why in skipped if "model output" in why and isinstance(modules.get(name), COMPRESSIBLE)]
+    return found or [m for m in model.modules() if isinstance(m, COMPRESSIBLE)][-1:]
+
+
 def pruner_for(model: nn.Module, example, cfg: AgainstConfig):
     tp = require_torch_pruning()
-    last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]  # the classifier keeps its classes
     return tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
                                      pruning_ratio=cfg.tp_max_ratio, iterative_steps=cfg.tp_steps,
-                                     ignored_layers=[last], round_to=cfg.tp_round_to or None,
+                                     ignored_layers=output_layers(model, example), round_to=cfg.tp_round_to or None,
                                      global_pruning=cfg.tp_global)
 
 
