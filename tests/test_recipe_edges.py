@@ -96,3 +96,46 @@ def test_a_selection_pattern_that_matches_no_module_is_said():
     assert any("techniques[0] (prune_unstructured): exclude pattern 'fc_2' matches no module" in m for m in said)
     assert any("techniques[1] (quant_lsq): targets pattern 'lin*' matches no module" in m for m in said)
     assert not any("pattern '4'" in m or "pattern '0'" in m for m in said)
+
+
+@pytest.mark.parametrize("kwargs, said", [({"teacher": "model.pt"}, "teacher is str, not a torch.nn.Module"),
+                                          ({"progress": 5}, "progress is int, not a function"),
+                                          ({"loss_fn": 3}, "loss_fn is int, not a function"),
+                                          ({"callbacks": 5}, "callbacks is int; pass a list")])
+def test_compress_names_an_argument_of_the_wrong_kind(kwargs, said):
+    from jointcompress import compress
+    from jointcompress.data import evaluator
+    from jointcompress.errors import RecipeError
+
+    model, (x, y) = _mlp(), _data()
+    with pytest.raises(RecipeError, match=said):
+        compress(model, {"techniques": [{"type": "quant_lsq"}]}, (x, y), evaluator(x, y), **kwargs)
+
+
+def test_a_run_dir_that_is_a_file_is_refused_before_training(tmp_path):
+    from jointcompress import compress
+    from jointcompress.data import evaluator
+    from jointcompress.errors import RecipeError
+
+    (tmp_path / "afile").write_text("mine")
+    model, (x, y) = _mlp(), _data()
+    with pytest.raises(RecipeError, match="run_dir .* is a file"):
+        compress(model, {"techniques": [{"type": "quant_lsq"}]}, (x, y), evaluator(x, y), run_dir=tmp_path / "afile")
+
+
+def test_evaluation_data_is_checked_when_the_evaluator_is_made():
+    """Empty or out-of-range evaluation data scored 0 without a word; mismatched or numpy data failed
+    only after the first epoch's training."""
+    from jointcompress.data import evaluator
+    from jointcompress.errors import DataError
+
+    model, (x, y) = _mlp(), _data()
+    with pytest.raises(DataError, match="no samples"):
+        evaluator(x[:0], y[:0])
+    with pytest.raises(DataError, match="64 inputs but 32 labels"):
+        evaluator(x, y[:32])
+    with pytest.raises(DataError, match="must be torch tensors"):
+        evaluator(x.numpy(), y.numpy())
+    with pytest.raises(DataError, match="labels go up to 13, but the model gives 4 classes"):
+        evaluator(x, y + 10)(model)
+    assert 0.0 <= evaluator(x, y)(model)["accuracy"] <= 1.0

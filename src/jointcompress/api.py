@@ -379,6 +379,7 @@ def compress(
         raise RecipeError(f"evaluate is {type(evaluate).__name__}, not a function: pass one that takes the model and "
                           "returns its metric on held-out data, e.g. jointcompress.data.evaluator(x_test, y_test); "
                           "compress() keeps the best state it measures")
+    _check_argument_types(model, teacher, progress, callbacks, loss_fn)
     dist = _dist.resolve(distributed)
     model = _dist.unwrap(model)
     teacher = _dist.unwrap(teacher) if teacher is not None else None
@@ -492,8 +493,24 @@ def run_inputs(train_data, teacher) -> dict:
     return found
 
 
+def _check_argument_types(model, teacher, progress, callbacks, loss_fn) -> None:
+    """compress()'s other arguments, named when they are of the wrong kind (each failed deep inside:
+    'str' has no attribute 'named_parameters', 'int' object is not callable at the first step)."""
+    for name, value in (("model", model), ("teacher", teacher)):
+        if value is not None and not isinstance(value, nn.Module):
+            raise RecipeError(f"{name} is {type(value).__name__}, not a torch.nn.Module: pass the model itself "
+                              f"(a path or a state dict is loaded into the model first)")
+    for name, value in (("progress", progress), ("loss_fn", loss_fn)):
+        if value is not None and not callable(value):
+            raise RecipeError(f"{name} is {type(value).__name__}, not a function; pass a callable or None")
+    if callbacks is not None and not isinstance(callbacks, (list, tuple)):
+        raise RecipeError(f"callbacks is {type(callbacks).__name__}; pass a list of callback objects (or None)")
+
+
 def _check_run_arguments(recipe: Recipe, teacher, run_dir, resume: bool) -> None:
     """Refuse, before any work, a call that cannot run as asked or would overwrite another run's checkpoints."""
+    if run_dir is not None and Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise RecipeError(f"run_dir {run_dir} is a file, not a directory; pass a directory for the run's checkpoints")
     if recipe.technique("distill_kd") is not None and teacher is None:
         raise RecipeError("techniques: distill_kd needs a teacher; pass teacher=... (the uncompressed model to distil from) or remove distill_kd")
     if run_dir is None and resume:

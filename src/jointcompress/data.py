@@ -352,12 +352,22 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     model.eval()
     correct = 0
     for i in range(0, len(x), batch_size):  # the rows go to the model's device, the predictions come back
-        predicted = logits_of(call_model(model, x[i : i + batch_size])).argmax(1).cpu()
-        correct += int((predicted == y[i : i + batch_size].cpu()).sum())
+        logits = logits_of(call_model(model, x[i : i + batch_size]))
+        if i == 0 and len(y) and int(y.max()) >= logits.shape[1]:  # else accuracy 0 without a word
+            model.train(was)
+            raise DataError(f"evaluation labels go up to {int(y.max())}, but the model gives {logits.shape[1]} "
+                            "classes; check that the evaluation data's labels match the model")
+        correct += int((logits.argmax(1).cpu() == y[i : i + batch_size].cpu()).sum())
     model.train(was)
     return correct / max(1, len(x))
 
 
 def evaluator(x: torch.Tensor, y: torch.Tensor):
-    """An `evaluate(model) -> {"accuracy": ...}` callable for compress()."""
+    """An `evaluate(model) -> {"accuracy": ...}` callable for compress(). The data is checked now, as
+    training data is: empty, mismatched or NaN evaluation data scored 0 or failed only after the
+    first epoch's training."""
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise DataError(f"evaluator: x and y must be torch tensors (got {type(x).__name__}, {type(y).__name__}); "
+                        "convert with torch.from_numpy(...)")
+    check_tensors(x, y, "evaluation data")
     return lambda model: {"accuracy": accuracy(model, x, y)}
