@@ -139,3 +139,13 @@ def test_evaluation_data_is_checked_when_the_evaluator_is_made():
     with pytest.raises(DataError, match="labels go up to 13, but the model gives 4 classes"):
         evaluator(x, y + 10)(model)
     assert 0.0 <= evaluator(x, y)(model)["accuracy"] <= 1.0
+
+
+def test_a_global_floor_above_the_asked_keep_is_said():
+    """scope: global with min_keep 0.8 under sparsity 0.9 ended at 0.2 without a word (scope layer warned)."""
+    import jointcompress
+
+    model, (x, _) = _mlp(), _data()
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.9, "scope": "global", "min_keep": 0.8}]}
+    with pytest.warns(UserWarning, match=r"min_keep 0.8 keeps more of every layer than sparsity 0.9 .* at most"):
+        jointcompress.prepare(model, recipe, total_steps=2, example_inputs=x[:2])

@@ -51,6 +51,8 @@ class PruneUnstructured(PruningTechnique):
     def _warn_floored(self) -> None:
         """Scope layer never empties a layer (masks.layer_floor: min_keep of its weights, at least one): said
         once, when attached, naming the layers the floor keeps less sparse than their target."""
+        if self.config.scope == "global":
+            self._warn_global_floor()
         if self.config.scope != "layer" or (self.config.sparsity is None and not self.config.layer_sparsity):
             return
         sizes = {n: layer.weight.numel() for n, layer in self.layers.items()}
@@ -60,6 +62,17 @@ class PruneUnstructured(PruningTechnique):
                     else f"prune_unstructured.sparsity {self.config.sparsity:g}")
             warnings.warn(floor_warning("prune_unstructured", "weights", "layers", knob, self._layer_min_keep(),
                                         sizes, floored), stacklevel=3)
+
+    def _warn_global_floor(self) -> None:
+        """Scope global with min_keep above 1 - sparsity: every layer keeps its floor, so the model keeps
+        more than asked (0.9 asked with min_keep 0.8 ended at 0.2) and never counts as at its target;
+        scope layer said so, global did not."""
+        sparsity, floor = self.config.sparsity, self.config.min_keep
+        if sparsity is None or floor <= 1.0 - sparsity:
+            return
+        warnings.warn(f"prune_unstructured: min_keep {floor:g} keeps more of every layer than sparsity {sparsity:g} "
+                      f"leaves ({1 - sparsity:g}), so the model ends at sparsity {1 - floor:g} at most; lower min_keep "
+                      "(or the sparsity)", stacklevel=4)
 
     def _initial_scores(self, w: torch.Tensor) -> torch.Tensor:
         scores = w.abs()
