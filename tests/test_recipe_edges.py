@@ -149,3 +149,15 @@ def test_a_global_floor_above_the_asked_keep_is_said():
     recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.9, "scope": "global", "min_keep": 0.8}]}
     with pytest.warns(UserWarning, match=r"min_keep 0.8 keeps more of every layer than sparsity 0.9 .* at most"):
         jointcompress.prepare(model, recipe, total_steps=2, example_inputs=x[:2])
+
+
+def test_per_layer_settings_a_size_target_replaces_are_said():
+    """layer_bits {fc1: 8} under a ratio target ran at the allocator's 5 bits (sequential) or dropped (joint)."""
+    from jointcompress.recipe import parse_recipe
+    from jointcompress.targets import warn_unused_sparsity
+
+    recipe = parse_recipe({"mode": "sequential", "target": {"ratio": 10},
+                           "techniques": [{"type": "prune_unstructured", "layer_sparsity": {"0": 0.1}},
+                                          {"type": "quant_lsq", "layer_bits": {"0": 8}}]})
+    with pytest.warns(UserWarning, match=r"prune_unstructured.layer_sparsity and quant_lsq.layer_bits are not used"):
+        warn_unused_sparsity(recipe)

@@ -482,13 +482,17 @@ def warn_unused_sparsity(recipe: Recipe) -> None:
                           "meet the target) (remove sparsity, or the target)", stacklevel=3)
         return
     prune = recipe.technique("prune_unstructured")
-    if prune is None:
-        return
-    if "sparsity" in prune.model_fields_set and prune.sparsity is not None:
+    if prune is not None and "sparsity" in prune.model_fields_set and prune.sparsity is not None:
         who = ("the joint form learns each layer's sparsity under the size budget" if recipe.mode == "joint"
                else "the size target's allocator sets each layer's sparsity to meet the target")
         warnings.warn(f"target: prune_unstructured.sparsity {prune.sparsity:g} is not used; {who} (remove sparsity, "
                       "or the target)", stacklevel=3)
+    quant = recipe.technique("quant_lsq")
+    given = [f"{t.type}.{key}" for t, key in ((prune, "layer_sparsity"), (quant, "layer_bits"))
+             if t is not None and getattr(t, key, None)]
+    if given:  # replaced by the allocator's (sequential, overlap) or dropped by the joint form, without a word
+        warnings.warn(f"target: {' and '.join(given)} {'is' if len(given) == 1 else 'are'} not used; the size target "
+                      "decides every layer's sparsity and bits (remove them, or the target)", stacklevel=3)
 
 
 def _with_size_budget(data: dict, recipe: Recipe, goal: float) -> Recipe:
