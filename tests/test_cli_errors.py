@@ -740,3 +740,12 @@ def test_dry_run_traces_a_text_model_on_token_ids(tmp_path, monkeypatch, capsys)
     monkeypatch.chdir(tmp_path)
     code, out = _cli(monkeypatch, capsys, "dry-run", "--model", "textcls.py:build", "--input-shape", "1,12")
     assert code == 0 and "fc1" in out.split("layers not pruned")[0], out
+
+
+@pytest.mark.parametrize("flag", ["--model", "--mode", "--precision"])
+def test_an_empty_flag_is_refused_not_read_as_the_recipes_value(tmp_path, monkeypatch, capsys, flag):
+    """`--model "$MODEL"` with the variable unset fell back to the recipe's model without a word (--data "" was refused)."""
+    code, text = run_cli(monkeypatch, capsys, "compress", _recipe(tmp_path, "techniques: [{type: quant_lsq}]\n"),
+                         "--out", tmp_path / "o", flag, "")
+    assert code == 2 and f"{flag} is empty" in text, text
+    assert not (tmp_path / "o").exists()

@@ -86,7 +86,7 @@ def demo(
     model: str = typer.Option("lenet5", help="Reference model: lenet5 or lenet300."),
     teacher_epochs: int = typer.Option(15, min=1, help="Epochs to train the uncompressed teacher."),
     epochs: int = typer.Option(None, min=1, help="Compression epochs (default: the demo recipe's)."),
-    ratio: float = typer.Option(100.0, min=1.5, help="Size target: the weights file this many times smaller than fp32."),
+    ratio: float = typer.Option(100.0, min=1.5, max=10000.0, help="Size target: the weights file this many times smaller than fp32."),
     force: bool = typer.Option(False, help="Write into a non-empty --out that is not an earlier demo's output."),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     val_images: int = typer.Option(150, "--val-images", min=0, help="Training images held out to choose every kept "
@@ -193,6 +193,9 @@ def compress_cmd(
     if tensorboard is not None and tensorboard.exists() and not tensorboard.is_dir():  # found only after training
         raise JointCompressError(f"--tensorboard {tensorboard}: is a file; give a folder for the event files")
 
+    for flag, value in (("--model", model), ("--mode", mode), ("--precision", precision)):
+        if value is not None and not value.strip():  # a shell variable left empty fell back to the recipe's value
+            raise JointCompressError(f"{flag} is empty; give a value, or leave the flag out for the recipe's")
     recipe = _overridden(load_recipe(recipe_path), mode=mode, precision=precision)
     if recipe.hf is not None or (model or recipe.model or "").startswith("hf:"):  # Hugging Face text classification
         from .hf.pipeline import cli_compress
