@@ -412,3 +412,22 @@ def test_a_refused_resume_names_the_field_the_user_changed_with_their_own_index(
                                           r"checkpoint, 3 now\); resume"):
         compress(copy.deepcopy(model), changed, (digits.x_train, digits.y_train), evaluator(digits.x_test, digits.y_test),
                  run_dir=tmp_path, resume=True)
+
+
+def test_a_checkpoint_without_its_checksum_is_still_checked(digits, tmp_path):
+    """A run killed between a checkpoint and its .sha256 leaves it unchecked; damaged in place as well, it
+    resumed without a word into another artifact. The CRC of every archive entry is read instead."""
+    import zipfile
+
+    _tiny(digits, run_dir=tmp_path, checkpoint_every=3)
+    newest = CheckpointStore(tmp_path).paths()[-1]
+    newest.with_name(newest.name + ".sha256").unlink()
+    read_checkpoint(newest)  # intact: loads
+    data = bytearray(newest.read_bytes())
+    tensors = [i for i in zipfile.ZipFile(newest).infolist() if "/data/" in i.filename]
+    entry = max(tensors, key=lambda i: i.file_size)  # the largest tensor's bytes
+    at = entry.header_offset + 30 + len(entry.filename.encode()) + len(entry.extra) + entry.file_size // 2
+    data[at] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    with pytest.raises(TrainingError, match=r"no checksum file, and its archive entry .* fails its CRC"):
+        read_checkpoint(newest)

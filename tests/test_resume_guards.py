@@ -277,3 +277,16 @@ def test_a_second_run_in_a_folder_in_use_is_refused_naming_the_first(tmp_path):
     check_output_dir(out)  # the lock file alone is no run's output: the folder still counts as empty
     assert prepare_run_dir(out, force=False, resume=False) == out
     assert prepare_run_dir(out, force=True, resume=False) == out  # this process holds it already
+
+
+def test_a_killed_writes_temporary_files_in_the_folder_are_removed(tmp_path):
+    """A run killed mid-write left `.teacher.safetensors.*.tmp` (the size of the model) through --resume and --force."""
+    from jointcompress.io import prepare_run_dir
+
+    out = tmp_path / "o"
+    out.mkdir()
+    for name in (".teacher.safetensors.x1y2.tmp", ".start.json.ab12.tmp", "notes.txt", ".mine.tmp"):
+        (out / name).write_text("x")
+    (out / "checkpoints").mkdir()
+    prepare_run_dir(out, force=False, resume=True)
+    assert sorted(p.name for p in out.iterdir()) == [".jointcompress.lock", ".mine.tmp", "checkpoints", "notes.txt"]

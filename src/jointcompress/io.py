@@ -150,11 +150,22 @@ def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=
     if dist is None or dist.is_main:
         prepare_output_dir(path, force=resume or force, resumable=True)
         hold_run_lock(path)
+        _remove_write_leftovers(path)
         if force and not resume:
             _remove_fresh(path, fresh)
     if dist is not None:
         dist.barrier()
     return path
+
+
+def _remove_write_leftovers(path: Path) -> None:
+    """The temporary files of writes a killed run left in the folder itself (`.teacher.safetensors.*.tmp`,
+    the size of the model; `.start.json.*.tmp`, ...): only this run may write here now (its lock), so
+    none is a live writer's. checkpoints/ and artifact/ clean their own."""
+    for name in (*RUN_START, *RUN_OUTPUTS):
+        for leftover in path.glob(f".{name}.*.tmp"):
+            if leftover.is_file():
+                leftover.unlink()
 
 
 def _resume_without_checkpoint(path: Path, force: bool, dist) -> None:

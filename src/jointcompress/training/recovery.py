@@ -112,6 +112,7 @@ class Recovery:
             raise TrainingError(
                 f"step {step}: {what}. This was non-finite step {self.count} of at most max_nonfinite={self.max_nonfinite} "
                 f"(each rolled back to the last good state, step {good_step}, and halved the learning rate){saved}. "
-                "Lower training.lr, set training.grad_clip, or check the data for NaN/Inf"
+                "Lower training.lr, set training.grad_clip, or check the data for NaN/Inf (a changed recipe starts a "
+                "new run: the kept checkpoint resumes only with this recipe)"
             )
         return {"terms": {k: float(v.detach()) for k, v in terms.items()}, "coordination": None, "skipped": True}
