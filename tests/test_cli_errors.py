@@ -749,3 +749,18 @@ def test_an_empty_flag_is_refused_not_read_as_the_recipes_value(tmp_path, monkey
                          "--out", tmp_path / "o", flag, "")
     assert code == 2 and f"{flag} is empty" in text, text
     assert not (tmp_path / "o").exists()
+
+
+def test_an_interrupted_compress_says_what_resume_continues_from(tmp_path):
+    """Ctrl-C while the model trained first said 'continues from its last checkpoint': there was none."""
+    from jointcompress.cli import _after_interrupt
+
+    out = tmp_path / "o"
+    argv = ["compress", "r.yaml", f"--out={out}"]
+    assert "nothing was saved yet" in _after_interrupt(argv)
+    out.mkdir()
+    (out / "teacher.safetensors").write_bytes(b"x")
+    assert "starts compressing again from the model it trained first" in _after_interrupt(argv)
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "ckpt-000000004.pt").write_bytes(b"x")
+    assert "continues from its last checkpoint" in _after_interrupt(["compress", "r.yaml", "--out", str(out)])

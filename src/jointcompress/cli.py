@@ -528,12 +528,36 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _de
     Console(stderr=True, width=console.width, emoji=False).print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False)
 
 
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _compress_resumes_from(out: str | None) -> str:
+    """What --resume continues from: the last checkpoint; else the model the run trained first (its file
+    is written when that training ends); else nothing (it said "its last checkpoint" when there was none,
+    and everything trained so far was lost)."""
+    from .checkpoint import CheckpointStore
+
+    if out is None or CheckpointStore(out).paths():
+        return "; the run continues from its last checkpoint with the same command and --resume"
+    if (Path(out) / "teacher.safetensors").is_file():
+        return ("; no compression checkpoint was written yet: the same command with --resume starts compressing "
+                "again from the model it trained first")
+    return ("; nothing was saved yet (the model being trained first is written when its training ends): the same "
+            "command with --resume starts from the beginning")
+
+
 def _after_interrupt(argv: list[str]) -> str:
     """What an interrupted command left: compress resumes from its checkpoints; compare keeps the points it
     finished in its compare.json (it has no --resume); the others are run again."""
     command = next((a for a in argv if not a.startswith("-")), "")
     if command == "compress":
-        return "; the run continues from its last checkpoint with the same command and --resume"
+        return _compress_resumes_from(_flag_value(argv, "--out"))
     if command == "compare":
         return "; compare.json in its --out keeps the points that finished (`jointcompress report` reads it)"
     return ""
