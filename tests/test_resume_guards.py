@@ -290,3 +290,22 @@ def test_a_killed_writes_temporary_files_in_the_folder_are_removed(tmp_path):
     (out / "checkpoints").mkdir()
     prepare_run_dir(out, force=False, resume=True)
     assert sorted(p.name for p in out.iterdir()) == [".jointcompress.lock", ".mine.tmp", "checkpoints", "notes.txt"]
+
+
+def test_a_builder_whose_code_changed_without_a_shape_is_refused_on_resume(tmp_path, monkeypatch, capsys):
+    """ReLU changed to GELU in the builder between a run and its --resume: the weights (and their digest) were
+    the same, and the run resumed into a model trained half one way and half the other, without a word."""
+    builder = tmp_path / "net.py"
+    source = ("import torch.nn as nn\n\n\ndef build():\n"
+              "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.{act}, nn.Linear(32, 10))\n")
+    builder.write_text(source.format(act="ReLU()"))
+    out, args = tmp_path / "o", ["compress", _recipe(tmp_path), "--model", f"{builder}:build", "--teacher-epochs", "1"]
+    code, text = run_cli(monkeypatch, capsys, *args, "--out", out)
+    assert not code, text
+    assert len(json.loads((out / "start.json").read_text())["probe_outputs"]) == 8
+    from jointcompress.models import load_builder
+
+    builder.write_text(source.format(act="GELU(approximate='tanh')"))  # another length: no stale bytecode
+    load_builder.cache_clear()  # as a new process starts
+    code, text = run_cli(monkeypatch, capsys, *args, "--out", out, "--resume")
+    assert code == 2 and "gives other outputs on its first 8 training rows" in text and "builder's code changed" in text, text

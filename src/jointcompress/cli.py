@@ -285,6 +285,7 @@ def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights
         teacher = train_teacher(model_name, split, teacher_epochs, lr=recipe.training.lr, progress=progress("train model"),
                                 device=device)
     _same_start(start_file, earlier, teacher, weights, save, recipe.training.validation_images, teacher_epochs)
+    _same_outputs(start_file, earlier, teacher, split.x_train[:PROBE_ROWS], save)
     if save and not weights and not teacher_file.is_file():
         from safetensors.torch import save as st_save
 
@@ -382,6 +383,38 @@ def _same_start(start_file: Path, earlier: dict | None, teacher, weights, save: 
                                  "over with --force")
     if save and not start_file.is_file():
         atomic_write_json(start_file, start)
+
+
+PROBE_ROWS = 8  # training rows whose outputs start.json records, to tell a builder whose code changed
+
+
+def _same_outputs(start_file: Path, earlier: dict | None, model, rows, save: bool) -> None:
+    """The model's outputs on the first training rows, recorded in start.json and compared on --resume: a
+    builder whose code changed without changing a shape (ReLU to GELU) loads the same weights, so the
+    digest matched, and the run resumed into a model trained half one way and half the other, without a word."""
+    import torch
+
+    from .io import atomic_write_json
+    from .model_call import call_model
+    from .session.outputs import logits_of
+
+    with torch.no_grad():
+        was = model.training
+        outputs = logits_of(call_model(model.eval(), rows)).float().cpu()
+        model.train(was)
+    before = (earlier or {}).get("probe_outputs")
+    if before is not None:
+        recorded = torch.tensor(before)
+        gap = float((recorded - outputs).abs().max()) if recorded.shape == outputs.shape else float("inf")
+        if gap > 1e-3 * max(1.0, float(recorded.abs().max())):
+            raise JointCompressError(
+                f"--resume: the model the run in {start_file.parent} began from gives other outputs on its first "
+                f"{len(rows)} training rows than when the run began (by {gap:.3g}), with the same weights: the "
+                "builder's code changed since. Set it back to continue, or start over with --force")
+    elif save and start_file.is_file():  # recorded once, beside what _same_start wrote
+        start = json.loads(start_file.read_text())
+        if "probe_outputs" not in start:
+            atomic_write_json(start_file, {**start, "probe_outputs": outputs.tolist()})
 
 
 def _same_teacher_epochs(start_file: Path, earlier: dict, teacher_epochs: int) -> None:
