@@ -289,3 +289,18 @@ def test_the_shipped_joint_recipe_is_the_one_the_benchmarks_measure():
     assert [t.model_dump() for t in shipped.techniques] == [t.model_dump() for t in measured.techniques]
     assert shipped.training == measured.training and shipped.target == measured.target
     assert (shipped.mode, shipped.model, shipped.coordination.strategy) == ("joint", "lenet300", "none")
+
+
+def test_a_slow_measurement_of_the_file_is_said_with_the_runs_count(monkeypatch):
+    """Each calibration encodes the whole file (about a minute on BERT-base), some 40 a run, which no step time
+    shows; one slower than the threshold (here 0 s) is said with the count and size_budget.calibrate_every."""
+    from jointcompress.techniques import size_budget
+
+    monkeypatch.setattr(size_budget, "CALIBRATION_WARN_SECONDS", 0.0)
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 20), torch.randint(0, 4, (64,))
+    recipe = {"mode": "joint", "target": {"ratio": 12}, "training": {"epochs": 1, "batch_size": 8},
+              "techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True}, {"type": "size_budget"}]}
+    with pytest.warns(UserWarning, match=r"size_budget: one measurement of the file .* took \d+ s, and this run makes "
+                                         r"about \d+ before its landing .*size_budget.calibrate_every \(now 1 steps\)"):
+        compress(nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 4)), recipe, (x, y), lambda m: 0.0)

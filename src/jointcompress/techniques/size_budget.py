@@ -31,6 +31,7 @@ thins a path, it never cuts one), and the count is searched with the writer itse
 from __future__ import annotations
 
 import math
+import time
 import warnings
 
 import torch
@@ -49,6 +50,7 @@ DECISION_TRAVEL = 6.0  # how far (in raw units) a dead zone or bit-width can mov
 LAMBDA_TRAVEL = 50.0  # lambda_lr by default: the multiplier can rise this far over the budget's window
 WINDUP_DECAY = 10.0  # with anti_windup: a positive multiplier e-folds this many times a window while under the budget
 FIXED_SHARE_WARNING = 0.5  # before training, said where the bytes no decision moves take this share of the aim
+CALIBRATION_WARN_SECONDS = 5.0  # one measurement of the file slower than this is said, with the run's count
 GUARDS = 8  # with finetune_phase: checks of the real file over the fine-tuning's second half (after the trim)
 
 
@@ -109,7 +111,9 @@ class SizeBudget(Landing, Technique):
             q.decision_lr = DECISION_TRAVEL / self.span
         if self.saliency is not None:  # the quantizers keep the Fisher estimate it reads
             self.saliency.attach(self.layers)
+        started = time.perf_counter()
         self.calibrate(ctx.model)
+        self.warn_calibration_cost(time.perf_counter() - started, ctx.total_steps)
         if not has_channel_masks(ctx.model):  # all three assume every channel stays (before_training counted them without)
             self.check_reachable(ctx.model)
             if not self.warn_channel_floor():  # the stronger word where both apply
@@ -117,6 +121,23 @@ class SizeBudget(Landing, Technique):
         self.start_bytes = self.calibrated_hard()
         self.note_slack()
         self.attached = True
+
+    def warn_calibration_cost(self, seconds: float, total_steps: int) -> None:
+        """Each calibration finalizes a copy of the model and encodes the whole file, as save() does:
+        some 40 a run however long it is (every step under 40 steps), plus the landing's probes. On a
+        large model that is minutes a run (a probe: 9 CPU-s each on a 35M BERT, about a minute on
+        BERT-base), which no step time shows; said once, with the count and the knob, when one took
+        over CALIBRATION_WARN_SECONDS (the measurement is the only input: the run is not changed)."""
+        if seconds < CALIBRATION_WARN_SECONDS:
+            return
+        from .size_projection import MAX_PROBES
+
+        window = max(1, self.window[1] - self.window[0])
+        count = 1 + window // self.calibration_interval
+        warnings.warn(f"size_budget: one measurement of the file (a finalized copy, encoded as save() does) took "
+                      f"{seconds:.0f} s, and this run makes about {count} before its landing ({count * seconds / 60:.0f} "
+                      f"min) plus up to {MAX_PROBES} per landing; size_budget.calibrate_every (now "
+                      f"{self.calibration_interval} steps) makes them rarer", stacklevel=3)
 
     @staticmethod
     def _dead_zone_layers(model: nn.Module, dropped=()) -> dict:
