@@ -125,8 +125,8 @@ class SizeBudget(Landing, Technique):
     def warn_calibration_cost(self, seconds: float, total_steps: int) -> None:
         """Each calibration finalizes a copy of the model and encodes the whole file, as save() does:
         some 40 a run however long it is (every step under 40 steps), plus the landing's probes. On a
-        large model that is minutes a run (a probe: 9 CPU-s each on a 35M BERT, about a minute on
-        BERT-base), which no step time shows; said once, with the count and the knob, when one took
+        large model that is minutes a run (27 CPU-s each on BERT-base, benchmarks/measure_cost.py),
+        which no step time shows; said once, with the count and the knob, when one took
         over CALIBRATION_WARN_SECONDS (the measurement is the only input: the run is not changed)."""
         if seconds < CALIBRATION_WARN_SECONDS:
             return
