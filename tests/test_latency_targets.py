@@ -527,3 +527,21 @@ def test_a_table_with_an_offset_does_not_cut_far_under_the_target(lenet, fractio
     assert alloc.measured_ms == pytest.approx(true.predict(sites, alloc.widths, channels))
     assert 0.8 * target.latency_ms <= alloc.measured_ms <= 0.95 * target.latency_ms
     assert any(r.get("bisect") or r.get("widen") for r in alloc.rounds)
+
+
+def test_a_latency_ms_target_refused_on_a_busy_machine_says_the_machine_is_busy(lenet, monkeypatch):
+    """The narrowest model measured slower than the dense one had moments before (load), and the message only
+    said to raise target.latency_ms; the speedup form already named the load."""
+    import os
+
+    from jointcompress.latency_targets import floors, unreachable
+
+    model, x = lenet
+    table, sites, channels = mac_table(model, x)
+    target = Target(latency_ms=0.01, batch=1)
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.0 * (os.cpu_count() or 1), 0.0, 0.0))
+    busy = str(unreachable(target, table, sites, channels, 0.05, measured_ms=1.0))
+    assert "This machine is busy (load average" in busy and "raise target.latency_ms" in busy
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    quiet = str(unreachable(target, table, sites, channels, 0.05, measured_ms=1.0))
+    assert "busy" not in quiet and "Raise target.latency_ms" in quiet and floors(channels)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -724,6 +725,14 @@ def goal_at_the_floor(model: nn.Module, example_inputs, target, table: LatencyTa
     return float(target.latency_ms if aim is None else aim) * predicted / measured
 
 
+def _loaded() -> bool:
+    """More runnable jobs than cores over the last minute (a measured floor then says little about the model)."""
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except OSError:  # no load average on this platform
+        return False
+
+
 def unreachable(target, table: LatencyTable, sites, channels: dict[str, int], min_keep: float,
                 min_width: int = MIN_WIDTH, measured_ms: float | None = None):
     """The TargetError for a target below the narrowest model the bounds allow (`measured_ms`:
@@ -732,6 +741,9 @@ def unreachable(target, table: LatencyTable, sites, channels: dict[str, int], mi
 
     smallest = floors(channels, min_keep, min_width)
     asked, fix = f"target.latency_ms: {target.latency_ms} ms", "Raise target.latency_ms"
+    if measured_ms is not None and getattr(target, "speedup", None) is None and _loaded():
+        fix = (f"This machine is busy (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores), which slows "
+               "every timing: time again on a quiet machine. Else, raise target.latency_ms")
     if getattr(target, "speedup", None) is not None:  # milliseconds derived from the uncompressed model's
         asked = (f"target.speedup: {target.speedup:g}x ({target.latency_ms:.3f} ms: the uncompressed model timed now, "
                  f"/ {target.speedup:g})")
