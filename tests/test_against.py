@@ -362,3 +362,29 @@ def test_torch_pruning_keeps_the_classifier_found_by_the_graph_not_the_last_regi
     with torch.no_grad():
         assert model(x).shape[-1] == 10
     assert model.c2[0].out_channels == 16 and model.c1[0].out_channels == 8
+
+
+def test_a_torch_pruning_stage_that_removed_no_channel_is_said_and_marked(monkeypatch, tmp_path):
+    """round_to 8 on 16-channel layers kept every channel at some ratios: the stage was labelled by its ratio and
+    matched against as if pruned."""
+    from types import SimpleNamespace
+
+    import torch
+    import torch.nn as nn
+
+    from jointcompress.deploy import against_tp
+    from jointcompress.deploy.against import AgainstConfig
+
+    for name in ("fine_tune", "ort_fp32", "accuracy_of"):
+        monkeypatch.setattr(against_tp, name, lambda *a, **k: 0.0)
+    monkeypatch.setattr(against_tp, "alone_ms", lambda *a, **k: 1.0)
+    monkeypatch.setattr(against_tp, "selection_split", lambda split: split)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    x = torch.randn(4, 1, 8, 8)
+    split = SimpleNamespace(x_test=x, y_test=torch.zeros(4, dtype=torch.long))
+    cfg = AgainstConfig(tp_max_ratio=0.5, tp_steps=4, tp_round_to=8)
+    with pytest.warns(UserWarning, match=r"Torch-Pruning's step \d \(ratio .*\) removed no channel"):
+        stages = against_tp.stage_curve(model, split, x[:1], tmp_path, cfg, budget=4)
+    assert [s["pruned"] for s in stages].count(False) >= 1 and any(s["pruned"] for s in stages)

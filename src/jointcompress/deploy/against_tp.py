@@ -85,13 +85,21 @@ def stage_curve(teacher: nn.Module, split, example, work: Path, cfg: AgainstConf
     pruner = pruner_for(model, example, cfg)
     sel = selection_split(split)
     per_stage, stages = budget // cfg.tp_steps, []
+    widths = widths_of(model, example)
     for k in range(cfg.tp_steps):
         pruner.step()
+        before, widths = widths, widths_of(model, example)
+        if widths == before:  # round_to kept every channel at this ratio: the stage is not what its ratio says
+            import warnings
+
+            warnings.warn(f"Torch-Pruning's step {k + 1} (ratio {cfg.tp_max_ratio * (k + 1) / cfg.tp_steps:.2f}) removed "
+                          f"no channel (round_to {cfg.tp_round_to} on these widths); its stage equals the one before. "
+                          "More steps or a smaller round_to make each stage prune", stacklevel=2)
         fine_tune(model, teacher, split, per_stage, cfg, seed=1000 * cfg.seed + k)
         ort = ort_fp32(model, work / "tp_probe.onnx", example, cfg.threads)
         stages.append({"step": k + 1, "ratio": cfg.tp_max_ratio * (k + 1) / cfg.tp_steps,
                        "selection_accuracy": accuracy_of(model, sel.x_test, sel.y_test), "steps_so_far": per_stage * (k + 1),
-                       "macs": count_macs(model, example), "widths": widths_of(model, example),
+                       "macs": count_macs(model, example), "widths": widths, "pruned": widths != before,
                        "ort_fp32_alone_ms": {f"batch{b}": alone_ms(ort, batch_of(split.x_test, b), cfg.threads)
                                              for b in (1, 64)},
                        "model": copy.deepcopy(model)})
