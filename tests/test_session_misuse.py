@@ -184,3 +184,12 @@ def test_a_flat_ids_mask_labels_batch_is_named():
         warnings.simplefilter("error")
         split_batch((torch.randn(4, 7), labels, torch.arange(4)))  # (x, y, index) as documented: silent
         split_batch(((ids, mask), labels))
+
+
+def test_a_session_checkpoint_from_before_a_training_field_loads():
+    """training.greater_is_better was added later: a session checkpoint whose recipe lacks it was refused as
+    made with a different recipe (as run checkpoints once were for training.keep)."""
+    ck = _checkpoint()
+    del ck["session"]["identity"]["recipe"]["training"]["greater_is_better"]
+    _, session, _ = _session(steps=20)
+    session.load_state_dict(ck["session"])

@@ -277,14 +277,16 @@ def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights
     if earlier is not None and not weights:  # before the model is trained again, if it must be
         _same_hold_out(start_file, earlier, recipe.training.validation_images)
         _same_teacher_epochs(start_file, earlier, teacher_epochs)
+    reloaded = not weights and resume and teacher_file.is_file()
     if weights:
         teacher = load_start(builder, weights)
-    elif resume and teacher_file.is_file():
+    elif reloaded:
         teacher = _trained_before(builder, teacher_file)
     else:
         teacher = train_teacher(model_name, split, teacher_epochs, lr=recipe.training.lr, progress=progress("train model"),
                                 device=device)
-    _same_start(start_file, earlier, teacher, weights, save, recipe.training.validation_images, teacher_epochs)
+    _same_start(start_file, earlier, teacher, weights, save, recipe.training.validation_images, teacher_epochs,
+                teacher_file if reloaded else None)
     _same_outputs(start_file, earlier, teacher, split.x_train[:PROBE_ROWS], save)
     if save and not weights and not teacher_file.is_file():
         from safetensors.torch import save as st_save
@@ -362,7 +364,7 @@ def _earlier_start(start_file: Path, teacher_file: Path, builder) -> dict | None
 
 
 def _same_start(start_file: Path, earlier: dict | None, teacher, weights, save: bool, held_out: int = 0,
-                teacher_epochs: int | None = None) -> None:
+                teacher_epochs: int | None = None, reloaded_from: Path | None = None) -> None:
     """Record which weights the run compresses (start.json: the path and a digest of the state); a resumed
     run given other --weights is refused: it compressed the new model from the old one's checkpoint, and the
     summary then reported the new model as the uncompressed one. A model the run trained itself also records
@@ -376,9 +378,14 @@ def _same_start(start_file: Path, earlier: dict | None, teacher, weights, save: 
         start["validation_images"], start["teacher_epochs"] = held_out, teacher_epochs
     if earlier is not None and earlier.get("state_sha256") != start["state_sha256"]:
         began = earlier.get("weights") or "the model it trained first"
-        now = (f"--weights {weights} holds other weights; pass the weights it began from" if weights else
-               "the model trained again differs from it (the builder's code changed since, or training is not "
-               "repeatable here); set the builder back and pass that model as --weights")
+        if weights:
+            now = f"--weights {weights} holds other weights; pass the weights it began from"
+        elif reloaded_from is not None:  # nothing was trained again: the file's bytes changed since it was written
+            now = (f"{reloaded_from.name} no longer holds it (damaged after it was written); delete the file and "
+                   "--resume trains it again")
+        else:
+            now = ("the model trained again differs from it (the builder's code changed since, or training is not "
+                   "repeatable here); set the builder back and pass that model as --weights")
         raise JointCompressError(f"--resume: the run in {start_file.parent} began from {began}, and {now}, or start "
                                  "over with --force")
     if save and not start_file.is_file():

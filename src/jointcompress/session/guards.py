@@ -94,9 +94,11 @@ def check_fits(session, state: dict) -> None:
     saved = state.get("identity")
     if saved is None:
         return
-    mine = session_identity(session)
-    if saved["recipe"] != mine["recipe"]:
-        where = first_difference(saved["recipe"], mine["recipe"]) or "recipe"
+    from ..training.checkpoints import with_added_fields
+
+    mine, saved_recipe = session_identity(session), without_memory_fields(with_added_fields(saved["recipe"]))
+    if saved_recipe != mine["recipe"]:
+        where = first_difference(saved_recipe, mine["recipe"]) or "recipe"
         raise RecipeError(
             f"session.load_state_dict: the checkpoint was made with a different recipe ({where}); resume with the "
             "same recipe the checkpointed session was prepared with, or start a new run")

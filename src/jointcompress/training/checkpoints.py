@@ -216,7 +216,15 @@ def _trained_overlap(saved: dict) -> bool:
 # recipe fields added since checkpoints were first written, with the value a run without them trained with:
 # a checkpoint that lacks one resumes as that value, not as a different recipe
 ADDED_FIELDS = {("training", "keep"): "best", ("training", "validation_images"): 0, ("training", "micro_batches"): 1,
-                ("training", "precision"): "fp32"}
+                ("training", "precision"): "fp32", ("training", "greater_is_better"): None}
+
+
+def with_added_fields(saved: dict) -> dict:
+    """A checkpoint's recipe dump with the fields added since it was written at what it trained with."""
+    for (section, field), value in ADDED_FIELDS.items():
+        if isinstance(saved.get(section), dict) and field not in saved[section]:
+            saved = {**saved, section: {**saved[section], field: value}}
+    return saved
 
 
 def _as_trained_today(saved: dict | None, recipe) -> dict | None:
@@ -224,9 +232,7 @@ def _as_trained_today(saved: dict | None, recipe) -> dict | None:
     since it was written at what it trained with (ADDED_FIELDS)."""
     if not saved:
         return saved
-    for (section, field), value in ADDED_FIELDS.items():
-        if isinstance(saved.get(section), dict) and field not in saved[section]:
-            saved = {**saved, section: {**saved[section], field: value}}
+    saved = with_added_fields(saved)
     if recipe.mode == "overlap" and _trained_overlap(saved):
         return {**saved, "mode": "overlap"}
     return saved
