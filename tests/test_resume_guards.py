@@ -309,3 +309,21 @@ def test_a_builder_whose_code_changed_without_a_shape_is_refused_on_resume(tmp_p
     load_builder.cache_clear()  # as a new process starts
     code, text = run_cli(monkeypatch, capsys, *args, "--out", out, "--resume")
     assert code == 2 and "gives other outputs on its first 8 training rows" in text and "builder's code changed" in text, text
+
+
+def test_a_trained_model_damaged_in_place_is_named_as_damaged(tmp_path, monkeypatch, capsys):
+    """Still a valid safetensors file with other values: the refusal said the model was trained again and
+    advised another builder or --weights; nothing was trained, the file changed."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "o"
+    code, text = run_cli(monkeypatch, capsys, "compress", _recipe(tmp_path), "--out", out, "--teacher-epochs", "1")
+    assert not code, text
+    state = load_file(str(out / "teacher.safetensors"))
+    first = next(iter(state))
+    state[first] = state[first] + 1.0
+    save_file(state, str(out / "teacher.safetensors"))
+    code, text = run_cli(monkeypatch, capsys, "compress", _recipe(tmp_path), "--out", out, "--teacher-epochs", "1",
+                         "--resume")
+    assert code == 2 and "teacher.safetensors no longer holds it (damaged" in text and "--resume trains it again" in text, text
+    assert "trained again differs" not in text
