@@ -764,3 +764,11 @@ def test_an_interrupted_compress_says_what_resume_continues_from(tmp_path):
     (out / "checkpoints").mkdir()
     (out / "checkpoints" / "ckpt-000000004.pt").write_bytes(b"x")
     assert "continues from its last checkpoint" in _after_interrupt(["compress", "r.yaml", "--out", str(out)])
+
+
+@pytest.mark.parametrize("flag, value, said", [("--bits", "8,16", "--bits: 16 out of range; give integers from 2 to 8"),
+                                               ("--sparsities", "0.5,1.5", "--sparsities: 1.5 out of range"),
+                                               ("--group-sparsities", "0", "--group-sparsities: 0 out of range")])
+def test_a_sensitivity_value_out_of_range_names_its_flag(tmp_path, monkeypatch, capsys, flag, value, said):
+    code, out = _cli(monkeypatch, capsys, "sensitivity", _recipe(tmp_path, ""), flag, value, "--out", tmp_path / "s")
+    assert code == 2 and said in out, out

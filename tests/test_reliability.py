@@ -366,7 +366,7 @@ def test_force_removes_the_old_runs_results_too(tmp_path):
     checkpoints: `report` then described the old run and `bench` measured its artifact, with no word."""
     from jointcompress.io import prepare_run_dir
 
-    for name in ("summary.json", "history.json", "recipe.yaml", "teacher.safetensors", "notes.txt"):
+    for name in ("summary.json", "history.json", "recipe.yaml", "teacher.safetensors", "notes.txt", "report.html", "layers.csv"):
         (tmp_path / name).write_text("old")
     (tmp_path / "artifact").mkdir()
     (tmp_path / "artifact" / "weights.jcw").write_bytes(b"old")

@@ -220,3 +220,16 @@ def test_report_out_that_is_a_file_is_named(compress_dir, tmp_path):
     (tmp_path / "f.txt").write_text("")
     res = CliRunner().invoke(app, ["report", str(compress_dir), "--out", str(tmp_path / "f.txt")])
     assert res.exit_code != 0 and "is a file; give a folder" in str(res.exception)
+
+
+def test_the_report_says_when_the_kept_epoch_was_chosen_on_the_accuracy_it_shows(compress_dir):
+    """It said 'accuracy is on held-out data' for a run whose kept epoch was chosen on that same test split."""
+    from jointcompress.report import read_run_dir, render_html
+
+    rd = read_run_dir(compress_dir)
+    assert any(p.get("selected_on") == "test" for p in rd.points)
+    page = render_html(rd, {}, [])
+    assert "on the test split, which also chose each run's kept epoch" in page and "on held-out data" not in page
+    for p in rd.points:
+        p["selected_on"] = "validation"
+    assert "accuracy is on held-out data" in render_html(rd, {}, [])

@@ -82,3 +82,17 @@ def test_out_holding_another_runs_files_is_refused_without_force(tmp_path):
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert json.loads((again / "sensitivity.json").read_text())["layers"]
+
+
+def test_the_heat_map_is_written_atomically(tmp_path, monkeypatch):
+    """savefig wrote straight to the final path: a kill mid-write left a broken PNG beside a new JSON."""
+    import jointcompress.io as jio
+    from jointcompress.sensitivity import save_heatmap
+
+    written = []
+    real = jio.atomic_write_bytes
+    monkeypatch.setattr(jio, "atomic_write_bytes", lambda p, d: (written.append(str(p)), real(p, d))[1])
+    result = {"metric": "accuracy", "sparsities": [0.5], "bits": [4], "group_sparsities": [], "groups": {},
+              "layers": {"fc": {"sparsity": {"0.5": 0.01}, "bits": {"4": 0.02}}}}
+    save_heatmap(result, tmp_path / "s.png")
+    assert written == [str(tmp_path / "s.png")] and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"

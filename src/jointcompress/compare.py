@@ -614,6 +614,8 @@ def plot_pareto(result: dict, path: Path, references: list[tuple[str, float, flo
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     if own:
+        from .io import save_figure
+
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        save_figure(fig, path, dpi=100)
         plt.close(fig)

@@ -68,6 +68,16 @@ def _jsonable(o):
     return str(o)
 
 
+def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
+    """A matplotlib figure written atomically, as every other output is (a kill mid-write left a broken PNG,
+    beside the JSON it was drawn from)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def check_output_dir(path: str | os.PathLike, force: bool = False, resumable: bool = True) -> Path:
     """Raise unless `path` is absent, an empty directory, or `force` is given (writes nothing).
     `resumable`: the command has --resume (compress), which the message then names."""
@@ -91,6 +101,7 @@ def prepare_output_dir(path: str | os.PathLike, force: bool = False, resumable: 
 
 RUN_OUTPUTS = ("summary.json", "history.json", "recipe.yaml", "artifact")  # what a finished run writes
 RUN_START = ("start.json", "teacher.safetensors")  # what the run began from (the model it trained first)
+RUN_REPORT = ("report.html", "layers.csv", "layers.json")  # what `jointcompress report` adds to a run folder
 LOCK_NAME = ".jointcompress.lock"
 _HELD_LOCKS: dict[str, Any] = {}  # folder -> the open lock file this process holds for its life
 
@@ -125,7 +136,7 @@ def hold_run_lock(path: Path) -> None:
 
 
 def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=None,
-                    fresh: tuple[str, ...] = ("checkpoints", *RUN_OUTPUTS, *RUN_START)) -> Path:
+                    fresh: tuple[str, ...] = ("checkpoints", *RUN_OUTPUTS, *RUN_START, *RUN_REPORT)) -> Path:
     """The output directory of a `compress` run, prepared once for every rank.
 
     Every rank checks it before any rank writes; rank 0 creates it, holds its run lock (hold_run_lock)

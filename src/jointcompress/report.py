@@ -133,7 +133,8 @@ def _read_compress(path: Path) -> RunDir:
         # the weights file's size on disk (container included), as the uncompressed row's fp32 safetensors file
         size = r.get("file_bytes") or r.get("bytes")
         if r.get("accuracy") is not None and size:
-            rd.points.append({"name": name, "accuracy": r["accuracy"], "bytes": size, "group": name})
+            rd.points.append({"name": name, "accuracy": r["accuracy"], "bytes": size, "group": name,
+                              **({"selected_on": r["selected_on"]} if r.get("selected_on") else {})})
     manifests = {p.parent.name: p for p in sorted(path.glob("*/manifest.json"))}
     history = _history(path / "history.json")
     for name, mpath in manifests.items():
@@ -382,10 +383,13 @@ def render_html(rd: RunDir, plots: dict[str, str], layers: list[dict]) -> str:
     imgs = "".join(f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
                    for title, data in plots.items())
     points = _table(sorted(rd.points, key=lambda p: p["bytes"]), ["name", "group", "accuracy", "bytes"])
+    on_test = any(p.get("selected_on") == "test" for p in rd.points)  # the kept epoch chosen on the data reported
+    held_out = ("on the test split, which also chose each run's kept epoch (training.validation_images holds "
+                "training images out to choose on instead)" if on_test else "on held-out data")
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(rd.title)}</title>"
             f"<style>{CSS}</style></head><body><h1>jointcompress report: {html.escape(rd.title)}</h1>"
             f"<p>Models: bytes are each weights file's size on disk (the artifact's, container included; the uncompressed "
-            f"model's fp32 safetensors file); accuracy is on held-out data. Per layer: <code>bytes</code> is what the weights "
+            f"model's fp32 safetensors file); accuracy is {held_out}. Per layer: <code>bytes</code> is what the weights "
             f"file stores for the layer (values, indices, scales, bias), <code>dense_fp32_bytes</code> the same weight and bias "
             f"in fp32.</p>{imgs}<h2>Models</h2>{points}"
             f"<h2>Per-layer (from the artifact manifests)</h2>{_table(layers, LAYER_FIELDS)}"

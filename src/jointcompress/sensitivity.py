@@ -216,8 +216,10 @@ def save_heatmap(result: dict, path) -> None:
         gdata = np.array([[result["groups"][g]["sparsity"][str(s)] for s in result["group_sparsities"]] for g in groups]) * 100
         labels = [f"{g} ({len(result['groups'][g]['layers'])} layers)" for g in groups]
         _heat(axes[1][0], gdata, labels, gcols, "per channel group (coupled layers together)", result["metric"])
+    from .io import save_figure
+
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 

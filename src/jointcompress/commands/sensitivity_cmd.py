@@ -48,8 +48,12 @@ def register(app: typer.Typer) -> None:
             bs = [int(v) for v in bits.split(",")]
         except ValueError:
             raise RecipeError("--sparsities/--group-sparsities take numbers like 0.5,0.9; --bits integers like 8,4,2") from None
-        if any(not 0 < s < 1 for s in sp + gs) or any(not 2 <= b <= 8 for b in bs):
-            raise RecipeError("sparsities must be in (0, 1) and bits in 2..8")
+        for flag, bad in (("--sparsities", [s for s in sp if not 0 < s < 1]),
+                          ("--group-sparsities", [s for s in gs if not 0 < s < 1]),
+                          ("--bits", [b for b in bs if not 2 <= b <= 8])):
+            if bad:
+                bounds = "integers from 2 to 8" if flag == "--bits" else "numbers strictly between 0 and 1"
+                raise RecipeError(f"{flag}: {', '.join(f'{v:g}' for v in bad)} out of range; give {bounds}")
         check_out(out, force)  # before the data and any training
         split = load_split(recipe, data)
         scanned_layers(builder_for(name, split)())  # a model with nothing to scan: said before any training
