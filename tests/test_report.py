@@ -233,3 +233,18 @@ def test_the_report_says_when_the_kept_epoch_was_chosen_on_the_accuracy_it_shows
     for p in rd.points:
         p["selected_on"] = "validation"
     assert "accuracy is on held-out data" in render_html(rd, {}, [])
+
+
+def test_a_compare_report_shows_the_paired_verdict_and_the_points_not_run(compare_dir):
+    """The report showed only the runs that ran: not compare's paired differences, its headline, nor a target it
+    recorded as out of reach with the reason."""
+    from jointcompress.report import read_run_dir, render_html
+
+    rd = read_run_dir(compare_dir)
+    assert rd.compare.get("paired")
+    page = render_html(rd, {}, [])
+    assert "Paired differences" in page and "error_diff_mean" in page and "Not run" not in page
+    rd.compare["unreachable"] = [{"variant": "sequential", "ratio_target": 500.0, "seed": 0, "target_bytes": 360,
+                                  "reason": "the smallest artifact the recipe allows is 2.1 KiB"}]
+    page = render_html(rd, {}, [])
+    assert "Not run (target out of reach)" in page and "the smallest artifact the recipe allows is 2.1 KiB" in page

@@ -379,6 +379,25 @@ def breakdown_html(rd: RunDir) -> str:
     return "".join(out) or "<p>no artifact manifest found</p>"
 
 
+PAIRED_FIELDS = ["variant", "baseline", "ratio_target", "n", "error_diff_mean", "error_diff_se", "verdict"]
+UNREACHABLE_FIELDS = ["variant", "ratio_target", "seed", "target_bytes", "reason"]
+
+
+def _compare_html(cmp: dict | None) -> str:
+    """A compare run's verdict (the paired differences, its headline) and the points it could not run, with
+    the reason: the report showed neither (only the runs that ran)."""
+    if not cmp:
+        return ""
+    out = ""
+    if cmp.get("paired"):
+        out += ("<h2>Paired differences (error, points; by seed, ± one standard error)</h2>"
+                + _table([p for p in cmp["paired"] if isinstance(p, dict)], PAIRED_FIELDS))
+    if cmp.get("unreachable"):
+        out += ("<h2>Not run (target out of reach)</h2>"
+                + _table([u for u in cmp["unreachable"] if isinstance(u, dict)], UNREACHABLE_FIELDS))
+    return out
+
+
 def render_html(rd: RunDir, plots: dict[str, str], layers: list[dict]) -> str:
     imgs = "".join(f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
                    for title, data in plots.items())
@@ -392,6 +411,7 @@ def render_html(rd: RunDir, plots: dict[str, str], layers: list[dict]) -> str:
             f"model's fp32 safetensors file); accuracy is {held_out}. Per layer: <code>bytes</code> is what the weights "
             f"file stores for the layer (values, indices, scales, bias), <code>dense_fp32_bytes</code> the same weight and bias "
             f"in fp32.</p>{imgs}<h2>Models</h2>{points}"
+            f"{_compare_html(rd.compare)}"
             f"<h2>Per-layer (from the artifact manifests)</h2>{_table(layers, LAYER_FIELDS)}"
             f"<h2>Where the bytes go (weights file, by layer and part)</h2>{breakdown_html(rd)}</body></html>\n")
 
