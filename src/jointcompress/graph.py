@@ -327,7 +327,7 @@ def _traced_groups(model: nn.Module, dg, ignored) -> tuple[list[ChannelGroup], d
                 kind = "out"
             idxs = [int(i) for i in item.idxs]
             name = names.get(mod) if isinstance(mod, nn.Module) else None
-            reason = (reshape_reason(item.dep.target) or tied_reason(name, tied)
+            reason = (reshape_reason(item.dep.target) or tied_reason(name, kind, tied)
                       or member_reason(mod, name, kind, idxs, owners))
             if reason:
                 reasons.append(reason)
