@@ -206,7 +206,8 @@ def _refuse_shared_biases(model: nn.Module, selected: dict, where: str) -> None:
             other = tied[name]
             raise RecipeError(
                 f"{where}: layer '{name}' shares its bias with '{other}' (one Parameter in two places); compressing "
-                f"'{name}' masks and rounds that bias, and finalize would write it into '{other}' too. Give each "
+                f"'{name}' lets the techniques mask (structured pruning) or round (quant_lsq) that bias, and finalize would "
+                f"write it into '{other}' too. Give each "
                 f"layer its own bias (e.g. `model.{name}.bias = nn.Parameter(model.{name}.bias.detach().clone())`) "
                 f"or add both layers to exclude"
             )
