@@ -356,3 +356,52 @@ def test_the_command_line_warns_from_rank_0_only(rank, says):
         quiet_other_ranks(DistContext(rank=rank, world_size=2, backend="gloo"))
         warnings.warn("size_budget: something to say once")
     assert len(caught) == says
+
+
+def _mean_metrics_worker(rank: int, store: str, said) -> None:
+    import torch.distributed as tdist
+
+    from jointcompress.distributed import DistContext
+    from jointcompress.errors import TrainingError
+
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        DistContext(rank=rank, world_size=2, backend="gloo").mean_metrics({"accuracy": 0.5, **({"f1": 0.4} if rank else {})})
+        said.put((rank, "averaged"))
+    except TrainingError as err:
+        said.put((rank, str(err)))
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_ranks_whose_evaluate_returns_other_metric_names_all_stop_with_the_names(tmp_path):
+    """Each rank all-reduced a vector of its own length: every rank blocked without a word (gloo: 30 minutes)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    said = ctx.Queue()
+    procs = [ctx.Process(target=_mean_metrics_worker, args=(r, str(tmp_path / "store"), said)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "a rank hung"
+    messages = dict(said.get(timeout=5) for _ in procs)
+    assert "rank 0: ['accuracy']; another rank returned others" in messages[0]
+    assert "rank 1: ['accuracy', 'f1']" in messages[1]
+
+
+def test_a_batch_the_ranks_cannot_share_evenly_is_said_and_a_ranks_lone_last_batch_dropped():
+    """64 over 3 ranks trained at a global 63 without a word; a rank whose last batch held one sample crashed a
+    BatchNorm model under torchrun only (the lone-batch rule was off whenever the run was distributed)."""
+    from jointcompress.api import as_loader
+    from jointcompress.distributed import DistContext
+
+    x, y = torch.randn(1346, 4), torch.randint(0, 2, (1346,))
+    with pytest.warns(UserWarning, match=r"training.batch_size 64 is not a multiple of the 3 processes: each takes 21"):
+        as_loader((x, y), 64, seed=0, dist=DistContext(rank=0, world_size=3, backend="gloo"))
+    loader = as_loader((x, y), 64, seed=0, dist=DistContext(rank=1, world_size=2, backend="gloo"), batch_norm=True)
+    assert min(len(b[0]) for b in loader) > 1  # 673 rows a rank in batches of 32: the last one of 1 dropped

@@ -98,8 +98,13 @@ def as_loader(train_data, batch_size: int, seed: int, dist: "_dist.DistContext |
 
     built = None
     if isinstance(train_data, (tuple, list)) and len(train_data) == 2 and all(isinstance(t, torch.Tensor) for t in train_data):
-        lone = batch_norm and dist is None and len(train_data[0]) % batch_size == 1 and len(train_data[0]) > 1
-        built = loader(train_data[0], train_data[1], batch_size, shuffle=True, seed=seed, drop_last=lone)
+        n = len(train_data[0])
+        if dist is None:
+            lone = n % batch_size == 1
+        else:  # each rank's share (DistributedSampler pads it to ceil(n / ranks)) in its batches of batch_size // ranks
+            lone = -(-n // dist.world_size) % max(1, batch_size // dist.world_size) == 1
+            _warn_uneven_batch(batch_size, dist.world_size)
+        built = loader(train_data[0], train_data[1], batch_size, shuffle=True, seed=seed, drop_last=batch_norm and n > 1 and lone)
     elif isinstance(train_data, torch.utils.data.Dataset) and not isinstance(train_data, torch.utils.data.IterableDataset) \
             and hasattr(train_data, "__len__"):
         # a dataset given as it is: batched at training.batch_size and shuffled by the run's seed, as a pair of tensors is
@@ -492,6 +497,16 @@ def run_inputs(train_data, teacher) -> dict:
     if teacher is not None:
         found["teacher_sha256"] = state_digest(teacher)
     return found
+
+
+def _warn_uneven_batch(batch_size: int, world_size: int) -> None:
+    """training.batch_size is the global batch, each of `world_size` ranks taking batch_size // world_size:
+    one that does not divide changed the global batch without a word (64 over 3 ranks trained at 63)."""
+    if batch_size % world_size:
+        each = max(1, batch_size // world_size)
+        warnings.warn(f"training.batch_size {batch_size} is not a multiple of the {world_size} processes: each takes "
+                      f"{each}, a global batch of {each * world_size}; give a multiple of {world_size} for the batch "
+                      "the recipe asks", stacklevel=4)
 
 
 def _check_argument_types(model, teacher, progress, callbacks, loss_fn) -> None:

@@ -102,8 +102,17 @@ class DistContext:
         return bool(t.item() > 0)
 
     def mean_metrics(self, metrics: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
-        """Average each metric over the ranks (keys are sorted so every rank sends the same vector)."""
+        """Average each metric over the ranks (keys are sorted so every rank sends the same vector). Rank 0's
+        names are checked on every rank first: a rank whose evaluate() returned other names sent a vector of
+        another length, and every rank blocked in the all-reduce without a word (gloo's default: 30 minutes)."""
         keys = sorted(metrics)
+        first = self.broadcast_json(keys, device=device)
+        if self.any(keys != first, device):
+            from .errors import TrainingError
+
+            mine = f"rank {self.rank}: {keys}" if keys != first else "another rank returned others"
+            raise TrainingError(f"evaluate() returned different metric names on different ranks (rank 0: {first}; "
+                                f"{mine}); every rank's evaluate must return the same names")
         t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
         tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
         return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
