@@ -244,14 +244,14 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
 
     from jointcompress.devices import resolve_device
     from jointcompress.distributed import init_from_env, quiet_other_ranks
-    from jointcompress.io import RUN_OUTPUTS, atomic_write_text, prepare_run_dir
+    from jointcompress.io import RUN_OUTPUTS, RUN_REPORT, atomic_write_text, prepare_run_dir
 
     dist = init_from_env()
     quiet_other_ranks(dist)
     where = resolve_device(device)  # after joining the group: under torchrun, `cuda` is the rank's own GPU
     main_rank = dist is None or dist.is_main
     out = prepare_run_dir(out, force=force, resume=resume, dist=dist,
-                          fresh=("checkpoints", "hf_model", "onnx", *RUN_OUTPUTS))
+                          fresh=("checkpoints", "hf_model", "onnx", *RUN_OUTPUTS, *RUN_REPORT))
     with progress_bar() if main_rank else contextlib.nullcontext() as bar:
         summary = run_hf_recipe(
             recipe, out, data, weights, progress=tracked(bar, recipe.mode) if main_rank else None,
