@@ -183,19 +183,19 @@ def check_targets(model: nn.Module, recipe: Recipe) -> None:
 
 
 def _warn_unmatched_patterns(model: nn.Module, cfg, i: int) -> None:
-    """A `targets` / `exclude` glob that matches no module name: a typo in `exclude` ('fc_2' for
-    'fc2') compressed the layer it was meant to keep out, one in `targets` left a layer dense, both
-    without a word (misspelled layer_sparsity / layer_bits keys are refused by _check_named_layers)."""
+    """An `exclude` glob that matches no module name: a typo ('fc_2' for 'fc2') compressed the layer it was
+    meant to keep out, without a word (misspelled layer_sparsity / layer_bits keys are refused by
+    _check_named_layers). `targets` is left alone: several patterns are read as one per model family (the
+    shipped hf recipe names BERT's and DistilBERT's layers), and a lone one that matches nothing selects no
+    layer, which check_targets refuses."""
     from .graph import matches
 
     names = [n for n, _ in model.named_modules() if n]
-    for key in ("targets", "exclude"):
-        for pattern in getattr(cfg, key):
-            if pattern != "*" and not any(matches(n, [pattern]) for n in names):
-                effect = "the layers it was meant to keep out are compressed" if key == "exclude" else "it selects nothing"
-                warnings.warn(f"techniques[{i}] ({cfg.type}): {key} pattern {pattern!r} matches no module of the model, "
-                              f"so {effect}. Patterns are globs on full module names, such as {names[-1]!r} "
-                              "(`jointcompress dry-run` lists them)", stacklevel=4)
+    for pattern in cfg.exclude:
+        if not any(matches(n, [pattern]) for n in names):
+            warnings.warn(f"techniques[{i}] ({cfg.type}): exclude pattern {pattern!r} matches no module of the model, "
+                          f"so the layers it was meant to keep out are compressed. Patterns are globs on full module "
+                          f"names, such as {names[-1]!r} (`jointcompress dry-run` lists them)", stacklevel=4)
 
 
 def _refuse_shared_biases(model: nn.Module, selected: dict, where: str) -> None:
