@@ -158,3 +158,17 @@ def test_finalize_names_a_compressed_layer_left_without_a_nonzero_weight():
         model[2].parametrizations.weight.original.zero_()
     with pytest.warns(UserWarning, match=r"finalize: 1 layer\(s\) have no nonzero weight left \(2\)"):
         finalize(model)
+
+
+def test_a_bias_past_float16s_range_is_said_with_the_fix():
+    """bias_format fp16 (the default) stored a bias of 1e5 as 65,504 without a word: two classes tied, and every
+    parity check passed, as they compare with the clamped model."""
+    import jointcompress
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    with torch.no_grad():
+        model[0].bias[0] = 1e5
+    with pytest.warns(UserWarning, match=r"layer '0''s bias reaches 100000, past float16's largest value .*bias_format: fp32"):
+        jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 4}]}, total_steps=2,
+                              example_inputs=torch.randn(2, 8))

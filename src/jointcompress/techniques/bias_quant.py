@@ -36,11 +36,27 @@ class BiasQuant(nn.Module):
         return b + (round_bias(b.detach(), self.fmt, step) - b.detach())
 
 
-def attach_bias_quant(layer: nn.Module, weight_quant: nn.Module, fmt: str = DEFAULT_BIAS_FORMAT) -> BiasQuant | None:
-    """Register BiasQuant on `layer.bias` (if it has one); returns it."""
+def _warn_past_fp16(name: str, bias: torch.Tensor, fmt: str) -> None:
+    """A bias past fp16's largest value (65,504) is stored clamped there: two classes that differed
+    by their bias tied, and the logits moved by the excess, while every parity check passed (they
+    compare with the clamped model). Said when the layer is attached, with the fix."""
+    from ..artifact.precision import FP16_MAX
+
+    if fmt == "fp16" and bias.numel() and float(bias.detach().abs().max()) > FP16_MAX:
+        import warnings
+
+        warnings.warn(f"quant_lsq: layer '{name}''s bias reaches {float(bias.detach().abs().max()):.6g}, past "
+                      f"float16's largest value ({FP16_MAX:g}), and bias_format fp16 stores it clamped there; set "
+                      "quant_lsq.bias_format: fp32 (or int) for this model", stacklevel=4)
+
+
+def attach_bias_quant(layer: nn.Module, weight_quant: nn.Module, fmt: str = DEFAULT_BIAS_FORMAT,
+                      name: str = "") -> BiasQuant | None:
+    """Register BiasQuant on `layer.bias` (if it has one); returns it. `name`: the layer's, for messages."""
     bias = getattr(layer, "bias", None)
     if not isinstance(bias, torch.Tensor) or bias.dim() != 1:
         return None
+    _warn_past_fp16(name or type(layer).__name__, bias, fmt)
     bq = BiasQuant(weight_quant, fmt)
     parametrize.register_parametrization(layer, "bias", bq)
     return bq

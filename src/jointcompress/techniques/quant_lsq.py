@@ -257,7 +257,7 @@ class QuantLSQ(Technique):
             q.compiled = self._compiled(ctx)
             parametrize.register_parametrization(layer, "weight", q)
             self.quantizers[name] = q
-            attach_bias_quant(layer, q, getattr(self.config, "bias_format", "fp16"))  # trained as stored
+            attach_bias_quant(layer, q, getattr(self.config, "bias_format", "fp16"), name)  # trained as stored
             if self.config.activations and not takes_ids(layer):
                 had = hasattr(layer, "input_quant")  # a finalized model's frozen one: replaced, its hook kept
                 layer.input_quant = LSQActivation(self.config.act_bits)
