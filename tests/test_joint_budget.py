@@ -304,3 +304,23 @@ def test_a_slow_measurement_of_the_file_is_said_with_the_runs_count(monkeypatch)
     with pytest.warns(UserWarning, match=r"size_budget: one measurement of the file .* took \d+ s, and this run makes "
                                          r"about \d+ before its landing .*size_budget.calibrate_every \(now 1 steps\)"):
         compress(nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 4)), recipe, (x, y), lambda m: 0.0)
+
+
+def test_a_state_far_under_its_aim_at_the_freeze_is_said_with_the_fix():
+    """A probe's Conv1d model froze 18% under its aim with the multiplier at 10: the fixed pattern gave back
+    thousands of weights with drifted values, 26 points under sequential, without a word."""
+    from types import SimpleNamespace
+
+    from jointcompress.techniques.size_budget import SizeBudget
+
+    budget = SizeBudget.__new__(SizeBudget)
+    budget.config, budget.lam = SimpleNamespace(anti_windup=False), 9.97
+    with pytest.warns(UserWarning, match=r"at the freeze the model was 18% under its aim .*anti_windup: true"):
+        budget.warn_overshoot(-0.18)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        budget.warn_overshoot(-0.02)  # within 5%: nothing to say
+        budget.config.anti_windup = True
+        budget.warn_overshoot(-0.18)  # the remedy is on
