@@ -249,3 +249,24 @@ def test_a_run_that_ends_over_its_size_target_says_so(digits_teacher, monkeypatc
         compress(copy.deepcopy(teacher), data, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test),
                  teacher=teacher)
     assert asked(teacher, parse_recipe(data)) == 14.0 * 1024
+
+
+def test_a_late_trim_that_cost_most_of_the_accuracy_is_said():
+    """A depthwise-separable CNN in sequential mode went from 0.93 to 0.34 at the trim, which forgot the states
+    kept before it, and the run ended there without a word (making joint look better in a comparison)."""
+    from types import SimpleNamespace
+
+    from jointcompress.recipe import parse_recipe
+    from jointcompress.targets import SizeSteering
+
+    steering = SizeSteering(1000.0)
+    recipe = parse_recipe({"techniques": [{"type": "quant_lsq"}]})
+    trainer = SimpleNamespace(recipe=recipe, history=SimpleNamespace(best_metric=0.339))
+    steering.best_before_trim = 0.931
+    with pytest.warns(UserWarning, match=r"late trim .* dropped the kept accuracy from 0.931 to 0.339"):
+        steering.on_end(trainer)
+    trainer.history.best_metric = 0.925  # a small cost: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        steering.on_end(trainer)
+        SizeSteering(1000.0).on_end(trainer)  # no trim
