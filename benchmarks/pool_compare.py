@@ -21,7 +21,7 @@ from pathlib import Path
 from jointcompress.compare import paired_differences, plot_pareto, summarize, write_csv
 from jointcompress.errors import JointCompressError
 from jointcompress.io import atomic_write_json
-from jointcompress.training.checkpoints import ADDED_FIELDS
+from jointcompress.recipe import with_added_fields
 
 # what must agree for two folders to be one experiment (the seeds are what differ)
 SAME_SETTING = ("kind", "model", "data", "ratios", "variants", "epochs", "teacher_epochs", "train_images", "recipe")
@@ -37,14 +37,11 @@ def _seeds(result: dict) -> list[int]:
 
 def _setting(result: dict, key: str):
     """What must agree between folders; a recipe field added since a folder ran (training.precision,
-    training.micro_batches) counts at the value that run trained with (the checkpoints' ADDED_FIELDS)."""
+    training.micro_batches) counts at the value that run trained with (recipe.ADDED_FIELDS, as checkpoints read it)."""
     value = result.get(key)
     if key != "recipe" or not isinstance(value, dict):
         return value
-    for (section, field), default in ADDED_FIELDS.items():
-        if isinstance(value.get(section), dict) and field not in value[section]:
-            value = {**value, section: {**value[section], field: default}}
-    return value
+    return with_added_fields(value)
 
 
 def check_poolable(results: dict[Path, dict]) -> None:

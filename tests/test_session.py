@@ -324,16 +324,23 @@ def _loop_skipping(verb: str | None, x, y, recipe, steps: int = 6):
     session.bind(opt)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for _ in range(steps):
-            terms = session.loss(model(x), (x, y))
-            opt.zero_grad()
-            session.backward(terms)
-            if verb != "before_step":
-                session.before_step()
-            opt.step()
-            if verb != "after_step":
-                session.after_step()
+        _plain_steps(session, model, opt, x, y, steps, left_out=verb)
     return model, [str(w.message) for w in caught]
+
+
+def _plain_steps(session, model, opt, x, y, steps: int, left_out: str | None = None, skip_first: bool = False) -> None:
+    """`steps` steps of the documented loop, with session.<left_out>() left out and, with `skip_first`, the
+    first optimizer step skipped (as a loss scaler skips an overflow)."""
+    for step in range(steps):
+        terms = session.loss(model(x), (x, y))
+        opt.zero_grad()
+        session.backward(terms)
+        if left_out != "before_step":
+            session.before_step()
+        if step > 0 or not skip_first:
+            opt.step()
+        if left_out != "after_step":
+            session.after_step()
 
 
 @pytest.mark.parametrize("verb, says", [
@@ -473,14 +480,7 @@ def _unbound_warnings(session, model, opt, x, y, steps: int, skip_first: bool = 
 
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
-        for step in range(steps):
-            terms = session.loss(model(x), (x, y))
-            opt.zero_grad()
-            session.backward(terms)
-            session.before_step()
-            if step > 0 or not skip_first:
-                opt.step()
-            session.after_step()
+        _plain_steps(session, model, opt, x, y, steps, skip_first=skip_first)
     return [str(w.message) for w in said if "technique parameter" in str(w.message)]
 
 

@@ -202,10 +202,9 @@ def _refuse_shared_biases(model: nn.Module, selected: dict, where: str) -> None:
     """A bias shared by two layers (`b.bias = a.bias`): the techniques mask and round a compressed
     layer's bias, and finalize writes that into the one Parameter, so the other layer changes too
     (a probe: logits moved by 0.2 of their scale, 16% of predictions flipped, without a word)."""
-    from .session.checks import tied_weights
+    from .session.checks import tied_both_ways
 
-    pairs = tied_weights(model, "bias")
-    tied = {**{b.rsplit(".", 1)[0]: f"{a}.bias" for a, b in pairs.items()}, **pairs}
+    tied = tied_both_ways(model, "bias")
     for name in selected:
         if name in tied:
             other = tied[name]
@@ -223,13 +222,11 @@ def check_layers(model: nn.Module, cfg, i: int) -> None:
     module (finalize would change both), transformers' Conv1D (GPT-2; not a Linear), a weight
     another library parametrizes or that is not float32 (session.checks.weight_problem)."""
     from .graph import matches
-    from .session.checks import is_conv1d, tied_weights, weight_problem
+    from .session.checks import is_conv1d, tied_both_ways, weight_problem
     from .techniques.base import selected_layers
 
     where = f"techniques[{i}] ({cfg.type})"
-    # both ways: whichever module comes first, compressing either changes the other at finalize
-    pairs = tied_weights(model)
-    tied = {**{b: a for a, b in pairs.items()}, **pairs}
+    tied = tied_both_ways(model)
     selected = selected_layers(model, cfg)
     for name, layer in selected.items():
         problem = weight_problem(layer)

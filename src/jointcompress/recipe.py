@@ -6,9 +6,8 @@ with a message that names the field, the bad value and what is allowed.
 """
 from __future__ import annotations
 
-import re
-
 import os
+import re
 
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -676,6 +675,20 @@ def builtin_recipe(name: str) -> Path:
 
 # recipe fields that change memory and speed, not the run: a resumed run may set them anew (a run that ran out of
 # memory resumes with more micro-batches, or in bf16), so checkpoints are matched without them
+# recipe fields added since checkpoints were first written, with the value a run without them trained with:
+# a checkpoint that lacks one resumes as that value, not as a different recipe
+ADDED_FIELDS = {("training", "keep"): "best", ("training", "validation_images"): 0, ("training", "micro_batches"): 1,
+                ("training", "precision"): "fp32", ("training", "greater_is_better"): None}
+
+
+def with_added_fields(saved: dict) -> dict:
+    """A checkpoint's recipe dump with the fields added since it was written at what it trained with."""
+    for (section, field), value in ADDED_FIELDS.items():
+        if isinstance(saved.get(section), dict) and field not in saved[section]:
+            saved = {**saved, section: {**saved[section], field: value}}
+    return saved
+
+
 MEMORY_FIELDS = (("training", "micro_batches"), ("training", "precision"))
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -90,8 +91,6 @@ def stage_curve(teacher: nn.Module, split, example, work: Path, cfg: AgainstConf
         pruner.step()
         before, widths = widths, widths_of(model, example)
         if widths == before:  # round_to kept every channel at this ratio: the stage is not what its ratio says
-            import warnings
-
             warnings.warn(f"Torch-Pruning's step {k + 1} (ratio {cfg.tp_max_ratio * (k + 1) / cfg.tp_steps:.2f}) removed "
                           f"no channel (round_to {cfg.tp_round_to} on these widths); its stage equals the one before. "
                           "More steps or a smaller round_to make each stage prune", stacklevel=2)

@@ -76,6 +76,16 @@ def tied_weights(model: nn.Module, attr: str = "weight") -> dict[str, str]:
     return tied
 
 
+def tied_both_ways(model: nn.Module, attr: str = "weight") -> dict[str, str]:
+    """tied_weights read both ways: whichever of two tied layers comes first, compressing either changes
+    the other at finalize. The later layer -> where its tensor is also reachable; that place's layer (for a
+    bias, the module holding it) -> the later layer's name (with `.bias` for a bias)."""
+    pairs = tied_weights(model, attr)
+    suffix = "" if attr == "weight" else f".{attr}"
+    both = {(other.rsplit(".", 1)[0] if suffix else other): later + suffix for later, other in pairs.items()}
+    return {**both, **pairs}
+
+
 def attached_layers(model: nn.Module) -> list[str]:
     """Layers that still carry this package's masks or quantizers: a model given to compress() or
     prepare() before, and not finalized (a notebook cell run twice). Compressing it again would

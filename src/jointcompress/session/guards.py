@@ -12,7 +12,7 @@ import warnings
 import torch
 
 from ..errors import RecipeError, TrainingError
-from ..recipe import without_memory_fields
+from ..recipe import with_added_fields, without_memory_fields
 
 
 def refuse_finalized(verb: str, step: int) -> None:
@@ -94,8 +94,6 @@ def check_fits(session, state: dict) -> None:
     saved = state.get("identity")
     if saved is None:
         return
-    from ..training.checkpoints import with_added_fields
-
     mine, saved_recipe = session_identity(session), without_memory_fields(with_added_fields(saved["recipe"]))
     if saved_recipe != mine["recipe"]:
         where = first_difference(saved_recipe, mine["recipe"]) or "recipe"

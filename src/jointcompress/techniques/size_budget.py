@@ -114,7 +114,7 @@ class SizeBudget(Landing, Technique):
             self.saliency.attach(self.layers)
         started = time.perf_counter()
         self.calibrate(ctx.model)
-        self.warn_calibration_cost(time.perf_counter() - started, ctx.total_steps)
+        self.warn_calibration_cost(time.perf_counter() - started)
         if not has_channel_masks(ctx.model):  # all three assume every channel stays (before_training counted them without)
             self.check_reachable(ctx.model)
             if not self.warn_channel_floor():  # the stronger word where both apply
@@ -123,7 +123,7 @@ class SizeBudget(Landing, Technique):
         self.note_slack()
         self.attached = True
 
-    def warn_calibration_cost(self, seconds: float, total_steps: int) -> None:
+    def warn_calibration_cost(self, seconds: float) -> None:
         """Each calibration finalizes a copy of the model and encodes the whole file, as save() does:
         some 40 a run however long it is (every step under 40 steps), plus the landing's probes. On a
         large model that is minutes a run (27 CPU-s each on BERT-base, benchmarks/measure_cost.py),
@@ -421,7 +421,7 @@ class SizeBudget(Landing, Technique):
         a Conv1d model 26 points under sequential at 60x in 15 epochs). Runs shorter than the decision window
         overshoot most; the multiplier's anti-windup keeps the state on its goal. Said, not changed: the
         stored runs trained without it."""
-        if off_by >= -OVERSHOOT_WARNING or getattr(self.config, "anti_windup", False) or self.lam <= 0:
+        if off_by >= -OVERSHOOT_WARNING or self.config.anti_windup or self.lam <= 0:
             return
         warnings.warn(f"size_budget: at the freeze the model was {-100 * off_by:.0f}% under its aim with the size "
                       f"multiplier still at {self.lam:.3g}, so the pattern fixed there gives back weights whose values "

@@ -15,7 +15,7 @@ import torch
 from .. import checkpoint as ckpt
 from ..errors import DataError, RecipeError, TrainingError
 from ..model_copy import load_model_state
-from ..recipe import without_memory_fields
+from ..recipe import with_added_fields, without_memory_fields
 from ..session import terms as _terms
 from ..session.teacher import TeacherCache
 from .history import History, Position
@@ -213,23 +213,9 @@ def _trained_overlap(saved: dict) -> bool:
     return saved.get("mode") == "joint" and saved.get("target") is not None and "size_budget" not in kinds
 
 
-# recipe fields added since checkpoints were first written, with the value a run without them trained with:
-# a checkpoint that lacks one resumes as that value, not as a different recipe
-ADDED_FIELDS = {("training", "keep"): "best", ("training", "validation_images"): 0, ("training", "micro_batches"): 1,
-                ("training", "precision"): "fp32", ("training", "greater_is_better"): None}
-
-
-def with_added_fields(saved: dict) -> dict:
-    """A checkpoint's recipe dump with the fields added since it was written at what it trained with."""
-    for (section, field), value in ADDED_FIELDS.items():
-        if isinstance(saved.get(section), dict) and field not in saved[section]:
-            saved = {**saved, section: {**saved[section], field: value}}
-    return saved
-
-
 def _as_trained_today(saved: dict | None, recipe) -> dict | None:
     """The checkpoint's recipe under today's names: such a run resumes with mode: overlap; the fields added
-    since it was written at what it trained with (ADDED_FIELDS)."""
+    since it was written at what it trained with (recipe.ADDED_FIELDS)."""
     if not saved:
         return saved
     saved = with_added_fields(saved)
