@@ -383,3 +383,35 @@ def test_load_best_model_at_end_restores_the_best_checkpoints_session_too(tmp_pa
     best_step = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[1])
     assert best_step < 6 and session.step == best_step
     assert trainer.evaluate()["eval_loss"] == pytest.approx(logged[best_step], rel=1e-6)
+
+
+class _ConvBNClassifier(torch.nn.Module):
+    """A non-transformers model the Trainer drives: a dict in, {"loss", "logits"} out."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4, momentum=0.0)  # training never moves its statistics
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, pixel_values, labels=None):
+        logits = self.fc(torch.relu(self.bn(self.conv(pixel_values))).mean((2, 3)))
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
+        return {"loss": loss, "logits": logits}
+
+
+def test_trainer_evaluate_re_estimates_batchnorm_statistics(tmp_path):
+    torch.manual_seed(0)
+    model = _ConvBNClassifier()
+    x = torch.randn(48, 1, 5, 5) * 3 + 2
+    rows = [{"pixel_values": x[i], "labels": torch.tensor(i % 2)} for i in range(48)]
+    session = jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 8}]}, total_steps=2,
+                                    example_inputs={"pixel_values": x[:2]})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=16, per_device_eval_batch_size=16,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    trainer = CompressionTrainer(session=session, model=model, args=args, train_dataset=rows, eval_dataset=rows)
+    assert torch.equal(model.bn.running_mean, torch.zeros(4))
+    trainer.evaluate()
+    with torch.no_grad():  # three batches of 16: the average of their means is the data's mean
+        expected = model.conv(x).mean((0, 2, 3))
+    torch.testing.assert_close(model.bn.running_mean, expected, rtol=1e-4, atol=1e-5)

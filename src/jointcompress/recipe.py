@@ -404,6 +404,10 @@ class Training(Strict):
     # file, its dev file then only reported on); compress() in Python evaluates with the `evaluate` it is
     # given. 0: choices read the test split (the dev file)
     validation_images: Annotated[int, Field(ge=0, le=100_000_000)] = 0
+    # training batches over which BatchNorm's running statistics are re-estimated before each evaluation,
+    # for the weights as they are then (quantized weights flip between grid points and masks move at once
+    # faster than the running averages follow; session/norm_statistics.py). 0: the averages training left
+    recalibrate_norms: Annotated[int, Field(ge=0, le=100_000)] = 16
 
     def metric_rises(self) -> bool:
         """Whether a higher `metric` is better: `greater_is_better`, else False for a name with a word
@@ -678,7 +682,8 @@ def builtin_recipe(name: str) -> Path:
 # recipe fields added since checkpoints were first written, with the value a run without them trained with:
 # a checkpoint that lacks one resumes as that value, not as a different recipe
 ADDED_FIELDS = {("training", "keep"): "best", ("training", "validation_images"): 0, ("training", "micro_batches"): 1,
-                ("training", "precision"): "fp32", ("training", "greater_is_better"): None}
+                ("training", "precision"): "fp32", ("training", "greater_is_better"): None,
+                ("training", "recalibrate_norms"): 0}
 
 
 def with_added_fields(saved: dict) -> dict:

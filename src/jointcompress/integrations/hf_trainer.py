@@ -32,6 +32,7 @@ except ImportError as err:  # transformers is the optional `hf` extra
 
 from ..errors import RecipeError
 from ..model_call import model_device
+from ..session.norm_statistics import RandomStates, tracked_norms
 from ..session.session import CompressionSession
 
 SESSION_FILE = "jointcompress_session.pt"  # beside the Trainer's files in each checkpoint-N folder
@@ -132,6 +133,15 @@ class CompressionTrainer(Trainer):
         if path is not None and os.path.isfile(path):
             self.session.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         super()._load_best_model()
+
+    def evaluate(self, *args, **kwargs):
+        """The Trainer's evaluation, after BatchNorm's running statistics are re-estimated on the first
+        training.recalibrate_norms training batches for the weights as they are now (as the built-in loop
+        does, session/norm_statistics.py); the RNG states the data loading draws from are put back."""
+        if self.train_dataset is not None and tracked_norms(self.model) and self.session.recipe.training.recalibrate_norms:
+            with RandomStates(None):
+                self.session.recalibrate_norms(self.get_train_dataloader())
+        return super().evaluate(*args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         model.train()

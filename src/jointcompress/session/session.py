@@ -302,6 +302,22 @@ class CompressionSession:
         outputs = call_model(self.model, split_batch(batch).inputs)
         return self.loss(outputs, batch)
 
+    def forward_inputs(self, batch):
+        """The model's outputs on the batch's inputs (no loss terms): the forward of a pass that only
+        reads the model, such as recalibrate_norms'."""
+        return call_model(self.model, split_batch(to_device(batch, model_device(self.model))).inputs)
+
+    def recalibrate_norms(self, batches, max_batches: int | None = None) -> int:
+        """Re-estimate BatchNorm's running statistics over the first `max_batches` (default:
+        training.recalibrate_norms) of `batches`, for a caller's loop to run before it evaluates
+        (session/norm_statistics.py; the built-in loop does it before every evaluation). Returns the
+        number of batches used. Leaves the RNG states to the caller (the built-in loop puts back the
+        ones its loader draws from)."""
+        from .norm_statistics import recalibrate_norms
+
+        count = self.recipe.training.recalibrate_norms if max_batches is None else max_batches
+        return recalibrate_norms(self.model, iter(batches), self.forward_inputs, count)
+
     def _task_weighted(self) -> bool:
         return all(t.task_weight() > 0 for t in self.techniques if t.attached)
 

@@ -28,6 +28,7 @@ import torch.nn as nn
 from ..distributed import DistContext
 from ..errors import RecipeError, TrainingError
 from ..plan import Plan
+from ..session.norm_statistics import RandomStates, recalibrate_norms, tracked_norms
 from ..session.schedule import lr_factor, phase_of
 from ..session.session import CompressionSession, LossFn
 from .best import BestState
@@ -251,12 +252,30 @@ class Trainer:
     # -- evaluation -------------------------------------------------------------------------------
     def _metrics(self) -> dict:
         s = self.session
+        self._recalibrate_norms()
         s.sync.model(s.model)  # BatchNorm statistics and everything else: rank 0's
         s.sync.techniques(s.techniques)
         metrics = read_metrics(self.evaluate(s.model), s.recipe.training.metric)
         metrics = s.sync.mean_metrics(metrics, self.recovery._device())
         s.model.train()
         return metrics
+
+    def _recalibrate_norms(self) -> None:
+        """BatchNorm's running statistics re-estimated for the weights being evaluated, from the first
+        training.recalibrate_norms batches of the training data (session/norm_statistics.py)."""
+        s = self.session
+        count = s.recipe.training.recalibrate_norms
+        if not count or not tracked_norms(s.model):
+            return
+        parts = s.recipe.training.micro_batches
+
+        def forward(batch) -> None:
+            for part, _ in micro_batches(batch, parts):
+                with forward_precision(s.model, s.recipe.training.precision):
+                    s.forward_inputs(part)
+
+        with RandomStates(self.loader):
+            recalibrate_norms(s.model, iter(self.loader), forward, count)
 
     def _end_epoch(self, epoch: int, step: int, losses: dict, conflict: float | None) -> None:
         s = self.session

@@ -1,0 +1,162 @@
+"""BatchNorm's running statistics re-estimated before each evaluation (session/norm_statistics.py)."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import jointcompress
+from jointcompress import compress
+from jointcompress.recipe import parse_recipe, with_added_fields
+from jointcompress.session.norm_statistics import RandomStates, recalibrate_norms
+
+
+class ConvBN(nn.Module):
+    def __init__(self, momentum: float | None = 0.1):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8, momentum=momentum)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.drop(torch.relu(self.bn(self.conv(x))).mean((2, 3))))
+
+
+def _data(n: int = 96, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 6, 6, generator=g) * 2 + 1
+    return x, (x.mean((1, 2, 3)) > 1).long() + (x[:, 0, 0, 0] > 1).long()
+
+
+def _bn_input_stats(model: ConvBN, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain average over the batches of each batch's per-channel mean and unbiased variance of the
+    BatchNorm's input, with the model as evaluated."""
+    model.eval()
+    with torch.no_grad():
+        feats = [model.conv(b) for b in batches]
+    means = torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0)
+    variances = torch.stack([f.transpose(0, 1).reshape(8, -1).var(1, unbiased=True) for f in feats]).mean(0)
+    return means, variances
+
+
+def test_recalibration_averages_the_batches_statistics_and_restores_the_rest():
+    torch.manual_seed(0)
+    model = ConvBN()
+    model.train()
+    x, _ = _data()
+    batches = [x[i:i + 32] for i in range(0, 96, 32)]
+    model.bn.num_batches_tracked.fill_(7)
+    used = recalibrate_norms(model, iter(batches + [x[:5] * 100]), lambda b: model(b), max_batches=3)
+    assert used == 3  # the fourth batch (far off) was not read
+    mean, var = _bn_input_stats(model, batches)
+    model.train()
+    torch.testing.assert_close(model.bn.running_mean, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.bn.running_var, var, rtol=1e-5, atol=1e-6)
+    assert model.bn.momentum == 0.1 and int(model.bn.num_batches_tracked) == 7
+    assert model.training and model.drop.training and model.bn.training  # every layer's mode as it was
+
+
+def test_no_batchnorm_or_no_batches_changes_nothing():
+    plain = nn.Sequential(nn.Linear(4, 4))
+    assert recalibrate_norms(plain, iter([torch.randn(2, 4)]), plain, 8) == 0
+    model = ConvBN()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert recalibrate_norms(model, iter([]), model, 8) == 0
+    assert recalibrate_norms(model, iter([torch.randn(4, 1, 6, 6)]), model, 0) == 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_a_failing_forward_leaves_the_statistics_training_left():
+    model = ConvBN()
+    model.bn.running_mean.fill_(0.25)
+
+    def forward(batch):
+        model(batch)
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        recalibrate_norms(model, iter([torch.randn(4, 1, 6, 6)] * 2), forward, 2)
+    assert torch.equal(model.bn.running_mean, torch.full((8,), 0.25)) and model.bn.momentum == 0.1
+
+
+def test_random_states_are_put_back():
+    gen = torch.Generator().manual_seed(3)
+    loader = DataLoader(TensorDataset(torch.arange(20.0)), batch_size=4, shuffle=True, generator=gen)
+    with RandomStates(loader):
+        list(loader)
+        torch.rand(3), np.random.rand(), random.random()
+    after = (gen.get_state(), torch.get_rng_state(), np.random.get_state()[1], random.getstate())
+    with RandomStates(loader):
+        pass
+    assert torch.equal(after[0], gen.get_state()) and torch.equal(after[1], torch.get_rng_state())
+    assert (after[2] == np.random.get_state()[1]).all() and after[3] == random.getstate()
+
+
+def _compress(recalibrate: int, loader, momentum: float | None = 0.1):
+    torch.manual_seed(0)
+    model = ConvBN(momentum=momentum)
+    x, y = _data(64, seed=1)
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5}, {"type": "quant_lsq", "bits": 4, "start": 0.3}],
+              "training": {"epochs": 2, "batch_size": 16, "keep": "last", "recalibrate_norms": recalibrate}}
+
+    def evaluate(m):
+        with torch.no_grad():
+            return {"accuracy": (m(x).argmax(1) == y).float().mean().item()}
+
+    result = compress(model, recipe, loader, evaluate)
+    return model, result
+
+
+def test_the_loop_recalibrates_before_evaluating_and_trains_the_same_weights():
+    x, y = _data(96)
+    shuffled = lambda: DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True,  # noqa: E731
+                                  generator=torch.Generator().manual_seed(5))
+    off, _ = _compress(0, shuffled())
+    on, _ = _compress(2, shuffled())
+    for name, tensor in off.state_dict().items():
+        if "running" not in name:  # the same batches in the same order trained the same weights
+            assert torch.equal(tensor, on.state_dict()[name]), name
+    assert not torch.allclose(off.bn.running_mean, on.bn.running_mean)
+
+
+def test_statistics_that_never_moved_are_re_estimated_for_the_kept_model():
+    """momentum 0: training leaves the running statistics at their start (mean 0, variance 1), as stale as
+    they get; the kept model evaluates with the statistics of the first batches under its final weights."""
+    x, y = _data(96)
+    ordered = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=False)
+    stale, _ = _compress(0, ordered, momentum=0.0)
+    assert torch.equal(stale.bn.running_mean, torch.zeros(8))
+    model, result = _compress(2, ordered, momentum=0.0)
+    mean, var = _bn_input_stats(model, [x[:32], x[32:64]])
+    torch.testing.assert_close(model.bn.running_mean, mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.bn.running_var, var, rtol=1e-4, atol=1e-5)
+    assert model.bn.momentum == 0.0
+    logits = model(x[:8]).detach()
+    result.finalize()
+    torch.testing.assert_close(model(x[:8]), logits)  # finalize keeps them
+
+
+def test_a_callers_loop_recalibrates_through_the_session():
+    torch.manual_seed(0)
+    model = ConvBN(momentum=0.0)
+    x, _ = _data(64)
+    session = jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 4}],
+                                            "training": {"recalibrate_norms": 3}}, total_steps=4, example_inputs=x[:2])
+    batches = [(x[i:i + 16],) for i in range(0, 64, 16)]
+    assert session.recalibrate_norms(batches) == 3
+    mean, _ = _bn_input_stats(model, [b[0] for b in batches[:3]])
+    torch.testing.assert_close(model.bn.running_mean, mean, rtol=1e-4, atol=1e-5)
+    assert session.recalibrate_norms(batches, max_batches=0) == 0
+
+
+def test_a_checkpoint_from_before_the_field_resumes_without_recalibration():
+    assert with_added_fields({"training": {"epochs": 3}})["training"]["recalibrate_norms"] == 0
+    assert parse_recipe({}).training.recalibrate_norms == 16
+    with pytest.raises(Exception, match="recalibrate_norms"):
+        parse_recipe({"training": {"recalibrate_norms": -1}})
