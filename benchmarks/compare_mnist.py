@@ -60,7 +60,7 @@ DEFAULTS = {  # sized for <= ~30 min each on 2 CPU cores shared with other jobs 
 
 
 def recipe(model: str, epochs: int, min_keep: float = 0.01, bits: int = 4, norm_format: str = "auto",
-           scale_format: str = "fp16"):
+           scale_format: str = "fp16", recalibrate_norms: int = 0):
     return parse_recipe({
         "name": f"{model}-mnist-compare", "model": model, "mode": "joint",
         "techniques": [
@@ -69,7 +69,7 @@ def recipe(model: str, epochs: int, min_keep: float = 0.01, bits: int = 4, norm_
              "scale_format": scale_format},
             {"type": "distill_kd", "temperature": 4.0, "alpha": 0.7, "cache_teacher": True},
         ],
-        "training": {"epochs": epochs, "lr": 1e-3, "batch_size": 128},
+        "training": {"epochs": epochs, "lr": 1e-3, "batch_size": 128, "recalibrate_norms": recalibrate_norms},
         # per term (task, distillation, size each its own gradient), as every stored *-pcgrad / *-scale
         # result was measured; joint-acc-pcgrad turns accuracy_as_one on (the library's default)
         "coordination": {"strategy": "none", "every": 20, "log_every": 50, "accuracy_as_one": False},
@@ -138,6 +138,10 @@ def main() -> None:
     ap.add_argument("--scale-format", choices=("fp16", "log8"), default="fp16",
                     help="quant_lsq.scale_format of every variant: log8 stores each step size in 1 byte instead of 2 "
                          "(default fp16, as every stored result without this flag was measured)")
+    ap.add_argument("--recalibrate-norms", type=int, default=0,
+                    help="training.recalibrate_norms of every variant: training batches over which BatchNorm's running "
+                         "statistics are re-estimated before each evaluation (the library's default is 16); default 0, "
+                         "the running averages, as every stored result without this flag was measured")
     ap.add_argument("--variants", help="comma-separated (default: joint-none,joint-scale,joint-pcgrad,sequential; "
                                        "also joint-fisher-none/-pcgrad, joint-bits-none/-pcgrad with learned widths, "
                                        "joint-stiff-none/-pcgrad with a stiffer constraint (penalty 30), "
@@ -176,7 +180,7 @@ def main() -> None:
         split = balanced_subset(split, args.train_images)
     t0 = time.perf_counter()
     result = run_compare(recipe(args.model, args.epochs or d["epochs"], args.min_keep, args.bits, args.norm_format,
-                                args.scale_format), split,
+                                args.scale_format, args.recalibrate_norms), split,
                          args.model, spec, out,
                          log=lambda m: print(f"[{time.perf_counter() - t0:6.0f}s] {m}", flush=True))
     result["wall_seconds"] = time.perf_counter() - t0

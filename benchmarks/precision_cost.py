@@ -38,7 +38,8 @@ def recipe(precision: str, ratio: float, epochs: int, seed: int) -> dict:
             "techniques": [{"type": "prune_unstructured"},
                            {"type": "quant_lsq", "bits": 4},
                            {"type": "distill_kd", "temperature": 4.0, "alpha": 0.7}],
-            "training": {"epochs": epochs, "seed": seed, "precision": precision, "keep": "last"}}
+            # BatchNorm's running averages, as its stored results were measured (before training.recalibrate_norms)
+            "training": {"epochs": epochs, "seed": seed, "precision": precision, "keep": "last", "recalibrate_norms": 0}}
 
 
 def one_run(teacher, split, precision: str, ratio: float, epochs: int, seed: int) -> dict:

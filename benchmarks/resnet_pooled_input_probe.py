@@ -117,7 +117,8 @@ def main():
     recipe = {"techniques": [*blocks, {"type": "prune_structured", "sparsity": args.sparsity, "end": 0.5},
                              {"type": "quant_lsq", "bits": 8, "start": 0.3},
                              {"type": "distill_kd", "temperature": 4, "alpha": 0.7, "cache_teacher": True}],
-              "training": {"epochs": args.epochs, "lr": 1e-3, "batch_size": 128, "seed": args.seed}}
+              # BatchNorm's running averages, as its stored results were measured (before training.recalibrate_norms)
+              "training": {"epochs": args.epochs, "lr": 1e-3, "batch_size": 128, "seed": args.seed, "recalibrate_norms": 0}}
     compress(student.train(), recipe, (split.x_train, split.y_train), val, teacher=teacher).finalize()
     student.eval()
     result.update(recipe=recipe, student_test=test(student)["accuracy"], student_val=val(student)["accuracy"],

@@ -314,6 +314,8 @@ def point_rows() -> list[dict]:
             bits = f"{bits}, {quant['norm_format']} norms"
         if quant.get("scale_format", "fp16") != "fp16":  # step sizes stored another way: another point too
             bits = f"{bits}, {quant['scale_format']} steps"
+        if r["recipe"].get("training", {}).get("recalibrate_norms"):  # BatchNorm re-estimated before each evaluation
+            bits = f"{bits}, norms re-estimated"
         for ratio in r["ratios"]:
             seq = next((s for s in r["summary"] if s["variant"] == "sequential" and s["ratio_target"] == ratio), None)
             borrowed = ("sequential", "overlap", *(v for _, v, _ in r.get("joint_from", [])))  # another folder's point
@@ -1206,6 +1208,26 @@ def precision_section() -> list[str]:
     return lines + [""]
 
 
+def norm_recalibration_section() -> list[str]:
+    """benchmarks/norm_recalibration.py: training.recalibrate_norms 16 against 0, paired by seed."""
+    r = _load("norm_recalibration.json")
+    if r is None:
+        return []
+    lines = ["## BatchNorm statistics re-estimated before each evaluation (`training.recalibrate_norms`)", "",
+             f"A {r['model']} on the {r['data']} at 10x (4-bit LSQ, magnitude masks, distillation; teacher "
+             f"{100 * r['teacher_accuracy']:.2f}%), each run with `recalibrate_norms: 0` (the running averages training "
+             "left, what every stored compare result without `norms re-estimated` used) and 16; accuracy of the saved "
+             f"and loaded artifact on the held-out digits, {r['threads']} thread. Command: `{r['command']}`.", "",
+             "| mode | accuracy, 0 (per seed) | accuracy, 16 (per seed) | 16 − 0 (points, paired) |", "| --- | --- | --- | --- |"]
+    for p in r["paired"]:
+        acc = {k: [x["accuracy"] for x in r["runs"] if x["mode"] == p["mode"] and x["recalibrate_norms"] == k] for k in (0, 16)}
+        diff = f"{100 * p['mean']:+.1f} ± {100 * (p['se'] or 0):.1f} (n={p['n']})"
+        lines.append(f"| {p['mode']} | {', '.join(f'{a:.3f}' for a in acc[0])} | {', '.join(f'{a:.3f}' for a in acc[16])} | "
+                     f"{'**' + diff + '**' if p['se'] and abs(p['mean']) > 2 * p['se'] else diff} |")
+    return lines + ["", "The sequential runs' size target trims their masks at 90% of the run; the running averages then "
+                    "describe the untrimmed model, and the artifact stored them. docs/reliability.md says how the pass works.", ""]
+
+
 def torchrun_cost_section() -> list[str]:
     """benchmarks/torchrun_coordination_cost.py: the step time of resolving PCGrad on the global batch under
     torchrun, against each rank resolving its own."""
@@ -1834,6 +1856,7 @@ def main() -> None:
     text += size_target_section()
     text += accumulation_section()
     text += precision_section()
+    text += norm_recalibration_section()
     text += torchrun_cost_section()
     text += channels_size_section()
     text += longer_run_section()

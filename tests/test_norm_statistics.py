@@ -160,3 +160,14 @@ def test_a_checkpoint_from_before_the_field_resumes_without_recalibration():
     assert parse_recipe({}).training.recalibrate_norms == 16
     with pytest.raises(Exception, match="recalibrate_norms"):
         parse_recipe({"training": {"recalibrate_norms": -1}})
+
+
+def test_plain_training_keeps_the_running_averages():
+    """train_baseline (teachers, uncompressed references) moves no grid or mask: no statistics pass."""
+    from jointcompress.api import train_baseline
+
+    torch.manual_seed(0)
+    model = ConvBN(momentum=0.0)
+    x, y = _data(64)
+    train_baseline(model, (x, y), lambda m: {"accuracy": 0.5}, epochs=1, batch_size=16)
+    assert torch.equal(model.bn.running_mean, torch.zeros(8))

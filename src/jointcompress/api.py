@@ -550,6 +550,9 @@ def check_dense_gradients(model: nn.Module) -> None:
 
 
 def train_baseline(model: nn.Module, train_data, evaluate, epochs: int = 10, lr: float = 1e-3, batch_size: int = 128, seed: int = 0, progress=None) -> History:
-    """Plain training (no technique): trains the teacher / the uncompressed reference."""
-    recipe = parse_recipe({"training": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed}})
+    """Plain training (no technique): trains the teacher / the uncompressed reference. Its BatchNorm
+    layers evaluate with the running averages training left (recalibrate_norms 0): no grid or mask moves
+    the weights faster than they follow, and every stored teacher trained so."""
+    recipe = parse_recipe({"training": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
+                                        "recalibrate_norms": 0}})
     return compress(model, recipe, train_data, evaluate, progress=progress).history

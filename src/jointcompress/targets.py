@@ -382,7 +382,7 @@ class SizeSteering:
         before it (another size): where that cut costs more than the rest of the run recovers, the run
         ends far below what it had reached, which makes joint look better in a comparison. Said, with the
         numbers. (Most of such a drop was BatchNorm's running statistics describing the untrimmed model: a
-        depthwise-separable CNN kept 0.27-0.41 of its 0.93 until training.recalibrate_norms re-estimated
+        depthwise-separable CNN kept 0.30-0.42 of its 0.93 until training.recalibrate_norms re-estimated
         them before each evaluation, benchmarks/norm_recalibration.py.)"""
         before, now = self.best_before_trim, trainer.history.best_metric
         if before is None or now is None or not trainer.recipe.training.metric_rises():

@@ -215,7 +215,10 @@ def our_recipe(alloc, cfg: AgainstConfig) -> dict:
     stride = [{"type": "raise_stride", "layer": cfg.stride_layer, "stride": raised}] if raised > 1 else []
     return {
         "mode": "joint",
-        "training": {"epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed},
+        # BatchNorm evaluates with its running averages, as Torch-Pruning's fine-tuning (against_tp.fine_tune)
+        # leaves its own: the same rule for both contenders
+        "training": {"epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed,
+                     "recalibrate_norms": 0},
         "coordination": {"strategy": "none", "every": 50},
         "techniques": [
             {"type": "prune_structured", "sparsity": min(0.99, alloc.overall_sparsity), "criterion": "magnitude",
