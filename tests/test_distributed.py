@@ -61,9 +61,12 @@ SCRIPT = textwrap.dedent(
         return parse_recipe(data)
 
 
-    def run(tag, recipe, own_target=False, nan_on_rank1=False, own_init=False):
+    def run(tag, recipe, own_target=False, nan_on_rank1=False, own_init=False, batch_norm=False):
         torch.manual_seed(1 + (rank if own_init else 0))  # own_init: each rank builds its model from its own seed
         model = LeNet300(64, 10)
+        if batch_norm:  # momentum 0: training leaves the running statistics at zero mean, unit variance
+            model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8, momentum=0.0),
+                                        torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(512, 10))
         torch.manual_seed(1)
         trace, calls = [], []
         targets.resolve_target = resolve_by_rank if own_target else resolve_target
@@ -125,6 +128,7 @@ SCENARIOS = [  # the first runs in one process too, as the reference
     {"tag": "own_target", "recipe": LATENCY_TARGET, "own_target": True},
     {"tag": "nan", "recipe": MASKS_AND_LSQ, "nan_on_rank1": True},
     {"tag": "joint_form_own_init", "recipe": {"mode": "joint", "target": {"ratio": 60}, **JOINT_FORM}, "own_init": True},
+    {"tag": "batch_norm", "recipe": {**JOINT_FORM, "training": {**JOINT_FORM["training"], "epochs": 1}}, "batch_norm": True},
 ]
 
 
@@ -204,6 +208,18 @@ def test_torchrun_trains_the_size_budget_identically_on_both_ranks_and_lands_on_
     assert len(j0["trace"]) == j0["steps"] and j0["trace"] == j1["trace"]  # the same model at every step
     target = dense_fp32_bytes(LeNet300(64, 10)) / ratio
     assert 0.9 * target <= j0["file_bytes"] <= 1.02 * target, (j0["file_bytes"], target)
+
+
+@pytest.mark.slow
+def test_batchnorm_statistics_re_estimated_on_each_rank_end_as_rank_0s(runs):
+    """Each rank re-estimates BatchNorm's statistics on its own shard before evaluating; every rank then
+    evaluates, keeps and saves rank 0's (momentum 0: without the pass they would still be zero)."""
+    r0, r1 = _states(runs, "batch_norm")
+    assert r0["model.1.running_mean"].abs().sum() > 0
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    j0, j1 = (_read(runs, "batch_norm", who) for who in ("rank0", "rank1"))
+    assert j0["metrics"] == j1["metrics"]
 
 
 @pytest.mark.slow

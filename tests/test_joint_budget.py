@@ -287,7 +287,10 @@ def test_the_shipped_joint_recipe_is_the_one_the_benchmarks_measure():
     measured = joint_recipe(parse_recipe(base), **JOINT_OPTIONS["joint-paced-obd-none"])
     shipped = load_recipe(builtin_recipe("lenet300_mnist_joint"))
     assert [t.model_dump() for t in shipped.techniques] == [t.model_dump() for t in measured.techniques]
-    assert shipped.training == measured.training and shipped.target == measured.target
+    # compare_mnist.py keeps BatchNorm's running averages (recalibrate_norms 0), as its stored results were
+    # measured; LeNet-300-100 has no BatchNorm, so the shipped recipe keeps the library's default
+    assert shipped.training.model_copy(update={"recalibrate_norms": 0}) == measured.training
+    assert shipped.target == measured.target
     assert (shipped.mode, shipped.model, shipped.coordination.strategy) == ("joint", "lenet300", "none")
 
 
