@@ -1228,6 +1228,47 @@ def norm_recalibration_section() -> list[str]:
                     "describe the untrimmed model, and the artifact stored them. docs/reliability.md says how the pass works.", ""]
 
 
+# (model, where, folder with the running averages, folder re-estimating them, variants): the same command with
+# --recalibrate-norms 16, same teachers (train_baseline keeps the running averages), paired by seed
+RECALIBRATION_RUNS = (
+    ("mobilenet", "2,000 training images, at 20x, BatchNorm folded", "compare_mobilenet_20x_2k_folded",
+     "compare_mobilenet_20x_2k_folded_recal", ("joint-paced-obdland-none", "sequential")),
+    ("seqcnn", "2,000 training images, at 60x, BatchNorm in fp16", "compare_seqcnn_60x_2k_fp16norm",
+     "compare_seqcnn_60x_2k_fp16norm_recal", ("joint-paced-obd-none", "sequential")),
+    ("seqcnn", "2,000 training images, at 30x, BatchNorm in fp16", "compare_seqcnn_30x_2k_fp16norm",
+     "compare_seqcnn_30x_2k_fp16norm_recal", ("joint-paced-obd-none", "sequential")))
+
+
+def recalibration_pairs_section() -> list[str]:
+    """Compare points on BatchNorm models re-run with their statistics re-estimated before each evaluation."""
+    lines = []
+    for model, where, before_folder, after_folder, variants in RECALIBRATION_RUNS:
+        before, after = _finished(load_compare(before_folder)), _finished(load_compare(after_folder))
+        if before is None or after is None:
+            continue
+        same = same_teachers(before, after)
+        if not lines:
+            lines = ["## BatchNorm models with their statistics re-estimated (`--recalibrate-norms 16`)", "",
+                     "Stored compare points on models with BatchNorm re-run with `training.recalibrate_norms: 16` for every "
+                     "variant (the library's default; every other stored result kept the running averages), the same "
+                     "teachers. First table: each variant's error with the running averages and re-estimated; second: "
+                     "joint − sequential under each (points, paired by seed, ± one standard error).", ""]
+        lines += [f"### {MODELS[model]}, {where}", "", f"Reproduce: {_reproduce(after, model)}.", "",
+                  "| target | variant | error, running averages | error, re-estimated | re-estimated − running (points) |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += paired_rows(before, after, variants, same)
+        lines += ["", "| target | joint variant | joint − sequential, running averages | joint − sequential, re-estimated |",
+                  "| --- | --- | --- | --- |"]
+        for ratio in after["ratios"]:
+            cells = []
+            for r in (before, after):
+                st = paired_stats(r["runs"], variants[0], ratio)
+                cells.append("-" if st is None else f"{st[0]:+.2f} ± {st[1]:.2f}, {_verdict(st[0], st[1])} (n={st[2]})")
+            lines.append(f"| {ratio:g}x | {variants[0]} | {cells[0]} | {cells[1]} |")
+        lines.append("")
+    return lines
+
+
 def torchrun_cost_section() -> list[str]:
     """benchmarks/torchrun_coordination_cost.py: the step time of resolving PCGrad on the global batch under
     torchrun, against each rank resolving its own."""
@@ -1857,6 +1898,7 @@ def main() -> None:
     text += accumulation_section()
     text += precision_section()
     text += norm_recalibration_section()
+    text += recalibration_pairs_section()
     text += torchrun_cost_section()
     text += channels_size_section()
     text += longer_run_section()

@@ -171,3 +171,30 @@ def test_plain_training_keeps_the_running_averages():
     x, y = _data(64)
     train_baseline(model, (x, y), lambda m: {"accuracy": 0.5}, epochs=1, batch_size=16)
     assert torch.equal(model.bn.running_mean, torch.zeros(8))
+
+
+def test_a_run_stopped_mid_epoch_resumes_to_the_same_statistics(tmp_path):
+    """The statistics pass draws its batches from the loader between epochs and puts the RNG back: a run
+    stopped mid-epoch and resumed ends with the uninterrupted run's weights and statistics, bit for bit."""
+    x, y = _data(96)
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5}, {"type": "quant_lsq", "bits": 4, "start": 0.3}],
+              "training": {"epochs": 3, "batch_size": 16, "recalibrate_norms": 3}}
+
+    class StopAt:
+        def on_step(self, trainer, step, out):
+            if step == 9:
+                raise KeyboardInterrupt
+
+    def model():
+        torch.manual_seed(0)
+        return ConvBN()
+
+    whole = compress(model(), recipe, (x, y), lambda m: {"accuracy": 0.5})
+    with pytest.raises(KeyboardInterrupt):
+        compress(model(), recipe, (x, y), lambda m: {"accuracy": 0.5}, run_dir=tmp_path, checkpoint_every=4,
+                 callbacks=[StopAt()])
+    resumed = compress(model(), recipe, (x, y), lambda m: {"accuracy": 0.5}, run_dir=tmp_path, resume=True)
+    assert any(e["event"] == "resumed" for e in resumed.history.events)
+    a, b = resumed.model.state_dict(), whole.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["bn.running_mean"], torch.zeros(8))
