@@ -104,7 +104,7 @@ def write_pooled(folders: list[Path], out: Path, command: str) -> dict:
     pooled = pool(results, out, command)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "compare.json", pooled)
-    write_csv(pooled["runs"], out / "compare.csv")
+    write_csv(pooled["runs"], out / "compare.csv", pooled["unreachable"])
     reference = (pooled.get("reference") or {}).get("deep_compression")
     plot_pareto(pooled, out / "pareto.png", references=[tuple(reference)] if reference else None)
     return pooled

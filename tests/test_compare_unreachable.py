@@ -23,6 +23,11 @@ def test_unreachable_ratio_is_recorded_and_the_run_goes_on(tmp_path):
     assert u["ratio_target"] == 5000 and u["seed"] == 0 and "cannot be planned" in u["reason"]  # the allocator's floor
     assert "keeps" in u["reason"] and "B" in u["reason"]  # the floors, in bytes
     assert "not run, target unreachable" in res.output
+    import csv
+
+    rows = list(csv.DictReader((out / "compare.csv").open()))  # the CSV alone says the point was asked for
+    assert [(r["ratio_target"], r["unreachable"] == "") for r in rows] == [("20.0", True), ("5000.0", False)]
+    assert rows[1]["variant"] == "all" and "cannot be planned" in rows[1]["unreachable"]
 
 
 def test_a_recipe_the_sequential_variant_cannot_train_is_refused_before_any_training(tmp_path):

@@ -16,7 +16,7 @@ Run-dir layout (what `jointcompress report` reads):
                     "uncompressed_summary": {"n", "accuracy_mean", "accuracy_min", "accuracy_max"},
                     "paired": [{"variant", "baseline", "ratio_target", "n", "error_diff_mean", "error_diff_se",
                                 "seeds", "verdict"}], "recipe"}
-    compare.csv    one row per run
+    compare.csv    one row per run, then one per point out of reach (its reason)
     pareto.png     error vs compression ratio, mean and min-max over seeds
     runs/<variant>-r<ratio>-s<seed>/{artifact/, history.json, summary.json, recipe.yaml}
 """
@@ -125,7 +125,8 @@ ACCURACY_AS_ONE = {"joint-acc-pcgrad"}
 DEFAULT_VARIANTS = ("joint-paced-obdland-none", "joint-paced-obdland-scale", "joint-paced-obdland-pcgrad", "sequential")
 BENCHMARK_VARIANTS = ("joint-none", "joint-scale", "joint-pcgrad", "sequential")
 CSV_FIELDS = ["variant", "mode", "strategy", "ratio_target", "seed", "accuracy", "error", "bytes", "file_bytes",
-              "target_bytes", "ratio", "sparsity", "bits", "conflict_rate", "changed_share", "changed_mean", "wall_s", "dir"]
+              "target_bytes", "ratio", "sparsity", "bits", "conflict_rate", "changed_share", "changed_mean", "wall_s", "dir",
+              "unreachable"]
 
 
 @dataclass
@@ -363,7 +364,7 @@ def _finish(result: dict, out: Path) -> dict:
 
     result = with_summary(result)
     atomic_write_json(out / "compare.json", result)
-    write_csv(result["runs"], out / "compare.csv")
+    write_csv(result["runs"], out / "compare.csv", result["unreachable"])
     plot_pareto(result, out / "pareto.png")
     if not result["runs"]:
         raise TargetError(f"compare ran nothing: every point is out of reach ({result['unreachable'][0]['reason']}); "
@@ -554,7 +555,10 @@ def _mean_of(rows: list[dict], key: str) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
-def write_csv(runs: list[dict], path: Path) -> None:
+def write_csv(runs: list[dict], path: Path, unreachable: list[dict] = ()) -> None:
+    """One row per run, then one per point (or variant at a point) out of reach, its reason in `unreachable`
+    (variant "all" where no variant could run): a spreadsheet of the CSV alone showed a missing point as
+    never asked for."""
     from .io import atomic_write_text
     import io
 
@@ -563,6 +567,9 @@ def write_csv(runs: list[dict], path: Path) -> None:
     w.writeheader()
     for r in runs:
         w.writerow(r)
+    for u in unreachable:
+        w.writerow({"variant": u.get("variant") or "all", "ratio_target": u["ratio_target"], "seed": u["seed"],
+                    "target_bytes": u["target_bytes"], "unreachable": u["reason"]})
     atomic_write_text(path, buf.getvalue())
 
 
