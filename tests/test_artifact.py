@@ -500,3 +500,18 @@ def test_a_layer_without_a_live_channel_stores_one_step():
     assert live.tolist() == [False, False, True, False, True, False]
     assert torch.equal(live_channels(q, bias, torch.full((6,), 0.25)), live)  # 0.5 = 2 x 0.25: the writer picks int
     assert filled_steps(*[stored_steps(torch.arange(1.0, 7.0), live)[0], live]).tolist() == [3.0, 3.0, 3.0, 3.0, 5.0, 3.0]
+
+
+def test_a_safetensors_file_over_a_target_its_jcw_file_meets_names_the_container(cnn_artifact, tmp_path):
+    """The budget measures the default container; a safetensors file of the same model was 5-44% over the
+    target and the warning blamed the fine-tuning or the channel floor."""
+    model, spec, _, _, x = cnn_artifact
+    compact = save(model, spec, tmp_path / "a", example_inputs=x)["weights_file_bytes"]
+    recorded = copy.copy(spec)
+    recorded.recipe = {"techniques": [{"type": "size_budget", "target_bytes": float(compact)}]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wide = save(model, recorded, tmp_path / "b", example_inputs=x, container="safetensors")["weights_file_bytes"]
+    said = [str(w.message) for w in caught if "over the size target" in str(w.message)]
+    assert wide > compact and len(said) == 1
+    assert f"where this model's file is {compact:,} B" in said[0] and "container='jcw'" in said[0]
