@@ -7,8 +7,8 @@ plain training does: quantized weights flip between grid points every step (Nage
 a mask that moves at once (a size target's late trim, a projection onto the budget) changes
 every later layer's inputs in one step. The averages then describe a model that no longer
 exists: depthwise-separable CNNs whose masks a size target trimmed 10% of the run before its end
-kept 0.30-0.42 accuracy, and stored it, where the same weights with their statistics re-estimated
-on 16 training batches read 0.92-0.94 (benchmarks/norm_recalibration.py, 3 seeds).
+kept 0.30-0.42 accuracy, and stored it, where the same runs with their statistics re-estimated
+on 16 training batches kept 0.92-0.94 (benchmarks/norm_recalibration.py, 3 seeds).
 
 So before each evaluation the loop runs `training.recalibrate_norms` batches of training data
 through the model with every layer in evaluation mode except the BatchNorm layers, which
