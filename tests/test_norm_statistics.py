@@ -155,8 +155,13 @@ def test_a_callers_loop_recalibrates_through_the_session():
     assert session.recalibrate_norms(batches, max_batches=0) == 0
 
 
-def test_a_checkpoint_from_before_the_field_resumes_without_recalibration():
+def test_a_checkpoint_from_before_the_field_reads_as_trained_without_recalibration():
+    """It trained with the running averages; it may resume with another count (test_resume.py: only the
+    statistics evaluations read change, recipe.MEMORY_FIELDS)."""
+    from jointcompress.recipe import without_memory_fields
+
     assert with_added_fields({"training": {"epochs": 3}})["training"]["recalibrate_norms"] == 0
+    assert without_memory_fields({"training": {"recalibrate_norms": 4, "epochs": 3}}) == {"training": {"epochs": 3}}
     assert parse_recipe({}).training.recalibrate_norms == 16
     with pytest.raises(Exception, match="recalibrate_norms"):
         parse_recipe({"training": {"recalibrate_norms": -1}})

@@ -327,7 +327,7 @@ def test_resuming_with_another_number_of_processes_says_what_it_changes(digits, 
     assert res.history.events[-1]["event"] == "resumed"
 
 
-@pytest.mark.parametrize("field", ["keep", "micro_batches", "precision", "greater_is_better"])
+@pytest.mark.parametrize("field", ["keep", "micro_batches", "precision", "greater_is_better", "recalibrate_norms"])
 def test_a_checkpoint_from_before_a_training_field_resumes(digits, tmp_path, field):
     """training.keep and training.micro_batches were added later: a checkpoint whose recipe lacks one
     trained with its default ('best', 1) and must not read as made with a different recipe."""

@@ -694,7 +694,9 @@ def with_added_fields(saved: dict) -> dict:
     return saved
 
 
-MEMORY_FIELDS = (("training", "micro_batches"), ("training", "precision"))
+# recalibrate_norms changes only the statistics evaluations read, not the weights a run trains: a run from
+# before the field (0) resumes with today's default, re-estimating from its next evaluation on
+MEMORY_FIELDS = (("training", "micro_batches"), ("training", "precision"), ("training", "recalibrate_norms"))
 
 
 def without_memory_fields(dump: dict) -> dict:
