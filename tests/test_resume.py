@@ -311,6 +311,37 @@ def test_a_resumed_run_keeps_the_target_its_checkpoint_resolved(tmp_path, monkey
         compress(model(), changed, (x, y), lambda m: 0.0, run_dir=tmp_path, resume=True)
 
 
+@pytest.mark.parametrize("setting", [{"micro_batches": 2}, {"recalibrate_norms": 4}])
+def test_a_run_resumed_with_a_setting_it_may_change_keeps_its_resolved_target(tmp_path, monkeypatch, setting):
+    """A resumed run may set training.micro_batches, precision and recalibrate_norms anew (recipe.MEMORY_FIELDS);
+    the resolution was reused only for the exact recipe asked, so such a resume timed its latency target
+    again, got other widths and was refused as another recipe. The resumed run keeps the new setting."""
+    import jointcompress.targets as targets
+    from jointcompress.recipe import parse_recipe
+
+    def resolving_to(sparsity):
+        def resolve(model, asked, example):
+            data = asked.model_dump()
+            data["target"] = None
+            data["techniques"][0]["sparsity"] = sparsity
+            return parse_recipe(data)
+        return resolve
+
+    x, y, model = _argmax_task(512, 64)
+    recipe = {"techniques": [{"type": "prune_structured", "sparsity": 0.5, "end": 0.5}],
+              "target": {"latency_ms": 1.0, "batch": 1}, "training": {"epochs": 2, "batch_size": 64}}
+    monkeypatch.setattr(targets, "resolve_target", resolving_to(0.25))
+    with pytest.raises(KeyboardInterrupt):
+        compress(model(), recipe, (x, y), lambda m: 0.0, run_dir=tmp_path, checkpoint_every=3, callbacks=[_StopAt(7)])
+    monkeypatch.setattr(targets, "resolve_target", resolving_to(0.75))
+    again = {**recipe, "training": {**recipe["training"], **setting}}
+    resumed = compress(model(), again, (x, y), lambda m: 0.0, run_dir=tmp_path, resume=True)
+    assert any(e["event"] == "resumed" for e in resumed.history.events)
+    assert resumed.recipe.technique("prune_structured").sparsity == 0.25
+    (field, value), = setting.items()
+    assert getattr(resumed.recipe.training, field) == value
+
+
 def test_resuming_with_another_number_of_processes_says_what_it_changes(digits, tmp_path):
     """A torchrun run of 2 processes resumed in one was accepted silently: the steps match (the batch is
     global) but the epoch's remaining batches come from another sharding."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from .errors import JointCompressError
-from .recipe import Recipe, parse_recipe
+from .recipe import MEMORY_FIELDS, Recipe, parse_recipe, with_added_fields, without_memory_fields
 
 
 def resolve_for_run(model: nn.Module, recipe: Recipe, example, run_dir: str | Path | None = None,
@@ -61,6 +61,14 @@ def resumed_resolution(recipe: Recipe, run_dir: str | Path | None) -> Recipe | N
     if found is None:
         return None
     meta = found[1]["meta"]
-    if meta.get("asked_recipe") != recipe.model_dump(mode="json"):
+    asked, now = meta.get("asked_recipe"), recipe.model_dump(mode="json")
+    # matched as the checkpoint matches (training/checkpoints.py): fields added since it was written at what it
+    # trained with, fields a resumed run may set anew (MEMORY_FIELDS) left out; a latency target re-resolved
+    # on a resume timed other widths and the run was refused as another recipe
+    if asked is None or without_memory_fields(with_added_fields(asked)) != without_memory_fields(now):
         return None
-    return parse_recipe(meta["recipe"], source=f"{found[0]}: the target as the run resolved it")
+    resolved = with_added_fields(meta["recipe"])
+    for section, field in MEMORY_FIELDS:  # today's, as the checkpoint match allows
+        if isinstance(resolved.get(section), dict) and field in now.get(section, {}):
+            resolved = {**resolved, section: {**resolved[section], field: now[section][field]}}
+    return parse_recipe(resolved, source=f"{found[0]}: the target as the run resolved it")
