@@ -203,3 +203,70 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_same_statistics(tmp_path):
     a, b = resumed.model.state_dict(), whole.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["bn.running_mean"], torch.zeros(8))
+
+
+class FrozenNormCNN(ConvBN):
+    """Pretrained statistics the model keeps: its train() leaves the BatchNorm in evaluation mode."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.no_grad():
+            self.bn.running_mean.fill_(0.5)
+            self.bn.running_var.fill_(2.0)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.bn.eval()
+        return self
+
+
+def test_a_batchnorm_the_model_keeps_frozen_keeps_its_statistics():
+    """Re-estimated, they changed every later training step too (training normalizes by them)."""
+    model = FrozenNormCNN()
+    model.train()
+    x, _ = _data(32)
+    assert recalibrate_norms(model, iter([x[:16], x[16:]]), model, 2) == 0
+    assert torch.equal(model.bn.running_mean, torch.full((8,), 0.5)) and not model.bn.training and model.conv.training
+
+
+def test_a_sampler_with_its_own_generator_trains_the_same_order():
+    """RandomStates put back the loader's generator only: a sampler's own shuffle moved with the pass, and every
+    later epoch trained on other batches than the same run without it."""
+    from torch.utils.data import RandomSampler
+
+    x, y = _data(96)
+    ds = TensorDataset(x, y)
+    loader = lambda: DataLoader(ds, batch_size=32, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(5)))  # noqa: E731
+    off, _ = _compress(0, loader())
+    on, _ = _compress(2, loader())
+    for name, tensor in off.state_dict().items():
+        if "running" not in name:
+            assert torch.equal(tensor, on.state_dict()[name]), name
+
+
+def test_persistent_workers_are_not_used_for_the_pass():
+    """Their own random states (a dataset's augmentation) would move with the extra batches: the pass reads the
+    same batches in this process."""
+    from jointcompress.session.norm_statistics import batches_for_the_pass
+
+    x, y = _data(32)
+    ds = TensorDataset(x, y)
+    plain = DataLoader(ds, batch_size=8)
+    assert batches_for_the_pass(plain) is plain
+    persistent = DataLoader(ds, batch_size=8, num_workers=1, persistent_workers=True)
+    view = batches_for_the_pass(persistent)
+    assert view.num_workers == 0 and view.batch_sampler is persistent.batch_sampler
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(view, plain))
+
+
+def test_a_batch_with_nan_leaves_the_running_averages_and_says_so():
+    """One corrupt sample (its training step skipped) stayed in the re-estimated averages for good, and the
+    model evaluated and stored NaN logits."""
+    model = ConvBN()
+    model.bn.running_mean.fill_(0.25)
+    x, _ = _data(32)
+    bad = x[16:].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="layer 'bn' non-finite statistics"):
+        assert recalibrate_norms(model, iter([x[:16], bad]), model, 2) == 0
+    assert torch.equal(model.bn.running_mean, torch.full((8,), 0.25))

@@ -139,8 +139,10 @@ class CompressionTrainer(Trainer):
         training.recalibrate_norms training batches for the weights as they are now (as the built-in loop
         does, session/norm_statistics.py); the RNG states the data loading draws from are put back."""
         if self.train_dataset is not None and tracked_norms(self.model) and self.session.recipe.training.recalibrate_norms:
-            with RandomStates(None):
-                self.session.recalibrate_norms(self.get_train_dataloader())
+            if getattr(self, "_norm_batches", None) is None:  # one loader for every evaluation: accelerate keeps each it prepares
+                self._norm_batches = self.get_train_dataloader()
+            with RandomStates(self._norm_batches):
+                self.session.recalibrate_norms(self._norm_batches)
         return super().evaluate(*args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:

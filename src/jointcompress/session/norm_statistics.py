@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import warnings
 from typing import Callable, Iterable
 
 import numpy as np
@@ -34,13 +35,27 @@ def tracked_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
             and m.track_running_stats and m.running_mean is not None and m.running_var is not None]
 
 
+def trained_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The tracked BatchNorm layers that train when the model does: `model.train()` is called (and the
+    modes put back) so that a model's own train() that keeps some frozen (pretrained statistics, as
+    detection and fine-tuning code do) decides; those keep their statistics, and training normalizes by them."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.train()
+        return [m for m in tracked_norms(model) if m.training]
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
 @torch.no_grad()
 def recalibrate_norms(model: nn.Module, batches: Iterable, forward: Callable[[object], object], max_batches: int) -> int:
-    """Re-estimate the running statistics of `model`'s BatchNorm layers over the first `max_batches`
-    of `batches`, each passed to `forward` (which runs the model on it). Returns how many batches
-    were used; 0 (and no change) when the model has no such layer, `max_batches` is 0 or no batch came."""
-    norms = tracked_norms(model)
-    if not norms or max_batches <= 0:
+    """Re-estimate the running statistics of `model`'s trained BatchNorm layers (trained_norms) over the
+    first `max_batches` of `batches`, each passed to `forward` (which runs the model on it). Returns how
+    many batches were used; 0 (and no change) when the model has no such layer, `max_batches` is 0, no
+    batch came, or a batch gave non-finite statistics (warned: one corrupt sample would stay in them)."""
+    norms = trained_norms(model) if max_batches > 0 else []
+    if not norms:
         return 0
     modes = {m: m.training for m in model.modules()}
     kept = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None,
@@ -57,35 +72,72 @@ def recalibrate_norms(model: nn.Module, batches: Iterable, forward: Callable[[ob
             used += 1
         finished = True
     finally:
+        bad = _nonfinite(model, norms) if finished else None
         for m, momentum, count, mean, var in kept:
             m.momentum = momentum
             if count is not None:
                 m.num_batches_tracked.copy_(count)
-            if used == 0 or not finished:  # nothing seen, or a forward failed: the statistics training left
+            if used == 0 or not finished or bad:  # the statistics training left
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
         for m, training in modes.items():
             m.training = training
+    if bad:
+        warnings.warn(f"recalibrate_norms: the training batches gave BatchNorm {bad} non-finite statistics, so this "
+                      "evaluation reads the running averages training left; check the training data for NaN or inf "
+                      "(training skipped such steps) or set training.recalibrate_norms: 0", RuntimeWarning, stacklevel=3)
+        return 0
     return used
 
 
+def _nonfinite(model: nn.Module, norms: list[nn.Module]) -> str | None:
+    """The name of the first layer whose re-estimated statistics are not all finite (None: all are)."""
+    names = {m: name for name, m in model.named_modules()}
+    for m in norms:
+        if not (torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all()):
+            return f"layer {names.get(m, type(m).__name__)!r}"
+    return None
+
+
+def batches_for_the_pass(loader):
+    """The loader the pass reads: itself, or, where its workers persist (their own random states would move
+    with the extra batches, and every later epoch's augmentation with them), the same batches read in this
+    process."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    if not isinstance(loader, DataLoader) or not (loader.num_workers and loader.persistent_workers):
+        return loader
+    if isinstance(loader.dataset, IterableDataset):
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, drop_last=loader.drop_last,
+                          collate_fn=loader.collate_fn)
+    if loader.batch_sampler is None:  # batch_size=None: the sampler yields whole batches
+        return DataLoader(loader.dataset, sampler=loader.sampler, batch_size=None, collate_fn=loader.collate_fn)
+    return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn)
+
+
 class RandomStates:
-    """The RNG states iterating a loader draws from (its shuffle generator, torch's, numpy's and
-    Python's for workers' seeds and a dataset's own augmentation), taken and put back, so a pass over
-    the data for the statistics leaves the training's stream of batches as it was."""
+    """The RNG states iterating a loader draws from (the shuffle generators of the loader, its sampler and
+    its batch sampler's sampler; torch's, CUDA's, numpy's and Python's, for workers' seeds and a dataset's
+    own augmentation), taken and put back, so a pass over the data for the statistics leaves the training's
+    stream of batches as it was."""
 
     def __init__(self, loader):
-        self.generator = getattr(loader, "generator", None)
+        holders = [loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
+        found = [getattr(h, "generator", None) for h in holders]
+        self.generators = list({id(g): g for g in found if isinstance(g, torch.Generator)}.values())
 
     def __enter__(self) -> "RandomStates":
-        self.states = (self.generator.get_state() if self.generator is not None else None, torch.get_rng_state(),
-                       np.random.get_state(), random.getstate())
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        self.states = ([g.get_state() for g in self.generators], torch.get_rng_state(), cuda, np.random.get_state(),
+                       random.getstate())
         return self
 
     def __exit__(self, *exc) -> None:
-        gen, torch_state, np_state, py_state = self.states
-        if self.generator is not None:
-            self.generator.set_state(gen)
+        gens, torch_state, cuda, np_state, py_state = self.states
+        for g, state in zip(self.generators, gens):
+            g.set_state(state)
         torch.set_rng_state(torch_state)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
         np.random.set_state(np_state)
         random.setstate(py_state)

@@ -28,7 +28,7 @@ import torch.nn as nn
 from ..distributed import DistContext
 from ..errors import RecipeError, TrainingError
 from ..plan import Plan
-from ..session.norm_statistics import RandomStates, recalibrate_norms, tracked_norms
+from ..session.norm_statistics import RandomStates, batches_for_the_pass, recalibrate_norms, tracked_norms
 from ..session.schedule import lr_factor, phase_of
 from ..session.session import CompressionSession, LossFn
 from .best import BestState
@@ -275,7 +275,7 @@ class Trainer:
                     s.forward_inputs(part)
 
         with RandomStates(self.loader):
-            recalibrate_norms(s.model, iter(self.loader), forward, count)
+            recalibrate_norms(s.model, iter(batches_for_the_pass(self.loader)), forward, count)
 
     def _end_epoch(self, epoch: int, step: int, losses: dict, conflict: float | None) -> None:
         s = self.session
