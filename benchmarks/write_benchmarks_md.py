@@ -1252,9 +1252,10 @@ def recalibration_pairs_section() -> list[str]:
         same = same_teachers(before, after)
         if not lines:
             lines = ["## BatchNorm models with their statistics re-estimated (`--recalibrate-norms 16`)", "",
-                     "Stored compare points on models with BatchNorm re-run with `training.recalibrate_norms: 16` for every "
-                     "variant (the library's default; every other stored result kept the running averages), the same "
-                     "teachers, on today's code (any other change since a stored run is in the difference too). First table: each variant's error with the running averages and re-estimated; second: "
+                     "Compare points on models with BatchNorm, each run twice with the same teachers: with the running "
+                     "averages (`--recalibrate-norms 0`, as every other stored result) and with the statistics re-estimated "
+                     "on 16 training batches before each evaluation (`--recalibrate-norms 16`, the library's default) for "
+                     "every variant. First table: each variant's error with the running averages and re-estimated; second: "
                      "joint − sequential under each (points, paired by seed, ± one standard error).", ""]
         lines += [f"### {MODELS[model]}, {where}", "", f"Reproduce: {_reproduce(after, model)}; running averages: "
                   f"{_reproduce(before, model)}." + ("" if same else " Their teachers differ (not the same machine "
