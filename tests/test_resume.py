@@ -281,10 +281,10 @@ def test_the_joint_form_resumes_bit_for_bit_from_inside_its_catch_up(tmp_path):
         assert size_events(resumed.history) == budget.events, at
 
 
-def test_a_resumed_run_keeps_the_target_its_checkpoint_resolved(tmp_path, monkeypatch):
-    """A latency target is allocated from timings: allocated again on resume (other load, other widths:
-    LeNet-5's conv2 got 8, 40 and 50 channels in three allocations), the checkpoint no longer fit the
-    recipe and the run could not be resumed. The resolution the run started with is reused."""
+def _stopped_latency_run(run_dir, monkeypatch):
+    """A latency-target run stopped at step 7 in `run_dir`, its target resolved to sparsity 0.25; from then on a
+    resolution gives 0.75 (what timing again would give: other load, other widths). Returns x, y, the model
+    maker and the recipe."""
     import jointcompress.targets as targets
     from jointcompress.recipe import parse_recipe
 
@@ -301,8 +301,16 @@ def test_a_resumed_run_keeps_the_target_its_checkpoint_resolved(tmp_path, monkey
               "target": {"latency_ms": 1.0, "batch": 1}, "training": {"epochs": 2, "batch_size": 64}}
     monkeypatch.setattr(targets, "resolve_target", resolving_to(0.25))
     with pytest.raises(KeyboardInterrupt):
-        compress(model(), recipe, (x, y), lambda m: 0.0, run_dir=tmp_path, checkpoint_every=3, callbacks=[_StopAt(7)])
-    monkeypatch.setattr(targets, "resolve_target", resolving_to(0.75))  # what timing again would give
+        compress(model(), recipe, (x, y), lambda m: 0.0, run_dir=run_dir, checkpoint_every=3, callbacks=[_StopAt(7)])
+    monkeypatch.setattr(targets, "resolve_target", resolving_to(0.75))
+    return x, y, model, recipe
+
+
+def test_a_resumed_run_keeps_the_target_its_checkpoint_resolved(tmp_path, monkeypatch):
+    """A latency target is allocated from timings: allocated again on resume (other load, other widths:
+    LeNet-5's conv2 got 8, 40 and 50 channels in three allocations), the checkpoint no longer fit the
+    recipe and the run could not be resumed. The resolution the run started with is reused."""
+    x, y, model, recipe = _stopped_latency_run(tmp_path, monkeypatch)
     resumed = compress(model(), recipe, (x, y), lambda m: 0.0, run_dir=tmp_path, resume=True)
     assert any(e["event"] == "resumed" for e in resumed.history.events)
     assert resumed.recipe.technique("prune_structured").sparsity == 0.25
@@ -316,24 +324,7 @@ def test_a_run_resumed_with_a_setting_it_may_change_keeps_its_resolved_target(tm
     """A resumed run may set training.micro_batches, precision and recalibrate_norms anew (recipe.MEMORY_FIELDS);
     the resolution was reused only for the exact recipe asked, so such a resume timed its latency target
     again, got other widths and was refused as another recipe. The resumed run keeps the new setting."""
-    import jointcompress.targets as targets
-    from jointcompress.recipe import parse_recipe
-
-    def resolving_to(sparsity):
-        def resolve(model, asked, example):
-            data = asked.model_dump()
-            data["target"] = None
-            data["techniques"][0]["sparsity"] = sparsity
-            return parse_recipe(data)
-        return resolve
-
-    x, y, model = _argmax_task(512, 64)
-    recipe = {"techniques": [{"type": "prune_structured", "sparsity": 0.5, "end": 0.5}],
-              "target": {"latency_ms": 1.0, "batch": 1}, "training": {"epochs": 2, "batch_size": 64}}
-    monkeypatch.setattr(targets, "resolve_target", resolving_to(0.25))
-    with pytest.raises(KeyboardInterrupt):
-        compress(model(), recipe, (x, y), lambda m: 0.0, run_dir=tmp_path, checkpoint_every=3, callbacks=[_StopAt(7)])
-    monkeypatch.setattr(targets, "resolve_target", resolving_to(0.75))
+    x, y, model, recipe = _stopped_latency_run(tmp_path, monkeypatch)
     again = {**recipe, "training": {**recipe["training"], **setting}}
     resumed = compress(model(), again, (x, y), lambda m: 0.0, run_dir=tmp_path, resume=True)
     assert any(e["event"] == "resumed" for e in resumed.history.events)
