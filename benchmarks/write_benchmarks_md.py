@@ -1259,7 +1259,9 @@ def recalibration_pairs_section() -> list[str]:
                      "joint − sequential under each (points, paired by seed, ± one standard error).", ""]
         lines += [f"### {MODELS[model]}, {where}", "", f"Reproduce: {_reproduce(after, model)}; running averages: "
                   f"{_reproduce(before, model)}." + ("" if same else " Their teachers differ (not the same machine "
-                                                     "state), so the first table's difference is not paired."), "",
+                                                     "state), so the first table's difference is not paired.")
+                  + ("" if before_folder.endswith("_rerun") else " The running-averages run is the stored one, made "
+                     "by earlier code: any other change since is in the first table's difference too."), "",
                   "| target | variant | error, running averages | error, re-estimated | re-estimated − running (points) |",
                   "| --- | --- | --- | --- | --- |"]
         lines += paired_rows(before, after, variants, same)
