@@ -1239,6 +1239,8 @@ RECALIBRATION_RUNS = (
      "compare_seqcnn_60x_2k_fp16norm_recal", ("joint-paced-obd-none", "sequential")),
     ("seqcnn", "2,000 training images, at 30x, BatchNorm in fp16", "compare_seqcnn_30x_2k_fp16norm_rerun",
      "compare_seqcnn_30x_2k_fp16norm_recal", ("joint-paced-obd-none", "sequential")),
+    ("seqcnn", "at 60x, BatchNorm in fp16", "compare_seqcnn_60x_fp16norm_rerun", "compare_seqcnn_60x_fp16norm_recal",
+     ("joint-paced-obd-none", "sequential")),
     ("resnet", "at 20x", "compare_resnet_20x_fp16_steps", "compare_resnet_20x_recal", ("joint-paced-obdland-none", "sequential")))
 
 
