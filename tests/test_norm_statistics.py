@@ -88,14 +88,13 @@ def test_a_failing_forward_leaves_the_statistics_training_left():
 def test_random_states_are_put_back():
     gen = torch.Generator().manual_seed(3)
     loader = DataLoader(TensorDataset(torch.arange(20.0)), batch_size=4, shuffle=True, generator=gen)
+    before = (gen.get_state(), torch.get_rng_state(), np.random.get_state()[1], random.getstate())
     with RandomStates(loader):
         list(loader)
         torch.rand(3), np.random.rand(), random.random()
-    after = (gen.get_state(), torch.get_rng_state(), np.random.get_state()[1], random.getstate())
-    with RandomStates(loader):
-        pass
-    assert torch.equal(after[0], gen.get_state()) and torch.equal(after[1], torch.get_rng_state())
-    assert (after[2] == np.random.get_state()[1]).all() and after[3] == random.getstate()
+        assert not torch.equal(before[0], gen.get_state())  # the draws inside moved every state
+    assert torch.equal(before[0], gen.get_state()) and torch.equal(before[1], torch.get_rng_state())
+    assert (before[2] == np.random.get_state()[1]).all() and before[3] == random.getstate()
 
 
 def _compress(recalibrate: int, loader, momentum: float | None = 0.1):

@@ -92,11 +92,10 @@ def recalibrate_norms(model: nn.Module, batches: Iterable, forward: Callable[[ob
 
 def _nonfinite(model: nn.Module, norms: list[nn.Module]) -> str | None:
     """The name of the first layer whose re-estimated statistics are not all finite (None: all are)."""
-    names = {m: name for name, m in model.named_modules()}
-    for m in norms:
-        if not (torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all()):
-            return f"layer {names.get(m, type(m).__name__)!r}"
-    return None
+    bad = next((m for m in norms if not (torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all())), None)
+    if bad is None:
+        return None
+    return f"layer {next((name for name, m in model.named_modules() if m is bad), type(bad).__name__)!r}"
 
 
 def batches_for_the_pass(loader):
