@@ -453,3 +453,53 @@ def test_a_checkpoint_without_its_checksum_is_still_checked(digits, tmp_path):
     newest.write_bytes(bytes(data))
     with pytest.raises(TrainingError, match=r"no checksum file, and its archive entry .* fails its CRC"):
         read_checkpoint(newest)
+
+
+def _sampler_loader(digits):
+    """A user's loader whose shuffle draws from its sampler's own generator (not the loader's)."""
+    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+    data = TensorDataset(digits.x_train, digits.y_train)
+    return DataLoader(data, batch_size=128, sampler=RandomSampler(data, generator=torch.Generator().manual_seed(7)))
+
+
+def test_a_run_whose_sampler_has_its_own_generator_resumes_mid_epoch_bit_for_bit(digits, tmp_path):
+    """The epoch a resumed run replays is the one the interrupted run was in: the sampler's generator had moved
+    on by then (one draw per epoch), and a fresh one would replay the first epoch's order."""
+    class StopAt:
+        def on_step(self, trainer, step, out):
+            if step == 27:  # 11 steps per epoch: mid-epoch 3, after the checkpoint of step 24
+                raise KeyboardInterrupt
+
+    def run(**kw):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+        recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5}],
+                  "training": {"epochs": 3, "batch_size": 128}}
+        return compress(model, recipe, _sampler_loader(digits), evaluator(digits.x_test, digits.y_test), **kw)
+
+    whole = run()
+    with pytest.raises(KeyboardInterrupt):
+        run(run_dir=tmp_path, checkpoint_every=8, callbacks=[StopAt()])
+    resumed = run(run_dir=tmp_path, resume=True)
+    assert resumed.history.events[0]["event"] == "resumed" and resumed.history.events[0]["step"] == 24
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_generator_states_read_a_checkpoint_from_before_the_samplers_and_name_a_changed_loader(digits):
+    """Older checkpoints hold the loader's one state (a tensor) or None; a loader with other generators
+    than the run had cannot replay its order, and the resume says so."""
+    from jointcompress.training.epochs import generator_states, set_generator_states
+
+    loader = _sampler_loader(digits)
+    generator = loader.sampler.generator
+    start = generator.get_state()
+    torch.rand(3, generator=generator)
+    set_generator_states(loader, start)  # the old format: one tensor
+    assert torch.equal(generator.get_state(), start)
+    set_generator_states(loader, None)
+    assert torch.equal(generator.get_state(), start)
+    with pytest.warns(UserWarning, match="2 shuffle generator.*loader now has 1"):
+        set_generator_states(loader, [start, start])
+    assert len(generator_states(loader)) == 1

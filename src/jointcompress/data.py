@@ -340,6 +340,14 @@ def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, see
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last)
 
 
+def shuffle_generators(loader) -> list[torch.Generator]:
+    """The generators a loader's order draws from: its own, its sampler's and its batch sampler's sampler's
+    (a user may seed any of them), each once. Putting their states back replays the same batches."""
+    holders = [loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
+    found = [getattr(h, "generator", None) for h in holders]
+    return list({id(g): g for g in found if isinstance(g, torch.Generator)}.values())
+
+
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
     """Top-1 accuracy on held-out data, in eval mode (restores the previous mode). The logits are

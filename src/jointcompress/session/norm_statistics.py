@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..data import shuffle_generators
+
 
 def tracked_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """The BatchNorm layers that evaluate with running statistics."""
@@ -121,9 +123,7 @@ class RandomStates:
     stream of batches as it was."""
 
     def __init__(self, loader):
-        holders = [loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
-        found = [getattr(h, "generator", None) for h in holders]
-        self.generators = list({id(g): g for g in found if isinstance(g, torch.Generator)}.values())
+        self.generators = shuffle_generators(loader)
 
     def __enter__(self) -> "RandomStates":
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None

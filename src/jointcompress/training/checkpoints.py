@@ -1,7 +1,7 @@
 """The built-in loop's checkpoints: everything needed to continue a run bit for bit.
 
 Weights with their parametrizations, technique states and scalars, optimizer, LR scale, RNG
-states (torch, CUDA, python, numpy, the loader's generator and the epoch's start), the
+states (torch, CUDA, python, numpy, the loader's shuffle generators and the epoch's start), the
 DataLoader position, history, best state and teacher cache. Files are written by
 checkpoint.CheckpointStore (atomic, read back without unpickling); only rank 0 writes.
 """
@@ -18,6 +18,7 @@ from ..model_copy import load_model_state
 from ..recipe import with_added_fields, without_memory_fields
 from ..session import terms as _terms
 from ..session.teacher import TeacherCache
+from .epochs import generator_states, set_generator_states
 from .history import History, Position
 
 
@@ -37,14 +38,13 @@ class RunCheckpoints:
         s = tr.session
         if self.store is None or not s.sync.is_main:
             return None
-        gen = getattr(tr.loader, "generator", None)
         payload = {
             "model": s.model.state_dict(),
             "techniques": s.technique_states(),
             "optimizer": s.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "loader_gen": gen.get_state() if gen is not None else None,
+            "loader_gen": generator_states(tr.loader),  # the loader's, its sampler's and batch sampler's
             "epoch_start_gen": tr.epoch_start["gen"],
             "epoch_start_torch": tr.epoch_start["torch"],
             "best": tr.best.payload(),
@@ -177,9 +177,7 @@ class RunCheckpoints:
     @staticmethod
     def _restore_rng(tr, ck: dict, meta: dict) -> None:
         tr.epoch_start = {"gen": ck.get("epoch_start_gen"), "torch": ck.get("epoch_start_torch")}
-        gen = getattr(tr.loader, "generator", None)
-        if gen is not None and ck.get("loader_gen") is not None:
-            gen.set_state(ck["loader_gen"])
+        set_generator_states(tr.loader, ck.get("loader_gen"))
         ckpt.set_python_rng_state(meta["python_rng"])
         ckpt.set_numpy_rng_state(meta["numpy_rng"])
         torch.set_rng_state(ck["torch_rng"])
