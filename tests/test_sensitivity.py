@@ -1,4 +1,5 @@
 """The sensitivity scan: per layer and per coupled channel group, as JSON, table and heatmap."""
+import copy
 import json
 
 import pytest
@@ -8,7 +9,7 @@ from typer.testing import CliRunner
 from jointcompress.cli import app
 from jointcompress.data import evaluator, load_digits
 from jointcompress.models import build_model
-from jointcompress.sensitivity import drop_at, scan, tolerable_sparsity
+from jointcompress.sensitivity import drop_at, magnitude_prune_, scan, tolerable_sparsity
 
 
 def test_scan_layers_and_groups():
@@ -96,3 +97,55 @@ def test_the_heat_map_is_written_atomically(tmp_path, monkeypatch):
               "layers": {"fc": {"sparsity": {"0.5": 0.01}, "bits": {"4": 0.02}}}}
     save_heatmap(result, tmp_path / "s.png")
     assert written == [str(tmp_path / "s.png")] and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+class _ConvNorm(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_a_model_with_batchnorm_is_read_with_its_statistics_re_estimated():
+    """Each reading (baseline and every drop) first re-estimates the statistics on the given batches, the
+    way training evaluates: the drop equals the one measured by hand on a pruned copy whose statistics
+    were averaged over the same batches; the model given is left as it was."""
+    torch.manual_seed(0)
+    model = _ConvNorm()
+    batches = [torch.randn(16, 1, 6, 6) for _ in range(3)]
+    model.train()
+    for b in batches * 4:  # running averages of the unpruned layer
+        model(b)
+    model.eval()
+    held_out, before = torch.randn(32, 1, 6, 6), copy.deepcopy(model.state_dict())
+    reference = model(held_out).detach()
+
+    def closeness(m):  # continuous: every change in the statistics shows
+        with torch.no_grad():
+            return {"accuracy": -float((m(held_out) - reference).pow(2).mean())}
+
+    def by_hand(sparsity):
+        m = copy.deepcopy(model)
+        if sparsity:
+            magnitude_prune_(m.conv.weight.data, sparsity)
+        m.bn.reset_running_stats()
+        m.bn.momentum = None
+        m.bn.train()
+        with torch.no_grad():
+            for b in batches:
+                m(b)
+        m.eval()
+        return closeness(m)["accuracy"]
+
+    kw = dict(sparsities=(0.9,), bits=(8,), groups=False)
+    stale = scan(model, closeness, batches[0][:2], **kw)
+    fresh = scan(model, closeness, batches[0][:2], norm_batches=batches, **kw)
+    assert fresh["norm_batches"] == 3 and stale["norm_batches"] == 0
+    assert fresh["baseline"] == pytest.approx(by_hand(0.0), rel=1e-5)
+    assert fresh["layers"]["conv"]["sparsity"]["0.9"] == pytest.approx(by_hand(0.0) - by_hand(0.9), rel=1e-4)
+    assert stale["layers"]["conv"]["sparsity"]["0.9"] != pytest.approx(fresh["layers"]["conv"]["sparsity"]["0.9"], rel=0.1)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

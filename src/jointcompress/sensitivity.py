@@ -16,13 +16,15 @@ back to `targets.resolve_target(..., sensitivity=...)`.
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 from .graph import PRUNABLE_ROOTS, ChannelGroup, channel_norms, discover_groups, root_weight
+from .model_call import call_model
 from .model_copy import load_model_state
+from .session.norm_statistics import recalibrate_norms, trained_norms
 from .techniques.quant_lsq import lsq_init_step
 
 DEFAULT_SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
@@ -105,21 +107,34 @@ def scan(
     per_channel: bool = True,
     progress: Callable[[int, int], None] | None = None,
     greater_is_better: bool = True,
+    norm_batches: Sequence | None = None,
 ) -> dict:
     """Measure the metric drop of each layer and each channel group at each setting.
 
-    Returns {"metric", "baseline", "sparsities", "bits", "group_sparsities",
+    Returns {"metric", "baseline", "sparsities", "bits", "group_sparsities", "norm_batches",
     "layers": {name: {"numel", "shape", "sparsity": {"0.9": drop}, "bits": {"4": drop}}},
     "groups": {root: {"layers": [...], "channels", "sparsity": {"0.5": drop}}}}.
     Keys of the inner dicts are strings (JSON); drops are baseline - metric (higher = worse), or
     metric - baseline for a metric where lower is better (`greater_is_better=False`: a loss).
+
+    `norm_batches` (a few batches of training inputs, as the model takes them): a model with BatchNorm
+    re-estimates its statistics on them before every reading, the baseline's included, as training
+    does before it evaluates (`training.recalibrate_norms`). With the running averages, a pruned or
+    rounded layer is normalized by statistics of the layer it was, and its drop reads several times
+    too high (benchmarks/sensitivity_norms.py); the layers the allocator then spares are the wrong ones.
     """
     model = copy.deepcopy(model).eval()
-    baseline = metric_of(evaluate, model, metric)
     sign = 1.0 if greater_is_better else -1.0
 
+    def read() -> float:
+        if norm_batches:
+            recalibrate_norms(model, iter(norm_batches), lambda inputs: call_model(model, inputs), len(norm_batches))
+        return metric_of(evaluate, model, metric)
+
+    baseline = read()
+
     def lost() -> float:
-        return sign * (baseline - metric_of(evaluate, model, metric))
+        return sign * (baseline - read())
 
     modules = dict(model.named_modules())
     names = layers or scanned_layers(model)
@@ -127,7 +142,8 @@ def scan(
     total = len(names) * (len(sparsities) + len(bits)) + len(found) * len(group_sparsities)
     done = 0
     out = {"metric": metric, "baseline": baseline, "sparsities": list(sparsities), "bits": list(bits),
-           "group_sparsities": list(group_sparsities), "layers": {}, "groups": {}}
+           "group_sparsities": list(group_sparsities), "layers": {}, "groups": {},
+           "norm_batches": len(norm_batches or []) if trained_norms(model) else 0}  # what each reading's BatchNorm used
 
     def tick():
         nonlocal done

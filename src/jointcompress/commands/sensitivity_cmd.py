@@ -23,6 +23,10 @@ def register(app: typer.Typer) -> None:
         group_sparsities: str = typer.Option("0.25,0.5,0.75", "--group-sparsities", help="Channel sparsities per group."),
         out: Path = typer.Option(Path("runs/sensitivity"), "--out", help="Where sensitivity.json and .png go."),
         force: bool = typer.Option(False, "--force", help="Allow writing into an --out that holds other files."),
+        recalibrate_norms: int = typer.Option(8, "--recalibrate-norms", min=0,
+                                              help="Batches of 128 training images over which a model with BatchNorm re-estimates its "
+                                                   "statistics before every reading (0: the running averages, which overstate a "
+                                                   "layer's drop)."),
     ) -> None:
         """Prune or quantize one layer (or one coupled channel group) at a time and measure the drop;
         prints a layer table and a group table, writes sensitivity.json (usable by targets.resolve_target) and a heatmap PNG."""
@@ -63,8 +67,8 @@ def register(app: typer.Typer) -> None:
                 net = load_start(builder_for(name, split), weights)  # a file, or an artifact directory as compress takes
             else:
                 net = train_teacher(name, split, teacher_epochs, lr=recipe.training.lr, progress=tracked(bar, "train model"))
-            result = scan(net, evaluator(*split.selection()), split.x_train[:2], sp, bs, gs,
-                          metric="accuracy", progress=tracked(bar, "scan"))
+            result = scan(net, evaluator(*split.selection()), split.x_train[:2], sp, bs, gs, metric="accuracy",
+                          progress=tracked(bar, "scan"), norm_batches=norm_batches(split.x_train, recalibrate_norms))
         result["measured_on"] = split.selected_on  # the images the baseline and every drop are measured on
         atomic_write_json(out / "sensitivity.json", result)
         save_heatmap(result, out / "sensitivity.png")
@@ -72,6 +76,15 @@ def register(app: typer.Typer) -> None:
         if result["groups"]:
             console.print(group_table(result, gs))
         console.print(f"wrote {out / 'sensitivity.json'} and {out / 'sensitivity.png'}")
+
+
+def norm_batches(x_train, count: int, size: int = 128) -> list:
+    """`count` batches of training images in a fixed shuffled order (a file sorted by class would give
+    every batch one class), for the scan's BatchNorm statistics."""
+    import torch
+
+    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[: count * size]
+    return [x_train[order[i:i + size]] for i in range(0, len(order), size)]
 
 
 OUTPUTS = ("sensitivity.json", "sensitivity.png")  # what a scan writes (a re-run may replace them)
