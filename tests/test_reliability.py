@@ -439,3 +439,27 @@ def test_training_keep_chooses_the_state_the_run_ends_with(keep, epoch):
     assert result.history.best_epoch == epoch
     kept = states[epoch - 1]
     assert all(torch.equal(v, kept[k]) for k, v in model.state_dict().items())
+
+
+def test_the_users_evaluate_reads_the_model_in_evaluation_mode():
+    """A function that does not call model.eval() read the model with dropout on, and its batches moved the
+    BatchNorm statistics the run keeps and stores; each module's mode is put back after."""
+    torch.manual_seed(0)
+    x, y = torch.randn(128, 20), torch.randint(0, 2, (128,))
+    held_out = torch.randn(64, 20) * 5 + 10  # statistics far from the training data's
+    model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
+                                torch.nn.Dropout(0.5), torch.nn.Linear(32, 2))
+    modes = []
+
+    def evaluate(m):
+        modes.append(m.training or any(layer.training for layer in m.modules()))
+        with torch.no_grad():
+            return {"accuracy": float((m(held_out).argmax(1) == 0).float().mean())}
+
+    recipe = {"techniques": [{"type": "quant_lsq", "bits": 8}],
+              "training": {"epochs": 2, "batch_size": 32, "recalibrate_norms": 0}}
+    compress(model, recipe, (x, y), evaluate)
+    assert len(modes) == 3 and not any(modes)  # two epochs and the final reading
+    with torch.no_grad():
+        trained_on = model[0](x).mean(0)
+    assert (model[1].running_mean - trained_on).abs().max() < 1.0  # the training data's, not the held-out's

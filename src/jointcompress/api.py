@@ -19,7 +19,7 @@ from .layer_types import COMPRESSIBLE
 from .session.checks import check_teacher
 from .session.outputs import LABEL_KEYS, call_model, describe, first_rows, split_batch
 from .training import History, Trainer
-from .training.metrics import read_metrics
+from .training.metrics import evaluated
 from .plan import make_plan
 from .recipe import Recipe, parse_recipe
 
@@ -412,7 +412,7 @@ def compress(
     except BaseException:  # the user's teacher leaves with its own mode and no capture hooks, whatever stopped the run
         trainer.session.release_hooks()
         raise
-    metrics = read_metrics(evaluate(model), recipe.training.metric)
+    metrics = evaluated(evaluate, model, recipe.training.metric)
     if dist is not None:
         metrics = dist.mean_metrics(metrics)
     trainer.session.finish()

@@ -35,7 +35,7 @@ from .best import BestState
 from .checkpoints import RunCheckpoints
 from .epochs import epoch_batches
 from .history import History, Position
-from .metrics import read_metrics
+from .metrics import evaluated
 from .micro_batches import check_parts, micro_batches
 from .mixed_precision import check_precision, forward_precision, loss_scaler
 from .recovery import Recovery
@@ -255,7 +255,7 @@ class Trainer:
         self._recalibrate_norms()
         s.sync.model(s.model)  # BatchNorm statistics and everything else: rank 0's
         s.sync.techniques(s.techniques)
-        metrics = read_metrics(self.evaluate(s.model), s.recipe.training.metric)
+        metrics = evaluated(self.evaluate, s.model, s.recipe.training.metric)
         metrics = s.sync.mean_metrics(metrics, self.recovery._device())
         s.model.train()
         return metrics

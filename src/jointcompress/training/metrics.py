@@ -2,15 +2,30 @@
 
 The user's function may return a number, a 0-d tensor, or a dict of them; anything else (a
 function that forgot its `return`, a formatted string) is named with the fix instead of failing
-inside float() with a message that names neither evaluate nor the value.
+inside float() with a message that names neither evaluate nor the value. It is called with the
+model in evaluation mode (`evaluated`), whether or not the function sets it.
 """
 from __future__ import annotations
 
 import numbers
 
 import torch
+import torch.nn as nn
 
 from ..errors import TrainingError
+
+
+def evaluated(evaluate, model: nn.Module, metric: str) -> dict:
+    """`evaluate(model)` read as {name: value}, called with the model in evaluation mode and every module's
+    mode put back after. Why: a function that does not call model.eval() itself (nothing asks it to) read
+    the model with dropout on, and its batches moved the BatchNorm statistics the run keeps and stores."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        return read_metrics(evaluate(model), metric)
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def _number(value, where: str) -> float:
