@@ -193,3 +193,18 @@ def test_a_session_checkpoint_from_before_a_training_field_loads():
     del ck["session"]["identity"]["recipe"]["training"]["greater_is_better"]
     _, session, _ = _session(steps=20)
     session.load_state_dict(ck["session"])
+
+
+def test_a_teacher_with_other_classes_is_named_at_the_first_step_of_the_callers_loop():
+    """compress() checks the teacher on a batch before training; prepare() without example_inputs (the
+    documented loop) met it inside F.kl_div, whose message named neither the teacher nor the fix."""
+    from jointcompress import DataError
+
+    x, y = _data()
+    torch.manual_seed(1)
+    teacher = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 5))
+    model = _mlp()
+    recipe = {"techniques": [{"type": "distill_kd", "temperature": 2.0, "alpha": 0.5}]}
+    session = jointcompress.prepare(model, recipe, total_steps=4, teacher=teacher)
+    with pytest.raises(DataError, match=r"teacher: its logits have shape \(32, 5\) and the model's \(32, 2\)"):
+        session.loss(model(x), (x, y))

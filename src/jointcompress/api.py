@@ -314,6 +314,7 @@ def check_teacher_data(teacher: nn.Module, example, model_outputs, alpha: float)
     gives logits of another shape (other classes) fails here, named, instead of inside the first
     step's distillation."""
     from .session.outputs import Batch, logits_of
+    from .techniques.distill_kd import check_teacher_logits
 
     try:
         t_logits = logits_of(eval_outputs(teacher, Batch(example).teacher_inputs))
@@ -328,12 +329,8 @@ def check_teacher_data(teacher: nn.Module, example, model_outputs, alpha: float)
     if t_logits.device != s_logits.device:  # its inputs followed it there; distillation would fail at the first step
         raise DataError(f"teacher: it is on {t_logits.device} and the model on {s_logits.device}; distillation compares "
                         "their logits on every step, so put the teacher beside the model (teacher.to(device))")
-    if alpha > 0 and tuple(t_logits.shape) != tuple(s_logits.shape):
-        raise DataError(
-            f"teacher: its logits have shape {tuple(t_logits.shape)} and the model's {tuple(s_logits.shape)}; "
-            "distillation matches them class for class, so give a teacher with the model's classes (or distil hidden "
-            "states only: distill_kd.features with alpha: 0)"
-        )
+    if alpha > 0:
+        check_teacher_logits(s_logits, t_logits)
 
 
 def compress(

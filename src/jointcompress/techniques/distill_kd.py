@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import RecipeError
+from ..errors import DataError, RecipeError
 from ..layer_types import BATCH_NORMS, CONVOLUTIONS
 from ..model_call import call_model
 from .base import RunContext, Technique
@@ -48,6 +48,18 @@ def check_classes(logits: torch.Tensor) -> None:
             f"distill_kd: the model's output has shape {tuple(logits.shape)}, one class, where the softmax is 1 and "
             "the KL is 0 whatever the student does. For a regressor, match the outputs with distill_kd.features "
             "(student and teacher: the last layer's name, loss: mse) and alpha: 0, or remove distill_kd"
+        )
+
+
+def check_teacher_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+    """Refuse a teacher whose logits have another shape (other classes): distillation matches them class
+    for class. compress() checks it on a batch before training; a loop of the user's (prepare, the
+    Trainer) meets it at its first step, where F.kl_div's own message named neither teacher nor fix."""
+    if tuple(teacher_logits.shape) != tuple(student_logits.shape):
+        raise DataError(
+            f"teacher: its logits have shape {tuple(teacher_logits.shape)} and the model's {tuple(student_logits.shape)}; "
+            "distillation matches them class for class, so give a teacher with the model's classes (or distil hidden "
+            "states only: distill_kd.features with alpha: 0)"
         )
 
 
@@ -225,6 +237,7 @@ class DistillKD(Technique):
         positions = self._positions(ctx)
         if self.config.alpha > 0:
             check_classes(ctx.outputs)
+            check_teacher_logits(ctx.outputs, t_logits)
             loss = self.config.alpha * kd_loss(ctx.outputs, t_logits, self.config.temperature, positions)
         else:  # hidden states only: the logits need not even have the same classes
             loss = ctx.outputs.new_zeros(())
