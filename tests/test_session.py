@@ -569,3 +569,24 @@ def test_a_loader_whose_len_is_not_its_batches_is_said_once():
                      DataLoader(Rows(claimed), batch_size=16), lambda m: {"accuracy": 0.0})
         lengths = [str(w.message) for w in said if "an epoch yielded" in str(w.message)]
         assert len(lengths) == 1 and words in lengths[0], lengths
+
+
+def test_the_size_a_session_reports_after_finalize_is_read_as_finalize_began():
+    """metrics() read first after finalize (the quantizers gone) reported 0 bytes; it reports what the
+    budget estimated as finalize began, the same as a session whose metrics were read before."""
+    from session_helpers import train_in_own_loop
+
+    recipe = {"mode": "joint", "target": {"ratio": 10},
+              "techniques": [{"type": "prune_unstructured"}, {"type": "quant_lsq", "bits": 4}]}
+    x, y = torch.randn(64, 20), torch.randint(0, 2, (64,))
+
+    def session():
+        torch.manual_seed(0)
+        return train_in_own_loop(nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 2)), recipe, x, y, steps=4)
+
+    read_before, read_after = session(), session()
+    before = read_before.metrics()["size_budget.size_bytes"]
+    read_before.finalize()
+    read_after.finalize()
+    assert before > 0 and read_after.metrics()["size_budget.size_bytes"] == before
+    assert read_before.metrics()["size_budget.size_bytes"] == before

@@ -25,6 +25,9 @@ def finalize_compressed(model, techniques, recipe, example_inputs):
     mask hooks off); everything else goes through the core finalize (masks applied, LSQ baked,
     pruned channels removed), which traces the model on `example_inputs`."""
     recorded = recipe.model_dump(mode="json")
+    for t in techniques:
+        if t.attached:
+            t.before_finalize()
     if any(t.kind in UNIT_KINDS and t.attached for t in techniques):
         from ..hf.finalize import finalize_hf_with_spec
 

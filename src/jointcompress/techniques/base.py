@@ -98,6 +98,9 @@ class Technique:
         """Optimizer parameter groups owned by the technique (scores, step sizes, projections)."""
         return []
 
+    def before_finalize(self) -> None:
+        """The last look at the model with its masks and quantizers on (finalize removes them next)."""
+
     def metrics(self) -> dict[str, float]:
         return {}
 

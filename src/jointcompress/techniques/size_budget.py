@@ -501,11 +501,19 @@ class SizeBudget(Landing, Technique):
         return self.frozen and self.trimmed and (self.model is None or not self.file_over_target(self.model))
 
     # -- bookkeeping -----------------------------------------------------------------------
-    def metrics(self) -> dict[str, float]:
-        """After finalize (the quantizers removed) the bytes last estimated: Result.summary() of a
-        finalized model used to stop with an AttributeError from inside the estimate."""
+    def before_finalize(self) -> None:
+        """The bytes as the model is finalized, what metrics() reports after (a session whose metrics
+        were first read after finalize reported 0)."""
+        self._read_size()
+
+    def _read_size(self) -> None:
         if self.layers and all(hasattr(m, "parametrizations") for m, _ in self.layers.values()):
             self.last_size_bytes = self.calibrated_hard()
+
+    def metrics(self) -> dict[str, float]:
+        """After finalize (the quantizers removed) the bytes estimated last, as finalize began:
+        Result.summary() of a finalized model used to stop with an AttributeError from inside the estimate."""
+        self._read_size()
         out = {"size_bytes": self.last_size_bytes, "size_lambda": self.lam,
                "size_scale": self.scale, "size_calibrations": float(self.calibrations)}
         if self.saliency is not None and self.saliency.mode == "rank":  # how much of the pull the last step removed
