@@ -128,3 +128,34 @@ def test_the_size_hint_names_a_tied_table_and_how_to_untie_it_not_the_switch_alr
     tied, free = embedding_hint(LM(True)), embedding_hint(LM(False))
     assert "tied to another layer (wte with lm_head)" in tied and "embeddings: true" not in tied
     assert "quant_lsq.embeddings: true quantizes them" in free
+
+
+def test_the_size_hint_for_tied_and_untied_tables_together_leads_to_a_recipe_that_is_accepted():
+    """GPT-2's wpe is free and its wte tied to lm_head: the hint said quant_lsq.embeddings: true for both, a
+    recipe refused for the tied one. It names the switch for the free table with the tied one excluded, and
+    the tied one apart; the recipe it spells prepares."""
+    import copy
+
+    import torch.nn as nn
+
+    import jointcompress
+    from jointcompress.techniques.size_estimate import embedding_hint
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(40, 8), nn.Embedding(6, 8)
+            self.lm_head = nn.Linear(8, 40, bias=False)
+            self.lm_head.weight = self.wte.weight
+
+        def forward(self, ids):
+            return self.lm_head(self.wte(ids) + self.wpe.weight[: ids.shape[1]])
+
+    hint = embedding_hint(LM())
+    assert "embedding tables (wpe) hold 192 B of it in fp32: quant_lsq.embeddings: true" in hint
+    assert "with wte added to their exclude" in hint and "embedding tables (wte) hold 1,280 B" in hint
+    torch.manual_seed(0)
+    teacher = LM()
+    recipe = {"techniques": [{"type": "quant_lsq", "bits": 4, "exclude": ["lm_head", "wte"], "embeddings": True}]}
+    session = jointcompress.prepare(copy.deepcopy(teacher), recipe, total_steps=2, example_inputs=torch.zeros(2, 6, dtype=torch.long))
+    assert any(t.kind == "quant_lsq" for t in session.techniques)

@@ -159,15 +159,27 @@ def embedding_hint(model: nn.Module, quantized=()) -> str:
         if isinstance(getattr(m, "weight", None), torch.Tensor):
             holders.setdefault(id(m.weight), []).append(n)
     tied = {n: [o for o in holders.get(id(m.weight), []) if o != n] for n, m in tables}
-    total = sum(m.weight.numel() * 4 for _, m in tables)
-    named = f"embedding tables ({', '.join(n for n, _ in tables[:3])}{' ...' if len(tables) > 3 else ''})"
-    if all(tied.values()):  # every one shares its weight with an output layer: the embeddings switch cannot reach it
-        pairs = ", ".join(f"{n} with {others[0]}" for n, others in list(tied.items())[:3])
-        return (f"; {named} hold {total:,} B of it in fp32, each tied to another layer ({pairs}), which keeps both as "
-                "they are: untie them (e.g. config.tie_word_embeddings: false, then train the output layer) to compress "
-                "the table")
-    return (f"; {named} hold {total:,} B of it in fp32: quant_lsq.embeddings: true quantizes them too (with "
-            "prune_unstructured.embeddings: true where the recipe also prunes)")
+    free = [(n, m) for n, m in tables if not tied[n]]
+    bound = [(n, m) for n, m in tables if tied[n]]
+    out = ""
+    if free:  # the switch reaches these; a tied table beside them must be excluded, or the switch is refused
+        skip = f", with {', '.join(n for n, _ in bound)} added to their exclude (tied, below)" if bound else ""
+        out += (f"; {_tables(free)} hold {_fp32_bytes(free):,} B of it in fp32: quant_lsq.embeddings: true quantizes them "
+                f"too (with prune_unstructured.embeddings: true where the recipe also prunes){skip}")
+    if bound:  # each shares its weight with an output layer: the embeddings switch cannot reach it
+        pairs = ", ".join(f"{n} with {tied[n][0]}" for n, _ in bound[:3])
+        out += (f"; {_tables(bound)} hold {_fp32_bytes(bound):,} B of it in fp32, each tied to another layer ({pairs}), "
+                "which keeps both as they are: untie them (e.g. config.tie_word_embeddings: false, then train the output "
+                "layer) to compress the table")
+    return out
+
+
+def _tables(tables: list) -> str:
+    return f"embedding tables ({', '.join(n for n, _ in tables[:3])}{' ...' if len(tables) > 3 else ''})"
+
+
+def _fp32_bytes(tables: list) -> int:
+    return sum(m.weight.numel() * 4 for _, m in tables)
 
 
 def fixed_part_hint(model: nn.Module) -> str:
