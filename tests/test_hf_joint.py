@@ -655,3 +655,23 @@ def test_a_max_length_past_the_teachers_position_table_is_refused_before_trainin
         run_hf_recipe(rec, tmp_path / "long", data, teacher_dir)
     assert not (tmp_path / "long" / "artifact").exists()
     assert usable_positions(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+
+
+def test_saving_with_ptq_bits_a_model_trained_under_a_size_budget_says_the_file_lands_far_under_it(tmp_path):
+    """The budget of a joint run from Python prices the weights LSQ does not train (embeddings, pooler) in
+    fp32; save_hf_artifact's default ptq_bits=8 rounds them, and the file landed at a fraction of the target
+    the encoder was pruned for, silently. It is said, with both ways to a file on the target."""
+    import warnings
+
+    from jointcompress.hf.artifact import save_hf_artifact
+    from jointcompress.spec import CompressionSpec
+
+    hf = tiny_bert(layers=1, heads=2, ffn=8).eval()
+    plain = save_hf_artifact(copy.deepcopy(hf), CompressionSpec(layers={}), tmp_path / "fp32", ptq_bits=None)
+    budget = {"techniques": [{"type": "size_budget", "target_bytes": plain["weights_file_bytes"]}]}
+    with pytest.warns(UserWarning, match=r"under the size target.*ptq_bits=8 rounded them.*ptq_bits=None.*embeddings: true"):
+        save_hf_artifact(copy.deepcopy(hf), CompressionSpec(layers={}, recipe=budget), tmp_path / "ptq")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_hf_artifact(copy.deepcopy(hf), CompressionSpec(layers={}, recipe=budget), tmp_path / "kept", ptq_bits=None)
+        save_hf_artifact(copy.deepcopy(hf), CompressionSpec(layers={}), tmp_path / "no_budget")

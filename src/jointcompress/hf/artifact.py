@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from jointcompress.spec import CompressionSpec, LayerSpec
 
 TOKENIZER_DIR = "tokenizer"
 KIND = "hf-sequence-classification"
+UNDER_BUDGET = 0.1  # a file this far under its size budget's target is said at save
 
 
 def _head(model: nn.Module) -> nn.Module | None:
@@ -133,8 +135,11 @@ def save_hf_artifact(model: nn.Module, spec: CompressionSpec, path: str | os.Pat
     _check_rebuildable(model)
     model.eval()
     spec = CompressionSpec(layers=dict(spec.layers), recipe=spec.recipe)
+    rounded = 0
     if ptq_bits is not None:
+        before = set(spec.layers)
         quantize_rest(model, spec, ptq_bits)
+        rounded = len(set(spec.layers) - before)
     cfg = _config_dict(model)
     path = Path(path)
     hf_class = type(model).__name__
@@ -145,7 +150,23 @@ def save_hf_artifact(model: nn.Module, spec: CompressionSpec, path: str | os.Pat
     )
     if tokenizer is not None:
         _save_tokenizer(tokenizer, path / TOKENIZER_DIR)
+    if rounded:
+        _warn_under_budget(spec, manifest["weights_file_bytes"], ptq_bits, path)
     return manifest
+
+
+def _warn_under_budget(spec: CompressionSpec, size: int, ptq_bits: int, path: Path) -> None:
+    """A run trained under a size budget (mode: joint from Python) priced the weights LSQ does not train
+    (embeddings, pooler) in fp32; rounded here at ptq_bits, they shrink about 4x, and the file lands far under
+    the target the encoder was pruned for (a probe: 38% of it on a tiny BERT at 4x)."""
+    budget = next((t for t in (spec.recipe or {}).get("techniques", []) if t.get("type") == "size_budget"), {})
+    target = budget.get("target_bytes")
+    if target and size < (1 - UNDER_BUDGET) * target:
+        warnings.warn(f"{path}: the weights file is {size:,} B, {1 - size / target:.0%} under the size target's "
+                      f"{target:,.0f} B: the run's size budget counted the weights LSQ does not train (embeddings, "
+                      f"pooler) in fp32, and ptq_bits={ptq_bits} rounded them here, so the encoder gave up more than the "
+                      "target needed. Save with ptq_bits=None for the file the budget measured, or train with "
+                      "quant_lsq.embeddings: true so the budget prices the tables at their bits", stacklevel=2)
 
 
 def _save_tokenizer(tokenizer, dest: Path) -> None:
