@@ -772,3 +772,21 @@ def test_an_interrupted_compress_says_what_resume_continues_from(tmp_path):
 def test_a_sensitivity_value_out_of_range_names_its_flag(tmp_path, monkeypatch, capsys, flag, value, said):
     code, out = _cli(monkeypatch, capsys, "sensitivity", _recipe(tmp_path, ""), flag, value, "--out", tmp_path / "s")
     assert code == 2 and said in out, out
+
+
+def test_images_a_joint_size_target_run_cannot_take_are_named_before_training(tmp_path, monkeypatch, capsys):
+    """mode: joint under a size target checks its budget on the untrained model first; with images of another
+    channel count that check ended in a traceback from inside the trace, where a sequential run named the data."""
+    (tmp_path / "rgb.py").write_text(
+        "import torch.nn as nn\n\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), "
+        "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))\n")
+    y = np.arange(40) % 10
+    x = np.zeros((40, 28, 28), dtype=np.float32)
+    np.savez(tmp_path / "gray.npz", x_train=x, y_train=y, x_test=x[:10], y_test=y[:10])
+    for mode in ("joint", "sequential"):
+        recipe = _recipe(tmp_path, f"model: {tmp_path / 'rgb.py'}:build\nmode: {mode}\ntarget: {{ratio: 10}}\n"
+                                   "techniques: [{type: prune_unstructured}, {type: quant_lsq, bits: 4}, {type: distill_kd}]\n")
+        code, out = _cli(monkeypatch, capsys, "compress", recipe, "--data", tmp_path / "gray.npz", "--out", tmp_path / mode)
+        flat = " ".join(out.split())
+        assert code == 2 and "Traceback" not in out, out
+        assert "train_data: the model cannot run on a batch of shape (2, 1, 28, 28)" in flat, out

@@ -208,3 +208,19 @@ def test_a_teacher_with_other_classes_is_named_at_the_first_step_of_the_callers_
     session = jointcompress.prepare(model, recipe, total_steps=4, teacher=teacher)
     with pytest.raises(DataError, match=r"teacher: its logits have shape \(32, 5\) and the model's \(32, 2\)"):
         session.loss(model(x), (x, y))
+
+
+@pytest.mark.parametrize("recipe", [
+    {"techniques": [{"type": "quant_lsq", "bits": 4}, {"type": "distill_kd"}]},
+    {"mode": "joint", "target": {"ratio": 10}, "techniques": [{"type": "quant_lsq", "bits": 4}]},
+    {"techniques": [{"type": "prune_structured", "sparsity": 0.5}]},
+], ids=["distill", "joint_target", "structured"])
+def test_example_inputs_the_model_cannot_take_are_named_by_prepare(recipe):
+    """compress() runs the model on a batch before anything else; prepare() met wrong inputs inside the
+    teacher check or the channel trace (torch's message), or not at all under a joint size target."""
+    from jointcompress import DataError
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    teacher = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    with pytest.raises(DataError, match=r"example_inputs: the model cannot run on a batch of shape \(2, 1, 16, 16\)"):
+        jointcompress.prepare(model, recipe, total_steps=10, teacher=teacher, example_inputs=torch.randn(2, 1, 16, 16))

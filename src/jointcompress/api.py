@@ -280,10 +280,10 @@ def eval_outputs(model: nn.Module, inputs):
         model.train(was)
 
 
-def check_data(model: nn.Module, example, train_data):
+def check_data(model: nn.Module, example, train_data, what: str = "train_data"):
     """One forward pass on a real batch before training: wrong input shapes and labels outside
     the model's classes fail here, with the shapes named, instead of deep inside the loop.
-    Returns the model's outputs on the batch."""
+    `what` names where the batch came from. Returns the model's outputs on the batch."""
     try:
         out = eval_outputs(model, example)
     except (RuntimeError, ValueError, IndexError, TypeError) as err:
@@ -295,7 +295,7 @@ def check_data(model: nn.Module, example, train_data):
             hint = ("dict batches pass every key to the model, the labels too (as Hugging Face models expect): let "
                     "forward take labels=None, or yield ((x1, x2, ...), labels) tuples, which call model(x1, x2, ...)")
         raise DataError(
-            f"train_data: the model cannot run on a batch of shape {describe(example)} "
+            f"{what}: the model cannot run on a batch of shape {describe(example)} "
             f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); {hint}"
         ) from None
     if isinstance(train_data, (tuple, list)) and len(train_data) == 2 and isinstance(out, torch.Tensor) and out.dim() == 2:

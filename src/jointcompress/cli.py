@@ -308,7 +308,10 @@ def _refuse_an_unreachable_target_before_training(builder, recipe, split) -> Non
 
     if recipe.mode != "joint" or not recipe.has_size_target():
         return  # sequential and overlap: the allocator's floor is priced on the trained model
+    from .api import check_data
+
     model = builder()
+    check_data(model, split.x_train[:2], (split.x_train, split.y_train))  # named as the data, as the run names it
     steps = max(1, len(split.x_train) // recipe.training.batch_size) * recipe.training.epochs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the run itself says them

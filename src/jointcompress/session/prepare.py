@@ -63,7 +63,7 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
     compress() does (joint_form.py): `session.recipe` holds the recipe that runs.
     """
     from .. import distributed as _dist
-    from ..api import check_targets, check_teacher_data, eval_outputs
+    from ..api import check_data, check_targets, check_teacher_data
     from ..joint_form import as_joint_form
     from ..targets import resolve_target
 
@@ -75,11 +75,13 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
     check_teacher(model, bare_teacher)
     check_targets(model, given)  # first as the user wrote it: errors name their techniques[i] (compress() does too)
     check_targets(model, recipe)
+    # the model runs on the example first: inputs it cannot take are named here, not inside a trace or a target
+    outputs = check_data(model, example_inputs, None, what="example_inputs") if example_inputs is not None else None
     if recipe.target is not None:  # the size budget's bytes, from the target and the model
         recipe = resolve_target(model, recipe, example_inputs)
     kd = recipe.technique("distill_kd")
-    if kd is not None and bare_teacher is not None and example_inputs is not None:
-        check_teacher_data(bare_teacher, example_inputs, eval_outputs(model, example_inputs), kd.alpha)
+    if kd is not None and bare_teacher is not None and outputs is not None:
+        check_teacher_data(bare_teacher, example_inputs, outputs, kd.alpha)
     techniques = [tech.build(c) for c in recipe.techniques]
     plan = make_plan(techniques, total_steps_of(recipe, total_steps, steps_per_epoch), recipe)
     session = CompressionSession(model, techniques, plan, recipe, example_inputs=example_inputs, teacher=teacher,
