@@ -463,3 +463,17 @@ def test_the_users_evaluate_reads_the_model_in_evaluation_mode():
     with torch.no_grad():
         trained_on = model[0](x).mean(0)
     assert (model[1].running_mean - trained_on).abs().max() < 1.0  # the training data's, not the held-out's
+
+
+def test_evaluation_images_the_model_cannot_take_are_named_before_training(digits):
+    """The evaluator's data failed after the first epoch's training, with torch's message."""
+    trained = []
+
+    class Count:
+        def on_step(self, trainer, step, out):
+            trained.append(step)
+
+    wrong = evaluator(torch.randn(10, 1, 5, 5), torch.zeros(10, dtype=torch.long))
+    with pytest.raises(DataError, match=r"evaluation data: the model cannot run on a batch of shape \(2, 1, 5, 5\)"):
+        compress(_model(), {}, (digits.x_train, digits.y_train), wrong, callbacks=[Count()])
+    assert not trained

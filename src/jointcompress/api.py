@@ -384,6 +384,8 @@ def compress(
     model = _dist.unwrap(model)
     teacher = _dist.unwrap(teacher) if teacher is not None else None
     loader, example = _checked_inputs(model, teacher, recipe, train_data, dist)
+    if getattr(evaluate, "sample_inputs", None) is not None:  # data.evaluator's: its images meet the model now
+        check_data(model, evaluate.sample_inputs, None, what="evaluation data")
     callbacks = list(callbacks or [])
     given = recipe
     recipe, joint_form = as_joint_form(recipe)  # mode: joint under a size target: one decision, one budget
