@@ -515,3 +515,16 @@ def test_a_safetensors_file_over_a_target_its_jcw_file_meets_names_the_container
     said = [str(w.message) for w in caught if "over the size target" in str(w.message)]
     assert wide > compact and len(said) == 1
     assert f"where this model's file is {compact:,} B" in said[0] and "container='jcw'" in said[0]
+
+
+def test_saving_onto_a_file_path_names_it(tmp_path):
+    """An artifact is a folder: a path that is a file (or lies under one) ended in pathlib's FileExistsError."""
+    from jointcompress.errors import ArtifactError
+    from jointcompress.spec import CompressionSpec
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    (tmp_path / "model.jcw").write_text("kept")
+    for given in (tmp_path / "model.jcw", tmp_path / "model.jcw" / "inside"):
+        with pytest.raises(ArtifactError, match=r"an artifact is a folder.*model.jcw is a file"):
+            save(model, CompressionSpec(layers={}), given)
+    assert (tmp_path / "model.jcw").read_text() == "kept"

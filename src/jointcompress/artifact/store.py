@@ -268,6 +268,10 @@ def save(
     path = Path(path)
     if container not in CONTAINERS:
         raise ArtifactError(f"container={container!r}: choose one of {sorted(CONTAINERS)}")
+    existing = next(p for p in (path, *path.parents) if p.exists())  # the folder is made at the end: said now
+    if not existing.is_dir():
+        raise ArtifactError(f"{path}: an artifact is a folder (the weights file and manifest.json go inside), and "
+                            f"{existing} is a file; give a folder path that is not one")
     history = _history_json(spec.pruning_history or [])
     if history and example_inputs is None:
         raise ArtifactError(f"{path}: save() needs example_inputs to record how to replay the pruning history")
