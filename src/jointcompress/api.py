@@ -357,7 +357,8 @@ def compress(
     through the allocator's per-layer budgets.
 
     `evaluate(model)` returns the user's metric(s) on held-out data; it is called after
-    every epoch and the best state with all techniques at their target is kept.
+    every epoch, with the model in eval mode (each module's mode put back after), and the best
+    state with all techniques at their target is kept.
 
     Reliability (docs/reliability.md): with `run_dir` a checkpoint is written to
     RUN_DIR/checkpoints every `checkpoint_every` steps and after every evaluation, and
