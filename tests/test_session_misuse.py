@@ -224,3 +224,15 @@ def test_example_inputs_the_model_cannot_take_are_named_by_prepare(recipe):
     teacher = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
     with pytest.raises(DataError, match=r"example_inputs: the model cannot run on a batch of shape \(2, 1, 16, 16\)"):
         jointcompress.prepare(model, recipe, total_steps=10, teacher=teacher, example_inputs=torch.randn(2, 1, 16, 16))
+
+
+def test_prepare_leaves_a_backbone_the_user_froze_in_eval_mode():
+    """Its check of example_inputs put the model back with model.train(was), which set every module to the
+    top one's mode: a frozen backbone's BatchNorm then moved its statistics at every step of the caller's loop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(20, 16), nn.BatchNorm1d(16), nn.ReLU()), nn.Linear(16, 2))
+    model.train()
+    model[0].eval()
+    x, _ = _data()
+    jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 4}]}, total_steps=4, example_inputs=x[:2])
+    assert model.training and model[1].training and not model[0].training and not model[0][1].training

@@ -17,6 +17,7 @@ from .errors import DataError, RecipeError, UnsupportedModelError
 from .joint_form import as_joint_form
 from .layer_types import COMPRESSIBLE
 from .session.checks import check_teacher
+from .model_call import evaluating
 from .session.outputs import LABEL_KEYS, call_model, describe, first_rows, split_batch
 from .training import History, Trainer
 from .training.metrics import evaluated
@@ -270,14 +271,9 @@ def _check_named_layers(cfg, selected: dict, where: str) -> None:
 
 
 def eval_outputs(model: nn.Module, inputs):
-    """The model's outputs on `inputs` in eval mode without gradients, its mode restored after."""
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return call_model(model, inputs)
-    finally:
-        model.train(was)
+    """The model's outputs on `inputs` in eval mode without gradients, each module's mode restored after."""
+    with evaluating(model), torch.no_grad():
+        return call_model(model, inputs)
 
 
 def check_data(model: nn.Module, example, train_data, what: str = "train_data"):

@@ -23,7 +23,7 @@ from .block_drop import traced_whole
 from .errors import UnsupportedModelError
 from .group_checks import member_reason, parameter_owners, reshape_reason, tied_layers, tied_reason, verify_groups
 from .layer_types import BATCH_NORMS, COMPRESSIBLE
-from .model_call import call_model, model_device, to_device
+from .model_call import call_model, evaluating, model_device, to_device
 
 PRUNABLE_ROOTS = COMPRESSIBLE
 
@@ -108,19 +108,6 @@ def output_layers(model: nn.Module, example_inputs) -> list[str]:
 
 def matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-@contextlib.contextmanager
-def evaluating(model: nn.Module):
-    """The model in eval mode for a look at its structure, each module's mode restored after: in
-    train mode the look would move BatchNorm's running statistics (and draw dropout masks)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 @contextlib.contextmanager

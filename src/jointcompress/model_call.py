@@ -51,6 +51,20 @@ def to_device(obj, device: torch.device | None):
     return obj
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """The model in eval mode for a reading (its structure, a check, the user's evaluate), each module's
+    mode restored after, not the top one's copied down: in train mode the reading would move BatchNorm's
+    running statistics (and draw dropout masks), and `model.train(was)` would wake a backbone the user froze."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def call_model(model: nn.Module, inputs):
     """model(**inputs) for a dict, model(*inputs) for a tuple or list, model(inputs) otherwise,
     with the inputs on the model's device."""

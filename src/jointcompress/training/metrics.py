@@ -13,19 +13,15 @@ import torch
 import torch.nn as nn
 
 from ..errors import TrainingError
+from ..model_call import evaluating
 
 
 def evaluated(evaluate, model: nn.Module, metric: str) -> dict:
     """`evaluate(model)` read as {name: value}, called with the model in evaluation mode and every module's
     mode put back after. Why: a function that does not call model.eval() itself (nothing asks it to) read
     the model with dropout on, and its batches moved the BatchNorm statistics the run keeps and stores."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with evaluating(model):
         return read_metrics(evaluate(model), metric)
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 def _number(value, where: str) -> float:
