@@ -477,3 +477,13 @@ def test_evaluation_images_the_model_cannot_take_are_named_before_training(digit
     with pytest.raises(DataError, match=r"evaluation data: the model cannot run on a batch of shape \(2, 1, 5, 5\)"):
         compress(_model(), {}, (digits.x_train, digits.y_train), wrong, callbacks=[Count()])
     assert not trained
+
+
+def test_an_evaluate_that_answers_every_attribute_is_called_as_given(digits):
+    """The check of data.evaluator's images looked for any `sample_inputs` attribute: a Mock (or a proxy) has
+    every attribute, and the run was refused before training."""
+    from unittest import mock
+
+    evaluate = mock.Mock(return_value={"accuracy": 0.5})
+    compress(_model(), {"training": {"epochs": 1}}, (digits.x_train, digits.y_train), evaluate)
+    assert evaluate.call_count == 2  # the epoch and the final reading

@@ -17,6 +17,7 @@ from .errors import DataError, RecipeError, UnsupportedModelError
 from .joint_form import as_joint_form
 from .layer_types import COMPRESSIBLE
 from .session.checks import check_teacher
+from .data import EVALUATOR_SAMPLE
 from .model_call import evaluating
 from .session.outputs import LABEL_KEYS, call_model, describe, first_rows, split_batch
 from .training import History, Trainer
@@ -381,8 +382,9 @@ def compress(
     model = _dist.unwrap(model)
     teacher = _dist.unwrap(teacher) if teacher is not None else None
     loader, example = _checked_inputs(model, teacher, recipe, train_data, dist)
-    if getattr(evaluate, "sample_inputs", None) is not None:  # data.evaluator's: its images meet the model now
-        check_data(model, evaluate.sample_inputs, None, what="evaluation data")
+    sample = getattr(evaluate, EVALUATOR_SAMPLE, None)  # data.evaluator's: its images meet the model now
+    if isinstance(sample, torch.Tensor):  # a Mock or proxy answers any name with something else
+        check_data(model, sample, None, what="evaluation data")
     callbacks = list(callbacks or [])
     given = recipe
     recipe, joint_form = as_joint_form(recipe)  # mode: joint under a size target: one decision, one budget

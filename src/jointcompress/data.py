@@ -341,9 +341,10 @@ def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, see
 
 
 def shuffle_generators(loader) -> list[torch.Generator]:
-    """The generators a loader's order draws from: its own, its sampler's and its batch sampler's sampler's
-    (a user may seed any of them), each once. Putting their states back replays the same batches."""
-    holders = [loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
+    """The generators a loader's order draws from: its own, its sampler's, its batch sampler's and that one's
+    sampler's (a user may seed any of them), each once. Putting their states back replays the same batches."""
+    batches = getattr(loader, "batch_sampler", None)
+    holders = [loader, getattr(loader, "sampler", None), batches, getattr(batches, "sampler", None)]
     found = [getattr(h, "generator", None) for h in holders]
     return list({id(g): g for g in found if isinstance(g, torch.Generator)}.values())
 
@@ -370,6 +371,9 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     return correct / max(1, len(x))
 
 
+EVALUATOR_SAMPLE = "_jointcompress_sample_inputs"  # the attribute of evaluator()'s functions compress() checks
+
+
 def evaluator(x: torch.Tensor, y: torch.Tensor):
     """An `evaluate(model) -> {"accuracy": ...}` callable for compress(). The data is checked now, as
     training data is: empty, mismatched or NaN evaluation data scored 0 or failed only after the
@@ -382,5 +386,5 @@ def evaluator(x: torch.Tensor, y: torch.Tensor):
     def evaluate(model: torch.nn.Module) -> dict:
         return {"accuracy": accuracy(model, x, y)}
 
-    evaluate.sample_inputs = x[:2]  # compress() runs the model on them before training: images of another shape
+    setattr(evaluate, EVALUATOR_SAMPLE, x[:2])  # compress() runs the model on them before training: images of another shape
     return evaluate
