@@ -455,15 +455,32 @@ def test_a_checkpoint_without_its_checksum_is_still_checked(digits, tmp_path):
         read_checkpoint(newest)
 
 
-def _sampler_loader(digits):
-    """A user's loader whose shuffle draws from its sampler's own generator (not the loader's)."""
+class _ShuffledBatches(torch.utils.data.Sampler):
+    """A user's batch sampler that shuffles with its own generator."""
+
+    def __init__(self, n: int, size: int, generator: torch.Generator):
+        self.n, self.size, self.generator = n, size, generator
+
+    def __len__(self):
+        return (self.n + self.size - 1) // self.size
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        return iter([order[i:i + self.size] for i in range(0, self.n, self.size)])
+
+
+def _sampler_loader(digits, holder: str = "sampler"):
+    """A user's loader whose shuffle draws from its sampler's (or batch sampler's) own generator, not the loader's."""
     from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-    data = TensorDataset(digits.x_train, digits.y_train)
-    return DataLoader(data, batch_size=128, sampler=RandomSampler(data, generator=torch.Generator().manual_seed(7)))
+    data, generator = TensorDataset(digits.x_train, digits.y_train), torch.Generator().manual_seed(7)
+    if holder == "batch_sampler":
+        return DataLoader(data, batch_sampler=_ShuffledBatches(len(data), 128, generator))
+    return DataLoader(data, batch_size=128, sampler=RandomSampler(data, generator=generator))
 
 
-def test_a_run_whose_sampler_has_its_own_generator_resumes_mid_epoch_bit_for_bit(digits, tmp_path):
+@pytest.mark.parametrize("holder", ["sampler", "batch_sampler"])
+def test_a_run_whose_sampler_has_its_own_generator_resumes_mid_epoch_bit_for_bit(digits, tmp_path, holder):
     """The epoch a resumed run replays is the one the interrupted run was in: the sampler's generator had moved
     on by then (one draw per epoch), and a fresh one would replay the first epoch's order."""
     class StopAt:
@@ -476,7 +493,7 @@ def test_a_run_whose_sampler_has_its_own_generator_resumes_mid_epoch_bit_for_bit
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
         recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5}],
                   "training": {"epochs": 3, "batch_size": 128}}
-        return compress(model, recipe, _sampler_loader(digits), evaluator(digits.x_test, digits.y_test), **kw)
+        return compress(model, recipe, _sampler_loader(digits, holder), evaluator(digits.x_test, digits.y_test), **kw)
 
     whole = run()
     with pytest.raises(KeyboardInterrupt):
