@@ -675,3 +675,5 @@ def test_saving_with_ptq_bits_a_model_trained_under_a_size_budget_says_the_file_
         warnings.simplefilter("error")
         save_hf_artifact(copy.deepcopy(hf), CompressionSpec(layers={}, recipe=budget), tmp_path / "kept", ptq_bits=None)
         save_hf_artifact(copy.deepcopy(hf), CompressionSpec(layers={}), tmp_path / "no_budget")
+        slack = {"techniques": [{"type": "size_budget", "target_bytes": 10 * plain["weights_file_bytes"]}]}
+        save_hf_artifact(copy.deepcopy(hf), CompressionSpec(layers={}, recipe=slack), tmp_path / "slack")  # not the rounding

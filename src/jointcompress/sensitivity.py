@@ -126,9 +126,11 @@ def scan(
     model = copy.deepcopy(model).eval()
     sign = 1.0 if greater_is_better else -1.0
 
+    batches = 0 if norm_batches is None else len(norm_batches)  # a list, or a stacked tensor (batches first)
+
     def read() -> float:
-        if norm_batches:
-            recalibrate_norms(model, iter(norm_batches), lambda inputs: call_model(model, inputs), len(norm_batches))
+        if batches:
+            recalibrate_norms(model, iter(norm_batches), lambda inputs: call_model(model, inputs), batches)
         return metric_of(evaluate, model, metric)
 
     baseline = read()
@@ -143,7 +145,7 @@ def scan(
     done = 0
     out = {"metric": metric, "baseline": baseline, "sparsities": list(sparsities), "bits": list(bits),
            "group_sparsities": list(group_sparsities), "layers": {}, "groups": {},
-           "norm_batches": len(norm_batches or []) if trained_norms(model) else 0}  # what each reading's BatchNorm used
+           "norm_batches": batches if trained_norms(model) else 0}  # what each reading's BatchNorm used
 
     def tick():
         nonlocal done
