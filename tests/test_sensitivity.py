@@ -149,3 +149,24 @@ def test_a_model_with_batchnorm_is_read_with_its_statistics_re_estimated():
     assert fresh["layers"]["conv"]["sparsity"]["0.9"] == pytest.approx(by_hand(0.0) - by_hand(0.9), rel=1e-4)
     assert stale["layers"]["conv"]["sparsity"]["0.9"] != pytest.approx(fresh["layers"]["conv"]["sparsity"]["0.9"], rel=0.1)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_reading_whose_statistics_pass_is_refused_uses_the_models_own(monkeypatch):
+    """A pass refused (non-finite statistics) leaves the statistics in place; inside the scan those were the last
+    reading's, measured with another layer compressed. Each reading starts from the model's own."""
+    import jointcompress.sensitivity as sensitivity
+
+    torch.manual_seed(0)
+    model = _ConvNorm()
+    model.eval()
+    own = model.bn.running_mean.clone()
+    batches = [torch.randn(16, 1, 6, 6) + 3 for _ in range(2)]  # far from the model's own statistics
+    real, seen = sensitivity.recalibrate_norms, []
+
+    def refused_after_the_first(m, *args):
+        seen.append(m.bn.running_mean.clone())
+        return real(m, *args) if len(seen) == 1 else 0
+
+    monkeypatch.setattr(sensitivity, "recalibrate_norms", refused_after_the_first)
+    scan(model, lambda m: 0.5, batches[0][:2], sparsities=(0.5,), bits=(8,), groups=False, norm_batches=batches)
+    assert len(seen) == 5 and all(torch.equal(s, own) for s in seen)  # the baseline, conv and fc at two settings

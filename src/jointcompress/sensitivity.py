@@ -127,9 +127,13 @@ def scan(
     sign = 1.0 if greater_is_better else -1.0
 
     batches = 0 if norm_batches is None else len(norm_batches)  # a list, or a stacked tensor (batches first)
+    given = [(m, m.running_mean.clone(), m.running_var.clone()) for m in trained_norms(model)] if batches else []
 
     def read() -> float:
         if batches:
+            for m, mean, var in given:  # a pass refused (non-finite) leaves the model's own, not the last reading's
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
             recalibrate_norms(model, iter(norm_batches), lambda inputs: call_model(model, inputs), batches)
         return metric_of(evaluate, model, metric)
 
