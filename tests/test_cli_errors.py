@@ -790,3 +790,22 @@ def test_images_a_joint_size_target_run_cannot_take_are_named_before_training(tm
         flat = " ".join(out.split())
         assert code == 2 and "Traceback" not in out, out
         assert "train_data: the model cannot run on a batch of shape (2, 1, 28, 28)" in flat, out
+
+
+def test_force_refuses_to_clear_the_weights_the_run_reads(tmp_path, monkeypatch, capsys, weights_file):
+    """A run that stops after training its model says to give --weights OUT/teacher.safetensors next time; with
+    the same --out and --force, the folder was cleared first, the file deleted, and the run said it was not found.
+    Weights elsewhere in the folder, or outside it, are read as before."""
+    import shutil
+
+    out = tmp_path / "o"
+    out.mkdir()
+    for name in ("teacher.safetensors", "mine.safetensors"):
+        shutil.copy(weights_file, out / name)
+    (out / "summary.json").write_text("{}")
+    recipe = _recipe(tmp_path, "techniques: [{type: quant_lsq, bits: 8}]\ntraining: {epochs: 1}\n")
+    code, text = _cli(monkeypatch, capsys, "compress", recipe, "--weights", out / "teacher.safetensors", "--out", out, "--force")
+    assert code == 2 and "--force clears teacher.safetensors there before the run reads it" in " ".join(text.split()), text
+    assert (out / "teacher.safetensors").read_bytes() == weights_file.read_bytes() and (out / "summary.json").exists()
+    code, text = _cli(monkeypatch, capsys, "compress", recipe, "--weights", out / "mine.safetensors", "--out", out, "--force")
+    assert code == 0 and (out / "artifact" / "manifest.json").is_file(), text

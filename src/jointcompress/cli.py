@@ -221,7 +221,7 @@ def compress_cmd(
     quiet_other_ranks(dist)
     where = resolve_device(device)  # after joining the group: under torchrun, `cuda` is the rank's own GPU
     main_rank = dist is None or dist.is_main
-    out = prepare_run_dir(out, force=force, resume=resume, dist=dist)
+    out = prepare_run_dir(out, force=force, resume=resume, dist=dist, reads=weights)
     builder = builder_for(model_name, split)
     if not weights and not resume:
         _refuse_an_unreachable_target_before_training(builder, recipe, split)
@@ -330,7 +330,8 @@ def _name_the_trained_model(err: JointCompressError, out: Path, given: bool) -> 
     teacher_file = out / "teacher.safetensors"
     if not given and teacher_file.is_file():
         err.add_note(f"The model this run trained before compressing it is kept: give --weights {teacher_file} to "
-                     "the next run to start from it instead of training it again.")
+                     "the next run to start from it instead of training it again (with another --out: --force on "
+                     "this one would clear it).")
 
 
 def _trained_before(builder, teacher_file: Path):

@@ -136,8 +136,10 @@ def hold_run_lock(path: Path) -> None:
 
 
 def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=None,
-                    fresh: tuple[str, ...] = ("checkpoints", *RUN_OUTPUTS, *RUN_START, *RUN_REPORT)) -> Path:
-    """The output directory of a `compress` run, prepared once for every rank.
+                    fresh: tuple[str, ...] = ("checkpoints", *RUN_OUTPUTS, *RUN_START, *RUN_REPORT),
+                    reads: str | os.PathLike | None = None) -> Path:
+    """The output directory of a `compress` run, prepared once for every rank. `reads`: the run's --weights,
+    which --force may not clear.
 
     Every rank checks it before any rank writes; rank 0 creates it, holds its run lock (hold_run_lock)
     and, on a --force restart, removes the old run's `fresh` outputs (its checkpoints must not be resumed
@@ -152,6 +154,8 @@ def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=
     from .checkpoint import CheckpointStore
 
     path = Path(path)
+    if force and not resume and reads is not None:
+        _refuse_clearing_the_input(path, fresh, Path(reads))
     if not resume:
         check_output_dir(path, force=force)
     elif not CheckpointStore(path).paths():
@@ -167,6 +171,19 @@ def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=
     if dist is not None:
         dist.barrier()
     return path
+
+
+def _refuse_clearing_the_input(path: Path, fresh: tuple[str, ...], reads: Path) -> None:
+    """--force clears the old run's outputs before the new run reads its --weights: weights that are one of
+    them (an earlier run's teacher.safetensors or artifact/, as its own messages suggest) were deleted, and
+    the run then said it could not find them."""
+    try:
+        inside = reads.resolve().relative_to(path.resolve())
+    except ValueError:
+        return
+    if inside.parts and inside.parts[0] in fresh:
+        raise JointCompressError(f"--weights {reads} lies in --out {path}, and --force clears {inside.parts[0]} there "
+                                 "before the run reads it; give another --out (or copy the weights out of it first)")
 
 
 def _remove_write_leftovers(path: Path) -> None:
