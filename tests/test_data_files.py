@@ -188,3 +188,12 @@ def test_the_digits_are_scikit_learns_own_read_without_importing_it(monkeypatch)
     assert np.array_equal(labels, reference.target)
     split = load_digits()
     assert len(split.x_train) + len(split.x_test) == 1797 and split.x_train.shape[1:] == (1, 8, 8)
+
+
+def test_a_column_of_labels_reads_as_one_label_per_image(tmp_path):
+    """Labels saved with shape (n, 1) were refused with the one-hot hint, save y.argmax(1), which turns every one
+    of them into 0; they are one class index per image, read as such."""
+    a = _arrays()
+    split = load_dataset(str(_save(tmp_path, y_train=a["y_train"][:, None], y_test=a["y_test"][:, None])))
+    assert split.y_train.shape == (len(a["y_train"]),) and split.y_train.tolist() == a["y_train"].tolist()
+    assert split.y_test.tolist() == a["y_test"].tolist()

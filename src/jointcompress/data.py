@@ -228,7 +228,10 @@ def _pixels(x: np.ndarray, what: str) -> np.ndarray:
 def _class_labels(y: np.ndarray, what: str, n: int) -> np.ndarray:
     """One integer class index per image, as int64: one-hot rows or fractional values are refused (a cast
     would silently turn 0.7 into class 0), as are non-numeric and negative labels (cross-entropy would reject
-    -1 mid-training, and silently skip -100)."""
+    -1 mid-training, and silently skip -100). A column of labels, shape (n, 1), is read as one (the hint for
+    one-hot rows, argmax, would have turned every label into 0)."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y.reshape(-1)
     if y.ndim != 1 or len(y) != n:
         raise DataError(f"data: {what} has shape {y.shape}; expected one class index per image, shape ({n},)"
                         + (" (one-hot rows: save y.argmax(1))" if y.ndim == 2 else ""))
