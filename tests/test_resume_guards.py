@@ -8,6 +8,7 @@ import json
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -327,3 +328,19 @@ def test_a_trained_model_damaged_in_place_is_named_as_damaged(tmp_path, monkeypa
                          "--resume")
     assert code == 2 and "teacher.safetensors no longer holds it (damaged" in text and "--resume trains it again" in text, text
     assert "trained again differs" not in text
+
+
+def test_other_training_data_on_resume_is_named_as_the_data_not_the_builder(tmp_path, monkeypatch, capsys):
+    """The same images in another order, given to --resume: the outputs on the first rows changed, and the run
+    said the builder's code had changed since, where the builder was untouched."""
+    from jointcompress.data import _digits_arrays
+
+    x, y = _digits_arrays()
+    np.savez(tmp_path / "a.npz", x_train=x[:1000], y_train=y[:1000], x_test=x[1000:], y_test=y[1000:])
+    np.savez(tmp_path / "b.npz", x_train=x[:1000][::-1], y_train=y[:1000][::-1], x_test=x[1000:], y_test=y[1000:])
+    out, args = tmp_path / "o", ["compress", _recipe(tmp_path), "--teacher-epochs", "1"]
+    code, text = run_cli(monkeypatch, capsys, *args, "--data", tmp_path / "a.npz", "--out", out)
+    assert not code, text
+    code, text = run_cli(monkeypatch, capsys, *args, "--data", tmp_path / "b.npz", "--out", out, "--resume")
+    flat = " ".join(text.split())
+    assert code == 2 and "the first 8 training images differ" in flat and "builder" not in flat, text

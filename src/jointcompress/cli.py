@@ -403,6 +403,8 @@ def _same_outputs(start_file: Path, earlier: dict | None, model, rows, save: boo
     """The model's outputs on the first training rows, recorded in start.json and compared on --resume: a
     builder whose code changed without changing a shape (ReLU to GELU) loads the same weights, so the
     digest matched, and the run resumed into a model trained half one way and half the other, without a word."""
+    import hashlib
+
     import torch
 
     from .io import atomic_write_json
@@ -413,19 +415,28 @@ def _same_outputs(start_file: Path, earlier: dict | None, model, rows, save: boo
         was = model.training
         outputs = logits_of(call_model(model.eval(), rows)).float().cpu()
         model.train(was)
+    rows_sha256 = hashlib.sha256(rows.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
     before = (earlier or {}).get("probe_outputs")
     if before is not None:
+        recorded_rows = earlier.get("probe_rows_sha256")  # absent from a start.json of an earlier version
+        if recorded_rows is not None and recorded_rows != rows_sha256:
+            raise JointCompressError(
+                f"--resume: the first {len(rows)} training images differ from those the run in {start_file.parent} "
+                "began with: this is other training data. Pass the --data the run began with to continue it, or start "
+                "over with --force")
         recorded = torch.tensor(before)
         gap = float((recorded - outputs).abs().max()) if recorded.shape == outputs.shape else float("inf")
         if gap > 1e-3 * max(1.0, float(recorded.abs().max())):
+            cause = ("the builder's code changed since" if recorded_rows is not None
+                     else "the builder's code or the training data (--data) changed since")
             raise JointCompressError(
                 f"--resume: the model the run in {start_file.parent} began from gives other outputs on its first "
-                f"{len(rows)} training rows than when the run began (by {gap:.3g}), with the same weights: the "
-                "builder's code changed since. Set it back to continue, or start over with --force")
+                f"{len(rows)} training rows than when the run began (by {gap:.3g}), with the same weights: "
+                f"{cause}. Set it back to continue, or start over with --force")
     elif save and start_file.is_file():  # recorded once, beside what _same_start wrote
         start = json.loads(start_file.read_text())
         if "probe_outputs" not in start:
-            atomic_write_json(start_file, {**start, "probe_outputs": outputs.tolist()})
+            atomic_write_json(start_file, {**start, "probe_outputs": outputs.tolist(), "probe_rows_sha256": rows_sha256})
 
 
 def _same_teacher_epochs(start_file: Path, earlier: dict, teacher_epochs: int) -> None:
