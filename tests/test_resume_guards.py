@@ -344,3 +344,20 @@ def test_other_training_data_on_resume_is_named_as_the_data_not_the_builder(tmp_
     code, text = run_cli(monkeypatch, capsys, *args, "--data", tmp_path / "b.npz", "--out", out, "--resume")
     flat = " ".join(text.split())
     assert code == 2 and "the first 8 training images differ" in flat and "builder" not in flat, text
+
+
+def test_another_test_split_on_resume_is_refused(tmp_path, monkeypatch, capsys):
+    """Resumed with half the test images, the run went on without a word: its history mixed epochs read on two
+    sets, and the kept epoch was chosen across them."""
+    from jointcompress.data import _digits_arrays
+
+    x, y = _digits_arrays()
+    np.savez(tmp_path / "a.npz", x_train=x[:1000], y_train=y[:1000], x_test=x[1000:], y_test=y[1000:])
+    np.savez(tmp_path / "b.npz", x_train=x[:1000], y_train=y[:1000], x_test=x[1000:1200], y_test=y[1000:1200])
+    out, args = tmp_path / "o", ["compress", _recipe(tmp_path), "--teacher-epochs", "1"]
+    code, text = run_cli(monkeypatch, capsys, *args, "--data", tmp_path / "a.npz", "--out", out)
+    assert not code, text
+    code, text = run_cli(monkeypatch, capsys, *args, "--data", tmp_path / "a.npz", "--out", out, "--resume")
+    assert not code, text  # the same data resumes
+    code, text = run_cli(monkeypatch, capsys, *args, "--data", tmp_path / "b.npz", "--out", out, "--resume")
+    assert code == 2 and "evaluates on" in text and "differ from those it began with" in " ".join(text.split()), text

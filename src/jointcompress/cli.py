@@ -288,6 +288,7 @@ def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights
     _same_start(start_file, earlier, teacher, weights, save, recipe.training.validation_images, teacher_epochs,
                 teacher_file if reloaded else None)
     _same_outputs(start_file, earlier, teacher, split.x_train[:PROBE_ROWS], save)
+    _same_evaluation_data(start_file, earlier, split, save)
     if save and not weights and not teacher_file.is_file():
         from safetensors.torch import save as st_save
 
@@ -437,6 +438,30 @@ def _same_outputs(start_file: Path, earlier: dict | None, model, rows, save: boo
         start = json.loads(start_file.read_text())
         if "probe_outputs" not in start:
             atomic_write_json(start_file, {**start, "probe_outputs": outputs.tolist(), "probe_rows_sha256": rows_sha256})
+
+
+def _same_evaluation_data(start_file: Path, earlier: dict | None, split, save: bool) -> None:
+    """The images a run evaluates on (the test split, and the held-out rows it chooses on), recorded in start.json
+    and compared on --resume: resumed with another test split, the history mixed epochs read on two sets, the
+    kept epoch was chosen across them, and the summary's uncompressed row moved, without a word."""
+    import hashlib
+
+    from .io import atomic_write_json
+
+    digest = hashlib.sha256()
+    for t in (split.x_test, split.y_test, split.x_val, split.y_val):
+        if t is not None:
+            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    before = (earlier or {}).get("evaluation_sha256")  # absent from a start.json of an earlier version
+    if before is not None and before != digest.hexdigest():
+        raise JointCompressError(
+            f"--resume: the images the run in {start_file.parent} evaluates on (the data's test split, and the training "
+            "images it holds out to choose on) differ from those it began with; its epochs would be read on two sets. "
+            "Pass the --data it began with to continue it, or start over with --force")
+    if save and start_file.is_file():
+        start = json.loads(start_file.read_text())
+        if "evaluation_sha256" not in start:
+            atomic_write_json(start_file, {**start, "evaluation_sha256": digest.hexdigest()})
 
 
 def _same_teacher_epochs(start_file: Path, earlier: dict, teacher_epochs: int) -> None:
