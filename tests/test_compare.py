@@ -248,3 +248,21 @@ def test_pareto_plot_shows_every_seeds_teacher_as_mean_and_min_max():
     (low, high) = sorted(p[1] for p in segments[0])
     assert (low, high) == (pytest.approx(3.0), pytest.approx(5.0))  # seed 1's and seed 0's teachers
     plt.close(fig)
+
+
+def test_compare_force_clears_an_earlier_compares_points_and_report(tmp_path):
+    """Rerun with --force into the same folder, the earlier compare's runs/ folders, report.html and layers.*
+    stayed beside the new compare.csv, read as its own; the user's other files stay."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: lenet300\ndata: digits\ntechniques: [{type: prune_unstructured, sparsity: 0.5}, "
+                      "{type: quant_lsq, bits: 4}]\ntraining: {epochs: 1, batch_size: 128}\n")
+    out = tmp_path / "cmp"
+    (out / "runs" / "sequential-r40-s0").mkdir(parents=True)
+    for name in ("report.html", "layers.csv", "layers.json", "notes.txt"):
+        (out / name).write_text("earlier")
+    res = CliRunner().invoke(app, ["compare", str(recipe), "--ratios", "8", "--seeds", "1", "--teacher-epochs", "1",
+                                   "--variants", "sequential", "--out", str(out), "--force"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["sequential-r8-s0"]
+    assert not any((out / name).exists() for name in ("report.html", "layers.csv", "layers.json"))
+    assert (out / "notes.txt").read_text() == "earlier" and (out / "compare.csv").is_file()

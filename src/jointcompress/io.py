@@ -167,7 +167,7 @@ def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=
         hold_run_lock(path)
         _remove_write_leftovers(path)
         if force and not resume:
-            _remove_fresh(path, fresh)
+            remove_outputs(path, fresh)
     if dist is not None:
         dist.barrier()
     return path
@@ -211,7 +211,7 @@ def _resume_without_checkpoint(path: Path, force: bool, dist) -> None:
                       "(check --out if you meant to continue a run)", stacklevel=3)
 
 
-def _remove_fresh(path: Path, fresh: tuple[str, ...]) -> None:
+def remove_outputs(path: Path, fresh: tuple[str, ...]) -> None:
     """An earlier run's outputs a --force restart must not mix with its own: the checkpoint files a run
     writes (with their checksum sidecars and the temporary files of killed writes; the user's other files in that
     folder stay), and the other `fresh` folders whole."""

@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from ..compare import DEFAULT_VARIANTS
+from ..io import RUN_REPORT
 from . import DEVICE_HELP, MODEL_CHOICES
 
 
@@ -59,7 +60,7 @@ def register(app: typer.Typer) -> None:
         from ..compare import CompareSpec, run_compare
         from ..devices import resolve_device
         from ..errors import JointCompressError
-        from ..io import prepare_output_dir
+        from ..io import prepare_output_dir, remove_outputs
         from ..data import hold_out, load_dataset
         from ..recipe import load_recipe
         from . import refuse_hf_recipe
@@ -86,6 +87,8 @@ def register(app: typer.Typer) -> None:
         held = val_images if val_images is not None else recipe.training.validation_images
         split = hold_out(split, held, what="--val-images" if val_images is not None else "training.validation_images")
         out = prepare_output_dir(out, force=force)  # after every check: a refused run leaves no folder
+        if force:  # an earlier compare's points and report would sit beside this one's as if they were its own
+            remove_outputs(out, COMPARE_OUTPUTS)
         with progress_bar() as bar:
             result = run_compare(recipe, split, name, spec, out, weights=weights, tensorboard=tensorboard,
                                  progress_factory=lambda d: tracked(bar, d), log=console.print)
@@ -96,6 +99,9 @@ def register(app: typer.Typer) -> None:
         for u in result.get("unreachable", []):
             console.print(f"[yellow]r{u['ratio_target']:g} seed {u['seed']}: not run, target unreachable[/yellow]: {u['reason']}")
         console.print(f"results in {out}/compare.json, compare.csv, pareto.png; `jointcompress report {out}` for the HTML report")
+
+
+COMPARE_OUTPUTS = ("compare.json", "compare.csv", "pareto.png", "runs", *RUN_REPORT)  # what compare and report write
 
 
 def summary_table(result: dict):
