@@ -237,3 +237,18 @@ def test_a_rounding_flip_of_a_model_that_rounds_its_activations_is_said_not_rais
     monkeypatch.setattr(onnx_export, "compare", reporting(0.9))
     with pytest.raises(JointCompressError, match="the ONNX graph disagrees"):
         export_and_check(rounded(), tmp_path / "r.onnx", x)  # classes lost: more than a flip
+
+
+def test_the_parity_checks_leave_the_callers_modes_as_they_were(tmp_path):
+    """export_and_check and int8_parity set the CPU model to eval mode and left it there: a caller who exports
+    mid-training and goes on trained with BatchNorm reading its statistics; quantize_int8 already restored it."""
+    model, spec = fake_finalize(SmallCNN(), example_input(), bits=8)
+    x, y = _data(model)
+    q = quantize_int8(model, spec, x[:64], example_input(), workdir=tmp_path)
+    model.train()
+    model.bn1.eval()  # a layer the caller froze keeps its own mode too
+    modes = [m.training for m in model.modules()]
+    export_and_check(model, tmp_path / "m.onnx", example_input())
+    assert [m.training for m in model.modules()] == modes
+    int8_parity(model, q, (x[:64], y[:64]))
+    assert [m.training for m in model.modules()] == modes

@@ -356,4 +356,8 @@ def calibration_parity(model: nn.Module, int8: Int8Model, calibration, max_batch
 
 
 def int8_parity(model: nn.Module, int8: Int8Model, eval_data) -> ParityReport:
-    return compare(model.eval(), int8, eval_data, f"int8 {int8.backend}", path=int8.path)
+    """The int8 model against `model` (read in eval mode, each module's mode put back) on `eval_data`."""
+    from ..model_call import evaluating
+
+    with evaluating(model):
+        return compare(model, int8, eval_data, f"int8 {int8.backend}", path=int8.path)

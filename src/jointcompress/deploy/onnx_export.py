@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import JointCompressError, UnsupportedModelError
+from ..model_call import evaluating
 from ..model_copy import on_cpu
 from . import timing
 from .parity import ParityReport, compare
@@ -229,7 +230,12 @@ def export_and_check(model: nn.Module, path: str | os.PathLike, example_input: t
     logits' scale on the built-in models); a gap over `tolerance` times the largest reference logit
     means the graph computes something else, and raises. `tolerance=None` only reports."""
     path = export_onnx(model, path, example_input, exporter)
-    model = on_cpu(model)[0].eval()  # the float32 model it was exported from (a GPU's TF32 convolutions would differ)
+    model = on_cpu(model)[0]  # the float32 model it was exported from (a GPU's TF32 convolutions would differ)
+    with evaluating(model):  # read in eval mode, each module's mode put back: a caller may go on training it
+        return _checked_parity(model, path, example_input, eval_data, tolerance)
+
+
+def _checked_parity(model: nn.Module, path, example_input, eval_data, tolerance: float | None) -> ParityReport:
     report = compare(model, _runnable(path, example_input), eval_data if eval_data is not None else example_input,
                      "onnxruntime fp32", path=str(path))
     allowed = None if tolerance is None else tolerance * max(1.0, report.max_abs_reference or 0.0)
