@@ -288,3 +288,23 @@ def test_structured_pruning_beside_an_unconverted_gru_names_the_conversion():
     with pytest.raises(UnsupportedModelError, match=r"recurrent layers \(gru\) must be converted first: .*rnn_to_linear"):
         jointcompress.prepare(GRUNet(), {"techniques": [{"type": "prune_structured", "sparsity": 0.5}]}, total_steps=10,
                               example_inputs=torch.randn(4, 6, 8))
+
+
+def test_int8_of_a_model_put_back_into_torchs_lstm_says_the_recurrent_weights_stay_fp32(tmp_path):
+    """ONNX Runtime's quantizer leaves the LSTM operator in fp32; the warning said the spec was made on another
+    module tree and that the layers were re-rounded with min/max scales, neither of which happened."""
+    import warnings
+
+    from jointcompress.deploy import quantize_int8
+
+    model = _Tagger()
+    x, y = _data()
+    result = compress(model, {"techniques": [{"type": "quant_lsq", "bits": 8}], "training": {"epochs": 1, "batch_size": 8}},
+                      (x, y), lambda m: 0.0)
+    spec = finalize(model, result.example_inputs)
+    torch_model = linear_to_rnn(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantize_int8(torch_model, spec, (x, y), x[:2], workdir=tmp_path)
+    said = " ".join(str(w.message) for w in caught if "int8:" in str(w.message))
+    assert "layers stay fp32: rnn is torch's recurrent module again" in said and "another module tree" not in said
