@@ -206,3 +206,26 @@ def test_the_before_accuracy_is_the_artifacts_only_on_the_test_images_it_was_mea
     assert _same_data(extra, split)
     assert not _same_data(extra, SimpleNamespace(name="gray", x_test=x, y_test=y.flip(0)))
     assert _same_data({"data": "gray"}, split) and not _same_data({"data": "other"}, split)  # older manifests
+
+
+def test_bench_reads_the_samples_of_a_conv1d_artifact_as_its_file_holds_them(app, tmp_path):
+    """[N, C, L] samples, saved as the model takes them, were read as grayscale images with a channel axis added,
+    and bench refused the data the artifact was compressed on, telling the user to pass data of that shape."""
+    import numpy as np
+
+    source = ("import torch\n"
+              "def build():\n"
+              "    return torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool1d(1),\n"
+              "                               torch.nn.Flatten(), torch.nn.Linear(4, 3))\n")
+    (tmp_path / "wave.py").write_text(source)
+    namespace: dict = {}
+    exec(source, namespace)
+    x = torch.randn(40, 2, 16)
+    model, spec = fake_finalize(namespace["build"](), x[:2], prune=0)
+    save(model, spec, tmp_path / "art", example_inputs=x[:2])
+    y = np.arange(40) % 3
+    np.savez(tmp_path / "wave.npz", x_train=x[:30].numpy(), y_train=y[:30], x_test=x[30:].numpy(), y_test=y[30:])
+    r = CliRunner().invoke(app, ["bench", str(tmp_path / "art"), "--model", f"{tmp_path / 'wave.py'}:build",
+                                 "--data", str(tmp_path / "wave.npz"), "--runs", "2"])
+    assert r.exit_code == 0, r.output
+    assert "accuracy" in r.output and "pass --data" not in r.output
