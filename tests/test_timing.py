@@ -102,3 +102,19 @@ def test_hf_interleaved_latency_fields():
     for name in ("x", "y"):
         assert {"batch1_ms", "batch32_ms", "batch1_alone_ms", "batch32_alone_ms"} <= set(res[name])
     assert isinstance(res["flagged"], list)
+
+
+def test_a_contender_whose_session_has_other_threads_or_spins_is_refused(tmp_path):
+    """The timing recorded `threads` for every contender while an ONNX Runtime one ran with its own count (or a
+    default session's: one thread per core, spinning): the speed-up read from it was not like for like."""
+    import onnxruntime as ort
+    import pytest
+
+    model, x, path = _onnx(tmp_path)
+    default = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session_threads(default)["session.intra_op.allow_spinning"] is None  # never set: ORT spins
+    for session, said in ((ort_session(path, 2), "with 2 intra-op thread"),
+                          (default, r"with its default threads \(one per core\) and spinning on")):
+        with pytest.raises(ValueError, match=rf"'after' runs an ONNX Runtime session {said}.*ort_session\(path, threads=1\)"):
+            bench(model, ort_predict(session), x, runs=2, threads=1)
+    assert bench(model, ort_predict(ort_session(path, 1)), x, runs=2, threads=1)["threads"] == 1

@@ -119,9 +119,17 @@ def timed_sides(sides: dict, example_input, batch_sizes, runs: int, threads: int
     out = {}
     for bs in batch_sizes:
         x = batch_of(example_input, bs)
-        out[bs] = time_contenders({s: (lambda m=m: call_model(m, x)) for s, m in sides.items()}, threads=threads,
-                                  rounds=runs)
+        out[bs] = time_contenders({s: _call(m, x) for s, m in sides.items()}, threads=threads, rounds=runs)
     return out
+
+
+def _call(model, x) -> Callable[[], object]:
+    """`model` on `x`, carrying the ONNX Runtime session the model runs (if any), whose threads time_contenders checks."""
+    def call():
+        return call_model(model, x)
+
+    call.session = getattr(model, "session", None) or getattr(getattr(model, "predict", None), "session", None)
+    return call
 
 
 def bench(model_before: nn.Module, model_after, example_input,

@@ -57,10 +57,18 @@ def ort_session(path: str | os.PathLike, threads: int = DEFAULT_THREADS):
 
 
 def session_threads(session) -> dict:
-    """What a session was made with, read back from its options (for tests and records)."""
+    """What a session was made with, read back from its options (for tests and records); a spinning key
+    never set reads None (ONNX Runtime's default: spinning on)."""
     opts = session.get_session_options()
     return {"intra_op": opts.intra_op_num_threads, "inter_op": opts.inter_op_num_threads,
-            **{key: opts.get_session_config_entry(key) for key in SPINNING_KEYS}}
+            **{key: _config_entry(opts, key) for key in SPINNING_KEYS}}
+
+
+def _config_entry(opts, key: str) -> str | None:
+    try:
+        return opts.get_session_config_entry(key)
+    except RuntimeError:  # "does not have configuration with key": never set
+        return None
 
 
 @dataclass
@@ -123,6 +131,7 @@ def time_contenders(fns: dict[str, Callable[[], object]], threads: int = DEFAULT
     """
     if not fns:
         raise ValueError("time_contenders: no contenders given")
+    check_sessions(fns, threads)
     alone_runs = alone_runs if alone_runs is not None else max(5, rounds // 2)
     names = list(fns)
     before = torch.get_num_threads()
@@ -140,6 +149,24 @@ def time_contenders(fns: dict[str, Callable[[], object]], threads: int = DEFAULT
     alone_ms = {k: _median_ms(v) for k, v in alone.items()}
     return Timing(threads, rounds, warmup, alone_runs, inter_ms, alone_ms, flagged(inter_ms, alone_ms, tolerance), tolerance,
                   machine=machine_info())
+
+
+def check_sessions(fns: dict[str, Callable[[], object]], threads: int) -> None:
+    """Refuse a contender whose ONNX Runtime session (the `.session` of onnx_export.ort_predict and
+    bound_predict) runs with other intra-op threads than every contender gets, or spins: the timing
+    recorded `threads` for all of them while that one ran with its own (a default session takes every core,
+    and its spinning threads slowed a PyTorch model timed beside it 2-3x)."""
+    for name, fn in fns.items():
+        session = getattr(fn, "session", None)
+        if session is None or not callable(getattr(session, "get_session_options", None)):
+            continue
+        made = session_threads(session)
+        spinning = [key for key in SPINNING_KEYS if made[key] != "0"]
+        if made["intra_op"] != threads or spinning:
+            count = f"{made['intra_op']} intra-op thread(s)" if made["intra_op"] else "its default threads (one per core)"
+            raise ValueError(f"time_contenders: {name!r} runs an ONNX Runtime session with {count}"
+                             f"{' and spinning on' if spinning else ''}, where every contender gets {threads} "
+                             f"and no spinning; make its session with deploy.timing.ort_session(path, threads={threads})")
 
 
 def steady_ms(call: Callable[[], object], threads: int = DEFAULT_THREADS, rounds: int = 30, repeats: int = 3,
