@@ -266,3 +266,16 @@ def test_compare_force_clears_an_earlier_compares_points_and_report(tmp_path):
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["sequential-r8-s0"]
     assert not any((out / name).exists() for name in ("report.html", "layers.csv", "layers.json"))
     assert (out / "notes.txt").read_text() == "earlier" and (out / "compare.csv").is_file()
+
+
+def test_compare_takes_a_recipe_whose_sparsity_its_ratios_set(tmp_path):
+    """Its help says the target comes from --ratios, yet a recipe without target or sparsity was refused
+    ("sparsity is required unless target sets it") before --ratios was read."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: lenet300\ndata: digits\ntechniques: [{type: prune_unstructured}, {type: quant_lsq, bits: 4}]\n"
+                      "training: {epochs: 1, batch_size: 128}\n")
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(app, ["compare", str(recipe), "--ratios", "8", "--seeds", "1", "--teacher-epochs", "1",
+                                   "--variants", "sequential", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert [r["ratio_target"] for r in json.loads((out / "compare.json").read_text())["runs"]] == [8.0]

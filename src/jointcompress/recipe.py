@@ -645,8 +645,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read a YAML recipe file; errors name the file, the field and the allowed values."""
+def load_recipe(path: str | Path, defaults: dict | None = None) -> Recipe:
+    """Read a YAML recipe file; errors name the file, the field and the allowed values. `defaults`: top-level
+    fields the file may leave out, set by the command (compare's target, from --ratios)."""
     path = Path(path)
     if path.is_dir():
         raise RecipeError(f"{path}: is a folder; give the recipe's YAML file (e.g. {path / 'recipe.yaml'}, or one of "
@@ -665,7 +666,10 @@ def load_recipe(path: str | Path) -> Recipe:
     if isinstance(data, (str, int, float, bool)):  # parse_recipe would read a string as a path given to it
         raise RecipeError(f"{path}: holds the single value {str(data)[:60]!r}, not a recipe: a mapping of fields "
                           "(version, model, techniques, training, ...); see src/jointcompress/recipes/ for examples")
-    return parse_recipe(data if data is not None else {}, source=str(path))
+    data = data if data is not None else {}
+    if defaults and isinstance(data, dict):
+        data = {**defaults, **data}
+    return parse_recipe(data, source=str(path))
 
 
 def builtin_recipe(name: str) -> Path:

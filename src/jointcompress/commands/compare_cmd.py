@@ -69,7 +69,9 @@ def register(app: typer.Typer) -> None:
             raise JointCompressError(f"--tensorboard {tensorboard}: is a file; give a folder for the event files")
         if keep not in (None, "best", "last"):
             raise JointCompressError(f"--keep {keep}: choose best or last")
-        recipe = load_recipe(recipe_path)
+        given_ratios = parse_floats(ratios, "--ratios")
+        # the target comes from --ratios: a recipe without one may leave prune_unstructured.sparsity out
+        recipe = load_recipe(recipe_path, defaults={"target": {"ratio": given_ratios[0]}} if given_ratios else None)
         refuse_hf_recipe(recipe, recipe_path, "compare",
                          "To weigh joint against sequential, run `jointcompress compress RECIPE --mode sequential` "
                          "beside the joint run (docs/transformers.md)")
@@ -79,7 +81,7 @@ def register(app: typer.Typer) -> None:
         from ..models import absolute_builder
 
         name = absolute_builder(name)  # the artifacts' manifests record it
-        spec = CompareSpec(ratios=parse_floats(ratios, "--ratios"), seeds=seeds,
+        spec = CompareSpec(ratios=given_ratios, seeds=seeds,
                            variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
                            teacher_epochs=teacher_epochs, epochs=epochs, first_seed=first_seed, keep=keep,
                            device=str(resolve_device(device)), validation_images=val_images)
