@@ -686,11 +686,27 @@ def test_a_joint_target_the_fixed_bytes_exceed_is_refused_before_the_model_train
     assert "train model" not in out and not (tmp_path / "o" / "teacher.safetensors").exists(), out
 
 
+@pytest.mark.parametrize("mode", ["sequential", "overlap"])
+def test_a_sequential_target_under_the_plannable_floor_is_refused_before_the_model_trains(tmp_path, monkeypatch,
+                                                                                        capsys, mode):
+    """The allocator's floor (2 bits, every layer at its floor, the tensors no technique compresses) depends on the
+    architecture: compare refused such a ratio before training, compress only after training the model first."""
+    recipe = _recipe(tmp_path, f"mode: {mode}\ntarget: {{ratio: 5000}}\ntraining: {{epochs: 1}}\n"
+                               "techniques: [{type: prune_unstructured}, {type: quant_lsq, bits: 4}]\n")
+    code, out = _cli(monkeypatch, capsys, "compress", recipe, "--teacher-epochs", "1", "--out", tmp_path / "o")
+    assert code == 2 and "smallest artifact" in out and "before training it" in out, out
+    assert "train model" not in out and not (tmp_path / "o" / "teacher.safetensors").exists(), out
+
+
 def test_a_target_found_out_of_reach_after_the_model_trained_names_the_trained_model_to_start_from(
         tmp_path, monkeypatch, capsys):
-    """Sequential prices its floor on the trained model: the command trains it first and then finds the target
-    out of reach. The error says where that model is kept, and a run given it as --weights does not train it
-    again."""
+    """Sequential prices its floor on the trained model: near that floor (within compare.PLAN_SLACK of the untrained
+    model's; the check before training is skipped here to stand for it) the command trains it first and then
+    finds the target out of reach. The error says where that model is kept, and a run given it as --weights does
+    not train it again."""
+    from jointcompress import cli
+
+    monkeypatch.setattr(cli, "_refuse_an_unplannable_target", lambda *args: None)
     recipe = _recipe(tmp_path, "mode: sequential\ntarget: {ratio: 5000}\ntraining: {epochs: 1}\n"
                                "techniques: [{type: prune_unstructured}, {type: quant_lsq, bits: 4}]\n")
     code, out = _cli(monkeypatch, capsys, "compress", recipe, "--teacher-epochs", "1", "--out", tmp_path / "o")

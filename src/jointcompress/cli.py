@@ -307,8 +307,11 @@ def _refuse_an_unreachable_target_before_training(builder, recipe, split) -> Non
 
     from .session.prepare import prepare
 
-    if recipe.mode != "joint" or not recipe.has_size_target():
-        return  # sequential and overlap: the allocator's floor is priced on the trained model
+    if not recipe.has_size_target():
+        return
+    if recipe.mode != "joint":
+        _refuse_an_unplannable_target(builder(), recipe, split)
+        return
     from .api import check_data
 
     model = builder()
@@ -322,6 +325,31 @@ def _refuse_an_unreachable_target_before_training(builder, recipe, split) -> Non
         except JointCompressError as err:
             err.add_note("Checked on the untrained model, before training it; nothing was trained.")
             raise
+
+
+def _refuse_an_unplannable_target(model, recipe, split) -> None:
+    """Sequential and overlap: the allocator refuses a target under the smallest file it can plan (2 bits, every
+    layer at its floor, the tensors no technique compresses) on the trained model, after training it. That floor
+    depends on the architecture, not the values, so it is checked first on the untrained model, as compare does:
+    refused only where a file compare.PLAN_SLACK larger cannot be planned either (near the floor the trained
+    model decides)."""
+    from .compare import PLAN_SLACK
+    from .recipe import parse_recipe
+    from .targets import TargetError, resolve_target
+
+    target = recipe.target
+    slack = {"ratio": target.ratio / PLAN_SLACK} if target.ratio is not None else {"size_kb": target.size_kb * PLAN_SLACK}
+    example = split.x_train[:2]
+    try:
+        resolve_target(model, parse_recipe({**recipe.model_dump(), "target": {**target.model_dump(), **slack}}), example)
+        return
+    except TargetError:
+        pass
+    try:
+        resolve_target(model, recipe, example)
+    except TargetError as err:  # the exact target's words
+        err.add_note("Checked on the untrained model, before training it; nothing was trained.")
+        raise
 
 
 def _name_the_trained_model(err: JointCompressError, out: Path, given: bool) -> None:
