@@ -528,3 +528,13 @@ def test_saving_onto_a_file_path_names_it(tmp_path):
         with pytest.raises(ArtifactError, match=r"an artifact is a folder.*model.jcw is a file"):
             save(model, CompressionSpec(layers={}), given)
     assert (tmp_path / "model.jcw").read_text() == "kept"
+
+
+def test_a_run_folder_given_for_its_artifact_names_the_artifact_inside(tmp_path):
+    """`bench runs/x` (the run's folder, not runs/x/artifact) said only that manifest.json was not found."""
+    from jointcompress.errors import ArtifactError
+    from jointcompress.spec import CompressionSpec
+
+    save(torch.nn.Sequential(torch.nn.Linear(4, 2)), CompressionSpec(layers={}), tmp_path / "run" / "artifact")
+    with pytest.raises(ArtifactError, match=r"is a run's folder: its artifact is .*run/artifact"):
+        read_manifest(tmp_path / "run")

@@ -428,7 +428,10 @@ def read_manifest(path: str | os.PathLike) -> dict:
     try:
         manifest = json.loads(mpath.read_text())
     except FileNotFoundError as exc:
-        raise ArtifactError(f"{mpath}: not found; is {path} an artifact directory written by save()?") from exc
+        inside = sorted(p.parent for p in Path(path).glob(f"*/{MANIFEST_FILE}"))  # a run folder holds artifact/
+        hint = (f"; {path} is a run's folder: its artifact is {inside[0]}" if len(inside) == 1
+                else f"; the artifacts in it: {', '.join(str(p) for p in inside[:4])}" if inside else "")
+        raise ArtifactError(f"{mpath}: not found; is {path} an artifact directory written by save()?{hint}") from exc
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, or a number past int's digit limit
         raise ArtifactError(f"{mpath}: not valid JSON ({str(exc)[:200]}); the file is truncated or corrupted") from exc
     except RecursionError as exc:  # absurdly deep nesting
