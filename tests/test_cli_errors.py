@@ -57,7 +57,7 @@ def test_bad_recipe(tmp_path, monkeypatch, capsys, text, words):
 
 @pytest.mark.parametrize("text, code, words", [
     ("model: lenet6\ntechniques: [{type: quant_lsq}]\n", 2, ["unknown reference model 'lenet6'", "choose one of"]),
-    ("model: missing.py:build\ntechniques: [{type: quant_lsq}]\n", 2, ["no file missing.py"]),
+    ("model: missing.py:build\ntechniques: [{type: quant_lsq}]\n", 2, ["no file missing.py, read from the current folder"]),
     ("techniques: [{type: quant_lsq}]\n", 0, ["ok", "model not set (pass --model to compress)"]),
     ("model: lenet5\n", 0, ["warning:", "techniques is empty", "ok", "model=lenet5"]),
     ("model: lenet5\ndata: nowhere/mnist.npz\ntechniques: [{type: quant_lsq}]\n", 0,

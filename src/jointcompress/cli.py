@@ -604,7 +604,9 @@ def _validated_model(name: str | None, hf: bool) -> str:
 
         file = name.rsplit(":", 1)[0]
         if file.endswith(".py") and not Path(file).is_file():
-            raise JointCompressError(f"model: {name!r}: no file {file}; give file.py:function or package.module:function")
+            relative = "" if Path(file).is_absolute() else f", read from the current folder {Path.cwd()}"
+            raise JointCompressError(f"model: {name!r}: no file {file}{relative}; give file.py:function (its path from "
+                                     "the folder you run in, or an absolute one) or package.module:function")
         load_builder(name)  # imported and its signature checked as compress would, not yet called
         return f"model={name}"
     if name not in MODELS:

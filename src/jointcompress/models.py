@@ -291,7 +291,9 @@ def _import_builder_module(spec: str, where: str):
     if where.endswith(".py"):
         loader = importlib.util.spec_from_file_location(Path(where).stem, where)
         if loader is None or not Path(where).is_file():
-            raise RecipeError(f"model {spec!r}: cannot import {where!r} (FileNotFoundError: no file {where})")
+            relative = "" if Path(where).is_absolute() else f", read from the current folder {os.getcwd()}"
+            raise RecipeError(f"model {spec!r}: cannot import {where!r} (FileNotFoundError: no file {where}{relative}); "
+                              "give the builder's path from the folder you run in, or an absolute one")
         folder = str(Path(where).resolve().parent)  # as `python file.py` does: the file imports its neighbours
         if folder not in sys.path:
             sys.path.insert(0, folder)
