@@ -825,3 +825,20 @@ def test_force_refuses_to_clear_the_weights_the_run_reads(tmp_path, monkeypatch,
     assert (out / "teacher.safetensors").read_bytes() == weights_file.read_bytes() and (out / "summary.json").exists()
     code, text = _cli(monkeypatch, capsys, "compress", recipe, "--weights", out / "mine.safetensors", "--out", out, "--force")
     assert code == 0 and (out / "artifact" / "manifest.json").is_file(), text
+
+
+def test_the_results_table_shows_latency_columns_only_where_a_row_was_timed():
+    """compress's table always showed ms b1 / ms b64 columns of dashes: nothing it runs times the models."""
+    from rich.console import Console
+
+    from jointcompress.cli import results_table
+
+    def shown(rows):
+        console = Console(width=200, record=True)
+        console.print(results_table("t", rows))
+        return console.export_text()
+
+    row = {"accuracy": 0.9, "bytes": 1000, "params": 10, "nonzero": 10}
+    assert "ms b1" not in shown({"uncompressed": row, "joint": dict(row)})
+    timed = shown({"uncompressed": row, "fast": {**row, "latency_ms_b1": 0.125, "latency_ms_b64": 1.5}})
+    assert "ms b1" in timed and "0.125" in timed and "1.500" in timed

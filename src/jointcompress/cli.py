@@ -59,12 +59,15 @@ def results_table(title: str, rows: dict[str, dict]) -> Table:
     Stored: the weights file where one was written (what a size target counts and `bench` reports), else
     the stored parts' bytes; the uncompressed row, fp32 parameters and buffers."""
     table = Table(title=title)
-    for col in ("", "accuracy", "sparsity", "bits", "nonzero params", "stored", "smaller", "ms b1", "ms b64", "conflict"):
+    timed = any("latency_ms_b1" in r for r in rows.values())  # latency columns only where a row was timed (demo)
+    for col in ("", "accuracy", "sparsity", "bits", "nonzero params", "stored", "smaller",
+                *(("ms b1", "ms b64") if timed else ()), "conflict"):
         table.add_column(col, justify="left" if col == "" else "right")
     base = rows.get("uncompressed", {}).get("bytes")
     for name, r in rows.items():
         stored = r.get("file_bytes") or r.get("bytes")
         ratio = f"{base / stored:.1f}x" if base and stored else "-"
+        latency = [f"{r[k]:.3f}" if k in r else "-" for k in ("latency_ms_b1", "latency_ms_b64")] if timed else []
         table.add_row(
             name,
             f"{100 * r['accuracy']:.2f}%",
@@ -73,8 +76,7 @@ def results_table(title: str, rows: dict[str, dict]) -> Table:
             f"{r.get('nonzero', 0):,} / {r.get('params', 0):,}",
             _fmt_bytes(stored),
             ratio,
-            f"{r['latency_ms_b1']:.3f}" if "latency_ms_b1" in r else "-",
-            f"{r['latency_ms_b64']:.3f}" if "latency_ms_b64" in r else "-",
+            *latency,
             "-" if r.get("conflict_rate") is None else f"{r['conflict_rate']:.2f}",
         )
     return table
