@@ -229,3 +229,21 @@ def test_bench_reads_the_samples_of_a_conv1d_artifact_as_its_file_holds_them(app
                                  "--data", str(tmp_path / "wave.npz"), "--runs", "2"])
     assert r.exit_code == 0, r.output
     assert "accuracy" in r.output and "pass --data" not in r.output
+
+
+def test_bench_keeps_the_images_of_a_model_that_takes_them_with_or_without_a_channel_axis(app, tmp_path):
+    """A built-in LeNet-300-100 saved with [N, H, W] inputs (it flattens, so it takes those too): the [C, L] reading
+    took the channel axis off, the builder was then made for H input channels, and bench refused the artifact."""
+    import numpy as np
+
+    from jointcompress.models import build_model
+
+    x = (torch.rand(60, 8, 8, generator=torch.Generator().manual_seed(0)) * 16).round()
+    y = np.arange(60) % 3
+    model, spec = fake_finalize(build_model("lenet300", image_size=8, num_classes=3, in_channels=1), x[:2], prune=0)
+    save(model, spec, tmp_path / "art", example_inputs=x[:2])
+    np.savez(tmp_path / "d.npz", x_train=x[:40].numpy(), y_train=y[:40], x_test=x[40:].numpy(), y_test=y[40:])
+    r = CliRunner().invoke(app, ["bench", str(tmp_path / "art"), "--model", "lenet300", "--data", str(tmp_path / "d.npz"),
+                                 "--runs", "2"])
+    assert r.exit_code == 0, r.output
+    assert "accuracy" in r.output

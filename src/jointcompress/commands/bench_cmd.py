@@ -82,11 +82,12 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
     if data is not None:
         from ..data import load_dataset
 
-        split = _as_recorded(load_dataset(data), manifest)
+        split = load_dataset(data)
     channels, size = (split.channels, split.image_size) if split is not None else _image_shape(manifest)
     classes = split.num_classes if split is not None else _num_classes(manifest, name)
     builder = lambda: build_model(name, image_size=size, num_classes=classes, in_channels=channels)  # noqa: E731
     if split is not None:
+        split = _as_recorded(split, manifest, builder)
         _check_data_fits(artifact_dir, manifest, data, split, builder)
     after = load(artifact_dir, builder)
     example = split.x_test[:64] if split is not None else _recorded_inputs(manifest, 64)
@@ -115,18 +116,28 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
     return result
 
 
-def _as_recorded(split, manifest: dict):
+def _as_recorded(split, manifest: dict, builder):
     """A file of [N, C, L] samples (a Conv1d model's, or a sequence model's [N, T, F]) is read as grayscale [N, H, W]
-    images and given a channel axis; where the artifact recorded inputs of that very [C, L] shape, the file held
-    them as they are, and the axis comes off again (bench refused the data the model was compressed on)."""
+    images and given a channel axis; where the artifact recorded inputs of that very [C, L] shape and the model
+    cannot take the images, the file held them as they are, and the axis comes off again (bench refused the data
+    the model was compressed on). A model that takes both (one that flattens) keeps the images."""
     from dataclasses import replace
+
+    import torch
+
+    from ..model_call import call_model
 
     records = manifest.get("example_inputs") or []
     made_for = tuple(int(n) for n in records[0]["shape"][1:]) if len(records) == 1 else ()
     if len(made_for) != 2 or tuple(split.x_test.shape[1:]) != (1, *made_for):
         return split
-    return replace(split, **{k: getattr(split, k).squeeze(1) for k in ("x_train", "x_test", "x_val")
-                             if getattr(split, k) is not None})
+    try:
+        with torch.no_grad():
+            call_model(builder().eval(), split.x_test[:1])
+        return split
+    except Exception:  # noqa: BLE001 - any failure: the images are not what this model takes
+        return replace(split, **{k: getattr(split, k).squeeze(1) for k in ("x_train", "x_test", "x_val")
+                                 if getattr(split, k) is not None})
 
 
 def _check_data_fits(artifact_dir: Path, manifest: dict, data: str, split, builder) -> None:
