@@ -842,3 +842,14 @@ def test_the_results_table_shows_latency_columns_only_where_a_row_was_timed():
     assert "ms b1" not in shown({"uncompressed": row, "joint": dict(row)})
     timed = shown({"uncompressed": row, "fast": {**row, "latency_ms_b1": 0.125, "latency_ms_b64": 1.5}})
     assert "ms b1" in timed and "0.125" in timed and "1.500" in timed
+
+
+def test_the_check_before_training_neither_refuses_a_ratio_near_one_nor_repeats_the_runs_warning(
+        tmp_path, monkeypatch, capsys):
+    """Its 2% slack made ratio 1.01 into 0.99, which the recipe refuses ("greater than 1"), and its untrained
+    allocation printed the run's warning a second time, with the slackened target's bytes."""
+    recipe = _recipe(tmp_path, "mode: sequential\ntarget: {ratio: 1.01}\ntraining: {epochs: 1}\n"
+                               "techniques: [{type: prune_unstructured}, {type: quant_lsq, bits: 8}]\n")
+    code, out = _cli(monkeypatch, capsys, "compress", recipe, "--teacher-epochs", "1", "--out", tmp_path / "o")
+    assert code == 0 and (tmp_path / "o" / "artifact" / "manifest.json").is_file(), out
+    assert " ".join(out.split()).count("the densest allocation") == 1, out

@@ -335,23 +335,32 @@ def _refuse_an_unplannable_target(model, recipe, split) -> None:
     depends on the architecture, not the values, so it is checked first on the untrained model, as compare does:
     refused only where a file compare.PLAN_SLACK larger cannot be planned either (near the floor the trained
     model decides)."""
+    import warnings
+
     from .compare import PLAN_SLACK
+    from .errors import RecipeError
     from .recipe import parse_recipe
     from .targets import TargetError, resolve_target
 
     target = recipe.target
     slack = {"ratio": target.ratio / PLAN_SLACK} if target.ratio is not None else {"size_kb": target.size_kb * PLAN_SLACK}
     example = split.x_train[:2]
-    try:
-        resolve_target(model, parse_recipe({**recipe.model_dump(), "target": {**target.model_dump(), **slack}}), example)
-        return
-    except TargetError:
-        pass
-    try:
-        resolve_target(model, recipe, example)
-    except TargetError as err:  # the exact target's words
-        err.add_note("Checked on the untrained model, before training it; nothing was trained.")
-        raise
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the run says them, with its own numbers
+        try:  # a ratio within the slack of 1 (or a size past float's range) has no slackened form: the run decides
+            slackened = parse_recipe({**recipe.model_dump(), "target": {**target.model_dump(), **slack}})
+        except RecipeError:
+            return
+        try:
+            resolve_target(model, slackened, example)
+            return
+        except TargetError:
+            pass
+        try:
+            resolve_target(model, recipe, example)
+        except TargetError as err:  # the exact target's words
+            err.add_note("Checked on the untrained model, before training it; nothing was trained.")
+            raise
 
 
 def _name_the_trained_model(err: JointCompressError, out: Path, given: bool) -> None:
