@@ -823,6 +823,10 @@ def test_force_refuses_to_clear_the_weights_the_run_reads(tmp_path, monkeypatch,
     code, text = _cli(monkeypatch, capsys, "compress", recipe, "--weights", out / "teacher.safetensors", "--out", out, "--force")
     assert code == 2 and "--force clears teacher.safetensors there before the run reads it" in " ".join(text.split()), text
     assert (out / "teacher.safetensors").read_bytes() == weights_file.read_bytes() and (out / "summary.json").exists()
+    (out / "teacher.safetensors").unlink()  # a link in the folder to weights elsewhere would be removed as a link
+    (out / "teacher.safetensors").symlink_to(weights_file)
+    code, text = _cli(monkeypatch, capsys, "compress", recipe, "--weights", out / "teacher.safetensors", "--out", out, "--force")
+    assert code == 2 and (out / "teacher.safetensors").is_symlink(), text
     code, text = _cli(monkeypatch, capsys, "compress", recipe, "--weights", out / "mine.safetensors", "--out", out, "--force")
     assert code == 0 and (out / "artifact" / "manifest.json").is_file(), text
 

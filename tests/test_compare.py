@@ -257,15 +257,21 @@ def test_compare_force_clears_an_earlier_compares_points_and_report(tmp_path):
     recipe.write_text("model: lenet300\ndata: digits\ntechniques: [{type: prune_unstructured, sparsity: 0.5}, "
                       "{type: quant_lsq, bits: 4}]\ntraining: {epochs: 1, batch_size: 128}\n")
     out = tmp_path / "cmp"
-    (out / "runs" / "sequential-r40-s0").mkdir(parents=True)
+    for folder in ("sequential-r40-s0", "mine"):  # an earlier compare's point, and a folder of the user's
+        (out / "runs" / folder).mkdir(parents=True)
     for name in ("report.html", "layers.csv", "layers.json", "notes.txt"):
         (out / name).write_text("earlier")
-    res = CliRunner().invoke(app, ["compare", str(recipe), "--ratios", "8", "--seeds", "1", "--teacher-epochs", "1",
-                                   "--variants", "sequential", "--out", str(out), "--force"])
+    args = ["compare", str(recipe), "--ratios", "8", "--seeds", "1", "--teacher-epochs", "1", "--variants", "sequential",
+            "--out", str(out), "--force"]
+    res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in (out / "runs").iterdir()) == ["sequential-r8-s0"]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["mine", "sequential-r8-s0"]
     assert not any((out / name).exists() for name in ("report.html", "layers.csv", "layers.json"))
     assert (out / "notes.txt").read_text() == "earlier" and (out / "compare.csv").is_file()
+    kept = out / "runs" / "sequential-r8-s0" / "artifact"  # its --weights inside a point --force would clear
+    res = CliRunner().invoke(app, [*args, "--weights", str(kept)])
+    assert res.exit_code != 0 and "--force clears sequential-r8-s0" in " ".join(str(res.exception).split())
+    assert (kept / "manifest.json").is_file()
 
 
 def test_compare_takes_a_recipe_whose_sparsity_its_ratios_set(tmp_path):

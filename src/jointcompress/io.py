@@ -176,14 +176,21 @@ def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=
 def _refuse_clearing_the_input(path: Path, fresh: tuple[str, ...], reads: Path) -> None:
     """--force clears the old run's outputs before the new run reads its --weights: weights that are one of
     them (an earlier run's teacher.safetensors or artifact/, as its own messages suggest) were deleted, and
-    the run then said it could not find them."""
-    try:
-        inside = reads.resolve().relative_to(path.resolve())
-    except ValueError:
-        return
-    if inside.parts and inside.parts[0] in fresh:
-        raise JointCompressError(f"--weights {reads} lies in --out {path}, and --force clears {inside.parts[0]} there "
-                                 "before the run reads it; give another --out (or copy the weights out of it first)")
+    the run then said it could not find them. checkpoints/ loses only its ckpt files, never weights."""
+    cleared = [path / name for name in fresh if name != "checkpoints"]
+    refuse_clearing(reads, [p for p in cleared if p.exists() or p.is_symlink()], path)
+
+
+def refuse_clearing(reads: str | os.PathLike, cleared: list[Path], out: Path) -> None:
+    """Refuse to clear `cleared` (files or folders under `out`) when the run reads `reads` from one of them, as
+    written (a link in the folder is removed as a link) or as it resolves."""
+    given = Path(reads)
+    for place in cleared:
+        for seen, where in ((Path(os.path.abspath(given)), Path(os.path.abspath(place))), (given.resolve(), place.resolve())):
+            if seen == where or where in seen.parents:
+                raise JointCompressError(f"--weights {reads} lies in --out {out}, and --force clears {place.name} there "
+                                         "before the run reads it; give another --out (or copy the weights out of it "
+                                         "first)")
 
 
 def _remove_write_leftovers(path: Path) -> None:

@@ -1,6 +1,8 @@
 """`jointcompress compare RECIPE.yaml --ratios 10,20,40 --seeds 3`: joint vs sequential Pareto front."""
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -60,7 +62,7 @@ def register(app: typer.Typer) -> None:
         from ..compare import CompareSpec, run_compare
         from ..devices import resolve_device
         from ..errors import JointCompressError
-        from ..io import prepare_output_dir, remove_outputs
+        from ..io import prepare_output_dir
         from ..data import hold_out, load_dataset
         from ..recipe import load_recipe
         from . import refuse_hf_recipe
@@ -90,7 +92,7 @@ def register(app: typer.Typer) -> None:
         split = hold_out(split, held, what="--val-images" if val_images is not None else "training.validation_images")
         out = prepare_output_dir(out, force=force)  # after every check: a refused run leaves no folder
         if force:  # an earlier compare's points and report would sit beside this one's as if they were its own
-            remove_outputs(out, COMPARE_OUTPUTS)
+            clear_earlier_compare(out, weights)
         with progress_bar() as bar:
             result = run_compare(recipe, split, name, spec, out, weights=weights, tensorboard=tensorboard,
                                  progress_factory=lambda d: tracked(bar, d), log=console.print)
@@ -103,7 +105,25 @@ def register(app: typer.Typer) -> None:
         console.print(f"results in {out}/compare.json, compare.csv, pareto.png; `jointcompress report {out}` for the HTML report")
 
 
-COMPARE_OUTPUTS = ("compare.json", "compare.csv", "pareto.png", "runs", *RUN_REPORT)  # what compare and report write
+COMPARE_FILES = ("compare.json", "compare.csv", "pareto.png", *RUN_REPORT)  # what compare and report write beside runs/
+POINT_FOLDER = re.compile(r"[a-z0-9-]+-r[0-9.e+]+-s[0-9]+")  # runs/<variant>-r<ratio>-s<seed>: compare's own folders
+
+
+def clear_earlier_compare(out: Path, weights) -> None:
+    """--force: the files and point folders an earlier compare wrote in `out` go (its runs/<variant>-r<ratio>-s<seed>,
+    not the rest of runs/, which may be the user's), unless the run reads its --weights from one of them."""
+    from ..io import refuse_clearing
+
+    runs = out / "runs"
+    points = [p for p in runs.iterdir() if p.is_dir() and POINT_FOLDER.fullmatch(p.name)] if runs.is_dir() else []
+    cleared = [out / name for name in COMPARE_FILES if (out / name).exists()] + points
+    if weights is not None:
+        refuse_clearing(weights, cleared, out)
+    for place in cleared:
+        if place.is_dir() and not place.is_symlink():
+            shutil.rmtree(place)
+        else:
+            place.unlink()
 
 
 def summary_table(result: dict):
