@@ -829,6 +829,10 @@ def test_force_refuses_to_clear_the_weights_the_run_reads(tmp_path, monkeypatch,
     assert code == 2 and (out / "teacher.safetensors").is_symlink(), text
     code, text = _cli(monkeypatch, capsys, "compress", recipe, "--weights", out / "mine.safetensors", "--out", out, "--force")
     assert code == 0 and (out / "artifact" / "manifest.json").is_file(), text
+    shutil.copy(weights_file, out / "checkpoints" / "w.safetensors")  # --force removes only the ckpt files there
+    code, text = _cli(monkeypatch, capsys, "compress", recipe, "--weights", out / "checkpoints" / "w.safetensors", "--out",
+                      out, "--force")
+    assert code == 0 and (out / "checkpoints" / "w.safetensors").is_file(), text
 
 
 def test_the_results_table_shows_latency_columns_only_where_a_row_was_timed():
