@@ -361,3 +361,16 @@ def test_another_test_split_on_resume_is_refused(tmp_path, monkeypatch, capsys):
     assert not code, text  # the same data resumes
     code, text = run_cli(monkeypatch, capsys, *args, "--data", tmp_path / "b.npz", "--out", out, "--resume")
     assert code == 2 and "evaluates on" in text and "differ from those it began with" in " ".join(text.split()), text
+
+
+def test_the_data_fingerprint_tells_other_data_but_not_rounding():
+    """A resume on another machine normalizes the same images with a mean summed in another order: an exact
+    digest refused it. The fingerprint takes rounding and tells other rows, another order or another shape."""
+    from jointcompress.cli import fingerprint, same_fingerprint
+
+    x = torch.rand(50, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(50) % 10
+    recorded = fingerprint([x, y, None])
+    assert same_fingerprint(recorded, fingerprint([x * (1 + 1e-7), y, None]))
+    for other in ([x.flip(0), y, None], [x[:40], y[:40], None], [x, y.roll(1), None], [x + 0.01, y, None], [x, y, x]):
+        assert not same_fingerprint(recorded, fingerprint(other))

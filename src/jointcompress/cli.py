@@ -443,8 +443,6 @@ def _same_outputs(start_file: Path, earlier: dict | None, model, rows, save: boo
     """The model's outputs on the first training rows, recorded in start.json and compared on --resume: a
     builder whose code changed without changing a shape (ReLU to GELU) loads the same weights, so the
     digest matched, and the run resumed into a model trained half one way and half the other, without a word."""
-    import hashlib
-
     import torch
 
     from .io import atomic_write_json
@@ -455,11 +453,11 @@ def _same_outputs(start_file: Path, earlier: dict | None, model, rows, save: boo
         was = model.training
         outputs = logits_of(call_model(model.eval(), rows)).float().cpu()
         model.train(was)
-    rows_sha256 = hashlib.sha256(rows.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    rows_print = fingerprint([rows])
     before = (earlier or {}).get("probe_outputs")
     if before is not None:
-        recorded_rows = earlier.get("probe_rows_sha256")  # absent from a start.json of an earlier version
-        if recorded_rows is not None and recorded_rows != rows_sha256:
+        recorded_rows = earlier.get("probe_rows")  # absent from a start.json of an earlier version
+        if recorded_rows is not None and not same_fingerprint(recorded_rows, rows_print):
             raise JointCompressError(
                 f"--resume: the first {len(rows)} training images differ from those the run in {start_file.parent} "
                 "began with: this is other training data. Pass the --data the run began with to continue it, or start "
@@ -476,31 +474,56 @@ def _same_outputs(start_file: Path, earlier: dict | None, model, rows, save: boo
     elif save and start_file.is_file():  # recorded once, beside what _same_start wrote
         start = json.loads(start_file.read_text())
         if "probe_outputs" not in start:
-            atomic_write_json(start_file, {**start, "probe_outputs": outputs.tolist(), "probe_rows_sha256": rows_sha256})
+            atomic_write_json(start_file, {**start, "probe_outputs": outputs.tolist(), "probe_rows": rows_print})
+
+
+def fingerprint(tensors) -> list:
+    """Per tensor (None stays None): its shape, the sum and the sum of squares of its values, and the sum of its
+    rows' sums weighted by their position. Another set of images (or the same in another order) differs in them;
+    the same images normalized on another machine (a mean summed in another order) differ by rounding only, where
+    an exact digest would refuse a resume there."""
+    import torch
+
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        rows = t.detach().cpu().double().reshape(len(t), -1) if t.dim() else t.detach().cpu().double().reshape(1, 1)
+        sums = rows.sum(1)
+        order = torch.arange(1, len(sums) + 1, dtype=torch.float64)
+        out.append([list(t.shape), float(sums.sum()), float((rows * rows).sum()), float((sums * order).sum())])
+    return out
+
+
+def same_fingerprint(a: list, b: list, tolerance: float = 1e-6) -> bool:
+    """Equal shapes, and every sum equal to `tolerance` of its size."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if (x is None) != (y is None) or (x is not None and (x[0] != y[0] or any(
+                abs(p - q) > tolerance * max(1.0, abs(p), abs(q)) for p, q in zip(x[1:], y[1:])))):
+            return False
+    return True
 
 
 def _same_evaluation_data(start_file: Path, earlier: dict | None, split, save: bool) -> None:
     """The images a run evaluates on (the test split, and the held-out rows it chooses on), recorded in start.json
     and compared on --resume: resumed with another test split, the history mixed epochs read on two sets, the
     kept epoch was chosen across them, and the summary's uncompressed row moved, without a word."""
-    import hashlib
-
     from .io import atomic_write_json
 
-    digest = hashlib.sha256()
-    for t in (split.x_test, split.y_test, split.x_val, split.y_val):
-        if t is not None:
-            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-    before = (earlier or {}).get("evaluation_sha256")  # absent from a start.json of an earlier version
-    if before is not None and before != digest.hexdigest():
+    now = fingerprint([split.x_test, split.y_test, split.x_val, split.y_val])
+    before = (earlier or {}).get("evaluation_data")  # absent from a start.json of an earlier version
+    if before is not None and not same_fingerprint(before, now):
         raise JointCompressError(
             f"--resume: the images the run in {start_file.parent} evaluates on (the data's test split, and the training "
             "images it holds out to choose on) differ from those it began with; its epochs would be read on two sets. "
             "Pass the --data it began with to continue it, or start over with --force")
     if save and start_file.is_file():
         start = json.loads(start_file.read_text())
-        if "evaluation_sha256" not in start:
-            atomic_write_json(start_file, {**start, "evaluation_sha256": digest.hexdigest()})
+        if "evaluation_data" not in start:
+            atomic_write_json(start_file, {**start, "evaluation_data": now})
 
 
 def _same_teacher_epochs(start_file: Path, earlier: dict, teacher_epochs: int) -> None:
