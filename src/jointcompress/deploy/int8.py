@@ -186,20 +186,23 @@ def _warn_unmatched(spec: CompressionSpec | None, model: nn.Module, matched: int
     if matched >= len(quantized):
         return
     absent = [n for n in quantized if n not in modules]
-    recurrent = sorted({n.rpartition(".")[0] for n in absent if isinstance(modules.get(n.rpartition(".")[0]), nn.RNNBase)})
-    if recurrent:  # the spec's LinearRNN gates, put back into torch's module by linear_to_rnn
-        why = (f"{', '.join(recurrent)} {'is' if len(recurrent) == 1 else 'are'} torch's recurrent module again "
-               "(recurrent.linear_to_rnn), whose LSTM / GRU / RNN operator ONNX Runtime's quantizer leaves in fp32; "
-               "quantize the model before linear_to_rnn, whose gates are Linear layers that take the trained scales "
-               "(the time loop is then unrolled at the example input's length)")
-    elif absent:
-        why = (f"{len(absent)} are no layer of this model (e.g. {', '.join(absent[:3])}): the spec was made on another "
-               "module tree (the bare model, then wrapped?); quantize the model the spec was made on")
-    else:
-        why = "their exported weights matched no trained layer's"
-    what = ("stay fp32" if recurrent else
-            "get min/max weight scales, not the trained ones, and their int8 weights are re-rounded")
-    warnings.warn(f"int8: {len(quantized) - matched} of {len(quantized)} quantized layers {what}: {why}", stacklevel=3)
+    gates = [n for n in absent if isinstance(modules.get(n.rpartition(".")[0]), nn.RNNBase)]
+    if gates:  # the spec's LinearRNN gates, put back into torch's module by linear_to_rnn
+        owners = sorted({n.rpartition(".")[0] for n in gates})
+        warnings.warn(f"int8: {len(gates)} of {len(quantized)} quantized layers stay fp32: {', '.join(owners)} "
+                      f"{'is' if len(owners) == 1 else 'are'} torch's recurrent module again (recurrent.linear_to_rnn), "
+                      "whose LSTM / GRU / RNN operator ONNX Runtime's quantizer leaves in fp32; quantize the model before "
+                      "linear_to_rnn, whose gates are Linear layers that take the trained scales (the time loop is then "
+                      "unrolled at the example input's length)", stacklevel=3)
+    others = [n for n in absent if n not in gates]
+    rest = len(quantized) - matched - len(gates)
+    if rest <= 0:
+        return
+    why = (f"{len(others)} are no layer of this model (e.g. {', '.join(others[:3])}): the spec was made on another "
+           "module tree (the bare model, then wrapped?); quantize the model the spec was made on" if others
+           else "their exported weights matched no trained layer's")
+    warnings.warn(f"int8: {rest} of {len(quantized)} quantized layers get min/max weight scales, not the trained ones, "
+                  f"and their int8 weights are re-rounded: {why}", stacklevel=3)
 
 
 class _Reader:
