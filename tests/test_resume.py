@@ -520,3 +520,19 @@ def test_generator_states_read_a_checkpoint_from_before_the_samplers_and_name_a_
     with pytest.warns(UserWarning, match="2 shuffle generator.*loader now has 1"):
         set_generator_states(loader, [start, start])
     assert len(generator_states(loader)) == 1
+
+
+def test_a_process_count_that_changes_the_steps_is_named_not_the_data(digits, tmp_path):
+    """Resumed with 3 processes where 2 ran (a batch of 32 splits into 10 per process), the step counts differ,
+    and the refusal blamed the training data or batch size."""
+    import json as _json
+
+    _tiny(digits, run_dir=tmp_path, checkpoint_every=3)
+    newest = CheckpointStore(tmp_path).paths()[-1]
+    ck = read_checkpoint(newest)
+    meta = ck["meta"] if isinstance(ck["meta"], dict) else _json.loads(ck["meta"])
+    ck["meta"] = _json.dumps({**meta, "world_size": 3, "total_steps": meta["total_steps"] + 1})
+    torch.save(ck, newest)
+    newest.with_name(newest.name + ".sha256").unlink()
+    with pytest.raises(TrainingError, match=r"this run has 1 process\(es\) and the checkpoint's 3.*Resume with 3"):
+        _tiny(digits, run_dir=tmp_path, checkpoint_every=3, resume=True)

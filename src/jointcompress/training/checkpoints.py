@@ -84,12 +84,15 @@ class RunCheckpoints:
                 "(and --mode/--model/--data), or start a new run in another directory" + _before_joint_form(meta, s.recipe)
             )
         self._check_inputs(path, meta)
-        if meta.get("total_steps") != s.plan.total_steps:
-            raise TrainingError(
-                f"{path}: the checkpoint's run has {meta.get('total_steps')} steps, this one {s.plan.total_steps}; "
-                "the training data or batch size changed. Resume with the same data, or start a new run"
-            )
         world = s.sync.dist.world_size if s.sync.dist is not None else 1
+        if meta.get("total_steps") != s.plan.total_steps:
+            other = meta.get("world_size", world) != world  # training.batch_size splits into whole per-process batches
+            cause = (f"this run has {world} process(es) and the checkpoint's {meta['world_size']}, and "
+                     f"training.batch_size {s.recipe.training.batch_size} splits into other per-process batches. Resume "
+                     f"with {meta['world_size']} process(es) (or a count that divides the batch size)" if other else
+                     "the training data or batch size changed. Resume with the same data")
+            raise TrainingError(f"{path}: the checkpoint's run has {meta.get('total_steps')} steps, this one "
+                                f"{s.plan.total_steps}; {cause}, or start a new run")
         if meta.get("world_size", world) != world:  # the steps match (training.batch_size is the global batch)
             warnings.warn(
                 f"{path}: the checkpoint was written by a run of {meta['world_size']} process(es), this one has {world}: "
