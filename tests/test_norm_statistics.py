@@ -269,3 +269,29 @@ def test_a_batch_with_nan_leaves_the_running_averages_and_says_so():
     with pytest.warns(RuntimeWarning, match="layer 'bn' non-finite statistics"):
         assert recalibrate_norms(model, iter([x[:16], bad]), model, 2) == 0
     assert torch.equal(model.bn.running_mean, torch.full((8,), 0.25))
+
+
+class _EpochSeededSampler(torch.utils.data.Sampler):
+    """A sampler whose order is seeded by an epoch counter it moves on when read to its end (accelerate's)."""
+
+    def __init__(self, n: int):
+        self.n, self.epoch = n, 0
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        yield from torch.randperm(self.n, generator=torch.Generator().manual_seed(self.epoch)).tolist()
+        self.epoch += 1
+
+
+def test_a_pass_that_reads_the_loader_to_its_end_leaves_its_epoch_counter():
+    """CompressionTrainer re-estimates on one cached loader; where an epoch held no more batches than the pass
+    reads, each pass moved the sampler's epoch on, and a resumed run (its loader at 0) read other batches."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, _ = _data(32)
+    loader = DataLoader(TensorDataset(x), batch_size=16, sampler=_EpochSeededSampler(32))
+    with RandomStates(loader):
+        assert len(list(loader)) == 2 and loader.sampler.epoch == 1  # read to its end: moved on
+    assert loader.sampler.epoch == 0

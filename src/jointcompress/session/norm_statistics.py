@@ -116,19 +116,30 @@ def batches_for_the_pass(loader):
     return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn)
 
 
+EPOCH_COUNTERS = ("iteration", "epoch")  # the attributes a loader or sampler counts its epochs in
+
+
 class RandomStates:
     """The RNG states iterating a loader draws from (the shuffle generators of the loader, its sampler and
     its batch sampler's sampler; torch's, CUDA's, numpy's and Python's, for workers' seeds and a dataset's
-    own augmentation), taken and put back, so a pass over the data for the statistics leaves the training's
-    stream of batches as it was."""
+    own augmentation) and its epoch counters, taken and put back, so a pass over the data for the statistics
+    leaves the training's stream of batches, and the next pass's, as they were."""
 
     def __init__(self, loader):
         self.generators = shuffle_generators(loader)
+        # where an epoch counter picks the order (accelerate's loader and its seedable sampler count a pass read
+        # to its end as an epoch): a pass that exhausted the loader moved every later order on, and a resumed
+        # run, whose loader starts at 0, re-estimated on other batches
+        batches = getattr(loader, "batch_sampler", None)
+        holders = (loader, getattr(loader, "sampler", None), batches, getattr(batches, "sampler", None))
+        self.counters = [(h, name) for h in holders if h is not None for name in EPOCH_COUNTERS
+                         if type(getattr(h, name, None)) is int]
 
     def __enter__(self) -> "RandomStates":
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         self.states = ([g.get_state() for g in self.generators], torch.get_rng_state(), cuda, np.random.get_state(),
                        random.getstate())
+        self.counts = [getattr(h, name) for h, name in self.counters]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -140,3 +151,5 @@ class RandomStates:
             torch.cuda.set_rng_state_all(cuda)
         np.random.set_state(np_state)
         random.setstate(py_state)
+        for (holder, name), count in zip(self.counters, self.counts):
+            setattr(holder, name, count)
