@@ -236,3 +236,13 @@ def test_prepare_leaves_a_backbone_the_user_froze_in_eval_mode():
     x, _ = _data()
     jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 4}]}, total_steps=4, example_inputs=x[:2])
     assert model.training and model[1].training and not model[0].training and not model[0][1].training
+
+
+def test_prepare_names_a_model_wrapped_in_distributed_data_parallel():
+    """compress() unwraps it and calls the model itself; in your own loop the wrapper is what gets called, and
+    its reducer failed with torch's advice to set find_unused_parameters, which is not the fix."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    wrapped = DistributedDataParallel.__new__(DistributedDataParallel)  # the type is what is checked: no group needed
+    with pytest.raises(RecipeError, match=r"wrapped in DistributedDataParallel; pass the model itself \(model.module\)"):
+        jointcompress.prepare(wrapped, {"techniques": [{"type": "quant_lsq", "bits": 4}]}, total_steps=4)

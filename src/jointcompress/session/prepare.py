@@ -70,6 +70,7 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
     given = parse_recipe(recipe)
     recipe, _ = as_joint_form(given)  # mode: joint under a size target, as compress() trains it
     check_needs(recipe, teacher, example_inputs)
+    refuse_ddp(model)
     model = _dist.unwrap(model)
     bare_teacher = _dist.unwrap(teacher) if teacher is not None else None
     check_teacher(model, bare_teacher)
@@ -90,3 +91,14 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
     session.start()
     session.begin_step()
     return session
+
+
+def refuse_ddp(model) -> None:
+    """Your own loop calls the model it passed: a DistributedDataParallel wrapper's reducer then waits for
+    gradients the session's per-term backward never hands it, and torch's error ("Expected to have finished
+    reduction ...") points at find_unused_parameters, which is not the fix. compress() calls the model itself
+    and unwraps it; prepare() names it."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise RecipeError("prepare: the model is wrapped in DistributedDataParallel; pass the model itself (model.module) "
+                          "and call that in your loop: under torchrun the session averages the gradients after its "
+                          "coordinated backward (docs/reliability.md)")
