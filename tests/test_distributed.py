@@ -421,3 +421,42 @@ def test_a_batch_the_ranks_cannot_share_evenly_is_said_and_a_ranks_lone_last_bat
         as_loader((x, y), 64, seed=0, dist=DistContext(rank=0, world_size=3, backend="gloo"))
     loader = as_loader((x, y), 64, seed=0, dist=DistContext(rank=1, world_size=2, backend="gloo"), batch_norm=True)
     assert min(len(b[0]) for b in loader) > 1  # 673 rows a rank in batches of 32: the last one of 1 dropped
+
+
+def _other_data_worker(rank: int, store: str, rows: int, said) -> None:
+    import torch.distributed as tdist
+
+    from jointcompress import DataError, compress
+
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        g = torch.Generator().manual_seed(rank if rows == 64 else 0)  # other contents, or (rank 1) other length
+        x = torch.randn(rows if rank else 64, 8, generator=g)
+        compress(torch.nn.Sequential(torch.nn.Linear(8, 2)), {"training": {"epochs": 1, "batch_size": 16}},
+                 (x, torch.randint(0, 2, (len(x),), generator=g)), lambda m: 0.5)
+        said.put((rank, "trained"))
+    except DataError as err:
+        said.put((rank, str(err)))
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("rows", [64, 48], ids=["other_contents", "other_length"])
+def test_ranks_given_different_data_all_stop_and_say_so(tmp_path, rows):
+    """The run shards one data set over the ranks: with other contents each rank trained silently on its own
+    (and the run could never be resumed); with another length the ranks blocked without a word."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    said = ctx.Queue()
+    procs = [ctx.Process(target=_other_data_worker, args=(r, str(tmp_path / "store"), rows, said)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=90)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "a rank hung"
+    messages = dict(said.get(timeout=5) for _ in procs)
+    assert all("train_data: the ranks hold different data" in m for m in messages.values()), messages

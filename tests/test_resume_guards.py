@@ -366,7 +366,7 @@ def test_another_test_split_on_resume_is_refused(tmp_path, monkeypatch, capsys):
 def test_the_data_fingerprint_tells_other_data_but_not_rounding():
     """A resume on another machine normalizes the same images with a mean summed in another order: an exact
     digest refused it. The fingerprint takes rounding and tells other rows, another order or another shape."""
-    from jointcompress.cli import fingerprint, same_fingerprint
+    from jointcompress.data import fingerprint, same_fingerprint
 
     x = torch.rand(50, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     y = torch.arange(50) % 10

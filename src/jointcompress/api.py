@@ -86,6 +86,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _same_data_on_every_rank(train_data, dist: "_dist.DistContext") -> None:
+    """The run shards one data set over the ranks, so every rank must hold the same: with other contents each
+    rank trained on its own (and a resume was refused as 'other data'); with another length the ranks took other
+    numbers of batches and blocked in an all-reduce without a word. Rank 0's fingerprint is checked on every rank."""
+    from .data import fingerprint, same_fingerprint
+
+    if not torch.distributed.is_initialized():  # a context without a group (nothing to compare with)
+        return
+    mine = fingerprint(list(train_data)) if isinstance(train_data, (tuple, list)) else [[[len(train_data)]]]
+    first = dist.broadcast_json(mine)
+    if dist.any(not same_fingerprint(first, mine)):
+        raise DataError(f"train_data: the ranks hold different data (rank 0: {_shape_and_count(first)}"
+                        f"{'' if same_fingerprint(first, mine) else f'; rank {dist.rank}: {_shape_and_count(mine)}'}); "
+                        "the run shards one data set over the ranks, so give every rank the same (x, y) or dataset, or "
+                        "shard it yourself with a DataLoader and a DistributedSampler")
+
+
+def _shape_and_count(prints: list) -> str:
+    return ", ".join(f"shape {tuple(p[0])}" if p is not None else "None" for p in prints)
+
+
 def as_loader(train_data, batch_size: int, seed: int, dist: "_dist.DistContext | None" = None,
               batch_norm: bool = False):
     """Accept a DataLoader, a map-style Dataset (batched at `batch_size`, shuffled) or an (x, y)
@@ -113,7 +134,10 @@ def as_loader(train_data, batch_size: int, seed: int, dist: "_dist.DistContext |
         built = torch.utils.data.DataLoader(train_data, batch_size=batch_size, shuffle=True,
                                             generator=torch.Generator().manual_seed(seed))
     if built is not None:
-        return built if dist is None else _dist.shard_loader(built, dist, seed, batch_size=max(1, batch_size // dist.world_size))
+        if dist is None:
+            return built
+        _same_data_on_every_rank(train_data, dist)
+        return _dist.shard_loader(built, dist, seed, batch_size=max(1, batch_size // dist.world_size))
     if isinstance(train_data, torch.utils.data.DataLoader):
         try:
             len(train_data)

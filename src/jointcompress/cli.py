@@ -453,6 +453,8 @@ def _same_outputs(start_file: Path, earlier: dict | None, model, rows, save: boo
         was = model.training
         outputs = logits_of(call_model(model.eval(), rows)).float().cpu()
         model.train(was)
+    from .data import fingerprint, same_fingerprint
+
     rows_print = fingerprint([rows])
     before = (earlier or {}).get("probe_outputs")
     if before is not None:
@@ -477,40 +479,11 @@ def _same_outputs(start_file: Path, earlier: dict | None, model, rows, save: boo
             atomic_write_json(start_file, {**start, "probe_outputs": outputs.tolist(), "probe_rows": rows_print})
 
 
-def fingerprint(tensors) -> list:
-    """Per tensor (None stays None): its shape, the sum and the sum of squares of its values, and the sum of its
-    rows' sums weighted by their position. Another set of images (or the same in another order) differs in them;
-    the same images normalized on another machine (a mean summed in another order) differ by rounding only, where
-    an exact digest would refuse a resume there."""
-    import torch
-
-    out = []
-    for t in tensors:
-        if t is None:
-            out.append(None)
-            continue
-        rows = t.detach().cpu().double().reshape(len(t), -1) if t.dim() else t.detach().cpu().double().reshape(1, 1)
-        sums = rows.sum(1)
-        order = torch.arange(1, len(sums) + 1, dtype=torch.float64)
-        out.append([list(t.shape), float(sums.sum()), float((rows * rows).sum()), float((sums * order).sum())])
-    return out
-
-
-def same_fingerprint(a: list, b: list, tolerance: float = 1e-6) -> bool:
-    """Equal shapes, and every sum equal to `tolerance` of its size."""
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if (x is None) != (y is None) or (x is not None and (x[0] != y[0] or any(
-                abs(p - q) > tolerance * max(1.0, abs(p), abs(q)) for p, q in zip(x[1:], y[1:])))):
-            return False
-    return True
-
-
 def _same_evaluation_data(start_file: Path, earlier: dict | None, split, save: bool) -> None:
     """The images a run evaluates on (the test split, and the held-out rows it chooses on), recorded in start.json
     and compared on --resume: resumed with another test split, the history mixed epochs read on two sets, the
     kept epoch was chosen across them, and the summary's uncompressed row moved, without a word."""
+    from .data import fingerprint, same_fingerprint
     from .io import atomic_write_json
 
     now = fingerprint([split.x_test, split.y_test, split.x_val, split.y_val])

@@ -374,6 +374,42 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     return correct / max(1, len(x))
 
 
+def fingerprint(tensors) -> list:
+    """Per tensor (None stays None): its shape, the sum and the sum of squares of its values, and the sum of its
+    rows' sums weighted by their position. Another set of images (or the same in another order) differs in them;
+    the same images normalized on another machine (a mean summed in another order) differ by rounding only, where
+    an exact digest would refuse a resume there. Read in chunks of rows, in float64."""
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        rows = t.detach().reshape(len(t), -1) if t.dim() else t.detach().reshape(1, 1)
+        total = squares = weighted = 0.0
+        for start in range(0, len(rows), FINGERPRINT_CHUNK):
+            chunk = rows[start:start + FINGERPRINT_CHUNK].cpu().double()
+            sums = chunk.sum(1)
+            total += float(sums.sum())
+            squares += float((chunk * chunk).sum())
+            weighted += float((sums * torch.arange(start + 1, start + len(sums) + 1, dtype=torch.float64)).sum())
+        out.append([list(t.shape), total, squares, weighted])
+    return out
+
+
+FINGERPRINT_CHUNK = 4096  # rows converted to float64 at a time
+
+
+def same_fingerprint(a: list, b: list, tolerance: float = 1e-6) -> bool:
+    """Equal shapes, and every sum equal to `tolerance` of its size."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if (x is None) != (y is None) or (x is not None and (x[0] != y[0] or any(
+                abs(p - q) > tolerance * max(1.0, abs(p), abs(q)) for p, q in zip(x[1:], y[1:])))):
+            return False
+    return True
+
+
 EVALUATOR_SAMPLE = "_jointcompress_sample_inputs"  # the attribute of evaluator()'s functions compress() checks
 
 
