@@ -415,3 +415,21 @@ def test_trainer_evaluate_re_estimates_batchnorm_statistics(tmp_path):
     with torch.no_grad():  # three batches of 16: the average of their means is the data's mean
         expected = model.conv(x).mean((0, 2, 3))
     torch.testing.assert_close(model.bn.running_mean, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_evaluation_loss_is_the_fit_not_the_size_budget(tmp_path):
+    """eval_loss summed every session term, the size budget's among them (negative under its goal), so
+    metric_for_best_model="eval_loss" chose by where the budget stood. It is task plus distillation."""
+    teacher, model = tiny_bert(layers=2, seed=1), tiny_bert(layers=2, seed=0)
+    recipe = {"mode": "joint", "target": {"ratio": 3},
+              "techniques": [{"type": "quant_lsq", "bits": 4}, {"type": "distill_kd", "temperature": 2.0, "alpha": 0.5}]}
+    session = jointcompress.prepare(model, recipe, total_steps=4, teacher=teacher)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=6, learning_rate=1e-3,
+                             report_to=[], use_cpu=True, disable_tqdm=True, seed=0, save_strategy="no")
+    trainer = CompressionTrainer(session=session, model=model, args=args, train_dataset=_rows(), eval_dataset=_rows(12, seed=5))
+    batch = {k: torch.stack([r[k] for r in _rows(12, seed=5)]) for k in ("input_ids", "attention_mask", "labels")}
+    model.eval()
+    with torch.no_grad():
+        terms = session.loss(model(**batch), batch)  # before training: the budget pulls with all its weight
+    assert abs(float(terms["size"])) > 1e-3 and set(terms) >= {"task", "distill"}
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(float(terms["task"] + terms["distill"]), rel=1e-4)

@@ -178,7 +178,13 @@ class CompressionTrainer(Trainer):
         return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Evaluation loss: the session's terms summed (training goes through training_step)."""
+        """Evaluation loss (training goes through training_step): the terms the model is fit to, task and
+        distillation. The compression's own terms (size, sparsity, quantization) measure where the budget stands,
+        not the fit, and the size term goes negative under its goal: summed in, eval_loss was no measure for
+        metric_for_best_model."""
+        from ..coordination import PRIMARY
+
         outputs = model(**inputs)
-        loss = sum(self.session.loss(outputs, inputs).values())
+        terms = self.session.loss(outputs, inputs)
+        loss = sum(v for k, v in terms.items() if k in PRIMARY)
         return (loss, outputs) if return_outputs else loss
