@@ -433,3 +433,20 @@ def test_the_evaluation_loss_is_the_fit_not_the_size_budget(tmp_path):
         terms = session.loss(model(**batch), batch)  # before training: the budget pulls with all its weight
     assert abs(float(terms["size"])) > 1e-3 and set(terms) >= {"task", "distill"}
     assert trainer.evaluate()["eval_loss"] == pytest.approx(float(terms["task"] + terms["distill"]), rel=1e-4)
+
+
+def test_a_trainer_run_that_never_evaluates_ends_with_re_estimated_statistics(tmp_path):
+    """eval_strategy "no": the statistics were re-estimated only inside evaluate(), so finalize and save kept
+    the running averages of weights that had moved on (here: never moved at all, momentum 0)."""
+    torch.manual_seed(0)
+    model = _ConvBNClassifier()
+    x = torch.randn(48, 1, 5, 5) * 3 + 2
+    rows = [{"pixel_values": x[i], "labels": torch.tensor(i % 2)} for i in range(48)]
+    session = jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 8}]}, total_steps=2,
+                                    example_inputs={"pixel_values": x[:2]})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=16, learning_rate=1e-3,
+                             report_to=[], use_cpu=True, save_strategy="no", eval_strategy="no", disable_tqdm=True, seed=0)
+    CompressionTrainer(session=session, model=model, args=args, train_dataset=rows).train()
+    with torch.no_grad():  # three batches of 16, read with the weights training ended with
+        expected = model.conv(x).mean((0, 2, 3))
+    torch.testing.assert_close(model.bn.running_mean, expected, rtol=1e-4, atol=1e-5)

@@ -138,12 +138,23 @@ class CompressionTrainer(Trainer):
         """The Trainer's evaluation, after BatchNorm's running statistics are re-estimated on the first
         training.recalibrate_norms training batches for the weights as they are now (as the built-in loop
         does, session/norm_statistics.py); the RNG states the data loading draws from are put back."""
+        self._recalibrate_norms()
+        return super().evaluate(*args, **kwargs)
+
+    def train(self, *args, **kwargs):
+        """The Trainer's training, then the statistics re-estimated for the weights it ends with: a run that
+        never evaluates (eval_strategy "no") left the running averages of weights that had moved on, and
+        those were what finalize and save kept."""
+        out = super().train(*args, **kwargs)
+        self._recalibrate_norms()
+        return out
+
+    def _recalibrate_norms(self) -> None:
         if self.train_dataset is not None and tracked_norms(self.model) and self.session.recipe.training.recalibrate_norms:
             if getattr(self, "_norm_batches", None) is None:  # one loader for every evaluation: accelerate keeps each it prepares
                 self._norm_batches = self.get_train_dataloader()
             with RandomStates(self._norm_batches):
                 self.session.recalibrate_norms(self._norm_batches)
-        return super().evaluate(*args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         model.train()
