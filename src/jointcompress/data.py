@@ -343,12 +343,17 @@ def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, see
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last)
 
 
-def shuffle_generators(loader) -> list[torch.Generator]:
-    """The generators a loader's order draws from: its own, its sampler's, its batch sampler's and that one's
-    sampler's (a user may seed any of them), each once. Putting their states back replays the same batches."""
+def order_holders(loader) -> list:
+    """What picks a loader's order: itself, its sampler, its batch sampler and that one's sampler (those it has)."""
     batches = getattr(loader, "batch_sampler", None)
-    holders = [loader, getattr(loader, "sampler", None), batches, getattr(batches, "sampler", None)]
-    found = [getattr(h, "generator", None) for h in holders]
+    return [h for h in (loader, getattr(loader, "sampler", None), batches, getattr(batches, "sampler", None))
+            if h is not None]
+
+
+def shuffle_generators(loader) -> list[torch.Generator]:
+    """The generators a loader's order draws from (order_holders': a user may seed any of them), each once.
+    Putting their states back replays the same batches."""
+    found = [getattr(h, "generator", None) for h in order_holders(loader)]
     return list({id(g): g for g in found if isinstance(g, torch.Generator)}.values())
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..data import shuffle_generators
+from ..data import order_holders, shuffle_generators
 
 
 def tracked_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -130,9 +130,7 @@ class RandomStates:
         # where an epoch counter picks the order (accelerate's loader and its seedable sampler count a pass read
         # to its end as an epoch): a pass that exhausted the loader moved every later order on, and a resumed
         # run, whose loader starts at 0, re-estimated on other batches
-        batches = getattr(loader, "batch_sampler", None)
-        holders = (loader, getattr(loader, "sampler", None), batches, getattr(batches, "sampler", None))
-        self.counters = [(h, name) for h in holders if h is not None for name in EPOCH_COUNTERS
+        self.counters = [(h, name) for h in order_holders(loader) for name in EPOCH_COUNTERS
                          if type(getattr(h, name, None)) is int]
 
     def __enter__(self) -> "RandomStates":
