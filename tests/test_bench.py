@@ -208,15 +208,28 @@ def test_the_before_accuracy_is_the_artifacts_only_on_the_test_images_it_was_mea
     assert _same_data({"data": "gray"}, split) and not _same_data({"data": "other"}, split)  # older manifests
 
 
-def test_bench_reads_the_samples_of_a_conv1d_artifact_as_its_file_holds_them(app, tmp_path):
+_CONV1D = ("import torch\n"
+           "def build():\n"
+           "    return torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool1d(1),\n"
+           "                               torch.nn.Flatten(), torch.nn.Linear(4, 3))\n")
+_STEPS = ("import torch\n"  # runs on the images too, a mean over the added axis, and keeps an extra axis in its logits
+          "class M(torch.nn.Module):\n"
+          "    def __init__(self):\n"
+          "        super().__init__()\n"
+          "        self.step, self.head = torch.nn.Linear(16, 8), torch.nn.Linear(8, 3)\n"
+          "    def forward(self, x):\n"
+          "        return self.head(torch.relu(self.step(x)).mean(1))\n"
+          "def build():\n"
+          "    return M()\n")
+
+
+@pytest.mark.parametrize("source", [_CONV1D, _STEPS], ids=["conv1d", "per_step_linear"])
+def test_bench_reads_the_samples_of_a_conv1d_artifact_as_its_file_holds_them(app, tmp_path, source):
     """[N, C, L] samples, saved as the model takes them, were read as grayscale images with a channel axis added,
-    and bench refused the data the artifact was compressed on, telling the user to pass data of that shape."""
+    and bench refused the data the artifact was compressed on, telling the user to pass data of that shape. A
+    model that runs on the images too but keeps their extra axis in its logits failed inside the accuracy."""
     import numpy as np
 
-    source = ("import torch\n"
-              "def build():\n"
-              "    return torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool1d(1),\n"
-              "                               torch.nn.Flatten(), torch.nn.Linear(4, 3))\n")
     (tmp_path / "wave.py").write_text(source)
     namespace: dict = {}
     exec(source, namespace)

@@ -119,25 +119,35 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
 def _as_recorded(split, manifest: dict, builder):
     """A file of [N, C, L] samples (a Conv1d model's, or a sequence model's [N, T, F]) is read as grayscale [N, H, W]
     images and given a channel axis; where the artifact recorded inputs of that very [C, L] shape and the model
-    cannot take the images, the file held them as they are, and the axis comes off again (bench refused the data
-    the model was compressed on). A model that takes both (one that flattens) keeps the images."""
+    gives no row of logits for an image (it fails, or keeps the extra axis), while it does for the file's sample,
+    the file held them as they are, and the axis comes off again (bench refused the data the model was compressed
+    on). A model that takes both (one that flattens) keeps the images."""
     from dataclasses import replace
-
-    import torch
-
-    from ..model_call import call_model
 
     records = manifest.get("example_inputs") or []
     made_for = tuple(int(n) for n in records[0]["shape"][1:]) if len(records) == 1 else ()
     if len(made_for) != 2 or tuple(split.x_test.shape[1:]) != (1, *made_for):
         return split
+    model = builder().eval()
+    if _gives_one_row_of_logits(model, split.x_test[:1]) or not _gives_one_row_of_logits(model, split.x_test[:1, 0]):
+        return split
+    return replace(split, **{k: getattr(split, k).squeeze(1) for k in ("x_train", "x_test", "x_val")
+                             if getattr(split, k) is not None})
+
+
+def _gives_one_row_of_logits(model, x) -> bool:
+    """Whether `model` takes `x` (one sample) and gives one row of logits, as accuracy reads them: a model that
+    runs on the images but keeps their extra axis (a mean over time taken over the added channel) does not."""
+    import torch
+
+    from ..model_call import call_model
+    from ..session.outputs import logits_of
+
     try:
         with torch.no_grad():
-            call_model(builder().eval(), split.x_test[:1])
-        return split
-    except Exception:  # noqa: BLE001 - any failure: the images are not what this model takes
-        return replace(split, **{k: getattr(split, k).squeeze(1) for k in ("x_train", "x_test", "x_val")
-                                 if getattr(split, k) is not None})
+            return logits_of(call_model(model, x)).dim() == 2
+    except Exception:  # noqa: BLE001 - any failure: the model does not take these inputs
+        return False
 
 
 def _check_data_fits(artifact_dir: Path, manifest: dict, data: str, split, builder) -> None:
