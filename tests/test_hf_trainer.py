@@ -450,3 +450,38 @@ def test_a_trainer_run_that_never_evaluates_ends_with_re_estimated_statistics(tm
     with torch.no_grad():  # three batches of 16, read with the weights training ended with
         expected = model.conv(x).mean((0, 2, 3))
     torch.testing.assert_close(model.bn.running_mean, expected, rtol=1e-4, atol=1e-5)
+
+
+class _NoisyImages(torch.utils.data.Dataset):
+    """Each read adds noise drawn from torch's generator (an augmentation)."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i] + torch.randn(()), "labels": torch.tensor(i % 2)}
+
+
+def test_the_best_checkpoint_loaded_at_the_end_keeps_the_statistics_it_was_scored_with(tmp_path):
+    """The pass when training ends ran after load_best_model_at_end had loaded the best checkpoint back, from a
+    later random state: with an augmentation, the model kept was not the one its best_metric scored."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model = _ConvBNClassifier()
+    model.bn.momentum = 0.1
+    x = torch.randn(64, 1, 5, 5) * 3 + 2
+    session = jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 8}]}, total_steps=8,
+                                    example_inputs={"pixel_values": x[:2]})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=16, learning_rate=0.05,
+                             report_to=[], use_cpu=True, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                             save_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                             disable_tqdm=True, seed=0)
+    trainer = CompressionTrainer(session=session, model=model, args=args, train_dataset=_NoisyImages(x),
+                                 eval_dataset=_NoisyImages(x[:16]))
+    trainer.train()
+    saved = load_file(str(tmp_path / trainer.state.best_model_checkpoint.rsplit("/", 1)[1] / "model.safetensors"))
+    assert torch.equal(saved["bn.running_mean"], model.bn.running_mean)

@@ -144,9 +144,12 @@ class CompressionTrainer(Trainer):
     def train(self, *args, **kwargs):
         """The Trainer's training, then the statistics re-estimated for the weights it ends with: a run that
         never evaluates (eval_strategy "no") left the running averages of weights that had moved on, and
-        those were what finalize and save kept."""
+        those were what finalize and save kept. Not where the weights were just evaluated (their statistics are
+        the evaluation's) or the best checkpoint was loaded back (its statistics are the ones it was scored with)."""
         out = super().train(*args, **kwargs)
-        self._recalibrate_norms()
+        best_loaded = self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None
+        if not best_loaded and getattr(self, "_recalibrated_at", None) != self.state.global_step:
+            self._recalibrate_norms()
         return out
 
     def _recalibrate_norms(self) -> None:
@@ -155,6 +158,7 @@ class CompressionTrainer(Trainer):
                 self._norm_batches = self.get_train_dataloader()
             with RandomStates(self._norm_batches):
                 self.session.recalibrate_norms(self._norm_batches)
+            self._recalibrated_at = self.state.global_step
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         model.train()

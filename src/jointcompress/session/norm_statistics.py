@@ -150,4 +150,7 @@ class RandomStates:
         np.random.set_state(np_state)
         random.setstate(py_state)
         for (holder, name), count in zip(self.counters, self.counts):
-            setattr(holder, name, count)
+            try:
+                setattr(holder, name, count)
+            except AttributeError:  # a read-only counter (a property): what moves it is its owner's
+                pass
