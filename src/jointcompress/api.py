@@ -18,7 +18,7 @@ from .joint_form import as_joint_form
 from .layer_types import COMPRESSIBLE
 from .session.checks import check_teacher
 from .data import EVALUATOR_SAMPLE
-from .model_call import evaluating
+from .model_call import evaluating, model_device
 from .session.outputs import LABEL_KEYS, call_model, describe, first_rows, split_batch
 from .training import History, Trainer
 from .training.metrics import evaluated
@@ -86,7 +86,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _same_data_on_every_rank(train_data, dist: "_dist.DistContext") -> None:
+def _same_data_on_every_rank(train_data, dist: "_dist.DistContext", device: torch.device) -> None:
     """The run shards one data set over the ranks, so every rank must hold the same: with other contents each
     rank trained on its own (and a resume was refused as 'other data'); with another length the ranks took other
     numbers of batches and blocked in an all-reduce without a word. Rank 0's fingerprint is checked on every rank."""
@@ -94,9 +94,11 @@ def _same_data_on_every_rank(train_data, dist: "_dist.DistContext") -> None:
 
     if not torch.distributed.is_initialized():  # a context without a group (nothing to compare with)
         return
+    # a dataset by its length alone: its items may be augmented at random (other on every rank and read) and
+    # reading them would draw from the generators training draws from
     mine = fingerprint(list(train_data)) if isinstance(train_data, (tuple, list)) else [[[len(train_data)]]]
-    first = dist.broadcast_json(mine)
-    if dist.any(not same_fingerprint(first, mine)):
+    first = dist.broadcast_json(mine, device=device)
+    if dist.any(not same_fingerprint(first, mine), device):
         raise DataError(f"train_data: the ranks hold different data (rank 0: {_shape_and_count(first)}"
                         f"{'' if same_fingerprint(first, mine) else f'; rank {dist.rank}: {_shape_and_count(mine)}'}); "
                         "the run shards one data set over the ranks, so give every rank the same (x, y) or dataset, or "
@@ -108,14 +110,15 @@ def _shape_and_count(prints: list) -> str:
 
 
 def as_loader(train_data, batch_size: int, seed: int, dist: "_dist.DistContext | None" = None,
-              batch_norm: bool = False):
+              batch_norm: bool = False, device: torch.device | None = None):
     """Accept a DataLoader, a map-style Dataset (batched at `batch_size`, shuffled) or an (x, y)
     pair of tensors.
 
     Under torch.distributed the data is sharded with a DistributedSampler; for an (x, y)
     pair `batch_size` is the global batch (each rank takes batch_size // world_size). `batch_norm`:
     the model has a BatchNorm, which cannot train on a batch of one sample: a pair whose last batch
-    would hold one drops it (a different sample each epoch, as the batches are shuffled).
+    would hold one drops it (a different sample each epoch, as the batches are shuffled). `device`: where the
+    ranks' collectives run (the model's: an NCCL group has no CPU tensors).
     """
     from .data import loader
 
@@ -136,7 +139,7 @@ def as_loader(train_data, batch_size: int, seed: int, dist: "_dist.DistContext |
     if built is not None:
         if dist is None:
             return built
-        _same_data_on_every_rank(train_data, dist)
+        _same_data_on_every_rank(train_data, dist, device or torch.device("cpu"))
         return _dist.shard_loader(built, dist, seed, batch_size=max(1, batch_size // dist.world_size))
     if isinstance(train_data, torch.utils.data.DataLoader):
         try:
@@ -476,7 +479,8 @@ def _checked_inputs(model: nn.Module, teacher: nn.Module | None, recipe: Recipe,
     check_targets(model, recipe)
     seed_everything(recipe.training.seed)
     batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    loader = as_loader(train_data, recipe.training.batch_size, recipe.training.seed, dist, batch_norm=batch_norm)
+    loader = as_loader(train_data, recipe.training.batch_size, recipe.training.seed, dist, batch_norm=batch_norm,
+                       device=model_device(model))
     example = first_inputs(loader)
     outputs = check_data(model, example, train_data)
     if teacher is not None and recipe.technique("distill_kd") is not None:
