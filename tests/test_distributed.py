@@ -390,22 +390,28 @@ def _mean_metrics_worker(rank: int, store: str, said) -> None:
         tdist.destroy_process_group()
 
 
-def test_ranks_whose_evaluate_returns_other_metric_names_all_stop_with_the_names(tmp_path):
-    """Each rank all-reduced a vector of its own length: every rank blocked without a word (gloo: 30 minutes)."""
+def _two_ranks_say(worker, store: str, *args, timeout: float = 60) -> dict[int, str]:
+    """Run `worker(rank, store, *args, said)` in two spawned processes (a gloo group through `store`); what each
+    rank put in `said`, by rank. A rank still running after `timeout` fails the test: it hung."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     said = ctx.Queue()
-    procs = [ctx.Process(target=_mean_metrics_worker, args=(r, str(tmp_path / "store"), said)) for r in (0, 1)]
+    procs = [ctx.Process(target=worker, args=(r, store, *args, said)) for r in (0, 1)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=60)
+        p.join(timeout=timeout)
     alive = [p for p in procs if p.is_alive()]
     for p in alive:
         p.kill()
     assert not alive, "a rank hung"
-    messages = dict(said.get(timeout=5) for _ in procs)
+    return dict(said.get(timeout=5) for _ in procs)
+
+
+def test_ranks_whose_evaluate_returns_other_metric_names_all_stop_with_the_names(tmp_path):
+    """Each rank all-reduced a vector of its own length: every rank blocked without a word (gloo: 30 minutes)."""
+    messages = _two_ranks_say(_mean_metrics_worker, str(tmp_path / "store"))
     assert "rank 0: ['accuracy']; another rank returned others" in messages[0]
     assert "rank 1: ['accuracy', 'f1']" in messages[1]
 
@@ -445,18 +451,5 @@ def _other_data_worker(rank: int, store: str, rows: int, said) -> None:
 def test_ranks_given_different_data_all_stop_and_say_so(tmp_path, rows):
     """The run shards one data set over the ranks: with other contents each rank trained silently on its own
     (and the run could never be resumed); with another length the ranks blocked without a word."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    said = ctx.Queue()
-    procs = [ctx.Process(target=_other_data_worker, args=(r, str(tmp_path / "store"), rows, said)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=90)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, "a rank hung"
-    messages = dict(said.get(timeout=5) for _ in procs)
+    messages = _two_ranks_say(_other_data_worker, str(tmp_path / "store"), rows, timeout=90)
     assert all("train_data: the ranks hold different data" in m for m in messages.values()), messages

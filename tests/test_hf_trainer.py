@@ -400,13 +400,19 @@ class _ConvBNClassifier(torch.nn.Module):
         return {"loss": loss, "logits": logits}
 
 
-def test_trainer_evaluate_re_estimates_batchnorm_statistics(tmp_path):
+def _conv_bn_session():
+    """The ConvBN classifier, 48 rows of images far from zero mean, and an 8-bit session of 2 steps."""
     torch.manual_seed(0)
     model = _ConvBNClassifier()
     x = torch.randn(48, 1, 5, 5) * 3 + 2
     rows = [{"pixel_values": x[i], "labels": torch.tensor(i % 2)} for i in range(48)]
     session = jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 8}]}, total_steps=2,
                                     example_inputs={"pixel_values": x[:2]})
+    return model, x, rows, session
+
+
+def test_trainer_evaluate_re_estimates_batchnorm_statistics(tmp_path):
+    model, x, rows, session = _conv_bn_session()
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=16, per_device_eval_batch_size=16,
                              report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
     trainer = CompressionTrainer(session=session, model=model, args=args, train_dataset=rows, eval_dataset=rows)
@@ -438,12 +444,7 @@ def test_the_evaluation_loss_is_the_fit_not_the_size_budget(tmp_path):
 def test_a_trainer_run_that_never_evaluates_ends_with_re_estimated_statistics(tmp_path):
     """eval_strategy "no": the statistics were re-estimated only inside evaluate(), so finalize and save kept
     the running averages of weights that had moved on (here: never moved at all, momentum 0)."""
-    torch.manual_seed(0)
-    model = _ConvBNClassifier()
-    x = torch.randn(48, 1, 5, 5) * 3 + 2
-    rows = [{"pixel_values": x[i], "labels": torch.tensor(i % 2)} for i in range(48)]
-    session = jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 8}]}, total_steps=2,
-                                    example_inputs={"pixel_values": x[:2]})
+    model, x, rows, session = _conv_bn_session()
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=16, learning_rate=1e-3,
                              report_to=[], use_cpu=True, save_strategy="no", eval_strategy="no", disable_tqdm=True, seed=0)
     CompressionTrainer(session=session, model=model, args=args, train_dataset=rows).train()
