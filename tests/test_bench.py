@@ -223,7 +223,20 @@ _STEPS = ("import torch\n"  # runs on the images too, a mean over the added axis
           "    return M()\n")
 
 
-@pytest.mark.parametrize("source", [_CONV1D, _STEPS], ids=["conv1d", "per_step_linear"])
+_SQUEEZED = ("import torch\n"  # .squeeze() takes the batch axis off one sample's logits too
+             "class M(torch.nn.Module):\n"
+             "    def __init__(self):\n"
+             "        super().__init__()\n"
+             "        self.conv, self.fc = torch.nn.Conv1d(2, 4, 3), torch.nn.Linear(4, 3)\n"
+             "    def forward(self, x):\n"
+             "        return self.fc(torch.nn.functional.adaptive_avg_pool1d(torch.relu(self.conv(x)), 1).squeeze())\n"
+             "def build():\n"
+             "    return M()\n")
+_RESHAPED = _STEPS.replace(".mean(1))\n", ".mean(1)).reshape(len(x), -1)\n")  # on the images: rows over 6 columns
+
+
+@pytest.mark.parametrize("source", [_CONV1D, _STEPS, _SQUEEZED, _RESHAPED],
+                         ids=["conv1d", "per_step_linear", "squeezed", "reshaped"])
 def test_bench_reads_the_samples_of_a_conv1d_artifact_as_its_file_holds_them(app, tmp_path, source):
     """[N, C, L] samples, saved as the model takes them, were read as grayscale images with a channel axis added,
     and bench refused the data the artifact was compressed on, telling the user to pass data of that shape. A
@@ -239,9 +252,13 @@ def test_bench_reads_the_samples_of_a_conv1d_artifact_as_its_file_holds_them(app
     y = np.arange(40) % 3
     np.savez(tmp_path / "wave.npz", x_train=x[:30].numpy(), y_train=y[:30], x_test=x[30:].numpy(), y_test=y[30:])
     r = CliRunner().invoke(app, ["bench", str(tmp_path / "art"), "--model", f"{tmp_path / 'wave.py'}:build",
-                                 "--data", str(tmp_path / "wave.npz"), "--runs", "2"])
+                                 "--data", str(tmp_path / "wave.npz"), "--runs", "2", "--json", str(tmp_path / "b.json")])
     assert r.exit_code == 0, r.output
-    assert "accuracy" in r.output and "pass --data" not in r.output
+    from jointcompress.artifact import load
+    from jointcompress.data import accuracy
+
+    expected = accuracy(load(tmp_path / "art", namespace["build"]), x[30:], torch.as_tensor(y[30:]))  # as the file holds it
+    assert json.loads((tmp_path / "b.json").read_text())["after"]["accuracy"] == pytest.approx(expected)
 
 
 def test_bench_keeps_the_images_of_a_model_that_takes_them_with_or_without_a_channel_axis(app, tmp_path):

@@ -119,25 +119,27 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
 def _as_recorded(split, manifest: dict, builder):
     """A file of [N, C, L] samples (a Conv1d model's, or a sequence model's [N, T, F]) is read as grayscale [N, H, W]
     images and given a channel axis; where the artifact recorded inputs of that very [C, L] shape and the model
-    gives no row of logits for an image (it fails, or keeps the extra axis), while it does for the file's sample,
-    the file held them as they are, and the axis comes off again (bench refused the data the model was compressed
-    on). A model that takes both (one that flattens) keeps the images."""
+    gives a row of logits over the data's classes for each of the file's samples, and none (or rows over another
+    count) for the images, the file held them as they are, and the axis comes off again (bench refused the data
+    the model was compressed on). A model that reads both alike (one that flattens) keeps the images."""
     from dataclasses import replace
 
     records = manifest.get("example_inputs") or []
     made_for = tuple(int(n) for n in records[0]["shape"][1:]) if len(records) == 1 else ()
     if len(made_for) != 2 or tuple(split.x_test.shape[1:]) != (1, *made_for):
         return split
-    model = builder().eval()
-    if _gives_one_row_of_logits(model, split.x_test[:1]) or not _gives_one_row_of_logits(model, split.x_test[:1, 0]):
+    model, few = builder().eval(), split.x_test[:2]
+    images, samples = _classes_read(model, few), _classes_read(model, few[:, 0])
+    if samples is None or (images is not None and (images == split.num_classes or samples != split.num_classes)):
         return split
     return replace(split, **{k: getattr(split, k).squeeze(1) for k in ("x_train", "x_test", "x_val")
                              if getattr(split, k) is not None})
 
 
-def _gives_one_row_of_logits(model, x) -> bool:
-    """Whether `model` takes `x` (one sample) and gives one row of logits, as accuracy reads them: a model that
-    runs on the images but keeps their extra axis (a mean over time taken over the added channel) does not."""
+def _classes_read(model, x) -> int | None:
+    """How many classes `model` gives a row of logits over for each sample of `x` (two where the data has them:
+    one would let a .squeeze() in the model take the batch axis off); None where it fails or gives no row per
+    sample (a model that runs on the images but keeps their extra axis: a mean over time taken over the channel)."""
     import torch
 
     from ..model_call import call_model
@@ -145,9 +147,10 @@ def _gives_one_row_of_logits(model, x) -> bool:
 
     try:
         with torch.no_grad():
-            return logits_of(call_model(model, x)).dim() == 2
+            logits = logits_of(call_model(model, x))
     except Exception:  # noqa: BLE001 - any failure: the model does not take these inputs
-        return False
+        return None
+    return int(logits.shape[1]) if logits.dim() == 2 and len(logits) == len(x) else None
 
 
 def _check_data_fits(artifact_dir: Path, manifest: dict, data: str, split, builder) -> None:
