@@ -486,3 +486,17 @@ def test_the_best_checkpoint_loaded_at_the_end_keeps_the_statistics_it_was_score
     trainer.train()
     saved = load_file(str(tmp_path / trainer.state.best_model_checkpoint.rsplit("/", 1)[1] / "model.safetensors"))
     assert torch.equal(saved["bn.running_mean"], model.bn.running_mean)
+
+
+def test_a_second_train_call_ending_at_the_same_step_re_estimates_again(tmp_path):
+    """The pass when training ends was skipped where one had run at the same step number: a second train() on the
+    trainer ends at that step again, with other weights, and kept the first call's statistics."""
+    model, x, rows, session = _conv_bn_session()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=16, learning_rate=0.5,
+                             report_to=[], use_cpu=True, save_strategy="no", eval_strategy="no", disable_tqdm=True, seed=0)
+    trainer = CompressionTrainer(session=session, model=model, args=args, train_dataset=rows)
+    for _ in range(2):
+        trainer.train()
+        with torch.no_grad():
+            expected = model.conv(x).mean((0, 2, 3))
+        torch.testing.assert_close(model.bn.running_mean, expected, rtol=1e-4, atol=1e-5)

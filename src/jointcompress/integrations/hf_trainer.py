@@ -146,6 +146,7 @@ class CompressionTrainer(Trainer):
         never evaluates (eval_strategy "no") left the running averages of weights that had moved on, and
         those were what finalize and save kept. Not where the weights were just evaluated (their statistics are
         the evaluation's) or the best checkpoint was loaded back (its statistics are the ones it was scored with)."""
+        self._recalibrated_at = None  # only a pass of this training counts (a second train() may end at the same step)
         out = super().train(*args, **kwargs)
         best_loaded = self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None
         if not best_loaded and getattr(self, "_recalibrated_at", None) != self.state.global_step:
