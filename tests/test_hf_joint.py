@@ -677,3 +677,20 @@ def test_saving_with_ptq_bits_a_model_trained_under_a_size_budget_says_the_file_
         save_hf_artifact(copy.deepcopy(hf), CompressionSpec(layers={}), tmp_path / "no_budget")
         slack = {"techniques": [{"type": "size_budget", "target_bytes": 10 * plain["weights_file_bytes"]}]}
         save_hf_artifact(copy.deepcopy(hf), CompressionSpec(layers={}, recipe=slack), tmp_path / "slack")  # not the rounding
+
+
+def test_a_teacher_folder_without_its_tokenizer_is_refused_before_training(tmp_path):
+    """transformers gave an empty tokenizer (its special tokens only): every word read as [UNK], the run trained on
+    them without a word, and that tokenizer shipped with the artifact."""
+    from typer.testing import CliRunner
+
+    from jointcompress.cli import app
+    from jointcompress.recipe import builtin_recipe
+
+    teacher = tmp_path / "teacher"
+    tiny_bert(layers=2).save_pretrained(teacher)  # the model alone
+    res = CliRunner().invoke(app, ["compress", str(builtin_recipe("hf_sst2")), "--data", str(sst2_folder(tmp_path)),
+                                   "--weights", str(teacher), "--out", str(tmp_path / "o")])
+    said = " ".join(str(res.exception).split())
+    assert res.exit_code != 0 and "tokenizer has" in said and "tokenizer.save_pretrained" in said, res.output
+    assert not (tmp_path / "o" / "artifact").exists()

@@ -143,6 +143,7 @@ def load_models(run: HFRun, weights) -> None:
     run.tok = load_tokenizer(src)
     run.teacher = load_classifier(src, num_labels=len(labels), id2label=labels).eval()
     check_family(run.teacher.config, src)
+    check_tokenizer(run.tok, run.teacher.config, src)
     check_max_length(run.hf_cfg.max_length, run.teacher.config, src)
     layers_ = run.hf_cfg.student_layers
     if layers_:
@@ -165,6 +166,17 @@ def usable_positions(config) -> int | None:
     if "roberta" in str(getattr(config, "model_type", "")) and isinstance(getattr(config, "pad_token_id", None), int):
         positions -= config.pad_token_id + 1
     return positions
+
+
+def check_tokenizer(tok, config, src: str) -> None:
+    """A teacher folder without tokenizer files gave transformers' empty tokenizer (its special tokens only):
+    every word became [UNK], the whole run trained on them, and that tokenizer shipped with the artifact. A
+    tokenizer of under half the model's vocabulary is not the model's (a trimmed one is trimmed with it)."""
+    vocab = getattr(config, "vocab_size", None)
+    if vocab and len(tok) < vocab / 2:
+        raise DataError(f"teacher {src}: its tokenizer has {len(tok)} tokens where the model's embedding table has "
+                        f"{vocab} rows: the folder holds no tokenizer of the model's (every word would read as one "
+                        "unknown token). Save the tokenizer it was trained with there: tokenizer.save_pretrained(folder)")
 
 
 def check_max_length(max_length: int, config, src: str) -> None:
