@@ -568,6 +568,9 @@ def test_output_paths_of_the_wrong_kind_are_refused_before_the_work(tmp_path, mo
     code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, ""), "--tensorboard", tmp_path / "tb",
                      "--out", tmp_path / "o")
     assert code == 2 and "--tensorboard" in out and "is a file" in out and not (tmp_path / "o").exists(), out
+    code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, ""), "--tensorboard", tmp_path / "tb" / "sub",
+                     "--out", tmp_path / "o")  # under a file: the OS said "Not a directory" after training
+    assert code == 2 and "lies under" in out and "which is a file" in out and not (tmp_path / "o").exists(), out
     code, out = _cli(monkeypatch, capsys, "bench", tmp_path / "no-artifact", "--json", tmp_path)
     assert code == 2 and "is a folder; give a file path" in out, out
 
@@ -861,3 +864,10 @@ def test_the_check_before_training_neither_refuses_a_ratio_near_one_nor_repeats_
     code, out = _cli(monkeypatch, capsys, "compress", recipe, "--teacher-epochs", "1", "--out", tmp_path / "o")
     assert code == 0 and (tmp_path / "o" / "artifact" / "manifest.json").is_file(), out
     assert " ".join(out.split()).count("the densest allocation") == 1, out
+
+
+def test_recipe_validate_refuses_the_metric_compress_refuses(tmp_path, monkeypatch, capsys):
+    """validate said ok to a training.metric the command line cannot measure; compress refused it at once."""
+    code, out = _cli(monkeypatch, capsys, "recipe", "validate",
+                     _recipe(tmp_path, "training: {metric: acuracy}\ntechniques: [{type: quant_lsq}]\n"))
+    assert code == 2 and "training.metric 'acuracy'" in out and "ok" not in out.split(), out

@@ -186,14 +186,13 @@ def compress_cmd(
     """
     from .devices import resolve_device
     from .distributed import init_from_env, quiet_other_ranks
-    from .io import prepare_run_dir
+    from .io import check_folder_path, prepare_run_dir
     from .models import absolute_builder
     from .pipeline import builder_for, compress_and_save, load_split
     from .recipe import load_recipe
     from .tensorboard import TensorBoardLogger
 
-    if tensorboard is not None and tensorboard.exists() and not tensorboard.is_dir():  # found only after training
-        raise JointCompressError(f"--tensorboard {tensorboard}: is a file; give a folder for the event files")
+    check_folder_path(tensorboard, "--tensorboard")  # else found only after training
 
     for flag, value in (("--model", model), ("--mode", mode), ("--precision", precision)):
         if value is not None and not value.strip():  # a shell variable left empty fell back to the recipe's value
@@ -214,9 +213,7 @@ def compress_cmd(
         raise JointCompressError(f"{recipe_path}: no model given; set `model:` in the recipe or pass --model")
     model_name = absolute_builder(model_name)  # the manifest records it: bench finds the file from anywhere
     recipe = recipe.model_copy(update={"model": model_name})
-    if recipe.training.metric != "accuracy":  # found only after the teacher and a compression epoch had trained
-        raise JointCompressError(f"{recipe_path}: training.metric {recipe.training.metric!r}: the command line measures "
-                                 "'accuracy' on the data's test split; remove training.metric (or set it to accuracy)")
+    _check_cli_metric(recipe, recipe_path)
     resolve_device(device)  # a device this machine lacks is refused before the data loads
     split = load_split(recipe, data)
     dist = init_from_env()
@@ -580,6 +577,14 @@ def _latency_line(r: dict, target) -> str:
                "the machine is busy)[/yellow]" if r["flagged"] else ""))
 
 
+def _check_cli_metric(recipe, recipe_path) -> None:
+    """An image recipe on the command line is measured by accuracy on the data's test split; another
+    training.metric was found only after the teacher and a compression epoch had trained."""
+    if recipe.hf is None and recipe.training.metric != "accuracy":
+        raise JointCompressError(f"{recipe_path}: training.metric {recipe.training.metric!r}: the command line measures "
+                                 "'accuracy' on the data's test split; remove training.metric (or set it to accuracy)")
+
+
 @recipe_app.command("validate")
 def recipe_validate(recipe_path: Path = typer.Argument(..., help="Recipe YAML.")):
     """Check a recipe: every field, bound and combination; prints what it will run."""
@@ -587,6 +592,7 @@ def recipe_validate(recipe_path: Path = typer.Argument(..., help="Recipe YAML.")
 
     r = load_recipe(recipe_path)
     model = _validated_model(r.model, r.hf is not None)
+    _check_cli_metric(r, recipe_path)  # as compress checks it
     if not r.techniques:
         console.print(f"[yellow]warning:[/yellow] {recipe_path}: techniques is empty, so a run would train and compress "
                       "nothing; list at least one (prune_unstructured, quant_lsq, distill_kd, ...)")

@@ -62,13 +62,12 @@ def register(app: typer.Typer) -> None:
         from ..compare import CompareSpec, run_compare
         from ..devices import resolve_device
         from ..errors import JointCompressError
-        from ..io import prepare_output_dir
+        from ..io import check_folder_path, prepare_output_dir
         from ..data import hold_out, load_dataset
         from ..recipe import load_recipe
         from . import refuse_hf_recipe
 
-        if tensorboard is not None and tensorboard.exists() and not tensorboard.is_dir():  # else found after training
-            raise JointCompressError(f"--tensorboard {tensorboard}: is a file; give a folder for the event files")
+        check_folder_path(tensorboard, "--tensorboard")  # else found after training
         if keep not in (None, "best", "last"):
             raise JointCompressError(f"--keep {keep}: choose best or last")
         given_ratios = parse_floats(ratios, "--ratios")
