@@ -248,3 +248,13 @@ def test_a_compare_report_shows_the_paired_verdict_and_the_points_not_run(compar
                                   "reason": "the smallest artifact the recipe allows is 2.1 KiB"}]
     page = render_html(rd, {}, [])
     assert "Not run (target out of reach)" in page and "the smallest artifact the recipe allows is 2.1 KiB" in page
+
+
+def test_a_compare_report_says_which_images_chose_the_kept_epochs(compare_dir, tmp_path):
+    """compare.json records selected_on once, for the whole comparison; the report read it from the points, where
+    it was not, and said "on held-out data" of runs whose epochs the test split chose."""
+    from jointcompress.report import read_run_dir, render_html
+
+    assert json.loads((compare_dir / "compare.json").read_text())["selected_on"] == "test"
+    page = render_html(read_run_dir(compare_dir), {}, [])
+    assert "which also chose each run's kept epoch" in page and "on held-out data" not in page

@@ -180,10 +180,13 @@ def _read_compare(path: Path) -> RunDir:
     _check_compare(cmp, path / "compare.json")
     cmp.setdefault("variants", sorted({r["variant"] for r in cmp.get("runs", [])}))
     rd = RunDir(kind="compare", compare=cmp, title=f"compare: {cmp.get('model')} on {cmp.get('data')}")
+    chosen = {"selected_on": cmp["selected_on"]} if cmp.get("selected_on") else {}  # the words under the table read it
     for u in cmp.get("uncompressed", []):
-        rd.points.append({"name": f"uncompressed s{u['seed']}", "accuracy": u["accuracy"], "bytes": u["bytes"], "group": "uncompressed"})
+        rd.points.append({"name": f"uncompressed s{u['seed']}", "accuracy": u["accuracy"], "bytes": u["bytes"],
+                          "group": "uncompressed", **chosen})
     for r in cmp.get("runs", []):
-        rd.points.append({"name": Path(r["dir"]).name, "accuracy": r["accuracy"], "bytes": r["file_bytes"], "group": r["variant"]})
+        rd.points.append({"name": Path(r["dir"]).name, "accuracy": r["accuracy"], "bytes": r["file_bytes"],
+                          "group": r["variant"], **({"selected_on": r["selected_on"]} if r.get("selected_on") else chosen)})
         run_dir = path / r["dir"]
         rd.runs.append(Run(Path(r["dir"]).name, _manifest(run_dir / "artifact"), _history(run_dir / "history.json")))
     return rd
