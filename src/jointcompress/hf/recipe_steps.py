@@ -170,13 +170,12 @@ def usable_positions(config) -> int | None:
 
 def check_tokenizer(tok, config, src: str) -> None:
     """A teacher folder without tokenizer files gave transformers' empty tokenizer (its special tokens only):
-    every word became [UNK], the whole run trained on them, and that tokenizer shipped with the artifact. A
-    tokenizer of under half the model's vocabulary is not the model's (a trimmed one is trimmed with it)."""
-    vocab = getattr(config, "vocab_size", None)
-    if vocab and len(tok) < vocab / 2:
-        raise DataError(f"teacher {src}: its tokenizer has {len(tok)} tokens where the model's embedding table has "
-                        f"{vocab} rows: the folder holds no tokenizer of the model's (every word would read as one "
-                        "unknown token). Save the tokenizer it was trained with there: tokenizer.save_pretrained(folder)")
+    every word became [UNK], the whole run trained on them, and that tokenizer shipped with the artifact."""
+    if len(tok) <= len(set(tok.all_special_ids)):
+        raise DataError(f"teacher {src}: its tokenizer holds {len(tok)} tokens, its special ones only, where the model's "
+                        f"embedding table has {getattr(config, 'vocab_size', '?')} rows: the folder holds no tokenizer "
+                        "of the model's (every word would read as one unknown token). Save the tokenizer it was trained "
+                        "with there: tokenizer.save_pretrained(folder)")
 
 
 def check_max_length(max_length: int, config, src: str) -> None:
