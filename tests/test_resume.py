@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jointcompress import RecipeError, TrainingError, compress
+from jointcompress import DataError, RecipeError, TrainingError, compress
 from jointcompress.checkpoint import CheckpointStore, read_checkpoint
 from jointcompress.data import evaluator
 
@@ -536,3 +536,22 @@ def test_a_process_count_that_changes_the_steps_is_named_not_the_data(digits, tm
     newest.with_name(newest.name + ".sha256").unlink()
     with pytest.raises(TrainingError, match=r"this run has 1 process\(es\) and the checkpoint's 3.*Resume with 3"):
         _tiny(digits, run_dir=tmp_path, checkpoint_every=3, resume=True)
+
+
+def test_a_resume_on_other_rows_in_a_tensor_loader_is_refused(digits, tmp_path):
+    """The HF command line hands compress() a DataLoader over its tokenized rows: only the step count was checked,
+    so other rows of the same count resumed silently, with cached teacher outputs of the old rows."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def loader(x, y):
+        return DataLoader(TensorDataset(x, y), batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+    def run(x, **kw):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+        return compress(model, {"techniques": [{"type": "quant_lsq", "bits": 4}], "training": {"epochs": 2}},
+                        loader(x, digits.y_train), evaluator(digits.x_test, digits.y_test), **kw)
+
+    run(digits.x_train, run_dir=tmp_path, checkpoint_every=3)
+    with pytest.raises(DataError, match="trained on other data"):
+        run(digits.x_train.flip(0), run_dir=tmp_path, resume=True)

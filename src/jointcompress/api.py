@@ -506,17 +506,20 @@ def _resolve_target(model: nn.Module, recipe: Recipe, example, callbacks: list, 
 
 
 def run_inputs(train_data, teacher) -> dict:
-    """What a run's checkpoints record of its inputs: the sha256 of training data given as an (x, y) pair of
-    tensors (other data, a Dataset or a DataLoader, is not read whole to hash it: not recorded, not checked) and
-    of the teacher's state."""
-    from .checkpoint import data_digest, state_digest
+    """What a run's checkpoints record of its inputs: the sha256 of training data held as tensors in memory (an
+    (x, y) pair, or a DataLoader over a TensorDataset; other data is not read whole to hash it: not recorded, not
+    checked) and of the teacher's state."""
+    from .checkpoint import data_digest, data_tensors, state_digest
 
     found = {}
     digest = data_digest(train_data)
     if digest is not None:
+        tensors = data_tensors(train_data)
+        names = "xy" if len(tensors) == 2 and not isinstance(train_data, torch.utils.data.DataLoader) else \
+            [f"tensor {i}" for i in range(len(tensors))]
         found["data_sha256"] = digest
         found["data_shape"] = ", ".join(f"{n} {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
-                                        for n, t in zip("xy", train_data))
+                                        for n, t in zip(names, tensors))
     if teacher is not None:
         found["teacher_sha256"] = state_digest(teacher)
     return found

@@ -55,14 +55,25 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
+def data_tensors(train_data) -> list[torch.Tensor] | None:
+    """The tensors training data holds in memory: an (x, y) pair, or a DataLoader over a TensorDataset (the HF
+    command line's tokenized rows); None for anything else (a Dataset that reads or augments its items, or a loader
+    over one: reading it whole to hash it could be slow or not repeatable)."""
+    if isinstance(train_data, (tuple, list)) and len(train_data) == 2 and all(isinstance(t, torch.Tensor) for t in train_data):
+        return list(train_data)
+    dataset = getattr(train_data, "dataset", None)
+    if isinstance(train_data, torch.utils.data.DataLoader) and isinstance(dataset, torch.utils.data.TensorDataset):
+        return list(dataset.tensors)
+    return None
+
+
 def data_digest(train_data) -> str | None:
-    """sha256 of training data given as an (x, y) pair of tensors (shapes, dtypes and bytes); None for anything
-    else (a Dataset, a DataLoader: reading it whole to hash it could be slow or not repeatable)."""
-    if not (isinstance(train_data, (tuple, list)) and len(train_data) == 2
-            and all(isinstance(t, torch.Tensor) for t in train_data)):
+    """sha256 of the training data's tensors in memory (data_tensors: shapes, dtypes and bytes); None for others."""
+    tensors = data_tensors(train_data)
+    if tensors is None:
         return None
     digest = hashlib.sha256()
-    for t in train_data:
+    for t in tensors:
         digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
         digest.update(_tensor_bytes(t))
     return digest.hexdigest()
