@@ -443,13 +443,11 @@ def _same_outputs(start_file: Path, earlier: dict | None, model, rows, save: boo
     import torch
 
     from .io import atomic_write_json
-    from .model_call import call_model
+    from .model_call import call_model, evaluating
     from .session.outputs import logits_of
 
-    with torch.no_grad():
-        was = model.training
-        outputs = logits_of(call_model(model.eval(), rows)).float().cpu()
-        model.train(was)
+    with evaluating(model), torch.no_grad():
+        outputs = logits_of(call_model(model, rows)).float().cpu()
     from .data import fingerprint, same_fingerprint
 
     rows_print = fingerprint([rows])

@@ -52,17 +52,25 @@ def to_device(obj, device: torch.device | None):
 
 
 @contextlib.contextmanager
-def evaluating(model: nn.Module):
-    """The model in eval mode for a reading (its structure, a check, the user's evaluate), each module's
-    mode restored after, not the top one's copied down: in train mode the reading would move BatchNorm's
-    running statistics (and draw dropout masks), and `model.train(was)` would wake a backbone the user froze."""
+def kept_modes(model: nn.Module):
+    """Each module's train / eval mode put back as it was when the block ends, not the top one's copied down
+    (`model.train(was)` would wake a backbone the user froze)."""
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
         yield
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """The model in eval mode for a reading (its structure, a check, the user's evaluate), each module's
+    mode put back after (kept_modes): in train mode the reading would move BatchNorm's running statistics
+    (and draw dropout masks)."""
+    with kept_modes(model):
+        model.eval()
+        yield
 
 
 def call_model(model: nn.Module, inputs):

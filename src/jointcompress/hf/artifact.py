@@ -159,7 +159,7 @@ def save_hf_artifact(model: nn.Module, spec: CompressionSpec, path: str | os.Pat
 def _warn_under_budget(spec: CompressionSpec, size: int, ptq_bits: int, path: Path, saved: float) -> None:
     """A run trained under a size budget (mode: joint from Python) priced the weights LSQ does not train
     (embeddings, pooler) in fp32; rounded here at ptq_bits, they shrink about 4x, and the file lands far under
-    the target the encoder was pruned for (a probe: 38% of it on a tiny BERT at 4x). Said where the rounding
+    the target the encoder was pruned for (a fraction of it on a tiny BERT). Said where the rounding
     (`saved`: about the bytes it took off) accounts for most of the gap, not where the budget had slack."""
     budget = next((t for t in (spec.recipe or {}).get("techniques", []) if t.get("type") == "size_budget"), {})
     target = budget.get("target_bytes")

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..data import order_holders, shuffle_generators
+from ..model_call import evaluating, kept_modes
 
 
 def tracked_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -41,13 +42,9 @@ def trained_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """The tracked BatchNorm layers that train when the model does: `model.train()` is called (and the
     modes put back) so that a model's own train() that keeps some frozen (pretrained statistics, as
     detection and fine-tuning code do) decides; those keep their statistics, and training normalizes by them."""
-    modes = {m: m.training for m in model.modules()}
-    try:
+    with kept_modes(model):
         model.train()
         return [m for m in tracked_norms(model) if m.training]
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 @torch.no_grad()
@@ -59,31 +56,28 @@ def recalibrate_norms(model: nn.Module, batches: Iterable, forward: Callable[[ob
     norms = trained_norms(model) if max_batches > 0 else []
     if not norms:
         return 0
-    modes = {m: m.training for m in model.modules()}
     kept = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None,
              m.running_mean.clone(), m.running_var.clone()) for m in norms]
     used, finished = 0, False
-    try:
-        model.eval()
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # a plain average of the batches' statistics
-            m.train()
-        for batch in itertools.islice(batches, max_batches):
-            forward(batch)
-            used += 1
-        finished = True
-    finally:
-        bad = _nonfinite(model, norms) if finished else None
-        for m, momentum, count, mean, var in kept:
-            m.momentum = momentum
-            if count is not None:
-                m.num_batches_tracked.copy_(count)
-            if used == 0 or not finished or bad:  # the statistics training left
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-        for m, training in modes.items():
-            m.training = training
+    with evaluating(model):  # every other layer reads; each module's mode is put back after
+        try:
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None  # a plain average of the batches' statistics
+                m.train()
+            for batch in itertools.islice(batches, max_batches):
+                forward(batch)
+                used += 1
+            finished = True
+        finally:
+            bad = _nonfinite(model, norms) if finished else None
+            for m, momentum, count, mean, var in kept:
+                m.momentum = momentum
+                if count is not None:
+                    m.num_batches_tracked.copy_(count)
+                if used == 0 or not finished or bad:  # the statistics training left
+                    m.running_mean.copy_(mean)
+                    m.running_var.copy_(var)
     if bad:
         warnings.warn(f"recalibrate_norms: the training batches gave BatchNorm {bad} non-finite statistics, so this "
                       "evaluation reads the running averages training left; check the training data for NaN or inf "
