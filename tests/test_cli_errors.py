@@ -698,12 +698,13 @@ def test_a_sequential_target_under_the_plannable_floor_is_refused_before_the_mod
                                "techniques: [{type: prune_unstructured}, {type: quant_lsq, bits: 4}]\n")
     code, out = _cli(monkeypatch, capsys, "compress", recipe, "--teacher-epochs", "1", "--out", tmp_path / "o")
     assert code == 2 and "smallest artifact" in out and "before training it" in out, out
+    assert not (tmp_path / "o").exists()  # the refused run made it and left it empty (its run lock only): it goes
     assert "train model" not in out and not (tmp_path / "o" / "teacher.safetensors").exists(), out
 
 
 def test_a_target_found_out_of_reach_after_the_model_trained_names_the_trained_model_to_start_from(
         tmp_path, monkeypatch, capsys):
-    """Sequential prices its floor on the trained model: near that floor (within compare.PLAN_SLACK of the untrained
+    """Sequential prices its floor on the trained model: near that floor (within targets.PLAN_SLACK of the untrained
     model's; the check before training is skipped here to stand for it) the command trains it first and then
     finds the target out of reach. The error says where that model is kept, and a run given it as --weights does
     not train it again."""

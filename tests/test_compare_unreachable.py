@@ -85,3 +85,13 @@ def test_a_ratio_the_allocator_cannot_plan_is_refused_before_any_teacher_trains(
     unreachable = json.loads((out / "compare.json").read_text())["unreachable"]
     assert [(u["ratio_target"], u["seed"]) for u in unreachable] == [(5000, 0), (5000, 1), (8000, 0), (8000, 1)]
     assert all("cannot be planned" in u["reason"] for u in unreachable)
+
+
+def test_a_compare_refused_after_it_made_its_out_folder_leaves_none(tmp_path):
+    """An unknown --variants name is found once --out exists (run_compare checks the spec): the refused
+    command left an empty folder where the user then looked for results."""
+    from jointcompress.recipe import builtin_recipe
+
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(app, ["compare", str(builtin_recipe("demo")), "--variants", "bogus", "--out", str(out)])
+    assert res.exit_code != 0 and "unknown" in str(res.exception) + res.output and not out.exists()

@@ -69,3 +69,24 @@ def test_an_unreachable_demo_target_names_the_ratio_option(tmp_path, monkeypatch
     monkeypatch.setattr(jointcompress.demo, "run_demo", unreachable)
     res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--model", "lenet300"])
     assert res.exit_code != 0 and "its target is --ratio 100; ask for a lower --ratio" in str(res.exception) + res.output
+
+
+def test_a_demo_ratio_out_of_reach_is_refused_before_the_teacher_trains_and_leaves_no_folder(tmp_path, monkeypatch):
+    """`demo --ratio 5000` trained the teacher first and then refused the target (whose floor depends on the
+    architecture only), leaving an empty --out behind; it is refused on the untrained model, and the folder it
+    made goes again. A folder that was there before stays."""
+    import jointcompress.demo
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher trained before the target was checked")
+
+    monkeypatch.setattr(jointcompress.demo, "train_teacher", no_teacher)
+    out = tmp_path / "new" / "demo"
+    res = CliRunner().invoke(app, ["demo", "--out", str(out), "--ratio", "5000"])
+    said = str(res.exception) + res.output
+    assert res.exit_code != 0 and "smallest artifact" in said and "ask for a lower --ratio" in said, said
+    assert not (tmp_path / "new").exists()
+    there = tmp_path / "there"
+    there.mkdir()
+    res = CliRunner().invoke(app, ["demo", "--out", str(there), "--ratio", "5000"])
+    assert res.exit_code != 0 and there.is_dir()

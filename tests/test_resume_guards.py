@@ -374,3 +374,27 @@ def test_the_data_fingerprint_tells_other_data_but_not_rounding():
     assert same_fingerprint(recorded, fingerprint([x * (1 + 1e-7), y, None]))
     for other in ([x.flip(0), y, None], [x[:40], y[:40], None], [x, y.roll(1), None], [x + 0.01, y, None], [x, y, x]):
         assert not same_fingerprint(recorded, fingerprint(other))
+
+
+def test_a_refused_command_removes_only_the_empty_folders_it_made(tmp_path):
+    """io.removed_if_refused: the folders a refused command created go while they hold nothing but the run lock
+    this process holds (which it gives up); a folder that was there, or one that holds a file, stays."""
+    from jointcompress.io import _HELD_LOCKS, prepare_run_dir, removed_if_refused
+
+    @removed_if_refused
+    def refused(out, write=None):
+        prepare_run_dir(out, force=False, resume=False)
+        if write:
+            (out / write).write_text("kept")
+        raise RuntimeError("refused")
+
+    for out, write in ((tmp_path / "a" / "b", None), (tmp_path / "c", "notes.txt")):
+        with pytest.raises(RuntimeError):
+            refused(out=out, write=write)
+    assert not (tmp_path / "a").exists() and str((tmp_path / "a" / "b").resolve()) not in _HELD_LOCKS
+    assert (tmp_path / "c" / "notes.txt").read_text() == "kept"
+    there = tmp_path / "there"
+    there.mkdir()
+    with pytest.raises(RuntimeError):
+        refused(out=there)
+    assert there.is_dir()

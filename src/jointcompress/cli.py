@@ -17,6 +17,7 @@ from rich.table import Table
 
 from .commands import BUILT_IN_MODELS, DEVICE_HELP
 from .errors import JointCompressError
+from .io import removed_if_refused
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Joint pruning + quantization + distillation for PyTorch models.")
 recipe_app = typer.Typer(no_args_is_help=True, help="Work with recipes.")
@@ -83,6 +84,7 @@ def results_table(title: str, rows: dict[str, dict]) -> Table:
 
 
 @app.command()
+@removed_if_refused
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where the artifacts and results.json go."),
     model: str = typer.Option("lenet5", help="Reference model: lenet5 or lenet300."),
@@ -160,6 +162,7 @@ def _print_demo(res, ratio: float) -> None:
 
 
 @app.command("compress")
+@removed_if_refused
 def compress_cmd(
     recipe_path: Path = typer.Argument(..., help="Recipe YAML."),
     model: Optional[str] = typer.Option(None, help=f"Reference model ({BUILT_IN_MODELS.replace(' |', ',')}) or your builder "
@@ -327,37 +330,14 @@ def _refuse_an_unreachable_target_before_training(builder, recipe, split) -> Non
 
 
 def _refuse_an_unplannable_target(model, recipe, split) -> None:
-    """Sequential and overlap: the allocator refuses a target under the smallest file it can plan (2 bits, every
-    layer at its floor, the tensors no technique compresses) on the trained model, after training it. That floor
-    depends on the architecture, not the values, so it is checked first on the untrained model, as compare does:
-    refused only where a file compare.PLAN_SLACK larger cannot be planned either (near the floor the trained
-    model decides)."""
-    import warnings
+    """Sequential and overlap: the allocator refuses a target under the smallest file it can plan on the trained
+    model, after training it; targets.refusal_before_training checks it first on the untrained model."""
+    from .targets import refusal_before_training
 
-    from .compare import PLAN_SLACK
-    from .errors import RecipeError
-    from .recipe import parse_recipe
-    from .targets import TargetError, resolve_target
-
-    target = recipe.target
-    slack = {"ratio": target.ratio / PLAN_SLACK} if target.ratio is not None else {"size_kb": target.size_kb * PLAN_SLACK}
-    example = split.x_train[:2]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the run says them, with its own numbers
-        try:  # a ratio within the slack of 1 (or a size past float's range) has no slackened form: the run decides
-            slackened = parse_recipe({**recipe.model_dump(), "target": {**target.model_dump(), **slack}})
-        except RecipeError:
-            return
-        try:
-            resolve_target(model, slackened, example)
-            return
-        except TargetError:
-            pass
-        try:
-            resolve_target(model, recipe, example)
-        except TargetError as err:  # the exact target's words
-            err.add_note("Checked on the untrained model, before training it; nothing was trained.")
-            raise
+    refusal = refusal_before_training(model, recipe, split.x_train[:2])
+    if refusal is not None:
+        refusal.add_note("Checked on the untrained model, before training it; nothing was trained.")
+        raise refusal
 
 
 def _name_the_trained_model(err: JointCompressError, out: Path, given: bool) -> None:

@@ -284,29 +284,17 @@ def _new_result(base: Recipe, split, model_name: str, spec: CompareSpec, weights
             "uncompressed": [], "runs": [], "unreachable": []}
 
 
-PLAN_SLACK = 1.02  # before training, a ratio is refused only if a file this much larger cannot be planned either
-
-
 def _plannable_ratios(result: dict, out: Path, log, untrained: nn.Module, base: Recipe, spec: CompareSpec,
                       example) -> list[float]:
-    """The ratios the allocator can plan, checked on an untrained model before any teacher trains. What
-    refuses a ratio (2 bits, every layer at prune_unstructured.min_keep, the tensors no technique compresses)
-    depends on the architecture, not on the trained values, so a user learns in seconds, not after each
-    seed's teacher, that a point is out of reach; it is recorded for every seed, as it would have been
-    after training. Within PLAN_SLACK of the floor the trained teacher decides, as before."""
+    """The ratios the allocator can plan, checked on an untrained model before any teacher trains
+    (targets.refusal_before_training): a user learns in seconds, not after each seed's teacher, that a point
+    is out of reach; it is recorded for every seed, as it would have been after training."""
     from .artifact.size import dense_fp32_bytes
-    from .targets import TargetError, resolve_target
-
-    def refusal(ratio: float) -> TargetError | None:
-        try:
-            resolve_target(untrained, parse_recipe({**base.model_dump(), "target": {"ratio": ratio}}), example)
-        except TargetError as exc:
-            return exc
-        return None
+    from .targets import refusal_before_training
 
     kept, dense = [], dense_fp32_bytes(untrained)
     for ratio in spec.ratios:
-        why = refusal(ratio / PLAN_SLACK) and refusal(ratio)  # the exact ratio only for a refusal's message
+        why = refusal_before_training(untrained, parse_recipe({**base.model_dump(), "target": {"ratio": ratio}}), example)
         if why is None:
             kept.append(ratio)
             continue

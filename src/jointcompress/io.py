@@ -2,6 +2,7 @@
 output directory is overwritten unless the user asked for it, so nothing a user made is lost."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -144,6 +145,48 @@ def hold_run_lock(path: Path) -> None:
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     _HELD_LOCKS[key] = handle
+
+
+def release_run_lock(path: Path) -> None:
+    """Give up `path`'s run lock (hold_run_lock) before this process ends: the folder is being removed."""
+    handle = _HELD_LOCKS.pop(str(Path(path).resolve()), None)
+    if handle is not None:
+        handle.close()
+
+
+def removed_if_refused(command):
+    """A command (called with `out=`) whose --out it created is removed again when the command stops with an
+    error before writing anything there but its run lock: a refused run (a target out of reach, an unknown
+    variant, a bad weights file) left an empty folder behind, in which a user looked for results. A folder
+    that was there before, or holds anything else, stays as it is."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        out = kwargs.get("out")
+        created = [p for p in (Path(out), *Path(out).parents) if not p.exists()] if out is not None else []
+        try:
+            return command(*args, **kwargs)
+        except BaseException:
+            for folder in created:  # the deepest first, while each is empty
+                _remove_if_empty(folder)
+            raise
+    return wrapper
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove `folder` if it holds nothing, or only the run lock this process holds."""
+    try:
+        names = {p.name for p in folder.iterdir()}
+    except OSError:
+        return
+    held = str(folder.resolve()) in _HELD_LOCKS
+    if names - ({LOCK_NAME} if held else set()):
+        return
+    release_run_lock(folder)
+    try:
+        (folder / LOCK_NAME).unlink(missing_ok=True)
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=None,

@@ -485,6 +485,35 @@ def resolve_target(model: nn.Module, recipe: Recipe | dict, example_inputs, eval
     return _with_budgets(data, alloc)
 
 
+PLAN_SLACK = 1.02  # before training, a target is refused only if a file this much larger cannot be planned either
+
+
+def refusal_before_training(untrained: nn.Module, recipe: Recipe, example_inputs) -> TargetError | None:
+    """Why the allocator cannot plan `recipe`'s size target, checked on an untrained model, or None.
+    What refuses a target (2 bits, every layer at prune_unstructured.min_keep, the tensors no technique
+    compresses) depends on the architecture, not on the trained values, so a command learns it in seconds
+    rather than after training the model first (an hour, for some models). Refused only where a file
+    PLAN_SLACK larger cannot be planned either (near the floor the trained model decides); the error then
+    carries the exact target's words."""
+    target = recipe.target
+    if target is None or target.is_latency:
+        return None
+    slack = {"ratio": target.ratio / PLAN_SLACK} if target.ratio is not None else {"size_kb": target.size_kb * PLAN_SLACK}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the run says them, with its own numbers
+        try:  # a ratio within the slack of 1 (or a size past float's range) has no slackened form: the run decides
+            slackened = parse_recipe({**recipe.model_dump(), "target": {**target.model_dump(), **slack}})
+        except RecipeError:
+            return None
+        for candidate in (slackened, recipe):
+            try:
+                resolve_target(untrained, candidate, example_inputs)
+                return None
+            except TargetError as err:
+                refusal = err
+    return refusal
+
+
 def warn_unused_sparsity(recipe: Recipe) -> None:
     """A user's recipe with a size target (not yet allocated) and an explicit prune_unstructured.sparsity:
     the allocator (sequential, overlap) or the joint form's size budget sets every layer's sparsity

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..compare import DEFAULT_VARIANTS
-from ..io import RUN_REPORT
+from ..io import RUN_REPORT, removed_if_refused
 from . import DEVICE_HELP, MODEL_CHOICES
 
 
@@ -27,6 +27,7 @@ def parse_floats(text: str, what: str) -> list[float]:
 
 def register(app: typer.Typer) -> None:
     @app.command("compare")
+    @removed_if_refused
     def compare_command(
         recipe_path: Path = typer.Argument(..., help="Recipe YAML (its techniques and epochs; the target comes from --ratios)."),
         ratios: str = typer.Option("10,20,40", "--ratios", help="Compression ratios vs the fp32 file, comma-separated."),
