@@ -162,6 +162,7 @@ def test_the_classes_come_from_the_teacher_and_a_count_that_disagrees_is_refused
     steps.load_text(run, data)
     assert run.labels == ["entailment", "neutral", "contradiction"] and run.train_data.labels == [2, 0, 1]
     assert run.student.config.num_labels == 3 and run.teacher.classifier.out_features == 3
+    assert not run.warnings  # every class has a row
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     (mixed / "train.tsv").write_text("sentence\tlabel\ngood movie\t0\n")
@@ -178,6 +179,9 @@ def test_the_classes_come_from_the_teacher_and_a_count_that_disagrees_is_refused
                            labels=run.labels, tok=run.tok)
     steps.load_text(cola_run, cola)
     assert cola_run.dev_data.sentences == ["good movie", "movie the good"] and cola_run.y_dev.tolist() == [1, 0]
+    # 2-way rows under the 3-way head: said, naming the class no row has
+    assert len(cola_run.warnings) == 1 and "2 of the classifier's 3 classes" in cola_run.warnings[0], cola_run.warnings
+    assert "no row is ['contradiction']" in cola_run.warnings[0]
     from transformers import AlbertConfig, GPT2Config
 
     from jointcompress.errors import UnsupportedModelError

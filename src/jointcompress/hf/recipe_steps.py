@@ -221,9 +221,24 @@ def load_text(run: HFRun, data_dir) -> None:
             raise DataError(f"{f.name} has labels {bad[:5]}; the classifier has {n_labels} classes {run.labels} "
                             f"(0..{n_labels - 1}), so the data's labels must be among them (a teacher fine-tuned on "
                             "another task has another head; a base encoder gets one of hf.labels' size)")
+    warn_absent_classes(run, train_file.name, dev_file.name)
     run.dev_t = tokenize(run.tok, dev, hf_cfg.max_length)
     run.x_dev, run.y_dev = pack_tokens(run.dev_t), run.dev_t["labels"]
     hold_out_rows(run, train_file.name)
+
+
+def warn_absent_classes(run: HFRun, train_name: str, dev_name: str) -> None:
+    """A teacher with more classes than the data uses (a 3-way NLI head on 2-way rows) trained without a word:
+    the student keeps every output, distillation copies the teacher's belief in classes no row has, and the
+    accuracy counts predictions of them as errors. Said, not refused: a subset may leave a class out on purpose."""
+    used = set(run.train_data.labels) | set(run.dev_data.labels)
+    absent = [name for i, name in enumerate(run.labels) if i not in used]
+    if absent and used:
+        run.warnings.append(f"{train_name} and {dev_name} use {len(used)} of the classifier's {len(run.labels)} classes "
+                            f"{run.labels}; no row is {absent}: the student keeps those outputs and is distilled towards "
+                            "the teacher's belief in them. Give rows of every class, or a teacher fine-tuned on this "
+                            "task's classes (hf.labels for a base encoder)")
+        run.log(run.warnings[-1])
 
 
 def hold_out_rows(run: HFRun, train_name: str) -> None:
