@@ -299,6 +299,8 @@ def test_a_group_feeding_a_grouped_convolution_names_it_as_the_reason():
     _, skipped = discover_groups(Residual(), torch.randn(2, 3, 8, 8), ["*"], [])
     reasons = dict(skipped)
     assert "grouped convolution 'c2' (groups=4)" in reasons["c2"]
+    # said of c2's own channels too: "they feed the grouped convolution 'c2'" read as if c2 fed itself
+    assert "'c2' (groups=4) reads or writes these channels in 4 groups" in reasons["c2"], reasons["c2"]
 
 
 class ScaledConv(nn.Module):

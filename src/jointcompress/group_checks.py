@@ -310,8 +310,10 @@ def _is_grouped(mod) -> bool:
 
 
 def _grouped_reason(name: str, mod) -> str:
-    return (f"they feed the grouped convolution '{name}' (groups={mod.groups}), whose channels are split into "
-            "groups that removal would shift; exclude it, or use groups=1 or depthwise")
+    """Said of its input channels (the layers feeding it) and of its own output channels alike: "they feed" was
+    said of the grouped convolution itself."""
+    return (f"the grouped convolution '{name}' (groups={mod.groups}) reads or writes these channels in {mod.groups} "
+            "groups, which removing some of them would shift; exclude it, or use groups=1 or depthwise")
 
 
 def _cause(model: nn.Module, group) -> str:
