@@ -161,3 +161,64 @@ def test_two_channel_pruning_entries_are_refused_by_the_recipe():
                {"type": "prune_structured", "sparsity": 0.5, "targets": ["3"]}]
     with pytest.raises(RecipeError, match="'prune_structured' appears 2 times; use it once; per-group sparsities go in"):
         parse_recipe({"techniques": entries})
+
+
+class _Lazy(nn.Module):
+    """Lazy layers: sized on the first call."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.head = nn.LazyLinear(16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc1(x)))
+
+
+def test_a_model_of_lazy_layers_compresses_and_its_own_builder_loads_the_artifact(tmp_path):
+    """A builder of lazy layers returns them unsized: save(builder=...) and load(path, builder) failed in torch's
+    "Can't access the shape of an uninitialized parameter", so the artifact could never be loaded; the recorded
+    example inputs now size them. prepare() without example_inputs, which attached nothing, names the layer."""
+    from jointcompress import prepare
+    from jointcompress.errors import RecipeError
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 12), torch.randint(0, 4, (64,))
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5}, {"type": "quant_lsq", "bits": 4}],
+              "training": {"epochs": 1, "batch_size": 32}}
+    model = _Lazy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = compress(model, recipe, (x, y), lambda m: {"accuracy": 0.0})
+    spec = result.finalize()
+    with torch.no_grad():
+        finalized = model.eval()(x)
+    save(model, spec, tmp_path / "a", builder=_Lazy, example_inputs=x[:2])
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "a", _Lazy)(x), finalized)
+    with pytest.raises(RecipeError, match="'fc1.weight' belongs to a lazy layer that is not sized yet.*example_inputs"):
+        prepare(_Lazy(), recipe, total_steps=4)
+
+
+def test_an_expanded_buffer_is_refused_before_training():
+    """A buffer registered as `t.expand(n)` (stride 0) trained to the end, then restoring the best epoch failed
+    inside load_state_dict and the run was lost; it is named before training, with the fix."""
+    from jointcompress import prepare
+    from jointcompress.errors import RecipeError
+
+    class Offset(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(12, 4)
+            self.register_buffer("offset", torch.full((1,), 0.25).expand(4))
+
+        def forward(self, x):
+            return self.fc(x) + self.offset
+
+    x, y = torch.randn(32, 12), torch.randint(0, 4, (32,))
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5}], "training": {"epochs": 1}}
+    calls = []
+    with pytest.raises(RecipeError, match=r"'offset' is an expanded view .*\.clone\(\)"):
+        compress(Offset(), recipe, (x, y), lambda m: calls.append(1) or {"accuracy": 0.0})
+    assert not calls  # nothing trained or evaluated
+    with pytest.raises(RecipeError, match="'offset' is an expanded view"):
+        prepare(Offset(), recipe, total_steps=4)

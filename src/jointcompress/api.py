@@ -16,7 +16,7 @@ from . import techniques as tech
 from .errors import DataError, RecipeError, UnsupportedModelError
 from .joint_form import as_joint_form
 from .layer_types import COMPRESSIBLE
-from .session.checks import check_teacher
+from .session.checks import check_model_tensors, check_teacher
 from .data import EVALUATOR_SAMPLE
 from .model_call import evaluating, model_device
 from .session.outputs import LABEL_KEYS, call_model, describe, first_rows, split_batch
@@ -475,6 +475,7 @@ def _checked_inputs(model: nn.Module, teacher: nn.Module | None, recipe: Recipe,
     """(loader, example inputs) once the model, the teacher, the targets and the data passed their checks:
     whatever would fail later, deep inside training, fails here with a message that names the fix."""
     check_teacher(model, teacher)
+    check_model_tensors(model)
     check_dense_gradients(model)
     check_targets(model, recipe)
     seed_everything(recipe.training.seed)

@@ -139,6 +139,7 @@ def rebuild(builder: Callable[[], nn.Module], history: list, inputs: tuple, wher
     entries are replayed (a later run's, on a model an earlier run had shrunk); `strides`: the
     convolutions raise_stride downsampled with (weights keep their shapes: set last)."""
     model = builder()
+    _size_lazy_layers(model, inputs, where)
     _drop(model, dropped, where)
     start = 0
     for n, names in sorted((int(n), names) for n, names in later_dropped):
@@ -154,6 +155,24 @@ def rebuild(builder: Callable[[], nn.Module], history: list, inputs: tuple, wher
         except UnsupportedModelError as exc:
             raise ArtifactError(f"{exc}; is the builder the same architecture the artifact was trained from?") from exc
     return model
+
+
+def _size_lazy_layers(model: nn.Module, inputs, where: str) -> None:
+    """A builder with lazy layers (nn.LazyLinear, ...) returns them unsized; they take their shapes on the first
+    call, which the recorded example inputs make (zeros, in eval mode). Without it the weights could not be
+    loaded into them and the user's own builder could never load the artifact."""
+    from ..model_call import call_model, evaluating
+    from ..session.checks import unsized_lazy
+
+    unsized = unsized_lazy(model)
+    if not unsized:
+        return
+    if not inputs:
+        raise ArtifactError(f"{where}: the builder's model has lazy layers not sized yet ('{unsized[0]}') and the "
+                            "artifact records no example inputs to size them with; make the builder call the model once "
+                            "on an example batch before returning it")
+    with torch.no_grad(), evaluating(model):
+        call_model(model, inputs)
 
 
 def _drop(model: nn.Module, names: list[str], where: str) -> None:
@@ -870,11 +889,12 @@ def load_with_spec(path: str | os.PathLike, builder: Callable[[], nn.Module]) ->
     where = str(_weights_path(path, manifest))
     history = manifest["pruning_history"]
     try:
-        inputs = inputs_of_records(manifest["example_inputs"]) if history else ()
+        inputs = inputs_of_records(manifest["example_inputs"])
     except Exception as exc:  # e.g. a dtype torch.zeros cannot make (quantized)
-        raise ArtifactError(
-            f"{Path(path) / MANIFEST_FILE}: field example_inputs cannot be turned into tensors ({type(exc).__name__}: {exc})"
-        ) from exc
+        if history:
+            raise ArtifactError(f"{Path(path) / MANIFEST_FILE}: field example_inputs cannot be turned into tensors "
+                                f"({type(exc).__name__}: {exc})") from exc
+        inputs = ()  # needed only to replay the pruning history, or to size a lazy layer (rebuild says so)
     dropped = manifest.get("dropped_blocks", [])  # absent from artifacts written before prune_blocks
     later = manifest.get("later_dropped_blocks", [])  # present only where a later run dropped blocks
     strides = manifest.get("strides", {})  # present only where raise_stride downsampled a layer

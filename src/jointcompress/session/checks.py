@@ -101,6 +101,32 @@ def attached_layers(model: nn.Module) -> list[str]:
     return found
 
 
+def unsized_lazy(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers of lazy layers (nn.LazyLinear, ...) not sized yet: they get their
+    shapes on the model's first call, and nothing can be masked, quantized or loaded into them before it."""
+    from torch.nn.parameter import is_lazy
+
+    return [n for n, t in (*model.named_parameters(), *model.named_buffers()) if is_lazy(t)]
+
+
+def check_model_tensors(model: nn.Module) -> None:
+    """Tensors the run cannot carry, named before training. A buffer or parameter registered as an expanded
+    view (stride 0 over several elements, `t.expand(n)`) trained to the end, and then restoring the best
+    epoch's state failed in load_state_dict ("more than one element ... refers to a single memory location"):
+    the run was lost."""
+    from ..errors import RecipeError
+
+    from torch.nn.parameter import is_lazy
+
+    expanded = [(n, t.numel()) for n, t in (*model.named_parameters(), *model.named_buffers())
+                if not is_lazy(t) and any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape))]
+    if expanded:
+        name, count = expanded[0]
+        raise RecipeError(f"the model's tensor '{name}' is an expanded view (stride 0: its {count} elements share one "
+                          "memory location), into which no state can be loaded, as the run does to restore its best "
+                          "epoch; register a copy of it instead (`.expand(...).clone()`)")
+
+
 def check_teacher(model: nn.Module, teacher: nn.Module | None) -> None:
     """The teacher must stay as it is: `teacher=model` (the same object) or a teacher built from the
     model's own layers would be masked, quantized and trained with it, and distillation would pull

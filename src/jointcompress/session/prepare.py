@@ -7,7 +7,7 @@ from .. import techniques as tech
 from ..errors import RecipeError
 from ..plan import make_plan
 from ..recipe import Recipe, parse_recipe
-from .checks import check_teacher
+from .checks import check_model_tensors, check_teacher, unsized_lazy
 from .session import CompressionSession, LossFn, explicit_weight_decay
 
 
@@ -74,10 +74,12 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
     model = _dist.unwrap(model)
     bare_teacher = _dist.unwrap(teacher) if teacher is not None else None
     check_teacher(model, bare_teacher)
+    check_model_tensors(model)
     check_targets(model, given)  # first as the user wrote it: errors name their techniques[i] (compress() does too)
     check_targets(model, recipe)
     # the model runs on the example first: inputs it cannot take are named here, not inside a trace or a target
     outputs = check_data(model, example_inputs, None, what="example_inputs") if example_inputs is not None else None
+    refuse_unsized(model)  # a lazy layer is sized by that first call, or not at all
     if recipe.target is not None:  # the size budget's bytes, from the target and the model
         recipe = resolve_target(model, recipe, example_inputs)
     kd = recipe.technique("distill_kd")
@@ -102,3 +104,13 @@ def refuse_ddp(model) -> None:
         raise RecipeError("prepare: the model is wrapped in DistributedDataParallel; pass the model itself (model.module) "
                           "and call that in your loop: under torchrun the session averages the gradients after its "
                           "coordinated backward (docs/reliability.md)")
+
+
+def refuse_unsized(model) -> None:
+    """Lazy layers not sized yet (no example_inputs, no forward before prepare): attaching the masks failed in
+    torch's "Attempted to use an uninitialized parameter"."""
+    unsized = unsized_lazy(model)
+    if unsized:
+        raise RecipeError(f"prepare: '{unsized[0]}' belongs to a lazy layer that is not sized yet (it takes its shape "
+                          "on the model's first call); pass example_inputs=... (a batch of inputs), or call the model "
+                          "once on a batch before prepare()")
