@@ -255,3 +255,40 @@ def test_the_parity_checks_leave_the_callers_modes_as_they_were(tmp_path):
     assert [m.training for m in model.modules()] == modes
     int8_parity(model, q, (x[:64], y[:64]))
     assert [m.training for m in model.modules()] == modes
+
+
+def test_a_grouped_transposed_convolution_stays_fp32_in_the_int8_model_and_is_named(tmp_path):
+    """ONNX Runtime's per-channel quantizer failed on a grouped ConvTranspose ("operands could not be broadcast
+    together": out / groups weight scales against `out` biases); the node stays fp32, named in a warning."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(), nn.ConvTranspose2d(16, 16, 2, stride=2, groups=4),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
+    x = torch.randn(16, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"int8: 1 grouped ConvTranspose node\(s\) stay fp32"):
+        int8 = quantize_int8(model, None, x, x[:2], workdir=tmp_path)
+    with torch.no_grad():
+        assert int8.parity["top1_agreement"] >= 0.9 and torch.allclose(int8(x), model(x), atol=0.05)
+
+
+def test_the_torch_backend_refuses_what_fx_int8_cannot_quantize_and_returns_the_logits():
+    """PyTorch's FX int8 failed inside torch.ao (a circular padding: ValueError) with no word of the way out, and
+    returned a model's dict where the onnxruntime back end returns the logits tensor."""
+    from torch import nn
+
+    from jointcompress.errors import UnsupportedModelError
+
+    class Named(nn.Module):
+        def __init__(self, padding_mode="zeros"):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1, padding_mode=padding_mode), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return {"logits": self.fc(self.conv(x).mean((2, 3)))}
+
+    x = torch.randn(8, 3, 6, 6)
+    with pytest.raises(UnsupportedModelError, match="padding_mode' circular.*backend='onnxruntime'"):
+        quantize_int8(Named("circular").eval(), None, x, x[:2], backend="torch")
+    out = quantize_int8(Named().eval(), None, x, x[:2], backend="torch")(x)
+    assert isinstance(out, torch.Tensor) and out.shape == (8, 4)

@@ -56,6 +56,7 @@ from ..errors import JointCompressError, UnsupportedModelError
 from ..layer_types import COMPRESSIBLE
 from ..model_call import to_device
 from ..model_copy import on_cpu
+from ..session.outputs import logits_of
 from ..spec import CompressionSpec
 from .onnx_export import export_onnx, ort_input, ort_predict, ort_session
 from .parity import ParityReport, batches, compare
@@ -240,11 +241,28 @@ def quantize_onnxruntime(model: nn.Module, spec: CompressionSpec | None, calibra
     with _quiet_root_logger():  # quantize_static logs a generic "consider pre-processing" warning on every call
         quantize_static(
             str(fp32), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+            nodes_to_exclude=fp32_only_nodes(fp32),
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             extra_options={"TensorQuantOverrides": overrides, "WeightSymmetric": True,
                            "OpTypesToExcludeOutputQuantization": output_op_types(fp32) if fp32_outputs else []},
         )
     return Int8Model("onnxruntime", ort_predict(ort_session(out, threads)), str(out), trained_scales=len(overrides))
+
+
+def fp32_only_nodes(onnx_path: Path) -> list[str]:
+    """The nodes ONNX Runtime's per-channel quantizer cannot take, left in fp32 (and named in a warning): a
+    grouped ConvTranspose, whose weight [in, out / groups, ...] gets out / groups scales against `out` biases
+    (its quantizer failed with "operands could not be broadcast together")."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    grouped = [node.name for node in graph.node if node.op_type == "ConvTranspose"
+               and any(a.name == "group" and a.i > 1 for a in node.attribute)]
+    if grouped:
+        warnings.warn(f"int8: {len(grouped)} grouped ConvTranspose node(s) stay fp32 ({', '.join(grouped[:3])}): ONNX "
+                      "Runtime's per-channel int8 does not handle a grouped transposed convolution's weight layout; "
+                      "the rest of the model is int8", stacklevel=4)
+    return grouped
 
 
 def output_op_types(onnx_path: Path) -> list[str]:
@@ -309,14 +327,27 @@ def quantize_torch(model: nn.Module, calibration, example_input: torch.Tensor, e
                if loops else "")
         raise UnsupportedModelError(f"int8 backend torch: PyTorch's FX cannot trace this model ({exc}); {fix}use "
                                     "backend='onnxruntime', which exports it through torch.onnx") from None
-    with torch.no_grad():
-        for i, (x, _) in enumerate(batches(calibration, 64)):
-            if i >= max_batches:
-                break
-            prepared(x)
-    with _torch_ao_deprecations_quiet():
-        q = convert_fx(prepared)
-    return Int8Model(f"torch-{engine}", lambda x: q(x))
+    except Exception as exc:  # FX fused or swapped a module the model's code still reads (a weight used in F.linear)
+        raise _fx_refusal(exc) from exc
+    try:
+        with torch.no_grad():
+            for i, (x, _) in enumerate(batches(calibration, 64)):
+                if i >= max_batches:
+                    break
+                prepared(x)
+        with _torch_ao_deprecations_quiet():
+            q = convert_fx(prepared)
+        q(example_input)
+    except Exception as exc:  # e.g. "'padding_mode' circular is not supported by quantized convolution"
+        raise _fx_refusal(exc) from exc
+    return Int8Model(f"torch-{engine}", lambda x: logits_of(q(x)))  # fp32 logits, as the onnxruntime model's
+
+
+def _fx_refusal(exc: Exception) -> UnsupportedModelError:
+    """What PyTorch's FX int8 raised from its own internals, said as the back end's limit, with the way out."""
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return UnsupportedModelError(f"int8 backend torch: PyTorch's FX int8 cannot quantize this model ({type(exc).__name__}: "
+                                 f"{first}); use backend='onnxruntime', which exports it through torch.onnx")
 
 
 def quantize_int8(model: nn.Module, spec: CompressionSpec | None, calibration, example_input: torch.Tensor,
