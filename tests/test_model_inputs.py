@@ -98,3 +98,22 @@ def test_latency_tables_and_bench_feed_a_model_of_two_inputs(named):
     sites = layer_sites(model, example, groups)
     assert {n: s.cin for n, s in sites.items()} == {"a": 10, "b": 6, "hidden": 32, "head": 32}
     assert timed_ms(model, example, batch=4, rounds=2, repeats=1) > 0
+
+
+def test_3d_logits_of_a_1d_dense_prediction_are_named_and_an_ambiguous_square_shape_is_said():
+    """A frame tagger returning F.cross_entropy's [batch, classes, length] with [batch, length] labels: refused with the
+    generic shapes (no word of the transpose), and where classes == length, trained silently with the softmax over
+    the positions (task loss 1.25 where F.cross_entropy gives 2.50 on the same outputs)."""
+    import warnings
+
+    from jointcompress.session.outputs import Batch, default_task_loss
+
+    torch.manual_seed(0)
+    y = torch.randint(0, 4, (8, 12))
+    with pytest.raises(DataError, match=r"These read as \[batch, classes, positions\].*transpose\(1, 2\)"):
+        default_task_loss(torch.randn(8, 4, 12), Batch(None, y))
+    with pytest.warns(UserWarning, match=r"read as \[batch, positions, classes\].*transpose\(1, 2\)"):
+        default_task_loss(torch.randn(8, 12, 12), Batch(None, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # [batch, tokens, vocab] of other sizes says nothing
+        assert default_task_loss(torch.randn(8, 12, 30), Batch(None, y)).isfinite()
