@@ -292,3 +292,7 @@ def test_the_torch_backend_refuses_what_fx_int8_cannot_quantize_and_returns_the_
         quantize_int8(Named("circular").eval(), None, x, x[:2], backend="torch")
     out = quantize_int8(Named().eval(), None, x, x[:2], backend="torch")(x)
     assert isinstance(out, torch.Tensor) and out.shape == (8, 4)
+    from jointcompress.errors import DataError
+
+    with pytest.raises(DataError, match=r"int8: the model cannot run on the batch \(8, 1, 6, 6\)"):  # not FX's fault
+        quantize_int8(Named().eval(), None, torch.randn(8, 1, 6, 6), x[:2], backend="torch")

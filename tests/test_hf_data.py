@@ -179,9 +179,14 @@ def test_the_classes_come_from_the_teacher_and_a_count_that_disagrees_is_refused
                            labels=run.labels, tok=run.tok)
     steps.load_text(cola_run, cola)
     assert cola_run.dev_data.sentences == ["good movie", "movie the good"] and cola_run.y_dev.tolist() == [1, 0]
-    # 2-way rows under the 3-way head: said, naming the class no row has
-    assert len(cola_run.warnings) == 1 and "2 of the classifier's 3 classes" in cola_run.warnings[0], cola_run.warnings
-    assert "no row is ['contradiction']" in cola_run.warnings[0]
+    # 2-way rows under the 3-way head: said, naming the class no training row has
+    assert len(cola_run.warnings) == 1 and "label 2 of the classifier's 3 classes" in cola_run.warnings[0], cola_run.warnings
+    assert "none is ['contradiction']" in cola_run.warnings[0]
+    limited = parse_recipe({"hf": {"train_limit": 1}, "techniques": [{"type": "distill_kd"}]})  # the rows drawn count
+    limited_run = steps.HFRun(recipe=limited, hf_cfg=limited.hf, out=tmp_path / "o2", log=lambda _: None,
+                              labels=run.labels, tok=run.tok)
+    steps.load_text(limited_run, data)
+    assert len(limited_run.warnings) == 1 and "drawn from train.tsv (hf.train_limit: 1)" in limited_run.warnings[0]
     from transformers import AlbertConfig, GPT2Config
 
     from jointcompress.errors import UnsupportedModelError

@@ -96,6 +96,7 @@ def run_demo(out: Path, model: str = DEFAULT_MODEL, ratio: float = DEFAULT_RATIO
     builder = builder_for(model, split)
     refusal = refusal_before_training(builder(), targeted, split.x_train[:2])  # not after the teacher has trained
     if refusal is not None:
+        refusal.add_note("Checked on the untrained model, before training it; nothing was trained.")
         raise refusal
     teacher = train_teacher(model, split, teacher_epochs, lr=targeted.training.lr, progress=progress("teacher"),
                             device=device)

@@ -34,6 +34,7 @@ import torch.nn as nn
 from ..errors import ArtifactError, UnsupportedModelError
 from ..io import atomic_write_bytes
 from ..model_copy import load_model_state
+from ..session.checks import unsized_lazy
 from ..spec import PRIOR_STRUCTURE, CompressionSpec, LayerSpec
 from . import container as _container
 from . import encode as _enc
@@ -132,13 +133,16 @@ def _history_json(history) -> list[list]:
     return [[str(n), bool(out), [int(i) for i in idxs]] for n, out, idxs in history]
 
 
-def rebuild(builder: Callable[[], nn.Module], history: list, inputs: tuple, where: str,
+def rebuild(builder: Callable[[], nn.Module], history: list, records: list[dict], where: str,
             dropped: list[str] = (), later_dropped: list = (), strides: dict | None = None) -> nn.Module:
     """A fresh model from `builder`, with its dropped blocks removed and the recorded structured
-    pruning replayed on it; `later_dropped`: [(n, names)], blocks removed once the first n history
-    entries are replayed (a later run's, on a model an earlier run had shrunk); `strides`: the
+    pruning replayed on it (on inputs of the example input `records`, made only where needed: the
+    replay, or lazy layers to size); `later_dropped`: [(n, names)], blocks removed once the first n
+    history entries are replayed (a later run's, on a model an earlier run had shrunk); `strides`: the
     convolutions raise_stride downsampled with (weights keep their shapes: set last)."""
     model = builder()
+    needs_inputs = bool(history) or bool(unsized_lazy(model))
+    inputs = _recorded_inputs(records, where) if needs_inputs else ()
     _size_lazy_layers(model, inputs, where)
     _drop(model, dropped, where)
     start = 0
@@ -157,20 +161,28 @@ def rebuild(builder: Callable[[], nn.Module], history: list, inputs: tuple, wher
     return model
 
 
+def _recorded_inputs(records: list[dict], where: str):
+    """Inputs of the recorded example input shapes (zeros), for the replay and for sizing lazy layers."""
+    try:
+        return inputs_of_records(records)
+    except Exception as exc:  # e.g. a dtype torch.zeros cannot make (quantized)
+        raise ArtifactError(f"{where}: the manifest's field example_inputs cannot be turned into tensors "
+                            f"({type(exc).__name__}: {exc})") from exc
+
+
 def _size_lazy_layers(model: nn.Module, inputs, where: str) -> None:
     """A builder with lazy layers (nn.LazyLinear, ...) returns them unsized; they take their shapes on the first
     call, which the recorded example inputs make (zeros, in eval mode). Without it the weights could not be
     loaded into them and the user's own builder could never load the artifact."""
     from ..model_call import call_model, evaluating
-    from ..session.checks import unsized_lazy
 
     unsized = unsized_lazy(model)
     if not unsized:
         return
     if not inputs:
-        raise ArtifactError(f"{where}: the builder's model has lazy layers not sized yet ('{unsized[0]}') and the "
-                            "artifact records no example inputs to size them with; make the builder call the model once "
-                            "on an example batch before returning it")
+        raise ArtifactError(f"{where}: the builder's model has lazy layers not sized yet ('{unsized[0]}'), and no "
+                            "example inputs were recorded to size them with: save with example_inputs=... (a batch of "
+                            "inputs), or make the builder call the model once on an example batch before returning it")
     with torch.no_grad(), evaluating(model):
         call_model(model, inputs)
 
@@ -279,7 +291,8 @@ def save(
     """Write the artifact directory `path` and return its manifest.
 
     `example_inputs` fixes the input shape used to replay the pruning history at load time
-    (required when the spec has a pruning history). With a `builder`, the replay is checked
+    (required when the spec has a pruning history) and to size a builder's lazy layers (nn.LazyLinear,
+    ...) there. With a `builder`, the replay is checked
     now against `model`, so an artifact that could not be loaded is never written.
     `entropy` codes each packed part with zstd or ans where that makes it smaller.
     `container`: "jcw" (compact, the default) or "safetensors" (readable by standard tools).
@@ -301,7 +314,7 @@ def save(
     _refuse_nonfinite(model, path)
     encoding = _enc.encode_model(model, spec, entropy=entropy)
     if builder is not None:
-        rebuilt = rebuild(builder, history, inputs_of_records(inputs), str(path), dropped, later, strides)
+        rebuilt = rebuild(builder, history, inputs, str(path), dropped, later, strides)
         check_shapes(rebuilt, encoding.layers, encoding.others, f"{path} (checked at save time)", encoding.aliases)
     blob = file_blob(encoding, container)
     _warn_over_target(spec, len(blob), path, container, encoding)
@@ -888,17 +901,10 @@ def load_with_spec(path: str | os.PathLike, builder: Callable[[], nn.Module]) ->
     parts, tensors = read_weights(path, manifest)
     where = str(_weights_path(path, manifest))
     history = manifest["pruning_history"]
-    try:
-        inputs = inputs_of_records(manifest["example_inputs"])
-    except Exception as exc:  # e.g. a dtype torch.zeros cannot make (quantized)
-        if history:
-            raise ArtifactError(f"{Path(path) / MANIFEST_FILE}: field example_inputs cannot be turned into tensors "
-                                f"({type(exc).__name__}: {exc})") from exc
-        inputs = ()  # needed only to replay the pruning history, or to size a lazy layer (rebuild says so)
     dropped = manifest.get("dropped_blocks", [])  # absent from artifacts written before prune_blocks
     later = manifest.get("later_dropped_blocks", [])  # present only where a later run dropped blocks
     strides = manifest.get("strides", {})  # present only where raise_stride downsampled a layer
-    model = rebuild(builder, history, inputs, str(path), dropped, later, strides)
+    model = rebuild(builder, history, manifest["example_inputs"], str(path), dropped, later, strides)
     check_shapes(model, manifest["layers"], manifest["other_tensors"], where, manifest.get("aliases"))
     try:
         spec = CompressionSpec(pruning_history=history, recipe=manifest.get("recipe"), dropped_blocks=list(dropped),

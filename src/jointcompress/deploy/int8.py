@@ -328,7 +328,8 @@ def quantize_torch(model: nn.Module, calibration, example_input: torch.Tensor, e
         raise UnsupportedModelError(f"int8 backend torch: PyTorch's FX cannot trace this model ({exc}); {fix}use "
                                     "backend='onnxruntime', which exports it through torch.onnx") from None
     except Exception as exc:  # FX fused or swapped a module the model's code still reads (a weight used in F.linear)
-        raise _fx_refusal(exc) from exc
+        raise _fx_refusal(exc, model, example_input) from exc
+    x = example_input
     try:
         with torch.no_grad():
             for i, (x, _) in enumerate(batches(calibration, 64)):
@@ -337,17 +338,32 @@ def quantize_torch(model: nn.Module, calibration, example_input: torch.Tensor, e
                 prepared(x)
         with _torch_ao_deprecations_quiet():
             q = convert_fx(prepared)
-        q(example_input)
+        x = example_input
+        q(x)
     except Exception as exc:  # e.g. "'padding_mode' circular is not supported by quantized convolution"
-        raise _fx_refusal(exc) from exc
+        raise _fx_refusal(exc, model, x) from exc
     return Int8Model(f"torch-{engine}", lambda x: logits_of(q(x)))  # fp32 logits, as the onnxruntime model's
 
 
-def _fx_refusal(exc: Exception) -> UnsupportedModelError:
-    """What PyTorch's FX int8 raised from its own internals, said as the back end's limit, with the way out."""
-    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+def _fx_refusal(exc: Exception, model: nn.Module, x) -> JointCompressError:
+    """What PyTorch's FX int8 raised, said as the back end's limit with the way out, unless the fp32 model fails
+    on the same batch too: then the inputs are at fault (calibration images of another size), which another
+    back end would not fix."""
+    from ..errors import DataError
+    from ..session.outputs import describe
+
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as own:
+        return DataError(f"int8: the model cannot run on the batch {describe(x)} ({type(own).__name__}: "
+                         f"{_first_line(own)}); give calibration and example inputs of the shape and dtype it takes")
     return UnsupportedModelError(f"int8 backend torch: PyTorch's FX int8 cannot quantize this model ({type(exc).__name__}: "
-                                 f"{first}); use backend='onnxruntime', which exports it through torch.onnx")
+                                 f"{_first_line(exc)}); use backend='onnxruntime', which exports it through torch.onnx")
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else ""
 
 
 def quantize_int8(model: nn.Module, spec: CompressionSpec | None, calibration, example_input: torch.Tensor,

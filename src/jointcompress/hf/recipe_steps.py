@@ -221,23 +221,27 @@ def load_text(run: HFRun, data_dir) -> None:
             raise DataError(f"{f.name} has labels {bad[:5]}; the classifier has {n_labels} classes {run.labels} "
                             f"(0..{n_labels - 1}), so the data's labels must be among them (a teacher fine-tuned on "
                             "another task has another head; a base encoder gets one of hf.labels' size)")
-    warn_absent_classes(run, train_file.name, dev_file.name)
     run.dev_t = tokenize(run.tok, dev, hf_cfg.max_length)
     run.x_dev, run.y_dev = pack_tokens(run.dev_t), run.dev_t["labels"]
     hold_out_rows(run, train_file.name)
+    warn_absent_classes(run, train_file.name)
 
 
-def warn_absent_classes(run: HFRun, train_name: str, dev_name: str) -> None:
-    """A teacher with more classes than the data uses (a 3-way NLI head on 2-way rows) trained without a word:
-    the student keeps every output, distillation copies the teacher's belief in classes no row has, and the
-    accuracy counts predictions of them as errors. Said, not refused: a subset may leave a class out on purpose."""
-    used = set(run.train_data.labels) | set(run.dev_data.labels)
+def warn_absent_classes(run: HFRun, train_name: str) -> None:
+    """A teacher with more classes than the rows it trains on (a 3-way NLI head on 2-way rows) trained without a
+    word: the student keeps every output, is distilled towards the teacher's belief in classes no row labels, and
+    never learns them from a label. Read on the rows that train (after hf.train_limit and the held-out rows). Said,
+    not refused: a subset may leave a class out on purpose."""
+    used = set(run.train_data.labels)
     absent = [name for i, name in enumerate(run.labels) if i not in used]
     if absent and used:
-        run.warnings.append(f"{train_name} and {dev_name} use {len(used)} of the classifier's {len(run.labels)} classes "
-                            f"{run.labels}; no row is {absent}: the student keeps those outputs and is distilled towards "
-                            "the teacher's belief in them. Give rows of every class, or a teacher fine-tuned on this "
-                            "task's classes (hf.labels for a base encoder)")
+        limit = run.hf_cfg.train_limit
+        rows = f"the {len(run.train_data)} training rows" + (f" drawn from {train_name} (hf.train_limit: {limit})" if limit
+                                                            else f" of {train_name}")
+        run.warnings.append(f"{rows} label {len(used)} of the classifier's {len(run.labels)} classes {run.labels}; none is "
+                            f"{absent}: the student keeps those outputs, learns them from the teacher only, and is "
+                            "distilled towards its belief in them. Give rows of every class (a larger hf.train_limit), or "
+                            "a teacher fine-tuned on this task's classes (hf.labels for a base encoder)")
         run.log(run.warnings[-1])
 
 

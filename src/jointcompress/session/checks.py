@@ -118,8 +118,9 @@ def check_model_tensors(model: nn.Module) -> None:
 
     from torch.nn.parameter import is_lazy
 
-    expanded = [(n, t.numel()) for n, t in (*model.named_parameters(), *model.named_buffers())
-                if not is_lazy(t) and any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape))]
+    expanded = [(n, t.numel()) for n, t in model.state_dict(keep_vars=True).items()  # a non-persistent one is never loaded
+                if isinstance(t, torch.Tensor) and not is_lazy(t)
+                and any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape))]
     if expanded:
         name, count = expanded[0]
         raise RecipeError(f"the model's tensor '{name}' is an expanded view (stride 0: its {count} elements share one "

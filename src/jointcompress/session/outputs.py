@@ -209,9 +209,6 @@ def _index_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if logits.dim() == 2 and y.dim() == 1 and len(y) == len(logits):
         return F.cross_entropy(logits, y)
     if logits.dim() == 3 and y.dim() == 2 and tuple(y.shape) == tuple(logits.shape[:2]):
-        if logits.shape[1] == logits.shape[2]:  # as many classes as positions: the layout cannot be told from the shape
-            warnings.warn(f"the model's logits {tuple(logits.shape)} are read as [batch, positions, classes] (3-D logits "
-                          f"always are, in the task loss and in distillation); {CLASSES_SECOND}", stacklevel=4)
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
     if logits.dim() > 3 and tuple(y.shape) == (logits.shape[0], *logits.shape[2:]):
         return F.cross_entropy(logits, y, ignore_index=-100)
@@ -220,15 +217,11 @@ def _index_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         f"the model's logits have shape {tuple(logits.shape)} and the labels {tuple(y.shape)}; the default task loss is "
         "cross-entropy on [batch, classes] logits with [batch] labels, [batch, tokens, vocab] with [batch, tokens], or "
         "[batch, classes, H, W] with [batch, H, W]. "
-        + (f"These read as [batch, classes, positions]: {CLASSES_SECOND}" if classes_second else
-           "Pass loss_fn=lambda outputs, batch: ... for any other loss")
+        + ("These read as [batch, classes, positions] (a 1-D dense prediction, F.cross_entropy's layout): 3-D logits "
+           "are [batch, positions, classes] here, in the task loss and in distillation, so return "
+           "logits.transpose(1, 2) from the model. " if classes_second else "")
+        + "Pass loss_fn=lambda outputs, batch: ... for any other loss"
     )
-
-
-# a 1-D dense prediction (a frame tagger, F.cross_entropy's [batch, classes, length] layout) against the 3-D reading
-CLASSES_SECOND = ("a model returning [batch, classes, positions] (1-D dense prediction, F.cross_entropy's layout) should "
-                  "return logits.transpose(1, 2) instead, so that the loss and the distillation take the softmax over "
-                  "its classes")
 
 
 def first_rows(inputs, n: int = 2):
