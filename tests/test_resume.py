@@ -555,3 +555,27 @@ def test_a_resume_on_other_rows_in_a_tensor_loader_is_refused(digits, tmp_path):
     run(digits.x_train, run_dir=tmp_path, checkpoint_every=3)
     with pytest.raises(DataError, match="trained on other data"):
         run(digits.x_train.flip(0), run_dir=tmp_path, resume=True)
+
+
+def test_tensorboard_plots_each_step_once_after_a_resume(tmp_path):
+    """Killed at step 7 after its checkpoint at step 5, the resumed run logged steps 5 and 6 again: TensorBoard
+    plotted both values of each (two event files). The resumed writer purges the steps it replays."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from jointcompress.tensorboard import TensorBoardLogger
+
+    x, y, model = _argmax_task(64, 16)
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5}],
+              "training": {"epochs": 1, "batch_size": 4}}
+    tb = tmp_path / "tb"
+    first = TensorBoardLogger(tb)
+    with pytest.raises(KeyboardInterrupt):
+        compress(model(), recipe, (x, y), lambda m: 0.0, callbacks=[first, _StopAt(7)], run_dir=tmp_path / "run",
+                 checkpoint_every=5)
+    first.close()
+    second = TensorBoardLogger(tb)
+    compress(model(), recipe, (x, y), lambda m: 0.0, callbacks=[second], run_dir=tmp_path / "run", resume=True)
+    second.close()
+    assert len(list(tb.glob("events.out.tfevents.*"))) == 2
+    steps = [e.step for e in EventAccumulator(str(tb)).Reload().Scalars("loss/task")]
+    assert steps == sorted(set(steps)) == list(range(16)), steps

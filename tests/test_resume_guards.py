@@ -398,3 +398,69 @@ def test_a_refused_command_removes_only_the_empty_folders_it_made(tmp_path):
     with pytest.raises(RuntimeError):
         refused(out=there)
     assert there.is_dir()
+
+
+def test_compress_in_a_run_dir_another_run_holds_is_refused_and_its_own_lock_is_given_up(digits, tmp_path):
+    """compress(run_dir=...) took no lock (only the command line did): a job started twice on one run_dir deleted
+    the other's temporary checkpoint files and resumed from its live checkpoints. The lock is held while the run
+    lasts and given up after, so a later run (another process's too) may use the folder."""
+    import fcntl
+
+    from jointcompress.errors import JointCompressError
+    from jointcompress.io import LOCK_NAME
+
+    held = tmp_path / "held"
+    held.mkdir()
+    with open(held / LOCK_NAME, "a+") as other:  # another process's hold (a second open file locks apart)
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write("4242\n")
+        other.flush()
+        with pytest.raises(JointCompressError, match=r"in use by another jointcompress run \(pid 4242\)"):
+            _run(digits, held, resume=True)
+    assert not CheckpointStore(held).paths()
+    mine = tmp_path / "mine"
+    _run(digits, mine)
+    with open(mine / LOCK_NAME, "a+") as later:  # given up once compress() returned
+        fcntl.flock(later, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_second_compare_in_a_folder_a_compare_holds_is_refused(tmp_path, monkeypatch, capsys):
+    """compare took no lock: a second compare given the same --out overwrote the first's compare.json, and with
+    --force deleted the first's finished point folders while it ran."""
+    import fcntl
+
+    from jointcompress.io import LOCK_NAME
+    from jointcompress.recipe import builtin_recipe
+
+    out = tmp_path / "cmp"
+    out.mkdir()
+    with open(out / LOCK_NAME, "a+") as first:
+        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        first.write("4242\n")
+        first.flush()
+        for force in ((), ("--force",)):  # before the first compare's first point ends, its folder is empty
+            code, said = run_cli(monkeypatch, capsys, "compare", builtin_recipe("demo"), "--variants", "sequential",
+                                 "--seeds", "1", "--ratios", "20", "--out", out, *force)
+            assert code == 2 and "in use by another jointcompress run (pid 4242)" in said, said
+            (out / "runs" / "sequential-r20-s0").mkdir(parents=True, exist_ok=True)  # then it has finished one
+        assert (out / "runs" / "sequential-r20-s0").is_dir()
+
+
+def test_a_resume_given_another_model_or_data_names_the_flag(tmp_path, monkeypatch, capsys):
+    """--resume with --data or --model other than the run's was refused saying "the builder changed since the run
+    began; set it back", of a builder the user never touched."""
+    from jointcompress.data import load_digits
+
+    out = tmp_path / "o"
+    code, text = run_cli(monkeypatch, capsys, "compress", _recipe(tmp_path), "--out", out, "--teacher-epochs", "1")
+    assert not code, text
+    assert {k: json.loads((out / "start.json").read_text())[k] for k in ("model", "data")} == {"model": "lenet300",
+                                                                                              "data": "digits"}
+    digits, big = load_digits(), tmp_path / "big.npz"
+    pad = lambda x: np.pad(x.numpy()[:, 0], ((0, 0), (10, 10), (10, 10)))  # noqa: E731  28x28 images
+    np.savez(big, x_train=pad(digits.x_train), y_train=digits.y_train.numpy(), x_test=pad(digits.x_test),
+             y_test=digits.y_test.numpy())
+    for flag, value, began in (("--data", big, "--data digits"), ("--model", "lenet5", "--model lenet300")):
+        code, text = run_cli(monkeypatch, capsys, "compress", _recipe(tmp_path), "--out", out, "--resume", flag, value,
+                             "--teacher-epochs", "1")
+        assert code == 2 and f"began with {began}, and this command gives" in text and "builder" not in text, text

@@ -270,3 +270,7 @@ def test_a_late_trim_that_cost_most_of_the_accuracy_is_said():
         warnings.simplefilter("error")
         steering.on_end(trainer)
         SizeSteering(1000.0).on_end(trainer)  # no trim
+    # resumed after the trim, the callback is new: what it forgot is read from the trim's checkpointed event
+    trainer.history = SimpleNamespace(best_metric=0.339, events=[{"event": "size_trim", "step": 150, "best_before": 0.931}])
+    with pytest.warns(UserWarning, match=r"late trim .* dropped the kept accuracy from 0.931 to 0.339"):
+        SizeSteering(1000.0).on_end(trainer)

@@ -14,6 +14,7 @@ import torch.nn as nn
 from . import distributed as _dist
 from . import techniques as tech
 from .errors import DataError, RecipeError, UnsupportedModelError
+from .io import run_lock
 from .joint_form import as_joint_form
 from .layer_types import COMPRESSIBLE
 from .session.checks import check_model_tensors, check_teacher
@@ -406,6 +407,15 @@ def compress(
                           "compress() keeps the best state it measures")
     _check_argument_types(model, teacher, progress, callbacks, loss_fn)
     dist = _dist.resolve(distributed)
+    with run_lock(run_dir, dist):  # another run in run_dir is refused, naming it
+        return _compress(model, recipe, train_data, evaluate, teacher, progress, callbacks, run_dir=run_dir,
+                         resume=resume, checkpoint_every=checkpoint_every, max_nonfinite=max_nonfinite, dist=dist,
+                         loss_fn=loss_fn)
+
+
+def _compress(model: nn.Module, recipe: Recipe, train_data, evaluate, teacher, progress, callbacks, *, run_dir, resume,
+              checkpoint_every, max_nonfinite, dist, loss_fn) -> Result:
+    """compress() once its arguments passed their checks and its run folder is locked."""
     model = _dist.unwrap(model)
     teacher = _dist.unwrap(teacher) if teacher is not None else None
     loader, example = _checked_inputs(model, teacher, recipe, train_data, dist)

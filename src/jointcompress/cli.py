@@ -283,12 +283,17 @@ def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights
     if weights:
         teacher = load_start(builder, weights)
     elif reloaded:
-        teacher = _trained_before(builder, teacher_file)
+        try:
+            teacher = _trained_before(builder, teacher_file)
+        except JointCompressError:
+            if earlier is not None:  # a flag changed, not the builder: said by the flag (a renamed file is no change)
+                _same_model_and_data(start_file, earlier, model_name, split.name)
+            raise
     else:
         teacher = train_teacher(model_name, split, teacher_epochs, lr=recipe.training.lr, progress=progress("train model"),
                                 device=device)
     _same_start(start_file, earlier, teacher, weights, save, recipe.training.validation_images, teacher_epochs,
-                teacher_file if reloaded else None)
+                teacher_file if reloaded else None, named={"model": model_name, "data": split.name})
     _same_outputs(start_file, earlier, teacher, split.x_train[:PROBE_ROWS], save)
     _same_evaluation_data(start_file, earlier, split, save)
     if save and not weights and not teacher_file.is_file():
@@ -385,7 +390,7 @@ def _earlier_start(start_file: Path, teacher_file: Path, builder) -> dict | None
 
 
 def _same_start(start_file: Path, earlier: dict | None, teacher, weights, save: bool, held_out: int = 0,
-                teacher_epochs: int | None = None, reloaded_from: Path | None = None) -> None:
+                teacher_epochs: int | None = None, reloaded_from: Path | None = None, named: dict | None = None) -> None:
     """Record which weights the run compresses (start.json: the path and a digest of the state); a resumed
     run given other --weights is refused: it compressed the new model from the old one's checkpoint, and the
     summary then reported the new model as the uncompressed one. A model the run trained itself also records
@@ -394,7 +399,7 @@ def _same_start(start_file: Path, earlier: dict | None, teacher, weights, save: 
     from .checkpoint import state_digest
     from .io import atomic_write_json
 
-    start = {"weights": str(weights) if weights else None, "state_sha256": state_digest(teacher)}
+    start = {"weights": str(weights) if weights else None, "state_sha256": state_digest(teacher), **(named or {})}
     if not weights:
         start["validation_images"], start["teacher_epochs"] = held_out, teacher_epochs
     if earlier is not None and earlier.get("state_sha256") != start["state_sha256"]:
@@ -482,6 +487,16 @@ def _same_teacher_epochs(start_file: Path, earlier: dict, teacher_epochs: int) -
         raise JointCompressError(f"--resume: the run in {start_file.parent} trained its model for --teacher-epochs "
                                  f"{before}, and this command asks for {teacher_epochs}; pass --teacher-epochs {before} "
                                  "to continue it, or start over with --force")
+
+
+def _same_model_and_data(start_file: Path, earlier: dict, model_name: str, data_name: str) -> None:
+    """--model and --data as the run began (start.json records them), asked where the model the run trained no
+    longer fits: the refusal blamed a builder that "changed since the run began", when a flag had."""
+    for flag, key, now in (("--model", "model", model_name), ("--data", "data", data_name)):
+        before = earlier.get(key)  # absent from a start.json of an earlier version
+        if before is not None and before != now:
+            raise JointCompressError(f"--resume: the run in {start_file.parent} began with {flag} {before}, and this "
+                                     f"command gives {now}; pass {flag} {before} to continue it, or start over with --force")
 
 
 def _same_hold_out(start_file: Path, earlier: dict, held_out: int) -> None:

@@ -2,6 +2,7 @@
 output directory is overwritten unless the user asked for it, so nothing a user made is lost."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -154,6 +155,35 @@ def release_run_lock(path: Path) -> None:
         handle.close()
 
 
+@contextlib.contextmanager
+def run_lock(path: str | os.PathLike | None, dist=None):
+    """`path`'s run lock (hold_run_lock) for a run the Python API drives (compress(run_dir=...)), held by the
+    writing rank while the run lasts: a job started twice on one run_dir, or a notebook's run in a folder a
+    command-line run holds, deleted the other's temporary checkpoint files and resumed from its live checkpoints.
+    Given up after, unless the process held it before (a command line's own, for its whole life); a folder made
+    here that the run left empty goes again."""
+    if path is None or (dist is not None and not dist.is_main):
+        yield
+        return
+    path = Path(path)
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    held_before = str(path.resolve()) in _HELD_LOCKS
+    try:
+        hold_run_lock(path)
+    except BaseException:
+        for folder in created:
+            _remove_if_empty(folder)
+        raise
+    try:
+        yield
+    finally:
+        if not held_before:
+            for folder in created:
+                _remove_if_empty(folder)
+            release_run_lock(path)
+
+
 def removed_if_refused(command):
     """A command (called with `out=`) whose --out it created is removed again when the command stops with an
     error before writing anything there but its run lock: a refused run (a target out of reach, an unknown
@@ -165,7 +195,7 @@ def removed_if_refused(command):
         created = [p for p in (Path(out), *Path(out).parents) if not p.exists()] if out is not None else []
         try:
             return command(*args, **kwargs)
-        except BaseException:
+        except Exception:  # a refusal (an interrupted run keeps its folder, for --resume)
             for folder in created:  # the deepest first, while each is empty
                 _remove_if_empty(folder)
             raise
@@ -181,12 +211,12 @@ def _remove_if_empty(folder: Path) -> None:
     held = str(folder.resolve()) in _HELD_LOCKS
     if names - ({LOCK_NAME} if held else set()):
         return
-    release_run_lock(folder)
-    try:
+    try:  # the lock file goes while it is still held: no other run can take a lock on a file about to vanish
         (folder / LOCK_NAME).unlink(missing_ok=True)
+        release_run_lock(folder)
         folder.rmdir()
     except OSError:
-        pass
+        release_run_lock(folder)
 
 
 def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=None,

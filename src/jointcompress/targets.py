@@ -375,6 +375,7 @@ class SizeSteering:
             self._refit(trainer, step, prune, quant, "size_trim", now=True)
             prune.retarget_count = 2
             self.best_before_trim = trainer.history.best_metric
+            trainer.history.events[-1]["best_before"] = self.best_before_trim  # checkpointed: a resumed run reads it
             trainer.forget_best()
 
     def on_end(self, trainer) -> None:
@@ -385,6 +386,9 @@ class SizeSteering:
         depthwise-separable CNN kept 0.30-0.42 of its 0.93 until training.recalibrate_norms re-estimated
         them before each evaluation, benchmarks/norm_recalibration.py.)"""
         before, now = self.best_before_trim, trainer.history.best_metric
+        if before is None:  # a run resumed after its trim: the trim's event (in the checkpointed history) holds it
+            trims = [e for e in getattr(trainer.history, "events", []) if e.get("event") == "size_trim"]
+            before = trims[-1].get("best_before") if trims else None
         if before is None or now is None or not trainer.recipe.training.metric_rises():
             return
         if now < before - TRIM_DROP_WARNING * abs(before):

@@ -25,9 +25,22 @@ class TensorBoardLogger:
                 f"--tensorboard needs the tensorboard package ({err}); install it with "
                 "`pip install jointcompress[tensorboard]` or drop --tensorboard"
             ) from None
+        self._writer_class = SummaryWriter
         self.log_dir = Path(log_dir)
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        self._writer = None
         self.every = max(1, int(every))
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            self._writer = self._writer_class(log_dir=str(self.log_dir))
+        return self._writer
+
+    def on_start(self, trainer, step: int) -> None:
+        """A resumed run replays the steps after its checkpoint: their first values, logged before the kill, are
+        purged (TensorBoard drops the earlier events at or after `purge_step`), or each step was plotted twice."""
+        if step > 0 and self._writer is None:
+            self._writer = self._writer_class(log_dir=str(self.log_dir), purge_step=step)
 
     def on_step(self, trainer, step: int, out: dict) -> None:
         stats = out.get("coordination")
@@ -55,4 +68,5 @@ class TensorBoardLogger:
         self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()

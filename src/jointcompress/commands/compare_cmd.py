@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
         from ..compare import CompareSpec, run_compare
         from ..devices import resolve_device
         from ..errors import JointCompressError
-        from ..io import check_folder_path, prepare_output_dir
+        from ..io import check_folder_path, hold_run_lock, prepare_output_dir
         from ..data import hold_out, load_dataset
         from ..recipe import load_recipe
         from . import refuse_hf_recipe
@@ -91,6 +91,7 @@ def register(app: typer.Typer) -> None:
         held = val_images if val_images is not None else recipe.training.validation_images
         split = hold_out(split, held, what="--val-images" if val_images is not None else "training.validation_images")
         out = prepare_output_dir(out, force=force)  # after every check: a refused run leaves no folder
+        hold_run_lock(out)  # before --force clears anything: a second compare here is refused, naming the first
         if force:  # an earlier compare's points and report would sit beside this one's as if they were its own
             clear_earlier_compare(out, weights)
         with progress_bar() as bar:

@@ -174,6 +174,7 @@ class Trainer:
         else:  # the history holds the events up to the checkpoint; replaying the structure (a freeze) made more
             self._events_copied = {id(t): len(getattr(t, "events", None) or []) for t in self.session.techniques}
         self.recovery.take_good(self.pos.step)
+        self._notify("on_start", self.pos.step)  # 0, or the step a resumed run continues from
 
     def _train_step(self, batch, spe: int) -> None:
         pos, total = self.pos, self.plan.total_steps
