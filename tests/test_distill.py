@@ -331,3 +331,85 @@ def test_an_evaluate_that_is_not_a_function_is_refused_before_training(digits):
     with pytest.raises(RecipeError, match=r"evaluate is NoneType, not a function.*evaluator\(x_test, y_test\)"):
         compress(model, {"techniques": [{"type": "quant_lsq", "bits": 4}]}, (digits.x_train, digits.y_train), None)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing trained
+
+
+def test_the_kd_loss_is_taken_in_float32_for_a_bf16_teacher():
+    """A teacher loaded in bf16 that takes token ids passes every dtype check; its logits made the KL's
+    log_softmax run in bf16: a negative KL between near distributions, and a gradient pointing elsewhere."""
+    from jointcompress.hf.student import kd_loss as hf_kd_loss
+
+    torch.manual_seed(0)
+    teacher = (torch.randn(64, 10) * 8).bfloat16()
+    student = (teacher.float() + 0.01 * torch.randn(64, 10)).requires_grad_()
+    for loss_fn in (kd_loss, hf_kd_loss):
+        loss = loss_fn(student, teacher, 1.0)
+        reference = loss_fn(student, teacher.float(), 1.0)
+        assert loss.dtype == torch.float32 and float(loss) >= 0 and torch.equal(loss, reference)
+    tokens = teacher.reshape(8, 8, 10)  # token-level and dense predictions take the same path
+    assert torch.equal(kd_loss(student.reshape(8, 8, 10), tokens, 2.0), kd_loss(student.reshape(8, 8, 10), tokens.float(), 2.0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 student under autocast too
+        assert float(kd_loss(student.bfloat16(), teacher, 1.0)) >= 0
+
+
+def test_feature_pairs_read_a_dict_output_and_name_a_module_that_gives_none():
+    """A paired module returning a dict (a transformers encoder's ModelOutput) and one the forward never calls both
+    failed with "'...' object has no attribute 'dim'"; prepare() with features left an eval-mode model in train
+    mode."""
+    from torch import nn
+
+    from jointcompress import prepare
+
+    class Block(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.fc = nn.Linear(8, width)
+
+        def forward(self, x):
+            return {"hidden": torch.relu(self.fc(x)), "extra": None}
+
+    class Net(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.block, self.head, self.aux = Block(width), nn.Linear(width, 3), nn.Linear(width, 2)
+
+        def forward(self, x):
+            return self.head(self.block(x)["hidden"])
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    pairs = lambda name: {"techniques": [{"type": "distill_kd", "alpha": 0.5,  # noqa: E731
+                                          "features": [{"student": name, "teacher": "block"}]}]}
+    student = Net(4).eval()
+    session = prepare(student, pairs("block"), total_steps=2, teacher=Net(6), example_inputs=x[:2])
+    assert not student.training  # its mode as the caller left it
+    student.train()
+    terms = session.loss(student(x), (x, y))
+    kd = next(t for t in session.techniques if t.kind == "distill_kd")
+    assert float(terms["distill"]) > 0 and kd.projections[0].weight.shape == (6, 4)  # the dict's tensor, 4 wide to 6
+    with pytest.raises(RecipeError, match=r"features\[0\]\.student: 'aux' gave no tensor on the example inputs"):
+        prepare(Net(4), pairs("aux"), total_steps=2, teacher=Net(6), example_inputs=x[:2])
+
+
+def test_a_run_of_distillation_alone_logs_its_loss_curve():
+    """alpha: 1 leaves one loss term, which nothing coordinates: history.steps stayed empty (no per-step curve in
+    history.json, the report or TensorBoard's history), where alpha 0.99 logged every log_every steps."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 20), torch.randint(0, 5, (64,))
+    recipe = {"techniques": [{"type": "distill_kd", "alpha": 1.0}], "training": {"epochs": 2, "batch_size": 16},
+              "coordination": {"log_every": 2}}
+    result = compress(nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 5)), recipe, (x, y), lambda m: 0.0,
+                      teacher=nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 5)).eval())
+    assert [s["step"] for s in result.history.steps] == [0, 2, 4, 6]
+    assert all(set(s["terms"]) == {"distill"} and s["terms"]["distill"] > 0 for s in result.history.steps)
+
+
+def test_teacher_logits_on_another_device_are_named():
+    """prepare() without example_inputs skips the teacher's check on a batch: a teacher on another device met the
+    model's logits first in F.kl_div ("Tensor on device cpu is not on the expected device meta!")."""
+    from jointcompress.errors import DataError
+    from jointcompress.techniques.distill_kd import check_teacher_logits
+
+    with pytest.raises(DataError, match=r"teacher: its logits are on meta and the model's on cpu.*teacher\.to\(device\)"):
+        check_teacher_logits(torch.randn(4, 3), torch.empty(4, 3, device="meta"))

@@ -17,6 +17,7 @@ from jointcompress.errors import RecipeError, UnsupportedModelError
 from jointcompress.model_call import model_device, to_device
 from jointcompress.hf.layers import drop_layers, every_other
 from jointcompress.hf.pruned import n_layers
+from jointcompress.techniques.distill_kd import log_probs  # float32 whatever the logits' dtype (a bf16 teacher)
 
 
 def make_student(teacher: nn.Module, layers: list[int] | int) -> nn.Module:
@@ -44,8 +45,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     """
     if temperature <= 0:
         raise RecipeError(f"distill temperature must be > 0, got {temperature}")
-    s = F.log_softmax(student_logits / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.detach() / temperature, dim=-1)
+    s, t = log_probs(student_logits, temperature, -1), log_probs(teacher_logits.detach(), temperature, -1)
     return alpha * temperature**2 * F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 

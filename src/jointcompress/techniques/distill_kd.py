@@ -11,13 +11,15 @@ the loop's, weighted through `task_weight`. The teacher runs in eval mode withou
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import DataError, RecipeError
 from ..layer_types import BATCH_NORMS, CONVOLUTIONS
-from ..model_call import call_model
+from ..model_call import call_model, evaluating
 from .base import RunContext, Technique
 
 
@@ -31,12 +33,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         return token_kd_loss(student_logits, teacher_logits, t, token_mask)
     if student_logits.dim() > 3:
         return dense_kd_loss(student_logits, teacher_logits, t)
-    return F.kl_div(
-        F.log_softmax(student_logits / t, dim=-1),
-        F.log_softmax(teacher_logits.detach() / t, dim=-1),
-        reduction="batchmean",
-        log_target=True,
-    ) * (t * t)
+    return F.kl_div(log_probs(student_logits, t, -1), log_probs(teacher_logits.detach(), t, -1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+def log_probs(logits: torch.Tensor, temperature: float, dim: int) -> torch.Tensor:
+    """log_softmax(logits / T) in float32 whatever the logits' dtype: in bf16 (a teacher loaded in bf16 that takes
+    token ids, which no dtype check stops; a student under autocast) the KL of two near distributions came out
+    negative and its gradient pointed elsewhere (cosine 0.40 with the float32 one)."""
+    return F.log_softmax(logits.float() / temperature, dim=dim)
 
 
 def check_classes(logits: torch.Tensor) -> None:
@@ -55,6 +60,10 @@ def check_teacher_logits(student_logits: torch.Tensor, teacher_logits: torch.Ten
     """Refuse a teacher whose logits have another shape (other classes): distillation matches them class
     for class. compress() checks it on a batch before training; a loop of the user's (prepare, the
     Trainer) meets it at its first step, where F.kl_div's own message named neither teacher nor fix."""
+    if teacher_logits.device != student_logits.device:  # prepare() without example_inputs meets it here first
+        raise DataError(f"teacher: its logits are on {teacher_logits.device} and the model's on {student_logits.device}; "
+                        "distillation compares them on every step, so put the teacher beside the model "
+                        "(teacher.to(device))")
     if tuple(teacher_logits.shape) != tuple(student_logits.shape):
         raise DataError(
             f"teacher: its logits have shape {tuple(teacher_logits.shape)} and the model's {tuple(student_logits.shape)}; "
@@ -74,12 +83,8 @@ def dense_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
 def kl_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
                     dim: int) -> torch.Tensor:
     """KL(softmax(t/T) || softmax(s/T)) over the class axis `dim`, one value per remaining position."""
-    return F.kl_div(
-        F.log_softmax(student_logits / temperature, dim=dim),
-        F.log_softmax(teacher_logits.detach() / temperature, dim=dim),
-        reduction="none",
-        log_target=True,
-    ).sum(dim)
+    return F.kl_div(log_probs(student_logits, temperature, dim), log_probs(teacher_logits.detach(), temperature, dim),
+                    reduction="none", log_target=True).sum(dim)
 
 
 # -- token-level logits (causal / masked LMs): session edit, kept apart from the rest -------------
@@ -112,6 +117,7 @@ def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse"
     states in the average: padding carries no signal, and without the mask short sentences
     in a long batch would be pulled toward the teacher's states at their pad tokens.
     """
+    student, teacher = student.float(), teacher.float()  # a bf16 teacher's states: the loss in float32, as the KL
     if student.shape != teacher.shape:
         raise RecipeError(
             f"distill_kd.features: student output {tuple(student.shape)} and teacher output {tuple(teacher.shape)} "
@@ -140,7 +146,16 @@ class _Capture:
         self.handle = module.register_forward_hook(self)
 
     def __call__(self, module, inputs, output):
-        self.value = output[0] if isinstance(output, (tuple, list)) else output
+        self.value = first_tensor(output)
+
+
+def first_tensor(output) -> torch.Tensor | None:
+    """A module's output as one tensor: itself, or the first tensor of a tuple, a list, a dict or a transformers
+    ModelOutput (an encoder's last_hidden_state): a ModelOutput failed with "no attribute 'dim'"."""
+    if isinstance(output, torch.Tensor) or output is None:
+        return output
+    items = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
+    return next((t for t in map(first_tensor, items) if t is not None), None)
 
 
 def feature_axis(module: nn.Module, output: torch.Tensor) -> int:
@@ -201,11 +216,15 @@ class DistillKD(Technique):
         self.attached = True
 
     def _build_projections(self, ctx: RunContext) -> None:
-        with torch.no_grad():
-            ctx.model.eval()
+        with torch.no_grad(), evaluating(ctx.model):  # the caller's modes kept (prepare() left a model in train mode)
             call_model(ctx.model, ctx.example_inputs)
-            ctx.model.train()
             call_model(self.teacher, ctx.example_inputs)
+        for i, (pair, s, t) in enumerate(zip(self.config.features, self.student_caps, self.teacher_caps)):
+            for side, name, cap in (("student", pair.student, s), ("teacher", pair.teacher, t)):
+                if cap.value is None:
+                    raise RecipeError(f"distill_kd.features[{i}].{side}: '{name}' gave no tensor on the example inputs "
+                                      "(it does not run in the forward, or returns none); pair modules the forward "
+                                      "calls, whose output is a tensor (or a tuple, dict or ModelOutput holding one)")
         for s, t in zip(self.student_caps, self.teacher_caps):
             axis = feature_axis(s.module, s.value)
             self.feature_axes.append(axis)

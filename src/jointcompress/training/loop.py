@@ -186,8 +186,9 @@ class Trainer:
         stats = out["coordination"]
         if stats is not None:
             self.history.note_coordination(stats.changed)
-        if stats is not None and step % self.recipe.coordination.log_every == 0:
-            self.history.steps.append({"step": step, "terms": out["terms"], **stats.as_dict()})
+        # one term (distillation alone, alpha 1) has nothing to coordinate, so no stats: its curve is logged all the same
+        if (stats is not None or len(out["terms"]) <= 1) and step % self.recipe.coordination.log_every == 0:
+            self.history.steps.append({"step": step, "terms": out["terms"], **(stats.as_dict() if stats else {})})
         self._notify("on_step", step, out)
         pos.step += 1
         pos.batch_in_epoch += 1
