@@ -872,3 +872,30 @@ def test_recipe_validate_refuses_the_metric_compress_refuses(tmp_path, monkeypat
     code, out = _cli(monkeypatch, capsys, "recipe", "validate",
                      _recipe(tmp_path, "training: {metric: acuracy}\ntechniques: [{type: quant_lsq}]\n"))
     assert code == 2 and "training.metric 'acuracy'" in out and "ok" not in out.split(), out
+
+
+@pytest.mark.parametrize("text", [
+    "training: {epochs: 1}\ntechniques: [{type: prune_unstructured, sparsity: 0.5, targets: ['conv*']}]\n",
+    "mode: sequential\ntarget: {ratio: 10}\ntraining: {epochs: 1}\n"
+    "techniques: [{type: prune_unstructured, targets: ['conv*']}, {type: quant_lsq, bits: 4}]\n",
+])
+def test_a_recipe_selecting_no_layer_is_refused_before_the_model_trains_and_leaves_no_folder(tmp_path, monkeypatch,
+                                                                                             capsys, text):
+    """targets: ['conv*'] on an MLP was refused by compress() after the command had trained the model (and left
+    start.json and the trained model in --out); it is found on the untrained model."""
+    code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, text), "--teacher-epochs", "1",
+                     "--out", tmp_path / "o")
+    assert code == 2 and "select no layer of the model" in out and "before training it" in out, out
+    assert "train model" not in out and not (tmp_path / "o").exists(), out
+
+
+def test_an_interrupted_compress_without_out_reads_the_default_folder(tmp_path, monkeypatch):
+    """Ctrl-C with the default --out (runs/compress) said "the run continues from its last checkpoint" where
+    nothing was saved: the folder of the flag not given was not read at all."""
+    from jointcompress.cli import _after_interrupt
+
+    monkeypatch.chdir(tmp_path)
+    assert "nothing was saved yet" in _after_interrupt(["compress", "r.yaml"])
+    (tmp_path / "runs" / "compress").mkdir(parents=True)
+    (tmp_path / "runs" / "compress" / "teacher.safetensors").write_bytes(b"")
+    assert "from the model it trained first" in _after_interrupt(["compress", "r.yaml"])

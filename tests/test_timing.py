@@ -118,3 +118,26 @@ def test_a_contender_whose_session_has_other_threads_or_spins_is_refused(tmp_pat
         with pytest.raises(ValueError, match=rf"'after' runs an ONNX Runtime session {said}.*ort_session\(path, threads=1\)"):
             bench(model, ort_predict(session), x, runs=2, threads=1)
     assert bench(model, ort_predict(ort_session(path, 1)), x, runs=2, threads=1)["threads"] == 1
+
+
+def test_the_against_comparison_and_the_latency_verdict_record_the_processor():
+    """docs/latency.md: every timing records the processor it was taken on. bench --against kept a few fields of
+    each timing and dropped `machine`; the latency target's verdict (summary.json and its line) had none either."""
+    from types import SimpleNamespace
+
+    from jointcompress.cli import _latency_line
+    from jointcompress.deploy.against import BASELINE, time_all
+    from jointcompress.deploy.timing import machine_info
+    from jointcompress.latency_targets import latency_against_target
+    from jointcompress.recipe import parse_recipe
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4)).eval()
+    split = SimpleNamespace(x_test=torch.randn(64, 1, 4, 4))
+    cpu = {k: machine_info()[k] for k in ("cpu", "cores", "vector_isa")}  # the load average moves between readings
+    timing = time_all({BASELINE: model, "other": model}, split, threads=1, rounds=2)
+    for batch in ("batch1", "batch64"):
+        assert {k: timing[batch]["machine"][k] for k in cpu} == cpu
+    target = parse_recipe({"target": {"speedup": 1.5, "batch": 4}, "techniques": [{"type": "prune_structured"}]}).target
+    verdict = latency_against_target(model, model, torch.randn(4, 1, 4, 4), target, rounds=2)
+    assert {k: verdict["machine"][k] for k in cpu} == cpu
+    assert f"on {cpu['cpu']} ({cpu['vector_isa']}, {cpu['cores']} cores)" in _latency_line(verdict, target)

@@ -85,6 +85,13 @@ def test_a_modules_extra_state_is_refused_by_save_naming_the_key(tmp_path):
     spec = finalize(model)
     with pytest.raises(ArtifactError, match=r"2\._extra_state: the model keeps extra state .* a dict"):
         save(model, spec, tmp_path / "a")
+    # compress() met it in its first snapshot, after an epoch, with "'dict' object has no attribute 'detach'"
+    from jointcompress.errors import RecipeError
+
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    with pytest.raises(RecipeError, match=r"2\._extra_state: the model keeps extra state .* a dict.*register_buffer"):
+        compress(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), WithState()),
+                 {"techniques": [{"type": "quant_lsq", "bits": 8}]}, (x, y), lambda m: 0.0)
 
 
 def test_a_graph_onnx_runtime_refuses_is_a_clear_error(tmp_path):

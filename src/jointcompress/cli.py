@@ -161,6 +161,9 @@ def _print_demo(res, ratio: float) -> None:
     )
 
 
+COMPRESS_OUT = Path("runs/compress")  # compress --out's default
+
+
 @app.command("compress")
 @removed_if_refused
 def compress_cmd(
@@ -173,7 +176,7 @@ def compress_cmd(
     mode: Optional[str] = typer.Option(None, help="Override the recipe's mode: joint, overlap or sequential."),
     precision: Optional[str] = typer.Option(None, help="Override training.precision: fp32, bf16 or fp16 (the training "
                                             "forward in 16-bit autocast; weights, evaluation and the artifact stay fp32)."),
-    out: Path = typer.Option(Path("runs/compress"), help="Output directory (artifact, history, summary, checkpoints)."),
+    out: Path = typer.Option(COMPRESS_OUT, help="Output directory (artifact, history, summary, checkpoints)."),
     force: bool = typer.Option(False, help="Allow writing into an existing, non-empty output directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last complete checkpoint."),
     checkpoint_every: int = typer.Option(100, min=1, help="Steps between checkpoints (one is also written at every evaluation)."),
@@ -226,7 +229,7 @@ def compress_cmd(
     out = prepare_run_dir(out, force=force, resume=resume, dist=dist, reads=weights)
     builder = builder_for(model_name, split)
     if not weights and not resume:
-        _refuse_an_unreachable_target_before_training(builder, recipe, split)
+        _refuse_before_training(builder, recipe, split)
     with progress_bar() as bar:
         show = (lambda d: tracked(bar, d)) if main_rank else (lambda d: None)
         teacher = _model_to_compress(builder, model_name, split, recipe, out, weights=weights, resume=resume,
@@ -303,23 +306,19 @@ def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights
     return teacher
 
 
-def _refuse_an_unreachable_target_before_training(builder, recipe, split) -> None:
-    """mode: joint under a size target refuses a target the bytes no decision moves already exceed when its
-    budget sets up, which came after the command had trained the model first (an hour, for some models).
-    Those bytes (normalization layers, step sizes, biases, tensors no technique compresses) hardly depend on
-    the trained values, so the same check runs first on the untrained model (its constant normalization
-    layers code a little smaller: it refuses what the run would refuse, or a target within bytes of it)."""
+def _refuse_before_training(builder, recipe, split) -> None:
+    """What the run would refuse after training the model first (an hour, for some models), checked on the
+    untrained model: a recipe whose techniques select no layer of it (targets: ['conv*'] on an MLP), inputs it
+    cannot take, and a size target out of reach. mode: joint under a size target refuses a target the bytes no
+    decision moves already exceed when its budget sets up; those bytes (normalization layers, step sizes, biases,
+    tensors no technique compresses) hardly depend on the trained values (its constant normalization layers code
+    a little smaller: it refuses what the run would refuse, or a target within bytes of it). A recipe the session
+    can run (no target, or the joint form's) sets up in full, as prepare() would."""
     import copy
     import warnings
 
+    from .api import check_data, check_targets
     from .session.prepare import prepare
-
-    if not recipe.has_size_target():
-        return
-    if recipe.mode != "joint":
-        _refuse_an_unplannable_target(builder(), recipe, split)
-        return
-    from .api import check_data
 
     model = builder()
     check_data(model, split.x_train[:2], (split.x_train, split.y_train))  # named as the data, as the run names it
@@ -327,11 +326,16 @@ def _refuse_an_unreachable_target_before_training(builder, recipe, split) -> Non
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the run itself says them
         try:
-            prepare(model, recipe, total_steps=steps, example_inputs=split.x_train[:2], teacher=copy.deepcopy(model),
-                    distributed=False)
+            if recipe.target is not None and (recipe.target.is_latency or recipe.mode != "joint"):
+                check_targets(model, recipe)  # the allocator's budgets come later, on the trained model
+            else:
+                prepare(model, recipe, total_steps=steps, example_inputs=split.x_train[:2],
+                        teacher=copy.deepcopy(model), distributed=False)
         except JointCompressError as err:
             err.add_note("Checked on the untrained model, before training it; nothing was trained.")
             raise
+    if recipe.has_size_target() and recipe.mode != "joint":
+        _refuse_an_unplannable_target(builder(), recipe, split)
 
 
 def _refuse_an_unplannable_target(model, recipe, split) -> None:
@@ -560,11 +564,13 @@ def _kept_epoch_line(epoch: int, keep: str, split, given: bool = False) -> str:
 
 def _latency_line(r: dict, target) -> str:
     """The finished model against its latency target (latency_targets.latency_against_target's `r`)."""
+    from .deploy.timing import on_machine
+
     ms, alone = r["interleaved_ms"], r["alone_ms"]
     asked = f"{target.speedup:g}x faster" if target.speedup is not None else f"{target.latency_ms:g} ms"
     return (f"latency target: {asked} at batch {r['batch']} ({r['goal_ms']:.3f} ms); measured {ms['compressed']:.3f} ms "
             f"against {ms['uncompressed']:.3f} ms uncompressed ({r['speedup']:.2f}x; alone {alone['compressed']:.3f} / "
-            f"{alone['uncompressed']:.3f} ms), PyTorch fp32, {r['threads']} thread(s): "
+            f"{alone['uncompressed']:.3f} ms), PyTorch fp32, {r['threads']} thread(s){on_machine(r.get('machine'))}: "
             + ("met" if r["met"] else "[yellow]not met[/yellow]")
             + (f" [yellow](interleaved and alone differ by more than 20% for {', '.join(r['flagged'])}: "
                "the machine is busy)[/yellow]" if r["flagged"] else ""))
@@ -673,7 +679,7 @@ def _after_interrupt(argv: list[str]) -> str:
     finished in its compare.json (it has no --resume); the others are run again."""
     command = next((a for a in argv if not a.startswith("-")), "")
     if command == "compress":
-        return _compress_resumes_from(_flag_value(argv, "--out"))
+        return _compress_resumes_from(_flag_value(argv, "--out") or str(COMPRESS_OUT))  # the default's too
     if command == "compare":
         return "; compare.json in its --out keeps the points that finished (`jointcompress report` reads it)"
     return ""

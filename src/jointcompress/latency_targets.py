@@ -864,4 +864,5 @@ def latency_against_target(uncompressed: nn.Module, compressed: nn.Module, examp
     ms = timing.interleaved_ms
     goal = ms["uncompressed"] / target.speedup if target.speedup is not None else float(target.latency_ms)
     return {"batch": target.batch, "threads": threads, "goal_ms": goal, "interleaved_ms": ms, "alone_ms": timing.alone_ms,
-            "speedup": ms["uncompressed"] / ms["compressed"], "met": ms["compressed"] <= goal, "flagged": timing.flagged}
+            "speedup": ms["uncompressed"] / ms["compressed"], "met": ms["compressed"] <= goal, "flagged": timing.flagged,
+            "machine": timing.machine}

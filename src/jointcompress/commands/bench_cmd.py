@@ -273,7 +273,10 @@ def against_table(result: dict):
     """Accuracy, latency and speed-up of every contender (batch 1 and 64, interleaved)."""
     from rich.table import Table
 
-    t = Table(title=f"vs Torch-Pruning ({result['threads']} thread(s); interleaved medians, alone in brackets)")
+    from ..deploy.timing import on_machine
+
+    machine = on_machine(result["timing"]["batch1"].get("machine"))  # absent from results of earlier versions
+    t = Table(title=f"vs Torch-Pruning ({result['threads']} thread(s){machine}; interleaved medians, alone in brackets)")
     for col in ("contender", "accuracy", "ms b1", "x b1", "ms b64", "x b64"):
         t.add_column(col, justify="left" if col == "contender" else "right")
     b1, b64 = result["timing"]["batch1"], result["timing"]["batch64"]

@@ -478,7 +478,8 @@ def time_all(runners: dict, split, threads: int, rounds: int) -> dict:
         out[f"batch{bs}"] = {"latency_ms": t.interleaved_ms, "alone_ms": t.alone_ms, "flagged": t.flagged,
                              "speedup_vs_dense_fp32_torch": t.speedup(BASELINE),
                              "speedup_alone_vs_dense_fp32_torch": {k: t.alone_ms[BASELINE] / v
-                                                                    for k, v in t.alone_ms.items()}}
+                                                                    for k, v in t.alone_ms.items()},
+                             "machine": t.machine}  # the processor the times were taken on (docs/latency.md)
     return out
 
 

@@ -206,11 +206,17 @@ def _alone(fn, runs: int, warmup: int) -> list[float]:
     return out
 
 
+def on_machine(machine: dict | None) -> str:
+    """" on <processor> (<vector instructions>, <cores> cores)" for a line that reports a time, or "" where the
+    machine was not recorded."""
+    if not machine:
+        return ""
+    return f" on {machine['cpu']} ({machine['vector_isa']}, {machine['cores']} cores)"
+
+
 def describe(timing: Timing) -> str:
     """One line for logs and tables: the method, the threads and any flagged contender."""
-    s = f"{timing.threads} thread(s), medians of {timing.rounds} interleaved rounds"
-    if timing.machine:
-        s += f" on {timing.machine['cpu']} ({timing.machine['vector_isa']}, {timing.machine['cores']} cores)"
+    s = f"{timing.threads} thread(s), medians of {timing.rounds} interleaved rounds" + on_machine(timing.machine)
     if timing.flagged:
         s += (f"; interleaved vs alone differ > {100 * timing.tolerance:.0f}% for " + ", ".join(timing.flagged)
               + " (load changed during the run, or the contenders disturb each other: re-run)")

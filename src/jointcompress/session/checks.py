@@ -110,7 +110,8 @@ def unsized_lazy(model: nn.Module) -> list[str]:
 
 
 def check_model_tensors(model: nn.Module) -> None:
-    """Tensors the run cannot carry, named before training. A buffer or parameter registered as an expanded
+    """Tensors the run cannot carry, named before training. A module's extra state (get_extra_state, any Python
+    object) crashed the first snapshot. A buffer or parameter registered as an expanded
     view (stride 0 over several elements, `t.expand(n)`) trained to the end, and then restoring the best
     epoch's state failed in load_state_dict ("more than one element ... refers to a single memory location"):
     the run was lost."""
@@ -118,7 +119,14 @@ def check_model_tensors(model: nn.Module) -> None:
 
     from torch.nn.parameter import is_lazy
 
-    expanded = [(n, t.numel()) for n, t in model.state_dict(keep_vars=True).items()  # a non-persistent one is never loaded
+    state = model.state_dict(keep_vars=True)
+    extra = [(k, v) for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if extra:  # the snapshots' clone failed on it after the first epoch ("'dict' object has no attribute 'detach'")
+        key, value = extra[0]
+        raise RecipeError(f"{key}: the model keeps extra state (get_extra_state) there, a {type(value).__name__} and not a "
+                          "tensor; the run's snapshots and checkpoints, like the artifact, hold tensors only (nothing is "
+                          "pickled); keep what it holds in a buffer (register_buffer) instead")
+    expanded = [(n, t.numel()) for n, t in state.items()  # a non-persistent one is never loaded
                 if isinstance(t, torch.Tensor) and not is_lazy(t)
                 and any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape))]
     if expanded:
