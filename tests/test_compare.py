@@ -2,6 +2,8 @@
 import csv
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from jointcompress.cli import app
@@ -285,3 +287,45 @@ def test_compare_takes_a_recipe_whose_sparsity_its_ratios_set(tmp_path):
                                    "--variants", "sequential", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert [r["ratio_target"] for r in json.loads((out / "compare.json").read_text())["runs"]] == [8.0]
+
+
+def test_an_interrupted_compare_resumes_with_the_points_it_finished(tmp_path, monkeypatch):
+    """compare --force was the only way on after a Ctrl-C: it deleted every finished point and trained them all
+    again, teachers too. --resume keeps what compare.json holds, reads the seed's teacher back, reruns the point
+    the interruption stopped, and ends with the compare an uninterrupted run gives."""
+    import jointcompress.compare as compare
+    import jointcompress.pipeline as pipeline
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: lenet300\ndata: digits\ntechniques: [{type: prune_unstructured}, {type: quant_lsq, bits: 4}]\n"
+                      "training: {epochs: 1, batch_size: 128}\n")
+    args = ["compare", str(recipe), "--ratios", "10,20", "--seeds", "1", "--teacher-epochs", "1",
+            "--variants", "sequential,overlap"]
+    whole = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    run_one, calls = compare.run_one, []
+
+    def stopped_at_the_third(*a, **k):
+        calls.append(a[4].name)
+        if len(calls) == 3:
+            (a[4] / "artifact").mkdir(parents=True)  # what the stopped point left
+            raise KeyboardInterrupt
+        return run_one(*a, **k)
+
+    monkeypatch.setattr(compare, "run_one", stopped_at_the_third)
+    out = tmp_path / "cmp"
+    first = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert first.exit_code != 0 and len(json.loads((out / "compare.json").read_text())["runs"]) == 2
+    assert (out / "teachers" / "s0.safetensors").is_file()
+    calls.clear()
+    monkeypatch.setattr(pipeline, "train_teacher", lambda *a, **k: pytest.fail("the seed's teacher trained again"))
+    changed = CliRunner().invoke(app, [*args, "--out", str(out), "--resume", "--epochs", "2"])
+    said = str(changed.exception)
+    assert changed.exit_code != 0 and "ran with other settings (epochs: 1 then, 2 now; recipe.training.epochs: 1 then" in said
+    resumed = CliRunner().invoke(app, [*args, "--out", str(out), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert calls == ["sequential-r20-s0", "overlap-r20-s0"]  # the stopped point and the one after it, no other
+    points = lambda folder: {(r["variant"], r["ratio_target"]): (r["accuracy"], r["file_bytes"])  # noqa: E731
+                             for r in json.loads((folder / "compare.json").read_text())["runs"]}
+    assert points(out) == points(tmp_path / "whole") and len(points(out)) == 4
+    assert len(json.loads((out / "compare.json").read_text())["uncompressed"]) == 1

@@ -676,12 +676,13 @@ def _compress_resumes_from(out: str | None) -> str:
 
 def _after_interrupt(argv: list[str]) -> str:
     """What an interrupted command left: compress resumes from its checkpoints; compare keeps the points it
-    finished in its compare.json (it has no --resume); the others are run again."""
+    finished in its compare.json, and --resume runs the rest; the others are run again."""
     command = next((a for a in argv if not a.startswith("-")), "")
     if command == "compress":
         return _compress_resumes_from(_flag_value(argv, "--out") or str(COMPRESS_OUT))  # the default's too
     if command == "compare":
-        return "; compare.json in its --out keeps the points that finished (`jointcompress report` reads it)"
+        return ("; compare.json in its --out keeps the points that finished (`jointcompress report` reads it): the "
+                "same command with --resume runs the rest")
     return ""
 
 

@@ -23,7 +23,9 @@ Run-dir layout (what `jointcompress report` reads):
 from __future__ import annotations
 
 import csv
+import json
 import math
+import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,8 +225,10 @@ def variant_recipe(budgets: Recipe, variant: str, seed: int, targeted: Recipe | 
 
 def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: Path, weights: Path | None = None,
                 tensorboard: Path | None = None, progress_factory: Callable | None = None,
-                log: Callable[[str], None] = print) -> dict:
-    """Run every variant at every ratio and seed; write compare.json/.csv and pareto.png."""
+                log: Callable[[str], None] = print, resume: bool = False) -> dict:
+    """Run every variant at every ratio and seed; write compare.json/.csv and pareto.png. `resume`: the points
+    OUT/compare.json holds (run, or recorded out of reach) are kept and the others run, each seed's teacher read
+    back from OUT/teachers (a compare is hours of runs; an interrupted one started over from nothing)."""
     from .artifact.size import dense_fp32_bytes
     from .data import hold_out
     from .io import atomic_write_json
@@ -237,16 +241,23 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
     builder = builder_for(model_name, split)
     total_steps = base.training.epochs * math.ceil(len(split.y_train) / base.training.batch_size)
     result = _new_result(base, split, model_name, spec, weights)
+    if resume:
+        result = _earlier_result(out, result, log)
     example = split.x_train[:2]
     ratios = _plannable_ratios(result, out, log, builder(), base, spec, example) if needs_budgets else spec.ratios
     if not ratios:  # every point is out of reach: say so before any teacher trains
         return _finish(result, out)
     for seed in spec.seed_range():
-        teacher = _seed_teacher(model_name, split, spec, base, seed, weights, progress_factory)
+        if all(_done(result, variant, ratio, seed) for ratio in ratios for variant in spec.variants):
+            continue  # a resumed compare: this seed's points are all in compare.json
+        teacher = _seed_teacher(model_name, split, spec, base, seed, weights, progress_factory, out)
         row = uncompressed_row(teacher, split)
-        result["uncompressed"].append({"seed": seed, "accuracy": row["accuracy"], "bytes": row["bytes"]})
+        if not any(u["seed"] == seed for u in result["uncompressed"]):
+            result["uncompressed"].append({"seed": seed, "accuracy": row["accuracy"], "bytes": row["bytes"]})
         dense = dense_fp32_bytes(teacher)
         for ratio in ratios:
+            if all(_done(result, variant, ratio, seed) for variant in spec.variants):
+                continue
             targeted = parse_recipe({**base.model_dump(), "target": {"ratio": ratio}})
             try:  # once: every sequential / overlap variant trains the same budgets (joint ones learn their own)
                 budgets = resolve_target(teacher, targeted, example) if needs_budgets else targeted
@@ -254,8 +265,12 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
                 _unreachable(result, out, log, ratio, seed, dense, exc)
                 continue
             for variant in spec.variants:
+                if _done(result, variant, ratio, seed):
+                    continue
                 name = f"{variant}-r{ratio:g}-s{seed}"
                 run_dir = out / "runs" / name
+                if resume and run_dir.exists():  # the point the interruption stopped: what it left is not a run
+                    shutil.rmtree(run_dir)
                 try:  # a joint variant finds out whether its point is in reach as its run sets up
                     r = variant_recipe(budgets, variant, seed, targeted, teacher, example, total_steps)
                     run_row, history = run_one(teacher, r, split, builder, run_dir, _tensorboard(tensorboard, name),
@@ -324,16 +339,63 @@ def _compare_base(recipe: Recipe, model_name: str, spec: CompareSpec) -> Recipe:
     return base
 
 
-def _seed_teacher(model_name: str, split, spec: CompareSpec, base: Recipe, seed: int, weights: Path | None,
-                  progress_factory: Callable | None) -> nn.Module:
-    """The seed's teacher: loaded from `weights` (a weights file or an artifact folder), else trained."""
-    from .pipeline import builder_for, load_start, train_teacher
+TEACHERS = "teachers"  # OUT/teachers/s<seed>.safetensors: each seed's trained teacher, read back by --resume
 
+
+def _seed_teacher(model_name: str, split, spec: CompareSpec, base: Recipe, seed: int, weights: Path | None,
+                  progress_factory: Callable | None, out: Path | None = None) -> nn.Module:
+    """The seed's teacher: loaded from `weights` (a weights file or an artifact folder), else the one this
+    compare trained for the seed (OUT/teachers, a resumed compare), else trained now and kept there."""
+    from .pipeline import builder_for, load_start, load_weights, train_teacher
+
+    builder = builder_for(model_name, split)
     if weights:
-        return load_start(builder_for(model_name, split), weights)
-    return train_teacher(model_name, split, spec.teacher_epochs, lr=base.training.lr, seed=seed,
-                         progress=progress_factory(f"teacher s{seed}") if progress_factory else None,
-                         device=torch.device(spec.device))
+        return load_start(builder, weights)
+    kept = out / TEACHERS / f"s{seed}.safetensors" if out is not None else None
+    if kept is not None and kept.is_file():
+        return load_weights(builder(), kept)
+    teacher = train_teacher(model_name, split, spec.teacher_epochs, lr=base.training.lr, seed=seed,
+                            progress=progress_factory(f"teacher s{seed}") if progress_factory else None,
+                            device=torch.device(spec.device))
+    if kept is not None:
+        from safetensors.torch import save as st_save
+
+        from .io import atomic_write_bytes
+
+        atomic_write_bytes(kept, st_save({k: v.contiguous() for k, v in teacher.state_dict().items()}))
+    return teacher
+
+
+def _done(result: dict, variant: str, ratio: float, seed: int) -> bool:
+    """Whether compare.json already holds the point: a run of `variant`, or a refusal of it (or of every variant)."""
+    return (any(r["variant"] == variant and r["ratio_target"] == ratio and r["seed"] == seed for r in result["runs"])
+            or any(u["ratio_target"] == ratio and u["seed"] == seed and u.get("variant") in (None, variant)
+                   for u in result["unreachable"]))
+
+
+RESUME_SAME = ("model", "data", "variants", "epochs", "keep", "selected_on", "device", "teacher_epochs",
+               "train_images", "recipe")  # what a resumed compare must share with the one it continues
+
+
+def _earlier_result(out: Path, fresh: dict, log) -> dict:
+    """compare.json of the compare `out` holds, to continue (--resume): its points kept, the rest of it this
+    command's (ratios and seeds may grow: more points to run). One that ran with other settings is refused,
+    naming them: its points would sit beside this one's as if alike."""
+    from .errors import RecipeError
+
+    path = out / "compare.json"
+    if not path.is_file():
+        log(f"--resume: {path} does not exist (no point finished yet): the compare starts from the beginning")
+        return fresh
+    from .training.checkpoints import differences
+
+    earlier = json.loads(path.read_text())
+    changed = differences({k: earlier.get(k) for k in RESUME_SAME}, {k: fresh.get(k) for k in RESUME_SAME}, was="then")
+    if changed:
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise RecipeError(f"--resume: the compare in {out} ran with other settings ({'; '.join(changed[:3])}{more}); give "
+                          "the same recipe and options to continue it, or start over with --force")
+    return {**fresh, **{k: earlier.get(k, []) for k in ("uncompressed", "runs", "unreachable")}}
 
 
 def _write_run(run_dir: Path, recipe: Recipe, uncompressed: dict, run_row: dict, history) -> None:
@@ -366,6 +428,9 @@ def _unreachable(result: dict, out: Path, log, ratio: float, seed: int, dense: i
     from .io import atomic_write_json
 
     entry = {"ratio_target": ratio, "seed": seed, "target_bytes": dense / ratio, "reason": str(exc)}
+    if _done(result, variant, ratio, seed) if variant else any(
+            u["ratio_target"] == ratio and u["seed"] == seed and u.get("variant") is None for u in result["unreachable"]):
+        return  # a resumed compare recorded it before
     result["unreachable"].append({**entry, "variant": variant} if variant else entry)
     log(f"{variant + '-' if variant else ''}r{ratio:g}-s{seed}: unreachable, skipped ({exc}; in compare, "
         f"target.ratio is the {ratio:g} of --ratios)")

@@ -55,6 +55,9 @@ def register(app: typer.Typer) -> None:
                                                  "the kept epoch on, so the reported test accuracy played no part in it; 0: "
                                                  "choose on the test split. Default: the recipe's (0)."),
         force: bool = typer.Option(False, "--force", help="Allow writing into a non-empty --out."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the compare in --out (the same command, "
+                                    "interrupted): the points its compare.json holds are kept, the rest run, each seed's "
+                                    "teacher read back from --out/teachers."),
         device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
     ) -> None:
         """Run joint (coordination none/scale/pcgrad) and sequential at each ratio and seed, with the
@@ -90,13 +93,13 @@ def register(app: typer.Typer) -> None:
         split = load_dataset(data if data is not None else recipe.data)
         held = val_images if val_images is not None else recipe.training.validation_images
         split = hold_out(split, held, what="--val-images" if val_images is not None else "training.validation_images")
-        out = prepare_output_dir(out, force=force)  # after every check: a refused run leaves no folder
+        out = prepare_output_dir(out, force=force or resume)  # after every check: a refused run leaves no folder
         hold_run_lock(out)  # before --force clears anything: a second compare here is refused, naming the first
-        if force:  # an earlier compare's points and report would sit beside this one's as if they were its own
+        if force and not resume:  # an earlier compare's points and report would sit beside this one's as if they were its own
             clear_earlier_compare(out, weights)
         with progress_bar() as bar:
             result = run_compare(recipe, split, name, spec, out, weights=weights, tensorboard=tensorboard,
-                                 progress_factory=lambda d: tracked(bar, d), log=console.print)
+                                 progress_factory=lambda d: tracked(bar, d), log=console.print, resume=resume)
         console.print(summary_table(result))
         whose = "the --weights teacher was trained elsewhere" if weights else "the teachers' too"
         console.print(f"accuracy on the test split; every kept epoch ({whose}) chosen on {result['selected_on']}"
@@ -106,7 +109,7 @@ def register(app: typer.Typer) -> None:
         console.print(f"results in {out}/compare.json, compare.csv, pareto.png; `jointcompress report {out}` for the HTML report")
 
 
-COMPARE_FILES = ("compare.json", "compare.csv", "pareto.png", *RUN_REPORT)  # what compare and report write beside runs/
+COMPARE_FILES = ("compare.json", "compare.csv", "pareto.png", "teachers", *RUN_REPORT)  # what compare and report write beside runs/
 POINT_FOLDER = re.compile(r"[a-z0-9-]+-r[0-9.e+]+-s[0-9]+")  # runs/<variant>-r<ratio>-s<seed>: compare's own folders
 
 

@@ -77,7 +77,7 @@ class RunCheckpoints:
         saved, now = _as_trained_today(meta.get("recipe"), s.recipe), s.recipe.model_dump(mode="json")
         saved, now = (without_memory_fields(saved) if saved else saved), without_memory_fields(now)
         if saved != now:
-            diffs, which = self._given_differences(meta) or (_differences(saved, now), "a different recipe")
+            diffs, which = self._given_differences(meta) or (differences(saved, now), "a different recipe")
             shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
             raise RecipeError(
                 f"{path}: the checkpoint was made with {which} ({shown}); resume with the same recipe "
@@ -108,7 +108,7 @@ class RunCheckpoints:
         given = self.given_recipe
         if given is None or not meta.get("given_recipe"):
             return None
-        diffs = _differences(without_memory_fields(meta["given_recipe"]),
+        diffs = differences(without_memory_fields(meta["given_recipe"]),
                              without_memory_fields(given.model_dump(mode="json")))
         return (diffs, "a different recipe than the one given now") if diffs else None
 
@@ -189,14 +189,15 @@ class RunCheckpoints:
                 torch.cuda.set_rng_state(state, index)
 
 
-def _differences(a, b, path: str = "") -> list[str]:
-    """Where two recipes (JSON-like) differ, each as 'field: old in the checkpoint, new now'."""
+def differences(a, b, path: str = "", was: str = "in the checkpoint") -> list[str]:
+    """Where two recipes (JSON-like) differ, each as 'field: old in the checkpoint, new now' (`was`: where the
+    old value is read)."""
     if isinstance(a, dict) and isinstance(b, dict):
         keys = list(a) + [k for k in b if k not in a]
-        return [d for k in keys for d in _differences(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))]
+        return [d for k in keys for d in differences(a.get(k), b.get(k), f"{path}.{k}" if path else str(k), was)]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}[{i}]")]
-    return [] if a == b else [f"{path or 'recipe'}: {_short(a)} in the checkpoint, {_short(b)} now"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]", was)]
+    return [] if a == b else [f"{path or 'recipe'}: {_short(a)} {was}, {_short(b)} now"]
 
 
 def _short(value) -> str:
