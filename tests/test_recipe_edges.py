@@ -166,3 +166,24 @@ def test_per_layer_settings_a_size_target_replaces_are_said():
                                           {"type": "quant_lsq", "layer_bits": {"0": 8}}]})
     with pytest.warns(UserWarning, match=r"prune_unstructured.layer_sparsity and quant_lsq.layer_bits are not used"):
         warn_unused_sparsity(recipe)
+
+
+@pytest.mark.parametrize("data, said", [
+    ({"techniques": [{"type": "distill_kd", "alpha": 0}]}, r"distill_kd: alpha: 0 without features distils nothing"),
+    ({"hf": {"student_layers": [2, 0]}, "techniques": [{"type": "distill_kd"}]},
+     r"hf.student_layers: \[2, 0\]: .* increasing order .*\[0, 2\]"),
+])
+def test_a_recipe_that_would_run_without_doing_what_it_says_is_refused(data, said):
+    """distill_kd with alpha 0 and no features ran the teacher on every step for a loss of zero; hf.student_layers
+    [2, 0] built a student that ran the teacher's layers in reverse. Neither said a word."""
+    from jointcompress.errors import RecipeError
+    from jointcompress.recipe import parse_recipe
+
+    with pytest.raises(RecipeError, match=said):
+        parse_recipe(data)
+    if "hf" in data:  # the session's own way to a student (make_student) too
+        from hf_helpers import tiny_bert
+        from jointcompress.hf.student import make_student
+
+        with pytest.raises(RecipeError, match=r"keep_layers \[2, 0\]: give the layers in increasing order"):
+            make_student(tiny_bert(), [2, 0])

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
 
@@ -244,6 +244,15 @@ class DistillKD(Strict):
     features: list[FeaturePair] = Field(default_factory=list)
     cache_teacher: bool = False
 
+    @model_validator(mode="after")
+    def _distils_something(self):
+        """alpha 0 weighs the logits' KL at nothing: without features the technique ran the teacher on every
+        step for a loss of zero, and the run was plain training under another name."""
+        if self.alpha == 0 and not self.features:
+            raise ValueError("alpha: 0 without features distils nothing (the logits' KL weighs 0, and no hidden states "
+                             "are matched); raise alpha, add features pairs, or remove distill_kd")
+        return self
+
 
 class _PruneUnits(Strict):
     """Heads / FFN neurons of a Hugging Face transformer (jointcompress.hf): see prune_units.py."""
@@ -315,7 +324,7 @@ class HF(Strict):
     """Hugging Face text classification (`jointcompress compress` dispatches to jointcompress.hf)."""
 
     model_name_or_path: str | None = None  # the teacher: a fine-tuned folder (CLI --weights overrides)
-    student_layers: list[Annotated[int, Field(ge=0)]] | None = None  # teacher layers the student keeps
+    student_layers: list[Annotated[int, Field(ge=0)]] | None = None  # teacher layers the student keeps, in order
     max_length: Annotated[int, Field(ge=8, le=4096)] = 64
     train_limit: Annotated[int, Field(ge=1)] | None = None  # random subset of train rows (None: all)
     eval_limit: Annotated[int, Field(ge=1)] | None = None  # first rows of dev (None: all)
@@ -332,6 +341,15 @@ class HF(Strict):
     columns: list[str] | None = Field(default=None, min_length=2)
     trim_vocab: bool = False  # keep only the word pieces the training text uses (embeddings + tokenizer)
     ptq_bits: Annotated[int, Field(ge=2, le=8)] | None = 8  # artifact: weights LSQ did not train (embeddings, pooler)
+
+    @field_validator("student_layers")
+    @classmethod
+    def _in_order(cls, layers):
+        """[2, 0] built a student whose layers ran in reverse, without a word."""
+        if layers is not None and any(b <= a for a, b in zip(layers, layers[1:])):
+            raise ValueError(f"{layers}: list the teacher layers the student keeps once each, in increasing order "
+                             f"(it runs them in the teacher's order): {sorted(set(layers))}")
+        return layers
 
 
 Technique = Annotated[

@@ -32,6 +32,9 @@ def drop_layers(model: nn.Module, keep: list[int]) -> nn.Module:
         raise RecipeError(f"keep_layers has {bad}, outside 0..{total - 1}")
     if len(set(keep)) != len(keep):
         raise RecipeError(f"keep_layers {keep} repeats a layer; list each layer once")
+    if list(keep) != sorted(keep):  # [2, 0] ran the kept layers in reverse, without a word
+        raise RecipeError(f"keep_layers {keep}: give the layers in increasing order, as the teacher runs them: "
+                          f"{sorted(keep)}")
     path = ARCH[fam]["layers"]
     old = get_sub(model.base_model, path)
     set_sub(model.base_model, path, nn.ModuleList([old[i] for i in keep]))
