@@ -322,6 +322,14 @@ def test_an_interrupted_compare_resumes_with_the_points_it_finished(tmp_path, mo
     changed = CliRunner().invoke(app, [*args, "--out", str(out), "--resume", "--epochs", "2"])
     said = str(changed.exception)
     assert changed.exit_code != 0 and "ran with other settings (epochs: 1 then, 2 now; recipe.training.epochs: 1 then" in said
+    fewer = CliRunner().invoke(app, [*args[:3], "20", *args[4:], "--out", str(out), "--resume"])
+    assert fewer.exit_code != 0 and "ran --ratios 10,20 on seeds 0..0; give at least those" in str(fewer.exception)
+    both = CliRunner().invoke(app, [*args, "--out", str(out), "--resume", "--force"])
+    assert both.exit_code != 0 and "give one" in str(both.exception)
+    other = tmp_path / "other"
+    (other / "runs" / "sequential-r10-s0").mkdir(parents=True)  # no compare.json: not a compare's folder
+    refused = CliRunner().invoke(app, [*args, "--out", str(other), "--resume"])
+    assert refused.exit_code != 0 and "holds no compare.json" in str(refused.exception)
     resumed = CliRunner().invoke(app, [*args, "--out", str(out), "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert calls == ["sequential-r20-s0", "overlap-r20-s0"]  # the stopped point and the one after it, no other

@@ -349,6 +349,7 @@ def test_the_kd_loss_is_taken_in_float32_for_a_bf16_teacher():
     assert torch.equal(kd_loss(student.reshape(8, 8, 10), tokens, 2.0), kd_loss(student.reshape(8, 8, 10), tokens.float(), 2.0))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 student under autocast too
         assert float(kd_loss(student.bfloat16(), teacher, 1.0)) >= 0
+    assert kd_loss(student.double(), teacher.double(), 1.0).dtype == torch.float64  # a float64 model keeps its precision
 
 
 def test_feature_pairs_read_a_dict_output_and_name_a_module_that_gives_none():

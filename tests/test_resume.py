@@ -558,24 +558,28 @@ def test_a_resume_on_other_rows_in_a_tensor_loader_is_refused(digits, tmp_path):
 
 
 def test_tensorboard_plots_each_step_once_after_a_resume(tmp_path):
-    """Killed at step 7 after its checkpoint at step 5, the resumed run logged steps 5 and 6 again: TensorBoard
-    plotted both values of each (two event files). The resumed writer purges the steps it replays."""
+    """Killed at step 12 after its checkpoint at step 8 (the first epoch's evaluation), the resumed run logged steps
+    8 to 11 again: TensorBoard plotted both values of each (two event files). The resumed writer purges the steps
+    it replays, and logs again the epoch the purge took."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from jointcompress.tensorboard import TensorBoardLogger
 
     x, y, model = _argmax_task(64, 16)
     recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5}],
-              "training": {"epochs": 1, "batch_size": 4}}
+              "training": {"epochs": 2, "batch_size": 8}}
     tb = tmp_path / "tb"
     first = TensorBoardLogger(tb)
-    with pytest.raises(KeyboardInterrupt):
-        compress(model(), recipe, (x, y), lambda m: 0.0, callbacks=[first, _StopAt(7)], run_dir=tmp_path / "run",
-                 checkpoint_every=5)
+    with pytest.raises(KeyboardInterrupt):  # its newest checkpoint: the evaluation's at step 8
+        compress(model(), recipe, (x, y), lambda m: 0.0, callbacks=[first, _StopAt(12)], run_dir=tmp_path / "run",
+                 checkpoint_every=100)
     first.close()
     second = TensorBoardLogger(tb)
     compress(model(), recipe, (x, y), lambda m: 0.0, callbacks=[second], run_dir=tmp_path / "run", resume=True)
     second.close()
     assert len(list(tb.glob("events.out.tfevents.*"))) == 2
-    steps = [e.step for e in EventAccumulator(str(tb)).Reload().Scalars("loss/task")]
+    events = EventAccumulator(str(tb)).Reload()
+    steps = [e.step for e in events.Scalars("loss/task")]
     assert steps == sorted(set(steps)) == list(range(16)), steps
+    # the epoch logged at step 8, whose evaluation checkpoint the run resumed from, is not purged with the replay
+    assert [e.step for e in events.Scalars("epoch/loss/task")] == [8, 16]

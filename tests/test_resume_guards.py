@@ -464,3 +464,6 @@ def test_a_resume_given_another_model_or_data_names_the_flag(tmp_path, monkeypat
         code, text = run_cli(monkeypatch, capsys, "compress", _recipe(tmp_path), "--out", out, "--resume", flag, value,
                              "--teacher-epochs", "1")
         assert code == 2 and f"began with {began}, and this command gives" in text and "builder" not in text, text
+    code, text = run_cli(monkeypatch, capsys, "compress", _recipe(tmp_path), "--out", tmp_path / "o2", "--data", big,
+                         "--teacher-epochs", "1")
+    assert not code and json.loads((tmp_path / "o2" / "start.json").read_text())["data"] == str(big)  # a --data to pass

@@ -83,15 +83,20 @@ def test_a_modules_extra_state_is_refused_by_save_naming_the_key(tmp_path):
 
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), WithState())
     spec = finalize(model)
-    with pytest.raises(ArtifactError, match=r"2\._extra_state: the model keeps extra state .* a dict"):
+    with pytest.raises(ArtifactError, match=r"2\._extra_state: the model's state dict holds a dict .*get_extra_state"):
         save(model, spec, tmp_path / "a")
     # compress() met it in its first snapshot, after an epoch, with "'dict' object has no attribute 'detach'"
     from jointcompress.errors import RecipeError
 
     x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
-    with pytest.raises(RecipeError, match=r"2\._extra_state: the model keeps extra state .* a dict.*register_buffer"):
+    with pytest.raises(RecipeError, match=r"2\._extra_state: the model's state dict holds a dict .*prepare\(\) carries it"):
         compress(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), WithState()),
                  {"techniques": [{"type": "quant_lsq", "bits": 8}]}, (x, y), lambda m: 0.0)
+    from session_helpers import train_in_own_loop  # a loop of the user's has no snapshots: it trains
+
+    own = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), WithState())
+    train_in_own_loop(own, {"techniques": [{"type": "quant_lsq", "bits": 8}]}, x, y, steps=2).finalize()
+    assert own.state_dict()["2._extra_state"] == {"vocab": ["a", "b"]}
 
 
 def test_a_graph_onnx_runtime_refuses_is_a_clear_error(tmp_path):

@@ -17,7 +17,7 @@ from .errors import DataError, RecipeError, UnsupportedModelError
 from .io import run_lock
 from .joint_form import as_joint_form
 from .layer_types import COMPRESSIBLE
-from .session.checks import check_model_tensors, check_teacher
+from .session.checks import check_model_tensors, check_teacher, non_tensor_message, non_tensor_state
 from .data import EVALUATOR_SAMPLE
 from .model_call import evaluating, model_device
 from .session.outputs import LABEL_KEYS, call_model, describe, first_rows, split_batch
@@ -486,6 +486,10 @@ def _checked_inputs(model: nn.Module, teacher: nn.Module | None, recipe: Recipe,
     whatever would fail later, deep inside training, fails here with a message that names the fix."""
     check_teacher(model, teacher)
     check_model_tensors(model)
+    extra = non_tensor_state(model)
+    if extra is not None:  # the first snapshot's clone failed on it ("'dict' object has no attribute 'detach'")
+        raise RecipeError(non_tensor_message(*extra, "the built-in loop's snapshots and checkpoints hold tensors only "
+                                                     "(nothing is pickled; a loop of your own with prepare() carries it)"))
     check_dense_gradients(model)
     check_targets(model, recipe)
     seed_everything(recipe.training.seed)

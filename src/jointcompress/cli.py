@@ -233,7 +233,8 @@ def compress_cmd(
     with progress_bar() as bar:
         show = (lambda d: tracked(bar, d)) if main_rank else (lambda d: None)
         teacher = _model_to_compress(builder, model_name, split, recipe, out, weights=weights, resume=resume,
-                                     teacher_epochs=teacher_epochs, save=main_rank, progress=show, device=where)
+                                     teacher_epochs=teacher_epochs, save=main_rank, progress=show, device=where,
+                                     data_given=str(data if data is not None else recipe.data))
         callbacks = [TensorBoardLogger(tensorboard)] if tensorboard and main_rank else []
         try:
             outcome = compress_and_save(
@@ -268,7 +269,7 @@ def _overridden(recipe, *, mode: str | None, precision: str | None):
 
 
 def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights, resume: bool, teacher_epochs: int,
-                       save: bool, progress, device=None):
+                       save: bool, progress, device=None, data_given: str | None = None):
     """--weights when given; else the model a resumed run trained first; else one trained now and saved (by the
     writing rank) so that --resume does not train it again. start.json, which records what the run began from,
     is written before the trained model's file and checked on every --resume, whichever way the model came."""
@@ -290,13 +291,13 @@ def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights
             teacher = _trained_before(builder, teacher_file)
         except JointCompressError:
             if earlier is not None:  # a flag changed, not the builder: said by the flag (a renamed file is no change)
-                _same_model_and_data(start_file, earlier, model_name, split.name)
+                _same_model_and_data(start_file, earlier, model_name, data_given or split.name)
             raise
     else:
         teacher = train_teacher(model_name, split, teacher_epochs, lr=recipe.training.lr, progress=progress("train model"),
                                 device=device)
     _same_start(start_file, earlier, teacher, weights, save, recipe.training.validation_images, teacher_epochs,
-                teacher_file if reloaded else None, named={"model": model_name, "data": split.name})
+                teacher_file if reloaded else None, named={"model": model_name, "data": data_given or split.name})
     _same_outputs(start_file, earlier, teacher, split.x_train[:PROBE_ROWS], save)
     _same_evaluation_data(start_file, earlier, split, save)
     if save and not weights and not teacher_file.is_file():

@@ -241,8 +241,10 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
     builder = builder_for(model_name, split)
     total_steps = base.training.epochs * math.ceil(len(split.y_train) / base.training.batch_size)
     result = _new_result(base, split, model_name, spec, weights)
+    result["inputs_sha256"] = _inputs_digests(split, builder, weights)
     if resume:
-        result = _earlier_result(out, result, log)
+        result = _earlier_result(out, result, spec, log)
+    atomic_write_json(out / "compare.json", with_summary(result))  # its settings, before any teacher: --resume checks them
     example = split.x_train[:2]
     ratios = _plannable_ratios(result, out, log, builder(), base, spec, example) if needs_budgets else spec.ratios
     if not ratios:  # every point is out of reach: say so before any teacher trains
@@ -269,8 +271,10 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
                     continue
                 name = f"{variant}-r{ratio:g}-s{seed}"
                 run_dir = out / "runs" / name
-                if resume and run_dir.exists():  # the point the interruption stopped: what it left is not a run
-                    shutil.rmtree(run_dir)
+                if resume:  # the point the interruption stopped: what it left is not a run (its curves neither)
+                    for left in (run_dir, Path(tensorboard) / name if tensorboard is not None else None):
+                        if left is not None and left.is_dir():
+                            shutil.rmtree(left)
                 try:  # a joint variant finds out whether its point is in reach as its run sets up
                     r = variant_recipe(budgets, variant, seed, targeted, teacher, example, total_steps)
                     run_row, history = run_one(teacher, r, split, builder, run_dir, _tensorboard(tensorboard, name),
@@ -374,30 +378,62 @@ def _done(result: dict, variant: str, ratio: float, seed: int) -> bool:
 
 
 RESUME_SAME = ("model", "data", "variants", "epochs", "keep", "selected_on", "device", "teacher_epochs",
-               "train_images", "recipe")  # what a resumed compare must share with the one it continues
+               "train_images", "recipe", "inputs_sha256")  # what a resumed compare must share with the one it continues
 
 
-def _earlier_result(out: Path, fresh: dict, log) -> dict:
+def _inputs_digests(split, builder, weights: Path | None) -> dict:
+    """sha256 of the training and test images and of the --weights teacher: a resume on other data of the same
+    name and size, or from other weights (whose teacher_epochs read None alike), mixed two compares' points."""
+    from .checkpoint import data_digest, state_digest
+    from .pipeline import load_start
+
+    return {"train": data_digest((split.x_train, split.y_train)), "test": data_digest((split.x_test, split.y_test)),
+            "weights": state_digest(load_start(builder, weights)) if weights else None}
+
+
+def _earlier_result(out: Path, fresh: dict, spec: CompareSpec, log) -> dict:
     """compare.json of the compare `out` holds, to continue (--resume): its points kept, the rest of it this
-    command's (ratios and seeds may grow: more points to run). One that ran with other settings is refused,
-    naming them: its points would sit beside this one's as if alike."""
+    command's (more ratios and seeds add points). One that ran with other settings is refused, naming them (a
+    field an older compare.json lacks is not compared): its points, and its teachers, would sit beside this
+    one's as if alike."""
     from .errors import RecipeError
+    from .training.checkpoints import differences
 
     path = out / "compare.json"
     if not path.is_file():
-        log(f"--resume: {path} does not exist (no point finished yet): the compare starts from the beginning")
+        if any(p.name != ".jointcompress.lock" for p in out.iterdir()):
+            raise RecipeError(f"--resume: {out} holds no compare.json, so it is no compare's folder; choose another "
+                              "--out, or --force to write into it")
+        log(f"--resume: {out} is empty: the compare starts from the beginning")
         return fresh
-    from .training.checkpoints import differences
-
     earlier = json.loads(path.read_text())
-    changed = differences({k: earlier.get(k) for k in RESUME_SAME}, {k: fresh.get(k) for k in RESUME_SAME}, was="then")
+    _covers(earlier, spec)
+    same = [k for k in RESUME_SAME if k in earlier]
+    settings = lambda result: {k: _without_target(result[k]) if k == "recipe" else result.get(k) for k in same}  # noqa: E731
+    changed = differences(settings(earlier), settings(fresh), was="then")
     if changed:
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise RecipeError(f"--resume: the compare in {out} ran with other settings ({'; '.join(changed[:3])}{more}); give "
-                          "the same recipe and options to continue it, or start over with --force")
+                          "the same data, weights, recipe and options to continue it, or another --out")
     return {**fresh, **{k: earlier.get(k, []) for k in ("uncompressed", "runs", "unreachable")}}
 
 
+def _without_target(recipe: dict | None) -> dict | None:
+    """A compare's recipe less its target, which --ratios sets point by point (the first ratio given stands in it)."""
+    return None if recipe is None else {k: v for k, v in recipe.items() if k != "target"}
+
+
+def _covers(earlier: dict, spec: CompareSpec) -> None:
+    """A resume's --ratios and seeds must hold the earlier ones (more add points): with fewer, compare.json
+    described the new command while it held the old points."""
+    from .errors import RecipeError
+
+    ratios = [r for r in earlier.get("ratios", []) if r not in spec.ratios]
+    seeds = range(earlier.get("first_seed", 0), earlier.get("first_seed", 0) + earlier.get("seeds", 0))
+    missing = [s for s in seeds if s not in spec.seed_range()]
+    if ratios or missing:
+        raise RecipeError(f"--resume: the compare ran --ratios {','.join(f'{r:g}' for r in earlier['ratios'])} on seeds "
+                          f"{seeds.start}..{seeds.stop - 1}; give at least those (more ratios or seeds add points)")
 def _write_run(run_dir: Path, recipe: Recipe, uncompressed: dict, run_row: dict, history) -> None:
     """A run's own files beside its artifact: history, summary (with the uncompressed row), recipe."""
     from .io import atomic_write_json, atomic_write_text
@@ -428,9 +464,8 @@ def _unreachable(result: dict, out: Path, log, ratio: float, seed: int, dense: i
     from .io import atomic_write_json
 
     entry = {"ratio_target": ratio, "seed": seed, "target_bytes": dense / ratio, "reason": str(exc)}
-    if _done(result, variant, ratio, seed) if variant else any(
-            u["ratio_target"] == ratio and u["seed"] == seed and u.get("variant") is None for u in result["unreachable"]):
-        return  # a resumed compare recorded it before
+    if any(u["ratio_target"] == ratio and u["seed"] == seed and u.get("variant") == variant for u in result["unreachable"]):
+        return  # a resumed compare recorded it before (the check before any teacher runs again)
     result["unreachable"].append({**entry, "variant": variant} if variant else entry)
     log(f"{variant + '-' if variant else ''}r{ratio:g}-s{seed}: unreachable, skipped ({exc}; in compare, "
         f"target.ratio is the {ratio:g} of --ratios)")

@@ -38,9 +38,14 @@ class TensorBoardLogger:
 
     def on_start(self, trainer, step: int) -> None:
         """A resumed run replays the steps after its checkpoint: their first values, logged before the kill, are
-        purged (TensorBoard drops the earlier events at or after `purge_step`), or each step was plotted twice."""
+        purged (TensorBoard drops the earlier events at or after `purge_step`), or each step was plotted twice.
+        The purge takes the epoch logged at the checkpoint's own step too (an evaluation's checkpoint), which
+        no replay logs again: it is logged anew from the resumed history."""
         if step > 0 and self._writer is None:
             self._writer = self._writer_class(log_dir=str(self.log_dir), purge_step=step)
+            for entry in trainer.history.epochs:
+                if entry.get("step", -1) >= step:
+                    self.on_epoch(trainer, entry)
 
     def on_step(self, trainer, step: int, out: dict) -> None:
         stats = out.get("coordination")

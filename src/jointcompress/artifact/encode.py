@@ -234,9 +234,9 @@ def encode_model(model: nn.Module, spec: CompressionSpec, entropy: bool = True,
         if key in skip:
             continue
         if not isinstance(t, torch.Tensor):  # a module's get_extra_state(): any Python object
-            raise ArtifactError(f"{key}: the model keeps extra state (get_extra_state) there, a "
-                                f"{type(t).__name__} and not a tensor; the artifact holds tensors only (nothing is "
-                                "pickled); keep what it holds in a buffer (register_buffer) instead")
+            from ..session.checks import non_tensor_message
+
+            raise ArtifactError(non_tensor_message(key, t, "the artifact holds tensors only (nothing is pickled)"))
         _encode_other(enc, key, t.detach().cpu().contiguous().clone(), narrow is None or narrow(key), key in filled)
     return enc
 

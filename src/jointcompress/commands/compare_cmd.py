@@ -1,6 +1,7 @@
 """`jointcompress compare RECIPE.yaml --ratios 10,20,40 --seeds 3`: joint vs sequential Pareto front."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -72,6 +73,9 @@ def register(app: typer.Typer) -> None:
         from . import refuse_hf_recipe
 
         check_folder_path(tensorboard, "--tensorboard")  # else found after training
+        if resume and force:
+            raise JointCompressError("--resume and --force: --resume continues the compare in --out, --force starts over "
+                                     "(clearing its points); give one")
         if keep not in (None, "best", "last"):
             raise JointCompressError(f"--keep {keep}: choose best or last")
         given_ratios = parse_floats(ratios, "--ratios")
@@ -94,8 +98,9 @@ def register(app: typer.Typer) -> None:
         held = val_images if val_images is not None else recipe.training.validation_images
         split = hold_out(split, held, what="--val-images" if val_images is not None else "training.validation_images")
         out = prepare_output_dir(out, force=force or resume)  # after every check: a refused run leaves no folder
-        hold_run_lock(out)  # before --force clears anything: a second compare here is refused, naming the first
-        if force and not resume:  # an earlier compare's points and report would sit beside this one's as if they were its own
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun the ranks share one folder, which rank 0 holds
+            hold_run_lock(out)  # before --force clears anything: a second compare here is refused, naming the first
+        if force:  # an earlier compare's points and report would sit beside this one's as if they were its own
             clear_earlier_compare(out, weights)
         with progress_bar() as bar:
             result = run_compare(recipe, split, name, spec, out, weights=weights, tensorboard=tensorboard,

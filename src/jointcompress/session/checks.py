@@ -110,23 +110,15 @@ def unsized_lazy(model: nn.Module) -> list[str]:
 
 
 def check_model_tensors(model: nn.Module) -> None:
-    """Tensors the run cannot carry, named before training. A module's extra state (get_extra_state, any Python
-    object) crashed the first snapshot. A buffer or parameter registered as an expanded
-    view (stride 0 over several elements, `t.expand(n)`) trained to the end, and then restoring the best
-    epoch's state failed in load_state_dict ("more than one element ... refers to a single memory location"):
-    the run was lost."""
-    from ..errors import RecipeError
-
+    """Tensors no run can carry, named before training. A buffer or parameter registered as an expanded view
+    (stride 0 over several elements, `t.expand(n)`) trained to the end, and then restoring the best epoch's
+    state failed in load_state_dict ("more than one element ... refers to a single memory location"): the run
+    was lost."""
     from torch.nn.parameter import is_lazy
 
-    state = model.state_dict(keep_vars=True)
-    extra = [(k, v) for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if extra:  # the snapshots' clone failed on it after the first epoch ("'dict' object has no attribute 'detach'")
-        key, value = extra[0]
-        raise RecipeError(f"{key}: the model keeps extra state (get_extra_state) there, a {type(value).__name__} and not a "
-                          "tensor; the run's snapshots and checkpoints, like the artifact, hold tensors only (nothing is "
-                          "pickled); keep what it holds in a buffer (register_buffer) instead")
-    expanded = [(n, t.numel()) for n, t in state.items()  # a non-persistent one is never loaded
+    from ..errors import RecipeError
+
+    expanded = [(n, t.numel()) for n, t in model.state_dict(keep_vars=True).items()  # a non-persistent one is never loaded
                 if isinstance(t, torch.Tensor) and not is_lazy(t)
                 and any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape))]
     if expanded:
@@ -134,6 +126,19 @@ def check_model_tensors(model: nn.Module) -> None:
         raise RecipeError(f"the model's tensor '{name}' is an expanded view (stride 0: its {count} elements share one "
                           "memory location), into which no state can be loaded, as the run does to restore its best "
                           "epoch; register a copy of it instead (`.expand(...).clone()`)")
+
+
+def non_tensor_state(model: nn.Module) -> tuple[str, object] | None:
+    """The first entry of the model's state dict that is no tensor (a module's get_extra_state(), a quantized
+    module's settings), or None."""
+    return next(((k, v) for k, v in model.state_dict(keep_vars=True).items() if not isinstance(v, torch.Tensor)), None)
+
+
+def non_tensor_message(key: str, value, holds: str) -> str:
+    """Why `key`'s value cannot be kept where `holds` says (the artifact; the built-in loop's snapshots)."""
+    return (f"{key}: the model's state dict holds a {type(value).__name__} there, not a tensor (a module's "
+            f"get_extra_state(), or a setting of a quantized module); {holds}: keep what it holds in a buffer "
+            "(register_buffer) instead")
 
 
 def check_teacher(model: nn.Module, teacher: nn.Module | None) -> None:

@@ -38,10 +38,14 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def log_probs(logits: torch.Tensor, temperature: float, dim: int) -> torch.Tensor:
-    """log_softmax(logits / T) in float32 whatever the logits' dtype: in bf16 (a teacher loaded in bf16 that takes
+    """log_softmax(logits / T) in float32 at least, whatever the logits' dtype: in bf16 (a teacher loaded in bf16 that takes
     token ids, which no dtype check stops; a student under autocast) the KL of two near distributions came out
-    negative and its gradient pointed elsewhere (cosine 0.40 with the float32 one)."""
-    return F.log_softmax(logits.float() / temperature, dim=dim)
+    negative and its gradient pointed elsewhere (cosine 0.40 with the float32 one). A float64 model's stay float64."""
+    return F.log_softmax(at_least_float32(logits) / temperature, dim=dim)
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def check_classes(logits: torch.Tensor) -> None:
@@ -117,7 +121,7 @@ def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse"
     states in the average: padding carries no signal, and without the mask short sentences
     in a long batch would be pulled toward the teacher's states at their pad tokens.
     """
-    student, teacher = student.float(), teacher.float()  # a bf16 teacher's states: the loss in float32, as the KL
+    student, teacher = at_least_float32(student), at_least_float32(teacher)  # a bf16 teacher's states, as the KL
     if student.shape != teacher.shape:
         raise RecipeError(
             f"distill_kd.features: student output {tuple(student.shape)} and teacher output {tuple(teacher.shape)} "

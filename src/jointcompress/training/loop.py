@@ -42,9 +42,9 @@ from .recovery import Recovery
 
 
 class Trainer:
-    """Callbacks are objects with any of on_step(trainer, step, out), on_epoch(trainer, entry),
-    on_end(trainer); they may read trainer.model, .techniques, .plan, .history, .optimizer,
-    .lr_scale and call trainer.forget_best()."""
+    """Callbacks are objects with any of on_start(trainer, step) (step: 0, or where a resumed run continues),
+    on_step(trainer, step, out), on_epoch(trainer, entry), on_end(trainer); they may read trainer.model,
+    .techniques, .plan, .history, .optimizer, .lr_scale and call trainer.forget_best()."""
 
     def __init__(self, model: nn.Module, techniques: list, plan: Plan, recipe, train_loader,
                  evaluate: Callable[[nn.Module], dict[str, float]], example_inputs, teacher: nn.Module | None = None,
