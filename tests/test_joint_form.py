@@ -517,3 +517,14 @@ def test_a_file_the_learned_widths_left_under_the_target_is_said_with_the_advice
     under = [str(w.message) for w in said if "under the" in str(w.message) and "left fewer bytes" in str(w.message)]
     assert len(under) == 1 and "the widths learned (frozen since)" in under[0] and "more steps" in under[0], under
     assert "prune_structured" not in under[0] and "learn_bits: true" not in under[0]
+
+
+@pytest.mark.parametrize("techniques, learned", [
+    ([{"type": "quant_lsq", "bits": 4, "learn_bits": True}], True),  # asked in so many words: it was dropped
+    ([{"type": "quant_lsq", "bits": 4}], False),
+    ([{"type": "prune_unstructured"}, {"type": "distill_kd"}], False),  # the quant_lsq it adds learned its widths
+])
+def test_the_joint_form_learns_widths_only_where_the_recipe_asks(techniques, learned):
+    recipe = parse_recipe({"mode": "joint", "target": {"ratio": 40}, "techniques": techniques})
+    joint, event = as_joint_form(recipe)
+    assert event is not None and joint.technique("quant_lsq").learn_bits is learned

@@ -47,8 +47,8 @@ def joint_recipe(base: Recipe, learn_bits: bool = False, total_steps: int | None
     for t in techniques:
         if t["type"] == "quant_lsq":
             t.update(zero_level=True, start=first, layer_bits=None, learn_bits=learn_bits)
-    if not any(t["type"] == "quant_lsq" for t in techniques):
-        techniques.append({"type": "quant_lsq", "bits": 4, "zero_level": True, "start": first})
+    if not any(t["type"] == "quant_lsq" for t in techniques):  # its widths as asked too (learn_bits defaults to on)
+        techniques.append({"type": "quant_lsq", "bits": 4, "zero_level": True, "start": first, "learn_bits": learn_bits})
     end = prune.end if prune is not None else 0.6
     start = max(prune.start if prune is not None else 0.0, first)
     if budget.get("decide_steps") is not None:
@@ -86,8 +86,12 @@ def as_joint_form(recipe: Recipe) -> tuple[Recipe, dict | None]:
     the masks would have (at most at 0.2 of the run, where a paced window may start)."""
     if not recipe.asks_for_joint_form():
         return recipe, None
-    prune = recipe.technique("prune_unstructured")
-    joint = joint_recipe(recipe, **joint_form_budget())
+    prune, quant = recipe.technique("prune_unstructured"), recipe.technique("quant_lsq")
+    budget = joint_form_budget()
+    # widths stay at quant_lsq.bits, unless the recipe asks for learned ones in so many words (it was dropped silently)
+    asked = quant is not None and "learn_bits" in quant.model_fields_set and quant.learn_bits
+    budget["learn_bits"] = budget.get("learn_bits", False) or asked
+    joint = joint_recipe(recipe, **budget)
     event = {"event": "joint_form", "step": 0, "bits": joint.technique("quant_lsq").bits,
              "replaced": ["prune_unstructured"] if prune is not None else [],
              "size_budget": {k: v for k, v in joint.technique("size_budget").model_dump().items() if k != "type"},
