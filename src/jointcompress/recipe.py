@@ -562,6 +562,18 @@ class Recipe(Strict):
         return self
 
     @model_validator(mode="after")
+    def _quantization_trains(self):
+        """sequential with no quantize phase (quantize and finetune_after_quantize both 0) rounded quant_lsq's
+        weights after the last step: a low-bit artifact that never trained at its bits, without a word."""
+        phases = self.sequential
+        if self.mode == "sequential" and self.technique("quant_lsq") is not None \
+                and phases.quantize + phases.finetune_after_quantize == 0:
+            raise ValueError("sequential: quantize and finetune_after_quantize are both 0, so quant_lsq would round the "
+                             "weights after the run and never train them at its bits; give the quantize phase a share "
+                             "(e.g. prune: 0.4, finetune_after_prune: 0.1, quantize: 0.4, finetune_after_quantize: 0.1)")
+        return self
+
+    @model_validator(mode="after")
     def _size_budget(self):
         if self.technique("size_budget") is None:
             return self
@@ -573,8 +585,13 @@ class Recipe(Strict):
                              "sequential runs meet a size target through the allocator (remove size_budget)")
         if self.technique("prune_unstructured") is not None:
             raise ValueError("size_budget prunes through quant_lsq's dead zone; remove prune_unstructured")
-        if (self.target is None or self.target.is_latency) and self.technique("size_budget").target_bytes is None:
+        budget = self.technique("size_budget")
+        if (self.target is None or self.target.is_latency) and budget.target_bytes is None:
             raise ValueError("size_budget needs target: {size_kb: ...} or {ratio: ...}")
+        if self.target is not None and not self.target.is_latency and not self.target.allocated \
+                and budget.target_bytes is not None:  # the target's bytes replaced it without a word
+            raise ValueError(f"size_budget.target_bytes ({budget.target_bytes:g}) beside target: give one (the target "
+                             "sets the budget's bytes: size_kb, or ratio against the fp32 file)")
         return self
 
     @model_validator(mode="after")

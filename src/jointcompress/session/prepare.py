@@ -24,12 +24,16 @@ def total_steps_of(recipe: Recipe, total_steps: int | None, steps_per_epoch: int
 
 def check_needs(recipe: Recipe, teacher, example_inputs) -> None:
     """Fail before training on what a technique of the recipe will need."""
-    if recipe.target is not None and not _budgeted_in_session(recipe):
-        what = "a latency target" if recipe.target.is_latency else f"a size target with mode: {recipe.mode}"
+    if recipe.target is not None and recipe.target.is_latency:  # the size target's way out does not apply
         raise RecipeError(
-            f"target: {what} is allocated and steered by the built-in loop (compress()); in your own loop use "
-            "mode: joint with the size target (the joint form: one size budget inside the session, docs/joint.md), "
-            "or set the techniques' sparsity and bits yourself")
+            "target: a latency target is allocated from timed per-layer latency tables by the built-in loop "
+            "(compress()); in your own loop set prune_structured.sparsity (or its layer_sparsity) yourself "
+            "(`jointcompress dry-run` lists the channel groups), or run compress()")
+    if recipe.target is not None and not _budgeted_in_session(recipe):
+        raise RecipeError(
+            f"target: a size target with mode: {recipe.mode} is allocated and steered by the built-in loop (compress()); "
+            "in your own loop use mode: joint with the size target (the joint form: one size budget inside the "
+            "session, docs/joint.md), or set the techniques' sparsity and bits yourself")
     kd = recipe.technique("distill_kd")
     if kd is not None and teacher is None:
         raise RecipeError("techniques: distill_kd needs a teacher; pass teacher=... to prepare() or remove distill_kd")
