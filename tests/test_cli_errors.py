@@ -62,6 +62,12 @@ def test_bad_recipe(tmp_path, monkeypatch, capsys, text, words):
     ("model: lenet5\n", 0, ["warning:", "techniques is empty", "ok", "model=lenet5"]),
     ("model: lenet5\ndata: nowhere/mnist.npz\ntechniques: [{type: quant_lsq}]\n", 0,
      ["warning:", "data: nowhere/mnist.npz does not exist", "ok"]),  # said ok, and compress then stopped there
+    # a model and data it can read: checked on the untrained model, as compress checks it before training (said ok)
+    ("model: lenet5\ndata: digits\ntechniques: [{type: prune_blocks, blocks: [conv2]}]\n", 2,
+     ["prune_blocks", "conv2", "nothing was trained"]),
+    ("model: lenet300\ndata: digits\ntechniques: [{type: quant_lsq, targets: ['conv*']}]\n", 2,
+     ["select no layer of the model"]),
+    ("model: lenet300\ndata: digits\ntechniques: [{type: quant_lsq}]\n", 0, ["ok", "checked on the untrained model"]),
 ])
 def test_recipe_validate_checks_the_model_as_compress_does(tmp_path, monkeypatch, capsys, text, code, words):
     """`recipe validate` said ok to a model name compress refuses."""

@@ -599,8 +599,25 @@ def recipe_validate(recipe_path: Path = typer.Argument(..., help="Recipe YAML.")
     if r.data and r.data != "digits" and not Path(r.data).exists():  # compress would stop there (unless --data)
         console.print(f"[yellow]warning:[/yellow] {recipe_path}: data: {r.data} does not exist (from {Path.cwd()}); "
                       "compress stops there unless --data gives another")
+    checked = _checked_on_the_model(r)
     console.print(f"[green]ok[/green] {recipe_path}: {model}, mode={r.mode}, {len(r.techniques)} techniques "
-                  f"({', '.join(t.type for t in r.techniques)}), {r.training.epochs} epochs, coordination={r.coordination.strategy}")
+                  f"({', '.join(t.type for t in r.techniques)}), {r.training.epochs} epochs, coordination={r.coordination.strategy}"
+                  f"{checked}")
+
+
+def _checked_on_the_model(recipe) -> str:
+    """Where the recipe names a model and data it can read, the checks compress runs before training, on the
+    untrained model: validate said "ok" to blocks that are no residual blocks, patterns that select no layer
+    and targets out of reach, which compress then refused. Returns what the ok line adds."""
+    from .models import absolute_builder
+    from .pipeline import builder_for, load_split
+
+    if recipe.hf is not None or not recipe.model or recipe.model.startswith("hf:") or not recipe.data \
+            or (recipe.data != "digits" and not Path(recipe.data).exists()):
+        return " (not checked on a model: the recipe names no model and data this command can read)"
+    split = load_split(recipe, None)
+    _refuse_before_training(builder_for(absolute_builder(recipe.model), split), recipe, split)
+    return f"; checked on the untrained model on {split.name}"
 
 
 def _validated_model(name: str | None, hf: bool) -> str:
