@@ -274,3 +274,17 @@ def test_a_late_trim_that_cost_most_of_the_accuracy_is_said():
     trainer.history = SimpleNamespace(best_metric=0.339, events=[{"event": "size_trim", "step": 150, "best_before": 0.931}])
     with pytest.warns(UserWarning, match=r"late trim .* dropped the kept accuracy from 0.931 to 0.339"):
         SizeSteering(1000.0).on_end(trainer)
+
+
+def test_the_techniques_a_size_target_adds_are_said():
+    """A sequential recipe of distillation alone under ratio 20 stored a 4-bit, 67%-sparse artifact: the
+    allocator added quant_lsq and prune_unstructured, and only the manifest's recipe showed it."""
+    from jointcompress.recipe import parse_recipe
+    from jointcompress.targets import resolve_target
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    recipe = parse_recipe({"mode": "sequential", "target": {"ratio": 20}, "techniques": [{"type": "distill_kd"}]})
+    with pytest.warns(UserWarning, match=r"prune_unstructured .* and quant_lsq \(4 bits.* were added"):
+        resolved = resolve_target(model, recipe, torch.randn(2, 64))
+    assert [t.type for t in resolved.techniques] == ["prune_unstructured", "distill_kd", "quant_lsq"]

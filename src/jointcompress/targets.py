@@ -559,11 +559,21 @@ def _with_size_budget(data: dict, recipe: Recipe, goal: float) -> Recipe:
 
 
 def _with_size_techniques(data: dict) -> dict:
+    """The recipe with prune_unstructured and quant_lsq, which the allocator's budgets are written into: the one
+    it lacks is added with its defaults, and said (only the manifest's recipe showed a 4-bit, 67%-sparse
+    artifact of a recipe that listed distillation alone)."""
     kinds = [t["type"] for t in data["techniques"]]
+    added = []
     if "prune_unstructured" not in kinds:
         data["techniques"].insert(0, {"type": "prune_unstructured", "sparsity": 0.0, "scope": "layer"})
+        added.append("prune_unstructured (per-layer sparsity from the allocator)")
     if "quant_lsq" not in kinds:
         data["techniques"].append({"type": "quant_lsq", "bits": 4, "start": 0.3})
+        added.append("quant_lsq (4 bits, from 30% of the run)")
+    if added:
+        warnings.warn(f"target: the recipe's size target is met by pruning and low-bit weights together, so "
+                      f"{' and '.join(added)} {'was' if len(added) == 1 else 'were'} added; list them in the recipe "
+                      "to set them yourself", stacklevel=4)
     return data
 
 
