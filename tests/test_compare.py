@@ -337,3 +337,7 @@ def test_an_interrupted_compare_resumes_with_the_points_it_finished(tmp_path, mo
                              for r in json.loads((folder / "compare.json").read_text())["runs"]}
     assert points(out) == points(tmp_path / "whole") and len(points(out)) == 4
     assert len(json.loads((out / "compare.json").read_text())["uncompressed"]) == 1
+    calls.clear()  # a resume with another ratio adds its points, with the seed's kept teacher
+    more = CliRunner().invoke(app, [*args[:3], "10,20,30", *args[4:], "--out", str(out), "--resume"])
+    assert more.exit_code == 0 and calls == ["sequential-r30-s0", "overlap-r30-s0"], more.output
+    assert len(points(out)) == 6 and json.loads((out / "compare.json").read_text())["ratios"] == [10.0, 20.0, 30.0]
