@@ -229,23 +229,3 @@ def test_non_reentrant_activation_checkpointing_trains_on_measured_steps():
     out = checkpoint(layer, torch.randn(5, 4), use_reentrant=False)
     coord.backward({"task": out.square().mean(), "size": out.sum()}, step=0)
     assert layer.weight.grad is not None and bool(layer.weight.grad.any())
-
-
-def test_a_gradient_of_float_noise_is_no_conflict():
-    """At step 0 a student that is a copy of its teacher has a distillation gradient of float noise: its cosine with
-    the task's, random in sign, was counted, and a short run's only logged step gave it a conflict rate of 1.00."""
-    import copy
-    import warnings
-
-    from jointcompress import compress
-
-    torch.manual_seed(0)
-    teacher = torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
-    x, y = torch.randn(64, 20), torch.randint(0, 5, (64,))
-    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5}, {"type": "distill_kd", "alpha": 0.5}],
-              "training": {"epochs": 1, "batch_size": 16}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = compress(copy.deepcopy(teacher), recipe, (x, y), lambda m: 0.0, teacher=teacher)
-    first = result.history.steps[0]
-    assert first["step"] == 0 and first["conflict_rate"] == 0.0 and not first["cosines"]

@@ -94,8 +94,9 @@ def test_a_target_the_session_cannot_hold_is_refused_by_prepare_with_the_way_out
     techniques = [{**TECHNIQUES[0], "sparsity": 0.5}, TECHNIQUES[1]] if "speedup" in target else TECHNIQUES
     # a latency target's way out is the channels' sparsity (the size target's joint form was named to it too)
     way_out = "set prune_structured.sparsity" if "speedup" in target else "mode: joint with the size target"
-    with pytest.raises(RecipeError, match=way_out):
+    with pytest.raises(RecipeError, match=way_out) as refused:
         jointcompress.prepare(_model(), {"mode": "sequential", "target": target, "techniques": techniques}, total_steps=10)
+    assert ("size target" in str(refused.value)) == ("ratio" in target)  # each target's own way out only
 
 
 def test_overlap_mode_keeps_masks_and_lsq_under_the_allocators_budgets():
@@ -521,12 +522,14 @@ def test_a_file_the_learned_widths_left_under_the_target_is_said_with_the_advice
     assert "prune_structured" not in under[0] and "learn_bits: true" not in under[0]
 
 
-@pytest.mark.parametrize("techniques, learned", [
-    ([{"type": "quant_lsq", "bits": 4, "learn_bits": True}], True),  # asked in so many words: it was dropped
-    ([{"type": "quant_lsq", "bits": 4}], False),
-    ([{"type": "prune_unstructured"}, {"type": "distill_kd"}], False),  # the quant_lsq it adds learned its widths
+@pytest.mark.parametrize("techniques", [
+    [{"type": "quant_lsq", "bits": 4}],
+    [{"type": "prune_unstructured"}, {"type": "distill_kd"}],  # the quant_lsq it adds learned its widths (2-3 bits)
 ])
-def test_the_joint_form_learns_widths_only_where_the_recipe_asks(techniques, learned):
+def test_the_bare_joint_form_keeps_widths_fixed_where_it_adds_quant_lsq_too(techniques):
+    """docs/joint.md: the bare form keeps widths fixed (write size_budget into the recipe to learn them); the
+    quant_lsq it added to a recipe without one took learn_bits' default, on, and stored 2-3-bit layers."""
     recipe = parse_recipe({"mode": "joint", "target": {"ratio": 40}, "techniques": techniques})
-    joint, event = as_joint_form(recipe)
-    assert event is not None and joint.technique("quant_lsq").learn_bits is learned
+    for given in (recipe, parse_recipe(recipe.model_dump())):  # a recipe dumped and read back too
+        joint, event = as_joint_form(given)
+        assert event is not None and joint.technique("quant_lsq").learn_bits is False

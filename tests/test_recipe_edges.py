@@ -189,25 +189,30 @@ def test_a_recipe_that_would_run_without_doing_what_it_says_is_refused(data, sai
             make_student(tiny_bert(), [2, 0])
 
 
-def test_a_size_budget_of_its_own_bytes_beside_a_target_is_refused():
-    """size_budget.target_bytes 9000 beside target.ratio 40: the run landed on the ratio's 13,123 B, without a word."""
-    from jointcompress.errors import RecipeError
+def test_a_size_budget_of_its_own_bytes_beside_a_target_is_said():
+    """size_budget.target_bytes 9000 beside target.ratio 40: the run landed on the ratio's 13,123 B, without a word
+    (said, not refused: compare sets the target of such a recipe from --ratios)."""
     from jointcompress.recipe import parse_recipe
 
     techniques = [{"type": "quant_lsq", "zero_level": True}, {"type": "size_budget", "target_bytes": 9000}]
-    with pytest.raises(RecipeError, match=r"size_budget.target_bytes \(9000\) beside target: give one"):
+    with pytest.warns(UserWarning, match=r"size_budget.target_bytes \(9000\) beside target: the target's bytes replace"):
         parse_recipe({"mode": "joint", "target": {"ratio": 40}, "techniques": techniques})
-    assert parse_recipe({"mode": "joint", "techniques": techniques}).has_size_target()  # alone, it is the target
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert parse_recipe({"mode": "joint", "techniques": techniques}).has_size_target()  # alone, it is the target
 
 
-def test_a_sequential_recipe_whose_quantization_never_trains_is_refused():
-    """sequential {prune: 1.0, quantize: 0, finetune_after_quantize: 0} beside quant_lsq ran without a word and
-    stored 4-bit weights rounded after training, never trained at 4 bits."""
+def test_a_sequential_recipe_whose_quantization_never_trains_is_refused_before_training():
+    """sequential {prune: 1.0, quantize: 0, finetune_after_quantize: 0} (or a share under one step) beside quant_lsq
+    ran without a word and stored 4-bit weights rounded after training, never trained at 4 bits."""
+    from jointcompress import prepare
     from jointcompress.errors import RecipeError
-    from jointcompress.recipe import parse_recipe
 
-    phases = {"prune": 1.0, "finetune_after_prune": 0.0, "quantize": 0.0, "finetune_after_quantize": 0.0}
-    with pytest.raises(RecipeError, match="quant_lsq would round the weights after the run"):
-        parse_recipe({"mode": "sequential", "sequential": phases,
-                      "techniques": [{"type": "prune_unstructured", "sparsity": 0.5}, {"type": "quant_lsq"}]})
-    parse_recipe({"mode": "sequential", "sequential": phases, "techniques": [{"type": "prune_unstructured", "sparsity": 0.5}]})
+    for quantize in (0.0, 0.004):  # no step, and a share under one of the run's 100 steps
+        phases = {"prune": 1.0 - quantize, "finetune_after_prune": 0.0, "quantize": quantize, "finetune_after_quantize": 0.0}
+        recipe = {"mode": "sequential", "sequential": phases,
+                  "techniques": [{"type": "prune_unstructured", "sparsity": 0.5}, {"type": "quant_lsq"}]}
+        with pytest.raises(RecipeError, match=r"leave quant_lsq .* no step of the run's 100"):
+            prepare(_mlp(), recipe, total_steps=100)
+    recipe["techniques"] = recipe["techniques"][:1]  # no quantization: nothing to train
+    prepare(_mlp(), recipe, total_steps=100)

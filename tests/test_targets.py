@@ -285,6 +285,10 @@ def test_the_techniques_a_size_target_adds_are_said():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
     recipe = parse_recipe({"mode": "sequential", "target": {"ratio": 20}, "techniques": [{"type": "distill_kd"}]})
-    with pytest.warns(UserWarning, match=r"prune_unstructured .* and quant_lsq \(4 bits.* were added"):
+    with pytest.warns(UserWarning, match=r"prune_unstructured and quant_lsq were added .* sparsity and bit-width"):
         resolved = resolve_target(model, recipe, torch.randn(2, 64))
     assert [t.type for t in resolved.techniques] == ["prune_unstructured", "distill_kd", "quant_lsq"]
+    recipe = parse_recipe({"mode": "sequential", "target": {"ratio": 20},
+                           "techniques": [{"type": "quant_lsq"}, {"type": "distill_kd"}]})
+    with pytest.warns(UserWarning, match=r"so prune_unstructured was added .* every layer's sparsity from"):
+        resolve_target(model, recipe, torch.randn(2, 64))

@@ -320,6 +320,7 @@ def _refuse_before_training(builder, recipe, split) -> None:
 
     from .api import check_data, check_targets
     from .session.prepare import prepare
+    from .targets import NOTHING_TRAINED
 
     model = builder()
     check_data(model, split.x_train[:2], (split.x_train, split.y_train))  # named as the data, as the run names it
@@ -333,7 +334,7 @@ def _refuse_before_training(builder, recipe, split) -> None:
                 prepare(model, recipe, total_steps=steps, example_inputs=split.x_train[:2],
                         teacher=copy.deepcopy(model), distributed=False)
         except JointCompressError as err:
-            err.add_note("Checked on the untrained model, before training it; nothing was trained.")
+            err.add_note(NOTHING_TRAINED)
             raise
     if recipe.has_size_target() and recipe.mode != "joint":
         _refuse_an_unplannable_target(builder(), recipe, split)
@@ -342,11 +343,11 @@ def _refuse_before_training(builder, recipe, split) -> None:
 def _refuse_an_unplannable_target(model, recipe, split) -> None:
     """Sequential and overlap: the allocator refuses a target under the smallest file it can plan on the trained
     model, after training it; targets.refusal_before_training checks it first on the untrained model."""
-    from .targets import refusal_before_training
+    from .targets import NOTHING_TRAINED, refusal_before_training
 
     refusal = refusal_before_training(model, recipe, split.x_train[:2])
     if refusal is not None:
-        refusal.add_note("Checked on the untrained model, before training it; nothing was trained.")
+        refusal.add_note(NOTHING_TRAINED)
         raise refusal
 
 
@@ -615,8 +616,16 @@ def _checked_on_the_model(recipe) -> str:
     if recipe.hf is not None or not recipe.model or recipe.model.startswith("hf:") or not recipe.data \
             or (recipe.data != "digits" and not Path(recipe.data).exists()):
         return " (not checked on a model: the recipe names no model and data this command can read)"
+    from rich.markup import escape
+
+    from .targets import TargetError
+
     split = load_split(recipe, None)
-    _refuse_before_training(builder_for(absolute_builder(recipe.model), split), recipe, split)
+    try:
+        _refuse_before_training(builder_for(absolute_builder(recipe.model), split), recipe, split)
+    except TargetError as err:  # the model as built: a second run's --weights (channels removed) may reach it
+        console.print(f"[yellow]warning:[/yellow] {escape(str(err))} (on the model as the builder makes it; a run from "
+                      "--weights of a smaller model, a first run's artifact, is checked on that one)")
     return f"; checked on the untrained model on {split.name}"
 
 

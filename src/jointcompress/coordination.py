@@ -100,9 +100,6 @@ def opposite_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(prod.lt(0).sum()) / n if n else 0.0
 
 
-NOISE = 1e-6  # a term's gradient this small next to the group's largest is float noise, no direction to compare
-
-
 @dataclass
 class CoordinationStats:
     step: int
@@ -238,10 +235,7 @@ class GradientCoordinator:
         for gname, rows in stacked.items():
             gram = (rows @ rows.T).double()
             norms = gram.diag().clamp_min(0).sqrt()
-            # terms that touch this group: a gradient of float noise (distillation while the student still equals
-            # its teacher) has no direction, and its cosine, counted as a conflict at random, gave a short run
-            # a conflict rate of 1.00 from its one logged step
-            live = [i for i, on in enumerate(norms.gt(NOISE * float(norms.max())).tolist()) if on]
+            live = [i for i, on in enumerate(norms.gt(0).tolist()) if on]  # terms that touch this group
             # every pair's cosine in one division (element for element the same doubles), read once
             cosines = (gram / (norms.unsqueeze(1) * norms.unsqueeze(0))).tolist() if len(live) > 1 else None
             for ai, a in enumerate(live):

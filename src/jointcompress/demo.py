@@ -22,7 +22,7 @@ from .data import Split, hold_out, load_digits
 from .deploy.int8 import int8_parity, quantize_int8
 from .pipeline import builder_for, compress_and_save, measure_latency, train_teacher, uncompressed_row
 from .recipe import Recipe, builtin_recipe, load_recipe, parse_recipe
-from .targets import refusal_before_training, resolve_target, target_bytes
+from .targets import NOTHING_TRAINED, refusal_before_training, resolve_target, target_bytes
 
 DEFAULT_MODEL = "lenet5"
 DEFAULT_RATIO = 100.0
@@ -96,7 +96,7 @@ def run_demo(out: Path, model: str = DEFAULT_MODEL, ratio: float = DEFAULT_RATIO
     builder = builder_for(model, split)
     refusal = refusal_before_training(builder(), targeted, split.x_train[:2])  # not after the teacher has trained
     if refusal is not None:
-        refusal.add_note("Checked on the untrained model, before training it; nothing was trained.")
+        refusal.add_note(NOTHING_TRAINED)
         raise refusal
     teacher = train_teacher(model, split, teacher_epochs, lr=targeted.training.lr, progress=progress("teacher"),
                             device=device)

@@ -86,12 +86,8 @@ def as_joint_form(recipe: Recipe) -> tuple[Recipe, dict | None]:
     the masks would have (at most at 0.2 of the run, where a paced window may start)."""
     if not recipe.asks_for_joint_form():
         return recipe, None
-    prune, quant = recipe.technique("prune_unstructured"), recipe.technique("quant_lsq")
-    budget = joint_form_budget()
-    # widths stay at quant_lsq.bits, unless the recipe asks for learned ones in so many words (it was dropped silently)
-    asked = quant is not None and "learn_bits" in quant.model_fields_set and quant.learn_bits
-    budget["learn_bits"] = budget.get("learn_bits", False) or asked
-    joint = joint_recipe(recipe, **budget)
+    prune = recipe.technique("prune_unstructured")
+    joint = joint_recipe(recipe, **joint_form_budget())
     event = {"event": "joint_form", "step": 0, "bits": joint.technique("quant_lsq").bits,
              "replaced": ["prune_unstructured"] if prune is not None else [],
              "size_budget": {k: v for k, v in joint.technique("size_budget").model_dump().items() if k != "type"},

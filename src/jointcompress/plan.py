@@ -83,6 +83,14 @@ def sequential_plan(techniques: list[Technique], total_steps: int, cfg) -> Plan:
     if not quant:
         fr = [fr[0], fr[1] + fr[2] + fr[3], 0.0, 0.0]
     steps = _split(total_steps, fr)
+    if quant and steps[2] + steps[3] == 0:  # LSQ would round the weights after the last step, never trained at its bits
+        from .errors import RecipeError
+
+        raise RecipeError(f"sequential: quantize {cfg.quantize:g} and finetune_after_quantize {cfg.finetune_after_quantize:g} "
+                          f"leave quant_lsq (the recipe's, or the one its size target adds) no step of the run's "
+                          f"{total_steps}: it would round the weights after training and never train them at its bits; "
+                          "give the quantize phase a share (e.g. prune 0.4, finetune_after_prune 0.1, quantize 0.4, "
+                          "finetune_after_quantize 0.1)")
     names = ["prune", "finetune", "quantize", "finetune_q"]
     plan, at = Plan(), 0
     for name, n in zip(names, steps):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -562,18 +562,6 @@ class Recipe(Strict):
         return self
 
     @model_validator(mode="after")
-    def _quantization_trains(self):
-        """sequential with no quantize phase (quantize and finetune_after_quantize both 0) rounded quant_lsq's
-        weights after the last step: a low-bit artifact that never trained at its bits, without a word."""
-        phases = self.sequential
-        if self.mode == "sequential" and self.technique("quant_lsq") is not None \
-                and phases.quantize + phases.finetune_after_quantize == 0:
-            raise ValueError("sequential: quantize and finetune_after_quantize are both 0, so quant_lsq would round the "
-                             "weights after the run and never train them at its bits; give the quantize phase a share "
-                             "(e.g. prune: 0.4, finetune_after_prune: 0.1, quantize: 0.4, finetune_after_quantize: 0.1)")
-        return self
-
-    @model_validator(mode="after")
     def _size_budget(self):
         if self.technique("size_budget") is None:
             return self
@@ -590,8 +578,9 @@ class Recipe(Strict):
             raise ValueError("size_budget needs target: {size_kb: ...} or {ratio: ...}")
         if self.target is not None and not self.target.is_latency and not self.target.allocated \
                 and budget.target_bytes is not None:  # the target's bytes replaced it without a word
-            raise ValueError(f"size_budget.target_bytes ({budget.target_bytes:g}) beside target: give one (the target "
-                             "sets the budget's bytes: size_kb, or ratio against the fp32 file)")
+            warnings.warn(f"size_budget.target_bytes ({budget.target_bytes:g}) beside target: the target's bytes replace "
+                          "it (size_kb, or ratio against the fp32 file; in compare, each of --ratios); give one",
+                          UserWarning, stacklevel=2)
         return self
 
     @model_validator(mode="after")

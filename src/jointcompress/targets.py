@@ -476,6 +476,7 @@ def resolve_target(model: nn.Module, recipe: Recipe | dict, example_inputs, eval
                           "from techniques, or use target.latency_ms (which allocates channel sparsity); for both, "
                           "use mode: joint (its size budget measures the file with the channels removed), or compress "
                           "in two runs: prune_structured first, then the size target on the finalized model")
+    kinds = [t["type"] for t in data["techniques"]]
     data = _with_size_techniques(data)
     full = parse_recipe({**data, "target": recipe.target.model_dump()}, source="resolved target")
     if sensitivity is None and evaluate is not None:
@@ -486,10 +487,26 @@ def resolve_target(model: nn.Module, recipe: Recipe | dict, example_inputs, eval
     alloc = allocate_size(model, full, example_inputs, scan=sensitivity,
                           base=allocation_base(model, data, example_inputs))
     data["target"] = {**recipe.target.model_dump(), "allocated": True}  # compress() steers toward it
+    _say_added(kinds)
     return _with_budgets(data, alloc)
 
 
+def _say_added(kinds: list[str]) -> None:
+    """The techniques the allocator added to the recipe (it writes its budgets into both), said once the target is
+    planned: only the manifest's recipe showed a low-bit, sparse artifact of a recipe that listed distillation alone."""
+    added = [k for k in ("prune_unstructured", "quant_lsq") if k not in kinds]
+    if added:
+        warnings.warn(f"target: a size target is met by pruning and low-bit weights together, so {' and '.join(added)} "
+                      f"{'was' if len(added) == 1 else 'were'} added to the recipe, with every layer's "
+                      f"{' and '.join(WHAT_SET[k] for k in added)} from the allocator (the manifest's recipe holds them)",
+                      stacklevel=3)
+
+
+WHAT_SET = {"prune_unstructured": "sparsity", "quant_lsq": "bit-width"}  # what the allocator writes into each
+
+
 PLAN_SLACK = 1.02  # before training, a target is refused only if a file this much larger cannot be planned either
+NOTHING_TRAINED = "Checked on the untrained model, before training it; nothing was trained."  # under such a refusal
 
 
 def refusal_before_training(untrained: nn.Module, recipe: Recipe, example_inputs) -> TargetError | None:
@@ -559,21 +576,13 @@ def _with_size_budget(data: dict, recipe: Recipe, goal: float) -> Recipe:
 
 
 def _with_size_techniques(data: dict) -> dict:
-    """The recipe with prune_unstructured and quant_lsq, which the allocator's budgets are written into: the one
-    it lacks is added with its defaults, and said (only the manifest's recipe showed a 4-bit, 67%-sparse
-    artifact of a recipe that listed distillation alone)."""
+    """The recipe with prune_unstructured and quant_lsq, which the allocator's budgets are written into (the one
+    it lacks is added with its defaults; resolve_target says so once the target is planned)."""
     kinds = [t["type"] for t in data["techniques"]]
-    added = []
     if "prune_unstructured" not in kinds:
         data["techniques"].insert(0, {"type": "prune_unstructured", "sparsity": 0.0, "scope": "layer"})
-        added.append("prune_unstructured (per-layer sparsity from the allocator)")
     if "quant_lsq" not in kinds:
         data["techniques"].append({"type": "quant_lsq", "bits": 4, "start": 0.3})
-        added.append("quant_lsq (4 bits, from 30% of the run)")
-    if added:
-        warnings.warn(f"target: the recipe's size target is met by pruning and low-bit weights together, so "
-                      f"{' and '.join(added)} {'was' if len(added) == 1 else 'were'} added; list them in the recipe "
-                      "to set them yourself", stacklevel=4)
     return data
 
 
