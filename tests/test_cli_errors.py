@@ -884,18 +884,25 @@ def test_recipe_validate_refuses_the_metric_compress_refuses(tmp_path, monkeypat
     assert code == 2 and "training.metric 'acuracy'" in out and "ok" not in out.split(), out
 
 
-@pytest.mark.parametrize("text", [
-    "training: {epochs: 1}\ntechniques: [{type: prune_unstructured, sparsity: 0.5, targets: ['conv*']}]\n",
-    "mode: sequential\ntarget: {ratio: 10}\ntraining: {epochs: 1}\n"
-    "techniques: [{type: prune_unstructured, targets: ['conv*']}, {type: quant_lsq, bits: 4}]\n",
+@pytest.mark.parametrize("text, said", [
+    ("training: {epochs: 1}\ntechniques: [{type: prune_unstructured, sparsity: 0.5, targets: ['conv*']}]\n",
+     "select no layer of the model"),
+    ("mode: sequential\ntarget: {ratio: 10}\ntraining: {epochs: 1}\n"
+     "techniques: [{type: prune_unstructured, targets: ['conv*']}, {type: quant_lsq, bits: 4}]\n",
+     "select no layer of the model"),
+    # under a latency target too, whose channels are allocated (timed) only once the model has trained
+    ("model: lenet5\ntarget: {speedup: 2, batch: 64}\ntraining: {epochs: 1}\ntechniques: [{type: raise_stride}]\n",
+     "raise_stride: with 'conv1' at stride 2"),
+    ("target: {speedup: 2, batch: 64}\ntraining: {epochs: 1}\ntechniques: [{type: prune_structured, targets: ['fc3']}]\n",
+     "no prunable channel group matches targets ['fc3']"),
 ])
-def test_a_recipe_selecting_no_layer_is_refused_before_the_model_trains_and_leaves_no_folder(tmp_path, monkeypatch,
-                                                                                             capsys, text):
+def test_a_recipe_the_setup_refuses_is_refused_before_the_model_trains_and_leaves_no_folder(tmp_path, monkeypatch,
+                                                                                            capsys, text, said):
     """targets: ['conv*'] on an MLP was refused by compress() after the command had trained the model (and left
     start.json and the trained model in --out); it is found on the untrained model."""
     code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, text), "--teacher-epochs", "1",
                      "--out", tmp_path / "o")
-    assert code == 2 and "select no layer of the model" in out and "before training it" in out, out
+    assert code == 2 and said in out and "before training it" in out, out
     assert "train model" not in out and not (tmp_path / "o").exists(), out
 
 

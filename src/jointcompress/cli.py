@@ -328,16 +328,35 @@ def _refuse_before_training(builder, recipe, split) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the run itself says them
         try:
-            if recipe.target is not None and (recipe.target.is_latency or recipe.mode != "joint"):
+            if recipe.target is not None and not recipe.target.is_latency and recipe.mode != "joint":
                 check_targets(model, recipe)  # the allocator's budgets come later, on the trained model
-            else:
-                prepare(model, recipe, total_steps=steps, example_inputs=split.x_train[:2],
+            else:  # a latency target's channels are allocated later (timed): set up with a stand-in sparsity
+                prepare(model, _latency_stand_in(recipe) if recipe.target is not None and recipe.target.is_latency
+                        else recipe, total_steps=steps, example_inputs=split.x_train[:2],
                         teacher=copy.deepcopy(model), distributed=False)
         except JointCompressError as err:
             err.add_note(NOTHING_TRAINED)
             raise
     if recipe.has_size_target() and recipe.mode != "joint":
         _refuse_an_unplannable_target(builder(), recipe, split)
+
+
+def _latency_stand_in(recipe):
+    """The recipe a latency target's run sets up, before its allocation has timed the channels' widths: no target,
+    prune_structured (added where the recipe lacks it, as the allocation adds it) at half its channels where it
+    names no sparsity. What the setup refuses (no channel group, a stride the model cannot take, blocks that are
+    not residual) does not depend on the widths; it was found after the model had trained."""
+    from .recipe import parse_recipe
+
+    data = recipe.model_dump()
+    data["target"] = None
+    channels = next((t for t in data["techniques"] if t["type"] == "prune_structured"), None)
+    if channels is None:
+        channels = {"type": "prune_structured"}
+        data["techniques"].append(channels)
+    if channels.get("sparsity") is None and not channels.get("layer_sparsity"):
+        channels["sparsity"] = 0.5
+    return parse_recipe(data, source="the recipe, before its latency allocation")
 
 
 def _refuse_an_unplannable_target(model, recipe, split) -> None:
