@@ -3,7 +3,9 @@ starting weights) and only when its bytes are the ones written; what a killed wr
 and every refusal says what to do."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import json
 import os
 import warnings
@@ -260,19 +262,26 @@ def test_force_starts_over_with_its_own_start_and_trained_model(tmp_path, monkey
     assert (out / "teacher.safetensors").read_bytes() != first
 
 
-def test_a_second_run_in_a_folder_in_use_is_refused_naming_the_first(tmp_path):
-    """Two runs given one --out wrote the same checkpoint names and deleted each other's temporary files."""
-    import fcntl
+@contextlib.contextmanager
+def _held_by_another(folder):
+    """`folder`'s run lock held as another process holds it (a second open file locks apart), with pid 4242."""
+    from jointcompress.io import LOCK_NAME
 
-    from jointcompress.errors import JointCompressError
-    from jointcompress.io import LOCK_NAME, check_output_dir, prepare_run_dir
-
-    out = tmp_path / "o"
-    out.mkdir()
-    with open(out / LOCK_NAME, "a+") as other:  # another process's hold (a second open file locks apart)
+    with open(folder / LOCK_NAME, "a+") as other:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         other.write("4242\n")
         other.flush()
+        yield
+
+
+def test_a_second_run_in_a_folder_in_use_is_refused_naming_the_first(tmp_path):
+    """Two runs given one --out wrote the same checkpoint names and deleted each other's temporary files."""
+    from jointcompress.errors import JointCompressError
+    from jointcompress.io import check_output_dir, prepare_run_dir
+
+    out = tmp_path / "o"
+    out.mkdir()
+    with _held_by_another(out):
         with pytest.raises(JointCompressError, match=r"in use by another jointcompress run \(pid 4242\)"):
             prepare_run_dir(out, force=False, resume=False)
     check_output_dir(out)  # the lock file alone is no run's output: the folder still counts as empty
@@ -404,17 +413,12 @@ def test_compress_in_a_run_dir_another_run_holds_is_refused_and_its_own_lock_is_
     """compress(run_dir=...) took no lock (only the command line did): a job started twice on one run_dir deleted
     the other's temporary checkpoint files and resumed from its live checkpoints. The lock is held while the run
     lasts and given up after, so a later run (another process's too) may use the folder."""
-    import fcntl
-
     from jointcompress.errors import JointCompressError
     from jointcompress.io import LOCK_NAME
 
     held = tmp_path / "held"
     held.mkdir()
-    with open(held / LOCK_NAME, "a+") as other:  # another process's hold (a second open file locks apart)
-        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        other.write("4242\n")
-        other.flush()
+    with _held_by_another(held):
         with pytest.raises(JointCompressError, match=r"in use by another jointcompress run \(pid 4242\)"):
             _run(digits, held, resume=True)
     assert not CheckpointStore(held).paths()
@@ -427,17 +431,11 @@ def test_compress_in_a_run_dir_another_run_holds_is_refused_and_its_own_lock_is_
 def test_a_second_compare_in_a_folder_a_compare_holds_is_refused(tmp_path, monkeypatch, capsys):
     """compare took no lock: a second compare given the same --out overwrote the first's compare.json, and with
     --force deleted the first's finished point folders while it ran."""
-    import fcntl
-
-    from jointcompress.io import LOCK_NAME
     from jointcompress.recipe import builtin_recipe
 
     out = tmp_path / "cmp"
     out.mkdir()
-    with open(out / LOCK_NAME, "a+") as first:
-        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        first.write("4242\n")
-        first.flush()
+    with _held_by_another(out):
         for force in ((), ("--force",)):  # before the first compare's first point ends, its folder is empty
             code, said = run_cli(monkeypatch, capsys, "compare", builtin_recipe("demo"), "--variants", "sequential",
                                  "--seeds", "1", "--ratios", "20", "--out", out, *force)
