@@ -15,10 +15,12 @@ Run-dir layout (what `jointcompress report` reads):
                     "summary": [{"variant", "ratio", "n", "accuracy_mean", ...}],
                     "uncompressed_summary": {"n", "accuracy_mean", "accuracy_min", "accuracy_max"},
                     "paired": [{"variant", "baseline", "ratio_target", "n", "error_diff_mean", "error_diff_se",
-                                "seeds", "verdict"}], "recipe"}
+                                "seeds", "verdict"}], "recipe", "inputs_sha256": {"train", "test", "weights"}}
+                   (written with its settings before the first teacher, and again as each point ends)
     compare.csv    one row per run, then one per point out of reach (its reason)
     pareto.png     error vs compression ratio, mean and min-max over seeds
     runs/<variant>-r<ratio>-s<seed>/{artifact/, history.json, summary.json, recipe.yaml}
+    teachers/s<seed>.safetensors   each seed's trained teacher (not with --weights), for --resume
 """
 from __future__ import annotations
 
@@ -397,11 +399,12 @@ def _earlier_result(out: Path, fresh: dict, spec: CompareSpec, log) -> dict:
     field an older compare.json lacks is not compared): its points, and its teachers, would sit beside this
     one's as if alike."""
     from .errors import RecipeError
+    from .io import LOCK_NAME
     from .training.checkpoints import differences
 
     path = out / "compare.json"
     if not path.is_file():
-        if any(p.name != ".jointcompress.lock" for p in out.iterdir()):
+        if any(p.name != LOCK_NAME for p in out.iterdir()):
             raise RecipeError(f"--resume: {out} holds no compare.json, so it is no compare's folder; choose another "
                               "--out, or --force to write into it")
         log(f"--resume: {out} is empty: the compare starts from the beginning")
@@ -434,6 +437,8 @@ def _covers(earlier: dict, spec: CompareSpec) -> None:
     if ratios or missing:
         raise RecipeError(f"--resume: the compare ran --ratios {','.join(f'{r:g}' for r in earlier['ratios'])} on seeds "
                           f"{seeds.start}..{seeds.stop - 1}; give at least those (more ratios or seeds add points)")
+
+
 def _write_run(run_dir: Path, recipe: Recipe, uncompressed: dict, run_row: dict, history) -> None:
     """A run's own files beside its artifact: history, summary (with the uncompressed row), recipe."""
     from .io import atomic_write_json, atomic_write_text
