@@ -1191,7 +1191,7 @@ def precision_section() -> list[str]:
     lines = ["## Training in bfloat16 (`training.precision: bf16`)", "",
              "The joint form under a size target, trained with the forward in bfloat16 autocast and in float32, "
              "alike otherwise (one float32 teacher, the same seeds, alternating which runs first, last epoch kept, "
-             "1 thread; the stored LeNet-5 and ResNet scripts ran at the same time, one on each of the 2 cores). Wall time of the whole `compress()` run (evaluation after each epoch included); accuracy "
+             "1 thread; the stored LeNet-5 and ResNet scripts ran one after the other on the otherwise quiet 2-core machine). Wall time of the whole `compress()` run (evaluation after each epoch included); accuracy "
              "of the finalized float32 model on the 10,000 test images; bf16 − fp32 paired by seed (points, bold "
              "beyond 2 standard errors). CPU: " + results[0]["cpu"] + " (AVX512-BF16).", "",
              "| model | target | epochs | teacher | fp32 / bf16 run time, per seed | fp32 accuracy | bf16 accuracy | "
