@@ -916,3 +916,17 @@ def test_an_interrupted_compress_without_out_reads_the_default_folder(tmp_path, 
     (tmp_path / "runs" / "compress").mkdir(parents=True)
     (tmp_path / "runs" / "compress" / "teacher.safetensors").write_bytes(b"")
     assert "from the model it trained first" in _after_interrupt(["compress", "r.yaml"])
+
+
+def test_a_latency_target_says_it_is_timing_before_the_first_step(tmp_path, monkeypatch, capsys, weights_file):
+    """At batch 4096 the per-layer tables took minutes under a progress line at 0/?, which read as a hung run."""
+    import jointcompress.pipeline as pipeline
+
+    def stop(*args, **kwargs):
+        raise JointCompressError("stopped where the allocation would begin")
+
+    monkeypatch.setattr(pipeline, "compress_and_save", stop)
+    recipe = _recipe(tmp_path, "target: {speedup: 2, batch: 256}\ntraining: {epochs: 1}\n"
+                               "techniques: [{type: prune_structured}]\n")
+    code, out = _cli(monkeypatch, capsys, "compress", recipe, "--weights", weights_file, "--out", tmp_path / "o")
+    assert code == 2 and "latency target: timing per-layer latency tables at batch 256" in out, out

@@ -236,6 +236,10 @@ def compress_cmd(
                                      teacher_epochs=teacher_epochs, save=main_rank, progress=show, device=where,
                                      data_given=str(data if data is not None else recipe.data))
         callbacks = [TensorBoardLogger(tensorboard)] if tensorboard and main_rank else []
+        if recipe.target is not None and recipe.target.is_latency and not resume and main_rank:
+            # minutes at a large batch, under a progress line at 0/?: it read as a run that had hung
+            console.print(f"latency target: timing per-layer latency tables at batch {recipe.target.batch} to allocate "
+                          "the channels' widths, before the first step (longer at large batches)")
         try:
             outcome = compress_and_save(
                 "artifact", teacher, recipe, split, builder, out if main_rank else None, progress=show(recipe.mode),
