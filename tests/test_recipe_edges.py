@@ -190,7 +190,7 @@ def test_a_recipe_that_would_run_without_doing_what_it_says_is_refused(data, sai
 
 
 def test_a_size_budget_of_its_own_bytes_beside_a_target_is_said():
-    """size_budget.target_bytes 9000 beside target.ratio 40: the run landed on the ratio's 13,123 B, without a word
+    """size_budget.target_bytes 9000 beside target.ratio 40: the run landed on the ratio's bytes, without a word
     (said, not refused: compare sets the target of such a recipe from --ratios)."""
     from jointcompress.recipe import parse_recipe
 

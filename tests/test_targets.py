@@ -277,7 +277,7 @@ def test_a_late_trim_that_cost_most_of_the_accuracy_is_said():
 
 
 def test_the_techniques_a_size_target_adds_are_said():
-    """A sequential recipe of distillation alone under ratio 20 stored a 4-bit, 67%-sparse artifact: the
+    """A sequential recipe of distillation alone under ratio 20 stored a low-bit, sparse artifact: the
     allocator added quant_lsq and prune_unstructured, and only the manifest's recipe showed it."""
     from jointcompress.recipe import parse_recipe
     from jointcompress.targets import resolve_target

@@ -215,7 +215,7 @@ def test_a_model_of_lazy_layers_compresses_and_its_own_builder_loads_the_artifac
 
 
 def test_load_makes_the_recorded_example_inputs_only_where_it_needs_them(tmp_path, monkeypatch):
-    """Every load made zeros of the recorded example shape (245 MB for a 20,000-row example) that only a pruning
+    """Every load made zeros of the recorded example shape (of its whole batch) that only a pruning
     history's replay or a lazy layer uses."""
     import jointcompress.artifact.store as store
 

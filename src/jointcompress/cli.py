@@ -620,13 +620,18 @@ def recipe_validate(recipe_path: Path = typer.Argument(..., help="Recipe YAML.")
     if not r.techniques:
         console.print(f"[yellow]warning:[/yellow] {recipe_path}: techniques is empty, so a run would train and compress "
                       "nothing; list at least one (prune_unstructured, quant_lsq, distill_kd, ...)")
-    if r.data and r.data != "digits" and not Path(r.data).exists():  # compress would stop there (unless --data)
+    if r.data and not _readable_data(r.data):  # compress would stop there (unless --data)
         console.print(f"[yellow]warning:[/yellow] {recipe_path}: data: {r.data} does not exist (from {Path.cwd()}); "
                       "compress stops there unless --data gives another")
     checked = _checked_on_the_model(r)
     console.print(f"[green]ok[/green] {recipe_path}: {model}, mode={r.mode}, {len(r.techniques)} techniques "
                   f"({', '.join(t.type for t in r.techniques)}), {r.training.epochs} epochs, coordination={r.coordination.strategy}"
                   f"{checked}")
+
+
+def _readable_data(data: str) -> bool:
+    """Whether a recipe's `data:` is one this command can load: the embedded digits, or a file that exists."""
+    return data == "digits" or Path(data).exists()
 
 
 def _checked_on_the_model(recipe) -> str:
@@ -637,7 +642,7 @@ def _checked_on_the_model(recipe) -> str:
     from .pipeline import builder_for, load_split
 
     if recipe.hf is not None or not recipe.model or recipe.model.startswith("hf:") or not recipe.data \
-            or (recipe.data != "digits" and not Path(recipe.data).exists()):
+            or not _readable_data(recipe.data):
         return " (not checked on a model: the recipe names no model and data this command can read)"
     from rich.markup import escape
 

@@ -166,7 +166,7 @@ def run_lock(path: str | os.PathLike | None, dist=None):
         yield
         return
     path = Path(path)
-    created = [p for p in (path, *path.parents) if not p.exists()]
+    created = _absent_folders(path)
     path.mkdir(parents=True, exist_ok=True)
     held_before = str(path.resolve()) in _HELD_LOCKS
     try:
@@ -192,7 +192,7 @@ def removed_if_refused(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         out = kwargs.get("out")
-        created = [p for p in (Path(out), *Path(out).parents) if not p.exists()] if out is not None else []
+        created = _absent_folders(Path(out)) if out is not None else []
         try:
             return command(*args, **kwargs)
         except Exception:  # a refusal (an interrupted run keeps its folder, for --resume)
@@ -200,6 +200,11 @@ def removed_if_refused(command):
                 _remove_if_empty(folder)
             raise
     return wrapper
+
+
+def _absent_folders(path: Path) -> list[Path]:
+    """`path` and its parents that do not exist yet, the deepest first: what a command that makes `path` creates."""
+    return [p for p in (path, *path.parents) if not p.exists()]
 
 
 def _remove_if_empty(folder: Path) -> None:

@@ -40,7 +40,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 def log_probs(logits: torch.Tensor, temperature: float, dim: int) -> torch.Tensor:
     """log_softmax(logits / T) in float32 at least, whatever the logits' dtype: in bf16 (a teacher loaded in bf16 that takes
     token ids, which no dtype check stops; a student under autocast) the KL of two near distributions came out
-    negative and its gradient pointed elsewhere (cosine 0.40 with the float32 one). A float64 model's stay float64."""
+    negative and its gradient pointed elsewhere. A float64 model's stay float64."""
     return F.log_softmax(at_least_float32(logits) / temperature, dim=dim)
 
 
