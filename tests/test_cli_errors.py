@@ -895,6 +895,9 @@ def test_recipe_validate_refuses_the_metric_compress_refuses(tmp_path, monkeypat
      "raise_stride: with 'conv1' at stride 2"),
     ("target: {speedup: 2, batch: 64}\ntraining: {epochs: 1}\ntechniques: [{type: prune_structured, targets: ['fc3']}]\n",
      "no prunable channel group matches targets ['fc3']"),
+    # a latency target no model can run at: its narrowest model allowed was timed only after training
+    ("model: lenet5\ntarget: {latency_ms: 0.0001, batch: 1}\ntraining: {epochs: 1}\n"
+     "techniques: [{type: prune_structured}]\n", "the narrowest model allowed"),
 ])
 def test_a_recipe_the_setup_refuses_is_refused_before_the_model_trains_and_leaves_no_folder(tmp_path, monkeypatch,
                                                                                             capsys, text, said):

@@ -545,3 +545,21 @@ def test_a_latency_ms_target_refused_on_a_busy_machine_says_the_machine_is_busy(
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     quiet = str(unreachable(target, table, sites, channels, 0.05, measured_ms=1.0))
     assert "busy" not in quiet and "Raise target.latency_ms" in quiet and floors(channels)
+
+
+def test_a_target_the_narrowest_model_misses_is_refused_on_the_untrained_model():
+    """A model's speed does not depend on its weights: the narrowest model allowed is timed before training, and a
+    target it misses is refused naming the measurement; one it meets is not (timed, but no time is asserted: a
+    microsecond target no model meets, a minute one every model does)."""
+    from jointcompress.latency_targets import refusal_before_training
+    from jointcompress.models import LeNet5
+    from jointcompress.recipe import parse_recipe
+    from jointcompress.targets import TargetError
+
+    example = torch.randn(2, 1, 28, 28)
+    recipe = lambda target: parse_recipe({"target": target, "techniques": [{"type": "prune_structured"}]})  # noqa: E731
+    refusal = refusal_before_training(LeNet5(), recipe({"latency_ms": 0.0001, "batch": 1}), example)
+    assert isinstance(refusal, TargetError) and "narrowest model allowed" in str(refusal)
+    assert "measured at" in str(refusal) and "conv1 8 of 20" in str(refusal), refusal
+    assert refusal_before_training(LeNet5(), recipe({"latency_ms": 60_000, "batch": 1}), example) is None
+    assert refusal_before_training(LeNet5(), recipe({"speedup": 10_000, "batch": 1}), example) is not None

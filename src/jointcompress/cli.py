@@ -341,7 +341,7 @@ def _refuse_before_training(builder, recipe, split) -> None:
         except JointCompressError as err:
             err.add_note(NOTHING_TRAINED)
             raise
-    if recipe.has_size_target() and recipe.mode != "joint":
+    if (recipe.has_size_target() and recipe.mode != "joint") or (recipe.target is not None and recipe.target.is_latency):
         _refuse_an_unplannable_target(builder(), recipe, split)
 
 
@@ -365,7 +365,8 @@ def _latency_stand_in(recipe):
 
 def _refuse_an_unplannable_target(model, recipe, split) -> None:
     """Sequential and overlap: the allocator refuses a target under the smallest file it can plan on the trained
-    model, after training it; targets.refusal_before_training checks it first on the untrained model."""
+    model, after training it; a latency target's allocation one the narrowest model misses, timed. Both are
+    checked first on the untrained model (targets.refusal_before_training)."""
     from .targets import NOTHING_TRAINED, refusal_before_training
 
     refusal = refusal_before_training(model, recipe, split.x_train[:2])

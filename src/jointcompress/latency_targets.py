@@ -58,6 +58,7 @@ WIDEN_TRIALS = 12  # measured give-backs after them (at least; 2 per group)
 # least of REPEATS medians timed alone, the run's verdict the median interleaved with the uncompressed
 # model, which read 3-4% slower in quiet runs (docs/latency.md, "what the target means")
 ACCEPT_MARGIN = 0.05
+TIMING_SLACK = 1.25  # before training, a target is refused only where the narrowest model measures this much over it
 
 
 def kernel_multiple(channels: int) -> int:
@@ -850,6 +851,33 @@ def resolve_latency(model: nn.Module, data: dict, example_inputs, target, measur
                                       f"accepted at or under {100 * (1 - ACCEPT_MARGIN):g}% of the target (the run's final "
                                       "check times the finished model interleaved with the uncompressed one)"}
     return recipe
+
+
+def refusal_before_training(untrained: nn.Module, recipe, example_inputs):
+    """The TargetError for a latency target even the narrowest model allowed misses, checked on the
+    untrained model, or None. A model's speed does not depend on its weights, so a command learns in
+    seconds what the allocation would refuse after training the model first (an hour, for some models).
+    The narrowest model (every group prune_structured may cut at its floor, on the model its prune_blocks
+    and raise_stride leave) is timed as the allocation times it; refused only where it measures
+    TIMING_SLACK over the target, since a timing on a busy machine reads slow and near the floor the run,
+    timing it again, decides. A speedup target times the uncompressed model too."""
+    target = recipe.target
+    if target is None or not target.is_latency:
+        return None
+    model, example_inputs = on_cpu(untrained)[0], to_device(example_inputs, torch.device("cpu"))
+    data = recipe.model_dump()
+    chosen = next((t for t in data["techniques"] if t["type"] == "prune_structured"), {})
+    base = allocation_base(model, data, example_inputs)
+    groups, _ = discover_groups(base, example_inputs, chosen.get("targets") or ["*"], chosen.get("exclude") or [])
+    channels = {g.name: g.channels for g in groups}
+    floor_ms = timed_ms(shrunk_to(base, example_inputs, floors(channels)), example_inputs, target.batch)
+    if target.speedup is not None:
+        target = target.model_copy(update={"latency_ms": timed_ms(copy.deepcopy(model), example_inputs, target.batch)
+                                           / target.speedup})
+    if floor_ms <= target.latency_ms * TIMING_SLACK:
+        return None
+    return unreachable(target, LatencyTable(layers={}, batch=target.batch), {}, channels, MIN_KEEP, MIN_WIDTH,
+                       floor_ms)
 
 
 def latency_against_target(uncompressed: nn.Module, compressed: nn.Module, example_inputs, target,

@@ -515,10 +515,15 @@ def refusal_before_training(untrained: nn.Module, recipe: Recipe, example_inputs
     compresses) depends on the architecture, not on the trained values, so a command learns it in seconds
     rather than after training the model first (an hour, for some models). Refused only where a file
     PLAN_SLACK larger cannot be planned either (near the floor the trained model decides); the error then
-    carries the exact target's words."""
+    carries the exact target's words. A latency target: latency_targets.refusal_before_training (the
+    narrowest model allowed, timed)."""
     target = recipe.target
-    if target is None or target.is_latency:
+    if target is None:
         return None
+    if target.is_latency:
+        from .latency_targets import refusal_before_training as latency_refusal
+
+        return latency_refusal(untrained, recipe, example_inputs)
     slack = {"ratio": target.ratio / PLAN_SLACK} if target.ratio is not None else {"size_kb": target.size_kb * PLAN_SLACK}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the run says them, with its own numbers
