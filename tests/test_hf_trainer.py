@@ -500,3 +500,61 @@ def test_a_second_train_call_ending_at_the_same_step_re_estimates_again(tmp_path
         with torch.no_grad():
             expected = model.conv(x).mean((0, 2, 3))
         torch.testing.assert_close(model.bn.running_mean, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_trainer_given_another_model_than_the_sessions_is_refused(tmp_path):
+    """prepare(model_a) with CompressionTrainer(model=model_b) trained model_b dense, and finalize baked model_a."""
+    session = jointcompress.prepare(tiny_bert(layers=2, seed=0), RECIPE, total_steps=4, teacher=tiny_bert(layers=2, seed=1))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, report_to=[], use_cpu=True, save_strategy="no")
+    with pytest.raises(RecipeError, match=r"not the model the session was prepared on"):
+        CompressionTrainer(session=session, model=tiny_bert(layers=2, seed=0), args=args, train_dataset=_rows())
+
+
+def test_a_trainer_running_fewer_steps_than_the_session_planned_is_refused_before_training(tmp_path):
+    """total_steps counted in batches under gradient_accumulation_steps 2: the Trainer ran half the steps, and the
+    model finalize baked was pruned to part of its target, said only by a warning at finalize."""
+    model = tiny_bert(layers=2, seed=0)
+    session = jointcompress.prepare(model, RECIPE, total_steps=8, teacher=tiny_bert(layers=2, seed=1))
+    args = TrainingArguments(output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=6,
+                             gradient_accumulation_steps=2, report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True)
+    trainer = CompressionTrainer(session=session, model=model, args=args, train_dataset=_rows())
+    with pytest.raises(RecipeError, match=r"runs 4 optimizer steps .* total_steps=8.*prepare with total_steps=4"):
+        trainer.train()
+    assert session.step == 0
+
+
+def test_load_best_model_at_end_chooses_among_the_compressed_checkpoints(tmp_path):
+    """The Trainer's best checkpoint could be one saved before pruning reached its target (the lowest loss is the
+    least pruned model's): finalize then baked a model pruned to a fraction of what was asked."""
+    teacher, model = tiny_bert(layers=2, seed=1), tiny_bert(layers=2, seed=0)
+    session = jointcompress.prepare(model, RECIPE, total_steps=8, teacher=teacher)  # pruning's ramp ends at step 4
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=6, learning_rate=1e-3,
+                             report_to=[], use_cpu=True, disable_tqdm=True, seed=0, eval_strategy="steps", eval_steps=1,
+                             save_strategy="steps", save_steps=1, load_best_model_at_end=True,
+                             metric_for_best_model="eval_loss", greater_is_better=True)  # scored as a metric that rises
+    trainer = CompressionTrainer(session=session, model=model, args=args, train_dataset=_rows(), eval_dataset=_rows(12, seed=5))
+    trainer.train()
+    logged = {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
+    final = session.final_from()
+    assert final == 4 and max(logged, key=logged.get) < final  # the Trainer's best was logged before the target
+    best_step = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[1])
+    assert best_step == max((s for s in logged if s >= final), key=logged.get) and session.step == best_step
+    prune = next(t for t in session.techniques if t.kind == "prune_unstructured")
+    assert abs(prune.achieved_sparsity() - 0.5) < 0.01
+
+
+def test_load_best_model_at_end_with_no_compressed_checkpoint_keeps_the_last_model(tmp_path, monkeypatch):
+    """The Trainer evaluates and saves the last step too, so a compressed checkpoint is there unless the schedule ends
+    after every evaluation: then the last model is kept, said, not an uncompressed checkpoint loaded."""
+    teacher, model = tiny_bert(layers=2, seed=1), tiny_bert(layers=2, seed=0)
+    session = jointcompress.prepare(model, RECIPE, total_steps=6, teacher=teacher)
+    monkeypatch.setattr(session, "final_from", lambda: 7)  # a ramp ending after the last evaluation
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=6, learning_rate=1e-3,
+                             report_to=[], use_cpu=True, disable_tqdm=True, seed=0, eval_strategy="steps", eval_steps=3,
+                             save_strategy="steps", save_steps=3, load_best_model_at_end=True,
+                             metric_for_best_model="eval_loss", greater_is_better=True)
+    trainer = CompressionTrainer(session=session, model=model, args=args, train_dataset=_rows(), eval_dataset=_rows(12, seed=5))
+    with pytest.warns(UserWarning, match=r"no checkpoint was evaluated at or after step 7.*the model of the last step is kept"):
+        trainer.train()
+    assert session.step == 6

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import json
 import os
 import warnings
@@ -267,6 +266,7 @@ def _held_by_another(folder):
     """`folder`'s run lock held as another process holds it (a second open file locks apart), with pid 4242."""
     from jointcompress.io import LOCK_NAME
 
+    fcntl = pytest.importorskip("fcntl")  # the run lock is fcntl's: nothing is locked without it (Windows)
     with open(folder / LOCK_NAME, "a+") as other:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         other.write("4242\n")
@@ -416,6 +416,7 @@ def test_compress_in_a_run_dir_another_run_holds_is_refused_and_its_own_lock_is_
     from jointcompress.errors import JointCompressError
     from jointcompress.io import LOCK_NAME
 
+    fcntl = pytest.importorskip("fcntl")
     held = tmp_path / "held"
     held.mkdir()
     with _held_by_another(held):

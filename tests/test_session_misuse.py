@@ -246,3 +246,61 @@ def test_prepare_names_a_model_wrapped_in_distributed_data_parallel():
     wrapped = DistributedDataParallel.__new__(DistributedDataParallel)  # the type is what is checked: no group needed
     with pytest.raises(RecipeError, match=r"wrapped in DistributedDataParallel; pass the model itself \(model.module\)"):
         jointcompress.prepare(wrapped, {"techniques": [{"type": "quant_lsq", "bits": 4}]}, total_steps=4)
+
+
+def test_a_loss_of_another_model_is_refused_at_the_first_step():
+    """A loop that trained a copy of the prepared model (or a Trainer given one) ran every step and finalize baked the
+    session's model, untrained and uncompressed, with no word."""
+    import copy
+
+    from jointcompress.errors import TrainingError
+
+    model, session, _ = _session()
+    other = copy.deepcopy(_mlp())
+    x, y = _data()
+    session.backward(session.loss(other(x), (x, y)))
+    with pytest.raises(TrainingError, match=r"no weight of the model prepare\(\) was given has a gradient"):
+        session.before_step()
+
+
+def test_a_plain_loss_backward_is_named_and_the_step_still_runs():
+    """loss.backward() in place of session.backward skipped the coordination (and under torchrun the ranks'
+    averaging) silently."""
+    model, session, opt = _session({**PRUNE_LSQ, "coordination": {"strategy": "pcgrad"}})
+    x, y = _data()
+    terms = session.loss(model(x), (x, y))
+    opt.zero_grad()
+    sum(terms.values()).backward()
+    with pytest.warns(RuntimeWarning, match=r"no session.backward\(terms\) at this step.*'pcgrad'"):
+        session.before_step()
+    opt.step()
+    session.after_step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the documented loop says nothing
+        _step(model, session, opt)
+
+
+def test_a_finalized_session_refuses_a_state_to_load():
+    model, session, opt = _session()
+    for _ in range(2):
+        _step(model, session, opt)
+    state = session.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # finalize before the planned end says so
+        session.finalize()
+    with pytest.raises(JointCompressError, match=r"session.load_state_dict\(\) after session.finalize\(\)"):
+        session.load_state_dict(state)
+
+
+def test_step_sizes_in_a_decayed_group_of_the_callers_optimizer_are_named():
+    """An optimizer made from model.parameters() holds LSQ's step sizes (its parametrizations live in the model), and
+    its weight decay pulled them toward a step of 1, against the documented "step sizes never decay"."""
+    model = _mlp()
+    session = jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 4}]}, total_steps=4)
+    with pytest.warns(UserWarning, match=r"the optimizer decays 2 technique parameter\(s\) as weights.*log_step"):
+        session.bind(torch.optim.AdamW(model.parameters(), weight_decay=0.1))
+    model = _mlp()
+    session = jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 4}]}, total_steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        session.bind(torch.optim.AdamW(session.param_groups(lr=1e-3), weight_decay=0.1))

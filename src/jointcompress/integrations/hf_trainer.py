@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 
 import torch
 
@@ -43,6 +44,22 @@ class CompressionCallback(TrainerCallback):
 
     def __init__(self, session: CompressionSession):
         self.session = session
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """The Trainer's optimizer steps against the session's plan: fewer, and the model finalize bakes never
+        reached its targets (said only then, after training); more, and the last ones fine-tune at the targets."""
+        planned, runs = self.session.plan.total_steps, state.max_steps
+        if runs == planned:
+            return
+        how = (f"the Trainer runs {runs} optimizer steps (batches per epoch x num_train_epochs / "
+               f"gradient_accumulation_steps {args.gradient_accumulation_steps}, or max_steps), the session was "
+               f"prepared for total_steps={planned}")
+        if runs < planned:
+            raise RecipeError(f"CompressionTrainer: {how}, so the techniques would not reach their targets; prepare "
+                              f"with total_steps={runs}")
+        warnings.warn(f"CompressionTrainer: {how}; the techniques reach their targets by step {planned} and the "
+                      f"last {runs - planned} steps train at them (prepare with total_steps={runs} to spread the "
+                      "schedule over the whole run)", UserWarning, stacklevel=2)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.session.begin_step()
@@ -72,6 +89,10 @@ class CompressionTrainer(Trainer):
         if session.loss_fn is not None and self._trainer_task_loss():
             raise RecipeError("CompressionTrainer: the task loss is given twice, to prepare(loss_fn=...) and to the Trainer "
                               "(label_smoothing_factor or compute_loss_func); keep one of them")
+        if not any(m is session.model for m in self.model.modules()):
+            raise RecipeError("CompressionTrainer(model=...) is not the model the session was prepared on: the Trainer "
+                              "would train it and finalize would bake the session's, untrained and uncompressed. Give "
+                              "the Trainer the model passed to jointcompress.prepare (session.model)")
         self.session = session.to(model_device(self.model))  # the Trainer moved the model after prepare()
         self.add_callback(CompressionCallback(session))
 
@@ -126,13 +147,43 @@ class CompressionTrainer(Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_best_model(self) -> None:
-        """load_best_model_at_end: the best checkpoint's session state too. The Trainer loaded its weights
-        alone, so the masks, scores and schedule stayed at the last step's: a model no evaluation had seen."""
-        best = self.state.best_model_checkpoint
-        path = os.path.join(best, SESSION_FILE) if best else None
-        if path is not None and os.path.isfile(path):
+        """load_best_model_at_end: the best checkpoint among those of the compressed model (at or after the step
+        every technique has ended its ramp, as the built-in loop chooses), with its session state too. The Trainer
+        loaded its weights alone, so the masks, scores and schedule stayed at the last step's: a model no
+        evaluation had seen; and its best could be an early checkpoint, pruned to a fraction of the target."""
+        best = self._best_compressed_checkpoint()
+        if best is None:
+            warnings.warn(f"load_best_model_at_end: no checkpoint was evaluated at or after step "
+                          f"{self.session.final_from()}, where every technique is at its target (the best, "
+                          f"{self.state.best_model_checkpoint}, was not compressed yet); the model of the last step is "
+                          "kept. Evaluate and save after that step (eval_steps / save_steps)", UserWarning, stacklevel=2)
+            return
+        self.state.best_model_checkpoint = best
+        path = os.path.join(best, SESSION_FILE)
+        if os.path.isfile(path):
             self.session.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         super()._load_best_model()
+        self._best_loaded = True
+
+    def _best_compressed_checkpoint(self) -> str | None:
+        """The Trainer's best checkpoint where it is of the compressed model, else the best-scored checkpoint
+        saved at or after session.final_from() (by the Trainer's metric_for_best_model and greater_is_better),
+        or None."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        best, final = self.state.best_model_checkpoint, self.session.final_from()
+        if best is None or _checkpoint_step(best) >= final:
+            return best
+        key = self.args.metric_for_best_model or "loss"
+        key = key if key.startswith("eval_") else f"eval_{key}"
+        folder = os.path.dirname(best)
+        scored = [(e[key], os.path.join(folder, f"{PREFIX_CHECKPOINT_DIR}-{e['step']}")) for e in self.state.log_history
+                  if key in e and e.get("step", -1) >= final]
+        scored = [(value, path) for value, path in scored if os.path.isfile(os.path.join(path, SESSION_FILE))]
+        if not scored:
+            return None
+        pick = max if self.args.greater_is_better else min
+        return pick(scored, key=lambda s: s[0])[1]
 
     def evaluate(self, *args, **kwargs):
         """The Trainer's evaluation, after BatchNorm's running statistics are re-estimated on the first
@@ -147,9 +198,9 @@ class CompressionTrainer(Trainer):
         those were what finalize and save kept. Not where the weights were just evaluated (their statistics are
         the evaluation's) or the best checkpoint was loaded back (its statistics are the ones it was scored with)."""
         self._recalibrated_at = None  # only a pass of this training counts (a second train() may end at the same step)
+        self._best_loaded = False
         out = super().train(*args, **kwargs)
-        best_loaded = self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None
-        if not best_loaded and getattr(self, "_recalibrated_at", None) != self.state.global_step:
+        if not self._best_loaded and getattr(self, "_recalibrated_at", None) != self.state.global_step:
             self._recalibrate_norms()
         return out
 
@@ -204,3 +255,9 @@ class CompressionTrainer(Trainer):
         terms = self.session.loss(outputs, inputs)
         loss = sum(v for k, v in terms.items() if k in PRIMARY)
         return (loss, outputs) if return_outputs else loss
+
+
+def _checkpoint_step(folder: str) -> int:
+    """The global step of a Trainer checkpoint-N folder (-1 for a name that carries none)."""
+    tail = os.path.basename(os.path.normpath(folder)).rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1

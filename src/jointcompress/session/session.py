@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..coordination import GradientCoordinator
-from ..errors import DataError, RecipeError
+from ..errors import DataError, RecipeError, TrainingError
 from ..model_call import model_device, to_device
 from ..plan import Plan
 from ..techniques.base import RunContext
@@ -64,7 +64,11 @@ class CompressionSession:
         self._before_at: int | None = None  # the step of the last before_step (after_step must follow it)
         self._warned_no_after = False
         self._warned_no_before = False
+        self._backward_at: int | None = None  # the step of the last session.backward
+        self._warned_no_backward = False
+        self._gradients_checked = False  # the first before_step checks they reached the session's model
         self._warned_unbound = False
+        self._warned_decay = False
         self._unbound_probe: list | None = None  # (parameter, its value before the step): see _probe_unbound
         self.nonfinite = NonFiniteWatch()  # the caller's own loop (the built-in loop rolls such steps back)
         self.loss_scale = LossScale()  # fp16 mixed precision: the scaler the step's backward was given
@@ -133,8 +137,25 @@ class CompressionSession:
         self.optimizer, self.owns_optimizer = optimizer, False
         if scheduler is not None:
             self.scheduler = scheduler
+        self._warn_decayed_technique_parameters()
         self._add_missing_groups()
         return optimizer
+
+    def _warn_decayed_technique_parameters(self) -> None:
+        """Technique parameters the caller's optimizer holds in a group with weight decay: an optimizer made from
+        model.parameters() holds LSQ's step sizes (parametrizations live in the model), and decay pulls their logs
+        toward a step of 1 (and mask scores toward 0) at the weights' LR, with no word."""
+        if self._warned_decay:
+            return
+        decayed = {id(p) for g in self.optimizer.param_groups if g.get("weight_decay", 0.0) > 0 for p in g["params"]}
+        held = [p for g in self.param_groups()[1:] if g.get("weight_decay") == 0.0 for p in g["params"] if id(p) in decayed]
+        if held:
+            self._warned_decay = True
+            names = sorted({self.param_names.get(id(p), "a technique parameter") for p in held})
+            warnings.warn(f"the optimizer decays {len(held)} technique parameter(s) as weights ({', '.join(names[:3])}"
+                          f"{', ...' if len(names) > 3 else ''}): weight decay pulls LSQ's log step sizes toward a step "
+                          "of 1 and mask scores toward 0. Make the optimizer from session.param_groups(lr=..., "
+                          "weight_decay=...): they get their own groups, with no decay", UserWarning, stacklevel=3)
 
     def _add_missing_groups(self) -> None:
         from .lr_schedulers import base_lr, follow_schedule, has_scheduler
@@ -342,6 +363,7 @@ class CompressionSession:
         if not self.owns_optimizer:
             self.nonfinite.note(terms)
         terms = self.loss_scale.scaled(terms, scaler, self.step)
+        self._backward_at = self.step
         stats = self.coordinator.backward(terms, self.step)
         self.sync.grads(self.coordinator.params)
         return stats
@@ -368,6 +390,7 @@ class CompressionSession:
                           "after_step advances the schedule (pruning ramps, the quantizers' start, freezes); call it "
                           "right after optimizer.step()", RuntimeWarning, stacklevel=2)
         self._before_at = self.step
+        self._check_loop_gradients()
         self._probe_unbound()
         self.ctx.loss_scale = self.loss_scale.unscale(self.optimizer, self.step)  # after settling: PCGrad is scale-free
         for t in self.techniques:
@@ -377,6 +400,27 @@ class CompressionSession:
             local = [p.grad for t in self.techniques if t.attached for p in t.rank_local_grads()]
             self.sync.dist.broadcast_tensors([g for g in local if g is not None])
         self._sync_moved_weights()  # a learned width's step re-fit by this rank's Fisher estimate
+
+    def _check_loop_gradients(self) -> None:
+        """The step's gradients came through session.backward into the model prepare() was given. A plain
+        loss.backward() skips the coordination (pcgrad acts on nothing) and, under torchrun, the ranks' averaging
+        (each rank trains its own weights); a loss of another model (a Trainer or loop given a copy of it) trained
+        that one, and finalize then baked this one, untrained and uncompressed, with no word."""
+        if self._backward_at != self.step and not self._warned_no_backward:
+            self._warned_no_backward = True
+            warnings.warn(f"session.before_step() at step {self.step} with no session.backward(terms) at this step: "
+                          f"a plain loss.backward() skips the coordination ('{self.recipe.coordination.strategy}') and, "
+                          "under torchrun, the averaging of the ranks' gradients; call session.backward(terms) with "
+                          "the terms session.loss returned", RuntimeWarning, stacklevel=3)
+        if self._gradients_checked:
+            return
+        self._gradients_checked = True
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if trainable and all(p.grad is None for p in trainable):
+            raise TrainingError(
+                f"session.before_step() at step {self.step}: no weight of the model prepare() was given has a gradient. "
+                "The loss was computed with another model (train the very model passed to prepare(), session.model: "
+                "not a copy, and give it to the Trainer), or before_step ran before session.backward(terms)")
 
     def after_step(self, prepare_next: bool = True) -> None:
         """Right after optimizer.step(): techniques act on the new weights; the step
@@ -447,6 +491,8 @@ class CompressionSession:
         saved by a session of another recipe or total_steps is refused by name (guards.check_fits)."""
         from ..checkpoint import set_python_rng_state
 
+        if self.spec is not None:
+            refuse_finalized("load_state_dict", self.step)
         check_fits(self, state)
         self.restore_structure(int(state["step"]), bool(state.get("begun")))
         self.load_technique_states(state["techniques"])
@@ -521,6 +567,11 @@ class CompressionSession:
             warnings.warn(f"finalize at step {self.step} of the {self.plan.total_steps} prepare() planned: "
                           f"{', '.join(short)}; the model keeps what they reached. Train to the planned step, or "
                           "prepare with the total_steps the loop runs", stacklevel=3)
+
+    def final_from(self) -> int:
+        """The first step at which every technique has ended its ramp: a state evaluated before it is not the
+        compressed model (the built-in loop's and the Trainer's best state are chosen from those at or after it)."""
+        return max([t.window[1] for t in self.techniques] + [0])
 
     def metrics(self) -> dict[str, float]:
         out = {}

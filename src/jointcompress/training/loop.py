@@ -286,9 +286,7 @@ class Trainer:
         entry = {"epoch": epoch, "step": step, "phase": phase_of(s.plan, step - 1), "losses": losses,
                  "conflict_rate": conflict, "metrics": metrics}
         entry.update(s.metrics())
-        all_final = all(t.attached and t.at_target() for t in s.techniques) and step >= max(
-            [t.window[1] for t in s.techniques] + [0]
-        )
+        all_final = all(t.attached and t.at_target() for t in s.techniques) and step >= s.final_from()
         entry["at_target"] = all_final
         self.history.epochs.append(entry)
         self._notify("on_epoch", entry)
