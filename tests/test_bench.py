@@ -277,3 +277,35 @@ def test_bench_keeps_the_images_of_a_model_that_takes_them_with_or_without_a_cha
                                  "--runs", "2"])
     assert r.exit_code == 0, r.output
     assert "accuracy" in r.output
+
+
+def test_bench_of_a_users_model_saved_without_example_inputs_asks_for_data(app, tmp_path):
+    """Saved with no example inputs, bench fed the user's 30-feature MLP a 28x28 image and stopped with torch's
+    "mat1 and mat2 shapes cannot be multiplied" traceback."""
+    source = "import torch.nn as nn\n\ndef build():\n    return nn.Sequential(nn.Linear(30, 16), nn.ReLU(), nn.Linear(16, 2))\n"
+    (tmp_path / "tab.py").write_text(source)
+    namespace: dict = {}
+    exec(source, namespace)
+    model, spec = fake_finalize(namespace["build"](), torch.randn(2, 30), prune=0)
+    save(model, spec, tmp_path / "art")
+    r = CliRunner().invoke(app, ["bench", str(tmp_path / "art"), "--model", f"{tmp_path / 'tab.py'}:build", "--runs", "2"])
+    from jointcompress.errors import ArtifactError  # the command line prints it as one message, exit 2
+
+    assert isinstance(r.exception, ArtifactError), r.output
+    assert "records no example inputs" in str(r.exception) and "pass --data" in str(r.exception)
+
+
+def test_bench_of_a_table_of_features_sizes_the_mlp_from_the_recorded_inputs(app, tmp_path):
+    import numpy as np
+
+    from jointcompress.models import LeNet300
+
+    model, spec = fake_finalize(LeNet300(12, 3), torch.randn(2, 12), prune=0)
+    save(model, spec, tmp_path / "art", example_inputs=torch.randn(2, 12))
+    r = CliRunner().invoke(app, ["bench", str(tmp_path / "art"), "--model", "lenet300", "--runs", "2"])
+    assert r.exit_code == 0, r.output
+    rows = np.random.default_rng(0).normal(size=(40, 12))
+    np.savez(tmp_path / "t.npz", x_train=rows[:30], y_train=np.arange(30) % 3, x_test=rows[30:], y_test=np.arange(10) % 3)
+    r = CliRunner().invoke(app, ["bench", str(tmp_path / "art"), "--model", "lenet300", "--data", str(tmp_path / "t.npz"),
+                                 "--runs", "2"])
+    assert r.exit_code == 0 and "accuracy" in r.output, r.output

@@ -184,6 +184,18 @@ def test_colour_images_train_the_reference_models_and_the_artifact_loads_with_th
     assert code in (0, None) and "Traceback" not in out, out
     manifest = json.loads((tmp_path / "o" / "artifact" / "manifest.json").read_text())
     assert manifest["example_inputs"][0]["shape"][1:] == [3, 32, 32]
+    # what the model takes is recorded and said: the file's pixels standardised per channel, as it trained
+    from jointcompress.artifact import load
+    from jointcompress.data import accuracy, standardised
+    from jointcompress.models import build_model
+
+    assert "inputs: the model takes (x - mean) / std of the data file's values" in " ".join(out.split()), out
+    record = manifest["extra"]["input_standardisation"]
+    assert record["per"] == "channel" and len(record["mean"]) == 3
+    model = load(tmp_path / "o" / "artifact", lambda: build_model("lenet5", image_size=32, num_classes=4, in_channels=3))
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    ours = next(row for name, row in summary.items() if name != "uncompressed")
+    assert accuracy(model, standardised(x[64:], record), torch.as_tensor(y[64:])) == pytest.approx(ours["accuracy"])
     code, out = _cli(monkeypatch, capsys, "bench", tmp_path / "o" / "artifact")  # no --data: the manifest's shape
     assert code in (0, None) and "Traceback" not in out, out
 

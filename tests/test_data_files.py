@@ -197,3 +197,36 @@ def test_a_column_of_labels_reads_as_one_label_per_image(tmp_path):
     split = load_dataset(str(_save(tmp_path, y_train=a["y_train"][:, None], y_test=a["y_test"][:, None])))
     assert split.y_train.shape == (len(a["y_train"]),) and split.y_train.tolist() == a["y_train"].tolist()
     assert split.y_test.tolist() == a["y_test"].tolist()
+
+
+@pytest.mark.parametrize("layout", ["gray", "hwc", "table"])
+def test_new_inputs_standardised_as_recorded_are_the_inputs_the_model_trained_on(tmp_path, layout):
+    """The command line standardises what it reads, and the artifact did not say how: a user's own features put
+    through the model read at chance (F float features, divided by 255 and standardised with one mean for all)."""
+    import torch
+
+    from jointcompress.data import standardised
+
+    r = np.random.default_rng(1)
+    shape = {"gray": (8, 8), "hwc": (8, 8, 3), "table": (12,)}[layout]
+    scales = r.uniform(0.01, 500, shape[-1:]).astype(np.float32)  # features of very different ranges
+    x_train, x_test = (r.normal(3, 1, (n, *shape)).astype(np.float32) * scales for n in (100, 20))
+    split = load_dataset(str(_save(tmp_path, x_train=x_train, x_test=x_test)))
+    record = split.standardisation
+    assert record["per"] == {"gray": "all", "hwc": "channel", "table": "feature"}[layout]
+    assert len(record["mean"]) == {"gray": 1, "hwc": 3, "table": 12}[layout]
+    assert torch.allclose(standardised(x_test, record), split.x_test, atol=1e-4)
+    if layout == "table":  # each feature on its own scale: standardised column by column, kept [N, F]
+        assert split.x_train.shape == (100, 12)
+        assert torch.allclose(split.x_train.mean(0), torch.zeros(12), atol=1e-4)
+        assert torch.allclose(split.x_train.std(0, unbiased=False), torch.ones(12), atol=1e-3)
+
+
+def test_a_table_of_features_builds_the_mlp_and_refuses_the_image_models(tmp_path):
+    from jointcompress.pipeline import builder_for
+
+    r = np.random.default_rng(0)
+    split = load_dataset(str(_save(tmp_path, x_train=r.normal(size=(100, 12)), x_test=r.normal(size=(20, 12)))))
+    assert builder_for("lenet300", split)()(split.x_test).shape == (20, 3)
+    with pytest.raises(DataError, match=r"a table of 12 features; the reference model 'lenet5' takes images"):
+        builder_for("lenet5", split)

@@ -559,6 +559,8 @@ def _write_compress_results(out: Path, recipe_path: Path, recipe, teacher, outco
     atomic_write_json(out / "summary.json", rows)
     atomic_write_text(out / "recipe.yaml", recipe_path.read_text(encoding="utf-8"))
     console.print(f"artifact in {out / 'artifact'}")
+    if split.standardisation is not None:
+        console.print(_standardisation_line(split))
     if result.history.best_epoch is not None:  # which evaluation chose the state the run ended with
         console.print(_kept_epoch_line(result.history.best_epoch, recipe.training.keep, split, given))
     if any(e.get("event") == "joint_form" for e in result.history.events):
@@ -574,6 +576,17 @@ def _write_compress_results(out: Path, recipe_path: Path, recipe, teacher, outco
                       f"({100 * (row['file_bytes'] / goal - 1):+.1f}%)")
     if latency is not None:
         console.print(_latency_line(latency, recipe.target))
+
+
+def _standardisation_line(split) -> str:
+    """What the model takes: the data it trained on was standardised, and so must be every input it is given."""
+    record = split.standardisation
+    per = {"all": "over all values", "channel": "per channel", "feature": "per feature"}[record["per"]]
+    shown = (f"{record['mean'][0]:.4g} and {record['std'][0]:.4g}" if len(record["mean"]) == 1
+             else f"{len(record['mean'])} of each")
+    return (f"inputs: the model takes (x - mean) / std of the data file's values, with the training split's mean and "
+            f"std {per} ({shown}): the manifest's input_standardisation; jointcompress.data.standardised(x, it) "
+            "applies it")
 
 
 def _kept_epoch_line(epoch: int, keep: str, split, given: bool = False) -> str:

@@ -1,9 +1,11 @@
 """Data: scikit-learn's bundled digits (the embedded default, no download) and MNIST .npz.
 
 Both come back as float tensors [N, C, H, W] normalised with the training set's mean/std (per channel
-for colour images; an .npz may hold [N, H, W], [N, H, W, C] or [N, C, H, W] arrays),
-plus int64 labels, split into train and held-out test. Loaders carry the sample index so a
-teacher's logits can be cached once per dataset.
+for colour images; an .npz may hold [N, H, W], [N, H, W, C] or [N, C, H, W] arrays), or [N, F] tables
+of features, each feature with its own mean/std, plus int64 labels, split into train and held-out test.
+The split records its standardisation in the data file's units (`standardised` applies it to new
+inputs; the artifact's manifest keeps it). Loaders carry the sample index so a teacher's logits can be
+cached once per dataset.
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ class Split:
     # test split the accuracy is reported on plays no part in training; None: choices read the test split
     x_val: torch.Tensor | None = None
     y_val: torch.Tensor | None = None
+    # how the inputs were standardised from the values the data file holds (input_standardisation): the
+    # artifact records it, since the model it trains answers for inputs standardised so and no others
+    standardisation: dict | None = None
 
     def selection(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The images a run's choices are made on (the kept epoch, a teacher's best epoch): the validation
@@ -82,19 +87,58 @@ def hold_out(split: Split, images: int, seed: int = 0, what: str = "training.val
                    x_val=split.x_train[val], y_val=split.y_train[val])
 
 
-def _normalise(x_train: np.ndarray, x_test: np.ndarray):
+def _normalise(x_train: np.ndarray, x_test: np.ndarray, scale: float = 1.0):
+    """[N, H, W] arrays (grayscale images) standardised with one mean and std over every value, as [N, 1, H, W];
+    with the record of it in the data file's units (its values were divided by `scale` first)."""
     mean, std = float(x_train.mean()), float(x_train.std()) or 1.0
     f = lambda a: torch.from_numpy(((a - mean) / std).astype(np.float32)).unsqueeze(1)  # noqa: E731
-    return f(x_train), f(x_test)
+    return f(x_train), f(x_test), _record("all", [mean * scale], [std * scale])
 
 
-def _normalise_channels(x_train: np.ndarray, x_test: np.ndarray):
+def _normalise_channels(x_train: np.ndarray, x_test: np.ndarray, scale: float = 1.0):
     """[N, C, H, W] arrays, each channel with the training set's own mean and std."""
-    mean = x_train.mean(axis=(0, 2, 3), keepdims=True, dtype=np.float64)
-    std = x_train.std(axis=(0, 2, 3), keepdims=True, dtype=np.float64)
+    return _normalise_along(x_train, x_test, (0, 2, 3), "channel", scale)
+
+
+def _normalise_features(x_train: np.ndarray, x_test: np.ndarray, scale: float = 1.0):
+    """[N, F] tables, each feature (column) with the training set's own mean and std, as tabular data is."""
+    return _normalise_along(x_train, x_test, (0,), "feature", scale)
+
+
+def _normalise_along(x_train: np.ndarray, x_test: np.ndarray, axes: tuple, per: str, scale: float):
+    mean = x_train.mean(axis=axes, keepdims=True, dtype=np.float64)
+    std = x_train.std(axis=axes, keepdims=True, dtype=np.float64)
     std = np.where(std > 0, std, 1.0)
     f = lambda a: torch.from_numpy(((a - mean) / std).astype(np.float32))  # noqa: E731
-    return f(x_train), f(x_test)
+    return f(x_train), f(x_test), _record(per, (mean * scale).ravel().tolist(), (std * scale).ravel().tolist())
+
+
+def _record(per: str, mean: list, std: list) -> dict:
+    return {"per": per, "mean": [float(m) for m in mean], "std": [float(v) for v in std],
+            "of": "the values the data file holds"}
+
+
+def standardised(x, record: dict) -> torch.Tensor:
+    """Inputs as a data file holds them ([N, H, W] or [N, H, W, C] / [N, C, H, W] images, or an [N, F] table),
+    laid out and standardised as the run that read such a file trained its model: `record` is the artifact
+    manifest's "input_standardisation" (or a Split's `standardisation`). Why: the command line standardises
+    the data it reads (x - mean) / std with the training split's mean and std (per channel, per feature, or
+    one for all of a grayscale image's values), and the model it compresses answers only for inputs made so."""
+    x = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
+    if record["per"] == "feature":
+        shaped = x
+    else:
+        shaped = _channels_first(x, "inputs")
+    mean, std = np.asarray(record["mean"]), np.asarray(record["std"])
+    if record["per"] == "channel":
+        mean, std = mean.reshape(1, -1, 1, 1), std.reshape(1, -1, 1, 1)
+    out = torch.from_numpy(((shaped - mean) / std).astype(np.float32))
+    return out.unsqueeze(1) if record["per"] == "all" else out
+
+
+def _laid_out(x: np.ndarray, what: str) -> np.ndarray:
+    """An [N, F] table of features as it is (each feature standardised on its own); images channels first."""
+    return x if x.ndim == 2 else _channels_first(x, what)
 
 
 def _channels_first(x: np.ndarray, what: str) -> np.ndarray:
@@ -107,7 +151,8 @@ def _channels_first(x: np.ndarray, what: str) -> np.ndarray:
         raise DataError(f"data: {what} has shape {x.shape}: which axis holds the channels is unclear; give "
                         "[N, H, W, C] or [N, C, H, W] with at most 4 channels and images larger than 4 pixels")
     if x.ndim not in (3, 4):
-        raise DataError(f"data: {what} has shape {x.shape}; expected [N, H, W], [N, H, W, C] or [N, C, H, W] images")
+        raise DataError(f"data: {what} has shape {x.shape}; expected [N, H, W], [N, H, W, C] or [N, C, H, W] images, "
+                        "or an [N, F] table of features")
     return x
 
 
@@ -135,8 +180,8 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Split:
     order = np.random.default_rng(seed).permutation(len(x))
     n_test = int(len(x) * test_fraction)
     test, train = order[:n_test], order[n_test:]
-    xtr, xte = _normalise(x[train], x[test])
-    return Split(xtr, torch.from_numpy(y[train]), xte, torch.from_numpy(y[test]), "digits")
+    xtr, xte, record = _normalise(x[train], x[test], scale=16.0)
+    return Split(xtr, torch.from_numpy(y[train]), xte, torch.from_numpy(y[test]), "digits", standardisation=record)
 
 
 def load_mnist(path: str | Path) -> Split:
@@ -151,17 +196,15 @@ def load_mnist(path: str | Path) -> Split:
         raise DataError(f"data: file not found: {path} (expected 'digits' or an .npz with x_train, y_train, x_test, "
                         f"y_test{where})")
     arrays = _read_npz(path)
-    x_train, x_test = (_channels_first(_pixels(arrays[k], f"{path}:{k}"), f"{path}:{k}").astype(np.float32) / 255.0
+    x_train, x_test = (_laid_out(_pixels(arrays[k], f"{path}:{k}"), f"{path}:{k}").astype(np.float32) / 255.0
                        for k in ("x_train", "x_test"))
     if x_train.shape[1:] != x_test.shape[1:]:
         raise DataError(f"data: {path}: x_train images are {x_train.shape[1:]} but x_test images {x_test.shape[1:]}; "
                         "they must match")
     _check_images(x_train, f"{path}:x_train")
     _check_images(x_test, f"{path}:x_test")
-    if x_train.ndim == 3:
-        xtr, xte = _normalise(x_train, x_test)
-    else:
-        xtr, xte = _normalise_channels(x_train, x_test)
+    standardise = {2: _normalise_features, 3: _normalise}.get(x_train.ndim, _normalise_channels)
+    xtr, xte, record = standardise(x_train, x_test, scale=255.0)
     ytr = _class_labels(arrays["y_train"], f"{path}:y_train", len(x_train))
     yte = _class_labels(arrays["y_test"], f"{path}:y_test", len(x_test))
     if len(np.unique(ytr)) < 2:  # a one-output classifier is right by construction: its 100% would mean nothing
@@ -170,7 +213,7 @@ def load_mnist(path: str | Path) -> Split:
     _class_count(np.concatenate([ytr, yte]), f"{path}:y_train / y_test")
     _check_held_out_labels(yte, ytr, f"{path}:y_test")
     ytr, yte = torch.from_numpy(ytr), torch.from_numpy(yte)
-    return Split(xtr, ytr, xte, yte, path.stem)  # tables and results name the data set by its file ("mnist")
+    return Split(xtr, ytr, xte, yte, path.stem, standardisation=record)  # tables name the data set by its file ("mnist")
 
 
 def _check_images(x: np.ndarray, what: str) -> None:

@@ -43,6 +43,14 @@ class Outcome:
 def builder_for(model_name: str, split: Split) -> Callable[[], nn.Module]:
     """What builds the model for `split`: a reference model sized for its images and classes, or the
     user's own builder (models.is_builder) as it is."""
+    if split.x_train.ndim == 2 and not is_builder(model_name):  # a table of features
+        if model_name != "lenet300":
+            raise DataError(f"data: {split.name} is a table of {split.x_train.shape[1]} features; the reference model "
+                            f"{model_name!r} takes images: use lenet300 (an MLP), or give your own model as --model "
+                            "file.py:function (docs/your-model.md)")
+        from .models import LeNet300
+
+        return lambda: LeNet300(int(split.x_train.shape[1]), split.num_classes)
     h, w = split.x_train.shape[-2:]
     if not is_builder(model_name) and h != w:
         raise DataError(f"data: {split.name} has {h}x{w} images; the reference model {model_name!r} takes square images: "
@@ -168,7 +176,8 @@ def finalize_and_save(model: nn.Module, result: Result, teacher: nn.Module, spli
         manifest = save(model, spec, path, builder=builder, example_inputs=example,
                         extra={"baseline_accuracy": evaluate(teacher)["accuracy"], "model": result.recipe.model,
                                "data": split.name,  # what baseline_accuracy was measured on: by name, and exactly
-                               "data_sha256": data_digest((split.x_test, split.y_test))})
+                               "data_sha256": data_digest((split.x_test, split.y_test)),
+                               "input_standardisation": split.standardisation})
         row["bytes"] = manifest["bytes"]["total"]  # the stored parts: values + indices + scales + biases + the rest
         row["file_bytes"] = manifest["weights_file_bytes"]  # the weights file on disk: the parts + its container
     row.update(_describe(model, spec, reference_weights=weight_counts(teacher)[1]))

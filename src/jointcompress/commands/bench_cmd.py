@@ -58,11 +58,26 @@ def _image_shape(manifest: dict) -> tuple[int, int]:
     return (int(shape[1]) if len(shape) == 4 else 1), int(shape[-1])
 
 
+def _builder(name: str, manifest: dict, split):
+    """What builds the model: for `split` as a run on it built it; else sized from the artifact's recorded inputs
+    (a table of features: lenet300 of that many inputs)."""
+    from ..models import LeNet300, build_model, is_builder
+    from ..pipeline import builder_for
+
+    if split is not None:
+        return builder_for(name, split)
+    classes, shape = _num_classes(manifest, name), _input_shape(manifest)
+    if len(shape) == 2 and name == "lenet300" and not is_builder(name):
+        return lambda: LeNet300(shape[1], classes)
+    channels, size = _image_shape(manifest)
+    return lambda: build_model(name, image_size=size, num_classes=classes, in_channels=channels)
+
+
 def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], runs: int = 50, threads: int = 1) -> dict:
     from ..artifact import byte_breakdown, load, read_manifest
     from ..bench import bench
     from ..errors import ArtifactError, RecipeError
-    from ..models import build_model, is_builder, load_builder
+    from ..models import is_builder, load_builder
 
     manifest = read_manifest(artifact_dir)
     if "hf_config" in (manifest.get("extra") or {}):
@@ -83,9 +98,11 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
         from ..data import load_dataset
 
         split = load_dataset(data)
-    channels, size = (split.channels, split.image_size) if split is not None else _image_shape(manifest)
-    classes = split.num_classes if split is not None else _num_classes(manifest, name)
-    builder = lambda: build_model(name, image_size=size, num_classes=classes, in_channels=channels)  # noqa: E731
+    elif not manifest.get("example_inputs") and is_builder(name):
+        raise ArtifactError(f"{artifact_dir}/manifest.json records no example inputs (saved without example_inputs=...), "
+                            f"so what {name} takes is unknown: pass --data with the data it was compressed on (or any of "
+                            "the same shape), or save with artifact.save(..., example_inputs=result.example_inputs)")
+    builder = _builder(name, manifest, split)
     if split is not None:
         split = _as_recorded(split, manifest, builder)
         _check_data_fits(artifact_dir, manifest, data, split, builder)
