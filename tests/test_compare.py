@@ -341,3 +341,20 @@ def test_an_interrupted_compare_resumes_with_the_points_it_finished(tmp_path, mo
     more = CliRunner().invoke(app, [*args[:3], "10,20,30", *args[4:], "--out", str(out), "--resume"])
     assert more.exit_code == 0 and calls == ["sequential-r30-s0", "overlap-r30-s0"], more.output
     assert len(points(out)) == 6 and json.loads((out / "compare.json").read_text())["ratios"] == [10.0, 20.0, 30.0]
+
+
+def test_paired_files_of_other_sizes_are_said_beside_the_verdict():
+    """At a target both undershoot (5x where 4-bit alone makes 8.6x), joint and sequential landed at their own sizes
+    and the table compared their errors as if the files were one size."""
+    from jointcompress.commands.compare_cmd import paired_cell
+    from jointcompress.compare import paired_differences
+
+    runs = _fake_result()["runs"]
+    (same,) = [p for p in paired_differences(runs) if p["ratio_target"] == 10.0]
+    assert same["file_bytes_ratio"] == 1.0 and "not the same size" not in paired_cell(same)
+    for r in runs:
+        if r["variant"] == "sequential" and r["ratio_target"] == 10.0:
+            r["file_bytes"] = 1600
+    (unequal,) = [p for p in paired_differences(runs) if p["ratio_target"] == 10.0]
+    assert unequal["file_bytes_ratio"] == 0.625
+    assert paired_cell(unequal).endswith("beyond 2 SE; its files 0.62x sequential's: not the same size")

@@ -589,12 +589,27 @@ def seed_differences(runs: list[dict], variant: str, ratio: float, baseline: str
     return list(_differences_by_seed(runs, variant, ratio, baseline).values())
 
 
-def _differences_by_seed(runs: list[dict], variant: str, ratio: float, baseline: str) -> dict[int, float]:
+def _pairs_by_seed(runs: list[dict], variant: str, ratio: float, baseline: str, key: str) -> dict[int, tuple]:
+    """{seed: (the variant's `key`, the baseline's)} over the seeds both ran at `ratio`."""
     by_seed = {}
     for row in runs:
         if row["ratio_target"] == ratio and row["variant"] in (variant, baseline):
-            by_seed.setdefault(row["seed"], {})[row["variant"]] = row["error"]
-    return {seed: 100 * (d[variant] - d[baseline]) for seed, d in by_seed.items() if len(d) == 2}
+            by_seed.setdefault(row["seed"], {})[row["variant"]] = row.get(key)
+    return {seed: (d[variant], d[baseline]) for seed, d in by_seed.items() if len(d) == 2}
+
+
+def _differences_by_seed(runs: list[dict], variant: str, ratio: float, baseline: str) -> dict[int, float]:
+    return {seed: 100 * (v - b) for seed, (v, b) in _pairs_by_seed(runs, variant, ratio, baseline, "error").items()}
+
+
+def _file_ratio(runs: list[dict], variant: str, ratio: float, baseline: str) -> float | None:
+    """The variant's weights file over the baseline's, mean over the paired seeds: a loose target (one both
+    undershoot) lets each land at its own size, and their errors then compare files of other sizes."""
+    pairs = [(v, b) for v, b in _pairs_by_seed(runs, variant, ratio, baseline, "file_bytes").values() if v and b]
+    return statistics.fmean(v / b for v, b in pairs) if pairs else None
+
+
+UNEQUAL_FILES = 0.05  # paired files further apart than this are said beside the verdict
 
 
 def paired_stats(runs: list[dict], variant: str, ratio: float,
@@ -632,7 +647,8 @@ def paired_differences(runs: list[dict], baseline: str = "sequential") -> list[d
         else:
             verdict = "beyond 2 SE" if abs(mean) > 2 * se else "within 2 SE"
         out.append({"variant": variant, "baseline": baseline, "ratio_target": ratio, "n": len(diffs),
-                     "error_diff_mean": mean, "error_diff_se": se, "seeds": sorted(by_seed), "verdict": verdict})
+                     "error_diff_mean": mean, "error_diff_se": se, "seeds": sorted(by_seed), "verdict": verdict,
+                     "file_bytes_ratio": _file_ratio(runs, variant, ratio, baseline)})
     return out
 
 

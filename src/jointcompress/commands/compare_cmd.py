@@ -164,8 +164,14 @@ def _acc(s: dict) -> str:
 
 
 def paired_cell(p: dict | None) -> str:
-    """'+0.31 ± 0.12 pts (n=3): within 2 SE'; one seed has no standard error."""
+    """'+0.31 ± 0.12 pts (n=3): within 2 SE'; one seed has no standard error. Files of other sizes (a target
+    both undershoot) are said after the verdict."""
     if p is None:
         return ""
+    from ..compare import UNEQUAL_FILES
+
     se = f" ± {p['error_diff_se']:.2f}" if p.get("error_diff_se") is not None else ""
-    return f"{p['error_diff_mean']:+.2f}{se} pts (n={p['n']}): {p['verdict']}"
+    files = p.get("file_bytes_ratio")
+    unequal = (f"; its files {files:.2f}x {p.get('baseline', 'sequential')}'s: not the same size"
+               if files is not None and abs(files - 1) > UNEQUAL_FILES else "")
+    return f"{p['error_diff_mean']:+.2f}{se} pts (n={p['n']}): {p['verdict']}{unequal}"

@@ -342,5 +342,6 @@ def _warn_idle_coordination(config, counts: dict, dist) -> None:
            " and no size or regularizer term")
     warnings.warn(f"coordination: {config.strategy} changed no update in this run: it {why}; it acts against a size "
                   "term (mode: joint under a size target) or a regularizer. Set strategy: none for the same "
-                  "training without the measuring", stacklevel=2)
+                  "training without the measuring (the same to float rounding: the terms' gradients are summed in "
+                  "another order, so the weights need not match bit for bit)", stacklevel=2)
 
