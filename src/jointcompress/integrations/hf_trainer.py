@@ -46,20 +46,21 @@ class CompressionCallback(TrainerCallback):
         self.session = session
 
     def on_train_begin(self, args, state, control, **kwargs):
-        """The Trainer's optimizer steps against the session's plan: fewer, and the model finalize bakes never
-        reached its targets (said only then, after training); more, and the last ones fine-tune at the targets."""
+        """The Trainer's optimizer steps against the session's plan, said before training: fewer, and the model
+        finalize bakes has not reached its targets (said only then, after training: total_steps counted in batches
+        under gradient accumulation); more, and the last ones train at the targets. A warning, not a refusal: a
+        train() may run part of the plan on purpose (a look at the first steps)."""
         planned, runs = self.session.plan.total_steps, state.max_steps
         if runs == planned:
             return
         how = (f"the Trainer runs {runs} optimizer steps (batches per epoch x num_train_epochs / "
                f"gradient_accumulation_steps {args.gradient_accumulation_steps}, or max_steps), the session was "
                f"prepared for total_steps={planned}")
-        if runs < planned:
-            raise RecipeError(f"CompressionTrainer: {how}, so the techniques would not reach their targets; prepare "
-                              f"with total_steps={runs}")
-        warnings.warn(f"CompressionTrainer: {how}; the techniques reach their targets by step {planned} and the "
-                      f"last {runs - planned} steps train at them (prepare with total_steps={runs} to spread the "
-                      "schedule over the whole run)", UserWarning, stacklevel=2)
+        then = (f"so the techniques will not reach their targets: finalize then keeps what they reached by step {runs}"
+                if runs < planned else f"so the techniques reach their targets by step {planned} and the last "
+                f"{runs - planned} steps train at them")
+        warnings.warn(f"CompressionTrainer: {how}, {then} (prepare with total_steps={runs} to spread the schedule over "
+                      "this run)", UserWarning, stacklevel=2)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.session.begin_step()
