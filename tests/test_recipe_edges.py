@@ -172,6 +172,9 @@ def test_per_layer_settings_a_size_target_replaces_are_said():
     ({"techniques": [{"type": "distill_kd", "alpha": 0}]}, r"distill_kd: alpha: 0 without features distils nothing"),
     ({"hf": {"student_layers": [2, 0]}, "techniques": [{"type": "distill_kd"}]},
      r"hf.student_layers: \[2, 0\]: .* increasing order .*\[0, 2\]"),
+    # [] read as "not given": a 6-layer student trained without a word
+    ({"hf": {"student_layers": []}, "techniques": [{"type": "distill_kd"}]},
+     r"hf.student_layers: \[\] keeps no layer: .* leave student_layers out to keep them all"),
 ])
 def test_a_recipe_that_would_run_without_doing_what_it_says_is_refused(data, said):
     """distill_kd with alpha 0 and no features ran the teacher on every step for a loss of zero; hf.student_layers

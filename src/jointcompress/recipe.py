@@ -345,7 +345,10 @@ class HF(Strict):
     @field_validator("student_layers")
     @classmethod
     def _in_order(cls, layers):
-        """[2, 0] built a student whose layers ran in reverse, without a word."""
+        """[2, 0] built a student whose layers ran in reverse, without a word; [] kept every layer."""
+        if layers is not None and not layers:
+            raise ValueError("[] keeps no layer: list the teacher layers the student keeps (at least one), or leave "
+                             "student_layers out to keep them all")
         if layers is not None and any(b <= a for a, b in zip(layers, layers[1:])):
             raise ValueError(f"{layers}: list the teacher layers the student keeps once each, in increasing order "
                              f"(it runs them in the teacher's order): {sorted(set(layers))}")
