@@ -694,3 +694,30 @@ def test_a_teacher_folder_without_its_tokenizer_is_refused_before_training(tmp_p
     said = " ".join(str(res.exception).split())
     assert res.exit_code != 0 and "its special ones only" in said and "tokenizer.save_pretrained" in said, res.output
     assert not (tmp_path / "o" / "artifact").exists()
+
+
+def test_prune_layers_starts_from_how_far_each_skipped_layer_moves_the_predictions():
+    """The first scores were weight norms, which can rank the layer a classifier's head reads least: a short run
+    dropped the last layer of a fine-tuned MiniLM and ended near chance. They are now the change of the predictions
+    when each layer is skipped, on the first training batch: a layer that changes nothing scores least."""
+    from jointcompress.hf.layers import layer_magnitude, layer_output_change
+    from jointcompress.hf.masks import normalise_importance
+    from jointcompress.techniques import build
+    from jointcompress.techniques.base import RunContext
+
+    data = synthetic()
+    x = pack(data["input_ids"], data["attention_mask"])[:16]
+    student = SequenceClassifier(tiny_bert(layers=4, heads=HEADS, ffn=FFN, seed=0)).eval()
+    idle = student.hf.bert.encoder.layer[3]
+    with torch.no_grad():  # the largest weights, adding one value to all of a token's features: the norm after removes it
+        student.hf.classifier.weight.mul_(300)  # a random head's logits sit near 0 for every input: make them differ
+        for linear in (idle.attention.output.dense, idle.output.dense):
+            linear.weight.fill_(1.0)
+            linear.bias.zero_()
+    change = layer_output_change(student, student.hf, x)
+    assert change.shape == (1, 4) and int(change.argmin()) == 3 and float(change[0, 3]) < 1e-3 * float(change[0, :3].min())
+    assert int(layer_magnitude(student.hf).argmax()) == 3  # the weight norm ranked it first
+    gates = build(parse_recipe({"techniques": [{"type": "prune_layers", "sparsity": 0.25}]}).techniques[0])
+    assert gates.config.init == "output"
+    gates.setup(RunContext(model=student, example_inputs=x, total_steps=10))
+    assert torch.allclose(gates.mask.scores.detach(), normalise_importance(change))

@@ -285,6 +285,9 @@ class PruneLayers(_PruneUnits):
     """Whole transformer layers: one global top-k over the layers (min_keep: fraction kept)."""
 
     type: Literal["prune_layers"]
+    # initial scores: how far the predictions move when each layer is skipped, on the first training batch
+    # (hf.layers.layer_output_change; a weight norm where there is no batch), or the weight norm, or constant
+    init: Literal["output", "magnitude", "constant"] = "output"
 
     @model_validator(mode="after")
     def _global(self):

@@ -70,16 +70,57 @@ def attach_layer_gate(model: nn.Module, mask) -> list:
     handles = []
     for i, layer in enumerate(mods):
         def hook(module, args, kwargs, output, i=i):
-            h_in = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
-            h_out = output[0] if isinstance(output, tuple) else output
+            h_in, h_out = _layer_input(args, kwargs), output[0] if isinstance(output, tuple) else output
             g = mask()[0, i].to(h_out.dtype)
-            mixed = g * h_out + (1 - g) * h_in
-            return (mixed,) + tuple(output[1:]) if isinstance(output, tuple) else mixed
+            return _as_output(g * h_out + (1 - g) * h_in, output)
 
         hook.unit_mask = "prune_layers"  # core finalize refuses a model that still carries one
         hook.unit_kept = getattr(mask, "kept", None)  # what a measuring copy keeps (hf.finalize.finalize_copy_with_units)
         handles.append(layer.register_forward_hook(hook, with_kwargs=True))
     return handles
+
+
+def _layer_input(args, kwargs) -> torch.Tensor:
+    """The hidden states a transformer layer was called with."""
+    return args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+
+
+def _as_output(hidden: torch.Tensor, output):
+    """`hidden` in the place of the layer's output hidden states (a tuple keeps its other parts)."""
+    return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+
+def _skipped(module, args, kwargs, output):
+    return _as_output(_layer_input(args, kwargs), output)
+
+
+@torch.no_grad()
+def layer_output_change(model: nn.Module, hf: nn.Module, example_inputs) -> torch.Tensor:
+    """How far `model`'s predictions move when each layer of `hf` (the transformer inside it) is skipped, its
+    output replaced by its input, on `example_inputs` (the first training batch): the mean KL divergence of
+    the skipped model's class distribution from the full one's, shape [1, layers]. Why: a weight norm ranks
+    layers by how much they could move the residual stream, not by what the prediction needs (it can rank a
+    classifier's last layer, the one its head reads, least: a short run that drops it ends near chance)."""
+    from ..model_call import call_model
+    from ..session.outputs import logits_of
+
+    _require_layers(hf.config)
+    mods = get_sub(hf.base_model, ARCH[family(hf.config)]["layers"])
+    was = model.training
+    model.eval()
+    try:
+        full = torch.log_softmax(logits_of(call_model(model, example_inputs)).float(), -1)
+        change = []
+        for layer in mods:
+            handle = layer.register_forward_hook(_skipped, with_kwargs=True)
+            try:
+                skipped = torch.log_softmax(logits_of(call_model(model, example_inputs)).float(), -1)
+            finally:
+                handle.remove()
+            change.append(torch.nn.functional.kl_div(skipped, full, log_target=True, reduction="batchmean"))
+    finally:
+        model.train(was)
+    return torch.stack(change)[None].cpu()
 
 
 def layer_magnitude(model: nn.Module) -> torch.Tensor:

@@ -104,6 +104,9 @@ class _PruneUnits(Technique):
     def _magnitude(self, hf: nn.Module) -> torch.Tensor:
         raise NotImplementedError
 
+    def _output_change(self, ctx: RunContext, hf: nn.Module) -> torch.Tensor:
+        raise NotImplementedError  # prune_layers only: the recipe offers init: output for it alone
+
     def _attach(self, hf: nn.Module, mask) -> list:
         raise NotImplementedError
 
@@ -117,7 +120,9 @@ class _PruneUnits(Technique):
         min_per_layer = max(1, math.ceil(cfg.min_keep * units))
         self.keep, self.keep_total = kept_units(layers, units, cfg)
         self.total = layers * units
-        if cfg.init == "magnitude":
+        if cfg.init == "output" and ctx.example_inputs is not None:
+            init = normalise_importance(self._output_change(ctx, hf).float())
+        elif cfg.init in ("magnitude", "output"):  # no batch to measure on (a loop of one's own, no example_inputs)
             init = normalise_importance(self._magnitude(hf).float())
         else:
             init = 3.0
@@ -288,6 +293,11 @@ class PruneLayers(_PruneUnits):
         from ..hf.layers import layer_magnitude
 
         return layer_magnitude(hf)
+
+    def _output_change(self, ctx, hf):
+        from ..hf.layers import layer_output_change
+
+        return layer_output_change(ctx.model, hf, ctx.example_inputs)
 
     def _attach(self, hf, mask):
         from ..hf.layers import attach_layer_gate
