@@ -189,8 +189,13 @@ def test_cli_compress_runs_an_hf_recipe(tmp_path):
     # deploy step (on by default): ONNX fp32 + ONNX Runtime int8, measured on dev
     assert (out / "onnx" / "model_fp32.onnx").is_file() and (out / "onnx" / "model_int8.onnx").is_file()
     q = summary["int8"]
-    assert 0.0 <= q["dev_accuracy"] <= 1.0
+    assert 0.0 <= q["dev_accuracy"] <= 1.0 and q["evaluated_in_batches_of"] == 64
     assert q["int8_onnx_bytes"] == (out / "onnx" / "model_int8.onnx").stat().st_size
+    from transformers import AutoTokenizer  # beside the ONNX models, with no model config to run code from
+
+    assert not (out / "onnx" / "config.json").exists()
+    beside = AutoTokenizer.from_pretrained(str(out / "onnx"))
+    assert beside("a fine film")["input_ids"] == AutoTokenizer.from_pretrained(str(out / "hf_model"))("a fine film")["input_ids"]
     assert q["fp32_onnx_bytes"] > 0  # (on a 32-wide model the int8 scales/zero points outweigh the saving)
     assert q["teacher_fp32_bytes"] == summary["teacher"]["folder_bytes"] > 0
     d = q["logits_vs_fp32_student"]

@@ -140,6 +140,9 @@ def _export_and_summarize(run: HFRun, *, int8: bool, int8_atol: float, latency_r
                                    rounds=latency_rounds, log=run.log, spec=run.spec)
         if not int8_summary["logits_vs_fp32_student"]["within_tolerance"]:
             run.warnings.append(int8_summary["logits_vs_fp32_student"]["message"])
+        # the ONNX models' inputs come from this tokenizer: a folder without the pruned model's config, which asks
+        # transformers' AutoTokenizer to run custom code (OUT/hf_model's does: a prompt, then a wait, in a terminal)
+        run.tok.save_pretrained(run.out / "onnx")
     teacher, student = steps.model_summary(run, folder, student_bytes, teacher_bytes)
     final_acc, ta = run.measured["final_acc"], run.teacher_acc
     artifact = steps.artifact_summary(run, teacher_bytes)
@@ -178,6 +181,11 @@ def example_text(data) -> str | dict:
     return data.sentences[0] if data.pairs is None else {"text": data.sentences[0], "text_pair": data.pairs[0]}
 
 
+# dev rows per call when int8 accuracy is measured: ONNX Runtime's dynamic int8 sets the activations' scales from
+# each call's batch, so a row's logits (and, near a tie, its class) depend a little on the rows beside it
+INT8_EVAL_BATCH = 64
+
+
 def deploy_int8(hf, teacher, dev_t: dict, onnx_dir: Path, *, seq_len: int, teacher_bytes: int | None,
                 teacher_acc: float | None, atol: float = INT8_ATOL, rounds: int = 5,
                 log: Callable[[str], None] = lambda msg: None, spec=None) -> dict:
@@ -198,8 +206,8 @@ def deploy_int8(hf, teacher, dev_t: dict, onnx_dir: Path, *, seq_len: int, teach
     trained = trained_overrides(fp32, hf, spec)
     q = quantize_onnx_int8(fp32, onnx_dir / "model_int8.onnx", trained)
     ort = OrtClassifier(q, threads=1)
-    ref = logits_over(torch_logits_fn(hf.eval()), dev)
-    got = logits_over(ort, dev)
+    ref = logits_over(torch_logits_fn(hf.eval()), dev, batch_size=INT8_EVAL_BATCH)
+    got = logits_over(ort, dev, batch_size=INT8_EVAL_BATCH)
     try:
         drift = check_logits(ref, got, atol=atol)
         drift.update(within_tolerance=True)
@@ -222,6 +230,7 @@ def deploy_int8(hf, teacher, dev_t: dict, onnx_dir: Path, *, seq_len: int, teach
         "weights_with_trained_scales": len(trained),
         "onnx_fp32": str(fp32), "onnx_int8": str(q),
         "dev_accuracy": acc,
+        "evaluated_in_batches_of": INT8_EVAL_BATCH,  # dynamic int8 scales each batch's activations by that batch
         "accuracy_ratio_vs_teacher": acc / teacher_acc if teacher_acc else None,
         "logits_vs_fp32_student": drift,
         "int8_onnx_bytes": int8_bytes, "fp32_onnx_bytes": fp32.stat().st_size,
