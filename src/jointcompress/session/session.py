@@ -151,11 +151,15 @@ class CompressionSession:
         held = [p for g in self.param_groups()[1:] if g.get("weight_decay") == 0.0 for p in g["params"] if id(p) in decayed]
         if held:
             self._warned_decay = True
-            names = sorted({self.param_names.get(id(p), "a technique parameter") for p in held})
-            warnings.warn(f"the optimizer decays {len(held)} technique parameter(s) as weights ({', '.join(names[:3])}"
-                          f"{', ...' if len(names) > 3 else ''}): weight decay pulls LSQ's log step sizes toward a step "
-                          "of 1 and mask scores toward 0. Make the optimizer from session.param_groups(lr=..., "
-                          "weight_decay=...): they get their own groups, with no decay", UserWarning, stacklevel=3)
+            warnings.warn(f"the optimizer decays {self._named(held)} as weights: weight decay pulls LSQ's log step "
+                          "sizes toward a step of 1 and mask scores toward 0. Make the optimizer from "
+                          "session.param_groups(lr=..., weight_decay=...): they get their own groups, with no decay",
+                          UserWarning, stacklevel=3)
+
+    def _named(self, params: list) -> str:
+        """'N technique parameter(s) (the first three names, ...)', as warnings about them name them."""
+        names = sorted({self.param_names.get(id(p), "a technique parameter") for p in params})
+        return f"{len(params)} technique parameter(s) ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
 
     def _add_missing_groups(self) -> None:
         from .lr_schedulers import base_lr, follow_schedule, has_scheduler
@@ -261,11 +265,10 @@ class CompressionSession:
         still = [p for p, before in (probe or [])[1:] if torch.equal(p.detach(), before)]
         if still and not self._warned_unbound:
             self._warned_unbound = True
-            names = sorted({self.param_names.get(id(p), "a technique parameter") for p in still})
-            warnings.warn(f"the optimizer step left {len(still)} technique parameter(s) with a gradient unchanged "
-                          f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): the optimizer does not hold "
-                          "them (one made from model.parameters() lacks the mask scores), so they do not train. Make it "
-                          "from session.param_groups(lr=...) and call session.bind(optimizer)", UserWarning, stacklevel=3)
+            warnings.warn(f"the optimizer step left {self._named(still)} with a gradient unchanged: the optimizer does "
+                          "not hold them (one made from model.parameters() lacks the mask scores), so they do not train. "
+                          "Make it from session.param_groups(lr=...) and call session.bind(optimizer)", UserWarning,
+                          stacklevel=3)
 
     def update_techniques(self) -> None:
         """Every technique updates its schedule (sparsity, temperature) for this step; masks
