@@ -293,6 +293,15 @@ def test_bench_of_a_users_model_saved_without_example_inputs_asks_for_data(app, 
 
     assert isinstance(r.exception, ArtifactError), r.output
     assert "records no example inputs" in str(r.exception) and "pass --data" in str(r.exception)
+    assert "does not take the default [1, 1, 28, 28] input (RuntimeError" in str(r.exception)
+    # one that takes the default input is timed on it, as before
+    source = "import torch.nn as nn\n\ndef build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(784, 2))\n"
+    (tmp_path / "img.py").write_text(source)
+    exec(source, namespace)
+    model, spec = fake_finalize(namespace["build"](), torch.randn(2, 1, 28, 28), prune=0)
+    save(model, spec, tmp_path / "img")
+    r = CliRunner().invoke(app, ["bench", str(tmp_path / "img"), "--model", f"{tmp_path / 'img.py'}:build", "--runs", "2"])
+    assert r.exit_code == 0, r.output
 
 
 def test_bench_of_a_table_of_features_sizes_the_mlp_from_the_recorded_inputs(app, tmp_path):

@@ -142,9 +142,9 @@ def test_data_with_nan_or_wrong_shape(tmp_path, monkeypatch, capsys):
         code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, ""), "--data", tmp_path / "test.npz", "--out",
                          tmp_path / "o5")
         assert code == 2 and words in out and "Traceback" not in out, out
-    np.savez(tmp_path / "flat.npz", x_train=x.reshape(20, -1), y_train=y, x_test=x[:5].reshape(5, -1), y_test=y[:5])
-    code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, ""), "--data", tmp_path / "flat.npz", "--out", tmp_path / "o2")
-    assert code == 2 and "expected [N, H, W], [N, H, W, C] or [N, C, H, W] images" in out, out
+    np.savez(tmp_path / "deep.npz", x_train=clean[:, None, None], y_train=y, x_test=clean[:5, None, None], y_test=y[:5])
+    code, out = _cli(monkeypatch, capsys, "compress", _recipe(tmp_path, ""), "--data", tmp_path / "deep.npz", "--out", tmp_path / "o2")
+    assert code == 2 and "expected [N, H, W], [N, H, W, C] or [N, C, H, W] images, or an [N, F] table" in out, out
     for labels, words in ((np.linspace(0, 1, 20), ["float64 values that are not whole numbers"]),
                           (np.eye(10)[y], ["shape (20, 10)", "one-hot rows: save y.argmax(1)"])):
         np.savez(tmp_path / "labels.npz", x_train=np.zeros((20, 28, 28), np.uint8), y_train=labels,

@@ -216,6 +216,11 @@ def test_new_inputs_standardised_as_recorded_are_the_inputs_the_model_trained_on
     assert record["per"] == {"gray": "all", "hwc": "channel", "table": "feature"}[layout]
     assert len(record["mean"]) == {"gray": 1, "hwc": 3, "table": 12}[layout]
     assert torch.allclose(standardised(x_test, record), split.x_test, atol=1e-4)
+    if layout == "gray":  # with a channel axis of one, either side: the same images
+        for one in (x_test[..., None], x_test[:, None]):
+            assert torch.allclose(standardised(one, record), split.x_test, atol=1e-4)
+    with pytest.raises(DataError, match=r"standardised: inputs of shape .* but the record was made for"):
+        standardised(x_test[..., :5] if layout == "table" else x_test[:, None, None], record)
     if layout == "table":  # each feature on its own scale: standardised column by column, kept [N, F]
         assert split.x_train.shape == (100, 12)
         assert torch.allclose(split.x_train.mean(0), torch.zeros(12), atol=1e-4)

@@ -714,8 +714,12 @@ def test_prune_layers_starts_from_how_far_each_skipped_layer_moves_the_predictio
     x = pack(data["input_ids"], data["attention_mask"])[:16]
     student = SequenceClassifier(tiny_bert(layers=4, heads=HEADS, ffn=FFN, seed=0)).eval()
     idle = student.hf.bert.encoder.layer[3]
-    with torch.no_grad():  # the largest weights, adding one value to all of a token's features: the norm after removes it
-        student.hf.classifier.weight.mul_(300)  # a random head's logits sit near 0 for every input: make them differ
+    with torch.no_grad():  # a random tiny model's layers and head hardly move its logits: make them
+        for layer in student.hf.bert.encoder.layer:
+            layer.attention.output.dense.weight.mul_(10)
+            layer.output.dense.weight.mul_(10)
+        student.hf.classifier.weight.mul_(30)
+        # the largest weights, adding one value to all of a token's features: the norm after removes it
         for linear in (idle.attention.output.dense, idle.output.dense):
             linear.weight.fill_(1.0)
             linear.bias.zero_()
@@ -726,3 +730,10 @@ def test_prune_layers_starts_from_how_far_each_skipped_layer_moves_the_predictio
     assert gates.config.init == "output"
     gates.setup(RunContext(model=student, example_inputs=x, total_steps=10))
     assert torch.allclose(gates.mask.scores.detach(), normalise_importance(change))
+    # an untrained head moves by float rounding only: ranking layers by that noise, the weight norm is used instead
+    with torch.no_grad():
+        student.hf.classifier.weight.mul_(1e-3)
+    assert float(layer_output_change(student, student.hf, x).max()) < 1e-6
+    gates = build(parse_recipe({"techniques": [{"type": "prune_layers", "sparsity": 0.25}]}).techniques[0])
+    gates.setup(RunContext(model=student, example_inputs=x, total_steps=10))
+    assert torch.allclose(gates.mask.scores.detach(), normalise_importance(layer_magnitude(student.hf)))

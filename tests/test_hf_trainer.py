@@ -548,6 +548,7 @@ def test_load_best_model_at_end_chooses_among_the_compressed_checkpoints(tmp_pat
     assert final == 4 and max(logged, key=logged.get) < final  # the Trainer's best was logged before the target
     best_step = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[1])
     assert best_step == max((s for s in logged if s >= final), key=logged.get) and session.step == best_step
+    assert trainer.state.best_metric == logged[best_step]  # the score the Trainer says it loaded
     prune = next(t for t in session.techniques if t.kind == "prune_unstructured")
     assert abs(prune.achieved_sparsity() - 0.5) < 0.01
 

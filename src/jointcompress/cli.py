@@ -229,7 +229,7 @@ def compress_cmd(
     out = prepare_run_dir(out, force=force, resume=resume, dist=dist, reads=weights)
     builder = builder_for(model_name, split)
     if not weights and not resume:
-        _refuse_before_training(builder, recipe, split)
+        _refuse_before_training(builder, recipe, split, timed=dist is None)
     with progress_bar() as bar:
         show = (lambda d: tracked(bar, d)) if main_rank else (lambda d: None)
         teacher = _model_to_compress(builder, model_name, split, recipe, out, weights=weights, resume=resume,
@@ -311,14 +311,16 @@ def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights
     return teacher
 
 
-def _refuse_before_training(builder, recipe, split) -> None:
+def _refuse_before_training(builder, recipe, split, timed: bool = True) -> None:
     """What the run would refuse after training the model first (an hour, for some models), checked on the
     untrained model: a recipe whose techniques select no layer of it (targets: ['conv*'] on an MLP), inputs it
     cannot take, and a size target out of reach. mode: joint under a size target refuses a target the bytes no
     decision moves already exceed when its budget sets up; those bytes (normalization layers, step sizes, biases,
     tensors no technique compresses) hardly depend on the trained values (its constant normalization layers code
     a little smaller: it refuses what the run would refuse, or a target within bytes of it). A recipe the session
-    can run (no target, or the joint form's) sets up in full, as prepare() would."""
+    can run (no target, or the joint form's) sets up in full, as prepare() would. `timed`: a latency target's
+    narrowest model is timed too (not under torchrun: each rank would time its own, and a rank that refused
+    alone would leave the others waiting; the allocation, timed on rank 0 and sent to all, refuses it there)."""
     import copy
     import warnings
 
@@ -341,7 +343,8 @@ def _refuse_before_training(builder, recipe, split) -> None:
         except JointCompressError as err:
             err.add_note(NOTHING_TRAINED)
             raise
-    if (recipe.has_size_target() and recipe.mode != "joint") or (recipe.target is not None and recipe.target.is_latency):
+    latency = recipe.target is not None and recipe.target.is_latency
+    if (recipe.has_size_target() and recipe.mode != "joint") or (latency and timed):
         _refuse_an_unplannable_target(builder(), recipe, split)
 
 

@@ -125,15 +125,26 @@ def standardised(x, record: dict) -> torch.Tensor:
     the data it reads (x - mean) / std with the training split's mean and std (per channel, per feature, or
     one for all of a grayscale image's values), and the model it compresses answers only for inputs made so."""
     x = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
-    if record["per"] == "feature":
-        shaped = x
-    else:
-        shaped = _channels_first(x, "inputs")
-    mean, std = np.asarray(record["mean"]), np.asarray(record["std"])
-    if record["per"] == "channel":
+    per, mean, std = record["per"], np.asarray(record["mean"]), np.asarray(record["std"])
+    if per == "feature":
+        _fits(x.ndim == 2 and x.shape[1] == len(mean), x, f"[N, {len(mean)}] rows of features")
+        return torch.from_numpy(((x - mean) / std).astype(np.float32))
+    given = x
+    if x.ndim == 3:  # [N, H, W]: one channel, given its axis
+        x = x[:, None]
+    _fits(x.ndim == 4, given, "[N, H, W] images, or [N, H, W, C] / [N, C, H, W]")
+    shaped = _channels_first(x, "inputs")
+    channels = 1 if per == "all" else len(mean)
+    _fits(shaped.shape[1] == channels, given, f"images of {channels} channel(s)")
+    if per == "channel":
         mean, std = mean.reshape(1, -1, 1, 1), std.reshape(1, -1, 1, 1)
-    out = torch.from_numpy(((shaped - mean) / std).astype(np.float32))
-    return out.unsqueeze(1) if record["per"] == "all" else out
+    return torch.from_numpy(((shaped - mean) / std).astype(np.float32))
+
+
+def _fits(ok: bool, x: np.ndarray, expected: str) -> None:
+    if not ok:
+        raise DataError(f"standardised: inputs of shape {tuple(x.shape)}, but the record was made for {expected}; give "
+                        "inputs as the data file the run read holds them")
 
 
 def _laid_out(x: np.ndarray, what: str) -> np.ndarray:

@@ -44,19 +44,25 @@ def builder_for(model_name: str, split: Split) -> Callable[[], nn.Module]:
     """What builds the model for `split`: a reference model sized for its images and classes, or the
     user's own builder (models.is_builder) as it is."""
     if split.x_train.ndim == 2 and not is_builder(model_name):  # a table of features
-        if model_name != "lenet300":
-            raise DataError(f"data: {split.name} is a table of {split.x_train.shape[1]} features; the reference model "
-                            f"{model_name!r} takes images: use lenet300 (an MLP), or give your own model as --model "
-                            "file.py:function (docs/your-model.md)")
-        from .models import LeNet300
-
-        return lambda: LeNet300(int(split.x_train.shape[1]), split.num_classes)
+        return table_builder(model_name, int(split.x_train.shape[1]), split.num_classes, split.name)
     h, w = split.x_train.shape[-2:]
     if not is_builder(model_name) and h != w:
         raise DataError(f"data: {split.name} has {h}x{w} images; the reference model {model_name!r} takes square images: "
                         "crop or pad them, or give your own model as --model file.py:function (docs/your-model.md)")
     return lambda: build_model(model_name, image_size=split.image_size, num_classes=split.num_classes,
                                in_channels=split.channels)
+
+
+def table_builder(model_name: str, features: int, classes: int, data: str) -> Callable[[], nn.Module]:
+    """The reference model for rows of `features` numbers: lenet300 (an MLP) of that many inputs; the others
+    take images."""
+    if model_name != "lenet300":
+        raise DataError(f"data: {data} is a table of {features} features; the reference model {model_name!r} takes "
+                        "images: use lenet300 (an MLP), or give your own model as --model file.py:function "
+                        "(docs/your-model.md)")
+    from .models import LeNet300
+
+    return lambda: LeNet300(features, classes)
 
 
 def load_start(builder: Callable[[], nn.Module], path: str | Path) -> nn.Module:
@@ -177,7 +183,7 @@ def finalize_and_save(model: nn.Module, result: Result, teacher: nn.Module, spli
                         extra={"baseline_accuracy": evaluate(teacher)["accuracy"], "model": result.recipe.model,
                                "data": split.name,  # what baseline_accuracy was measured on: by name, and exactly
                                "data_sha256": data_digest((split.x_test, split.y_test)),
-                               "input_standardisation": split.standardisation})
+                               **({"input_standardisation": split.standardisation} if split.standardisation else {})})
         row["bytes"] = manifest["bytes"]["total"]  # the stored parts: values + indices + scales + biases + the rest
         row["file_bytes"] = manifest["weights_file_bytes"]  # the weights file on disk: the parts + its container
     row.update(_describe(model, spec, reference_weights=weight_counts(teacher)[1]))

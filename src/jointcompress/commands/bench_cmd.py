@@ -61,16 +61,34 @@ def _image_shape(manifest: dict) -> tuple[int, int]:
 def _builder(name: str, manifest: dict, split):
     """What builds the model: for `split` as a run on it built it; else sized from the artifact's recorded inputs
     (a table of features: lenet300 of that many inputs)."""
-    from ..models import LeNet300, build_model, is_builder
-    from ..pipeline import builder_for
+    from ..models import build_model, is_builder
+    from ..pipeline import builder_for, table_builder
 
     if split is not None:
         return builder_for(name, split)
     classes, shape = _num_classes(manifest, name), _input_shape(manifest)
-    if len(shape) == 2 and name == "lenet300" and not is_builder(name):
-        return lambda: LeNet300(shape[1], classes)
+    if len(shape) == 2 and not is_builder(name):
+        return table_builder(name, shape[1], classes, "the artifact's recorded inputs")
     channels, size = _image_shape(manifest)
     return lambda: build_model(name, image_size=size, num_classes=classes, in_channels=channels)
+
+
+def _takes_the_default_input(artifact_dir: Path, name: str, builder) -> None:
+    """A user's model saved without example inputs is timed on the default [1, 1, 28, 28] input: one that cannot
+    take it (a 30-feature MLP) stopped in torch's "mat1 and mat2 shapes cannot be multiplied" traceback."""
+    import torch
+
+    from ..errors import ArtifactError
+    from ..model_call import call_model
+
+    try:
+        with torch.no_grad():
+            call_model(builder().eval(), _recorded_inputs({}, 1))
+    except Exception as err:  # noqa: BLE001 -- any failure of the user's forward on a guessed input means one thing
+        raise ArtifactError(f"{artifact_dir}/manifest.json records no example inputs (saved without example_inputs=...), "
+                            f"and {name} does not take the default [1, 1, 28, 28] input ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:120]}): pass --data with the data it was compressed on (or "
+                            "any of the same shape), or save with artifact.save(..., example_inputs=...)") from None
 
 
 def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], runs: int = 50, threads: int = 1) -> dict:
@@ -98,11 +116,9 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
         from ..data import load_dataset
 
         split = load_dataset(data)
-    elif not manifest.get("example_inputs") and is_builder(name):
-        raise ArtifactError(f"{artifact_dir}/manifest.json records no example inputs (saved without example_inputs=...), "
-                            f"so what {name} takes is unknown: pass --data with the data it was compressed on (or any of "
-                            "the same shape), or save with artifact.save(..., example_inputs=result.example_inputs)")
     builder = _builder(name, manifest, split)
+    if split is None and not manifest.get("example_inputs") and is_builder(name):
+        _takes_the_default_input(artifact_dir, name, builder)
     if split is not None:
         split = _as_recorded(split, manifest, builder)
         _check_data_fits(artifact_dir, manifest, data, split, builder)

@@ -120,7 +120,7 @@ def layer_output_change(model: nn.Module, hf: nn.Module, example_inputs) -> torc
             change.append(torch.nn.functional.kl_div(skipped, full, log_target=True, reduction="batchmean"))
     finally:
         model.train(was)
-    return torch.stack(change)[None].cpu()
+    return torch.stack(change)[None]
 
 
 def layer_magnitude(model: nn.Module) -> torch.Tensor:

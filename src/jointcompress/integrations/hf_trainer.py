@@ -90,7 +90,7 @@ class CompressionTrainer(Trainer):
         if session.loss_fn is not None and self._trainer_task_loss():
             raise RecipeError("CompressionTrainer: the task loss is given twice, to prepare(loss_fn=...) and to the Trainer "
                               "(label_smoothing_factor or compute_loss_func); keep one of them")
-        if not any(m is session.model for m in self.model.modules()):
+        if not {id(p) for p in session.model.parameters()} & {id(p) for p in self.model.parameters()}:
             raise RecipeError("CompressionTrainer(model=...) is not the model the session was prepared on: the Trainer "
                               "would train it and finalize would bake the session's, untrained and uncompressed. Give "
                               "the Trainer the model passed to jointcompress.prepare (session.model)")
@@ -159,7 +159,8 @@ class CompressionTrainer(Trainer):
                           f"{self.state.best_model_checkpoint}, was not compressed yet); the model of the last step is "
                           "kept. Evaluate and save after that step (eval_steps / save_steps)", UserWarning, stacklevel=2)
             return
-        self.state.best_model_checkpoint = best
+        if best != self.state.best_model_checkpoint:  # the Trainer's line "Loading best model ... (score: ...)" reads it
+            self.state.best_model_checkpoint, self.state.best_metric = best, self._scores()[best]
         path = os.path.join(best, SESSION_FILE)
         if os.path.isfile(path):
             self.session.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -170,21 +171,25 @@ class CompressionTrainer(Trainer):
         """The Trainer's best checkpoint where it is of the compressed model, else the best-scored checkpoint
         saved at or after session.final_from() (by the Trainer's metric_for_best_model and greater_is_better),
         or None."""
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
         best, final = self.state.best_model_checkpoint, self.session.final_from()
         if best is None or _checkpoint_step(best) >= final:
             return best
-        key = self.args.metric_for_best_model or "loss"
-        key = key if key.startswith("eval_") else f"eval_{key}"
-        folder = os.path.dirname(best)
-        scored = [(e[key], os.path.join(folder, f"{PREFIX_CHECKPOINT_DIR}-{e['step']}")) for e in self.state.log_history
-                  if key in e and e.get("step", -1) >= final]
-        scored = [(value, path) for value, path in scored if os.path.isfile(os.path.join(path, SESSION_FILE))]
+        scored = {path: value for path, value in self._scores().items() if _checkpoint_step(path) >= final}
         if not scored:
             return None
         pick = max if self.args.greater_is_better else min
-        return pick(scored, key=lambda s: s[0])[1]
+        return pick(scored, key=scored.get)
+
+    def _scores(self) -> dict[str, float]:
+        """{checkpoint folder: its metric_for_best_model}, of the checkpoints saved with the session's state."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        key = self.args.metric_for_best_model or "loss"
+        key = key if key.startswith("eval_") else f"eval_{key}"
+        folder = os.path.dirname(self.state.best_model_checkpoint)
+        scored = {os.path.join(folder, f"{PREFIX_CHECKPOINT_DIR}-{e['step']}"): e[key] for e in self.state.log_history
+                  if key in e and "step" in e}
+        return {path: value for path, value in scored.items() if os.path.isfile(os.path.join(path, SESSION_FILE))}
 
     def evaluate(self, *args, **kwargs):
         """The Trainer's evaluation, after BatchNorm's running statistics are re-estimated on the first

@@ -120,9 +120,10 @@ class _PruneUnits(Technique):
         min_per_layer = max(1, math.ceil(cfg.min_keep * units))
         self.keep, self.keep_total = kept_units(layers, units, cfg)
         self.total = layers * units
-        if cfg.init == "output" and ctx.example_inputs is not None:
-            init = normalise_importance(self._output_change(ctx, hf).float())
-        elif cfg.init in ("magnitude", "output"):  # no batch to measure on (a loop of one's own, no example_inputs)
+        change = self._output_change(ctx, hf) if cfg.init == "output" and ctx.example_inputs is not None else None
+        if change is not None and float(change.max()) > MEASURABLE_CHANGE:
+            init = normalise_importance(change.float())
+        elif cfg.init in ("magnitude", "output"):  # no batch to measure on, or a head whose outputs no layer moves
             init = normalise_importance(self._magnitude(hf).float())
         else:
             init = 3.0
@@ -276,6 +277,11 @@ class PruneFFN(_PruneUnits):
         from ..hf.ffn import attach_ffn_mask
 
         return attach_ffn_mask(hf, mask)
+
+
+# init: output ranks layers by the KL their skipping causes; under this (an untrained classifier head, whose
+# logits sit near zero for every input) the KLs are float rounding, and z-scoring them would rank layers by noise
+MEASURABLE_CHANGE = 1e-6
 
 
 class PruneLayers(_PruneUnits):
