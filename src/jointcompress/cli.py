@@ -614,6 +614,7 @@ def _latency_line(r: dict, target) -> str:
             f"against {ms['uncompressed']:.3f} ms uncompressed ({r['speedup']:.2f}x; alone {alone['compressed']:.3f} / "
             f"{alone['uncompressed']:.3f} ms), PyTorch fp32, {r['threads']} thread(s){on_machine(r.get('machine'))}: "
             + ("met" if r["met"] else "[yellow]not met[/yellow]")
+            + (f" [yellow]({r['note']})[/yellow]" if r.get("note") else "")
             + (f" [yellow](interleaved and alone differ by more than 20% for {', '.join(r['flagged'])}: "
                "the machine is busy)[/yellow]" if r["flagged"] else ""))
 

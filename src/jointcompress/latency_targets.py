@@ -552,8 +552,13 @@ class _Search:
     def refined(self, best: LatencyAllocation) -> LatencyAllocation:
         """Bisect the goal (geometrically, in the table's units) between the widest model measured
         under the aim and the narrowest goal measured over it, each allocation measured; the widest
-        model at or under the aim is kept. Stops once one measures within CALIBRATED of the aim."""
+        model at or under the aim is kept. Stops once one measures within CALIBRATED of the aim. Where
+        no model measured over (a table that reads high throughout: the rounds stop at their first
+        model, far under the aim), the upper end is the uncompressed model's prediction: the goal at
+        which nothing is cut."""
         lo, hi = self.under_goal, self.over_goal
+        if hi is None and lo is not None:
+            hi = self.table.predict(self.sites, self.channels, self.channels)
         for _ in range(BISECT_STEPS):
             if lo is None or hi is None or lo >= hi or best.measured_ms >= CALIBRATED * self.aim:
                 break
@@ -835,13 +840,20 @@ def resolve_latency(model: nn.Module, data: dict, example_inputs, target, measur
     models are (`measure_dense(model) -> ms`, default timed_ms at target.batch), divided by it.
     Timed on the CPU, the deployment the targets are for: a model on a GPU is allocated from a CPU copy."""
     model, example_inputs = on_cpu(model)[0], to_device(example_inputs, torch.device("cpu"))
-    if target.speedup is not None:
+    ps = next((t for t in data["techniques"] if t["type"] == "prune_structured"), {})
+    allocate = lambda t: allocate_latency(allocation_base(model, data, example_inputs), example_inputs, t,  # noqa: E731
+                                          targets=ps.get("targets") or ["*"], exclude=ps.get("exclude") or [],
+                                          margin=ACCEPT_MARGIN)
+    if target.speedup is None:
+        alloc = allocate(target)
+    else:
         measure_dense = measure_dense or (lambda m: timed_ms(m, example_inputs, target.batch))
         dense_ms = float(measure_dense(copy.deepcopy(model)))
-        target = target.model_copy(update={"latency_ms": dense_ms / target.speedup})
-    ps = next((t for t in data["techniques"] if t["type"] == "prune_structured"), {})
-    alloc = allocate_latency(allocation_base(model, data, example_inputs), example_inputs, target,
-                             targets=ps.get("targets") or ["*"], exclude=ps.get("exclude") or [], margin=ACCEPT_MARGIN)
+        alloc = allocate(target.model_copy(update={"latency_ms": dense_ms / target.speedup}))
+        if alloc.channels and alloc.widths == alloc.channels:  # nothing cut "met" a speed-up: the reading was slow
+            again = float(measure_dense(copy.deepcopy(model)))
+            if again < dense_ms:
+                alloc = allocate(target.model_copy(update={"latency_ms": again / target.speedup}))
     recipe = with_latency_budgets(data, alloc)
     recipe._resolution = {"event": "latency_allocation", "step": 0, "goal_ms": alloc.target_ms,
                           "predicted_ms": alloc.predicted_ms, "measured_ms": alloc.measured_ms, "met": alloc.met,
@@ -868,6 +880,7 @@ def refusal_before_training(untrained: nn.Module, recipe, example_inputs):
     data = recipe.model_dump()
     chosen = next((t for t in data["techniques"] if t["type"] == "prune_structured"), {})
     base = allocation_base(model, data, example_inputs)
+    _runs_the_batch(base, example_inputs, target.batch)
     groups, _ = discover_groups(base, example_inputs, chosen.get("targets") or ["*"], chosen.get("exclude") or [])
     channels = {g.name: g.channels for g in groups}
     floor_ms = timed_ms(shrunk_to(base, example_inputs, floors(channels)), example_inputs, target.batch)
@@ -878,6 +891,19 @@ def refusal_before_training(untrained: nn.Module, recipe, example_inputs):
         return None
     return unreachable(target, LatencyTable(layers={}, batch=target.batch), {}, channels, MIN_KEEP, MIN_WIDTH,
                        floor_ms)
+
+
+def _runs_the_batch(model: nn.Module, example_inputs, batch: int) -> None:
+    """A target's batch the model cannot run (one sized for 64 rows, timed at 128) stopped the timing in torch's
+    own error, a traceback."""
+    from .targets import TargetError
+
+    try:
+        with torch.no_grad():
+            call_model(model.eval(), batch_of(example_inputs, batch))
+    except Exception as err:  # noqa: BLE001 -- whatever the model raises, the batch is what the target chose
+        raise TargetError(f"target.batch: {batch}: the model cannot run a batch of {batch} rows ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:160]}); set target.batch to the batch the model serves") from None
 
 
 def latency_against_target(uncompressed: nn.Module, compressed: nn.Module, example_inputs, target,
@@ -891,6 +917,16 @@ def latency_against_target(uncompressed: nn.Module, compressed: nn.Module, examp
     timing = timed_sides(models, example_inputs, [target.batch], rounds, threads)[target.batch]
     ms = timing.interleaved_ms
     goal = ms["uncompressed"] / target.speedup if target.speedup is not None else float(target.latency_ms)
-    return {"batch": target.batch, "threads": threads, "goal_ms": goal, "interleaved_ms": ms, "alone_ms": timing.alone_ms,
-            "speedup": ms["uncompressed"] / ms["compressed"], "met": ms["compressed"] <= goal, "flagged": timing.flagged,
-            "machine": timing.machine}
+    verdict = {"batch": target.batch, "threads": threads, "goal_ms": goal, "interleaved_ms": ms,
+               "alone_ms": timing.alone_ms, "speedup": ms["uncompressed"] / ms["compressed"],
+               "met": ms["compressed"] <= goal, "flagged": timing.flagged, "machine": timing.machine}
+    if target.speedup is not None and target.speedup > 1 and _same_shapes(models["uncompressed"], models["compressed"]):
+        verdict.update(met=False, note="the compressed model has the uncompressed one's widths: a speed-up measured "
+                                       "between them is the machine's load, not the model")
+    return verdict
+
+
+def _same_shapes(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two models hold tensors of the same names and shapes (the same architecture, channels and all)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
