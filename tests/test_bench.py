@@ -37,7 +37,10 @@ def test_bench_before_after(tmp_path):
         assert b[key] > 0 and a[key] > 0
     assert 0 <= a["accuracy"] <= 1
     table = render_table(res)
-    assert table.row_count >= 7
+    labels = list(table.columns[0]._cells)
+    for bs in (1, 64):  # both medians, each with its ratio: tiny models at batch 1 run faster alone
+        assert f"latency ms (batch {bs}, interleaved)" in labels and f"latency ms (batch {bs}, alone)" in labels
+        assert res["ratios"][f"latency_alone_ms_b{bs}"] == b[f"latency_alone_ms_b{bs}"] / a[f"latency_alone_ms_b{bs}"]
 
 
 @pytest.fixture

@@ -178,7 +178,7 @@ def _ratios(before: dict, after: dict) -> dict:
     out = {}
     if "params" in before and "params" in after:
         out["params_nonzero"] = before["params"]["nonzero"] / max(after["params"]["nonzero"], 1)
-    for key in ["macs", "weights_file_bytes", "bytes_on_disk"] + [k for k in before if k.startswith("latency_ms")]:
+    for key in ["macs", "weights_file_bytes", "bytes_on_disk"] + [k for k in before if k.startswith("latency_")]:
         if key in before and key in after and after[key]:
             out[key] = before[key] / after[key]
     if "accuracy" in before and "accuracy" in after:
@@ -208,8 +208,12 @@ def render_table(result: dict):
     row("MACs / sample", b.get("macs"), a.get("macs"), r.get("macs"))
     row("weights file bytes", b.get("weights_file_bytes"), a.get("weights_file_bytes"), r.get("weights_file_bytes"))
     row("bytes on disk (+ manifest)", b.get("bytes_on_disk"), a.get("bytes_on_disk"), r.get("bytes_on_disk"))
-    for key in sorted(k for k in b if k.startswith("latency_ms")):
-        row(f"latency ms (batch {key.rsplit('b', 1)[1]})", b[key], a.get(key), r.get(key))
+    for key in sorted(k for k in b if k.startswith("latency_ms")):  # interleaved, then alone: tables show both
+        bs = key.rsplit("b", 1)[1]
+        row(f"latency ms (batch {bs}, interleaved)", b[key], a.get(key), r.get(key))
+        alone = f"latency_alone_ms_b{bs}"
+        if alone in b:
+            row(f"latency ms (batch {bs}, alone)", b[alone], a.get(alone), r.get(alone))
     if "accuracy" in b or "accuracy" in a:
         table.add_row("accuracy", fmt(b.get("accuracy")), fmt(a.get("accuracy")),
                       "-" if "accuracy_delta" not in r else f"{r['accuracy_delta']:+.4f}")
