@@ -39,8 +39,8 @@ def test_against_torch_pruning_writes_both_contenders(app, tmp_path):
     res = json.loads(out.read_text())
     # the ONNX files went to a temporary folder that is gone (each run left one behind); --workdir keeps them
     assert res["workdir"] is None and set(Path(tempfile.gettempdir()).glob("jointcompress-against-*")) <= scratch
-    contenders = {"dense_fp32_torch", "ours_fp32_ort", "ours_int8_ort", "ours_int8_torch_x86", "tp_fp32_torch",
-                  "tp_int8_torch_x86", "tp_fp32_ort", "tp_int8_ort"}
+    contenders = {"dense_fp32_torch", "dense_fp32_ort", "ours_fp32_ort", "ours_int8_ort", "ours_int8_torch_x86",
+                  "tp_fp32_torch", "tp_int8_torch_x86", "tp_fp32_ort", "tp_int8_ort"}
     assert contenders <= set(res["accuracy"]) and all(0 <= res["accuracy"][k] <= 1 for k in contenders)
     for batch in ("batch1", "batch64"):
         assert contenders <= set(res["timing"][batch]["latency_ms"]) and contenders <= set(res["timing"][batch]["alone_ms"])
@@ -53,6 +53,10 @@ def test_against_torch_pruning_writes_both_contenders(app, tmp_path):
         runtime = res["runtimes"][side]
         assert runtime["threads"] == 1 and runtime["spinning"] == "off" and "batch >= 8" in runtime
     assert res["runtimes"]["dense_fp32_torch"].startswith("pytorch eager")
+    # the uncompressed model deployed as ours is: the runtime's share of the speed-up, and the same predictions
+    assert res["runtimes"]["dense_fp32_ort"]["spinning"] == "off"
+    assert abs(res["accuracy"]["dense_fp32_ort"] - res["accuracy"]["dense_fp32_torch"]) <= 0.01
+    assert "dense_fp32_ort" in r.output
     dense = res["widths"]["dense"]
     for side in ("ours", "torch_pruning"):  # both really removed channels
         assert sum(res["widths"][side].values()) < sum(dense.values())
