@@ -466,3 +466,15 @@ def test_a_resume_given_another_model_or_data_names_the_flag(tmp_path, monkeypat
     code, text = run_cli(monkeypatch, capsys, "compress", _recipe(tmp_path), "--out", tmp_path / "o2", "--data", big,
                          "--teacher-epochs", "1")
     assert not code and json.loads((tmp_path / "o2" / "start.json").read_text())["data"] == str(big)  # a --data to pass
+
+
+def test_compare_under_torchrun_is_refused_before_it_writes_anything(tmp_path, monkeypatch, capsys):
+    """Under torchrun every rank wrote the folder and its points: rank 0 found rank 1's compare.json and refused
+    its own fresh --out, and with --force a rank's artifact write failed midway in a gloo traceback."""
+    from jointcompress.recipe import builtin_recipe
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, said = run_cli(monkeypatch, capsys, "compare", builtin_recipe("demo"), "--variants", "sequential", "--seeds",
+                         "1", "--ratios", "20", "--out", tmp_path / "cmp")
+    assert code == 2 and "compare runs in one process: start it without torchrun" in said, said
+    assert not (tmp_path / "cmp").exists()

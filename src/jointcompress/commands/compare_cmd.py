@@ -72,6 +72,9 @@ def register(app: typer.Typer) -> None:
         from ..recipe import load_recipe
         from . import refuse_hf_recipe
 
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank wrote the folder and the points: it failed midway
+            raise JointCompressError("compare runs in one process: start it without torchrun (each of its points is a "
+                                     "small run; `compress` trains data-parallel under torchrun)")
         check_folder_path(tensorboard, "--tensorboard")  # else found after training
         if resume and force:
             raise JointCompressError("--resume and --force: --resume continues the compare in --out, --force starts over "
@@ -98,8 +101,7 @@ def register(app: typer.Typer) -> None:
         held = val_images if val_images is not None else recipe.training.validation_images
         split = hold_out(split, held, what="--val-images" if val_images is not None else "training.validation_images")
         out = prepare_output_dir(out, force=force or resume)  # after every check: a refused run leaves no folder
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun the ranks share one folder, which rank 0 holds
-            hold_run_lock(out)  # before --force clears anything: a second compare here is refused, naming the first
+        hold_run_lock(out)  # before --force clears anything: a second compare here is refused, naming the first
         if force:  # an earlier compare's points and report would sit beside this one's as if they were its own
             clear_earlier_compare(out, weights)
         with progress_bar() as bar:
