@@ -344,8 +344,8 @@ def test_an_interrupted_compare_resumes_with_the_points_it_finished(tmp_path, mo
 
 
 def test_paired_files_of_other_sizes_are_said_beside_the_verdict():
-    """At a target both undershoot (5x where 4-bit alone makes 8.6x), joint and sequential landed at their own sizes
-    and the table compared their errors as if the files were one size."""
+    """At a target both undershoot (one 4-bit alone beats), joint and sequential landed at their own sizes and the
+    table compared their errors as if the files were one size."""
     from jointcompress.commands.compare_cmd import paired_cell
     from jointcompress.compare import paired_differences
 
