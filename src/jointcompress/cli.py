@@ -328,22 +328,21 @@ def _refuse_before_training(builder, recipe, split, timed: bool = True) -> None:
     from .session.prepare import prepare
     from .targets import NOTHING_TRAINED
 
+    latency = recipe.target is not None and recipe.target.is_latency
     model = builder()
     check_data(model, split.x_train[:2], (split.x_train, split.y_train))  # named as the data, as the run names it
     steps = max(1, len(split.x_train) // recipe.training.batch_size) * recipe.training.epochs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the run itself says them
         try:
-            if recipe.target is not None and not recipe.target.is_latency and recipe.mode != "joint":
+            if recipe.target is not None and not latency and recipe.mode != "joint":
                 check_targets(model, recipe)  # the allocator's budgets come later, on the trained model
             else:  # a latency target's channels are allocated later (timed): set up with a stand-in sparsity
-                prepare(model, _latency_stand_in(recipe) if recipe.target is not None and recipe.target.is_latency
-                        else recipe, total_steps=steps, example_inputs=split.x_train[:2],
-                        teacher=copy.deepcopy(model), distributed=False)
+                prepare(model, _latency_stand_in(recipe) if latency else recipe, total_steps=steps,
+                        example_inputs=split.x_train[:2], teacher=copy.deepcopy(model), distributed=False)
         except JointCompressError as err:
             err.add_note(NOTHING_TRAINED)
             raise
-    latency = recipe.target is not None and recipe.target.is_latency
     if (recipe.has_size_target() and recipe.mode != "joint") or (latency and timed):
         _refuse_an_unplannable_target(builder(), recipe, split)
 

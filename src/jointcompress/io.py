@@ -216,12 +216,11 @@ def _remove_if_empty(folder: Path) -> None:
     held = str(folder.resolve()) in _HELD_LOCKS
     if names - ({LOCK_NAME} if held else set()):
         return
-    try:  # the lock file goes while it is still held: no other run can take a lock on a file about to vanish
+    with contextlib.suppress(OSError):  # the lock file goes while still held: no run can lock a file about to vanish
         (folder / LOCK_NAME).unlink(missing_ok=True)
         release_run_lock(folder)
         folder.rmdir()
-    except OSError:
-        release_run_lock(folder)
+    release_run_lock(folder)  # given up where the unlink failed too (a no-op once given up)
 
 
 def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=None,

@@ -840,10 +840,9 @@ def resolve_latency(model: nn.Module, data: dict, example_inputs, target, measur
     models are (`measure_dense(model) -> ms`, default timed_ms at target.batch), divided by it.
     Timed on the CPU, the deployment the targets are for: a model on a GPU is allocated from a CPU copy."""
     model, example_inputs = on_cpu(model)[0], to_device(example_inputs, torch.device("cpu"))
-    ps = next((t for t in data["techniques"] if t["type"] == "prune_structured"), {})
+    targets, exclude = _structured_scope(data)
     allocate = lambda t: allocate_latency(allocation_base(model, data, example_inputs), example_inputs, t,  # noqa: E731
-                                          targets=ps.get("targets") or ["*"], exclude=ps.get("exclude") or [],
-                                          margin=ACCEPT_MARGIN)
+                                          targets=targets, exclude=exclude, margin=ACCEPT_MARGIN)
     if target.speedup is None:
         alloc = allocate(target)
     else:
@@ -865,6 +864,13 @@ def resolve_latency(model: nn.Module, data: dict, example_inputs, target, measur
     return recipe
 
 
+def _structured_scope(data: dict) -> tuple[list[str], list[str]]:
+    """prune_structured's targets and exclude in a recipe dict (all groups where it names none): the groups a
+    latency target allocates."""
+    chosen = next((t for t in data["techniques"] if t["type"] == "prune_structured"), {})
+    return chosen.get("targets") or ["*"], chosen.get("exclude") or []
+
+
 def refusal_before_training(untrained: nn.Module, recipe, example_inputs):
     """The TargetError for a latency target even the narrowest model allowed misses, checked on the
     untrained model, or None. A model's speed does not depend on its weights, so a command learns in
@@ -878,10 +884,9 @@ def refusal_before_training(untrained: nn.Module, recipe, example_inputs):
         return None
     model, example_inputs = on_cpu(untrained)[0], to_device(example_inputs, torch.device("cpu"))
     data = recipe.model_dump()
-    chosen = next((t for t in data["techniques"] if t["type"] == "prune_structured"), {})
     base = allocation_base(model, data, example_inputs)
     _runs_the_batch(base, example_inputs, target.batch)
-    groups, _ = discover_groups(base, example_inputs, chosen.get("targets") or ["*"], chosen.get("exclude") or [])
+    groups, _ = discover_groups(base, example_inputs, *_structured_scope(data))
     channels = {g.name: g.channels for g in groups}
     floor_ms = timed_ms(shrunk_to(base, example_inputs, floors(channels)), example_inputs, target.batch)
     if target.speedup is not None:

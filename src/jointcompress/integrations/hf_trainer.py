@@ -152,7 +152,7 @@ class CompressionTrainer(Trainer):
         every technique has ended its ramp, as the built-in loop chooses), with its session state too. The Trainer
         loaded its weights alone, so the masks, scores and schedule stayed at the last step's: a model no
         evaluation had seen; and its best could be an early checkpoint, pruned to a fraction of the target."""
-        best = self._best_compressed_checkpoint()
+        best, score = self._best_compressed_checkpoint()
         if best is None:
             warnings.warn(f"load_best_model_at_end: no checkpoint was evaluated at or after step "
                           f"{self.session.final_from()}, where every technique is at its target (the best, "
@@ -160,25 +160,26 @@ class CompressionTrainer(Trainer):
                           "kept. Evaluate and save after that step (eval_steps / save_steps)", UserWarning, stacklevel=2)
             return
         if best != self.state.best_model_checkpoint:  # the Trainer's line "Loading best model ... (score: ...)" reads it
-            self.state.best_model_checkpoint, self.state.best_metric = best, self._scores()[best]
+            self.state.best_model_checkpoint, self.state.best_metric = best, score
         path = os.path.join(best, SESSION_FILE)
         if os.path.isfile(path):
             self.session.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         super()._load_best_model()
         self._best_loaded = True
 
-    def _best_compressed_checkpoint(self) -> str | None:
-        """The Trainer's best checkpoint where it is of the compressed model, else the best-scored checkpoint
-        saved at or after session.final_from() (by the Trainer's metric_for_best_model and greater_is_better),
-        or None."""
+    def _best_compressed_checkpoint(self) -> tuple[str | None, float | None]:
+        """(folder, score): the Trainer's best checkpoint where it is of the compressed model (its score the
+        Trainer's), else the best-scored checkpoint saved at or after session.final_from() (by the Trainer's
+        metric_for_best_model and greater_is_better), else (None, None)."""
         best, final = self.state.best_model_checkpoint, self.session.final_from()
         if best is None or _checkpoint_step(best) >= final:
-            return best
+            return best, self.state.best_metric
         scored = {path: value for path, value in self._scores().items() if _checkpoint_step(path) >= final}
         if not scored:
-            return None
+            return None, None
         pick = max if self.args.greater_is_better else min
-        return pick(scored, key=scored.get)
+        chosen = pick(scored, key=scored.get)
+        return chosen, scored[chosen]
 
     def _scores(self) -> dict[str, float]:
         """{checkpoint folder: its metric_for_best_model}, of the checkpoints saved with the session's state."""
