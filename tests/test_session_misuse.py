@@ -248,19 +248,41 @@ def test_prepare_names_a_model_wrapped_in_distributed_data_parallel():
         jointcompress.prepare(wrapped, {"techniques": [{"type": "quant_lsq", "bits": 4}]}, total_steps=4)
 
 
-def test_a_loss_of_another_model_is_refused_at_the_first_step():
+@pytest.mark.parametrize("recipe", [PRUNE_LSQ, {"mode": "joint", "target": {"ratio": 10},
+                                               "techniques": [{"type": "quant_lsq", "bits": 4}]}],
+                         ids=["masks", "size_target"])
+def test_a_loss_of_another_model_is_refused_at_the_first_backward(recipe):
     """A loop that trained a copy of the prepared model (or a Trainer given one) ran every step and finalize baked the
-    session's model, untrained and uncompressed, with no word."""
+    session's model, untrained; under a size target the size term's gradients still reached the prepared model, so
+    no check of its gradients saw anything amiss, and it came out compressed on its size alone."""
     import copy
 
     from jointcompress.errors import TrainingError
 
-    model, session, _ = _session()
+    model, session, opt = _session(recipe)
     other = copy.deepcopy(_mlp())
     x, y = _data()
-    session.backward(session.loss(other(x), (x, y)))
-    with pytest.raises(TrainingError, match=r"no weight of the model prepare\(\) was given has a gradient"):
-        session.before_step()
+    terms = session.loss(other(x), (x, y))
+    with pytest.raises(TrainingError, match=r"the loss terms task do not depend on any weight of the model prepare"):
+        session.backward(terms)
+
+
+def test_the_first_backward_check_sees_through_parametrizations_and_not_through_reentrant_checkpoints():
+    """The check walks the graph: a masked, quantized weight reaches its `original` parameter; a reentrant
+    activation checkpoint (transformers' gradient_checkpointing) hides its segment's weights, and is let through."""
+    from torch.utils.checkpoint import checkpoint
+
+    from jointcompress.session.guards import reaches_parameters
+
+    model, session, opt = _session()
+    x, y = _data()
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert any("original" in n for n, _ in model.named_parameters())
+    assert reaches_parameters(model(x).sum(), params) is True
+    assert reaches_parameters(_mlp()(x).sum(), params) is False
+    hidden = checkpoint(model, x.requires_grad_(), use_reentrant=True).sum()
+    assert reaches_parameters(hidden, params) is None
+    _step(model, session, opt)  # the documented loop passes the check
 
 
 def test_a_plain_loss_backward_is_named_and_the_step_still_runs():

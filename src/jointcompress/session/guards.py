@@ -38,6 +38,46 @@ def check_terms_have_grad(terms: dict[str, torch.Tensor]) -> None:
         "training?), or detached; compute the training step's outputs with gradients enabled")
 
 
+# nodes behind which autograd's graph does not show the parameters a term depends on: reentrant activation
+# checkpointing (transformers' gradient_checkpointing) recomputes its segment in its own backward
+_OPAQUE_NODES = ("CheckpointFunctionBackward",)
+
+
+def reaches_parameters(term: torch.Tensor, params) -> bool | None:
+    """Whether `term`'s autograd graph reaches any of `params` (True / False), or None where the graph
+    hides it (an opaque node on the way). A walk over the graph's nodes: no backward runs."""
+    wanted = {id(p) for p in params}
+    stack, seen, opaque = [term.grad_fn], set(), False
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # an AccumulateGrad: a leaf's gradient lands there
+        if variable is not None and id(variable) in wanted:
+            return True
+        opaque = opaque or type(node).__name__ in _OPAQUE_NODES
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return None if opaque else False
+
+
+def check_terms_reach_model(terms: dict[str, torch.Tensor], primary: tuple[str, ...], model: torch.nn.Module) -> None:
+    """The accuracy terms (the task loss, distillation) depend on the model prepare() was given. A loss of
+    another model (a copy of it, the teacher) left it untrained by them, while the size terms' gradients
+    still reached it and pruned it: finalize then baked a compressed model trained on nothing but its size."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    accuracy = {name: t for name, t in terms.items()
+                if name in primary and isinstance(t, torch.Tensor) and t.requires_grad}
+    if not params or not accuracy:
+        return
+    cut = [name for name, t in accuracy.items() if reaches_parameters(t, params) is False]
+    if cut:
+        raise TrainingError(
+            f"session.backward: the loss terms {', '.join(cut)} do not depend on any weight of the model prepare() "
+            "was given: they were computed with another model (a copy of it, or the teacher). Compute the outputs "
+            "with session.model itself, the very model passed to prepare()")
+
+
 class NonFiniteWatch:
     """A non-finite loss term in the caller's own loop (NaN in an input, a learning rate too high): the
     optimizer writes it into the weights, and finalize and save once baked a NaN model without a word.

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..coordination import GradientCoordinator
+from ..coordination import PRIMARY, GradientCoordinator
 from ..errors import DataError, RecipeError, TrainingError
 from ..model_call import model_device, to_device
 from ..plan import Plan
@@ -32,7 +32,8 @@ from ..techniques.base import RunContext
 from . import terms as _terms
 from .outputs import (Batch, call_model, check_scalar_loss, decoder_token_mask, default_task_loss, is_encoder_decoder,
                       logits_of, split_batch)
-from .guards import NonFiniteWatch, check_fits, check_terms_have_grad, refuse_finalized, session_identity
+from .guards import (NonFiniteWatch, check_fits, check_terms_have_grad, check_terms_reach_model, refuse_finalized,
+                     session_identity)
 from .loss_scale import LossScale
 from .schedule import apply_events, event_steps
 from .sync import Sync
@@ -67,6 +68,7 @@ class CompressionSession:
         self._backward_at: int | None = None  # the step of the last session.backward
         self._warned_no_backward = False
         self._gradients_checked = False  # the first before_step checks they reached the session's model
+        self._terms_checked = False  # the first backward checks the accuracy terms depend on it
         self._warned_unbound = False
         self._warned_decay = False
         self._unbound_probe: list | None = None  # (parameter, its value before the step): see _probe_unbound
@@ -363,6 +365,9 @@ class CompressionSession:
         if self.spec is not None:
             refuse_finalized("backward", self.step)
         check_terms_have_grad(terms)
+        if not self._terms_checked:  # once: a walk over the first step's graph
+            self._terms_checked = True
+            check_terms_reach_model(terms, PRIMARY, self.model)
         if not self.owns_optimizer:
             self.nonfinite.note(terms)
         terms = self.loss_scale.scaled(terms, scaler, self.step)
