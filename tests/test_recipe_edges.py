@@ -63,6 +63,19 @@ def test_a_loss_as_the_metric_keeps_its_lowest_epoch():
     assert _epochs_kept("score_loss", [0.9, 0.5, 0.7], greater_is_better=True)[0] == 1
 
 
+@pytest.mark.parametrize(("metric", "rises"), [
+    ("neg_mse", True), ("neg_mean_squared_error", True), ("neg_log_loss", True), ("negative_loss", True),
+    ("loss_reduction", True), ("error_reduction", True), ("mae_improvement", True), ("accuracy_drop", False),
+    ("neg_accuracy", False), ("eval_loss", False), ("f1", True), ("top1_error", False)])
+def test_a_metrics_direction_follows_a_negation_or_a_word_of_change_in_its_name(metric, rises):
+    """scikit-learn's neg_mse (higher is better) was read as lower-is-better for its "mse", and the run kept its
+    worst epoch without a word; so were loss_reduction and error_reduction."""
+    from jointcompress.recipe import Training
+
+    assert Training(metric=metric).metric_rises() is rises
+    assert _epochs_kept(metric, [-2.3, -2.0, -2.1] if rises else [0.9, 0.5, 0.7])[0] == 2
+
+
 def test_an_epoch_read_as_nan_is_never_the_best_and_is_said():
     """The NaN was kept first, then every comparison with it failed: the run ended with that epoch."""
     best, said = _epochs_kept("accuracy", [float("nan"), 0.6, 0.8, 0.7])

@@ -396,6 +396,10 @@ class Target(Strict):
 
 
 LOWER_IS_BETTER = frozenset({"loss", "error", "err", "perplexity", "ppl", "wer", "cer", "mse", "mae", "rmse", "nll"})
+# words of a metric's name that turn its direction: a change of the quantity, or its negation
+GAIN_WORDS = frozenset({"improvement", "gain"})
+FALL_WORDS = frozenset({"reduction", "decrease", "drop", "fall"})
+NEGATED = frozenset({"neg", "negative", "minus"})
 
 
 class Training(Strict):
@@ -414,7 +418,8 @@ class Training(Strict):
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
     metric: str = "accuracy"
     # whether a higher `metric` is better (the kept epoch, the sensitivity scan's drops); None: inferred from
-    # its name, lower for a loss, error, perplexity, WER/CER, MSE/MAE (as transformers' Trainer reads "loss")
+    # its name, lower for a loss, error, perplexity, WER/CER, MSE/MAE (as transformers' Trainer reads "loss"),
+    # turned by a leading neg_ (scikit-learn's scores) or a word of change (loss_reduction, accuracy_drop)
     greater_is_better: bool | None = None
     grad_clip: Annotated[float, Field(ge=0.0, le=1e6)] = 0.0
     # which evaluated state (every technique at its target) the run ends with: the best by `metric`, or the
@@ -435,12 +440,21 @@ class Training(Strict):
 
     def metric_rises(self) -> bool:
         """Whether a higher `metric` is better: `greater_is_better`, else False for a name with a word
-        that says lower is better (eval_loss, error_rate, perplexity, wer), else True. A loss read as
-        higher-is-better kept the worst epoch without a word."""
+        that says lower is better (eval_loss, error_rate, perplexity, wer), else True; turned by a word
+        of change (loss_reduction, accuracy_drop; loss_improvement rises) and by a leading negation
+        (scikit-learn's neg_mean_squared_error). A loss read as higher-is-better kept the worst epoch
+        without a word."""
         if self.greater_is_better is not None:
             return self.greater_is_better
-        words = set(re.split(r"[^a-z0-9]+", self.metric.lower()))
-        return not (words & LOWER_IS_BETTER or any(w.endswith("loss") for w in words))
+        words = [w for w in re.split(r"[^a-z0-9]+", self.metric.lower()) if w]
+        rises = not (set(words) & LOWER_IS_BETTER or any(w.endswith("loss") for w in words))
+        if set(words) & GAIN_WORDS:  # loss_improvement, mse_gain: the better, the higher
+            rises = True
+        elif set(words) & FALL_WORDS:  # loss_reduction (higher: better), accuracy_drop (lower: better)
+            rises = not rises
+        if words and words[0] in NEGATED:  # scikit-learn's neg_mean_squared_error, neg_log_loss
+            rises = not rises
+        return rises
 
 
 class Coordination(Strict):
