@@ -213,6 +213,37 @@ def test_int8_measures_its_agreement_with_fp32_on_the_calibration_inputs(tmp_pat
     assert parity["top1_agreement"] == 0.0 and model.training  # compared in eval mode, then given back as it was
 
 
+def test_int8_agreement_reads_a_dense_maps_classes_on_axis_1_and_skips_a_regression():
+    """The top-1 agreement took argmax over the last axis whatever the output: a segmentation map's [N, classes, H, W]
+    was read over its width, and a regression (an autoencoder) was warned about "top-1 classes" it does not have."""
+    import warnings
+
+    from jointcompress.deploy import int8 as int8_module
+
+    torch.manual_seed(0)
+    seg = torch.nn.Conv2d(3, 4, 1).eval()
+    x = torch.randn(8, 3, 5, 6)
+    swapped = seg.weight.detach().clone()[[1, 0, 2, 3]]  # classes 0 and 1 exchanged; the width untouched
+    deployed = int8_module.Int8Model("onnxruntime", lambda inp: torch.nn.functional.conv2d(inp, swapped, seg.bias[[1, 0, 2, 3]]))
+    with torch.no_grad():
+        ref, dep = seg(x), deployed(x)
+        per_pixel = (ref.argmax(1) == dep.argmax(1)).float().mean().item()
+        along_width = (ref.argmax(-1) == dep.argmax(-1)).float().mean().item()
+    assert per_pixel != pytest.approx(along_width)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        parity = int8_module.calibration_parity(seg, deployed, x)
+    assert parity["top1_agreement"] == pytest.approx(per_pixel) and parity["outputs_compared"] == 8 * 5 * 6
+    regressor = torch.nn.Linear(3, 3).eval()
+    negated = int8_module.Int8Model("onnxruntime", lambda inp: -regressor(inp))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no word of classes for a regression's outputs
+        parity = int8_module.calibration_parity(regressor, negated, (torch.randn(16, 3), torch.randn(16, 3)))
+    assert parity["top1_agreement"] is None and parity["max_abs_logit_diff"] > 0
+    with pytest.warns(UserWarning, match=r"top-1 class differs"):  # class labels: compared as classes
+        int8_module.calibration_parity(regressor, negated, (torch.randn(16, 3), torch.randint(0, 3, (16,))))
+
+
 def test_a_rounding_flip_of_a_model_that_rounds_its_activations_is_said_not_raised(tmp_path, monkeypatch):
     """quant_lsq activations: true makes a float difference between ONNX Runtime and PyTorch a whole rounding
     step on the few outputs whose input sits on a step's edge (HF MobileNetV2: 31 of 32 samples exact, every

@@ -397,21 +397,34 @@ def calibration_parity(model: nn.Module, int8: Int8Model, calibration, max_batch
     its scale). Warned under PARITY_AGREEMENT: int8 of a model whose activations have outliers (a
     transformer's attention and LayerNorm inputs) loses accuracy silently, and a user deploying it should
     know before measuring; `int8_parity` measures accuracy on held-out data."""
-    first = [(x, None) for i, (x, _) in zip(range(max_batches), batches(calibration, 64))]
+    first = list(zip(range(max_batches), batches(calibration, 64)))
+    regression = any(_regression_targets(y) for _, (_, y) in first)
     was_training = model.training
     try:
-        rep = compare(model.eval(), int8, first, f"int8 {int8.backend}", path=int8.path)
+        rep = compare(model.eval(), int8, [(x, None) for _, (x, _) in first], f"int8 {int8.backend}", path=int8.path,
+                      classes=not regression)
     finally:
         model.train(was_training)
     parity = {"samples_compared": rep.samples, "top1_agreement": rep.top1_agreement,
+              "outputs_compared": rep.outputs_compared,
               "max_abs_logit_diff": rep.max_abs_logit_diff, "max_abs_logit": rep.max_abs_reference}
     if rep.top1_agreement is not None and rep.top1_agreement < PARITY_AGREEMENT:
+        outputs = f" ({rep.outputs_compared} outputs)" if rep.outputs_compared != rep.samples else ""
         warnings.warn(f"int8 {int8.backend}: the top-1 class differs from the fp32 model's on {1 - rep.top1_agreement:.1%} "
-                      f"of {rep.samples} calibration samples (largest logit difference {rep.max_abs_logit_diff:.3g}, "
+                      f"of {rep.samples} calibration samples{outputs} (largest logit difference {rep.max_abs_logit_diff:.3g}, "
                       f"largest logit {rep.max_abs_reference:.3g}); measure it on held-out data (deploy.int8_parity) "
                       "before deploying. Training with quant_lsq (bits: 8) gives the int8 weights their trained scales; "
                       "the fp32 ONNX model (deploy.export_and_check) keeps the accuracy", stacklevel=3)
     return parity
+
+
+def _regression_targets(y) -> bool:
+    """Float targets that are not soft labels ([batch, classes] summing to one): a regression's, whose
+    outputs have no top-1 class to agree on."""
+    if not isinstance(y, torch.Tensor) or not torch.is_floating_point(y):
+        return False
+    soft = y.dim() == 2 and y.shape[1] > 1 and bool(torch.allclose(y.sum(1), torch.ones(len(y)), atol=1e-3))
+    return not soft
 
 
 def int8_parity(model: nn.Module, int8: Int8Model, eval_data) -> ParityReport:

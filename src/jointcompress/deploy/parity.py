@@ -26,9 +26,11 @@ class ParityReport:
     metric_deployed: float | None = None
     path: str | None = None
     max_abs_reference: float | None = None  # the largest |logit| of the reference: the scale of max_abs_logit_diff
-    # the share of outputs (samples; tokens of a sequence's logits) whose top-1 class is the reference's; None
-    # for a single output per sample (no class to agree on)
+    # the share of outputs (samples; tokens of a sequence's logits; pixels of a dense map) whose top-1 class is
+    # the reference's, over `outputs_compared` of them; None for a single output per sample or a regression
+    # (no class to agree on)
     top1_agreement: float | None = None
+    outputs_compared: int = 0
 
     @property
     def metric_delta(self) -> float | None:
@@ -47,8 +49,14 @@ class ParityReport:
         return s
 
 
+def class_axis(logits: torch.Tensor) -> int:
+    """The axis of the classes, as the default task loss reads them: last for [batch, classes] and a sequence's
+    [batch, tokens, vocab], 1 for a dense map [batch, classes, H, W(, D)] (a segmentation)."""
+    return 1 if logits.dim() >= 4 else -1
+
+
 def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    return (logits.argmax(-1) == targets).float().mean().item()
+    return (logits.argmax(class_axis(logits)) == targets).float().mean().item()
 
 
 def batches(data, batch_size: int = 256) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -67,10 +75,12 @@ def batches(data, batch_size: int = 256) -> Iterable[tuple[torch.Tensor, torch.T
 
 
 def compare(reference: Predict, deployed: Predict, data, backend: str,
-            metric: Callable[[torch.Tensor, torch.Tensor], float] = accuracy, path: str | None = None) -> ParityReport:
+            metric: Callable[[torch.Tensor, torch.Tensor], float] = accuracy, path: str | None = None,
+            classes: bool = True) -> ParityReport:
     """Run both on `data`; the metric is computed over all samples when targets are given. Both
     outputs are read as training reads them (session.outputs.logits_of): a bare Hugging Face model
-    returns a ModelOutput, which exported fine and then failed here on `.float()`."""
+    returns a ModelOutput, which exported fine and then failed here on `.float()`. `classes`: False for a
+    regression's outputs, whose top-1 "class" means nothing."""
     from ..model_call import model_device, to_device
     from ..session.outputs import logits_of
 
@@ -88,13 +98,14 @@ def compare(reference: Predict, deployed: Predict, data, backend: str,
             worst = max(worst, (r - d).abs().max().item())
             scale = max(scale, r.abs().max().item())
             n += len(x)
-            if r.shape[-1] > 1:
-                agree += int((r.argmax(-1) == d.argmax(-1)).sum())
-                classified += r.argmax(-1).numel()
+            axis = class_axis(r)
+            if classes and r.dim() >= 2 and r.shape[axis] > 1:
+                agree += int((r.argmax(axis) == d.argmax(axis)).sum())
+                classified += r.argmax(axis).numel()
             if y is not None:
                 ref_all.append(r), dep_all.append(d), ys.append(y.cpu())
     rep = ParityReport(backend, worst, n, getattr(metric, "__name__", "metric"), path=path, max_abs_reference=scale,
-                       top1_agreement=agree / classified if classified else None)
+                       top1_agreement=agree / classified if classified else None, outputs_compared=classified)
     if ys:
         y = torch.cat(ys)
         rep.metric_reference, rep.metric_deployed = metric(torch.cat(ref_all), y), metric(torch.cat(dep_all), y)
