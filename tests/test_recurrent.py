@@ -308,3 +308,23 @@ def test_int8_of_a_model_put_back_into_torchs_lstm_says_the_recurrent_weights_st
         quantize_int8(torch_model, spec, (x, y), x[:2], workdir=tmp_path)
     said = " ".join(str(w.message) for w in caught if "int8:" in str(w.message))
     assert "layers stay fp32: rnn is torch's recurrent module again" in said and "another module tree" not in said
+
+
+def test_loading_a_recurrent_module_held_the_other_way_names_the_conversion(tmp_path):
+    """An artifact of a converted LSTM loaded with a builder that leaves torch's module listed `rnn.ih_l0.weight`
+    against `rnn.weight_ih_l0` and advised another --model; a model put back before save was refused without the
+    reason. The conversion's order is the fix."""
+    from jointcompress.errors import ArtifactError
+
+    recipe = {"training": {"epochs": 1, "batch_size": 16}, "techniques": [{"type": "quant_lsq", "bits": 4}]}
+    model = _Tagger()
+    x, y = _data()
+    result = compress(model, recipe, (x, y), lambda m: 0.0)
+    spec = finalize(model, result.example_inputs)
+    save(model, spec, tmp_path / "converted", builder=_Tagger, example_inputs=x[:2])
+    with pytest.raises(ArtifactError, match=r"holds rnn as Linear layers .* apply rnn_to_linear\(model\) in the builder"):
+        load(tmp_path / "converted", lambda: _Tagger(convert=False))
+    with pytest.raises(ArtifactError, match=r"rnn is torch's recurrent module again: save the finalized model as "
+                                            r"compressed, before linear_to_rnn"):
+        save(linear_to_rnn(copy.deepcopy(model)), spec, tmp_path / "put_back", example_inputs=x[:2])
+    assert type(linear_to_rnn(load(tmp_path / "converted", _Tagger)).rnn) is nn.LSTM

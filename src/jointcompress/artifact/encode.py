@@ -90,6 +90,16 @@ def integer_weights(name: str, weight: torch.Tensor, ls: LayerSpec) -> tuple[np.
     return q.to(torch.int8).numpy(), scale
 
 
+def _put_back_hint(modules: dict[str, nn.Module], name: str) -> str:
+    """Where the missing layer is a recurrent module's Linear (recurrent.LinearRNN's ih_l0 / hh_l0) and torch's
+    module stands there now: the model was put back with linear_to_rnn before save."""
+    owner = name.rsplit(".", 1)[0] if "." in name else ""
+    if isinstance(modules.get(owner), (nn.LSTM, nn.GRU, nn.RNN)):
+        return (f" ({owner} is torch's recurrent module again: save the finalized model as compressed, before "
+                "linear_to_rnn, and apply linear_to_rnn to the model load returns)")
+    return ""
+
+
 def _quantized_layers(model: nn.Module, spec: CompressionSpec) -> dict[str, nn.Module]:
     modules = dict(model.named_modules())
     out = {}
@@ -98,7 +108,8 @@ def _quantized_layers(model: nn.Module, spec: CompressionSpec) -> dict[str, nn.M
             continue
         mod = modules.get(name)
         if mod is None or not isinstance(getattr(mod, "weight", None), torch.Tensor):
-            raise ArtifactError(f"spec.layers names {name!r}, which is not a layer with a weight in the model")
+            raise ArtifactError(f"spec.layers names {name!r}, which is not a layer with a weight in the model"
+                                + _put_back_hint(modules, name))
         out[name] = mod
     return out
 

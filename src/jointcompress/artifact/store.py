@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import warnings
@@ -221,6 +222,25 @@ def _replay(model: nn.Module, history: list, inputs: tuple, where: str) -> None:
         ) from exc
 
 
+_CONVERTED_RNN = re.compile(r"(.+)\.(ih|hh)_l\d+(_reverse)?\.weight$")  # recurrent.LinearRNN's Linear layers
+_TORCH_RNN = re.compile(r"(.+)\.weight_(ih|hh)_l\d+(_reverse)?$")  # nn.LSTM / GRU / RNN's loose weights
+
+
+def _recurrent_fix(expected: dict, actual: dict) -> str | None:
+    """check_shapes' advice where a recurrent module was compressed as Linear layers (recurrent.rnn_to_linear)
+    and the builder's model holds torch's own module there. None where no such module differs."""
+    def owners(names, pattern):
+        return {m.group(1) for k in names if (m := pattern.match(k))}
+
+    converted_in_artifact = sorted(owners(expected, _CONVERTED_RNN) & owners(actual, _TORCH_RNN))
+    if converted_in_artifact:
+        return (f"the artifact holds {', '.join(converted_in_artifact[:3])} as Linear layers (converted by "
+                "jointcompress.recurrent.rnn_to_linear before compressing) and the builder's model as torch's "
+                "recurrent module: apply rnn_to_linear(model) in the builder, with the merge_biases the run used "
+                "(linear_to_rnn(model) after loading gives torch's fused module back)")
+    return None
+
+
 def _transformers_fix(model: nn.Module, expected: dict, actual: dict) -> str | None:
     """check_shapes' advice for a transformers model of a family jointcompress.hf prunes (None for any
     other model: the image-model advice stands); where the artifact's FFN widths differ from the builder's
@@ -273,7 +293,7 @@ def check_shapes(model: nn.Module, layers: dict, others: dict, where: str, alias
             parts.append(f"artifact tensors not in the model: {unexpected[:5]}")
         raise ArtifactError(
             f"{where}: the artifact does not fit the builder's model ({'; '.join(parts)}); "
-            + (_transformers_fix(model, expected, actual)
+            + (_transformers_fix(model, expected, actual) or _recurrent_fix(expected, actual)
                or "pass the builder of the architecture the artifact was made from (e.g. the right --model, and "
                   "--data of the images it was made for: a built-in model's sizes come from them)"))
 
