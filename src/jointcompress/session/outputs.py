@@ -195,6 +195,13 @@ def default_task_loss(outputs, batch: Batch) -> torch.Tensor:
                         "or the loss your task needs")
     if y.dtype not in (torch.long, torch.uint8):  # int32 class indices (a loader's own dtype): cross-entropy takes long
         y = y.long()
+    if logits.dim() == 3 and _labels_are_the_inputs(batch.inputs, y):
+        raise DataError(
+            f"the labels {tuple(y.shape)} are the input token ids themselves: the default task loss compares the logits "
+            "at each position with the label at that position (no shift), so the model would learn to repeat the token "
+            "it is given. For a causal LM pass dict batches {'input_ids': ..., 'attention_mask': ..., 'labels': ...} "
+            "(the model's own loss shifts them), or shift them yourself: (ids[:, :-1], ids[:, 1:]); where copying the input "
+            "is the task, pass loss_fn")
     try:
         return _index_cross_entropy(logits, y)
     except IndexError as exc:  # a label outside the model's classes: torch's "Target 5 is out of bounds"
@@ -202,6 +209,15 @@ def default_task_loss(outputs, batch: Batch) -> torch.Tensor:
         raise DataError(f"the labels run from {int(y.min())} to {int(y.max())}, but the model has {classes} outputs "
                         f"(classes 0..{classes - 1}); build the model for every class of the data, or map the labels "
                         "onto 0..classes-1 (-100 marks a position to ignore)") from exc
+
+
+def _labels_are_the_inputs(inputs, y: torch.Tensor) -> bool:
+    """Token labels equal to the input ids (the padding's -100 aside): a causal LM's (ids, ids) batch, which
+    Hugging Face models shift inside their own loss, and an unshifted cross-entropy trains to copy the input."""
+    if not isinstance(inputs, torch.Tensor) or inputs.shape != y.shape or torch.is_floating_point(inputs):
+        return False
+    real = y != -100
+    return bool(real.any()) and bool((inputs[real] == y[real]).all())
 
 
 def _index_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
