@@ -175,6 +175,18 @@ def test_dtypes_a_user_brings_are_read_or_named():
         compress(mlp(), recipe, (x, y), lambda m: 0.0, loss_fn=lambda out, b: F.cross_entropy(out, b[1], reduction="none"))
 
 
+def test_float_token_ids_are_told_to_be_long_not_float():
+    """Token ids as floats (a float array, a collate that cast them) into an embedding were told to give x.float(),
+    which they already were."""
+    torch.manual_seed(0)
+    ids, y = torch.randint(0, 50, (32, 12)), torch.randint(0, 3, (32,))
+    model = nn.Sequential(nn.Embedding(50, 8), nn.Flatten(), nn.Linear(8 * 12, 3))
+    recipe = {"techniques": [{"type": "quant_lsq", "bits": 4}], "training": {"epochs": 1, "batch_size": 32}}
+    with pytest.raises(DataError, match=r"has an embedding, which takes integer ids: give token ids as x.long\(\)"):
+        compress(model, recipe, (ids.float(), y), lambda m: 0.0)
+    assert compress(model, recipe, (ids, y), lambda m: 0.0).history.epochs[-1]["losses"]["task"] > 0
+
+
 def test_float_targets_train_a_regressor_with_its_loss_and_are_named_without_one():
     """(x, y) with float y (regression): kept as floats, not truncated to class indices; the default
     cross-entropy refuses them with loss_fn named; NaN targets are refused like NaN inputs."""

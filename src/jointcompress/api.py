@@ -305,6 +305,14 @@ def eval_outputs(model: nn.Module, inputs):
         return call_model(model, inputs)
 
 
+def _float_into_embedding(model: nn.Module, example, err: Exception) -> bool:
+    """Float inputs refused by an embedding lookup (torch: "Expected tensor for argument #1 'indices' to have one
+    of the following scalar types: Long, Int"): the ids need .long(), not the .float() the dtype hint gives."""
+    tensors = example.values() if isinstance(example, dict) else example if isinstance(example, (tuple, list)) else [example]
+    floats = any(isinstance(t, torch.Tensor) and torch.is_floating_point(t) for t in tensors)
+    return floats and "indices" in str(err) and any(isinstance(m, nn.Embedding) for m in model.modules())
+
+
 def check_data(model: nn.Module, example, train_data, what: str = "train_data"):
     """One forward pass on a real batch before training: wrong input shapes and labels outside
     the model's classes fail here, with the shapes named, instead of deep inside the loop.
@@ -316,6 +324,9 @@ def check_data(model: nn.Module, example, train_data, what: str = "train_data"):
         if any(word in str(err) for word in ("dtype", "scalar type", "Input type (")):  # matmul, index, conv
             hint = ("give inputs of the dtype the model's weights have: x.float() for float64 ones (numpy's default), "
                     "x.float() / 255 for uint8 images")
+            if _float_into_embedding(model, example, err):
+                hint = ("the model has an embedding, which takes integer ids: give token ids as x.long() "
+                        "(a float tensor of ids came from a float array or a collate that cast them)")
         if isinstance(example, dict) and any(f"'{k}'" in str(err) for k in LABEL_KEYS if k in example):
             hint = ("dict batches pass every key to the model, the labels too (as Hugging Face models expect): let "
                     "forward take labels=None, or yield ((x1, x2, ...), labels) tuples, which call model(x1, x2, ...)")
