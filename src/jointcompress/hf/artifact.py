@@ -83,7 +83,7 @@ def _check_rebuildable(model: nn.Module) -> None:
     if pruned and not is_pruned_class(model):
         raise ArtifactError(
             f"save_hf_artifact: {type(model).__name__} had heads or FFN neurons removed, and only sequence classifiers "
-            "are rebuilt at per-layer widths; save it with jointcompress.artifact.save(model, spec, path, builder=...) "
+            "and Llama / Mistral / Qwen2 / GPT-2 causal LMs are rebuilt at per-layer widths; save it with jointcompress.artifact.save(model, spec, path, builder=...) "
             "and a builder that makes those widths, or compress this head with prune_unstructured / quant_lsq")
 
 
@@ -112,7 +112,10 @@ def _builder(cfg_dict: dict, where: str, hf_class: str | None = None):
             f"transformers ({type(exc).__name__}: {exc})"
         ) from exc
 
-    cls = getattr(transformers, hf_class, None) if isinstance(hf_class, str) else None
+    from jointcompress.hf import modeling_pruned
+
+    cls = (getattr(transformers, hf_class, None) or getattr(modeling_pruned, hf_class, None)
+           if isinstance(hf_class, str) else None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         cls = None
 

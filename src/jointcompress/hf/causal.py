@@ -16,6 +16,7 @@ What a causal LM needs beyond a classifier:
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -25,34 +26,37 @@ from jointcompress.model_call import model_device, to_device
 from jointcompress.session.checks import is_conv1d, tied_weights  # noqa: F401 - part of this module's API
 
 
-@torch.no_grad()
 def conv1d_to_linear(model: nn.Module) -> nn.Module:
-    """Replace every transformers Conv1D by an equivalent nn.Linear, in place; returns model."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if is_conv1d(child):
-                w = child.weight  # [in, out]
-                lin = nn.Linear(w.shape[0], w.shape[1], bias=child.bias is not None, device=w.device, dtype=w.dtype)
-                lin.weight.copy_(w.t())
-                if child.bias is not None:
-                    lin.bias.copy_(child.bias)
-                setattr(parent, name, lin)
+    """Replace every transformers Conv1D by an equivalent nn.Linear, in place; returns model. A
+    GPT2LMHeadModel becomes hf.modeling_pruned's JCGPT2LMHeadModel (model_type jointcompress_gpt2), whose
+    class builds Linear projections: saved with save_pretrained, the stock class read the transposed weights
+    as Conv1D ones."""
+    from jointcompress.hf.modeling_pruned import linear_projections
+    from jointcompress.hf.pruned import mark_pruned
+
+    linear_projections(model)
+    if type(model).__name__ == "GPT2LMHeadModel":
+        mark_pruned(model)
     return model
 
 
 @torch.no_grad()
 def perplexity(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                batch_size: int = 32) -> float:
-    """exp(mean next-token cross-entropy) over the real tokens of the rows (eval mode, restored)."""
+    """exp(mean next-token cross-entropy) over the real tokens of the rows (eval mode, restored). Each
+    token's position counts the real tokens before it (as generate() numbers them), so a left-padded row
+    reads as the same row right-padded."""
     was = model.training
     model.eval()
+    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
     total, count = 0.0, 0
     for i in range(0, len(input_ids), batch_size):
         ids = input_ids[i:i + batch_size]
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask[i:i + batch_size]
         ids, mask = to_device((ids, mask), model_device(model))  # the rows go where the model is
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        positions = {"position_ids": (mask.long().cumsum(1) - 1).clamp(min=0)} if takes_positions else {}
+        logits = model(input_ids=ids, attention_mask=mask, **positions).logits[:, :-1]
+        target = ids[:, 1:].masked_fill((mask[:, 1:] == 0) | (mask[:, :-1] == 0), -100)  # read from a real token
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum")
         total += float(loss)
         count += int((target != -100).sum())

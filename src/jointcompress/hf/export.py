@@ -20,6 +20,7 @@ from torch import nn
 
 from jointcompress.errors import ArtifactError
 from jointcompress.hf import modeling_pruned
+from jointcompress.hf.modeling_pruned import auto_class
 from jointcompress.hf.int8 import baked_copy
 from jointcompress.hf.pruned import is_pruned_class
 from jointcompress.techniques.quant_lsq import has_training_hooks, rounded_inputs
@@ -60,10 +61,7 @@ def export_folder(model: nn.Module, tokenizer, out_dir: str | Path, *, remote_co
         cfg_cls = type(cfg).__name__
         model_cls = type(model).__name__
         stem = REMOTE_FILE[:-3]
-        cfg.auto_map = {
-            "AutoConfig": f"{stem}.{cfg_cls}",
-            "AutoModelForSequenceClassification": f"{stem}.{model_cls}",
-        }
+        cfg.auto_map = {"AutoConfig": f"{stem}.{cfg_cls}", auto_class(cfg.model_type): f"{stem}.{model_cls}"}
         shutil.copyfile(modeling_pruned.__file__, out / REMOTE_FILE)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -1,12 +1,14 @@
-"""Pruned BERT / DistilBERT / RoBERTa / ELECTRA / DeBERTa-v2 classes whose layers may differ in head
-count and FFN width.
+"""Pruned BERT / DistilBERT / RoBERTa / ELECTRA / DeBERTa-v2 classifiers and Llama / Mistral / Qwen2 /
+GPT-2 causal LMs whose layers may differ in head count and FFN width.
 
 Why this file: transformers 5.x removed `prune_heads` / `pruned_heads`, and its encoder
 modules build every layer with the same width from the config. A physically
 pruned model therefore cannot be rebuilt by the stock classes. We store the per-layer
 widths in the config (`heads_per_layer`, `intermediate_per_layer`) under our own
 model_type ("jointcompress_bert", "jointcompress_distilbert", ...: PRUNED_CLASSES) and subclass the
-stock models so that construction shrinks each layer's Linear modules before the weights load.
+stock models so that construction shrinks each layer's Linear modules before the weights load. GPT-2's
+projections are transformers' Conv1D (weights stored [in, out]); jointcompress trains them as nn.Linear
+(hf.causal.conv1d_to_linear), so its class builds them as Linear too and the saved weights load as saved.
 
 The file is deliberately self-contained (imports only torch, transformers and
 huggingface_hub): export copies it into the model folder and points `auto_map` at it, so
@@ -23,6 +25,14 @@ from torch import nn
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     DistilBertConfig,
     DebertaV2Config,
     DebertaV2ForSequenceClassification,
@@ -73,7 +83,7 @@ ARCH["electra"] = ARCH["bert"]  # same layer modules (its embeddings may be narr
 ARCH["deberta-v2"] = {**ARCH["bert"], "q": "attention.self.query_proj", "k": "attention.self.key_proj",
                       "v": "attention.self.value_proj",
                       "per_head": ("attention.self.pos_key_proj", "attention.self.pos_query_proj")}
-# Causal LMs: FFN neurons only (Llama / Mistral gated MLP: gate and up rows go together; GPT-2
+# Causal LMs: FFN neurons only (Llama / Mistral / Qwen2 gated MLP: gate and up rows go together; GPT-2
 # after hf.causal.conv1d_to_linear). Heads are not: grouped-query attention shares each KV head
 # among several query heads, and GPT-2 fuses q, k and v into one projection.
 ARCH["llama"] = {
@@ -111,8 +121,13 @@ FAMILY_OF = {
     "deberta-v2": "deberta-v2",
     "jointcompress_deberta-v2": "deberta-v2",
     "llama": "llama",
+    "jointcompress_llama": "llama",
     "mistral": "llama",
+    "jointcompress_mistral": "llama",
+    "qwen2": "llama",  # the same gated MLP (gate_proj, up_proj, down_proj)
+    "jointcompress_qwen2": "llama",
     "gpt2": "gpt2",
+    "jointcompress_gpt2": "gpt2",
 }
 
 
@@ -345,19 +360,129 @@ class JCDebertaV2ForSequenceClassification(DebertaV2ForSequenceClassification):
         apply_widths(self)
 
 
+@strict
+class JCLlamaConfig(LlamaConfig):
+    """LlamaConfig plus per-layer FFN widths (None = unpruned)."""
+
+    model_type = "jointcompress_llama"
+    heads_per_layer: list[int] | None = None
+    intermediate_per_layer: list[int] | None = None
+
+
+@strict
+class JCMistralConfig(MistralConfig):
+    """MistralConfig plus per-layer FFN widths (None = unpruned)."""
+
+    model_type = "jointcompress_mistral"
+    heads_per_layer: list[int] | None = None
+    intermediate_per_layer: list[int] | None = None
+
+
+@strict
+class JCQwen2Config(Qwen2Config):
+    """Qwen2Config plus per-layer FFN widths (None = unpruned)."""
+
+    model_type = "jointcompress_qwen2"
+    heads_per_layer: list[int] | None = None
+    intermediate_per_layer: list[int] | None = None
+
+
+@strict
+class JCGPT2Config(GPT2Config):
+    """GPT2Config plus per-layer FFN widths (None = unpruned); its projections are nn.Linear."""
+
+    model_type = "jointcompress_gpt2"
+    heads_per_layer: list[int] | None = None
+    intermediate_per_layer: list[int] | None = None
+
+
+class JCLlamaForCausalLM(LlamaForCausalLM):
+    """LlamaForCausalLM whose MLPs are shrunk to the config's widths."""
+
+    config_class = JCLlamaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        apply_widths(self)
+
+
+class JCMistralForCausalLM(MistralForCausalLM):
+    """MistralForCausalLM whose MLPs are shrunk to the config's widths."""
+
+    config_class = JCMistralConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        apply_widths(self)
+
+
+class JCQwen2ForCausalLM(Qwen2ForCausalLM):
+    """Qwen2ForCausalLM whose MLPs are shrunk to the config's widths."""
+
+    config_class = JCQwen2Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        apply_widths(self)
+
+
+class JCGPT2LMHeadModel(GPT2LMHeadModel):
+    """GPT2LMHeadModel with nn.Linear projections (as jointcompress trains them) and MLPs shrunk to the
+    config's widths."""
+
+    config_class = JCGPT2Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        linear_projections(self)
+        apply_widths(self)
+
+
+@torch.no_grad()
+def linear_projections(model: nn.Module) -> nn.Module:
+    """Every transformers Conv1D (x @ W + b, W stored [in, out]) replaced by the nn.Linear computing the
+    same (W transposed), in place; returns the model."""
+    from transformers.pytorch_utils import Conv1D
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                w = child.weight  # [in, out]
+                lin = nn.Linear(w.shape[0], w.shape[1], bias=child.bias is not None, device=w.device, dtype=w.dtype)
+                lin.weight.copy_(w.t())
+                if child.bias is not None:
+                    lin.bias.copy_(child.bias)
+                setattr(parent, name, lin)
+    return model
+
+
+# by the stock model_type: (config class, model class)
 PRUNED_CLASSES = {
     "bert": (JCBertConfig, JCBertForSequenceClassification),
     "distilbert": (JCDistilBertConfig, JCDistilBertForSequenceClassification),
     "roberta": (JCRobertaConfig, JCRobertaForSequenceClassification),
     "electra": (JCElectraConfig, JCElectraForSequenceClassification),
     "deberta-v2": (JCDebertaV2Config, JCDebertaV2ForSequenceClassification),
+    "llama": (JCLlamaConfig, JCLlamaForCausalLM),
+    "mistral": (JCMistralConfig, JCMistralForCausalLM),
+    "qwen2": (JCQwen2Config, JCQwen2ForCausalLM),
+    "gpt2": (JCGPT2Config, JCGPT2LMHeadModel),
 }
+CAUSAL = ("llama", "mistral", "qwen2", "gpt2")  # registered with AutoModelForCausalLM, the rest as classifiers
+
+
+def auto_class(model_type: str) -> str:
+    """The Auto class a pruned class registers with (and an exported folder's auto_map names)."""
+    stock = model_type.removeprefix("jointcompress_")
+    return "AutoModelForCausalLM" if stock in CAUSAL else "AutoModelForSequenceClassification"
 
 
 def register() -> None:
-    """Register the pruned classes with AutoConfig / AutoModelForSequenceClassification."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    """Register the pruned classes with AutoConfig and AutoModelForSequenceClassification (classifiers) or
+    AutoModelForCausalLM (causal LMs)."""
+    import transformers
+    from transformers import AutoConfig
 
-    for cfg_cls, model_cls in PRUNED_CLASSES.values():
+    for stock, (cfg_cls, model_cls) in PRUNED_CLASSES.items():
         AutoConfig.register(cfg_cls.model_type, cfg_cls, exist_ok=True)
-        AutoModelForSequenceClassification.register(cfg_cls, model_cls, exist_ok=True)
+        getattr(transformers, auto_class(stock)).register(cfg_cls, model_cls, exist_ok=True)

@@ -17,7 +17,7 @@ def mark_pruned(model: nn.Module, *, heads_per_layer: list[int] | None = None,
                 intermediate_per_layer: list[int] | None = None) -> nn.Module:
     """Record per-layer widths in model.config and switch to the pruned classes."""
     cfg = model.config
-    fam = family(cfg)
+    family(cfg)  # a ValueError naming the supported types
     if heads_per_layer is not None:
         cfg.heads_per_layer = list(heads_per_layer)
     if intermediate_per_layer is not None:
@@ -25,7 +25,7 @@ def mark_pruned(model: nn.Module, *, heads_per_layer: list[int] | None = None,
     for field in ("heads_per_layer", "intermediate_per_layer"):
         if not hasattr(cfg, field):
             setattr(cfg, field, None)
-    cfg_cls, model_cls = PRUNED_CLASSES.get(fam, (None, None))
+    cfg_cls, model_cls = PRUNED_CLASSES.get(cfg.model_type.removeprefix("jointcompress_"), (None, None))
     if cfg_cls is None:
         return model  # forward still works; export refuses with a clear message
     if not isinstance(cfg, cfg_cls):
