@@ -33,6 +33,15 @@ def gpt2():
     return conv1d_to_linear(gpt2_raw())
 
 
+def qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                        bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
 def test_conv1d_to_linear_is_exact():
     raw = gpt2_raw().eval()
     lin = conv1d_to_linear(copy.deepcopy(raw))
@@ -140,9 +149,95 @@ def test_causal_lm_ffn_neurons_removed_with_parity_and_artifact(build, tmp_path)
         assert torch.allclose(loaded(input_ids=x, attention_mask=xm).logits, final, atol=1e-5)
     prompt = x[:1, :5]
     assert loaded.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False).shape == (1, 9)
+    from transformers import AutoModelForCausalLM
+
+    from jointcompress.hf.artifact import load_hf_artifact, save_hf_artifact
+
+    model.save_pretrained(tmp_path / "hf")  # the stock class built full widths: the folder did not load
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    save_hf_artifact(model, spec, tmp_path / "hf_art", ptq_bits=None)  # refused: "only sequence classifiers"
+    packed, _ = load_hf_artifact(tmp_path / "hf_art")
+    with torch.no_grad():
+        for rebuilt in (again, packed):
+            assert ffn_widths(rebuilt) == widths
+            assert torch.allclose(rebuilt(input_ids=x, attention_mask=xm).logits, final, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["prune_heads", "prune_layers"])
 def test_causal_lm_heads_and_layers_are_refused_naming_the_model_type(kind):
     with pytest.raises(RecipeError, match=rf"{kind}: .* not supported for model_type 'llama' \(supported: ffn\)"):
         jointcompress.prepare(llama(), {"techniques": [{"type": kind, "sparsity": 0.5}]}, total_steps=4)
+
+
+@pytest.mark.parametrize("build", [gpt2, llama, qwen2], ids=["gpt2", "llama_gqa", "qwen2"])
+def test_a_causal_lm_with_ffn_neurons_removed_loads_from_its_folder_without_jointcompress(build, tmp_path):
+    """The finalized model kept the stock class, which builds every MLP at the config's width: save_pretrained
+    and export_folder wrote folders that transformers could not load (a shape mismatch), without a word; and a
+    converted GPT-2's Linear weights were read as Conv1D ones. Qwen2 (the same gated MLP) was refused."""
+    import subprocess
+    import sys
+
+    from hf_helpers import tiny_tokenizer
+
+    from jointcompress.hf.export import export_folder
+    from jointcompress.hf.ffn import ffn_widths, prune_ffn
+
+    model = build().eval()
+    full = ffn_widths(model)[0]
+    prune_ffn(model, [list(range(0, full, 2)), list(range(3, full // 3))])
+    assert ffn_widths(model) == [full // 2, full // 3 - 3]
+    x, xm = rows(4, 1)
+    with torch.no_grad():
+        expected = model(input_ids=x, attention_mask=xm).logits
+    out = export_folder(model, tiny_tokenizer(tmp_path), tmp_path / "out")
+    torch.save({"input_ids": x, "attention_mask": xm}, tmp_path / "x.pt")
+    code = (
+        "import sys, torch\n"
+        "sys.modules['jointcompress'] = None  # the folder's own code builds it\n"
+        "from transformers import AutoModelForCausalLM as A\n"
+        f"m = A.from_pretrained(r'{out}', trust_remote_code=True).eval()\n"
+        f"x = torch.load(r'{tmp_path / 'x.pt'}')\n"
+        "with torch.no_grad(): print(repr(m(**x).logits.tolist()))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "", "HF_MODULES_CACHE": str(tmp_path / "mods")})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert torch.allclose(torch.tensor(eval(res.stdout.strip().splitlines()[-1])), expected, atol=1e-5)
+
+
+def test_the_command_line_refuses_a_causal_lm_before_loading_it(tmp_path):
+    """A Llama folder given to `jointcompress compress` with an hf: section was loaded as a sequence classifier with
+    a new random head (transformers' report of a missing score.weight), then refused as a "classifier"."""
+    from jointcompress.errors import UnsupportedModelError
+    from jointcompress.hf import recipe_steps
+
+    llama().save_pretrained(tmp_path / "lm")
+    with pytest.raises(UnsupportedModelError, match=r"a causal language model \(LlamaForCausalLM\).*from Python"):
+        recipe_steps.refuse_causal_lm(str(tmp_path / "lm"))
+    recipe_steps.refuse_causal_lm(str(tmp_path / "no-such-folder"))  # unreadable: loading the model says why
+
+
+@pytest.mark.parametrize("build", [gpt2, llama], ids=["gpt2", "llama_gqa"])
+def test_perplexity_of_a_left_padded_row_is_that_of_the_row_right_padded(build):
+    """Positions were numbered from the row's first slot, padding included, and the first real token was scored
+    as read from a pad: the same rows read worse left-padded than right-padded."""
+    model = build().eval()
+    ids, mask = rows(8, 2)
+    real = mask.sum(1)
+    left_ids, left_mask = torch.zeros_like(ids), torch.zeros_like(mask)
+    for r, n in enumerate(real.tolist()):
+        left_ids[r, ids.shape[1] - n:], left_mask[r, ids.shape[1] - n:] = ids[r, :n], 1
+    assert not torch.equal(left_mask, mask)  # rows of arithmetic_rows are padded on the right
+    assert perplexity(model, left_ids, left_mask) == pytest.approx(perplexity(model, ids, mask), rel=1e-5)
+
+
+def test_a_causal_lm_exports_to_onnx_with_its_cache_left_out(tmp_path):
+    """The exported copy kept use_cache: its DynamicCache output stopped both exporters, and the message did not say
+    to turn it off. The user's model keeps its cache for generate()."""
+    from jointcompress.deploy.onnx_export import export_and_check
+
+    model = llama().eval()
+    ids, _ = rows(4, 1)
+    report = export_and_check(model, tmp_path / "lm.onnx", ids[:2], eval_data=ids)
+    assert report.max_abs_logit_diff < 1e-4 and report.samples == 4
+    assert model.config.use_cache

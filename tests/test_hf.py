@@ -217,12 +217,28 @@ def test_bad_keep_lists_name_the_layer_and_leave_the_model_whole(prune, keep, me
 
 
 def test_make_student_of_an_unsupported_family_is_named():
-    """A plain ValueError about 'head/FFN/layer pruning' came out of make_student for a Qwen2 model."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """A plain ValueError about 'head/FFN/layer pruning' came out of make_student for a model type it does not know."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from jointcompress.errors import UnsupportedModelError
 
-    teacher = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                           num_key_value_heads=1, intermediate_size=32))
-    with pytest.raises(UnsupportedModelError, match="make_student: model_type 'qwen2' is not supported for a student"):
+    teacher = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                               intermediate_size=32))
+    with pytest.raises(UnsupportedModelError, match="make_student: model_type 'gpt_neox' is not supported for a student"):
         make_student(teacher, 1)
+
+
+def test_a_qwen2_student_keeps_the_attention_kind_of_each_layer_it_keeps(tmp_path):
+    """Qwen2's config lists each layer's attention kind (layer_types): dropping layers left the list at the
+    teacher's length, and the student's save_pretrained failed validation."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    teacher = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                           num_key_value_heads=1, intermediate_size=32)).eval()
+    student = make_student(teacher, [0, 2])
+    assert len(student.config.layer_types) == 2
+    student.save_pretrained(tmp_path / "s")
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "s").eval()(ids).logits, student(ids).logits)

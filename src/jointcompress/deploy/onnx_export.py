@@ -41,6 +41,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model, example_input = copy.deepcopy(on_cpu(model)[0]).eval(), example_input.cpu()  # ONNX Runtime runs on the CPU
+    if getattr(getattr(model, "config", None), "use_cache", False):  # a transformers LM's copy: logits only
+        model.config.use_cache = False  # its key/value cache (a DynamicCache output) stopped both exporters
     tmp = path.with_name(f".{path.name}.tmp")
     errors = []
     for kind in (["legacy", "dynamo"] if exporter == "auto" else [exporter]):

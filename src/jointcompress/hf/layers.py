@@ -43,10 +43,10 @@ def drop_layers(model: nn.Module, keep: list[int]) -> nn.Module:
             if hasattr(mod, "layer_idx"):
                 mod.layer_idx = new_idx
     setattr(cfg, ARCH[fam]["n_layers"], len(keep))
-    for field in ("heads_per_layer", "intermediate_per_layer"):
-        widths = getattr(cfg, field, None)
-        if widths is not None:
-            setattr(cfg, field, [widths[i] for i in keep])
+    for field in ("heads_per_layer", "intermediate_per_layer", "layer_types"):  # layer_types: Qwen2's attention kinds
+        per_layer = getattr(cfg, field, None)
+        if isinstance(per_layer, (list, tuple)) and len(per_layer) == total:
+            setattr(cfg, field, [per_layer[i] for i in keep])
     return model
 
 

@@ -19,7 +19,7 @@ from jointcompress.errors import ArtifactError, DataError, RecipeError, Unsuppor
 from jointcompress.hf.data import FORMATS, TextDataset, read_rows, tokenize
 from jointcompress.hf.ffn import ffn_widths
 from jointcompress.hf.heads import head_counts
-from jointcompress.hf.load import DEFAULT_LABELS, MINILM_NAME, load_classifier, load_tokenizer, teacher_labels
+from jointcompress.hf.load import DEFAULT_LABELS, MINILM_NAME, load_classifier, load_tokenizer, resolve, teacher_labels
 from jointcompress.hf.pruned import n_layers
 from jointcompress.hf.student import make_student
 from jointcompress.hf.wrapper import SequenceClassifier, accuracy, pack_tokens, tensor_loader
@@ -131,6 +131,7 @@ def check_recipe(recipe, progressive: bool = False) -> None:
 def load_models(run: HFRun, weights) -> None:
     """The fine-tuned teacher, its tokenizer, and the student (a subset of its layers, or a copy)."""
     run.src = src = teacher_source(run.recipe, weights)
+    refuse_causal_lm(src)
     if src == MINILM_NAME:
         run.warnings.append(
             "teacher is the bundled MiniLM base with an untrained classification head: distillation then copies a "
@@ -189,17 +190,37 @@ def check_max_length(max_length: int, config, src: str) -> None:
                           f"at most {positions}")
 
 
+def refuse_causal_lm(src: str) -> None:
+    """A causal LM's folder (its config's architectures: *ForCausalLM, *LMHeadModel) is refused before it is loaded:
+    it was loaded as a sequence classifier with a new, random head (transformers' report of the missing
+    score.weight), then refused as a "classifier" of an unsupported type."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve(src))
+    except (OSError, ValueError):
+        return  # loading the model says why
+    causal = [a for a in (config.architectures or []) if str(a).endswith(("ForCausalLM", "LMHeadModel"))]
+    if causal:
+        raise UnsupportedModelError(
+            f"teacher {src}: a causal language model ({causal[0]}); `jointcompress compress` with an hf: section "
+            "compresses sequence classifiers. Compress a causal LM from Python: jointcompress.prepare(model, recipe, "
+            "...) with its own next-token loss (dict batches with labels), prune_ffn / prune_unstructured / quant_lsq / "
+            "distill_kd (docs/your-model.md, benchmarks/causal_lm_session.py)")
+
+
 def check_family(config, src: str) -> None:
     """This path removes heads, FFN neurons and layers and exports the pruned model with per-layer
     widths, which it can do for the families with a pruned class (modeling_pruned.PRUNED_CLASSES)
     only: another model type is refused here, naming the way it can be compressed, not by a
     ValueError deep in pruning or an export refused after the run."""
-    from jointcompress.hf.modeling_pruned import FAMILY_OF, PRUNED_CLASSES
+    from jointcompress.hf.modeling_pruned import CAUSAL, FAMILY_OF, PRUNED_CLASSES
 
-    if FAMILY_OF.get(getattr(config, "model_type", None)) not in PRUNED_CLASSES:
+    classifiers = sorted(set(PRUNED_CLASSES) - set(CAUSAL))
+    if FAMILY_OF.get(getattr(config, "model_type", None)) not in classifiers:
         raise UnsupportedModelError(
             f"teacher {src}: model_type {config.model_type!r}; `jointcompress compress` with an hf: section prunes and exports "
-            f"the classifiers of model_type {', '.join(sorted(PRUNED_CLASSES))} only. Classifiers of model_type "
+            f"the classifiers of model_type {', '.join(classifiers)} only. Classifiers of model_type "
             f"{config.model_type!r} compress from Python, where the session takes the model and its dict batches as "
             "they are (quant_lsq, prune_unstructured, distill_kd; docs/your-model.md)")
 
