@@ -861,6 +861,41 @@ def test_force_refuses_to_clear_the_weights_the_run_reads(tmp_path, monkeypatch,
     assert code == 0 and (out / "checkpoints" / "w.safetensors").is_file(), text
 
 
+def test_force_keeps_a_finished_run_until_the_new_one_passes_its_checks(tmp_path, monkeypatch, capsys, weights_file):
+    """--force cleared the finished run's artifact, summary and trained model first, and only then found the new
+    run's --weights a text file or its --model unknown: one typo cost the finished run. A recipe kept in the folder as
+    recipe.yaml was deleted, and the run failed at its end copying it."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    (out / "artifact").mkdir()
+    (out / "artifact" / "manifest.json").write_text("{}")
+    recipe = _recipe(tmp_path, "techniques: [{type: quant_lsq, bits: 8}]\ntraining: {epochs: 1}\n")
+    (tmp_path / "notes.txt").write_text("not weights")
+    for bad in (("--weights", tmp_path / "notes.txt"), ("--model", "nosuch"), ("--weights", tmp_path / "missing.pt")):
+        code, text = _cli(monkeypatch, capsys, "compress", recipe, *bad, "--out", out, "--force")
+        assert code == 2 and "Traceback" not in text, text
+        assert (out / "summary.json").is_file() and (out / "artifact" / "manifest.json").is_file(), (bad, text)
+    kept = out / "recipe.yaml"
+    kept.write_text(recipe.read_text())
+    code, text = _cli(monkeypatch, capsys, "compress", kept, "--weights", weights_file, "--out", out, "--force")
+    assert code == 2 and "the recipe" in text and "--force clears recipe.yaml there" in " ".join(text.split()), text
+    assert kept.read_text() == recipe.read_text()
+
+
+def test_an_empty_out_is_refused_not_read_as_the_working_directory(tmp_path, monkeypatch, capsys):
+    """--out "$OUTDIR" with the variable unset read as the working directory, and --force cleared its recipe.yaml
+    and artifact/ folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "artifact").mkdir()
+    (tmp_path / "artifact" / "model_v1.bin").write_bytes(b"1")
+    recipe = _recipe(tmp_path, "techniques: [{type: quant_lsq, bits: 8}]\ntraining: {epochs: 1}\n")
+    for command in (("compress", recipe), ("compare", recipe), ("demo",)):
+        code, text = _cli(monkeypatch, capsys, *command, "--out", "", "--force")
+        assert code == 2 and "Invalid value for '--out'" in text and "empty" in text, (command, text)
+    assert (tmp_path / "artifact" / "model_v1.bin").is_file() and recipe.is_file()
+
+
 def test_the_results_table_shows_latency_columns_only_where_a_row_was_timed():
     """compress's table always showed ms b1 / ms b64 columns of dashes: nothing it runs times the models."""
     from rich.console import Console

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from .commands import BUILT_IN_MODELS, DEVICE_HELP
 from .errors import JointCompressError
-from .io import removed_if_refused
+from .io import output_folder, removed_if_refused
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Joint pruning + quantization + distillation for PyTorch models.")
 recipe_app = typer.Typer(no_args_is_help=True, help="Work with recipes.")
@@ -86,7 +86,7 @@ def results_table(title: str, rows: dict[str, dict]) -> Table:
 @app.command()
 @removed_if_refused
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="Where the artifacts and results.json go."),
+    out: Path = typer.Option(Path("runs/demo"), parser=output_folder, help="Where the artifacts and results.json go."),
     model: str = typer.Option("lenet5", help="Reference model: lenet5 or lenet300."),
     teacher_epochs: int = typer.Option(15, min=1, help="Epochs to train the uncompressed teacher."),
     epochs: int = typer.Option(None, min=1, help="Compression epochs (default: the demo recipe's)."),
@@ -176,7 +176,8 @@ def compress_cmd(
     mode: Optional[str] = typer.Option(None, help="Override the recipe's mode: joint, overlap or sequential."),
     precision: Optional[str] = typer.Option(None, help="Override training.precision: fp32, bf16 or fp16 (the training "
                                             "forward in 16-bit autocast; weights, evaluation and the artifact stay fp32)."),
-    out: Path = typer.Option(COMPRESS_OUT, help="Output directory (artifact, history, summary, checkpoints)."),
+    out: Path = typer.Option(COMPRESS_OUT, parser=output_folder,
+                             help="Output directory (artifact, history, summary, checkpoints)."),
     force: bool = typer.Option(False, help="Allow writing into an existing, non-empty output directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last complete checkpoint."),
     checkpoint_every: int = typer.Option(100, min=1, help="Steps between checkpoints (one is also written at every evaluation)."),
@@ -194,7 +195,7 @@ def compress_cmd(
     from .distributed import init_from_env, quiet_other_ranks
     from .io import check_folder_path, prepare_run_dir
     from .models import absolute_builder
-    from .pipeline import builder_for, compress_and_save, load_split
+    from .pipeline import builder_for, compress_and_save, load_split, load_start
     from .recipe import load_recipe
     from .tensorboard import TensorBoardLogger
 
@@ -226,13 +227,15 @@ def compress_cmd(
     quiet_other_ranks(dist)
     where = resolve_device(device)  # after joining the group: under torchrun, `cuda` is the rank's own GPU
     main_rank = dist is None or dist.is_main
-    out = prepare_run_dir(out, force=force, resume=resume, dist=dist, reads=weights)
-    builder = builder_for(model_name, split)
+    builder = builder_for(model_name, split)  # what refuses the run is found before --force clears --out
     if not weights and not resume:
         _refuse_before_training(builder, recipe, split, timed=dist is None)
+    given_model = load_start(builder, weights) if weights else None
+    out = prepare_run_dir(out, force=force, resume=resume, dist=dist, reads={"--weights": weights, "the recipe": recipe_path})
     with progress_bar() as bar:
         show = (lambda d: tracked(bar, d)) if main_rank else (lambda d: None)
-        teacher = _model_to_compress(builder, model_name, split, recipe, out, weights=weights, resume=resume,
+        teacher = _model_to_compress(builder, model_name, split, recipe, out, weights=weights, given_model=given_model,
+                                     resume=resume,
                                      teacher_epochs=teacher_epochs, save=main_rank, progress=show, device=where,
                                      data_given=str(data if data is not None else recipe.data))
         callbacks = [TensorBoardLogger(tensorboard)] if tensorboard and main_rank else []
@@ -273,8 +276,9 @@ def _overridden(recipe, *, mode: str | None, precision: str | None):
 
 
 def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights, resume: bool, teacher_epochs: int,
-                       save: bool, progress, device=None, data_given: str | None = None):
-    """--weights when given; else the model a resumed run trained first; else one trained now and saved (by the
+                       save: bool, progress, device=None, data_given: str | None = None, given_model=None):
+    """--weights (`given_model`: read from them) when given; else the model a resumed run trained first; else one
+    trained now and saved (by the
     writing rank) so that --resume does not train it again. start.json, which records what the run began from,
     is written before the trained model's file and checked on every --resume, whichever way the model came."""
     from .io import atomic_write_bytes
@@ -289,7 +293,7 @@ def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights
         _same_teacher_epochs(start_file, earlier, teacher_epochs)
     reloaded = not weights and resume and teacher_file.is_file()
     if weights:
-        teacher = load_start(builder, weights)
+        teacher = given_model if given_model is not None else load_start(builder, weights)
     elif reloaded:
         try:
             teacher = _trained_before(builder, teacher_file)

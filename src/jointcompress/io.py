@@ -223,11 +223,23 @@ def _remove_if_empty(folder: Path) -> None:
     release_run_lock(folder)  # given up where the unlink failed too (a no-op once given up)
 
 
+def output_folder(raw) -> Path:
+    """An --out option's parser: an empty value (a shell variable left unset) is refused. Read as a path it is
+    the working directory, whose recipe.yaml and artifact/ a --force run cleared."""
+    if isinstance(raw, Path):
+        return raw
+    if not str(raw).strip():
+        import typer
+
+        raise typer.BadParameter("empty; give the output folder (an unset shell variable?)")
+    return Path(raw)
+
+
 def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=None,
                     fresh: tuple[str, ...] = ("checkpoints", *RUN_OUTPUTS, *RUN_START, *RUN_REPORT),
-                    reads: str | os.PathLike | None = None) -> Path:
-    """The output directory of a `compress` run, prepared once for every rank. `reads`: the run's --weights,
-    which --force may not clear.
+                    reads: dict[str, str | os.PathLike | None] | None = None) -> Path:
+    """The output directory of a `compress` run, prepared once for every rank. `reads`: the files the run reads,
+    by how the user named them (its --weights, its recipe), which --force may not clear.
 
     Every rank checks it before any rank writes; rank 0 creates it, holds its run lock (hold_run_lock)
     and, on a --force restart, removes the old run's `fresh` outputs (its checkpoints must not be resumed
@@ -242,8 +254,10 @@ def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=
     from .checkpoint import CheckpointStore
 
     path = Path(path)
-    if force and not resume and reads is not None:
-        _refuse_clearing_the_input(path, fresh, Path(reads))
+    if force and not resume:
+        for what, read in (reads or {}).items():
+            if read is not None:
+                _refuse_clearing_the_input(path, fresh, Path(read), what)
     if not resume:
         check_output_dir(path, force=force)
     elif not CheckpointStore(path).paths():
@@ -261,23 +275,25 @@ def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=
     return path
 
 
-def _refuse_clearing_the_input(path: Path, fresh: tuple[str, ...], reads: Path) -> None:
+def _refuse_clearing_the_input(path: Path, fresh: tuple[str, ...], reads: Path, what: str) -> None:
     """--force clears the old run's outputs before the new run reads its --weights: weights that are one of
     them (an earlier run's teacher.safetensors or artifact/, as its own messages suggest) were deleted, and
-    the run then said it could not find them. checkpoints/ loses only its ckpt files, never weights."""
+    the run then said it could not find them; a recipe kept as OUT/recipe.yaml was deleted, and the run failed
+    at its end, copying it. checkpoints/ loses only its ckpt files, never weights."""
     cleared = [path / name for name in fresh if name != "checkpoints"]
-    refuse_clearing(reads, [p for p in cleared if p.exists() or p.is_symlink()], path)
+    refuse_clearing(reads, [p for p in cleared if p.exists() or p.is_symlink()], path, what)
 
 
-def refuse_clearing(reads: str | os.PathLike, cleared: list[Path], out: Path) -> None:
-    """Refuse to clear `cleared` (files or folders under `out`) when the run reads `reads` from one of them, as
-    written (a link in the folder is removed as a link) or as it resolves."""
+def refuse_clearing(reads: str | os.PathLike, cleared: list[Path], out: Path, what: str = "--weights") -> None:
+    """Refuse to clear `cleared` (files or folders under `out`) when the run reads `reads` (`what`: the flag or
+    file the user gave it as) from one of them, as written (a link in the folder is removed as a link) or as it
+    resolves."""
     given = Path(reads)
     for place in cleared:
         for seen, where in ((Path(os.path.abspath(given)), Path(os.path.abspath(place))), (given.resolve(), place.resolve())):
             if seen == where or where in seen.parents:
-                raise JointCompressError(f"--weights {reads} lies in --out {out}, and --force clears {place.name} there "
-                                         "before the run reads it; give another --out (or copy the weights out of it "
+                raise JointCompressError(f"{what} {reads} lies in --out {out}, and --force clears {place.name} there "
+                                         "before the run reads it; give another --out (or copy it out of that folder "
                                          "first)")
 
 

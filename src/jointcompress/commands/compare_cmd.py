@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from ..compare import DEFAULT_VARIANTS
-from ..io import RUN_REPORT, removed_if_refused
+from ..io import RUN_REPORT, output_folder, removed_if_refused
 from . import DEVICE_HELP, MODEL_CHOICES
 
 
@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
         weights: Optional[Path] = typer.Option(None, "--weights", help="Trained weights (.safetensors) or a saved artifact folder, the teacher of every seed."),
         teacher_epochs: int = typer.Option(10, "--teacher-epochs", min=1, help="Teacher epochs when no --weights."),
         epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the recipe's epochs (same for all)."),
-        out: Path = typer.Option(Path("runs/compare"), "--out", help="Output directory."),
+        out: Path = typer.Option(Path("runs/compare"), "--out", parser=output_folder, help="Output directory."),
         tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", help="Also log every run to TensorBoard here."),
         keep: Optional[str] = typer.Option(None, "--keep", help="training.keep of every variant: 'best' (its best evaluated "
                                            "epoch at the target) or 'last' (the same rule for every variant, no choice made on "

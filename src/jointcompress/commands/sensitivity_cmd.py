@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from ..io import output_folder
 from . import MODEL_CHOICES
 
 
@@ -21,7 +22,7 @@ def register(app: typer.Typer) -> None:
         sparsities: str = typer.Option("0.5,0.8,0.9,0.95,0.98", "--sparsities", help="Unstructured sparsities per layer."),
         bits: str = typer.Option("8,4,3,2", "--bits", help="Bit-widths per layer."),
         group_sparsities: str = typer.Option("0.25,0.5,0.75", "--group-sparsities", help="Channel sparsities per group."),
-        out: Path = typer.Option(Path("runs/sensitivity"), "--out", help="Where sensitivity.json and .png go."),
+        out: Path = typer.Option(Path("runs/sensitivity"), "--out", parser=output_folder, help="Where sensitivity.json and .png go."),
         force: bool = typer.Option(False, "--force", help="Allow writing into an --out that holds other files."),
         recalibrate_norms: int = typer.Option(8, "--recalibrate-norms", min=0,
                                               help="Batches of 128 training images over which a model with BatchNorm re-estimates its "

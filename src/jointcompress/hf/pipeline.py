@@ -260,7 +260,8 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
     where = resolve_device(device)  # after joining the group: under torchrun, `cuda` is the rank's own GPU
     main_rank = dist is None or dist.is_main
     out = prepare_run_dir(out, force=force, resume=resume, dist=dist,
-                          fresh=("checkpoints", "hf_model", "onnx", *RUN_OUTPUTS, *RUN_REPORT), reads=weights)
+                          fresh=("checkpoints", "hf_model", "onnx", *RUN_OUTPUTS, *RUN_REPORT),
+                          reads={"--weights": weights, "the recipe": recipe_path})
     with progress_bar() if main_rank else contextlib.nullcontext() as bar:
         summary = run_hf_recipe(
             recipe, out, data, weights, progress=tracked(bar, recipe.mode) if main_rank else None,
