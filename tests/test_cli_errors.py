@@ -980,3 +980,20 @@ def test_a_latency_target_says_it_is_timing_before_the_first_step(tmp_path, monk
                                "techniques: [{type: prune_structured}]\n")
     code, out = _cli(monkeypatch, capsys, "compress", recipe, "--weights", weights_file, "--out", tmp_path / "o")
     assert code == 2 and "latency target: timing per-layer latency tables at batch 256" in out, out
+
+
+@pytest.mark.parametrize("text", ["", '{"weights": null, "state_sh', "{}", "[1]"], ids=["empty", "cut", "no_fields", "list"])
+def test_a_damaged_start_or_compare_record_is_named_on_resume(tmp_path, text):
+    """A truncated or edited start.json ended compress --resume in a JSONDecodeError, KeyError or TypeError traceback;
+    a damaged compare.json ended compare --resume in one too."""
+    from jointcompress.cli import _earlier_start
+    from jointcompress.compare import _read_earlier
+
+    (tmp_path / "start.json").write_text(text)
+    with pytest.raises(JointCompressError, match=r"start.json is damaged .* delete it, and the same command resumes"):
+        _earlier_start(tmp_path / "start.json", tmp_path / "teacher.safetensors", builder=None)
+    (tmp_path / "compare.json").write_text(text if text != "{}" else '{"runs": 5}')
+    with pytest.raises(JointCompressError, match=r"compare.json is damaged .* restore it, or start over with --force"):
+        _read_earlier(tmp_path / "compare.json")
+    (tmp_path / "start.json").write_text('{"weights": null, "state_sha256": "ab"}')
+    assert _earlier_start(tmp_path / "start.json", tmp_path / "teacher.safetensors", builder=None)["state_sha256"] == "ab"

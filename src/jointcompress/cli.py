@@ -412,12 +412,24 @@ def _trained_before(builder, teacher_file: Path):
 
 
 def _earlier_start(start_file: Path, teacher_file: Path, builder) -> dict | None:
-    """What the run in OUT began from: start.json, else (a run killed between the trained model's file and
+    """What the run in OUT began from: start.json (a damaged one refused, naming it: its fields were read as they
+    were, and the resume ended in a KeyError), else (a run killed between the trained model's file and
     start.json, by a version that wrote them in that order) the trained model's file."""
     try:
-        return json.loads(start_file.read_text())
-    except (OSError, ValueError):
-        pass
+        text = start_file.read_text()
+    except OSError:
+        text = None
+    if text is not None:
+        try:
+            earlier = json.loads(text)
+        except ValueError:
+            earlier = None
+        if not (isinstance(earlier, dict) and {"weights", "state_sha256"} <= set(earlier)):
+            raise JointCompressError(
+                f"--resume: {start_file} is damaged (not the record a run writes of what it began from); delete it, "
+                f"and the same command resumes from the model the run trained ({teacher_file.name}), unchecked against "
+                "the start, or start over with --force")
+        return earlier
     if teacher_file.is_file():
         from .checkpoint import state_digest
 

@@ -393,6 +393,22 @@ def _inputs_digests(split, builder, weights: Path | None) -> dict:
             "weights": state_digest(load_start(builder, weights)) if weights else None}
 
 
+def _read_earlier(path: Path) -> dict:
+    """compare.json as an earlier compare wrote it (a dict whose runs are a list), else a RecipeError naming it: a
+    truncated or edited file ended --resume in a JSONDecodeError or a TypeError deep in the summary."""
+    from .errors import RecipeError
+
+    try:
+        earlier = json.loads(path.read_text())
+    except ValueError:
+        earlier = None
+    listed = [earlier.get(key, []) for key in ("runs", "unreachable")] if isinstance(earlier, dict) else [None]
+    if not all(isinstance(rows, list) and all(isinstance(row, dict) for row in rows) for rows in listed):
+        raise RecipeError(f"--resume: {path} is damaged (not the JSON a compare writes); restore it, or start over with "
+                          "--force (its points' folders under runs/ are cleared with it)")
+    return earlier
+
+
 def _earlier_result(out: Path, fresh: dict, spec: CompareSpec, log) -> dict:
     """compare.json of the compare `out` holds, to continue (--resume): its points kept, the rest of it this
     command's (more ratios and seeds add points). One that ran with other settings is refused, naming them (a
@@ -409,7 +425,7 @@ def _earlier_result(out: Path, fresh: dict, spec: CompareSpec, log) -> dict:
                               "--out, or --force to write into it")
         log(f"--resume: {out} is empty: the compare starts from the beginning")
         return fresh
-    earlier = json.loads(path.read_text())
+    earlier = _read_earlier(path)
     _covers(earlier, spec)
     same = [k for k in RESUME_SAME if k in earlier]
     settings = lambda result: {k: _without_target(result[k]) if k == "recipe" else result.get(k) for k in same}  # noqa: E731
