@@ -195,9 +195,13 @@ def test_a_comparison_that_began_at_another_seed_still_gets_its_per_run_plots(co
     (lambda d: (d / "summary.json").write_text("[1, 2, 3]"), "summary.json: holds a JSON list"),
     (lambda d: (d / "history.json").write_text('{"steps": 5}'), 'history.json: "steps" is not a list'),
     (lambda d: _drop_a_layer_shape(d / "artifact" / "manifest.json"), "shape is missing"),
+    (lambda d: _cut(d / "artifact" / "weights.jcw"), "the manifest says"),
+    (lambda d: _flip(d / "artifact" / "weights.jcw"), "sha256 does not match the manifest"),
+    (lambda d: _record_other_bytes(d / "summary.json"), "it is not the artifact this run saved"),
 ])
 def test_a_damaged_run_file_is_one_error_naming_it(compress_dir, tmp_path, damage, words):
-    """Valid JSON of the wrong shape ended in an AttributeError, a TypeError or a KeyError."""
+    """Valid JSON of the wrong shape ended in an AttributeError, a TypeError or a KeyError; a truncated or flipped
+    weights file, or another model's artifact in the run's folder, was reported at its manifest's word."""
     import shutil
 
     from jointcompress.errors import JointCompressError
@@ -208,6 +212,23 @@ def test_a_damaged_run_file_is_one_error_naming_it(compress_dir, tmp_path, damag
     res = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "rep")])
     assert res.exit_code != 0 and isinstance(res.exception, JointCompressError), res.exception
     assert words in str(res.exception)
+
+
+def _cut(path):
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _flip(path):
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 1
+    path.write_bytes(bytes(blob))
+
+
+def _record_other_bytes(path):
+    summary = json.loads(path.read_text())
+    row = next(r for r in summary.values() if isinstance(r, dict) and "file_bytes" in r)
+    row["file_bytes"] += 1
+    path.write_text(json.dumps(summary))
 
 
 def _drop_a_layer_shape(path):

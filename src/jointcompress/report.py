@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import JointCompressError
+from .errors import ArtifactError, JointCompressError
 
 LAYER_FIELDS = ["run", "layer", "shape", "numel", "nonzero", "sparsity", "bits", "encoding", "bytes", "dense_fp32_bytes"]
 # layers.csv / layers.json, per layer of an artifact: `bytes` is what the weights file stores for the layer (its
@@ -83,9 +83,11 @@ def _manifest(path: Path) -> dict | None:
     """The artifact manifest in folder `path`, structure-checked as loading the artifact checks it; None when absent."""
     if not (path / "manifest.json").is_file():
         return None
-    from .artifact.store import read_manifest
+    from .artifact.store import check_weights_file, read_manifest
 
-    return read_manifest(path)
+    manifest = read_manifest(path)
+    check_weights_file(path, manifest)  # a truncated or flipped file was reported at the manifest's bytes
+    return manifest
 
 
 def read_run_dir(path: Path) -> RunDir:
@@ -139,10 +141,21 @@ def _read_compress(path: Path) -> RunDir:
     history = _history(path / "history.json")
     for name, mpath in manifests.items():
         shown = name if name != "artifact" or name in rows else next((k for k in rows if k != "uncompressed"), name)
-        rd.runs.append(Run(shown, _manifest(mpath.parent), history if name == "artifact" else None))
+        manifest = _manifest(mpath.parent)
+        _same_artifact(mpath.parent, manifest, (rows.get(shown) or {}).get("file_bytes"))
+        rd.runs.append(Run(shown, manifest, history if name == "artifact" else None))
     if not rd.runs and history:
         rd.runs.append(Run("run", None, history))
     return rd
+
+
+def _same_artifact(folder: Path, manifest: dict, recorded_bytes) -> None:
+    """The artifact is the one the run's summary records (its weights file's bytes): another model's artifact
+    copied into the folder was reported beside the run's accuracy, its layers as the run's."""
+    if isinstance(recorded_bytes, int) and manifest.get("weights_file_bytes") != recorded_bytes:
+        raise ArtifactError(f"report: {folder} holds a weights file of {manifest.get('weights_file_bytes'):,} B, and the "
+                            f"run's summary.json records {recorded_bytes:,} B: it is not the artifact this run saved. "
+                            "Put the run's own artifact back, or report the run that saved this one")
 
 
 RUN_KEYS = {"variant": str, "ratio_target": (int, float), "seed": int, "accuracy": (int, float), "error": (int, float),

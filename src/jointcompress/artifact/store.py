@@ -803,6 +803,12 @@ def _weights_path(path: str | os.PathLike, manifest: dict) -> Path:
     return Path(path) / name
 
 
+def check_weights_file(path: str | os.PathLike, manifest: dict) -> None:
+    """ArtifactError where the weights file of the artifact in `path` is missing, or its size or sha256 is not
+    the manifest's (truncated, replaced, flipped): what load checks, for readers of the manifest alone."""
+    _read_blob(path, manifest)
+
+
 def _read_blob(path: str | os.PathLike, manifest: dict) -> tuple[bytes, Path]:
     wpath = _weights_path(path, manifest)
     try:
