@@ -562,14 +562,20 @@ def test_resume_with_other_weights_than_the_run_began_from_is_refused(tmp_path, 
 
 
 def test_small_cli_mistakes_get_the_message_that_fits(tmp_path, monkeypatch, capsys, weights_file):
-    """A one-word recipe was read as a path given to the API; a tab in YAML had no hint; NaN weights were
-    blamed on the learning rate; a relative data path did not say where it was looked for."""
+    """A one-word recipe was read as a path given to the API, an empty one as the defaults; a tab in YAML had no
+    hint; NaN weights were blamed on the learning rate; a relative data path did not say where it was looked for."""
     from safetensors.torch import load_file, save_file
 
     word = tmp_path / "word.yaml"
     word.write_text("lenet300\n")
     code, out = _cli(monkeypatch, capsys, "recipe", "validate", word)
     assert code == 2 and "holds the single value 'lenet300', not a recipe" in out, out
+    for text in ("", "# to fill in\n"):  # ran as the defaults, compressing nothing, and labelled the result "joint"
+        word.write_text(text)
+        for command in (("recipe", "validate", word), ("compress", word, "--out", tmp_path / "empty")):
+            code, out = _cli(monkeypatch, capsys, *command)
+            assert code == 2 and "holds no recipe (the file is empty or comments only)" in out, out
+    assert not (tmp_path / "empty").exists()
     tabbed = tmp_path / "tab.yaml"
     tabbed.write_text("training:\n\tepochs: 1\n")
     code, out = _cli(monkeypatch, capsys, "recipe", "validate", tabbed)

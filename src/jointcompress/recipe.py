@@ -710,7 +710,9 @@ def load_recipe(path: str | Path, defaults: dict | None = None) -> Recipe:
     if isinstance(data, (str, int, float, bool)):  # parse_recipe would read a string as a path given to it
         raise RecipeError(f"{path}: holds the single value {str(data)[:60]!r}, not a recipe: a mapping of fields "
                           "(version, model, techniques, training, ...); see src/jointcompress/recipes/ for examples")
-    data = data if data is not None else {}
+    if data is None:  # an empty file, or comments only: it ran as the defaults, compressing nothing, without a word
+        raise RecipeError(f"{path}: holds no recipe (the file is empty or comments only); write its fields "
+                          "(techniques, training, ...): see src/jointcompress/recipes/ for examples")
     if defaults and isinstance(data, dict):
         data = {**defaults, **data}
     return parse_recipe(data, source=str(path))
