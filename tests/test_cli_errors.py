@@ -393,6 +393,41 @@ def test_an_interrupted_command_says_so_and_exits_130(monkeypatch, capsys):
     assert "--resume" not in out  # only compress resumes; the message once told every command to
 
 
+def test_sigterm_is_said_with_what_the_run_left_and_exits_143(monkeypatch, capsys):
+    """SIGTERM (Slurm's preemption, docker stop) ended a run with status 143 and not a word of its checkpoints."""
+    import signal
+
+    from jointcompress.commands import dryrun_cmd
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(dryrun_cmd, "_tables", terminated)
+    code, out = _cli(monkeypatch, capsys, "dry-run")
+    assert code == 143 and "terminated (SIGTERM)" in out, out
+    assert signal.getsignal(signal.SIGTERM) is before  # given back when the command ends (tests call main())
+
+
+def test_a_run_whose_output_is_no_terminal_prints_a_line_at_each_tenth(monkeypatch):
+    """rich draws its bar once at the end where the output is a file: a run's log stayed empty until it ended."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    import jointcompress.cli as cli
+
+    log = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=log, force_terminal=False, width=200))
+    with Progress(console=cli.console) as progress:
+        update = cli.tracked(progress, "joint")
+        for step in range(1, 201):
+            update(step, 200)
+    lines = [line for line in log.getvalue().splitlines() if line.startswith("joint: step")]
+    assert [line.split(" (")[0] for line in lines] == [f"joint: step {20 * k} of 200" for k in range(1, 11)]
+
+
 @pytest.mark.parametrize("argv, words", [(["compress", "r.yaml", "--out", "o"], "--resume"),
                                          (["--debug", "compare", "r.yaml"], "compare.json"), (["bench", "a"], "")])
 def test_an_interrupted_command_says_what_it_left(argv, words):

@@ -38,12 +38,25 @@ def progress_bar():
     )
 
 
+PLAIN_PROGRESS_LINES = 10  # lines a run prints as it goes where the output is no terminal (a log file)
+
+
 def tracked(progress: Progress, description: str):
-    """A compress() progress callback that drives one rich task."""
+    """A compress() progress callback that drives one rich task; where the output is no terminal (a log file,
+    Slurm), where rich draws the bar once at the end, a plain line at each tenth of the steps too: a run's log
+    stayed empty until it ended."""
     task = progress.add_task(description, total=None)
+    shown = {"tenth": 0}
 
     def update(step: int, total: int) -> None:
         progress.update(task, completed=step, total=total)
+        if console.is_terminal or not total:
+            return
+        tenth = step * PLAIN_PROGRESS_LINES // total
+        if tenth > shown["tenth"]:
+            shown["tenth"] = tenth
+            elapsed = next(t for t in progress.tasks if t.id == task).elapsed or 0.0
+            progress.console.print(f"{description}: step {step:,} of {total:,} ({elapsed:,.0f} s)", highlight=False)
 
     return update
 
@@ -774,14 +787,34 @@ def _after_interrupt(argv: list[str]) -> str:
     return ""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Slurm's preemption, `docker stop`, `kill`), raised where the run is, as Ctrl-C is: the run
+    ended with status 143 and not a word of what it kept or how to go on."""
+
+
+def _terminate(signum, frame) -> None:
+    STATE["terminated"] = True  # typer turns a KeyboardInterrupt into Exit(130), whatever its class
+    raise Terminated
+
+
 def main() -> None:
     import functools
+    import signal
     import warnings
 
     debug = STATE["debug"] = "--debug" in sys.argv[1:]
-    with warnings.catch_warnings():  # restores showwarning when the command ends (tests call main())
-        warnings.showwarning = functools.partial(_show_warning, _default=warnings.showwarning)
-        _run(debug)
+    STATE["terminated"] = False
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: its owner handles signals
+        previous = None
+    try:
+        with warnings.catch_warnings():  # restores showwarning when the command ends (tests call main())
+            warnings.showwarning = functools.partial(_show_warning, _default=warnings.showwarning)
+            _run(debug)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _run(debug: bool) -> None:
@@ -805,8 +838,10 @@ def _run(debug: bool) -> None:
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        console.print(f"[bold red]interrupted[/bold red]{_after_interrupt(sys.argv[1:])}")
-        sys.exit(130)
+        terminated = STATE.get("terminated", False)
+        console.print(f"[bold red]{'terminated (SIGTERM)' if terminated else 'interrupted'}[/bold red]"
+                      f"{_after_interrupt(sys.argv[1:])}")
+        sys.exit(143 if terminated else 130)
     except OSError as err:  # the machine's problem (disk full, permissions), not a bug: say which file
         if debug or STATE["debug"]:
             raise
