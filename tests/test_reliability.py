@@ -431,6 +431,28 @@ def test_a_file_that_is_no_torch_file_is_not_said_to_hold_pickles(tmp_path):
         load_weights(nn.Linear(3, 2), tmp_path / "w.npy")
 
 
+def test_weights_a_user_brings_are_read_from_a_checkpoint_and_a_misfit_is_told_whole(tmp_path):
+    """A text file named .pt was refused with "KeyError: 101"; a training checkpoint {'state_dict', 'epoch'} was refused
+    as weights that do not fit; a shape mismatch was told in torch's message cut mid-sentence."""
+    from jointcompress.errors import ArtifactError
+    from jointcompress.pipeline import load_weights
+
+    (tmp_path / "notes.pt").write_text("these are not weights\n")
+    with pytest.raises(ArtifactError, match="is not a torch file .* or a safetensors file"):
+        load_weights(nn.Linear(3, 2), tmp_path / "notes.pt")
+    model = nn.Linear(3, 2)
+    torch.save({"state_dict": model.state_dict(), "epoch": 7, "lr": 0.1}, tmp_path / "ckpt.pt")
+    with pytest.warns(UserWarning, match=r"a training checkpoint .*its weights are read from 'state_dict'"):
+        assert torch.equal(load_weights(nn.Linear(3, 2), tmp_path / "ckpt.pt").weight, model.weight)
+    torch.save(nn.Linear(4, 2).state_dict(), tmp_path / "other.pt")
+    with pytest.raises(ArtifactError, match=r"1 of another shape: weight \(2, 4\) where the model has \(2, 3\)\); is it the "
+                                            r"same architecture"):
+        load_weights(nn.Linear(3, 2), tmp_path / "other.pt")
+    torch.save({"weight": model.weight.detach()}, tmp_path / "half.pt")
+    with pytest.raises(ArtifactError, match=r"1 missing from the file: bias\)"):
+        load_weights(nn.Linear(3, 2), tmp_path / "half.pt")
+
+
 @pytest.mark.parametrize("keep, epoch", [("best", 1), ("last", 3)])
 def test_training_keep_chooses_the_state_the_run_ends_with(keep, epoch):
     """keep: last ends with the last state at the target, whatever the evaluation read: no choice made on

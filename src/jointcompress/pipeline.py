@@ -108,26 +108,66 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         raise ArtifactError(f"{path}: {what}; save the weights alone: torch.save(model.state_dict(), path), or "
                             "safetensors") from None
     except Exception as err:  # noqa: BLE001 - any reading problem is the file's
-        raise ArtifactError(
-            f"{path}: cannot be read as weights ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); "
-            "give a .safetensors file or a state dict saved with torch.save(model.state_dict(), path)"
-        ) from None
+        what = (f"cannot be read as weights ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
+                if zipfile.is_zipfile(path) else "is not a torch file (the zip archive torch.save writes) or a "
+                "safetensors file")
+        raise ArtifactError(f"{path}: {what}; give a .safetensors file or a state dict saved with "
+                            "torch.save(model.state_dict(), path)") from None
     if not isinstance(state, dict):
         raise ArtifactError(f"{path}: holds a {type(state).__name__}, not a state dict; save the weights with "
                             "torch.save(model.state_dict(), path)")
+    state = _unwrapped(state, path)
     from .session.checks import nonfinite_tensors
 
     broken = nonfinite_tensors(state.items())
     if broken:  # training on them named the learning rate and the data, not the weights
         raise ArtifactError(f"{path}: {', '.join(broken[:4])} hold NaN or inf; these weights come from a training run "
                             "that diverged: give the weights of a good run")
+    misfit = _misfit(model.state_dict(), state)
     try:
+        if misfit:
+            raise ValueError(misfit)
         load_model_state(model, state)
     except Exception as err:  # noqa: BLE001 - the weights do not fit the recipe's model
-        raise ArtifactError(f"{path}: the weights do not fit the recipe's model ({type(err).__name__}: "
-                            f"{' '.join(str(err).split())[:300]}); is it the same architecture (recipe model), built for the "
-                            "same data (the model's input size, channels and classes come from --data)?") from None
+        told = misfit or f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        raise ArtifactError(f"{path}: the weights do not fit the recipe's model ({told}); is it the same architecture "
+                            "(recipe model), built for the same data (the model's input size, channels and classes come "
+                            "from --data)?") from None
     return model
+
+
+WRAPPING_KEYS = ("state_dict", "model_state_dict", "model")  # where training scripts keep the weights in a checkpoint
+
+
+def _unwrapped(state: dict, path: Path) -> dict:
+    """The weights of a training checkpoint ({'state_dict': ..., 'epoch': ..., 'optimizer': ...}, as scripts
+    save them), read from the first of WRAPPING_KEYS that holds them; the state itself otherwise. It was
+    refused as weights that do not fit the model, naming its keys 'epoch' and 'optimizer'."""
+    if any(isinstance(v, torch.Tensor) for v in state.values()):
+        return state
+    for key in WRAPPING_KEYS:
+        inner = state.get(key)
+        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            import warnings
+
+            warnings.warn(f"{path}: a training checkpoint (keys {', '.join(map(str, list(state)[:5]))}): its "
+                          f"weights are read from '{key}'", stacklevel=3)
+            return inner
+    return state
+
+
+def _misfit(own: dict, given: dict) -> str:
+    """What keeps `given` from loading into a model whose state is `own`, in a few words (the tensors missing,
+    left over, or of another shape; the first three of each), or "" where it fits. torch's own message was
+    cut mid-sentence."""
+    missing = [k for k in own if k not in given]
+    extra = [k for k in given if k not in own]
+    shapes = [f"{k} {tuple(given[k].shape)} where the model has {tuple(own[k].shape)}" for k in own
+              if isinstance(given.get(k), torch.Tensor) and tuple(given[k].shape) != tuple(own[k].shape)]
+    parts = [f"{len(items)} {what}: {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
+             for what, items in (("of another shape", shapes), ("missing from the file", missing),
+                                 ("in the file, not in the model", extra)) if items]
+    return "; ".join(parts)
 
 
 def train_teacher(model_name: str, split: Split, epochs: int, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
