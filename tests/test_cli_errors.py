@@ -121,7 +121,7 @@ def test_weights_and_data_of_the_wrong_kind_name_what_to_give(tmp_path, monkeypa
     csv = tmp_path / "d.csv"
     csv.write_text("a,b\n1,2\n")
     r = _recipe(tmp_path, "")
-    for args, words in (((" --weights", other), ['do not fit the recipe', 'Unexpected key(s) in state_dict: "conv1.weight"']),
+    for args, words in (((" --weights", other), ['do not fit the recipe', "in the file, not in the model: conv1.weight"]),
                         ((" --weights", listed), ["holds a list, not a state dict"]),
                         ((" --data", csv), ["is not an .npz archive", "numpy.savez(path, x_train="])):
         code, out = _cli(monkeypatch, capsys, "compress", r, args[0].strip(), args[1], "--out", tmp_path / "o")
@@ -636,6 +636,14 @@ def test_output_paths_of_the_wrong_kind_are_refused_before_the_work(tmp_path, mo
     assert code == 2 and "lies under" in out and "which is a file" in out and not (tmp_path / "o").exists(), out
     code, out = _cli(monkeypatch, capsys, "bench", tmp_path / "no-artifact", "--json", tmp_path)
     assert code == 2 and "is a folder; give a file path" in out, out
+    code, out = _cli(monkeypatch, capsys, "bench", tmp_path / "no-artifact", "--json", tmp_path / "tb" / "b.json")
+    assert code == 2 and "lies under" in out and "which is a file" in out, out  # "File exists", after the benchmark
+    from jointcompress.commands.compare_cmd import parse_floats
+    from jointcompress.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"--ratios: an empty item in '10,,20'"):
+        parse_floats("10,,20", "--ratios")
+    assert parse_floats("10,20,", "--ratios") == [10.0, 20.0]
 
 
 @pytest.mark.parametrize("extra, words", [

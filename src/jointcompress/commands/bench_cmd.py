@@ -420,11 +420,15 @@ def _strides(text: str) -> list[int]:
 
 
 def _check_json_path(path: Optional[Path]) -> None:
-    """Before the benchmark: a --json that is a folder failed only after it, naming a temporary file."""
+    """Before the benchmark: a --json that is a folder, or lies under a file, failed only after it, with the
+    OS's words."""
     from ..errors import JointCompressError
 
     if path is not None and path.is_dir():
         raise JointCompressError(f"--json {path}: is a folder; give a file path (e.g. {path / 'bench.json'})")
+    above = next((p for p in (path.parents if path is not None else ()) if p.exists()), None)
+    if above is not None and not above.is_dir():  # found after the benchmark, as "File exists"
+        raise JointCompressError(f"--json {path}: lies under {above}, which is a file; give a path in a folder")
 
 
 def _write_json(path: Optional[Path], result: dict) -> None:

@@ -19,8 +19,11 @@ def parse_floats(text: str, what: str) -> list[float]:
 
     from ..compare import check_ratios
 
+    parts = text.split(",")
+    if any(not v.strip() for v in parts[:-1]):  # 10,,20: an item left out, not a trailing comma
+        raise RecipeError(f"{what}: an empty item in {text!r}; give comma-separated numbers like 10,20,40")
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in parts if v.strip()]
     except ValueError:
         raise RecipeError(f"{what}: expected comma-separated numbers like 10,20,40, got {text!r}") from None
     return check_ratios(values, what)  # finite, within target.ratio's bounds, no two naming the same run folder
