@@ -1046,3 +1046,20 @@ def test_a_damaged_start_or_compare_record_is_named_on_resume(tmp_path, text):
         _read_earlier(tmp_path / "compare.json")
     (tmp_path / "start.json").write_text('{"weights": null, "state_sha256": "ab"}')
     assert _earlier_start(tmp_path / "start.json", tmp_path / "teacher.safetensors", builder=None)["state_sha256"] == "ab"
+
+
+def test_force_keeps_a_finished_hf_run_until_the_teacher_and_data_are_found(tmp_path, monkeypatch, capsys):
+    """The hf: path cleared the finished run (its hf_model/, onnx/, artifact/) before it found the --weights or
+    --data folder missing."""
+    out = tmp_path / "o"
+    (out / "hf_model").mkdir(parents=True)
+    (out / "summary.json").write_text("{}")
+    recipe = tmp_path / "hf.yaml"
+    recipe.write_text("hf: {max_length: 16}\ntechniques: [{type: distill_kd}]\n")
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "config.json").write_text('{"model_type": "bert"}')
+    for bad in (("--weights", tmp_path / "missing", "--data", tmp_path), ("--weights", tmp_path / "teacher", "--data",
+                                                                             tmp_path / "no-data")):
+        code, text = _cli(monkeypatch, capsys, "compress", recipe, *bad, "--out", out, "--force")
+        assert code == 2 and "Traceback" not in text, text
+        assert (out / "summary.json").is_file() and (out / "hf_model").is_dir(), (bad, text)

@@ -255,6 +255,10 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
     from jointcompress.distributed import init_from_env, quiet_other_ranks
     from jointcompress.io import RUN_OUTPUTS, RUN_REPORT, atomic_write_text, prepare_run_dir
 
+    from jointcompress.hf.recipe_steps import refuse_causal_lm, split_files, teacher_source
+
+    refuse_causal_lm(teacher_source(recipe, weights))  # a wrong teacher or data folder, found before --force clears
+    split_files(data or recipe.data)
     dist = init_from_env()
     quiet_other_ranks(dist)
     where = resolve_device(device)  # after joining the group: under torchrun, `cuda` is the rank's own GPU
