@@ -1063,3 +1063,21 @@ def test_force_keeps_a_finished_hf_run_until_the_teacher_and_data_are_found(tmp_
         code, text = _cli(monkeypatch, capsys, "compress", recipe, *bad, "--out", out, "--force")
         assert code == 2 and "Traceback" not in text, text
         assert (out / "summary.json").is_file() and (out / "hf_model").is_dir(), (bad, text)
+
+
+def test_a_relative_data_path_found_only_beside_the_recipe_says_where_it_is(tmp_path, monkeypatch, capsys):
+    """`data: mnist_small.npz` in a recipe kept beside its data, run from another folder, said "file not found" and
+    nothing of the file beside the recipe."""
+    import numpy as np
+
+    project = tmp_path / "project"
+    project.mkdir()
+    x, y = np.zeros((20, 8, 8), dtype=np.uint8), np.arange(20) % 2
+    np.savez(project / "small.npz", x_train=x, y_train=y, x_test=x[:4], y_test=y[:4])
+    recipe = project / "r.yaml"
+    recipe.write_text("model: lenet300\ndata: small.npz\ntechniques: [{type: quant_lsq, bits: 8}]\n")
+    monkeypatch.chdir(tmp_path)
+    code, out = _cli(monkeypatch, capsys, "compress", recipe, "--out", tmp_path / "o")
+    flat = " ".join(out.split())
+    assert code == 2 and f"and {project / 'small.npz'} is" in flat and f"--data {project / 'small.npz'}" in flat, out
+    assert not (tmp_path / "o").exists()

@@ -235,6 +235,8 @@ def compress_cmd(
     recipe = recipe.model_copy(update={"model": model_name})
     _check_cli_metric(recipe, recipe_path)
     resolve_device(device)  # a device this machine lacks is refused before the data loads
+    if data is None:
+        _refuse_data_only_beside_the_recipe(recipe.data, recipe_path)
     split = load_split(recipe, data)
     dist = init_from_env()
     quiet_other_ranks(dist)
@@ -270,6 +272,20 @@ def compress_cmd(
                 cb.close()
     if main_rank:
         _write_compress_results(out, recipe_path, recipe, teacher, outcome, split, model_name, given=weights is not None)
+
+
+def _refuse_data_only_beside_the_recipe(data: str | None, recipe_path: Path) -> None:
+    """A recipe's relative `data:` is read from the folder the command runs in; one found only beside the recipe
+    was refused as not found, with no word of where it is."""
+    if not data or data == "digits" or Path(data).is_absolute() or Path(data).exists():
+        return
+    beside = recipe_path.parent / data
+    if beside.exists():
+        from .errors import DataError
+
+        raise DataError(f"data: {data} is not in the folder the command runs in ({Path.cwd()}), and {beside} is: a "
+                        f"recipe's relative paths are read from the current folder. Run from {recipe_path.parent}, "
+                        f"pass --data {beside}, or write the path from here (or an absolute one) in the recipe")
 
 
 def _overridden(recipe, *, mode: str | None, precision: str | None):
