@@ -155,10 +155,16 @@ def test_a_full_disk_names_the_file_and_says_the_old_one_is_intact(tmp_path, mon
     with pytest.raises(OSError) as err:
         atomic_write_bytes(target, b"new")
     assert err.value.errno == 28 and str(target) in str(err.value) and "previous summary.json is intact" in str(err.value)
+    with pytest.raises(OSError) as err:  # said the checkpoints before were intact where there were none
+        CheckpointStore(tmp_path).save(3, {}, {})
+    assert "ckpt-000000003.pt" in str(err.value) and "no checkpoint was written before this one" in str(err.value)
+    assert target.read_bytes() == b"old" and not list((tmp_path / "checkpoints").iterdir())
+    monkeypatch.undo()
+    CheckpointStore(tmp_path).save(2, {}, {})
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     with pytest.raises(OSError) as err:
         CheckpointStore(tmp_path).save(3, {}, {})
-    assert "ckpt-000000003.pt" in str(err.value) and "resume the run" in str(err.value), err.value
-    assert target.read_bytes() == b"old" and not list((tmp_path / "checkpoints").iterdir())
+    assert "the 1 checkpoint(s) written before are intact" in str(err.value) and "resume the run" in str(err.value)
 
 
 # -- the command line's starting weights (start.json, teacher.safetensors) -----------------------------------------

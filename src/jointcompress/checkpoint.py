@@ -209,8 +209,12 @@ class CheckpointStore:
             atomic_write_bytes(_sum_path(path), (hashlib.sha256(data).hexdigest() + f"  {path.name}\n").encode())
         except OSError as err:  # atomic_write_bytes names the file (err.filename)
             what = err.strerror if err.filename else f"writing {path} failed: {err.strerror or err}"
-            raise type(err)(err.errno, f"{what}; the checkpoints written before are intact: free space (or fix the "
-                            "folder's permissions), then resume the run (--resume, resume=True)", err.filename or str(path)) from err
+            earlier = [p for p in self.paths() if p != path]
+            kept = (f"the {len(earlier)} checkpoint(s) written before are intact: free space (or fix the folder's "
+                    "permissions), then resume the run (--resume, resume=True)" if earlier else
+                    "no checkpoint was written before this one: free space (or fix the folder's permissions), then run "
+                    "it again (a resume starts it over)")
+            raise type(err)(err.errno, f"{what}; {kept}", err.filename or str(path)) from err
         for old in self.paths()[: -self.keep]:
             if old != path:
                 remove(old)
