@@ -161,6 +161,12 @@ def test_causal_lm_ffn_neurons_removed_with_parity_and_artifact(build, tmp_path)
         for rebuilt in (again, packed):
             assert ffn_widths(rebuilt) == widths
             assert torch.allclose(rebuilt(input_ids=x, attention_mask=xm).logits, final, atol=1e-5)
+    fp32_rest = (tmp_path / "hf_art" / "weights.jcw").stat().st_size
+    manifest = save_hf_artifact(model, spec, tmp_path / "hf_art8", ptq_bits=8)  # the embedding (GPT-2's tied to lm_head)
+    rounded, _ = load_hf_artifact(tmp_path / "hf_art8")  # rounded per row in place, and stored so
+    assert manifest["weights_file_bytes"] < fp32_rest
+    with torch.no_grad():
+        assert torch.equal(rounded(input_ids=x, attention_mask=xm).logits, model(input_ids=x, attention_mask=xm).logits)
 
 
 @pytest.mark.parametrize("kind", ["prune_heads", "prune_layers"])
