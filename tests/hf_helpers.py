@@ -123,3 +123,25 @@ def sst2_folder(tmp_path: Path, seed: int = 0, n: int = 40, n_train: int = 32, t
     for name, part in (("train.tsv", rows[:n_train]), ("dev.tsv", rows[n_train:])):
         (data / name).write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in part))
     return data
+
+
+def logits_without_jointcompress(folder: Path, auto_class: str, inputs: dict, tmp_path: Path) -> torch.Tensor:
+    """The logits of the model in `folder` on `inputs`, loaded with transformers' `auto_class` and
+    trust_remote_code=True in a fresh process where jointcompress cannot be imported: the folder's own code
+    builds it."""
+    import subprocess
+    import sys
+
+    torch.save(inputs, tmp_path / "inputs.pt")
+    code = (
+        "import sys, torch\n"
+        "sys.modules['jointcompress'] = None  # prove jointcompress is not needed\n"
+        f"from transformers import {auto_class} as A\n"
+        f"m = A.from_pretrained(r'{folder}', trust_remote_code=True).eval()\n"
+        f"x = torch.load(r'{tmp_path / 'inputs.pt'}')\n"
+        "with torch.no_grad(): print(repr(m(**x).logits.tolist()))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "", "HF_MODULES_CACHE": str(tmp_path / "mods")})
+    assert res.returncode == 0, res.stderr[-2000:]
+    return torch.tensor(eval(res.stdout.strip().splitlines()[-1]))
