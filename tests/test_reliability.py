@@ -521,3 +521,24 @@ def test_an_evaluate_that_answers_every_attribute_is_called_as_given(digits):
     evaluate = mock.Mock(return_value={"accuracy": 0.5})
     compress(_model(), {"training": {"epochs": 1}}, (digits.x_train, digits.y_train), evaluate)
     assert evaluate.call_count == 2  # the epoch and the final reading
+
+
+def test_tensors_of_a_model_of_two_inputs_are_told_the_dataset_that_takes_them():
+    """((x1, x2), y) tensors were refused with "pass a tuple (x, y) of tensors", which they nearly were."""
+    from torch.utils.data import StackDataset, TensorDataset
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(2, 4)
+
+        def forward(self, x1, x2):
+            return self.a(x1) + self.b(x2)
+
+    torch.manual_seed(0)
+    x1, x2, y = torch.randn(32, 3), torch.randn(32, 2), torch.randint(0, 4, (32,))
+    recipe = {"techniques": [{"type": "quant_lsq", "bits": 4}], "training": {"epochs": 1, "batch_size": 16}}
+    with pytest.raises(DataError, match=r"StackDataset\(TensorDataset\(x1, x2\), y\)"):
+        compress(TwoInputs(), recipe, ((x1, x2), y), lambda m: 0.0)
+    result = compress(TwoInputs(), recipe, StackDataset(TensorDataset(x1, x2), y), lambda m: 0.0)
+    assert result.history.epochs[-1]["losses"]["task"] > 0

@@ -152,6 +152,12 @@ def as_loader(train_data, batch_size: int, seed: int, dist: "_dist.DistContext |
                 "say how many batches an epoch has: give the dataset a __len__ (its number of samples)"
             ) from None
         return _dist.shard_loader(train_data, dist, seed) if dist is not None else train_data
+    several = (isinstance(train_data, (tuple, list)) and len(train_data) == 2 and isinstance(train_data[0], (tuple, list))
+               and all(isinstance(t, torch.Tensor) for t in (*train_data[0], train_data[1])))
+    if several:  # ((x1, x2), y): a model of several inputs
+        raise DataError("train_data: ((x1, x2, ...), y) tensors of a model of several inputs: give a Dataset (or a "
+                        "DataLoader over one) whose samples are ((x1, x2, ...), y): StackDataset(TensorDataset(x1, x2), y) "
+                        "(torch.utils.data); each batch then calls model(x1, x2, ...)")
     raise DataError("train_data: pass a DataLoader or a Dataset yielding (x, y[, index]), or a tuple (x, y) of tensors "
                     "(numpy arrays: torch.from_numpy(x).float(), torch.from_numpy(y))")
 
