@@ -78,19 +78,22 @@ REENTRANT_CHECKPOINT = (
     "it saves the same memory")
 
 
-def reentrant_checkpoint_in(term: torch.Tensor) -> bool:
-    """Whether the graph behind `term` holds a reentrant activation checkpoint (its backward recomputes the
-    forward in a nested backward() of its own, which torch.autograd.grad cannot reach into)."""
+def graph_nodes(term: torch.Tensor):
+    """Each node of the autograd graph behind `term` once (a walk; no backward runs)."""
     seen, todo = set(), [term.grad_fn]
     while todo:
         fn = todo.pop()
         if fn is None or fn in seen:
             continue
         seen.add(fn)
-        if fn.name() == "CheckpointFunctionBackward":
-            return True
+        yield fn
         todo.extend(next_fn for next_fn, _ in fn.next_functions)
-    return False
+
+
+def reentrant_checkpoint_in(term: torch.Tensor) -> bool:
+    """Whether the graph behind `term` holds a reentrant activation checkpoint (its backward recomputes the
+    forward in a nested backward() of its own, which torch.autograd.grad cannot reach into)."""
+    return any(fn.name() == "CheckpointFunctionBackward" for fn in graph_nodes(term))
 
 
 def opposite_fraction(a: torch.Tensor, b: torch.Tensor) -> float:

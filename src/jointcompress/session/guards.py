@@ -38,26 +38,18 @@ def check_terms_have_grad(terms: dict[str, torch.Tensor]) -> None:
         "training?), or detached; compute the training step's outputs with gradients enabled")
 
 
-# nodes behind which autograd's graph does not show the parameters a term depends on: reentrant activation
-# checkpointing (transformers' gradient_checkpointing) recomputes its segment in its own backward
-_OPAQUE_NODES = ("CheckpointFunctionBackward",)
-
-
 def reaches_parameters(term: torch.Tensor, params) -> bool | None:
     """Whether `term`'s autograd graph reaches any of `params` (True / False), or None where the graph
-    hides it (an opaque node on the way). A walk over the graph's nodes: no backward runs."""
-    wanted = {id(p) for p in params}
-    stack, seen, opaque = [term.grad_fn], set(), False
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
+    hides it: a reentrant activation checkpoint (transformers' gradient_checkpointing) recomputes its
+    segment in its own backward. A walk over the graph's nodes: no backward runs."""
+    from ..coordination import graph_nodes
+
+    wanted, opaque = {id(p) for p in params}, False
+    for node in graph_nodes(term):
         variable = getattr(node, "variable", None)  # an AccumulateGrad: a leaf's gradient lands there
         if variable is not None and id(variable) in wanted:
             return True
-        opaque = opaque or type(node).__name__ in _OPAQUE_NODES
-        stack.extend(next_node for next_node, _ in node.next_functions)
+        opaque = opaque or node.name() == "CheckpointFunctionBackward"
     return None if opaque else False
 
 
