@@ -453,3 +453,26 @@ def test_ranks_given_different_data_all_stop_and_say_so(tmp_path, rows):
     (and the run could never be resumed); with another length the ranks blocked without a word."""
     messages = _two_ranks_say(_other_data_worker, str(tmp_path / "store"), rows, timeout=90)
     assert all("train_data: the ranks hold different data" in m for m in messages.values()), messages
+
+
+@pytest.mark.slow
+def test_a_folder_another_run_holds_is_refused_once_on_every_rank_under_torchrun(tmp_path):
+    """Rank 0 refused the locked folder and the other rank, waiting for it at a barrier, ended in the process
+    group's traceback; the refusal is now every rank's, printed by rank 0 alone."""
+    from jointcompress.io import hold_run_lock, release_run_lock
+
+    out = tmp_path / "o"
+    out.mkdir()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: lenet300\ndata: digits\ntechniques: [{type: quant_lsq, bits: 8}]\ntraining: {epochs: 1}\n")
+    hold_run_lock(out)  # another run's
+    try:
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                            "jointcompress.cli", "compress", str(recipe), "--out", str(out), "--resume"],
+                           env={**_clean_env(), "COLUMNS": "300"}, capture_output=True, text=True, timeout=300)
+    finally:
+        release_run_lock(out)
+    said = r.stdout + r.stderr
+    assert r.returncode != 0 and said.count("is in use by another jointcompress run") == 1, said[-3000:]
+    workers = said.split("failed (exitcode")[0]  # then torchrun's launcher prints its own traceback of the children
+    assert "Traceback" not in workers and "barrier" not in workers, said[-3000:]

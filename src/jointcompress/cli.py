@@ -845,6 +845,8 @@ def _run(debug: bool) -> None:
     except JointCompressError as err:
         if debug or STATE["debug"]:
             raise
+        if getattr(err, "told_by_rank_0", False):  # under torchrun: rank 0 printed it
+            sys.exit(2)
         from rich.markup import escape
 
         console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False)

@@ -262,17 +262,38 @@ def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=
         check_output_dir(path, force=force)
     elif not CheckpointStore(path).paths():
         _resume_without_checkpoint(path, force, dist)
-    if dist is not None:
-        dist.barrier()
-    if dist is None or dist.is_main:
+    def claim() -> None:
         prepare_output_dir(path, force=resume or force, resumable=True)
         hold_run_lock(path)
         _remove_write_leftovers(path)
         if force and not resume:
             remove_outputs(path, fresh)
-    if dist is not None:
+
+    if dist is None:
+        claim()
+    else:
         dist.barrier()
+        _on_rank_0_for_all(dist, claim)
     return path
+
+
+def _on_rank_0_for_all(dist, work) -> None:
+    """`work()` on rank 0, its refusal raised on every rank: rank 0 alone refused (the folder locked by another
+    run) and the other ranks, waiting for it at a barrier, ended in the process group's traceback. The other
+    ranks' copy is marked `told_by_rank_0`: the command line prints rank 0's alone."""
+    refusal, mine = None, None
+    if dist.is_main:
+        try:
+            work()
+        except Exception as err:  # noqa: BLE001 - every rank stops with it
+            refusal, mine = f"{type(err).__name__}: {err}" if not isinstance(err, JointCompressError) else str(err), err
+    said = dist.broadcast_json(refusal)
+    if mine is not None:
+        raise mine
+    if said is not None:
+        err = JointCompressError(f"rank 0 refused the run: {said}")
+        err.told_by_rank_0 = True
+        raise err
 
 
 def _refuse_clearing_the_input(path: Path, fresh: tuple[str, ...], reads: Path, what: str) -> None:
