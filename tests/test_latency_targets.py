@@ -627,3 +627,35 @@ def test_a_latency_target_at_a_batch_the_model_cannot_run_is_named():
     recipe = parse_recipe({"target": {"latency_ms": 5.0, "batch": 128}, "techniques": [{"type": "prune_structured"}]})
     with pytest.raises(TargetError, match=r"target.batch: 128: the model cannot run a batch of 128 rows \(RuntimeError"):
         refusal_before_training(AtMost64(), recipe, torch.randn(2, 8))
+
+
+def test_an_allocation_at_the_floor_is_confirmed_as_the_final_check_times_it(lenet, monkeypatch):
+    """A ResNet at batch 1: the probes, timed alone, read every group at its floor under the target; the finished model,
+    timed interleaved with the uncompressed one, missed it, after training the narrowest model at a great cost in
+    accuracy. Such an allocation is now timed the final check's way first, and refused before training where it
+    misses there (the timings are stand-ins: no time is asserted)."""
+    import jointcompress.latency_targets as lt
+    from jointcompress.latency_targets import LatencyAllocation, floors, resolve_latency
+
+    model, x = lenet
+    channels = {g.name: g.channels for g in discover_groups(model, x)[0]}
+    at_floor = LatencyAllocation(floors(channels), dict(channels), 0.5, 0.8, measured_ms=0.55)
+    monkeypatch.setattr(lt, "allocate_latency", lambda *a, **k: at_floor)
+    readings = {"met": False}
+
+    def verdict(uncompressed, compressed, example, target, **_):
+        widths = {g.name: g.channels for g in discover_groups(compressed, example)[0]}
+        assert widths == floors(channels)  # the narrowest model is what is timed
+        return {"interleaved_ms": {"uncompressed": 1.2, "compressed": 1.05}, "goal_ms": 0.8, "met": readings["met"]}
+
+    monkeypatch.setattr(lt, "latency_against_target", verdict)
+    with pytest.raises(TargetError, match=r"target.latency_ms: 0.8 ms at batch 1 cannot be met .* measured 1.050 ms "
+                                          r"interleaved .* the allocator's probe, timed alone, read 0.550 ms"):
+        resolve_latency(model, {"techniques": []}, x, Target(latency_ms=0.8, batch=1))
+    readings["met"] = True
+    assert resolve_latency(model, {"techniques": []}, x, Target(latency_ms=0.8, batch=1)).technique("prune_structured")
+    monkeypatch.setattr(lt, "latency_against_target", lambda *a, **k: pytest.fail("an allocation above the floor is "
+                                                                                  "not timed again"))
+    wider = LatencyAllocation(dict(channels), dict(channels), 0.5, 0.8, measured_ms=0.55)
+    monkeypatch.setattr(lt, "allocate_latency", lambda *a, **k: wider)
+    resolve_latency(model, {"techniques": []}, x, Target(latency_ms=0.8, batch=1))

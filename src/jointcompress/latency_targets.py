@@ -853,6 +853,7 @@ def resolve_latency(model: nn.Module, data: dict, example_inputs, target, measur
             again = float(measure_dense(copy.deepcopy(model)))
             if again < dense_ms:
                 alloc = allocate(target.model_copy(update={"latency_ms": again / target.speedup}))
+    _confirmed_at_the_floor(model, allocation_base(model, data, example_inputs), example_inputs, target, alloc)
     recipe = with_latency_budgets(data, alloc)
     recipe._resolution = {"event": "latency_allocation", "step": 0, "goal_ms": alloc.target_ms,
                           "predicted_ms": alloc.predicted_ms, "measured_ms": alloc.measured_ms, "met": alloc.met,
@@ -862,6 +863,30 @@ def resolve_latency(model: nn.Module, data: dict, example_inputs, target, measur
                                       f"accepted at or under {100 * (1 - ACCEPT_MARGIN):g}% of the target (the run's final "
                                       "check times the finished model interleaved with the uncompressed one)"}
     return recipe
+
+
+def _confirmed_at_the_floor(model: nn.Module, base: nn.Module, example_inputs, target, alloc: LatencyAllocation) -> None:
+    """An allocation that cuts every group to its floor, accepted on the probes' reading (the least of REPEATS
+    medians, timed alone), is timed as the run's final check times it (interleaved with the uncompressed model)
+    and refused before training where it misses there: nothing narrower exists, and a ResNet at batch 1 trained
+    the narrowest model, at the accuracy that cost, for a target its finished model then missed."""
+    if not alloc.channels or alloc.widths != floors(alloc.channels):
+        return
+    from .targets import TargetError
+
+    verdict = latency_against_target(model, shrunk_to(base, example_inputs, alloc.widths), example_inputs, target)
+    if verdict["met"]:
+        return
+    ms, goal = verdict["interleaved_ms"], verdict["goal_ms"]
+    asked = (f"target.speedup: {target.speedup:g}x" if target.speedup is not None
+             else f"target.latency_ms: {target.latency_ms} ms")
+    raise TargetError(
+        f"{asked} at batch {target.batch} cannot be met by removing channels: the narrowest model allowed (every group "
+        f"at its floor) measured {ms['compressed']:.3f} ms interleaved with the uncompressed model ({ms['uncompressed']:.3f} "
+        f"ms), as the run's final check times it, over the goal of {goal:.3f} ms; the allocator's probe, timed alone, read "
+        f"{alloc.measured_ms:.3f} ms. Training it would cut every group to its floor, at the accuracy that costs, for a "
+        f"target the finished model misses. {'Lower target.speedup' if target.speedup is not None else 'Raise target.latency_ms'}"
+        f"{' or lower target.batch' if target.batch > 1 else ''}, or time on a quiet machine")
 
 
 def _structured_scope(data: dict) -> tuple[list[str], list[str]]:
