@@ -340,3 +340,13 @@ def test_a_conv_feeding_a_grouped_convolution_is_skipped_whatever_the_trial_draw
     torch.manual_seed(0)
     groups, skipped = discover_groups(Net().eval(), torch.randn(2, 1, 8, 8), ["*"], [])
     assert not groups and "grouped convolution 'c2' (groups=2)" in dict(skipped)["c1"]
+
+
+def test_a_group_through_instance_norm_is_left_out_for_its_shift_not_for_mixing_channels():
+    """InstanceNorm normalizes each channel on its own; the reason said its statistics mix channels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.InstanceNorm2d(8, affine=True), nn.ReLU(), nn.Conv2d(8, 4, 3),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    groups, skipped = _skipped(model, torch.randn(2, 3, 12, 12))
+    reason = skipped["0"]
+    assert "InstanceNorm2d '1', which is not sliced with them" in reason and "mix channels" not in reason, skipped

@@ -60,6 +60,10 @@ def parameter_owners(model: nn.Module) -> dict[int, tuple[str, str, nn.Module]]:
 
 
 def _norm_reason(mod: nn.Module, name: str) -> str:
+    if isinstance(mod, nn.modules.instancenorm._InstanceNorm):  # each channel normalized on its own
+        return (f"its channels pass through {type(mod).__name__} '{name}', which is not sliced with them: a masked "
+                "channel's zeros come out of it as its shift (or its running statistics' offset), which the next "
+                "layer reads, where a removed channel gives nothing")
     return (f"its channels pass through {type(mod).__name__} '{name}', whose statistics mix channels: a masked "
             "channel still counts in its mean and variance, a removed one does not")
 
