@@ -484,3 +484,34 @@ def test_compare_under_torchrun_is_refused_before_it_writes_anything(tmp_path, m
                          "1", "--ratios", "20", "--out", tmp_path / "cmp")
     assert code == 2 and "compare runs in one process: start it without torchrun" in said, said
     assert not (tmp_path / "cmp").exists()
+
+
+def test_a_run_lock_is_not_held_by_the_children_of_a_killed_run(tmp_path):
+    """DataLoader workers forked by a run share its lock file: killed, the run left them orphaned and holding the
+    lock for seconds, and the resume started at once was refused, naming the dead run's pid."""
+    import subprocess
+    import sys
+
+    fcntl = pytest.importorskip("fcntl")
+    from jointcompress.io import LOCK_NAME
+
+    script = tmp_path / "forks.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from pathlib import Path\n"
+        "from jointcompress.io import hold_run_lock\n"
+        "hold_run_lock(Path(sys.argv[1]))\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    time.sleep(30)\n"
+        "    os._exit(0)\n"
+        "Path(sys.argv[1], 'child').write_text(str(child))\n"
+        "os._exit(0)  # the run dies; its worker lives on\n")
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, timeout=60,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = int((tmp_path / "child").read_text())
+    try:
+        with open(tmp_path / LOCK_NAME, "a+") as resumed:
+            fcntl.flock(resumed, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raised BlockingIOError while the child lived
+    finally:
+        os.kill(child, 9)

@@ -148,6 +148,20 @@ def hold_run_lock(path: Path) -> None:
     _HELD_LOCKS[key] = handle
 
 
+def _forget_locks_in_child() -> None:
+    """In a forked child (a DataLoader's workers): close its copies of the run locks' files. An flock belongs to
+    the open file, which a fork shares: workers orphaned by a killed run held the folder's lock for seconds after
+    it died, and the resume started at once was refused, naming the dead run's pid."""
+    for handle in _HELD_LOCKS.values():
+        with contextlib.suppress(OSError):
+            handle.close()  # the child's descriptor only: the parent's keeps the lock
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
 def release_run_lock(path: Path) -> None:
     """Give up `path`'s run lock (hold_run_lock) before this process ends: the folder is being removed."""
     handle = _HELD_LOCKS.pop(str(Path(path).resolve()), None)
