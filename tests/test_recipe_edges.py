@@ -232,3 +232,23 @@ def test_a_sequential_recipe_whose_quantization_never_trains_is_refused_before_t
             prepare(_mlp(), recipe, total_steps=100)
     recipe["techniques"] = recipe["techniques"][:1]  # no quantization: nothing to train
     prepare(_mlp(), recipe, total_steps=100)
+
+
+def test_the_result_holds_the_kept_epochs_metrics_without_evaluating_again():
+    """evaluate ran once more after the run (epochs + 1 calls: a whole evaluation more), and an evaluate that draws
+    returned other numbers in result.metrics than those the kept epoch was chosen on."""
+    from jointcompress import compress
+
+    model, (x, y) = _mlp(), _data()
+    readings = iter([0.5, 0.9, 0.7])
+    calls = []
+
+    def evaluate(m):
+        calls.append(1)
+        return {"accuracy": next(readings), "loss": 0.1 * len(calls)}
+
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.0}],
+              "training": {"epochs": 3, "batch_size": 32}}
+    result = compress(model, recipe, (x, y), evaluate)
+    assert len(calls) == 3 and result.history.best_epoch == 2
+    assert result.metrics == {"accuracy": 0.9, "loss": pytest.approx(0.2)}

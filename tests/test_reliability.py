@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -493,7 +494,7 @@ def test_the_users_evaluate_reads_the_model_in_evaluation_mode():
     recipe = {"techniques": [{"type": "quant_lsq", "bits": 8}],
               "training": {"epochs": 2, "batch_size": 32, "recalibrate_norms": 0}}
     compress(model, recipe, (x, y), evaluate)
-    assert len(modes) == 3 and not any(modes)  # two epochs and the final reading
+    assert len(modes) == 2 and not any(modes)  # the two epochs (the kept one's reading is the result's)
     with torch.no_grad():
         trained_on = model[0](x).mean(0)
     assert (model[1].running_mean - trained_on).abs().max() < 1.0  # the training data's, not the held-out's
@@ -520,7 +521,7 @@ def test_an_evaluate_that_answers_every_attribute_is_called_as_given(digits):
 
     evaluate = mock.Mock(return_value={"accuracy": 0.5})
     compress(_model(), {"training": {"epochs": 1}}, (digits.x_train, digits.y_train), evaluate)
-    assert evaluate.call_count == 2  # the epoch and the final reading
+    assert evaluate.call_count == 1  # the epoch, whose reading is the result's
 
 
 def test_tensors_of_a_model_of_two_inputs_are_told_the_dataset_that_takes_them():
@@ -542,3 +543,45 @@ def test_tensors_of_a_model_of_two_inputs_are_told_the_dataset_that_takes_them()
         compress(TwoInputs(), recipe, ((x1, x2), y), lambda m: 0.0)
     result = compress(TwoInputs(), recipe, StackDataset(TensorDataset(x1, x2), y), lambda m: 0.0)
     assert result.history.epochs[-1]["losses"]["task"] > 0
+
+
+def test_a_callback_without_hooks_or_with_another_signature_is_named_before_training():
+    """A plain function passed as a callback was ignored without a word; a hook of another signature failed with a
+    TypeError from inside the loop after training had begun."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+    model = nn.Sequential(nn.Linear(8, 2))
+    recipe = {"techniques": [{"type": "quant_lsq", "bits": 8}], "training": {"epochs": 1, "batch_size": 16}}
+
+    class Bad:
+        def on_epoch(self, entry):
+            pass
+
+    class Good:
+        seen = []
+
+        def on_epoch(self, trainer, entry):
+            self.seen.append(entry["epoch"])
+
+    with pytest.raises(RecipeError, match=r"callbacks: <function .* has none of the hooks the loop calls"):
+        compress(model, recipe, (x, y), lambda m: 0.0, callbacks=[lambda *a: None])
+    with pytest.raises(RecipeError, match=r"Bad.on_epoch\(entry\) cannot take the arguments .* on_epoch\(trainer, entry\)"):
+        compress(model, recipe, (x, y), lambda m: 0.0, callbacks=[Bad()])
+    compress(model, recipe, (x, y), lambda m: 0.0, callbacks=[Good()])
+    assert Good.seen == [1]
+
+
+def test_a_recipes_batch_size_beside_a_dataloader_of_another_is_said():
+    """A DataLoader's batch_size overrode the recipe's training.batch_size without a word."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    recipe = {"techniques": [{"type": "quant_lsq", "bits": 8}], "training": {"epochs": 1, "batch_size": 64}}
+    with pytest.warns(UserWarning, match=r"training.batch_size: 64, but the DataLoader given makes batches of 32"):
+        compress(nn.Sequential(nn.Linear(8, 2)), recipe, loader, lambda m: 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the recipe leaves the batch size to the loader: nothing to say
+        compress(nn.Sequential(nn.Linear(8, 2)), {"techniques": [{"type": "quant_lsq", "bits": 8}],
+                                                  "training": {"epochs": 1}}, loader, lambda m: 0.0)

@@ -464,12 +464,23 @@ def _compress(model: nn.Module, recipe: Recipe, train_data, evaluate, teacher, p
     except BaseException:  # the user's teacher leaves with its own mode and no capture hooks, whatever stopped the run
         trainer.session.release_hooks()
         raise
-    metrics = evaluated(evaluate, model, recipe.training.metric)
-    if dist is not None:
-        metrics = dist.mean_metrics(metrics)
+    metrics = _kept_epochs_metrics(history)
+    if metrics is None:  # no epoch kept (none at the target): the model as the run left it, evaluated now
+        metrics = evaluated(evaluate, model, recipe.training.metric)
+        if dist is not None:
+            metrics = dist.mean_metrics(metrics)
     trainer.session.finish()
     _warn_size_missed(model, example, goal)
     return Result(model, history, dict(metrics), recipe, techniques, example, target=asked.target)
+
+
+def _kept_epochs_metrics(history) -> dict | None:
+    """The metrics the kept epoch was read at (its state is the one the run ends with), or None where no epoch
+    was kept. Evaluating the model again after the run cost one more evaluation, and an evaluate that draws (a
+    random subset) returned other numbers than those the epoch was chosen on."""
+    if history.best_epoch is None:
+        return None
+    return next((dict(e["metrics"]) for e in history.epochs if e.get("epoch") == history.best_epoch), None)
 
 
 def _allocated_size_goal(model: nn.Module, recipe: Recipe) -> float | None:
@@ -513,6 +524,7 @@ def _checked_inputs(model: nn.Module, teacher: nn.Module | None, recipe: Recipe,
     batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     loader = as_loader(train_data, recipe.training.batch_size, recipe.training.seed, dist, batch_norm=batch_norm,
                        device=model_device(model))
+    _warn_loader_batch_size(train_data, recipe)
     example = first_inputs(loader)
     outputs = check_data(model, example, train_data)
     if teacher is not None and recipe.technique("distill_kd") is not None:
@@ -521,6 +533,16 @@ def _checked_inputs(model: nn.Module, teacher: nn.Module | None, recipe: Recipe,
 
     warn_unused_sparsity(recipe)
     return loader, example
+
+
+def _warn_loader_batch_size(train_data, recipe: Recipe) -> None:
+    """A DataLoader of the caller's batches as it was made: a recipe that sets training.batch_size too was
+    overridden without a word."""
+    given = getattr(train_data, "batch_size", None) if isinstance(train_data, torch.utils.data.DataLoader) else None
+    if given is not None and "batch_size" in recipe.training.model_fields_set and given != recipe.training.batch_size:
+        warnings.warn(f"training.batch_size: {recipe.training.batch_size}, but the DataLoader given makes batches of "
+                      f"{given}, which the run trains on; pass the tensors or the Dataset for the recipe's batches, or "
+                      "drop training.batch_size from the recipe", UserWarning, stacklevel=4)
 
 
 def _resolve_target(model: nn.Module, recipe: Recipe, example, callbacks: list, run_dir, resume: bool, dist) -> Recipe:
@@ -579,6 +601,33 @@ def _check_argument_types(model, teacher, progress, callbacks, loss_fn) -> None:
             raise RecipeError(f"{name} is {type(value).__name__}, not a function; pass a callable or None")
     if callbacks is not None and not isinstance(callbacks, (list, tuple)):
         raise RecipeError(f"callbacks is {type(callbacks).__name__}; pass a list of callback objects (or None)")
+    for callback in callbacks or ():
+        _check_callback(callback)
+
+
+# the hooks the built-in loop calls on a callback (training/loop.Trainer) and the arguments each is given
+CALLBACK_HOOKS = {"on_start": ("trainer", "step"), "on_step": ("trainer", "step", "out"),
+                  "on_epoch": ("trainer", "entry"), "on_end": ("trainer",)}
+
+
+def _check_callback(callback) -> None:
+    """A callback holds at least one hook, each taking the arguments the loop gives: a plain function was
+    ignored without a word, and a hook of another signature failed with a TypeError after training began."""
+    import inspect
+
+    hooks = {name: getattr(callback, name) for name in CALLBACK_HOOKS if callable(getattr(callback, name, None))}
+    shown = ", ".join(f"{name}({', '.join(args)})" for name, args in CALLBACK_HOOKS.items())
+    if not hooks:
+        raise RecipeError(f"callbacks: {callback!r} has none of the hooks the loop calls; give an object with any of "
+                          f"{shown} (a function alone is not called)")
+    for name, hook in hooks.items():
+        try:
+            inspect.signature(hook).bind(*CALLBACK_HOOKS[name])
+        except TypeError:
+            raise RecipeError(f"callbacks: {type(callback).__name__}.{name}{inspect.signature(hook)} cannot take the "
+                              f"arguments the loop gives it: {name}({', '.join(CALLBACK_HOOKS[name])})") from None
+        except ValueError:  # a builtin without a signature: called as it is
+            continue
 
 
 def _check_run_arguments(recipe: Recipe, teacher, run_dir, resume: bool) -> None:
