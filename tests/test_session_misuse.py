@@ -343,3 +343,22 @@ def test_token_labels_that_are_the_input_ids_are_refused_with_the_shift():
             session.loss(lm(ids), (ids, y))
     shifted = session.loss(lm(ids[:, :-1]), (ids[:, :-1], ids[:, 1:]))
     assert torch.isfinite(shifted["task"])
+
+
+def test_after_step_called_before_before_step_is_said_once_not_as_a_missing_backward():
+    """A loop that called after_step, then optimizer.step and before_step was told so, and at the next step also told
+    it had no session.backward, which it had: the check read the step after_step had already advanced."""
+    model, session, opt = _session(PRUNE_LSQ, steps=6)
+    x, y = _data()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            terms = session.loss(model(x), (x, y))
+            opt.zero_grad()
+            session.backward(terms)
+            session.after_step()
+            opt.step()
+            session.before_step()
+    messages = [str(w.message) for w in said]
+    assert len([m for m in messages if "no session.before_step() since the last after_step" in m]) == 1, messages
+    assert not [m for m in messages if "no session.backward(terms)" in m], messages

@@ -414,7 +414,9 @@ class CompressionSession:
         loss.backward() skips the coordination (pcgrad acts on nothing) and, under torchrun, the ranks' averaging
         (each rank trains its own weights); a loss of another model (a Trainer or loop given a copy of it) trained
         that one, and finalize then baked this one, untrained and uncompressed, with no word."""
-        if self._backward_at != self.step and not self._warned_no_backward:
+        # a backward one step back with after_step between (said at after_step): the order's, not a plain backward
+        out_of_order = self._warned_no_before and self._backward_at == self.step - 1
+        if self._backward_at != self.step and not self._warned_no_backward and not out_of_order:
             self._warned_no_backward = True
             warnings.warn(f"session.before_step() at step {self.step} with no session.backward(terms) at this step: "
                           f"a plain loss.backward() skips the coordination ('{self.recipe.coordination.strategy}') and, "
