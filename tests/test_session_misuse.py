@@ -362,16 +362,3 @@ def test_after_step_called_before_before_step_is_said_once_not_as_a_missing_back
     messages = [str(w.message) for w in said]
     assert len([m for m in messages if "no session.before_step() since the last after_step" in m]) == 1, messages
     assert not [m for m in messages if "no session.backward(terms)" in m], messages
-
-
-def test_binding_a_second_optimizer_is_said():
-    """A second bind moved the parameters of a technique attaching later into the second optimizer without a word."""
-    model = _mlp()
-    session = jointcompress.prepare(model, LATE_LSQ, total_steps=20)
-    first = torch.optim.Adam(session.param_groups(lr=1e-3))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        session.bind(first)
-        session.bind(first, torch.optim.lr_scheduler.StepLR(first, 5))  # the same one again, with its scheduler
-    with pytest.warns(RuntimeWarning, match=r"session.bind: another optimizer than the one bound before"):
-        session.bind(torch.optim.SGD(model.parameters(), lr=1e-3))

@@ -135,13 +135,7 @@ class CompressionSession:
         """Use the caller's optimizer: parameters of techniques it lacks (now, and whenever a
         technique attaches later) are added to it as new groups. `scheduler`: the caller's LR
         scheduler on it (bind again once it is made), which a group added later then follows
-        (session/lr_schedulers.py); without it such a group breaks most torch schedulers. One optimizer is
-        bound at a time: binding another replaces it (said)."""
-        earlier = self.optimizer
-        if earlier is not None and earlier is not optimizer and not self.owns_optimizer:
-            warnings.warn("session.bind: another optimizer than the one bound before; the session holds one, and the "
-                          "parameters of techniques that attach later join the one bound last. Give every weight to one "
-                          "optimizer (session.param_groups())", RuntimeWarning, stacklevel=2)
+        (session/lr_schedulers.py); without it such a group breaks most torch schedulers."""
         self.optimizer, self.owns_optimizer = optimizer, False
         if scheduler is not None:
             self.scheduler = scheduler
