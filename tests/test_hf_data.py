@@ -61,7 +61,9 @@ def test_rows_come_from_csv_and_json_lines_with_named_labels_and_other_columns(t
     ("t.csv", "a,b,label\nx,y,0\n", {"text_column": "a", "pair_column": "c"}, "no 'c' column \\(hf.pair_column\\)"),
     ("t.csv", "text,y\nok,1\n", {}, "no 'label' column.*hf.label_column"),
     ("t.csv", "body,label\nok,1\n", {}, "text column.*hf.text_column"),
-    ("t.csv", "text,label\nok,maybe\n", {"label_names": ["no", "yes"]}, "t.csv:2: label 'maybe'.*hf.labels"),
+    ("t.csv", "text,label\nok,maybe\n", {"label_names": ["no", "yes"]},
+     "t.csv:2: label 'maybe' is none of the classes \\['no', 'yes'\\].*drop those rows"),
+    ("t.jsonl", '{"text": null, "label": 0}\n', {}, "t.jsonl:1: 'text' is null in this row"),  # trained as "None"
     ("t.jsonl", '{"text": "ok", "label": 0.5}\n', {}, "t.jsonl:1: label 0.5 is not an integer"),
     ("t.jsonl", "[1, 2]\n", {}, "a JSON object per line"),
     ("t.txt", "text,label\n", {}, "unknown format"),
@@ -277,3 +279,65 @@ def test_a_vocabulary_trim_that_costs_accuracy_is_among_the_runs_notes():
     run.measured["final_acc"] = 0.74  # half a point: the documented cost of a trim from the whole training set
     _say_trim_cost(run, 0.745, 1620, 30522)
     assert run.warnings == []
+
+
+def test_hf_labels_in_another_order_than_the_teachers_are_refused(tmp_path):
+    """hf.labels naming the teacher's classes in another order renamed its outputs by position: every class read
+    as another, dev accuracy near zero, and the exported config's id2label wrong, without a word."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from jointcompress.errors import RecipeError
+    from jointcompress.hf import recipe_steps as steps
+    from jointcompress.recipe import parse_recipe
+
+    names = {0: "tiny", 1: "short", 2: "long"}
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=64, num_labels=3, id2label=names, label2id={v: k for k, v in names.items()})
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "teacher")
+    hf = parse_recipe({"hf": {"labels": ["long", "short", "tiny"]}, "techniques": [{"type": "distill_kd"}]}).hf
+    with pytest.raises(RecipeError, match=r"names the teacher's classes in another order .*\['tiny', 'short', 'long'\]"):
+        steps.class_names(hf, str(tmp_path / "teacher"))
+    same = parse_recipe({"hf": {"labels": ["tiny", "short", "long"]}, "techniques": [{"type": "distill_kd"}]}).hf
+    assert steps.class_names(same, str(tmp_path / "teacher")) == ["tiny", "short", "long"]
+
+
+def test_a_teacher_under_chance_on_the_dev_rows_is_said(tmp_path):
+    """A teacher read at 0% (the label column given as the text, classes in another order) was distilled without a
+    word."""
+    from jointcompress.hf import recipe_steps as steps
+    from jointcompress.recipe import parse_recipe
+
+    recipe = parse_recipe({"techniques": [{"type": "distill_kd"}]})
+    run = steps.HFRun(recipe=recipe, hf_cfg=recipe.hf, out=tmp_path, log=lambda _: None, labels=["a", "b", "c", "d"])
+    for accuracy, said in ((0.10, 1), (0.20, 0)):
+        run.teacher_acc, run.warnings = accuracy, []
+        steps._warn_under_chance(run)
+        assert len([w for w in run.warnings if "under half of chance (25% for 4 classes)" in w]) == said
+
+
+def test_pairs_for_a_teacher_of_one_token_type_carry_no_token_types_and_tokenizers_are_saved_at_the_models_length(tmp_path):
+    """A RoBERTa teacher (type_vocab_size 1) given sentence pairs through a WordPiece tokenizer failed with an
+    IndexError in its token-type embedding; the saved tokenizers kept the teacher's model_max_length (512) beside
+    models of 64 positions, so pipeline(truncation=True) and padding='max_length' made rows the models refused."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from jointcompress.hf import recipe_steps as steps
+    from jointcompress.hf.data import TextDataset
+    from jointcompress.hf.pipeline import _tokenizer_up_to
+    from jointcompress.recipe import parse_recipe
+
+    tok = tiny_tokenizer(tmp_path)
+    recipe = parse_recipe({"hf": {"max_length": 16}, "techniques": [{"type": "distill_kd"}]})
+    pairs = TextDataset(["good movie", "awful"], [1, 0], ["the plot", "fun acting"])
+    for types, kept in ((1, False), (2, True)):
+        run = steps.HFRun(recipe=recipe, hf_cfg=recipe.hf, out=tmp_path, log=lambda _: None, tok=tok,
+                          teacher=SimpleNamespace(config=SimpleNamespace(type_vocab_size=types)))
+        assert ("token_type_ids" in steps._tokens(run, pairs)) is kept
+    tok.model_max_length = 512
+    with _tokenizer_up_to(tok, 16) as limited:
+        limited.save_pretrained(tmp_path / "saved")
+    assert tok.model_max_length == 512  # the run's own is given back
+    again = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert len(again("good movie " * 40, truncation=True)["input_ids"]) == 16

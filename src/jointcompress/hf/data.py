@@ -100,6 +100,9 @@ def read_rows(path: str | Path, text_column: str | None = None, label_column: st
         for key in (*[k for k in keys if k is not None], label_column):
             if key not in row:
                 raise DataError(f"{path}:{lineno}: no {key!r} value in this row")
+            if row[key] is None:  # JSON's null: it trained as the text "None"
+                raise DataError(f"{path}:{lineno}: {key!r} is null in this row; give it a value (an empty text is \"\"), "
+                                "or drop the row")
         sentences.append(str(row[keys[0]]).strip())
         if keys[1] is not None:
             pairs.append(str(row[keys[1]]).strip())
@@ -201,13 +204,18 @@ def _label(path: Path, lineno: int, value, names: list[str] | None) -> int:
         pass
     if names and text in names:
         return names.index(text)
-    known = f" nor one of the label names {names}" if names else ""
-    raise DataError(f"{path}:{lineno}: label {text!r} is not an integer class index{known}; list the classes' "
+    if names:  # the classes are known (the teacher's, or hf.labels): a name outside them is a class it has not
+        raise DataError(f"{path}:{lineno}: label {text!r} is none of the classes {names} (nor an index 0..{len(names) - 1}); "
+                        "drop those rows, or compress a teacher trained on that class (a base encoder's new head takes its "
+                        "classes' names from hf.labels)")
+    raise DataError(f"{path}:{lineno}: label {text!r} is not an integer class index; list the classes' "
                     "names in hf.labels (in index order) or write the labels as 0..n-1")
 
 
-def tokenize(tokenizer, data: TextDataset, max_length: int = MAX_LENGTH) -> dict[str, torch.Tensor]:
-    """Tokenize every row (a pair as two segments) padded to max_length (fixed shapes make latency comparable)."""
+def tokenize(tokenizer, data: TextDataset, max_length: int = MAX_LENGTH, token_types: bool = True) -> dict[str, torch.Tensor]:
+    """Tokenize every row (a pair as two segments) padded to max_length (fixed shapes make latency comparable).
+    `token_types`: False for a model with one token type (RoBERTa: type_vocab_size 1), whose embedding of the
+    second segment's type 1 failed with an IndexError: its segments are told apart by the separator alone."""
     enc = tokenizer(
         data.sentences,
         data.pairs,  # a sentence pair: two segments ([SEP] between, token types 0 / 1), truncated longest first
@@ -217,7 +225,7 @@ def tokenize(tokenizer, data: TextDataset, max_length: int = MAX_LENGTH) -> dict
         return_tensors="pt",
     )
     out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    if "token_type_ids" in enc:
+    if "token_type_ids" in enc and token_types:
         out["token_type_ids"] = enc["token_type_ids"]
     out["labels"] = torch.tensor(data.labels, dtype=torch.long)
     return out

@@ -19,6 +19,7 @@ what was saved. The int8 ONNX model keeps the trained LSQ step sizes of every <=
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -121,12 +122,28 @@ def _steps(result) -> int:
     return result.history.epochs[-1]["step"] if result.history.epochs else 0
 
 
+@contextlib.contextmanager
+def _tokenizer_up_to(tok, length: int | None):
+    """The tokenizer with model_max_length at most `length` while it is saved (the model's positions for the HF
+    folder, hf.max_length for the fixed-length ONNX models): the teacher's said 512 for a model of 128 positions,
+    so pipeline(long_text, truncation=True) failed on a size mismatch, and padding="max_length" made rows the
+    ONNX model refused."""
+    before = getattr(tok, "model_max_length", None)
+    if length is not None and (before is None or before > length):
+        tok.model_max_length = length
+    try:
+        yield tok
+    finally:
+        tok.model_max_length = before
+
+
 def _export_and_summarize(run: HFRun, *, int8: bool, int8_atol: float, latency_rounds: int, progressive: bool,
                           world: int) -> dict:
     """The HF folder and its pipeline check, the int8 ONNX measurements, summary.json."""
     from jointcompress.io import atomic_write_json
 
-    folder = export_folder(run.hf, run.tok, run.out / "hf_model")
+    with _tokenizer_up_to(run.tok, steps.usable_positions(run.hf.config)) as tok:
+        folder = export_folder(run.hf, tok, run.out / "hf_model")
     text = example_text(run.dev_data)
     example = load_pipeline(folder)(text)
     example = example[0] if isinstance(example, list) else example
@@ -142,7 +159,8 @@ def _export_and_summarize(run: HFRun, *, int8: bool, int8_atol: float, latency_r
             run.warnings.append(int8_summary["logits_vs_fp32_student"]["message"])
         # the ONNX models' inputs come from this tokenizer: a folder without the pruned model's config, which asks
         # transformers' AutoTokenizer to run custom code (OUT/hf_model's does: a prompt, then a wait, in a terminal)
-        run.tok.save_pretrained(run.out / "onnx")
+        with _tokenizer_up_to(run.tok, run.hf_cfg.max_length) as tok:  # the ONNX models' fixed length
+            tok.save_pretrained(run.out / "onnx")
     teacher, student = steps.model_summary(run, folder, student_bytes, teacher_bytes)
     final_acc, ta = run.measured["final_acc"], run.teacher_acc
     artifact = steps.artifact_summary(run, teacher_bytes)
@@ -255,9 +273,7 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
     from jointcompress.distributed import init_from_env, quiet_other_ranks
     from jointcompress.io import RUN_OUTPUTS, RUN_REPORT, atomic_write_text, prepare_run_dir
 
-    from jointcompress.hf.recipe_steps import refuse_causal_lm, split_files, teacher_source
-
-    refuse_causal_lm(teacher_source(recipe, weights))  # a wrong teacher or data folder, found before --force clears
+    steps.refuse_causal_lm(teacher_source(recipe, weights))  # a wrong teacher or data folder, found before --force clears
     split_files(data or recipe.data)
     dist = init_from_env()
     quiet_other_ranks(dist)

@@ -106,6 +106,11 @@ def class_names(hf_cfg, src: str) -> list[str]:
     if own is not None and len(own) != len(hf_cfg.labels):
         raise RecipeError(f"hf.labels names {len(hf_cfg.labels)} classes {hf_cfg.labels}, but the teacher's classifier "
                           f"has {len(own)} outputs {own}; remove hf.labels to take the teacher's, or list {len(own)} names")
+    if own is not None and set(own) == set(hf_cfg.labels) and list(own) != list(hf_cfg.labels):
+        # the head's output i stays the teacher's class i: renamed by position, every class read as another
+        raise RecipeError(f"hf.labels {hf_cfg.labels} names the teacher's classes in another order than its classifier "
+                          f"outputs them ({own}: output i is class i of that list); give them in that order, or remove "
+                          "hf.labels to take the teacher's")
     return list(hf_cfg.labels)
 
 
@@ -225,6 +230,12 @@ def check_family(config, src: str) -> None:
             "they are (quant_lsq, prune_unstructured, distill_kd; docs/your-model.md)")
 
 
+def _tokens(run: HFRun, data: TextDataset) -> dict:
+    """The rows tokenized at hf.max_length, with token types only for a teacher that has more than one."""
+    config = run.teacher.config if run.teacher is not None else None
+    return tokenize(run.tok, data, run.hf_cfg.max_length, token_types=getattr(config, "type_vocab_size", 2) >= 2)
+
+
 def load_text(run: HFRun, data_dir) -> None:
     """The train and dev files read, limited, checked against the classes, tokenized."""
     hf_cfg, n_labels = run.hf_cfg, len(run.labels)
@@ -242,7 +253,7 @@ def load_text(run: HFRun, data_dir) -> None:
             raise DataError(f"{f.name} has labels {bad[:5]}; the classifier has {n_labels} classes {run.labels} "
                             f"(0..{n_labels - 1}), so the data's labels must be among them (a teacher fine-tuned on "
                             "another task has another head; a base encoder gets one of hf.labels' size)")
-    run.dev_t = tokenize(run.tok, dev, hf_cfg.max_length)
+    run.dev_t = _tokens(run, dev)
     run.x_dev, run.y_dev = pack_tokens(run.dev_t), run.dev_t["labels"]
     hold_out_rows(run, train_file.name)
     warn_absent_classes(run, train_file.name)
@@ -277,9 +288,21 @@ def hold_out_rows(run: HFRun, train_name: str) -> None:
                         f"(after hf.train_limit) would leave none to train on; hold out fewer (e.g. "
                         f"{len(run.train_data) // 10}), or 0 to choose on the dev file")
     run.train_data, chosen_on = run.train_data.hold_out(held)
-    sel = tokenize(run.tok, chosen_on, run.hf_cfg.max_length)
+    sel = _tokens(run, chosen_on)
     run.x_sel, run.y_sel = pack_tokens(sel), sel["labels"]
     run.selected_on = f"validation ({held} training row{'s' if held != 1 else ''} held out)"
+
+
+def _warn_under_chance(run: HFRun) -> None:
+    """A teacher far under chance on the dev rows reads other text or other labels than it was trained on (the
+    label column as the text, class names in another order): the run went on and distilled it, without a word."""
+    chance = 1.0 / max(2, len(run.labels))
+    if run.teacher_acc is not None and run.teacher_acc < chance / 2:
+        run.warnings.append(
+            f"the teacher reads the dev rows at {run.teacher_acc:.1%}, under half of chance ({chance:.0%} for "
+            f"{len(run.labels)} classes): the text column (hf.text_column), the label column or the classes' order "
+            "(hf.labels) is likely not what it was trained on, and the student learns from that")
+        run.log(run.warnings[-1])
 
 
 def train(run: HFRun, dist, progress, callbacks, progressive: bool, compress_kwargs: dict, device=None) -> None:
@@ -289,7 +312,7 @@ def train(run: HFRun, dist, progress, callbacks, progressive: bool, compress_kwa
 
     recipe = run.recipe
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-    train_t = tokenize(run.tok, run.train_data, run.hf_cfg.max_length)
+    train_t = _tokens(run, run.train_data)
     loader = tensor_loader(train_t, recipe.training.batch_size, shuffle=True, seed=recipe.training.seed, rank=rank, world=world)
     if device is not None:
         run.teacher.to(device)
@@ -298,6 +321,7 @@ def train(run: HFRun, dist, progress, callbacks, progressive: bool, compress_kwa
     run.teacher_acc = accuracy(teacher_w, run.x_dev, run.y_dev)
     run.log(f"teacher dev accuracy {run.teacher_acc:.4f} on {len(run.y_dev)} rows; training on {len(run.train_data)} rows; "
             f"kept epoch chosen on {run.selected_on}")
+    _warn_under_chance(run)
     # the kept epoch is chosen on the held-out training rows where the recipe holds some out, else on dev
     x_sel, y_sel = (run.x_sel, run.y_sel) if run.x_sel is not None else (run.x_dev, run.y_dev)
     evaluate = lambda m: {"accuracy": accuracy(m, x_sel, y_sel)}  # noqa: E731
@@ -335,7 +359,7 @@ def finalize_student(run: HFRun, trim_vocab: bool | None) -> None:
     full_vocab = run.hf.config.vocab_size
     run.hf, run.tok, keep = _trim(run.hf, run.tok, run.train_data.texts)
     run.hf.eval()
-    run.dev_t = tokenize(run.tok, run.dev_data, run.hf_cfg.max_length)
+    run.dev_t = _tokens(run, run.dev_data)
     run.x_dev = pack_tokens(run.dev_t)
     run.measured["vocab_note"] = {"dev_accuracy_full_vocab": acc, "vocab_kept": len(keep), "vocab_full": full_vocab}
     run.measured["final_acc"] = accuracy(SequenceClassifier(run.hf), run.x_dev, run.y_dev)
