@@ -240,8 +240,16 @@ def test_int8_agreement_reads_a_dense_maps_classes_on_axis_1_and_skips_a_regress
         warnings.simplefilter("error")  # no word of classes for a regression's outputs
         parity = int8_module.calibration_parity(regressor, negated, (torch.randn(16, 3), torch.randn(16, 3)))
     assert parity["top1_agreement"] is None and parity["max_abs_logit_diff"] > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an autoencoder calibrated with its inputs alone: outputs of their shape
+        assert int8_module.calibration_parity(regressor, negated, torch.randn(16, 3))["top1_agreement"] is None
     with pytest.warns(UserWarning, match=r"top-1 class differs"):  # class labels: compared as classes
         int8_module.calibration_parity(regressor, negated, (torch.randn(16, 3), torch.randint(0, 3, (16,))))
+    from jointcompress.deploy.parity import accuracy
+
+    logits, targets = torch.randn(2, 3, 4, 4), torch.full((2, 4, 4), -100)  # the default loss's ignored pixels
+    targets[0, 0, 0] = int(logits[0, :, 0, 0].argmax())
+    assert accuracy(logits, targets) == 1.0  # the one scored pixel, not 1 of 32
 
 
 def test_a_rounding_flip_of_a_model_that_rounds_its_activations_is_said_not_raised(tmp_path, monkeypatch):

@@ -303,16 +303,25 @@ def test_hf_labels_in_another_order_than_the_teachers_are_refused(tmp_path):
 
 def test_a_teacher_under_chance_on_the_dev_rows_is_said(tmp_path):
     """A teacher read at 0% (the label column given as the text, classes in another order) was distilled without a
-    word."""
+    word; a base encoder's new head is not blamed for its chance readings."""
+    from transformers import BertForSequenceClassification
+
     from jointcompress.hf import recipe_steps as steps
     from jointcompress.recipe import parse_recipe
 
+    from transformers import BertConfig, BertModel
+
+    names = {0: "a", 1: "b", 2: "c", 3: "d"}
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=64, num_labels=4, id2label=names, label2id={v: k for k, v in names.items()})
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "trained")
+    BertModel(cfg).save_pretrained(tmp_path / "base")  # a base encoder: its head is new, untrained
     recipe = parse_recipe({"techniques": [{"type": "distill_kd"}]})
-    run = steps.HFRun(recipe=recipe, hf_cfg=recipe.hf, out=tmp_path, log=lambda _: None, labels=["a", "b", "c", "d"])
-    for accuracy, said in ((0.10, 1), (0.20, 0)):
-        run.teacher_acc, run.warnings = accuracy, []
+    run = steps.HFRun(recipe=recipe, hf_cfg=recipe.hf, out=tmp_path, log=lambda _: None, labels=list(names.values()))
+    for src, accuracy, said in (("trained", 0.10, 1), ("trained", 0.20, 0), ("base", 0.10, 0)):
+        run.src, run.teacher_acc, run.warnings = str(tmp_path / src), accuracy, []
         steps._warn_under_chance(run)
-        assert len([w for w in run.warnings if "under half of chance (25% for 4 classes)" in w]) == said
+        assert len([w for w in run.warnings if "under half of chance (25% for 4 classes)" in w]) == said, src
 
 
 def test_pairs_for_a_teacher_of_one_token_type_carry_no_token_types_and_tokenizers_are_saved_at_the_models_length(tmp_path):

@@ -65,11 +65,13 @@ def test_a_loss_as_the_metric_keeps_its_lowest_epoch():
 
 @pytest.mark.parametrize(("metric", "rises"), [
     ("neg_mse", True), ("neg_mean_squared_error", True), ("neg_log_loss", True), ("negative_loss", True),
-    ("loss_reduction", True), ("error_reduction", True), ("mae_improvement", True), ("accuracy_drop", False),
-    ("neg_accuracy", False), ("eval_loss", False), ("f1", True), ("top1_error", False)])
+    ("val_neg_mse", True), ("eval_neg_log_loss", True), ("loss_reduction", True), ("error_reduction", True),
+    ("mae_improvement", True), ("eval_loss", False), ("f1", True), ("top1_error", False),
+    ("neg_f1", True), ("negative_recall", True), ("drop_f1", True), ("fall_detection_accuracy", True)])
 def test_a_metrics_direction_follows_a_negation_or_a_word_of_change_in_its_name(metric, rises):
     """scikit-learn's neg_mse (higher is better) was read as lower-is-better for its "mse", and the run kept its
-    worst epoch without a word; so were loss_reduction and error_reduction."""
+    worst epoch without a word; so were loss_reduction and error_reduction. A negation turns only a word of loss
+    or error after it: neg_f1 (the negative class's F1) rises."""
     from jointcompress.recipe import Training
 
     assert Training(metric=metric).metric_rises() is rises
@@ -252,3 +254,7 @@ def test_the_result_holds_the_kept_epochs_metrics_without_evaluating_again():
     result = compress(model, recipe, (x, y), evaluate)
     assert len(calls) == 3 and result.history.best_epoch == 2
     assert result.metrics == {"accuracy": 0.9, "loss": pytest.approx(0.2)}
+    readings, calls[:] = iter([0.5, 0.9, 0.7]), []
+    last = {**recipe, "training": {**recipe["training"], "keep": "last"}}
+    result = compress(_mlp(), last, (x, y), evaluate)
+    assert len(calls) == 3 and result.metrics == {"accuracy": 0.7, "loss": pytest.approx(0.3)}

@@ -442,9 +442,10 @@ def test_weights_a_user_brings_are_read_from_a_checkpoint_and_a_misfit_is_told_w
     with pytest.raises(ArtifactError, match="is not a torch file .* or a safetensors file"):
         load_weights(nn.Linear(3, 2), tmp_path / "notes.pt")
     model = nn.Linear(3, 2)
-    torch.save({"state_dict": model.state_dict(), "epoch": 7, "lr": 0.1}, tmp_path / "ckpt.pt")
-    with pytest.warns(UserWarning, match=r"a training checkpoint .*its weights are read from 'state_dict'"):
-        assert torch.equal(load_weights(nn.Linear(3, 2), tmp_path / "ckpt.pt").weight, model.weight)
+    for extra in ({"epoch": 7, "lr": 0.1}, {"step": torch.tensor(5)}):  # a tensor of its own beside the weights too
+        torch.save({"state_dict": model.state_dict(), **extra}, tmp_path / "ckpt.pt")
+        with pytest.warns(UserWarning, match=r"a training checkpoint .*its weights are read from 'state_dict'"):
+            assert torch.equal(load_weights(nn.Linear(3, 2), tmp_path / "ckpt.pt").weight, model.weight)
     torch.save(nn.Linear(4, 2).state_dict(), tmp_path / "other.pt")
     with pytest.raises(ArtifactError, match=r"1 of another shape: weight \(2, 4\) where the model has \(2, 3\)\); is it the "
                                             r"same architecture"):

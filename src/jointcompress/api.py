@@ -524,7 +524,8 @@ def _checked_inputs(model: nn.Module, teacher: nn.Module | None, recipe: Recipe,
     batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     loader = as_loader(train_data, recipe.training.batch_size, recipe.training.seed, dist, batch_norm=batch_norm,
                        device=model_device(model))
-    _warn_loader_batch_size(train_data, recipe)
+    if dist is None:  # under torchrun a loader's batch is each rank's share of training.batch_size
+        _warn_loader_batch_size(train_data, recipe)
     example = first_inputs(loader)
     outputs = check_data(model, example, train_data)
     if teacher is not None and recipe.technique("distill_kd") is not None:

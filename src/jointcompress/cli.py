@@ -6,6 +6,7 @@ non-zero exit; a traceback is shown only with --debug.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -809,8 +810,23 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum, frame) -> None:
+    import signal
+
     STATE["terminated"] = True  # typer turns a KeyboardInterrupt into Exit(130), whatever its class
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process, mid-message or not
     raise Terminated
+
+
+def _default_sigterm_in_child() -> None:
+    """A forked child (a DataLoader's worker) ends on SIGTERM as its parent's loader expects, not by raising."""
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) is _terminate:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_default_sigterm_in_child)
 
 
 def main() -> None:

@@ -94,12 +94,17 @@ def check_output_dir(path: str | os.PathLike, force: bool = False, resumable: bo
     return path
 
 
+def first_existing(path: str | os.PathLike) -> Path | None:
+    """`path` or its nearest parent that exists (None where none does)."""
+    return next((p for p in (Path(path), *Path(path).parents) if p.exists()), None)
+
+
 def check_folder_path(path: Path | None, flag: str) -> None:
     """A folder the run writes into later (--tensorboard): a path that is a file, or lies under one, was found
     only when the first event was written, after the model had trained, with the OS's words."""
     if path is None:
         return
-    existing = next((p for p in (Path(path), *Path(path).parents) if p.exists()), None)
+    existing = first_existing(path)
     if existing is not None and not existing.is_dir():
         raise JointCompressError(f"{flag} {path}: {'is' if existing == Path(path) else f'lies under {existing}, which is'} "
                                  "a file; give a folder for the event files")

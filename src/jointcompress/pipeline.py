@@ -143,9 +143,7 @@ def _unwrapped(state: dict, path: Path) -> dict:
     """The weights of a training checkpoint ({'state_dict': ..., 'epoch': ..., 'optimizer': ...}, as scripts
     save them), read from the first of WRAPPING_KEYS that holds them; the state itself otherwise. It was
     refused as weights that do not fit the model, naming its keys 'epoch' and 'optimizer'."""
-    if any(isinstance(v, torch.Tensor) for v in state.values()):
-        return state
-    for key in WRAPPING_KEYS:
+    for key in WRAPPING_KEYS:  # first: a checkpoint may hold a tensor of its own beside them ('step': tensor(5))
         inner = state.get(key)
         if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
             import warnings

@@ -398,8 +398,27 @@ class Target(Strict):
 LOWER_IS_BETTER = frozenset({"loss", "error", "err", "perplexity", "ppl", "wer", "cer", "mse", "mae", "rmse", "nll"})
 # words of a metric's name that turn its direction: a change of the quantity, or its negation
 GAIN_WORDS = frozenset({"improvement", "gain"})
-FALL_WORDS = frozenset({"reduction", "decrease", "drop", "fall"})
+FALL_WORDS = frozenset({"reduction", "decrease"})
 NEGATED = frozenset({"neg", "negative", "minus"})
+
+
+def _lower_word(word: str) -> bool:
+    return word in LOWER_IS_BETTER or word.endswith("loss")
+
+
+def _rises_by_name(metric: str) -> bool:
+    """False for a name with a word that says lower is better (eval_loss, error_rate, perplexity, wer), else
+    True; turned by a word of change (loss_reduction and loss_improvement rise) and by a negation before
+    such a word (scikit-learn's neg_mean_squared_error, val_neg_log_loss; not neg_f1, the negative class's F1)."""
+    words = [w for w in re.split(r"[^a-z0-9]+", metric.lower()) if w]
+    lower = [i for i, w in enumerate(words) if _lower_word(w)]
+    if set(words) & GAIN_WORDS:  # loss_improvement, mse_gain: the better, the higher
+        return True
+    rises = not lower
+    if set(words) & FALL_WORDS:  # loss_reduction: higher is better
+        rises = not rises
+    negated = any(w in NEGATED and any(j > i for j in lower) for i, w in enumerate(words))
+    return not rises if negated else rises
 
 
 class Training(Strict):
@@ -419,7 +438,7 @@ class Training(Strict):
     metric: str = "accuracy"
     # whether a higher `metric` is better (the kept epoch, the sensitivity scan's drops); None: inferred from
     # its name, lower for a loss, error, perplexity, WER/CER, MSE/MAE (as transformers' Trainer reads "loss"),
-    # turned by a leading neg_ (scikit-learn's scores) or a word of change (loss_reduction, accuracy_drop)
+    # turned by a negation before such a word (scikit-learn's neg_mse) or a word of change (loss_reduction)
     greater_is_better: bool | None = None
     grad_clip: Annotated[float, Field(ge=0.0, le=1e6)] = 0.0
     # which evaluated state (every technique at its target) the run ends with: the best by `metric`, or the
@@ -439,22 +458,11 @@ class Training(Strict):
     recalibrate_norms: Annotated[int, Field(ge=0, le=100_000)] = 16
 
     def metric_rises(self) -> bool:
-        """Whether a higher `metric` is better: `greater_is_better`, else False for a name with a word
-        that says lower is better (eval_loss, error_rate, perplexity, wer), else True; turned by a word
-        of change (loss_reduction, accuracy_drop; loss_improvement rises) and by a leading negation
-        (scikit-learn's neg_mean_squared_error). A loss read as higher-is-better kept the worst epoch
-        without a word."""
+        """Whether a higher `metric` is better: `greater_is_better`, else read from its name
+        (_rises_by_name). A loss read as higher-is-better kept the worst epoch without a word."""
         if self.greater_is_better is not None:
             return self.greater_is_better
-        words = [w for w in re.split(r"[^a-z0-9]+", self.metric.lower()) if w]
-        rises = not (set(words) & LOWER_IS_BETTER or any(w.endswith("loss") for w in words))
-        if set(words) & GAIN_WORDS:  # loss_improvement, mse_gain: the better, the higher
-            rises = True
-        elif set(words) & FALL_WORDS:  # loss_reduction (higher: better), accuracy_drop (lower: better)
-            rises = not rises
-        if words and words[0] in NEGATED:  # scikit-learn's neg_mean_squared_error, neg_log_loss
-            rises = not rises
-        return rises
+        return _rises_by_name(self.metric)
 
 
 class Coordination(Strict):

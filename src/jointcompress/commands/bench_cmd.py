@@ -426,7 +426,9 @@ def _check_json_path(path: Optional[Path]) -> None:
 
     if path is not None and path.is_dir():
         raise JointCompressError(f"--json {path}: is a folder; give a file path (e.g. {path / 'bench.json'})")
-    above = next((p for p in (path.parents if path is not None else ()) if p.exists()), None)
+    from ..io import first_existing
+
+    above = first_existing(path.parent) if path is not None else None
     if above is not None and not above.is_dir():  # found after the benchmark, as "File exists"
         raise JointCompressError(f"--json {path}: lies under {above}, which is a file; give a path in a folder")
 

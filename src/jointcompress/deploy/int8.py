@@ -398,7 +398,8 @@ def calibration_parity(model: nn.Module, int8: Int8Model, calibration, max_batch
     transformer's attention and LayerNorm inputs) loses accuracy silently, and a user deploying it should
     know before measuring; `int8_parity` measures accuracy on held-out data."""
     first = list(zip(range(max_batches), batches(calibration, 64)))
-    regression = any(_regression_targets(y) for _, (_, y) in first)
+    unlabelled = all(y is None for _, (_, y) in first)  # calibrated with inputs alone: read from the outputs
+    regression = any(_regression_targets(y) for _, (_, y) in first) or (unlabelled and _reconstructs(model, first[0][1][0]))
     was_training = model.training
     try:
         rep = compare(model.eval(), int8, [(x, None) for _, (x, _) in first], f"int8 {int8.backend}", path=int8.path,
@@ -423,8 +424,21 @@ def _regression_targets(y) -> bool:
     outputs have no top-1 class to agree on."""
     if not isinstance(y, torch.Tensor) or not torch.is_floating_point(y):
         return False
-    soft = y.dim() == 2 and y.shape[1] > 1 and bool(torch.allclose(y.sum(1), torch.ones(len(y)), atol=1e-3))
+    soft = y.dim() == 2 and y.shape[1] > 1 and bool(torch.allclose(y.sum(1), torch.ones(len(y), device=y.device), atol=1e-3))
     return not soft
+
+
+def _reconstructs(model: nn.Module, x) -> bool:
+    """Outputs of the inputs' own shape (an autoencoder, calibrated with its inputs alone): a regression, not
+    classes. (A dense map of as many classes as the input has channels reads so too: its agreement is not checked.)"""
+    from ..model_call import call_model, evaluating, model_device, to_device
+    from ..session.outputs import logits_of
+
+    if not isinstance(x, torch.Tensor):
+        return False
+    with evaluating(model), torch.no_grad():
+        out = logits_of(call_model(model, to_device(x[:1], model_device(model))))
+    return tuple(out.shape[1:]) == tuple(x.shape[1:])
 
 
 def int8_parity(model: nn.Module, int8: Int8Model, eval_data) -> ParityReport:

@@ -56,7 +56,10 @@ def class_axis(logits: torch.Tensor) -> int:
 
 
 def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    return (logits.argmax(class_axis(logits)) == targets).float().mean().item()
+    """The share of outputs whose top-1 class is the target, over the targets the default loss reads (-100: ignored)."""
+    scored = targets != -100
+    hits = (logits.argmax(class_axis(logits)) == targets) & scored
+    return (hits.sum() / scored.sum().clamp(min=1)).item()
 
 
 def batches(data, batch_size: int = 256) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:

@@ -47,19 +47,25 @@ def load_tokenizer(name_or_path: str):
 DEFAULT_LABELS = ["NEGATIVE", "POSITIVE"]  # a base encoder's fresh head: SST-2's classes
 
 
-def teacher_labels(name_or_path: str) -> list[str] | None:
-    """The class names of a fine-tuned sequence classifier, in index order (its config's id2label),
-    or None where the folder has no classification head (a base encoder) or its config cannot be read
+def folder_config(name_or_path: str):
+    """The transformers config of a model folder (pruned types registered), or None where it cannot be read
     (loading the model then says why)."""
     from transformers import AutoConfig
 
     from jointcompress.hf import modeling_pruned  # noqa: F401  (registers pruned classes)
 
     try:
-        config = AutoConfig.from_pretrained(resolve(name_or_path))
+        return AutoConfig.from_pretrained(resolve(name_or_path))
     except (OSError, ValueError):
         return None
-    if not any(str(a).endswith("ForSequenceClassification") for a in (config.architectures or [])):
+
+
+def teacher_labels(name_or_path: str) -> list[str] | None:
+    """The class names of a fine-tuned sequence classifier, in index order (its config's id2label),
+    or None where the folder has no classification head (a base encoder) or its config cannot be read
+    (loading the model then says why)."""
+    config = folder_config(name_or_path)
+    if config is None or not any(str(a).endswith("ForSequenceClassification") for a in (config.architectures or [])):
         return None
     names = config.id2label or {}
     return [str(names.get(i, f"LABEL_{i}")) for i in range(config.num_labels)]

@@ -19,7 +19,8 @@ from jointcompress.errors import ArtifactError, DataError, RecipeError, Unsuppor
 from jointcompress.hf.data import FORMATS, TextDataset, read_rows, tokenize
 from jointcompress.hf.ffn import ffn_widths
 from jointcompress.hf.heads import head_counts
-from jointcompress.hf.load import DEFAULT_LABELS, MINILM_NAME, load_classifier, load_tokenizer, resolve, teacher_labels
+from jointcompress.hf.load import (DEFAULT_LABELS, MINILM_NAME, folder_config, load_classifier, load_tokenizer,
+                                   teacher_labels)
 from jointcompress.hf.pruned import n_layers
 from jointcompress.hf.student import make_student
 from jointcompress.hf.wrapper import SequenceClassifier, accuracy, pack_tokens, tensor_loader
@@ -199,11 +200,8 @@ def refuse_causal_lm(src: str) -> None:
     """A causal LM's folder (its config's architectures: *ForCausalLM, *LMHeadModel) is refused before it is loaded:
     it was loaded as a sequence classifier with a new, random head (transformers' report of the missing
     score.weight), then refused as a "classifier" of an unsupported type."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(resolve(src))
-    except (OSError, ValueError):
+    config = folder_config(src)
+    if config is None:
         return  # loading the model says why
     causal = [a for a in (config.architectures or []) if str(a).endswith(("ForCausalLM", "LMHeadModel"))]
     if causal:
@@ -296,6 +294,8 @@ def hold_out_rows(run: HFRun, train_name: str) -> None:
 def _warn_under_chance(run: HFRun) -> None:
     """A teacher far under chance on the dev rows reads other text or other labels than it was trained on (the
     label column as the text, class names in another order): the run went on and distilled it, without a word."""
+    if run.src == MINILM_NAME or teacher_labels(run.src) is None:  # a new, untrained head: any reading is chance's
+        return
     chance = 1.0 / max(2, len(run.labels))
     if run.teacher_acc is not None and run.teacher_acc < chance / 2:
         run.warnings.append(

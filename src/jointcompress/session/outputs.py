@@ -196,12 +196,13 @@ def default_task_loss(outputs, batch: Batch) -> torch.Tensor:
     if y.dtype not in (torch.long, torch.uint8):  # int32 class indices (a loader's own dtype): cross-entropy takes long
         y = y.long()
     if logits.dim() == 3 and _labels_are_the_inputs(batch.inputs, y):
-        raise DataError(
+        # a warning, not a refusal: a model that shifts inside (causal padding: WaveNet, PixelCNN) is trained so
+        warnings.warn(
             f"the labels {tuple(y.shape)} are the input token ids themselves: the default task loss compares the logits "
-            "at each position with the label at that position (no shift), so the model would learn to repeat the token "
-            "it is given. For a causal LM pass dict batches {'input_ids': ..., 'attention_mask': ..., 'labels': ...} "
-            "(the model's own loss shifts them), or shift them yourself: (ids[:, :-1], ids[:, 1:]); where copying the input "
-            "is the task, pass loss_fn")
+            "at each position with the label at that position (no shift), so a causal LM learns to repeat the token it "
+            "is given. Pass dict batches {'input_ids': ..., 'attention_mask': ..., 'labels': ...} (the model's own loss "
+            "shifts them), or shift them yourself: (ids[:, :-1], ids[:, 1:]); a model that shifts inside (causal "
+            "padding) is trained as meant: pass loss_fn to say so", UserWarning, stacklevel=3)
     try:
         return _index_cross_entropy(logits, y)
     except IndexError as exc:  # a label outside the model's classes: torch's "Target 5 is out of bounds"
