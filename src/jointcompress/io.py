@@ -281,6 +281,7 @@ def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=
         check_output_dir(path, force=force)
     elif not CheckpointStore(path).paths():
         _resume_without_checkpoint(path, force, dist)
+
     def claim() -> None:
         prepare_output_dir(path, force=resume or force, resumable=True)
         hold_run_lock(path)
