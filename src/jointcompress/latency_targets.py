@@ -841,8 +841,9 @@ def resolve_latency(model: nn.Module, data: dict, example_inputs, target, measur
     Timed on the CPU, the deployment the targets are for: a model on a GPU is allocated from a CPU copy."""
     model, example_inputs = on_cpu(model)[0], to_device(example_inputs, torch.device("cpu"))
     targets, exclude = _structured_scope(data)
-    allocate = lambda t: allocate_latency(allocation_base(model, data, example_inputs), example_inputs, t,  # noqa: E731
-                                          targets=targets, exclude=exclude, margin=ACCEPT_MARGIN)
+    base = allocation_base(model, data, example_inputs)  # what the allocation shrinks (read, not changed)
+    allocate = lambda t: allocate_latency(base, example_inputs, t, targets=targets, exclude=exclude,  # noqa: E731
+                                          margin=ACCEPT_MARGIN)
     if target.speedup is None:
         alloc = allocate(target)
     else:
@@ -853,7 +854,7 @@ def resolve_latency(model: nn.Module, data: dict, example_inputs, target, measur
             again = float(measure_dense(copy.deepcopy(model)))
             if again < dense_ms:
                 alloc = allocate(target.model_copy(update={"latency_ms": again / target.speedup}))
-    _confirmed_at_the_floor(model, allocation_base(model, data, example_inputs), example_inputs, target, alloc)
+    _confirmed_at_the_floor(model, base, example_inputs, target, alloc)
     recipe = with_latency_budgets(data, alloc)
     recipe._resolution = {"event": "latency_allocation", "step": 0, "goal_ms": alloc.target_ms,
                           "predicted_ms": alloc.predicted_ms, "measured_ms": alloc.measured_ms, "met": alloc.met,

@@ -124,16 +124,15 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         raise ArtifactError(f"{path}: {', '.join(broken[:4])} hold NaN or inf; these weights come from a training run "
                             "that diverged: give the weights of a good run")
     misfit = _misfit(model.state_dict(), state)
-    try:
-        if misfit:
-            raise ValueError(misfit)
-        load_model_state(model, state)
-    except Exception as err:  # noqa: BLE001 - the weights do not fit the recipe's model
-        told = misfit or f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
-        raise ArtifactError(f"{path}: the weights do not fit the recipe's model ({told}); is it the same architecture "
-                            "(recipe model), built for the same data (the model's input size, channels and classes come "
-                            "from --data)?") from None
-    return model
+    if not misfit:
+        try:
+            load_model_state(model, state)
+            return model
+        except Exception as err:  # noqa: BLE001 - the weights do not fit the recipe's model
+            misfit = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+    raise ArtifactError(f"{path}: the weights do not fit the recipe's model ({misfit}); is it the same architecture "
+                        "(recipe model), built for the same data (the model's input size, channels and classes come "
+                        "from --data)?")
 
 
 WRAPPING_KEYS = ("state_dict", "model_state_dict", "model")  # where training scripts keep the weights in a checkpoint
