@@ -213,6 +213,20 @@ def test_int8_measures_its_agreement_with_fp32_on_the_calibration_inputs(tmp_pat
     assert parity["top1_agreement"] == 0.0 and model.training  # compared in eval mode, then given back as it was
 
 
+@pytest.mark.parametrize("backend, scales, advice", [
+    ("torch", 0, "backend='onnxruntime' uses the scales"), ("onnxruntime", 3, "3 layers already use their trained scales"),
+    ("onnxruntime", 0, "training with quant_lsq \\(bits: 8\\) gives")])
+def test_the_int8_parity_warning_advises_what_the_backend_can_use(backend, scales, advice):
+    """A probe's model trained at 8 bits, made int8 by the torch backend (which calibrates its own scales), was
+    told to train with quant_lsq (bits: 8) for trained scales."""
+    from jointcompress.deploy import int8 as int8_module
+
+    model = torch.nn.Linear(3, 3).eval()
+    worse = int8_module.Int8Model(backend, lambda inp: -model(inp), trained_scales=scales)
+    with pytest.warns(UserWarning, match=advice):
+        int8_module.calibration_parity(model, worse, (torch.randn(16, 3), torch.randint(0, 3, (16,))))
+
+
 def test_int8_agreement_reads_a_dense_maps_classes_on_axis_1_and_skips_a_regression():
     """The top-1 agreement took argmax over the last axis whatever the output: a segmentation map's [N, classes, H, W]
     was read over its width, and a regression (an autoencoder) was warned about "top-1 classes" it does not have."""
@@ -335,3 +349,15 @@ def test_the_torch_backend_refuses_what_fx_int8_cannot_quantize_and_returns_the_
 
     with pytest.raises(DataError, match=r"int8: the model cannot run on the batch \(8, 1, 6, 6\)"):  # not FX's fault
         quantize_int8(Named().eval(), None, torch.randn(8, 1, 6, 6), x[:2], backend="torch")
+
+
+def test_the_torch_int8_refusal_counts_the_rounding_layers_it_does_not_name():
+    """A probe's refusal said "4 layers (c1, dw, g)", the fourth neither named nor counted."""
+    from jointcompress.deploy.int8 import quantize_torch
+    from jointcompress.techniques.quant_lsq import attach_frozen_input_quant
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(4)]).eval()
+    for layer in model:
+        attach_frozen_input_quant(layer, 8, 0.05)
+    with pytest.raises(JointCompressError, match=r"4 layers \(0, 1, 2 and 1 more\) round their inputs"):
+        quantize_torch(model, torch.randn(8, 4), torch.randn(1, 4))

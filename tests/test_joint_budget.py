@@ -327,3 +327,17 @@ def test_a_state_far_under_its_aim_at_the_freeze_is_said_with_the_fix():
         budget.warn_overshoot(-0.02)  # within 5%: nothing to say
         budget.config.anti_windup = True
         budget.warn_overshoot(-0.18)  # the remedy is on
+
+
+@pytest.mark.parametrize("schedule, named", [("log_linear", False), ("cubic", True)])
+def test_the_overshoot_warning_names_log_linear_only_to_a_cubic_schedule(schedule, named):
+    """A probe's run on the default schedule (log_linear) was told to set schedule: log_linear."""
+    from types import SimpleNamespace
+
+    from jointcompress.techniques.size_budget import SizeBudget
+
+    budget = SizeBudget.__new__(SizeBudget)
+    budget.config, budget.lam = SimpleNamespace(anti_windup=False, schedule=schedule), 9.97
+    with pytest.warns(UserWarning, match="anti_windup: true") as caught:
+        budget.warn_overshoot(-0.18)
+    assert ("schedule: log_linear" in str(caught[0].message)) is named

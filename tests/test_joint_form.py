@@ -126,6 +126,26 @@ def test_recipes_that_do_not_ask_for_the_joint_form_are_left_as_they_are(change)
     assert same is recipe and event is None
 
 
+def test_learned_widths_the_joint_form_fixes_are_said_and_a_range_without_the_dead_zone_refused():
+    """A probe asked for learned widths in [2, 4] at bits 6 without zero_level: every layer was stored at 6 bits,
+    without a word; with zero_level the joint form fixed the widths just as quietly."""
+    learned = [TECHNIQUES[0], {**TECHNIQUES[1], "zero_level": True}]
+    with pytest.warns(UserWarning, match=r"keeps every layer's width at quant_lsq.bits \(4\); to learn widths in "
+                                         r"\[2, 8\] write size_budget"):
+        joint, _ = as_joint_form(parse_recipe({"mode": "joint", "target": {"ratio": 20}, "techniques": learned}))
+    assert joint.technique("quant_lsq").learn_bits is False
+    fixed = [TECHNIQUES[0], {**TECHNIQUES[1], "zero_level": True, "learn_bits": False}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        as_joint_form(parse_recipe({"mode": "joint", "target": {"ratio": 20}, "techniques": fixed}))
+    ranged = [{"type": "quant_lsq", "bits": 6, "learn_bits": True, "min_bits": 2, "max_bits": 4}]
+    with pytest.raises(RecipeError, match=r"quant_lsq: min_bits/max_bits \(2, 4\) bound learned bit-widths.*without "
+                                          r"zero_level: true every layer is stored at bits \(6\)"):
+        parse_recipe({"techniques": ranged})
+    assert parse_recipe({"techniques": [{**ranged[0], "zero_level": True, "bits": 3}, {"type": "size_budget"}],
+                         "target": {"ratio": 10}}).technique("quant_lsq").max_bits == 4
+
+
 def test_a_late_mask_start_becomes_a_budget_start_a_paced_window_allows():
     late = [{**TECHNIQUES[0], "start": 0.4, "end": 0.7}, TECHNIQUES[1]]
     joint, _ = as_joint_form(parse_recipe({"mode": "joint", "target": {"ratio": 20}, "techniques": late}))

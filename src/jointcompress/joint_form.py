@@ -14,6 +14,8 @@ zones (joint-paced-obd-none) wins more on some CNNs but lost 9 points on a small
 """
 from __future__ import annotations
 
+import warnings
+
 from .recipe import Recipe, paced_window, parse_recipe
 
 # compare's variant whose size_budget settings the joint form takes (compare.PACED_OBD_LANDING: the paced
@@ -87,6 +89,7 @@ def as_joint_form(recipe: Recipe) -> tuple[Recipe, dict | None]:
     if not recipe.asks_for_joint_form():
         return recipe, None
     prune = recipe.technique("prune_unstructured")
+    _warn_widths_fixed(recipe.technique("quant_lsq"))
     joint = joint_recipe(recipe, **joint_form_budget())
     event = {"event": "joint_form", "step": 0, "bits": joint.technique("quant_lsq").bits,
              "replaced": ["prune_unstructured"] if prune is not None else [],
@@ -98,3 +101,14 @@ def as_joint_form(recipe: Recipe) -> tuple[Recipe, dict | None]:
                      "budget (quant_lsq.zero_level + size_budget, docs/joint.md); mode: overlap keeps magnitude "
                      "masks and LSQ under the allocator's per-layer budgets"}
     return joint, event
+
+
+def _warn_widths_fixed(quant) -> None:
+    """A recipe that asks for the dead zone with learned widths (quant_lsq.zero_level, learn_bits on) gets them
+    fixed at quant_lsq.bits in the joint form, as compare's joint variants fix them; the user is told, not left
+    to find every layer at `bits` in the artifact."""
+    if quant is not None and quant.zero_level and quant.learn_bits and quant.min_bits < quant.max_bits:
+        warnings.warn(f"mode: joint under a size target trains its joint form, which keeps every layer's width at "
+                      f"quant_lsq.bits ({quant.bits}); to learn widths in [{quant.min_bits}, {quant.max_bits}] write "
+                      "size_budget into the recipe (docs/joint.md), or set learn_bits: false to fix them quietly",
+                      stacklevel=3)

@@ -23,6 +23,7 @@ class Strict(BaseModel):
 
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+MIN_BITS, MAX_BITS = 2, 8  # quant_lsq's range of learned bit-widths unless the recipe narrows it
 
 
 class Selection(Strict):
@@ -90,8 +91,8 @@ class QuantLSQ(Selection):
     # zero as a quantizer level: a learned per-channel dead zone prunes (techniques/zero_level.py)
     zero_level: bool = False
     learn_bits: bool = True  # with zero_level: learn each layer's bit-width in [min_bits, max_bits]
-    min_bits: Annotated[int, Field(ge=2, le=8)] = 2
-    max_bits: Annotated[int, Field(ge=2, le=8)] = 8
+    min_bits: Annotated[int, Field(ge=2, le=8)] = MIN_BITS
+    max_bits: Annotated[int, Field(ge=2, le=8)] = MAX_BITS
     # learning rate of dead zones and bit-widths; None: set by size_budget so they can cross its window
     zero_level_lr: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     # how the artifact stores the step sizes and the biases of quantized layers; training uses exactly that.
@@ -137,6 +138,11 @@ class QuantLSQ(Selection):
             raise ValueError(f"min_bits ({self.min_bits}) must be <= max_bits ({self.max_bits})")
         if self.zero_level and not self.min_bits <= self.bits <= self.max_bits:
             raise ValueError(f"bits ({self.bits}) must lie in [min_bits, max_bits] = [{self.min_bits}, {self.max_bits}]")
+        if not self.zero_level and (self.min_bits, self.max_bits) != (MIN_BITS, MAX_BITS):
+            raise ValueError(
+                f"min_bits/max_bits ({self.min_bits}, {self.max_bits}) bound learned bit-widths, which only the dead-zone "
+                f"quantizer learns; without zero_level: true every layer is stored at bits ({self.bits}). Add zero_level: "
+                "true and size_budget (docs/joint.md, learned bit-widths), or remove min_bits and max_bits")
         return self
 
 

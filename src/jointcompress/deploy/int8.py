@@ -312,7 +312,7 @@ def quantize_torch(model: nn.Module, calibration, example_input: torch.Tensor, e
     rounding = rounded_inputs(model)
     if rounding:  # FX rebuilds the layers as a graph of its own: their input rounding (a forward pre-hook) is lost
         raise UnsupportedModelError(
-            f"int8 backend torch: {len(rounding)} layers ({', '.join(rounding[:3])}) round their inputs as training did "
+            f"int8 backend torch: {len(rounding)} layers ({_first_names(rounding)}) round their inputs as training did "
             "(quant_lsq activations: true), which PyTorch's FX int8 drops; use backend='onnxruntime', which keeps it")
     engine = engine or ("x86" if "x86" in torch.backends.quantized.supported_engines else "qnnpack")
     torch.backends.quantized.engine = engine
@@ -414,9 +414,19 @@ def calibration_parity(model: nn.Module, int8: Int8Model, calibration, max_batch
         warnings.warn(f"int8 {int8.backend}: the top-1 class differs from the fp32 model's on {1 - rep.top1_agreement:.1%} "
                       f"of {rep.samples} calibration samples{outputs} (largest logit difference {rep.max_abs_logit_diff:.3g}, "
                       f"largest logit {rep.max_abs_reference:.3g}); measure it on held-out data (deploy.int8_parity) "
-                      "before deploying. Training with quant_lsq (bits: 8) gives the int8 weights their trained scales; "
-                      "the fp32 ONNX model (deploy.export_and_check) keeps the accuracy", stacklevel=3)
+                      f"before deploying. {_parity_advice(int8)}; the fp32 ONNX model (deploy.export_and_check) keeps "
+                      "the accuracy", stacklevel=3)
     return parity
+
+
+def _parity_advice(int8: Int8Model) -> str:
+    """What may close an int8 model's gap: trained 8-bit scales, which only the onnxruntime backend uses."""
+    if int8.backend != "onnxruntime":
+        return ("backend='onnxruntime' uses the scales quant_lsq (bits: 8) trained for the weights; this backend "
+                "calibrates its own")
+    if int8.trained_scales:
+        return f"{int8.trained_scales} layers already use their trained scales"
+    return "training with quant_lsq (bits: 8) gives the int8 weights their trained scales"
 
 
 def _regression_targets(y) -> bool:
@@ -447,3 +457,9 @@ def int8_parity(model: nn.Module, int8: Int8Model, eval_data) -> ParityReport:
 
     with evaluating(model):
         return compare(model, int8, eval_data, f"int8 {int8.backend}", path=int8.path)
+
+
+def _first_names(names: list[str], shown: int = 3) -> str:
+    """The first `shown` names, and how many more there are."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

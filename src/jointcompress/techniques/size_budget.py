@@ -423,11 +423,11 @@ class SizeBudget(Landing, Technique):
         stored runs trained without it."""
         if off_by >= -OVERSHOOT_WARNING or self.config.anti_windup or self.lam <= 0:
             return
+        schedule = " (or schedule: log_linear)" if getattr(self.config, "schedule", "log_linear") == "cubic" else ""
         warnings.warn(f"size_budget: at the freeze the model was {-100 * off_by:.0f}% under its aim with the size "
                       f"multiplier still at {self.lam:.3g}, so the pattern fixed there gives back weights whose values "
-                      "drifted while pruned, and accuracy may suffer; size_budget.anti_windup: true (or schedule: "
-                      "log_linear) keeps the state on its goal, above all in runs shorter than the decision window",
-                      stacklevel=3)
+                      f"drifted while pruned, and accuracy may suffer; size_budget.anti_windup: true{schedule} keeps the "
+                      "state on its goal, above all in runs shorter than the decision window", stacklevel=3)
 
     # -- the estimate ----------------------------------------------------------------------
     def estimate(self, soft: bool = True) -> torch.Tensor:
