@@ -18,6 +18,7 @@ Writes benchmarks/results/arch_matrix.md (with this command and the torch thread
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -40,6 +41,7 @@ def _cell(status: str, detail: str) -> str:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()  # --help, not a run
     torch.set_num_threads(THREADS)
     rows, started = [], time.time()
     with tempfile.TemporaryDirectory() as tmp:

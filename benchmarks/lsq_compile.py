@@ -9,6 +9,7 @@ cache, as on a user's first run).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from jointcompress.techniques.quant_lsq import LSQFunction  # noqa: E402
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()  # --help, not a run
     torch.set_num_threads(1)
     torch.manual_seed(0)
     w = torch.randn(300, 784, requires_grad=True)

@@ -179,10 +179,14 @@ def test_an_overwrite_killed_halfway_keeps_the_artifact_it_was_replacing(cnn_art
             save(other, other_spec, tmp_path, example_inputs=x)
     restore()
     with pytest.raises(ArtifactError, match=r"interrupted; the artifact it was replacing is kept there as "
-                                            r"\.previous\.weights\.jcw, \.previous\.manifest\.json"):
+                                            r"\.previous\.weights\.jcw, \.previous\.manifest\.json") as refused:
         load(tmp_path, SmallCNN)
-    for name in ("weights.jcw", "manifest.json"):
-        (tmp_path / f".previous.{name}").replace(tmp_path / name)
+    # the way back it prints, followed as written: `mv` of the manifest, one file with its backup, failed in a shell
+    said = str(refused.value).split("restore it (")[1].split(")")[0]
+    assert said == "mv .previous.weights.jcw weights.jcw; rm .previous.manifest.json"
+    for command in said.split("; "):
+        verb, *names = command.split()
+        (tmp_path / names[0]).replace(tmp_path / names[1]) if verb == "mv" else (tmp_path / names[0]).unlink()
     with torch.no_grad():
         assert torch.equal(load(tmp_path, SmallCNN)(x), model(x))
 
@@ -538,3 +542,41 @@ def test_a_run_folder_given_for_its_artifact_names_the_artifact_inside(tmp_path)
     save(torch.nn.Sequential(torch.nn.Linear(4, 2)), CompressionSpec(layers={}), tmp_path / "run" / "artifact")
     with pytest.raises(ArtifactError, match=r"is a run's folder: its artifact is .*run/artifact"):
         read_manifest(tmp_path / "run")
+
+
+@pytest.mark.parametrize("container, users", [("jcw", "weights.safetensors"), ("safetensors", "manifest.json"),
+                                              ("jcw", "manifest.json")])
+def test_a_save_into_a_folder_of_the_users_files_of_its_names_is_refused_and_keeps_them(cnn_artifact, tmp_path,
+                                                                                       container, users):
+    """save() into the folder holding a model's weights.safetensors deleted it as "a stale file of the other
+    container", and replaced a manifest.json of the user's own, without a word."""
+    from safetensors.torch import save_file
+
+    model, spec, _, _, x = cnn_artifact
+    if users == "weights.safetensors":
+        save_file(SmallCNN().state_dict(), tmp_path / users)
+    else:
+        (tmp_path / users).write_text('{"mine": true}')
+    before = (tmp_path / users).read_bytes()
+    with pytest.raises(ArtifactError, match=rf"holds {users}, which no save of this package wrote"):
+        save(model, spec, tmp_path, example_inputs=x, container=container)
+    assert (tmp_path / users).read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [users]
+
+
+def test_a_save_in_the_other_container_replaces_the_earlier_artifacts_weights(cnn_artifact, tmp_path):
+    model, spec, _, _, x = cnn_artifact
+    save(model, spec, tmp_path, example_inputs=x, container="safetensors")
+    save(model, spec, tmp_path, example_inputs=x, container="safetensors")  # its own files: replaced
+    save(model, spec, tmp_path, example_inputs=x)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "weights.jcw"]
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path, SmallCNN)(x), model(x))
+
+
+def test_a_builder_that_returns_no_model_is_named(cnn_artifact, tmp_path):
+    """load(path, builder) with a builder missing its `return` ended in "'NoneType' object has no attribute
+    'named_parameters'" from deep inside the load."""
+    model, spec, _, _, x = cnn_artifact
+    save(model, spec, tmp_path, example_inputs=x)
+    with pytest.raises(ArtifactError, match=r"the builder returned NoneType, not a torch.nn.Module \(a missing `return`\?\)"):
+        load(tmp_path, lambda: None)

@@ -231,6 +231,13 @@ def test_compress_and_bench_build_the_users_own_model_named_as_a_builder(tmp_pat
         bench = json.loads((tmp_path / "b.json").read_text())
         assert code in (0, None) and ("accuracy_delta" in bench["ratios"]) == paired, out
         assert paired or "recorded on 'wide' when the artifact was made, not on 'other'" in out, out
+    # "before" counts the trained dense model's parameters (recorded), not a fresh build's (zero-initialised biases)
+    manifest = json.loads((tmp_path / "o" / "artifact" / "manifest.json").read_text())
+    from safetensors.torch import load_file
+
+    teacher = load_file(tmp_path / "o" / "teacher.safetensors")
+    counted = {"total": sum(t.numel() for t in teacher.values()), "nonzero": sum(int((t != 0).sum()) for t in teacher.values())}
+    assert bench["before"]["params"] == manifest["extra"]["baseline_params"] == counted and counted["total"] == 80 + 5763
     code, out = _cli(monkeypatch, capsys, "compress", recipe, "--model", f"{tmp_path / 'mine.py'}:not_a_model",
                      "--data", tmp_path / "wide.npz", "--out", tmp_path / "o2")
     assert code == 2 and "the builder returned int, not a torch.nn.Module" in out, out
@@ -880,7 +887,26 @@ def test_images_a_joint_size_target_run_cannot_take_are_named_before_training(tm
         code, out = _cli(monkeypatch, capsys, "compress", recipe, "--data", tmp_path / "gray.npz", "--out", tmp_path / mode)
         flat = " ".join(out.split())
         assert code == 2 and "Traceback" not in out, out
-        assert "train_data: the model cannot run on a batch of shape (2, 1, 28, 28)" in flat, out
+        assert "data 'gray': the model cannot run on a batch of shape (2, 1, 28, 28)" in flat, out
+        assert "Give --data (or the recipe's data:) that" in flat and "rgb.py:build was written for" in flat, out
+
+
+def test_sensitivity_of_trained_weights_on_data_the_model_cannot_take_is_one_message(tmp_path, monkeypatch, capsys):
+    """sensitivity --weights loaded the weights and scanned: a matmul traceback from inside the evaluation where the
+    same command without --weights named the data; a recipe without data: reads the embedded 8x8 digits."""
+    (tmp_path / "mlp.py").write_text("import torch.nn as nn\n\ndef build():\n    return nn.Sequential(nn.Flatten(), "
+                                     "nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))\n")
+    from safetensors.torch import save_file
+
+    same = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    save_file(same.state_dict(), tmp_path / "w.safetensors")
+    recipe = _recipe(tmp_path, f"model: {tmp_path / 'mlp.py'}:build\ntechniques: [{{type: quant_lsq, bits: 4}}]\n")
+    code, out = _cli(monkeypatch, capsys, "sensitivity", recipe, "--weights", tmp_path / "w.safetensors", "--out",
+                     tmp_path / "s")
+    flat = " ".join(out.split())
+    assert code == 2 and "Traceback" not in out, out
+    assert "data 'digits': the model cannot run on a batch of shape (2, 1, 8, 8)" in flat, out
+    assert "'digits' is the embedded 8x8 digits, read where neither --data nor the recipe's data: names a file" in flat, out
 
 
 def test_force_refuses_to_clear_the_weights_the_run_reads(tmp_path, monkeypatch, capsys, weights_file):
@@ -943,6 +969,9 @@ def test_an_empty_out_is_refused_not_read_as_the_working_directory(tmp_path, mon
         code, text = _cli(monkeypatch, capsys, *command, "--out", "", "--force")
         assert code == 2 and "Invalid value for '--out'" in text and "empty" in text, (command, text)
     assert (tmp_path / "artifact" / "model_v1.bin").is_file() and recipe.is_file()
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")  # said "File exists (dangling)", no word of the link
+    code, text = _cli(monkeypatch, capsys, "compress", recipe, "--out", "dangling")
+    assert code == 2 and "dangling is a link to" in text and "gone, which does not exist" in " ".join(text.split()), text
 
 
 def test_the_results_table_shows_latency_columns_only_where_a_row_was_timed():
@@ -1081,3 +1110,40 @@ def test_a_relative_data_path_found_only_beside_the_recipe_says_where_it_is(tmp_
     flat = " ".join(out.split())
     assert code == 2 and f"and {project / 'small.npz'} is" in flat and f"--data {project / 'small.npz'}" in flat, out
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("text, said", [
+    ("model: lenet300\ntechniques: [{type: quant_lsq}]\n",
+     "the recipe names no data: (compress reads --data, or the embedded 8x8 digits without it)"),
+    ("techniques: [{type: quant_lsq}]\n", "the recipe names no model: (compress takes --model)"),
+    ("hf: {model_name_or_path: runs/teacher}\ndata: sst2\ntechniques: [{type: quant_lsq}]\n",
+     "a Hugging Face recipe: compress checks its layers and features once the teacher has loaded"),
+])
+def test_recipe_validate_says_why_it_did_not_check_on_a_model(tmp_path, monkeypatch, capsys, text, said):
+    """validate said "the recipe names no model and data this command can read" to recipes that named a model
+    (without data:) or a Hugging Face teacher, and called the teacher "(--weights)", an option it does not take."""
+    (tmp_path / "r.yaml").write_text(text)
+    code, out = _cli(monkeypatch, capsys, "recipe", "validate", tmp_path / "r.yaml")
+    flat = " ".join(out.split())
+    assert code in (0, None) and f"(not checked on a model: {said}" in flat, out
+    assert "(--weights)" not in flat and ("hf:" not in text or "model=runs/teacher" in flat), out
+
+
+def test_the_run_folders_recipe_is_the_one_that_ran_with_the_flags_applied(tmp_path, monkeypatch, capsys):
+    """recipe.yaml in the run folder was a copy of the file: a --mode sequential run's said mode: joint, so
+    re-running it ran another experiment. With no flag it stays the file as written, comments and all."""
+    from jointcompress.recipe import load_recipe
+
+    recipe = _recipe(tmp_path, "# mine\nmode: joint\ntraining: {epochs: 1, batch_size: 64}\n"
+                               "techniques: [{type: prune_unstructured, sparsity: 0.5}]\n")
+    code, out = _cli(monkeypatch, capsys, "compress", recipe, "--mode", "sequential", "--data", "digits",
+                     "--out", tmp_path / "o", "--teacher-epochs", 1)
+    assert code in (0, None), out
+    written = tmp_path / "o" / "recipe.yaml"
+    assert written.read_text().startswith(f"# {recipe} as this run read it, with --data digits, --mode sequential")
+    ran = load_recipe(written)
+    assert ran.mode == "sequential" and ran.data == "digits" and ran.training.epochs == 1
+    assert "sparsity" in written.read_text() and "lr:" not in written.read_text()  # what the file set, no defaults
+    code, out = _cli(monkeypatch, capsys, "compress", recipe, "--out", tmp_path / "p", "--weights",
+                     tmp_path / "o" / "teacher.safetensors")
+    assert code in (0, None) and (tmp_path / "p" / "recipe.yaml").read_text() == recipe.read_text(), out

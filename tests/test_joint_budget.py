@@ -292,6 +292,15 @@ def test_the_shipped_joint_recipe_is_the_one_the_benchmarks_measure():
     assert shipped.training.model_copy(update={"recalibrate_norms": 0}) == measured.training
     assert shipped.target == measured.target
     assert (shipped.mode, shipped.model, shipped.coordination.strategy) == ("joint", "lenet300", "none")
+    # the README shows it: a copy of its block ran without scale_format: fp16 and at the default 10 epochs
+    import textwrap
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("src/jointcompress/recipes/lenet300_mnist_joint.yaml`", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    shown = parse_recipe(yaml.safe_load(textwrap.dedent(block)))
+    assert shown.model_dump(exclude={"name", "version"}) == shipped.model_dump(exclude={"name", "version"})
 
 
 def test_a_slow_measurement_of_the_file_is_said_with_the_runs_count(monkeypatch):

@@ -363,3 +363,21 @@ def test_after_step_called_before_before_step_is_said_once_not_as_a_missing_back
     messages = [str(w.message) for w in said]
     assert len([m for m in messages if "no session.before_step() since the last after_step" in m]) == 1, messages
     assert not [m for m in messages if "no session.backward(terms)" in m], messages
+
+
+@pytest.mark.parametrize("teacher_kind, said", [("bf16", "same dtype"), ("wider", "shapes cannot be multiplied")])
+def test_a_teacher_that_cannot_take_the_first_batch_is_named_without_example_inputs(teacher_kind, said):
+    """prepare() without example_inputs (docs/your-model.md's loop) checks no teacher before the first batch: a bf16
+    teacher or one made for 30 features ended in a matmul traceback from inside the session's distillation."""
+    from jointcompress.errors import DataError
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 20)
+    y = (x[:, 0] > 0).long()
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 2))
+    teacher = (nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 2)).to(torch.bfloat16) if teacher_kind == "bf16"
+               else nn.Sequential(nn.Linear(30, 32), nn.ReLU(), nn.Linear(32, 2)))
+    session = jointcompress.prepare(model, {"techniques": [{"type": "distill_kd", "temperature": 2, "alpha": 0.5}]},
+                                    total_steps=4, teacher=teacher)
+    with pytest.raises(DataError, match=rf"teacher: it cannot run on the model's inputs .*{said}.*same input size"):
+        session.loss(model(x), (x, y))

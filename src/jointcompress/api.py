@@ -350,6 +350,18 @@ def check_data(model: nn.Module, example, train_data, what: str = "train_data"):
     return out
 
 
+TEACHER_INPUT_ERRORS = (RuntimeError, ValueError, IndexError, TypeError)  # what torch raises for inputs a model cannot take
+
+
+def teacher_cannot_run(example, err: Exception) -> DataError:
+    """The one message for a teacher that cannot take the model's inputs, with the ways out."""
+    return DataError(
+        f"teacher: it cannot run on the model's inputs {describe(example)} ({type(err).__name__}: "
+        f"{str(err).splitlines()[0][:200] if str(err) else ''}); the teacher takes the same inputs as the model: the "
+        "same input size, weights of the inputs' dtype (a bf16 or fp16 teacher: teacher.float()) and on the model's "
+        "device (teacher.to(device))")
+
+
 def check_teacher_data(teacher: nn.Module, example, model_outputs, alpha: float) -> None:
     """The teacher runs once on a real batch before training, beside the model's `model_outputs`
     on it: a teacher that cannot take the model's inputs (another dtype, another input size) or
@@ -360,13 +372,8 @@ def check_teacher_data(teacher: nn.Module, example, model_outputs, alpha: float)
 
     try:
         t_logits = logits_of(eval_outputs(teacher, Batch(example).teacher_inputs))
-    except (RuntimeError, ValueError, IndexError, TypeError) as err:
-        raise DataError(
-            f"teacher: it cannot run on the model's inputs {describe(example)} ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200]}); the teacher takes the same inputs as the model: the same input "
-            "size, weights of the inputs' dtype (a bf16 or fp16 teacher: teacher.float()) and on the model's device "
-            "(teacher.to(device))"
-        ) from None
+    except TEACHER_INPUT_ERRORS as err:
+        raise teacher_cannot_run(example, err) from None
     s_logits = logits_of(model_outputs)
     if t_logits.device != s_logits.device:  # its inputs followed it there; distillation would fail at the first step
         raise DataError(f"teacher: it is on {t_logits.device} and the model on {s_logits.device}; distillation compares "

@@ -219,6 +219,7 @@ def compress_cmd(
         if value is not None and not value.strip():  # a shell variable left empty fell back to the recipe's value
             raise JointCompressError(f"{flag} is empty; give a value, or leave the flag out for the recipe's")
     recipe = _overridden(load_recipe(recipe_path), mode=mode, precision=precision)
+    flags = {"--model": model, "--data": data, "--mode": mode, "--precision": precision}  # what recipe.yaml records
     if recipe.hf is not None or (model or recipe.model or "").startswith("hf:"):  # Hugging Face text classification
         from .hf.pipeline import cli_compress
 
@@ -227,7 +228,7 @@ def compress_cmd(
             recipe = recipe.model_copy(update={"model": model})
         cli_compress(recipe, recipe_path, out=out, data=data, weights=weights, force=force, resume=resume,
                      checkpoint_every=checkpoint_every, max_nonfinite=max_nonfinite, console=console,
-                     progress_bar=progress_bar, tracked=tracked, device=device)
+                     progress_bar=progress_bar, tracked=tracked, device=device, flags=flags)
         return
     model_name = model or recipe.model
     if not model_name:
@@ -272,7 +273,8 @@ def compress_cmd(
             for cb in callbacks:
                 cb.close()
     if main_rank:
-        _write_compress_results(out, recipe_path, recipe, teacher, outcome, split, model_name, given=weights is not None)
+        _write_compress_results(out, recipe_path, recipe, teacher, outcome, split, model_name, given=weights is not None,
+                                flags=flags)
 
 
 def _refuse_data_only_beside_the_recipe(data: str | None, recipe_path: Path) -> None:
@@ -588,10 +590,12 @@ def _same_hold_out(start_file: Path, earlier: dict, held_out: int) -> None:
 
 
 def _write_compress_results(out: Path, recipe_path: Path, recipe, teacher, outcome, split, model_name: str,
-                            given: bool = False) -> None:
-    """The results table, history.json, summary.json and recipe.yaml of a finished run, and its targets' verdicts."""
+                            given: bool = False, flags: dict | None = None) -> None:
+    """The results table, history.json, summary.json and recipe.yaml of a finished run, and its targets' verdicts;
+    `flags`: the command line's overrides of the recipe file (recipe.yaml records the recipe with them)."""
     from .io import atomic_write_json, atomic_write_text
     from .pipeline import uncompressed_row
+    from .recipe import recipe_as_run
 
     result, row = outcome.result, outcome.row
     rows = {"uncompressed": uncompressed_row(teacher, split), recipe.mode: row}
@@ -605,7 +609,7 @@ def _write_compress_results(out: Path, recipe_path: Path, recipe, teacher, outco
         row["latency_target"] = {"asked": asked, **latency}
     atomic_write_json(out / "history.json", result.history.as_dict())
     atomic_write_json(out / "summary.json", rows)
-    atomic_write_text(out / "recipe.yaml", recipe_path.read_text(encoding="utf-8"))
+    atomic_write_text(out / "recipe.yaml", recipe_as_run(recipe_path, recipe, flags or {}))
     console.print(f"artifact in {out / 'artifact'}")
     if split.standardisation is not None:
         console.print(_standardisation_line(split))
@@ -678,7 +682,7 @@ def recipe_validate(recipe_path: Path = typer.Argument(..., help="Recipe YAML.")
     from .recipe import load_recipe
 
     r = load_recipe(recipe_path)
-    model = _validated_model(r.model, r.hf is not None)
+    model = _validated_model(r.model or (r.hf.model_name_or_path if r.hf is not None else None), r.hf is not None)
     _check_cli_metric(r, recipe_path)  # as compress checks it
     if not r.techniques:
         console.print(f"[yellow]warning:[/yellow] {recipe_path}: techniques is empty, so a run would train and compress "
@@ -704,9 +708,9 @@ def _checked_on_the_model(recipe) -> str:
     from .models import absolute_builder
     from .pipeline import builder_for, load_split
 
-    if recipe.hf is not None or not recipe.model or recipe.model.startswith("hf:") or not recipe.data \
-            or not _readable_data(recipe.data):
-        return " (not checked on a model: the recipe names no model and data this command can read)"
+    unchecked = _why_not_checked_on_a_model(recipe)
+    if unchecked:
+        return f" (not checked on a model: {unchecked})"
     from rich.markup import escape
 
     from .targets import TargetError
@@ -720,13 +724,27 @@ def _checked_on_the_model(recipe) -> str:
     return f"; checked on the untrained model on {split.name}"
 
 
+def _why_not_checked_on_a_model(recipe) -> str | None:
+    """Why validate cannot build the recipe's model on its data, as the ok line says it (None where it can)."""
+    if recipe.hf is not None or (recipe.model or "").startswith("hf:"):
+        return ("a Hugging Face recipe: compress checks its layers and features once the teacher has loaded, "
+                "before training")
+    if not recipe.model:
+        return "the recipe names no model: (compress takes --model)"
+    if not recipe.data:
+        return "the recipe names no data: (compress reads --data, or the embedded 8x8 digits without it)"
+    if not _readable_data(recipe.data):
+        return f"data: {recipe.data} cannot be read from here"
+    return None
+
+
 def _validated_model(name: str | None, hf: bool) -> str:
     """What `model:` will build, checked as compress checks it: a built-in name, `hf:...`, or a builder
     (package.module:function, file.py:function) that imports and takes no arguments."""
     from .models import MODELS
 
     if hf or (name or "").startswith("hf:"):
-        return f"model={name or 'the hf teacher (--weights)'}"
+        return f"model={name or 'the hf teacher (hf.model_name_or_path, or compress --weights)'}"
     if not name:
         return "model not set (pass --model to compress)"
     if ":" in name:

@@ -141,6 +141,23 @@ def standardised(x, record: dict) -> torch.Tensor:
     return torch.from_numpy(((shaped - mean) / std).astype(np.float32))
 
 
+def restandardised(x: torch.Tensor, given: dict, wanted: dict) -> torch.Tensor:
+    """Inputs standardised by the record `given` (a Split's own: its file's training statistics) as the record
+    `wanted` standardises them (an artifact's: the statistics its model trained on). Why: a held-out file read
+    on its own is standardised with its own training split, and a model answers only for its own statistics."""
+    axes = {"all": None, "channel": 1, "feature": 1}  # the Split's layouts: [N, 1, H, W], [N, C, H, W], [N, F]
+    if given["per"] not in axes or given["per"] != wanted["per"] or len(given["mean"]) != len(wanted["mean"]):
+        raise DataError(f"the data is standardised per {given['per']} ({len(given['mean'])} value(s)), the model's inputs "
+                        f"per {wanted['per']} ({len(wanted['mean'])}); give data of the layout the model was trained on")
+    shape = [1] * x.dim()
+    if axes[given["per"]] is not None:
+        shape[axes[given["per"]]] = -1
+    stats = [torch.tensor(given[k], dtype=torch.float64).reshape(shape) for k in ("mean", "std")]
+    target = [torch.tensor(wanted[k], dtype=torch.float64).reshape(shape) for k in ("mean", "std")]
+    raw = x.double() * stats[1] + stats[0]
+    return ((raw - target[0]) / target[1]).to(x.dtype)
+
+
 def _fits(ok: bool, x: np.ndarray, expected: str) -> None:
     if not ok:
         raise DataError(f"standardised: inputs of shape {tuple(x.shape)}, but the record was made for {expected}; give "

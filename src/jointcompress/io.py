@@ -245,13 +245,15 @@ def _remove_if_empty(folder: Path) -> None:
 def output_folder(raw) -> Path:
     """An --out option's parser: an empty value (a shell variable left unset) is refused. Read as a path it is
     the working directory, whose recipe.yaml and artifact/ a --force run cleared."""
-    if isinstance(raw, Path):
-        return raw
-    if not str(raw).strip():
-        import typer
+    import typer
 
+    if not isinstance(raw, Path) and not str(raw).strip():
         raise typer.BadParameter("empty; give the output folder (an unset shell variable?)")
-    return Path(raw)
+    path = Path(raw)
+    if path.is_symlink() and not path.exists():  # making it failed with the OS's bare "File exists"
+        raise typer.BadParameter(f"{path} is a link to {os.readlink(path)}, which does not exist; create that folder, "
+                                 "or give another --out")
+    return path
 
 
 def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=None,

@@ -40,17 +40,36 @@ class Outcome:
     spec: CompressionSpec | None = None  # what finalize made permanent (bits and trained scales per layer)
 
 
-def builder_for(model_name: str, split: Split) -> Callable[[], nn.Module]:
+def builder_for(model_name: str, split: Split, check: bool = True) -> Callable[[], nn.Module]:
     """What builds the model for `split`: a reference model sized for its images and classes, or the
-    user's own builder (models.is_builder) as it is."""
+    user's own builder (models.is_builder) as it is, checked to run on the split's inputs unless `check` is
+    off (bench holds them against the artifact's recorded inputs, and says more)."""
     if split.x_train.ndim == 2 and not is_builder(model_name):  # a table of features
         return table_builder(model_name, int(split.x_train.shape[1]), split.num_classes, split.name)
+    if is_builder(model_name):
+        builder = lambda: build_model(model_name)  # noqa: E731
+        if check:
+            _check_takes_the_data(builder, model_name, split)
+        return builder
     h, w = split.x_train.shape[-2:]
-    if not is_builder(model_name) and h != w:
+    if h != w:
         raise DataError(f"data: {split.name} has {h}x{w} images; the reference model {model_name!r} takes square images: "
                         "crop or pad them, or give your own model as --model file.py:function (docs/your-model.md)")
     return lambda: build_model(model_name, image_size=split.image_size, num_classes=split.num_classes,
                                in_channels=split.channels)
+
+
+def _check_takes_the_data(builder: Callable[[], nn.Module], model_name: str, split: Split) -> None:
+    """A user's builder against the data the command read, before any training or loading: a mismatch was
+    a traceback from deep inside `sensitivity --weights`, and named the Python argument train_data elsewhere."""
+    from .api import check_data
+
+    try:
+        check_data(builder(), split.x_train[:2], (split.x_train, split.y_train), what=f"data {split.name!r}")
+    except DataError as exc:
+        default = ("; 'digits' is the embedded 8x8 digits, read where neither --data nor the recipe's data: names a file"
+                   if split.name == "digits" else "")
+        raise DataError(f"{exc}. Give --data (or the recipe's data:) that {model_name} was written for{default}") from None
 
 
 def table_builder(model_name: str, features: int, classes: int, data: str) -> Callable[[], nn.Module]:
@@ -217,7 +236,8 @@ def finalize_and_save(model: nn.Module, result: Result, teacher: nn.Module, spli
     row = {"accuracy": evaluate(model)["accuracy"], "selected_on": split.selected_on}
     if path is not None:
         manifest = save(model, spec, path, builder=builder, example_inputs=example,
-                        extra={"baseline_accuracy": evaluate(teacher)["accuracy"], "model": result.recipe.model,
+                        extra={"baseline_accuracy": evaluate(teacher)["accuracy"], "baseline_params": count_params(teacher),
+                               "model": result.recipe.model,
                                "data": split.name,  # what baseline_accuracy was measured on: by name, and exactly
                                "data_sha256": data_digest((split.x_test, split.y_test)),
                                **({"input_standardisation": split.standardisation} if split.standardisation else {})})

@@ -732,6 +732,21 @@ def load_recipe(path: str | Path, defaults: dict | None = None) -> Recipe:
     return parse_recipe(data, source=str(path))
 
 
+def recipe_as_run(path: str | Path, recipe: Recipe, flags: dict[str, str | None]) -> str:
+    """What a run folder's recipe.yaml holds: the recipe file as written (its comments kept) where no flag
+    overrode it; else the recipe with the command line's `flags` applied (--mode, --model, --data, ...), so
+    that re-running it runs the same experiment (a copy of the file said mode: joint of a --mode sequential run)."""
+    text = Path(path).read_text(encoding="utf-8")
+    given = {flag: value for flag, value in flags.items() if value is not None}
+    if not given:
+        return text
+    data = recipe.model_dump(mode="json", exclude_unset=True)
+    if given.get("--data") is not None:
+        data["data"] = given["--data"] if given["--data"] == "digits" else str(Path(given["--data"]).resolve())
+    said = ", ".join(f"{flag} {value}" for flag, value in given.items())
+    return f"# {path} as this run read it, with {said} (the file itself is unchanged)\n" + yaml.safe_dump(data, sort_keys=False)
+
+
 def builtin_recipe(name: str) -> Path:
     """Path of a recipe shipped with the package (src/jointcompress/recipes/NAME.yaml)."""
     path = Path(__file__).parent / "recipes" / f"{name}.yaml"

@@ -134,6 +134,15 @@ def _history_json(history) -> list[list]:
     return [[str(n), bool(out), [int(i) for i in idxs]] for n, out, idxs in history]
 
 
+def _built(builder: Callable[[], nn.Module], where: str) -> nn.Module:
+    """builder(), checked to be a model: one that returned None (a missing `return`) failed deep inside the load."""
+    model = builder()
+    if not isinstance(model, nn.Module):
+        raise ArtifactError(f"{where}: the builder returned {type(model).__name__}, not a torch.nn.Module (a missing "
+                            "`return`?); give a function that returns a fresh model of the architecture that was saved")
+    return model
+
+
 def rebuild(builder: Callable[[], nn.Module], history: list, records: list[dict], where: str,
             dropped: list[str] = (), later_dropped: list = (), strides: dict | None = None) -> nn.Module:
     """A fresh model from `builder`, with its dropped blocks removed and the recorded structured
@@ -141,7 +150,7 @@ def rebuild(builder: Callable[[], nn.Module], history: list, records: list[dict]
     replay, or lazy layers to size); `later_dropped`: [(n, names)], blocks removed once the first n
     history entries are replayed (a later run's, on a model an earlier run had shrunk); `strides`: the
     convolutions raise_stride downsampled with (weights keep their shapes: set last)."""
-    model = builder()
+    model = _built(builder, where)
     needs_inputs = bool(history) or bool(unsized_lazy(model))
     inputs = _recorded_inputs(records, where) if needs_inputs else ()
     _size_lazy_layers(model, inputs, where)
@@ -386,16 +395,50 @@ def _write_files(path: Path, container: str, blob: bytes, manifest: dict) -> Non
     """Weights then manifest, each written atomically; the previous artifact's files are kept
     until the new one is whole, so a save killed halfway loses nothing."""
     path.mkdir(parents=True, exist_ok=True)
+    stale = _refuse_users_files(path, CONTAINERS[container])
     for left in _save_leftovers(path):  # an earlier save killed halfway; this one replaces what it was writing
         left.unlink(missing_ok=True)
     _keep_previous(path)
     atomic_write_bytes(path / CONTAINERS[container], blob)
-    for other in set(CONTAINERS.values()) - {CONTAINERS[container]}:  # a stale file of the other container
-        if (path / other).is_file():
-            (path / other).unlink()
+    if stale is not None:  # the earlier artifact's weights, in the other container
+        stale.unlink(missing_ok=True)
     atomic_write_bytes(path / MANIFEST_FILE, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     for kept in _previous_files(path):  # the new artifact is whole
         kept.unlink(missing_ok=True)
+
+
+def _refuse_users_files(path: Path, weights_name: str) -> Path | None:
+    """A save writes weights.jcw (or weights.safetensors) and manifest.json, replacing an earlier artifact's: in a
+    folder whose manifest.json is none of ours, files of those names are the user's (a model's weights.safetensors,
+    their own manifest), and the save deleted or replaced them without a word. Refused, naming them. Returns the
+    earlier artifact's weights file in the other container, which the new one replaces (None where there is none)."""
+    earlier = _json_or_none(path / MANIFEST_FILE)
+    ours = isinstance(earlier, dict) and earlier.get("format") == FORMAT
+    theirs = [name for name, mine in ((MANIFEST_FILE, ours), (CONTAINERS["safetensors"], _ours_safetensors))
+              if (path / name).exists() and not (mine if isinstance(mine, bool) else mine(path / name))]
+    if theirs:  # weights.jcw is this package's format: one without a manifest is a save killed before it
+        raise ArtifactError(f"{path}: holds {' and '.join(theirs)}, which no save of this package wrote, and a save writes "
+                            "files of those names; save into another folder, or move them out first")
+    named = earlier.get("weights_file") if ours else None
+    return path / named if named in CONTAINERS.values() and named != weights_name and (path / named).is_file() else None
+
+
+def _json_or_none(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def _ours_safetensors(path: Path) -> bool:
+    """Whether a safetensors file is an artifact's weights (its metadata names this package's format)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # noqa: BLE001 - not readable as safetensors: not ours
+        return False
 
 
 def _warn_over_target(spec: CompressionSpec, size: int, path: Path, container: str = "jcw", encoding=None) -> None:
@@ -831,13 +874,22 @@ def _mismatch_cause(path: Path, otherwise: str) -> str:
     temporary files behind, and the artifact it was replacing under `.previous.` names."""
     kept = _previous_files(path)
     if kept:
-        moves = "; ".join(f"mv {p.name} {p.name.removeprefix(PREVIOUS)}" for p in kept)
+        moves = "; ".join(f"rm {p.name}" if _same_file(p, path / p.name.removeprefix(PREVIOUS))
+                          else f"mv {p.name} {p.name.removeprefix(PREVIOUS)}" for p in kept)
         return (f"a save into {path} was interrupted; the artifact it was replacing is kept there as "
                 f"{', '.join(p.name for p in kept)}: restore it ({moves}) or save the model again")
     left = _save_leftovers(path)
     if left:
         return f"a save into {path} was interrupted (it left {', '.join(p.name for p in left[:2])}): save the model again"
     return f"{otherwise}, or a save into this folder was interrupted"
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` are one file (a backup hard-linked to a file the interrupted save had not replaced yet)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _layer_part_keys(manifest: dict) -> dict[str, dict]:

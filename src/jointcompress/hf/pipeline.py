@@ -262,9 +262,11 @@ def deploy_int8(hf, teacher, dev_t: dict, onnx_dir: Path, *, seq_len: int, teach
 
 
 def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: bool, resume: bool,
-                 checkpoint_every: int, max_nonfinite: int, console, progress_bar, tracked, device: str = "cpu") -> None:
+                 checkpoint_every: int, max_nonfinite: int, console, progress_bar, tracked, device: str = "cpu",
+                 flags: dict | None = None) -> None:
     """The `jointcompress compress` path for HF recipes (data-parallel under torchrun; rank 0 writes);
-    `device`: --device, where the student and the teacher train."""
+    `device`: --device, where the student and the teacher train; `flags`: the command line's overrides of the
+    recipe file, which the run folder's recipe.yaml records."""
     import contextlib
 
     from rich.table import Table
@@ -272,6 +274,7 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
     from jointcompress.devices import resolve_device
     from jointcompress.distributed import init_from_env, quiet_other_ranks
     from jointcompress.io import RUN_OUTPUTS, RUN_REPORT, atomic_write_text, prepare_run_dir
+    from jointcompress.recipe import recipe_as_run
 
     steps.refuse_causal_lm(teacher_source(recipe, weights))  # a wrong teacher or data folder, found before --force clears
     split_files(data or recipe.data)
@@ -330,7 +333,7 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
         console.print(f"size target {tg['goal_bytes']:,} B ({tg['teacher_fp32_bytes'] / tg['goal_bytes']:.1f}x the teacher's "
                       f"fp32 weights): weights file {tg['weights_bytes']:,} B ({tg['ratio_reached']:.1f}x), "
                       f"{'met' if tg['met'] else 'MISSED'}")
-    atomic_write_text(out / "recipe.yaml", Path(recipe_path).read_text(encoding="utf-8"))
+    atomic_write_text(out / "recipe.yaml", recipe_as_run(recipe_path, recipe, flags or {}))
     art_ratio, parts = a["size_ratio_vs_teacher"], a["bytes"]
     ratio_a = "" if art_ratio is None else (
         f"together {art_ratio:.1f}x smaller than the teacher's model file"

@@ -69,6 +69,7 @@ class CompressionSession:
         self._warned_no_backward = False
         self._gradients_checked = False  # the first before_step checks they reached the session's model
         self._terms_checked = False  # the first backward checks the accuracy terms depend on it
+        self._teacher_ran = False  # the teacher's first batch names inputs it cannot take
         self._warned_unbound = False
         self._warned_decay = False
         self._unbound_probe: list | None = None  # (parameter, its value before the step): see _probe_unbound
@@ -352,7 +353,16 @@ class CompressionSession:
         if distill is None or self.teacher is None or b.inputs is None:
             return None
         use_cache = distill.config.cache_teacher and not distill.config.features
-        return teacher_logits(self.teacher, b, self.teacher_cache, use_cache)
+        if self._teacher_ran:
+            return teacher_logits(self.teacher, b, self.teacher_cache, use_cache)
+        from ..api import TEACHER_INPUT_ERRORS, teacher_cannot_run
+
+        try:  # the first batch: a teacher that cannot take it is named (prepare() without example_inputs has not)
+            logits = teacher_logits(self.teacher, b, self.teacher_cache, use_cache)
+        except TEACHER_INPUT_ERRORS as err:
+            raise teacher_cannot_run(b.inputs, err) from None
+        self._teacher_ran = True
+        return logits
 
     def backward(self, terms: dict[str, torch.Tensor], scaler=None):
         """The coordinated backward: each term's gradient resolved into `.grad` of every
