@@ -414,3 +414,40 @@ def test_teacher_logits_on_another_device_are_named():
 
     with pytest.raises(DataError, match=r"teacher: its logits are on meta and the model's on cpu.*teacher\.to\(device\)"):
         check_teacher_logits(torch.randn(4, 3), torch.empty(4, 3, device="meta"))
+
+
+def test_a_feature_pair_of_other_axes_is_refused_before_training_naming_both_modules():
+    """A Linear's (batch, 16) paired with a conv's (batch, 8, 8, 8) was refused at the first step, with the shape
+    of the package's own projection, (batch, 8), as the student's, and neither module named."""
+    from torch import nn
+
+    from jointcompress import compress
+    from jointcompress.errors import RecipeError
+
+    class CNN(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv, self.fc, self.out = nn.Conv2d(1, c, 3, padding=1), nn.Linear(c * 64, 16), nn.Linear(16, 10)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.fc(torch.relu(self.conv(x)).flatten(1))))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    steps = []
+    recipe = {"techniques": [{"type": "distill_kd", "alpha": 0.5, "features": [{"student": "fc", "teacher": "conv"}]}],
+              "training": {"epochs": 1, "batch_size": 16}}
+    with pytest.raises(RecipeError, match=r"features\[0\]: student 'fc' gives \(2, 16\) and teacher 'conv' gives "
+                                          r"\(2, 8, 8, 8\) on the example inputs"):
+        compress(CNN(4), recipe, (x, y), lambda m: {"accuracy": 0.0}, teacher=CNN(8), callbacks=[_Counting(steps)])
+    assert steps == []  # before the first step
+    recipe["techniques"][0]["features"] = [{"student": "conv", "teacher": "conv"}]  # 4 vs 8 channels: bridged
+    compress(CNN(4), recipe, (x, y), lambda m: {"accuracy": 0.0}, teacher=CNN(8))
+
+
+class _Counting:
+    def __init__(self, steps):
+        self.steps = steps
+
+    def on_step(self, trainer, step, out):
+        self.steps.append(step)

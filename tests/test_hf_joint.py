@@ -530,6 +530,11 @@ def test_run_hf_recipe_progressive(tmp_path):
     rec["hf"] = {"student_layers": [0, 3], "max_length": 16}
     s = run_hf_recipe(rec, tmp_path / "prog", data, teacher_dir, int8=False, progressive=True)
     assert s["progressive"] and s["student"]["layers"] == 2
+    # both trainings reported: the summary said the second's steps alone, and nothing of the pruned teacher
+    stages = s["stages"]
+    assert stages["teacher_pruning"]["epochs"] == stages["student"]["epochs"] == 1
+    assert s["steps"] == stages["teacher_pruning"]["steps"] + stages["student"]["steps"] and stages["student"]["steps"] > 0
+    assert 0 <= stages["teacher_pruning"]["metrics"]["accuracy"] <= 1
     assert s["techniques"]["prune_heads.heads_kept"] == 4 * HEADS // 2  # pruned on the 4-layer teacher
     assert sum(s["student"]["heads_per_layer"]) < 4 * HEADS // 2  # the student keeps 2 of those layers
     assert s["artifact"]["lsq_layers"] == {"4": 12}

@@ -23,3 +23,16 @@ def test_prune_the_teacher_then_distil_into_a_smaller_student(digits, digits_tea
     assert len(first.history.epochs) == 4 and len(second.history.epochs) == 4  # the recipe's 8 epochs, split
     assert second.metrics["accuracy"] > 0.85
     assert torch.equal(teacher.fc1.weight, digits_teacher.fc1.weight)  # the user's teacher is untouched
+
+
+def test_progressive_refuses_one_epoch_it_would_train_twice(digits, digits_teacher):
+    """Each stage trains at least one epoch: epochs 1 trained two, and the summary said one."""
+    import pytest
+
+    from jointcompress.errors import RecipeError
+
+    recipe = {"training": {"epochs": 1}, "techniques": [{"type": "prune_structured", "sparsity": 0.5}]}
+    with pytest.raises(RecipeError, match="splits training.epochs between pruning the teacher and distilling the student, "
+                                          "and got 1; give at least 2"):
+        progressive(copy.deepcopy(digits_teacher), None, recipe, (digits.x_train, digits.y_train),
+                    evaluator(digits.x_test, digits.y_test), student_from=copy.deepcopy)

@@ -56,6 +56,9 @@ def progressive(
     if not any(t.type == "distill_kd" for t in rest):
         rest.append(DistillKD(type="distill_kd"))
     epochs = recipe.training.epochs
+    if epochs < 2:  # each stage trains at least one: one epoch asked for trained two, and was reported as one
+        raise RecipeError(f"progressive compression splits training.epochs between pruning the teacher and distilling "
+                          f"the student, and got {epochs}; give at least 2")
     e1 = max(1, round(epochs * prune_fraction))
     e2 = max(1, epochs - e1)
     stage1 = recipe.model_copy(update={"mode": "joint", "techniques": prune,

@@ -122,6 +122,15 @@ def _steps(result) -> int:
     return result.history.epochs[-1]["step"] if result.history.epochs else 0
 
 
+def _stages(run) -> dict:
+    """A progressive run's two trainings: the teacher's pruning (its steps and the pruned teacher's kept metrics,
+    which the student then learned from) and the student's distillation; history.json holds the second."""
+    return {"teacher_pruning": {"steps": _steps(run.stage1), "epochs": len(run.stage1.history.epochs),
+                                "metrics": run.stage1.metrics, "selected_on": run.selected_on},
+            "student": {"steps": _steps(run.result), "epochs": len(run.result.history.epochs),
+                        "metrics": run.result.metrics, "selected_on": run.selected_on}}
+
+
 @contextlib.contextmanager
 def _tokenizer_up_to(tok, length: int | None):
     """The tokenizer with model_max_length at most `length` while it is saved (the model's positions for the HF
@@ -179,7 +188,8 @@ def _export_and_summarize(run: HFRun, *, int8: bool, int8_atol: float, latency_r
         "size_ratio_vs_teacher": (teacher_bytes / student_bytes) if teacher_bytes and student_bytes else None,
         "train_rows": len(run.train_data), "dev_rows": len(run.dev_data), "world_size": world, "progressive": progressive,
         "selected_on": run.selected_on,
-        "steps": _steps(run.result),
+        "steps": _steps(run.result) + (_steps(run.stage1) if run.stage1 is not None else 0),
+        **({"stages": _stages(run)} if run.stage1 is not None else {}),
         "techniques": {k: v for r in (run.stage1, run.result) if r is not None for k, v in r.summary().items() if "." in k},
         "pipeline_example": {"text": text, **example},
         "int8": int8_summary,

@@ -111,6 +111,19 @@ def hinton_loss(student_logits, teacher_logits, targets, temperature: float, alp
     )
 
 
+def _check_pair_shapes(i: int, pair, student: tuple, teacher: tuple, axis: int) -> None:
+    """A feature pair's outputs on the example inputs, before training: they must agree in every axis but the
+    feature axis, which a projection bridges. Found at the first step, the mismatch was told with the shape of
+    the package's own projection in place of the student module's, and neither module named."""
+    width = axis % len(student) if student else 0
+    bridged = student[:width] + (teacher[width] if len(teacher) > width else None,) + student[width + 1:]
+    if len(student) != len(teacher) or bridged != teacher:
+        raise RecipeError(
+            f"distill_kd.features[{i}]: student '{pair.student}' gives {student} and teacher '{pair.teacher}' gives "
+            f"{teacher} on the example inputs; they must agree in every axis but the feature axis (axis {width}, which a "
+            "projection bridges): pair modules whose outputs have the same batch, position and spatial axes")
+
+
 def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse",
                  positions: torch.Tensor | None = None, axis: int | None = None) -> torch.Tensor:
     """MSE, or 1 - cosine similarity along the feature axis, averaged over the rest. The feature
@@ -229,8 +242,9 @@ class DistillKD(Technique):
                     raise RecipeError(f"distill_kd.features[{i}].{side}: '{name}' gave no tensor on the example inputs "
                                       "(it does not run in the forward, or returns none); pair modules the forward "
                                       "calls, whose output is a tensor (or a tuple, dict or ModelOutput holding one)")
-        for s, t in zip(self.student_caps, self.teacher_caps):
+        for i, (pair, s, t) in enumerate(zip(self.config.features, self.student_caps, self.teacher_caps)):
             axis = feature_axis(s.module, s.value)
+            _check_pair_shapes(i, pair, tuple(s.value.shape), tuple(t.value.shape), axis)
             self.feature_axes.append(axis)
             spatial = s.value.dim() - 2 if axis == 1 else None
             proj = _projection(s.value.shape[axis], t.value.shape[axis], spatial)  # on the student's device and dtype
