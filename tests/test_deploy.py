@@ -361,3 +361,14 @@ def test_the_torch_int8_refusal_counts_the_rounding_layers_it_does_not_name():
         attach_frozen_input_quant(layer, 8, 0.05)
     with pytest.raises(JointCompressError, match=r"4 layers \(0, 1, 2 and 1 more\) round their inputs"):
         quantize_torch(model, torch.randn(8, 4), torch.randn(1, 4))
+
+
+def test_a_graph_the_first_exporter_cannot_take_is_not_printed_before_the_second_exports_it(tmp_path, capfd):
+    """BatchNorm without running statistics fails the legacy exporter and exports with the dynamo one; torch 2.13
+    switched its ONNX log on regardless and printed the whole IR graph "at exception" to stdout, and left it on."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4, track_running_stats=False),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)).eval()
+    x = torch.randn(4, 1, 8, 8)
+    report = export_and_check(model, tmp_path / "bn.onnx", x[:1], eval_data=x)
+    assert report.max_abs_logit_diff < 1e-4
+    assert "Torch IR graph" not in capfd.readouterr().out and not torch._C._jit_is_onnx_log_enabled()

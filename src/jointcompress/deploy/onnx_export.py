@@ -8,6 +8,7 @@ progress; it is used as a fallback when the legacy exporter fails.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
@@ -60,14 +61,44 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
 
 def _export(kind: str, model: nn.Module, example_input: torch.Tensor, tmp: Path) -> None:
     if kind == "legacy":
-        torch.onnx.export(model, (example_input,), str(tmp), dynamo=False, opset_version=OPSET,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        with _onnx_log_quiet():
+            torch.onnx.export(model, (example_input,), str(tmp), dynamo=False, opset_version=OPSET,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     else:
         batch = torch.export.Dim("batch")
         torch.onnx.export(model, (example_input,), str(tmp), dynamo=True, opset_version=18,
                           input_names=["input"], output_names=["logits"], verbose=False,
                           dynamic_shapes=({0: batch},), external_data=False)
+
+
+@contextlib.contextmanager
+def _onnx_log_quiet():
+    """The legacy exporter turns its ONNX log on whatever the caller asked (torch 2.13 reads the flag's getter,
+    not its value), and a graph it cannot export is printed whole to stdout ("Torch IR graph at exception")
+    before the dynamo exporter, tried next, succeeds: a user read a failure of a model that exported fine.
+    The log's switch is left as it was found."""
+    try:
+        from torch.onnx._internal.torchscript_exporter import utils as legacy
+    except ImportError:
+        legacy = None
+    setup = getattr(legacy, "setup_onnx_logging", None)
+    if setup is None:  # another torch: its own logging as it is
+        yield
+        return
+    enabled = torch._C._jit_is_onnx_log_enabled()
+
+    @contextlib.contextmanager
+    def as_asked(verbose: bool):
+        torch._C._jit_set_onnx_log_enabled(bool(verbose) or enabled)
+        yield
+
+    legacy.setup_onnx_logging = as_asked
+    try:
+        yield
+    finally:
+        legacy.setup_onnx_logging = setup
+        torch._C._jit_set_onnx_log_enabled(enabled)
 
 
 def _pass_on_tracer_warnings(caught, model_name: str) -> None:
