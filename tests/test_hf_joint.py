@@ -742,3 +742,33 @@ def test_prune_layers_starts_from_how_far_each_skipped_layer_moves_the_predictio
     gates = build(parse_recipe({"techniques": [{"type": "prune_layers", "sparsity": 0.25}]}).techniques[0])
     gates.setup(RunContext(model=student, example_inputs=x, total_steps=10))
     assert torch.allclose(gates.mask.scores.detach(), normalise_importance(layer_magnitude(student.hf)))
+
+
+def test_unit_pruning_of_a_users_own_wrapper_finalizes_it():
+    """prune_ffn took a user's wrapper that holds the transformer as `.hf`, trained the whole run, and finalize then
+    failed ("'MyWrapper' object has no attribute 'config'"): it unwrapped only SequenceClassifier."""
+    import transformers
+
+    from jointcompress import compress
+
+    class MyWrapper(torch.nn.Module):
+        def __init__(self, hf):
+            super().__init__()
+            self.hf = hf
+
+        def forward(self, x):
+            return self.hf(inputs_embeds=x).logits
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    model = MyWrapper(transformers.BertForSequenceClassification(cfg))
+    x, y = torch.randn(32, 8, 32), torch.randint(0, 2, (32,))
+    recipe = {"training": {"epochs": 1, "batch_size": 16}, "techniques": [{"type": "prune_ffn", "sparsity": 0.5, "end": 0.5}]}
+    result = compress(model, recipe, (x, y), lambda m: 0.0)
+    with torch.no_grad():
+        masked = model.eval()(x)
+    result.finalize()
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), masked, atol=1e-5)
+    assert sum(layer.intermediate.dense.out_features for layer in model.hf.bert.encoder.layer) == 64  # half of 2 x 64

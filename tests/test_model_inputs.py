@@ -110,3 +110,22 @@ def test_3d_logits_of_a_1d_dense_prediction_are_refused_naming_the_transpose():
     with pytest.raises(DataError, match=r"These read as \[batch, classes, positions\].*transpose\(1, 2\).*loss_fn="):
         default_task_loss(torch.randn(8, 4, 12), Batch(None, y))
     assert default_task_loss(torch.randn(8, 12, 4), Batch(None, y)).isfinite()  # the layout it reads
+
+
+def test_an_mlp_traced_on_one_sample_keeps_its_channel_groups():
+    """At batch 1 torch runs a Linear through views of [C] as [1, C], read as a per-channel tensor broadcast over
+    the channels: prepare(..., example_inputs=x[:1]) found no prunable group in a plain MLP, which x[:8] prunes."""
+    import jointcompress
+
+    def mlp():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32), torch.nn.ReLU(),
+                                   torch.nn.Linear(32, 10))
+
+    recipe = {"techniques": [{"type": "prune_structured", "sparsity": 0.5, "criterion": "magnitude"}]}
+    x = torch.randn(8, 20)
+    groups = {}
+    for batch in (8, 1):
+        session = jointcompress.prepare(mlp(), recipe, total_steps=10, example_inputs=x[:batch])
+        groups[batch] = sorted(g.name for t in session.techniques if t.kind == "prune_structured" for g in t.groups)
+    assert groups[1] == groups[8] == ["0", "2"]

@@ -590,3 +590,51 @@ def test_the_size_a_session_reports_after_finalize_is_read_as_finalize_began():
     read_after.finalize()
     assert before > 0 and read_after.metrics()["size_budget.size_bytes"] == before
     assert read_before.metrics()["size_budget.size_bytes"] == before
+
+
+def _cnn_stopped_early(criterion: str, steps: int = 40):
+    """A CNN with prune_structured (ramp to step 80 of 100) trained by a user's loop that stops at `steps`."""
+    import jointcompress
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    x, y = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
+    recipe = {"techniques": [{"type": "prune_structured", "sparsity": 0.5, "end": 0.8, "criterion": criterion}]}
+    session = jointcompress.prepare(model, recipe, total_steps=100, example_inputs=x[:8])
+    opt = torch.optim.Adam(session.param_groups(lr=1e-3))
+    session.bind(opt)
+    for step in range(steps):
+        xb, yb = x[step % 8 * 8:][:8], y[step % 8 * 8:][:8]
+        terms = session.loss(model(xb), (xb, yb))
+        opt.zero_grad()
+        session.backward(terms)
+        session.before_step()
+        opt.step()
+        session.after_step()
+    return model.eval(), session, x[:16]
+
+
+def test_learned_channel_masks_finalized_mid_ramp_say_how_far_the_outputs_moved():
+    """A loop stopped at step 40 of a ramp to 80: finalize made the soft masks binary and the logits moved by 0.11
+    (of 0.73), which the parity check, taken after the masks were made binary, did not see; nothing was said but
+    "not at its target"."""
+    model, session, x = _cnn_stopped_early("learned")
+    with torch.no_grad():
+        masked = model(x)
+    with pytest.warns(UserWarning, match=r"learned channel masks were still soft .* the outputs moved by"):
+        session.finalize()
+    with torch.no_grad():
+        assert float((model.eval()(x) - masked).abs().max()) > 1e-3  # what the warning is about
+
+
+def test_magnitude_channel_masks_finalized_before_their_ramp_ends_are_said():
+    """At step 40 of a ramp to 80 the magnitude masks held 44% of the channels' 50% (9 of 16 kept, not 8), within
+    at_target's rounding slack: finalize gave a model a quarter larger than asked without a word."""
+    model, session, x = _cnn_stopped_early("magnitude")
+    with torch.no_grad():
+        masked = model(x)
+    with pytest.warns(UserWarning, match=r"finalize at step 40 of the 100.*prune_structured \(its ramp ends at step 80\)"):
+        session.finalize()
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), masked, atol=1e-5)  # binary masks: the outputs stay

@@ -128,7 +128,34 @@ def frozen_stay_frozen(model: nn.Module):
 
 
 def build_graph(model: nn.Module, example_inputs, ignored: list[nn.Module] | None = None):
-    """Torch-Pruning's DependencyGraph of `model`; a model it cannot trace raises UnsupportedModelError."""
+    """Torch-Pruning's DependencyGraph of `model`; a model it cannot trace raises UnsupportedModelError.
+    Example inputs of one sample are traced as two (where the model takes them): at batch 1 torch runs a
+    Linear layer through views of [C] as [1, C], which read as a per-channel tensor broadcast over the
+    channels, and every layer of an MLP was skipped (prepare with x[:1], or dry-run --input-shape 1,20)."""
+    doubled = _two_samples(example_inputs)
+    if doubled is not None:
+        try:
+            return _build_graph(model, doubled, ignored)
+        except UnsupportedModelError:  # a model made for one sample: traced as given
+            pass
+    return _build_graph(model, example_inputs, ignored)
+
+
+def _two_samples(example_inputs):
+    """Batch-first example inputs of one sample as two copies of it (None where they are not of one sample)."""
+    def double(x):
+        return torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() >= 2 and len(x) == 1 else None
+
+    if isinstance(example_inputs, dict):
+        tensors = {k: double(v) for k, v in example_inputs.items() if isinstance(v, torch.Tensor)}
+        return {**example_inputs, **tensors} if tensors and all(v is not None for v in tensors.values()) else None
+    if isinstance(example_inputs, (tuple, list)):
+        doubled = [double(x) for x in example_inputs]
+        return type(example_inputs)(doubled) if doubled and all(d is not None for d in doubled) else None
+    return double(example_inputs)
+
+
+def _build_graph(model: nn.Module, example_inputs, ignored: list[nn.Module] | None = None):
     try:
         # the graph is traced through autograd, which records nothing of a frozen layer fed by inputs
         # that need no gradient (a frozen backbone would have no channel groups): freezing is about

@@ -98,8 +98,11 @@ class SequenceClassifier(nn.Module):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The HF model inside a SequenceClassifier (or the model itself)."""
-    return model.hf if isinstance(model, SequenceClassifier) else model
+    """The HF model inside a SequenceClassifier, or inside a user's own wrapper that holds it as `.hf` as the unit
+    pruners read it (prune_units._hf_model; finalize failed on such a wrapper after the whole run had trained),
+    or the model itself."""
+    inner = getattr(model, "hf", None)
+    return inner if isinstance(model, SequenceClassifier) or isinstance(inner, nn.Module) else model
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):

@@ -29,6 +29,7 @@ from ..errors import DataError, RecipeError, TrainingError
 from ..model_call import model_device, to_device
 from ..plan import Plan
 from ..techniques.base import RunContext
+from ..techniques.pruning import PruningTechnique
 from . import terms as _terms
 from .outputs import (Batch, call_model, check_scalar_loss, decoder_token_mask, default_task_loss, is_encoder_decoder,
                       logits_of, split_batch)
@@ -583,6 +584,8 @@ class CompressionSession:
             return
         short = [f"{t.kind} (not attached yet)" for t in self.techniques if not t.attached]
         short += [f"{t.kind} (not at its target)" for t in self.techniques if t.attached and not t.at_target()]
+        short += [f"{t.kind} (its ramp ends at step {t.window[1]})" for t in self.techniques  # near its target already
+                  if t.attached and t.at_target() and isinstance(t, PruningTechnique) and t.window[1] > self.step]
         if short:
             warnings.warn(f"finalize at step {self.step} of the {self.plan.total_steps} prepare() planned: "
                           f"{', '.join(short)}; the model keeps what they reached. Train to the planned step, or "

@@ -99,6 +99,11 @@ def has_channel_masks(model: nn.Module) -> bool:
     return any(p.dim is not None for p in _apply_masks(model))
 
 
+def has_soft_masks(model: nn.Module) -> bool:
+    """Whether a learned mask of `model` is still soft (its ramp open): outputs then scale the channels it drops."""
+    return any(p.source.learned and float(p.source.temperature) > 0 for p in _apply_masks(model))
+
+
 def harden_masks(model: nn.Module) -> None:
     """Every scored mask of `model` exactly binary (its current keep), as at the end of its ramp: a
     copy measured mid-ramp (the size budget's file) is finalized as the masks decide now; soft values
