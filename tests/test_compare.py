@@ -358,3 +358,15 @@ def test_paired_files_of_other_sizes_are_said_beside_the_verdict():
     (unequal,) = [p for p in paired_differences(runs) if p["ratio_target"] == 10.0]
     assert unequal["file_bytes_ratio"] == 0.625
     assert paired_cell(unequal).endswith("beyond 2 SE; its files 0.62x sequential's: not the same size")
+    from rich.console import Console
+
+    from jointcompress.commands.compare_cmd import summary_table
+
+    summary = [{"variant": v, "ratio_target": 8.0, "n": 1, "ratio_mean": 8.0, "accuracy_mean": 0.9, "accuracy_min": 0.9,
+                "accuracy_max": 0.9, "error_mean": 0.1, "changed_nothing": v.endswith("scale")}
+               for v in ("joint-paced-obdland-scale", "joint-paced-obdland-pcgrad")]
+    console = Console(record=True, width=400)
+    console.print(summary_table({"model": "m", "data": "d", "summary": summary, "paired": [], "uncompressed": []}))
+    lines = console.export_text().splitlines()
+    assert any("scale (changed no update: trained as strategy none)" in line for line in lines)
+    assert not any("pcgrad (changed no update" in line for line in lines)

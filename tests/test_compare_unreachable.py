@@ -87,6 +87,26 @@ def test_a_ratio_the_allocator_cannot_plan_is_refused_before_any_teacher_trains(
     assert all("cannot be planned" in u["reason"] for u in unreachable)
 
 
+def test_a_ratio_out_of_reach_of_joint_variants_alone_is_refused_before_any_teacher_trains(tmp_path, monkeypatch):
+    """With joint variants only (no allocator budgets to plan), compare trained every seed's teacher before each run
+    refused the target as it set up; compress refuses the same target on the untrained model in seconds."""
+    import pytest
+
+    import jointcompress.compare as compare
+
+    monkeypatch.setattr(compare, "_seed_teacher", lambda *a, **k: pytest.fail("a teacher trained for a point out of reach"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: lenet300\ndata: digits\nmode: joint\ntechniques:\n  - {type: prune_unstructured}\n"
+                      "  - {type: quant_lsq, bits: 4}\ntraining: {epochs: 1, batch_size: 128}\n")
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(app, ["compare", str(recipe), "--ratios", "5000", "--seeds", "2", "--teacher-epochs", "1",
+                                   "--variants", "joint-paced-obdland-none", "--out", str(out)])
+    assert res.exit_code != 0 and "compare ran nothing" in str(res.exception), res.output
+    unreachable = json.loads((out / "compare.json").read_text())["unreachable"]
+    assert [(u["ratio_target"], u["seed"]) for u in unreachable] == [(5000, 0), (5000, 1)]
+    assert all("cannot be reached" in u["reason"] for u in unreachable)
+
+
 def test_a_compare_refused_after_it_made_its_out_folder_leaves_none(tmp_path):
     """An unknown --variants name is found once --out exists (run_compare checks the spec): the refused
     command left an empty folder where the user then looked for results."""
@@ -95,3 +115,20 @@ def test_a_compare_refused_after_it_made_its_out_folder_leaves_none(tmp_path):
     out = tmp_path / "cmp"
     res = CliRunner().invoke(app, ["compare", str(builtin_recipe("demo")), "--variants", "bogus", "--out", str(out)])
     assert res.exit_code != 0 and "unknown" in str(res.exception) + res.output and not out.exists()
+
+
+def test_a_damaged_teacher_the_compare_wrote_itself_is_named_with_the_way_to_train_it_again(tmp_path):
+    """A truncated OUT/teachers/s2.safetensors ended the resume with "give a .safetensors file or a state dict saved
+    with torch.save": a file the user never gave; deleting it is what works."""
+    import pytest
+
+    from jointcompress.compare import TEACHERS, CompareSpec, _seed_teacher
+    from jointcompress.data import load_digits
+    from jointcompress.errors import JointCompressError
+    from jointcompress.recipe import parse_recipe
+
+    (tmp_path / TEACHERS).mkdir()
+    (tmp_path / TEACHERS / "s2.safetensors").write_bytes(b"\x10\x00\x00")
+    with pytest.raises(JointCompressError, match=r"this compare trained and wrote .*s2.safetensors for seed 2: delete it, "
+                                                 r"and --resume trains that teacher again"):
+        _seed_teacher("lenet300", load_digits(), CompareSpec(ratios=[10]), parse_recipe({}), 2, None, None, tmp_path)

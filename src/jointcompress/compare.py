@@ -2,11 +2,12 @@
 
 Why a separate runner: a single run says little; the claim "joint beats sequential" is a
 claim about a Pareto front (error vs compression ratio) and its spread over seeds. Every
-variant gets the same teacher, the same epochs and the *same* starting per-layer budgets
-(the target is resolved once per ratio and seed, then only mode/strategy change); each run
-then steers its own sparsity onto the target bytes late in the ramp (targets.SizeSteering),
-so the variants are compared at the same size, and every point is the real artifact's size
-on disk.
+variant gets the same teacher, the same epochs, steps and distillation, and the same size target.
+The sequential (and overlap) variants train the allocator's per-layer sparsity and bits (resolved once
+per ratio and seed) and steer their sparsity onto the target bytes late in the ramp
+(targets.SizeSteering); the joint variants learn their own pattern at quant_lsq.bits under the size
+budget (joint_form.py). Every point is the real artifact's size on disk, and a pair whose files
+differ by more than UNEQUAL_FILES is said beside its verdict.
 
 Run-dir layout (what `jointcompress report` reads):
     compare.json   {"kind": "compare", "model", "data", "ratios", "seeds", "variants",
@@ -37,6 +38,7 @@ import torch
 import torch.nn as nn
 import yaml
 
+from .errors import JointCompressError
 from .joint_form import joint_recipe
 from .recipe import Recipe, paced_window, parse_recipe
 
@@ -248,7 +250,7 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
         result = _earlier_result(out, result, spec, log)
     atomic_write_json(out / "compare.json", with_summary(result))  # its settings, before any teacher: --resume checks them
     example = split.x_train[:2]
-    ratios = _plannable_ratios(result, out, log, builder(), base, spec, example) if needs_budgets else spec.ratios
+    ratios = _plannable_ratios(result, out, log, builder(), base, spec, example, None if needs_budgets else total_steps)
     if not ratios:  # every point is out of reach: say so before any teacher trains
         return _finish(result, out)
     for seed in spec.seed_range():
@@ -306,22 +308,47 @@ def _new_result(base: Recipe, split, model_name: str, spec: CompareSpec, weights
 
 
 def _plannable_ratios(result: dict, out: Path, log, untrained: nn.Module, base: Recipe, spec: CompareSpec,
-                      example) -> list[float]:
+                      example, joint_steps: int | None = None) -> list[float]:
     """The ratios the allocator can plan, checked on an untrained model before any teacher trains
     (targets.refusal_before_training): a user learns in seconds, not after each seed's teacher, that a point
-    is out of reach; it is recorded for every seed, as it would have been after training."""
+    is out of reach; it is recorded for every seed, as it would have been after training. `joint_steps`: the
+    variants are joint ones alone, which plan no budgets: the first one's run is set up instead, as a joint
+    run refuses a target the bytes no decision moves exceed (it trained every seed's teacher first)."""
     from .artifact.size import dense_fp32_bytes
     from .targets import refusal_before_training
 
     kept, dense = [], dense_fp32_bytes(untrained)
     for ratio in spec.ratios:
-        why = refusal_before_training(untrained, parse_recipe({**base.model_dump(), "target": {"ratio": ratio}}), example)
+        targeted = parse_recipe({**base.model_dump(), "target": {"ratio": ratio}})
+        why = (refusal_before_training(untrained, targeted, example) if joint_steps is None
+               else _joint_refusal(untrained, targeted, spec.variants[0], example, joint_steps))
         if why is None:
             kept.append(ratio)
             continue
         for seed in spec.seed_range():
             _unreachable(result, out, log, ratio, seed, dense, why)
     return kept
+
+
+def _joint_refusal(untrained: nn.Module, targeted: Recipe, variant: str, example, total_steps: int):
+    """Why a joint variant's run at `targeted`'s ratio would refuse its target, set up on a copy of the untrained
+    model (its teacher a copy too), or None."""
+    import copy
+    import warnings
+
+    from .session.prepare import prepare
+    from .targets import TargetError
+
+    model = copy.deepcopy(untrained)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the runs say them
+        try:
+            recipe = variant_recipe(targeted, variant, 0, targeted, model, example, total_steps)
+            prepare(model, recipe, total_steps=total_steps, example_inputs=example, teacher=copy.deepcopy(untrained),
+                    distributed=False)
+        except TargetError as err:
+            return err
+    return None
 
 
 def _compare_base(recipe: Recipe, model_name: str, spec: CompareSpec) -> Recipe:
@@ -359,7 +386,11 @@ def _seed_teacher(model_name: str, split, spec: CompareSpec, base: Recipe, seed:
         return load_start(builder, weights)
     kept = out / TEACHERS / f"s{seed}.safetensors" if out is not None else None
     if kept is not None and kept.is_file():
-        return load_weights(builder(), kept)
+        try:
+            return load_weights(builder(), kept)
+        except JointCompressError as err:  # its fix named a file to give, which the user never gave
+            raise type(err)(f"{err} (this compare trained and wrote {kept} for seed {seed}: delete it, and --resume "
+                            "trains that teacher again)") from None
     teacher = train_teacher(model_name, split, spec.teacher_epochs, lr=base.training.lr, seed=seed,
                             progress=progress_factory(f"teacher s{seed}") if progress_factory else None,
                             device=torch.device(spec.device))
@@ -626,6 +657,20 @@ def _file_ratio(runs: list[dict], variant: str, ratio: float, baseline: str) -> 
 
 
 UNEQUAL_FILES = 0.05  # paired files further apart than this are said beside the verdict
+
+
+def unequal_files_note(paired: dict) -> str:
+    """'its files 0.72x sequential's: not the same size' where a paired point's files differ by more than
+    UNEQUAL_FILES (a target both undershoot), else ''; the table and the HTML report say it alike."""
+    files = paired.get("file_bytes_ratio")
+    if files is None or abs(files - 1) <= UNEQUAL_FILES:
+        return ""
+    return f"its files {files:.2f}x {paired.get('baseline', 'sequential')}'s: not the same size"
+
+
+def changed_nothing_note(summary: dict) -> str:
+    """What a coordination strategy that changed no update of a point's runs trained: the same as `none`."""
+    return "changed no update: trained as strategy none" if summary.get("changed_nothing") else ""
 
 
 def paired_stats(runs: list[dict], variant: str, ratio: float,

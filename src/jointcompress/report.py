@@ -395,7 +395,8 @@ def breakdown_html(rd: RunDir) -> str:
     return "".join(out) or "<p>no artifact manifest found</p>"
 
 
-PAIRED_FIELDS = ["variant", "baseline", "ratio_target", "n", "error_diff_mean", "error_diff_se", "verdict"]
+PAIRED_FIELDS = ["variant", "baseline", "ratio_target", "n", "error_diff_mean", "error_diff_se", "verdict", "files"]
+CHANGED_FIELDS = ["variant", "ratio_target", "n", "changed_share_mean", "changed_mean", "note"]
 UNREACHABLE_FIELDS = ["variant", "ratio_target", "seed", "target_bytes", "reason"]
 
 
@@ -405,9 +406,16 @@ def _compare_html(cmp: dict | None) -> str:
     if not cmp:
         return ""
     out = ""
-    if cmp.get("paired"):
+    from .compare import VARIANTS, changed_nothing_note, unequal_files_note
+
+    if cmp.get("paired"):  # the table's words of files of other sizes, too
         out += ("<h2>Paired differences (error, points; by seed, ± one standard error)</h2>"
-                + _table([p for p in cmp["paired"] if isinstance(p, dict)], PAIRED_FIELDS))
+                + _table([{**p, "files": unequal_files_note(p)} for p in cmp["paired"] if isinstance(p, dict)],
+                         PAIRED_FIELDS))
+    coordinated = [{**s, "note": changed_nothing_note(s)} for s in cmp.get("summary") or []
+                   if isinstance(s, dict) and VARIANTS.get(s.get("variant"), ("", "none"))[1] != "none"]
+    if coordinated:  # how often each coordination strategy changed the update, and one that never did
+        out += "<h2>Coordination: share of measured steps whose update it changed</h2>" + _table(coordinated, CHANGED_FIELDS)
     if cmp.get("unreachable"):
         out += ("<h2>Not run (target out of reach)</h2>"
                 + _table([u for u in cmp["unreachable"] if isinstance(u, dict)], UNREACHABLE_FIELDS))

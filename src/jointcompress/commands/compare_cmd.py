@@ -64,8 +64,9 @@ def register(app: typer.Typer) -> None:
                                     "teacher read back from --out/teachers."),
         device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
     ) -> None:
-        """Run joint (coordination none/scale/pcgrad) and sequential at each ratio and seed, with the
-        same epochs and per-layer budgets; write compare.json/.csv and the Pareto plot."""
+        """Run joint (coordination none/scale/pcgrad) and sequential at each ratio and seed, with the same
+        teacher, steps and distillation: sequential on the allocator's per-layer budgets, joint learning its own
+        under the size target; write compare.json/.csv and the Pareto plot."""
         from ..cli import console, progress_bar, tracked
         from ..compare import CompareSpec, run_compare
         from ..devices import resolve_device
@@ -146,7 +147,7 @@ def summary_table(result: dict):
     from rich.markup import escape
     from rich.table import Table
 
-    from ..compare import paired_differences, summarize, uncompressed_summary
+    from ..compare import changed_nothing_note, paired_differences, summarize, uncompressed_summary
 
     table = Table(title=escape(f"{result['model']} on {result['data']}: mean [min-max] over the n seeds that ran each row; "
                                "Δerror = error − sequential's, paired by seed (± one standard error)"))
@@ -159,8 +160,10 @@ def summary_table(result: dict):
     summary = result.get("summary") or summarize(result.get("runs", []))
     paired = {(p["variant"], p["ratio_target"]): p for p in (result.get("paired") or paired_differences(result.get("runs", [])))}
     for s in sorted(summary, key=lambda s: (s["ratio_target"], s["variant"])):
-        table.add_row(s["variant"], f"{s['ratio_target']:g}x", str(s["n"]), f"{s['ratio_mean']:.1f}x", _acc(s),
-                      f"{100 * s['error_mean']:.2f}%", paired_cell(paired.get((s["variant"], s["ratio_target"]))))
+        nothing = changed_nothing_note(s)
+        table.add_row(s["variant"] + (f" ({nothing})" if nothing else ""), f"{s['ratio_target']:g}x", str(s["n"]),
+                      f"{s['ratio_mean']:.1f}x", _acc(s), f"{100 * s['error_mean']:.2f}%",
+                      paired_cell(paired.get((s["variant"], s["ratio_target"]))))
     return table
 
 
@@ -173,10 +176,8 @@ def paired_cell(p: dict | None) -> str:
     both undershoot) are said after the verdict."""
     if p is None:
         return ""
-    from ..compare import UNEQUAL_FILES
+    from ..compare import unequal_files_note
 
     se = f" ± {p['error_diff_se']:.2f}" if p.get("error_diff_se") is not None else ""
-    files = p.get("file_bytes_ratio")
-    unequal = (f"; its files {files:.2f}x {p.get('baseline', 'sequential')}'s: not the same size"
-               if files is not None and abs(files - 1) > UNEQUAL_FILES else "")
-    return f"{p['error_diff_mean']:+.2f}{se} pts (n={p['n']}): {p['verdict']}{unequal}"
+    unequal = unequal_files_note(p)
+    return f"{p['error_diff_mean']:+.2f}{se} pts (n={p['n']}): {p['verdict']}{'; ' + unequal if unequal else ''}"
