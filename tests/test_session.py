@@ -616,9 +616,9 @@ def _cnn_stopped_early(criterion: str, steps: int = 40):
 
 
 def test_learned_channel_masks_finalized_mid_ramp_say_how_far_the_outputs_moved():
-    """A loop stopped at step 40 of a ramp to 80: finalize made the soft masks binary and the logits moved by 0.11
-    (of 0.73), which the parity check, taken after the masks were made binary, did not see; nothing was said but
-    "not at its target"."""
+    """A loop stopped at step 40 of a ramp to 80: finalize made the soft masks binary and the logits moved, which
+    the parity check, taken after the masks were made binary, did not see; nothing was said but "not at its
+    target"."""
     model, session, x = _cnn_stopped_early("learned")
     with torch.no_grad():
         masked = model(x)
@@ -629,8 +629,8 @@ def test_learned_channel_masks_finalized_mid_ramp_say_how_far_the_outputs_moved(
 
 
 def test_magnitude_channel_masks_finalized_before_their_ramp_ends_are_said():
-    """At step 40 of a ramp to 80 the magnitude masks held 44% of the channels' 50% (9 of 16 kept, not 8), within
-    at_target's rounding slack: finalize gave a model a quarter larger than asked without a word."""
+    """At step 40 of a ramp to 80 the magnitude masks held fewer channels' zeros than asked, within at_target's
+    rounding slack: finalize gave a larger model than asked without a word."""
     model, session, x = _cnn_stopped_early("magnitude")
     with torch.no_grad():
         masked = model(x)

@@ -289,8 +289,8 @@ def _soft_outputs(model: nn.Module, example_inputs):
 
 def _warn_soft_masks_made_binary(soft, finalized) -> None:
     """Learned masks finalized mid-ramp scale each channel by a sigmoid between 0 and 1; finalize keeps or
-    removes it, as the ramp's end would, and the outputs move (a probe: 0.11 on logits of 0.73 at step 40 of
-    100), which its parity check, taken after, could not see. Said with the size of the move."""
+    removes it, as the ramp's end would, and the outputs move (tests/test_session.py), which its parity check,
+    taken after, could not see. Said with the size of the move."""
     gap = output_gap(soft, finalized)
     if gap > tolerance(soft):
         warnings.warn(f"finalize: learned channel masks were still soft (their ramp had not ended) and are made binary, "

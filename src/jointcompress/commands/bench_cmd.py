@@ -165,8 +165,8 @@ def _data_as_the_model_takes_it(artifact_dir: Path, manifest: dict, data: str, s
 
 def _standardised_as_trained(split, manifest: dict, data: str):
     """--data standardised as the artifact's model was trained (the manifest's input_standardisation), not with
-    the file's own training split: a held-out file's statistics differ, and a probe's MLP read 89.2% where it
-    holds 91.1%. Returns the split and a note where the statistics changed (None where they agree)."""
+    the file's own training split: a held-out file's statistics differ, and the accuracy read so was not the
+    model's. Returns the split and a note where the statistics changed (None where they agree)."""
     from dataclasses import replace
 
     from ..data import restandardised
