@@ -414,12 +414,14 @@ def _refuse_users_files(path: Path, weights_name: str) -> Path | None:
     earlier artifact's weights file in the other container, which the new one replaces (None where there is none)."""
     earlier = _json_or_none(path / MANIFEST_FILE)
     ours = isinstance(earlier, dict) and earlier.get("format") == FORMAT
-    theirs = [name for name, mine in ((MANIFEST_FILE, ours), (CONTAINERS["safetensors"], _ours_safetensors))
-              if (path / name).exists() and not (mine if isinstance(mine, bool) else mine(path / name))]
-    if theirs:  # weights.jcw is this package's format: one without a manifest is a save killed before it
+    named = earlier.get("weights_file") if ours else None
+    theirs = [MANIFEST_FILE] if (path / MANIFEST_FILE).exists() and not ours else []
+    tensors = path / CONTAINERS["safetensors"]  # weights.jcw is this package's format: one alone is a save killed early
+    if tensors.exists() and named != tensors.name and not _ours_safetensors(tensors):
+        theirs.append(tensors.name)
+    if theirs:
         raise ArtifactError(f"{path}: holds {' and '.join(theirs)}, which no save of this package wrote, and a save writes "
                             "files of those names; save into another folder, or move them out first")
-    named = earlier.get("weights_file") if ours else None
     return path / named if named in CONTAINERS.values() and named != weights_name and (path / named).is_file() else None
 
 

@@ -102,7 +102,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     pruners read it (prune_units._hf_model; finalize failed on such a wrapper after the whole run had trained),
     or the model itself."""
     inner = getattr(model, "hf", None)
-    return inner if isinstance(model, SequenceClassifier) or isinstance(inner, nn.Module) else model
+    return inner if isinstance(inner, nn.Module) else model
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
