@@ -37,6 +37,10 @@ def test_compare_cli_tiny(tmp_path):
         assert r["file_bytes"] == manifest["weights_file_bytes"]
         assert abs(r["file_bytes"] / r["target_bytes"] - 1) <= 0.02, r  # each variant steered onto the same size
         assert (out / r["dir"] / "history.json").is_file()
+        history = json.loads((out / r["dir"] / "history.json").read_text())
+        trims = [e["step"] for e in history["events"] if e.get("event") == "size_trim"]
+        assert r["candidate_epochs"] == sum(1 for e in history["epochs"]
+                                            if e.get("at_target") and e["step"] >= max(trims, default=-1)) >= 1
     recipes = {r["variant"]: json.loads((out / r["dir"] / "artifact" / "manifest.json").read_text())["recipe"]
                for r in result["runs"]}
     # sequential and overlap start from the allocator's per-layer budgets, the same for both
@@ -370,3 +374,15 @@ def test_paired_files_of_other_sizes_are_said_beside_the_verdict():
     lines = console.export_text().splitlines()
     assert any("scale (changed no update: trained as strategy none)" in line for line in lines)
     assert not any("pcgrad (changed no update" in line for line in lines)
+
+
+def test_the_epochs_a_run_chose_its_state_among_are_counted_after_the_trim():
+    """Chosen on the test split, a variant with more at-target epochs reads it more often; sequential's late trim
+    forgets the states before it. compare.json did not say how many each run chose among."""
+    from types import SimpleNamespace
+
+    from jointcompress.compare import candidate_epochs
+
+    epochs = [{"step": s, "at_target": s >= 20} for s in (10, 20, 30, 40, 50)]
+    assert candidate_epochs(SimpleNamespace(epochs=epochs, events=[])) == 4
+    assert candidate_epochs(SimpleNamespace(epochs=epochs, events=[{"event": "size_trim", "step": 45}])) == 1

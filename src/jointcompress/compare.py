@@ -132,7 +132,7 @@ DEFAULT_VARIANTS = ("joint-paced-obdland-none", "joint-paced-obdland-scale", "jo
 BENCHMARK_VARIANTS = ("joint-none", "joint-scale", "joint-pcgrad", "sequential")
 CSV_FIELDS = ["variant", "mode", "strategy", "ratio_target", "seed", "accuracy", "error", "bytes", "file_bytes",
               "target_bytes", "ratio", "sparsity", "bits", "conflict_rate", "changed_share", "changed_mean", "wall_s", "dir",
-              "unreachable"]
+              "unreachable", "candidate_epochs"]
 
 
 @dataclass
@@ -290,6 +290,7 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
                 _write_run(run_dir, r, row, run_row, history)
                 entry = _row(run_row, variant, ratio, seed, dense, run_dir.relative_to(out))
                 entry["layers"] = layer_widths(run_dir / "artifact")
+                entry["candidate_epochs"] = candidate_epochs(history)
                 result["runs"].append(entry)
                 log(f"{name}: accuracy {100 * entry['accuracy']:.2f}%  {entry['file_bytes']} B  {entry['ratio']:.1f}x")
                 atomic_write_json(out / "compare.json", with_summary(result))
@@ -586,6 +587,15 @@ def _row(row: dict, variant: str, ratio: float, seed: int, dense: int, run_dir: 
             "sparsity": row.get("sparsity"), "bits": row.get("bits"), "conflict_rate": row.get("conflict_rate"),
             "changed_share": row.get("changed_share"), "changed_mean": row.get("changed_mean"),
             "wall_s": row.get("wall_s"), "selected_on": row.get("selected_on"), "dir": str(run_dir)}
+
+
+def candidate_epochs(history) -> int:
+    """How many evaluations a run's kept state was chosen among: the epochs at the target, after the sequential
+    pipeline's late trim where it ran (the trim forgets the states kept before it). Chosen on the test split,
+    a variant with more of them reads the test split more often; compare.json records it beside the accuracy."""
+    trims = [e["step"] for e in history.events if e.get("event") == "size_trim"]
+    last_trim = max(trims, default=-1)
+    return sum(1 for e in history.epochs if e.get("at_target") and e["step"] >= last_trim)
 
 
 def layer_widths(artifact: Path) -> dict[str, dict]:
