@@ -38,7 +38,7 @@ def test_compare_cli_tiny(tmp_path):
         assert abs(r["file_bytes"] / r["target_bytes"] - 1) <= 0.02, r  # each variant steered onto the same size
         assert (out / r["dir"] / "history.json").is_file()
         history = json.loads((out / r["dir"] / "history.json").read_text())
-        trims = [e["step"] for e in history["events"] if e.get("event") == "size_trim"]
+        trims = [e["step"] for e in history["events"] if e.get("event") == "size_trim" and "best_before" in e]
         assert r["candidate_epochs"] == sum(1 for e in history["epochs"]
                                             if e.get("at_target") and e["step"] >= max(trims, default=-1)) >= 1
     recipes = {r["variant"]: json.loads((out / r["dir"] / "artifact" / "manifest.json").read_text())["recipe"]
@@ -385,4 +385,6 @@ def test_the_epochs_a_run_chose_its_state_among_are_counted_after_the_trim():
 
     epochs = [{"step": s, "at_target": s >= 20} for s in (10, 20, 30, 40, 50)]
     assert candidate_epochs(SimpleNamespace(epochs=epochs, events=[])) == 4
-    assert candidate_epochs(SimpleNamespace(epochs=epochs, events=[{"event": "size_trim", "step": 45}])) == 1
+    trimmed = [{"event": "size_trim", "step": 45, "best_before": 0.9}]
+    assert candidate_epochs(SimpleNamespace(epochs=epochs, events=trimmed)) == 1
+    assert candidate_epochs(SimpleNamespace(epochs=epochs, events=[{"event": "size_trim", "ratio": 1.0}])) == 4  # a landing

@@ -593,7 +593,8 @@ def candidate_epochs(history) -> int:
     """How many evaluations a run's kept state was chosen among: the epochs at the target, after the sequential
     pipeline's late trim where it ran (the trim forgets the states kept before it). Chosen on the test split,
     a variant with more of them reads the test split more often; compare.json records it beside the accuracy."""
-    trims = [e["step"] for e in history.events if e.get("event") == "size_trim"]
+    trims = [e.get("step", -1) for e in history.events  # the steering's trim, which forgets (the size budget's does not)
+             if e.get("event") == "size_trim" and "best_before" in e]
     last_trim = max(trims, default=-1)
     return sum(1 for e in history.epochs if e.get("at_target") and e["step"] >= last_trim)
 
