@@ -21,6 +21,7 @@ from .session.checks import check_model_tensors, check_teacher, non_tensor_messa
 from .data import EVALUATOR_SAMPLE
 from .model_call import evaluating, model_device
 from .session.outputs import LABEL_KEYS, call_model, describe, first_rows, split_batch
+from .session.teacher import TEACHER_INPUT_ERRORS
 from .training import History, Trainer
 from .training.metrics import evaluated
 from .plan import make_plan
@@ -348,9 +349,6 @@ def check_data(model: nn.Module, example, train_data, what: str = "train_data"):
                 f"labels must be class indices in [0, {out.shape[1] - 1}]"
             )
     return out
-
-
-TEACHER_INPUT_ERRORS = (RuntimeError, ValueError, IndexError, TypeError)  # what torch raises for inputs a model cannot take
 
 
 def teacher_cannot_run(example, err: Exception) -> DataError:

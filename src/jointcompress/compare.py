@@ -382,7 +382,7 @@ def _seed_teacher(model_name: str, split, spec: CompareSpec, base: Recipe, seed:
     compare trained for the seed (OUT/teachers, a resumed compare), else trained now and kept there."""
     from .pipeline import builder_for, load_start, load_weights, train_teacher
 
-    builder = builder_for(model_name, split)
+    builder = builder_for(model_name, split, check=False)  # checked once, as the compare began
     if weights:
         return load_start(builder, weights)
     kept = out / TEACHERS / f"s{seed}.safetensors" if out is not None else None

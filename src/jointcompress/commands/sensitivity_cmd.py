@@ -61,11 +61,12 @@ def register(app: typer.Typer) -> None:
                 raise RecipeError(f"{flag}: {', '.join(f'{v:g}' for v in bad)} out of range; give {bounds}")
         check_out(out, force)  # before the data and any training
         split = load_split(recipe, data)
-        scanned_layers(builder_for(name, split)())  # a model with nothing to scan: said before any training
+        builder = builder_for(name, split)  # a builder checked on the data once, here
+        scanned_layers(builder())  # a model with nothing to scan: said before any training
         out.mkdir(parents=True, exist_ok=True)
         with progress_bar() as bar:
             if weights:
-                net = load_start(builder_for(name, split), weights)  # a file, or an artifact directory as compress takes
+                net = load_start(builder, weights)  # a file, or an artifact directory as compress takes
             else:
                 net = train_teacher(name, split, teacher_epochs, lr=recipe.training.lr, progress=tracked(bar, "train model"))
             result = scan(net, evaluator(*split.selection()), split.x_train[:2], sp, bs, gs, metric="accuracy",

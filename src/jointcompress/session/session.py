@@ -38,7 +38,7 @@ from .guards import (NonFiniteWatch, check_fits, check_terms_have_grad, check_te
 from .loss_scale import LossScale
 from .schedule import apply_events, event_steps
 from .sync import Sync
-from .teacher import TeacherCache, teacher_logits
+from .teacher import TEACHER_INPUT_ERRORS, TeacherCache, teacher_logits
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -354,13 +354,13 @@ class CompressionSession:
         if distill is None or self.teacher is None or b.inputs is None:
             return None
         use_cache = distill.config.cache_teacher and not distill.config.features
-        if self._teacher_ran:
-            return teacher_logits(self.teacher, b, self.teacher_cache, use_cache)
-        from ..api import TEACHER_INPUT_ERRORS, teacher_cannot_run
-
-        try:  # the first batch: a teacher that cannot take it is named (prepare() without example_inputs has not)
+        try:
             logits = teacher_logits(self.teacher, b, self.teacher_cache, use_cache)
         except TEACHER_INPUT_ERRORS as err:
+            if self._teacher_ran:
+                raise
+            from ..api import teacher_cannot_run  # the first batch: named (prepare() without example_inputs has not)
+
             raise teacher_cannot_run(b.inputs, err) from None
         self._teacher_ran = True
         return logits

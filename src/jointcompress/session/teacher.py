@@ -13,6 +13,8 @@ import torch
 
 from .outputs import Batch, call_model, decoder_inputs, logits_of
 
+TEACHER_INPUT_ERRORS = (RuntimeError, ValueError, IndexError, TypeError)  # what torch raises for inputs a model cannot take
+
 
 class TeacherCache:
     """Teacher logits per sample index, filled during the first epoch and reused after it.
