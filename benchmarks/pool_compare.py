@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from jointcompress.compare import paired_differences, plot_pareto, summarize, write_csv
+from jointcompress.compare import all_paired, plot_pareto, summarize, write_csv
 from jointcompress.errors import JointCompressError
 from jointcompress.io import atomic_write_json
 from jointcompress.recipe import with_added_fields
@@ -89,7 +89,7 @@ def pool(results: dict[Path, dict], out: Path, command: str) -> dict:
                         for folder, result in results.items()],
     })
     pooled["summary"] = summarize(pooled["runs"])
-    pooled["paired"] = paired_differences(pooled["runs"])  # as compare writes it: each variant vs sequential, by seed
+    pooled["paired"] = all_paired(pooled["runs"])  # as compare writes it: each variant vs its baselines, by seed
     return pooled
 
 

@@ -388,3 +388,40 @@ def test_the_epochs_a_run_chose_its_state_among_are_counted_after_the_trim():
     trimmed = [{"event": "size_trim", "step": 45, "best_before": 0.9}]
     assert candidate_epochs(SimpleNamespace(epochs=epochs, events=trimmed)) == 1
     assert candidate_epochs(SimpleNamespace(epochs=epochs, events=[{"event": "size_trim", "ratio": 1.0}])) == 4  # a landing
+
+
+def test_sequential_sens_trains_the_budgets_its_teachers_scan_allocates_and_is_a_second_baseline(tmp_path):
+    """The sensitivity-allocated baseline: each seed's teacher scanned (kept beside it), its budgets the allocator's
+    from that scan (not the ERK proxy sequential gets), and every joint variant paired with it as well."""
+    from jointcompress.data import load_digits
+    from jointcompress.pipeline import builder_for, load_weights
+    from jointcompress.recipe import parse_recipe
+    from jointcompress.targets import resolve_target
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: lenet300\ndata: digits\ntechniques:\n"
+        "  - {type: prune_unstructured, sparsity: 0.9, end: 0.6}\n"
+        "  - {type: quant_lsq, bits: 4, start: 0.3}\n"
+        "training: {epochs: 1, batch_size: 128, lr: 0.002}\n")
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(app, ["compare", str(recipe), "--ratios", "20", "--seeds", "1", "--teacher-epochs", "1",
+                                   "--variants", "joint-paced-obdland-none,sequential,sequential-sens", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    scanned = json.loads((out / "teachers" / "s0.sensitivity.json").read_text())
+    assert set(scanned["layers"]) == {"fc1", "fc2", "fc3"} and scanned["measured_on"] == "test"
+    split = load_digits()
+    teacher = load_weights(builder_for("lenet300", split, check=False)(), out / "teachers" / "s0.safetensors")
+    result = json.loads((out / "compare.json").read_text())
+    targeted = parse_recipe({**result["recipe"], "target": {"ratio": 20}})
+    expected = resolve_target(teacher, targeted, split.x_train[:2], sensitivity=scanned)
+    erk = resolve_target(teacher, targeted, split.x_train[:2])
+    manifests = {r["variant"]: json.loads((out / r["dir"] / "artifact" / "manifest.json").read_text()) for r in result["runs"]}
+    trained = manifests["sequential-sens"]["recipe"]["techniques"]
+    assert trained[1]["layer_bits"] == expected.technique("quant_lsq").layer_bits
+    assert trained[0]["layer_sparsity"] == pytest.approx(expected.technique("prune_unstructured").layer_sparsity)
+    assert trained[0]["layer_sparsity"] != pytest.approx(erk.technique("prune_unstructured").layer_sparsity)  # not ERK's
+    pairs = {(p["variant"], p["baseline"]) for p in result["paired"]}
+    assert pairs == {("joint-paced-obdland-none", "sequential"), ("sequential-sens", "sequential"),
+                     ("joint-paced-obdland-none", "sequential-sens")}
+    assert "Δerror vs sequential-sens" in res.output

@@ -64,7 +64,9 @@ def test_size_target_in_sequential_mode(digits_teacher, tmp_path):
     data["mode"] = "sequential"
     model = copy.deepcopy(teacher)
     result = compress(model, data, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test), teacher=teacher)
-    assert [e["event"] for e in result.history.events if e["event"].startswith("size_")] == ["size_steering", "size_trim"]
+    events = [e for e in result.history.events if e["event"].startswith("size_")]
+    assert [e["event"] for e in events] == ["size_steering", "size_rounding_check", "size_trim"]
+    assert not events[1]["refit"]  # at 4 bits the masks fitted before LSQ are near the goal on its rounding
     spec = finalize(model, result.example_inputs)
     manifest = save(model, spec, tmp_path / "a", example_inputs=result.example_inputs)
     assert abs(manifest["weights_file_bytes"] / (14.0 * 1024) - 1) <= 0.02
@@ -115,7 +117,8 @@ def test_a_short_run_under_its_size_target_keeps_its_masks(digits_teacher, tmp_p
         warnings.simplefilter("always")
         result = compress(model, data, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test), teacher=teacher)
     assert not [w for w in said if "size target missed" in str(w.message)]  # landed: nothing to say
-    assert not [e for e in result.history.events if e["event"].startswith("size_")]
+    moved = [e for e in result.history.events if e["event"].startswith("size_") and e.get("refit", True)]
+    assert not moved  # its file measured on LSQ's rounding (near the goal), nothing re-fitted
     spec = finalize(model, result.example_inputs)
     manifest = save(model, spec, tmp_path / "a", example_inputs=result.example_inputs)
     assert 0.98 * 14.0 * 1024 <= manifest["weights_file_bytes"] <= 14.0 * 1024
@@ -138,6 +141,7 @@ def test_steered_targets_survive_a_checkpoint(digits_teacher):
     fresh.load_state_dict(state)
     assert fresh.retargeted == prune.retargeted and fresh.layer_target("fc1") == prune.retargeted["fc1"]
     assert fresh.retarget_count == 2
+    assert prune.rounding_check == 1 and fresh.rounding_check == 1  # overlap: its steering saw LSQ's rounding
 
     class _Trainer:  # a resumed run whose technique already carries steered and trimmed targets
         techniques = [fresh]
@@ -292,3 +296,40 @@ def test_the_techniques_a_size_target_adds_are_said():
                            "techniques": [{"type": "quant_lsq"}, {"type": "distill_kd"}]})
     with pytest.warns(UserWarning, match=r"so prune_unstructured was added .* every layer's sparsity from"):
         resolve_target(model, recipe, torch.randn(2, 64))
+
+
+def test_a_2_bit_sequential_run_refits_its_masks_on_lsq_rounding_and_lands_near_its_target(digits_teacher, tmp_path):
+    """At 2 bits many kept weights round to level 0 and are stored as zeros: priced as values, the masks fitted
+    before LSQ started left the file far under its target. Once LSQ rounds, the
+    check measures the masks on its rounding and re-fits them with the rest of the run to train."""
+    split, teacher = digits_teacher
+    data = _recipe({"size_kb": 4.0}, epochs=3).model_dump()
+    data["mode"] = "sequential"
+    data["techniques"][1]["bits"] = 2
+    model = copy.deepcopy(teacher)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        result = compress(model, data, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test),
+                          teacher=teacher)
+    events = {e["event"]: e for e in result.history.events if e["event"].startswith("size_")}
+    assert list(events) == ["size_steering", "size_rounding_check", "size_requant", "size_trim"]
+    assert events["size_rounding_check"]["refit"] and events["size_rounding_check"]["predicted_bytes"] < 0.95 * 4096
+    assert set(result.recipe.technique("quant_lsq").layer_bits.values()) == {2}
+    spec = finalize(model, result.example_inputs)
+    manifest = save(model, spec, tmp_path / "a", example_inputs=result.example_inputs)
+    assert 0.9 * 4096 <= manifest["weights_file_bytes"] <= 4096
+    under = [str(w.message) for w in said if "bytes the run did not spend" in str(w.message)]
+    assert bool(under) == (manifest["weights_file_bytes"] < 0.9 * 4096)
+
+
+def test_a_file_far_under_its_size_target_is_said():
+    from jointcompress import api
+    from jointcompress.techniques.size_estimate import measured_bytes
+
+    model, example = torch.nn.Sequential(torch.nn.Linear(4, 2)), torch.zeros(1, 4)
+    size = measured_bytes(model, example)["total"]
+    with pytest.warns(UserWarning, match=r"size target: the weights file would be [\d,]+ B, 50\.0% under"):
+        api._warn_size_missed(model, example, 2 * size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        api._warn_size_missed(model, example, 1.05 * size)  # near its target: nothing to say

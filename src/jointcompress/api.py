@@ -500,9 +500,13 @@ def _allocated_size_goal(model: nn.Module, recipe: Recipe) -> float | None:
     return target_bytes(model, target)
 
 
+UNDER_TARGET_WARNING = 0.10  # a file this share under its size target is said: bytes the run could have spent
+
+
 def _warn_size_missed(model: nn.Module, example, goal: float | None) -> None:
-    """Say it where the file the run ends with is over its size target: a run too short to steer, or steering
-    turned off, ended over it without a word until the user measured the saved file."""
+    """Say it where the file the run ends with is over its size target (a run too short to steer, or steering
+    turned off, ended over it without a word until the user measured the saved file), or far under it (a loose
+    target that fixed bit-widths fill dense, or low-bit weights rounding to zero: accuracy left unbought)."""
     if goal is None:
         return
     from .techniques.size_estimate import measured_bytes
@@ -512,6 +516,11 @@ def _warn_size_missed(model: nn.Module, example, goal: float | None) -> None:
         warnings.warn(f"size target missed: the weights file would be {size:,} B, {size / goal - 1:.1%} over the "
                       f"target's {goal:,.0f} B; train longer (the steering re-fits at 80% of the pruning ramp and trims "
                       "at 90% of the run), keep target.steer on, or ask for a lower ratio", stacklevel=3)
+    elif size < goal * (1 - UNDER_TARGET_WARNING):
+        warnings.warn(f"size target: the weights file would be {size:,} B, {1 - size / goal:.1%} under the target's "
+                      f"{goal:,.0f} B, bytes the run did not spend; more bits per weight (quant_lsq.bits, or learned "
+                      "widths in mode: joint) or more epochs may spend them on accuracy, and a comparison with another "
+                      "run at this target compares files of other sizes", stacklevel=3)
 
 
 def _checked_inputs(model: nn.Module, teacher: nn.Module | None, recipe: Recipe, train_data, dist):

@@ -48,6 +48,7 @@ VARIANTS = {  # name -> (mode, coordination strategy)
     "joint-pcgrad": ("joint", "pcgrad"),
     "joint-acc-pcgrad": ("joint", "pcgrad"),  # pcgrad on accuracy (task + distill) against size (ACCURACY_AS_ONE)
     "sequential": ("sequential", "none"),
+    "sequential-sens": ("sequential", "none"),  # sequential on budgets from a sensitivity scan (SENSITIVITY_ALLOCATED)
     "overlap": ("overlap", "none"),  # masks + LSQ at overlapping times, allocator budgets (not in the default set)
     "joint-fisher-none": ("joint", "none"),  # the size budget with FISHER_BUDGET (docs/joint.md)
     "joint-fisher-pcgrad": ("joint", "pcgrad"),
@@ -126,6 +127,9 @@ JOINT_OPTIONS = {"joint-fisher-none": FISHER_BUDGET, "joint-fisher-pcgrad": FISH
 # the variants whose coordination resolves accuracy (task + distillation, one gradient) against size only
 # (coordination.accuracy_as_one): one backward fewer per measured step; not in the default set
 ACCURACY_AS_ONE = {"joint-acc-pcgrad"}
+# the variants whose allocator reads a sensitivity scan of each seed's teacher (sensitivity.scan on the images runs
+# choose their epoch on) instead of the ERK proxy: which layers keep weights and bits is then measured, not guessed
+SENSITIVITY_ALLOCATED = {"sequential-sens"}
 # the joint form compress() runs for mode: joint under a size target (joint_form.py), with each coordination
 # strategy, against sequential; benchmarks/compare_mnist.py keeps its own default (BENCHMARK_VARIANTS)
 DEFAULT_VARIANTS = ("joint-paced-obdland-none", "joint-paced-obdland-scale", "joint-paced-obdland-pcgrad", "sequential")
@@ -241,7 +245,7 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
 
     base = _compare_base(recipe, model_name, spec)
     split = hold_out(split, base.training.validation_images)  # before the teachers: they choose their epoch there too
-    needs_budgets = any(VARIANTS[v][0] != "joint" for v in spec.variants)
+    needs_budgets = any(VARIANTS[v][0] != "joint" and v not in SENSITIVITY_ALLOCATED for v in spec.variants)
     builder = builder_for(model_name, split)
     total_steps = base.training.epochs * math.ceil(len(split.y_train) / base.training.batch_size)
     result = _new_result(base, split, model_name, spec, weights)
@@ -250,7 +254,8 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
         result = _earlier_result(out, result, spec, log)
     atomic_write_json(out / "compare.json", with_summary(result))  # its settings, before any teacher: --resume checks them
     example = split.x_train[:2]
-    ratios = _plannable_ratios(result, out, log, builder(), base, spec, example, None if needs_budgets else total_steps)
+    only_joint = all(VARIANTS[v][0] == "joint" for v in spec.variants)
+    ratios = _plannable_ratios(result, out, log, builder(), base, spec, example, total_steps if only_joint else None)
     if not ratios:  # every point is out of reach: say so before any teacher trains
         return _finish(result, out)
     for seed in spec.seed_range():
@@ -261,12 +266,14 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
         if not any(u["seed"] == seed for u in result["uncompressed"]):
             result["uncompressed"].append({"seed": seed, "accuracy": row["accuracy"], "bytes": row["bytes"]})
         dense = dense_fp32_bytes(teacher)
+        scanned = _teacher_scan(teacher, split, base, spec, seed, out)
         for ratio in ratios:
             if all(_done(result, variant, ratio, seed) for variant in spec.variants):
                 continue
             targeted = parse_recipe({**base.model_dump(), "target": {"ratio": ratio}})
             try:  # once: every sequential / overlap variant trains the same budgets (joint ones learn their own)
                 budgets = resolve_target(teacher, targeted, example) if needs_budgets else targeted
+                scanned_budgets = resolve_target(teacher, targeted, example, sensitivity=scanned) if scanned else None
             except TargetError as exc:  # record why this point is missing and go on with the others
                 _unreachable(result, out, log, ratio, seed, dense, exc)
                 continue
@@ -280,7 +287,8 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
                         if left is not None and left.is_dir():
                             shutil.rmtree(left)
                 try:  # a joint variant finds out whether its point is in reach as its run sets up
-                    r = variant_recipe(budgets, variant, seed, targeted, teacher, example, total_steps)
+                    allocated = scanned_budgets if variant in SENSITIVITY_ALLOCATED else budgets
+                    r = variant_recipe(allocated, variant, seed, targeted, teacher, example, total_steps)
                     run_row, history = run_one(teacher, r, split, builder, run_dir, _tensorboard(tensorboard, name),
                                                progress_factory(name) if progress_factory else None,
                                                torch.device(spec.device))
@@ -402,6 +410,25 @@ def _seed_teacher(model_name: str, split, spec: CompareSpec, base: Recipe, seed:
 
         atomic_write_bytes(kept, st_save({k: v.contiguous() for k, v in teacher.state_dict().items()}))
     return teacher
+
+
+def _teacher_scan(teacher: nn.Module, split, base: Recipe, spec: CompareSpec, seed: int, out: Path) -> dict | None:
+    """The sensitivity scan of the seed's teacher that the SENSITIVITY_ALLOCATED variants' allocator reads (None
+    when no such variant runs): each layer pruned and rounded alone, read on the images the runs choose their epoch
+    on (held-out training images with --val-images, else the test split), as `jointcompress sensitivity` reads them.
+    Kept as OUT/teachers/s<seed>.sensitivity.json beside the teacher, to see which layers it spared."""
+    if not any(v in SENSITIVITY_ALLOCATED for v in spec.variants):
+        return None
+    from .commands.sensitivity_cmd import norm_batches
+    from .data import evaluator
+    from .io import atomic_write_json
+    from .sensitivity import scan
+
+    scanned = scan(teacher, evaluator(*split.selection()), split.x_train[:2], metric="accuracy", groups=False,
+                   norm_batches=norm_batches(split.x_train, base.training.recalibrate_norms))
+    scanned["measured_on"] = split.selected_on
+    atomic_write_json(out / TEACHERS / f"s{seed}.sensitivity.json", scanned)
+    return scanned
 
 
 def _done(result: dict, variant: str, ratio: float, seed: int) -> bool:
@@ -724,11 +751,20 @@ def paired_differences(runs: list[dict], baseline: str = "sequential") -> list[d
     return out
 
 
+def all_paired(runs: list[dict]) -> list[dict]:
+    """Every variant's paired differences vs sequential, and where a sensitivity-allocated sequential ran
+    (SENSITIVITY_ALLOCATED) vs that one too, the stronger baseline of the two (sequential against it once)."""
+    paired = paired_differences(runs)
+    for baseline in sorted({r["variant"] for r in runs} & SENSITIVITY_ALLOCATED):
+        paired += [p for p in paired_differences(runs, baseline) if VARIANTS[p["variant"]][0] != "sequential"]
+    return paired
+
+
 def with_summary(result: dict) -> dict:
-    """`result` with its per-point summary, the teachers' summary and the paired differences vs sequential."""
+    """`result` with its per-point summary, the teachers' summary and the paired differences (all_paired)."""
     runs = result.get("runs", [])
     return {**result, "summary": summarize(runs), "uncompressed_summary": uncompressed_summary(result),
-            "paired": paired_differences(runs)}
+            "paired": all_paired(runs)}
 
 
 def _mean_of(rows: list[dict], key: str) -> float | None:

@@ -115,7 +115,8 @@ class Candidate:
 
     def __init__(self, model: nn.Module, quant_layers: list[str], prune_layers: list[str], per_channel: bool,
                  sparsity_at_quant_start: float = 1.0, steps: dict[str, torch.Tensor] | None = None,
-                 scores: dict[str, torch.Tensor] | None = None, copy_model: bool = True):
+                 scores: dict[str, torch.Tensor] | None = None, copy_model: bool = True,
+                 alive: dict[str, torch.Tensor] | None = None):
         # on the CPU, where the artifact writer measures it (a GPU model's copy is moved; each probe then
         # encodes without another copy)
         self.model = (copy.deepcopy(model) if copy_model else model).cpu().eval()
@@ -126,6 +127,8 @@ class Candidate:
         self.quant_layers, self.per_channel = quant_layers, per_channel
         self.at_start = sparsity_at_quant_start
         self.steps = None if steps is None else {n: v.cpu() for n, v in steps.items()}  # trained LSQ steps, else estimated
+        # the weights the run's masks keep now, rounded on its trained steps: those at level 0 are stored as zeros
+        self.alive = None if alive is None else {n: v.cpu().bool() for n, v in alive.items()}
         self.biases = {n: self.modules[n].bias.detach().clone() for n in quant_layers
                        if isinstance(getattr(self.modules[n], "bias", None), torch.Tensor)}
         self.step_format, self.bias_format = "fp16", "fp16"  # as training stores them (artifact/precision.py)
@@ -133,10 +136,13 @@ class Candidate:
         self.folded: list[str] = []  # BatchNorm layers stored folded (store_norms_as)
 
     @classmethod
-    def from_training(cls, model: nn.Module, prune, quant, sparsity_at_quant_start: float = 1.0) -> "Candidate":
+    def from_training(cls, model: nn.Module, prune, quant, sparsity_at_quant_start: float = 1.0,
+                      zeros: str = "none") -> "Candidate":
         """A candidate made of the run's current state: dense trained weights, ranked by the
         pruning technique's scores, on the trained LSQ steps (what finalize would store), or
-        on estimated steps when LSQ has not started yet (sequential runs)."""
+        on estimated steps when LSQ has not started yet (sequential runs). `zeros`, once LSQ
+        rounds: "none" prices every kept weight as a value (build), "kept" stores the weights the
+        masks keep now as they round (those let back in as values), "all" every weight as it rounds."""
         from torch.nn.utils import parametrize
 
         from .block_drop import as_dropped, collapse_faded
@@ -145,7 +151,7 @@ class Candidate:
         plain = plain_copy(model)
         collapse_faded(as_dropped(plain))  # the blocks prune_blocks fades out are not in the file: not priced either
         present = dict(plain.named_modules())
-        steps, scores = {}, {}
+        steps, scores, alive = {}, {}, {}
         names = [n for n in (list(quant.quantizers) if quant.attached else list(selected_layers(model, quant.config)))
                  if n in present]
         for name in names:
@@ -164,8 +170,11 @@ class Candidate:
             if name in names:
                 layer = plain.get_submodule(name)
                 scores[name] = prune.masks[prune_key(name)].scores.detach().clone() if learned else layer.weight.detach().abs()
+                if quant.attached and zeros != "none":
+                    hard = prune.masks[prune_key(name)].hard.detach()
+                    alive[name] = torch.ones_like(hard, dtype=torch.bool) if zeros == "all" else hard > 0
         cand = cls(plain, names, list(scores), quant.config.per_channel, sparsity_at_quant_start,
-                   steps=steps or None, scores=scores, copy_model=False)
+                   steps=steps or None, scores=scores, copy_model=False, alive=alive or None)
         cand.step_format, cand.bias_format = quant.config.stored_scale_format, quant.config.bias_format
         cand.store_norms_as(quant.config.stored_norm_format)  # before quantization starts too
         return cand
@@ -195,7 +204,9 @@ class Candidate:
 
         Two deliberate differences from naive post-training quantization, both measured
         against trained artifacts: kept weights stay non-zero (training keeps them alive, so
-        they cost value bytes), and the step is LSQ's initial step taken when quantization
+        they cost value bytes; except those `alive` names, priced as they round on the trained
+        step: at 2 bits many round to zero, and priced as values they made a sequential file land
+        far under its target, see SizeSteering), and the step is LSQ's initial step taken when quantization
         *starts*, i.e. on the weights pruned to the sparsity the schedule has reached then
         (`sparsity_at_quant_start` of the target): LSQ moves its step little after that, so
         the weights that survive the rest of the ramp, larger than that step's reference,
@@ -218,7 +229,8 @@ class Candidate:
                 step = lsq_init_step(self.original[name] * self._kept(name, target * self.at_start), qmax, self.per_channel)
             step = round_step(step, self.step_format)
             q = torch.clamp(torch.round(w / step), -qmax, qmax)
-            q = torch.where(keep & (q == 0), torch.sign(w), q)
+            revived = keep if self.alive is None or name not in self.alive else keep & ~self.alive[name]
+            q = torch.where(revived & (q == 0), torch.sign(w), q)
             self.modules[name].weight.data.copy_(q * step)
             scale = step.flatten().expand(w.shape[0]).clone() if step.numel() == 1 else step.flatten().clone()
             if name in self.biases:
@@ -327,6 +339,7 @@ TRIM_AT = 0.9  # share of the run after which the masks are trimmed onto the tar
 # trained masked (small, rounding to +-1 by the re-fit's measure), and a re-fit that opened them wide was
 # measured 20% under what they then coded to (a 15-step run: every layer dense, the file 3% over)
 TRIM_DENSIFY = 1.05
+REQUANT_UNDER = 0.05  # a file this far under its goal on LSQ's first rounding is re-fitted then (SizeSteering)
 TRIM_DROP_WARNING = 0.05  # a kept metric this share under the one before the trim is said (SizeSteering.on_end)
 
 
@@ -337,6 +350,11 @@ class SizeSteering:
     1. once the pruning ramp is STEER_AT done (weights trained, masks nearly final), the
        per-layer sparsity is re-fitted from `Candidate.from_training`, keeping the layers'
        relative densities, and the ramp finishes at the new targets;
+    1b. where the masks were fitted before LSQ started (sequential runs), once it has: measured on
+       its rounding, the kept weights at level 0 are stored as zeros (at 2 bits many are), and a
+       file more than REQUANT_UNDER under the goal is re-fitted then, with the rest of the run to
+       train the weights let back in (the late trim may give back only TRIM_DENSIFY), and the
+       trim prices such zeros as zeros too; a file near its goal leaves the run as it was;
     2. weights keep spreading over more quantization levels while they train on (LeNet-300
        on MNIST: +2.7% of bytes from half-way to the end of a run, benchmarks/size_targets.py),
        so at TRIM_AT of the run (or the end of the ramp, if later) the sparsity is re-fitted
@@ -368,11 +386,15 @@ class SizeSteering:
         trim_at = trim_step(total, prune.window[1])
         if prune.retarget_count == 0 and STEER_AT <= p < 1.0 and step < trim_at:
             self._refit(trainer, step, prune, quant, "size_steering", now=False)
+            prune.rounding_check = int(quant.attached)
+        elif not prune.rounding_check and quant.attached and p >= 1.0 and step < trim_at:
+            self._check_rounding(trainer, step, prune, quant)
         elif step >= trim_at:
             if trim_at < max(math.ceil(TRIM_AT * total), prune.window[1]) and not self._over(trainer):
                 prune.retarget_count = 2  # a short run under its target keeps its masks (see trim_step)
                 return
-            self._refit(trainer, step, prune, quant, "size_trim", now=True)
+            self._refit(trainer, step, prune, quant, "size_trim", now=True,
+                        zeros="kept" if prune.rounding_check == 2 else "none")
             prune.retarget_count = 2
             self.best_before_trim = trainer.history.best_metric
             trainer.history.events[-1]["best_before"] = self.best_before_trim  # checkpointed: a resumed run reads it
@@ -398,14 +420,28 @@ class SizeSteering:
                           "ends there (the states before it were another size); more epochs give the trimmed model "
                           "more steps to recover", stacklevel=2)
 
+    def _check_rounding(self, trainer, step, prune, quant) -> None:
+        """Once LSQ rounds the masked weights (fitted before it started): re-fit, masks moved at once, where the file
+        the current masks would write is more than REQUANT_UNDER under the goal; the check is an event either way."""
+        now = steer_prediction(trainer.model, prune, quant)
+        refit = now < self.goal * (1 - REQUANT_UNDER)
+        prune.rounding_check = 2 if refit else 1
+        trainer.history.events.append({"step": step, "event": "size_rounding_check", "goal_bytes": round(self.goal),
+                                       "predicted_bytes": now, "refit": refit})
+        if refit:
+            self._refit(trainer, step, prune, quant, "size_requant", now=True, densify=4.0, zeros="all")
+            prune.retarget_count = 1  # the trim still comes
+
     def _over(self, trainer) -> bool:
         from .techniques.size_estimate import measured_bytes
 
         return measured_bytes(trainer.model, trainer.session.ctx.example_inputs)["total"] > self.goal
 
-    def _refit(self, trainer, step, prune, quant, event: str, now: bool) -> None:
+    def _refit(self, trainer, step, prune, quant, event: str, now: bool, densify: float | None = None,
+               zeros: str = "none") -> None:
         before = {n: prune.layer_target(n) for n in prune.layers}
-        sparsity, predicted = steer(trainer.model, prune, quant, self.goal, densify=TRIM_DENSIFY if now else 4.0)
+        densify = densify or (TRIM_DENSIFY if now else 4.0)
+        sparsity, predicted = steer(trainer.model, prune, quant, self.goal, densify=densify, zeros=zeros)
         prune.retarget(sparsity, now=now)
         trainer.history.events.append({"step": step, "event": event, "goal_bytes": round(self.goal),
                                        "predicted_bytes": predicted, "layer_sparsity_before": before,
@@ -422,11 +458,21 @@ def trim_step(total: int, ramp_end: int) -> int:
     return max(min(math.ceil(TRIM_AT * total), total - 2), ramp_end, 0)
 
 
-def steer(model: nn.Module, prune, quant, goal: float, densify: float = 4.0) -> tuple[dict[str, float], int]:
+def steer_prediction(model: nn.Module, prune, quant) -> int:
+    """The bytes of the file the run's current masks and LSQ state would write (Candidate.from_training)."""
+    at_start = sparsity_at_quant_start(quant.window[0], prune.window, prune.config.schedule)
+    cand = Candidate.from_training(model, prune, quant, at_start, zeros="kept")
+    bits = {n: (quant.config.layer_bits or {}).get(n, quant.config.bits) for n in cand.quant_layers}
+    return cand.file_bytes({n: prune.layer_target(n) for n in prune.layers if n in cand.original}, bits)
+
+
+def steer(model: nn.Module, prune, quant, goal: float, densify: float = 4.0,
+          zeros: str = "none") -> tuple[dict[str, float], int]:
     """Per-layer sparsity whose artifact, measured from the run's current state, is `goal` bytes; no
-    layer more than `densify` times as dense as its target now."""
+    layer more than `densify` times as dense as its target now. `zeros`: which kept weights at LSQ's
+    level 0 are priced as zeros (Candidate.from_training)."""
     at_start = sparsity_at_quant_start(quant.window[0], prune.window, prune.config.schedule)  # LSQ attaches then
-    cand = Candidate.from_training(model, prune, quant, at_start)
+    cand = Candidate.from_training(model, prune, quant, at_start, zeros=zeros)
     names = [n for n in prune.layers if n in cand.original]
     density = {n: max(1e-9, 1.0 - prune.layer_target(n)) for n in names}
     floor = {n: max(prune.config.min_keep, 1.0 - MAX_LAYER_SPARSITY, 1.0 / cand.original[n].numel()) for n in names}

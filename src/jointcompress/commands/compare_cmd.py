@@ -42,8 +42,9 @@ def register(app: typer.Typer) -> None:
                                      help="Comma-separated. Default: the joint form `compress` runs for mode: joint under a size "
                                           "target, with coordination none / scale / pcgrad, and sequential. Also joint-none, "
                                           "joint-scale, joint-pcgrad (size_budget at its defaults), joint-acc-pcgrad (PCGrad "
-                                          "between accuracy and size), joint-paced-obd-none, overlap, ... (an unknown name lists "
-                                          "them all)."),
+                                          "between accuracy and size), joint-paced-obd-none, overlap, sequential-sens (sequential on "
+                                          "budgets from a sensitivity scan of each teacher, a stronger baseline), ... (an "
+                                          "unknown name lists them all)."),
         model: Optional[str] = typer.Option(None, "--model", help=f"{MODEL_CHOICES} (default: the recipe's)."),
         data: Optional[str] = typer.Option(None, "--data", help="'digits' or an .npz of images (MNIST-style; default: the recipe's)."),
         weights: Optional[Path] = typer.Option(None, "--weights", help="Trained weights (.safetensors) or a saved artifact folder, the teacher of every seed."),
@@ -143,27 +144,31 @@ def clear_earlier_compare(out: Path, weights) -> None:
 
 def summary_table(result: dict):
     """Per point: the seeds that ran it (n), mean [min-max] accuracy, and each variant's error minus
-    sequential's paired by seed (mean ± one standard error); the teachers' accuracy first."""
+    sequential's paired by seed (mean ± one standard error), and minus sequential-sens's where it ran;
+    the teachers' accuracy first."""
     from rich.markup import escape
     from rich.table import Table
 
-    from ..compare import changed_nothing_note, paired_differences, summarize, uncompressed_summary
+    from ..compare import all_paired, changed_nothing_note, summarize, uncompressed_summary
 
     table = Table(title=escape(f"{result['model']} on {result['data']}: mean [min-max] over the n seeds that ran each row; "
-                               "Δerror = error − sequential's, paired by seed (± one standard error)"))
-    for col in ("variant", "target", "n", "ratio", "accuracy", "error", "Δerror vs sequential"):
-        table.add_column(col, justify="left" if col in ("variant", "Δerror vs sequential") else "right")
+                               "Δerror = error − the baseline's, paired by seed (± one standard error)"))
+    every = result.get("paired") or all_paired(result.get("runs", []))
+    stronger = sorted({p["baseline"] for p in every if p.get("baseline", "sequential") != "sequential"})
+    deltas = ["Δerror vs sequential"] + [f"Δerror vs {b}" for b in stronger]  # a sensitivity-allocated baseline too
+    for col in ("variant", "target", "n", "ratio", "accuracy", "error", *deltas):
+        table.add_column(col, justify="left" if col == "variant" or col in deltas else "right")
     teacher = result.get("uncompressed_summary") or uncompressed_summary(result)
     if teacher:
         table.add_row("uncompressed (teacher)", "-", str(teacher["n"]), "1.0x", _acc(teacher),
                       f"{100 * teacher['error_mean']:.2f}%", "")
     summary = result.get("summary") or summarize(result.get("runs", []))
-    paired = {(p["variant"], p["ratio_target"]): p for p in (result.get("paired") or paired_differences(result.get("runs", [])))}
+    paired = {(p["variant"], p["ratio_target"], p.get("baseline", "sequential")): p for p in every}
     for s in sorted(summary, key=lambda s: (s["ratio_target"], s["variant"])):
         nothing = changed_nothing_note(s)
         table.add_row(s["variant"] + (f" ({nothing})" if nothing else ""), f"{s['ratio_target']:g}x", str(s["n"]),
                       f"{s['ratio_mean']:.1f}x", _acc(s), f"{100 * s['error_mean']:.2f}%",
-                      paired_cell(paired.get((s["variant"], s["ratio_target"]))))
+                      *(paired_cell(paired.get((s["variant"], s["ratio_target"], b))) for b in ["sequential", *stronger]))
     return table
 
 

@@ -30,6 +30,9 @@ class PruneUnstructured(PruningTechnique):
         self.appliers: dict[str, ApplyMask] = {}
         self.retargeted: dict[str, float] = {}  # per-layer targets set during the run (size steering)
         self.retarget_count = 0
+        # size steering measured the masks on LSQ's rounding (targets.SizeSteering): 0 not yet, 1 near the goal,
+        # 2 re-fitted (kept weights at level 0 are then priced as zeros to the end)
+        self.rounding_check = 0
 
     def setup(self, ctx: RunContext) -> None:
         self.layers = selected_layers(ctx.model, self.config)
@@ -138,6 +141,8 @@ class PruneUnstructured(PruningTechnique):
         if self.retargeted:  # NaN: the layer keeps its recipe target
             state["retarget"] = torch.tensor([self.retargeted.get(n, float("nan")) for n in self.layers], dtype=torch.float64)
             state["retarget_count"] = torch.tensor(self.retarget_count)
+        if self.rounding_check:
+            state["rounding_check"] = torch.tensor(self.rounding_check)
         return state
 
     def load_state_dict(self, state):
@@ -145,6 +150,7 @@ class PruneUnstructured(PruningTechnique):
         if "retarget" in state:
             self.retargeted = {n: float(v) for n, v in zip(self.layers, state["retarget"].tolist()) if v == v}
             self.retarget_count = int(state["retarget_count"])
+        self.rounding_check = int(state.get("rounding_check", 0))
 
     def loss_terms(self, ctx: RunContext) -> dict[str, torch.Tensor]:
         """Push the weights being pruned toward zero so removing them costs less (L1 on w*(1-m))."""
