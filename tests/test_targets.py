@@ -317,7 +317,7 @@ def test_a_2_bit_sequential_run_refits_its_masks_on_lsq_rounding_and_lands_near_
     assert set(result.recipe.technique("quant_lsq").layer_bits.values()) == {2}
     spec = finalize(model, result.example_inputs)
     manifest = save(model, spec, tmp_path / "a", example_inputs=result.example_inputs)
-    assert 0.9 * 4096 <= manifest["weights_file_bytes"] <= 4096
+    assert 0.98 * 4096 <= manifest["weights_file_bytes"] <= 4096  # within 2%, as steering lands 4-bit files
     under = [str(w.message) for w in said if "bytes the run did not spend" in str(w.message)]
     assert bool(under) == (manifest["weights_file_bytes"] < 0.9 * 4096)
 
@@ -333,3 +333,23 @@ def test_a_file_far_under_its_size_target_is_said():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         api._warn_size_missed(model, example, 1.05 * size)  # near its target: nothing to say
+
+
+def test_target_allocator_sensitivity_shares_the_bytes_by_a_scan_of_the_model_with_the_runs_evaluate(digits_teacher):
+    """allocator: sensitivity scans the model compress() starts from with its own evaluate (each layer pruned and
+    rounded alone) and allocates from the scan, where erk allocates from the shapes alone."""
+    split, teacher = digits_teacher
+    evaluate = evaluator(split.x_test, split.y_test)
+    data = _recipe({"size_kb": 6.6, "allocator": "sensitivity"}, epochs=1).model_dump()
+    data["training"]["batch_size"] = 256
+    expected = resolve_target(teacher, data, split.x_train[:2], evaluate=evaluate)
+    erk = resolve_target(teacher, _recipe({"size_kb": 6.6}, epochs=1), split.x_train[:2])
+    budgets = lambda r: (r.technique("prune_unstructured").layer_sparsity, r.technique("quant_lsq").layer_bits)  # noqa: E731
+    assert budgets(expected) != budgets(erk)
+    result = compress(copy.deepcopy(teacher), data, (split.x_train, split.y_train), evaluate, teacher=teacher)
+    assert budgets(result.recipe) == budgets(expected)
+    with pytest.raises(TargetError, match=r"target.allocator: sensitivity scans the model with an evaluate function"):
+        resolve_target(teacher, data, split.x_train[:2])  # nothing to scan with
+    joint = {**data, "mode": "joint", "techniques": [{"type": "quant_lsq", "zero_level": True}, {"type": "size_budget"}]}
+    with pytest.warns(UserWarning, match=r"allocator: sensitivity .* mode: joint learns its own .* not read"):
+        resolve_target(teacher, joint, split.x_train[:2], evaluate=evaluate)

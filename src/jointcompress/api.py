@@ -448,7 +448,7 @@ def _compress(model: nn.Module, recipe: Recipe, train_data, evaluate, teacher, p
     given = recipe
     recipe, joint_form = as_joint_form(recipe)  # mode: joint under a size target: one decision, one budget
     asked = recipe
-    recipe = _resolve_target(model, recipe, example, callbacks, run_dir, resume, dist)
+    recipe = _resolve_target(model, recipe, example, callbacks, run_dir, resume, dist, evaluate, loader)
     goal = _allocated_size_goal(model, recipe)
     techniques = [tech.build(c) for c in recipe.techniques]
     plan = make_plan(techniques, recipe.training.epochs * len(loader), recipe)
@@ -550,6 +550,22 @@ def _checked_inputs(model: nn.Module, teacher: nn.Module | None, recipe: Recipe,
     return loader, example
 
 
+def _norm_batches(model: nn.Module, loader, count: int) -> list | None:
+    """The inputs of the loader's first `count` batches, for a sensitivity scan of a model with BatchNorm to
+    re-estimate its statistics before each reading (sensitivity.scan); None without BatchNorm or tensor inputs."""
+    from .session.norm_statistics import trained_norms
+
+    if not count or loader is None or not trained_norms(model):
+        return None
+    batches = []
+    for batch, _ in zip(loader, range(count)):
+        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(inputs, torch.Tensor):
+            return None
+        batches.append(inputs)
+    return batches
+
+
 def _warn_loader_batch_size(train_data, recipe: Recipe) -> None:
     """A DataLoader of the caller's batches as it was made: a recipe that sets training.batch_size too was
     overridden without a word."""
@@ -560,15 +576,19 @@ def _warn_loader_batch_size(train_data, recipe: Recipe) -> None:
                       "drop training.batch_size from the recipe", UserWarning, stacklevel=4)
 
 
-def _resolve_target(model: nn.Module, recipe: Recipe, example, callbacks: list, run_dir, resume: bool, dist) -> Recipe:
+def _resolve_target(model: nn.Module, recipe: Recipe, example, callbacks: list, run_dir, resume: bool, dist,
+                    evaluate=None, loader=None) -> Recipe:
     """The recipe with its size / ratio / latency target turned into per-layer sparsity and bits (unchanged
-    without a target); a steered size target adds its SizeSteering callback to `callbacks`."""
+    without a target); a steered size target adds its SizeSteering callback to `callbacks`. `evaluate` and
+    the `loader`'s first batches (BatchNorm statistics) feed target.allocator: sensitivity's scan."""
     if recipe.target is None:
         return recipe
     from .run_target import resolve_for_run
     from .targets import SizeSteering, target_bytes
 
-    recipe = resolve_for_run(model, recipe, example, run_dir, resume, dist)
+    scan_with = (evaluate, _norm_batches(model, loader, recipe.training.recalibrate_norms)) \
+        if recipe.target.allocator == "sensitivity" else None
+    recipe = resolve_for_run(model, recipe, example, run_dir, resume, dist, scan_with=scan_with)
     if recipe.target is not None and recipe.target.steer and not recipe.target.is_latency:
         callbacks.append(SizeSteering(target_bytes(model, recipe.target)))
     return recipe

@@ -371,6 +371,12 @@ def _compare_base(recipe: Recipe, model_name: str, spec: CompareSpec) -> Recipe:
     if unknown:
         raise RecipeError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     check_ratios(spec.ratios)
+    if recipe.target is not None and recipe.target.allocator == "sensitivity" and "sequential-sens" not in spec.variants:
+        import warnings
+
+        warnings.warn("target.allocator: sensitivity: compare sets each point's target from --ratios, and its sequential "
+                      "variant keeps the ERK proxy; the variant sequential-sens allocates from a sensitivity scan of each "
+                      "teacher (add it to --variants)", stacklevel=3)
     base = recipe.model_copy(update={"model": model_name})
     overrides = {k: v for k, v in (("epochs", spec.epochs), ("keep", spec.keep)) if v}
     if spec.validation_images is not None:  # 0 is a choice too: select on the test split

@@ -384,6 +384,11 @@ class Target(Strict):
     # from the trained weights and step sizes so that the artifact lands on the target
     # (targets.SizeSteering)
     steer: bool = True
+    # how a size target's bytes are shared among the layers (modes sequential and overlap; mode: joint learns
+    # its own): erk, the ERK proxy (from the shapes alone); sensitivity, a scan of the model before training
+    # (each layer pruned and rounded alone, read with the run's evaluate): the layers whose metric drops most
+    # keep more weights and bits (targets.resolve_target)
+    allocator: Literal["erk", "sensitivity"] = "erk"
     # set by the allocator once it has written the per-layer budgets into the techniques;
     # compress() then does not allocate again (only steers)
     allocated: bool = False

@@ -115,8 +115,7 @@ class Candidate:
 
     def __init__(self, model: nn.Module, quant_layers: list[str], prune_layers: list[str], per_channel: bool,
                  sparsity_at_quant_start: float = 1.0, steps: dict[str, torch.Tensor] | None = None,
-                 scores: dict[str, torch.Tensor] | None = None, copy_model: bool = True,
-                 alive: dict[str, torch.Tensor] | None = None):
+                 scores: dict[str, torch.Tensor] | None = None, copy_model: bool = True, as_rounded: bool = False):
         # on the CPU, where the artifact writer measures it (a GPU model's copy is moved; each probe then
         # encodes without another copy)
         self.model = (copy.deepcopy(model) if copy_model else model).cpu().eval()
@@ -127,8 +126,7 @@ class Candidate:
         self.quant_layers, self.per_channel = quant_layers, per_channel
         self.at_start = sparsity_at_quant_start
         self.steps = None if steps is None else {n: v.cpu() for n, v in steps.items()}  # trained LSQ steps, else estimated
-        # the weights the run's masks keep now, rounded on its trained steps: those at level 0 are stored as zeros
-        self.alive = None if alive is None else {n: v.cpu().bool() for n, v in alive.items()}
+        self.as_rounded = as_rounded  # kept weights priced as they round (zeros free), not as kept alive (build)
         self.biases = {n: self.modules[n].bias.detach().clone() for n in quant_layers
                        if isinstance(getattr(self.modules[n], "bias", None), torch.Tensor)}
         self.step_format, self.bias_format = "fp16", "fp16"  # as training stores them (artifact/precision.py)
@@ -137,12 +135,11 @@ class Candidate:
 
     @classmethod
     def from_training(cls, model: nn.Module, prune, quant, sparsity_at_quant_start: float = 1.0,
-                      zeros: str = "none") -> "Candidate":
+                      as_rounded: bool = False) -> "Candidate":
         """A candidate made of the run's current state: dense trained weights, ranked by the
         pruning technique's scores, on the trained LSQ steps (what finalize would store), or
-        on estimated steps when LSQ has not started yet (sequential runs). `zeros`, once LSQ
-        rounds: "none" prices every kept weight as a value (build), "kept" stores the weights the
-        masks keep now as they round (those let back in as values), "all" every weight as it rounds."""
+        on estimated steps when LSQ has not started yet (sequential runs). `as_rounded`: every
+        kept weight priced as it rounds on the trained steps now (build)."""
         from torch.nn.utils import parametrize
 
         from .block_drop import as_dropped, collapse_faded
@@ -151,7 +148,7 @@ class Candidate:
         plain = plain_copy(model)
         collapse_faded(as_dropped(plain))  # the blocks prune_blocks fades out are not in the file: not priced either
         present = dict(plain.named_modules())
-        steps, scores, alive = {}, {}, {}
+        steps, scores = {}, {}
         names = [n for n in (list(quant.quantizers) if quant.attached else list(selected_layers(model, quant.config)))
                  if n in present]
         for name in names:
@@ -170,11 +167,8 @@ class Candidate:
             if name in names:
                 layer = plain.get_submodule(name)
                 scores[name] = prune.masks[prune_key(name)].scores.detach().clone() if learned else layer.weight.detach().abs()
-                if quant.attached and zeros != "none":
-                    hard = prune.masks[prune_key(name)].hard.detach()
-                    alive[name] = torch.ones_like(hard, dtype=torch.bool) if zeros == "all" else hard > 0
         cand = cls(plain, names, list(scores), quant.config.per_channel, sparsity_at_quant_start,
-                   steps=steps or None, scores=scores, copy_model=False, alive=alive or None)
+                   steps=steps or None, scores=scores, copy_model=False, as_rounded=as_rounded and quant.attached)
         cand.step_format, cand.bias_format = quant.config.stored_scale_format, quant.config.bias_format
         cand.store_norms_as(quant.config.stored_norm_format)  # before quantization starts too
         return cand
@@ -204,9 +198,9 @@ class Candidate:
 
         Two deliberate differences from naive post-training quantization, both measured
         against trained artifacts: kept weights stay non-zero (training keeps them alive, so
-        they cost value bytes; except those `alive` names, priced as they round on the trained
-        step: at 2 bits many round to zero, and priced as values they made a sequential file land
-        far under its target, see SizeSteering), and the step is LSQ's initial step taken when quantization
+        they cost value bytes; unless `as_rounded`, priced as they round on the trained step: at
+        2 bits many round to zero, and priced as values they made a sequential file land far under
+        its target, see SizeSteering), and the step is LSQ's initial step taken when quantization
         *starts*, i.e. on the weights pruned to the sparsity the schedule has reached then
         (`sparsity_at_quant_start` of the target): LSQ moves its step little after that, so
         the weights that survive the rest of the ramp, larger than that step's reference,
@@ -229,8 +223,8 @@ class Candidate:
                 step = lsq_init_step(self.original[name] * self._kept(name, target * self.at_start), qmax, self.per_channel)
             step = round_step(step, self.step_format)
             q = torch.clamp(torch.round(w / step), -qmax, qmax)
-            revived = keep if self.alive is None or name not in self.alive else keep & ~self.alive[name]
-            q = torch.where(revived & (q == 0), torch.sign(w), q)
+            if not self.as_rounded:
+                q = torch.where(keep & (q == 0), torch.sign(w), q)
             self.modules[name].weight.data.copy_(q * step)
             scale = step.flatten().expand(w.shape[0]).clone() if step.numel() == 1 else step.flatten().clone()
             if name in self.biases:
@@ -340,6 +334,9 @@ TRIM_AT = 0.9  # share of the run after which the masks are trimmed onto the tar
 # measured 20% under what they then coded to (a 15-step run: every layer dense, the file 3% over)
 TRIM_DENSIFY = 1.05
 REQUANT_UNDER = 0.05  # a file this far under its goal on LSQ's first rounding is re-fitted then (SizeSteering)
+# that re-fit prices every weight as it rounds now (exact for the state it leaves), so it may open layers wide: the
+# weights let back in that grow off level 0 later are cut again by the trim, which has no cap on cutting
+REQUANT_DENSIFY = 16.0
 TRIM_DROP_WARNING = 0.05  # a kept metric this share under the one before the trim is said (SizeSteering.on_end)
 
 
@@ -394,7 +391,7 @@ class SizeSteering:
                 prune.retarget_count = 2  # a short run under its target keeps its masks (see trim_step)
                 return
             self._refit(trainer, step, prune, quant, "size_trim", now=True,
-                        zeros="kept" if prune.rounding_check == 2 else "none")
+                        as_rounded=prune.rounding_check == 2)
             prune.retarget_count = 2
             self.best_before_trim = trainer.history.best_metric
             trainer.history.events[-1]["best_before"] = self.best_before_trim  # checkpointed: a resumed run reads it
@@ -423,13 +420,15 @@ class SizeSteering:
     def _check_rounding(self, trainer, step, prune, quant) -> None:
         """Once LSQ rounds the masked weights (fitted before it started): re-fit, masks moved at once, where the file
         the current masks would write is more than REQUANT_UNDER under the goal; the check is an event either way."""
-        now = steer_prediction(trainer.model, prune, quant)
+        from .techniques.size_estimate import measured_bytes
+
+        now = measured_bytes(trainer.model, trainer.session.ctx.example_inputs)["total"]
         refit = now < self.goal * (1 - REQUANT_UNDER)
         prune.rounding_check = 2 if refit else 1
         trainer.history.events.append({"step": step, "event": "size_rounding_check", "goal_bytes": round(self.goal),
                                        "predicted_bytes": now, "refit": refit})
         if refit:
-            self._refit(trainer, step, prune, quant, "size_requant", now=True, densify=4.0, zeros="all")
+            self._refit(trainer, step, prune, quant, "size_requant", now=True, densify=REQUANT_DENSIFY, as_rounded=True)
             prune.retarget_count = 1  # the trim still comes
 
     def _over(self, trainer) -> bool:
@@ -438,10 +437,10 @@ class SizeSteering:
         return measured_bytes(trainer.model, trainer.session.ctx.example_inputs)["total"] > self.goal
 
     def _refit(self, trainer, step, prune, quant, event: str, now: bool, densify: float | None = None,
-               zeros: str = "none") -> None:
+               as_rounded: bool = False) -> None:
         before = {n: prune.layer_target(n) for n in prune.layers}
         densify = densify or (TRIM_DENSIFY if now else 4.0)
-        sparsity, predicted = steer(trainer.model, prune, quant, self.goal, densify=densify, zeros=zeros)
+        sparsity, predicted = steer(trainer.model, prune, quant, self.goal, densify=densify, as_rounded=as_rounded)
         prune.retarget(sparsity, now=now)
         trainer.history.events.append({"step": step, "event": event, "goal_bytes": round(self.goal),
                                        "predicted_bytes": predicted, "layer_sparsity_before": before,
@@ -458,28 +457,20 @@ def trim_step(total: int, ramp_end: int) -> int:
     return max(min(math.ceil(TRIM_AT * total), total - 2), ramp_end, 0)
 
 
-def steer_prediction(model: nn.Module, prune, quant) -> int:
-    """The bytes of the file the run's current masks and LSQ state would write (Candidate.from_training)."""
-    at_start = sparsity_at_quant_start(quant.window[0], prune.window, prune.config.schedule)
-    cand = Candidate.from_training(model, prune, quant, at_start, zeros="kept")
-    bits = {n: (quant.config.layer_bits or {}).get(n, quant.config.bits) for n in cand.quant_layers}
-    return cand.file_bytes({n: prune.layer_target(n) for n in prune.layers if n in cand.original}, bits)
-
-
 def steer(model: nn.Module, prune, quant, goal: float, densify: float = 4.0,
-          zeros: str = "none") -> tuple[dict[str, float], int]:
+          as_rounded: bool = False) -> tuple[dict[str, float], int]:
     """Per-layer sparsity whose artifact, measured from the run's current state, is `goal` bytes; no
-    layer more than `densify` times as dense as its target now. `zeros`: which kept weights at LSQ's
-    level 0 are priced as zeros (Candidate.from_training)."""
+    layer more than `densify` times as dense as its target now. `as_rounded`: kept weights at LSQ's
+    level 0 priced as zeros (Candidate.from_training)."""
     at_start = sparsity_at_quant_start(quant.window[0], prune.window, prune.config.schedule)  # LSQ attaches then
-    cand = Candidate.from_training(model, prune, quant, at_start, zeros=zeros)
+    cand = Candidate.from_training(model, prune, quant, at_start, as_rounded=as_rounded)
     names = [n for n in prune.layers if n in cand.original]
     density = {n: max(1e-9, 1.0 - prune.layer_target(n)) for n in names}
     floor = {n: max(prune.config.min_keep, 1.0 - MAX_LAYER_SPARSITY, 1.0 / cand.original[n].numel()) for n in names}
     layer_bits = quant.config.layer_bits or {}
     bits = {n: layer_bits.get(n, quant.config.bits) for n in cand.quant_layers}
     aim = goal * (1 - STEER_MARGIN)
-    sparsity, size = fit_global(cand, density, floor, bits, aim, lo=0.25, hi=4.0)
+    sparsity, size = fit_global(cand, density, floor, bits, aim, lo=0.25, hi=max(4.0, densify))
     if any(1.0 - sparsity[n] > densify * density[n] for n in names):  # the same search below the cap
         sparsity, size = fit_global(cand, density, floor, bits, aim, lo=0.25, hi=densify)
     return {n: min(MAX_LAYER_SPARSITY, sparsity[n]) for n in names}, size
@@ -487,7 +478,8 @@ def steer(model: nn.Module, prune, quant, goal: float, densify: float = 4.0,
 
 # -- the public entry point ---------------------------------------------------------------
 
-def resolve_target(model: nn.Module, recipe: Recipe | dict, example_inputs, evaluate=None, sensitivity: dict | None = None) -> Recipe:
+def resolve_target(model: nn.Module, recipe: Recipe | dict, example_inputs, evaluate=None, sensitivity: dict | None = None,
+                   norm_batches=None) -> Recipe:
     """A new recipe with `recipe.target` turned into per-layer budgets.
 
     size_kb / ratio: fills prune_unstructured.layer_sparsity (scope: layer) and
@@ -511,6 +503,7 @@ def resolve_target(model: nn.Module, recipe: Recipe | dict, example_inputs, eval
         return recipe
     if recipe.target is None:
         return recipe
+    _check_allocator(recipe, evaluate, sensitivity)
     data = recipe.model_dump()
     data["target"] = None
     if recipe.technique("size_budget") is not None and not recipe.target.is_latency:
@@ -529,12 +522,27 @@ def resolve_target(model: nn.Module, recipe: Recipe | dict, example_inputs, eval
         from .sensitivity import scan
 
         sensitivity = scan(model, evaluate, example_inputs, metric=recipe.training.metric, groups=False,
-                           greater_is_better=recipe.training.metric_rises())
+                           greater_is_better=recipe.training.metric_rises(), norm_batches=norm_batches)
     alloc = allocate_size(model, full, example_inputs, scan=sensitivity,
                           base=allocation_base(model, data, example_inputs))
     data["target"] = {**recipe.target.model_dump(), "allocated": True}  # compress() steers toward it
     _say_added(kinds)
     return _with_budgets(data, alloc)
+
+
+def _check_allocator(recipe: Recipe, evaluate, sensitivity: dict | None) -> None:
+    """target.allocator: sensitivity needs something to scan with, and is said where nothing reads it."""
+    if recipe.target.allocator != "sensitivity":
+        return
+    if recipe.target.is_latency or recipe.technique("size_budget") is not None:
+        warnings.warn("target.allocator: sensitivity shares a size target's bytes among the layers in modes sequential "
+                      "and overlap; " + ("a latency target allocates channel widths from timings" if recipe.target.is_latency
+                                         else "mode: joint learns its own per-layer sparsity under one size budget")
+                      + ", so it is not read", stacklevel=3)
+    elif evaluate is None and sensitivity is None:
+        raise TargetError("target.allocator: sensitivity scans the model with an evaluate function before allocating: "
+                          "pass evaluate= (compress() passes its own) or a scan as sensitivity= (`jointcompress "
+                          "sensitivity` writes one), or use allocator: erk")
 
 
 def _say_added(kinds: list[str]) -> None:
@@ -571,13 +579,14 @@ def refusal_before_training(untrained: nn.Module, recipe: Recipe, example_inputs
 
         return latency_refusal(untrained, recipe, example_inputs)
     slack = {"ratio": target.ratio / PLAN_SLACK} if target.ratio is not None else {"size_kb": target.size_kb * PLAN_SLACK}
+    erk = {**target.model_dump(), "allocator": "erk"}  # the floor is the same for any sharing (an untrained model's scan is not)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the run says them, with its own numbers
         try:  # a ratio within the slack of 1 (or a size past float's range) has no slackened form: the run decides
-            slackened = parse_recipe({**recipe.model_dump(), "target": {**target.model_dump(), **slack}})
+            slackened = parse_recipe({**recipe.model_dump(), "target": {**erk, **slack}})
         except RecipeError:
             return None
-        for candidate in (slackened, recipe):
+        for candidate in (slackened, parse_recipe({**recipe.model_dump(), "target": erk})):
             try:
                 resolve_target(untrained, candidate, example_inputs)
                 return None
