@@ -421,7 +421,10 @@ def test_sequential_sens_trains_the_budgets_its_teachers_scan_allocates_and_is_a
     assert trained[1]["layer_bits"] == expected.technique("quant_lsq").layer_bits
     assert trained[0]["layer_sparsity"] == pytest.approx(expected.technique("prune_unstructured").layer_sparsity)
     assert trained[0]["layer_sparsity"] != pytest.approx(erk.technique("prune_unstructured").layer_sparsity)  # not ERK's
+    assert manifests["sequential-sens"]["recipe"]["target"]["allocator"] == "sensitivity"  # what it trained on
     pairs = {(p["variant"], p["baseline"]) for p in result["paired"]}
     assert pairs == {("joint-paced-obdland-none", "sequential"), ("sequential-sens", "sequential"),
                      ("joint-paced-obdland-none", "sequential-sens")}
-    assert "Δerror vs sequential-sens" in res.output
+    from jointcompress.commands.compare_cmd import summary_table
+
+    assert [c.header for c in summary_table(result).columns][-2:] == ["Δerror vs sequential", "Δerror vs sequential-sens"]

@@ -137,3 +137,30 @@ def test_benchmarks_page_shows_each_batch_of_a_pooled_folder_alone(tmp_path):
     # seeds 0-1: joint's error is 0.2 and 0.3 points lower; seeds 2-3: 0.2 and 0.2
     assert lines[0].startswith("- Seeds 0-1 alone (`a_5seeds`)") and "-0.25 ± 0.05 points" in lines[0]
     assert lines[1].startswith("- Seeds 2-3 alone (`a_s2to3`)") and "-0.20 ± 0.00 points" in lines[1]
+
+
+def test_benchmarks_page_sets_joint_beside_both_baselines_where_sequential_sens_ran(monkeypatch):
+    """The stronger baseline's section: each variant's mean error and file/target, joint − sequential-sens and
+    sequential-sens − sequential paired by seed, with verdicts only beyond 2 standard errors."""
+    from jointcompress.compare import all_paired
+
+    spec = importlib.util.spec_from_file_location("write_benchmarks_md", ROOT / "benchmarks" / "write_benchmarks_md.py")
+    page = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(page)
+    errors = {"joint-paced-obdland-none": [0.010, 0.011, 0.012], "sequential": [0.015, 0.015, 0.017],
+              "sequential-sens": [0.012, 0.013, 0.013]}
+    runs = [{"variant": v, "ratio_target": 100.0, "seed": s, "error": e, "accuracy": 1 - e, "file_bytes": 9_900,
+             "target_bytes": 10_000.0} for v, es in errors.items() for s, e in enumerate(es)]
+    result = {"model": "lenet5", "ratios": [100.0], "runs": runs, "epochs": 2, "teacher_epochs": 3, "train_images": 55_000,
+              "recipe": {"training": {"validation_images": 5000}}, "command": "compare x"}
+    monkeypatch.setattr(page, "load_compare", lambda folder: result)
+    monkeypatch.setattr(page, "_finished", lambda r: r)
+    lines = page.stronger_baseline_section(("x",))
+    (row,) = [line for line in lines if line.startswith("| LeNet-5")]
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[4:7] == ["1.10% (0.990)", "1.57% (0.990)", "1.27% (0.990)"]
+    assert cells[7] == "-0.17 ± 0.03 (n=3) **joint better**"  # -0.2, -0.2, -0.1 points
+    assert cells[8] == "-0.30 ± 0.06 (n=3) **sensitivity better**"  # -0.3, -0.2, -0.4 points
+    pairs = {(p["variant"], p["baseline"]) for p in all_paired(runs)}
+    assert pairs == {("joint-paced-obdland-none", "sequential"), ("sequential-sens", "sequential"),
+                     ("joint-paced-obdland-none", "sequential-sens")}

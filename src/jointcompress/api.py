@@ -550,15 +550,43 @@ def _checked_inputs(model: nn.Module, teacher: nn.Module | None, recipe: Recipe,
     return loader, example
 
 
+def _allocation_scan(model: nn.Module, recipe: Recipe, example, evaluate, loader, run_dir, resume: bool, dist):
+    """target.allocator: sensitivity's scan of the model (targets.allocation_scan), None for erk, for a size target
+    no allocator reads, or for a resumed run (its checkpoint holds the budgets). Every rank reads every setting
+    under torchrun, each reading averaged over the ranks (each rank's evaluate may see its share of the data)."""
+    from .run_target import resumed_resolution
+    from .targets import allocation_scan
+
+    target = recipe.target
+    if target.allocator != "sensitivity" or target.is_latency or target.allocated or recipe.technique("size_budget"):
+        return None
+    if resume and resumed_resolution(recipe, run_dir) is not None:
+        return None
+    batches = _norm_batches(model, loader, recipe.training.recalibrate_norms)
+    return allocation_scan(model, recipe, example, evaluate if dist is None else _averaged(evaluate, dist), batches)
+
+
+def _averaged(evaluate, dist):
+    """`evaluate` read on every rank and averaged (a dict of metrics, or one number)."""
+    def averaged(model):
+        out = evaluate(model)
+        if isinstance(out, dict):
+            return dist.mean_metrics({k: float(v) for k, v in out.items()})
+        return dist.mean_metrics({"value": float(out)})["value"]
+    return averaged
+
+
 def _norm_batches(model: nn.Module, loader, count: int) -> list | None:
     """The inputs of the loader's first `count` batches, for a sensitivity scan of a model with BatchNorm to
     re-estimate its statistics before each reading (sensitivity.scan); None without BatchNorm or tensor inputs."""
+    import itertools
+
     from .session.norm_statistics import trained_norms
 
     if not count or loader is None or not trained_norms(model):
         return None
     batches = []
-    for batch, _ in zip(loader, range(count)):
+    for batch in itertools.islice(loader, count):
         inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
         if not isinstance(inputs, torch.Tensor):
             return None
@@ -586,9 +614,8 @@ def _resolve_target(model: nn.Module, recipe: Recipe, example, callbacks: list, 
     from .run_target import resolve_for_run
     from .targets import SizeSteering, target_bytes
 
-    scan_with = (evaluate, _norm_batches(model, loader, recipe.training.recalibrate_norms)) \
-        if recipe.target.allocator == "sensitivity" else None
-    recipe = resolve_for_run(model, recipe, example, run_dir, resume, dist, scan_with=scan_with)
+    scanned = _allocation_scan(model, recipe, example, evaluate, loader, run_dir, resume, dist)
+    recipe = resolve_for_run(model, recipe, example, run_dir, resume, dist, sensitivity=scanned)
     if recipe.target is not None and recipe.target.steer and not recipe.target.is_latency:
         callbacks.append(SizeSteering(target_bytes(model, recipe.target)))
     return recipe

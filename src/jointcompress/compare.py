@@ -273,10 +273,14 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
             targeted = parse_recipe({**base.model_dump(), "target": {"ratio": ratio}})
             try:  # once: every sequential / overlap variant trains the same budgets (joint ones learn their own)
                 budgets = resolve_target(teacher, targeted, example) if needs_budgets else targeted
-                scanned_budgets = resolve_target(teacher, targeted, example, sensitivity=scanned) if scanned else None
             except TargetError as exc:  # record why this point is missing and go on with the others
                 _unreachable(result, out, log, ratio, seed, dense, exc)
                 continue
+            scanned_budgets = _scanned_budgets(teacher, targeted, example, scanned)
+            if isinstance(scanned_budgets, TargetError):  # that allocation alone is out of reach
+                for variant in SENSITIVITY_ALLOCATED & set(spec.variants):
+                    if not _done(result, variant, ratio, seed):
+                        _unreachable(result, out, log, ratio, seed, dense, scanned_budgets, variant)
             for variant in spec.variants:
                 if _done(result, variant, ratio, seed):
                     continue
@@ -286,6 +290,8 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
                     for left in (run_dir, Path(tensorboard) / name if tensorboard is not None else None):
                         if left is not None and left.is_dir():
                             shutil.rmtree(left)
+                if variant in SENSITIVITY_ALLOCATED and isinstance(scanned_budgets, TargetError):
+                    continue
                 try:  # a joint variant finds out whether its point is in reach as its run sets up
                     allocated = scanned_budgets if variant in SENSITIVITY_ALLOCATED else budgets
                     r = variant_recipe(allocated, variant, seed, targeted, teacher, example, total_steps)
@@ -374,9 +380,9 @@ def _compare_base(recipe: Recipe, model_name: str, spec: CompareSpec) -> Recipe:
     if recipe.target is not None and recipe.target.allocator == "sensitivity" and "sequential-sens" not in spec.variants:
         import warnings
 
-        warnings.warn("target.allocator: sensitivity: compare sets each point's target from --ratios, and its sequential "
-                      "variant keeps the ERK proxy; the variant sequential-sens allocates from a sensitivity scan of each "
-                      "teacher (add it to --variants)", stacklevel=3)
+        warnings.warn("target.allocator: sensitivity is not read by compare, which sets each point's target from "
+                      "--ratios (the variants sequential and overlap on the ERK proxy's budgets); the variant "
+                      "sequential-sens allocates from a sensitivity scan of each teacher (add it to --variants)", stacklevel=3)
     base = recipe.model_copy(update={"model": model_name})
     overrides = {k: v for k, v in (("epochs", spec.epochs), ("keep", spec.keep)) if v}
     if spec.validation_images is not None:  # 0 is a choice too: select on the test split
@@ -422,19 +428,39 @@ def _teacher_scan(teacher: nn.Module, split, base: Recipe, spec: CompareSpec, se
     """The sensitivity scan of the seed's teacher that the SENSITIVITY_ALLOCATED variants' allocator reads (None
     when no such variant runs): each layer pruned and rounded alone, read on the images the runs choose their epoch
     on (held-out training images with --val-images, else the test split), as `jointcompress sensitivity` reads them.
-    Kept as OUT/teachers/s<seed>.sensitivity.json beside the teacher, to see which layers it spared."""
+    Kept as OUT/teachers/s<seed>.sensitivity.json beside the teacher (to see which layers it spared), and read back
+    from there by --resume, as the teacher is."""
     if not any(v in SENSITIVITY_ALLOCATED for v in spec.variants):
         return None
+    import json
+
     from .commands.sensitivity_cmd import norm_batches
     from .data import evaluator
     from .io import atomic_write_json
-    from .sensitivity import scan
+    from .targets import allocation_scan
 
-    scanned = scan(teacher, evaluator(*split.selection()), split.x_train[:2], metric="accuracy", groups=False,
-                   norm_batches=norm_batches(split.x_train, base.training.recalibrate_norms))
+    kept = out / TEACHERS / f"s{seed}.sensitivity.json"
+    if kept.is_file():
+        return json.loads(kept.read_text())
+    scanned = allocation_scan(teacher, base, split.x_train[:2], evaluator(*split.selection()),
+                              norm_batches(split.x_train, base.training.recalibrate_norms))
     scanned["measured_on"] = split.selected_on
-    atomic_write_json(out / TEACHERS / f"s{seed}.sensitivity.json", scanned)
+    atomic_write_json(kept, scanned)
     return scanned
+
+
+def _scanned_budgets(teacher: nn.Module, targeted: Recipe, example, scanned: dict | None):
+    """The SENSITIVITY_ALLOCATED variants' budgets (their recipe says target.allocator: sensitivity), None when
+    none runs, or the TargetError that allocation met."""
+    from .targets import TargetError, resolve_target
+
+    if scanned is None:
+        return None
+    sens = parse_recipe({**targeted.model_dump(), "target": {**targeted.target.model_dump(), "allocator": "sensitivity"}})
+    try:
+        return resolve_target(teacher, sens, example, sensitivity=scanned)
+    except TargetError as exc:
+        return exc
 
 
 def _done(result: dict, variant: str, ratio: float, seed: int) -> bool:
@@ -762,7 +788,7 @@ def all_paired(runs: list[dict]) -> list[dict]:
     (SENSITIVITY_ALLOCATED) vs that one too, the stronger baseline of the two (sequential against it once)."""
     paired = paired_differences(runs)
     for baseline in sorted({r["variant"] for r in runs} & SENSITIVITY_ALLOCATED):
-        paired += [p for p in paired_differences(runs, baseline) if VARIANTS[p["variant"]][0] != "sequential"]
+        paired += [p for p in paired_differences(runs, baseline) if VARIANTS.get(p["variant"], ("",))[0] != "sequential"]
     return paired
 
 

@@ -767,7 +767,7 @@ def builtin_recipe(name: str) -> Path:
 # a checkpoint that lacks one resumes as that value, not as a different recipe
 ADDED_FIELDS = {("training", "keep"): "best", ("training", "validation_images"): 0, ("training", "micro_batches"): 1,
                 ("training", "precision"): "fp32", ("training", "greater_is_better"): None,
-                ("training", "recalibrate_norms"): 0}
+                ("training", "recalibrate_norms"): 0, ("target", "allocator"): "erk"}
 
 
 def with_added_fields(saved: dict) -> dict:

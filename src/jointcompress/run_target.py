@@ -19,19 +19,18 @@ from .recipe import MEMORY_FIELDS, Recipe, parse_recipe, with_added_fields, with
 
 
 def resolve_for_run(model: nn.Module, recipe: Recipe, example, run_dir: str | Path | None = None,
-                    resume: bool = False, dist=None, scan_with: tuple | None = None) -> Recipe:
+                    resume: bool = False, dist=None, sensitivity: dict | None = None) -> Recipe:
     """`recipe` with its target resolved (targets.resolve_target): the checkpoint's resolution when
     resuming the same recipe, else resolved here; under torchrun on rank 0 only, then broadcast.
-    An error on rank 0 (an unreachable target) is raised on every rank. `scan_with`: (evaluate, norm
-    batches) for target.allocator: sensitivity, which scans the model first."""
+    An error on rank 0 (an unreachable target) is raised on every rank. `sensitivity`: the scan
+    target.allocator: sensitivity allocates from (api._allocation_scan)."""
     from .targets import TargetError, resolve_target
 
     resolved, error = None, None
     if dist is None or dist.is_main:
         try:
-            evaluate, norm_batches = scan_with or (None, None)
             resolved = (resumed_resolution(recipe, run_dir) if resume else None) or \
-                resolve_target(model, recipe, example, evaluate=evaluate, norm_batches=norm_batches)
+                resolve_target(model, recipe, example, sensitivity=sensitivity)
         except Exception as exc:  # noqa: BLE001 -- under torchrun every rank must hear of it, or they wait forever
             if dist is None:
                 raise

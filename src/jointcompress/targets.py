@@ -334,8 +334,8 @@ TRIM_AT = 0.9  # share of the run after which the masks are trimmed onto the tar
 # measured 20% under what they then coded to (a 15-step run: every layer dense, the file 3% over)
 TRIM_DENSIFY = 1.05
 REQUANT_UNDER = 0.05  # a file this far under its goal on LSQ's first rounding is re-fitted then (SizeSteering)
-# that re-fit prices every weight as it rounds now (exact for the state it leaves), so it may open layers wide: the
-# weights let back in that grow off level 0 later are cut again by the trim, which has no cap on cutting
+# that re-fit prices every weight as it rounds now (exact for the state it leaves), so it may open layers this wide:
+# the weights let back in that grow off level 0 later are cut again by the trim, which may then cut as far
 REQUANT_DENSIFY = 16.0
 TRIM_DROP_WARNING = 0.05  # a kept metric this share under the one before the trim is said (SizeSteering.on_end)
 
@@ -347,11 +347,12 @@ class SizeSteering:
     1. once the pruning ramp is STEER_AT done (weights trained, masks nearly final), the
        per-layer sparsity is re-fitted from `Candidate.from_training`, keeping the layers'
        relative densities, and the ramp finishes at the new targets;
-    1b. where the masks were fitted before LSQ started (sequential runs), once it has: measured on
-       its rounding, the kept weights at level 0 are stored as zeros (at 2 bits many are), and a
-       file more than REQUANT_UNDER under the goal is re-fitted then, with the rest of the run to
-       train the weights let back in (the late trim may give back only TRIM_DENSIFY), and the
-       trim prices such zeros as zeros too; a file near its goal leaves the run as it was;
+    1b. where the masks were fitted before LSQ started (sequential runs; an overlap run whose LSQ
+       starts after the steering), once LSQ rounds them the file is measured as the writer stores
+       it (kept weights at level 0 are zeros; at 2 bits many are), and one more
+       than REQUANT_UNDER under the goal is re-fitted then, with the rest of the run to train the
+       weights let back in (the late trim may give back only TRIM_DENSIFY), and the trim prices
+       such zeros as zeros too; a file near its goal leaves the run as it was;
     2. weights keep spreading over more quantization levels while they train on (LeNet-300
        on MNIST: +2.7% of bytes from half-way to the end of a run, benchmarks/size_targets.py),
        so at TRIM_AT of the run (or the end of the ramp, if later) the sparsity is re-fitted
@@ -390,8 +391,9 @@ class SizeSteering:
             if trim_at < max(math.ceil(TRIM_AT * total), prune.window[1]) and not self._over(trainer):
                 prune.retarget_count = 2  # a short run under its target keeps its masks (see trim_step)
                 return
-            self._refit(trainer, step, prune, quant, "size_trim", now=True,
-                        as_rounded=prune.rounding_check == 2)
+            requant = prune.rounding_check == 2  # weights priced as they round, and cut as far as the re-fit opened
+            self._refit(trainer, step, prune, quant, "size_trim", now=True, as_rounded=requant,
+                        shrink=1 / REQUANT_DENSIFY if requant else None)
             prune.retarget_count = 2
             self.best_before_trim = trainer.history.best_metric
             trainer.history.events[-1]["best_before"] = self.best_before_trim  # checkpointed: a resumed run reads it
@@ -437,10 +439,11 @@ class SizeSteering:
         return measured_bytes(trainer.model, trainer.session.ctx.example_inputs)["total"] > self.goal
 
     def _refit(self, trainer, step, prune, quant, event: str, now: bool, densify: float | None = None,
-               as_rounded: bool = False) -> None:
+               as_rounded: bool = False, shrink: float | None = None) -> None:
         before = {n: prune.layer_target(n) for n in prune.layers}
         densify = densify or (TRIM_DENSIFY if now else 4.0)
-        sparsity, predicted = steer(trainer.model, prune, quant, self.goal, densify=densify, as_rounded=as_rounded)
+        sparsity, predicted = steer(trainer.model, prune, quant, self.goal, densify=densify, as_rounded=as_rounded,
+                                    shrink=shrink or 0.25)
         prune.retarget(sparsity, now=now)
         trainer.history.events.append({"step": step, "event": event, "goal_bytes": round(self.goal),
                                        "predicted_bytes": predicted, "layer_sparsity_before": before,
@@ -457,11 +460,11 @@ def trim_step(total: int, ramp_end: int) -> int:
     return max(min(math.ceil(TRIM_AT * total), total - 2), ramp_end, 0)
 
 
-def steer(model: nn.Module, prune, quant, goal: float, densify: float = 4.0,
-          as_rounded: bool = False) -> tuple[dict[str, float], int]:
+def steer(model: nn.Module, prune, quant, goal: float, densify: float = 4.0, as_rounded: bool = False,
+          shrink: float = 0.25) -> tuple[dict[str, float], int]:
     """Per-layer sparsity whose artifact, measured from the run's current state, is `goal` bytes; no
-    layer more than `densify` times as dense as its target now. `as_rounded`: kept weights at LSQ's
-    level 0 priced as zeros (Candidate.from_training)."""
+    layer more than `densify` times as dense as its target now, nor less than `shrink` times. `as_rounded`:
+    kept weights at LSQ's level 0 priced as zeros (Candidate.from_training)."""
     at_start = sparsity_at_quant_start(quant.window[0], prune.window, prune.config.schedule)  # LSQ attaches then
     cand = Candidate.from_training(model, prune, quant, at_start, as_rounded=as_rounded)
     names = [n for n in prune.layers if n in cand.original]
@@ -470,9 +473,9 @@ def steer(model: nn.Module, prune, quant, goal: float, densify: float = 4.0,
     layer_bits = quant.config.layer_bits or {}
     bits = {n: layer_bits.get(n, quant.config.bits) for n in cand.quant_layers}
     aim = goal * (1 - STEER_MARGIN)
-    sparsity, size = fit_global(cand, density, floor, bits, aim, lo=0.25, hi=max(4.0, densify))
+    sparsity, size = fit_global(cand, density, floor, bits, aim, lo=shrink, hi=max(4.0, densify))
     if any(1.0 - sparsity[n] > densify * density[n] for n in names):  # the same search below the cap
-        sparsity, size = fit_global(cand, density, floor, bits, aim, lo=0.25, hi=densify)
+        sparsity, size = fit_global(cand, density, floor, bits, aim, lo=shrink, hi=densify)
     return {n: min(MAX_LAYER_SPARSITY, sparsity[n]) for n in names}, size
 
 
@@ -519,10 +522,7 @@ def resolve_target(model: nn.Module, recipe: Recipe | dict, example_inputs, eval
     data = _with_size_techniques(data)
     full = parse_recipe({**data, "target": recipe.target.model_dump()}, source="resolved target")
     if sensitivity is None and evaluate is not None:
-        from .sensitivity import scan
-
-        sensitivity = scan(model, evaluate, example_inputs, metric=recipe.training.metric, groups=False,
-                           greater_is_better=recipe.training.metric_rises(), norm_batches=norm_batches)
+        sensitivity = allocation_scan(model, full, example_inputs, evaluate, norm_batches)
     alloc = allocate_size(model, full, example_inputs, scan=sensitivity,
                           base=allocation_base(model, data, example_inputs))
     data["target"] = {**recipe.target.model_dump(), "allocated": True}  # compress() steers toward it
@@ -541,8 +541,21 @@ def _check_allocator(recipe: Recipe, evaluate, sensitivity: dict | None) -> None
                       + ", so it is not read", stacklevel=3)
     elif evaluate is None and sensitivity is None:
         raise TargetError("target.allocator: sensitivity scans the model with an evaluate function before allocating: "
-                          "pass evaluate= (compress() passes its own) or a scan as sensitivity= (`jointcompress "
+                          "pass evaluate= to resolve_target (compress() passes its own; with prepare(), resolve the "
+                          "target first and prepare the resolved recipe) or a scan as sensitivity= (`jointcompress "
                           "sensitivity` writes one), or use allocator: erk")
+
+
+def allocation_scan(model: nn.Module, recipe: Recipe, example_inputs, evaluate, norm_batches=None) -> dict:
+    """The sensitivity scan the size allocator reads (sensitivity.scan): the layers the recipe's pruning and
+    quantization select, each pruned and rounded alone, no channel groups; `evaluate` may return a dict or a number."""
+    from .sensitivity import scan
+
+    full = parse_recipe(_with_size_techniques(recipe.model_dump()), source="resolved target")
+    layers = sorted(set(selected_layers(model, full.technique("prune_unstructured")))
+                    | set(selected_layers(model, full.technique("quant_lsq"))))
+    return scan(model, evaluate, example_inputs, metric=recipe.training.metric, groups=False, layers=layers,
+                greater_is_better=recipe.training.metric_rises(), norm_batches=norm_batches)
 
 
 def _say_added(kinds: list[str]) -> None:
