@@ -274,7 +274,7 @@ def test_a_latency_target_run_records_its_measured_verdict_in_the_summary(tmp_pa
     import jointcompress.targets as targets
     from jointcompress.recipe import parse_recipe
 
-    def resolve(model, asked, example):  # the allocation's timings are not the subject here
+    def resolve(model, asked, example, sensitivity=None):  # the allocation's timings are not the subject here
         return parse_recipe({**asked.model_dump(), "target": None})
 
     monkeypatch.setattr(targets, "resolve_target", resolve)

@@ -54,7 +54,7 @@ SCRIPT = textwrap.dedent(
     resolve_target = targets.resolve_target
 
 
-    def resolve_by_rank(model, asked, example):  # each rank would resolve the target its own way (timings differ)
+    def resolve_by_rank(model, asked, example, sensitivity=None):  # each rank would resolve the target its own way (timings differ)
         data = asked.model_dump()
         data["target"] = None
         data["techniques"][0]["sparsity"] = 0.25 if rank == 0 else 0.5

@@ -289,7 +289,7 @@ def _stopped_latency_run(run_dir, monkeypatch):
     from jointcompress.recipe import parse_recipe
 
     def resolving_to(sparsity):
-        def resolve(model, asked, example):
+        def resolve(model, asked, example, sensitivity=None):
             data = asked.model_dump()
             data["target"] = None
             data["techniques"][0]["sparsity"] = sparsity

@@ -605,7 +605,7 @@ def _write_compress_results(out: Path, recipe_path: Path, recipe, teacher, outco
         from .latency_targets import latency_against_target
 
         latency = latency_against_target(teacher, outcome.model, result.example_inputs, recipe.target)
-        asked = recipe.target.model_dump(exclude_none=True, exclude={"allocated", "steer"})
+        asked = recipe.target.model_dump(exclude_none=True, exclude={"allocated", "steer", "allocator"})  # size-only fields
         row["latency_target"] = {"asked": asked, **latency}
     atomic_write_json(out / "history.json", result.history.as_dict())
     atomic_write_json(out / "summary.json", rows)
