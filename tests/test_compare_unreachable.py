@@ -132,3 +132,21 @@ def test_a_damaged_teacher_the_compare_wrote_itself_is_named_with_the_way_to_tra
     with pytest.raises(JointCompressError, match=r"this compare trained and wrote .*s2.safetensors for seed 2: delete it, "
                                                  r"and --resume trains that teacher again"):
         _seed_teacher("lenet300", load_digits(), CompareSpec(ratios=[10]), parse_recipe({}), 2, None, None, tmp_path)
+
+
+def test_a_point_only_the_sensitivity_allocation_cannot_plan_is_recorded_for_that_variant_alone(tmp_path, monkeypatch):
+    from jointcompress import compare
+    from jointcompress.targets import TargetError
+
+    monkeypatch.setattr(compare, "_scanned_budgets", lambda *a: TargetError("the scan's budgets do not fit"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: lenet300\ndata: digits\ntechniques:\n  - {type: quant_lsq, bits: 4, start: 0.3}\n"
+                      "training: {epochs: 1, batch_size: 256, lr: 0.002}\n")
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(app, ["compare", str(recipe), "--ratios", "20", "--seeds", "1", "--teacher-epochs", "1",
+                                   "--variants", "sequential,sequential-sens", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    result = json.loads((out / "compare.json").read_text())
+    assert [r["variant"] for r in result["runs"]] == ["sequential"]  # the ERK baseline still ran
+    (missing,) = result["unreachable"]
+    assert missing["variant"] == "sequential-sens" and "do not fit" in missing["reason"]

@@ -490,7 +490,8 @@ def resolve_target(model: nn.Module, recipe: Recipe | dict, example_inputs, eval
     are needed to shrink the stored bytes. The target stays, marked `allocated`, so that
     compress() steers the bytes onto it during training (SizeSteering) without allocating
     again; a latency target is cleared. With `evaluate` (or a precomputed `sensitivity`
-    scan), sensitive layers keep more weights and bits; without, the ERK proxy is used.
+    scan), sensitive layers keep more weights and bits (allocation_scan; `norm_batches`: training
+    inputs a BatchNorm model's scan re-estimates its statistics on); without, the ERK proxy is used.
     latency_ms / speedup: sets prune_structured.layer_sparsity (added if missing) to per-group widths
     allocated from measured latency tables and confirmed by timing (latency_targets.py).
     """

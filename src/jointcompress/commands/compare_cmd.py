@@ -43,8 +43,8 @@ def register(app: typer.Typer) -> None:
                                           "target, with coordination none / scale / pcgrad, and sequential. Also joint-none, "
                                           "joint-scale, joint-pcgrad (size_budget at its defaults), joint-acc-pcgrad (PCGrad "
                                           "between accuracy and size), joint-paced-obd-none, overlap, sequential-sens (sequential on "
-                                          "budgets from a sensitivity scan of each teacher, a stronger baseline), ... (an "
-                                          "unknown name lists them all)."),
+                                          "the budgets the allocator makes from a sensitivity scan of each teacher, the "
+                                          "other baseline), ... (an unknown name lists them all)."),
         model: Optional[str] = typer.Option(None, "--model", help=f"{MODEL_CHOICES} (default: the recipe's)."),
         data: Optional[str] = typer.Option(None, "--data", help="'digits' or an .npz of images (MNIST-style; default: the recipe's)."),
         weights: Optional[Path] = typer.Option(None, "--weights", help="Trained weights (.safetensors) or a saved artifact folder, the teacher of every seed."),
