@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from jointcompress.commands.sensitivity_cmd import norm_batches
+from jointcompress.sensitivity import shuffled_batches
 from jointcompress.data import evaluator, load_digits
 from jointcompress.pipeline import train_teacher
 from jointcompress.recipe import parse_recipe
@@ -44,7 +44,7 @@ def one_seed(split, seed: int, epochs: int, batches: int) -> dict:
     model = train_teacher("resnet", split, epochs, lr=2e-3, seed=seed)
     evaluate, example = evaluator(split.x_test, split.y_test), split.x_train[:2]
     readings = {}
-    for name, given in (("running", None), ("re_estimated", norm_batches(split.x_train, batches))):
+    for name, given in (("running", None), ("re_estimated", shuffled_batches(split.x_train, batches))):
         t0 = time.perf_counter()
         result = scan(model, evaluate, example, groups=False, norm_batches=given)
         readings[name] = {"baseline": result["baseline"], "norm_batches": result["norm_batches"],

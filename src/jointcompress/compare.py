@@ -432,16 +432,16 @@ def _teacher_scan(teacher: nn.Module, split, base: Recipe, spec: CompareSpec, se
         return None
     import json
 
-    from .commands.sensitivity_cmd import norm_batches
     from .data import evaluator
     from .io import atomic_write_json
+    from .sensitivity import shuffled_batches
     from .targets import allocation_scan
 
     kept = out / TEACHERS / f"s{seed}.sensitivity.json"
     if kept.is_file():
         return json.loads(kept.read_text())
     scanned = allocation_scan(teacher, base, split.x_train[:2], evaluator(*split.selection()),
-                              norm_batches(split.x_train, base.training.recalibrate_norms))
+                              shuffled_batches(split.x_train, base.training.recalibrate_norms))
     scanned["measured_on"] = split.selected_on
     atomic_write_json(kept, scanned)
     return scanned

@@ -184,6 +184,13 @@ def scan(
     return out
 
 
+def shuffled_batches(x_train, count: int, size: int = 128) -> list:
+    """`count` batches of training images in a fixed shuffled order (a file sorted by class would give
+    every batch one class), for the scan's BatchNorm statistics (`scan(norm_batches=...)`)."""
+    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[: count * size]
+    return [x_train[order[i:i + size]] for i in range(0, len(order), size)]
+
+
 def drop_at(curve: dict[str, float], x: float) -> float:
     """Piecewise-linear interpolation of a scanned curve (drop 0 at the uncompressed end)."""
     pts = sorted((float(k), float(v)) for k, v in curve.items())

@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         from ..pipeline import builder_for, load_split, load_start, train_teacher
         from ..recipe import load_recipe
         from . import refuse_hf_recipe
-        from ..sensitivity import save_heatmap, scan, scanned_layers
+        from ..sensitivity import save_heatmap, scan, scanned_layers, shuffled_batches
 
         recipe = load_recipe(recipe_path)
         refuse_hf_recipe(recipe, recipe_path, "sensitivity",
@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
             else:
                 net = train_teacher(name, split, teacher_epochs, lr=recipe.training.lr, progress=tracked(bar, "train model"))
             result = scan(net, evaluator(*split.selection()), split.x_train[:2], sp, bs, gs, metric="accuracy",
-                          progress=tracked(bar, "scan"), norm_batches=norm_batches(split.x_train, recalibrate_norms))
+                          progress=tracked(bar, "scan"), norm_batches=shuffled_batches(split.x_train, recalibrate_norms))
         result["measured_on"] = split.selected_on  # the images the baseline and every drop are measured on
         atomic_write_json(out / "sensitivity.json", result)
         save_heatmap(result, out / "sensitivity.png")
@@ -78,15 +78,6 @@ def register(app: typer.Typer) -> None:
         if result["groups"]:
             console.print(group_table(result, gs))
         console.print(f"wrote {out / 'sensitivity.json'} and {out / 'sensitivity.png'}")
-
-
-def norm_batches(x_train, count: int, size: int = 128) -> list:
-    """`count` batches of training images in a fixed shuffled order (a file sorted by class would give
-    every batch one class), for the scan's BatchNorm statistics."""
-    import torch
-
-    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[: count * size]
-    return [x_train[order[i:i + size]] for i in range(0, len(order), size)]
 
 
 OUTPUTS = ("sensitivity.json", "sensitivity.png")  # what a scan writes (a re-run may replace them)
