@@ -311,9 +311,17 @@ def test_a_2_bit_sequential_run_refits_its_masks_on_lsq_rounding_and_lands_near_
         warnings.simplefilter("always")
         result = compress(model, data, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test),
                           teacher=teacher)
+    order = [e["event"] for e in result.history.events if e["event"].startswith("size_")]
     events = {e["event"]: e for e in result.history.events if e["event"].startswith("size_")}
-    assert list(events) == ["size_steering", "size_rounding_check", "size_requant", "size_trim"]
+    assert [e for e in order if e != "size_recheck_cut"] == ["size_steering", "size_rounding_check", "size_requant",
+                                                             "size_recheck", "size_recheck", "size_trim"]
     assert events["size_rounding_check"]["refit"] and events["size_rounding_check"]["predicted_bytes"] < 0.95 * 4096
+    rechecks = [e for e in result.history.events if e["event"] == "size_recheck"]
+    steps = [events["size_requant"]["step"]] + [e["step"] for e in rechecks] + [events["size_trim"]["step"]]
+    assert steps == sorted(steps) and len(set(steps)) == 4  # evenly between the re-fit and the trim
+    cuts = [e for e in result.history.events if e["event"] == "size_recheck_cut"]
+    assert len(cuts) == sum(e["refit"] for e in rechecks)  # a re-check over its goal cuts, one under it does not
+    assert all(e["refit"] == (e["predicted_bytes"] > 4096) for e in rechecks)
     assert set(result.recipe.technique("quant_lsq").layer_bits.values()) == {2}
     spec = finalize(model, result.example_inputs)
     manifest = save(model, spec, tmp_path / "a", example_inputs=result.example_inputs)
@@ -323,7 +331,7 @@ def test_a_2_bit_sequential_run_refits_its_masks_on_lsq_rounding_and_lands_near_
     fresh = copy.deepcopy(prune)
     fresh.rounding_check = 0
     fresh.load_state_dict(prune.state_dict())
-    assert prune.rounding_check == fresh.rounding_check == 2  # a resumed run prices the trim as rounded too
+    assert prune.rounding_check == fresh.rounding_check == 4  # a resumed run prices the trim as rounded too, re-checked
 
 
 def test_a_checkpoint_from_before_target_allocator_resumes_as_erk():

@@ -337,6 +337,10 @@ REQUANT_UNDER = 0.05  # a file this far under its goal on LSQ's first rounding i
 # that re-fit prices every weight as it rounds now (exact for the state it leaves), so it may open layers this wide:
 # the weights let back in that grow off level 0 later are cut again by the trim, which may then cut as far
 REQUANT_DENSIFY = 16.0
+# after such a re-fit, the file is measured this many times, evenly between it and the trim, and cut where it grew over
+# its goal: the weights let back in grow off level 0 as they train, and one cut at the trim, 10% of the run before the
+# end, had to take them all at once (a 2-bit LeNet-5 at 200x from 2,000 images fell from 96.5% to 62% and ended there)
+RECHECKS = 2
 TRIM_DROP_WARNING = 0.05  # a kept metric this share under the one before the trim is said (SizeSteering.on_end)
 
 
@@ -352,7 +356,8 @@ class SizeSteering:
        it (kept weights at level 0 are zeros; at 2 bits many are), and one more
        than REQUANT_UNDER under the goal is re-fitted then, with the rest of the run to train the
        weights let back in (the late trim may give back only TRIM_DENSIFY), and the trim prices
-       such zeros as zeros too; a file near its goal leaves the run as it was;
+       such zeros as zeros too; a file near its goal leaves the run as it was; after such a re-fit
+       the file is re-checked RECHECKS times before the trim and cut where it grew over its goal;
     2. weights keep spreading over more quantization levels while they train on (LeNet-300
        on MNIST: +2.7% of bytes from half-way to the end of a run, benchmarks/size_targets.py),
        so at TRIM_AT of the run (or the end of the ramp, if later) the sparsity is re-fitted
@@ -387,11 +392,13 @@ class SizeSteering:
             prune.rounding_check = int(quant.attached)
         elif not prune.rounding_check and quant.attached and p >= 1.0 and step < trim_at:
             self._check_rounding(trainer, step, prune, quant)
+        elif 2 <= prune.rounding_check < 2 + RECHECKS and step < trim_at:
+            self._recheck(trainer, step, trim_at, prune, quant)
         elif step >= trim_at:
             if trim_at < max(math.ceil(TRIM_AT * total), prune.window[1]) and not self._over(trainer):
                 prune.retarget_count = 2  # a short run under its target keeps its masks (see trim_step)
                 return
-            requant = prune.rounding_check == 2  # weights priced as they round, and cut as far as the re-fit opened
+            requant = prune.rounding_check >= 2  # weights priced as they round, and cut as far as the re-fit opened
             self._refit(trainer, step, prune, quant, "size_trim", now=True, as_rounded=requant,
                         shrink=1 / REQUANT_DENSIFY if requant else None)
             prune.retarget_count = 2
@@ -431,6 +438,26 @@ class SizeSteering:
                                        "predicted_bytes": now, "refit": refit})
         if refit:
             self._refit(trainer, step, prune, quant, "size_requant", now=True, densify=REQUANT_DENSIFY, as_rounded=True)
+            prune.retarget_count = 1  # the trim still comes
+
+    def _recheck(self, trainer, step, trim_at, prune, quant) -> None:
+        """After a re-fit on LSQ's rounding (rounding_check 2), at the k-th of RECHECKS even points between it and the
+        trim (rounding_check 1 + k): cut the masks at once, priced as rounded, where the file has grown over its goal,
+        so the trim at the end has little left to take. The points come from the check's own event (checkpointed)."""
+        from .techniques.size_estimate import measured_bytes
+
+        checked = [e["step"] for e in trainer.history.events if e.get("event") == "size_rounding_check"]
+        start = checked[-1] if checked else prune.window[1]
+        k = prune.rounding_check - 1
+        if step < start + k * (trim_at - start) / (RECHECKS + 1):
+            return
+        now = measured_bytes(trainer.model, trainer.session.ctx.example_inputs)["total"]
+        prune.rounding_check += 1
+        trainer.history.events.append({"step": step, "event": "size_recheck", "goal_bytes": round(self.goal),
+                                       "predicted_bytes": now, "refit": now > self.goal})
+        if now > self.goal:
+            self._refit(trainer, step, prune, quant, "size_recheck_cut", now=True, as_rounded=True,
+                        shrink=1 / REQUANT_DENSIFY)
             prune.retarget_count = 1  # the trim still comes
 
     def _over(self, trainer) -> bool:
