@@ -1,6 +1,7 @@
 """training.validation_images: the kept epoch (and a teacher's best epoch) is chosen on training rows held
 out for it, and the test split is only reported on."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -44,9 +45,34 @@ def test_compress_and_save_holds_out_the_recipes_rows_from_a_split_given_whole(t
     recipe = parse_recipe({"model": "lenet300", "techniques": [{"type": "quant_lsq", "bits": 8}],
                            "training": {"epochs": 1, "batch_size": 128, "validation_images": 120}})
     teacher = pipeline.train_teacher("lenet300", split, epochs=1)
-    outcome = pipeline.compress_and_save("artifact", teacher, recipe, split, pipeline.builder_for("lenet300", split),
-                                         tmp_path)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        outcome = pipeline.compress_and_save("artifact", teacher, recipe, split,
+                                             pipeline.builder_for("lenet300", split), tmp_path)
     assert outcome.row["selected_on"] == hold_out(split, 120).selected_on  # what the manifest's recipe says
+    assert not [w for w in said if "is not read by compress()" in str(w.message)]  # it held them out
+
+
+def test_compress_in_python_says_it_does_not_read_validation_images():
+    """compress() trains on what it is given and keeps the epoch the caller's evaluate rates best: a recipe's
+    validation_images held nothing out there, without a word; now it is said, with the way to hold them out."""
+    from jointcompress.api import compress, validation_held_out
+    from jointcompress.data import evaluator
+
+    split = load_digits()
+    recipe = {"model": "lenet300", "techniques": [{"type": "quant_lsq", "bits": 8}],
+              "training": {"epochs": 1, "batch_size": 256, "validation_images": 120}}
+    model = pipeline.builder_for("lenet300", split)()
+    with pytest.warns(UserWarning, match=r"training.validation_images: 120 is not read by compress\(\).*hold_out"):
+        compress(model, recipe, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no warning at all with 0, nor from a caller that held them out
+        recipe["training"]["validation_images"] = 0
+        compress(pipeline.builder_for("lenet300", split)(), recipe, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test))
+        recipe["training"]["validation_images"] = 120
+        with validation_held_out():
+            compress(pipeline.builder_for("lenet300", split)(), recipe, (split.x_train, split.y_train),
+                     evaluator(split.x_test, split.y_test))
 
 
 def test_compress_and_save_chooses_on_the_validation_rows_and_reports_the_test_split(tmp_path, monkeypatch):

@@ -1,6 +1,8 @@
 """The public verbs: compress a model with a recipe; finalize it; measure it."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -423,6 +425,7 @@ def compress(
     """
     recipe = parse_recipe(recipe)
     _check_run_arguments(recipe, teacher, run_dir, resume)
+    _warn_validation_unread(recipe)
     if not callable(evaluate):  # else a TypeError after the first epoch's training
         raise RecipeError(f"evaluate is {type(evaluate).__name__}, not a function: pass one that takes the model and "
                           "returns its metric on held-out data, e.g. jointcompress.data.evaluator(x_test, y_test); "
@@ -433,6 +436,33 @@ def compress(
         return _compress(model, recipe, train_data, evaluate, teacher, progress, callbacks, run_dir=run_dir,
                          resume=resume, checkpoint_every=checkpoint_every, max_nonfinite=max_nonfinite, dist=dist,
                          loss_fn=loss_fn)
+
+
+# True inside validation_held_out(): the caller held training.validation_images out and built `evaluate` on them
+_HELD_OUT = contextvars.ContextVar("jointcompress_validation_held_out", default=False)
+
+
+@contextlib.contextmanager
+def validation_held_out():
+    """compress() calls made inside come from a caller that held training.validation_images out of its data and
+    evaluates on them (pipeline.compress_and_save, the hf recipe), so compress() does not say it reads none."""
+    token = _HELD_OUT.set(True)
+    try:
+        yield
+    finally:
+        _HELD_OUT.reset(token)
+
+
+def _warn_validation_unread(recipe: Recipe) -> None:
+    """compress() trains on the data it is given and keeps the epoch the given `evaluate` rates best: a recipe's
+    training.validation_images, which the command line reads, held nothing out here, without a word."""
+    held = recipe.training.validation_images
+    if held and not _HELD_OUT.get():
+        warnings.warn(f"training.validation_images: {held} is not read by compress(), which trains on the train_data "
+                      "given and keeps the epoch your `evaluate` rates best; hold the images out yourself "
+                      f"(split = jointcompress.data.hold_out(split, {held}); train on split.x_train, split.y_train and "
+                      "pass jointcompress.data.evaluator(*split.selection())), or set it to 0. The command line, "
+                      "compare and demo hold them out for you", stacklevel=3)
 
 
 def _compress(model: nn.Module, recipe: Recipe, train_data, evaluate, teacher, progress, callbacks, *, run_dir, resume,

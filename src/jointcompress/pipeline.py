@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .api import Result, compress, seed_everything, train_baseline
+from .api import Result, compress, seed_everything, train_baseline, validation_held_out
 from .artifact.size import dense_fp32_bytes
 from .artifact.store import save
 from .spec import CompressionSpec
@@ -215,8 +215,9 @@ def compress_and_save(
         teacher = copy.deepcopy(teacher).to(device)
     model = copy.deepcopy(teacher)
     evaluate = evaluator(*split.selection())  # the kept epoch is chosen here; finalize_and_save reports the test split
-    result = compress(model, recipe, (split.x_train, split.y_train), evaluate, teacher=teacher,
-                      progress=progress, callbacks=callbacks, **compress_kwargs)
+    with validation_held_out():  # held out above, and `evaluate` reads them
+        result = compress(model, recipe, (split.x_train, split.y_train), evaluate, teacher=teacher,
+                          progress=progress, callbacks=callbacks, **compress_kwargs)
     row, spec = finalize_and_save(model, result, teacher, split, builder, out_dir and out_dir / name)
     if moved:
         model.cpu()

@@ -461,7 +461,7 @@ class Training(Strict):
     # teacher's best), so the test split is only reported on; read where the evaluation is built from a data
     # set (the command line, compare, pipeline.compress_and_save; an hf recipe holds out rows of its training
     # file, its dev file then only reported on); compress() in Python evaluates with the `evaluate` it is
-    # given. 0: choices read the test split (the dev file)
+    # given, and warns that it held nothing out. 0: choices read the test split (the dev file)
     validation_images: Annotated[int, Field(ge=0, le=100_000_000)] = 0
     # training batches over which BatchNorm's running statistics are re-estimated before each evaluation,
     # for the weights as they are then (quantized weights flip between grid points and masks move at once

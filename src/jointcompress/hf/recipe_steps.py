@@ -308,7 +308,7 @@ def _warn_under_chance(run: HFRun) -> None:
 def train(run: HFRun, dist, progress, callbacks, progressive: bool, compress_kwargs: dict, device=None) -> None:
     """Compress the student (joint/sequential: one compress() run; progressive: two stages), on
     `device` (default: the CPU): the teacher and the student go there, CPU batches follow them."""
-    from jointcompress.api import compress
+    from jointcompress.api import compress, validation_held_out
 
     recipe = run.recipe
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
@@ -326,18 +326,20 @@ def train(run: HFRun, dist, progress, callbacks, progressive: bool, compress_kwa
     x_sel, y_sel = (run.x_sel, run.y_sel) if run.x_sel is not None else (run.x_dev, run.y_dev)
     evaluate = lambda m: {"accuracy": accuracy(m, x_sel, y_sel)}  # noqa: E731
     if not progressive:
-        run.result = compress(SequenceClassifier(run.student), recipe, loader, evaluate, teacher=teacher_w, progress=progress,
-                              callbacks=callbacks, run_dir=run.out, distributed=dist if dist is not None else False,
-                              **compress_kwargs)
+        with validation_held_out():  # hold_out_rows held them out, and `evaluate` reads them
+            run.result = compress(SequenceClassifier(run.student), recipe, loader, evaluate, teacher=teacher_w,
+                                  progress=progress, callbacks=callbacks, run_dir=run.out,
+                                  distributed=dist if dist is not None else False, **compress_kwargs)
         return
     from jointcompress.progressive import progressive as _progressive
 
     if dist is not None:
         raise RecipeError("progressive HF compression runs in one process; start it without torchrun")
     layers_ = run.hf_cfg.student_layers
-    run.stage1, run.result = _progressive(
-        teacher_w, None, recipe, loader, evaluate, progress=progress,
-        student_from=lambda t: SequenceClassifier(make_student(t.hf, layers_) if layers_ else copy.deepcopy(t.hf)))
+    with validation_held_out():
+        run.stage1, run.result = _progressive(
+            teacher_w, None, recipe, loader, evaluate, progress=progress,
+            student_from=lambda t: SequenceClassifier(make_student(t.hf, layers_) if layers_ else copy.deepcopy(t.hf)))
 
 
 def finalize_student(run: HFRun, trim_vocab: bool | None) -> None:
