@@ -517,6 +517,88 @@ def stronger_baseline_section(folders=STRONGER_BASELINE) -> list[str]:
             ""]
 
 
+# (a folder at 3 bits, the folder of the same command at 4 bits): the same teachers, seeds, steps and target bytes,
+# only quant_lsq.bits differs (benchmarks/compare_mnist.py --bits 3)
+# (the _rerun folders: the stored 4-bit command run again beside the 3-bit one, whose teachers the earlier folder's
+# do not match on every seed)
+BIT_CHOICE = (("compare_lenet300_100x_3bit_val", "compare_lenet300_100x_sens_val"),
+              ("compare_lenet300_100x_e10_t20_3bit_val", "compare_lenet300_100x_e10_t20_val_rerun"),
+              ("compare_lenet300_60x_2k_3bit_val_10seeds", "compare_lenet300_60x_2k_obdland_val_10seeds_rerun"),
+              ("compare_lenet300_100x_2k_3bit_val_10seeds", "compare_lenet300_100x_2k_obdland_val_10seeds_rerun"))
+
+
+def _kept_validation(folder: str, row: dict) -> float:
+    """The held-out reading of the epoch a run kept (its history's best_metric), which chose nothing on the test split."""
+    history = ROOT / "benchmarks" / "results" / folder / row["dir"] / "history.json"
+    return json.loads(history.read_text())["best_metric"]
+
+
+def _at_bits(folder: str, bits: int) -> tuple[dict | None, list[dict]]:
+    """A folder's joint-form and sequential runs renamed "<variant>@<bits>", so that paired_stats pairs them by seed
+    across folders."""
+    r = _finished(load_compare(folder))
+    if r is None:
+        return None, []
+    runs = [{**row, "variant": f"{row['variant']}@{bits}", "validation": _kept_validation(folder, row)}
+            for row in r["runs"] if row["variant"] in (JOINT_FORM_VARIANT, "sequential")]
+    return r, runs
+
+
+def _chosen_bits(runs: list[dict], variant: str, ratio: float) -> int:
+    """The width whose runs read best, on average over the seeds, on the held-out images that chose their epochs."""
+    def reading(bits: int) -> float:
+        return statistics.fmean(x["validation"] for x in runs if x["variant"] == f"{variant}@{bits}" and x["ratio_target"] == ratio)
+    return max((3, 4), key=reading)
+
+
+def bit_choice_section(pairs=BIT_CHOICE) -> list[str]:
+    """Each method at 3 and at 4 bits on the same teachers: does joint win only at the width it likes, or also against
+    sequential at sequential's own better width? The width each method gets is chosen on the held-out images."""
+    rows, commands, unpaired = [], [], []
+    for low, high in pairs:
+        (r3, runs3), (r4, runs4) = _at_bits(low, 3), _at_bits(high, 4)
+        if r3 is None or r4 is None:
+            continue
+        teachers = [{u["seed"]: u["accuracy"] for u in r.get("uncompressed", [])} for r in (r3, r4)]
+        if any(teachers[1].get(seed) != acc for seed, acc in teachers[0].items()):
+            unpaired.append(f"`{low}` and `{high}`")  # other teachers: said, not paired
+            continue
+        runs, ratio = runs3 + runs4, r3["ratios"][0]
+        cells = []
+        for variant in (JOINT_FORM_VARIANT, "sequential"):
+            for bits in (3, 4):
+                mine = [x for x in runs if x["variant"] == f"{variant}@{bits}" and x["ratio_target"] == ratio]
+                files = statistics.fmean(x["file_bytes"] / x["target_bytes"] for x in mine)
+                cells.append(f"{100 * statistics.fmean(x['error'] for x in mine):.2f}% ({files:.3f})")
+        chosen = {v: _chosen_bits(runs, v, ratio) for v in (JOINT_FORM_VARIANT, "sequential")}
+        pairs_text = []
+        for jb, sb in ((3, 3), (4, 4), (3, 4), (chosen[JOINT_FORM_VARIANT], chosen["sequential"])):
+            st = paired_stats(runs, f"{JOINT_FORM_VARIANT}@{jb}", ratio, f"sequential@{sb}")
+            pairs_text.append("-" if st is None else f"{st[0]:+.2f} ± {st[1]:.2f} (n={st[2]}) {_verdict(st[0], st[1])}")
+        epochs = f"{r3['epochs']}, {_keep_rule(r3)}" + (f"; teachers {r3['teacher_epochs']}" if r3.get("teacher_epochs")
+                                                       not in (None, DEFAULT_TEACHER_EPOCHS.get(r3["model"])) else "")
+        rows.append(f"| {MODELS[r3['model']]} | {ratio:g}x | {r3.get('train_images', 60000):,} | {epochs} | "
+                    f"{' | '.join(cells)} | {' | '.join(pairs_text[:3])} | {chosen[JOINT_FORM_VARIANT]} / {chosen['sequential']}: "
+                    f"{pairs_text[3]} | `{low}`, `{high}` |")
+        commands += [_reproduce(r, r["model"]) for r in (r3, r4)]
+    if not rows and not unpaired:
+        return []
+    skipped = ([f"Not paired (their teachers differ on some seed): {', '.join(unpaired)}.", ""] if unpaired else [])
+    return ["## Bits as a choice: each method at 3 and at 4 bits (LeNet-300-100)", "",
+            "The same command at `--bits 3` and `--bits 4` (same teachers, seeds, steps and target bytes): the 3-bit "
+            "file keeps about a third more weights, each on a coarser grid. Error on the test split, mean over seeds, with "
+            "the weights file over its target in brackets; "
+            f"joint is `{JOINT_FORM_VARIANT}`, sequential the ERK-budget baseline. Differences paired by seed, ± one "
+            "standard error, counted only beyond 2 standard errors. \"joint 3 − sequential 4\" sets joint at 3 bits "
+            "against sequential at 4; the last difference gives each method the width whose runs read best on the held-out "
+            "training images that chose their epochs (mean over seeds; the test split chose nothing).", "",
+            "| model | target | training images | epochs | joint 3-bit | joint 4-bit | sequential 3-bit | sequential 4-bit | "
+            "joint − sequential, both 3-bit | both 4-bit | joint 3 − sequential 4 | each at its held-out choice (joint / "
+            "sequential bits) | results |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *rows, "",
+            *(["Reproduce: " + "; ".join(commands) + ".", ""] if commands else []), *skipped]
+
+
 def paired_difference(runs: list[dict], variant: str, ratio: float, baseline: str = "sequential") -> str:
     """Joint minus sequential (or `baseline`) error per seed (same teacher, same budgets), with its
     standard error: a difference counts only when it exceeds two standard errors."""
@@ -1936,6 +2018,7 @@ def main() -> None:
     text += headline_table(points, intro=HEADLINE_INTRO)
     text += points_table(points)
     text += stronger_baseline_section()
+    text += bit_choice_section()
     text += keep_rule_section()
     text += gpu_section()
     text += demo_section()

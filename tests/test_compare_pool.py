@@ -164,3 +164,39 @@ def test_benchmarks_page_sets_joint_beside_both_baselines_where_sequential_sens_
     pairs = {(p["variant"], p["baseline"]) for p in all_paired(runs)}
     assert pairs == {("joint-paced-obdland-none", "sequential"), ("sequential-sens", "sequential"),
                      ("joint-paced-obdland-none", "sequential-sens")}
+
+
+def test_benchmarks_page_sets_each_method_at_3_and_4_bits_and_at_the_width_held_out_images_chose(monkeypatch):
+    """Joint at 3 bits against sequential at 3 and at 4 bits, paired by seed across the two folders (same teachers),
+    and each method at the width whose kept epochs read best on the held-out images (not the test split)."""
+    spec = importlib.util.spec_from_file_location("write_benchmarks_md", ROOT / "benchmarks" / "write_benchmarks_md.py")
+    page = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(page)
+    joint = page.JOINT_FORM_VARIANT
+    # test errors; held-out readings: joint reads best at 3 bits, and so does sequential, though its 4-bit runs do
+    # better on the test split: the choice follows the held-out readings
+    errors = {("low", joint): [0.070, 0.072, 0.071], ("low", "sequential"): [0.080, 0.083, 0.081],
+              ("high", joint): [0.075, 0.076, 0.077], ("high", "sequential"): [0.074, 0.077, 0.075]}
+    reads = {("low", joint): 0.93, ("low", "sequential"): 0.915, ("high", joint): 0.92, ("high", "sequential"): 0.91}
+    results = {folder: {"model": "lenet300", "ratios": [100.0], "epochs": 40, "teacher_epochs": 30, "train_images": 1800,
+                        "recipe": {"training": {"validation_images": 200}}, "command": f"compare {folder}",
+                        "uncompressed": [{"seed": s, "accuracy": 0.92 + s / 1000} for s in range(3)],
+                        "runs": [{"variant": v, "ratio_target": 100.0, "seed": s, "error": e, "dir": f"{folder}|{v}",
+                                  "file_bytes": 9_800 if v == "sequential" and folder == "low" else 9_900,
+                                  "target_bytes": 10_000.0}
+                                 for (f, v), es in errors.items() if f == folder for s, e in enumerate(es)]}
+               for folder in ("low", "high")}
+    monkeypatch.setattr(page, "load_compare", lambda folder: results[folder])
+    monkeypatch.setattr(page, "_finished", lambda r: r)
+    monkeypatch.setattr(page, "_kept_validation", lambda folder, row: reads[tuple(row["dir"].split("|"))])
+    (row,) = [line for line in page.bit_choice_section((("low", "high"),)) if line.startswith("| LeNet-300-100")]
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[4:8] == ["7.10% (0.990)", "7.60% (0.990)", "8.13% (0.980)", "7.53% (0.990)"]
+    assert cells[8] == "-1.03 ± 0.03 (n=3) **joint better**"  # both at 3 bits: -1.0, -1.1, -1.0 points
+    assert cells[9] == "+0.07 ± 0.09 (n=3) tie"  # both at 4 bits: +0.1, -0.1, +0.2
+    assert cells[10] == "-0.43 ± 0.03 (n=3) **joint better**"  # joint 3 against sequential 4: -0.4, -0.5, -0.4
+    assert cells[11] == "3 / 3: " + cells[8]  # chosen on the held-out readings, not on the test split
+    results["high"]["uncompressed"][1]["accuracy"] = 0.5  # another teacher for one seed: the folders are not paired
+    lines = page.bit_choice_section((("low", "high"),))
+    assert not [line for line in lines if line.startswith("| LeNet")]
+    assert "Not paired (their teachers differ on some seed): `low` and `high`." in lines
