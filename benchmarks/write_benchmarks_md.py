@@ -550,6 +550,23 @@ def _chosen_bits(runs: list[dict], variant: str, ratio: float) -> int:
     return max((3, 4), key=reading)
 
 
+def _bit_choice_cells(runs: list[dict], ratio: float) -> str:
+    """One point's cells: each method's error (file/target) at 3 and 4 bits, then joint − sequential both at 3, both
+    at 4, joint at 3 against sequential at 4, and each at the width its held-out images chose."""
+    cells = []
+    for variant in (JOINT_FORM_VARIANT, "sequential"):
+        for bits in (3, 4):
+            mine = [x for x in runs if x["variant"] == f"{variant}@{bits}" and x["ratio_target"] == ratio]
+            files = statistics.fmean(x["file_bytes"] / x["target_bytes"] for x in mine)
+            cells.append(f"{100 * statistics.fmean(x['error'] for x in mine):.2f}% ({files:.3f})")
+    chosen = {v: _chosen_bits(runs, v, ratio) for v in (JOINT_FORM_VARIANT, "sequential")}
+    for jb, sb in ((3, 3), (4, 4), (3, 4), (chosen[JOINT_FORM_VARIANT], chosen["sequential"])):
+        st = paired_stats(runs, f"{JOINT_FORM_VARIANT}@{jb}", ratio, f"sequential@{sb}")
+        cells.append("-" if st is None else f"{st[0]:+.2f} ± {st[1]:.2f} (n={st[2]}) {_verdict(st[0], st[1])}")
+    cells[-1] = f"{chosen[JOINT_FORM_VARIANT]} / {chosen['sequential']}: {cells[-1]}"
+    return " | ".join(cells)
+
+
 def bit_choice_section(pairs=BIT_CHOICE) -> list[str]:
     """Each method at 3 and at 4 bits on the same teachers: does joint win only at the width it likes, or also against
     sequential at sequential's own better width? The width each method gets is chosen on the held-out images."""
@@ -562,28 +579,16 @@ def bit_choice_section(pairs=BIT_CHOICE) -> list[str]:
         if any(teachers[1].get(seed) != acc for seed, acc in teachers[0].items()):
             unpaired.append(f"`{low}` and `{high}`")  # other teachers: said, not paired
             continue
-        runs, ratio = runs3 + runs4, r3["ratios"][0]
-        cells = []
-        for variant in (JOINT_FORM_VARIANT, "sequential"):
-            for bits in (3, 4):
-                mine = [x for x in runs if x["variant"] == f"{variant}@{bits}" and x["ratio_target"] == ratio]
-                files = statistics.fmean(x["file_bytes"] / x["target_bytes"] for x in mine)
-                cells.append(f"{100 * statistics.fmean(x['error'] for x in mine):.2f}% ({files:.3f})")
-        chosen = {v: _chosen_bits(runs, v, ratio) for v in (JOINT_FORM_VARIANT, "sequential")}
-        pairs_text = []
-        for jb, sb in ((3, 3), (4, 4), (3, 4), (chosen[JOINT_FORM_VARIANT], chosen["sequential"])):
-            st = paired_stats(runs, f"{JOINT_FORM_VARIANT}@{jb}", ratio, f"sequential@{sb}")
-            pairs_text.append("-" if st is None else f"{st[0]:+.2f} ± {st[1]:.2f} (n={st[2]}) {_verdict(st[0], st[1])}")
         epochs = f"{r3['epochs']}, {_keep_rule(r3)}" + (f"; teachers {r3['teacher_epochs']}" if r3.get("teacher_epochs")
                                                        not in (None, DEFAULT_TEACHER_EPOCHS.get(r3["model"])) else "")
-        rows.append(f"| {MODELS[r3['model']]} | {ratio:g}x | {r3.get('train_images', 60000):,} | {epochs} | "
-                    f"{' | '.join(cells)} | {' | '.join(pairs_text[:3])} | {chosen[JOINT_FORM_VARIANT]} / {chosen['sequential']}: "
-                    f"{pairs_text[3]} | `{low}`, `{high}` |")
+        for ratio in (x for x in r3["ratios"] if x in r4["ratios"]):
+            rows.append(f"| {MODELS[r3['model']]} | {ratio:g}x | {r3.get('train_images', 60000):,} | {epochs} | "
+                        f"{_bit_choice_cells(runs3 + runs4, ratio)} | `{low}`, `{high}` |")
         commands += [_reproduce(r, r["model"]) for r in (r3, r4)]
     if not rows and not unpaired:
         return []
     skipped = ([f"Not paired (their teachers differ on some seed): {', '.join(unpaired)}.", ""] if unpaired else [])
-    return ["## Bits as a choice: each method at 3 and at 4 bits (LeNet-300-100)", "",
+    return ["## Bits as a choice: each method at 3 and at 4 bits", "",
             "The same command at `--bits 3` and `--bits 4` (same teachers, seeds, steps and target bytes): the 3-bit "
             "file keeps about a third more weights, each on a coarser grid. Error on the test split, mean over seeds, with "
             "the weights file over its target in brackets; "
