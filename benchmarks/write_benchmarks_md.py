@@ -523,7 +523,8 @@ def stronger_baseline_section(folders=STRONGER_BASELINE) -> list[str]:
 BIT_CHOICE = (("compare_lenet300_100x_3bit_val", "compare_lenet300_100x_sens_val"),
               ("compare_lenet300_100x_e10_t20_3bit_val", "compare_lenet300_100x_e10_t20_val_rerun"),
               ("compare_lenet300_60x_2k_3bit_val_10seeds", "compare_lenet300_60x_2k_obdland_val_10seeds_rerun"),
-              ("compare_lenet300_100x_2k_3bit_val_20seeds", "compare_lenet300_100x_2k_obdland_val_20seeds"))
+              ("compare_lenet300_100x_2k_3bit_val_20seeds", "compare_lenet300_100x_2k_obdland_val_20seeds"),
+              ("compare_lenet5_3bit_val", "compare_lenet5_sens_val"), ("compare_lenet5_2k_3bit_val", "compare_lenet5_2k_sens_val"))
 
 
 def _kept_validation(folder: str, row: dict) -> float:
