@@ -321,6 +321,7 @@ def test_a_2_bit_sequential_run_refits_its_masks_on_lsq_rounding_and_lands_near_
     assert steps == sorted(steps) and len(set(steps)) == 4  # evenly between the re-fit and the trim
     cuts = [e for e in result.history.events if e["event"] == "size_recheck_cut"]
     assert len(cuts) == sum(e["refit"] for e in rechecks)  # a re-check over its goal cuts, one under it does not
+    assert cuts and all(c["predicted_bytes"] <= 4096 for c in cuts)  # here the regrown weights went over, and were cut
     assert all(e["refit"] == (e["predicted_bytes"] > 4096) for e in rechecks)
     assert set(result.recipe.technique("quant_lsq").layer_bits.values()) == {2}
     spec = finalize(model, result.example_inputs)

@@ -68,7 +68,8 @@ def test_compress_in_python_says_it_does_not_read_validation_images():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no warning at all with 0, nor from a caller that held them out
         recipe["training"]["validation_images"] = 0
-        compress(pipeline.builder_for("lenet300", split)(), recipe, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test))
+        compress(pipeline.builder_for("lenet300", split)(), recipe, (split.x_train, split.y_train),
+                 evaluator(split.x_test, split.y_test))
         recipe["training"]["validation_images"] = 120
         with validation_held_out():
             compress(pipeline.builder_for("lenet300", split)(), recipe, (split.x_train, split.y_train),
