@@ -520,7 +520,8 @@ def stronger_baseline_section(folders=STRONGER_BASELINE) -> list[str]:
 # (a folder at 3 bits, the folder of the same command at 4 bits): the same teachers, seeds, steps and target bytes,
 # only quant_lsq.bits differs (benchmarks/compare_mnist.py --bits 3). The 4-bit commands were run again beside the
 # 3-bit ones (_rerun, and the batches pooled into _20seeds): the earlier folders' teachers differ on some seeds.
-BIT_CHOICE = (("compare_lenet300_100x_3bit_val", "compare_lenet300_100x_sens_val"),
+BIT_CHOICE = (("compare_lenet300_60x_3bit_val", "compare_lenet300_60x_val_rerun"),
+              ("compare_lenet300_100x_3bit_val", "compare_lenet300_100x_sens_val"),
               ("compare_lenet300_100x_e10_t20_3bit_val", "compare_lenet300_100x_e10_t20_val_rerun"),
               ("compare_lenet300_60x_2k_3bit_val_10seeds", "compare_lenet300_60x_2k_obdland_val_10seeds_rerun"),
               ("compare_lenet300_100x_2k_3bit_val_20seeds", "compare_lenet300_100x_2k_obdland_val_20seeds"),
