@@ -6,16 +6,23 @@ from typer.testing import CliRunner
 from jointcompress.cli import app
 
 
-def test_unreachable_ratio_is_recorded_and_the_run_goes_on(tmp_path):
+def _compare(tmp_path, recipe_text: str, ratios: str, seeds: int, variants: str):
+    """`jointcompress compare` on `recipe_text` with one-epoch teachers, into tmp_path/cmp: (the CLI result,
+    the folder)."""
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(
-        "model: lenet300\ndata: digits\ntechniques:\n"
-        "  - {type: prune_unstructured, sparsity: 0.9, end: 0.6}\n"
-        "  - {type: quant_lsq, bits: 4, start: 0.3}\n"
-        "training: {epochs: 1, batch_size: 128, lr: 0.002}\ncoordination: {every: 2, log_every: 2}\n")
+    recipe.write_text(recipe_text)
     out = tmp_path / "cmp"
-    res = CliRunner().invoke(app, ["compare", str(recipe), "--ratios", "5000,20", "--seeds", "1", "--teacher-epochs", "1",
-                                   "--variants", "sequential", "--out", str(out)])
+    res = CliRunner().invoke(app, ["compare", str(recipe), "--ratios", ratios, "--seeds", str(seeds),
+                                   "--teacher-epochs", "1", "--variants", variants, "--out", str(out)])
+    return res, out
+
+
+def test_unreachable_ratio_is_recorded_and_the_run_goes_on(tmp_path):
+    res, out = _compare(tmp_path, "model: lenet300\ndata: digits\ntechniques:\n"
+                        "  - {type: prune_unstructured, sparsity: 0.9, end: 0.6}\n"
+                        "  - {type: quant_lsq, bits: 4, start: 0.3}\n"
+                        "training: {epochs: 1, batch_size: 128, lr: 0.002}\ncoordination: {every: 2, log_every: 2}\n",
+                        "5000,20", 1, "sequential")
     assert res.exit_code == 0, res.output
     result = json.loads((out / "compare.json").read_text())
     assert [r["ratio_target"] for r in result["runs"]] == [20]
@@ -75,12 +82,10 @@ def test_a_ratio_the_allocator_cannot_plan_is_refused_before_any_teacher_trains(
     import jointcompress.compare as compare
 
     monkeypatch.setattr(compare, "_seed_teacher", lambda *a, **k: pytest.fail("a teacher trained for a point out of reach"))
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: lenet300\ndata: digits\ntechniques:\n  - {type: prune_unstructured, sparsity: 0.9}\n"
-                      "  - {type: quant_lsq, bits: 4}\ntraining: {epochs: 1, batch_size: 128}\n")
-    out = tmp_path / "cmp"
-    res = CliRunner().invoke(app, ["compare", str(recipe), "--ratios", "5000,8000", "--seeds", "2", "--teacher-epochs", "1",
-                                   "--variants", "joint-paced-obdland-none,sequential", "--out", str(out)])
+    res, out = _compare(tmp_path, "model: lenet300\ndata: digits\ntechniques:\n"
+                        "  - {type: prune_unstructured, sparsity: 0.9}\n  - {type: quant_lsq, bits: 4}\n"
+                        "training: {epochs: 1, batch_size: 128}\n",
+                        "5000,8000", 2, "joint-paced-obdland-none,sequential")
     assert res.exit_code != 0 and "compare ran nothing" in str(res.exception), res.output
     unreachable = json.loads((out / "compare.json").read_text())["unreachable"]
     assert [(u["ratio_target"], u["seed"]) for u in unreachable] == [(5000, 0), (5000, 1), (8000, 0), (8000, 1)]
@@ -95,12 +100,10 @@ def test_a_ratio_out_of_reach_of_joint_variants_alone_is_refused_before_any_teac
     import jointcompress.compare as compare
 
     monkeypatch.setattr(compare, "_seed_teacher", lambda *a, **k: pytest.fail("a teacher trained for a point out of reach"))
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: lenet300\ndata: digits\nmode: joint\ntechniques:\n  - {type: prune_unstructured}\n"
-                      "  - {type: quant_lsq, bits: 4}\ntraining: {epochs: 1, batch_size: 128}\n")
-    out = tmp_path / "cmp"
-    res = CliRunner().invoke(app, ["compare", str(recipe), "--ratios", "5000", "--seeds", "2", "--teacher-epochs", "1",
-                                   "--variants", "joint-paced-obdland-none", "--out", str(out)])
+    res, out = _compare(tmp_path, "model: lenet300\ndata: digits\nmode: joint\ntechniques:\n"
+                        "  - {type: prune_unstructured}\n  - {type: quant_lsq, bits: 4}\n"
+                        "training: {epochs: 1, batch_size: 128}\n",
+                        "5000", 2, "joint-paced-obdland-none")
     assert res.exit_code != 0 and "compare ran nothing" in str(res.exception), res.output
     unreachable = json.loads((out / "compare.json").read_text())["unreachable"]
     assert [(u["ratio_target"], u["seed"]) for u in unreachable] == [(5000, 0), (5000, 1)]
@@ -139,12 +142,10 @@ def test_a_point_only_the_sensitivity_allocation_cannot_plan_is_recorded_for_tha
     from jointcompress.targets import TargetError
 
     monkeypatch.setattr(compare, "_scanned_budgets", lambda *a: TargetError("the scan's budgets do not fit"))
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: lenet300\ndata: digits\ntechniques:\n  - {type: quant_lsq, bits: 4, start: 0.3}\n"
-                      "training: {epochs: 1, batch_size: 256, lr: 0.002}\n")
-    out = tmp_path / "cmp"
-    res = CliRunner().invoke(app, ["compare", str(recipe), "--ratios", "20", "--seeds", "1", "--teacher-epochs", "1",
-                                   "--variants", "sequential,sequential-sens", "--out", str(out)])
+    res, out = _compare(tmp_path, "model: lenet300\ndata: digits\ntechniques:\n"
+                        "  - {type: quant_lsq, bits: 4, start: 0.3}\n"
+                        "training: {epochs: 1, batch_size: 256, lr: 0.002}\n",
+                        "20", 1, "sequential,sequential-sens")
     assert res.exit_code == 0, res.output
     result = json.loads((out / "compare.json").read_text())
     assert [r["variant"] for r in result["runs"]] == ["sequential"]  # the ERK baseline still ran
