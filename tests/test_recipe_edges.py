@@ -236,6 +236,25 @@ def test_a_sequential_recipe_whose_quantization_never_trains_is_refused_before_t
     prepare(_mlp(), recipe, total_steps=100)
 
 
+def test_a_quantization_start_that_sequential_does_not_read_is_said():
+    """mode: sequential starts LSQ at its quantize phase: quant_lsq.start 0.3 was dropped without a word. It is
+    said, naming where LSQ starts instead; joint reads it and is silent, and compare's sequential variant of a
+    joint recipe that sets it drops it without warning its user about a field they set for the joint runs."""
+    from jointcompress.compare import variant_recipe
+    from jointcompress.recipe import parse_recipe
+
+    techniques = [{"type": "prune_unstructured", "sparsity": 0.5}, {"type": "quant_lsq", "start": 0.3}]
+    with pytest.warns(UserWarning, match=r"quant_lsq.start \(0.3\) is not read in mode: sequential, which starts LSQ "
+                                         r"at its quantize phase \(0.5 of the run"):
+        parse_recipe({"mode": "sequential", "techniques": techniques})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        joint = parse_recipe({"mode": "joint", "techniques": techniques})
+        sequential = variant_recipe(joint, "sequential", seed=0)
+    assert sequential.mode == "sequential" and sequential.technique("quant_lsq").start == 0.0
+    assert joint.technique("quant_lsq").start == 0.3
+
+
 def test_the_result_holds_the_kept_epochs_metrics_without_evaluating_again():
     """evaluate ran once more after the run (epochs + 1 calls: a whole evaluation more), and an evaluate that draws
     returned other numbers in result.metrics than those the kept epoch was chosen on."""

@@ -76,6 +76,22 @@ def test_compress_in_python_says_it_does_not_read_validation_images():
                      evaluator(split.x_test, split.y_test))
 
 
+def test_prepare_says_it_does_not_read_validation_images():
+    """prepare() leaves data and evaluation to the caller's loop: a recipe's validation_images held nothing out
+    there either; it is said once, with the way to hold them out, and not for 0."""
+    from jointcompress import prepare
+
+    split = load_digits()
+    recipe = {"model": "lenet300", "techniques": [{"type": "quant_lsq", "bits": 8}],
+              "training": {"epochs": 1, "batch_size": 256, "validation_images": 120}}
+    with pytest.warns(UserWarning, match=r"validation_images: 120 is not read by prepare\(\): your loop.*hold_out"):
+        prepare(pipeline.builder_for("lenet300", split)(), recipe, total_steps=4)
+    recipe["training"]["validation_images"] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        prepare(pipeline.builder_for("lenet300", split)(), recipe, total_steps=4)
+
+
 def test_compress_and_save_chooses_on_the_validation_rows_and_reports_the_test_split(tmp_path, monkeypatch):
     split = hold_out(load_digits(), 200)
     read = []

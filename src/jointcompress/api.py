@@ -453,16 +453,23 @@ def validation_held_out():
         _HELD_OUT.reset(token)
 
 
-def _warn_validation_unread(recipe: Recipe) -> None:
-    """compress() trains on the data it is given and keeps the epoch the given `evaluate` rates best: a recipe's
-    training.validation_images, which the command line reads, held nothing out here, without a word."""
+def _warn_validation_unread(recipe: Recipe, reader: str = "compress()") -> None:
+    """compress() trains on the data it is given and keeps the epoch the given `evaluate` rates best, and
+    prepare() leaves data and evaluation to the caller's loop: a recipe's training.validation_images, which
+    the command line reads, held nothing out there, without a word."""
     held = recipe.training.validation_images
-    if held and not _HELD_OUT.get():
-        warnings.warn(f"training.validation_images: {held} is not read by compress(), which trains on the train_data "
-                      "given and keeps the epoch your `evaluate` rates best; hold the images out yourself "
-                      f"(split = jointcompress.data.hold_out(split, {held}); train on split.x_train, split.y_train and "
-                      "pass jointcompress.data.evaluator(*split.selection())), or set it to 0. The command line, "
-                      "compare and demo hold them out for you", stacklevel=3)
+    if not held or _HELD_OUT.get():
+        return
+    fix = (f"hold the images out yourself (split = jointcompress.data.hold_out(split, {held}); train on split.x_train, "
+           "split.y_train")
+    if reader == "compress()":
+        does = "compress(), which trains on the train_data given and keeps the epoch your `evaluate` rates best"
+        fix += " and pass jointcompress.data.evaluator(*split.selection()))"
+    else:
+        does = f"{reader}: your loop chooses its data and what it evaluates on"
+        fix += " and evaluate on split.selection())"
+    warnings.warn(f"training.validation_images: {held} is not read by {does}; {fix}, or set it to 0. The command line, "
+                  "compare and demo hold them out for you", stacklevel=3)
 
 
 def _compress(model: nn.Module, recipe: Recipe, train_data, evaluate, teacher, progress, callbacks, *, run_dir, resume,

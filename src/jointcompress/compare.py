@@ -225,6 +225,10 @@ def variant_recipe(budgets: Recipe, variant: str, seed: int, targeted: Recipe | 
         budgets = resolve_target(model, joint_recipe(targeted, total_steps=total_steps, **options), example)
     data = budgets.model_dump()
     data["mode"] = mode
+    if mode == "sequential":  # its quantize phase places LSQ: a start set for the joint variants is not read
+        for technique in data["techniques"]:
+            if technique["type"] == "quant_lsq":
+                technique["start"] = 0.0
     data["coordination"]["strategy"], data["training"]["seed"] = strategy, seed
     if variant in ACCURACY_AS_ONE:
         data["coordination"]["accuracy_as_one"] = True
