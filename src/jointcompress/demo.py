@@ -32,8 +32,8 @@ LATENCY_BATCH = 64
 # 449 test images the table reports played no part in any choice (training.validation_images)
 VALIDATION_IMAGES = 150
 # the joint row: what `mode: joint` trains under a size target (joint_form.py), with PCGrad between accuracy
-# and size; on the demo's point it is 0.37 ± 0.20 points ahead of joint-pcgrad (size_budget's defaults; 0.89
-# ± 0.22 with fp16 step sizes), paired over 3 seeds in BENCHMARKS.md (benchmarks/results/demo_seeds*.json)
+# and size; on the demo's point it is 0.82 ± 0.20 points ahead of joint-pcgrad (size_budget's defaults), paired
+# over 3 seeds in BENCHMARKS.md (benchmarks/results/demo_seeds*.json)
 JOINT_VARIANT = "joint-paced-obdland-pcgrad"
 
 
