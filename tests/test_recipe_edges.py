@@ -253,6 +253,14 @@ def test_a_quantization_start_that_sequential_does_not_read_is_said():
         sequential = variant_recipe(joint, "sequential", seed=0)
     assert sequential.mode == "sequential" and sequential.technique("quant_lsq").start == 0.0
     assert joint.technique("quant_lsq").start == 0.3
+    from jointcompress.targets import resolve_target
+
+    with warnings.catch_warnings(record=True) as caught:  # the quant_lsq a sequential target adds sets no start
+        warnings.simplefilter("always")
+        resolved = resolve_target(_mlp(), {"mode": "sequential", "target": {"ratio": 10}, "techniques": []},
+                                  _data()[0][:2])
+    assert resolved.technique("quant_lsq") is not None
+    assert not [w for w in caught if "quant_lsq.start" in str(w.message)]
 
 
 def test_the_result_holds_the_kept_epochs_metrics_without_evaluating_again():

@@ -295,10 +295,11 @@ def _overridden(recipe, *, mode: str | None, precision: str | None):
     """The recipe with the command line's --mode and --precision, re-parsed from the fields the file set, not
     every default: a default written out reads as asked for (a sparsity beside a size target, which the
     target's checks then weigh)."""
-    from .recipe import parse_recipe
+    from .recipe import parse_recipe, without_quant_start
 
     given = recipe.model_dump(exclude_unset=True)
     if mode:
+        given = without_quant_start(given) if mode == "sequential" else given
         recipe = parse_recipe({**given, "mode": mode}, source=f"--mode {mode}")
         given = recipe.model_dump(exclude_unset=True)
     if precision:

@@ -40,7 +40,7 @@ import yaml
 
 from .errors import JointCompressError
 from .joint_form import joint_recipe
-from .recipe import Recipe, paced_window, parse_recipe
+from .recipe import Recipe, paced_window, parse_recipe, without_quant_start
 
 VARIANTS = {  # name -> (mode, coordination strategy)
     "joint-none": ("joint", "none"),
@@ -225,10 +225,8 @@ def variant_recipe(budgets: Recipe, variant: str, seed: int, targeted: Recipe | 
         budgets = resolve_target(model, joint_recipe(targeted, total_steps=total_steps, **options), example)
     data = budgets.model_dump()
     data["mode"] = mode
-    if mode == "sequential":  # its quantize phase places LSQ: a start set for the joint variants is not read
-        for technique in data["techniques"]:
-            if technique["type"] == "quant_lsq":
-                technique["start"] = 0.0
+    if mode == "sequential":
+        without_quant_start(data)
     data["coordination"]["strategy"], data["training"]["seed"] = strategy, seed
     if variant in ACCURACY_AS_ONE:
         data["coordination"]["accuracy_as_one"] = True

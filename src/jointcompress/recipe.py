@@ -705,6 +705,16 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         raise RecipeError(_format(err, source)) from None
 
 
+def without_quant_start(data: dict) -> dict:
+    """A recipe's data with quant_lsq's start removed, for a sequential run of a recipe written for joint runs
+    (compare's sequential variant, --mode sequential): it starts LSQ at its quantize phase, so the start is not
+    read there, and the user who set it for the joint runs is not told to remove it."""
+    for technique in data.get("techniques", []):
+        if technique.get("type") == "quant_lsq":
+            technique.pop("start", None)
+    return data
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.safe_load, refusing a key given twice in one mapping: the last one won, so a second `training:`
     block silently dropped the first's settings."""

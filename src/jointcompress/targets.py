@@ -683,8 +683,8 @@ def _with_size_techniques(data: dict) -> dict:
     kinds = [t["type"] for t in data["techniques"]]
     if "prune_unstructured" not in kinds:
         data["techniques"].insert(0, {"type": "prune_unstructured", "sparsity": 0.0, "scope": "layer"})
-    if "quant_lsq" not in kinds:
-        data["techniques"].append({"type": "quant_lsq", "bits": 4, "start": 0.3})
+    if "quant_lsq" not in kinds:  # sequential starts it at its quantize phase, the other modes at 0.3 of the run
+        data["techniques"].append({"type": "quant_lsq", "bits": 4, "start": 0.0 if data.get("mode") == "sequential" else 0.3})
     return data
 
 
