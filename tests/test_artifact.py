@@ -233,6 +233,26 @@ def test_a_file_over_the_recipes_size_target_is_warned_by_save(cnn_artifact, tmp
         assert len(said) == expected and (not said or f"the weights file is {size:,} B, 1 B" in said[0])
 
 
+def test_a_file_over_a_sequential_runs_target_is_warned_by_save_too(tmp_path):
+    """A sequential run (the allocator's target, no size_budget) 0.8% over its ratio was warned by compress() and
+    saved without a word; save reads the target's own bytes now: size_kb, or a ratio of the model's fp32 file."""
+    from jointcompress.artifact import dense_fp32_bytes
+
+    x = example_input()
+    model, spec = fake_finalize(SmallCNN(), x, bits=4, prune=0)  # unstructured: the fp32 file is the trained model's
+    size = save(model, spec, tmp_path / "a", example_inputs=x)["weights_file_bytes"]
+    dense = dense_fp32_bytes(model)
+    for target, expected in (({"size_kb": (size - 1) / 1024}, 1), ({"size_kb": size / 1024}, 0),
+                             ({"ratio": dense / (size - 2)}, 1), ({"ratio": dense / (size + 0.5)}, 0)):
+        recorded = copy.copy(spec)
+        recorded.recipe = {"mode": "sequential", "target": {**target, "allocated": True}, "techniques": []}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            save(model, recorded, tmp_path / "b", example_inputs=x)
+        said = [str(w.message) for w in caught if "over the size target" in str(w.message)]
+        assert len(said) == expected, (target, said)
+
+
 def test_paths_that_are_not_an_artifact_folder_fail_naming_the_fix(cnn_artifact, tmp_path):
     _, _, path, _, _ = cnn_artifact
     with pytest.raises(ArtifactError, match="is a file; pass the artifact directory"):

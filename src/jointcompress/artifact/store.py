@@ -346,7 +346,7 @@ def save(
         rebuilt = rebuild(builder, history, inputs, str(path), dropped, later, strides)
         check_shapes(rebuilt, encoding.layers, encoding.others, f"{path} (checked at save time)", encoding.aliases)
     blob = file_blob(encoding, container)
-    _warn_over_target(spec, len(blob), path, container, encoding)
+    _warn_over_target(spec, len(blob), path, container, encoding, _recipe_goal(spec, model))
     totals = encoding.totals()
     if container == "safetensors" and len(blob) < totals["total"]:
         raise ArtifactError(f"{path}: safetensors wrote {len(blob)} bytes, fewer than the {totals['total']} of its parts")
@@ -443,14 +443,32 @@ def _ours_safetensors(path: Path) -> bool:
         return False
 
 
-def _warn_over_target(spec: CompressionSpec, size: int, path: Path, container: str = "jcw", encoding=None) -> None:
+def _recipe_goal(spec: CompressionSpec, model: nn.Module) -> float | None:
+    """The bytes the recipe's size target asked for: size_budget's (the joint form), else the target's
+    own (a sequential or overlap run, which the allocator and the steering meet: a file over it was said by
+    compress(), and written by save without a word). A ratio is of the model's fp32 file, which finalizing
+    unstructured masks and quantizers does not change (those modes remove no channels under a size target)."""
+    from .size import dense_fp32_bytes
+
+    recipe = spec.recipe or {}
+    budget = next((t for t in recipe.get("techniques", []) if t.get("type") == "size_budget"), {})
+    if budget.get("target_bytes"):
+        return float(budget["target_bytes"])
+    target = recipe.get("target") or {}
+    if target.get("size_kb"):
+        return float(target["size_kb"]) * 1024
+    if target.get("ratio") and not getattr(spec, "pruning_history", None):
+        return dense_fp32_bytes(model) / float(target["ratio"])
+    return None
+
+
+def _warn_over_target(spec: CompressionSpec, size: int, path: Path, container: str = "jcw", encoding=None,
+                      target: float | None = None) -> None:
     """The run's size budget measures the file at its checks; the values fine-tuned after its freeze can code
     to a few more bytes, and a target just above one weight per live channel cannot be cut under. The file
     written is what counts: one over the recipe's target (as the spec records it) is said here. The budget
     measures the default container: a safetensors file over the target whose jcw file is not (its header
     names every tensor: 5-44% more on small models) is said as that, not as a budget that missed."""
-    budget = next((t for t in (spec.recipe or {}).get("techniques", []) if t.get("type") == "size_budget"), {})
-    target = budget.get("target_bytes")
     if not target or size <= target:
         return
     over = f"{path}: the weights file is {size:,} B, {size - target:,.0f} B ({size / target - 1:.2%}) over the size target's {target:,.0f} B"
@@ -460,8 +478,8 @@ def _warn_over_target(spec: CompressionSpec, size: int, path: Path, container: s
                       f"{container} adds its header (each tensor's name, dtype and shape). Save with container='jcw' for a "
                       "file on the target", stacklevel=3)
         return
-    warnings.warn(f"{over} (the values fine-tuned after the budget's freeze code to more bytes, or the target is under what "
-                  "one weight per live channel costs); ask for a slightly larger file or a lower target.ratio, or lower "
+    warnings.warn(f"{over} (the values trained after the run's last size check code to more bytes, or the target is under "
+                  "what one weight per live channel costs); ask for a slightly larger file or a lower target.ratio, or lower "
                   "quant_lsq.bits", stacklevel=3)
 
 
