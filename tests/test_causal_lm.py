@@ -4,6 +4,7 @@ keeps the logits, the packed artifact loads back to the same logits and generate
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 
@@ -50,6 +51,30 @@ def test_conv1d_to_linear_is_exact():
     with torch.no_grad():
         assert torch.allclose(raw(input_ids=ids, attention_mask=mask).logits, lin(input_ids=ids, attention_mask=mask).logits,
                               atol=1e-5)
+
+
+def test_a_gpt2_classifier_made_linear_is_said_at_conversion_and_refused_by_name_at_save(tmp_path):
+    """GPT2ForSequenceClassification keeps its class (which builds Conv1D) after conv1d_to_linear: it trained and
+    finalized, and then save_hf_artifact failed in a shape mismatch whose advice named FFN widths (nothing was
+    pruned). Said at conversion, refused before writing, naming the class and the way out (ONNX)."""
+    from transformers import GPT2ForSequenceClassification
+
+    from jointcompress.spec import CompressionSpec
+    from jointcompress.errors import ArtifactError
+    from jointcompress.hf.artifact import save_hf_artifact
+
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                                     pad_token_id=0, num_labels=2))
+    with pytest.warns(UserWarning, match=r"conv1d_to_linear: GPT2ForSequenceClassification keeps its transformers "
+                                         r"class.*deploy it through ONNX"):
+        conv1d_to_linear(model)
+    with pytest.raises(ArtifactError, match=r"GPT2ForSequenceClassification's projections were converted to nn.Linear"):
+        save_hf_artifact(model, CompressionSpec(layers={}), tmp_path / "a", None, ptq_bits=None)
+    assert not (tmp_path / "a").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        conv1d_to_linear(gpt2_raw())  # the LM has its class: no word
 
 
 @pytest.mark.parametrize("build", [gpt2, llama], ids=["gpt2", "llama_gqa"])

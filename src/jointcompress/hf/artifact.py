@@ -78,6 +78,13 @@ def _check_rebuildable(model: nn.Module) -> None:
     could rebuild it; said before writing, where saving ended in a shape mismatch naming a builder."""
     from jointcompress.hf.pruned import is_pruned_class
 
+    if _converted_from_conv1d(model):
+        raise ArtifactError(
+            f"save_hf_artifact: {type(model).__name__}'s projections were converted to nn.Linear "
+            "(hf.causal.conv1d_to_linear), and its transformers class builds them as Conv1D, so no loader could read "
+            "them back (the weights are stored transposed); only GPT2LMHeadModel has a class that builds Linear "
+            "projections. Deploy this model through ONNX (jointcompress.deploy.export_and_check), or compress a "
+            "GPT2LMHeadModel")
     cfg = model.config
     pruned = getattr(cfg, "heads_per_layer", None) is not None or getattr(cfg, "intermediate_per_layer", None) is not None
     if pruned and not is_pruned_class(model):
@@ -85,6 +92,19 @@ def _check_rebuildable(model: nn.Module) -> None:
             f"save_hf_artifact: {type(model).__name__} had heads or FFN neurons removed, and only sequence classifiers "
             "and Llama / Mistral / Qwen2 / GPT-2 causal LMs are rebuilt at per-layer widths; save it with jointcompress.artifact.save(model, spec, path, builder=...) "
             "and a builder that makes those widths, or compress this head with prune_unstructured / quant_lsq")
+
+
+def _converted_from_conv1d(model: nn.Module) -> bool:
+    """A stock transformers model whose modeling file builds Conv1D projections (GPT-2 and its kin) holding
+    none: conv1d_to_linear made them Linear, which its class cannot load (only the pruned classes build them)."""
+    import sys
+
+    from jointcompress.hf.pruned import is_pruned_class
+    from jointcompress.session.checks import is_conv1d
+
+    builds_conv1d = getattr(sys.modules.get(type(model).__module__), "Conv1D", None) is not None
+    return (builds_conv1d and not is_pruned_class(model)
+            and not any(is_conv1d(m) for m in model.modules()))
 
 
 def _config_dict(model: nn.Module) -> dict:

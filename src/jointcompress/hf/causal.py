@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -37,6 +38,11 @@ def conv1d_to_linear(model: nn.Module) -> nn.Module:
     linear_projections(model)
     if type(model).__name__ == "GPT2LMHeadModel":
         mark_pruned(model)
+    else:  # its class builds Conv1D: trained and exported to ONNX, yes; saved and loaded, no
+        warnings.warn(f"conv1d_to_linear: {type(model).__name__} keeps its transformers class, which builds Conv1D "
+                      "projections, so after compression neither save_pretrained nor save_hf_artifact writes a model "
+                      "that loads (only GPT2LMHeadModel has a class with Linear projections); deploy it through ONNX "
+                      "(jointcompress.deploy.export_and_check)", UserWarning, stacklevel=2)
     return model
 
 
