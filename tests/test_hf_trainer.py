@@ -81,6 +81,37 @@ def test_trainer_train_compresses_through_the_session(tmp_path):
     assert max(len(row.unique()) for row in w) <= 16
 
 
+def test_save_model_before_finalize_is_said_and_keeps_the_sessions_state(tmp_path):
+    """trainer.save_model() before session.finalize() wrote the weights under their parametrizations, which
+    from_pretrained reported missing and initialized at random: a model that loaded untrained, with no word.
+    It is said, with the session's state beside the weights; after finalize the folder loads the same logits."""
+    import warnings
+
+    from transformers import AutoModelForSequenceClassification
+
+    from jointcompress.integrations.hf_trainer import SESSION_FILE
+
+    model, steps = tiny_bert(layers=2, seed=0), 2
+    session = jointcompress.prepare(model, RECIPE, total_steps=steps, teacher=tiny_bert(layers=2, seed=1))
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=steps, per_device_train_batch_size=8,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    trainer = CompressionTrainer(session=session, model=model, args=args, train_dataset=_rows(16))
+    trainer.train()
+    with pytest.warns(UserWarning, match=r"save_model before session.finalize\(\): .* from_pretrained does not read"):
+        trainer.save_model(str(tmp_path / "early"))
+    assert (tmp_path / "early" / SESSION_FILE).is_file()
+    session.finalize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        trainer.save_model(str(tmp_path / "final"))
+    assert not (tmp_path / "final" / SESSION_FILE).exists()
+    batch = {k: torch.stack([r[k] for r in _rows(6, seed=3)]) for k in ("input_ids", "attention_mask")}
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, loaded(**batch).logits, atol=1e-5)
+
+
 def test_trainer_train_compresses_a_causal_lm_with_token_level_kd(tmp_path):
     from test_causal_lm import RECIPE as LM_RECIPE
     from test_causal_lm import llama, rows

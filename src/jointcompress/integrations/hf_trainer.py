@@ -136,6 +136,26 @@ class CompressionTrainer(Trainer):
             torch.save(self.session.state_dict(), buffer)
             atomic_write_bytes(os.path.join(folder, SESSION_FILE), buffer.getvalue())
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's save; called by the user before session.finalize(), the session's state is written
+        beside it and the call is said. The folder holds the weights under their masks and quantizers
+        (keys ending in parametrizations.weight.original), which from_pretrained reported missing and
+        initialized at random: the model loaded untrained, with no word from jointcompress."""
+        super().save_model(output_dir, _internal_call)
+        if _internal_call or self.session.spec is not None or not self.args.should_save:
+            return
+        from ..io import atomic_write_bytes
+
+        folder = output_dir or self.args.output_dir
+        buffer = io.BytesIO()
+        torch.save(self.session.state_dict(), buffer)
+        atomic_write_bytes(os.path.join(folder, SESSION_FILE), buffer.getvalue())
+        warnings.warn(f"CompressionTrainer.save_model before session.finalize(): {folder} holds the weights under their "
+                      "masks and quantizers, which from_pretrained does not read (it would load those layers "
+                      f"untrained); the session's state is beside them ({SESSION_FILE}). Call spec = session.finalize() "
+                      "and then trainer.save_model() for a folder from_pretrained loads (or jointcompress.hf.export.export_folder; "
+                      "jointcompress.hf.artifact.save_hf_artifact for the packed one)", UserWarning, stacklevel=2)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """train(resume_from_checkpoint=...): the session's state first (it rebuilds the masks and
         quantizers the checkpoint's weights are stored under), then the Trainer's own loading. Without
