@@ -237,19 +237,24 @@ def test_a_sequential_recipe_whose_quantization_never_trains_is_refused_before_t
 
 
 def test_a_quantization_start_that_sequential_does_not_read_is_said():
-    """mode: sequential starts LSQ at its quantize phase: quant_lsq.start 0.3 was dropped without a word. It is
-    said, naming where LSQ starts instead; joint reads it and is silent, and compare's sequential variant of a
-    joint recipe that sets it drops it without warning its user about a field they set for the joint runs."""
+    """mode: sequential starts LSQ at its quantize phase: quant_lsq.start 0.3 was dropped without a word. A run
+    that starts (prepare, compress) says so, naming where LSQ starts instead; joint reads it and is silent, and
+    compare's sequential variant of a joint recipe that sets it drops it without warning its user about a field
+    they set for the joint runs."""
     from jointcompress.compare import variant_recipe
     from jointcompress.recipe import parse_recipe
+
+    from jointcompress import prepare
 
     techniques = [{"type": "prune_unstructured", "sparsity": 0.5}, {"type": "quant_lsq", "start": 0.3}]
     with pytest.warns(UserWarning, match=r"quant_lsq.start \(0.3\) is not read in mode: sequential, which starts LSQ "
                                          r"at its quantize phase \(0.5 of the run"):
-        parse_recipe({"mode": "sequential", "techniques": techniques})
+        prepare(_mlp(), {"mode": "sequential", "techniques": techniques}, total_steps=10)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        parse_recipe({"mode": "sequential", "techniques": techniques})  # said where a run starts, not on every parse
         joint = parse_recipe({"mode": "joint", "techniques": techniques})
+        prepare(_mlp(), joint, total_steps=10)
         sequential = variant_recipe(joint, "sequential", seed=0)
     assert sequential.mode == "sequential" and sequential.technique("quant_lsq").start == 0.0
     assert joint.technique("quant_lsq").start == 0.3

@@ -27,7 +27,7 @@ from .session.teacher import TEACHER_INPUT_ERRORS
 from .training import History, Trainer
 from .training.metrics import evaluated
 from .plan import make_plan
-from .recipe import Recipe, parse_recipe
+from .recipe import Recipe, parse_recipe, warn_unread_quant_start
 
 
 @dataclass
@@ -426,6 +426,7 @@ def compress(
     recipe = parse_recipe(recipe)
     _check_run_arguments(recipe, teacher, run_dir, resume)
     _warn_validation_unread(recipe)
+    warn_unread_quant_start(recipe)
     if not callable(evaluate):  # else a TypeError after the first epoch's training
         raise RecipeError(f"evaluate is {type(evaluate).__name__}, not a function: pass one that takes the model and "
                           "returns its metric on held-out data, e.g. jointcompress.data.evaluator(x_test, y_test); "

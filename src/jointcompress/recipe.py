@@ -623,19 +623,6 @@ class Recipe(Strict):
         return self
 
     @model_validator(mode="after")
-    def _sequential_quant_start(self):
-        """mode: sequential starts quant_lsq at its quantize phase (after sequential.prune and
-        finetune_after_prune); a quant_lsq.start the recipe set there was dropped without a word."""
-        quant = self.technique("quant_lsq")
-        if self.mode == "sequential" and quant is not None and quant.start != 0.0:
-            at = self.sequential.prune + self.sequential.finetune_after_prune
-            warnings.warn(f"quant_lsq.start ({quant.start:g}) is not read in mode: sequential, which starts LSQ at its "
-                          f"quantize phase ({at:g} of the run: sequential.prune + sequential.finetune_after_prune); "
-                          "move that phase with the sequential fractions, or remove quant_lsq.start",
-                          UserWarning, stacklevel=2)
-        return self
-
-    @model_validator(mode="after")
     def _auto_formats(self):
         """quant_lsq's `auto` formats under a size target, where every fixed byte is taken from the weights:
         norm_format fp16 (fp32 normalization layers were half the small ResNet's file at 30x) and
@@ -703,6 +690,20 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError(_format(err, source)) from None
+
+
+def warn_unread_quant_start(recipe: Recipe) -> None:
+    """mode: sequential starts quant_lsq at its quantize phase (after sequential.prune and
+    finetune_after_prune); a quant_lsq.start the recipe set there was dropped without a word. Said where a
+    run starts (compress, prepare), not on every parse: the package's own sequential copies of a joint
+    recipe (compare's checks and variants, --mode sequential) drop or ignore it on purpose."""
+    quant = recipe.technique("quant_lsq")
+    if recipe.mode == "sequential" and quant is not None and quant.start != 0.0:
+        at = recipe.sequential.prune + recipe.sequential.finetune_after_prune
+        warnings.warn(f"quant_lsq.start ({quant.start:g}) is not read in mode: sequential, which starts LSQ at its "
+                      f"quantize phase ({at:g} of the run: sequential.prune + sequential.finetune_after_prune); "
+                      "move that phase with the sequential fractions, or remove quant_lsq.start",
+                      UserWarning, stacklevel=3)
 
 
 def without_quant_start(data: dict) -> dict:

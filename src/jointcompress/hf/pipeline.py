@@ -42,7 +42,7 @@ NOTE = (
     "from OUT/artifact. folder_bytes: fp32 safetensors of OUT/hf_model (values on the quantization grids). "
     "int8 (OUT/onnx/model_int8.onnx) is ONNX Runtime dynamic int8 with the trained LSQ step sizes for the "
     "encoder Linears (ORT's own scales elsewhere); feed it input_ids / attention_mask (and token_type_ids for "
-    "sentence pairs) padded to exactly seq_len with the tokenizer in OUT/hf_model"
+    "sentence pairs) padded to exactly seq_len with the tokenizer in OUT/onnx (its model_max_length is seq_len)"
 )
 
 

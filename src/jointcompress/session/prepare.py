@@ -6,7 +6,7 @@ import torch.nn as nn
 from .. import techniques as tech
 from ..errors import RecipeError
 from ..plan import make_plan
-from ..recipe import Recipe, parse_recipe
+from ..recipe import Recipe, parse_recipe, warn_unread_quant_start
 from .checks import check_model_tensors, check_teacher, unsized_lazy
 from .session import CompressionSession, LossFn, explicit_weight_decay
 
@@ -73,6 +73,7 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
 
     given = parse_recipe(recipe)
     _warn_validation_unread(given, reader="prepare()")
+    warn_unread_quant_start(given)
     recipe, _ = as_joint_form(given)  # mode: joint under a size target, as compress() trains it
     check_needs(recipe, teacher, example_inputs)
     refuse_ddp(model)
