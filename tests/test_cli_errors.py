@@ -56,28 +56,36 @@ def test_bad_recipe(tmp_path, monkeypatch, capsys, text, words):
     assert not (tmp_path / "out").exists()  # nothing written for a bad recipe
 
 
-@pytest.mark.parametrize("text, code, words", [
-    ("model: lenet6\ntechniques: [{type: quant_lsq}]\n", 2, ["unknown reference model 'lenet6'", "choose one of"]),
-    ("model: missing.py:build\ntechniques: [{type: quant_lsq}]\n", 2, ["no file missing.py, read from the current folder"]),
-    ("techniques: [{type: quant_lsq}]\n", 0, ["ok", "model not set (pass --model to compress)"]),
-    ("model: lenet5\n", 0, ["warning:", "techniques is empty", "ok", "model=lenet5"]),
+@pytest.mark.parametrize("text, code, words, flags", [
+    ("model: lenet6\ntechniques: [{type: quant_lsq}]\n", 2, ["unknown reference model 'lenet6'", "choose one of"], ()),
+    ("model: missing.py:build\ntechniques: [{type: quant_lsq}]\n", 2, ["no file missing.py, read from the current folder"], ()),
+    ("techniques: [{type: quant_lsq}]\n", 0, ["ok", "model not set (pass --model to compress)"], ()),
+    ("model: lenet5\n", 0, ["warning:", "techniques is empty", "ok", "model=lenet5"], ()),
     ("model: lenet5\ndata: nowhere/mnist.npz\ntechniques: [{type: quant_lsq}]\n", 0,
-     ["warning:", "data: nowhere/mnist.npz does not exist", "ok"]),  # said ok, and compress then stopped there
+     ["warning:", "data: nowhere/mnist.npz does not exist", "ok"], ()),  # said ok, and compress then stopped there
     # a model and data it can read: checked on the untrained model, as compress checks it before training (said ok)
     ("model: lenet5\ndata: digits\ntechniques: [{type: prune_blocks, blocks: [conv2]}]\n", 2,
-     ["prune_blocks", "conv2", "nothing was trained"]),
+     ["prune_blocks", "conv2", "nothing was trained"], ()),
     ("model: lenet300\ndata: digits\ntechniques: [{type: quant_lsq, targets: ['conv*']}]\n", 2,
-     ["select no layer of the model"]),
-    ("model: lenet300\ndata: digits\ntechniques: [{type: quant_lsq}]\n", 0, ["ok", "checked on the untrained model"]),
-    # a target out of reach of the model as built is said, not refused: a second run's --weights may be smaller
+     ["select no layer of the model"], ()),
+    ("model: lenet300\ndata: digits\ntechniques: [{type: quant_lsq}]\n", 0, ["ok", "checked on the untrained model"], ()),
+    # a target out of reach of the model as built is refused, as compress refuses it (validate said ok, exit 0) ...
+    ("model: lenet300\ndata: digits\nmode: sequential\ntarget: {size_kb: 1.0}\n"
+     "techniques: [{type: prune_unstructured}, {type: quant_lsq, bits: 4}]\n", 2,
+     ["smallest artifact", "nothing was trained", "validate with --from-weights"], ()),
+    # ... and said, not refused, for a run from --weights, which may be of a smaller model
     ("model: lenet300\ndata: digits\nmode: sequential\ntarget: {size_kb: 1.0}\n"
      "techniques: [{type: prune_unstructured}, {type: quant_lsq, bits: 4}]\n", 0,
-     ["warning:", "smallest artifact", "a run from --weights of a smaller model", "ok"]),
+     ["warning:", "smallest artifact", "a run from --weights of a smaller model", "ok"], ("--from-weights",)),
+    # what compress says before it trains is said by validate too (it printed ok alone)
+    ("model: lenet300\ndata: digits\ntarget: {ratio: 20}\n"
+     "techniques: [{type: prune_unstructured, sparsity: 0.9}, {type: quant_lsq, bits: 4}]\n", 0,
+     ["warning:", "prune_unstructured.sparsity 0.9 is not used", "ok"], ()),
 ])
-def test_recipe_validate_checks_the_model_as_compress_does(tmp_path, monkeypatch, capsys, text, code, words):
+def test_recipe_validate_checks_the_model_as_compress_does(tmp_path, monkeypatch, capsys, text, code, words, flags):
     """`recipe validate` said ok to a model name compress refuses."""
     (tmp_path / "v.yaml").write_text(text)
-    got, out = _cli(monkeypatch, capsys, "recipe", "validate", tmp_path / "v.yaml")
+    got, out = _cli(monkeypatch, capsys, "recipe", "validate", tmp_path / "v.yaml", *flags)
     assert got == code and all(w in out for w in words), out
 
 

@@ -348,7 +348,7 @@ def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights
     return teacher
 
 
-def _refuse_before_training(builder, recipe, split, timed: bool = True) -> None:
+def _refuse_before_training(builder, recipe, split, timed: bool = True, said: list[str] | None = None) -> None:
     """What the run would refuse after training the model first (an hour, for some models), checked on the
     untrained model: a recipe whose techniques select no layer of it (targets: ['conv*'] on an MLP), inputs it
     cannot take, and a size target out of reach. mode: joint under a size target refuses a target the bytes no
@@ -357,11 +357,13 @@ def _refuse_before_training(builder, recipe, split, timed: bool = True) -> None:
     a little smaller: it refuses what the run would refuse, or a target within bytes of it). A recipe the session
     can run (no target, or the joint form's) sets up in full, as prepare() would. `timed`: a latency target's
     narrowest model is timed too (not under torchrun: each rank would time its own, and a rank that refused
-    alone would leave the others waiting; the allocation, timed on rank 0 and sent to all, refuses it there)."""
+    alone would leave the others waiting; the allocation, timed on rank 0 and sent to all, refuses it there).
+    `said`: where the setup's warnings go (validate prints them; a run says them itself, so they are dropped),
+    except a latency target's, set up on a stand-in."""
     import copy
     import warnings
 
-    from .api import check_data, check_targets
+    from .api import check_data, check_targets, validation_held_out
     from .session.prepare import prepare
     from .targets import NOTHING_TRAINED
 
@@ -369,8 +371,8 @@ def _refuse_before_training(builder, recipe, split, timed: bool = True) -> None:
     model = builder()
     check_data(model, split.x_train[:2], (split.x_train, split.y_train))  # named as the data, as the run names it
     steps = max(1, len(split.x_train) // recipe.training.batch_size) * recipe.training.epochs
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the run itself says them
+    with warnings.catch_warnings(record=True) as caught, validation_held_out():  # the run holds them out
+        warnings.simplefilter("always" if said is not None and not latency else "ignore")
         try:
             if recipe.target is not None and not latency and recipe.mode != "joint":
                 check_targets(model, recipe)  # the allocator's budgets come later, on the trained model
@@ -380,6 +382,8 @@ def _refuse_before_training(builder, recipe, split, timed: bool = True) -> None:
         except JointCompressError as err:
             err.add_note(NOTHING_TRAINED)
             raise
+    if said is not None:
+        said.extend(m for m in dict.fromkeys(str(w.message) for w in caught) if m not in said)
     if (recipe.has_size_target() and recipe.mode != "joint") or (latency and timed):
         _refuse_an_unplannable_target(builder(), recipe, split)
 
@@ -678,7 +682,10 @@ def _check_cli_metric(recipe, recipe_path) -> None:
 
 
 @recipe_app.command("validate")
-def recipe_validate(recipe_path: Path = typer.Argument(..., help="Recipe YAML.")):
+def recipe_validate(recipe_path: Path = typer.Argument(..., help="Recipe YAML."),
+                    from_weights: bool = typer.Option(False, "--from-weights", help="The run will start from --weights "
+                                                      "of a smaller model (a first run's artifact): a size target out "
+                                                      "of reach of the model as built is a warning, not an error.")):
     """Check a recipe: every field, bound and combination; prints what it will run."""
     from .recipe import load_recipe
 
@@ -691,10 +698,27 @@ def recipe_validate(recipe_path: Path = typer.Argument(..., help="Recipe YAML.")
     if r.data and not _readable_data(r.data):  # compress would stop there (unless --data)
         console.print(f"[yellow]warning:[/yellow] {recipe_path}: data: {r.data} does not exist (from {Path.cwd()}); "
                       "compress stops there unless --data gives another")
-    checked = _checked_on_the_model(r)
+    _say_unused_settings(r)
+    checked = _checked_on_the_model(r, from_weights)
     console.print(f"[green]ok[/green] {recipe_path}: {model}, mode={r.mode}, {len(r.techniques)} techniques "
                   f"({', '.join(t.type for t in r.techniques)}), {r.training.epochs} epochs, coordination={r.coordination.strategy}"
                   f"{checked}")
+
+
+def _say_unused_settings(recipe) -> None:
+    """The settings a size or latency target replaces (prune_unstructured.sparsity beside target.ratio), which
+    compress says when it starts: validate said "ok" and nothing else."""
+    import warnings
+
+    from rich.markup import escape
+
+    from .targets import warn_unused_sparsity
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_unused_sparsity(recipe)
+    for w in caught:
+        console.print(f"[yellow]warning:[/yellow] {escape(str(w.message))}")
 
 
 def _readable_data(data: str) -> bool:
@@ -702,7 +726,7 @@ def _readable_data(data: str) -> bool:
     return data == "digits" or Path(data).exists()
 
 
-def _checked_on_the_model(recipe) -> str:
+def _checked_on_the_model(recipe, from_weights: bool = False) -> str:
     """Where the recipe names a model and data it can read, the checks compress runs before training, on the
     untrained model: validate said "ok" to blocks that are no residual blocks, patterns that select no layer
     and targets out of reach, which compress then refused. Returns what the ok line adds."""
@@ -717,11 +741,18 @@ def _checked_on_the_model(recipe) -> str:
     from .targets import TargetError
 
     split = load_split(recipe, None)
+    said: list[str] = []
     try:
-        _refuse_before_training(builder_for(absolute_builder(recipe.model), split), recipe, split)
+        _refuse_before_training(builder_for(absolute_builder(recipe.model), split), recipe, split, said=said)
     except TargetError as err:  # the model as built: a second run's --weights (channels removed) may reach it
+        if not from_weights:
+            err.add_note("(on the model as the builder makes it; for a run from --weights of a smaller model, a first "
+                         "run's artifact, validate with --from-weights: compress checks the target on that model)")
+            raise
         console.print(f"[yellow]warning:[/yellow] {escape(str(err))} (on the model as the builder makes it; a run from "
                       "--weights of a smaller model, a first run's artifact, is checked on that one)")
+    for message in said:  # what compress would say about the recipe before it trains
+        console.print(f"[yellow]warning:[/yellow] {escape(message)}")
     return f"; checked on the untrained model on {split.name}"
 
 
