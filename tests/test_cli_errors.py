@@ -865,6 +865,8 @@ def test_an_interrupted_compress_says_what_resume_continues_from(tmp_path):
     out = tmp_path / "o"
     argv = ["compress", "r.yaml", f"--out={out}"]
     assert "nothing was saved yet" in _after_interrupt(argv)
+    given = _after_interrupt([*argv, "--weights", "w.safetensors"])  # no model was being trained first
+    assert "starts compressing the --weights model again" in given and "trained first" not in given
     out.mkdir()
     (out / "teacher.safetensors").write_bytes(b"x")
     assert "starts compressing again from the model it trained first" in _after_interrupt(argv)

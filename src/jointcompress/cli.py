@@ -827,14 +827,18 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
     return None
 
 
-def _compress_resumes_from(out: str | None) -> str:
+def _compress_resumes_from(out: str | None, weights: bool = False) -> str:
     """What --resume continues from: the last checkpoint; else the model the run trained first (its file
     is written when that training ends); else nothing (it said "its last checkpoint" when there was none,
-    and everything trained so far was lost)."""
+    and everything trained so far was lost). `weights`: the run started from --weights and trained no model
+    first (it said one was being trained)."""
     from .checkpoint import CheckpointStore
 
     if out is None or CheckpointStore(out).paths():
         return "; the run continues from its last checkpoint with the same command and --resume"
+    if weights:
+        return ("; no compression checkpoint was written yet (--checkpoint-every sets how often one is): the same "
+                "command with --resume starts compressing the --weights model again")
     if (Path(out) / "teacher.safetensors").is_file():
         return ("; no compression checkpoint was written yet: the same command with --resume starts compressing "
                 "again from the model it trained first")
@@ -847,7 +851,8 @@ def _after_interrupt(argv: list[str]) -> str:
     finished in its compare.json, and --resume runs the rest; the others are run again."""
     command = next((a for a in argv if not a.startswith("-")), "")
     if command == "compress":
-        return _compress_resumes_from(_flag_value(argv, "--out") or str(COMPRESS_OUT))  # the default's too
+        return _compress_resumes_from(_flag_value(argv, "--out") or str(COMPRESS_OUT),  # the default's too
+                                      weights=_flag_value(argv, "--weights") is not None)
     if command == "compare":
         return ("; compare.json in its --out keeps the points that finished (`jointcompress report` reads it): the "
                 "same command with --resume runs the rest")
