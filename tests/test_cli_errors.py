@@ -519,6 +519,10 @@ def test_dry_run_takes_an_image_shape_without_its_batch_and_refuses_a_shape_the_
     code, out = _cli(monkeypatch, capsys, "dry-run", "--model", f"{builder}:build", "--input-shape", "1,1,16,16")
     assert code == 2 and "--input-shape 1,1,16,16: " in out and "does not run on an input of shape (1, 1, 16, 16)" in out
     assert "Traceback" not in out
+    code, out = _cli(monkeypatch, capsys, "dry-run", "--model", f"{builder}:nothere")  # the function, before the shape
+    assert code == 2 and "no function 'nothere'" in out and "--input-shape" not in out, out
+    code, out = _cli(monkeypatch, capsys, "dry-run", "--model", f"{builder}:build")
+    assert code == 2 and "a model of your own needs --input-shape" in out, out
     code, out = _cli(monkeypatch, capsys, "dry-run", "--image-size", "3")  # named as given, not as an --input-shape
     assert code == 2 and "--image-size 3: 'lenet5' does not run on an input of shape (1, 1, 3, 3)" in out
     code, out = _cli(monkeypatch, capsys, "dry-run", "--model", "vit", "--input-shape", "1,3,32,16")

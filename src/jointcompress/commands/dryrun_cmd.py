@@ -55,6 +55,7 @@ def _model_and_input(model_name: str, image_size: int, input_shape: list[int] | 
     elif not is_builder(model_name):  # neither built in nor a builder: a misspelt name gets the list of names
         build_model(model_name)
     elif not input_shape:
+        build_model(model_name)  # a file without that function, or one that fails, is named before the shape
         raise RecipeError(f"--model {model_name!r}: a model of your own needs --input-shape, e.g. --input-shape 1,3,32,32")
     else:
         model, example = build_model(model_name).eval(), _noise(input_shape)  # checks what the builder returned
