@@ -306,6 +306,63 @@ def test_the_teacher_cache_reads_a_narrow_integer_index_and_refuses_a_float_colu
     session.loss(student(ids), (ids, labels, torch.zeros(4, dtype=torch.long)))  # every row "sample 0"
     with pytest.warns(UserWarning, match=r"the sample indices repeat within a batch"):  # it blamed augmentation
         session.loss(student(ids), (ids, labels, torch.zeros(4, dtype=torch.long)))
+    session = jointcompress.prepare(student, {"techniques": [{"type": "distill_kd", "cache_teacher": True}]},
+                                    total_steps=4, teacher=teacher)  # a negative index read another sample's slot
+    with pytest.warns(UserWarning, match=r"sample indices include -2: a negative index would read another sample's"):
+        session.loss(student(ids), (ids, labels, torch.tensor([-2, 0, 1, 2])))
+    assert session.teacher_cache.logits is None
+    nan_teacher = _Tagger(1)  # its logits turn NaN after they were cached: that, not augmentation, is said
+    session = jointcompress.prepare(student, {"techniques": [{"type": "distill_kd", "cache_teacher": True}]},
+                                    total_steps=4, teacher=nan_teacher)
+    session.loss(student(ids), (ids, labels, torch.arange(4)))
+    with torch.no_grad():
+        nan_teacher.out.bias[0] = float("nan")
+    with pytest.warns(UserWarning, match=r"the teacher's logits hold NaN or inf for some samples"):
+        session.loss(student(ids), (ids, labels, torch.arange(4)))
+
+
+def test_the_teacher_runs_in_eval_mode_whatever_mode_the_loop_left_it_in():
+    """prepare() put the teacher in eval mode once; a loop that called .train() on every model it holds ran the
+    teacher with dropout and moved its BatchNorm statistics during distillation, without a word."""
+    import torch.nn as nn
+
+    import jointcompress
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 20)
+    teacher = nn.Sequential(nn.Linear(20, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 2))
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 2))
+    session = jointcompress.prepare(model, {"techniques": [{"type": "distill_kd", "temperature": 2.0, "alpha": 1.0}]},
+                                    total_steps=4, teacher=teacher)
+    statistics = teacher[1].running_mean.clone()
+    for m in (model, teacher):
+        m.train()
+    outputs = model(x)
+    terms = session.loss(outputs, (x, x[:, 0].gt(0).long()))
+    assert torch.equal(teacher[1].running_mean, statistics) and teacher.training  # its mode put back, too
+    teacher.eval()
+    with torch.no_grad():
+        expected = F.kl_div(F.log_softmax(outputs / 2, -1), F.softmax(teacher(x) / 2, -1), reduction="batchmean") * 4
+    assert torch.allclose(terms["distill"], expected, atol=1e-6)
+
+
+def test_a_teacher_with_nan_weights_is_refused_before_training_by_name():
+    """A teacher whose weights held NaN made every step's distill term NaN: three rollbacks, then an error about
+    the learning rate and the data. It is refused before training, naming the parameter."""
+    import torch.nn as nn
+
+    from jointcompress import DataError
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 8)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    teacher = copy.deepcopy(model)
+    with torch.no_grad():
+        teacher[2].weight[0, 0] = float("nan")
+    with pytest.raises(DataError, match=r"teacher: its logits on the first batch hold NaN or inf \(its parameters "
+                                        r"2.weight hold NaN or inf\)"):
+        compress(copy.deepcopy(model), {"techniques": [{"type": "distill_kd"}], "training": {"epochs": 1}},
+                 (x, x[:, :3].argmax(1)), lambda m: 0.0, teacher=teacher)
 
 
 def test_token_distillation_of_a_tuple_batch_leaves_out_the_ignored_positions():

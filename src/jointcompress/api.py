@@ -378,6 +378,15 @@ def check_teacher_data(teacher: nn.Module, example, model_outputs, alpha: float)
     if t_logits.device != s_logits.device:  # its inputs followed it there; distillation would fail at the first step
         raise DataError(f"teacher: it is on {t_logits.device} and the model on {s_logits.device}; distillation compares "
                         "their logits on every step, so put the teacher beside the model (teacher.to(device))")
+    if not bool(torch.isfinite(t_logits).all()):  # every step's distill term would be NaN, rolled back and retried
+        from .session.checks import nonfinite_tensors
+
+        bad = nonfinite_tensors(teacher.named_parameters())
+        where = (f"its parameters {', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''} hold NaN or inf" if bad else
+                 "its parameters are finite: its forward overflows on these inputs, or a buffer (BatchNorm's running "
+                 "statistics) holds NaN")
+        raise DataError(f"teacher: its logits on the first batch hold NaN or inf ({where}); distillation would train "
+                        "the model toward them. Load the teacher's weights again (or the checkpoint before it diverged)")
     if alpha > 0:
         check_teacher_logits(s_logits, t_logits)
 

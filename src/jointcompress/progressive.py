@@ -4,7 +4,7 @@ smaller student (with the recipe's other techniques, e.g. quantization).
 The alternative to joint compression that the literature often uses for transformers
 (prune the big model, then distil it down); it uses the same total epochs as the recipe so
 it can be compared with `mode: joint` and `mode: sequential` on the same budget (each stage
-gets at least one epoch, so a one-epoch recipe runs two).
+gets at least one epoch, so a recipe of fewer than two is refused).
 """
 from __future__ import annotations
 

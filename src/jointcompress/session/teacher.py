@@ -99,8 +99,11 @@ def _memory_share(device: torch.device, share: float) -> int:
 
 
 def run_teacher(teacher, batch: Batch) -> torch.Tensor:
-    """The teacher's logits for the batch (no gradient; the teacher is in eval mode)."""
-    with torch.no_grad():
+    """The teacher's logits for the batch, without gradient and in eval mode whatever mode the caller's loop
+    left it in (`for m in (model, teacher): m.train()` ran it with dropout and moved its BatchNorm statistics)."""
+    from ..model_call import evaluating
+
+    with torch.no_grad(), evaluating(teacher):
         return logits_of(call_model(teacher, decoder_inputs(teacher, batch)))
 
 
@@ -131,10 +134,13 @@ def _reused(teacher, batch: Batch, cache: TeacherCache, cached: torch.Tensor) ->
         cache.checked = True
         return cached
     repeated = len(torch.unique(batch.index)) < len(batch.index)
+    finite = bool(torch.isfinite(fresh).all() and torch.isfinite(cached).all())
     cache.off = ("the sample indices repeat within a batch (the batches' third element is no sample index), so one "
                  "index stood for several samples" if repeated else
                  f"a sample's teacher logits changed between epochs (by {gap:.3g}): its inputs differ from one epoch "
-                 "to the next (random augmentation), so cached logits would be another view's")
+                 "to the next (random augmentation), so cached logits would be another view's" if finite else
+                 "the teacher's logits hold NaN or inf for some samples of this batch (check the teacher and those "
+                 "inputs), so they cannot be compared with the cached ones")
     cache.logits, cache.have = None, torch.zeros(0, dtype=torch.bool)
     _warn_off(cache)
     return fresh
@@ -154,6 +160,9 @@ def _check_cacheable(batch: Batch, cache: TeacherCache) -> None:
     elif index is None:
         cache.off = ("the batches carry no sample index (a map-style Dataset's loader); give (x, y) tensors, or "
                      "batches (x, y, index) / dicts with 'index'")
+    elif isinstance(index, torch.Tensor) and index.numel() and int(index.min()) < 0:
+        cache.off = (f"the batches' sample indices include {int(index.min())}: a negative index would read another "
+                     "sample's slot; number the samples from 0")
     elif cache.input_shapes is None:
         cache.input_shapes = shapes
     elif shapes != cache.input_shapes:
