@@ -583,3 +583,56 @@ def test_tensorboard_plots_each_step_once_after_a_resume(tmp_path):
     assert steps == sorted(set(steps)) == list(range(16)), steps
     # the epoch logged at step 8, whose evaluation checkpoint the run resumed from, is not purged with the replay
     assert [e.step for e in events.Scalars("epoch/loss/task")] == [8, 16]
+
+
+class _InfOnMarkedRows(torch.nn.Module):
+    """A model whose training forward is inf on a batch holding a marked row (x[:, 0] > 50): a non-finite step."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+
+    def forward(self, x):
+        out = self.net(x)
+        return out * float("inf") if self.training and bool((x[:, 0] > 50).any()) else out
+
+
+def test_a_non_finite_step_after_a_resume_rolls_back_where_the_uninterrupted_run_does(tmp_path):
+    """The uninterrupted run rolled the step-13 failure back to its epoch-end snapshot (step 10), the resumed one to
+    the step-12 checkpoint it resumed from: two runs 7e-4 apart. A snapshot is taken at every checkpoint now."""
+
+    def setup():
+        torch.manual_seed(0)
+        x = torch.randn(320, 20)
+        y = (x[:, :5].sum(1) > 0).long()
+        x[3 * 32 + 5, 0] = 1e3  # batch 3 of every epoch: steps 3, 13 and 23 are not finite
+        torch.manual_seed(2)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=False)
+        return _InfOnMarkedRows(), loader
+
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.6}],
+              "training": {"epochs": 3, "batch_size": 32, "recalibrate_norms": 0}}
+
+    class Stop(Exception):
+        pass
+
+    class StopAt12:
+        def on_step(self, trainer, step, out):
+            if step == 12:
+                raise Stop()
+
+    runs = {}
+    for name, stops in (("whole", False), ("resumed", True)):
+        model, loader = setup()
+        kwargs = {"run_dir": tmp_path / name, "checkpoint_every": 4, "max_nonfinite": 5}
+        if stops:
+            with pytest.raises(Stop):
+                compress(model, recipe, loader, lambda m: 0.0, callbacks=[StopAt12()], **kwargs)
+            model, loader = setup()
+            kwargs["resume"] = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = compress(model, recipe, loader, lambda m: 0.0, **kwargs)
+        runs[name] = (model.state_dict(), [e["rolled_back_to"] for e in result.history.events if e["event"] == "nonfinite"])
+    assert runs["whole"][1] == runs["resumed"][1] == [0, 12, 20]
+    assert all(torch.equal(v, runs["resumed"][0][k]) for k, v in runs["whole"][0].items())

@@ -198,6 +198,7 @@ class Trainer:
         if not out.get("skipped") and snap and pos.step % snap == 0:
             self.recovery.take_good(pos.step)
         if self.checkpoint_every and pos.step % self.checkpoint_every == 0 and pos.batch_in_epoch < spe and pos.step < total:
+            self.recovery.take_good(pos.step)  # where a run resumed from this checkpoint rolls back to, too
             self.save_checkpoint()
 
     def run(self) -> History:
