@@ -189,6 +189,12 @@ def test_against_without_torch_pruning_is_a_clear_error(app, monkeypatch):
      "tp_start: 'both' is unknown"),
     (["--against", "torch-pruning", "--model", "lenet5", "--teacher-epochs", "1", "--strides", "2"],
      "a flatten into a Linear"),
+    # failed after the dense model trained and was timed (a pydantic traceback), or were ignored without a word
+    (["--against", "torch-pruning", "--model", "lenet5", "--target-ms", "0"], "target_ms (--target-ms) 0.0: give"),
+    (["--against", "torch-pruning", "--model", "resnet", "--stride-layer", "fc"],
+     "stride_layer (--stride-layer) 'fc' is read only with a stride above 1"),
+    (["--against", "torch-pruning", "--model", "lenet5", "--teacher-epochs", "1", "--min-width", "1000"],
+     "min_width (--min-width) 1000: the widest channel group has"),
 ])
 def test_against_bad_input(app, argv, words):
     pytest.importorskip("torch_pruning")

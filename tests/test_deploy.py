@@ -213,6 +213,26 @@ def test_a_model_returning_a_dict_led_by_features_exports_its_logits(tmp_path):
         export_and_check(_FeaturesThenLogits("scores").eval(), tmp_path / "s.onnx", x[:2])
 
 
+def test_int8_takes_numpy_calibration_and_names_empty_or_misshapen_inputs(tmp_path):
+    """An .npz's numpy arrays failed inside the export's reader ('numpy.ndarray' has no attribute 'detach'), no
+    inputs inside onnxruntime's calibrator ('No data is collected'), inputs of another shape in an onnxruntime
+    INVALID_ARGUMENT; and bench(runs=0) in a StatisticsError."""
+    from jointcompress.bench import bench
+
+    model, spec = fake_finalize(SmallCNN(), example_input(), bits=8)
+    x = example_input(16)
+    int8 = quantize_int8(model, spec, x.numpy(), x[:1], workdir=tmp_path / "a")
+    assert int8.parity["samples_compared"] == 16
+    with pytest.raises(JointCompressError, match="the calibration data holds no inputs"):
+        quantize_int8(model, spec, x[:0], x[:1], workdir=tmp_path / "b")
+    other = torch.randn(8, x.shape[1], x.shape[2] + 4, x.shape[3] + 4)
+    with pytest.raises(JointCompressError, match=r"the calibration inputs are \[\d+, \d+, \d+\] per sample and example_input"):
+        quantize_int8(model, spec, other, x[:1], workdir=tmp_path / "c")
+    for kwargs in ({"runs": 0}, {"threads": 0}):
+        with pytest.raises(JointCompressError, match=f"bench: {next(iter(kwargs))}=0; give a whole number"):
+            bench(model, model, x, **kwargs)
+
+
 def test_int8_measures_its_agreement_with_fp32_on_the_calibration_inputs(tmp_path):
     """The README said quantize_int8 checks parity by itself; it did not, and a ViT's int8 model lost 7 points
     with no word. Its parity on the calibration inputs is now kept, and a low top-1 agreement warned."""

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from .artifact.size import dense_fp32_bytes
 from .deploy.timing import DEFAULT_THREADS, Timing, time_contenders
+from .errors import JointCompressError
 from .model_call import call_model
 
 
@@ -142,6 +143,9 @@ def bench(model_before: nn.Module, model_after, example_input,
     `example_input`: the models' inputs, a tensor or a tuple / dict of them (batch_of).
     Latency: `threads` threads for both sides, timed by deploy.timing (recorded in "timing").
     """
+    for name, value in (("runs", runs), ("threads", threads)):  # else a StatisticsError or a torch RuntimeError
+        if not isinstance(value, int) or value < 1:
+            raise JointCompressError(f"bench: {name}={value!r}; give a whole number of at least 1")
     model_before.eval()
     if isinstance(model_after, nn.Module):
         model_after.eval()

@@ -506,6 +506,7 @@ def run_against(cfg: AgainstConfig, split, teacher: nn.Module | None = None, tea
     from .against_tp import torch_pruning
 
     require_torch_pruning()
+    check_settings(cfg)
     t_start = time.perf_counter()
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="jointcompress-against-"))
     split = matching_split(split, cfg)
@@ -548,6 +549,29 @@ def check_teacher(teacher: nn.Module, example, cfg: AgainstConfig) -> None:
 
         check_droppable(teacher, example, list(cfg.drop_blocks))
     check_strides(teacher, example, cfg)
+    check_floor(teacher, example, cfg)
+
+
+def check_settings(cfg: AgainstConfig) -> None:
+    """Settings that failed deep in the run, after the dense model trained and was timed (a target of 0 ms: a
+    pydantic traceback), or were ignored without a word (a stride layer with no stride to raise)."""
+    if cfg.target_ms is not None and not cfg.target_ms > 0:
+        raise JointCompressError(f"target_ms (--target-ms) {cfg.target_ms}: give the target in milliseconds, above 0")
+    if cfg.stride_layer and set(cfg.strides) == {1}:
+        raise JointCompressError(f"stride_layer (--stride-layer) {cfg.stride_layer!r} is read only with a stride above 1 "
+                                 "to try: add one to strides (--strides 1,2), or leave the stride layer out")
+
+
+def check_floor(teacher: nn.Module, example, cfg: AgainstConfig) -> None:
+    """A floor (min_width) no channel group is wider than removed no channel, and the table compared the dense
+    model with itself, without a word."""
+    from ..graph import discover_groups
+
+    if cfg.min_width is not None:
+        widest = max((g.channels for g in discover_groups(teacher, example)[0]), default=0)
+        if cfg.min_width >= widest:
+            raise JointCompressError(f"min_width (--min-width) {cfg.min_width}: the widest channel group has {widest} "
+                                     f"channels, so no channel could be removed; give at most {max(1, widest - 1)}")
 
 
 def against_record(cfg: AgainstConfig, split, teacher: nn.Module, teacher_note: str, example, us: dict, them: dict,

@@ -375,6 +375,7 @@ def quantize_int8(model: nn.Module, spec: CompressionSpec | None, calibration, e
     reference = model
     model, spec = on_cpu(model, spec)
     example_input = to_device(example_input, torch.device("cpu"))
+    calibration = checked_calibration(calibration, example_input, fixed_shape=backend == "onnxruntime")
     if backend == "onnxruntime":
         if workdir is not None:
             int8 = quantize_onnxruntime(model, spec, calibration, Path(workdir), example_input, threads=threads)
@@ -389,6 +390,33 @@ def quantize_int8(model: nn.Module, spec: CompressionSpec | None, calibration, e
         raise JointCompressError(f"int8 backend {backend!r} is unknown; use 'onnxruntime' or 'torch[-x86|-qnnpack|...]'")
     int8.parity = calibration_parity(reference, int8, calibration)
     return int8
+
+
+def checked_calibration(calibration, example_input, fixed_shape: bool = True):
+    """The calibration inputs as tensors, checked before the export: numpy arrays (an .npz's) failed inside the
+    export's reader ("'numpy.ndarray' object has no attribute 'detach'"), no inputs inside onnxruntime's
+    calibrator ("No data is collected"), and inputs of another shape than the exported graph's (`fixed_shape`:
+    all but the batch axis) in an onnxruntime INVALID_ARGUMENT."""
+    import numpy as np
+
+    as_tensor = (lambda a: torch.from_numpy(a) if isinstance(a, np.ndarray) else a)
+    if isinstance(calibration, np.ndarray):
+        calibration = as_tensor(calibration)
+    elif isinstance(calibration, (tuple, list)) and len(calibration) == 2 and any(isinstance(a, np.ndarray) for a in calibration):
+        calibration = tuple(as_tensor(a) for a in calibration)
+    if iter(calibration) is calibration:  # a generator: reading its first batch here would take it from the export
+        return calibration
+    first = next(iter(batches(calibration, 64)), None)
+    inputs = first[0] if first is not None else None
+    if inputs is None or (isinstance(inputs, torch.Tensor) and len(inputs) == 0):
+        raise JointCompressError("quantize_int8: the calibration data holds no inputs; give a few hundred of the "
+                                 "model's training inputs (a tensor, (X, Y) tensors or a DataLoader)")
+    if fixed_shape and isinstance(inputs, torch.Tensor) and isinstance(example_input, torch.Tensor) \
+            and tuple(inputs.shape[1:]) != tuple(example_input.shape[1:]):
+        raise JointCompressError(f"quantize_int8: the calibration inputs are {list(inputs.shape[1:])} per sample and "
+                                 f"example_input {list(example_input.shape[1:])}; give calibration inputs of the shape "
+                                 "the model takes")
+    return calibration
 
 
 def calibration_parity(model: nn.Module, int8: Int8Model, calibration, max_batches: int = 8) -> dict:
