@@ -211,9 +211,10 @@ def test_dry_run_user_model_needs_input_shape():
     from jointcompress.errors import RecipeError
 
     with pytest.raises(RecipeError, match="--input-shape"):
-        dry_run_tables("somepkg.models:build")
-    with pytest.raises(RecipeError, match="cannot import"):
-        dry_run_tables("no_such_package_xyz.models:build", input_shape=[1, 8])
+        dry_run_tables("torch.nn:Identity")  # a builder that imports: its shape is asked for
+    for shape in (None, [1, 8]):  # one that does not is named first, with or without a shape
+        with pytest.raises(RecipeError, match="cannot import"):
+            dry_run_tables("no_such_package_xyz.models:build", input_shape=shape)
 
 
 def test_looping_trace_is_a_clear_error_not_a_hang(monkeypatch):
