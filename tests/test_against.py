@@ -282,6 +282,12 @@ def test_the_console_says_when_torch_pruning_did_not_match_and_which_timings_are
     assert "tp_int8_ort (batch 1)" in notes[1]
     result["match"]["torch_pruning_matched"], result["timing"]["batch1"]["flagged"] = True, []
     assert against_notes(result) == []
+    # ours collapsed (16% against a 95% dense model): a row like any other, and Torch-Pruning "matched" to it
+    result.update(accuracy={"dense_fp32_torch": 0.9467, "ours_fp32_torch": 0.1633}, config={"epochs": 1})
+    said = against_notes(result)
+    assert len(said) == 1 and "ours lost 78.3 points of the dense model's accuracy" in said[0] and "1 epochs" in said[0]
+    result["accuracy"]["ours_fp32_torch"] = 0.93
+    assert against_notes(result) == []
 
 
 def test_a_teacher_path_that_is_a_folder_is_refused_before_any_training(tmp_path, monkeypatch):

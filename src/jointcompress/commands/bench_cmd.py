@@ -317,6 +317,9 @@ def target_note(target: dict) -> str:
     return note
 
 
+LOST_NOTE_POINTS = 5.0  # accuracy points ours may lose against the dense model before the table's notes say so
+
+
 def against_notes(result: dict) -> list[str]:
     """What the JSON records that the table does not show: whether Torch-Pruning reached our accuracy
     (else its row is its closest candidate, less accurate), and contenders whose interleaved and alone
@@ -327,6 +330,13 @@ def against_notes(result: dict) -> list[str]:
         notes.append(f"ours reshaped the model: strides {ours.get('strides') or 'as built'}, blocks dropped "
                      f"{ours.get('dropped_blocks') or 'none'}; Torch-Pruning started from "
                      f"{result.get('torch_pruning_start', 'the dense teacher')}")
+    accuracy = result.get("accuracy", {})
+    lost = 100 * (accuracy.get("dense_fp32_torch", 0.0) - accuracy.get("ours_fp32_torch", 1.0))
+    if lost > LOST_NOTE_POINTS:  # a collapsed run read as a row like any other, and Torch-Pruning "matched" it
+        epochs = result.get("config", {}).get("epochs")
+        notes.append(f"[yellow]ours lost {lost:.1f} points of the dense model's accuracy[/yellow]: the target leaves "
+                     f"too few channels for {epochs or 'these'} epochs of training, and Torch-Pruning is matched to that "
+                     "accuracy; give more --epochs or a lower --speedup")
     match = result["match"]
     if not match["torch_pruning_matched"]:
         ours = 100 * match["ours_selection_accuracy"]
