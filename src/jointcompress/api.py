@@ -434,7 +434,7 @@ def compress(
     """
     recipe = parse_recipe(recipe)
     _check_run_arguments(recipe, teacher, run_dir, resume)
-    _warn_validation_unread(recipe)
+    warn_validation_unread(recipe)
     warn_unread_quant_start(recipe)
     if not callable(evaluate):  # else a TypeError after the first epoch's training
         raise RecipeError(f"evaluate is {type(evaluate).__name__}, not a function: pass one that takes the model and "
@@ -463,7 +463,7 @@ def validation_held_out():
         _HELD_OUT.reset(token)
 
 
-def _warn_validation_unread(recipe: Recipe, reader: str = "compress()") -> None:
+def warn_validation_unread(recipe: Recipe, reader: str = "compress()") -> None:
     """compress() trains on the data it is given and keeps the epoch the given `evaluate` rates best, and
     prepare() leaves data and evaluation to the caller's loop: a recipe's training.validation_images, which
     the command line reads, held nothing out there, without a word."""

@@ -67,12 +67,12 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
     compress() does (joint_form.py): `session.recipe` holds the recipe that runs.
     """
     from .. import distributed as _dist
-    from ..api import _warn_validation_unread, check_data, check_targets, check_teacher_data
+    from ..api import check_data, check_targets, check_teacher_data, warn_validation_unread
     from ..joint_form import as_joint_form
     from ..targets import resolve_target
 
     given = parse_recipe(recipe)
-    _warn_validation_unread(given, reader="prepare()")
+    warn_validation_unread(given, reader="prepare()")
     warn_unread_quant_start(given)
     recipe, _ = as_joint_form(given)  # mode: joint under a size target, as compress() trains it
     check_needs(recipe, teacher, example_inputs)
