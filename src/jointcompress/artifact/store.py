@@ -457,7 +457,8 @@ def _recipe_goal(spec: CompressionSpec, model: nn.Module) -> float | None:
     target = recipe.get("target") or {}
     if target.get("size_kb"):
         return float(target["size_kb"]) * 1024
-    if target.get("ratio") and not getattr(spec, "pruning_history", None):
+    reshaped = getattr(spec, "pruning_history", None) or getattr(spec, "dropped_blocks", None)
+    if target.get("ratio") and not reshaped:  # channels or blocks removed: the fp32 file before them is unknown here
         return dense_fp32_bytes(model) / float(target["ratio"])
     return None
 
