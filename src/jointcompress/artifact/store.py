@@ -448,19 +448,23 @@ def _recipe_goal(spec: CompressionSpec, model: nn.Module) -> float | None:
     own (a sequential or overlap run, which the allocator and the steering meet: a file over it was said by
     compress(), and written by save without a word). A ratio is of the model's fp32 file, which finalizing
     unstructured masks and quantizers does not change (those modes remove no channels under a size target)."""
-    from .size import dense_fp32_bytes
+    from pydantic import ValidationError
+
+    from ..recipe import Target
+    from ..targets import target_bytes
 
     recipe = spec.recipe or {}
     budget = next((t for t in recipe.get("techniques", []) if t.get("type") == "size_budget"), {})
     if budget.get("target_bytes"):
         return float(budget["target_bytes"])
-    target = recipe.get("target") or {}
-    if target.get("size_kb"):
-        return float(target["size_kb"]) * 1024
+    try:
+        target = Target.model_validate(recipe["target"]) if recipe.get("target") else None
+    except ValidationError:  # a recipe recorded by another version: no goal to hold the file to
+        return None
     reshaped = getattr(spec, "pruning_history", None) or getattr(spec, "dropped_blocks", None)
-    if target.get("ratio") and not reshaped:  # channels or blocks removed: the fp32 file before them is unknown here
-        return dense_fp32_bytes(model) / float(target["ratio"])
-    return None
+    if target is None or target.is_latency or (target.ratio and reshaped):  # the fp32 file before the cuts is unknown
+        return None
+    return target_bytes(model, target)
 
 
 def _warn_over_target(spec: CompressionSpec, size: int, path: Path, container: str = "jcw", encoding=None,

@@ -195,10 +195,12 @@ class Trainer:
         if self.progress:
             self.progress(pos.step, total)
         snap = self.recovery.snapshot_every
-        if not out.get("skipped") and snap and pos.step % snap == 0:
+        checkpoint = self.checkpoint_every and pos.step % self.checkpoint_every == 0 and pos.batch_in_epoch < spe \
+            and pos.step < total
+        # at a checkpoint too: where a run resumed from it rolls back to (one snapshot where both fall due)
+        if checkpoint or (not out.get("skipped") and snap and pos.step % snap == 0):
             self.recovery.take_good(pos.step)
-        if self.checkpoint_every and pos.step % self.checkpoint_every == 0 and pos.batch_in_epoch < spe and pos.step < total:
-            self.recovery.take_good(pos.step)  # where a run resumed from this checkpoint rolls back to, too
+        if checkpoint:
             self.save_checkpoint()
 
     def run(self) -> History:
