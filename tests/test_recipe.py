@@ -27,6 +27,10 @@ def test_builtin_recipes_validate():
         ({"hf": {"ptq_bits": 1}}, "hf.ptq_bits", "greater than or equal to 2"),
         ({"techniques": [{"type": "distill_kd", "features": [{"student": "a", "teacher": "b", "loss": "l1"}]}]},
          "techniques.0.distill_kd.features.0.loss", "'mse' or 'cosine'"),
+        ({"target": {"speedup": float("nan")}}, "target.speedup", "finite number"),
+        ({"target": {"ratio": float("inf")}}, "target.ratio", "finite number"),
+        ({"techniques": [{"type": "distill_kd", "temperature": float("nan")}]}, "techniques.0.distill_kd.temperature",
+         "finite number"),
     ],
 )
 def test_invalid_recipe_names_the_field(bad, field, words):

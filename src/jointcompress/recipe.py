@@ -19,7 +19,9 @@ from .errors import RecipeError
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a NaN or inf in any number is refused as "not a finite number", where a bounded field
+    # would otherwise blame its bound (NaN fails every comparison)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
