@@ -553,3 +553,17 @@ def test_the_bare_joint_form_keeps_widths_fixed_where_it_adds_quant_lsq_too(tech
     for given in (recipe, parse_recipe(recipe.model_dump())):  # a recipe dumped and read back too
         joint, event = as_joint_form(given)
         assert event is not None and joint.technique("quant_lsq").learn_bits is False
+
+
+def test_the_quantizer_the_joint_form_adds_to_a_recipe_without_one_is_said():
+    """A recipe of pruning and distillation under `mode: joint` and a ratio came back as a 4-bit quantized file,
+    said only in the manifest's recipe; sequential says what its allocator adds."""
+    bare = parse_recipe({"mode": "joint", "target": {"ratio": 40}, "techniques": [{"type": "prune_unstructured"}]})
+    with pytest.warns(UserWarning, match=r"quant_lsq was added to the recipe \(4 bits, zero_level: true"):
+        joint, _ = as_joint_form(bare)
+    assert joint.technique("quant_lsq").bits == 4
+    quantized = parse_recipe({"mode": "joint", "target": {"ratio": 40},
+                              "techniques": [{"type": "quant_lsq", "bits": 3, "learn_bits": False}]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        as_joint_form(quantized)

@@ -91,6 +91,8 @@ def as_joint_form(recipe: Recipe) -> tuple[Recipe, dict | None]:
     prune = recipe.technique("prune_unstructured")
     _warn_widths_fixed(recipe.technique("quant_lsq"))
     joint = joint_recipe(recipe, **joint_form_budget())
+    if recipe.technique("quant_lsq") is None:
+        _say_quantizer_added(joint.technique("quant_lsq").bits)
     event = {"event": "joint_form", "step": 0, "bits": joint.technique("quant_lsq").bits,
              "replaced": ["prune_unstructured"] if prune is not None else [],
              "size_budget": {k: v for k, v in joint.technique("size_budget").model_dump().items() if k != "type"},
@@ -101,6 +103,14 @@ def as_joint_form(recipe: Recipe) -> tuple[Recipe, dict | None]:
                      "budget (quant_lsq.zero_level + size_budget, docs/joint.md); mode: overlap keeps magnitude "
                      "masks and LSQ under the allocator's per-layer budgets"}
     return joint, event
+
+
+def _say_quantizer_added(bits: int) -> None:
+    """The joint form prunes through the quantizer's dead zone, so a recipe without quant_lsq gets one: said, as
+    the sequential allocator says what it adds (targets._say_added), not left to the manifest's recipe."""
+    warnings.warn(f"mode: joint under a size target prunes through the quantizer's dead zone, so quant_lsq was added "
+                  f"to the recipe ({bits} bits, zero_level: true; the manifest's recipe holds it); write quant_lsq "
+                  "into the recipe to choose its bits", stacklevel=3)
 
 
 def _warn_widths_fixed(quant) -> None:
