@@ -515,3 +515,18 @@ def test_a_run_lock_is_not_held_by_the_children_of_a_killed_run(tmp_path):
             fcntl.flock(resumed, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raised BlockingIOError while the child lived
     finally:
         os.kill(child, 9)
+
+
+def test_resume_of_a_finished_run_says_so_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """--resume of a finished run loaded its last checkpoint, finalized and saved the same artifact again, and added
+    those seconds to summary.json's wall time, without saying there was nothing to continue."""
+    out, args = tmp_path / "o", ["compress", _recipe(tmp_path), "--teacher-epochs", "1"]
+    code, text = run_cli(monkeypatch, capsys, *args, "--out", out)
+    assert not code, text
+    written = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    code, text = run_cli(monkeypatch, capsys, *args, "--out", out, "--resume")
+    assert not code and "has finished" in text and "pass --force in place of --resume" in " ".join(text.split()), text
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()} == written
+    (out / "summary.json").unlink()  # as if killed while the results were written: the run is resumed and saved
+    code, text = run_cli(monkeypatch, capsys, *args, "--out", out, "--resume")
+    assert not code and "has finished" not in text and (out / "summary.json").is_file(), text

@@ -207,7 +207,7 @@ def compress_cmd(
     """
     from .devices import resolve_device
     from .distributed import init_from_env, quiet_other_ranks
-    from .io import check_folder_path, prepare_run_dir
+    from .io import check_folder_path, finished_run, prepare_run_dir, say_finished
     from .models import absolute_builder
     from .pipeline import builder_for, compress_and_save, load_split, load_start
     from .recipe import load_recipe
@@ -255,6 +255,10 @@ def compress_cmd(
                                      resume=resume,
                                      teacher_epochs=teacher_epochs, save=main_rank, progress=show, device=where,
                                      data_given=str(data if data is not None else recipe.data))
+        if resume and finished_run(out):  # after the checks of what the run began from
+            if main_rank:
+                say_finished(out, console, "artifact")
+            return
         callbacks = [TensorBoardLogger(tensorboard)] if tensorboard and main_rank else []
         if recipe.target is not None and recipe.target.is_latency and not resume and main_rank:
             # minutes at a large batch, under a progress line at 0/?: it read as a run that had hung

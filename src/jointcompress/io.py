@@ -350,6 +350,21 @@ def _remove_write_leftovers(path: Path) -> None:
                 leftover.unlink()
 
 
+def finished_run(path: str | os.PathLike) -> bool:
+    """Whether the run in `path` finished: a run writes summary.json, then recipe.yaml, last, and a --force restart
+    clears both first. --resume of a finished run used to load its last checkpoint, finalize and save the same
+    artifact again, and add those seconds to its wall time, without saying there was nothing to continue."""
+    path = Path(path)
+    return (path / "summary.json").is_file() and (path / "recipe.yaml").is_file()
+
+
+def say_finished(path: Path, console, artifact: str) -> None:
+    """What --resume of a finished run prints in place of running it again (`artifact`: the folder it saved)."""
+    console.print(f"--resume: the run in {path} has finished (its summary.json and recipe.yaml are written); nothing "
+                  f"to continue. Its artifact is {path / artifact}; `jointcompress report {path}` shows it. To run it "
+                  "again, pass --force in place of --resume")
+
+
 def _resume_without_checkpoint(path: Path, force: bool, dist) -> None:
     """Nothing to continue: a folder with a run's outputs (or the user's files of those names) is refused as
     a new run would refuse it; an empty one, or one a run killed before its first checkpoint left, starts."""

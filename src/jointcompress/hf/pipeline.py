@@ -283,7 +283,7 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
 
     from jointcompress.devices import resolve_device
     from jointcompress.distributed import init_from_env, quiet_other_ranks
-    from jointcompress.io import RUN_OUTPUTS, RUN_REPORT, atomic_write_text, prepare_run_dir
+    from jointcompress.io import RUN_OUTPUTS, RUN_REPORT, atomic_write_text, finished_run, prepare_run_dir, say_finished
     from jointcompress.recipe import recipe_as_run
 
     steps.refuse_causal_lm(teacher_source(recipe, weights))  # a wrong teacher or data folder, found before --force clears
@@ -295,6 +295,10 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
     out = prepare_run_dir(out, force=force, resume=resume, dist=dist,
                           fresh=("checkpoints", "hf_model", "onnx", *RUN_OUTPUTS, *RUN_REPORT),
                           reads={"--weights": weights, "the recipe": recipe_path})
+    if resume and finished_run(out):
+        if main_rank:
+            say_finished(out, console, "hf_model")
+        return
     with progress_bar() if main_rank else contextlib.nullcontext() as bar:
         summary = run_hf_recipe(
             recipe, out, data, weights, progress=tracked(bar, recipe.mode) if main_rank else None,
