@@ -659,3 +659,27 @@ def test_an_allocation_at_the_floor_is_confirmed_as_the_final_check_times_it(len
     wider = LatencyAllocation(dict(channels), dict(channels), 0.5, 0.8, measured_ms=0.55)
     monkeypatch.setattr(lt, "allocate_latency", lambda *a, **k: wider)
     resolve_latency(model, {"techniques": []}, x, Target(latency_ms=0.8, batch=1))
+
+
+def test_a_latency_target_batch_past_the_machines_memory_is_refused_before_the_model_runs_it(monkeypatch):
+    """`batch: 100000` on LeNet-5 passed the recipe's checks, and `recipe validate` was then killed for memory, no
+    message: one forward there holds about 11 GiB."""
+    import jointcompress.batch_memory as bm
+    from jointcompress.batch_memory import bytes_per_row, check_batch_fits
+    from jointcompress.latency_targets import refusal_before_training
+    from jointcompress.recipe import parse_recipe
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(256, 10))
+    x = torch.randn(2, 1, 8, 8)
+    # the convolution holds its input (64), output (4 x 64) and unfolded columns (1 x 3 x 3 x 64), fp32
+    assert bytes_per_row(net, x) == (64 + 256 + 576) * 4
+    check_batch_fits(net, x, 100, available=10**6)  # 2 x 100 x 3,584 B fit in 1 MB
+    with pytest.raises(TargetError, match=r"target.batch: 200: .*about 1.4 MiB .*1.0 MiB available; .*at most about 139 rows fit here"):
+        check_batch_fits(net, x, 200, available=10**6)
+    rows = []
+    net.register_forward_pre_hook(lambda m, args: rows.append(len(args[0])))
+    monkeypatch.setattr(bm, "available_bytes", lambda: 10**6)
+    recipe = parse_recipe({"target": {"latency_ms": 5.0, "batch": 100000}, "techniques": [{"type": "prune_structured"}]})
+    with pytest.raises(TargetError, match=r"target.batch: 100000: timing the model at 100000 rows needs about 683.6 MiB"):
+        refusal_before_training(net, recipe, x)
+    assert rows and max(rows) == 1  # only the estimate's forward ran

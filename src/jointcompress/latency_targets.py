@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .batch_memory import check_batch_fits
 from .bench import batch_of
 from .block_drop import allocation_base
 from .deploy.timing import DEFAULT_THREADS, steady_ms, time_contenders
@@ -842,6 +843,7 @@ def resolve_latency(model: nn.Module, data: dict, example_inputs, target, measur
     model, example_inputs = on_cpu(model)[0], to_device(example_inputs, torch.device("cpu"))
     targets, exclude = _structured_scope(data)
     base = allocation_base(model, data, example_inputs)  # what the allocation shrinks (read, not changed)
+    check_batch_fits(base, example_inputs, target.batch)  # before the tables time it
     allocate = lambda t: allocate_latency(base, example_inputs, t, targets=targets, exclude=exclude,  # noqa: E731
                                           margin=ACCEPT_MARGIN)
     if target.speedup is None:
@@ -926,9 +928,11 @@ def refusal_before_training(untrained: nn.Module, recipe, example_inputs):
 
 def _runs_the_batch(model: nn.Module, example_inputs, batch: int) -> None:
     """A target's batch the model cannot run (one sized for 64 rows, timed at 128) stopped the timing in torch's
-    own error, a traceback."""
+    own error, a traceback; one past this machine's memory had the process killed without a word
+    (batch_memory.check_batch_fits)."""
     from .targets import TargetError
 
+    check_batch_fits(model, example_inputs, batch)
     try:
         with torch.no_grad():
             call_model(model.eval(), batch_of(example_inputs, batch))
