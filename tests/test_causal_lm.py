@@ -128,6 +128,16 @@ def test_tied_lm_head_and_conv1d_are_refused_with_the_module_named():
         jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 4}]}, total_steps=4)
     with pytest.raises(RecipeError, match=r"'transformer.h.0.attn.c_attn' is a transformers Conv1D.*conv1d_to_linear"):
         jointcompress.prepare(gpt2_raw(), RECIPE, total_steps=4, teacher=gpt2_raw())
+    # prune_ffn ended in "'Conv1D' object has no attribute 'out_features'"; with_ffn_widths in a shape mismatch
+    with pytest.raises(RecipeError, match=r"prune_ffn: 'transformer.h.0.attn.c_attn' is a transformers Conv1D.*"
+                                          r"conv1d_to_linear\(model\)"):
+        jointcompress.prepare(gpt2_raw(), {"techniques": [{"type": "prune_ffn", "sparsity": 0.5}]}, total_steps=4)
+    from jointcompress.errors import UnsupportedModelError
+    from jointcompress.hf.causal import with_ffn_widths
+
+    with pytest.raises(UnsupportedModelError, match=r"with_ffn_widths: build\(\) returned .*Conv1D.*return "
+                                                    r"conv1d_to_linear\(model\) from build\(\)"):
+        with_ffn_widths(gpt2_raw, [31, 33])()
 
 
 @pytest.mark.parametrize("build", [gpt2, llama], ids=["gpt2", "llama_gqa"])
@@ -198,6 +208,18 @@ def test_causal_lm_ffn_neurons_removed_with_parity_and_artifact(build, tmp_path)
 def test_causal_lm_heads_and_layers_are_refused_naming_the_model_type(kind):
     with pytest.raises(RecipeError, match=rf"{kind}: .* not supported for model_type 'llama' \(supported: ffn\)"):
         jointcompress.prepare(llama(), {"techniques": [{"type": kind, "sparsity": 0.5}]}, total_steps=4)
+
+
+def test_unit_pruning_of_a_causal_lm_type_it_does_not_know_points_at_what_applies():
+    """Phi was told to use prune_structured for a vision model; a causal LM is told what applies to it."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    phi = PhiForCausalLM(PhiConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, max_position_embeddings=32))
+    with pytest.raises(RecipeError, match=r"got PhiForCausalLM .*For a causal LM of another type, prune_unstructured "
+                                          r"and quant_lsq apply") as err:
+        jointcompress.prepare(phi, {"techniques": [{"type": "prune_ffn", "sparsity": 0.5}]}, total_steps=4)
+    assert "vision" not in str(err.value)
 
 
 @pytest.mark.parametrize("build", [gpt2, llama, qwen2], ids=["gpt2", "llama_gqa", "qwen2"])

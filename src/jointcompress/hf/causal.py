@@ -23,6 +23,7 @@ import warnings
 import torch
 from torch import nn
 
+from jointcompress.errors import UnsupportedModelError
 from jointcompress.model_call import model_device, to_device
 from jointcompress.session.checks import is_conv1d, tied_weights  # noqa: F401 - part of this module's API
 
@@ -90,6 +91,11 @@ def with_ffn_widths(build, widths: list[int]):
 
     def builder():
         model = build()
+        conv1d = next((n for n, m in model.named_modules() if is_conv1d(m)), None)
+        if conv1d is not None:  # the shapes did not match, in a RuntimeError from deep inside
+            raise UnsupportedModelError(f"with_ffn_widths: build() returned a model whose '{conv1d}' is a transformers "
+                                        "Conv1D (GPT-2 as transformers builds it); the compressed model's layers are "
+                                        "Linear: return conv1d_to_linear(model) from build()")
         fam = family(model.config)
         for layer, width in zip(layers(model), widths):
             keep_neurons(layer, fam, torch.arange(int(width)))

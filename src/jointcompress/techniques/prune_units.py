@@ -45,13 +45,26 @@ def _hf_model(model: nn.Module, kind: str = "prune_heads / prune_ffn / prune_lay
             what += f" or a causal LM ({', '.join(causal)})"
         model_type = getattr(cfg, "model_type", None)
         got = type(hf).__name__ + (f" (model_type {model_type!r})" if model_type else "")
-        raise RecipeError(
-            f"{kind}: need a Hugging Face transformer of model_type {', '.join(types)}: {what}; got {got}. "
-            "For a vision model use prune_structured: it removes the MLP width of ViT blocks, the inverted-bottleneck "
-            "width of ConvNeXt blocks and CNN channels (docs/architectures.md); attention heads of vision models are "
-            "not pruned"
-        )
+        other = (" For a causal LM of another type, prune_unstructured and quant_lsq apply (docs/transformers.md)"
+                 if type(hf).__name__.endswith("ForCausalLM") else
+                 " For a vision model use prune_structured: it removes the MLP width of ViT blocks, the "
+                 "inverted-bottleneck width of ConvNeXt blocks and CNN channels (docs/architectures.md); attention "
+                 "heads of vision models are not pruned")
+        raise RecipeError(f"{kind}: need a Hugging Face transformer of model_type {', '.join(types)}: {what}; got "
+                          f"{got}.{other}")
+    _refuse_conv1d(hf, kind)
     return hf
+
+
+def _refuse_conv1d(hf: nn.Module, kind: str) -> None:
+    """GPT-2 as transformers builds it holds Conv1D projections ([in, out]), which heads and neurons are not cut
+    from: prune_ffn ended in an AttributeError ('Conv1D' object has no attribute 'out_features')."""
+    from ..session.checks import is_conv1d
+
+    conv1d = next((n for n, m in hf.named_modules() if is_conv1d(m)), None)
+    if conv1d is not None:
+        raise RecipeError(f"{kind}: '{conv1d}' is a transformers Conv1D (GPT-2 style), which units are not cut from; "
+                          "convert the model first with jointcompress.hf.causal.conv1d_to_linear(model) (exact)")
 
 
 @functools.lru_cache(maxsize=None)
