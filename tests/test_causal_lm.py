@@ -200,6 +200,8 @@ def test_causal_lm_ffn_neurons_removed_with_parity_and_artifact(build, tmp_path)
     manifest = save_hf_artifact(model, spec, tmp_path / "hf_art8", ptq_bits=8)  # the embedding (GPT-2's tied to lm_head)
     rounded, _ = load_hf_artifact(tmp_path / "hf_art8")  # rounded per row in place, and stored so
     assert manifest["weights_file_bytes"] < fp32_rest
+    for alias, source in tied_weights(model).items():  # GPT-2's lm_head: stored once, as its embedding's alias
+        assert alias not in manifest["layers"] and manifest["aliases"][f"{alias}.weight"] == f"{source}.weight"
     with torch.no_grad():
         assert torch.equal(rounded(input_ids=x, attention_mask=xm).logits, model(input_ids=x, attention_mask=xm).logits)
 

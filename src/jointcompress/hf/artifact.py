@@ -52,9 +52,16 @@ def quantize_rest(model: nn.Module, spec: CompressionSpec, bits: int = 8) -> Com
     head = _head(model)
     head_mods = {id(m) for m in head.modules()} if head is not None else set()
     qmax = 2 ** (bits - 1) - 1
-    for name, mod in model.named_modules():
+    modules = dict(model.named_modules())
+    # a weight tied to one already on a grid (an LM's lm_head and its embedding) is that layer's: rounded once, stored
+    # once (the other name an alias); each name quantized, the file held the table twice
+    done = {id(modules[name].weight) for name in spec.layers if name in modules}
+    for name, mod in modules.items():
         if name in spec.layers or id(mod) in head_mods or not isinstance(mod, (nn.Embedding, nn.Linear)):
             continue
+        if id(mod.weight) in done:
+            continue
+        done.add(id(mod.weight))
         w = mod.weight
         scale = (w.detach().abs().amax(dim=1) / qmax).clamp_min(1e-12).float()
         w.copy_((torch.round(w / scale[:, None]).clamp(-qmax, qmax) * scale[:, None]).to(w.dtype))
