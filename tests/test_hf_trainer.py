@@ -112,6 +112,28 @@ def test_save_model_before_finalize_is_said_and_keeps_the_sessions_state(tmp_pat
         assert torch.allclose(model(**batch).logits, loaded(**batch).logits, atol=1e-5)
 
 
+def test_save_model_after_finalize_says_the_folder_drops_the_input_rounding(tmp_path):
+    """With quant_lsq activations: true, the finalized model rounds each layer's input; its transformers folder
+    cannot, and loaded with logits 0.019 off (of 0.76), where export_folder says so and save_model did not."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = tiny_bert(layers=2, seed=0)
+    recipe = {"techniques": [{"type": "quant_lsq", "bits": 8, "activations": True, "targets": ["*encoder.layer.*"]}]}
+    session = jointcompress.prepare(model, recipe, total_steps=2)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=8,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    trainer = CompressionTrainer(session=session, model=model, args=args, train_dataset=_rows(16))
+    trainer.train()
+    session.finalize()
+    with pytest.warns(UserWarning, match=r"does not round the inputs of \d+ layers as training did"):
+        trainer.save_model(str(tmp_path / "final"))
+    batch = {k: torch.stack([r[k] for r in _rows(6, seed=3)]) for k in ("input_ids", "attention_mask")}
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").eval()
+    model.eval()
+    with torch.no_grad():  # what the warning is about
+        assert not torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+
 def test_trainer_train_compresses_a_causal_lm_with_token_level_kd(tmp_path):
     from test_causal_lm import RECIPE as LM_RECIPE
     from test_causal_lm import llama, rows
@@ -279,6 +301,35 @@ def test_label_smoothing_is_the_task_term(tmp_path):
         assert micro["task_loss"] is not None and torch.allclose(micro["task_loss"].detach(), smoothed, atol=1e-6)
         assert not torch.allclose(smoothed, plain, atol=1e-3)
         assert torch.allclose(micro["terms"]["task"], 0.5 * smoothed, atol=1e-6)  # weighted by 1 - alpha
+
+
+def test_label_smoothing_of_a_pruned_causal_class_predicts_the_next_token(tmp_path):
+    """The Trainer shifts its smoothed labels only for the causal classes it knows by name: GPT-2 after
+    conv1d_to_linear (JCGPT2LMHeadModel) was trained to predict each token's own id, without a word."""
+    from test_causal_lm import gpt2, rows
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    model = gpt2()
+    assert type(model).__name__ == "JCGPT2LMHeadModel"
+    ids, mask = rows(8, 0)
+    ds = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": ids[i].masked_fill(mask[i] == 0, -100)}
+          for i in range(8)]
+    session = jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 8, "exclude": ["lm_head"]}]},
+                                    total_steps=1)
+    seen, loss = [], session.loss
+    session.loss = lambda outputs, batch=None, task_loss=None: seen.append(
+        (outputs.logits.detach(), batch["labels"], task_loss.detach())) or loss(outputs, batch, task_loss)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=8, learning_rate=1e-9,
+                             label_smoothing_factor=0.1, report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True, seed=0)
+    CompressionTrainer(session=session, model=model, args=args, train_dataset=ds).train()
+    (logits, labels, task), = seen
+    items = (labels != -100).sum()  # the Trainer's num_items_in_batch
+    smoother = LabelSmoother(epsilon=0.1)
+    shifted = smoother({"logits": logits}, labels, shift_labels=True, num_items_in_batch=items)
+    unshifted = smoother({"logits": logits}, labels, num_items_in_batch=items)
+    assert torch.allclose(task, shifted, atol=1e-6) and not torch.allclose(task, unshifted, atol=1e-2)
+    assert "_get_name" not in vars(model) and type(model).__name__ == model._get_name()  # named as itself again
 
 
 def test_compute_loss_func_is_the_task_term_normalized_over_the_accumulated_batch(tmp_path):

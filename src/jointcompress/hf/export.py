@@ -28,13 +28,14 @@ from jointcompress.techniques.quant_lsq import has_training_hooks, rounded_input
 REMOTE_FILE = "modeling_pruned.py"
 
 
-def _warn_input_rounding(model: nn.Module) -> None:
-    """A transformers folder has no place for the input rounding quant_lsq activations: true trained with."""
+def warn_input_rounding(model: nn.Module, stacklevel: int = 3) -> None:
+    """A transformers folder (export_folder, save_pretrained, CompressionTrainer.save_model) has no place for the
+    input rounding quant_lsq activations: true trained with."""
     rounded = rounded_inputs(model)
     if rounded:
         warnings.warn(f"the transformers folder does not round the inputs of {len(rounded)} layers as training did "
                       f"(quant_lsq activations: true, e.g. {rounded[0]}), so its logits differ a little from the "
-                      "finalized model's; the packed artifact (load_hf_artifact) keeps the rounding", stacklevel=3)
+                      "finalized model's; the packed artifact (load_hf_artifact) keeps the rounding", stacklevel=stacklevel)
 
 
 def export_folder(model: nn.Module, tokenizer, out_dir: str | Path, *, remote_code: bool = True) -> Path:
@@ -52,7 +53,7 @@ def export_folder(model: nn.Module, tokenizer, out_dir: str | Path, *, remote_co
         )
     if tokenizer is None:
         raise ArtifactError("export needs the tokenizer so pipeline() works; pass the one used for training")
-    _warn_input_rounding(model)
+    warn_input_rounding(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = baked_copy(model) if any(hasattr(m, "parametrizations") for m in model.modules()) else model

@@ -20,6 +20,7 @@ train(resume_from_checkpoint=...) restores before the Trainer loads the weights.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
@@ -140,9 +141,16 @@ class CompressionTrainer(Trainer):
         """The Trainer's save; called by the user before session.finalize(), the session's state is written
         beside it and the call is said. The folder holds the weights under their masks and quantizers
         (keys ending in parametrizations.weight.original), which from_pretrained reported missing and
-        initialized at random: the model loaded untrained, with no word from jointcompress."""
+        initialized at random: the model loaded untrained, with no word from jointcompress. After finalize, a
+        folder of a model trained with quant_lsq activations: true loads without its input rounding (its logits
+        differ a little), which is said as export_folder says it."""
         super().save_model(output_dir, _internal_call)
-        if _internal_call or self.session.spec is not None or not self.args.should_save:
+        if _internal_call or not self.args.should_save:
+            return
+        if self.session.spec is not None:  # finalized: a folder from_pretrained loads, less any input rounding
+            from ..hf.export import warn_input_rounding
+
+            warn_input_rounding(self.model, stacklevel=4)
             return
         from ..io import atomic_write_bytes
 
@@ -246,8 +254,9 @@ class CompressionTrainer(Trainer):
         trainer_loss = self._trainer_task_loss()
         with self.compute_loss_context_manager():
             if trainer_loss:
-                task, outputs = super().compute_loss(model, dict(inputs), return_outputs=True,
-                                                     num_items_in_batch=num_items_in_batch)
+                with _named_as_stock(self.accelerator.unwrap_model(model)):
+                    task, outputs = super().compute_loss(model, dict(inputs), return_outputs=True,
+                                                         num_items_in_batch=num_items_in_batch)
                 terms = self.session.loss(outputs, inputs, task_loss=task)
             else:
                 outputs = model(**inputs)
@@ -282,6 +291,24 @@ class CompressionTrainer(Trainer):
         terms = self.session.loss(outputs, inputs)
         loss = sum(v for k, v in terms.items() if k in PRIMARY)
         return (loss, outputs) if return_outputs else loss
+
+
+@contextlib.contextmanager
+def _named_as_stock(model):
+    """The Trainer shifts the labels of its label smoothing only for a class it names a causal LM (by class name); a
+    pruned causal class (JCLlamaForCausalLM, JCGPT2LMHeadModel after conv1d_to_linear, ...) had each token's own id
+    smoothed as its target, without a word. Such a model answers to its stock class's name for that call."""
+    from ..hf.modeling_pruned import CAUSAL, PRUNED_CLASSES
+
+    if not isinstance(model, tuple(PRUNED_CLASSES[t][1] for t in CAUSAL)):
+        yield
+        return
+    stock = next(c for c in type(model).__mro__[1:] if c.__module__.startswith("transformers."))
+    model._get_name = lambda: stock.__name__
+    try:
+        yield
+    finally:
+        del model._get_name
 
 
 def _checkpoint_step(folder: str) -> int:
