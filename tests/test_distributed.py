@@ -455,6 +455,34 @@ def test_ranks_given_different_data_all_stop_and_say_so(tmp_path, rows):
     assert all("train_data: the ranks hold different data" in m for m in messages.values()), messages
 
 
+def _other_loader_worker(rank: int, store: str, said) -> None:
+    import torch.distributed as tdist
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    from jointcompress import DataError, compress
+
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        rows = 64 if rank == 0 else 32  # each rank's own DistributedSampler over a data set of another length
+        data = TensorDataset(torch.randn(rows, 8), torch.randint(0, 2, (rows,)))
+        loader = DataLoader(data, batch_size=8, sampler=DistributedSampler(data, num_replicas=2, rank=rank))
+        compress(torch.nn.Sequential(torch.nn.Linear(8, 2)), {"training": {"epochs": 1}}, loader, lambda m: 0.5)
+        said.put((rank, "trained"))
+    except DataError as err:
+        said.put((rank, str(err)))
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_ranks_whose_loaders_give_other_batch_counts_all_stop_and_say_so(tmp_path):
+    """A DataLoader is not fingerprinted as an (x, y) pair is: ranks with 4 and 2 batches an epoch ended in gloo's
+    abort ("Received data size doesn't match expected size") once one rank stopped calling the collectives."""
+    messages = _two_ranks_say(_other_loader_worker, str(tmp_path / "store"), timeout=90)
+    assert "different numbers of batches an epoch (rank 0: 4)" in messages[0], messages
+    assert "(rank 0: 4; rank 1: 2)" in messages[1], messages
+
+
 @pytest.mark.slow
 def test_a_folder_another_run_holds_is_refused_once_on_every_rank_under_torchrun(tmp_path):
     """Rank 0 refused the locked folder and the other rank, waiting for it at a barrier, ended in the process
@@ -476,3 +504,17 @@ def test_a_folder_another_run_holds_is_refused_once_on_every_rank_under_torchrun
     assert r.returncode != 0 and said.count("is in use by another jointcompress run") == 1, said[-3000:]
     workers = said.split("failed (exitcode")[0]  # then torchrun's launcher prints its own traceback of the children
     assert "Traceback" not in workers and "barrier" not in workers, said[-3000:]
+
+
+def test_the_teacher_the_command_trains_takes_a_batch_the_processes_share(monkeypatch):
+    """Under torchrun with 3 processes the teacher's batch of 64 (the command's own) warned the user to change a
+    training.batch_size the recipe did not set (as_loader warns for a batch that is not a multiple)."""
+    import jointcompress.pipeline as pipeline
+    from jointcompress.data import load_digits
+
+    seen = {}
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 3)
+    monkeypatch.setattr(pipeline, "train_baseline", lambda model, data, evaluate, **kw: seen.update(kw))
+    pipeline.train_teacher("lenet300", load_digits(), epochs=1)
+    assert seen["batch_size"] == 63

@@ -109,6 +109,21 @@ def _same_data_on_every_rank(train_data, dist: "_dist.DistContext", device: torc
                         "shard it yourself with a DataLoader and a DistributedSampler")
 
 
+def _same_batch_count(loader, dist: "_dist.DistContext", device: torch.device) -> None:
+    """Every rank must take as many steps: a DataLoader whose ranks give other numbers of batches (each rank's own
+    DistributedSampler over a data set of another length) ended in gloo's abort ("Received data size doesn't match
+    expected size") at the first collective one rank had stopped calling."""
+    if not torch.distributed.is_initialized():
+        return
+    mine = len(loader)
+    first = dist.broadcast_json(mine, device=device)
+    if dist.any(mine != first, device):
+        raise DataError(f"train_data: the ranks' DataLoaders give different numbers of batches an epoch (rank 0: "
+                        f"{first}{'' if mine == first else f'; rank {dist.rank}: {mine}'}); every rank must take the "
+                        "same steps: give every rank the same dataset (the run shards it over the ranks), or a sampler "
+                        "that gives each rank as many batches (a DistributedSampler over the same dataset does)")
+
+
 def _shape_and_count(prints: list) -> str:
     return ", ".join(f"shape {tuple(p[0])}" if p is not None else "None" for p in prints)
 
@@ -154,7 +169,11 @@ def as_loader(train_data, batch_size: int, seed: int, dist: "_dist.DistContext |
                 "ramps, the LSQ start and the learning-rate schedule are placed on the run's steps, so the loader must "
                 "say how many batches an epoch has: give the dataset a __len__ (its number of samples)"
             ) from None
-        return _dist.shard_loader(train_data, dist, seed) if dist is not None else train_data
+        if dist is None:
+            return train_data
+        sharded = _dist.shard_loader(train_data, dist, seed)
+        _same_batch_count(sharded, dist, device or torch.device("cpu"))
+        return sharded
     several = (isinstance(train_data, (tuple, list)) and len(train_data) == 2 and isinstance(train_data[0], (tuple, list))
                and all(isinstance(t, torch.Tensor) for t in (*train_data[0], train_data[1])))
     if several:  # ((x1, x2), y): a model of several inputs

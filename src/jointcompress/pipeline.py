@@ -189,8 +189,13 @@ def _misfit(own: dict, given: dict) -> str:
 def train_teacher(model_name: str, split: Split, epochs: int, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
                   progress=None, device: torch.device | None = None) -> nn.Module:
     """The model trained from scratch on `device` (default: the CPU), built on the CPU first so a seed gives
-    the same start anywhere, and returned on the CPU, as every model the pipeline hands over."""
+    the same start anywhere, and returned on the CPU, as every model the pipeline hands over. Under torchrun its
+    batch is the largest multiple of the processes up to `batch_size` (the command's own, not the recipe's: 64 over
+    3 processes warned the user to change a training.batch_size the recipe did not set)."""
     seed_everything(seed)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        batch_size = max(world, batch_size // world * world)
     model = builder_for(model_name, split, check=False)()  # the command checked the builder on this data
     if device is not None:
         model.to(device)
