@@ -340,11 +340,15 @@ class CompressionSession:
         training.recalibrate_norms) of `batches`, for a caller's loop to run before it evaluates
         (session/norm_statistics.py; the built-in loop does it before every evaluation). Returns the
         number of batches used. Leaves the RNG states to the caller (the built-in loop puts back the
-        ones its loader draws from)."""
-        from .norm_statistics import recalibrate_norms
+        ones its loader draws from). Under torchrun every rank calls it, and rank 0's statistics are then every
+        rank's: each rank had re-estimated them on its own shard, and the ranks evaluated and finalized
+        different models."""
+        from .norm_statistics import recalibrate_norms, tracked_norms
 
         count = self.recipe.training.recalibrate_norms if max_batches is None else max_batches
-        return recalibrate_norms(self.model, iter(batches), self.forward_inputs, count)
+        used = recalibrate_norms(self.model, iter(batches), self.forward_inputs, count)
+        self.sync.norm_statistics(tracked_norms(self.model))
+        return used
 
     def _task_weighted(self) -> bool:
         return all(t.task_weight() > 0 for t in self.techniques if t.attached)

@@ -24,6 +24,11 @@ class Sync:
         if self.dist is not None:
             self.dist.broadcast_tensors(tensors_of(model.state_dict()))
 
+    def norm_statistics(self, norms) -> None:
+        """Rank 0's running statistics for `norms` (BatchNorm layers) on every rank."""
+        if self.dist is not None:
+            self.dist.broadcast_tensors([t for m in norms for t in m.buffers()])
+
     def techniques(self, techniques) -> None:
         if self.dist is not None:
             self.dist.broadcast_tensors(tensors_of([t.state_dict() for t in techniques if t.attached]))
