@@ -489,13 +489,22 @@ def test_ranks_whose_loaders_give_other_batch_counts_all_stop_and_say_so(tmp_pat
 @pytest.mark.slow
 def test_a_folder_another_run_holds_is_refused_once_on_every_rank_under_torchrun(tmp_path):
     """Rank 0 refused the locked folder and the other rank, waiting for it at a barrier, ended in the process
-    group's traceback; the refusal is now every rank's, printed by rank 0 alone."""
+    group's traceback; the refusal is now every rank's, printed by rank 0 alone (and the data's warnings too)."""
     from jointcompress.io import hold_run_lock, release_run_lock
+
+    import numpy as np
+
+    from jointcompress.data import _digits_arrays
 
     out = tmp_path / "o"
     out.mkdir()
+    x, y = _digits_arrays()
+    y_test = y[1000:].copy()
+    y_test[0] = 11  # a label no training image has: a warning the data's loading says (once, not once a rank)
+    np.savez(tmp_path / "d.npz", x_train=x[:1000], y_train=y[:1000], x_test=x[1000:], y_test=y_test)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: lenet300\ndata: digits\ntechniques: [{type: quant_lsq, bits: 8}]\ntraining: {epochs: 1}\n")
+    recipe.write_text(f"model: lenet300\ndata: {tmp_path / 'd.npz'}\ntechniques: [{{type: quant_lsq, bits: 8}}]\n"
+                      "training: {epochs: 1}\n")
     hold_run_lock(out)  # another run's
     try:
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
@@ -505,6 +514,7 @@ def test_a_folder_another_run_holds_is_refused_once_on_every_rank_under_torchrun
         release_run_lock(out)
     said = r.stdout + r.stderr
     assert r.returncode != 0 and said.count("is in use by another jointcompress run") == 1, said[-3000:]
+    assert said.count("holds labels no training image has") == 1, said[-3000:]
     workers = said.split("failed (exitcode")[0]  # then torchrun's launcher prints its own traceback of the children
     assert "Traceback" not in workers and "barrier" not in workers, said[-3000:]
 

@@ -239,9 +239,9 @@ def compress_cmd(
     resolve_device(device)  # a device this machine lacks is refused before the data loads
     if data is None:
         _refuse_data_only_beside_the_recipe(recipe.data, recipe_path)
-    split = load_split(recipe, data)
     dist = init_from_env()
-    quiet_other_ranks(dist)
+    quiet_other_ranks(dist)  # before the data loads: its warnings were said once per rank
+    split = load_split(recipe, data)
     where = resolve_device(device)  # after joining the group: under torchrun, `cuda` is the rank's own GPU
     main_rank = dist is None or dist.is_main
     builder = builder_for(model_name, split)  # what refuses the run is found before --force clears --out
