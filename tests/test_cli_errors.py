@@ -1090,9 +1090,10 @@ def test_a_damaged_start_or_compare_record_is_named_on_resume(tmp_path, text):
     (tmp_path / "start.json").write_text(text)
     with pytest.raises(JointCompressError, match=r"start.json is damaged .* delete it, and the same command resumes"):
         _earlier_start(tmp_path / "start.json", tmp_path / "teacher.safetensors", builder=None)
-    (tmp_path / "compare.json").write_text(text if text != "{}" else '{"runs": 5}')
-    with pytest.raises(JointCompressError, match=r"compare.json is damaged .* restore it, or start over with --force"):
-        _read_earlier(tmp_path / "compare.json")
+    for written in (text, '{"runs": 5}', '{"kind": "compare"}'):  # the last ran every point again, without a word
+        (tmp_path / "compare.json").write_text(written)
+        with pytest.raises(JointCompressError, match=r"compare.json is damaged .* restore it, or start over with --force"):
+            _read_earlier(tmp_path / "compare.json")
     (tmp_path / "start.json").write_text('{"weights": null, "state_sha256": "ab"}')
     assert _earlier_start(tmp_path / "start.json", tmp_path / "teacher.safetensors", builder=None)["state_sha256"] == "ab"
 

@@ -191,6 +191,33 @@ def test_a_comparison_that_began_at_another_seed_still_gets_its_per_run_plots(co
     assert chosen and all(run.manifest and run.name.endswith("-r30-s0") for run in chosen)
 
 
+def test_a_compare_run_whose_folder_is_gone_is_said(compare_dir, tmp_path):
+    """Its per-layer rows were left out of layers.csv without a word."""
+    import shutil
+
+    from jointcompress.report import read_run_dir
+
+    moved = tmp_path / "cmp"
+    shutil.copytree(compare_dir, moved)
+    gone = json.loads((moved / "compare.json").read_text())["runs"][0]["dir"]
+    shutil.rmtree(moved / gone)
+    with pytest.warns(UserWarning, match=rf"1 of the compare's runs have no folder in .*\({gone}\): their per-layer"):
+        read_run_dir(moved)
+
+
+def test_a_compare_record_without_its_runs_is_one_error_naming_it(compare_dir, tmp_path):
+    """Valid JSON without "runs" ended report in a KeyError traceback from the plot."""
+    import shutil
+
+    from jointcompress.errors import JointCompressError
+
+    moved = tmp_path / "cmp"
+    shutil.copytree(compare_dir, moved)
+    (moved / "compare.json").write_text('{"kind": "compare"}')
+    res = CliRunner().invoke(app, ["report", str(moved), "--out", str(tmp_path / "rep")])
+    assert isinstance(res.exception, JointCompressError) and 'no "runs" list' in str(res.exception), res.exception
+
+
 @pytest.mark.parametrize("damage, words", [
     (lambda d: (d / "summary.json").write_text("[1, 2, 3]"), "summary.json: holds a JSON list"),
     (lambda d: (d / "history.json").write_text('{"steps": 5}'), 'history.json: "steps" is not a list'),

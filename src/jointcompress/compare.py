@@ -493,7 +493,8 @@ def _read_earlier(path: Path) -> dict:
         earlier = json.loads(path.read_text())
     except ValueError:
         earlier = None
-    listed = [earlier.get(key, []) for key in ("runs", "unreachable")] if isinstance(earlier, dict) else [None]
+    listed = ([earlier.get("runs"), earlier.get("unreachable", [])] if isinstance(earlier, dict) else [None])  # runs:
+    # written by every compare (empty before its first point); without it the resume ran every point again
     if not all(isinstance(rows, list) and all(isinstance(row, dict) for row in rows) for rows in listed):
         raise RecipeError(f"--resume: {path} is damaged (not the JSON a compare writes); restore it, or start over with "
                           "--force (its points' folders under runs/ are cleared with it)")

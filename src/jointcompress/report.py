@@ -170,6 +170,8 @@ def _check_compare(cmp, file: Path) -> None:
 
     if not isinstance(cmp, dict):
         raise bad(f"a JSON {type(cmp).__name__}, not an object")
+    if "runs" not in cmp:  # every compare writes it (empty before its first point): the plot's KeyError
+        raise bad('no "runs" list')
     for key in ("runs", "uncompressed", "summary", "variants"):
         if key in cmp and not isinstance(cmp[key], list):
             raise bad(f'"{key}" is not a list (JSON {type(cmp[key]).__name__})')
@@ -197,11 +199,20 @@ def _read_compare(path: Path) -> RunDir:
     for u in cmp.get("uncompressed", []):
         rd.points.append({"name": f"uncompressed s{u['seed']}", "accuracy": u["accuracy"], "bytes": u["bytes"],
                           "group": "uncompressed", **chosen})
+    missing = []
     for r in cmp.get("runs", []):
         rd.points.append({"name": Path(r["dir"]).name, "accuracy": r["accuracy"], "bytes": r["file_bytes"],
                           "group": r["variant"], **({"selected_on": r["selected_on"]} if r.get("selected_on") else chosen)})
         run_dir = path / r["dir"]
+        if not run_dir.is_dir():
+            missing.append(r["dir"])
         rd.runs.append(Run(Path(r["dir"]).name, _manifest(run_dir / "artifact"), _history(run_dir / "history.json")))
+    if missing:  # its per-layer rows and curves were left out without a word
+        import warnings
+
+        warnings.warn(f"report: {len(missing)} of the compare's runs have no folder in {path} ({', '.join(missing[:3])}"
+                      f"{' ...' if len(missing) > 3 else ''}): their per-layer rows and training curves are left out; "
+                      "their accuracy and bytes are compare.json's", stacklevel=2)
     return rd
 
 
