@@ -74,6 +74,21 @@ def test_safetensors_container_holds_the_same_parts(cnn_artifact, tmp_path):
     loaded = load(tmp_path, SmallCNN)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+    # a tensor the manifest does not list (the file's digest and size signed again) loaded without a word
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from jointcompress.artifact.store import manifest_digest
+
+    save_file({**tensors, "evil": torch.zeros(3)}, str(tmp_path / "weights.safetensors"))
+    data = (tmp_path / "weights.safetensors").read_bytes()
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    m.update(weights_sha256=hashlib.sha256(data).hexdigest(), weights_file_bytes=len(data))
+    m["manifest_sha256"] = manifest_digest(m)
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match=r"holds tensor 'evil' that the manifest does not list"):
+        load(tmp_path, SmallCNN)
 
 
 def test_manifest_content(cnn_artifact):

@@ -155,3 +155,36 @@ def test_a_container_field_of_another_type_is_an_artifact_error(artifact, tmp_pa
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="container"):
         load(tmp_path, _builder)
+
+
+def _depthwise():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m.update(pruning_history=[["0", True, [99]]]), r"replaying the pruning history .*groups=7"),
+    (lambda m: m.update(folded_norms=["0"]), r"folded_norms\[0\] names '0', which is Conv2d, not a BatchNorm"),
+    (lambda m: m["layers"]["0"].update(act_bits=8, act_scale=-0.1), r"act_scale must be positive"),
+], ids=["index_past_the_channels", "folded_conv", "negative_act_scale"])
+def test_a_signed_manifest_edited_past_what_the_model_can_be_is_refused_at_load(tmp_path, edit, words):
+    """Each loaded without a word: the first then failed in torch at the model's first call (a depthwise conv's
+    groups 7 over 8 channels), the others held a convolution's statistics filled as a norm's, a negative step."""
+    from jointcompress.artifact import save
+    from jointcompress.spec import CompressionSpec, LayerSpec
+
+    model = _depthwise().eval()
+    spec = CompressionSpec(layers={"0": LayerSpec(bits=8, scale=model[0].weight.detach().abs().amax((1, 2, 3)) / 127)})
+    with torch.no_grad():
+        model[0].weight.copy_((model[0].weight / spec.layers["0"].scale.view(-1, 1, 1, 1)).round()
+                              * spec.layers["0"].scale.view(-1, 1, 1, 1))
+    save(model, spec, tmp_path / "a", example_inputs=torch.randn(2, 1, 8, 8))
+    load(tmp_path / "a", _depthwise)  # as saved: loads
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    edit(manifest)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=words):
+        load(tmp_path / "a", _depthwise)

@@ -214,11 +214,14 @@ def _replay(model: nn.Module, history: list, inputs: tuple, where: str) -> None:
     if not history:
         return
     from ..graph import build_graph, frozen_stay_frozen
+    from ..model_call import call_model, evaluating
 
     try:
         with frozen_stay_frozen(model):
             dg = build_graph(model, inputs if isinstance(inputs, dict) or len(inputs) != 1 else inputs[0])
             dg.load_pruning_history(_history_json(history))
+        with torch.no_grad(), evaluating(model):  # an index past a layer's channels left it inconsistent (a
+            call_model(model, inputs)  # depthwise conv's groups 7 over 8 channels), found at the first call
     except Exception as exc:
         # a graph that cannot be traced says so with advice for training (which techniques to use instead),
         # which does not apply here: the error under it is what failed
@@ -700,6 +703,8 @@ def _check_layer(rec, field: str) -> None:
     if act_bits is not None:
         _int(act_bits, f"{field}.act_bits", 1, 32)
     _number_or_none(rec.get("act_scale"), f"{field}.act_scale")
+    _need(rec.get("act_scale") is None or rec["act_scale"] > 0, f"{field}.act_scale",
+          f"must be positive (a step), got {rec.get('act_scale')!r:.80}")
     _need(isinstance(rec.get("act_signed", True), bool), f"{field}.act_signed",
           f"must be true or false, got {rec.get('act_signed')!r:.80}")
     for key in ("nonzero", "sparsity"):
@@ -948,6 +953,10 @@ def read_weights(path: str | os.PathLike, manifest: dict) -> tuple[dict[str, byt
         if t.dtype != want or t.dim() != 1:
             raise ArtifactError(f"{wpath}: tensor {key!r} should be 1-D {want}, it is {t.dtype} {list(t.shape)}")
         parts[key] = t.numpy().tobytes()
+    unlisted = sorted(set(tensors) - set(manifest["other_tensors"]))
+    if unlisted:  # loaded without a word before: the file is not the one the manifest describes
+        raise ArtifactError(f"{wpath}: holds tensor {unlisted[0]!r}{f' and {len(unlisted) - 1} more' if len(unlisted) > 1 else ''} "
+                            "that the manifest does not list; the weights file is not the one saved with this manifest")
     return parts, tensors
 
 
@@ -1009,6 +1018,7 @@ def load_with_spec(path: str | os.PathLike, builder: Callable[[], nn.Module]) ->
     strides = manifest.get("strides", {})  # present only where raise_stride downsampled a layer
     model = rebuild(builder, history, manifest["example_inputs"], str(path), dropped, later, strides)
     check_shapes(model, manifest["layers"], manifest["other_tensors"], where, manifest.get("aliases"))
+    _check_folded_norms(model, manifest.get("folded_norms", []), str(path))
     try:
         spec = CompressionSpec(pruning_history=history, recipe=manifest.get("recipe"), dropped_blocks=list(dropped),
                                later_dropped_blocks=[(int(n), list(names)) for n, names in later],
@@ -1025,6 +1035,17 @@ def load_with_spec(path: str | os.PathLike, builder: Callable[[], nn.Module]) ->
     if history or dropped or strides:  # a further run on this model saves an artifact that rebuilds from the same builder
         setattr(model, PRIOR_STRUCTURE, spec.structure())
     return model.eval(), spec
+
+
+def _check_folded_norms(model: nn.Module, names: list[str], where: str) -> None:
+    """folded_norms names the BatchNorm layers whose statistics the file does not store (finalize folded them); a
+    name of another module (a convolution) was accepted, and its running statistics filled as a norm's."""
+    modules = dict(model.named_modules())
+    for i, name in enumerate(names):
+        if not isinstance(modules.get(name), nn.modules.batchnorm._BatchNorm):
+            got = type(modules[name]).__name__ if name in modules else "no module of the builder's model"
+            raise ArtifactError(f"{where}/manifest.json: folded_norms[{i}] names {name!r}, which is {got}, not a "
+                                "BatchNorm layer; the manifest was edited, or the builder is another architecture")
 
 
 def _attach_input_quant(model: nn.Module, spec: CompressionSpec) -> None:
