@@ -24,7 +24,7 @@ def app():
     return app
 
 
-def test_against_torch_pruning_writes_both_contenders(app, tmp_path):
+def test_against_torch_pruning_writes_both_contenders(app, tmp_path, monkeypatch):
     pytest.importorskip("torch_pruning")
     pytest.importorskip("onnxruntime")
     import tempfile
@@ -34,9 +34,12 @@ def test_against_torch_pruning_writes_both_contenders(app, tmp_path):
             "--teacher-epochs", "1", "--epochs", "1", "--tp-steps", "2", "--runs", "2", "--select-images", "100",
             "--train-limit", "256", "--speedup", "1000", "--min-width", "4", "--json", str(out)]
     scratch = set(Path(tempfile.gettempdir()).glob("jointcompress-against-*"))
+    monkeypatch.setattr(sys, "argv", ["jointcompress", *args])  # as typed: the file's command runs it again
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
+    assert res["command"] == "jointcompress " + " ".join(args) and res["data"] == "digits"
+    assert res["config"]["teacher_epochs"] == 1  # trained here (read from --teacher, it is null)
     # the ONNX files went to a temporary folder that is gone (each run left one behind); --workdir keeps them
     assert res["workdir"] is None and set(Path(tempfile.gettempdir()).glob("jointcompress-against-*")) <= scratch
     contenders = {"dense_fp32_torch", "dense_fp32_ort", "ours_fp32_ort", "ours_int8_ort", "ours_int8_torch_x86",
@@ -200,6 +203,28 @@ def test_against_bad_input(app, argv, words):
     pytest.importorskip("torch_pruning")
     r = CliRunner().invoke(app, ["bench", *argv, "--data", "digits"])
     assert r.exit_code != 0 and words in str(r.exception)
+
+
+def test_a_selection_capped_at_a_tenth_of_the_rows_is_said(app):
+    """--select-images 500 of 600 rows held out 60, and the console said nothing (only the JSON's selected_on)."""
+    from jointcompress.data import load_digits
+    from jointcompress.deploy.against import AgainstConfig, matching_split
+
+    split = load_digits()
+    split.x_train, split.y_train = split.x_train[:600], split.y_train[:600]
+    with pytest.warns(UserWarning, match=r"--select-images 500: 60 held out, a tenth of the 600 training images"):
+        assert len(matching_split(split, AgainstConfig(model="lenet5", select_images=500)).y_val) == 60
+
+
+def test_a_builder_the_default_digits_do_not_fit_names_data(app, tmp_path):
+    """Without --data the embedded digits were read, and the builder's shape error did not say so."""
+    pytest.importorskip("torch_pruning")
+    builder = tmp_path / "net.py"
+    builder.write_text("import torch.nn as nn\n\n\ndef build():\n"
+                       "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LazyLinear(5))\n")
+    r = CliRunner().invoke(app, ["bench", "--against", "torch-pruning", "--model", f"{builder}:build",
+                                 "--teacher-epochs", "1"])
+    assert r.exit_code != 0 and "'digits' is the embedded 8x8 digits" in str(r.exception), r.exception
 
 
 def test_unsupported_model_is_a_clear_error():

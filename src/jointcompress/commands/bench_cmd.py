@@ -8,6 +8,8 @@ knows: it is read from the manifest's extra["baseline_accuracy"] when present.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 from typing import Optional
@@ -291,8 +293,18 @@ def run_against_cli(against: str, model: Optional[str], data: Optional[str], tea
     if train_limit:
         split.x_train, split.y_train = split.x_train[:train_limit], split.y_train[:train_limit]
     cfg = AgainstConfig(model=model, **options)
+    from ..pipeline import builder_for
+
+    builder_for(model, split)  # the builder against the data, naming --data and the digits default where they differ
     dense, note = dense_teacher(cfg, split, teacher)
-    command = {"command": "jointcompress bench --against " + against}
+    import shlex
+    import sys
+
+    # the command as typed (the data and options with it), so the file says how to run it again
+    typed = "jointcompress " + shlex.join(sys.argv[1:]) if "--against" in sys.argv else f"jointcompress bench --against {against}"
+    command = {"command": typed, "data": data or "digits"}
+    if not note.startswith("trained here"):  # the dense model was read from --teacher: no epochs of ours trained it
+        cfg = dataclasses.replace(cfg, teacher_epochs=None)
     if workdir is not None:
         return {**command, **run_against(cfg, split, dense, note, workdir=workdir)}
     import tempfile

@@ -61,7 +61,7 @@ class AgainstConfig:
     """Every knob of the comparison (recorded with its result)."""
 
     model: str = "lenet5"
-    teacher_epochs: int = 8
+    teacher_epochs: int | None = 8  # None in the results where the dense model was read from --teacher
     epochs: int = 4
     batch_size: int = 128
     lr: float = 1e-3
@@ -133,6 +133,11 @@ def matching_split(split, cfg: AgainstConfig):
     if n < 1:
         raise JointCompressError(f"--against: {len(split.y_train)} training images leave none to hold out for the "
                                  "matching (it takes up to a tenth of them); give at least 10")
+    if n < cfg.select_images and split.x_val is None:  # said once: the teacher's split and the comparison's are alike
+        import warnings
+
+        warnings.warn(f"--select-images {cfg.select_images}: {n} held out, a tenth of the {len(split.y_train)} "
+                      "training images (the rest train)", stacklevel=2)
     return hold_out(split, n, what="--select-images")
 
 
