@@ -156,6 +156,15 @@ def test_bad_or_duplicate_ratios_are_refused_before_anything_trains(tmp_path):
         assert not out.exists()  # refused before the output folder, the data and any training
 
 
+def test_a_latency_target_in_the_recipe_is_said_not_read(tmp_path):
+    """compare ran its --ratios in place of a recipe's `speedup: 3` without a word; compare.json still showed it."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("target: {speedup: 3, batch: 64}\ntechniques: [{type: prune_structured}]\n")
+    with pytest.warns(UserWarning, match=r"the recipe's latency target \{'speedup': 3.0, 'batch': 64\} is not read"):
+        res = CliRunner().invoke(app, ["compare", str(recipe), "--ratios", "10", "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "no model given" in str(res.exception)  # stopped here, before any training
+
+
 def test_the_ratio_bound_is_read_from_the_recipe_model_and_run_compare_checks_it_too(tmp_path):
     from jointcompress.compare import CompareSpec, check_variants, ratio_bounds, run_compare
     from jointcompress.data import load_digits

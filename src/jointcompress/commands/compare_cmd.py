@@ -89,6 +89,13 @@ def register(app: typer.Typer) -> None:
         given_ratios = parse_floats(ratios, "--ratios")
         # the target comes from --ratios: a recipe without one may leave prune_unstructured.sparsity out
         recipe = load_recipe(recipe_path, defaults={"target": {"ratio": given_ratios[0]}} if given_ratios else None)
+        if recipe.target is not None and recipe.target.is_latency:  # ran size targets in its place, without a word
+            import warnings
+
+            asked = recipe.target.model_dump(exclude_none=True, include={"latency_ms", "speedup", "batch"})
+            warnings.warn(f"compare: the recipe's latency target {asked} is not read: compare weighs size targets, "
+                          "one at each of --ratios; for a latency target run `jointcompress compress` (or `bench "
+                          "--against torch-pruning` for the side-by-side timing)", stacklevel=2)
         refuse_hf_recipe(recipe, recipe_path, "compare",
                          "To weigh joint against sequential, run `jointcompress compress RECIPE --mode sequential` "
                          "beside the joint run (docs/transformers.md)")
