@@ -142,3 +142,48 @@ def test_transposed_convolutions_are_named_as_left_in_fp32():
         warnings.simplefilter("ignore")
         with pytest.raises(TargetError, match=r"up.weight 512 B.*transposed convolutions .*\('up'\)"):
             compress(Decoder(), joint, (x, y), lambda m: 0.0)
+
+
+def test_weights_of_other_modules_are_named_once_and_listed_by_dry_run(monkeypatch, capsys):
+    """A layer's own nn.Parameter (called with F.linear) and an nn.Bilinear held 99.9% of a model: pruning at 0.9
+    reported 0.901 on the head it did select, the file was 0.05% under fp32, and nothing said so; dry-run's table of
+    the layers not pruned left out transposed convolutions and these."""
+    import warnings
+
+    import jointcompress
+    from jointcompress.commands.dryrun_cmd import _tables
+    from jointcompress.conversions import other_weights
+
+    class Own(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(64, 16))
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.weight)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.own, self.bil, self.head = Own(), nn.Bilinear(64, 64, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.own(x))
+            return self.head(self.bil(h, h))
+
+    names, share = other_weights(Net())
+    assert names == ["bil", "own"] and share > 0.99
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        model = Net()
+        jointcompress.prepare(model, {"techniques": [{"type": "prune_unstructured", "sparsity": 0.9},
+                                                     {"type": "quant_lsq", "bits": 4}]},
+                              total_steps=4, example_inputs=torch.randn(2, 16))
+    assert other_weights(model)[0] == ["bil", "own"]  # the quantizer's per-channel steps are not named
+    hints = [str(w.message) for w in said if "no technique acts on" in str(w.message)]
+    assert len(hints) == 1 and "('bil' and 1 more): they are stored in fp32, whole (100% of" in hints[0], hints
+    _, _, _, skipped = _tables("net", Net(), torch.randn(1, 16), ("*",), ())
+    assert {"bil", "own"} <= {name for name, _ in skipped}
+    small = nn.Sequential(nn.Linear(16, 64), Own(), nn.Linear(64, 3))  # 64x16 of 2,371 parameters: not named
+    small[1].weight = nn.Parameter(torch.randn(2, 16))
+    assert other_weights(small)[0] == []

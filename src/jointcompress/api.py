@@ -199,11 +199,11 @@ def first_inputs(loader):
     return first_rows(tuple(x) if several else x)
 
 
-def check_targets(model: nn.Module, recipe: Recipe) -> None:
+def check_targets(model: nn.Module, recipe: Recipe, hint: bool = True) -> None:
     """Every technique with `targets`/`exclude` must select at least one layer, and none it
     cannot compress correctly (see check_layers). Packed attention projections and recurrent weights,
     which no technique can select, are named in a warning with the conversions that make them
-    compressible."""
+    compressible (`hint`: False where the same model was checked and warned about already)."""
     from .conversions import conversion_hint
     from .session.checks import attached_layers
     from .techniques.base import selected_layers
@@ -218,9 +218,9 @@ def check_targets(model: nn.Module, recipe: Recipe) -> None:
             "loads the run's checkpoint into it), or finalize(model, example_inputs) first to compress the "
             "compressed model further"
         )
-    hint = conversion_hint(model)
-    if hint and any(hasattr(cfg, "targets") for cfg in recipe.techniques):
-        warnings.warn(hint[2:], stacklevel=3)
+    said = conversion_hint(model) if hint else ""
+    if said and any(hasattr(cfg, "targets") for cfg in recipe.techniques):
+        warnings.warn(said[2:], stacklevel=3)
 
     claimed: dict[tuple[str, str], int] = {}  # (technique kind, layer) -> the entry that selects it
     for i, cfg in enumerate(recipe.techniques):

@@ -89,6 +89,7 @@ def _tables(model_name: str, model, example, targets, exclude):
     from ..graph import discover_groups
 
     groups, skipped = discover_groups(model, example, list(targets), list(exclude))
+    skipped = skipped + _stored_whole(model, {name for name, _ in skipped})
     gt = Table(title=f"{model_name}: prunable channel groups ({len(groups)})")
     for col in ("group root", "channels", "members (module: out/in)"):
         gt.add_column(col)
@@ -98,9 +99,26 @@ def _tables(model_name: str, model, example, targets, exclude):
     st = Table(title=f"{model_name}: layers not pruned ({len(skipped)})")
     st.add_column("layer")
     st.add_column("reason")
+    from rich.markup import escape
+
     for name, reason in skipped:
-        st.add_row(name, reason)
+        st.add_row(escape(name), escape(reason))  # a shape in brackets read as markup and vanished
     return gt, st, groups, skipped
+
+
+def _stored_whole(model, listed: set[str]) -> list[tuple[str, str]]:
+    """The weights no technique acts on (transposed convolutions, other modules' weight matrices), which the
+    groups' analysis never meets: the table of every layer not pruned left them out."""
+    from ..conversions import other_weights
+    from ..layer_types import TRANSPOSED_CONVOLUTIONS
+
+    rows = [(n, f"a {type(m).__name__}: its weight is [in, out / groups, *kernel], which no technique compresses; "
+                "stored in fp32, whole") for n, m in model.named_modules() if isinstance(m, TRANSPOSED_CONVOLUTIONS)]
+    other, _ = other_weights(model)
+    modules = dict(model.named_modules())
+    rows += [(n, f"a {type(modules[n]).__name__ if n in modules else 'module'}: its own weight matrices are no "
+                 "layer the techniques act on; stored in fp32, whole") for n in other]
+    return [(n, why) for n, why in rows if n not in listed]
 
 
 def _shape(text: str | None) -> list[int] | None:

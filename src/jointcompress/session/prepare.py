@@ -82,7 +82,7 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
     check_teacher(model, bare_teacher)
     check_model_tensors(model)
     check_targets(model, given)  # first as the user wrote it: errors name their techniques[i] (compress() does too)
-    check_targets(model, recipe)
+    check_targets(model, recipe, hint=False)  # the joint form's: the model's hint was said just above
     # the model runs on the example first: inputs it cannot take are named here, not inside a trace or a target
     outputs = check_data(model, example_inputs, None, what="example_inputs") if example_inputs is not None else None
     refuse_unsized(model)  # a lazy layer is sized by that first call, or not at all
