@@ -369,6 +369,9 @@ def test_resume_from_the_command_line(tmp_path, monkeypatch, capsys, weights_fil
     assert code == 0 and (out_dir / "artifact" / "manifest.json").is_file(), out
     first = json.loads((out_dir / "summary.json").read_text())
     code, out = _cli(monkeypatch, capsys, "compress", r, "--weights", weights_file, "--out", out_dir, "--resume")
+    assert code == 0 and "has finished" in out, out  # nothing to continue
+    (out_dir / "summary.json").unlink()  # as if killed while the results were written
+    code, out = _cli(monkeypatch, capsys, "compress", r, "--weights", weights_file, "--out", out_dir, "--resume")
     assert code == 0, out
     hist = json.loads((out_dir / "history.json").read_text())
     assert hist["events"][-1]["event"] == "resumed" and hist["events"][-1]["step"] == 22
