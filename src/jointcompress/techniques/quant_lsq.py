@@ -67,22 +67,12 @@ class LSQFunction(torch.autograd.Function):
         return grad_w, grad_log, None, None, None
 
 
-# from this many positive levels (5 bits) up, a step is at most max|w| / Q (WIDE_GRID_QMAX)
-WIDE_GRID_QMAX = 15
-
-
 def lsq_init_step(w: torch.Tensor, qmax: int, per_channel: bool) -> torch.Tensor:
-    """LSQ's 2*mean(|w|)/sqrt(Q) over the *non-zero* weights (pruned ones would bias it down); from 5 bits up at most
-    max|w| / Q. Why: the paper's range grows as sqrt(Q) where the levels grow as Q, so at 8 bits it reached ~20x
-    mean|w|, past the largest weight: the weights used levels up to 12-16 of 127 (about 5 bits) and the logits moved
-    11x more than max-abs rounding's, and training barely moved the step. At 2-4 bits the paper's step stands (the
-    results in BENCHMARKS.md were measured with it)."""
+    """LSQ's 2*mean(|w|)/sqrt(Q) over the *non-zero* weights (pruned ones would bias it down)."""
     flat = w.detach().flatten(1) if per_channel else w.detach().flatten().unsqueeze(0)
     nz = (flat != 0).float()
     mean_abs = (flat.abs() * nz).sum(1) / nz.sum(1).clamp_min(1)
     step = 2 * mean_abs / math.sqrt(qmax)
-    if qmax >= WIDE_GRID_QMAX:
-        step = torch.minimum(step, flat.abs().amax(1) / qmax)
     step = torch.where(step > 0, step, torch.full_like(step, 1e-3))
     shape = [-1] + [1] * (w.dim() - 1) if per_channel else [1] * w.dim()
     return step.view(shape)
