@@ -211,8 +211,9 @@ def test_an_embedding_bag_left_out_is_warned():
 
 
 def test_a_tied_weight_both_of_whose_layers_are_quantized_is_stored_per_layer_and_loads(tmp_path):
-    """An Embedding tied to an LM head, both quantized (hf.artifact.quantize_rest does so, as BART's shared
-    embeddings): the head's key became an alias of a tensor stored itself, and the saved artifact did not load."""
+    """An Embedding tied to an LM head, both quantized (hf.artifact.quantize_rest did so, as BART's shared
+    embeddings): the head's key became an alias of a tensor stored itself, and the saved artifact did not load.
+    quantize_rest now rounds the one tensor once (the head its alias); a spec naming both still loads."""
     from jointcompress.hf.artifact import quantize_rest
     from jointcompress.spec import CompressionSpec
 
@@ -226,12 +227,15 @@ def test_a_tied_weight_both_of_whose_layers_are_quantized_is_stored_per_layer_an
             return self.head(self.emb(ids))
 
     torch.manual_seed(0)
-    model = Tied()
-    spec = quantize_rest(model, CompressionSpec(), 8)
+    model, ids = Tied(), torch.arange(16)
+    spec = quantize_rest(model, CompressionSpec(), 8)  # rounds the one tensor once: the head is the table's alias
     manifest = save(model, spec, tmp_path / "t", builder=Tied)
+    assert set(manifest["layers"]) == {"emb"} and manifest["aliases"] == {"head.weight": "emb.weight"}
+    assert torch.equal(load(tmp_path / "t", Tied)(ids), model(ids))
+    both = CompressionSpec(layers={**spec.layers, "head": spec.layers["emb"]})  # each name quantized: stored per layer
+    manifest = save(model, both, tmp_path / "both", builder=Tied)
     assert set(manifest["layers"]) == {"emb", "head"} and "aliases" not in manifest
-    loaded, ids = load(tmp_path / "t", Tied), torch.arange(16)
-    assert torch.equal(loaded(ids), model(ids))
+    assert torch.equal(load(tmp_path / "both", Tied)(ids), model(ids))
 
 
 class SharedBias(nn.Module):

@@ -88,7 +88,8 @@ def other_weights(model: nn.Module) -> tuple[list[str], float]:
                        nn.RNNBase)
     seen, sizes, total = set(), {}, 0
     for name, module in model.named_modules():
-        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        own = [p for p in module.parameters(recurse=False)
+               if id(p) not in seen and not isinstance(p, nn.parameter.UninitializedParameter)]  # a lazy layer's
         seen.update(id(p) for p in own)
         total += sum(p.numel() for p in own)
         if isinstance(module, named_elsewhere) or is_conv1d(module) or ".parametrizations" in name:  # a technique's
