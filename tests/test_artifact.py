@@ -577,6 +577,13 @@ def test_a_run_folder_given_for_its_artifact_names_the_artifact_inside(tmp_path)
     save(torch.nn.Sequential(torch.nn.Linear(4, 2)), CompressionSpec(layers={}), tmp_path / "run" / "artifact")
     with pytest.raises(ArtifactError, match=r"is a run's folder: its artifact is .*run/artifact"):
         read_manifest(tmp_path / "run")
+    for seed in (0, 1):  # a compare's folder: its points' artifacts are named (it said nothing of them)
+        save(torch.nn.Sequential(torch.nn.Linear(4, 2)), CompressionSpec(layers={}),
+             tmp_path / "cmp" / "runs" / f"joint-r10-s{seed}" / "artifact")
+    with pytest.raises(ArtifactError, match=r"the artifacts in it \(2\): .*joint-r10-s0/artifact"):
+        read_manifest(tmp_path / "cmp")
+    with pytest.raises(ArtifactError, match=r"nothere: no such folder"):  # it read "manifest.json: not found"
+        read_manifest(tmp_path / "nothere")
 
 
 @pytest.mark.parametrize("container, users", [("jcw", "weights.safetensors"), ("safetensors", "manifest.json"),

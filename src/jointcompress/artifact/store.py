@@ -547,13 +547,19 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if Path(path).is_file():
         raise ArtifactError(f"{path}: is a file; pass the artifact directory (the folder that holds {MANIFEST_FILE} "
                             "and the weights file)")
+    if not Path(path).exists():
+        raise ArtifactError(f"{path}: no such folder; pass the artifact directory save() wrote (OUT/artifact of a "
+                            "compress run)")
     mpath = Path(path) / MANIFEST_FILE
     try:
         manifest = json.loads(mpath.read_text())
     except FileNotFoundError as exc:
-        inside = sorted(p.parent for p in Path(path).glob(f"*/{MANIFEST_FILE}"))  # a run folder holds artifact/
+        # a run folder holds artifact/; a compare folder, runs/<point>/artifact/
+        inside = sorted(p.parent for pattern in (f"*/{MANIFEST_FILE}", f"runs/*/*/{MANIFEST_FILE}")
+                        for p in Path(path).glob(pattern))
         hint = (f"; {path} is a run's folder: its artifact is {inside[0]}" if len(inside) == 1
-                else f"; the artifacts in it: {', '.join(str(p) for p in inside[:4])}" if inside else "")
+                else f"; the artifacts in it ({len(inside)}): {', '.join(str(p) for p in inside[:4])}"
+                + (" ..." if len(inside) > 4 else "") if inside else "")
         raise ArtifactError(f"{mpath}: not found; is {path} an artifact directory written by save()?{hint}") from exc
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, or a number past int's digit limit
         raise ArtifactError(f"{mpath}: not valid JSON ({str(exc)[:200]}); the file is truncated or corrupted") from exc
