@@ -173,8 +173,9 @@ def _check_zip_crcs(path: Path, data: bytes) -> None:
 
     try:
         bad = zipfile.ZipFile(io.BytesIO(data)).testzip()
-    except (zipfile.BadZipFile, OSError, ValueError) as err:
-        bad = f"{type(err).__name__}: {err}"
+    except (zipfile.BadZipFile, OSError, ValueError) as err:  # cut short: no archive to test the entries of
+        raise TrainingError(f"{path}: it has no checksum file, and it is not a whole archive ({type(err).__name__}: "
+                            f"{err}): the file was cut short or damaged after it was written") from None
     if bad is not None:
         raise TrainingError(f"{path}: it has no checksum file, and its archive entry {bad} fails its CRC: the file was "
                             "damaged after it was written")
