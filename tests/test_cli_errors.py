@@ -535,6 +535,8 @@ def test_dry_run_takes_an_image_shape_without_its_batch_and_refuses_a_shape_the_
     assert code == 2 and "--image-size 3: 'lenet5' does not run on an input of shape (1, 1, 3, 3)" in out
     code, out = _cli(monkeypatch, capsys, "dry-run", "--model", "vit", "--input-shape", "1,3,32,16")
     assert code == 2 and "takes square images" in out
+    code, out = _cli(monkeypatch, capsys, "dry-run", "--model", "lenet300", "--input-shape", "1,20")  # a feature table
+    assert code in (0, None) and "fc1:out, fc2:in" in out, out  # it said "takes square images"
 
 
 @pytest.mark.parametrize("command", ["compare", "sensitivity"])

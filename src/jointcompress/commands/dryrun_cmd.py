@@ -45,7 +45,11 @@ def _model_and_input(model_name: str, image_size: int, input_shape: list[int] | 
     if model_name in MODELS and not input_shape and image_size < 1:
         raise RecipeError(f"--image-size {image_size}: give the images' height and width as a positive integer, "
                           "e.g. --image-size 28 (or the whole shape with --input-shape 1,1,28,28)")
-    if model_name in MODELS:  # built-ins take square images: --input-shape N,C,H,W (or C,H,W) sets channels and size
+    if model_name == "lenet300" and input_shape and len(input_shape) == 2:  # rows of features, as compress reads a table
+        from ..models import LeNet300
+
+        model, example = LeNet300(input_shape[1], 10).eval(), _noise(input_shape)
+    elif model_name in MODELS:  # built-ins take square images: --input-shape N,C,H,W (or C,H,W) sets channels and size
         shape = list(input_shape or [1, 1, image_size, image_size])
         shape = [1] * (4 - len(shape)) + shape if len(shape) in (2, 3) else shape
         if len(shape) != 4 or shape[2] != shape[3]:
