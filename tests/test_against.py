@@ -313,6 +313,12 @@ def test_the_console_says_when_torch_pruning_did_not_match_and_which_timings_are
     assert len(said) == 1 and "ours lost 78.3 points of the dense model's accuracy" in said[0] and "1 epochs" in said[0]
     result["accuracy"]["ours_fp32_torch"] = 0.93
     assert against_notes(result) == []
+    # a --speedup "met" by a model with every channel kept: its speed-up was the runtime's alone, unsaid
+    result["widths"] = {"dense": {"conv1": 6, "conv2": 16}, "ours": {"conv1": 6, "conv2": 16}}
+    said = against_notes(result)
+    assert len(said) == 1 and "ours removed no channel" in said[0] and "dense_fp32_ort" in said[0]
+    result["widths"]["ours"] = {"conv1": 4, "conv2": 8}
+    assert against_notes(result) == []
 
 
 def test_a_teacher_path_that_is_a_folder_is_refused_before_any_training(tmp_path, monkeypatch):
