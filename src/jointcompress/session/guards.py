@@ -23,7 +23,7 @@ def refuse_finalized(verb: str, step: int) -> None:
         "LSQ values baked, the techniques removed), and stepping on would train the finalized weights off their "
         "masks and low-bit grid. Finalize after the loop's last step; checkpoint with session.state_dict() before "
         "finalize, save the finalized model with artifact.save(model, spec, ...); to train again, prepare a new "
-        "session on a fresh copy of the original model")
+        "session: on a fresh copy of the original model, or on the finalized one to compress it further")
 
 
 def check_terms_have_grad(terms: dict[str, torch.Tensor]) -> None:
