@@ -1351,6 +1351,40 @@ def precision_section() -> list[str]:
     return lines + [""]
 
 
+def lsq_init_section() -> list[str]:
+    """benchmarks/lsq_init_8bit.py: 8-bit LSQ from the paper's first step against ones capped at headroom * max|w|/Q,
+    paired by seed."""
+    r = _load("lsq_init_8bit.json")
+    if r is None:
+        return []
+    rows, arms = r["rows"], r["arms_minus_paper"]
+
+    def seeds(key: str, fmt: str) -> str:
+        return ", ".join(format(x[key], fmt) for x in rows)
+
+    def cell(p: dict, scale: float) -> str:
+        text = f"{scale * p['mean']:+.3f} ± {scale * (p['se'] or 0):.3f} (n={p['n']})"
+        return f"**{text}**" if p["se"] and abs(p["mean"]) > 2 * p["se"] else text
+
+    lines = ["## 8-bit LSQ: the first step size (what did not work)", "",
+             "LSQ's first step, 2·mean|w|/√Q, reaches past a layer's largest weight at 8 bits (Q = 127): a probe's "
+             "untrained MLP used levels up to 12-16 of 127, and finalize moved its logits 11x more than max-abs rounding. "
+             "Capping the first step at `headroom` · max|w|/Q rounds the untrained weights closer, but after training "
+             "the capped runs are no better; the package keeps the paper's step. LeNet-5 on MNIST, the demo's "
+             "fast-model recipe (half of every channel group removed, 8-bit LSQ from 0.3 of the run, distillation), "
+             f"every arm of a seed from one teacher; {r['test_rows']:,} test images, {r['threads']} thread. "
+             f"Command: `{r['command']}`.", "",
+             "| first step | accuracy (per seed) | − paper (points, paired) | largest level used (per seed) | "
+             "finalize's logit change on the teacher (per seed) |", "| --- | --- | --- | --- | --- |",
+             f"| paper's | {seeds('paper_accuracy', '.4f')} | | {seeds('paper_levels_used', 'd')} | "
+             f"{seeds('paper_rounding_change', '.4f')} |"]
+    for arm, d in arms.items():
+        lines.append(f"| at most {arm.removeprefix('range_x')} · max\\|w\\|/Q | {seeds(arm + '_accuracy', '.4f')} | "
+                     f"{cell(d['accuracy'], 100)} | {seeds(arm + '_levels_used', 'd')} | "
+                     f"{seeds(arm + '_rounding_change', '.4f')} |")
+    return lines + [""]
+
+
 def norm_recalibration_section() -> list[str]:
     """benchmarks/norm_recalibration.py: training.recalibrate_norms 16 against 0, paired by seed."""
     r = _load("norm_recalibration.json")
@@ -2057,6 +2091,7 @@ def main() -> None:
     text += precision_section()
     text += norm_recalibration_section()
     text += recalibration_pairs_section()
+    text += lsq_init_section()
     text += torchrun_cost_section()
     text += channels_size_section()
     text += longer_run_section()

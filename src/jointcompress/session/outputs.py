@@ -136,7 +136,8 @@ def logits_of(outputs) -> torch.Tensor:
         if len(tensors) > 1:  # (embedding, logits) trained the embedding as the logits, silently
             shapes = ", ".join(str(list(t.shape[1:])) for t in tensors[:3])
             warnings.warn(f"model outputs: a {type(outputs).__name__} of {len(tensors)} tensors (per sample {shapes}); "
-                          "the first is read as the logits; where they are another, return them first (or a dict with 'logits')",
+                          "the first is read as the logits; where they are another, return them first (or a dict "
+                          "with 'logits')",
                           UserWarning, stacklevel=3)
     if not isinstance(logits, torch.Tensor):
         raise DataError(f"model outputs of type {type(outputs).__name__} hold no logits tensor; return a tensor, "
