@@ -138,6 +138,11 @@ class _HeldStep:
     def zeroed(self) -> bool:
         return all(p.grad is None or not bool(p.grad.any()) for p in self.witness)
 
+    def grad_square(self) -> float:
+        """The witness parameters' squared gradient norm now: recorded after each backward and read again when
+        the step settles, to tell gradients a loop changed in between (clipping before settle_gradients)."""
+        return float(sum((p.grad.double() ** 2).sum() for p in self.witness if p.grad is not None))
+
 
 class GradientCoordinator:
     def __init__(self, config, groups: dict[str, list[torch.nn.Parameter]], seed: int = 0, mean_over_ranks=None):
@@ -148,6 +153,7 @@ class GradientCoordinator:
         self.factors: dict[str, float] = {}  # "term@group" -> last scale factor
         self.rng = random.Random(seed)
         self._held: _HeldStep | None = None  # a measured step's per-term gradients, until settle
+        self._said_changed = False  # gradients a loop changed before settling: said once
         self._graph_checked = False  # for reentrant activation checkpointing, on the first measured step
         # under torchrun (group -> tensor averaged over the ranks): `settle` resolves the ranks' averaged gradients,
         # and until then a measured step's .grad holds the plain sum (a rank's own resolution would be replaced,
@@ -180,6 +186,12 @@ class GradientCoordinator:
         self._hold(step, names, stacked, resolved, stats)
         return stats
 
+    def note_gradients(self, step: int) -> None:
+        """After a backward's gradients have landed (averaged over the ranks under torchrun): what .grad holds, for
+        settle to tell a loop's change in between. Only where settle resolves the step again (not `none`)."""
+        if self._held is not None and self._held.step == step and self.config.strategy != "none":
+            self._held.after_backward = self._held.grad_square()
+
     def settle(self, step: int, unit: float = 1.0) -> bool:
         """Gradient accumulation: a measured step's K micro-batches (K backward calls before the
         optimizer step) were each resolved on their own, and PCGrad's projection (or scale's damping)
@@ -207,11 +219,30 @@ class GradientCoordinator:
         if self.mean_over_ranks is not None:  # .grad holds the ranks' average of the plain sums: the averaged rows' sum
             stacked = self.mean_over_ranks(stacked)
             applied = {g: rows.sum(0) for g, rows in stacked.items()}
+        self._warn_changed_since_backward(held, unit)
         resolved, stats = self._resolve(held.names, stacked, step)
         delta = {g: resolved[g] - applied[g] for g in resolved}
         self._assign(delta if unit == 1.0 else {g: d * unit for g, d in delta.items()})
         held.stats.__dict__.update(stats.__dict__)
         return True
+
+    def _warn_changed_since_backward(self, held: _HeldStep, unit: float) -> None:
+        """Settling adds the batch's resolution less what each micro-batch's own put into .grad; a loop that clipped
+        .grad in between (without settle_gradients first) got an update that was neither the clipped nor the
+        resolved one (3.6e-4 off in a probe), without a word. Said once a run."""
+        recorded = getattr(held, "after_backward", None)
+        if recorded is None or self._said_changed:
+            return
+        now, expected = held.grad_square(), recorded * unit * unit
+        if abs(now - expected) > 1e-6 * max(expected, 1e-30):
+            import warnings
+
+            self._said_changed = True
+            warnings.warn(f"step {held.step}: the gradients changed between the last session.backward() and "
+                          "before_step (clipping them, as clip_grad_norm_ does?): with gradient accumulation or torchrun "
+                          "the step's micro-batches are resolved together when it settles, so call "
+                          "session.settle_gradients() before changing the gradients (docs/your-model.md); this "
+                          "step's update mixes the changed gradients with the resolution", RuntimeWarning, stacklevel=5)
 
     def _hold(self, step: int, names: list[str], stacked: dict, resolved: dict, stats: CoordinationStats) -> None:
         """Keep a measured backward's per-term gradients until the optimizer step (settle): summed with

@@ -390,6 +390,7 @@ class CompressionSession:
         self._backward_at = self.step
         stats = self.coordinator.backward(terms, self.step)
         self.sync.grads(self.coordinator.params)
+        self.coordinator.note_gradients(self.step)
         return stats
 
     def settle_gradients(self) -> None:
