@@ -77,9 +77,10 @@ def check_batch_fits(model: nn.Module, example_inputs, batch: int, available: in
     available = available_bytes() if available is None else available
     if available is None or batch <= 1:
         return
-    needed = FORWARDS_HELD * batch * bytes_per_row(model, example_inputs)
+    per_batch_row = FORWARDS_HELD * bytes_per_row(model, example_inputs)
+    needed = batch * per_batch_row
     if needed > available:
-        fits = max(1, available // max(1, FORWARDS_HELD * bytes_per_row(model, example_inputs)))
+        fits = max(1, available // max(1, per_batch_row))
         raise TargetError(
             f"target.batch: {batch}: timing the model at {batch} rows needs about {_size(needed)} (its largest "
             f"layer's input, output and unfolded columns, {FORWARDS_HELD} forwards held at once), and this machine has "

@@ -75,8 +75,9 @@ def results_table(title: str, rows: dict[str, dict]) -> Table:
     the stored parts' bytes; the uncompressed row, fp32 parameters and buffers."""
     table = Table(title=title)
     timed = any("latency_ms_b1" in r for r in rows.values())  # latency columns only where a row was timed (demo)
-    for col in ("", "accuracy", "weight sparsity", "bits", "nonzero params", "stored", "smaller",  # sparsity: of the
-                # Linear / conv weights, where nonzero params count biases and norms too (the two read as disagreeing)
+    # "weight sparsity": of the Linear / conv weights, where nonzero params count biases and norms too (the two read
+    # as disagreeing under one word)
+    for col in ("", "accuracy", "weight sparsity", "bits", "nonzero params", "stored", "smaller",
                 *(("ms b1", "ms b64") if timed else ()), "conflict"):
         table.add_column(col, justify="left" if col == "" else "right")
     base = rows.get("uncompressed", {}).get("bytes")

@@ -239,8 +239,8 @@ class GradientCoordinator:
 
             self._said_changed = True
             warnings.warn(f"step {held.step}: the gradients changed between the last session.backward() and "
-                          "before_step (clipping them, as clip_grad_norm_ does?): with gradient accumulation or torchrun "
-                          "the step's micro-batches are resolved together when it settles, so call "
+                          "before_step (clipping them, as clip_grad_norm_ does?): with gradient accumulation or "
+                          "torchrun the step's micro-batches are resolved together when it settles, so call "
                           "session.settle_gradients() before changing the gradients (docs/your-model.md); this "
                           "step's update mixes the changed gradients with the resolution", RuntimeWarning, stacklevel=5)
 

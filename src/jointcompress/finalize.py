@@ -210,8 +210,8 @@ def _warn_zeros_stored_dense(dense: list[str]) -> None:
     if dense:
         warnings.warn(f"finalize: {len(dense)} pruned layer(s) are not quantized ({', '.join(dense[:4])}"
                       f"{', ...' if len(dense) > 4 else ''}): the artifact stores them dense in fp32, so their zeros do "
-                      "not make the file smaller. Quantize them to store them sparse: add quant_lsq (bits: 8 stays close to "
-                      "fp32), or, where the recipe has it, finalize after its start",
+                      "not make the file smaller. Quantize them to store them sparse: add quant_lsq (bits: 8 stays "
+                      "close to fp32), or, where the recipe has it, finalize after its start",
                       stacklevel=3)
 
 

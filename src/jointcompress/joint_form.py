@@ -72,8 +72,8 @@ def _channels_first(techniques: list[dict]) -> float:
     Why: decided together from step 0, the channels' scores trained under the quantizer's noise and the
     dead zones under a budget that the channels were still shrinking; LeNet-5 at 100x with half its
     channels ended 0.08 +- 0.02 points worse than channel pruning and the size target in two runs (an earlier
-    benchmarks/channels_and_size.py, its result not stored); with the channels first it ties them (+0.03 +- 0.03), though with
-    2,000 images it is 0.19 +- 0.09 behind (BENCHMARKS.md)."""
+    benchmarks/channels_and_size.py, its result not stored); with the channels first it ties them (+0.03 +- 0.03),
+    though with 2,000 images it is 0.19 +- 0.09 behind (BENCHMARKS.md)."""
     channels = next((t for t in techniques if t["type"] == "prune_structured"), None)
     if channels is None:
         return 0.0

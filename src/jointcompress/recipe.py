@@ -376,7 +376,7 @@ class Target(Strict):
     """What the user wants, in their units; the allocator turns it into per-layer budgets."""
 
     size_kb: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None  # artifact weight bytes / 1024
-    ratio: Annotated[float, Field(gt=1.0, le=10000.0)] | None = None  # vs the model's fp32 safetensors file (header included)
+    ratio: Annotated[float, Field(gt=1.0, le=10000.0)] | None = None  # vs the model's fp32 safetensors file, header in
     latency_ms: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
     # times faster than the uncompressed model in PyTorch fp32 at `batch`, both timed when the run
     # starts on this machine: a latency target that a loaded machine reads as it reads the model

@@ -961,8 +961,9 @@ def read_weights(path: str | os.PathLike, manifest: dict) -> tuple[dict[str, byt
         parts[key] = t.numpy().tobytes()
     unlisted = sorted(set(tensors) - set(manifest["other_tensors"]))
     if unlisted:  # loaded without a word before: the file is not the one the manifest describes
-        raise ArtifactError(f"{wpath}: holds tensor {unlisted[0]!r}{f' and {len(unlisted) - 1} more' if len(unlisted) > 1 else ''} "
-                            "that the manifest does not list; the weights file is not the one saved with this manifest")
+        more = f" and {len(unlisted) - 1} more" if len(unlisted) > 1 else ""
+        raise ArtifactError(f"{wpath}: holds tensor {unlisted[0]!r}{more} that the manifest does not list; the weights "
+                            "file is not the one saved with this manifest")
     return parts, tensors
 
 

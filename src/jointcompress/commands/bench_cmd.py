@@ -9,7 +9,6 @@ knows: it is read from the manifest's extra["baseline_accuracy"] when present.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 from pathlib import Path
 from typing import Optional
@@ -274,9 +273,13 @@ def run_against_cli(against: str, model: Optional[str], data: Optional[str], tea
     """`bench --against torch-pruning`: deploy.against on the named model and data. The contenders' ONNX
     files stay in `workdir` when given; else they go to a temporary folder removed at the end (every run
     left one behind in the system's temporary directory)."""
+    import shlex
+    import sys
+
     from ..deploy.against import AgainstConfig, dense_teacher, require_torch_pruning, run_against
     from ..errors import JointCompressError
     from ..models import is_builder
+    from ..pipeline import builder_for
 
     if against not in AGAINST:
         raise JointCompressError(f"--against {against!r} is unknown; use one of: {', '.join(AGAINST)}")
@@ -293,15 +296,11 @@ def run_against_cli(against: str, model: Optional[str], data: Optional[str], tea
     if train_limit:
         split.x_train, split.y_train = split.x_train[:train_limit], split.y_train[:train_limit]
     cfg = AgainstConfig(model=model, **options)
-    from ..pipeline import builder_for
-
     builder_for(model, split)  # the builder against the data, naming --data and the digits default where they differ
     dense, note = dense_teacher(cfg, split, teacher)
-    import shlex
-    import sys
-
     # the command as typed (the data and options with it), so the file says how to run it again
-    typed = "jointcompress " + shlex.join(sys.argv[1:]) if "--against" in sys.argv else f"jointcompress bench --against {against}"
+    typed = ("jointcompress " + shlex.join(sys.argv[1:]) if "--against" in sys.argv
+             else f"jointcompress bench --against {against}")
     command = {"command": typed, "data": data or "digits"}
     if not note.startswith("trained here"):  # the dense model was read from --teacher: no epochs of ours trained it
         cfg = dataclasses.replace(cfg, teacher_epochs=None)

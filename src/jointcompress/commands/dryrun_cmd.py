@@ -45,7 +45,7 @@ def _model_and_input(model_name: str, image_size: int, input_shape: list[int] | 
     if model_name in MODELS and not input_shape and image_size < 1:
         raise RecipeError(f"--image-size {image_size}: give the images' height and width as a positive integer, "
                           "e.g. --image-size 28 (or the whole shape with --input-shape 1,1,28,28)")
-    if model_name == "lenet300" and input_shape and len(input_shape) == 2:  # rows of features, as compress reads a table
+    if model_name == "lenet300" and input_shape and len(input_shape) == 2:  # rows of features, as compress reads them
         from ..models import LeNet300
 
         model, example = LeNet300(input_shape[1], 10).eval(), _noise(input_shape)
@@ -88,6 +88,7 @@ def dry_run_tables(model_name: str, image_size: int = 28, targets=("*",), exclud
 
 def _tables(model_name: str, model, example, targets, exclude):
     """(groups table, skipped table, groups, skipped) of one built model."""
+    from rich.markup import escape
     from rich.table import Table
 
     from ..graph import discover_groups
@@ -103,8 +104,6 @@ def _tables(model_name: str, model, example, targets, exclude):
     st = Table(title=f"{model_name}: layers not pruned ({len(skipped)})")
     st.add_column("layer")
     st.add_column("reason")
-    from rich.markup import escape
-
     for name, reason in skipped:
         st.add_row(escape(name), escape(reason))  # a shape in brackets read as markup and vanished
     return gt, st, groups, skipped

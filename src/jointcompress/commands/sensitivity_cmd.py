@@ -17,7 +17,8 @@ def register(app: typer.Typer) -> None:
                                                  "training images training.validation_images holds out)."),
         model: Optional[str] = typer.Option(None, "--model", help=f"{MODEL_CHOICES} (default: the recipe's)."),
         data: Optional[str] = typer.Option(None, "--data", help="'digits' or an .npz of images (MNIST-style; default: the recipe's)."),
-        weights: Optional[Path] = typer.Option(None, "--weights", help="Trained weights (.safetensors, or an artifact directory, as compress --weights takes); default: train first."),
+        weights: Optional[Path] = typer.Option(None, "--weights", help="Trained weights (.safetensors, or an artifact "
+                                               "directory, as compress --weights takes); default: train first."),
         teacher_epochs: int = typer.Option(10, "--teacher-epochs", min=1, help="Epochs to train when no --weights."),
         sparsities: str = typer.Option("0.5,0.8,0.9,0.95,0.98", "--sparsities", help="Unstructured sparsities per layer."),
         bits: str = typer.Option("8,4,3,2", "--bits", help="Bit-widths per layer."),

@@ -35,7 +35,8 @@ def warn_input_rounding(model: nn.Module, stacklevel: int = 3) -> None:
     if rounded:
         warnings.warn(f"the transformers folder does not round the inputs of {len(rounded)} layers as training did "
                       f"(quant_lsq activations: true, e.g. {rounded[0]}), so its logits differ a little from the "
-                      "finalized model's; the packed artifact (load_hf_artifact) keeps the rounding", stacklevel=stacklevel)
+                      "finalized model's; the packed artifact (load_hf_artifact) keeps the rounding",
+                      stacklevel=stacklevel)
 
 
 def export_folder(model: nn.Module, tokenizer, out_dir: str | Path, *, remote_code: bool = True) -> Path:

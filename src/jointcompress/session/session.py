@@ -178,8 +178,8 @@ class CompressionSession:
             have.update(id(p) for p in params)
             if self.scheduler is None and has_scheduler(self.optimizer):
                 warnings.warn(f"{g.get('name', 'a technique')}'s parameters joined the optimizer as a new group at step "
-                              f"{self.step}; the LR scheduler made on it does not know the group (LambdaLR, OneCycleLR and "
-                              "others fail at their next step(), zip() or a length mismatch): pass it to "
+                              f"{self.step}; the LR scheduler made on it does not know the group (LambdaLR, OneCycleLR "
+                              "and others fail at their next step(), zip() or a length mismatch): pass it to "
                               "session.bind(optimizer, scheduler) so the group follows its schedule", stacklevel=3)
             follow_schedule(self.optimizer, self.optimizer.param_groups[-1], self.scheduler)
 
