@@ -1177,3 +1177,16 @@ def test_the_run_folders_recipe_is_the_one_that_ran_with_the_flags_applied(tmp_p
     code, out = _cli(monkeypatch, capsys, "compress", recipe, "--out", tmp_path / "p", "--weights",
                      tmp_path / "o" / "teacher.safetensors")
     assert code in (0, None) and (tmp_path / "p" / "recipe.yaml").read_text() == recipe.read_text(), out
+
+
+def test_a_compressed_model_that_lost_most_of_its_accuracy_is_said():
+    """Probes' models ended at chance (97% to 28%, 81% to 9%) with exit 0 and no word but a size warning."""
+    from jointcompress.cli import _accuracy_fall
+    from jointcompress.recipe import parse_recipe
+
+    recipe = parse_recipe({"target": {"ratio": 100}, "training": {"epochs": 4},
+                           "techniques": [{"type": "quant_lsq", "bits": 4}]})
+    said = _accuracy_fall({"accuracy": 0.9735}, {"accuracy": 0.285}, recipe)
+    assert "accuracy fell from 97.35% to 28.50%" in said and "68.9 points" in said and "4 epochs" in said
+    assert "a lower target.ratio" in said
+    assert _accuracy_fall({"accuracy": 0.9735}, {"accuracy": 0.9425}, recipe) == ""  # 3.1 points: the table says it
