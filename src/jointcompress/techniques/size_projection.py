@@ -244,12 +244,14 @@ class Landing:
         self.events.append({"event": "size_target_missed", "bytes": round(now), "target_bytes": round(target),
                             "fixed_bytes": round(self.fixed), "live_channels": channels, "kept": kept})
         warnings.warn(
-            f"size_budget: the weights file ends at {now:,.0f} B, {now - target:,.0f} B ({now / target - 1:.1%}) over the "
+            f"size_budget: the weights file ends at about {now:,.0f} B (as estimated at the freeze; the saved file's own "
+            f"size is said with it), {now - target:,.0f} B ({now / target - 1:.1%}) over the "
             f"{target:,.0f} B target: "
             f"{self.fixed:,.0f} B do not depend on the run's decisions and the landing keeps the strongest weight of each "
             f"of the {channels:,} output channels that still have weights ({sum(kept.values()):,} weights kept). Ask "
             f"for at least this file (target.size_kb >= {math.ceil(now / 10.24) / 100:.2f}, or a lower target.ratio), or lower "
-            "quant_lsq.bits" + (fixed_part_hint(self.model) if self.model is not None else ""), stacklevel=2)
+            "quant_lsq.bits" + (fixed_part_hint(self.model) if self.model is not None else ""),
+            stacklevel=1)  # its caller is torch.no_grad's wrapper: the command line showed that file and line
 
     def warn_under(self) -> None:
         """Said once, at the freeze, where the file ends far under the target after the projection revived
