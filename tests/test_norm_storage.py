@@ -333,3 +333,19 @@ def test_a_stored_tensor_is_one_value_only_where_its_format_makes_it_constant(te
     assert manifest["other_tensors"]["bn1.running_var"]["bytes"] == 16 * 2 and "fill" not in manifest["other_tensors"]["bn1.running_var"]
     assert constant(torch.zeros(3)) and not constant(torch.tensor([0.0, -0.0])) and not constant(torch.ones(1))
     _refused_once_edited(tmp_path / "fresh", "bn1.running_mean", "fill", "yes")
+
+
+def test_a_size_error_names_the_fold_where_batchnorm_is_in_fp16_already():
+    """The hint named fp16 for norms in fp32 and nothing once they were fp16: a depthwise CNN's 2,318 B of
+    BatchNorm, the most of its fixed bytes, were not said to halve again with fp16_folded."""
+    from jointcompress.techniques.norm_storage import fold_norms, norm_format_hint, round_norms
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    assert "quant_lsq.norm_format: fp16 stores them in half" in norm_format_hint(model)  # fp32 values
+    round_norms(model)
+    assert "hold about 64 B of it in fp16: quant_lsq.norm_format: fp16_folded" in norm_format_hint(model)
+    fold_norms(model)
+    assert "fp16_folded" not in norm_format_hint(model)  # folded already

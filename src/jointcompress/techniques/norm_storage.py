@@ -225,6 +225,19 @@ def norm_format_hint(model: nn.Module) -> str:
     the setting that halves them."""
     with torch.no_grad():
         wide = sum(t.numel() * 4 for _, t in _norm_tensors(model) if t.numel() and not fp16_exact(t))
-    if not wide:
+    if wide:
+        return f"; normalization layers hold {wide:,} B of it in fp32: quant_lsq.norm_format: fp16 stores them in half"
+    unfolded = [m for m in model.modules() if foldable(m) and not _folded(m)]  # in fp16 already: folding halves them
+    if not unfolded:
         return ""
-    return f"; normalization layers hold {wide:,} B of it in fp32: quant_lsq.norm_format: fp16 stores them in half"
+    held = sum(2 * 4 * m.num_features for m in unfolded)
+    return (f"; BatchNorm layers hold about {held:,} B of it in fp16: quant_lsq.norm_format: fp16_folded stores each "
+            "as its scale and shift, about half (exact in evaluation; not a start for another training run)")
+
+
+def _folded(module: nn.Module) -> bool:
+    """Evaluated as its folded affine (the run's hook), or folded into its tensors already (bake_fold)."""
+    if any(fn is _folded_eval_output for fn in module._forward_hooks.values()):
+        return True
+    with torch.no_grad():
+        return bool((module.running_mean == 0).all()) and bool((module.running_var == unit_variance(module.eps)).all())
