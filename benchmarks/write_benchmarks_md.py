@@ -1367,10 +1367,10 @@ def lsq_init_section() -> list[str]:
         return f"**{text}**" if p["se"] and abs(p["mean"]) > 2 * p["se"] else text
 
     lines = ["## 8-bit LSQ: the first step size (what did not work)", "",
-             "LSQ's first step, 2·mean|w|/√Q, reaches past a layer's largest weight at 8 bits (Q = 127): a probe's "
-             "untrained MLP used levels up to 12-16 of 127, and finalize moved its logits 11x more than max-abs rounding. "
-             "Capping the first step at `headroom` · max|w|/Q rounds the untrained weights closer, but after training "
-             "the capped runs are no better; the package keeps the paper's step. LeNet-5 on MNIST, the demo's "
+             "LSQ's first step, 2·mean|w|/√Q, can reach past a layer's largest weight at 8 bits (Q = 127), leaving "
+             "levels unused. Capping it at `headroom` · max|w|/Q rounds the teacher's weights closer before training "
+             "(last column), but after training the capped runs are no better (capped at 1x they lose); the package "
+             "keeps the paper's step. LeNet-5 on MNIST, the demo's "
              "fast-model recipe (half of every channel group removed, 8-bit LSQ from 0.3 of the run, distillation), "
              f"every arm of a seed from one teacher; {r['test_rows']:,} test images, {r['threads']} thread. "
              f"Command: `{r['command']}`.", "",

@@ -525,9 +525,11 @@ def test_the_teacher_the_command_trains_takes_a_batch_the_processes_share(monkey
     import jointcompress.pipeline as pipeline
     from jointcompress.data import load_digits
 
+    import jointcompress.distributed as dist
+    from jointcompress.distributed import DistContext
+
     seen = {}
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 3)
+    monkeypatch.setattr(dist, "current", lambda: DistContext(rank=0, world_size=3, backend="gloo"))
     monkeypatch.setattr(pipeline, "train_baseline", lambda model, data, evaluate, **kw: seen.update(kw))
     pipeline.train_teacher("lenet300", load_digits(), epochs=1)
     assert seen["batch_size"] == 63

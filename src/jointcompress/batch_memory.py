@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .bench import batch_of
 from .layer_types import CONVOLUTIONS
-from .model_call import call_model
+from .model_call import call_model, evaluating, forward_hooks
 
 # a timing holds more than one forward's tensors at once (the model and its shrunk copy timed side by side, the
 # inputs of both): refused where this many forwards' worth does not fit in the memory available
@@ -37,13 +37,8 @@ def bytes_per_row(model: nn.Module, example_inputs) -> int:
         largest = max(largest, held)
 
     leaves = [m for m in model.modules() if not any(True for _ in m.children())]
-    handles = [m.register_forward_hook(hold) for m in leaves]
-    try:
-        with torch.no_grad():
-            call_model(model.eval(), batch_of(example_inputs, 1))
-    finally:
-        for h in handles:
-            h.remove()
+    with forward_hooks((m, hold) for m in leaves), torch.no_grad(), evaluating(model):
+        call_model(model, batch_of(example_inputs, 1))
     return largest
 
 

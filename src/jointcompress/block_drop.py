@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UnsupportedModelError
-from .model_call import call_model
+from .model_call import call_model, forward_hooks
 
 _ADDS = (operator.add, operator.iadd, torch.add)
 
@@ -54,22 +54,17 @@ def _is_identity(m) -> bool:
 
 def _shape_preserving(model: nn.Module, example_inputs) -> list[str]:
     """Names of the submodules that returned one tensor of their input's shape on the example."""
-    found, hooks = [], []
-    for name, m in model.named_modules():
-        if not name or next(m.parameters(), None) is None:
-            continue
+    found = []
 
-        def hook(mod, inp, out, name=name):
-            if len(inp) == 1 and isinstance(inp[0], torch.Tensor) and isinstance(out, torch.Tensor) \
-                    and out.shape == inp[0].shape:
-                found.append(name)
-        hooks.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            call_model(model, example_inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    def hook(mod, inp, out, name):
+        if len(inp) == 1 and isinstance(inp[0], torch.Tensor) and isinstance(out, torch.Tensor) \
+                and out.shape == inp[0].shape:
+            found.append(name)
+
+    hooked = [(m, lambda mod, inp, out, name=name: hook(mod, inp, out, name)) for name, m in model.named_modules()
+              if name and next(m.parameters(), None) is not None]
+    with forward_hooks(hooked), torch.no_grad():
+        call_model(model, example_inputs)
     return list(dict.fromkeys(found))
 
 

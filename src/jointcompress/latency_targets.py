@@ -43,7 +43,7 @@ from .deploy.timing import DEFAULT_THREADS, steady_ms, time_contenders
 from .graph import PRUNABLE_ROOTS, ChannelGroup, build_graph, discover_groups
 from .latency_knee import TOLERANCE, give_back_within
 from .layer_types import CONVOLUTIONS
-from .model_call import call_model, to_device
+from .model_call import call_model, forward_hooks, to_device
 from .model_copy import on_cpu
 
 MAX_CONFIRM = 3  # allocate -> time -> tighten rounds
@@ -111,14 +111,10 @@ def layer_sites(model: nn.Module, example_inputs, groups: list[ChannelGroup]) ->
     def record(mod, inp, out, n):
         shapes[n], outs[n] = tuple(inp[0].shape[1:]), out[0].numel()
 
-    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: record(mod, inp, out, n))
-             for n, m in model.named_modules() if isinstance(m, PRUNABLE_ROOTS)]
-    try:
-        with torch.no_grad():
-            call_model(model.eval(), batch_of(example_inputs, 1))
-    finally:
-        for h in hooks:
-            h.remove()
+    hooked = [(m, lambda mod, inp, out, n=n: record(mod, inp, out, n))
+              for n, m in model.named_modules() if isinstance(m, PRUNABLE_ROOTS)]
+    with forward_hooks(hooked), torch.no_grad():
+        call_model(model.eval(), batch_of(example_inputs, 1))
     out_of, in_of = {}, {}
     for g in groups:
         for mem in g.members:

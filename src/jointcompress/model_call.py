@@ -64,6 +64,18 @@ def kept_modes(model: nn.Module):
 
 
 @contextlib.contextmanager
+def forward_hooks(hooked):
+    """Each (module, hook) pair's forward hook on its module for the block's length, removed when it ends (also on
+    an error): the readings of a model's layers on one example forward (shapes, sizes, which layers ran)."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooked]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
 def evaluating(model: nn.Module):
     """The model in eval mode for a reading (its structure, a check, the user's evaluate), each module's
     mode put back after (kept_modes): in train mode the reading would move BatchNorm's running statistics

@@ -192,10 +192,12 @@ def train_teacher(model_name: str, split: Split, epochs: int, lr: float = 1e-3, 
     the same start anywhere, and returned on the CPU, as every model the pipeline hands over. Under torchrun its
     batch is the largest multiple of the processes up to `batch_size` (the command's own, not the recipe's: 64 over
     3 processes warned the user to change a training.batch_size the recipe did not set)."""
+    from . import distributed as _dist
+
     seed_everything(seed)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
-        batch_size = max(world, batch_size // world * world)
+    group = _dist.current()
+    if group is not None:
+        batch_size = max(group.world_size, batch_size // group.world_size * group.world_size)
     model = builder_for(model_name, split, check=False)()  # the command checked the builder on this data
     if device is not None:
         model.to(device)

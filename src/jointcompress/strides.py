@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UnsupportedModelError
-from .model_call import call_model
+from .model_call import call_model, forward_hooks
 
 # set on a convolution whose stride was raised: the stride it had before (finalize records the layer)
 RAISED_FROM = "_jointcompress_stride_raised_from"
@@ -47,21 +47,15 @@ def _shrinks(out_map: tuple[int, ...] | None) -> bool:
 
 def output_maps(model: nn.Module, example_inputs) -> dict[str, tuple[int, ...]]:
     """Each convolution's output map (its spatial sides) on the example input."""
-    maps, handles = {}, []
+    maps = {}
 
     def record(name):
         def hook(mod, inp, out):  # returns None: the output passes on unchanged
             maps.setdefault(name, tuple(out.shape[2:]))
         return hook
 
-    for name, m in model.named_modules():
-        if isinstance(m, _CONVS):
-            handles.append(m.register_forward_hook(record(name)))
-    try:
+    with forward_hooks((m, record(name)) for name, m in model.named_modules() if isinstance(m, _CONVS)):
         _output_shape(model, example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
     return maps
 
 
