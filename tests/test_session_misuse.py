@@ -410,3 +410,26 @@ def test_gradients_clipped_before_the_micro_batches_settle_are_said(settle_first
             session.after_step()
     changed = [w for w in caught if "the gradients changed between the last session.backward()" in str(w.message)]
     assert len(changed) == int(said), [str(w.message) for w in caught]
+
+
+def test_a_model_wrapped_in_distributed_data_parallel_after_prepare_is_refused_at_its_call(tmp_path):
+    """prepare() refuses a wrapper it is given; one added after it went unseen: DDP's reducer failed with advice on
+    find_unused_parameters, and with that flag the gradients were averaged twice. The model's own call names it."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 2))
+    x, _ = _data()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        session = jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 4}]}, total_steps=4,
+                                        distributed=False)
+        model(x[:2])  # the model itself: no refusal
+        wrapped = DistributedDataParallel(session.model)
+        with pytest.raises(RecipeError, match=r"called through DistributedDataParallel, wrapped after prepare\(\); "
+                                              r"call the model itself \(model\.module\)"):
+            wrapped(x[:2])
+        session.finish()  # the guard goes with the session's other hooks
+        wrapped(x[:2])
+    finally:
+        dist.destroy_process_group()

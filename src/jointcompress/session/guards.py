@@ -70,6 +70,21 @@ def check_terms_reach_model(terms: dict[str, torch.Tensor], primary: tuple[str, 
             "with session.model itself, the very model passed to prepare()")
 
 
+def refuse_ddp_forward(module: torch.nn.Module, args) -> None:
+    """A forward pre-hook on the prepared model: it refuses a call made through a DistributedDataParallel
+    wrapper added after prepare() (prepare() refuses one it is given). The wrapper's reducer waits for
+    gradients the session's per-term backward never hands it, so torch failed with advice on
+    find_unused_parameters; with that flag set the run went on with every gradient averaged twice, once by
+    the reducer and once by the session. Module-level, not a closure: a hook stays picklable."""
+    active = getattr(torch.nn.parallel.DistributedDataParallel, "_active_ddp_module", None)
+    if active is not None and getattr(active, "module", None) is module:
+        raise RecipeError(
+            "the model prepare() was given is being called through DistributedDataParallel, wrapped after "
+            "prepare(); call the model itself (model.module) in your loop: under torchrun the session averages "
+            "the gradients after its coordinated backward, and DDP's reducer would wait for gradients it never "
+            "gets, or average them a second time (docs/reliability.md)")
+
+
 class NonFiniteWatch:
     """A non-finite loss term in the caller's own loop (NaN in an input, a learning rate too high): the
     optimizer writes it into the weights, and finalize and save once baked a NaN model without a word.

@@ -33,8 +33,8 @@ from ..techniques.pruning import PruningTechnique
 from . import terms as _terms
 from .outputs import (Batch, call_model, check_scalar_loss, decoder_token_mask, default_task_loss, is_encoder_decoder,
                       logits_of, split_batch)
-from .guards import (NonFiniteWatch, check_fits, check_terms_have_grad, check_terms_reach_model, refuse_finalized,
-                     session_identity)
+from .guards import (NonFiniteWatch, check_fits, check_terms_have_grad, check_terms_reach_model, refuse_ddp_forward,
+                     refuse_finalized, session_identity)
 from .loss_scale import LossScale
 from .schedule import apply_events, event_steps
 from .sync import Sync
@@ -78,6 +78,7 @@ class CompressionSession:
         self.loss_scale = LossScale()  # fp16 mixed precision: the scaler the step's backward was given
         self.spec = None  # what finalize() returned: the session is finished then
         self.on_restructure: list[Callable[[], None]] = []  # after attach/freeze events (rollback snapshots)
+        self._ddp_guard = model.register_forward_pre_hook(refuse_ddp_forward)  # a wrapper added after prepare()
 
     # -- start -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -549,6 +550,7 @@ class CompressionSession:
         for t in self.techniques:
             if hasattr(t, "remove_hooks"):
                 t.remove_hooks()
+        self._ddp_guard.remove()
 
     def finalize(self, example_inputs=None):
         """Make the compression permanent (masks applied and removed, LSQ values baked, pruned
