@@ -533,3 +533,18 @@ def test_the_teacher_the_command_trains_takes_a_batch_the_processes_share(monkey
     monkeypatch.setattr(pipeline, "train_baseline", lambda model, data, evaluate, **kw: seen.update(kw))
     pipeline.train_teacher("lenet300", load_digits(), epochs=1)
     assert seen["batch_size"] == 63
+
+
+def test_a_second_ctrl_c_during_the_groups_teardown_at_exit_ends_it_quietly(monkeypatch):
+    """The exit hook tears the group down; a Ctrl-C pressed again while it ran printed the interrupt's traceback
+    from the atexit hook, after the run's own message."""
+    import torch.distributed as tdist
+
+    from jointcompress import distributed
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tdist, "is_initialized", lambda: True)
+    monkeypatch.setattr(tdist, "destroy_process_group", interrupted)
+    distributed._destroy_if_initialized()  # no KeyboardInterrupt out of the hook

@@ -181,10 +181,15 @@ def _destroy_if_initialized() -> None:
     Without it, gloo's worker threads outlive Python's finalization and the process can abort
     with "terminate called without an active exception" (SIGABRT) after a successful run.
     The group must also have no other owner for the threads to stop (see init_from_env).
-    A no-op when the user already called `destroy_process_group()`.
+    A no-op when the user already called `destroy_process_group()`. A second Ctrl-C during that
+    teardown ends it quietly: the user asked to stop, and Python printed the interrupt's traceback
+    from this hook ("Exception ignored in atexit callback") after the run's own message.
     """
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.destroy_process_group()
+    try:
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.destroy_process_group()
+    except KeyboardInterrupt:
+        pass
 
 
 def quiet_other_ranks(ctx: DistContext | None) -> None:
