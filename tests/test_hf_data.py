@@ -350,3 +350,25 @@ def test_pairs_for_a_teacher_of_one_token_type_carry_no_token_types_and_tokenize
     assert tok.model_max_length == 512  # the run's own is given back
     again = AutoTokenizer.from_pretrained(tmp_path / "saved")
     assert len(again("good movie " * 40, truncation=True)["input_ids"]) == 16
+
+
+def test_batches_padded_on_the_left_keep_their_tokens_through_every_trim():
+    """A tokenizer with padding_side: left: cutting each batch to its longest row's length kept only [PAD] of its short
+    rows, and the run trained and chose its epoch on near-chance accuracy without a word. Now nothing real is cut:
+    the wrapper's logits, the packed batches and the evaluation equal the untrimmed model's."""
+    from jointcompress.hf.evaluate import predict_logits
+    from jointcompress.hf.wrapper import SequenceClassifier, pack
+
+    model = tiny_bert(layers=2)
+    ids = torch.randint(5, 64, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(3, 12, dtype=torch.long)
+    for row, length in enumerate((12, 4, 7)):
+        mask[row, 12 - length:] = 1  # left padding: each row's real tokens end at the last position
+    ids = ids * mask
+    expected = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(SequenceClassifier(model, trim=True)(pack(ids, mask)[1:]), expected[1:], atol=1e-6)
+    tensors = {"input_ids": ids, "attention_mask": mask, "labels": torch.zeros(3, dtype=torch.long)}
+    assert all(b["input_ids"].shape[1] == 12 for b in batches(tensors, batch_size=2))
+    assert torch.allclose(predict_logits(model, tensors), expected, atol=1e-6)
+    right = torch.flip(mask, [1])  # right padding is still cut to the longest row
+    assert [b["attention_mask"].shape[1] for b in batches({**tensors, "attention_mask": right}, batch_size=2)] == [12, 7]

@@ -649,3 +649,50 @@ def test_load_best_model_at_end_with_no_compressed_checkpoint_keeps_the_last_mod
     with pytest.warns(UserWarning, match=r"no checkpoint was evaluated at or after step 7.*the model of the last step is kept"):
         trainer.train()
     assert session.step == 6
+
+
+def test_a_vision_model_with_channels_removed_is_refused_by_every_transformers_folder_save(tmp_path):
+    """A ResNet's channels removed by prune_structured cannot be written into its config: save_model after finalize
+    wrote a folder from_pretrained refused with a size mismatch (ignore_mismatched_sizes loaded those layers at
+    random), and save_hf_artifact's error told the user to pass a builder it does not take. Each now refuses
+    before writing and names jointcompress.artifact.save, which keeps the widths and loads back the same logits."""
+    import warnings
+
+    import transformers as t
+
+    from jointcompress.artifact import load, save
+    from jointcompress.errors import ArtifactError
+    from jointcompress.hf.artifact import save_hf_artifact
+    from jointcompress.hf.export import export_folder
+
+    def build():
+        torch.manual_seed(0)
+        return t.ResNetForImageClassification(t.ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16],
+                                                             depths=[1, 1], layer_type="basic", num_labels=3))
+
+    model = build()
+    x, y = torch.randn(16, 1, 16, 16), torch.randint(0, 3, (16,))
+    session = jointcompress.prepare(model, {"techniques": [{"type": "prune_structured", "sparsity": 0.5, "end": 0.5}]},
+                                    total_steps=2, example_inputs=x[:2])
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=8,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    trainer = CompressionTrainer(session=session, model=model, args=args,
+                                 train_dataset=[{"pixel_values": x[i], "labels": y[i]} for i in range(16)])
+    trainer.train()
+    spec = session.finalize()
+    assert model.resnet.embedder.embedder.convolution.weight.shape[0] == 4  # half the stem's 8 channels
+    said = r"convolution.weight is \(4, 1, 7, 7\) but ResNetForImageClassification's config builds it as \(8, 1, 7, 7\)"
+    with pytest.raises(ArtifactError, match=rf"CompressionTrainer.save_model: .*{said}.*jointcompress.artifact.save"):
+        trainer.save_model(str(tmp_path / "final"))
+    assert not (tmp_path / "final").exists()
+    with pytest.raises(ArtifactError, match=rf"save_hf_artifact: .*{said}"):
+        save_hf_artifact(model, spec, tmp_path / "packed", ptq_bits=None)
+    with pytest.raises(ArtifactError, match=rf"export_folder: .*{said}"):
+        export_folder(model, object(), tmp_path / "folder")
+    save(model, spec, tmp_path / "kept", builder=build, example_inputs=x[:2])  # the save the errors name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = load(tmp_path / "kept", build)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(x[:4]).logits, model(x[:4]).logits, atol=1e-5)

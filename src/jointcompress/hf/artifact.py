@@ -83,6 +83,7 @@ def _check_rebuildable(model: nn.Module) -> None:
     """Heads or FFN neurons removed from a model of another head than a sequence classifier (token
     classification, multiple choice): its class builds every layer at the config's full widths, so no loader
     could rebuild it; said before writing, where saving ended in a shape mismatch naming a builder."""
+    from jointcompress.hf.export import check_config_builds
     from jointcompress.hf.pruned import is_pruned_class
 
     if _converted_from_conv1d(model):
@@ -99,6 +100,7 @@ def _check_rebuildable(model: nn.Module) -> None:
             f"save_hf_artifact: {type(model).__name__} had heads or FFN neurons removed, and only sequence classifiers "
             "and Llama / Mistral / Qwen2 / GPT-2 causal LMs are rebuilt at per-layer widths; save it with jointcompress.artifact.save(model, spec, path, builder=...) "
             "and a builder that makes those widths, or compress this head with prune_unstructured / quant_lsq")
+    check_config_builds(model, "save_hf_artifact")  # a vision model's channels removed (prune_structured)
 
 
 def _converted_from_conv1d(model: nn.Module) -> bool:

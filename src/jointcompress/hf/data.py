@@ -212,6 +212,16 @@ def _label(path: Path, lineno: int, value, names: list[str] | None) -> int:
                     "names in hf.labels (in index order) or write the labels as 0..n-1")
 
 
+def trimmed_length(mask: torch.Tensor) -> int:
+    """How many leading positions a batch keeps when its padding is cut off: up to the last position any row
+    holds a real token. With right padding that is the longest row; with a tokenizer that pads on the left
+    (padding_side: left) every row ends at the last position, so nothing is cut. Cutting to the longest
+    row's length kept only [PAD] tokens of short rows there, and the run trained and chose its epoch on
+    near-chance accuracy without a word."""
+    real = mask.bool().any(0).nonzero()
+    return max(1, int(real.max()) + 1) if real.numel() else 1
+
+
 def tokenize(tokenizer, data: TextDataset, max_length: int = MAX_LENGTH, token_types: bool = True) -> dict[str, torch.Tensor]:
     """Tokenize every row (a pair as two segments) padded to max_length (fixed shapes make latency comparable).
     `token_types`: False for a model with one token type (RoBERTa: type_vocab_size 1), whose embedding of the
@@ -258,7 +268,7 @@ def batches(tensors: dict[str, torch.Tensor], batch_size: int, shuffle: bool = F
         idx = order[start:start + batch_size]
         batch = {k: v[idx] for k, v in tensors.items()}
         if trim:
-            length = int(batch["attention_mask"].sum(1).max())
+            length = trimmed_length(batch["attention_mask"])
             for k in ("input_ids", "attention_mask", "token_type_ids"):
                 if k in batch:
                     batch[k] = batch[k][:, :length]

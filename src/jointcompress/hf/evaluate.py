@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..model_call import call_model
+from .data import trimmed_length
 
 
 @torch.no_grad()
@@ -22,7 +23,7 @@ def predict_logits(model: torch.nn.Module, tensors: dict[str, torch.Tensor], bat
     for start in range(0, order.numel(), batch_size):
         idx = order[start:start + batch_size]
         batch = {k: tensors[k][idx] for k in keys}
-        length = int(batch["attention_mask"].sum(1).max())
+        length = trimmed_length(batch["attention_mask"])
         batch = {k: v[:, :length] for k, v in batch.items()}
         outs.append(call_model(model, batch).logits.float().cpu())  # rows to the model's device, logits back
     model.train(was_training)

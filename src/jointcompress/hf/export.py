@@ -12,10 +12,12 @@ use the pruned model_type; they load
 
 from __future__ import annotations
 
+import copy
 import shutil
 import warnings
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from jointcompress.errors import ArtifactError
@@ -39,6 +41,29 @@ def warn_input_rounding(model: nn.Module, stacklevel: int = 3) -> None:
                       stacklevel=stacklevel)
 
 
+def check_config_builds(model: nn.Module, what: str) -> None:
+    """A transformers folder is loaded by building the model's class from its config.json: a model whose
+    layers that config would build at other shapes (a vision model's channels removed by prune_structured,
+    which no stock config can express) wrote a folder from_pretrained refused with a size mismatch, or with
+    ignore_mismatched_sizes loaded those layers at random. Refused before writing, naming the saves that
+    keep the widths. The class is built on the meta device: no memory, no weights initialised."""
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(copy.deepcopy(model.config))
+    except Exception:  # noqa: BLE001 - a class not built from its config alone: nothing to compare against
+        return
+    shapes = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    misfit = next(((k, tuple(v.shape)) for k, v in model.state_dict().items()
+                   if k in shapes and shapes[k] != tuple(v.shape)), None)
+    if misfit is not None:
+        raise ArtifactError(
+            f"{what}: {misfit[0]} is {misfit[1]} but {type(model).__name__}'s config builds it as {shapes[misfit[0]]} "
+            "(channels or units removed that the config cannot record), so from_pretrained could not load the folder. "
+            "Save it with jointcompress.artifact.save(model, spec, path, builder=..., example_inputs=...), which "
+            "records the pruning and rebuilds the widths (docs/your-model.md), or deploy it through ONNX "
+            "(jointcompress.deploy.export_and_check)")
+
+
 def export_folder(model: nn.Module, tokenizer, out_dir: str | Path, *, remote_code: bool = True) -> Path:
     """Write model + tokenizer to out_dir; returns the folder.
 
@@ -58,6 +83,7 @@ def export_folder(model: nn.Module, tokenizer, out_dir: str | Path, *, remote_co
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = baked_copy(model) if any(hasattr(m, "parametrizations") for m in model.modules()) else model
+    check_config_builds(model, "export_folder")
     cfg = model.config
     if is_pruned_class(model) and remote_code:
         cfg_cls = type(cfg).__name__

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from jointcompress.errors import DataError
+from jointcompress.hf.data import trimmed_length
 from jointcompress.model_call import call_model
 
 
@@ -67,8 +68,9 @@ def unpack(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class SequenceClassifier(nn.Module):
     """forward(x [N, 2, L], or [N, 3, L] with token types) -> logits [N, num_labels] of the wrapped HF classifier.
 
-    trim=True cuts each batch to its longest row (exact for BERT-style encoders, whose padded
-    positions are masked out; several times cheaper on short-sentence data).
+    trim=True cuts the positions after each batch's last real token, its longest row with right padding
+    (exact for BERT-style encoders, whose padded positions are masked out; several times cheaper on
+    short-sentence data); with left padding nothing is cut (hf.data.trimmed_length).
     """
 
     def __init__(self, hf: nn.Module, trim: bool = True):
@@ -84,7 +86,7 @@ class SequenceClassifier(nn.Module):
         inputs = model_inputs(x)
         mask = inputs["attention_mask"]
         if self.trim and mask.numel():
-            length = max(1, int(mask.sum(1).max()))
+            length = trimmed_length(mask)
             inputs = {k: v[:, :length] for k, v in inputs.items()}
         return self.hf(**inputs).logits
 
@@ -93,7 +95,7 @@ class SequenceClassifier(nn.Module):
         (distill_kd's hidden-state losses leave padding out). L' is the trimmed length."""
         _, mask = unpack(x)
         if self.trim and mask.numel():
-            mask = mask[:, : max(1, int(mask.sum(1).max()))]
+            mask = mask[:, : trimmed_length(mask)]
         return mask.bool()
 
 

@@ -143,11 +143,17 @@ class CompressionTrainer(Trainer):
         (keys ending in parametrizations.weight.original), which from_pretrained reported missing and
         initialized at random: the model loaded untrained, with no word from jointcompress. After finalize, a
         folder of a model trained with quant_lsq activations: true loads without its input rounding (its logits
-        differ a little), which is said as export_folder says it."""
+        differ a little), which is said as export_folder says it; a model whose config cannot build its pruned
+        widths (a vision model's channels) is refused before writing, as export_folder refuses it."""
+        finalized = self.session.spec is not None and not _internal_call
+        if finalized:
+            from ..hf.export import check_config_builds
+
+            check_config_builds(self.model, "CompressionTrainer.save_model")
         super().save_model(output_dir, _internal_call)
         if _internal_call or not self.args.should_save:
             return
-        if self.session.spec is not None:  # finalized: a folder from_pretrained loads, less any input rounding
+        if finalized:  # a folder from_pretrained loads, less any input rounding
             from ..hf.export import warn_input_rounding
 
             warn_input_rounding(self.model, stacklevel=4)
