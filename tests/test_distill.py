@@ -508,3 +508,21 @@ class _Counting:
 
     def on_step(self, trainer, step, out):
         self.steps.append(step)
+
+
+def test_an_evaluation_without_sample_indices_leaves_the_teacher_cache_on():
+    """A validation loss through session.loss under no_grad, on batches without an index column, was judged by the
+    cache's check: it switched the cache off for the rest of training (with a warning about the training batches)."""
+    import warnings
+
+    import jointcompress
+
+    student, teacher = _Tagger(0), _Tagger(1)
+    session = jointcompress.prepare(student, {"techniques": [{"type": "distill_kd", "cache_teacher": True}]},
+                                    total_steps=8, teacher=teacher)
+    ids, labels, index = torch.randint(1, 30, (4, 6)), torch.randint(0, 5, (4, 6)), torch.arange(4)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no word about the cache either
+        session.loss(student(ids), (ids, labels))  # an evaluation batch: no index column
+    session.loss(student(ids), (ids, labels, index))
+    assert session.teacher_cache.off is None and torch.equal(session.teacher_cache.get(index), teacher(ids).detach())

@@ -157,6 +157,22 @@ def test_a_group_that_attaches_later_follows_the_bound_schedulers_schedule_at_it
     assert len(opt.param_groups) == 2 and opt.param_groups[-1]["name"] == "quant_steps"
 
 
+def test_a_group_that_attaches_later_joins_reduce_lr_on_plateau_at_the_rate_it_has_cut_to():
+    """ReduceLROnPlateau keeps no initial_lr, so the first group's current, already cut rate was read as its base
+    and quant_lsq's group joined at its full rate (8x the weights' after three cuts)."""
+    model = _mlp()
+    recipe = {**RECIPE, "techniques": [RECIPE["techniques"][0], {**RECIPE["techniques"][1], "step_lr": 2.5e-3}]}
+    session = jointcompress.prepare(model, recipe, total_steps=16)
+    opt = torch.optim.Adam(session.param_groups(lr=1e-2))
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+    session.bind(opt, sched)
+    x, y = _data()
+    steps = iter(range(100))
+    _train(model, session, opt, range(4), x, y, after_step=lambda: sched.step(float(next(steps))))  # never improves
+    assert len(opt.param_groups) == 2 and opt.param_groups[0]["lr"] < 1e-2 / 4  # cut before the group joined
+    assert opt.param_groups[1]["lr"] == pytest.approx(opt.param_groups[0]["lr"] * 0.25)
+
+
 def test_a_scheduler_not_bound_is_named_when_a_group_joins_later():
     model, session, opt = _start()
     torch.optim.lr_scheduler.StepLR(opt, 4)
@@ -638,3 +654,31 @@ def test_magnitude_channel_masks_finalized_before_their_ramp_ends_are_said():
         session.finalize()
     with torch.no_grad():
         assert torch.allclose(model.eval()(x), masked, atol=1e-5)  # binary masks: the outputs stay
+
+
+def test_bind_leaves_out_the_weights_the_callers_optimizer_left_out_and_adds_weights_made_later():
+    """bind() added every model weight the optimizer lacked: a loop fine-tuning only the head trained the whole
+    model, and weights given to a second optimizer were stepped by both. Technique parameters are still added,
+    and a weight made after bind (a layer the session rebuilt) still joins."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 2))
+    x, y = torch.randn(32, 20), torch.randint(0, 2, (32,))
+    session = jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 4}]}, total_steps=4)
+    head_only = torch.optim.SGD(model[2].parameters(), lr=0.1)
+    session.bind(head_only)
+    held = {id(p) for g in head_only.param_groups for p in g["params"]}
+    frozen = [model[0].parametrizations.weight.original, model[0].bias]
+    assert not any(id(p) in held for p in frozen)
+    assert all(id(q.log_step) in held for q in (model[0].parametrizations.weight[0], model[2].parametrizations.weight[0]))
+    before = [p.detach().clone() for p in frozen]
+    terms = session.loss(model(x), (x, y))
+    head_only.zero_grad()
+    session.backward(terms)
+    session.before_step()
+    head_only.step()
+    session.after_step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(frozen, before))
+    grown = nn.Parameter(torch.zeros(3))  # a parameter the model gains after bind, as a rebuilt layer's
+    model[0].register_parameter("extra", grown)
+    session._add_missing_groups()
+    assert any(p is grown for g in head_only.param_groups for p in g["params"])

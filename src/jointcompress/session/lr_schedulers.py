@@ -21,18 +21,22 @@ SCALED_LISTS = ("base_lrs", "max_lrs", "min_lrs", "_last_lr")
 COPIED_LISTS = ("lr_lambdas", "base_momentums", "max_momentums")
 
 
-def base_lr(optimizer: torch.optim.Optimizer, scheduler=None) -> float:
+def base_lr(optimizer: torch.optim.Optimizer, scheduler=None, bound_lr: float | None = None) -> float:
     """The first group's learning rate as the caller chose it, so a technique's own rate is placed
     beside it at the ratio it has under a constant LR: the peak of a one-cycle schedule (the group's
     max_lr) or of a cyclic one (CyclicLR's max_lrs, kept on the scheduler: its initial_lr is the
-    bottom of the cycle, which placed a later group 10x too high), else the rate before any schedule."""
+    bottom of the cycle, which placed a later group 10x too high), else the rate before any schedule:
+    its initial_lr, or `bound_lr` (the rate when the optimizer was bound) for a scheduler that keeps
+    none (ReduceLROnPlateau: the current, already cut rate made a later group join at its full rate)."""
     first = optimizer.param_groups[0]
     if "max_lr" in first:
         return float(first["max_lr"])
     peaks = [s.max_lrs[0] for s in _schedulers(scheduler) if isinstance(getattr(s, "max_lrs", None), list) and s.max_lrs]
     if peaks:
         return float(peaks[0])
-    return float(first.get("initial_lr", first["lr"]))
+    if "initial_lr" in first:
+        return float(first["initial_lr"])
+    return float(first["lr"] if bound_lr is None else bound_lr)
 
 
 def has_scheduler(optimizer: torch.optim.Optimizer) -> bool:
@@ -40,11 +44,11 @@ def has_scheduler(optimizer: torch.optim.Optimizer) -> bool:
     return bool(getattr(optimizer.step, "_wrapped_by_lr_sched", False)) or "initial_lr" in optimizer.param_groups[0]
 
 
-def follow_schedule(optimizer: torch.optim.Optimizer, group: dict, scheduler=None) -> None:
+def follow_schedule(optimizer: torch.optim.Optimizer, group: dict, scheduler=None, bound_lr: float | None = None) -> None:
     """Fit `group` (just added, at its own learning rate) into the optimizer's schedule and, if
     given, into `scheduler`'s per-group lists (SequentialLR / ChainedScheduler: into each one's)."""
     first = optimizer.param_groups[0]
-    base = base_lr(optimizer, scheduler)
+    base = base_lr(optimizer, scheduler, bound_lr)
     scale = group["lr"] / base if base > 0 else 1.0
     for key in GROUP_KEYS:
         if key in first:

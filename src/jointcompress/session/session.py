@@ -19,6 +19,7 @@ integration (integrations/hf_trainer.py) another.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -59,6 +60,8 @@ class CompressionSession:
         # prepare() reads it from the recipe as given (the joint form's rebuilt recipe marks every field set)
         self.recipe_weight_decay = explicit_weight_decay(recipe)
         self.late_group_defaults: dict = {}  # settings of technique groups added to a bound optimizer
+        self._bound_weights: dict[int, weakref.ref] = {}  # the model's parameters when the optimizer was bound
+        self._bound_optimizer, self._bound_lr = None, None  # and its first group's rate then
         self.coordinator: GradientCoordinator | None = None
         self.param_names: dict[int, str] = {}
         self.step = 0
@@ -142,6 +145,9 @@ class CompressionSession:
         self.optimizer, self.owns_optimizer = optimizer, False
         if scheduler is not None:
             self.scheduler = scheduler
+        if optimizer is not self._bound_optimizer:  # its rate before any schedule cut it
+            self._bound_optimizer, self._bound_lr = optimizer, float(optimizer.param_groups[0]["lr"])
+        self._bound_weights = {id(p): weakref.ref(p) for p in self.model.parameters()}
         self._warn_decayed_technique_parameters()
         self._add_missing_groups()
         return optimizer
@@ -167,11 +173,16 @@ class CompressionSession:
         return f"{len(params)} technique parameter(s) ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
 
     def _add_missing_groups(self) -> None:
+        """The technique parameters the bound optimizer lacks, as new groups; of the model's weights only those
+        made after bind (a layer rebuilt narrower): one the caller's optimizer left out on purpose (a frozen
+        backbone, or weights given to a second optimizer) stays out. Adding every weight it lacked trained a
+        backbone the loop froze, or stepped each weight by two optimizers, with no word."""
         from .lr_schedulers import base_lr, follow_schedule, has_scheduler
 
         have = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        for g in self.param_groups(lr=base_lr(self.optimizer, self.scheduler)):
-            params = [p for p in g["params"] if id(p) not in have]
+        for g in self.param_groups(lr=base_lr(self.optimizer, self.scheduler, self._bound_lr)):
+            params = [p for p in g["params"] if id(p) not in have
+                      and not (g.get("name") == "weights" and self._bound_before(p))]
             if not params:
                 continue
             group = {**self.late_group_defaults, **g, "params": params}
@@ -182,7 +193,13 @@ class CompressionSession:
                               f"{self.step}; the LR scheduler made on it does not know the group (LambdaLR, OneCycleLR "
                               "and others fail at their next step(), zip() or a length mismatch): pass it to "
                               "session.bind(optimizer, scheduler) so the group follows its schedule", stacklevel=3)
-            follow_schedule(self.optimizer, self.optimizer.param_groups[-1], self.scheduler)
+            follow_schedule(self.optimizer, self.optimizer.param_groups[-1], self.scheduler, self._bound_lr)
+
+    def _bound_before(self, p: torch.Tensor) -> bool:
+        """Whether `p` was one of the model's parameters when the optimizer was bound (by identity: a weak
+        reference, so a freed parameter's id reused by a new one does not count)."""
+        ref = self._bound_weights.get(id(p))
+        return ref is not None and ref() is p
 
     def _own_optimizer(self, groups: list[dict]) -> None:
         cfg = self.recipe.training

@@ -108,11 +108,15 @@ def run_teacher(teacher, batch: Batch) -> torch.Tensor:
 
 
 def teacher_logits(teacher, batch: Batch, cache: TeacherCache, use_cache: bool) -> torch.Tensor:
-    """From the cache when allowed and filled for the batch's indices, else a fresh forward."""
-    if use_cache and cache.off is None:
+    """From the cache when allowed and filled for the batch's indices, else a fresh forward. Under no_grad (an
+    evaluation, whose indices are another loader's) the cache is neither read, written nor judged: an
+    evaluation batch without a sample index once switched the cache off for the rest of training."""
+    if not use_cache or not torch.is_grad_enabled():
+        return run_teacher(teacher, batch)
+    if cache.off is None:
         _check_cacheable(batch, cache)
-    if not use_cache or batch.index is None or cache.off is not None or not torch.is_grad_enabled():
-        return run_teacher(teacher, batch)  # under no_grad: an evaluation, whose indices are another loader's
+    if batch.index is None or cache.off is not None:
+        return run_teacher(teacher, batch)
     index = batch.index.long()  # an int32 or uint8 column: torch reads uint8 as a mask, not as indices
     cached = cache.get(index)
     if cached is not None:
