@@ -372,3 +372,27 @@ def test_batches_padded_on_the_left_keep_their_tokens_through_every_trim():
     assert torch.allclose(predict_logits(model, tensors), expected, atol=1e-6)
     right = torch.flip(mask, [1])  # right padding is still cut to the longest row
     assert [b["attention_mask"].shape[1] for b in batches({**tensors, "attention_mask": right}, batch_size=2)] == [12, 7]
+
+
+def test_a_tokenizer_larger_than_the_teachers_vocabulary_is_refused_before_training(tmp_path):
+    """Another model's tokenizer saved beside the teacher gave ids past its embedding table: the run failed in the
+    first forward with torch's "index out of range in self", under a long traceback through the training loop."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from jointcompress.hf import recipe_steps as steps
+    from jointcompress.recipe import parse_recipe
+
+    cfg = BertConfig(vocab_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=64, num_labels=2)
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer(tmp_path).save_pretrained(tmp_path / "teacher")  # ids up to 5 + its words
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "dev"):
+        (data / f"{split}.tsv").write_text("sentence\tlabel\ngood movie\t1\nawful\t0\n")
+    recipe = parse_recipe({"hf": {"student_layers": [0]}, "techniques": [{"type": "distill_kd"}]})
+    run = steps.HFRun(recipe=recipe, hf_cfg=recipe.hf, out=tmp_path / "out", log=lambda _: None)
+    steps.load_models(run, str(tmp_path / "teacher"))
+    with pytest.raises(DataError, match=r"the tokenizer gives token id \d+ \(the row 'good movie' holds one of 8 or more\), "
+                                        r"but the teacher's embedding table has 8 rows \(config vocab_size\)"):
+        steps.load_text(run, data)

@@ -540,6 +540,25 @@ def test_run_hf_recipe_progressive(tmp_path):
     assert s["artifact"]["lsq_layers"] == {"4": 12}
 
 
+def test_progressive_student_layers_past_what_prune_layers_leaves_are_refused_before_training(tmp_path, monkeypatch):
+    """hf.student_layers index the pruned teacher's layers in progressive compression: [0, 2, 3] of a 4-layer teacher
+    whose prune_layers keeps 2 failed after stage 1 had trained, naming an internal keep_layers."""
+    import importlib
+
+    from jointcompress.hf.pipeline import run_hf_recipe
+
+    progressive_module = importlib.import_module("jointcompress.progressive")  # the package exports the function
+    monkeypatch.setattr(progressive_module, "compress", lambda *a, **k: pytest.fail("a stage trained"))
+    teacher_dir = teacher_folder(tmp_path, heads=HEADS, ffn=FFN)
+    data = sst2_folder(tmp_path, seed=2)
+    rec = recipe(epochs=2, hf={"student_layers": [0, 2, 3], "max_length": 16})
+    rec["techniques"] = [{"type": "prune_layers", "sparsity": 0.5}, {"type": "distill_kd"}]
+    with pytest.raises(RecipeError, match=r"hf.student_layers \[0, 2, 3\]: in progressive compression they are layers "
+                                          r"of the teacher after stage 1, and prune_layers \(sparsity 0.5\) leaves 2 of "
+                                          r"its 4 layers; give indices in 0..1"):
+        run_hf_recipe(rec, tmp_path / "prog", data, teacher_dir, int8=False, progressive=True)
+
+
 def test_a_size_target_chooses_the_heads_and_neurons_kept_and_the_saved_weights_file_meets_it(tmp_path):
     """The planner's bytes are the artifact encoder's on the student's starting grids; the saved file is
     at or under the target, near the plan."""

@@ -36,3 +36,13 @@ def test_progressive_refuses_one_epoch_it_would_train_twice(digits, digits_teach
                                           "and got 1; give at least 2"):
         progressive(copy.deepcopy(digits_teacher), None, recipe, (digits.x_train, digits.y_train),
                     evaluator(digits.x_test, digits.y_test), student_from=copy.deepcopy)
+
+
+def test_progressive_splits_the_recipes_epochs_whatever_the_prune_fraction(digits, digits_teacher):
+    """prune_fraction 0.9 of 2 epochs gave the teacher 2 and the student 1: 3 epochs trained where the recipe asked
+    for 2 (and 4 of 3)."""
+    recipe = {"training": {"epochs": 3}, "techniques": [{"type": "prune_structured", "sparsity": 0.5}]}
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    first, second = progressive(copy.deepcopy(digits_teacher), student, recipe, (digits.x_train, digits.y_train),
+                                evaluator(digits.x_test, digits.y_test), prune_fraction=0.9)
+    assert (len(first.history.epochs), len(second.history.epochs)) == (2, 1)

@@ -59,8 +59,8 @@ def progressive(
     if epochs < 2:  # each stage trains at least one: one epoch asked for trained two, and was reported as one
         raise RecipeError(f"progressive compression splits training.epochs between pruning the teacher and distilling "
                           f"the student, and got {epochs}; give at least 2")
-    e1 = max(1, round(epochs * prune_fraction))
-    e2 = max(1, epochs - e1)
+    e1 = min(epochs - 1, max(1, round(epochs * prune_fraction)))  # both stages train, within the recipe's epochs
+    e2 = epochs - e1
     stage1 = recipe.model_copy(update={"mode": "joint", "techniques": prune,
                                        "training": recipe.training.model_copy(update={"epochs": e1})})
     pruned_teacher = copy.deepcopy(teacher)

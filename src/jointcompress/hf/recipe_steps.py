@@ -231,7 +231,23 @@ def check_family(config, src: str) -> None:
 def _tokens(run: HFRun, data: TextDataset) -> dict:
     """The rows tokenized at hf.max_length, with token types only for a teacher that has more than one."""
     config = run.teacher.config if run.teacher is not None else None
-    return tokenize(run.tok, data, run.hf_cfg.max_length, token_types=getattr(config, "type_vocab_size", 2) >= 2)
+    tokens = tokenize(run.tok, data, run.hf_cfg.max_length, token_types=getattr(config, "type_vocab_size", 2) >= 2)
+    check_ids_fit(tokens["input_ids"], config, data)
+    return tokens
+
+
+def check_ids_fit(ids, config, data: TextDataset) -> None:
+    """Every token id indexes the teacher's embedding table: a tokenizer larger than the model's vocabulary (another
+    model's, saved beside it) failed inside the first forward with torch's "index out of range in self", after a
+    long traceback through the training loop."""
+    rows = getattr(config, "vocab_size", None)
+    if not isinstance(rows, int) or not ids.numel() or int(ids.max()) < rows:
+        return
+    row = int((ids >= rows).any(1).nonzero()[0])
+    raise DataError(f"the tokenizer gives token id {int(ids.max()):,} (the row {data.sentences[row][:60]!r} holds one of "
+                    f"{rows:,} or more), but the teacher's embedding table has {rows:,} rows (config vocab_size): the "
+                    "folder holds another model's tokenizer. Save the tokenizer the model was trained with beside it: "
+                    "tokenizer.save_pretrained(folder)")
 
 
 def load_text(run: HFRun, data_dir) -> None:
@@ -336,10 +352,29 @@ def train(run: HFRun, dist, progress, callbacks, progressive: bool, compress_kwa
     if dist is not None:
         raise RecipeError("progressive HF compression runs in one process; start it without torchrun")
     layers_ = run.hf_cfg.student_layers
+    check_student_layers_after_pruning(layers_, recipe, run.teacher.config)
     with validation_held_out():
         run.stage1, run.result = _progressive(
             teacher_w, None, recipe, loader, evaluate, progress=progress,
             student_from=lambda t: SequenceClassifier(make_student(t.hf, layers_) if layers_ else copy.deepcopy(t.hf)))
+
+
+def check_student_layers_after_pruning(layers: list[int] | None, recipe, config) -> None:
+    """In progressive compression the student is made of the *pruned* teacher's layers: with prune_layers in stage 1,
+    hf.student_layers index what it leaves. An index past that failed only after stage 1 had trained, naming an
+    internal keep_layers; refused here, before any training."""
+    prune = recipe.technique("prune_layers")
+    if not layers or prune is None:
+        return
+    from jointcompress.hf.pruned import n_layers
+    from jointcompress.techniques.prune_units import kept_units
+
+    total = n_layers(config)
+    left = kept_units(1, total, prune)[1]
+    if max(layers) >= left:
+        raise RecipeError(f"hf.student_layers {layers}: in progressive compression they are layers of the teacher after "
+                          f"stage 1, and prune_layers (sparsity {prune.sparsity}) leaves {left} of its {total} layers; "
+                          f"give indices in 0..{left - 1}, or lower prune_layers.sparsity")
 
 
 def finalize_student(run: HFRun, trim_vocab: bool | None) -> None:
