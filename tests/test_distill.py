@@ -526,3 +526,19 @@ def test_an_evaluation_without_sample_indices_leaves_the_teacher_cache_on():
         session.loss(student(ids), (ids, labels))  # an evaluation batch: no index column
     session.loss(student(ids), (ids, labels, index))
     assert session.teacher_cache.off is None and torch.equal(session.teacher_cache.get(index), teacher(ids).detach())
+
+
+def test_a_misnamed_feature_module_is_answered_with_the_closest_names_and_those_at_its_depth():
+    """The refusal listed the first 400 characters of every module name, which ended inside layer 0's submodules:
+    the user never saw encoder.layer.N, nor how many layers the student has."""
+    import jointcompress
+    from hf_helpers import tiny_bert
+
+    recipe = {"techniques": [{"type": "distill_kd", "features": [{"student": "bert.encoder.layer.9",
+                                                                  "teacher": "bert.encoder.layer.3"}]}]}
+    with pytest.raises(RecipeError) as err:
+        jointcompress.prepare(tiny_bert(layers=2), recipe, total_steps=4, teacher=tiny_bert(layers=4),
+                              example_inputs=torch.randint(5, 60, (2, 6)))
+    said = str(err.value)
+    assert "features[0].student: no module named 'bert.encoder.layer.9' in the student; did you mean" in said
+    assert "the modules at that depth: " in said and "bert.encoder.layer.1" in said and "bert.encoder.layer.2" not in said

@@ -11,6 +11,7 @@ the loop's, weighted through `task_weight`. The teacher runs in eval mode withou
 """
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 
 import torch
@@ -198,6 +199,16 @@ def _projection(student_dim: int, teacher_dim: int, spatial_dims: int | None) ->
     return CONVOLUTIONS[spatial_dims - 1](student_dim, teacher_dim, 1, bias=False)
 
 
+def module_choices(name: str, modules: dict) -> str:
+    """The names a misspelled module name most likely meant, and the modules at its depth: the first 400
+    characters of every name stopped inside layer 0's submodules, never reaching `encoder.layer.N`."""
+    names = [n for n in modules if n]
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+    level = [n for n in names if n.count(".") == name.count(".")] or names
+    shown = ", ".join(level[:30]) + (f", ... ({len(level) - 30} more)" if len(level) > 30 else "")
+    return (f"did you mean {', '.join(close)}? " if close else "") + f"the modules at that depth: {shown}"
+
+
 class DistillKD(Technique):
     kind = "distill_kd"
     order = 30
@@ -222,10 +233,8 @@ class DistillKD(Technique):
         for i, pair in enumerate(self.config.features):
             for side, name, mods in (("student", pair.student, s_mods), ("teacher", pair.teacher, t_mods)):
                 if name not in mods:
-                    raise RecipeError(
-                        f"distill_kd.features[{i}].{side}: no module named '{name}' in the {side}; "
-                        f"choose one of: {', '.join(n for n in mods if n)[:400]}"
-                    )
+                    raise RecipeError(f"distill_kd.features[{i}].{side}: no module named '{name}' in the {side}; "
+                                      f"{module_choices(name, mods)}")
             self.student_caps.append(_Capture(s_mods[pair.student]))
             self.teacher_caps.append(_Capture(t_mods[pair.teacher]))
         if self.config.features:
