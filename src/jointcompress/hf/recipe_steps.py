@@ -244,8 +244,8 @@ def check_ids_fit(ids, config, data: TextDataset) -> None:
     if not isinstance(rows, int) or not ids.numel() or int(ids.max()) < rows:
         return
     row = int((ids >= rows).any(1).nonzero()[0])
-    raise DataError(f"the tokenizer gives token id {int(ids.max()):,} (the row {data.sentences[row][:60]!r} holds one of "
-                    f"{rows:,} or more), but the teacher's embedding table has {rows:,} rows (config vocab_size): the "
+    raise DataError(f"the tokenizer gives token id {int(ids.max()):,} (the row {data.sentences[row][:60]!r} holds "
+                    f"one of {rows:,} or more), but the teacher's embedding table has {rows:,} rows (config vocab_size): the "
                     "folder holds another model's tokenizer. Save the tokenizer the model was trained with beside it: "
                     "tokenizer.save_pretrained(folder)")
 
@@ -372,8 +372,8 @@ def check_student_layers_after_pruning(layers: list[int] | None, recipe, config)
     total = n_layers(config)
     left = kept_units(1, total, prune)[1]
     if max(layers) >= left:
-        raise RecipeError(f"hf.student_layers {layers}: in progressive compression they are layers of the teacher after "
-                          f"stage 1, and prune_layers (sparsity {prune.sparsity}) leaves {left} of its {total} layers; "
+        raise RecipeError(f"hf.student_layers {layers}: in progressive compression they are layers of the teacher "
+                          f"after stage 1, and prune_layers (sparsity {prune.sparsity}) leaves {left} of its {total} layers; "
                           f"give indices in 0..{left - 1}, or lower prune_layers.sparsity")
 
 

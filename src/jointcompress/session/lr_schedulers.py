@@ -44,7 +44,8 @@ def has_scheduler(optimizer: torch.optim.Optimizer) -> bool:
     return bool(getattr(optimizer.step, "_wrapped_by_lr_sched", False)) or "initial_lr" in optimizer.param_groups[0]
 
 
-def follow_schedule(optimizer: torch.optim.Optimizer, group: dict, scheduler=None, bound_lr: float | None = None) -> None:
+def follow_schedule(optimizer: torch.optim.Optimizer, group: dict, scheduler=None,
+                    bound_lr: float | None = None) -> None:
     """Fit `group` (just added, at its own learning rate) into the optimizer's schedule and, if
     given, into `scheduler`'s per-group lists (SequentialLR / ChainedScheduler: into each one's)."""
     first = optimizer.param_groups[0]
