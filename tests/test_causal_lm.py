@@ -282,3 +282,34 @@ def test_a_causal_lm_exports_to_onnx_with_its_cache_left_out(tmp_path):
     report = export_and_check(model, tmp_path / "lm.onnx", ids[:2], eval_data=ids)
     assert report.max_abs_logit_diff < 1e-4 and report.samples == 4
     assert model.config.use_cache
+
+
+def _padded_lm_rows(n: int = 16, short: int = 4) -> list[dict]:
+    """n rows of 16 tokens, the first half with only `short` real ones (right padding, labels -100 there)."""
+    ids, _ = rows(n, 0)
+    ids = ids[:, :16]
+    mask = torch.ones_like(ids)
+    mask[: n // 2, short:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    return [{"input_ids": ids[i], "attention_mask": mask[i], "labels": ids[i].masked_fill(mask[i] == 0, -100)}
+            for i in range(n)]
+
+
+def test_micro_batches_of_padded_lm_rows_take_the_update_of_one_batch():
+    """Each part was weighted by its share of the samples, while the model's loss averages over real tokens: two
+    parts, one of short rows and one of long, took an update 66% of its norm away from one batch's."""
+    data = _padded_lm_rows()
+    base = llama()
+
+    def update(parts: int) -> torch.Tensor:
+        model = copy.deepcopy(base)
+        recipe = {"training": {"epochs": 1, "lr": 1.0, "batch_size": 16, "optimizer": "sgd", "weight_decay": 0.0,
+                               "micro_batches": parts}}
+        loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            jointcompress.compress(model, recipe, loader, lambda m: {"accuracy": 0.0}, distributed=False)
+        return (model.model.layers[0].mlp.down_proj.weight - base.model.layers[0].mlp.down_proj.weight).detach()
+
+    whole, halves = update(1), update(2)
+    assert whole.norm() > 0 and (whole - halves).norm() / whole.norm() < 1e-5

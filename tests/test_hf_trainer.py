@@ -696,3 +696,32 @@ def test_a_vision_model_with_channels_removed_is_refused_by_every_transformers_f
     model.eval()
     with torch.no_grad():
         assert torch.allclose(loaded(x[:4]).logits, model(x[:4]).logits, atol=1e-5)
+
+
+def test_gradient_accumulation_over_padded_lm_rows_takes_the_update_of_one_batch(tmp_path):
+    """The model's loss was a token mean per micro-batch, divided by the accumulation steps, and so was the token-level
+    distillation: two micro-batches, one of short rows and one of long, updated 66% of the norm away from one batch
+    of both, where the stock Trainer (num_items_in_batch) matches it."""
+    from hf_helpers import tiny_llama
+    from test_causal_lm import _padded_lm_rows
+
+    data = _padded_lm_rows(32)
+    base = tiny_llama()
+
+    class InOrder(CompressionTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    def update(batch: int, steps: int) -> torch.Tensor:
+        model = copy.deepcopy(base)
+        session = jointcompress.prepare(model, {"techniques": [{"type": "distill_kd", "alpha": 0.5}]}, total_steps=1,
+                                        teacher=copy.deepcopy(base).eval())
+        args = TrainingArguments(output_dir=str(tmp_path / f"r{batch}"), per_device_train_batch_size=batch,
+                                 gradient_accumulation_steps=steps, max_steps=1, learning_rate=1.0, optim="sgd",
+                                 weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant", report_to=[],
+                                 use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+        InOrder(session=session, model=model, args=args, train_dataset=data).train()
+        return (model.model.layers[0].mlp.down_proj.weight - base.model.layers[0].mlp.down_proj.weight).detach()
+
+    whole, accumulated = update(32, 1), update(16, 2)
+    assert whole.norm() > 0 and (whole - accumulated).norm() / whole.norm() < 1e-5

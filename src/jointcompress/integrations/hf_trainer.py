@@ -265,14 +265,37 @@ class CompressionTrainer(Trainer):
                                                          num_items_in_batch=num_items_in_batch)
                 terms = self.session.loss(outputs, inputs, task_loss=task)
             else:
-                outputs = model(**inputs)
+                outputs = model(**inputs, **self._loss_kwargs(num_items_in_batch))
                 terms = self.session.loss(outputs, inputs)
-        task_scale = 1.0 if trainer_loss and self._task_scaled_for_accumulation(num_items_in_batch) else scale
-        terms = {k: v * (task_scale if k == "task" else scale) for k, v in terms.items()}
+        task_scale = 1.0 if self._task_scaled_for_accumulation(num_items_in_batch) else scale
+        token_scale = self._token_share(inputs, num_items_in_batch)  # a token-level distillation's share of the step
+        terms = {k: v * (task_scale if k == "task" else token_scale if k == "distill" and token_scale is not None
+                         else scale) for k, v in terms.items()}
         self.session.backward(terms, scaler=getattr(self.accelerator, "scaler", None))  # fp16: the Trainer's GradScaler
         if self.accelerator.sync_gradients:  # the step's last micro-batch: settle before the Trainer clips
             self.session.settle_gradients()
         return sum(v.detach() for v in terms.values())
+
+    def _loss_kwargs(self, num_items_in_batch) -> dict:
+        """num_items_in_batch for a model whose loss takes it, as the stock Trainer passes it: the model's loss is
+        then summed over the micro-batch's tokens and divided by the step's, not averaged per micro-batch (with
+        gradient accumulation over padded rows, a micro-batch of short rows weighed as much as one of long rows,
+        and the update differed from one batch's by 66% of its norm)."""
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            return {"num_items_in_batch": num_items_in_batch}
+        return {}
+
+    def _token_share(self, inputs, num_items_in_batch) -> float | None:
+        """This micro-batch's share of the step's counted labels (the Trainer's num_items_in_batch: labels other than
+        -100, after a causal LM's shift) for a token-level distillation term, which averages over the micro-batch's
+        own tokens; None where labels are per sample or the step's count is unknown (then 1 / the accumulation)."""
+        labels = inputs.get("labels") if isinstance(inputs, dict) else None
+        if num_items_in_batch is None or not isinstance(labels, torch.Tensor) or labels.dim() < 2:
+            return None
+        if getattr(self, "_loss_shifts_labels", False):
+            labels = labels[..., 1:]
+        total = float(num_items_in_batch)
+        return float(labels.ne(-100).sum()) / total if total > 0 else None
 
     def _trainer_task_loss(self) -> bool:
         """Whether the task term is the Trainer's own loss: with label_smoothing_factor or a compute_loss_func

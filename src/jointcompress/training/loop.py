@@ -119,7 +119,7 @@ class Trainer:
         s.optimizer.zero_grad(set_to_none=True)
         values: dict[str, float] = {}  # what the step reports: each term over the whole batch
         stats = None
-        for part, share in micro_batches(batch, s.recipe.training.micro_batches):
+        for part, share in micro_batches(batch, s.recipe.training.micro_batches, s.model):
             with forward_precision(s.model, s.recipe.training.precision):
                 terms = s.forward_terms(part)
             read = {k: float(v.detach()) for k, v in terms.items()}  # read once, for the check and the report

@@ -1,5 +1,6 @@
 """Gradient accumulation in the built-in loop: one batch of `training.batch_size` samples forwarded
-in `training.micro_batches` parts, each part's loss terms scaled by its share of the samples, the
+in `training.micro_batches` parts, each part's loss terms scaled by its share of the batch (of the labels
+the loss averages over, else of the samples), the
 gradients summed, one optimizer step. The session treats the parts as one batch: the coordinator
 resolves their summed per-term gradients once (coordination.py, `settle`) and the Fisher estimate
 folds their summed gradient with all their samples, so only memory changes, not the update (up to
@@ -33,13 +34,43 @@ def _part(batch: Any, index: torch.Tensor) -> Any:
     return take(batch)
 
 
-def micro_batches(batch: Any, parts: int) -> list[tuple[Any, float]]:
-    """(part, its share of the batch's samples) for each of up to `parts` parts whose sizes differ by at
-    most one; a batch of fewer samples than parts gives one part per sample."""
+def micro_batches(batch: Any, parts: int, model: torch.nn.Module | None = None) -> list[tuple[Any, float]]:
+    """(part, its share of the batch) for each of up to `parts` parts whose sizes differ by at most one; a
+    batch of fewer samples than parts gives one part per sample. The share is of the labels the loss counts
+    (integer labels other than -100; for a causal LM computing its own loss on a dict batch, those after each
+    row's first position, as it shifts them) where the batch has such labels, else of its samples: a loss that
+    averages over real tokens gave a part of short rows the weight of a part of long ones, and two parts took
+    another update than one batch."""
     n = _samples(batch)
     if parts <= 1 or n is None or n <= 1:
         return [(batch, 1.0)]
-    return [(_part(batch, index), len(index) / n) for index in torch.arange(n).tensor_split(min(parts, n))]
+    indices = torch.arange(n).tensor_split(min(parts, n))
+    counted = _counted_labels(batch, isinstance(batch, Mapping) and loss_shifts_labels(model))
+    total = float(counted.sum()) if counted is not None else 0.0
+    if total > 0:
+        return [(_part(batch, index), float(counted[index].sum()) / total) for index in indices]
+    return [(_part(batch, index), len(index) / n) for index in indices]
+
+
+def loss_shifts_labels(model: torch.nn.Module | None) -> bool:
+    """Whether the model's own loss shifts its labels (a transformers causal LM: position i predicts label i + 1,
+    so each row's first label is never counted); an encoder-decoder's labels are aligned with its outputs."""
+    from ..session.outputs import is_encoder_decoder
+
+    return getattr(model, "loss_type", None) == "ForCausalLM" and not is_encoder_decoder(model)
+
+
+def _counted_labels(batch: Any, shifted: bool) -> torch.Tensor | None:
+    """Per sample, how many of its labels a cross-entropy with ignore_index -100 averages over; None where the
+    batch has no integer labels (a regression, a loss of the user's)."""
+    from ..session.outputs import split_batch
+
+    labels = split_batch(batch).targets
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dim() == 0:
+        return None
+    if shifted and labels.dim() >= 2:
+        labels = labels[:, 1:]
+    return labels.ne(-100).reshape(labels.shape[0], -1).sum(1)
 
 
 def check_parts(model: torch.nn.Module, training, world_size: int = 1) -> None:
