@@ -313,3 +313,26 @@ def test_micro_batches_of_padded_lm_rows_take_the_update_of_one_batch():
 
     whole, halves = update(1), update(2)
     assert whole.norm() > 0 and (whole - halves).norm() / whole.norm() < 1e-5
+
+
+def test_the_packed_artifact_keeps_the_generation_settings(tmp_path):
+    """The packed artifact stored the model's config only: loaded, the model generated past the EOS ids and to the
+    length its generation_config set (save_pretrained's folder keeps them in generation_config.json)."""
+    from jointcompress.hf.artifact import load_hf_artifact, save_hf_artifact
+
+    model = llama().eval()
+    session = jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 8, "exclude": ["lm_head"]}]},
+                                    total_steps=1)
+    spec = session.finalize()
+    prompt = torch.tensor([[5, 9, 13, 17]])
+    free = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)[0, 4:]
+    stop = next(i for i in range(1, len(free)) if int(free[i]) not in free[:i].tolist() + [2])
+    model.generation_config.eos_token_id = [2, int(free[stop])]  # stop at a token it generates after the first
+    model.generation_config.max_new_tokens, model.generation_config.do_sample = 6, False
+    expected = model.generate(prompt, attention_mask=torch.ones_like(prompt))
+    assert expected.shape[1] == 4 + stop + 1 < 4 + 6
+    save_hf_artifact(copy.deepcopy(model), spec, tmp_path / "art", None, ptq_bits=None)
+    loaded, _ = load_hf_artifact(tmp_path / "art")
+    assert loaded.generation_config.eos_token_id == [2, int(free[stop])]
+    assert loaded.generation_config.max_new_tokens == 6
+    assert torch.equal(loaded.generate(prompt, attention_mask=torch.ones_like(prompt)), expected)

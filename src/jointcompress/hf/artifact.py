@@ -178,7 +178,8 @@ def save_hf_artifact(model: nn.Module, spec: CompressionSpec, path: str | os.Pat
     hf_class = type(model).__name__
     manifest = save(
         model, spec, path, builder=_builder(cfg, str(path), hf_class),
-        extra={"kind": KIND, "hf_config": cfg, "hf_class": hf_class, "ptq_bits": ptq_bits, **(extra or {})},
+        extra={"kind": KIND, "hf_config": cfg, "hf_class": hf_class, "ptq_bits": ptq_bits,
+               **_generation_config(model), **(extra or {})},
         entropy=entropy,
     )
     if tokenizer is not None:
@@ -232,6 +233,7 @@ def load_hf_artifact(path: str | os.PathLike, *, with_spec: bool = False):
             "jointcompress.load(path, builder) instead"
         )
     model, spec = load_with_spec(path, _builder(extra.get("hf_config"), where, extra.get("hf_class")))
+    _restore_generation_config(model, extra.get("generation_config"), where)
     tok_dir = Path(path) / TOKENIZER_DIR
     tokenizer = None
     if tok_dir.is_dir():
@@ -239,6 +241,26 @@ def load_hf_artifact(path: str | os.PathLike, *, with_spec: bool = False):
 
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     return (model, tokenizer, spec) if with_spec else (model, tokenizer)
+
+
+def _generation_config(model: nn.Module) -> dict:
+    """A generating model's generation settings (its EOS ids, length limits, sampling), as save_pretrained
+    writes them beside config.json: rebuilt from its config alone, the loaded model generated past the
+    EOS ids it was given and to another length."""
+    generation = getattr(model, "generation_config", None)
+    if generation is None or not callable(getattr(model, "can_generate", None)) or not model.can_generate():
+        return {}
+    return {"generation_config": generation.to_diff_dict()}
+
+
+def _restore_generation_config(model: nn.Module, saved, where: str) -> None:
+    if saved is None:
+        return
+    if not isinstance(saved, dict):
+        raise ArtifactError(f"{where}: field extra.generation_config must be a dict of generation settings")
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig.from_dict(saved)
 
 
 def artifact_bytes(path: str | os.PathLike) -> dict[str, int]:
