@@ -336,3 +336,23 @@ def test_the_packed_artifact_keeps_the_generation_settings(tmp_path):
     assert loaded.generation_config.eos_token_id == [2, int(free[stop])]
     assert loaded.generation_config.max_new_tokens == 6
     assert torch.equal(loaded.generate(prompt, attention_mask=torch.ones_like(prompt)), expected)
+
+
+def test_distillation_of_a_dict_batch_without_attention_mask_leaves_out_the_positions_labelled_minus_100():
+    """A dict batch marking its padding in the labels only (no attention_mask) was distilled over every position, so
+    the loss read the pad ids (3.879 with one pad id, 3.793 with another); a tuple batch already left them out."""
+    student, teacher = llama(), llama()
+    with torch.no_grad():
+        teacher.lm_head.weight.add_(0.1)  # a teacher that differs from the student
+    ids, _ = rows(4, 0)
+    ids = ids[:, :12]
+    labels = ids.clone()
+    labels[:2, 6:] = -100  # two rows padded after 6 tokens
+    session = jointcompress.prepare(student, {"techniques": [{"type": "distill_kd"}]}, total_steps=2, teacher=teacher)
+    losses = []
+    for pad in (0, 7):
+        padded = ids.masked_fill(labels == -100, pad)
+        batch = {"input_ids": padded, "labels": labels}
+        with torch.no_grad():
+            losses.append(float(session.loss(student(input_ids=padded), batch)["distill"]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)

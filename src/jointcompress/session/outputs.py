@@ -50,7 +50,8 @@ def split_batch(batch) -> Batch:
         inputs = {k: v for k, v in batch.items() if k not in INDEX_KEYS}
         targets = next((batch[k] for k in LABEL_KEYS if k in batch), None)
         index = next((batch[k] for k in INDEX_KEYS if k in batch), None)
-        return Batch(inputs, targets, index, batch.get("attention_mask"))
+        mask = batch.get("attention_mask")  # else the labelled positions, as a tuple batch's (padding only in labels)
+        return Batch(inputs, targets, index, mask if mask is not None else _labelled_positions(targets))
     if isinstance(batch, (tuple, list)):
         if not batch:
             raise DataError("train_data: an empty batch; batches are (inputs, labels[, index]) or dicts")
