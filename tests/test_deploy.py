@@ -369,6 +369,21 @@ def test_a_grouped_transposed_convolution_stays_fp32_in_the_int8_model_and_is_na
         assert int8.parity["top1_agreement"] >= 0.9 and torch.allclose(int8(x), model(x), atol=0.05)
 
 
+def test_a_layer_norm_over_several_axes_stays_fp32_in_the_int8_model_and_is_named(tmp_path):
+    """nn.LayerNorm([C, H, W]) in a CNN: ONNX Runtime's per-channel quantizer failed on its scale of several dimensions
+    with numpy's "truth value of an array ... is ambiguous", a raw ValueError; the node stays fp32, named."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.LayerNorm([8, 4, 4]), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+    x = torch.randn(16, 1, 8, 8)
+    with pytest.warns(UserWarning, match=r"int8: 1 LayerNormalization over several axes node\(s\) stay fp32"):
+        int8 = quantize_int8(model, None, x, x[:2], workdir=tmp_path)
+    with torch.no_grad():
+        assert int8.parity["top1_agreement"] >= 0.9 and torch.allclose(int8(x), model(x), atol=0.05)
+
+
 def test_the_torch_backend_refuses_what_fx_int8_cannot_quantize_and_returns_the_logits():
     """PyTorch's FX int8 failed inside torch.ao (a circular padding: ValueError) with no word of the way out, and
     returned a model's dict where the onnxruntime back end returns the logits tensor."""

@@ -252,17 +252,26 @@ def quantize_onnxruntime(model: nn.Module, spec: CompressionSpec | None, calibra
 def fp32_only_nodes(onnx_path: Path) -> list[str]:
     """The nodes ONNX Runtime's per-channel quantizer cannot take, left in fp32 (and named in a warning): a
     grouped ConvTranspose, whose weight [in, out / groups, ...] gets out / groups scales against `out` biases
-    (its quantizer failed with "operands could not be broadcast together")."""
+    (its quantizer failed with "operands could not be broadcast together"), and a LayerNormalization over more
+    than one axis (nn.LayerNorm([C, H, W]) in a CNN), whose scale of several dimensions its per-channel path
+    cannot take (it failed with numpy's "truth value of an array ... is ambiguous")."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    grouped = [node.name for node in graph.node if node.op_type == "ConvTranspose"
-               and any(a.name == "group" and a.i > 1 for a in node.attribute)]
-    if grouped:
-        warnings.warn(f"int8: {len(grouped)} grouped ConvTranspose node(s) stay fp32 ({', '.join(grouped[:3])}): ONNX "
-                      "Runtime's per-channel int8 does not handle a grouped transposed convolution's weight layout; "
-                      "the rest of the model is int8", stacklevel=4)
-    return grouped
+    ranks = {t.name: len(t.dims) for t in graph.initializer}
+    kinds = {
+        "grouped ConvTranspose": [node.name for node in graph.node if node.op_type == "ConvTranspose"
+                                  and any(a.name == "group" and a.i > 1 for a in node.attribute)],
+        "LayerNormalization over several axes": [node.name for node in graph.node
+                                                 if node.op_type == "LayerNormalization" and len(node.input) > 1
+                                                 and ranks.get(node.input[1], 1) > 1],
+    }
+    for kind, names in kinds.items():
+        if names:
+            warnings.warn(f"int8: {len(names)} {kind} node(s) stay fp32 ({', '.join(names[:3])}): ONNX Runtime's "
+                          "per-channel int8 does not handle their weight layout; the rest of the model is int8",
+                          stacklevel=4)
+    return [name for names in kinds.values() for name in names]
 
 
 def output_op_types(onnx_path: Path) -> list[str]:
