@@ -351,3 +351,36 @@ def test_a_group_through_instance_norm_is_left_out_for_its_shift_not_for_mixing_
     groups, skipped = _skipped(model, torch.randn(2, 3, 12, 12))
     reason = skipped["0"]
     assert "InstanceNorm2d '1', which is not sliced with them" in reason and "mix channels" not in reason, skipped
+
+
+class SqueezeExcite(nn.Module):
+    """A squeeze-and-excitation gate broadcast over the map, written with view or with indexing."""
+
+    def __init__(self, use_view: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.use_view = use_view
+        self.c1, self.c2 = nn.Conv2d(1, 16, 3, padding=1, stride=2), nn.Conv2d(16, 16, 3, padding=1)
+        self.f1, self.f2, self.fc = nn.Linear(16, 4), nn.Linear(4, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        gate = torch.sigmoid(self.f2(torch.relu(self.f1(x.mean((2, 3))))))
+        gate = gate.view(x.shape[0], x.shape[1], 1, 1) if self.use_view else gate[:, :, None, None]
+        return self.fc(torch.relu(self.c2(x * gate)).mean((2, 3)))
+
+
+def test_a_squeeze_excite_gate_written_with_view_is_pruned_as_the_indexed_one_is():
+    """gate.view(b, c, 1, 1) was refused as a split into attention heads, so the trunk's channels it scales (c1, f2)
+    stayed unpruned where gate[:, :, None, None] pruned them; finalize gives the masked model's logits either way."""
+    x = torch.randn(8, 1, 12, 12)
+    indexed, viewed = _skipped(SqueezeExcite(False), x), _skipped(SqueezeExcite(True), x)
+    assert sorted(viewed[0]) == sorted(indexed[0]) and "f2" in viewed[0] and set(viewed[1]) == {"fc"}, viewed
+    model = SqueezeExcite(True)
+    compress(model, {"training": {"epochs": 1, "batch_size": 8},
+                              "techniques": [{"type": "prune_structured", "sparsity": 0.5, "criterion": "magnitude"}]},
+                      (x, torch.randint(0, 10, (8,))), lambda m: {"accuracy": 0.0})
+    with torch.no_grad():
+        masked = model.eval()(x)
+        finalize(model, x[:2])
+        assert model.c1.out_channels == 8 and torch.allclose(model(x), masked, atol=1e-5)

@@ -148,7 +148,9 @@ def reshape_reason(node) -> str | None:
 
     Removing channels there regroups the survivors into different heads, so the masked and
     the shrunk model differ. A flatten ([B, C, H, W] -> [B, C*H*W]) and a reshape that keeps
-    the channel axis last ([B*T, C] -> [B, T, C]) are fine.
+    the channel axis last ([B*T, C] -> [B, T, C]) are fine, as is one that only adds axes of size 1
+    ([B, C] -> [B, C, 1, 1], a squeeze-and-excitation gate written with view: refused as a head split,
+    its trunk's channels stayed unpruned).
     """
     if type(node.module).__name__ != "_ReshapeOp":
         return None
@@ -160,6 +162,8 @@ def reshape_reason(node) -> str | None:
         return (f"a per-channel tensor of {before[0]} values is broadcast over the channels as {after} (a per-channel "
                 "parameter such as a learned scale): the pruner does not slice it, so this layer's "
                 "channels cannot be removed (prune_structured skips it; exclude it to say so)")
+    if [d for d in before if d != 1] == [d for d in after if d != 1]:  # axes of size 1 added: [B, C] -> [B, C, 1, 1]
+        return None  # (a squeeze-and-excitation gate broadcast over the map): the channel axis stays whole
     if len(after) > len(before) and before and after and after[-1] != before[-1]:
         return (f"the channels are reshaped from {before} to {after} (split into attention heads): removing some "
                 "would regroup the rest into other heads; prune_heads removes whole heads of transformers' BERT-family "
