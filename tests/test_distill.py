@@ -542,3 +542,17 @@ def test_a_misnamed_feature_module_is_answered_with_the_closest_names_and_those_
     said = str(err.value)
     assert "features[0].student: no module named 'bert.encoder.layer.9' in the student; did you mean" in said
     assert "the modules at that depth: " in said and "bert.encoder.layer.1" in said and "bert.encoder.layer.2" not in said
+
+
+def test_batches_without_a_sample_index_are_said_with_the_trainers_column_setting():
+    """Under the transformers Trainer an 'index' column is dropped (remove_unused_columns), and the warning only
+    blamed a map-style Dataset's loader."""
+    import jointcompress
+
+    student, teacher = _Tagger(0), _Tagger(1)
+    session = jointcompress.prepare(student, {"techniques": [{"type": "distill_kd", "cache_teacher": True}]},
+                                    total_steps=4, teacher=teacher)
+    ids, labels = torch.randint(1, 30, (4, 6)), torch.randint(0, 5, (4, 6))
+    with pytest.warns(UserWarning, match=r"carry no sample index .*TrainingArguments\(remove_unused_columns=False\)"):
+        session.loss(student(ids), (ids, labels))
+    assert session.teacher_cache.off is not None

@@ -163,7 +163,8 @@ def _check_cacheable(batch: Batch, cache: TeacherCache) -> None:
                      "batch); give (x, y, index) with integer indices to cache")
     elif index is None:
         cache.off = ("the batches carry no sample index (a map-style Dataset's loader); give (x, y) tensors, or "
-                     "batches (x, y, index) / dicts with 'index'")
+                     "batches (x, y, index) / dicts with 'index' (the transformers Trainer drops an 'index' column "
+                     "unless TrainingArguments(remove_unused_columns=False))")
     elif isinstance(index, torch.Tensor) and index.numel() and int(index.min()) < 0:
         cache.off = (f"the batches' sample indices include {int(index.min())}: a negative index would read another "
                      "sample's slot; number the samples from 0")
