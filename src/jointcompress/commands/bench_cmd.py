@@ -99,10 +99,13 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
     from ..models import is_builder, load_builder
 
     manifest = read_manifest(artifact_dir)
-    if "hf_config" in (manifest.get("extra") or {}):
-        raise ArtifactError(f"{artifact_dir}: a Hugging Face text classifier's artifact; the `jointcompress compress` run that "
-                            "wrote it measured it (its summary.json: dev accuracy, bytes, int8 ONNX latency against the "
-                            "teacher); load it with jointcompress.hf.artifact.load_hf_artifact")
+    extra = manifest.get("extra") or {}
+    if "hf_config" in extra:
+        kind = extra.get("hf_class") or "a transformers class"
+        raise ArtifactError(f"{artifact_dir}: a Hugging Face model's artifact ({kind}), which `bench` does not time; "
+                            "a `jointcompress compress` run with an hf: section "
+                            "measured its own (its summary.json: dev accuracy, bytes, int8 ONNX latency against the "
+                            "teacher). Load it with jointcompress.hf.artifact.load_hf_artifact")
     name = model or (manifest.get("recipe") or {}).get("model")
     if not name:
         raise ArtifactError(f"{artifact_dir}/manifest.json: no recipe.model recorded; pass --model")
