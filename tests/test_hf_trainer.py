@@ -725,3 +725,37 @@ def test_gradient_accumulation_over_padded_lm_rows_takes_the_update_of_one_batch
 
     whole, accumulated = update(32, 1), update(16, 2)
     assert whole.norm() > 0 and (whole - accumulated).norm() / whole.norm() < 1e-5
+
+
+def test_gradient_accumulation_with_a_loss_fn_of_the_users_divides_it_by_the_steps(tmp_path):
+    """A task loss given to prepare(loss_fn=...) is the user's mean per micro-batch, not the model's loss over the
+    step's tokens: it must still be divided by the accumulation steps (rows of equal length: one batch's update)."""
+    import torch.nn.functional as F
+    from hf_helpers import tiny_llama
+    from test_causal_lm import _padded_lm_rows
+
+    data = _padded_lm_rows(32, short=16)  # no padding
+    base = tiny_llama()
+
+    def next_token_loss(outputs, batch):
+        logits, labels = outputs.logits[:, :-1], batch["labels"][:, 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+    class InOrder(CompressionTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    def update(batch: int, steps: int) -> torch.Tensor:
+        model = copy.deepcopy(base)
+        session = jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 8}]}, total_steps=1,
+                                        loss_fn=next_token_loss)
+        args = TrainingArguments(output_dir=str(tmp_path / f"r{batch}"), per_device_train_batch_size=batch,
+                                 gradient_accumulation_steps=steps, max_steps=1, learning_rate=1.0, optim="sgd",
+                                 weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant", report_to=[],
+                                 use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+        InOrder(session=session, model=model, args=args, train_dataset=data).train()
+        weight = model.model.layers[0].mlp.down_proj.parametrizations.weight.original
+        return (weight - base.model.layers[0].mlp.down_proj.weight).detach()
+
+    whole, accumulated = update(32, 1), update(16, 2)
+    assert whole.norm() > 0 and (whole - accumulated).norm() / whole.norm() < 1e-5

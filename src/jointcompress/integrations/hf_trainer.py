@@ -35,6 +35,7 @@ except ImportError as err:  # transformers is the optional `hf` extra
 from ..errors import RecipeError
 from ..model_call import model_device
 from ..session.norm_statistics import RandomStates, tracked_norms
+from ..session.outputs import model_loss
 from ..session.session import CompressionSession
 
 SESSION_FILE = "jointcompress_session.pt"  # beside the Trainer's files in each checkpoint-N folder
@@ -265,9 +266,14 @@ class CompressionTrainer(Trainer):
                                                          num_items_in_batch=num_items_in_batch)
                 terms = self.session.loss(outputs, inputs, task_loss=task)
             else:
-                outputs = model(**inputs, **self._loss_kwargs(num_items_in_batch))
+                given = self._loss_kwargs(num_items_in_batch) if self.session.loss_fn is None else {}
+                outputs = model(**inputs, **given)
                 terms = self.session.loss(outputs, inputs)
-        task_scale = 1.0 if self._task_scaled_for_accumulation(num_items_in_batch) else scale
+        if trainer_loss:
+            scaled = self._task_scaled_for_accumulation(num_items_in_batch)
+        else:  # the task term is the model's own loss, normalized over the step's tokens, only if it took the count
+            scaled = bool(given) and model_loss(outputs) is not None
+        task_scale = 1.0 if scaled else scale
         token_scale = self._token_share(inputs, num_items_in_batch)  # a token-level distillation's share of the step
         terms = {k: v * (task_scale if k == "task" else token_scale if k == "distill" and token_scale is not None
                          else scale) for k, v in terms.items()}
