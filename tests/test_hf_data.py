@@ -136,6 +136,24 @@ def test_split_files_take_datasets_names_and_refuse_two_candidates(tmp_path):
         split_files(tmp_path / "train.jsonl")
 
 
+def _hf_run(tmp_path, teacher, rows: str):
+    """A CLI run (recipe_steps.HFRun) with `teacher` and the tiny tokenizer saved as its teacher folder and loaded,
+    and a data folder whose train and dev files hold `rows` (TSV with a header)."""
+    from jointcompress.hf import recipe_steps as steps
+    from jointcompress.recipe import parse_recipe
+
+    teacher.save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer(tmp_path).save_pretrained(tmp_path / "teacher")
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "dev"):
+        (data / f"{split}.tsv").write_text(rows)
+    recipe = parse_recipe({"hf": {"student_layers": [0]}, "techniques": [{"type": "distill_kd"}]})
+    run = steps.HFRun(recipe=recipe, hf_cfg=recipe.hf, out=tmp_path / "out", log=lambda _: None)
+    steps.load_models(run, str(tmp_path / "teacher"))
+    return run, data
+
+
 def test_the_classes_come_from_the_teacher_and_a_count_that_disagrees_is_refused(tmp_path):
     """A 3-class teacher trained through the CLI path failed with transformers' size-mismatch traceback:
     the recipe's default named two classes."""
@@ -149,15 +167,8 @@ def test_the_classes_come_from_the_teacher_and_a_count_that_disagrees_is_refused
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                      max_position_embeddings=64, num_labels=3, id2label=names, label2id={v: k for k, v in names.items()})
-    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "teacher")
-    tiny_tokenizer(tmp_path).save_pretrained(tmp_path / "teacher")
-    data = tmp_path / "data"
-    data.mkdir()
-    for split in ("train", "dev"):
-        (data / f"{split}.tsv").write_text("sentence\tlabel\ngood movie\tcontradiction\nawful\t0\nthe plot\t1\n")
-    recipe = parse_recipe({"hf": {"student_layers": [0]}, "techniques": [{"type": "distill_kd"}]})
-    run = steps.HFRun(recipe=recipe, hf_cfg=recipe.hf, out=tmp_path / "out", log=lambda _: None)
-    steps.load_models(run, str(tmp_path / "teacher"))
+    run, data = _hf_run(tmp_path, BertForSequenceClassification(cfg),
+                        "sentence\tlabel\ngood movie\tcontradiction\nawful\t0\nthe plot\t1\n")
     steps.load_text(run, data)
     assert run.labels == ["entailment", "neutral", "contradiction"] and run.train_data.labels == [2, 0, 1]
     assert run.student.config.num_labels == 3 and run.teacher.classifier.out_features == 3
@@ -380,19 +391,10 @@ def test_a_tokenizer_larger_than_the_teachers_vocabulary_is_refused_before_train
     from transformers import BertConfig, BertForSequenceClassification
 
     from jointcompress.hf import recipe_steps as steps
-    from jointcompress.recipe import parse_recipe
 
     cfg = BertConfig(vocab_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
                      max_position_embeddings=64, num_labels=2)
-    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "teacher")
-    tiny_tokenizer(tmp_path).save_pretrained(tmp_path / "teacher")  # ids up to 5 + its words
-    data = tmp_path / "data"
-    data.mkdir()
-    for split in ("train", "dev"):
-        (data / f"{split}.tsv").write_text("sentence\tlabel\ngood movie\t1\nawful\t0\n")
-    recipe = parse_recipe({"hf": {"student_layers": [0]}, "techniques": [{"type": "distill_kd"}]})
-    run = steps.HFRun(recipe=recipe, hf_cfg=recipe.hf, out=tmp_path / "out", log=lambda _: None)
-    steps.load_models(run, str(tmp_path / "teacher"))
+    run, data = _hf_run(tmp_path, BertForSequenceClassification(cfg), "sentence\tlabel\ngood movie\t1\nawful\t0\n")
     with pytest.raises(DataError, match=r"the tokenizer gives token id \d+ \(the row 'good movie' holds one of 8 or more\), "
                                         r"but the teacher's embedding table has 8 rows \(config vocab_size\)"):
         steps.load_text(run, data)

@@ -698,6 +698,30 @@ def test_a_vision_model_with_channels_removed_is_refused_by_every_transformers_f
         assert torch.allclose(loaded(x[:4]).logits, model(x[:4]).logits, atol=1e-5)
 
 
+class _InOrder(CompressionTrainer):
+    """Batches in dataset order, so that one batch of 32 and two micro-batches of 16 hold the same rows."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+def _one_step_update(tmp_path, data, batch: int, steps: int, recipe: dict, **prepare_kwargs) -> torch.Tensor:
+    """How one SGD step at LR 1, of `steps` micro-batches of `batch` rows, moves a tiny Llama's first down_proj."""
+    from hf_helpers import tiny_llama
+
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    session = jointcompress.prepare(model, recipe, total_steps=1, **prepare_kwargs)
+    args = TrainingArguments(output_dir=str(tmp_path / f"r{batch}x{steps}"), per_device_train_batch_size=batch,
+                             gradient_accumulation_steps=steps, max_steps=1, learning_rate=1.0, optim="sgd",
+                             weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant", report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    _InOrder(session=session, model=model, args=args, train_dataset=data).train()
+    layer = model.model.layers[0].mlp.down_proj
+    weight = layer.parametrizations.weight.original if hasattr(layer, "parametrizations") else layer.weight
+    return (weight - base.model.layers[0].mlp.down_proj.weight).detach()
+
+
 def test_gradient_accumulation_over_padded_lm_rows_takes_the_update_of_one_batch(tmp_path):
     """The model's loss was a token mean per micro-batch, divided by the accumulation steps, and so was the token-level
     distillation: two micro-batches, one of short rows and one of long, updated 66% of the norm away from one batch
@@ -705,25 +729,9 @@ def test_gradient_accumulation_over_padded_lm_rows_takes_the_update_of_one_batch
     from hf_helpers import tiny_llama
     from test_causal_lm import _padded_lm_rows
 
-    data = _padded_lm_rows(32)
-    base = tiny_llama()
-
-    class InOrder(CompressionTrainer):
-        def _get_train_sampler(self, *args, **kwargs):
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
-    def update(batch: int, steps: int) -> torch.Tensor:
-        model = copy.deepcopy(base)
-        session = jointcompress.prepare(model, {"techniques": [{"type": "distill_kd", "alpha": 0.5}]}, total_steps=1,
-                                        teacher=copy.deepcopy(base).eval())
-        args = TrainingArguments(output_dir=str(tmp_path / f"r{batch}"), per_device_train_batch_size=batch,
-                                 gradient_accumulation_steps=steps, max_steps=1, learning_rate=1.0, optim="sgd",
-                                 weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant", report_to=[],
-                                 use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
-        InOrder(session=session, model=model, args=args, train_dataset=data).train()
-        return (model.model.layers[0].mlp.down_proj.weight - base.model.layers[0].mlp.down_proj.weight).detach()
-
-    whole, accumulated = update(32, 1), update(16, 2)
+    data, recipe = _padded_lm_rows(32), {"techniques": [{"type": "distill_kd", "alpha": 0.5}]}
+    whole, accumulated = (_one_step_update(tmp_path, data, batch, steps, recipe, teacher=tiny_llama().eval())
+                          for batch, steps in ((32, 1), (16, 2)))
     assert whole.norm() > 0 and (whole - accumulated).norm() / whole.norm() < 1e-5
 
 
@@ -731,31 +739,13 @@ def test_gradient_accumulation_with_a_loss_fn_of_the_users_divides_it_by_the_ste
     """A task loss given to prepare(loss_fn=...) is the user's mean per micro-batch, not the model's loss over the
     step's tokens: it must still be divided by the accumulation steps (rows of equal length: one batch's update)."""
     import torch.nn.functional as F
-    from hf_helpers import tiny_llama
     from test_causal_lm import _padded_lm_rows
-
-    data = _padded_lm_rows(32, short=16)  # no padding
-    base = tiny_llama()
 
     def next_token_loss(outputs, batch):
         logits, labels = outputs.logits[:, :-1], batch["labels"][:, 1:]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
-    class InOrder(CompressionTrainer):
-        def _get_train_sampler(self, *args, **kwargs):
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
-    def update(batch: int, steps: int) -> torch.Tensor:
-        model = copy.deepcopy(base)
-        session = jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 8}]}, total_steps=1,
-                                        loss_fn=next_token_loss)
-        args = TrainingArguments(output_dir=str(tmp_path / f"r{batch}"), per_device_train_batch_size=batch,
-                                 gradient_accumulation_steps=steps, max_steps=1, learning_rate=1.0, optim="sgd",
-                                 weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant", report_to=[],
-                                 use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
-        InOrder(session=session, model=model, args=args, train_dataset=data).train()
-        weight = model.model.layers[0].mlp.down_proj.parametrizations.weight.original
-        return (weight - base.model.layers[0].mlp.down_proj.weight).detach()
-
-    whole, accumulated = update(32, 1), update(16, 2)
+    data, recipe = _padded_lm_rows(32, short=16), {"techniques": [{"type": "quant_lsq", "bits": 8}]}  # no padding
+    whole, accumulated = (_one_step_update(tmp_path, data, batch, steps, recipe, loss_fn=next_token_loss)
+                          for batch, steps in ((32, 1), (16, 2)))
     assert whole.norm() > 0 and (whole - accumulated).norm() / whole.norm() < 1e-5
