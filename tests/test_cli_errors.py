@@ -1190,3 +1190,7 @@ def test_a_compressed_model_that_lost_most_of_its_accuracy_is_said():
     assert "accuracy fell from 97.35% to 28.50%" in said and "68.9 points" in said and "4 epochs" in said
     assert "a lower target.ratio" in said
     assert _accuracy_fall({"accuracy": 0.9735}, {"accuracy": 0.9425}, recipe) == ""  # 3.1 points: the table says it
+    for target, fix in (({"speedup": 2, "batch": 1}, "a lower target.speedup"),
+                        ({"latency_ms": 1.0, "batch": 1}, "a larger target.latency_ms")):  # not size-target fields
+        timed = parse_recipe({"target": target, "techniques": [{"type": "prune_structured"}]})
+        assert _accuracy_fall({"accuracy": 0.935}, {"accuracy": 0.651}, timed).endswith(fix)

@@ -110,7 +110,10 @@ def test_a_speedup_target_is_checked_and_named(lenet):
     model, x = lenet
     table, _, _ = mac_table(model, x)
     asked = Target(speedup=1000.0, batch=1).model_copy(update={"latency_ms": table.constant_ms * 0.5})
-    with pytest.raises(TargetError, match="target.speedup: 1000x .*Lower target.speedup"):
+    dense = table.constant_ms * 500  # the uncompressed model's time the goal was derived from
+    with pytest.raises(TargetError, match=rf"target.speedup: 1000x \({asked.latency_ms:.4g} ms: the uncompressed model, "
+                                          rf"timed now at {dense:.4g} ms, / 1000\).*Lower target.speedup \(the narrowest "
+                                          r"model is \d+\.\d\dx as fast as the uncompressed one\)"):
         allocate_latency(model, x, asked, table=table, measure=False)
 
 

@@ -654,7 +654,11 @@ def _accuracy_fall(uncompressed: dict, row: dict, recipe) -> str:
     before, after = uncompressed.get("accuracy"), row.get("accuracy")
     if before is None or after is None or 100 * (before - after) < FALL_NOTE_POINTS:
         return ""
-    what = "a lower target.ratio (or a larger target.size_kb)" if recipe.target is not None else "lower sparsities or more bits"
+    target = recipe.target
+    what = ("lower sparsities or more bits" if target is None
+            else "a lower target.speedup" if getattr(target, "speedup", None) is not None
+            else "a larger target.latency_ms" if target.is_latency
+            else "a lower target.ratio (or a larger target.size_kb)")
     return (f"[yellow]accuracy fell from {100 * before:.2f}% to {100 * after:.2f}%[/yellow] ({100 * (before - after):.1f} "
             f"points): the compression leaves too little for {recipe.training.epochs} epochs of training; give more "
             f"training.epochs, or {what}")

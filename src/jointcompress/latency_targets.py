@@ -747,15 +747,16 @@ def unreachable(target, table: LatencyTable, sites, channels: dict[str, int], mi
     if measured_ms is not None and getattr(target, "speedup", None) is None and _loaded():
         fix = (f"This machine is busy (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores), which slows "
                "every timing: time again on a quiet machine. Else, raise target.latency_ms")
+    floor_ms = table.predict(sites, smallest, channels) if measured_ms is None else measured_ms
     if getattr(target, "speedup", None) is not None:  # milliseconds derived from the uncompressed model's
-        asked = (f"target.speedup: {target.speedup:g}x ({target.latency_ms:.3f} ms: the uncompressed model timed now, "
-                 f"/ {target.speedup:g})")
-        fix = "Lower target.speedup"
-        if measured_ms is not None and measured_ms >= target.latency_ms * target.speedup:  # no faster than dense
+        dense = target.latency_ms * target.speedup
+        asked = (f"target.speedup: {target.speedup:g}x ({target.latency_ms:.4g} ms: the uncompressed model, timed now "
+                 f"at {dense:.4g} ms, / {target.speedup:g})")
+        fix = f"Lower target.speedup (the narrowest model is {dense / floor_ms:.2f}x as fast as the uncompressed one)"
+        if measured_ms is not None and measured_ms >= dense:  # no faster than dense
             fix = ("The narrowest model measured no faster than the uncompressed one, which says more about the machine's "
                    "load than the model: time again on a quiet machine. Else, lower target.speedup")
-    at = (f"predicted at {table.predict(sites, smallest, channels):.3f} ms" if measured_ms is None
-          else f"measured at {measured_ms:.3f} ms")
+    at = (f"predicted at {floor_ms:.3f} ms" if measured_ms is None else f"measured at {measured_ms:.3f} ms")
     at += f" ({table.runtime} {table.precision}, {table.threads} thread(s))"
     batch = " or lower target.batch" if target.batch > 1 else ""
     if not channels:
