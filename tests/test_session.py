@@ -159,7 +159,7 @@ def test_a_group_that_attaches_later_follows_the_bound_schedulers_schedule_at_it
 
 def test_a_group_that_attaches_later_joins_reduce_lr_on_plateau_at_the_rate_it_has_cut_to():
     """ReduceLROnPlateau keeps no initial_lr, so the first group's current, already cut rate was read as its base
-    and quant_lsq's group joined at its full rate (8x the weights' after three cuts)."""
+    and quant_lsq's group joined at its full rate, not the rate the schedule had cut to."""
     model = _mlp()
     recipe = {**RECIPE, "techniques": [RECIPE["techniques"][0], {**RECIPE["techniques"][1], "step_lr": 2.5e-3}]}
     session = jointcompress.prepare(model, recipe, total_steps=16)
