@@ -324,6 +324,9 @@ def target_note(target: dict) -> str:
             f"{target['measured_ms']:.3f} ms before training ({target.get('measured_as', 'on the deployment')})")
     if "deployed_met" in target:  # results written before it have the probe only
         state = "under the target" if target["deployed_met"] else "[yellow]OVER the target[/yellow]"
+        goal = target.get("deployed_goal_ms", target["latency_ms_b64"])
+        if goal != target["latency_ms_b64"]:  # a speedup target: dense PyTorch of the timing run / speedup
+            state += f" of {goal:.3f} ms there (dense PyTorch in that run / {target['speedup']:g})"
         note += (f"; the deployed model in the timing run: {target['deployed_ms']:.3f} ms alone (measured the same "
                  f"way), {target['deployed_interleaved_ms_b64']:.3f} ms interleaved: {state}")
         if target["met"] and not target["deployed_met"]:

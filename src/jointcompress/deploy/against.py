@@ -489,17 +489,22 @@ def time_all(runners: dict, split, threads: int, rounds: int) -> dict:
     return out
 
 
-def deployed_against_target(timing: dict, target_ms: float, both_batches: bool) -> dict:
+def deployed_against_target(timing: dict, target_ms: float, both_batches: bool, speedup: float | None = None) -> dict:
     """The finished model (ours_fp32_ort) against the target, from the comparison's own timing run: the
     allocation's "met" is a probe taken before training, and a busy machine can read the deployed model
     over a target its probe met. Measured as the probe measures (alone medians; with `both_batches`,
-    batch 1 scaled by dense PyTorch's batch-64 / batch-1 ratio of the same run), interleaved beside."""
+    batch 1 scaled by dense PyTorch's batch-64 / batch-1 ratio of the same run), interleaved beside.
+    A `speedup` target is judged against dense PyTorch of the same run (its alone median / speedup), as the
+    table's speed-ups are: judged against the goal fixed at allocation, a table printed 4.1x beside "OVER"
+    a 4x target when dense PyTorch read faster then than in the timing run."""
     ours = "ours_fp32_ort"
     alone64, inter64 = timing["batch64"]["alone_ms"][ours], timing["batch64"]["latency_ms"][ours]
     if both_batches:
         dense = {b: timing[f"batch{b}"]["alone_ms"][BASELINE] for b in (1, 64)}
         alone64 = max(alone64, dense[64] / dense[1] * timing["batch1"]["alone_ms"][ours])
-    return {"deployed_ms": alone64, "deployed_interleaved_ms_b64": inter64, "deployed_met": alone64 <= target_ms}
+    goal = target_ms if speedup is None else timing["batch64"]["alone_ms"][BASELINE] / speedup
+    return {"deployed_ms": alone64, "deployed_interleaved_ms_b64": inter64, "deployed_goal_ms": goal,
+            "deployed_met": alone64 <= goal}
 
 
 def run_against(cfg: AgainstConfig, split, teacher: nn.Module | None = None, teacher_note: str = "given",
@@ -592,7 +597,8 @@ def against_record(cfg: AgainstConfig, split, teacher: nn.Module, teacher_note: 
                    "met": alloc["met"], "measured_ms": alloc["measured_ms"],
                    "measured_as": "ONNX Runtime fp32 (deploy.ort_deploy), least of 3 alone medians: batch 64" +
                    (", or batch 1 x dense PyTorch's batch-64/batch-1 ratio if larger" if cfg.both_batches else ""),
-                   **deployed_against_target(timing, target_ms, cfg.both_batches)},
+                   **deployed_against_target(timing, target_ms, cfg.both_batches,
+                                             cfg.speedup if cfg.target_ms is None else None)},
         "accuracy": {BASELINE: accuracy_of(teacher, split.x_test, split.y_test),
                      **{k: accuracy_of(runners[k], split.x_test, split.y_test) for k in (DENSE_ORT,) if k in runners},
                      **us["accuracy"], **them["accuracy"]},
