@@ -1,6 +1,8 @@
 """Latency targets: the allocation from a known (fake) latency table respects the target, keeps
 channel counts on kernel-friendly multiples, spends the cut where it is cheapest, and the shrunk
 model really has the allocated widths. No timing here: tables are fake and confirmation is off."""
+import warnings
+
 import pytest
 import torch
 
@@ -686,3 +688,24 @@ def test_a_latency_target_batch_past_the_machines_memory_is_refused_before_the_m
     with pytest.raises(TargetError, match=r"target.batch: 100000: timing the model at 100000 rows needs about 683.6 MiB"):
         refusal_before_training(net, recipe, x)
     assert rows and max(rows) == 1  # only the estimate's forward ran
+
+
+def test_a_latency_target_the_uncut_model_meets_is_said(lenet, monkeypatch):
+    """latency_ms: 100000 kept every channel and printed "met" at 1.02x, with no word that the target asked for
+    nothing (fake table and runtime)."""
+    from jointcompress import latency_targets as lt
+
+    model, x = lenet
+    table, sites, channels = mac_table(model, x)
+    runtime = _true_runtime(table, sites, channels, x)
+    monkeypatch.setattr(lt, "measure_table", lambda *a, **k: table)
+    monkeypatch.setattr(lt, "timed_ms", lambda m, *a, **k: runtime(m))
+    loose = 10 * table.predict(sites, channels, channels)
+    data = {"model": "lenet5", "techniques": [{"type": "prune_structured"}, {"type": "distill_kd"}]}
+    with pytest.warns(UserWarning, match=r"target.latency_ms: .* at batch 1: the model with every channel kept measured "
+                                         r".* ms, within the target, so no channel is removed"):
+        recipe = lt.resolve_latency(model, data, x, Target(latency_ms=loose, batch=1))
+    assert recipe._resolution["widths"] == recipe._resolution["channels"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a target that cuts says nothing of the kind
+        lt.resolve_latency(model, data, x, Target(latency_ms=0.3 * loose / 10, batch=1))

@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import copy
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -854,6 +855,7 @@ def resolve_latency(model: nn.Module, data: dict, example_inputs, target, measur
             if again < dense_ms:
                 alloc = allocate(target.model_copy(update={"latency_ms": again / target.speedup}))
     _confirmed_at_the_floor(model, base, example_inputs, target, alloc)
+    _say_met_uncut(target, alloc)
     recipe = with_latency_budgets(data, alloc)
     recipe._resolution = {"event": "latency_allocation", "step": 0, "goal_ms": alloc.target_ms,
                           "predicted_ms": alloc.predicted_ms, "measured_ms": alloc.measured_ms, "met": alloc.met,
@@ -863,6 +865,19 @@ def resolve_latency(model: nn.Module, data: dict, example_inputs, target, measur
                                       f"accepted at or under {100 * (1 - ACCEPT_MARGIN):g}% of the target (the run's final "
                                       "check times the finished model interleaved with the uncompressed one)"}
     return recipe
+
+
+def _say_met_uncut(target, alloc: LatencyAllocation) -> None:
+    """A target the model meets with every channel kept: the run trains its other techniques and prints "met" at
+    about 1.0x, with no word that the latency target asked for nothing."""
+    if not alloc.channels or alloc.widths != alloc.channels or not alloc.met:
+        return
+    asked = (f"target.speedup: {target.speedup:g}x" if target.speedup is not None
+             else f"target.latency_ms: {target.latency_ms} ms")
+    warnings.warn(f"{asked} at batch {target.batch}: the model with every channel kept measured {alloc.measured_ms:.3f} "
+                  f"ms, within the target, so no channel is removed; for a faster model ask for "
+                  f"{'a higher target.speedup' if target.speedup is not None else 'a lower target.latency_ms'}",
+                  stacklevel=4)
 
 
 def _confirmed_at_the_floor(model: nn.Module, base: nn.Module, example_inputs, target, alloc: LatencyAllocation) -> None:
