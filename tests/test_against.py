@@ -319,6 +319,12 @@ def test_the_console_says_when_torch_pruning_did_not_match_and_which_timings_are
     assert len(said) == 1 and "ours removed no channel" in said[0] and "dense_fp32_ort" in said[0]
     result["widths"]["ours"] = {"conv1": 4, "conv2": 8}
     assert against_notes(result) == []
+    # a dense model loaded from --teacher may have trained on the selection images (compress --weights says so)
+    result.update(teacher="loaded from runs/a/teacher.safetensors", selected_on="validation (2000 training images)")
+    said = against_notes(result)
+    assert len(said) == 1 and "loaded from runs/a/teacher.safetensors (--teacher)" in said[0] and "read high" in said[0]
+    result["teacher"] = "trained here for 4 epochs"
+    assert against_notes(result) == []
 
 
 def test_a_teacher_path_that_is_a_folder_is_refused_before_any_training(tmp_path, monkeypatch):

@@ -359,6 +359,11 @@ def against_notes(result: dict) -> list[str]:
         notes.append(f"[yellow]ours lost {lost:.1f} points of the dense model's accuracy[/yellow]: the target leaves "
                      f"too few channels for {epochs or 'these'} epochs of training, and Torch-Pruning is matched to that "
                      "accuracy; give more --epochs or a lower --speedup")
+    if str(result.get("teacher", "")).startswith("loaded from"):  # compress --weights says the same of its model
+        notes.append(f"the dense model was {result['teacher']} (--teacher): if it trained on every training image, it "
+                     f"saw those held out here to choose on ({result.get('selected_on', 'the selection images')}), and "
+                     "the selection accuracies (ours, and Torch-Pruning's match to it) read high; a teacher this command "
+                     "trains and saves there holds them out")
     match = result["match"]
     if not match["torch_pruning_matched"]:
         ours = 100 * match["ours_selection_accuracy"]
