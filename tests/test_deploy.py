@@ -431,3 +431,26 @@ def test_a_graph_the_first_exporter_cannot_take_is_not_printed_before_the_second
     report = export_and_check(model, tmp_path / "bn.onnx", x[:1], eval_data=x)
     assert report.max_abs_logit_diff < 1e-4
     assert "Torch IR graph" not in capfd.readouterr().out and not torch._C._jit_is_onnx_log_enabled()
+
+
+def test_eval_data_of_another_length_than_the_export_is_refused_by_name(tmp_path):
+    """The graph fixes every dimension but the batch: eval_data of another sequence length ended in ONNX Runtime's
+    raw INVALID_ARGUMENT, naming neither eval_data nor the shape the graph was exported on."""
+    from torch import nn
+
+    from jointcompress.errors import DataError
+
+    class MeanOverTime(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(x).mean(1)
+
+    torch.manual_seed(0)
+    model = MeanOverTime().eval()
+    with pytest.raises(DataError, match=r"eval_data: ONNX Runtime cannot run .* exported on example_input of shape "
+                                        r"\(2, 5, 8\), and only its batch dimension varies"):
+        export_and_check(model, tmp_path / "m.onnx", torch.randn(2, 5, 8), eval_data=torch.randn(4, 7, 8))
+    assert export_and_check(model, tmp_path / "m.onnx", torch.randn(2, 5, 8), eval_data=torch.randn(4, 5, 8))

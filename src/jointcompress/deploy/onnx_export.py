@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..errors import JointCompressError, UnsupportedModelError
+from ..errors import DataError, JointCompressError, UnsupportedModelError
 from ..model_call import evaluating
 from ..model_copy import on_cpu
 from . import timing
@@ -298,8 +298,18 @@ def export_and_check(model: nn.Module, path: str | os.PathLike, example_input: t
 
 
 def _checked_parity(model: nn.Module, path, example_input, eval_data, tolerance: float | None) -> ParityReport:
-    report = compare(model, _runnable(path, example_input), eval_data if eval_data is not None else example_input,
-                     "onnxruntime fp32", path=str(path))
+    predict = _runnable(path, example_input)
+    try:
+        report = compare(model, predict, eval_data if eval_data is not None else example_input, "onnxruntime fp32",
+                         path=str(path))
+    except Exception as exc:  # the example ran (_runnable): what ONNX Runtime refuses here is eval_data's shape
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        shape = tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else "the example's"
+        said = " ".join(str(exc).split())[:200]
+        raise DataError(f"eval_data: ONNX Runtime cannot run {path} on it ({said}): the graph was exported "
+                        f"on example_input of shape {shape}, and only its batch dimension varies; give eval_data of "
+                        "that shape past the batch, or export on an example of eval_data's shape") from exc
     allowed = None if tolerance is None else tolerance * max(1.0, report.max_abs_reference or 0.0)
     if allowed is not None and report.max_abs_logit_diff > allowed and _rounding_flips(model, report, path):
         return report
