@@ -356,3 +356,19 @@ def test_distillation_of_a_dict_batch_without_attention_mask_leaves_out_the_posi
         with torch.no_grad():
             losses.append(float(session.loss(student(input_ids=padded), batch)["distill"]))
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_structured_pruning_of_a_causal_lm_returning_its_cache_names_use_cache():
+    """The trace failed on the cache of keys and values the model returns ('tuple' object has no attribute 'grad_fn')
+    and the error never said that the same model traces with config.use_cache off."""
+    from jointcompress.errors import UnsupportedModelError
+
+    ids = torch.randint(3, 60, (2, 8))
+    recipe = {"techniques": [{"type": "prune_structured", "sparsity": 0.5, "targets": ["*mlp*"]}]}
+    model = llama()
+    with pytest.raises(UnsupportedModelError, match=r"config.use_cache.*set model.config.use_cache = "
+                                                     r"False before prepare"):
+        jointcompress.prepare(model, recipe, total_steps=4, example_inputs={"input_ids": ids})
+    model.config.use_cache = False
+    session = jointcompress.prepare(model, recipe, total_steps=4, example_inputs={"input_ids": ids})
+    assert len(next(t for t in session.techniques if t.kind == "prune_structured").groups) == 2

@@ -175,10 +175,21 @@ def _build_graph(model: nn.Module, example_inputs, ignored: list[nn.Module] | No
         raise UnsupportedModelError(
             f"structured pruning cannot trace {type(model).__name__}: the channel dependency graph fails "
             f"{_failing_node(model, exc)}({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}). "
+            + _cache_hint(model, exc) +
             "Use prune_unstructured / quant_lsq for this model; a Hugging Face transformer takes prune_heads / "
             "prune_ffn / prune_layers instead (BERT-family classifiers), or prune_ffn (Llama, Mistral, GPT-2 causal LMs)"
         ) from exc
     return dg
+
+
+def _cache_hint(model: nn.Module, exc: Exception) -> str:
+    """A transformers model that returns its cache of keys and values beside the logits: the trace fails on that
+    cache ('tuple' object has no attribute 'grad_fn'), and with `use_cache` off the same model traced."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "use_cache", False) or "grad_fn" not in str(exc):
+        return ""
+    return ("It returns its cache of keys and values beside the logits (config.use_cache), which the trace cannot "
+            "follow: set model.config.use_cache = False before prepare() / compress(). Else: ")
 
 
 def _graph_class():
