@@ -392,16 +392,23 @@ def test_only_the_groups_the_technique_may_prune_are_allocated(lenet):
     assert set(only.widths) == {"fc1"} and only.widths["fc1"] < 500
 
 
+def _faked_timing(lt, model, x, monkeypatch):
+    """The model's MAC table as its latency table, and a runtime that times a model by it (_true_runtime), in place
+    of the measured ones: (table, sites, channels, runtime)."""
+    table, sites, channels = mac_table(model, x)
+    runtime = _true_runtime(table, sites, channels, x)
+    monkeypatch.setattr(lt, "measure_table", lambda *a, **k: table)
+    monkeypatch.setattr(lt, "timed_ms", lambda m, *a, **k: runtime(m))
+    return table, sites, channels, runtime
+
+
 def test_resolve_latency_follows_prune_structureds_selection_and_margin(lenet, monkeypatch):
     """compress's path (resolve_latency) hands the technique's targets / exclude to the allocator and
     accepts a measured model only ACCEPT_MARGIN under the target (fake table and runtime)."""
     from jointcompress import latency_targets as lt
 
     model, x = lenet
-    table, sites, channels = mac_table(model, x)
-    runtime = _true_runtime(table, sites, channels, x)
-    monkeypatch.setattr(lt, "measure_table", lambda *a, **k: table)
-    monkeypatch.setattr(lt, "timed_ms", lambda m, *a, **k: runtime(m))
+    table, sites, channels, runtime = _faked_timing(lt, model, x, monkeypatch)
     goal = 0.3 * table.predict(sites, channels, channels)
     data = {"model": "lenet5", "techniques": [{"type": "prune_structured", "exclude": ["conv1"]}, {"type": "distill_kd"}]}
     recipe = lt.resolve_latency(model, data, x, Target(latency_ms=goal, batch=1))
@@ -696,10 +703,7 @@ def test_a_latency_target_the_uncut_model_meets_is_said(lenet, monkeypatch):
     from jointcompress import latency_targets as lt
 
     model, x = lenet
-    table, sites, channels = mac_table(model, x)
-    runtime = _true_runtime(table, sites, channels, x)
-    monkeypatch.setattr(lt, "measure_table", lambda *a, **k: table)
-    monkeypatch.setattr(lt, "timed_ms", lambda m, *a, **k: runtime(m))
+    table, sites, channels, _ = _faked_timing(lt, model, x, monkeypatch)
     loose = 10 * table.predict(sites, channels, channels)
     data = {"model": "lenet5", "techniques": [{"type": "prune_structured"}, {"type": "distill_kd"}]}
     with pytest.warns(UserWarning, match=r"target.latency_ms: .* at batch 1: the model with every channel kept measured "
