@@ -348,6 +348,18 @@ def _keep_rule(r: dict) -> str:
     return f"best on {held:,} held-out training images" if held else "best"
 
 
+def _epochs_cell(r: dict) -> str:
+    """A folder's epochs, the rule that chose the kept one, and its teachers' epochs where not the default."""
+    teachers = r.get("teacher_epochs")
+    shown = teachers not in (None, DEFAULT_TEACHER_EPOCHS.get(r["model"]))
+    return f"{r['epochs']}, {_keep_rule(r)}" + (f"; teachers {teachers}" if shown else "")
+
+
+def _paired_cell(st: tuple | None, words: tuple[str, str] = ("joint", "sequential")) -> str:
+    """paired_stats' (mean, standard error, n) as a table cell with its verdict, "-" without a pair."""
+    return "-" if st is None else f"{st[0]:+.2f} ± {st[1]:.2f} (n={st[2]}) {_verdict(st[0], st[1], words)}"
+
+
 def teacher_error(r: dict) -> float | None:
     """The uncompressed teachers' mean error over the folder's seeds (the floor both methods chase)."""
     accs = [u["accuracy"] for u in r.get("uncompressed", [])]
@@ -493,9 +505,8 @@ def stronger_baseline_section(folders=STRONGER_BASELINE) -> list[str]:
             for variant, baseline, words in ((JOINT_FORM_VARIANT, "sequential-sens", ("joint", "sequential-sens")),
                                              ("sequential-sens", "sequential", ("sensitivity", "ERK"))):
                 st = paired_stats(runs, variant, ratio, baseline)
-                pairs.append("-" if st is None else f"{st[0]:+.2f} ± {st[1]:.2f} (n={st[2]}) {_verdict(st[0], st[1], words)}")
-            epochs = f"{r['epochs']}, {_keep_rule(r)}" + (f"; teachers {r['teacher_epochs']}" if r.get("teacher_epochs")
-                                                         not in (None, DEFAULT_TEACHER_EPOCHS.get(r["model"])) else "")
+                pairs.append(_paired_cell(st, words))
+            epochs = _epochs_cell(r)
             rows.append(f"| {MODELS[r['model']]} | {ratio:g}x | {r.get('train_images', 60000):,} | {epochs} | "
                         f"{' | '.join(cells)} | {pairs[0]} | {pairs[1]} | `{folder}` |")
     if not rows:
@@ -564,7 +575,7 @@ def _bit_choice_cells(runs: list[dict], ratio: float) -> str:
     chosen = {v: _chosen_bits(runs, v, ratio) for v in (JOINT_FORM_VARIANT, "sequential")}
     for jb, sb in ((3, 3), (4, 4), (3, 4), (chosen[JOINT_FORM_VARIANT], chosen["sequential"])):
         st = paired_stats(runs, f"{JOINT_FORM_VARIANT}@{jb}", ratio, f"sequential@{sb}")
-        cells.append("-" if st is None else f"{st[0]:+.2f} ± {st[1]:.2f} (n={st[2]}) {_verdict(st[0], st[1])}")
+        cells.append(_paired_cell(st))
     cells[-1] = f"{chosen[JOINT_FORM_VARIANT]} / {chosen['sequential']}: {cells[-1]}"
     return " | ".join(cells)
 
@@ -581,8 +592,7 @@ def bit_choice_section(pairs=BIT_CHOICE) -> list[str]:
         if any(teachers[1].get(seed) != acc for seed, acc in teachers[0].items()):
             unpaired.append(f"`{low}` and `{high}`")  # other teachers: said, not paired
             continue
-        epochs = f"{r3['epochs']}, {_keep_rule(r3)}" + (f"; teachers {r3['teacher_epochs']}" if r3.get("teacher_epochs")
-                                                       not in (None, DEFAULT_TEACHER_EPOCHS.get(r3["model"])) else "")
+        epochs = _epochs_cell(r3)
         for ratio in (x for x in r3["ratios"] if x in r4["ratios"]):
             rows.append(f"| {MODELS[r3['model']]} | {ratio:g}x | {r3.get('train_images', 60000):,} | {epochs} | "
                         f"{_bit_choice_cells(runs3 + runs4, ratio)} | `{low}`, `{high}` |")
@@ -661,10 +671,9 @@ def _two_bit_row(folder: str, ratio: float, low: str, high: str) -> tuple[str, l
                                ((JOINT_FORM_VARIANT, chosen[JOINT_FORM_VARIANT]), ("sequential", chosen["sequential"]))):
         st = paired_stats(runs, f"{jv}@{jb}", ratio, f"{sv}@{sb}")
         words = ("joint", "sequential") if sv == "sequential" else ("2 bits", "3 bits")
-        cells.append("-" if st is None else f"{st[0]:+.2f} ± {st[1]:.2f} (n={st[2]}) {_verdict(st[0], st[1], words)}")
+        cells.append(_paired_cell(st, words))
     cells[-1] = f"{chosen[JOINT_FORM_VARIANT]} / {chosen['sequential']}: {cells[-1]}"
-    epochs = f"{r2['epochs']}, {_keep_rule(r2)}" + (f"; teachers {r2['teacher_epochs']}" if r2.get("teacher_epochs")
-                                                   not in (None, DEFAULT_TEACHER_EPOCHS.get(r2["model"])) else "")
+    epochs = _epochs_cell(r2)
     row = (f"| {MODELS[r2['model']]} | {ratio:g}x | {r2.get('train_images', 60000):,} | {epochs} | {' | '.join(cells)} | "
            f"{_proxy_picks(folder, ratio)} | `{folder}`, `{low}`, `{high}` |")
     proxy = _load(PROXY_RESULTS.get(folder, ""))

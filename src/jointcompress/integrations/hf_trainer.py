@@ -295,13 +295,14 @@ class CompressionTrainer(Trainer):
         """This micro-batch's share of the step's counted labels (the Trainer's num_items_in_batch: labels other than
         -100, after a causal LM's shift) for a token-level distillation term, which averages over the micro-batch's
         own tokens; None where labels are per sample or the step's count is unknown (then 1 / the accumulation)."""
+        from ..training.micro_batches import counted_labels
+
         labels = inputs.get("labels") if isinstance(inputs, dict) else None
         if num_items_in_batch is None or not isinstance(labels, torch.Tensor) or labels.dim() < 2:
             return None
-        if getattr(self, "_loss_shifts_labels", False):
-            labels = labels[..., 1:]
         total = float(num_items_in_batch)
-        return float(labels.ne(-100).sum()) / total if total > 0 else None
+        counted = counted_labels(inputs, getattr(self, "_loss_shifts_labels", False))
+        return float(counted.sum()) / total if total > 0 and counted is not None else None
 
     def _trainer_task_loss(self) -> bool:
         """Whether the task term is the Trainer's own loss: with label_smoothing_factor or a compute_loss_func

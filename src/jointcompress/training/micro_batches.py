@@ -45,7 +45,7 @@ def micro_batches(batch: Any, parts: int, model: torch.nn.Module | None = None) 
     if parts <= 1 or n is None or n <= 1:
         return [(batch, 1.0)]
     indices = torch.arange(n).tensor_split(min(parts, n))
-    counted = _counted_labels(batch, isinstance(batch, Mapping) and loss_shifts_labels(model))
+    counted = counted_labels(batch, isinstance(batch, Mapping) and loss_shifts_labels(model))
     total = float(counted.sum()) if counted is not None else 0.0
     if total > 0:
         return [(_part(batch, index), float(counted[index].sum()) / total) for index in indices]
@@ -60,7 +60,7 @@ def loss_shifts_labels(model: torch.nn.Module | None) -> bool:
     return getattr(model, "loss_type", None) == "ForCausalLM" and not is_encoder_decoder(model)
 
 
-def _counted_labels(batch: Any, shifted: bool) -> torch.Tensor | None:
+def counted_labels(batch: Any, shifted: bool) -> torch.Tensor | None:
     """Per sample, how many of its labels a cross-entropy with ignore_index -100 averages over; None where the
     batch has no integer labels (a regression, a loss of the user's)."""
     from ..session.outputs import split_batch
