@@ -32,7 +32,8 @@ integers (any b <= 8 fits int8) instead of a min/max re-quantization. Where FX c
 model (Hugging Face's ResNet) the exporter folds BatchNorm instead, and a weight is matched by
 its channels being the trained ones times a factor; a quantized layer nothing matches is warned
 about (it gets min/max scales). Activation scales are
-calibrated (MinMax) on the given calibration batches. The graph's outputs (the logits) stay
+calibrated (MinMax) on the given calibration batches, except where a layer rounds its input as
+training did (quant_lsq activations: true): there the trained step sets them (int8_inputs.py). The graph's outputs (the logits) stay
 fp32: rounded to uint8 they cost the demo's structured model 0.45 points and no time was saved
 (benchmarks/int8_logits.py).
 """
@@ -58,6 +59,7 @@ from ..model_call import to_device
 from ..model_copy import on_cpu
 from ..session.outputs import logits_of
 from ..spec import CompressionSpec
+from .int8_inputs import input_overrides, input_roundings
 from .onnx_export import export_onnx, ort_input, ort_predict, ort_session
 from .parity import ParityReport, batches, compare
 from .timing import DEFAULT_THREADS
@@ -125,7 +127,24 @@ def folded_scales(model: nn.Module, folded: nn.Module, spec: CompressionSpec | N
 
 def weight_overrides(onnx_path: Path, folded: nn.Module, scales: dict[str, np.ndarray],
                      trained: tuple[nn.Module, dict[str, np.ndarray]] | None = None) -> dict:
-    """TensorQuantOverrides for every ONNX weight initializer equal to a trained layer's weight.
+    """TensorQuantOverrides for every ONNX weight initializer equal to a trained layer's weight
+    (matched_weights): per-channel scales, zero points 0."""
+    return _per_channel(matched_weights(onnx_path, folded, scales, trained))
+
+
+def _per_channel(matched: dict[str, tuple]) -> dict:
+    overrides = {}
+    for init_name, (_, axis, channel_scales) in matched.items():
+        overrides[init_name] = [{"axis": axis, "scale": np.float32(channel_scales[0]), "zero_point": np.int8(0)}] + [
+            {"scale": np.float32(s), "zero_point": np.int8(0)} for s in channel_scales[1:]
+        ]
+    return overrides
+
+
+def matched_weights(onnx_path: Path, folded: nn.Module, scales: dict[str, np.ndarray],
+                    trained: tuple[nn.Module, dict[str, np.ndarray]] | None = None) -> dict[str, tuple]:
+    """ONNX weight initializer -> (layer name, channel axis, per-channel scales) for every initializer
+    equal to a trained layer's weight.
 
     A weight exported as is (Conv, Gemm with transB) gets its per-channel scales on axis 0; a
     Linear exported as MatMul stores W^T, whose output channels are axis 1. `trained`: the model
@@ -142,40 +161,37 @@ def weight_overrides(onnx_path: Path, folded: nn.Module, scales: dict[str, np.nd
     if trained is not None:
         before = dict(trained[0].named_modules())
         unfolded = {name: (before[name].weight.detach().double().cpu().numpy(), scale) for name, scale in trained[1].items()}
-    overrides = {}
+    matched = {}
     for init in onnx.load(str(onnx_path)).graph.initializer:
         arr = numpy_helper.to_array(init)
         match = _exact_match(arr, wanted, scales) or _scaled_match(arr, unfolded)
         if match:
-            axis, channel_scales = match
-            overrides[init.name] = [{"axis": axis, "scale": np.float32(channel_scales[0]), "zero_point": np.int8(0)}] + [
-                {"scale": np.float32(s), "zero_point": np.int8(0)} for s in channel_scales[1:]
-            ]
-    return overrides
+            matched[init.name] = match
+    return matched
 
 
 def _exact_match(arr: np.ndarray, wanted: dict[str, np.ndarray], scales: dict[str, np.ndarray]):
-    """(axis, scales) of the layer whose weight `arr` is (as is, or transposed), else None."""
+    """(layer, axis, scales) of the layer whose weight `arr` is (as is, or transposed), else None."""
     for name, w in wanted.items():
         if arr.shape == w.shape and np.array_equal(arr, w):
-            return 0, scales[name]
+            return name, 0, scales[name]
         if w.ndim == 2 and arr.shape == w.T.shape and np.array_equal(arr, w.T):
-            return 1, scales[name]
+            return name, 1, scales[name]
     return None
 
 
 def _scaled_match(arr: np.ndarray, unfolded: dict[str, tuple[np.ndarray, np.ndarray]]):
-    """(0, scales) where each output channel of `arr` is a trained layer's channel times a factor
+    """(layer, 0, scales) where each output channel of `arr` is a trained layer's channel times a factor
     (BatchNorm folded by the exporter; the factor to float rounding), else None. `unfolded`: layer
     -> (its weight before folding, its trained scales)."""
-    for w, scale in unfolded.values():
+    for name, (w, scale) in unfolded.items():
         if arr.ndim < 2 or arr.shape != w.shape:
             continue
         flat, ref = arr.reshape(len(arr), -1).astype(np.float64), w.reshape(len(w), -1)
         norm = (ref * ref).sum(1)
         factor = np.where(norm > 0, (flat * ref).sum(1) / np.where(norm > 0, norm, 1.0), 1.0)
         if np.allclose(flat, factor[:, None] * ref, rtol=1e-5, atol=1e-7 * np.abs(flat).max(initial=0.0)):
-            return 0, (scale.astype(np.float64) * np.where(np.abs(factor) > 0, np.abs(factor), 1.0)).astype(np.float32)
+            return name, 0, (scale.astype(np.float64) * np.where(np.abs(factor) > 0, np.abs(factor), 1.0)).astype(np.float32)
     return None
 
 
@@ -232,21 +248,23 @@ def quantize_onnxruntime(model: nn.Module, spec: CompressionSpec | None, calibra
     workdir = Path(workdir)
     folded = fold_batchnorm(model)
     fp32 = export_onnx(folded, workdir / "model_fp32.onnx", example_input)
-    scales = folded_scales(model, folded, spec)
-    overrides = weight_overrides(fp32, folded, scales, trained=(model, folded_scales(model, model, spec)))
-    _warn_unmatched(spec, model, len(overrides))
+    weights = matched_weights(fp32, folded, folded_scales(model, folded, spec),
+                              trained=(model, folded_scales(model, model, spec)))
+    _warn_unmatched(spec, model, len(weights))
+    inputs, rounding_nodes = input_overrides(fp32, weights, input_roundings(folded))  # the trained input steps
+    overrides = {**_per_channel(weights), **inputs}
     reader = _Reader("input", calibration, max_batches, ort_input(example_input[:1]).dtype)
     CalibrationDataReader.register(_Reader)
     out = workdir / "model_int8.onnx"
     with _quiet_root_logger():  # quantize_static logs a generic "consider pre-processing" warning on every call
         quantize_static(
             str(fp32), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-            nodes_to_exclude=fp32_only_nodes(fp32),
+            nodes_to_exclude=fp32_only_nodes(fp32) + rounding_nodes,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             extra_options={"TensorQuantOverrides": overrides, "WeightSymmetric": True,
                            "OpTypesToExcludeOutputQuantization": output_op_types(fp32) if fp32_outputs else []},
         )
-    return Int8Model("onnxruntime", ort_predict(ort_session(out, threads)), str(out), trained_scales=len(overrides))
+    return Int8Model("onnxruntime", ort_predict(ort_session(out, threads)), str(out), trained_scales=len(weights))
 
 
 def fp32_only_nodes(onnx_path: Path) -> list[str]:
