@@ -37,6 +37,19 @@ def test_none_is_the_plain_sum_and_measures_conflict():
     assert stats.changed == 0.0
 
 
+def test_a_term_whose_gradient_is_float_noise_is_no_conflict():
+    """At step 0 the student is the teacher: the distillation gradient is rounding noise, whose random sign made the
+    run's conflict rate 1.0 (the summary's "conflict" read from one such step)."""
+    w = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    coord = GradientCoordinator(Coordination(strategy="none", every=1), {"weights": [w]})
+    noise = torch.tensor([3e-9, -1e-9])  # against the task gradient (-4, 2)
+    stats = coord.backward({"task": ((w - torch.tensor([3.0, 0.0])) ** 2).sum(), "distill": (noise * w).sum()}, step=0)
+    assert stats.conflict_rate == 0.0 and not stats.cosines
+    stats = coord.backward({"task": ((w - torch.tensor([3.0, 0.0])) ** 2).sum(), "distill": (noise * 1e8 * w).sum()},
+                           step=1)
+    assert stats.conflict_rate == 1.0  # the same direction, a real gradient
+
+
 def test_scale_damps_the_conflicting_auxiliary_term():
     w, coord, terms = _setup("scale", threshold=0.0, factor=0.5)
     stats = coord.backward(terms(), step=0)

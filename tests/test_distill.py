@@ -556,3 +556,20 @@ def test_batches_without_a_sample_index_are_said_with_the_trainers_column_settin
     with pytest.warns(UserWarning, match=r"carry no sample index .*TrainingArguments\(remove_unused_columns=False\)"):
         session.loss(student(ids), (ids, labels))
     assert session.teacher_cache.off is not None
+
+
+def test_a_multi_label_classifier_is_refused_the_softmax_distillation():
+    """A multi-label classifier (a sigmoid a label) was distilled with the softmax KL, which sees only the differences
+    between its logits: a student whose every logit was the teacher's + 6 read a distill term of 0."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    import jointcompress
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                        num_labels=3, problem_type="multi_label_classification")
+    teacher, student = BertForSequenceClassification(config), BertForSequenceClassification(config)
+    with pytest.raises(RecipeError, match=r"multi-label classifier .* distill_kd.features"):
+        jointcompress.prepare(student, {"techniques": [{"type": "distill_kd"}]}, total_steps=4, teacher=teacher)
+    jointcompress.prepare(student, {"techniques": [{"type": "distill_kd", "alpha": 0, "features": [
+        {"student": "classifier", "teacher": "classifier"}]}]}, total_steps=4, teacher=teacher,
+        example_inputs={"input_ids": torch.randint(0, 50, (2, 6))})

@@ -682,3 +682,26 @@ def test_bind_leaves_out_the_weights_the_callers_optimizer_left_out_and_adds_wei
     model[0].register_parameter("extra", grown)
     session._add_missing_groups()
     assert any(p is grown for g in head_only.param_groups for p in g["params"])
+
+
+@pytest.mark.parametrize("recipe", [RECIPE, {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5},
+                                                            {"type": "quant_lsq", "bits": 4, "zero_level": True}]}])
+def test_a_snapshot_of_the_model_right_after_a_step_is_taken_and_outlives_finalize(recipe):
+    """copy.deepcopy(model) after optimizer.step() (a best-model or EMA snapshot) failed: the quantizers and masks
+    kept their last forward's graph tensors ("Only Tensors created explicitly by the user ..."); and a snapshot
+    taken before finalize lost its weight ("no attribute 'weight'") when finalize removed the parametrizations from
+    the class the snapshot shares."""
+    x, y = _data()
+    model = _mlp()
+    session = jointcompress.prepare(model, recipe, total_steps=4)
+    opt = torch.optim.Adam(session.param_groups(lr=1e-2))
+    session.bind(opt)
+    snapshots = []
+    _train(model, session, opt, range(1), x, y, after_step=lambda: snapshots.append(copy.deepcopy(model)))
+    with torch.no_grad():
+        before = snapshots[-1](x)
+        assert torch.equal(before, model(x))  # the last snapshot is the model as it is
+    session.finalize()
+    with torch.no_grad():
+        assert torch.equal(snapshots[-1](x), before)  # still the masked model it copied
+        assert torch.allclose(model(x), before, atol=1e-6)

@@ -4,6 +4,7 @@ after finalize, a forgotten bind, outputs without grad, a resume into another re
 total_steps, labels outside the classes, a flat (ids, mask, labels) batch."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -433,3 +434,65 @@ def test_a_model_wrapped_in_distributed_data_parallel_after_prepare_is_refused_a
         wrapped(x[:2])
     finally:
         dist.destroy_process_group()
+
+
+def test_terms_that_are_not_the_dict_of_scalar_tensors_are_named():
+    """session.backward(loss) failed in torch's sparse Tensor.values(), a per-sample task_loss inside autograd
+    ("grad can be implicitly created only for scalar outputs"), and loss.item() in the coordinator."""
+    from jointcompress.errors import DataError, TrainingError
+
+    model, session, opt = _session()
+    x, y = _data()
+    loss = nn.functional.cross_entropy(model(x), y)
+    with pytest.raises(TrainingError, match="the dict of named terms session.loss returns, not Tensor"):
+        session.backward(loss)
+    with pytest.raises(DataError, match=r"task_loss=...\) got a tensor of shape \(32,\)"):
+        session.loss(model(x), (x, y), task_loss=nn.functional.cross_entropy(model(x), y, reduction="none"))
+    with pytest.raises(DataError, match=r"task_loss=...\) got float"):
+        session.loss(model(x), (x, y), task_loss=loss.item())
+    terms = session.loss(model(x), (x, y))
+    with pytest.raises(TrainingError, match="the term 'zero' is float"):
+        session.backward({**terms, "zero": 0.0})
+
+
+def test_an_evaluation_between_the_forward_and_the_loss_keeps_the_quantizers_term():
+    """quant_lsq's regularization read the last forward's weights: a torch.no_grad() evaluation between the
+    training forward and session.loss dropped the "quant" term of that step, silently."""
+    recipe = {"techniques": [{"type": "quant_lsq", "bits": 4, "regularization": 0.1}]}
+    x, y = _data()
+    terms = {}
+    for evaluate in (False, True):
+        model, session, opt = _session(recipe)
+        outputs = model(x)
+        if evaluate:
+            with torch.no_grad():
+                model(x[:4])
+        terms[evaluate] = {k: float(v.detach()) for k, v in session.loss(outputs, (x, y)).items()}
+    assert terms[True] == terms[False] and terms[True]["quant"] > 0
+
+
+def test_steps_past_total_steps_are_said_once():
+    model, session, opt = _session(steps=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(5):
+            _step(model, session, opt)
+    said = [str(w.message) for w in caught if "prepared with total_steps=3" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("session: step 4 ")
+
+
+def test_save_names_a_missing_spec_and_a_model_not_finalized(tmp_path):
+    from jointcompress.artifact import save
+    from jointcompress.errors import ArtifactError
+
+    model, session, opt = _session(steps=2)
+    for _ in range(2):
+        _step(model, session, opt)
+    with pytest.raises(ArtifactError, match="spec is NoneType, not the CompressionSpec finalize returns"):
+        save(model, None, tmp_path / "a")
+    before = copy.deepcopy(model)
+    spec = session.finalize()
+    with pytest.raises(ArtifactError, match=r"2 layers \(0, 2\) still carry their masks or quantizers"):
+        save(before, spec, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+    save(model, spec, tmp_path / "c")

@@ -269,7 +269,9 @@ class GradientCoordinator:
         for gname, rows in stacked.items():
             gram = (rows @ rows.T).double()
             norms = gram.diag().clamp_min(0).sqrt()
-            live = [i for i, on in enumerate(norms.gt(0).tolist()) if on]  # terms that touch this group
+            # terms that touch this group: a gradient under 1e-5 of the largest one's norm is float noise (the
+            # distillation term at step 0, where the student is the teacher), whose random sign read as conflict
+            live = [i for i, on in enumerate(norms.gt(1e-5 * float(norms.max())).tolist()) if on]
             # every pair's cosine in one division (element for element the same doubles), read once
             cosines = (gram / (norms.unsqueeze(1) * norms.unsqueeze(0))).tolist() if len(live) > 1 else None
             for ai, a in enumerate(live):

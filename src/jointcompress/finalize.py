@@ -22,6 +22,7 @@ from .errors import JointCompressError, UnsupportedModelError
 from .graph import PRUNABLE_ROOTS, build_graph, frozen_stay_frozen
 from .group_checks import output_gap, tolerance
 from .model_call import call_model
+from .model_copy import own_class
 from .spec import PRIOR_STRUCTURE, CompressionSpec, LayerSpec, prior_structure
 from .strides import raised_strides
 from .techniques.masks import ApplyMask, harden_masks, has_soft_masks
@@ -86,9 +87,12 @@ def _remove_reparametrizations(model: nn.Module) -> list[str]:
     the model's state-dict keys, so the saved artifact no longer loaded into the model its builder makes."""
     folded = []
     for name, m in model.named_modules():
-        for pname, plist in list((getattr(m, "parametrizations", {}) or {}).items()):
-            if any(type(p).__module__.startswith("jointcompress.") for p in plist):
-                parametrize.remove_parametrizations(m, pname, leave_parametrized=True)
+        ours = [pname for pname, plist in (getattr(m, "parametrizations", {}) or {}).items()
+                if any(type(p).__module__.startswith("jointcompress.") for p in plist)]
+        if ours:
+            own_class(m)  # a user's copy of the model (a snapshot) keeps the class it shares, and its weight
+        for pname in ours:
+            parametrize.remove_parametrizations(m, pname, leave_parametrized=True)
         if detach_norm_storage(m):
             folded.append(name)
     freeze_input_quant(model)

@@ -27,14 +27,34 @@ def load_model_state(model: nn.Module, state, strict: bool = True):
     return model.load_state_dict(state, strict=strict)
 
 
+class CopiedWithoutGraph:
+    """For an object that keeps tensors of its last forward (a quantizer's input and output, a mask, a
+    captured feature): a copy of the model (copy.deepcopy, a user's best-model or EMA snapshot) leaves
+    those that belong to an autograd graph behind (None), which deepcopy refuses ("Only Tensors created
+    explicitly by the user ... support the deepcopy protocol") right after a training step."""
+
+    def __getstate__(self):
+        own = getattr(super(), "__getstate__", None)  # object's from Python 3.11, nn.Module's
+        state = own() if own is not None else self.__dict__.copy()
+        return {key: None if isinstance(value, torch.Tensor) and value.grad_fn is not None else value
+                for key, value in state.items()}
+
+
+def own_class(module: nn.Module) -> None:
+    """Give a parametrized module a generated class of its own: a copy of the module shares the class
+    torch made for it, whose properties removing a parametrization deletes (a copy taken before
+    finalize then lost its `weight`)."""
+    shared = module.__class__
+    module.__class__ = type(shared.__name__, shared.__bases__, dict(shared.__dict__))
+
+
 def plain_copy(model: nn.Module) -> nn.Module:
     """A copy without the forward caches, whose parametrized modules have classes of their own."""
     memo = {id(v): None for v in _graph_tensors(model)}
     plain = copy.deepcopy(model, memo)
     for m in plain.modules():
         if hasattr(m, "parametrizations"):
-            own = m.__class__
-            m.__class__ = type(own.__name__, own.__bases__, dict(own.__dict__))
+            own_class(m)
     return plain
 
 

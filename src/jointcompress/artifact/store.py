@@ -332,6 +332,17 @@ def save(
     path = Path(path)
     if container not in CONTAINERS:
         raise ArtifactError(f"container={container!r}: choose one of {sorted(CONTAINERS)}")
+    if not isinstance(spec, CompressionSpec):
+        raise ArtifactError(f"save(model, spec, path): spec is {type(spec).__name__}, not the CompressionSpec "
+                            "finalize returns; spec = session.finalize() (or result.finalize() after compress), then "
+                            "save(model, spec, path)")
+    from ..session.checks import attached_layers
+
+    live = attached_layers(model)
+    if live:
+        raise ArtifactError(f"save: {len(live)} layers ({', '.join(live[:3])}) still carry their masks or quantizers: "
+                            "save the model finalize returned the spec for (spec = session.finalize() bakes them into "
+                            "plain weights in place), not a copy taken before it")
     existing = next(p for p in (path, *path.parents) if p.exists())  # the folder is made at the end: said now
     if not existing.is_dir():
         raise ArtifactError(f"{path}: an artifact is a folder (the weights file and manifest.json go inside), and "

@@ -8,6 +8,7 @@ another recipe or total_steps (another schedule, or torch's raw missing/unexpect
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 
 import torch
 
@@ -24,6 +25,22 @@ def refuse_finalized(verb: str, step: int) -> None:
         "masks and low-bit grid. Finalize after the loop's last step; checkpoint with session.state_dict() before "
         "finalize, save the finalized model with artifact.save(model, spec, ...); to train again, prepare a new "
         "session: on a fresh copy of the original model, or on the finalized one to compress it further")
+
+
+def check_terms_given(terms) -> None:
+    """session.backward takes the dict session.loss returns (terms added to it are scalar tensors): one
+    loss tensor failed in torch's sparse Tensor.values() ("values expected sparse tensor layout"), a
+    Python number in the coordinator ("'float' object has no attribute 'requires_grad'")."""
+    if not isinstance(terms, Mapping):
+        raise TrainingError(f"session.backward takes the dict of named terms session.loss returns, not "
+                            f"{type(terms).__name__}: terms = session.loss(outputs, batch) (your own loss as "
+                            "session.loss(outputs, batch, task_loss=loss)); session.backward(terms)")
+    wrong = {name: t for name, t in terms.items() if not isinstance(t, torch.Tensor) or t.numel() != 1}
+    if wrong:
+        name, t = next(iter(wrong.items()))
+        shown = f"a tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TrainingError(f"session.backward: the term '{name}' is {shown}; every term is a scalar tensor with its "
+                            "graph (reduce a per-sample loss with .mean(); not .item(), which has no gradient)")
 
 
 def check_terms_have_grad(terms: dict[str, torch.Tensor]) -> None:

@@ -34,8 +34,8 @@ from ..techniques.pruning import PruningTechnique
 from . import terms as _terms
 from .outputs import (Batch, call_model, check_scalar_loss, decoder_token_mask, default_task_loss, is_encoder_decoder,
                       logits_of, split_batch)
-from .guards import (NonFiniteWatch, check_fits, check_terms_have_grad, check_terms_reach_model, refuse_ddp_forward,
-                     refuse_finalized, session_identity)
+from .guards import (NonFiniteWatch, check_fits, check_terms_given, check_terms_have_grad, check_terms_reach_model,
+                     refuse_ddp_forward, refuse_finalized, session_identity)
 from .loss_scale import LossScale
 from .schedule import apply_events, event_steps
 from .sync import Sync
@@ -225,10 +225,12 @@ class CompressionSession:
             self._own_optimizer(groups)
         elif self.optimizer is not None:
             self._add_missing_groups()
+        said = getattr(self.coordinator, "_said_changed", False)  # its warning is said once a run
         self.coordinator = GradientCoordinator(
             self.recipe.coordination, {g["name"]: g["params"] for g in groups}, seed=self.recipe.training.seed,
             mean_over_ranks=self.sync.mean_groups if self.sync.dist is not None else None,
         )
+        self.coordinator._said_changed = said
         self.param_names = {id(p): n for n, p in self.model.named_parameters()}
         for t in self.techniques:
             for attr, val in vars(t).items():
@@ -337,7 +339,9 @@ class CompressionSession:
         ctx.outputs = self._logits(outputs, task_loss)
         token_mask = decoder_token_mask(b) if is_encoder_decoder(self.model) else b.token_mask
         ctx.batch_extra = {"teacher_logits": self._teacher_logits(b), "teacher_fresh": True, "token_mask": token_mask}
-        if task_loss is None and self._task_weighted():
+        if task_loss is not None:
+            check_scalar_loss(task_loss, "session.loss(task_loss=...) got")
+        elif self._task_weighted():
             task_loss = self.loss_fn(outputs, batch) if self.loss_fn is not None else default_task_loss(outputs, b)
             if self.loss_fn is not None:
                 check_scalar_loss(task_loss)
@@ -398,6 +402,7 @@ class CompressionSession:
             raise RecipeError("session.backward before the session started; create it with jointcompress.prepare(...)")
         if self.spec is not None:
             refuse_finalized("backward", self.step)
+        check_terms_given(terms)
         check_terms_have_grad(terms)
         if not self._terms_checked:  # once: a walk over the first step's graph
             self._terms_checked = True
@@ -487,6 +492,12 @@ class CompressionSession:
         self.nonfinite.read(self.step, self.model)
         if prepare_next and self.step < self.plan.total_steps:
             self.begin_step()
+        if self.step == self.plan.total_steps + 1:
+            warnings.warn(f"session: step {self.step} of a session prepared with total_steps={self.plan.total_steps}: "
+                          "the schedule ended at its last step, and the steps after it train the weights with the "
+                          "schedule's last settings (a size target is no longer steered, so the file can drift "
+                          "over it); prepare the session with the loop's real number of optimizer steps",
+                          RuntimeWarning, stacklevel=2)
 
     def on_epoch_end(self, epoch: int) -> None:
         self.ctx.epoch = epoch

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..errors import DataError, RecipeError
 from ..layer_types import BATCH_NORMS, CONVOLUTIONS
 from ..model_call import call_model, evaluating
+from ..model_copy import CopiedWithoutGraph
 from .base import RunContext, Technique
 
 
@@ -155,7 +156,7 @@ def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse"
     return F.mse_loss(student, teacher)
 
 
-class _Capture:
+class _Capture(CopiedWithoutGraph):
     """Forward hook that keeps the latest output of a named module."""
 
     def __init__(self, module: nn.Module):
@@ -227,6 +228,13 @@ class DistillKD(Technique):
         # frozen for the run: eval mode (BatchNorm/dropout fixed) and forward under no_grad.
         # requires_grad is left alone: the user's teacher object must not change under them
         # (a deep copy of it may be the next student).
+        if self.config.alpha > 0 and getattr(getattr(ctx.model, "config", None), "problem_type", None) == \
+                "multi_label_classification":
+            raise RecipeError("distill_kd: the model is a multi-label classifier (config.problem_type "
+                              "multi_label_classification: a sigmoid a label), where the softmax KL matches only the "
+                              "differences between its logits (all shifted by 6, it read 0). Distil its logits with "
+                              "distill_kd.features (student and teacher: the classifier layer's name, loss: mse) and "
+                              "alpha: 0")
         self._teacher_was_training = ctx.teacher.training
         self.teacher = ctx.teacher.eval()
         s_mods, t_mods = dict(ctx.model.named_modules()), dict(self.teacher.named_modules())

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..model_copy import CopiedWithoutGraph
+
 
 class ScoredMask(nn.Module):
     """Scores -> mask: soft (sigmoid at a temperature) while ramping, exactly binary after."""
@@ -60,7 +62,7 @@ class ScoredMask(nn.Module):
         return 1.0 - float(self.hard.mean())
 
 
-class ApplyMask(nn.Module):
+class ApplyMask(CopiedWithoutGraph, nn.Module):
     """Parametrization: weight * mask, the mask broadcast along `dim` when it is per channel.
 
     `source` is held without registering it as a submodule, so one ScoredMask can drive

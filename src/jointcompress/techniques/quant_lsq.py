@@ -18,6 +18,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from ..artifact.precision import round_step
+from ..model_copy import CopiedWithoutGraph
 from .base import RunContext, Technique, selected_layers
 from .bias_quant import attach_bias_quant
 from .norm_storage import attach_folded_batchnorm, attach_norm_storage
@@ -98,7 +99,7 @@ def _drop_forward_caches(module, state_dict, prefix, *args) -> None:
         state_dict.pop(prefix + name, None)
 
 
-class LSQWeight(nn.Module):
+class LSQWeight(CopiedWithoutGraph, nn.Module):
     """Parametrization: per-channel LSQ fake quantization of a weight tensor."""
 
     def __init__(self, weight: torch.Tensor, bits: int, per_channel: bool = True):
@@ -120,7 +121,8 @@ class LSQWeight(nn.Module):
                 self.initialized.fill_(True)
         n = w[0].numel() if self.per_channel else w.numel()
         out = LSQFunction.apply(w, self.log_step, self.qmax, 1.0 / math.sqrt(n * self.qmax), self.step_format)
-        remember(self, last_in=w, last_out=out)
+        if torch.is_grad_enabled() or self.last_in is None:  # an evaluation between the training forward and
+            remember(self, last_in=w, last_out=out)  # session.loss leaves that forward's, which loss_terms reads
         return out
 
     @property
