@@ -976,6 +976,18 @@ def test_force_keeps_a_finished_run_until_the_new_one_passes_its_checks(tmp_path
         code, text = _cli(monkeypatch, capsys, "compress", recipe, *bad, "--out", out, "--force")
         assert code == 2 and "Traceback" not in text, text
         assert (out / "summary.json").is_file() and (out / "artifact" / "manifest.json").is_file(), (bad, text)
+    # given --weights, the recipe's own checks (a glob that selects no layer, a size target out of reach) were skipped
+    # before --force cleared the folder, and ran after it
+    (tmp_path / "refused").mkdir()
+    for text in ("techniques: [{type: quant_lsq, bits: 4, targets: ['conv*']}]\n",
+                 "techniques: [{type: quant_lsq, bits: 4}]\ntarget: {size_kb: 0.01}\n"):
+        refused = _recipe(tmp_path / "refused", text + "training: {epochs: 1}\n")
+        code, text = _cli(monkeypatch, capsys, "compress", refused, "--weights", weights_file, "--out", out, "--force")
+        assert code == 2 and "Checked on the model of --weights, before compressing it" in " ".join(text.split()), text
+        assert (out / "summary.json").is_file() and (out / "artifact" / "manifest.json").is_file(), text
+        fresh = tmp_path / "fresh"
+        code, text = _cli(monkeypatch, capsys, "compress", refused, "--weights", weights_file, "--out", fresh)
+        assert code == 2 and not fresh.exists(), text  # and a folder it would have made is not left behind
     kept = out / "recipe.yaml"
     kept.write_text(recipe.read_text())
     code, text = _cli(monkeypatch, capsys, "compress", kept, "--weights", weights_file, "--out", out, "--force")
@@ -1194,3 +1206,15 @@ def test_a_compressed_model_that_lost_most_of_its_accuracy_is_said():
                         ({"latency_ms": 1.0, "batch": 1}, "a larger target.latency_ms")):  # not size-target fields
         timed = parse_recipe({"target": target, "techniques": [{"type": "prune_structured"}]})
         assert _accuracy_fall({"accuracy": 0.935}, {"accuracy": 0.651}, timed).endswith(fix)
+
+
+def test_a_recipe_name_and_an_out_path_with_brackets_print_as_they_are(tmp_path, monkeypatch, capsys, weights_file):
+    """A recipe named "run [/bold] v2" stopped compress after training with rich's MarkupError (the run half written,
+    and --resume stopped the same way); an --out of "runs/x[/y]" the same; "[exp1] lenet" printed " lenet"."""
+    recipe = _recipe(tmp_path, "name: run [/bold] v2 [exp1]\ntechniques: [{type: quant_lsq, bits: 8}]\n"
+                               "training: {epochs: 1}\n")
+    out = tmp_path / "x[/y]"
+    code, text = _cli(monkeypatch, capsys, "compress", recipe, "--weights", weights_file, "--out", out)
+    assert code == 0, text
+    assert "run [/bold] v2 [exp1] (lenet300 on digits)" in text and f"artifact in {out / 'artifact'}" in text, text
+    assert (out / "summary.json").is_file() and (out / "recipe.yaml").is_file()

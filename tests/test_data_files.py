@@ -235,3 +235,22 @@ def test_a_table_of_features_builds_the_mlp_and_refuses_the_image_models(tmp_pat
     assert builder_for("lenet300", split)()(split.x_test).shape == (20, 3)
     with pytest.raises(DataError, match=r"a table of 12 features; the reference model 'lenet5' takes images"):
         builder_for("lenet5", split)
+
+
+def test_grayscale_images_stored_with_their_channel_axis_fit_a_model_trained_without_it(tmp_path):
+    """bench --data refused [N, 1, H, W] images for a model trained from the same pixels as [N, H, W] ("standardised
+    per channel (1 value(s)), the model's inputs per all (1)"): one channel's statistics are the image's."""
+    import torch
+
+    from jointcompress.data import restandardised
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (40, 8, 8)).astype(np.uint8)
+    labels = np.arange(40) % 4
+    flat, chw = tmp_path / "hw.npz", tmp_path / "chw.npz"
+    np.savez(flat, x_train=pixels[:30], y_train=labels[:30], x_test=pixels[30:], y_test=labels[30:])
+    np.savez(chw, x_train=pixels[:30, None], y_train=labels[:30], x_test=pixels[30:, None], y_test=labels[30:])
+    trained_on, given = load_dataset(str(flat)), load_dataset(str(chw))
+    assert trained_on.standardisation["per"] != given.standardisation["per"]  # the two layouts' records differ
+    again = restandardised(given.x_test, given.standardisation, trained_on.standardisation)
+    assert torch.allclose(again, trained_on.x_test, atol=1e-5)

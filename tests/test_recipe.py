@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 
 from jointcompress import RecipeError, load_recipe, parse_recipe
@@ -96,3 +98,17 @@ def test_a_key_given_twice_and_a_binary_file_are_refused_by_name(tmp_path):
     with pytest.raises(RecipeError, match=r"data.yaml: not a text file"):
         load_recipe(binary)
     assert load_recipe(builtin_recipe("lenet300_mnist_joint")).techniques
+    merged = tmp_path / "merged.yaml"  # a merge key's keys are no second ones: the mapping's own override them
+    merged.write_text("techniques:\n  - &ramp {type: prune_unstructured, sparsity: 0.5, start: 0.1, end: 0.4}\n"
+                      "  - {<<: *ramp, type: prune_structured, sparsity: 0.25}\n")
+    ramped = load_recipe(merged).techniques[1]
+    assert ramped.type == "prune_structured" and (ramped.sparsity, ramped.start, ramped.end) == (0.25, 0.1, 0.4)
+
+
+def test_act_bits_without_activations_is_said():
+    """quant_lsq.act_bits: 4 without activations: true ran with fp32 inputs, without a word."""
+    with pytest.warns(UserWarning, match=r"act_bits: 4 does nothing without activations: true"):
+        parse_recipe({"techniques": [{"type": "quant_lsq", "act_bits": 4}]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse_recipe({"techniques": [{"type": "quant_lsq", "act_bits": 4, "activations": True}]})

@@ -5,6 +5,7 @@ non-zero exit; a traceback is shown only with --debug.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -13,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -73,7 +75,7 @@ def results_table(title: str, rows: dict[str, dict]) -> Table:
     are zero or removed (channels removed count); nonzero params: of the model as it is, all parameters.
     Stored: the weights file where one was written (what a size target counts and `bench` reports), else
     the stored parts' bytes; the uncompressed row, fp32 parameters and buffers."""
-    table = Table(title=title)
+    table = Table(title=escape(title))  # a recipe named "[exp1] lenet" printed " lenet"
     timed = any("latency_ms_b1" in r for r in rows.values())  # latency columns only where a row was timed (demo)
     # "weight sparsity": of the Linear / conv weights, where nonzero params count biases and norms too (the two read
     # as disagreeing under one word)
@@ -138,7 +140,8 @@ def demo(
     command = " ".join(["jointcompress", *sys.argv[sys.argv.index("demo"):]]) if "demo" in sys.argv else "jointcompress demo"
     atomic_write_json(out / "results.json", {"command": command, "rows": res.rows, "wall_seconds": res.wall_seconds,
                                              "target_bytes": res.target_bytes, "recipe": res.recipe})
-    console.print(f"artifacts in {out}/sequential, {out}/joint and {out}/structured (its int8 ONNX model in {out}/structured-int8); wall time {res.wall_seconds:.0f} s")
+    console.print(f"artifacts in {out}/sequential, {out}/joint and {out}/structured (its int8 ONNX model in {out}/structured-int8); wall time {res.wall_seconds:.0f} s",
+                  markup=False)  # paths print as they are: "runs/x[/y]" was read as markup
 
 
 DEMO_OUTPUTS = {"results.json", "joint", "sequential", "structured", "structured-int8",
@@ -247,9 +250,10 @@ def compress_cmd(
     where = resolve_device(device)  # after joining the group: under torchrun, `cuda` is the rank's own GPU
     main_rank = dist is None or dist.is_main
     builder = builder_for(model_name, split)  # what refuses the run is found before --force clears --out
-    if not weights and not resume:
-        _refuse_before_training(builder, recipe, split, timed=dist is None)
     given_model = load_start(builder, weights) if weights else None
+    if not resume:  # on the given weights too: skipped there, --force cleared a finished run for a refused recipe
+        _refuse_before_training(builder if given_model is None else (lambda: copy.deepcopy(given_model)), recipe,
+                                split, timed=dist is None, given=given_model is not None)
     out = prepare_run_dir(out, force=force, resume=resume, dist=dist, reads={"--weights": weights, "the recipe": recipe_path})
     with progress_bar() as bar:
         show = (lambda d: tracked(bar, d)) if main_rank else (lambda d: None)
@@ -354,7 +358,8 @@ def _model_to_compress(builder, model_name, split, recipe, out: Path, *, weights
     return teacher
 
 
-def _refuse_before_training(builder, recipe, split, timed: bool = True, said: list[str] | None = None) -> None:
+def _refuse_before_training(builder, recipe, split, timed: bool = True, said: list[str] | None = None,
+                            given: bool = False) -> None:
     """What the run would refuse after training the model first (an hour, for some models), checked on the
     untrained model: a recipe whose techniques select no layer of it (targets: ['conv*'] on an MLP), inputs it
     cannot take, and a size target out of reach. mode: joint under a size target refuses a target the bytes no
@@ -365,13 +370,12 @@ def _refuse_before_training(builder, recipe, split, timed: bool = True, said: li
     narrowest model is timed too (not under torchrun: each rank would time its own, and a rank that refused
     alone would leave the others waiting; the allocation, timed on rank 0 and sent to all, refuses it there).
     `said`: where the setup's warnings go (validate prints them; a run says them itself, so they are dropped),
-    except a latency target's, set up on a stand-in."""
-    import copy
+    except a latency target's, set up on a stand-in. `given`: the builder returns the model of --weights."""
     import warnings
 
     from .api import check_data, check_targets, validation_held_out
     from .session.prepare import prepare
-    from .targets import NOTHING_TRAINED
+    from .targets import NOTHING_COMPRESSED, NOTHING_TRAINED
 
     latency = recipe.target is not None and recipe.target.is_latency
     model = builder()
@@ -386,12 +390,12 @@ def _refuse_before_training(builder, recipe, split, timed: bool = True, said: li
                 prepare(model, _latency_stand_in(recipe) if latency else recipe, total_steps=steps,
                         example_inputs=split.x_train[:2], teacher=copy.deepcopy(model), distributed=False)
         except JointCompressError as err:
-            err.add_note(NOTHING_TRAINED)
+            err.add_note(NOTHING_COMPRESSED if given else NOTHING_TRAINED)
             raise
     if said is not None:
         said.extend(m for m in dict.fromkeys(str(w.message) for w in caught) if m not in said)
     if (recipe.has_size_target() and recipe.mode != "joint") or (latency and timed):
-        _refuse_an_unplannable_target(builder(), recipe, split)
+        _refuse_an_unplannable_target(builder(), recipe, split, NOTHING_COMPRESSED if given else NOTHING_TRAINED)
 
 
 def _latency_stand_in(recipe):
@@ -412,15 +416,15 @@ def _latency_stand_in(recipe):
     return parse_recipe(data, source="the recipe, before its latency allocation")
 
 
-def _refuse_an_unplannable_target(model, recipe, split) -> None:
+def _refuse_an_unplannable_target(model, recipe, split, note: str) -> None:
     """Sequential and overlap: the allocator refuses a target under the smallest file it can plan on the trained
     model, after training it; a latency target's allocation one the narrowest model misses, timed. Both are
-    checked first on the untrained model (targets.refusal_before_training)."""
-    from .targets import NOTHING_TRAINED, refusal_before_training
+    checked first on the untrained model (targets.refusal_before_training). `note`: said under the refusal."""
+    from .targets import refusal_before_training
 
     refusal = refusal_before_training(model, recipe, split.x_train[:2])
     if refusal is not None:
-        refusal.add_note(NOTHING_TRAINED)
+        refusal.add_note(note)
         raise refusal
 
 
@@ -621,7 +625,7 @@ def _write_compress_results(out: Path, recipe_path: Path, recipe, teacher, outco
     atomic_write_json(out / "history.json", result.history.as_dict())
     atomic_write_json(out / "summary.json", rows)
     atomic_write_text(out / "recipe.yaml", recipe_as_run(recipe_path, recipe, flags or {}))
-    console.print(f"artifact in {out / 'artifact'}")
+    console.print(f"artifact in {out / 'artifact'}", markup=False)
     if split.standardisation is not None:
         console.print(_standardisation_line(split))
     if result.history.best_epoch is not None:  # which evaluation chose the state the run ended with
@@ -722,14 +726,15 @@ def recipe_validate(recipe_path: Path = typer.Argument(..., help="Recipe YAML.")
     model = _validated_model(r.model or (r.hf.model_name_or_path if r.hf is not None else None), r.hf is not None)
     _check_cli_metric(r, recipe_path)  # as compress checks it
     if not r.techniques:
-        console.print(f"[yellow]warning:[/yellow] {recipe_path}: techniques is empty, so a run would train and compress "
+        console.print(f"[yellow]warning:[/yellow] {escape(str(recipe_path))}: techniques is empty, so a run would train and compress "
                       "nothing; list at least one (prune_unstructured, quant_lsq, distill_kd, ...)")
     if r.data and not _readable_data(r.data):  # compress would stop there (unless --data)
-        console.print(f"[yellow]warning:[/yellow] {recipe_path}: data: {r.data} does not exist (from {Path.cwd()}); "
+        console.print(f"[yellow]warning:[/yellow] {escape(str(recipe_path))}: data: {escape(r.data)} does not exist "
+                      f"(from {escape(str(Path.cwd()))}); "
                       "compress stops there unless --data gives another")
     _say_unused_settings(r)
     checked = _checked_on_the_model(r, from_weights)
-    console.print(f"[green]ok[/green] {recipe_path}: {model}, mode={r.mode}, {len(r.techniques)} techniques "
+    console.print(f"[green]ok[/green] {escape(str(recipe_path))}: {escape(str(model))}, mode={r.mode}, {len(r.techniques)} techniques "
                   f"({', '.join(t.type for t in r.techniques)}), {r.training.epochs} epochs, coordination={r.coordination.strategy}"
                   f"{checked}")
 
@@ -738,8 +743,6 @@ def _say_unused_settings(recipe) -> None:
     """The settings a size or latency target replaces (prune_unstructured.sparsity beside target.ratio), which
     compress says when it starts: validate said "ok" and nothing else."""
     import warnings
-
-    from rich.markup import escape
 
     from .targets import warn_unused_sparsity
 
@@ -765,7 +768,6 @@ def _checked_on_the_model(recipe, from_weights: bool = False) -> str:
     unchecked = _why_not_checked_on_a_model(recipe)
     if unchecked:
         return f" (not checked on a model: {unchecked})"
-    from rich.markup import escape
 
     from .targets import TargetError
 
@@ -842,7 +844,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _de
     of the code that raised it, which mean nothing to a command-line user); others as Python shows them."""
     if STATE["debug"] or not str(filename).startswith(str(Path(__file__).parent)):
         return _default(message, category, filename, lineno, file, line)
-    from rich.markup import escape
 
     Console(stderr=True, width=console.width, emoji=False).print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False)
 
@@ -947,7 +948,6 @@ def _run(debug: bool) -> None:
             raise
         if getattr(err, "told_by_rank_0", False):  # under torchrun: rank 0 printed it
             sys.exit(2)
-        from rich.markup import escape
 
         console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False)
         for note in getattr(err, "__notes__", ()):
@@ -966,7 +966,6 @@ def _run(debug: bool) -> None:
         filename = getattr(err, "filename", None)
         named = filename is not None and str(filename) in str(err.strerror)  # io.atomic_write_bytes says what to do
         where = "" if named else (f" ({filename})" if filename else "") + "; check the path, free space and permissions"
-        from rich.markup import escape
 
         console.print(f"[bold red]error:[/bold red] {escape(str(err.strerror or err) + where)} (--debug for details)",
                       highlight=False)

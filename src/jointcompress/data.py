@@ -146,16 +146,24 @@ def restandardised(x: torch.Tensor, given: dict, wanted: dict) -> torch.Tensor:
     `wanted` standardises them (an artifact's: the statistics its model trained on). Why: a held-out file read
     on its own is standardised with its own training split, and a model answers only for its own statistics."""
     axes = {"all": None, "channel": 1, "feature": 1}  # the Split's layouts: [N, 1, H, W], [N, C, H, W], [N, F]
-    if given["per"] not in axes or given["per"] != wanted["per"] or len(given["mean"]) != len(wanted["mean"]):
+    kind, wanted_kind = _per(given), _per(wanted)
+    if kind not in axes or kind != wanted_kind or len(given["mean"]) != len(wanted["mean"]):
         raise DataError(f"the data is standardised per {given['per']} ({len(given['mean'])} value(s)), the model's inputs "
                         f"per {wanted['per']} ({len(wanted['mean'])}); give data of the layout the model was trained on")
     shape = [1] * x.dim()
-    if axes[given["per"]] is not None:
-        shape[axes[given["per"]]] = -1
+    if axes[kind] is not None:
+        shape[axes[kind]] = -1
     stats = [torch.tensor(given[k], dtype=torch.float64).reshape(shape) for k in ("mean", "std")]
     target = [torch.tensor(wanted[k], dtype=torch.float64).reshape(shape) for k in ("mean", "std")]
     raw = x.double() * stats[1] + stats[0]
     return ((raw - target[0]) / target[1]).to(x.dtype)
+
+
+def _per(record: dict) -> str:
+    """A record's standardisation, one channel's "channel" read as "all": grayscale images stored [N, 1, H, W]
+    are those of an [N, H, W] file, with the same one mean and std (bench --data refused the one layout for
+    a model trained on the other)."""
+    return "all" if record["per"] == "channel" and len(record["mean"]) == 1 else record["per"]
 
 
 def _fits(ok: bool, x: np.ndarray, expected: str) -> None:

@@ -362,7 +362,7 @@ def say_finished(path: Path, console, artifact: str) -> None:
     """What --resume of a finished run prints in place of running it again (`artifact`: the folder it saved)."""
     console.print(f"--resume: the run in {path} has finished (its summary.json and recipe.yaml are written); nothing "
                   f"to continue. Its artifact is {path / artifact}; `jointcompress report {path}` shows it. To run it "
-                  "again, pass --force in place of --resume")
+                  "again, pass --force in place of --resume", markup=False)
 
 
 def _resume_without_checkpoint(path: Path, force: bool, dist) -> None:

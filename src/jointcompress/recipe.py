@@ -145,6 +145,9 @@ class QuantLSQ(Selection):
                 f"min_bits/max_bits ({self.min_bits}, {self.max_bits}) bound learned bit-widths, which only the dead-zone "
                 f"quantizer learns; without zero_level: true every layer is stored at bits ({self.bits}). Add zero_level: "
                 "true and size_budget (docs/joint.md, learned bit-widths), or remove min_bits and max_bits")
+        if self.act_bits != 8 and not self.activations:  # (fields_set: every field where a dumped recipe is re-read)
+            warnings.warn(f"quant_lsq.act_bits: {self.act_bits} does nothing without activations: true (the layers' "
+                          "inputs stay fp32); add activations: true, or remove act_bits", stacklevel=1)  # pydantic's frame is above
         return self
 
 
@@ -621,7 +624,7 @@ class Recipe(Strict):
                 and budget.target_bytes is not None:  # the target's bytes replaced it without a word
             warnings.warn(f"size_budget.target_bytes ({budget.target_bytes:g}) beside target: the target's bytes replace "
                           "it (size_kb, or ratio against the fp32 file; in compare, each of --ratios); give one",
-                          UserWarning, stacklevel=2)
+                          UserWarning, stacklevel=1)  # pydantic's frame is above
         return self
 
     @model_validator(mode="after")
@@ -725,6 +728,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys the mapping's own ones override
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(

@@ -603,6 +603,7 @@ WHAT_SET = {"prune_unstructured": "sparsity", "quant_lsq": "bit-width"}  # what 
 
 PLAN_SLACK = 1.02  # before training, a target is refused only if a file this much larger cannot be planned either
 NOTHING_TRAINED = "Checked on the untrained model, before training it; nothing was trained."  # under such a refusal
+NOTHING_COMPRESSED = "Checked on the model of --weights, before compressing it; nothing was trained."
 
 
 def refusal_before_training(untrained: nn.Module, recipe: Recipe, example_inputs) -> TargetError | None:

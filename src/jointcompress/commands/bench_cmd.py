@@ -466,7 +466,7 @@ def register(app: typer.Typer) -> None:
                 console.print(note)
             console.print(f"ONNX Runtime fp32 (ours and Torch-Pruning's): {result['runtimes']['ours_fp32_ort']}")
             if result["workdir"]:
-                console.print(f"the contenders' ONNX files: {result['workdir']}")
+                console.print(f"the contenders' ONNX files: {result['workdir']}", markup=False)
             _write_json(json_out, result)
             return
         if artifact_dir is None:

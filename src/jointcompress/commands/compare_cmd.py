@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from ..compare import DEFAULT_VARIANTS
 from ..io import RUN_REPORT, output_folder, removed_if_refused
@@ -124,8 +125,9 @@ def register(app: typer.Typer) -> None:
         console.print(f"accuracy on the test split; every kept epoch ({whose}) chosen on {result['selected_on']}"
                       + ("" if result["keep"] == "best" else "; the variants end with their last (training.keep: last)"))
         for u in result.get("unreachable", []):
-            console.print(f"[yellow]r{u['ratio_target']:g} seed {u['seed']}: not run, target unreachable[/yellow]: {u['reason']}")
-        console.print(f"results in {out}/compare.json, compare.csv, pareto.png; `jointcompress report {out}` for the HTML report")
+            console.print(f"[yellow]r{u['ratio_target']:g} seed {u['seed']}: not run, target unreachable[/yellow]: {escape(u['reason'])}")
+        console.print(f"results in {out}/compare.json, compare.csv, pareto.png; `jointcompress report {out}` for the HTML report",
+                      markup=False)
 
 
 COMPARE_FILES = ("compare.json", "compare.csv", "pareto.png", "teachers", *RUN_REPORT)  # what compare and report write beside runs/
@@ -153,7 +155,6 @@ def summary_table(result: dict):
     """Per point: the seeds that ran it (n), mean [min-max] accuracy, and each variant's error minus
     sequential's paired by seed (mean ± one standard error), and minus sequential-sens's where it ran;
     the teachers' accuracy first."""
-    from rich.markup import escape
     from rich.table import Table
 
     from ..compare import all_paired, changed_nothing_note, summarize, uncompressed_summary

@@ -22,4 +22,4 @@ def register(app: typer.Typer) -> None:
             raise JointCompressError(f"--out {out}: is a file; give a folder for report.html, layers.csv and layers.json")
 
         paths = build_report(run_dir, out)
-        console.print(f"report: {paths['html']} (per-layer: {paths['csv']}, {paths['json']})")
+        console.print(f"report: {paths['html']} (per-layer: {paths['csv']}, {paths['json']})", markup=False)

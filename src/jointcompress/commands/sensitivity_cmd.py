@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
         console.print(layer_table(result, name, f"{split.name}, measured on {split.selected_on}", sp, bs))
         if result["groups"]:
             console.print(group_table(result, gs))
-        console.print(f"wrote {out / 'sensitivity.json'} and {out / 'sensitivity.png'}")
+        console.print(f"wrote {out / 'sensitivity.json'} and {out / 'sensitivity.png'}", markup=False)
 
 
 OUTPUTS = ("sensitivity.json", "sensitivity.png")  # what a scan writes (a re-run may replace them)
