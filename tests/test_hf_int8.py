@@ -82,3 +82,18 @@ def test_fake_quant_parametrization_is_baked_before_int8():
 def test_check_logits_raises_past_tolerance():
     with pytest.raises(ArtifactError, match="tolerance"):
         check_logits(torch.zeros(2, 2), torch.ones(2, 2), atol=0.5)
+
+
+def test_export_onnx_refuses_a_model_that_still_carries_its_masks(tmp_path):
+    """Given a model mid-compression (head masks as forward pre-hooks), the baked copy export_onnx makes dropped the
+    masks: the file was the unpruned network, silently (or, without quant_lsq, a raw "Cannot insert a Tensor that
+    requires grad as a constant")."""
+    import jointcompress
+
+    model = tiny_bert()
+    x = data()
+    jointcompress.prepare(model, {"techniques": [{"type": "prune_heads", "sparsity": 0.5},
+                                                 {"type": "quant_lsq", "bits": 8}]}, total_steps=4, example_inputs=x)
+    with pytest.raises(ArtifactError, match="still carries its training masks"):
+        export_onnx(model, tmp_path / "m.onnx", seq_len=12)
+    assert not (tmp_path / "m.onnx").exists()

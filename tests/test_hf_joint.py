@@ -168,6 +168,8 @@ def test_cli_compress_runs_an_hf_recipe(tmp_path):
     from jointcompress.cli import app
 
     teacher_dir = teacher_folder(tmp_path, heads=HEADS, ffn=FFN)
+    weights_file = next(teacher_dir.glob("*.safetensors")).stat().st_size
+    (teacher_dir / "optimizer.pt").write_bytes(bytes(4 * weights_file))  # a Trainer checkpoint's: no teacher bytes
     data = sst2_folder(tmp_path, seed=0)
     rec = recipe(epochs=2)
     rec["hf"] = {"student_layers": [0, 3], "max_length": 16, "train_limit": 24}
@@ -197,7 +199,7 @@ def test_cli_compress_runs_an_hf_recipe(tmp_path):
     beside = AutoTokenizer.from_pretrained(str(out / "onnx"))
     assert beside("a fine film")["input_ids"] == AutoTokenizer.from_pretrained(str(out / "hf_model"))("a fine film")["input_ids"]
     assert q["fp32_onnx_bytes"] > 0  # (on a 32-wide model the int8 scales/zero points outweigh the saving)
-    assert q["teacher_fp32_bytes"] == summary["teacher"]["folder_bytes"] > 0
+    assert q["teacher_fp32_bytes"] == summary["teacher"]["folder_bytes"] == pytest.approx(weights_file, rel=0.01)
     d = q["logits_vs_fp32_student"]
     assert d["within_tolerance"] and d["max_abs_diff"] <= d["atol"]
     assert d["max_abs_diff"] <= 0.05  # tiny random models: the tolerance stated in test_hf_int8.py

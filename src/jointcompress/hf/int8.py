@@ -95,6 +95,12 @@ def export_onnx(model: nn.Module, path: str | Path, seq_len: int = 64, token_typ
     The batch axis is dynamic; the sequence length is fixed at seq_len (the traced mask
     code treats it as a constant), so feed inputs padded to exactly seq_len.
     """
+    from jointcompress.techniques.quant_lsq import has_training_hooks
+
+    if has_training_hooks(model):  # the copy below left the head and FFN masks out: the unpruned network, silently
+        raise ArtifactError("export_onnx: the model still carries its training masks (forward pre-hooks); export the "
+                            "model session.finalize() (or CompressionTrainer's finalize) made, where the masked heads "
+                            "and neurons are removed")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = baked_copy(model).cpu().eval()  # ONNX Runtime runs on the CPU: a GPU model is exported from a copy there

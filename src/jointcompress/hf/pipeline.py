@@ -26,10 +26,10 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+from jointcompress.artifact.size import dense_fp32_bytes
 from jointcompress.errors import ArtifactError
 from jointcompress.hf import recipe_steps as steps
 from jointcompress.hf.export import export_folder, folder_bytes, load_pipeline
-from jointcompress.hf.load import resolve
 from jointcompress.hf.recipe_steps import HFRun, split_files, teacher_source  # noqa: F401 - re-exported
 
 EXAMPLE = "a gorgeous, witty, seductive movie."  # the exported pipeline's example where the dev file has no text
@@ -39,7 +39,8 @@ INT8_ATOL = 1.0
 NOTE = (
     "student.dev_accuracy: the finalized model before the artifact's post-training rounding of the weights "
     "LSQ did not train (hf.ptq_bits); artifact.dev_accuracy and everything after it: the model loaded back "
-    "from OUT/artifact. folder_bytes: fp32 safetensors of OUT/hf_model (values on the quantization grids). "
+    "from OUT/artifact. folder_bytes: fp32 safetensors of OUT/hf_model (values on the quantization grids); the "
+    "teacher's: its weights as one fp32 safetensors file, whatever its folder holds. "
     "int8 (OUT/onnx/model_int8.onnx) is ONNX Runtime dynamic int8 with the trained LSQ step sizes for the "
     "encoder Linears (ORT's own scales elsewhere); feed it input_ids / attention_mask (and token_type_ids for "
     "sentence pairs) padded to exactly seq_len with the tokenizer in OUT/onnx (its model_max_length is seq_len)"
@@ -156,8 +157,9 @@ def _export_and_summarize(run: HFRun, *, int8: bool, int8_atol: float, latency_r
     text = example_text(run.dev_data)
     example = load_pipeline(folder)(text)
     example = example[0] if isinstance(example, list) else example
-    teacher_dir = Path(resolve(run.src))  # the bundled minilm-l6 is a folder too: its bytes are known
-    teacher_bytes = folder_bytes(teacher_dir) if teacher_dir.is_dir() else None
+    # the teacher's weights as one fp32 safetensors file, from the model itself: its folder's files counted a
+    # Trainer checkpoint's optimizer.pt (12x "smaller" for 4x), a pytorch_model.bin as 0 B and fp16 files as fp32
+    teacher_bytes = dense_fp32_bytes(run.teacher)
     student_bytes = folder_bytes(folder)
     int8_summary = None
     if int8:
@@ -341,7 +343,7 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
             f"{'ok' if d['within_tolerance'] else 'EXCEEDED'}), argmax agreement {100 * d['argmax_agreement']:.1f}%; "
             f"size vs teacher {'-' if ratio is None else f'{ratio:.1f}x'}, speedup b1 {lat['speedup_b1']}x, "
             f"b32 {lat['speedup_b32']}x (1 thread, seq len {lat['seq_len']}, median of {lat['rounds']} interleaved rounds)")
-        console.print(f"int8 ONNX model: {q['onnx_int8']}")
+        console.print(f"int8 ONNX model: {q['onnx_int8']}", markup=False)
     if a.get("target"):
         tg = a["target"]
         console.print(f"size target {tg['goal_bytes']:,} B ({tg['teacher_fp32_bytes'] / tg['goal_bytes']:.1f}x the teacher's "
@@ -353,6 +355,6 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
         f"together {art_ratio:.1f}x smaller than the teacher's model file"
         + (" (the size target counts the weights file alone)" if a.get("target") else "") + "; ")
     console.print(f"packed artifact in {a['path']} (weights file {parts['weights']:,} B + manifest "
-                  f"{parts['manifest']:,} B, {ratio_a}load with jointcompress.hf.artifact.load_hf_artifact)")
+                  f"{parts['manifest']:,} B, {ratio_a}load with jointcompress.hf.artifact.load_hf_artifact)", markup=False)
     console.print(f"HF model folder in {out / 'hf_model'} (loads with pipeline('text-classification', model=...) "
-                  "after `import jointcompress.hf`, or with trust_remote_code=True)")
+                  "after `import jointcompress.hf`, or with trust_remote_code=True)", markup=False)

@@ -219,6 +219,13 @@ def check_family(config, src: str) -> None:
     ValueError deep in pruning or an export refused after the run."""
     from jointcompress.hf.modeling_pruned import CAUSAL, FAMILY_OF, PRUNED_CLASSES
 
+    if getattr(config, "problem_type", None) == "multi_label_classification":  # trained as a softmax, said nowhere
+        raise UnsupportedModelError(
+            f"teacher {src}: problem_type multi_label_classification; `jointcompress compress` with an hf: section "
+            "trains one label a row (cross-entropy, softmax distillation), and the exported model's sigmoid would read "
+            "logits trained under a softmax. Compress a multi-label classifier from Python: jointcompress.prepare with "
+            "loss_fn=binary cross-entropy on its logits, and distill_kd.features (loss: mse on the logits' layer) with "
+            "alpha: 0 in place of the softmax distillation")
     classifiers = sorted(set(PRUNED_CLASSES) - set(CAUSAL))
     if FAMILY_OF.get(getattr(config, "model_type", None)) not in classifiers:
         raise UnsupportedModelError(
