@@ -15,6 +15,13 @@ re-rounded on a third grid. Here:
   every trained level in uint8: exact, and the int32 grid ONNX Runtime rounds the layer's bias to (input
   scale x weight scale) is m times finer than at the trained step (at 4 bits the bias's rounding at the
   trained step moved 2% of the next layer's inputs by a whole step).
+
+What it buys, measured: on random MLPs (tests/test_deploy.py) the hidden layers' int8 inputs are training's
+integers where 2-5% sat a step off before. On a trained LeNet-5 (benchmarks/int8_input_steps.py, 4-bit
+inputs) the logits came no closer to the fp32 model's (mean |difference| 0.072 against 0.062 before; top-1
+agreement 99.82% against 99.72%): about 3% of its layers' inputs lie within 0.005 of a step's edge (the
+constant background of MNIST images, whose value straight-through training leaves oscillating on a
+rounding edge), and the int32 rounding of a bias moves them across, before as now.
 """
 from __future__ import annotations
 
