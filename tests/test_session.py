@@ -233,6 +233,12 @@ def test_integer_token_ids_are_accepted_and_bool_inputs_refused():
     assert res.history.epochs and res.example_inputs.dtype == torch.int64
     with pytest.raises(DataError, match="dtype torch.bool"):
         compress(_TokenClassifier(), {}, (ids > 3, labels), lambda m: {"accuracy": 0.0})
+    for small in (torch.int16, torch.int8):  # class indices of any integer dtype (refused as "not integer" before)
+        res = compress(_TokenClassifier(), {"training": {"epochs": 1, "batch_size": 16}}, (ids, labels.to(small)),
+                       lambda m: {"accuracy": 0.0})
+        assert res.history.epochs
+    with pytest.raises(DataError, match="labels have dtype torch.bool"):
+        compress(_TokenClassifier(), {}, (ids, labels.bool()), lambda m: {"accuracy": 0.0})
 
 
 def test_token_level_kd_ignores_padding_and_does_not_grow_with_length():

@@ -404,7 +404,7 @@ def check_tensors(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
     if torch.is_floating_point(y):
         if not torch.isfinite(y).all():
             raise DataError(f"{what}: {_non_finite_samples(y)} labels contain NaN or Inf; clean or drop them")
-    elif y.dtype not in (torch.int64, torch.int32, torch.uint8):
+    elif y.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):  # bool, complex, ...
         raise DataError(f"{what}: labels have dtype {y.dtype}; give integer class indices or float targets")
 
 
