@@ -97,3 +97,16 @@ def test_export_onnx_refuses_a_model_that_still_carries_its_masks(tmp_path):
     with pytest.raises(ArtifactError, match="still carries its training masks"):
         export_onnx(model, tmp_path / "m.onnx", seq_len=12)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_model_whose_heads_were_pruned_before_is_told_what_compresses_it_further():
+    """An earlier run's model (layers of different head counts): the target's refusal said "set the prune_heads
+    sparsity without a target", which prune_heads then refused too."""
+    import jointcompress
+    from jointcompress.errors import RecipeError
+
+    model = tiny_bert()
+    prune_heads(model, [[0, 1], [2], [0, 1, 2, 3], [1, 3]])  # the heads each layer keeps
+    with pytest.raises(RecipeError, match=r"different head counts \[2, 1, 4, 2\].*further with prune_layers"):
+        jointcompress.prepare(model, {"techniques": [{"type": "prune_heads", "sparsity": 0.5}]}, total_steps=4,
+                              example_inputs=data())

@@ -106,8 +106,10 @@ def measure(student: nn.Module, recipe, ptq_bits: int | None, kinds: list[str]) 
         widths = count(student)
         if len(set(widths)) != 1:
             raise RecipeError(f"target with {kind}: the student's layers have different widths {widths} (a model pruned "
-                              "before, e.g. an earlier run's hf_model); give the unpruned teacher, or set the "
-                              f"{kind} sparsity without a target")
+                              "before, e.g. an earlier run's hf_model), and neither a target nor a sparsity of "
+                              f"{kind} takes such a model; give the unpruned teacher (with its own {kind} target or "
+                              "sparsity), or compress this one further with prune_layers, prune_unstructured and "
+                              "quant_lsq")
         half = widths[0] // 2
         smaller = prune(copy.deepcopy(student), [list(range(widths[0] - half)) for _ in widths])
         per_unit[kind] = (full - _encoded_bytes(smaller, recipe, ptq_bits)) / (half * len(widths))

@@ -237,7 +237,9 @@ class PruneHeads(_PruneUnits):
 
         counts = head_counts(hf)
         if len(set(counts)) != 1:
-            raise RecipeError(f"prune_heads: the model's layers have different head counts {counts}; prune an unpruned model")
+            raise RecipeError(f"prune_heads: the model's layers have different head counts {counts} (pruned before: an "
+                              "earlier run's hf_model?); give the unpruned model, or compress this one further "
+                              "with prune_layers, prune_unstructured and quant_lsq")
         return len(counts), counts[0]
 
     def _magnitude(self, hf):
@@ -271,7 +273,9 @@ class PruneFFN(_PruneUnits):
 
         widths = ffn_widths(hf)
         if len(set(widths)) != 1:
-            raise RecipeError(f"prune_ffn: the model's layers have different FFN widths {widths}; prune an unpruned model")
+            raise RecipeError(f"prune_ffn: the model's layers have different FFN widths {widths} (pruned before: an "
+                              "earlier run's hf_model?); give the unpruned model, or compress this one further "
+                              "with prune_layers, prune_unstructured and quant_lsq")
         return len(widths), widths[0]
 
     def _magnitude(self, hf):
