@@ -31,10 +31,10 @@ Runtime quantizer as TensorQuantOverrides, so its int8 weights are exactly the t
 integers (any b <= 8 fits int8) instead of a min/max re-quantization. Where FX cannot trace the
 model (Hugging Face's ResNet) the exporter folds BatchNorm instead, and a weight is matched by
 its channels being the trained ones times a factor; a quantized layer nothing matches is warned
-about (it gets min/max scales). Activation scales are
-calibrated (MinMax) on the given calibration batches, except where a layer rounds its input as
-training did (quant_lsq activations: true): there the trained step sets them (int8_inputs.py). The graph's outputs (the logits) stay
-fp32: rounded to uint8 they cost the demo's structured model 0.45 points and no time was saved
+about (it gets min/max scales). Activation scales are calibrated (MinMax) on the given
+calibration batches, except where a layer rounds its input as training did (quant_lsq
+activations: true): there the trained step sets them (int8_inputs.py). The graph's outputs (the
+logits) stay fp32: rounded to uint8 they cost the demo's structured model 0.45 points and no time was saved
 (benchmarks/int8_logits.py).
 """
 from __future__ import annotations
@@ -59,7 +59,8 @@ from ..model_call import to_device
 from ..model_copy import on_cpu
 from ..session.outputs import logits_of
 from ..spec import CompressionSpec
-from .int8_inputs import input_overrides, input_roundings
+from ..techniques.quant_lsq import input_roundings
+from .int8_inputs import input_overrides
 from .onnx_export import export_onnx, ort_input, ort_predict, ort_session
 from .parity import ParityReport, batches, compare
 from .timing import DEFAULT_THREADS
@@ -133,6 +134,7 @@ def weight_overrides(onnx_path: Path, folded: nn.Module, scales: dict[str, np.nd
 
 
 def _per_channel(matched: dict[str, tuple]) -> dict:
+    """TensorQuantOverrides of matched weights (matched_weights): the trained scale per channel, zero points 0."""
     overrides = {}
     for init_name, (_, axis, channel_scales) in matched.items():
         overrides[init_name] = [{"axis": axis, "scale": np.float32(channel_scales[0]), "zero_point": np.int8(0)}] + [

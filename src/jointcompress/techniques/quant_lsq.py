@@ -202,9 +202,15 @@ def attach_frozen_input_quant(layer: nn.Module, bits: int, step: float | torch.T
         layer.register_forward_pre_hook(_quantize_input)
 
 
+def input_roundings(model: nn.Module) -> dict[str, FrozenInputQuant]:
+    """Layer name -> the trained rounding of its input, for every layer of a finalized model that has one."""
+    return {name: m.input_quant for name, m in model.named_modules()
+            if isinstance(getattr(m, "input_quant", None), FrozenInputQuant)}
+
+
 def rounded_inputs(model: nn.Module) -> list[str]:
     """The layers of a finalized model that round their inputs (FrozenInputQuant)."""
-    return [name for name, m in model.named_modules() if isinstance(getattr(m, "input_quant", None), FrozenInputQuant)]
+    return list(input_roundings(model))
 
 
 def has_training_hooks(model: nn.Module) -> bool:
