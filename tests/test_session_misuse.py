@@ -497,3 +497,27 @@ def test_save_names_a_missing_spec_and_a_model_not_finalized(tmp_path):
         save(before, spec, tmp_path / "b")
     assert not (tmp_path / "b").exists()
     save(model, spec, tmp_path / "c")
+
+
+def test_gradients_changed_before_settling_are_said_once_a_run_across_a_technique_attaching():
+    """The warning is said once a run; the coordinator the session makes again when a technique attaches (here LSQ
+    at half the run) said it a second time."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    recipe = {"techniques": [{"type": "quant_lsq", "bits": 4, "start": 0.5}, {"type": "distill_kd", "alpha": 0.5}],
+              "coordination": {"strategy": "pcgrad", "every": 1, "accuracy_as_one": False}}  # two terms, resolved by PCGrad
+    session = jointcompress.prepare(model, recipe, total_steps=4, teacher=copy.deepcopy(model))
+    optimizer = torch.optim.SGD(session.param_groups(lr=0.1), lr=0.1)
+    session.bind(optimizer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            optimizer.zero_grad()
+            for xm, ym in zip(x.chunk(2), y.chunk(2)):
+                session.backward({k: t / 2 for k, t in session.loss(model(xm), (xm, ym)).items()})
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # without settle_gradients first
+            session.before_step()
+            optimizer.step()
+            session.after_step()
+    assert sum("the gradients changed between the last session.backward()" in str(w.message) for w in caught) == 1

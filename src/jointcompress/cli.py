@@ -378,6 +378,7 @@ def _refuse_before_training(builder, recipe, split, timed: bool = True, said: li
     from .targets import NOTHING_COMPRESSED, NOTHING_TRAINED
 
     latency = recipe.target is not None and recipe.target.is_latency
+    note = NOTHING_COMPRESSED if given else NOTHING_TRAINED  # said under a refusal
     model = builder()
     check_data(model, split.x_train[:2], (split.x_train, split.y_train))  # named as the data, as the run names it
     steps = max(1, len(split.x_train) // recipe.training.batch_size) * recipe.training.epochs
@@ -390,12 +391,12 @@ def _refuse_before_training(builder, recipe, split, timed: bool = True, said: li
                 prepare(model, _latency_stand_in(recipe) if latency else recipe, total_steps=steps,
                         example_inputs=split.x_train[:2], teacher=copy.deepcopy(model), distributed=False)
         except JointCompressError as err:
-            err.add_note(NOTHING_COMPRESSED if given else NOTHING_TRAINED)
+            err.add_note(note)
             raise
     if said is not None:
         said.extend(m for m in dict.fromkeys(str(w.message) for w in caught) if m not in said)
     if (recipe.has_size_target() and recipe.mode != "joint") or (latency and timed):
-        _refuse_an_unplannable_target(builder(), recipe, split, NOTHING_COMPRESSED if given else NOTHING_TRAINED)
+        _refuse_an_unplannable_target(builder(), recipe, split, note)
 
 
 def _latency_stand_in(recipe):

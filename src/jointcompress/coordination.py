@@ -145,7 +145,10 @@ class _HeldStep:
 
 
 class GradientCoordinator:
-    def __init__(self, config, groups: dict[str, list[torch.nn.Parameter]], seed: int = 0, mean_over_ranks=None):
+    def __init__(self, config, groups: dict[str, list[torch.nn.Parameter]], seed: int = 0, mean_over_ranks=None,
+                 said_changed: bool = False):
+        """`said_changed`: the run's warning about gradients changed before settling was said already (by the
+        coordinator this one replaces: the session makes a new one whenever techniques attach or freeze)."""
         self.config = config
         self.groups = {k: [p for p in v if p.requires_grad] for k, v in groups.items()}
         self.groups = {k: v for k, v in self.groups.items() if v}
@@ -153,7 +156,7 @@ class GradientCoordinator:
         self.factors: dict[str, float] = {}  # "term@group" -> last scale factor
         self.rng = random.Random(seed)
         self._held: _HeldStep | None = None  # a measured step's per-term gradients, until settle
-        self._said_changed = False  # gradients a loop changed before settling: said once
+        self.said_changed = said_changed  # gradients a loop changed before settling: said once a run
         self._graph_checked = False  # for reentrant activation checkpointing, on the first measured step
         # under torchrun (group -> tensor averaged over the ranks): `settle` resolves the ranks' averaged gradients,
         # and until then a measured step's .grad holds the plain sum (a rank's own resolution would be replaced,
@@ -231,13 +234,13 @@ class GradientCoordinator:
         .grad in between (without settle_gradients first) got an update that was neither the clipped nor the
         resolved one (3.6e-4 off in a probe), without a word. Said once a run."""
         recorded = getattr(held, "after_backward", None)
-        if recorded is None or self._said_changed:
+        if recorded is None or self.said_changed:
             return
         now, expected = held.grad_square(), recorded * unit * unit
         if abs(now - expected) > 1e-6 * max(expected, 1e-30):
             import warnings
 
-            self._said_changed = True
+            self.said_changed = True
             warnings.warn(f"step {held.step}: the gradients changed between the last session.backward() and "
                           "before_step (clipping them, as clip_grad_norm_ does?): with gradient accumulation or "
                           "torchrun the step's micro-batches are resolved together when it settles, so call "

@@ -145,7 +145,8 @@ class QuantLSQ(Selection):
                 f"min_bits/max_bits ({self.min_bits}, {self.max_bits}) bound learned bit-widths, which only the dead-zone "
                 f"quantizer learns; without zero_level: true every layer is stored at bits ({self.bits}). Add zero_level: "
                 "true and size_budget (docs/joint.md, learned bit-widths), or remove min_bits and max_bits")
-        if self.act_bits != 8 and not self.activations:  # (fields_set: every field where a dumped recipe is re-read)
+        # act_bits away from its default (not model_fields_set: a resolved recipe is re-read with every field set)
+        if self.act_bits != 8 and not self.activations:
             warnings.warn(f"quant_lsq.act_bits: {self.act_bits} does nothing without activations: true (the layers' "
                           "inputs stay fp32); add activations: true, or remove act_bits", stacklevel=1)  # pydantic's frame is above
         return self

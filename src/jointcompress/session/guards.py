@@ -37,9 +37,10 @@ def check_terms_given(terms) -> None:
                             "session.loss(outputs, batch, task_loss=loss)); session.backward(terms)")
     wrong = {name: t for name, t in terms.items() if not isinstance(t, torch.Tensor) or t.numel() != 1}
     if wrong:
+        from .outputs import described
+
         name, t = next(iter(wrong.items()))
-        shown = f"a tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise TrainingError(f"session.backward: the term '{name}' is {shown}; every term is a scalar tensor with its "
+        raise TrainingError(f"session.backward: the term '{name}' is {described(t)}; every term is a scalar tensor with its "
                             "graph (reduce a per-sample loss with .mean(); not .item(), which has no gradient)")
 
 

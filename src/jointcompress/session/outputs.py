@@ -154,13 +154,17 @@ def model_loss(outputs) -> torch.Tensor | None:
     return loss if isinstance(loss, torch.Tensor) else None
 
 
+def described(value) -> str:
+    """A loss that is no scalar tensor, as its error names it: its shape, or its type."""
+    return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 def check_scalar_loss(loss, what: str = "loss_fn returned") -> None:
     """A loss_fn (or session.loss's task_loss) must be one number to minimize, as a tensor: a per-sample
     loss (reduction='none') failed later inside float() or autograd ("grad can be implicitly created
     only for scalar outputs"), and a Python number (loss.item()) in the coordinator, naming neither."""
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        shown = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise DataError(f"{what} {shown}; give a scalar tensor with its graph (reduce a per-sample loss with "
+        raise DataError(f"{what} {described(loss)}; give a scalar tensor with its graph (reduce a per-sample loss with "
                         ".mean(), or use the loss's reduction='mean'; not loss.item(), which has no gradient)")
 
 

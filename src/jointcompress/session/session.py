@@ -225,12 +225,11 @@ class CompressionSession:
             self._own_optimizer(groups)
         elif self.optimizer is not None:
             self._add_missing_groups()
-        said = getattr(self.coordinator, "_said_changed", False)  # its warning is said once a run
         self.coordinator = GradientCoordinator(
             self.recipe.coordination, {g["name"]: g["params"] for g in groups}, seed=self.recipe.training.seed,
             mean_over_ranks=self.sync.mean_groups if self.sync.dist is not None else None,
+            said_changed=self.coordinator is not None and self.coordinator.said_changed,
         )
-        self.coordinator._said_changed = said
         self.param_names = {id(p): n for n, p in self.model.named_parameters()}
         for t in self.techniques:
             for attr, val in vars(t).items():
