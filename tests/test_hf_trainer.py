@@ -749,3 +749,31 @@ def test_gradient_accumulation_with_a_loss_fn_of_the_users_divides_it_by_the_ste
     whole, accumulated = (_one_step_update(tmp_path, data, batch, steps, recipe, loss_fn=next_token_loss)
                           for batch, steps in ((32, 1), (16, 2)))
     assert whole.norm() > 0 and (whole - accumulated).norm() / whole.norm() < 1e-5
+
+
+def test_save_model_of_a_pruned_class_carries_its_code(tmp_path):
+    """Heads removed per layer make a pruned class, which from_pretrained builds only with jointcompress imported
+    or from the folder's own modeling_pruned.py; export_folder wrote that file, save_model did not: the folder
+    did not load where jointcompress is not installed."""
+    from hf_helpers import logits_without_jointcompress
+
+    from jointcompress.hf.pruned import is_pruned_class
+
+    model = tiny_bert(layers=2, seed=0)
+    recipe = {"techniques": [{"type": "prune_heads", "sparsity": 0.5, "end": 0.5}]}
+    session = jointcompress.prepare(model, recipe, total_steps=4)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=8,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    CompressionTrainer(session=session, model=model, args=args, train_dataset=_rows(16)).train()
+    session.finalize()
+    assert is_pruned_class(model)
+    trainer = CompressionTrainer(session=session, model=model, args=args)
+    trainer.save_model(str(tmp_path / "final"))
+    assert (tmp_path / "final" / "modeling_pruned.py").is_file()
+    assert "auto_map" not in model.config.to_dict()  # the user's model is left as it was
+    batch = {k: torch.stack([r[k] for r in _rows(4, seed=3)]) for k in ("input_ids", "attention_mask")}
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    got = logits_without_jointcompress(tmp_path / "final", "AutoModelForSequenceClassification", batch, tmp_path)
+    assert torch.allclose(got, expected, atol=1e-5)

@@ -112,3 +112,28 @@ def test_act_bits_without_activations_is_said():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         parse_recipe({"techniques": [{"type": "quant_lsq", "act_bits": 4, "activations": True}]})
+
+
+@pytest.mark.parametrize("data, words", [
+    ({"training": {"epochs": True}}, r"training: epochs: true is a yes/no, not a number"),
+    ({"techniques": [{"type": "quant_lsq", "bits": False}]}, r"quant_lsq: bits: false is a yes/no"),
+    ({"target": {"ratio": True}}, r"target: ratio: true is a yes/no"),
+])
+def test_a_yes_no_given_for_a_number_is_refused(data, words):
+    """YAML's `epochs: true` became 1 (pydantic reads a bool as an int) and the run trained one epoch unsaid."""
+    with pytest.raises(RecipeError, match=words):
+        parse_recipe(data)
+    compiled = parse_recipe({"techniques": [{"type": "quant_lsq", "compile": True}]})  # a field that takes a bool
+    assert compiled.technique("quant_lsq").compile is True
+
+
+def test_a_utf16_file_and_two_models_are_refused_by_name(tmp_path):
+    """A recipe saved as UTF-16 (PowerShell's `>`) was called "not a text file"; `model:` beside `hf:` ran the
+    Hugging Face path and ignored `model:` unsaid."""
+    wide = tmp_path / "wide.yaml"
+    wide.write_bytes("training:\n  epochs: 2\n".encode("utf-16"))
+    with pytest.raises(RecipeError, match=r"wide.yaml: is saved as UTF-16; save it as UTF-8"):
+        load_recipe(wide)
+    with pytest.raises(RecipeError, match=r"model: 'lenet5' names a reference model .* give one"):
+        parse_recipe({"model": "lenet5", "hf": {"model_name_or_path": "my-model"}})
+    assert parse_recipe({"hf": {"model_name_or_path": "my-model"}}).model is None

@@ -10,7 +10,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -22,6 +22,30 @@ class Strict(BaseModel):
     # allow_inf_nan=False: a NaN or inf in any number is refused as "not a finite number", where a bounded field
     # would otherwise blame its bound (NaN fails every comparison)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_yes_no_for_numbers(cls, data):
+        """YAML reads `true` / `false` as booleans, and pydantic takes them as 1 / 0 for a number field:
+        `epochs: true` ran one epoch without a word."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                info = cls.model_fields.get(key) if isinstance(key, str) else None
+                if isinstance(value, bool) and info is not None and _number_not_bool(info.annotation):
+                    raise ValueError(f"{key}: {str(value).lower()} is a yes/no, not a number; give {key} a number")
+        return data
+
+
+def _number_not_bool(annotation) -> bool:
+    """Whether a field's type takes an int or a float but no bool (Annotated and unions unwrapped)."""
+    kinds, todo = set(), [annotation]
+    while todo:
+        t = todo.pop()
+        if get_origin(t) in (Annotated, Union) or type(t).__name__ == "UnionType":
+            todo.extend(get_args(t)[:1] if get_origin(t) is Annotated else get_args(t))
+        else:
+            kinds.add(t)
+    return bool(kinds & {int, float}) and bool not in kinds
 
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -556,6 +580,15 @@ class Recipe(Strict):
         return self
 
     @model_validator(mode="after")
+    def _one_model(self):
+        """`model:` and `hf:` name two models; the command line took the hf path and ignored `model:` unsaid."""
+        if self.hf is not None and self.model is not None:
+            raise ValueError(f"model: {self.model!r} names a reference model for the command line, and the hf: "
+                             "section compresses a Hugging Face model (hf.model_name_or_path, or --weights); give "
+                             "one: remove model:, or the hf: section")
+        return self
+
+    @model_validator(mode="after")
     def _sparsity_given(self):
         """A pruning technique's sparsity may be left out only where a target's allocator sets it:
         a size target sets prune_unstructured's, a latency target prune_structured's."""
@@ -749,6 +782,9 @@ def load_recipe(path: str | Path, defaults: dict | None = None) -> Recipe:
                           "src/jointcompress/recipes/)")
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
+    if path.read_bytes()[:2] in (b"\xff\xfe", b"\xfe\xff"):  # what PowerShell's `>` and some editors write
+        raise RecipeError(f"{path}: is saved as UTF-16; save it as UTF-8 (in PowerShell: "
+                          "Out-File -Encoding utf8, or Set-Content)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

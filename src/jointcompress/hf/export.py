@@ -13,6 +13,7 @@ use the pruned model_type; they load
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from jointcompress.errors import ArtifactError
+from jointcompress.io import atomic_write_bytes
 from jointcompress.hf import modeling_pruned
 from jointcompress.hf.modeling_pruned import auto_class
 from jointcompress.hf.int8 import baked_copy
@@ -84,16 +86,26 @@ def export_folder(model: nn.Module, tokenizer, out_dir: str | Path, *, remote_co
     out.mkdir(parents=True, exist_ok=True)
     model = baked_copy(model) if any(hasattr(m, "parametrizations") for m in model.modules()) else model
     check_config_builds(model, "export_folder")
-    cfg = model.config
-    if is_pruned_class(model) and remote_code:
-        cfg_cls = type(cfg).__name__
-        model_cls = type(model).__name__
-        stem = REMOTE_FILE[:-3]
-        cfg.auto_map = {"AutoConfig": f"{stem}.{cfg_cls}", auto_class(cfg.model_type): f"{stem}.{model_cls}"}
-        shutil.copyfile(modeling_pruned.__file__, out / REMOTE_FILE)
     model.save_pretrained(out, safe_serialization=True)
+    if remote_code:
+        add_remote_code(model, out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def add_remote_code(model: nn.Module, folder: str | Path) -> None:
+    """A folder of a pruned class (per-layer widths) loads without jointcompress only with trust_remote_code=True
+    and a copy of modeling_pruned.py that its config.json's auto_map points at: both added to a folder that
+    save_pretrained wrote (the model's own config is left as it is). Nothing for a stock class."""
+    if not is_pruned_class(model):
+        return
+    out = Path(folder)
+    stem = REMOTE_FILE[:-3]
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    config["auto_map"] = {"AutoConfig": f"{stem}.{type(model.config).__name__}",
+                          auto_class(model.config.model_type): f"{stem}.{type(model).__name__}"}
+    shutil.copyfile(modeling_pruned.__file__, out / REMOTE_FILE)
+    atomic_write_bytes(out / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
 
 
 def folder_bytes(path: str | Path, patterns: tuple[str, ...] = ("*.safetensors", "*.onnx", "*.pt")) -> int:

@@ -154,14 +154,15 @@ class CompressionTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
         if _internal_call or not self.args.should_save:
             return
+        folder = output_dir or self.args.output_dir
         if finalized:  # a folder from_pretrained loads, less any input rounding
-            from ..hf.export import warn_input_rounding
+            from ..hf.export import add_remote_code, warn_input_rounding
 
+            add_remote_code(self.model, folder)  # a pruned class loads without jointcompress too
             warn_input_rounding(self.model, stacklevel=4)
             return
         from ..io import atomic_write_bytes
 
-        folder = output_dir or self.args.output_dir
         buffer = io.BytesIO()
         torch.save(self.session.state_dict(), buffer)
         atomic_write_bytes(os.path.join(folder, SESSION_FILE), buffer.getvalue())
