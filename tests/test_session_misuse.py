@@ -521,3 +521,55 @@ def test_gradients_changed_before_settling_are_said_once_a_run_across_a_techniqu
             optimizer.step()
             session.after_step()
     assert sum("the gradients changed between the last session.backward()" in str(w.message) for w in caught) == 1
+
+
+@pytest.mark.parametrize("order", ["right", "optimizer_last"])
+def test_an_optimizer_step_after_after_step_is_said_once(order):
+    """before_step, after_step, then optimizer.step(): the step ended (its size reading, the next step's masks and
+    freezes) on the weights before the update, with no word. A bound optimizer's post-hook says it once."""
+    model, session, opt = _session(PRUNE_LSQ, steps=6)
+    x, y = _data()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            terms = session.loss(model(x), (x, y))
+            opt.zero_grad()
+            session.backward(terms)
+            session.before_step()
+            if order == "right":
+                opt.step()
+                session.after_step()
+            else:
+                session.after_step()
+                opt.step()
+    late = [str(w.message) for w in said if "optimizer.step() after session.after_step()" in str(w.message)]
+    assert len(late) == (1 if order == "optimizer_last" else 0), late
+    assert session.step == 4
+
+
+def test_a_checkpoint_loaded_in_the_wrong_order_names_the_order():
+    """model.load_state_dict before session.load_state_dict ended in torch's raw list of missing and unexpected
+    parametrizations keys (now said first); optimizer.load_state_dict before it in "a different number of
+    groups" (now refused by name)."""
+    from jointcompress.errors import TrainingError
+
+    model, session, opt = _session(PRUNE_LSQ, steps=8)
+    x, y = _data()
+    for _ in range(4):  # past quant_lsq's start: its quantizers hold keys a fresh model lacks
+        terms = session.loss(model(x), (x, y))
+        opt.zero_grad()
+        session.backward(terms)
+        session.before_step()
+        opt.step()
+        session.after_step()
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "session": session.state_dict()}
+    model, session, opt = _session(PRUNE_LSQ, steps=8)
+    with pytest.warns(RuntimeWarning, match=r"model.load_state_dict: .*call session.load_state_dict\(state\) first"):
+        with pytest.raises(RuntimeError, match="Unexpected key"):  # torch's own error follows the word
+            model.load_state_dict(state["model"])
+    with pytest.raises(TrainingError, match=r"optimizer.load_state_dict: .* parameter groups .*session.load_state_dict"):
+        opt.load_state_dict(state["optimizer"])
+    session.load_state_dict(state["session"])
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    assert session.step == 4 and torch.equal(model(x), model(x))

@@ -144,6 +144,72 @@ class NonFiniteWatch:
             "is false, or clean the data", RuntimeWarning, stacklevel=3)
 
 
+class OptimizerOrderWatch:
+    """optimizer.step() of a bound optimizer after session.after_step() instead of before it: after_step ends
+    the step (the size budget's multiplier reads the step's size, the next step's masks and freezes are set
+    from the weights), so all of it ran on the weights before the update, with no word. Said once, from a
+    post-hook on the optimizer's step; a step GradScaler skips (no optimizer.step) says nothing. Its state
+    loaded before the session's is refused by name (refuse_optimizer_state_first)."""
+
+    def __init__(self):
+        self.handle = self.loading = self.optimizer = None
+        self.warned = False
+
+    def watch(self, optimizer: torch.optim.Optimizer, session) -> None:
+        if optimizer is self.optimizer:
+            return
+        self.remove()
+        self.optimizer = optimizer
+        inner = optimizer  # accelerate's AcceleratedOptimizer (the Trainer's) wraps the one that steps
+        while not hasattr(inner, "_optimizer_step_post_hooks") and hasattr(inner, "optimizer"):
+            inner = inner.optimizer
+        if hasattr(inner, "_optimizer_step_post_hooks"):
+            self.handle = inner.register_step_post_hook(lambda *_: self._stepped(session))
+            self.loading = inner.register_load_state_dict_pre_hook(refuse_optimizer_state_first)
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.loading.remove()
+            self.handle = self.loading = None
+
+    def _stepped(self, session) -> None:
+        if self.warned or session.spec is not None or session._before_at is None:
+            return
+        if session._before_at == session.step - 1:  # before_step of the last step, and after_step since
+            self.warned = True
+            warnings.warn(f"optimizer.step() after session.after_step() (session step {session.step}): after_step "
+                          "ends the step (the next step's masks and freezes are set from the weights), so it ran on "
+                          "the weights before the update it should follow; call session.before_step(), optimizer.step(), "
+                          "session.after_step() in this order", RuntimeWarning, stacklevel=4)
+
+
+def refuse_model_state_first(module: torch.nn.Module, incompatible) -> None:
+    """A load_state_dict post-hook on the session's model: a checkpoint's model state loaded before
+    session.load_state_dict (which rebuilds the masks and quantizers the saved keys belong to) ended in torch's
+    raw list of missing and unexpected `parametrizations` keys, or with strict=False skipped them unsaid. Said
+    before torch's error, not raised: a post-hook cannot tell strict=False, whose keys torch returns to the
+    caller (transformers' Trainer loads that way)."""
+    saved_under = [k for k in incompatible.unexpected_keys if ".parametrizations." in k]
+    if saved_under:
+        warnings.warn(
+            f"model.load_state_dict: the checkpoint holds weights under masks and quantizers the model has not "
+            f"attached yet ({saved_under[0]}, {len(saved_under)} such keys): call session.load_state_dict(state) "
+            "first (it rebuilds them at the saved step), then model.load_state_dict, then optimizer.load_state_dict",
+            RuntimeWarning, stacklevel=4)
+
+
+def refuse_optimizer_state_first(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """A load_state_dict pre-hook on a bound optimizer: its state loaded before session.load_state_dict (which adds
+    the groups of the techniques attached by the saved step) failed in torch with "a different number of groups"."""
+    saved = len(state.get("param_groups", [])) if isinstance(state, Mapping) else 0
+    if saved > len(optimizer.param_groups):
+        raise TrainingError(
+            f"optimizer.load_state_dict: the checkpoint's optimizer has {saved} parameter groups and this one "
+            f"{len(optimizer.param_groups)}: the techniques attached by the saved step add theirs. Call "
+            "session.load_state_dict(state) first, then model.load_state_dict, then optimizer.load_state_dict")
+
+
 def session_identity(session) -> dict:
     """What a session's checkpoint must match to be resumed into another session: the recipe that runs
     (techniques, their windows and targets; not the settings of memory alone, such as

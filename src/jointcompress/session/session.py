@@ -34,8 +34,9 @@ from ..techniques.pruning import PruningTechnique
 from . import terms as _terms
 from .outputs import (Batch, call_model, check_scalar_loss, decoder_token_mask, default_task_loss, is_encoder_decoder,
                       logits_of, split_batch)
-from .guards import (NonFiniteWatch, check_fits, check_terms_given, check_terms_have_grad, check_terms_reach_model,
-                     refuse_ddp_forward, refuse_finalized, session_identity)
+from .guards import (NonFiniteWatch, OptimizerOrderWatch, check_fits, check_terms_given, check_terms_have_grad,
+                     check_terms_reach_model, refuse_ddp_forward, refuse_finalized, refuse_model_state_first,
+                     session_identity)
 from .loss_scale import LossScale
 from .schedule import apply_events, event_steps
 from .sync import Sync
@@ -78,10 +79,12 @@ class CompressionSession:
         self._warned_decay = False
         self._unbound_probe: list | None = None  # (parameter, its value before the step): see _probe_unbound
         self.nonfinite = NonFiniteWatch()  # the caller's own loop (the built-in loop rolls such steps back)
+        self.step_order = OptimizerOrderWatch()  # a bound optimizer stepped after after_step, or loaded first
         self.loss_scale = LossScale()  # fp16 mixed precision: the scaler the step's backward was given
         self.spec = None  # what finalize() returned: the session is finished then
         self.on_restructure: list[Callable[[], None]] = []  # after attach/freeze events (rollback snapshots)
         self._ddp_guard = model.register_forward_pre_hook(refuse_ddp_forward)  # a wrapper added after prepare()
+        self._load_guard = model.register_load_state_dict_post_hook(refuse_model_state_first)
 
     # -- start -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -143,6 +146,7 @@ class CompressionSession:
         scheduler on it (bind again once it is made), which a group added later then follows
         (session/lr_schedulers.py); without it such a group breaks most torch schedulers."""
         self.optimizer, self.owns_optimizer = optimizer, False
+        self.step_order.watch(optimizer, self)
         if scheduler is not None:
             self.scheduler = scheduler
         if optimizer is not self._bound_optimizer:  # its rate before any schedule cut it
@@ -578,6 +582,8 @@ class CompressionSession:
             if hasattr(t, "remove_hooks"):
                 t.remove_hooks()
         self._ddp_guard.remove()
+        self._load_guard.remove()
+        self.step_order.remove()
 
     def finalize(self, example_inputs=None):
         """Make the compression permanent (masks applied and removed, LSQ values baked, pruned
