@@ -176,3 +176,26 @@ def test_a_builder_named_like_an_emoji_code_is_printed_as_written(files, monkeyp
     monkeypatch.chdir(files)
     code, out = _cli(monkeypatch, capsys, "dry-run", "--model", "zoo.py:cat", "--input-shape", "1,1,8,8")
     assert code in (0, None) and "zoo.py:cat: prunable channel groups" in out and "\U0001f431" not in out, out
+
+
+def test_a_command_the_model_files_own_code_starts_is_refused_not_started_again(tmp_path, monkeypatch):
+    """A script that defines build() and, unguarded, runs `jointcompress bench --model script.py:build`: the command
+    imported the script, whose code started the command again, which imported it again: 69 processes of 350 MB
+    each within minutes, until the machine ran out of memory. The command the import starts refuses by name."""
+    import os
+
+    from jointcompress.models import IMPORTING_MODEL, load_builder
+
+    (tmp_path / "script.py").write_text(
+        "import subprocess, sys\nimport torch.nn as nn\n\ndef build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(8, 2))\n\n"
+        "child = subprocess.run([sys.executable, '-c', 'import sys; from jointcompress.cli import main; "
+        "sys.argv = [\"jointcompress\", \"dry-run\", \"--model\", \"script.py:build\", \"--input-shape\", \"1,8\"]; main()'], "
+        "capture_output=True, text=True)\n"
+        "open('child.txt', 'w').write(f'{child.returncode}\\n{child.stdout}{child.stderr}')\n")
+    monkeypatch.chdir(tmp_path)
+    load_builder.cache_clear()
+    assert callable(load_builder("script.py:build"))
+    code, said = (tmp_path / "child.txt").read_text().split("\n", 1)
+    assert code == "2" and "started while importing --model script.py:build" in " ".join(said.split()), said
+    assert "if __name__ ==" in said and "Traceback" not in said
+    assert IMPORTING_MODEL not in os.environ  # unset once the import is done

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .commands import BUILT_IN_MODELS, DEVICE_HELP
-from .errors import JointCompressError
+from .errors import JointCompressError, RecipeError
 from .io import output_folder, removed_if_refused
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Joint pruning + quantization + distillation for PyTorch models.")
@@ -935,8 +935,21 @@ def main() -> None:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _refuse_inside_model_import() -> None:
+    """A command started by the top-level code of the --model file another command is importing: it would import
+    that file again, whose code starts the command again, without end (each a process holding a model)."""
+    from .models import IMPORTING_MODEL
+
+    importing = os.environ.get(IMPORTING_MODEL)
+    if importing:
+        raise RecipeError(f"jointcompress started while importing --model {importing}, whose top-level code ran this "
+                          "command: each run would import the file again and start another. Put the file's script "
+                          "part under `if __name__ == \"__main__\":`, so importing it only defines the builder")
+
+
 def _run(debug: bool) -> None:
     try:
+        _refuse_inside_model_import()
         code = app(standalone_mode=False)
         # typer (>= 0.22) returns the code of an Exit instead of raising it here, and turns Ctrl-C
         # into Exit(130): an interrupted run would otherwise end with status 0 and no word

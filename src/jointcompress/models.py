@@ -253,6 +253,11 @@ def _first_line(exc: BaseException) -> str:
 _BUILDERS: dict[str, object] = {}
 
 
+# set while a builder's file is imported: a command that file's top-level code starts (a script that builds the
+# model and runs `jointcompress bench --model file.py:build` unguarded) would import it again, and so on
+IMPORTING_MODEL = "JOINTCOMPRESS_IMPORTING_MODEL"
+
+
 def load_builder(spec: str):
     """The zero-argument function `spec` names: `package.module:function` (importable, or from the
     current directory as `python -m` would find it) or `path/to/file.py:function`. Loaded once per
@@ -299,6 +304,8 @@ def _import_builder_module(spec: str, where: str):
             sys.path.insert(0, folder)
     elif "" not in sys.path and os.getcwd() not in sys.path:  # a console script does not search it
         sys.path.insert(0, os.getcwd())
+    outer = os.environ.get(IMPORTING_MODEL)
+    os.environ[IMPORTING_MODEL] = spec  # a command its top-level code starts refuses to run (cli.main)
     try:
         if where.endswith(".py"):
             module = importlib.util.module_from_spec(loader)
@@ -319,6 +326,11 @@ def _import_builder_module(spec: str, where: str):
                 else "; fix the error in the file")
         raise RecipeError(f"model {spec!r}: importing {where!r} raised {_first_line(exc)}{_at(exc, True)}{hint} "
                           "(--debug shows the traceback)") from exc
+    finally:
+        if outer is None:
+            os.environ.pop(IMPORTING_MODEL, None)
+        else:
+            os.environ[IMPORTING_MODEL] = outer
 
 
 def _check_takes_no_arguments(spec: str, func: str, builder) -> None:
