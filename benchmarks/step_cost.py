@@ -91,16 +91,18 @@ def budget_recipe(strategy: str, every: int, target_bytes: float, compile="auto"
     widths instead (the paced recipe: fixed widths, the Fisher saliency on the dead zones);
     `accuracy_as_one`: the coordination resolves accuracy (task + distill) against size only."""
     budget = {"end": 0.6, "freeze": 0.8}
-    learn_bits = True
+    learn_bits, nonzero_grid = True, False
     if variant is not None:
         budget = joint_options(variant, total_steps=10_000)
         learn_bits = budget.pop("learn_bits", False)
+        nonzero_grid = budget.pop("nonzero_grid", False)
     return parse_recipe({
         "training": {"epochs": 1, "batch_size": BATCH[0]},
         "coordination": {"strategy": strategy, "every": every if strategy != "none" else 1000000,
                          "accuracy_as_one": accuracy_as_one},
         "techniques": [
-            {"type": "quant_lsq", "bits": 4, "zero_level": True, "compile": compile, "learn_bits": learn_bits},
+            {"type": "quant_lsq", "bits": 4, "zero_level": True, "compile": compile, "learn_bits": learn_bits,
+             "nonzero_grid": nonzero_grid},
             {"type": "size_budget", "target_bytes": target_bytes, **budget},
             {"type": "distill_kd", "temperature": 4.0, "alpha": 0.7, "cache_teacher": True},
         ],

@@ -718,6 +718,59 @@ def two_bit_section(points=TWO_BIT_POINTS) -> list[str]:
             "", "Reproduce: " + "; ".join(commands) + ".", ""]
 
 
+NONZERO_GRID_VARIANT = "joint-paced-obdland-nz-none"
+# (folder, ratio): the joint form, the joint form on the nonzero grid and sequential in one command
+NONZERO_GRID_POINTS = (("compare_lenet300_2k_2bit_nz_val", 60.0), ("compare_lenet300_2k_2bit_nz_val", 100.0),
+                       ("compare_lenet5_2k_2bit_nz_val", 100.0), ("compare_lenet5_2k_2bit_nz_val", 200.0))
+
+
+def _nonzero_grid_row(folder: str, ratio: float) -> tuple[str, str] | None:
+    """One point's row (each variant's mean error and file over its target, the nonzero grid paired against
+    sequential and against the joint form) and its command; None where the folder is missing."""
+    r = load_compare(folder)
+    if r is None:
+        return None
+    runs = [x for x in r["runs"] if x["ratio_target"] == ratio]
+    cells = []
+    for variant in (JOINT_FORM_VARIANT, NONZERO_GRID_VARIANT, "sequential"):
+        mine = [x for x in runs if x["variant"] == variant]
+        if not mine:
+            return None
+        files = statistics.fmean(x["file_bytes"] / x["target_bytes"] for x in mine)
+        cells.append(f"{100 * statistics.fmean(x['error'] for x in mine):.2f}% ({files:.3f})")
+    for baseline, words in (("sequential", ("nonzero grid", "sequential")), (JOINT_FORM_VARIANT, ("nonzero grid", "joint"))):
+        cells.append(_paired_cell(paired_stats(runs, NONZERO_GRID_VARIANT, ratio, baseline), words))
+    cells.append(_paired_cell(paired_stats(runs, JOINT_FORM_VARIANT, ratio, "sequential")))
+    bits = next((t.get("bits", "-") for t in r["recipe"]["techniques"] if t["type"] == "quant_lsq"), "-")
+    row = (f"| {MODELS[r['model']]} | {ratio:g}x | {r.get('train_images', 60000):,} | {bits} | "
+           f"{_epochs_cell(r)} | {' | '.join(cells)} | `{folder}` |")
+    return row, _reproduce(r, r["model"])
+
+
+def nonzero_grid_section(points=NONZERO_GRID_POINTS) -> list[str]:
+    """The joint form on the nonzero grid (quant_lsq.nonzero_grid) where it lost at 2 bits."""
+    rows, commands = [], []
+    for folder, ratio in points:
+        made = _nonzero_grid_row(folder, ratio)
+        if made is not None:
+            rows.append(made[0])
+            commands += [made[1]] if made[1] not in commands else []
+    if not rows:
+        return []
+    return ["## Two bits on the nonzero grid (quant_lsq.nonzero_grid)", "",
+            "The joint form's dead-zone quantizer never rounds a kept weight to zero, and the artifact stores zero by "
+            "position, so a kept value at b bits needs no zero code: on the nonzero grid its levels are ±1 to "
+            "±2^(b-1) steps (every code a level; at 2 bits ±1 and ±2, where the joint form otherwise keeps ±1 only, "
+            "2 of its 4 codes). `" + NONZERO_GRID_VARIANT + "` is " + JOINT_FORM_VARIANT + " with "
+            "`quant_lsq.nonzero_grid: true`; all three variants ran in one command, on the same teachers, seeds, steps "
+            "and target bytes. Error on the test split, mean over seeds, the weights file over its target in brackets; "
+            "differences paired by seed, ± one standard error, counted only beyond 2 standard errors.", "",
+            f"| model | target | training images | bits | epochs | {JOINT_FORM_VARIANT} | {NONZERO_GRID_VARIANT} | "
+            "sequential | nonzero grid − sequential | nonzero grid − joint | joint − sequential | results |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *rows, "",
+            "Reproduce: " + "; ".join(commands) + ".", ""]
+
+
 def paired_difference(runs: list[dict], variant: str, ratio: float, baseline: str = "sequential") -> str:
     """Joint minus sequential (or `baseline`) error per seed (same teacher, same budgets), with its
     standard error: a difference counts only when it exceeds two standard errors."""
@@ -2173,6 +2226,7 @@ def main() -> None:
     text += stronger_baseline_section()
     text += bit_choice_section()
     text += two_bit_section()
+    text += nonzero_grid_section()
     text += keep_rule_section()
     text += gpu_section()
     text += demo_section()

@@ -17,6 +17,7 @@ from jointcompress.errors import RecipeError
 from jointcompress.joint_form import JOINT_FORM_VARIANT, as_joint_form
 from jointcompress.recipe import parse_recipe
 from jointcompress.artifact.size import dense_fp32_bytes
+from jointcompress.artifact.store import load_with_spec
 
 TECHNIQUES = [{"type": "prune_unstructured", "scope": "global", "end": 0.5},
               {"type": "quant_lsq", "bits": 4, "start": 0.3}]
@@ -569,3 +570,44 @@ def test_the_quantizer_the_joint_form_adds_to_a_recipe_without_one_is_said():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         as_joint_form(quantized)
+
+
+def test_the_nonzero_grid_keeps_four_levels_at_two_bits_lands_on_the_target_and_loads_the_same_logits(tmp_path):
+    """quant_lsq.nonzero_grid: at 2 bits a kept weight is +-1 or +-2 steps (the dead-zone quantizer otherwise keeps +-1
+    only, its zero code unused: the artifact stores zero by position); the file holds them at 2 bits each, in the
+    bitmask layout, lands on its target and loads back to the same logits."""
+    x, y = _data()
+    model = _model()
+    goal = dense_fp32_bytes(model) / 20
+    recipe = {"mode": "joint", "target": {"ratio": 20},
+              "techniques": [TECHNIQUES[0], {**TECHNIQUES[1], "bits": 2, "nonzero_grid": True}],
+              "training": {"epochs": 6, "batch_size": 32, "lr": 0.003}}
+    result = compress(model, recipe, (x, y), lambda m: 0.0)
+    assert result.recipe.technique("quant_lsq").nonzero_grid
+    spec = finalize(model, result.example_inputs)
+    modules = dict(model.named_modules())
+    for name, ls in spec.layers.items():
+        q = modules[name].weight.detach() / ls.scale.view(-1, 1)
+        assert ls.nonzero_levels and ls.bits == 2 and torch.allclose(q, q.round(), atol=1e-3)
+        assert set(q.round().unique().tolist()) <= {-2.0, -1.0, 0.0, 1.0, 2.0}
+    levels = torch.cat([(modules[n].weight.detach() / ls.scale.view(-1, 1)).round().flatten() for n, ls in spec.layers.items()])
+    assert (levels.abs() == 2).any() and (levels.abs() == 1).any()
+    manifest = save(model, spec, tmp_path / "a", example_inputs=result.example_inputs)
+    assert {r["levels"] for r in manifest["layers"].values()} == {"nonzero"}
+    assert {r["encoding"] for r in manifest["layers"].values()} == {"bitmask"}
+    on_disk = (tmp_path / "a" / "weights.jcw").stat().st_size
+    assert goal * 0.9 <= on_disk <= goal * 1.02, (on_disk, goal)
+    loaded, loaded_spec = load_with_spec(tmp_path / "a", _model)
+    model.eval()
+    loaded.eval()
+    assert torch.equal(model(x[:64]), loaded(x[:64]))
+    assert all(ls.nonzero_levels for ls in loaded_spec.layers.values())
+
+
+@pytest.mark.parametrize("quant, words", [({"nonzero_grid": True}, "add zero_level: true"),
+                                          ({"zero_level": True, "nonzero_grid": True, "learn_bits": False, "bits": 8},
+                                           "at most 7 bits, not bits 8"),
+                                          ({"zero_level": True, "nonzero_grid": True}, r"not max_bits 8 \(widths learned\)")])
+def test_the_nonzero_grid_outside_its_range_is_refused_by_name(quant, words):
+    with pytest.raises(RecipeError, match=words):
+        parse_recipe({"techniques": [{"type": "quant_lsq", **quant}]})

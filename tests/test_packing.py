@@ -194,3 +194,30 @@ def test_a_large_part_skips_zstd_level_19_only_where_it_cannot_win(monkeypatch):
     tiled = bytes(rng.integers(0, 16, 4096, dtype=np.uint8)) * (len(weights) // 4096)  # repeats: zstd's case
     assert entropy.code_part(tiled, 8, len(tiled)) == _code_part_level_19_always(tiled, 8, len(tiled))
     assert entropy.code_part(tiled, 8, len(tiled))[1] == "zstd"
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(2, 7), n=st.integers(0, 3000), sparsity=st.floats(0, 1), seed=st.integers(0, 10**6))
+def test_nonzero_levels_use_every_code_and_roundtrip(bits, n, sparsity, seed):
+    """quant_lsq.nonzero_grid: kept values +-1..+-2**(bits-1), stored at `bits` bits each (zero is the bitmask's)."""
+    rng = np.random.default_rng(seed)
+    top = 2 ** (bits - 1)
+    q = (rng.integers(1, top + 1, size=n) * rng.choice([-1, 1], size=n)).astype(np.int8)
+    q[rng.random(n) < sparsity] = 0
+    coded = layer_codec.encode_layer(q, bits, entropy_coding=False, nonzero_levels=True)
+    assert coded.encoding == "bitmask" and coded.entries == np.count_nonzero(q)
+    values, codec, raw = coded.parts["values"]
+    assert codec == "raw" and len(values) == (coded.entries * bits + 7) // 8
+    indices = np.frombuffer(coded.parts["indices"][0], np.uint8)
+    out = packing.decode_ints("bitmask", bits, n, np.frombuffer(values, np.uint8), indices, coded.entries,
+                              nonzero_levels=True)
+    assert np.array_equal(out, q)
+    if (q == top).any():  # the top level has no code of its own in the two's complement values
+        with pytest.raises(ValueError, match="out of range"):
+            packing.encode_bitmask(q, bits)
+
+
+def test_nonzero_levels_are_read_from_the_bitmask_layout_only():
+    e = packing.encode_relative(np.array([0, 1, 0, -2], np.int8), 2, 2)
+    with pytest.raises(ValueError, match="non-zero levels are stored in the bitmask encoding, not 'relative'"):
+        packing.decode_ints("relative", 2, 4, e.values, e.indices, e.entries, 2, nonzero_levels=True)

@@ -68,6 +68,7 @@ VARIANTS = {  # name -> (mode, coordination strategy)
     "joint-paced-obdland-scale": ("joint", "scale"),  # PACED_OBD_LANDING is what compress() runs for mode: joint
     "joint-paced-obdland-pcgrad": ("joint", "pcgrad"),  # under a size target (joint_form.py): the CLI's default set
     "joint-paced-obdtrack-none": ("joint", "none"),  # PACED_OBD cut back onto its goal inside the window (PACED_OBD_TRACK)
+    "joint-paced-obdland-nz-none": ("joint", "none"),  # PACED_OBD_LANDING on the nonzero grid (NONZERO_GRID)
 }
 # the Fisher (OBD) cost of pruned weights on the dead zones, a budget that warms up fast first and
 # slowly at the end, and a fine-tuning phase with its own LR after the freeze (docs/joint.md)
@@ -115,6 +116,10 @@ PACED_OBD_LANDING = {**PACED_OBD, "saliency_mode": "landing"}
 # PACED_OBD whose state is cut back to 25% over the budget's goal wherever it lags further inside the
 # window (size_budget.lag_tolerance), not only after it; not in the default set
 PACED_OBD_TRACK = {**PACED_OBD, "lag_tolerance": 0.25}
+# PACED_OBD_LANDING whose kept weights use every code of their width as a non-zero level (quant_lsq.nonzero_grid:
+# +-1, +-2 at 2 bits, where the dead-zone quantizer otherwise keeps +-1 only, its zero code unused since the
+# artifact stores zero by position); not in the default set
+NONZERO_GRID = {**PACED_OBD_LANDING, "nonzero_grid": True}
 JOINT_OPTIONS = {"joint-fisher-none": FISHER_BUDGET, "joint-fisher-pcgrad": FISHER_BUDGET,  # not in the default set
                  "joint-bits-none": LEARNED_BITS, "joint-bits-pcgrad": LEARNED_BITS,
                  "joint-stiff-none": STIFF_BUDGET, "joint-stiff-pcgrad": STIFF_BUDGET,
@@ -123,7 +128,8 @@ JOINT_OPTIONS = {"joint-fisher-none": FISHER_BUDGET, "joint-fisher-pcgrad": FISH
                  "joint-paced-aw-none": PACED_ANTI_WINDUP, "joint-paced-lin-none": PACED_LINEAR,
                  "joint-paced-obd-none": PACED_OBD, "joint-paced-obdrank-none": PACED_OBD_RANK,
                  "joint-paced-obdland-none": PACED_OBD_LANDING, "joint-paced-obdland-scale": PACED_OBD_LANDING,
-                 "joint-paced-obdland-pcgrad": PACED_OBD_LANDING, "joint-paced-obdtrack-none": PACED_OBD_TRACK}
+                 "joint-paced-obdland-pcgrad": PACED_OBD_LANDING, "joint-paced-obdtrack-none": PACED_OBD_TRACK,
+                 "joint-paced-obdland-nz-none": NONZERO_GRID}
 # the variants whose coordination resolves accuracy (task + distillation, one gradient) against size only
 # (coordination.accuracy_as_one): one backward fewer per measured step; not in the default set
 ACCURACY_AS_ONE = {"joint-acc-pcgrad"}

@@ -36,7 +36,8 @@ def quant_specs(model: nn.Module) -> dict[str, LayerSpec]:
         if parametrize.is_parametrized(m, "weight"):
             for p in m.parametrizations.weight:
                 if isinstance(p, LSQWeight):
-                    specs[name] = LayerSpec(bits=p.bits, scale=p.scale().clone())
+                    specs[name] = LayerSpec(bits=p.bits, scale=p.scale().clone(),
+                                            nonzero_levels=bool(getattr(p, "nonzero_grid", False)))
         aq = getattr(m, "input_quant", None)
         if aq is not None:
             spec = specs.setdefault(name, LayerSpec())

@@ -35,12 +35,14 @@ def joint_form_budget() -> dict:
     return dict(JOINT_OPTIONS[JOINT_FORM_VARIANT])
 
 
-def joint_recipe(base: Recipe, learn_bits: bool = False, total_steps: int | None = None, **budget) -> Recipe:
+def joint_recipe(base: Recipe, learn_bits: bool = False, total_steps: int | None = None, nonzero_grid: bool = False,
+                 **budget) -> Recipe:
     """The joint form of a prune + quantize recipe: zero is a level of the quantizer (a learned
     dead zone) under the target's bytes (size_budget), over the same window the masks would
     have ramped in; distillation and training stay as they are. Widths stay at quant_lsq.bits
     unless `learn_bits`: each layer's width is then learned in [min_bits, max_bits] against the
-    same budget (techniques/learned_width.py). `budget`: further size_budget fields (e.g. saliency,
+    same budget (techniques/learned_width.py); `nonzero_grid` sets quant_lsq.nonzero_grid (every code a
+    non-zero level; a recipe's own setting stays otherwise). `budget`: further size_budget fields (e.g. saliency,
     finetune_phase). A paced window (`decide_steps`) starts by 0.2 of the run, and with `total_steps`
     it is resolved here, from the budget's start, as the plan resolves it (recipe.paced_window)."""
     data = base.model_dump()
@@ -50,8 +52,10 @@ def joint_recipe(base: Recipe, learn_bits: bool = False, total_steps: int | None
     for t in techniques:
         if t["type"] == "quant_lsq":
             t.update(zero_level=True, start=first, layer_bits=None, learn_bits=learn_bits)
+            t["nonzero_grid"] = t.get("nonzero_grid", False) or nonzero_grid
     if not any(t["type"] == "quant_lsq" for t in techniques):  # its widths as asked too (learn_bits defaults to on)
-        techniques.append({"type": "quant_lsq", "bits": 4, "zero_level": True, "start": first, "learn_bits": learn_bits})
+        techniques.append({"type": "quant_lsq", "bits": 4, "zero_level": True, "start": first, "learn_bits": learn_bits,
+                           "nonzero_grid": nonzero_grid})
     end = prune.end if prune is not None else 0.6
     start = max(prune.start if prune is not None else 0.0, first)
     if budget.get("decide_steps") is not None:

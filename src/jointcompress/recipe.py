@@ -117,6 +117,9 @@ class QuantLSQ(Selection):
     # zero as a quantizer level: a learned per-channel dead zone prunes (techniques/zero_level.py)
     zero_level: bool = False
     learn_bits: bool = True  # with zero_level: learn each layer's bit-width in [min_bits, max_bits]
+    # with zero_level: a kept weight's levels are +-1..+-2**(bits-1) (every code of `bits` is a non-zero level;
+    # the artifact stores zero by position), not +-1..+-(2**(bits-1)-1): 4 levels at 2 bits, not 2
+    nonzero_grid: bool = False
     min_bits: Annotated[int, Field(ge=2, le=8)] = MIN_BITS
     max_bits: Annotated[int, Field(ge=2, le=8)] = MAX_BITS
     # learning rate of dead zones and bit-widths; None: set by size_budget so they can cross its window
@@ -169,6 +172,11 @@ class QuantLSQ(Selection):
                 f"min_bits/max_bits ({self.min_bits}, {self.max_bits}) bound learned bit-widths, which only the dead-zone "
                 f"quantizer learns; without zero_level: true every layer is stored at bits ({self.bits}). Add zero_level: "
                 "true and size_budget (docs/joint.md, learned bit-widths), or remove min_bits and max_bits")
+        widest = self.max_bits if self.zero_level and self.learn_bits else self.bits  # the joint form fixes widths
+        if self.nonzero_grid and widest > 7:
+            what = f"max_bits {self.max_bits} (widths learned)" if widest != self.bits else f"bits {self.bits}"
+            raise ValueError(f"nonzero_grid: true needs widths of at most 7 bits, not {what}: its 8-bit level 128 "
+                             "fits no int8; set bits (and max_bits where widths are learned) to 7 or less")
         # act_bits away from its default (not model_fields_set: a resolved recipe is re-read with every field set)
         if self.act_bits != 8 and not self.activations:
             warnings.warn(f"quant_lsq.act_bits: {self.act_bits} does nothing without activations: true (the layers' "
@@ -577,6 +585,18 @@ class Recipe(Strict):
                 # prune_structured: a second entry traced a model the first had already reparametrized, and crashed
                 per_group = "; per-group sparsities go in its layer_sparsity" if k == "prune_structured" else ""
                 raise ValueError(f"technique '{k}' appears {kinds.count(k)} times; use it once{per_group}")
+        return self
+
+    @model_validator(mode="after")
+    def _nonzero_grid_has_its_quantizer(self):
+        """nonzero_grid sets the dead-zone quantizer's levels: zero_level, or the joint form (mode: joint under a
+        size target), which turns it on."""
+        quant = self.technique("quant_lsq")
+        joint_form = self.mode == "joint" and self.target is not None and not self.target.is_latency
+        if quant is not None and quant.nonzero_grid and not quant.zero_level and not joint_form:
+            raise ValueError("quant_lsq.nonzero_grid: true sets the levels of the dead-zone quantizer's kept weights; "
+                             "add zero_level: true (or run mode: joint under a size target, whose joint form has "
+                             "it), or remove nonzero_grid")
         return self
 
     @model_validator(mode="after")

@@ -16,13 +16,21 @@ import torch
 
 @dataclass
 class LayerSpec:
-    """Per-layer quantization: weight == round(weight / scale) * scale, with |int| <= 2**(bits-1)-1."""
+    """Per-layer quantization: weight == round(weight / scale) * scale, with |int| <= 2**(bits-1)-1, or with
+    nonzero_levels |int| <= 2**(bits-1) (quant_lsq.nonzero_grid: zero is stored by position, every code of
+    `bits` is a non-zero level)."""
 
     bits: int | None = None  # None: weights stay fp32
     scale: torch.Tensor | None = None  # shape [out_features/out_channels], fp32 step sizes
     act_bits: int | None = None  # input activation quantization, if trained with it
     act_scale: float | None = None
     act_signed: bool = True  # False: the inputs were never negative, the grid is [0, 2^act_bits - 1]
+    nonzero_levels: bool = False
+
+    @property
+    def qmax(self) -> int:
+        """The largest |integer| a weight of this layer may hold."""
+        return 2 ** (self.bits - 1) - (0 if self.nonzero_levels else 1)
 
 
 @dataclass

@@ -80,7 +80,10 @@ def integer_weights(name: str, weight: torch.Tensor, ls: LayerSpec) -> tuple[np.
     s = scale.view(-1, *([1] * (w.dim() - 1)))
     ratio = torch.where(s != 0, w / torch.where(s != 0, s, torch.ones_like(s)), torch.zeros_like(w))
     q = torch.round(ratio)
-    qmax = 2 ** (ls.bits - 1) - 1
+    if ls.nonzero_levels and ls.bits > 7:
+        raise ArtifactError(f"spec.layers[{name!r}] has non-zero levels at {ls.bits} bits; their level "
+                            f"{2 ** (ls.bits - 1)} fits no int8: non-zero levels go up to 7 bits")
+    qmax = ls.qmax
     off = (ratio - q).abs().max().item() if w.numel() else 0.0
     if off > GRID_TOL or (q.abs() > qmax).any() or ((s == 0) & (w != 0)).any():
         raise ArtifactError(
@@ -153,7 +156,7 @@ def filled_steps(stored: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
 
 def _encode_layer(enc: Encoding, name: str, mod: nn.Module, ls: LayerSpec, entropy_coding: bool) -> None:
     q, scale = integer_weights(name, mod.weight, ls)
-    coded = layer_codec.encode_layer(q, ls.bits, entropy_coding)
+    coded = layer_codec.encode_layer(q, ls.bits, entropy_coding, ls.nonzero_levels)
     parts = {}
     for part, (stored, codec, raw) in coded.parts.items():
         key = name + PART_SUFFIX[part]
@@ -185,6 +188,8 @@ def _encode_layer(enc: Encoding, name: str, mod: nn.Module, ls: LayerSpec, entro
     }
     if ls.act_bits is not None and not ls.act_signed:  # written only when unsigned: older files read as signed
         enc.layers[name]["act_signed"] = False
+    if ls.nonzero_levels:  # written only when set: older files hold the symmetric levels
+        enc.layers[name]["levels"] = "nonzero"
 
 
 def side_symbols(rec: dict, raw_bytes: int, channels: int) -> tuple[int | None, int]:
@@ -312,7 +317,7 @@ def decode_layer(name: str, rec: dict, parts: dict[str, bytes], where: str
     shape = rec["shape"]
     try:
         q = packing.decode_ints(rec["encoding"], rec["bits"], rec["numel"], values, indices,
-                                rec["entries"], rec.get("index_bits"))
+                                rec["entries"], rec.get("index_bits"), rec.get("levels") == "nonzero")
         q = torch.from_numpy(q.astype(np.float32)).reshape(shape)
         bias_data = bias_rec = None
         if "bias" in p:

@@ -105,9 +105,9 @@ class _EncodingCache:
         self.lock = threading.Lock()  # a user's threads may save or measure two models at once
 
     @staticmethod
-    def key(flat: np.ndarray, bits: int, entropy_coding: bool) -> tuple:
+    def key(flat: np.ndarray, bits: int, entropy_coding: bool, nonzero_levels: bool = False) -> tuple:
         digest = hashlib.blake2b(np.ascontiguousarray(flat).view(np.uint8), digest_size=20).digest()
-        return bits, entropy_coding, flat.dtype.str, flat.size, digest
+        return bits, entropy_coding, nonzero_levels, flat.dtype.str, flat.size, digest
 
     def get(self, key: tuple) -> CodedLayer | None:
         with self.lock:
@@ -130,14 +130,20 @@ class _EncodingCache:
 _CACHE = _EncodingCache()
 
 
-def encode_layer(q: np.ndarray, bits: int, entropy_coding: bool = True) -> CodedLayer:
+def encode_layer(q: np.ndarray, bits: int, entropy_coding: bool = True, nonzero_levels: bool = False) -> CodedLayer:
     """The smallest stored form of one layer's integer weights q (any shape, int8), from the
-    cache where these integers were encoded lately (a copy: callers own what they get)."""
+    cache where these integers were encoded lately (a copy: callers own what they get).
+    `nonzero_levels` (quant_lsq.nonzero_grid): q's non-zero values are +-1..+-2**(bits-1), which only
+    the bitmask layout stores at `bits` bits (packing.encode_bitmask), so it is the one layout."""
     flat = np.asarray(q).ravel()
-    key = _CACHE.key(flat, bits, entropy_coding)
+    key = _CACHE.key(flat, bits, entropy_coding, nonzero_levels)
     coded = _CACHE.get(key)
     if coded is None:
-        coded = _encode_flat(flat, bits, entropy_coding)
+        if nonzero_levels:
+            e = packing.encode_bitmask(flat, bits, nonzero_levels=True)
+            coded = _code(e, entropy_coding, zstd=entropy_coding)
+        else:
+            coded = _encode_flat(flat, bits, entropy_coding)
         _CACHE.put(key, coded)
     return replace(coded, parts=dict(coded.parts))
 

@@ -126,10 +126,15 @@ def encode_relative(q: np.ndarray, bits: int, index_bits: int) -> Encoded:
     return Encoded("relative", bits, flat.size, pack_bits(val, bits), pack_unsigned(idx, index_bits), total, index_bits)
 
 
-def encode_bitmask(q: np.ndarray, bits: int) -> Encoded:
+def encode_bitmask(q: np.ndarray, bits: int, nonzero_levels: bool = False) -> Encoded:
+    """The kept positions as a bitmask, their values at `bits` bits. `nonzero_levels`: the values are
+    +-1..+-2**(bits-1), stored as q - 1 where positive (no code is spent on zero; decode_ints undoes it)."""
     flat = np.asarray(q).ravel()
     mask = flat != 0
-    return Encoded("bitmask", bits, flat.size, pack_bits(flat[mask], bits), np.packbits(mask, bitorder="little"), int(mask.sum()))
+    kept = flat[mask].astype(np.int64)
+    if nonzero_levels:
+        kept = kept - (kept > 0)
+    return Encoded("bitmask", bits, flat.size, pack_bits(kept, bits), np.packbits(mask, bitorder="little"), int(mask.sum()))
 
 
 def encode_dense(q: np.ndarray, bits: int) -> Encoded:
@@ -165,9 +170,13 @@ def encode_ints(q: np.ndarray, bits: int, encoding: str | None = None) -> Encode
 
 
 def decode_ints(enc: str, bits: int, numel: int, values: np.ndarray, indices: np.ndarray,
-                entries: int, index_bits: int | None = None) -> np.ndarray:
+                entries: int, index_bits: int | None = None, nonzero_levels: bool = False) -> np.ndarray:
     """Inverse of the encoders: a flat int8 array of `numel` weights."""
     vals = unpack_bits(values, bits, entries)
+    if nonzero_levels:  # encode_bitmask's shift undone: only the bitmask layout stores no zero value
+        if enc != "bitmask":
+            raise ValueError(f"non-zero levels are stored in the bitmask encoding, not {enc!r}")
+        vals = vals + (vals >= 0).astype(np.int8)
     out = np.zeros(numel, dtype=np.int8)
     if enc == "dense":
         if entries != numel:

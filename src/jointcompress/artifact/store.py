@@ -711,6 +711,9 @@ def _check_layer(rec, field: str) -> None:
     entries = _int(rec["entries"], f"{field}.entries", 0, numel)
     if enc == "dense":
         _need(entries == numel, f"{field}.entries", f"must equal numel ({numel}) for the dense encoding")
+    levels = rec.get("levels")
+    _need(levels is None or levels == "nonzero" and enc == "bitmask" and bits <= 7, f"{field}.levels",
+          f"must be absent or 'nonzero' (bitmask encoding, at most 7 bits), got {levels!r:.80}")
     index_bits = rec.get("index_bits")
     if enc == "relative":
         _int(index_bits, f"{field}.index_bits", min(_packing.INDEX_BITS), max(_packing.INDEX_BITS))
@@ -1003,7 +1006,7 @@ def _state(manifest: dict, parts: dict[str, bytes], tensors: dict[str, torch.Ten
         if bias is not None:
             state[f"{name}.bias"] = bias
         spec.layers[name] = LayerSpec(rec["bits"], scale, rec.get("act_bits"), rec.get("act_scale"),
-                                      rec.get("act_signed", True))
+                                      rec.get("act_signed", True), rec.get("levels") == "nonzero")
     for key, rec in manifest["other_tensors"].items():
         if key not in tensors:
             raise ArtifactError(f"{where}: tensor {key!r} listed in the manifest is missing")

@@ -60,12 +60,14 @@ def next_width(relaxed: float, held: int, min_bits: int, max_bits: int) -> int:
     return int(min(max_bits, max(min_bits, round(relaxed))))
 
 
-def noise_cost_slope(cost_now: float, held: int, relaxed: float, min_bits: int, max_bits: int) -> float:
+def noise_cost_slope(cost_now: float, held: int, relaxed: float, min_bits: int, max_bits: int,
+                     nonzero: bool = False) -> float:
     """d cost / d width of the linear interpolation of the rounding-noise cost between integer
-    widths, on the segment the relaxed width lies on (cost ~ 1 / Q(bits)^2 at a fixed range)."""
+    widths, on the segment the relaxed width lies on (cost ~ 1 / Q(bits)^2 at a fixed range;
+    `nonzero`: the nonzero grid's Q)."""
     down = relaxed < held and held > min_bits or held >= max_bits
     other = held - 1 if down else held + 1
-    ratio = (qmax_of(held) / qmax_of(other)) ** 2
+    ratio = (qmax_of(held, nonzero) / qmax_of(other, nonzero)) ** 2
     return cost_now * (1.0 - ratio) if down else cost_now * (ratio - 1.0)
 
 

@@ -295,7 +295,8 @@ class QuantLSQ(Technique):
             return LSQWeight(weight, bits, cfg.per_channel)
         from .zero_level import ZeroLevelLSQWeight
 
-        return ZeroLevelLSQWeight(weight, bits, cfg.per_channel, cfg.learn_bits, cfg.min_bits, cfg.max_bits)
+        return ZeroLevelLSQWeight(weight, bits, cfg.per_channel, cfg.learn_bits, cfg.min_bits, cfg.max_bits,
+                                  cfg.nonzero_grid)
 
     def loss_terms(self, ctx: RunContext) -> dict[str, torch.Tensor]:
         """Optional: pull weights toward their grid points (less rounding noise, fewer flips)."""

@@ -171,18 +171,18 @@ class Landing:
             fisher = q.fisher.estimate()
             weights = (fisher if fisher is not None else torch.ones_like(w)) * kept
             noise = float(0.5 * (weights * q.effective_step().detach().pow(2) / 12.0).sum())
-            state.append([int(q.held_bits), noise, float(kept.sum()), w.numel(), q.min_bits, q.max_bits])
+            state.append([int(q.held_bits), noise, float(kept.sum()), w.numel(), q.min_bits, q.max_bits, q.nonzero_grid])
         plan, spent = [], 0.0
         while spent < 2 * gap:
             best, best_price = None, 0.0
-            for i, (bits, noise, kept, numel, q_min, top) in enumerate(state):
+            for i, (bits, noise, kept, numel, q_min, top, nonzero) in enumerate(state):
                 if bits >= top or kept == 0:
                     continue
                 now, up = sparse_layer_bytes_with_slopes([kept, kept], [numel, numel], [float(bits), bits + 1.0])[0]
                 cost = self.scale * (up - now)
                 if cost > gap:
                     continue
-                removed = -lw.noise_cost_slope(noise, bits, bits + 1.0, q_min, top)  # the noise one more bit removes
+                removed = -lw.noise_cost_slope(noise, bits, bits + 1.0, q_min, top, nonzero)  # what one more bit removes
                 if best is None or removed / max(cost, 1e-9) > best_price:
                     best, best_price, best_cost, best_removed = i, removed / max(cost, 1e-9), cost, removed
             if best is None:

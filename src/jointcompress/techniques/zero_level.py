@@ -40,7 +40,8 @@ class ZeroLevelLSQWeight(LSQWeight):
     """LSQ parametrization with a learned per-channel dead zone and a learned bit-width."""
 
     def __init__(self, weight: torch.Tensor, bits: int, per_channel: bool = True,
-                 learn_bits: bool = True, min_bits: int = 2, max_bits: int = 8):
+                 learn_bits: bool = True, min_bits: int = 2, max_bits: int = 8, nonzero_grid: bool = False):
+        self.nonzero_grid = nonzero_grid  # before LSQWeight.__init__, which reads qmax
         super().__init__(weight, bits, per_channel)
         self.ref_bits, self.min_bits, self.max_bits = bits, min_bits, max_bits
         shape = self.log_step.shape
@@ -81,7 +82,7 @@ class ZeroLevelLSQWeight(LSQWeight):
 
     @property
     def qmax(self) -> int:
-        return int(qmax_of(self.bits))
+        return int(qmax_of(self.bits, self.nonzero_grid))
 
     @qmax.setter
     def qmax(self, value) -> None:
@@ -105,7 +106,8 @@ class ZeroLevelLSQWeight(LSQWeight):
         key = (int(self.held_bits), float(self.ref_bits), self.log_step.dtype, self.log_step.device)
         cached = self.__dict__.get("_multiplier")
         if cached is None or cached[0] != key:
-            cached = (key, qmax_of(float(self.ref_bits)) / qmax_of(self.held_bits.to(self.log_step.dtype)))
+            nz = self.nonzero_grid
+            cached = (key, qmax_of(float(self.ref_bits), nz) / qmax_of(self.held_bits.to(self.log_step.dtype), nz))
             self.__dict__["_multiplier"] = cached
         return cached[1]
 
@@ -144,7 +146,7 @@ class ZeroLevelLSQWeight(LSQWeight):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized):
             with torch.no_grad():
-                self.log_step.copy_(lsq_init_step(w, int(qmax_of(self.ref_bits)), self.per_channel).log())
+                self.log_step.copy_(lsq_init_step(w, int(qmax_of(self.ref_bits, self.nonzero_grid)), self.per_channel).log())
                 self.initialized.fill_(True)
         fixed = bool(self.pattern_fixed)
         learns_width = not fixed and self._learns_width(fixed)
@@ -167,12 +169,14 @@ class ZeroLevelLSQWeight(LSQWeight):
         """The kernel's constants (the same object while nothing they hold changes)."""
         per_step = w.numel() // w.shape[0] if self.per_channel else w.numel()
         compiled = getattr(self, "compiled", False)  # set by QuantLSQ (quant_lsq.compile)
-        key = (self.ref_bits, self.min_bits, self.max_bits, per_step, self.step_format, compiled, learns_width)
+        key = (self.ref_bits, self.min_bits, self.max_bits, per_step, self.step_format, compiled, learns_width,
+               self.nonzero_grid)
         cached = self.__dict__.get("_setup_cache")
         if cached is None or cached[0] != key:
-            cached = (key, ZeroLevelSetup(float(qmax_of(float(self.ref_bits))), self.min_bits, self.max_bits, per_step,
-                                          self.step_format, compiled,
-                                          learns_width))  # width_step reads the gate: the kernel hands it out
+            cached = (key, ZeroLevelSetup(float(qmax_of(float(self.ref_bits), self.nonzero_grid)), self.min_bits,
+                                          self.max_bits, per_step, self.step_format, compiled,
+                                          learns_width,  # width_step reads the gate: the kernel hands it out
+                                          self.nonzero_grid))
             self.__dict__["_setup_cache"] = cached
         return cached[1]
 
@@ -296,7 +300,8 @@ class ZeroLevelLSQWeight(LSQWeight):
             self._change_width(w, new)
         noise = self._rounding_noise(w, refresh=folded or new != held)
         if noise is not None:
-            slope = lw.noise_cost_slope(0.5 * price * noise, int(self.held_bits), relaxed, self.min_bits, self.max_bits)
+            slope = lw.noise_cost_slope(0.5 * price * noise, int(self.held_bits), relaxed, self.min_bits, self.max_bits,
+                                        self.nonzero_grid)
             grad = slope * span * sb * (1 - sb)
             self.bits_raw.grad = torch.full_like(self.bits_raw, grad) if self.bits_raw.grad is None else self.bits_raw.grad + grad
         return new != held
@@ -324,10 +329,11 @@ class ZeroLevelLSQWeight(LSQWeight):
         kept = self.hard_keep(w)
         s_old = self.effective_step().detach()
         edge = self.dead_zone().detach() * s_old
-        range_keeping = s_old * qmax_of(int(self.held_bits)) / qmax_of(new)
+        nz = self.nonzero_grid
+        range_keeping = s_old * qmax_of(int(self.held_bits), nz) / qmax_of(new, nz)
         self.width_changes.append((int(self.held_bits), new))
         self.held_bits.fill_(new)
-        s_new = lw.refit_step(w, kept, edge, range_keeping, int(qmax_of(new)), self.fisher.estimate())
+        s_new = lw.refit_step(w, kept, edge, range_keeping, int(qmax_of(new, nz)), self.fisher.estimate())
         self.log_step.copy_((s_new / self.step_multiplier()).log())
         self.dead_zone_raw.copy_(lw.dead_zone_raw_for(edge, self.effective_step().detach()))
 

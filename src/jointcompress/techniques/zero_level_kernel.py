@@ -33,8 +33,10 @@ GATE_TEMPERATURE = 0.5  # width of the dead zone's sigmoid surrogate, in steps
 SOFTPLUS_THRESHOLD = 20.0  # F.softplus's: above it softplus is linear (its gradient 1)
 
 
-def qmax_of(bits):
-    return 2 ** (bits - 1) - 1
+def qmax_of(bits, nonzero: bool = False):
+    """The largest level of a kept weight at `bits`: 2**(bits-1) - 1, or 2**(bits-1) on the nonzero grid
+    (quant_lsq.nonzero_grid: every code is a non-zero level, zero is stored by position)."""
+    return 2 ** (bits - 1) - (0 if nonzero else 1)
 
 
 def step_gate(x: torch.Tensor) -> torch.Tensor:
@@ -74,15 +76,15 @@ def _width_terms(bits_raw, cfg):
     width that trains, or one changed in place, is computed afresh."""
     key = None
     if not bits_raw.requires_grad:
-        key = (id(bits_raw), bits_raw._version, cfg.min_bits, cfg.max_bits, cfg.ref_qmax)
+        key = (id(bits_raw), bits_raw._version, cfg.min_bits, cfg.max_bits, cfg.ref_qmax, cfg.nonzero)
         hit = _WIDTH_TERMS.get(key)
         if hit is not None:
             return hit[1:]
     sb = torch.sigmoid(bits_raw)
     b = cfg.min_bits + (cfg.max_bits - cfg.min_bits) * sb
     bh = b.round()
-    hard = cfg.ref_qmax / qmax_of(bh)  # the step multiplier's value
-    terms = (sb, b, hard, int(qmax_of(int(bh))))
+    hard = cfg.ref_qmax / qmax_of(bh, cfg.nonzero)  # the step multiplier's value
+    terms = (sb, b, hard, int(qmax_of(int(bh), cfg.nonzero)))
     if key is not None:
         if len(_WIDTH_TERMS) > 1024:
             _WIDTH_TERMS.clear()
@@ -101,6 +103,7 @@ class ZeroLevelSetup:
     step_format: str | None
     compiled: bool = False  # the weight-sized arithmetic in compiled kernels (zero_level_compiled.py)
     gate: bool = False  # also hand out the 0/1 gate (the learned width's noise price reads it)
+    nonzero: bool = False  # the nonzero grid's Q (qmax_of)
 
 
 class ZeroLevelQuant(torch.autograd.Function):
@@ -259,7 +262,7 @@ def _raw_grads(ctx, grad_s, grad_sc, grad_t, sb, b, e, x, dead_zone_raw):
         if need_log:
             g_log = (out_part * ctx.grad_scale + count_part) * x
         if need_bits:
-            qm = qmax_of(b)
+            qm = qmax_of(b, cfg.nonzero)
             dsoft = -cfg.ref_qmax * (2 ** (b - 1)) * math.log(2) / (qm * qm)
             g_bits = ((out_part + count_part) * e).sum() * dsoft * ((cfg.max_bits - cfg.min_bits) * sb * (1 - sb))
     if grad_t is not None and need_dz:
