@@ -396,3 +396,36 @@ def test_bench_of_a_pooling_model_on_data_of_another_size_says_whose_shape_the_m
     assert r.exit_code == 0, r.output
     assert "MACs and latency are of --data's inputs, shaped [1, 8, 8]; the artifact was made for [1, 16, 16]" in \
         json.loads(out.read_text())["note"]
+
+
+def test_bench_of_a_second_runs_artifact_keeps_one_model_in_the_before_column(app, tmp_path):
+    """A second run (compress --weights FIRST) records the first run's smaller model's parameters and accuracy;
+    bench's "before" put those parameters beside the builder's full model's MACs, bytes and latency (params 1.11x
+    beside MACs 3.68x, 31x against compress's 9.3x). The column is the builder's; the start model is said."""
+    import numpy as np
+
+    (tmp_path / "mlp.py").write_text("import torch.nn as nn\n"
+                                     "def mlp():\n"
+                                     "    return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))\n")
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    loader = spec_from_file_location("mlp_second", tmp_path / "mlp.py")
+    module = module_from_spec(loader)
+    loader.loader.exec_module(module)
+    x = torch.randn(2, 1, 4, 4)
+    model, spec = fake_finalize(module.mlp(), x, prune=0)
+    spec.recipe = {"model": f"{tmp_path / 'mlp.py'}:mlp"}
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x_train=rng.integers(0, 256, (40, 4, 4)).astype(np.uint8), y_train=np.arange(40) % 3,
+             x_test=rng.integers(0, 256, (30, 4, 4)).astype(np.uint8), y_test=np.arange(30) % 3)
+    started = {"total": 150, "nonzero": 140}  # the first run's model, smaller than the builder's 243 parameters
+    save(model, spec, tmp_path / "art", example_inputs=x,
+         extra={"baseline_params": started, "baseline_accuracy": 0.9, "data": "d"})
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(app, ["bench", str(tmp_path / "art"), "--data", str(tmp_path / "d.npz"), "--runs", "2",
+                                 "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    result = json.loads(out.read_text())
+    assert result["before"]["params"]["total"] == sum(p.numel() for p in module.mlp().parameters()) == 243
+    assert "accuracy" not in result["before"] and "accuracy_delta" not in result["ratios"]
+    assert "started from another model (compress --weights), of 150 parameters at accuracy 0.900" in result["note"]

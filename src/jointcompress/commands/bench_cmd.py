@@ -136,10 +136,15 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
     result = bench(builder(), after, example, eval_fn=eval_fn, artifact_dir=artifact_dir, runs=runs,
                    threads=threads)
     extra = manifest.get("extra") or {}
-    if extra.get("baseline_params"):  # the trained dense model's counts: the builder's fresh one has zero biases
-        result["before"]["params"] = extra["baseline_params"]
-        result["ratios"]["params_nonzero"] = extra["baseline_params"]["nonzero"] / max(result["after"]["params"]["nonzero"], 1)
     baseline, measured_on = extra.get("baseline_accuracy"), extra.get("data")
+    started = extra.get("baseline_params")
+    if started and started.get("total") == result["before"]["params"]["total"]:
+        # the trained dense model's counts: the builder's fresh one has zero biases
+        result["before"]["params"] = started
+        result["ratios"]["params_nonzero"] = started["nonzero"] / max(result["after"]["params"]["nonzero"], 1)
+    elif started:
+        result["note"] = _started_elsewhere_note(started, baseline)
+        baseline = None  # another model's: the column is the builder's
     if baseline is not None and measured_on is not None and split is not None and not _same_data(extra, split):
         baseline = None  # the dense model's accuracy on other data: no before / after pair (bench has no dense weights)
         other = f"not on {split.name!r}" if measured_on != split.name else f"not on this {split.name!r} (other test images)"
@@ -158,6 +163,16 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
     result.update(model=name, artifact=str(artifact_dir), manifest_bytes=manifest.get("bytes"),
                   breakdown=byte_breakdown(manifest))
     return result
+
+
+def _started_elsewhere_note(started: dict, baseline: float | None) -> str:
+    """A second run's artifact (compress --weights FIRST): its run compressed the first run's smaller model, whose
+    parameters and accuracy the manifest records, while bench's "before" is the builder's full model. The two were
+    mixed in one column (params of the one, MACs, bytes and latency of the other: 1.11x beside 3.68x)."""
+    accuracy = f" at accuracy {baseline:.3f}" if baseline is not None else ""
+    return (f"before: the builder's model (its architecture as built, untrained); the run that made the artifact "
+            f"started from another model (compress --weights), of {started['total']:,} parameters{accuracy}, which "
+            "compress's own table measures against")
 
 
 def _data_as_the_model_takes_it(artifact_dir: Path, manifest: dict, data: str, split, builder):
