@@ -44,6 +44,7 @@ def ort_session_options(threads: int = DEFAULT_THREADS):
     opts.intra_op_num_threads = int(threads)
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3  # errors only: its graph clean-up warns once per unused constant (a ReLU6's clips)
     for key in SPINNING_KEYS:
         opts.add_session_config_entry(key, "0")
     return opts
