@@ -323,6 +323,22 @@ def test_bench_of_a_table_of_features_sizes_the_mlp_from_the_recorded_inputs(app
     assert r.exit_code == 0 and "accuracy" in r.output, r.output
 
 
+def _builder_module(tmp_path, name: str, source: str):
+    """The module of a builder file written into tmp_path (bench imports it by path, as a user's file)."""
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    (tmp_path / f"{name}.py").write_text(source)
+    loader = spec_from_file_location(name, tmp_path / f"{name}.py")
+    module = module_from_spec(loader)
+    loader.loader.exec_module(module)
+    return module
+
+
+MLP_SOURCE = ("import torch.nn as nn\n"
+              "def mlp():\n"
+              "    return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))\n")
+
+
 def test_bench_data_is_standardised_as_the_artifacts_model_was_trained(app, tmp_path):
     """bench --data standardised a held-out file with its own training split's statistics, not the ones the model
     was trained on (the manifest's input_standardisation), and read another accuracy than the model's."""
@@ -331,9 +347,7 @@ def test_bench_data_is_standardised_as_the_artifacts_model_was_trained(app, tmp_
     from jointcompress.data import accuracy, load_mnist
 
     torch.manual_seed(0)  # the random model's accuracies must differ between the two standardisations
-    (tmp_path / "mlp.py").write_text("import torch.nn as nn\n"
-                                     "def mlp():\n"
-                                     "    return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))\n")
+    module = _builder_module(tmp_path, "mlp", MLP_SOURCE)
     rng = np.random.default_rng(0)
     x_test, y_test = rng.integers(0, 256, (60, 4, 4)).astype(np.uint8), np.arange(60) % 3
     np.savez(tmp_path / "trained.npz", x_train=rng.integers(0, 256, (40, 4, 4)).astype(np.uint8), y_train=np.arange(40) % 3,
@@ -341,11 +355,6 @@ def test_bench_data_is_standardised_as_the_artifacts_model_was_trained(app, tmp_
     np.savez(tmp_path / "held.npz", x_train=rng.integers(0, 60, (40, 4, 4)).astype(np.uint8), y_train=np.arange(40) % 3,
              x_test=x_test, y_test=y_test)  # the same test images; a darker training split
     trained = load_mnist(tmp_path / "trained.npz")
-    from importlib.util import module_from_spec, spec_from_file_location
-
-    loader = spec_from_file_location("mlp", tmp_path / "mlp.py")
-    module = module_from_spec(loader)
-    loader.loader.exec_module(module)
     model, spec = fake_finalize(module.mlp(), trained.x_test[:2], prune=0)
     spec.recipe = {"model": f"{tmp_path / 'mlp.py'}:mlp"}
     save(model, spec, tmp_path / "art", example_inputs=trained.x_test[:2],
@@ -378,15 +387,10 @@ def test_bench_data_is_standardised_as_the_artifacts_model_was_trained(app, tmp_
 def test_bench_of_a_pooling_model_on_data_of_another_size_says_whose_shape_the_macs_are(app, tmp_path):
     """A model that pools globally runs on 14x14 images as on 28x28: bench --data of the smaller ones reported
     a quarter of the MACs with no word that they were not the artifact's inputs."""
-    (tmp_path / "pool.py").write_text("import torch.nn as nn\n"
-                                      "def cnn():\n"
-                                      "    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), "
-                                      "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 10))\n")
-    from importlib.util import module_from_spec, spec_from_file_location
-
-    loader = spec_from_file_location("pool", tmp_path / "pool.py")
-    module = module_from_spec(loader)
-    loader.loader.exec_module(module)
+    module = _builder_module(tmp_path, "pool", "import torch.nn as nn\n"
+                                               "def cnn():\n"
+                                               "    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), "
+                                               "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 10))\n")
     x = torch.randn(2, 1, 16, 16)
     model, spec = fake_finalize(module.cnn(), x, prune=0)
     spec.recipe = {"model": f"{tmp_path / 'pool.py'}:cnn"}
@@ -404,14 +408,7 @@ def test_bench_of_a_second_runs_artifact_keeps_one_model_in_the_before_column(ap
     beside MACs 3.68x, 31x against compress's 9.3x). The column is the builder's; the start model is said."""
     import numpy as np
 
-    (tmp_path / "mlp.py").write_text("import torch.nn as nn\n"
-                                     "def mlp():\n"
-                                     "    return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))\n")
-    from importlib.util import module_from_spec, spec_from_file_location
-
-    loader = spec_from_file_location("mlp_second", tmp_path / "mlp.py")
-    module = module_from_spec(loader)
-    loader.loader.exec_module(module)
+    module = _builder_module(tmp_path, "mlp", MLP_SOURCE)
     x = torch.randn(2, 1, 4, 4)
     model, spec = fake_finalize(module.mlp(), x, prune=0)
     spec.recipe = {"model": f"{tmp_path / 'mlp.py'}:mlp"}

@@ -39,14 +39,19 @@ def _session(recipe=PRUNE_LSQ, steps=8, lr=1e-3, bind=True):
     return model, session, opt
 
 
-def _step(model, session, opt, sched=None):
+def _step(model, session, opt, sched=None, optimizer_last=False):
+    """One step of the documented loop; `optimizer_last`: optimizer.step() after session.after_step() (misuse)."""
     x, y = _data()
     terms = session.loss(model(x), (x, y))
     opt.zero_grad()
     session.backward(terms)
     session.before_step()
-    opt.step()
-    session.after_step()
+    if optimizer_last:
+        session.after_step()
+        opt.step()
+    else:
+        opt.step()
+        session.after_step()
     if sched is not None:
         sched.step()
 
@@ -528,20 +533,10 @@ def test_an_optimizer_step_after_after_step_is_said_once(order):
     """before_step, after_step, then optimizer.step(): the step ended (its size reading, the next step's masks and
     freezes) on the weights before the update, with no word. A bound optimizer's post-hook says it once."""
     model, session, opt = _session(PRUNE_LSQ, steps=6)
-    x, y = _data()
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         for _ in range(4):
-            terms = session.loss(model(x), (x, y))
-            opt.zero_grad()
-            session.backward(terms)
-            session.before_step()
-            if order == "right":
-                opt.step()
-                session.after_step()
-            else:
-                session.after_step()
-                opt.step()
+            _step(model, session, opt, optimizer_last=order == "optimizer_last")
     late = [str(w.message) for w in said if "optimizer.step() after session.after_step()" in str(w.message)]
     assert len(late) == (1 if order == "optimizer_last" else 0), late
     assert session.step == 4
@@ -554,14 +549,8 @@ def test_a_checkpoint_loaded_in_the_wrong_order_names_the_order():
     from jointcompress.errors import TrainingError
 
     model, session, opt = _session(PRUNE_LSQ, steps=8)
-    x, y = _data()
     for _ in range(4):  # past quant_lsq's start: its quantizers hold keys a fresh model lacks
-        terms = session.loss(model(x), (x, y))
-        opt.zero_grad()
-        session.backward(terms)
-        session.before_step()
-        opt.step()
-        session.after_step()
+        _step(model, session, opt)
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "session": session.state_dict()}
     model, session, opt = _session(PRUNE_LSQ, steps=8)
     with pytest.warns(RuntimeWarning, match=r"model.load_state_dict: .*call session.load_state_dict\(state\) first"):
@@ -572,4 +561,5 @@ def test_a_checkpoint_loaded_in_the_wrong_order_names_the_order():
     session.load_state_dict(state["session"])
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
+    x = _data()[0]
     assert session.step == 4 and torch.equal(model(x), model(x))
