@@ -41,6 +41,7 @@ def test_compare_cli_tiny(tmp_path):
         trims = [e["step"] for e in history["events"] if e.get("event") == "size_trim" and "best_before" in e]
         assert r["candidate_epochs"] == sum(1 for e in history["epochs"]
                                             if e.get("at_target") and e["step"] >= max(trims, default=-1)) >= 1
+        assert r["kept_metric"] == history["best_metric"] is not None  # compare.json holds it: runs/ is not kept
     recipes = {r["variant"]: json.loads((out / r["dir"] / "artifact" / "manifest.json").read_text())["recipe"]
                for r in result["runs"]}
     # sequential and overlap start from the allocator's per-layer budgets, the same for both

@@ -311,6 +311,7 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
                 entry = _row(run_row, variant, ratio, seed, dense, run_dir.relative_to(out))
                 entry["layers"] = layer_widths(run_dir / "artifact")
                 entry["candidate_epochs"] = candidate_epochs(history)
+                entry["kept_metric"] = history.best_metric  # the reading that chose the kept epoch (runs/ is not kept)
                 result["runs"].append(entry)
                 log(f"{name}: accuracy {100 * entry['accuracy']:.2f}%  {entry['file_bytes']} B  {entry['ratio']:.1f}x")
                 atomic_write_json(out / "compare.json", with_summary(result))
