@@ -802,7 +802,9 @@ def load_recipe(path: str | Path, defaults: dict | None = None) -> Recipe:
                           "src/jointcompress/recipes/)")
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
-    if path.read_bytes()[:2] in (b"\xff\xfe", b"\xfe\xff"):  # what PowerShell's `>` and some editors write
+    with path.open("rb") as head:
+        utf16 = head.read(2) in (b"\xff\xfe", b"\xfe\xff")  # what PowerShell's `>` and some editors write
+    if utf16:
         raise RecipeError(f"{path}: is saved as UTF-16; save it as UTF-8 (in PowerShell: "
                           "Out-File -Encoding utf8, or Set-Content)")
     try:

@@ -41,7 +41,7 @@ class ZeroLevelLSQWeight(LSQWeight):
 
     def __init__(self, weight: torch.Tensor, bits: int, per_channel: bool = True,
                  learn_bits: bool = True, min_bits: int = 2, max_bits: int = 8, nonzero_grid: bool = False):
-        self.nonzero_grid = nonzero_grid  # before LSQWeight.__init__, which reads qmax
+        self.nonzero_grid = nonzero_grid  # first: the qmax property reads it
         super().__init__(weight, bits, per_channel)
         self.ref_bits, self.min_bits, self.max_bits = bits, min_bits, max_bits
         shape = self.log_step.shape
@@ -146,7 +146,8 @@ class ZeroLevelLSQWeight(LSQWeight):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized):
             with torch.no_grad():
-                self.log_step.copy_(lsq_init_step(w, int(qmax_of(self.ref_bits, self.nonzero_grid)), self.per_channel).log())
+                first = lsq_init_step(w, int(qmax_of(self.ref_bits, self.nonzero_grid)), self.per_channel)
+                self.log_step.copy_(first.log())
                 self.initialized.fill_(True)
         fixed = bool(self.pattern_fixed)
         learns_width = not fixed and self._learns_width(fixed)
