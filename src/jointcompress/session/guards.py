@@ -184,7 +184,7 @@ class OptimizerOrderWatch:
                           "session.after_step() in this order", RuntimeWarning, stacklevel=4)
 
 
-def refuse_model_state_first(module: torch.nn.Module, incompatible) -> None:
+def warn_model_state_first(module: torch.nn.Module, incompatible) -> None:
     """A load_state_dict post-hook on the session's model: a checkpoint's model state loaded before
     session.load_state_dict (which rebuilds the masks and quantizers the saved keys belong to) ended in torch's
     raw list of missing and unexpected `parametrizations` keys, or with strict=False skipped them unsaid. Said

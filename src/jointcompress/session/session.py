@@ -35,7 +35,7 @@ from . import terms as _terms
 from .outputs import (Batch, call_model, check_scalar_loss, decoder_token_mask, default_task_loss, is_encoder_decoder,
                       logits_of, split_batch)
 from .guards import (NonFiniteWatch, OptimizerOrderWatch, check_fits, check_terms_given, check_terms_have_grad,
-                     check_terms_reach_model, refuse_ddp_forward, refuse_finalized, refuse_model_state_first,
+                     check_terms_reach_model, refuse_ddp_forward, refuse_finalized, warn_model_state_first,
                      session_identity)
 from .loss_scale import LossScale
 from .schedule import apply_events, event_steps
@@ -84,7 +84,7 @@ class CompressionSession:
         self.spec = None  # what finalize() returned: the session is finished then
         self.on_restructure: list[Callable[[], None]] = []  # after attach/freeze events (rollback snapshots)
         self._ddp_guard = model.register_forward_pre_hook(refuse_ddp_forward)  # a wrapper added after prepare()
-        self._load_guard = model.register_load_state_dict_post_hook(refuse_model_state_first)
+        self._load_guard = model.register_load_state_dict_post_hook(warn_model_state_first)
 
     # -- start -----------------------------------------------------------------------------
     def start(self) -> None:
