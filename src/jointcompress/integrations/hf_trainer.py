@@ -292,18 +292,29 @@ class CompressionTrainer(Trainer):
             return {"num_items_in_batch": num_items_in_batch}
         return {}
 
-    def _token_share(self, inputs, num_items_in_batch) -> float | None:
-        """This micro-batch's share of the step's counted labels (the Trainer's num_items_in_batch: labels other than
-        -100, after a causal LM's shift) for a token-level distillation term, which averages over the micro-batch's
-        own tokens; None where labels are per sample or the step's count is unknown (then 1 / the accumulation)."""
-        from ..training.micro_batches import counted_labels
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The Trainer's batches of one optimizer step, and beside them the positions a token-level distillation
+        averages over in all of them (_token_share's denominator)."""
+        from ..training.micro_batches import distilled_positions
 
-        labels = inputs.get("labels") if isinstance(inputs, dict) else None
-        if num_items_in_batch is None or not isinstance(labels, torch.Tensor) or labels.dim() < 2:
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        model = self.accelerator.unwrap_model(self.model)
+        counts = [distilled_positions(b, model) if isinstance(b, dict) else None for b in batches]
+        self._step_positions = None if any(c is None for c in counts) or not counts else float(sum(c.sum() for c in counts))
+        return batches, num_items
+
+    def _token_share(self, inputs, num_items_in_batch) -> float | None:
+        """This micro-batch's share of the step's positions for a token-level distillation term, which averages
+        over the micro-batch's own (its attention_mask: for a causal LM one more per row than the shifted labels
+        num_items_in_batch counts, so shares of that count summed to more than 1 and the update was another one
+        batch's); None where labels are per sample or the step's count is unknown (then 1 / the accumulation)."""
+        from ..training.micro_batches import distilled_positions
+
+        total = getattr(self, "_step_positions", None)
+        if num_items_in_batch is None or not total or not isinstance(inputs, dict):
             return None
-        total = float(num_items_in_batch)
-        counted = counted_labels(inputs, getattr(self, "_loss_shifts_labels", False))
-        return float(counted.sum()) / total if total > 0 and counted is not None else None
+        mine = distilled_positions(inputs, self.accelerator.unwrap_model(self.model))
+        return float(mine.sum()) / total if mine is not None else None
 
     def _trainer_task_loss(self) -> bool:
         """Whether the task term is the Trainer's own loss: with label_smoothing_factor or a compute_loss_func

@@ -126,8 +126,9 @@ class Trainer:
             bad = rec.bad_term(read)
             if bad is not None:
                 return rec.nonfinite(step, bad, terms, self.history.events, self.last_checkpoint)
-            values = {k: values.get(k, 0.0) + share * v for k, v in read.items()}
-            stats = s.backward(terms if share == 1.0 else {k: t * share for k, t in terms.items()}, scaler=self.scaler)
+            values = {k: values.get(k, 0.0) + share.of(k) * v for k, v in read.items()}
+            whole = share == 1.0 and share.distill == 1.0
+            stats = s.backward(terms if whole else {k: t * share.of(k) for k, t in terms.items()}, scaler=self.scaler)
         factor = lr_factor(step, s.plan, s.recipe.training.lr_schedule)
         for g in s.optimizer.param_groups:
             g["lr"] = g["base_lr"] * rec.lr_scale * factor
