@@ -386,3 +386,26 @@ def test_structured_pruning_of_a_causal_lm_returning_its_cache_names_use_cache()
     model.config.use_cache = False
     session = jointcompress.prepare(model, recipe, total_steps=4, example_inputs={"input_ids": ids})
     assert len(next(t for t in session.techniques if t.kind == "prune_structured").groups) == 2
+
+
+def test_labels_that_count_the_padding_are_said_once():
+    """Dict batches with labels = input_ids, padding left in: the model's own loss counted the pad positions (it learnt
+    that padding follows padding), while distillation averaged over the attention mask, without a word."""
+    model = llama()
+    session = jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 8}]}, total_steps=2)
+    rows = _padded_lm_rows(4, short=3)
+    ids = torch.stack([r["input_ids"] for r in rows])
+    mask = torch.stack([r["attention_mask"] for r in rows])
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for labels in (ids, ids):
+            batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+            session.loss(model(**batch), batch)
+    padded = [w for w in said if "labels are not -100 where its attention_mask is 0" in str(w.message)]
+    assert len(padded) == 1
+    model = llama()
+    session = jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 8}]}, total_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+        session.loss(model(**batch), batch)

@@ -219,6 +219,17 @@ def default_task_loss(outputs, batch: Batch) -> torch.Tensor:
                         "onto 0..classes-1 (-100 marks a position to ignore)") from exc
 
 
+def padding_is_labelled(batch: Batch) -> bool:
+    """A dict batch whose token labels are not -100 where its attention_mask is 0 (labels copied from input_ids
+    with the padding left in): the model's own loss counts those positions, so it learns that padding follows
+    padding, while a token-level distillation averages over the attention mask only."""
+    inputs, y = batch.inputs, batch.targets
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    if not isinstance(mask, torch.Tensor) or not isinstance(y, torch.Tensor) or y.is_floating_point():
+        return False
+    return tuple(mask.shape) == tuple(y.shape) and bool(((mask == 0) & (y != -100)).any())
+
+
 def _labels_are_the_inputs(inputs, y: torch.Tensor) -> bool:
     """Token labels equal to the input ids (the padding's -100 aside): a causal LM's (ids, ids) batch, which
     Hugging Face models shift inside their own loss, and an unshifted cross-entropy trains to copy the input."""

@@ -33,7 +33,7 @@ from ..techniques.base import RunContext
 from ..techniques.pruning import PruningTechnique
 from . import terms as _terms
 from .outputs import (Batch, call_model, check_scalar_loss, decoder_token_mask, default_task_loss, is_encoder_decoder,
-                      logits_of, split_batch)
+                      logits_of, padding_is_labelled, split_batch)
 from .guards import (NonFiniteWatch, OptimizerOrderWatch, check_fits, check_terms_given, check_terms_have_grad,
                      check_terms_reach_model, refuse_ddp_forward, refuse_finalized, warn_model_state_first,
                      session_identity)
@@ -72,6 +72,7 @@ class CompressionSession:
         self._warned_no_before = False
         self._backward_at: int | None = None  # the step of the last session.backward
         self._warned_no_backward = False
+        self._warned_padding = False  # labels counted where the attention_mask is 0 (said once)
         self._gradients_checked = False  # the first before_step checks they reached the session's model
         self._terms_checked = False  # the first backward checks the accuracy terms depend on it
         self._teacher_ran = False  # the teacher's first batch names inputs it cannot take
@@ -337,6 +338,13 @@ class CompressionSession:
         self.begin_step()
         batch = to_device(batch, model_device(self.model))  # a GPU model's labels and sample index beside its logits
         b = split_batch(batch) if batch is not None else Batch(None)
+        if not self._warned_padding and padding_is_labelled(b):
+            self._warned_padding = True
+            warnings.warn("the batch's labels are not -100 where its attention_mask is 0: the model's own loss counts "
+                          "the padding positions (it learns that padding follows padding), while distillation "
+                          "averages over the attention mask only; set labels to -100 there (labels = "
+                          "input_ids.masked_fill(attention_mask == 0, -100), as transformers' "
+                          "DataCollatorForLanguageModeling does)", UserWarning, stacklevel=2)
         ctx = self.ctx
         ctx.batch_inputs, ctx.batch_targets = b.inputs, b.targets
         ctx.outputs = self._logits(outputs, task_loss)
