@@ -409,3 +409,24 @@ def test_labels_that_count_the_padding_are_said_once():
         warnings.simplefilter("error")
         batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
         session.loss(model(**batch), batch)
+
+
+def test_a_builder_that_forgot_conv1d_to_linear_is_told_so(tmp_path):
+    """A compressed GPT-2 (converted with conv1d_to_linear) saved with a builder of the stock model: the error read
+    the Conv1D's [in, out] weights as FFN widths and advised with_ffn_widths(build, [128, 128]), a second error."""
+    from jointcompress.artifact import save
+    from jointcompress.errors import ArtifactError
+
+    model = gpt2()
+    ids, _ = rows(16, 0)
+    data = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids[:, :12]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = jointcompress.compress(model, {"techniques": [{"type": "quant_lsq", "bits": 4, "exclude": ["lm_head"]}],
+                                                "training": {"epochs": 1, "batch_size": 16}},
+                                        torch.utils.data.DataLoader(data, batch_size=16), lambda m: 0.0,
+                                        distributed=False)
+    spec = result.finalize()
+    with pytest.raises(ArtifactError, match=r"Conv1D projections \(transformer.h.0.attn.c_attn.*conv1d_to_linear\(model\)"):
+        save(model, spec, tmp_path / "a", builder=gpt2_raw, example_inputs=ids[:2, :12])
+    save(model, spec, tmp_path / "b", builder=gpt2, example_inputs=ids[:2, :12])  # the converted builder fits

@@ -264,6 +264,11 @@ def _transformers_fix(model: nn.Module, expected: dict, actual: dict) -> str | N
 
     if hf.config.model_type not in FAMILY_OF:
         return None
+    conv1d = _conv1d_module(model)
+    if conv1d is not None:  # GPT-2's Conv1D is stored [in, out]: its shapes read as widths gave wrong advice
+        return (f"the builder's model holds transformers' Conv1D projections ({conv1d}, weights stored [in, out]) where "
+                "the compressed model had nn.Linear: return jointcompress.hf.causal.conv1d_to_linear(model) from the "
+                "builder, as the model was converted before compressing (docs/transformers.md)")
     hf_load = ("an artifact written by jointcompress.hf.artifact.save_hf_artifact loads with "
                "jointcompress.hf.artifact.load_hf_artifact(path), which rebuilds its pruned heads and FFN widths "
                "from its manifest (docs/transformers.md)")
@@ -282,6 +287,15 @@ def _transformers_fix(model: nn.Module, expected: dict, actual: dict) -> str | N
             "model's config.intermediate_per_layer; docs/your-model.md), or, for an artifact written by "
             "jointcompress.hf.artifact.save_hf_artifact, load it with jointcompress.hf.artifact.load_hf_artifact("
             "path), which rebuilds them from its manifest (docs/transformers.md)")
+
+
+def _conv1d_module(model: nn.Module) -> str | None:
+    """The name of the first transformers Conv1D (GPT-2's projections) in the model, else None."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return next((name for name, m in model.named_modules() if isinstance(m, Conv1D)), None)
 
 
 def check_shapes(model: nn.Module, layers: dict, others: dict, where: str, aliases: dict | None = None) -> None:
