@@ -6,6 +6,7 @@ token mask over the decoder's positions."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 
@@ -50,7 +51,9 @@ def test_the_teacher_reads_the_students_decoder_positions(build, target_length):
     session = jointcompress.prepare(student, {"techniques": [{"type": "distill_kd", "temperature": 1.0, "alpha": 1.0}]},
                                     total_steps=2, teacher=teacher)
     b = batch(target_length)
-    with torch.no_grad():
+    b["attention_mask"][1, -2:] = 0  # a padded source row: the encoder's mask says nothing of the labels' padding
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
         terms = session.loss(student(**b), b)
     assert float(terms["distill"]) == 0.0  # an exact copy of the teacher
     mask = session.ctx.batch_extra["token_mask"]

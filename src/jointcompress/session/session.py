@@ -338,7 +338,8 @@ class CompressionSession:
         self.begin_step()
         batch = to_device(batch, model_device(self.model))  # a GPU model's labels and sample index beside its logits
         b = split_batch(batch) if batch is not None else Batch(None)
-        if not self._warned_padding and padding_is_labelled(b):
+        if not self._warned_padding and not is_encoder_decoder(self.model) and padding_is_labelled(b):
+            # (an encoder-decoder's attention_mask is the encoder's: its labels are the decoder's positions)
             self._warned_padding = True
             warnings.warn("the batch's labels are not -100 where its attention_mask is 0: the model's own loss counts "
                           "the padding positions (it learns that padding follows padding), while distillation "
