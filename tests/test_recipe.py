@@ -137,3 +137,15 @@ def test_a_utf16_file_and_two_models_are_refused_by_name(tmp_path):
     with pytest.raises(RecipeError, match=r"model: 'lenet5' names a reference model .* give one"):
         parse_recipe({"model": "lenet5", "hf": {"model_name_or_path": "my-model"}})
     assert parse_recipe({"hf": {"model_name_or_path": "my-model"}}).model is None
+
+
+def test_learned_widths_without_a_size_budget_are_said():
+    """zero_level with learn_bits (its default) and no size_budget: nothing priced the bits, every layer stayed at
+    quant_lsq.bits, without a word."""
+    with pytest.warns(UserWarning, match=r"learn_bits: widths are learned against size_budget's bytes; .* stays at bits \(4\)"):
+        parse_recipe({"techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True}]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse_recipe({"techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True, "learn_bits": False}]})
+        parse_recipe({"techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True},
+                                     {"type": "size_budget", "target_bytes": 1000}], "mode": "joint"})

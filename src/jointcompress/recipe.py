@@ -599,6 +599,19 @@ class Recipe(Strict):
                              "it), or remove nonzero_grid")
         return self
 
+    def _warn_widths_unpriced(self) -> None:
+        """Learned widths (zero_level, learn_bits on) with no size_budget: nothing prices a layer's bits, so every
+        layer stayed at quant_lsq.bits, as asked to learn them, without a word (the joint form under a size target
+        adds the budget and says what it does with the widths itself)."""
+        quant = self.technique("quant_lsq")
+        if quant is None or not (quant.zero_level and quant.learn_bits and quant.min_bits < quant.max_bits):
+            return
+        if self.mode == "joint" and self.target is not None and not self.target.is_latency:
+            return
+        warnings.warn(f"quant_lsq.learn_bits: widths are learned against size_budget's bytes; without size_budget "
+                      f"nothing prices a layer's bits and every layer stays at bits ({quant.bits}). Add size_budget "
+                      "(with a target: docs/joint.md), or set learn_bits: false", UserWarning, stacklevel=1)
+
     @model_validator(mode="after")
     def _one_model(self):
         """`model:` and `hf:` name two models; the command line took the hf path and ignored `model:` unsaid."""
@@ -662,6 +675,7 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _size_budget(self):
         if self.technique("size_budget") is None:
+            self._warn_widths_unpriced()
             return self
         quant = self.technique("quant_lsq")
         if quant is None or not quant.zero_level:
