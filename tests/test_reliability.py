@@ -82,6 +82,7 @@ def test_repeated_nan_stops_with_step_and_term_and_keeps_the_checkpoints(digits,
         _run(digits, run_dir=tmp_path, checkpoint_every=2)
     msg = str(err.value)
     assert "step 8" in msg and "loss term 'poison' is nan" in msg and "max_nonfinite=3" in msg and "lr" in msg
+    assert "is kept" in msg and "the kept checkpoint resumes only with this recipe" in msg
     # nothing saved is lost: the checkpoints from before the failures are complete and loadable
     # (a checkpoint written between failures holds the rolled-back, finite state)
     for p in CheckpointStore(tmp_path).paths():
@@ -93,8 +94,9 @@ def test_repeated_nan_stops_with_step_and_term_and_keeps_the_checkpoints(digits,
 def test_nonfinite_gradient_names_the_parameter(digits):
     model = _model()
     model[3].bias.register_hook(lambda g: g * float("inf"))
-    with pytest.raises(TrainingError, match=r"step 0: the gradient of parameter '3.bias' has"):
+    with pytest.raises(TrainingError, match=r"step 0: the gradient of parameter '3.bias' has") as err:
         _run(digits, model=model, recipe={"training": {"epochs": 1}}, max_nonfinite=1)
+    assert "checkpoint" not in str(err.value)  # none was written before step 0: none is named as kept
 
 
 def test_the_gradient_check_finds_any_non_finite_entry_and_passes_finite_ones_whose_norm_overflows():

@@ -109,10 +109,13 @@ class Recovery:
         events.append({"event": "nonfinite", "step": step, "what": what, "rolled_back_to": good_step, "lr_scale": self.lr_scale})
         if self.count >= self.max_nonfinite:
             saved = f"; the last checkpoint ({last_checkpoint}) is kept" if last_checkpoint else ""
+            kept = (" (a changed recipe starts a new run: the kept checkpoint resumes only with this recipe)"
+                    if last_checkpoint else "")  # said only where there is one: the run may stop before the first
+            fp16 = ("; in fp16 the forward itself may overflow: training.precision bf16 or fp32"
+                    if getattr(self.session.recipe.training, "precision", None) == "fp16" else "")
             raise TrainingError(
                 f"step {step}: {what}. This was non-finite step {self.count} of at most max_nonfinite={self.max_nonfinite} "
                 f"(each rolled back to the last good state, step {good_step}, and halved the learning rate){saved}. "
-                "Lower training.lr, set training.grad_clip, or check the data for NaN/Inf (a changed recipe starts a "
-                "new run: the kept checkpoint resumes only with this recipe)"
+                f"Lower training.lr, set training.grad_clip, or check the data for NaN/Inf{fp16}{kept}"
             )
         return {"terms": {k: float(v.detach()) for k, v in terms.items()}, "coordination": None, "skipped": True}
