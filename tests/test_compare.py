@@ -317,6 +317,12 @@ def test_an_interrupted_compare_resumes_with_the_points_it_finished(tmp_path, mo
             "--variants", "sequential,overlap"]
     whole = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "whole")])
     assert whole.exit_code == 0, whole.output
+    killed = tmp_path / "killed"  # kill -9 before its first compare.json was in place: its own temporary file only
+    killed.mkdir()
+    (killed / ".compare.json.x1.tmp").write_text("{")
+    started = CliRunner().invoke(app, [*args[:3], "10", *args[4:], "--out", str(killed), "--resume"])
+    assert started.exit_code == 0 and "is empty: the compare starts" in started.output, started.output
+    assert not list(killed.glob(".*.tmp"))
     run_one, calls = compare.run_one, []
 
     def stopped_at_the_third(*a, **k):
@@ -344,8 +350,11 @@ def test_an_interrupted_compare_resumes_with_the_points_it_finished(tmp_path, mo
     (other / "runs" / "sequential-r10-s0").mkdir(parents=True)  # no compare.json: not a compare's folder
     refused = CliRunner().invoke(app, [*args, "--out", str(other), "--resume"])
     assert refused.exit_code != 0 and "holds no compare.json" in str(refused.exception)
+    (out / "teachers" / ".s0.safetensors.x2.tmp").write_bytes(b"\0" * 64)  # a teacher's write a kill -9 stopped
+    (out / ".compare.csv.x3.tmp").write_text("variant")
     resumed = CliRunner().invoke(app, [*args, "--out", str(out), "--resume"])
     assert resumed.exit_code == 0, resumed.output
+    assert not list(out.glob(".*.tmp")) and not list((out / "teachers").glob(".*.tmp"))  # --resume kept them for good
     assert calls == ["sequential-r20-s0", "overlap-r20-s0"]  # the stopped point and the one after it, no other
     points = lambda folder: {(r["variant"], r["ratio_target"]): (r["accuracy"], r["file_bytes"])  # noqa: E731
                              for r in json.loads((folder / "compare.json").read_text())["runs"]}

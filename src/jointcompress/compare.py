@@ -259,6 +259,7 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
     result = _new_result(base, split, model_name, spec, weights)
     result["inputs_sha256"] = _inputs_digests(split, builder, weights)
     if resume:
+        _remove_write_leftovers(out)
         result = _earlier_result(out, result, spec, log)
     atomic_write_json(out / "compare.json", with_summary(result))  # its settings, before any teacher: --resume checks them
     example = split.x_train[:2]
@@ -506,6 +507,17 @@ def _read_earlier(path: Path) -> dict:
         raise RecipeError(f"--resume: {path} is damaged (not the JSON a compare writes); restore it, or start over with "
                           "--force (its points' folders under runs/ are cleared with it)")
     return earlier
+
+
+def _remove_write_leftovers(out: Path) -> None:
+    """The temporary files of writes a killed compare left (`.compare.json.*.tmp`, a teacher's
+    `.s0.safetensors.*.tmp` the size of a model): --resume kept them for good, and a folder holding only them
+    was refused as no compare's. The folder is this compare's now (its lock): none is a live writer's."""
+    names = ("compare.json", "compare.csv", "pareto.png")
+    leftovers = [*(p for name in names for p in out.glob(f".{name}.*.tmp")), *(out / TEACHERS).glob(".*.tmp")]
+    for leftover in leftovers:
+        if leftover.is_file():
+            leftover.unlink()
 
 
 def _earlier_result(out: Path, fresh: dict, spec: CompareSpec, log) -> dict:
