@@ -119,6 +119,12 @@ def test_report_on_an_unfinished_run_says_to_resume_it(tmp_path):
     res = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert res.exit_code != 0 and "unfinished run" in str(res.exception) + res.output
     assert "--resume" in str(res.exception) + res.output
+    # stopped after the artifact, before history.json and summary.json: a report with an empty table, exit 0
+    (tmp_path / "artifact").mkdir()
+    (tmp_path / "artifact" / "manifest.json").write_text("{}")
+    res = CliRunner().invoke(app, ["report", str(tmp_path)])
+    said = str(res.exception) + res.output
+    assert res.exit_code != 0 and "has an artifact but no summary.json yet" in said and "--resume" in said
 
 
 @pytest.mark.parametrize("content, words", [

@@ -97,16 +97,21 @@ def read_run_dir(path: Path) -> RunDir:
         raise JointCompressError(f"report: {path} is not a directory; pass the --out of `compress` or `compare`")
     if (path / "compare.json").is_file():
         return _read_compare(path)
-    if (path / "artifact" / "manifest.json").is_file() or (path / "summary.json").is_file() or (path / "results.json").is_file():
+    from .checkpoint import CheckpointStore
+
+    resume = (f"it holds checkpoints of an unfinished run: finish it with `jointcompress compress RECIPE --out {path} "
+              "--resume`, then report")
+    summarized = (path / "summary.json").is_file() or (path / "results.json").is_file()
+    if (path / "artifact" / "manifest.json").is_file() and not summarized and CheckpointStore(path).paths():
+        # stopped after its artifact, before its history and summary: reported as a finished run with no rows
+        raise JointCompressError(f"report: {path} has an artifact but no summary.json yet: {resume}")
+    if (path / "artifact" / "manifest.json").is_file() or summarized:
         return _read_compress(path)
     if (path / "manifest.json").is_file():  # an artifact folder itself: its run folder holds the history and summary
         raise JointCompressError(
             f"report: {path} is an artifact folder (manifest.json), not a run folder; report the run that wrote it: "
             f"`jointcompress report {path.resolve().parent}` (or `jointcompress bench {path}` to measure the artifact alone)")
-    from .checkpoint import CheckpointStore
-
-    unfinished = (f"; it holds checkpoints of an unfinished run: finish it with `jointcompress compress RECIPE --out "
-                  f"{path} --resume`, then report") if CheckpointStore(path).paths() else ""
+    unfinished = f"; {resume}" if CheckpointStore(path).paths() else ""
     raise JointCompressError(
         f"report: {path} has neither compare.json (from `jointcompress compare`) nor artifact/manifest.json or "
         f"summary.json (from `jointcompress compress`); pass one of those output directories{unfinished}"
