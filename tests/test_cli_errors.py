@@ -1218,3 +1218,19 @@ def test_a_recipe_name_and_an_out_path_with_brackets_print_as_they_are(tmp_path,
     assert code == 0, text
     assert "run [/bold] v2 [exp1] (lenet300 on digits)" in text and f"artifact in {out / 'artifact'}" in text, text
     assert (out / "summary.json").is_file() and (out / "recipe.yaml").is_file()
+
+
+def test_an_uncompressed_model_at_chance_is_said():
+    """training.lr 10 made the model the run trained first diverge to 10.9% on ten classes (finite losses of 8e5):
+    compressed anyway, exit 0, no word, since the compressed model lost nothing against it."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from jointcompress.cli import _at_chance
+
+    ten = SimpleNamespace(y_train=torch.arange(100) % 10)
+    assert "reads 10.91%, about chance for 10 classes" in _at_chance({"accuracy": 0.1091}, ten)
+    assert _at_chance({"accuracy": 0.9}, ten) == "" and _at_chance({"accuracy": None}, ten) == ""
+    two = SimpleNamespace(y_train=torch.arange(10) % 2)
+    assert _at_chance({"accuracy": 0.52}, two) and not _at_chance({"accuracy": 0.7}, two)

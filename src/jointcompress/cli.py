@@ -644,9 +644,9 @@ def _write_compress_results(out: Path, recipe_path: Path, recipe, teacher, outco
                       f"({100 * (row['file_bytes'] / goal - 1):+.1f}%)")
     if latency is not None:
         console.print(_latency_line(latency, recipe.target))
-    fell = _accuracy_fall(rows["uncompressed"], row, recipe)
-    if fell:
-        console.print(fell)
+    for line in (_accuracy_fall(rows["uncompressed"], row, recipe), _at_chance(rows["uncompressed"], split)):
+        if line:
+            console.print(line)
 
 
 # accuracy points a compressed model may lose against the uncompressed one before the command says so
@@ -667,6 +667,18 @@ def _accuracy_fall(uncompressed: dict, row: dict, recipe) -> str:
     return (f"[yellow]accuracy fell from {100 * before:.2f}% to {100 * after:.2f}%[/yellow] ({100 * (before - after):.1f} "
             f"points): the compression leaves too little for {recipe.training.epochs} epochs of training; give more "
             f"training.epochs, or {what}")
+
+
+def _at_chance(uncompressed: dict, split) -> str:
+    """A line where the uncompressed model reads about chance: a model the run trained first diverged (training.lr
+    10: losses of 8e5, finite, so no non-finite guard fired) and was compressed anyway, with exit 0 and no word,
+    since the compressed model lost nothing against it."""
+    accuracy, classes = uncompressed.get("accuracy"), int(split.y_train.max()) + 1 if len(split.y_train) else 0
+    if accuracy is None or classes < 2 or accuracy > 1 / classes + 0.05:
+        return ""
+    return (f"[yellow]the uncompressed model reads {100 * accuracy:.2f}%, about chance for {classes} classes[/yellow]: "
+            "there was nothing to keep. Where this run trained it (no --weights), its training did not learn (a lower "
+            "training.lr; check the labels); where --weights gave it, check that file")
 
 
 def _standardisation_line(split) -> str:
