@@ -588,3 +588,16 @@ def test_a_recipes_batch_size_beside_a_dataloader_of_another_is_said():
         warnings.simplefilter("error")  # the recipe leaves the batch size to the loader: nothing to say
         compress(nn.Sequential(nn.Linear(8, 2)), {"techniques": [{"type": "quant_lsq", "bits": 8}],
                                                   "training": {"epochs": 1}}, loader, lambda m: 0.0)
+
+
+def test_a_checkpoint_that_does_not_fit_names_the_key():
+    """The reason was torch's first line alone, "Error(s) in loading state_dict for Sequential:", naming no key, and
+    a checkpoint without its model entry read as ('model')."""
+    from jointcompress.training.checkpoints import _why_not_fit
+
+    try:
+        torch.nn.Sequential(torch.nn.Linear(4, 2)).load_state_dict({"0.weight": torch.zeros(3, 4), "0.bias": torch.zeros(2)})
+    except RuntimeError as err:
+        said = _why_not_fit(err)
+    assert "0.weight" in said and "size mismatch" in said
+    assert _why_not_fit(KeyError("model")) == "it has no 'model' entry"

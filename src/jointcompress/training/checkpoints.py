@@ -140,7 +140,7 @@ class RunCheckpoints:
                 self.trainer.scaler.load_state_dict(ck["loss_scaler"])
         except (RuntimeError, KeyError, ValueError) as err:
             raise TrainingError(
-                f"{path}: the checkpoint does not fit this model ({str(err).splitlines()[0][:300]}); resume with the same model and recipe"
+                f"{path}: the checkpoint does not fit this model ({_why_not_fit(err)}); resume with the same model and recipe"
             ) from None
 
     def resume(self) -> bool:
@@ -233,3 +233,12 @@ def _before_joint_form(meta: dict, recipe) -> str:
                 "(docs/joint.md); what it trained then is mode: overlap: resume it with --mode overlap (or mode: "
                 "overlap in the recipe)")
     return ""
+
+
+def _why_not_fit(err: Exception) -> str:
+    """torch's reason a state did not load, with the key it names: its first line alone ("Error(s) in loading
+    state_dict for LeNet300:") named none, and a missing entry read as ('model')."""
+    if isinstance(err, KeyError):
+        return f"it has no {err.args[0]!r} entry"
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return "; ".join(lines[:3])[:400] if lines else type(err).__name__
