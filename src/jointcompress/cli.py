@@ -591,8 +591,9 @@ def _same_model_and_data(start_file: Path, earlier: dict, model_name: str, data_
     for flag, key, now in (("--model", "model", model_name), ("--data", "data", data_name)):
         before = earlier.get(key)  # absent from a start.json of an earlier version
         if before is not None and before != now:
-            raise JointCompressError(f"--resume: the run in {start_file.parent} began with {flag} {before}, and this "
-                                     f"command gives {now}; pass {flag} {before} to continue it, or start over with --force")
+            raise JointCompressError(f"--resume: the run in {start_file.parent} began with {key} {before}, and this "
+                                     f"command gives {key} {now} ({flag}, or the recipe's `{key}:`); give {before} again "
+                                     "to continue it, or start over with --force")
 
 
 def _same_hold_out(start_file: Path, earlier: dict, held_out: int) -> None:
