@@ -39,6 +39,12 @@ def _session(recipe=PRUNE_LSQ, steps=8, lr=1e-3, bind=True):
     return model, session, opt
 
 
+def _two_micro_batches(session, model, x, y):
+    """One step's backward in two micro-batches, each term halved, as gradient accumulation takes it."""
+    for xm, ym in zip(x.chunk(2), y.chunk(2)):
+        session.backward({k: t / 2 for k, t in session.loss(model(xm), (xm, ym)).items()})
+
+
 def _step(model, session, opt, sched=None, optimizer_last=False):
     """One step of the documented loop; `optimizer_last`: optimizer.step() after session.after_step() (misuse)."""
     x, y = _data()
@@ -406,8 +412,7 @@ def test_gradients_clipped_before_the_micro_batches_settle_are_said(settle_first
         warnings.simplefilter("always")
         for _ in range(2):
             optimizer.zero_grad()
-            for xm, ym in zip(x.chunk(2), y.chunk(2)):  # two micro-batches a step
-                session.backward({k: t / 2 for k, t in session.loss(model(xm), (xm, ym)).items()})
+            _two_micro_batches(session, model, x, y)
             if settle_first:
                 session.settle_gradients()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
@@ -519,8 +524,7 @@ def test_gradients_changed_before_settling_are_said_once_a_run_across_a_techniqu
         warnings.simplefilter("always")
         for _ in range(4):
             optimizer.zero_grad()
-            for xm, ym in zip(x.chunk(2), y.chunk(2)):
-                session.backward({k: t / 2 for k, t in session.loss(model(xm), (xm, ym)).items()})
+            _two_micro_batches(session, model, x, y)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # without settle_gradients first
             session.before_step()
             optimizer.step()

@@ -513,11 +513,11 @@ def _remove_write_leftovers(out: Path) -> None:
     """The temporary files of writes a killed compare left (`.compare.json.*.tmp`, a teacher's
     `.s0.safetensors.*.tmp` the size of a model): --resume kept them for good, and a folder holding only them
     was refused as no compare's. The folder is this compare's now (its lock): none is a live writer's."""
-    names = ("compare.json", "compare.csv", "pareto.png")
-    leftovers = [*(p for name in names for p in out.glob(f".{name}.*.tmp")), *(out / TEACHERS).glob(".*.tmp")]
-    for leftover in leftovers:
-        if leftover.is_file():
-            leftover.unlink()
+    from .io import remove_write_leftovers
+
+    remove_write_leftovers(out, ("compare.json", "compare.csv", "pareto.png"))
+    if (out / TEACHERS).is_dir():
+        remove_write_leftovers(out / TEACHERS, None)
 
 
 def _earlier_result(out: Path, fresh: dict, spec: CompareSpec, log) -> dict:

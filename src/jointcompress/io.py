@@ -287,7 +287,7 @@ def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=
     def claim() -> None:
         prepare_output_dir(path, force=resume or force, resumable=True)
         hold_run_lock(path)
-        _remove_write_leftovers(path)
+        remove_write_leftovers(path)
         if force and not resume:
             remove_outputs(path, fresh)
 
@@ -340,14 +340,15 @@ def refuse_clearing(reads: str | os.PathLike, cleared: list[Path], out: Path, wh
                                          "first)")
 
 
-def _remove_write_leftovers(path: Path) -> None:
-    """The temporary files of writes a killed run left in the folder itself (`.teacher.safetensors.*.tmp`,
-    the size of the model; `.start.json.*.tmp`, ...): only this run may write here now (its lock), so
-    none is a live writer's. checkpoints/ and artifact/ clean their own."""
-    for name in (*RUN_START, *RUN_OUTPUTS):
-        for leftover in path.glob(f".{name}.*.tmp"):
-            if leftover.is_file():
-                leftover.unlink()
+def remove_write_leftovers(path: Path, names: tuple[str, ...] | None = (*RUN_START, *RUN_OUTPUTS)) -> None:
+    """The temporary files of atomic writes (`.NAME.*.tmp`) a killed run left in the folder itself
+    (`.teacher.safetensors.*.tmp`, the size of the model; `.start.json.*.tmp`, ...), of the files `names`
+    (None: of any file): only this run may write here now (its lock), so none is a live writer's.
+    checkpoints/ and artifact/ clean their own."""
+    patterns = [f".{name}.*.tmp" for name in names] if names is not None else [".*.tmp"]
+    for leftover in (p for pattern in patterns for p in path.glob(pattern)):
+        if leftover.is_file():
+            leftover.unlink()
 
 
 def finished_run(path: str | os.PathLike) -> bool:
