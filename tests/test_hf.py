@@ -133,6 +133,7 @@ def test_student_has_the_chosen_teacher_layers(make):
     assert torch.equal(s_emb, teacher.base_model.embeddings.word_embeddings.weight)
     assert student.config.to_dict()[ARCH[family(student.config)]["n_layers"]] == 3
     assert make_student(teacher, 2).config.jc_student_of_layers == [2, 5]
+    assert make_student(student, [0, 2]).config.jc_student_of_layers == [keep[0], keep[2]]  # the original's layers
     logits(student, inputs())  # still runs
 
 

@@ -33,7 +33,10 @@ def make_student(teacher: nn.Module, layers: list[int] | int) -> nn.Module:
     keep = every_other(count, layers) if isinstance(layers, int) else list(layers)
     student = copy.deepcopy(teacher)
     drop_layers(student, keep)
-    student.config.jc_student_of_layers = keep  # provenance, saved with the config
+    # provenance, saved with the config: the original model's layer indices, also for a student of a student
+    # (whose own indices would name layers of the smaller teacher)
+    earlier = getattr(teacher.config, "jc_student_of_layers", None)
+    student.config.jc_student_of_layers = [earlier[i] for i in keep] if earlier else keep
     return student
 
 
