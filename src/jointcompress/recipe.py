@@ -240,6 +240,11 @@ class SizeBudget(Strict):
     # calibration is cut back to that bound (in the landing's order), so it follows the schedule instead of
     # piling the excess up for the catch-up before the freeze; None: only the catch-up (size_projection.track)
     lag_tolerance: Annotated[float, Field(ge=0.0, le=10.0)] | None = None
+    # how the bytes are split across layers: learned (one constraint on the file, training moves bytes to the
+    # layers that pay most) or erk (besides it, each layer's bytes stay within a factor `layer_band` of its ERK
+    # share of the budget, the allocator's data-free split, by a multiplier per bound; techniques/layer_split.py)
+    layer_split: Literal["learned", "erk"] = "learned"
+    layer_band: Annotated[float, Field(ge=1.0, le=100.0)] = 2.0
 
     def paced(self, total_steps: int) -> dict[str, float]:
         """`end` and `freeze` for a run of `total_steps` steps under `decide_steps`."""
@@ -266,6 +271,9 @@ class SizeBudget(Strict):
         if self.landing_order == "fisher" and self.saliency <= 0:
             raise ValueError("landing_order: fisher ranks the landing's cuts by the Fisher cost the saliency estimates, "
                              "but saliency is 0; set saliency > 0 (e.g. 30) or landing_order: margin")
+        if self.layer_band != 2.0 and self.layer_split == "learned":  # away from its default: it would do nothing
+            raise ValueError(f"layer_band ({self.layer_band:g}) bounds each layer's bytes around its ERK share, which only "
+                             "layer_split: erk does; add layer_split: erk, or remove layer_band")
         if self.finetune_phase and self.freeze >= 1.0:
             raise ValueError("finetune_phase: true gives the steps after freeze their own LR phase, but freeze is 1.0 "
                              "(no steps after it); set freeze below 1.0 (default 0.8) or finetune_phase: false")

@@ -83,11 +83,12 @@ def erk_weights(layers: dict[str, nn.Module]) -> dict[str, float]:
     A cheap, data-free proxy (Evci et al., RigL): big matrices have many redundant weights,
     small ones (first conv, classifier) need a larger share to keep their rank.
     """
-    out = {}
-    for name, m in layers.items():
-        dims = list(m.weight.shape)
-        out[name] = sum(dims) / math.prod(dims)
-    return out
+    return {name: erk_weight(m.weight.shape) for name, m in layers.items()}
+
+
+def erk_weight(shape) -> float:
+    """One weight shape's ERK density weight: sum of dimensions / product of dimensions."""
+    return sum(shape) / math.prod(shape)
 
 
 def scan_weights(layers: dict[str, nn.Module], scan: dict, tolerance: float) -> dict[str, float]:

@@ -39,6 +39,7 @@ import torch.nn as nn
 
 from ..model_call import on_model_device
 from .base import RunContext, Technique
+from .layer_split import ErkSplit
 from .saliency import FisherSaliency
 from .masks import has_channel_masks
 from .size_estimate import (finalized_copy, fixed_bytes_detail, fixed_part_hint, measured_bytes, sparse_layer_bytes,
@@ -84,6 +85,8 @@ class SizeBudget(Landing, Technique):
         self.trimmed = False  # with finetune_phase: the half-way re-projection has run
         self.late_checked = False  # the first catch-up has judged the lag (warn_late); a checkpoint keeps it
         # OBD's curvature cost of a pruned weight on the dead zones (saliency.py); off at 0
+        self.split: ErkSplit | None = None  # layer_split: erk (set in setup)
+        self.last_errors: list[float] = []
         self.saliency = (FisherSaliency(config.saliency, getattr(config, "saliency_mode", "price"))
                          if getattr(config, "saliency", 0.0) > 0 else None)
 
@@ -108,6 +111,9 @@ class SizeBudget(Landing, Technique):
         self.span = max(1, self.window[1] - self.window[0], ctx.total_steps // 10)
         self.calibration_interval = self.config.calibrate_every or max(1, ctx.total_steps // 40)
         self.freeze_step = self.config.freeze_step(self.window[1], ctx.total_steps)  # as plan.joint_plan sets it
+        if getattr(self.config, "layer_split", "learned") == "erk":
+            self.split = ErkSplit([m.parametrizations.weight.original.shape for m, _ in self.layers.values()],
+                                  self.config.layer_band)
         for _, q in self.layers.values():  # Adam moves a parameter ~lr a step: let the dead zones cross the window
             q.decision_lr = DECISION_TRAVEL / self.span
         if self.saliency is not None:  # the quantizers keep the Fisher estimate it reads
@@ -353,9 +359,9 @@ class SizeBudget(Landing, Technique):
         counts = torch.stack([q.kept_count(m.parametrizations.weight.original) for m, q in self.layers.values()])
         raw, held, _, span = self._width_vectors()
         numels = [m.parametrizations.weight.original.numel() for m, _ in self.layers.values()]
-        loss, est = SizeTerm.apply(counts, raw, held, span, numels, self.scale, self.fixed, self.goal(ctx.step),
-                                   self.lam, self.config.penalty)
-        self.last_hard = float(est)
+        loss, est, errors = SizeTerm.apply(counts, raw, held, span, numels, self.scale, self.fixed, self.goal(ctx.step),
+                                           self.lam, self.config.penalty, self.split)
+        self.last_hard, self.last_errors = float(est), errors.tolist()
         return {"size": loss}
 
     def before_optimizer_step(self, ctx: RunContext) -> None:
@@ -396,6 +402,8 @@ class SizeBudget(Landing, Technique):
             # the budget (it ends ~2% under the aim, and the freeze revives weights with stale values)
             self.lam *= 1 - WINDUP_DECAY / self.span
         self.lam = max(-LAMBDA_MAX, min(LAMBDA_MAX, self.lam + lr * c))
+        if self.split is not None:
+            self.split.ascend(self.last_errors, lr, LAMBDA_MAX)
 
     def freeze(self) -> None:
         """Fix the zero pattern and widths, first projected onto the target (see `project`); the
@@ -522,6 +530,8 @@ class SizeBudget(Landing, Technique):
 
     def state_dict(self):
         extra = self.saliency.state_dict() if self.saliency is not None else {}
+        if self.split is not None:
+            extra.update(self.split.state_dict())
         return {**extra, "lam": torch.tensor(self.lam, dtype=torch.float64), "scale": torch.tensor(self.scale, dtype=torch.float64),
                 "fixed": torch.tensor(self.fixed, dtype=torch.float64),
                 "start_bytes": torch.tensor(self.start_bytes, dtype=torch.float64),
@@ -536,6 +546,8 @@ class SizeBudget(Landing, Technique):
         self.late_checked = bool(state.get("late_checked", torch.tensor(False)))
         if self.saliency is not None:
             self.saliency.load_state_dict(state)
+        if self.split is not None:
+            self.split.load_state_dict(state)
 
 
 class SizeTerm(torch.autograd.Function):
@@ -548,19 +560,24 @@ class SizeTerm(torch.autograd.Function):
     (benchmarks/step_cost.py). The value is `estimate()`'s in double precision."""
 
     @staticmethod
-    def forward(ctx, counts, raw, held, span, numels, scale, fixed, goal, lam, penalty):
+    def forward(ctx, counts, raw, held, span, numels, scale, fixed, goal, lam, penalty, split=None):
         value, d_count, d_bits = sparse_layer_bytes_with_slopes(counts.tolist(), numels, held.tolist())
         est = scale * sum(value) + fixed
         c = est / goal - 1
-        slope = (lam + penalty * c) * scale / goal  # d term / d bytes of any layer
+        slopes = [(lam + penalty * c) * scale / goal] * len(value)  # d term / d bytes of any layer
+        term, errors = lam * c + 0.5 * penalty * c * c, []
+        if split is not None:  # each layer also within a band around its ERK share (layer_split.py)
+            band_term, band_slopes, errors = split.term(value, held.tolist(), (goal - fixed) / scale, penalty)
+            term += scale / goal * band_term
+            slopes = [s + scale / goal * b for s, b in zip(slopes, band_slopes)]
         sigmoids = (0.5 * (1 + math.tanh(0.5 * x)) for x in raw.tolist())
-        d_raw = [slope * d * width * sig * (1 - sig) for d, width, sig in zip(d_bits, span.tolist(), sigmoids)]
-        ctx.save_for_backward(counts.new_tensor([slope * d for d in d_count]), raw.new_tensor(d_raw))
-        estimate = counts.new_tensor(est)
-        ctx.mark_non_differentiable(estimate)
-        return counts.new_tensor(lam * c + 0.5 * penalty * c * c), estimate
+        d_raw = [s * d * width * sig * (1 - sig) for s, d, width, sig in zip(slopes, d_bits, span.tolist(), sigmoids)]
+        ctx.save_for_backward(counts.new_tensor([s * d for s, d in zip(slopes, d_count)]), raw.new_tensor(d_raw))
+        estimate, error = counts.new_tensor(est), counts.new_tensor(errors)
+        ctx.mark_non_differentiable(estimate, error)
+        return counts.new_tensor(term), estimate, error
 
     @staticmethod
-    def backward(ctx, grad, _):
+    def backward(ctx, grad, *_):
         d_count, d_raw = ctx.saved_tensors
-        return grad * d_count, grad * d_raw, *([None] * 8)
+        return grad * d_count, grad * d_raw, *([None] * 9)
