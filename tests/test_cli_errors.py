@@ -81,12 +81,17 @@ def test_bad_recipe(tmp_path, monkeypatch, capsys, text, words):
     ("model: lenet300\ndata: digits\ntarget: {ratio: 20}\n"
      "techniques: [{type: prune_unstructured, sparsity: 0.9}, {type: quant_lsq, bits: 4}]\n", 0,
      ["warning:", "prune_unstructured.sparsity 0.9 is not used", "ok"], ()),
+    # distillation alone into a copy of the model compresses nothing (said once, though the setup says it too)
+    ("model: lenet300\ndata: digits\ntechniques: [{type: distill_kd}]\n", 0,
+     ["warning:", "student is a copy of the teacher", "ok"], ()),
+    ("model: lenet300\ndata: digits\ntechniques: []\n", 0, ["warning:", "techniques is empty", "ok"], ()),
 ])
 def test_recipe_validate_checks_the_model_as_compress_does(tmp_path, monkeypatch, capsys, text, code, words, flags):
     """`recipe validate` said ok to a model name compress refuses."""
     (tmp_path / "v.yaml").write_text(text)
     got, out = _cli(monkeypatch, capsys, "recipe", "validate", tmp_path / "v.yaml", *flags)
     assert got == code and all(w in out for w in words), out
+    assert all(out.count(line) == 1 for line in out.splitlines() if line.startswith("warning:")), out  # each said once
 
 
 def test_targets_matching_no_layer(tmp_path, monkeypatch, capsys, weights_file):

@@ -268,6 +268,43 @@ def test_a_quantization_start_that_sequential_does_not_read_is_said():
     assert not [w for w in caught if "quant_lsq.start" in str(w.message)]
 
 
+def test_your_own_loop_is_told_what_a_size_target_replaces_as_compress_is():
+    """prepare() ran a joint recipe with a ratio target, prune_unstructured.sparsity 0.9 and quant_lsq.layer_bits
+    without a word, where compress() and the command line say both are not used."""
+    from jointcompress import prepare
+
+    recipe = {"mode": "joint", "target": {"ratio": 20}, "techniques": [
+        {"type": "prune_unstructured", "sparsity": 0.9}, {"type": "quant_lsq", "bits": 4, "layer_bits": {"0": 2}}]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepare(_mlp(), recipe, total_steps=20, example_inputs=_data()[0][:2])
+    said = [str(w.message) for w in caught]
+    assert any("prune_unstructured.sparsity 0.9 is not used" in m for m in said), said
+    assert any("quant_lsq.layer_bits is not used" in m for m in said), said
+
+
+def test_a_run_that_compresses_nothing_is_said_but_training_a_reference_is_not():
+    """techniques: [] trained to the end, exit 0, at 1.0x, without a word; train_baseline (no technique on
+    purpose) stays silent; distillation alone is said only where the student is a copy (the command line)."""
+    from jointcompress import compress, prepare
+    from jointcompress.api import train_baseline
+    from jointcompress.data import evaluator
+    from jointcompress.recipe import CompressesNothing, compresses_nothing, parse_recipe
+
+    x, y = _data()
+    with pytest.warns(CompressesNothing, match="techniques is empty, so the run trains and compresses nothing"):
+        prepare(_mlp(), {"techniques": []}, total_steps=5)
+    with pytest.warns(CompressesNothing, match="techniques is empty"):
+        compress(_mlp(), {"techniques": [], "training": {"epochs": 1}}, (x, y), evaluator(x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompressesNothing)
+        train_baseline(_mlp(), (x, y), evaluator(x, y), epochs=1)
+        prepare(_mlp(), {"techniques": [{"type": "distill_kd"}]}, total_steps=5, teacher=_mlp())  # a smaller student may be yours
+    distill_only = parse_recipe({"techniques": [{"type": "distill_kd"}]})
+    assert "student is a copy of the teacher" in compresses_nothing(distill_only, student_is_copy=True)
+    assert compresses_nothing(parse_recipe({"target": {"ratio": 10}, "techniques": []}), student_is_copy=True) is None
+
+
 def test_the_result_holds_the_kept_epochs_metrics_without_evaluating_again():
     """evaluate ran once more after the run (epochs + 1 calls: a whole evaluation more), and an evaluate that draws
     returned other numbers in result.metrics than those the kept epoch was chosen on."""

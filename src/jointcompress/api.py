@@ -27,7 +27,7 @@ from .session.teacher import TEACHER_INPUT_ERRORS
 from .training import History, Trainer
 from .training.metrics import evaluated
 from .plan import make_plan
-from .recipe import Recipe, parse_recipe, warn_unread_quant_start
+from .recipe import Recipe, parse_recipe, warn_compresses_nothing, warn_unread_quant_start
 
 
 @dataclass
@@ -455,6 +455,7 @@ def compress(
     _check_run_arguments(recipe, teacher, run_dir, resume)
     warn_validation_unread(recipe)
     warn_unread_quant_start(recipe)
+    warn_compresses_nothing(recipe)
     if not callable(evaluate):  # else a TypeError after the first epoch's training
         raise RecipeError(f"evaluate is {type(evaluate).__name__}, not a function: pass one that takes the model and "
                           "returns its metric on held-out data, e.g. jointcompress.data.evaluator(x_test, y_test); "
@@ -791,6 +792,12 @@ def train_baseline(model: nn.Module, train_data, evaluate, epochs: int = 10, lr:
     """Plain training (no technique): trains the teacher / the uncompressed reference. Its BatchNorm
     layers evaluate with the running averages training left (recalibrate_norms 0): no grid or mask moves
     the weights faster than they follow, and every stored teacher trained so."""
+    import warnings
+
+    from .recipe import CompressesNothing
+
     recipe = parse_recipe({"training": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
                                         "recalibrate_norms": 0}})
-    return compress(model, recipe, train_data, evaluate, progress=progress).history
+    with warnings.catch_warnings():  # no technique on purpose: the reference trains, nothing is compressed
+        warnings.simplefilter("ignore", CompressesNothing)
+        return compress(model, recipe, train_data, evaluate, progress=progress).history

@@ -210,12 +210,14 @@ def compress_cmd(
     continues where the last checkpoint left off. Under `torchrun --nproc_per_node=N` the run
     is data-parallel and only rank 0 writes.
     """
+    import warnings
+
     from .devices import resolve_device
     from .distributed import init_from_env, quiet_other_ranks
     from .io import check_folder_path, finished_run, prepare_run_dir, say_finished
     from .models import absolute_builder
     from .pipeline import builder_for, compress_and_save, load_split, load_start
-    from .recipe import load_recipe
+    from .recipe import CompressesNothing, compresses_nothing, load_recipe
     from .tensorboard import TensorBoardLogger
 
     check_folder_path(tensorboard, "--tensorboard")  # else found only after training
@@ -224,6 +226,10 @@ def compress_cmd(
         if value is not None and not value.strip():  # a shell variable left empty fell back to the recipe's value
             raise JointCompressError(f"{flag} is empty; give a value, or leave the flag out for the recipe's")
     recipe = _overridden(load_recipe(recipe_path), mode=mode, precision=precision)
+    if recipe.techniques:  # empty: compress() and prepare() say it; distillation alone only here (a copy's student)
+        reason = compresses_nothing(recipe, student_is_copy=True)
+        if reason is not None:
+            warnings.warn(reason, CompressesNothing, stacklevel=1)
     flags = {"--model": model, "--data": data, "--mode": mode, "--precision": precision}  # what recipe.yaml records
     if recipe.hf is not None or (model or recipe.model or "").startswith("hf:"):  # Hugging Face text classification
         from .hf.pipeline import cli_compress
@@ -734,28 +740,29 @@ def recipe_validate(recipe_path: Path = typer.Argument(..., help="Recipe YAML.")
                                                       "of a smaller model (a first run's artifact): a size target out "
                                                       "of reach of the model as built is a warning, not an error.")):
     """Check a recipe: every field, bound and combination; prints what it will run."""
-    from .recipe import load_recipe
+    from .recipe import compresses_nothing, load_recipe
 
     r = load_recipe(recipe_path)
     model = _validated_model(r.model or (r.hf.model_name_or_path if r.hf is not None else None), r.hf is not None)
     _check_cli_metric(r, recipe_path)  # as compress checks it
-    if not r.techniques:
-        console.print(f"[yellow]warning:[/yellow] {escape(str(recipe_path))}: techniques is empty, so a run would train and compress "
-                      "nothing; list at least one (prune_unstructured, quant_lsq, distill_kd, ...)")
+    nothing = compresses_nothing(r, student_is_copy=True)  # the command line's student is a copy of the model
+    if nothing is not None:
+        console.print(f"[yellow]warning:[/yellow] {escape(str(recipe_path))}: {escape(nothing)}")
+    said = {nothing}
     if r.data and not _readable_data(r.data):  # compress would stop there (unless --data)
         console.print(f"[yellow]warning:[/yellow] {escape(str(recipe_path))}: data: {escape(r.data)} does not exist "
                       f"(from {escape(str(Path.cwd()))}); "
                       "compress stops there unless --data gives another")
-    _say_unused_settings(r)
-    checked = _checked_on_the_model(r, from_weights)
+    said.update(_say_unused_settings(r))
+    checked = _checked_on_the_model(r, from_weights, said)
     console.print(f"[green]ok[/green] {escape(str(recipe_path))}: {escape(str(model))}, mode={r.mode}, {len(r.techniques)} techniques "
                   f"({', '.join(t.type for t in r.techniques)}), {r.training.epochs} epochs, coordination={r.coordination.strategy}"
                   f"{checked}")
 
 
-def _say_unused_settings(recipe) -> None:
+def _say_unused_settings(recipe) -> list[str]:
     """The settings a size or latency target replaces (prune_unstructured.sparsity beside target.ratio), which
-    compress says when it starts: validate said "ok" and nothing else."""
+    compress says when it starts: validate said "ok" and nothing else. Returns what it said."""
     import warnings
 
     from .targets import warn_unused_sparsity
@@ -765,6 +772,7 @@ def _say_unused_settings(recipe) -> None:
         warn_unused_sparsity(recipe)
     for w in caught:
         console.print(f"[yellow]warning:[/yellow] {escape(str(w.message))}")
+    return [str(w.message) for w in caught]
 
 
 def _readable_data(data: str) -> bool:
@@ -772,10 +780,11 @@ def _readable_data(data: str) -> bool:
     return data == "digits" or Path(data).exists()
 
 
-def _checked_on_the_model(recipe, from_weights: bool = False) -> str:
+def _checked_on_the_model(recipe, from_weights: bool = False, already: set | None = None) -> str:
     """Where the recipe names a model and data it can read, the checks compress runs before training, on the
     untrained model: validate said "ok" to blocks that are no residual blocks, patterns that select no layer
-    and targets out of reach, which compress then refused. Returns what the ok line adds."""
+    and targets out of reach, which compress then refused. Returns what the ok line adds. `already`: warnings
+    validate printed itself (the setup says them again)."""
     from .models import absolute_builder
     from .pipeline import builder_for, load_split
 
@@ -796,7 +805,7 @@ def _checked_on_the_model(recipe, from_weights: bool = False) -> str:
             raise
         console.print(f"[yellow]warning:[/yellow] {escape(str(err))} (on the model as the builder makes it; a run from "
                       "--weights of a smaller model, a first run's artifact, is checked on that one)")
-    for message in said:  # what compress would say about the recipe before it trains
+    for message in (m for m in said if m not in (already or ())):  # what compress would say before it trains
         console.print(f"[yellow]warning:[/yellow] {escape(message)}")
     return f"; checked on the untrained model on {split.name}"
 

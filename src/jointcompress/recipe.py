@@ -787,6 +787,35 @@ def warn_unread_quant_start(recipe: Recipe) -> None:
                       UserWarning, stacklevel=3)
 
 
+def compresses_nothing(recipe: Recipe, student_is_copy: bool = False) -> str | None:
+    """Why a run of `recipe` would train and compress nothing, or None. No technique and no target; or, where the
+    student is a copy of the teacher (the command line's, not a smaller student of your own given to compress()),
+    distillation alone without hf.student_layers: the file would be the teacher's size. Said where a run starts
+    (compress, prepare, the CLI) and by `recipe validate`: a run went to its end, exit 0, at 1.0x."""
+    if recipe.target is not None:  # the target adds what meets it
+        return None
+    kinds = {t.type for t in recipe.techniques}
+    if not kinds:
+        return ("techniques is empty, so the run trains and compresses nothing; list at least one (prune_unstructured, "
+                "quant_lsq, ...) or set a target (size_kb, ratio)")
+    if student_is_copy and kinds == {"distill_kd"} and not (recipe.hf is not None and recipe.hf.student_layers):
+        return ("distill_kd is the only technique and the student is a copy of the teacher, so the artifact is the "
+                "teacher's size; add prune_unstructured or quant_lsq, a target (size_kb, ratio)"
+                + (", or hf.student_layers" if recipe.hf is not None else ""))
+    return None
+
+
+class CompressesNothing(UserWarning):
+    """A run that trains and compresses nothing (compresses_nothing); train_baseline's, on purpose, is not said."""
+
+
+def warn_compresses_nothing(recipe: Recipe, student_is_copy: bool = False) -> None:
+    """compresses_nothing's reason as a warning (stacklevel: the caller of compress / prepare)."""
+    reason = compresses_nothing(recipe, student_is_copy)
+    if reason is not None:
+        warnings.warn(reason, CompressesNothing, stacklevel=3)
+
+
 def without_quant_start(data: dict) -> dict:
     """A recipe's data with quant_lsq's start removed, for a sequential run of a recipe written for joint runs
     (compare's sequential variant, --mode sequential): it starts LSQ at its quantize phase, so the start is not

@@ -6,7 +6,7 @@ import torch.nn as nn
 from .. import techniques as tech
 from ..errors import RecipeError
 from ..plan import make_plan
-from ..recipe import Recipe, parse_recipe, warn_unread_quant_start
+from ..recipe import Recipe, parse_recipe, warn_compresses_nothing, warn_unread_quant_start
 from .checks import check_model_tensors, check_teacher, unsized_lazy
 from .session import CompressionSession, LossFn, explicit_weight_decay
 
@@ -69,11 +69,13 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
     from .. import distributed as _dist
     from ..api import check_data, check_targets, check_teacher_data, warn_validation_unread
     from ..joint_form import as_joint_form
-    from ..targets import resolve_target
+    from ..targets import resolve_target, warn_unused_sparsity
 
     given = parse_recipe(recipe)
     warn_validation_unread(given, reader="prepare()")
     warn_unread_quant_start(given)
+    warn_compresses_nothing(given)
+    warn_unused_sparsity(given)  # what a size or latency target replaces, as compress() and the CLI say it
     recipe, _ = as_joint_form(given)  # mode: joint under a size target, as compress() trains it
     check_needs(recipe, teacher, example_inputs)
     refuse_ddp(model)
