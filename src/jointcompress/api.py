@@ -505,6 +505,9 @@ def warn_validation_unread(recipe: Recipe, reader: str = "compress()") -> None:
 def _compress(model: nn.Module, recipe: Recipe, train_data, evaluate, teacher, progress, callbacks, *, run_dir, resume,
               checkpoint_every, max_nonfinite, dist, loss_fn) -> Result:
     """compress() once its arguments passed their checks and its run folder is locked."""
+    from .session.outputs import new_run
+
+    new_run()  # the warnings said once a run are said again, once
     model = _dist.unwrap(model)
     teacher = _dist.unwrap(teacher) if teacher is not None else None
     loader, example = _checked_inputs(model, teacher, recipe, train_data, dist)

@@ -136,14 +136,30 @@ def logits_of(outputs) -> torch.Tensor:
         logits = tensors[0] if tensors else None
         if len(tensors) > 1:  # (embedding, logits) trained the embedding as the logits, silently
             shapes = ", ".join(str(list(t.shape[1:])) for t in tensors[:3])
-            warnings.warn(f"model outputs: a {type(outputs).__name__} of {len(tensors)} tensors (per sample {shapes}); "
-                          "the first is read as the logits; where they are another, return them first (or a dict "
-                          "with 'logits')",
-                          UserWarning, stacklevel=3)
+            said_once_per_run(f"model outputs: a {type(outputs).__name__} of {len(tensors)} tensors (per sample "
+                              f"{shapes}); the first is read as the logits; where they are another, return them first "
+                              "(or a dict with 'logits')")
     if not isinstance(logits, torch.Tensor):
         raise DataError(f"model outputs of type {type(outputs).__name__} hold no logits tensor; return a tensor, "
                         "a tuple, a dict with 'logits' or a transformers ModelOutput")
     return logits
+
+
+_SAID: set[str] = set()  # what said_once_per_run said since the run began (new_run)
+
+
+def said_once_per_run(message: str) -> None:
+    """A warning about every batch, said once a run. Python's own once-per-place memory is reset whenever a
+    filter changes (catch_warnings with a filter), which the size budget's measurements of the file do on every
+    calibration: a model returning a tuple got this line 37 times in 12 steps."""
+    if message not in _SAID:
+        _SAID.add(message)
+        warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def new_run() -> None:
+    """A session starts: its warnings about the model's outputs are said again, once."""
+    _SAID.clear()
 
 
 def model_loss(outputs) -> torch.Tensor | None:

@@ -70,7 +70,9 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
     from ..api import check_data, check_targets, check_teacher_data, warn_validation_unread
     from ..joint_form import as_joint_form
     from ..targets import resolve_target, warn_unused_sparsity
+    from .outputs import new_run
 
+    new_run()  # the warnings said once a run are said again, once
     given = parse_recipe(recipe)
     warn_validation_unread(given, reader="prepare()")
     warn_unread_quant_start(given)
