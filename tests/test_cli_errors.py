@@ -1239,3 +1239,16 @@ def test_an_uncompressed_model_at_chance_is_said():
     assert _at_chance({"accuracy": 0.9}, ten) == "" and _at_chance({"accuracy": None}, ten) == ""
     two = SimpleNamespace(y_train=torch.arange(10) % 2)
     assert _at_chance({"accuracy": 0.52}, two) and not _at_chance({"accuracy": 0.7}, two)
+
+
+def test_a_builder_returning_half_weights_is_told_to_call_float_not_to_change_the_data(monkeypatch, capsys, tmp_path):
+    """An fp16 model on the command line was blamed on the data (x.float(), or other --data), where prepare() names
+    the weights' dtype and model.float()."""
+    builder = tmp_path / "half.py"
+    builder.write_text("import torch.nn as nn\n\ndef build():\n"
+                       "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).half()\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: digits\ntechniques: [{type: quant_lsq, bits: 4}]\ntraining: {epochs: 1}\n")
+    code, out = _cli(monkeypatch, capsys, "compress", recipe, "--model", f"{builder}:build", "--out", tmp_path / "o")
+    assert code == 2 and "weights are torch.float16" in out and "model.float()" in out, out
+    assert "Give --data" not in out and "Traceback" not in out, out

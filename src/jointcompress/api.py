@@ -355,6 +355,13 @@ def check_data(model: nn.Module, example, train_data, what: str = "train_data"):
             if _float_into_embedding(model, example, err):
                 hint = ("the model has an embedding, which takes integer ids: give token ids as x.long() "
                         "(a float tensor of ids came from a float array or a collate that cast them)")
+            weights = {p.dtype for p in model.parameters() if p.is_floating_point()}
+            if weights and torch.float32 not in weights:  # the model's, not the data's: fp16 / bf16 / fp64 weights
+                raise UnsupportedModelError(
+                    f"the model's weights are {', '.join(sorted(str(d) for d in weights))} ({type(err).__name__} on a "
+                    f"batch of {describe(example)}), and the techniques train float32 weights (their step sizes, masks "
+                    "and estimates are float32); call model.float() (and teacher.float()) before compressing, or return "
+                    "it from your builder: the artifact stores the low-bit weights either way") from None
         if isinstance(example, dict) and any(f"'{k}'" in str(err) for k in LABEL_KEYS if k in example):
             hint = ("dict batches pass every key to the model, the labels too (as Hugging Face models expect): let "
                     "forward take labels=None, or yield ((x1, x2, ...), labels) tuples, which call model(x1, x2, ...)")
