@@ -157,6 +157,15 @@ def test_resume_into_another_recipe_or_total_steps_is_refused_by_name():
         _, session, _ = _session(steps=steps)
         with pytest.raises(JointCompressError, match=rf"prepared with total_steps=20, this one with total_steps={steps}"):
             session.load_state_dict(ck["session"])
+    # a joint recipe under another size target: named by the field the user wrote, not the bytes of the size_budget
+    # the joint form adds (techniques[2].target_bytes, where the user's techniques[2] is distill_kd)
+    def joint(kb):
+        return jointcompress.prepare(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)), {
+            "mode": "joint", "target": {"size_kb": kb}, "techniques": [
+                {"type": "prune_unstructured"}, {"type": "quant_lsq", "bits": 4}, {"type": "distill_kd"}]},
+            total_steps=20, teacher=nn.Linear(64, 10), example_inputs=torch.randn(2, 64))
+    with pytest.raises(RecipeError, match=r"different recipe \(target\.size_kb: 1\.5 in the checkpoint, 2\.0 now\)"):
+        joint(2.0).load_state_dict(joint(1.5).state_dict())
     model, session, opt = _session(steps=20)  # the same recipe and steps: resumes
     session.load_state_dict(ck["session"])
     model.load_state_dict(ck["model"])

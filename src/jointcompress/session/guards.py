@@ -227,7 +227,10 @@ def check_fits(session, state: dict) -> None:
         return
     mine, saved_recipe = session_identity(session), without_memory_fields(with_added_fields(saved["recipe"]))
     if saved_recipe != mine["recipe"]:
-        where = first_difference(saved_recipe, mine["recipe"]) or "recipe"
+        # the target first: the bytes it resolves to (size_budget.target_bytes, techniques the joint form adds) are
+        # derived fields the user never wrote, named at indices their recipe does not have
+        where = (first_difference(saved_recipe.get("target"), mine["recipe"].get("target"), "target")
+                 or first_difference(saved_recipe, mine["recipe"]) or "recipe")
         raise RecipeError(
             f"session.load_state_dict: the checkpoint was made with a different recipe ({where}); resume with the "
             "same recipe the checkpointed session was prepared with, or start a new run")
