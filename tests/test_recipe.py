@@ -63,6 +63,12 @@ def test_sparsity_is_left_out_only_where_a_target_sets_it(target, technique, nee
         recipe["target"] = target
     with pytest.raises(RecipeError, match=rf"techniques.0 \({technique}\): sparsity is required .*target: \{{{needed}"):
         parse_recipe(recipe)
+    recipe["techniques"][0]["layer_sparsity"] = {"0": 0.5}  # per layer alone: the rest's sparsity is still asked for
+    with pytest.raises(RecipeError, match=r"sparsity is the rest's: 0 prunes only those"):
+        parse_recipe(recipe)
+    recipe["techniques"][0]["sparsity"] = 0.0
+    if target is None:
+        assert parse_recipe(recipe).techniques[0].layer_sparsity == {"0": 0.5}
 
 
 def test_a_target_sets_the_sparsity_a_recipe_leaves_out():

@@ -639,8 +639,10 @@ class Recipe(Strict):
             latency = t.type == "prune_structured"
             if self.target is None or self.target.is_latency != latency:
                 which = "{latency_ms: ...} or {speedup: ...}" if latency else "{size_kb: ...} or {ratio: ...}"
+                alone = (" (layer_sparsity sets the layers it names; sparsity is the rest's: 0 prunes only those)"
+                         if t.layer_sparsity else "")
                 raise ValueError(f"techniques.{i} ({t.type}): sparsity is required (the fraction to remove, e.g. 0.5) "
-                                 f"unless target: {which} sets it")
+                                 f"unless target: {which} sets it{alone}")
         return self
 
     @model_validator(mode="after")

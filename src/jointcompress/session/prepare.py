@@ -27,7 +27,8 @@ def check_needs(recipe: Recipe, teacher, example_inputs) -> None:
     if recipe.target is not None and recipe.target.is_latency:  # the size target's way out does not apply
         raise RecipeError(
             "target: a latency target is allocated from timed per-layer latency tables by the built-in loop "
-            "(compress()); in your own loop set prune_structured.sparsity (or its layer_sparsity) yourself "
+            "(compress()); in your own loop set prune_structured.sparsity yourself (with layer_sparsity for the "
+            "layers that differ) "
             "(`jointcompress dry-run` lists the channel groups), or run compress()")
     if recipe.target is not None and not _budgeted_in_session(recipe):
         raise RecipeError(
