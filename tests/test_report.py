@@ -175,9 +175,15 @@ def test_compress_report_gives_both_models_the_weights_files_size_on_disk(tmp_pa
 
 
 def test_report_on_an_artifact_folder_suggests_its_run_folder(tmp_path):
+    """The run folder where the parent is one; an artifact saved from a loop of your own has none, and reporting its
+    parent was a second error: bench it instead."""
     _saved_artifact(tmp_path / "run" / "artifact")
     res = CliRunner().invoke(app, ["report", str(tmp_path / "run" / "artifact")])
     assert res.exit_code != 0
+    assert "no run folder holds it" in str(res.exception) and "jointcompress bench" in str(res.exception)
+    assert f"jointcompress report {(tmp_path / 'run').resolve()}" not in str(res.exception)
+    (tmp_path / "run" / "summary.json").write_text("{}")
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "run" / "artifact")])
     assert f"jointcompress report {(tmp_path / 'run').resolve()}" in str(res.exception)
 
 

@@ -108,14 +108,28 @@ def read_run_dir(path: Path) -> RunDir:
     if (path / "artifact" / "manifest.json").is_file() or summarized:
         return _read_compress(path)
     if (path / "manifest.json").is_file():  # an artifact folder itself: its run folder holds the history and summary
-        raise JointCompressError(
-            f"report: {path} is an artifact folder (manifest.json), not a run folder; report the run that wrote it: "
-            f"`jointcompress report {path.resolve().parent}` (or `jointcompress bench {path}` to measure the artifact alone)")
+        raise JointCompressError(f"report: {path} is an artifact folder (manifest.json), not a run folder; "
+                                 + _artifact_folder_advice(path))
     unfinished = f"; {resume}" if CheckpointStore(path).paths() else ""
     raise JointCompressError(
         f"report: {path} has neither compare.json (from `jointcompress compare`) nor artifact/manifest.json or "
         f"summary.json (from `jointcompress compress`); pass one of those output directories{unfinished}"
     )
+
+
+def _artifact_folder_advice(path: Path) -> str:
+    """What to run on an artifact folder: report its run folder where the parent is one (compress's --out); else
+    (saved from a loop of your own) bench it, with --model where its manifest names no model to rebuild."""
+    parent = path.resolve().parent
+    if any((parent / name).is_file() for name in ("summary.json", "results.json")):
+        return f"report the run that wrote it: `jointcompress report {parent}` (or `jointcompress bench {path}`)"
+    try:
+        model = ((json.loads((path / "manifest.json").read_text()).get("recipe") or {}).get("model"))
+    except (OSError, ValueError, AttributeError):
+        model = None
+    bench = f"`jointcompress bench {path}`" if model else f"`jointcompress bench {path} --model your_file.py:build`"
+    return (f"no run folder holds it ({parent} has no summary.json: it was saved outside `jointcompress compress`, "
+            f"e.g. by artifact.save from a loop of your own); measure it with {bench}")
 
 
 def _summary_rows(summary: dict) -> dict:
