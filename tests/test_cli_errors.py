@@ -1235,7 +1235,9 @@ def test_an_uncompressed_model_at_chance_is_said():
     from jointcompress.cli import _at_chance
 
     ten = SimpleNamespace(y_train=torch.arange(100) % 10)
-    assert "reads 10.91%, about chance for 10 classes" in _at_chance({"accuracy": 0.1091}, ten)
+    line = _at_chance({"accuracy": 0.1091}, ten)
+    assert "reads 10.91%, about chance for 10 classes" in line
+    assert "--teacher-epochs" in line and "training.lr" in line  # too few epochs, as well as a rate that diverged
     assert _at_chance({"accuracy": 0.9}, ten) == "" and _at_chance({"accuracy": None}, ten) == ""
     two = SimpleNamespace(y_train=torch.arange(10) % 2)
     assert _at_chance({"accuracy": 0.52}, two) and not _at_chance({"accuracy": 0.7}, two)

@@ -684,8 +684,9 @@ def _at_chance(uncompressed: dict, split) -> str:
     if accuracy is None or classes < 2 or accuracy > 1 / classes + 0.05:
         return ""
     return (f"[yellow]the uncompressed model reads {100 * accuracy:.2f}%, about chance for {classes} classes[/yellow]: "
-            "there was nothing to keep. Where this run trained it (no --weights), its training did not learn (a lower "
-            "training.lr; check the labels); where --weights gave it, check that file")
+            "there was nothing to keep. Where this run trained it (no --weights), its training did not learn: too "
+            "few epochs (a larger --teacher-epochs), a rate that diverged (a lower training.lr), or labels that do not "
+            "match the inputs; where --weights gave it, check that file")
 
 
 def _standardisation_line(split) -> str:
