@@ -1254,3 +1254,17 @@ def test_a_builder_returning_half_weights_is_told_to_call_float_not_to_change_th
     code, out = _cli(monkeypatch, capsys, "compress", recipe, "--model", f"{builder}:build", "--out", tmp_path / "o")
     assert code == 2 and "weights are torch.float16" in out and "model.float()" in out, out
     assert "Give --data" not in out and "Traceback" not in out, out
+
+
+def test_a_model_whose_outputs_the_default_loss_cannot_read_is_refused_before_training_in_cli_words(
+        monkeypatch, capsys, tmp_path):
+    """A model returning [batch] got, from inside the teacher's training, "Pass loss_fn=lambda outputs, batch: ...":
+    a Python argument the command line has no way to give."""
+    builder = tmp_path / "flat.py"
+    builder.write_text("import torch.nn as nn\n\ndef build():\n"
+                       "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 1), nn.Flatten(0))\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: digits\ntechniques: [{type: quant_lsq, bits: 4}]\ntraining: {epochs: 1}\n")
+    code, out = _cli(monkeypatch, capsys, "compress", recipe, "--model", f"{builder}:build", "--out", tmp_path / "o")
+    assert code == 2 and "logits have shape (2,)" in out and "return [batch, classes] logits" in out, out
+    assert "Pass loss_fn" not in out and "train model" not in out and "Traceback" not in out, out

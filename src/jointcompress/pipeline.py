@@ -63,13 +63,21 @@ def _check_takes_the_data(builder: Callable[[], nn.Module], model_name: str, spl
     """A user's builder against the data the command read, before any training or loading: a mismatch was
     a traceback from deep inside `sensitivity --weights`, and named the Python argument train_data elsewhere."""
     from .api import check_data
+    from .session.outputs import split_batch, default_task_loss
 
     try:
-        check_data(builder(), split.x_train[:2], (split.x_train, split.y_train), what=f"data {split.name!r}")
+        outputs = check_data(builder(), split.x_train[:2], (split.x_train, split.y_train), what=f"data {split.name!r}")
     except DataError as exc:
         default = ("; 'digits' is the embedded 8x8 digits, read where neither --data nor the recipe's data: names a file"
                    if split.name == "digits" else "")
         raise DataError(f"{exc}. Give --data (or the recipe's data:) that {model_name} was written for{default}") from None
+    try:  # the command line trains with the default task loss: a model it does not fit stopped its teacher's training
+        default_task_loss(outputs, split_batch((split.x_train[:2], split.y_train[:2])))
+    except DataError as exc:
+        cause = str(exc).split(". Pass loss_fn=")[0]
+        raise DataError(f"data {split.name!r}: {cause}. The command line trains {model_name} with that loss on the "
+                        "data's labels: make the builder's model return [batch, classes] logits (a loss of your own "
+                        "needs the Python API, compress(..., loss_fn=...))") from None
 
 
 def table_builder(model_name: str, features: int, classes: int, data: str) -> Callable[[], nn.Module]:
