@@ -85,6 +85,11 @@ def test_bad_recipe(tmp_path, monkeypatch, capsys, text, words):
     ("model: lenet300\ndata: digits\ntechniques: [{type: distill_kd}]\n", 0,
      ["warning:", "student is a copy of the teacher", "ok"], ()),
     ("model: lenet300\ndata: digits\ntechniques: []\n", 0, ["warning:", "techniques is empty", "ok"], ()),
+    # --model as compress takes it: checked on that model, not the recipe's (or none)
+    ("data: digits\ntechniques: [{type: quant_lsq}]\n", 0, ["ok", "model=lenet300", "checked on the untrained model"],
+     ("--model", "lenet300")),
+    ("model: lenet5\ndata: digits\ntechniques: [{type: quant_lsq, targets: ['conv*']}]\n", 2,
+     ["select no layer of the model"], ("--model", "lenet300")),
 ])
 def test_recipe_validate_checks_the_model_as_compress_does(tmp_path, monkeypatch, capsys, text, code, words, flags):
     """`recipe validate` said ok to a model name compress refuses."""

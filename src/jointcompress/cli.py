@@ -739,11 +739,17 @@ def _check_cli_metric(recipe, recipe_path) -> None:
 def recipe_validate(recipe_path: Path = typer.Argument(..., help="Recipe YAML."),
                     from_weights: bool = typer.Option(False, "--from-weights", help="The run will start from --weights "
                                                       "of a smaller model (a first run's artifact): a size target out "
-                                                      "of reach of the model as built is a warning, not an error.")):
+                                                      "of reach of the model as built is a warning, not an error."),
+                    model: Optional[str] = typer.Option(None, help="The model compress will get with --model (a "
+                                                        "reference model or your builder); default: the recipe's.")):
     """Check a recipe: every field, bound and combination; prints what it will run."""
     from .recipe import compresses_nothing, load_recipe
 
     r = load_recipe(recipe_path)
+    if model is not None:  # as compress --model overrides it
+        if not model.strip():
+            raise JointCompressError("--model is empty; give a value, or leave the flag out for the recipe's")
+        r = r.model_copy(update={"model": model})
     model = _validated_model(r.model or (r.hf.model_name_or_path if r.hf is not None else None), r.hf is not None)
     _check_cli_metric(r, recipe_path)  # as compress checks it
     nothing = compresses_nothing(r, student_is_copy=True)  # the command line's student is a copy of the model
