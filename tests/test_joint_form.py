@@ -237,6 +237,32 @@ def test_a_target_the_landing_cannot_reach_is_said_before_training_and_at_the_fr
     assert abs(on_disk - missed["bytes"]) <= 0.02 * on_disk  # the warning's number is the file's
 
 
+def test_the_missed_target_counts_the_channels_and_normalization_bytes_the_file_holds():
+    """With prune_structured beside the size budget, the freeze's warning counted the channels it removes as live
+    (68 of a finalized 36) and their BatchNorm bytes (512 B in a 386 B file)."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                             nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 3, 8, 8), torch.randint(0, 4, (256,))
+    model = build()
+    recipe = {"mode": "joint", "target": {"ratio": 125}, "training": {"epochs": 3, "batch_size": 64},
+              "techniques": [{"type": "prune_structured", "sparsity": 0.5}, {"type": "quant_lsq", "bits": 4}]}
+    with pytest.warns(UserWarning) as said:
+        result = compress(model, recipe, (x, y), lambda m: 0.0)
+    budget = next(t for t in result.techniques if t.kind == "size_budget")
+    missed = next(e for e in budget.events if e["event"] == "size_target_missed")
+    result.finalize()
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert missed["live_channels"] == sum(int((m.weight != 0).flatten(1).any(1).sum()) for m in layers)
+    norm_bytes = sum(8 * m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))  # fp16, 4 tensors
+    message = next(str(w.message) for w in said if "over the" in str(w.message) and "ends at about" in str(w.message))
+    assert f"BatchNorm layers hold about {norm_bytes:,} B" in message, message
+
+
 def test_the_channel_floor_warning_names_the_fp32_embedding_table_and_the_settings_that_shrink_it():
     """A target under the one-weight-per-channel file where most bytes are an fp32 embedding table: the
     warning names the table and the settings that quantize it (quant_lsq and prune_unstructured's

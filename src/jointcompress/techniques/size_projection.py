@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from . import learned_width as lw
-from .size_estimate import fixed_part_hint, sparse_layer_bytes, sparse_layer_bytes_with_slopes
+from .size_estimate import finalized_copy, fixed_part_hint, sparse_layer_bytes, sparse_layer_bytes_with_slopes
 
 UNDER_WARNING = 0.05  # a file this far under the aim at the freeze is said (warn_under)
 PROJECTION_SLACK = 0.003  # the projection lands within 0.3% of the aim (fine-tuning moves the coding ~0.5%)
@@ -238,9 +238,7 @@ class Landing:
         now, target = self.calibrated_hard(), self.config.target_bytes
         if now <= target:  # a byte over is over: the user asked for at most the target
             return
-        keeps = [q.hard_keep(m.parametrizations.weight.original) for m, q in self.layers.values()]
-        kept = {name: int(k.sum()) for name, k in zip(self.layers, keeps)}
-        channels = sum(int(k.flatten(1).any(1).sum()) for k in keeps)
+        kept, channels, shrunk = self._live_after_finalize()
         self.events.append({"event": "size_target_missed", "bytes": round(now), "target_bytes": round(target),
                             "fixed_bytes": round(self.fixed), "live_channels": channels, "kept": kept})
         warnings.warn(
@@ -250,8 +248,22 @@ class Landing:
             f"{self.fixed:,.0f} B do not depend on the run's decisions and the landing keeps the strongest weight of each "
             f"of the {channels:,} output channels that still have weights ({sum(kept.values()):,} weights kept). Ask "
             f"for at least this file (target.size_kb >= {math.ceil(now / 10.24) / 100:.2f}, or a lower target.ratio), or lower "
-            "quant_lsq.bits" + (fixed_part_hint(self.model) if self.model is not None else ""),
+            "quant_lsq.bits" + (fixed_part_hint(shrunk) if shrunk is not None else ""),
             stacklevel=1)  # its caller is torch.no_grad's wrapper: the command line showed that file and line
+
+    def _live_after_finalize(self) -> tuple[dict[str, int], int, nn.Module | None]:
+        """Each layer's kept weights, the output channels that still hold one, and the model as the file holds it:
+        counted on the model as finalize leaves it, so prune_structured's removed channels count neither as live
+        channels nor in the normalization layers' bytes (a 386 B file was said to hold 512 B of BatchNorm)."""
+        if self.model is None:
+            keeps = [q.hard_keep(m.parametrizations.weight.original) for m, q in self.layers.values()]
+            return ({name: int(k.sum()) for name, k in zip(self.layers, keeps)},
+                    sum(int(k.flatten(1).any(1).sum()) for k in keeps), None)
+        shrunk, _ = finalized_copy(self.model, getattr(self, "example_inputs", None))
+        modules = dict(shrunk.named_modules())
+        weights = {name: modules[name].weight for name in self.layers if name in modules}
+        return ({name: int((w != 0).sum()) for name, w in weights.items()},
+                sum(int((w != 0).flatten(1).any(1).sum()) for w in weights.values()), shrunk)
 
     def warn_under(self) -> None:
         """Said once, at the freeze, where the file ends far under the target after the projection revived
