@@ -144,3 +144,32 @@ def test_a_layer_whose_output_the_model_returns_is_skipped_for_that_reason():
         jointcompress.prepare(WithHidden(), {"techniques": [{"type": "prune_structured", "sparsity": 0.5}]},
                               total_steps=10, example_inputs=torch.randn(4, 16))
     assert "mixes channels" not in str(err.value)
+
+
+def test_a_channel_group_behind_a_buffer_that_is_zero_at_setup_is_left_out_there_not_at_a_calibration():
+    """A centering layer (x - offset, its offset buffer 0 at setup and updated in training) hid that a removed
+    channel's output is not zero: the group passed the setup check and the run died at a size calibration, blaming
+    every group. The check perturbs floating buffers too."""
+    class Center(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("offset", torch.zeros(()))
+
+        def forward(self, x):
+            return x - self.offset
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.center = nn.Conv2d(3, 16, 3, padding=1), Center()
+            self.c2, self.fc = nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc(F.relu(self.c2(self.center(F.relu(self.c1(x))))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    session = jointcompress.prepare(Net(), {"techniques": [{"type": "prune_structured", "sparsity": 0.5}]},
+                                    total_steps=10, example_inputs=torch.randn(2, 3, 8, 8))
+    channels = next(t for t in session.techniques if t.kind == "prune_structured")
+    assert [g.name for g in channels.groups] == ["c2"]
+    assert any(name == "c1" and "non-zero output" in why for name, why in channels.skipped), channels.skipped

@@ -287,6 +287,12 @@ def randomize(model: nn.Module, seed: int = 0) -> None:
             p.copy_(noise / max(1, p[0].numel()) ** 0.5)
         else:
             p.add_(0.1 * noise)
+    # floating buffers too, up only (a running variance stays positive): a buffer that is 0 when the check runs
+    # (a centering offset that training updates) hid that a removed channel's output is not zero after it
+    for b in model.buffers():
+        if b.is_floating_point() and b.numel():
+            noise = torch.randn(b.shape, generator=gen, dtype=torch.float32, device="cpu").to(device=b.device, dtype=b.dtype)
+            b.add_(0.1 * noise.abs())
 
 
 def removal_gap(model: nn.Module, example_inputs, groups: list) -> tuple[float, str]:
@@ -332,8 +338,9 @@ def _cause(model: nn.Module, group) -> str:
         mod = modules.get(member.module)
         if _is_grouped(mod):
             return _grouped_reason(member.module, mod)
-    return ("they pass through an operation that mixes channels (e.g. a normalization written as functions, or a "
-            "reshape into heads)")
+    return ("between them an operation mixes the channels or gives a zeroed channel a non-zero output (e.g. a "
+            "normalization written as functions, a reshape into heads, an offset or sigmoid applied after the layer, "
+            "a concatenation with the model's input)")
 
 
 def verify_groups(model: nn.Module, example_inputs, groups: list) -> dict[str, str]:
