@@ -279,7 +279,7 @@ def as_before_fused(stepper):
         fisher = q.fisher
 
         @torch.no_grad()
-        def fold(batch_size, step=None, every=1, fisher=fisher):  # every step's gradient, as before FISHER_EVERY
+        def fold(batch_size, step=None, every=1, loss_scale=None, fisher=fisher):  # every step's gradient, as before FISHER_EVERY (fp32: no scale)
             fisher.watched = None
             if fisher.pending is None:
                 return False
@@ -340,6 +340,12 @@ def steppers(teacher, split, ratio: float = 100.0) -> dict:
     fns["paced_none"] = joint_stepper(teacher, split, "none", recipe=budget_recipe("none", 1, goal, variant="joint-paced-none"))
     fns["paced_pcgrad_every10"] = joint_stepper(teacher, split, "pcgrad",
                                                 recipe=budget_recipe("pcgrad", 10, goal, variant="joint-paced-none"))
+    # the nonzero grid, and with each layer's bytes held near its ERK share (size_budget.layer_split: erk, whose
+    # per-layer goals are searched again as the budget's goal moves)
+    fns["nz_none"] = joint_stepper(teacher, split, "none",
+                                   recipe=budget_recipe("none", 1, goal, variant="joint-paced-obdland-nz-none"))
+    fns["nz_erk_none"] = joint_stepper(teacher, split, "none",
+                                       recipe=budget_recipe("none", 1, goal, variant="joint-paced-obdland-nz-erk-none"))
     # the joint form, what `mode: joint` trains under a size target (the default since it was measured,
     # fixed widths), with its default coordination (none) and with PCGrad every 10 steps
     fns["form_none"] = joint_stepper(teacher, split, "none", recipe=joint_form_recipe(teacher, split, "none", None, ratio))
