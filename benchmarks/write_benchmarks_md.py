@@ -827,14 +827,20 @@ def allocation_lines(folder: str = ALLOCATION_FOLDER) -> list[str]:
             f"Reproduce: {_reproduce(r, r['model'])}.", ""]
 
 
-def nonzero_grid_section(points=NONZERO_GRID_POINTS) -> list[str]:
-    """The joint form on the nonzero grid (quant_lsq.nonzero_grid) where it lost at 2 bits."""
+def _rows_and_commands(points, make) -> tuple[list[str], list[str]]:
+    """Each (folder, ratio) point's row from `make` (None where its folder is missing), and their commands once each."""
     rows, commands = [], []
     for folder, ratio in points:
-        made = _nonzero_grid_row(folder, ratio)
+        made = make(folder, ratio)
         if made is not None:
             rows.append(made[0])
             commands += [made[1]] if made[1] not in commands else []
+    return rows, commands
+
+
+def nonzero_grid_section(points=NONZERO_GRID_POINTS) -> list[str]:
+    """The joint form on the nonzero grid (quant_lsq.nonzero_grid) where it lost at 2 bits."""
+    rows, commands = _rows_and_commands(points, _nonzero_grid_row)
     if not rows:
         return []
     return ["## Two bits on the nonzero grid (quant_lsq.nonzero_grid)", "",
@@ -869,13 +875,8 @@ LAYER_SPLIT_POINTS = (("compare_lenet300_2k_2bit_erk_val_10seeds", 60.0), ("comp
 
 def layer_split_section(points=LAYER_SPLIT_POINTS) -> list[str]:
     """The nonzero grid with each layer's bytes within a factor 2 of its ERK share (size_budget.layer_split)."""
-    rows, commands = [], []
-    for folder, ratio in points:
-        made = _three_way_row(folder, ratio, NONZERO_GRID_VARIANT, LAYER_SPLIT_VARIANT, ("ERK band", "learned split"),
-                              kept=True)
-        if made is not None:
-            rows.append(made[0])
-            commands += [made[1]] if made[1] not in commands else []
+    rows, commands = _rows_and_commands(points, lambda folder, ratio: _three_way_row(
+        folder, ratio, NONZERO_GRID_VARIANT, LAYER_SPLIT_VARIANT, ("ERK band", "learned split"), kept=True))
     if not rows:
         return []
     return ["## Each layer near its ERK share (size_budget.layer_split: erk)", "",

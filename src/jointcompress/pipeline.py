@@ -63,7 +63,7 @@ def _check_takes_the_data(builder: Callable[[], nn.Module], model_name: str, spl
     """A user's builder against the data the command read, before any training or loading: a mismatch was
     a traceback from deep inside `sensitivity --weights`, and named the Python argument train_data elsewhere."""
     from .api import check_data
-    from .session.outputs import split_batch, default_task_loss
+    from .session.outputs import default_task_loss, split_batch
 
     try:
         outputs = check_data(builder(), split.x_train[:2], (split.x_train, split.y_train), what=f"data {split.name!r}")

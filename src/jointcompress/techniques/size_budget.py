@@ -84,9 +84,9 @@ class SizeBudget(Landing, Technique):
         self.calibration_interval = 1
         self.trimmed = False  # with finetune_phase: the half-way re-projection has run
         self.late_checked = False  # the first catch-up has judged the lag (warn_late); a checkpoint keeps it
-        # OBD's curvature cost of a pruned weight on the dead zones (saliency.py); off at 0
         self.split: ErkSplit | None = None  # layer_split: erk (set in setup)
-        self.last_errors: list[float] = []
+        self.last_errors: list[float] = []  # the per-layer bounds' errors of the last size term (split's dual ascent)
+        # OBD's curvature cost of a pruned weight on the dead zones (saliency.py); off at 0
         self.saliency = (FisherSaliency(config.saliency, getattr(config, "saliency_mode", "price"))
                          if getattr(config, "saliency", 0.0) > 0 else None)
 
