@@ -1256,6 +1256,9 @@ def test_an_uncompressed_model_at_chance_is_said():
     # has no way to give; now refused before any training, in words the command line can act on
     ("nn.Sequential(nn.Flatten(), nn.Linear(64, 1), nn.Flatten(0))",
      ["logits have shape (2,)", "return [batch, classes] logits"], ["Pass loss_fn", "train model"]),
+    # a Conv1d model: no .npz layout reaches it as [N, C, L], and "give the data it was written for" named nothing
+    ("nn.Sequential(nn.Conv1d(8, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(24, 10))",
+     ["A Conv1d model takes [N, C, L]", "forward begin with x.squeeze(1)"], []),
 ])
 def test_a_builder_whose_model_the_run_cannot_train_is_told_what_to_change_in_it(monkeypatch, capsys, tmp_path, body,
                                                                                   said, not_said):

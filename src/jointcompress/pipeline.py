@@ -70,7 +70,8 @@ def _check_takes_the_data(builder: Callable[[], nn.Module], model_name: str, spl
     except DataError as exc:
         default = ("; 'digits' is the embedded 8x8 digits, read where neither --data nor the recipe's data: names a file"
                    if split.name == "digits" else "")
-        raise DataError(f"{exc}. Give --data (or the recipe's data:) that {model_name} was written for{default}") from None
+        raise DataError(f"{exc}. Give --data (or the recipe's data:) that {model_name} was written for{default}"
+                        f"{_signal_hint(builder, split)}") from None
     try:  # the command line trains with the default task loss: a model it does not fit stopped its teacher's training
         default_task_loss(outputs, split_batch((split.x_train[:2], split.y_train[:2])))
     except DataError as exc:
@@ -78,6 +79,19 @@ def _check_takes_the_data(builder: Callable[[], nn.Module], model_name: str, spl
         raise DataError(f"data {split.name!r}: {cause}. The command line trains {model_name} with that loss on the "
                         "data's labels: make the builder's model return [batch, classes] logits (a loss of your own "
                         "needs the Python API, compress(..., loss_fn=...))") from None
+
+
+def _signal_hint(builder: Callable[[], nn.Module], split: Split) -> str:
+    """For a model whose first layer is a Conv1d: the command line reads a 3-D array [N, C, L] as grayscale images
+    (the model gets [N, 1, C, L]) and a 2-D one [N, L] as a table (the model gets [N, L]); no .npz layout reaches
+    a Conv1d as [N, C, L], so "give the data it was written for" named nothing to do."""
+    first = next((m for m in builder().modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))), None)
+    if not isinstance(first, nn.Conv1d) or split.x_train.dim() not in (2, 4):
+        return ""
+    read, fix = (("a 3-D array as grayscale images, so the model gets [N, 1, C, L]", "x.squeeze(1)")
+                 if split.x_train.dim() == 4 else ("a 2-D array as a table, so the model gets [N, L]", "x.unsqueeze(1)"))
+    return (f". A Conv1d model takes [N, C, L], and the command line reads {read}: let the model's forward begin "
+            f"with {fix} (or compress it from Python, jointcompress.compress)")
 
 
 def table_builder(model_name: str, features: int, classes: int, data: str) -> Callable[[], nn.Module]:
