@@ -217,10 +217,17 @@ def test_drop_layers_and_every_other():
     model(**inputs())
 
 
-def test_pruned_folder_loads_with_trust_remote_code_without_jointcompress(tmp_path):
+@pytest.mark.parametrize("how", ["export_folder", "save_pretrained"])
+def test_pruned_folder_loads_with_trust_remote_code_without_jointcompress(tmp_path, how):
+    """A plain model.save_pretrained() of the pruned class wrote no modeling_pruned.py and no auto_map: the folder
+    did not load without jointcompress, where export_folder's did."""
     model = tiny_bert()
     prune_heads(model, [[0], [1, 2], [3], [0, 1]])
-    out = export_folder(model, tiny_tokenizer(tmp_path), tmp_path / "out")
+    if how == "export_folder":
+        out = export_folder(model, tiny_tokenizer(tmp_path), tmp_path / "out")
+    else:
+        out = tmp_path / "out"
+        model.save_pretrained(out)
     x = inputs()
     with torch.no_grad():
         expected = model(**x).logits

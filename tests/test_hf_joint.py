@@ -793,3 +793,47 @@ def test_unit_pruning_of_a_users_own_wrapper_finalizes_it():
     with torch.no_grad():
         assert torch.allclose(model.eval()(x), masked, atol=1e-5)
     assert sum(layer.intermediate.dense.out_features for layer in model.hf.bert.encoder.layer) == 64  # half of 2 x 64
+
+
+def test_trim_vocab_with_a_tokenizer_it_cannot_trim_is_refused_before_training(tmp_path):
+    """A BPE tokenizer under hf.trim_vocab trained the whole run and was refused at its end, and the run's checkpoint
+    could not resume without trim_vocab (another recipe): the run was lost. Now refused as the models load, with no
+    step trained; run_hf_recipe's trim_vocab=False overrides the recipe's as before."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from hf_helpers import tiny_roberta
+    from jointcompress.errors import ArtifactError
+    from jointcompress.hf.pipeline import run_hf_recipe
+
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>", *"abcdefghijklmnopqrstuvwxyz"])}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    teacher_dir = tmp_path / "teacher"
+    tiny_roberta().save_pretrained(teacher_dir)
+    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="<pad>", mask_token="<mask>").save_pretrained(teacher_dir)
+    data = sst2_folder(tmp_path)
+    rec = recipe(epochs=1)
+    rec["hf"] = {"max_length": 16, "trim_vocab": True}
+    steps = []
+    with pytest.raises(ArtifactError, match=r"hf.trim_vocab: .*not BPE; set hf.trim_vocab: false"):
+        run_hf_recipe(rec, tmp_path / "out", data, teacher_dir, progress=lambda i, n: steps.append(i), int8=False)
+    assert steps == [] and not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_a_base_encoder_folder_as_teacher_is_said_to_have_an_untrained_head(tmp_path):
+    """Only the bundled MiniLM's short name got the "untrained classification head" note; the same weights given as
+    a folder (config architectures: BertModel) distilled a random classifier without a word."""
+    from transformers import BertConfig, BertModel
+
+    from jointcompress.hf.pipeline import run_hf_recipe
+
+    teacher_dir = tmp_path / "base"
+    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(teacher_dir)
+    tiny_tokenizer(tmp_path).save_pretrained(teacher_dir)
+    rec = recipe(epochs=1)
+    rec["hf"] = {"max_length": 16}
+    s = run_hf_recipe(rec, tmp_path / "out", sst2_folder(tmp_path), teacher_dir, int8=False)
+    assert any("a base encoder without a classifier, with an untrained classification head" in n for n in s["notes"])

@@ -142,6 +142,10 @@ def test_a_utf16_file_and_two_models_are_refused_by_name(tmp_path):
         load_recipe(wide)
     with pytest.raises(RecipeError, match=r"model: 'lenet5' names a reference model .* give one"):
         parse_recipe({"model": "lenet5", "hf": {"model_name_or_path": "my-model"}})
+    # model: hf:FOLDER beside an hf: section (for max_length or student_layers): both name the Hugging Face model
+    with pytest.raises(RecipeError, match=r"model: 'hf:tiny/bert' and the hf: section both name the Hugging Face "
+                                          r"model; put 'tiny/bert' in hf.model_name_or_path"):
+        parse_recipe({"model": "hf:tiny/bert", "hf": {"max_length": 32}})
     assert parse_recipe({"hf": {"model_name_or_path": "my-model"}}).model is None
 
 

@@ -203,7 +203,7 @@ def test_a_recipe_that_would_run_without_doing_what_it_says_is_refused(data, sai
         from hf_helpers import tiny_bert
         from jointcompress.hf.student import make_student
 
-        with pytest.raises(RecipeError, match=r"keep_layers \[2, 0\]: give the layers in increasing order"):
+        with pytest.raises(RecipeError, match=r"the layers to keep, \[2, 0\]: give them in increasing order"):
             make_student(tiny_bert(), [2, 0])
 
 

@@ -623,6 +623,9 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _one_model(self):
         """`model:` and `hf:` name two models; the command line took the hf path and ignored `model:` unsaid."""
+        if self.hf is not None and self.model is not None and self.model.startswith("hf:"):
+            raise ValueError(f"model: {self.model!r} and the hf: section both name the Hugging Face model; put "
+                             f"{self.model[3:]!r} in hf.model_name_or_path (or pass it as --weights) and remove model:")
         if self.hf is not None and self.model is not None:
             raise ValueError(f"model: {self.model!r} names a reference model for the command line, and the hf: "
                              "section compresses a Hugging Face model (hf.model_name_or_path, or --weights); give "

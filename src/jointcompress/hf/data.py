@@ -169,8 +169,8 @@ def _text_columns(path: Path, header: list[str], text_column: str | None, pair_c
                         f"{label_column!r} in hf.columns, or set hf.label_column to the name you gave it")
     if label_column not in header:
         raise DataError(f"{path}: header is {header!r}, with no {label_column!r} column; name the label column "
-                        "with hf.label_column, or, for a file whose first line is a row (no header), name its "
-                        "columns with hf.columns")
+                        "with hf.label_column (read_rows' label_column= in Python), or, for a file whose first line is "
+                        "a row (no header), name its columns with hf.columns")
     for name, field in ((text_column, "hf.text_column"), (pair_column, "hf.pair_column")):
         if name is not None and name not in header:
             raise DataError(f"{path}: header is {header!r}, with no {name!r} column ({field})")

@@ -13,8 +13,6 @@ use the pruned model_type; they load
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 import warnings
 from pathlib import Path
 
@@ -22,14 +20,10 @@ import torch
 from torch import nn
 
 from jointcompress.errors import ArtifactError
-from jointcompress.io import atomic_write_bytes
 from jointcompress.hf import modeling_pruned
-from jointcompress.hf.modeling_pruned import auto_class
 from jointcompress.hf.int8 import baked_copy
 from jointcompress.hf.pruned import is_pruned_class
 from jointcompress.techniques.quant_lsq import has_training_hooks, rounded_inputs
-
-REMOTE_FILE = "modeling_pruned.py"
 
 
 def warn_input_rounding(model: nn.Module, stacklevel: int = 3) -> None:
@@ -96,16 +90,10 @@ def export_folder(model: nn.Module, tokenizer, out_dir: str | Path, *, remote_co
 def add_remote_code(model: nn.Module, folder: str | Path) -> None:
     """A folder of a pruned class (per-layer widths) loads without jointcompress only with trust_remote_code=True
     and a copy of modeling_pruned.py that its config.json's auto_map points at: both added to a folder that
-    save_pretrained wrote (the model's own config is left as it is). Nothing for a stock class."""
-    if not is_pruned_class(model):
-        return
-    out = Path(folder)
-    stem = REMOTE_FILE[:-3]
-    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    config["auto_map"] = {"AutoConfig": f"{stem}.{type(model.config).__name__}",
-                          auto_class(model.config.model_type): f"{stem}.{type(model).__name__}"}
-    shutil.copyfile(modeling_pruned.__file__, out / REMOTE_FILE)
-    atomic_write_bytes(out / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    save_pretrained wrote (modeling_pruned.write_remote_code; the pruned classes' own save_pretrained does it too).
+    Nothing for a stock class."""
+    if is_pruned_class(model):
+        modeling_pruned.write_remote_code(model, folder)
 
 
 def folder_bytes(path: str | Path, patterns: tuple[str, ...] = ("*.safetensors", "*.onnx", "*.pt")) -> int:

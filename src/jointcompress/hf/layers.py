@@ -26,14 +26,14 @@ def drop_layers(model: nn.Module, keep: list[int]) -> nn.Module:
     fam = family(cfg)
     total = n_layers(cfg)
     if not keep:
-        raise RecipeError("keep_layers is empty; keep at least one layer")
+        raise RecipeError("the layers to keep are none; keep at least one layer")
     bad = [i for i in keep if not 0 <= i < total]
     if bad:
-        raise RecipeError(f"keep_layers has {bad}, outside 0..{total - 1}")
+        raise RecipeError(f"the layers to keep include {bad}, outside the model's 0..{total - 1}")
     if len(set(keep)) != len(keep):
-        raise RecipeError(f"keep_layers {keep} repeats a layer; list each layer once")
+        raise RecipeError(f"the layers to keep, {keep}, repeat a layer; list each layer once")
     if list(keep) != sorted(keep):  # [2, 0] ran the kept layers in reverse, without a word
-        raise RecipeError(f"keep_layers {keep}: give the layers in increasing order, as the teacher runs them: "
+        raise RecipeError(f"the layers to keep, {keep}: give them in increasing order, as the teacher runs them: "
                           f"{sorted(keep)}")
     path = ARCH[fam]["layers"]
     old = get_sub(model.base_model, path)

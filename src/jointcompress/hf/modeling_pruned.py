@@ -265,6 +265,43 @@ def apply_widths(model: nn.Module) -> None:
             keep_neurons(layer, fam, torch.arange(ffn[i]))
 
 
+REMOTE_FILE = "modeling_pruned.py"  # this file, as a saved folder holds it
+
+
+def write_remote_code(model: nn.Module, folder) -> None:
+    """Make a folder save_pretrained wrote loadable without jointcompress: a copy of this file beside the weights
+    and config.json's auto_map pointing at its classes (trust_remote_code=True). Plain file writes (this file
+    imports only torch, transformers and huggingface_hub); config.json is replaced whole (a temporary file, then
+    os.replace), so a failure leaves the one save_pretrained wrote."""
+    import json
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    out = Path(folder)
+    stem = REMOTE_FILE[:-3]
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    config["auto_map"] = {"AutoConfig": f"{stem}.{type(model.config).__name__}",
+                          auto_class(model.config.model_type): f"{stem}.{type(model).__name__}"}
+    if Path(__file__).resolve() != (out / REMOTE_FILE).resolve():
+        shutil.copyfile(__file__, out / REMOTE_FILE)
+    with tempfile.NamedTemporaryFile("w", dir=out, suffix=".tmp", delete=False, encoding="utf-8") as tmp:
+        tmp.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp.name, out / "config.json")
+
+
+class SavesItsCode:
+    """save_pretrained also writes this file and the auto_map that loads it (write_remote_code): a pruned model
+    saved with a plain model.save_pretrained() after finalize could not be loaded without jointcompress, where
+    export_folder and CompressionTrainer.save_model's folders could."""
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_remote_code(self, save_directory)
+
+
 @strict
 class JCBertConfig(BertConfig):
     """BertConfig plus per-layer widths (None = unpruned)."""
@@ -310,7 +347,7 @@ class JCDebertaV2Config(DebertaV2Config):
     intermediate_per_layer: list[int] | None = None
 
 
-class JCBertForSequenceClassification(BertForSequenceClassification):
+class JCBertForSequenceClassification(SavesItsCode, BertForSequenceClassification):
     """BertForSequenceClassification whose layers are shrunk to the config's widths."""
 
     config_class = JCBertConfig
@@ -320,7 +357,7 @@ class JCBertForSequenceClassification(BertForSequenceClassification):
         apply_widths(self)
 
 
-class JCDistilBertForSequenceClassification(DistilBertForSequenceClassification):
+class JCDistilBertForSequenceClassification(SavesItsCode, DistilBertForSequenceClassification):
     """DistilBertForSequenceClassification whose layers are shrunk to the config's widths."""
 
     config_class = JCDistilBertConfig
@@ -330,7 +367,7 @@ class JCDistilBertForSequenceClassification(DistilBertForSequenceClassification)
         apply_widths(self)
 
 
-class JCRobertaForSequenceClassification(RobertaForSequenceClassification):
+class JCRobertaForSequenceClassification(SavesItsCode, RobertaForSequenceClassification):
     """RobertaForSequenceClassification whose layers are shrunk to the config's widths."""
 
     config_class = JCRobertaConfig
@@ -340,7 +377,7 @@ class JCRobertaForSequenceClassification(RobertaForSequenceClassification):
         apply_widths(self)
 
 
-class JCElectraForSequenceClassification(ElectraForSequenceClassification):
+class JCElectraForSequenceClassification(SavesItsCode, ElectraForSequenceClassification):
     """ElectraForSequenceClassification whose layers are shrunk to the config's widths."""
 
     config_class = JCElectraConfig
@@ -350,7 +387,7 @@ class JCElectraForSequenceClassification(ElectraForSequenceClassification):
         apply_widths(self)
 
 
-class JCDebertaV2ForSequenceClassification(DebertaV2ForSequenceClassification):
+class JCDebertaV2ForSequenceClassification(SavesItsCode, DebertaV2ForSequenceClassification):
     """DebertaV2ForSequenceClassification whose layers are shrunk to the config's widths."""
 
     config_class = JCDebertaV2Config
@@ -396,7 +433,7 @@ class JCGPT2Config(GPT2Config):
     intermediate_per_layer: list[int] | None = None
 
 
-class JCLlamaForCausalLM(LlamaForCausalLM):
+class JCLlamaForCausalLM(SavesItsCode, LlamaForCausalLM):
     """LlamaForCausalLM whose MLPs are shrunk to the config's widths."""
 
     config_class = JCLlamaConfig
@@ -406,7 +443,7 @@ class JCLlamaForCausalLM(LlamaForCausalLM):
         apply_widths(self)
 
 
-class JCMistralForCausalLM(MistralForCausalLM):
+class JCMistralForCausalLM(SavesItsCode, MistralForCausalLM):
     """MistralForCausalLM whose MLPs are shrunk to the config's widths."""
 
     config_class = JCMistralConfig
@@ -416,7 +453,7 @@ class JCMistralForCausalLM(MistralForCausalLM):
         apply_widths(self)
 
 
-class JCQwen2ForCausalLM(Qwen2ForCausalLM):
+class JCQwen2ForCausalLM(SavesItsCode, Qwen2ForCausalLM):
     """Qwen2ForCausalLM whose MLPs are shrunk to the config's widths."""
 
     config_class = JCQwen2Config
@@ -426,7 +463,7 @@ class JCQwen2ForCausalLM(Qwen2ForCausalLM):
         apply_widths(self)
 
 
-class JCGPT2LMHeadModel(GPT2LMHeadModel):
+class JCGPT2LMHeadModel(SavesItsCode, GPT2LMHeadModel):
     """GPT2LMHeadModel with nn.Linear projections (as jointcompress trains them) and MLPs shrunk to the
     config's widths."""
 

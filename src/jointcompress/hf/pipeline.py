@@ -94,7 +94,7 @@ def run_hf_recipe(
     recipe = parse_recipe(recipe)
     steps.check_recipe(recipe, progressive)
     run = HFRun(recipe, recipe.hf if recipe.hf is not None else HF(), Path(out), log)
-    steps.load_models(run, weights)
+    steps.load_models(run, weights, trim_vocab)
     steps.load_text(run, data_dir)
     if recipe.target is not None:
         from jointcompress.hf.size_target import plan

@@ -30,7 +30,7 @@ def mark_pruned(model: nn.Module, *, heads_per_layer: list[int] | None = None,
         return model  # forward still works; export refuses with a clear message
     if not isinstance(cfg, cfg_cls):
         cfg.__class__ = cfg_cls
-    stock = model_cls.__mro__[1]
+    stock = model_cls.__bases__[-1]  # the stock class (SavesItsCode comes first)
     if type(model) is stock:
         model.__class__ = model_cls
     return model

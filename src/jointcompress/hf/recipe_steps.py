@@ -134,20 +134,26 @@ def check_recipe(recipe, progressive: bool = False) -> None:
                           "layers; choose the layers with hf.student_layers instead, or remove target")
 
 
-def load_models(run: HFRun, weights) -> None:
-    """The fine-tuned teacher, its tokenizer, and the student (a subset of its layers, or a copy)."""
+def load_models(run: HFRun, weights, trim_vocab: bool | None = None) -> None:
+    """The fine-tuned teacher, its tokenizer, and the student (a subset of its layers, or a copy). `trim_vocab`:
+    run_hf_recipe's override of hf.trim_vocab (None: the recipe's), whose tokenizer is checked here."""
     run.src = src = teacher_source(run.recipe, weights)
     refuse_causal_lm(src)
-    if src == MINILM_NAME:
+    if src == MINILM_NAME or teacher_labels(src) is None:  # a base encoder's folder too (architectures: BertModel)
+        what = "the bundled MiniLM base" if src == MINILM_NAME else f"{src}, a base encoder without a classifier,"
         run.warnings.append(
-            "teacher is the bundled MiniLM base with an untrained classification head: distillation then copies a "
-            "random classifier. Fine-tune it first (benchmarks/hf_sst2.py teacher) and pass --weights runs/hf_teacher"
+            f"teacher is {what} with an untrained classification head: distillation then copies a random classifier. "
+            "Fine-tune it first (benchmarks/hf_sst2.py teacher) and pass --weights runs/hf_teacher"
         )
         run.log(run.warnings[-1])
     torch.manual_seed(run.recipe.training.seed)
     run.labels = class_names(run.hf_cfg, src)
     labels = dict(enumerate(run.labels))
     run.tok = load_tokenizer(src)
+    if run.hf_cfg.trim_vocab if trim_vocab is None else trim_vocab:  # here, not after training (a run lost)
+        from jointcompress.hf.vocab import check_trimmable
+
+        check_trimmable(run.tok)
     run.teacher = load_classifier(src, num_labels=len(labels), id2label=labels).eval()
     check_family(run.teacher.config, src)
     check_tokenizer(run.tok, run.teacher.config, src)

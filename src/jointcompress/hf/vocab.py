@@ -31,15 +31,21 @@ def used_ids(tokenizer, texts: list[str]) -> set[int]:
     return ids
 
 
+def check_trimmable(tokenizer) -> None:
+    """Before training: trim_vocab's tokenizer is one it can trim (a run refused after training, whose checkpoint
+    then could not resume without trim_vocab, was lost)."""
+    _wordpiece_json(tokenizer)
+
+
 def _wordpiece_json(tokenizer) -> dict:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ArtifactError("vocabulary trimming needs a fast (tokenizers-backed) tokenizer")
+        raise ArtifactError("vocabulary trimming needs a fast (tokenizers-backed) tokenizer; set hf.trim_vocab: false")
     data = json.loads(backend.to_str())
     if data["model"]["type"] != "WordPiece":
         raise ArtifactError(
-            f"vocabulary trimming supports WordPiece tokenizers (BERT, DistilBERT), not {data['model']['type']}; "
-            "disable trim_vocab in the recipe"
+            f"hf.trim_vocab: vocabulary trimming supports WordPiece tokenizers (BERT, DistilBERT), not "
+            f"{data['model']['type']}; set hf.trim_vocab: false in the recipe"
         )
     return data
 
