@@ -69,17 +69,18 @@ def test_the_band_terms_gradient_is_autograds_and_pulls_each_layer_toward_its_sh
     params = [q.dead_zone_raw for _, q in budget.layers.values()]
     model(split.x_train[:32])
     closed = budget.loss_terms(ctx)["size"]
-    (closed_grads) = torch.autograd.grad(closed, params)
+    closed_grads = torch.autograd.grad(closed, params)
     model(split.x_train[:32])
     goal, values = budget.goal(ctx.step), budget.layer_bytes(soft=True)
     held = [float(q.held_bits) for _, q in budget.layers.values()]
     shares = torch.tensor(budget.split.goals((goal - budget.fixed) / budget.scale, held), dtype=values.dtype)
     c = (budget.scale * values.sum() + budget.fixed) / goal - 1
+    half = budget.config.penalty / 2
     hi, lo = values / (band * shares) - 1, 1 - band * values / shares
     lam_hi, lam_lo = torch.tensor(budget.split.lams[:n]), torch.tensor(budget.split.lams[n:])
-    bounds = (band * shares * (lam_hi * hi + 15.0 * hi.clamp_min(0) ** 2)
-              + shares / band * (lam_lo * lo + 15.0 * lo.clamp_min(0) ** 2)).sum()
-    reference = budget.lam * c + 15.0 * c * c + budget.scale / goal * bounds
+    bounds = (band * shares * (lam_hi * hi + half * hi.clamp_min(0) ** 2)
+              + shares / band * (lam_lo * lo + half * lo.clamp_min(0) ** 2)).sum()
+    reference = budget.lam * c + half * c * c + budget.scale / goal * bounds
     assert float(closed.detach()) == pytest.approx(float(reference.detach()), rel=1e-4)
     for a, b in zip(closed_grads, torch.autograd.grad(reference, params)):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-9)
@@ -94,9 +95,8 @@ def _run(trained, **budget):
         {"type": "size_budget", "end": 0.5, "freeze": 0.7, "penalty": 30.0, **budget},
         {"type": "distill_kd", "cache_teacher": True}],
         "training": {"epochs": 3, "batch_size": 32, "lr": 0.002}})
-    model = copy.deepcopy(teacher)
-    result = compress(model, recipe, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test), teacher=teacher)
-    return result
+    return compress(copy.deepcopy(teacher), recipe, (split.x_train, split.y_train), evaluator(split.x_test, split.y_test),
+                    teacher=teacher)
 
 
 def test_a_run_keeps_every_layer_near_its_erk_share_where_the_learned_split_leaves_it(trained):
