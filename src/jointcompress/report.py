@@ -101,7 +101,7 @@ def read_run_dir(path: Path) -> RunDir:
 
     resume = (f"it holds checkpoints of an unfinished run: finish it with `jointcompress compress RECIPE --out {path} "
               "--resume`, then report")
-    summarized = (path / "summary.json").is_file() or (path / "results.json").is_file()
+    summarized = _summarized(path)
     if (path / "artifact" / "manifest.json").is_file() and not summarized and CheckpointStore(path).paths():
         # stopped after its artifact, before its history and summary: reported as a finished run with no rows
         raise JointCompressError(f"report: {path} has an artifact but no summary.json yet: {resume}")
@@ -117,11 +117,16 @@ def read_run_dir(path: Path) -> RunDir:
     )
 
 
+def _summarized(folder: Path) -> bool:
+    """A compress run folder's summary is there (summary.json, or an hf: run's results.json)."""
+    return (folder / "summary.json").is_file() or (folder / "results.json").is_file()
+
+
 def _artifact_folder_advice(path: Path) -> str:
     """What to run on an artifact folder: report its run folder where the parent is one (compress's --out); else
     (saved from a loop of your own) bench it, with --model where its manifest names no model to rebuild."""
     parent = path.resolve().parent
-    if any((parent / name).is_file() for name in ("summary.json", "results.json")):
+    if _summarized(parent):
         return f"report the run that wrote it: `jointcompress report {parent}` (or `jointcompress bench {path}`)"
     try:
         model = ((json.loads((path / "manifest.json").read_text()).get("recipe") or {}).get("model"))

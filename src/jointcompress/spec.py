@@ -14,6 +14,13 @@ from typing import Any
 import torch
 
 
+def qmax_of(bits, nonzero: bool = False):
+    """The largest level of a kept weight at `bits`: 2**(bits-1) - 1, or 2**(bits-1) on the nonzero grid
+    (quant_lsq.nonzero_grid: every code is a non-zero level, zero is stored by position). `bits` may be a
+    number or a tensor."""
+    return 2 ** (bits - 1) - (0 if nonzero else 1)
+
+
 @dataclass
 class LayerSpec:
     """Per-layer quantization: weight == round(weight / scale) * scale, with |int| <= 2**(bits-1)-1, or with
@@ -30,7 +37,7 @@ class LayerSpec:
     @property
     def qmax(self) -> int:
         """The largest |integer| a weight of this layer may hold."""
-        return 2 ** (self.bits - 1) - (0 if self.nonzero_levels else 1)
+        return qmax_of(self.bits, self.nonzero_levels)
 
 
 @dataclass

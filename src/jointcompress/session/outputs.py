@@ -40,9 +40,9 @@ class Batch:
         return self.inputs
 
 
-def split_batch(batch) -> Batch:
+def split_batch(batch, warn: bool = True) -> Batch:
     """(x, y[, index]) tuples, dicts (HF style, labels kept in the inputs as HF models expect)
-    or a bare input tensor."""
+    or a bare input tensor. `warn=False`: what it says of the batch is left to session.loss, which says it once."""
     if isinstance(batch, Batch):
         return batch
     if isinstance(batch, Mapping):  # a dict, or a mapping such as what a tokenizer or DataCollatorWithPadding returns
@@ -55,7 +55,7 @@ def split_batch(batch) -> Batch:
     if isinstance(batch, (tuple, list)):
         if not batch:
             raise DataError("train_data: an empty batch; batches are (inputs, labels[, index]) or dicts")
-        if len(batch) == 3 and _looks_like_ids_mask_labels(*batch):
+        if warn and len(batch) == 3 and _looks_like_ids_mask_labels(*batch):
             warnings.warn("train_data: a batch of three tensors is read as (inputs, labels, sample index), and this one "
                           "looks like (input_ids, attention_mask, labels): the mask would be the labels and the labels "
                           "the index. Give ((input_ids, attention_mask), labels) or dict batches", stacklevel=3)

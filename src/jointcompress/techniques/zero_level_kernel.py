@@ -27,16 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from ..artifact.precision import round_step
+from ..spec import qmax_of
 from . import zero_level_compiled as compiled
 
 GATE_TEMPERATURE = 0.5  # width of the dead zone's sigmoid surrogate, in steps
 SOFTPLUS_THRESHOLD = 20.0  # F.softplus's: above it softplus is linear (its gradient 1)
-
-
-def qmax_of(bits, nonzero: bool = False):
-    """The largest level of a kept weight at `bits`: 2**(bits-1) - 1, or 2**(bits-1) on the nonzero grid
-    (quant_lsq.nonzero_grid: every code is a non-zero level, zero is stored by position)."""
-    return 2 ** (bits - 1) - (0 if nonzero else 1)
 
 
 def step_gate(x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,6 @@ layers whose forward depends on the batch, such as BatchNorm's batch statistics)
 """
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -91,9 +90,7 @@ def distilled_positions(batch: Any, model: torch.nn.Module | None = None) -> tor
     the labels are one per sample, whose distillation averages over samples."""
     from ..session.outputs import decoder_token_mask, is_encoder_decoder, split_batch
 
-    with warnings.catch_warnings():  # what split_batch says of the batch, session.loss says once
-        warnings.simplefilter("ignore")
-        b = split_batch(batch)
+    b = split_batch(batch, warn=False)  # not through catch_warnings: its filter change resets every once-per-place memory
     labels = b.targets
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dim() < 2:
         return None
