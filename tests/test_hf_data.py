@@ -234,6 +234,34 @@ def test_pruned_folder_loads_with_trust_remote_code_without_jointcompress(tmp_pa
     assert torch.equal(logits_without_jointcompress(out, "AutoModelForSequenceClassification", x, tmp_path), expected)
 
 
+def test_save_pretrained_pushes_the_folder_with_its_code(tmp_path, monkeypatch):
+    """save_pretrained(push_to_hub=True) uploaded what transformers had saved before the remote code and the auto_map
+    were written: the Hub copy did not load. The upload (faked here: no Hub) now holds a folder that loads
+    without jointcompress, and the local folder is written as before."""
+    import shutil
+    import types
+
+    import transformers.utils.hub as hub
+
+    uploaded = tmp_path / "uploaded"
+    monkeypatch.setattr(hub, "hf_api", lambda: types.SimpleNamespace(
+        create_repo=lambda repo_id, **kw: types.SimpleNamespace(repo_id=f"me/{repo_id}")))
+    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *a, **kw: types.SimpleNamespace(save=lambda path: None))
+    pushed = []
+    monkeypatch.setattr(hub.PushToHubMixin, "_upload_modified_files",
+                        lambda self, folder, repo_id, **kw: (pushed.append(repo_id), shutil.copytree(folder, uploaded)))
+    model = tiny_bert()
+    prune_heads(model, [[0], [1, 2], [3], [0, 1]])
+    model.save_pretrained(tmp_path / "pruned", push_to_hub=True)
+    x = inputs()
+    with torch.no_grad():
+        expected = model(**x).logits
+    assert pushed == ["me/pruned"]
+    for folder in (uploaded, tmp_path / "pruned"):
+        assert torch.equal(logits_without_jointcompress(folder, "AutoModelForSequenceClassification", x, tmp_path),
+                           expected)
+
+
 def test_vocab_trim_is_lossless_on_its_text(tmp_path):
     from jointcompress.hf.vocab import trim_vocab
 

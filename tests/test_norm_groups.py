@@ -124,14 +124,15 @@ def test_finalize_refuses_silently_changed_logits(monkeypatch):
     model = Block("functional")
     x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
     recipe = {"training": {"epochs": 1, "batch_size": 8},
-              "techniques": [{"type": "prune_structured", "sparsity": 0.5, "end": 0.5, "exclude": ["fc3"]}]}
+              "techniques": [{"type": "prune_structured", "sparsity": 0.5, "end": 0.5}]}
     res = compress(model, recipe, (x, y), lambda m: 0.0)
     model.eval()
     with torch.no_grad():
         masked = model(x)
-    with pytest.raises(UnsupportedModelError, match=r"finalize: removing the pruned channels of groups \['fc1'\] changed "
-                                                    r"the model .*keeps every channel"):
+    with pytest.raises(UnsupportedModelError, match=r"finalize: removing the pruned channels of group 'fc1' changed "
+                                                    r"the model .*keeps every channel") as refused:
         finalize(model, res.example_inputs)
+    assert "fc3" not in str(refused.value)  # fc3's group shrinks as it should: only the failing group is named
     assert model.fc1.out_features == 16  # tried on a copy: the trained model is whole (it was left shrunk)
     with torch.no_grad():
         assert torch.allclose(model(x), masked, atol=1e-6)
@@ -302,6 +303,29 @@ def test_a_group_feeding_a_grouped_convolution_names_it_as_the_reason():
     assert "grouped convolution 'c2' (groups=4)" in reasons["c2"]
     # said of c2's own channels too: "they feed the grouped convolution 'c2'" read as if c2 fed itself
     assert "'c2' (groups=4) reads or writes these channels in 4 groups" in reasons["c2"], reasons["c2"]
+
+
+def test_a_depthwise_convolution_with_a_channel_multiplier_is_named_as_the_reason():
+    """A depthwise conv making 2 outputs per input channel left its feeder and itself out with the general reason
+    ("an operation mixes the channels ... a normalization written as functions"), which named nothing in the model."""
+    from jointcompress.graph import discover_groups
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.dw = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1, groups=8)
+            self.pw, self.head = nn.Conv2d(16, 16, 1), nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.pw(torch.relu(self.dw(torch.relu(self.c1(x))))))
+            return self.head(h.mean((2, 3)))
+
+    torch.manual_seed(0)
+    groups, skipped = discover_groups(Net(), torch.randn(2, 3, 8, 8), ["*"], [])
+    reasons = dict(skipped)
+    assert [g.name for g in groups] == ["pw"]
+    for name in ("c1", "dw"):
+        assert "depthwise convolution 'dw' (groups=8, 8 inputs, 16 outputs) has a channel multiplier of 2" in reasons[name]
 
 
 class ScaledConv(nn.Module):

@@ -255,12 +255,12 @@ def _shrink(model: nn.Module, todo: dict, example_inputs, spec: CompressionSpec)
     masked = _outputs(model, example_inputs)
     with frozen_stay_frozen(model):
         dg = build_graph(model, example_inputs)
-        for name, (g, drop) in todo.items():
+        for g, drop in todo.values():
             root, drop = _root(g, drop, modules)
             fn = dg.get_pruner_of_module(root).prune_out_channels
             dg.get_pruning_group(root, fn, drop).prune()
+            _check_parity(model, example_inputs, masked, g)
     spec.pruning_history = spec.pruning_history + [list(h) for h in dg.pruning_history()]
-    _check_parity(model, example_inputs, masked, list(todo))
 
 
 def _root(g, drop: list[int], modules: dict[str, nn.Module]) -> tuple[nn.Module, list[int]]:
@@ -320,8 +320,10 @@ def _check_baked(model: nn.Module, example_inputs, trained) -> None:
         )
 
 
-def _check_parity(model: nn.Module, example_inputs, masked, groups: list[str]) -> None:
-    """The shrunk model must give the masked model's outputs; a group that does not is a model we cannot prune."""
+def _check_parity(model: nn.Module, example_inputs, masked, group) -> None:
+    """The shrunk model must give the masked model's outputs; a group that does not is a model we cannot prune.
+    Checked after each group's removal (a forward of the example rows each), so the refusal names the group that
+    failed: it named every group being removed, and a user excluded all of them."""
     try:
         gap = output_gap(masked, _outputs(model, example_inputs))
         detail = f"outputs differ by {gap:.3g} (relative)"
@@ -329,7 +331,7 @@ def _check_parity(model: nn.Module, example_inputs, masked, groups: list[str]) -
         gap, detail = float("inf"), f"{type(exc).__name__}: {exc}"
     if gap > tolerance(masked):
         raise UnsupportedModelError(
-            f"finalize: removing the pruned channels of groups {groups} changed the model ({detail}); the model "
-            "keeps every channel (its pruned ones zero, its masks and quantizers baked in). Exclude these layers "
-            "from prune_structured (exclude: [...]) and report the architecture"
+            f"finalize: removing the pruned channels of group {group.name!r} changed the model ({detail}); the model "
+            "keeps every channel (its pruned ones zero, its masks and quantizers baked in). Exclude the group from "
+            f"prune_structured (exclude: [{group.name!r}]) and report the architecture"
         )

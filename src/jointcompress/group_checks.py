@@ -330,14 +330,30 @@ def _grouped_reason(name: str, mod) -> str:
             "groups, which removing some of them would shift; exclude it, or use groups=1 or depthwise")
 
 
+def _multiplier(mod) -> int:
+    """A depthwise convolution's channel multiplier (outputs per input channel) above 1, else 0."""
+    if not isinstance(mod, CONVOLUTIONS) or mod.groups != mod.in_channels or mod.groups == 1:
+        return 0
+    return mod.out_channels // mod.in_channels if mod.out_channels != mod.in_channels else 0
+
+
+def _multiplier_reason(name: str, mod) -> str:
+    return (f"the depthwise convolution '{name}' (groups={mod.groups}, {mod.in_channels} inputs, {mod.out_channels} "
+            f"outputs) has a channel multiplier of {_multiplier(mod)}: each input channel makes {_multiplier(mod)} "
+            "outputs, which removing channels one for one misaligns; exclude it, or give it as many outputs as inputs")
+
+
 def _cause(model: nn.Module, group) -> str:
     """The likely reason a group's removal changes the outputs: a grouped convolution among its members
-    (not depthwise: removing channels of one group shifts the others' split), else the general one."""
+    (not depthwise: removing channels of one group shifts the others' split) or a depthwise one with a
+    channel multiplier, else the general one."""
     modules = dict(model.named_modules())
     for member in group.members:
         mod = modules.get(member.module)
         if _is_grouped(mod):
             return _grouped_reason(member.module, mod)
+        if _multiplier(mod):
+            return _multiplier_reason(member.module, mod)
     return ("between them an operation mixes the channels or gives a zeroed channel a non-zero output (e.g. a "
             "normalization written as functions, a reshape into heads, an offset or sigmoid applied after the layer, "
             "a concatenation with the model's input)")

@@ -296,10 +296,19 @@ class SavesItsCode:
     saved with a plain model.save_pretrained() after finalize could not be loaded without jointcompress, where
     export_folder and CompressionTrainer.save_model's folders could."""
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        """With push_to_hub, the Hub gets the folder once its code is written: transformers' own push uploaded what
+        it had saved before this file and the auto_map were there, so the Hub copy did not load."""
+        import os
+
+        hub = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "create_pr", "private") if k in kwargs}
         super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            write_remote_code(self, save_directory)
+        if not kwargs.get("is_main_process", True):
+            return
+        write_remote_code(self, save_directory)
+        if push_to_hub:  # transformers' push_to_hub saves through this method again, into a folder it uploads
+            self.push_to_hub(hub.pop("repo_id", os.path.basename(os.path.normpath(save_directory))),
+                             token=kwargs.get("token"), **hub)
 
 
 @strict
