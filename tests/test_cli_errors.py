@@ -385,6 +385,8 @@ def test_resume_from_the_command_line(tmp_path, monkeypatch, capsys, weights_fil
     assert code == 0, out
     hist = json.loads((out_dir / "history.json").read_text())
     assert hist["events"][-1]["event"] == "resumed" and hist["events"][-1]["step"] == 22
+    flat = " ".join(out.split())  # said where it continues from: the output began at the bar's step, without a word
+    assert f"--resume: continuing from {out_dir / 'checkpoints' / 'ckpt-000000022.pt'} (step 22 of 22)" in flat, out
     again = json.loads((out_dir / "summary.json").read_text())
     assert again["joint"]["accuracy"] == first["joint"]["accuracy"]
     assert not [p for p in out_dir.rglob("*.tmp")]  # every file was written atomically

@@ -88,6 +88,21 @@ def test_a_target_sets_the_sparsity_a_recipe_leaves_out():
     assert 0.5 < allocated < 1 and result.techniques[0].achieved_sparsity() == pytest.approx(allocated, abs=0.01)
 
 
+def test_a_json_recipe_is_read_and_its_errors_are_said_in_json_terms(tmp_path):
+    """A .json recipe missing its closing brace was called "not valid YAML" with PyYAML's flow-mapping words."""
+    good = tmp_path / "r.json"
+    good.write_text('{"techniques": [{"type": "quant_lsq", "bits": 3}]}')
+    assert load_recipe(good).technique("quant_lsq").bits == 3
+    cut = tmp_path / "cut.json"
+    cut.write_text('{"techniques": [{"type": "quant_lsq", "bits": 3}]\n')
+    with pytest.raises(RecipeError, match=r"cut.json: not valid JSON: Expecting ',' delimiter: line 2"):
+        load_recipe(cut)
+    twice = tmp_path / "twice.json"
+    twice.write_text('{"techniques": [], "techniques": [{"type": "quant_lsq"}]}')
+    with pytest.raises(RecipeError, match=r"twice.json: not valid JSON: the key 'techniques' is given twice"):
+        load_recipe(twice)
+
+
 def test_a_key_given_twice_and_a_binary_file_are_refused_by_name(tmp_path):
     """Two `training:` blocks: the second replaced the first and its lr and batch_size vanished without a word;
     a data file given as the recipe was called bad YAML with a hint about tabs."""

@@ -519,6 +519,25 @@ def test_a_run_lock_is_not_held_by_the_children_of_a_killed_run(tmp_path):
         os.kill(child, 9)
 
 
+def test_resume_of_a_finished_run_with_an_edited_recipe_is_refused_by_the_field(tmp_path, monkeypatch, capsys):
+    """A job script that edited its recipe and always passed --resume read "nothing to continue" and exit status 0
+    when the run had finished: the new recipe never ran, without a word. The same recipe resumes to that message
+    still (a flag the run was given, given again, included); another one is refused by its first field."""
+    recipe = _recipe(tmp_path)
+    out, args = tmp_path / "o", ["compress", recipe, "--teacher-epochs", "1", "--mode", "overlap"]
+    code, text = run_cli(monkeypatch, capsys, *args, "--out", out)
+    assert not code, text
+    code, text = run_cli(monkeypatch, capsys, *args, "--out", out, "--resume")
+    assert not code and "has finished" in text, text
+    code, text = run_cli(monkeypatch, capsys, "compress", recipe, "--teacher-epochs", "1", "--out", out, "--resume")
+    assert code == 2 and "mode: 'overlap' in the finished run, 'joint' now" in " ".join(text.split()), text
+    recipe.write_text(recipe.read_text().replace("bits: 4", "bits: 3"))
+    code, text = run_cli(monkeypatch, capsys, *args, "--out", out, "--resume")
+    flat = " ".join(text.split())
+    assert code == 2 and "finished with another recipe (techniques[0].bits: 4 in the finished run, 3 now)" in flat, text
+    assert "pass --force in place of --resume" in flat
+
+
 def test_resume_of_a_finished_run_says_so_and_writes_nothing(tmp_path, monkeypatch, capsys):
     """--resume of a finished run loaded its last checkpoint, finalized and saved the same artifact again, and added
     those seconds to summary.json's wall time, without saying there was nothing to continue."""

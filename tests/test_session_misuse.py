@@ -140,6 +140,21 @@ def test_outputs_without_grad_are_refused_by_backward():
         session.backward(terms)
 
 
+def test_a_model_with_every_parameter_frozen_is_said_to_be_frozen_not_run_under_no_grad():
+    """Every parameter frozen and the quantizer not started: the refusal blamed torch.no_grad(), which the loop never
+    used, and compress() named session.backward, which its user never called."""
+    from jointcompress import compress
+
+    torch.manual_seed(0)
+    x, y = _data()
+    model = _mlp().requires_grad_(False)
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5}, {"type": "quant_lsq", "bits": 4, "start": 0.3}],
+              "training": {"epochs": 1, "batch_size": 16}}
+    with pytest.raises(JointCompressError, match=r"every parameter of the model is frozen \(requires_grad=False\)") as err:
+        compress(model, recipe, (x, y), lambda m: 0.0)
+    assert "no_grad" not in str(err.value) and "session.backward" not in str(err.value)
+
+
 def _checkpoint():
     model, session, opt = _session(steps=20)
     for _ in range(10):

@@ -41,6 +41,17 @@ def progress_bar():
     )
 
 
+class SayResumed:
+    """A compress() callback that says which checkpoint a --resume continues from, and at which step: a resumed run's
+    output began at its bar's step, with no word that it had resumed rather than started over."""
+
+    def on_start(self, trainer, step: int) -> None:
+        last = trainer.checkpoints.last
+        if step > 0 and last is not None:
+            console.print(f"--resume: continuing from {last} (step {step:,} of {trainer.plan.total_steps:,})",
+                          markup=False, highlight=False)
+
+
 PLAIN_PROGRESS_LINES = 10  # lines a run prints as it goes where the output is no terminal (a log file)
 
 
@@ -269,9 +280,10 @@ def compress_cmd(
                                      data_given=str(data if data is not None else recipe.data))
         if resume and finished_run(out):  # after the checks of what the run began from
             if main_rank:
-                say_finished(out, console, "artifact")
+                say_finished(out, console, "artifact", recipe)
             return
         callbacks = [TensorBoardLogger(tensorboard)] if tensorboard and main_rank else []
+        callbacks += [SayResumed()] if resume and main_rank else []
         if recipe.target is not None and recipe.target.is_latency and not resume and main_rank:
             # minutes at a large batch, under a progress line at 0/?: it read as a run that had hung
             console.print(f"latency target: timing per-layer latency tables at batch {recipe.target.batch} to allocate "
@@ -287,7 +299,8 @@ def compress_cmd(
             raise
         finally:
             for cb in callbacks:
-                cb.close()
+                if hasattr(cb, "close"):  # the TensorBoard writer's event files
+                    cb.close()
     if main_rank:
         _write_compress_results(out, recipe_path, recipe, teacher, outcome, split, model_name, given=weights is not None,
                                 flags=flags)

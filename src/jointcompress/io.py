@@ -359,11 +359,34 @@ def finished_run(path: str | os.PathLike) -> bool:
     return (path / "summary.json").is_file() and (path / "recipe.yaml").is_file()
 
 
-def say_finished(path: Path, console, artifact: str) -> None:
-    """What --resume of a finished run prints in place of running it again (`artifact`: the folder it saved)."""
+def say_finished(path: Path, console, artifact: str, recipe=None) -> None:
+    """What --resume of a finished run prints in place of running it again (`artifact`: the folder it saved).
+    Given the `recipe` this command was asked to run, one that differs from the finished run's recipe.yaml is
+    refused by its first difference: a job script that edited its recipe and always passed --resume read
+    "nothing to continue" and exit status 0, and the new recipe never ran."""
+    changed = _changed_from_finished(path, recipe) if recipe is not None else None
+    if changed:
+        raise JointCompressError(f"--resume: the run in {path} has finished with another recipe ({changed}); nothing "
+                                 "was run. To run this recipe, pass --force in place of --resume, or another --out")
     console.print(f"--resume: the run in {path} has finished (its summary.json and recipe.yaml are written); nothing "
                   f"to continue. Its artifact is {path / artifact}; `jointcompress report {path}` shows it. To run it "
                   "again, pass --force in place of --resume", markup=False)
+
+
+def _changed_from_finished(path: Path, recipe) -> str | None:
+    """The fields where `recipe` differs from the finished run's recipe.yaml (None where they agree, or the
+    file no longer reads as a recipe): fields a resumed run may set anew (recipe.MEMORY_FIELDS), and model and data,
+    which the run's own checks compare in their own form (a builder's path, a data file's digest), left out."""
+    from .recipe import load_recipe, without_memory_fields
+    from .training.checkpoints import differences
+
+    try:
+        finished = load_recipe(path / "recipe.yaml")
+    except JointCompressError:
+        return None
+    dumps = [without_memory_fields({k: v for k, v in r.model_dump(mode="json").items() if k not in ("model", "data")})
+             for r in (finished, recipe)]
+    return "; ".join(differences(*dumps, was="in the finished run")) or None
 
 
 def _resume_without_checkpoint(path: Path, force: bool, dist) -> None:

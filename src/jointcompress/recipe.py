@@ -849,6 +849,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _check_json(path: Path, text: str) -> None:
+    """A .json recipe's syntax, in JSON's words: its error was reported as "not valid YAML" with PyYAML's flow
+    mapping terms. (Read on with the YAML loader, which refuses a key given twice where json.loads keeps the last.)"""
+    import json
+
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RecipeError(f"{path}: not valid JSON: {err}") from None
+
+
 def load_recipe(path: str | Path, defaults: dict | None = None) -> Recipe:
     """Read a YAML recipe file; errors name the file, the field and the allowed values. `defaults`: top-level
     fields the file may leave out, set by the command (compare's target, from --ratios)."""
@@ -867,11 +878,14 @@ def load_recipe(path: str | Path, defaults: dict | None = None) -> Recipe:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a text file (a data or weights file?); give the recipe's YAML file") from None
+    if path.suffix.lower() == ".json":
+        _check_json(path, text)
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader: builds plain data only
     except (yaml.YAMLError, ValueError, RecursionError) as err:  # PyYAML raises ValueError on impossible dates
         tabs = " (YAML indents with spaces, not tabs)" if "\t" in text else ""
-        raise RecipeError(f"{path}: not valid YAML{tabs}: {err}") from None
+        kind = "JSON" if path.suffix.lower() == ".json" else "YAML"  # a .json file's only YAML error: a key twice
+        raise RecipeError(f"{path}: not valid {kind}{tabs}: {err}") from None
     if isinstance(data, (str, int, float, bool)):  # parse_recipe would read a string as a path given to it
         raise RecipeError(f"{path}: holds the single value {str(data)[:60]!r}, not a recipe: a mapping of fields "
                           "(version, model, techniques, training, ...); see src/jointcompress/recipes/ for examples")

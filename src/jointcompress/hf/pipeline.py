@@ -283,6 +283,7 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
 
     from rich.table import Table
 
+    from jointcompress.cli import SayResumed
     from jointcompress.devices import resolve_device
     from jointcompress.distributed import init_from_env, quiet_other_ranks
     from jointcompress.io import RUN_OUTPUTS, RUN_REPORT, atomic_write_text, finished_run, prepare_run_dir, say_finished
@@ -299,13 +300,14 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
                           reads={"--weights": weights, "the recipe": recipe_path})
     if resume and finished_run(out):
         if main_rank:
-            say_finished(out, console, "hf_model")
+            say_finished(out, console, "hf_model", recipe)
         return
     with progress_bar() if main_rank else contextlib.nullcontext() as bar:
         summary = run_hf_recipe(
             recipe, out, data, weights, progress=tracked(bar, recipe.mode) if main_rank else None,
             log=console.print if main_rank else (lambda msg: None), resume=resume, checkpoint_every=checkpoint_every,
             max_nonfinite=max_nonfinite, distributed=dist if dist is not None else False, device=where,
+            callbacks=[SayResumed()] if resume and main_rank else None,
         )
     if not main_rank:
         return

@@ -44,12 +44,19 @@ def check_terms_given(terms) -> None:
                             "graph (reduce a per-sample loss with .mean(); not .item(), which has no gradient)")
 
 
-def check_terms_have_grad(terms: dict[str, torch.Tensor]) -> None:
+def check_terms_have_grad(terms: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> None:
     """No term requires grad: a plain loss.backward() raises here too; the coordinator would skip the
-    backward and the step would train nothing, silently."""
+    backward and the step would train nothing, silently. A model whose every parameter is frozen (and no
+    technique yet training its own) is said as such: the no_grad advice sent its user looking for a context that
+    was not there."""
     if any(isinstance(t, torch.Tensor) and t.requires_grad for t in terms.values()):
         return
     names = ", ".join(terms) or "none"
+    if model is not None and not any(p.requires_grad for p in model.parameters()):
+        raise TrainingError(
+            f"none of the loss terms ({names}) requires grad, so nothing would train: every parameter of the model is "
+            "frozen (requires_grad=False) and no technique trains parameters of its own yet (quant_lsq's step sizes "
+            "from its start). Unfreeze the layers to compress (model.requires_grad_(True), or the ones you choose)")
     raise TrainingError(
         f"session.backward: none of the loss terms ({names}) requires grad, so nothing would train. The model's "
         "outputs were computed under torch.no_grad() / torch.inference_mode() (an evaluation helper reused for "
@@ -242,28 +249,9 @@ def check_fits(session, state: dict) -> None:
 
 
 def first_difference(a, b, path: str = "") -> str | None:
-    """The first place two JSON-like values differ, as 'path: saved -> now' (None if equal)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in list(a) + [k for k in b if k not in a]:
-            found = first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
-            if found:
-                return found
-        return None
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b)):
-            found = first_difference(x, y, f"{path}[{i}]")
-            if found:
-                return found
-        return None
-    if a == b:
-        return None
-    return f"{path or 'recipe'}: {_short(a)} in the checkpoint, {_short(b)} now"
+    """The first place two JSON-like values differ, as 'path: A in the checkpoint, B now' (None if equal)."""
+    from ..training.checkpoints import differences
 
-
-def _short(value) -> str:
-    """A recipe value for a message: a list of techniques by their types, anything else cut short."""
-    if isinstance(value, list) and all(isinstance(v, dict) and "type" in v for v in value):
-        return "[" + ", ".join(v["type"] for v in value) + "]"
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    found = differences(a, b, path)
+    return found[0] if found else None
 

@@ -415,7 +415,7 @@ class CompressionSession:
         if self.spec is not None:
             refuse_finalized("backward", self.step)
         check_terms_given(terms)
-        check_terms_have_grad(terms)
+        check_terms_have_grad(terms, self.model)
         if not self._terms_checked:  # once: a walk over the first step's graph
             self._terms_checked = True
             check_terms_reach_model(terms, PRIMARY, self.model)
