@@ -216,6 +216,46 @@ def test_a_selection_capped_at_a_tenth_of_the_rows_is_said(app):
         assert len(matching_split(split, AgainstConfig(model="lenet5", select_images=500)).y_val) == 60
 
 
+def test_the_capped_selection_is_said_once_and_the_teacher_trains_on_the_comparisons_rows(monkeypatch):
+    """The cap was said twice: the split was held out once for the teacher and again for the comparison."""
+    pytest.importorskip("torch_pruning")
+    import warnings
+
+    import jointcompress.deploy.against as against
+
+    seen = {}
+
+    def dense_teacher(cfg, split, path):
+        seen["teacher"] = split
+        return None, "given"
+
+    def run_against(cfg, split, dense, note, workdir):
+        seen["run"] = split
+        return {}
+
+    monkeypatch.setattr(against, "dense_teacher", dense_teacher)
+    monkeypatch.setattr(against, "run_against", run_against)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        bench_cmd.run_against_cli("torch-pruning", "lenet5", "digits", None,
+                                  {"select_images": 5000, "train_limit": 600})
+    capped = [w for w in said if "--select-images 5000: 60 held out" in str(w.message)]
+    assert len(capped) == 1 and seen["teacher"] is seen["run"] and len(seen["run"].y_val) == 60
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["ART", "--against", "torch-pruning", "--model", "lenet5"], "it does not read ARTIFACT_DIR (ART)"),
+    (["ART", "--speedup", "5", "--teacher", "missing.safetensors"],
+     "--teacher, --speedup: read only by bench --against torch-pruning"),
+    (["ART", "--epochs", "3"], "--epochs: read only by bench --against torch-pruning; a bench of ART measures"),
+])
+def test_options_of_the_other_mode_of_bench_are_refused_by_name(app, argv, words):
+    """--against with an artifact folder trained a new comparison and never read the folder; a plain bench given
+    --speedup, --epochs or --teacher (a file that did not exist) measured the artifact without a word of them."""
+    r = CliRunner().invoke(app, ["bench", *argv])
+    assert r.exit_code != 0 and words in " ".join(str(r.exception).split()), r.output
+
+
 def test_a_builder_the_default_digits_do_not_fit_names_data(app, tmp_path):
     """Without --data the embedded digits were read, and the builder's shape error did not say so."""
     pytest.importorskip("torch_pruning")

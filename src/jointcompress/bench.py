@@ -207,7 +207,8 @@ def render_table(result: dict):
     def row(label, bv, av, ratio):
         table.add_row(label, fmt(bv), fmt(av), "-" if ratio is None else f"{ratio:.2f}x")
 
-    row("params (total)", b.get("params", {}).get("total"), a.get("params", {}).get("total"), None)
+    total = b.get("params", {}).get("total"), a.get("params", {}).get("total")  # channels removed shrink the total
+    row("params (total)", *total, total[0] / total[1] if all(total) else None)
     row("params (nonzero)", b.get("params", {}).get("nonzero"), a.get("params", {}).get("nonzero"), r.get("params_nonzero"))
     row("MACs / sample", b.get("macs"), a.get("macs"), r.get("macs"))
     row("weights file bytes", b.get("weights_file_bytes"), a.get("weights_file_bytes"), r.get("weights_file_bytes"))

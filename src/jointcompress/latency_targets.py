@@ -853,6 +853,7 @@ def resolve_latency(model: nn.Module, data: dict, example_inputs, target, measur
         if alloc.channels and alloc.widths == alloc.channels:  # nothing cut "met" a speed-up: the reading was slow
             again = float(measure_dense(copy.deepcopy(model)))
             if again < dense_ms:
+                dense_ms = again
                 alloc = allocate(target.model_copy(update={"latency_ms": again / target.speedup}))
     _confirmed_at_the_floor(model, base, example_inputs, target, alloc)
     _say_met_uncut(target, alloc)
@@ -861,6 +862,8 @@ def resolve_latency(model: nn.Module, data: dict, example_inputs, target, measur
                           "predicted_ms": alloc.predicted_ms, "measured_ms": alloc.measured_ms, "met": alloc.met,
                           "widths": dict(alloc.widths), "channels": dict(alloc.channels),
                           "aim_ms": alloc.target_ms * (1 - ACCEPT_MARGIN),
+                          # a speed-up's goal is this reading of the uncompressed model / speedup (cli._latency_line)
+                          **({"uncompressed_ms": dense_ms} if target.speedup is not None else {}),
                           "timed_as": f"PyTorch fp32 at batch {target.batch}, the least of {REPEATS} medians timed alone, "
                                       f"accepted at or under {100 * (1 - ACCEPT_MARGIN):g}% of the target (the run's final "
                                       "check times the finished model interleaved with the uncompressed one)"}
@@ -936,6 +939,23 @@ def refusal_before_training(untrained: nn.Module, recipe, example_inputs):
         return None
     return unreachable(target, LatencyTable(layers={}, batch=target.batch), {}, channels, MIN_KEEP, MIN_WIDTH,
                        floor_ms)
+
+
+def met_uncut_before_training(untrained: nn.Module, recipe, example_inputs) -> str | None:
+    """What compress warns once its allocation finds a target.latency_ms the model meets with every channel kept
+    (_say_met_uncut), found on the untrained model: `recipe validate` said "ok" to a target of 10 ms at the default
+    batch 1 for a model of 1.3 ms, and the run removed nothing. None where the model is slower than the target (or
+    the target is a speed-up, which the uncompressed model never meets)."""
+    target = recipe.target
+    if target is None or target.latency_ms is None:
+        return None
+    model, example_inputs = on_cpu(untrained)[0], to_device(example_inputs, torch.device("cpu"))
+    ms = timed_ms(model, example_inputs, target.batch)
+    if ms > target.latency_ms:
+        return None
+    return (f"target.latency_ms: {target.latency_ms} ms at batch {target.batch}: the model with every channel kept "
+            f"measured {ms:.3f} ms, within the target, so no channel would be removed; for a faster model ask for a "
+            f"lower target.latency_ms{' (or a larger target.batch: batch 1 is its default)' if target.batch == 1 else ''}")
 
 
 def _runs_the_batch(model: nn.Module, example_inputs, batch: int) -> None:

@@ -318,7 +318,7 @@ def run_against_cli(against: str, model: Optional[str], data: Optional[str], tea
     import shlex
     import sys
 
-    from ..deploy.against import AgainstConfig, dense_teacher, require_torch_pruning, run_against
+    from ..deploy.against import AgainstConfig, dense_teacher, matching_split, require_torch_pruning, run_against
     from ..errors import JointCompressError
     from ..models import is_builder
     from ..pipeline import builder_for
@@ -339,6 +339,7 @@ def run_against_cli(against: str, model: Optional[str], data: Optional[str], tea
         split.x_train, split.y_train = split.x_train[:train_limit], split.y_train[:train_limit]
     cfg = AgainstConfig(model=model, **options)
     builder_for(model, split)  # the builder against the data, naming --data and the digits default where they differ
+    split = matching_split(split, cfg)  # once: the teacher's and the comparison's held-out rows (its note said twice)
     dense, note = dense_teacher(cfg, split, teacher)
     # the command as typed (the data and options with it), so the file says how to run it again
     typed = ("jointcompress " + shlex.join(sys.argv[1:]) if "--against" in sys.argv
@@ -448,6 +449,7 @@ def _same_data(extra: dict, split) -> bool:
 def register(app: typer.Typer) -> None:
     @app.command("bench")
     def bench_command(
+        ctx: typer.Context,
         artifact_dir: Optional[Path] = typer.Argument(None, help="Directory written by save() / compress."),
         model: Optional[str] = typer.Option(None, "--model", help=f"{MODEL_CHOICES} (default: from the manifest)."),
         data: Optional[str] = typer.Option(None, "--data", help="'digits' or an .npz of images (MNIST-style); enables accuracy."),
@@ -486,12 +488,10 @@ def register(app: typer.Typer) -> None:
         With --against torch-pruning: train (or load, --teacher) the dense --model on --data, compress it
         with jointcompress (latency target: --speedup x faster) and with Torch-Pruning pruned until its
         accuracy matches, and time both side by side (fp32 and int8, PyTorch and ONNX Runtime)."""
-        from rich.console import Console
-
         from ..bench import render_breakdown, render_table
-
-        console = Console(emoji=False)
+        from ..cli import console  # 140 columns where the output is no terminal: a log cut every name at 80
         _check_json_path(json_out)
+        _check_mode_options(ctx, artifact_dir, against)
         if against is not None:
             options = dict(epochs=epochs, teacher_epochs=teacher_epochs, speedup=speedup, tp_steps=tp_steps,
                            runs=runs, threads=threads, select_images=select_images, train_limit=train_limit,
@@ -521,6 +521,29 @@ def register(app: typer.Typer) -> None:
         console.print(latency_note(result))
         console.print(render_breakdown(result["breakdown"]))
         _write_json(json_out, result)
+
+
+# the options only `bench --against` reads (its parameter names)
+AGAINST_ONLY = ("teacher", "teacher_epochs", "epochs", "speedup", "tp_steps", "train_limit", "select_images", "target_ms",
+                "min_width", "drop_blocks", "strides", "stride_layer", "tp_start", "workdir")
+
+
+def _check_mode_options(ctx, artifact_dir: Optional[Path], against: Optional[str]) -> None:
+    """bench's two modes take different inputs: --against with ARTIFACT_DIR trained a new comparison and never read the
+    folder, and a plain bench given --speedup, --epochs or --teacher (even a file that did not exist) measured the
+    artifact as if they were not there; both said nothing. Refused by name."""
+    from ..errors import JointCompressError
+
+    if against is not None and artifact_dir is not None:
+        raise JointCompressError(f"bench --against {against} trains and compresses --model on --data itself; it does not "
+                                 f"read ARTIFACT_DIR ({artifact_dir}). Drop {artifact_dir} to run the comparison, or "
+                                 f"drop --against to measure the artifact: jointcompress bench {artifact_dir}")
+    given = [f"--{name.replace('_', '-')}" for name in AGAINST_ONLY
+             if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]  # typer's own click's enum
+    if against is None and given:
+        raise JointCompressError(f"{', '.join(given)}: read only by bench --against torch-pruning; a bench of "
+                                 f"{artifact_dir or 'ARTIFACT_DIR'} measures the saved artifact as it is. Drop "
+                                 f"{'them' if len(given) > 1 else 'it'}, or add --against torch-pruning --model NAME")
 
 
 def _strides(text: str) -> list[int]:

@@ -146,14 +146,12 @@ def register(app: typer.Typer) -> None:
         exclude: list[str] = typer.Option([], "--exclude", help="Glob of layer names never to prune (repeatable)."),
     ) -> None:
         """List every prunable channel group and every skipped layer with the reason."""
-        from rich.console import Console
-
         from ..block_drop import residual_blocks
+        from ..cli import console  # 140 columns where the output is no terminal: a log cut every name at 80
         from ..strides import stride_note
 
         net, example = _model_and_input(model, image_size, _shape(input_shape))  # the user's builder runs once
         gt, st, _, _ = _tables(model, net, example, target, exclude)
-        console = Console(emoji=False)
         console.print(gt)
         console.print(st)
         blocks = residual_blocks(net, example)

@@ -126,14 +126,17 @@ def check_supported(model: nn.Module, example: torch.Tensor) -> None:
 def matching_split(split, cfg: AgainstConfig):
     """`split` with `cfg.select_images` of its training rows held out for the choices (at most a tenth
     of them, so a small data set still trains on most of its rows): the same rows for every contender,
-    for the teacher trained here too. A split held out already with that count comes back as it is."""
+    for the teacher trained here too. A split held out already (by this function: bench --against holds out once,
+    before the teacher) comes back as it is."""
     from ..data import hold_out
 
+    if split.x_val is not None:
+        return split
     n = min(cfg.select_images, len(split.y_train) // 10)
     if n < 1:
         raise JointCompressError(f"--against: {len(split.y_train)} training images leave none to hold out for the "
                                  "matching (it takes up to a tenth of them); give at least 10")
-    if n < cfg.select_images and split.x_val is None:  # said once: the teacher's split and the comparison's are alike
+    if n < cfg.select_images:
         import warnings
 
         warnings.warn(f"--select-images {cfg.select_images}: {n} held out, a tenth of the {len(split.y_train)} "
