@@ -598,7 +598,8 @@ def test_the_quantizer_the_joint_form_adds_to_a_recipe_without_one_is_said():
         as_joint_form(quantized)
 
 
-def test_the_nonzero_grid_keeps_four_levels_at_two_bits_lands_on_the_target_and_loads_the_same_logits(tmp_path):
+@pytest.mark.parametrize("grid", [{"nonzero_grid": True}, {}])  # asked for, and the joint form's choice at 2 bits
+def test_the_nonzero_grid_keeps_four_levels_at_two_bits_lands_on_the_target_and_loads_the_same_logits(tmp_path, grid):
     """quant_lsq.nonzero_grid: at 2 bits a kept weight is +-1 or +-2 steps (the dead-zone quantizer otherwise keeps +-1
     only, its zero code unused: the artifact stores zero by position); the file holds them at 2 bits each, in the
     bitmask layout, lands on its target and loads back to the same logits."""
@@ -606,7 +607,7 @@ def test_the_nonzero_grid_keeps_four_levels_at_two_bits_lands_on_the_target_and_
     model = _model()
     goal = dense_fp32_bytes(model) / 20
     recipe = {"mode": "joint", "target": {"ratio": 20},
-              "techniques": [TECHNIQUES[0], {**TECHNIQUES[1], "bits": 2, "nonzero_grid": True}],
+              "techniques": [TECHNIQUES[0], {**TECHNIQUES[1], "bits": 2, **grid}],
               "training": {"epochs": 6, "batch_size": 32, "lr": 0.003}}
     result = compress(model, recipe, (x, y), lambda m: 0.0)
     assert result.recipe.technique("quant_lsq").nonzero_grid
@@ -628,6 +629,29 @@ def test_the_nonzero_grid_keeps_four_levels_at_two_bits_lands_on_the_target_and_
     loaded.eval()
     assert torch.equal(model(x[:64]), loaded(x[:64]))
     assert all(ls.nonzero_levels for ls in loaded_spec.layers.values())
+
+
+@pytest.mark.parametrize("bits, grid, chosen", [(2, None, True), (2, False, False), (2, True, True), (3, None, False),
+                                               (4, None, False), (3, True, True)])
+def test_the_joint_form_puts_two_bit_weights_on_the_nonzero_grid_unless_the_recipe_says(bits, grid, chosen):
+    """At 2 bits the dead-zone grid spent 2 of its 4 codes on nothing (zero is stored by position); the joint form now
+    takes the nonzero grid there, as BENCHMARKS.md measured it, where the recipe leaves quant_lsq.nonzero_grid unset;
+    what a recipe writes stays, and so does every other width. A recipe dumped and read back (a resolved recipe, with
+    every field set) chooses the same; compare's joint variants stay as named (joint-paced-obdland-none keeps
+    the symmetric grid at 2 bits)."""
+    from jointcompress.compare import variant_recipe
+    from jointcompress.joint_form import joint_form_variant
+
+    quant = {"type": "quant_lsq", "bits": bits, **({} if grid is None else {"nonzero_grid": grid})}
+    recipe = parse_recipe({"mode": "joint", "target": {"ratio": 40}, "techniques": [{"type": "prune_unstructured"}, quant]})
+    for given in (recipe, parse_recipe(recipe.model_dump())):
+        joint, event = as_joint_form(given)
+        assert joint.technique("quant_lsq").nonzero_grid is chosen and event["nonzero_grid"] is chosen
+    assert joint_form_variant(bits) == ("joint-paced-obdland-nz-none" if bits == 2 else JOINT_FORM_VARIANT)
+    if grid is None:
+        compared = variant_recipe(recipe, "joint-paced-obdland-none", 0, targeted=recipe, model=_model(),
+                                  example=torch.zeros(2, 32))
+        assert compared.technique("quant_lsq").nonzero_grid is False
 
 
 @pytest.mark.parametrize("quant, words", [({"nonzero_grid": True}, "add zero_level: true"),

@@ -22,9 +22,28 @@ from .recipe import Recipe, paced_window, parse_recipe
 # compare's variant whose size_budget settings the joint form takes (compare.PACED_OBD_LANDING: the paced
 # window, the stiff constraint, the Fisher estimate ordering the landing's cuts only; docs/joint.md)
 JOINT_FORM_VARIANT = "joint-paced-obdland-none"
+# the width at which the joint form's kept weights take the nonzero grid (quant_lsq.nonzero_grid) unless the recipe
+# sets it, and compare's variant that trains it there (_nonzero_by_default)
+NONZERO_GRID_BITS = 2
+JOINT_FORM_VARIANT_NONZERO = "joint-paced-obdland-nz-none"
 # the fraction of the run by which prune_structured's channels are decided in the joint form (_channels_first):
 # the paced size budget's window starts by 0.2
 CHANNELS_END = 0.2
+
+
+def joint_form_variant(bits: int) -> str:
+    """compare's variant that trains what the joint form trains at `bits` (BENCHMARKS.md's headline table)."""
+    return JOINT_FORM_VARIANT_NONZERO if bits == NONZERO_GRID_BITS else JOINT_FORM_VARIANT
+
+
+def _nonzero_by_default(quant) -> bool:
+    """Whether the joint form puts the kept weights on the nonzero grid: at 2 bits, where the recipe leaves
+    quant_lsq.nonzero_grid unset (None; true or false stays as written). Why: zero is stored by position, so at 2 bits the dead-zone grid
+    spends 2 of its 4 codes on nothing and keeps every weight at plus or minus one step; on the nonzero grid (+-1,
+    +-2 steps) the joint form read better or tied at every 2-bit point measured, and with 2,000 images turned LeNet-5's
+    200x loss to sequential into a lead (BENCHMARKS.md, "Two bits on the nonzero grid"). At 4 bits (14 of 16 codes
+    against 16) it changed nothing measurable, and 3 bits were not measured: there the grid stays as the recipe has it."""
+    return quant is not None and quant.nonzero_grid is None and quant.bits == NONZERO_GRID_BITS
 
 
 def joint_form_budget() -> dict:
@@ -52,7 +71,7 @@ def joint_recipe(base: Recipe, learn_bits: bool = False, total_steps: int | None
     for t in techniques:
         if t["type"] == "quant_lsq":
             t.update(zero_level=True, start=first, layer_bits=None, learn_bits=learn_bits)
-            t["nonzero_grid"] = t.get("nonzero_grid", False) or nonzero_grid
+            t["nonzero_grid"] = bool(t.get("nonzero_grid")) or nonzero_grid
     if not any(t["type"] == "quant_lsq" for t in techniques):  # its widths as asked too (learn_bits defaults to on)
         techniques.append({"type": "quant_lsq", "bits": 4, "zero_level": True, "start": first, "learn_bits": learn_bits,
                            "nonzero_grid": nonzero_grid})
@@ -95,10 +114,11 @@ def as_joint_form(recipe: Recipe) -> tuple[Recipe, dict | None]:
         return recipe, None
     prune = recipe.technique("prune_unstructured")
     _warn_widths_fixed(recipe.technique("quant_lsq"))
-    joint = joint_recipe(recipe, **joint_form_budget())
+    joint = joint_recipe(recipe, nonzero_grid=_nonzero_by_default(recipe.technique("quant_lsq")), **joint_form_budget())
     if recipe.technique("quant_lsq") is None:
         _say_quantizer_added(joint.technique("quant_lsq").bits)
     event = {"event": "joint_form", "step": 0, "bits": joint.technique("quant_lsq").bits,
+             "nonzero_grid": joint.technique("quant_lsq").nonzero_grid,
              "replaced": ["prune_unstructured"] if prune is not None else [],
              "size_budget": {k: v for k, v in joint.technique("size_budget").model_dump().items() if k != "type"},
              **({"channels_first": {"prune_structured_end": joint.technique("prune_structured").end,

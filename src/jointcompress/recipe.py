@@ -118,8 +118,10 @@ class QuantLSQ(Selection):
     zero_level: bool = False
     learn_bits: bool = True  # with zero_level: learn each layer's bit-width in [min_bits, max_bits]
     # with zero_level: a kept weight's levels are +-1..+-2**(bits-1) (every code of `bits` is a non-zero level;
-    # the artifact stores zero by position), not +-1..+-(2**(bits-1)-1): 4 levels at 2 bits, not 2
-    nonzero_grid: bool = False
+    # the artifact stores zero by position), not +-1..+-(2**(bits-1)-1): 4 levels at 2 bits, not 2. None: the
+    # joint form's choice (on at 2 bits, joint_form._nonzero_by_default), off elsewhere; a field, not
+    # model_fields_set, since a resolved recipe is re-read with every field set
+    nonzero_grid: bool | None = None
     min_bits: Annotated[int, Field(ge=2, le=8)] = MIN_BITS
     max_bits: Annotated[int, Field(ge=2, le=8)] = MAX_BITS
     # learning rate of dead zones and bit-widths; None: set by size_budget so they can cross its window
@@ -944,8 +946,13 @@ MEMORY_FIELDS = (("training", "micro_batches"), ("training", "precision"), ("tra
 
 
 def without_memory_fields(dump: dict) -> dict:
-    """A recipe's JSON dump without MEMORY_FIELDS: what a checkpoint's recipe must match."""
+    """A recipe's JSON dump without MEMORY_FIELDS: what a checkpoint's recipe must match; quant_lsq.nonzero_grid
+    unset (None) read as false, which it means wherever it is left in a recipe (the joint form writes its choice),
+    and which a checkpoint written before the field could be unset holds."""
     for section, field in MEMORY_FIELDS:
         if isinstance(dump.get(section), dict) and field in dump[section]:
             dump = {**dump, section: {k: v for k, v in dump[section].items() if k != field}}
+    if isinstance(dump.get("techniques"), list):
+        dump = {**dump, "techniques": [{**t, "nonzero_grid": False} if isinstance(t, dict) and t.get("type") == "quant_lsq"
+                                       and t.get("nonzero_grid") is None else t for t in dump["techniques"]]}
     return dump

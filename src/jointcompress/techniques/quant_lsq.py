@@ -296,7 +296,7 @@ class QuantLSQ(Technique):
         from .zero_level import ZeroLevelLSQWeight
 
         return ZeroLevelLSQWeight(weight, bits, cfg.per_channel, cfg.learn_bits, cfg.min_bits, cfg.max_bits,
-                                  cfg.nonzero_grid)
+                                  bool(cfg.nonzero_grid))
 
     def loss_terms(self, ctx: RunContext) -> dict[str, torch.Tensor]:
         """Optional: pull weights toward their grid points (less rounding noise, fewer flips)."""
