@@ -9,9 +9,10 @@ here; `mode: overlap` keeps masks and LSQ at overlapping times under the allocat
 
 Which size_budget settings: `JOINT_FORM_VARIANT`'s, the paced decision window with the Fisher estimate
 ordering the landing's cuts only (`compare`'s joint-paced-obdland-none). Across the models stored in
-BENCHMARKS.md it ties or beats sequential at every 3- and 4-bit point measured (at 2 bits with 2,000 images
-it loses), where the Fisher price on the dead zones (joint-paced-obd-none) wins more on some CNNs but lost 9
-points on a small ViT with 2,000 images.
+BENCHMARKS.md it ties or beats sequential at every 3- and 4-bit point measured, and at 2 bits, on the nonzero grid
+it takes there (NONZERO_GRID_BITS), at every point but LeNet-300-100 100x with 2,000 images, where it loses; the
+Fisher price on the dead zones (joint-paced-obd-none) wins more on some CNNs but lost 9 points on a small ViT with
+2,000 images.
 """
 from __future__ import annotations
 
