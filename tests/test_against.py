@@ -32,7 +32,7 @@ def test_against_torch_pruning_writes_both_contenders(app, tmp_path, monkeypatch
     out, teacher = tmp_path / "against.json", tmp_path / "teacher.safetensors"
     args = ["bench", "--against", "torch-pruning", "--model", "lenet5", "--data", "digits", "--teacher", str(teacher),
             "--teacher-epochs", "1", "--epochs", "1", "--tp-steps", "2", "--runs", "2", "--select-images", "100",
-            "--train-limit", "256", "--speedup", "1000", "--min-width", "4", "--json", str(out)]
+            "--train-limit", "256", "--speedup", "2", "--min-width", "4", "--json", str(out)]
     scratch = set(Path(tempfile.gettempdir()).glob("jointcompress-against-*"))
     monkeypatch.setattr(sys, "argv", ["jointcompress", *args])  # as typed: the file's command runs it again
     r = CliRunner().invoke(app, args)
@@ -68,6 +68,21 @@ def test_against_torch_pruning_writes_both_contenders(app, tmp_path, monkeypatch
     assert teacher.is_file() and "vs Torch-Pruning" in r.output
     assert ("latency target" in r.output) and (("NOT met" in r.output) != target["met"])
     assert res["teacher"].startswith("trained here")
+
+
+def test_a_target_the_narrowest_model_misses_is_refused_before_anything_trains(app, tmp_path):
+    """bench --against trained the dense model, the allocation and both contenders (minutes), then printed "NOT met"
+    for a target no width reaches; compress refuses such a target in seconds. (A 1000x speed-up: no timing is judged.)"""
+    pytest.importorskip("torch_pruning")
+    pytest.importorskip("onnxruntime")
+    teacher = tmp_path / "teacher.safetensors"
+    r = CliRunner().invoke(app, ["bench", "--against", "torch-pruning", "--model", "lenet5", "--data", "digits",
+                                 "--teacher", str(teacher), "--speedup", "1000", "--train-limit", "256",
+                                 "--select-images", "100"])
+    words = " ".join(str(r.exception).split())
+    assert r.exit_code != 0 and "--speedup 1000 (dense PyTorch" in words, r.output
+    assert "cannot be met by removing channels: the narrowest model ours may deploy" in words and "before anything trained" in words
+    assert not teacher.exists()  # the dense model was not trained
 
 
 def _resnet_against(app, tmp_path, drop_blocks: str, *extra: str) -> dict:
@@ -235,6 +250,7 @@ def test_the_capped_selection_is_said_once_and_the_teacher_trains_on_the_compari
 
     monkeypatch.setattr(against, "dense_teacher", dense_teacher)
     monkeypatch.setattr(against, "run_against", run_against)
+    monkeypatch.setattr(against, "check_before_training", lambda cfg, split, model: None)  # its timing: not the subject
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         bench_cmd.run_against_cli("torch-pruning", "lenet5", "digits", None,

@@ -318,7 +318,8 @@ def run_against_cli(against: str, model: Optional[str], data: Optional[str], tea
     import shlex
     import sys
 
-    from ..deploy.against import AgainstConfig, dense_teacher, matching_split, require_torch_pruning, run_against
+    from ..deploy.against import (AgainstConfig, check_before_training, dense_teacher, matching_split,
+                                  require_torch_pruning, run_against)
     from ..errors import JointCompressError
     from ..models import is_builder
     from ..pipeline import builder_for
@@ -340,6 +341,7 @@ def run_against_cli(against: str, model: Optional[str], data: Optional[str], tea
     cfg = AgainstConfig(model=model, **options)
     builder_for(model, split)  # the builder against the data, naming --data and the digits default where they differ
     split = matching_split(split, cfg)  # once: the teacher's and the comparison's held-out rows (its note said twice)
+    check_before_training(cfg, split, builder_for(model, split)())  # the settings, the model, a target out of reach
     dense, note = dense_teacher(cfg, split, teacher)
     # the command as typed (the data and options with it), so the file says how to run it again
     typed = ("jointcompress " + shlex.join(sys.argv[1:]) if "--against" in sys.argv

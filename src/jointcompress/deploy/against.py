@@ -361,6 +361,56 @@ def allocate_for(teacher: nn.Module, split, example, work: Path, target_ms: floa
     return alloc, importance
 
 
+def check_before_training(cfg: AgainstConfig, split, untrained: nn.Module) -> None:
+    """What the comparison would refuse, checked on the untrained model before the dense one trains: its settings,
+    the model (check_teacher) and a target no width reaches (floor_refusal)."""
+    from ..bench import batch_of
+
+    check_settings(cfg)
+    check_teacher(untrained, batch_of(split.x_test, 2), cfg)
+    refusal = floor_refusal(cfg, split, untrained)
+    if refusal is not None:
+        raise refusal
+
+
+def floor_refusal(cfg: AgainstConfig, split, model: nn.Module) -> JointCompressError | None:
+    """The refusal of a target the narrowest model ours may deploy misses (every channel group at its floor, the model
+    as built), or None. A model's speed does not depend on its weights, so this is timed on the untrained model, as
+    the allocation times its probes (ONNX Runtime fp32, alone, at batch 64, and at batch 1 scaled with
+    `both_batches`): bench --against trained the dense model, the allocation and both contenders, minutes, then
+    said "NOT met" for a target no width reaches, where compress refuses one in seconds. Refused only beyond
+    latency_targets.TIMING_SLACK (a busy machine reads slow), and not with --drop-blocks or --strides, whose
+    reshaped models are faster than any width of the model as built."""
+    from .. import latency_targets as lt
+    from ..bench import batch_of
+    from ..graph import discover_groups
+    from ..targets import TargetError
+
+    if cfg.drop_blocks or any(int(s) != 1 for s in cfg.strides):
+        return None
+    model = model.eval()
+    example, x1, x64 = (batch_of(split.x_test, n) for n in (2, 1, 64))
+    dense = {b: alone_ms(model, x, cfg.threads, repeats=3) for b, x in ((1, x1), (64, x64))}
+    goal = cfg.target_ms if cfg.target_ms is not None else dense[64] / cfg.speedup
+    channels = {g.name: g.channels for g in discover_groups(model, example)[0]}
+    widths = lt.floors(channels, **({"min_width": cfg.min_width} if cfg.min_width is not None else {}))
+    with tempfile.TemporaryDirectory(prefix="jointcompress-floor-") as scratch:
+        run = ort_fp32(lt.shrunk_to(model, example, widths), Path(scratch) / "floor.onnx", example, cfg.threads)
+        ms = alone_ms(run, x64, cfg.threads, repeats=3)
+        if cfg.both_batches:
+            ms = max(ms, dense[64] / dense[1] * alone_ms(run, x1, cfg.threads, rounds=100, repeats=3))
+    if ms <= goal * lt.TIMING_SLACK:
+        return None
+    asked = (f"--target-ms {cfg.target_ms:g}" if cfg.target_ms is not None
+             else f"--speedup {cfg.speedup:g} (dense PyTorch {dense[64]:.3f} ms at batch 64, so {goal:.3f} ms)")
+    return TargetError(f"--against: {asked} cannot be met by removing channels: the narrowest model ours may deploy "
+                       f"(every channel group at its floor: {', '.join(f'{g} {w}' for g, w in widths.items())}) measured "
+                       f"{ms:.3f} ms on ONNX Runtime fp32{' (batch 64, or batch 1 scaled)' if cfg.both_batches else ''}, "
+                       f"over the target of {goal:.3f} ms, before anything trained. Ask for less "
+                       f"({'a larger --target-ms' if cfg.target_ms is not None else 'a lower --speedup'}), lower "
+                       "--min-width, or let ours reshape the model (--drop-blocks auto, --strides 1,2)")
+
+
 def importance_for(model: nn.Module, split, example, cfg: AgainstConfig, min_width: int | None = None,
                    teacher: nn.Module | None = None):
     """The allocator's currency: the held-out loss (on the selection images) of `model` (the
