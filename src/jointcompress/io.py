@@ -362,7 +362,7 @@ def finished_run(path: str | os.PathLike) -> bool:
 def say_finished(path: Path, console, artifact: str, recipe=None) -> None:
     """What --resume of a finished run prints in place of running it again (`artifact`: the folder it saved).
     Given the `recipe` this command was asked to run, one that differs from the finished run's recipe.yaml is
-    refused by its first difference: a job script that edited its recipe and always passed --resume read
+    refused by the fields that differ: a job script that edited its recipe and always passed --resume read
     "nothing to continue" and exit status 0, and the new recipe never ran."""
     changed = _changed_from_finished(path, recipe) if recipe is not None else None
     if changed:

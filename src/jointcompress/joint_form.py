@@ -39,11 +39,12 @@ def joint_form_variant(bits: int) -> str:
 
 def _nonzero_by_default(quant) -> bool:
     """Whether the joint form puts the kept weights on the nonzero grid: at 2 bits, where the recipe leaves
-    quant_lsq.nonzero_grid unset (None; true or false stays as written). Why: zero is stored by position, so at 2 bits the dead-zone grid
-    spends 2 of its 4 codes on nothing and keeps every weight at plus or minus one step; on the nonzero grid (+-1,
-    +-2 steps) the joint form read better or tied at every 2-bit point measured, and with 2,000 images turned LeNet-5's
-    200x loss to sequential into a lead (BENCHMARKS.md, "Two bits on the nonzero grid"). At 4 bits (14 of 16 codes
-    against 16) it changed nothing measurable, and 3 bits were not measured: there the grid stays as the recipe has it."""
+    quant_lsq.nonzero_grid unset (None; true or false stays as written). Why: zero is stored by position, so at
+    2 bits the dead-zone grid spends 2 of its 4 codes on nothing and keeps every weight at plus or minus one step;
+    on the nonzero grid (+-1, +-2 steps) the joint form read better or tied at every 2-bit point measured, and with
+    2,000 images turned LeNet-5's 200x loss to sequential into a lead (BENCHMARKS.md, "Two bits on the nonzero
+    grid"). At 4 bits (14 of 16 codes against 16) it changed nothing measurable, and 3 bits were not measured:
+    there the grid stays as the recipe has it."""
     return quant is not None and quant.nonzero_grid is None and quant.bits == NONZERO_GRID_BITS
 
 

@@ -339,9 +339,9 @@ def run_against_cli(against: str, model: Optional[str], data: Optional[str], tea
     if train_limit:
         split.x_train, split.y_train = split.x_train[:train_limit], split.y_train[:train_limit]
     cfg = AgainstConfig(model=model, **options)
-    builder_for(model, split)  # the builder against the data, naming --data and the digits default where they differ
+    build = builder_for(model, split)  # checked on the data: names --data, and the digits default where they differ
     split = matching_split(split, cfg)  # once: the teacher's and the comparison's held-out rows (its note said twice)
-    check_before_training(cfg, split, builder_for(model, split)())  # the settings, the model, a target out of reach
+    check_before_training(cfg, split, build())  # the settings, the model, a target out of reach
     dense, note = dense_teacher(cfg, split, teacher)
     # the command as typed (the data and options with it), so the file says how to run it again
     typed = ("jointcompress " + shlex.join(sys.argv[1:]) if "--against" in sys.argv
