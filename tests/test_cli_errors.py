@@ -1055,6 +1055,20 @@ def test_validate_says_a_latency_target_the_model_meets_with_every_channel_kept(
     assert "(or a larger target.batch: batch 1 is its default)" in flat
 
 
+def test_the_joint_forms_nonzero_grid_at_2_bits_is_said_by_validate_and_compress(tmp_path, monkeypatch, capsys):
+    """At 2 bits the joint form puts the kept weights on the nonzero grid; only the manifest and history.json said so."""
+    recipe = _recipe(tmp_path, "model: lenet300\nmode: joint\ntarget: {ratio: 20}\ntraining: {epochs: 1}\n"
+                               "techniques: [{type: prune_unstructured}, {type: quant_lsq, bits: 2}]\n")
+    said = "at 2 bits its kept weights are plus or minus 1 or 2 steps (quant_lsq.nonzero_grid"
+    code, out = _cli(monkeypatch, capsys, "recipe", "validate", recipe)
+    assert code in (0, None) and said in " ".join(out.split()), out
+    code, out = _cli(monkeypatch, capsys, "compress", recipe, "--teacher-epochs", "1", "--out", tmp_path / "o")
+    assert code in (0, None) and said in " ".join(out.split()), out
+    recipe.write_text(recipe.read_text().replace("bits: 2}", "bits: 2, nonzero_grid: false}"))
+    code, out = _cli(monkeypatch, capsys, "recipe", "validate", recipe)
+    assert code in (0, None) and said not in " ".join(out.split()), out
+
+
 def test_the_check_before_training_neither_refuses_a_ratio_near_one_nor_repeats_the_runs_warning(
         tmp_path, monkeypatch, capsys):
     """Its 2% slack made ratio 1.01 into 0.99, which the recipe refuses ("greater than 1"), and its untrained

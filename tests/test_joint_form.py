@@ -654,10 +654,33 @@ def test_the_joint_form_puts_two_bit_weights_on_the_nonzero_grid_unless_the_reci
         assert compared.technique("quant_lsq").nonzero_grid is False
 
 
-@pytest.mark.parametrize("quant, words", [({"nonzero_grid": True}, "add zero_level: true"),
+@pytest.mark.parametrize("bits, grid, nonzero", [(2, None, True), (2, False, False), (4, None, False)])
+def test_compares_default_set_runs_what_compress_runs_at_each_width(bits, grid, nonzero):
+    """compare's default joint variants stayed on the symmetric grid at 2 bits while compress took the nonzero grid
+    there: its table weighed another model than the one a user gets."""
+    from jointcompress.compare import DEFAULT_VARIANTS, JOINT_OPTIONS, VARIANTS, default_variants
+
+    quant = {"type": "quant_lsq", "bits": bits, **({} if grid is None else {"nonzero_grid": grid})}
+    recipe = parse_recipe({"mode": "joint", "target": {"ratio": 40}, "techniques": [{"type": "prune_unstructured"}, quant]})
+    chosen = default_variants(recipe)
+    assert len(chosen) == len(DEFAULT_VARIANTS) and chosen[-1] == "sequential"
+    assert [VARIANTS[v] for v in chosen] == [VARIANTS[v] for v in DEFAULT_VARIANTS]  # each coordination strategy
+    joint, _ = as_joint_form(recipe)
+    for variant in chosen[:-1]:  # each joint variant trains the grid compress trains
+        assert bool(JOINT_OPTIONS[variant].get("nonzero_grid")) is nonzero is joint.technique("quant_lsq").nonzero_grid
+
+
+@pytest.mark.parametrize("quant, words", [({"nonzero_grid": True}, "add zero_level: true with learn_bits: false"),
                                           ({"zero_level": True, "nonzero_grid": True, "learn_bits": False, "bits": 8},
-                                           "at most 7 bits, not bits 8"),
-                                          ({"zero_level": True, "nonzero_grid": True}, r"not max_bits 8 \(widths learned\)")])
+                                           "at most 7 bits, not bits 8: .*; set bits: 7 or less"),
+                                          ({"zero_level": True, "nonzero_grid": True},
+                                           r"not max_bits 8 \(widths learned\).*; set learn_bits: false \(widths fixed")])
 def test_the_nonzero_grid_outside_its_range_is_refused_by_name(quant, words):
     with pytest.raises(RecipeError, match=words):
         parse_recipe({"techniques": [{"type": "quant_lsq", **quant}]})
+
+
+def test_the_first_refusal_of_the_nonzero_grid_gives_a_fix_that_parses():
+    """Its advice, "add zero_level: true", led to a second refusal (learned widths reach max_bits 8): a chain."""
+    parse_recipe({"techniques": [{"type": "quant_lsq", "bits": 2, "nonzero_grid": True, "zero_level": True,
+                                  "learn_bits": False}]})

@@ -664,10 +664,12 @@ def _write_compress_results(out: Path, recipe_path: Path, recipe, teacher, outco
         console.print(_standardisation_line(split))
     if result.history.best_epoch is not None:  # which evaluation chose the state the run ended with
         console.print(_kept_epoch_line(result.history.best_epoch, recipe.training.keep, split, given))
-    if any(e.get("event") == "joint_form" for e in result.history.events):
+    joint_form = next((e for e in result.history.events if e.get("event") == "joint_form"), None)
+    if joint_form is not None:
         console.print("joint under a size target: zero as a quantizer level (quant_lsq.zero_level) under one size budget "
                       "(size_budget), in place of masks and the allocator's budgets; the resolved recipe is in the artifact's "
-                      "manifest (docs/joint.md; mode: overlap keeps masks and LSQ under the allocator's budgets)")
+                      "manifest (docs/joint.md; mode: overlap keeps masks and LSQ under the allocator's budgets)"
+                      + ("; " + NONZERO_GRID_NOTE if joint_form.get("nonzero_grid") else ""))
     target = result.recipe.target
     if target is not None and not target.is_latency and row.get("file_bytes"):
         from .targets import target_bytes
@@ -680,6 +682,11 @@ def _write_compress_results(out: Path, recipe_path: Path, recipe, teacher, outco
     for line in (_accuracy_fall(rows["uncompressed"], row, recipe), _at_chance(rows["uncompressed"], split)):
         if line:
             console.print(line)
+
+
+# what the joint form's choice of the nonzero grid at 2 bits is said as (compress's closing lines, recipe validate)
+NONZERO_GRID_NOTE = ("at 2 bits its kept weights are plus or minus 1 or 2 steps (quant_lsq.nonzero_grid, the joint "
+                     "form's choice there; nonzero_grid: false in the recipe keeps plus or minus 1 only)")
 
 
 # accuracy points a compressed model may lose against the uncompressed one before the command says so
@@ -782,6 +789,7 @@ def recipe_validate(recipe_path: Path = typer.Argument(..., help="Recipe YAML.")
                     model: Optional[str] = typer.Option(None, help="The model compress will get with --model (a "
                                                         "reference model or your builder); default: the recipe's.")):
     """Check a recipe: every field, bound and combination; prints what it will run."""
+    from .joint_form import nonzero_by_default
     from .recipe import compresses_nothing, load_recipe
 
     r = load_recipe(recipe_path)
@@ -800,6 +808,8 @@ def recipe_validate(recipe_path: Path = typer.Argument(..., help="Recipe YAML.")
                       f"(from {escape(str(Path.cwd()))}); "
                       "compress stops there unless --data gives another")
     said.update(_say_unused_settings(r))
+    if r.asks_for_joint_form() and nonzero_by_default(r.technique("quant_lsq")):
+        console.print(f"mode: joint under a size target: {NONZERO_GRID_NOTE}")
     checked = _checked_on_the_model(r, from_weights, said)
     console.print(f"[green]ok[/green] {escape(str(recipe_path))}: {escape(str(model))}, mode={r.mode}, {len(r.techniques)} techniques "
                   f"({', '.join(t.type for t in r.techniques)}), {r.training.epochs} epochs, coordination={r.coordination.strategy}"

@@ -39,7 +39,7 @@ import torch.nn as nn
 import yaml
 
 from .errors import JointCompressError
-from .joint_form import joint_recipe
+from .joint_form import joint_recipe, nonzero_by_default
 from .recipe import Recipe, paced_window, parse_recipe, without_quant_start
 
 VARIANTS = {  # name -> (mode, coordination strategy)
@@ -68,7 +68,9 @@ VARIANTS = {  # name -> (mode, coordination strategy)
     "joint-paced-obdland-scale": ("joint", "scale"),  # PACED_OBD_LANDING is what compress() runs for mode: joint
     "joint-paced-obdland-pcgrad": ("joint", "pcgrad"),  # under a size target (joint_form.py): the CLI's default set
     "joint-paced-obdtrack-none": ("joint", "none"),  # PACED_OBD cut back onto its goal inside the window (PACED_OBD_TRACK)
-    "joint-paced-obdland-nz-none": ("joint", "none"),  # PACED_OBD_LANDING on the nonzero grid (NONZERO_GRID)
+    "joint-paced-obdland-nz-none": ("joint", "none"),  # PACED_OBD_LANDING on the nonzero grid (NONZERO_GRID): what
+    "joint-paced-obdland-nz-scale": ("joint", "scale"),  # compress() runs at 2 bits (joint_form.nonzero_by_default),
+    "joint-paced-obdland-nz-pcgrad": ("joint", "pcgrad"),  # so the CLI's default set there (default_variants)
     "joint-paced-obdland-nz-erk-none": ("joint", "none"),  # NONZERO_GRID, each layer's bytes near its ERK share (ERK_BAND)
 }
 # the Fisher (OBD) cost of pruned weights on the dead zones, a budget that warms up fast first and
@@ -134,7 +136,8 @@ JOINT_OPTIONS = {"joint-fisher-none": FISHER_BUDGET, "joint-fisher-pcgrad": FISH
                  "joint-paced-obd-none": PACED_OBD, "joint-paced-obdrank-none": PACED_OBD_RANK,
                  "joint-paced-obdland-none": PACED_OBD_LANDING, "joint-paced-obdland-scale": PACED_OBD_LANDING,
                  "joint-paced-obdland-pcgrad": PACED_OBD_LANDING, "joint-paced-obdtrack-none": PACED_OBD_TRACK,
-                 "joint-paced-obdland-nz-none": NONZERO_GRID, "joint-paced-obdland-nz-erk-none": ERK_BAND}
+                 "joint-paced-obdland-nz-none": NONZERO_GRID, "joint-paced-obdland-nz-scale": NONZERO_GRID,
+                 "joint-paced-obdland-nz-pcgrad": NONZERO_GRID, "joint-paced-obdland-nz-erk-none": ERK_BAND}
 # the variants whose coordination resolves accuracy (task + distillation, one gradient) against size only
 # (coordination.accuracy_as_one): one backward fewer per measured step; not in the default set
 ACCURACY_AS_ONE = {"joint-acc-pcgrad"}
@@ -145,6 +148,18 @@ SENSITIVITY_ALLOCATED = {"sequential-sens"}
 # strategy, against sequential; benchmarks/compare_mnist.py keeps its own default (BENCHMARK_VARIANTS)
 DEFAULT_VARIANTS = ("joint-paced-obdland-none", "joint-paced-obdland-scale", "joint-paced-obdland-pcgrad", "sequential")
 BENCHMARK_VARIANTS = ("joint-none", "joint-scale", "joint-pcgrad", "sequential")
+# the default set's joint variants on the nonzero grid, where the joint form takes it
+ON_THE_NONZERO_GRID = {"joint-paced-obdland-none": "joint-paced-obdland-nz-none",
+                       "joint-paced-obdland-scale": "joint-paced-obdland-nz-scale",
+                       "joint-paced-obdland-pcgrad": "joint-paced-obdland-nz-pcgrad"}
+
+
+def default_variants(recipe: Recipe) -> tuple[str, ...]:
+    """DEFAULT_VARIANTS, on the nonzero grid where the joint form compress() runs takes it (2 bits, the field unset:
+    joint_form.nonzero_by_default): the default set at 2 bits compared the symmetric grid, not what compress runs."""
+    if nonzero_by_default(recipe.technique("quant_lsq")):
+        return tuple(ON_THE_NONZERO_GRID.get(v, v) for v in DEFAULT_VARIANTS)
+    return DEFAULT_VARIANTS
 CSV_FIELDS = ["variant", "mode", "strategy", "ratio_target", "seed", "accuracy", "error", "bytes", "file_bytes",
               "target_bytes", "ratio", "sparsity", "bits", "conflict_rate", "changed_share", "changed_mean", "wall_s", "dir",
               "unreachable", "candidate_epochs"]

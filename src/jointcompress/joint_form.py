@@ -24,7 +24,7 @@ from .recipe import Recipe, paced_window, parse_recipe
 # window, the stiff constraint, the Fisher estimate ordering the landing's cuts only; docs/joint.md)
 JOINT_FORM_VARIANT = "joint-paced-obdland-none"
 # the width at which the joint form's kept weights take the nonzero grid (quant_lsq.nonzero_grid) unless the recipe
-# sets it, and compare's variant that trains it there (_nonzero_by_default)
+# sets it, and compare's variant that trains it there (nonzero_by_default)
 NONZERO_GRID_BITS = 2
 JOINT_FORM_VARIANT_NONZERO = "joint-paced-obdland-nz-none"
 # the fraction of the run by which prune_structured's channels are decided in the joint form (_channels_first):
@@ -37,7 +37,7 @@ def joint_form_variant(bits: int) -> str:
     return JOINT_FORM_VARIANT_NONZERO if bits == NONZERO_GRID_BITS else JOINT_FORM_VARIANT
 
 
-def _nonzero_by_default(quant) -> bool:
+def nonzero_by_default(quant) -> bool:
     """Whether the joint form puts the kept weights on the nonzero grid: at 2 bits, where the recipe leaves
     quant_lsq.nonzero_grid unset (None; true or false stays as written). Why: zero is stored by position, so at
     2 bits the dead-zone grid spends 2 of its 4 codes on nothing and keeps every weight at plus or minus one step;
@@ -116,7 +116,7 @@ def as_joint_form(recipe: Recipe) -> tuple[Recipe, dict | None]:
         return recipe, None
     prune = recipe.technique("prune_unstructured")
     _warn_widths_fixed(recipe.technique("quant_lsq"))
-    joint = joint_recipe(recipe, nonzero_grid=_nonzero_by_default(recipe.technique("quant_lsq")), **joint_form_budget())
+    joint = joint_recipe(recipe, nonzero_grid=nonzero_by_default(recipe.technique("quant_lsq")), **joint_form_budget())
     if recipe.technique("quant_lsq") is None:
         _say_quantizer_added(joint.technique("quant_lsq").bits)
     event = {"event": "joint_form", "step": 0, "bits": joint.technique("quant_lsq").bits,

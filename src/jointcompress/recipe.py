@@ -119,7 +119,7 @@ class QuantLSQ(Selection):
     learn_bits: bool = True  # with zero_level: learn each layer's bit-width in [min_bits, max_bits]
     # with zero_level: a kept weight's levels are +-1..+-2**(bits-1) (every code of `bits` is a non-zero level;
     # the artifact stores zero by position), not +-1..+-(2**(bits-1)-1): 4 levels at 2 bits, not 2. None: the
-    # joint form's choice (on at 2 bits, joint_form._nonzero_by_default), off elsewhere; a field, not
+    # joint form's choice (on at 2 bits, joint_form.nonzero_by_default), off elsewhere; a field, not
     # model_fields_set, since a resolved recipe is re-read with every field set
     nonzero_grid: bool | None = None
     min_bits: Annotated[int, Field(ge=2, le=8)] = MIN_BITS
@@ -177,8 +177,10 @@ class QuantLSQ(Selection):
         widest = self.max_bits if self.zero_level and self.learn_bits else self.bits  # the joint form fixes widths
         if self.nonzero_grid and widest > 7:
             what = f"max_bits {self.max_bits} (widths learned)" if widest != self.bits else f"bits {self.bits}"
+            fix = ("learn_bits: false (widths fixed at bits), or max_bits: 7 or less" if widest != self.bits
+                   else "bits: 7 or less")
             raise ValueError(f"nonzero_grid: true needs widths of at most 7 bits, not {what}: its 8-bit level 128 "
-                             "fits no int8; set bits (and max_bits where widths are learned) to 7 or less")
+                             f"fits no int8; set {fix}")
         # act_bits away from its default (not model_fields_set: a resolved recipe is re-read with every field set)
         if self.act_bits != 8 and not self.activations:
             warnings.warn(f"quant_lsq.act_bits: {self.act_bits} does nothing without activations: true (the layers' "
@@ -605,8 +607,9 @@ class Recipe(Strict):
         joint_form = self.mode == "joint" and self.target is not None and not self.target.is_latency
         if quant is not None and quant.nonzero_grid and not quant.zero_level and not joint_form:
             raise ValueError("quant_lsq.nonzero_grid: true sets the levels of the dead-zone quantizer's kept weights; "
-                             "add zero_level: true (or run mode: joint under a size target, whose joint form has "
-                             "it), or remove nonzero_grid")
+                             "add zero_level: true with learn_bits: false (widths fixed at bits; learned widths reach "
+                             "max_bits 8, which the grid cannot hold), or run mode: joint under a size target, whose "
+                             "joint form has both, or remove nonzero_grid")
         return self
 
     def _warn_widths_unpriced(self) -> None:

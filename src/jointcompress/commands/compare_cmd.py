@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from ..compare import DEFAULT_VARIANTS
+from ..compare import DEFAULT_VARIANTS, default_variants
 from ..io import RUN_REPORT, output_folder, removed_if_refused
 from . import DEVICE_HELP, MODEL_CHOICES
 
@@ -39,9 +39,10 @@ def register(app: typer.Typer) -> None:
         seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds per point (teacher trained once per seed)."),
         first_seed: int = typer.Option(0, "--first-seed", min=0, help="First seed (a later batch extends an earlier one; "
                                        "benchmarks/pool_compare.py pools the folders)."),
-        variants: str = typer.Option(",".join(DEFAULT_VARIANTS), "--variants",
+        variants: Optional[str] = typer.Option(None, "--variants",
                                      help="Comma-separated. Default: the joint form `compress` runs for mode: joint under a size "
-                                          "target, with coordination none / scale / pcgrad, and sequential. Also joint-none, "
+                                          f"target, with coordination none / scale / pcgrad, and sequential ({','.join(DEFAULT_VARIANTS)}; "
+                                          "at 2 bits their -nz- forms, on the nonzero grid compress takes there). Also joint-none, "
                                           "joint-scale, joint-pcgrad (size_budget at its defaults), joint-acc-pcgrad (PCGrad "
                                           "between accuracy and size), joint-paced-obd-none, overlap, sequential-sens (sequential on "
                                           "the budgets the allocator makes from a sensitivity scan of each teacher, the "
@@ -107,7 +108,8 @@ def register(app: typer.Typer) -> None:
 
         name = absolute_builder(name)  # the artifacts' manifests record it
         spec = CompareSpec(ratios=given_ratios, seeds=seeds,
-                           variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
+                           variants=(tuple(v.strip() for v in variants.split(",") if v.strip()) if variants is not None
+                                     else default_variants(recipe)),
                            teacher_epochs=teacher_epochs, epochs=epochs, first_seed=first_seed, keep=keep,
                            device=str(resolve_device(device)), validation_images=val_images)
         split = load_dataset(data if data is not None else recipe.data)

@@ -435,7 +435,11 @@ class SizeBudget(Landing, Technique):
         warnings.warn(f"size_budget: at the freeze the model was {-100 * off_by:.0f}% under its aim with the size "
                       f"multiplier still at {self.lam:.3g}, so the pattern fixed there gives back weights whose values "
                       f"drifted while pruned, and accuracy may suffer; size_budget.anti_windup: true{schedule} keeps the "
-                      "state on its goal, above all in runs shorter than the decision window", stacklevel=3)
+                      "state on its goal, above all in runs shorter than the decision window, and so do more "
+                      "training.epochs. (A recipe of mode: joint without a size_budget section gets the joint form's "
+                      "own: write out quant_lsq and size_budget as the artifact manifest's recipe has them, then add "
+                      "anti_windup; a size_budget section of defaults alone learns widths and drops the joint form's "
+                      "grid and landing settings)", stacklevel=3)
 
     # -- the estimate ----------------------------------------------------------------------
     def estimate(self, soft: bool = True) -> torch.Tensor:
