@@ -160,6 +160,8 @@ def default_variants(recipe: Recipe) -> tuple[str, ...]:
     if nonzero_by_default(recipe.technique("quant_lsq")):
         return tuple(ON_THE_NONZERO_GRID.get(v, v) for v in DEFAULT_VARIANTS)
     return DEFAULT_VARIANTS
+
+
 CSV_FIELDS = ["variant", "mode", "strategy", "ratio_target", "seed", "accuracy", "error", "bytes", "file_bytes",
               "target_bytes", "ratio", "sparsity", "bits", "conflict_rate", "changed_share", "changed_mean", "wall_s", "dir",
               "unreachable", "candidate_epochs"]
