@@ -328,6 +328,26 @@ def test_a_depthwise_convolution_with_a_channel_multiplier_is_named_as_the_reaso
         assert "depthwise convolution 'dw' (groups=8, 8 inputs, 16 outputs) has a channel multiplier of 2" in reasons[name]
 
 
+def test_a_layer_the_model_returns_in_a_dict_is_left_out_without_advice_to_exclude_it():
+    """Its reason ended "(exclude the layer)", for a layer already left out: there was nothing to do."""
+    from jointcompress.graph import discover_groups
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return {"logits": self.fc(torch.relu(self.fc1(x)))}
+
+    torch.manual_seed(0)
+    groups, skipped = discover_groups(Net(), torch.randn(4, 8), ["*"], [])
+    reason = dict(skipped)["fc"]
+    assert [g.name for g in groups] == ["fc1"]
+    assert "returned by the model" in reason or "model output" in reason, reason
+    assert "exclude the layer" not in reason
+
+
 class ScaledConv(nn.Module):
     """A learned per-channel scale reshaped to broadcast over a conv's maps."""
 

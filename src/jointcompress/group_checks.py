@@ -314,7 +314,8 @@ def removal_gap(model: nn.Module, example_inputs, groups: list) -> tuple[float, 
     for i, (x, y) in enumerate(zip(before, after)):
         if x.shape != y.shape:  # the channels are (part of) what the model returns
             return float("inf"), (f"the model's output {i} changes shape, {list(x.shape)} -> {list(y.shape)}: these "
-                                   "channels are returned by the model, which keeps all of them (exclude the layer)")
+                                   "channels are returned by the model, which keeps all of them, so the group is left "
+                                   "out (nothing to exclude)")
     return output_gap(masked, removed) * PARITY_RTOL / tolerance(masked), ""
 
 
