@@ -756,6 +756,8 @@ NONZERO_GRID_POINTS = (("compare_lenet300_2bit_nz_val", 60.0), ("compare_lenet30
                        ("compare_lenet5_2bit_nz_val", 100.0), ("compare_lenet5_2bit_nz_val", 200.0),
                        ("compare_lenet300_2k_2bit_nz_val", 60.0), ("compare_lenet300_2k_2bit_nz_val", 100.0),
                        ("compare_lenet5_2k_2bit_nz_val_6seeds", 100.0), ("compare_lenet5_2k_2bit_nz_val_6seeds", 200.0),
+                       ("compare_lenet300_100x_2k_3bit_nz_val", 100.0),
+                       ("compare_lenet5_2k_3bit_nz_val", 100.0), ("compare_lenet5_2k_3bit_nz_val", 200.0),
                        ("compare_lenet300_100x_2k_4bit_nz_val_10seeds", 100.0),
                        ("compare_lenet300_60x_2k_4bit_nz_val_10seeds", 60.0),
                        ("compare_lenet300_2k_2bit_nz_smaller_val", 117.0), ("compare_lenet300_2k_2bit_nz_smaller_val", 150.0))
@@ -868,10 +870,10 @@ def nonzero_grid_section(points=NONZERO_GRID_POINTS) -> list[str]:
             "beats sequential at every LeNet-5 point and at LeNet-300-100 100x with 55,000 images, and on LeNet-5 with "
             "2,000 images it turns the 200x loss to sequential into a lead. LeNet-300-100 with 2,000 images still loses "
             "at 2 bits, and asking it for smaller files (117x, 150x: what sequential's files come to) reads worse, not "
-            "better: what it lacks there is not bytes. At 4 bits (16 levels against 14) it changes nothing measurable. "
-            "So the joint form `compress()` runs takes the nonzero grid at 2 bits, where a recipe leaves "
-            "`quant_lsq.nonzero_grid` unset (joint_form.py); at 3 bits (not measured) and 4 the grid stays as the "
-            "recipe has it.", "",
+            "better: what it lacks there is not bytes. At 3 bits (8 levels against 6) it ties the symmetric grid at "
+            "the three points measured, and at 4 bits (16 against 14) it changes nothing measurable. So the joint form "
+            "`compress()` runs takes the nonzero grid at 2 bits, where a recipe leaves `quant_lsq.nonzero_grid` unset "
+            "(joint_form.py); at 3 and 4 bits the grid stays as the recipe has it.", "",
             "Reproduce: " + "; ".join(commands) + ".", "", *allocation_lines()]
 
 
