@@ -177,7 +177,7 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None, 
             )
         if warn_empty:  # the user's model: tried on a copy first, so that a refusal leaves it whole
             _shrink(copy.deepcopy(model), todo, example_inputs, copy.deepcopy(spec))
-        _shrink(model, todo, example_inputs, spec)
+        _shrink(model, todo, example_inputs, spec, each=not warn_empty)  # the copy checked each group already
     _dead_channels_share_a_step(model, spec)
     if soft is not None:
         _warn_soft_masks_made_binary(soft, _outputs(model, example_inputs))
@@ -242,7 +242,10 @@ def _with_prior_structure(spec: CompressionSpec, dropped: list[str]) -> Compress
     return spec
 
 
-def _shrink(model: nn.Module, todo: dict, example_inputs, spec: CompressionSpec) -> None:
+def _shrink(model: nn.Module, todo: dict, example_inputs, spec: CompressionSpec, each: bool = True) -> None:
+    """Remove `todo`'s channels from `model`; the outputs checked after each group's removal (`each`: a forward of
+    the example rows a group, so a refusal names the group that failed), or once after all of them, where a copy's
+    removal has checked each group already."""
     modules = dict(model.named_modules())
     for name, (g, drop) in todo.items():
         removed = set(drop)
@@ -259,7 +262,10 @@ def _shrink(model: nn.Module, todo: dict, example_inputs, spec: CompressionSpec)
             root, drop = _root(g, drop, modules)
             fn = dg.get_pruner_of_module(root).prune_out_channels
             dg.get_pruning_group(root, fn, drop).prune()
-            _check_parity(model, example_inputs, masked, g)
+            if each:
+                _check_parity(model, example_inputs, masked, [g])
+    if not each:
+        _check_parity(model, example_inputs, masked, [g for g, _ in todo.values()])
     spec.pruning_history = spec.pruning_history + [list(h) for h in dg.pruning_history()]
 
 
@@ -320,18 +326,20 @@ def _check_baked(model: nn.Module, example_inputs, trained) -> None:
         )
 
 
-def _check_parity(model: nn.Module, example_inputs, masked, group) -> None:
+def _check_parity(model: nn.Module, example_inputs, masked, groups: list) -> None:
     """The shrunk model must give the masked model's outputs; a group that does not is a model we cannot prune.
-    Checked after each group's removal (a forward of the example rows each), so the refusal names the group that
-    failed: it named every group being removed, and a user excluded all of them."""
+    `groups`: those removed since `masked` was taken (one, where _shrink checks each: the refusal named every group
+    being removed, and a user excluded all of them)."""
     try:
         gap = output_gap(masked, _outputs(model, example_inputs))
         detail = f"outputs differ by {gap:.3g} (relative)"
     except Exception as exc:  # the shrunk model no longer runs
         gap, detail = float("inf"), f"{type(exc).__name__}: {exc}"
     if gap > tolerance(masked):
+        names = [g.name for g in groups]
         raise UnsupportedModelError(
-            f"finalize: removing the pruned channels of group {group.name!r} changed the model ({detail}); the model "
-            "keeps every channel (its pruned ones zero, its masks and quantizers baked in). Exclude the group from "
-            f"prune_structured (exclude: [{group.name!r}]) and report the architecture"
+            f"finalize: removing the pruned channels of group{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))} "
+            f"changed the model ({detail}); the model keeps every channel (its pruned ones zero, its masks and quantizers "
+            f"baked in). Exclude {'them' if len(names) > 1 else 'the group'} from prune_structured (exclude: {names}) and "
+            "report the architecture"
         )
