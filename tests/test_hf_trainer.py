@@ -753,6 +753,42 @@ def test_gradient_accumulation_with_a_loss_fn_of_the_users_divides_it_by_the_ste
     assert whole.norm() > 0 and (whole - accumulated).norm() / whole.norm() < 1e-5
 
 
+def _bert_update(tmp_path, batch: int, steps: int, alpha: float) -> torch.Tensor:
+    """How one SGD step at LR 1, of `steps` micro-batches of `batch` rows, moves a tiny BERT classifier's head
+    (dropout off, so that the micro-batches are one batch's rows)."""
+    from hf_helpers import tiny_bert
+
+    def without_dropout(model):
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        return model
+
+    base, teacher = without_dropout(tiny_bert(layers=2)), without_dropout(tiny_bert(layers=2, seed=1))
+    model = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 64, (16, 8), generator=g)
+    data = [{"input_ids": row, "attention_mask": torch.ones(8, dtype=torch.long), "labels": int(row[0] > 32)}
+            for row in ids]
+    session = jointcompress.prepare(model, {"techniques": [{"type": "distill_kd", "temperature": 2.0, "alpha": alpha}]},
+                                    total_steps=1, teacher=teacher)
+    args = TrainingArguments(output_dir=str(tmp_path / f"b{batch}x{steps}"), per_device_train_batch_size=batch,
+                             gradient_accumulation_steps=steps, max_steps=1, learning_rate=1.0, optim="sgd",
+                             weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant", report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    _InOrder(session=session, model=model, args=args, train_dataset=data).train()
+    return (model.classifier.weight - base.classifier.weight).detach()
+
+
+def test_gradient_accumulation_on_a_classifier_whose_loss_ignores_the_count_takes_one_batchs_update(tmp_path):
+    """BertForSequenceClassification's forward takes **kwargs (so the Trainer passes num_items_in_batch) but averages
+    its loss per micro-batch: left undivided by the accumulation steps, the task term weighed twice its
+    distillation's with 2 micro-batches (an update 2x as far at alpha near 0)."""
+    for alpha in (0.05, 0.5):
+        whole, accumulated = (_bert_update(tmp_path / f"a{alpha}", batch, steps, alpha) for batch, steps in ((16, 1), (8, 2)))
+        assert whole.norm() > 0 and (whole - accumulated).norm() / whole.norm() < 1e-4, alpha
+
+
 def test_save_model_of_a_pruned_class_carries_its_code(tmp_path):
     """Heads removed per layer make a pruned class, which from_pretrained builds only with jointcompress imported
     or from the folder's own modeling_pruned.py; export_folder wrote that file, save_model did not: the folder

@@ -572,7 +572,7 @@ def test_an_optimizer_step_after_after_step_is_said_once(order):
 
 def test_a_checkpoint_loaded_in_the_wrong_order_names_the_order():
     """model.load_state_dict before session.load_state_dict ended in torch's raw list of missing and unexpected
-    parametrizations keys (now said first); optimizer.load_state_dict before it in "a different number of
+    parametrizations keys (now refused by name; said where strict=False goes on); optimizer.load_state_dict before it in "a different number of
     groups" (now refused by name)."""
     from jointcompress.errors import TrainingError
 
@@ -581,9 +581,12 @@ def test_a_checkpoint_loaded_in_the_wrong_order_names_the_order():
         _step(model, session, opt)
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "session": session.state_dict()}
     model, session, opt = _session(PRUNE_LSQ, steps=8)
-    with pytest.warns(RuntimeWarning, match=r"model.load_state_dict: .*call session.load_state_dict\(state\) first"):
-        with pytest.raises(RuntimeError, match="Unexpected key"):  # torch's own error follows the word
-            model.load_state_dict(state["model"])
+    first = r"model.load_state_dict: .*call session.load_state_dict\(state\) first"
+    with pytest.raises(TrainingError, match=first):  # torch's raw key lists before (the order only in a warning)
+        model.load_state_dict(state["model"])
+    with pytest.warns(RuntimeWarning, match=first):  # strict=False goes on (the Trainer's resume), what it skipped said
+        model.load_state_dict(state["model"], strict=False)
+    model, session, opt = _session(PRUNE_LSQ, steps=8)
     with pytest.raises(TrainingError, match=r"optimizer.load_state_dict: .* parameter groups .*session.load_state_dict"):
         opt.load_state_dict(state["optimizer"])
     session.load_state_dict(state["session"])
@@ -591,3 +594,32 @@ def test_a_checkpoint_loaded_in_the_wrong_order_names_the_order():
     opt.load_state_dict(state["optimizer"])
     x = _data()[0]
     assert session.step == 4 and torch.equal(model(x), model(x))
+
+
+def test_the_same_terms_given_to_backward_twice_are_refused():
+    """With two terms on a measured step the coordination keeps the graph, so a second session.backward of the same
+    terms (a copied line) added every gradient again, the update twice as large, with no word."""
+    from jointcompress.errors import TrainingError
+
+    model, session, opt = _session({"techniques": [{"type": "quant_lsq", "bits": 4}]}, steps=4)
+    x, y = _data()
+    terms = session.loss(model(x), (x, y))
+    terms = {**terms, "extra": 0.1 * model[0].weight.square().sum()}  # two terms: the measured step keeps the graph
+    opt.zero_grad()
+    session.backward(terms)
+    with pytest.raises(TrainingError, match=r"session.backward at step 0: these terms went through backward already"):
+        session.backward(terms)
+    session.backward(session.loss(model(x), (x, y)))  # a new micro-batch's own terms: accumulated, as asked
+
+
+def test_before_step_before_any_backward_is_refused_without_a_contrary_warning():
+    """before_step with no backward at all raised the error and, before it, warned that a plain loss.backward()
+    skipped the coordination, which had not run either."""
+    from jointcompress.errors import TrainingError
+
+    model, session, opt = _session(steps=4)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with pytest.raises(TrainingError, match="before_step ran before session.backward"):
+            session.before_step()
+    assert not [str(w.message) for w in said if "plain loss.backward()" in str(w.message)]

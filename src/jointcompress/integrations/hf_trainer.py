@@ -273,7 +273,7 @@ class CompressionTrainer(Trainer):
         if trainer_loss:
             scaled = self._task_scaled_for_accumulation(num_items_in_batch)
         else:  # the task term is the model's own loss, normalized over the step's tokens, only if it took the count
-            scaled = bool(given) and model_loss(outputs) is not None
+            scaled = bool(given) and model_loss(outputs) is not None and self._loss_takes_count(model, inputs, given)
         task_scale = 1.0 if scaled else scale
         token_scale = self._token_share(inputs, num_items_in_batch)  # a token-level distillation's share of the step
         terms = {k: v * (task_scale if k == "task" else token_scale if k == "distill" and token_scale is not None
@@ -291,6 +291,29 @@ class CompressionTrainer(Trainer):
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             return {"num_items_in_batch": num_items_in_batch}
         return {}
+
+    def _loss_takes_count(self, model, inputs, given: dict) -> bool:
+        """Whether the model's loss really divides by the num_items_in_batch it was given. A forward with
+        **kwargs is taken to (model_accepts_loss_kwargs), but a classifier such as BertForSequenceClassification
+        passes them on to its layers and averages its loss per micro-batch: left undivided by the accumulation
+        steps, its task term weighed K times its distillation's (alpha moved with gradient_accumulation_steps) and
+        the update was not one batch's. Asked once, where it matters (accumulation): the loss under the count and
+        under twice it, in eval mode (no dropout), without gradients."""
+        if self.current_gradient_accumulation_steps <= 1:
+            return True
+        if getattr(self, "_takes_count", None) is None:
+            count = given["num_items_in_batch"]
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad(), self.compute_loss_context_manager():
+                    losses = [model_loss(model(**inputs, num_items_in_batch=n)) for n in (count, count * 2)]
+            finally:
+                model.train(was_training)
+            if any(loss is None or not torch.isfinite(loss) or loss == 0 for loss in losses):
+                return True  # nothing to read: the Trainer's rule, asked again next time
+            self._takes_count = not torch.allclose(losses[0], losses[1], rtol=1e-4, atol=0.0)
+        return self._takes_count
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The Trainer's batches of one optimizer step, and beside them the positions a token-level distillation

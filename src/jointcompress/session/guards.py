@@ -7,6 +7,7 @@ another recipe or total_steps (another schedule, or torch's raw missing/unexpect
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Mapping
 
@@ -191,19 +192,48 @@ class OptimizerOrderWatch:
                           "session.after_step() in this order", RuntimeWarning, stacklevel=4)
 
 
-def warn_model_state_first(module: torch.nn.Module, incompatible) -> None:
-    """A load_state_dict post-hook on the session's model: a checkpoint's model state loaded before
+def _model_state_first(saved_under: list[str]) -> str:
+    return (f"model.load_state_dict: the checkpoint holds weights under masks and quantizers the model has not "
+            f"attached yet ({saved_under[0]}, {len(saved_under)} such keys): call session.load_state_dict(state) "
+            "first (it rebuilds them at the saved step), then model.load_state_dict, then optimizer.load_state_dict")
+
+
+def _saved_under_parametrizations(module: torch.nn.Module, keys) -> list[str]:
+    own = set(module.state_dict(keep_vars=True))
+    return [k for k in keys if ".parametrizations." in k and k not in own]
+
+
+def _loading_strictly() -> bool:
+    """Whether the nn.Module.load_state_dict call running now was asked for strict=True: torch hands a module's
+    load pre-hooks strict=True whatever the caller asked, so it is read from that call's frame (False where no
+    such frame is found: a strict=False load, as transformers' Trainer resumes, must go on)."""
+    code = torch.nn.Module.load_state_dict.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return bool(frame.f_locals.get("strict", True))
+        frame = frame.f_back
+    return False
+
+
+def refuse_model_state_first(module: torch.nn.Module, state_dict, prefix, *_) -> None:
+    """A load_state_dict pre-hook on the session's model: a checkpoint's model state loaded strictly before
     session.load_state_dict (which rebuilds the masks and quantizers the saved keys belong to) ended in torch's
-    raw list of missing and unexpected `parametrizations` keys, or with strict=False skipped them unsaid. Said
-    before torch's error, not raised: a post-hook cannot tell strict=False, whose keys torch returns to the
-    caller (transformers' Trainer loads that way)."""
+    raw list of missing and unexpected `parametrizations` keys, the order's fix said only in a warning before it.
+    Refused by name; a strict=False load goes on, warn_model_state_first saying what it skipped."""
+    if not prefix and _loading_strictly():
+        saved_under = _saved_under_parametrizations(module, state_dict)
+        if saved_under:
+            raise TrainingError(_model_state_first(saved_under))
+
+
+def warn_model_state_first(module: torch.nn.Module, incompatible) -> None:
+    """A load_state_dict post-hook on the session's model: with strict=False (transformers' Trainer loads that
+    way) a checkpoint's model state loaded before session.load_state_dict skipped the weights saved under masks and
+    quantizers, unsaid (a strict load is refused before it starts: refuse_model_state_first)."""
     saved_under = [k for k in incompatible.unexpected_keys if ".parametrizations." in k]
     if saved_under:
-        warnings.warn(
-            f"model.load_state_dict: the checkpoint holds weights under masks and quantizers the model has not "
-            f"attached yet ({saved_under[0]}, {len(saved_under)} such keys): call session.load_state_dict(state) "
-            "first (it rebuilds them at the saved step), then model.load_state_dict, then optimizer.load_state_dict",
-            RuntimeWarning, stacklevel=4)
+        warnings.warn(_model_state_first(saved_under), RuntimeWarning, stacklevel=4)
 
 
 def refuse_optimizer_state_first(optimizer: torch.optim.Optimizer, state: dict) -> None:

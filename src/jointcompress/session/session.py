@@ -35,8 +35,8 @@ from . import terms as _terms
 from .outputs import (Batch, call_model, check_scalar_loss, decoder_token_mask, default_task_loss, is_encoder_decoder,
                       logits_of, padding_is_labelled, split_batch)
 from .guards import (NonFiniteWatch, OptimizerOrderWatch, check_fits, check_terms_given, check_terms_have_grad,
-                     check_terms_reach_model, refuse_ddp_forward, refuse_finalized, warn_model_state_first,
-                     session_identity)
+                     check_terms_reach_model, refuse_ddp_forward, refuse_finalized, refuse_model_state_first,
+                     session_identity, warn_model_state_first)
 from .loss_scale import LossScale
 from .schedule import apply_events, event_steps
 from .sync import Sync
@@ -71,6 +71,7 @@ class CompressionSession:
         self._warned_no_after = False
         self._warned_no_before = False
         self._backward_at: int | None = None  # the step of the last session.backward
+        self._last_terms: tuple[int, list] | None = None  # the step and terms (weak) of the last session.backward
         self._warned_no_backward = False
         self._warned_padding = False  # labels counted where the attention_mask is 0 (said once)
         self._gradients_checked = False  # the first before_step checks they reached the session's model
@@ -86,6 +87,7 @@ class CompressionSession:
         self.on_restructure: list[Callable[[], None]] = []  # after attach/freeze events (rollback snapshots)
         self._ddp_guard = model.register_forward_pre_hook(refuse_ddp_forward)  # a wrapper added after prepare()
         self._load_guard = model.register_load_state_dict_post_hook(warn_model_state_first)
+        self._load_refusal = model.register_load_state_dict_pre_hook(refuse_model_state_first)
 
     # -- start -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -416,6 +418,7 @@ class CompressionSession:
             refuse_finalized("backward", self.step)
         check_terms_given(terms)
         check_terms_have_grad(terms, self.model)
+        self._refuse_terms_again(terms)
         if not self._terms_checked:  # once: a walk over the first step's graph
             self._terms_checked = True
             check_terms_reach_model(terms, PRIMARY, self.model)
@@ -427,6 +430,20 @@ class CompressionSession:
         self.sync.grads(self.coordinator.params)
         self.coordinator.note_gradients(self.step)
         return stats
+
+    def _refuse_terms_again(self, terms: dict[str, torch.Tensor]) -> None:
+        """The same terms given to backward twice in a step (a copied line in a loop): on a measured step the
+        coordination keeps their graph, so the second call added every gradient again, unsaid (torch refuses a
+        second backward only where the graph was freed). Held by weak reference: the graph is not kept alive."""
+        given = list(terms.values())
+        if self._last_terms is not None and self._last_terms[0] == self.step:
+            earlier = [ref() for ref in self._last_terms[1]]
+            if any(any(t is e for e in earlier) for t in given):
+                raise TrainingError(
+                    f"session.backward at step {self.step}: these terms went through backward already; their "
+                    "gradients would be added twice. Call session.backward once per session.loss (under "
+                    "gradient accumulation each micro-batch's own terms)")
+        self._last_terms = (self.step, [weakref.ref(t) for t in given])
 
     def settle_gradients(self) -> None:
         """The measured step's micro-batches, and under torchrun the ranks' batches, resolved together,
@@ -466,6 +483,15 @@ class CompressionSession:
         loss.backward() skips the coordination (pcgrad acts on nothing) and, under torchrun, the ranks' averaging
         (each rank trains its own weights); a loss of another model (a Trainer or loop given a copy of it) trained
         that one, and finalize then baked this one, untrained and uncompressed, with no word."""
+        if not self._gradients_checked:  # first: with no gradient at all, the warning below would mislead
+            self._gradients_checked = True
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            if trainable and all(p.grad is None for p in trainable):
+                raise TrainingError(
+                    f"session.before_step() at step {self.step}: no weight of the model prepare() was given has a "
+                    "gradient. The loss was computed with another model (train the very model passed to prepare(), "
+                    "session.model: not a copy, and give it to the Trainer), or before_step ran before "
+                    "session.backward(terms)")
         # a backward one step back with after_step between (said at after_step): the order's, not a plain backward
         out_of_order = self._warned_no_before and self._backward_at == self.step - 1
         if self._backward_at != self.step and not self._warned_no_backward and not out_of_order:
@@ -474,15 +500,6 @@ class CompressionSession:
                           f"a plain loss.backward() skips the coordination ('{self.recipe.coordination.strategy}') and, "
                           "under torchrun, the averaging of the ranks' gradients; call session.backward(terms) with "
                           "the terms session.loss returned", RuntimeWarning, stacklevel=3)
-        if self._gradients_checked:
-            return
-        self._gradients_checked = True
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        if trainable and all(p.grad is None for p in trainable):
-            raise TrainingError(
-                f"session.before_step() at step {self.step}: no weight of the model prepare() was given has a gradient. "
-                "The loss was computed with another model (train the very model passed to prepare(), session.model: "
-                "not a copy, and give it to the Trainer), or before_step ran before session.backward(terms)")
 
     def after_step(self, prepare_next: bool = True) -> None:
         """Right after optimizer.step(): techniques act on the new weights; the step
@@ -592,6 +609,7 @@ class CompressionSession:
                 t.remove_hooks()
         self._ddp_guard.remove()
         self._load_guard.remove()
+        self._load_refusal.remove()
         self.step_order.remove()
 
     def finalize(self, example_inputs=None):
