@@ -312,3 +312,25 @@ def test_structured_pruning_leaves_the_channels_of_a_tied_layer_and_keeps_the_ti
     session = train_in_own_loop(model, recipe, ids, torch.randint(0, 50, (64, 6)))
     session.finalize(ids[:2])
     assert model.head.weight is model.emb.weight and model.fc1.out_features == 16 and model.fc2.out_features == 32
+
+
+def test_a_tied_weight_is_refused_once_for_every_technique_that_selects_it():
+    """Refused a technique at a time: a user who added the tied layer to prune_unstructured's exclude met the same
+    refusal from quant_lsq next."""
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.body = nn.Embedding(50, 16), nn.Linear(16, 16)
+            self.head = nn.Linear(16, 50, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.body(self.emb(ids))))
+
+    recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5}, {"type": "quant_lsq", "bits": 4}]}
+    with pytest.raises(RecipeError, match=r"layer 'head' shares its weight with 'emb'.*Add 'head' to exclude in "
+                                          r"techniques\[0\] \(prune_unstructured\) and techniques\[1\] \(quant_lsq\)"):
+        jointcompress.prepare(TiedLM(), recipe, total_steps=4)
+    for t in recipe["techniques"]:
+        t["exclude"] = ["head"]
+    jointcompress.prepare(TiedLM(), recipe, total_steps=4)  # as the refusal said: accepted

@@ -222,6 +222,7 @@ def check_targets(model: nn.Module, recipe: Recipe, hint: bool = True) -> None:
     if said and any(hasattr(cfg, "targets") for cfg in recipe.techniques):
         warnings.warn(said[2:], stacklevel=3)
 
+    refuse_tied_weights(model, recipe)
     claimed: dict[tuple[str, str], int] = {}  # (technique kind, layer) -> the entry that selects it
     for i, cfg in enumerate(recipe.techniques):
         if not hasattr(cfg, "targets"):
@@ -256,6 +257,30 @@ def _warn_unmatched_patterns(model: nn.Module, cfg, i: int) -> None:
                           f"names, such as {names[-1]!r} (`jointcompress dry-run` lists them)", stacklevel=4)
 
 
+def refuse_tied_weights(model: nn.Module, recipe) -> None:
+    """Layers whose weight is one Parameter with another module's (an embedding tied to its output layer, a
+    layer reused by assignment): finalize bakes the compressed weight into that Parameter, changing the other
+    module too. Said once for every technique that selects one: refused a technique at a time, a user who
+    added the layer to one exclude met the same refusal from the next technique."""
+    from .session.checks import tied_both_ways
+    from .techniques.base import selected_layers
+
+    tied = tied_both_ways(model)
+    found: dict[str, list[str]] = {}  # tied layer -> the techniques that select it
+    for i, cfg in enumerate(recipe.techniques):
+        if tied and hasattr(cfg, "targets"):
+            for name in selected_layers(model, cfg):
+                if name in tied:
+                    found.setdefault(name, []).append(f"techniques[{i}] ({cfg.type})")
+    if found:
+        name = next(iter(found))
+        every = sorted({w for ws in found.values() for w in ws}, key=lambda w: int(w.split("]")[0].split("[")[1]))
+        raise RecipeError(
+            f"layer '{name}' shares its weight with '{tied[name]}' (one Parameter in two places, e.g. an embedding "
+            f"tied to its output layer); compressing it would change '{tied[name]}' too when finalize bakes the "
+            f"weight. Add {' and '.join(repr(n) for n in found)} to exclude in {' and '.join(every)}")
+
+
 def _refuse_shared_biases(model: nn.Module, selected: dict, where: str) -> None:
     """A bias shared by two layers (`b.bias = a.bias`): the techniques mask and round a compressed
     layer's bias, and finalize writes that into the one Parameter, so the other layer changes too
@@ -276,27 +301,19 @@ def _refuse_shared_biases(model: nn.Module, selected: dict, where: str) -> None:
 
 
 def check_layers(model: nn.Module, cfg, i: int) -> None:
-    """Layers a technique would select but cannot compress correctly: a weight tied to another
-    module (finalize would change both), transformers' Conv1D (GPT-2; not a Linear), a weight
+    """Layers a technique would select but cannot compress correctly (a weight tied to another module:
+    refuse_tied_weights, for every technique at once), transformers' Conv1D (GPT-2; not a Linear), a weight
     another library parametrizes or that is not float32 (session.checks.weight_problem)."""
     from .graph import matches
-    from .session.checks import is_conv1d, tied_both_ways, weight_problem
+    from .session.checks import is_conv1d, weight_problem
     from .techniques.base import selected_layers
 
     where = f"techniques[{i}] ({cfg.type})"
-    tied = tied_both_ways(model)
     selected = selected_layers(model, cfg)
     for name, layer in selected.items():
         problem = weight_problem(layer)
         if problem is not None:
             raise UnsupportedModelError(f"{where}: layer '{name}' cannot be compressed as it is: {problem}")
-        if name in tied:
-            other = tied[name]
-            raise RecipeError(
-                f"{where}: layer '{name}' shares its weight with '{other}' (a tied weight, as an embedding and its output layer); compressing it would "
-                f"change '{other}' too when finalize bakes the weight. Add '{name}'"
-                + (f" and '{other}'" if other in selected else "") + " to exclude"
-            )
     _refuse_shared_biases(model, selected, where)
     _check_named_layers(cfg, selected, where)
     conv1d = [n for n, m in model.named_modules() if is_conv1d(m) and matches(n, cfg.targets) and not matches(n, cfg.exclude)]
