@@ -253,3 +253,40 @@ def test_an_expanded_buffer_is_refused_before_training():
     with pytest.raises(RecipeError, match="'offset' is an expanded view"):
         prepare(Offset(), recipe, total_steps=4)
     compress(Offset(persistent=False), recipe, (x, y), lambda m: 0.0)  # never loaded into: it trains as it is
+
+
+class _DenseBlock(nn.Module):
+    """DenseNet-like: concatenations feed a 1x1 convolution whose output a residual add ties to them, so that
+    conv `c3`'s 48 outputs fall in three channel groups."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.c1 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.c2, self.c3 = nn.Conv2d(32, 16, 3, padding=1), nn.Conv2d(48, 48, 1)
+        self.head = nn.Linear(48, 4)
+
+    def forward(self, x):
+        x0 = torch.relu(self.stem(x))
+        x01 = torch.cat([x0, torch.relu(self.c1(x0))], 1)
+        x3 = torch.cat([x01, torch.relu(self.c2(x01))], 1)
+        return self.head((torch.relu(self.c3(x3)) + x3).mean((2, 3)))
+
+
+def test_a_layer_whose_outputs_several_channel_groups_share_keeps_one_step_per_kept_channel(tmp_path):
+    """Channels and per-channel steps together: `c3`'s steps were trimmed a group at a time, each group's indices
+    read against steps an earlier group had shortened, and finalize failed after training (32 steps for 24 kept
+    channels; with no bias, save refused the spec instead)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    recipe = {"techniques": [{"type": "prune_structured", "sparsity": 0.5, "end": 0.5},
+                             {"type": "quant_lsq", "bits": 8}]}
+    model = _DenseBlock()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = train_in_own_loop(model, recipe, x, y, steps=4).finalize(x[:2])
+    assert model.c3.out_channels < 48 and spec.layers["c3"].scale.numel() == model.c3.out_channels
+    with torch.no_grad():
+        finalized = model.eval()(x)
+    save(model, spec, tmp_path / "a", builder=_DenseBlock, example_inputs=x[:2])
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "a", _DenseBlock)(x), finalized)
