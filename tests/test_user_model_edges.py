@@ -290,3 +290,17 @@ def test_a_layer_whose_outputs_several_channel_groups_share_keeps_one_step_per_k
     save(model, spec, tmp_path / "a", builder=_DenseBlock, example_inputs=x[:2])
     with torch.no_grad():
         assert torch.equal(load(tmp_path / "a", _DenseBlock)(x), finalized)
+
+
+def test_a_torchscript_model_is_refused_naming_the_eager_module():
+    """compress() of a torch.jit.script'ed model failed in a check with "'OrderedDictWrapper' object has no
+    attribute 'get'"; prepare() too."""
+    from jointcompress import prepare
+
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2)))
+    x, y = torch.randn(8, 6), torch.randint(0, 2, (8,))
+    recipe = {"techniques": [{"type": "quant_lsq", "bits": 4}], "training": {"epochs": 1}}
+    with pytest.raises(UnsupportedModelError, match="TorchScript module .*Pass the nn.Module it was made from"):
+        compress(scripted, recipe, (x, y), lambda m: {"accuracy": 0.0})
+    with pytest.raises(UnsupportedModelError, match="TorchScript module"):
+        prepare(scripted, recipe, total_steps=2)

@@ -19,7 +19,7 @@ from .errors import DataError, RecipeError, UnsupportedModelError
 from .io import run_lock
 from .joint_form import as_joint_form
 from .layer_types import COMPRESSIBLE
-from .session.checks import check_model_tensors, check_teacher, non_tensor_message, non_tensor_state
+from .session.checks import check_model_tensors, check_teacher, non_tensor_message, non_tensor_state, refuse_scripted
 from .data import EVALUATOR_SAMPLE
 from .model_call import evaluating, model_device
 from .session.outputs import LABEL_KEYS, call_model, describe, first_rows, split_batch
@@ -620,6 +620,7 @@ def _warn_size_missed(model: nn.Module, example, goal: float | None) -> None:
 def _checked_inputs(model: nn.Module, teacher: nn.Module | None, recipe: Recipe, train_data, dist):
     """(loader, example inputs) once the model, the teacher, the targets and the data passed their checks:
     whatever would fail later, deep inside training, fails here with a message that names the fix."""
+    refuse_scripted(model)
     check_teacher(model, teacher)
     check_model_tensors(model)
     extra = non_tensor_state(model)

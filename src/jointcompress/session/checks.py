@@ -109,6 +109,18 @@ def unsized_lazy(model: nn.Module) -> list[str]:
     return [n for n, t in (*model.named_parameters(), *model.named_buffers()) if is_lazy(t)]
 
 
+def refuse_scripted(model: nn.Module) -> None:
+    """A TorchScript module (torch.jit.script or trace) has no eager forward to hook nor layers to parametrize:
+    the checks failed on its wrapped attributes ("'OrderedDictWrapper' object has no attribute 'get'")."""
+    if isinstance(model, torch.jit.ScriptModule):
+        from ..errors import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            f"the model is a TorchScript module ({type(model).__name__}, from torch.jit.script or torch.jit.trace): "
+            "the techniques parametrize an eager nn.Module's layers. Pass the nn.Module it was made from, and "
+            "script or trace the compressed model after finalize")
+
+
 def check_model_tensors(model: nn.Module) -> None:
     """Tensors no run can carry, named before training. A buffer or parameter registered as an expanded view
     (stride 0 over several elements, `t.expand(n)`) trained to the end, and then restoring the best epoch's

@@ -7,7 +7,7 @@ from .. import techniques as tech
 from ..errors import RecipeError
 from ..plan import make_plan
 from ..recipe import Recipe, parse_recipe, warn_compresses_nothing, warn_unread_quant_start
-from .checks import check_model_tensors, check_teacher, unsized_lazy
+from .checks import check_model_tensors, check_teacher, refuse_scripted, unsized_lazy
 from .session import CompressionSession, LossFn, explicit_weight_decay
 
 
@@ -83,6 +83,7 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
     check_needs(recipe, teacher, example_inputs)
     refuse_ddp(model)
     model = _dist.unwrap(model)
+    refuse_scripted(model)
     bare_teacher = _dist.unwrap(teacher) if teacher is not None else None
     check_teacher(model, bare_teacher)
     check_model_tensors(model)
