@@ -137,7 +137,10 @@ def logits_of(outputs) -> torch.Tensor:
         if len(tensors) > 1:  # (embedding, logits) trained the embedding as the logits, silently
             shapes = ", ".join(str(list(t.shape[1:])) for t in tensors[:3])
             said_once_per_run(f"model outputs: a {type(outputs).__name__} of {len(tensors)} tensors (per sample "
-                              f"{shapes}); the first is read as the logits; where they are another, return them first "
+                              f"{shapes}); the first is read as the logits, and the others get no task loss and no "
+                              "distillation: a second head drifts as the layers it shares are compressed. Distil it "
+                              "too with distill_kd.features (a pair naming the head's module in student and teacher, "
+                              "e.g. {student: aux, teacher: aux}) or give a loss_fn that covers it; where the logits are another output, return them first "
                               "(or a dict with 'logits')")
     if not isinstance(logits, torch.Tensor):
         raise DataError(f"model outputs of type {type(outputs).__name__} hold no logits tensor; return a tensor, "
