@@ -1290,6 +1290,10 @@ def test_an_uncompressed_model_at_chance_is_said():
     # a Conv1d model: no .npz layout reaches it as [N, C, L], and "give the data it was written for" named nothing
     ("nn.Sequential(nn.Conv1d(8, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(24, 10))",
      ["A Conv1d model takes [N, C, L]", "forward begin with x.squeeze(1)"], []),
+    # a model of token ids: every .npz is read as standardised floats, and "give token ids as x.long()" asked for
+    # what the file already held
+    ("nn.Sequential(nn.Embedding(100, 4), nn.Flatten(), nn.Linear(256, 10))",
+     ["has an embedding, which takes integer token ids", "compress a token model from Python"], ["Give --data"]),
 ])
 def test_a_builder_whose_model_the_run_cannot_train_is_told_what_to_change_in_it(monkeypatch, capsys, tmp_path, body,
                                                                                   said, not_said):

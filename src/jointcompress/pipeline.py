@@ -68,6 +68,8 @@ def _check_takes_the_data(builder: Callable[[], nn.Module], model_name: str, spl
     try:
         outputs = check_data(builder(), split.x_train[:2], (split.x_train, split.y_train), what=f"data {split.name!r}")
     except DataError as exc:
+        if _token_model_on_numbers(builder, split, exc):  # the file's ids standardised as numbers: not the fix it names
+            raise DataError(_token_ids_message(exc, model_name)) from None
         default = ("; 'digits' is the embedded 8x8 digits, read where neither --data nor the recipe's data: names a file"
                    if split.name == "digits" else "")
         raise DataError(f"{exc}. Give --data (or the recipe's data:) that {model_name} was written for{default}"
@@ -79,6 +81,25 @@ def _check_takes_the_data(builder: Callable[[], nn.Module], model_name: str, spl
         raise DataError(f"data {split.name!r}: {cause}. The command line trains {model_name} with that loss on the "
                         "data's labels: make the builder's model return [batch, classes] logits (a loss of your own "
                         "needs the Python API, compress(..., loss_fn=...))") from None
+
+
+def _token_model_on_numbers(builder: Callable[[], nn.Module], split: Split, exc: DataError) -> bool:
+    """A model with an embedding that failed on the standardised floats: refused as floats ("takes integer ids"),
+    or cast to ids by the model itself and out of the table's range."""
+    said = str(exc)
+    return (split.x_train.is_floating_point() and ("takes integer ids" in said or "index out of range" in said)
+            and any(isinstance(m, nn.Embedding) for m in builder().modules()))
+
+
+def _token_ids_message(exc: DataError, model_name: str) -> str:
+    """A model that takes token ids (an embedding first) given an .npz on the command line: the command line reads
+    every .npz as images or a table, standardised to float32 whatever its dtype, so "give token ids as x.long()"
+    asked for what the file already held."""
+    cause = str(exc).split("; the model has an embedding")[0].split("; give inputs of")[0]
+    return (f"{cause}. {model_name} has an embedding, which takes integer token ids, and the command line reads an "
+            ".npz as images or a table of features, standardised to float32 (its integer ids too): compress a "
+            "token model from Python, jointcompress.compress(model, recipe, (x.long(), y), evaluate) (docs/your-model.md), "
+            "or a transformers text model through a recipe's hf: section (docs/transformers.md)")
 
 
 def _signal_hint(builder: Callable[[], nn.Module], split: Split) -> str:
