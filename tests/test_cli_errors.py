@@ -1259,6 +1259,8 @@ def test_a_recipe_name_and_an_out_path_with_brackets_print_as_they_are(tmp_path,
     assert code == 0, text
     assert "run [/bold] v2 [exp1] (lenet300 on digits)" in text and f"artifact in {out / 'artifact'}" in text, text
     assert (out / "summary.json").is_file() and (out / "recipe.yaml").is_file()
+    on_disk = sum(f.stat().st_size for f in (out / "artifact").iterdir())  # the table counts the weights file only
+    assert f"with its manifest {on_disk:,} B" in " ".join(text.split()), text
 
 
 def test_an_uncompressed_model_at_chance_is_said():
