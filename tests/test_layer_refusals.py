@@ -334,3 +334,30 @@ def test_a_tied_weight_is_refused_once_for_every_technique_that_selects_it():
     for t in recipe["techniques"]:
         t["exclude"] = ["head"]
     jointcompress.prepare(TiedLM(), recipe, total_steps=4)  # as the refusal said: accepted
+
+
+class _GroupedThenNormed(nn.Module):
+    """A grouped convolution (groups 4 of 16 inputs) whose channels then meet a depthwise convolution and a
+    channels-last LayerNorm: no group keeps them."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.gconv = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1, groups=4)
+        self.bn, self.dw, self.ln = nn.BatchNorm2d(32), nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.LayerNorm(32)
+        self.pw, self.head = nn.Conv2d(32, 48, 1), nn.Linear(48, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.gconv(torch.relu(self.stem(x)))))
+        x = self.ln(self.dw(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.head(torch.relu(self.pw(x)).mean((2, 3)))
+
+
+def test_a_grouped_convolution_left_out_of_every_group_is_named_as_one():
+    """A grouped convolution whose channels no group kept was said to be "coupled with a layer that is not pruned
+    (e.g. the output layer)", far from the output layer."""
+    from jointcompress.graph import discover_groups
+
+    _, skipped = discover_groups(_GroupedThenNormed(), torch.randn(2, 3, 8, 8))
+    reasons = dict(skipped)
+    assert reasons["gconv"].startswith("a grouped convolution (groups=4)"), reasons
+    assert not any("e.g. the output layer" in r for r in reasons.values()), reasons

@@ -296,10 +296,30 @@ def discover_groups(
                 skipped.append((m.module, f"shares its channels with {name}, which is not pruned: {reason}"))
     grouped = {m.module for g in groups for m in g.out_members()}
     done = {s for s, _ in skipped}
+    tied_in_groups = _grouped_convolutions(model)
     for n, m in model.named_modules():
         if isinstance(m, PRUNABLE_ROOTS) and n not in grouped and n not in done:
-            skipped.append((n, "coupled with a layer that is not pruned (e.g. the output layer)"))
+            skipped.append((n, _not_grouped_reason(n, tied_in_groups)))
     return groups, skipped
+
+
+def _grouped_convolutions(model: nn.Module) -> dict[str, int]:
+    """Convolutions of groups that are neither 1 nor one per input channel (depthwise): their channels are tied
+    in blocks, which the graph does not remove channel by channel, so they and the layers coupled with them stay."""
+    return {n: m.groups for n, m in model.named_modules()
+            if isinstance(m, nn.modules.conv._ConvNd) and 1 < m.groups < m.in_channels}
+
+
+def _not_grouped_reason(name: str, tied_in_groups: dict[str, int]) -> str:
+    """Why a layer in no channel group stays whole: it is a grouped convolution, or coupled with one or with the
+    output layer (a grouped convolution far from the output was said to be "e.g. the output layer")."""
+    if name in tied_in_groups:
+        return (f"a grouped convolution (groups={tied_in_groups[name]}): its channels are tied in blocks the pruning "
+                "does not remove channel by channel, so it and the layers coupled with it stay whole")
+    if tied_in_groups:
+        shown = ", ".join(f"'{n}'" for n in list(tied_in_groups)[:3])
+        return f"coupled with a layer that is not pruned (the output layer, or a grouped convolution: {shown})"
+    return "coupled with a layer that is not pruned (e.g. the output layer)"
 
 
 def _selection(model: nn.Module, example_inputs, targets: list[str], exclude: list[str]):
