@@ -169,3 +169,24 @@ def test_the_channel_groups_do_not_depend_on_how_far_a_block_has_faded():
     whole = groups_at(0.0)
     assert any(("block1.c1", "in") in members for members in whole.values())
     assert groups_at(1.0) == whole
+
+
+def test_save_takes_the_example_inputs_finalize_traced_with(tmp_path):
+    """A loop that gave prepare() its example_inputs had to give them to save() again for a model whose channels
+    finalize removed ("save() needs example_inputs to record how to replay the pruning history")."""
+    from jointcompress.artifact import load, save
+    from session_helpers import train_in_own_loop
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(8 * 4 * 4, 3))
+
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 3, (6,))
+    model = build()
+    spec = train_in_own_loop(model, {"techniques": [{"type": "prune_structured", "sparsity": 0.5, "end": 0.5}]},
+                             x, y, steps=3).finalize()
+    assert spec.pruning_history and model[0].out_channels < 8
+    save(model, spec, tmp_path / "a", builder=build)
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "a", build)(x), model.eval()(x))

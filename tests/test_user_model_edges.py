@@ -209,9 +209,13 @@ def test_a_model_of_lazy_layers_compresses_and_its_own_builder_loads_the_artifac
         assert torch.equal(load(tmp_path / "a", _Lazy)(x), finalized)
     with pytest.raises(RecipeError, match="'fc1.weight' belongs to a lazy layer that is not sized yet.*example_inputs"):
         prepare(_Lazy(), recipe, total_steps=4)
-    save(model, spec, tmp_path / "b")  # no example inputs recorded: said at load, with the way to record them
+    save(model, spec, tmp_path / "b")  # finalize's batch recorded: save needs none of its own
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "b", _Lazy)(x), finalized)
+    spec.example_inputs = None  # a spec finalized without example inputs: said at load, with the way to record them
+    save(model, spec, tmp_path / "c")
     with pytest.raises(ArtifactError, match="lazy layers not sized yet .*save with example_inputs"):
-        load(tmp_path / "b", _Lazy)
+        load(tmp_path / "c", _Lazy)
 
 
 def test_load_makes_the_recorded_example_inputs_only_where_it_needs_them(tmp_path, monkeypatch):

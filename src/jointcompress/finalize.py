@@ -166,7 +166,7 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None, 
         _warn_nonfinite(model)
     spec = _with_prior_structure(prior_structure(model), dropped)  # a model finalized or loaded before: its structure first
     spec.layers, spec.recipe = specs, recipe
-    spec.folded_norms = folded
+    spec.folded_norms, spec.example_inputs = folded, example_inputs
     spec.strides = {**spec.strides, **raised_strides(model)}
     todo = {name: (g, drop) for name, (g, drop) in plan.items() if drop}
     if todo:

@@ -57,6 +57,9 @@ class CompressionSpec:
     # BatchNorm layers stored as their inference affine (quant_lsq.norm_format: fp16_folded): exact in
     # evaluation, but without the training state another run would start from
     folded_norms: list[str] = field(default_factory=list)
+    # the batch finalize traced the model with (not stored): save() records its shapes where it is given none, so
+    # a loop that gave prepare() its example_inputs need not give them to save() again
+    example_inputs: Any = field(default=None, repr=False, compare=False)
 
     def structure(self) -> dict:
         """What rebuilds the architecture from the builder's model: PRIOR_STRUCTURE's dict, the

@@ -337,7 +337,7 @@ def save(
     """Write the artifact directory `path` and return its manifest.
 
     `example_inputs` fixes the input shape used to replay the pruning history at load time
-    (required when the spec has a pruning history) and to size a builder's lazy layers (nn.LazyLinear,
+    (required when the spec has a pruning history; default: the batch finalize traced with) and to size a builder's lazy layers (nn.LazyLinear,
     ...) there. With a `builder`, the replay is checked
     now against `model`, so an artifact that could not be loaded is never written.
     `entropy` codes each packed part with zstd or ans where that makes it smaller.
@@ -362,6 +362,7 @@ def save(
         raise ArtifactError(f"{path}: an artifact is a folder (the weights file and manifest.json go inside), and "
                             f"{existing} is a file; give a folder path that is not one")
     history = _history_json(spec.pruning_history or [])
+    example_inputs = spec.example_inputs if example_inputs is None else example_inputs  # finalize's batch
     if history and example_inputs is None:
         raise ArtifactError(f"{path}: save() needs example_inputs to record how to replay the pruning history")
     dropped = [str(n) for n in getattr(spec, "dropped_blocks", [])]
