@@ -90,7 +90,7 @@ def _logits_first(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
 
 def _export(kind: str, model: nn.Module, example_input: torch.Tensor, tmp: Path) -> None:
     if kind == "legacy":
-        with _onnx_log_quiet():
+        with onnx_log_quiet():
             torch.onnx.export(model, (example_input,), str(tmp), dynamo=False, opset_version=OPSET,
                               input_names=["input"], output_names=["logits"],
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
@@ -102,7 +102,7 @@ def _export(kind: str, model: nn.Module, example_input: torch.Tensor, tmp: Path)
 
 
 @contextlib.contextmanager
-def _onnx_log_quiet():
+def onnx_log_quiet():
     """The legacy exporter turns its ONNX log on whatever the caller asked (torch 2.13 reads the flag's getter,
     not its value), and a graph it cannot export is printed whole to stdout ("Torch IR graph at exception")
     before the dynamo exporter, tried next, succeeds: a user read a failure of a model that exported fine.

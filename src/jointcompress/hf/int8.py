@@ -107,11 +107,14 @@ def export_onnx(model: nn.Module, path: str | Path, seq_len: int = 64, token_typ
     model.config._attn_implementation = "eager"  # sdpa's mask path traces poorly
     names = list(INPUT_NAMES) + (["token_type_ids"] if token_types else [])
     example = tuple(torch.ones(2, seq_len, dtype=torch.long) for _ in names)
-    torch.onnx.export(
-        _LogitsOnly(model), example, str(path), input_names=names, output_names=["logits"],
-        dynamic_axes={**{name: {0: "batch"} for name in names}, "logits": {0: "batch"}},
-        opset_version=17, dynamo=False,
-    )
+    from jointcompress.deploy.onnx_export import onnx_log_quiet
+
+    with onnx_log_quiet():  # the legacy exporter left torch's ONNX log on: a later export printed its whole graph
+        torch.onnx.export(
+            _LogitsOnly(model), example, str(path), input_names=names, output_names=["logits"],
+            dynamic_axes={**{name: {0: "batch"} for name in names}, "logits": {0: "batch"}},
+            opset_version=17, dynamo=False,
+        )
     untranspose_gemm_weights(path)
     return path
 
