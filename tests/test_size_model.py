@@ -62,3 +62,21 @@ def test_unreachable_target_names_its_floors_in_bytes():
     msg = str(err.value)
     assert "fc1 keeps 4,000 of 400,000 weights = " in msg and " B" in msg and "scales " in msg
     assert "prune_unstructured.min_keep" in msg
+
+
+def test_a_width_the_user_wrote_moved_by_the_allocator_is_said():
+    """quant_lsq.bits 2 under a target that even the unpruned 2-bit model undershoots trained at a wider width, and
+    only the table's bits column said so; a width left at its default moves without a word."""
+    import warnings
+
+    def recipe(bits):
+        quant = {"type": "quant_lsq", **({"bits": bits} if bits else {})}
+        return parse_recipe({"model": "lenet5", "target": {"ratio": 12}, "techniques": [
+            {"type": "prune_unstructured", "end": 0.5}, quant]})
+
+    with pytest.warns(UserWarning, match=r"quant_lsq.bits 2 is raised to [3-8]: even the model without pruning"):
+        alloc = allocate_size(LeNet5(), recipe(2), torch.randn(2, 1, 28, 28))
+    assert min(alloc.bits.values()) > 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        allocate_size(LeNet5(), recipe(None), torch.randn(2, 1, 28, 28))

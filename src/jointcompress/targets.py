@@ -287,6 +287,7 @@ def allocate_size(model: nn.Module, recipe: Recipe, example_inputs, scan: dict |
     dense = {n: 0.0 for n in players}
     sparsest = {n: 1.0 - floor[n] for n in players}
     bits = choose_bits(cand, base_bits, sparsest, dense, goal)
+    _say_bits_moved(base_bits, bits, "bits" in quant.model_fields_set and not scan, goal)
     sparsity, size = fit_global(cand, weights, floor, bits, goal * (1 - MARGIN))
     sparsity.update({n: 0.0 for n in selected_layers(model, prune) if n not in sparsity})  # stored fp32 anyway
     if size < goal * (1 - TOLERANCE):
@@ -300,6 +301,21 @@ def sparsity_at_quant_start(quant_start, prune_window: tuple, schedule: str) -> 
     """The share of its target sparsity a layer has when LSQ starts (and sets its step); in
     fractions of the run before training, in steps during it."""
     return ramp(1.0, progress(quant_start, *prune_window), schedule)
+
+
+def _say_bits_moved(asked: dict[str, int], chosen: dict[str, int], set_by_user: bool, goal: float) -> None:
+    """quant_lsq.bits the user wrote, moved by the allocator (choose_bits): a 2-bit recipe under a target that
+    even its dense model undershoots trained at 6 bits, and only the table's bits column said so."""
+    moved = sorted({(asked[n], chosen[n]) for n in asked if asked[n] != chosen[n]})
+    if not set_by_user or not moved:
+        return
+    was, now = moved[0]
+    why = ("even the model without pruning at that width is smaller than the target, so the bytes are spent on wider "
+           "values, sparsity filling the rest" if now > was else
+           "even the sparsest model the recipe allows at that width is larger than the target")
+    warnings.warn(f"target: quant_lsq.bits {was} is {'raised' if now > was else 'lowered'} to {now}: {why} "
+                  f"({goal:,.0f} B); mode: joint keeps the width as written (or give a "
+                  f"{'smaller' if now > was else 'larger'} target)", stacklevel=4)
 
 
 def choose_bits(cand: Candidate, base: dict[str, int], sparsest: dict, dense: dict, goal: float) -> dict[str, int]:
