@@ -69,6 +69,9 @@ def test_bad_recipe(tmp_path, monkeypatch, capsys, text, words):
     ("model: lenet300\ndata: digits\ntechniques: [{type: quant_lsq, targets: ['conv*']}]\n", 2,
      ["select no layer of the model"], ()),
     ("model: lenet300\ndata: digits\ntechniques: [{type: quant_lsq}]\n", 0, ["ok", "checked on the untrained model"], ()),
+    # one sample a micro-batch under BatchNorm: compress refused it only after its model had trained
+    ("model: resnet\ndata: digits\ntraining: {batch_size: 4, micro_batches: 4}\ntechniques: [{type: quant_lsq}]\n", 2,
+     ["training.micro_batches: 4 parts of a batch of 4 samples", "BatchNorm"], ()),
     # a target out of reach of the model as built is refused, as compress refuses it (validate said ok, exit 0) ...
     ("model: lenet300\ndata: digits\nmode: sequential\ntarget: {size_kb: 1.0}\n"
      "techniques: [{type: prune_unstructured}, {type: quant_lsq, bits: 4}]\n", 2,

@@ -397,11 +397,13 @@ def _refuse_before_training(builder, recipe, split, timed: bool = True, said: li
     from .api import check_data, check_targets, validation_held_out
     from .session.prepare import prepare
     from .targets import NOTHING_COMPRESSED, NOTHING_TRAINED
+    from .training.micro_batches import check_parts
 
     latency = recipe.target is not None and recipe.target.is_latency
     note = NOTHING_COMPRESSED if given else NOTHING_TRAINED  # said under a refusal
     model = builder()
     check_data(model, split.x_train[:2], (split.x_train, split.y_train))  # named as the data, as the run names it
+    check_parts(model, recipe.training)  # one sample a part under BatchNorm: refused after the teacher trained
     steps = max(1, len(split.x_train) // recipe.training.batch_size) * recipe.training.epochs
     with warnings.catch_warnings(record=True) as caught, validation_held_out():  # the run holds them out
         warnings.simplefilter("always" if said is not None and not latency else "ignore")
