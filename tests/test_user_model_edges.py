@@ -56,7 +56,8 @@ def test_pruning_a_layer_that_is_not_quantized_warns_that_the_file_keeps_it_dens
     torch.manual_seed(0)
     x = torch.randn(16, 8)
     for recipe, expected in (([{"type": "prune_unstructured", "sparsity": 0.9, "end": 0.5}], 2),
-                             ([{"type": "prune_unstructured", "sparsity": 0.9, "end": 0.5}, {"type": "quant_lsq", "bits": 4}], 0)):
+                             ([{"type": "prune_unstructured", "sparsity": 0.9, "end": 0.5}, {"type": "quant_lsq", "bits": 4}], 0),
+                             ([{"type": "prune_unstructured", "sparsity": 0.0}], 0)):  # no zeros: nothing to say
         model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
         session = train_in_own_loop(model, {"techniques": recipe}, x, torch.arange(len(x)) % 4, steps=4)
         with warnings.catch_warnings(record=True) as caught:

@@ -154,8 +154,9 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None, 
     specs = quant_specs(model)
     plan = _structured_plan(model)
     pruned = _unstructured_pruned(model)
-    if warn_empty:
-        _warn_zeros_stored_dense([name for name in pruned if name not in specs])
+    if warn_empty:  # a mask that removed nothing (sparsity 0) left no zeros to store
+        _warn_zeros_stored_dense([name for name in pruned if name not in specs
+                                  and bool((model.get_submodule(name).weight == 0).any())])
     checked = warn_empty and example_inputs is not None  # the user's model: baking must not move its outputs
     trained = _outputs(model, example_inputs) if checked else None
     folded = _remove_reparametrizations(model)
