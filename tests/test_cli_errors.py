@@ -84,6 +84,10 @@ def test_bad_recipe(tmp_path, monkeypatch, capsys, text, words):
     ("model: lenet300\ndata: digits\ntarget: {ratio: 20}\n"
      "techniques: [{type: prune_unstructured, sparsity: 0.9}, {type: quant_lsq, bits: 4}]\n", 0,
      ["warning:", "prune_unstructured.sparsity 0.9 is not used", "ok"], ()),
+    # a pruning window that ends with the run: no step trains the weights that stay (compress said nothing either)
+    ("model: lenet300\ndata: digits\ntechniques: [{type: prune_unstructured, sparsity: 0.9, start: 1.0, end: 1.0}, "
+     "{type: quant_lsq, start: 1.0}]\n", 0,
+     ["warning:", "prune_unstructured.end 1 and quant_lsq.start 1: the masks reach their sparsity", "ok"], ()),
     # distillation alone into a copy of the model compresses nothing (said once, though the setup says it too)
     ("model: lenet300\ndata: digits\ntechniques: [{type: distill_kd}]\n", 0,
      ["warning:", "student is a copy of the teacher", "ok"], ()),

@@ -27,7 +27,7 @@ from .session.teacher import TEACHER_INPUT_ERRORS
 from .training import History, Trainer
 from .training.metrics import evaluated
 from .plan import make_plan
-from .recipe import Recipe, parse_recipe, warn_compresses_nothing, warn_unread_quant_start
+from .recipe import Recipe, parse_recipe, warn_compresses_nothing, warn_no_steps_after, warn_unread_quant_start
 
 
 @dataclass
@@ -479,6 +479,7 @@ def compress(
     _check_run_arguments(recipe, teacher, run_dir, resume)
     warn_validation_unread(recipe)
     warn_unread_quant_start(recipe)
+    warn_no_steps_after(recipe)
     warn_compresses_nothing(recipe)
     if not callable(evaluate):  # else a TypeError after the first epoch's training
         raise RecipeError(f"evaluate is {type(evaluate).__name__}, not a function: pass one that takes the model and "

@@ -836,15 +836,18 @@ def recipe_validate(recipe_path: Path = typer.Argument(..., help="Recipe YAML.")
 
 
 def _say_unused_settings(recipe) -> list[str]:
-    """The settings a size or latency target replaces (prune_unstructured.sparsity beside target.ratio), which
-    compress says when it starts: validate said "ok" and nothing else. Returns what it said."""
+    """The settings a size or latency target replaces (prune_unstructured.sparsity beside target.ratio), and windows
+    that leave no step after them, which compress says when it starts: validate said "ok" and nothing else. Returns
+    what it said."""
     import warnings
 
+    from .recipe import warn_no_steps_after
     from .targets import warn_unused_sparsity
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warn_unused_sparsity(recipe)
+        warn_no_steps_after(recipe)
     for w in caught:
         console.print(f"[yellow]warning:[/yellow] {escape(str(w.message))}")
     return [str(w.message) for w in caught]

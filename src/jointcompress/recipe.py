@@ -797,6 +797,23 @@ def warn_unread_quant_start(recipe: Recipe) -> None:
                       UserWarning, stacklevel=3)
 
 
+def warn_no_steps_after(recipe: Recipe) -> None:
+    """A window that ends with the run (a pruning end of 1.0, quant_lsq.start 1.0): the masks reach their
+    sparsity, or the quantizers attach, at the last step, and no step trains the weights that stay; a recipe
+    so written ran to its end, its accuracy lost, without a word. Not in mode: sequential, whose phases place
+    the windows."""
+    if recipe.mode == "sequential":
+        return
+    late = [f"{t.type}.end {t.end:g}" for t in recipe.techniques
+            if t.type in ("prune_unstructured", "prune_structured") and t.end >= 1.0 and (t.sparsity or 0) > 0]
+    late += [f"quant_lsq.start {t.start:g}" for t in recipe.techniques if t.type == "quant_lsq" and t.start >= 1.0]
+    if late:
+        warnings.warn(f"{' and '.join(late)}: the masks reach their sparsity, or the quantizers attach, at the run's "
+                      "last step, and no step after it trains the weights that stay; end the pruning window earlier "
+                      "(its default end is 0.6) and start quant_lsq before the end (default 0.0)", UserWarning,
+                      stacklevel=3)
+
+
 def compresses_nothing(recipe: Recipe, student_is_copy: bool = False) -> str | None:
     """Why a run of `recipe` would train and compress nothing, or None. No technique and no target; or, where the
     student is a copy of the teacher (the command line's, not a smaller student of your own given to compress()),

@@ -6,7 +6,7 @@ import torch.nn as nn
 from .. import techniques as tech
 from ..errors import RecipeError
 from ..plan import make_plan
-from ..recipe import Recipe, parse_recipe, warn_compresses_nothing, warn_unread_quant_start
+from ..recipe import Recipe, parse_recipe, warn_compresses_nothing, warn_no_steps_after, warn_unread_quant_start
 from .checks import check_model_tensors, check_teacher, refuse_scripted, unsized_lazy
 from .session import CompressionSession, LossFn, explicit_weight_decay
 
@@ -77,6 +77,7 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
     given = parse_recipe(recipe)
     warn_validation_unread(given, reader="prepare()")
     warn_unread_quant_start(given)
+    warn_no_steps_after(given)
     warn_compresses_nothing(given)
     warn_unused_sparsity(given)  # what a size or latency target replaces, as compress() and the CLI say it
     recipe, _ = as_joint_form(given)  # mode: joint under a size target, as compress() trains it
