@@ -156,6 +156,7 @@ def as_loader(train_data, batch_size: int, seed: int, dist: "_dist.DistContext |
         built = torch.utils.data.DataLoader(train_data, batch_size=batch_size, shuffle=True,
                                             generator=torch.Generator().manual_seed(seed))
     if built is not None:
+        _warn_one_batch(len(built.dataset), batch_size)
         if dist is None:
             return built
         _same_data_on_every_rank(train_data, dist, device or torch.device("cpu"))
@@ -182,6 +183,15 @@ def as_loader(train_data, batch_size: int, seed: int, dist: "_dist.DistContext |
                         "(torch.utils.data); each batch then calls model(x1, x2, ...)")
     raise DataError("train_data: pass a DataLoader or a Dataset yielding (x, y[, index]), or a tuple (x, y) of tensors "
                     "(numpy arrays: torch.from_numpy(x).float(), torch.from_numpy(y))")
+
+
+def _warn_one_batch(samples: int, batch_size: int) -> None:
+    """training.batch_size above the training samples: every epoch is one step of all of them (a recipe's
+    100,000 on 1,348 images trained one step in all, without a word)."""
+    if batch_size > samples:
+        warnings.warn(f"training.batch_size {batch_size:,} is more than the {samples:,} training samples: each epoch is "
+                      "one step of all of them, and the pruning ramps and schedules have that many steps to move in; "
+                      "a batch_size of a tenth of the samples or less gives each epoch ten steps or more", stacklevel=4)
 
 
 def first_inputs(loader):
