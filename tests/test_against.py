@@ -82,6 +82,7 @@ def test_a_target_the_narrowest_model_misses_is_refused_before_anything_trains(a
     words = " ".join(str(r.exception).split())
     assert r.exit_code != 0 and "--speedup 1000 (dense PyTorch" in words, r.output
     assert "cannot be met by removing channels: the narrowest model ours may deploy" in words and "before anything trained" in words
+    assert "--drop-blocks and --strides do not apply" in words  # LeNet-5 has neither; the refusal advised both
     assert not teacher.exists()  # the dense model was not trained
 
 

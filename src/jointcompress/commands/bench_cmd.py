@@ -399,8 +399,8 @@ def against_notes(result: dict) -> list[str]:
     if lost > LOST_NOTE_POINTS:  # a collapsed run read as a row like any other, and Torch-Pruning "matched" it
         epochs = result.get("config", {}).get("epochs")
         notes.append(f"[yellow]ours lost {lost:.1f} points of the dense model's accuracy[/yellow]: the target leaves "
-                     f"too few channels for {epochs or 'these'} epochs of training, and Torch-Pruning is matched to that "
-                     "accuracy; give more --epochs or a lower --speedup")
+                     f"too few channels for {epochs or 'these'} epochs of training, and Torch-Pruning is pruned only until its "
+                     "accuracy falls to that one (its rows may stay above it); give more --epochs or a lower --speedup")
     if str(result.get("teacher", "")).startswith("loaded from"):  # compress --weights says the same of its model
         notes.append(f"the dense model was {result['teacher']} (--teacher): if it trained on every training image, it "
                      f"saw those held out here to choose on ({result.get('selected_on', 'the selection images')}), and "

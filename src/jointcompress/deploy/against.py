@@ -407,8 +407,30 @@ def floor_refusal(cfg: AgainstConfig, split, model: nn.Module) -> JointCompressE
                        f"(every channel group at its floor: {', '.join(f'{g} {w}' for g, w in widths.items())}) measured "
                        f"{ms:.3f} ms on ONNX Runtime fp32{' (batch 64, or batch 1 scaled)' if cfg.both_batches else ''}, "
                        f"over the target of {goal:.3f} ms, before anything trained. Ask for less "
-                       f"({'a larger --target-ms' if cfg.target_ms is not None else 'a lower --speedup'}), lower "
-                       "--min-width, or let ours reshape the model (--drop-blocks auto, --strides 1,2)")
+                       f"({'a larger --target-ms' if cfg.target_ms is not None else 'a lower --speedup'}) or lower "
+                       f"--min-width{f' (now {cfg.min_width})' if cfg.min_width is not None else ''}"
+                       f"{_reshape_hint(model, example)}")
+
+
+def _reshape_hint(model: nn.Module, example) -> str:
+    """The reshaping options of bench --against this model has: a refusal of LeNet-5 advised --drop-blocks auto and
+    --strides 1,2, of which it has neither (no residual block; raise_stride cannot stride its stem)."""
+    from ..block_drop import residual_blocks
+    from ..errors import JointCompressError
+    from ..recipe import RaiseStride
+    from ..strides import raise_stride
+
+    options = ["--drop-blocks auto"] if residual_blocks(model, example) else []
+    defaults = RaiseStride(type="raise_stride")
+    try:
+        raise_stride(copy.deepcopy(model), example, defaults.layer, defaults.stride)
+        options.append("--strides 1,2")
+    except JointCompressError:
+        pass
+    if not options:
+        return (" (the model has no residual block to drop and no convolution raise_stride can stride: --drop-blocks "
+                "and --strides do not apply)")
+    return f", or let ours reshape the model ({', '.join(options)})"
 
 
 def importance_for(model: nn.Module, split, example, cfg: AgainstConfig, min_width: int | None = None,
