@@ -327,3 +327,22 @@ def test_the_result_holds_the_kept_epochs_metrics_without_evaluating_again():
     last = {**recipe, "training": {**recipe["training"], "keep": "last"}}
     result = compress(_mlp(), last, (x, y), evaluate)
     assert len(calls) == 3 and result.metrics == {"accuracy": 0.7, "loss": pytest.approx(0.3)}
+
+
+def test_a_recipe_error_names_the_likely_technique_type_and_shows_an_entry_once():
+    """A misspelled type listed the types twice (pydantic's words, then 'Allowed types') with no likely fix; a check
+    of one entry (end before start) repeated the whole entry after its own words, and two targets their keys twice."""
+    from jointcompress.errors import RecipeError
+    from jointcompress.recipe import parse_recipe
+
+    with pytest.raises(RecipeError, match=r"unknown technique type 'quant_lqs' \(did you mean 'quant_lsq'\?\)") as err:
+        parse_recipe({"techniques": [{"type": "quant_lqs"}]})
+    assert str(err.value).count("prune_blocks") == 1
+    with pytest.raises(RecipeError, match="a technique without a type"):
+        parse_recipe({"techniques": [{"bits": 4}]})
+    with pytest.raises(RecipeError) as err:
+        parse_recipe({"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "start": 0.8, "end": 0.2}]})
+    assert "end (0.2) must be >= start (0.8)" in str(err.value) and "(got {" not in str(err.value)
+    with pytest.raises(RecipeError) as err:
+        parse_recipe({"target": {"ratio": 20, "size_kb": 10}, "techniques": [{"type": "quant_lsq"}]})
+    assert str(err.value).count("(got ") == 1

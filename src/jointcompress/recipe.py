@@ -418,6 +418,8 @@ Technique = Annotated[
     Union[PruneUnstructured, PruneStructured, QuantLSQ, DistillKD, PruneHeads, PruneFFN, PruneLayers, PruneBlocks,
           SizeBudget, RaiseStride], Field(discriminator="type")
 ]
+# every technique's `type`, in the union's order (named by a recipe error)
+TECHNIQUE_TYPES = tuple(get_args(c.model_fields["type"].annotation)[0] for c in get_args(get_args(Technique)[0]))
 
 
 class Target(Strict):
@@ -757,15 +759,27 @@ def _format(err: ValidationError, source: str) -> str:
         got = e.get("input")
         if e["type"] == "extra_forbidden":
             lines.append(f"  - {loc}: unknown key; remove it or check its spelling")
-        elif e["type"] == "union_tag_invalid" or e["type"] == "union_tag_not_found":
-            lines.append(
-                f"  - {loc}: {msg}. Allowed types: prune_unstructured, prune_structured, quant_lsq, distill_kd, prune_heads, prune_ffn, prune_layers, "
-                "prune_blocks, size_budget, raise_stride"
-            )
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            lines.append(f"  - {loc}: {_technique_type_error(e)}")
         else:
-            shown = "input" in e and e["loc"]  # a top-level check's input is the whole recipe: not repeated
+            # the input once: not where the message quotes it already, nor the whole entry or recipe a model check read
+            shown = "input" in e and e["loc"] and not isinstance(got, dict) and "(got " not in msg
             lines.append(f"  - {loc}: {msg} (got {got!r})" if shown else f"  - {loc}: {msg}")
     return "\n".join(lines)
+
+
+def _technique_type_error(e: dict) -> str:
+    """A technique's unknown or missing `type`, with the closest type where one is near: pydantic listed the tags
+    and the line repeated them as 'Allowed types', with no word of the likely fix."""
+    import difflib
+
+    tag = (e.get("ctx") or {}).get("tag")
+    listed = ", ".join(TECHNIQUE_TYPES)
+    if e["type"] == "union_tag_not_found" or tag is None:
+        return f"a technique without a type; give each one `type:`, one of {listed}"
+    near = difflib.get_close_matches(str(tag), TECHNIQUE_TYPES, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return f"unknown technique type {tag!r}{hint}; the types are {listed}"
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
