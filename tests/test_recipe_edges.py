@@ -346,3 +346,13 @@ def test_a_recipe_error_names_the_likely_technique_type_and_shows_an_entry_once(
     with pytest.raises(RecipeError) as err:
         parse_recipe({"target": {"ratio": 20, "size_kb": 10}, "techniques": [{"type": "quant_lsq"}]})
     assert str(err.value).count("(got ") == 1
+
+
+def test_more_micro_batches_than_samples_in_a_batch_is_refused():
+    """micro_batches 16 of a batch of 4 on a model without BatchNorm was accepted without a word."""
+    from jointcompress.errors import RecipeError
+    from jointcompress.recipe import parse_recipe
+
+    with pytest.raises(RecipeError, match=r"training: micro_batches \(16\) is more than batch_size \(4\)"):
+        parse_recipe({"techniques": [{"type": "quant_lsq"}], "training": {"batch_size": 4, "micro_batches": 16}})
+    assert parse_recipe({"techniques": [{"type": "quant_lsq"}], "training": {"batch_size": 4, "micro_batches": 4}})

@@ -520,6 +520,15 @@ class Training(Strict):
     # faster than the running averages follow; session/norm_statistics.py). 0: the averages training left
     recalibrate_norms: Annotated[int, Field(ge=0, le=100_000)] = 16
 
+    @model_validator(mode="after")
+    def _parts_hold_samples(self):
+        """More micro-batches than samples in a batch leave parts of no sample (a run was accepted without a
+        word)."""
+        if self.micro_batches > self.batch_size:
+            raise ValueError(f"micro_batches ({self.micro_batches}) is more than batch_size ({self.batch_size}): each part "
+                             "needs a sample; use at most batch_size micro_batches (a larger batch_size takes more)")
+        return self
+
     def metric_rises(self) -> bool:
         """Whether a higher `metric` is better: `greater_is_better`, else read from its name
         (_rises_by_name). A loss read as higher-is-better kept the worst epoch without a word."""
