@@ -276,15 +276,15 @@ def refuse_tied_weights(model: nn.Module, recipe) -> None:
     from .techniques.base import selected_layers
 
     tied = tied_both_ways(model)
-    found: dict[str, list[str]] = {}  # tied layer -> the techniques that select it
+    found: dict[str, None] = {}  # the tied layers some technique selects, in the order met
+    techniques = []  # those techniques, as a refusal names them
     for i, cfg in enumerate(recipe.techniques):
         if tied and hasattr(cfg, "targets"):
-            for name in selected_layers(model, cfg):
-                if name in tied:
-                    found.setdefault(name, []).append(f"techniques[{i}] ({cfg.type})")
+            names = [n for n in selected_layers(model, cfg) if n in tied]
+            found.update(dict.fromkeys(names))
+            techniques += [f"techniques[{i}] ({cfg.type})"] if names else []
     if found:
-        name = next(iter(found))
-        every = sorted({w for ws in found.values() for w in ws}, key=lambda w: int(w.split("]")[0].split("[")[1]))
+        name, every = next(iter(found)), techniques
         raise RecipeError(
             f"layer '{name}' shares its weight with '{tied[name]}' (one Parameter in two places, e.g. an embedding "
             f"tied to its output layer); compressing it would change '{tied[name]}' too when finalize bakes the "
