@@ -337,8 +337,8 @@ def save(
     """Write the artifact directory `path` and return its manifest.
 
     `example_inputs` fixes the input shape used to replay the pruning history at load time
-    (required when the spec has a pruning history; default: the batch finalize traced with) and to size a builder's lazy layers (nn.LazyLinear,
-    ...) there. With a `builder`, the replay is checked
+    (required when the spec has a pruning history; default: the batch finalize traced with) and to size a
+    builder's lazy layers (nn.LazyLinear, ...) there. With a `builder`, the replay is checked
     now against `model`, so an artifact that could not be loaded is never written.
     `entropy` codes each packed part with zstd or ans where that makes it smaller.
     `container`: "jcw" (compact, the default) or "safetensors" (readable by standard tools).

@@ -140,8 +140,8 @@ def logits_of(outputs) -> torch.Tensor:
                               f"{shapes}); the first is read as the logits, and the others get no task loss and no "
                               "distillation: a second head drifts as the layers it shares are compressed. Distil it "
                               "too with distill_kd.features (a pair naming the head's module in student and teacher, "
-                              "e.g. {student: aux, teacher: aux}) or give a loss_fn that covers it; where the logits are another output, return them first "
-                              "(or a dict with 'logits')")
+                              "e.g. {student: aux, teacher: aux}) or give a loss_fn that covers it; where the logits "
+                              "are another output, return them first (or a dict with 'logits')")
     if not isinstance(logits, torch.Tensor):
         raise DataError(f"model outputs of type {type(outputs).__name__} hold no logits tensor; return a tensor, "
                         "a tuple, a dict with 'logits' or a transformers ModelOutput")
