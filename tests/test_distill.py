@@ -285,6 +285,30 @@ def test_the_teacher_cache_checks_its_first_reuse_and_is_not_an_evaluations():
     assert torch.allclose(terms["distill"], expected) and cache.off is not None and cache.logits is None
 
 
+def test_the_teacher_cache_checks_again_every_so_many_reuses():
+    """Checked on the first reuse only, a batch augmented later (now and then: a RandomApply) passed unseen, and
+    the student got another view's cached logits for the rest of the run."""
+    import jointcompress
+
+    student, teacher = _Tagger(0), _Tagger(1)
+    session = jointcompress.prepare(student, {"techniques": [{"type": "distill_kd", "cache_teacher": True}]},
+                                    total_steps=200, teacher=teacher)
+    cache = session.teacher_cache
+    ids, labels, index = torch.randint(1, 30, (4, 6)), torch.randint(0, 5, (4, 6)), torch.arange(4)
+    session.loss(student(ids), (ids, labels, index))  # cached
+    session.loss(student(ids), (ids, labels, index))  # the first reuse, checked: the same views
+    assert cache.checked and cache.off is None
+    other = torch.randint(1, 30, (4, 6))  # an augmented view, met after the first check
+    for _ in range(cache.RECHECK_EVERY - 2):
+        session.loss(student(other), (other, labels, index))
+    assert cache.off is None  # served from the cache between checks
+    with pytest.warns(UserWarning, match=r"cache_teacher: a sample's teacher logits changed between epochs"):
+        terms = session.loss(student(other), (other, labels, index))  # the next check
+    expected = jointcompress.prepare(_Tagger(0), {"techniques": [{"type": "distill_kd"}]}, total_steps=4,
+                                     teacher=teacher).loss(student(other), (other, labels))["distill"]
+    assert torch.allclose(terms["distill"], expected) and cache.off is not None
+
+
 def test_the_teacher_cache_reads_a_narrow_integer_index_and_refuses_a_float_column():
     """A uint8 index column was read by torch as a boolean mask (an IndexError inside the cache), and a float third
     column (per-sample weights) crashed there too."""

@@ -26,6 +26,11 @@ class TeacherCache:
     # the share of the memory the cache may take (a GPU's free memory, or the machine's RAM per process): a
     # causal LM's logits, [tokens, vocabulary] per sample, outgrow any machine long before the data set ends
     MEMORY_SHARE = 0.25
+    # reused batches between two checks of cached logits against a fresh forward (_reused): checked on the first
+    # reuse only, a batch augmented now and then (a RandomApply, a rare per-sample transform) passed that one check
+    # and the student got another view's logits from then on; a fresh forward every this many reuses costs the
+    # cache a few percent of the teacher's work
+    RECHECK_EVERY = 50
 
     def __init__(self, limit_bytes: int | None = None):
         self.limit_bytes = limit_bytes  # None: MEMORY_SHARE of the memory where the logits are
@@ -34,6 +39,7 @@ class TeacherCache:
         self.input_shapes: tuple | None = None  # per-sample shapes of the first cached batch's inputs
         self.off: str | None = None  # why the cache stopped (said once)
         self.checked = False  # the first reuse was checked against a fresh forward (_reused)
+        self.reuses = 0  # batches served from the cache (every RECHECK_EVERY-th is checked again)
 
     def get(self, idx: torch.Tensor) -> torch.Tensor | None:
         if self.logits is None:
@@ -120,7 +126,9 @@ def teacher_logits(teacher, batch: Batch, cache: TeacherCache, use_cache: bool) 
     index = batch.index.long()  # an int32 or uint8 column: torch reads uint8 as a mask, not as indices
     cached = cache.get(index)
     if cached is not None:
-        return cached if cache.checked else _reused(teacher, batch, cache, cached)
+        cache.reuses += 1
+        due = not cache.checked or cache.reuses % cache.RECHECK_EVERY == 0
+        return _reused(teacher, batch, cache, cached) if due else cached
     out = run_teacher(teacher, batch)
     cache.put(index, out)
     if cache.off is not None:  # the cap was reached: said once, the teacher runs on every batch from now on
@@ -129,9 +137,9 @@ def teacher_logits(teacher, batch: Batch, cache: TeacherCache, use_cache: bool) 
 
 
 def _reused(teacher, batch: Batch, cache: TeacherCache, cached: torch.Tensor) -> torch.Tensor:
-    """The first reuse of cached logits, checked once against a fresh forward: a sample whose inputs change
-    from epoch to epoch (random augmentation) got the teacher's logits on the first epoch's view every epoch
-    after it, without a word."""
+    """A reuse of cached logits checked against a fresh forward (the first, and every RECHECK_EVERY-th): a sample
+    whose inputs change from epoch to epoch (random augmentation) got the teacher's logits on the first epoch's view
+    every epoch after it, without a word."""
     fresh = run_teacher(teacher, batch)
     gap = float((fresh.float() - cached.float()).abs().max())
     if gap <= 1e-3 * max(1.0, float(fresh.float().abs().max())):
