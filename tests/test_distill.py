@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from jointcompress import RecipeError, compress
@@ -597,3 +598,31 @@ def test_a_multi_label_classifier_is_refused_the_softmax_distillation():
     jointcompress.prepare(student, {"techniques": [{"type": "distill_kd", "alpha": 0, "features": [
         {"student": "classifier", "teacher": "classifier"}]}]}, total_steps=4, teacher=teacher,
         example_inputs={"input_ids": torch.randint(0, 50, (2, 6))})
+
+
+def test_a_teacher_that_ends_in_a_softmax_is_said_and_a_teacher_tuple_is_said_as_the_teachers():
+    """A teacher returning probabilities was distilled as if they were logits (the KD term halved, the teacher's
+    knowledge flattened) without a word; a teacher returning (logits, hidden) was said to give the model a second
+    head that drifts."""
+    import warnings
+
+    import jointcompress
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    student, base = nn.Linear(6, 3), nn.Linear(6, 3)
+    recipe = {"techniques": [{"type": "distill_kd"}]}
+    with pytest.warns(UserWarning, match=r"teacher: its outputs are probabilities .*without its final softmax"):
+        jointcompress.prepare(student, recipe, total_steps=2, teacher=nn.Sequential(base, nn.Softmax(-1)),
+                              example_inputs=x[:2])
+
+    class WithHidden(nn.Module):
+        def forward(self, inputs):
+            return base(inputs), inputs
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        jointcompress.prepare(nn.Linear(6, 3), recipe, total_steps=2, teacher=WithHidden(), example_inputs=x[:2])
+    texts = [str(w.message) for w in said]
+    assert any(t.startswith("teacher outputs: a tuple of 2 tensors") for t in texts), texts
+    assert not any("second head" in t or "probabilities" in t for t in texts), texts

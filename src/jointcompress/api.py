@@ -424,7 +424,7 @@ def check_teacher_data(teacher: nn.Module, example, model_outputs, alpha: float)
     from .techniques.distill_kd import check_teacher_logits
 
     try:
-        t_logits = logits_of(eval_outputs(teacher, Batch(example).teacher_inputs))
+        t_logits = logits_of(eval_outputs(teacher, Batch(example).teacher_inputs), whose="teacher")
     except TEACHER_INPUT_ERRORS as err:
         raise teacher_cannot_run(example, err) from None
     s_logits = logits_of(model_outputs)
@@ -442,6 +442,19 @@ def check_teacher_data(teacher: nn.Module, example, model_outputs, alpha: float)
                         "the model toward them. Load the teacher's weights again (or the checkpoint before it diverged)")
     if alpha > 0:
         check_teacher_logits(s_logits, t_logits)
+        _warn_probabilities(t_logits)
+
+
+def _warn_probabilities(t_logits: torch.Tensor) -> None:
+    """A teacher that ends in a softmax gives probabilities, which distillation reads as logits: softmax(p / T) of
+    values in [0, 1] is nearly uniform, so the student learned almost nothing from it (the term halved), unsaid."""
+    rows = t_logits.float().flatten(0, -2) if t_logits.dim() > 1 else t_logits.float()[None]
+    ones = torch.ones_like(rows[:, 0])
+    if rows.shape[-1] > 1 and bool((rows >= 0).all()) and torch.allclose(rows.sum(-1), ones, atol=1e-3):
+        warnings.warn("teacher: its outputs are probabilities (each row is non-negative and sums to 1), and distill_kd "
+                      "takes logits: softmax(probabilities / T) is nearly uniform, so little of the teacher is "
+                      "distilled. Give the teacher without its final softmax (its log_softmax works too)",
+                      stacklevel=4)
 
 
 def compress(

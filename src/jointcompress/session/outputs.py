@@ -118,10 +118,10 @@ def _looks_like_ids_mask_labels(first, second, third) -> bool:
             and third.dim() == 1 and bool(((second == 0) | (second == 1)).all()))
 
 
-def logits_of(outputs) -> torch.Tensor:
+def logits_of(outputs, whose: str = "model") -> torch.Tensor:
     """The logits in a model's outputs: the tensor itself, `.logits` of a ModelOutput or dict,
     or the first tensor of a tuple with at least one axis (HF's return_dict=False puts a
-    scalar loss first)."""
+    scalar loss first). `whose`: "teacher" where they are the teacher's (what a tuple is said to mean)."""
     if isinstance(outputs, torch.Tensor):
         return outputs
     logits = getattr(outputs, "logits", None)
@@ -134,7 +134,12 @@ def logits_of(outputs) -> torch.Tensor:
     if logits is None and isinstance(outputs, (tuple, list)):
         tensors = [o for o in outputs if isinstance(o, torch.Tensor) and o.dim() >= 1]
         logits = tensors[0] if tensors else None
-        if len(tensors) > 1:  # (embedding, logits) trained the embedding as the logits, silently
+        if len(tensors) > 1 and whose == "teacher":  # a frozen teacher's other outputs train nothing
+            shapes = ", ".join(str(list(t.shape[1:])) for t in tensors[:3])
+            said_once_per_run(f"teacher outputs: a {type(outputs).__name__} of {len(tensors)} tensors (per sample "
+                              f"{shapes}); the first is read as its logits, which distillation matches; where they "
+                              "are another output, make the teacher return them first (or a dict with 'logits')")
+        elif len(tensors) > 1:  # (embedding, logits) trained the embedding as the logits, silently
             shapes = ", ".join(str(list(t.shape[1:])) for t in tensors[:3])
             said_once_per_run(f"model outputs: a {type(outputs).__name__} of {len(tensors)} tensors (per sample "
                               f"{shapes}); the first is read as the logits, and the others get no task loss and no "

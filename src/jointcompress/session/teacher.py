@@ -110,7 +110,7 @@ def run_teacher(teacher, batch: Batch) -> torch.Tensor:
     from ..model_call import evaluating
 
     with torch.no_grad(), evaluating(teacher):
-        return logits_of(call_model(teacher, decoder_inputs(teacher, batch)))
+        return logits_of(call_model(teacher, decoder_inputs(teacher, batch)), whose="teacher")
 
 
 def teacher_logits(teacher, batch: Batch, cache: TeacherCache, use_cache: bool) -> torch.Tensor:
