@@ -163,6 +163,15 @@ def test_distiller_hidden_projection_gets_gradients():
     assert student_layer_map([1, 3, 5]) == {1: 2, 2: 4, 3: 6}
 
 
+def test_distiller_reads_the_teachers_width_from_its_config():
+    """student_dim alone made no projection (the teacher's width taken to be the student's), and the first call
+    failed on hidden states of 16 and 32 features."""
+    teacher, student = tiny_bert(layers=4, hidden=32), tiny_bert(layers=2, hidden=16, heads=2)
+    dist = Distiller(teacher, hidden_weight=1.0, layer_map={1: 2}, student_dim=16)
+    loss = dist(student, dict(inputs(), labels=torch.tensor([0, 1, 1])))
+    assert math.isfinite(loss.item()) and dist.projs["1"].proj.weight.shape == (32, 16)
+
+
 def test_unit_mask_topk_is_exact_and_keeps_one_per_layer():
     scores = torch.tensor([[5.0, 4.0, 3.0], [-9.0, -8.0, -7.0]])
     m = UnitMask(2, 3, keep=3, init=scores)

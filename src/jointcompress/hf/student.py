@@ -113,8 +113,10 @@ class Distiller(nn.Module):
         self.layer_map = layer_map
         self.projs = nn.ModuleDict()
         if hidden_weight > 0 and layer_map:
-            sd = student_dim or teacher_dim
-            td = teacher_dim or sd
+            # the teacher's width from its config where not given: student_dim alone made no projection, and the
+            # first call failed on hidden states of two widths
+            td = teacher_dim or getattr(getattr(teacher, "config", None), "hidden_size", None) or student_dim
+            sd = student_dim or td
             for s_idx in layer_map:
                 self.projs[str(s_idx)] = HiddenProjection(sd, td)
 
