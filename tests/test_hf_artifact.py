@@ -343,3 +343,24 @@ def test_a_token_classifier_is_saved_and_loaded_as_its_own_class_and_refused_onc
     with pytest.raises(ArtifactError, match="BertForTokenClassification had heads or FFN neurons removed, and only "
                                             "sequence classifiers and .* causal LMs are rebuilt"):
         save_hf_artifact(model, CompressionSpec(), tmp_path / "pruned", ptq_bits=None)
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_before_saving(tmp_path):
+    """Another model's tokenizer (more tokens than the embedding has rows) was saved without a word, and the loaded
+    model's first generate() failed deep in torch with "index out of range in self"; the command line refused it."""
+    from transformers import BertTokenizerFast
+
+    from hf_helpers import tiny_bert
+    from jointcompress.hf.export import export_folder
+    from jointcompress.spec import CompressionSpec
+
+    vocab = tmp_path / "big.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(95)]) + "\n")
+    big = BertTokenizerFast(vocab=str(vocab))
+    model = tiny_bert(layers=1)  # 64 rows
+    for write in (lambda: save_hf_artifact(model, CompressionSpec(), tmp_path / "a", big),
+                  lambda: export_folder(model, big, tmp_path / "f")):
+        with pytest.raises(ArtifactError, match=r"the tokenizer has 100 tokens and the model's embedding table 64 rows"):
+            write()
+    assert not (tmp_path / "a").exists()
+    save_hf_artifact(model, CompressionSpec(), tmp_path / "b", tiny_tokenizer(tmp_path))  # its own: saved

@@ -75,8 +75,24 @@ def _check_plain(model: nn.Module) -> None:
 
     if any(hasattr(m, "parametrizations") for m in model.modules()) or has_training_hooks(model):
         raise ArtifactError(
-            "the model still carries training masks or fake-quantizers; save the model finalize_hf_with_spec returned"
+            "the model still carries training masks or fake-quantizers; save the model finalize made (the spec of "
+            "result.finalize(), session.finalize() or finalize_hf_with_spec goes with it), not a copy taken before"
         )
+
+
+def check_tokenizer_fits(model: nn.Module, tokenizer) -> None:
+    """A tokenizer whose ids run past the model's embedding table (another model's: BERT's 30,522 words beside a
+    48-word model): saved without a word, the first generate() of the loaded folder failed deep in torch with
+    "index out of range in self". Refused before anything is written."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if tokenizer is None or rows is None:
+        return
+    size = len(tokenizer)
+    if size > rows:
+        raise ArtifactError(f"the tokenizer has {size:,} tokens and the model's embedding table {rows:,} rows: its ids "
+                            f"from {rows:,} on index nothing, and the saved model fails on them. Save the tokenizer the "
+                            "model was trained with (its own folder's: AutoTokenizer.from_pretrained(teacher_folder))")
 
 
 def _check_rebuildable(model: nn.Module) -> None:
@@ -165,6 +181,7 @@ def save_hf_artifact(model: nn.Module, spec: CompressionSpec, path: str | os.Pat
 
     _check_plain(model)
     _check_rebuildable(model)
+    check_tokenizer_fits(model, tokenizer)
     model.eval()
     spec = CompressionSpec(layers=dict(spec.layers), recipe=spec.recipe)
     rounded = 0  # weights ptq_bits rounds here (their numel)

@@ -75,6 +75,9 @@ def export_folder(model: nn.Module, tokenizer, out_dir: str | Path, *, remote_co
         )
     if tokenizer is None:
         raise ArtifactError("export needs the tokenizer so pipeline() works; pass the one used for training")
+    from jointcompress.hf.artifact import check_tokenizer_fits
+
+    check_tokenizer_fits(model, tokenizer)
     warn_input_rounding(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
