@@ -592,6 +592,22 @@ def test_a_size_target_chooses_the_heads_and_neurons_kept_and_the_saved_weights_
         run_hf_recipe(recipe(target={"ratio": 4}), tmp_path / "prog", data, teacher_dir, progressive=True)
 
 
+def test_a_size_target_the_unpruned_student_meets_says_no_unit_is_removed(tmp_path):
+    """Quantization alone met the target: the plan kept every head and neuron the recipe's sparsities asked to
+    remove, and only the log's "keeping 16 of 16 heads" told a user who wanted speed."""
+    from jointcompress.hf.pipeline import run_hf_recipe
+
+    teacher_dir = teacher_folder(tmp_path, heads=HEADS, ffn=FFN)
+    data = sst2_folder(tmp_path, seed=1, train_words=8)
+    rec = recipe(epochs=1, target={"ratio": 2})
+    rec["hf"] = {"student_layers": [0, 1], "max_length": 16}
+    with pytest.warns(UserWarning, match=r"under it already, so none is removed \(prune_heads.sparsity 0.5 and "
+                                         r"prune_ffn.sparsity 0.5 only set the proportion.*no speed is gained"):
+        s = run_hf_recipe(rec, tmp_path / "t2", data, teacher_dir, int8=False)
+    t = s["artifact"]["target"]
+    assert t["met"] and t["kept"] == t["total"]
+
+
 def test_the_size_plan_takes_a_target_reachable_only_without_its_margin_and_names_the_units_it_removes(monkeypatch):
     """A target under the aim (1% below it) but over the smallest file was refused with "target 136.9 KiB ...
     still 136.3 KiB", a file under the target; an FFN-only recipe was told "removing heads and FFN neurons", and

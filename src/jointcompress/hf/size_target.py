@@ -163,6 +163,7 @@ def plan(run) -> dict:
             lo, hi = (lo, mid) if planned(mid) <= aim else (mid, hi)
     else:
         hi = 0.0
+        _warn_nothing_removed(units, goal, planned(0.0))
     chosen = sparsities(hi)
     run.recipe = recipe.model_copy(update={"techniques": [
         t.model_copy(update={"sparsity": chosen[t.type]}) if t.type in chosen else t for t in recipe.techniques]})
@@ -170,6 +171,18 @@ def plan(run) -> dict:
             "ratio": target.ratio, "size_kb": target.size_kb, "sparsity": chosen,
             "kept": {t.type: kept_units(ub.layers, ub.units[t.type], t, chosen[t.type])[1] for t in units},
             "total": {t.type: ub.layers * ub.units[t.type] for t in units}}
+
+
+def _warn_nothing_removed(units: list, goal: float, unpruned: float) -> None:
+    """The student meets the target with every head and neuron (quantization and a trimmed vocabulary did it):
+    the plan removed none, though the recipe's sparsities asked for some, and the run was as slow as the teacher's
+    architecture with no word (the log's "keeping 48 of 48 heads" alone)."""
+    asked = [f"{t.type}.sparsity {t.sparsity:g}" for t in units if t.sparsity > 0]
+    if asked:
+        warnings.warn(f"target {_size(goal)}: the student without any head or FFN neuron removed is {_size(unpruned)}, "
+                      f"under it already, so none is removed ({' and '.join(asked)} only set the proportion between "
+                      "them under a target): no speed is gained. For speed, ask for a smaller file (a larger ratio), "
+                      "or remove the target to prune at the recipe's sparsities", stacklevel=3)
 
 
 def _as_saved(run) -> nn.Module:
