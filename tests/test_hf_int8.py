@@ -112,3 +112,20 @@ def test_a_model_whose_heads_were_pruned_before_is_told_what_compresses_it_furth
     with pytest.raises(RecipeError, match=r"different head counts \[2, 1, 4, 2\].*further with prune_layers"):
         jointcompress.prepare(model, {"techniques": [{"type": "prune_heads", "sparsity": 0.5}]}, total_steps=4,
                               example_inputs=data())
+
+
+def test_an_int8_model_that_disagrees_on_many_rows_is_said_though_within_the_logit_tolerance():
+    """Small logits pass the absolute tolerance (1.0): an int8 MiniLM that disagreed with the fp32 student on 9% of
+    the dev rows was printed as "ok" with no word."""
+    from jointcompress.hf.int8 import check_logits
+    from jointcompress.hf.pipeline import _say_low_agreement
+
+    reference = torch.tensor([[0.01, 0.02]] * 10)
+    candidate = reference.clone()
+    candidate[0] = torch.tensor([0.03, 0.0])  # one row of ten flips: 90% agreement, 0.03 apart at most
+    said = []
+    _say_low_agreement(check_logits(reference, candidate, atol=1.0), said.append)
+    assert len(said) == 1 and "differs from the fp32 student's on 10.0% of the dev rows" in said[0]
+    said.clear()
+    _say_low_agreement(check_logits(reference, reference, atol=1.0), said.append)
+    assert not said
