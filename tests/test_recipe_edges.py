@@ -356,3 +356,19 @@ def test_more_micro_batches_than_samples_in_a_batch_is_refused():
     with pytest.raises(RecipeError, match=r"training: micro_batches \(16\) is more than batch_size \(4\)"):
         parse_recipe({"techniques": [{"type": "quant_lsq"}], "training": {"batch_size": 4, "micro_batches": 16}})
     assert parse_recipe({"techniques": [{"type": "quant_lsq"}], "training": {"batch_size": 4, "micro_batches": 4}})
+
+
+def test_an_unknown_key_names_the_likely_one_in_its_own_section():
+    """"hf.max_lenght: unknown key" said nothing of max_length, where a misspelled technique type names its match."""
+    from jointcompress.errors import RecipeError
+    from jointcompress.recipe import parse_recipe
+
+    quant = {"techniques": [{"type": "quant_lsq"}]}
+    for recipe, said in (({"techniques": [{"type": "quant_lsq", "bit": 4}]}, "quant_lsq.bit: unknown key (did you mean 'bits'?)"),
+                         ({**quant, "hf": {"max_lenght": 8}}, "hf.max_lenght: unknown key (did you mean 'max_length'?)"),
+                         ({**quant, "training": {"epoch": 2}}, "training.epoch: unknown key (did you mean 'epochs'?)"),
+                         ({**quant, "trainig": {}}, "trainig: unknown key (did you mean 'training'?)"),
+                         ({**quant, "zzz": 1}, "zzz: unknown key; remove it")):
+        with pytest.raises(RecipeError) as err:
+            parse_recipe(recipe)
+        assert said in str(err.value), str(err.value)

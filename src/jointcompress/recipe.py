@@ -6,6 +6,7 @@ with a message that names the field, the bad value and what is allowed.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import warnings
@@ -767,7 +768,9 @@ def _format(err: ValidationError, source: str) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         got = e.get("input")
         if e["type"] == "extra_forbidden":
-            lines.append(f"  - {loc}: unknown key; remove it or check its spelling")
+            near = difflib.get_close_matches(str(e["loc"][-1]), _fields_at(e["loc"][:-1]), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            lines.append(f"  - {loc}: unknown key{hint}; remove it or check its spelling")
         elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
             lines.append(f"  - {loc}: {_technique_type_error(e)}")
         else:
@@ -777,11 +780,39 @@ def _format(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _fields_at(loc: tuple) -> list[str]:
+    """The keys of the recipe section `loc` names (a technique by its type tag): what an unknown key is compared
+    with for a likely spelling ("hf.max_lenght" said nothing of max_length). Empty where `loc` names no section."""
+    cls: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):  # a list's item: the section is the list's
+            continue
+        if part in TECHNIQUE_TYPES:
+            cls = get_args(get_args(Technique)[0])[TECHNIQUE_TYPES.index(part)]  # TECHNIQUE_TYPES is in the union's order
+            continue
+        field = getattr(cls, "model_fields", {}).get(part)
+        cls = _section_class(field.annotation) if field is not None else None
+        if cls is None:
+            return []
+    return list(getattr(cls, "model_fields", {}))
+
+
+def _section_class(annotation) -> Any:
+    """The pydantic model a field holds (through Optional, list and Annotated), or the technique union's marker."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if annotation is Technique:
+        return Technique  # resolved by the next part of the location, the type tag
+    for arg in get_args(annotation):
+        found = _section_class(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _technique_type_error(e: dict) -> str:
     """A technique's unknown or missing `type`, with the closest type where one is near: pydantic listed the tags
     and the line repeated them as 'Allowed types', with no word of the likely fix."""
-    import difflib
-
     tag = (e.get("ctx") or {}).get("tag")
     listed = ", ".join(TECHNIQUE_TYPES)
     if e["type"] == "union_tag_not_found" or tag is None:
