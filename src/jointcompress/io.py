@@ -359,8 +359,9 @@ def finished_run(path: str | os.PathLike) -> bool:
     return (path / "summary.json").is_file() and (path / "recipe.yaml").is_file()
 
 
-def say_finished(path: Path, console, artifact: str, recipe=None) -> None:
-    """What --resume of a finished run prints in place of running it again (`artifact`: the folder it saved).
+def say_finished(path: Path, console, artifact: str, recipe=None, hf_folder: str | None = None) -> None:
+    """What --resume of a finished run prints in place of running it again (`artifact`: the folder it saved;
+    `hf_folder`: a transformers run's exported model folder, beside it).
     Given the `recipe` this command was asked to run, one that differs from the finished run's recipe.yaml is
     refused by the fields that differ: a job script that edited its recipe and always passed --resume read
     "nothing to continue" and exit status 0, and the new recipe never ran."""
@@ -369,7 +370,9 @@ def say_finished(path: Path, console, artifact: str, recipe=None) -> None:
         raise JointCompressError(f"--resume: the run in {path} has finished with another recipe ({changed}); nothing "
                                  "was run. To run this recipe, pass --force in place of --resume, or another --out")
     console.print(f"--resume: the run in {path} has finished (its summary.json and recipe.yaml are written); nothing "
-                  f"to continue. Its artifact is {path / artifact}; `jointcompress report {path}` shows it. To run it "
+                  f"to continue. Its artifact is {path / artifact}"
+                  f"{f' (the transformers folder {path / hf_folder})' if hf_folder else ''}; "
+                  f"`jointcompress report {path}` shows it. To run it "
                   "again, pass --force in place of --resume", markup=False)
 
 

@@ -314,7 +314,7 @@ def cli_compress(recipe, recipe_path: Path, *, out: Path, data, weights, force: 
                           reads={"--weights": weights, "the recipe": recipe_path})
     if resume and finished_run(out):
         if main_rank:
-            say_finished(out, console, "hf_model", recipe)
+            say_finished(out, console, "artifact", recipe, hf_folder="hf_model")
         return
     with progress_bar() if main_rank else contextlib.nullcontext() as bar:
         summary = run_hf_recipe(
