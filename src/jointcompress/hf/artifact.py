@@ -84,9 +84,13 @@ def check_tokenizer_fits(model: nn.Module, tokenizer) -> None:
     """A tokenizer whose ids run past the model's embedding table (another model's: BERT's 30,522 words beside a
     48-word model): saved without a word, the first generate() of the loaded folder failed deep in torch with
     "index out of range in self". Refused before anything is written."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    rows = getattr(embeddings, "num_embeddings", None)
-    if tokenizer is None or rows is None:
+    if tokenizer is None:
+        return
+    try:
+        rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    except (AttributeError, NotImplementedError):  # a vision model: no token embedding (transformers raises for it)
+        return
+    if rows is None or not hasattr(tokenizer, "__len__"):  # an image processor given as the tokenizer: nothing to index
         return
     size = len(tokenizer)
     if size > rows:
