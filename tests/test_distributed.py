@@ -458,6 +458,38 @@ def test_ranks_given_different_data_all_stop_and_say_so(tmp_path, rows):
     assert all("train_data: the ranks hold different data" in m for m in messages.values()), messages
 
 
+def _other_recipe_worker(rank: int, store: str, own_loop: bool, said) -> None:
+    import torch.distributed as tdist
+
+    import jointcompress
+    from jointcompress import RecipeError, compress
+
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5 + 0.2 * rank}],
+                  "training": {"epochs": 1 + rank, "batch_size": 16}}
+        model, x = torch.nn.Sequential(torch.nn.Linear(8, 2)), torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+        if own_loop:
+            jointcompress.prepare(model, recipe, total_steps=4)
+        else:
+            compress(model, recipe, (x, (x[:, 0] > 0).long()), lambda m: 0.5)
+        said.put((rank, "trained"))
+    except RecipeError as err:
+        said.put((rank, str(err)))
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("own_loop", [False, True], ids=["compress", "prepare"])
+def test_ranks_given_different_recipes_all_stop_and_name_the_fields(tmp_path, own_loop):
+    """A rank given other epochs took other steps and every rank blocked without a word; one given another
+    sparsity trained on, rank 0 saved its artifact and the other died in gloo's "Connection closed by peer"."""
+    messages = _two_ranks_say(_other_recipe_worker, str(tmp_path / "store"), own_loop, timeout=90)
+    for m in messages.values():
+        assert "the ranks run different recipes: rank 1 differs from rank 0 in" in m, messages
+        assert "recipe.techniques[0].sparsity: 0.5 on rank 0, 0.7 now" in m and "recipe.training.epochs" in m, messages
+
+
 def _other_loader_worker(rank: int, store: str, said) -> None:
     import torch.distributed as tdist
     from torch.utils.data import DataLoader, TensorDataset

@@ -109,6 +109,28 @@ def _same_data_on_every_rank(train_data, dist: "_dist.DistContext", device: torc
                         "shard it yourself with a DataLoader and a DistributedSampler")
 
 
+def same_recipe_on_every_rank(recipe: Recipe, dist: "_dist.DistContext | None", device: torch.device,
+                              total_steps: int | None = None) -> None:
+    """Every rank must run one recipe (and, in a loop of one's own, one total_steps): a rank given other epochs took
+    other steps and every rank blocked in a collective with no word (gloo's default: 30 minutes); one given another
+    sparsity trained on, rank 0 saved its own artifact, and the other died in gloo's "Connection closed by peer".
+    Rank 0's is checked on every rank before anything trains; the refusal names the first fields that differ."""
+    from .training.checkpoints import differences
+
+    if dist is None or not torch.distributed.is_initialized():
+        return
+    mine = {"recipe": recipe.model_dump(mode="json"), "total_steps": total_steps}
+    first = dist.broadcast_json(mine, device=device)
+    other = dist.lowest_rank(first != mine, device)
+    if other is None:
+        return
+    theirs = dist.broadcast_json(mine, src=other, device=device)
+    fields = differences(first, theirs, was="on rank 0")
+    raise RecipeError(f"the ranks run different recipes: rank {other} differs from rank 0 in {'; '.join(fields[:3])}"
+                      f"{'; ...' if len(fields) > 3 else ''} (now on rank {other}). Every rank must run the same recipe "
+                      "(and total_steps): give each process the same file and flags")
+
+
 def _same_batch_count(loader, dist: "_dist.DistContext", device: torch.device) -> None:
     """Every rank must take as many steps: a DataLoader whose ranks give other numbers of batches (each rank's own
     DistributedSampler over a data set of another length) ended in gloo's abort ("Received data size doesn't match
@@ -558,6 +580,7 @@ def _compress(model: nn.Module, recipe: Recipe, train_data, evaluate, teacher, p
     new_run()  # the warnings said once a run are said again, once
     model = _dist.unwrap(model)
     teacher = _dist.unwrap(teacher) if teacher is not None else None
+    same_recipe_on_every_rank(recipe, dist, model_device(model))
     loader, example = _checked_inputs(model, teacher, recipe, train_data, dist)
     sample = getattr(evaluate, EVALUATOR_SAMPLE, None)  # data.evaluator's: its images meet the model now
     if isinstance(sample, torch.Tensor):  # a Mock or proxy answers any name with something else
