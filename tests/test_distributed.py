@@ -456,6 +456,7 @@ def test_ranks_given_different_data_all_stop_and_say_so(tmp_path, rows):
     (and the run could never be resumed); with another length the ranks blocked without a word."""
     messages = _two_ranks_say(_other_data_worker, str(tmp_path / "store"), rows, timeout=90)
     assert all("train_data: the ranks hold different data" in m for m in messages.values()), messages
+    assert ("the same shapes with other values" in messages[1]) == (rows == 64), messages  # shapes alike, said how
 
 
 def _other_recipe_worker(rank: int, store: str, own_loop: bool, said) -> None:

@@ -103,8 +103,10 @@ def _same_data_on_every_rank(train_data, dist: "_dist.DistContext", device: torc
     mine = fingerprint(list(train_data)) if isinstance(train_data, (tuple, list)) else [[[len(train_data)]]]
     first = dist.broadcast_json(mine, device=device)
     if dist.any(not same_fingerprint(first, mine), device):
-        raise DataError(f"train_data: the ranks hold different data (rank 0: {_shape_and_count(first)}"
-                        f"{'' if same_fingerprint(first, mine) else f'; rank {dist.rank}: {_shape_and_count(mine)}'}); "
+        shapes = _shape_and_count(mine)
+        here = ("" if same_fingerprint(first, mine) else f"; rank {dist.rank}: {shapes}"
+                + (", the same shapes with other values" if shapes == _shape_and_count(first) else ""))
+        raise DataError(f"train_data: the ranks hold different data (rank 0: {_shape_and_count(first)}{here}); "
                         "the run shards one data set over the ranks, so give every rank the same (x, y) or dataset, or "
                         "shard it yourself with a DataLoader and a DistributedSampler")
 
