@@ -509,6 +509,9 @@ def test_channels_beside_a_size_target_are_refused_and_the_two_runs_it_names_wor
                     "techniques: [{type: prune_unstructured, sparsity: 0.9}, {type: quant_lsq, bits: 4}]\n")
     code, out = _cli(monkeypatch, capsys, "compress", size, "--weights", tmp_path / "o1" / "artifact", "--out", tmp_path / "o2")
     assert not code and "size target: 5.00 KiB" in out, out
+    assert "model no faster" not in out, out  # its channels went in the first run
+    code, alone = _cli(monkeypatch, capsys, "compress", size, "--weights", weights_file, "--out", tmp_path / "o3")
+    assert not code and "the file is smaller, the model no faster" in " ".join(alone.split()), alone  # one run: said
     on_disk = json.loads((tmp_path / "o2" / "artifact" / "manifest.json").read_text())["weights_file_bytes"]
     assert 0.9 * 5 * 1024 <= on_disk <= 1.02 * 5 * 1024, on_disk
     model = load(tmp_path / "o2" / "artifact", lambda: LeNet300(64, 10))

@@ -520,7 +520,8 @@ def compress(
     Batches may be (x, y[, index]) tuples or dicts (HF style: the model is called with
     **batch); outputs any tensor, tuple, dict or ModelOutput (the logits are read from it).
     `loss_fn(outputs, batch)` replaces the default task loss (the model's own loss, else
-    cross-entropy on the logits).
+    cross-entropy on the logits). `progress(step, total)` is called after every optimizer step
+    (compress() prints nothing itself; the command line draws its bar from it).
     """
     recipe = parse_recipe(recipe)
     _check_run_arguments(recipe, teacher, run_dir, resume)
