@@ -356,6 +356,7 @@ def test_a_latency_target_run_records_the_allocators_own_timing_and_verdict(monk
     assert {k: event[k] for k in ("goal_ms", "predicted_ms", "measured_ms", "met", "widths")} == {
         "goal_ms": 2.0, "predicted_ms": 1.0, "measured_ms": 1.5, "met": True, "widths": {"0": 128}}
     assert "timed alone" in event["timed_as"] and res.recipe.technique("prune_structured").layer_sparsity == {"0": 0.5}
+    assert event["seconds"] >= 0  # how long the allocation took before the first step (the history had no word)
     # the Python API's verdict, as the command line judges it: the compressed model timed with the uncompressed one
     uncompressed = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4))
     keys = list(res.model.state_dict())
@@ -713,3 +714,25 @@ def test_a_latency_target_the_uncut_model_meets_is_said(lenet, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a target that cuts says nothing of the kind
         lt.resolve_latency(model, data, x, Target(latency_ms=0.3 * loose / 10, batch=1))
+
+
+def test_the_latency_tables_timing_is_said_as_it_goes(caplog, capsys):
+    """Minutes of per-layer timing before a ResNet-18's first step were said by one line, then nothing: each layer
+    timed is now an INFO record of the package's logger, which the command line prints."""
+    import logging
+
+    from jointcompress import latency_targets as lt
+    from jointcompress.cli import _records_said
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 4))
+    with caplog.at_level(logging.INFO, logger="jointcompress.latency"):
+        lt.measure_table(model, torch.randn(2, 16), batch=4, rounds=2)
+    said = [r.getMessage() for r in caplog.records if r.name == "jointcompress.latency"]
+    assert any(m.startswith("latency table: 1 of ") and "to go" in m for m in said), said
+    assert said[-1].startswith("latency table: ") and "layers timed" in said[-1], said
+    with _records_said():
+        logging.getLogger("jointcompress.latency").info("latency table: 3 of 9 layers timed")
+    assert "latency table: 3 of 9 layers timed" in capsys.readouterr().out
+    logging.getLogger("jointcompress.latency").info("not printed outside a command")
+    assert "not printed" not in capsys.readouterr().out

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import bisect
 import copy
+import logging
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -46,6 +48,10 @@ from .latency_knee import TOLERANCE, give_back_within
 from .layer_types import CONVOLUTIONS
 from .model_call import call_model, forward_hooks, to_device
 from .model_copy import on_cpu
+
+# progress of the timing before a latency target's first step (minutes on a large model, said on no line before):
+# INFO records, which the command line prints and a library user sees where logging is configured to show them
+log = logging.getLogger("jointcompress.latency")
 
 MAX_CONFIRM = 3  # allocate -> time -> tighten rounds
 CALIBRATED = 0.85  # calibrate=True stops once a model measures within 15% under the target
@@ -255,8 +261,12 @@ def measure_table(model: nn.Module, example_inputs, batch: int, threads: int = D
     groups = groups if groups is not None else discover_groups(model, example_inputs)[0]
     channels = {g.name: g.channels for g in groups}
     sites = layer_sites(model, example_inputs, groups)
-    layers = {}
-    for name, site in sites.items():
+    layers, began = {}, time.perf_counter()
+    for done, (name, site) in enumerate(sites.items()):
+        if done:
+            elapsed = time.perf_counter() - began
+            log.info("latency table: %d of %d layers timed at batch %d (%.0f s, about %.0f s to go)", done, len(sites),
+                     batch, elapsed, elapsed / done * (len(sites) - done))
         cins = input_grid(site, channels)
         couts = grid_of(site.cout, site.out_group is not None)
         fns = {}
@@ -268,6 +278,8 @@ def measure_table(model: nn.Module, example_inputs, batch: int, threads: int = D
         t = time_contenders(fns, threads=threads, rounds=rounds, warmup=2, alone_runs=3)
         layers[name] = {"cin": cins, "cout": couts, "ms": [[t.interleaved_ms[(ci, co)] for co in couts] for ci in cins]}
     table = LatencyTable(layers, 0.0, 0.0, "torch", "fp32", batch, threads)
+    log.info("latency table: %d layers timed (%.0f s); timing the rest of the model, then the allocation's candidates",
+             len(sites), time.perf_counter() - began)
     fit_rest(table, model, example_inputs, sites, channels, rounds)
     return table
 
@@ -515,6 +527,8 @@ class _Search:
                 self.log.append({"goal_ms": goal, "predicted_ms": predicted, "measured_ms": None})
                 return last
             last.measured_ms = float(self.measure(shrunk_to(self.model, self.example_inputs, widths)))
+            log.info("latency allocation: widths predicted at %.3f ms measured %.3f ms (aim %.3f ms)", predicted,
+                     last.measured_ms, self.aim)
             self.log.append({"goal_ms": goal, "predicted_ms": predicted, "measured_ms": last.measured_ms,
                              "widths": dict(widths), **({"gave_back": True} if least is not None else {})})
             if last.measured_ms <= self.aim:
@@ -838,6 +852,7 @@ def resolve_latency(model: nn.Module, data: dict, example_inputs, target, measur
     target becomes milliseconds here: the uncompressed model timed now, the same way the shrunk
     models are (`measure_dense(model) -> ms`, default timed_ms at target.batch), divided by it.
     Timed on the CPU, the deployment the targets are for: a model on a GPU is allocated from a CPU copy."""
+    began = time.perf_counter()
     model, example_inputs = on_cpu(model)[0], to_device(example_inputs, torch.device("cpu"))
     targets, exclude = _structured_scope(data)
     base = allocation_base(model, data, example_inputs)  # what the allocation shrinks (read, not changed)
@@ -862,6 +877,7 @@ def resolve_latency(model: nn.Module, data: dict, example_inputs, target, measur
                           "predicted_ms": alloc.predicted_ms, "measured_ms": alloc.measured_ms, "met": alloc.met,
                           "widths": dict(alloc.widths), "channels": dict(alloc.channels),
                           "aim_ms": alloc.target_ms * (1 - ACCEPT_MARGIN),
+                          "seconds": round(time.perf_counter() - began, 1),  # before the first step
                           # a speed-up's goal is this reading of the uncompressed model / speedup (cli._latency_line)
                           **({"uncompressed_ms": dense_ms} if target.speedup is not None else {}),
                           "timed_as": f"PyTorch fp32 at batch {target.batch}, the least of {REPEATS} medians timed alone, "
