@@ -622,3 +622,16 @@ def test_a_builder_that_returns_no_model_is_named(cnn_artifact, tmp_path):
     save(model, spec, tmp_path, example_inputs=x)
     with pytest.raises(ArtifactError, match=r"the builder returned NoneType, not a torch.nn.Module \(a missing `return`\?\)"):
         load(tmp_path, lambda: None)
+
+
+def test_load_without_a_builder_names_the_function_and_what_the_manifest_records(cnn_artifact):
+    """load(path), load(path, None) and load(path, "lenet5") ended in bare TypeErrors ("'str' object is not
+    callable"), for a receiver who never saw the run that built the model."""
+    from jointcompress.artifact import load
+    from jointcompress.errors import ArtifactError
+
+    path = cnn_artifact[2]
+    for given in ((), (None,), ("lenet5",)):
+        with pytest.raises(ArtifactError, match=r"pass the function that builds the model's architecture.*example "
+                                                r"inputs of shape \[1, "):
+            load(path, *given)

@@ -1039,13 +1039,16 @@ def _state(manifest: dict, parts: dict[str, bytes], tensors: dict[str, torch.Ten
     return state
 
 
-def load_with_spec(path: str | os.PathLike, builder: Callable[[], nn.Module]) -> tuple[nn.Module, CompressionSpec]:
+def load_with_spec(path: str | os.PathLike, builder: Callable[[], nn.Module] | None = None
+                   ) -> tuple[nn.Module, CompressionSpec]:
     """The finalized model (eval mode) and the CompressionSpec it was saved with."""
     if isinstance(builder, nn.Module):
         raise ArtifactError(f"load({str(path)!r}, builder): builder is a model ({type(builder).__name__}); pass the "
                             "function that builds it (load(path, build), not load(path, build())): the pruning is "
                             "replayed on a fresh model")
     manifest = read_manifest(path)
+    if not callable(builder):  # None, or a model's name: torch's "'str' object is not callable" said nothing of it
+        raise ArtifactError(_builder_needed(path, manifest, builder))
     parts, tensors = read_weights(path, manifest)
     where = str(_weights_path(path, manifest))
     history = manifest["pruning_history"]
@@ -1093,6 +1096,21 @@ def _attach_input_quant(model: nn.Module, spec: CompressionSpec) -> None:
             attach_frozen_input_quant(model.get_submodule(name), int(ls.act_bits), float(ls.act_scale), ls.act_signed)
 
 
-def load(path: str | os.PathLike, builder: Callable[[], nn.Module]) -> nn.Module:
+def load(path: str | os.PathLike, builder: Callable[[], nn.Module] | None = None) -> nn.Module:
     """Rebuild the shrunken model from a fresh `builder()` and load the unpacked weights."""
     return load_with_spec(path, builder)[0]
+
+
+def _builder_needed(path, manifest: dict, given) -> str:
+    """What load needs where it got no function: the function that builds the architecture, with what the manifest
+    records of it (the model's name, the example inputs' shapes) for a receiver who never saw the run."""
+    model = (manifest.get("recipe") or {}).get("model")
+    shapes = ", ".join(str([1, *rec.get("shape", [])[1:]]) for rec in manifest.get("example_inputs") or [])
+    recorded = (f" The manifest records model {model!r}" if model else " The manifest records no model name") + (
+        f" and example inputs of shape {shapes}" if shapes else "")
+    builtin = (f"; a built-in model is built by jointcompress.models.build_model({model!r}, image_size=..., "
+               "num_classes=..., in_channels=...) at those inputs' size, as `jointcompress bench ARTIFACT` builds it"
+               if model and ":" not in str(model) else "")
+    return (f"load({str(path)!r}, builder): builder is {type(given).__name__ if given is not None else 'missing'}; "
+            "pass the function that builds the model's architecture, fresh (load(path, build), e.g. lambda: MyNet()): "
+            f"the pruning history is replayed on it.{recorded}{builtin}")
