@@ -650,8 +650,8 @@ def _on_disk(artifact: Path, dense_bytes: int) -> str:
     if not weights.is_file():
         return ""
     total = weights.stat().st_size + manifest.stat().st_size
-    return (f" (the weights file {weights.stat().st_size:,} B, which the table counts; with its manifest "
-            f"{total:,} B, {dense_bytes / total:.1f}x the uncompressed fp32 weights)")
+    return (f" (the weights file {weights.stat().st_size:,} B, the table's stored parts and its container; with its "
+            f"manifest {total:,} B, {dense_bytes / total:.1f}x the uncompressed fp32 weights)")
 
 
 def _write_compress_results(out: Path, recipe_path: Path, recipe, teacher, outcome, split, model_name: str,
