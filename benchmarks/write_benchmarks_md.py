@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from jointcompress.compare import paired_stats, seed_differences, summarize
+from jointcompress.compare import beyond_two_se, paired_stats, seed_differences, summarize
 from jointcompress.joint_form import JOINT_FORM_VARIANT, NONZERO_GRID_BITS, joint_form_variant
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -369,7 +369,9 @@ def teacher_error(r: dict) -> float | None:
 
 
 def _verdict(mean: float, se: float, words: tuple[str, str] = ("joint", "sequential")) -> str:
-    return f"**{words[0]} better**" if mean < -2 * se else f"**{words[1]} better**" if mean > 2 * se else "tie"
+    if not beyond_two_se(mean, se):
+        return "tie"
+    return f"**{words[0]} better**" if mean < 0 else f"**{words[1]} better**"
 
 
 def _row_cells(p: dict, variant_text: str) -> str:
@@ -920,7 +922,7 @@ def paired_difference(runs: list[dict], variant: str, ratio: float, baseline: st
     if stats is None:
         return "one seed: not significant"
     mean, se, _ = stats
-    verdict = "significant" if abs(mean) > 2 * se else "not significant"
+    verdict = "significant" if beyond_two_se(mean, se) else "not significant"
     against = "joint − sequential" if baseline == "sequential" else f"{variant} − {baseline}"
     return (f"paired over {len(diffs)} seeds the difference is {mean:+.2f} ± {se:.2f} points ({against}, "
             f"± one standard error; per seed {', '.join(f'{d:+.2f}' for d in diffs)}): {verdict}")
@@ -1287,7 +1289,8 @@ def _differences(a: dict[int, float], b: dict[int, float]) -> list[float]:
 
 def _mean_se(diffs: list[float]) -> str:
     mean, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return f"{'**' if abs(mean) > 2 * se else ''}{mean:+.2f} ± {se:.2f}{'**' if abs(mean) > 2 * se else ''}"
+    bold = "**" if beyond_two_se(mean, se) else ""
+    return f"{bold}{mean:+.2f} ± {se:.2f}{bold}"
 
 
 def kept_weights(result: dict, variant: str, ratio: float) -> dict[int, int]:

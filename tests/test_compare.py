@@ -366,6 +366,23 @@ def test_an_interrupted_compare_resumes_with_the_points_it_finished(tmp_path, mo
     assert len(points(out)) == 6 and json.loads((out / "compare.json").read_text())["ratios"] == [10.0, 20.0, 30.0]
 
 
+def test_one_seeds_larger_file_and_a_difference_without_spread_are_not_called():
+    """The mean of per-seed file ratios (1.047) hid one seed's file 14% larger, and three seeds that each differ by
+    the same one test image (standard error 0) were called "beyond 2 SE"."""
+    from jointcompress.compare import paired_differences, unequal_files_note
+
+    runs = []
+    for seed, (joint_file, joint_acc) in enumerate(((1000, 0.900), (1140, 0.900), (1000, 0.900))):
+        runs += [{"variant": "joint-none", "ratio_target": 10.0, "seed": seed, "accuracy": joint_acc,
+                  "error": 1 - joint_acc, "file_bytes": joint_file},
+                 {"variant": "sequential", "ratio_target": 10.0, "seed": seed, "accuracy": 0.902, "error": 0.098,
+                  "file_bytes": 1000}]
+    (paired,) = paired_differences(runs)
+    assert paired["error_diff_se"] == 0 and paired["verdict"].startswith("no spread"), paired
+    assert paired["file_bytes_ratio_range"] == [1.0, 1.14]
+    assert unequal_files_note(paired) == "its files 1.00x to 1.14x sequential's (by seed): not the same size"
+
+
 def test_paired_files_of_other_sizes_are_said_beside_the_verdict():
     """At a target both undershoot (one 4-bit alone beats), joint and sequential landed at their own sizes and the
     table compared their errors as if the files were one size."""
@@ -380,7 +397,7 @@ def test_paired_files_of_other_sizes_are_said_beside_the_verdict():
             r["file_bytes"] = 1600
     (unequal,) = [p for p in paired_differences(runs) if p["ratio_target"] == 10.0]
     assert unequal["file_bytes_ratio"] == 0.625
-    assert paired_cell(unequal).endswith("beyond 2 SE; its files 0.62x sequential's: not the same size")
+    assert paired_cell(unequal).endswith("beyond 2 SE; its files 0.62x sequential's (by seed): not the same size")
     from rich.console import Console
 
     from jointcompress.commands.compare_cmd import summary_table

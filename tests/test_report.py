@@ -310,10 +310,11 @@ def test_a_compare_report_shows_the_paired_verdict_and_the_points_not_run(compar
     assert "Not run (target out of reach)" in page and "the smallest artifact the recipe allows is 2.1 KiB" in page
     # the table's words of files of other sizes, and a strategy that changed nothing (compare.json alone held it)
     rd.compare["paired"][0]["file_bytes_ratio"] = 0.72
+    rd.compare["paired"][0]["file_bytes_ratio_range"] = [0.72, 0.72]
     rd.compare["summary"] = [{"variant": "joint-paced-obdland-scale", "ratio_target": 8.0, "n": 3, "changed_share_mean": 0.0,
                               "changed_mean": 0.0, "changed_nothing": True}]
     page = render_html(rd, {}, [])
-    assert "its files 0.72x sequential&#x27;s: not the same size" in page
+    assert "its files 0.72x sequential&#x27;s (by seed): not the same size" in page
     assert "changed no update: trained as strategy none" in page
 
 
