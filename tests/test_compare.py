@@ -1,6 +1,7 @@
 """compare: every variant at every ratio with the same budgets; JSON, CSV, Pareto PNG, TensorBoard."""
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -464,3 +465,41 @@ def test_sequential_sens_trains_the_budgets_its_teachers_scan_allocates_and_is_a
     from jointcompress.commands.compare_cmd import summary_table
 
     assert [c.header for c in summary_table(result).columns][-2:] == ["Δerror vs sequential", "Δerror vs sequential-sens"]
+
+
+def _forget_module(path) -> None:
+    """The builder file imported again, as a new process would (this one keeps the first import)."""
+    import sys
+
+    from jointcompress.models import load_builder
+
+    load_builder.cache_clear()
+    for name, module in list(sys.modules.items()):
+        if getattr(module, "__file__", None) and Path(module.__file__).resolve() == Path(path).resolve():
+            del sys.modules[name]
+
+
+def test_a_resume_after_the_builder_changed_the_architecture_is_refused(tmp_path, monkeypatch):
+    """Only the builder's name was recorded: a --resume after its widths changed (128/64 to 32/64) pooled seeds of
+    two models into one verdict. A compare.json written before the architecture was recorded still resumes."""
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "mine.py"
+    build = "import torch.nn as nn\n\ndef build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, {}), nn.ReLU(), nn.Linear({}, 10))\n"
+    mine.write_text(build.format(32, 32))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: digits\ntechniques: [{type: prune_unstructured}, {type: quant_lsq, bits: 4}]\n"
+                      "training: {epochs: 1, batch_size: 128}\n")
+    args = ["compare", str(recipe), "--model", "mine.py:build", "--ratios", "10", "--teacher-epochs", "1",
+            "--variants", "sequential", "--out", str(tmp_path / "cmp")]
+    assert CliRunner().invoke(app, [*args, "--seeds", "1"]).exit_code == 0
+    mine.write_text(build.format(16, 16))
+    _forget_module(mine)
+    changed = CliRunner().invoke(app, [*args, "--seeds", "2", "--resume"])
+    assert changed.exit_code != 0 and "inputs_sha256.architecture" in str(changed.exception), changed.output
+    mine.write_text(build.format(32, 32))
+    _forget_module(mine)
+    path = tmp_path / "cmp" / "compare.json"
+    older = json.loads(path.read_text())
+    del older["inputs_sha256"]["architecture"]  # as an earlier version wrote it
+    path.write_text(json.dumps(older))
+    assert CliRunner().invoke(app, [*args, "--seeds", "2", "--resume"]).exit_code == 0

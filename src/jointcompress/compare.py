@@ -16,7 +16,7 @@ Run-dir layout (what `jointcompress report` reads):
                     "summary": [{"variant", "ratio", "n", "accuracy_mean", ...}],
                     "uncompressed_summary": {"n", "accuracy_mean", "accuracy_min", "accuracy_max"},
                     "paired": [{"variant", "baseline", "ratio_target", "n", "error_diff_mean", "error_diff_se",
-                                "seeds", "verdict"}], "recipe", "inputs_sha256": {"train", "test", "weights"}}
+                                "seeds", "verdict"}], "recipe", "inputs_sha256": {"train", "test", "weights", "architecture"}}
                    (written with its settings before the first teacher, and again as each point ends)
     compare.csv    one row per run, then one per point out of reach (its reason)
     pareto.png     error vs compression ratio, mean and min-max over seeds
@@ -511,7 +511,17 @@ def _inputs_digests(split, builder, weights: Path | None) -> dict:
     from .pipeline import load_start
 
     return {"train": data_digest((split.x_train, split.y_train)), "test": data_digest((split.x_test, split.y_test)),
-            "weights": state_digest(load_start(builder, weights)) if weights else None}
+            "weights": state_digest(load_start(builder, weights)) if weights else None,
+            "architecture": architecture_digest(builder())}
+
+
+def architecture_digest(model: nn.Module) -> str:
+    """sha256 of the model's parameter and buffer names and shapes: a builder edited between a compare and its
+    --resume (widths 128/64 to 32/64, the same name) pooled seeds of two models into one verdict, unsaid."""
+    import hashlib
+
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    return hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()
 
 
 def _read_earlier(path: Path) -> dict:
@@ -561,7 +571,14 @@ def _earlier_result(out: Path, fresh: dict, spec: CompareSpec, log) -> dict:
     earlier = _read_earlier(path)
     _covers(earlier, spec)
     same = [k for k in RESUME_SAME if k in earlier]
-    settings = lambda result: {k: _without_target(result[k]) if k == "recipe" else result.get(k) for k in same}  # noqa: E731
+    digests = set(earlier.get("inputs_sha256") or {})  # an older compare.json records fewer (no architecture)
+
+    def settings(result: dict) -> dict:
+        picked = {k: _without_target(result[k]) if k == "recipe" else result.get(k) for k in same}
+        if isinstance(picked.get("inputs_sha256"), dict):
+            picked["inputs_sha256"] = {k: v for k, v in picked["inputs_sha256"].items() if k in digests}
+        return picked
+
     changed = differences(settings(earlier), settings(fresh), was="then")
     if changed:
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
