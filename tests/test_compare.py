@@ -503,3 +503,17 @@ def test_a_resume_after_the_builder_changed_the_architecture_is_refused(tmp_path
     del older["inputs_sha256"]["architecture"]  # as an earlier version wrote it
     path.write_text(json.dumps(older))
     assert CliRunner().invoke(app, [*args, "--seeds", "2", "--resume"]).exit_code == 0
+
+
+def test_a_variant_given_twice_is_refused_and_a_compare_without_sequential_is_said(tmp_path):
+    """--variants joint-none,joint-none ran it once without a word (a duplicate ratio is refused); without
+    sequential every paired column stayed empty, unsaid."""
+    from jointcompress.compare import CompareSpec, _compare_base
+    from jointcompress.errors import RecipeError
+    from jointcompress.recipe import load_recipe
+
+    recipe = load_recipe(_recipe(tmp_path))
+    with pytest.raises(RecipeError, match=r"--variants: joint-none given twice"):
+        _compare_base(recipe, "lenet300", CompareSpec(ratios=[20.0], variants=("joint-none", "joint-none")))
+    with pytest.warns(UserWarning, match=r"--variants holds no sequential: the paired differences"):
+        _compare_base(recipe, "lenet300", CompareSpec(ratios=[20.0], variants=("joint-none",)))

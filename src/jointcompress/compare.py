@@ -406,6 +406,15 @@ def _compare_base(recipe: Recipe, model_name: str, spec: CompareSpec) -> Recipe:
     unknown = [v for v in spec.variants if v not in VARIANTS]
     if unknown:
         raise RecipeError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    twice = sorted({v for v in spec.variants if spec.variants.count(v) > 1})
+    if twice:  # ran once, as if asked once, where a duplicate ratio is refused
+        raise RecipeError(f"--variants: {', '.join(twice)} given twice; each variant runs once per seed (use --seeds "
+                          "for more runs of a point)")
+    if "sequential" not in spec.variants:
+        import warnings
+
+        warnings.warn("--variants holds no sequential: the paired differences (Δerror vs sequential) and their "
+                      "verdicts stay empty; add sequential to weigh the variants against it", stacklevel=3)
     check_ratios(spec.ratios)
     if recipe.target is not None and recipe.target.allocator == "sensitivity" and "sequential-sens" not in spec.variants:
         import warnings
