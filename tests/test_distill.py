@@ -609,7 +609,7 @@ def test_a_teacher_that_ends_in_a_softmax_is_said_and_a_teacher_tuple_is_said_as
     import jointcompress
 
     torch.manual_seed(0)
-    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    x = torch.randn(16, 6)
     student, base = nn.Linear(6, 3), nn.Linear(6, 3)
     recipe = {"techniques": [{"type": "distill_kd"}]}
     with pytest.warns(UserWarning, match=r"teacher: its outputs are probabilities .*without its final softmax"):
