@@ -162,6 +162,7 @@ def summary_table(result: dict):
     from ..compare import all_paired, changed_nothing_note, summarize, uncompressed_summary
 
     table = Table(title=escape(f"{result['model']} on {result['data']}: mean [min-max] over the n seeds that ran each row; "
+                               "ratio = the uncompressed model's fp32 weights over the weights file's bytes on disk; "
                                "Δerror = error − the baseline's, paired by seed (± one standard error)"))
     every = result.get("paired") or all_paired(result.get("runs", []))
     stronger = sorted({p["baseline"] for p in every if p.get("baseline", "sequential") != "sequential"})
