@@ -626,3 +626,16 @@ def test_a_teacher_that_ends_in_a_softmax_is_said_and_a_teacher_tuple_is_said_as
     texts = [str(w.message) for w in said]
     assert any(t.startswith("teacher outputs: a tuple of 2 tensors") for t in texts), texts
     assert not any("second head" in t or "probabilities" in t for t in texts), texts
+
+
+def test_cache_teacher_beside_features_says_the_teacher_runs_on_every_batch():
+    """With features matched the cache is off (the teacher's hidden states are read every batch): documented, but a
+    run asked for cache_teacher said nothing."""
+    import jointcompress
+
+    x = torch.randn(4, 6)
+    recipe = {"techniques": [{"type": "distill_kd", "cache_teacher": True,
+                              "features": [{"student": "0", "teacher": "0"}]}]}
+    with pytest.warns(UserWarning, match=r"distill_kd.cache_teacher is off where features are matched"):
+        jointcompress.prepare(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), recipe, total_steps=2,
+                              teacher=nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), example_inputs=x[:2])

@@ -12,6 +12,7 @@ the loop's, weighted through `task_weight`. The teacher runs in eval mode withou
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -247,6 +248,10 @@ class DistillKD(Technique):
             self.teacher_caps.append(_Capture(t_mods[pair.teacher]))
         if self.config.features:
             self._build_projections(ctx)
+            if self.config.cache_teacher:  # documented, but a run said nothing of it
+                warnings.warn("distill_kd.cache_teacher is off where features are matched: the teacher runs on every "
+                              "batch to give the hidden states they compare (remove cache_teacher, or the features)",
+                              stacklevel=2)
         self.attached = True
 
     def _build_projections(self, ctx: RunContext) -> None:
