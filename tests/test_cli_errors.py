@@ -1316,3 +1316,15 @@ def test_a_builder_whose_model_the_run_cannot_train_is_told_what_to_change_in_it
     code, out = _cli(monkeypatch, capsys, "compress", recipe, "--model", f"{builder}:build", "--out", tmp_path / "o")
     assert code == 2 and all(w in out for w in said), out
     assert not any(w in out for w in not_said + ["Traceback"]), out
+
+
+def test_a_progress_bar_appears_with_the_first_step():
+    """Made at once, a run refused while it loaded (a transformers model that does not fit) showed "joint 0/?"
+    above its error."""
+    from jointcompress.cli import progress_bar, tracked
+
+    bar = progress_bar()
+    update = tracked(bar, "joint")
+    assert not bar.tasks
+    update(1, 10)
+    assert len(bar.tasks) == 1 and bar.tasks[0].completed == 1 and bar.tasks[0].total == 10

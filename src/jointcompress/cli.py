@@ -60,11 +60,14 @@ PLAIN_PROGRESS_LINES = 10  # lines a run prints as it goes where the output is n
 def tracked(progress: Progress, description: str):
     """A compress() progress callback that drives one rich task; where the output is no terminal (a log file,
     Slurm), where rich draws the bar once at the end, a plain line at each tenth of the steps too: a run's log
-    stayed empty until it ended."""
-    task = progress.add_task(description, total=None)
-    shown = {"tenth": 0}
+    stayed empty until it ended. The bar appears with the first step: made at once, a run refused while it loaded
+    (a transformers model that does not fit) showed "joint 0/?" above its error."""
+    shown = {"tenth": 0, "task": None}
 
     def update(step: int, total: int) -> None:
+        if shown["task"] is None:
+            shown["task"] = progress.add_task(description, total=total)
+        task = shown["task"]
         progress.update(task, completed=step, total=total)
         if console.is_terminal or not total:
             return
