@@ -23,6 +23,7 @@ from rich.table import Table
 from .commands import BUILT_IN_MODELS, DEVICE_HELP
 from .errors import JointCompressError, RecipeError
 from .io import output_folder, removed_if_refused
+from .session.finalize import UNIT_KINDS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Joint pruning + quantization + distillation for PyTorch models.")
 recipe_app = typer.Typer(no_args_is_help=True, help="Work with recipes.")
@@ -644,16 +645,13 @@ def _on_disk(artifact: Path, dense_bytes: int) -> str:
     """The folder's bytes beside the weights file's, which the table's bytes and ratio count: a model of many small
     layers has a manifest (each tensor's name, shape and codec) larger than its weights (a small MobileNetV2 at 20x:
     54 KB of weights, 115 KB of manifest), and a user shipping the folder ships both."""
-    from .artifact.store import MANIFEST_FILE, WEIGHTS_FILE
+    from .artifact.store import MANIFEST_FILE, file_sizes
 
-    manifest = artifact / MANIFEST_FILE
-    if not manifest.is_file():
+    if not (artifact / MANIFEST_FILE).is_file():
         return ""
-    weights = artifact / json.loads(manifest.read_text()).get("weights_file", WEIGHTS_FILE)
-    if not weights.is_file():
-        return ""
-    total = weights.stat().st_size + manifest.stat().st_size
-    return (f" (the weights file {weights.stat().st_size:,} B, the table's stored parts and its container; with its "
+    sizes = file_sizes(artifact)
+    total = sizes["weights_file"] + sizes["manifest"]
+    return (f" (the weights file {sizes['weights_file']:,} B, the table's stored parts and its container; with its "
             f"manifest {total:,} B, {dense_bytes / total:.1f}x the uncompressed fp32 weights)")
 
 
@@ -709,7 +707,7 @@ def _write_compress_results(out: Path, recipe_path: Path, recipe, teacher, outco
 
 
 # the techniques that change a model's shapes (its MACs), so that it runs faster on any hardware
-RESHAPING = ("prune_structured", "prune_blocks", "raise_stride", "prune_heads", "prune_ffn", "prune_layers")
+RESHAPING = ("prune_structured", "prune_blocks", "raise_stride", *UNIT_KINDS)
 
 
 def _not_faster(recipe, uncompressed) -> str:
