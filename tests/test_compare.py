@@ -238,6 +238,8 @@ def test_summary_table_shows_n_per_row_the_teacher_and_the_paired_difference():
     assert "mean over 3 seed(s)" not in str(table.title) and "n seeds that ran each row" in str(table.title)
     assert cols["variant"][0] == "uncompressed (teacher)" and cols["n"][0] == "3"
     assert cols["accuracy"][0] == "96.00% [95.00-97.00]"
+    # bytes on disk beside the ratio: the teachers' fp32 file, then each row's mean weights file
+    assert cols["bytes"][0] == "10,000 B" and "1,000 B" in cols["bytes"] and "500 B" in cols["bytes"]
     rows = list(zip(cols["variant"], cols["target"], cols["n"], cols["Δerror vs sequential"]))
     assert ("joint-paced-obdland-none", "10x", "3", "-2.00 ± 0.58 pts (n=3): beyond 2 SE") in rows
     assert ("joint-paced-obdland-none", "20x", "1", "+5.00 pts (n=1): too few seeds") in rows

@@ -760,12 +760,15 @@ def summarize(runs: list[dict]) -> list[dict]:
 
 
 def uncompressed_summary(result: dict) -> dict | None:
-    """The teachers' (uncompressed models') accuracy over seeds: mean, min, max and n."""
-    acc = [u["accuracy"] for u in result.get("uncompressed", []) if u.get("accuracy") is not None]
-    if not acc:
+    """The teachers' (uncompressed models') accuracy over seeds: mean, min, max and n; and the mean bytes of
+    their fp32 weights file (None where a result did not keep them)."""
+    rows = [u for u in result.get("uncompressed", []) if u.get("accuracy") is not None]
+    if not rows:
         return None
+    acc = [u["accuracy"] for u in rows]
+    sizes = [u["bytes"] for u in rows if u.get("bytes")]
     return {"n": len(acc), "accuracy_mean": statistics.fmean(acc), "accuracy_min": min(acc), "accuracy_max": max(acc),
-            "error_mean": 1 - statistics.fmean(acc)}
+            "error_mean": 1 - statistics.fmean(acc), "bytes_mean": statistics.fmean(sizes) if sizes else None}
 
 
 def seed_differences(runs: list[dict], variant: str, ratio: float, baseline: str = "sequential") -> list[float]:

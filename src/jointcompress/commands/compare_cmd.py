@@ -162,25 +162,31 @@ def summary_table(result: dict):
     from ..compare import all_paired, changed_nothing_note, summarize, uncompressed_summary
 
     table = Table(title=escape(f"{result['model']} on {result['data']}: mean [min-max] over the n seeds that ran each row; "
-                               "ratio = the uncompressed model's fp32 weights over the weights file's bytes on disk; "
+                               "bytes = the weights file on disk (mean); ratio = the uncompressed model's fp32 weights "
+                               "over it; "
                                "Δerror = error − the baseline's, paired by seed (± one standard error)"))
     every = result.get("paired") or all_paired(result.get("runs", []))
     stronger = sorted({p["baseline"] for p in every if p.get("baseline", "sequential") != "sequential"})
     deltas = ["Δerror vs sequential"] + [f"Δerror vs {b}" for b in stronger]  # a sensitivity-allocated baseline too
-    for col in ("variant", "target", "n", "ratio", "accuracy", "error", *deltas):
+    for col in ("variant", "target", "n", "bytes", "ratio", "accuracy", "error", *deltas):
         table.add_column(col, justify="left" if col == "variant" or col in deltas else "right")
     teacher = result.get("uncompressed_summary") or uncompressed_summary(result)
     if teacher:
-        table.add_row("uncompressed (teacher)", "-", str(teacher["n"]), "1.0x", _acc(teacher),
+        table.add_row("uncompressed (teacher)", "-", str(teacher["n"]), _bytes(teacher.get("bytes_mean")), "1.0x", _acc(teacher),
                       f"{100 * teacher['error_mean']:.2f}%", "")
     summary = result.get("summary") or summarize(result.get("runs", []))
     paired = {(p["variant"], p["ratio_target"], p.get("baseline", "sequential")): p for p in every}
     for s in sorted(summary, key=lambda s: (s["ratio_target"], s["variant"])):
         nothing = changed_nothing_note(s)
         table.add_row(s["variant"] + (f" ({nothing})" if nothing else ""), f"{s['ratio_target']:g}x", str(s["n"]),
-                      f"{s['ratio_mean']:.1f}x", _acc(s), f"{100 * s['error_mean']:.2f}%",
+                      _bytes(s.get("file_bytes_mean")), f"{s['ratio_mean']:.1f}x", _acc(s), f"{100 * s['error_mean']:.2f}%",
                       *(paired_cell(paired.get((s["variant"], s["ratio_target"], b))) for b in ["sequential", *stronger]))
     return table
+
+
+def _bytes(mean: float | None) -> str:
+    """The mean bytes on disk, as `ls -l` counts them ('-' for a result written before they were kept)."""
+    return "-" if mean is None else f"{mean:,.0f} B"
 
 
 def _acc(s: dict) -> str:
