@@ -298,6 +298,20 @@ def test_an_edited_manifest_is_refused_by_its_own_checksum(cnn_artifact, tmp_pat
     assert "own checksum" not in str(err.value)
 
 
+def test_a_manifest_without_its_checksum_loads_with_a_warning(cnn_artifact, tmp_path):
+    """A format-2 manifest stripped of manifest_sha256 (or written before save signed it) loaded silently, any edit
+    to it uncaught; it loads (the weights file is still checked), and says its content is unchecked."""
+    model, spec, _, _, x = cnn_artifact
+    save(model, spec, tmp_path, example_inputs=x)
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    del m["manifest_sha256"]
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    with pytest.warns(UserWarning, match="has no manifest_sha256, so edits to it after save cannot be caught"):
+        loaded = load(tmp_path, SmallCNN)
+    loaded.eval(), model.eval()
+    assert torch.allclose(loaded(x), model(x), atol=1e-5)
+
+
 def test_truncated_manifest_fails(cnn_artifact, tmp_path):
     model, spec, _, _, x = cnn_artifact
     save(model, spec, tmp_path, example_inputs=x)

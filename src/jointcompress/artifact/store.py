@@ -603,6 +603,8 @@ def read_manifest(path: str | os.PathLike) -> dict:
         )
     if manifest["format_version"] == 1:
         _upgrade_v1(manifest)
+    elif "manifest_sha256" not in manifest:
+        _say_manifest_unchecked(mpath)
     for key in ("weights_sha256", "weights_file_bytes", "layers", "other_tensors", "pruning_history", "example_inputs"):
         if key not in manifest:
             raise ArtifactError(f"{mpath}: field {key!r} is missing")
@@ -612,6 +614,15 @@ def read_manifest(path: str | os.PathLike) -> dict:
                             "corrupted after save (a swapped part name or pruning index loads as a wrong model); save "
                             "the model again")
     return manifest
+
+
+def _say_manifest_unchecked(mpath: Path) -> None:
+    """A format-2 manifest without its own checksum: written before save() signed it, or stripped of it. Loaded (the
+    weights file is still checked against weights_sha256), with a warning, not silently: an edit to it (a swapped
+    part name, a pruning index) is no longer caught."""
+    warnings.warn(f"{mpath}: has no manifest_sha256, so edits to it after save cannot be caught (the weights file is "
+                  "still checked); it was written by an earlier jointcompress or the field was removed; save the model "
+                  "again to sign it", stacklevel=3)
 
 
 def manifest_digest(manifest: dict) -> str:
