@@ -548,6 +548,10 @@ BIT_CHOICE = (("compare_lenet300_60x_3bit_val", "compare_lenet300_60x_val_rerun"
               ("compare_lenet5_3bit_val", "compare_lenet5_sens_val"), ("compare_lenet5_2k_3bit_val", "compare_lenet5_2k_sens_val"))
 
 
+# said where a section's held-out column reads histories its committed folders lack
+HISTORIES_NOT_KEPT = " The held-out choice reads each run's held-out accuracy from its history.json, which the four 2-bit folders (`compare_lenet300_2bit_val`, `compare_lenet300_2k_2bit_val`, `compare_lenet5_2bit_val`, `compare_lenet5_2k_2bit_val`) were committed without: that column is as this script wrote it where they were present, and cannot be recomputed from a checkout; their Reproduce commands remake it (compare.json now keeps each run's held-out reading, kept_metric, itself)."
+
+
 class MissingHistory(FileNotFoundError):
     """A run's history.json, which the runs' folders (benchmarks/results/*/runs/, ignored by git) hold only where
     the run was made or its folder was committed with them."""
@@ -734,7 +738,8 @@ def two_bit_section(points=TWO_BIT_POINTS) -> list[str]:
             "(mean over seeds). The last column: the width a one-shot projection of each seed's teacher picks "
             "(`benchmarks/bit_choice_proxy.py`: for each width from 2 to 8, keep the weights that fit the target's bytes, "
             "ranked by Fisher cost or by magnitude, round them, read the loss on 2,000 training images), one pick per seed, "
-            "Fisher-ranked / magnitude-ranked.", "",
+            "Fisher-ranked / magnitude-ranked."
+            + HISTORIES_NOT_KEPT, "",
             "| model | target | training images | epochs | joint 2-bit | sequential 2-bit | joint − sequential, both 2-bit | "
             "joint 2-bit − joint 3-bit | each at its held-out choice of 2, 3, 4 (joint / sequential bits) | "
             "one-shot projection picks | results |",
