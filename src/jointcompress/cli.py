@@ -235,7 +235,7 @@ def compress_cmd(
     from .distributed import init_from_env, quiet_other_ranks
     from .io import check_folder_path, finished_run, prepare_run_dir, say_finished
     from .models import absolute_builder
-    from .pipeline import builder_for, compress_and_save, load_split, load_start
+    from .pipeline import builder_for, check_given_model_inputs, compress_and_save, load_split, load_start
     from .recipe import CompressesNothing, compresses_nothing, load_recipe
     from .tensorboard import TensorBoardLogger
 
@@ -276,6 +276,8 @@ def compress_cmd(
     main_rank = dist is None or dist.is_main
     builder = builder_for(model_name, split)  # what refuses the run is found before --force clears --out
     given_model = load_start(builder, weights) if weights else None
+    if given_model is not None and main_rank:
+        check_given_model_inputs(given_model, split, data if data is not None else recipe.data, recipe.inputs, weights)
     if not resume:  # on the given weights too: skipped there, --force cleared a finished run for a refused recipe
         _refuse_before_training(builder if given_model is None else (lambda: copy.deepcopy(given_model)), recipe,
                                 split, timed=dist is None, given=given_model is not None)

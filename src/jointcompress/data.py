@@ -113,6 +113,31 @@ def _normalise_along(x_train: np.ndarray, x_test: np.ndarray, axes: tuple, per: 
     return f(x_train), f(x_test), _record(per, (mean * scale).ravel().tolist(), (std * scale).ravel().tolist())
 
 
+# how a data file's values become the model's inputs (the recipe's `inputs`): standardised with the training split's
+# mean and std (the default); divided by the file's full scale (uint8 pixels to [0, 1], digits' 0-16 likewise), as
+# many training scripts feed images; or as the file stores them (a table's raw features). A model given with
+# --weights answers only for the form it was trained on.
+INPUT_FORMS = ("standardised", "unit_range", "as_stored")
+
+
+def _inputs_as(x_train: np.ndarray, x_test: np.ndarray, scale: float, inputs: str):
+    """The two splits (values already divided by `scale`) in the form `inputs` names, and its record in the data
+    file's units: every form is a mean and std per channel / feature / image, so `standardised` and an
+    artifact's manifest describe it alike."""
+    if inputs == "standardised":
+        standardise = {2: _normalise_features, 3: _normalise}.get(x_train.ndim, _normalise_channels)
+        return standardise(x_train, x_test, scale=scale)
+    if inputs not in INPUT_FORMS:
+        raise DataError(f"inputs: {inputs!r} is not one of {', '.join(INPUT_FORMS)}")
+    factor = 1.0 if inputs == "unit_range" else scale  # unit_range keeps value / scale; as_stored undoes it
+    per, count = {2: ("feature", x_train.shape[-1]), 3: ("all", 1)}.get(x_train.ndim, ("channel", x_train.shape[1]))
+    f = lambda a: torch.from_numpy((a * factor).astype(np.float32))  # noqa: E731
+    xtr, xte = f(x_train), f(x_test)
+    if x_train.ndim == 3:  # [N, H, W] grayscale, as the model takes it: [N, 1, H, W]
+        xtr, xte = xtr.unsqueeze(1), xte.unsqueeze(1)
+    return xtr, xte, _record(per, [0.0] * count, [scale / factor] * count)
+
+
 def _record(per: str, mean: list, std: list) -> dict:
     return {"per": per, "mean": [float(m) for m in mean], "std": [float(v) for v in std],
             "of": "the values the data file holds"}
@@ -209,20 +234,20 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return d.images, d.target
 
 
-def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Split:
-    """scikit-learn's 1,797 8x8 digits, shipped with the package: the no-download default."""
+def load_digits(test_fraction: float = 0.25, seed: int = 0, inputs: str = "standardised") -> Split:
+    """scikit-learn's 1,797 8x8 digits, shipped with the package: the no-download default; `inputs`: INPUT_FORMS."""
     images, labels = _digits_arrays()
     x, y = images.astype(np.float32) / 16.0, labels.astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(x))
     n_test = int(len(x) * test_fraction)
     test, train = order[:n_test], order[n_test:]
-    xtr, xte, record = _normalise(x[train], x[test], scale=16.0)
+    xtr, xte, record = _inputs_as(x[train], x[test], 16.0, inputs)
     return Split(xtr, torch.from_numpy(y[train]), xte, torch.from_numpy(y[test]), "digits", standardisation=record)
 
 
-def load_mnist(path: str | Path) -> Split:
+def load_mnist(path: str | Path, inputs: str = "standardised") -> Split:
     """MNIST (or any image set) from an .npz with x_train, y_train, x_test, y_test (Keras layout, uint8
-    pixels; [N, H, W] grayscale, or colour as [N, H, W, C] or [N, C, H, W])."""
+    pixels; [N, H, W] grayscale, or colour as [N, H, W, C] or [N, C, H, W]); `inputs`: INPUT_FORMS."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"data: {path} is a folder; an image recipe reads one .npz file (x_train, y_train, x_test, "
@@ -239,8 +264,7 @@ def load_mnist(path: str | Path) -> Split:
                         "they must match")
     _check_images(x_train, f"{path}:x_train")
     _check_images(x_test, f"{path}:x_test")
-    standardise = {2: _normalise_features, 3: _normalise}.get(x_train.ndim, _normalise_channels)
-    xtr, xte, record = standardise(x_train, x_test, scale=255.0)
+    xtr, xte, record = _inputs_as(x_train, x_test, 255.0, inputs)
     ytr = _class_labels(arrays["y_train"], f"{path}:y_train", len(x_train))
     yte = _class_labels(arrays["y_test"], f"{path}:y_test", len(x_test))
     if len(np.unique(ytr)) < 2:  # a one-output classifier is right by construction: its 100% would mean nothing
@@ -281,6 +305,11 @@ def _read_npz(path: Path) -> dict:
                             f"{_SAVEZ}")
         with loaded as f:
             missing = [k for k in _KEYS if k not in f.files]
+            if missing and any(name.endswith("data.pkl") for name in f.files):  # torch.save writes a zip too
+                raise DataError(f"data: {path} is a torch.save file (a zip of pickles, which is never unpickled "
+                                f"here), not an .npz; write the tensors as arrays: numpy.savez(path, "
+                                "x_train=x_train.numpy(), y_train=y_train.numpy(), x_test=x_test.numpy(), "
+                                "y_test=y_test.numpy())")
             if missing:
                 raise DataError(f"data: {path} lacks array{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
                                 f"(it holds {', '.join(f.files) or 'no arrays'}); expected x_train, y_train, x_test, "
@@ -378,15 +407,16 @@ def _number(v) -> str:
     return str(int(v)) if float(v).is_integer() and abs(float(v)) < 1e18 else repr(float(v))
 
 
-def load_dataset(spec: str | None) -> Split:
-    """'digits' (default) or a path to an MNIST-style .npz. An empty string is refused: a shell
-    variable left empty (`--data "$DATA"`) must not train on the embedded digits unnoticed."""
+def load_dataset(spec: str | None, inputs: str = "standardised") -> Split:
+    """'digits' (default) or a path to an MNIST-style .npz, its values made inputs as `inputs` says (INPUT_FORMS).
+    An empty string is refused: a shell variable left empty (`--data "$DATA"`) must not train on the embedded
+    digits unnoticed."""
     if spec is not None and not str(spec).strip():
         raise DataError(f"--data / recipe data is {spec!r}: give a path to an MNIST-style .npz, or 'digits' (the "
                         "embedded set), or leave it out for digits")
     if spec in (None, "digits"):
-        return load_digits()
-    return load_mnist(spec)
+        return load_digits(inputs=inputs)
+    return load_mnist(spec, inputs=inputs)
 
 
 def check_tensors(x: torch.Tensor, y: torch.Tensor, what: str) -> None:

@@ -362,6 +362,39 @@ def measure_latency(models: dict[str, nn.Module], example: torch.Tensor, runs: i
     return out
 
 
+# how many test rows the check of a given model's inputs reads (a forward pass, once per run)
+INPUTS_CHECK_ROWS = 2000
+
+
+def check_given_model_inputs(model: nn.Module, split: Split, data: str | None, inputs: str, weights) -> None:
+    """Warn where the model given with --weights reads near chance on the inputs as the recipe's `inputs` feeds
+    them, naming the input form it reads best on. Why: a teacher trained on pixels / 255 was fed standardised
+    inputs, read 23% on ten classes, and the run trained and saved on it without a word (the table showed the
+    number, nothing said why). Near chance: under a quarter of the way from the most common class's share to 100%."""
+    import warnings
+
+    from .data import INPUT_FORMS
+
+    reading = _test_accuracy(model, split)
+    chance = float(torch.bincount(split.y_test[:INPUTS_CHECK_ROWS]).max()) / len(split.y_test[:INPUTS_CHECK_ROWS])
+    if reading >= chance + 0.25 * (1 - chance):
+        return
+    others = {form: _test_accuracy(model, load_dataset(data, inputs=form)) for form in INPUT_FORMS if form != inputs}
+    best = max(others, key=others.get)
+    readings = ", ".join(f"{form} {100 * acc:.1f}%" for form, acc in others.items())
+    fix = (f"set `inputs: {best}` in the recipe, the form it reads best on" if others[best] >= chance + 0.25 * (1 - chance)
+           else "it reads near chance on every form: are these the weights of this model for this data, its labels "
+                "in the same order?")
+    warnings.warn(f"--weights {weights}: the model reads {100 * reading:.1f}% of {split.name}'s test images as the "
+                  f"recipe's `inputs: {inputs}` feeds them, near chance (the most common class is {100 * chance:.0f}%); "
+                  f"fed the other ways it reads {readings}: {fix}", stacklevel=2)
+
+
+def _test_accuracy(model: nn.Module, split: Split) -> float:
+    rows = slice(0, INPUTS_CHECK_ROWS)
+    return evaluator(split.x_test[rows], split.y_test[rows])(model)["accuracy"]
+
+
 def uncompressed_row(model: nn.Module, split: Split) -> dict:
     p = count_params(model)
     return {
@@ -377,4 +410,5 @@ def uncompressed_row(model: nn.Module, split: Split) -> dict:
 def load_split(recipe: Recipe, data: str | None) -> Split:
     """The recipe's data set (or `data`), with training.validation_images of its training rows held out
     as the evaluation the run's choices read."""
-    return hold_out(load_dataset(data if data is not None else recipe.data), recipe.training.validation_images)
+    return hold_out(load_dataset(data if data is not None else recipe.data, inputs=recipe.inputs),
+                    recipe.training.validation_images)

@@ -590,6 +590,10 @@ class Recipe(Strict):
     mode: Literal["joint", "overlap", "sequential"] = "joint"
     model: str | None = None  # a reference model name for the CLI (lenet300, lenet5, resnet, mobilenet, seqcnn, vit, lstm)
     data: str | None = None  # "digits" (embedded) or a path to an MNIST-style .npz
+    # how the data file's values become the model's inputs (data.INPUT_FORMS): standardised with the training
+    # split's mean and std; unit_range, uint8 pixels / 255 (as many training scripts feed images); as_stored. A
+    # model given with --weights must get the form it was trained on
+    inputs: Literal["standardised", "unit_range", "as_stored"] = "standardised"
     techniques: list[Technique] = Field(default_factory=list)
     training: Training = Field(default_factory=Training)
     coordination: Coordination = Field(default_factory=Coordination)
@@ -609,6 +613,14 @@ class Recipe(Strict):
                 # prune_structured: a second entry traced a model the first had already reparametrized, and crashed
                 per_group = "; per-group sparsities go in its layer_sparsity" if k == "prune_structured" else ""
                 raise ValueError(f"technique '{k}' appears {kinds.count(k)} times; use it once{per_group}")
+        return self
+
+    @model_validator(mode="after")
+    def _inputs_of_a_data_file(self):
+        """`inputs` says how an .npz's (or digits') values are fed; a transformers recipe tokenises text."""
+        if self.hf is not None and self.inputs != "standardised":
+            raise ValueError(f"inputs: {self.inputs} sets how an .npz's values become inputs; a recipe with an hf: "
+                             "section tokenises its text itself: remove inputs")
         return self
 
     @model_validator(mode="after")

@@ -112,9 +112,14 @@ def register(app: typer.Typer) -> None:
                                      else default_variants(recipe)),
                            teacher_epochs=teacher_epochs, epochs=epochs, first_seed=first_seed, keep=keep,
                            device=str(resolve_device(device)), validation_images=val_images)
-        split = load_dataset(data if data is not None else recipe.data)
+        split = load_dataset(data if data is not None else recipe.data, inputs=recipe.inputs)
         held = val_images if val_images is not None else recipe.training.validation_images
         split = hold_out(split, held, what="--val-images" if val_images is not None else "training.validation_images")
+        if weights:  # before any teacher trains or any variant runs on it
+            from ..pipeline import builder_for, check_given_model_inputs, load_start
+
+            check_given_model_inputs(load_start(builder_for(name, split), weights), split,
+                                     data if data is not None else recipe.data, recipe.inputs, weights)
         out = prepare_output_dir(out, force=force or resume)  # after every check: a refused run leaves no folder
         hold_run_lock(out)  # before --force clears anything: a second compare here is refused, naming the first
         if force:  # an earlier compare's points and report would sit beside this one's as if they were its own
