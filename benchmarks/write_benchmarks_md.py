@@ -1220,6 +1220,52 @@ def norm_format_pair(model: str, first: tuple[str, str], second: tuple[str, str]
     return lines + paired_rows(wide, narrow, variants, same) + [""]
 
 
+# LeNet-300-100 at 100x, 2 bits, on the same 15-epoch teachers: (folder, compression epochs)
+LONGER_TWO_BIT = (("compare_lenet300_100x_2bit_t15_e4_val", 4), ("compare_lenet300_100x_2bit_t15_e12_val", 12))
+
+
+def _cross_pair(joint: dict, seq: dict, ratio: float, variant: str) -> str:
+    """`variant` in one result against sequential in another, paired by seed (the same teachers)."""
+    a, b = by_seed(joint, variant, ratio), by_seed(seq, "sequential", ratio)
+    diffs = [100 * (a[k] - b[k]) for k in sorted(set(a) & set(b))]
+    if len(diffs) < 2 or not same_teachers(joint, seq):
+        return "not paired"
+    mean, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return f"{mean:+.2f} ± {se:.2f} (n={len(diffs)}) {_verdict(mean, se)}"
+
+
+def longer_two_bit_section(points=LONGER_TWO_BIT) -> list[str]:
+    """Each method at 4 and at 12 compression epochs, and each at its better one against the other's."""
+    results = [(load_compare(folder), epochs, folder) for folder, epochs in points]
+    if any(r is None for r, _, _ in results):
+        return []
+    variant, ratio = NONZERO_GRID_VARIANT, 100.0
+    mean = lambda r, v, key="error", scale=100: scale * statistics.mean(by_seed(r, v, ratio, key).values())  # noqa: E731
+    rows = [f"| {epochs} | {mean(r, variant):.2f}% ({mean(r, variant, 'file_bytes', 1):,.0f} B) | "
+            f"{mean(r, 'sequential'):.2f}% ({mean(r, 'sequential', 'file_bytes', 1):,.0f} B) | "
+            f"{_cross_pair(r, r, ratio, variant)} | `{folder}` |" for r, epochs, folder in results]
+    best_joint = min(results, key=lambda t: mean(t[0], variant))
+    best_seq = min(results, key=lambda t: mean(t[0], "sequential"))
+    teacher = 100 * teacher_error(results[0][0])
+    return ["## LeNet-300-100 at 100x, 2 bits, longer training", "",
+            f"The joint form (`{variant}`) and sequential on the same teachers (15 epochs, {teacher:.2f}% error, 3 seeds), "
+            "at 4 and at 12 compression epochs; the kept epoch is chosen on 5,000 held-out training images, error on the "
+            "10,000 test images, mean file bytes in brackets; paired by seed, ± one standard error.", "",
+            "| compression epochs | joint form | sequential | joint − sequential | results |", "| --- | --- | --- | --- | --- |",
+            *rows, "",
+            f"Each at its better length: the joint form at {best_joint[1]} epochs ({mean(best_joint[0], variant):.2f}%) "
+            f"against sequential at {best_seq[1]} ({mean(best_seq[0], 'sequential'):.2f}%): "
+            f"{_cross_pair(best_joint[0], best_seq[0], ratio, variant)}. The joint form meets the goal of >= 100x at "
+            "<= 1.80% error at both lengths, on the mean over seeds (not on every seed: its worst seed reads "
+            f"{max(100 * e for e in by_seed(best_joint[0], variant, ratio).values()):.2f}% at {best_joint[1]} epochs). "
+            "Sequential reads worse at 12 epochs than at 4: "
+            "at 2 bits its LSQ rounds many kept weights to zero, so its size steering lets weights back in during the "
+            "quantize phase (the masks' density goes from 5% to about 63%) and trims them back before the end "
+            "(targets.SizeSteering); with 4 epochs its files end 7-12% under the target instead. Its better length is "
+            "the baseline the last comparison uses.", "",
+            "Reproduce: " + "; ".join(f"`{r['command']}`" for r, _, _ in results) + ".", ""]
+
+
 def same_teachers(a: dict, b: dict) -> bool:
     """Whether two compare results trained the same teachers (every seed's teacher accuracy equal)."""
     teachers = lambda r: {u["seed"]: u["accuracy"] for u in r["uncompressed"]}  # noqa: E731
@@ -2381,6 +2427,7 @@ def main() -> None:
     text += section_or_last(two_bit_section, "## Two bits, and choosing the width before training (what did not work)")
     text += nonzero_grid_section()
     text += layer_split_section()
+    text += longer_two_bit_section()
     text += keep_rule_section()
     text += gpu_section()
     text += demo_section()
