@@ -78,6 +78,23 @@ def test_bench_command_on_artifact(app, tmp_path):
     res = json.loads(out.read_text())
     assert res["model"] == "lenet5" and res["after"]["macs"] < res["before"]["macs"]
     assert "bytes on disk" in r.output
+    again = CliRunner().invoke(app, ["bench", str(tmp_path / "art"), "--json", str(out), "--runs", "2"])
+    assert again.exit_code == 0, again.output  # its own earlier measurements are replaced
+
+
+def test_bench_json_onto_a_file_it_did_not_write_is_refused_before_measuring(app, tmp_path):
+    """`--json ART/manifest.json` replaced the manifest of the artifact it measured (and a run's teacher, a weights
+    file) with the measurements; nothing kept the file."""
+    from jointcompress.commands.bench_cmd import _check_json_path
+    from jointcompress.errors import JointCompressError
+
+    for name, content in (("manifest.json", '{"format": "jointcompress-artifact"}'), ("weights.jcw", "JCW\x00"),
+                          ("notes.txt", "mine")):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(JointCompressError, match="exists and is not a result bench wrote"):
+            _check_json_path(tmp_path / name)
+        assert (tmp_path / name).read_text() == content
+    _check_json_path(tmp_path / "new.json")  # a new file, or bench's own earlier one, is written
 
 
 def test_bench_counts_the_artifacts_own_files_not_others_in_its_folder(tmp_path):

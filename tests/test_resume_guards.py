@@ -551,3 +551,20 @@ def test_resume_of_a_finished_run_says_so_and_writes_nothing(tmp_path, monkeypat
     (out / "summary.json").unlink()  # as if killed while the results were written: the run is resumed and saved
     code, text = run_cli(monkeypatch, capsys, *args, "--out", out, "--resume")
     assert not code and "has finished" not in text and (out / "summary.json").is_file(), text
+
+
+def test_force_refuses_to_delete_a_teacher_no_run_wrote(tmp_path):
+    """A folder holding only the user's own teacher.safetensors (no start.json: a run writes that first): the
+    --force a refusal advised deleted it."""
+    from jointcompress.errors import JointCompressError
+    from jointcompress.io import prepare_run_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "teacher.safetensors").write_bytes(b"my own weights")
+    with pytest.raises(JointCompressError, match="has no start.json beside it, so no run wrote it"):
+        prepare_run_dir(out, force=True, resume=False)
+    assert (out / "teacher.safetensors").read_bytes() == b"my own weights"
+    (out / "start.json").write_text("{}")  # a run's: --force clears what that run began from
+    prepare_run_dir(out, force=True, resume=False)
+    assert not (out / "teacher.safetensors").exists()

@@ -276,6 +276,7 @@ def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=
 
     path = Path(path)
     if force and not resume:
+        _refuse_clearing_a_lone_teacher(path, fresh)
         for what, read in (reads or {}).items():
             if read is not None:
                 _refuse_clearing_the_input(path, fresh, Path(read), what)
@@ -316,6 +317,17 @@ def _on_rank_0_for_all(dist, work) -> None:
         err = JointCompressError(f"rank 0 refused the run: {said}")
         err.told_by_rank_0 = True
         raise err
+
+
+def _refuse_clearing_a_lone_teacher(path: Path, fresh: tuple[str, ...]) -> None:
+    """A run writes start.json before the model it trained (teacher.safetensors): one without the other is a
+    user's file of that name, which --force deleted (a user's own teacher, kept in the folder they then named
+    --out)."""
+    teacher = path / "teacher.safetensors"
+    if "teacher.safetensors" in fresh and teacher.is_file() and not (path / "start.json").is_file():
+        raise JointCompressError(f"--force: {teacher} has no start.json beside it, so no run wrote it; --force would "
+                                 "delete it: move it out of the folder (give it with --weights to compress it), or "
+                                 "give another --out")
 
 
 def _refuse_clearing_the_input(path: Path, fresh: tuple[str, ...], reads: Path, what: str) -> None:

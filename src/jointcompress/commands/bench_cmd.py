@@ -570,6 +570,21 @@ def _check_json_path(path: Optional[Path]) -> None:
     above = first_existing(path.parent) if path is not None else None
     if above is not None and not above.is_dir():  # found after the benchmark, as "File exists"
         raise JointCompressError(f"--json {path}: lies under {above}, which is a file; give a path in a folder")
+    if path is not None and path.exists() and not _earlier_bench_json(path):
+        raise JointCompressError(f"--json {path}: exists and is not a result bench wrote (an artifact's manifest.json "
+                                 "or weights file, a run's teacher, ... were replaced by the measurements); give a new "
+                                 "file name")
+
+
+def _earlier_bench_json(path: Path) -> bool:
+    """Whether `path` holds measurements bench wrote (replaced by the new ones): a JSON object with the keys of
+    either mode's result."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):  # not text, not JSON
+        return False
+    return isinstance(earlier, dict) and ({"before", "after", "breakdown"} <= earlier.keys()
+                                          or {"target", "runtimes"} <= earlier.keys())
 
 
 def _write_json(path: Optional[Path], result: dict) -> None:
