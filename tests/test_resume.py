@@ -331,6 +331,18 @@ def test_a_run_resumed_with_a_setting_it_may_change_keeps_its_resolved_target(tm
     assert resumed.recipe.technique("prune_structured").sparsity == 0.25
     (field, value), = setting.items()
     assert getattr(resumed.recipe.training, field) == value
+    resumed_event = next(e for e in resumed.history.events if e["event"] == "resumed")
+    assert resumed_event["changed"][f"training.{field}"][1] == value  # the history says what the resume set anew
+
+
+def test_resuming_in_another_precision_says_so_and_records_it(digits, tmp_path):
+    """A run begun in fp32 and resumed in bf16 was accepted without a word, its artifact's recipe saying bf16
+    for the whole run."""
+    _tiny(digits, run_dir=tmp_path, checkpoint_every=3)
+    with pytest.warns(UserWarning, match=r"the run trained in fp32 up to step \d+ and continues in bf16"):
+        res, _ = _tiny(digits, run_dir=tmp_path, checkpoint_every=3, resume=True, precision="bf16")
+    event = next(e for e in res.history.events if e["event"] == "resumed")
+    assert event["changed"] == {"training.precision": ["fp32", "bf16"]}
 
 
 def test_resuming_with_another_number_of_processes_says_what_it_changes(digits, tmp_path):

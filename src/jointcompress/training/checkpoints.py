@@ -15,7 +15,7 @@ import torch
 from .. import checkpoint as ckpt
 from ..errors import DataError, RecipeError, TrainingError
 from ..model_copy import load_model_state
-from ..recipe import with_added_fields, without_memory_fields
+from ..recipe import MEMORY_FIELDS, with_added_fields, without_memory_fields
 from ..session import terms as _terms
 from ..session.teacher import TeacherCache
 from .epochs import generator_states, set_generator_states
@@ -173,7 +173,15 @@ class RunCheckpoints:
         self._restore_rng(tr, ck, meta)
         s.sync.model(s.model)
         s.sync.techniques(s.techniques)
-        tr.history.events.append({"event": "resumed", "step": pos.step, "checkpoint": path.name})
+        changed = _memory_changes(meta.get("recipe"), s.recipe)
+        tr.history.events.append({"event": "resumed", "step": pos.step, "checkpoint": path.name,
+                                  **({"changed": changed} if changed else {})})
+        if "training.precision" in changed:
+            was, now = changed["training.precision"]
+            warnings.warn(f"{path}: the run trained in {was} up to step {pos.step} and continues in {now}: its result "
+                          f"will match neither an uninterrupted {was} run nor a {now} one, and the artifact's recipe says "
+                          f"{now} (the history's 'resumed' event records the change); resume with training.precision: "
+                          f"{was} to continue as it began", stacklevel=2)
         self.last = path
         return True
 
@@ -213,6 +221,15 @@ def _trained_overlap(saved: dict) -> bool:
     (joint_form.py): masks and LSQ under the allocator's budgets, what `mode: overlap` trains now."""
     kinds = [t.get("type") for t in saved.get("techniques", [])]
     return saved.get("mode") == "joint" and saved.get("target") is not None and "size_budget" not in kinds
+
+
+def _memory_changes(saved: dict | None, recipe) -> dict[str, list]:
+    """The memory fields (recipe.MEMORY_FIELDS) a resumed run set anew: 'section.field' -> [the checkpoint's, now]."""
+    if not saved:
+        return {}
+    saved, now = with_added_fields(saved), recipe.model_dump(mode="json")
+    return {f"{section}.{field}": [saved[section].get(field), now[section].get(field)] for section, field in MEMORY_FIELDS
+            if isinstance(saved.get(section), dict) and saved[section].get(field) != now[section].get(field)}
 
 
 def _as_trained_today(saved: dict | None, recipe) -> dict | None:
