@@ -370,7 +370,7 @@ def test_a_checkpoint_from_before_a_training_field_resumes(digits, tmp_path, fie
     _tiny(digits, run_dir=tmp_path, checkpoint_every=3)
     newest = CheckpointStore(tmp_path).paths()[-1]
     ck = read_checkpoint(newest)
-    meta = _json.loads(ck["meta"]) if isinstance(ck["meta"], str) else dict(ck["meta"])
+    meta = dict(ck["meta"]) if isinstance(ck["meta"], str) else dict(ck["meta"])
     del meta["recipe"]["training"][field]
     ck["meta"] = _json.dumps(meta)
     torch.save(ck, newest)
@@ -651,3 +651,24 @@ def test_a_non_finite_step_after_a_resume_rolls_back_where_the_uninterrupted_run
         runs[name] = (model.state_dict(), [e["rolled_back_to"] for e in result.history.events if e["event"] == "nonfinite"])
     assert runs["whole"][1] == runs["resumed"][1] == [0, 12, 20]
     assert all(torch.equal(v, runs["resumed"][0][k]) for k, v in runs["whole"][0].items())
+
+
+@pytest.mark.parametrize("position", [None, {"step": "abc"}, {"step": 1_000_000}, {"step": -3}])
+def test_a_checkpoint_whose_position_is_damaged_is_refused_by_name(digits, tmp_path, position):
+    """Edited behind a rewritten checksum: no position or a step of "abc" ended in a KeyError / TypeError traceback,
+    and step 1,000,000 of the run's few resumed 'past the end' and saved a model the run never trained to it."""
+    import json as _json
+
+    _tiny(digits, run_dir=tmp_path, checkpoint_every=3)
+    newest = CheckpointStore(tmp_path).paths()[-1]
+    ck = read_checkpoint(newest)
+    meta = dict(ck["meta"])
+    if position is None:
+        del meta["position"]
+    else:
+        meta["position"] = {**meta["position"], **position}
+    ck["meta"] = _json.dumps(meta)
+    torch.save(ck, newest)
+    newest.with_name(newest.name + ".sha256").unlink()
+    with pytest.raises(TrainingError, match="its record of where the run stood .* is damaged or not of this run"):
+        _tiny(digits, run_dir=tmp_path, checkpoint_every=3, resume=True)

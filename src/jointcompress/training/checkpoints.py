@@ -157,7 +157,7 @@ class RunCheckpoints:
         meta = ck["meta"]
         self._check_fits(path, meta)
         s = tr.session
-        pos = Position(**meta["position"])
+        pos = _position(path, meta, s.plan.total_steps)
         s.restore_structure(pos.step)  # parametrizations and frozen techniques as the run had them
         self._load_state(path, ck)
         _terms.set_technique_scalars(s.techniques, meta["technique_scalars"])
@@ -221,6 +221,23 @@ def _trained_overlap(saved: dict) -> bool:
     (joint_form.py): masks and LSQ under the allocator's budgets, what `mode: overlap` trains now."""
     kinds = [t.get("type") for t in saved.get("techniques", [])]
     return saved.get("mode") == "joint" and saved.get("target") is not None and "size_budget" not in kinds
+
+
+def _position(path, meta: dict, total_steps: int) -> Position:
+    """The checkpoint's position, checked: a record edited behind a rewritten checksum (no position, a step of
+    "abc" or past the run's end) ended in a KeyError or TypeError, or resumed at step 1,000,000 of 66 and saved
+    a model the run never trained to its end."""
+    try:
+        pos = Position(**meta["position"])
+        fits = all(isinstance(getattr(pos, k), int) and not isinstance(getattr(pos, k), bool) and getattr(pos, k) >= 0
+                   for k in ("step", "epoch", "batch_in_epoch")) and pos.step <= total_steps
+    except (KeyError, TypeError):
+        fits = False
+    if not fits:
+        raise TrainingError(f"{path}: its record of where the run stood (position: {meta.get('position')!r:.120}) is "
+                            f"damaged or not of this run of {total_steps} steps; delete it (and its .sha256) to resume "
+                            f"from the checkpoint before it, or {ckpt.START_OVER}")
+    return pos
 
 
 def _memory_changes(saved: dict | None, recipe) -> dict[str, list]:
