@@ -49,6 +49,8 @@ VARIANTS = {  # name -> (mode, coordination strategy)
     "joint-acc-pcgrad": ("joint", "pcgrad"),  # pcgrad on accuracy (task + distill) against size (ACCURACY_AS_ONE)
     "sequential": ("sequential", "none"),
     "sequential-sens": ("sequential", "none"),  # sequential on budgets from a sensitivity scan (SENSITIVITY_ALLOCATED)
+    # sequential whose masks stay as fitted when LSQ first rounds them (target.refit_on_rounding: false, NO_REFIT)
+    "sequential-norefit": ("sequential", "none"),
     "overlap": ("overlap", "none"),  # masks + LSQ at overlapping times, allocator budgets (not in the default set)
     "joint-fisher-none": ("joint", "none"),  # the size budget with FISHER_BUDGET (docs/joint.md)
     "joint-fisher-pcgrad": ("joint", "pcgrad"),
@@ -144,6 +146,7 @@ ACCURACY_AS_ONE = {"joint-acc-pcgrad"}
 # the variants whose allocator reads a sensitivity scan of each seed's teacher (sensitivity.scan on the images runs
 # choose their epoch on) instead of the ERK proxy: which layers keep weights and bits is then measured, not guessed
 SENSITIVITY_ALLOCATED = {"sequential-sens"}
+NO_REFIT = {"sequential-norefit"}
 # the joint form compress() runs for mode: joint under a size target (joint_form.py), with each coordination
 # strategy, against sequential; benchmarks/compare_mnist.py keeps its own default (BENCHMARK_VARIANTS)
 DEFAULT_VARIANTS = ("joint-paced-obdland-none", "joint-paced-obdland-scale", "joint-paced-obdland-pcgrad", "sequential")
@@ -255,6 +258,8 @@ def variant_recipe(budgets: Recipe, variant: str, seed: int, targeted: Recipe | 
     data["mode"] = mode
     if mode == "sequential":
         without_quant_start(data)
+    if variant in NO_REFIT and data.get("target"):
+        data["target"]["refit_on_rounding"] = False
     data["coordination"]["strategy"], data["training"]["seed"] = strategy, seed
     if variant in ACCURACY_AS_ONE:
         data["coordination"]["accuracy_as_one"] = True

@@ -437,6 +437,10 @@ class Target(Strict):
     # from the trained weights and step sizes so that the artifact lands on the target
     # (targets.SizeSteering)
     steer: bool = True
+    # sequential and overlap at low bits: once LSQ first rounds the masked weights, re-fit masks whose file would land
+    # more than 5% under the target, letting weights back in (targets.SizeSteering); false keeps the masks fixed
+    # there (the file may then land under the target)
+    refit_on_rounding: bool = True
     # how a size target's bytes are shared among the layers (modes sequential and overlap; mode: joint learns
     # its own): erk, the ERK proxy (from the shapes alone); sensitivity, a scan of the model before training
     # (each layer pruned and rounded alone, read with the run's evaluate): the layers whose metric drops most
@@ -1015,7 +1019,8 @@ def builtin_recipe(name: str) -> Path:
 # a checkpoint that lacks one resumes as that value, not as a different recipe
 ADDED_FIELDS = {("training", "keep"): "best", ("training", "validation_images"): 0, ("training", "micro_batches"): 1,
                 ("training", "precision"): "fp32", ("training", "greater_is_better"): None,
-                ("training", "recalibrate_norms"): 0, ("target", "allocator"): "erk"}
+                ("training", "recalibrate_norms"): 0, ("target", "allocator"): "erk",
+                ("target", "refit_on_rounding"): True}
 
 
 def with_added_fields(saved: dict) -> dict:

@@ -389,8 +389,9 @@ class SizeSteering:
     happened are checkpointed technique state, so a resumed run neither repeats nor skips them.
     """
 
-    def __init__(self, goal_bytes: float):
+    def __init__(self, goal_bytes: float, refit_on_rounding: bool = True):
         self.goal = float(goal_bytes)
+        self.refit_on_rounding = refit_on_rounding  # 1b (target.refit_on_rounding)
         self.best_before_trim: float | None = None  # the kept metric the trim made the run forget
 
     def on_step(self, trainer, step: int, out) -> None:
@@ -450,7 +451,7 @@ class SizeSteering:
         from .techniques.size_estimate import measured_bytes
 
         now = measured_bytes(trainer.model, trainer.session.ctx.example_inputs)["total"]
-        refit = now < self.goal * (1 - REQUANT_UNDER)
+        refit = self.refit_on_rounding and now < self.goal * (1 - REQUANT_UNDER)
         prune.rounding_check = 2 if refit else 1
         trainer.history.events.append({"step": step, "event": "size_rounding_check", "goal_bytes": round(self.goal),
                                        "predicted_bytes": now, "refit": refit})
