@@ -312,6 +312,16 @@ def test_checkpoint_write_failure_leaves_previous_checkpoints_intact(digits, tmp
     assert not [p for p in (tmp_path / "other" / "checkpoints").iterdir()]
 
 
+def test_a_checkpoint_path_too_long_for_the_file_system_says_to_shorten_it(digits, tmp_path, monkeypatch):
+    """A 4,000-character --out trained, then failed at its first checkpoint advising to free space."""
+    import errno
+
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENAMETOOLONG, "File name too long")))
+    with pytest.raises(OSError, match="longer than the file system allows: give a shorter --out") as err:
+        _run(digits, run_dir=tmp_path / "run", checkpoint_every=4)
+    assert "free space" not in str(err.value)
+
+
 def test_a_stream_without_length_is_named_and_one_with_length_trains():
     from torch.utils.data import DataLoader, IterableDataset
 

@@ -15,6 +15,7 @@ falls back to the one before it. A checkpoint without a sidecar (an older versio
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io as _io
 import json
@@ -211,10 +212,11 @@ class CheckpointStore:
         except OSError as err:  # atomic_write_bytes names the file (err.filename)
             what = err.strerror if err.filename else f"writing {path} failed: {err.strerror or err}"
             earlier = [p for p in self.paths() if p != path]
-            kept = (f"the {len(earlier)} checkpoint(s) written before are intact: free space (or fix the folder's "
-                    "permissions), then resume the run (--resume, resume=True)" if earlier else
-                    "no checkpoint was written before this one: free space (or fix the folder's permissions), then run "
-                    "it again (a resume starts it over)")
+            fix = ("the path is longer than the file system allows: give a shorter --out (run_dir)"
+                   if err.errno == errno.ENAMETOOLONG else "free space (or fix the folder's permissions)")
+            kept = (f"the {len(earlier)} checkpoint(s) written before are intact: {fix}, then resume the run (--resume, "
+                    "resume=True)" if earlier else
+                    f"no checkpoint was written before this one: {fix}, then run it again (a resume starts it over)")
             raise type(err)(err.errno, f"{what}; {kept}", err.filename or str(path)) from err
         for old in self.paths()[: -self.keep]:
             if old != path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import logging
 import os
@@ -1126,7 +1127,10 @@ def _run(debug: bool) -> None:
             raise
         filename = getattr(err, "filename", None)
         named = filename is not None and str(filename) in str(err.strerror)  # io.atomic_write_bytes says what to do
-        where = "" if named else (f" ({filename})" if filename else "") + "; check the path, free space and permissions"
+        advice = {errno.ENAMETOOLONG: "the path is too long for the file system: give a shorter one",
+                  errno.ENOTDIR: "a part of the path is a file, not a folder: give a path in a folder"}.get(
+            err.errno, "check the path, free space and permissions")
+        where = "" if named else (f" ({filename})" if filename else "") + f"; {advice}"
 
         console.print(f"[bold red]error:[/bold red] {escape(str(err.strerror or err) + where)} (--debug for details)",
                       highlight=False)
