@@ -322,7 +322,8 @@ def point_rows() -> list[dict]:
         for ratio in r["ratios"]:
             seq = next((s for s in r["summary"] if s["variant"] == "sequential" and s["ratio_target"] == ratio), None)
             # another folder's point, or a baseline (sequential-sens has its own section, stronger_baseline_section)
-            borrowed = ("sequential", "overlap", "sequential-sens", *(v for _, v, _ in r.get("joint_from", [])))
+            borrowed = ("sequential", "overlap", "sequential-sens", "sequential-norefit",
+                        *(v for _, v, _ in r.get("joint_from", [])))
             for s in sorted((s for s in r["summary"] if s["ratio_target"] == ratio and s["variant"] not in borrowed),
                             key=lambda s: s["variant"]):
                 st = paired_stats(runs, s["variant"], ratio)
@@ -410,7 +411,10 @@ def _point_key(p: dict) -> tuple:
 # (docs/joint.md), whose later folder the headline takes
 HEADLINE_SKIP = {"compare_lenet5_200x_2k_obd_seq",
                  "compare_vit_30x_2k_obdland",  # compare_vit_30x_2k_obdland_fixed
-                 "compare_lenet5_200x_2k_rank_land"}  # compare_lenet5_2k_obdland
+                 "compare_lenet5_200x_2k_rank_land",  # compare_lenet5_2k_obdland
+                 # sequential as run by default loses about half a point to its own re-fit on LSQ's rounding there;
+                 # longer_two_bit_section sets joint beside sequential-norefit, the stronger baseline
+                 "compare_lenet300_100x_2bit_t15_e12_val"}
 
 
 def most_seeds(points: list[dict], variant: str) -> dict[tuple, dict]:
@@ -1224,9 +1228,9 @@ def norm_format_pair(model: str, first: tuple[str, str], second: tuple[str, str]
 LONGER_TWO_BIT = (("compare_lenet300_100x_2bit_t15_e4_val", 4), ("compare_lenet300_100x_2bit_t15_e12_val", 12))
 
 
-def _cross_pair(joint: dict, seq: dict, ratio: float, variant: str) -> str:
-    """`variant` in one result against sequential in another, paired by seed (the same teachers)."""
-    a, b = by_seed(joint, variant, ratio), by_seed(seq, "sequential", ratio)
+def _cross_pair(joint: dict, seq: dict, ratio: float, variant: str, baseline: str = "sequential") -> str:
+    """`variant` in one result against `baseline` in another, paired by seed (the same teachers)."""
+    a, b = by_seed(joint, variant, ratio), by_seed(seq, baseline, ratio)
     diffs = [100 * (a[k] - b[k]) for k in sorted(set(a) & set(b))]
     if len(diffs) < 2 or not same_teachers(joint, seq):
         return "not paired"
@@ -1234,35 +1238,44 @@ def _cross_pair(joint: dict, seq: dict, ratio: float, variant: str) -> str:
     return f"{mean:+.2f} ± {se:.2f} (n={len(diffs)}) {_verdict(mean, se)}"
 
 
+SEQUENTIAL_FORMS = ("sequential", "sequential-norefit")
+
+
 def longer_two_bit_section(points=LONGER_TWO_BIT) -> list[str]:
-    """Each method at 4 and at 12 compression epochs, and each at its better one against the other's."""
+    """Each method at 4 and at 12 compression epochs, sequential with and without the re-fit on LSQ's rounding, and
+    the joint form at its better length against the best of sequential's forms and lengths."""
     results = [(load_compare(folder), epochs, folder) for folder, epochs in points]
     if any(r is None for r, _, _ in results):
         return []
     variant, ratio = NONZERO_GRID_VARIANT, 100.0
     mean = lambda r, v, key="error", scale=100: scale * statistics.mean(by_seed(r, v, ratio, key).values())  # noqa: E731
-    rows = [f"| {epochs} | {mean(r, variant):.2f}% ({mean(r, variant, 'file_bytes', 1):,.0f} B) | "
-            f"{mean(r, 'sequential'):.2f}% ({mean(r, 'sequential', 'file_bytes', 1):,.0f} B) | "
-            f"{_cross_pair(r, r, ratio, variant)} | `{folder}` |" for r, epochs, folder in results]
+    cell = lambda r, v: f"{mean(r, v):.2f}% ({mean(r, v, 'file_bytes', 1):,.0f} B)"  # noqa: E731
+    rows = [f"| {epochs} | {cell(r, variant)} | {cell(r, 'sequential')} | {cell(r, 'sequential-norefit')} | "
+            f"{_cross_pair(r, r, ratio, variant)} | {_cross_pair(r, r, ratio, variant, 'sequential-norefit')} | "
+            f"`{folder}` |" for r, epochs, folder in results]
     best_joint = min(results, key=lambda t: mean(t[0], variant))
-    best_seq = min(results, key=lambda t: mean(t[0], "sequential"))
+    best_seq = min(((t, form) for t in results for form in SEQUENTIAL_FORMS), key=lambda tf: mean(tf[0][0], tf[1]))
+    (seq_result, seq_epochs, _), seq_form = best_seq
     teacher = 100 * teacher_error(results[0][0])
     return ["## LeNet-300-100 at 100x, 2 bits, longer training", "",
             f"The joint form (`{variant}`) and sequential on the same teachers (15 epochs, {teacher:.2f}% error, 3 seeds), "
-            "at 4 and at 12 compression epochs; the kept epoch is chosen on 5,000 held-out training images, error on the "
-            "10,000 test images, mean file bytes in brackets; paired by seed, ± one standard error.", "",
-            "| compression epochs | joint form | sequential | joint − sequential | results |", "| --- | --- | --- | --- | --- |",
-            *rows, "",
-            f"Each at its better length: the joint form at {best_joint[1]} epochs ({mean(best_joint[0], variant):.2f}%) "
-            f"against sequential at {best_seq[1]} ({mean(best_seq[0], 'sequential'):.2f}%): "
-            f"{_cross_pair(best_joint[0], best_seq[0], ratio, variant)}. The joint form meets the goal of >= 100x at "
-            "<= 1.80% error at both lengths, on the mean over seeds (not on every seed: its worst seed reads "
+            "at 4 and at 12 compression epochs; sequential twice: as it runs by default, and as `sequential-norefit` "
+            "(`target.refit_on_rounding: false`), whose masks stay as fitted when LSQ first rounds them. The kept epoch "
+            "is chosen on 5,000 held-out training images; error on the 10,000 test images, mean file bytes in brackets; "
+            "paired by seed, ± one standard error.", "",
+            "| compression epochs | joint form | sequential | sequential-norefit | joint − sequential | "
+            "joint − sequential-norefit | results |", "| --- | --- | --- | --- | --- | --- | --- |", *rows, "",
+            f"Each at its best: the joint form at {best_joint[1]} epochs ({mean(best_joint[0], variant):.2f}%) against "
+            f"`{seq_form}` at {seq_epochs} ({mean(seq_result, seq_form):.2f}%): "
+            f"{_cross_pair(best_joint[0], seq_result, ratio, variant, seq_form)}. The joint form meets the goal of >= 100x "
+            "at <= 1.80% error at both lengths on the mean over seeds (not on every seed: its worst reads "
             f"{max(100 * e for e in by_seed(best_joint[0], variant, ratio).values()):.2f}% at {best_joint[1]} epochs). "
-            "Sequential reads worse at 12 epochs than at 4: "
-            "at 2 bits its LSQ rounds many kept weights to zero, so its size steering lets weights back in during the "
-            "quantize phase (the masks' density goes from 5% to about 63%) and trims them back before the end "
-            "(targets.SizeSteering); with 4 epochs its files end 7-12% under the target instead. Its better length is "
-            "the baseline the last comparison uses.", "",
+            "Sequential as it runs by default reads worse at 12 epochs than at 4: at 2 bits LSQ rounds many of its kept "
+            "weights to zero, so its size steering re-fits the masks then (`size_requant`: their density goes from 5% "
+            "to about 63% mid-QAT) and cuts them back before the end (`size_recheck_cut`, the trim); without that "
+            "re-fit its files land 12-25% under the target and read better at 12 epochs, tie at 4. The re-fit stays "
+            "the default until it is measured at the other 2-bit points; `sequential-norefit` is the stronger "
+            "baseline here.", "",
             "Reproduce: " + "; ".join(f"`{r['command']}`" for r, _, _ in results) + ".", ""]
 
 
