@@ -398,7 +398,10 @@ def test_bench_data_is_standardised_as_the_artifacts_model_was_trained(app, tmp_
     with torch.no_grad():
         raw = accuracy(model, torch.as_tensor(x_test, dtype=torch.float32).unsqueeze(1), torch.as_tensor(y_test))
     assert result["after"]["accuracy"] == pytest.approx(accuracy(model, trained.x_test, trained.y_test))
-    assert "records no input standardisation" in result["note"] and f"as they are it reads {raw:.3f}" in result["note"]
+    scaled = accuracy(model, torch.as_tensor(x_test, dtype=torch.float32).unsqueeze(1) / 255, torch.as_tensor(y_test))
+    assert "records no input standardisation" in result["note"]
+    # the file's values as they are, and / 255 (a model trained on pixels in [0, 1], as most scripts train)
+    assert f"on the file's values as they are {raw:.3f}, and on the file's values / 255 {scaled:.3f}" in result["note"]
 
 
 def test_bench_of_a_pooling_model_on_data_of_another_size_says_whose_shape_the_macs_are(app, tmp_path):

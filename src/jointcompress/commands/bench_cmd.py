@@ -216,12 +216,16 @@ def _unrecorded_standardisation(manifest: dict, split, model) -> str | None:
     if split is None or not split.standardisation or (manifest.get("extra") or {}).get("input_standardisation"):
         return None
     given = split.standardisation
-    as_stored = {**given, "mean": [0.0] * len(given["mean"]), "std": [1.0] * len(given["std"])}
-    try:
-        raw = restandardised(split.x_test, given, as_stored)
-        on_raw = f"; on the file's values as they are it reads {accuracy(model, raw, split.y_test):.3f}"
-    except (DataError, RuntimeError, ValueError):  # a layout the record does not fit: the note alone
-        on_raw = ""
+    full = 16.0 if split.name == "digits" else 255.0  # what unit_range divides the file's values by
+    forms = {"as they are": 1.0, f"/ {full:g}": full}
+    readings = []
+    for words, scale in forms.items():  # the recipe's inputs: as_stored, and unit_range (data.INPUT_FORMS)
+        wanted = {**given, "mean": [0.0] * len(given["mean"]), "std": [scale] * len(given["std"])}
+        try:
+            readings.append(f"on the file's values {words} {accuracy(model, restandardised(split.x_test, given, wanted), split.y_test):.3f}")
+        except (DataError, RuntimeError, ValueError):  # a layout the record does not fit: the note alone
+            pass
+    on_raw = f"; it reads {', and '.join(readings)}" if readings else ""
     return ("the manifest records no input standardisation (an artifact saved without extra={'input_standardisation': "
             f"split.standardisation}}): accuracy is read on --data standardised with its own training split's statistics, "
             f"as compress trains{on_raw}; which is the model's depends on the inputs it was trained on")
