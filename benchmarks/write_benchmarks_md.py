@@ -1228,14 +1228,15 @@ def norm_format_pair(model: str, first: tuple[str, str], second: tuple[str, str]
 LONGER_TWO_BIT = (("compare_lenet300_100x_2bit_t15_e4_val", 4), ("compare_lenet300_100x_2bit_t15_e12_val", 12))
 
 
-def _cross_pair(joint: dict, seq: dict, ratio: float, variant: str, baseline: str = "sequential") -> str:
+def _cross_pair(joint: dict, seq: dict, ratio: float, variant: str, baseline: str = "sequential",
+                words: tuple[str, str] = ("joint", "sequential")) -> str:
     """`variant` in one result against `baseline` in another, paired by seed (the same teachers)."""
     a, b = by_seed(joint, variant, ratio), by_seed(seq, baseline, ratio)
     diffs = [100 * (a[k] - b[k]) for k in sorted(set(a) & set(b))]
     if len(diffs) < 2 or not same_teachers(joint, seq):
         return "not paired"
     mean, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return f"{mean:+.2f} ± {se:.2f} (n={len(diffs)}) {_verdict(mean, se)}"
+    return f"{mean:+.2f} ± {se:.2f} (n={len(diffs)}) {_verdict(mean, se, words)}"
 
 
 SEQUENTIAL_FORMS = ("sequential", "sequential-norefit")
@@ -1273,10 +1274,34 @@ def longer_two_bit_section(points=LONGER_TWO_BIT) -> list[str]:
             "Sequential as it runs by default reads worse at 12 epochs than at 4: at 2 bits LSQ rounds many of its kept "
             "weights to zero, so its size steering re-fits the masks then (`size_requant`: their density goes from 5% "
             "to about 63% mid-QAT) and cuts them back before the end (`size_recheck_cut`, the trim); without that "
-            "re-fit its files land 12-25% under the target and read better at 12 epochs, tie at 4. The re-fit stays "
-            "the default until it is measured at the other 2-bit points; `sequential-norefit` is the stronger "
-            "baseline here.", "",
-            "Reproduce: " + "; ".join(f"`{r['command']}`" for r, _, _ in results) + ".", ""]
+            "re-fit its files land 12-25% under the target and read better at 12 epochs, tie at 4; "
+            "`sequential-norefit` is the stronger baseline here." + _refit_elsewhere(), "",
+            "Reproduce: " + "; ".join(f"`{r['command']}`" for r in [*(t[0] for t in results), *_refit_results()])
+            + ".", ""]
+
+
+# sequential with and without the re-fit on LSQ's rounding at other 2-bit points (one command each)
+REFIT_ELSEWHERE = ("compare_lenet5_2bit_norefit_val",)
+
+
+def _refit_results() -> list[dict]:
+    return [r for r in (load_compare(folder) for folder in REFIT_ELSEWHERE) if r is not None]
+
+
+def _refit_elsewhere() -> str:
+    """Where else the re-fit was measured, and why it stays the default."""
+    cells = []
+    for r in _refit_results():
+        for ratio in r["ratios"]:
+            mean = lambda v, key="error", scale=100: scale * statistics.mean(by_seed(r, v, ratio, key).values())  # noqa: E731
+            cells.append(f"{MODELS[r['model']]} at {ratio:g}x ({r['epochs']} epochs) {mean('sequential'):.2f}% with it "
+                         f"({mean('sequential', 'file_bytes', 1):,.0f} B) and {mean('sequential-norefit'):.2f}% without "
+                         f"({mean('sequential-norefit', 'file_bytes', 1):,.0f} B), without − with "
+                         f"{_cross_pair(r, r, ratio, 'sequential-norefit', words=('no re-fit', 're-fit'))}")
+    if not cells:
+        return ""
+    return (" Elsewhere at 2 bits the re-fit helps or ties (" + "; ".join(cells) + "), so it stays the default, and "
+            "`compare --variants ...,sequential-norefit` runs both.")
 
 
 def same_teachers(a: dict, b: dict) -> bool:

@@ -674,7 +674,8 @@ def _write_compress_results(out: Path, recipe_path: Path, recipe, teacher, outco
         from .latency_targets import latency_against_target
 
         latency = latency_against_target(teacher, outcome.model, result.example_inputs, recipe.target)
-        asked = recipe.target.model_dump(exclude_none=True, exclude={"allocated", "steer", "allocator"})  # size-only fields
+        asked = recipe.target.model_dump(exclude_none=True,  # without the size-only fields
+                                         exclude={"allocated", "steer", "allocator", "refit_on_rounding"})
         allocated = next((e for e in result.history.events if e.get("event") == "latency_allocation"), None)
         if allocated is not None:  # the goal the widths were chosen for, beside the final check's goal_ms
             latency["allocation_goal_ms"] = allocated["goal_ms"]

@@ -276,10 +276,10 @@ def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=
 
     path = Path(path)
     if force and not resume:
-        _refuse_clearing_a_lone_teacher(path, fresh)
         for what, read in (reads or {}).items():
             if read is not None:
                 _refuse_clearing_the_input(path, fresh, Path(read), what)
+        _refuse_clearing_a_lone_teacher(path, fresh)
     if not resume:
         check_output_dir(path, force=force)
     elif not CheckpointStore(path).paths():
@@ -324,7 +324,8 @@ def _refuse_clearing_a_lone_teacher(path: Path, fresh: tuple[str, ...]) -> None:
     user's file of that name, which --force deleted (a user's own teacher, kept in the folder they then named
     --out)."""
     teacher = path / "teacher.safetensors"
-    if "teacher.safetensors" in fresh and teacher.is_file() and not (path / "start.json").is_file():
+    if ("teacher.safetensors" in fresh and teacher.is_file() and not teacher.is_symlink()  # a link goes, not its file
+            and not (path / "start.json").is_file()):
         raise JointCompressError(f"--force: {teacher} has no start.json beside it, so no run wrote it; --force would "
                                  "delete it: move it out of the folder (give it with --weights to compress it), or "
                                  "give another --out")
