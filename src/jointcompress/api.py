@@ -762,7 +762,8 @@ def _resolve_target(model: nn.Module, recipe: Recipe, example, callbacks: list, 
     scanned = _allocation_scan(model, recipe, example, evaluate, loader, run_dir, resume, dist)
     recipe = resolve_for_run(model, recipe, example, run_dir, resume, dist, sensitivity=scanned)
     if recipe.target is not None and recipe.target.steer and not recipe.target.is_latency:
-        callbacks.append(SizeSteering(target_bytes(model, recipe.target), refit_on_rounding=recipe.target.refit_on_rounding))
+        callbacks.append(SizeSteering(target_bytes(model, recipe.target),
+                                      refit_on_rounding=recipe.target.refit_on_rounding))
     return recipe
 
 

@@ -320,12 +320,13 @@ def _on_rank_0_for_all(dist, work) -> None:
 
 
 def _refuse_clearing_a_lone_teacher(path: Path, fresh: tuple[str, ...]) -> None:
-    """A run writes start.json before the model it trained (teacher.safetensors): one without the other is a
-    user's file of that name, which --force deleted (a user's own teacher, kept in the folder they then named
-    --out)."""
+    """A run writes start.json before the model it trained (teacher.safetensors), and a run older than start.json
+    left its checkpoints, history or summary beside it: a teacher.safetensors with none of them is a user's file of
+    that name, which --force deleted (a user's own teacher, kept in the folder they then named --out)."""
     teacher = path / "teacher.safetensors"
+    run_files = ("start.json", "checkpoints", "history.json", "summary.json")
     if ("teacher.safetensors" in fresh and teacher.is_file() and not teacher.is_symlink()  # a link goes, not its file
-            and not (path / "start.json").is_file()):
+            and not any((path / name).exists() for name in run_files)):
         raise JointCompressError(f"--force: {teacher} has no start.json beside it, so no run wrote it; --force would "
                                  "delete it: move it out of the folder (give it with --weights to compress it), or "
                                  "give another --out")

@@ -377,12 +377,13 @@ def check_given_model_inputs(model: nn.Module, split: Split, data: str | None, i
 
     reading = _test_accuracy(model, split)
     chance = float(torch.bincount(split.y_test[:INPUTS_CHECK_ROWS]).max()) / len(split.y_test[:INPUTS_CHECK_ROWS])
-    if reading >= chance + 0.25 * (1 - chance):
+    useful = chance + 0.25 * (1 - chance)
+    if reading >= useful:
         return
     others = {form: _test_accuracy(model, load_dataset(data, inputs=form)) for form in INPUT_FORMS if form != inputs}
     best = max(others, key=others.get)
     readings = ", ".join(f"{form} {100 * acc:.1f}%" for form, acc in others.items())
-    fix = (f"set `inputs: {best}` in the recipe, the form it reads best on" if others[best] >= chance + 0.25 * (1 - chance)
+    fix = (f"set `inputs: {best}` in the recipe, the form it reads best on" if others[best] >= useful
            else "it reads near chance on every form: are these the weights of this model for this data, its labels "
                 "in the same order?")
     warnings.warn(f"--weights {weights}: the model reads {100 * reading:.1f}% of {split.name}'s test images as the "

@@ -222,7 +222,8 @@ def _unrecorded_standardisation(manifest: dict, split, model) -> str | None:
     for words, scale in forms.items():  # the recipe's inputs: as_stored, and unit_range (data.INPUT_FORMS)
         wanted = {**given, "mean": [0.0] * len(given["mean"]), "std": [scale] * len(given["std"])}
         try:
-            readings.append(f"on the file's values {words} {accuracy(model, restandardised(split.x_test, given, wanted), split.y_test):.3f}")
+            reading = accuracy(model, restandardised(split.x_test, given, wanted), split.y_test)
+            readings.append(f"on the file's values {words} {reading:.3f}")
         except (DataError, RuntimeError, ValueError):  # a layout the record does not fit: the note alone
             pass
     on_raw = f"; it reads {', and '.join(readings)}" if readings else ""

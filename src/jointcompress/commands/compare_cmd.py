@@ -177,14 +177,16 @@ def summary_table(result: dict):
         table.add_column(col, justify="left" if col == "variant" or col in deltas else "right")
     teacher = result.get("uncompressed_summary") or uncompressed_summary(result)
     if teacher:
-        table.add_row("uncompressed (teacher)", "-", str(teacher["n"]), _bytes(teacher.get("bytes_mean")), "1.0x", _acc(teacher),
+        table.add_row("uncompressed (teacher)", "-", str(teacher["n"]), _bytes(teacher.get("bytes_mean")), "1.0x",
+                      _acc(teacher),
                       f"{100 * teacher['error_mean']:.2f}%", "")
     summary = result.get("summary") or summarize(result.get("runs", []))
     paired = {(p["variant"], p["ratio_target"], p.get("baseline", "sequential")): p for p in every}
     for s in sorted(summary, key=lambda s: (s["ratio_target"], s["variant"])):
         nothing = changed_nothing_note(s)
         table.add_row(s["variant"] + (f" ({nothing})" if nothing else ""), f"{s['ratio_target']:g}x", str(s["n"]),
-                      _bytes(s.get("file_bytes_mean")), f"{s['ratio_mean']:.1f}x", _acc(s), f"{100 * s['error_mean']:.2f}%",
+                      _bytes(s.get("file_bytes_mean")), f"{s['ratio_mean']:.1f}x", _acc(s),
+                      f"{100 * s['error_mean']:.2f}%",
                       *(paired_cell(paired.get((s["variant"], s["ratio_target"], b))) for b in ["sequential", *stronger]))
     return table
 

@@ -178,10 +178,10 @@ class RunCheckpoints:
                                   **({"changed": changed} if changed else {})})
         if "training.precision" in changed:
             was, now = changed["training.precision"]
-            warnings.warn(f"{path}: the run trained in {was} up to step {pos.step} and continues in {now}: its result "
-                          f"will match neither an uninterrupted {was} run nor a {now} one, and the artifact's recipe says "
-                          f"{now} (the history's 'resumed' event records the change); resume with training.precision: "
-                          f"{was} to continue as it began", stacklevel=2)
+            warnings.warn(f"{path}: the run trained in {was} up to step {pos.step} and continues in {now}: its "
+                          f"result will match neither an uninterrupted {was} run nor a {now} one, and the artifact's "
+                          f"recipe says {now} (the history's 'resumed' event records the change); resume with "
+                          f"training.precision: {was} to continue as it began", stacklevel=2)
         self.last = path
         return True
 
@@ -245,7 +245,8 @@ def _memory_changes(saved: dict | None, recipe) -> dict[str, list]:
     if not saved:
         return {}
     saved, now = with_added_fields(saved), recipe.model_dump(mode="json")
-    return {f"{section}.{field}": [saved[section].get(field), now[section].get(field)] for section, field in MEMORY_FIELDS
+    return {f"{section}.{field}": [saved[section].get(field), now[section].get(field)]
+            for section, field in MEMORY_FIELDS
             if isinstance(saved.get(section), dict) and saved[section].get(field) != now[section].get(field)}
 
 
