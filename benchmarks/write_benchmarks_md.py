@@ -2045,6 +2045,9 @@ VARIANTS_TEXT = [
     "fine-tune -> LSQ -> fine-tune over the same total steps, the same distillation, size steering onto the target bytes.",
     "- **sequential-sens**: sequential on the budgets the allocator makes from a sensitivity scan of each seed's teacher "
     "instead of the ERK proxy (`target.allocator: sensitivity`); its own section below.",
+    "- **sequential-norefit**: sequential whose masks stay as fitted when LSQ first rounds them "
+    "(`target.refit_on_rounding: false`; the default re-fits them where many kept weights round to zero, at 2 bits); "
+    "see \"LeNet-300-100 at 100x, 2 bits, longer training\".",
     "- **overlap**: the earlier joint mode (masks and LSQ at overlapping times on the allocator's budgets).",
     "- Options of the joint mode (`compare.JOINT_OPTIONS`, not in the default set; the suffix is again the coordination): "
     "**`joint-fisher-*`** prices a pruned weight by its Fisher (OBD) loss cost, warms the budget up on a cubic "
