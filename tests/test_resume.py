@@ -379,6 +379,30 @@ def test_a_checkpoint_from_before_a_training_field_resumes(digits, tmp_path, fie
     assert res.history.events[-1]["event"] == "resumed"
 
 
+def test_a_checkpoint_from_before_a_recipe_field_resumes(digits, tmp_path):
+    """`inputs` (top level) and target.refit_on_rounding came later: a checkpoint whose recipe lacks one read its
+    data standardised and re-fitted on rounding, and must not read as made with a different recipe (a top-level
+    field was not filled in at all)."""
+    import json as _json
+
+    from jointcompress.recipe import with_added_fields
+
+    _tiny(digits, run_dir=tmp_path, checkpoint_every=3)
+    newest = CheckpointStore(tmp_path).paths()[-1]
+    ck = read_checkpoint(newest)
+    meta = dict(ck["meta"])
+    for key in ("recipe", "given_recipe"):
+        if meta.get(key):
+            del meta[key]["inputs"]
+    ck["meta"] = _json.dumps(meta)
+    torch.save(ck, newest)
+    newest.with_name(newest.name + ".sha256").unlink()
+    res, _ = _tiny(digits, run_dir=tmp_path, checkpoint_every=3, resume=True)
+    assert res.history.events[-1]["event"] == "resumed"
+    old = with_added_fields({"target": {"ratio": 20.0}, "training": {}})
+    assert old["inputs"] == "standardised" and old["target"]["refit_on_rounding"] is True
+
+
 class Crash(Exception):
     """The process killed mid-run."""
 

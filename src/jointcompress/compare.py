@@ -573,6 +573,7 @@ def _earlier_result(out: Path, fresh: dict, spec: CompareSpec, log) -> dict:
     one's as if alike."""
     from .errors import RecipeError
     from .io import LOCK_NAME
+    from .recipe import with_added_fields
     from .training.checkpoints import differences
 
     path = out / "compare.json"
@@ -588,7 +589,8 @@ def _earlier_result(out: Path, fresh: dict, spec: CompareSpec, log) -> dict:
     digests = set(earlier.get("inputs_sha256") or {})  # an older compare.json records fewer (no architecture)
 
     def settings(result: dict) -> dict:
-        picked = {k: _without_target(result[k]) if k == "recipe" else result.get(k) for k in same}
+        picked = {k: _without_target(with_added_fields(result[k]) if result[k] else result[k]) if k == "recipe"
+                  else result.get(k) for k in same}  # a field added since (recipe.ADDED_FIELDS) at its old value
         if isinstance(picked.get("inputs_sha256"), dict):
             picked["inputs_sha256"] = {k: v for k, v in picked["inputs_sha256"].items() if k in digests}
         return picked

@@ -1023,8 +1023,13 @@ ADDED_FIELDS = {("training", "keep"): "best", ("training", "validation_images"):
                 ("target", "refit_on_rounding"): True}
 
 
+# top-level recipe fields added since, likewise (a run without `inputs` read its data standardised)
+ADDED_TOP_FIELDS = {"inputs": "standardised"}
+
+
 def with_added_fields(saved: dict) -> dict:
     """A checkpoint's recipe dump with the fields added since it was written at what it trained with."""
+    saved = {**{field: value for field, value in ADDED_TOP_FIELDS.items() if field not in saved}, **saved}
     for (section, field), value in ADDED_FIELDS.items():
         if isinstance(saved.get(section), dict) and field not in saved[section]:
             saved = {**saved, section: {**saved[section], field: value}}
