@@ -589,8 +589,8 @@ def _earlier_result(out: Path, fresh: dict, spec: CompareSpec, log) -> dict:
     digests = set(earlier.get("inputs_sha256") or {})  # an older compare.json records fewer (no architecture)
 
     def settings(result: dict) -> dict:
-        picked = {k: _without_target(with_added_fields(result[k]) if result[k] else result[k]) if k == "recipe"
-                  else result.get(k) for k in same}  # a field added since (recipe.ADDED_FIELDS) at its old value
+        # a recipe field added since (recipe.ADDED_FIELDS) at the value the earlier compare ran with
+        picked = {k: _without_target(with_added_fields(result[k])) if k == "recipe" else result.get(k) for k in same}
         if isinstance(picked.get("inputs_sha256"), dict):
             picked["inputs_sha256"] = {k: v for k, v in picked["inputs_sha256"].items() if k in digests}
         return picked

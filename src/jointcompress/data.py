@@ -118,6 +118,12 @@ def _normalise_along(x_train: np.ndarray, x_test: np.ndarray, axes: tuple, per: 
 # many training scripts feed images; or as the file stores them (a table's raw features). A model given with
 # --weights answers only for the form it was trained on.
 INPUT_FORMS = ("standardised", "unit_range", "as_stored")
+DIGITS_SCALE, PIXEL_SCALE = 16.0, 255.0  # the full scale of the embedded digits' values and of an .npz's pixels
+
+
+def full_scale(name: str) -> float:
+    """What unit_range divides a data set's values by (a Split's name: "digits", or an .npz's file stem)."""
+    return DIGITS_SCALE if name == "digits" else PIXEL_SCALE
 
 
 def _inputs_as(x_train: np.ndarray, x_test: np.ndarray, scale: float, inputs: str):
@@ -237,11 +243,11 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 def load_digits(test_fraction: float = 0.25, seed: int = 0, inputs: str = "standardised") -> Split:
     """scikit-learn's 1,797 8x8 digits, shipped with the package: the no-download default; `inputs`: INPUT_FORMS."""
     images, labels = _digits_arrays()
-    x, y = images.astype(np.float32) / 16.0, labels.astype(np.int64)
+    x, y = images.astype(np.float32) / DIGITS_SCALE, labels.astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(x))
     n_test = int(len(x) * test_fraction)
     test, train = order[:n_test], order[n_test:]
-    xtr, xte, record = _inputs_as(x[train], x[test], 16.0, inputs)
+    xtr, xte, record = _inputs_as(x[train], x[test], DIGITS_SCALE, inputs)
     return Split(xtr, torch.from_numpy(y[train]), xte, torch.from_numpy(y[test]), "digits", standardisation=record)
 
 
@@ -257,14 +263,14 @@ def load_mnist(path: str | Path, inputs: str = "standardised") -> Split:
         raise DataError(f"data: file not found: {path} (expected 'digits' or an .npz with x_train, y_train, x_test, "
                         f"y_test{where})")
     arrays = _read_npz(path)
-    x_train, x_test = (_laid_out(_pixels(arrays[k], f"{path}:{k}"), f"{path}:{k}").astype(np.float32) / 255.0
+    x_train, x_test = (_laid_out(_pixels(arrays[k], f"{path}:{k}"), f"{path}:{k}").astype(np.float32) / PIXEL_SCALE
                        for k in ("x_train", "x_test"))
     if x_train.shape[1:] != x_test.shape[1:]:
         raise DataError(f"data: {path}: x_train images are {x_train.shape[1:]} but x_test images {x_test.shape[1:]}; "
                         "they must match")
     _check_images(x_train, f"{path}:x_train")
     _check_images(x_test, f"{path}:x_test")
-    xtr, xte, record = _inputs_as(x_train, x_test, 255.0, inputs)
+    xtr, xte, record = _inputs_as(x_train, x_test, PIXEL_SCALE, inputs)
     ytr = _class_labels(arrays["y_train"], f"{path}:y_train", len(x_train))
     yte = _class_labels(arrays["y_test"], f"{path}:y_test", len(x_test))
     if len(np.unique(ytr)) < 2:  # a one-output classifier is right by construction: its 100% would mean nothing

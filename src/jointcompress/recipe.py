@@ -1028,7 +1028,10 @@ ADDED_TOP_FIELDS = {"inputs": "standardised"}
 
 
 def with_added_fields(saved: dict) -> dict:
-    """A checkpoint's recipe dump with the fields added since it was written at what it trained with."""
+    """A checkpoint's recipe dump with the fields added since it was written at what it trained with (None, a
+    result that kept no recipe, as it is)."""
+    if not saved:
+        return saved
     saved = {**{field: value for field, value in ADDED_TOP_FIELDS.items() if field not in saved}, **saved}
     for (section, field), value in ADDED_FIELDS.items():
         if isinstance(saved.get(section), dict) and field not in saved[section]:

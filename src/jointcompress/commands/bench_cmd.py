@@ -210,13 +210,13 @@ def _unrecorded_standardisation(manifest: dict, split, model) -> str | None:
     was trained on: --data is read standardised, as `compress` trains, and a model trained on the file's values as
     they are was reported at another accuracy without a word (0.680 for 0.820). Said, with the accuracy on the
     file's own values beside it."""
-    from ..data import accuracy, restandardised
+    from ..data import accuracy, full_scale, restandardised
     from ..errors import DataError
 
     if split is None or not split.standardisation or (manifest.get("extra") or {}).get("input_standardisation"):
         return None
     given = split.standardisation
-    full = 16.0 if split.name == "digits" else 255.0  # what unit_range divides the file's values by
+    full = full_scale(split.name)  # what unit_range divides the file's values by
     forms = {"as they are": 1.0, f"/ {full:g}": full}
     readings = []
     for words, scale in forms.items():  # the recipe's inputs: as_stored, and unit_range (data.INPUT_FORMS)
