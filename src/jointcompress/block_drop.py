@@ -9,7 +9,10 @@ towards (techniques/prune_blocks.py fades a block into the identity under distil
 what the latency allocator can take as a starting point (deploy/against.py `drop_blocks`).
 
 A block is droppable when, on the example input, it returns one tensor of its input's shape,
-and its traced forward adds its own input to something it computed (the skip connection).
+and its traced forward adds its own input to something it computed (the skip connection). The
+forward is traced symbolically (torch.fx) where it can be; a block whose forward reads its
+input's sizes as numbers (transformers' MobileNetV2 computes its TF-style padding so) is traced
+on the input it got in the example's forward instead (make_fx, shapes concrete).
 Blocks nest (a stage of residual layers is itself droppable); a name and one inside it cannot
 both be dropped.
 """
@@ -25,14 +28,15 @@ import torch.nn as nn
 from .errors import UnsupportedModelError
 from .model_call import call_model, forward_hooks
 
-_ADDS = (operator.add, operator.iadd, torch.add)
+_ADDS = (operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
+# what make_fx's graph makes of an identity shortcut: the input itself under another node
+_SAME = (torch.ops.aten.alias.default, torch.ops.aten.detach.default, torch.ops.aten.clone.default)
 
 
-def _adds_its_input(module: nn.Module) -> bool:
+def _adds_its_input(module: nn.Module, example: torch.Tensor | None = None) -> bool:
     """True when the module's traced forward adds its (single) input to another value."""
-    try:
-        graph = torch.fx.symbolic_trace(module).graph
-    except Exception:  # not traceable (data-dependent control flow, HF outputs): not a plain block
+    graph = _traced_graph(module, example)
+    if graph is None:  # not traceable (data-dependent control flow, HF outputs): not a plain block
         return False
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
@@ -40,7 +44,9 @@ def _adds_its_input(module: nn.Module) -> bool:
     modules = dict(module.named_modules())
     same = {inputs[0]}  # the input, and what an identity shortcut (nn.Identity, empty Sequential) makes of it
     for node in graph.nodes:
-        if node.op == "call_module" and node.args and node.args[0] in same and _is_identity(modules.get(node.target)):
+        if node.args and node.args[0] in same and (
+                (node.op == "call_module" and _is_identity(modules.get(node.target)))
+                or (node.op == "call_function" and node.target in _SAME)):
             same.add(node)
         is_add = (node.op == "call_function" and node.target in _ADDS) or (node.op == "call_method" and node.target in ("add", "add_"))
         if is_add and any(a in same for a in node.args):
@@ -48,24 +54,48 @@ def _adds_its_input(module: nn.Module) -> bool:
     return False
 
 
+def _traced_graph(module: nn.Module, example: torch.Tensor | None):
+    """The module's forward as a graph: symbolic where torch.fx can trace it, else traced on `example`
+    (the input it got in the example's forward) by make_fx; None where neither can."""
+    try:
+        return torch.fx.symbolic_trace(module).graph
+    except Exception:  # noqa: BLE001 - fx raises anything its proxies meet (int() of a size, control flow)
+        if example is None:
+            return None
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    try:
+        with torch.no_grad():
+            return make_fx(module)(example).graph
+    except Exception:  # noqa: BLE001 - a forward make_fx cannot trace is no plain block either
+        return None
+
+
+def _torch_layer(m: nn.Module) -> bool:
+    """torch.nn's own layers and containers (BatchNorm2d, Conv2d, Sequential, ...): none adds its input
+    to what it computes, and a deep CNN has hundreds of them to trace for nothing."""
+    return type(m).__module__.startswith("torch.nn.")
+
+
 def _is_identity(m) -> bool:
     return isinstance(m, nn.Identity) or (isinstance(m, nn.Sequential) and len(m) == 0)
 
 
-def _shape_preserving(model: nn.Module, example_inputs) -> list[str]:
-    """Names of the submodules that returned one tensor of their input's shape on the example."""
-    found = []
+def _shape_preserving(model: nn.Module, example_inputs) -> dict[str, torch.Tensor]:
+    """The submodules that returned one tensor of their input's shape on the example, each with that input
+    (the first call's), in the order they ran."""
+    found = {}
 
     def hook(mod, inp, out, name):
         if len(inp) == 1 and isinstance(inp[0], torch.Tensor) and isinstance(out, torch.Tensor) \
                 and out.shape == inp[0].shape:
-            found.append(name)
+            found.setdefault(name, inp[0])
 
     hooked = [(m, lambda mod, inp, out, name=name: hook(mod, inp, out, name)) for name, m in model.named_modules()
               if name and next(m.parameters(), None) is not None]
     with forward_hooks(hooked), torch.no_grad():
         call_model(model, example_inputs)
-    return list(dict.fromkeys(found))
+    return found
 
 
 def residual_blocks(model: nn.Module, example_inputs) -> list[str]:
@@ -75,7 +105,8 @@ def residual_blocks(model: nn.Module, example_inputs) -> list[str]:
     try:
         candidates = _shape_preserving(model, example_inputs)
         modules = dict(model.named_modules())
-        blocks = [n for n in candidates if _adds_its_input(modules[n])]
+        blocks = [n for n, example in candidates.items()
+                  if not _torch_layer(modules[n]) and _adds_its_input(modules[n], example)]
     finally:
         model.train(was_training)
     order = {n: i for i, n in enumerate(modules)}
