@@ -282,6 +282,24 @@ def test_report_out_that_is_a_file_is_named(compress_dir, tmp_path):
     assert res.exit_code != 0 and "is a file; give a folder" in str(res.exception)
 
 
+@pytest.mark.parametrize("name", ["report.html", "layers.csv", "layers.json"])
+def test_a_users_file_where_the_report_goes_is_kept(compress_dir, tmp_path, name):
+    """--out a folder holding the user's own report.html (or layers.csv / .json) replaced it without a word;
+    the report's own files from an earlier run are replaced, as a re-run should."""
+    out = tmp_path / "docs"
+    out.mkdir()
+    mine = out / name
+    mine.write_text("my notes\n")
+    res = CliRunner().invoke(app, ["report", str(compress_dir), "--out", str(out)])
+    assert res.exit_code != 0 and "is not a file `jointcompress report` wrote" in str(res.exception)
+    assert mine.read_text() == "my notes\n" and sorted(p.name for p in out.iterdir()) == [name]
+    mine.unlink()
+    for _ in range(2):  # written, then written again over its own files
+        res = CliRunner().invoke(app, ["report", str(compress_dir), "--out", str(out)])
+        assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["layers.csv", "layers.json", "report.html"]
+
+
 def test_the_report_says_when_the_kept_epoch_was_chosen_on_the_accuracy_it_shows(compress_dir):
     """It said 'accuracy is on held-out data' for a run whose kept epoch was chosen on that same test split."""
     from jointcompress.report import read_run_dir, render_html

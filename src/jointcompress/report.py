@@ -486,6 +486,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> dict[str
     plots = {"accuracy vs bytes": plot_accuracy_bytes(rd), "per-layer sparsity and bits": plot_layers(rd),
              "loss terms over time": plot_losses(rd), "gradient-conflict rate over time": plot_conflicts(rd)}
     paths = {"html": out / "report.html", "csv": out / "layers.csv", "json": out / "layers.json"}
+    refuse_foreign_files(paths)
     atomic_write_text(paths["html"], render_html(rd, plots, layers))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=LAYER_FIELDS)
@@ -494,3 +495,32 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> dict[str
     atomic_write_text(paths["csv"], buf.getvalue())
     atomic_write_json(paths["json"], {"kind": rd.kind, "title": rd.title, "points": rd.points, "layers": layers})
     return paths
+
+
+def refuse_foreign_files(paths: dict[str, Path]) -> None:
+    """Before anything is written: a report.html, layers.csv or layers.json in the folder that this command did
+    not write (the user's own, in a folder given to --out) would be replaced without a word. An earlier report's
+    files are replaced, as a re-run should."""
+    for kind, path in paths.items():
+        if path.exists() and not _report_wrote(path, kind):
+            raise JointCompressError(f"{path}: exists and is not a file `jointcompress report` wrote; the report would "
+                                     "replace it. Give --out a folder without it (or move the file)")
+
+
+def _report_wrote(path: Path, kind: str) -> bool:
+    """Whether `path` holds what build_report writes for `kind`: its page's heading, its CSV header, or a JSON
+    object with its keys."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):  # a folder, unreadable, not text: not ours
+        return False
+    if kind == "html":
+        return "<h1>jointcompress report:" in text[:4096]
+    if kind == "csv":
+        return text.startswith(",".join(LAYER_FIELDS[:2]) + ",")
+    try:
+        held = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(held, dict) and {"kind", "title", "points", "layers"} <= held.keys()
+
