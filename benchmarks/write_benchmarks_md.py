@@ -1281,7 +1281,8 @@ def longer_two_bit_section(points=LONGER_TWO_BIT) -> list[str]:
 
 
 # sequential with and without the re-fit on LSQ's rounding at other 2-bit points (one command each)
-REFIT_ELSEWHERE = ("compare_lenet5_2bit_norefit_val",)
+REFIT_ELSEWHERE = ("compare_lenet5_2bit_norefit_val", "compare_lenet5_2k_2bit_norefit_val_6seeds",
+                   "compare_lenet300_2k_2bit_norefit_val_10seeds")
 
 
 def _refit_results() -> list[dict]:
@@ -1294,7 +1295,9 @@ def _refit_elsewhere() -> str:
     for r in _refit_results():
         for ratio in r["ratios"]:
             mean = lambda v, key="error", scale=100: scale * statistics.mean(by_seed(r, v, ratio, key).values())  # noqa: E731
-            cells.append(f"{MODELS[r['model']]} at {ratio:g}x ({r['epochs']} epochs) {mean('sequential'):.2f}% with it "
+            images = r["data"].rpartition("-")[2]
+            scarce = f"{int(images):,} training images, " if images.isdigit() else ""
+            cells.append(f"{MODELS[r['model']]} at {ratio:g}x ({scarce}{r['epochs']} epochs) {mean('sequential'):.2f}% with it "
                          f"({mean('sequential', 'file_bytes', 1):,.0f} B) and {mean('sequential-norefit'):.2f}% without "
                          f"({mean('sequential-norefit', 'file_bytes', 1):,.0f} B), without − with "
                          f"{_cross_pair(r, r, ratio, 'sequential-norefit', words=('no re-fit', 're-fit'))}")
