@@ -97,6 +97,11 @@ def test_bad_recipe(tmp_path, monkeypatch, capsys, text, words):
      ("--model", "lenet300")),
     ("model: lenet5\ndata: digits\ntechniques: [{type: quant_lsq, targets: ['conv*']}]\n", 2,
      ["select no layer of the model"], ("--model", "lenet300")),
+    # --data as compress takes it: the recipe's data missing here, or none named, is no reason not to check
+    ("model: lenet300\ndata: elsewhere/mnist.npz\ntechniques: [{type: quant_lsq}]\n", 0,
+     ["ok", "checked on the untrained model"], ("--data", "digits")),
+    ("model: lenet300\ntechniques: [{type: prune_unstructured, sparsity: 0.5, targets: ['conv*']}]\n", 2,
+     ["select no layer of the model"], ("--data", "digits")),
 ])
 def test_recipe_validate_checks_the_model_as_compress_does(tmp_path, monkeypatch, capsys, text, code, words, flags):
     """`recipe validate` said ok to a model name compress refuses."""

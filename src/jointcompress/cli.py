@@ -830,7 +830,9 @@ def recipe_validate(recipe_path: Path = typer.Argument(..., help="Recipe YAML.")
                                                       "of a smaller model (a first run's artifact): a size target out "
                                                       "of reach of the model as built is a warning, not an error."),
                     model: Optional[str] = typer.Option(None, help="The model compress will get with --model (a "
-                                                        "reference model or your builder); default: the recipe's.")):
+                                                        "reference model or your builder); default: the recipe's."),
+                    data: Optional[str] = typer.Option(None, help="The data compress will get with --data ('digits' or "
+                                                       "an .npz); default: the recipe's.")):
     """Check a recipe: every field, bound and combination; prints what it will run."""
     from .joint_form import nonzero_by_default
     from .recipe import compresses_nothing, load_recipe
@@ -840,6 +842,10 @@ def recipe_validate(recipe_path: Path = typer.Argument(..., help="Recipe YAML.")
         if not model.strip():
             raise JointCompressError("--model is empty; give a value, or leave the flag out for the recipe's")
         r = r.model_copy(update={"model": model})
+    if data is not None:  # as compress --data overrides it: the checks on the model read that data
+        if not data.strip():
+            raise JointCompressError("--data is empty; give 'digits' or an .npz, or leave the flag out for the recipe's")
+        r = r.model_copy(update={"data": data})
     model = _validated_model(r.model or (r.hf.model_name_or_path if r.hf is not None else None), r.hf is not None)
     _check_cli_metric(r, recipe_path)  # as compress checks it
     nothing = compresses_nothing(r, student_is_copy=True)  # the command line's student is a copy of the model
