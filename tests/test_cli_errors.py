@@ -1333,3 +1333,20 @@ def test_a_progress_bar_appears_with_the_first_step():
     assert not bar.tasks
     update(1, 10)
     assert len(bar.tasks) == 1 and bar.tasks[0].completed == 1 and bar.tasks[0].total == 10
+
+
+def test_ctrl_c_while_the_command_imports_is_one_line_not_a_traceback():
+    """Ctrl-C in the first seconds of a command (torch importing, before the command's own handling starts)
+    printed a KeyboardInterrupt traceback from inside torch's imports; now one line and exit status 130."""
+    import signal
+    import time
+
+    script = Path(sys.executable).with_name("jointcompress")
+    if not script.exists():
+        pytest.skip(f"no installed command beside {sys.executable} (pip install -e . makes it)")
+    proc = subprocess.Popen([str(script), "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    time.sleep(0.5)  # torch alone takes longer than this to import
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err and proc.returncode == 130 and err.strip() == "jointcompress: interrupted", err

@@ -8,12 +8,40 @@ The public API is a handful of verbs:
     progressive(teacher, student, recipe, train_data, evaluate)  # prune the teacher, then distil
     load_recipe("recipe.yaml")
 """
-from .api import Result, compress, train_baseline
-from .errors import ArtifactError, DataError, JointCompressError, RecipeError, TrainingError
-from .finalize import finalize
-from .progressive import progressive
-from .recipe import Recipe, load_recipe, parse_recipe
-from .session import CompressionSession, prepare
+import os as _os
+import sys as _sys
+
+
+def _quiet_interrupt_while_importing() -> None:
+    """Run as the `jointcompress` command, Ctrl-C in its first seconds (torch and the package importing, before
+    the command's own handling starts in cli.main) printed a KeyboardInterrupt traceback from deep inside torch's
+    imports: said in one line instead, exit status 130 as for any interrupted command. cli.main puts Python's
+    own handler back. Imported as a library, nothing changes."""
+    import signal
+
+    if _os.path.basename(_sys.argv[0] if _sys.argv else "") != "jointcompress" \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # ignored (a background job): left so
+        return
+
+    def interrupted(signum, frame):
+        _sys.stderr.write("\njointcompress: interrupted\n")
+        _os._exit(130)  # no cleanup to run: nothing started, and half-imported modules can raise anew on exit
+
+    interrupted.while_importing = True  # how cli.main knows it (and leaves any other handler alone)
+    try:
+        signal.signal(signal.SIGINT, interrupted)
+    except ValueError:  # not the main thread: its owner handles signals
+        pass
+
+
+_quiet_interrupt_while_importing()
+
+from .api import Result, compress, train_baseline  # noqa: E402 - after the interrupt handler, on purpose
+from .errors import ArtifactError, DataError, JointCompressError, RecipeError, TrainingError  # noqa: E402
+from .finalize import finalize  # noqa: E402
+from .progressive import progressive  # noqa: E402
+from .recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
+from .session import CompressionSession, prepare  # noqa: E402
 
 __version__ = "0.1.0"
 

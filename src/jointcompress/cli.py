@@ -1053,6 +1053,8 @@ def main() -> None:
     debug = STATE["debug"] = "--debug" in sys.argv[1:]
     STATE["terminated"] = False
     try:
+        if getattr(signal.getsignal(signal.SIGINT), "while_importing", False):  # __init__'s, for the imports only
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread: its owner handles signals
         previous = None
