@@ -82,6 +82,59 @@ def test_bench_command_on_artifact(app, tmp_path):
     assert again.exit_code == 0, again.output  # its own earlier measurements are replaced
 
 
+def _lenet5_artifact_and_data(tmp_path):
+    """A LeNet-5 artifact and an .npz of 28x28 images to calibrate and measure it on."""
+    import numpy as np
+
+    models = pytest.importorskip("jointcompress.models")
+    x = example_input()
+    model, spec = fake_finalize(models.build_model("lenet5"), x)
+    spec.recipe = {"model": "lenet5"}
+    save(model, spec, tmp_path / "art", builder=lambda: models.build_model("lenet5"), example_inputs=x)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x_train=rng.integers(0, 256, (200, 28, 28)).astype(np.uint8),
+             y_train=np.arange(200) % 10, x_test=rng.integers(0, 256, (100, 28, 28)).astype(np.uint8),
+             y_test=np.arange(100) % 10)
+    return tmp_path / "art", tmp_path / "d.npz"
+
+
+def test_bench_int8_times_the_deployable_int8_model_beside_the_others(app, tmp_path):
+    """bench timed the artifact in PyTorch only (its weights dequantized): the int8 ONNX Runtime model a user deploys,
+    which demo and bench --against time, had no way in from an artifact."""
+    art, data = _lenet5_artifact_and_data(tmp_path)
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(app, ["bench", str(art), "--data", str(data), "--int8", "--runs", "3", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    b, i8 = res["before"], res["int8"]
+    for key in ("latency_ms_b1", "latency_ms_b64", "latency_alone_ms_b1", "latency_alone_ms_b64"):
+        assert i8[key] > 0 and res["ratios_int8"][key] == b[key] / i8[key]
+    assert res["timing"]["b1"]["threads"] == 1 and "int8" in res["timing"]["b64"]["interleaved_ms"]
+    assert 0 <= i8["accuracy"] <= 1 and abs(i8["accuracy"] - res["after"]["accuracy"]) <= 0.2
+    flat = " ".join(r.output.split())
+    assert "int8 ONNX Runtime: latency ms (batch 64, interleaved)" in flat and "int8 ONNX Runtime: accuracy" in flat
+    plain = CliRunner().invoke(app, ["bench", str(art), "--runs", "2"])
+    assert plain.exit_code == 0 and "--int8 builds the deployable int8 model" in " ".join(plain.output.split())
+
+
+def test_bench_int8_that_cannot_be_built_is_said_and_the_rest_measured(app, tmp_path, monkeypatch):
+    from jointcompress.deploy import int8
+
+    art, data = _lenet5_artifact_and_data(tmp_path)
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("an operator the exporter does not know\nmore lines")
+
+    monkeypatch.setattr(int8, "quantize_int8", refused)
+    r = CliRunner().invoke(app, ["bench", str(art), "--data", str(data), "--int8", "--runs", "2"])
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 0 and "latency ms (batch 1, interleaved)" in flat, r.output
+    assert "int8 ONNX Runtime: not measured (RuntimeError: an operator the exporter does not know)" in flat
+    assert "int8 ONNX Runtime: latency" not in flat
+    against = CliRunner().invoke(app, ["bench", "--against", "torch-pruning", "--model", "lenet5", "--int8"])
+    assert against.exit_code != 0 and "--int8: read by a bench of ARTIFACT_DIR" in str(against.exception)
+
+
 def test_bench_json_onto_a_file_it_did_not_write_is_refused_before_measuring(app, tmp_path):
     """`--json ART/manifest.json` replaced the manifest of the artifact it measured (and a run's teacher, a weights
     file) with the measurements; nothing kept the file."""

@@ -135,13 +135,17 @@ def _call(model, x) -> Callable[[], object]:
 
 def bench(model_before: nn.Module, model_after, example_input,
           eval_fn: Callable[[object], float] | None = None, artifact_dir: str | os.PathLike | None = None,
-          runs: int = 50, batch_sizes: tuple[int, ...] = (1, 64), threads: int = DEFAULT_THREADS) -> dict:
+          runs: int = 50, batch_sizes: tuple[int, ...] = (1, 64), threads: int = DEFAULT_THREADS,
+          int8_model=None) -> dict:
     """Measure both models; returns a JSON-able dict {"before": {...}, "after": {...}, "ratios": {...}}.
 
     `model_after` may be an nn.Module or any callable (e.g. an int8 model); parameters and MACs
     are only counted for modules. `eval_fn(model) -> accuracy` is called on each side.
     `example_input`: the models' inputs, a tensor or a tuple / dict of them (batch_of).
     Latency: `threads` threads for both sides, timed by deploy.timing (recorded in "timing").
+    `int8_model`: the artifact's deployable int8 model (deploy.int8.quantize_int8), timed in the same
+    interleaved rounds as a third side ("int8", its latencies against "before" in "ratios_int8"); its
+    accuracy is the caller's to measure (eval_fn takes modules).
     """
     for name, value in (("runs", runs), ("threads", threads)):  # else a StatisticsError or a torch RuntimeError
         if not isinstance(value, int) or value < 1:
@@ -151,6 +155,8 @@ def bench(model_before: nn.Module, model_after, example_input,
         model_after.eval()
     sides = {"before": model_before, "after": model_after}
     result: dict = {"before": {}, "after": {}, "runs": runs, "threads": threads}
+    if int8_model is not None:
+        sides["int8"], result["int8"] = int8_model, {}
     for side, m in sides.items():
         if isinstance(m, nn.Module):
             result[side]["params"] = count_params(m)
@@ -173,8 +179,11 @@ def bench(model_before: nn.Module, model_after, example_input,
     result["latency_flagged"] = sorted({f"{s} (batch {bs})" for bs, t in timings.items() for s in t.flagged})
     if eval_fn is not None:
         for side, m in sides.items():
-            result[side]["accuracy"] = float(eval_fn(m))
+            if side != "int8":
+                result[side]["accuracy"] = float(eval_fn(m))
     result["ratios"] = _ratios(result["before"], result["after"])
+    if int8_model is not None:
+        result["ratios_int8"] = _ratios(result["before"], result["int8"])
     return result
 
 
@@ -222,7 +231,25 @@ def render_table(result: dict):
     if "accuracy" in b or "accuracy" in a:
         table.add_row("accuracy", fmt(b.get("accuracy")), fmt(a.get("accuracy")),
                       "-" if "accuracy_delta" not in r else f"{r['accuracy_delta']:+.4f}")
+    _int8_rows(result, row, fmt, table)
     return table
+
+
+def _int8_rows(result: dict, row, fmt, table) -> None:
+    """The deployable int8 ONNX Runtime model's latencies and accuracy beside the dense fp32 PyTorch model's
+    (bench --int8): the speed a user deploys, which the artifact in PyTorch (its weights dequantized) does not show."""
+    b, i8, r = result["before"], result.get("int8"), result.get("ratios_int8", {})
+    if not i8:
+        return
+    for key in sorted(k for k in b if k.startswith("latency_ms")):
+        bs = key.rsplit("b", 1)[1]
+        row(f"int8 ONNX Runtime: latency ms (batch {bs}, interleaved)", b[key], i8.get(key), r.get(key))
+        alone = f"latency_alone_ms_b{bs}"
+        if alone in i8:
+            row(f"int8 ONNX Runtime: latency ms (batch {bs}, alone)", b[alone], i8[alone], r.get(alone))
+    if "accuracy" in i8:
+        table.add_row("int8 ONNX Runtime: accuracy", fmt(b.get("accuracy")), fmt(i8["accuracy"]),
+                      "-" if "accuracy_delta" not in r else f"{r['accuracy_delta']:+.4f}")
 
 
 def render_breakdown(breakdown: dict):

@@ -92,8 +92,10 @@ def _takes_the_default_input(artifact_dir: Path, name: str, builder) -> None:
                             "any of the same shape), or save with artifact.save(..., example_inputs=...)") from None
 
 
-def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], runs: int = 50, threads: int = 1) -> dict:
-    from ..artifact import byte_breakdown, load, read_manifest
+def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], runs: int = 50, threads: int = 1,
+              int8: bool = False) -> dict:
+    """The artifact against its builder's dense model; with `int8`, its deployable int8 ONNX Runtime model too."""
+    from ..artifact import byte_breakdown, load_with_spec, read_manifest
     from ..bench import bench
     from ..errors import ArtifactError, RecipeError
     from ..models import is_builder, load_builder
@@ -126,15 +128,16 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
     data_note = None
     if split is not None:
         split, data_note = _data_as_the_model_takes_it(artifact_dir, manifest, data, split, builder)
-    after = load(artifact_dir, builder)
+    after, spec = load_with_spec(artifact_dir, builder)
     example = split.x_test[:64] if split is not None else _recorded_inputs(manifest, 64)
     eval_fn = None
     if split is not None:
         from ..data import accuracy
 
         eval_fn = lambda m: accuracy(m, split.x_test, split.y_test)  # noqa: E731
+    int8_model, int8_note = _int8_model(after, spec, split, example, threads) if int8 else (None, None)
     result = bench(builder(), after, example, eval_fn=eval_fn, artifact_dir=artifact_dir, runs=runs,
-                   threads=threads)
+                   threads=threads, int8_model=int8_model)
     extra = manifest.get("extra") or {}
     baseline, measured_on = extra.get("baseline_accuracy"), extra.get("data")
     started = extra.get("baseline_params")
@@ -162,7 +165,42 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
         result["note"] = f"{result['note']}; {data_note}" if result.get("note") else data_note
     result.update(model=name, artifact=str(artifact_dir), manifest_bytes=manifest.get("bytes"),
                   breakdown=byte_breakdown(manifest))
+    if int8_model is not None:
+        _int8_accuracy(result, after, int8_model, split)
+        if int8_model.scratch is not None:  # its ONNX files, read into the sessions: removed now, not at exit
+            int8_model.scratch.cleanup()
+    if int8_note is not None:
+        result["int8_note"] = int8_note
     return result
+
+
+def _int8_model(after, spec, split, example, threads: int):
+    """(the artifact's int8 ONNX Runtime model, None), quantized on the trained scales and calibrated on 512 of
+    --data's training images (on the example inputs without --data: its latency holds, its accuracy is not read),
+    or (None, why not) where the export or the quantization fails: bench still measures the rest."""
+    from ..deploy.int8 import quantize_int8
+
+    calibration = split.x_train[:512] if split is not None else example
+    try:
+        return quantize_int8(after, spec, calibration, example, threads=threads), None
+    except Exception as err:  # noqa: BLE001 - an export, a quantizer or a runtime that refuses this model
+        reason = (str(err).strip().splitlines() or [""])[0][:300]
+        return None, f"int8 ONNX Runtime: not measured ({type(err).__name__}: {reason})"
+
+
+def _int8_accuracy(result: dict, after, int8_model, split) -> None:
+    """The int8 model's accuracy on --data's test split (int8_parity, as the demo reads it), with its top-1
+    agreement with the artifact in PyTorch; against the trained dense model's where bench has it."""
+    if split is None:
+        result["int8_note"] = ("int8 ONNX Runtime: calibrated on random inputs shaped as the artifact's examples (no "
+                               "--data): its latency holds, its accuracy is not measured")
+        return
+    from ..deploy.int8 import int8_parity
+
+    parity = int8_parity(after, int8_model, (split.x_test, split.y_test))
+    result["int8"].update(accuracy=parity.metric_deployed, top1_agreement=parity.top1_agreement)
+    if "accuracy" in result["before"] and parity.metric_deployed is not None:
+        result["ratios_int8"]["accuracy_delta"] = parity.metric_deployed - result["before"]["accuracy"]
 
 
 def _started_elsewhere_note(started: dict, baseline: float | None) -> str:
@@ -461,6 +499,9 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = typer.Option(None, "--model", help=f"{MODEL_CHOICES} (default: from the manifest)."),
         data: Optional[str] = typer.Option(None, "--data", help="'digits' or an .npz of images (MNIST-style); enables accuracy."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the measurements as JSON here."),
+        int8: bool = typer.Option(False, "--int8", help="Also build the artifact's deployable int8 ONNX Runtime model "
+                                  "(trained scales; calibrated on --data's training images) and time it beside the "
+                                  "others, with its accuracy on --data."),
         runs: int = typer.Option(50, "--runs", min=1, help="Timed runs per batch size (median reported)."),
         threads: int = typer.Option(1, "--threads", min=1, help="Threads for both sides (PyTorch and ONNX Runtime)."),
         against: Optional[str] = typer.Option(None, "--against", help="'torch-pruning': compress --model on --data "
@@ -519,10 +560,14 @@ def register(app: typer.Typer) -> None:
             from ..errors import JointCompressError
 
             raise JointCompressError("bench needs ARTIFACT_DIR (a saved artifact), or --against torch-pruning --model NAME")
-        result = run_bench(artifact_dir, model, data, runs, threads)
+        result = run_bench(artifact_dir, model, data, runs, threads, int8)
         console.print(render_table(result))
-        if result.get("note"):
-            console.print(result["note"])
+        for note in (result.get("note"), result.get("int8_note")):
+            if note:
+                console.print(note, markup=False)
+        if not int8:
+            console.print("int8 ONNX Runtime: not timed; --int8 builds the deployable int8 model from the artifact and "
+                          "times it beside the others")
         if "accuracy" not in result["after"]:
             console.print("accuracy: not measured; pass --data (digits or an .npz of held-out images) to measure it")
         console.print(latency_note(result))
@@ -551,6 +596,9 @@ def _check_mode_options(ctx, artifact_dir: Optional[Path], against: Optional[str
         raise JointCompressError(f"{', '.join(given)}: read only by bench --against torch-pruning; a bench of "
                                  f"{artifact_dir or 'ARTIFACT_DIR'} measures the saved artifact as it is. Drop "
                                  f"{'them' if len(given) > 1 else 'it'}, or add --against torch-pruning --model NAME")
+    if against is not None and getattr(ctx.get_parameter_source("int8"), "name", None) == "COMMANDLINE":
+        raise JointCompressError(f"--int8: read by a bench of ARTIFACT_DIR; bench --against {against} times both "
+                                 "contenders' int8 ONNX Runtime models already. Drop --int8")
 
 
 def _strides(text: str) -> list[int]:
