@@ -1345,7 +1345,9 @@ def test_ctrl_c_while_the_command_imports_is_one_line_not_a_traceback():
     if not script.exists():
         pytest.skip(f"no installed command beside {sys.executable} (pip install -e . makes it)")
     proc = subprocess.Popen([str(script), "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")},
+                            # a test worker may ignore SIGINT, and a command started so keeps ignoring it, as it should
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(0.5)  # torch alone takes longer than this to import
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

@@ -25,6 +25,7 @@ def _quiet_interrupt_while_importing() -> None:
 
     def interrupted(signum, frame):
         _sys.stderr.write("\njointcompress: interrupted\n")
+        _sys.stderr.flush()
         _os._exit(130)  # no cleanup to run: nothing started, and half-imported modules can raise anew on exit
 
     interrupted.while_importing = True  # how cli.main knows it (and leaves any other handler alone)

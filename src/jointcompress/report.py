@@ -515,7 +515,7 @@ def _report_wrote(path: Path, kind: str) -> bool:
     except (OSError, UnicodeDecodeError):  # a folder, unreadable, not text: not ours
         return False
     if kind == "html":
-        return "<h1>jointcompress report:" in text[:4096]
+        return "<h1>jointcompress report:" in text.partition("<body>")[2][:200]  # the body's first words
     if kind == "csv":
         return text.startswith(",".join(LAYER_FIELDS[:2]) + ",")
     try:
