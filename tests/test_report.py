@@ -300,6 +300,21 @@ def test_a_users_file_where_the_report_goes_is_kept(compress_dir, tmp_path, name
     assert sorted(p.name for p in out.iterdir()) == ["layers.csv", "layers.json", "report.html"]
 
 
+def test_a_folder_or_a_link_where_the_report_goes_and_an_out_under_a_file_are_named(compress_dir, tmp_path):
+    out = tmp_path / "docs"
+    (out / "report.html").mkdir(parents=True)
+    res = CliRunner().invoke(app, ["report", str(compress_dir), "--out", str(out)])
+    assert res.exit_code != 0 and "report.html: is a folder, where the report writes a file" in str(res.exception)
+    (out / "report.html").rmdir()
+    (out / "layers.json").symlink_to(tmp_path / "gone.json")  # a dangling link was replaced by a file
+    res = CliRunner().invoke(app, ["report", str(compress_dir), "--out", str(out)])
+    assert res.exit_code != 0 and "layers.json: exists and is not a file" in str(res.exception)
+    assert (out / "layers.json").is_symlink() and not (out / "report.html").exists()
+    (tmp_path / "f.txt").write_text("")
+    res = CliRunner().invoke(app, ["report", str(compress_dir), "--out", str(tmp_path / "f.txt" / "sub")])
+    assert res.exit_code != 0 and "lies under" in str(res.exception) and "which is a file" in str(res.exception)
+
+
 def test_the_report_says_when_the_kept_epoch_was_chosen_on_the_accuracy_it_shows(compress_dir):
     """It said 'accuracy is on held-out data' for a run whose kept epoch was chosen on that same test split."""
     from jointcompress.report import read_run_dir, render_html

@@ -15,7 +15,7 @@ import sys as _sys
 def _quiet_interrupt_while_importing() -> None:
     """Run as the `jointcompress` command, Ctrl-C in its first seconds (torch and the package importing, before
     the command's own handling starts in cli.main) printed a KeyboardInterrupt traceback from deep inside torch's
-    imports: said in one line instead, exit status 130 as for any interrupted command. cli.main puts Python's
+    imports: said in one line instead, as the command says it later, exit status 130 as for any interrupted command. cli.main puts Python's
     own handler back. Imported as a library, nothing changes."""
     import signal
 
@@ -24,8 +24,8 @@ def _quiet_interrupt_while_importing() -> None:
         return
 
     def interrupted(signum, frame):
-        _sys.stderr.write("\njointcompress: interrupted\n")
-        _sys.stderr.flush()
+        _sys.stdout.write("interrupted\n")  # as cli._run says it once the command runs
+        _sys.stdout.flush()
         _os._exit(130)  # no cleanup to run: nothing started, and half-imported modules can raise anew on exit
 
     interrupted.while_importing = True  # how cli.main knows it (and leaves any other handler alone)

@@ -845,6 +845,9 @@ def recipe_validate(recipe_path: Path = typer.Argument(..., help="Recipe YAML.")
     if data is not None:  # as compress --data overrides it: the checks on the model read that data
         if not data.strip():
             raise JointCompressError("--data is empty; give 'digits' or an .npz, or leave the flag out for the recipe's")
+        if not _readable_data(data):  # compress stops there; the recipe's data: warning would advise --data itself
+            raise JointCompressError(f"--data {data}: does not exist (from {Path.cwd()}); give 'digits' or the path "
+                                     "of an .npz that exists")
         r = r.model_copy(update={"data": data})
     model = _validated_model(r.model or (r.hf.model_name_or_path if r.hf is not None else None), r.hf is not None)
     _check_cli_metric(r, recipe_path)  # as compress checks it

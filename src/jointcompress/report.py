@@ -502,7 +502,10 @@ def refuse_foreign_files(paths: dict[str, Path]) -> None:
     not write (the user's own, in a folder given to --out) would be replaced without a word. An earlier report's
     files are replaced, as a re-run should."""
     for kind, path in paths.items():
-        if path.exists() and not _report_wrote(path, kind):
+        if path.is_dir() and not path.is_symlink():
+            raise JointCompressError(f"{path}: is a folder, where the report writes a file; give --out another folder "
+                                     "(or move it)")
+        if (path.exists() or path.is_symlink()) and not _report_wrote(path, kind):  # a dangling link was replaced too
             raise JointCompressError(f"{path}: exists and is not a file `jointcompress report` wrote; the report would "
                                      "replace it. Give --out a folder without it (or move the file)")
 

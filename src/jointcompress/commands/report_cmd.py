@@ -18,8 +18,12 @@ def register(app: typer.Typer) -> None:
         from ..errors import JointCompressError
         from ..report import build_report
 
-        if out is not None and out.exists() and not out.is_dir():
-            raise JointCompressError(f"--out {out}: is a file; give a folder for report.html, layers.csv and layers.json")
+        from ..io import first_existing
+
+        above = first_existing(out) if out is not None else None
+        if above is not None and not above.is_dir():  # under a file: it failed with the OS's words, exit 1
+            where = "is a file" if above == out else f"lies under {above}, which is a file"
+            raise JointCompressError(f"--out {out}: {where}; give a folder for report.html, layers.csv and layers.json")
 
         paths = build_report(run_dir, out)
         console.print(f"report: {paths['html']} (per-layer: {paths['csv']}, {paths['json']})", markup=False)
