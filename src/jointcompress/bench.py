@@ -250,6 +250,8 @@ def _int8_rows(result: dict, row, fmt, table) -> None:
     if "accuracy" in i8:
         table.add_row("int8 ONNX Runtime: accuracy", fmt(b.get("accuracy")), fmt(i8["accuracy"]),
                       "-" if "accuracy_delta" not in r else f"{r['accuracy_delta']:+.4f}")
+    if i8.get("top1_agreement") is not None:  # with the artifact in PyTorch: what int8 deployment changes
+        table.add_row("int8 ONNX Runtime: top-1 agreement with after", "-", fmt(i8["top1_agreement"]), "-")
 
 
 def render_breakdown(breakdown: dict):

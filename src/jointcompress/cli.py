@@ -39,9 +39,13 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 def progress_bar():
+    """The runs' bars. Where the output is no terminal (a log file), `tracked` prints a plain line at each tenth of a
+    run instead, so the bars are not drawn there at all: rich drew them once at the end, and a demo's log showed
+    every run's progress twice."""
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+        transient=not console.is_terminal,
     )
 
 
