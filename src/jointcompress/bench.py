@@ -203,7 +203,7 @@ def render_table(result: dict):
     """A rich Table: one row per measurement, before / after / before÷after."""
     from rich.table import Table
 
-    table = Table(title="jointcompress bench (medians; ratio = before / after)")
+    table = Table(title="jointcompress bench (medians; ratio = before / after; on accuracy rows, after − before)")
     for col in ("metric", "before", "after", "ratio"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     b, a, r = result["before"], result["after"], result.get("ratios", {})
