@@ -82,8 +82,8 @@ def _is_identity(m) -> bool:
 
 
 def _shape_preserving(model: nn.Module, example_inputs) -> dict[str, torch.Tensor]:
-    """The submodules that returned one tensor of their input's shape on the example, each with that input
-    (the first call's), in the order they ran."""
+    """The submodules (not torch.nn's own layers) that returned one tensor of their input's shape on the example,
+    each with that input (the first call's, kept for tracing), in the order they ran."""
     found = {}
 
     def hook(mod, inp, out, name):
@@ -92,7 +92,7 @@ def _shape_preserving(model: nn.Module, example_inputs) -> dict[str, torch.Tenso
             found.setdefault(name, inp[0])
 
     hooked = [(m, lambda mod, inp, out, name=name: hook(mod, inp, out, name)) for name, m in model.named_modules()
-              if name and next(m.parameters(), None) is not None]
+              if name and not _torch_layer(m) and next(m.parameters(), None) is not None]
     with forward_hooks(hooked), torch.no_grad():
         call_model(model, example_inputs)
     return found
@@ -105,8 +105,7 @@ def residual_blocks(model: nn.Module, example_inputs) -> list[str]:
     try:
         candidates = _shape_preserving(model, example_inputs)
         modules = dict(model.named_modules())
-        blocks = [n for n, example in candidates.items()
-                  if not _torch_layer(modules[n]) and _adds_its_input(modules[n], example)]
+        blocks = [n for n, example in candidates.items() if _adds_its_input(modules[n], example)]
     finally:
         model.train(was_training)
     order = {n: i for i, n in enumerate(modules)}

@@ -99,15 +99,16 @@ def first_existing(path: str | os.PathLike) -> Path | None:
     return next((p for p in (Path(path), *Path(path).parents) if p.exists()), None)
 
 
-def check_folder_path(path: Path | None, flag: str) -> None:
-    """A folder the run writes into later (--tensorboard): a path that is a file, or lies under one, was found
-    only when the first event was written, after the model had trained, with the OS's words."""
+def check_folder_path(path: Path | None, flag: str, holds: str = "the event files") -> None:
+    """A folder the run writes into later (--tensorboard; report's --out): a path that is a file, or lies under one,
+    was found only when the first file was written (after the model had trained), with the OS's words. `holds`:
+    what the folder is for, as the message says it."""
     if path is None:
         return
     existing = first_existing(path)
     if existing is not None and not existing.is_dir():
         raise JointCompressError(f"{flag} {path}: {'is' if existing == Path(path) else f'lies under {existing}, which is'} "
-                                 "a file; give a folder for the event files")
+                                 f"a file; give a folder for {holds}")
 
 
 def prepare_output_dir(path: str | os.PathLike, force: bool = False, resumable: bool = False) -> Path:

@@ -15,15 +15,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Accuracy vs bytes, per-layer sparsity and bits, loss terms and conflict rate over time."""
         from ..cli import console
-        from ..errors import JointCompressError
+        from ..io import check_folder_path
         from ..report import build_report
 
-        from ..io import first_existing
-
-        above = first_existing(out) if out is not None else None
-        if above is not None and not above.is_dir():  # under a file: it failed with the OS's words, exit 1
-            where = "is a file" if above == out else f"lies under {above}, which is a file"
-            raise JointCompressError(f"--out {out}: {where}; give a folder for report.html, layers.csv and layers.json")
+        check_folder_path(out, "--out", "report.html, layers.csv and layers.json")  # under a file: the OS's words, exit 1
 
         paths = build_report(run_dir, out)
         console.print(f"report: {paths['html']} (per-layer: {paths['csv']}, {paths['json']})", markup=False)
