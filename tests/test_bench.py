@@ -414,10 +414,12 @@ MLP_SOURCE = ("import torch.nn as nn\n"
 
 def test_bench_data_is_standardised_as_the_artifacts_model_was_trained(app, tmp_path):
     """bench --data standardised a held-out file with its own training split's statistics, not the ones the model
-    was trained on (the manifest's input_standardisation), and read another accuracy than the model's."""
+    was trained on (the manifest's input_standardisation), and read another accuracy than the model's; an artifact
+    saved without that record is read as --inputs says."""
     import numpy as np
 
     from jointcompress.data import accuracy, load_mnist
+    from jointcompress.errors import JointCompressError
 
     torch.manual_seed(0)  # the random model's accuracies must differ between the two standardisations
     module = _builder_module(tmp_path, "mlp", MLP_SOURCE)
@@ -458,6 +460,22 @@ def test_bench_data_is_standardised_as_the_artifacts_model_was_trained(app, tmp_
     assert "records no input standardisation" in result["note"]
     # the file's values as they are, and / 255 (a model trained on pixels in [0, 1], as most scripts train)
     assert f"on the file's values as they are {raw:.3f}, and on the file's values / 255 {scaled:.3f}" in result["note"]
+
+    # --inputs says what the manifest does not: the accuracy row is then the model's on those inputs, the int8
+    # model calibrated on them too, and the note of the unknown is gone
+    for form, expected in (("as_stored", raw), ("unit_range", scaled)):
+        r = CliRunner().invoke(app, ["bench", str(tmp_path / "bare"), "--data", str(tmp_path / "trained.npz"), "--runs",
+                                     "2", "--inputs", form, "--json", str(out)])
+        assert r.exit_code == 0, r.output
+        result = json.loads(out.read_text())
+        assert result["after"]["accuracy"] == pytest.approx(expected), form
+        assert "records no input standardisation" not in (result.get("note") or "")
+    # where the manifest records them, or without --data, --inputs is refused by name, not silently one or the other
+    for args, words in (([str(tmp_path / "art"), "--data", str(tmp_path / "held.npz")], "records the inputs its model"),
+                        ([str(tmp_path / "bare")], "add --data")):
+        r = CliRunner().invoke(app, ["bench", *args, "--inputs", "as_stored", "--runs", "2"])
+        assert r.exit_code != 0 and isinstance(r.exception, JointCompressError), r.exception
+        assert words in str(r.exception) and "--inputs as_stored" in str(r.exception)
 
 
 def test_bench_of_a_pooling_model_on_data_of_another_size_says_whose_shape_the_macs_are(app, tmp_path):

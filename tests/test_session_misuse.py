@@ -623,3 +623,25 @@ def test_before_step_before_any_backward_is_refused_without_a_contrary_warning()
         with pytest.raises(TrainingError, match="before_step ran before session.backward"):
             session.before_step()
     assert not [str(w.message) for w in said if "plain loss.backward()" in str(w.message)]
+
+
+def test_terms_made_before_after_step_moved_the_session_are_refused_by_order():
+    """after_step between session.loss and its backward (a loop in the wrong order) moves the masks and quantizers in
+    place, and torch's backward failed nine frames deep on a tensor "modified by an inplace operation"; refused with the
+    order named, and the next step's own terms still train."""
+    from jointcompress.errors import TrainingError
+
+    model, session, opt = _session(steps=8)
+    x, y = _data()
+    terms = session.loss(model(x), (x, y))
+    opt.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # after_step with no before_step: warned, as it should be
+        session.after_step()
+    with pytest.raises(TrainingError, match=r"made by session.loss at step 0.*loss, backward, before_step"):
+        session.backward(terms)
+    session.backward(session.loss(model(x), (x, y)))  # step 1's own terms
+    session.before_step()
+    opt.step()
+    session.after_step()
+    assert session.step == 2

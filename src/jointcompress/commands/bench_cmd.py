@@ -93,8 +93,11 @@ def _takes_the_default_input(artifact_dir: Path, name: str, builder) -> None:
 
 
 def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], runs: int = 50, threads: int = 1,
-              int8: bool = False) -> dict:
-    """The artifact against its builder's dense model; with `int8`, its deployable int8 ONNX Runtime model too."""
+              int8: bool = False, inputs: Optional[str] = None) -> dict:
+    """The artifact against its builder's dense model; with `int8`, its deployable int8 ONNX Runtime model too.
+    `inputs`: how --data's values become the model's inputs (data.INPUT_FORMS), for an artifact whose manifest does
+    not record it (one saved from Python without extra={"input_standardisation": ...}); None: the record, else
+    standardised as `compress` trains."""
     from ..artifact import byte_breakdown, load_with_spec, read_manifest
     from ..bench import bench
     from ..errors import ArtifactError, RecipeError
@@ -117,11 +120,12 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
         except RecipeError as exc:
             raise RecipeError(f"{exc} (the builder {artifact_dir}/manifest.json records; pass --model "
                               "file.py:function where it is now)") from None
+    _check_inputs_option(inputs, data, extra, artifact_dir)
     split = None
     if data is not None:
         from ..data import load_dataset
 
-        split = load_dataset(data)
+        split = load_dataset(data, inputs=inputs or "standardised")
     builder = _builder(name, manifest, split)
     if split is None and not manifest.get("example_inputs") and is_builder(name):
         _takes_the_default_input(artifact_dir, name, builder)
@@ -159,7 +163,7 @@ def run_bench(artifact_dir: Path, model: Optional[str], data: Optional[str], run
     elif eval_fn is not None:
         result["before"].pop("accuracy", None)  # a randomly initialised dense model's accuracy means nothing
         result["ratios"].pop("accuracy_delta", None)
-    unrecorded = _unrecorded_standardisation(manifest, split, after)
+    unrecorded = _unrecorded_standardisation(manifest, split, after) if inputs is None else None
     data_note = "; ".join(n for n in (data_note, unrecorded) if n) or None
     if data_note:
         result["note"] = f"{result['note']}; {data_note}" if result.get("note") else data_note
@@ -251,6 +255,26 @@ def _standardised_as_trained(split, manifest: dict, data: str):
             f"not {split.name!r}'s own training split")
 
 
+def _check_inputs_option(inputs: Optional[str], data: Optional[str], extra: dict, artifact_dir: Path) -> None:
+    """--inputs says how --data becomes the inputs of a model whose manifest does not: refused without --data (there is
+    nothing to read so), and where the manifest records it (the record is what the model was trained on, and --data is
+    read that way already), rather than one silently winning over the other."""
+    from ..data import INPUT_FORMS
+    from ..errors import JointCompressError
+
+    if inputs is None:
+        return
+    if inputs not in INPUT_FORMS:
+        raise JointCompressError(f"--inputs {inputs}: choose one of {', '.join(INPUT_FORMS)}")
+    if data is None:
+        raise JointCompressError(f"--inputs {inputs}: says how --data's values become the model's inputs; add --data "
+                                 "(without it bench times the artifact's recorded example inputs), or drop --inputs")
+    if extra.get("input_standardisation"):
+        raise JointCompressError(f"--inputs {inputs}: {artifact_dir}/manifest.json records the inputs its model was "
+                                 "trained on (extra.input_standardisation), and bench reads --data that way already; "
+                                 "drop --inputs")
+
+
 def _unrecorded_standardisation(manifest: dict, split, model) -> str | None:
     """An artifact the Python API saved without extra={"input_standardisation": ...} does not say what its model
     was trained on: --data is read standardised, as `compress` trains, and a model trained on the file's values as
@@ -275,7 +299,9 @@ def _unrecorded_standardisation(manifest: dict, split, model) -> str | None:
     on_raw = f"; it reads {', and '.join(readings)}" if readings else ""
     return ("the manifest records no input standardisation (an artifact saved without extra={'input_standardisation': "
             f"split.standardisation}}): accuracy is read on --data standardised with its own training split's statistics, "
-            f"as compress trains{on_raw}; which is the model's depends on the inputs it was trained on")
+            f"as compress trains{on_raw}; which is the model's depends on the inputs it was trained on: --inputs "
+            "as_stored (values as the file holds them) or unit_range (/ the full scale) reads --data so, the int8 "
+            "model's calibration too")
 
 
 def _as_recorded(split, manifest: dict, builder):
@@ -510,6 +536,10 @@ def register(app: typer.Typer) -> None:
         int8: bool = typer.Option(False, "--int8", help="Also build the artifact's deployable int8 ONNX Runtime model "
                                   "(trained scales; calibrated on --data's training images) and time it beside the "
                                   "others, with its accuracy on --data."),
+        inputs: Optional[str] = typer.Option(None, "--inputs", help="How --data's values become the model's inputs, for "
+                                             "an artifact whose manifest does not record it (saved from Python): "
+                                             "standardised (as compress trains), unit_range (/ 255, digits / 16) or "
+                                             "as_stored."),
         runs: int = typer.Option(50, "--runs", min=1, help="Timed runs per batch size (median reported)."),
         threads: int = typer.Option(1, "--threads", min=1, help="Threads for both sides (PyTorch and ONNX Runtime)."),
         against: Optional[str] = typer.Option(None, "--against", help="'torch-pruning': compress --model on --data "
@@ -568,7 +598,7 @@ def register(app: typer.Typer) -> None:
             from ..errors import JointCompressError
 
             raise JointCompressError("bench needs ARTIFACT_DIR (a saved artifact), or --against torch-pruning --model NAME")
-        result = run_bench(artifact_dir, model, data, runs, threads, int8)
+        result = run_bench(artifact_dir, model, data, runs, threads, int8, inputs)
         console.print(render_table(result))
         for note in (result.get("note"), result.get("int8_note")):
             if note:
@@ -606,6 +636,9 @@ def _check_mode_options(ctx, artifact_dir: Optional[Path], against: Optional[str
         raise JointCompressError(f"{', '.join(given)}: read only by bench --against torch-pruning; a bench of "
                                  f"{artifact_dir or 'ARTIFACT_DIR'} measures the saved artifact as it is. Drop "
                                  f"{'them' if len(given) > 1 else 'it'}, or add --against torch-pruning --model NAME")
+    if against is not None and getattr(ctx.get_parameter_source("inputs"), "name", None) == "COMMANDLINE":
+        raise JointCompressError(f"--inputs: read by a bench of ARTIFACT_DIR whose manifest does not record its inputs; "
+                                 f"bench --against {against} trains its dense model on --data standardised. Drop --inputs")
     if against is not None and getattr(ctx.get_parameter_source("int8"), "name", None) == "COMMANDLINE":
         raise JointCompressError(f"--int8: read by a bench of ARTIFACT_DIR; bench --against {against} times both "
                                  "contenders' int8 ONNX Runtime models already. Drop --int8")

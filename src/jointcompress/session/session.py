@@ -72,6 +72,7 @@ class CompressionSession:
         self._warned_no_before = False
         self._backward_at: int | None = None  # the step of the last session.backward
         self._last_terms: tuple[int, list] | None = None  # the step and terms (weak) of the last session.backward
+        self._loss_terms: tuple[int, list] | None = None  # the step and terms (weak) of the last session.loss
         self._warned_no_backward = False
         self._warned_padding = False  # labels counted where the attention_mask is 0 (said once)
         self._gradients_checked = False  # the first before_step checks they reached the session's model
@@ -359,7 +360,9 @@ class CompressionSession:
             task_loss = self.loss_fn(outputs, batch) if self.loss_fn is not None else default_task_loss(outputs, b)
             if self.loss_fn is not None:
                 check_scalar_loss(task_loss)
-        return _terms.technique_terms(self.techniques, ctx, task_loss)
+        terms = _terms.technique_terms(self.techniques, ctx, task_loss)
+        self._loss_terms = (self.step, [weakref.ref(t) for t in terms.values()])
+        return terms
 
     def forward_terms(self, batch) -> dict[str, torch.Tensor]:
         """Forward the model on the batch's inputs and return the step's loss terms."""
@@ -418,6 +421,7 @@ class CompressionSession:
             refuse_finalized("backward", self.step)
         check_terms_given(terms)
         check_terms_have_grad(terms, self.model)
+        self._refuse_stale_terms(terms)
         self._refuse_terms_again(terms)
         if not self._terms_checked:  # once: a walk over the first step's graph
             self._terms_checked = True
@@ -430,6 +434,20 @@ class CompressionSession:
         self.sync.grads(self.coordinator.params)
         self.coordinator.note_gradients(self.step)
         return stats
+
+    def _refuse_stale_terms(self, terms: dict[str, torch.Tensor]) -> None:
+        """Terms session.loss made at an earlier step (after_step called between the loss and its backward): after_step
+        moves the masks and quantizers in place, so their graph no longer matches the weights, and torch's backward
+        failed nine frames deep on a tensor "modified by an inplace operation". Refused with the order named."""
+        if self._loss_terms is None or self._loss_terms[0] == self.step:
+            return
+        made = [ref() for ref in self._loss_terms[1]]
+        if any(any(t is m for m in made) for t in terms.values()):
+            raise TrainingError(
+                f"session.backward at step {self.step}: these terms were made by session.loss at step "
+                f"{self._loss_terms[0]}, and session.after_step() has moved the session since (it changes the masks "
+                "and quantizers in place, so the terms' graph no longer matches the weights). The order is: loss, "
+                "backward, before_step, optimizer.step(), after_step")
 
     def _refuse_terms_again(self, terms: dict[str, torch.Tensor]) -> None:
         """The same terms given to backward twice in a step (a copied line in a loop): on a measured step the
