@@ -1209,6 +1209,31 @@ def test_force_keeps_a_finished_hf_run_until_the_teacher_and_data_are_found(tmp_
         assert (out / "summary.json").is_file() and (out / "hf_model").is_dir(), (bad, text)
 
 
+def test_an_hf_recipe_refuses_a_model_flag_it_would_ignore_and_names_the_exported_model(tmp_path, monkeypatch, capsys):
+    """--model lenet5 beside an hf: recipe was ignored without a word (the transformers teacher trained) and recorded
+    as the run's model in recipe.yaml and the manifest; --model hf:NAME beside --weights lost to --weights. And
+    --weights OUT/artifact of a first transformers run said only "no config.json", not the hf_model/ beside it."""
+    recipe = tmp_path / "hf.yaml"
+    recipe.write_text("hf: {max_length: 16}\ntechniques: [{type: distill_kd}]\n")
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "config.json").write_text('{"model_type": "bert"}')
+    for flags, said in ((("--model", "lenet5"), "--model lenet5: " + str(recipe) + " has an hf: section"),
+                        (("--model", "hf:prajjwal1/bert-tiny", "--weights", tmp_path / "teacher"),
+                         "both name the transformers model to compress; give one of them")):
+        code, text = _cli(monkeypatch, capsys, "compress", recipe, *flags, "--data", tmp_path, "--out", tmp_path / "o")
+        assert code == 2 and said in " ".join(text.split()) and "Traceback" not in text, text
+        assert not (tmp_path / "o").exists()
+    first = tmp_path / "first"
+    (first / "artifact").mkdir(parents=True)
+    (first / "artifact" / "manifest.json").write_text("{}")
+    (first / "hf_model").mkdir()
+    (first / "hf_model" / "config.json").write_text('{"model_type": "bert"}')
+    code, text = _cli(monkeypatch, capsys, "compress", recipe, "--weights", first / "artifact", "--data", tmp_path,
+                      "--out", tmp_path / "o")
+    assert code == 2 and f"the model that run exported beside it is: --weights {first / 'hf_model'}" in " ".join(
+        text.split()), text
+
+
 def test_a_relative_data_path_found_only_beside_the_recipe_says_where_it_is(tmp_path, monkeypatch, capsys):
     """`data: mnist_small.npz` in a recipe kept beside its data, run from another folder, said "file not found" and
     nothing of the file beside the recipe."""
@@ -1242,6 +1267,22 @@ def test_recipe_validate_says_why_it_did_not_check_on_a_model(tmp_path, monkeypa
     flat = " ".join(out.split())
     assert code in (0, None) and f"(not checked on a model: {said}" in flat, out
     assert "(--weights)" not in flat and ("hf:" not in text or "model=runs/teacher" in flat), out
+
+
+def test_compress_refuses_resume_and_force_together(tmp_path, monkeypatch, capsys):
+    """--resume --force on a finished run with another recipe said "pass --force in place of --resume", --force given."""
+    recipe = _recipe(tmp_path, "model: lenet300\ntechniques: [{type: quant_lsq, bits: 8}]\n")
+    code, out = _cli(monkeypatch, capsys, "compress", recipe, "--out", tmp_path / "o", "--resume", "--force")
+    assert code == 2 and "--resume continues the run in --out, --force starts it over" in " ".join(out.split()), out
+    assert not (tmp_path / "o").exists()
+
+
+def test_recipe_validate_refuses_an_hf_target_compress_refuses(tmp_path, monkeypatch, capsys):
+    """validate said "ok" to an hf: recipe with a latency target, which compress refuses before loading anything."""
+    (tmp_path / "r.yaml").write_text("hf: {model_name_or_path: runs/teacher}\ntarget: {latency_ms: 1, batch: 1}\n"
+                                     "techniques: [{type: quant_lsq}]\n")
+    code, out = _cli(monkeypatch, capsys, "recipe", "validate", tmp_path / "r.yaml")
+    assert code == 2 and "a latency target chooses the channels of the core image models" in " ".join(out.split()), out
 
 
 def test_the_run_folders_recipe_is_the_one_that_ran_with_the_flags_applied(tmp_path, monkeypatch, capsys):

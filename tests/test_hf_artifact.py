@@ -88,7 +88,13 @@ def test_tampered_hf_artifact_fails_clearly(finalized, tmp_path):
         load_hf_artifact(tmp_path / "art")
 
 
-def test_int8_onnx_uses_the_trained_lsq_integers(finalized, tmp_path):
+def test_int8_onnx_uses_the_trained_lsq_integers(finalized, tmp_path, caplog):
+    """The int8 weights ORT runs are the trained integers; and the export and quantizer print nothing of their own
+    (transformers' mask code's tracer note, the exporter's on advanced indexing, ORT's "consider pre-processing" line
+    reached every run's user and read as problems)."""
+    import logging
+    import warnings
+
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -96,10 +102,14 @@ def test_int8_onnx_uses_the_trained_lsq_integers(finalized, tmp_path):
     from jointcompress.hf.int8 import OrtClassifier, export_onnx, quantize_onnx_int8, trained_overrides
 
     hf, spec, _, _ = finalized
-    fp32 = export_onnx(hf, tmp_path / "m.onnx", seq_len=12)
-    overrides = trained_overrides(fp32, hf, spec)
+    with warnings.catch_warnings(record=True) as said, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        fp32 = export_onnx(hf, tmp_path / "m.onnx", seq_len=12)
+        overrides = trained_overrides(fp32, hf, spec)
+        q = quantize_onnx_int8(fp32, tmp_path / "m.int8.onnx", overrides)
+    assert not [str(w.message)[:80] for w in said if issubclass(w.category, (torch.jit.TracerWarning, UserWarning))]
+    assert not [r.getMessage()[:80] for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(overrides) == LAYERS * 6  # every LSQ Linear found in the graph (as MatMul, W^T)
-    q = quantize_onnx_int8(fp32, tmp_path / "m.int8.onnx", overrides)
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(q)).graph.initializer}
     modules = dict(hf.named_modules())
     src = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(fp32)).graph.initializer}

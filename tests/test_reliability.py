@@ -399,6 +399,34 @@ def test_force_removes_the_old_runs_results_too(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".jointcompress.lock", "notes.txt"]  # the model trained first too
 
 
+def test_force_refuses_to_remove_a_run_folder_holding_the_users_files(tmp_path):
+    """--force removed artifact/, hf_model/ and onnx/ whole, the user's own files in them too (their own onnx/ folder),
+    though it promises the folder's other files stay: refused before anything is cleared, the files named; a folder
+    holding a run's files only (a transformers run's model, tokenizer and ONNX files) is still cleared."""
+    from jointcompress import JointCompressError
+    from jointcompress.io import prepare_run_dir
+
+    fresh = ("checkpoints", "summary.json", "artifact", "hf_model", "onnx")
+    (tmp_path / "summary.json").write_text("old")
+    for sub, names in (("artifact", ("weights.jcw", "manifest.json", ".previous.manifest.json")),
+                       ("hf_model", ("config.json", "model.safetensors", "tokenizer.json", "modeling_pruned.py")),
+                       ("onnx", ("model_fp32.onnx", "model_int8.onnx", "tokenizer_config.json"))):
+        (tmp_path / sub).mkdir()
+        for name in names:
+            (tmp_path / sub / name).write_text("old")
+    for name in ("resnet50.onnx", "notes.txt"):
+        (tmp_path / "onnx" / name).write_text("mine")
+    with pytest.raises(JointCompressError, match=r"onnx: --force removes this folder .* holds notes.txt, resnet50.onnx, "
+                                                  r"which no run writes; move them out of the folder, or give another --out"):
+        prepare_run_dir(tmp_path, force=True, resume=False, fresh=fresh)
+    assert (tmp_path / "onnx" / "resnet50.onnx").is_file() and (tmp_path / "summary.json").is_file()  # nothing cleared
+    assert (tmp_path / "artifact" / "weights.jcw").is_file()
+    for name in ("resnet50.onnx", "notes.txt"):
+        (tmp_path / "onnx" / name).unlink()
+    prepare_run_dir(tmp_path, force=True, resume=False, fresh=fresh)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".jointcompress.lock"]
+
+
 def test_written_files_get_the_permissions_the_umask_gives(tmp_path):
     """mkstemp's 0600 survived the atomic rename: artifacts and summaries were unreadable to the group."""
     import os

@@ -213,8 +213,8 @@ def compress_cmd(
     recipe_path: Path = typer.Argument(..., help="Recipe YAML."),
     model: Optional[str] = typer.Option(None, help=f"Reference model ({BUILT_IN_MODELS.replace(' |', ',')}) or your builder "
                                         "(package.module:function, file.py:function); default: the recipe's."),
-    data: Optional[str] = typer.Option(None, help="'digits' or a path to an .npz of images (MNIST-style, grayscale or colour); default: the recipe's."),
-    weights: Optional[Path] = typer.Option(None, help="Trained weights (.safetensors, or a torch file read with weights_only), or a saved artifact directory (e.g. a first run's model with channels removed); default: train the model first."),
+    data: Optional[str] = typer.Option(None, help="'digits' or a path to an .npz of images (MNIST-style, grayscale or colour); for a recipe with an hf: section, a folder of train and dev files (docs/transformers.md); default: the recipe's."),
+    weights: Optional[Path] = typer.Option(None, help="Trained weights (.safetensors, or a torch file read with weights_only), or a saved artifact directory (e.g. a first run's model with channels removed); for a recipe with an hf: section, the fine-tuned transformers model's folder (config.json, weights, tokenizer); default: train the model first."),
     teacher_epochs: int = typer.Option(10, min=1, help="Epochs to train the model when no --weights are given."),
     mode: Optional[str] = typer.Option(None, help="Override the recipe's mode: joint, overlap or sequential."),
     precision: Optional[str] = typer.Option(None, help="Override training.precision: fp32, bf16 or fp16 (the training "
@@ -245,6 +245,9 @@ def compress_cmd(
     from .tensorboard import TensorBoardLogger
 
     check_folder_path(tensorboard, "--tensorboard")  # else found only after training
+    if resume and force:  # as compare refuses them: one flag was read, the other dropped without a word
+        raise JointCompressError("--resume and --force: --resume continues the run in --out, --force starts it over "
+                                 "(clearing its checkpoints and results); give one")
 
     for flag, value in (("--model", model), ("--mode", mode), ("--precision", precision)):
         if value is not None and not value.strip():  # a shell variable left empty fell back to the recipe's value
@@ -260,6 +263,7 @@ def compress_cmd(
 
         resolve_device(device)  # a device this machine lacks is refused before the teacher loads
         if model:
+            _check_hf_model_flag(model, weights, recipe_path)
             recipe = recipe.model_copy(update={"model": model})
         cli_compress(recipe, recipe_path, out=out, data=data, weights=weights, force=force, resume=resume,
                      checkpoint_every=checkpoint_every, max_nonfinite=max_nonfinite, console=console,
@@ -904,6 +908,10 @@ def _checked_on_the_model(recipe, from_weights: bool = False, already: set | Non
     from .pipeline import builder_for, load_split
 
     unchecked = _why_not_checked_on_a_model(recipe)
+    if recipe.hf is not None:  # what an hf run's target may be needs no model: refused here as compress refuses it
+        from .hf.recipe_steps import check_recipe
+
+        check_recipe(recipe)
     if unchecked:
         return f" (not checked on a model: {unchecked})"
 
@@ -993,6 +1001,19 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
         if a.startswith(flag + "="):
             return a.split("=", 1)[1]
     return None
+
+
+def _check_hf_model_flag(model: str, weights, recipe_path) -> None:
+    """A recipe with an hf: section compresses a transformers model: --weights FOLDER, hf.model_name_or_path, or
+    --model hf:NAME. Any other --model (a built-in name, a builder) was ignored without a word, and recorded as the
+    run's model in recipe.yaml and the manifest; hf:NAME beside --weights lost to --weights as silently."""
+    if not model.startswith("hf:"):
+        raise JointCompressError(f"--model {model}: {recipe_path} has an hf: section, so it compresses the transformers "
+                                 "model --weights FOLDER (or hf.model_name_or_path) names; drop --model, or give "
+                                 "--model hf:NAME for a model by its hub name")
+    if weights is not None:
+        raise JointCompressError(f"--model {model} and --weights {weights} both name the transformers model to "
+                                 "compress; give one of them")
 
 
 def _compress_resumes_from(out: str | None, weights: bool = False) -> str:

@@ -281,6 +281,7 @@ def prepare_run_dir(path: str | os.PathLike, *, force: bool, resume: bool, dist=
             if read is not None:
                 _refuse_clearing_the_input(path, fresh, Path(read), what)
         _refuse_clearing_a_lone_teacher(path, fresh)
+        _refuse_clearing_foreign_files(path, fresh)
     if not resume:
         check_output_dir(path, force=force)
     elif not CheckpointStore(path).paths():
@@ -420,6 +421,34 @@ def _resume_without_checkpoint(path: Path, force: bool, dist) -> None:
 
         warnings.warn(f"--resume: {path} holds no checkpoint of an earlier run, so this one starts from the beginning "
                       "(check --out if you meant to continue a run)", stacklevel=3)
+
+
+# what a run writes inside the folders a --force restart removes whole (artifact/; a transformers run's hf_model/ and
+# onnx/): the artifact's files and the backups and temporary files of its writes, save_pretrained's model and tokenizer
+# files, the ONNX models
+RUN_FOLDER_FILES = ("manifest.json", "weights.jcw", "weights.safetensors", "tokenizer", ".previous.*", ".*.tmp",
+                    "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+                    "modeling_*.py", "configuration_*.py", "tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json",
+                    "added_tokens.json", "*.model", "chat_template*", "preprocessor_config.json", "model_fp32.onnx*",
+                    "model_int8.onnx*")
+
+
+def _refuse_clearing_foreign_files(path: Path, fresh: tuple[str, ...]) -> None:
+    """--force removes an earlier run's artifact/ (and a transformers run's hf_model/, onnx/) whole; a file in one that
+    no run writes is the user's (their own onnx/ folder, notes put beside a model), and it went with the folder,
+    though --force promises the folder's other files stay. Refused before anything is cleared, naming the files."""
+    from fnmatch import fnmatch
+
+    for sub in fresh:
+        folder = path / sub
+        if sub == "checkpoints" or not folder.is_dir() or folder.is_symlink():
+            continue
+        theirs = sorted(p.name for p in folder.iterdir() if not any(fnmatch(p.name, own) for own in RUN_FOLDER_FILES))
+        if theirs:
+            shown = ", ".join(theirs[:3]) + (f" and {len(theirs) - 3} more" if len(theirs) > 3 else "")
+            raise JointCompressError(f"{folder}: --force removes this folder (an earlier run's outputs), and it also "
+                                     f"holds {shown}, which no run writes; move {'them' if len(theirs) > 1 else 'it'} "
+                                     "out of the folder, or give another --out")
 
 
 def remove_outputs(path: Path, fresh: tuple[str, ...]) -> None:

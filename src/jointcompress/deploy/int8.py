@@ -258,7 +258,7 @@ def quantize_onnxruntime(model: nn.Module, spec: CompressionSpec | None, calibra
     reader = _Reader("input", calibration, max_batches, ort_input(example_input[:1]).dtype)
     CalibrationDataReader.register(_Reader)
     out = workdir / "model_int8.onnx"
-    with _quiet_root_logger():  # quantize_static logs a generic "consider pre-processing" warning on every call
+    with quiet_quantizer_logs():  # quantize_static logs a generic "consider pre-processing" warning on every call
         quantize_static(
             str(fp32), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
             nodes_to_exclude=fp32_only_nodes(fp32) + rounding_nodes,
@@ -308,7 +308,7 @@ def output_op_types(onnx_path: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def _quiet_root_logger():
+def quiet_quantizer_logs():
     """The quantizer's Python warnings, and the C++ ones of the sessions it makes to calibrate (a line per
     constant its graph clean-up drops: about 70 for a MobileNetV2, burying the parity warning), errors only."""
     import onnxruntime as ort

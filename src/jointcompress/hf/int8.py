@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -109,7 +110,11 @@ def export_onnx(model: nn.Module, path: str | Path, seq_len: int = 64, token_typ
     example = tuple(torch.ones(2, seq_len, dtype=torch.long) for _ in names)
     from jointcompress.deploy.onnx_export import onnx_log_quiet
 
-    with onnx_log_quiet():  # the legacy exporter left torch's ONNX log on: a later export printed its whole graph
+    with onnx_log_quiet(), warnings.catch_warnings():  # the legacy exporter left torch's ONNX log on
+        # the tracer's note on transformers' mask code (the sequence length is fixed at seq_len, as said above) and the
+        # exporter's on advanced indexing (no negative indices in these graphs) were printed to every run's user
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator of advanced indexing")
         torch.onnx.export(
             _LogitsOnly(model), example, str(path), input_names=names, output_names=["logits"],
             dynamic_axes={**{name: {0: "batch"} for name in names}, "logits": {0: "batch"}},
@@ -163,10 +168,13 @@ def quantize_onnx_int8(src: str | Path, dst: str | Path, overrides: dict | None 
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from jointcompress.deploy.int8 import quiet_quantizer_logs
+
     extra = {}
     if overrides:
         extra["TensorQuantOverrides"] = overrides
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, extra_options=extra)
+    with quiet_quantizer_logs():  # its generic "consider pre-processing" line on every call read as a problem
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, extra_options=extra)
     return Path(dst)
 
 

@@ -73,8 +73,18 @@ def teacher_source(recipe, weights: str | Path | None) -> str:
         raise ArtifactError(f"teacher {src!r} is not a folder; give a folder with config.json, weights and tokenizer files")
     if src != MINILM_NAME and not (Path(src) / "config.json").is_file():
         raise ArtifactError(f"teacher {src!r} has no config.json, so it is no Hugging Face model folder; give the folder "
-                            "save_pretrained wrote for a fine-tuned sequence classifier (config.json, weights, tokenizer files)")
+                            "save_pretrained wrote for a fine-tuned sequence classifier (config.json, weights, tokenizer "
+                            f"files){_exported_beside(Path(src))}")
     return src
+
+
+def _exported_beside(folder: Path) -> str:
+    """Where --weights names a transformers run's artifact (OUT/artifact, as the CLI's own models take it), the run's
+    exported model beside it (OUT/hf_model) is the folder a next run starts from: said, not left to be found."""
+    exported = folder.parent / "hf_model"
+    if (folder / "manifest.json").is_file() and (exported / "config.json").is_file():
+        return f"; {folder} is a run's artifact, and the model that run exported beside it is: --weights {exported}"
+    return ""
 
 
 def split_files(data_dir: str | Path | None) -> tuple[Path, Path]:
