@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from jointcompress.compare import beyond_two_se, paired_stats, seed_differences, summarize
+from jointcompress.compare import beyond_two_se, collapsed_sides, paired_stats, seed_differences, summarize
 from jointcompress.joint_form import JOINT_FORM_VARIANT, NONZERO_GRID_BITS, joint_form_variant
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -338,8 +338,23 @@ def point_rows() -> list[dict]:
                              "landed": sum(abs(row["file_bytes"] / row["target_bytes"] - 1) <= 0.02 for row in mine),
                              "runs": len(mine), "teacher": teacher_error(r),
                              "per_seed": {row["seed"]: (row["error"], row["file_bytes"]) for row in mine},
-                             "teachers": {u["seed"]: u["accuracy"] for u in r.get("uncompressed", [])}})
+                             "teachers": {u["seed"]: u["accuracy"] for u in r.get("uncompressed", [])},
+                             "collapsed": _collapsed(r, runs, s["variant"], ratio)})
     return rows
+
+
+COLLAPSED_WORDS = ("A side marked nearer chance than its teachers (its mean accuracy closer to chance, 10%, than to "
+                   "the teachers') failed to train at that point: its difference measures the failure, not a method's "
+                   "lead.")
+STORED_CLASSES = 10  # every folder here is MNIST's (or its 2,000-image subsets): what a result without "classes" had
+
+
+def _collapsed(r: dict, runs: list[dict], variant: str, ratio: float) -> list[str]:
+    """The sides of a point nearer chance than their teachers (compare.collapsed_sides), over the seeds both ran."""
+    seeds = sorted({row["seed"] for row in runs if row["variant"] == variant and row["ratio_target"] == ratio}
+                   & {row["seed"] for row in runs if row["variant"] == "sequential" and row["ratio_target"] == ratio})
+    point = {"variant": variant, "baseline": "sequential", "ratio_target": ratio, "seeds": seeds}
+    return [c["variant"] for c in collapsed_sides({**r, "classes": r.get("classes", STORED_CLASSES)}, point)]
 
 
 def _keep_rule(r: dict) -> str:
@@ -382,8 +397,17 @@ def _row_cells(p: dict, variant_text: str) -> str:
     if p.get("teacher_epochs") not in (None, DEFAULT_TEACHER_EPOCHS.get(p["model"])):
         epochs = f"{epochs}; teachers {p['teacher_epochs']}"
     return (f"| {MODELS[p['model']]} | {p['ratio']:g}x | {p['images']:,} | {p['bits']} | {epochs} | {variant_text} | "
-            f"{100 * p['joint']:.2f}% | {100 * p['sequential']:.2f}% | {mean:+.2f} ± {se:.2f} (n={n}) | {_verdict(mean, se)} | "
-            f"{landed} | `{p['folder']}` |")
+            f"{100 * p['joint']:.2f}% | {100 * p['sequential']:.2f}% | {mean:+.2f} ± {se:.2f} (n={n}) | {_verdict(mean, se)}"
+            f"{_collapsed_words(p.get('collapsed'))} | {landed} | `{p['folder']}` |")
+
+
+def _collapsed_words(sides: list[str] | None) -> str:
+    """Beside a verdict: the sides whose mean accuracy is nearer chance than their teachers' (a failed run, not a
+    method's lead or loss)."""
+    if not sides:
+        return ""
+    whose = "their" if len(sides) > 1 else "its"
+    return f" ({' and '.join('joint' if v != 'sequential' else v for v in sides)} nearer chance than {whose} teachers)"
 
 
 TABLE_HEAD = ["| model | target | training images | bits | epochs | joint variant | joint error | sequential error | "
@@ -462,8 +486,8 @@ def headline_table(points: list[dict], variant: str = HEADLINE_VARIANT, base_var
     return [f"## One joint recipe at every point ({variant}{f'; {at_two_bits} at 2 bits' if at_two_bits else ''})", "",
             f"{intro}{named} against sequential at "
             "every point where it ran, each from the folder with the most seeds at that point (the full table below lists "
-            "every folder). Paired by seed, ± one standard error; a difference counts only beyond 2 standard errors. The "
-            "teacher's error (uncompressed, same seeds) is the floor both chase: where both sit on it there is no gap for "
+            "every folder). Paired by seed, ± one standard error; a difference counts only beyond 2 standard errors. "
+            f"{COLLAPSED_WORDS} The teacher's error (uncompressed, same seeds) is the floor both chase: where both sit on it there is no gap for "
             f"joint to close. The last column compares each seed's error and file bytes with `{base_variant}`.", "",
             TABLE_HEAD[0] + f" teacher error | vs {base_variant} |", TABLE_HEAD[1] + " --- | --- |", *rows, ""]
 
@@ -476,7 +500,7 @@ def points_table(points: list[dict]) -> list[str]:
         return []
     return ["## Every point, joint vs sequential", "",
             "Joint − sequential error in points, paired by seed (same teacher, data and target), ± one standard error; "
-            "a difference counts only beyond 2 standard errors. Bytes = the weights file on disk; a joint variant that "
+            f"a difference counts only beyond 2 standard errors. {COLLAPSED_WORDS} Bytes = the weights file on disk; a joint variant that "
             "missed its target bytes is not a fair comparison. Error on the 10,000 "
             "MNIST test images. Each folder's section below gives the command and details. "
             f"Folders measured with today's landing (channel floors in the projection, catch-up before the freeze): "

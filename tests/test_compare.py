@@ -389,6 +389,35 @@ def test_one_seeds_larger_file_and_a_difference_without_spread_are_not_called():
     assert unequal_files_note(paired) == "its files 1.00x to 1.14x sequential's (by seed): not the same size"
 
 
+def test_a_side_nearer_chance_than_its_teachers_is_said_beside_the_verdict():
+    """At 100x a sequential baseline trained into collapse (13-22% on 10 classes, teachers near 90%) was read as
+    "joint better, beyond 2 SE" with no word that the gap measured a failed run; a side that holds is not marked,
+    and a result that does not record its classes (written before) is read as before."""
+    from jointcompress.commands.compare_cmd import paired_cell
+    from jointcompress.compare import with_summary
+
+    runs = []
+    for seed, (joint, seq) in enumerate(((0.62, 0.134), (0.60, 0.136), (0.55, 0.225))):
+        runs += [{"variant": v, "ratio_target": 100.0, "seed": seed, "accuracy": a, "error": 1 - a, "ratio": 100.0,
+                  "file_bytes": 1000} for v, a in (("joint-none", joint), ("sequential", seq))]
+    result = {"classes": 10, "runs": runs, "uncompressed": [{"seed": s, "accuracy": a, "bytes": 9000}
+                                                            for s, a in enumerate((0.891, 0.899, 0.917))]}
+    (paired,) = with_summary(result)["paired"]
+    assert [c["variant"] for c in paired["collapsed"]] == ["sequential"]  # joint's 59% is nearer its teachers
+    assert paired["collapsed"][0]["accuracy"] == pytest.approx(0.165)
+    cell = paired_cell(paired)
+    assert "beyond 2 SE; collapsed: sequential 16.5%, nearer chance (10.0%) than the teachers (90.2%)" in cell, cell
+    for r in runs:
+        if r["variant"] == "sequential":
+            r["accuracy"], r["error"] = 0.6, 0.4  # 60% with teachers at 90% and chance 10%: nearer its teachers
+    assert "collapsed" not in with_summary(result)["paired"][0]
+    del result["classes"]
+    for r in runs:
+        if r["variant"] == "sequential":
+            r["accuracy"], r["error"] = 0.134, 0.866
+    assert "collapsed" not in with_summary(result)["paired"][0]
+
+
 def test_paired_files_of_other_sizes_are_said_beside_the_verdict():
     """At a target both undershoot (one 4-bit alone beats), joint and sequential landed at their own sizes and the
     table compared their errors as if the files were one size."""

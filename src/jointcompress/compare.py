@@ -353,6 +353,7 @@ def _new_result(base: Recipe, split, model_name: str, spec: CompareSpec, weights
             "epochs": base.training.epochs, "keep": base.training.keep, "selected_on": split.selected_on,
             "device": spec.device,
             "teacher_epochs": None if weights else spec.teacher_epochs, "train_images": len(split.y_train),
+            "classes": split.num_classes,  # chance is 1 / classes: a collapsed side is said (collapsed_sides)
             "recipe": base.model_dump(),
             "uncompressed": [], "runs": [], "unreachable": []}
 
@@ -890,10 +891,46 @@ def all_paired(runs: list[dict]) -> list[dict]:
 
 
 def with_summary(result: dict) -> dict:
-    """`result` with its per-point summary, the teachers' summary and the paired differences (all_paired)."""
+    """`result` with its per-point summary, the teachers' summary and the paired differences (all_paired), each
+    marked where a side of it collapsed (collapsed_sides)."""
     runs = result.get("runs", [])
+    paired = [{**p, **({"collapsed": c} if (c := collapsed_sides(result, p)) else {})} for p in all_paired(runs)]
     return {**result, "summary": summarize(runs), "uncompressed_summary": uncompressed_summary(result),
-            "paired": all_paired(runs)}
+            "paired": paired}
+
+
+def collapsed_sides(result: dict, paired: dict) -> list[dict]:
+    """The sides of a paired point (the variant, its baseline) whose mean accuracy over the paired seeds is nearer
+    chance (1 / the data's classes) than their teachers': a baseline trained into collapse at an aggressive ratio
+    (13-22% on 10 classes against teachers near 90%) was read as "joint better, beyond 2 SE" with no word that the
+    gap measured a failed baseline, not a lead. Empty where nothing collapsed, or where the result does not record
+    its classes (results written before it did)."""
+    classes = result.get("classes")
+    teachers = {u["seed"]: u["accuracy"] for u in result.get("uncompressed", []) if u.get("accuracy") is not None}
+    seeds = [s for s in paired.get("seeds", []) if s in teachers]
+    if not classes or not seeds:
+        return []
+    chance, teacher = 1.0 / classes, statistics.fmean(teachers[s] for s in seeds)
+    out = []
+    for side in (paired["variant"], paired["baseline"]):
+        accuracies = [r["accuracy"] for r in result.get("runs", []) if r["variant"] == side
+                      and r["ratio_target"] == paired["ratio_target"] and r["seed"] in seeds]
+        accuracy = statistics.fmean(accuracies) if accuracies else None
+        if accuracy is not None and accuracy - chance < teacher - accuracy:
+            out.append({"variant": side, "accuracy": accuracy, "teacher_accuracy": teacher, "chance": chance})
+    return out
+
+
+def collapsed_note(paired: dict) -> str:
+    """What the table and the HTML report say beside a verdict with a collapsed side (collapsed_sides), else ''."""
+    sides = paired.get("collapsed") or []
+    if not sides:
+        return ""
+    said = ", ".join(f"{c['variant']} {100 * c['accuracy']:.1f}%" for c in sides)
+    first = sides[0]
+    return (f"collapsed: {said}, nearer chance ({100 * first['chance']:.1f}%) than the teachers "
+            f"({100 * first['teacher_accuracy']:.1f}%), so the difference measures a failed run, not a lead; a smaller "
+            "ratio, more epochs or sequential-sens (budgets from a sensitivity scan) train a baseline that holds")
 
 
 def _mean_of(rows: list[dict], key: str) -> float | None:

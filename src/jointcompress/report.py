@@ -430,7 +430,8 @@ def breakdown_html(rd: RunDir) -> str:
     return "".join(out) or "<p>no artifact manifest found</p>"
 
 
-PAIRED_FIELDS = ["variant", "baseline", "ratio_target", "n", "error_diff_mean", "error_diff_se", "verdict", "files"]
+PAIRED_FIELDS = ["variant", "baseline", "ratio_target", "n", "error_diff_mean", "error_diff_se", "verdict", "files",
+                 "collapsed"]
 CHANGED_FIELDS = ["variant", "ratio_target", "n", "changed_share_mean", "changed_mean", "note"]
 UNREACHABLE_FIELDS = ["variant", "ratio_target", "seed", "target_bytes", "reason"]
 
@@ -441,11 +442,12 @@ def _compare_html(cmp: dict | None) -> str:
     if not cmp:
         return ""
     out = ""
-    from .compare import VARIANTS, changed_nothing_note, unequal_files_note
+    from .compare import VARIANTS, changed_nothing_note, collapsed_note, unequal_files_note
 
     if cmp.get("paired"):  # the table's words of files of other sizes, too
         out += ("<h2>Paired differences (error, points; by seed, ± one standard error)</h2>"
-                + _table([{**p, "files": unequal_files_note(p)} for p in cmp["paired"] if isinstance(p, dict)],
+                + _table([{**p, "files": unequal_files_note(p), "collapsed": collapsed_note(p)} for p in cmp["paired"]
+                          if isinstance(p, dict)],
                          PAIRED_FIELDS))
     coordinated = [{**s, "note": changed_nothing_note(s)} for s in cmp.get("summary") or []
                    if isinstance(s, dict) and VARIANTS.get(s.get("variant"), ("", "none"))[1] != "none"]

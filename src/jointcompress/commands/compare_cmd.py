@@ -167,8 +167,8 @@ def summary_table(result: dict):
     from ..compare import all_paired, changed_nothing_note, summarize, uncompressed_summary
 
     table = Table(title=escape(f"{result['model']} on {result['data']}: mean [min-max] over the n seeds that ran each row; "
-                               "bytes = the weights file on disk (mean); ratio = the uncompressed model's fp32 weights "
-                               "over it; "
+                               "bytes = the weights file on disk (mean); ratio = the uncompressed model's fp32 safetensors "
+                               "file over it; "
                                "Δerror = error − the baseline's, paired by seed (± one standard error)"))
     every = result.get("paired") or all_paired(result.get("runs", []))
     stronger = sorted({p["baseline"] for p in every if p.get("baseline", "sequential") != "sequential"})
@@ -205,8 +205,8 @@ def paired_cell(p: dict | None) -> str:
     both undershoot) are said after the verdict."""
     if p is None:
         return ""
-    from ..compare import unequal_files_note
+    from ..compare import collapsed_note, unequal_files_note
 
     se = f" ± {p['error_diff_se']:.2f}" if p.get("error_diff_se") is not None else ""
-    unequal = unequal_files_note(p)
-    return f"{p['error_diff_mean']:+.2f}{se} pts (n={p['n']}): {p['verdict']}{'; ' + unequal if unequal else ''}"
+    notes = "".join(f"; {n}" for n in (unequal_files_note(p), collapsed_note(p)) if n)
+    return f"{p['error_diff_mean']:+.2f}{se} pts (n={p['n']}): {p['verdict']}{notes}"

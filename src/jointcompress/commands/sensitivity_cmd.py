@@ -21,7 +21,9 @@ def register(app: typer.Typer) -> None:
                                                "directory, as compress --weights takes); default: train first."),
         teacher_epochs: int = typer.Option(10, "--teacher-epochs", min=1, help="Epochs to train when no --weights."),
         sparsities: str = typer.Option("0.5,0.8,0.9,0.95,0.98", "--sparsities", help="Unstructured sparsities per layer."),
-        bits: str = typer.Option("8,4,3,2", "--bits", help="Bit-widths per layer."),
+        bits: str = typer.Option("8,4,3,2", "--bits", help="Bit-widths per layer, each layer rounded on LSQ's initial grid (where "
+                                "quantization-aware training starts; it clips the largest weights, so a column reads the "
+                                "start's loss, which training recovers, not rounding's alone)."),
         group_sparsities: str = typer.Option("0.25,0.5,0.75", "--group-sparsities", help="Channel sparsities per group."),
         out: Path = typer.Option(Path("runs/sensitivity"), "--out", parser=output_folder, help="Where sensitivity.json and .png go."),
         force: bool = typer.Option(False, "--force", help="Allow writing into an --out that holds other files."),
