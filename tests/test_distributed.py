@@ -491,6 +491,41 @@ def test_ranks_given_different_recipes_all_stop_and_name_the_fields(tmp_path, ow
         assert "recipe.techniques[0].sparsity: 0.5 on rank 0, 0.7 now" in m and "recipe.training.epochs" in m, messages
 
 
+def _other_teacher_worker(rank: int, store: str, own_loop: bool, said) -> None:
+    import torch.distributed as tdist
+
+    import jointcompress
+    from jointcompress import RecipeError, compress
+
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        recipe = {"techniques": [{"type": "distill_kd", "temperature": 2.0, "alpha": 0.5}],
+                  "training": {"epochs": 1, "batch_size": 16}}
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 2))
+        torch.manual_seed(rank)  # a teacher made on each rank without a fixed seed
+        teacher = torch.nn.Sequential(torch.nn.Linear(8, 2))
+        x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+        if own_loop:
+            jointcompress.prepare(model, recipe, total_steps=4, teacher=teacher)
+        else:
+            compress(model, recipe, (x, (x[:, 0] > 0).long()), lambda m: 0.5, teacher=teacher)
+        said.put((rank, "trained"))
+    except RecipeError as err:
+        said.put((rank, str(err)))
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("own_loop", [False, True], ids=["compress", "prepare"])
+def test_ranks_given_different_teachers_all_stop_and_say_so(tmp_path, own_loop):
+    """A teacher made on each rank without a fixed seed differed, and the averaged gradient pulled the student toward
+    a mix of them, without a word: the data and the recipe were checked, the teacher not."""
+    messages = _two_ranks_say(_other_teacher_worker, str(tmp_path / "store"), own_loop, timeout=90)
+    for m in messages.values():
+        assert "teacher: the ranks hold different teachers (rank 1's weights differ from rank 0's)" in m, messages
+
+
 def _other_loader_worker(rank: int, store: str, said) -> None:
     import torch.distributed as tdist
     from torch.utils.data import DataLoader, TensorDataset
@@ -581,3 +616,27 @@ def test_a_second_ctrl_c_during_the_groups_teardown_at_exit_ends_it_quietly(monk
     monkeypatch.setattr(tdist, "is_initialized", lambda: True)
     monkeypatch.setattr(tdist, "destroy_process_group", interrupted)
     distributed._destroy_if_initialized()  # no KeyboardInterrupt out of the hook
+
+
+def test_an_error_every_rank_raises_is_printed_by_rank_0_alone(tmp_path, monkeypatch):
+    """Under torchrun every rank refused the same recipe, --out or interrupt and printed it, one copy per process:
+    another rank stays quiet where rank 0 holds the same words, prints its own otherwise, and outside torchrun
+    (or on rank 0) every message prints."""
+    import tempfile
+
+    from jointcompress import distributed
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(distributed, "ERROR_WAIT_SECONDS", 0.2)
+    assert not distributed.said_by_rank_0("sparsity: 1.7")  # no torchrun
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-a")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert not distributed.said_by_rank_0("sparsity: 1.7")  # rank 0 has said nothing (yet): printed
+    monkeypatch.setenv("RANK", "0")
+    assert not distributed.said_by_rank_0("sparsity: 1.7")  # rank 0 prints, and leaves its words
+    monkeypatch.setenv("RANK", "1")
+    assert distributed.said_by_rank_0("sparsity: 1.7")
+    assert not distributed.said_by_rank_0("train_data: rank 1 holds other data")  # this rank's own: printed
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-b")  # another launch does not read run-a's words
+    assert not distributed.said_by_rank_0("sparsity: 1.7")

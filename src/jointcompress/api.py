@@ -133,6 +133,24 @@ def same_recipe_on_every_rank(recipe: Recipe, dist: "_dist.DistContext | None", 
                       "(and total_steps): give each process the same file and flags")
 
 
+def same_teacher_on_every_rank(teacher: nn.Module | None, dist: "_dist.DistContext | None", device: torch.device) -> None:
+    """Every rank must distil from one teacher: a teacher made on each rank without a fixed seed (or loaded from
+    another file) differed, and the averaged gradient pulled the student toward a mix of them, without a word (the
+    data and the recipe were checked, the teacher not). Its weights' digest on rank 0 is checked on every rank."""
+    from .checkpoint import state_digest
+
+    if dist is None or not torch.distributed.is_initialized():
+        return
+    mine = state_digest(teacher) if teacher is not None else None
+    first = dist.broadcast_json(mine, device=device)
+    other = dist.lowest_rank(first != mine, device)
+    if other is None:
+        return
+    raise RecipeError(f"teacher: the ranks hold different teachers (rank {other}'s weights differ from rank 0's); every "
+                      "rank must distil from the same teacher: load one trained teacher's weights on every rank (a "
+                      "teacher made or trained on each rank without a fixed seed differs)")
+
+
 def _same_batch_count(loader, dist: "_dist.DistContext", device: torch.device) -> None:
     """Every rank must take as many steps: a DataLoader whose ranks give other numbers of batches (each rank's own
     DistributedSampler over a data set of another length) ended in gloo's abort ("Received data size doesn't match
@@ -584,6 +602,7 @@ def _compress(model: nn.Module, recipe: Recipe, train_data, evaluate, teacher, p
     model = _dist.unwrap(model)
     teacher = _dist.unwrap(teacher) if teacher is not None else None
     same_recipe_on_every_rank(recipe, dist, model_device(model))
+    same_teacher_on_every_rank(teacher, dist, model_device(model))
     loader, example = _checked_inputs(model, teacher, recipe, train_data, dist)
     sample = getattr(evaluate, EVALUATOR_SAMPLE, None)  # data.evaluator's: its images meet the model now
     if isinstance(sample, torch.Tensor):  # a Mock or proxy answers any name with something else

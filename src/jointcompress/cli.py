@@ -1147,7 +1147,10 @@ def _run(debug: bool) -> None:
             raise
         if getattr(err, "told_by_rank_0", False):  # under torchrun: rank 0 printed it
             sys.exit(2)
+        from .distributed import said_by_rank_0
 
+        if said_by_rank_0("\n".join([str(err), *getattr(err, "__notes__", ())])):  # the same refusal on every rank
+            sys.exit(2)
         console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False)
         for note in getattr(err, "__notes__", ()):
             console.print(escape(note), highlight=False)
@@ -1155,9 +1158,12 @@ def _run(debug: bool) -> None:
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
+        from .distributed import said_by_rank_0
+
         terminated = STATE.get("terminated", False)
-        console.print(f"[bold red]{'terminated (SIGTERM)' if terminated else 'interrupted'}[/bold red]"
-                      f"{_after_interrupt(sys.argv[1:])}")
+        word, after = "terminated (SIGTERM)" if terminated else "interrupted", _after_interrupt(sys.argv[1:])
+        if not said_by_rank_0(word + after):  # under torchrun every rank is interrupted: rank 0 says it
+            console.print(f"[bold red]{word}[/bold red]{after}")
         sys.exit(143 if terminated else 130)
     except OSError as err:  # the machine's problem (disk full, permissions), not a bug: say which file
         if debug or STATE["debug"]:

@@ -131,9 +131,18 @@ class _HeldStep:
                  groups: dict[str, list[torch.nn.Parameter]]):
         self.step, self.names, self.stacked, self.applied, self.stats = step, names, stacked, applied, stats
         self.micro_batches = 1
-        # the parameters of a group the first resolution gave a non-zero gradient: all zero (or None)
-        # again means the loop zeroed the gradients since, and a new step began at the same number
-        self.witness = next((groups[g] for g, vec in applied.items() if bool(vec.any())), [])
+        self._first, self._groups, self._witness = dict(applied), groups, None
+
+    @property
+    def witness(self) -> list[torch.nn.Parameter]:
+        """The parameters of a group the first resolution gave a non-zero gradient: all zero (or None) again means
+        the loop zeroed the gradients since, and a new step began at the same number. Found when first read (a
+        second micro-batch, torchrun): a measured step of one batch in one process never reads it, and the scan
+        cost a pass over the weights' gradients on every measured step."""
+        if self._witness is None:
+            self._witness = next((self._groups[g] for g, vec in self._first.items() if bool(vec.any())), [])
+            self._first = {}
+        return self._witness
 
     def zeroed(self) -> bool:
         return all(p.grad is None or not bool(p.grad.any()) for p in self.witness)
@@ -192,8 +201,13 @@ class GradientCoordinator:
     def note_gradients(self, step: int) -> None:
         """After a backward's gradients have landed (averaged over the ranks under torchrun): what .grad holds, for
         settle to tell a loop's change in between. Only where settle resolves the step again (not `none`)."""
-        if self._held is not None and self._held.step == step and self.config.strategy != "none":
-            self._held.after_backward = self._held.grad_square()
+        held = self._held
+        if held is None or held.step != step or self.config.strategy == "none":
+            return
+        # settle reads it only after a second micro-batch or under torchrun (one batch in one process settles
+        # nothing): a pass over the gradients in float64 on every measured step, saved there
+        if held.micro_batches > 1 or self.mean_over_ranks is not None:
+            held.after_backward = held.grad_square()
 
     def settle(self, step: int, unit: float = 1.0) -> bool:
         """Gradient accumulation: a measured step's K micro-batches (K backward calls before the

@@ -273,3 +273,38 @@ def tensors_of(obj) -> list[torch.Tensor]:
     if isinstance(obj, (list, tuple)):
         return [t for v in obj for t in tensors_of(v)]
     return []
+
+
+ERROR_WAIT_SECONDS = 2.0  # how long a rank other than 0 waits for rank 0's copy of the error it is about to print
+
+
+def said_by_rank_0(message: str) -> bool:
+    """Under torchrun, whether rank 0 prints this very message, so that this rank need not: every rank refused the
+    same recipe, --out or interrupt, and each printed it, one copy per process. Rank 0 leaves its message in a file
+    named by the launch (TORCHELASTIC_RUN_ID) and returns False (it prints); another rank reads it for up to
+    ERROR_WAIT_SECONDS and stays quiet only where it holds the same words. A rank's own error (its data, another
+    node's missing file) still prints. No collective: the other ranks may be anywhere, or gone."""
+    import hashlib
+    import tempfile
+    import time
+    from pathlib import Path
+
+    run, rank, world = os.environ.get("TORCHELASTIC_RUN_ID"), os.environ.get("RANK"), os.environ.get("WORLD_SIZE", "1")
+    if not run or rank is None or not world.isdigit() or int(world) < 2:
+        return False
+    path = Path(tempfile.gettempdir()) / f"jointcompress-error-{hashlib.sha256(run.encode()).hexdigest()[:16]}.txt"
+    if rank == "0":
+        from .io import atomic_write_text
+
+        try:
+            atomic_write_text(path, message)
+        except OSError:  # no temporary folder to write in: every rank prints, as before
+            pass
+        return False
+    deadline = time.monotonic() + ERROR_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            return path.read_text(encoding="utf-8") == message
+        except OSError:  # not written yet
+            time.sleep(0.05)
+    return False

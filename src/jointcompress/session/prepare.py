@@ -68,7 +68,8 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
     compress() does (joint_form.py): `session.recipe` holds the recipe that runs.
     """
     from .. import distributed as _dist
-    from ..api import check_data, check_targets, check_teacher_data, same_recipe_on_every_rank, warn_validation_unread
+    from ..api import (check_data, check_targets, check_teacher_data, same_recipe_on_every_rank,
+                       same_teacher_on_every_rank, warn_validation_unread)
     from ..model_call import model_device
     from ..joint_form import as_joint_form
     from ..targets import resolve_target, warn_unused_sparsity
@@ -101,6 +102,7 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
         check_teacher_data(bare_teacher, example_inputs, outputs, kd.alpha)
     dist = _dist.resolve(distributed)
     same_recipe_on_every_rank(given, dist, model_device(model), total_steps_of(given, total_steps, steps_per_epoch))
+    same_teacher_on_every_rank(bare_teacher, dist, model_device(model))
     techniques = [tech.build(c) for c in recipe.techniques]
     plan = make_plan(techniques, total_steps_of(recipe, total_steps, steps_per_epoch), recipe)
     session = CompressionSession(model, techniques, plan, recipe, example_inputs=example_inputs, teacher=teacher,
