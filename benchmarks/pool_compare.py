@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from jointcompress.compare import all_paired, plot_pareto, summarize, write_csv
+from jointcompress.compare import plot_pareto, with_summary, write_csv
 from jointcompress.errors import JointCompressError
 from jointcompress.io import atomic_write_json
 from jointcompress.recipe import with_added_fields
@@ -88,9 +88,9 @@ def pool(results: dict[Path, dict], out: Path, command: str) -> dict:
                          "command": result.get("command"), "wall_seconds": result.get("wall_seconds")}
                         for folder, result in results.items()],
     })
-    pooled["summary"] = summarize(pooled["runs"])
-    pooled["paired"] = all_paired(pooled["runs"])  # as compare writes it: each variant vs its baselines, by seed
-    return pooled
+    if first.get("classes"):  # the data's (one setting, so one data set): chance, for the collapsed sides
+        pooled["classes"] = first["classes"]
+    return with_summary(pooled)  # as compare writes it: the summaries, each variant vs its baselines by seed
 
 
 def write_pooled(folders: list[Path], out: Path, command: str) -> dict:

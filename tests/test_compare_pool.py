@@ -96,6 +96,23 @@ def test_pooling_two_batches_recomputes_the_summary_over_every_seed(tmp_path):
     assert pooled["wall_seconds"] == 20.0 and "pool_compare.py" in pooled["command"]
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert len((out / "compare.csv").read_text().splitlines()) == 9
+    assert "classes" not in pooled and "collapsed" not in paired  # folders written before compare recorded them
+
+
+def test_pooled_folders_keep_their_classes_and_mark_a_collapsed_side(tmp_path):
+    """Pooling kept only the settings it compares, so a pooled result lost the data's classes, and with them the
+    mark of a side nearer chance than its teachers that each folder's compare.json carried."""
+    pool = _pool_module()
+    results = tmp_path / "results"
+    collapsed = {(v, s): (0.97 if v == "joint-paced-none" else 0.15 + 0.01 * s) for s in range(4)
+                 for v in ("joint-paced-none", "sequential")}
+    folders = [_fake_folder(results, "b_s0to1", [0, 1], collapsed, classes=10),
+               _fake_folder(results, "b_s2to3", [2, 3], collapsed, classes=10, first_seed=2)]
+    pool.main([*map(str, folders), "--out", str(results / "b_pooled")])
+    pooled = json.loads((results / "b_pooled" / "compare.json").read_text())
+    assert pooled["classes"] == 10
+    (paired,) = pooled["paired"]
+    assert [c["variant"] for c in paired["collapsed"]] == ["sequential"], paired
 
 
 def test_pooling_refuses_overlapping_seeds_or_another_setting(tmp_path):
