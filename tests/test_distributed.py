@@ -459,7 +459,9 @@ def test_ranks_given_different_data_all_stop_and_say_so(tmp_path, rows):
     assert ("the same shapes with other values" in messages[1]) == (rows == 64), messages  # shapes alike, said how
 
 
-def _other_recipe_worker(rank: int, store: str, own_loop: bool, said) -> None:
+def _mismatch_worker(rank: int, store: str, own_loop: bool, differs: str, said) -> None:
+    """A run whose ranks differ in `differs`: "recipe" (rank 1's sparsity and epochs) or "teacher" (one made on each
+    rank without a fixed seed)."""
     import torch.distributed as tdist
 
     import jointcompress
@@ -467,45 +469,14 @@ def _other_recipe_worker(rank: int, store: str, own_loop: bool, said) -> None:
 
     tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5 + 0.2 * rank}],
-                  "training": {"epochs": 1 + rank, "batch_size": 16}}
-        model, x = torch.nn.Sequential(torch.nn.Linear(8, 2)), torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
-        if own_loop:
-            jointcompress.prepare(model, recipe, total_steps=4)
-        else:
-            compress(model, recipe, (x, (x[:, 0] > 0).long()), lambda m: 0.5)
-        said.put((rank, "trained"))
-    except RecipeError as err:
-        said.put((rank, str(err)))
-    finally:
-        tdist.destroy_process_group()
-
-
-@pytest.mark.parametrize("own_loop", [False, True], ids=["compress", "prepare"])
-def test_ranks_given_different_recipes_all_stop_and_name_the_fields(tmp_path, own_loop):
-    """A rank given other epochs took other steps and every rank blocked without a word; one given another
-    sparsity trained on, rank 0 saved its artifact and the other died in gloo's "Connection closed by peer"."""
-    messages = _two_ranks_say(_other_recipe_worker, str(tmp_path / "store"), own_loop, timeout=90)
-    for m in messages.values():
-        assert "the ranks run different recipes: rank 1 differs from rank 0 in" in m, messages
-        assert "recipe.techniques[0].sparsity: 0.5 on rank 0, 0.7 now" in m and "recipe.training.epochs" in m, messages
-
-
-def _other_teacher_worker(rank: int, store: str, own_loop: bool, said) -> None:
-    import torch.distributed as tdist
-
-    import jointcompress
-    from jointcompress import RecipeError, compress
-
-    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        recipe = {"techniques": [{"type": "distill_kd", "temperature": 2.0, "alpha": 0.5}],
-                  "training": {"epochs": 1, "batch_size": 16}}
+        other = rank if differs == "recipe" else 0
+        recipe = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5 + 0.2 * other},
+                                 *([{"type": "distill_kd", "temperature": 2.0, "alpha": 0.5}] if differs == "teacher" else [])],
+                  "training": {"epochs": 1 + other, "batch_size": 16}}
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 2))
-        torch.manual_seed(rank)  # a teacher made on each rank without a fixed seed
-        teacher = torch.nn.Sequential(torch.nn.Linear(8, 2))
-        x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+        model, x = torch.nn.Sequential(torch.nn.Linear(8, 2)), torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(rank)
+        teacher = torch.nn.Sequential(torch.nn.Linear(8, 2)) if differs == "teacher" else None
         if own_loop:
             jointcompress.prepare(model, recipe, total_steps=4, teacher=teacher)
         else:
@@ -518,10 +489,20 @@ def _other_teacher_worker(rank: int, store: str, own_loop: bool, said) -> None:
 
 
 @pytest.mark.parametrize("own_loop", [False, True], ids=["compress", "prepare"])
+def test_ranks_given_different_recipes_all_stop_and_name_the_fields(tmp_path, own_loop):
+    """A rank given other epochs took other steps and every rank blocked without a word; one given another
+    sparsity trained on, rank 0 saved its artifact and the other died in gloo's "Connection closed by peer"."""
+    messages = _two_ranks_say(_mismatch_worker, str(tmp_path / "store"), own_loop, "recipe", timeout=90)
+    for m in messages.values():
+        assert "the ranks run different recipes: rank 1 differs from rank 0 in" in m, messages
+        assert "recipe.techniques[0].sparsity: 0.5 on rank 0, 0.7 now" in m and "recipe.training.epochs" in m, messages
+
+
+@pytest.mark.parametrize("own_loop", [False, True], ids=["compress", "prepare"])
 def test_ranks_given_different_teachers_all_stop_and_say_so(tmp_path, own_loop):
     """A teacher made on each rank without a fixed seed differed, and the averaged gradient pulled the student toward
     a mix of them, without a word: the data and the recipe were checked, the teacher not."""
-    messages = _two_ranks_say(_other_teacher_worker, str(tmp_path / "store"), own_loop, timeout=90)
+    messages = _two_ranks_say(_mismatch_worker, str(tmp_path / "store"), own_loop, "teacher", timeout=90)
     for m in messages.values():
         assert "teacher: the ranks hold different teachers (rank 1's weights differ from rank 0's)" in m, messages
 
