@@ -47,6 +47,20 @@ def test_int8_onnxruntime_close_to_fp32(tmp_path, cls):
     assert rep.metric_deployed >= 0.95
 
 
+def test_int8_calibrates_and_checks_parity_on_batches_of_inputs_alone(tmp_path):
+    """A DataLoader over a TensorDataset of inputs alone yields (x,) batches: calibration and the parity check read
+    item[1] and failed with a bare IndexError; they take the inputs, and the parity compares outputs without a metric."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model, spec = fake_finalize(MLP(), example_input(), bits=4)
+    x, _ = _data(model)
+    q = quantize_int8(model, spec, DataLoader(TensorDataset(x[:128]), batch_size=32), example_input(), workdir=tmp_path)
+    rep = int8_parity(model, q, DataLoader(TensorDataset(x), batch_size=64))
+    assert rep.samples == len(x) and rep.metric_deployed is None
+    assert rep.top1_agreement >= 0.9
+
+
 def test_int8_weights_are_the_trained_integers(tmp_path):
     import onnx
     from onnx import numpy_helper

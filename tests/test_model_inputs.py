@@ -129,3 +129,21 @@ def test_an_mlp_traced_on_one_sample_keeps_its_channel_groups():
         session = jointcompress.prepare(mlp(), recipe, total_steps=10, example_inputs=x[:batch])
         groups[batch] = sorted(g.name for t in session.techniques if t.kind == "prune_structured" for g in t.groups)
     assert groups[1] == groups[8] == ["0", "2"]
+
+
+def test_a_list_of_ready_made_batches_is_named_and_the_loader_it_needs_trains():
+    """A list of dict (or tuple) batches was told "a DataLoader or a Dataset yielding (x, y[, index]), or a tuple (x, y)
+    ... numpy arrays: torch.from_numpy(x).float()", though dict batches are supported through a loader; the message
+    names what was given and the one line that makes it a loader, and that loader trains."""
+    torch.manual_seed(0)
+    x = torch.randn(96, 8)
+    batches = [(x[i:i + 32], (x[i:i + 32, 0] > 0).long()) for i in range(0, 96, 32)]
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    recipe = {"techniques": [{"type": "quant_lsq", "bits": 8}], "training": {"epochs": 1}}
+    with pytest.raises(DataError, match=r"train_data: a list of 3 tuple items; .* dicts of tensors .*"
+                                        r"\.DataLoader\(batches, batch_size=None, shuffle=True\)"):
+        compress(model, recipe, batches, lambda m: 0.5)
+    with pytest.raises(DataError, match=r"train_data: a list of 1 dict items"):
+        compress(model, recipe, [{"input_ids": torch.ones(2, 4, dtype=torch.long)}], lambda m: 0.5)
+    result = compress(model, recipe, DataLoader(batches, batch_size=None, shuffle=True), lambda m: 0.5)
+    assert result.history.epochs[-1]["step"] == 3  # one epoch of the three batches as they were made

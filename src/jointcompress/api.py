@@ -223,8 +223,27 @@ def as_loader(train_data, batch_size: int, seed: int, dist: "_dist.DistContext |
         raise DataError("train_data: ((x1, x2, ...), y) tensors of a model of several inputs: give a Dataset (or a "
                         "DataLoader over one) whose samples are ((x1, x2, ...), y): StackDataset(TensorDataset(x1, x2), y) "
                         "(torch.utils.data); each batch then calls model(x1, x2, ...)")
-    raise DataError("train_data: pass a DataLoader or a Dataset yielding (x, y[, index]), or a tuple (x, y) of tensors "
-                    "(numpy arrays: torch.from_numpy(x).float(), torch.from_numpy(y))")
+    raise DataError(f"train_data: {_what_was_given(train_data)}; pass a DataLoader or a Dataset yielding (x, y[, index]) "
+                    "or dicts of tensors (input_ids, attention_mask, labels, as a Hugging Face dataset's collator makes "
+                    "them), or a tuple (x, y) of tensors (numpy arrays: torch.from_numpy(x).float(), torch.from_numpy(y))"
+                    + _as_batches_hint(train_data))
+
+
+def _what_was_given(train_data) -> str:
+    """train_data's type, and for a list or tuple the type of its items (a list of dict batches was told only of
+    tuples and numpy arrays)."""
+    if isinstance(train_data, (list, tuple)) and train_data:
+        kinds = sorted({type(item).__name__ for item in train_data})
+        return f"a {type(train_data).__name__} of {len(train_data):,} {' / '.join(kinds)} items"
+    return f"a {type(train_data).__name__}"
+
+
+def _as_batches_hint(train_data) -> str:
+    """For a list of ready-made batches (dicts or tuples of tensors), the one line that makes them a loader."""
+    if isinstance(train_data, (list, tuple)) and train_data and all(isinstance(b, (dict, tuple, list)) for b in train_data):
+        return ("; a list of ready-made batches is a loader as torch.utils.data.DataLoader(batches, batch_size=None, "
+                "shuffle=True), which yields each one as it is")
+    return ""
 
 
 def _warn_one_batch(samples: int, batch_size: int) -> None:

@@ -63,7 +63,8 @@ def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def batches(data, batch_size: int = 256) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Accept (X, Y) tensors, an X tensor, or an iterable of (x, y) batches (e.g. a DataLoader)."""
+    """Accept (X, Y) tensors, an X tensor, or an iterable of (x, y) batches (e.g. a DataLoader), or of (x,) ones (a
+    TensorDataset of inputs alone: no labels; it failed on item[1] with a bare IndexError)."""
     if isinstance(data, torch.Tensor):
         data = (data, None)
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor) \
@@ -73,7 +74,7 @@ def batches(data, batch_size: int = 256) -> Iterable[tuple[torch.Tensor, torch.T
             yield x[i:i + batch_size], None if y is None else y[i:i + batch_size]
         return
     for item in data:
-        x, y = (item[0], item[1]) if isinstance(item, (tuple, list)) else (item, None)
+        x, y = (item[0], item[1] if len(item) > 1 else None) if isinstance(item, (tuple, list)) else (item, None)
         yield x, y
 
 
