@@ -28,20 +28,27 @@ from pathlib import Path
 STEPS, WARMUP = 20, 25
 
 
-def steppers(tree: Path, data: str) -> dict:
-    """The plain step and the goal's step, made by `tree`'s benchmarks/step_cost.py on `tree`'s package."""
+def load_tree(tree: Path, data: str):
+    """`tree`'s benchmarks/step_cost.py (on `tree`'s package, one thread), the LeNet-300-100 teacher it times and
+    the data: what every stepper of another checkout is made from."""
     sys.path[:0] = [str(tree / "src"), str(tree / "benchmarks")]
     import torch
 
     torch.set_num_threads(1)
     import step_cost
-    from jointcompress.artifact.size import dense_fp32_bytes
     from jointcompress.data import load_dataset
     from jointcompress.models import build_model
 
     torch.manual_seed(0)
     split = load_dataset(data)
-    teacher = build_model("lenet300", split.image_size, split.num_classes)
+    return step_cost, build_model("lenet300", split.image_size, split.num_classes), split
+
+
+def steppers(tree: Path, data: str) -> dict:
+    """The plain step and the goal's step, made by `tree`'s benchmarks/step_cost.py on `tree`'s package."""
+    step_cost, teacher, split = load_tree(tree, data)
+    from jointcompress.artifact.size import dense_fp32_bytes  # the tree's package, on the path now
+
     goal = dense_fp32_bytes(teacher) / 100
     return {"plain": step_cost.plain_stepper(teacher, split),
             "budget_acc_pcgrad_every10": step_cost.joint_stepper(

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from jointcompress.compare import beyond_two_se, collapsed_sides, paired_stats, seed_differences, summarize
+from jointcompress.compare import (beyond_two_se, collapsed_sides, paired_differences, paired_stats,
+                                  seed_differences, summarize)
 from jointcompress.joint_form import JOINT_FORM_VARIANT, NONZERO_GRID_BITS, joint_form_variant
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -351,9 +352,7 @@ STORED_CLASSES = 10  # every folder here is MNIST's (or its 2,000-image subsets)
 
 def _collapsed(r: dict, runs: list[dict], variant: str, ratio: float) -> list[str]:
     """The sides of a point nearer chance than their teachers (compare.collapsed_sides), over the seeds both ran."""
-    seeds = sorted({row["seed"] for row in runs if row["variant"] == variant and row["ratio_target"] == ratio}
-                   & {row["seed"] for row in runs if row["variant"] == "sequential" and row["ratio_target"] == ratio})
-    point = {"variant": variant, "baseline": "sequential", "ratio_target": ratio, "seeds": seeds}
+    point = next(p for p in paired_differences(runs) if p["variant"] == variant and p["ratio_target"] == ratio)
     return [c["variant"] for c in collapsed_sides({**r, "classes": r.get("classes", STORED_CLASSES)}, point)]
 
 

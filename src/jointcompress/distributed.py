@@ -289,8 +289,8 @@ def said_by_rank_0(message: str) -> bool:
     import time
     from pathlib import Path
 
-    run, rank, world = os.environ.get("TORCHELASTIC_RUN_ID"), os.environ.get("RANK"), os.environ.get("WORLD_SIZE", "1")
-    if not run or rank is None or not world.isdigit() or int(world) < 2:
+    run, rank = os.environ.get("TORCHELASTIC_RUN_ID"), os.environ.get("RANK")
+    if not run or rank is None or _env_world_size() < 2:
         return False
     path = Path(tempfile.gettempdir()) / f"jointcompress-error-{hashlib.sha256(run.encode()).hexdigest()[:16]}.txt"
     if rank == "0":

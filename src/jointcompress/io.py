@@ -423,14 +423,21 @@ def _resume_without_checkpoint(path: Path, force: bool, dist) -> None:
                       "(check --out if you meant to continue a run)", stacklevel=3)
 
 
-# what a run writes inside the folders a --force restart removes whole (artifact/; a transformers run's hf_model/ and
-# onnx/): the artifact's files and the backups and temporary files of its writes, save_pretrained's model and tokenizer
-# files, the ONNX models
-RUN_FOLDER_FILES = ("manifest.json", "weights.jcw", "weights.safetensors", "tokenizer", ".previous.*", ".*.tmp",
-                    "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
-                    "modeling_*.py", "configuration_*.py", "tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json",
-                    "added_tokens.json", "*.model", "chat_template*", "preprocessor_config.json", "model_fp32.onnx*",
-                    "model_int8.onnx*")
+# what a transformers run writes into its hf_model/ and onnx/ (folders a --force restart removes whole): save_pretrained's
+# model and tokenizer files, the ONNX models (the artifact's own names come from artifact/store.py)
+HF_RUN_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+                "modeling_*.py", "configuration_*.py", "tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json",
+                "added_tokens.json", "*.model", "chat_template*", "preprocessor_config.json", "model_fp32.onnx*",
+                "model_int8.onnx*")
+
+
+def run_folder_files() -> tuple[str, ...]:
+    """The names (patterns) a run writes inside the folders --force removes whole: the artifact's weights and
+    manifest with the backups and temporary files of its writes, an HF artifact's tokenizer folder, HF_RUN_FILES."""
+    from .artifact.store import CONTAINERS, MANIFEST_FILE, PREVIOUS
+    from .hf.artifact import TOKENIZER_DIR
+
+    return (*CONTAINERS.values(), MANIFEST_FILE, f"{PREVIOUS}*", ".*.tmp", TOKENIZER_DIR, *HF_RUN_FILES)
 
 
 def _refuse_clearing_foreign_files(path: Path, fresh: tuple[str, ...]) -> None:
@@ -439,11 +446,12 @@ def _refuse_clearing_foreign_files(path: Path, fresh: tuple[str, ...]) -> None:
     though --force promises the folder's other files stay. Refused before anything is cleared, naming the files."""
     from fnmatch import fnmatch
 
+    ours = run_folder_files()
     for sub in fresh:
         folder = path / sub
         if sub == "checkpoints" or not folder.is_dir() or folder.is_symlink():
             continue
-        theirs = sorted(p.name for p in folder.iterdir() if not any(fnmatch(p.name, own) for own in RUN_FOLDER_FILES))
+        theirs = sorted(p.name for p in folder.iterdir() if not any(fnmatch(p.name, own) for own in ours))
         if theirs:
             shown = ", ".join(theirs[:3]) + (f" and {len(theirs) - 3} more" if len(theirs) > 3 else "")
             raise JointCompressError(f"{folder}: --force removes this folder (an earlier run's outputs), and it also "

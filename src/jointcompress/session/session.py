@@ -439,10 +439,7 @@ class CompressionSession:
         """Terms session.loss made at an earlier step (after_step called between the loss and its backward): after_step
         moves the masks and quantizers in place, so their graph no longer matches the weights, and torch's backward
         failed nine frames deep on a tensor "modified by an inplace operation". Refused with the order named."""
-        if self._loss_terms is None or self._loss_terms[0] == self.step:
-            return
-        made = [ref() for ref in self._loss_terms[1]]
-        if any(any(t is m for m in made) for t in terms.values()):
+        if self._loss_terms is not None and self._loss_terms[0] != self.step and _any_held(self._loss_terms[1], terms):
             raise TrainingError(
                 f"session.backward at step {self.step}: these terms were made by session.loss at step "
                 f"{self._loss_terms[0]}, and session.after_step() has moved the session since (it changes the masks "
@@ -453,15 +450,12 @@ class CompressionSession:
         """The same terms given to backward twice in a step (a copied line in a loop): on a measured step the
         coordination keeps their graph, so the second call added every gradient again, unsaid (torch refuses a
         second backward only where the graph was freed). Held by weak reference: the graph is not kept alive."""
-        given = list(terms.values())
-        if self._last_terms is not None and self._last_terms[0] == self.step:
-            earlier = [ref() for ref in self._last_terms[1]]
-            if any(any(t is e for e in earlier) for t in given):
-                raise TrainingError(
-                    f"session.backward at step {self.step}: these terms went through backward already; their "
-                    "gradients would be added twice. Call session.backward once per session.loss (under "
-                    "gradient accumulation each micro-batch's own terms)")
-        self._last_terms = (self.step, [weakref.ref(t) for t in given])
+        if self._last_terms is not None and self._last_terms[0] == self.step and _any_held(self._last_terms[1], terms):
+            raise TrainingError(
+                f"session.backward at step {self.step}: these terms went through backward already; their "
+                "gradients would be added twice. Call session.backward once per session.loss (under "
+                "gradient accumulation each micro-batch's own terms)")
+        self._last_terms = (self.step, [weakref.ref(t) for t in terms.values()])
 
     def settle_gradients(self) -> None:
         """The measured step's micro-batches, and under torchrun the ranks' batches, resolved together,
@@ -714,3 +708,10 @@ def _modules_in(value):
         yield from (v for v in value.values() if isinstance(v, nn.Module))
     elif isinstance(value, (list, tuple)):
         yield from (v for v in value if isinstance(v, nn.Module))
+
+
+def _any_held(refs: list, terms: dict[str, torch.Tensor]) -> bool:
+    """Whether one of `terms` is a tensor the weak references `refs` still point at (the same object, not an equal
+    one): a session's record of the terms it made or took, without keeping their graph alive."""
+    held = [ref() for ref in refs]
+    return any(any(t is h for h in held) for t in terms.values())
