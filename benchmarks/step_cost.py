@@ -37,6 +37,12 @@ every other stepper coordinates per term (accuracy_as_one: false), as the stored
 `*_torch_compile`: the step with the quantizer's compiled kernels called through torch.compile
 (TorchDynamo's guards and wrappers on every call), as before techniques/traced_kernel.py.
 
+`--steppers a,b` times only those (and plain): the steppers interleaved in a round share the caches, and with all
+twenty-odd in the rotation each sample starts on caches the others filled, which weighs on a step that touches more
+state; timed as a pair, the goal's step is read as a training run meets it. Every stepper is also timed alone
+(its samples one after another, after the interleaved rounds), and a median more than 20% off its interleaved one
+is flagged (`interleaved_differs_from_alone`).
+
 Each sample times `--steps` consecutive steps; the reported numbers are per step: medians (the
 typical step) and means (which include the size budget's calibration when one falls in a
 sample), in wall-clock time and in the process's CPU time (less sensitive to other processes
@@ -48,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import platform
@@ -193,7 +200,7 @@ def snapshot_cost(stepper, med: dict) -> dict:
     per_step = ms / recovery.snapshot_every
     return {"snapshot_ms": ms, "snapshot_every": recovery.snapshot_every, "amortized_ms_per_step": per_step,
             "ratio_to_plain_with_snapshot": {k: (med[k] + per_step) / med["plain"]
-                                             for k in ("budget_pcgrad_every10", "budget_acc_pcgrad_every10")}}
+                                             for k in ("budget_pcgrad_every10", "budget_acc_pcgrad_every10") if k in med}}
 
 
 def plain_stepper(teacher, split, times: dict | None = None, **adam):
@@ -392,10 +399,53 @@ def time_steps(fns: dict, rounds: int, steps: int) -> tuple[dict, dict]:
     return times, first
 
 
+def time_alone(fns: dict, rounds: int, steps: int) -> dict:
+    """Per stepper, wall-clock ms per step of `rounds` samples taken one after another with no other stepper in
+    between (the check the interleaved rounds are read against: a stepper whose caches the others flush reads
+    slower interleaved)."""
+    alone = {}
+    for k, fn in fns.items():
+        samples = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            samples.append((time.perf_counter() - t0) / steps * 1e3)
+        alone[k] = samples
+    return alone
+
+
 def summary(times: dict, clock: str, stat) -> tuple[dict, dict]:
     """(ms per step, ratio to plain) of one clock and statistic."""
     ms = {k: stat(v[clock]) for k, v in times.items()}
     return ms, {k: ms[k] / ms["plain"] for k in ms}
+
+
+def chosen(fns: dict, names: str | None) -> dict:
+    """The steppers `names` asks for (comma-separated; plain always), all without it; an unknown name is refused."""
+    if not names:
+        return fns
+    wanted = ["plain", *(n.strip() for n in names.split(",") if n.strip() and n.strip() != "plain")]
+    unknown = [n for n in wanted if n not in fns]
+    if unknown:
+        raise SystemExit(f"--steppers: unknown {unknown}; choose from {sorted(fns)}")
+    picked = {n: fns[n] for n in wanted}
+    fns.clear()
+    gc.collect()  # the others' models and optimizers go before anything is timed
+    return picked
+
+
+def cross_ratios(med: dict) -> dict:
+    """Steppers against the code before a change, in the same run, where both were timed."""
+    pairs = {  # the closed-form saliency against the autograd one
+        "paced_none_over_autograd_saliency": ("paced_none", "paced_none_autograd_saliency"),
+        # the fused Adam, the size term's single node and the one-pass Fisher fold against the code before them
+        "paced_none_over_before_fused": ("paced_none", "paced_none_before_fused"),
+        "budget_pcgrad_every10_over_before_fused": ("budget_pcgrad_every10", "budget_pcgrad_every10_before_fused"),
+        # the kernels called directly against the same kernels through torch.compile
+        "budget_pcgrad_every10_over_torch_compile": ("budget_pcgrad_every10", "budget_pcgrad_every10_torch_compile"),
+        "paced_none_over_torch_compile": ("paced_none", "paced_none_torch_compile")}
+    return {name: med[a] / med[b] for name, (a, b) in pairs.items() if a in med and b in med}
 
 
 def main():
@@ -407,6 +457,8 @@ def main():
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--ratio", type=float, default=100.0, help="the size budget's target: the fp32 weights / ratio")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (1: stable ratios on a shared machine)")
+    ap.add_argument("--steppers", default=None,
+                    help="comma-separated steppers to time (plain is always timed); default: all of them")
     ap.add_argument("--out", default="benchmarks/results/step_cost.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -414,41 +466,40 @@ def main():
     torch.manual_seed(0)
     split = load_dataset(args.data)
     teacher = build_model(args.model, split.image_size, split.num_classes)
-    fns = steppers(teacher, split, args.ratio)
+    fns = chosen(steppers(teacher, split, args.ratio), args.steppers)
     load_before = os.getloadavg()[0]
     times, first = time_steps(fns, args.rounds, args.steps)
+    alone = {k: statistics.median(v) for k, v in time_alone(fns, args.rounds, args.steps).items()}
     med, ratio = summary(times, "wall", statistics.median)
     mean, ratio_mean = summary(times, "wall", statistics.mean)
     cpu_med, cpu_ratio = summary(times, "cpu", statistics.median)
     cpu_mean, cpu_ratio_mean = summary(times, "cpu", statistics.mean)
-    calibration = calibration_cost(fns["budget_pcgrad_every10"])
-    snapshot = snapshot_cost(fns["budget_pcgrad_every10"], med)
+    subset = f" --steppers {args.steppers}" if args.steppers else ""
     result = {
         "command": f"python benchmarks/step_cost.py --data {args.data} --model {args.model} --threads {args.threads} "
-                   f"--batch {args.batch}{'' if args.ratio == 100 else f' --ratio {args.ratio:g}'} --rounds {args.rounds} --steps {args.steps} --out {args.out}",
+                   f"--batch {args.batch}{'' if args.ratio == 100 else f' --ratio {args.ratio:g}'} --rounds {args.rounds} "
+                   f"--steps {args.steps}{subset} --out {args.out}",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                    f"{os.cpu_count()} cores, load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after",
         "median_ms_per_step": med,
         "ratio_to_plain": ratio,
         # the same optimizer implementation as the session's (multi-tensor Adam) on both sides
-        "ratio_to_plain_foreach": {k: med[k] / med["plain_foreach"] for k in med},
+        "ratio_to_plain_foreach": {k: med[k] / med["plain_foreach"] for k in med} if "plain_foreach" in med else None,
         "mean_ms_per_step": mean, "ratio_to_plain_of_means": ratio_mean,
         "cpu_median_ms_per_step": cpu_med, "cpu_ratio_to_plain": cpu_ratio,
         "cpu_mean_ms_per_step": cpu_mean, "cpu_ratio_to_plain_of_means": cpu_ratio_mean,
         "first_call_seconds": first,  # the compiled kernels are compiled here (cached on disk afterwards)
+        # each stepper timed alone (its samples one after another), and where that differs by more than 20% from
+        # its interleaved median
+        "alone_median_ms_per_step": alone, "alone_ratio_to_plain": {k: alone[k] / alone["plain"] for k in alone},
+        "interleaved_differs_from_alone": sorted(k for k in alone if abs(med[k] / alone[k] - 1) > 0.2),
         "targets": {"none": 1.3, "pcgrad": 2.5, "budget_pcgrad_every10": 2.0, "budget_acc_pcgrad_every10": 2.0,
                     "paced_none": 2.0, "paced_pcgrad_every10": 2.0, "form_none": 2.0, "form_pcgrad_every10": 2.0},
-        # the closed-form saliency against the autograd one, in the same run
-        "paced_none_over_autograd_saliency": med["paced_none"] / med["paced_none_autograd_saliency"],
-        # the fused Adam, the size term's single node and the one-pass Fisher fold against the code before them
-        "paced_none_over_before_fused": med["paced_none"] / med["paced_none_before_fused"],
-        "budget_pcgrad_every10_over_before_fused": med["budget_pcgrad_every10"] / med["budget_pcgrad_every10_before_fused"],
-        # the kernels called directly against the same kernels through torch.compile
-        "budget_pcgrad_every10_over_torch_compile": med["budget_pcgrad_every10"] / med["budget_pcgrad_every10_torch_compile"],
-        "paced_none_over_torch_compile": med["paced_none"] / med["paced_none_torch_compile"],
-        "size_budget_calibration": calibration,
-        "recovery_snapshot": snapshot,
     }
+    result.update(cross_ratios(med))
+    if "budget_pcgrad_every10" in fns:
+        result["size_budget_calibration"] = calibration_cost(fns["budget_pcgrad_every10"])
+        result["recovery_snapshot"] = snapshot_cost(fns["budget_pcgrad_every10"], med)
     print(json.dumps(result, indent=1))
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -431,7 +432,8 @@ def test_compress_in_a_run_dir_another_run_holds_is_refused_and_its_own_lock_is_
     assert not CheckpointStore(held).paths()
     mine = tmp_path / "mine"
     _run(digits, mine)
-    with open(mine / LOCK_NAME, "a+") as later:  # given up once compress() returned
+    assert not (mine / LOCK_NAME).exists()  # given up, and its file removed, once compress() returned
+    with open(mine / LOCK_NAME, "a+") as later:
         fcntl.flock(later, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
@@ -568,3 +570,43 @@ def test_force_refuses_to_delete_a_teacher_no_run_wrote(tmp_path):
     (out / "start.json").write_text("{}")  # a run's: --force clears what that run began from
     prepare_run_dir(out, force=True, resume=False)
     assert not (out / "teacher.safetensors").exists()
+
+
+def test_a_run_lock_file_goes_when_its_process_exits_and_a_lock_file_unlinked_meanwhile_is_not_held(tmp_path):
+    """Every folder a command-line run used kept its .jointcompress.lock after the run. The lock's file goes at a
+    normal exit; a run that opened the file just before its holder removed it locks the file there now, not the
+    removed one (two runs would each hold a lock on a different file)."""
+    import subprocess
+    import sys
+
+    fcntl = pytest.importorskip("fcntl")
+    from jointcompress import io
+
+    script = "import sys; from pathlib import Path; from jointcompress.io import hold_run_lock; hold_run_lock(Path(sys.argv[1]))"
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=60)
+    assert not (tmp_path / io.LOCK_NAME).exists()
+
+    real_open, stale = open, []
+
+    def open_then_removed(path, *args, **kwargs):  # the holder removes the file right after this run opened it
+        handle = real_open(path, *args, **kwargs)
+        if not stale:
+            stale.append(handle)
+            Path(path).unlink()
+        return handle
+
+    folder = tmp_path / "raced"
+    folder.mkdir()
+    io.open = open_then_removed  # io's own name for the builtin, read at call time
+    try:
+        io.hold_run_lock(folder)
+    finally:
+        del io.open
+    try:
+        assert stale and stale[0].closed
+        with open(folder / io.LOCK_NAME, "a+") as other:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        io.release_run_lock(folder)
+    assert not (folder / io.LOCK_NAME).exists()

@@ -2,6 +2,7 @@
 output directory is overwritten unless the user asked for it, so nothing a user made is lost."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import json
@@ -130,7 +131,8 @@ def hold_run_lock(path: Path) -> None:
     process ends; another run in the same folder is refused. Why: two runs given one --out wrote the
     same checkpoint names and deleted each other's temporary files, and the loser died after its
     teacher had trained with advice about free space. A process holds it once (a run and its resume
-    in one Python session); without fcntl (Windows) nothing is locked."""
+    in one Python session); without fcntl (Windows) nothing is locked. The lock file goes when the lock
+    is given up (release_run_lock, or the process's normal exit): it was left in every folder a run used."""
     try:
         import fcntl
     except ImportError:
@@ -138,20 +140,33 @@ def hold_run_lock(path: Path) -> None:
     key = str(path.resolve())
     if key in _HELD_LOCKS:
         return
-    handle = open(path / LOCK_NAME, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        pid = handle.read().strip() or "unknown"
+    for _ in range(5):  # the file may be unlinked by its holder between our open and our flock: lock the new one
+        handle = open(path / LOCK_NAME, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            pid = handle.read().strip() or "unknown"
+            handle.close()
+            raise JointCompressError(f"{path} is in use by another jointcompress run (pid {pid}); two runs in one folder "
+                                     "overwrite each other's checkpoints. Wait for it to end, or choose another --out") from None
+        if _is_the_file_at(handle, path / LOCK_NAME):
+            break
         handle.close()
-        raise JointCompressError(f"{path} is in use by another jointcompress run (pid {pid}); two runs in one folder "
-                                 "overwrite each other's checkpoints. Wait for it to end, or choose another --out") from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     _HELD_LOCKS[key] = handle
+
+
+def _is_the_file_at(handle, path: Path) -> bool:
+    """Whether the open `handle` is still the file `path` names (not one unlinked or replaced since it was opened)."""
+    try:
+        here, held = path.stat(), os.fstat(handle.fileno())
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _forget_locks_in_child() -> None:
@@ -169,10 +184,23 @@ if hasattr(os, "register_at_fork"):
 
 
 def release_run_lock(path: Path) -> None:
-    """Give up `path`'s run lock (hold_run_lock) before this process ends: the folder is being removed."""
+    """Give up `path`'s run lock (hold_run_lock) and remove its file, unlinked while still locked: a run that
+    opened it meanwhile finds it gone (hold_run_lock locks the new file), so no two runs hold two files."""
     handle = _HELD_LOCKS.pop(str(Path(path).resolve()), None)
-    if handle is not None:
-        handle.close()
+    if handle is None:
+        return
+    with contextlib.suppress(OSError):
+        if _is_the_file_at(handle, Path(path) / LOCK_NAME):
+            (Path(path) / LOCK_NAME).unlink()
+    handle.close()
+
+
+@atexit.register
+def _release_run_locks() -> None:
+    """At a normal exit, every lock this process holds given up and its file removed (a killed process leaves its
+    file, which the next run locks as usual)."""
+    for key in list(_HELD_LOCKS):
+        release_run_lock(Path(key))
 
 
 @contextlib.contextmanager
