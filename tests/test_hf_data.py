@@ -203,6 +203,18 @@ def test_the_classes_come_from_the_teacher_and_a_count_that_disagrees_is_refused
     for config in (AlbertConfig(), GPT2Config()):  # a ValueError deep in pruning; an export refused after the run
         with pytest.raises(UnsupportedModelError, match=f"model_type '{config.model_type}'.*distilbert, electra, roberta only"):
             steps.check_family(config, "teacher-folder")
+    from transformers import BartConfig, T5Config
+
+    for config, kind in ((BartConfig(d_model=16, encoder_layers=1, decoder_layers=1, vocab_size=50, num_labels=2,
+                                     architectures=["BartForSequenceClassification"]), "Classifiers"),
+                         (T5Config(d_model=16, num_layers=1, vocab_size=50, architectures=["T5ForConditionalGeneration"]),
+                          r"Models \(T5ForConditionalGeneration\)")):
+        folder = tmp_path / config.model_type  # its config only: refused before the weights or tokenizer are read
+        config.save_pretrained(folder)         # (a BART classifier's weights failed to load, a long traceback)
+        plain = parse_recipe({"techniques": [{"type": "distill_kd"}]})
+        other = steps.HFRun(recipe=plain, hf_cfg=plain.hf, out=tmp_path / "o3", log=lambda _: None)
+        with pytest.raises(UnsupportedModelError, match=f"model_type '{config.model_type}'.* only. {kind} of model_type"):
+            steps.load_models(other, str(folder))
     two = parse_recipe({"hf": {"labels": ["NEGATIVE", "POSITIVE"]}, "techniques": [{"type": "distill_kd"}]})
     run = steps.HFRun(recipe=two, hf_cfg=two.hf, out=tmp_path / "out", log=lambda _: None)
     with pytest.raises(RecipeError, match="hf.labels names 2 classes.*has 3 outputs.*remove hf.labels"):

@@ -149,6 +149,9 @@ def load_models(run: HFRun, weights, trim_vocab: bool | None = None) -> None:
     run_hf_recipe's override of hf.trim_vocab (None: the recipe's), whose tokenizer is checked here."""
     run.src = src = teacher_source(run.recipe, weights)
     refuse_causal_lm(src)
+    config = folder_config(src)
+    if config is not None:  # before anything is loaded: a family this path refuses failed in the load with another error
+        check_family(config, src)
     if src == MINILM_NAME or teacher_labels(src) is None:  # a base encoder's folder too (architectures: BertModel)
         what = "the bundled MiniLM base" if src == MINILM_NAME else f"{src}, a base encoder without a classifier,"
         run.warnings.append(
@@ -244,9 +247,12 @@ def check_family(config, src: str) -> None:
             "alpha: 0 in place of the softmax distillation")
     classifiers = sorted(set(PRUNED_CLASSES) - set(CAUSAL))
     if FAMILY_OF.get(getattr(config, "model_type", None)) not in classifiers:
+        architectures = [str(a) for a in (getattr(config, "architectures", None) or [])]
+        kind = ("Classifiers" if not architectures or any(a.endswith("ForSequenceClassification") for a in architectures)
+                else f"Models ({', '.join(architectures)})")
         raise UnsupportedModelError(
             f"teacher {src}: model_type {config.model_type!r}; `jointcompress compress` with an hf: section prunes and exports "
-            f"the classifiers of model_type {', '.join(classifiers)} only. Classifiers of model_type "
+            f"the classifiers of model_type {', '.join(classifiers)} only. {kind} of model_type "
             f"{config.model_type!r} compress from Python, where the session takes the model and its dict batches as "
             "they are (quant_lsq, prune_unstructured, distill_kd; docs/your-model.md)")
 
