@@ -125,10 +125,15 @@ def test_negative_labels_are_refused_in_either_split(tmp_path, key, label):
 def test_the_existing_train_label_checks_come_first(tmp_path):
     msg = _refused(_save(tmp_path, y_train=np.full(100, 3), y_test=np.arange(20) % 5))
     assert "y_train holds one class (3)" in msg
-    msg = _refused(_save(tmp_path, y_train=np.linspace(0, 1, 100)))
-    assert "float64 values that are not whole numbers" in msg
+    msg = _refused(_save(tmp_path, y_train=np.linspace(0, 1, 100)))  # a regression target: the Python route named
+    assert "float64 values that are not whole numbers" in msg and "compress(..., loss_fn=...)" in msg
+    multi_hot = np.zeros((100, 5))
+    multi_hot[np.arange(100), np.arange(100) % 5] = 1
+    multi_hot[np.arange(100), (np.arange(100) + 1) % 5] = 1  # two labels a row: argmax would drop one, unsaid
+    msg = _refused(_save(tmp_path, y_train=multi_hot))
+    assert "not one-hot rows" in msg and "multi-label" in msg and "argmax" not in msg
     missing = np.where(np.arange(100) < 2, np.nan, np.arange(100) % 3)  # was called "not whole numbers" alone
-    assert "not whole numbers (2 NaN: labels missing; drop those images)" in _refused(_save(tmp_path, y_train=missing))
+    assert "not whole numbers (2 NaN: labels missing; drop those rows)" in _refused(_save(tmp_path, y_train=missing))
     split = load_dataset(str(_save(tmp_path, y_train=(np.arange(100) % 3).astype(float))))  # whole floats pass
     assert split.num_classes == 3 and split.y_train.dtype == split.y_test.dtype
 

@@ -121,3 +121,17 @@ def test_the_command_line_says_so_for_weights_near_chance_and_records_the_form_i
     assert code == 0 and "near chance on every form" in out and "`inputs: unit_range` feeds them" in out, out
     record = json.loads((tmp_path / "out" / "artifact" / "manifest.json").read_text())["extra"]["input_standardisation"]
     assert (record["per"], record["mean"], record["std"]) == ("all", [0.0], [16.0])
+
+
+def test_the_line_a_run_prints_about_its_inputs_names_their_form(tmp_path):
+    """Under `inputs: as_stored` the command line said the model takes (x - mean) / std with the training split's
+    mean and std; the manifest (rightly) recorded mean 0, std 1, and a user who followed the line fed the model
+    inputs it was not trained on."""
+    from jointcompress.cli import _standardisation_line
+
+    raw = np.random.default_rng(0).integers(0, 256, size=(40, 5)).astype(np.uint8)
+    path = _npz(tmp_path, raw[:30], np.arange(30) % 2, raw[30:], np.arange(10) % 2)
+    lines = {form: _standardisation_line(load_dataset(str(path), inputs=form), form) for form in INPUT_FORMS}
+    assert "as stored (inputs: as_stored)" in lines["as_stored"] and "mean" not in lines["as_stored"]
+    assert "values / 255 (inputs: unit_range)" in lines["unit_range"]
+    assert "(x - mean) / std" in lines["standardised"] and "per feature (5 of each)" in lines["standardised"]

@@ -328,3 +328,24 @@ def test_loading_a_recurrent_module_held_the_other_way_names_the_conversion(tmp_
                                             r"compressed, before linear_to_rnn"):
         save(linear_to_rnn(copy.deepcopy(model)), spec, tmp_path / "put_back", example_inputs=x[:2])
     assert type(linear_to_rnn(load(tmp_path / "converted", _Tagger)).rnn) is nn.LSTM
+
+
+def test_an_unconverted_recurrent_layer_is_listed_with_the_fix_and_no_group_left_says_so():
+    """dry-run listed an nn.LSTM nowhere, and prune_structured on an LSTM model (targets ['*']) was told to widen
+    its targets: the LSTM is now a skipped layer with the conversion named, and the refusal names it too."""
+    from jointcompress.errors import RecipeError
+    from jointcompress.recipe import parse_recipe
+    from jointcompress.techniques import build
+    from jointcompress.techniques.base import RunContext
+
+    model = _Tagger(convert=False)
+    x = torch.randn(2, T, IN)
+    _, skipped = discover_groups(model, x)
+    reasons = dict(skipped)
+    assert "nn.LSTM" in reasons["rnn"] and "rnn_to_linear" in reasons["rnn"], skipped
+    recipe = parse_recipe({"techniques": [{"type": "prune_structured", "sparsity": 0.5}]})
+    technique = build(recipe.techniques[0])
+    with pytest.raises(RecipeError, match=r"no prunable channel group.*convert the recurrent layers \(rnn\) with "
+                                          r"rnn_to_linear first") as refused:
+        technique.setup(RunContext(model=model, example_inputs=x, total_steps=10))
+    assert "widen targets" not in str(refused.value)

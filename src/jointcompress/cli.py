@@ -695,7 +695,7 @@ def _write_compress_results(out: Path, recipe_path: Path, recipe, teacher, outco
     atomic_write_text(out / "recipe.yaml", recipe_as_run(recipe_path, recipe, flags or {}))
     console.print(f"artifact in {out / 'artifact'}{_on_disk(out / 'artifact', rows['uncompressed']['bytes'])}", markup=False)
     if split.standardisation is not None:
-        console.print(_standardisation_line(split))
+        console.print(_standardisation_line(split, recipe.inputs))
     if result.history.best_epoch is not None:  # which evaluation chose the state the run ended with
         console.print(_kept_epoch_line(result.history.best_epoch, recipe.training.keep, split, given))
     joint_form = next((e for e in result.history.events if e.get("event") == "joint_form"), None)
@@ -773,15 +773,21 @@ def _at_chance(uncompressed: dict, split) -> str:
             "match the inputs; where --weights gave it, check that file")
 
 
-def _standardisation_line(split) -> str:
-    """What the model takes: the data it trained on was standardised, and so must be every input it is given."""
+def _standardisation_line(split, inputs: str = "standardised") -> str:
+    """What the model takes, in the recipe's `inputs` form: the data it trained on was made so, and so must be every
+    input it is given (under `inputs: as_stored` this line said the values were standardised, and a user who
+    followed it fed the model inputs it was not trained on)."""
     record = split.standardisation
+    tail = ": the manifest's input_standardisation; jointcompress.data.standardised(x, it) applies it"
+    if inputs == "as_stored":
+        return f"inputs: the model takes the data file's values as stored (inputs: as_stored){tail}"
+    if inputs == "unit_range":
+        return f"inputs: the model takes the data file's values / {record['std'][0]:g} (inputs: unit_range){tail}"
     per = {"all": "over all values", "channel": "per channel", "feature": "per feature"}[record["per"]]
     shown = (f"{record['mean'][0]:.4g} and {record['std'][0]:.4g}" if len(record["mean"]) == 1
              else f"{len(record['mean'])} of each")
     return (f"inputs: the model takes (x - mean) / std of the data file's values, with the training split's mean and "
-            f"std {per} ({shown}): the manifest's input_standardisation; jointcompress.data.standardised(x, it) "
-            "applies it")
+            f"std {per} ({shown}){tail}")
 
 
 def _kept_epoch_line(epoch: int, keep: str, split, given: bool = False) -> str:

@@ -339,6 +339,18 @@ def _pixels(x: np.ndarray, what: str) -> np.ndarray:
     return x
 
 
+# the command line trains classifiers (cross-entropy, softmax distillation); other targets train from Python
+FROM_PYTHON = ("; the command line trains classifiers only: for regression or multi-label targets compress from "
+               "Python with your loss, compress(..., loss_fn=...) or jointcompress.prepare (docs/your-model.md)")
+
+
+def _label_rows_hint(y: np.ndarray) -> str:
+    """For [N, K] labels: one-hot rows convert (argmax); rows with several 1s, or other values, are not classes
+    (argmax kept one label of a multi-hot row and dropped the others, without a word)."""
+    one_hot = y.size and bool(np.all((y == 0) | (y == 1))) and bool(np.all(y.sum(1) == 1))
+    return " (one-hot rows: save y.argmax(1))" if one_hot else " (not one-hot rows" + FROM_PYTHON + ")"
+
+
 def _class_labels(y: np.ndarray, what: str, n: int) -> np.ndarray:
     """One integer class index per image, as int64: one-hot rows or fractional values are refused (a cast
     would silently turn 0.7 into class 0), as are non-numeric and negative labels (cross-entropy would reject
@@ -347,8 +359,8 @@ def _class_labels(y: np.ndarray, what: str, n: int) -> np.ndarray:
     if y.ndim == 2 and y.shape[1] == 1:
         y = y.reshape(-1)
     if y.ndim != 1 or len(y) != n:
-        raise DataError(f"data: {what} has shape {y.shape}; expected one class index per image, shape ({n},)"
-                        + (" (one-hot rows: save y.argmax(1))" if y.ndim == 2 else ""))
+        raise DataError(f"data: {what} has shape {y.shape}; expected one class index per row, shape ({n},)"
+                        + (_label_rows_hint(y) if y.ndim == 2 else ""))
     if y.dtype.kind not in "iuf":
         raise DataError(f"data: {what} holds {y.dtype} values; expected integer class indices 0..K-1 (map names or "
                         "booleans onto them, e.g. classes, y = numpy.unique(y, return_inverse=True))")
@@ -356,8 +368,8 @@ def _class_labels(y: np.ndarray, what: str, n: int) -> np.ndarray:
     if not whole:
         missing = int(np.isnan(y).sum()) if np.issubdtype(y.dtype, np.floating) else 0
         raise DataError(f"data: {what} holds {y.dtype} values that are not whole numbers"
-                        + (f" ({missing} NaN: labels missing; drop those images)" if missing else "")
-                        + "; expected integer class indices")
+                        + (f" ({missing} NaN: labels missing; drop those rows)" if missing else "")
+                        + "; expected integer class indices" + ("" if missing else FROM_PYTHON))
     if len(y) and y.min() < 0:
         raise DataError(f"data: {what} holds negative labels: {_values_with_counts(y[y < 0], len(y))}; expected "
                         "class indices 0..K-1: relabel them, or drop those images")

@@ -328,7 +328,14 @@ def _selection(model: nn.Module, example_inputs, targets: list[str], exclude: li
     recurrent = recurrent_layers(model)
     skipped: list[tuple[str, str]] = []
     ignored = []
+    from .recurrent import RECURRENT
+
     for n, m in model.named_modules():
+        if isinstance(m, RECURRENT):  # not a layer the graph prunes, and dry-run listed it nowhere
+            skipped.append((n, f"an nn.{type(m).__name__}: structured pruning does not prune its packed gates; "
+                               "jointcompress.recurrent.rnn_to_linear(model) gives it Linear layers, whose channels "
+                               "are pruned"))
+            continue
         if not isinstance(m, PRUNABLE_ROOTS):
             continue
         if n in recurrent:

@@ -328,7 +328,8 @@ def _grouped_reason(name: str, mod) -> str:
     """Said of its input channels (the layers feeding it) and of its own output channels alike: "they feed" was
     said of the grouped convolution itself."""
     return (f"the grouped convolution '{name}' (groups={mod.groups}) reads or writes these channels in {mod.groups} "
-            "groups, which removing some of them would shift; exclude it, or use groups=1 or depthwise")
+            "groups, which removing some of them would shift (channels are not removed in whole groups, and excluding "
+            "it leaves these channels as they are); for them to be pruned, use groups=1 or a depthwise convolution")
 
 
 def _multiplier(mod) -> int:

@@ -613,9 +613,12 @@ def settle(model: nn.Module, example_inputs, target, alloc: LatencyAllocation, t
                     "widths": dict(smallest), "floor": True})
     over = alloc.measured_ms > target.latency_ms
     if floor_ms > target.latency_ms:
-        if over:
+        if not over:
+            return alloc  # over the aim, under the target; the floor reads no better: keep it
+        if not _speedup_met_side_by_side(model, shrunk_to(model, example_inputs, smallest), example_inputs, target, log):
             raise unreachable(target, table, sites, channels, min_keep, min_width, floor_ms)
-        return alloc  # over the aim, under the target; the floor reads no better: keep it
+        return LatencyAllocation(dict(smallest), channels, table.predict(sites, smallest, channels),
+                                 float(target.latency_ms), floor_ms, log, alloc.importance)
     if floor_ms > aim and not over:
         return alloc  # under the target; not even the floor reaches the margin: no channel is cut for it
     if alloc.widths == smallest:
@@ -735,12 +738,29 @@ def goal_at_the_floor(model: nn.Module, example_inputs, target, table: LatencyTa
     predicted = table.predict(sites, smallest, channels)
     if measure is False:
         raise unreachable(target, table, sites, channels, min_keep, min_width)
-    measured = float(measure(shrunk_to(model, example_inputs, smallest)))
+    narrowest = shrunk_to(model, example_inputs, smallest)
+    measured = float(measure(narrowest))
     log.append({"goal_ms": None, "predicted_ms": predicted, "measured_ms": measured, "widths": dict(smallest),
                 "floor": True})
-    if measured > target.latency_ms:
+    if measured > target.latency_ms and not _speedup_met_side_by_side(model, narrowest, example_inputs, target, log):
         raise unreachable(target, table, sites, channels, min_keep, min_width, measured)
     return float(target.latency_ms if aim is None else aim) * predicted / measured
+
+
+def _speedup_met_side_by_side(model: nn.Module, narrowest: nn.Module, example_inputs, target, log: list) -> bool:
+    """Whether a speed-up target the narrowest model missed on its own reading is met with the two models timed
+    interleaved, as the run's final check times them. Why: a speed-up's milliseconds come from the uncompressed
+    model timed a while before the narrowest one; on a busy machine the two readings met different loads, and a
+    1.5x target refused as out of reach (the narrowest model "1.29x as fast") measured 1.87x side by side."""
+    if getattr(target, "speedup", None) is None:
+        return False
+    if any(r.get("side_by_side") and r.get("met") for r in log):  # read so once already (the table's floor check)
+        return True
+    verdict = latency_against_target(model, narrowest, example_inputs, target)
+    log.append({"goal_ms": verdict["goal_ms"], "predicted_ms": None, "measured_ms": verdict["interleaved_ms"]["compressed"],
+                "widths": None, "floor": True, "side_by_side": True, "speedup": verdict["speedup"],
+                "met": bool(verdict["met"])})
+    return bool(verdict["met"])
 
 
 def _loaded() -> bool:
@@ -767,7 +787,11 @@ def unreachable(target, table: LatencyTable, sites, channels: dict[str, int], mi
         dense = target.latency_ms * target.speedup
         asked = (f"target.speedup: {target.speedup:g}x ({target.latency_ms:.4g} ms: the uncompressed model, timed now "
                  f"at {dense:.4g} ms, / {target.speedup:g})")
-        fix = f"Lower target.speedup (the narrowest model is {dense / floor_ms:.2f}x as fast as the uncompressed one)"
+        fix = f"Lower target.speedup (the narrowest model is {dense / floor_ms:.2f}x as fast as the uncompressed one"
+        fix += ", and missed it timed side by side with it too)" if measured_ms is not None else ")"
+        if measured_ms is not None and _loaded():
+            fix = (f"This machine is busy (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores), which "
+                   f"moves every timing: time again on a quiet machine. Else, {fix[0].lower()}{fix[1:]}")
         if measured_ms is not None and measured_ms >= dense:  # no faster than dense
             fix = ("The narrowest model measured no faster than the uncompressed one, which says more about the machine's "
                    "load than the model: time again on a quiet machine. Else, lower target.speedup")
@@ -947,11 +971,13 @@ def refusal_before_training(untrained: nn.Module, recipe, example_inputs):
     _runs_the_batch(base, example_inputs, target.batch)
     groups, _ = discover_groups(base, example_inputs, *_structured_scope(data))
     channels = {g.name: g.channels for g in groups}
-    floor_ms = timed_ms(shrunk_to(base, example_inputs, floors(channels)), example_inputs, target.batch)
+    narrowest = shrunk_to(base, example_inputs, floors(channels))
+    floor_ms = timed_ms(narrowest, example_inputs, target.batch)
     if target.speedup is not None:
         target = target.model_copy(update={"latency_ms": timed_ms(copy.deepcopy(model), example_inputs, target.batch)
                                            / target.speedup})
-    if floor_ms <= target.latency_ms * TIMING_SLACK:
+    if floor_ms <= target.latency_ms * TIMING_SLACK or _speedup_met_side_by_side(model, narrowest, example_inputs,
+                                                                                target, []):
         return None
     return unreachable(target, LatencyTable(layers={}, batch=target.batch), {}, channels, MIN_KEEP, MIN_WIDTH,
                        floor_ms)

@@ -46,13 +46,7 @@ class PruneStructured(PruningTechnique):
         self.groups, inside = groups_that_stay(ctx.model, ctx.example_inputs, self.groups)
         self.skipped += inside
         if not self.groups:
-            shown = "; ".join(f"{name}: {reason}" for name, reason in self.skipped[:6])
-            more = f"; ... ({len(self.skipped)} in all)" if len(self.skipped) > 6 else ""
-            raise RecipeError(
-                "prune_structured: no prunable channel group matches targets "
-                f"{self.config.targets} (skipped: {shown}{more}); widen targets, see `jointcompress dry-run` "
-                "for every reason, or remove the technique"
-            )
+            raise RecipeError(self._nothing_to_prune(ctx.model))
         self._warn_unknown_groups()
         modules = dict(ctx.model.named_modules())
         for g in self.groups:
@@ -105,6 +99,22 @@ class PruneStructured(PruningTechnique):
         for m, keep in zip(self._group_masks(), self._keeps(p)):
             m.set_keep(keep, temp)
         self._final_done = p >= 1.0
+
+    def _nothing_to_prune(self, model: nn.Module) -> str:
+        """Why no group is left, and the fix that applies: widening targets helps only where they name fewer than
+        all layers (an LSTM model with targets ['*'] was told to widen them); recurrent layers need converting."""
+        from ..recurrent import RECURRENT
+
+        shown = "; ".join(f"{name}: {reason}" for name, reason in self.skipped[:6])
+        more = f"; ... ({len(self.skipped)} in all)" if len(self.skipped) > 6 else ""
+        fixes = [] if self.config.targets == ["*"] and not self.config.exclude else ["widen targets (or exclude)"]
+        rnn = [name for name, m in model.named_modules() if isinstance(m, RECURRENT)]
+        if rnn:
+            fixes.append(f"convert the recurrent layers ({', '.join(rnn[:4])}) with rnn_to_linear first")
+        fixes.append("use prune_unstructured / quant_lsq for this model, or remove the technique "
+                     "(`jointcompress dry-run` gives every layer's reason)")
+        return (f"prune_structured: no prunable channel group matches targets {self.config.targets} "
+                f"(skipped: {shown or 'no layer with channels to prune'}{more}); " + "; ".join(fixes))
 
     def _warn_unknown_groups(self) -> None:
         """layer_sparsity keys that name no group pruned here were ignored without a word: a typo, or an
