@@ -349,3 +349,24 @@ def test_an_unconverted_recurrent_layer_is_listed_with_the_fix_and_no_group_left
                                           r"rnn_to_linear first") as refused:
         technique.setup(RunContext(model=model, example_inputs=x, total_steps=10))
     assert "widen targets" not in str(refused.value)
+
+
+def test_a_converted_model_exports_without_a_tracer_warning_about_the_librarys_own_check(tmp_path):
+    """ONNX export of a model with a LinearRNN warned that the tracer fixed a value at recurrent.py (its check of
+    the input's shape, in the library's code): a warning the user could do nothing about."""
+    class Reader(nn.Module):  # the recurrent layer reads the model's input itself
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = rnn_to_linear(nn.LSTM(IN, H, batch_first=True)), nn.Linear(H, 3)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = Reader().eval()
+    x = torch.randn(4, T, IN)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # the tracer's own warnings reach the export's check
+        report = export_and_check(model, tmp_path / "converted.onnx", x[:2], eval_data=x)
+    assert not [str(w.message) for w in caught if "tracer fixed a value" in str(w.message)]
+    assert report.max_abs_logit_diff <= 1e-5

@@ -119,7 +119,8 @@ class LinearRNN(nn.Module):
         if isinstance(input, PackedSequence):
             raise JointCompressError("LinearRNN: a PackedSequence input is not supported; pass the padded tensor "
                                      "(and take each sequence's last valid step), or keep this module as torch's")
-        if input.dim() not in (2, 3) or input.shape[-1] != self.input_size:  # torch's own messages
+        # torch's own messages; not while tracing (an ONNX export), where the check read as a value fixed by the tracer
+        if not torch.jit.is_tracing() and (input.dim() not in (2, 3) or input.shape[-1] != self.input_size):
             raise RuntimeError(f"input must have 2 or 3 dimensions and input.size(-1) must be equal to input_size. "
                                f"Expected {self.input_size}, got {tuple(input.shape)}")
         batched = input.dim() == 3
