@@ -36,6 +36,10 @@ def summarize(results: list[dict]) -> dict:
         se = statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else None
         out[key] = {"ratios": ratios, "mean": statistics.mean(ratios), "standard_error": se,
                     "median_ms": [r["median_ms_per_step"][key] for r in results]}
+        alone = [r["alone_ratio_to_plain"][key] for r in results if key in r.get("alone_ratio_to_plain", {})]
+        if len(alone) == len(results) > 1:  # each stepper timed alone too (step_cost.py's check)
+            out[key]["alone"] = {"ratios": alone, "mean": statistics.mean(alone),
+                                 "standard_error": statistics.stdev(alone) / len(alone) ** 0.5}
     return out
 
 
