@@ -578,7 +578,11 @@ def test_dry_run_takes_an_image_shape_without_its_batch_and_refuses_a_shape_the_
     code, out = _cli(monkeypatch, capsys, "dry-run", "--model", f"{builder}:nothere")  # the function, before the shape
     assert code == 2 and "no function 'nothere'" in out and "--input-shape" not in out, out
     code, out = _cli(monkeypatch, capsys, "dry-run", "--model", f"{builder}:build")
-    assert code == 2 and "a model of your own needs --input-shape" in out, out
+    assert code == 2 and "a model of your own needs --input-shape" in out and "1,3,32,32" in out, out
+    table = tmp_path / "table.py"  # a model of feature rows was told an image shape
+    table.write_text("import torch.nn as nn\n\ndef build():\n    return nn.Sequential(nn.Linear(32, 8), nn.Linear(8, 3))\n")
+    code, out = _cli(monkeypatch, capsys, "dry-run", "--model", f"{table}:build")
+    assert code == 2 and "e.g. --input-shape 1,32" in " ".join(out.split()), out
     code, out = _cli(monkeypatch, capsys, "dry-run", "--image-size", "3")  # named as given, not as an --input-shape
     assert code == 2 and "--image-size 3: 'lenet5' does not run on an input of shape (1, 1, 3, 3)" in out
     code, out = _cli(monkeypatch, capsys, "dry-run", "--model", "vit", "--input-shape", "1,3,32,16")

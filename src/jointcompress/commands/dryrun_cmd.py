@@ -16,6 +16,19 @@ from ..errors import RecipeError
 from . import MODEL_CHOICES
 
 
+def _shape_hint(model) -> str:
+    """An input shape to suggest for `model`, from its first layer: rows of features for a Linear, images of its
+    channels for a convolution (a table model was told to pass an image shape)."""
+    import torch.nn as nn
+
+    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))), None)
+    if isinstance(first, nn.Linear):
+        return f"1,{first.in_features}"
+    if isinstance(first, nn.modules.conv._ConvNd):
+        return ",".join(["1", str(first.in_channels)] + ["32"] * (first.weight.dim() - 2))
+    return "1,3,32,32"
+
+
 def _noise(shape):
     import torch
 
@@ -59,8 +72,9 @@ def _model_and_input(model_name: str, image_size: int, input_shape: list[int] | 
     elif not is_builder(model_name):  # neither built in nor a builder: a misspelt name gets the list of names
         build_model(model_name)
     elif not input_shape:
-        build_model(model_name)  # a file without that function, or one that fails, is named before the shape
-        raise RecipeError(f"--model {model_name!r}: a model of your own needs --input-shape, e.g. --input-shape 1,3,32,32")
+        built = build_model(model_name)  # a file without that function, or one that fails, is named before the shape
+        raise RecipeError(f"--model {model_name!r}: a model of your own needs --input-shape, e.g. --input-shape "
+                          f"{_shape_hint(built)}")
     else:
         model, example = build_model(model_name).eval(), _noise(input_shape)  # checks what the builder returned
     try:
