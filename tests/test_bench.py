@@ -114,6 +114,10 @@ def test_bench_int8_times_the_deployable_int8_model_beside_the_others(app, tmp_p
     flat = " ".join(r.output.split())
     assert "int8 ONNX Runtime: latency ms (batch 64, interleaved)" in flat and "int8 ONNX Runtime: accuracy" in flat
     assert 0.5 <= i8["top1_agreement"] <= 1 and "int8 ONNX Runtime: top-1 agreement with after" in flat
+    # the int8 model's file was not reported: about a byte a weight, under the dense fp32 file
+    assert res["after"]["params"]["total"] <= i8["bytes_on_disk"] < b["bytes_on_disk"]
+    assert res["ratios_int8"]["bytes_on_disk"] == b["bytes_on_disk"] / i8["bytes_on_disk"]
+    assert "int8 ONNX Runtime: model file bytes" in flat
     flagged = any(f.startswith("int8 ") for f in res["latency_flagged"])
     assert flagged == ("evicts its weights and code from the caches" in flat)  # said where flagged, and only there
     plain = CliRunner().invoke(app, ["bench", str(art), "--runs", "2"])

@@ -610,3 +610,26 @@ def test_a_run_lock_file_goes_when_its_process_exits_and_a_lock_file_unlinked_me
     finally:
         io.release_run_lock(folder)
     assert not (folder / io.LOCK_NAME).exists()
+
+
+def test_an_artifact_folder_that_cannot_be_created_is_said_with_its_path(tmp_path, monkeypatch):
+    """Saving into a new folder under a read-only one raised the OS's bare PermissionError (a save straight into
+    the read-only folder said which file failed and that nothing was written)."""
+    import pathlib
+
+    from jointcompress.artifact import save
+    from jointcompress.finalize import finalize
+
+    model = nn.Sequential(nn.Linear(4, 2))
+    spec = finalize(model)
+    real_mkdir = pathlib.Path.mkdir
+
+    def refused(self, *args, **kwargs):
+        if self.name == "art":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", refused)
+    with pytest.raises(PermissionError) as err:
+        save(model, spec, tmp_path / "art", example_inputs=torch.randn(1, 4))
+    assert f"creating {tmp_path / 'art'} failed: Permission denied; nothing was written" in str(err.value)

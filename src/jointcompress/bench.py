@@ -157,6 +157,8 @@ def bench(model_before: nn.Module, model_after, example_input,
     result: dict = {"before": {}, "after": {}, "runs": runs, "threads": threads}
     if int8_model is not None:
         sides["int8"], result["int8"] = int8_model, {}
+        if getattr(int8_model, "path", None) and os.path.isfile(int8_model.path):  # what an int8 deployment ships
+            result["int8"]["bytes_on_disk"] = os.path.getsize(int8_model.path)
     for side, m in sides.items():
         if isinstance(m, nn.Module):
             result[side]["params"] = count_params(m)
@@ -241,6 +243,8 @@ def _int8_rows(result: dict, row, fmt, table) -> None:
     b, i8, r = result["before"], result.get("int8"), result.get("ratios_int8", {})
     if not i8:
         return
+    if "bytes_on_disk" in i8:  # the ONNX file itself: graph and int8 weights, all a deployment needs
+        row("int8 ONNX Runtime: model file bytes", b.get("bytes_on_disk"), i8["bytes_on_disk"], r.get("bytes_on_disk"))
     for key in sorted(k for k in b if k.startswith("latency_ms")):
         bs = key.rsplit("b", 1)[1]
         row(f"int8 ONNX Runtime: latency ms (batch {bs}, interleaved)", b[key], i8.get(key), r.get(key))

@@ -154,6 +154,7 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None, 
     specs = quant_specs(model)
     plan = _structured_plan(model)
     pruned = _unstructured_pruned(model)
+    pruning = bool(pruned) or _has_dead_zones(model)  # read before the parametrizations go
     if warn_empty:  # a mask that removed nothing (sparsity 0) left no zeros to store
         _warn_zeros_stored_dense([name for name in pruned if name not in specs
                                   and bool((model.get_submodule(name).weight == 0).any())])
@@ -163,7 +164,7 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None, 
     if checked:
         _check_baked(model, example_inputs, trained)
     if warn_empty:
-        _warn_empty_layers(model, [*specs, *(name for name in pruned if name not in specs)])
+        _warn_empty_layers(model, [*specs, *(name for name in pruned if name not in specs)], pruning=pruning)
         _warn_nonfinite(model)
     spec = _with_prior_structure(prior_structure(model), dropped)  # a model finalized or loaded before: its structure first
     spec.layers, spec.recipe = specs, recipe
@@ -188,10 +189,11 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None, 
     return spec
 
 
-def _warn_empty_layers(model: nn.Module, compressed: list[str]) -> None:
+def _warn_empty_layers(model: nn.Module, compressed: list[str], pruning: bool = True) -> None:
     """A compressed layer without a nonzero weight passes only its bias on: the model still runs, but
     whatever reached that layer is lost. A size target just above what one weight per channel costs can
-    land there; nothing else says so."""
+    land there; nothing else says so. Without pruning (`pruning`: a mask or dead zone on some layer), the
+    rounding emptied it, or the weight was all zeros: the advice names those, not the sparsity."""
     empty = []
     for name in compressed:
         weight = getattr(model.get_submodule(name), "weight", None)
@@ -199,8 +201,19 @@ def _warn_empty_layers(model: nn.Module, compressed: list[str]) -> None:
             empty.append(name)
     if empty:
         warnings.warn(f"finalize: {len(empty)} layer(s) have no nonzero weight left ({', '.join(empty[:6])}"
-                      f"{', ...' if len(empty) > 6 else ''}): each passes only its bias on. Raise the size target "
-                      "(or lower the sparsity), or exclude them from pruning", stacklevel=3)
+                      f"{', ...' if len(empty) > 6 else ''}): each passes only its bias on. "
+                      + ("Raise the size target (or lower the sparsity), or exclude them from pruning" if pruning else
+                         "Nothing pruned them: their weights were all zero, or every one rounds to zero at its step "
+                         "(a few outliers set a per-tensor step: quant_lsq.per_channel: true, or more bits)"),
+                      stacklevel=3)
+
+
+def _has_dead_zones(model: nn.Module) -> bool:
+    """Whether any weight is quantized with zero as a level (the joint form's dead zones prune without a mask)."""
+    from .techniques.zero_level import ZeroLevelLSQWeight
+
+    return any(isinstance(p, ZeroLevelLSQWeight) for m in model.modules() if parametrize.is_parametrized(m, "weight")
+               for p in m.parametrizations.weight)
 
 
 def _unstructured_pruned(model: nn.Module) -> list[str]:

@@ -423,7 +423,11 @@ def _manifest(spec: CompressionSpec, container: str, blob: bytes, encoding, inpu
 def _write_files(path: Path, container: str, blob: bytes, manifest: dict) -> None:
     """Weights then manifest, each written atomically; the previous artifact's files are kept
     until the new one is whole, so a save killed halfway loses nothing."""
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # said as a failed write is (io.atomic_write_bytes), not as the OS's bare words
+        raise type(err)(err.errno, f"creating {path} failed: {err.strerror or err}; nothing was written",
+                        str(path)) from err
     stale = _refuse_users_files(path, CONTAINERS[container])
     for left in _save_leftovers(path):  # an earlier save killed halfway; this one replaces what it was writing
         left.unlink(missing_ok=True)
