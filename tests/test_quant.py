@@ -1,6 +1,9 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from jointcompress import compress, finalize
 from jointcompress.data import evaluator
@@ -174,3 +177,22 @@ def test_a_bias_past_float16s_range_is_said_with_the_fix():
     with pytest.warns(UserWarning, match=r"layer '0''s bias reaches 100000, past float16's largest value .*bias_format: fp32"):
         jointcompress.prepare(model, {"techniques": [{"type": "quant_lsq", "bits": 4}]}, total_steps=2,
                               example_inputs=torch.randn(2, 8))
+
+
+def test_finalize_says_a_layer_whose_rounding_zeroes_most_of_its_weights():
+    """One weight of 1e4 among weights of about 0.05, quantized per tensor at 4 bits: the step follows it and
+    nearly every other weight rounds to zero; finalize said nothing. Per channel, only that row is affected."""
+    torch.manual_seed(0)
+    for per_channel, said in ((False, True), (True, False)):
+        model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 2))
+        with torch.no_grad():
+            model[0].weight.mul_(0.4)
+            model[0].weight[0, 0] = 1e4
+        parametrize.register_parametrization(model[0], "weight", LSQWeight(model[0].weight.detach(), 4, per_channel))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            finalize(model)
+        found = [str(w.message) for w in caught if "rounding zeroes most weights" in str(w.message)]
+        assert bool(found) == said, (per_channel, found)
+        if said:
+            assert "0 (" in found[0] and "one step for the layer" in found[0] and "per_channel: true" in found[0]
