@@ -639,3 +639,27 @@ def test_cache_teacher_beside_features_says_the_teacher_runs_on_every_batch():
     with pytest.warns(UserWarning, match=r"distill_kd.cache_teacher is off where features are matched"):
         jointcompress.prepare(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), recipe, total_steps=2,
                               teacher=nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), example_inputs=x[:2])
+
+
+def test_a_hidden_state_from_a_later_no_grad_forward_is_refused():
+    """The feature hooks keep the student's latest forward: a monitoring call under no_grad between the training
+    forward and session.loss made the feature term compare another batch's hidden state, without a word."""
+    import jointcompress
+    from jointcompress.errors import TrainingError
+
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    teacher = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    recipe = {"techniques": [{"type": "distill_kd", "alpha": 0.5, "features": [{"student": "0", "teacher": "0"}]}]}
+    session = jointcompress.prepare(student, recipe, total_steps=4, teacher=teacher, example_inputs=x[:2])
+    out = student(x[:16])
+    first = float(session.loss(out, (x[:16], y[:16]))["distill"])
+    out = student(x[:16])
+    with torch.no_grad():
+        student(x[16:])  # a monitoring forward on other inputs
+    with pytest.raises(TrainingError, match=r"distill_kd.features: the student's module '0' last ran under "
+                                            r"torch.no_grad\(\).*right after the training forward"):
+        session.loss(out, (x[:16], y[:16]))
+    out = student(x[:16])  # in order: the same term as the first time
+    assert float(session.loss(out, (x[:16], y[:16]))["distill"]) == pytest.approx(first)

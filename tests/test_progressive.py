@@ -46,3 +46,22 @@ def test_progressive_splits_the_recipes_epochs_whatever_the_prune_fraction(digit
     first, second = progressive(copy.deepcopy(digits_teacher), student, recipe, (digits.x_train, digits.y_train),
                                 evaluator(digits.x_test, digits.y_test), prune_fraction=0.9)
     assert (len(first.history.epochs), len(second.history.epochs)) == (2, 1)
+
+
+def test_a_size_target_is_the_students_and_the_teacher_is_only_pruned(digits, digits_teacher, tmp_path):
+    """With a size target, stage 1 (the teacher's pruning) became the joint form: a 4-bit quantizer and a size budget in
+    place of the pruning, so the student was distilled from a quantized teacher, and both stages aimed at one target."""
+    from jointcompress.artifact import save
+
+    recipe = {"target": {"ratio": 20}, "training": {"epochs": 2, "lr": 3e-3},
+              "techniques": [{"type": "prune_unstructured", "sparsity": 0.5}, {"type": "quant_lsq", "bits": 4},
+                             {"type": "distill_kd"}]}
+    first, second = progressive(copy.deepcopy(digits_teacher), None, recipe, (digits.x_train, digits.y_train),
+                                evaluator(digits.x_test, digits.y_test), student_from=copy.deepcopy)
+    assert [t.kind for t in first.techniques] == ["prune_unstructured"] and first.recipe.target is None
+    weights = first.model.fc1.weight
+    assert 0.45 <= float((weights == 0).float().mean()) <= 0.55  # pruned at its sparsity, not rounded
+    assert len(torch.unique(weights)) > 1000
+    manifest = save(second.model, second.finalize(), tmp_path / "student", example_inputs=second.example_inputs)
+    asked = second.recipe.technique("size_budget").target_bytes
+    assert manifest["weights_file_bytes"] <= 1.02 * asked  # the student's file is on the target

@@ -42,7 +42,8 @@ def progressive(
     default `distill_kd` is added if the recipe has none). Give `student`, or
     `student_from(pruned_teacher)` to build it from the pruned teacher (e.g. a DistilBERT-style
     student of its layers: `lambda t: SequenceClassifier(make_student(t.hf, [0, 2, 4, 5]))`).
-    The result's `.model` of stage 2 is the student.
+    The result's `.model` of stage 2 is the student. A size `target` is the student's: stage 1 prunes the teacher at
+    its techniques' own sparsity, and stage 2 compresses the student to the target.
     """
     if (student is None) == (student_from is None):
         raise RecipeError("progressive: give exactly one of `student` and `student_from`")
@@ -61,7 +62,9 @@ def progressive(
                           f"the student, and got {epochs}; give at least 2")
     e1 = min(epochs - 1, max(1, round(epochs * prune_fraction)))  # both stages train, within the recipe's epochs
     e2 = epochs - e1
-    stage1 = recipe.model_copy(update={"mode": "joint", "techniques": prune,
+    # no target in stage 1: a size target is the student's file (stage 2); given to the teacher's stage too, the joint
+    # form swapped its pruning for a 4-bit quantizer and distilled the student from a quantized teacher
+    stage1 = recipe.model_copy(update={"mode": "joint", "techniques": prune, "target": None,
                                        "training": recipe.training.model_copy(update={"epochs": e1})})
     pruned_teacher = copy.deepcopy(teacher)
     first = compress(pruned_teacher, stage1, train_data, evaluate, progress=progress)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import DataError, RecipeError
+from ..errors import DataError, RecipeError, TrainingError
 from ..layer_types import BATCH_NORMS, CONVOLUTIONS
 from ..model_call import call_model, evaluating
 from ..model_copy import CopiedWithoutGraph
@@ -163,10 +163,12 @@ class _Capture(CopiedWithoutGraph):
     def __init__(self, module: nn.Module):
         self.value = None
         self.module = module
+        self.under_grad = True  # whether the latest output was computed with gradients on
         self.handle = module.register_forward_hook(self)
 
     def __call__(self, module, inputs, output):
         self.value = first_tensor(output)
+        self.under_grad = torch.is_grad_enabled()
 
 
 def first_tensor(output) -> torch.Tensor | None:
@@ -300,6 +302,14 @@ class DistillKD(Technique):
             loss = self.config.alpha * kd_loss(ctx.outputs, t_logits, self.config.temperature, positions)
         else:  # hidden states only: the logits need not even have the same classes
             loss = ctx.outputs.new_zeros(())
+        stale = [pair.student for pair, s in zip(self.config.features, self.student_caps) if not s.under_grad]
+        if stale and ctx.outputs.requires_grad:  # the hooks keep the latest forward, not the one that made `outputs`
+            raise TrainingError(
+                f"distill_kd.features: the student's module {stale[0]!r} last ran under torch.no_grad(), after the "
+                "forward whose outputs reached session.loss (a monitoring or evaluation call in between): its hidden "
+                "state is another batch's. Call session.loss right after the training forward, before any other call "
+                "of the model (activation checkpointing with use_reentrant=True runs it under no_grad too, and the "
+                "hidden state then carries no gradient: use use_reentrant=False)")
         for pair, s, t, proj, axis in zip(self.config.features, self.student_caps, self.teacher_caps, self.projections,
                                           self.feature_axes):
             loss = loss + pair.weight * feature_loss(proj(s.value), t.value.detach(), pair.loss, positions, axis)
