@@ -663,3 +663,24 @@ def test_a_hidden_state_from_a_later_no_grad_forward_is_refused():
         session.loss(out, (x[:16], y[:16]))
     out = student(x[:16])  # in order: the same term as the first time
     assert float(session.loss(out, (x[:16], y[:16]))["distill"]) == pytest.approx(first)
+
+
+def test_a_task_loss_given_under_alpha_1_is_said_to_be_unused():
+    """alpha 1 weighs the task loss by 0: a task_loss given to session.loss (or a loss_fn) vanished without a word."""
+    import warnings
+
+    import jointcompress
+
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(8, 3), nn.Linear(8, 3)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    session = jointcompress.prepare(student, {"techniques": [{"type": "distill_kd", "alpha": 1.0}]}, total_steps=2,
+                                    teacher=teacher)
+    with pytest.warns(UserWarning, match=r"distill_kd.alpha is 1: .*not trained on"):
+        terms = session.loss(student(x), (x, y), task_loss=F.cross_entropy(student(x), y))
+    assert set(terms) == {"distill"}
+    half = jointcompress.prepare(nn.Linear(8, 3), {"techniques": [{"type": "distill_kd", "alpha": 0.5}]}, total_steps=2,
+                                 teacher=teacher)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="distill_kd.alpha is 1")
+        assert set(half.loss(half.model(x), (x, y), task_loss=F.cross_entropy(half.model(x), y))) == {"task", "distill"}

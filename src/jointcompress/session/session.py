@@ -33,7 +33,7 @@ from ..techniques.base import RunContext
 from ..techniques.pruning import PruningTechnique
 from . import terms as _terms
 from .outputs import (Batch, call_model, check_scalar_loss, decoder_token_mask, default_task_loss, is_encoder_decoder,
-                      logits_of, padding_is_labelled, split_batch)
+                      logits_of, padding_is_labelled, said_once_per_run, split_batch)
 from .guards import (NonFiniteWatch, OptimizerOrderWatch, check_fits, check_terms_given, check_terms_have_grad,
                      check_terms_reach_model, refuse_ddp_forward, refuse_finalized, refuse_model_state_first,
                      session_identity, warn_model_state_first)
@@ -354,6 +354,10 @@ class CompressionSession:
         ctx.outputs = self._logits(outputs, task_loss)
         token_mask = decoder_token_mask(b) if is_encoder_decoder(self.model) else b.token_mask
         ctx.batch_extra = {"teacher_logits": self._teacher_logits(b), "teacher_fresh": True, "token_mask": token_mask}
+        if (task_loss is not None or self.loss_fn is not None) and not self._task_weighted():
+            said_once_per_run("distill_kd.alpha is 1: the task loss's weight is 1 - alpha = 0, so the task loss you give "
+                              "(session.loss(task_loss=...) or prepare(loss_fn=...)) is not trained on; lower "
+                              "distill_kd.alpha to train on it")
         if task_loss is not None:
             check_scalar_loss(task_loss, "session.loss(task_loss=...) got")
         elif self._task_weighted():
