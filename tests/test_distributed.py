@@ -621,3 +621,9 @@ def test_an_error_every_rank_raises_is_printed_by_rank_0_alone(tmp_path, monkeyp
     assert not distributed.said_by_rank_0("train_data: rank 1 holds other data")  # this rank's own: printed
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-b")  # another launch does not read run-a's words
     assert not distributed.said_by_rank_0("sparsity: 1.7")
+    # each launch left its file in the temporary folder for good: rank 0 removes those over an hour old
+    (earlier,) = tmp_path.glob("jointcompress-error-*.txt")
+    os.utime(earlier, (0, 0))
+    monkeypatch.setenv("RANK", "0")
+    distributed.said_by_rank_0("sparsity: 1.7")
+    assert not earlier.exists() and len(list(tmp_path.glob("jointcompress-error-*.txt"))) == 1

@@ -633,3 +633,22 @@ def test_an_artifact_folder_that_cannot_be_created_is_said_with_its_path(tmp_pat
     with pytest.raises(PermissionError) as err:
         save(model, spec, tmp_path / "art", example_inputs=torch.randn(1, 4))
     assert f"creating {tmp_path / 'art'} failed: Permission denied; nothing was written" in str(err.value)
+
+
+def test_a_full_disk_while_the_artifact_is_written_says_the_run_resumes(tmp_path):
+    """A full disk during the artifact's write said which file failed; a checkpoint's failed write also says that the
+    checkpoints before it are intact and a resume continues. The artifact's now does too, where checkpoints exist."""
+    from jointcompress.pipeline import _resumable_if_the_write_fails
+
+    full = OSError(28, "writing out/artifact/weights.jcw failed: No space left on device; no weights.jcw was written",
+                   "out/artifact/weights.jcw")
+    with pytest.raises(OSError) as plain:  # no checkpoint: nothing to resume from, said as it was
+        with _resumable_if_the_write_fails(tmp_path):
+            raise full
+    assert plain.value is full
+    CheckpointStore(tmp_path).save(3, {}, {})
+    with pytest.raises(OSError) as said:
+        with _resumable_if_the_write_fails(tmp_path):
+            raise full
+    assert said.value.errno == 28 and "no weights.jcw was written; the run's training is done and its checkpoints are " \
+                                      "intact: free space" in str(said.value) and "--resume" in str(said.value)

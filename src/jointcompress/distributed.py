@@ -278,6 +278,22 @@ def tensors_of(obj) -> list[torch.Tensor]:
 ERROR_WAIT_SECONDS = 2.0  # how long a rank other than 0 waits for rank 0's copy of the error it is about to print
 
 
+MESSAGE_KEPT_SECONDS = 3600  # rank 0's messages older than this are removed when it writes another
+
+
+def _forget_old_messages(folder) -> None:
+    """Remove earlier launches' messages (said_by_rank_0): no rank knows when the others have read one, so each stayed
+    in the temporary folder, one file per interrupted or refused launch."""
+    import time
+
+    for old in folder.glob("jointcompress-error-*.txt"):
+        try:
+            if time.time() - old.stat().st_mtime > MESSAGE_KEPT_SECONDS:
+                old.unlink()
+        except OSError:  # another user's, or gone already
+            pass
+
+
 def said_by_rank_0(message: str) -> bool:
     """Under torchrun, whether rank 0 prints this very message, so that this rank need not: every rank refused the
     same recipe, --out or interrupt, and each printed it, one copy per process. Rank 0 leaves its message in a file
@@ -296,6 +312,7 @@ def said_by_rank_0(message: str) -> bool:
     if rank == "0":
         from .io import atomic_write_text
 
+        _forget_old_messages(path.parent)
         try:
             atomic_write_text(path, message)
         except OSError:  # no temporary folder to write in: every rank prints, as before

@@ -2,6 +2,7 @@
 benchmarks share (train or load the model, compress, finalize, save, measure)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import pickle
 import zipfile
@@ -275,6 +276,22 @@ def compress_and_save(
     return Outcome(name, model, result, row, spec)
 
 
+@contextlib.contextmanager
+def _resumable_if_the_write_fails(run_dir: Path):
+    """A failed artifact write (a full disk) said which file failed, not that the run's checkpoints were intact and a
+    resume writes the artifact again, as a failed checkpoint write says."""
+    try:
+        yield
+    except OSError as err:
+        from .checkpoint import CheckpointStore
+
+        if not CheckpointStore(run_dir).paths():
+            raise
+        raise type(err)(err.errno, f"{err.strerror or err}; the run's training is done and its checkpoints are "
+                                   "intact: free space (or fix the folder's permissions), then resume the run (--resume, "
+                                   "resume=True) to write the artifact", err.filename) from err
+
+
 def finalize_and_save(model: nn.Module, result: Result, teacher: nn.Module, split: Split, builder,
                       path: Path | None) -> tuple[dict, CompressionSpec]:
     """Make the compression permanent, write the artifact to `path`, and measure what is there.
@@ -286,12 +303,13 @@ def finalize_and_save(model: nn.Module, result: Result, teacher: nn.Module, spli
     evaluate = evaluator(split.x_test, split.y_test)
     row = {"accuracy": evaluate(model)["accuracy"], "selected_on": split.selected_on}
     if path is not None:
-        manifest = save(model, spec, path, builder=builder, example_inputs=example,
-                        extra={"baseline_accuracy": evaluate(teacher)["accuracy"], "baseline_params": count_params(teacher),
-                               "model": result.recipe.model,
-                               "data": split.name,  # what baseline_accuracy was measured on: by name, and exactly
-                               "data_sha256": data_digest((split.x_test, split.y_test)),
-                               **({"input_standardisation": split.standardisation} if split.standardisation else {})})
+        extra = {"baseline_accuracy": evaluate(teacher)["accuracy"], "baseline_params": count_params(teacher),
+                 "model": result.recipe.model,
+                 "data": split.name,  # what baseline_accuracy was measured on: by name, and exactly
+                 "data_sha256": data_digest((split.x_test, split.y_test)),
+                 **({"input_standardisation": split.standardisation} if split.standardisation else {})}
+        with _resumable_if_the_write_fails(path.parent):
+            manifest = save(model, spec, path, builder=builder, example_inputs=example, extra=extra)
         row["bytes"] = manifest["bytes"]["total"]  # the stored parts: values + indices + scales + biases + the rest
         row["file_bytes"] = manifest["weights_file_bytes"]  # the weights file on disk: the parts + its container
     row.update(_describe(model, spec, reference_weights=weight_counts(teacher)[1]))
