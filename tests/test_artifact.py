@@ -93,8 +93,11 @@ def test_safetensors_container_holds_the_same_parts(cnn_artifact, tmp_path):
 
 def test_manifest_content(cnn_artifact):
     _, spec, path, manifest, _ = cnn_artifact
-    on_disk = json.loads((path / "manifest.json").read_text())
+    text = (path / "manifest.json").read_text()
+    on_disk = json.loads(text)
     assert on_disk == manifest == read_manifest(path)
+    # compact JSON: indented, a small model's manifest outweighed its weights file
+    assert text == json.dumps(manifest, sort_keys=True, separators=(",", ":")) + "\n"
     assert manifest["format_version"] == 2 and manifest["recipe"] == spec.recipe
     assert manifest["pruning_history"] == spec.pruning_history
     assert manifest["extra"] == {"note": "test"}

@@ -435,7 +435,8 @@ def _write_files(path: Path, container: str, blob: bytes, manifest: dict) -> Non
     atomic_write_bytes(path / CONTAINERS[container], blob)
     if stale is not None:  # the earlier artifact's weights, in the other container
         stale.unlink(missing_ok=True)
-    atomic_write_bytes(path / MANIFEST_FILE, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    # compact: indented, a small model's manifest outweighed its weights file (10.3 KB beside 2.2 KB; 7.3 KB compact)
+    atomic_write_bytes(path / MANIFEST_FILE, (json.dumps(manifest, sort_keys=True, separators=(",", ":")) + "\n").encode())
     for kept in _previous_files(path):  # the new artifact is whole
         kept.unlink(missing_ok=True)
 
