@@ -19,7 +19,7 @@ from cli_helpers import run_cli
 from jointcompress import RecipeError, TrainingError, compress
 from jointcompress.checkpoint import CheckpointStore, read_checkpoint
 from jointcompress.data import evaluator
-from jointcompress.errors import DataError
+from jointcompress.errors import DataError, JointCompressError
 
 PRUNE = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "end": 0.5}],
          "training": {"epochs": 1, "batch_size": 128}}
@@ -610,6 +610,19 @@ def test_a_run_lock_file_goes_when_its_process_exits_and_a_lock_file_unlinked_me
     finally:
         io.release_run_lock(folder)
     assert not (folder / io.LOCK_NAME).exists()
+
+    def always_removed(path, *args, **kwargs):  # runs starting and ending here all the while: refused, not held
+        handle = real_open(path, *args, **kwargs)
+        Path(path).unlink()
+        return handle
+
+    io.open = always_removed
+    try:
+        with pytest.raises(JointCompressError, match="its run lock file kept being replaced"):
+            io.hold_run_lock(folder)
+    finally:
+        del io.open
+    assert str(folder.resolve()) not in io._HELD_LOCKS
 
 
 def test_an_artifact_folder_that_cannot_be_created_is_said_with_its_path(tmp_path, monkeypatch):

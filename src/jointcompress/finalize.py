@@ -156,7 +156,8 @@ def finalize(model: nn.Module, example_inputs=None, recipe: dict | None = None, 
     pruned = _unstructured_pruned(model)
     pruning = bool(pruned) or _has_dead_zones(model)  # read before the parametrizations go
     if warn_empty:
-        _warn_rounded_away(model, [name for name in specs if name not in pruned])  # a mask that removed nothing (sparsity 0) left no zeros to store
+        _warn_rounded_away(model, [name for name in specs if name not in pruned])
+        # a mask that removed nothing (sparsity 0) left no zeros to store
         _warn_zeros_stored_dense([name for name in pruned if name not in specs
                                   and bool((model.get_submodule(name).weight == 0).any())])
     checked = warn_empty and example_inputs is not None  # the user's model: baking must not move its outputs

@@ -153,6 +153,9 @@ def hold_run_lock(path: Path) -> None:
         if _is_the_file_at(handle, path / LOCK_NAME):
             break
         handle.close()
+    else:  # removed under us every time: runs starting and ending in this folder all the while
+        raise JointCompressError(f"{path}: its run lock file kept being replaced while this run tried to lock it; another "
+                                 "jointcompress run is starting in this folder: wait for it, or choose another --out")
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")

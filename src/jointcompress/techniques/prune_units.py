@@ -45,8 +45,8 @@ def _hf_model(model: nn.Module, kind: str = "prune_heads / prune_ffn / prune_lay
             what += f" or a causal LM ({', '.join(causal)})"
         model_type = getattr(cfg, "model_type", None)
         got = type(hf).__name__ + (f" (model_type {model_type!r})" if model_type else "")
-        other = (" For a causal LM of another type, prune_unstructured and quant_lsq apply (docs/your-model.md, its table of models)"
-                 if type(hf).__name__.endswith("ForCausalLM") else
+        other = (" For a causal LM of another type, prune_unstructured and quant_lsq apply (docs/your-model.md, its "
+                 "table of models)" if type(hf).__name__.endswith("ForCausalLM") else
                  " For a vision model use prune_structured: it removes the MLP width of ViT blocks, the "
                  "inverted-bottleneck width of ConvNeXt blocks and CNN channels (docs/architectures.md); attention "
                  "heads of vision models are not pruned")
