@@ -45,3 +45,10 @@ def test_joint_run_logs_conflicts_per_term(digits, digits_teacher):
     assert logged and {"task", "distill", "sparsity"} <= set(logged[-1]["terms"])
     assert any(k.startswith("distill|sparsity@weights") or k.startswith("task|sparsity@weights") for k in logged[-1]["cosines"])
     assert all(0.0 <= s["conflict_rate"] <= 1.0 for s in logged)
+    # every step measured (every: 1): each epoch's rate rests on all its steps, and the table names a small count
+    steps_per_epoch = res.history.epochs[0]["step"]
+    assert [e["conflict_steps"] for e in res.history.epochs] == [steps_per_epoch] * 2
+    from jointcompress.cli import _conflict_cell
+
+    assert _conflict_cell({"conflict_rate": 1.0, "conflict_steps": 2}) == "1.00 (2 steps)"
+    assert _conflict_cell({"conflict_rate": 0.25, "conflict_steps": 40}) == "0.25"

@@ -120,9 +120,20 @@ def results_table(title: str, rows: dict[str, dict]) -> Table:
             _fmt_bytes(stored),
             ratio,
             *latency,
-            "-" if r.get("conflict_rate") is None else f"{r['conflict_rate']:.2f}",
+            _conflict_cell(r),
         )
     return table
+
+
+FEW_CONFLICT_STEPS = 10  # a conflict rate measured on fewer steps shows their count
+
+
+def _conflict_cell(row: dict) -> str:
+    """The run's conflict rate, with the count of steps it rests on where that is small."""
+    rate, steps = row.get("conflict_rate"), row.get("conflict_steps")
+    if rate is None:
+        return "-"
+    return f"{rate:.2f}" + (f" ({steps} steps)" if steps and steps < FEW_CONFLICT_STEPS else "")
 
 
 @app.command()

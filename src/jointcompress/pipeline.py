@@ -316,6 +316,8 @@ def finalize_and_save(model: nn.Module, result: Result, teacher: nn.Module, spli
     row["wall_s"] = result.history.wall_seconds
     conflicts = [e["conflict_rate"] for e in result.history.epochs if e.get("conflict_rate") is not None]
     row["conflict_rate"] = sum(conflicts) / len(conflicts) if conflicts else None
+    # how many steps the coordination measured it on (a short run's "1.00" rested on two)
+    row["conflict_steps"] = sum(e.get("conflict_steps") or 0 for e in result.history.epochs) if conflicts else None
     row.update(coordination_effect(result.history))
     return row, spec
 

@@ -222,8 +222,9 @@ class Trainer:
                     self._warn_epoch_length(f"{pos.batch_in_epoch:,} batches where its len() gives {spe:,}")
             pos.epoch += 1
             losses, conflict = pos.epoch_means()
+            measured = pos.n_conf
             pos.new_epoch()
-            self._end_epoch(pos.epoch, pos.step, losses, conflict)
+            self._end_epoch(pos.epoch, pos.step, losses, conflict, measured)
             self.recovery.take_good(pos.step)
             self.save_checkpoint()
         self.session.step = max(self.session.step, pos.step)
@@ -283,12 +284,12 @@ class Trainer:
         with RandomStates(self.loader):
             recalibrate_norms(s.model, iter(batches_for_the_pass(self.loader)), forward, count)
 
-    def _end_epoch(self, epoch: int, step: int, losses: dict, conflict: float | None) -> None:
+    def _end_epoch(self, epoch: int, step: int, losses: dict, conflict: float | None, measured: int = 0) -> None:
         s = self.session
         s.on_epoch_end(epoch)
         metrics = self._metrics()
         entry = {"epoch": epoch, "step": step, "phase": phase_of(s.plan, step - 1), "losses": losses,
-                 "conflict_rate": conflict, "metrics": metrics}
+                 "conflict_rate": conflict, "conflict_steps": measured, "metrics": metrics}
         entry.update(s.metrics())
         all_final = all(t.attached and t.at_target() for t in s.techniques) and step >= s.final_from()
         entry["at_target"] = all_final
