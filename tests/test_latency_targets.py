@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn as nn
 
 from jointcompress.graph import discover_groups
 from jointcompress.latency_targets import (LatencyTable, allocate_latency, allowed_widths, kernel_multiple,
@@ -774,3 +775,25 @@ def test_a_speedup_target_missed_on_two_readings_is_refused_only_if_missed_side_
     assert log[-1]["side_by_side"] and log[-1]["met"] and len(side_by_side) == 3
     assert lt._speedup_met_side_by_side(LeNet5(), LeNet5(), example, Target(speedup=1.5, batch=1), log)
     assert len(side_by_side) == 3  # read once a run: the first reading that met it stands
+
+
+def test_a_latency_target_on_a_model_without_channel_groups_is_refused_as_the_targets():
+    """A model with no channel group to remove, under a latency target, was refused as prune_structured's ("no
+    prunable channel group matches targets ['*']"), a technique the recipe never named: the target adds it."""
+    from jointcompress.cli import _refuse_before_training
+    from jointcompress.data import load_dataset
+    from jointcompress.recipe import parse_recipe
+    from jointcompress.targets import TargetError
+    from jointcompress.techniques.prune_structured import NoChannelGroupError
+
+    split = load_dataset("digits")
+    builder = lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 10))  # noqa: E731  (the output layer alone)
+    asked = {"target": {"speedup": 1.5, "batch": 64}, "training": {"epochs": 1},
+             "techniques": [{"type": "quant_lsq", "bits": 8}, {"type": "distill_kd"}]}
+    with pytest.raises(TargetError, match=r"target.speedup: 1.5x at batch 64 cannot be met: a latency target removes "
+                                          r"channels, and this model has no channel group that may lose any \(1: its "
+                                          r"output is the model output"):
+        _refuse_before_training(builder, parse_recipe(asked), split, timed=False)
+    named = {**asked, "techniques": [{"type": "prune_structured"}, *asked["techniques"]]}  # the user's own: its words
+    with pytest.raises(NoChannelGroupError, match=r"prune_structured: no prunable channel group"):
+        _refuse_before_training(builder, parse_recipe(named), split, timed=False)

@@ -442,8 +442,9 @@ def _refuse_before_training(builder, recipe, split, timed: bool = True, said: li
                 prepare(model, _latency_stand_in(recipe) if latency else recipe, total_steps=steps,
                         example_inputs=split.x_train[:2], teacher=copy.deepcopy(model), distributed=False)
         except JointCompressError as err:
+            err = _latency_target_without_channels(recipe, err)
             err.add_note(note)
-            raise
+            raise err from None
     if said is not None:
         said.extend(m for m in dict.fromkeys(str(w.message) for w in caught) if m not in said)
     if (recipe.has_size_target() and recipe.mode != "joint") or (latency and timed):
@@ -454,6 +455,26 @@ def _refuse_before_training(builder, recipe, split, timed: bool = True, said: li
         uncut = met_uncut_before_training(builder(), recipe, split.x_train[:2])
         if uncut is not None and uncut not in said:
             said.append(uncut)
+
+
+def _latency_target_without_channels(recipe, err: JointCompressError) -> JointCompressError:
+    """A latency target on a model with no channel group to remove was refused as prune_structured's, a technique the
+    recipe never named (the target adds it): said as the target's. Any other error as it is."""
+    from .techniques.prune_structured import NoChannelGroupError
+    from .targets import TargetError
+
+    target = recipe.target
+    if not isinstance(err, NoChannelGroupError) or target is None or not target.is_latency or any(
+            t.type == "prune_structured" for t in recipe.techniques):
+        return err
+    asked = f"target.speedup: {target.speedup:g}x" if target.speedup is not None else f"target.latency_ms: {target.latency_ms}"
+    skipped = getattr(err, "skipped", [])
+    detail = "; ".join(f"{name}: {why}" for name, why in skipped[:4]) + (f"; ... ({len(skipped)} in all)"
+                                                                         if len(skipped) > 4 else "")
+    return TargetError(f"{asked} at batch {target.batch} cannot be met: a latency target removes channels, and this "
+                       f"model has no channel group that may lose any ({detail}). Remove the target (quant_lsq and "
+                       "distillation still shrink the file), or make channel groups prunable (`jointcompress dry-run` "
+                       "gives every layer's reason)")
 
 
 def _latency_stand_in(recipe):

@@ -28,6 +28,11 @@ from .masks import ApplyMask, ScoredMask, allocate, floor_warning, floored_layer
 from .pruning import PruningTechnique, key as _key
 
 
+class NoChannelGroupError(RecipeError):
+    """prune_structured found no channel group it may prune in the model (a latency target, which adds the technique
+    itself, says so in its own words)."""
+
+
 class PruneStructured(PruningTechnique):
     score_group = "channel_scores"
     kind = "prune_structured"
@@ -46,7 +51,9 @@ class PruneStructured(PruningTechnique):
         self.groups, inside = groups_that_stay(ctx.model, ctx.example_inputs, self.groups)
         self.skipped += inside
         if not self.groups:
-            raise RecipeError(self._nothing_to_prune(ctx.model))
+            err = NoChannelGroupError(self._nothing_to_prune(ctx.model))
+            err.skipped = list(self.skipped)
+            raise err
         self._warn_unknown_groups()
         modules = dict(ctx.model.named_modules())
         for g in self.groups:
