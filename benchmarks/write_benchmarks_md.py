@@ -335,6 +335,8 @@ def point_rows() -> list[dict]:
                              "epochs": r["epochs"], "teacher_epochs": r.get("teacher_epochs"), "keep": _keep_rule(r),
                              "variant": s["variant"],
                              "folder": path.parent.name,
+                             # the sequential runs paired from another folder (same teachers, checked), named beside it
+                             "sequential_folder": (r.get("sequential_from") or (None,))[0],
                              "joint": s["error_mean"], "sequential": seq["error_mean"], "stats": st,
                              "landed": sum(abs(row["file_bytes"] / row["target_bytes"] - 1) <= 0.02 for row in mine),
                              "runs": len(mine), "teacher": teacher_error(r),
@@ -397,7 +399,14 @@ def _row_cells(p: dict, variant_text: str) -> str:
         epochs = f"{epochs}; teachers {p['teacher_epochs']}"
     return (f"| {MODELS[p['model']]} | {p['ratio']:g}x | {p['images']:,} | {p['bits']} | {epochs} | {variant_text} | "
             f"{100 * p['joint']:.2f}% | {100 * p['sequential']:.2f}% | {mean:+.2f} ± {se:.2f} (n={n}) | {_verdict(mean, se)}"
-            f"{_collapsed_words(p.get('collapsed'))} | {landed} | `{p['folder']}` |")
+            f"{_collapsed_words(p.get('collapsed'))} | {landed} | `{p['folder']}`{_sequential_from(p)} |")
+
+
+def _sequential_from(p: dict) -> str:
+    """The folder a row's sequential runs come from where it is not the row's own (a reader recomputing the row from
+    the folder it names found no sequential runs there)."""
+    other = p.get("sequential_folder")
+    return f" (sequential: `{other}`)" if other and other != p["folder"] else ""
 
 
 def _collapsed_words(sides: list[str] | None) -> str:
@@ -2300,8 +2309,9 @@ def demo_seeds_section(name: str = "demo_seeds.json") -> list[str]:
                          f"{100 * run['sequential']['accuracy']:.2f}% | {100 * run['joint']['accuracy']:.2f}% | "
                          f"{run['sequential']['file_bytes']:,} / {run['joint']['file_bytes']:,} B |")
         d = p["joint_minus_sequential_accuracy"]
-        lines.append(f"| {p['ratio']:g}x | joint − sequential | | {100 * d['mean']:+.2f} ± {100 * d['se']:.2f} points "
-                     f"({'beyond' if d['beyond_2se'] else 'within'} 2 SE) | |")
+        # accuracy, where every other table subtracts errors: said in the cell (+ here is joint ahead)
+        lines.append(f"| {p['ratio']:g}x | joint − sequential, accuracy | | {100 * d['mean']:+.2f} ± {100 * d['se']:.2f} "
+                     f"points ({'beyond' if d['beyond_2se'] else 'within'} 2 SE; + is joint more accurate) | |")
     return lines + [""]
 
 
