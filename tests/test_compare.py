@@ -1,6 +1,8 @@
 """compare: every variant at every ratio with the same budgets; JSON, CSV, Pareto PNG, TensorBoard."""
 import csv
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ def test_pareto_front():
     assert pareto_front([(10, 2.0), (20, 3.0), (20, 5.0), (15, 4.0)]) == [(10, 2.0), (20, 3.0)]
 
 
-def test_compare_cli_tiny(tmp_path):
+def test_compare_cli_tiny(tmp_path, monkeypatch):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "model: lenet300\ndata: digits\ntechniques:\n"
@@ -23,11 +25,13 @@ def test_compare_cli_tiny(tmp_path):
         "  - {type: quant_lsq, bits: 4, start: 0.3}\n"
         "training: {epochs: 1, batch_size: 128, lr: 0.002}\ncoordination: {every: 2, log_every: 2}\n")
     out, tb = tmp_path / "cmp", tmp_path / "tb"
-    res = CliRunner().invoke(app, ["compare", str(recipe), "--ratios", "20", "--seeds", "1", "--first-seed", "1",
-                                   "--teacher-epochs", "1", "--variants", "joint-pcgrad,sequential,overlap",
-                                   "--out", str(out), "--tensorboard", str(tb)])
+    args = ["compare", str(recipe), "--ratios", "20", "--seeds", "1", "--first-seed", "1", "--teacher-epochs", "1",
+            "--variants", "joint-pcgrad,sequential,overlap", "--out", str(out), "--tensorboard", str(tb)]
+    monkeypatch.setattr(sys, "argv", ["jointcompress", *args])  # as typed: compare.json records how to run it again
+    res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     result = json.loads((out / "compare.json").read_text())
+    assert result["command"] == "jointcompress " + shlex.join(args)
     assert result["first_seed"] == 1 and {r["seed"] for r in result["runs"]} == {1}  # a later batch of seeds
     assert {r["variant"] for r in result["runs"]} == {"joint-pcgrad", "sequential", "overlap"}
     from jointcompress.data import load_digits

@@ -268,10 +268,11 @@ def variant_recipe(budgets: Recipe, variant: str, seed: int, targeted: Recipe | 
 
 def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: Path, weights: Path | None = None,
                 tensorboard: Path | None = None, progress_factory: Callable | None = None,
-                log: Callable[[str], None] = print, resume: bool = False) -> dict:
+                log: Callable[[str], None] = print, resume: bool = False, command: str | None = None) -> dict:
     """Run every variant at every ratio and seed; write compare.json/.csv and pareto.png. `resume`: the points
     OUT/compare.json holds (run, or recorded out of reach) are kept and the others run, each seed's teacher read
-    back from OUT/teachers (a compare is hours of runs; an interrupted one started over from nothing)."""
+    back from OUT/teachers (a compare is hours of runs; an interrupted one started over from nothing). `command`: the
+    command line that ran it, recorded in compare.json (the file did not say how to run it again)."""
     from .artifact.size import dense_fp32_bytes
     from .data import hold_out
     from .io import atomic_write_json
@@ -284,6 +285,8 @@ def run_compare(recipe: Recipe, split, model_name: str, spec: CompareSpec, out: 
     builder = builder_for(model_name, split)
     total_steps = base.training.epochs * math.ceil(len(split.y_train) / base.training.batch_size)
     result = _new_result(base, split, model_name, spec, weights)
+    if command is not None:
+        result["command"] = command
     result["inputs_sha256"] = _inputs_digests(split, builder, weights)
     if resume:
         _remove_write_leftovers(out)

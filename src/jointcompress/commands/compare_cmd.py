@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -125,8 +127,10 @@ def register(app: typer.Typer) -> None:
         if force:  # an earlier compare's points and report would sit beside this one's as if they were its own
             clear_earlier_compare(out, weights)
         with progress_bar() as bar:
+            typed = "jointcompress " + shlex.join(sys.argv[1:]) if "compare" in sys.argv[1:] else None  # as typed
             result = run_compare(recipe, split, name, spec, out, weights=weights, tensorboard=tensorboard,
-                                 progress_factory=lambda d: tracked(bar, d), log=console.print, resume=resume)
+                                 progress_factory=lambda d: tracked(bar, d), log=console.print, resume=resume,
+                                 command=typed)
         console.print(summary_table(result))
         whose = "the --weights teacher was trained elsewhere" if weights else "the teachers' too"
         console.print(f"accuracy on the test split; every kept epoch ({whose}) chosen on {result['selected_on']}"
