@@ -2124,6 +2124,40 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+SHORT_RUNS = ("digits_compare_e4", "digits_compare_e12", "digits_compare_e40")  # `jointcompress compare` on the digits
+
+
+def short_runs_section() -> list[str]:
+    """The joint form against sequential in short runs on the embedded digits (a few hundred steps or fewer), where
+    a new user's first compare lands: the paced decision window wants about 1,000 steps, and it loses under it."""
+    rows = []
+    for folder in SHORT_RUNS:
+        r = _load(f"{folder}/compare.json")
+        if r is None:
+            continue
+        steps = r["epochs"] * math.ceil(r["train_images"] / r["recipe"]["training"]["batch_size"])
+        for ratio in r["ratios"]:
+            st = paired_stats(r["runs"], JOINT_FORM_VARIANT, ratio)
+            errors = {v: statistics.mean(row["error"] for row in r["runs"] if row["variant"] == v
+                                         and row["ratio_target"] == ratio) for v in (JOINT_FORM_VARIANT, "sequential")}
+            if st is None:
+                continue
+            mean, se, n = st
+            rows.append(f"| {r['epochs']} | {steps:,} | {ratio:g}x | {100 * errors[JOINT_FORM_VARIANT]:.2f}% | "
+                        f"{100 * errors['sequential']:.2f}% | {mean:+.2f} ± {se:.2f} (n={n}) | {_verdict(mean, se)} | "
+                        f"`{r['command']}` |")
+    if not rows:
+        return []
+    return ["## Short runs on the embedded digits (where joint loses)", "",
+            f"`jointcompress compare` with the demo's recipe on LeNet-300-100 and the embedded digits ({_load(SHORT_RUNS[0] + '/compare.json')['train_images']:,} training images, "
+            f"{JOINT_FORM_VARIANT}, what `mode: joint` trains, against sequential; 3 seeds, paired, ± one standard "
+            "error; every kept epoch chosen on the test split, as compare does by default). The joint form's decision "
+            "window wants about 1,000 steps (docs/joint.md, and the run warns when it gets fewer); the table shows what a "
+            "shorter run costs it.", "",
+            "| epochs | steps | target | joint error | sequential error | difference | verdict | command |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |", *rows, ""]
+
+
 def cnn_latency_section() -> list[str]:
     """LeNet-5 (50% of channels, cnn_deploy.py) in every back end, batch 1 and 64 (cnn_latency.py)."""
     r = _load("cnn_latency_lenet5_t1.json")
@@ -2513,6 +2547,7 @@ def main() -> None:
     text += keep_rule_section()
     text += gpu_section()
     text += demo_section()
+    text += short_runs_section()
     text += demo_seeds_section() + demo_seeds_section("demo_seeds_joint_pcgrad.json") + demo_joint_against_joint()
     text += demo_seeds_section("demo_seeds_fp16_steps.json") + demo_step_format_section()
     for model, folder, title in (("lenet300", "compare_lenet300_100x", " at 100x"),
