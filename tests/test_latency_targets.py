@@ -77,11 +77,14 @@ def test_generous_target_keeps_every_channel_and_impossible_one_names_the_field(
         allocate_latency(model, x, Target(latency_ms=table.constant_ms * 0.5), table=table, measure=False)
 
 
-def test_a_speedup_target_is_the_uncompressed_models_time_divided_by_it(lenet, monkeypatch):
+def test_a_speedup_target_is_the_uncompressed_models_time_divided_by_it(lenet, monkeypatch, caplog):
     """`target: {speedup}` is timed against the uncompressed model when the run starts, so a loaded
     machine, which reads every model slower alike, asks for the same widths as a quiet one."""
     from jointcompress import latency_targets
 
+    import logging
+
+    caplog.set_level(logging.INFO, logger="jointcompress.latency")
     model, x = lenet
     table, sites, channels = mac_table(model, x)
     full = table.predict(sites, channels, channels)
@@ -102,6 +105,9 @@ def test_a_speedup_target_is_the_uncompressed_models_time_divided_by_it(lenet, m
         widths.append({g: round(channels[g] * (1 - s)) for g, s in ps.layer_sparsity.items()})
         assert table.predict(sites, widths[-1], channels) <= full / 4
     assert widths[0] == widths[1]
+    # the widths kept are said (the rounds' lines said each candidate, the kept one nowhere)
+    kept = [r.getMessage() for r in caplog.records if "latency allocation: kept" in r.getMessage()]
+    assert kept and all(f"{g} {w} of {channels[g]}" in kept[-1] for g, w in widths[-1].items()), kept
 
 
 def test_a_speedup_target_is_checked_and_named(lenet):

@@ -896,6 +896,10 @@ def resolve_latency(model: nn.Module, data: dict, example_inputs, target, measur
                 alloc = allocate(target.model_copy(update={"latency_ms": again / target.speedup}))
     _confirmed_at_the_floor(model, base, example_inputs, target, alloc)
     _say_met_uncut(target, alloc)
+    # the rounds log each candidate; the widths kept (after widening or narrowing) were said nowhere but history.json
+    log.info("latency allocation: kept %s, measured %.3f ms (goal %.3f ms)",
+             ", ".join(f"{g} {w} of {alloc.channels[g]}" for g, w in sorted(alloc.widths.items())) or "every channel",
+             alloc.measured_ms if alloc.measured_ms is not None else float("nan"), alloc.target_ms)
     recipe = with_latency_budgets(data, alloc)
     recipe._resolution = {"event": "latency_allocation", "step": 0, "goal_ms": alloc.target_ms,
                           "predicted_ms": alloc.predicted_ms, "measured_ms": alloc.measured_ms, "met": alloc.met,
