@@ -2138,9 +2138,8 @@ def short_runs_section() -> list[str]:
         steps = r["epochs"] * math.ceil(r["train_images"] / r["recipe"]["training"]["batch_size"])
         for ratio in r["ratios"]:
             st = paired_stats(r["runs"], JOINT_FORM_VARIANT, ratio)
-            errors = {v: statistics.mean(row["error"] for row in r["runs"] if row["variant"] == v
-                                         and row["ratio_target"] == ratio) for v in (JOINT_FORM_VARIANT, "sequential")}
-            if st is None:
+            errors = {s["variant"]: s["error_mean"] for s in r["summary"] if s["ratio_target"] == ratio}
+            if st is None or not {JOINT_FORM_VARIANT, "sequential"} <= set(errors):
                 continue
             mean, se, n = st
             rows.append(f"| {r['epochs']} | {steps:,} | {ratio:g}x | {100 * errors[JOINT_FORM_VARIANT]:.2f}% | "
