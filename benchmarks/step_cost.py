@@ -37,11 +37,10 @@ every other stepper coordinates per term (accuracy_as_one: false), as the stored
 `*_torch_compile`: the step with the quantizer's compiled kernels called through torch.compile
 (TorchDynamo's guards and wrappers on every call), as before techniques/traced_kernel.py.
 
-`--steppers a,b` times only those (and plain): the steppers interleaved in a round share the caches, and with all
-twenty-odd in the rotation each sample starts on caches the others filled, which weighs on a step that touches more
-state; timed as a pair, the goal's step is read as a training run meets it. Every stepper is also timed alone
-(its samples one after another, after the interleaved rounds), and a median more than 20% off its interleaved one
-is flagged (`interleaved_differs_from_alone`).
+`--steppers a,b` times only those (and plain): the steps a question is about, without the twenty-odd others of
+the full rotation (whose readings agree with the pair's: step_cost_runs_pair.json against step_cost_runs_settle.json).
+Every stepper is also timed alone (its samples one after another, after the interleaved rounds), and a median more
+than 20% off its interleaved one is flagged (`interleaved_differs_from_alone`).
 
 Each sample times `--steps` consecutive steps; the reported numbers are per step: medians (the
 typical step) and means (which include the size budget's calibration when one falls in a
