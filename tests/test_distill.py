@@ -684,3 +684,27 @@ def test_a_task_loss_given_under_alpha_1_is_said_to_be_unused():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="distill_kd.alpha is 1")
         assert set(half.loss(half.model(x), (x, y), task_loss=F.cross_entropy(half.model(x), y))) == {"task", "distill"}
+
+
+def test_a_teacher_given_without_distill_kd_is_said_unused():
+    """compress(..., teacher=t) with no distill_kd in the recipe ran without distillation and without a word (the
+    teacher ran 0 times); a teacher that is the model's own starting state (what the command line passes) is not
+    said."""
+    import warnings
+
+    import jointcompress
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    student = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3))
+    teacher = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    plain = {"techniques": [{"type": "prune_unstructured", "sparsity": 0.5}], "training": {"epochs": 1, "batch_size": 16}}
+    with pytest.warns(UserWarning, match=r"teacher: given, but the recipe has no distill_kd") as said:
+        compress(student, plain, (x, y), lambda m: 0.0, teacher=teacher)
+    assert len([w for w in said if "no distill_kd" in str(w.message)]) == 1  # once, not again by the session
+    with pytest.warns(UserWarning, match=r"teacher: given, but the recipe has no distill_kd"):  # a bare Linear too
+        jointcompress.prepare(nn.Linear(8, 3), plain, total_steps=2, teacher=nn.Linear(8, 3))
+    own = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="teacher: given")
+        compress(copy.deepcopy(own), plain, (x, y), lambda m: 0.0, teacher=own)  # its own start: as the CLI passes it

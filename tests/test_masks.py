@@ -154,3 +154,15 @@ def test_a_structured_layer_sparsity_naming_no_group_is_warned():
     recipe = {"techniques": [{"type": "prune_structured", "sparsity": 0.5, "scope": "layer", "layer_sparsity": {"0": 0.5, "fc_1": 0.5}}]}
     with pytest.warns(UserWarning, match=r"layer_sparsity names 'fc_1', no channel group it prunes.*its groups: 0\)"):
         jointcompress.prepare(model, recipe, total_steps=4, example_inputs=torch.randn(2, 8))
+
+
+def test_a_bare_layer_as_the_model_is_pruned_to_its_sparsity():
+    """prepare(nn.Linear(...)) with prune_unstructured failed inside torch ("module name can't be empty string"):
+    the model itself is the layer, and its mask's key was its name, ''."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    x, y = torch.randn(64, 16), torch.randint(0, 8, (64,))
+    compress(layer, {"techniques": [{"type": "prune_unstructured", "sparsity": 0.75, "scope": "layer"}],
+                     "training": {"epochs": 2, "batch_size": 16}}, (x, y), lambda m: 0.0)
+    finalize(layer)
+    assert int((layer.weight == 0).sum()) == 96  # 75% of 128

@@ -476,6 +476,21 @@ def teacher_cannot_run(example, err: Exception) -> DataError:
         "device (teacher.to(device))")
 
 
+def warn_teacher_unused(model: nn.Module, teacher: nn.Module | None, recipe) -> None:
+    """A teacher given where the recipe has no distill_kd is not used: a forgotten distill_kd meant no distillation,
+    without a word. Not said where the teacher is the model's own starting point (the command line passes the
+    trained model as the teacher of every run, distilled or not)."""
+    if teacher is None or recipe.technique("distill_kd") is not None:
+        return
+    from .checkpoint import state_digest
+
+    with contextlib.suppress(Exception):  # a state that cannot be hashed alike: the teacher is another model
+        if state_digest(teacher) == state_digest(model):
+            return
+    warnings.warn("teacher: given, but the recipe has no distill_kd, so nothing is distilled from it; add "
+                  "{type: distill_kd} to the recipe's techniques to distil, or leave teacher out", stacklevel=4)
+
+
 def check_teacher_data(teacher: nn.Module, example, model_outputs, alpha: float) -> None:
     """The teacher runs once on a real batch before training, beside the model's `model_outputs`
     on it: a teacher that cannot take the model's inputs (another dtype, another input size) or
@@ -727,6 +742,7 @@ def _checked_inputs(model: nn.Module, teacher: nn.Module | None, recipe: Recipe,
     outputs = check_data(model, example, train_data)
     if teacher is not None and recipe.technique("distill_kd") is not None:
         check_teacher_data(teacher, example, outputs, recipe.technique("distill_kd").alpha)
+    warn_teacher_unused(model, teacher, recipe)
     from .targets import warn_unused_sparsity
 
     warn_unused_sparsity(recipe)

@@ -69,7 +69,7 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
     """
     from .. import distributed as _dist
     from ..api import (check_data, check_targets, check_teacher_data, same_recipe_on_every_rank,
-                       same_teacher_on_every_rank, warn_validation_unread)
+                       same_teacher_on_every_rank, warn_teacher_unused, warn_validation_unread)
     from ..model_call import model_device
     from ..joint_form import as_joint_form
     from ..targets import resolve_target, warn_unused_sparsity
@@ -100,6 +100,7 @@ def prepare(model: nn.Module, recipe: Recipe | dict, *, total_steps: int | None 
     kd = recipe.technique("distill_kd")
     if kd is not None and bare_teacher is not None and outputs is not None:
         check_teacher_data(bare_teacher, example_inputs, outputs, kd.alpha)
+    warn_teacher_unused(model, bare_teacher, recipe)
     dist = _dist.resolve(distributed)
     same_recipe_on_every_rank(given, dist, model_device(model), total_steps_of(given, total_steps, steps_per_epoch))
     same_teacher_on_every_rank(bare_teacher, dist, model_device(model))

@@ -112,7 +112,7 @@ class PruneStructured(PruningTechnique):
         all layers (an LSTM model with targets ['*'] was told to widen them); recurrent layers need converting."""
         from ..recurrent import RECURRENT
 
-        shown = "; ".join(f"{name}: {reason}" for name, reason in self.skipped[:6])
+        shown = "; ".join(f"{name or '(the model itself)'}: {reason}" for name, reason in self.skipped[:6])
         more = f"; ... ({len(self.skipped)} in all)" if len(self.skipped) > 6 else ""
         fixes = [] if self.config.targets == ["*"] and not self.config.exclude else ["widen targets (or exclude)"]
         rnn = [name for name, m in model.named_modules() if isinstance(m, RECURRENT)]

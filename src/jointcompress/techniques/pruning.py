@@ -47,6 +47,10 @@ class PruningTechnique(Technique):
         self.masks.load_state_dict(state["masks"])
 
 
+ROOT_KEY = "_model_"  # the model itself as the layer (a bare nn.Linear): a ModuleDict key cannot be empty
+
+
 def key(name: str) -> str:
-    """A module name as a ModuleDict key."""
-    return name.replace(".", "__")
+    """A module name as a ModuleDict key (prepare on a bare nn.Linear failed in torch: "module name can't be empty
+    string")."""
+    return name.replace(".", "__") or ROOT_KEY
