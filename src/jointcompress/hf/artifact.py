@@ -179,7 +179,8 @@ def save_hf_artifact(model: nn.Module, spec: CompressionSpec, path: str | os.Pat
     """Write the artifact directory `path` for a finalized HF classifier; returns the manifest.
 
     `spec`: the CompressionSpec from finalize_hf_with_spec (LSQ layers). `ptq_bits` rounds the
-    remaining Embedding / Linear weights in place (see quantize_rest); None keeps them fp32.
+    remaining Embedding / Linear weights **in place** (see quantize_rest): `model` becomes the model the artifact
+    stores, and its logits move; give a copy (copy.deepcopy) to keep the unrounded one. None keeps them fp32.
     """
     from jointcompress.artifact.store import save
 
