@@ -262,6 +262,9 @@ def test_a_target_met_before_any_decision_is_said_at_fixed_widths():
     budget = result.techniques[1]
     slack = [e for e in budget.events if e["event"] == "size_budget_slack"]
     assert slack and slack[0]["start_bytes"] <= slack[0]["target_bytes"] and not slack[0]["learns_widths"]
+    # the bytes only fall from there, so the budget never binds: its multiplier stays at 0 (it wound below zero, its
+    # term pulling at the step sizes for weights it had none to give back)
+    assert budget.never_binds and budget.lam == 0.0
     recipe["techniques"][0]["learn_bits"] = True
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="size_budget")

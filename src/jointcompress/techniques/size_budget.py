@@ -70,6 +70,7 @@ class SizeBudget(Landing, Technique):
         super().__init__(config)
         self.layers: dict[str, tuple[nn.Module, ZeroLevelLSQWeight]] = {}
         self.lam = 0.0
+        self.never_binds = False  # the model met the target before any decision, at fixed widths (note_slack)
         self.scale = 1.0  # real variable bytes / estimated
         self.fixed = 0.0  # bytes that do not depend on training (scales, biases, container)
         self.start_bytes = 0.0
@@ -271,6 +272,9 @@ class SizeBudget(Landing, Technique):
         learns = any(q.learns_width() for _, q in self.layers.values())
         self.events.append({"event": "size_budget_slack", "start_bytes": round(self.start_bytes),
                             "target_bytes": round(self.config.target_bytes), "learns_widths": learns})
+        # at fixed widths the bytes only fall from here: the budget never binds, and a multiplier let below zero (to
+        # give back pruned weights) had none to give and wound down to -25, its term 6x the task's on a probe's LM
+        self.never_binds = not learns
         if not learns:
             channels = has_channel_masks(self.model)
             warnings.warn(
@@ -401,7 +405,7 @@ class SizeBudget(Landing, Technique):
             # the multiplier integrates the descent's error and keeps pushing once the state is under
             # the budget (it ends ~2% under the aim, and the freeze revives weights with stale values)
             self.lam *= 1 - WINDUP_DECAY / self.span
-        self.lam = max(-LAMBDA_MAX, min(LAMBDA_MAX, self.lam + lr * c))
+        self.lam = max(0.0 if self.never_binds else -LAMBDA_MAX, min(LAMBDA_MAX, self.lam + lr * c))
         if self.split is not None:
             self.split.ascend(self.last_errors, lr, LAMBDA_MAX)
 
