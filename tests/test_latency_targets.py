@@ -803,3 +803,21 @@ def test_a_latency_target_on_a_model_without_channel_groups_is_refused_as_the_ta
     named = {**asked, "techniques": [{"type": "prune_structured"}, *asked["techniques"]]}  # the user's own: its words
     with pytest.raises(NoChannelGroupError, match=r"prune_structured: no prunable channel group"):
         _refuse_before_training(builder, parse_recipe(named), split, timed=False)
+
+
+def test_a_target_within_the_timing_slack_is_let_through_with_a_word(monkeypatch):
+    """recipe validate said ok to a speed-up the narrowest model missed by under the 1.25x slack a busy machine's
+    timing may add, and compress refused it after training the teacher: it is still let through, and said."""
+    from jointcompress import latency_targets as lt
+    from jointcompress.models import LeNet5
+    from jointcompress.recipe import parse_recipe
+
+    example = torch.randn(2, 1, 28, 28)
+    recipe = parse_recipe({"target": {"speedup": 1.5, "batch": 1}, "techniques": [{"type": "prune_structured"}]})
+    readings = iter([22.0, 30.0])  # the narrowest model, then the uncompressed one: its goal is 20 ms
+    monkeypatch.setattr(lt, "timed_ms", lambda *a, **k: next(readings))
+    monkeypatch.setattr(lt, "latency_against_target", lambda *a, **k: {
+        "goal_ms": 20.0, "interleaved_ms": {"uncompressed": 30.0, "compressed": 22.0}, "speedup": 30 / 22, "met": False})
+    with pytest.warns(UserWarning, match=r"narrowest model allowed measured 22.000 ms, over the target's 20.000 ms but "
+                                         r"within the 1.25x .*refuses the target then"):
+        assert lt.refusal_before_training(LeNet5(), recipe, example) is None

@@ -139,6 +139,12 @@ def test_act_bits_without_activations_is_said():
     ({"training": {"epochs": True}}, r"training: epochs: true is a yes/no, not a number"),
     ({"techniques": [{"type": "quant_lsq", "bits": False}]}, r"quant_lsq: bits: false is a yes/no"),
     ({"target": {"ratio": True}}, r"target: ratio: true is a yes/no"),
+    # inside a dict or list field: `layer_sparsity: {fc2: no}` ran at 0.0, `student_layers: [no, yes]` as [0, 1]
+    ({"techniques": [{"type": "prune_unstructured", "sparsity": 0.5, "layer_sparsity": {"fc2": False}}]},
+     r"layer_sparsity\['fc2'\]: false is a yes/no"),
+    ({"hf": {"student_layers": [False, True]}, "techniques": [{"type": "distill_kd"}]},
+     r"student_layers\[0\]: false is a yes/no"),
+    ({"techniques": [{"type": "quant_lsq", "layer_bits": {"fc1": True}}]}, r"layer_bits\['fc1'\]: true is a yes/no"),
 ])
 def test_a_yes_no_given_for_a_number_is_refused(data, words):
     """YAML's `epochs: true` became 1 (pydantic reads a bool as an int) and the run trained one epoch unsaid."""

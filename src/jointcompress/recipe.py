@@ -32,9 +32,36 @@ class Strict(BaseModel):
         if isinstance(data, dict):
             for key, value in data.items():
                 info = cls.model_fields.get(key) if isinstance(key, str) else None
-                if isinstance(value, bool) and info is not None and _number_not_bool(info.annotation):
+                if info is None:
+                    continue
+                if isinstance(value, bool) and _number_not_bool(info.annotation):
                     raise ValueError(f"{key}: {str(value).lower()} is a yes/no, not a number; give {key} a number")
+                _no_yes_no_inside(key, value, info.annotation)
         return data
+
+
+def _no_yes_no_inside(key: str, value, annotation) -> None:
+    """The same for the numbers of a dict or list field (`layer_sparsity: {fc2: no}` ran at 0.0, `student_layers:
+    [no, yes]` as [0, 1], without a word)."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    inner = _element_type(annotation, dict if isinstance(value, dict) else list)
+    for where, item in items:
+        if isinstance(item, bool) and inner is not None and _number_not_bool(inner):
+            raise ValueError(f"{key}[{where!r}]: {str(item).lower()} is a yes/no, not a number; give it a number")
+
+
+def _element_type(annotation, container):
+    """The value type of a dict field (`container` dict) or the item type of a list field, unwrapping Annotated and
+    unions; None where the field is neither."""
+    todo = [annotation]
+    while todo:
+        t = todo.pop()
+        origin = get_origin(t)
+        if origin is container and get_args(t):
+            return get_args(t)[-1]
+        if origin in (Annotated, Union) or type(t).__name__ == "UnionType":
+            todo.extend(get_args(t)[:1] if origin is Annotated else get_args(t))
+    return None
 
 
 def _number_not_bool(annotation) -> bool:
