@@ -180,3 +180,13 @@ def test_learned_widths_without_a_size_budget_are_said():
         parse_recipe({"techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True, "learn_bits": False}]})
         parse_recipe({"techniques": [{"type": "quant_lsq", "bits": 4, "zero_level": True},
                                      {"type": "size_budget", "target_bytes": 1000}], "mode": "joint"})
+
+
+def test_a_quoted_version_is_read_and_a_repeated_technique_is_named_by_its_entries():
+    """`version: "1"` was refused where every other number given as text is taken; a technique given twice was
+    named without the entries that hold it."""
+    assert parse_recipe({"version": "1", "techniques": [{"type": "distill_kd"}]}).version == 1
+    with pytest.raises(RecipeError, match=r"version: Input should be 1"):
+        parse_recipe({"version": "2", "techniques": [{"type": "distill_kd"}]})
+    with pytest.raises(RecipeError, match=r"'quant_lsq' appears 2 times \(techniques.0, techniques.2\)"):
+        parse_recipe({"techniques": [{"type": "quant_lsq"}, {"type": "distill_kd"}, {"type": "quant_lsq"}]})

@@ -643,8 +643,15 @@ class Recipe(Strict):
                                             "size_budget", "prune_structured", "raise_stride"):
                 # prune_structured: a second entry traced a model the first had already reparametrized, and crashed
                 per_group = "; per-group sparsities go in its layer_sparsity" if k == "prune_structured" else ""
-                raise ValueError(f"technique '{k}' appears {kinds.count(k)} times; use it once{per_group}")
+                where = ", ".join(f"techniques.{i}" for i, kind in enumerate(kinds) if kind == k)
+                raise ValueError(f"technique '{k}' appears {kinds.count(k)} times ({where}); use it once{per_group}")
         return self
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_as_text(cls, value):
+        """`version: "1"` (quoted in YAML, or from JSON) was refused where every other number given as text is taken."""
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
     @model_validator(mode="after")
     def _inputs_of_a_data_file(self):
