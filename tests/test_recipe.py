@@ -190,3 +190,15 @@ def test_a_quoted_version_is_read_and_a_repeated_technique_is_named_by_its_entri
         parse_recipe({"version": "2", "techniques": [{"type": "distill_kd"}]})
     with pytest.raises(RecipeError, match=r"'quant_lsq' appears 2 times \(techniques.0, techniques.2\)"):
         parse_recipe({"techniques": [{"type": "quant_lsq"}, {"type": "distill_kd"}, {"type": "quant_lsq"}]})
+
+
+def test_a_block_of_yaml_anchors_goes_under_an_x_key():
+    """A top-level block holding YAML anchors (`common: &win {...}`) was an unknown key with no way around it."""
+    import yaml
+
+    text = ("x-window: &win {start: 0.1, end: 0.5}\n"
+            "techniques:\n  - {type: prune_unstructured, sparsity: 0.5, <<: *win}\n")
+    recipe = parse_recipe(yaml.safe_load(text))
+    assert (recipe.techniques[0].start, recipe.techniques[0].end) == (0.1, 0.5)
+    with pytest.raises(RecipeError, match=r"common: unknown key; .*under a top-level key starting with x-"):
+        parse_recipe(yaml.safe_load(text.replace("x-window", "common")))

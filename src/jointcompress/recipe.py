@@ -820,7 +820,8 @@ def _format(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             near = difflib.get_close_matches(str(e["loc"][-1]), _fields_at(e["loc"][:-1]), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
-            lines.append(f"  - {loc}: unknown key{hint}; remove it or check its spelling")
+            anchors = "; a block of YAML anchors goes under a top-level key starting with x-" if len(e["loc"]) == 1 else ""
+            lines.append(f"  - {loc}: unknown key{hint}; remove it or check its spelling{anchors}")
         elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
             lines.append(f"  - {loc}: {_technique_type_error(e)}")
         else:
@@ -881,6 +882,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
                           "jointcompress.load_recipe(path)")
     if not isinstance(data, dict):
         raise RecipeError(f"invalid recipe ({source}): expected a mapping of fields, got {type(data).__name__}")
+    # top-level keys starting with x- are the author's (a block of YAML anchors, as Compose files keep them), not read
+    data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("x-"))}
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
