@@ -36,4 +36,23 @@ def finalize_compressed(model, techniques, recipe, example_inputs):
         return spec
     from ..finalize import finalize
 
-    return finalize(model, example_inputs, recipe=recorded)
+    spec = finalize(model, example_inputs, recipe=recorded)
+    _warn_unsavable_folder(model)
+    return spec
+
+
+def _warn_unsavable_folder(model) -> None:
+    """A transformers model whose widths its config cannot record (a ViT's MLP narrowed by prune_structured): its own
+    save_pretrained wrote, without a word, a folder from_pretrained refused with a size mismatch
+    (CompressionTrainer.save_model and export_folder refuse it). Said once it is finalized, with the saves that work."""
+    if not (hasattr(model, "config") and callable(getattr(model, "save_pretrained", None))):
+        return
+    import warnings
+
+    from ..errors import ArtifactError
+    from ..hf.export import check_config_builds
+
+    try:
+        check_config_builds(model, "model.save_pretrained")
+    except ArtifactError as err:
+        warnings.warn(str(err), stacklevel=4)
