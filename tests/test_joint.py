@@ -52,3 +52,9 @@ def test_joint_run_logs_conflicts_per_term(digits, digits_teacher):
 
     assert _conflict_cell({"conflict_rate": 1.0, "conflict_steps": 2}) == "1.00 (2 steps)"
     assert _conflict_cell({"conflict_rate": 0.25, "conflict_steps": 40}) == "0.25"
+    from jointcompress.pipeline import conflict_summary  # the share over every measured step, not the epochs' mean
+
+    rate, steps = conflict_summary([{"conflict_rate": 0.778, "conflict_steps": 6}, {"conflict_rate": 1.0, "conflict_steps": 5},
+                                    {"conflict_rate": 1.0, "conflict_steps": 3}])
+    assert steps == 14 and rate == pytest.approx((0.778 * 6 + 8) / 14)
+    assert conflict_summary([{"conflict_rate": 0.5}, {"conflict_rate": 1.0}]) == (0.75, None)  # an older history

@@ -359,3 +359,35 @@ def test_a_compare_report_says_which_images_chose_the_kept_epochs(compare_dir, t
     assert json.loads((compare_dir / "compare.json").read_text())["selected_on"] == "test"
     page = render_html(read_run_dir(compare_dir), {}, [])
     assert "which also chose each run's kept epoch" in page and "on held-out data" not in page
+
+
+def test_a_summary_without_its_newer_fields_is_reported_as_what_it_records(compress_dir, tmp_path):
+    """A summary without file_bytes showed the stored parts without their container as the file's size; one
+    without selected_on said "held-out data" where the test split chose the epoch; a row without accuracy went
+    missing from the table without a word; a short run's loss plot (one logged step) drew nothing."""
+    import shutil
+
+    from jointcompress.report import _series, read_run_dir, render_html
+
+    run = tmp_path / "old"
+    shutil.copytree(compress_dir, run)
+    summary = json.loads((run / "summary.json").read_text())
+    compressed = next(k for k in summary if k != "uncompressed" and isinstance(summary[k], dict))
+    manifest = json.loads((run / "artifact" / "manifest.json").read_text())
+    for row in summary.values():
+        if isinstance(row, dict):
+            row.pop("selected_on", None)
+    del summary[compressed]["file_bytes"]
+    (run / "summary.json").write_text(json.dumps(summary))
+    rd = read_run_dir(run)
+    assert {p["name"]: p["bytes"] for p in rd.points}[compressed] == manifest["weights_file_bytes"]
+    page = render_html(rd, {}, [])
+    assert "does not record which data chose the kept epoch" in page and "on held-out data" not in page
+    del summary["uncompressed"]["accuracy"]
+    (run / "summary.json").write_text(json.dumps(summary))
+    with pytest.warns(UserWarning, match=r"the 'uncompressed' row of summary.json records no accuracy"):
+        assert "uncompressed" not in {p["name"] for p in read_run_dir(run).points}
+    history = json.loads((run / "history.json").read_text())
+    history["steps"] = history["steps"][:1]  # a short run logs one step: its epochs' means are drawn
+    terms, _, _ = _series(history)
+    assert terms and all(len(points) == len(history["epochs"]) for points in terms.values())

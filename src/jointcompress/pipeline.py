@@ -292,6 +292,19 @@ def _resumable_if_the_write_fails(run_dir: Path):
                                    "resume=True) to write the artifact", err.filename) from err
 
 
+def conflict_summary(epochs: list[dict]) -> tuple[float | None, int | None]:
+    """(the share of conflicting gradient pairs over every step the coordination measured, those steps): each
+    epoch's rate weighted by its steps (a mean of the epochs' means was shown beside the step count: 0.926 where the
+    steps read 0.905); a history without the counts gives its epochs' mean and no count."""
+    measured = [(e["conflict_rate"], e.get("conflict_steps")) for e in epochs if e.get("conflict_rate") is not None]
+    if not measured:
+        return None, None
+    steps = sum(n or 0 for _, n in measured)
+    if steps and all(n for _, n in measured):
+        return sum(r * n for r, n in measured) / steps, steps
+    return sum(r for r, _ in measured) / len(measured), steps or None
+
+
 def finalize_and_save(model: nn.Module, result: Result, teacher: nn.Module, split: Split, builder,
                       path: Path | None) -> tuple[dict, CompressionSpec]:
     """Make the compression permanent, write the artifact to `path`, and measure what is there.
@@ -314,10 +327,7 @@ def finalize_and_save(model: nn.Module, result: Result, teacher: nn.Module, spli
         row["file_bytes"] = manifest["weights_file_bytes"]  # the weights file on disk: the parts + its container
     row.update(_describe(model, spec, reference_weights=weight_counts(teacher)[1]))
     row["wall_s"] = result.history.wall_seconds
-    conflicts = [e["conflict_rate"] for e in result.history.epochs if e.get("conflict_rate") is not None]
-    row["conflict_rate"] = sum(conflicts) / len(conflicts) if conflicts else None
-    # how many steps the coordination measured it on (a short run's "1.00" rested on two)
-    row["conflict_steps"] = sum(e.get("conflict_steps") or 0 for e in result.history.epochs) if conflicts else None
+    row["conflict_rate"], row["conflict_steps"] = conflict_summary(result.history.epochs)
     row.update(coordination_effect(result.history))
     return row, spec
 

@@ -19,6 +19,7 @@ import csv
 import html
 import io
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,12 +156,9 @@ def _read_compress(path: Path) -> RunDir:
     rd = RunDir(kind="compress", title=f"compress run {path.name}")
     summary = _object(path / "summary.json")
     rows = _summary_rows(summary) if summary else (_object(path / "results.json") or {}).get("rows") or {}
-    for name, r in rows.items():
-        # the weights file's size on disk (container included), as the uncompressed row's fp32 safetensors file
-        size = r.get("file_bytes") or r.get("bytes")
-        if r.get("accuracy") is not None and size:
-            rd.points.append({"name": name, "accuracy": r["accuracy"], "bytes": size, "group": name,
-                              **({"selected_on": r["selected_on"]} if r.get("selected_on") else {})})
+    if not rows:  # an artifact without its run's summary: the layers alone, said (the models table came out empty)
+        warnings.warn(f"report: {path} has no summary.json rows, so the models table and the accuracy plot are empty; "
+                      "the per-layer tables come from the artifact", stacklevel=3)
     manifests = {p.parent.name: p for p in sorted(path.glob("*/manifest.json"))}
     history = _history(path / "history.json")
     for name, mpath in manifests.items():
@@ -168,6 +166,17 @@ def _read_compress(path: Path) -> RunDir:
         manifest = _manifest(mpath.parent)
         _same_artifact(mpath.parent, manifest, (rows.get(shown) or {}).get("file_bytes"))
         rd.runs.append(Run(shown, manifest, history if name == "artifact" else None))
+    on_disk = {run.name: (run.manifest or {}).get("weights_file_bytes") for run in rd.runs}
+    for name, r in rows.items():
+        # the weights file's size on disk (container included), as the uncompressed row's fp32 safetensors file; an
+        # older summary without file_bytes: the artifact's own record of it, not the parts without their container
+        size = r.get("file_bytes") or on_disk.get(name) or r.get("bytes")
+        if r.get("accuracy") is None:
+            warnings.warn(f"report: the {name!r} row of summary.json records no accuracy; it is left out of the models "
+                          "table and the accuracy plot", stacklevel=3)
+        elif size:
+            rd.points.append({"name": name, "accuracy": r["accuracy"], "bytes": size, "group": name,
+                              **({"selected_on": r["selected_on"]} if r.get("selected_on") else {})})
     if not rd.runs and history:
         rd.runs.append(Run("run", None, history))
     return rd
@@ -338,13 +347,14 @@ def _series(history: dict) -> tuple[dict[str, list], list, list]:
     """term -> [(step, value)] from per-step logs (or per-epoch means), and conflict points."""
     terms: dict[str, list] = {}
     conflict_steps, conflict_epochs = [], []
+    stepwise = len(history.get("steps", [])) > 1  # one logged step draws no line: the epochs' means instead
     for s in history.get("steps", []):
-        for k, v in s.get("terms", {}).items():
+        for k, v in (s.get("terms", {}) if stepwise else {}).items():
             terms.setdefault(k, []).append((s["step"], v))
         if s.get("conflict_rate") is not None:
             conflict_steps.append((s["step"], s["conflict_rate"]))
     for e in history.get("epochs", []):
-        if not history.get("steps"):
+        if not stepwise:
             for k, v in e.get("losses", {}).items():
                 terms.setdefault(k, []).append((e["step"], v))
         if e.get("conflict_rate") is not None:
@@ -360,9 +370,10 @@ def plot_losses(rd: RunDir) -> str:
     for ax, run in zip(axes[0], runs):
         terms, _, _ = _series(run.history)
         for k, pts in sorted(terms.items()):
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, marker="o", markersize=2.5)
         ax.set_yscale("symlog", linthresh=1e-3)
         ax.set_xlabel("step")
+        ax.set_ylabel("loss term (symmetric log scale)")
         ax.set_title(f"loss terms: {run.name}", fontsize=9)
         ax.legend(fontsize=7)
     if not runs:
@@ -464,8 +475,11 @@ def render_html(rd: RunDir, plots: dict[str, str], layers: list[dict]) -> str:
                    for title, data in plots.items())
     points = _table(sorted(rd.points, key=lambda p: p["bytes"]), ["name", "group", "accuracy", "bytes"])
     on_test = any(p.get("selected_on") == "test" for p in rd.points)  # the kept epoch chosen on the data reported
+    recorded = any(p.get("selected_on") for p in rd.points)
     held_out = ("on the test split, which also chose each run's kept epoch (training.validation_images holds "
-                "training images out to choose on instead)" if on_test else "on held-out data")
+                "training images out to choose on instead)" if on_test else "on held-out data" if recorded else
+                "on the data the run evaluated (its summary does not record which data chose the kept epoch: it may "
+                "be the same)")
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(rd.title)}</title>"
             f"<style>{CSS}</style></head><body><h1>jointcompress report: {html.escape(rd.title)}</h1>"
             f"<p>Models: bytes are each weights file's size on disk (the artifact's, container included; the uncompressed "
