@@ -172,7 +172,7 @@ def test_two_channel_pruning_entries_are_refused_by_the_recipe():
 
     entries = [{"type": "prune_structured", "sparsity": 0.5, "targets": ["0"]},
                {"type": "prune_structured", "sparsity": 0.5, "targets": ["3"]}]
-    with pytest.raises(RecipeError, match="'prune_structured' appears 2 times; use it once; per-group sparsities go in"):
+    with pytest.raises(RecipeError, match=r"'prune_structured' appears 2 times \(techniques.0, techniques.1\); use it once; per-group sparsities go in"):
         parse_recipe({"techniques": entries})
 
 

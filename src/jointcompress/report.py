@@ -166,7 +166,9 @@ def _read_compress(path: Path) -> RunDir:
         manifest = _manifest(mpath.parent)
         _same_artifact(mpath.parent, manifest, (rows.get(shown) or {}).get("file_bytes"))
         rd.runs.append(Run(shown, manifest, history if name == "artifact" else None))
-    on_disk = {run.name: (run.manifest or {}).get("weights_file_bytes") for run in rd.runs}
+    # an image run's rows (an hf: run's summary states its own bytes: the weights file and its manifest)
+    image_rows = bool(summary) and not (isinstance(summary.get("teacher"), dict) and isinstance(summary.get("artifact"), dict))
+    on_disk = {run.name: (run.manifest or {}).get("weights_file_bytes") for run in rd.runs} if image_rows else {}
     for name, r in rows.items():
         # the weights file's size on disk (container included), as the uncompressed row's fp32 safetensors file; an
         # older summary without file_bytes: the artifact's own record of it, not the parts without their container
