@@ -484,8 +484,10 @@ def warn_teacher_unused(model: nn.Module, teacher: nn.Module | None, recipe) -> 
         return
     from .checkpoint import state_digest
 
-    with contextlib.suppress(Exception):  # a state that cannot be hashed alike: the teacher is another model
-        if state_digest(teacher) == state_digest(model):
+    with contextlib.suppress(Exception):  # hashed only where the shapes match; a state read otherwise: another model
+        mine, theirs = model.state_dict(), teacher.state_dict()
+        alike = mine.keys() == theirs.keys() and all(mine[k].shape == theirs[k].shape for k in mine)
+        if alike and state_digest(mine) == state_digest(theirs):
             return
     warnings.warn("teacher: given, but the recipe has no distill_kd, so nothing is distilled from it; add "
                   "{type: distill_kd} to the recipe's techniques to distil, or leave teacher out", stacklevel=4)

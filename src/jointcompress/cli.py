@@ -468,7 +468,7 @@ def _latency_target_without_channels(recipe, err: JointCompressError) -> JointCo
             t.type == "prune_structured" for t in recipe.techniques):
         return err
     asked = f"target.speedup: {target.speedup:g}x" if target.speedup is not None else f"target.latency_ms: {target.latency_ms}"
-    skipped = getattr(err, "skipped", [])
+    skipped = err.skipped
     detail = "; ".join(f"{name}: {why}" for name, why in skipped[:4]) + (f"; ... ({len(skipped)} in all)"
                                                                          if len(skipped) > 4 else "")
     return TargetError(f"{asked} at batch {target.batch} cannot be met: a latency target removes channels, and this "

@@ -138,11 +138,16 @@ def _artifact_folder_advice(path: Path) -> str:
             f"e.g. by artifact.save from a loop of your own); measure it with {bench}")
 
 
+def _is_hf_summary(summary: dict) -> bool:
+    """An hf: run's summary (teacher, student, artifact and int8 sections, hf/pipeline.py), not an image run's rows."""
+    return isinstance(summary.get("teacher"), dict) and isinstance(summary.get("artifact"), dict)
+
+
 def _summary_rows(summary: dict) -> dict:
     """name -> {accuracy, bytes}: an image run's summary rows as they are; an hf: run's summary (teacher,
     student, artifact and int8 sections, hf/pipeline.py) as its teacher's weights, the packed artifact
     and the int8 ONNX model."""
-    if isinstance(summary.get("teacher"), dict) and isinstance(summary.get("artifact"), dict):
+    if _is_hf_summary(summary):
         teacher, art, int8 = summary["teacher"], summary["artifact"], summary.get("int8") or {}
         rows = {"teacher": {"accuracy": teacher.get("dev_accuracy"), "bytes": teacher.get("folder_bytes")},
                 "artifact": {"accuracy": art.get("dev_accuracy"), "bytes": (art.get("bytes") or {}).get("model")}}
@@ -167,7 +172,7 @@ def _read_compress(path: Path) -> RunDir:
         _same_artifact(mpath.parent, manifest, (rows.get(shown) or {}).get("file_bytes"))
         rd.runs.append(Run(shown, manifest, history if name == "artifact" else None))
     # an image run's rows (an hf: run's summary states its own bytes: the weights file and its manifest)
-    image_rows = bool(summary) and not (isinstance(summary.get("teacher"), dict) and isinstance(summary.get("artifact"), dict))
+    image_rows = bool(summary) and not _is_hf_summary(summary)
     on_disk = {run.name: (run.manifest or {}).get("weights_file_bytes") for run in rd.runs} if image_rows else {}
     for name, r in rows.items():
         # the weights file's size on disk (container included), as the uncompressed row's fp32 safetensors file; an

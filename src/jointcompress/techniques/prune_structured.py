@@ -30,7 +30,11 @@ from .pruning import PruningTechnique, key as _key
 
 class NoChannelGroupError(RecipeError):
     """prune_structured found no channel group it may prune in the model (a latency target, which adds the technique
-    itself, says so in its own words)."""
+    itself, says so in its own words); `skipped`: each layer and why it keeps its width."""
+
+    def __init__(self, message: str, skipped: list[tuple[str, str]]):
+        super().__init__(message)
+        self.skipped = skipped
 
 
 class PruneStructured(PruningTechnique):
@@ -51,9 +55,7 @@ class PruneStructured(PruningTechnique):
         self.groups, inside = groups_that_stay(ctx.model, ctx.example_inputs, self.groups)
         self.skipped += inside
         if not self.groups:
-            err = NoChannelGroupError(self._nothing_to_prune(ctx.model))
-            err.skipped = list(self.skipped)
-            raise err
+            raise NoChannelGroupError(self._nothing_to_prune(ctx.model), list(self.skipped))
         self._warn_unknown_groups()
         modules = dict(ctx.model.named_modules())
         for g in self.groups:
